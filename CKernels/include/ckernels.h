@@ -1,0 +1,189 @@
+/*
+ * ckernels.h — the one C ABI of Pea's kernels (prefix ck_).
+ *
+ * The CPU reference kernels (CKernels/cpu/) implement it and link into the Swift package; the CUDA backend
+ * (CKernels/cuda/) will expose the same operations on device pointers. Swift imports this header as the
+ * module `CKernels`.
+ *
+ * Conventions
+ *   - Tensors are contiguous and row-major unless strides are passed explicitly. Strides count elements.
+ *   - Images are NCHW; sequences are [B, T, D].
+ *   - f32 is the compute type. f16/bf16 are storage types, converted with ck_convert.
+ *   - Functions that can fail on data (an out-of-range token id, say) return 0 on success and a negative
+ *     CK_E* code otherwise. Shape validation is the caller's (Swift's) job: kernels trust their arguments.
+ *   - Dimension legend used in the comments: B batch, C channels, H/W height/width, G groups, T tokens,
+ *     D feature width, M/N/K the GEMM dimensions.
+ */
+#ifndef PEA_CKERNELS_H
+#define PEA_CKERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Status codes                                                                                          */
+
+enum {
+    CK_OK = 0,
+    CK_EINVAL = -1,      /* an argument that the kernel cannot honour (bad ISA name, …) */
+    CK_ERANGE = -2,      /* a data value out of range (token id ≥ vocabulary size, …) */
+    CK_ENOMEM = -3,
+};
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Threads. One persistent pool shared by every kernel; the calling thread takes part. A kernel called
+ * from inside a pool task (or while another thread holds the pool) runs single-threaded, never deadlocks. */
+
+void ck_set_num_threads(int n);          /* n ≤ 0: the number of online CPUs */
+int ck_get_num_threads(void);
+
+/* fn(ctx, begin, end) is called on disjoint ranges covering [0, n), each at least `grain` long (but the
+ * last). With one thread, or when nested, fn(ctx, 0, n) runs on the caller. */
+typedef void (*ck_range_fn)(void *ctx, int64_t begin, int64_t end);
+void ck_parallel_for(int64_t n, int64_t grain, ck_range_fn fn, void *ctx);
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* GEMM (row-major, BLAS semantics)
+ *
+ *   C[b] = alpha · op(A[b]) · op(B[b]) + beta · C[b]      for b in [0, batch)
+ *
+ * op(A) is M×K: A is M×K with row stride lda (transA = 0) or K×M with row stride lda (transA = 1);
+ * op(B) is K×N: B is K×N with row stride ldb (transB = 0) or N×K with row stride ldb (transB = 1).
+ * C is M×N with row stride ldc. A[b] = A + b·strideA, likewise B and C (a stride of 0 broadcasts).
+ * beta = 0 means C is not read (it may hold NaN), as in BLAS. */
+void ck_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha,
+              const float *A, int64_t lda, const float *B, int64_t ldb,
+              float beta, float *C, int64_t ldc);
+void ck_sgemm_batched(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha,
+                      const float *A, int64_t lda, int64_t strideA,
+                      const float *B, int64_t ldb, int64_t strideB,
+                      float beta, float *C, int64_t ldc, int64_t strideC, int64_t batch);
+
+/* The plain triple loop with the same contract: the reference the fast GEMM is tested against. */
+void ck_sgemm_reference(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha,
+                        const float *A, int64_t lda, const float *B, int64_t ldb,
+                        float beta, float *C, int64_t ldc);
+
+/* The SIMD path of the fast GEMM: "avx512", "avx2" (AVX2+FMA) or "portable" (plain C, any machine).
+ * By default the best one the CPU supports is chosen at first use. ck_gemm_set_kernel forces one (for
+ * tests and benchmarks); it returns CK_EINVAL for an unknown name or one the CPU cannot run. NULL restores
+ * the automatic choice. */
+const char *ck_gemm_kernel(void);
+int ck_gemm_set_kernel(const char *name);
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Convolution (NCHW, cross-correlation as torch.nn.functional.conv2d, no groups, no dilation).
+ *   x [B, Cin, H, W], w [Cout, Cin, kh, kw], bias [Cout] or NULL → y [B, Cout, Ho, Wo]
+ *   Ho = (H + padTop + padBottom − kh) / strideH + 1, likewise Wo.
+ * Implemented as im2col + GEMM; a 1×1, stride-1, unpadded convolution is a plain GEMM without a copy.
+ * `workspace` holds ck_conv2d_workspace_floats(...) floats (0 for the 1×1 case; may be NULL then). */
+typedef struct {
+    int64_t B, Cin, H, W, Cout, kh, kw;
+    int64_t strideH, strideW;
+    int64_t padTop, padBottom, padLeft, padRight;
+} ck_conv2d_params;
+
+int64_t ck_conv2d_out_h(const ck_conv2d_params *p);
+int64_t ck_conv2d_out_w(const ck_conv2d_params *p);
+int64_t ck_conv2d_workspace_floats(const ck_conv2d_params *p);
+void ck_conv2d_f32(const ck_conv2d_params *p, const float *x, const float *w, const float *bias,
+                   float *y, float *workspace);
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Normalisation and softmax                                                                            */
+
+/* Group norm over x [B, C, S] (S = H·W), G groups of C/G channels: each (b, g) normalised by its mean
+ * and biased variance, then y = γ[c]·x̂ + β[c] (γ, β may be NULL: 1 and 0). fuse_silu applies SiLU after. */
+void ck_group_norm_f32(const float *x, const float *gamma, const float *beta, float *y,
+                       int64_t B, int64_t C, int64_t S, int64_t G, float eps, int fuse_silu);
+
+/* Layer norm over the last dimension: x [R, D] → y [R, D]; γ, β [D] or NULL. */
+void ck_layer_norm_f32(const float *x, const float *gamma, const float *beta, float *y,
+                       int64_t R, int64_t D, float eps);
+
+/* Softmax over the last dimension: x [R, D] → y [R, D] (y may alias x). */
+void ck_softmax_f32(const float *x, float *y, int64_t R, int64_t D);
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Scaled-dot-product attention, multi-head, f32 accumulation, online softmax over key tiles, so no
+ * Tq×Tk score matrix is ever formed.
+ *
+ *   out[b,h,i,:] = Σ_j softmax_j( scale · q[b,h,i,:]·k[b,h,j,:] + mask[b,h,i,j] (+ −∞ where causal j > i) )
+ *                  · v[b,h,j,:]
+ *
+ * Every tensor is addressed by element strides for (b, h, t); the feature axis is contiguous. So the same
+ * kernel reads [B, H, T, D] tensors or the [B, T, H·D] layout that linear projections produce.
+ * mask (additive, may be NULL) is addressed by strides (b, h, i) and is contiguous over j; a stride of 0
+ * broadcasts. A row whose keys are all masked to −∞ yields zeros (torch yields NaN; we avoid NaNs). */
+typedef struct {
+    const float *q, *k, *v, *mask;
+    float *out;
+    int64_t B, H, Tq, Tk, D, Dv;
+    int64_t q_sb, q_sh, q_st;
+    int64_t k_sb, k_sh, k_st;
+    int64_t v_sb, v_sh, v_st;
+    int64_t o_sb, o_sh, o_st;
+    int64_t m_sb, m_sh, m_st;
+    float scale;
+    int causal;
+} ck_attention_params;
+
+void ck_attention_f32(const ck_attention_params *p);
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Elementwise and data movement                                                                        */
+
+enum { CK_GELU_ERF = 0, CK_GELU_TANH = 1 };
+void ck_gelu_f32(const float *x, float *y, int64_t n, int approximation);
+void ck_quick_gelu_f32(const float *x, float *y, int64_t n);   /* x·σ(1.702x), CLIP's activation */
+void ck_silu_f32(const float *x, float *y, int64_t n);         /* x·σ(x) */
+
+/* GEGLU as diffusers: x [R, 2D] → y [R, D], y = x[:, :D] · gelu_erf(x[:, D:]). */
+void ck_geglu_f32(const float *x, float *y, int64_t R, int64_t D);
+
+/* y = alpha·x + beta (y may alias x). */
+void ck_affine_f32(const float *x, float *y, int64_t n, float alpha, float beta);
+
+/* Binary op with broadcasting: y[i] = a[i·as] ⊕ b[i·bs] over an index space `shape` of rank ≤ CK_MAX_RANK
+ * with y contiguous; a stride of 0 broadcasts that axis. */
+#define CK_MAX_RANK 8
+enum { CK_ADD = 0, CK_SUB = 1, CK_MUL = 2, CK_DIV = 3 };
+void ck_binary_f32(int op, const float *a, const int64_t *a_strides, const float *b, const int64_t *b_strides,
+                   float *y, const int64_t *shape, int rank);
+
+/* Strided copy of elements of `elem_size` bytes: dst[idx·ds] = src[idx·ss] for every idx in `shape`
+ * (rank ≤ CK_MAX_RANK). One kernel serves permute, concat, split and slicing. */
+void ck_copy_strided(const void *src, const int64_t *src_strides, void *dst, const int64_t *dst_strides,
+                     const int64_t *shape, int rank, int64_t elem_size);
+
+/* Nearest-neighbour 2× upsampling: x [P, H, W] → y [P, 2H, 2W] (P = B·C). */
+void ck_upsample_nearest2x_f32(const float *x, float *y, int64_t P, int64_t H, int64_t W);
+
+/* Embedding lookup: y[i, :] = table[ids[i], :]; ids are int32 (ids_are_i64 = 0) or int64.
+ * Returns CK_ERANGE (and leaves y partly written) when an id is negative or ≥ vocab. */
+int ck_embedding_f32(const void *ids, int ids_are_i64, int64_t n, const float *table, int64_t vocab,
+                     int64_t D, float *y);
+
+/* Sinusoidal timestep embedding as diffusers' get_timestep_embedding:
+ *   half = dim/2, freq_i = exp(−ln(max_period)·i / (half − shift)),  arg = scale · t · freq_i
+ *   y = [sin(arg), cos(arg)]  (flip_sin_to_cos: [cos, sin]), zero-padded by one column when dim is odd. */
+void ck_timestep_embedding_f32(const float *t, int64_t B, int64_t dim, int flip_sin_to_cos,
+                               float downscale_freq_shift, float scale, float max_period, float *y);
+
+/* Mean over the middle axis of x viewed as [outer, n, inner] → y [outer, inner]. */
+void ck_mean_f32(const float *x, float *y, int64_t outer, int64_t n, int64_t inner);
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Storage conversions. f16 is IEEE binary16, bf16 the top half of binary32; f32 → f16/bf16 rounds to
+ * nearest even (as torch's .half() / .bfloat16()); NaN stays NaN. Integer → f32 converts the value. */
+enum { CK_F32 = 0, CK_F16 = 1, CK_BF16 = 2, CK_I32 = 3, CK_I64 = 4 };
+int ck_convert(const void *src, int src_type, void *dst, int dst_type, int64_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* PEA_CKERNELS_H */

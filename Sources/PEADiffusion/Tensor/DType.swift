@@ -1,0 +1,46 @@
+import CKernels
+
+/// Element types a tensor can hold. f32 is the reference compute type; f16 and bf16 are storage types
+/// (weights, and activations on the CUDA backend); i32/i64 hold token ids and timesteps.
+public enum DType: String, Sendable, CaseIterable, CustomStringConvertible {
+    case f32, f16, bf16, i32, i64
+
+    public var byteSize: Int {
+        switch self {
+        case .f32, .i32: return 4
+        case .f16, .bf16: return 2
+        case .i64: return 8
+        }
+    }
+
+    public var isFloatingPoint: Bool { self == .f32 || self == .f16 || self == .bf16 }
+
+    /// The safetensors spelling ("F32", "F16", "BF16", "I32", "I64").
+    public var safetensorsName: String {
+        switch self {
+        case .f32: return "F32"
+        case .f16: return "F16"
+        case .bf16: return "BF16"
+        case .i32: return "I32"
+        case .i64: return "I64"
+        }
+    }
+
+    public init?(safetensorsName: String) {
+        guard let match = DType.allCases.first(where: { $0.safetensorsName == safetensorsName }) else { return nil }
+        self = match
+    }
+
+    /// The CK_* code of ckernels.h, for ck_convert.
+    var kernelCode: Int32 {
+        switch self {
+        case .f32: return Int32(CK_F32)
+        case .f16: return Int32(CK_F16)
+        case .bf16: return Int32(CK_BF16)
+        case .i32: return Int32(CK_I32)
+        case .i64: return Int32(CK_I64)
+        }
+    }
+
+    public var description: String { rawValue }
+}

@@ -1,0 +1,5 @@
+import PEADiffusion
+
+func runBench(_ arguments: [String]) throws {
+    throw PEAError.usage("bench: not built yet")
+}

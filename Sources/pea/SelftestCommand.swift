@@ -1,0 +1,5 @@
+import PEADiffusion
+
+func runSelftest(_ arguments: [String]) throws {
+    throw PEAError.usage("selftest: not built yet")
+}
