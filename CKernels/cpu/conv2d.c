@@ -1,0 +1,97 @@
+/*
+ * conv2d.c — 2-D convolution (NCHW, torch's cross-correlation, no groups, no dilation) as im2col + GEMM.
+ *
+ *   x [B, Cin, H, W], w [Cout, Cin, kh, kw], bias [Cout] → y [B, Cout, Ho, Wo]
+ *
+ * For each image b the patches are unrolled into col [K = Cin·kh·kw, N = Ho·Wo], so that
+ *   y[b] (Cout × N) = w (Cout × K) · col (K × N) + bias,
+ * one GEMM per image. The bias is written into y first and the GEMM accumulates onto it (beta = 1), so the
+ * bias costs no extra pass. A 1×1, stride-1, unpadded convolution needs no unrolling: x[b] already is the
+ * K × N matrix. Padding may be asymmetric (diffusers' VAE downsampler pads right and bottom only).
+ */
+#include "ckernels.h"
+
+#include <string.h>
+
+int64_t ck_conv2d_out_h(const ck_conv2d_params *p) {
+    return (p->H + p->padTop + p->padBottom - p->kh) / p->strideH + 1;
+}
+
+int64_t ck_conv2d_out_w(const ck_conv2d_params *p) {
+    return (p->W + p->padLeft + p->padRight - p->kw) / p->strideW + 1;
+}
+
+static int is_pointwise(const ck_conv2d_params *p) {
+    return p->kh == 1 && p->kw == 1 && p->strideH == 1 && p->strideW == 1 &&
+           p->padTop == 0 && p->padBottom == 0 && p->padLeft == 0 && p->padRight == 0;
+}
+
+int64_t ck_conv2d_workspace_floats(const ck_conv2d_params *p) {
+    if (is_pointwise(p)) return 0;
+    return p->Cin * p->kh * p->kw * ck_conv2d_out_h(p) * ck_conv2d_out_w(p);
+}
+
+typedef struct {
+    const ck_conv2d_params *p;
+    const float *x;      /* one image [Cin, H, W] */
+    float *col;          /* [Cin·kh·kw, Ho·Wo] */
+    int64_t Ho, Wo;
+} im2col_ctx;
+
+/* One task per row r = (c, i, j) of col: col[r, oy·Wo + ox] = x[c, oy·sh − padTop + i, ox·sw − padLeft + j],
+ * zero outside the image. */
+static void im2col_rows(void *arg, int64_t begin, int64_t end) {
+    const im2col_ctx *ctx = arg;
+    const ck_conv2d_params *p = ctx->p;
+    const int64_t Ho = ctx->Ho, Wo = ctx->Wo;
+    for (int64_t r = begin; r < end; r++) {
+        int64_t c = r / (p->kh * p->kw), i = (r / p->kw) % p->kh, j = r % p->kw;
+        const float *plane = ctx->x + c * p->H * p->W;
+        float *row = ctx->col + r * Ho * Wo;
+        for (int64_t oy = 0; oy < Ho; oy++) {
+            int64_t iy = oy * p->strideH - p->padTop + i;
+            float *out = row + oy * Wo;
+            if (iy < 0 || iy >= p->H) {
+                memset(out, 0, (size_t)Wo * sizeof(float));
+                continue;
+            }
+            const float *in = plane + iy * p->W;
+            if (p->strideW == 1) {
+                /* contiguous run: zeros left of the image, a copy, zeros right of it */
+                int64_t ix0 = j - p->padLeft;
+                int64_t lo = ix0 < 0 ? -ix0 : 0;
+                int64_t hi = p->W - ix0 < Wo ? p->W - ix0 : Wo;
+                if (hi < lo) hi = lo;
+                if (lo > 0) memset(out, 0, (size_t)lo * sizeof(float));
+                if (hi > lo) memcpy(out + lo, in + ix0 + lo, (size_t)(hi - lo) * sizeof(float));
+                if (Wo > hi) memset(out + hi, 0, (size_t)(Wo - hi) * sizeof(float));
+            } else {
+                for (int64_t ox = 0; ox < Wo; ox++) {
+                    int64_t ix = ox * p->strideW - p->padLeft + j;
+                    out[ox] = (ix >= 0 && ix < p->W) ? in[ix] : 0.0f;
+                }
+            }
+        }
+    }
+}
+
+void ck_conv2d_f32(const ck_conv2d_params *p, const float *x, const float *w, const float *bias,
+                   float *y, float *workspace) {
+    const int64_t Ho = ck_conv2d_out_h(p), Wo = ck_conv2d_out_w(p);
+    const int64_t N = Ho * Wo, K = p->Cin * p->kh * p->kw;
+    for (int64_t b = 0; b < p->B; b++) {
+        const float *xb = x + b * p->Cin * p->H * p->W;
+        float *yb = y + b * p->Cout * N;
+        const float *col = xb;
+        if (!is_pointwise(p)) {
+            im2col_ctx ctx = {p, xb, workspace, Ho, Wo};
+            ck_parallel_for(K, 1, im2col_rows, &ctx);
+            col = workspace;
+        }
+        if (bias) {
+            for (int64_t o = 0; o < p->Cout; o++)
+                for (int64_t n = 0; n < N; n++) yb[o * N + n] = bias[o];
+        }
+        ck_sgemm(0, 0, p->Cout, N, K, 1.0f, w, K, col, N, bias ? 1.0f : 0.0f, yb, N);
+    }
+}

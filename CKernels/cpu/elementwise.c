@@ -1,0 +1,258 @@
+/*
+ * elementwise.c — activations, broadcasting arithmetic, data movement, embeddings and reductions.
+ *
+ * Every kernel here is memory-bound and trivially parallel: the index space is cut into contiguous ranges
+ * (GRAIN elements or rows at least) handed to the thread pool.
+ */
+#include "ckernels.h"
+
+#include <math.h>
+#include <string.h>
+
+#define GRAIN 16384
+
+/* ---- activations ---------------------------------------------------------------------------------- */
+
+typedef struct {
+    const float *x;
+    float *y;
+    int kind;
+} unary_ctx;
+
+enum { UNARY_GELU_ERF, UNARY_GELU_TANH, UNARY_QUICK_GELU, UNARY_SILU };
+
+static inline float gelu_erf(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
+
+static inline float gelu_tanh(float v) {
+    const float k = 0.79788456080286536f;   /* sqrt(2/π) */
+    return 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+}
+
+static void unary_range(void *arg, int64_t begin, int64_t end) {
+    const unary_ctx *ctx = arg;
+    const float *x = ctx->x;
+    float *y = ctx->y;
+    switch (ctx->kind) {
+    case UNARY_GELU_ERF: for (int64_t i = begin; i < end; i++) y[i] = gelu_erf(x[i]); break;
+    case UNARY_GELU_TANH: for (int64_t i = begin; i < end; i++) y[i] = gelu_tanh(x[i]); break;
+    case UNARY_QUICK_GELU: for (int64_t i = begin; i < end; i++) y[i] = x[i] / (1.0f + expf(-1.702f * x[i])); break;
+    case UNARY_SILU: for (int64_t i = begin; i < end; i++) y[i] = x[i] / (1.0f + expf(-x[i])); break;
+    }
+}
+
+static void unary(const float *x, float *y, int64_t n, int kind) {
+    unary_ctx ctx = {x, y, kind};
+    ck_parallel_for(n, GRAIN, unary_range, &ctx);
+}
+
+void ck_gelu_f32(const float *x, float *y, int64_t n, int approximation) {
+    unary(x, y, n, approximation == CK_GELU_TANH ? UNARY_GELU_TANH : UNARY_GELU_ERF);
+}
+void ck_quick_gelu_f32(const float *x, float *y, int64_t n) { unary(x, y, n, UNARY_QUICK_GELU); }
+void ck_silu_f32(const float *x, float *y, int64_t n) { unary(x, y, n, UNARY_SILU); }
+
+/* ---- GEGLU: row r of x is [value (D) | gate (D)] ---- */
+
+typedef struct {
+    const float *x;
+    float *y;
+    int64_t D;
+} geglu_ctx;
+
+static void geglu_rows(void *arg, int64_t begin, int64_t end) {
+    const geglu_ctx *ctx = arg;
+    for (int64_t r = begin; r < end; r++) {
+        const float *value = ctx->x + r * 2 * ctx->D, *gate = value + ctx->D;
+        float *y = ctx->y + r * ctx->D;
+        for (int64_t i = 0; i < ctx->D; i++) y[i] = value[i] * gelu_erf(gate[i]);
+    }
+}
+
+void ck_geglu_f32(const float *x, float *y, int64_t R, int64_t D) {
+    geglu_ctx ctx = {x, y, D};
+    ck_parallel_for(R, GRAIN / (D > 0 ? D : 1) + 1, geglu_rows, &ctx);
+}
+
+/* ---- affine: y = alpha·x + beta ---- */
+
+typedef struct {
+    const float *x;
+    float *y;
+    float alpha, beta;
+} affine_ctx;
+
+static void affine_range(void *arg, int64_t begin, int64_t end) {
+    const affine_ctx *ctx = arg;
+    for (int64_t i = begin; i < end; i++) ctx->y[i] = ctx->alpha * ctx->x[i] + ctx->beta;
+}
+
+void ck_affine_f32(const float *x, float *y, int64_t n, float alpha, float beta) {
+    affine_ctx ctx = {x, y, alpha, beta};
+    ck_parallel_for(n, GRAIN, affine_range, &ctx);
+}
+
+/* ---- strided index spaces ---------------------------------------------------------------------------
+ * The index space `shape` (rank ≥ 1) is walked as rows of its last axis: row index → the element offset of
+ * the row's start in an operand, from that operand's strides. */
+
+static int64_t row_offset(int64_t row, const int64_t *shape, const int64_t *strides, int rank) {
+    int64_t offset = 0;
+    for (int axis = rank - 2; axis >= 0; axis--) {
+        offset += (row % shape[axis]) * strides[axis];
+        row /= shape[axis];
+    }
+    return offset;
+}
+
+static int64_t product(const int64_t *shape, int count) {
+    int64_t n = 1;
+    for (int i = 0; i < count; i++) n *= shape[i];
+    return n;
+}
+
+/* ---- binary ops with broadcasting ---- */
+
+typedef struct {
+    int op;
+    const float *a, *b;
+    const int64_t *as, *bs, *shape;
+    float *y;
+    int rank;
+} binary_ctx;
+
+static void binary_rows(void *arg, int64_t begin, int64_t end) {
+    const binary_ctx *ctx = arg;
+    const int last = ctx->rank - 1;
+    const int64_t n = ctx->shape[last], sa = ctx->as[last], sb = ctx->bs[last];
+    for (int64_t row = begin; row < end; row++) {
+        const float *a = ctx->a + row_offset(row, ctx->shape, ctx->as, ctx->rank);
+        const float *b = ctx->b + row_offset(row, ctx->shape, ctx->bs, ctx->rank);
+        float *y = ctx->y + row * n;
+        switch (ctx->op) {
+        case CK_ADD: for (int64_t i = 0; i < n; i++) y[i] = a[i * sa] + b[i * sb]; break;
+        case CK_SUB: for (int64_t i = 0; i < n; i++) y[i] = a[i * sa] - b[i * sb]; break;
+        case CK_MUL: for (int64_t i = 0; i < n; i++) y[i] = a[i * sa] * b[i * sb]; break;
+        case CK_DIV: for (int64_t i = 0; i < n; i++) y[i] = a[i * sa] / b[i * sb]; break;
+        }
+    }
+}
+
+void ck_binary_f32(int op, const float *a, const int64_t *a_strides, const float *b, const int64_t *b_strides,
+                   float *y, const int64_t *shape, int rank) {
+    binary_ctx ctx = {op, a, b, a_strides, b_strides, shape, y, rank};
+    const int64_t rows = product(shape, rank - 1), n = shape[rank - 1];
+    ck_parallel_for(rows, GRAIN / (n > 0 ? n : 1) + 1, binary_rows, &ctx);
+}
+
+/* ---- strided copy ---- */
+
+typedef struct {
+    const char *src;
+    char *dst;
+    const int64_t *ss, *ds, *shape;
+    int rank;
+    int64_t size;
+} copy_ctx;
+
+static void copy_rows(void *arg, int64_t begin, int64_t end) {
+    const copy_ctx *ctx = arg;
+    const int last = ctx->rank - 1;
+    const int64_t n = ctx->shape[last], s = ctx->ss[last], d = ctx->ds[last], size = ctx->size;
+    for (int64_t row = begin; row < end; row++) {
+        const char *src = ctx->src + row_offset(row, ctx->shape, ctx->ss, ctx->rank) * size;
+        char *dst = ctx->dst + row_offset(row, ctx->shape, ctx->ds, ctx->rank) * size;
+        if (s == 1 && d == 1) {
+            memcpy(dst, src, (size_t)(n * size));
+        } else if (size == 4) {
+            for (int64_t i = 0; i < n; i++) memcpy(dst + i * d * 4, src + i * s * 4, 4);
+        } else {
+            for (int64_t i = 0; i < n; i++) memcpy(dst + i * d * size, src + i * s * size, (size_t)size);
+        }
+    }
+}
+
+void ck_copy_strided(const void *src, const int64_t *src_strides, void *dst, const int64_t *dst_strides,
+                     const int64_t *shape, int rank, int64_t elem_size) {
+    copy_ctx ctx = {src, dst, src_strides, dst_strides, shape, rank, elem_size};
+    const int64_t rows = product(shape, rank - 1), n = shape[rank - 1];
+    ck_parallel_for(rows, GRAIN / (n > 0 ? n : 1) + 1, copy_rows, &ctx);
+}
+
+/* ---- nearest 2× upsampling: one task row per input row (plane p, row i) → two output rows ---- */
+
+typedef struct {
+    const float *x;
+    float *y;
+    int64_t H, W;
+} upsample_ctx;
+
+static void upsample_rows(void *arg, int64_t begin, int64_t end) {
+    const upsample_ctx *ctx = arg;
+    const int64_t W = ctx->W;
+    for (int64_t row = begin; row < end; row++) {       /* row = p·H + i */
+        const float *in = ctx->x + row * W;
+        float *out = ctx->y + row * 4 * W;               /* output rows 2i and 2i+1 of plane p */
+        for (int64_t j = 0; j < W; j++) out[2 * j] = out[2 * j + 1] = in[j];
+        memcpy(out + 2 * W, out, (size_t)(2 * W) * sizeof(float));
+    }
+}
+
+void ck_upsample_nearest2x_f32(const float *x, float *y, int64_t P, int64_t H, int64_t W) {
+    upsample_ctx ctx = {x, y, H, W};
+    ck_parallel_for(P * H, GRAIN / (4 * W + 1) + 1, upsample_rows, &ctx);
+}
+
+/* ---- embedding lookup ---- */
+
+int ck_embedding_f32(const void *ids, int ids_are_i64, int64_t n, const float *table, int64_t vocab,
+                     int64_t D, float *y) {
+    for (int64_t i = 0; i < n; i++) {
+        int64_t id = ids_are_i64 ? ((const int64_t *)ids)[i] : ((const int32_t *)ids)[i];
+        if (id < 0 || id >= vocab) return CK_ERANGE;
+        memcpy(y + i * D, table + id * D, (size_t)D * sizeof(float));
+    }
+    return CK_OK;
+}
+
+/* ---- sinusoidal timestep embedding, computed in f32 in the same order as diffusers ---- */
+
+void ck_timestep_embedding_f32(const float *t, int64_t B, int64_t dim, int flip_sin_to_cos,
+                               float downscale_freq_shift, float scale, float max_period, float *y) {
+    const int64_t half = dim / 2;
+    const float log_period = -(float)log((double)max_period);
+    for (int64_t b = 0; b < B; b++) {
+        float *row = y + b * dim;
+        for (int64_t i = 0; i < half; i++) {
+            const float exponent = ((float)i * log_period) / ((float)half - downscale_freq_shift);
+            const float arg = scale * (t[b] * expf(exponent));
+            const float s = sinf(arg), c = cosf(arg);
+            row[i] = flip_sin_to_cos ? c : s;
+            row[half + i] = flip_sin_to_cos ? s : c;
+        }
+        if (dim % 2 == 1) row[dim - 1] = 0.0f;
+    }
+}
+
+/* ---- mean over the middle axis of [outer, n, inner] ---- */
+
+typedef struct {
+    const float *x;
+    float *y;
+    int64_t n, inner;
+} mean_ctx;
+
+static void mean_outer(void *arg, int64_t begin, int64_t end) {
+    const mean_ctx *ctx = arg;
+    for (int64_t o = begin; o < end; o++) {
+        for (int64_t i = 0; i < ctx->inner; i++) {
+            double sum = 0;
+            for (int64_t k = 0; k < ctx->n; k++) sum += ctx->x[(o * ctx->n + k) * ctx->inner + i];
+            ctx->y[o * ctx->inner + i] = (float)(sum / (double)ctx->n);
+        }
+    }
+}
+
+void ck_mean_f32(const float *x, float *y, int64_t outer, int64_t n, int64_t inner) {
+    mean_ctx ctx = {x, y, n, inner};
+    ck_parallel_for(outer, 1, mean_outer, &ctx);
+}

@@ -1,0 +1,106 @@
+/// The operations a backend offers, for capability queries (`supports`).
+public enum Op: String, Sendable, CaseIterable {
+    case cast, gemm, linear, conv2d, groupNorm, layerNorm, softmax, attention, activation, geglu
+    case binary, affine, upsampleNearest2x, concat, split, permute, embedding, timestepEmbedding, mean
+}
+
+/// The seam between the models and the hardware. Models are written once against this protocol; a backend
+/// owns memory (upload, download, allocation), runs ops (possibly asynchronously, in order) and says what it
+/// supports. Every op validates its arguments with `ShapeRules` and throws `PEAError` naming the op, so the
+/// backends agree on what is legal.
+///
+/// Conventions: tensors are contiguous and row-major; a `dim` argument may be negative (counted from the
+/// end, as in torch); ops return new tensors and never modify their inputs.
+public protocol ComputeBackend: AnyObject {
+    /// "cpu", "cuda", … as the command line spells it.
+    var name: String { get }
+
+    // MARK: memory
+    func upload(_ host: HostTensor) throws -> Tensor
+    /// Copies a tensor to the host. The only operation that waits for queued work.
+    func download(_ tensor: Tensor) throws -> HostTensor
+    func zeros(_ shape: [Int], dtype: DType) throws -> Tensor
+
+    // MARK: execution
+    /// Waits until every queued op has finished.
+    func synchronize() throws
+
+    // MARK: capability
+    func supports(_ op: Op, dtype: DType) -> Bool
+
+    // MARK: ops
+    /// The values converted to `dtype` (f32 ↔ f16/bf16 rounding to nearest even; ids to f32 by value).
+    func cast(_ x: Tensor, to dtype: DType) throws -> Tensor
+
+    /// alpha · op(a) · op(b) + beta · c. a is [M, K] or [batch, M, K] (K×M when transposed), likewise b;
+    /// a rank-2 operand is shared by every batch entry. c (optional; required when beta ≠ 0) has the output's
+    /// shape [batch?, M, N].
+    func gemm(_ a: Tensor, _ b: Tensor, transposeA: Bool, transposeB: Bool, alpha: Float, beta: Float,
+              c: Tensor?) throws -> Tensor
+
+    /// x [..., in] · weightᵀ + bias; weight [out, in], bias [out] (torch.nn.Linear).
+    func linear(_ x: Tensor, weight: Tensor, bias: Tensor?) throws -> Tensor
+
+    /// x [B, Cin, H, W] ⋆ weight [Cout, Cin, kh, kw] + bias (torch.nn.functional.conv2d after F.pad).
+    func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor?, stride: (Int, Int), padding: Padding2D) throws -> Tensor
+
+    /// Group norm over x [B, C, ...] (torch.nn.functional.group_norm), optionally followed by SiLU.
+    func groupNorm(_ x: Tensor, groups: Int, weight: Tensor?, bias: Tensor?, eps: Float, fuseSiLU: Bool) throws -> Tensor
+
+    /// Layer norm over the last dimension.
+    func layerNorm(_ x: Tensor, weight: Tensor?, bias: Tensor?, eps: Float) throws -> Tensor
+
+    /// Softmax over the last dimension (a row that is all −∞ gives zeros).
+    func softmax(_ x: Tensor) throws -> Tensor
+
+    /// Multi-head scaled-dot-product attention in the layout linear projections produce:
+    /// q [B, Tq, H·D], k [B, Tk, H·D], v [B, Tk, H·Dv] → [B, Tq, H·Dv]. `mask` is additive, broadcastable
+    /// (right-aligned, as torch) to [B, H, Tq, Tk]; `causal` masks keys after the query (top-left aligned,
+    /// torch's is_causal); `scale` defaults to 1/√D. The Tq×Tk score matrix is never materialised.
+    func attention(q: Tensor, k: Tensor, v: Tensor, heads: Int, mask: Tensor?, causal: Bool, scale: Float?) throws -> Tensor
+
+    func activation(_ x: Tensor, _ kind: Activation) throws -> Tensor
+
+    /// diffusers' GEGLU after its projection: x [..., 2D] → x[..., :D] · gelu(x[..., D:]).
+    func geglu(_ x: Tensor) throws -> Tensor
+
+    /// Elementwise a ⊕ b with torch broadcasting.
+    func binary(_ op: BinaryOp, _ a: Tensor, _ b: Tensor) throws -> Tensor
+
+    /// scale · x + shift.
+    func affine(_ x: Tensor, scale: Float, shift: Float) throws -> Tensor
+
+    /// Nearest-neighbour 2× upsampling of x [B, C, H, W].
+    func upsampleNearest2x(_ x: Tensor) throws -> Tensor
+
+    func concat(_ tensors: [Tensor], dim: Int) throws -> Tensor
+    func split(_ x: Tensor, sizes: [Int], dim: Int) throws -> [Tensor]
+    /// x.permute(dims).contiguous().
+    func permute(_ x: Tensor, _ dims: [Int]) throws -> Tensor
+
+    /// table [V, D] rows picked by ids (i32 or i64, any shape) → [ids.shape…, D].
+    func embedding(_ ids: Tensor, table: Tensor) throws -> Tensor
+
+    /// diffusers' get_timestep_embedding: t [B] (any numeric dtype) → [B, dim] f32.
+    func timestepEmbedding(_ t: Tensor, dim: Int, flipSinToCos: Bool, downscaleFreqShift: Float,
+                           scale: Float, maxPeriod: Float) throws -> Tensor
+
+    func mean(_ x: Tensor, dim: Int, keepDim: Bool) throws -> Tensor
+}
+
+extension ComputeBackend {
+    public func add(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.add, a, b) }
+    public func sub(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.sub, a, b) }
+    public func mul(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.mul, a, b) }
+    public func div(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.div, a, b) }
+    public func scale(_ x: Tensor, by factor: Float) throws -> Tensor { try affine(x, scale: factor, shift: 0) }
+
+    public func upload(_ values: [Float], shape: [Int]) throws -> Tensor {
+        try upload(HostTensor(values, shape: shape))
+    }
+
+    /// The tensor's values as f32 on the host.
+    public func downloadFloats(_ tensor: Tensor) throws -> [Float] {
+        try download(tensor).floats()
+    }
+}

@@ -1,0 +1,38 @@
+import CKernels
+import XCTest
+@testable import PEADiffusion
+
+/// Every CPU op against torch, on the fixtures of tools/reference/make_op_fixtures.py (DESIGN.md tolerances).
+final class CPUOpParityTests: XCTestCase {
+    /// The ops every backend must cover; each needs at least one fixture, so a new op cannot go untested.
+    static let requiredOps: Set<String> = [
+        "gemm", "linear", "conv2d", "group_norm", "layer_norm", "softmax", "attention", "gelu", "quick_gelu", "silu",
+        "geglu", "binary", "affine", "upsample_nearest2x", "concat", "split", "permute", "embedding",
+        "timestep_embedding", "mean", "convert",
+    ]
+
+    func testEveryOpMatchesTorch() throws {
+        let fixtures = try OpFixture.all()
+        XCTAssertEqual(Self.requiredOps.subtracting(fixtures.map(\.op)), [], "ops without a torch fixture")
+        defer { ck_set_num_threads(0) }
+        for threads in [1, 2] {
+            let backend = CPUBackend(threads: threads)
+            for fixture in fixtures {
+                let outputs = try fixture.run(on: backend)
+                XCTAssertEqual(Set(outputs.keys), Set(fixture.outputs.keys), "\(fixture.name): output names")
+                for (key, expected) in fixture.outputs {
+                    guard let actual = outputs[key] else { continue }
+                    let what = "\(fixture.name) out.\(key) (\(threads) threads)"
+                    XCTAssertEqual(actual.shape, expected.shape, "\(what): shape")
+                    if expected.dtype == .f32 {
+                        assertClose(actual.floats(), expected.floats(), .f32, what)
+                    } else {
+                        // storage conversions must round exactly as torch does
+                        XCTAssertEqual(actual.dtype, expected.dtype, "\(what): dtype")
+                        XCTAssertEqual(actual.bytes, expected.bytes, "\(what): bytes")
+                    }
+                }
+            }
+        }
+    }
+}
