@@ -337,8 +337,9 @@ public final class CPUBackend: ComputeBackend {
     }
 
     private func own(_ x: Tensor, _ op: String) throws {
-        guard x.backend === self, x.storage is CPUStorage else {
-            throw PEAError.unsupported("\(op): tensor lives on backend '\(x.backend.name)', not on 'cpu'")
+        // Any CPUBackend instance may use another's tensors: they all live in host memory.
+        guard x.storage is CPUStorage else {
+            throw PEAError.unsupported("\(op): a tensor of backend '\(x.backend.name)' is not in host memory; download it first")
         }
     }
 
