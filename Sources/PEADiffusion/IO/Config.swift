@@ -1,0 +1,241 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A diffusers/transformers JSON configuration: `config.json`, `model_index.json`, `scheduler_config.json`,
+/// `tokenizer_config.json`. The top level must be an object; the typed accessors read its top-level keys
+/// and throw `PEAError.invalidConfig` naming the file, the key, what was expected and what was found.
+///
+/// Values are read as Python's `json` writes them (diffusers saves configs with `json.dumps`), so `NaN`
+/// and `Infinity` are accepted, and an integral float such as `320.0` is accepted where an integer is wanted.
+public struct ConfigFile: Sendable {
+    public let path: String
+    public let values: [String: JSONValue]
+
+    /// Reads and parses the file at `path`.
+    public init(path: String) throws {
+        let bytes = try readWholeFile(path)
+        let document: JSONValue
+        do {
+            document = try JSONValue.parse(bytes)
+        } catch let error as JSONParseError {
+            throw PEAError.invalidConfig(path: path, reason: "invalid JSON: \(error)")
+        }
+        guard case .object(let values) = document else {
+            throw PEAError.invalidConfig(path: path, reason: "expected a JSON object at the top level, found \(document.kindDescription)")
+        }
+        self.init(path: path, values: values)
+    }
+
+    /// A configuration from values already in memory (`path` is only used in error messages).
+    public init(path: String, values: [String: JSONValue]) {
+        self.path = path
+        self.values = values
+    }
+
+    /// Whether the key is present (with any value, null included).
+    public func contains(_ key: String) -> Bool { values[key] != nil }
+
+    /// The raw value, or nil when the key is missing.
+    public func value(_ key: String) -> JSONValue? { values[key] }
+
+    // MARK: Integers
+
+    /// An integer; integral floats (`320.0`) are accepted, `1.5` is not.
+    public func int(_ key: String) throws -> Int {
+        try integer(try required(key), key: key)
+    }
+
+    /// An integer, or `defaultValue` when the key is missing or null.
+    public func int(_ key: String, default defaultValue: Int) throws -> Int {
+        try optionalInt(key) ?? defaultValue
+    }
+
+    /// An integer, or nil when the key is missing or null.
+    public func optionalInt(_ key: String) throws -> Int? {
+        guard let value = present(key) else { return nil }
+        return try integer(value, key: key)
+    }
+
+    /// A list of integers.
+    public func intList(_ key: String) throws -> [Int] {
+        try list(key).enumerated().map { index, element in try integer(element, key: "\(key)[\(index)]") }
+    }
+
+    /// diffusers' "int or one per block" fields (`attention_head_dim`, `transformer_layers_per_block`,
+    /// `num_attention_heads`): an integer repeated `count` times, or a list that must have exactly `count` entries.
+    public func intOrList(_ key: String, count: Int) throws -> [Int] {
+        let value = try required(key)
+        if case .array(let elements) = value {
+            guard elements.count == count else {
+                throw PEAError.invalidConfig(path: path, reason: "key '\(key)': expected an integer or a list of \(count) integers, found a list of \(elements.count)")
+            }
+            return try elements.enumerated().map { index, element in try integer(element, key: "\(key)[\(index)]") }
+        }
+        guard case .number = value else {
+            throw PEAError.invalidConfig(path: path, reason: "key '\(key)': expected an integer or a list of \(count) integers, found \(value.kindDescription)")
+        }
+        return Array(repeating: try integer(value, key: key), count: count)
+    }
+
+    // MARK: Floating point
+
+    /// A number (integers, NaN and ±Infinity included).
+    public func double(_ key: String) throws -> Double {
+        try number(try required(key), key: key)
+    }
+
+    /// A number, or `defaultValue` when the key is missing or null.
+    public func double(_ key: String, default defaultValue: Double) throws -> Double {
+        try optionalDouble(key) ?? defaultValue
+    }
+
+    /// A number, or nil when the key is missing or null.
+    public func optionalDouble(_ key: String) throws -> Double? {
+        guard let value = present(key) else { return nil }
+        return try number(value, key: key)
+    }
+
+    /// A list of numbers (e.g. a scheduler's `trained_betas`).
+    public func doubleList(_ key: String) throws -> [Double] {
+        try list(key).enumerated().map { index, element in try number(element, key: "\(key)[\(index)]") }
+    }
+
+    // MARK: Booleans
+
+    /// A JSON boolean (`true`/`false`; numbers and strings are not accepted).
+    public func bool(_ key: String) throws -> Bool {
+        try boolean(try required(key), key: key)
+    }
+
+    /// A boolean, or `defaultValue` when the key is missing or null.
+    public func bool(_ key: String, default defaultValue: Bool) throws -> Bool {
+        try optionalBool(key) ?? defaultValue
+    }
+
+    /// A boolean, or nil when the key is missing or null.
+    public func optionalBool(_ key: String) throws -> Bool? {
+        guard let value = present(key) else { return nil }
+        return try boolean(value, key: key)
+    }
+
+    // MARK: Strings
+
+    public func string(_ key: String) throws -> String {
+        try text(try required(key), key: key)
+    }
+
+    /// A string, or `defaultValue` when the key is missing or null.
+    public func string(_ key: String, default defaultValue: String) throws -> String {
+        try optionalString(key) ?? defaultValue
+    }
+
+    /// A string, or nil when the key is missing or null.
+    public func optionalString(_ key: String) throws -> String? {
+        guard let value = present(key) else { return nil }
+        return try text(value, key: key)
+    }
+
+    /// A list of strings (e.g. `down_block_types`).
+    public func stringList(_ key: String) throws -> [String] {
+        try list(key).enumerated().map { index, element in try text(element, key: "\(key)[\(index)]") }
+    }
+
+    // MARK: Nested objects
+
+    /// A nested object (e.g. transformers' `text_config`); wrap it in `ConfigFile(path:values:)` to read it
+    /// with these accessors.
+    public func object(_ key: String) throws -> [String: JSONValue] {
+        let value = try required(key)
+        guard case .object(let members) = value else { throw mismatch(key, expected: "an object", found: value) }
+        return members
+    }
+
+    // MARK: Helpers
+
+    private func required(_ key: String) throws -> JSONValue {
+        guard let value = values[key] else {
+            throw PEAError.invalidConfig(path: path, reason: "missing key '\(key)'")
+        }
+        return value
+    }
+
+    /// The value when present and not null.
+    private func present(_ key: String) -> JSONValue? {
+        guard let value = values[key], value != .null else { return nil }
+        return value
+    }
+
+    private func list(_ key: String) throws -> [JSONValue] {
+        let value = try required(key)
+        guard case .array(let elements) = value else { throw mismatch(key, expected: "a list", found: value) }
+        return elements
+    }
+
+    private func integer(_ value: JSONValue, key: String) throws -> Int {
+        guard case .number(let number) = value else { throw mismatch(key, expected: "an integer", found: value) }
+        guard let integer = Int(exactly: number) else {
+            throw PEAError.invalidConfig(path: path, reason: "key '\(key)': expected an integer, found \(JSONValue.format(number)), which is not a whole number in range")
+        }
+        return integer
+    }
+
+    private func number(_ value: JSONValue, key: String) throws -> Double {
+        guard case .number(let number) = value else { throw mismatch(key, expected: "a number", found: value) }
+        return number
+    }
+
+    private func boolean(_ value: JSONValue, key: String) throws -> Bool {
+        guard case .bool(let flag) = value else { throw mismatch(key, expected: "a boolean", found: value) }
+        return flag
+    }
+
+    private func text(_ value: JSONValue, key: String) throws -> String {
+        guard case .string(let string) = value else { throw mismatch(key, expected: "a string", found: value) }
+        return string
+    }
+
+    private func mismatch(_ key: String, expected: String, found: JSONValue) -> PEAError {
+        .invalidConfig(path: path, reason: "key '\(key)': expected \(expected), found \(found.kindDescription)")
+    }
+}
+
+/// The whole contents of a (small) file, read with plain POSIX calls. Throws `PEAError.invalidFile`
+/// naming the path and the system's reason.
+func readWholeFile(_ path: String) throws -> [UInt8] {
+    let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+    guard descriptor >= 0 else {
+        throw PEAError.invalidFile(path: path, reason: "cannot open: \(systemErrorMessage())")
+    }
+    defer { close(descriptor) }
+    var info = stat()
+    guard fstat(descriptor, &info) == 0 else {
+        throw PEAError.invalidFile(path: path, reason: "cannot stat: \(systemErrorMessage())")
+    }
+    guard (info.st_mode & S_IFMT) == S_IFREG else {
+        throw PEAError.invalidFile(path: path, reason: "not a regular file")
+    }
+    var bytes: [UInt8] = []
+    bytes.reserveCapacity(Int(info.st_size))
+    var chunk = [UInt8](repeating: 0, count: 1 << 16)
+    while true {
+        let count = chunk.withUnsafeMutableBytes { read(descriptor, $0.baseAddress, $0.count) }
+        if count < 0 {
+            if errno == EINTR { continue }
+            throw PEAError.invalidFile(path: path, reason: "cannot read: \(systemErrorMessage())")
+        }
+        if count == 0 { break }
+        bytes.append(contentsOf: chunk[0..<count])
+    }
+    return bytes
+}
+
+/// `strerror(errno)` as a String.
+func systemErrorMessage(_ code: Int32 = errno) -> String {
+    guard let message = strerror(code) else { return "error \(code)" }
+    return String(cString: message)
+}
