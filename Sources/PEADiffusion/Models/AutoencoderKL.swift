@@ -1,0 +1,202 @@
+// diffusers' AutoencoderKL (diffusers/models/autoencoders/autoencoder_kl.py and vae.py): the image ↔ latent
+// codec of Stable Diffusion. The encoder gives the mean and log-variance of the latent distribution; the
+// decoder turns a latent (already divided by `scaling_factor`) back into an image in about [-1, 1].
+
+public struct AutoencoderKLConfig {
+    public var inChannels: Int
+    public var outChannels: Int
+    public var latentChannels: Int
+    public var blockOutChannels: [Int]
+    public var layersPerBlock: Int
+    public var normNumGroups: Int
+    public var scalingFactor: Float
+    public var useQuantConv: Bool
+    public var usePostQuantConv: Bool
+    public var midBlockAttention: Bool
+
+    public init(_ config: ConfigFile) throws {
+        func fail(_ key: String, _ reason: String) -> PEAError {
+            .invalidConfig(path: config.path, reason: "'\(key)': \(reason)")
+        }
+        inChannels = try config.int("in_channels", default: 3)
+        outChannels = try config.int("out_channels", default: 3)
+        latentChannels = try config.int("latent_channels", default: 4)
+        blockOutChannels = try config.contains("block_out_channels") ? config.intList("block_out_channels") : [64]
+        guard !blockOutChannels.isEmpty else { throw fail("block_out_channels", "is empty") }
+        layersPerBlock = try config.int("layers_per_block", default: 1)
+        normNumGroups = try config.int("norm_num_groups", default: 32)
+        scalingFactor = Float(try config.double("scaling_factor", default: 0.18215))
+        useQuantConv = try config.bool("use_quant_conv", default: true)
+        usePostQuantConv = try config.bool("use_post_quant_conv", default: true)
+        midBlockAttention = try config.bool("mid_block_add_attention", default: true)
+
+        let blocks = blockOutChannels.count
+        for (key, expected) in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")] where config.contains(key) {
+            let types = try config.stringList(key)
+            guard types.count == blocks else { throw fail(key, "has \(types.count) entries for \(blocks) blocks") }
+            if let other = types.first(where: { $0 != expected }) { throw fail(key, "block type \"\(other)\" is not supported (\(expected))") }
+        }
+        if let act = try config.optionalString("act_fn"), act != "silu" { throw fail("act_fn", "\"\(act)\" is not supported (silu)") }
+        if let shift = try config.optionalDouble("shift_factor"), shift != 0 {
+            throw fail("shift_factor", "\(shift) is not supported (SD3/Flux VAEs are not an SD1/SD2/SDXL VAE)")
+        }
+        for (i, channels) in blockOutChannels.enumerated() where channels % normNumGroups != 0 {
+            throw fail("block_out_channels", "\(channels) channels of block \(i) do not split into \(normNumGroups) groups")
+        }
+    }
+}
+
+/// diffusers' UNetMidBlock2D as the VAE uses it: resnet, spatial self-attention, resnet (no time embedding).
+struct VAEMidBlock {
+    let resnets: [ResnetBlock2D]
+    let attention: SpatialSelfAttention?
+
+    init(_ w: Weights, channels: Int, groups: Int, withAttention: Bool) throws {
+        resnets = try (0..<2).map {
+            try ResnetBlock2D(w["resnets.\($0)"], in: channels, out: channels, timeChannels: nil, groups: groups, eps: 1e-6)
+        }
+        attention = withAttention ? try SpatialSelfAttention(w["attentions.0"], channels: channels, groups: groups, eps: 1e-6) : nil
+    }
+
+    func callAsFunction(_ x: Tensor) throws -> Tensor {
+        var h = try resnets[0](x)
+        if let attention { h = try attention(h) }
+        return try resnets[1](h)
+    }
+}
+
+/// The encoder: conv_in, DownEncoderBlock2Ds (resnets, then a stride-2 convolution padded right and
+/// bottom), the mid block, group norm + SiLU, conv_out to 2 × latent channels, then quant_conv.
+public struct VAEEncoder {
+    let convIn: Conv2d
+    let downBlocks: [(resnets: [ResnetBlock2D], downsampler: Downsample2D?)]
+    let midBlock: VAEMidBlock
+    let normOut: GroupNorm
+    let convOut: Conv2d
+    let quantConv: Conv2d?
+
+    init(_ w: Weights, quantConv qw: Weights, config c: AutoencoderKLConfig) throws {
+        let channels = c.blockOutChannels, groups = c.normNumGroups
+        convIn = try Conv2d(w["conv_in"], in: c.inChannels, out: channels[0], kernel: 3)
+        downBlocks = try channels.indices.map { i in
+            let bw = w["down_blocks.\(i)"]
+            let input = i == 0 ? channels[0] : channels[i - 1], output = channels[i]
+            let resnets = try (0..<c.layersPerBlock).map {
+                try ResnetBlock2D(bw["resnets.\($0)"], in: $0 == 0 ? input : output, out: output, timeChannels: nil, groups: groups, eps: 1e-6)
+            }
+            let downsampler = i == channels.count - 1 ? nil
+                : try Downsample2D(bw["downsamplers.0"], channels: output, padding: Padding2D(top: 0, bottom: 1, left: 0, right: 1))
+            return (resnets, downsampler)
+        }
+        let last = channels[channels.count - 1]
+        midBlock = try VAEMidBlock(w["mid_block"], channels: last, groups: groups, withAttention: c.midBlockAttention)
+        normOut = try GroupNorm(w["conv_norm_out"], groups: groups, channels: last, eps: 1e-6)
+        convOut = try Conv2d(w["conv_out"], in: last, out: 2 * c.latentChannels, kernel: 3)
+        quantConv = c.useQuantConv ? try Conv2d(qw, in: 2 * c.latentChannels, out: 2 * c.latentChannels, kernel: 1) : nil
+    }
+
+    /// image [B, 3, H, W] in [-1, 1] → the latent distribution's moments [B, 2·latent, H/f, W/f].
+    func callAsFunction(_ image: Tensor) throws -> Tensor {
+        var h = try convIn(image)
+        for block in downBlocks {
+            for resnet in block.resnets { h = try resnet(h) }
+            if let downsampler = block.downsampler { h = try downsampler(h) }
+        }
+        h = try convOut(normOut(midBlock(h), silu: true))
+        return try quantConv?(h) ?? h
+    }
+}
+
+/// The decoder: post_quant_conv, conv_in, the mid block, UpDecoderBlock2Ds (layers + 1 resnets, then
+/// nearest 2× upsampling and a convolution), group norm + SiLU, conv_out.
+public struct VAEDecoder {
+    let postQuantConv: Conv2d?
+    let convIn: Conv2d
+    let midBlock: VAEMidBlock
+    let upBlocks: [(resnets: [ResnetBlock2D], upsampler: Upsample2D?)]
+    let normOut: GroupNorm
+    let convOut: Conv2d
+
+    init(_ w: Weights, postQuantConv pw: Weights, config c: AutoencoderKLConfig) throws {
+        let channels = Array(c.blockOutChannels.reversed()), groups = c.normNumGroups
+        postQuantConv = c.usePostQuantConv ? try Conv2d(pw, in: c.latentChannels, out: c.latentChannels, kernel: 1) : nil
+        convIn = try Conv2d(w["conv_in"], in: c.latentChannels, out: channels[0], kernel: 3)
+        midBlock = try VAEMidBlock(w["mid_block"], channels: channels[0], groups: groups, withAttention: c.midBlockAttention)
+        upBlocks = try channels.indices.map { i in
+            let bw = w["up_blocks.\(i)"]
+            let input = i == 0 ? channels[0] : channels[i - 1], output = channels[i]
+            let resnets = try (0...c.layersPerBlock).map {
+                try ResnetBlock2D(bw["resnets.\($0)"], in: $0 == 0 ? input : output, out: output, timeChannels: nil, groups: groups, eps: 1e-6)
+            }
+            let upsampler = i == channels.count - 1 ? nil : try Upsample2D(bw["upsamplers.0"], channels: output)
+            return (resnets, upsampler)
+        }
+        let first = c.blockOutChannels[0]
+        normOut = try GroupNorm(w["conv_norm_out"], groups: groups, channels: first, eps: 1e-6)
+        convOut = try Conv2d(w["conv_out"], in: first, out: c.outChannels, kernel: 3)
+    }
+
+    func callAsFunction(_ latents: Tensor) throws -> Tensor {
+        var h = try convIn(postQuantConv?(latents) ?? latents)
+        h = try midBlock(h)
+        for block in upBlocks {
+            for resnet in block.resnets { h = try resnet(h) }
+            if let upsampler = block.upsampler { h = try upsampler(h) }
+        }
+        return try convOut(normOut(h, silu: true))
+    }
+}
+
+public struct AutoencoderKL {
+    public let config: AutoencoderKLConfig
+    public let encoder: VAEEncoder
+    public let decoder: VAEDecoder
+
+    public init(config: AutoencoderKLConfig, weights w: Weights) throws {
+        self.config = config
+        encoder = try VAEEncoder(w["encoder"], quantConv: w["quant_conv"], config: config)
+        decoder = try VAEDecoder(w["decoder"], postQuantConv: w["post_quant_conv"], config: config)
+    }
+
+    /// Loads a diffusers `vae/` folder (or a pipeline root holding one). Checkpoints saved before diffusers
+    /// 0.14 name the mid-block attention `query`/`key`/`value`/`proj_attn`; they are read under today's names.
+    public static func load(folder: String, backend: any ComputeBackend, variant: String? = nil) throws -> (model: AutoencoderKL, unusedWeights: [String]) {
+        let component = try ModelFolder.component(folder, "vae")
+        let config = try AutoencoderKLConfig(ConfigFile(path: joinPath(component, "config.json")))
+        let file = try SafeTensorsCollection.open(folder: component, baseName: "diffusion_pytorch_model", variant: variant)
+        let source = SafeTensorsWeights(file, backend: backend, rename: renameLegacyAttention)
+        let model = try AutoencoderKL(config: config, weights: Weights(source))
+        return (model, source.unusedNames)
+    }
+
+    /// The image factor between pixels and latents (8 for SD).
+    public var downsamplingFactor: Int { 1 << (config.blockOutChannels.count - 1) }
+
+    /// image [B, C, H, W] in [-1, 1] → (mean, logvar), each [B, latent, H/f, W/f]. The log-variance is as the
+    /// network gives it; diffusers' DiagonalGaussianDistribution clamps it to [-30, 20] before use.
+    public func encode(_ image: Tensor) throws -> (mean: Tensor, logvar: Tensor) {
+        let shape = image.shape, f = downsamplingFactor
+        guard shape.count == 4, shape[1] == config.inChannels, shape[2] % f == 0, shape[3] % f == 0 else {
+            throw PEAError.shapeMismatch("vae encode: image must be [B, \(config.inChannels), H, W] with H and W multiples of \(f), got \(shape)")
+        }
+        let moments = try image.backend.split(encoder(image), sizes: [config.latentChannels, config.latentChannels], dim: 1)
+        return (moments[0], moments[1])
+    }
+
+    /// latents [B, latent, h, w] (already divided by `scaling_factor`) → image [B, C, h·f, w·f], unclamped.
+    public func decode(_ latents: Tensor) throws -> Tensor {
+        guard latents.shape.count == 4, latents.shape[1] == config.latentChannels else {
+            throw PEAError.shapeMismatch("vae decode: latents must be [B, \(config.latentChannels), h, w], got \(latents.shape)")
+        }
+        return try decoder(latents)
+    }
+}
+
+/// diffusers' old attention-block names → today's (`_convert_deprecated_attention_blocks`).
+func renameLegacyAttention(_ name: String) -> String {
+    let renamed = ["query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"]
+    var parts = name.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+    guard parts.contains("attentions"), parts.count >= 2, let new = renamed[parts[parts.count - 2]] else { return name }
+    parts[parts.count - 2] = new
+    return parts.joined(separator: ".")
+}

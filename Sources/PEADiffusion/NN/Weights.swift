@@ -1,0 +1,114 @@
+/// Where a model's parameters come from. A layer asks for each parameter by its full diffusers name and the
+/// shape its configuration implies; the source checks the shape and returns a tensor on the model's backend.
+public protocol WeightSource: AnyObject {
+    var backend: any ComputeBackend { get }
+    /// Whether a parameter of this name exists (for optional parameters such as a shortcut convolution).
+    func contains(_ name: String) -> Bool
+    func tensor(_ name: String, shape: [Int]) throws -> Tensor
+}
+
+/// A view of a weight source under a name prefix, so a block reads `norm1.weight` rather than
+/// `down_blocks.1.resnets.0.norm1.weight`. `weights["resnets.0"]` descends one level.
+public struct Weights {
+    public let source: any WeightSource
+    public let prefix: String
+
+    public init(_ source: any WeightSource, prefix: String = "") {
+        self.source = source
+        self.prefix = prefix
+    }
+
+    public var backend: any ComputeBackend { source.backend }
+
+    public subscript(_ child: String) -> Weights {
+        Weights(source, prefix: fullName(child))
+    }
+
+    public func fullName(_ name: String) -> String { prefix.isEmpty ? name : "\(prefix).\(name)" }
+
+    public func contains(_ name: String) -> Bool { source.contains(fullName(name)) }
+
+    public func tensor(_ name: String, _ shape: [Int]) throws -> Tensor {
+        try source.tensor(fullName(name), shape: shape)
+    }
+}
+
+/// Parameters read from safetensors files (one file or a sharded index) and uploaded to `backend` in f32,
+/// converting f16/bf16 checkpoints as they load. Names can be rewritten first (`rename`), which is how older
+/// checkpoints' parameter names are mapped onto today's. Records which tensors were used, so a loader can
+/// report the ones nothing asked for.
+public final class SafeTensorsWeights: WeightSource {
+    public let backend: any ComputeBackend
+    public let file: SafeTensorsCollection
+    private var stored: [String: String] = [:]     // the name a layer asks for → the name in the file
+    private(set) var used: Set<String> = []
+
+    /// `rename` maps a file's tensor name to the name the model uses (return it unchanged when no rule applies).
+    public init(_ file: SafeTensorsCollection, backend: any ComputeBackend, rename: (String) -> String = { $0 }) {
+        self.file = file
+        self.backend = backend
+        for name in file.names { stored[rename(name)] = name }
+    }
+
+    public func contains(_ name: String) -> Bool { stored[name] != nil }
+
+    public func tensor(_ name: String, shape: [Int]) throws -> Tensor {
+        guard let storedName = stored[name] else {
+            throw PEAError.invalidFile(path: file.path, reason: "missing tensor '\(name)'")
+        }
+        let info = try file.info(storedName)
+        var values = try file.tensor(storedName)
+        // A 1×1 convolution stored as a linear weight (or the reverse) is the same matrix; older VAE
+        // checkpoints store the mid-block attention projections as 1×1 convolutions.
+        guard info.shape == shape || (info.shape.reduce(1, *) == shape.reduce(1, *) && sameMatrix(info.shape, shape)) else {
+            throw PEAError.invalidFile(path: file.path, reason: "tensor '\(storedName)' has shape \(info.shape), the model expects \(shape)")
+        }
+        guard values.dtype.isFloatingPoint else {
+            throw PEAError.invalidFile(path: file.path, reason: "tensor '\(storedName)' is \(values.dtype), expected a floating-point parameter")
+        }
+        if values.dtype != .f32 { values = values.converted(to: .f32) }
+        values.shape = shape
+        used.insert(storedName)
+        return try backend.upload(values)
+    }
+
+    /// Tensors in the file that the model never asked for, sorted.
+    public var unusedNames: [String] { file.names.filter { !used.contains($0) } }
+
+    /// [out, in] and [out, in, 1, 1] are the same matrix.
+    private func sameMatrix(_ a: [Int], _ b: [Int]) -> Bool {
+        func core(_ s: [Int]) -> [Int] { s.count == 4 && s[2] == 1 && s[3] == 1 ? [s[0], s[1]] : s }
+        return core(a) == core(b)
+    }
+}
+
+/// Deterministic random parameters of the right shapes, for benchmarks of full-size architectures (speed
+/// does not depend on the values). Values are uniform in ±1/√fan-in, like torch's default initialisation,
+/// so activations stay in a sane range; 1-D parameters (norm scales, biases) are near 1 or near 0.
+public final class RandomWeights: WeightSource {
+    public let backend: any ComputeBackend
+    private var generator: SplitMix64
+    public private(set) var parameterCount = 0
+
+    public init(backend: any ComputeBackend, seed: UInt64 = 0) {
+        self.backend = backend
+        generator = SplitMix64(seed: seed)
+    }
+
+    /// Every parameter a model may ask for exists, so optional parameters are created too.
+    public func contains(_ name: String) -> Bool { true }
+
+    public func tensor(_ name: String, shape: [Int]) throws -> Tensor {
+        let count = shape.reduce(1, *)
+        parameterCount += count
+        let fanIn = shape.count > 1 ? shape.dropFirst().reduce(1, *) : 1
+        let bound = Float(1 / Double(fanIn).squareRoot())
+        let isScale = shape.count == 1 && name.hasSuffix(".weight")
+        var values = [Float](repeating: 0, count: count)
+        for i in 0..<count {
+            let u = generator.uniform() * 2 - 1
+            values[i] = isScale ? 1 + 0.1 * u : (shape.count == 1 ? 0.1 * u : bound * u)
+        }
+        return try backend.upload(values, shape: shape)
+    }
+}

@@ -1,0 +1,88 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import CKernels
+import PEADiffusion
+
+let benchUNetUsage = """
+Usage: pea bench unet --config FILE [--latent HxW] [--batch B] [--context-length T] [--repeats R] [--json]
+                      [--backend auto|cpu|cuda] [--threads T]
+
+Builds the UNet a diffusers config.json describes, with random weights (speed does not depend on the values),
+and times full evaluations on random inputs: one warm-up, then R timed runs (default 3). Prints the best and
+median time and the process's peak resident memory (weights included); --json prints one JSON object with
+the keys config, latent_h, latent_w, batch, threads, best_ms, median_ms, peak_rss_mb, parameters.
+"""
+
+func runBenchUNet(_ arguments: [String]) throws {
+    if arguments.contains("--help") || arguments.contains("-h") { print(benchUNetUsage); return }
+    var spec = BackendOptions.spec
+    for key in ["--config", "--latent", "--batch", "--context-length", "--repeats"] { spec[key] = .value }
+    spec["--json"] = .flag
+    let options = try Arguments(arguments, command: "bench unet", spec: spec)
+    let configPath = try options.requiredString("--config")
+    let latent = (options.string("--latent") ?? "64x64").split(separator: "x").compactMap { Int($0) }
+    guard latent.count == 2, latent.allSatisfy({ $0 > 0 }) else {
+        throw PEAError.usage("bench unet: --latent must be HxW, e.g. 64x64")
+    }
+    let batch = try options.int("--batch", default: 1, range: 1...1024)
+    let contextLength = try options.int("--context-length", default: 77, range: 1...4096)
+    let repeats = try options.int("--repeats", default: 3, range: 1...1000)
+    let backend = try BackendOptions(options, command: "bench unet").backend
+
+    let config = try UNetConfig(ConfigFile(path: configPath))
+    let weights = RandomWeights(backend: backend, seed: 1)
+    let unet = try UNet2DConditionModel(config: config, weights: Weights(weights))
+    var random = SplitMix64(seed: 7)
+    func randomTensor(_ shape: [Int]) throws -> Tensor { try backend.upload(random.normals(shape.reduce(1, *)), shape: shape) }
+    var inputs = UNetInputs(
+        sample: try randomTensor([batch, config.inChannels, latent[0], latent[1]]),
+        timestep: try backend.upload(HostTensor(ids: Array(repeating: 500, count: batch), shape: [batch])),
+        encoderHiddenStates: try randomTensor([batch, contextLength, config.crossAttentionDim[0]]))
+    if let textTime = config.textTime {
+        inputs.textEmbeds = try randomTensor([batch, textTime.projectionInputDim - 6 * textTime.timeEmbedDim])
+        inputs.timeIds = try backend.upload(Array(repeating: 1024, count: batch * 6).map(Float.init), shape: [batch, 6])
+    }
+    if let dim = config.timeCondProjDim { inputs.timestepCondition = try randomTensor([batch, dim]) }
+
+    var times: [Double] = []
+    for run in 0...repeats {
+        let start = monotonicSeconds()
+        _ = try backend.download(unet(inputs))
+        if run > 0 { times.append((monotonicSeconds() - start) * 1000) }
+    }
+    times.sort()
+    let best = times[0], median = times[times.count / 2]
+    let peak = peakResidentMegabytes()
+    let threads = Int(ck_get_num_threads())
+    if options.has("--json") {
+        print("{\"config\": \"\(configPath)\", \"latent_h\": \(latent[0]), \"latent_w\": \(latent[1]), \"batch\": \(batch), "
+            + "\"threads\": \(threads), \"best_ms\": \(best), \"median_ms\": \(median), \"peak_rss_mb\": \(peak), "
+            + "\"parameters\": \(weights.parameterCount)}")
+    } else {
+        print("unet \(configPath)  latent \(latent[0])x\(latent[1])  batch \(batch)  \(backend.name) \(threads) threads  "
+            + "best \(formatted(best)) ms  median \(formatted(median)) ms  peak RSS \(formatted(peak)) MB  "
+            + "\(weights.parameterCount / 1_000_000)M parameters")
+    }
+}
+
+/// Seconds on the monotonic clock.
+func monotonicSeconds() -> Double {
+    var now = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return Double(now.tv_sec) + Double(now.tv_nsec) * 1e-9
+}
+
+/// The process's peak resident set size in MB (getrusage: ru_maxrss is in kilobytes on Linux).
+func peakResidentMegabytes() -> Double {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    return Double(usage.ru_maxrss) / 1024  // kilobytes on Linux
+}
+
+func formatted(_ value: Double) -> String {
+    let rounded = (value * 10).rounded() / 10
+    return "\(rounded)"
+}
