@@ -14,7 +14,6 @@ let package = Package(
         .target(
             name: "CKernels",
             path: "CKernels",
-            exclude: ["cuda", "emu"],
             sources: ["cpu"],
             publicHeadersPath: "include",
             cSettings: [.unsafeFlags(["-O3", "-fno-math-errno", "-Wall", "-Wno-unused-function"])],

@@ -53,6 +53,15 @@ public struct HostTensor: Equatable, Sendable {
         return values
     }
 
+    /// Integer values (i32 or i64 storage) as Int; nil for floating-point tensors.
+    public func integers() -> [Int]? {
+        switch dtype {
+        case .i64: return bytes.withUnsafeBytes { raw in (0..<count).map { Int(raw.loadUnaligned(fromByteOffset: $0 * 8, as: Int64.self)) } }
+        case .i32: return bytes.withUnsafeBytes { raw in (0..<count).map { Int(raw.loadUnaligned(fromByteOffset: $0 * 4, as: Int32.self)) } }
+        default: return nil
+        }
+    }
+
     /// The same values stored as `dtype`.
     public func converted(to target: DType) -> HostTensor {
         if target == dtype { return self }
