@@ -55,7 +55,7 @@ final class EvalCommandTests: XCTestCase {
         let io = model("vae") + "/io.safetensors"
         let reference = try SafeTensorsFile(path: io)
         for (command, outputs) in [("vae-encode", [("latent_mean", "latent_mean"), ("latent_logvar", "latent_logvar")]),
-                                   ("vae-decode", [("sample", "decoded")])] {
+                                   ("vae-decode", [("sample", "sample")])] {
             let output = scratch.file("\(command).safetensors")
             let result = try runPea(["eval", command, "--model", scratch.path, "--inputs", io, "--output", output])
             XCTAssertEqual(result.status, 0, result.stderr)
