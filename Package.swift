@@ -19,9 +19,15 @@ let package = Package(
             cSettings: [.unsafeFlags(["-O3", "-fno-math-errno", "-Wall", "-Wno-unused-function"])],
             linkerSettings: [.linkedLibrary("pthread"), .linkedLibrary("m")]
         ),
+        .systemLibrary(
+            name: "CZlib",
+            path: "Sources/CZlib",
+            pkgConfig: "zlib",
+            providers: [.apt(["zlib1g-dev"])]
+        ),
         .target(
             name: "PEADiffusion",
-            dependencies: ["CKernels"],
+            dependencies: ["CKernels", "CZlib"],
             path: "Sources/PEADiffusion"
         ),
         .executableTarget(
