@@ -5,27 +5,6 @@ import XCTest
 /// `pea eval` as a user runs it: the built executable on the diffusers fixtures, its output file compared
 /// with diffusers, and bad input turned into a clear error, a non-zero exit and no output file.
 final class EvalCommandTests: XCTestCase {
-    /// The `pea` executable built beside the test bundle (`swift build --build-tests` builds both).
-    var peaPath: String {
-        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("pea").path
-    }
-
-    func runPea(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
-        guard FileManager.default.isExecutableFile(atPath: peaPath) else {
-            throw XCTSkip("the pea executable is not built at \(peaPath)")
-        }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: peaPath)
-        process.arguments = arguments
-        let out = Pipe(), err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        let stdout = out.fileHandleForReading.readDataToEndOfFile(), stderr = err.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
-    }
-
     func model(_ name: String) -> String { fixturesDirectory() + "/models/" + name }
 
     func testEvalUNetWritesOutputAndFeaturesMatchingDiffusers() throws {

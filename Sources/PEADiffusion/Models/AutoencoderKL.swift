@@ -40,6 +40,9 @@ public struct AutoencoderKLConfig {
         if let shift = try config.optionalDouble("shift_factor"), shift != 0 {
             throw fail("shift_factor", "\(shift) is not supported (SD3/Flux VAEs are not an SD1/SD2/SDXL VAE)")
         }
+        for key in ["latents_mean", "latents_std"] where config.value(key).map({ $0 != .null }) ?? false {
+            throw fail(key, "is set, which Pea does not support (SD1/SD2/SDXL VAEs leave it null)")
+        }
         for (i, channels) in blockOutChannels.enumerated() where channels % normNumGroups != 0 {
             throw fail("block_out_channels", "\(channels) channels of block \(i) do not split into \(normNumGroups) groups")
         }

@@ -1,0 +1,195 @@
+// Text-to-image with the semantics of diffusers' StableDiffusionPipeline (SD1.x, SD2.x) and
+// StableDiffusionXLPipeline (SDXL), without the safety checker: the same folder, prompt, seed and settings
+// give the same image as diffusers with a CPU generator.
+
+/// Which pipeline a model folder is.
+public enum ModelFamily: String, Sendable {
+    case sd1 = "SD1"
+    case sd2 = "SD2"
+    case sdxl = "SDXL"
+
+    /// From `model_index.json`'s `_class_name` when it names an XL pipeline or a `text_encoder_2` is present;
+    /// otherwise SD2 when the UNet's cross-attention width is 1024 (OpenCLIP ViT-H), else SD1.
+    public static func detect(folder: String, unet: UNetConfig) throws -> ModelFamily {
+        let index = joinPath(folder, "model_index.json")
+        if isRegularFile(index) {
+            let config = try ConfigFile(path: index)
+            let name = try config.optionalString("_class_name") ?? ""
+            if name.contains("Refiner") || name.contains("Img2Img") || name.contains("Inpaint") {
+                throw PEAError.unsupported("\(index): '\(name)' is not a text-to-image pipeline Pea runs (SD1.x, SD2.x, SDXL base)")
+            }
+            if name.contains("XL") || config.contains("text_encoder_2") { return .sdxl }
+        }
+        if unet.textTime != nil { return .sdxl }
+        return unet.crossAttentionDim[0] == 1024 ? .sd2 : .sd1
+    }
+}
+
+/// What to generate: diffusers' `pipe(prompt, negative_prompt, num_inference_steps, guidance_scale, height,
+/// width, num_images_per_prompt, generator=torch.Generator("cpu").manual_seed(seed))`.
+public struct GenerationRequest {
+    public var prompt: String
+    public var negativePrompt: String?
+    public var steps = 30
+    public var guidance: Float = 7.5
+    public var seed: UInt64 = 0
+    public var width: Int
+    public var height: Int
+    public var imagesPerPrompt = 1
+
+    public init(prompt: String, negativePrompt: String? = nil, width: Int, height: Int) {
+        self.prompt = prompt
+        self.negativePrompt = negativePrompt
+        self.width = width
+        self.height = height
+    }
+}
+
+/// An 8-bit RGB image, rows top to bottom.
+public struct RGBImage {
+    public let width, height: Int
+    public var pixels: [UInt8]
+}
+
+public final class StableDiffusionPipeline {
+    public let family: ModelFamily
+    public let unet: UNet2DConditionModel
+    public let vae: AutoencoderKL
+    public let conditioner: any TextConditioner
+    public var scheduler: any Scheduler
+    public let schedulerConfig: ConfigFile
+    public let backend: any ComputeBackend
+
+    public init(family: ModelFamily, unet: UNet2DConditionModel, vae: AutoencoderKL, conditioner: any TextConditioner,
+                scheduler: any Scheduler, schedulerConfig: ConfigFile, backend: any ComputeBackend) {
+        self.family = family
+        self.unet = unet
+        self.vae = vae
+        self.conditioner = conditioner
+        self.scheduler = scheduler
+        self.schedulerConfig = schedulerConfig
+        self.backend = backend
+    }
+
+    /// Loads a diffusers pipeline folder. `scheduler` is a `SchedulerName` (nil: the folder's own);
+    /// `conditioner`, when given, replaces the folder's English text encoders (PEA).
+    public static func load(folder: String, backend: any ComputeBackend, scheduler: String? = nil, clipSkip: Int = 0,
+                            variant: String? = nil, conditioner: (any TextConditioner)? = nil) throws -> StableDiffusionPipeline {
+        guard isRegularFile(joinPath(folder, "model_index.json")) else {
+            throw PEAError.invalidFile(path: folder, reason: "not a diffusers pipeline folder (no model_index.json)")
+        }
+        let unet = try UNet2DConditionModel.load(folder: joinPath(folder, "unet"), backend: backend, variant: variant).model
+        let family = try ModelFamily.detect(folder: folder, unet: unet.config)
+        let vae = try AutoencoderKL.load(folder: joinPath(folder, "vae"), backend: backend, variant: variant).model
+        var schedulerConfig = try ConfigFile(path: joinPath(folder, "scheduler/scheduler_config.json"))
+        if family != .sdxl {
+            // StableDiffusionPipeline.__init__ repairs outdated scheduler configs: steps_offset must be 1 and
+            // clip_sample false (the XL pipeline does not).
+            var values = schedulerConfig.values
+            if values["steps_offset"].map({ $0 != .number(1) }) ?? false { values["steps_offset"] = .number(1) }
+            if values["clip_sample"] == .bool(true) { values["clip_sample"] = .bool(false) }
+            schedulerConfig = ConfigFile(path: schedulerConfig.path, values: values)
+        }
+        let sampler = try makeScheduler(name: scheduler, config: schedulerConfig)
+
+        func textStack(_ tokenizer: String, _ encoder: String) throws -> CLIPTextStack {
+            CLIPTextStack(tokenizer: try CLIPTokenizer(folder: joinPath(folder, tokenizer)),
+                          encoder: try CLIPTextModel.load(folder: joinPath(folder, encoder), backend: backend, variant: variant).model)
+        }
+        let text: any TextConditioner
+        if let conditioner {
+            text = conditioner
+        } else if family == .sdxl {
+            let index = try ConfigFile(path: joinPath(folder, "model_index.json"))
+            text = try SDXLConditioner(first: textStack("tokenizer", "text_encoder"), second: textStack("tokenizer_2", "text_encoder_2"),
+                                       clipSkip: clipSkip, forceZerosForEmptyPrompt: try index.bool("force_zeros_for_empty_prompt", default: true))
+        } else {
+            text = try CLIPConditioner(text: textStack("tokenizer", "text_encoder"), clipSkip: clipSkip)
+        }
+        return StableDiffusionPipeline(family: family, unet: unet, vae: vae, conditioner: text, scheduler: sampler,
+                                       schedulerConfig: schedulerConfig, backend: backend)
+    }
+
+    /// Pixels per latent cell (8 for SD).
+    public var vaeScaleFactor: Int { vae.downsamplingFactor }
+
+    /// diffusers' default size: the UNet's `sample_size` × the VAE factor (512 for SD1.5, 768 for SD2.1-v, 1024 for SDXL).
+    public var defaultSize: Int { (unet.config.sampleSize ?? 64) * vaeScaleFactor }
+
+    /// Runs the whole pipeline. `progress(step, steps)` is called after every denoising step; `warn` gets
+    /// messages such as prompt truncation.
+    public func generate(_ request: GenerationRequest, progress: (Int, Int) -> Void = { _, _ in },
+                         warn: (String) -> Void = { _ in }) throws -> [RGBImage] {
+        try validate(request)
+        let b = backend, count = request.imagesPerPrompt
+        let guided = request.guidance > 1 && unet.config.timeCondProjDim == nil
+
+        // Conditioning: [negative…, positive…] when guided, as diffusers concatenates them.
+        let positive = try conditioner.encode(Array(repeating: request.prompt, count: count), warn: warn)
+        var states = positive.states, pooled = positive.pooled
+        if guided {
+            let negative = try conditioner.encodeNegative(request.negativePrompt.map { Array(repeating: $0, count: count) }, count: count, warn: warn)
+            states = try b.concat([negative.states, positive.states], dim: 0)
+            if let p = positive.pooled, let n = negative.pooled { pooled = try b.concat([n, p], dim: 0) }
+        }
+        let rows = guided ? 2 * count : count
+        var timeIds: Tensor?
+        if family == .sdxl {
+            // original size, crop top-left, target size — diffusers' defaults: (H, W), (0, 0), (H, W)
+            let ids: [Float] = [request.height, request.width, 0, 0, request.height, request.width].map(Float.init)
+            timeIds = try b.upload(Array([[Float]](repeating: ids, count: rows).joined()), shape: [rows, 6])
+        }
+
+        // Initial latents from the seeded generator, scaled by the scheduler's initial sigma.
+        var generator = TorchGenerator(seed: request.seed)
+        let latentShape = [count, unet.config.inChannels, request.height / vaeScaleFactor, request.width / vaeScaleFactor]
+        try scheduler.setTimesteps(request.steps)
+        var latents = try b.scale(generator.randnTensor(latentShape, backend: b), by: scheduler.initNoiseSigma)
+
+        let steps = scheduler.timesteps.count
+        for i in 0..<steps {
+            let input = try scheduler.scaleModelInput(guided ? b.concat([latents, latents], dim: 0) : latents, stepIndex: i)
+            let timestep = try b.upload(scheduler.modelTimestep(stepIndex: i))
+            var prediction = try unet(UNetInputs(sample: input, timestep: timestep, encoderHiddenStates: states,
+                                                 textEmbeds: pooled, timeIds: timeIds))
+            if guided {
+                let halves = try b.split(prediction, sizes: [count, count], dim: 0)
+                prediction = try b.add(halves[0], b.scale(b.sub(halves[1], halves[0]), by: request.guidance))
+            }
+            latents = try scheduler.step(modelOutput: prediction, stepIndex: i, sample: latents,
+                                         noise: { try generator.randnTensor(latentShape, backend: b) })
+            progress(i + 1, steps)
+        }
+        return try decode(latents)
+    }
+
+    /// latents → 8-bit images: vae.decode(latents / scaling_factor), then (x / 2 + 0.5) clamped to [0, 1],
+    /// × 255 and rounded, as diffusers' VaeImageProcessor.postprocess with output_type "pil".
+    public func decode(_ latents: Tensor) throws -> [RGBImage] {
+        let image = try backend.download(vae.decode(backend.scale(latents, by: 1 / vae.config.scalingFactor))).floats()
+        let (count, channels, height, width) = (latents.shape[0], 3, latents.shape[2] * vaeScaleFactor, latents.shape[3] * vaeScaleFactor)
+        return (0..<count).map { n in
+            var pixels = [UInt8](repeating: 0, count: height * width * 3)
+            for c in 0..<channels {
+                let plane = (n * channels + c) * height * width
+                for p in 0..<(height * width) {
+                    let value = min(max(image[plane + p] / 2 + 0.5, 0), 1)
+                    pixels[p * 3 + c] = UInt8((value * 255).rounded(.toNearestOrEven))
+                }
+            }
+            return RGBImage(width: width, height: height, pixels: pixels)
+        }
+    }
+
+    private func validate(_ request: GenerationRequest) throws {
+        guard request.width > 0, request.height > 0, request.width % 8 == 0, request.height % 8 == 0 else {
+            throw PEAError.usage("width and height must be positive multiples of 8, got \(request.width)×\(request.height)")
+        }
+        let latentMultiple = vaeScaleFactor * unet.downsamplingFactor
+        guard request.width % latentMultiple == 0, request.height % latentMultiple == 0 else {
+            throw PEAError.usage("width and height must be multiples of \(latentMultiple) for this model (latents are halved \(unet.config.blockOutChannels.count - 1) times), got \(request.width)×\(request.height)")
+        }
+        guard request.steps >= 1 else { throw PEAError.usage("steps must be at least 1, got \(request.steps)") }
+        guard request.imagesPerPrompt >= 1 else { throw PEAError.usage("batch must be at least 1") }
+    }
+}

@@ -1,0 +1,193 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import PEADiffusion
+
+let generateUsage = """
+Usage: pea generate --model DIR --prompt TEXT [options]
+       pea generate --model DIR --prompts FILE [options]
+
+Generates images from text with a diffusers Stable Diffusion pipeline folder (SD1.x, SD2.x or SDXL, detected
+from the folder), the same images diffusers makes from the same folder, prompt, seed and settings with a CPU
+generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run.
+
+Options:
+  --model DIR               diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, …)
+  --prompt TEXT             what to draw
+  --prompts FILE            one prompt per line (empty lines skipped); each is generated as its own call
+                            with the same seed
+  --negative-prompt TEXT    what to steer away from (omitted: diffusers' negative_prompt=None)
+  --steps N                 denoising steps (default 30)
+  --guidance G              classifier-free guidance scale (default 7.5; ≤ 1 turns guidance off)
+  --scheduler NAME          ddim | euler | euler-a | dpmpp-2m | dpmpp-2m-karras | pndm (default: the folder's)
+  --seed N                  seed of the CPU generator (default: a random seed, printed in the parameters)
+  --width W --height H      image size in pixels, multiples of 8 (default: the model's native size)
+  --batch N                 images per prompt (default 1)
+  --clip-skip K             use the text encoder's output K layers before the last (default 0)
+  --output PATH.png         where to write (default pea-SEED.png); with several images, PATH-1.png, PATH-2.png, …
+  --variant NAME            read weights of that variant when present (e.g. fp16)
+\(BackendOptions.help)
+
+Each PNG carries its generation parameters in a `parameters` text chunk (A1111's format). The written paths
+go to stdout; progress goes to stderr.
+"""
+
+func runGenerate(_ arguments: [String]) throws {
+    if arguments.contains("--help") || arguments.contains("-h") { print(generateUsage); return }
+    var spec = BackendOptions.spec
+    for key in ["--model", "--prompt", "--prompts", "--negative-prompt", "--steps", "--guidance", "--scheduler", "--seed",
+                "--width", "--height", "--batch", "--clip-skip", "--output", "--variant", "--text-encoder", "--adapter"] {
+        spec[key] = .value
+    }
+    let options = try Arguments(arguments, command: "generate", spec: spec)
+    let modelFolder = try options.requiredString("--model")
+    if options.has("--text-encoder") || options.has("--adapter") {
+        throw PEAError.unsupported("generate: --text-encoder/--adapter (PEA) are not part of this build yet")
+    }
+
+    // Prompts first, so a usage mistake is reported before minutes of loading.
+    var prompts: [String]
+    switch (options.string("--prompt"), options.string("--prompts")) {
+    case (let prompt?, nil): prompts = [prompt]
+    case (nil, let file?): prompts = try readPromptFile(file)
+    case (nil, nil): throw PEAError.usage("generate: give --prompt TEXT or --prompts FILE")
+    default: throw PEAError.usage("generate: give either --prompt or --prompts, not both")
+    }
+    let steps = try options.int("--steps", default: 30, range: 1...1000)
+    let guidance = Float(try options.double("--guidance") ?? 7.5)
+    let batch = try options.int("--batch", default: 1, range: 1...64)
+    let clipSkip = try options.int("--clip-skip", default: 0, range: 0...64)
+    let seed: UInt64
+    if let text = options.string("--seed") {
+        guard let value = UInt64(text) else { throw PEAError.usage("generate: --seed expects a non-negative integer, got '\(text)'") }
+        seed = value
+    } else {
+        var random = SplitMix64(seed: UInt64(UInt(bitPattern: time(nil))) ^ UInt64(getpid()) << 32)
+        seed = random.next() >> 32
+    }
+    let width = try options.int("--width"), height = try options.int("--height")
+    for (name, value) in [("--width", width), ("--height", height)] {
+        if let value, value <= 0 || value % 8 != 0 {
+            throw PEAError.usage("generate: \(name) must be a positive multiple of 8, got \(value)")
+        }
+    }
+    let schedulerName = options.string("--scheduler")
+    if let schedulerName, SchedulerName(rawValue: schedulerName) == nil {
+        throw PEAError.usage("generate: unknown scheduler '\(schedulerName)' (ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, pndm)")
+    }
+    let output = options.string("--output") ?? "pea-\(seed).png"
+    guard output.hasSuffix(".png") else { throw PEAError.usage("generate: --output must end in .png, got '\(output)'") }
+    let backend = try BackendOptions(options, command: "generate").backend
+
+    let pipeline = try StableDiffusionPipeline.load(folder: modelFolder, backend: backend, scheduler: schedulerName,
+                                                    clipSkip: clipSkip, variant: options.string("--variant"))
+    let total = prompts.count * batch
+    var written = 0
+    for prompt in prompts {
+        var request = GenerationRequest(prompt: prompt, negativePrompt: options.string("--negative-prompt"),
+                                        width: width ?? pipeline.defaultSize, height: height ?? pipeline.defaultSize)
+        request.steps = steps
+        request.guidance = guidance
+        request.seed = seed
+        request.imagesPerPrompt = batch
+        let reporter = ProgressReporter(label: total > 1 ? "image \(written + 1)-\(written + batch)/\(total)" : "image")
+        let images = try pipeline.generate(request, progress: reporter.update, warn: { printWarning($0) })
+        reporter.finish()
+        let sampler = a1111SamplerName(schedulerName.flatMap(SchedulerName.init(rawValue:)), className: pipeline.scheduler.className)
+        let parameters = a1111Parameters(request, sampler: sampler, model: modelFolder, family: pipeline.family)
+        for image in images {
+            written += 1
+            let path = total == 1 ? output : "\(output.dropLast(4))-\(written).png"
+            try PNGWriter.write(rgb: image.pixels, width: image.width, height: image.height,
+                                textChunks: [("parameters", parameters)], to: path)
+            print(path)
+        }
+    }
+}
+
+/// The prompts of a --prompts file: one per line, surrounding whitespace trimmed, empty lines skipped.
+func readPromptFile(_ path: String) throws -> [String] {
+    guard let handle = fopen(path, "r") else {
+        throw PEAError.invalidFile(path: path, reason: "cannot open: \(String(cString: strerror(errno)))")
+    }
+    defer { fclose(handle) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let count = fread(&buffer, 1, buffer.count, handle)
+        if count == 0 { break }
+        bytes += buffer[0..<count]
+    }
+    guard let text = String(validating: bytes, as: UTF8.self) else {
+        throw PEAError.invalidFile(path: path, reason: "not UTF-8 text")
+    }
+    let prompts = text.split(whereSeparator: \.isNewline).map { String($0).trimmingWhitespace() }.filter { !$0.isEmpty }
+    guard !prompts.isEmpty else { throw PEAError.invalidFile(path: path, reason: "no prompts (the file is empty)") }
+    return prompts
+}
+
+/// The generation parameters as AUTOMATIC1111's web UI writes them into a PNG's `parameters` chunk.
+func a1111Parameters(_ request: GenerationRequest, sampler: String, model: String, family: ModelFamily) -> String {
+    var text = request.prompt
+    if let negative = request.negativePrompt { text += "\nNegative prompt: \(negative)" }
+    let modelName = model.split(separator: "/").last.map(String.init) ?? model
+    text += "\nSteps: \(request.steps), Sampler: \(sampler), CFG scale: \(request.guidance), Seed: \(request.seed), "
+        + "Size: \(request.width)x\(request.height), Model: \(modelName), Model family: \(family.rawValue), Generator: torch CPU (pea)"
+    return text
+}
+
+/// The sampler as A1111 names it (PNDM without its Runge–Kutta warm-up is PLMS).
+func a1111SamplerName(_ name: SchedulerName?, className: String) -> String {
+    switch name {
+    case .ddim?: return "DDIM"
+    case .euler?: return "Euler"
+    case .eulerAncestral?: return "Euler a"
+    case .dpmpp2M?: return "DPM++ 2M"
+    case .dpmpp2MKarras?: return "DPM++ 2M Karras"
+    case .pndm?: return "PLMS"
+    case nil:
+        let names = ["DDIMScheduler": "DDIM", "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
+                     "DPMSolverMultistepScheduler": "DPM++ 2M", "PNDMScheduler": "PLMS"]
+        return names[className] ?? className
+    }
+}
+
+func printWarning(_ message: String) {
+    fputs("pea: warning: \(message)\n", stderr)
+}
+
+/// Step progress on stderr: a live line (step, it/s, ETA) on a terminal, one plain line per image otherwise.
+final class ProgressReporter {
+    let label: String
+    let start = monotonicSeconds()
+    let live = isatty(STDERR_FILENO) != 0
+    var steps = 0
+
+    init(label: String) { self.label = label }
+
+    func update(_ step: Int, _ total: Int) {
+        steps = total
+        guard live else { return }
+        let elapsed = monotonicSeconds() - start
+        let rate = Double(step) / max(elapsed, 1e-9)
+        let eta = Double(total - step) / max(rate, 1e-9)
+        fputs("\r\(label): step \(step)/\(total)  \(formatted(rate)) it/s  ETA \(formatted(eta)) s ", stderr)
+    }
+
+    func finish() {
+        let elapsed = monotonicSeconds() - start
+        if live { fputs("\n", stderr) }
+        fputs("\(label): \(steps) steps in \(formatted(elapsed)) s\n", stderr)
+    }
+}
+
+extension String {
+    func trimmingWhitespace() -> String {
+        var scalars = Substring(self)
+        while let first = scalars.first, first.isWhitespace { scalars = scalars.dropFirst() }
+        while let last = scalars.last, last.isWhitespace { scalars = scalars.dropLast() }
+        return String(scalars)
+    }
+}

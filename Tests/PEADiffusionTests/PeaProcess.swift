@@ -1,0 +1,24 @@
+import Foundation
+import XCTest
+
+/// The `pea` executable built beside the test bundle (`swift build --build-tests` builds both).
+var peaExecutablePath: String {
+    URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("pea").path
+}
+
+/// Runs `pea` with `arguments` and returns its exit status and output.
+func runPea(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+    guard FileManager.default.isExecutableFile(atPath: peaExecutablePath) else {
+        throw XCTSkip("the pea executable is not built at \(peaExecutablePath)")
+    }
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: peaExecutablePath)
+    process.arguments = arguments
+    let out = Pipe(), err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    try process.run()
+    let stdout = out.fileHandleForReading.readDataToEndOfFile(), stderr = err.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
+}

@@ -1,0 +1,75 @@
+import Foundation
+import XCTest
+@testable import PEADiffusion
+
+/// Whole text-to-image runs against diffusers, on the tiny pipelines of tools/reference/make_pipeline_fixtures.py:
+/// the same folder, prompt, seed and settings must give the same 8-bit image (DESIGN.md: max |Δ| ≤ 1/255,
+/// mean |Δ| ≤ 0.02/255).
+final class PipelineParityTests: XCTestCase {
+    struct Case: Decodable {
+        let name, pipeline, prompt, images: String
+        let negative_prompt: String?
+        let steps, seed, width, height, batch: Int
+        let guidance: Float
+        let scheduler: String?
+    }
+
+    static let directory = fixturesDirectory() + "/pipelines"
+
+    static func cases() throws -> [Case] {
+        try JSONDecoder().decode([Case].self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/cases.json")))
+    }
+
+    /// Reference pixels [N, H, W, 3].
+    func expectedImages(_ c: Case) throws -> HostTensor {
+        try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images")
+    }
+
+    func assertSameImages(_ images: [RGBImage], _ expected: HostTensor, _ what: String) {
+        XCTAssertEqual(images.count, expected.shape[0], "\(what): image count")
+        let reference = expected.integers()!
+        var worst = 0, total = 0, count = 0
+        for (n, image) in images.enumerated() {
+            XCTAssertEqual([image.height, image.width], Array(expected.shape[1...2]), "\(what): size")
+            let offset = n * image.pixels.count
+            for (i, value) in image.pixels.enumerated() where offset + i < reference.count {
+                let d = abs(Int(value) - reference[offset + i])
+                worst = max(worst, d)
+                total += d
+                count += 1
+            }
+        }
+        XCTAssertLessThanOrEqual(worst, 1, "\(what): max |Δ| in 8-bit steps")
+        XCTAssertLessThanOrEqual(Double(total) / Double(max(count, 1)), 0.02, "\(what): mean |Δ| in 8-bit steps")
+    }
+
+    func testEveryCaseMatchesDiffusers() throws {
+        let backend = CPUBackend()
+        let cases = try Self.cases()
+        XCTAssertEqual(Set(cases.map(\.pipeline)), ["sd1", "sdxl"])
+        for c in cases {
+            let pipeline = try StableDiffusionPipeline.load(folder: Self.directory + "/" + c.pipeline, backend: backend, scheduler: c.scheduler)
+            XCTAssertEqual(pipeline.family, c.pipeline == "sdxl" ? .sdxl : .sd1)
+            var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: c.width, height: c.height)
+            request.steps = c.steps
+            request.guidance = c.guidance
+            request.seed = UInt64(c.seed)
+            request.imagesPerPrompt = c.batch
+            var warnings: [String] = []
+            let images = try pipeline.generate(request, warn: { warnings.append($0) })
+            assertSameImages(images, try expectedImages(c), c.name)
+            if c.name.contains("long_prompt") {
+                XCTAssertTrue(warnings.contains { $0.contains("truncated") }, "\(c.name): no truncation warning")
+            }
+        }
+    }
+
+    func testSizesThatAreNotMultiplesOf8AreRejected() throws {
+        let pipeline = try StableDiffusionPipeline.load(folder: Self.directory + "/sd1", backend: CPUBackend())
+        for (width, height) in [(30, 24), (24, 12), (0, 16)] {
+            XCTAssertThrowsError(try pipeline.generate(GenerationRequest(prompt: "x", width: width, height: height))) { error in
+                XCTAssertTrue("\(error)".contains("multiple"), "\(error)")
+            }
+        }
+    }
+}
