@@ -46,10 +46,12 @@ final class PipelineParityTests: XCTestCase {
     func testEveryCaseMatchesDiffusers() throws {
         let backend = CPUBackend()
         let cases = try Self.cases()
-        XCTAssertEqual(Set(cases.map(\.pipeline)), ["sd1", "sdxl"])
+        XCTAssertEqual(Set(cases.map(\.pipeline)), ["sd1", "sd2", "sdxl"])
+        XCTAssertEqual(Set(cases.compactMap(\.scheduler)).union(["pndm", "euler"]), Set(SchedulerName.allCases.map(\.rawValue)),
+                       "every scheduler runs in at least one case (PNDM and Euler as the SD1 and SDXL folders' own)")
         for c in cases {
             let pipeline = try StableDiffusionPipeline.load(folder: Self.directory + "/" + c.pipeline, backend: backend, scheduler: c.scheduler)
-            XCTAssertEqual(pipeline.family, c.pipeline == "sdxl" ? .sdxl : .sd1)
+            XCTAssertEqual(pipeline.family, ["sd1": .sd1, "sd2": .sd2, "sdxl": .sdxl][c.pipeline])
             var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: c.width, height: c.height)
             request.steps = c.steps
             request.guidance = c.guidance

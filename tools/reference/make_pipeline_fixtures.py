@@ -4,6 +4,8 @@
 Writes, under --out (default Tests/Fixtures/pipelines):
   sd1/    StableDiffusionPipeline: tiny UNet, VAE and CLIPTextModel (quick_gelu, legacy eos id), the small CLIP
           tokenizer of Tests/Fixtures/tokenizers/clip_small, SD1.5's PNDM scheduler config
+  sd2/    StableDiffusionPipeline as SD2.x: gelu text encoder padding with "!", linear projections, per-block
+          heads, upcast attention, SD2.1's v-prediction DDIM scheduler config
   sdxl/   StableDiffusionXLPipeline: two tiny CLIP encoders (the second with a projection) and tokenizers
           (the second pads with "!" as SDXL's does), SDXL's EulerDiscrete scheduler config
   cases.json  per case: the pipeline, prompt, negative prompt (or null), steps, guidance, seed, width,
@@ -72,6 +74,25 @@ def sd1_pipeline():
                                    requires_safety_checker=False)
 
 
+def sd2_pipeline():
+    # SD2.x: OpenCLIP-style text encoder (gelu, pads with "!"), linear projections, per-block heads, upcast
+    # attention, v-prediction with SD2.1's DDIM scheduler config.
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(TOKENIZERS, "clip_small_pad0"))
+    vocab = len(tokenizer)
+    torch.manual_seed(7)
+    unet = perturb(UNet2DConditionModel(
+        sample_size=16, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=24,
+        attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")), 17)
+    encoder = text_encoder(CLIPTextModel, 24, vocab, eos=vocab - 1, act="gelu", seed=8)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              num_train_timesteps=1000, prediction_type="v_prediction", set_alpha_to_one=False,
+                              steps_offset=1)
+    return StableDiffusionPipeline(vae=tiny_vae(), text_encoder=encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
 def sdxl_pipeline():
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(TOKENIZERS, "clip_small"))
     tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(TOKENIZERS, "clip_small_pad0"))
@@ -112,6 +133,8 @@ CASES = [
     ("sd1_euler_a_negative_batch", "sd1", "an astronaut riding a horse", "blurry, low quality", 5, 6.0, 7, 24, 32, 2, "euler-a"),
     ("sd1_dpmpp_karras_no_guidance", "sd1", "mountains at dawn", None, 6, 1.0, 3, 32, 32, 1, "dpmpp-2m-karras"),
     ("sd1_ddim_long_prompt", "sd1", " ".join(["a very detailed painting of a lighthouse"] * 12), "", 3, 5.0, 1234, 16, 16, 1, "ddim"),
+    ("sd2_ddim_v_prediction", "sd2", "a cabin in the woods!", None, 4, 7.5, 5, 24, 40, 1, None),
+    ("sd2_euler_v_prediction", "sd2", "a cabin in the woods!", "fog", 3, 4.0, 6, 32, 24, 1, "euler"),
     ("sdxl_euler_zero_negative", "sdxl", "a cat wearing sunglasses", None, 4, 5.0, 0, 32, 24, 1, None),
     ("sdxl_dpmpp_negative", "sdxl", "a watercolor city skyline", "dark", 4, 7.0, 99, 24, 24, 2, "dpmpp-2m"),
 ]
@@ -124,13 +147,14 @@ def main():
     if os.path.isdir(args.out):
         shutil.rmtree(args.out)
     os.makedirs(args.out)
-    pipelines = {"sd1": sd1_pipeline(), "sdxl": sdxl_pipeline()}
+    pipelines = {"sd1": sd1_pipeline(), "sd2": sd2_pipeline(), "sdxl": sdxl_pipeline()}
     for name, pipe in pipelines.items():
         folder = os.path.join(args.out, name)
         pipe.save_pretrained(folder, safe_serialization=True)
         # transformers 5 saves a tokenizer as tokenizer.json only; published SD folders carry the slow
         # tokenizer's files (vocab.json, merges.txt, …), so the folders get those, as the hub has them.
-        for sub, source in (("tokenizer", "clip_small"), ("tokenizer_2", "clip_small_pad0")):
+        tokenizer_source = "clip_small_pad0" if name == "sd2" else "clip_small"
+        for sub, source in (("tokenizer", tokenizer_source), ("tokenizer_2", "clip_small_pad0")):
             if os.path.isdir(os.path.join(folder, sub)):
                 shutil.rmtree(os.path.join(folder, sub))
                 shutil.copytree(os.path.join(TOKENIZERS, source), os.path.join(folder, sub))

@@ -8,8 +8,8 @@ public enum ModelFamily: String, Sendable {
     case sd2 = "SD2"
     case sdxl = "SDXL"
 
-    /// From `model_index.json`'s `_class_name` when it names an XL pipeline or a `text_encoder_2` is present;
-    /// otherwise SD2 when the UNet's cross-attention width is 1024 (OpenCLIP ViT-H), else SD1.
+    /// From `model_index.json`: an XL pipeline class or a `text_encoder_2` means SDXL; otherwise SD2 when the
+    /// text encoder is OpenCLIP's (GELU, SD2.x) and SD1 when it is OpenAI's CLIP (quick-GELU, SD1.x).
     public static func detect(folder: String, unet: UNetConfig) throws -> ModelFamily {
         let index = joinPath(folder, "model_index.json")
         if isRegularFile(index) {
@@ -21,7 +21,11 @@ public enum ModelFamily: String, Sendable {
             if name.contains("XL") || config.contains("text_encoder_2") { return .sdxl }
         }
         if unet.textTime != nil { return .sdxl }
-        return unet.crossAttentionDim[0] == 1024 ? .sd2 : .sd1
+        let encoderConfig = joinPath(folder, "text_encoder/config.json")
+        if isRegularFile(encoderConfig), try ConfigFile(path: encoderConfig).string("hidden_act", default: "quick_gelu") == "gelu" {
+            return .sd2
+        }
+        return .sd1
     }
 }
 
