@@ -88,6 +88,18 @@ final class CLIPTokenizerTests: XCTestCase {
         }
     }
 
+    /// A folder as transformers 5 saves it (tokenizer.json only) tokenizes exactly as the one it was saved from.
+    func testTokenizerJSONFolderMatchesItsSource() throws {
+        let fixture = try Self.loadFixture()
+        let saved = folder("clip_small_pad0_tokenizer_json")
+        XCTAssertFalse(isRegularFile(saved + "/vocab.json"))
+        let tokenizers = ["clip_small_pad0": try CLIPTokenizer(folder: saved)]
+        for testCase in fixture.cases {
+            let only = Case(text: testCase.text, results: testCase.results.filter { $0.folder == "clip_small_pad0" })
+            try check(only, tokenizers: tokenizers, maxLength: fixture.maxLength)
+        }
+    }
+
     /// The other ways real folders declare their special tokens (legacy special_tokens_map.json overriding the
     /// pad token, added_tokens.json, added_tokens_decoder, nothing at all), each beside clip_small's vocabulary.
     func testConfigVariantsMatchTransformers() throws {

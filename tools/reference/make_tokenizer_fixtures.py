@@ -15,6 +15,7 @@ the 256 byte characters, the same with `</w>`, each merge joined, then `<|starto
 Writes, under --out (default Tests/Fixtures/tokenizers):
   clip_small/         vocab.json, merges.txt and the legacy configs of SD1.x's `tokenizer/` (AddedToken dicts in
                       tokenizer_config.json and special_tokens_map.json; pads with <|endoftext|>)
+  clip_small_pad0_tokenizer_json/  clip_small_pad0 as transformers 5 saves it (tokenizer.json only)
   clip_small_pad0/    the same vocabulary with the configs of SDXL's `tokenizer_2/` (added_tokens_decoder with "!"
                       as a special token; pads with "!", id 0)
   clip_config_variants/<name>/
@@ -334,6 +335,11 @@ def main():
             variant_tokenizers[name] = CLIPTokenizer.from_pretrained(folder)
 
     tokenizers_by_folder = {name: CLIPTokenizer.from_pretrained(os.path.join(args.out, name)) for name in folders}
+    # What transformers 5 itself writes (tokenizer.json + tokenizer_config.json, no vocab.json/merges.txt), as
+    # a pipeline saved with today's diffusers holds it; it must tokenize exactly as the folder it came from.
+    saved = os.path.join(args.out, "clip_small_pad0_tokenizer_json")
+    shutil.rmtree(saved, ignore_errors=True)
+    tokenizers_by_folder["clip_small_pad0"].save_pretrained(saved)
     for name, tokenizer in {**tokenizers_by_folder, **variant_tokenizers}.items():
         assert type(tokenizer).__name__ == "CLIPTokenizer" and tokenizer.is_fast, (name, type(tokenizer))
         assert tokenizer.model_max_length == MAX_LENGTH, (name, tokenizer.model_max_length)

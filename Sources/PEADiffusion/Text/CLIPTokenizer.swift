@@ -88,12 +88,24 @@ public struct CLIPTokenizer: Sendable {
     ///   `PEAError.invalidConfig` for a malformed tokenizer_config.json / special_tokens_map.json / added_tokens.json.
     public init(folder: String) throws {
         self.folder = folder
-        let vocabPath = folder + "/vocab.json"
-        let vocabulary = try Self.readVocabulary(vocabPath)
-        let mergeList = try Self.readMerges(folder + "/merges.txt", vocabulary: vocabulary)
-
+        let vocabPath = folder + "/vocab.json", tokenizerJSONPath = folder + "/tokenizer.json"
         let configPath = folder + "/tokenizer_config.json"
-        let config = isRegularFile(configPath) ? try ConfigFile(path: configPath) : ConfigFile(path: configPath, values: [:])
+        var config = isRegularFile(configPath) ? try ConfigFile(path: configPath) : ConfigFile(path: configPath, values: [:])
+        let vocabulary: [String: Int]
+        let mergeList: [(left: Int, right: Int, merged: Int)]
+        if !isRegularFile(vocabPath) && isRegularFile(tokenizerJSONPath) {
+            // A folder saved by transformers 5 holds only tokenizer.json (the tokenizers library's file): the same
+            // vocabulary and merges, and the added tokens with their flags.
+            let saved = try Self.readTokenizerJSON(tokenizerJSONPath)
+            vocabulary = saved.vocabulary
+            mergeList = try Self.resolveMerges(saved.merges, path: tokenizerJSONPath, vocabulary: vocabulary)
+            if config.value("added_tokens_decoder") == nil, let decoder = saved.addedTokensDecoder {
+                config = ConfigFile(path: config.path, values: config.values.merging(["added_tokens_decoder": decoder]) { $1 })
+            }
+        } else {
+            vocabulary = try Self.readVocabulary(vocabPath)
+            mergeList = try Self.readMerges(folder + "/merges.txt", vocabulary: vocabulary)
+        }
         modelMaxLength = try Self.modelMaxLength(config)
         let tokens = try SpecialTokenResolution(folder: folder, config: config)
 
@@ -205,16 +217,69 @@ public struct CLIPTokenizer: Sendable {
             guard parts.count == 2 else {
                 throw PEAError.invalidFile(path: path, reason: "line \(index + 1): expected two symbols separated by one space, found \"\(line)\"")
             }
-            var ids: [Int] = []
-            for symbol in [String(parts[0]), String(parts[1]), String(parts[0]) + String(parts[1])] {
-                guard let id = vocabulary[symbol] else {
-                    throw PEAError.invalidFile(path: path, reason: "line \(index + 1): \"\(symbol)\" is not in vocab.json")
-                }
-                ids.append(id)
-            }
-            merges.append((ids[0], ids[1], ids[2]))
+            merges.append(try mergeIDs(String(parts[0]), String(parts[1]), vocabulary: vocabulary, path: path,
+                                       what: "line \(index + 1)", vocabularyName: "vocab.json"))
         }
         return merges
+    }
+
+    /// The ids of a merge's two symbols and of their concatenation, each of which must be in the vocabulary.
+    private static func mergeIDs(_ left: String, _ right: String, vocabulary: [String: Int], path: String,
+                                 what: String, vocabularyName: String) throws -> (left: Int, right: Int, merged: Int) {
+        var ids: [Int] = []
+        for symbol in [left, right, left + right] {
+            guard let id = vocabulary[symbol] else {
+                throw PEAError.invalidFile(path: path, reason: "\(what): \"\(symbol)\" is not in \(vocabularyName)")
+            }
+            ids.append(id)
+        }
+        return (ids[0], ids[1], ids[2])
+    }
+
+    private static func resolveMerges(_ pairs: [(String, String)], path: String, vocabulary: [String: Int]) throws -> [(left: Int, right: Int, merged: Int)] {
+        try pairs.enumerated().map { index, pair in
+            try mergeIDs(pair.0, pair.1, vocabulary: vocabulary, path: path, what: "model.merges[\(index)]", vocabularyName: "model.vocab")
+        }
+    }
+
+    /// tokenizer.json (a BPE model): `model.vocab`, `model.merges` ("a b" strings, or [a, b] pairs since
+    /// tokenizers 0.20) and `added_tokens`, returned in tokenizer_config.json's `added_tokens_decoder` shape.
+    private static func readTokenizerJSON(_ path: String) throws -> (vocabulary: [String: Int], merges: [(String, String)], addedTokensDecoder: JSONValue?) {
+        let document: JSONValue
+        do {
+            document = try JSONValue.parse(try readWholeFile(path))
+        } catch let error as JSONParseError {
+            throw PEAError.invalidFile(path: path, reason: "invalid JSON: \(error)")
+        }
+        guard let model = document.objectValue?["model"]?.objectValue, model["type"]?.stringValue ?? "BPE" == "BPE",
+              let vocabObject = model["vocab"]?.objectValue, let mergeValues = model["merges"]?.arrayValue else {
+            throw PEAError.invalidFile(path: path, reason: "expected a BPE model with 'vocab' and 'merges'")
+        }
+        var vocabulary: [String: Int] = [:]
+        for (token, value) in vocabObject {
+            guard let id = value.intValue, id >= 0 else {
+                throw PEAError.invalidFile(path: path, reason: "model.vocab: token \(JSONValue.string(token).serialized()) has no valid id")
+            }
+            vocabulary[token] = id
+        }
+        let merges: [(String, String)] = try mergeValues.enumerated().map { index, value in
+            if let text = value.stringValue {
+                let parts = text.split(separator: " ", omittingEmptySubsequences: false)
+                if parts.count == 2 { return (String(parts[0]), String(parts[1])) }
+            } else if let pair = value.arrayValue, pair.count == 2, let a = pair[0].stringValue, let b = pair[1].stringValue {
+                return (a, b)
+            }
+            throw PEAError.invalidFile(path: path, reason: "model.merges[\(index)]: expected \"a b\" or [\"a\", \"b\"]")
+        }
+        var decoder: [String: JSONValue] = [:]
+        for entry in document.objectValue?["added_tokens"]?.arrayValue ?? [] {
+            guard var fields = entry.objectValue, let id = fields["id"]?.intValue else {
+                throw PEAError.invalidFile(path: path, reason: "added_tokens: an entry without an id")
+            }
+            fields["id"] = nil
+            decoder[String(id)] = .object(fields)
+        }
+        return (vocabulary, merges, decoder.isEmpty ? nil : .object(decoder))
     }
 
     /// `model_max_length`, or `Int.max` where transformers would use its "no limit" value (missing, or 1e30).
