@@ -1,0 +1,6 @@
+/* device_launch_parameters.h — stand-in for the CUDA toolkit header of this name: the emulated build (CKernels/emu) gets the
+ * SIMT emulator and the CPU runtime from it. Under nvcc the toolkit's own header is used. */
+#ifndef PEA_EMU_STANDIN_DEVICE_LAUNCH_PARAMETERS_H
+#define PEA_EMU_STANDIN_DEVICE_LAUNCH_PARAMETERS_H
+#include "../cuda_emu.h"
+#endif

@@ -1,0 +1,359 @@
+/*
+ * cublas.cpp — the cuBLAS GEMMs on the CPU, with cuBLAS's semantics (column-major storage):
+ *
+ *   C[b] = alpha · op(A[b]) · op(B[b]) + beta · C[b]      op(A) m×k, op(B) k×n, C m×n
+ *
+ *   element (i, j) of a column-major matrix X with leading dimension ldx is X[i + j·ldx];
+ *   op(A) = A (A is m×k, lda ≥ max(1, m)) or Aᵀ (A is k×m, lda ≥ max(1, k)); likewise B with k, n;
+ *   ldc ≥ max(1, m); A[b] = A + b·strideA (in elements), likewise B and C.
+ *
+ * Inputs are converted to f32 (f16/bf16 exactly); products accumulate in f32; alpha and beta are f32 (the
+ * scale type of every CUBLAS_COMPUTE_32F* mode). beta = 0 means C is not read; alpha = 0 means A and B are
+ * not read. The reduced-precision compute modes round each input first, which is the precision the GPU's
+ * tensor cores deliver (not their exact bits): CUBLAS_COMPUTE_32F_FAST_TF32 (and COMPUTE_32F on f32 data
+ * with CUBLAS_TF32_TENSOR_OP_MATH) to TF32 (10-bit mantissa, nearest-even), FAST_16F to f16, FAST_16BF to
+ * bf16. Type combinations are those cuBLAS lists for COMPUTE_32F: A and B of one type (32F, 16F or 16BF),
+ * C of that type or 32F; the FAST modes take 32F only; anything else is CUBLAS_STATUS_NOT_SUPPORTED.
+ * The stream is honoured trivially: every call completes before it returns.
+ */
+#include "internal.h"
+#include "../include/cublas_v2.h"
+
+#include <algorithm>
+#include <mutex>
+#include <set>
+#include <vector>
+
+struct cublasContext {
+    cudaStream_t stream;
+    cublasMath_t math;
+    cublasPointerMode_t pointer_mode;
+};
+
+namespace {
+
+std::mutex g_handles_mutex;
+std::set<cublasHandle_t> g_handles;
+
+bool handle_valid(cublasHandle_t h) {
+    std::lock_guard<std::mutex> lk(g_handles_mutex);
+    return h && g_handles.count(h);
+}
+
+enum Round { ROUND_NONE, ROUND_TF32, ROUND_F16, ROUND_BF16 };
+
+float round_input(float x, int r) {
+    switch (r) {
+    case ROUND_TF32: {
+        uint32_t b;
+        memcpy(&b, &x, 4);
+        if ((b & 0x7f800000u) != 0x7f800000u) { /* finite: keep 10 mantissa bits, nearest-even */
+            b += 0xfffu + ((b >> 13) & 1u);
+            b &= ~0x1fffu;
+        }
+        memcpy(&x, &b, 4);
+        return x;
+    }
+    case ROUND_F16: return pea_emu::f16_bits_to_f32(pea_emu::f32_to_f16_bits(x, pea_emu::RN));
+    case ROUND_BF16: return pea_emu::bf16_bits_to_f32(pea_emu::f32_to_bf16_bits(x, pea_emu::RN));
+    }
+    return x;
+}
+
+float load(const void *p, cudaDataType t, long long i) {
+    switch (t) {
+    case CUDA_R_16F: return pea_emu::f16_bits_to_f32(((const unsigned short *)p)[i]);
+    case CUDA_R_16BF: return pea_emu::bf16_bits_to_f32(((const unsigned short *)p)[i]);
+    default: return ((const float *)p)[i];
+    }
+}
+
+void store(void *p, cudaDataType t, long long i, float v) {
+    switch (t) {
+    case CUDA_R_16F: ((unsigned short *)p)[i] = pea_emu::f32_to_f16_bits(v, pea_emu::RN); break;
+    case CUDA_R_16BF: ((unsigned short *)p)[i] = pea_emu::f32_to_bf16_bits(v, pea_emu::RN); break;
+    default: ((float *)p)[i] = v; break;
+    }
+}
+
+struct Gemm {
+    int ta, tb, m, n, k;
+    float alpha, beta;
+    const void *A, *B;
+    void *C;
+    cudaDataType at, bt, ct;
+    long long lda, ldb, ldc;
+    int round;
+    std::vector<float> Ap; /* op(A) as f32, column-major m×k (lda = m) */
+};
+
+/* Columns [j0, j1) of C. */
+void gemm_columns(void *ctx, long long j0, long long j1) {
+    Gemm &g = *(Gemm *)ctx;
+    std::vector<float> acc(g.m), bcol(g.k);
+    for (long long j = j0; j < j1; j++) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        if (g.alpha != 0.0f) {
+            for (int p = 0; p < g.k; p++)
+                bcol[p] = round_input(load(g.B, g.bt, g.tb == CUBLAS_OP_N ? p + j * g.ldb : j + (long long)p * g.ldb),
+                                      g.round);
+            for (int p = 0; p < g.k; p++) {
+                const float *a = &g.Ap[(size_t)p * g.m];
+                float b = bcol[p];
+                for (int i = 0; i < g.m; i++) acc[i] += a[i] * b;
+            }
+        }
+        for (int i = 0; i < g.m; i++) {
+            float c = g.alpha * acc[i];
+            if (g.beta != 0.0f) c += g.beta * load(g.C, g.ct, i + j * g.ldc);
+            store(g.C, g.ct, i + j * g.ldc, c);
+        }
+    }
+}
+
+void gemm_one(Gemm &g) {
+    if (g.m == 0 || g.n == 0) return;
+    if (g.alpha != 0.0f) {
+        g.Ap.resize((size_t)g.m * g.k);
+        for (int p = 0; p < g.k; p++)
+            for (int i = 0; i < g.m; i++)
+                g.Ap[(size_t)p * g.m + i] = round_input(
+                    load(g.A, g.at, g.ta == CUBLAS_OP_N ? i + (long long)p * g.lda : p + (long long)i * g.lda), g.round);
+    }
+    long long flops_per_col = 2LL * g.m * std::max(g.k, 1);
+    long long grain = std::max(1LL, (1LL << 18) / flops_per_col);
+    pea_emu::parallel_for(g.n, grain, gemm_columns, &g);
+}
+
+size_t elem_size(cudaDataType t) { return t == CUDA_R_32F ? 4 : 2; }
+
+cublasStatus_t check_dims(cublasHandle_t h, int ta, int tb, int m, int n, int k, long long lda, long long ldb,
+                          long long ldc, const void *alpha, const void *beta) {
+    if (!handle_valid(h)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (ta < 0 || ta > 2 || tb < 0 || tb > 2) return CUBLAS_STATUS_INVALID_VALUE;
+    if (m < 0 || n < 0 || k < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    if (lda < std::max(1, ta == CUBLAS_OP_N ? m : k)) return CUBLAS_STATUS_INVALID_VALUE;
+    if (ldb < std::max(1, tb == CUBLAS_OP_N ? k : n)) return CUBLAS_STATUS_INVALID_VALUE;
+    if (ldc < std::max(1, m)) return CUBLAS_STATUS_INVALID_VALUE;
+    if (!alpha || !beta) return CUBLAS_STATUS_INVALID_VALUE;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+/* The rounding of a (types, compute type) combination, or -1 when cuBLAS does not support it. */
+int combination(cublasHandle_t h, cudaDataType at, cudaDataType bt, cudaDataType ct, cublasComputeType_t ctype) {
+    bool f32 = at == CUDA_R_32F && bt == CUDA_R_32F && ct == CUDA_R_32F;
+    switch (ctype) {
+    case CUBLAS_COMPUTE_32F_FAST_TF32: return f32 ? ROUND_TF32 : -1;
+    case CUBLAS_COMPUTE_32F_FAST_16F: return f32 ? ROUND_F16 : -1;
+    case CUBLAS_COMPUTE_32F_FAST_16BF: return f32 ? ROUND_BF16 : -1;
+    case CUBLAS_COMPUTE_32F:
+    case CUBLAS_COMPUTE_32F_PEDANTIC:
+        if (at != bt) return -1;
+        if (at == CUDA_R_32F && ct != CUDA_R_32F) return -1;
+        if (at != CUDA_R_32F && at != CUDA_R_16F && at != CUDA_R_16BF) return -1;
+        if (ct != at && ct != CUDA_R_32F) return -1;
+        if (at == CUDA_R_32F && ctype == CUBLAS_COMPUTE_32F && (h->math & 0xf) == CUBLAS_TF32_TENSOR_OP_MATH)
+            return ROUND_TF32;
+        return ROUND_NONE;
+    default: return -1;
+    }
+}
+
+cublasStatus_t gemm_batched(cublasHandle_t h, int ta, int tb, int m, int n, int k, const void *alpha, const void *A,
+                            cudaDataType at, int lda, long long sA, const void *B, cudaDataType bt, int ldb,
+                            long long sB, const void *beta, void *C, cudaDataType ct, int ldc, long long sC,
+                            int batch, cublasComputeType_t ctype, const void *const *Aarr, const void *const *Barr,
+                            void *const *Carr) {
+    if (cublasStatus_t s = check_dims(h, ta, tb, m, n, k, lda, ldb, ldc, alpha, beta)) return s;
+    if (batch < 0) return CUBLAS_STATUS_INVALID_VALUE;
+    int round = combination(h, at, bt, ct, ctype);
+    if (round < 0) return CUBLAS_STATUS_NOT_SUPPORTED;
+    Gemm g;
+    g.ta = ta;
+    g.tb = tb;
+    g.m = m;
+    g.n = n;
+    g.k = k;
+    g.alpha = *(const float *)alpha;
+    g.beta = *(const float *)beta;
+    g.at = at;
+    g.bt = bt;
+    g.ct = ct;
+    g.lda = lda;
+    g.ldb = ldb;
+    g.ldc = ldc;
+    g.round = round;
+    for (int b = 0; b < batch; b++) {
+        if (Aarr) {
+            g.A = Aarr[b];
+            g.B = Barr[b];
+            g.C = Carr[b];
+        } else {
+            g.A = (const char *)A + b * sA * (long long)elem_size(at);
+            g.B = (const char *)B + b * sB * (long long)elem_size(bt);
+            g.C = (char *)C + b * sC * (long long)elem_size(ct);
+        }
+        gemm_one(g);
+    }
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+} // namespace
+
+extern "C" {
+
+cublasStatus_t cublasCreate(cublasHandle_t *handle) {
+    if (!handle) return CUBLAS_STATUS_INVALID_VALUE;
+    *handle = new cublasContext{nullptr, CUBLAS_DEFAULT_MATH, CUBLAS_POINTER_MODE_HOST};
+    std::lock_guard<std::mutex> lk(g_handles_mutex);
+    g_handles.insert(*handle);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasDestroy(cublasHandle_t handle) {
+    {
+        std::lock_guard<std::mutex> lk(g_handles_mutex);
+        if (!handle || !g_handles.erase(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    }
+    delete handle;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasGetVersion(cublasHandle_t handle, int *version) {
+    if (!handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!version) return CUBLAS_STATUS_INVALID_VALUE;
+    *version = 120000;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t stream) {
+    if (!handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!pea_emu::rt_stream_valid(stream)) return CUBLAS_STATUS_INVALID_VALUE;
+    handle->stream = stream;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasGetStream(cublasHandle_t handle, cudaStream_t *stream) {
+    if (!handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!stream) return CUBLAS_STATUS_INVALID_VALUE;
+    *stream = handle->stream;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSetMathMode(cublasHandle_t handle, cublasMath_t mode) {
+    if (!handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    int base = (int)mode & ~CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION;
+    if (base < 0 || base > 3) return CUBLAS_STATUS_INVALID_VALUE;
+    handle->math = mode;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasGetMathMode(cublasHandle_t handle, cublasMath_t *mode) {
+    if (!handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!mode) return CUBLAS_STATUS_INVALID_VALUE;
+    *mode = handle->math;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSetPointerMode(cublasHandle_t handle, cublasPointerMode_t mode) {
+    if (!handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (mode != CUBLAS_POINTER_MODE_HOST && mode != CUBLAS_POINTER_MODE_DEVICE) return CUBLAS_STATUS_INVALID_VALUE;
+    handle->pointer_mode = mode; /* host and device memory are one here: alpha and beta read the same way */
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasGetPointerMode(cublasHandle_t handle, cublasPointerMode_t *mode) {
+    if (!handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!mode) return CUBLAS_STATUS_INVALID_VALUE;
+    *mode = handle->pointer_mode;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasSetWorkspace(cublasHandle_t handle, void *workspace, size_t bytes) {
+    (void)workspace;
+    (void)bytes;
+    return handle_valid(handle) ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_INITIALIZED;
+}
+
+const char *cublasGetStatusName(cublasStatus_t s) {
+    switch (s) {
+    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    case CUBLAS_STATUS_LICENSE_ERROR: return "CUBLAS_STATUS_LICENSE_ERROR";
+    }
+    return "CUBLAS_STATUS_UNKNOWN";
+}
+
+const char *cublasGetStatusString(cublasStatus_t s) {
+    switch (s) {
+    case CUBLAS_STATUS_SUCCESS: return "success";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "the library was not initialized";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "the resource allocation failed";
+    case CUBLAS_STATUS_INVALID_VALUE: return "an invalid numeric value was used as an argument";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "an absent device architectural feature is required";
+    case CUBLAS_STATUS_MAPPING_ERROR: return "an access to GPU memory space failed";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "the GPU program failed to execute";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "an internal operation failed";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "the functionality requested is not supported";
+    case CUBLAS_STATUS_LICENSE_ERROR: return "license error";
+    }
+    return "unknown error";
+}
+
+cublasStatus_t cublasSgemm(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
+                           int k, const float *alpha, const float *A, int lda, const float *B, int ldb,
+                           const float *beta, float *C, int ldc) {
+    return gemm_batched(handle, transa, transb, m, n, k, alpha, A, CUDA_R_32F, lda, 0, B, CUDA_R_32F, ldb, 0, beta,
+                        C, CUDA_R_32F, ldc, 0, 1, CUBLAS_COMPUTE_32F, nullptr, nullptr, nullptr);
+}
+
+cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb,
+                                         int m, int n, int k, const float *alpha, const float *A, int lda,
+                                         long long int strideA, const float *B, int ldb, long long int strideB,
+                                         const float *beta, float *C, int ldc, long long int strideC,
+                                         int batchCount) {
+    return gemm_batched(handle, transa, transb, m, n, k, alpha, A, CUDA_R_32F, lda, strideA, B, CUDA_R_32F, ldb,
+                        strideB, beta, C, CUDA_R_32F, ldc, strideC, batchCount, CUBLAS_COMPUTE_32F, nullptr, nullptr,
+                        nullptr);
+}
+
+cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m, int n,
+                            int k, const void *alpha, const void *A, cudaDataType Atype, int lda, const void *B,
+                            cudaDataType Btype, int ldb, const void *beta, void *C, cudaDataType Ctype, int ldc,
+                            cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
+    (void)algo;
+    return gemm_batched(handle, transa, transb, m, n, k, alpha, A, Atype, lda, 0, B, Btype, ldb, 0, beta, C, Ctype,
+                        ldc, 0, 1, computeType, nullptr, nullptr, nullptr);
+}
+
+cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t handle, cublasOperation_t transa,
+                                          cublasOperation_t transb, int m, int n, int k, const void *alpha,
+                                          const void *A, cudaDataType Atype, int lda, long long int strideA,
+                                          const void *B, cudaDataType Btype, int ldb, long long int strideB,
+                                          const void *beta, void *C, cudaDataType Ctype, int ldc,
+                                          long long int strideC, int batchCount, cublasComputeType_t computeType,
+                                          cublasGemmAlgo_t algo) {
+    (void)algo;
+    return gemm_batched(handle, transa, transb, m, n, k, alpha, A, Atype, lda, strideA, B, Btype, ldb, strideB, beta,
+                        C, Ctype, ldc, strideC, batchCount, computeType, nullptr, nullptr, nullptr);
+}
+
+cublasStatus_t cublasGemmBatchedEx(cublasHandle_t handle, cublasOperation_t transa, cublasOperation_t transb, int m,
+                                   int n, int k, const void *alpha, const void *const Aarray[], cudaDataType Atype,
+                                   int lda, const void *const Barray[], cudaDataType Btype, int ldb,
+                                   const void *beta, void *const Carray[], cudaDataType Ctype, int ldc,
+                                   int batchCount, cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
+    (void)algo;
+    if (batchCount > 0 && (!Aarray || !Barray || !Carray)) return CUBLAS_STATUS_INVALID_VALUE;
+    return gemm_batched(handle, transa, transb, m, n, k, alpha, nullptr, Atype, lda, 0, nullptr, Btype, ldb, 0, beta,
+                        nullptr, Ctype, ldc, 0, batchCount, computeType, Aarray, Barray, Carray);
+}
+
+} // extern "C"

@@ -1,0 +1,359 @@
+/*
+ * test_cublas.cpp — the cuBLAS stand-in against a naive column-major GEMM written from the cuBLAS
+ * documentation: C = alpha·op(A)·op(B) + beta·C with X(i, j) = X[i + j·ldx], every transpose combination,
+ * non-square shapes, leading dimensions equal to the rows (no padding) and larger (the padding holds NaN,
+ * which must never be read), strided batches, f16/bf16 inputs with f32 or f16/bf16 outputs, the reduced
+ * precision compute types, the argument errors cuBLAS documents, and the two row-major recipes a backend
+ * uses.
+ */
+#include "check.h"
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+static const char *op_name(cublasOperation_t op) { return op == CUBLAS_OP_N ? "N" : op == CUBLAS_OP_T ? "T" : "C"; }
+
+/* A column-major rows×cols matrix with leading dimension ld (≥ rows): padding rows hold NaN. */
+static std::vector<float> matrix(int rows, int cols, int ld, unsigned seed) {
+    std::vector<float> v = random_vector((size_t)ld * std::max(cols, 1), seed);
+    for (int j = 0; j < cols; j++)
+        for (int i = rows; i < ld; i++) v[i + (size_t)j * ld] = NAN;
+    return v;
+}
+
+/* The documented definition, in double. */
+static std::vector<double> reference(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, double alpha,
+                                     const std::vector<float> &A, int lda, const std::vector<float> &B, int ldb,
+                                     double beta, const std::vector<float> &C, int ldc) {
+    std::vector<double> out((size_t)ldc * n);
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < m; i++) {
+            double s = 0;
+            for (int p = 0; p < k; p++) {
+                double a = ta == CUBLAS_OP_N ? A[i + (size_t)p * lda] : A[p + (size_t)i * lda];
+                double b = tb == CUBLAS_OP_N ? B[p + (size_t)j * ldb] : B[j + (size_t)p * ldb];
+                s += a * b;
+            }
+            out[i + (size_t)j * ldc] = alpha * s + (beta == 0 ? 0.0 : beta * C[i + (size_t)j * ldc]);
+        }
+    return out;
+}
+
+/* max relative error over the m×n part of C; NaN counts as infinitely wrong. */
+static double c_error(const std::vector<float> &got, const std::vector<double> &ref, int m, int n, int ldc) {
+    double e = 0;
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < m; i++) {
+            size_t x = i + (size_t)j * ldc;
+            double d = std::fabs(got[x] - ref[x]) / std::max(1.0, std::fabs(ref[x]));
+            e = std::max(e, std::isnan(d) ? INFINITY : d);
+        }
+    return e;
+}
+
+static void test_sgemm(cublasHandle_t h) {
+    const int shapes[][3] = {{7, 5, 3}, {33, 17, 65}, {1, 9, 4}, {16, 16, 16}, {64, 1, 31}, {3, 70, 1}};
+    const cublasOperation_t ops[] = {CUBLAS_OP_N, CUBLAS_OP_T, CUBLAS_OP_C};
+    int cases = 0;
+    double worst = 0;
+    for (auto &s : shapes)
+        for (cublasOperation_t ta : ops)
+            for (cublasOperation_t tb : ops)
+                for (int pad = 0; pad <= 3; pad += 3)
+                    for (int beta_zero = 0; beta_zero < 2; beta_zero++) {
+                        if ((ta == CUBLAS_OP_C || tb == CUBLAS_OP_C) && (pad || beta_zero)) continue;
+                        int m = s[0], n = s[1], k = s[2];
+                        int ar = ta == CUBLAS_OP_N ? m : k, ac = ta == CUBLAS_OP_N ? k : m;
+                        int br = tb == CUBLAS_OP_N ? k : n, bc = tb == CUBLAS_OP_N ? n : k;
+                        int lda = ar + pad, ldb = br + pad, ldc = m + pad;
+                        std::vector<float> A = matrix(ar, ac, lda, 1), B = matrix(br, bc, ldb, 2),
+                                           C = matrix(m, n, ldc, 3);
+                        if (beta_zero)
+                            for (float &c : C) c = NAN; /* beta = 0: C is not read */
+                        float alpha = 1.5f, beta = beta_zero ? 0.0f : -0.5f;
+                        float *dA = to_device(A), *dB = to_device(B), *dC = to_device(C);
+                        cublasStatus_t st =
+                            cublasSgemm(h, ta, tb, m, n, k, &alpha, dA, lda, dB, ldb, &beta, dC, ldc);
+                        CHECK(st == CUBLAS_STATUS_SUCCESS, "cublasSgemm %s%s: %s", op_name(ta), op_name(tb),
+                              cublasGetStatusName(st));
+                        double e = c_error(to_host(dC, C.size()), reference(ta, tb, m, n, k, alpha, A, lda, B, ldb,
+                                                                             beta, C, ldc), m, n, ldc);
+                        CHECK(e <= 1e-5, "cublasSgemm %s%s m=%d n=%d k=%d lda=%d ldb=%d ldc=%d beta=%g: error %g",
+                              op_name(ta), op_name(tb), m, n, k, lda, ldb, ldc, beta, e);
+                        worst = std::max(worst, e);
+                        cases++;
+                        cudaFree(dA);
+                        cudaFree(dB);
+                        cudaFree(dC);
+                    }
+    say("ok   cublasSgemm: %d cases (NN NT TN TT, C as T; 6 non-square shapes; ld = rows and rows+3 with NaN "
+        "padding; beta = 0 with NaN C), max rel err %.1e",
+        cases, worst);
+}
+
+static void test_strided_batched(cublasHandle_t h) {
+    int m = 9, n = 6, k = 13, batch = 3;
+    cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    int lda = k + 2, ldb = k, ldc = m + 1;
+    long long sA = (long long)lda * m + 7, sB = (long long)ldb * n + 5, sC = (long long)ldc * n + 3;
+    std::vector<float> A = random_vector(sA * batch, 4), B = random_vector(sB * batch, 5), C = random_vector(sC * batch, 6);
+    float *dA = to_device(A), *dB = to_device(B), *dC = to_device(C);
+    float alpha = 0.75f, beta = 2.0f;
+    CHECK(cublasGemmStridedBatchedEx(h, ta, tb, m, n, k, &alpha, dA, CUDA_R_32F, lda, sA, dB, CUDA_R_32F, ldb, sB,
+                                     &beta, dC, CUDA_R_32F, ldc, sC, batch, CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS,
+          "cublasGemmStridedBatchedEx");
+    std::vector<float> got = to_host(dC, C.size());
+    double worst = 0;
+    for (int b = 0; b < batch; b++) {
+        std::vector<float> Ab(A.begin() + b * sA, A.begin() + (b + 1) * sA), Bb(B.begin() + b * sB, B.begin() + (b + 1) * sB),
+            Cb(C.begin() + b * sC, C.begin() + (b + 1) * sC), Gb(got.begin() + b * sC, got.begin() + (b + 1) * sC);
+        double e = c_error(Gb, reference(ta, tb, m, n, k, alpha, Ab, lda, Bb, ldb, beta, Cb, ldc), m, n, ldc);
+        worst = std::max(worst, e);
+        /* rows m..ldc-1 of each column and the gap after the batch are untouched */
+        int touched = 0;
+        for (int j = 0; j < n; j++) touched += Gb[m + (size_t)j * ldc] != Cb[m + (size_t)j * ldc];
+        for (long long x = (long long)ldc * n; x < sC; x++) touched += Gb[x] != Cb[x];
+        CHECK(touched == 0, "batch %d: %d elements outside C were written", b, touched);
+    }
+    CHECK(worst <= 1e-5, "strided batched: error %g", worst);
+    say("ok   cublasGemmStridedBatchedEx: 3 batches, strides with gaps, padding and gaps untouched, max rel err %.1e",
+        worst);
+    cudaFree(dA);
+    cudaFree(dB);
+    cudaFree(dC);
+
+    /* The same through cublasSgemmStridedBatched. */
+    dA = to_device(A);
+    dB = to_device(B);
+    dC = to_device(C);
+    CHECK(cublasSgemmStridedBatched(h, ta, tb, m, n, k, &alpha, dA, lda, sA, dB, ldb, sB, &beta, dC, ldc, sC, batch) ==
+              CUBLAS_STATUS_SUCCESS,
+          "cublasSgemmStridedBatched");
+    CHECK(to_host(dC, C.size()) == got, "cublasSgemmStridedBatched differs from cublasGemmStridedBatchedEx");
+    cudaFree(dA);
+    cudaFree(dB);
+    cudaFree(dC);
+}
+
+/* f16 / bf16 inputs: values k/64 (|k| < 128) are exact in both types. */
+template <class H>
+static void test_half_inputs(cublasHandle_t h, cudaDataType t, const char *name, double out_tol) {
+    int m = 20, n = 11, k = 37;
+    const cublasOperation_t ops[] = {CUBLAS_OP_N, CUBLAS_OP_T};
+    double worst32 = 0, worst16 = 0;
+    for (cublasOperation_t ta : ops)
+        for (cublasOperation_t tb : ops) {
+            int ar = ta == CUBLAS_OP_N ? m : k, ac = ta == CUBLAS_OP_N ? k : m;
+            int br = tb == CUBLAS_OP_N ? k : n, bc = tb == CUBLAS_OP_N ? n : k;
+            std::vector<float> A = random_vector((size_t)ar * ac, 7), B = random_vector((size_t)br * bc, 8),
+                               C = random_vector((size_t)m * n, 9);
+            for (float &v : A) v = std::round(v * 127.0f) / 64.0f;
+            for (float &v : B) v = std::round(v * 127.0f) / 64.0f;
+            for (float &v : C) v = std::round(v * 127.0f) / 64.0f;
+            std::vector<H> Ah(A.begin(), A.end()), Bh(B.begin(), B.end()), Ch(C.begin(), C.end());
+            H *dA = to_device(Ah), *dB = to_device(Bh), *dCh = to_device(Ch);
+            float *dC = to_device(C);
+            float alpha = 1.0f, beta = 0.5f;
+            std::vector<double> ref = reference(ta, tb, m, n, k, alpha, A, ar, B, br, beta, C, m);
+            /* f32 output */
+            CHECK(cublasGemmEx(h, ta, tb, m, n, k, &alpha, dA, t, ar, dB, t, br, &beta, dC, CUDA_R_32F, m,
+                               CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS,
+                  "cublasGemmEx %s → f32", name);
+            worst32 = std::max(worst32, c_error(to_host(dC, C.size()), ref, m, n, m));
+            /* output in the input type */
+            CHECK(cublasGemmEx(h, ta, tb, m, n, k, &alpha, dA, t, ar, dB, t, br, &beta, dCh, t, m, CUBLAS_COMPUTE_32F,
+                               CUBLAS_GEMM_DEFAULT_TENSOR_OP) == CUBLAS_STATUS_SUCCESS,
+                  "cublasGemmEx %s → %s", name, name);
+            std::vector<H> got = to_host(dCh, C.size());
+            std::vector<float> gotf(got.begin(), got.end());
+            worst16 = std::max(worst16, c_error(gotf, ref, m, n, m));
+            cudaFree(dA);
+            cudaFree(dB);
+            cudaFree(dC);
+            cudaFree(dCh);
+        }
+    CHECK(worst32 <= 1e-5, "%s inputs, f32 output: error %g", name, worst32);
+    CHECK(worst16 <= out_tol, "%s inputs, %s output: error %g", name, name, worst16);
+    say("ok   cublasGemmEx %s inputs (NN NT TN TT): f32 output max rel err %.1e, %s output %.1e", name, worst32, name,
+        worst16);
+
+    /* Batched strided with half inputs. */
+    int batch = 2;
+    std::vector<float> A = random_vector((size_t)m * k * batch, 10), B = random_vector((size_t)k * n * batch, 11);
+    for (float &v : A) v = std::round(v * 127.0f) / 64.0f;
+    for (float &v : B) v = std::round(v * 127.0f) / 64.0f;
+    std::vector<H> Ah(A.begin(), A.end()), Bh(B.begin(), B.end());
+    H *dA = to_device(Ah), *dB = to_device(Bh);
+    float *dC = device_alloc<float>((size_t)m * n * batch);
+    float alpha = 2.0f, beta = 0.0f;
+    CHECK(cublasGemmStridedBatchedEx(h, CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, &alpha, dA, t, m, (long long)m * k, dB, t, k,
+                                     (long long)k * n, &beta, dC, CUDA_R_32F, m, (long long)m * n, batch,
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS,
+          "strided batched %s", name);
+    std::vector<float> got = to_host(dC, (size_t)m * n * batch);
+    double worst = 0;
+    for (int b = 0; b < batch; b++) {
+        std::vector<float> Ab(A.begin() + b * m * k, A.begin() + (b + 1) * m * k),
+            Bb(B.begin() + b * k * n, B.begin() + (b + 1) * k * n), Gb(got.begin() + b * m * n, got.begin() + (b + 1) * m * n),
+            Cz((size_t)m * n, 0.0f);
+        worst = std::max(worst, c_error(Gb, reference(CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, alpha, Ab, m, Bb, k, 0.0, Cz, m), m, n, m));
+    }
+    CHECK(worst <= 1e-5, "strided batched %s: error %g", name, worst);
+    cudaFree(dA);
+    cudaFree(dB);
+    cudaFree(dC);
+}
+
+static void test_precision_modes(cublasHandle_t h) {
+    /* 1 + 2^-12 is an f32 but not a TF32 (10-bit mantissa): TF32 compute sees 1. */
+    float a = 1.0f + 1.0f / 4096.0f, b = 1.0f, c = 0.0f, alpha = 1.0f, beta = 0.0f;
+    float *dA = to_device(std::vector<float>{a}), *dB = to_device(std::vector<float>{b}), *dC = to_device(std::vector<float>{c});
+    auto run = [&](cublasComputeType_t ct) {
+        CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &alpha, dA, CUDA_R_32F, 1, dB, CUDA_R_32F, 1, &beta, dC,
+                           CUDA_R_32F, 1, ct, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS,
+              "compute type %d", (int)ct);
+        return to_host(dC, 1)[0];
+    };
+    CHECK(run(CUBLAS_COMPUTE_32F) == a, "COMPUTE_32F keeps f32 inputs");
+    CHECK(run(CUBLAS_COMPUTE_32F_FAST_TF32) == 1.0f, "COMPUTE_32F_FAST_TF32 rounds inputs to TF32");
+    CHECK(run(CUBLAS_COMPUTE_32F_FAST_16BF) == 1.0f, "COMPUTE_32F_FAST_16BF rounds inputs to bf16");
+    CHECK(run(CUBLAS_COMPUTE_32F_FAST_16F) == 1.0f, "COMPUTE_32F_FAST_16F rounds inputs to f16 (1 + 2^-12 → 1)");
+    CHECK(cublasSetMathMode(h, CUBLAS_TF32_TENSOR_OP_MATH) == CUBLAS_STATUS_SUCCESS, "set TF32 math");
+    CHECK(run(CUBLAS_COMPUTE_32F) == 1.0f, "COMPUTE_32F under CUBLAS_TF32_TENSOR_OP_MATH uses TF32");
+    CHECK(run(CUBLAS_COMPUTE_32F_PEDANTIC) == a, "COMPUTE_32F_PEDANTIC ignores the TF32 math mode");
+    float r = 0;
+    CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 1, 1, 1, &alpha, dA, 1, dB, 1, &beta, dC, 1) == CUBLAS_STATUS_SUCCESS &&
+              (r = to_host(dC, 1)[0]) == 1.0f,
+          "cublasSgemm under TF32 math: %g", r);
+    CHECK(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH) == CUBLAS_STATUS_SUCCESS, "set default math");
+    say("ok   compute types: 32F exact, FAST_TF32 / FAST_16BF / FAST_16F and TF32 math mode round inputs, PEDANTIC "
+        "does not");
+    cudaFree(dA);
+    cudaFree(dB);
+    cudaFree(dC);
+}
+
+static void test_errors(cublasHandle_t h) {
+    float one = 1.0f;
+    float *d = device_alloc<float>(64);
+    struct {
+        const char *what;
+        int ta, tb; /* not cublasOperation_t: one case holds an invalid value */
+        int m, n, k, lda, ldb, ldc;
+    } bad[] = {
+        {"m < 0", CUBLAS_OP_N, CUBLAS_OP_N, -1, 2, 2, 2, 2, 2},
+        {"k < 0", CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, -1, 2, 2, 2},
+        {"lda < m (A not transposed)", CUBLAS_OP_N, CUBLAS_OP_N, 4, 2, 3, 3, 3, 4},
+        {"lda < k (A transposed)", CUBLAS_OP_T, CUBLAS_OP_N, 4, 2, 3, 2, 3, 4},
+        {"ldb < k (B not transposed)", CUBLAS_OP_N, CUBLAS_OP_N, 4, 2, 3, 4, 2, 4},
+        {"ldb < n (B transposed)", CUBLAS_OP_N, CUBLAS_OP_T, 4, 5, 3, 4, 4, 4},
+        {"ldc < m", CUBLAS_OP_N, CUBLAS_OP_N, 4, 2, 3, 4, 3, 3},
+        {"lda = 0 for an empty A", CUBLAS_OP_N, CUBLAS_OP_N, 0, 2, 3, 0, 3, 1},
+        {"an invalid operation", 5, CUBLAS_OP_N, 2, 2, 2, 2, 2, 2},
+    };
+    for (auto &b : bad) {
+        cublasStatus_t st = cublasSgemm(h, (cublasOperation_t)b.ta, (cublasOperation_t)b.tb, b.m, b.n, b.k, &one, d, b.lda, d, b.ldb, &one, d, b.ldc);
+        CHECK(st == CUBLAS_STATUS_INVALID_VALUE, "%s: %s", b.what, cublasGetStatusName(st));
+    }
+    CHECK(cublasGemmStridedBatchedEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, d, CUDA_R_32F, 2, 4, d, CUDA_R_32F, 2, 4,
+                                     &one, d, CUDA_R_32F, 2, 4, -1, CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_INVALID_VALUE,
+          "batchCount < 0");
+    CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, d, CUDA_R_16F, 2, d, CUDA_R_32F, 2, &one, d,
+                       CUDA_R_32F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_NOT_SUPPORTED,
+          "A f16 with B f32");
+    CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, d, CUDA_R_32F, 2, d, CUDA_R_32F, 2, &one, d,
+                       CUDA_R_16F, 2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_NOT_SUPPORTED,
+          "f32 inputs with an f16 output");
+    CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, d, CUDA_R_16F, 2, d, CUDA_R_16F, 2, &one, d,
+                       CUDA_R_16F, 2, CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_NOT_SUPPORTED,
+          "FAST_TF32 with f16 data");
+    CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, d, CUDA_R_32F, 2, d, CUDA_R_32F, 2, &one, d,
+                       CUDA_R_32F, 2, CUBLAS_COMPUTE_64F, CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_NOT_SUPPORTED,
+          "COMPUTE_64F");
+    /* Quick returns: m = 0 does nothing; k = 0 scales C by beta. */
+    std::vector<float> c4 = {1, 2, 3, 4};
+    float *dc = to_device(c4), half = 0.5f;
+    CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 0, 2, 2, &one, d, 1, d, 2, &one, dc, 1) == CUBLAS_STATUS_SUCCESS,
+          "m = 0");
+    CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 0, &one, d, 2, d, 1, &half, dc, 2) == CUBLAS_STATUS_SUCCESS &&
+              to_host(dc, 4) == std::vector<float>({0.5f, 1, 1.5f, 2}),
+          "k = 0 gives C = beta·C");
+    cublasHandle_t gone;
+    CHECK(cublasCreate(&gone) == CUBLAS_STATUS_SUCCESS && cublasDestroy(gone) == CUBLAS_STATUS_SUCCESS, "create/destroy");
+    CHECK(cublasSgemm(gone, CUBLAS_OP_N, CUBLAS_OP_N, 2, 2, 2, &one, d, 2, d, 2, &one, d, 2) ==
+              CUBLAS_STATUS_NOT_INITIALIZED,
+          "a destroyed handle");
+    say("ok   cuBLAS errors: INVALID_VALUE for negative sizes, short leading dimensions, bad operations, negative "
+        "batches; NOT_SUPPORTED for other type combinations; NOT_INITIALIZED for a destroyed handle; quick returns");
+    cudaFree(d);
+    cudaFree(dc);
+}
+
+/* How a backend with row-major tensors calls column-major cuBLAS:
+ *   C[M,N] = A[M,K]·B[K,N]      → cublasSgemm(N, N, N, M, K, B, ldb = N, A, lda = K, C, ldc = N)
+ *   y[T,O] = x[T,I]·W[O,I]ᵀ     → cublasSgemm(T, N, O, T, I, W, ldw = I, x, ldx = I, y, ldy = O)
+ * (a row-major matrix is the column-major transpose, and (A·B)ᵀ = Bᵀ·Aᵀ). */
+static void test_row_major_recipes(cublasHandle_t h) {
+    int M = 13, N = 7, K = 19;
+    std::vector<float> A = random_vector((size_t)M * K, 20), B = random_vector((size_t)K * N, 21);
+    float *dA = to_device(A), *dB = to_device(B), *dC = device_alloc<float>((size_t)M * N), one = 1.0f, zero = 0.0f;
+    CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, N, M, K, &one, dB, N, dA, K, &zero, dC, N) == CUBLAS_STATUS_SUCCESS,
+          "row-major GEMM");
+    std::vector<float> C = to_host(dC, (size_t)M * N);
+    double e = 0;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double s = 0;
+            for (int p = 0; p < K; p++) s += (double)A[(size_t)i * K + p] * B[(size_t)p * N + j];
+            e = std::max(e, std::fabs(C[(size_t)i * N + j] - s));
+        }
+    CHECK(e <= 1e-5, "row-major C = A·B: error %g", e);
+
+    int T = 5, I = 11, O = 6;
+    std::vector<float> x = random_vector((size_t)T * I, 22), W = random_vector((size_t)O * I, 23);
+    float *dx = to_device(x), *dW = to_device(W), *dy = device_alloc<float>((size_t)T * O);
+    CHECK(cublasSgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, O, T, I, &one, dW, I, dx, I, &zero, dy, O) == CUBLAS_STATUS_SUCCESS,
+          "linear layer");
+    std::vector<float> y = to_host(dy, (size_t)T * O);
+    double e2 = 0;
+    for (int t = 0; t < T; t++)
+        for (int o = 0; o < O; o++) {
+            double s = 0;
+            for (int i = 0; i < I; i++) s += (double)x[(size_t)t * I + i] * W[(size_t)o * I + i];
+            e2 = std::max(e2, std::fabs(y[(size_t)t * O + o] - s));
+        }
+    CHECK(e2 <= 1e-5, "row-major y = x·Wᵀ: error %g", e2);
+    say("ok   row-major recipes: C = A·B (max err %.1e), y = x·Wᵀ (max err %.1e)", e, e2);
+    cudaFree(dA);
+    cudaFree(dB);
+    cudaFree(dC);
+    cudaFree(dx);
+    cudaFree(dW);
+    cudaFree(dy);
+}
+
+int main() {
+    check_start("emu cublas", 300);
+    pea_emu_set_quiet(1);
+    cublasHandle_t h;
+    CHECK(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS, "cublasCreate");
+    cudaStream_t s;
+    CUDA_OK(cudaStreamCreate(&s));
+    CHECK(cublasSetStream(h, s) == CUBLAS_STATUS_SUCCESS, "cublasSetStream");
+    test_sgemm(h);
+    test_strided_batched(h);
+    test_half_inputs<__half>(h, CUDA_R_16F, "f16", 1e-3);
+    test_half_inputs<__nv_bfloat16>(h, CUDA_R_16BF, "bf16", 8e-3);
+    test_precision_modes(h);
+    test_errors(h);
+    test_row_major_recipes(h);
+    CUDA_OK(cudaStreamSynchronize(s));
+    CHECK(cublasDestroy(h) == CUBLAS_STATUS_SUCCESS, "cublasDestroy");
+    CUDA_OK(cudaStreamDestroy(s));
+    return check_summary("emu cublas");
+}
