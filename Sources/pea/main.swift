@@ -9,12 +9,19 @@ let usage = """
 pea — text-to-image diffusion with Stable Diffusion models and the PEA multilingual adapter
 
 Usage:
-  pea bench gemm --m M --n N --k K [--threads T] [--repeats R] [--kernel avx512|avx2|portable]
+  pea bench gemm --m M --n N --k K [--threads T] [--repeats R] [--transa] [--transb] [--kernel K] [--json]
                                   time our CPU GEMM and print GFLOP/s
+  pea bench unet --config FILE [--latent HxW] [--batch B] [--repeats R] [--json]
+                                  time a full UNet of that architecture (random weights) and its peak memory
+  pea generate --model DIR --prompt TEXT [--negative-prompt TEXT] [--steps 30] [--guidance 7.5] [--seed N]
+               [--scheduler NAME] [--width W --height H] [--batch N] [--prompts FILE] [--output PATH.png]
+                                  text to image with a diffusers SD1.x/SD2.x/SDXL folder (see 'pea generate --help')
+  pea eval unet|vae-decode|vae-encode --model DIR --inputs IN.safetensors --output OUT.safetensors
+                                  run one model component on saved tensors (see 'pea eval --help')
   pea selftest                    run a quick check of every CPU op against its plain reference
   pea help | --help               this text
 
-Commands not listed here (generate, eval, train) are not built yet; see the project's issues.
+Commands not listed here (eval text-encoder, eval kd-step, train, generate --text-encoder/--adapter) are not built yet; see the project's issues.
 """
 
 func printError(_ message: String) {
@@ -35,6 +42,10 @@ func run(_ arguments: [String]) throws {
     switch command {
     case "help", "--help", "-h":
         print(usage)
+    case "generate":
+        try runGenerate(rest)
+    case "eval":
+        try runEval(rest)
     case "bench":
         try runBench(rest)
     case "selftest":
