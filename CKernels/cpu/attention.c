@@ -16,6 +16,69 @@
 
 enum { QT = 64, KT = 256 };
 
+/* exp(x) for the softmax, in a form compilers vectorise (no libm call, no branches): Cephes' expf —
+ * x = n·ln2 + r with |r| ≤ ln2/2, a degree-7 polynomial for e^r, then 2^n through the exponent bits.
+ * Within 2 ulp of expf over the range that matters; exp(−∞) (masked scores) and anything below −87.3,
+ * where expf underflows, give exactly 0. The exp of the scores was the largest cost of attention with
+ * libm's scalar expf. */
+static inline float softmax_exp(float x) {
+    const float clamped = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+    const float n = __builtin_floorf(clamped * 1.44269504088896341f + 0.5f);
+    float r = clamped - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return x < -87.3f ? 0.0f : y * scale.f;
+}
+
+/* s[c] = exp(s[c] − shift) for c < n; returns Σ s[c] (eight partial sums, so the loop vectorises). */
+#define EXP_SHIFT_SUM_BODY                                                          \
+    float partial[8] = {0};                                                         \
+    int64_t c = 0;                                                                  \
+    for (; c + 8 <= n; c += 8)                                                      \
+        for (int lane = 0; lane < 8; lane++) {                                      \
+            s[c + lane] = softmax_exp(s[c + lane] - shift);                         \
+            partial[lane] += s[c + lane];                                           \
+        }                                                                           \
+    float sum = 0.0f;                                                               \
+    for (; c < n; c++) { s[c] = softmax_exp(s[c] - shift); sum += s[c]; }           \
+    for (int lane = 0; lane < 8; lane++) sum += partial[lane];                      \
+    return sum;
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) static float exp_shift_sum_avx2(float *s, int64_t n, float shift) {
+    EXP_SHIFT_SUM_BODY
+}
+#endif
+static float exp_shift_sum_portable(float *s, int64_t n, float shift) { EXP_SHIFT_SUM_BODY }
+
+static float exp_shift_sum(float *s, int64_t n, float shift) {
+#if defined(__x86_64__)
+    static int has_avx2 = -1;
+    if (has_avx2 < 0) has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (has_avx2) return exp_shift_sum_avx2(s, n, shift);
+#endif
+    return exp_shift_sum_portable(s, n, shift);
+}
+
+/* max of s[0..n), −∞ when n = 0 (eight partial maxima, so the loop vectorises). */
+static float row_maximum(const float *s, int64_t n) {
+    float partial[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8)
+        for (int lane = 0; lane < 8; lane++) partial[lane] = s[c + lane] > partial[lane] ? s[c + lane] : partial[lane];
+    float best = -INFINITY;
+    for (; c < n; c++) best = s[c] > best ? s[c] : best;
+    for (int lane = 0; lane < 8; lane++) best = partial[lane] > best ? partial[lane] : best;
+    return best;
+}
+
 typedef struct {
     const ck_attention_params *p;
     int64_t q_tiles;
@@ -58,16 +121,14 @@ static void attention_units(void *arg, int64_t begin, int64_t end) {
                 if (p->causal) {
                     for (int64_t c = (i0 + r + 1) - j0 < 0 ? 0 : (i0 + r + 1) - j0; c < cols; c++) s[c] = -INFINITY;
                 }
-                float tile_max = -INFINITY;
-                for (int64_t c = 0; c < cols; c++) tile_max = s[c] > tile_max ? s[c] : tile_max;
+                const float tile_max = row_maximum(s, cols);
                 const float new_max = tile_max > row_max[r] ? tile_max : row_max[r];
                 if (new_max == -INFINITY) {            /* everything so far masked: nothing to add */
                     for (int64_t c = 0; c < cols; c++) s[c] = 0.0f;
                     continue;
                 }
                 const float correction = expf(row_max[r] - new_max);   /* exp(−∞) = 0 on the first tile */
-                float sum = 0.0f;
-                for (int64_t c = 0; c < cols; c++) { s[c] = expf(s[c] - new_max); sum += s[c]; }
+                const float sum = exp_shift_sum(s, cols, new_max);
                 row_sum[r] = row_sum[r] * correction + sum;
                 row_max[r] = new_max;
                 float *a = acc + r * p->Dv;

@@ -5,21 +5,72 @@ import Darwin
 #endif
 import CKernels
 
-/// Host memory, 64-byte aligned so the SIMD kernels can use aligned loads when they like.
+/// Host memory, 64-byte aligned so the SIMD kernels can use aligned loads when they like. Large buffers come
+/// from `CPUBufferCache`, so a model evaluated again reuses its activations' memory.
 final class CPUStorage: TensorStorage {
     let pointer: UnsafeMutableRawPointer
     let byteCount: Int
 
     init(byteCount: Int) throws {
-        var raw: UnsafeMutableRawPointer?
-        guard posix_memalign(&raw, 64, max(byteCount, 64)) == 0, let raw else {
-            throw PEAError.backend("cpu: cannot allocate \(byteCount) bytes")
+        if let cached = CPUBufferCache.shared.take(byteCount) {
+            pointer = cached
+        } else {
+            var raw: UnsafeMutableRawPointer?
+            guard posix_memalign(&raw, 64, CPUBufferCache.capacity(for: byteCount)) == 0, let raw else {
+                throw PEAError.backend("cpu: cannot allocate \(byteCount) bytes")
+            }
+            pointer = raw
         }
-        pointer = raw
         self.byteCount = byteCount
     }
 
-    deinit { free(pointer) }
+    deinit {
+        if !CPUBufferCache.shared.keep(pointer, byteCount: byteCount) { free(pointer) }
+    }
+}
+
+/// Freed large host buffers, kept by size for the next tensor of that size. A UNet evaluation allocates and
+/// frees the same few activation sizes over and over; without reuse every one of them is a fresh mapping
+/// whose pages the kernel faults in and zeroes (measured: about a million page faults per SD1.5 evaluation).
+/// The cache holds at most `limit` bytes, so peak memory stays within that of the largest live set plus it.
+final class CPUBufferCache: @unchecked Sendable {
+    static let shared = CPUBufferCache(limit: 512 << 20)
+    /// Below this, malloc's own free lists are fast enough.
+    static let smallest = 1 << 20
+
+    private let limit: Int
+    private var buffers: [Int: [UnsafeMutableRawPointer]] = [:]
+    private var cachedBytes = 0
+    private let lock = PThreadLock()
+
+    init(limit: Int) { self.limit = limit }
+
+    /// Buffers are sized in 64 KiB steps so that nearby sizes share them.
+    static func capacity(for byteCount: Int) -> Int {
+        byteCount < smallest ? max(byteCount, 64) : (byteCount + 0xFFFF) & ~0xFFFF
+    }
+
+    func take(_ byteCount: Int) -> UnsafeMutableRawPointer? {
+        guard byteCount >= Self.smallest else { return nil }
+        let capacity = Self.capacity(for: byteCount)
+        return lock.withLock {
+            guard let pointer = buffers[capacity]?.popLast() else { return nil }
+            cachedBytes -= capacity
+            return pointer
+        }
+    }
+
+    /// Takes `pointer` into the cache, or returns false when it is small or the cache is full.
+    func keep(_ pointer: UnsafeMutableRawPointer, byteCount: Int) -> Bool {
+        guard byteCount >= Self.smallest else { return false }
+        let capacity = Self.capacity(for: byteCount)
+        return lock.withLock {
+            guard cachedBytes + capacity <= limit else { return false }
+            buffers[capacity, default: []].append(pointer)
+            cachedBytes += capacity
+            return true
+        }
+    }
 }
 
 /// The reference backend: every op runs the C kernels of CKernels/cpu/ on host memory, synchronously,
