@@ -5,6 +5,7 @@ Usage:
   pea eval unet       --model DIR --inputs IN.safetensors --output OUT.safetensors [--features]
   pea eval vae-decode --model DIR --inputs IN.safetensors --output OUT.safetensors
   pea eval vae-encode --model DIR --inputs IN.safetensors --output OUT.safetensors
+  pea eval text-encoder --model DIR --prompt TEXT [--prompt TEXT …] [--max-length N] --output OUT.safetensors
 
 Runs one model component of a diffusers folder (the component's folder, or a pipeline root) on tensors
 read from a safetensors file and writes its outputs, in float32, to another.
@@ -14,6 +15,10 @@ read from a safetensors file and writes its outputs, in float32, to another.
               output: sample; with --features also down.{i}, mid, up.{i} (each block's output).
   vae-decode  inputs: latents [B,4,h,w] (the decoder's raw input, already divided by scaling_factor).
               output: sample [B,3,8h,8w], unclamped.
+  text-encoder  DIR: a text-encoder folder with its tokenizer files, a pipeline's text_encoder/ or
+              text_encoder_2/ (its tokenizer/ or tokenizer_2/ beside it), or a pipeline root (text_encoder/).
+              output: input_ids [N,L] int64 (padded to the tokenizer's length, 77 for CLIP, or --max-length),
+              last_hidden_state [N,L,D], text_embeds [N,P] for encoders with a projection.
   vae-encode  inputs: image [B,3,H,W] in [-1,1].  output: latent_mean, latent_logvar (clamped to [-30, 20]
               as diffusers' DiagonalGaussianDistribution does).
 
@@ -29,20 +34,29 @@ Options:
 func runEval(_ arguments: [String]) throws {
     guard let what = arguments.first, !what.hasPrefix("-") else {
         if arguments.contains("--help") || arguments.contains("-h") { print(evalUsage); return }
-        throw PEAError.usage("eval: which model? (unet, vae-decode, vae-encode; see 'pea eval --help')")
+        throw PEAError.usage("eval: which model? (unet, vae-decode, vae-encode, text-encoder; see 'pea eval --help')")
     }
     if arguments.contains("--help") || arguments.contains("-h") { print(evalUsage); return }
     var spec = BackendOptions.spec
     for key in ["--model", "--inputs", "--output", "--variant"] { spec[key] = .value }
     if what == "unet" { spec["--features"] = .flag }
+    if what == "text-encoder" {
+        spec["--inputs"] = nil
+        spec["--prompt"] = .repeatable
+        spec["--max-length"] = .value
+    }
     let command = "eval \(what)"
     let options = try Arguments(Array(arguments.dropFirst()), command: command, spec: spec)
-    guard ["unet", "vae-decode", "vae-encode"].contains(what) else {
-        throw PEAError.usage("eval: unknown model '\(what)' (unet, vae-decode, vae-encode)")
+    guard ["unet", "vae-decode", "vae-encode", "text-encoder"].contains(what) else {
+        throw PEAError.usage("eval: unknown model '\(what)' (unet, vae-decode, vae-encode, text-encoder)")
     }
     let model = try options.requiredString("--model")
-    let inputs = try EvalInputs(path: options.requiredString("--inputs"))
     let output = try options.requiredString("--output")
+    if what == "text-encoder" {
+        try runEvalTextEncoder(options, model: model, output: output)
+        return
+    }
+    let inputs = try EvalInputs(path: options.requiredString("--inputs"))
     let variant = options.string("--variant")
     let backend = try BackendOptions(options, command: command).backend
 
@@ -78,6 +92,71 @@ func runEval(_ arguments: [String]) throws {
     }
     try SafeTensorsWriter.write(host, metadata: ["pea": "eval \(what)"], to: output)
     print(output)
+}
+
+/// `pea eval text-encoder` for CLIP text encoders (CLIPTextModel, CLIPTextModelWithProjection).
+func runEvalTextEncoder(_ options: Arguments, model: String, output: String) throws {
+    let prompts = options.strings("--prompt")
+    guard !prompts.isEmpty else { throw PEAError.usage("eval text-encoder: give at least one --prompt") }
+    let maxLength = try options.int("--max-length")
+    if let maxLength, maxLength < 2 { throw PEAError.usage("eval text-encoder: --max-length must be at least 2") }
+    let backend = try BackendOptions(options, command: "eval text-encoder").backend
+    let (encoderFolder, tokenizerFolder) = try textEncoderFolders(model)
+    let config = try ConfigFile(path: joinPathComponents(encoderFolder, "config.json"))
+    let modelType = try config.optionalString("model_type") ?? ""
+    guard modelType.hasPrefix("clip") else {
+        throw PEAError.unsupported("\(config.path): text encoder model_type '\(modelType)' is not supported by this build (CLIP)")
+    }
+    let tokenizer = try CLIPTokenizer(folder: tokenizerFolder)
+    let encoder = try CLIPTextModel.load(folder: encoderFolder, backend: backend).model
+    let length = maxLength ?? min(tokenizer.modelMaxLength, encoder.config.maxPositions)
+    guard length <= encoder.config.maxPositions else {
+        throw PEAError.usage("eval text-encoder: --max-length \(length) exceeds the encoder's \(encoder.config.maxPositions) positions")
+    }
+    var ids: [Int] = []
+    for prompt in prompts {
+        let encoded = tokenizer(prompt, maxLength: length)
+        if let cut = encoded.truncatedText { printWarning("prompt truncated to \(length) tokens; cut: \(cut)") }
+        ids += encoded.ids
+    }
+    let idTensor = HostTensor(ids: ids, shape: [prompts.count, length], dtype: .i64)
+    let result = try encoder(ids: idTensor)
+    var tensors: [(name: String, tensor: HostTensor)] = [("input_ids", idTensor),
+                                                         ("last_hidden_state", try backend.download(result.lastHiddenState))]
+    if let embeds = result.textEmbeds { tensors.append(("text_embeds", try backend.download(embeds))) }
+    try SafeTensorsWriter.write(tensors, metadata: ["pea": "eval text-encoder"], to: output)
+    print(output)
+}
+
+/// The encoder's folder and its tokenizer's: DIR itself when it holds the tokenizer files, a pipeline's
+/// text_encoder[_N]/ with tokenizer[_N]/ beside it, or a pipeline root's text_encoder/ and tokenizer/.
+func textEncoderFolders(_ folder: String) throws -> (encoder: String, tokenizer: String) {
+    func has(_ path: String) -> Bool { access(path, F_OK) == 0 }
+    let tokenizerFiles = ["vocab.json", "tokenizer.json", "vocab.txt", "sentencepiece.bpe.model"]
+    if has(joinPathComponents(folder, "model_index.json")) {
+        return (joinPathComponents(folder, "text_encoder"), joinPathComponents(folder, "tokenizer"))
+    }
+    guard has(joinPathComponents(folder, "config.json")) else {
+        throw PEAError.invalidFile(path: folder, reason: "not a text-encoder folder (no config.json) nor a pipeline folder (no model_index.json)")
+    }
+    if tokenizerFiles.contains(where: { has(joinPathComponents(folder, $0)) }) { return (folder, folder) }
+    let trimmed = folder.hasSuffix("/") ? String(folder.dropLast()) : folder
+    let name = trimmed.split(separator: "/").last.map(String.init) ?? trimmed
+    if name.hasPrefix("text_encoder") {
+        let sibling = String(trimmed.dropLast(name.count)) + name.replacingPrefix("text_encoder", with: "tokenizer")
+        if has(sibling) { return (folder, sibling) }
+    }
+    throw PEAError.invalidFile(path: folder, reason: "no tokenizer files here (\(tokenizerFiles.joined(separator: ", "))) nor a sibling tokenizer folder")
+}
+
+func joinPathComponents(_ folder: String, _ name: String) -> String {
+    folder.hasSuffix("/") ? folder + name : folder + "/" + name
+}
+
+extension String {
+    func replacingPrefix(_ prefix: String, with replacement: String) -> String {
+        hasPrefix(prefix) ? replacement + dropFirst(prefix.count) : self
+    }
 }
 
 /// The tensors of an `--inputs` file, checked by name with errors that name the file.

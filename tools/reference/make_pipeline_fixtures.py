@@ -8,6 +8,8 @@ Writes, under --out (default Tests/Fixtures/pipelines):
           heads, upcast attention, SD2.1's v-prediction DDIM scheduler config
   sdxl/   StableDiffusionXLPipeline: two tiny CLIP encoders (the second with a projection) and tokenizers
           (the second pads with "!" as SDXL's does), SDXL's EulerDiscrete scheduler config
+  <pipeline>_text_encoders.safetensors  transformers' outputs of each text encoder of the folder on a few
+          prompts (metadata `prompts`): `<encoder>.input_ids`, `.last_hidden_state`, `.text_embeds` (projection)
   cases.json  per case: the pipeline, prompt, negative prompt (or null), steps, guidance, seed, width,
           height, batch, scheduler (pea's name or null for the folder's own) and the image file
   <case>.safetensors  `images` [N, H, W, 3] as int32 values 0…255: diffusers' output_type="np" images
@@ -158,6 +160,29 @@ def main():
             if os.path.isdir(os.path.join(folder, sub)):
                 shutil.rmtree(os.path.join(folder, sub))
                 shutil.copytree(os.path.join(TOKENIZERS, source), os.path.join(folder, sub))
+    # `pea eval text-encoder` references: each pipeline's text encoders on a few prompts, as transformers runs
+    # them from the saved folders (ids padded to 77 with the folder's tokenizer, outputs of the encoder).
+    prompts = ["a red fox in the snow, photo", "", "Two cats!! 3 dogs & a very long tail " * 6]
+    for which in pipelines:
+        tensors = {}
+        for encoder_dir, tokenizer_dir, cls in (("text_encoder", "tokenizer", CLIPTextModel),
+                                                ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)):
+            folder = os.path.join(args.out, which)
+            if not os.path.isdir(os.path.join(folder, encoder_dir)):
+                continue
+            tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, tokenizer_dir))
+            encoder = cls.from_pretrained(os.path.join(folder, encoder_dir)).eval()
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = encoder(ids)
+            tensors[f"{encoder_dir}.input_ids"] = ids.to(torch.int64)
+            tensors[f"{encoder_dir}.last_hidden_state"] = out.last_hidden_state
+            if cls is CLIPTextModelWithProjection:
+                tensors[f"{encoder_dir}.text_embeds"] = out.text_embeds
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(args.out, which + "_text_encoders.safetensors"),
+                  metadata={"prompts": json.dumps(prompts, ensure_ascii=False)})
+
     records = []
     for name, which, prompt, negative, steps, guidance, seed, width, height, batch, scheduler in CASES:
         # Load what was saved, as a user's folder would be; swap the scheduler as diffusers users do.
