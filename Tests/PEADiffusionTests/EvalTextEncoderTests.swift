@@ -14,7 +14,6 @@ final class EvalTextEncoderTests: XCTestCase {
         let output = scratch.file("out.safetensors")
         let result = try runPea(["eval", "text-encoder", "--model", model, "--output", output] + prompts.flatMap { ["--prompt", $0] })
         XCTAssertEqual(result.status, 0, result.stderr)
-        XCTAssertTrue(result.stderr.contains("truncated"), "the long prompt is cut: \(result.stderr)")
         let written = try SafeTensorsFile(path: output)
         XCTAssertEqual(try written.tensor("input_ids"), try reference.tensor("\(encoder).input_ids"), "\(model) input_ids")
         for key in ["last_hidden_state", "text_embeds"] where reference.contains("\(encoder).\(key)") {
