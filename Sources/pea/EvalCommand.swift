@@ -106,13 +106,14 @@ func runEvalTextEncoder(_ options: Arguments, model: String, output: String) thr
     let maxLength = try options.int("--max-length")
     if let maxLength, maxLength < 2 { throw PEAError.usage("eval text-encoder: --max-length must be at least 2") }
     let backend = try BackendOptions(options, command: "eval text-encoder").backend
-    let (encoderFolder, tokenizerFolder) = try textEncoderFolders(model)
+    let encoderFolder = try ModelFolder.component(model, "text_encoder")
     let config = try ConfigFile(path: joinPathComponents(encoderFolder, "config.json"))
     let modelType = try config.optionalString("model_type") ?? ""
     guard modelType.hasPrefix("clip") else {
-        throw PEAError.unsupported("\(config.path): text encoder model_type '\(modelType)' is not supported by this build (CLIP)")
+        try runEvalLanguageEncoder(model, prompts: prompts, maxLength: maxLength, backend: backend, output: output)
+        return
     }
-    let tokenizer = try CLIPTokenizer(folder: tokenizerFolder)
+    let tokenizer = try CLIPTokenizer(folder: textEncoderFolders(model).tokenizer)
     let encoder = try CLIPTextModel.load(folder: encoderFolder, backend: backend).model
     let length = maxLength ?? min(tokenizer.modelMaxLength, encoder.config.maxPositions)
     guard length <= encoder.config.maxPositions else {
@@ -129,6 +130,27 @@ func runEvalTextEncoder(_ options: Arguments, model: String, output: String) thr
     var tensors: [(name: String, tensor: HostTensor)] = [("input_ids", idTensor),
                                                          ("last_hidden_state", try backend.download(result.lastHiddenState))]
     if let embeds = result.textEmbeds { tensors.append(("text_embeds", try backend.download(embeds))) }
+    try SafeTensorsWriter.write(tensors, metadata: ["pea": "eval text-encoder"], to: output)
+    print(output)
+}
+
+/// `pea eval text-encoder` for PEA's language-specific encoders: Chinese-CLIP (WordPiece + BERT, 52 tokens)
+/// and multilingual CLIP's XLM-R (SentencePiece + XLM-R, 77 tokens), which use an attention mask.
+func runEvalLanguageEncoder(_ folder: String, prompts: [String], maxLength: Int?, backend: any ComputeBackend, output: String) throws {
+    let directory = try ModelFolder.component(folder, "text_encoder")
+    let config = try BertTextConfig(ConfigFile(path: joinPathComponents(directory, "config.json")))
+    func run<T>(_ encoder: TokenizedTextEncoder<T>) throws -> [(name: String, tensor: HostTensor)] {
+        let (ids, mask, truncated) = encoder.tokenize(prompts)
+        for cut in truncated.compactMap({ $0 }) { printWarning("prompt truncated to \(encoder.maxLength) tokens; cut: \(cut)") }
+        let states = try encoder.encode(prompts, warn: { _ in })
+        return [("input_ids", ids), ("attention_mask", mask), ("last_hidden_state", try backend.download(states))]
+    }
+    let tensors: [(name: String, tensor: HostTensor)]
+    if case .paddingAware = config.positionIDs {
+        tensors = try run(LanguageEncoders.xlmRoberta(folder: folder, backend: backend, maxLength: maxLength ?? LanguageEncoders.xlmRobertaMaxLength))
+    } else {
+        tensors = try run(LanguageEncoders.chineseCLIP(folder: folder, backend: backend, maxLength: maxLength ?? LanguageEncoders.chineseCLIPMaxLength))
+    }
     try SafeTensorsWriter.write(tensors, metadata: ["pea": "eval text-encoder"], to: output)
     print(output)
 }

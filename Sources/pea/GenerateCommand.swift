@@ -28,6 +28,12 @@ Options:
   --clip-skip K             use the text encoder's output K layers before the last (default 0)
   --output PATH.png         where to write (default pea-SEED.png); with several images, PATH-1.png, PATH-2.png, …
   --variant NAME            read weights of that variant when present (e.g. fp16)
+  --text-encoder DIR        PEA: a language-specific text encoder folder (Chinese-CLIP or multilingual CLIP
+                            XLM-R, transformers format, tokenizer files inside or in tokenizer/) …
+  --adapter PATH            … and its PEA adapter (safetensors, or pytorch_model.bin as the authors release it);
+                            together they replace the folder's English text encoder(s), for the prompt and the
+                            negative/empty prompt alike
+  --max-length N            PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)
 \(BackendOptions.help)
 
 Each PNG carries its generation parameters in a `parameters` text chunk (A1111's format). The written paths
@@ -38,13 +44,14 @@ func runGenerate(_ arguments: [String]) throws {
     if arguments.contains("--help") || arguments.contains("-h") { print(generateUsage); return }
     var spec = BackendOptions.spec
     for key in ["--model", "--prompt", "--prompts", "--negative-prompt", "--steps", "--guidance", "--scheduler", "--seed",
-                "--width", "--height", "--batch", "--clip-skip", "--output", "--variant", "--text-encoder", "--adapter"] {
+                "--width", "--height", "--batch", "--clip-skip", "--output", "--variant", "--text-encoder", "--adapter",
+                "--max-length"] {
         spec[key] = .value
     }
     let options = try Arguments(arguments, command: "generate", spec: spec)
     let modelFolder = try options.requiredString("--model")
-    if options.has("--text-encoder") || options.has("--adapter") {
-        throw PEAError.unsupported("generate: --text-encoder/--adapter (PEA) are not part of this build yet")
+    guard options.has("--text-encoder") == options.has("--adapter") else {
+        throw PEAError.usage("generate: --text-encoder and --adapter go together (PEA: a language-specific encoder and its adapter)")
     }
 
     // Prompts first, so a usage mistake is reported before minutes of loading.
@@ -81,8 +88,16 @@ func runGenerate(_ arguments: [String]) throws {
     guard output.hasSuffix(".png") else { throw PEAError.usage("generate: --output must end in .png, got '\(output)'") }
     let backend = try BackendOptions(options, command: "generate").backend
 
+    var conditioner: (any TextConditioner)?
+    if let encoderFolder = options.string("--text-encoder"), let adapterPath = options.string("--adapter") {
+        // PEA: the language-specific encoder and the adapter replace the folder's English text encoder(s).
+        conditioner = try PEAConditioner(encoder: LanguageEncoders.load(folder: encoderFolder, backend: backend,
+                                                                        maxLength: try options.int("--max-length")),
+                                         adapter: PEAAdapter.load(path: adapterPath, backend: backend))
+    }
     let pipeline = try StableDiffusionPipeline.load(folder: modelFolder, backend: backend, scheduler: schedulerName,
-                                                    clipSkip: clipSkip, variant: options.string("--variant"))
+                                                    clipSkip: clipSkip, variant: options.string("--variant"),
+                                                    conditioner: conditioner)
     let total = prompts.count * batch
     var written = 0
     for prompt in prompts {
