@@ -22,38 +22,17 @@ import shutil
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import BertTokenizer, ChineseCLIPTextConfig, ChineseCLIPTextModel
+
+from make_multilingual_fixtures import ReferenceAdapter  # the adapter written from PEA-METHOD.md
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "..", "..", "Tests", "Fixtures")
 MAX_LENGTH = 52  # cn_clip's context length
 
 PROMPTS = ["一只戴着墨镜的猫，油画", "雪山下的红色小屋 photo 4k"]
-
-
-class ReferenceAdapter(nn.Module):
-    """PEA's adapter as ../shared/PEA-METHOD.md describes it (written from the description)."""
-
-    def __init__(self, widths, fc_out=None):
-        super().__init__()
-        self.layernorm = nn.LayerNorm(widths[0])
-        layers = []
-        for i in range(len(widths) - 1):
-            if i > 0:
-                layers.append(nn.GELU())
-            layers.append(nn.Linear(widths[i], widths[i + 1], bias=False))
-        self.projector = nn.Sequential(*layers)
-        self.fc = nn.Linear(widths[-1], fc_out) if fc_out else None
-
-    def forward(self, x):
-        x = self.projector(self.layernorm(x))
-        if self.fc is None:
-            return x, None
-        return self.fc(F.gelu(x)), x.mean(dim=1)
 
 
 def perturb(model, seed):

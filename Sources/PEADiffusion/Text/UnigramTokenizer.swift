@@ -246,22 +246,8 @@ public struct SentencePieceUnigramTokenizer: Sendable {
     /// `model_max_length`; multilingual CLIP uses 77.
     public func callAsFunction(_ text: String, maxLength: Int? = nil, padding: Bool = true)
         -> (ids: [Int], attentionMask: [Int], truncatedText: String?) {
-        let length = maxLength ?? modelMaxLength
-        precondition(length >= 2, "maxLength must leave room for <s> and </s>")
-        precondition(!padding || length <= 1 << 20, "padding to \(length) tokens: pass maxLength (the config has no model_max_length)")
-        let full = encode(text)
-        var ids = full
-        var truncatedText: String? = nil
-        if full.count > length {
-            ids = Array(full[0..<(length - 1)]) + [eosTokenID]
-            truncatedText = decode(Array(full[(length - 1)..<(full.count - 1)]))
-        }
-        var attentionMask = [Int](repeating: 1, count: ids.count)
-        if padding && ids.count < length {
-            attentionMask += [Int](repeating: 0, count: length - ids.count)
-            ids += [Int](repeating: padTokenID, count: length - ids.count)
-        }
-        return (ids, attentionMask, truncatedText)
+        fixedLengthEncoding(encode(text), maxLength: maxLength ?? modelMaxLength, padding: padding, endID: eosTokenID,
+                            padID: padTokenID, decode: { decode($0) })
     }
 
     /// The Precompiled normalizer (identity when the files have no charsmap).

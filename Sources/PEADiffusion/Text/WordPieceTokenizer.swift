@@ -180,22 +180,8 @@ public struct WordPieceTokenizer: Sendable {
     /// `maxLength` defaults to the config's `model_max_length`; cn_clip and PEA use 52.
     public func callAsFunction(_ text: String, maxLength: Int? = nil, padding: Bool = true)
         -> (ids: [Int], attentionMask: [Int], truncatedText: String?) {
-        let length = maxLength ?? modelMaxLength
-        precondition(length >= 2, "maxLength must leave room for [CLS] and [SEP]")
-        precondition(!padding || length <= 1 << 20, "padding to \(length) tokens: pass maxLength (the config has no model_max_length)")
-        let full = encode(text)
-        var ids = full
-        var truncatedText: String? = nil
-        if full.count > length {
-            ids = Array(full[0..<(length - 1)]) + [sepTokenID]
-            truncatedText = decode(Array(full[(length - 1)..<(full.count - 1)]))
-        }
-        var attentionMask = [Int](repeating: 1, count: ids.count)
-        if padding && ids.count < length {
-            attentionMask += [Int](repeating: 0, count: length - ids.count)
-            ids += [Int](repeating: padTokenID, count: length - ids.count)
-        }
-        return (ids, attentionMask, truncatedText)
+        fixedLengthEncoding(encode(text), maxLength: maxLength ?? modelMaxLength, padding: padding, endID: sepTokenID,
+                            padID: padTokenID, decode: { decode($0) })
     }
 
     /// Greedy longest-match-first WordPiece over one word (normalized scalars, no whitespace or punctuation inside).
