@@ -8,16 +8,28 @@ REF_VENV     := tools/reference/.venv
 NVCC         ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_SOURCES := $(wildcard CKernels/cuda/*.cu)
 
-.PHONY: all build test bench cuda fixtures clean
+.PHONY: all build test bench cuda fixtures clean system-deps
 
 all: build
 
 ## make — the release build of the library and the `pea` tool (.build/release/pea)
-build:
+build: system-deps
 	$(SWIFT) build -c release --product pea
 
+## system-deps — zlib's headers (PNG output); installed with apt when missing and we are root (CI), else explained
+system-deps:
+	@if [ ! -f /usr/include/zlib.h ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing zlib1g-dev (zlib headers for PNG output)"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q zlib1g-dev >/dev/null || \
+			{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q zlib1g-dev >/dev/null; }; \
+		else \
+			echo "zlib headers are missing: install zlib1g-dev (Debian/Ubuntu) or zlib-devel"; exit 1; \
+		fi; \
+	fi
+
 ## make test — every unit and parity test (debug Swift; the C kernels are always -O3)
-test:
+test: system-deps emu-test cuda-emu cuda-test cuda-compile-check
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
 
@@ -25,19 +37,27 @@ test:
 bench: build
 	$(PYTHON) benchmarks/gemm_vs_numpy.py --pea $(RELEASE_BIN)
 
-## make cuda — build libpea_cuda.so with nvcc (the CUDA backend arrives with its issue)
+## make cuda — build .build-cuda/libpea_cuda.so with nvcc from CKernels/cuda/*.cu (sm_80, sm_86, sm_89, sm_90 + PTX)
 cuda:
-ifeq ($(NVCC),)
-	@echo "make cuda: nvcc was not found; the CUDA library is not built (install the CUDA toolkit, or set NVCC=)."
-else ifeq ($(CUDA_SOURCES),)
-	@echo "make cuda: nvcc is $(NVCC), but CKernels/cuda/ has no .cu sources yet; nothing to build."
-else
-	$(NVCC) -O3 -shared -Xcompiler -fPIC -ICKernels/include $(CUDA_SOURCES) -lcublas -o libpea_cuda.so
-endif
+	@if [ -z "$(CUDA_NVCC)" ]; then \
+		echo "make cuda: nvcc was not found; the CUDA library is not built (install the CUDA toolkit, or set NVCC=)."; \
+	else \
+		$(MAKE) --no-print-directory $(CUDA_LIB) && echo "make cuda: built $(CUDA_LIB)"; \
+	fi
 
 ## make fixtures — regenerate Tests/Fixtures with torch/diffusers/transformers from PyPI (not part of `make test`)
 fixtures: $(REF_VENV)/.installed
 	$(REF_VENV)/bin/python tools/reference/make_op_fixtures.py --out Tests/Fixtures/ops
+	$(REF_VENV)/bin/python tools/reference/make_model_fixtures.py --out Tests/Fixtures/models
+	$(REF_VENV)/bin/python tools/reference/make_random_fixtures.py --out Tests/Fixtures/random
+	$(REF_VENV)/bin/python tools/reference/make_png_fixtures.py --out Tests/Fixtures/png
+	$(REF_VENV)/bin/python tools/reference/make_scheduler_fixtures.py --out Tests/Fixtures/schedulers
+	$(REF_VENV)/bin/python tools/reference/make_tokenizer_fixtures.py --out Tests/Fixtures/tokenizers
+	$(REF_VENV)/bin/python tools/reference/make_multilingual_tokenizer_fixtures.py --out Tests/Fixtures/tokenizers
+	$(REF_VENV)/bin/python tools/reference/make_multilingual_fixtures.py --out Tests/Fixtures/multilingual
+	$(REF_VENV)/bin/python tools/reference/make_text_encoder_fixtures.py --out Tests/Fixtures/models
+	$(REF_VENV)/bin/python tools/reference/make_pipeline_fixtures.py --out Tests/Fixtures/pipelines
+	$(REF_VENV)/bin/python tools/reference/make_pea_pipeline_fixtures.py --out Tests/Fixtures/pea
 
 $(REF_VENV)/.installed: tools/reference/requirements.txt
 	$(PYTHON) -m venv $(REF_VENV)
@@ -47,3 +67,134 @@ $(REF_VENV)/.installed: tools/reference/requirements.txt
 
 clean:
 	rm -rf .build libpea_cuda.so
+
+# ---------------------------------------------------------------------------------------------------------
+# The CUDA sources without a GPU (CKernels/emu/README.md). The same .cu files build with nvcc (make cuda) and
+# with the host C++ compiler against the SIMT emulator in CKernels/emu (make cuda-emu, make emu-test).
+
+.PHONY: emu-test cuda-emu cuda-compile-check clean-emu
+
+EMU_CXX        ?= g++
+EMU_OUT        := .build-emu
+EMU_CXXFLAGS   ?= -std=c++17 -O2 -g -Wall -Wextra -Wno-unknown-pragmas -fPIC -pthread
+EMU_INCLUDES   := -ICKernels/emu/include -ICKernels/include
+EMU_CU         := -x c++ -include cuda_runtime.h
+EMU_RT_OBJ     := $(patsubst CKernels/emu/src/%.cpp,$(EMU_OUT)/rt/%.o,$(wildcard CKernels/emu/src/*.cpp))
+EMU_SAMPLE_OBJ := $(patsubst CKernels/cuda/samples/%.cu,$(EMU_OUT)/samples/%.o,$(wildcard CKernels/cuda/samples/*.cu))
+EMU_CUDA_OBJ   := $(patsubst CKernels/cuda/%.cu,$(EMU_OUT)/cuda/%.o,$(CUDA_SOURCES))
+EMU_TESTS      := $(EMU_OUT)/test_simt $(EMU_OUT)/test_samples $(EMU_OUT)/test_cublas $(EMU_OUT)/test_simt_ucontext
+
+## make emu-test — the SIMT emulator's tests: sample kernels and planted bugs run on the CPU (no GPU, no CUDA)
+emu-test: $(EMU_TESTS) $(EMU_OUT)/test_dlopen libpea_cuda_emu.so
+	@for t in $(EMU_TESTS); do $$t || exit 1; done
+	@$(EMU_OUT)/test_dlopen ./libpea_cuda_emu.so
+
+## make cuda-emu — libpea_cuda_emu.so: CKernels/cuda/*.cu built for the CPU against the emulator (dlopen it like libpea_cuda.so)
+cuda-emu: libpea_cuda_emu.so
+
+libpea_cuda_emu.so: $(EMU_CUDA_OBJ) $(EMU_RT_OBJ)
+	$(EMU_CXX) -shared -pthread -Wl,-Bsymbolic -Wl,-z,nodelete -o $@ $^
+
+## make cuda-compile-check — every .cu under CKernels/cuda through the real nvcc (sm_80, sm_90); installs Debian's toolkit as root
+cuda-compile-check:
+	@tools/emu/cuda-compile-check.sh
+
+clean-emu:
+	rm -rf $(EMU_OUT) libpea_cuda_emu.so
+
+$(EMU_OUT)/rt/%.o: CKernels/emu/src/%.cpp
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(EMU_CXXFLAGS) $(EMU_INCLUDES) -MMD -MP -c $< -o $@
+
+$(EMU_OUT)/rt-ucontext/simt.o: CKernels/emu/src/simt.cpp
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(EMU_CXXFLAGS) $(EMU_INCLUDES) -DPEA_EMU_UCONTEXT=1 -MMD -MP -c $< -o $@
+
+$(EMU_OUT)/cuda/%.o: CKernels/cuda/%.cu
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(EMU_CXXFLAGS) $(EMU_INCLUDES) -MMD -MP $(EMU_CU) -c $< -o $@
+
+$(EMU_OUT)/samples/%.o: CKernels/cuda/samples/%.cu
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(EMU_CXXFLAGS) $(EMU_INCLUDES) -MMD -MP $(EMU_CU) -c $< -o $@
+
+$(EMU_OUT)/tests/%.o: CKernels/emu/tests/%.cpp
+	@mkdir -p $(@D)
+	$(EMU_CXX) $(EMU_CXXFLAGS) $(EMU_INCLUDES) -MMD -MP -c $< -o $@
+
+$(EMU_OUT)/test_simt: $(EMU_OUT)/tests/test_simt.o $(EMU_RT_OBJ)
+	$(EMU_CXX) -pthread -o $@ $^
+
+$(EMU_OUT)/test_simt_ucontext: $(EMU_OUT)/tests/test_simt.o $(EMU_OUT)/rt-ucontext/simt.o $(filter-out %/simt.o,$(EMU_RT_OBJ))
+	$(EMU_CXX) -pthread -o $@ $^
+
+$(EMU_OUT)/test_samples: $(EMU_OUT)/tests/test_samples.o $(EMU_SAMPLE_OBJ) $(EMU_RT_OBJ)
+	$(EMU_CXX) -pthread -o $@ $^
+
+$(EMU_OUT)/test_cublas: $(EMU_OUT)/tests/test_cublas.o $(EMU_RT_OBJ)
+	$(EMU_CXX) -pthread -o $@ $^
+
+$(EMU_OUT)/test_dlopen: CKernels/emu/tests/test_dlopen.c
+	@mkdir -p $(@D)
+	$(CC) -O1 -Wall -Wextra -o $@ $< -ldl
+
+-include $(wildcard $(EMU_OUT)/*/*.d)
+
+# ---------------------------------------------------------------------------------------------------------
+# The CUDA backend library and its op tests. `make cuda` builds .build-cuda/libpea_cuda.so with nvcc (one object
+# per .cu, so `make -j` compiles them in parallel). CKernels/cuda/tests/test_ops.cpp loads a build of the library
+# with dlopen, as the Swift backend does, and checks every op against the CPU reference kernels (CKernels/cpu):
+# `make cuda-test` runs it on the emulated build (libpea_cuda_emu.so), `make gpu-check` on the nvcc build.
+
+.PHONY: cuda-test gpu-check clean-cuda
+
+CUDA_NVCC   := $(firstword $(NVCC) $(wildcard /usr/local/cuda/bin/nvcc /usr/lib/nvidia-cuda-toolkit/bin/nvcc))
+CUDA_OUT    := .build-cuda
+CUDA_LIB    := $(CUDA_OUT)/libpea_cuda.so
+CUDA_OBJ    := $(patsubst CKernels/cuda/%.cu,$(CUDA_OUT)/obj/%.o,$(CUDA_SOURCES))
+CUDA_ARCH   := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_86,code=sm_86 \
+               -gencode arch=compute_89,code=sm_89 -gencode arch=compute_90,code=sm_90 \
+               -gencode arch=compute_90,code=compute_90
+NVCC_FLAGS  ?=
+CPU_REF_OBJ := $(patsubst CKernels/cpu/%.c,$(EMU_OUT)/cpu/%.o,$(wildcard CKernels/cpu/*.c))
+TEST_OPS    := $(EMU_OUT)/test_ops
+
+## make cuda-test — every pea_cuda_* op of the emulated CUDA library against the CPU kernels (part of make test)
+cuda-test: $(TEST_OPS) libpea_cuda_emu.so
+	$(TEST_OPS) ./libpea_cuda_emu.so
+
+## make gpu-check — on a machine with a GPU (nvcc + cuBLAS, no Swift): build libpea_cuda.so, run the op tests on the
+## GPU, then `./pea selftest --backend cuda` when a static `pea` was carried into the repository root
+gpu-check: $(TEST_OPS)
+	@if [ -z "$(CUDA_NVCC)" ]; then echo "gpu-check: nvcc was not found (install the CUDA toolkit, or set NVCC=)" >&2; exit 1; fi
+	$(MAKE) --no-print-directory $(CUDA_LIB)
+	$(TEST_OPS) $(CUDA_LIB)
+	@if [ -x ./pea ]; then \
+		echo "PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) ./pea selftest --backend cuda"; \
+		PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) ./pea selftest --backend cuda; \
+	else \
+		echo "gpu-check: no ./pea here, so no selftest (build one elsewhere: swift build -c release --static-swift-stdlib)"; \
+	fi
+
+clean-cuda:
+	rm -rf $(CUDA_OUT)
+
+$(CUDA_OUT)/obj/%.o: CKernels/cuda/%.cu
+	@mkdir -p $(@D)
+	$(CUDA_NVCC) -std=c++17 -O3 $(CUDA_ARCH) -Xcompiler -fPIC -ICKernels/include $(NVCC_FLAGS) -MMD -MP -c $< -o $@
+
+$(CUDA_LIB): $(CUDA_OBJ)
+	$(CUDA_NVCC) -shared $(CUDA_ARCH) -Xcompiler -fPIC $(NVCC_FLAGS) $^ -lcublas -o $@
+
+$(EMU_OUT)/cpu/%.o: CKernels/cpu/%.c
+	@mkdir -p $(@D)
+	$(CC) -O3 -fno-math-errno -Wall -Wno-unused-function -fPIC -pthread -ICKernels/include -MMD -MP -c $< -o $@
+
+$(EMU_OUT)/cuda-tests/%.o: CKernels/cuda/tests/%.cpp
+	@mkdir -p $(@D)
+	$(EMU_CXX) -std=c++17 -O2 -g -Wall -Wextra -ICKernels/include -MMD -MP -c $< -o $@
+
+$(TEST_OPS): $(EMU_OUT)/cuda-tests/test_ops.o $(CPU_REF_OBJ)
+	$(EMU_CXX) -pthread -o $@ $^ -ldl -lm
+
+-include $(wildcard $(CUDA_OUT)/obj/*.d)

@@ -15,13 +15,16 @@ Usage:
                                   time a full UNet of that architecture (random weights) and its peak memory
   pea generate --model DIR --prompt TEXT [--negative-prompt TEXT] [--steps 30] [--guidance 7.5] [--seed N]
                [--scheduler NAME] [--width W --height H] [--batch N] [--prompts FILE] [--output PATH.png]
+               [--text-encoder DIR --adapter PATH]
                                   text to image with a diffusers SD1.x/SD2.x/SDXL folder (see 'pea generate --help')
   pea eval unet|vae-decode|vae-encode --model DIR --inputs IN.safetensors --output OUT.safetensors
+  pea eval text-encoder --model DIR --prompt TEXT [--prompt TEXT …] [--max-length N] --output OUT.safetensors
                                   run one model component on saved tensors (see 'pea eval --help')
-  pea selftest                    run a quick check of every CPU op against its plain reference
+  pea selftest [--backend cpu|cuda] check the backend's ops: CPU fast paths against plain references, CUDA
+                                  against the CPU (see 'pea selftest --help')
   pea help | --help               this text
 
-Commands not listed here (eval text-encoder, eval kd-step, train, generate --text-encoder/--adapter) are not built yet; see the project's issues.
+Commands not listed here (eval kd-step, train) are not built yet; see the project's issues.
 """
 
 func printError(_ message: String) {

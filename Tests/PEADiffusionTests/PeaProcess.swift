@@ -6,14 +6,20 @@ var peaExecutablePath: String {
     URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("pea").path
 }
 
-/// Runs `pea` with `arguments` and returns its exit status and output.
-func runPea(_ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+/// Runs `pea` with `arguments` and returns its exit status and output; `environment` changes the inherited
+/// environment (nil removes a variable), `directory` is the working directory.
+func runPea(_ arguments: [String], environment changes: [String: String?] = [:], directory: String? = nil) throws
+    -> (status: Int32, stdout: String, stderr: String) {
     guard FileManager.default.isExecutableFile(atPath: peaExecutablePath) else {
         throw XCTSkip("the pea executable is not built at \(peaExecutablePath)")
     }
     let process = Process()
     process.executableURL = URL(fileURLWithPath: peaExecutablePath)
     process.arguments = arguments
+    var environment = ProcessInfo.processInfo.environment
+    for (key, value) in changes { environment[key] = value }
+    process.environment = environment
+    if let directory { process.currentDirectoryURL = URL(fileURLWithPath: directory) }
     let out = Pipe(), err = Pipe()
     process.standardOutput = out
     process.standardError = err

@@ -1,0 +1,346 @@
+/*
+ * attention.cu — fused multi-head scaled-dot-product attention, flash-attention style, as ck_attention_f32.
+ *
+ *   out[b,h,i,:] = Σ_j softmax_j( scale · q[b,h,i,:]·k[b,h,j,:] + mask[b,h,i,j] (−∞ where causal j > i) ) · v[b,h,j,:]
+ *
+ * Every tensor is addressed through ck_attention_params' (b, h, t) element strides with a contiguous
+ * feature axis, so [B, H, T, D] tensors and the [B, T, H·D] layout of the projections are read in place;
+ * the additive mask is addressed by (m_sb, m_sh, m_st) and contiguous over j, a stride of 0 broadcasting.
+ * Scores never reach global memory: each block streams key/value tiles through shared memory and keeps an
+ * online softmax (running max m, running sum l, rescaled f32 accumulators) per query row. A row whose keys
+ * are all masked yields zeros, as on the CPU. q, k, v, mask and out share the storage type (f32, f16, bf16);
+ * all arithmetic is f32.
+ *
+ * Two kernels:
+ *   flash_attention_kernel   head dims D, Dv multiples of 8 up to 256 (40, 64, 80, 160 in SD): Q, K and V
+ *                            tiles in shared memory, register accumulators; 16-byte vector loads when the
+ *                            pointers and strides allow.
+ *   attention_generic_kernel any other D, Dv (and devices without the shared memory the fast one needs):
+ *                            one warp per query row, K and V read from global memory.
+ * Both are plain SIMT f32 FMA code (no tensor cores: mma.sync/WMMA are not available to the emulator that
+ * checks these sources), which caps the fast kernel well below FlashAttention-2 on tensor-core GPUs.
+ *
+ * Dimension legend: B batch, H heads, Tq queries, Tk keys, D the q/k head dim, Dv the v/out head dim.
+ */
+#include "internal.h"
+
+template <typename T>
+struct AttnArgs {
+    const T *q, *k, *v, *mask;
+    T *out;
+    int64_t B, H, Tq, Tk, D, Dv;
+    int64_t q_sb, q_sh, q_st;
+    int64_t k_sb, k_sh, k_st;
+    int64_t v_sb, v_sh, v_st;
+    int64_t o_sb, o_sh, o_st;
+    int64_t m_sb, m_sh, m_st;
+    float scale;
+    int causal;
+};
+
+enum {
+    ATT_WARPS = 4,                   /* warps per block (fast kernel) */
+    ATT_ROWS = 4,                    /* query rows per warp */
+    ATT_BQ = ATT_WARPS * ATT_ROWS,   /* query rows per block */
+    ATT_THREADS = 32 * ATT_WARPS,
+    ATT_GENERIC_WARPS = 4,           /* warps (= query rows) per block (generic kernel) */
+};
+
+/* dst[r·dst_stride + d] = scale · src[(row0 + r)·src_stride + d] for r < rows, d < width, zero for rows at or
+ * past `limit`. The block's threads share the work: with vec (width a multiple of 8, src rows 16-byte
+ * aligned) thread t loads the 8-element chunks t, t + blockDim, … with one 16-byte load each (two for f32);
+ * otherwise single elements. dst is shared memory (a checked pointer in the emulator, hence the template). */
+template <typename T, typename S>
+static __device__ __forceinline__ void load_tile(S dst, int dst_stride, const T *src, int64_t src_stride, int64_t row0,
+                                                 int64_t limit, int rows, int width, float scale, int vec) {
+    if (vec) {
+        const int chunks = width / 8;
+        for (int e = threadIdx.x; e < rows * chunks; e += blockDim.x) {
+            const int r = e / chunks, d = (e - r * chunks) * 8;
+            float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            if (row0 + r < limit) pea_ld8(src + (row0 + r) * src_stride + d, v);
+            for (int k = 0; k < 8; k++) dst[r * dst_stride + d + k] = v[k] * scale;
+        }
+    } else {
+        for (int e = threadIdx.x; e < rows * width; e += blockDim.x) {
+            const int r = e / width, d = e - r * width;
+            dst[r * dst_stride + d] = row0 + r < limit ? pea_ld(src + (row0 + r) * src_stride + d) * scale : 0.0f;
+        }
+    }
+}
+
+/* The fast kernel. Block (x, y) = (query tile, b·H + h) owns queries i0 … i0+15; warp w owns 4 of them and
+ * keeps, per row, the running max m (warp-uniform), its lane's share of the running sum l, and the output
+ * accumulators acc[row][t] for features lane + 32·t (t < NV = ⌈Dv/32⌉) in registers.
+ * Shared memory (f32): Qs [16][D] (pre-multiplied by scale), Ks [BK][D+1] (the odd stride keeps the
+ * lane-per-key reads free of bank conflicts), Vs [BK][Dv], Ps [warps][4][BK].
+ * Per key tile of BK = 32·KPL keys: the block loads K and V; lane l computes the scores of keys l + 32·kk
+ * (kk < KPL) for the warp's 4 rows (Q values are broadcast reads); masking, then per row the tile max (warp
+ * shuffles), the rescale of l and acc by exp(m_old − m_new), p = exp(s − m_new) into Ps; then every lane
+ * accumulates Σ_j p_j·V[j][lane + 32·t]. With causal, tiles past the block's last query are skipped. At the end
+ * l is summed over the warp and out = acc / l (0 for a row with no unmasked key). */
+template <typename T, int NV, int KPL>
+__global__ void __launch_bounds__(ATT_THREADS) flash_attention_kernel(AttnArgs<T> p, int vec) {
+    constexpr int BK = 32 * KPL;
+    PEA_DYNAMIC_SHARED(float, smem);
+    const int D = (int)p.D, Dv = (int)p.Dv, KS = D + 1;
+    auto Qs = smem;
+    auto Ks = Qs + ATT_BQ * D;
+    auto Vs = Ks + BK * KS;
+    auto Ps = Vs + BK * Dv;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int64_t b = blockIdx.y / p.H, h = blockIdx.y % p.H, i0 = (int64_t)blockIdx.x * ATT_BQ;
+    const T *kb = p.k + b * p.k_sb + h * p.k_sh, *vb = p.v + b * p.v_sb + h * p.v_sh;
+
+    load_tile(Qs, D, p.q + b * p.q_sb + h * p.q_sh, p.q_st, i0, p.Tq, ATT_BQ, D, p.scale, vec);
+
+    float m[ATT_ROWS], l[ATT_ROWS], acc[ATT_ROWS][NV];
+    for (int r = 0; r < ATT_ROWS; r++) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+        for (int t = 0; t < NV; t++) acc[r][t] = 0.0f;
+    }
+    const int64_t q_end = p.Tq < i0 + ATT_BQ ? p.Tq : i0 + ATT_BQ;
+    const int64_t key_end = p.causal ? (p.Tk < q_end ? p.Tk : q_end) : p.Tk;
+
+    for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
+        __syncthreads(); /* the Q tile is written; the previous K/V/P tiles are no longer read */
+        load_tile(Ks, KS, kb, p.k_st, j0, key_end, BK, D, 1.0f, vec);
+        load_tile(Vs, Dv, vb, p.v_st, j0, key_end, BK, Dv, 1.0f, vec);
+        __syncthreads();
+
+        float s[ATT_ROWS][KPL];
+        for (int r = 0; r < ATT_ROWS; r++)
+            for (int kk = 0; kk < KPL; kk++) s[r][kk] = 0.0f;
+        for (int d = 0; d < D; d++) {
+            float kv[KPL];
+            for (int kk = 0; kk < KPL; kk++) kv[kk] = Ks[(lane + 32 * kk) * KS + d];
+            for (int r = 0; r < ATT_ROWS; r++) {
+                const float qv = Qs[(warp * ATT_ROWS + r) * D + d];
+                for (int kk = 0; kk < KPL; kk++) s[r][kk] += qv * kv[kk];
+            }
+        }
+
+        const int cols = (int)(key_end - j0 < BK ? key_end - j0 : BK);
+        for (int r = 0; r < ATT_ROWS; r++) {
+            const int64_t i = i0 + warp * ATT_ROWS + r;
+            float tmax = -INFINITY;
+            for (int kk = 0; kk < KPL; kk++) {
+                const int c = lane + 32 * kk;
+                const int64_t j = j0 + c;
+                float v = -INFINITY;
+                if (i < p.Tq && c < cols && (!p.causal || j <= i)) {
+                    v = s[r][kk];
+                    if (p.mask) v += pea_ld(p.mask + b * p.m_sb + h * p.m_sh + i * p.m_st + j);
+                }
+                s[r][kk] = v;
+                tmax = fmaxf(tmax, v);
+            }
+            tmax = pea_warp_max(tmax);
+            const float m_new = fmaxf(m[r], tmax);
+            float corr = 1.0f, sum = 0.0f;
+            if (m_new != -INFINITY) {
+                corr = expf(m[r] - m_new); /* 0 on the first unmasked tile (m = −∞) */
+                for (int kk = 0; kk < KPL; kk++) {
+                    s[r][kk] = expf(s[r][kk] - m_new);
+                    sum += s[r][kk];
+                }
+            } else {
+                for (int kk = 0; kk < KPL; kk++) s[r][kk] = 0.0f;
+            }
+            l[r] = l[r] * corr + sum;
+            for (int t = 0; t < NV; t++) acc[r][t] *= corr;
+            m[r] = m_new;
+            for (int kk = 0; kk < KPL; kk++) Ps[(warp * ATT_ROWS + r) * BK + lane + 32 * kk] = s[r][kk];
+        }
+        __syncwarp();
+
+        for (int c = 0; c < cols; c++) {
+            float pr[ATT_ROWS];
+            for (int r = 0; r < ATT_ROWS; r++) pr[r] = Ps[(warp * ATT_ROWS + r) * BK + c];
+            for (int t = 0; t < NV; t++) {
+                const int d = lane + 32 * t;
+                if (d < Dv) {
+                    const float vv = Vs[c * Dv + d];
+                    for (int r = 0; r < ATT_ROWS; r++) acc[r][t] += pr[r] * vv;
+                }
+            }
+        }
+    }
+
+    for (int r = 0; r < ATT_ROWS; r++) {
+        const int64_t i = i0 + warp * ATT_ROWS + r;
+        const float total = pea_warp_sum(l[r]);
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+        if (i < p.Tq) {
+            T *o = p.out + b * p.o_sb + h * p.o_sh + i * p.o_st;
+            for (int t = 0; t < NV; t++) {
+                const int d = lane + 32 * t;
+                if (d < Dv) pea_st(o + d, acc[r][t] * inv);
+            }
+        }
+    }
+}
+
+/* The generic kernel: any D and Dv. Block (x, y) = (group of 4 queries, b·H + h); warp w owns query
+ * i = x·4 + w and keeps its scaled q row, its output accumulators and one tile of probabilities in dynamic
+ * shared memory ([warps][D + Dv + 32] floats). Per tile of 32 keys, lane l computes the score of key j0 + l
+ * (reading k from global memory), the warp takes the tile max, rescales, stores p = exp(s − m) to shared
+ * memory, and then each lane updates the accumulators of features lane, lane + 32, … with Σ_j p_j·v[j][d]
+ * (v rows read coalesced). Only warp-level synchronisation: a warp past the last query returns at once. */
+template <typename T>
+__global__ void attention_generic_kernel(AttnArgs<T> p) {
+    PEA_DYNAMIC_SHARED(float, smem);
+    const int D = (int)p.D, Dv = (int)p.Dv;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int64_t b = blockIdx.y / p.H, h = blockIdx.y % p.H;
+    const int64_t i = (int64_t)blockIdx.x * ATT_GENERIC_WARPS + warp;
+    if (i >= p.Tq) return;
+    auto qs = smem + warp * (D + Dv + 32);
+    auto acc = qs + D;
+    auto ps = acc + Dv;
+    const T *q = p.q + b * p.q_sb + h * p.q_sh + i * p.q_st;
+    const T *kb = p.k + b * p.k_sb + h * p.k_sh, *vb = p.v + b * p.v_sb + h * p.v_sh;
+    for (int d = lane; d < D; d += 32) qs[d] = pea_ld(q + d) * p.scale;
+    for (int d = lane; d < Dv; d += 32) acc[d] = 0.0f;
+    __syncwarp();
+
+    const int64_t key_end = p.causal ? (p.Tk < i + 1 ? p.Tk : i + 1) : p.Tk;
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t j0 = 0; j0 < key_end; j0 += 32) {
+        const int64_t j = j0 + lane;
+        float s = -INFINITY;
+        if (j < key_end) {
+            const T *k = kb + j * p.k_st;
+            float dot = 0.0f;
+            for (int d = 0; d < D; d++) dot += qs[d] * pea_ld(k + d);
+            s = dot;
+            if (p.mask) s += pea_ld(p.mask + b * p.m_sb + h * p.m_sh + i * p.m_st + j);
+        }
+        const float m_new = fmaxf(m, pea_warp_max(s));
+        float corr = 1.0f, pj = 0.0f;
+        if (m_new != -INFINITY) {
+            corr = expf(m - m_new);
+            pj = expf(s - m_new);
+        }
+        l = l * corr + pj;
+        m = m_new;
+        ps[lane] = pj;
+        __syncwarp();
+        const int cols = (int)(key_end - j0 < 32 ? key_end - j0 : 32);
+        for (int d = lane; d < Dv; d += 32) {
+            float a = acc[d] * corr;
+            for (int c = 0; c < cols; c++) a += ps[c] * pea_ld(vb + (j0 + c) * p.v_st + d);
+            acc[d] = a;
+        }
+        __syncwarp();
+    }
+    const float total = pea_warp_sum(l);
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    T *o = p.out + b * p.o_sb + h * p.o_sh + i * p.o_st;
+    for (int d = lane; d < Dv; d += 32) pea_st(o + d, acc[d] * inv);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Host side                                                                                             */
+
+static size_t flash_smem_bytes(int64_t D, int64_t Dv, int kpl) {
+    const int64_t BK = 32 * kpl;
+    return (size_t)(ATT_BQ * D + BK * (D + 1) + BK * Dv + ATT_WARPS * ATT_ROWS * BK) * sizeof(float);
+}
+
+template <typename T, int NV, int KPL>
+static int flash_launch(pea_cuda_context *ctx, const AttnArgs<T> &a, int vec) {
+    const size_t smem = flash_smem_bytes(a.D, a.Dv, KPL);
+    auto kernel = flash_attention_kernel<T, NV, KPL>;
+    if (smem > 48 * 1024)
+        PEA_TRY(pea_check_cuda(ctx, "attention",
+                               cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                               "cudaFuncSetAttribute"));
+    dim3 grid((unsigned)((a.Tq + ATT_BQ - 1) / ATT_BQ), (unsigned)(a.B * a.H));
+    PEA_KERNEL(ctx, "attention", kernel, grid, ATT_THREADS, smem, a, vec);
+    return PEA_CUDA_OK;
+}
+
+template <typename T, int KPL>
+static int flash_dispatch_nv(pea_cuda_context *ctx, const AttnArgs<T> &a, int vec) {
+    switch ((a.Dv + 31) / 32) {
+    case 1: return flash_launch<T, 1, KPL>(ctx, a, vec);
+    case 2: return flash_launch<T, 2, KPL>(ctx, a, vec);
+    case 3: return flash_launch<T, 3, KPL>(ctx, a, vec);
+    case 4: return flash_launch<T, 4, KPL>(ctx, a, vec);
+    }
+    if (KPL == 1) {
+        switch ((a.Dv + 31) / 32) {
+        case 5: return flash_launch<T, 5, 1>(ctx, a, vec);
+        case 6: return flash_launch<T, 6, 1>(ctx, a, vec);
+        case 7: return flash_launch<T, 7, 1>(ctx, a, vec);
+        case 8: return flash_launch<T, 8, 1>(ctx, a, vec);
+        }
+    }
+    return pea_fail(ctx, PEA_CUDA_ERROR_INVALID, "attention", "internal: no fast kernel for Dv %lld",
+                    (long long)a.Dv);
+}
+
+template <typename T>
+static int attention_launch(pea_cuda_context *ctx, const ck_attention_params *p) {
+    AttnArgs<T> a;
+    a.q = (const T *)p->q;
+    a.k = (const T *)p->k;
+    a.v = (const T *)p->v;
+    a.mask = (const T *)p->mask;
+    a.out = (T *)p->out;
+    a.B = p->B; a.H = p->H; a.Tq = p->Tq; a.Tk = p->Tk; a.D = p->D; a.Dv = p->Dv;
+    a.q_sb = p->q_sb; a.q_sh = p->q_sh; a.q_st = p->q_st;
+    a.k_sb = p->k_sb; a.k_sh = p->k_sh; a.k_st = p->k_st;
+    a.v_sb = p->v_sb; a.v_sh = p->v_sh; a.v_st = p->v_st;
+    a.o_sb = p->o_sb; a.o_sh = p->o_sh; a.o_st = p->o_st;
+    a.m_sb = p->m_sb; a.m_sh = p->m_sh; a.m_st = p->m_st;
+    a.scale = p->scale;
+    a.causal = p->causal;
+
+    const int kpl = (p->D <= 128 && p->Dv <= 128) ? 2 : 1;
+    const bool fast = p->D % 8 == 0 && p->Dv % 8 == 0 && p->D <= 256 && p->Dv <= 256 &&
+                      flash_smem_bytes(p->D, p->Dv, kpl) <= (size_t)ctx->max_smem_optin;
+    if (fast) {
+        /* 16-byte loads need every row start of q, k and v 16-byte aligned */
+        const int64_t e = 16 / (int64_t)sizeof(T);
+        const int vec = (uintptr_t)p->q % 16 == 0 && (uintptr_t)p->k % 16 == 0 && (uintptr_t)p->v % 16 == 0 &&
+                        p->q_sb % e == 0 && p->q_sh % e == 0 && p->q_st % e == 0 && p->k_sb % e == 0 &&
+                        p->k_sh % e == 0 && p->k_st % e == 0 && p->v_sb % e == 0 && p->v_sh % e == 0 &&
+                        p->v_st % e == 0;
+        return kpl == 2 ? flash_dispatch_nv<T, 2>(ctx, a, vec) : flash_dispatch_nv<T, 1>(ctx, a, vec);
+    }
+    const size_t smem = (size_t)ATT_GENERIC_WARPS * (size_t)(p->D + p->Dv + 32) * sizeof(float);
+    if (smem > 48 * 1024) {
+        if (smem > (size_t)ctx->max_smem_optin)
+            return pea_fail(ctx, PEA_CUDA_ERROR_INVALID, "attention",
+                            "head dims D %lld + Dv %lld need %zu bytes of shared memory; the device has %d",
+                            (long long)p->D, (long long)p->Dv, smem, ctx->max_smem_optin);
+        PEA_TRY(pea_check_cuda(ctx, "attention",
+                               cudaFuncSetAttribute(attention_generic_kernel<T>,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                               "cudaFuncSetAttribute"));
+    }
+    dim3 grid((unsigned)((p->Tq + ATT_GENERIC_WARPS - 1) / ATT_GENERIC_WARPS), (unsigned)(p->B * p->H));
+    PEA_KERNEL(ctx, "attention", attention_generic_kernel<T>, grid, 32 * ATT_GENERIC_WARPS, smem, a);
+    return PEA_CUDA_OK;
+}
+
+extern "C" int pea_cuda_attention(pea_cuda_context *ctx, int dtype, const ck_attention_params *p) {
+    static const char *op = "attention";
+    PEA_BEGIN(ctx, op);
+    PEA_REQUIRE_DTYPE(ctx, op, dtype);
+    PEA_REQUIRE(ctx, op, p != NULL, "params are NULL");
+    PEA_REQUIRE(ctx, op, p->B >= 0 && p->H >= 0 && p->Tq >= 0 && p->Tk >= 0 && p->D >= 1 && p->Dv >= 1,
+                "shape B %lld, H %lld, Tq %lld, Tk %lld, D %lld, Dv %lld", (long long)p->B, (long long)p->H,
+                (long long)p->Tq, (long long)p->Tk, (long long)p->D, (long long)p->Dv);
+    if (p->B == 0 || p->H == 0 || p->Tq == 0) return PEA_CUDA_OK;
+    PEA_REQUIRE(ctx, op, p->B * p->H <= 65535, "B·H = %lld exceeds the grid's y limit (65535)",
+                (long long)(p->B * p->H));
+    PEA_REQUIRE(ctx, op, p->D <= 65536 && p->Dv <= 65536, "head dims D %lld, Dv %lld are too large",
+                (long long)p->D, (long long)p->Dv);
+    PEA_REQUIRE(ctx, op, p->q && p->out && (p->Tk == 0 || (p->k && p->v)), "NULL tensor (q %p, k %p, v %p, out %p)",
+                (const void *)p->q, (const void *)p->k, (const void *)p->v, (const void *)p->out);
+    return PEA_FLOAT_SWITCH(dtype, attention_launch, ctx, p);
+}

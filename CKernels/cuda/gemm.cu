@@ -1,0 +1,136 @@
+/*
+ * gemm.cu — GEMM, batched GEMM and linear layers through cuBLAS.
+ *
+ *   C[b] = alpha · op(A[b]) · op(B[b]) + beta · C[b]     row-major, b < batch (ck_sgemm_batched's contract)
+ *
+ * Row-major callers, column-major cuBLAS, no copies: a row-major X (r × c, row stride ld) is, read
+ * column-major with leading dimension ld, Xᵀ. So the row-major product C = op(A)·op(B) is computed as the
+ * column-major product Cᵀ = op(B)ᵀ · op(A)ᵀ: cuBLAS gets B first (as it is stored: op N when B is not
+ * transposed, T when it is), then A, with m = N, n = M, k = K and the callers' leading dimensions unchanged.
+ * One cublasGemmStridedBatchedEx serves every case: strides are the callers' (0 broadcasts an operand),
+ * storage CUDA_R_32F / 16F / 16BF for A, B and C alike, accumulation CUBLAS_COMPUTE_32F (f16/bf16 on the
+ * tensor cores with f32 accumulation), or CUBLAS_COMPUTE_32F_FAST_TF32 for f32 data when the context's TF32
+ * flag is on. alpha and beta are f32 host scalars; beta = 0 never reads C.
+ *
+ * Linear layers (y = x·Wᵀ + bias) write the bias into y first (one broadcast kernel) and let the GEMM
+ * accumulate onto it with beta = 1, as the CPU backend does: the bias costs one write of y, the GEMM's read
+ * of C replaces an epilogue's read, and f16/bf16 outputs are rounded once (acc + bias in f32), not twice.
+ *
+ * Dimension legend: M, N, K the GEMM dimensions; rows × in_features → rows × out_features for linear.
+ */
+#include "internal.h"
+
+static cudaDataType_t cuda_type(int dtype) {
+    return dtype == CK_F16 ? CUDA_R_16F : dtype == CK_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Kernels                                                                                               */
+
+/* C[b] = beta · C[b] (beta = 0 writes zeros without reading): the K = 0 GEMM, where op(A)·op(B) is empty.
+ * One thread per element of the batch × M × N index space (grid-stride); C rows have stride ldc. */
+template <typename T>
+__global__ void gemm_scale_c_kernel(T *C, int64_t M, int64_t N, int64_t ldc, int64_t strideC, int64_t batch,
+                                    float beta) {
+    const int64_t total = batch * M * N, stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int64_t b = e / (M * N), r = (e / N) % M, c = e % N;
+        T *p = C + b * strideC + r * ldc + c;
+        pea_st(p, beta == 0.0f ? 0.0f : beta * pea_ld(p));
+    }
+}
+
+/* y[i] = bias[(i / inner) % nbias] for i < total: the bias of a linear layer (inner = 1, nbias = out) or of a
+ * convolution (inner = Ho·Wo, nbias = Cout) broadcast over its output, as bits (E is the element's size).
+ * One thread per element, grid-stride, coalesced writes. */
+template <typename E>
+__global__ void bias_prefill_kernel(E *y, const E *bias, int64_t total, int64_t inner, int64_t nbias) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride)
+        y[i] = bias[(i / inner) % nbias];
+}
+
+template <typename T>
+static int scale_c_launch(pea_cuda_context *ctx, const char *op, void *C, int64_t M, int64_t N, int64_t ldc,
+                          int64_t strideC, int64_t batch, float beta) {
+    PEA_KERNEL(ctx, op, gemm_scale_c_kernel<T>, pea_grid_1d(ctx, batch * M * N, 256), 256, 0, (T *)C, M, N, ldc,
+               strideC, batch, beta);
+    return PEA_CUDA_OK;
+}
+
+int pea_bias_prefill(pea_cuda_context *ctx, const char *op, int dtype, void *y, const void *bias, int64_t total,
+                     int64_t inner, int64_t nbias) {
+    const unsigned grid = pea_grid_1d(ctx, total, 256);
+    if (dtype == CK_F32)
+        PEA_KERNEL(ctx, op, bias_prefill_kernel<uint32_t>, grid, 256, 0, (uint32_t *)y, (const uint32_t *)bias, total,
+                   inner, nbias);
+    else
+        PEA_KERNEL(ctx, op, bias_prefill_kernel<uint16_t>, grid, 256, 0, (uint16_t *)y, (const uint16_t *)bias, total,
+                   inner, nbias);
+    return PEA_CUDA_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* GEMM                                                                                                  */
+
+int pea_gemm_rowmajor(pea_cuda_context *ctx, const char *op, int dtype, int transA, int transB, int64_t M,
+                      int64_t N, int64_t K, float alpha, const void *A, int64_t lda, int64_t strideA,
+                      const void *B, int64_t ldb, int64_t strideB, float beta, void *C, int64_t ldc,
+                      int64_t strideC, int64_t batch) {
+    PEA_REQUIRE_DTYPE(ctx, op, dtype);
+    PEA_REQUIRE(ctx, op, M >= 0 && N >= 0 && K >= 0 && batch >= 0, "shape M %lld, N %lld, K %lld, batch %lld",
+                (long long)M, (long long)N, (long long)K, (long long)batch);
+    PEA_REQUIRE(ctx, op, M <= INT_MAX && N <= INT_MAX && K <= INT_MAX && batch <= INT_MAX,
+                "shape M %lld, N %lld, K %lld, batch %lld exceeds cuBLAS's int range", (long long)M, (long long)N,
+                (long long)K, (long long)batch);
+    if (M == 0 || N == 0 || batch == 0) return PEA_CUDA_OK;
+    const int64_t need_lda = transA ? M : K, need_ldb = transB ? K : N;
+    PEA_REQUIRE(ctx, op, lda >= need_lda && lda <= INT_MAX, "lda %lld < %s %lld", (long long)lda,
+                transA ? "M" : "K", (long long)need_lda);
+    PEA_REQUIRE(ctx, op, ldb >= need_ldb && ldb <= INT_MAX, "ldb %lld < %s %lld", (long long)ldb,
+                transB ? "K" : "N", (long long)need_ldb);
+    PEA_REQUIRE(ctx, op, ldc >= N && ldc <= INT_MAX, "ldc %lld < N %lld", (long long)ldc, (long long)N);
+    PEA_REQUIRE(ctx, op, strideC != 0 || batch == 1, "strideC = 0 with batch %lld: the products would race",
+                (long long)batch);
+    PEA_REQUIRE(ctx, op, C != NULL, "C is NULL");
+    if (K == 0 || alpha == 0.0f) {
+        if (beta == 1.0f) return PEA_CUDA_OK;
+        return PEA_FLOAT_SWITCH(dtype, scale_c_launch, ctx, op, C, M, N, ldc, strideC, batch, beta);
+    }
+    PEA_REQUIRE(ctx, op, A && B, "NULL operand (A %p, B %p)", A, B);
+
+    const cudaDataType_t t = cuda_type(dtype);
+    const cublasComputeType_t compute =
+        (dtype == CK_F32 && ctx->tf32) ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    /* Cᵀ (N × M, column-major, ldc) = op(B)ᵀ (N × K) · op(A)ᵀ (K × M) */
+    cublasStatus_t s = cublasGemmStridedBatchedEx(
+        ctx->cublas, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N, (int)N, (int)M, (int)K,
+        &alpha, B, t, (int)ldb, (long long)strideB, A, t, (int)lda, (long long)strideA, &beta, C, t, (int)ldc,
+        (long long)strideC, (int)batch, compute, CUBLAS_GEMM_DEFAULT);
+    return pea_check_cublas(ctx, op, s, "cublasGemmStridedBatchedEx");
+}
+
+extern "C" int pea_cuda_gemm(pea_cuda_context *ctx, int dtype, int transA, int transB, int64_t M, int64_t N,
+                             int64_t K, float alpha, const void *A, int64_t lda, int64_t strideA, const void *B,
+                             int64_t ldb, int64_t strideB, float beta, void *C, int64_t ldc, int64_t strideC,
+                             int64_t batch) {
+    PEA_BEGIN(ctx, "gemm");
+    return pea_gemm_rowmajor(ctx, "gemm", dtype, transA, transB, M, N, K, alpha, A, lda, strideA, B, ldb, strideB,
+                             beta, C, ldc, strideC, batch);
+}
+
+extern "C" int pea_cuda_linear(pea_cuda_context *ctx, int dtype, const void *x, const void *weight, const void *bias,
+                               void *y, int64_t rows, int64_t in_features, int64_t out_features) {
+    static const char *op = "linear";
+    PEA_BEGIN(ctx, op);
+    PEA_REQUIRE_DTYPE(ctx, op, dtype);
+    PEA_REQUIRE(ctx, op, rows >= 0 && in_features >= 0 && out_features >= 0, "shape rows %lld, in %lld, out %lld",
+                (long long)rows, (long long)in_features, (long long)out_features);
+    if (rows == 0 || out_features == 0) return PEA_CUDA_OK;
+    PEA_REQUIRE(ctx, op, x && weight && y, "NULL tensor (x %p, weight %p, y %p)", x, weight, y);
+    if (bias) PEA_TRY(pea_bias_prefill(ctx, op, dtype, y, bias, rows * out_features, 1, out_features));
+    /* y [rows, out] = x [rows, in] · weightᵀ, weight stored [out, in] (transB) */
+    const int64_t ld_in = in_features > 0 ? in_features : 1;
+    return pea_gemm_rowmajor(ctx, op, dtype, 0, 1, rows, out_features, in_features, 1.0f, x, ld_in, 0, weight, ld_in,
+                             0, bias ? 1.0f : 0.0f, y, out_features, 0, 1);
+}

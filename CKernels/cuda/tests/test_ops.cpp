@@ -1,0 +1,1139 @@
+/*
+ * test_ops.cpp — every pea_cuda_* op of the CUDA backend against its ck_* CPU reference (CKernels/cpu), at
+ * awkward shapes, in f32, f16 and bf16; the caching allocator; the staged uploads; the error paths.
+ *
+ * The library is loaded the way the Swift CUDABackend loads it: dlopen + dlsym by name, plain C calls
+ * (pea_cuda.h is the whole contract). So the same program tests either build of the same sources:
+ *
+ *     test_ops ./libpea_cuda_emu.so              the SIMT emulator on the CPU (make cuda-test, in make test)
+ *     test_ops .build-cuda/libpea_cuda.so        a real GPU (make gpu-check)
+ *
+ * It is built by the host C++ compiler alone (no CUDA headers) and linked with the CPU reference kernels.
+ * Under the emulator (detected by its pea_emu_* entry points) it also checks the no-device path and reruns
+ * the kernels that use block barriers under the reverse and random fiber orders.
+ *
+ * Tolerances (relative L2 error ‖got − ref‖ / ‖ref‖, the CPU result on the same inputs as reference):
+ *   f32   1e-5: the two sides differ only in summation order (and the GPU's libm ulps) —
+ *         typically 1e-7 … 1e-6. Bit-exact where nothing is computed: copies, conversions, embedding,
+ *         upsampling.
+ *   f16   3e-3, bf16 2e-2: the inputs are rounded to the storage type first and the CPU computes in f32
+ *         on exactly those values; the GPU rounds its output once more (f16: 2^-11 relative per element,
+ *         bf16: 2^-8), which is what the tolerance allows for (≈6× the expected error).
+ *   TF32 GEMM 5e-3 (10-bit mantissa inputs). Group norm of data with a large mean (≈1000) in f32: 1e-4, since
+ *   both sides round the mean to f32 (half an ulp of 1000 is 3e-5, which (x − mean)·rstd carries).
+ *   timestep embedding in f32: 1e-4 (sin/cos of arguments up to 1000 amplify an ulp of exp).
+ */
+#include <dlfcn.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "ckernels.h"
+#include "pea_cuda.h"
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* The library, through dlsym                                                                            */
+
+#define PEA_API(X)                                                                                     \
+    X(pea_cuda_abi_version) X(pea_cuda_create) X(pea_cuda_destroy) X(pea_cuda_last_error)              \
+    X(pea_cuda_device_info) X(pea_cuda_set_tf32) X(pea_cuda_alloc) X(pea_cuda_free)                    \
+    X(pea_cuda_release_cache) X(pea_cuda_memory_stats) X(pea_cuda_upload) X(pea_cuda_download)         \
+    X(pea_cuda_zero) X(pea_cuda_synchronize) X(pea_cuda_gemm) X(pea_cuda_linear) X(pea_cuda_conv2d)    \
+    X(pea_cuda_group_norm) X(pea_cuda_layer_norm) X(pea_cuda_softmax) X(pea_cuda_attention)            \
+    X(pea_cuda_activation) X(pea_cuda_geglu) X(pea_cuda_affine) X(pea_cuda_binary)                     \
+    X(pea_cuda_copy_strided) X(pea_cuda_upsample_nearest2x) X(pea_cuda_embedding)                      \
+    X(pea_cuda_timestep_embedding) X(pea_cuda_mean) X(pea_cuda_convert)
+
+struct Api {
+#define DECLARE(name) decltype(&::name) name = nullptr;
+    PEA_API(DECLARE)
+#undef DECLARE
+    void (*emu_set_quiet)(int) = nullptr;
+    void (*emu_set_schedule)(int, unsigned long long) = nullptr;
+};
+static Api L;
+static pea_cuda_context *g_ctx = nullptr;
+static bool g_emu = false;
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Checks                                                                                                */
+
+static int g_checks = 0, g_failures = 0;
+static const char *g_phase = "";
+
+#define CHECK(cond, ...)                                                                               \
+    do {                                                                                               \
+        g_checks++;                                                                                    \
+        if (!(cond)) {                                                                                 \
+            g_failures++;                                                                              \
+            fprintf(stderr, "FAIL %s:%d [%s]: %s: ", __FILE__, __LINE__, g_phase, #cond);              \
+            fprintf(stderr, __VA_ARGS__);                                                              \
+            fputc('\n', stderr);                                                                       \
+        }                                                                                              \
+    } while (0)
+
+/* A call that must succeed. */
+#define OK(call)                                                                                       \
+    do {                                                                                               \
+        int rc_ = (call);                                                                              \
+        CHECK(rc_ == PEA_CUDA_OK, "%s returned %d: %s", #call, rc_, L.pea_cuda_last_error(g_ctx));     \
+    } while (0)
+
+static bool g_verbose = false;
+static void say(const char *fmt, ...) {
+    if (!g_verbose) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vprintf(fmt, ap);
+    va_end(ap);
+    putchar('\n');
+    fflush(stdout);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Data                                                                                                  */
+
+static unsigned long long g_seed = 12345;
+static float urand() { /* [-1, 1) */
+    g_seed = g_seed * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((g_seed >> 40) & 0xffffff) / (float)(1 << 23) - 1.0f;
+}
+static std::vector<float> rvec(size_t n, float scale = 1.0f, float offset = 0.0f) {
+    std::vector<float> v(n);
+    for (auto &x : v) x = offset + scale * urand();
+    return v;
+}
+
+static const int kFloatTypes[] = {CK_F32, CK_F16, CK_BF16};
+static const char *tname(int t) {
+    switch (t) {
+    case CK_F32: return "f32";
+    case CK_F16: return "f16";
+    case CK_BF16: return "bf16";
+    case CK_I32: return "i32";
+    case CK_I64: return "i64";
+    }
+    return "?";
+}
+static size_t tsize(int t) { return t == CK_F32 || t == CK_I32 ? 4 : t == CK_I64 ? 8 : 2; }
+static double tol_for(int t) { return t == CK_F32 ? 1e-5 : t == CK_F16 ? 3e-3 : 2e-2; }
+
+/* v rounded to storage type t and back (the values a t tensor holds). */
+static std::vector<float> rounded(const std::vector<float> &v, int t) {
+    if (t == CK_F32) return v;
+    std::vector<uint16_t> bits(v.size());
+    std::vector<float> out(v.size());
+    ck_convert(v.data(), CK_F32, bits.data(), t, (int64_t)v.size());
+    ck_convert(bits.data(), t, out.data(), CK_F32, (int64_t)v.size());
+    return out;
+}
+
+/* A device buffer freed at scope exit. */
+struct Dev {
+    void *p = nullptr;
+    size_t bytes = 0;
+    Dev() = default;
+    explicit Dev(size_t n) : bytes(n) { OK(L.pea_cuda_alloc(g_ctx, n ? n : 1, &p)); }
+    Dev(const Dev &) = delete;
+    Dev &operator=(const Dev &) = delete;
+    Dev(Dev &&o) noexcept : p(o.p), bytes(o.bytes) { o.p = nullptr; }
+    ~Dev() {
+        if (p) L.pea_cuda_free(g_ctx, p);
+    }
+    template <class U = void>
+    U *at(size_t byte_offset = 0) const { return (U *)((char *)p + byte_offset); }
+};
+
+/* Upload f32 values as storage type t. */
+static Dev up(const std::vector<float> &v, int t) {
+    Dev d(v.size() * tsize(t));
+    std::vector<char> bytes(v.size() * tsize(t) + 1);
+    ck_convert(v.data(), CK_F32, bytes.data(), t, (int64_t)v.size());
+    OK(L.pea_cuda_upload(g_ctx, d.p, bytes.data(), v.size() * tsize(t)));
+    return d;
+}
+static Dev up_raw(const void *src, size_t bytes) {
+    Dev d(bytes);
+    OK(L.pea_cuda_upload(g_ctx, d.p, src, bytes));
+    return d;
+}
+/* Download n elements of storage type t as f32. */
+static std::vector<float> down(const void *p, size_t n, int t) {
+    std::vector<char> bytes(n * tsize(t) + 1);
+    std::vector<float> out(n);
+    OK(L.pea_cuda_download(g_ctx, bytes.data(), p, n * tsize(t)));
+    ck_convert(bytes.data(), t, out.data(), CK_F32, (int64_t)n);
+    return out;
+}
+
+/* Relative L2 error, with NaN/inf anywhere counting as a failure; also reports max |Δ|. */
+static bool compare(const char *what, const std::vector<float> &got, const std::vector<float> &ref, double tol) {
+    double num = 0, den = 0, maxd = 0;
+    bool finite = got.size() == ref.size();
+    for (size_t i = 0; i < ref.size() && i < got.size(); i++) {
+        if (std::isnan(got[i]) != std::isnan(ref[i]) || std::isinf(got[i]) != std::isinf(ref[i])) finite = false;
+        if (!std::isfinite(ref[i]) || !std::isfinite(got[i])) continue;
+        double d = (double)got[i] - ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+        maxd = std::max(maxd, fabs(d));
+    }
+    double rel = den > 0 ? sqrt(num / den) : sqrt(num);
+    bool pass = finite && rel <= tol;
+    CHECK(pass, "%s: rel-L2 %.3g (tol %.1g), max |d| %.3g%s, %zu vs %zu elements", what, rel, tol, maxd,
+          finite ? "" : ", non-finite mismatch", got.size(), ref.size());
+    say("  %-4s %-60s rel-L2 %.2e  max|d| %.2e", pass ? "ok" : "FAIL", what, rel, maxd);
+    return pass;
+}
+
+static bool same_bytes(const char *what, const void *a, const void *b, size_t n) {
+    bool pass = memcmp(a, b, n) == 0;
+    CHECK(pass, "%s: bytes differ", what);
+    say("  %-4s %-60s bit-exact", pass ? "ok" : "FAIL", what);
+    return pass;
+}
+
+/* The call must fail with `code` and a message that starts with "<op>:". */
+static void expect_error(const char *what, int rc, int code, const char *op) {
+    const char *msg = L.pea_cuda_last_error(g_ctx);
+    std::string prefix = std::string(op) + ":";
+    CHECK(rc == code, "%s: returned %d, expected %d (%s)", what, rc, code, msg);
+    CHECK(strncmp(msg, prefix.c_str(), prefix.size()) == 0, "%s: message \"%s\" does not name the op \"%s\"", what,
+          msg, op);
+    say("  ok   %-60s → %d \"%s\"", what, rc, msg);
+}
+
+static char g_name[512];
+static const char *fmt(const char *f, ...) {
+    va_list ap;
+    va_start(ap, f);
+    vsnprintf(g_name, sizeof g_name, f, ap);
+    va_end(ap);
+    return g_name;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Context, memory, copies                                                                               */
+
+static void test_context() {
+    g_phase = "context";
+    CHECK(L.pea_cuda_abi_version() == PEA_CUDA_ABI_VERSION, "abi %d", L.pea_cuda_abi_version());
+    char name[256] = {0};
+    int major = -1, minor = -1;
+    size_t total = 0;
+    OK(L.pea_cuda_device_info(g_ctx, name, sizeof name, &major, &minor, &total));
+    CHECK(name[0] && major >= 1 && total > 0, "device info %s %d.%d %zu", name, major, minor, total);
+    printf("device: %s, compute capability %d.%d, %.1f GiB\n", name, major, minor, total / 1073741824.0);
+
+    if (g_emu) { /* the emulator can pretend there is no device */
+        L.emu_set_quiet(1);
+        setenv("PEA_EMU_DEVICE_COUNT", "0", 1);
+        pea_cuda_context *c = (pea_cuda_context *)1;
+        char msg[256] = {0};
+        int rc = L.pea_cuda_create(0, &c, msg, sizeof msg);
+        unsetenv("PEA_EMU_DEVICE_COUNT");
+        L.emu_set_quiet(0);
+        CHECK(rc == PEA_CUDA_ERROR_NO_DEVICE && c == nullptr && strstr(msg, "no CUDA device"),
+              "create without a device: rc %d, ctx %p, \"%s\"", rc, (void *)c, msg);
+        say("  ok   create without a device → %d \"%s\"", rc, msg);
+    }
+    pea_cuda_context *c = (pea_cuda_context *)1;
+    char msg[256] = {0};
+    int rc = L.pea_cuda_create(1000, &c, msg, sizeof msg);
+    CHECK(rc == PEA_CUDA_ERROR_NO_DEVICE && c == nullptr && msg[0], "create(1000): rc %d \"%s\"", rc, msg);
+}
+
+static void test_memory() {
+    g_phase = "memory";
+    const size_t sizes[] = {1, 1000, 4096, 4097, (size_t)1 << 20, 3000000, 33};
+    uint64_t allocs_after_first = 0, allocs = 0;
+    size_t in_use = 0, peak = 0, base_in_use = 0;
+    OK(L.pea_cuda_memory_stats(g_ctx, &base_in_use, &peak, &allocs));
+    for (int round = 0; round < 5; round++) {
+        std::vector<void *> ptrs;
+        for (size_t s : sizes) {
+            void *p = nullptr;
+            OK(L.pea_cuda_alloc(g_ctx, s, &p));
+            CHECK(p != nullptr && (uintptr_t)p % 256 == 0, "alloc %zu → %p", s, p);
+            ptrs.push_back(p);
+        }
+        OK(L.pea_cuda_memory_stats(g_ctx, &in_use, &peak, &allocs));
+        size_t want = 0;
+        for (size_t s : sizes) want += s;
+        CHECK(in_use - base_in_use >= want && peak >= in_use, "in_use %zu (base %zu) peak %zu for %zu bytes", in_use,
+              base_in_use, peak, want);
+        for (void *p : ptrs) OK(L.pea_cuda_free(g_ctx, p));
+        if (round == 0) allocs_after_first = allocs;
+    }
+    OK(L.pea_cuda_memory_stats(g_ctx, &in_use, &peak, &allocs));
+    CHECK(allocs == allocs_after_first, "steady state: %llu device allocations after round 1, %llu after round 5",
+          (unsigned long long)allocs_after_first, (unsigned long long)allocs);
+    CHECK(in_use == base_in_use, "in_use %zu after freeing everything (base %zu)", in_use, base_in_use);
+    say("  ok   allocator steady state: %llu cudaMalloc calls, none after the first round",
+        (unsigned long long)allocs);
+    OK(L.pea_cuda_release_cache(g_ctx));
+    void *p = nullptr;
+    OK(L.pea_cuda_alloc(g_ctx, 4096, &p));
+    uint64_t allocs2 = 0;
+    OK(L.pea_cuda_memory_stats(g_ctx, nullptr, nullptr, &allocs2));
+    CHECK(allocs2 == allocs + 1, "after release_cache an alloc reaches cudaMalloc (%llu → %llu)",
+          (unsigned long long)allocs, (unsigned long long)allocs2);
+    OK(L.pea_cuda_free(g_ctx, p));
+    int x = 0;
+    expect_error("free of a pointer the allocator never gave", L.pea_cuda_free(g_ctx, &x), PEA_CUDA_ERROR_INVALID,
+                 "free");
+    expect_error("free twice", L.pea_cuda_free(g_ctx, p), PEA_CUDA_ERROR_INVALID, "free");
+    OK(L.pea_cuda_free(g_ctx, nullptr));
+}
+
+static void test_copies() {
+    g_phase = "upload/download";
+    /* large: 10 MB through the 4 MB staging ring; the host buffer is overwritten right after the call */
+    {
+        const size_t n = (size_t)10 << 20;
+        std::vector<unsigned char> host(n), keep;
+        for (size_t i = 0; i < n; i++) host[i] = (unsigned char)(i * 131 + (i >> 12));
+        keep = host;
+        Dev d(n);
+        OK(L.pea_cuda_upload(g_ctx, d.p, host.data(), n));
+        memset(host.data(), 0xAB, n);
+        std::vector<unsigned char> back(n);
+        OK(L.pea_cuda_download(g_ctx, back.data(), d.p, n));
+        same_bytes("10 MB upload staged, source reused at once", back.data(), keep.data(), n);
+    }
+    /* many small uploads into one buffer, more than the ring holds in total */
+    {
+        const size_t piece = 100003, count = 200;
+        Dev d(piece * count);
+        std::vector<unsigned char> all(piece * count);
+        std::vector<unsigned char> buf(piece);
+        for (size_t k = 0; k < count; k++) {
+            for (size_t i = 0; i < piece; i++) buf[i] = (unsigned char)(k * 7 + i);
+            memcpy(&all[k * piece], buf.data(), piece);
+            OK(L.pea_cuda_upload(g_ctx, d.at(k * piece), buf.data(), piece));
+        }
+        std::vector<unsigned char> back(piece * count);
+        OK(L.pea_cuda_download(g_ctx, back.data(), d.p, back.size()));
+        same_bytes("200 uploads of 100003 bytes (the ring wraps)", back.data(), all.data(), all.size());
+    }
+    {
+        unsigned char one = 0x5A, got = 0;
+        Dev d(1);
+        OK(L.pea_cuda_upload(g_ctx, d.p, &one, 1));
+        OK(L.pea_cuda_download(g_ctx, &got, d.p, 1));
+        CHECK(got == one, "one byte: %d", got);
+        std::vector<float> ones(1000, 1.0f);
+        Dev z = up(ones, CK_F32);
+        OK(L.pea_cuda_zero(g_ctx, z.at(4 * 10), 4 * 990));
+        std::vector<float> r = down(z.p, 1000, CK_F32);
+        bool ok = true;
+        for (int i = 0; i < 1000; i++) ok &= r[i] == (i < 10 ? 1.0f : 0.0f);
+        CHECK(ok, "zero of a sub-range");
+        OK(L.pea_cuda_synchronize(g_ctx));
+    }
+}
+
+static void test_convert() {
+    g_phase = "convert";
+    /* special values: NaN (with payload), ±inf, ±0, f16 subnormals and their ties, the f16 overflow edge,
+     * bf16 ties, integers */
+    std::vector<float> v = {0.0f, -0.0f, 1.0f, -1.5f, 65504.0f, 65519.99f, 65520.0f, 1e9f, -1e9f, INFINITY,
+                            -INFINITY, 3.0e-5f, 6.0e-8f, 5.9604644775390625e-08f, 2.9802322387695312e-08f,
+                            8.940696716308594e-08f, 6.103515625e-05f, 6.1e-05f, 1.00048828125f, 1.00146484375f,
+                            1.0078125f, 1.01171875f, 3.14159265f, -2.71828f, 123456.789f, 1e-40f, 0.1f, 0.5f,
+                            -0.5f, 2.5f, 1000.75f, 16777217.0f};
+    uint32_t nan_bits[] = {0x7fc00000u, 0x7f800001u, 0xffc12345u, 0x7fa00000u};
+    for (uint32_t b : nan_bits) {
+        float f;
+        memcpy(&f, &b, 4);
+        v.push_back(f);
+    }
+    for (int i = 0; i < 300; i++) v.push_back(urand() * powf(2.0f, (float)(i % 40 - 30)));
+    const int n = (int)v.size();
+    const int types[] = {CK_F32, CK_F16, CK_BF16, CK_I32, CK_I64};
+    for (int st : types) {
+        /* the source tensor in type st, made on the host (ints from finite values) */
+        std::vector<float> src_vals = v;
+        if (st == CK_I32 || st == CK_I64)
+            for (auto &x : src_vals) x = std::isfinite(x) ? std::max(-2e9f, std::min(2e9f, roundf(x * 1000.0f))) : 7.0f;
+        std::vector<char> src(n * tsize(st));
+        if (st == CK_I32) for (int i = 0; i < n; i++) ((int32_t *)src.data())[i] = (int32_t)src_vals[i];
+        else if (st == CK_I64) for (int i = 0; i < n; i++) ((int64_t *)src.data())[i] = (int64_t)src_vals[i] * 3 + 1;
+        else ck_convert(src_vals.data(), CK_F32, src.data(), st, n);
+        Dev dsrc = up_raw(src.data(), src.size());
+        for (int dt : types) {
+            if ((dt == CK_I32 || dt == CK_I64) && (st == CK_F32 || st == CK_F16 || st == CK_BF16)) {
+                /* float → int of non-finite or huge values is undefined in C: use finite, in-range sources */
+                continue;
+            }
+            std::vector<char> ref(n * tsize(dt)), got(n * tsize(dt));
+            ck_convert(src.data(), st, ref.data(), dt, n);
+            Dev ddst(got.size());
+            OK(L.pea_cuda_convert(g_ctx, dsrc.p, st, ddst.p, dt, n));
+            OK(L.pea_cuda_download(g_ctx, got.data(), ddst.p, got.size()));
+            same_bytes(fmt("convert %s → %s (%d values incl. NaN payloads, subnormals, ties)", tname(st), tname(dt), n),
+                       got.data(), ref.data(), got.size());
+        }
+    }
+    /* float → int on finite in-range values */
+    std::vector<float> f(257);
+    for (int i = 0; i < 257; i++) f[i] = (i - 128) * 3.7f;
+    for (int st : kFloatTypes) {
+        std::vector<char> src(f.size() * tsize(st));
+        ck_convert(f.data(), CK_F32, src.data(), st, (int64_t)f.size());
+        Dev dsrc = up_raw(src.data(), src.size());
+        for (int dt : {CK_I32, CK_I64}) {
+            std::vector<char> ref(f.size() * tsize(dt)), got(f.size() * tsize(dt));
+            ck_convert(src.data(), st, ref.data(), dt, (int64_t)f.size());
+            Dev ddst(got.size());
+            OK(L.pea_cuda_convert(g_ctx, dsrc.p, st, ddst.p, dt, (int64_t)f.size()));
+            OK(L.pea_cuda_download(g_ctx, got.data(), ddst.p, got.size()));
+            same_bytes(fmt("convert %s → %s (finite values)", tname(st), tname(dt)), got.data(), ref.data(), got.size());
+        }
+    }
+    expect_error("convert with an unknown dtype", L.pea_cuda_convert(g_ctx, g_ctx, 9, g_ctx, CK_F32, 4),
+                 PEA_CUDA_ERROR_INVALID, "convert");
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Strided copy and binary ops                                                                           */
+
+static void test_copy_strided() {
+    g_phase = "copy_strided";
+    struct Case {
+        const char *name;
+        int rank;
+        int64_t shape[8], ss[8], ds[8];
+        int64_t src_elems, dst_elems, src_off, dst_off;
+    };
+    std::vector<Case> cases = {
+        /* permute [2,3,5,7] → [2,5,3,7] written through the source's index space */
+        {"permute (0,2,1,3)", 4, {2, 3, 5, 7}, {105, 35, 7, 1}, {105, 7, 21, 1}, 210, 210, 0, 0},
+        /* transpose of a matrix [9, 13] */
+        {"transpose 9×13", 2, {9, 13}, {13, 1}, {1, 9}, 117, 117, 0, 0},
+        /* concat along the channel axis: write [2,3,4,5] into channels 2..4 of [2,8,4,5] */
+        {"concat slice", 4, {2, 3, 4, 5}, {60, 20, 5, 1}, {160, 20, 5, 1}, 120, 320, 0, 40},
+        /* split: read channels 1..3 of [3,6,10] into a contiguous [3,3,10] */
+        {"split slice", 3, {3, 3, 10}, {60, 10, 1}, {30, 10, 1}, 180, 90, 10, 0},
+        /* one element, rank 1 */
+        {"one element", 1, {1}, {1}, {1}, 1, 1, 0, 0},
+        /* rank 8 with extents 1 and 2 and a broadcast source stride */
+        {"rank 8", 8, {2, 1, 2, 3, 1, 2, 2, 3}, {0, 0, 36, 12, 0, 6, 3, 1}, {144, 144, 72, 24, 24, 12, 6, 2}, 72, 288,
+         0, 1},
+        /* a flip: negative stride */
+        {"reverse", 1, {50}, {-1}, {1}, 50, 50, 49, 0},
+        /* contiguous inner runs that can be widened (also when elem_size is 2: 8 at a time) */
+        {"rows of 64", 2, {7, 64}, {80, 1}, {64, 1}, 560, 448, 0, 0},
+    };
+    const int64_t sizes[] = {1, 2, 4, 8, 3, 16, 12};
+    for (const Case &c : cases) {
+        for (int64_t es : sizes) {
+            std::vector<unsigned char> src(c.src_elems * es), dst(c.dst_elems * es), ref;
+            for (size_t i = 0; i < src.size(); i++) src[i] = (unsigned char)(i * 37 + 11);
+            for (size_t i = 0; i < dst.size(); i++) dst[i] = (unsigned char)(i * 5 + 3);
+            ref = dst;
+            ck_copy_strided(src.data() + c.src_off * es, c.ss, ref.data() + c.dst_off * es, c.ds, c.shape, c.rank, es);
+            Dev ds = up_raw(src.data(), src.size()), dd = up_raw(dst.data(), dst.size());
+            OK(L.pea_cuda_copy_strided(g_ctx, ds.at(c.src_off * es), c.ss, dd.at(c.dst_off * es), c.ds, c.shape, c.rank,
+                                       es));
+            std::vector<unsigned char> got(dst.size());
+            OK(L.pea_cuda_download(g_ctx, got.data(), dd.p, got.size()));
+            same_bytes(fmt("copy_strided %s, %lld-byte elements", c.name, (long long)es), got.data(), ref.data(),
+                       got.size());
+        }
+    }
+    int64_t shape[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1}, st[9] = {0};
+    expect_error("copy_strided of rank 9", L.pea_cuda_copy_strided(g_ctx, g_ctx, st, g_ctx, st, shape, 9, 4),
+                 PEA_CUDA_ERROR_INVALID, "copy_strided");
+}
+
+static void test_binary() {
+    g_phase = "binary";
+    struct Case {
+        const char *name;
+        int rank;
+        int64_t shape[8], as[8], bs[8];
+        int64_t a_elems, b_elems;
+    };
+    std::vector<Case> cases = {
+        {"same shape", 1, {1001}, {1}, {1}, 1001, 1001},
+        {"bias over channels [2,5,7,3] + [5]", 4, {2, 5, 7, 3}, {105, 21, 3, 1}, {0, 1, 0, 0}, 210, 5},
+        {"row vector [9,13] ⊕ [13]", 2, {9, 13}, {13, 1}, {0, 1}, 117, 13},
+        {"scalar", 3, {3, 4, 5}, {20, 5, 1}, {0, 0, 0}, 60, 1},
+        {"transposed a", 2, {6, 7}, {1, 6}, {7, 1}, 42, 42},
+        {"rank 8 mixed broadcast", 8, {2, 2, 1, 3, 2, 1, 2, 3}, {72, 36, 36, 12, 6, 6, 3, 1}, {0, 18, 0, 6, 0, 0, 3, 1},
+         144, 36},
+        {"one element", 1, {1}, {1}, {1}, 1, 1},
+    };
+    for (int t : kFloatTypes)
+        for (const Case &c : cases)
+            for (int op = CK_ADD; op <= CK_DIV; op++) {
+                std::vector<float> a = rounded(rvec(c.a_elems), t), b = rounded(rvec(c.b_elems, 1.0f, 2.5f), t);
+                int64_t n = 1;
+                for (int i = 0; i < c.rank; i++) n *= c.shape[i];
+                std::vector<float> ref(n);
+                ck_binary_f32(op, a.data(), c.as, b.data(), c.bs, ref.data(), c.shape, c.rank);
+                Dev da = up(a, t), db = up(b, t), dy(n * tsize(t));
+                OK(L.pea_cuda_binary(g_ctx, t, op, da.p, c.as, db.p, c.bs, dy.p, c.shape, c.rank));
+                compare(fmt("binary %s op %d %s", c.name, op, tname(t)), down(dy.p, n, t), ref, tol_for(t));
+            }
+    int64_t shape[1] = {4}, s[1] = {1};
+    expect_error("binary with an unknown op", L.pea_cuda_binary(g_ctx, CK_F32, 7, g_ctx, s, g_ctx, s, g_ctx, shape, 1),
+                 PEA_CUDA_ERROR_INVALID, "binary");
+    expect_error("binary with dtype i32", L.pea_cuda_binary(g_ctx, CK_I32, 0, g_ctx, s, g_ctx, s, g_ctx, shape, 1),
+                 PEA_CUDA_ERROR_INVALID, "binary");
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Elementwise                                                                                           */
+
+static void test_elementwise() {
+    g_phase = "elementwise";
+    const int64_t sizes[] = {1, 1000, 100003, 4096};
+    for (int t : kFloatTypes) {
+        for (int64_t n : sizes) {
+            std::vector<float> x = rounded(rvec(n, 4.0f), t);
+            Dev dx = up(x, t), dy(n * tsize(t));
+            for (int kind = PEA_ACT_GELU_ERF; kind <= PEA_ACT_SILU; kind++) {
+                std::vector<float> ref(n);
+                if (kind == PEA_ACT_GELU_ERF) ck_gelu_f32(x.data(), ref.data(), n, CK_GELU_ERF);
+                if (kind == PEA_ACT_GELU_TANH) ck_gelu_f32(x.data(), ref.data(), n, CK_GELU_TANH);
+                if (kind == PEA_ACT_QUICK_GELU) ck_quick_gelu_f32(x.data(), ref.data(), n);
+                if (kind == PEA_ACT_SILU) ck_silu_f32(x.data(), ref.data(), n);
+                OK(L.pea_cuda_activation(g_ctx, t, kind, dx.p, dy.p, n));
+                compare(fmt("activation %d n=%lld %s", kind, (long long)n, tname(t)), down(dy.p, n, t), ref, tol_for(t));
+            }
+            std::vector<float> ref(n);
+            ck_affine_f32(x.data(), ref.data(), n, -0.75f, 0.125f);
+            OK(L.pea_cuda_affine(g_ctx, t, dx.p, dy.p, n, -0.75f, 0.125f));
+            compare(fmt("affine n=%lld %s", (long long)n, tname(t)), down(dy.p, n, t), ref, tol_for(t));
+            OK(L.pea_cuda_affine(g_ctx, t, dx.p, dx.p, n, -0.75f, 0.125f)); /* in place */
+            compare(fmt("affine in place n=%lld %s", (long long)n, tname(t)), down(dx.p, n, t), ref, tol_for(t));
+        }
+        /* misaligned view: the vector path must not be taken */
+        {
+            std::vector<float> x = rounded(rvec(1001, 3.0f), t), ref(1000);
+            Dev dx = up(x, t), dy(1001 * tsize(t));
+            ck_silu_f32(x.data() + 1, ref.data(), 1000);
+            OK(L.pea_cuda_activation(g_ctx, t, PEA_ACT_SILU, dx.at(tsize(t)), dy.at(tsize(t)), 1000));
+            std::vector<float> got = down(dy.p, 1001, t);
+            compare(fmt("silu on a view at offset 1 %s", tname(t)), std::vector<float>(got.begin() + 1, got.end()), ref,
+                    tol_for(t));
+        }
+        /* GEGLU */
+        const int64_t shapes[][2] = {{3, 77}, {1, 1}, {65, 320}};
+        for (auto &s : shapes) {
+            const int64_t R = s[0], D = s[1];
+            std::vector<float> x = rounded(rvec(R * 2 * D, 3.0f), t), ref(R * D);
+            ck_geglu_f32(x.data(), ref.data(), R, D);
+            Dev dx = up(x, t), dy(R * D * tsize(t));
+            OK(L.pea_cuda_geglu(g_ctx, t, dx.p, dy.p, R, D));
+            compare(fmt("geglu R=%lld D=%lld %s", (long long)R, (long long)D, tname(t)), down(dy.p, R * D, t), ref,
+                    tol_for(t));
+        }
+        /* upsample (a copy: exact) */
+        const int64_t ups[][3] = {{3, 5, 7}, {1, 1, 1}, {2, 8, 8}};
+        for (auto &u : ups) {
+            const int64_t P = u[0], H = u[1], W = u[2];
+            std::vector<float> x = rounded(rvec(P * H * W), t), ref(4 * P * H * W);
+            ck_upsample_nearest2x_f32(x.data(), ref.data(), P, H, W);
+            Dev dx = up(x, t), dy(4 * P * H * W * tsize(t));
+            OK(L.pea_cuda_upsample_nearest2x(g_ctx, t, dx.p, dy.p, P, H, W));
+            compare(fmt("upsample P=%lld H=%lld W=%lld %s", (long long)P, (long long)H, (long long)W, tname(t)),
+                    down(dy.p, 4 * P * H * W, t), ref, 0.0);
+        }
+        /* mean */
+        const int64_t means[][3] = {{2, 77, 1}, {3, 5, 64}, {1, 1, 1}, {2, 4096, 1}, {4, 300, 3}, {2, 7, 33}};
+        for (auto &m : means) {
+            const int64_t O = m[0], N = m[1], I = m[2];
+            std::vector<float> x = rounded(rvec(O * N * I, 1.0f, 0.5f), t), ref(O * I);
+            ck_mean_f32(x.data(), ref.data(), O, N, I);
+            Dev dx = up(x, t), dy(O * I * tsize(t));
+            OK(L.pea_cuda_mean(g_ctx, t, dx.p, dy.p, O, N, I));
+            compare(fmt("mean [%lld, %lld, %lld] %s", (long long)O, (long long)N, (long long)I, tname(t)),
+                    down(dy.p, O * I, t), ref, tol_for(t));
+        }
+    }
+    expect_error("activation of an unknown kind", L.pea_cuda_activation(g_ctx, CK_F32, 9, g_ctx, g_ctx, 4),
+                 PEA_CUDA_ERROR_INVALID, "activation");
+    expect_error("geglu with a NULL tensor", L.pea_cuda_geglu(g_ctx, CK_F32, nullptr, g_ctx, 2, 2),
+                 PEA_CUDA_ERROR_INVALID, "geglu");
+    expect_error("mean with n = 0", L.pea_cuda_mean(g_ctx, CK_F32, g_ctx, g_ctx, 1, 0, 1), PEA_CUDA_ERROR_INVALID,
+                 "mean");
+}
+
+static void test_embedding() {
+    g_phase = "embedding";
+    const int64_t vocab = 50, D = 33, n = 19;
+    for (int t : kFloatTypes)
+        for (int i64 = 0; i64 <= 1; i64++) {
+            std::vector<float> table = rounded(rvec(vocab * D), t), ref(n * D);
+            std::vector<int64_t> ids64(n);
+            std::vector<int32_t> ids32(n);
+            for (int64_t i = 0; i < n; i++) ids64[i] = ids32[i] = (int32_t)((i * 17 + 3) % vocab);
+            ids64[0] = ids32[0] = 0;
+            ids64[n - 1] = ids32[n - 1] = vocab - 1;
+            const void *ids = i64 ? (const void *)ids64.data() : (const void *)ids32.data();
+            CHECK(ck_embedding_f32(ids, i64, n, table.data(), vocab, D, ref.data()) == CK_OK, "cpu embedding");
+            Dev dt = up(table, t), di = up_raw(ids, n * (i64 ? 8 : 4)), dy(n * D * tsize(t));
+            OK(L.pea_cuda_embedding(g_ctx, t, di.p, i64, n, dt.p, vocab, D, dy.p));
+            compare(fmt("embedding %s ids %s", tname(t), i64 ? "i64" : "i32"), down(dy.p, n * D, t), ref, 0.0);
+        }
+    /* an id out of range: the call is queued; the next synchronising call reports it, once */
+    std::vector<int32_t> ids = {1, 2, 50, 3};
+    std::vector<float> table = rvec(vocab * D);
+    Dev dt = up(table, CK_F32), di = up_raw(ids.data(), 16), dy(4 * D * 4);
+    OK(L.pea_cuda_embedding(g_ctx, CK_F32, di.p, 0, 4, dt.p, vocab, D, dy.p));
+    int rc = L.pea_cuda_synchronize(g_ctx);
+    const char *msg = L.pea_cuda_last_error(g_ctx);
+    CHECK(rc == PEA_CUDA_ERROR_INVALID && strstr(msg, "embedding") && strstr(msg, "50"),
+          "out-of-range id: synchronize → %d \"%s\"", rc, msg);
+    say("  ok   embedding id 50 of vocab 50 → synchronize %d \"%s\"", rc, msg);
+    OK(L.pea_cuda_synchronize(g_ctx));
+    std::vector<int64_t> neg = {-1};
+    Dev dn = up_raw(neg.data(), 8), dy1(D * 4);
+    OK(L.pea_cuda_embedding(g_ctx, CK_F32, dn.p, 1, 1, dt.p, vocab, D, dy1.p));
+    std::vector<float> out(D);
+    rc = L.pea_cuda_download(g_ctx, out.data(), dy1.p, D * 4);
+    msg = L.pea_cuda_last_error(g_ctx);
+    CHECK(rc == PEA_CUDA_ERROR_INVALID && strstr(msg, "embedding") && strstr(msg, "-1"),
+          "negative id: download → %d \"%s\"", rc, msg);
+    say("  ok   embedding id -1 → download %d \"%s\"", rc, msg);
+    OK(L.pea_cuda_synchronize(g_ctx));
+}
+
+static void test_timestep_embedding() {
+    g_phase = "timestep_embedding";
+    const float ts[] = {0.0f, 1.0f, 999.0f, 500.5f, 17.0f};
+    const int64_t B = 5;
+    const int64_t dims[] = {320, 7, 1, 256};
+    for (int t_type : {CK_F32, CK_I64, CK_I32, CK_F16})
+        for (int64_t dim : dims)
+            for (int flip = 0; flip <= 1; flip++)
+                for (float shift : {1.0f, 0.0f}) {
+                    std::vector<float> tv(ts, ts + B);
+                    if (t_type == CK_I32 || t_type == CK_I64 || t_type == CK_F16) tv[3] = 500.0f;
+                    std::vector<char> traw(B * tsize(t_type));
+                    ck_convert(tv.data(), CK_F32, traw.data(), t_type, B);
+                    std::vector<float> tf(B), ref(B * dim);
+                    ck_convert(traw.data(), t_type, tf.data(), CK_F32, B);
+                    ck_timestep_embedding_f32(tf.data(), B, dim, flip, shift, 1.0f, 10000.0f, ref.data());
+                    Dev dtt = up_raw(traw.data(), traw.size());
+                    for (int yt : kFloatTypes) {
+                        Dev dy(B * dim * tsize(yt));
+                        OK(L.pea_cuda_timestep_embedding(g_ctx, yt, dtt.p, t_type, B, dim, flip, shift, 1.0f, 10000.0f,
+                                                         dy.p));
+                        /* sin/cos of arguments up to 1000: a 1-ulp difference in exp gives ~1e-4 absolute */
+                        compare(fmt("timestep_embedding t %s dim %lld flip %d shift %g → %s", tname(t_type),
+                                    (long long)dim, flip, shift, tname(yt)),
+                                down(dy.p, B * dim, yt), yt == CK_F32 ? ref : rounded(ref, yt),
+                                yt == CK_F32 ? 1e-4 : tol_for(yt));
+                    }
+                }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* GEMM, linear, conv2d                                                                                  */
+
+static void test_gemm() {
+    g_phase = "gemm";
+    struct Case {
+        int64_t M, N, K, batch;
+        int ta, tb;
+        int64_t pad; /* extra leading-dimension padding */
+        float alpha, beta;
+        bool bcastA, bcastB;
+    };
+    std::vector<Case> cases = {
+        {1, 1, 1, 1, 0, 0, 0, 1.0f, 0.0f, false, false},    {17, 33, 65, 1, 0, 0, 0, 1.0f, 0.0f, false, false},
+        {17, 33, 65, 1, 1, 0, 3, 0.5f, 0.0f, false, false}, {17, 33, 65, 1, 0, 1, 1, 1.0f, 0.7f, false, false},
+        {64, 48, 40, 1, 1, 1, 0, -1.0f, 1.0f, false, false}, {7, 9, 11, 3, 0, 0, 0, 1.0f, 0.0f, true, false},
+        {7, 9, 11, 4, 0, 1, 2, 2.0f, 0.5f, false, true},    {5, 80, 3, 2, 1, 0, 0, 1.0f, 0.0f, false, false},
+        {33, 1, 77, 2, 0, 0, 0, 1.0f, 0.0f, false, false},   {9, 8, 0, 2, 0, 0, 0, 1.0f, 0.5f, false, false},
+    };
+    for (int t : kFloatTypes)
+        for (const Case &c : cases) {
+            const int64_t rA = c.ta ? c.K : c.M, cA = c.ta ? c.M : c.K, rB = c.tb ? c.N : c.K, cB = c.tb ? c.K : c.N;
+            const int64_t lda = cA + c.pad, ldb = cB + c.pad, ldc = c.N + c.pad;
+            const int64_t sA = c.bcastA ? 0 : rA * lda, sB = c.bcastB ? 0 : rB * ldb, sC = c.M * ldc;
+            const int64_t nA = std::max<int64_t>(1, c.bcastA ? rA * lda : rA * lda * c.batch);
+            const int64_t nB = std::max<int64_t>(1, c.bcastB ? rB * ldb : rB * ldb * c.batch);
+            const int64_t nC = c.M * ldc * c.batch;
+            std::vector<float> A = rounded(rvec(nA), t), B = rounded(rvec(nB), t), C = rounded(rvec(nC), t);
+            if (c.beta == 0.0f)
+                for (auto &x : C) x = NAN; /* beta = 0 must not read C */
+            std::vector<float> ref = C;
+            ck_sgemm_batched(c.ta, c.tb, c.M, c.N, c.K, c.alpha, A.data(), lda, sA, B.data(), ldb, sB, c.beta,
+                             ref.data(), ldc, sC, c.batch);
+            Dev dA = up(A, t), dB = up(B, t), dC = up(C, t);
+            OK(L.pea_cuda_gemm(g_ctx, t, c.ta, c.tb, c.M, c.N, c.K, c.alpha, dA.p, lda, sA, dB.p, ldb, sB, c.beta,
+                               dC.p, ldc, sC, c.batch));
+            std::vector<float> got = down(dC.p, nC, t);
+            /* compare only the M×N blocks (padding columns keep their NaN/values on both sides) */
+            std::vector<float> g2, r2;
+            for (int64_t b = 0; b < c.batch; b++)
+                for (int64_t i = 0; i < c.M; i++)
+                    for (int64_t j = 0; j < c.N; j++) {
+                        g2.push_back(got[b * sC + i * ldc + j]);
+                        r2.push_back(t == CK_F32 ? ref[b * sC + i * ldc + j] : rounded({ref[b * sC + i * ldc + j]}, t)[0]);
+                    }
+            compare(fmt("gemm %s%s M=%lld N=%lld K=%lld batch=%lld ld+%lld α=%g β=%g%s%s %s", c.ta ? "T" : "N",
+                        c.tb ? "T" : "N", (long long)c.M, (long long)c.N, (long long)c.K, (long long)c.batch,
+                        (long long)c.pad, c.alpha, c.beta, c.bcastA ? " A-bcast" : "", c.bcastB ? " B-bcast" : "",
+                        tname(t)),
+                    g2, r2, tol_for(t));
+        }
+    /* TF32: close to f32 but (on the emulator, which rounds the inputs to TF32) not identical */
+    {
+        const int64_t M = 31, N = 29, K = 70;
+        std::vector<float> A = rvec(M * K), B = rvec(K * N), ref(M * N);
+        ck_sgemm(0, 0, M, N, K, 1.0f, A.data(), K, B.data(), N, 0.0f, ref.data(), N);
+        Dev dA = up(A, CK_F32), dB = up(B, CK_F32), dC(M * N * 4);
+        OK(L.pea_cuda_set_tf32(g_ctx, 1));
+        OK(L.pea_cuda_gemm(g_ctx, CK_F32, 0, 0, M, N, K, 1.0f, dA.p, K, 0, dB.p, N, 0, 0.0f, dC.p, N, 0, 1));
+        OK(L.pea_cuda_set_tf32(g_ctx, 0));
+        std::vector<float> got = down(dC.p, M * N, CK_F32);
+        compare("gemm f32 with TF32 on", got, ref, 5e-3);
+        if (g_emu) {
+            double num = 0;
+            for (size_t i = 0; i < got.size(); i++) num += fabs(got[i] - ref[i]);
+            CHECK(num > 0, "TF32 on gave the exact f32 result: the flag did not reach cuBLAS");
+        }
+    }
+    expect_error("gemm with lda < K", L.pea_cuda_gemm(g_ctx, CK_F32, 0, 0, 4, 4, 8, 1, g_ctx, 4, 0, g_ctx, 4, 0, 0,
+                                                      g_ctx, 4, 0, 1),
+                 PEA_CUDA_ERROR_INVALID, "gemm");
+    expect_error("gemm with dtype 7", L.pea_cuda_gemm(g_ctx, 7, 0, 0, 4, 4, 4, 1, g_ctx, 4, 0, g_ctx, 4, 0, 0, g_ctx,
+                                                      4, 0, 1),
+                 PEA_CUDA_ERROR_INVALID, "gemm");
+    expect_error("gemm with strideC 0 over a batch", L.pea_cuda_gemm(g_ctx, CK_F32, 0, 0, 4, 4, 4, 1, g_ctx, 4, 16,
+                                                                     g_ctx, 4, 16, 0, g_ctx, 4, 0, 2),
+                 PEA_CUDA_ERROR_INVALID, "gemm");
+    expect_error("gemm with M < 0", L.pea_cuda_gemm(g_ctx, CK_F32, 0, 0, -1, 4, 4, 1, g_ctx, 4, 0, g_ctx, 4, 0, 0,
+                                                    g_ctx, 4, 0, 1),
+                 PEA_CUDA_ERROR_INVALID, "gemm");
+}
+
+static void test_linear() {
+    g_phase = "linear";
+    const int64_t shapes[][3] = {{1, 40, 33}, {77, 64, 48}, {5, 1, 7}, {130, 320, 20}};
+    for (int t : kFloatTypes)
+        for (auto &s : shapes)
+            for (int with_bias = 0; with_bias <= 1; with_bias++) {
+                const int64_t R = s[0], I = s[1], O = s[2];
+                std::vector<float> x = rounded(rvec(R * I), t), w = rounded(rvec(O * I), t),
+                                   bias = rounded(rvec(O), t), ref(R * O);
+                /* reference: y = x·wᵀ + bias through the CPU GEMM (beta = 1 onto the broadcast bias) */
+                for (int64_t r = 0; r < R; r++)
+                    for (int64_t o = 0; o < O; o++) ref[r * O + o] = with_bias ? bias[o] : 0.0f;
+                ck_sgemm(0, 1, R, O, I, 1.0f, x.data(), I, w.data(), I, with_bias ? 1.0f : 0.0f, ref.data(), O);
+                Dev dx = up(x, t), dw = up(w, t), db = up(bias, t), dy(R * O * tsize(t));
+                OK(L.pea_cuda_linear(g_ctx, t, dx.p, dw.p, with_bias ? db.p : nullptr, dy.p, R, I, O));
+                compare(fmt("linear rows=%lld in=%lld out=%lld bias=%d %s", (long long)R, (long long)I, (long long)O,
+                            with_bias, tname(t)),
+                        down(dy.p, R * O, t), ref, tol_for(t));
+            }
+    expect_error("linear with a NULL weight", L.pea_cuda_linear(g_ctx, CK_F32, g_ctx, nullptr, nullptr, g_ctx, 2, 2, 2),
+                 PEA_CUDA_ERROR_INVALID, "linear");
+}
+
+static void run_conv(const ck_conv2d_params &p, int t, bool with_bias, const char *label) {
+    const int64_t Ho = ck_conv2d_out_h(&p), Wo = ck_conv2d_out_w(&p);
+    std::vector<float> x = rounded(rvec(p.B * p.Cin * p.H * p.W), t), w = rounded(rvec(p.Cout * p.Cin * p.kh * p.kw, 0.5f), t),
+                       bias = rounded(rvec(p.Cout), t), ref(p.B * p.Cout * Ho * Wo);
+    std::vector<float> ws(std::max<int64_t>(1, ck_conv2d_workspace_floats(&p)));
+    ck_conv2d_f32(&p, x.data(), w.data(), with_bias ? bias.data() : nullptr, ref.data(), ws.data());
+    Dev dx = up(x, t), dw = up(w, t), db = up(bias, t), dy(ref.size() * tsize(t));
+    OK(L.pea_cuda_conv2d(g_ctx, t, &p, dx.p, dw.p, with_bias ? db.p : nullptr, dy.p));
+    compare(fmt("conv2d %s B=%lld Cin=%lld %lldx%lld Cout=%lld k=%lldx%lld s=%lldx%lld pad=%lld/%lld/%lld/%lld "
+                "bias=%d %s",
+                label, (long long)p.B, (long long)p.Cin, (long long)p.H, (long long)p.W, (long long)p.Cout,
+                (long long)p.kh, (long long)p.kw, (long long)p.strideH, (long long)p.strideW, (long long)p.padTop,
+                (long long)p.padBottom, (long long)p.padLeft, (long long)p.padRight, with_bias, tname(t)),
+            down(dy.p, ref.size(), t), ref, tol_for(t));
+}
+
+static void test_conv2d() {
+    g_phase = "conv2d";
+    std::vector<ck_conv2d_params> ps = {
+        {2, 5, 9, 11, 7, 3, 3, 1, 1, 1, 1, 1, 1},  /* 3×3, pad 1 */
+        {2, 4, 9, 10, 6, 3, 3, 2, 2, 0, 1, 0, 1},  /* the VAE downsampler: stride 2, pad right/bottom only */
+        {3, 6, 5, 7, 4, 1, 1, 1, 1, 0, 0, 0, 0},   /* 1×1: straight to GEMM */
+        {1, 3, 8, 8, 5, 1, 1, 2, 2, 0, 0, 0, 0},   /* 1×1 stride 2: im2col */
+        {2, 3, 7, 6, 2, 4, 3, 1, 2, 2, 1, 0, 2},   /* odd kernel, mixed strides, asymmetric pads */
+        {1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0},   /* one element */
+        {5, 2, 4, 4, 3, 3, 3, 1, 1, 1, 1, 1, 1},   /* larger batch */
+    };
+    for (int t : kFloatTypes)
+        for (const auto &p : ps)
+            for (int b = 0; b <= 1; b++) run_conv(p, t, b, "");
+    /* steady state: repeated convolutions of a shape reuse the workspace (no new device allocations) */
+    uint64_t a0 = 0, a1 = 0;
+    run_conv(ps[0], CK_F32, true, "warm-up");
+    OK(L.pea_cuda_memory_stats(g_ctx, nullptr, nullptr, &a0));
+    for (int i = 0; i < 3; i++) run_conv(ps[0], CK_F32, true, "repeat");
+    OK(L.pea_cuda_memory_stats(g_ctx, nullptr, nullptr, &a1));
+    CHECK(a0 == a1, "conv2d steady state: %llu → %llu device allocations", (unsigned long long)a0,
+          (unsigned long long)a1);
+    ck_conv2d_params bad = {1, 2, 2, 2, 1, 5, 5, 1, 1, 0, 0, 0, 0};
+    expect_error("conv2d with a kernel larger than the input", L.pea_cuda_conv2d(g_ctx, CK_F32, &bad, g_ctx, g_ctx,
+                                                                                 nullptr, g_ctx),
+                 PEA_CUDA_ERROR_INVALID, "conv2d");
+    expect_error("conv2d with NULL params", L.pea_cuda_conv2d(g_ctx, CK_F32, nullptr, g_ctx, g_ctx, nullptr, g_ctx),
+                 PEA_CUDA_ERROR_INVALID, "conv2d");
+}
+
+/* A second context with a tiny workspace limit: whole-image groups and column chunks of one image. */
+static void test_conv2d_chunked(const char *libpath) {
+    (void)libpath;
+    g_phase = "conv2d chunked";
+    pea_cuda_context *saved = g_ctx;
+    char msg[256];
+    setenv("PEA_CUDA_CONV_WORKSPACE_BYTES", "2000", 1); /* 500 f32: less than one image's columns */
+    pea_cuda_context *small = nullptr;
+    int rc = L.pea_cuda_create(0, &small, msg, sizeof msg);
+    unsetenv("PEA_CUDA_CONV_WORKSPACE_BYTES");
+    CHECK(rc == PEA_CUDA_OK, "create: %s", msg);
+    if (rc) return;
+    g_ctx = small;
+    /* K = 2·3·3 = 18: 2000 bytes hold 27 columns of f32 (55 of f16) out of 7·9 = 63 per image */
+    ck_conv2d_params p = {3, 2, 7, 9, 4, 3, 3, 1, 1, 1, 1, 1, 1};
+    for (int t : kFloatTypes) run_conv(p, t, true, "column chunks");
+    /* K = 1·2·2 = 4, N = 4·4 = 16: 2000 bytes hold 7 whole f32 images, so 10 images take two groups */
+    ck_conv2d_params q = {10, 1, 5, 5, 3, 2, 2, 1, 1, 0, 0, 0, 0};
+    for (int t : kFloatTypes) run_conv(q, t, false, "image groups");
+    L.pea_cuda_destroy(small);
+    g_ctx = saved;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Norms and softmax                                                                                     */
+
+static void test_norms() {
+    g_phase = "norms";
+    struct GN {
+        int64_t B, C, S, G;
+        float offset;
+    };
+    const GN gns[] = {{2, 6, 35, 3, 0.0f}, {1, 64, 16, 32, 0.0f}, {2, 32, 64, 32, 1000.0f}, {1, 4, 1, 4, 0.0f},
+                      {3, 12, 13, 1, -3.0f}, {1, 20, 1000, 4, 0.0f}, {2, 8, 36, 2, 50.0f}};
+    for (int t : kFloatTypes)
+        for (const GN &g : gns)
+            for (int affine = 0; affine <= 1; affine++)
+                for (int silu = 0; silu <= 1; silu++) {
+                    std::vector<float> x = rounded(rvec(g.B * g.C * g.S, 2.0f, g.offset), t);
+                    std::vector<float> gamma = rounded(rvec(g.C, 0.5f, 1.0f), t), beta = rounded(rvec(g.C), t);
+                    std::vector<float> ref(x.size());
+                    ck_group_norm_f32(x.data(), affine ? gamma.data() : nullptr, affine ? beta.data() : nullptr,
+                                      ref.data(), g.B, g.C, g.S, g.G, 1e-5f, silu);
+                    Dev dx = up(x, t), dg = up(gamma, t), db = up(beta, t), dy(x.size() * tsize(t));
+                    OK(L.pea_cuda_group_norm(g_ctx, t, dx.p, affine ? dg.p : nullptr, affine ? db.p : nullptr, dy.p,
+                                             g.B, g.C, g.S, g.G, 1e-5f, silu));
+                    /* with a large mean, f32 statistics cost more than f64's: allow for it */
+                    double tol = tol_for(t) * (g.offset >= 100.0f && t == CK_F32 ? 10.0 : 1.0);
+                    compare(fmt("group_norm B=%lld C=%lld S=%lld G=%lld mean≈%g affine=%d silu=%d %s", (long long)g.B,
+                                (long long)g.C, (long long)g.S, (long long)g.G, g.offset, affine, silu, tname(t)),
+                            down(dy.p, x.size(), t), ref, tol);
+                }
+    const int64_t lns[][2] = {{5, 77}, {1, 1}, {33, 320}, {3, 1000}, {17, 8}};
+    for (int t : kFloatTypes)
+        for (auto &l : lns)
+            for (int affine = 0; affine <= 1; affine++) {
+                const int64_t R = l[0], D = l[1];
+                std::vector<float> x = rounded(rvec(R * D, 3.0f, 1.0f), t), gamma = rounded(rvec(D, 0.5f, 1.0f), t),
+                                   beta = rounded(rvec(D), t), ref(R * D);
+                ck_layer_norm_f32(x.data(), affine ? gamma.data() : nullptr, affine ? beta.data() : nullptr,
+                                  ref.data(), R, D, 1e-5f);
+                Dev dx = up(x, t), dg = up(gamma, t), db = up(beta, t), dy(R * D * tsize(t));
+                OK(L.pea_cuda_layer_norm(g_ctx, t, dx.p, affine ? dg.p : nullptr, affine ? db.p : nullptr, dy.p, R, D,
+                                         1e-5f));
+                compare(fmt("layer_norm R=%lld D=%lld affine=%d %s", (long long)R, (long long)D, affine, tname(t)),
+                        down(dy.p, R * D, t), ref, tol_for(t));
+            }
+    const int64_t sms[][2] = {{7, 1}, {7, 33}, {5, 300}, {1, 4096}, {40, 77}};
+    for (int t : kFloatTypes)
+        for (auto &s : sms)
+            for (int inplace = 0; inplace <= 1; inplace++) {
+                const int64_t R = s[0], D = s[1];
+                std::vector<float> x = rvec(R * D, 8.0f);
+                /* row 1 entirely −∞ (→ zeros), row 2 partly −∞ */
+                if (R > 2) {
+                    for (int64_t d = 0; d < D; d++) x[1 * D + d] = -INFINITY;
+                    for (int64_t d = 0; d < D; d += 2) x[2 * D + d] = -INFINITY;
+                }
+                x = rounded(x, t);
+                std::vector<float> ref(R * D);
+                ck_softmax_f32(x.data(), ref.data(), R, D);
+                Dev dx = up(x, t), dy(R * D * tsize(t));
+                OK(L.pea_cuda_softmax(g_ctx, t, dx.p, inplace ? dx.p : dy.p, R, D));
+                compare(fmt("softmax R=%lld D=%lld%s %s", (long long)R, (long long)D, inplace ? " in place" : "",
+                            tname(t)),
+                        down(inplace ? dx.p : dy.p, R * D, t), ref, tol_for(t));
+            }
+    expect_error("group_norm with C % G != 0", L.pea_cuda_group_norm(g_ctx, CK_F32, g_ctx, nullptr, nullptr, g_ctx, 1, 6,
+                                                                     4, 4, 1e-5f, 0),
+                 PEA_CUDA_ERROR_INVALID, "group_norm");
+    expect_error("layer_norm with D < 0", L.pea_cuda_layer_norm(g_ctx, CK_F32, g_ctx, nullptr, nullptr, g_ctx, 1, -2,
+                                                                1e-5f),
+                 PEA_CUDA_ERROR_INVALID, "layer_norm");
+    expect_error("softmax with dtype i64", L.pea_cuda_softmax(g_ctx, CK_I64, g_ctx, g_ctx, 1, 2), PEA_CUDA_ERROR_INVALID,
+                 "softmax");
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Attention                                                                                             */
+
+enum Layout { BHTD, BTHD, FUSED_QKV };
+enum MaskKind { NO_MASK, FULL_MASK, BCAST_MASK, KEYPAD_MASK };
+
+struct AttnCase {
+    int64_t B, H, Tq, Tk, D, Dv;
+    Layout layout;
+    MaskKind mask;
+    int causal;
+    int64_t q_offset; /* elements: a misaligned q view */
+};
+
+static void run_attention(const AttnCase &c, int t) {
+    const int64_t B = c.B, H = c.H, Tq = c.Tq, Tk = c.Tk, D = c.D, Dv = c.Dv;
+    ck_attention_params p;
+    memset(&p, 0, sizeof p);
+    p.B = B; p.H = H; p.Tq = Tq; p.Tk = Tk; p.D = D; p.Dv = Dv;
+    p.scale = 1.0f / sqrtf((float)D);
+    p.causal = c.causal;
+    /* element offsets of q, k, v inside one buffer, and its size */
+    int64_t oq = 0, ok = 0, ov = 0, total = 0;
+    if (c.layout == BHTD) {
+        p.q_sb = H * Tq * D; p.q_sh = Tq * D; p.q_st = D;
+        p.k_sb = H * Tk * D; p.k_sh = Tk * D; p.k_st = D;
+        p.v_sb = H * Tk * Dv; p.v_sh = Tk * Dv; p.v_st = Dv;
+        oq = c.q_offset; ok = oq + B * H * Tq * D; ov = ok + B * H * Tk * D; total = ov + B * H * Tk * Dv;
+    } else if (c.layout == BTHD) {
+        p.q_sb = Tq * H * D; p.q_sh = D; p.q_st = H * D;
+        p.k_sb = Tk * H * D; p.k_sh = D; p.k_st = H * D;
+        p.v_sb = Tk * H * Dv; p.v_sh = Dv; p.v_st = H * Dv;
+        oq = c.q_offset; ok = oq + B * Tq * H * D; ov = ok + B * Tk * H * D; total = ov + B * Tk * H * Dv;
+    } else { /* [B, T, 3, H, D] from one fused projection (Tq = Tk, D = Dv) */
+        const int64_t row = 3 * H * D;
+        p.q_sb = p.k_sb = p.v_sb = Tq * row;
+        p.q_sh = p.k_sh = p.v_sh = D;
+        p.q_st = p.k_st = p.v_st = row;
+        oq = 0; ok = H * D; ov = 2 * H * D; total = B * Tq * row;
+    }
+    /* out: [B, Tq, H, Dv] (the layout the output projection reads) */
+    p.o_sb = Tq * H * Dv; p.o_sh = Dv; p.o_st = H * Dv;
+    const int64_t n_out = B * Tq * H * Dv;
+
+    std::vector<float> buf = rounded(rvec(total, 1.5f), t);
+    std::vector<float> mask;
+    if (c.mask != NO_MASK) {
+        if (c.mask == FULL_MASK) {
+            mask = rvec(B * H * Tq * Tk, 2.0f);
+            p.m_sb = H * Tq * Tk; p.m_sh = Tq * Tk; p.m_st = Tk;
+            /* query 0 of (0, 0) sees no key at all: its output must be zeros */
+            for (int64_t j = 0; j < Tk; j++) mask[j] = -INFINITY;
+            for (int64_t j = 0; j < Tk; j += 3) mask[(B * H * Tq - 1) * Tk + j] = -INFINITY;
+        } else if (c.mask == BCAST_MASK) {
+            mask = rvec(Tq * Tk, 2.0f);
+            p.m_sb = 0; p.m_sh = 0; p.m_st = Tk;
+        } else { /* key padding [B, 1, 1, Tk]: the last keys of batch 0 masked */
+            mask.assign(B * Tk, 0.0f);
+            for (int64_t j = Tk / 2; j < Tk; j++) mask[j] = -INFINITY;
+            p.m_sb = Tk; p.m_sh = 0; p.m_st = 0;
+        }
+        mask = rounded(mask, t);
+    }
+    std::vector<float> ref(n_out, 0.0f);
+    ck_attention_params hp = p;
+    hp.q = buf.data() + oq; hp.k = buf.data() + ok; hp.v = buf.data() + ov;
+    hp.mask = mask.empty() ? nullptr : mask.data();
+    hp.out = ref.data();
+    ck_attention_f32(&hp);
+
+    Dev dbuf = up(buf, t), dmask = up(mask.empty() ? std::vector<float>{0.0f} : mask, t), dout(n_out * tsize(t));
+    ck_attention_params dp = p;
+    const size_t es = tsize(t);
+    dp.q = dbuf.at<const float>(oq * es);
+    dp.k = dbuf.at<const float>(ok * es);
+    dp.v = dbuf.at<const float>(ov * es);
+    dp.mask = mask.empty() ? nullptr : dmask.at<const float>();
+    dp.out = dout.at<float>();
+    OK(L.pea_cuda_attention(g_ctx, t, &dp));
+    static const char *layouts[] = {"[B,H,T,D]", "[B,T,H,D]", "fused qkv"};
+    static const char *masks[] = {"", " mask", " mask[1,1,Tq,Tk]", " keypad[B,1,1,Tk]"};
+    compare(fmt("attention B=%lld H=%lld Tq=%lld Tk=%lld D=%lld Dv=%lld %s%s%s%s %s", (long long)B, (long long)H,
+                (long long)Tq, (long long)Tk, (long long)D, (long long)Dv, layouts[c.layout], masks[c.mask],
+                c.causal ? " causal" : "", c.q_offset ? " q+1" : "", tname(t)),
+            down(dout.p, n_out, t), t == CK_F32 ? ref : rounded(ref, t), tol_for(t));
+    if (c.mask == FULL_MASK) { /* the fully masked row is exactly zero */
+        std::vector<float> got = down(dout.p, Dv, t);
+        bool zero = true;
+        for (float v : got) zero &= v == 0.0f;
+        CHECK(zero, "attention: a row with every key masked is not zero");
+    }
+}
+
+static void test_attention(bool quick) {
+    g_phase = "attention";
+    std::vector<AttnCase> f32_cases = {
+        {2, 2, 37, 77, 40, 40, BHTD, NO_MASK, 0, 0},        /* SD1.5 cross-attention head dim */
+        {1, 2, 70, 70, 64, 64, BTHD, NO_MASK, 1, 0},        /* causal, projection layout */
+        {2, 1, 77, 5, 80, 80, BHTD, FULL_MASK, 0, 0},       /* fully masked row, few keys */
+        {1, 2, 33, 77, 160, 160, BTHD, BCAST_MASK, 0, 0},   /* broadcast mask, one key per lane */
+        {2, 2, 17, 19, 8, 8, BHTD, KEYPAD_MASK, 0, 0},      /* head dim 8, key padding */
+        {1, 1, 20, 40, 256, 256, BHTD, NO_MASK, 1, 0},      /* head dim 256, causal with Tk > Tq */
+        {1, 2, 21, 23, 20, 20, BHTD, KEYPAD_MASK, 1, 0},    /* odd head dim: the generic kernel */
+        {2, 1, 9, 13, 12, 24, BTHD, FULL_MASK, 0, 0},       /* generic with D ≠ Dv */
+        {1, 1, 1, 1, 64, 64, BHTD, NO_MASK, 0, 0},          /* one query, one key */
+        {2, 2, 30, 30, 64, 64, FUSED_QKV, NO_MASK, 1, 0},   /* self-attention from a fused qkv projection */
+        {1, 2, 25, 31, 64, 32, BHTD, BCAST_MASK, 0, 0},     /* fast kernel with D ≠ Dv */
+        {1, 1, 20, 300, 64, 64, BTHD, FULL_MASK, 0, 0},     /* several key tiles: online rescaling */
+        {1, 1, 19, 100, 160, 160, BHTD, KEYPAD_MASK, 0, 0}, /* several key tiles, KPL = 1 */
+        {16, 4, 3, 5, 40, 40, BTHD, NO_MASK, 0, 0},         /* large batch·heads */
+        {1, 2, 18, 21, 64, 64, BHTD, NO_MASK, 0, 1},        /* misaligned q: scalar loads */
+        {1, 1, 5, 0, 64, 64, BHTD, NO_MASK, 0, 0},          /* no keys: zeros */
+        {1, 1, 7, 9, 264, 264, BHTD, NO_MASK, 0, 0},        /* head dim above 256: generic */
+    };
+    for (size_t i = 0; i < f32_cases.size(); i++)
+        if (!quick || i % 3 == 0) run_attention(f32_cases[i], CK_F32);
+    const int half_cases[] = {0, 1, 3, 6, 9, 11, 14};
+    for (int i : half_cases) {
+        run_attention(f32_cases[i], CK_F16);
+        if (!quick || i % 2 == 0) run_attention(f32_cases[i], CK_BF16);
+    }
+    ck_attention_params bad;
+    memset(&bad, 0, sizeof bad);
+    bad.B = bad.H = bad.Tq = bad.Tk = 1;
+    expect_error("attention with D = 0", L.pea_cuda_attention(g_ctx, CK_F32, &bad), PEA_CUDA_ERROR_INVALID, "attention");
+    bad.D = bad.Dv = 8;
+    expect_error("attention with NULL q", L.pea_cuda_attention(g_ctx, CK_F32, &bad), PEA_CUDA_ERROR_INVALID, "attention");
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Bigger shapes, scaled-down SD blocks: many blocks per launch, several tiles per block                 */
+
+static void test_sd_like() {
+    g_phase = "sd-like shapes";
+    /* ResNet block: group norm + SiLU over 320 channels in 32 groups, 3×3 conv, 1×1 conv */
+    for (int t : {CK_F32, CK_F16}) {
+        const int64_t B = 2, C = 320, H = 12, W = 12, S = H * W;
+        std::vector<float> x = rounded(rvec(B * C * S, 2.0f, 0.3f), t), gamma = rounded(rvec(C, 0.5f, 1.0f), t),
+                           beta = rounded(rvec(C), t), ref(x.size());
+        ck_group_norm_f32(x.data(), gamma.data(), beta.data(), ref.data(), B, C, S, 32, 1e-5f, 1);
+        Dev dx = up(x, t), dg = up(gamma, t), db = up(beta, t), dy(x.size() * tsize(t));
+        OK(L.pea_cuda_group_norm(g_ctx, t, dx.p, dg.p, db.p, dy.p, B, C, S, 32, 1e-5f, 1));
+        compare(fmt("group_norm+silu B=2 C=320 12x12 G=32 %s", tname(t)), down(dy.p, x.size(), t), ref, tol_for(t));
+        ck_conv2d_params p = {B, C, H, W, 64, 3, 3, 1, 1, 1, 1, 1, 1};
+        run_conv(p, t, true, "resnet 3x3");
+        ck_conv2d_params q = {B, C, H, W, 96, 1, 1, 1, 1, 0, 0, 0, 0};
+        run_conv(q, t, true, "resnet 1x1");
+    }
+    /* transformer block: layer norm, q/k/v projections, self- and cross-attention, GEGLU */
+    for (int t : {CK_F32, CK_F16}) {
+        const int64_t rows = 2 * 144, D = 320;
+        std::vector<float> x = rounded(rvec(rows * D, 1.0f), t), w = rounded(rvec(3 * D * D, 0.05f), t),
+                           ref(rows * 3 * D, 0.0f);
+        ck_sgemm(0, 1, rows, 3 * D, D, 1.0f, x.data(), D, w.data(), D, 0.0f, ref.data(), 3 * D);
+        Dev dx = up(x, t), dw = up(w, t), dy(rows * 3 * D * tsize(t));
+        OK(L.pea_cuda_linear(g_ctx, t, dx.p, dw.p, nullptr, dy.p, rows, D, 3 * D));
+        compare(fmt("linear qkv rows=288 320→960 %s", tname(t)), down(dy.p, rows * 3 * D, t), ref, tol_for(t));
+    }
+    run_attention({2, 8, 144, 144, 40, 40, FUSED_QKV, NO_MASK, 0, 0}, CK_F32);
+    run_attention({2, 8, 144, 77, 40, 40, BTHD, KEYPAD_MASK, 0, 0}, CK_F16);
+    run_attention({2, 5, 256, 256, 64, 64, BTHD, NO_MASK, 0, 0}, CK_F16);
+    run_attention({1, 4, 100, 77, 160, 160, BTHD, BCAST_MASK, 0, 0}, CK_BF16);
+    run_attention({2, 2, 130, 130, 80, 80, BHTD, NO_MASK, 1, 0}, CK_F32);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+
+int main(int argc, char **argv) {
+    const char *path = "./libpea_cuda_emu.so";
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "-v")) g_verbose = true;
+        else path = argv[i];
+    }
+    if (getenv("PEA_TEST_VERBOSE")) g_verbose = true;
+    void *lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!lib) {
+        fprintf(stderr, "FAIL: dlopen %s: %s\n", path, dlerror());
+        return 1;
+    }
+#define RESOLVE(name)                                                                                  \
+    L.name = (decltype(L.name))dlsym(lib, #name);                                                      \
+    if (!L.name) {                                                                                     \
+        fprintf(stderr, "FAIL: %s does not export %s\n", path, #name);                                 \
+        return 1;                                                                                      \
+    }
+    PEA_API(RESOLVE)
+#undef RESOLVE
+    L.emu_set_quiet = (void (*)(int))dlsym(lib, "pea_emu_set_quiet");
+    L.emu_set_schedule = (void (*)(int, unsigned long long))dlsym(lib, "pea_emu_set_schedule");
+    g_emu = L.emu_set_quiet != nullptr && L.emu_set_schedule != nullptr;
+    printf("== cuda ops: %s (%s)\n", path, g_emu ? "SIMT emulator" : "GPU");
+    fflush(stdout);
+
+    char msg[512];
+    if (L.pea_cuda_create(0, &g_ctx, msg, sizeof msg) != PEA_CUDA_OK) {
+        fprintf(stderr, "FAIL: pea_cuda_create: %s\n", msg);
+        return 1;
+    }
+    struct Step {
+        const char *name;
+        void (*fn)();
+    };
+    const Step steps[] = {
+        {"context", test_context},
+        {"memory", test_memory},
+        {"upload/download", test_copies},
+        {"convert", test_convert},
+        {"copy_strided", test_copy_strided},
+        {"binary", test_binary},
+        {"elementwise", test_elementwise},
+        {"embedding", test_embedding},
+        {"timestep_embedding", test_timestep_embedding},
+        {"gemm", test_gemm},
+        {"linear", test_linear},
+        {"conv2d", test_conv2d},
+        {"conv2d chunked", [] { test_conv2d_chunked(nullptr); }},
+        {"norms", test_norms},
+        {"attention", [] { test_attention(false); }},
+        {"sd-like shapes", test_sd_like},
+    };
+    for (const Step &s : steps) {
+        const int before = g_failures, checks = g_checks;
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        s.fn();
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        printf("%-4s %-22s %5d checks  %6.2f s\n", g_failures == before ? "ok" : "FAIL", s.name, g_checks - checks,
+               (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec));
+        fflush(stdout);
+    }
+    if (g_emu) { /* the kernels with block barriers and shared memory, under the other fiber orders */
+        const char *orders[] = {"reverse", "random"};
+        for (int o = 1; o <= 2; o++) {
+            const int before = g_failures, checks = g_checks;
+            L.emu_set_schedule(o, 7 + o);
+            test_norms();
+            test_attention(true);
+            L.emu_set_schedule(0, 0);
+            printf("%-4s %-22s %5d checks\n", g_failures == before ? "ok" : "FAIL",
+                   (std::string("norms+attention ") + orders[o - 1]).c_str(), g_checks - checks);
+        }
+    }
+    L.pea_cuda_destroy(g_ctx);
+    if (g_failures) {
+        fprintf(stderr, "cuda ops: %d of %d checks FAILED\n", g_failures, g_checks);
+        return 1;
+    }
+    printf("cuda ops: all %d checks passed\n", g_checks);
+    return 0;
+}

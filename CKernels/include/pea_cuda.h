@@ -1,0 +1,122 @@
+/*
+ * pea_cuda.h — the C ABI of the CUDA backend library (libpea_cuda.so, built by nvcc from CKernels/cuda/;
+ * libpea_cuda_emu.so, the same sources built by the host C++ compiler against CKernels/emu/).
+ *
+ * The Swift CUDABackend loads one of the two with dlopen and resolves every symbol below by name, so this
+ * header is the whole contract between them; it mirrors ckernels.h's CPU kernels op for op, so the two
+ * backends compute the same things with the same shape conventions (see ckernels.h for each op's meaning).
+ *
+ * Conventions
+ *   - Every function returns PEA_CUDA_OK (0) or an error code; pea_cuda_last_error(ctx) then gives a message
+ *     that names the op and the CUDA/cuBLAS error ("group_norm: cudaErrorInvalidConfiguration …").
+ *   - All pointers to tensor data are device pointers from pea_cuda_alloc, except the host buffers of
+ *     pea_cuda_upload/download. Work is queued on the context's one stream, in order; nothing waits for the
+ *     GPU except pea_cuda_download and pea_cuda_synchronize.
+ *   - `dtype` is CK_F32, CK_F16 or CK_BF16 (ckernels.h): the storage type of the float tensors of the call
+ *     (inputs and outputs alike); arithmetic accumulates in f32. Parameters the kernels only read as
+ *     parameters (norm weights, biases, masks) have the same dtype as the data. Ids are CK_I32 or CK_I64.
+ *   - Strides and shapes are in elements, int64.
+ */
+#ifndef PEA_CUDA_H
+#define PEA_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ckernels.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+    PEA_CUDA_OK = 0,
+    PEA_CUDA_ERROR_NO_DEVICE = 1,     /* no driver or no device: the backend is unavailable */
+    PEA_CUDA_ERROR_OUT_OF_MEMORY = 2,
+    PEA_CUDA_ERROR_INVALID = 3,       /* an argument the op cannot take (shape, dtype, null pointer) */
+    PEA_CUDA_ERROR_KERNEL = 4,        /* a failed launch or a CUDA/cuBLAS error */
+};
+
+/* The ABI version this header describes; the Swift side refuses a library reporting another. */
+#define PEA_CUDA_ABI_VERSION 1
+int pea_cuda_abi_version(void);
+
+typedef struct pea_cuda_context pea_cuda_context;
+
+/* --- context ------------------------------------------------------------------------------------------ */
+
+/* Opens `device` (0 for the first), creates the stream and the cuBLAS handle. On failure *out is NULL and
+ * `message` (of `message_size` bytes) says why, e.g. "no CUDA device (cudaGetDeviceCount: …)". */
+int pea_cuda_create(int device, pea_cuda_context **out, char *message, size_t message_size);
+void pea_cuda_destroy(pea_cuda_context *ctx);
+/* The message of the last failed call on this context (empty when none). Valid until the next call. */
+const char *pea_cuda_last_error(pea_cuda_context *ctx);
+/* Device name and compute capability, e.g. "NVIDIA H100 80GB HBM3", 9, 0. */
+int pea_cuda_device_info(pea_cuda_context *ctx, char *name, size_t name_size, int *major, int *minor,
+                         size_t *total_memory);
+/* TF32 tensor cores for f32 GEMMs (default off: f32 GEMMs are exact f32). */
+int pea_cuda_set_tf32(pea_cuda_context *ctx, int enabled);
+
+/* --- memory (a caching allocator: freed blocks are kept for reuse, so steady-state generation does no
+ *     cudaMalloc/cudaFree) ----------------------------------------------------------------------------- */
+
+int pea_cuda_alloc(pea_cuda_context *ctx, size_t bytes, void **out);
+int pea_cuda_free(pea_cuda_context *ctx, void *ptr);             /* returns the block to the cache */
+int pea_cuda_release_cache(pea_cuda_context *ctx);               /* cudaFree every cached block */
+/* Bytes currently handed out, the most ever handed out, and the number of cudaMalloc calls so far. */
+int pea_cuda_memory_stats(pea_cuda_context *ctx, size_t *in_use, size_t *peak, uint64_t *device_allocations);
+/* Host → device (may return before the copy ends; `src` may be reused at once: it is staged). */
+int pea_cuda_upload(pea_cuda_context *ctx, void *dst, const void *src, size_t bytes);
+/* Device → host; waits for all queued work first. */
+int pea_cuda_download(pea_cuda_context *ctx, void *dst, const void *src, size_t bytes);
+int pea_cuda_zero(pea_cuda_context *ctx, void *ptr, size_t bytes);
+int pea_cuda_synchronize(pea_cuda_context *ctx);
+
+/* --- ops (each mirrors its ckernels.h counterpart) ----------------------------------------------------- */
+
+/* C[b] = alpha·op(A[b])·op(B[b]) + beta·C[b], row-major, as ck_sgemm_batched (stride 0 broadcasts; beta = 0
+ * does not read C). Through cuBLAS; f16/bf16 accumulate in f32. */
+int pea_cuda_gemm(pea_cuda_context *ctx, int dtype, int transA, int transB, int64_t M, int64_t N, int64_t K,
+                  float alpha, const void *A, int64_t lda, int64_t strideA, const void *B, int64_t ldb,
+                  int64_t strideB, float beta, void *C, int64_t ldc, int64_t strideC, int64_t batch);
+/* y = x · weightᵀ + bias (bias may be NULL): x [rows, in], weight [out, in]. Bias fused into the epilogue. */
+int pea_cuda_linear(pea_cuda_context *ctx, int dtype, const void *x, const void *weight, const void *bias,
+                    void *y, int64_t rows, int64_t in_features, int64_t out_features);
+/* As ck_conv2d_f32 (NCHW, asymmetric padding); the im2col workspace is owned by the context and reused. */
+int pea_cuda_conv2d(pea_cuda_context *ctx, int dtype, const ck_conv2d_params *p, const void *x, const void *w,
+                    const void *bias, void *y);
+int pea_cuda_group_norm(pea_cuda_context *ctx, int dtype, const void *x, const void *gamma, const void *beta,
+                        void *y, int64_t B, int64_t C, int64_t S, int64_t G, float eps, int fuse_silu);
+int pea_cuda_layer_norm(pea_cuda_context *ctx, int dtype, const void *x, const void *gamma, const void *beta,
+                        void *y, int64_t R, int64_t D, float eps);
+int pea_cuda_softmax(pea_cuda_context *ctx, int dtype, const void *x, void *y, int64_t R, int64_t D);
+/* As ck_attention_f32 (strided q/k/v/out/mask, scale, causal); p's float pointers are device pointers of
+ * `dtype` (cast through void). Fused, flash-attention style: no Tq×Tk matrix in global memory. */
+int pea_cuda_attention(pea_cuda_context *ctx, int dtype, const ck_attention_params *p);
+enum { PEA_ACT_GELU_ERF = 0, PEA_ACT_GELU_TANH = 1, PEA_ACT_QUICK_GELU = 2, PEA_ACT_SILU = 3 };
+int pea_cuda_activation(pea_cuda_context *ctx, int dtype, int kind, const void *x, void *y, int64_t n);
+int pea_cuda_geglu(pea_cuda_context *ctx, int dtype, const void *x, void *y, int64_t R, int64_t D);
+int pea_cuda_affine(pea_cuda_context *ctx, int dtype, const void *x, void *y, int64_t n, float alpha, float beta);
+int pea_cuda_binary(pea_cuda_context *ctx, int dtype, int op, const void *a, const int64_t *a_strides,
+                    const void *b, const int64_t *b_strides, void *y, const int64_t *shape, int rank);
+/* Strided copy of any element size (permute, concat, split). Strides/shape are host arrays. */
+int pea_cuda_copy_strided(pea_cuda_context *ctx, const void *src, const int64_t *src_strides, void *dst,
+                          const int64_t *dst_strides, const int64_t *shape, int rank, int64_t elem_size);
+int pea_cuda_upsample_nearest2x(pea_cuda_context *ctx, int dtype, const void *x, void *y, int64_t P, int64_t H,
+                                int64_t W);
+/* Ids out of range are an error reported by the call that waits next (the check runs on the device). */
+int pea_cuda_embedding(pea_cuda_context *ctx, int dtype, const void *ids, int ids_are_i64, int64_t n,
+                       const void *table, int64_t vocab, int64_t D, void *y);
+/* t is `t_dtype` (any CK_ type), y is `dtype`. */
+int pea_cuda_timestep_embedding(pea_cuda_context *ctx, int dtype, const void *t, int t_dtype, int64_t B,
+                                int64_t dim, int flip_sin_to_cos, float downscale_freq_shift, float scale,
+                                float max_period, void *y);
+int pea_cuda_mean(pea_cuda_context *ctx, int dtype, const void *x, void *y, int64_t outer, int64_t n,
+                  int64_t inner);
+int pea_cuda_convert(pea_cuda_context *ctx, const void *src, int src_dtype, void *dst, int dst_dtype, int64_t n);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PEA_CUDA_H */
