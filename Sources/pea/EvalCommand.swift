@@ -63,12 +63,13 @@ func runEval(_ arguments: [String]) throws {
     }
     let inputs = try EvalInputs(path: options.requiredString("--inputs"))
     let variant = options.string("--variant")
-    let backend = try BackendOptions(options, command: command).backend
+    let backendOptions = try BackendOptions(options, command: command)
+    let backend = backendOptions.backend, dtype = backendOptions.precision
 
     var results: [(name: String, tensor: Tensor)] = []
     switch what {
     case "unet":
-        let (unet, _) = try UNet2DConditionModel.load(folder: model, backend: backend, variant: variant)
+        let (unet, _) = try UNet2DConditionModel.load(folder: model, backend: backend, variant: variant, dtype: dtype)
         let unetInputs = UNetInputs(
             sample: try inputs.tensor("sample", on: backend), timestep: try inputs.tensor("timestep", on: backend, floatOnly: false),
             encoderHiddenStates: try inputs.tensor("encoder_hidden_states", on: backend),
@@ -81,10 +82,10 @@ func runEval(_ arguments: [String]) throws {
         if let mid = features.mid { results.append(("mid", mid)) }
         for (i, h) in features.up.enumerated() { results.append(("up.\(i)", h)) }
     case "vae-decode":
-        let (vae, _) = try AutoencoderKL.load(folder: model, backend: backend, variant: variant)
+        let (vae, _) = try AutoencoderKL.load(folder: model, backend: backend, variant: variant, dtype: dtype)
         results.append(("sample", try vae.decode(inputs.tensor("latents", on: backend))))
     default:
-        let (vae, _) = try AutoencoderKL.load(folder: model, backend: backend, variant: variant)
+        let (vae, _) = try AutoencoderKL.load(folder: model, backend: backend, variant: variant, dtype: dtype)
         let (mean, logvar) = try vae.encode(inputs.tensor("image", on: backend))
         results.append(("latent_mean", mean))
         results.append(("latent_logvar", logvar))
@@ -105,16 +106,17 @@ func runEvalTextEncoder(_ options: Arguments, model: String, output: String) thr
     guard !prompts.isEmpty else { throw PEAError.usage("eval text-encoder: give at least one --prompt") }
     let maxLength = try options.int("--max-length")
     if let maxLength, maxLength < 2 { throw PEAError.usage("eval text-encoder: --max-length must be at least 2") }
-    let backend = try BackendOptions(options, command: "eval text-encoder").backend
+    let backendOptions = try BackendOptions(options, command: "eval text-encoder")
+    let backend = backendOptions.backend, dtype = backendOptions.precision
     let encoderFolder = try ModelFolder.component(model, "text_encoder")
     let config = try ConfigFile(path: joinPathComponents(encoderFolder, "config.json"))
     let modelType = try config.optionalString("model_type") ?? ""
     guard modelType.hasPrefix("clip") else {
-        try runEvalLanguageEncoder(model, prompts: prompts, maxLength: maxLength, backend: backend, output: output)
+        try runEvalLanguageEncoder(model, prompts: prompts, maxLength: maxLength, backend: backend, dtype: dtype, output: output)
         return
     }
     let tokenizer = try CLIPTokenizer(folder: textEncoderFolders(model).tokenizer)
-    let encoder = try CLIPTextModel.load(folder: encoderFolder, backend: backend).model
+    let encoder = try CLIPTextModel.load(folder: encoderFolder, backend: backend, dtype: dtype).model
     let length = maxLength ?? min(tokenizer.modelMaxLength, encoder.config.maxPositions)
     guard length <= encoder.config.maxPositions else {
         throw PEAError.usage("eval text-encoder: --max-length \(length) exceeds the encoder's \(encoder.config.maxPositions) positions")
@@ -128,28 +130,29 @@ func runEvalTextEncoder(_ options: Arguments, model: String, output: String) thr
     let idTensor = HostTensor(ids: ids, shape: [prompts.count, length], dtype: .i64)
     let result = try encoder(ids: idTensor)
     var tensors: [(name: String, tensor: HostTensor)] = [("input_ids", idTensor),
-                                                         ("last_hidden_state", try backend.download(result.lastHiddenState))]
-    if let embeds = result.textEmbeds { tensors.append(("text_embeds", try backend.download(embeds))) }
+                                                         ("last_hidden_state", try backend.download(result.lastHiddenState).converted(to: .f32))]
+    if let embeds = result.textEmbeds { tensors.append(("text_embeds", try backend.download(embeds).converted(to: .f32))) }
     try SafeTensorsWriter.write(tensors, metadata: ["pea": "eval text-encoder"], to: output)
     print(output)
 }
 
 /// `pea eval text-encoder` for PEA's language-specific encoders: Chinese-CLIP (WordPiece + BERT, 52 tokens)
 /// and multilingual CLIP's XLM-R (SentencePiece + XLM-R, 77 tokens), which use an attention mask.
-func runEvalLanguageEncoder(_ folder: String, prompts: [String], maxLength: Int?, backend: any ComputeBackend, output: String) throws {
+func runEvalLanguageEncoder(_ folder: String, prompts: [String], maxLength: Int?, backend: any ComputeBackend, dtype: DType = .f32,
+                            output: String) throws {
     let directory = try ModelFolder.component(folder, "text_encoder")
     let config = try BertTextConfig(ConfigFile(path: joinPathComponents(directory, "config.json")))
     func run<T>(_ encoder: TokenizedTextEncoder<T>) throws -> [(name: String, tensor: HostTensor)] {
         let (ids, mask, truncated) = encoder.tokenize(prompts)
         for cut in truncated.compactMap({ $0 }) { printWarning("prompt truncated to \(encoder.maxLength) tokens; cut: \(cut)") }
         let states = try encoder.encode(prompts, warn: { _ in })
-        return [("input_ids", ids), ("attention_mask", mask), ("last_hidden_state", try backend.download(states))]
+        return [("input_ids", ids), ("attention_mask", mask), ("last_hidden_state", try backend.download(states).converted(to: .f32))]
     }
     let tensors: [(name: String, tensor: HostTensor)]
     if case .paddingAware = config.positionIDs {
-        tensors = try run(LanguageEncoders.xlmRoberta(folder: folder, backend: backend, maxLength: maxLength ?? LanguageEncoders.xlmRobertaMaxLength))
+        tensors = try run(LanguageEncoders.xlmRoberta(folder: folder, backend: backend, maxLength: maxLength ?? LanguageEncoders.xlmRobertaMaxLength, dtype: dtype))
     } else {
-        tensors = try run(LanguageEncoders.chineseCLIP(folder: folder, backend: backend, maxLength: maxLength ?? LanguageEncoders.chineseCLIPMaxLength))
+        tensors = try run(LanguageEncoders.chineseCLIP(folder: folder, backend: backend, maxLength: maxLength ?? LanguageEncoders.chineseCLIPMaxLength, dtype: dtype))
     }
     try SafeTensorsWriter.write(tensors, metadata: ["pea": "eval text-encoder"], to: output)
     print(output)

@@ -86,18 +86,19 @@ func runGenerate(_ arguments: [String]) throws {
     }
     let output = options.string("--output") ?? "pea-\(seed).png"
     guard output.hasSuffix(".png") else { throw PEAError.usage("generate: --output must end in .png, got '\(output)'") }
-    let backend = try BackendOptions(options, command: "generate").backend
+    let backendOptions = try BackendOptions(options, command: "generate")
+    let backend = backendOptions.backend, dtype = backendOptions.precision
 
     var conditioner: (any TextConditioner)?
     if let encoderFolder = options.string("--text-encoder"), let adapterPath = options.string("--adapter") {
         // PEA: the language-specific encoder and the adapter replace the folder's English text encoder(s).
         conditioner = try PEAConditioner(encoder: LanguageEncoders.load(folder: encoderFolder, backend: backend,
-                                                                        maxLength: try options.int("--max-length")),
-                                         adapter: PEAAdapter.load(path: adapterPath, backend: backend))
+                                                                        maxLength: try options.int("--max-length"), dtype: dtype),
+                                         adapter: PEAAdapter.load(path: adapterPath, backend: backend, dtype: dtype))
     }
     let pipeline = try StableDiffusionPipeline.load(folder: modelFolder, backend: backend, scheduler: schedulerName,
                                                     clipSkip: clipSkip, variant: options.string("--variant"),
-                                                    conditioner: conditioner)
+                                                    conditioner: conditioner, dtype: dtype)
     let total = prompts.count * batch
     var written = 0
     for prompt in prompts {

@@ -218,13 +218,16 @@ public enum TorchCheckpoint {
 // MARK: - Weight sources over checkpoint files
 
 /// Parameters for a model from either file format: a safetensors file (or sharded index), or a torch.save
-/// state dict (`pytorch_model.bin`, `.pt`, `.pth`, `.ckpt`). Uploads to `backend` in f32, converting f16/bf16.
+/// state dict (`pytorch_model.bin`, `.pt`, `.pth`, `.ckpt`). Uploads to `backend` in `dtype` (f32 by default,
+/// f16/bf16 for the CUDA backend's reduced precision), converting whatever the file stores.
 /// Knows every tensor's shape before loading it, so a model can infer its sizes from the file (the PEA adapter
 /// does). Names can be rewritten (`rename`: the file's name → the model's name); records which tensors were used.
 public final class CheckpointWeights: WeightSource {
     public let backend: any ComputeBackend
     /// The file opened.
     public let path: String
+    /// The dtype every parameter is uploaded in.
+    public let dtype: DType
     /// The model's names of every tensor (after `rename`), sorted.
     public let names: [String]
 
@@ -239,16 +242,20 @@ public final class CheckpointWeights: WeightSource {
 
     /// Opens `path` by its contents: a zip archive (or a pickle: the legacy format, refused with its reason) is a
     /// torch.save file, anything else safetensors; a `.json` name is a sharded safetensors index.
-    public convenience init(path: String, backend: any ComputeBackend, rename: (String) -> String = { $0 }) throws {
+    public convenience init(path: String, backend: any ComputeBackend, dtype: DType = .f32,
+                            rename: (String) -> String = { $0 }) throws {
         if !path.hasSuffix(".json") && TorchCheckpoint.looksLikeTorchSave(path: path) {
-            try self.init(torch: TorchCheckpointFile(path: path), backend: backend, rename: rename)
+            try self.init(torch: TorchCheckpointFile(path: path), backend: backend, dtype: dtype, rename: rename)
         } else {
-            try self.init(safetensors: SafeTensorsCollection(path: path), backend: backend, rename: rename)
+            try self.init(safetensors: SafeTensorsCollection(path: path), backend: backend, dtype: dtype, rename: rename)
         }
     }
 
-    public init(safetensors file: SafeTensorsCollection, backend: any ComputeBackend, rename: (String) -> String = { $0 }) throws {
+    public init(safetensors file: SafeTensorsCollection, backend: any ComputeBackend, dtype: DType = .f32,
+                rename: (String) -> String = { $0 }) throws {
+        precondition(dtype.isFloatingPoint, "CheckpointWeights: parameters load as f32, f16 or bf16")
         self.backend = backend
+        self.dtype = dtype
         path = file.path
         backing = .safetensors(file)
         for name in file.names {
@@ -259,8 +266,11 @@ public final class CheckpointWeights: WeightSource {
         names = stored.keys.sorted()
     }
 
-    public init(torch file: TorchCheckpointFile, backend: any ComputeBackend, rename: (String) -> String = { $0 }) throws {
+    public init(torch file: TorchCheckpointFile, backend: any ComputeBackend, dtype: DType = .f32,
+                rename: (String) -> String = { $0 }) throws {
+        precondition(dtype.isFloatingPoint, "CheckpointWeights: parameters load as f32, f16 or bf16")
         self.backend = backend
+        self.dtype = dtype
         path = file.path
         backing = .torch(file)
         for name in file.names {
@@ -289,7 +299,7 @@ public final class CheckpointWeights: WeightSource {
         guard values.dtype.isFloatingPoint else {
             throw PEAError.invalidFile(path: path, reason: "tensor '\(storedName)' is \(values.dtype), expected a floating-point parameter")
         }
-        if values.dtype != .f32 { values = values.converted(to: .f32) }
+        if values.dtype != dtype { values = values.converted(to: dtype) }
         used.insert(storedName)
         return try backend.upload(values)
     }

@@ -13,6 +13,9 @@ public struct AutoencoderKLConfig {
     public var useQuantConv: Bool
     public var usePostQuantConv: Bool
     public var midBlockAttention: Bool
+    /// diffusers' `force_upcast` (default true): the SDXL pipeline runs such a VAE in f32 when the rest is f16,
+    /// because SDXL's VAE overflows f16 (a fixed VAE such as sdxl-vae-fp16-fix sets it false).
+    public var forceUpcast: Bool
 
     public init(_ config: ConfigFile) throws {
         func fail(_ key: String, _ reason: String) -> PEAError {
@@ -29,6 +32,7 @@ public struct AutoencoderKLConfig {
         useQuantConv = try config.bool("use_quant_conv", default: true)
         usePostQuantConv = try config.bool("use_post_quant_conv", default: true)
         midBlockAttention = try config.bool("mid_block_add_attention", default: true)
+        forceUpcast = try config.bool("force_upcast", default: true)
 
         let blocks = blockOutChannels.count
         for (key, expected) in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")] where config.contains(key) {
@@ -163,14 +167,22 @@ public struct AutoencoderKL {
 
     /// Loads a diffusers `vae/` folder (or a pipeline root holding one). Checkpoints saved before diffusers
     /// 0.14 name the mid-block attention `query`/`key`/`value`/`proj_attn`; they are read under today's names.
-    public static func load(folder: String, backend: any ComputeBackend, variant: String? = nil) throws -> (model: AutoencoderKL, unusedWeights: [String]) {
+    /// `dtype` is the precision the parameters are stored and computed in. `force_upcast` is not applied here
+    /// (diffusers' `from_pretrained(torch_dtype=…)` does not either); the SDXL pipeline applies it.
+    public static func load(folder: String, backend: any ComputeBackend, variant: String? = nil,
+                            dtype: DType = .f32) throws -> (model: AutoencoderKL, unusedWeights: [String]) {
         let component = try ModelFolder.component(folder, "vae")
         let config = try AutoencoderKLConfig(ConfigFile(path: joinPath(component, "config.json")))
         let file = try SafeTensorsCollection.open(folder: component, baseName: "diffusion_pytorch_model", variant: variant)
-        let source = SafeTensorsWeights(file, backend: backend, rename: renameLegacyAttention)
+        let source = SafeTensorsWeights(file, backend: backend, dtype: dtype, rename: renameLegacyAttention)
         let model = try AutoencoderKL(config: config, weights: Weights(source))
         return (model, source.unusedNames)
     }
+
+    /// The dtype the parameters were loaded in: inputs are cast to it, outputs are in it.
+    public var dtype: DType { decoder.convIn.weight.dtype }
+
+    private func cast(_ x: Tensor) throws -> Tensor { x.dtype == dtype ? x : try x.backend.cast(x, to: dtype) }
 
     /// The image factor between pixels and latents (8 for SD).
     public var downsamplingFactor: Int { 1 << (config.blockOutChannels.count - 1) }
@@ -182,7 +194,7 @@ public struct AutoencoderKL {
         guard shape.count == 4, shape[1] == config.inChannels, shape[2] % f == 0, shape[3] % f == 0 else {
             throw PEAError.shapeMismatch("vae encode: image must be [B, \(config.inChannels), H, W] with H and W multiples of \(f), got \(shape)")
         }
-        let moments = try image.backend.split(encoder(image), sizes: [config.latentChannels, config.latentChannels], dim: 1)
+        let moments = try image.backend.split(encoder(cast(image)), sizes: [config.latentChannels, config.latentChannels], dim: 1)
         return (moments[0], moments[1])
     }
 
@@ -191,7 +203,7 @@ public struct AutoencoderKL {
         guard latents.shape.count == 4, latents.shape[1] == config.latentChannels else {
             throw PEAError.shapeMismatch("vae decode: latents must be [B, \(config.latentChannels), h, w], got \(latents.shape)")
         }
-        return try decoder(latents)
+        return try decoder(cast(latents))
     }
 }
 

@@ -148,11 +148,12 @@ public struct BertTextModel {
     /// the padding row of the word embeddings when it loads; cn_clip and open_clip keep the trained values).
     /// `unusedWeights`: the tower's tensors nothing read (the pooler and position-id buffers are expected and
     /// not listed).
-    public static func load(folder: String, component: String = "text_encoder", backend: any ComputeBackend) throws
-        -> (model: BertTextModel, unusedWeights: [String]) {
+    /// `dtype`: the precision the parameters are stored and computed in (the output is in it).
+    public static func load(folder: String, component: String = "text_encoder", backend: any ComputeBackend,
+                            dtype: DType = .f32) throws -> (model: BertTextModel, unusedWeights: [String]) {
         let directory = try ModelFolder.component(folder, component)
         let config = try BertTextConfig(ConfigFile(path: joinPath(directory, "config.json")))
-        let source = try openTransformersWeights(directory, backend: backend, rename: renameTFLayerNorm)
+        let source = try openTransformersWeights(directory, backend: backend, dtype: dtype, rename: renameTFLayerNorm)
         return try load(config: config, source: source)
     }
 
@@ -160,10 +161,10 @@ public struct BertTextModel {
     /// (`RoBERTa-wwm-ext-large-chinese.json`) and its training checkpoint (`clip_cn_vit-h-14.pt`, a torch.save of
     /// {"epoch", "step", "name", "state_dict": {"module.bert.…", "module.visual.…", …}}). The weights file may be
     /// safetensors or torch.save; the tower is found under whatever prefix it has. `unusedWeights` as `load(folder:)`.
-    public static func load(config configPath: String, weights weightsPath: String, backend: any ComputeBackend) throws
-        -> (model: BertTextModel, unusedWeights: [String]) {
+    public static func load(config configPath: String, weights weightsPath: String, backend: any ComputeBackend,
+                            dtype: DType = .f32) throws -> (model: BertTextModel, unusedWeights: [String]) {
         let config = try BertTextConfig(ConfigFile(path: configPath))
-        let source = try CheckpointWeights(path: weightsPath, backend: backend, rename: renameTFLayerNorm)
+        let source = try CheckpointWeights(path: weightsPath, backend: backend, dtype: dtype, rename: renameTFLayerNorm)
         return try load(config: config, source: source)
     }
 
@@ -221,7 +222,9 @@ public struct BertTextModel {
                 throw PEAError.shapeMismatch("\(config.modelType) text model: attention mask must be [\(batch), \(length)]")
             }
             // transformers fills masked scores with the dtype's lowest value; anything that underflows exp() to 0 is the same.
-            mask = try b.upload(attentionMask.flatMap { $0.map { $0 == 0 ? -Float.greatestFiniteMagnitude : 0 } }, shape: [batch, 1, 1, length])
+            // The mask is in the model's dtype (the kernels take one dtype per call).
+            let dtype = wordEmbeddings.dtype, lowest = -dtype.greatestFiniteMagnitude
+            mask = try b.upload(HostTensor(attentionMask.flatMap { $0.map { $0 == 0 ? lowest : 0 } }, shape: [batch, 1, 1, length], dtype: dtype))
         }
         for layer in layers { x = try layer(x, paddingMask: mask) }
         return x
@@ -245,14 +248,15 @@ public struct BertTextModel {
 // MARK: - Loading helpers shared by the transformers text towers
 
 /// A transformers folder's weights: `model.safetensors` (or its sharded index), else `pytorch_model.bin`.
-func openTransformersWeights(_ directory: String, backend: any ComputeBackend, rename: (String) -> String) throws -> CheckpointWeights {
+func openTransformersWeights(_ directory: String, backend: any ComputeBackend, dtype: DType = .f32,
+                             rename: (String) -> String) throws -> CheckpointWeights {
     let candidates = SafeTensorsCollection.candidateFileNames(baseName: "model", variant: nil)
     if candidates.contains(where: { isRegularFile(joinPath(directory, $0)) }) {
-        return try CheckpointWeights(safetensors: SafeTensorsCollection.open(folder: directory, baseName: "model"), backend: backend, rename: rename)
+        return try CheckpointWeights(safetensors: SafeTensorsCollection.open(folder: directory, baseName: "model"), backend: backend, dtype: dtype, rename: rename)
     }
     let bin = joinPath(directory, "pytorch_model.bin")
     if isRegularFile(bin) {
-        return try CheckpointWeights(torch: TorchCheckpointFile(path: bin), backend: backend, rename: rename)
+        return try CheckpointWeights(torch: TorchCheckpointFile(path: bin), backend: backend, dtype: dtype, rename: rename)
     }
     throw PEAError.invalidFile(path: directory, reason: "no weights found; tried \((candidates + ["pytorch_model.bin"]).joined(separator: ", "))")
 }

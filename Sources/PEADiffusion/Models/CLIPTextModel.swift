@@ -103,19 +103,23 @@ public struct CLIPTextModel {
 
     /// Loads a transformers text-encoder folder (`config.json` + `model.safetensors`, sharded or an `.fp16`
     /// variant), or the `component` subfolder of a diffusers pipeline root.
+    /// `dtype` is the precision the parameters are stored and computed in; the outputs are in it too.
     public static func load(folder: String, component: String = "text_encoder", backend: any ComputeBackend,
-                            variant: String? = nil) throws -> (model: CLIPTextModel, unusedWeights: [String]) {
+                            variant: String? = nil, dtype: DType = .f32) throws -> (model: CLIPTextModel, unusedWeights: [String]) {
         let directory = try ModelFolder.component(folder, component)
         let config = try CLIPTextConfig(ConfigFile(path: joinPath(directory, "config.json")))
         let file = try SafeTensorsCollection.open(folder: directory, baseName: "model", variant: variant)
         // transformers ≤ 4 saves the tower under `text_model.`; transformers 5 saves CLIPTextModel without it.
-        let source = SafeTensorsWeights(file, backend: backend) { name in
+        let source = SafeTensorsWeights(file, backend: backend, dtype: dtype) { name in
             name.hasPrefix("text_model.") || name.hasPrefix("text_projection.") ? name : "text_model." + name
         }
         let model = try CLIPTextModel(config: config, weights: Weights(source))
         // Position ids are a buffer transformers sometimes saves; it is arange(maxPositions), nothing to load.
         return (model, source.unusedNames.filter { !$0.hasSuffix("position_ids") })
     }
+
+    /// The dtype the parameters were loaded in, which the outputs are in.
+    public var dtype: DType { tokenEmbedding.dtype }
 
     /// Encodes token ids [B, L] (i32 or i64, L ≤ max_position_embeddings). `attentionMask` [B, L] (1 keep,
     /// 0 padding), when given, hides padding keys as transformers does with `attention_mask`; SD pipelines pass
@@ -138,7 +142,9 @@ public struct CLIPTextModel {
                 throw PEAError.shapeMismatch("clip text model: attention mask must be [\(batch), \(length)]")
             }
             // transformers fills masked scores with the dtype's lowest value; any value that underflows exp() to 0 is the same.
-            mask = try b.upload(attentionMask.flatMap { $0.map { $0 == 0 ? -Float.greatestFiniteMagnitude : 0 } }, shape: [batch, 1, 1, length])
+            // The mask is in the model's dtype (one dtype per kernel call), its lowest finite value as torch.finfo's min.
+            let lowest = -dtype.greatestFiniteMagnitude
+            mask = try b.upload(HostTensor(attentionMask.flatMap { $0.map { $0 == 0 ? lowest : 0 } }, shape: [batch, 1, 1, length], dtype: dtype))
         }
 
         var hiddenStates: [Tensor] = []

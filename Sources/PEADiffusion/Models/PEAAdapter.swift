@@ -127,8 +127,9 @@ public struct PEAAdapter {
 
     /// Loads an adapter checkpoint: a safetensors file, or a `torch.save(state_dict)` file (`pytorch_model.bin`,
     /// `.pt`, …, as the authors release them) read natively; a folder holding one of those under a usual name.
-    /// f16/bf16 checkpoints are converted to f32. Names may carry one common prefix (`module.`, `proj.`).
-    public static func load(path: String, backend: any ComputeBackend) throws -> PEAAdapter {
+    /// Parameters load in `dtype` (f32 by default), whatever the checkpoint stores. Names may carry one common
+    /// prefix (`module.`, `proj.`). Input states in another dtype are cast to it; the outputs are in it.
+    public static func load(path: String, backend: any ComputeBackend, dtype: DType = .f32) throws -> PEAAdapter {
         var file = path
         if isDirectory(path) {
             let candidates = ["adapter.safetensors", "model.safetensors", "pytorch_model.bin", "adapter.bin", "proj.bin"]
@@ -137,7 +138,7 @@ public struct PEAAdapter {
             }
             file = joinPath(path, found)
         }
-        let source = try CheckpointWeights(path: file, backend: backend)
+        let source = try CheckpointWeights(path: file, backend: backend, dtype: dtype)
         return try PEAAdapter(weights: source, prefix: try adapterPrefix(source))
     }
 
@@ -147,7 +148,8 @@ public struct PEAAdapter {
         guard states.rank == 3, states.shape[2] == inputDim else {
             throw PEAError.shapeMismatch("PEA adapter: states must be [B, L, \(inputDim)], got \(states.shape)")
         }
-        var x = try layerNorm(states)                                    // [B, L, in]
+        let dtype = layerNorm.weight.dtype
+        var x = try layerNorm(states.dtype == dtype ? states : b.cast(states, to: dtype))   // [B, L, in]
         for (i, linear) in projector.enumerated() {
             if i > 0 { x = try b.activation(x, .gelu) }
             x = try linear(x)                                            // [B, L, widths[i + 1]]

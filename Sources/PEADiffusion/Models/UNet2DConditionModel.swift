@@ -334,15 +334,20 @@ public struct UNet2DConditionModel {
     }
 
     /// Loads `config.json` and the weights (`diffusion_pytorch_model[.variant].safetensors`, or a sharded
-    /// index) from a diffusers `unet/` folder, or from a pipeline root holding one.
-    public static func load(folder: String, backend: any ComputeBackend, variant: String? = nil) throws -> (model: UNet2DConditionModel, unusedWeights: [String]) {
+    /// index) from a diffusers `unet/` folder, or from a pipeline root holding one. `dtype` is the precision the
+    /// parameters are stored and computed in (f16/bf16 only on a backend that supports them, i.e. CUDA).
+    public static func load(folder: String, backend: any ComputeBackend, variant: String? = nil,
+                            dtype: DType = .f32) throws -> (model: UNet2DConditionModel, unusedWeights: [String]) {
         let component = try ModelFolder.component(folder, "unet")
         let config = try UNetConfig(ConfigFile(path: joinPath(component, "config.json")))
         let file = try SafeTensorsCollection.open(folder: component, baseName: "diffusion_pytorch_model", variant: variant)
-        let source = SafeTensorsWeights(file, backend: backend)
+        let source = SafeTensorsWeights(file, backend: backend, dtype: dtype)
         let model = try UNet2DConditionModel(config: config, weights: Weights(source))
         return (model, source.unusedNames)
     }
+
+    /// The dtype the parameters were loaded in, which is the dtype the model computes and answers in.
+    public var dtype: DType { convIn.weight.dtype }
 
     /// The number of times the latent is halved; its height and width must be multiples of 2^this.
     public var downsamplingFactor: Int { 1 << (config.blockOutChannels.count - 1) }
@@ -355,29 +360,35 @@ public struct UNet2DConditionModel {
     /// The prediction and, with `keepFeatures`, every block's output (the feature-distillation targets).
     public func evaluate(_ inputs: UNetInputs, keepFeatures: Bool) throws -> (sample: Tensor, features: UNetFeatures) {
         try checkInputs(inputs)
-        let sample = inputs.sample, b = sample.backend, batch = sample.shape[0]
+        let b = inputs.sample.backend, batch = inputs.sample.shape[0], dtype = self.dtype
+        // Inputs in another precision than the parameters are cast at the boundary (the kernels take one dtype
+        // per call); the output is in the model's dtype.
+        func cast(_ x: Tensor) throws -> Tensor { x.dtype == dtype ? x : try b.cast(x, to: dtype) }
+        let sample = try cast(inputs.sample)
 
         // Time embedding (a single timestep is shared by the batch, as diffusers expands it).
         var timestep = try inputs.timestep.reshaped([-1])
         if timestep.count == 1 && batch > 1 {
             timestep = try b.concat(Array(repeating: timestep, count: batch), dim: 0)
         }
-        var t = try timeProjection(timestep)
+        // timestepEmbedding answers in f32; diffusers casts it to the model dtype (`t_emb.to(dtype=sample.dtype)`).
+        var t = try cast(timeProjection(timestep))
         if let timeConditionProjection, let condition = inputs.timestepCondition {
-            t = try b.add(t, timeConditionProjection(condition))
+            t = try b.add(t, timeConditionProjection(cast(condition)))
         }
         var temb = try timeEmbedding(t)
         if let addTimeProjection, let addEmbedding, let textEmbeds = inputs.textEmbeds, let timeIds = inputs.timeIds {
             // SDXL: each of the six size/crop numbers gets its own sinusoidal embedding, concatenated after
             // the pooled text embedding.
-            let timeFeatures = try addTimeProjection(timeIds.reshaped([-1])).reshaped([batch, -1])
-            temb = try b.add(temb, addEmbedding(b.concat([textEmbeds, timeFeatures], dim: 1)))
+            // The sizes go through the projection as they come (f32); its f32 answer is cast like `time_proj`'s.
+            let timeFeatures = try cast(addTimeProjection(timeIds.reshaped([-1]))).reshaped([batch, -1])
+            temb = try b.add(temb, addEmbedding(b.concat([cast(textEmbeds), timeFeatures], dim: 1)))
         }
         // Every resnet applies SiLU to the embedding before its projection; do it once here.
         temb = try b.activation(temb, .silu)
 
         var features = UNetFeatures()
-        let context = inputs.encoderHiddenStates
+        let context = try cast(inputs.encoderHiddenStates)
         var h = try convIn(sample)
         var skips = [h]
         for block in downBlocks {

@@ -22,9 +22,9 @@ public struct XLMRobertaTextModel {
 
     /// Loads a transformers XLMRobertaModel folder (weights unprefixed, or under `roberta.` beside a head), or
     /// the `component` subfolder of a pipeline root. See `BertTextModel.load` for what is read and reported.
-    public static func load(folder: String, component: String = "text_encoder", backend: any ComputeBackend) throws
-        -> (model: XLMRobertaTextModel, unusedWeights: [String]) {
-        let (encoder, unused) = try BertTextModel.load(folder: folder, component: component, backend: backend)
+    public static func load(folder: String, component: String = "text_encoder", backend: any ComputeBackend,
+                            dtype: DType = .f32) throws -> (model: XLMRobertaTextModel, unusedWeights: [String]) {
+        let (encoder, unused) = try BertTextModel.load(folder: folder, component: component, backend: backend, dtype: dtype)
         guard case .paddingAware = encoder.config.positionIDs else {
             throw PEAError.invalidConfig(path: joinPath(try ModelFolder.component(folder, component), "config.json"),
                                          reason: "'model_type': \"\(encoder.config.modelType)\" is not an XLM-R model (xlm-roberta, roberta)")

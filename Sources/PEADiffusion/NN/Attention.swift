@@ -3,7 +3,9 @@
 
 /// diffusers' `Attention` (the default AttnProcessor): q from x, k and v from the context (x itself for
 /// self-attention), multi-head scaled dot-product attention, then the output projection `to_out.0`.
-/// In f32 `upcast_attention`/`upcast_softmax` change nothing; they are kept for the reduced-precision paths.
+/// In f32 `upcast_attention`/`upcast_softmax` change nothing. In f16/bf16 they need nothing either: the CUDA
+/// attention kernel computes q·kᵀ, the softmax and the weighted sum of v with f32 accumulation whatever the
+/// storage dtype (what diffusers' upcast does), rounding only the output. The flag is kept for the record.
 public struct Attention {
     public let heads: Int
     public let toQ, toK, toV, toOut: Linear

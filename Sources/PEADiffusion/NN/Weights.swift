@@ -33,20 +33,27 @@ public struct Weights {
     }
 }
 
-/// Parameters read from safetensors files (one file or a sharded index) and uploaded to `backend` in f32,
-/// converting f16/bf16 checkpoints as they load. Names can be rewritten first (`rename`), which is how older
+/// Parameters read from safetensors files (one file or a sharded index) and uploaded to `backend` in `dtype`
+/// (f32 by default; f16/bf16 for the CUDA backend's reduced precision), converting whatever the file stores as
+/// they load. Every parameter — norm scales and biases included — gets the one dtype, since the kernels take
+/// one dtype per call. Names can be rewritten first (`rename`), which is how older
 /// checkpoints' parameter names are mapped onto today's. Records which tensors were used, so a loader can
 /// report the ones nothing asked for.
 public final class SafeTensorsWeights: WeightSource {
     public let backend: any ComputeBackend
     public let file: SafeTensorsCollection
+    /// The dtype every parameter is uploaded in.
+    public let dtype: DType
     private var stored: [String: String] = [:]     // the name a layer asks for → the name in the file
     private(set) var used: Set<String> = []
 
     /// `rename` maps a file's tensor name to the name the model uses (return it unchanged when no rule applies).
-    public init(_ file: SafeTensorsCollection, backend: any ComputeBackend, rename: (String) -> String = { $0 }) {
+    public init(_ file: SafeTensorsCollection, backend: any ComputeBackend, dtype: DType = .f32,
+                rename: (String) -> String = { $0 }) {
+        precondition(dtype.isFloatingPoint, "SafeTensorsWeights: parameters load as f32, f16 or bf16")
         self.file = file
         self.backend = backend
+        self.dtype = dtype
         for name in file.names { stored[rename(name)] = name }
     }
 
@@ -66,7 +73,7 @@ public final class SafeTensorsWeights: WeightSource {
         guard values.dtype.isFloatingPoint else {
             throw PEAError.invalidFile(path: file.path, reason: "tensor '\(storedName)' is \(values.dtype), expected a floating-point parameter")
         }
-        if values.dtype != .f32 { values = values.converted(to: .f32) }
+        if values.dtype != dtype { values = values.converted(to: dtype) }
         values.shape = shape
         used.insert(storedName)
         return try backend.upload(values)

@@ -24,28 +24,30 @@ public enum LanguageEncoders {
 
     /// The encoder a folder holds, by its config's `model_type`: BERT / Chinese-CLIP → WordPiece + BERT,
     /// XLM-R → SentencePiece + XLM-R. `maxLength` nil: 52 (Chinese-CLIP) or 77 (XLM-R).
-    public static func load(folder: String, backend: any ComputeBackend, maxLength: Int? = nil) throws -> any LanguageEncoder {
+    public static func load(folder: String, backend: any ComputeBackend, maxLength: Int? = nil, dtype: DType = .f32) throws -> any LanguageEncoder {
         let directory = try ModelFolder.component(folder, "text_encoder")
         let config = try BertTextConfig(ConfigFile(path: joinPath(directory, "config.json")))
         if case .paddingAware = config.positionIDs {
-            return try xlmRoberta(folder: folder, backend: backend, maxLength: maxLength ?? xlmRobertaMaxLength)
+            return try xlmRoberta(folder: folder, backend: backend, maxLength: maxLength ?? xlmRobertaMaxLength, dtype: dtype)
         }
-        return try chineseCLIP(folder: folder, backend: backend, maxLength: maxLength ?? chineseCLIPMaxLength)
+        return try chineseCLIP(folder: folder, backend: backend, maxLength: maxLength ?? chineseCLIPMaxLength, dtype: dtype)
     }
 
     /// Chinese-CLIP's text side: `vocab.txt` (+ tokenizer_config.json) and a BERT/ChineseCLIP model.
-    public static func chineseCLIP(folder: String, backend: any ComputeBackend, maxLength: Int = chineseCLIPMaxLength) throws
+    public static func chineseCLIP(folder: String, backend: any ComputeBackend, maxLength: Int = chineseCLIPMaxLength,
+                                   dtype: DType = .f32) throws
         -> TokenizedTextEncoder<WordPieceTokenizer> {
         let tokenizer = try WordPieceTokenizer(folder: tokenizerFolder(folder, marker: ["vocab.txt"]))
-        let (model, _) = try BertTextModel.load(folder: folder, backend: backend)
+        let (model, _) = try BertTextModel.load(folder: folder, backend: backend, dtype: dtype)
         return try TokenizedTextEncoder(tokenizer: tokenizer, model: model, maxLength: maxLength, displayName: "Chinese-CLIP")
     }
 
     /// Multilingual CLIP's XLM-R text side: `tokenizer.json` or `sentencepiece.bpe.model` and an XLM-R model.
-    public static func xlmRoberta(folder: String, backend: any ComputeBackend, maxLength: Int = xlmRobertaMaxLength) throws
+    public static func xlmRoberta(folder: String, backend: any ComputeBackend, maxLength: Int = xlmRobertaMaxLength,
+                                  dtype: DType = .f32) throws
         -> TokenizedTextEncoder<SentencePieceUnigramTokenizer> {
         let tokenizer = try SentencePieceUnigramTokenizer(folder: tokenizerFolder(folder, marker: ["tokenizer.json", "sentencepiece.bpe.model"]))
-        let (model, _) = try XLMRobertaTextModel.load(folder: folder, backend: backend)
+        let (model, _) = try XLMRobertaTextModel.load(folder: folder, backend: backend, dtype: dtype)
         return try TokenizedTextEncoder(tokenizer: tokenizer, model: model.encoder, maxLength: maxLength, displayName: "XLM-R")
     }
 

@@ -76,15 +76,25 @@ public final class StableDiffusionPipeline {
     }
 
     /// Loads a diffusers pipeline folder. `scheduler` is a `SchedulerName` (nil: the folder's own);
-    /// `conditioner`, when given, replaces the folder's English text encoders (PEA).
+    /// `conditioner`, when given, replaces the folder's English text encoders (PEA). `dtype` is the precision
+    /// the UNet, text encoders and VAE are stored and computed in (f16/bf16 need the CUDA backend), as diffusers'
+    /// `torch_dtype`; as in diffusers' SDXL pipeline, an SDXL VAE whose config has `force_upcast` (the default)
+    /// runs in f32 when the rest is f16. Latents, guidance and the scheduler stay f32.
     public static func load(folder: String, backend: any ComputeBackend, scheduler: String? = nil, clipSkip: Int = 0,
-                            variant: String? = nil, conditioner: (any TextConditioner)? = nil) throws -> StableDiffusionPipeline {
+                            variant: String? = nil, conditioner: (any TextConditioner)? = nil,
+                            dtype: DType = .f32) throws -> StableDiffusionPipeline {
         guard isRegularFile(joinPath(folder, "model_index.json")) else {
             throw PEAError.invalidFile(path: folder, reason: "not a diffusers pipeline folder (no model_index.json)")
         }
-        let unet = try UNet2DConditionModel.load(folder: joinPath(folder, "unet"), backend: backend, variant: variant).model
+        let unet = try UNet2DConditionModel.load(folder: joinPath(folder, "unet"), backend: backend, variant: variant, dtype: dtype).model
         let family = try ModelFamily.detect(folder: folder, unet: unet.config)
-        let vae = try AutoencoderKL.load(folder: joinPath(folder, "vae"), backend: backend, variant: variant).model
+        let vaeFolder = joinPath(folder, "vae")
+        var vaeDType = dtype
+        if family == .sdxl && dtype == .f16,
+           try AutoencoderKLConfig(ConfigFile(path: joinPath(ModelFolder.component(vaeFolder, "vae"), "config.json"))).forceUpcast {
+            vaeDType = .f32   // diffusers: `needs_upcasting = vae.dtype == float16 and vae.config.force_upcast`
+        }
+        let vae = try AutoencoderKL.load(folder: vaeFolder, backend: backend, variant: variant, dtype: vaeDType).model
         var schedulerConfig = try ConfigFile(path: joinPath(folder, "scheduler/scheduler_config.json"))
         if family != .sdxl {
             // StableDiffusionPipeline.__init__ repairs outdated scheduler configs: steps_offset must be 1 and
@@ -98,7 +108,7 @@ public final class StableDiffusionPipeline {
 
         func textStack(_ tokenizer: String, _ encoder: String) throws -> CLIPTextStack {
             CLIPTextStack(tokenizer: try CLIPTokenizer(folder: joinPath(folder, tokenizer)),
-                          encoder: try CLIPTextModel.load(folder: joinPath(folder, encoder), backend: backend, variant: variant).model)
+                          encoder: try CLIPTextModel.load(folder: joinPath(folder, encoder), backend: backend, variant: variant, dtype: dtype).model)
         }
         let text: any TextConditioner
         if let conditioner {
@@ -154,8 +164,10 @@ public final class StableDiffusionPipeline {
         for i in 0..<steps {
             let input = try scheduler.scaleModelInput(guided ? b.concat([latents, latents], dim: 0) : latents, stepIndex: i)
             let timestep = try b.upload(scheduler.modelTimestep(stepIndex: i))
+            // The UNet casts its inputs to its dtype and answers in it; guidance and the scheduler work in f32.
             var prediction = try unet(UNetInputs(sample: input, timestep: timestep, encoderHiddenStates: states,
                                                  textEmbeds: pooled, timeIds: timeIds))
+            if prediction.dtype != .f32 { prediction = try b.cast(prediction, to: .f32) }
             if guided {
                 let halves = try b.split(prediction, sizes: [count, count], dim: 0)
                 prediction = try b.add(halves[0], b.scale(b.sub(halves[1], halves[0]), by: request.guidance))
@@ -168,7 +180,8 @@ public final class StableDiffusionPipeline {
     }
 
     /// latents → 8-bit images: vae.decode(latents / scaling_factor), then (x / 2 + 0.5) clamped to [0, 1],
-    /// × 255 and rounded, as diffusers' VaeImageProcessor.postprocess with output_type "pil".
+    /// × 255 and rounded, as diffusers' VaeImageProcessor.postprocess with output_type "pil". The VAE casts the
+    /// (f32) latents to its own dtype; `floats()` reads its answer whatever that dtype is.
     public func decode(_ latents: Tensor) throws -> [RGBImage] {
         let image = try backend.download(vae.decode(backend.scale(latents, by: 1 / vae.config.scalingFactor))).floats()
         let (count, channels, height, width) = (latents.shape[0], 3, latents.shape[2] * vaeScaleFactor, latents.shape[3] * vaeScaleFactor)

@@ -109,8 +109,9 @@ public struct SDXLConditioner: TextConditioner {
             let b = first.encoder.tokenEmbedding.backend
             let width = first.encoder.config.hiddenSize + second.encoder.config.hiddenSize
             let length = min(first.tokenizer.modelMaxLength, first.encoder.config.maxPositions)
-            return Conditioning(states: try b.zeros([count, length, width], dtype: .f32),
-                                pooled: try b.zeros([count, second.encoder.config.projectionDim!], dtype: .f32))
+            let dtype = second.encoder.dtype   // the encoders' dtype, so the zeros concatenate with their states
+            return Conditioning(states: try b.zeros([count, length, width], dtype: dtype),
+                                pooled: try b.zeros([count, second.encoder.config.projectionDim!], dtype: dtype))
         }
         return try encode(negatives ?? Array(repeating: "", count: count), fromEnd: 2, warn: warn)
     }

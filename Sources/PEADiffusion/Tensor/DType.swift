@@ -15,6 +15,16 @@ public enum DType: String, Sendable, CaseIterable, CustomStringConvertible {
 
     public var isFloatingPoint: Bool { self == .f32 || self == .f16 || self == .bf16 }
 
+    /// The largest finite value of a floating-point dtype (torch.finfo(dtype).max), as a Float that converts to
+    /// it exactly; f32's for the integer types. Masks use its negative so that they stay finite once converted.
+    public var greatestFiniteMagnitude: Float {
+        switch self {
+        case .f16: return 65504
+        case .bf16: return Float(bitPattern: 0x7F7F_0000)   // 3.3895e38
+        default: return .greatestFiniteMagnitude
+        }
+    }
+
     /// The safetensors spelling ("F32", "F16", "BF16", "I32", "I64").
     public var safetensorsName: String {
         switch self {
