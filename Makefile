@@ -146,7 +146,7 @@ $(EMU_OUT)/test_dlopen: CKernels/emu/tests/test_dlopen.c
 # with dlopen, as the Swift backend does, and checks every op against the CPU reference kernels (CKernels/cpu):
 # `make cuda-test` runs it on the emulated build (libpea_cuda_emu.so), `make gpu-check` on the nvcc build.
 
-.PHONY: cuda-test gpu-check clean-cuda
+.PHONY: cuda-test gpu-check gpu-bundle clean-cuda
 
 CUDA_NVCC   := $(firstword $(NVCC) $(wildcard /usr/local/cuda/bin/nvcc /usr/lib/nvidia-cuda-toolkit/bin/nvcc))
 CUDA_OUT    := .build-cuda
@@ -164,7 +164,8 @@ cuda-test: $(TEST_OPS) libpea_cuda_emu.so
 	$(TEST_OPS) ./libpea_cuda_emu.so
 
 ## make gpu-check — on a machine with a GPU (nvcc + cuBLAS, no Swift): build libpea_cuda.so, run the op tests on the
-## GPU, then `./pea selftest --backend cuda` when a static `pea` was carried into the repository root
+## GPU, then `./pea selftest --backend cuda` and benchmarks/kernels_vs_torch.py (when torch imports) when a static
+## `pea` was carried into the repository root (make gpu-bundle prepares such a folder)
 gpu-check: $(TEST_OPS)
 	@if [ -z "$(CUDA_NVCC)" ]; then echo "gpu-check: nvcc was not found (install the CUDA toolkit, or set NVCC=)" >&2; exit 1; fi
 	$(MAKE) --no-print-directory $(CUDA_LIB)
@@ -175,9 +176,39 @@ gpu-check: $(TEST_OPS)
 	else \
 		echo "gpu-check: no ./pea here, so no selftest (build one elsewhere: swift build -c release --static-swift-stdlib)"; \
 	fi
+	@if [ -x ./pea ] && $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+		echo "$(PYTHON) benchmarks/kernels_vs_torch.py --pea ./pea --lib $(CUDA_LIB) --write benchmarks/RESULTS.md"; \
+		$(PYTHON) benchmarks/kernels_vs_torch.py --pea ./pea --lib $(CUDA_LIB) --write benchmarks/RESULTS.md; \
+	else \
+		echo "gpu-check: no kernel benchmarks (they need ./pea and a $(PYTHON) that imports torch)"; \
+	fi
 
 clean-cuda:
 	rm -rf $(CUDA_OUT)
+
+## make gpu-bundle — .build-gpu-bundle/: a static, stripped `pea` plus what `make cuda`, `make cuda-test` and
+## `make gpu-check` need (CKernels/{include,cuda,cpu,emu}, the Makefile, benchmarks/), to carry to a GPU machine
+## that has nvcc and Python+torch but no Swift; there: `make gpu-check`
+BUNDLE_OUT    := .build-gpu-bundle
+STATIC_SCRATCH := .build-static
+gpu-bundle: system-deps
+	$(SWIFT) build -c release --product pea --static-swift-stdlib --scratch-path $(STATIC_SCRATCH)
+	rm -rf $(BUNDLE_OUT)
+	mkdir -p $(BUNDLE_OUT)/CKernels $(BUNDLE_OUT)/benchmarks $(BUNDLE_OUT)/tools
+	cp $(STATIC_SCRATCH)/release/pea $(BUNDLE_OUT)/pea
+	strip $(BUNDLE_OUT)/pea
+	cp -R CKernels/include CKernels/cuda CKernels/cpu CKernels/emu $(BUNDLE_OUT)/CKernels/
+	cp Makefile $(BUNDLE_OUT)/
+	cp benchmarks/*.py $(BUNDLE_OUT)/benchmarks/
+	cp -R benchmarks/configs $(BUNDLE_OUT)/benchmarks/
+	if [ -f benchmarks/RESULTS.md ]; then cp benchmarks/RESULTS.md $(BUNDLE_OUT)/benchmarks/; fi
+	if [ -d tools/emu ]; then cp -R tools/emu $(BUNDLE_OUT)/tools/; fi
+	printf '%s\n' \
+		'Pea GPU bundle (made by `make gpu-bundle`): a static pea, the CUDA/CPU kernel sources, the Makefile, benchmarks.' \
+		'On a machine with nvcc, cuBLAS, a GPU and python3 with torch (no Swift needed), in this folder run:' \
+		'    make gpu-check    # builds .build-cuda/libpea_cuda.so, op tests, pea selftest --backend cuda, kernels_vs_torch.py' \
+		'Results land in benchmarks/RESULTS.md (section "CUDA kernels vs PyTorch"); copy it back.' > $(BUNDLE_OUT)/README.txt
+	@echo "make gpu-bundle: $(BUNDLE_OUT) ready ($$(du -sh $(BUNDLE_OUT) | cut -f1); pea $$(du -h $(BUNDLE_OUT)/pea | cut -f1)); carry it and run 'make gpu-check' there"
 
 $(CUDA_OUT)/obj/%.o: CKernels/cuda/%.cu
 	@mkdir -p $(@D)

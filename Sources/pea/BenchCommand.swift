@@ -18,12 +18,13 @@ Subcommands:
            [--kernel avx512|avx2|portable]   force a kernel (default: the best the CPU supports)
            [--json]              print one JSON object instead of the text line
   unet   time full UNet evaluations of a config's architecture with random weights (see 'pea bench unet --help')
+  kernels  time single ops (norms, attention, conv, GEMM, elementwise) at SD1.5 shapes (see 'pea bench kernels --help')
 """
 
 func runBench(_ arguments: [String]) throws {
     guard let subcommand = arguments.first else {
         print(benchUsage)
-        throw PEAError.usage("bench: no subcommand given (one of: gemm, unet)")
+        throw PEAError.usage("bench: no subcommand given (one of: gemm, unet, kernels)")
     }
     let rest = Array(arguments.dropFirst())
     switch subcommand {
@@ -31,6 +32,7 @@ func runBench(_ arguments: [String]) throws {
         print(benchUsage)
     case "unet":
         try runBenchUNet(rest)
+    case "kernels": try runBenchKernels(rest)
     case "gemm":
         if rest.contains("--help") || rest.contains("-h") {
             print(benchUsage)
@@ -38,7 +40,7 @@ func runBench(_ arguments: [String]) throws {
         }
         try runGEMMBench(rest)
     default:
-        throw PEAError.usage("bench: unknown subcommand '\(subcommand)' (one of: gemm, unet)")
+        throw PEAError.usage("bench: unknown subcommand '\(subcommand)' (one of: gemm, unet, kernels)")
     }
 }
 

@@ -13,6 +13,8 @@ Usage:
                                   time our CPU GEMM and print GFLOP/s
   pea bench unet --config FILE [--latent HxW] [--batch B] [--repeats R] [--json]
                                   time a full UNet of that architecture (random weights) and its peak memory
+  pea bench kernels [--backend cuda|cpu] [--precision P] [--scale full|small] [--json]
+                                  time each kernel at SD1.5 shapes (GB/s, TFLOP/s)
   pea generate --model DIR --prompt TEXT [--negative-prompt TEXT] [--steps 30] [--guidance 7.5] [--seed N]
                [--scheduler NAME] [--width W --height H] [--batch N] [--prompts FILE] [--output PATH.png]
                [--text-encoder DIR --adapter PATH]

@@ -1,0 +1,269 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import PEADiffusion
+
+let benchKernelsUsage = """
+Usage: pea bench kernels [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--repeats R] [--scale full|small]
+                         [--only NAME[,NAME…]] [--json] [--threads T]
+
+Times single backend ops at SD1.5-sized shapes on random data: group norm + SiLU, layer norm, attention (self
+and cross), 3×3 conv2d, linear and a square GEMM, add, SiLU, GEGLU. Each op runs once as a warm-up, then R
+timed runs (default 20 on CUDA, 3 on the CPU), each between two synchronize() calls, so one figure is one op
+including its launch. Reports the best and median time and, from the best, the achieved TFLOP/s (GEMM, conv,
+attention: 4·B·H·Tq·Tk·D) or GB/s (the others: the minimal bytes read + written, each input once, the output
+once). --scale small shrinks every shape 8-16× (a smoke test that finishes in seconds on the emulated CUDA
+library). --only keeps the ops whose names contain one of the comma-separated strings. --json prints a JSON
+list of objects {name, op, shape, dtype, backend, best_ms, median_ms, gbps | tflops, repeats, params}; params
+holds the dimensions (benchmarks/kernels_vs_torch.py builds the torch side from them).
+
+\(BackendOptions.help)
+"""
+
+/// One op to time: how to build its inputs and run it once, and its work (FLOPs or minimal bytes).
+private struct KernelCase {
+    let name: String
+    let op: String
+    let shape: String
+    /// Dimensions for the JSON (the torch script builds the same problem from them).
+    let params: [(String, Int)]
+    /// Floating-point operations of one run (compute-bound ops), or nil.
+    let flops: Double?
+    /// Minimal bytes moved by one run at element size `elementBytes` (memory-bound ops), or nil.
+    let bytes: ((Int) -> Double)?
+    /// Uploads the inputs and returns the closure that runs the op once (its result is dropped).
+    let prepare: (any ComputeBackend, DType, inout SplitMix64) throws -> () throws -> Tensor
+}
+
+private struct KernelResult {
+    let kernel: KernelCase
+    let bestMs: Double
+    let medianMs: Double
+    let repeats: Int
+    let gbps: Double?
+    let tflops: Double?
+}
+
+/// The benchmark's problems. `small` shrinks spatial sizes 8× (token counts 64×), channels 8×.
+private func kernelCases(small: Bool) -> [KernelCase] {
+    let s = small ? 8 : 1
+    let batch = 2
+    var cases: [KernelCase] = []
+
+    func upload(_ backend: any ComputeBackend, _ dtype: DType, _ random: inout SplitMix64, _ shape: [Int]) throws -> Tensor {
+        try backend.upload(HostTensor(random.normals(shape.reduce(1, *)), shape: shape, dtype: dtype))
+    }
+
+    // Group norm + SiLU over [B, C, H, W] in G groups (one ResNet block's norm1/norm2).
+    for (c, hw, g) in [(320 / s, 64 / s, small ? 8 : 32), (1280 / s, small ? 4 : 8, small ? 8 : 32)] {
+        let n = batch * c * hw * hw
+        cases.append(KernelCase(
+            name: "group_norm_silu_\(c)", op: "group_norm", shape: "[\(batch),\(c),\(hw),\(hw)] G=\(g)",
+            params: [("B", batch), ("C", c), ("H", hw), ("W", hw), ("G", g), ("silu", 1)],
+            flops: nil, bytes: { e in Double((2 * n + 2 * c) * e) },
+            prepare: { backend, dtype, random in
+                let x = try upload(backend, dtype, &random, [batch, c, hw, hw])
+                let w = try upload(backend, dtype, &random, [c]), b = try upload(backend, dtype, &random, [c])
+                return { try backend.groupNorm(x, groups: g, weight: w, bias: b, eps: 1e-5, fuseSiLU: true) }
+            }))
+    }
+
+    // Layer norm over [B·T, C] (a transformer block's norm1/2/3 at 64×64).
+    do {
+        let rows = batch * 4096 / (s * s), c = 320 / s
+        cases.append(KernelCase(
+            name: "layer_norm", op: "layer_norm", shape: "[\(rows),\(c)]",
+            params: [("R", rows), ("C", c)],
+            flops: nil, bytes: { e in Double((2 * rows * c + 2 * c) * e) },
+            prepare: { backend, dtype, random in
+                let x = try upload(backend, dtype, &random, [rows, c])
+                let w = try upload(backend, dtype, &random, [c]), b = try upload(backend, dtype, &random, [c])
+                return { try backend.layerNorm(x, weight: w, bias: b, eps: 1e-5) }
+            }))
+    }
+
+    // Attention in the projections' layout q [B, Tq, H·D], k/v [B, Tk, H·D]; FLOPs 4·B·H·Tq·Tk·D.
+    let tokens = 4096 / (s * s)
+    for (name, tq, tk, h, d) in [("attn_self_h5d64", tokens, tokens, 5, 64), ("attn_self_h8d40", tokens, tokens, 8, 40),
+                                 ("attn_cross_h8d40", tokens, 77, 8, 40)] {
+        cases.append(KernelCase(
+            name: name, op: "attention", shape: "B=\(batch) H=\(h) Tq=\(tq) Tk=\(tk) D=\(d)",
+            params: [("B", batch), ("H", h), ("Tq", tq), ("Tk", tk), ("D", d)],
+            flops: 4 * Double(batch * h) * Double(tq) * Double(tk) * Double(d), bytes: nil,
+            prepare: { backend, dtype, random in
+                let q = try upload(backend, dtype, &random, [batch, tq, h * d])
+                let k = try upload(backend, dtype, &random, [batch, tk, h * d])
+                let v = try upload(backend, dtype, &random, [batch, tk, h * d])
+                return { try backend.attention(q: q, k: k, v: v, heads: h, mask: nil, causal: false, scale: nil) }
+            }))
+    }
+
+    // 3×3 convolutions, padding 1, with bias: FLOPs 2·B·Cout·H·W·Cin·9.
+    for (c, hw) in [(320 / s, 64 / s), (1280 / s, 16 / (small ? 4 : 1))] {
+        cases.append(KernelCase(
+            name: "conv3x3_\(c)", op: "conv2d", shape: "[\(batch),\(c),\(hw),\(hw)] → \(c), 3×3 pad 1",
+            params: [("B", batch), ("Cin", c), ("Cout", c), ("H", hw), ("W", hw), ("k", 3), ("pad", 1)],
+            flops: 2 * Double(batch * c * hw * hw) * Double(c * 9), bytes: nil,
+            prepare: { backend, dtype, random in
+                let x = try upload(backend, dtype, &random, [batch, c, hw, hw])
+                let w = try upload(backend, dtype, &random, [c, c, 3, 3]), b = try upload(backend, dtype, &random, [c])
+                return { try backend.conv2d(x, weight: w, bias: b, stride: (1, 1), padding: .uniform(1)) }
+            }))
+    }
+
+    // Linear x [M, K] · Wᵀ (W [N, K]) + bias (the feed-forward's first projection at 320 channels, 4×).
+    do {
+        let m = batch * tokens, k = 320 / s, n = 1280 / s
+        cases.append(KernelCase(
+            name: "linear_\(k)x\(n)", op: "linear", shape: "[\(m),\(k)]·[\(n),\(k)]ᵀ",
+            params: [("M", m), ("N", n), ("K", k)],
+            flops: 2 * Double(m) * Double(n) * Double(k), bytes: nil,
+            prepare: { backend, dtype, random in
+                let x = try upload(backend, dtype, &random, [m, k])
+                let w = try upload(backend, dtype, &random, [n, k]), b = try upload(backend, dtype, &random, [n])
+                return { try backend.linear(x, weight: w, bias: b) }
+            }))
+    }
+
+    // A square GEMM, the peak a GEMM-bound op can hope for.
+    do {
+        let n = small ? 256 : 4096
+        cases.append(KernelCase(
+            name: "gemm_\(n)", op: "gemm", shape: "\(n)×\(n)×\(n)",
+            params: [("M", n), ("N", n), ("K", n)],
+            flops: 2 * Double(n) * Double(n) * Double(n), bytes: nil,
+            prepare: { backend, dtype, random in
+                let a = try upload(backend, dtype, &random, [n, n]), b = try upload(backend, dtype, &random, [n, n])
+                return { try backend.gemm(a, b, transposeA: false, transposeB: false, alpha: 1, beta: 0, c: nil) }
+            }))
+    }
+
+    // Elementwise: add (residual), SiLU, GEGLU [R, 2D] → [R, D].
+    do {
+        let c = 320 / s, hw = 64 / s
+        let n = batch * c * hw * hw
+        let shape = [batch, c, hw, hw]
+        let text = "[\(batch),\(c),\(hw),\(hw)]"
+        cases.append(KernelCase(
+            name: "add", op: "add", shape: text, params: [("B", batch), ("C", c), ("H", hw), ("W", hw)],
+            flops: nil, bytes: { e in Double(3 * n * e) },
+            prepare: { backend, dtype, random in
+                let a = try upload(backend, dtype, &random, shape), b = try upload(backend, dtype, &random, shape)
+                return { try backend.add(a, b) }
+            }))
+        cases.append(KernelCase(
+            name: "silu", op: "silu", shape: text, params: [("B", batch), ("C", c), ("H", hw), ("W", hw)],
+            flops: nil, bytes: { e in Double(2 * n * e) },
+            prepare: { backend, dtype, random in
+                let x = try upload(backend, dtype, &random, shape)
+                return { try backend.activation(x, .silu) }
+            }))
+        let rows = batch * tokens, d = 1280 / s
+        cases.append(KernelCase(
+            name: "geglu", op: "geglu", shape: "[\(rows),\(2 * d)] → [\(rows),\(d)]", params: [("R", rows), ("D", d)],
+            flops: nil, bytes: { e in Double(3 * rows * d * e) },
+            prepare: { backend, dtype, random in
+                let x = try upload(backend, dtype, &random, [rows, 2 * d])
+                return { try backend.geglu(x) }
+            }))
+    }
+    return cases
+}
+
+func runBenchKernels(_ arguments: [String]) throws {
+    if arguments.contains("--help") || arguments.contains("-h") { print(benchKernelsUsage); return }
+    var spec = BackendOptions.spec
+    for key in ["--repeats", "--scale", "--only"] { spec[key] = .value }
+    spec["--json"] = .flag
+    let options = try Arguments(arguments, command: "bench kernels", spec: spec)
+    let scale = options.string("--scale") ?? "full"
+    guard scale == "full" || scale == "small" else {
+        throw PEAError.usage("bench kernels: --scale must be full or small, got '\(scale)'")
+    }
+    let settings = try BackendOptions(options, command: "bench kernels")
+    let backend = settings.backend, dtype = settings.precision
+    let repeats = try options.int("--repeats", default: backend.name == "cpu" ? 3 : 20, range: 1...100_000)
+    var cases = kernelCases(small: scale == "small")
+    if let only = options.string("--only") {
+        let wanted = only.split(separator: ",").map(String.init)
+        cases = cases.filter { c in wanted.contains { c.name.contains($0) } }
+        guard !cases.isEmpty else {
+            throw PEAError.usage("bench kernels: --only '\(only)' matches no kernel (names: "
+                + kernelCases(small: false).map(\.name).joined(separator: ", ") + ")")
+        }
+    }
+    let json = options.has("--json")
+    var device = backend.name
+    if let cuda = backend as? CUDABackend { device = "cuda \(cuda.deviceName)" }
+    if !json {
+        print("kernels on \(device), \(dtype), \(scale) shapes, 1 warm-up + \(repeats) timed runs each")
+    }
+
+    var results: [KernelResult] = []
+    var random = SplitMix64(seed: 11)
+    for kernel in cases {
+        let run = try kernel.prepare(backend, dtype, &random)
+        try backend.synchronize()
+        _ = try run()   // warm-up: kernel selection, workspace and allocator cache, page faults
+        try backend.synchronize()
+        var times: [Double] = []
+        for _ in 0..<repeats {
+            try backend.synchronize()
+            let start = monotonicSeconds()
+            _ = try run()
+            try backend.synchronize()
+            times.append((monotonicSeconds() - start) * 1000)
+        }
+        times.sort()
+        let best = times[0]
+        let median = times.count % 2 == 1 ? times[times.count / 2] : (times[times.count / 2 - 1] + times[times.count / 2]) / 2
+        let result = KernelResult(
+            kernel: kernel, bestMs: best, medianMs: median, repeats: times.count,
+            gbps: kernel.bytes.map { $0(dtype.byteSize) / (best * 1e-3) / 1e9 },
+            tflops: kernel.flops.map { $0 / (best * 1e-3) / 1e12 })
+        results.append(result)
+        if !json { printKernelRow(result) }
+    }
+    if json {
+        print("[")
+        for (i, r) in results.enumerated() {
+            let rate = r.gbps.map { "\"gbps\": \(decimal($0, 3))" } ?? "\"tflops\": \(decimal(r.tflops ?? 0, 4))"
+            let params = r.kernel.params.map { "\"\($0.0)\": \($0.1)" }.joined(separator: ", ")
+            print("  {\"name\": \"\(r.kernel.name)\", \"op\": \"\(r.kernel.op)\", \"shape\": \"\(r.kernel.shape)\", "
+                + "\"dtype\": \"\(dtype)\", \"backend\": \"\(jsonEscaped(device))\", \"best_ms\": \(decimal(r.bestMs, 4)), "
+                + "\"median_ms\": \(decimal(r.medianMs, 4)), \(rate), \"repeats\": \(r.repeats), \"params\": {\(params)}}"
+                + (i + 1 < results.count ? "," : ""))
+        }
+        print("]")
+    }
+}
+
+private func printKernelRow(_ r: KernelResult) {
+    let rate = r.gbps.map { "\(decimal($0, $0 < 10 ? 3 : 1)) GB/s" }
+        ?? "\(decimal(r.tflops ?? 0, (r.tflops ?? 0) < 0.01 ? 5 : 3)) TFLOP/s"
+    func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s : s + String(repeating: " ", count: width - s.count) }
+    func left(_ s: String, _ width: Int) -> String { s.count >= width ? s : String(repeating: " ", count: width - s.count) + s }
+    print(pad(r.kernel.name, 22) + pad(r.kernel.shape, 36) + "best " + left(decimal(r.bestMs, 3), 10) + " ms  median "
+        + left(decimal(r.medianMs, 3), 10) + " ms  " + left(rate, 16))
+}
+
+/// `x` with `digits` decimals (printf %.Nf; Swift's description would print exponents).
+private func decimal(_ x: Double, _ digits: Int) -> String {
+    var buffer = [CChar](repeating: 0, count: 64)
+    _ = withVaList([x]) { vsnprintf(&buffer, 64, "%.\(digits)f", $0) }
+    return String(cString: buffer)
+}
+
+private func jsonEscaped(_ s: String) -> String {
+    var out = ""
+    for ch in s.unicodeScalars {
+        switch ch {
+        case "\"": out += "\\\""
+        case "\\": out += "\\\\"
+        default: out.unicodeScalars.append(ch.value < 0x20 ? " " : ch)
+        }
+    }
+    return out
+}

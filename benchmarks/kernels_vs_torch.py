@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""Pea's CUDA kernels (`pea bench kernels --backend cuda --json`) side by side with their PyTorch equivalents.
+
+The pea side prints, per kernel, its problem (a `params` object of dimensions) and its best / median time; this
+script builds the same problems in torch on the same GPU, in the same run and dtype, and times them with CUDA
+events after a warm-up (one event pair around each run, best and median of --repeats):
+
+    group_norm_silu_*  F.silu(F.group_norm(x, G, w, b))            x [B, C, H, W]
+    layer_norm         F.layer_norm(x, (C,), w, b)                  x [R, C]
+    attn_*             F.scaled_dot_product_attention(q, k, v)     q/k/v [B, H, T, D] (FlashAttention when it applies)
+    conv3x3_*          F.conv2d(x, w, b, padding=1)                 cuDNN (benchmark mode, TF32 off for fp32)
+    linear_*           F.linear(x, w, b)                            cuBLAS
+    gemm_*             torch.matmul(a, b)                           cuBLAS (TF32 off for fp32)
+    add, silu          a + b, F.silu(x)
+    geglu              a, g = x.chunk(2, -1); a * F.gelu(g)         (diffusers' GEGLU after its projection)
+
+The table gives both times, pea / torch, pea's achieved GB/s or TFLOP/s and, for memory-bound kernels, the
+fraction of the device's DRAM bandwidth (from a table of known devices: H100 SXM 3350 GB/s, H100 PCIe 2000,
+H200 4800, A100 …; otherwise a measured device-to-device copy).
+
+    python3 benchmarks/kernels_vs_torch.py [--pea ./pea] [--precision fp16] [--repeats 20] [--only NAME]
+                                           [--lib .build-cuda/libpea_cuda.so] [--write benchmarks/RESULTS.md]
+    python3 benchmarks/kernels_vs_torch.py --dry-run [--pea .build/release/pea]   # no GPU: checks pea's JSON on the CPU
+
+Without a GPU (or without torch built for CUDA) it exits with a message saying so. --precision may be given
+several times (one table per dtype).
+"""
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+
+SECTION = "## CUDA kernels vs PyTorch"
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MEMORY_BOUND = {"group_norm", "layer_norm", "add", "silu", "geglu"}
+REQUIRED_KEYS = {"name", "op", "shape", "dtype", "best_ms", "median_ms", "params"}
+
+# Peak DRAM bandwidth in GB/s by device name (matched in order, case-insensitive; the first match wins).
+PEAK_BANDWIDTH = [
+    ("GH200", 4000.0),      # 96 GB HBM3 (the 144 GB HBM3e part: 4900)
+    ("H200", 4800.0),
+    ("H100 PCIe", 2000.0),
+    ("H100 NVL", 3900.0),
+    ("H100", 3350.0),       # SXM5 (H100 80GB HBM3)
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100", 1555.0),       # 40 GB
+    ("L40S", 864.0),
+    ("L4", 300.0),
+    ("A10G", 600.0),
+    ("RTX 4090", 1008.0),
+]
+
+
+def last_json_list(text):
+    start = text.find("[")
+    if start < 0:
+        raise ValueError("no JSON list in the output")
+    return json.loads(text[start:])
+
+
+def run_pea(pea, backend, precision, repeats, only, scale, lib):
+    cmd = [pea, "bench", "kernels", "--backend", backend, "--precision", precision, "--json"]
+    if repeats:
+        cmd += ["--repeats", str(repeats)]
+    if only:
+        cmd += ["--only", only]
+    if scale:
+        cmd += ["--scale", scale]
+    env = dict(os.environ)
+    if lib:
+        env["PEA_CUDA_LIB"] = os.path.abspath(lib)
+    print("pea side: " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"kernels_vs_torch.py: '{' '.join(cmd)}' failed (exit {proc.returncode}); see its messages above")
+    try:
+        results = last_json_list(proc.stdout)
+    except ValueError as error:
+        sys.exit(f"kernels_vs_torch.py: '{' '.join(cmd)}' printed no JSON list ({error}):\n{proc.stdout}")
+    for r in results:
+        missing = REQUIRED_KEYS - set(r)
+        if missing or not ("gbps" in r or "tflops" in r):
+            sys.exit(f"kernels_vs_torch.py: pea's JSON entry {r} lacks {sorted(missing) or 'gbps/tflops'}")
+    return results
+
+
+def peak_bandwidth(torch, name):
+    """(GB/s, where it came from) for the current device."""
+    for key, gbps in PEAK_BANDWIDTH:
+        if key.lower() in name.lower():
+            return gbps, f"{key} spec sheet"
+    # Unknown device: a large device-to-device copy (read + write), best of several.
+    n = 256 * 1024 * 1024
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    best = float("inf")
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return 2 * n / (best * 1e-3) / 1e9, "measured device-to-device copy"
+
+
+def torch_problem(torch, F, entry, dtype, dev="cuda"):
+    """A zero-argument function running the torch equivalent of one pea kernel entry."""
+    p, op = entry["params"], entry["op"]
+
+    def rnd(*shape):
+        return torch.randn(*shape, device=dev, dtype=dtype)
+
+    if op == "group_norm":
+        x, w, b = rnd(p["B"], p["C"], p["H"], p["W"]), rnd(p["C"]), rnd(p["C"])
+        if p.get("silu"):
+            return lambda: F.silu(F.group_norm(x, p["G"], w, b, 1e-5))
+        return lambda: F.group_norm(x, p["G"], w, b, 1e-5)
+    if op == "layer_norm":
+        x, w, b = rnd(p["R"], p["C"]), rnd(p["C"]), rnd(p["C"])
+        return lambda: F.layer_norm(x, (p["C"],), w, b, 1e-5)
+    if op == "attention":
+        q = rnd(p["B"], p["H"], p["Tq"], p["D"])
+        k, v = rnd(p["B"], p["H"], p["Tk"], p["D"]), rnd(p["B"], p["H"], p["Tk"], p["D"])
+        return lambda: F.scaled_dot_product_attention(q, k, v)
+    if op == "conv2d":
+        x = rnd(p["B"], p["Cin"], p["H"], p["W"])
+        w, b = rnd(p["Cout"], p["Cin"], p["k"], p["k"]), rnd(p["Cout"])
+        return lambda: F.conv2d(x, w, b, padding=p["pad"])
+    if op == "linear":
+        x, w, b = rnd(p["M"], p["K"]), rnd(p["N"], p["K"]), rnd(p["N"])
+        return lambda: F.linear(x, w, b)
+    if op == "gemm":
+        a, b = rnd(p["M"], p["K"]), rnd(p["K"], p["N"])
+        return lambda: torch.matmul(a, b)
+    if op == "add":
+        a, b = rnd(p["B"], p["C"], p["H"], p["W"]), rnd(p["B"], p["C"], p["H"], p["W"])
+        return lambda: a + b
+    if op == "silu":
+        x = rnd(p["B"], p["C"], p["H"], p["W"])
+        return lambda: F.silu(x)
+    if op == "geglu":
+        x = rnd(p["R"], 2 * p["D"])
+
+        def geglu():
+            a, g = x.chunk(2, dim=-1)
+            return a * F.gelu(g)
+        return geglu
+    raise ValueError(f"no torch equivalent for op '{op}'")
+
+
+def time_torch(torch, fn, repeats):
+    """Best and median ms of `repeats` runs, each between its own pair of CUDA events, after warm-up."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return min(times), statistics.median(times)
+
+
+def sdpa_backend_note(torch, F):
+    """Which SDPA kernel torch would pick for f16 [2, 5, 4096, 64] (FlashAttention when available)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        q = torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.float16)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            F.scaled_dot_product_attention(q, q, q)
+        return "FlashAttention available (f16/bf16)"
+    except Exception as error:  # old torch, or no flash kernel for this device
+        return f"FlashAttention not confirmed ({type(error).__name__})"
+
+
+def cudnn_version(torch):
+    try:
+        return torch.backends.cudnn.version()
+    except Exception:  # no usable cuDNN
+        return "unknown"
+
+
+def write_section(path, section):
+    """Replaces the SECTION heading and everything up to the next '## ' heading, or appends it; every other
+    section of the file is kept as it is."""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    else:
+        text = "# Benchmark results\n\nRecorded runs of the side-by-side benchmarks in this folder (`make bench`).\n"
+    found = re.search("^" + re.escape(SECTION) + "[ \t]*$", text, re.M)
+    if found is None:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        start = found.start()
+        nxt = text.find("\n## ", found.end())
+        rest = text[nxt + 1:] if nxt >= 0 else ""
+        text = text[:start] + section + ("\n" + rest if rest else "")
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def dry_run(args):
+    results = run_pea(args.pea, "cpu", "fp32", args.repeats or 1, args.only, "small", None)
+    print(f"pea bench kernels --json on the CPU: {len(results)} entries, all with {sorted(REQUIRED_KEYS)} and gbps/tflops")
+    for r in results:
+        rate = f"{r['gbps']:.2f} GB/s" if "gbps" in r else f"{r['tflops']:.4f} TFLOP/s"
+        print(f"  {r['name']:22} {r['shape']:36} {r['best_ms']:10.3f} ms  {rate}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pea", default="./pea" if os.path.exists("./pea") else ".build/release/pea",
+                        help="the pea binary (default: %(default)s)")
+    parser.add_argument("--lib", default=os.path.join(ROOT, ".build-cuda", "libpea_cuda.so"),
+                        help="the CUDA library pea loads (PEA_CUDA_LIB; default: %(default)s when it exists)")
+    parser.add_argument("--precision", action="append", choices=["fp32", "fp16", "bf16"],
+                        help="dtype of both sides; repeatable (default: fp16 and fp32)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per kernel and side (default: %(default)s)")
+    parser.add_argument("--only", help="pea's --only: comma-separated substrings of kernel names")
+    parser.add_argument("--write", metavar="RESULTS.md", help="record the tables in this markdown file")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU needed: run the pea side on the CPU at small shapes and check its JSON")
+    args = parser.parse_args()
+    if not os.path.exists(args.pea):
+        sys.exit(f"kernels_vs_torch.py: {args.pea} not found (build one: 'make gpu-bundle' elsewhere, or pass --pea)")
+    if args.dry_run:
+        dry_run(args)
+        return
+
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError as error:
+        sys.exit(f"kernels_vs_torch.py: torch is not importable ({error}); this benchmark needs torch with CUDA")
+    if not torch.cuda.is_available():
+        sys.exit("kernels_vs_torch.py: no CUDA device visible to torch (no GPU, no driver, or a CPU-only torch); "
+                 "nothing to compare. Use --dry-run to check the pea side on the CPU.")
+    lib = args.lib if os.path.exists(args.lib) else None
+    if lib is None:
+        print(f"kernels_vs_torch.py: {args.lib} not found; pea looks for libpea_cuda.so itself", file=sys.stderr)
+    torch.backends.cuda.matmul.allow_tf32 = False   # fp32 on both sides is exact f32 (pea's default)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    device = torch.cuda.get_device_name(0)
+    peak, peak_source = peak_bandwidth(torch, device)
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    precisions = args.precision or ["fp16", "fp32"]
+
+    header = ("| kernel | shape | dtype | pea best / median ms | torch best / median ms | pea / torch "
+              "| pea GB/s or TFLOP/s | torch GB/s or TFLOP/s | pea % of DRAM peak |\n"
+              "|---|---|---|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for precision in precisions:
+        for entry in run_pea(args.pea, "cuda", precision, args.repeats, args.only, None, lib):
+            fn = torch_problem(torch, F, entry, dtypes[precision])
+            with torch.inference_mode():
+                t_best, t_median = time_torch(torch, fn, args.repeats)
+            memory_bound = entry["op"] in MEMORY_BOUND
+            if memory_bound:
+                torch_rate = entry["gbps"] * entry["best_ms"] / t_best
+                pea_rate = f"{entry['gbps']:.0f} GB/s"
+                torch_rate = f"{torch_rate:.0f} GB/s"
+                fraction = f"{100 * entry['gbps'] / peak:.0f}%"
+            else:
+                pea_rate = f"{entry['tflops']:.1f} TFLOP/s"
+                torch_rate = f"{entry['tflops'] * entry['best_ms'] / t_best:.1f} TFLOP/s"
+                fraction = "—"
+            row = (f"| {entry['name']} | {entry['shape']} | {precision} "
+                   f"| {entry['best_ms']:.3f} / {entry['median_ms']:.3f} | {t_best:.3f} / {t_median:.3f} "
+                   f"| {entry['best_ms'] / t_best:.2f} | {pea_rate} | {torch_rate} | {fraction} |")
+            rows.append(row)
+            print(row, file=sys.stderr, flush=True)
+
+    note = sdpa_backend_note(torch, F)
+    print(f"\n{device}; torch {torch.__version__}; DRAM peak {peak:.0f} GB/s ({peak_source}); SDPA: {note}\n")
+    print(header)
+    for row in rows:
+        print(row)
+
+    if args.write:
+        command = "python3 " + " ".join(shlex.quote(a) for a in sys.argv)
+        section = "\n".join([
+            SECTION,
+            "",
+            f"- date: {datetime.date.today().isoformat()}",
+            f"- device: {device}; DRAM peak {peak:.0f} GB/s ({peak_source})",
+            f"- reference: torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {cudnn_version(torch)}; "
+            f"SDPA in [B, H, T, D] ({note}); cuDNN benchmark mode; TF32 off on both sides",
+            f"- timing: pea — one warm-up, then {args.repeats} runs each between two synchronize() calls (host clock, "
+            f"launch included); torch — three warm-ups, then {args.repeats} runs each between two CUDA events; "
+            "best / median; rates from the best time (GB/s: minimal bytes read + written)",
+            f"- command: `{command}`",
+            "",
+            header,
+            *rows,
+            "",
+        ])
+        write_section(args.write, section)
+        print(f"\nwrote {args.write}")
+
+
+if __name__ == "__main__":
+    main()
