@@ -23,7 +23,7 @@ public enum PNGWriter {
     public static func write(rgb: [UInt8], width: Int, height: Int, textChunks: [(key: String, value: String)] = [],
                              to path: String) throws {
         let bytes = try encode(rgb: rgb, width: width, height: height, textChunks: textChunks, path: path)
-        try writeFileAtomically(bytes, to: path)
+        try writeFileAtomically(to: path) { append in try append(bytes) }
     }
 
     /// The bytes of the PNG file `write` would write (`path` only names it in errors).
@@ -413,50 +413,3 @@ enum PNGFormat {
     }
 }
 
-// MARK: - Atomic file writing
-
-/// Writes `bytes` to a new file next to `path` (same folder, so `rename` is atomic), then renames it over
-/// `path`. On any failure the temporary file is removed and `path` is left as it was.
-private func writeFileAtomically(_ bytes: [UInt8], to path: String) throws {
-    func fail(_ reason: String) -> PEAError { .invalidFile(path: path, reason: reason) }
-    var time = timespec()
-    clock_gettime(CLOCK_REALTIME, &time)
-    var random = SplitMix64(seed: UInt64(UInt32(bitPattern: getpid())) << 32 ^ UInt64(time.tv_nsec) ^ UInt64(time.tv_sec) << 20)
-    var temporary: (path: String, descriptor: Int32)?
-    for _ in 0..<100 {
-        let candidate = "\(path).tmp-\(getpid())-\(String(random.next() & 0xFFFF_FFFF, radix: 16))"
-        let descriptor = open(candidate, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o666)
-        if descriptor >= 0 {
-            temporary = (candidate, descriptor)
-            break
-        }
-        if errno != EEXIST { throw fail("cannot create a temporary file next to it: \(systemErrorMessage())") }
-    }
-    guard let (temporaryPath, descriptor) = temporary else {
-        throw fail("cannot create a temporary file next to it: too many name collisions")
-    }
-    var closed = false
-    do {
-        try bytes.withUnsafeBytes { buffer in
-            var written = 0
-            while written < buffer.count {
-                let count = write(descriptor, buffer.baseAddress! + written, buffer.count - written)
-                if count < 0 {
-                    if errno == EINTR { continue }
-                    throw fail("cannot write \(temporaryPath): \(systemErrorMessage())")
-                }
-                written += count
-            }
-        }
-        guard fsync(descriptor) == 0 else { throw fail("cannot flush \(temporaryPath) to disk: \(systemErrorMessage())") }
-        closed = true
-        guard close(descriptor) == 0 else { throw fail("cannot close \(temporaryPath): \(systemErrorMessage())") }
-        guard rename(temporaryPath, path) == 0 else {
-            throw fail("cannot rename \(temporaryPath) to it: \(systemErrorMessage())")
-        }
-    } catch {
-        if !closed { close(descriptor) }
-        unlink(temporaryPath)
-        throw error
-    }
-}

@@ -479,28 +479,10 @@ public enum SafeTensorsWriter {
         var prefix = [UInt8](repeating: 0, count: 8)
         withUnsafeBytes(of: UInt64(header.count).littleEndian) { prefix = Array($0) }
 
-        let (temporaryPath, descriptor) = try createTemporaryFile(besides: path)
-        var closed = false
-        do {
-            try writeAll(descriptor, prefix, path: temporaryPath)
-            try writeAll(descriptor, header, path: temporaryPath)
-            for index in order {
-                try writeAll(descriptor, tensors[index].tensor.bytes, path: temporaryPath)
-            }
-            guard fsync(descriptor) == 0 else {
-                throw PEAError.invalidFile(path: temporaryPath, reason: "cannot flush to disk: \(systemErrorMessage())")
-            }
-            closed = true
-            guard close(descriptor) == 0 else {
-                throw PEAError.invalidFile(path: temporaryPath, reason: "cannot close: \(systemErrorMessage())")
-            }
-            guard rename(temporaryPath, path) == 0 else {
-                throw PEAError.invalidFile(path: path, reason: "cannot rename \(temporaryPath) to it: \(systemErrorMessage())")
-            }
-        } catch {
-            if !closed { close(descriptor) }
-            unlink(temporaryPath)
-            throw error
+        try writeFileAtomically(to: path) { append in
+            try append(prefix)
+            try append(header)
+            for index in order { try append(tensors[index].tensor.bytes) }
         }
     }
 
@@ -556,40 +538,9 @@ public enum SafeTensorsWriter {
         header.append(contentsOf: repeatElement(UInt8(ascii: " "), count: (8 - header.count % 8) % 8))
         return (header, order)
     }
-
-    /// Creates a new file next to `path` (same folder, so `rename` is atomic) with a unique name.
-    private static func createTemporaryFile(besides path: String) throws -> (String, Int32) {
-        var time = timespec()
-        clock_gettime(CLOCK_REALTIME, &time)
-        var random = SplitMix64(seed: UInt64(UInt32(bitPattern: getpid())) << 32 ^ UInt64(time.tv_nsec) ^ UInt64(time.tv_sec) << 20)
-        for _ in 0..<100 {
-            let candidate = "\(path).tmp-\(getpid())-\(String(random.next() & 0xFFFF_FFFF, radix: 16))"
-            let descriptor = open(candidate, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o666)
-            if descriptor >= 0 { return (candidate, descriptor) }
-            if errno != EEXIST {
-                throw PEAError.invalidFile(path: path, reason: "cannot create temporary file \(candidate): \(systemErrorMessage())")
-            }
-        }
-        throw PEAError.invalidFile(path: path, reason: "cannot create a temporary file next to it: too many name collisions")
-    }
 }
 
 // MARK: - Helpers
-
-/// Writes every byte, retrying after partial writes and interruptions.
-private func writeAll(_ descriptor: Int32, _ bytes: [UInt8], path: String) throws {
-    try bytes.withUnsafeBytes { buffer in
-        var written = 0
-        while written < buffer.count {
-            let count = write(descriptor, buffer.baseAddress! + written, buffer.count - written)
-            if count < 0 {
-                if errno == EINTR { continue }
-                throw PEAError.invalidFile(path: path, reason: "cannot write: \(systemErrorMessage())")
-            }
-            written += count
-        }
-    }
-}
 
 /// A mutual-exclusion lock over pthread_mutex (no Foundation).
 final class PThreadLock: @unchecked Sendable {
