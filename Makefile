@@ -72,7 +72,7 @@ clean:
 # The CUDA sources without a GPU (CKernels/emu/README.md). The same .cu files build with nvcc (make cuda) and
 # with the host C++ compiler against the SIMT emulator in CKernels/emu (make cuda-emu, make emu-test).
 
-.PHONY: emu-test cuda-emu cuda-compile-check clean-emu
+.PHONY: emu-test cuda-emu cuda-compile-check cuda13-compile-check clean-emu
 
 EMU_CXX        ?= g++
 EMU_OUT        := .build-emu
@@ -98,6 +98,17 @@ libpea_cuda_emu.so: $(EMU_CUDA_OBJ) $(EMU_RT_OBJ)
 ## make cuda-compile-check — every .cu under CKernels/cuda through the real nvcc (sm_80, sm_90); installs Debian's toolkit as root
 cuda-compile-check:
 	@tools/emu/cuda-compile-check.sh
+
+## make cuda13-compile-check — the same check with nvcc 13.x, NVIDIA's PyPI wheels (nvidia-cuda-nvcc and the
+## runtime/cuBLAS headers, ~1 GB in .build-nvcc13/; not part of make test): what lent GPU machines run
+NVCC13_VENV := .build-nvcc13
+cuda13-compile-check:
+	@test -x $(NVCC13_VENV)/bin/pip || $(PYTHON) -m venv $(NVCC13_VENV)
+	@$(NVCC13_VENV)/bin/pip install -q nvidia-cuda-nvcc nvidia-cuda-runtime nvidia-cublas nvidia-cuda-cccl
+	@nvcc=$$(find -L $(NVCC13_VENV) -path '*/cu13/bin/nvcc' | head -1); \
+		if [ -z "$$nvcc" ]; then echo "cuda13-compile-check: no nvcc 13 in $(NVCC13_VENV)" >&2; exit 1; fi; \
+		cu=$$(dirname $$(dirname $$nvcc)); \
+		NVCC=$$nvcc NVCC_FLAGS="-I$$cu/include -I$$cu/cccl" tools/emu/cuda-compile-check.sh
 
 clean-emu:
 	rm -rf $(EMU_OUT) libpea_cuda_emu.so
