@@ -6,7 +6,7 @@
 ///
 /// Config keys: the shared beta keys, `timestep_spacing` (default "linspace"), `steps_offset`,
 /// `prediction_type` (epsilon, v_prediction; diffusers does not implement sample), `rescale_betas_zero_snr`.
-public struct EulerAncestralDiscreteScheduler: Scheduler {
+public struct EulerAncestralDiscreteScheduler: EulerScheduler {
     public static let className = "EulerAncestralDiscreteScheduler"
     public var className: String { Self.className }
 
@@ -37,17 +37,6 @@ public struct EulerAncestralDiscreteScheduler: Scheduler {
         let steps32 = spacing.timesteps(steps, trainTimesteps: schedule.count, stepsOffset: stepsOffset).map { Float($0) }
         sigmas = steps32.map { Float(numpyInterp(Double($0), trainingSigmas)) } + [0]
         timesteps = steps32.map { Double($0) }
-    }
-
-    /// The largest σ, or √(σ²+1) for "leading" spacing, as diffusers has it.
-    public var initNoiseSigma: Float {
-        let largest = sigmas.max() ?? 0
-        return spacing == .leading ? (largest * largest + 1).squareRoot() : largest
-    }
-
-    public func scaleModelInput(_ sample: Tensor, stepIndex: Int) throws -> Tensor {
-        _ = try checkedTimestep(stepIndex)
-        return try eulerScaledInput(sample, sigma: sigmas[stepIndex])
     }
 
     public mutating func step(modelOutput: Tensor, stepIndex: Int, sample: Tensor, noise: () throws -> Tensor) throws -> Tensor {

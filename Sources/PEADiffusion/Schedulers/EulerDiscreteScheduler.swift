@@ -9,7 +9,7 @@
 /// `use_karras_sigmas` with `sigma_min`/`sigma_max`, `final_sigmas_type` (zero, sigma_min),
 /// `rescale_betas_zero_snr`. `use_exponential_sigmas`, `use_beta_sigmas` must be false and `timestep_type`
 /// "discrete".
-public struct EulerDiscreteScheduler: Scheduler {
+public struct EulerDiscreteScheduler: EulerScheduler {
     public static let className = "EulerDiscreteScheduler"
     public var className: String { Self.className }
 
@@ -65,6 +65,25 @@ public struct EulerDiscreteScheduler: Scheduler {
         timesteps = steps32.map { Double($0) }
     }
 
+    public mutating func step(modelOutput: Tensor, stepIndex: Int, sample: Tensor, noise: () throws -> Tensor) throws -> Tensor {
+        _ = try checkedTimestep(stepIndex)
+        let sigma = sigmas[stepIndex], next = sigmas[stepIndex + 1]
+        let predictedOriginal = try eulerPredictedOriginal(modelOutput: modelOutput, sample: sample, sigma: Double(sigma),
+                                                           predictionType: predictionType)
+        // dx/dσ = (x − x̂₀)/σ, one Euler step from σ to the next σ (dt in float32, as diffusers has it).
+        let derivative = try divided(sample.backend.sub(sample, predictedOriginal), by: sigma)
+        return try linearCombination([(1, sample), (Double(next - sigma), derivative)])
+    }
+}
+
+/// What the two Euler schedulers share: σ per step (plus a final one), and the initial noise and input scaling
+/// that follow from it.
+protocol EulerScheduler: Scheduler {
+    var sigmas: [Float] { get }
+    var spacing: TimestepSpacing { get }
+}
+
+extension EulerScheduler {
     /// The largest σ, or √(σ²+1) for "leading" spacing (whose first timestep is below T − 1), as diffusers has it.
     public var initNoiseSigma: Float {
         let largest = sigmas.max() ?? 0
@@ -74,16 +93,6 @@ public struct EulerDiscreteScheduler: Scheduler {
     public func scaleModelInput(_ sample: Tensor, stepIndex: Int) throws -> Tensor {
         _ = try checkedTimestep(stepIndex)
         return try eulerScaledInput(sample, sigma: sigmas[stepIndex])
-    }
-
-    public mutating func step(modelOutput: Tensor, stepIndex: Int, sample: Tensor, noise: () throws -> Tensor) throws -> Tensor {
-        _ = try checkedTimestep(stepIndex)
-        let sigma = sigmas[stepIndex], next = sigmas[stepIndex + 1]
-        let predictedOriginal = try eulerPredictedOriginal(modelOutput: modelOutput, sample: sample, sigma: Double(sigma),
-                                                           predictionType: predictionType)
-        // dx/dσ = (x − x̂₀)/σ, one Euler step from σ to the next σ (dt in float32, as diffusers has it).
-        let derivative = try divided(sample.backend.sub(sample, predictedOriginal), by: sigma)
-        return try linearCombination([(1, sample), (Double(next - sigma), derivative)])
     }
 }
 
