@@ -17,6 +17,9 @@ public protocol ComputeBackend: AnyObject {
 
     // MARK: memory
     func upload(_ host: HostTensor) throws -> Tensor
+    /// Copies raw row-major host bytes of `shape` and `dtype` to a new tensor — straight from a memory-mapped
+    /// weights file, without an intermediate host copy.
+    func upload(bytes: UnsafeRawBufferPointer, shape: [Int], dtype: DType) throws -> Tensor
     /// Copies a tensor to the host. The only operation that waits for queued work.
     func download(_ tensor: Tensor) throws -> HostTensor
     func zeros(_ shape: [Int], dtype: DType) throws -> Tensor
@@ -89,6 +92,14 @@ public protocol ComputeBackend: AnyObject {
 }
 
 extension ComputeBackend {
+    /// Through a `HostTensor`: one extra host copy, for backends without a direct path.
+    public func upload(bytes: UnsafeRawBufferPointer, shape: [Int], dtype: DType) throws -> Tensor {
+        guard bytes.count == shape.reduce(1, *) * dtype.byteSize else {
+            throw PEAError.shapeMismatch("upload: \(bytes.count) bytes for \(dtype) \(shape)")
+        }
+        return try upload(HostTensor(shape: shape, dtype: dtype, bytes: Array(bytes)))
+    }
+
     public func add(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.add, a, b) }
     public func sub(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.sub, a, b) }
     public func mul(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.mul, a, b) }

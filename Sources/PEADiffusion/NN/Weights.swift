@@ -64,18 +64,21 @@ public final class SafeTensorsWeights: WeightSource {
             throw PEAError.invalidFile(path: file.path, reason: "missing tensor '\(name)'")
         }
         let info = try file.info(storedName)
-        var values = try file.tensor(storedName)
         // A 1×1 convolution stored as a linear weight (or the reverse) is the same matrix; older VAE
         // checkpoints store the mid-block attention projections as 1×1 convolutions.
         guard info.shape == shape || (info.shape.reduce(1, *) == shape.reduce(1, *) && sameMatrix(info.shape, shape)) else {
             throw PEAError.invalidFile(path: file.path, reason: "tensor '\(storedName)' has shape \(info.shape), the model expects \(shape)")
         }
-        guard values.dtype.isFloatingPoint else {
-            throw PEAError.invalidFile(path: file.path, reason: "tensor '\(storedName)' is \(values.dtype), expected a floating-point parameter")
+        guard info.dtype.isFloatingPoint else {
+            throw PEAError.invalidFile(path: file.path, reason: "tensor '\(storedName)' is \(info.dtype), expected a floating-point parameter")
         }
-        if values.dtype != dtype { values = values.converted(to: dtype) }
-        values.shape = shape
         used.insert(storedName)
+        if info.dtype == dtype {
+            // Straight from the memory map to the backend: no host copy in between.
+            return try file.withBytes(storedName) { try backend.upload(bytes: $0, shape: shape, dtype: dtype) }
+        }
+        var values = try file.tensor(storedName).converted(to: dtype)
+        values.shape = shape
         return try backend.upload(values)
     }
 

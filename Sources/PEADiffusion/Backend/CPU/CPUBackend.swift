@@ -85,6 +85,15 @@ public final class CPUBackend: ComputeBackend {
 
     // MARK: memory
 
+    public func upload(bytes: UnsafeRawBufferPointer, shape: [Int], dtype: DType) throws -> Tensor {
+        guard bytes.count == shape.reduce(1, *) * dtype.byteSize else {
+            throw PEAError.shapeMismatch("upload: \(bytes.count) bytes for \(dtype) \(shape)")
+        }
+        let tensor = try empty(shape, dtype)
+        if let base = bytes.baseAddress { pointer(tensor).copyMemory(from: base, byteCount: bytes.count) }
+        return tensor
+    }
+
     public func upload(_ host: HostTensor) throws -> Tensor {
         let tensor = try empty(host.shape, host.dtype)
         host.bytes.withUnsafeBytes { source in
