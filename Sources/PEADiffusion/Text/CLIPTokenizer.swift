@@ -70,8 +70,9 @@ public struct CLIPTokenizer: Sendable {
     /// The token id of each byte as a symbol inside a word, and as the word's last symbol (with `</w>`).
     private let byteSymbolIDs: [Int]
     private let lastByteSymbolIDs: [Int]
-    private let rawMatchedTokens: [(bytes: [UInt8], id: Int)]
-    private let normalizedMatchedTokens: [(bytes: [UInt8], id: Int)]
+    /// Added tokens matched in the raw text, and those (normalized: true) matched after normalization.
+    private let rawMatchedTokens: AddedTokenSplitter
+    private let normalizedMatchedTokens: AddedTokenSplitter
     private let cache = BPECache()
 
     /// The Unicode version of the regex engine's tables in tokenizers 0.23 (Oniguruma): scalars assigned after it
@@ -136,18 +137,18 @@ public struct CLIPTokenizer: Sendable {
             idsByToken[token.content] = id
             tokensByID[id] = token.content
         }
-        var raw: [(bytes: [UInt8], id: Int)] = []
-        var normalized: [(bytes: [UInt8], id: Int)] = []
+        var raw: [AddedTokenEntry] = []
+        var normalized: [AddedTokenEntry] = []
         for token in registered {
             if token.singleWord || token.leftStrip || token.rightStrip {
                 throw PEAError.unsupported("\(configPath): added token \"\(token.content)\" uses single_word/lstrip/rstrip, which Pea's CLIP tokenizer does not implement")
             }
-            let entry = (bytes: Array(token.content.utf8), id: addedIDs[token.content]!)
+            let entry = AddedTokenEntry(content: token.content, id: addedIDs[token.content]!, special: token.special)
             if token.normalized { normalized.append(entry) } else { raw.append(entry) }
         }
         addedTokens = registered
-        rawMatchedTokens = raw
-        normalizedMatchedTokens = normalized
+        rawMatchedTokens = AddedTokenSplitter(raw)
+        normalizedMatchedTokens = AddedTokenSplitter(normalized)
         self.idsByToken = idsByToken
         self.tokensByID = tokensByID
 
@@ -296,13 +297,13 @@ public struct CLIPTokenizer: Sendable {
     /// `<|startoftext|>`, the text's tokens, `<|endoftext|>`: `tokenizer(text).input_ids`, no padding or truncation.
     public func encode(_ text: String) -> [Int] {
         var ids = [bosTokenID]
-        for segment in split(Array(text.utf8), on: rawMatchedTokens) {
+        for segment in rawMatchedTokens.split(Array(text.utf8)) {
             switch segment {
             case .token(let id):
                 ids.append(id)
             case .text(let raw):
                 let normalizedText = Self.normalize(String(decoding: raw, as: UTF8.self))
-                for inner in split(Array(normalizedText.utf8), on: normalizedMatchedTokens) {
+                for inner in normalizedMatchedTokens.split(Array(normalizedText.utf8)) {
                     switch inner {
                     case .token(let id): ids.append(id)
                     case .text(let normalized):
@@ -363,40 +364,6 @@ public struct CLIPTokenizer: Sendable {
     /// The id of a token string (vocabulary or added token), nil when there is none.
     public func id(forToken token: String) -> Int? { idsByToken[token] }
 
-    // MARK: - Added tokens
-
-    private enum Segment {
-        case text([UInt8])
-        case token(Int)
-    }
-
-    /// Splits UTF-8 text on the added tokens: at each position the longest token starting there, scanning left to
-    /// right (Aho-Corasick leftmost-longest, as tokenizers matches). Matching bytes is enough: a valid UTF-8
-    /// token can only match at a character boundary.
-    private func split(_ bytes: [UInt8], on tokens: [(bytes: [UInt8], id: Int)]) -> [Segment] {
-        guard !tokens.isEmpty else { return [.text(bytes)] }
-        var segments: [Segment] = []
-        var textStart = 0
-        var position = 0
-        while position < bytes.count {
-            var best: (length: Int, id: Int)? = nil
-            for token in tokens where token.bytes.count > (best?.length ?? 0) && position + token.bytes.count <= bytes.count {
-                if bytes[position..<(position + token.bytes.count)].elementsEqual(token.bytes) {
-                    best = (token.bytes.count, token.id)
-                }
-            }
-            if let match = best {
-                if textStart < position { segments.append(.text(Array(bytes[textStart..<position]))) }
-                segments.append(.token(match.id))
-                position += match.length
-                textStart = position
-            } else {
-                position += 1
-            }
-        }
-        if textStart < bytes.count { segments.append(.text(Array(bytes[textStart...]))) }
-        return segments
-    }
 
     // MARK: - Normalization and pre-tokenization
 
