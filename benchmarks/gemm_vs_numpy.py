@@ -26,6 +26,8 @@ import shlex
 import subprocess
 import sys
 
+from results_file import write_section
+
 SECTION = "## CPU GEMM vs numpy (OpenBLAS)"
 
 # (label, M, N, K, transB)
@@ -128,24 +130,6 @@ def machine_description():
     return f"{model}" + (f" ({'; '.join(extra)})" if extra else "") + f", {os.cpu_count()} online CPUs"
 
 
-def write_section(path, section):
-    """Replaces the SECTION heading and everything up to the next '## ' heading, or appends it."""
-    if os.path.exists(path):
-        with open(path) as f:
-            text = f.read()
-    else:
-        text = "# Benchmark results\n\nRecorded runs of the side-by-side benchmarks in this folder (`make bench`).\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        rest = text[nxt + 1:] if nxt >= 0 else ""
-        text = text[:start] + section + ("\n" + rest if rest else "")
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pea", default=".build/release/pea", help="the pea binary (default: %(default)s)")
@@ -198,7 +182,7 @@ def main():
             *rows,
             "",
         ])
-        write_section(args.write, section)
+        write_section(args.write, SECTION, section)
         print(f"\nwrote {args.write}")
 
 

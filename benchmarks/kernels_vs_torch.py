@@ -35,6 +35,8 @@ import statistics
 import subprocess
 import sys
 
+from results_file import write_section
+
 SECTION = "## CUDA kernels vs PyTorch"
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -193,26 +195,6 @@ def cudnn_version(torch):
         return "unknown"
 
 
-def write_section(path, section):
-    """Replaces the SECTION heading and everything up to the next '## ' heading, or appends it; every other
-    section of the file is kept as it is."""
-    if os.path.exists(path):
-        with open(path) as f:
-            text = f.read()
-    else:
-        text = "# Benchmark results\n\nRecorded runs of the side-by-side benchmarks in this folder (`make bench`).\n"
-    found = re.search("^" + re.escape(SECTION) + "[ \t]*$", text, re.M)
-    if found is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        start = found.start()
-        nxt = text.find("\n## ", found.end())
-        rest = text[nxt + 1:] if nxt >= 0 else ""
-        text = text[:start] + section + ("\n" + rest if rest else "")
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def dry_run(args):
     results = run_pea(args.pea, "cpu", "fp32", args.repeats or 1, args.only, "small", None)
     print(f"pea bench kernels --json on the CPU: {len(results)} entries, all with {sorted(REQUIRED_KEYS)} and gbps/tflops")
@@ -310,7 +292,7 @@ def main():
             *rows,
             "",
         ])
-        write_section(args.write, section)
+        write_section(args.write, SECTION, section)
         print(f"\nwrote {args.write}")
 
 

@@ -30,6 +30,8 @@ import shlex
 import subprocess
 import sys
 
+from results_file import write_section
+
 SECTION = "## CPU UNet vs PyTorch"
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -171,26 +173,6 @@ def machine_description():
     return f"{model}, {os.cpu_count()} online CPUs"
 
 
-def write_section(path, section):
-    """Replaces the SECTION heading and everything up to the next '## ' heading, or appends it; every other
-    section of the file is kept as it is."""
-    if os.path.exists(path):
-        with open(path) as f:
-            text = f.read()
-    else:
-        text = "# Benchmark results\n\nRecorded runs of the side-by-side benchmarks in this folder (`make bench`).\n"
-    found = re.search("^" + re.escape(SECTION) + "[ \t]*$", text, re.M)
-    if found is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        start = found.start()
-        nxt = text.find("\n## ", found.end())
-        rest = text[nxt + 1:] if nxt >= 0 else ""
-        text = text[:start] + section + ("\n" + rest if rest else "")
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def ratio(a, b):
     return f"{a / b:.2f}" if a and b else "—"
 
@@ -273,7 +255,7 @@ def main():
             *rows,
             "",
         ])
-        write_section(args.write, section)
+        write_section(args.write, SECTION, section)
         print(f"\nwrote {args.write}")
 
 
