@@ -80,50 +80,26 @@ public final class SafeTensorsFile: @unchecked Sendable {
         let end: Int
     }
 
-    private let mapping: UnsafeRawBufferPointer
+    private let file: MappedBytes
+    private var mapping: UnsafeRawBufferPointer { file.buffer }
     private let entries: [String: Entry]
 
     /// Maps the file and validates its header (see the type's documentation for the rules).
     /// - Throws: `PEAError.invalidFile(path:reason:)` naming the file and, where there is one, the tensor.
     public init(path: String) throws {
         self.path = path
-        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
-        guard descriptor >= 0 else {
-            throw PEAError.invalidFile(path: path, reason: "cannot open: \(systemErrorMessage())")
-        }
-        defer { close(descriptor) }  // the mapping stays valid after the descriptor is closed
-        var status = stat()
-        guard fstat(descriptor, &status) == 0 else {
-            throw PEAError.invalidFile(path: path, reason: "cannot stat: \(systemErrorMessage())")
-        }
-        guard (status.st_mode & S_IFMT) == S_IFREG else {
-            throw PEAError.invalidFile(path: path, reason: "not a regular file")
-        }
-        let size = Int(status.st_size)
+        let file = try MappedBytes(path: path)
+        let mapping = file.buffer, size = mapping.count
         guard size >= 8 else {
             throw PEAError.invalidFile(path: path, reason: "file is \(size) bytes, too short for the 8-byte header length of a safetensors file")
         }
-        guard let base = mmap(nil, size, PROT_READ, MAP_PRIVATE, descriptor, 0),
-              base != UnsafeMutableRawPointer(bitPattern: -1) else {
-            throw PEAError.invalidFile(path: path, reason: "cannot map \(size) bytes: \(systemErrorMessage())")
-        }
-        let mapping = UnsafeRawBufferPointer(start: base, count: size)
-        do {
-            let header = try SafeTensorsFile.parseHeader(mapping, path: path)
-            self.mapping = mapping
-            self.headerByteCount = header.headerByteCount
-            self.fileByteCount = size
-            self.metadata = header.metadata
-            self.entries = header.entries
-            self.names = header.entries.keys.sorted()
-        } catch {
-            munmap(base, size)
-            throw error
-        }
-    }
-
-    deinit {
-        munmap(UnsafeMutableRawPointer(mutating: mapping.baseAddress), mapping.count)
+        let header = try SafeTensorsFile.parseHeader(mapping, path: path)
+        self.file = file
+        self.headerByteCount = header.headerByteCount
+        self.fileByteCount = size
+        self.metadata = header.metadata
+        self.entries = header.entries
+        self.names = header.entries.keys.sorted()
     }
 
     public func contains(_ name: String) -> Bool { entries[name] != nil }

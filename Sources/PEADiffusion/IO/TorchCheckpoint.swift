@@ -87,6 +87,7 @@ public final class TorchCheckpointFile: @unchecked Sendable {
         self.bytes = bytes
         func fail(_ reason: String) -> PEAError { .invalidFile(path: path, reason: reason) }
         let buffer = bytes.buffer
+        guard buffer.count > 0 else { throw fail("the file is empty") }
 
         let zipMagic: [UInt8] = [0x50, 0x4B, 0x03, 0x04]
         let emptyZipMagic: [UInt8] = [0x50, 0x4B, 0x05, 0x06]
@@ -323,50 +324,6 @@ public final class CheckpointWeights: WeightSource {
 /// read(2), named apart from `TorchCheckpoint.read(path:)`.
 private func posixRead(_ descriptor: Int32, _ buffer: UnsafeMutableRawPointer?, _ count: Int) -> Int {
     read(descriptor, buffer, count)
-}
-
-/// A file's bytes, memory-mapped read-only (or a copy of bytes already in memory).
-final class MappedBytes: @unchecked Sendable {
-    let buffer: UnsafeRawBufferPointer
-    private let mapped: Bool
-
-    init(path: String) throws {
-        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
-        guard descriptor >= 0 else {
-            throw PEAError.invalidFile(path: path, reason: "cannot open: \(systemErrorMessage())")
-        }
-        defer { close(descriptor) }
-        var status = stat()
-        guard fstat(descriptor, &status) == 0 else {
-            throw PEAError.invalidFile(path: path, reason: "cannot stat: \(systemErrorMessage())")
-        }
-        guard (status.st_mode & S_IFMT) == S_IFREG else {
-            throw PEAError.invalidFile(path: path, reason: "not a regular file")
-        }
-        let size = Int(status.st_size)
-        guard size > 0 else { throw PEAError.invalidFile(path: path, reason: "the file is empty") }
-        guard let base = mmap(nil, size, PROT_READ, MAP_PRIVATE, descriptor, 0),
-              base != UnsafeMutableRawPointer(bitPattern: -1) else {
-            throw PEAError.invalidFile(path: path, reason: "cannot map \(size) bytes: \(systemErrorMessage())")
-        }
-        buffer = UnsafeRawBufferPointer(start: base, count: size)
-        mapped = true
-    }
-
-    init(copying bytes: [UInt8]) {
-        let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bytes.count, 1), alignment: 16)
-        bytes.withUnsafeBytes { memory.copyMemory(from: $0) }
-        buffer = UnsafeRawBufferPointer(start: memory.baseAddress, count: bytes.count)
-        mapped = false
-    }
-
-    deinit {
-        if mapped {
-            munmap(UnsafeMutableRawPointer(mutating: buffer.baseAddress), buffer.count)
-        } else {
-            UnsafeMutableRawPointer(mutating: buffer.baseAddress)?.deallocate()
-        }
-    }
 }
 
 // MARK: - Zip

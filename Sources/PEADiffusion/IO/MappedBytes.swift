@@ -1,0 +1,59 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A file's bytes, memory-mapped read-only (or a copy of bytes already in memory), for the readers of weight
+/// files (safetensors, torch.save). The mapping lives as long as the object.
+final class MappedBytes: @unchecked Sendable {
+    let buffer: UnsafeRawBufferPointer
+    private let mapped: Bool
+
+    /// Maps the regular file at `path`; an empty file gives an empty buffer.
+    /// - Throws: `PEAError.invalidFile` naming the path when it cannot be opened, is not a regular file, or
+    ///   cannot be mapped.
+    init(path: String) throws {
+        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+        guard descriptor >= 0 else {
+            throw PEAError.invalidFile(path: path, reason: "cannot open: \(systemErrorMessage())")
+        }
+        defer { close(descriptor) }  // the mapping stays valid after the descriptor is closed
+        var status = stat()
+        guard fstat(descriptor, &status) == 0 else {
+            throw PEAError.invalidFile(path: path, reason: "cannot stat: \(systemErrorMessage())")
+        }
+        guard (status.st_mode & S_IFMT) == S_IFREG else {
+            throw PEAError.invalidFile(path: path, reason: "not a regular file")
+        }
+        let size = Int(status.st_size)
+        guard size > 0 else {
+            buffer = UnsafeRawBufferPointer(start: nil, count: 0)
+            mapped = false
+            return
+        }
+        guard let base = mmap(nil, size, PROT_READ, MAP_PRIVATE, descriptor, 0),
+              base != UnsafeMutableRawPointer(bitPattern: -1) else {
+            throw PEAError.invalidFile(path: path, reason: "cannot map \(size) bytes: \(systemErrorMessage())")
+        }
+        buffer = UnsafeRawBufferPointer(start: base, count: size)
+        mapped = true
+    }
+
+    init(copying bytes: [UInt8]) {
+        let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bytes.count, 1), alignment: 16)
+        bytes.withUnsafeBytes { memory.copyMemory(from: $0) }
+        buffer = UnsafeRawBufferPointer(start: memory.baseAddress, count: bytes.count)
+        mapped = false
+    }
+
+    deinit {
+        if mapped {
+            munmap(UnsafeMutableRawPointer(mutating: buffer.baseAddress), buffer.count)
+        } else {
+            UnsafeMutableRawPointer(mutating: buffer.baseAddress)?.deallocate()
+        }
+    }
+}
