@@ -16,7 +16,7 @@ all: build
 build: system-deps
 	$(SWIFT) build -c release --product pea
 
-## system-deps — zlib's headers (PNG output); installed with apt when missing and we are root (CI), else explained
+## system-deps — zlib's headers (PNG) and libjpeg's (JPEG training images); installed with apt when missing and we are root (CI), else explained
 system-deps:
 	@if [ ! -f /usr/include/zlib.h ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -25,6 +25,15 @@ system-deps:
 			{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q zlib1g-dev >/dev/null; }; \
 		else \
 			echo "zlib headers are missing: install zlib1g-dev (Debian/Ubuntu) or zlib-devel"; exit 1; \
+		fi; \
+	fi
+	@if [ ! -f /usr/include/jpeglib.h ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing libjpeg-dev (libjpeg-turbo headers for reading JPEG training images)"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q libjpeg-dev >/dev/null || \
+			{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libjpeg-dev >/dev/null; }; \
+		else \
+			echo "libjpeg headers are missing: install libjpeg-dev (Debian/Ubuntu: libjpeg62-turbo-dev) or libjpeg-turbo-devel"; exit 1; \
 		fi; \
 	fi
 
@@ -51,6 +60,7 @@ fixtures: $(REF_VENV)/.installed
 	$(REF_VENV)/bin/python tools/reference/make_model_fixtures.py --out Tests/Fixtures/models
 	$(REF_VENV)/bin/python tools/reference/make_random_fixtures.py --out Tests/Fixtures/random
 	$(REF_VENV)/bin/python tools/reference/make_png_fixtures.py --out Tests/Fixtures/png
+	$(REF_VENV)/bin/python tools/reference/make_image_fixtures.py --out Tests/Fixtures/images
 	$(REF_VENV)/bin/python tools/reference/make_scheduler_fixtures.py --out Tests/Fixtures/schedulers
 	$(REF_VENV)/bin/python tools/reference/make_tokenizer_fixtures.py --out Tests/Fixtures/tokenizers
 	$(REF_VENV)/bin/python tools/reference/make_multilingual_tokenizer_fixtures.py --out Tests/Fixtures/tokenizers
@@ -58,6 +68,7 @@ fixtures: $(REF_VENV)/.installed
 	$(REF_VENV)/bin/python tools/reference/make_text_encoder_fixtures.py --out Tests/Fixtures/models
 	$(REF_VENV)/bin/python tools/reference/make_pipeline_fixtures.py --out Tests/Fixtures/pipelines
 	$(REF_VENV)/bin/python tools/reference/make_pea_pipeline_fixtures.py --out Tests/Fixtures/pea
+	$(REF_VENV)/bin/python tools/reference/make_kd_fixtures.py --out Tests/Fixtures/kd
 
 $(REF_VENV)/.installed: tools/reference/requirements.txt
 	$(PYTHON) -m venv $(REF_VENV)

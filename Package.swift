@@ -25,9 +25,15 @@ let package = Package(
             pkgConfig: "zlib",
             providers: [.apt(["zlib1g-dev"])]
         ),
+        .systemLibrary(
+            name: "CJPEG",
+            path: "Sources/CJPEG",
+            pkgConfig: "libjpeg",
+            providers: [.apt(["libjpeg-dev"])]
+        ),
         .target(
             name: "PEADiffusion",
-            dependencies: ["CKernels", "CZlib"],
+            dependencies: ["CKernels", "CZlib", "CJPEG"],
             path: "Sources/PEADiffusion"
         ),
         .executableTarget(

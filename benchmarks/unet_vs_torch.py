@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Pea's CPU UNet (`pea bench unet --json`) side by side with diffusers' UNet2DConditionModel on PyTorch CPU.
+"""Pea's UNet (`pea bench unet --json`) side by side with diffusers' UNet2DConditionModel on PyTorch, on the CPU
+(default) or on a CUDA GPU (--device cuda).
 
 Both sides build the full-size UNet of a published config (benchmarks/configs/) with random weights in float32
 (speed does not depend on the values), and time one denoiser evaluation: latent [B, C, H, W], one timestep per
@@ -17,6 +18,12 @@ binary on the other).
                                         [--batch 1] [--threads 2] [--repeats 3] [--pea .build/release/pea]
                                         [--python tools/reference/.venv/bin/python] [--write benchmarks/RESULTS.md]
 
+On a GPU (--device cuda [--precision fp16] [--lib .build-cuda/libpea_cuda.so]): pea runs `--backend cuda
+--precision P`, torch runs the model and inputs in that dtype on cuda:0; each evaluation is timed between two
+torch.cuda.synchronize() calls (pea's between upload-free launches and the download of the output), and memory
+is the device's peak: pea's caching allocator peak, torch.cuda.max_memory_allocated. Results go to the section
+"CUDA UNet vs PyTorch".
+
 --config may be given several times (one table row each). The torch side needs a Python with torch and
 diffusers; by default the reference venv (`make fixtures` creates it). Without a pea binary, or when
 `pea bench unet` fails, the torch figures are still printed.
@@ -33,6 +40,7 @@ import sys
 from results_file import write_section
 
 SECTION = "## CPU UNet vs PyTorch"
+CUDA_SECTION = "## CUDA UNet vs PyTorch"
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_PYTHON = os.path.join(ROOT, "tools", "reference", ".venv", "bin", "python")
@@ -47,30 +55,40 @@ from diffusers import UNet2DConditionModel
 diffusers.utils.logging.set_verbosity_error()
 torch.set_num_threads(cfg["threads"])
 torch.manual_seed(0)
+device = cfg.get("device", "cpu")
+dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.get("precision", "fp32")]
+if device == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 with open(cfg["config"]) as f:
     config = json.load(f)
 t0 = time.perf_counter()
-unet = UNet2DConditionModel.from_config(config).to(torch.float32).eval()
+unet = UNet2DConditionModel.from_config(config).to(device=device, dtype=dtype).eval()
 build_s = time.perf_counter() - t0
 b, h, w = cfg["batch"], cfg["height"], cfg["width"]
 cross = config["cross_attention_dim"]
 cross = cross if isinstance(cross, int) else cross[0]
-sample = torch.randn(b, config.get("in_channels", 4), h, w)
-timestep = torch.full((b,), 999, dtype=torch.int64)
-states = torch.randn(b, 77, cross)
+sample = torch.randn(b, config.get("in_channels", 4), h, w).to(device=device, dtype=dtype)
+timestep = torch.full((b,), 999, dtype=torch.int64, device=device)
+states = torch.randn(b, 77, cross).to(device=device, dtype=dtype)
 kwargs = {}
 if config.get("addition_embed_type") == "text_time":
     pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
     size = [8 * h, 8 * w]
     kwargs["added_cond_kwargs"] = {
-        "text_embeds": torch.randn(b, pooled),
-        "time_ids": torch.tensor([size + [0, 0] + size] * b, dtype=torch.float32),
+        "text_embeds": torch.randn(b, pooled).to(device=device, dtype=dtype),
+        "time_ids": torch.tensor([size + [0, 0] + size] * b, dtype=dtype, device=device),
     }
+def sync():
+    if device == "cuda":
+        torch.cuda.synchronize()
 times = []
 with torch.inference_mode():
     for i in range(1 + cfg["repeats"]):
+        sync()
         t0 = time.perf_counter()
         unet(sample, timestep, encoder_hidden_states=states, **kwargs)
+        sync()
         dt = time.perf_counter() - t0
         if i > 0:
             times.append(dt)
@@ -82,7 +100,9 @@ with open("/proc/self/status") as f:
             hwm = int(line.split()[1]) / 1024
 print(json.dumps({
     "best_ms": min(times) * 1e3, "median_ms": statistics.median(times) * 1e3, "repeats": len(times),
-    "vmhwm_mb": hwm, "build_s": build_s, "params": sum(p.numel() for p in unet.parameters()),
+    "vmhwm_mb": hwm, "build_s": build_s,
+    "device_peak_mb": torch.cuda.max_memory_allocated() / 1048576 if device == "cuda" else None,
+    "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "params": sum(p.numel() for p in unet.parameters()),
     "torch": torch.__version__, "diffusers": diffusers.__version__, "threads": torch.get_num_threads(),
 }), flush=True)
 """
@@ -120,10 +140,10 @@ def thread_env(threads, hide_gpus=False):
     return env
 
 
-def run_torch(python, config, height, width, batch, threads, repeats):
+def run_torch(python, config, height, width, batch, threads, repeats, device="cpu", precision="fp32"):
     settings = json.dumps({"config": os.path.abspath(config), "height": height, "width": width, "batch": batch,
-                           "threads": threads, "repeats": repeats})
-    rc, out, rss = run_child([python, "-c", TORCH_CHILD], settings, thread_env(threads, hide_gpus=True))
+                           "threads": threads, "repeats": repeats, "device": device, "precision": precision})
+    rc, out, rss = run_child([python, "-c", TORCH_CHILD], settings, thread_env(threads, hide_gpus=device == "cpu"))
     if rc != 0:
         sys.exit(f"unet_vs_torch.py: the torch side failed (exit {rc}); see its messages above")
     result = last_json(out)
@@ -137,7 +157,7 @@ def torch_baseline_rss(python, threads):
     return rss if rc == 0 else None
 
 
-def run_pea(pea, config, height, width, batch, threads, repeats):
+def run_pea(pea, config, height, width, batch, threads, repeats, device="cpu", precision="fp32", lib=None):
     """Returns pea's JSON result with peak_rss_mb measured here, or None (after saying why) when it cannot run."""
     if not os.path.exists(pea):
         print(f"unet_vs_torch.py: {pea} not found (build it with 'make'); showing the torch side only",
@@ -145,7 +165,14 @@ def run_pea(pea, config, height, width, batch, threads, repeats):
         return None
     cmd = [pea, "bench", "unet", "--config", config, "--latent", f"{height}x{width}", "--batch", str(batch),
            "--threads", str(threads), "--repeats", str(repeats), "--json"]
-    rc, out, rss = run_child(cmd, env=thread_env(threads))
+    env = thread_env(threads)
+    if device == "cuda":
+        cmd += ["--backend", "cuda", "--precision", precision]
+        if lib:
+            env["PEA_CUDA_LIB"] = os.path.abspath(lib)
+    else:
+        cmd += ["--backend", "cpu"]
+    rc, out, rss = run_child(cmd, env=env)
     if rc != 0:
         print(f"unet_vs_torch.py: '{' '.join(cmd)}' failed (exit {rc}); showing the torch side only",
               file=sys.stderr)
@@ -189,8 +216,14 @@ def main():
     parser.add_argument("--pea", default=".build/release/pea", help="the pea binary (default: %(default)s)")
     parser.add_argument("--python", default=DEFAULT_PYTHON if os.path.exists(DEFAULT_PYTHON) else sys.executable,
                         help="a Python with torch and diffusers for the torch side (default: %(default)s)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both sides run (default: %(default)s)")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                        help="storage dtype of weights and activations; fp16/bf16 need --device cuda (default: %(default)s)")
+    parser.add_argument("--lib", help="the CUDA library pea loads (PEA_CUDA_LIB), e.g. .build-cuda/libpea_cuda.so")
     parser.add_argument("--write", metavar="RESULTS.md", help="record the table in this markdown file")
     args = parser.parse_args()
+    if args.device == "cpu" and args.precision != "fp32":
+        sys.exit("unet_vs_torch.py: --precision fp16/bf16 needs --device cuda")
     configs = args.config or [os.path.relpath(os.path.join(HERE, "configs", "sd15_unet.json"))]
     found = re.fullmatch(r"(\d+)[x×](\d+)", args.latent)
     if not found:
@@ -203,8 +236,9 @@ def main():
         sys.exit(f"unet_vs_torch.py: {args.python} cannot import torch and diffusers (run 'make fixtures' to create "
                  f"tools/reference/.venv, or pass --python):\n{check.stderr.strip()}")
 
+    memory = "peak device MB" if args.device == "cuda" else "peak RSS MB"
     header = ("| UNet | latent × batch | pea best / median ms | torch best / median ms | time pea / torch "
-              "| pea peak RSS MB | torch peak RSS MB | memory pea / torch |\n"
+              f"| pea {memory} | torch {memory} | memory pea / torch |\n"
               "|---|---|---:|---:|---:|---:|---:|---:|")
     rows, versions, pea_missing = [], "", False
     for config in configs:
@@ -212,10 +246,15 @@ def main():
         if name == "config":  # a model folder's config.json: name it by its folder
             name = os.path.basename(os.path.dirname(os.path.abspath(config)))
         print(f"{name}: torch side ...", file=sys.stderr, flush=True)
-        ref = run_torch(args.python, config, height, width, args.batch, args.threads, args.repeats)
+        ref = run_torch(args.python, config, height, width, args.batch, args.threads, args.repeats, args.device, args.precision)
         versions = f"torch {ref['torch']}, diffusers {ref['diffusers']}"
         print(f"{name}: pea side ...", file=sys.stderr, flush=True)
-        pea = run_pea(args.pea, config, height, width, args.batch, args.threads, args.repeats)
+        pea = run_pea(args.pea, config, height, width, args.batch, args.threads, args.repeats, args.device,
+                      args.precision, args.lib)
+        if args.device == "cuda":  # memory is the device's peak on both sides
+            ref["peak_rss_mb"] = ref["device_peak_mb"]
+            if pea is not None:
+                pea["peak_rss_mb"] = pea.get("peak_device_mb")
         pea_missing |= pea is None
         shape = f"{height}×{width} × {args.batch}"
         torch_ms = f"{ref['best_ms']:.0f} / {ref['median_ms']:.0f}"
@@ -242,11 +281,15 @@ def main():
             SECTION,
             "",
             f"- date: {datetime.date.today().isoformat()}",
-            f"- machine: {machine_description()}; {args.threads} threads on both sides",
-            f"- reference: {versions}, float32, torch.inference_mode, default (SDPA) attention",
+            (f"- device: {ref.get('gpu')} (pea --backend cuda --precision {args.precision})" if args.device == "cuda"
+             else f"- machine: {machine_description()}; {args.threads} threads on both sides"),
+            f"- reference: {versions}, {args.precision}, torch.inference_mode, default (SDPA) attention"
+            + (", TF32 off" if args.device == "cuda" else ""),
             f"- timing: one warm-up evaluation, then {args.repeats} timed; best / median of those; "
-            "peak RSS is each side's own process (os.wait4 ru_maxrss), runtime included"
-            + (f" (torch's runtime alone, imported with no model: {baseline:.0f} MB)" if baseline else ""),
+            + ("memory is each side's peak of device memory in use (pea's caching allocator, "
+               "torch.cuda.max_memory_allocated)" if args.device == "cuda" else
+               "peak RSS is each side's own process (os.wait4 ru_maxrss), runtime included"
+               + (f" (torch's runtime alone, imported with no model: {baseline:.0f} MB)" if baseline else "")),
             "- configs: benchmarks/configs/ (published UNet configs, random weights; see its README)",
             f"- command: `{command}`",
             *(["- pea side missing: the binary was absent or `pea bench unet` failed"] if pea_missing else []),
@@ -255,7 +298,9 @@ def main():
             *rows,
             "",
         ])
-        write_section(args.write, SECTION, section)
+        section_name = CUDA_SECTION if args.device == "cuda" else SECTION
+        section = section.replace(SECTION, section_name, 1)
+        write_section(args.write, section_name, section)
         print(f"\nwrote {args.write}")
 
 

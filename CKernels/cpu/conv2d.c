@@ -95,3 +95,65 @@ void ck_conv2d_f32(const ck_conv2d_params *p, const float *x, const float *w, co
         ck_sgemm(0, 0, p->Cout, N, K, 1.0f, w, K, col, N, bias ? 1.0f : 0.0f, yb, N);
     }
 }
+
+/* ---- data gradient ----------------------------------------------------------------------------------
+ * The forward is y[b] = w · col(x[b]), so dx[b] = col2im(wᵀ · dy[b]): one GEMM per image gives
+ * dcol [K = Cin·kh·kw, N = Ho·Wo], and col2im scatters each dcol entry back onto the input pixel that
+ * im2col read it from (summing where patches overlap, dropping the padding). The pointwise case is the
+ * GEMM alone, written straight into dx. */
+
+typedef struct {
+    const ck_conv2d_params *p;
+    const float *col;    /* dcol [Cin·kh·kw, Ho·Wo] */
+    float *dx;           /* one image [Cin, H, W] */
+    int64_t Ho, Wo;
+} col2im_ctx;
+
+/* One task per input channel c: its plane gathers the rows (c, i, j) of dcol, so planes never collide. */
+static void col2im_channels(void *arg, int64_t begin, int64_t end) {
+    const col2im_ctx *ctx = arg;
+    const ck_conv2d_params *p = ctx->p;
+    const int64_t Ho = ctx->Ho, Wo = ctx->Wo, H = p->H, W = p->W;
+    for (int64_t c = begin; c < end; c++) {
+        float *plane = ctx->dx + c * H * W;
+        memset(plane, 0, (size_t)(H * W) * sizeof(float));
+        for (int64_t i = 0; i < p->kh; i++) {
+            for (int64_t j = 0; j < p->kw; j++) {
+                const float *row = ctx->col + ((c * p->kh + i) * p->kw + j) * Ho * Wo;
+                /* the output columns ox whose input column ox·sw − padLeft + j lies inside [0, W) */
+                const int64_t ix0 = j - p->padLeft;
+                int64_t lo = ix0 < 0 ? (-ix0 + p->strideW - 1) / p->strideW : 0;
+                int64_t hi = ix0 < W ? (W - 1 - ix0) / p->strideW + 1 : 0;
+                if (hi > Wo) hi = Wo;
+                for (int64_t oy = 0; oy < Ho; oy++) {
+                    const int64_t iy = oy * p->strideH - p->padTop + i;
+                    if (iy < 0 || iy >= H) continue;
+                    float *out = plane + iy * W;
+                    const float *in = row + oy * Wo;
+                    if (p->strideW == 1) {
+                        for (int64_t ox = lo; ox < hi; ox++) out[ox + ix0] += in[ox];
+                    } else {
+                        for (int64_t ox = lo; ox < hi; ox++) out[ox * p->strideW + ix0] += in[ox];
+                    }
+                }
+            }
+        }
+    }
+}
+
+void ck_conv2d_backward_data_f32(const ck_conv2d_params *p, const float *dy, const float *w, float *dx,
+                                 float *workspace) {
+    const int64_t Ho = ck_conv2d_out_h(p), Wo = ck_conv2d_out_w(p);
+    const int64_t N = Ho * Wo, K = p->Cin * p->kh * p->kw;
+    for (int64_t b = 0; b < p->B; b++) {
+        const float *dyb = dy + b * p->Cout * N;
+        float *dxb = dx + b * p->Cin * p->H * p->W;
+        if (is_pointwise(p)) {
+            ck_sgemm(1, 0, K, N, p->Cout, 1.0f, w, K, dyb, N, 0.0f, dxb, N);
+            continue;
+        }
+        ck_sgemm(1, 0, K, N, p->Cout, 1.0f, w, K, dyb, N, 0.0f, workspace, N);
+        col2im_ctx ctx = {p, workspace, dxb, Ho, Wo};
+        ck_parallel_for(p->Cin, 1, col2im_channels, &ctx);
+    }
+}

@@ -1,5 +1,6 @@
 /*
- * elementwise.c — activations, broadcasting arithmetic, data movement, embeddings and reductions.
+ * elementwise.c — activations, broadcasting arithmetic, data movement, embeddings and reductions, and the
+ * backward passes of the activations, GEGLU and upsampling.
  *
  * Every kernel here is memory-bound and trivially parallel: the index space is cut into contiguous ranges
  * (GRAIN elements or rows at least) handed to the thread pool.
@@ -51,6 +52,54 @@ void ck_gelu_f32(const float *x, float *y, int64_t n, int approximation) {
 void ck_quick_gelu_f32(const float *x, float *y, int64_t n) { unary(x, y, n, UNARY_QUICK_GELU); }
 void ck_silu_f32(const float *x, float *y, int64_t n) { unary(x, y, n, UNARY_SILU); }
 
+/* ---- activation backward: dx = dy · f'(x), from the forward's input ----
+ *   gelu (erf):  Φ(x) + x·φ(x)
+ *   gelu (tanh): with u = k·(x + 0.044715x³), t = tanh u:  ½(1 + t) + ½x·(1 − t²)·k·(1 + 3·0.044715x²)
+ *   silu:        σ(x)·(1 + x·(1 − σ(x)))                                                                 */
+
+static inline float gelu_erf_grad(float v) {
+    const float inv_sqrt_2pi = 0.39894228040143268f;
+    return 0.5f * (1.0f + erff(v * 0.70710678118654752f)) + v * inv_sqrt_2pi * expf(-0.5f * v * v);
+}
+
+static inline float gelu_tanh_grad(float v) {
+    const float k = 0.79788456080286536f, c = 0.044715f;
+    const float t = tanhf(k * (v + c * v * v * v));
+    return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * k * (1.0f + 3.0f * c * v * v);
+}
+
+static inline float silu_grad(float v) {
+    const float s = 1.0f / (1.0f + expf(-v));
+    return s * (1.0f + v * (1.0f - s));
+}
+
+typedef struct {
+    const float *dy, *x;
+    float *dx;
+    int kind;
+} unary_backward_ctx;
+
+static void unary_backward_range(void *arg, int64_t begin, int64_t end) {
+    const unary_backward_ctx *ctx = arg;
+    const float *dy = ctx->dy, *x = ctx->x;
+    float *dx = ctx->dx;
+    switch (ctx->kind) {
+    case UNARY_GELU_ERF: for (int64_t i = begin; i < end; i++) dx[i] = dy[i] * gelu_erf_grad(x[i]); break;
+    case UNARY_GELU_TANH: for (int64_t i = begin; i < end; i++) dx[i] = dy[i] * gelu_tanh_grad(x[i]); break;
+    case UNARY_SILU: for (int64_t i = begin; i < end; i++) dx[i] = dy[i] * silu_grad(x[i]); break;
+    }
+}
+
+static void unary_backward(const float *dy, const float *x, float *dx, int64_t n, int kind) {
+    unary_backward_ctx ctx = {dy, x, dx, kind};
+    ck_parallel_for(n, GRAIN, unary_backward_range, &ctx);
+}
+
+void ck_gelu_backward_f32(const float *dy, const float *x, float *dx, int64_t n, int approximation) {
+    unary_backward(dy, x, dx, n, approximation == CK_GELU_TANH ? UNARY_GELU_TANH : UNARY_GELU_ERF);
+}
+void ck_silu_backward_f32(const float *dy, const float *x, float *dx, int64_t n) { unary_backward(dy, x, dx, n, UNARY_SILU); }
+
 /* ---- GEGLU: row r of x is [value (D) | gate (D)] ---- */
 
 typedef struct {
@@ -71,6 +120,31 @@ static void geglu_rows(void *arg, int64_t begin, int64_t end) {
 void ck_geglu_f32(const float *x, float *y, int64_t R, int64_t D) {
     geglu_ctx ctx = {x, y, D};
     ck_parallel_for(R, GRAIN / (D > 0 ? D : 1) + 1, geglu_rows, &ctx);
+}
+
+typedef struct {
+    const float *dy, *x;
+    float *dx;
+    int64_t D;
+} geglu_backward_ctx;
+
+/* GEGLU backward: d value = dy · gelu(gate), d gate = dy · value · gelu'(gate). */
+static void geglu_backward_rows(void *arg, int64_t begin, int64_t end) {
+    const geglu_backward_ctx *ctx = arg;
+    const int64_t D = ctx->D;
+    for (int64_t r = begin; r < end; r++) {
+        const float *value = ctx->x + r * 2 * D, *gate = value + D, *dy = ctx->dy + r * D;
+        float *dvalue = ctx->dx + r * 2 * D, *dgate = dvalue + D;
+        for (int64_t i = 0; i < D; i++) {
+            dvalue[i] = dy[i] * gelu_erf(gate[i]);
+            dgate[i] = dy[i] * value[i] * gelu_erf_grad(gate[i]);
+        }
+    }
+}
+
+void ck_geglu_backward_f32(const float *dy, const float *x, float *dx, int64_t R, int64_t D) {
+    geglu_backward_ctx ctx = {dy, x, dx, D};
+    ck_parallel_for(R, GRAIN / (D > 0 ? D : 1) + 1, geglu_backward_rows, &ctx);
 }
 
 /* ---- affine: y = alpha·x + beta ---- */
@@ -200,6 +274,23 @@ static void upsample_rows(void *arg, int64_t begin, int64_t end) {
 void ck_upsample_nearest2x_f32(const float *x, float *y, int64_t P, int64_t H, int64_t W) {
     upsample_ctx ctx = {x, y, H, W};
     ck_parallel_for(P * H, GRAIN / (4 * W + 1) + 1, upsample_rows, &ctx);
+}
+
+/* Upsampling backward: dx[p, i, j] = the sum of the 2×2 block dy[p, 2i…2i+1, 2j…2j+1]; one task row per
+ * output row (p, i). */
+static void upsample_backward_rows(void *arg, int64_t begin, int64_t end) {
+    const upsample_ctx *ctx = arg;
+    const int64_t W = ctx->W;
+    for (int64_t row = begin; row < end; row++) {
+        const float *top = ctx->x + row * 4 * W, *bottom = top + 2 * W;
+        float *out = ctx->y + row * W;
+        for (int64_t j = 0; j < W; j++) out[j] = (top[2 * j] + top[2 * j + 1]) + (bottom[2 * j] + bottom[2 * j + 1]);
+    }
+}
+
+void ck_upsample_nearest2x_backward_f32(const float *dy, float *dx, int64_t P, int64_t H, int64_t W) {
+    upsample_ctx ctx = {dy, dx, H, W};
+    ck_parallel_for(P * H, GRAIN / (4 * W + 1) + 1, upsample_backward_rows, &ctx);
 }
 
 /* ---- embedding lookup ---- */

@@ -15,6 +15,10 @@
  * The workspace belongs to the context and only grows (through the caching allocator), so a steady-state
  * loop reallocates nothing. The bias is written into y first and the GEMMs accumulate onto it (beta = 1),
  * as in gemm.cu's linear.
+ *
+ * The data gradient (pea_cuda_conv2d_backward_data, for training through the frozen UNet) runs the same plan
+ * backwards: dcol[b] = wᵀ · dy[b] into the same workspace, then col2im_kernel gathers dcol into dx; the 1×1,
+ * stride-1, unpadded case is again one strided-batched GEMM.
  */
 #include "internal.h"
 
@@ -54,23 +58,22 @@ static int im2col_launch(pea_cuda_context *ctx, const void *x, void *col, const 
 
 /* Makes the context's workspace at least `bytes` long (a bigger block from the allocator; the old one goes
  * back to its cache — safe on the one stream: queued work that reads it runs before anything that reuses it). */
-static int ensure_workspace(pea_cuda_context *ctx, size_t bytes) {
+static int ensure_workspace(pea_cuda_context *ctx, const char *op, size_t bytes) {
     if (ctx->workspace_bytes >= bytes) return PEA_CUDA_OK;
     if (ctx->workspace) {
-        PEA_TRY(pea_mem_free(ctx, "conv2d", ctx->workspace));
+        PEA_TRY(pea_mem_free(ctx, op, ctx->workspace));
         ctx->workspace = NULL;
         ctx->workspace_bytes = 0;
     }
-    PEA_TRY(pea_mem_alloc(ctx, "conv2d", bytes, &ctx->workspace));
+    PEA_TRY(pea_mem_alloc(ctx, op, bytes, &ctx->workspace));
     ctx->workspace_bytes = bytes;
     return PEA_CUDA_OK;
 }
 
-extern "C" int pea_cuda_conv2d(pea_cuda_context *ctx, int dtype, const ck_conv2d_params *p, const void *x,
-                               const void *w, const void *bias, void *y) {
-    static const char *op = "conv2d";
-    PEA_BEGIN(ctx, op);
-    PEA_REQUIRE_DTYPE(ctx, op, dtype);
+/* The checks both directions make on the params (as ck_conv2d_f32's contract); on success *Ho, *Wo are the
+ * output size (as ck_conv2d_out_h/_w: the library does not link the CPU kernels). */
+static int conv_params(pea_cuda_context *ctx, const char *op, const ck_conv2d_params *p, int64_t *Ho_out,
+                       int64_t *Wo_out) {
     PEA_REQUIRE(ctx, op, p != NULL, "params are NULL");
     PEA_REQUIRE(ctx, op, p->B >= 0 && p->Cin >= 1 && p->H >= 1 && p->W >= 1 && p->Cout >= 0 && p->kh >= 1 &&
                              p->kw >= 1 && p->strideH >= 1 && p->strideW >= 1 && p->padTop >= 0 &&
@@ -83,9 +86,20 @@ extern "C" int pea_cuda_conv2d(pea_cuda_context *ctx, int dtype, const ck_conv2d
     PEA_REQUIRE(ctx, op, p->H + p->padTop + p->padBottom >= p->kh && p->W + p->padLeft + p->padRight >= p->kw,
                 "the %lld×%lld kernel is larger than the padded %lld×%lld input", (long long)p->kh, (long long)p->kw,
                 (long long)(p->H + p->padTop + p->padBottom), (long long)(p->W + p->padLeft + p->padRight));
-    /* as ck_conv2d_out_h/_w (the library does not link the CPU kernels) */
     const int64_t Ho = (p->H + p->padTop + p->padBottom - p->kh) / p->strideH + 1;
     const int64_t Wo = (p->W + p->padLeft + p->padRight - p->kw) / p->strideW + 1;
+    *Ho_out = Ho;
+    *Wo_out = Wo;
+    return PEA_CUDA_OK;
+}
+
+extern "C" int pea_cuda_conv2d(pea_cuda_context *ctx, int dtype, const ck_conv2d_params *p, const void *x,
+                               const void *w, const void *bias, void *y) {
+    static const char *op = "conv2d";
+    PEA_BEGIN(ctx, op);
+    PEA_REQUIRE_DTYPE(ctx, op, dtype);
+    int64_t Ho, Wo;
+    PEA_TRY(conv_params(ctx, op, p, &Ho, &Wo));
     const int64_t N = Ho * Wo, K = p->Cin * p->kh * p->kw, B = p->B, Cout = p->Cout;
     if (B == 0 || Cout == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, x && w && y, "NULL tensor (x %p, w %p, y %p)", x, w, y);
@@ -106,7 +120,7 @@ extern "C" int pea_cuda_conv2d(pea_cuda_context *ctx, int dtype, const ck_conv2d
     if (K * N <= limit) { /* whole images: groups of `images` per im2col + strided-batched GEMM */
         int64_t images = limit / (K * N);
         if (images > B) images = B;
-        PEA_TRY(ensure_workspace(ctx, (size_t)(images * K * N) * es));
+        PEA_TRY(ensure_workspace(ctx, op, (size_t)(images * K * N) * es));
         for (int64_t b0 = 0; b0 < B; b0 += images) {
             const int64_t nb = B - b0 < images ? B - b0 : images;
             if (dtype == CK_F32) PEA_TRY(im2col_launch<uint32_t>(ctx, x, ctx->workspace, g, b0, nb, 0, N));
@@ -119,7 +133,7 @@ extern "C" int pea_cuda_conv2d(pea_cuda_context *ctx, int dtype, const ck_conv2d
     /* one image is larger than the limit: column chunks of y[b] */
     int64_t nc = limit / K;
     if (nc < 1) nc = 1;
-    PEA_TRY(ensure_workspace(ctx, (size_t)(K * nc) * es));
+    PEA_TRY(ensure_workspace(ctx, op, (size_t)(K * nc) * es));
     for (int64_t b = 0; b < B; b++) {
         for (int64_t n0 = 0; n0 < N; n0 += nc) {
             const int64_t c = N - n0 < nc ? N - n0 : nc;
@@ -129,5 +143,131 @@ extern "C" int pea_cuda_conv2d(pea_cuda_context *ctx, int dtype, const ck_conv2d
                                       yb + (size_t)(b * Cout * N + n0) * es, N, 0, 1));
         }
     }
+    return PEA_CUDA_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Backward: the data gradient                                                                           */
+
+/* col2im: dx[b0 + img, c, iy, ix] = Σ dcol[img, (c, i, j), n − n0] over the kernel taps (i, j) whose output
+ * position (oy, ox) — oy·sh − pt + i = iy, ox·sw − pl + j = ix — exists and has n = oy·Wo + ox in [n0, n0 + nc);
+ * with accumulate, added to what dx holds. dcol is [nimg, K, nc]. A gather rather than a scatter: one thread
+ * per dx element (grid-stride over the images' rows y0 … y0+rows−1, all channels and columns), each summing its
+ * at most kh·kw taps in f32 in a fixed order — no atomics, the same result on every run. Consecutive threads
+ * write consecutive pixels of a row. */
+template <typename T>
+__global__ void col2im_kernel(const T *col, T *dx, ConvGeometry g, int64_t b0, int64_t nimg, int64_t n0, int64_t nc,
+                              int64_t y0, int64_t rows, int accumulate) {
+    const int64_t taps = g.kh * g.kw, K = g.Cin * taps;
+    const int64_t per_c = rows * g.W, per_image = g.Cin * per_c, total = nimg * per_image;
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int64_t img = e / per_image, rem = e - img * per_image;
+        const int64_t c = rem / per_c, pix = rem - c * per_c;
+        const int64_t iy = y0 + pix / g.W, ix = pix - (pix / g.W) * g.W;
+        const T *colc = col + (img * K + c * taps) * nc;
+        float acc = 0.0f;
+        for (int64_t i = 0; i < g.kh; i++) {
+            const int64_t ty = iy + g.pt - i;
+            if (ty < 0) break; /* and for every larger i */
+            if (ty % g.sh) continue;
+            const int64_t oy = ty / g.sh;
+            if (oy >= g.Ho) continue;
+            for (int64_t j = 0; j < g.kw; j++) {
+                const int64_t tx = ix + g.pl - j;
+                if (tx < 0) break;
+                if (tx % g.sw) continue;
+                const int64_t ox = tx / g.sw;
+                if (ox >= g.Wo) continue;
+                const int64_t n = oy * g.Wo + ox - n0;
+                if (n < 0 || n >= nc) continue;
+                acc += pea_ld(colc + (i * g.kw + j) * nc + n);
+            }
+        }
+        T *out = dx + (((b0 + img) * g.Cin + c) * g.H + iy) * g.W + ix;
+        pea_st(out, accumulate ? pea_ld(out) + acc : acc);
+    }
+}
+
+template <typename T>
+static int col2im_launch(pea_cuda_context *ctx, const void *col, void *dx, const ConvGeometry &g, int64_t b0,
+                         int64_t nimg, int64_t n0, int64_t nc, int64_t y0, int64_t rows, int accumulate) {
+    const int64_t total = nimg * g.Cin * rows * g.W;
+    PEA_KERNEL(ctx, "conv2d_backward_data", col2im_kernel<T>, pea_grid_1d(ctx, total, 256), 256, 0, (const T *)col,
+               (T *)dx, g, b0, nimg, n0, nc, y0, rows, accumulate);
+    return PEA_CUDA_OK;
+}
+
+/* dx = the gradient of conv2d with respect to x, as ck_conv2d_backward_data_f32:
+ *   dcol[b] (K × N) = wᵀ (K × Cout) · dy[b] (Cout × N),   dx[b] = col2im(dcol[b]).
+ * The 1×1, stride-1, unpadded case is dx[b] (Cin × HW) = wᵀ · dy[b]: one strided-batched GEMM, no workspace.
+ * Otherwise dcol goes to the context's workspace under the forward's limit: whole images in groups (one
+ * strided-batched GEMM and one col2im per group), or, when one image's dcol is larger than the limit, column
+ * chunks of one image — dx is zeroed first and each chunk's col2im adds its taps to the input rows it reaches
+ * (f16/bf16 dx is then rounded once per chunk that reaches it). */
+extern "C" int pea_cuda_conv2d_backward_data(pea_cuda_context *ctx, int dtype, const ck_conv2d_params *p,
+                                             const void *dy, const void *w, void *dx) {
+    static const char *op = "conv2d_backward_data";
+    PEA_BEGIN(ctx, op);
+    PEA_REQUIRE_DTYPE(ctx, op, dtype);
+    int64_t Ho, Wo;
+    PEA_TRY(conv_params(ctx, op, p, &Ho, &Wo));
+    const int64_t N = Ho * Wo, K = p->Cin * p->kh * p->kw, B = p->B, Cout = p->Cout, Cin = p->Cin;
+    const int64_t HW = p->H * p->W;
+    if (B == 0) return PEA_CUDA_OK;
+    PEA_REQUIRE(ctx, op, dx != NULL, "NULL tensor (dx %p)", dx);
+    const size_t es = pea_dtype_size(dtype);
+    if (Cout == 0) /* no output channels: nothing flows back */
+        return pea_check_cuda(ctx, op, cudaMemsetAsync(dx, 0, (size_t)(B * Cin * HW) * es, ctx->stream),
+                              "cudaMemsetAsync");
+    PEA_REQUIRE(ctx, op, dy && w, "NULL tensor (dy %p, w %p)", dy, w);
+
+    const bool pointwise = p->kh == 1 && p->kw == 1 && p->strideH == 1 && p->strideW == 1 && p->padTop == 0 &&
+                           p->padBottom == 0 && p->padLeft == 0 && p->padRight == 0;
+    if (pointwise) /* dx[b] (Cin × HW) = wᵀ (Cin × Cout) · dy[b] (Cout × HW), all images in one call */
+        return pea_gemm_rowmajor(ctx, op, dtype, 1, 0, Cin, N, Cout, 1.0f, w, Cin, 0, dy, N, Cout * N, 0.0f, dx, N,
+                                 Cin * N, B);
+
+    const ConvGeometry g = {p->Cin, p->H, p->W, p->kh, p->kw, p->strideH, p->strideW, p->padTop, p->padLeft, Ho, Wo};
+    int64_t limit = (int64_t)(ctx->workspace_limit / es); /* elements of dcol at a time */
+    if (limit < 1) limit = 1;
+    const char *dyb = (const char *)dy;
+#define PEA_COL2IM(...) \
+    (dtype == CK_F32 ? col2im_launch<float>(__VA_ARGS__) \
+                     : dtype == CK_F16 ? col2im_launch<__half>(__VA_ARGS__) : col2im_launch<__nv_bfloat16>(__VA_ARGS__))
+    if (K * N <= limit) { /* whole images: groups of `images` per strided-batched GEMM + col2im */
+        int64_t images = limit / (K * N);
+        if (images > B) images = B;
+        PEA_TRY(ensure_workspace(ctx, op, (size_t)(images * K * N) * es));
+        for (int64_t b0 = 0; b0 < B; b0 += images) {
+            const int64_t nb = B - b0 < images ? B - b0 : images;
+            PEA_TRY(pea_gemm_rowmajor(ctx, op, dtype, 1, 0, K, N, Cout, 1.0f, w, K, 0,
+                                      dyb + (size_t)(b0 * Cout * N) * es, N, Cout * N, 0.0f, ctx->workspace, N, K * N,
+                                      nb));
+            PEA_TRY(PEA_COL2IM(ctx, ctx->workspace, dx, g, b0, nb, 0, N, 0, p->H, 0));
+        }
+        return PEA_CUDA_OK;
+    }
+    /* one image's dcol is larger than the limit: column chunks, each adding onto the zeroed dx */
+    int64_t nc = limit / K;
+    if (nc < 1) nc = 1;
+    PEA_TRY(ensure_workspace(ctx, op, (size_t)(K * nc) * es));
+    PEA_TRY(pea_check_cuda(ctx, op, cudaMemsetAsync(dx, 0, (size_t)(B * Cin * HW) * es, ctx->stream),
+                           "cudaMemsetAsync"));
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t n0 = 0; n0 < N; n0 += nc) {
+            const int64_t c = N - n0 < nc ? N - n0 : nc;
+            PEA_TRY(pea_gemm_rowmajor(ctx, op, dtype, 1, 0, K, c, Cout, 1.0f, w, K, 0,
+                                      dyb + (size_t)(b * Cout * N + n0) * es, N, 0, 0.0f, ctx->workspace, c, 0, 1));
+            /* the input rows these output rows reach */
+            const int64_t oy0 = n0 / Wo, oy1 = (n0 + c - 1) / Wo;
+            int64_t y0 = oy0 * p->strideH - p->padTop, y1 = oy1 * p->strideH - p->padTop + p->kh; /* [y0, y1) */
+            if (y0 < 0) y0 = 0;
+            if (y1 > p->H) y1 = p->H;
+            if (y1 <= y0) continue; /* only padding */
+            PEA_TRY(PEA_COL2IM(ctx, ctx->workspace, dx, g, b, 1, n0, c, y0, y1 - y0, 1));
+        }
+    }
+#undef PEA_COL2IM
     return PEA_CUDA_OK;
 }

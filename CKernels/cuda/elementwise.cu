@@ -1,9 +1,10 @@
 /*
  * elementwise.cu — the memory-bound ops: activations, GEGLU, affine, broadcasting binary ops, strided copy
  * (permute/concat/split), nearest 2× upsampling, embedding lookup, the sinusoidal timestep embedding, the
- * mean over an axis, and storage conversions. Each mirrors its ckernels.h counterpart (cpu/elementwise.c,
- * cpu/convert.c): same arguments, same results in f32; f16/bf16 tensors are loaded to f32, computed in f32
- * and rounded to nearest even once on the store.
+ * mean over an axis, and storage conversions; and the backward ops of the activations (GELU erf/tanh, SiLU),
+ * GEGLU and upsampling, each next to its forward (dx overwritten, as ck_*_backward_f32). Each mirrors its
+ * ckernels.h counterpart (cpu/elementwise.c, cpu/convert.c): same arguments, same results in f32; f16/bf16
+ * tensors are loaded to f32, computed in f32 and rounded to nearest even once on the store.
  *
  * Launch shape: 1-D grid-stride loops with 256-thread blocks, at most 32 blocks per SM (a grid that covers
  * the data once when it is small, and persistent blocks when it is large). Indices are 64-bit.
@@ -83,6 +84,79 @@ extern "C" int pea_cuda_activation(pea_cuda_context *ctx, int dtype, int kind, c
     return PEA_FLOAT_SWITCH(dtype, map_launch, ctx, op, x, y, n, f);
 }
 
+/* Derivatives of the activations, for the backward ops (same constants as the forward functions above). */
+static __device__ __forceinline__ float gelu_erf_grad(float v) {
+    /* Φ(v) + v·φ(v) */
+    const float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+    const float pdf = 0.39894228040143268f * expf(-0.5f * v * v); /* 1/sqrt(2π) */
+    return cdf + v * pdf;
+}
+static __device__ __forceinline__ float gelu_tanh_grad(float v) {
+    const float k = 0.79788456080286536f; /* sqrt(2/π) */
+    const float t = tanhf(k * (v + 0.044715f * v * v * v));
+    return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * k * (1.0f + 3.0f * 0.044715f * v * v);
+}
+static __device__ __forceinline__ float silu_grad(float v) {
+    const float s = 1.0f / (1.0f + expf(-v));
+    return s * (1.0f + v * (1.0f - s));
+}
+
+/* dx = dy · f'(x) for the activations that have a backward (GELU erf/tanh, SiLU). */
+struct ActivationGradFn {
+    int kind; /* PEA_ACT_GELU_ERF, PEA_ACT_GELU_TANH or PEA_ACT_SILU */
+    __device__ float operator()(float dy, float v) const {
+        switch (kind) {
+        case PEA_ACT_GELU_ERF: return dy * gelu_erf_grad(v);
+        case PEA_ACT_GELU_TANH: return dy * gelu_tanh_grad(v);
+        default: return dy * silu_grad(v); /* PEA_ACT_SILU */
+        }
+    }
+};
+
+/* y[i] = f(a[i], b[i]) for i < n (y may alias a or b), f32 arithmetic. The same mapping as map_kernel: with vec
+ * (a, b and y aligned to 4 elements, n a multiple of 4) thread t handles the 4-element chunks t,
+ * t + gridDim·blockDim, … with vector loads and stores; otherwise single elements, grid-stride. */
+template <typename T, typename F>
+__global__ void map2_kernel(const T *a, const T *b, T *y, int64_t n, F f, int vec) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (vec) {
+        for (; i < n / 4; i += stride) {
+            float u[4], v[4];
+            pea_ld4(a + 4 * i, u);
+            pea_ld4(b + 4 * i, v);
+            for (int k = 0; k < 4; k++) u[k] = f(u[k], v[k]);
+            pea_st4(y + 4 * i, u);
+        }
+    } else {
+        for (; i < n; i += stride) pea_st(y + i, f(pea_ld(a + i), pea_ld(b + i)));
+    }
+}
+
+template <typename T, typename F>
+static int map2_launch(pea_cuda_context *ctx, const char *op, const void *a, const void *b, void *y, int64_t n, F f) {
+    const size_t align = 4 * sizeof(T);
+    const int vec = n % 4 == 0 && (uintptr_t)a % align == 0 && (uintptr_t)b % align == 0 && (uintptr_t)y % align == 0;
+    const int64_t work = vec ? n / 4 : n;
+    PEA_KERNEL(ctx, op, (map2_kernel<T, F>), pea_grid_1d(ctx, work, EW_THREADS), EW_THREADS, 0, (const T *)a,
+               (const T *)b, (T *)y, n, f, vec);
+    return PEA_CUDA_OK;
+}
+
+extern "C" int pea_cuda_activation_backward(pea_cuda_context *ctx, int dtype, int kind, const void *dy, const void *x,
+                                            void *dx, int64_t n) {
+    static const char *op = "activation_backward";
+    PEA_BEGIN(ctx, op);
+    PEA_REQUIRE_DTYPE(ctx, op, dtype);
+    PEA_REQUIRE(ctx, op, kind == PEA_ACT_GELU_ERF || kind == PEA_ACT_GELU_TANH || kind == PEA_ACT_SILU,
+                "activation kind %d has no backward (GELU erf/tanh and SiLU do)", kind);
+    PEA_REQUIRE(ctx, op, n >= 0, "n = %lld", (long long)n);
+    if (n == 0) return PEA_CUDA_OK;
+    PEA_REQUIRE(ctx, op, dy && x && dx, "NULL tensor (dy %p, x %p, dx %p)", dy, x, dx);
+    ActivationGradFn f{kind};
+    return PEA_FLOAT_SWITCH(dtype, map2_launch, ctx, op, dy, x, dx, n, f);
+}
+
 extern "C" int pea_cuda_affine(pea_cuda_context *ctx, int dtype, const void *x, void *y, int64_t n, float alpha,
                                float beta) {
     static const char *op = "affine";
@@ -125,6 +199,41 @@ extern "C" int pea_cuda_geglu(pea_cuda_context *ctx, int dtype, const void *x, v
     if (R == 0 || D == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, x && y, "NULL tensor (x %p, y %p)", x, y);
     return PEA_FLOAT_SWITCH(dtype, geglu_launch, ctx, x, y, R, D);
+}
+
+/* The GEGLU backward for x [R, 2D] (value a = x[:, :D], gate g = x[:, D:]), dy [R, D] → dx [R, 2D]:
+ *   dx[r, i] = dy[r, i]·gelu(g), dx[r, D + i] = dy[r, i]·a·gelu'(g).
+ * One thread per (r, i) (grid-stride over R·D), writing both halves: consecutive threads read consecutive
+ * values, gates and gradients and write consecutive elements of each half. */
+template <typename T>
+__global__ void geglu_backward_kernel(const T *dy, const T *x, T *dx, int64_t R, int64_t D) {
+    const int64_t total = R * D, stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int64_t r = e / D, i = e - r * D;
+        const T *row = x + r * 2 * D;
+        T *drow = dx + r * 2 * D;
+        const float a = pea_ld(row + i), g = pea_ld(row + D + i), d = pea_ld(dy + e);
+        pea_st(drow + i, d * gelu_erf(g));
+        pea_st(drow + D + i, d * a * gelu_erf_grad(g));
+    }
+}
+
+template <typename T>
+static int geglu_backward_launch(pea_cuda_context *ctx, const void *dy, const void *x, void *dx, int64_t R, int64_t D) {
+    PEA_KERNEL(ctx, "geglu_backward", geglu_backward_kernel<T>, pea_grid_1d(ctx, R * D, EW_THREADS), EW_THREADS, 0,
+               (const T *)dy, (const T *)x, (T *)dx, R, D);
+    return PEA_CUDA_OK;
+}
+
+extern "C" int pea_cuda_geglu_backward(pea_cuda_context *ctx, int dtype, const void *dy, const void *x, void *dx,
+                                       int64_t R, int64_t D) {
+    static const char *op = "geglu_backward";
+    PEA_BEGIN(ctx, op);
+    PEA_REQUIRE_DTYPE(ctx, op, dtype);
+    PEA_REQUIRE(ctx, op, R >= 0 && D >= 0, "shape R %lld, D %lld", (long long)R, (long long)D);
+    if (R == 0 || D == 0) return PEA_CUDA_OK;
+    PEA_REQUIRE(ctx, op, dy && x && dx, "NULL tensor (dy %p, x %p, dx %p)", dy, x, dx);
+    return PEA_FLOAT_SWITCH(dtype, geglu_backward_launch, ctx, dy, x, dx, R, D);
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -352,6 +461,39 @@ extern "C" int pea_cuda_upsample_nearest2x(pea_cuda_context *ctx, int dtype, con
     /* a pure copy: the storage type only fixes the element size */
     if (dtype == CK_F32) return upsample_launch<uint32_t>(ctx, x, y, P, H, W);
     return upsample_launch<uint16_t>(ctx, x, y, P, H, W);
+}
+
+/* dx[p, y, x] = Σ of the 2×2 block dy[p, 2y + {0,1}, 2x + {0,1}] for dy [P, 2H, 2W], dx [P, H, W] (the gradient
+ * of nearest 2× upsampling), summed in f32 in a fixed order. One thread per dx element (grid-stride):
+ * consecutive threads write consecutive dx and read the two dy rows of their blocks side by side. */
+template <typename T>
+__global__ void upsample_nearest2x_backward_kernel(const T *dy, T *dx, int64_t P, int64_t H, int64_t W) {
+    const int64_t W2 = 2 * W, plane = H * W, total = P * plane, stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int64_t p = e / plane, r = e - p * plane;
+        const int64_t y = r / W, x = r - y * W;
+        const T *top = dy + (p * 2 * H + 2 * y) * W2 + 2 * x, *bottom = top + W2;
+        pea_st(dx + e, (pea_ld(top) + pea_ld(top + 1)) + (pea_ld(bottom) + pea_ld(bottom + 1)));
+    }
+}
+
+template <typename T>
+static int upsample_backward_launch(pea_cuda_context *ctx, const void *dy, void *dx, int64_t P, int64_t H, int64_t W) {
+    PEA_KERNEL(ctx, "upsample_nearest2x_backward", upsample_nearest2x_backward_kernel<T>,
+               pea_grid_1d(ctx, P * H * W, EW_THREADS), EW_THREADS, 0, (const T *)dy, (T *)dx, P, H, W);
+    return PEA_CUDA_OK;
+}
+
+extern "C" int pea_cuda_upsample_nearest2x_backward(pea_cuda_context *ctx, int dtype, const void *dy, void *dx,
+                                                    int64_t P, int64_t H, int64_t W) {
+    static const char *op = "upsample_nearest2x_backward";
+    PEA_BEGIN(ctx, op);
+    PEA_REQUIRE_DTYPE(ctx, op, dtype);
+    PEA_REQUIRE(ctx, op, P >= 0 && H >= 0 && W >= 0, "shape P %lld, H %lld, W %lld", (long long)P, (long long)H,
+                (long long)W);
+    if (P == 0 || H == 0 || W == 0) return PEA_CUDA_OK;
+    PEA_REQUIRE(ctx, op, dy && dx, "NULL tensor (dy %p, dx %p)", dy, dx);
+    return PEA_FLOAT_SWITCH(dtype, upsample_backward_launch, ctx, dy, dx, P, H, W);
 }
 
 /* ---------------------------------------------------------------------------------------------------- */

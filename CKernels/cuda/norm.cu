@@ -1,6 +1,8 @@
 /*
  * norm.cu — group norm (optionally followed by SiLU), layer norm and softmax over the last axis, as
- * ck_group_norm_f32, ck_layer_norm_f32 and ck_softmax_f32 (cpu/norm.c). Statistics accumulate in f32
+ * ck_group_norm_f32, ck_layer_norm_f32 and ck_softmax_f32 (cpu/norm.c), and their backward ops, as
+ * ck_group_norm_backward_f32, ck_layer_norm_backward_f32 and ck_softmax_backward_f32 (each next to its
+ * forward; outputs overwritten, statistics recomputed from x). Statistics accumulate in f32
  * (the CPU uses f64): Welford/Chan merges for group norm, two passes over a cached row for layer norm,
  * an online (max, sum) pass for softmax.
  *
@@ -21,22 +23,17 @@ static __device__ __forceinline__ void welford_merge(float &n, float &mean, floa
     n = nn;
 }
 
-/* y = γ[c]·(x − mean)·rstd + β[c] (then SiLU if silu) over the group (b, g) of x [B, C, S]: the group's Cg·S
- * values are contiguous. One block per (b, g) = blockIdx.x. Pass 1: thread t folds the elements t,
- * t + blockDim, … (with vec: the 4-element chunks, each loaded with one vector load and summarised before the
- * fold) into a Welford summary in registers; summaries merge across the warp with shuffles, then across warps
- * through shared memory, giving mean and the biased variance. Pass 2 re-reads the group (from L2) with the same
- * mapping and writes y; with vec (S a multiple of 4, x and y aligned) a chunk never straddles two channels. */
+/* The mean and rstd = 1/sqrt(biased variance + eps) of the n values at xg, for the whole block (every thread
+ * gets both; all threads of the block must call it). Thread t folds the elements t, t + blockDim, … (with vec:
+ * the 4-element chunks, each loaded with one vector load and summarised before the fold) into a Welford
+ * summary in registers; summaries merge across the warp with shuffles, then across warps through shared
+ * memory. The group's values are read once. */
 template <typename T>
-__global__ void group_norm_kernel(const T *x, const T *gamma, const T *beta, T *y, int64_t C, int64_t S, int64_t G,
-                                  float eps, int silu, int vec) {
+static __device__ void group_stats(const T *xg, int64_t n, float eps, int vec, float &mu, float &rstd) {
     PEA_SHARED_ARRAY(float, s_n, 32);
     PEA_SHARED_ARRAY(float, s_mean, 32);
     PEA_SHARED_ARRAY(float, s_m2, 32);
     PEA_SHARED_ARRAY(float, s_stat, 2);
-    const int64_t u = blockIdx.x, g = u % G, Cg = C / G, n = Cg * S;
-    const T *xg = x + u * n;
-    T *yg = y + u * n;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, warps = blockDim.x / 32;
 
     float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
@@ -86,7 +83,24 @@ __global__ void group_norm_kernel(const T *x, const T *gamma, const T *beta, T *
         }
     }
     __syncthreads();
-    const float mu = s_stat[0], rstd = s_stat[1];
+    mu = s_stat[0];
+    rstd = s_stat[1];
+}
+
+/* y = γ[c]·(x − mean)·rstd + β[c] (then SiLU if silu) over the group (b, g) of x [B, C, S]: the group's Cg·S
+ * values are contiguous. One block per (b, g) = blockIdx.x. Pass 1 (group_stats): mean and rstd, each thread
+ * folding the elements t, t + blockDim, … (or 4-element chunks with vec). Pass 2 re-reads the group (from L2)
+ * with the same mapping and writes y; with vec (S a multiple of 4, x and y aligned) a chunk never straddles
+ * two channels. */
+template <typename T>
+__global__ void group_norm_kernel(const T *x, const T *gamma, const T *beta, T *y, int64_t C, int64_t S, int64_t G,
+                                  float eps, int silu, int vec) {
+    const int64_t u = blockIdx.x, g = u % G, Cg = C / G, n = Cg * S;
+    const T *xg = x + u * n;
+    T *yg = y + u * n;
+    const int tid = threadIdx.x;
+    float mu, rstd;
+    group_stats(xg, n, eps, vec, mu, rstd);
 
     if (vec) {
         for (int64_t q = tid; q < n / 4; q += blockDim.x) {
@@ -135,6 +149,106 @@ extern "C" int pea_cuda_group_norm(pea_cuda_context *ctx, int dtype, const void 
     if (B == 0 || C == 0 || S == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, x && y, "NULL tensor (x %p, y %p)", x, y);
     return PEA_FLOAT_SWITCH(dtype, group_norm_launch, ctx, x, gamma, beta, y, B, C, S, G, eps, fuse_silu);
+}
+
+/* The sum over the block of (a, b), returned to every thread (all threads of the block must call it; blockDim a
+ * multiple of 32). Warp butterflies, one partial per warp in shared memory, then warp 0 adds the partials in
+ * warp order: the same order on every run, so the result is deterministic. */
+static __device__ void block_sum2(float &a, float &b) {
+    PEA_SHARED_ARRAY(float, s_a, 32);
+    PEA_SHARED_ARRAY(float, s_b, 32);
+    PEA_SHARED_ARRAY(float, s_out, 2);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    a = pea_warp_sum(a);
+    b = pea_warp_sum(b);
+    if (lane == 0) {
+        s_a[warp] = a;
+        s_b[warp] = b;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        a = pea_warp_sum(lane < warps ? s_a[lane] : 0.0f);
+        b = pea_warp_sum(lane < warps ? s_b[lane] : 0.0f);
+        if (lane == 0) {
+            s_out[0] = a;
+            s_out[1] = b;
+        }
+    }
+    __syncthreads();
+    a = s_out[0];
+    b = s_out[1];
+}
+
+/* d/dz silu(z) = s·(1 + z·(1 − s)), s = sigmoid(z). */
+static __device__ __forceinline__ float silu_grad(float z) {
+    const float s = 1.0f / (1.0f + expf(-z));
+    return s * (1.0f + z * (1.0f - s));
+}
+
+/* dx for y = group_norm(x) (then SiLU if silu) over the group (b, g) of x, dy, dx [B, C, S]:
+ *   x̂ = (x − mean)·rstd, z = γ[c]·x̂ + β[c], dz = dy (·silu'(z) if silu), dx̂ = γ[c]·dz,
+ *   dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))       (means over the group's n = Cg·S values).
+ * One block per (b, g) = blockIdx.x, the group's values contiguous. Pass 1 recomputes mean and rstd from x
+ * (group_stats); pass 2: thread t accumulates Σ dx̂ and Σ dx̂·x̂ over the elements t, t + blockDim, …, summed
+ * over the block (block_sum2); pass 3 re-reads x and dy with the same mapping and writes dx. f32 throughout. */
+template <typename T>
+__global__ void group_norm_backward_kernel(const T *dy, const T *x, const T *gamma, const T *beta, T *dx, int64_t C,
+                                           int64_t S, int64_t G, float eps, int silu, int vec) {
+    const int64_t u = blockIdx.x, g = u % G, Cg = C / G, n = Cg * S;
+    const T *xg = x + u * n, *dyg = dy + u * n;
+    T *dxg = dx + u * n;
+    const int tid = threadIdx.x;
+    float mu, rstd;
+    group_stats(xg, n, eps, vec, mu, rstd);
+
+    float sum_dxh = 0.0f, sum_dxh_xh = 0.0f;
+    for (int64_t i = tid; i < n; i += blockDim.x) {
+        const int64_t c = g * Cg + i / S;
+        const float gm = gamma ? pea_ld(gamma + c) : 1.0f;
+        const float xh = (pea_ld(xg + i) - mu) * rstd;
+        float dz = pea_ld(dyg + i);
+        if (silu) dz *= silu_grad(gm * xh + (beta ? pea_ld(beta + c) : 0.0f));
+        const float dxh = dz * gm;
+        sum_dxh += dxh;
+        sum_dxh_xh += dxh * xh;
+    }
+    block_sum2(sum_dxh, sum_dxh_xh);
+    const float mean_dxh = sum_dxh / (float)n, mean_dxh_xh = sum_dxh_xh / (float)n;
+    for (int64_t i = tid; i < n; i += blockDim.x) {
+        const int64_t c = g * Cg + i / S;
+        const float gm = gamma ? pea_ld(gamma + c) : 1.0f;
+        const float xh = (pea_ld(xg + i) - mu) * rstd;
+        float dz = pea_ld(dyg + i);
+        if (silu) dz *= silu_grad(gm * xh + (beta ? pea_ld(beta + c) : 0.0f));
+        pea_st(dxg + i, rstd * (dz * gm - mean_dxh - xh * mean_dxh_xh));
+    }
+}
+
+template <typename T>
+static int group_norm_backward_launch(pea_cuda_context *ctx, const void *dy, const void *x, const void *gamma,
+                                      const void *beta, void *dx, int64_t B, int64_t C, int64_t S, int64_t G, float eps,
+                                      int fuse_silu) {
+    const int64_t n = C / G * S;
+    const int vec = S % 4 == 0 && (uintptr_t)x % (4 * sizeof(T)) == 0;
+    const int threads = n >= 16384 ? 512 : 256;
+    PEA_KERNEL(ctx, "group_norm_backward", group_norm_backward_kernel<T>, (unsigned)(B * G), threads, 0,
+               (const T *)dy, (const T *)x, (const T *)gamma, (const T *)beta, (T *)dx, C, S, G, eps, fuse_silu, vec);
+    return PEA_CUDA_OK;
+}
+
+extern "C" int pea_cuda_group_norm_backward(pea_cuda_context *ctx, int dtype, const void *dy, const void *x,
+                                            const void *gamma, const void *beta, void *dx, int64_t B, int64_t C,
+                                            int64_t S, int64_t G, float eps, int fuse_silu) {
+    static const char *op = "group_norm_backward";
+    PEA_BEGIN(ctx, op);
+    PEA_REQUIRE_DTYPE(ctx, op, dtype);
+    PEA_REQUIRE(ctx, op, B >= 0 && C >= 0 && S >= 0 && G >= 1, "shape B %lld, C %lld, S %lld, G %lld", (long long)B,
+                (long long)C, (long long)S, (long long)G);
+    PEA_REQUIRE(ctx, op, C % G == 0, "C %lld is not a multiple of G %lld", (long long)C, (long long)G);
+    PEA_REQUIRE(ctx, op, B * G <= INT_MAX, "B·G = %lld blocks is too many", (long long)(B * G));
+    if (B == 0 || C == 0 || S == 0) return PEA_CUDA_OK;
+    PEA_REQUIRE(ctx, op, dy && x && dx, "NULL tensor (dy %p, x %p, dx %p)", dy, x, dx);
+    return PEA_FLOAT_SWITCH(dtype, group_norm_backward_launch, ctx, dy, x, gamma, beta, dx, B, C, S, G, eps, fuse_silu);
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -187,6 +301,128 @@ extern "C" int pea_cuda_layer_norm(pea_cuda_context *ctx, int dtype, const void 
     if (R == 0 || D == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, x && y, "NULL tensor (x %p, y %p)", x, y);
     return PEA_FLOAT_SWITCH(dtype, layer_norm_launch, ctx, x, gamma, beta, y, R, D, eps);
+}
+
+/* dx for y = layer_norm(x) over rows of D (x, dy, dx [R, D]): with x̂ = (x − mean)·rstd and dx̂ = dy·γ,
+ *   dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))       (means over the row).
+ * One warp per row (row = blockIdx.x·8 + warp), lane l handling features l, l + 32, … as in the forward: a pass
+ * for the mean, one for the variance (both recomputed from x), one for Σ dx̂ and Σ dx̂·x̂, one that writes dx.
+ * When stats is not NULL lane 0 also stores the row's (mean, rstd) in stats[2r], stats[2r + 1] for
+ * layer_norm_param_grad_kernel. A warp past the last row returns as a whole. */
+template <typename T>
+__global__ void layer_norm_backward_kernel(const T *dy, const T *x, const T *gamma, T *dx, float *stats, int64_t R,
+                                           int64_t D, float eps) {
+    const int lane = threadIdx.x % 32;
+    const int64_t r = (int64_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32;
+    if (r >= R) return;
+    const T *xr = x + r * D, *dyr = dy + r * D;
+    T *dxr = dx + r * D;
+    float s = 0.0f;
+    for (int64_t i = lane; i < D; i += 32) s += pea_ld(xr + i);
+    const float mean = pea_warp_sum(s) / (float)D;
+    float sq = 0.0f;
+    for (int64_t i = lane; i < D; i += 32) {
+        const float d = pea_ld(xr + i) - mean;
+        sq += d * d;
+    }
+    const float rstd = rsqrtf(pea_warp_sum(sq) / (float)D + eps);
+    float a = 0.0f, b = 0.0f;
+    for (int64_t i = lane; i < D; i += 32) {
+        const float xh = (pea_ld(xr + i) - mean) * rstd;
+        const float dxh = pea_ld(dyr + i) * (gamma ? pea_ld(gamma + i) : 1.0f);
+        a += dxh;
+        b += dxh * xh;
+    }
+    const float mean_dxh = pea_warp_sum(a) / (float)D, mean_dxh_xh = pea_warp_sum(b) / (float)D;
+    for (int64_t i = lane; i < D; i += 32) {
+        const float xh = (pea_ld(xr + i) - mean) * rstd;
+        const float dxh = pea_ld(dyr + i) * (gamma ? pea_ld(gamma + i) : 1.0f);
+        pea_st(dxr + i, rstd * (dxh - mean_dxh - xh * mean_dxh_xh));
+    }
+    if (stats && lane == 0) {
+        stats[2 * r] = mean;
+        stats[2 * r + 1] = rstd;
+    }
+}
+
+enum { PG_COLS = 32, PG_ROWS = 8 }; /* layer_norm_param_grad_kernel's block: 32 columns × 8 row lanes */
+
+/* dγ[d] = Σ_r dy[r, d]·x̂[r, d] and dβ[d] = Σ_r dy[r, d] (either output may be NULL), x̂ from the row statistics
+ * that layer_norm_backward_kernel stored. A column reduction without atomics, so the sums are the same on
+ * every run: block (32, 8) owns the columns blockIdx.x·32 + tx; thread (tx, ty) sums rows ty, ty + 8, … of its
+ * column (a warp reads 32 consecutive columns of one row: coalesced), then thread (tx, 0) adds the 8 partials
+ * of its column from shared memory in ty order. */
+template <typename T>
+__global__ void layer_norm_param_grad_kernel(const T *dy, const T *x, const float *stats, T *dgamma, T *dbeta,
+                                             int64_t R, int64_t D) {
+    PEA_SHARED_ARRAY_2D(float, s_g, PG_ROWS, PG_COLS);
+    PEA_SHARED_ARRAY_2D(float, s_b, PG_ROWS, PG_COLS);
+    const int tx = threadIdx.x % PG_COLS, ty = threadIdx.x / PG_COLS;
+    const int64_t d = (int64_t)blockIdx.x * PG_COLS + tx;
+    float g = 0.0f, b = 0.0f;
+    if (d < D) {
+        for (int64_t r = ty; r < R; r += PG_ROWS) {
+            const float v = pea_ld(dy + r * D + d);
+            g += v * (pea_ld(x + r * D + d) - stats[2 * r]) * stats[2 * r + 1];
+            b += v;
+        }
+    }
+    s_g[ty][tx] = g;
+    s_b[ty][tx] = b;
+    __syncthreads();
+    if (ty == 0 && d < D) {
+        for (int k = 1; k < PG_ROWS; k++) {
+            g += s_g[k][tx];
+            b += s_b[k][tx];
+        }
+        if (dgamma) pea_st(dgamma + d, g);
+        if (dbeta) pea_st(dbeta + d, b);
+    }
+}
+
+template <typename T>
+static int layer_norm_backward_launch(pea_cuda_context *ctx, const void *dy, const void *x, const void *gamma,
+                                      void *dx, void *dgamma, void *dbeta, int64_t R, int64_t D, float eps,
+                                      float *stats) {
+    static const char *op = "layer_norm_backward";
+    PEA_KERNEL(ctx, op, layer_norm_backward_kernel<T>, (unsigned)((R + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK),
+               32 * ROWS_PER_BLOCK, 0, (const T *)dy, (const T *)x, (const T *)gamma, (T *)dx, stats, R, D, eps);
+    if (stats)
+        PEA_KERNEL(ctx, op, layer_norm_param_grad_kernel<T>, (unsigned)((D + PG_COLS - 1) / PG_COLS),
+                   PG_COLS * PG_ROWS, 0, (const T *)dy, (const T *)x, (const float *)stats, (T *)dgamma, (T *)dbeta,
+                   R, D);
+    return PEA_CUDA_OK;
+}
+
+extern "C" int pea_cuda_layer_norm_backward(pea_cuda_context *ctx, int dtype, const void *dy, const void *x,
+                                            const void *gamma, void *dx, void *dgamma, void *dbeta, int64_t R,
+                                            int64_t D, float eps) {
+    static const char *op = "layer_norm_backward";
+    PEA_BEGIN(ctx, op);
+    PEA_REQUIRE_DTYPE(ctx, op, dtype);
+    PEA_REQUIRE(ctx, op, R >= 0 && D >= 0, "shape R %lld, D %lld", (long long)R, (long long)D);
+    PEA_REQUIRE(ctx, op, (R + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK <= INT_MAX, "R %lld rows is too many", (long long)R);
+    PEA_REQUIRE(ctx, op, (D + PG_COLS - 1) / PG_COLS <= INT_MAX, "D %lld columns is too many", (long long)D);
+    if (D == 0) return PEA_CUDA_OK;
+    const bool params = dgamma || dbeta;
+    if (R == 0) { /* empty sums: dγ = dβ = 0 */
+        const size_t bytes = (size_t)D * pea_dtype_size(dtype);
+        if (dgamma) PEA_TRY(pea_check_cuda(ctx, op, cudaMemsetAsync(dgamma, 0, bytes, ctx->stream), "cudaMemsetAsync"));
+        if (dbeta) PEA_TRY(pea_check_cuda(ctx, op, cudaMemsetAsync(dbeta, 0, bytes, ctx->stream), "cudaMemsetAsync"));
+        return PEA_CUDA_OK;
+    }
+    PEA_REQUIRE(ctx, op, dy && x && dx, "NULL tensor (dy %p, x %p, dx %p)", dy, x, dx);
+    /* the rows' (mean, rstd) for the parameter gradients: a block from the caching allocator, handed back right
+     * after the launches (safe on the one stream: whatever reuses it is queued after them) */
+    float *stats = NULL;
+    if (params) PEA_TRY(pea_mem_alloc(ctx, op, (size_t)(2 * R) * sizeof(float), (void **)&stats));
+    const int rc = PEA_FLOAT_SWITCH(dtype, layer_norm_backward_launch, ctx, dy, x, gamma, dx, dgamma, dbeta, R, D, eps,
+                                    stats);
+    if (stats) {
+        const int frc = pea_mem_free(ctx, op, stats);
+        if (!rc) return frc;
+    }
+    return rc;
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -250,4 +486,43 @@ extern "C" int pea_cuda_softmax(pea_cuda_context *ctx, int dtype, const void *x,
     if (R == 0 || D == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, x && y, "NULL tensor (x %p, y %p)", x, y);
     return PEA_FLOAT_SWITCH(dtype, softmax_launch, ctx, x, y, R, D);
+}
+
+/* dx = y ⊙ (dy − Σ_j dy_j·y_j) per row of D, from the forward's output y (dy, y, dx [R, D]). One warp per row
+ * (row = blockIdx.x·8 + warp): lane l sums dy·y over features l, l + 32, …, the warp adds the lanes' sums with
+ * shuffles, then each lane writes its features. Every element is read before any is written, so dx may alias
+ * dy or y. */
+template <typename T>
+__global__ void softmax_backward_kernel(const T *dy, const T *y, T *dx, int64_t R, int64_t D) {
+    const int lane = threadIdx.x % 32;
+    const int64_t r = (int64_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32;
+    if (r >= R) return;
+    const T *dyr = dy + r * D, *yr = y + r * D;
+    T *dxr = dx + r * D;
+    float s = 0.0f;
+    for (int64_t i = lane; i < D; i += 32) s += pea_ld(dyr + i) * pea_ld(yr + i);
+    const float dot = pea_warp_sum(s);
+    for (int64_t i = lane; i < D; i += 32) {
+        const float yv = pea_ld(yr + i);
+        pea_st(dxr + i, yv * (pea_ld(dyr + i) - dot));
+    }
+}
+
+template <typename T>
+static int softmax_backward_launch(pea_cuda_context *ctx, const void *dy, const void *y, void *dx, int64_t R, int64_t D) {
+    PEA_KERNEL(ctx, "softmax_backward", softmax_backward_kernel<T>, (unsigned)((R + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK),
+               32 * ROWS_PER_BLOCK, 0, (const T *)dy, (const T *)y, (T *)dx, R, D);
+    return PEA_CUDA_OK;
+}
+
+extern "C" int pea_cuda_softmax_backward(pea_cuda_context *ctx, int dtype, const void *dy, const void *y, void *dx,
+                                         int64_t R, int64_t D) {
+    static const char *op = "softmax_backward";
+    PEA_BEGIN(ctx, op);
+    PEA_REQUIRE_DTYPE(ctx, op, dtype);
+    PEA_REQUIRE(ctx, op, R >= 0 && D >= 0, "shape R %lld, D %lld", (long long)R, (long long)D);
+    PEA_REQUIRE(ctx, op, (R + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK <= INT_MAX, "R %lld rows is too many", (long long)R);
+    if (R == 0 || D == 0) return PEA_CUDA_OK;
+    PEA_REQUIRE(ctx, op, dy && y && dx, "NULL tensor (dy %p, y %p, dx %p)", dy, y, dx);
+    return PEA_FLOAT_SWITCH(dtype, softmax_backward_launch, ctx, dy, y, dx, R, D);
 }

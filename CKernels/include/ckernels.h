@@ -178,6 +178,40 @@ void ck_timestep_embedding_f32(const float *t, int64_t B, int64_t dim, int flip_
 void ck_mean_f32(const float *x, float *y, int64_t outer, int64_t n, int64_t inner);
 
 /* ---------------------------------------------------------------------------------------------------- */
+/* Backward (training the PEA adapter through the frozen UNet). The gradient rule, as llm.c: every output
+ * here is overwritten (=), never accumulated. Only the data gradients the UNet needs, plus the parameter
+ * gradients of the adapter's layer norm. Each recomputes what it needs from the forward's input (norm
+ * statistics, activations) rather than keeping it from the forward pass.                                */
+
+/* Data gradient of ck_conv2d_f32: dy [B, Cout, Ho, Wo], w [Cout, Cin, kh, kw] → dx [B, Cin, H, W]
+ * (dx = col2im(wᵀ · dy), a plain GEMM for the 1×1, stride-1, unpadded case). `workspace` as for the forward. */
+void ck_conv2d_backward_data_f32(const ck_conv2d_params *p, const float *dy, const float *w, float *dx,
+                                 float *workspace);
+
+/* Data gradient of ck_group_norm_f32 (γ may be NULL; β only matters with fuse_silu, for the SiLU's input):
+ * dy, x [B, C, S] → dx [B, C, S]. The statistics are recomputed from x. */
+void ck_group_norm_backward_f32(const float *dy, const float *x, const float *gamma, const float *beta,
+                                float *dx, int64_t B, int64_t C, int64_t S, int64_t G, float eps, int fuse_silu);
+
+/* Gradients of ck_layer_norm_f32: dy, x [R, D] → dx [R, D]; dgamma, dbeta [D] (either may be NULL) are the
+ * sums over rows of dy·x̂ and dy. γ may be NULL (1). */
+void ck_layer_norm_backward_f32(const float *dy, const float *x, const float *gamma, float *dx,
+                                float *dgamma, float *dbeta, int64_t R, int64_t D, float eps);
+
+/* Softmax backward from the forward's output: y, dy [R, D] → dx = y ⊙ (dy − Σ_j dy_j·y_j) per row. */
+void ck_softmax_backward_f32(const float *dy, const float *y, float *dx, int64_t R, int64_t D);
+
+/* Activation data gradients from the forward's input x: dx = dy · f'(x). */
+void ck_gelu_backward_f32(const float *dy, const float *x, float *dx, int64_t n, int approximation);
+void ck_silu_backward_f32(const float *dy, const float *x, float *dx, int64_t n);
+
+/* GEGLU backward: x [R, 2D], dy [R, D] → dx [R, 2D] (dx[:, :D] = dy·gelu(g), dx[:, D:] = dy·a·gelu'(g)). */
+void ck_geglu_backward_f32(const float *dy, const float *x, float *dx, int64_t R, int64_t D);
+
+/* Nearest 2× upsampling backward: dy [P, 2H, 2W] → dx [P, H, W], each dx the sum of its 2×2 block. */
+void ck_upsample_nearest2x_backward_f32(const float *dy, float *dx, int64_t P, int64_t H, int64_t W);
+
+/* ---------------------------------------------------------------------------------------------------- */
 /* Storage conversions. f16 is IEEE binary16, bf16 the top half of binary32; f32 → f16/bf16 rounds to
  * nearest even (as torch's .half() / .bfloat16()); NaN stays NaN. Integer → f32 converts the value. */
 enum { CK_F32 = 0, CK_F16 = 1, CK_BF16 = 2, CK_I32 = 3, CK_I64 = 4 };

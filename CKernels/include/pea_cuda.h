@@ -38,7 +38,7 @@ enum {
 };
 
 /* The ABI version this header describes; the Swift side refuses a library reporting another. */
-#define PEA_CUDA_ABI_VERSION 1
+#define PEA_CUDA_ABI_VERSION 2
 int pea_cuda_abi_version(void);
 
 typedef struct pea_cuda_context pea_cuda_context;
@@ -114,6 +114,26 @@ int pea_cuda_timestep_embedding(pea_cuda_context *ctx, int dtype, const void *t,
 int pea_cuda_mean(pea_cuda_context *ctx, int dtype, const void *x, void *y, int64_t outer, int64_t n,
                   int64_t inner);
 int pea_cuda_convert(pea_cuda_context *ctx, const void *src, int src_dtype, void *dst, int dst_dtype, int64_t n);
+
+/* --- backward ops (each mirrors its ckernels.h counterpart; outputs overwritten, f32 accumulation) ------ */
+int pea_cuda_conv2d_backward_data(pea_cuda_context *ctx, int dtype, const ck_conv2d_params *p, const void *dy,
+                                  const void *w, void *dx);
+int pea_cuda_group_norm_backward(pea_cuda_context *ctx, int dtype, const void *dy, const void *x,
+                                 const void *gamma, const void *beta, void *dx, int64_t B, int64_t C, int64_t S,
+                                 int64_t G, float eps, int fuse_silu);
+/* dgamma/dbeta (either may be NULL) are `dtype` like the rest. */
+int pea_cuda_layer_norm_backward(pea_cuda_context *ctx, int dtype, const void *dy, const void *x,
+                                 const void *gamma, void *dx, void *dgamma, void *dbeta, int64_t R, int64_t D,
+                                 float eps);
+int pea_cuda_softmax_backward(pea_cuda_context *ctx, int dtype, const void *dy, const void *y, void *dx,
+                              int64_t R, int64_t D);
+/* kind: PEA_ACT_GELU_ERF, PEA_ACT_GELU_TANH or PEA_ACT_SILU. */
+int pea_cuda_activation_backward(pea_cuda_context *ctx, int dtype, int kind, const void *dy, const void *x,
+                                 void *dx, int64_t n);
+int pea_cuda_geglu_backward(pea_cuda_context *ctx, int dtype, const void *dy, const void *x, void *dx, int64_t R,
+                            int64_t D);
+int pea_cuda_upsample_nearest2x_backward(pea_cuda_context *ctx, int dtype, const void *dy, void *dx, int64_t P,
+                                         int64_t H, int64_t W);
 
 #ifdef __cplusplus
 }

@@ -125,11 +125,7 @@ private func runGEMMBench(_ arguments: [String]) throws {
     let kernel = String(cString: ck_gemm_kernel())
     let usedThreads = Int(ck_get_num_threads())
 
-    func fixed(_ x: Double, _ digits: Int) -> String {
-        var buffer = [CChar](repeating: 0, count: 64)
-        _ = withVaList([x]) { vsnprintf(&buffer, 64, "%.\(digits)f", $0) }
-        return String(cString: buffer)
-    }
+    func fixed(_ x: Double, _ digits: Int) -> String { printfFormatted("%.\(digits)f", x) }
     if options.has("--json") {
         print("{\"m\": \(m), \"n\": \(n), \"k\": \(k), \"transa\": \(transA), \"transb\": \(transB), "
             + "\"threads\": \(usedThreads), \"kernel\": \"\(kernel)\", \"repeats\": \(times.count), "

@@ -250,11 +250,7 @@ private func printKernelRow(_ r: KernelResult) {
 }
 
 /// `x` with `digits` decimals (printf %.Nf; Swift's description would print exponents).
-private func decimal(_ x: Double, _ digits: Int) -> String {
-    var buffer = [CChar](repeating: 0, count: 64)
-    _ = withVaList([x]) { vsnprintf(&buffer, 64, "%.\(digits)f", $0) }
-    return String(cString: buffer)
-}
+private func decimal(_ x: Double, _ digits: Int) -> String { printfFormatted("%.\(digits)f", x) }
 
 private func jsonEscaped(_ s: String) -> String {
     var out = ""

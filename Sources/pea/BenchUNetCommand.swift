@@ -8,12 +8,13 @@ import PEADiffusion
 
 let benchUNetUsage = """
 Usage: pea bench unet --config FILE [--latent HxW] [--batch B] [--context-length T] [--repeats R] [--json]
-                      [--backend auto|cpu|cuda] [--threads T]
+                      [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--threads T]
 
 Builds the UNet a diffusers config.json describes, with random weights (speed does not depend on the values),
 and times full evaluations on random inputs: one warm-up, then R timed runs (default 3). Prints the best and
 median time and the process's peak resident memory (weights included); --json prints one JSON object with
-the keys config, latent_h, latent_w, batch, threads, best_ms, median_ms, peak_rss_mb, parameters.
+the keys config, latent_h, latent_w, batch, threads, precision, best_ms, median_ms, peak_rss_mb, parameters
+(and peak_device_mb on the CUDA backend). Weights and inputs are stored in the --precision dtype.
 """
 
 func runBenchUNet(_ arguments: [String]) throws {
@@ -30,20 +31,24 @@ func runBenchUNet(_ arguments: [String]) throws {
     let batch = try options.int("--batch", default: 1, range: 1...1024)
     let contextLength = try options.int("--context-length", default: 77, range: 1...4096)
     let repeats = try options.int("--repeats", default: 3, range: 1...1000)
-    let backend = try BackendOptions(options, command: "bench unet").backend
+    let backendOptions = try BackendOptions(options, command: "bench unet")
+    let backend = backendOptions.backend, dtype = backendOptions.precision
 
     let config = try UNetConfig(ConfigFile(path: configPath))
-    let weights = RandomWeights(backend: backend, seed: 1)
+    let weights = RandomWeights(backend: backend, seed: 1, dtype: dtype)
     let unet = try UNet2DConditionModel(config: config, weights: Weights(weights))
     var random = SplitMix64(seed: 7)
-    func randomTensor(_ shape: [Int]) throws -> Tensor { try backend.upload(random.normals(shape.reduce(1, *)), shape: shape) }
+    func randomTensor(_ shape: [Int]) throws -> Tensor {
+        let x = try backend.upload(random.normals(shape.reduce(1, *)), shape: shape)
+        return dtype == .f32 ? x : try backend.cast(x, to: dtype)
+    }
     var inputs = UNetInputs(
         sample: try randomTensor([batch, config.inChannels, latent[0], latent[1]]),
         timestep: try backend.upload(HostTensor(ids: Array(repeating: 500, count: batch), shape: [batch])),
         encoderHiddenStates: try randomTensor([batch, contextLength, config.crossAttentionDim[0]]))
     if let textTime = config.textTime {
         inputs.textEmbeds = try randomTensor([batch, textTime.projectionInputDim - 6 * textTime.timeEmbedDim])
-        inputs.timeIds = try backend.upload(Array(repeating: 1024, count: batch * 6).map(Float.init), shape: [batch, 6])
+        inputs.timeIds = try randomTensor([batch, 6])
     }
     if let dim = config.timeCondProjDim { inputs.timestepCondition = try randomTensor([batch, dim]) }
 
@@ -57,10 +62,15 @@ func runBenchUNet(_ arguments: [String]) throws {
     let best = times[0], median = times[times.count / 2]
     let peak = peakResidentMegabytes()
     let threads = Int(ck_get_num_threads())
+    var peakDevice: Double?
+    if let cuda = backend as? CUDABackend, let stats = try? cuda.memoryStats() { peakDevice = Double(stats.peakBytes) / 1_048_576 }
     if options.has("--json") {
-        print("{\"config\": \"\(configPath)\", \"latent_h\": \(latent[0]), \"latent_w\": \(latent[1]), \"batch\": \(batch), "
-            + "\"threads\": \(threads), \"best_ms\": \(best), \"median_ms\": \(median), \"peak_rss_mb\": \(peak), "
-            + "\"parameters\": \(weights.parameterCount)}")
+        var fields = ["\"config\": \"\(configPath)\"", "\"latent_h\": \(latent[0])", "\"latent_w\": \(latent[1])",
+                      "\"batch\": \(batch)", "\"threads\": \(threads)", "\"precision\": \"\(dtype)\"",
+                      "\"best_ms\": \(best)", "\"median_ms\": \(median)", "\"peak_rss_mb\": \(peak)"]
+        if let peakDevice { fields.append("\"peak_device_mb\": \(peakDevice)") }
+        fields.append("\"parameters\": \(weights.parameterCount)")
+        print("{" + fields.joined(separator: ", ") + "}")
     } else {
         print("unet \(configPath)  latent \(latent[0])x\(latent[1])  batch \(batch)  \(backend.name) \(threads) threads  "
             + "best \(formatted(best)) ms  median \(formatted(median)) ms  peak RSS \(formatted(peak)) MB  "

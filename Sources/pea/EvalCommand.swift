@@ -11,6 +11,7 @@ Usage:
   pea eval vae-decode --model DIR --inputs IN.safetensors --output OUT.safetensors
   pea eval vae-encode --model DIR --inputs IN.safetensors --output OUT.safetensors
   pea eval text-encoder --model DIR --prompt TEXT [--prompt TEXT …] [--max-length N] --output OUT.safetensors
+  pea eval kd-step    --unet DIR --adapter PATH --inputs IN.safetensors --output OUT.safetensors
 
 Runs one model component of a diffusers folder (the component's folder, or a pipeline root) on tensors
 read from a safetensors file and writes its outputs, in float32, to another.
@@ -26,6 +27,15 @@ read from a safetensors file and writes its outputs, in float32, to another.
               last_hidden_state [N,L,D], text_embeds [N,P] for encoders with a projection.
   vae-encode  inputs: image [B,3,H,W] in [-1,1].  output: latent_mean, latent_logvar (clamped to [-30, 20]
               as diffusers' DiagonalGaussianDistribution does).
+  kd-step     one PEA distillation step through the frozen UNet (DIR: a unet folder or a pipeline root), no
+              update. inputs: noisy_latents [B,C,h,w], noise [B,C,h,w] (the task target; a `target` tensor,
+              e.g. the velocity for v-prediction, replaces it), timesteps [B], student_states and
+              student_states_uncond [B,L,Din] (the language-specific encoder's states, before the adapter),
+              teacher_states and teacher_states_uncond [B,L,D] (English encoder), uncond_mask [B] (1 → both
+              sides use their uncond states), optional zh_or_not [B] (hybrid: task loss on 1, KD losses on
+              0); SDXL also time_ids [B,6] and teacher_text_embeds [B,P].
+              output: loss_task, loss_logits, loss_features, loss [1] and grad.<name> for every adapter
+              parameter (official names). --feature-weight W (default 0.1) weighs the feature term.
 
 Options:
   --model DIR               diffusers model folder
@@ -33,6 +43,7 @@ Options:
   --output PATH             safetensors file to write (replaced atomically; nothing is left on failure)
   --variant NAME            read diffusion_pytorch_model.NAME.safetensors when present (e.g. fp16)
   --features                (unet) also write every block's output
+  --unet DIR, --adapter PATH  (kd-step) the frozen UNet and the adapter checkpoint (safetensors or .bin)
 \(BackendOptions.help)
 """
 
@@ -45,6 +56,11 @@ func runEval(_ arguments: [String]) throws {
     var spec = BackendOptions.spec
     for key in ["--model", "--inputs", "--output", "--variant"] { spec[key] = .value }
     if what == "unet" { spec["--features"] = .flag }
+    if what == "kd-step" {
+        spec["--model"] = nil
+        spec["--variant"] = nil
+        for key in ["--unet", "--adapter", "--feature-weight"] { spec[key] = .value }
+    }
     if what == "text-encoder" {
         spec["--inputs"] = nil
         spec["--prompt"] = .repeatable
@@ -52,8 +68,12 @@ func runEval(_ arguments: [String]) throws {
     }
     let command = "eval \(what)"
     let options = try Arguments(Array(arguments.dropFirst()), command: command, spec: spec)
-    guard ["unet", "vae-decode", "vae-encode", "text-encoder"].contains(what) else {
-        throw PEAError.usage("eval: unknown model '\(what)' (unet, vae-decode, vae-encode, text-encoder)")
+    guard ["unet", "vae-decode", "vae-encode", "text-encoder", "kd-step"].contains(what) else {
+        throw PEAError.usage("eval: unknown model '\(what)' (unet, vae-decode, vae-encode, text-encoder, kd-step)")
+    }
+    if what == "kd-step" {
+        try runEvalKDStep(options)
+        return
     }
     let model = try options.requiredString("--model")
     let output = try options.requiredString("--output")
@@ -211,4 +231,29 @@ struct EvalInputs {
         if values.dtype == .f16 || values.dtype == .bf16 { values = values.converted(to: .f32) }
         return try backend.upload(values)
     }
+}
+
+/// `pea eval kd-step`: one distillation step's losses and adapter gradients (no update), in f32.
+func runEvalKDStep(_ options: Arguments) throws {
+    let output = try options.requiredString("--output")
+    let inputs = try options.requiredString("--inputs")
+    let backendOptions = try BackendOptions(options, command: "eval kd-step")
+    guard backendOptions.precision == .f32 else {
+        throw PEAError.usage("eval kd-step: gradients are computed in fp32; drop --precision")
+    }
+    let featureWeight = try options.double("--feature-weight") ?? 0.1
+    let backend = backendOptions.backend
+    let unet = try UNet2DConditionModel.load(folder: options.requiredString("--unet"), backend: backend).model
+    let adapter = try PEAAdapter.load(path: options.requiredString("--adapter"), backend: backend)
+    let batch = try DistillationBatch.load(path: inputs, backend: backend)
+    let (losses, gradients) = try KnowledgeDistillation(unet: unet, featureWeight: Float(featureWeight)).step(adapter: adapter, batch: batch)
+    var tensors: [(name: String, tensor: HostTensor)] = [
+        ("loss_task", HostTensor([losses.task], shape: [1])), ("loss_logits", HostTensor([losses.logits], shape: [1])),
+        ("loss_features", HostTensor([losses.features], shape: [1])), ("loss", HostTensor([losses.total], shape: [1])),
+    ]
+    for (name, _) in adapter.namedParameters {
+        tensors.append(("grad.\(name)", try backend.download(gradients[name]!)))
+    }
+    try SafeTensorsWriter.write(tensors, metadata: ["pea": "eval kd-step"], to: output)
+    print(output)
 }

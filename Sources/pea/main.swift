@@ -21,12 +21,14 @@ Usage:
                                   text to image with a diffusers SD1.x/SD2.x/SDXL folder (see 'pea generate --help')
   pea eval unet|vae-decode|vae-encode --model DIR --inputs IN.safetensors --output OUT.safetensors
   pea eval text-encoder --model DIR --prompt TEXT [--prompt TEXT …] [--max-length N] --output OUT.safetensors
-                                  run one model component on saved tensors (see 'pea eval --help')
+  pea eval kd-step --unet DIR --adapter PATH --inputs IN.safetensors --output OUT.safetensors
+                                  run one model component (or one distillation step) on saved tensors
+                                  (see 'pea eval --help')
+  pea train --model DIR --text-encoder DIR --data SPEC --output DIR --steps N [options]
+                                  train a PEA adapter by distillation through the frozen UNet (see 'pea train --help')
   pea selftest [--backend cpu|cuda] check the backend's ops: CPU fast paths against plain references, CUDA
                                   against the CPU (see 'pea selftest --help')
   pea help | --help               this text
-
-Commands not listed here (eval kd-step, train) are not built yet; see the project's issues.
 """
 
 func printError(_ message: String) {
@@ -55,6 +57,8 @@ func run(_ arguments: [String]) throws {
         try runBench(rest)
     case "selftest":
         try runSelftest(rest)
+    case "train":
+        try runTrain(rest)
     default:
         throw PEAError.usage("unknown command '\(command)' (see 'pea --help')")
     }

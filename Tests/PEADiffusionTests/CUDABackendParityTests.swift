@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+import CKernels
 @testable import PEADiffusion
 
 /// The CUDA backend without a GPU: `CUDABackend` loads libpea_cuda_emu.so — the CKernels/cuda sources built by
@@ -178,8 +179,9 @@ final class CUDABackendParityTests: XCTestCase {
             process.waitUntilExit()
             return process.terminationStatus == 0 ? output : nil
         }
-        guard let wrongABI = try build(2), let rightABI = try build(1) else { throw XCTSkip("no C compiler to build a fake library") }
-        assertThrowsError(containing: ["ABI version 2", "expects version 1", wrongABI]) { try CUDALibrary(path: wrongABI) }
+        let version = Int(PEA_CUDA_ABI_VERSION)
+        guard let wrongABI = try build(version + 1), let rightABI = try build(version) else { throw XCTSkip("no C compiler to build a fake library") }
+        assertThrowsError(containing: ["ABI version \(version + 1)", "expects version \(version)", wrongABI]) { try CUDALibrary(path: wrongABI) }
         assertThrowsError(containing: ["pea_cuda_create", rightABI]) { try CUDALibrary(path: rightABI) }
     }
 

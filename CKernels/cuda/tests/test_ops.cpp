@@ -22,6 +22,11 @@
  *   TF32 GEMM 5e-3 (10-bit mantissa inputs). Group norm of data with a large mean (≈1000) in f32: 1e-4, since
  *   both sides round the mean to f32 (half an ulp of 1000 is 3e-5, which (x − mean)·rstd carries).
  *   timestep embedding in f32: 1e-4 (sin/cos of arguments up to 1000 amplify an ulp of exp).
+ *
+ * Backward ops (test_backward_*): the same tolerances against ck_*_backward_f32 on the same (rounded) inputs;
+ * the norms' gradients recompute the statistics, so group norm backward of data with a large mean gets the
+ * forward's 1e-4 in f32 for the same reason. Upsampling backward sums each 2×2 block in the CPU's order: exact
+ * in f32.
  */
 #include <dlfcn.h>
 #include <math.h>
@@ -49,7 +54,10 @@
     X(pea_cuda_group_norm) X(pea_cuda_layer_norm) X(pea_cuda_softmax) X(pea_cuda_attention)            \
     X(pea_cuda_activation) X(pea_cuda_geglu) X(pea_cuda_affine) X(pea_cuda_binary)                     \
     X(pea_cuda_copy_strided) X(pea_cuda_upsample_nearest2x) X(pea_cuda_embedding)                      \
-    X(pea_cuda_timestep_embedding) X(pea_cuda_mean) X(pea_cuda_convert)
+    X(pea_cuda_timestep_embedding) X(pea_cuda_mean) X(pea_cuda_convert)                               \
+    X(pea_cuda_conv2d_backward_data) X(pea_cuda_group_norm_backward) X(pea_cuda_layer_norm_backward)   \
+    X(pea_cuda_softmax_backward) X(pea_cuda_activation_backward) X(pea_cuda_geglu_backward)            \
+    X(pea_cuda_upsample_nearest2x_backward)
 
 struct Api {
 #define DECLARE(name) decltype(&::name) name = nullptr;
@@ -1053,6 +1061,277 @@ static void test_sd_like() {
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
+/* Backward ops (training through the frozen UNet): each against its ck_*_backward_f32 reference          */
+
+static void test_backward_elementwise() {
+    g_phase = "backward elementwise";
+    const int64_t sizes[] = {1, 1000, 4097, 100003};
+    const int kinds[] = {PEA_ACT_GELU_ERF, PEA_ACT_GELU_TANH, PEA_ACT_SILU};
+    for (int t : kFloatTypes) {
+        for (int64_t n : sizes) {
+            std::vector<float> x = rounded(rvec(n, 4.0f), t), dy = rounded(rvec(n, 1.5f), t);
+            Dev dx = up(x, t), ddy = up(dy, t), dgx(n * tsize(t));
+            for (int kind : kinds) {
+                std::vector<float> ref(n);
+                if (kind == PEA_ACT_SILU) ck_silu_backward_f32(dy.data(), x.data(), ref.data(), n);
+                else ck_gelu_backward_f32(dy.data(), x.data(), ref.data(), n,
+                                          kind == PEA_ACT_GELU_TANH ? CK_GELU_TANH : CK_GELU_ERF);
+                OK(L.pea_cuda_activation_backward(g_ctx, t, kind, ddy.p, dx.p, dgx.p, n));
+                compare(fmt("activation_backward %d n=%lld %s", kind, (long long)n, tname(t)), down(dgx.p, n, t), ref,
+                        tol_for(t));
+            }
+        }
+        /* misaligned views (scalar path) and dx written over dy */
+        {
+            const int64_t n = 1001;
+            std::vector<float> x = rounded(rvec(n, 3.0f), t), dy = rounded(rvec(n), t), ref(n - 1);
+            ck_gelu_backward_f32(dy.data() + 1, x.data() + 1, ref.data(), n - 1, CK_GELU_ERF);
+            Dev dx = up(x, t), ddy = up(dy, t);
+            OK(L.pea_cuda_activation_backward(g_ctx, t, PEA_ACT_GELU_ERF, ddy.at(tsize(t)), dx.at(tsize(t)),
+                                              ddy.at(tsize(t)), n - 1));
+            std::vector<float> got = down(ddy.p, n, t);
+            compare(fmt("gelu backward on views at offset 1, in place %s", tname(t)),
+                    std::vector<float>(got.begin() + 1, got.end()), ref, tol_for(t));
+        }
+        /* GEGLU */
+        const int64_t shapes[][2] = {{3, 77}, {1, 1}, {65, 320}, {200, 3}};
+        for (auto &sh : shapes) {
+            const int64_t R = sh[0], D = sh[1];
+            std::vector<float> x = rounded(rvec(R * 2 * D, 3.0f), t), dy = rounded(rvec(R * D), t), ref(R * 2 * D);
+            ck_geglu_backward_f32(dy.data(), x.data(), ref.data(), R, D);
+            Dev dx = up(x, t), ddy = up(dy, t), dgx(R * 2 * D * tsize(t));
+            OK(L.pea_cuda_geglu_backward(g_ctx, t, ddy.p, dx.p, dgx.p, R, D));
+            compare(fmt("geglu_backward R=%lld D=%lld %s", (long long)R, (long long)D, tname(t)),
+                    down(dgx.p, R * 2 * D, t), ref, tol_for(t));
+        }
+        /* upsample: each dx the sum of its 2×2 block (the CPU's order: exact in f32) */
+        const int64_t ups[][3] = {{3, 5, 7}, {1, 1, 1}, {2, 8, 8}, {130, 3, 1}};
+        for (auto &u : ups) {
+            const int64_t P = u[0], H = u[1], W = u[2];
+            std::vector<float> dy = rounded(rvec(4 * P * H * W), t), ref(P * H * W);
+            ck_upsample_nearest2x_backward_f32(dy.data(), ref.data(), P, H, W);
+            Dev ddy = up(dy, t), dgx(P * H * W * tsize(t));
+            OK(L.pea_cuda_upsample_nearest2x_backward(g_ctx, t, ddy.p, dgx.p, P, H, W));
+            compare(fmt("upsample_backward P=%lld H=%lld W=%lld %s", (long long)P, (long long)H, (long long)W, tname(t)),
+                    down(dgx.p, P * H * W, t), ref, t == CK_F32 ? 0.0 : tol_for(t));
+        }
+    }
+    expect_error("activation_backward of quick GELU",
+                 L.pea_cuda_activation_backward(g_ctx, CK_F32, PEA_ACT_QUICK_GELU, g_ctx, g_ctx, g_ctx, 4),
+                 PEA_CUDA_ERROR_INVALID, "activation_backward");
+    expect_error("geglu_backward with a NULL x", L.pea_cuda_geglu_backward(g_ctx, CK_F32, g_ctx, nullptr, g_ctx, 2, 2),
+                 PEA_CUDA_ERROR_INVALID, "geglu_backward");
+    expect_error("upsample_nearest2x_backward with dtype i32",
+                 L.pea_cuda_upsample_nearest2x_backward(g_ctx, CK_I32, g_ctx, g_ctx, 1, 1, 1), PEA_CUDA_ERROR_INVALID,
+                 "upsample_nearest2x_backward");
+}
+
+static void test_backward_norms() {
+    g_phase = "backward norms";
+    struct GN {
+        int64_t B, C, S, G;
+        float offset;
+    };
+    const GN gns[] = {{2, 6, 35, 3, 0.0f}, {1, 64, 16, 32, 0.0f}, {2, 32, 64, 32, 1000.0f}, {1, 4, 1, 4, 0.0f},
+                      {3, 12, 13, 1, -3.0f}, {1, 20, 1000, 4, 0.0f}, {9, 8, 36, 2, 50.0f}};
+    for (int t : kFloatTypes)
+        for (const GN &g : gns)
+            for (int affine = 0; affine <= 1; affine++)
+                for (int silu = 0; silu <= 1; silu++) {
+                    const size_t n = g.B * g.C * g.S;
+                    std::vector<float> x = rounded(rvec(n, 2.0f, g.offset), t), dy = rounded(rvec(n), t);
+                    std::vector<float> gamma = rounded(rvec(g.C, 0.5f, 1.0f), t), beta = rounded(rvec(g.C), t);
+                    std::vector<float> ref(n);
+                    ck_group_norm_backward_f32(dy.data(), x.data(), affine ? gamma.data() : nullptr,
+                                               affine ? beta.data() : nullptr, ref.data(), g.B, g.C, g.S, g.G, 1e-5f,
+                                               silu);
+                    Dev dx = up(x, t), ddy = up(dy, t), dg = up(gamma, t), db = up(beta, t), dgx(n * tsize(t));
+                    OK(L.pea_cuda_group_norm_backward(g_ctx, t, ddy.p, dx.p, affine ? dg.p : nullptr,
+                                                      affine ? db.p : nullptr, dgx.p, g.B, g.C, g.S, g.G, 1e-5f, silu));
+                    double tol = tol_for(t) * (g.offset >= 100.0f && t == CK_F32 ? 10.0 : 1.0);
+                    compare(fmt("group_norm_backward B=%lld C=%lld S=%lld G=%lld mean≈%g affine=%d silu=%d %s",
+                                (long long)g.B, (long long)g.C, (long long)g.S, (long long)g.G, g.offset, affine, silu,
+                                tname(t)),
+                            down(dgx.p, n, t), ref, tol);
+                }
+    /* layer norm: dx, and dγ/dβ as column sums (both, one of them, none) */
+    const int64_t lns[][2] = {{5, 77}, {1, 1}, {33, 320}, {3, 1000}, {17, 8}, {300, 40}};
+    for (int t : kFloatTypes)
+        for (auto &l : lns)
+            for (int affine = 0; affine <= 1; affine++)
+                for (int params = 0; params <= 3; params++) { /* bit 0: dγ, bit 1: dβ */
+                    const int64_t R = l[0], D = l[1];
+                    std::vector<float> x = rounded(rvec(R * D, 3.0f, 1.0f), t), dy = rounded(rvec(R * D), t),
+                                       gamma = rounded(rvec(D, 0.5f, 1.0f), t), ref(R * D), rg(D), rb(D);
+                    ck_layer_norm_backward_f32(dy.data(), x.data(), affine ? gamma.data() : nullptr, ref.data(),
+                                               params & 1 ? rg.data() : nullptr, params & 2 ? rb.data() : nullptr, R, D,
+                                               1e-5f);
+                    Dev dx = up(x, t), ddy = up(dy, t), dg = up(gamma, t), dgx(R * D * tsize(t)), ddg(D * tsize(t)),
+                        ddb(D * tsize(t));
+                    OK(L.pea_cuda_layer_norm_backward(g_ctx, t, ddy.p, dx.p, affine ? dg.p : nullptr, dgx.p,
+                                                      params & 1 ? ddg.p : nullptr, params & 2 ? ddb.p : nullptr, R, D,
+                                                      1e-5f));
+                    const char *what = fmt("layer_norm_backward R=%lld D=%lld affine=%d%s%s", (long long)R,
+                                           (long long)D, affine, params & 1 ? " +dgamma" : "",
+                                           params & 2 ? " +dbeta" : "");
+                    std::string base = what;
+                    compare((base + " dx " + tname(t)).c_str(), down(dgx.p, R * D, t), ref, tol_for(t));
+                    if (params & 1) compare((base + " dgamma " + tname(t)).c_str(), down(ddg.p, D, t), rg, tol_for(t));
+                    if (params & 2) compare((base + " dbeta " + tname(t)).c_str(), down(ddb.p, D, t), rb, tol_for(t));
+                }
+    /* no rows: dγ = dβ = 0 (overwritten, not left as they were) */
+    {
+        std::vector<float> ones(7, 1.0f);
+        Dev ddg = up(ones, CK_F32), ddb = up(ones, CK_F32);
+        OK(L.pea_cuda_layer_norm_backward(g_ctx, CK_F32, nullptr, nullptr, nullptr, nullptr, ddg.p, ddb.p, 0, 7, 1e-5f));
+        compare("layer_norm_backward R=0: dgamma zeroed", down(ddg.p, 7, CK_F32), std::vector<float>(7, 0.0f), 0.0);
+        compare("layer_norm_backward R=0: dbeta zeroed", down(ddb.p, 7, CK_F32), std::vector<float>(7, 0.0f), 0.0);
+    }
+    /* softmax: from the forward's output y (with an all −∞ row → y = 0 → dx = 0) */
+    const int64_t sms[][2] = {{7, 1}, {7, 33}, {5, 300}, {1, 4096}, {40, 77}};
+    for (int t : kFloatTypes)
+        for (auto &sm : sms)
+            for (int inplace = 0; inplace <= 1; inplace++) {
+                const int64_t R = sm[0], D = sm[1];
+                std::vector<float> x = rvec(R * D, 8.0f), y(R * D);
+                if (R > 2) {
+                    for (int64_t d = 0; d < D; d++) x[1 * D + d] = -INFINITY;
+                    for (int64_t d = 0; d < D; d += 2) x[2 * D + d] = -INFINITY;
+                }
+                ck_softmax_f32(x.data(), y.data(), R, D);
+                y = rounded(y, t);
+                std::vector<float> dy = rounded(rvec(R * D), t), ref(R * D);
+                ck_softmax_backward_f32(dy.data(), y.data(), ref.data(), R, D);
+                Dev dyv = up(y, t), ddy = up(dy, t), dgx(R * D * tsize(t));
+                void *out = inplace ? ddy.p : dgx.p;
+                OK(L.pea_cuda_softmax_backward(g_ctx, t, ddy.p, dyv.p, out, R, D));
+                compare(fmt("softmax_backward R=%lld D=%lld%s %s", (long long)R, (long long)D,
+                            inplace ? " in place" : "", tname(t)),
+                        down(out, R * D, t), ref, tol_for(t));
+            }
+    expect_error("group_norm_backward with C % G != 0",
+                 L.pea_cuda_group_norm_backward(g_ctx, CK_F32, g_ctx, g_ctx, nullptr, nullptr, g_ctx, 1, 6, 4, 4, 1e-5f, 0),
+                 PEA_CUDA_ERROR_INVALID, "group_norm_backward");
+    expect_error("group_norm_backward with a NULL dy",
+                 L.pea_cuda_group_norm_backward(g_ctx, CK_F32, nullptr, g_ctx, nullptr, nullptr, g_ctx, 1, 4, 4, 2, 1e-5f, 0),
+                 PEA_CUDA_ERROR_INVALID, "group_norm_backward");
+    expect_error("layer_norm_backward with D < 0",
+                 L.pea_cuda_layer_norm_backward(g_ctx, CK_F32, g_ctx, g_ctx, nullptr, g_ctx, nullptr, nullptr, 1, -2, 1e-5f),
+                 PEA_CUDA_ERROR_INVALID, "layer_norm_backward");
+    expect_error("softmax_backward with dtype i64", L.pea_cuda_softmax_backward(g_ctx, CK_I64, g_ctx, g_ctx, g_ctx, 1, 2),
+                 PEA_CUDA_ERROR_INVALID, "softmax_backward");
+}
+
+static void run_conv_backward(const ck_conv2d_params &p, int t, const char *label) {
+    const int64_t Ho = ck_conv2d_out_h(&p), Wo = ck_conv2d_out_w(&p);
+    const int64_t nx = p.B * p.Cin * p.H * p.W;
+    std::vector<float> dy = rounded(rvec(p.B * p.Cout * Ho * Wo), t), w = rounded(rvec(p.Cout * p.Cin * p.kh * p.kw, 0.5f), t),
+                       ref(nx);
+    std::vector<float> ws(std::max<int64_t>(1, ck_conv2d_workspace_floats(&p)));
+    ck_conv2d_backward_data_f32(&p, dy.data(), w.data(), ref.data(), ws.data());
+    Dev ddy = up(dy, t), dw = up(w, t);
+    /* dx starts as NaN: every element must be written */
+    Dev ddx = up(std::vector<float>(nx, NAN), t);
+    OK(L.pea_cuda_conv2d_backward_data(g_ctx, t, &p, ddy.p, dw.p, ddx.p));
+    compare(fmt("conv2d_backward_data %s B=%lld Cin=%lld %lldx%lld Cout=%lld k=%lldx%lld s=%lldx%lld "
+                "pad=%lld/%lld/%lld/%lld %s",
+                label, (long long)p.B, (long long)p.Cin, (long long)p.H, (long long)p.W, (long long)p.Cout,
+                (long long)p.kh, (long long)p.kw, (long long)p.strideH, (long long)p.strideW, (long long)p.padTop,
+                (long long)p.padBottom, (long long)p.padLeft, (long long)p.padRight, tname(t)),
+            down(ddx.p, nx, t), ref, tol_for(t));
+}
+
+static void test_backward_conv2d() {
+    g_phase = "backward conv2d";
+    std::vector<ck_conv2d_params> ps = {
+        {2, 5, 9, 11, 7, 3, 3, 1, 1, 1, 1, 1, 1},  /* 3×3, pad 1 */
+        {2, 4, 9, 10, 6, 3, 3, 2, 2, 0, 1, 0, 1},  /* the VAE downsampler: stride 2, pad right/bottom only */
+        {3, 6, 5, 7, 4, 1, 1, 1, 1, 0, 0, 0, 0},   /* 1×1: straight to GEMM */
+        {1, 3, 8, 8, 5, 1, 1, 2, 2, 0, 0, 0, 0},   /* 1×1 stride 2: input pixels no output reads get 0 */
+        {2, 3, 7, 6, 2, 4, 3, 1, 2, 2, 1, 0, 2},   /* odd kernel, mixed strides, asymmetric pads */
+        {1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0},   /* one element */
+        {1, 2, 9, 9, 3, 2, 2, 3, 3, 0, 0, 0, 0},   /* stride larger than the kernel: gaps */
+        {17, 2, 4, 4, 3, 3, 3, 1, 1, 1, 1, 1, 1},  /* larger batch */
+        {2, 3, 5, 5, 0, 3, 3, 1, 1, 1, 1, 1, 1},   /* no output channels: dx = 0 */
+    };
+    for (int t : kFloatTypes)
+        for (const auto &p : ps) run_conv_backward(p, t, "");
+    /* steady state: the workspace is reused */
+    uint64_t a0 = 0, a1 = 0;
+    run_conv_backward(ps[0], CK_F32, "warm-up");
+    OK(L.pea_cuda_memory_stats(g_ctx, nullptr, nullptr, &a0));
+    for (int i = 0; i < 3; i++) run_conv_backward(ps[0], CK_F32, "repeat");
+    OK(L.pea_cuda_memory_stats(g_ctx, nullptr, nullptr, &a1));
+    CHECK(a0 == a1, "conv2d_backward_data steady state: %llu → %llu device allocations", (unsigned long long)a0,
+          (unsigned long long)a1);
+    ck_conv2d_params bad = {1, 2, 2, 2, 1, 5, 5, 1, 1, 0, 0, 0, 0};
+    expect_error("conv2d_backward_data with a kernel larger than the input",
+                 L.pea_cuda_conv2d_backward_data(g_ctx, CK_F32, &bad, g_ctx, g_ctx, g_ctx), PEA_CUDA_ERROR_INVALID,
+                 "conv2d_backward_data");
+    expect_error("conv2d_backward_data with NULL params",
+                 L.pea_cuda_conv2d_backward_data(g_ctx, CK_F32, nullptr, g_ctx, g_ctx, g_ctx), PEA_CUDA_ERROR_INVALID,
+                 "conv2d_backward_data");
+    ck_conv2d_params ok = {1, 2, 4, 4, 1, 3, 3, 1, 1, 1, 1, 1, 1};
+    expect_error("conv2d_backward_data with a NULL w",
+                 L.pea_cuda_conv2d_backward_data(g_ctx, CK_F32, &ok, g_ctx, nullptr, g_ctx), PEA_CUDA_ERROR_INVALID,
+                 "conv2d_backward_data");
+}
+
+/* The data gradient under a tiny workspace limit: whole-image groups and column chunks of one image. */
+static void test_backward_conv2d_chunked() {
+    g_phase = "backward conv2d chunked";
+    pea_cuda_context *saved = g_ctx;
+    char msg[256];
+    setenv("PEA_CUDA_CONV_WORKSPACE_BYTES", "2000", 1);
+    pea_cuda_context *small = nullptr;
+    int rc = L.pea_cuda_create(0, &small, msg, sizeof msg);
+    unsetenv("PEA_CUDA_CONV_WORKSPACE_BYTES");
+    CHECK(rc == PEA_CUDA_OK, "create: %s", msg);
+    if (rc) return;
+    g_ctx = small;
+    /* K = 18, N = 63 per image: 27 (f32) / 55 (f16) columns per chunk, chunks that end inside an output row */
+    ck_conv2d_params p = {3, 2, 7, 9, 4, 3, 3, 1, 1, 1, 1, 1, 1};
+    for (int t : kFloatTypes) run_conv_backward(p, t, "column chunks");
+    /* stride 2, kernel 5, asymmetric padding: a chunk's rows reach input rows of its neighbours */
+    ck_conv2d_params s = {2, 3, 11, 10, 2, 5, 5, 2, 2, 2, 1, 0, 2};
+    for (int t : kFloatTypes) run_conv_backward(s, t, "column chunks, stride 2");
+    /* K = 4, N = 16: 7 whole f32 images per group, so 10 images take two groups */
+    ck_conv2d_params q = {10, 1, 5, 5, 3, 2, 2, 1, 1, 0, 0, 0, 0};
+    for (int t : kFloatTypes) run_conv_backward(q, t, "image groups");
+    L.pea_cuda_destroy(small);
+    g_ctx = saved;
+}
+
+/* SD-sized blocks backwards: a ResNet block's group norm + SiLU and convolutions, a transformer block's norms */
+static void test_backward_sd_like() {
+    g_phase = "backward sd-like shapes";
+    for (int t : {CK_F32, CK_F16}) {
+        const int64_t B = 2, C = 320, H = 12, W = 12, S = H * W;
+        std::vector<float> x = rounded(rvec(B * C * S, 2.0f, 0.3f), t), dy = rounded(rvec(B * C * S), t),
+                           gamma = rounded(rvec(C, 0.5f, 1.0f), t), beta = rounded(rvec(C), t), ref(x.size());
+        ck_group_norm_backward_f32(dy.data(), x.data(), gamma.data(), beta.data(), ref.data(), B, C, S, 32, 1e-5f, 1);
+        Dev dx = up(x, t), ddy = up(dy, t), dg = up(gamma, t), db = up(beta, t), dgx(x.size() * tsize(t));
+        OK(L.pea_cuda_group_norm_backward(g_ctx, t, ddy.p, dx.p, dg.p, db.p, dgx.p, B, C, S, 32, 1e-5f, 1));
+        compare(fmt("group_norm+silu backward B=2 C=320 12x12 G=32 %s", tname(t)), down(dgx.p, x.size(), t), ref,
+                tol_for(t));
+        ck_conv2d_params p = {B, C, H, W, 64, 3, 3, 1, 1, 1, 1, 1, 1};
+        run_conv_backward(p, t, "resnet 3x3");
+        ck_conv2d_params q = {B, C, H, W, 96, 1, 1, 1, 1, 0, 0, 0, 0};
+        run_conv_backward(q, t, "resnet 1x1");
+        const int64_t R = 2 * 77, D = 768;
+        std::vector<float> lx = rounded(rvec(R * D, 2.0f, 0.5f), t), ldy = rounded(rvec(R * D), t),
+                           lg = rounded(rvec(D, 0.5f, 1.0f), t), lref(R * D), rg(D), rb(D);
+        ck_layer_norm_backward_f32(ldy.data(), lx.data(), lg.data(), lref.data(), rg.data(), rb.data(), R, D, 1e-5f);
+        Dev dlx = up(lx, t), dldy = up(ldy, t), dlg = up(lg, t), dlgx(R * D * tsize(t)), ddg(D * tsize(t)),
+            ddb(D * tsize(t));
+        OK(L.pea_cuda_layer_norm_backward(g_ctx, t, dldy.p, dlx.p, dlg.p, dlgx.p, ddg.p, ddb.p, R, D, 1e-5f));
+        compare(fmt("layer_norm_backward adapter [2,77,768] dx %s", tname(t)), down(dlgx.p, R * D, t), lref, tol_for(t));
+        compare(fmt("layer_norm_backward adapter [2,77,768] dgamma %s", tname(t)), down(ddg.p, D, t), rg, tol_for(t));
+        compare(fmt("layer_norm_backward adapter [2,77,768] dbeta %s", tname(t)), down(ddb.p, D, t), rb, tol_for(t));
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
 
 int main(int argc, char **argv) {
     const char *path = "./libpea_cuda_emu.so";
@@ -1106,6 +1385,11 @@ int main(int argc, char **argv) {
         {"norms", test_norms},
         {"attention", [] { test_attention(false); }},
         {"sd-like shapes", test_sd_like},
+        {"backward elementwise", test_backward_elementwise},
+        {"backward norms", test_backward_norms},
+        {"backward conv2d", test_backward_conv2d},
+        {"backward conv2d chunk", test_backward_conv2d_chunked},
+        {"backward sd-like", test_backward_sd_like},
     };
     for (const Step &s : steps) {
         const int before = g_failures, checks = g_checks;
@@ -1123,10 +1407,11 @@ int main(int argc, char **argv) {
             const int before = g_failures, checks = g_checks;
             L.emu_set_schedule(o, 7 + o);
             test_norms();
+            test_backward_norms();
             test_attention(true);
             L.emu_set_schedule(0, 0);
             printf("%-4s %-22s %5d checks\n", g_failures == before ? "ok" : "FAIL",
-                   (std::string("norms+attention ") + orders[o - 1]).c_str(), g_checks - checks);
+                   (std::string("norms(+bw)+attention ") + orders[o - 1]).c_str(), g_checks - checks);
         }
     }
     L.pea_cuda_destroy(g_ctx);

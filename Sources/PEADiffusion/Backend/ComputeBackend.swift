@@ -2,6 +2,9 @@
 public enum Op: String, Sendable, CaseIterable {
     case cast, gemm, linear, conv2d, groupNorm, layerNorm, softmax, attention, activation, geglu
     case binary, affine, upsampleNearest2x, concat, split, permute, embedding, timestepEmbedding, mean
+    // Backward ops, for training the adapter through the frozen UNet.
+    case conv2dBackwardData, groupNormBackward, layerNormBackward, softmaxBackward, activationBackward
+    case gegluBackward, upsampleNearest2xBackward
 }
 
 /// The seam between the models and the hardware. Models are written once against this protocol; a backend
@@ -89,6 +92,39 @@ public protocol ComputeBackend: AnyObject {
                            scale: Float, maxPeriod: Float) throws -> Tensor
 
     func mean(_ x: Tensor, dim: Int, keepDim: Bool) throws -> Tensor
+
+    // MARK: backward ops
+    // Training the PEA adapter sends gradients back through the frozen UNet: data gradients for its ops, and
+    // parameter gradients only for the adapter's layer norm (its linears' weight gradients are GEMMs).
+    // Each takes the gradient of the forward op's output and what the forward op read, recomputes what it
+    // needs (norm statistics, activations) and returns new tensors. Attention's backward is composed of
+    // these and GEMMs (`attentionBackward`, ComputeBackend+Backward.swift).
+
+    /// The gradient with respect to the input x of `conv2d(x, weight, …)`, where x has `inputShape`.
+    func conv2dBackwardData(_ gradOutput: Tensor, weight: Tensor, inputShape: [Int], stride: (Int, Int),
+                            padding: Padding2D) throws -> Tensor
+
+    /// The gradient with respect to x of `groupNorm(x, …)` with the same arguments (`bias` is only read when
+    /// `fuseSiLU` is set: the SiLU's input depends on it).
+    func groupNormBackward(_ gradOutput: Tensor, input x: Tensor, groups: Int, weight: Tensor?, bias: Tensor?,
+                           eps: Float, fuseSiLU: Bool) throws -> Tensor
+
+    /// The gradients of `layerNorm(x, weight, bias, eps)` with respect to x and, when `parameterGradients`
+    /// is set, to the weight and the bias (nil otherwise).
+    func layerNormBackward(_ gradOutput: Tensor, input x: Tensor, weight: Tensor?, eps: Float,
+                           parameterGradients: Bool) throws -> (input: Tensor, weight: Tensor?, bias: Tensor?)
+
+    /// The gradient with respect to the input of `softmax`, from the forward's output y.
+    func softmaxBackward(_ gradOutput: Tensor, output y: Tensor) throws -> Tensor
+
+    /// The gradient with respect to x of `activation(x, kind)` (.gelu, .geluTanh and .silu).
+    func activationBackward(_ gradOutput: Tensor, input x: Tensor, _ kind: Activation) throws -> Tensor
+
+    /// The gradient with respect to x [..., 2D] of `geglu(x)`.
+    func gegluBackward(_ gradOutput: Tensor, input x: Tensor) throws -> Tensor
+
+    /// The gradient with respect to x [B, C, H, W] of `upsampleNearest2x(x)`: each 2×2 block of gradOutput summed.
+    func upsampleNearest2xBackward(_ gradOutput: Tensor) throws -> Tensor
 }
 
 extension ComputeBackend {

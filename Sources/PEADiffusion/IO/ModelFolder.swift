@@ -30,3 +30,21 @@ func isDirectory(_ path: String) -> Bool {
     var status = stat()
     return stat(path, &status) == 0 && (status.st_mode & S_IFMT) == S_IFDIR
 }
+
+/// `mkdir -p`: creates `path` and any missing parent folders; an existing non-folder is an error naming it.
+func makeDirectories(_ path: String) throws {
+    guard !path.isEmpty else { return }
+    var status = stat()
+    if stat(path, &status) == 0 {
+        guard (status.st_mode & S_IFMT) == S_IFDIR else {
+            throw PEAError.invalidFile(path: path, reason: "exists and is not a folder")
+        }
+        return
+    }
+    if let slash = path.lastIndex(of: "/"), slash != path.startIndex {
+        try makeDirectories(String(path[..<slash]))
+    }
+    guard mkdir(path, 0o755) == 0 || errno == EEXIST else {
+        throw PEAError.invalidFile(path: path, reason: "cannot create the folder: \(systemErrorMessage())")
+    }
+}

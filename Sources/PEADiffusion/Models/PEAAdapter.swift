@@ -160,6 +160,70 @@ public struct PEAAdapter {
         return (sequence, pooled)
     }
 
+    /// Every parameter under its official name (`layernorm.weight`, `layernorm.bias`, `projector.{0,2,…}.weight`,
+    /// `fc.weight`, `fc.bias`), in that order.
+    public var namedParameters: [(name: String, tensor: Tensor)] {
+        var named: [(name: String, tensor: Tensor)] = [("layernorm.weight", layerNorm.weight), ("layernorm.bias", layerNorm.bias)]
+        for (i, linear) in projector.enumerated() { named.append(("projector.\(2 * i).weight", linear.weight)) }
+        if let fc {
+            named.append(("fc.weight", fc.weight))
+            if let bias = fc.bias { named.append(("fc.bias", bias)) }
+        }
+        return named
+    }
+
+    /// The same adapter over new parameter tensors, by official name (an optimizer step's result); each must
+    /// have the shape of the parameter it replaces.
+    public func replacingParameters(_ parameters: [String: Tensor]) throws -> PEAAdapter {
+        func take(_ name: String, _ old: Tensor) throws -> Tensor {
+            guard let new = parameters[name] else { throw PEAError.shapeMismatch("PEA adapter: no new value for '\(name)'") }
+            guard new.shape == old.shape else {
+                throw PEAError.shapeMismatch("PEA adapter: '\(name)' must keep its shape \(old.shape), got \(new.shape)")
+            }
+            return new
+        }
+        let norm = LayerNorm(weight: try take("layernorm.weight", layerNorm.weight), bias: try take("layernorm.bias", layerNorm.bias), eps: layerNorm.eps)
+        let linears = try projector.enumerated().map { i, linear in
+            Linear(weight: try take("projector.\(2 * i).weight", linear.weight), bias: nil)
+        }
+        let head = try fc.map { fc in
+            Linear(weight: try take("fc.weight", fc.weight), bias: try fc.bias.map { try take("fc.bias", $0) })
+        }
+        return PEAAdapter(layerNorm: norm, projector: linears, fc: head)
+    }
+
+    /// A freshly initialised adapter as torch initialises the official `MLP`: LayerNorm weight 1, bias 0; each
+    /// linear (and fc) uniform in ±1/√fan_in (nn.Linear's default), from a seeded generator. `widths` is
+    /// [in, hidden…, stack out]; `fcOutput` makes it the SDXL form.
+    public static func initialized(widths: [Int], fcOutput: Int? = nil, backend: any ComputeBackend, seed: UInt64) throws -> PEAAdapter {
+        guard widths.count >= 2, widths.allSatisfy({ $0 > 0 }), fcOutput.map({ $0 > 0 }) ?? true else {
+            throw PEAError.usage("PEA adapter: widths must be at least [in, out], all positive, got \(widths)")
+        }
+        var random = SplitMix64(seed: seed)
+        func uniform(_ count: Int, bound: Float) -> [Float] { (0..<count).map { _ in (Float(random.uniform()) * 2 - 1) * bound } }
+        func linear(_ input: Int, _ output: Int, bias: Bool) throws -> Linear {
+            let bound = 1 / Float(input).squareRoot()
+            return Linear(weight: try backend.upload(uniform(output * input, bound: bound), shape: [output, input]),
+                          bias: bias ? try backend.upload(uniform(output, bound: bound), shape: [output]) : nil)
+        }
+        let norm = LayerNorm(weight: try backend.upload([Float](repeating: 1, count: widths[0]), shape: [widths[0]]),
+                             bias: try backend.upload([Float](repeating: 0, count: widths[0]), shape: [widths[0]]), eps: 1e-5)
+        let linears = try zip(widths, widths.dropFirst()).map { try linear($0, $1, bias: false) }
+        let head = try fcOutput.map { try linear(widths.last!, $0, bias: true) }
+        return PEAAdapter(layerNorm: norm, projector: linears, fc: head)
+    }
+
+    /// The memberwise form; widths are read from the tensors.
+    init(layerNorm: LayerNorm, projector: [Linear], fc: Linear?) {
+        self.layerNorm = layerNorm
+        self.projector = projector
+        self.fc = fc
+        widths = [layerNorm.weight.shape[0]] + projector.map { $0.weight.shape[0] }
+        inputDim = widths[0]
+        pooledDim = fc == nil ? nil : widths.last!
+        outputDim = fc?.weight.shape[0] ?? widths.last!
+    }
+
     /// The one prefix before `layernorm.weight` ("" for the official checkpoints).
     static func adapterPrefix(_ source: CheckpointWeights) throws -> String {
         let matches = source.names.filter { $0 == "layernorm.weight" || $0.hasSuffix(".layernorm.weight") }

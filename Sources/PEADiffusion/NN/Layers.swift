@@ -11,6 +11,12 @@ public struct Linear {
         bias = hasBias ? try w.tensor("bias", [outFeatures]) : nil
     }
 
+    /// A layer over given parameter tensors (a trained adapter's updated weights).
+    public init(weight: Tensor, bias: Tensor?) {
+        self.weight = weight
+        self.bias = bias
+    }
+
     public func callAsFunction(_ x: Tensor) throws -> Tensor {
         try x.backend.linear(x, weight: weight, bias: bias)
     }
@@ -73,6 +79,13 @@ public struct LayerNorm {
         self.eps = eps
         weight = try w.tensor("weight", [dim])
         bias = try w.tensor("bias", [dim])
+    }
+
+    /// A layer over given parameter tensors (a trained adapter's updated weights).
+    public init(weight: Tensor, bias: Tensor, eps: Float = 1e-5) {
+        self.eps = eps
+        self.weight = weight
+        self.bias = bias
     }
 
     public func callAsFunction(_ x: Tensor) throws -> Tensor {

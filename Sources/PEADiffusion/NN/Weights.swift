@@ -99,9 +99,12 @@ public final class RandomWeights: WeightSource {
     public let backend: any ComputeBackend
     private var generator: SplitMix64
     public private(set) var parameterCount = 0
+    /// The dtype the parameters are stored in (f32 by default; f16/bf16 for the CUDA backend's precisions).
+    public let dtype: DType
 
-    public init(backend: any ComputeBackend, seed: UInt64 = 0) {
+    public init(backend: any ComputeBackend, seed: UInt64 = 0, dtype: DType = .f32) {
         self.backend = backend
+        self.dtype = dtype
         generator = SplitMix64(seed: seed)
     }
 
@@ -119,6 +122,7 @@ public final class RandomWeights: WeightSource {
             let u = generator.uniform() * 2 - 1
             values[i] = isScale ? 1 + 0.1 * u : (shape.count == 1 ? 0.1 * u : bound * u)
         }
-        return try backend.upload(values, shape: shape)
+        let weights = try backend.upload(values, shape: shape)
+        return dtype == .f32 ? weights : try backend.cast(weights, to: dtype)
     }
 }

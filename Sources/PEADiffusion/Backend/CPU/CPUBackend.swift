@@ -390,13 +390,13 @@ public final class CPUBackend: ComputeBackend {
 
     // MARK: helpers
 
-    private func empty(_ shape: [Int], _ dtype: DType) throws -> Tensor {
+    func empty(_ shape: [Int], _ dtype: DType) throws -> Tensor {
         guard shape.allSatisfy({ $0 >= 0 }) else { throw PEAError.shapeMismatch("negative dimension in \(shape)") }
         let storage = try CPUStorage(byteCount: shape.reduce(1, *) * dtype.byteSize)
         return Tensor(shape: shape, dtype: dtype, storage: storage, backend: self)
     }
 
-    private func own(_ x: Tensor, _ op: String) throws {
+    func own(_ x: Tensor, _ op: String) throws {
         // Any CPUBackend instance may use another's tensors: they all live in host memory.
         guard x.storage is CPUStorage else {
             throw PEAError.unsupported("\(op): a tensor of backend '\(x.backend.name)' is not in host memory; download it first")
@@ -404,7 +404,7 @@ public final class CPUBackend: ComputeBackend {
     }
 
     /// Every tensor given is on this backend and f32 (the CPU computes in f32 only).
-    private func f32(_ op: String, _ tensors: Tensor?...) throws {
+    func f32(_ op: String, _ tensors: Tensor?...) throws {
         for case let t? in tensors {
             try own(t, op)
             guard t.dtype == .f32 else {
@@ -413,8 +413,8 @@ public final class CPUBackend: ComputeBackend {
         }
     }
 
-    private func pointer(_ x: Tensor) -> UnsafeMutableRawPointer { (x.storage as! CPUStorage).pointer }
-    private func floats(_ x: Tensor) -> UnsafeMutablePointer<Float> { pointer(x).assumingMemoryBound(to: Float.self) }
+    func pointer(_ x: Tensor) -> UnsafeMutableRawPointer { (x.storage as! CPUStorage).pointer }
+    func floats(_ x: Tensor) -> UnsafeMutablePointer<Float> { pointer(x).assumingMemoryBound(to: Float.self) }
 
     /// Copies the block of `source` that starts at `sourceOffset` along `axis` and has `blockShape` (default:
     /// the source's shape) into `destination` starting at `destinationOffset` along the same axis.

@@ -231,6 +231,9 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
         case .embedding: present = library.embedding != nil
         case .timestepEmbedding: present = library.timestepEmbedding != nil
         case .mean: present = library.mean != nil
+        case .conv2dBackwardData, .groupNormBackward, .layerNormBackward, .softmaxBackward, .activationBackward,
+             .gegluBackward, .upsampleNearest2xBackward:
+            present = hasBackwardKernel(op)   // CUDABackend+Backward.swift
         }
         guard present else { return false }
         switch op {

@@ -80,6 +80,16 @@ public final class CUDALibrary {
     typealias MeanFn = @convention(c) (Context?, Int32, RawIn?, RawOut?, Int64, Int64, Int64) -> Int32
     typealias ConvertFn = @convention(c) (Context?, RawIn?, Int32, RawOut?, Int32, Int64) -> Int32
 
+    typealias Conv2dBackwardDataFn = @convention(c) (Context?, Int32, UnsafePointer<ck_conv2d_params>?, RawIn?, RawIn?, RawOut?) -> Int32
+    typealias GroupNormBackwardFn = @convention(c) (Context?, Int32, RawIn?, RawIn?, RawIn?, RawIn?, RawOut?, Int64, Int64, Int64,
+                                                    Int64, Float, Int32) -> Int32
+    typealias LayerNormBackwardFn = @convention(c) (Context?, Int32, RawIn?, RawIn?, RawIn?, RawOut?, RawOut?, RawOut?, Int64, Int64,
+                                                    Float) -> Int32
+    typealias SoftmaxBackwardFn = @convention(c) (Context?, Int32, RawIn?, RawIn?, RawOut?, Int64, Int64) -> Int32
+    typealias ActivationBackwardFn = @convention(c) (Context?, Int32, Int32, RawIn?, RawIn?, RawOut?, Int64) -> Int32
+    typealias GegluBackwardFn = @convention(c) (Context?, Int32, RawIn?, RawIn?, RawOut?, Int64, Int64) -> Int32
+    typealias UpsampleBackwardFn = @convention(c) (Context?, Int32, RawIn?, RawOut?, Int64, Int64, Int64) -> Int32
+
     // MARK: required functions (the library is refused without them)
 
     let abiVersion: ABIVersionFn
@@ -116,6 +126,13 @@ public final class CUDALibrary {
     let timestepEmbedding: TimestepEmbeddingFn?
     let mean: MeanFn?
     let convert: ConvertFn?
+    let conv2dBackwardData: Conv2dBackwardDataFn?
+    let groupNormBackward: GroupNormBackwardFn?
+    let layerNormBackward: LayerNormBackwardFn?
+    let softmaxBackward: SoftmaxBackwardFn?
+    let activationBackward: ActivationBackwardFn?
+    let gegluBackward: GegluBackwardFn?
+    let upsampleNearest2xBackward: UpsampleBackwardFn?
 
     /// Every function of pea_cuda.h, required ones first.
     public static let requiredSymbols = [
@@ -128,6 +145,9 @@ public final class CUDALibrary {
         "pea_cuda_softmax", "pea_cuda_attention", "pea_cuda_activation", "pea_cuda_geglu", "pea_cuda_affine",
         "pea_cuda_binary", "pea_cuda_copy_strided", "pea_cuda_upsample_nearest2x", "pea_cuda_embedding",
         "pea_cuda_timestep_embedding", "pea_cuda_mean", "pea_cuda_convert",
+        "pea_cuda_conv2d_backward_data", "pea_cuda_group_norm_backward", "pea_cuda_layer_norm_backward",
+        "pea_cuda_softmax_backward", "pea_cuda_activation_backward", "pea_cuda_geglu_backward",
+        "pea_cuda_upsample_nearest2x_backward",
     ]
 
     /// Loads the library at `path`, or the first one `locate()` finds. Throws `PEAError.backend` saying where
@@ -201,6 +221,13 @@ public final class CUDALibrary {
         timestepEmbedding = optional("pea_cuda_timestep_embedding", TimestepEmbeddingFn.self)
         mean = optional("pea_cuda_mean", MeanFn.self)
         convert = optional("pea_cuda_convert", ConvertFn.self)
+        conv2dBackwardData = optional("pea_cuda_conv2d_backward_data", Conv2dBackwardDataFn.self)
+        groupNormBackward = optional("pea_cuda_group_norm_backward", GroupNormBackwardFn.self)
+        layerNormBackward = optional("pea_cuda_layer_norm_backward", LayerNormBackwardFn.self)
+        softmaxBackward = optional("pea_cuda_softmax_backward", SoftmaxBackwardFn.self)
+        activationBackward = optional("pea_cuda_activation_backward", ActivationBackwardFn.self)
+        gegluBackward = optional("pea_cuda_geglu_backward", GegluBackwardFn.self)
+        upsampleNearest2xBackward = optional("pea_cuda_upsample_nearest2x_backward", UpsampleBackwardFn.self)
         missingSymbols = missing
     }
 

@@ -1,0 +1,297 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+// `pea train`: the PEA adapter trained by knowledge distillation through a frozen English SD1.x/SD2.x pipeline
+// (UNet, VAE, CLIP text encoder), from a corpus of images with target-language and English captions.
+//
+// Each step: a batch of samples → VAE latents (mean and log-variance encoded once and optionally cached; a
+// fresh sample of the latent distribution every step, × scaling_factor, as the official
+// `latent_dist.sample()`) → noise and uniform timesteps → DDPM noisy latents (the folder's scheduler config) →
+// student states (language-specific encoder) and teacher states (English CLIP), with their empty-prompt
+// versions for the uncond samples → `KnowledgeDistillation.step` → gradient clipping → AdamW with the
+// warmup + polynomial-decay learning rate.
+//
+// Every random draw of step k comes from a generator seeded by (seed, k), and the data stream's position is
+// saved, so a run resumed from a checkpoint continues exactly as the uninterrupted run would have.
+
+/// The settings of a training run (the `pea train` flags).
+public struct TrainingOptions: Sendable {
+    public var steps: Int
+    public var batchSize: Int
+    public var learningRate: Float = 1e-5
+    public var minLearningRate: Float = 5e-8
+    public var warmupSteps: Int = 100
+    public var weightDecay: Float = 0.1
+    /// Global gradient-norm clip (nil: none).
+    public var maxGradientNorm: Float?
+    public var resolution: Int = 512
+    public var hybrid = false
+    public var uncondProbability: Float = 0.1
+    public var featureWeight: Float = 0.1
+    public var seed: UInt64 = 0
+    /// Save a checkpoint every this many steps (0: only at the end).
+    public var saveEvery: Int = 0
+
+    public init(steps: Int, batchSize: Int) {
+        self.steps = steps
+        self.batchSize = batchSize
+    }
+
+    public var schedule: PolynomialDecaySchedule {
+        PolynomialDecaySchedule(peak: learningRate, end: minLearningRate, warmupSteps: warmupSteps, totalSteps: steps)
+    }
+}
+
+/// What one step reports to the log.
+public struct TrainingStepReport: Sendable {
+    public var step: Int
+    public var losses: DistillationLosses
+    public var learningRate: Float
+    public var gradientNorm: Float
+    public var seconds: Double
+    public var skipped: TrainingSkipCounts
+    /// Steps skipped because the f16 gradients overflowed (dynamic loss scaling).
+    public var overflowSkipped: Bool
+}
+
+/// The frozen English pipeline the adapter is distilled against.
+public struct DistillationTeacher {
+    public let unet: UNet2DConditionModel
+    public let vae: AutoencoderKL
+    public let text: CLIPConditioner
+    public let noise: DDPMScheduler
+
+    /// Loads UNet, VAE, CLIP text encoder + tokenizer and the scheduler config from an SD1.x/SD2.x pipeline folder.
+    public static func load(folder: String, backend: any ComputeBackend, dtype: DType = .f32) throws -> DistillationTeacher {
+        let unet = try UNet2DConditionModel.load(folder: folder, backend: backend, dtype: dtype).model
+        guard unet.config.textTime == nil else {
+            throw PEAError.unsupported("pea train: \(folder) is an SDXL pipeline; training supports SD1.x/SD2.x pipelines (eval kd-step handles SDXL)")
+        }
+        let vae = try AutoencoderKL.load(folder: folder, backend: backend, dtype: dtype).model
+        let tokenizer = try CLIPTokenizer(folder: joinPath(folder, "tokenizer"))
+        let encoder = try CLIPTextModel.load(folder: folder, backend: backend, dtype: dtype).model
+        let text = try CLIPConditioner(text: CLIPTextStack(tokenizer: tokenizer, encoder: encoder))
+        let schedulerConfig = joinPath(joinPath(folder, "scheduler"), "scheduler_config.json")
+        let noise = try DDPMScheduler(config: ConfigFile(path: schedulerConfig))
+        return DistillationTeacher(unet: unet, vae: vae, text: text, noise: noise)
+    }
+}
+
+/// A training run's state: the adapter's f32 master weights, the optimiser, the data position and the step.
+public final class PEATrainer {
+    public let teacher: DistillationTeacher
+    public let student: any LanguageEncoder
+    public let dataset: TrainingDataset
+    public let options: TrainingOptions
+    public let backend: any ComputeBackend
+    public let latentCache: LatentCache?
+    public private(set) var adapter: PEAAdapter
+    public private(set) var step = 0
+    public private(set) var optimizer: AdamW
+    /// f32 host copies of the adapter's parameters, by official name.
+    public private(set) var masterWeights: [String: [Float]] = [:]
+    /// Dynamic loss scale (f16 UNet only; 1 otherwise).
+    public private(set) var lossScale: Float
+
+    private var studentUncond: Tensor?
+    private var teacherUncond: Tensor?
+
+    public init(teacher: DistillationTeacher, student: any LanguageEncoder, adapter: PEAAdapter, dataset: TrainingDataset,
+                options: TrainingOptions, backend: any ComputeBackend, latentCache: LatentCache? = nil) throws {
+        guard adapter.inputDim == student.hiddenSize else {
+            throw PEAError.shapeMismatch("pea train: the adapter reads \(adapter.inputDim)-wide states but the text encoder gives \(student.hiddenSize)")
+        }
+        guard adapter.outputDim == teacher.unet.config.crossAttentionDim[0], !adapter.isSDXL else {
+            throw PEAError.shapeMismatch("pea train: the adapter must be the SD1.x form producing \(teacher.unet.config.crossAttentionDim[0])-wide states (the UNet's cross_attention_dim), it produces \(adapter.outputDim)\(adapter.isSDXL ? " (SDXL form)" : "")")
+        }
+        self.teacher = teacher
+        self.student = student
+        self.dataset = dataset
+        self.options = options
+        self.backend = backend
+        self.latentCache = latentCache
+        self.adapter = adapter
+        optimizer = AdamW(weightDecay: options.weightDecay)
+        lossScale = teacher.unet.dtype == .f16 ? 65536 : 1
+        for (name, tensor) in adapter.namedParameters {
+            masterWeights[name] = try backend.downloadFloats(tensor)
+        }
+        if let latentCache {
+            dataset.imageNeeded = { [resolution = options.resolution] record in
+                latentCache.load(id: record.id, resolution: resolution) == nil
+            }
+        }
+    }
+
+    // MARK: one step
+
+    /// Draws a batch and takes one optimiser step.
+    public func trainStep() throws -> TrainingStepReport {
+        let start = monotonicSeconds()
+        var random = SplitMix64(seed: options.seed ^ (UInt64(step + 1) &* 0x9E37_79B9_7F4A_7C15))
+        let samples = try dataset.nextBatch(options.batchSize)
+        let batch = try makeBatch(samples, &random)
+        let (losses, gradients) = try KnowledgeDistillation(unet: teacher.unet, featureWeight: options.featureWeight)
+            .step(adapter: adapter, batch: batch, lossScale: lossScale)
+
+        var hostGradients: [String: [Float]] = [:]
+        for (name, gradient) in gradients { hostGradients[name] = try backend.downloadFloats(gradient) }
+        let finite = hostGradients.values.allSatisfy { $0.allSatisfy(\.isFinite) }
+        let lr = options.schedule.learningRate(afterSteps: step)
+        var norm: Float = .nan
+        if finite {
+            norm = options.maxGradientNorm.map { clipGradientNorm(&hostGradients, maxNorm: $0) }
+                ?? clipGradientNorm(&hostGradients, maxNorm: .infinity)
+            try optimizer.update(&masterWeights, gradients: hostGradients, lr: lr)
+            try uploadMasterWeights()
+        } else if lossScale > 1 {
+            lossScale /= 2   // f16 overflow: skip the update, retry the next batch at half the scale
+        } else {
+            throw PEAError.backend("pea train: step \(step + 1): the gradients are not finite (loss \(losses.total)); lower --lr or check the data")
+        }
+        step += 1
+        return TrainingStepReport(step: step, losses: losses, learningRate: lr, gradientNorm: norm,
+                                  seconds: monotonicSeconds() - start, skipped: dataset.skipped, overflowSkipped: !finite)
+    }
+
+    /// Latents, noise, timesteps and the four state tensors of one batch.
+    func makeBatch(_ samples: [TrainingSample], _ random: inout SplitMix64) throws -> DistillationBatch {
+        let size = samples.count
+        let texts = samples.map(\.text)
+        let english = try samples.map { sample -> String in
+            if let english = sample.textEN { return english }
+            if options.hybrid && sample.languageSpecific == true { return "" }   // masked out of the KD terms
+            throw PEAError.invalidFile(path: sample.id, reason: "no English caption (text_en); plain distillation needs one for every record (--hybrid trains on language-specific records without one)")
+        }
+        let latents = try encodeLatents(samples, &random)
+        let noise = try backend.upload(random.normals(latents.count), shape: latents.shape)
+        let timesteps = (0..<size).map { _ in min(Int(random.uniform() * Float(teacher.noise.trainTimesteps)), teacher.noise.trainTimesteps - 1) }
+        let uncond = (0..<size).map { _ in random.uniform() < options.uncondProbability ? Float(1) : 0 }
+        let noisy = try teacher.noise.addNoise(original: latents, noise: noise, timesteps: timesteps)
+        let target = try teacher.noise.trainingTarget(sample: latents, noise: noise, timesteps: timesteps)
+
+        let silent: (String) -> Void = { _ in }
+        let studentStates = try student.encode(texts, warn: silent)
+        let teacherStates = try teacher.text.encode(english, warn: silent).states
+        if studentUncond == nil {
+            studentUncond = try student.encode([""], warn: silent)
+            teacherUncond = try teacher.text.encode([""], warn: silent).states
+        }
+        func repeated(_ x: Tensor) throws -> Tensor { size == 1 ? x : try backend.concat(Array(repeating: x, count: size), dim: 0) }
+        func f32(_ x: Tensor) throws -> Tensor { x.dtype == .f32 ? x : try backend.cast(x, to: .f32) }
+        return DistillationBatch(
+            noisyLatents: try f32(noisy), target: try f32(target),
+            timesteps: try backend.upload(HostTensor(ids: timesteps, shape: [size])),
+            studentStates: try f32(studentStates), studentStatesUncond: try f32(repeated(studentUncond!)),
+            teacherStates: try f32(teacherStates), teacherStatesUncond: try f32(repeated(teacherUncond!)),
+            uncondMask: uncond,
+            languageSpecific: options.hybrid ? samples.map { $0.languageSpecific == true ? 1 : 0 } : nil)
+    }
+
+    /// The latent distribution (mean ⊕ log-variance on channels) of each sample, from the cache or the VAE, then
+    /// one sample of it × scaling_factor: [B, C, h, w] f32.
+    func encodeLatents(_ samples: [TrainingSample], _ random: inout SplitMix64) throws -> Tensor {
+        var moments: [HostTensor] = []
+        for sample in samples {
+            if let cached = latentCache?.load(id: sample.id, resolution: options.resolution) {
+                moments.append(cached)
+                continue
+            }
+            guard let image = sample.image else {
+                throw PEAError.backend("pea train: \(sample.id): no image and no cached latent")
+            }
+            var pixels = try backend.upload(image).reshaped([1] + image.shape)
+            if teacher.vae.dtype != .f32 { pixels = try backend.cast(pixels, to: teacher.vae.dtype) }
+            let (mean, logvar) = try teacher.vae.encode(pixels)
+            let both = try backend.download(backend.concat([mean, logvar], dim: 1)).converted(to: .f32)
+            let host = HostTensor(both.floats(), shape: Array(both.shape.dropFirst()))
+            try latentCache?.store(host, id: sample.id, resolution: options.resolution)
+            moments.append(host)
+        }
+        let channels = moments[0].shape[0] / 2, plane = moments[0].shape.dropFirst().reduce(1, *)
+        var values: [Float] = []
+        values.reserveCapacity(samples.count * channels * plane)
+        let scale = teacher.vae.config.scalingFactor
+        for moment in moments {
+            let m = moment.floats()
+            let eps = random.normals(channels * plane)
+            for i in 0..<(channels * plane) {
+                // diffusers: std = exp(0.5 · clamp(logvar, −30, 20)); sample = mean + std · ε.
+                let logvar = min(max(m[channels * plane + i], -30), 20)
+                values.append((m[i] + expf(0.5 * logvar) * eps[i]) * scale)
+            }
+        }
+        return try backend.upload(values, shape: [samples.count, channels] + Array(moments[0].shape.dropFirst()))
+    }
+
+    private func uploadMasterWeights() throws {
+        var tensors: [String: Tensor] = [:]
+        for (name, tensor) in adapter.namedParameters {
+            tensors[name] = try backend.upload(masterWeights[name]!, shape: tensor.shape)
+        }
+        adapter = try adapter.replacingParameters(tensors)
+    }
+
+    // MARK: checkpoints
+
+    /// Writes `folder/adapter.safetensors` (official names, f32; loadable by `pea generate --adapter`) and
+    /// `folder/optimizer.safetensors` (AdamW moments as `exp_avg.<name>` / `exp_avg_sq.<name>`; metadata: step,
+    /// data position, loss scale), each atomically.
+    public func saveCheckpoint(to folder: String) throws {
+        try makeDirectories(folder)
+        let shapes = Dictionary(uniqueKeysWithValues: adapter.namedParameters.map { ($0.name, $0.tensor.shape) })
+        let names = adapter.namedParameters.map(\.name)
+        try SafeTensorsWriter.write(names.map { (name: $0, tensor: HostTensor(masterWeights[$0]!, shape: shapes[$0]!)) },
+                                    metadata: ["pea": "pea train", "step": String(step)], to: joinPath(folder, "adapter.safetensors"))
+        let state = optimizer.state
+        var moments: [(name: String, tensor: HostTensor)] = []
+        for name in names {
+            let zeros = [Float](repeating: 0, count: shapes[name]!.reduce(1, *))
+            moments.append(("exp_avg.\(name)", HostTensor(state.first[name] ?? zeros, shape: shapes[name]!)))
+            moments.append(("exp_avg_sq.\(name)", HostTensor(state.second[name] ?? zeros, shape: shapes[name]!)))
+        }
+        try SafeTensorsWriter.write(moments, metadata: ["step": String(step), "optimizer_step": String(state.step),
+                                                        "data_position": dataset.position.serialized(),
+                                                        "loss_scale": String(lossScale)],
+                                    to: joinPath(folder, "optimizer.safetensors"))
+    }
+
+    /// Continues from a folder written by `saveCheckpoint`: adapter weights, optimiser moments, step, data
+    /// position and loss scale.
+    public func resume(from folder: String) throws {
+        let weights = try SafeTensorsFile(path: joinPath(folder, "adapter.safetensors"))
+        let optimizerPath = joinPath(folder, "optimizer.safetensors")
+        let saved = try SafeTensorsFile(path: optimizerPath)
+        func metadata(_ key: String) throws -> String {
+            guard let value = saved.metadata[key] else {
+                throw PEAError.invalidFile(path: optimizerPath, reason: "missing metadata '\(key)' (not a pea train checkpoint)")
+            }
+            return value
+        }
+        guard let savedStep = Int(try metadata("step")), let optimizerStep = Int(try metadata("optimizer_step")),
+              let scale = Float(try metadata("loss_scale")) else {
+            throw PEAError.invalidFile(path: optimizerPath, reason: "malformed step or loss_scale metadata")
+        }
+        var first: [String: [Float]] = [:], second: [String: [Float]] = [:]
+        for (name, tensor) in adapter.namedParameters {
+            masterWeights[name] = try weights.tensor(name, expecting: tensor.shape).floats()
+            first[name] = try saved.tensor("exp_avg.\(name)", expecting: tensor.shape).floats()
+            second[name] = try saved.tensor("exp_avg_sq.\(name)", expecting: tensor.shape).floats()
+        }
+        optimizer.restore(step: optimizerStep, first: first, second: second)
+        try dataset.restore(TrainingDataPosition(serialized: metadata("data_position")))
+        step = savedStep
+        lossScale = scale
+        try uploadMasterWeights()
+    }
+}
+
+/// Seconds on the monotonic clock.
+func monotonicSeconds() -> Double {
+    var now = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return Double(now.tv_sec) + Double(now.tv_nsec) * 1e-9
+}

@@ -1,0 +1,159 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import PEADiffusion
+
+let trainUsage = """
+Usage: pea train --model DIR --text-encoder DIR --data SPEC [--data SPEC …] --output DIR --steps N [options]
+
+Trains a PEA adapter by knowledge distillation through a frozen English SD1.x/SD2.x pipeline (PEA-Diffusion,
+arXiv 2311.17086): the student is UNet(adapter(language-specific encoder(text))), the teacher the same UNet
+with the English CLIP encoder on text_en; losses: task ε-MSE + output KD MSE + 0.1 × feature KD MSE over every
+down, mid and up block. Only the adapter learns (AdamW, warmup then polynomial decay).
+
+Data (--data, repeatable):
+  a .jsonl manifest, one object per line: "image" (path relative to the manifest), "text" (target language),
+  "text_en" (English), optional "language_specific" (bool, for --hybrid); or webdataset tar shards
+  (KEY.jpg/.png + KEY.json with the same fields, or KEY.txt), brace patterns allowed
+  (data/shard-{000000..000099}.tar), several joined by '::'. Corrupt images and records without a caption
+  are skipped and counted in the log.
+
+Options:
+  --model DIR               diffusers SD1.x/SD2.x pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+  --text-encoder DIR        the language-specific encoder (Chinese-CLIP/BERT or XLM-R folder with its tokenizer)
+  --max-length N            its token length (default 52 for Chinese-CLIP, 77 for XLM-R)
+  --output DIR              checkpoints: DIR/checkpoint-STEP/ every --save-every steps, and the final adapter in
+                            DIR/adapter.safetensors (+ DIR/optimizer.safetensors for resuming)
+  --steps N                 optimiser steps (required)
+  --batch-size B            samples per step (default 4)
+  --lr LR                   peak learning rate (default 1e-5, the released scripts')
+  --min-lr LR               learning rate at the end of the decay (default 5e-8)
+  --warmup-steps N          linear warmup steps (default 100, or steps/10 when that is smaller)
+  --weight-decay W          AdamW weight decay, not applied to the layer norm (default 0.1)
+  --max-grad-norm G         clip the global gradient norm to G (default: no clipping)
+  --resolution R            square training resolution; images are resized (shorter side) and center-cropped
+                            (default 512)
+  --hybrid                  hybrid training: the task loss on language-specific records, the KD losses on
+                            parallel ones
+  --uncond-prob P           probability that a sample trains on the empty prompt on both sides (default 0.1)
+  --feature-weight W        weight of the feature KD term (default 0.1)
+  --seed N                  seed for data order, noise, timesteps and dropout (default 0)
+  --save-every N            checkpoint every N steps (default 0: only at the end)
+  --resume DIR              continue from a checkpoint folder (DIR/checkpoint-STEP or the --output DIR)
+  --latent-cache DIR        keep each image's VAE latent distribution there, so it is encoded once
+  --init-adapter PATH       start from this adapter checkpoint (its shape is read from its tensors)
+  --adapter-hidden H        hidden width of a new adapter (default 2048)
+  --adapter-layers N        linear layers of a new adapter (default 3, as the training script)
+\(BackendOptions.help)
+
+Progress (loss terms, learning rate, step time, ETA) goes to stderr; the final adapter's path to stdout.
+"""
+
+func runTrain(_ arguments: [String]) throws {
+    if arguments.contains("--help") || arguments.contains("-h") { print(trainUsage); return }
+    var spec = BackendOptions.spec
+    for key in ["--model", "--text-encoder", "--max-length", "--output", "--steps", "--batch-size", "--lr", "--min-lr",
+                "--warmup-steps", "--weight-decay", "--max-grad-norm", "--resolution", "--uncond-prob", "--feature-weight",
+                "--seed", "--save-every", "--resume", "--latent-cache", "--init-adapter", "--adapter-hidden", "--adapter-layers"] {
+        spec[key] = .value
+    }
+    spec["--data"] = .repeatable
+    spec["--hybrid"] = .flag
+    let command = "train"
+    let options = try Arguments(arguments, command: command, spec: spec)
+    let model = try options.requiredString("--model")
+    let encoderFolder = try options.requiredString("--text-encoder")
+    let output = try options.requiredString("--output")
+    let dataSpecs = options.strings("--data")
+    guard !dataSpecs.isEmpty else { throw PEAError.usage("train: option '--data' is required") }
+
+    var settings = TrainingOptions(steps: try options.int("--steps", default: 0, range: 1...100_000_000),
+                                   batchSize: try options.int("--batch-size", default: 4, range: 1...4096))
+    func positive(_ name: String, _ fallback: Float) throws -> Float {
+        let value = try options.double(name).map(Float.init) ?? fallback
+        guard value > 0 else { throw PEAError.usage("train: option '\(name)' must be positive, got \(value)") }
+        return value
+    }
+    settings.learningRate = try positive("--lr", 1e-5)
+    settings.minLearningRate = try options.double("--min-lr").map(Float.init) ?? 5e-8
+    guard settings.minLearningRate >= 0, settings.minLearningRate < settings.learningRate else {
+        throw PEAError.usage("train: --min-lr must be at least 0 and below --lr (\(settings.learningRate))")
+    }
+    settings.warmupSteps = try options.int("--warmup-steps", default: min(100, settings.steps / 10), range: 0...100_000_000)
+    settings.weightDecay = try options.double("--weight-decay").map(Float.init) ?? 0.1
+    settings.maxGradientNorm = try options.has("--max-grad-norm") ? positive("--max-grad-norm", 1) : nil
+    settings.resolution = try options.int("--resolution", default: 512, range: 8...8192)
+    guard settings.resolution % 8 == 0 else {
+        throw PEAError.usage("train: --resolution must be a multiple of 8 (the VAE's factor), got \(settings.resolution)")
+    }
+    settings.hybrid = options.has("--hybrid")
+    settings.uncondProbability = try options.double("--uncond-prob").map(Float.init) ?? 0.1
+    guard (0...1).contains(settings.uncondProbability) else { throw PEAError.usage("train: --uncond-prob must be in [0, 1]") }
+    settings.featureWeight = try options.double("--feature-weight").map(Float.init) ?? 0.1
+    settings.seed = UInt64(try options.int("--seed", default: 0, range: 0...Int.max))
+    settings.saveEvery = try options.int("--save-every", default: 0, range: 0...100_000_000)
+
+    let backendOptions = try BackendOptions(options, command: command)
+    let backend = backendOptions.backend, dtype = backendOptions.precision
+    let teacher = try DistillationTeacher.load(folder: model, backend: backend, dtype: dtype)
+    let student = try LanguageEncoders.load(folder: encoderFolder, backend: backend, maxLength: options.int("--max-length"))
+    let adapter: PEAAdapter
+    if let initial = options.string("--init-adapter") {
+        adapter = try PEAAdapter.load(path: initial, backend: backend)
+    } else {
+        let hidden = try options.int("--adapter-hidden", default: 2048, range: 1...65536)
+        let layers = try options.int("--adapter-layers", default: 3, range: 1...64)
+        let widths = [student.hiddenSize] + Array(repeating: hidden, count: layers - 1) + [teacher.unet.config.crossAttentionDim[0]]
+        adapter = try PEAAdapter.initialized(widths: widths, backend: backend, seed: settings.seed)
+    }
+    let dataset = try TrainingDataset(source: TrainingDataSource.parse(dataSpecs), resolution: settings.resolution, seed: settings.seed)
+    var shownSkips = 0
+    dataset.onSkip = { skip in
+        shownSkips += 1
+        if shownSkips <= 10 { fputs("pea train: skipped \(skip.id): \(skip.message)\n", stderr) }
+        if shownSkips == 10 { fputs("pea train: (further skips are counted, not shown)\n", stderr) }
+    }
+    let cache = try options.string("--latent-cache").map { try LatentCache(folder: $0, namespace: model) }
+    let trainer = try PEATrainer(teacher: teacher, student: student, adapter: adapter, dataset: dataset,
+                                 options: settings, backend: backend, latentCache: cache)
+    if let resume = options.string("--resume") {
+        try trainer.resume(from: resume)
+        fputs("pea train: resumed at step \(trainer.step) from \(resume)\n", stderr)
+    }
+    fputs("pea train: adapter \(trainer.adapter.widths.map(String.init).joined(separator: "→")) (\(trainer.adapter.parameterCount) parameters), "
+          + "\(settings.steps) steps of \(settings.batchSize) at \(settings.resolution)², \(backend.name)\n", stderr)
+
+    var times: [Double] = []
+    while trainer.step < settings.steps {
+        let report = try trainer.trainStep()
+        times.append(report.seconds)
+        let recent = times.suffix(10)
+        let perStep = recent.reduce(0, +) / Double(recent.count)
+        let losses = report.losses
+        var line = "step \(report.step)/\(settings.steps)  loss \(short(losses.total)) (task \(short(losses.task)), "
+            + "logits \(short(losses.logits)), features \(short(losses.features)))  lr \(short(report.learningRate))  "
+            + "\(short(Float(report.seconds))) s/step  ETA \(clock(perStep * Double(settings.steps - report.step)))"
+        if report.overflowSkipped { line += "  (f16 overflow: update skipped, loss scale \(trainer.lossScale))" }
+        if report.skipped.total > 0 { line += "  skipped records: \(report.skipped)" }
+        fputs(line + "\n", stderr)
+        if settings.saveEvery > 0, report.step % settings.saveEvery == 0, report.step < settings.steps {
+            let folder = joinPathComponents(output, "checkpoint-\(report.step)")
+            try trainer.saveCheckpoint(to: folder)
+            fputs("pea train: saved \(folder)\n", stderr)
+        }
+    }
+    try trainer.saveCheckpoint(to: output)
+    print(joinPathComponents(output, "adapter.safetensors"))
+}
+
+private func short(_ value: Float) -> String {
+    let magnitude = abs(value)
+    return printfFormatted(magnitude != 0 && (magnitude < 1e-3 || magnitude >= 1e5) ? "%.3e" : "%.4f", Double(value))
+}
+
+private func clock(_ seconds: Double) -> String {
+    let s = Int(seconds.rounded())
+    return "\(s / 3600):" + [s / 60 % 60, s % 60].map { $0 < 10 ? "0\($0)" : "\($0)" }.joined(separator: ":")
+}

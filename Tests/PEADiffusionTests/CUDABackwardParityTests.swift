@@ -1,0 +1,270 @@
+import Foundation
+import XCTest
+@testable import PEADiffusion
+
+/// The CUDA backend's backward ops without a GPU: the emulated library (libpea_cuda_emu.so, loaded as
+/// CUDABackendParityTests loads it) against the CPU backend on the same inputs at awkward shapes — f32 to
+/// DESIGN.md's tolerances, f16 and bf16 to the rounding of their storage, as the forward parity tests — then
+/// the finite-difference checks of BackwardOpTests.swift run on the CUDA backend itself, and invalid
+/// arguments fail with the CPU backend's messages.
+///
+/// Without the library these tests fail, saying to run `make cuda-emu`; PEA_SKIP_CUDA_EMU=1 skips them.
+final class CUDABackwardParityTests: XCTestCase {
+    private static var sharedBackend: CUDABackend?
+    let cpu = CPUBackend()
+
+    /// One backend (one context) for these tests, on the library CUDABackendParityTests loads.
+    func cuda() throws -> CUDABackend {
+        if let shared = Self.sharedBackend { return shared }
+        let backend = try CUDABackend(library: CUDABackendParityTests.emulatedLibrary())
+        Self.sharedBackend = backend
+        return backend
+    }
+
+    // MARK: the harness (as CUDABackendParityTests')
+
+    func random(_ shape: [Int], seed: UInt64, scale: Float = 1, offset: Float = 0) -> HostTensor {
+        var generator = SplitMix64(seed: seed)
+        return HostTensor(generator.normals(shape.reduce(1, *)).map { $0 * scale + offset }, shape: shape)
+    }
+
+    /// The forward parity tests' tolerances: DESIGN.md's for f32; for f16/bf16 the rounding of the output
+    /// (and of what a kernel stores in between) to that dtype, the CPU computing on the same rounded inputs.
+    func tolerance(_ dtype: DType) -> ParityTolerance {
+        switch dtype {
+        case .f16: return ParityTolerance(relativeL2: CUDASelfTest.tolerance(.f16), maxAbsolute: 4e-3)
+        case .bf16: return ParityTolerance(relativeL2: CUDASelfTest.tolerance(.bf16), maxAbsolute: 3e-2)
+        default: return .f32
+        }
+    }
+
+    typealias Run = (any ComputeBackend, [String: Tensor]) throws -> [Tensor]
+
+    /// Runs `run` on both backends in each dtype (f32 inputs stored in that dtype; the CPU gets the rounded
+    /// values in f32) and compares every output: shape, dtype and values.
+    func check(_ name: String, _ inputs: [String: HostTensor], _ dtypes: [DType] = [.f32, .f16, .bf16],
+               file: StaticString = #filePath, line: UInt = #line, _ run: Run) throws {
+        let cuda = try cuda()
+        for dtype in dtypes {
+            let what = "\(name) \(dtype)"
+            var cudaInputs: [String: Tensor] = [:], cpuInputs: [String: Tensor] = [:]
+            for (key, host) in inputs {
+                let stored = host.converted(to: dtype)
+                cpuInputs[key] = try cpu.upload(stored.converted(to: .f32))
+                cudaInputs[key] = try cuda.upload(stored)
+            }
+            let expected = try run(cpu, cpuInputs).map(cpu.download)
+            let outputs: [Tensor]
+            do { outputs = try run(cuda, cudaInputs) } catch {
+                XCTFail("\(what): \(error)", file: file, line: line)
+                continue
+            }
+            let actual = try outputs.map(cuda.download)
+            XCTAssertEqual(actual.map(\.shape), expected.map(\.shape), "\(what): shapes", file: file, line: line)
+            for (i, (a, e)) in zip(actual, expected).enumerated() {
+                XCTAssertEqual(a.dtype, dtype, "\(what) output \(i): dtype", file: file, line: line)
+                assertClose(a.floats(), e.floats(), tolerance(dtype), "\(what) output \(i)", file: file, line: line)
+            }
+        }
+    }
+
+    // MARK: every backward op against the CPU backend
+
+    func testConv2dBackwardData() throws {
+        let cases: [(String, [Int], [Int], (Int, Int), Padding2D)] = [
+            ("3x3 same", [2, 3, 7, 5], [4, 3, 3, 3], (1, 1), .uniform(1)),
+            ("3x3 stride 2 asymmetric (VAE downsampler)", [1, 5, 9, 8], [3, 5, 3, 3], (2, 2), Padding2D(top: 0, bottom: 1, left: 0, right: 1)),
+            ("1x1 (GEMM)", [3, 4, 6, 6], [5, 4, 1, 1], (1, 1), .uniform(0)),
+            ("1x1 stride 2 (gaps)", [1, 4, 7, 7], [6, 4, 1, 1], (2, 2), .uniform(0)),
+            ("5x3 stride (2,1)", [2, 2, 9, 7], [3, 2, 5, 3], (2, 1), Padding2D(top: 2, bottom: 1, left: 1, right: 0)),
+            ("one element", [1, 1, 1, 1], [1, 1, 1, 1], (1, 1), .uniform(0)),
+            ("wide 33 channels", [1, 33, 4, 5], [17, 33, 3, 3], (1, 1), .uniform(1)),
+            ("batch 9", [9, 2, 4, 3], [3, 2, 3, 3], (1, 1), .uniform(1)),
+        ]
+        for (i, (label, x, w, stride, padding)) in cases.enumerated() {
+            let y = try ShapeRules.conv2dOutput(x, weight: w, stride: stride, padding: padding)
+            try check("conv2dBackwardData \(label)", ["dy": random(y, seed: UInt64(20 * i)), "w": random(w, seed: UInt64(20 * i + 1), scale: 0.3)]) { b, t in
+                [try b.conv2dBackwardData(t["dy"]!, weight: t["w"]!, inputShape: x, stride: stride, padding: padding)]
+            }
+        }
+    }
+
+    func testGroupNormBackward() throws {
+        let cases: [(String, [Int], Int, Bool, Bool, Float)] = [
+            ("+silu [2,6,5,3] G3", [2, 6, 5, 3], 3, true, true, 3),
+            ("[3,4,7] G1 no affine", [3, 4, 7], 1, false, false, 0),
+            ("+silu no affine [2,4,3,3] G2", [2, 4, 3, 3], 2, false, true, 0),
+            ("[1,32,9,9] G32 (one channel per group)", [1, 32, 9, 9], 32, true, false, 0),
+            ("[1,4,1] G4 (one element per group)", [1, 4, 1], 4, true, true, 0),
+            ("+silu [2,64,33] G32 batch of long groups", [2, 64, 33], 32, true, true, -1),
+        ]
+        for (i, (label, shape, groups, affine, silu, offset)) in cases.enumerated() {
+            let seed = UInt64(10 * i)
+            var inputs = ["x": random(shape, seed: seed, offset: offset), "dy": random(shape, seed: seed + 1)]
+            if affine {
+                inputs["g"] = random([shape[1]], seed: seed + 2, scale: 0.5, offset: 1)
+                inputs["b"] = random([shape[1]], seed: seed + 3)
+            }
+            try check("groupNormBackward \(label)", inputs) { b, t in
+                [try b.groupNormBackward(t["dy"]!, input: t["x"]!, groups: groups, weight: t["g"], bias: t["b"], eps: 1e-5, fuseSiLU: silu)]
+            }
+        }
+    }
+
+    func testLayerNormBackward() throws {
+        let cases: [(String, [Int], Bool, Bool)] = [
+            ("[3,5,33] affine, parameter gradients", [3, 5, 33], true, true),
+            ("[3,5,33] affine, dx only", [3, 5, 33], true, false),
+            ("[1,1] no affine, parameter gradients", [1, 1], false, true),
+            ("[2,1030] parameter gradients", [2, 1030], true, true),
+            ("[300,9] many rows, parameter gradients", [300, 9], false, true),
+            ("[2,77,64] adapter-like", [2, 77, 64], true, true),
+        ]
+        for (i, (label, shape, affine, parameters)) in cases.enumerated() {
+            let seed = UInt64(10 * i)
+            var inputs = ["x": random(shape, seed: seed, scale: 2, offset: 1), "dy": random(shape, seed: seed + 1)]
+            if affine { inputs["g"] = random([shape.last!], seed: seed + 2, scale: 0.5, offset: 1) }
+            try check("layerNormBackward \(label)", inputs) { b, t in
+                let g = try b.layerNormBackward(t["dy"]!, input: t["x"]!, weight: t["g"], eps: 1e-5, parameterGradients: parameters)
+                XCTAssertEqual(g.weight == nil, !parameters, "\(label): weight gradient on \(b.name)")
+                XCTAssertEqual(g.bias == nil, !parameters, "\(label): bias gradient on \(b.name)")
+                return [g.input] + [g.weight, g.bias].compactMap { $0 }
+            }
+        }
+    }
+
+    func testSoftmaxBackward() throws {
+        // y from the CPU's softmax (a real forward output: rows summing to 1, an all −∞ row giving zeros).
+        func softmaxOutput(_ shape: [Int], seed: UInt64, blankRow: Int? = nil) throws -> HostTensor {
+            var x = random(shape, seed: seed, scale: 3).floats()
+            if let blankRow { for j in 0..<shape.last! { x[blankRow * shape.last! + j] = -.infinity } }
+            return try cpu.download(cpu.softmax(cpu.upload(HostTensor(x, shape: shape))))
+        }
+        let cases: [(String, [Int], Int?)] = [("[3,7,31]", [3, 7, 31], nil), ("one", [1], nil), ("[2,1500]", [2, 1500], nil),
+                                              ("[4,6] with a −∞ row", [4, 6], 2), ("[40,77] attention-like", [40, 77], nil)]
+        for (i, (label, shape, blank)) in cases.enumerated() {
+            try check("softmaxBackward \(label)", ["y": softmaxOutput(shape, seed: UInt64(10 * i), blankRow: blank),
+                                                     "dy": random(shape, seed: UInt64(10 * i + 1))]) { b, t in
+                [try b.softmaxBackward(t["dy"]!, output: t["y"]!)]
+            }
+        }
+    }
+
+    func testActivationGEGLUAndUpsampleBackward() throws {
+        for kind in [Activation.gelu, .geluTanh, .silu] {
+            try check("activationBackward \(kind.rawValue) [3,5,7]", ["x": random([3, 5, 7], seed: 1, scale: 3), "dy": random([3, 5, 7], seed: 2)]) { b, t in
+                [try b.activationBackward(t["dy"]!, input: t["x"]!, kind)]
+            }
+            try check("activationBackward \(kind.rawValue) one", ["x": random([1], seed: 3), "dy": random([1], seed: 4)]) { b, t in
+                [try b.activationBackward(t["dy"]!, input: t["x"]!, kind)]
+            }
+            try check("activationBackward \(kind.rawValue) [1001] (odd count)", ["x": random([1001], seed: 5, scale: 4), "dy": random([1001], seed: 6)]) { b, t in
+                [try b.activationBackward(t["dy"]!, input: t["x"]!, kind)]
+            }
+        }
+        try check("gegluBackward [3,5,18]", ["x": random([3, 5, 18], seed: 7, scale: 2), "dy": random([3, 5, 9], seed: 8)]) { b, t in
+            [try b.gegluBackward(t["dy"]!, input: t["x"]!)]
+        }
+        try check("gegluBackward [1,2]", ["x": random([1, 2], seed: 9), "dy": random([1, 1], seed: 10)]) { b, t in
+            [try b.gegluBackward(t["dy"]!, input: t["x"]!)]
+        }
+        try check("upsampleNearest2xBackward [2,3,10,14]", ["dy": random([2, 3, 10, 14], seed: 11)]) { b, t in
+            [try b.upsampleNearest2xBackward(t["dy"]!)]
+        }
+        try check("upsampleNearest2xBackward one", ["dy": random([1, 1, 2, 2], seed: 12)]) { b, t in
+            [try b.upsampleNearest2xBackward(t["dy"]!)]
+        }
+    }
+
+    /// Empty tensors give empty (or, for layer norm's parameter gradients over no rows, zero) results.
+    func testEmptyTensors() throws {
+        let cuda = try cuda()
+        let dx = try cuda.conv2dBackwardData(cuda.zeros([0, 4, 3, 3], dtype: .f32), weight: cuda.zeros([4, 2, 3, 3], dtype: .f32),
+                                             inputShape: [0, 2, 3, 3], stride: (1, 1), padding: .uniform(1))
+        XCTAssertEqual(dx.shape, [0, 2, 3, 3])
+        // No output channels: nothing flows back, dx is zeros.
+        let none = try cuda.conv2dBackwardData(cuda.zeros([1, 0, 3, 3], dtype: .f32), weight: cuda.zeros([0, 2, 3, 3], dtype: .f32),
+                                               inputShape: [1, 2, 3, 3], stride: (1, 1), padding: .uniform(1))
+        XCTAssertEqual(try cuda.downloadFloats(none), [Float](repeating: 0, count: 18))
+        let g = try cuda.layerNormBackward(cuda.zeros([0, 5], dtype: .f16), input: cuda.zeros([0, 5], dtype: .f16), weight: nil,
+                                           eps: 1e-5, parameterGradients: true)
+        XCTAssertEqual(g.input.shape, [0, 5])
+        XCTAssertEqual(try cuda.downloadFloats(XCTUnwrap(g.weight)), [Float](repeating: 0, count: 5))
+        XCTAssertEqual(try cuda.downloadFloats(XCTUnwrap(g.bias)), [Float](repeating: 0, count: 5))
+        XCTAssertEqual(try cuda.softmaxBackward(cuda.zeros([3, 0], dtype: .f32), output: cuda.zeros([3, 0], dtype: .f32)).shape, [3, 0])
+    }
+
+    func testBackwardOpsAreSupportedByTheEmulatedLibrary() throws {
+        let cuda = try cuda()
+        let backward: [Op] = [.conv2dBackwardData, .groupNormBackward, .layerNormBackward, .softmaxBackward, .activationBackward,
+                              .gegluBackward, .upsampleNearest2xBackward]
+        for op in backward {
+            for dtype in [DType.f32, .f16, .bf16] { XCTAssertTrue(cuda.supports(op, dtype: dtype), "\(op) \(dtype)") }
+            XCTAssertFalse(cuda.supports(op, dtype: .i32), "\(op) i32")
+        }
+        XCTAssertEqual(cuda.library.missingSymbols, [])
+    }
+
+    // MARK: finite differences on the CUDA backend
+
+    /// BackwardOpTests' finite-difference checks, every backward op of the CUDA backend against numerical
+    /// derivatives of its own forward ops (f32).
+    func testBackwardOpsPassFiniteDifferenceChecks() throws {
+        try checkBackwardOps(on: cuda())
+    }
+
+    /// The composed backward ops (attention, sumToShape) on the CUDA backend's ops.
+    func testComposedBackwardPassesFiniteDifferenceChecks() throws {
+        try checkComposedBackward(on: cuda())
+    }
+
+    // MARK: errors
+
+    /// Invalid arguments fail on the CUDA backend exactly as on the CPU backend (same error, same message).
+    func testInvalidArgumentsFailAsOnTheCPU() throws {
+        let cuda = try cuda()
+        let cases: [(String, (any ComputeBackend) throws -> Any)] = [
+            ("conv2dBackwardData gradOutput", { b in
+                try b.conv2dBackwardData(b.zeros([1, 4, 7, 8], dtype: .f32), weight: b.zeros([4, 3, 3, 3], dtype: .f32), inputShape: [1, 3, 8, 8],
+                                         stride: (1, 1), padding: .uniform(1)) }),
+            ("conv2dBackwardData channels", { b in
+                try b.conv2dBackwardData(b.zeros([1, 4, 8, 8], dtype: .f32), weight: b.zeros([4, 3, 3, 3], dtype: .f32), inputShape: [1, 2, 8, 8],
+                                         stride: (1, 1), padding: .uniform(1)) }),
+            ("conv2dBackwardData input rank", { b in
+                try b.conv2dBackwardData(b.zeros([1, 4, 8, 8], dtype: .f32), weight: b.zeros([4, 3, 3, 3], dtype: .f32), inputShape: [3, 8, 8],
+                                         stride: (1, 1), padding: .uniform(1)) }),
+            ("groupNormBackward groups", { b in
+                let x = try b.zeros([1, 3, 8, 8], dtype: .f32)
+                return try b.groupNormBackward(x, input: x, groups: 2, weight: nil, bias: nil, eps: 1e-5, fuseSiLU: false) }),
+            ("groupNormBackward gradOutput", { b in
+                try b.groupNormBackward(b.zeros([1, 4, 8], dtype: .f32), input: b.zeros([1, 4, 9], dtype: .f32), groups: 2, weight: nil,
+                                        bias: nil, eps: 1e-5, fuseSiLU: true) }),
+            ("layerNormBackward weight", { b in
+                let x = try b.zeros([2, 8], dtype: .f32)
+                return try b.layerNormBackward(x, input: x, weight: b.zeros([7], dtype: .f32), eps: 1e-5, parameterGradients: true) }),
+            ("softmaxBackward gradOutput", { b in try b.softmaxBackward(b.zeros([2, 3], dtype: .f32), output: b.zeros([3, 2], dtype: .f32)) }),
+            ("activationBackward gradOutput", { b in try b.activationBackward(b.zeros([3], dtype: .f32), input: b.zeros([4], dtype: .f32), .silu) }),
+            ("activationBackward quickGELU", { b in let x = try b.zeros([4], dtype: .f32); return try b.activationBackward(x, input: x, .quickGELU) }),
+            ("gegluBackward gradOutput", { b in let x = try b.zeros([2, 8], dtype: .f32); return try b.gegluBackward(x, input: x) }),
+            ("gegluBackward odd", { b in try b.gegluBackward(b.zeros([2, 2], dtype: .f32), input: b.zeros([2, 5], dtype: .f32)) }),
+            ("upsampleNearest2xBackward odd", { b in try b.upsampleNearest2xBackward(b.zeros([1, 3, 8, 7], dtype: .f32)) }),
+            ("upsampleNearest2xBackward rank", { b in try b.upsampleNearest2xBackward(b.zeros([3, 8, 8], dtype: .f32)) }),
+        ]
+        for (label, body) in cases {
+            var cpuError = "", cudaError = ""
+            do { _ = try body(cpu); XCTFail("\(label): the cpu accepted it") } catch { cpuError = "\(error)" }
+            do { _ = try body(cuda); XCTFail("\(label): cuda accepted it") } catch { cudaError = "\(error)" }
+            XCTAssertEqual(cudaError, cpuError, label)
+        }
+        // What only the CUDA backend can get wrong: mixed float dtypes, integer data, tensors from elsewhere.
+        assertThrowsError(containing: ["softmaxBackward", "different dtypes"]) {
+            try cuda.softmaxBackward(cuda.zeros([2, 3], dtype: .f16), output: cuda.zeros([2, 3], dtype: .f32))
+        }
+        assertThrowsError(containing: ["activationBackward", "i32"]) {
+            try cuda.activationBackward(cuda.zeros([2], dtype: .i32), input: cuda.zeros([2], dtype: .i32), .silu)
+        }
+        assertThrowsError(containing: ["upsampleNearest2xBackward", "'cpu'", "upload it first"]) {
+            try cuda.upsampleNearest2xBackward(cpu.zeros([1, 1, 2, 2], dtype: .f32))
+        }
+    }
+}
