@@ -19,12 +19,14 @@ Subcommands:
            [--json]              print one JSON object instead of the text line
   unet   time full UNet evaluations of a config's architecture with random weights (see 'pea bench unet --help')
   kernels  time single ops (norms, attention, conv, GEMM, elementwise) at SD1.5 shapes (see 'pea bench kernels --help')
+  train-step  time one PEA distillation step (teacher, student, losses, backward, AdamW) at a config's size
+           (see 'pea bench train-step --help')
 """
 
 func runBench(_ arguments: [String]) throws {
     guard let subcommand = arguments.first else {
         print(benchUsage)
-        throw PEAError.usage("bench: no subcommand given (one of: gemm, unet, kernels)")
+        throw PEAError.usage("bench: no subcommand given (one of: gemm, unet, kernels, train-step)")
     }
     let rest = Array(arguments.dropFirst())
     switch subcommand {
@@ -33,6 +35,7 @@ func runBench(_ arguments: [String]) throws {
     case "unet":
         try runBenchUNet(rest)
     case "kernels": try runBenchKernels(rest)
+    case "train-step": try runBenchTrainStep(rest)
     case "gemm":
         if rest.contains("--help") || rest.contains("-h") {
             print(benchUsage)
@@ -40,15 +43,8 @@ func runBench(_ arguments: [String]) throws {
         }
         try runGEMMBench(rest)
     default:
-        throw PEAError.usage("bench: unknown subcommand '\(subcommand)' (one of: gemm, unet, kernels)")
+        throw PEAError.usage("bench: unknown subcommand '\(subcommand)' (one of: gemm, unet, kernels, train-step)")
     }
-}
-
-/// Seconds on the monotonic clock.
-private func now() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) * 1e-9
 }
 
 /// Fills `count` floats with uniform values in [-1, 1) from a 64-bit LCG (deterministic, no Foundation).
@@ -105,18 +101,18 @@ private func runGEMMBench(_ arguments: [String]) throws {
     fillRandom(c, count: m * n, seed: 3)
 
     func once() -> Double {
-        let start = now()
+        let start = monotonicSeconds()
         ck_sgemm(transA ? 1 : 0, transB ? 1 : 0, Int64(m), Int64(n), Int64(k), 1, a, Int64(lda), b, Int64(ldb),
                  0, c, Int64(n))
-        return now() - start
+        return monotonicSeconds() - start
     }
     _ = once()  // warm-up: thread pool start, packing buffers, page faults
     var times: [Double] = []
-    let started = now()
+    let started = monotonicSeconds()
     if let fixedRepeats {
         for _ in 0..<fixedRepeats { times.append(once()) }
     } else {
-        while times.count < 3 || (now() - started < 1.0 && times.count < 100_000) { times.append(once()) }
+        while times.count < 3 || (monotonicSeconds() - started < 1.0 && times.count < 100_000) { times.append(once()) }
     }
     times.sort()
     let best = times[0]

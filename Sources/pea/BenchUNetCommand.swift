@@ -78,13 +78,6 @@ func runBenchUNet(_ arguments: [String]) throws {
     }
 }
 
-/// Seconds on the monotonic clock.
-func monotonicSeconds() -> Double {
-    var now = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return Double(now.tv_sec) + Double(now.tv_nsec) * 1e-9
-}
-
 /// The process's peak resident set size in MB (getrusage: ru_maxrss is in kilobytes on Linux).
 func peakResidentMegabytes() -> Double {
     var usage = rusage()

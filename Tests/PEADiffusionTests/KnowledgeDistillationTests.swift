@@ -41,6 +41,14 @@ final class KnowledgeDistillationTests: XCTestCase {
         try Self.checkStep("sdxl_plain", on: CPUBackend(threads: 1))
     }
 
+    /// The same step on the CUDA backend, through the emulator (libpea_cuda_emu.so): every backward kernel on the
+    /// path from the losses to the adapter, against torch.
+    func testStepOnEmulatedCUDAMatchesTorchAutograd() throws {
+        let cuda = try CUDABackend(library: CUDABackendParityTests.emulatedLibrary())
+        try Self.checkStep("sd1_hybrid", on: cuda)
+        try Self.checkStep("sdxl_plain", on: cuda)
+    }
+
     /// The losses do not depend on the loss scale, and the gradients come back unscaled.
     func testLossScaleIsUndone() throws {
         let backend = CPUBackend(threads: 2)

@@ -80,7 +80,46 @@ public struct DistillationTeacher {
     }
 }
 
-/// A training run's state: the adapter's f32 master weights, the optimiser, the data position and the step.
+/// The adapter being trained: f32 host master weights (by official name), AdamW over them, and the adapter
+/// whose tensors are uploaded from them after every update.
+public final class AdapterOptimization {
+    public let backend: any ComputeBackend
+    public private(set) var adapter: PEAAdapter
+    public var optimizer: AdamW
+    /// f32 host copies of the adapter's parameters, by official name.
+    public var masterWeights: [String: [Float]] = [:]
+
+    public init(adapter: PEAAdapter, weightDecay: Float, backend: any ComputeBackend) throws {
+        self.adapter = adapter
+        self.backend = backend
+        optimizer = AdamW(weightDecay: weightDecay)
+        for (name, tensor) in adapter.namedParameters { masterWeights[name] = try backend.downloadFloats(tensor) }
+    }
+
+    /// Downloads the gradients, clips their global norm to `maxNorm` (when given), takes one AdamW step at `lr`
+    /// and uploads the new weights. Non-finite gradients change nothing and return nil; else the norm before
+    /// clipping.
+    public func apply(_ gradients: [String: Tensor], lr: Float, maxNorm: Float?) throws -> Float? {
+        var host: [String: [Float]] = [:]
+        for (name, gradient) in gradients { host[name] = try backend.downloadFloats(gradient) }
+        guard host.values.allSatisfy({ $0.allSatisfy(\.isFinite) }) else { return nil }
+        let norm = clipGradientNorm(&host, maxNorm: maxNorm ?? .infinity)
+        try optimizer.update(&masterWeights, gradients: host, lr: lr)
+        try uploadMasterWeights()
+        return norm
+    }
+
+    /// Replaces the adapter's tensors with the master weights.
+    public func uploadMasterWeights() throws {
+        var tensors: [String: Tensor] = [:]
+        for (name, tensor) in adapter.namedParameters {
+            tensors[name] = try backend.upload(masterWeights[name]!, shape: tensor.shape)
+        }
+        adapter = try adapter.replacingParameters(tensors)
+    }
+}
+
+/// A training run's state: the adapter being optimised, the data position and the step.
 public final class PEATrainer {
     public let teacher: DistillationTeacher
     public let student: any LanguageEncoder
@@ -88,13 +127,15 @@ public final class PEATrainer {
     public let options: TrainingOptions
     public let backend: any ComputeBackend
     public let latentCache: LatentCache?
-    public private(set) var adapter: PEAAdapter
+    public let training: AdapterOptimization
     public private(set) var step = 0
-    public private(set) var optimizer: AdamW
-    /// f32 host copies of the adapter's parameters, by official name.
-    public private(set) var masterWeights: [String: [Float]] = [:]
-    /// Dynamic loss scale (f16 UNet only; 1 otherwise).
+    public var adapter: PEAAdapter { training.adapter }
+    public var optimizer: AdamW { training.optimizer }
+    public var masterWeights: [String: [Float]] { training.masterWeights }
+    /// Dynamic loss scale (f16 UNet only; 1 otherwise), as torch's GradScaler: starts at 2¹⁶, halves when the
+    /// gradients overflow (that step's update is skipped), doubles after 2000 steps without overflow.
     public private(set) var lossScale: Float
+    private var stepsSinceOverflow = 0
 
     private var studentUncond: Tensor?
     private var teacherUncond: Tensor?
@@ -113,12 +154,8 @@ public final class PEATrainer {
         self.options = options
         self.backend = backend
         self.latentCache = latentCache
-        self.adapter = adapter
-        optimizer = AdamW(weightDecay: options.weightDecay)
+        training = try AdapterOptimization(adapter: adapter, weightDecay: options.weightDecay, backend: backend)
         lossScale = teacher.unet.dtype == .f16 ? 65536 : 1
-        for (name, tensor) in adapter.namedParameters {
-            masterWeights[name] = try backend.downloadFloats(tensor)
-        }
         if let latentCache {
             dataset.imageNeeded = { [resolution = options.resolution] record in
                 latentCache.load(id: record.id, resolution: resolution) == nil
@@ -137,23 +174,20 @@ public final class PEATrainer {
         let (losses, gradients) = try KnowledgeDistillation(unet: teacher.unet, featureWeight: options.featureWeight)
             .step(adapter: adapter, batch: batch, lossScale: lossScale)
 
-        var hostGradients: [String: [Float]] = [:]
-        for (name, gradient) in gradients { hostGradients[name] = try backend.downloadFloats(gradient) }
-        let finite = hostGradients.values.allSatisfy { $0.allSatisfy(\.isFinite) }
         let lr = options.schedule.learningRate(afterSteps: step)
-        var norm: Float = .nan
-        if finite {
-            norm = options.maxGradientNorm.map { clipGradientNorm(&hostGradients, maxNorm: $0) }
-                ?? clipGradientNorm(&hostGradients, maxNorm: .infinity)
-            try optimizer.update(&masterWeights, gradients: hostGradients, lr: lr)
-            try uploadMasterWeights()
-        } else if lossScale > 1 {
+        let norm = try training.apply(gradients, lr: lr, maxNorm: options.maxGradientNorm)
+        let finite = norm != nil
+        if finite && lossScale > 1 {
+            stepsSinceOverflow += 1
+            if stepsSinceOverflow == 2000 { lossScale *= 2; stepsSinceOverflow = 0 }
+        } else if !finite && lossScale > 1 {
             lossScale /= 2   // f16 overflow: skip the update, retry the next batch at half the scale
-        } else {
+            stepsSinceOverflow = 0
+        } else if !finite {
             throw PEAError.backend("pea train: step \(step + 1): the gradients are not finite (loss \(losses.total)); lower --lr or check the data")
         }
         step += 1
-        return TrainingStepReport(step: step, losses: losses, learningRate: lr, gradientNorm: norm,
+        return TrainingStepReport(step: step, losses: losses, learningRate: lr, gradientNorm: norm ?? .nan,
                                   seconds: monotonicSeconds() - start, skipped: dataset.skipped, overflowSkipped: !finite)
     }
 
@@ -227,14 +261,6 @@ public final class PEATrainer {
         return try backend.upload(values, shape: [samples.count, channels] + Array(moments[0].shape.dropFirst()))
     }
 
-    private func uploadMasterWeights() throws {
-        var tensors: [String: Tensor] = [:]
-        for (name, tensor) in adapter.namedParameters {
-            tensors[name] = try backend.upload(masterWeights[name]!, shape: tensor.shape)
-        }
-        adapter = try adapter.replacingParameters(tensors)
-    }
-
     // MARK: checkpoints
 
     /// Writes `folder/adapter.safetensors` (official names, f32; loadable by `pea generate --adapter`) and
@@ -255,7 +281,8 @@ public final class PEATrainer {
         }
         try SafeTensorsWriter.write(moments, metadata: ["step": String(step), "optimizer_step": String(state.step),
                                                         "data_position": dataset.position.serialized(),
-                                                        "loss_scale": String(lossScale)],
+                                                        "loss_scale": String(lossScale),
+                                                        "steps_since_overflow": String(stepsSinceOverflow)],
                                     to: joinPath(folder, "optimizer.safetensors"))
     }
 
@@ -272,25 +299,26 @@ public final class PEATrainer {
             return value
         }
         guard let savedStep = Int(try metadata("step")), let optimizerStep = Int(try metadata("optimizer_step")),
-              let scale = Float(try metadata("loss_scale")) else {
+              let scale = Float(try metadata("loss_scale")), let sinceOverflow = Int(try metadata("steps_since_overflow")) else {
             throw PEAError.invalidFile(path: optimizerPath, reason: "malformed step or loss_scale metadata")
         }
         var first: [String: [Float]] = [:], second: [String: [Float]] = [:]
         for (name, tensor) in adapter.namedParameters {
-            masterWeights[name] = try weights.tensor(name, expecting: tensor.shape).floats()
+            training.masterWeights[name] = try weights.tensor(name, expecting: tensor.shape).floats()
             first[name] = try saved.tensor("exp_avg.\(name)", expecting: tensor.shape).floats()
             second[name] = try saved.tensor("exp_avg_sq.\(name)", expecting: tensor.shape).floats()
         }
-        optimizer.restore(step: optimizerStep, first: first, second: second)
+        training.optimizer.restore(step: optimizerStep, first: first, second: second)
         try dataset.restore(TrainingDataPosition(serialized: metadata("data_position")))
         step = savedStep
         lossScale = scale
-        try uploadMasterWeights()
+        stepsSinceOverflow = sinceOverflow
+        try training.uploadMasterWeights()
     }
 }
 
 /// Seconds on the monotonic clock.
-func monotonicSeconds() -> Double {
+public func monotonicSeconds() -> Double {
     var now = timespec()
     clock_gettime(CLOCK_MONOTONIC, &now)
     return Double(now.tv_sec) + Double(now.tv_nsec) * 1e-9

@@ -1,0 +1,86 @@
+import PEADiffusion
+
+let benchTrainStepUsage = """
+Usage: pea bench train-step --config FILE [--latent HxW] [--batch B] [--context-length T]
+                            [--adapter IN,HIDDEN,…,OUT] [--repeats R] [--json]
+                            [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--threads T]
+
+Times one step of PEA distillation at the size of a UNet config (random weights; speed does not depend on the
+values): the teacher UNet forward with its block features (no gradient), the adapter on the student's states and
+on the empty prompt's (one sample in ten switched to it, as --uncond-prob 0.1), the student UNet forward and
+backward through the frozen UNet into the adapter, the three losses, and the AdamW update. Inputs are random:
+latent [B,4,H,W], student states [B,T,IN], teacher states [B,T,cross_attention_dim]. The adapter defaults to
+the official training shape 1024,2048,2048,<cross_attention_dim>. One warm-up step, then R timed (default 3).
+--json prints one object: config, latent_h, latent_w, batch, precision, best_ms, median_ms, peak_rss_mb (and
+peak_device_mb on CUDA), adapter_parameters. The UNet runs in --precision; the adapter, its gradients and
+AdamW in fp32.
+"""
+
+func runBenchTrainStep(_ arguments: [String]) throws {
+    if arguments.contains("--help") || arguments.contains("-h") { print(benchTrainStepUsage); return }
+    var spec = BackendOptions.spec
+    for key in ["--config", "--latent", "--batch", "--context-length", "--repeats", "--adapter"] { spec[key] = .value }
+    spec["--json"] = .flag
+    let command = "bench train-step"
+    let options = try Arguments(arguments, command: command, spec: spec)
+    let configPath = try options.requiredString("--config")
+    let latent = (options.string("--latent") ?? "64x64").split(separator: "x").compactMap { Int($0) }
+    guard latent.count == 2, latent.allSatisfy({ $0 > 0 }) else {
+        throw PEAError.usage("\(command): --latent must be HxW, e.g. 64x64")
+    }
+    let batch = try options.int("--batch", default: 1, range: 1...1024)
+    let contextLength = try options.int("--context-length", default: 77, range: 1...4096)
+    let repeats = try options.int("--repeats", default: 3, range: 1...1000)
+    let backendOptions = try BackendOptions(options, command: command)
+    let backend = backendOptions.backend, dtype = backendOptions.precision
+
+    let config = try UNetConfig(ConfigFile(path: configPath))
+    guard config.textTime == nil else {
+        throw PEAError.usage("\(command): \(configPath) is an SDXL UNet; the training step is benchmarked for SD1.x/SD2.x configs")
+    }
+    let cross = config.crossAttentionDim[0]
+    let widths = try (options.string("--adapter") ?? "1024,2048,2048,\(cross)").split(separator: ",").map { part -> Int in
+        guard let width = Int(part), width > 0 else { throw PEAError.usage("\(command): --adapter must be positive widths like 1024,2048,2048,768") }
+        return width
+    }
+    guard widths.count >= 2, widths.last == cross else {
+        throw PEAError.usage("\(command): --adapter must end with the UNet's cross_attention_dim \(cross)")
+    }
+    let unet = try UNet2DConditionModel(config: config, weights: Weights(RandomWeights(backend: backend, seed: 1, dtype: dtype)))
+    let training = try AdapterOptimization(adapter: PEAAdapter.initialized(widths: widths, backend: backend, seed: 2),
+                                           weightDecay: 0.1, backend: backend)
+    var random = SplitMix64(seed: 7)
+    func randomTensor(_ shape: [Int]) throws -> Tensor { try backend.upload(random.normals(shape.reduce(1, *)), shape: shape) }
+    let latentShape = [batch, config.inChannels, latent[0], latent[1]]
+    let step = KnowledgeDistillation(unet: unet)
+    let inputs = DistillationBatch(
+        noisyLatents: try randomTensor(latentShape), target: try randomTensor(latentShape),
+        timesteps: try backend.upload(HostTensor(ids: (0..<batch).map { 100 + 37 * $0 }, shape: [batch])),
+        studentStates: try randomTensor([batch, contextLength, widths[0]]),
+        studentStatesUncond: try randomTensor([batch, contextLength, widths[0]]),
+        teacherStates: try randomTensor([batch, contextLength, cross]), teacherStatesUncond: try randomTensor([batch, contextLength, cross]),
+        uncondMask: (0..<batch).map { $0 % 10 == 9 ? 1 : 0 })
+
+    var times: [Double] = []
+    for run in 0...repeats {
+        let start = monotonicSeconds()
+        let gradients = try step.step(adapter: training.adapter, batch: inputs).gradients
+        _ = try training.apply(gradients, lr: 1e-5, maxNorm: nil)
+        if run > 0 { times.append((monotonicSeconds() - start) * 1000) }
+    }
+    times.sort()
+    let best = times[0], median = times[times.count / 2]
+    var fields = ["\"config\": \"\(configPath)\"", "\"latent_h\": \(latent[0])", "\"latent_w\": \(latent[1])", "\"batch\": \(batch)",
+                  "\"precision\": \"\(dtype)\"", "\"best_ms\": \(best)", "\"median_ms\": \(median)",
+                  "\"peak_rss_mb\": \(peakResidentMegabytes())"]
+    if let cuda = backend as? CUDABackend, let stats = try? cuda.memoryStats() {
+        fields.append("\"peak_device_mb\": \(Double(stats.peakBytes) / 1_048_576)")
+    }
+    fields.append("\"adapter_parameters\": \(training.adapter.parameterCount)")
+    if options.has("--json") {
+        print("{" + fields.joined(separator: ", ") + "}")
+    } else {
+        print("train-step \(configPath)  latent \(latent[0])x\(latent[1])  batch \(batch)  \(backend.name) \(dtype)  "
+            + "best \(formatted(best)) ms  median \(formatted(median)) ms  peak RSS \(formatted(peakResidentMegabytes())) MB")
+    }
+}
