@@ -194,13 +194,13 @@ gpu-check: $(TEST_OPS)
 	$(TEST_OPS) $(CUDA_LIB)
 	@if [ -x ./pea ]; then \
 		echo "PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) ./pea selftest --backend cuda"; \
-		PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) ./pea selftest --backend cuda; \
+		LD_LIBRARY_PATH=$(CURDIR)/lib:$$LD_LIBRARY_PATH PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) ./pea selftest --backend cuda; \
 	else \
 		echo "gpu-check: no ./pea here, so no selftest (build one elsewhere: swift build -c release --static-swift-stdlib)"; \
 	fi
 	@if [ -x ./pea ] && $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
 		echo "$(PYTHON) benchmarks/kernels_vs_torch.py --pea ./pea --lib $(CUDA_LIB) --write benchmarks/RESULTS.md"; \
-		$(PYTHON) benchmarks/kernels_vs_torch.py --pea ./pea --lib $(CUDA_LIB) --write benchmarks/RESULTS.md; \
+		LD_LIBRARY_PATH=$(CURDIR)/lib:$$LD_LIBRARY_PATH $(PYTHON) benchmarks/kernels_vs_torch.py --pea ./pea --lib $(CUDA_LIB) --write benchmarks/RESULTS.md; \
 	else \
 		echo "gpu-check: no kernel benchmarks (they need ./pea and a $(PYTHON) that imports torch)"; \
 	fi
@@ -219,6 +219,10 @@ gpu-bundle: system-deps
 	mkdir -p $(BUNDLE_OUT)/CKernels $(BUNDLE_OUT)/benchmarks $(BUNDLE_OUT)/tools
 	cp $(STATIC_SCRATCH)/release/pea $(BUNDLE_OUT)/pea
 	strip $(BUNDLE_OUT)/pea
+	# libjpeg is the one shared library pea needs that a bare GPU image may lack; it travels in lib/ (gpu-check
+	# puts that folder on LD_LIBRARY_PATH).
+	mkdir -p $(BUNDLE_OUT)/lib
+	cp -L $$(ldd $(BUNDLE_OUT)/pea | awk '/libjpeg/ { print $$3 }') $(BUNDLE_OUT)/lib/
 	cp -R CKernels/include CKernels/cuda CKernels/cpu CKernels/emu $(BUNDLE_OUT)/CKernels/
 	cp Makefile $(BUNDLE_OUT)/
 	cp benchmarks/*.py $(BUNDLE_OUT)/benchmarks/

@@ -364,7 +364,8 @@ def main():
 
     if args.write:
         command = "python3 " + " ".join(shlex.quote(a) for a in sys.argv)
-        section_name = CUDA_SECTION if args.device == "cuda" else SECTION
+        # One section per device and precision, so an fp16 run does not replace the fp32 figures.
+        section_name = f"{CUDA_SECTION}, {args.precision}" if args.device == "cuda" else SECTION
         section = "\n".join([
             section_name,
             "",

@@ -11,14 +11,19 @@ import Darwin
 // The adapter is small (~6M parameters), so the optimiser works on f32 host copies of the parameters (the master
 // weights); after each step the new values are uploaded and replace the adapter's tensors.
 
-/// torch.optim.AdamW, step by step in f32 as torch computes it:
-///   p ← p · (1 − lr·wd)
-///   m ← β1·m + (1 − β1)·g;   v ← β2·v + (1 − β2)·g²
-///   p ← p − (lr / (1 − β1ᵗ)) · m / (√v / √(1 − β2ᵗ) + ε)
+/// torch.optim.AdamW (its single-tensor path, which CPU tensors take), step by step in f32 as torch computes it.
+/// The hyperparameters are f64, as torch's Python floats are; torch forms every scalar that meets a tensor in f64
+/// and rounds it to f32 once, and its CPU kernels fuse the moment updates (lerp and addcmul are FMAs):
+///   p ← p · f32(1 − lr·wd)
+///   m ← fma(f32(1 − β1), g − m, m)                         (exp_avg.lerp_(grad, 1 − β1))
+///   v ← fma(f32(1 − β2)·g, g, v · f32(β2))                 (exp_avg_sq.mul_(β2).addcmul_(grad, grad, value=1 − β2))
+///   p ← p + (f32(−lr / (1 − β1ᵗ)) · m) / (√v / f32(√(1 − β2ᵗ)) + f32(ε))
+/// with the bias corrections in f64. Forming 1 − β2 in f32 instead (1 − 0.999f = 0.00099998713) would put every
+/// second moment 1.3e-5 away from torch's.
 public struct AdamW {
-    public var beta1: Float = 0.9
-    public var beta2: Float = 0.999
-    public var epsilon: Float = 1e-8
+    public var beta1: Double = 0.9
+    public var beta2: Double = 0.999
+    public var epsilon: Double = 1e-8
     public var weightDecay: Float
     /// Parameters without weight decay (the official `no_decay` list: biases and layer norms).
     public var decays: (String) -> Bool
@@ -41,24 +46,33 @@ public struct AdamW {
 
     /// Updates `parameters` in place from `gradients` (same names, same counts) at learning rate `lr`.
     public mutating func update(_ parameters: inout [String: [Float]], gradients: [String: [Float]], lr: Float) throws {
-        step += 1
-        let correction1 = 1 - powf(beta1, Float(step))
-        let correction2 = 1 - powf(beta2, Float(step))
-        let stepSize = lr / correction1
-        let correction2Root = correction2.squareRoot()
-        for name in parameters.keys.sorted() {
+        for name in parameters.keys {
             guard let g = gradients[name], g.count == parameters[name]!.count else {
                 throw PEAError.shapeMismatch("AdamW: no gradient of the right size for '\(name)'")
             }
+        }
+        step += 1
+        let lr = Double(lr)
+        let t = Double(step)
+        let correction1 = 1 - pow(beta1, t)
+        let correction2 = 1 - pow(beta2, t)
+        let stepSize = Float(-(lr / correction1))
+        let correction2Root = Float(pow(correction2, 0.5))
+        let weight1 = Float(1 - beta1), keep2 = Float(beta2), weight2 = Float(1 - beta2), eps = Float(epsilon)
+        let decayFactor = Float(1 - lr * Double(weightDecay))
+        for name in parameters.keys.sorted() {
+            let g = gradients[name]!
             var m = firstMoments[name] ?? [Float](repeating: 0, count: g.count)
             var v = secondMoments[name] ?? [Float](repeating: 0, count: g.count)
-            let decay = decays(name) ? 1 - lr * weightDecay : 1
+            let decay = decays(name) && weightDecay != 0 ? decayFactor : 1
             parameters[name]!.withUnsafeMutableBufferPointer { p in
                 for i in 0..<g.count {
                     p[i] *= decay
-                    m[i] = beta1 * m[i] + (1 - beta1) * g[i]
-                    v[i] = beta2 * v[i] + (1 - beta2) * g[i] * g[i]
-                    p[i] -= stepSize * m[i] / (v[i].squareRoot() / correction2Root + epsilon)
+                    // torch's lerp: start + w·(end − start) for w < 0.5, else end − (1 − w)·(end − start), fused.
+                    m[i] = weight1 < 0.5 ? m[i].addingProduct(weight1, g[i] - m[i])
+                                         : g[i].addingProduct(weight1 - 1, g[i] - m[i])
+                    v[i] = (v[i] * keep2).addingProduct(weight2 * g[i], g[i])
+                    p[i] += stepSize * m[i] / (v[i].squareRoot() / correction2Root + eps)
                 }
             }
             firstMoments[name] = m
@@ -77,13 +91,20 @@ public struct AdamW {
 }
 
 /// Scales every gradient by max_norm / (‖g‖ + 1e-6) when the global L2 norm ‖g‖ over all of them exceeds
-/// `maxNorm` (torch.nn.utils.clip_grad_norm_). Returns the norm before clipping.
+/// `maxNorm` (torch.nn.utils.clip_grad_norm_: the norm of the per-tensor f32 norms). Returns the norm before
+/// clipping. Names are visited in sorted order, so the result does not depend on the dictionary's hash order.
 @discardableResult
 public func clipGradientNorm(_ gradients: inout [String: [Float]], maxNorm: Float) -> Float {
     var sum = 0.0
-    for g in gradients.values { for x in g { sum += Double(x) * Double(x) } }
+    for name in gradients.keys.sorted() {
+        var squares = 0.0
+        for x in gradients[name]! { squares += Double(x) * Double(x) }
+        let norm = Double(Float(squares.squareRoot()))
+        sum += norm * norm
+    }
     let norm = Float(sum.squareRoot())
-    let coefficient = maxNorm / (norm + 1e-6)
+    // torch's `max_norm / (total_norm + 1e-6)` is Tensor.__rtruediv__: reciprocal(total_norm + 1e-6) · max_norm.
+    let coefficient = (1 / (norm + 1e-6)) * maxNorm
     if coefficient < 1 {
         for name in gradients.keys { gradients[name] = gradients[name]!.map { $0 * coefficient } }
     }
@@ -108,10 +129,18 @@ public struct PolynomialDecaySchedule: Sendable {
         self.power = power
     }
 
+    /// transformers' lr_lambda times the base lr, in f64 as Python computes them, rounded to f32 once.
     public func learningRate(afterSteps step: Int) -> Float {
-        if step < warmupSteps { return peak * Float(step) / Float(max(1, warmupSteps)) }
-        if step > totalSteps || totalSteps <= warmupSteps { return end }
-        let remaining = 1 - Float(step - warmupSteps) / Float(totalSteps - warmupSteps)
-        return (peak - end) * powf(remaining, power) + end
+        let initial = Double(peak), final = Double(end)
+        let factor: Double
+        if step < warmupSteps {
+            factor = Double(step) / Double(max(1, warmupSteps))
+        } else if step > totalSteps || totalSteps <= warmupSteps {
+            factor = final / initial
+        } else {
+            let remaining = 1 - Double(step - warmupSteps) / Double(totalSteps - warmupSteps)
+            factor = ((initial - final) * pow(remaining, Double(power)) + final) / initial
+        }
+        return Float(initial * factor)
     }
 }
