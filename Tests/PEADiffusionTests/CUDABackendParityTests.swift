@@ -43,24 +43,32 @@ final class CUDABackendParityTests: XCTestCase {
         return try CUDALibrary(path: emulatedLibraryPath)
     }
 
-    /// One backend (one context) shared by the tests, as a process would use it.
-    func cuda() throws -> CUDABackend {
-        if let shared = Self.sharedBackend { return shared }
-        let backend = try CUDABackend(library: Self.emulatedLibrary())
-        Self.sharedBackend = backend
+    /// One backend (one context) shared by the tests (this file's and the backward ops'), as a process would use it.
+    static func sharedCUDA() throws -> CUDABackend {
+        if let shared = sharedBackend { return shared }
+        let backend = try CUDABackend(library: emulatedLibrary())
+        sharedBackend = backend
         return backend
     }
 
+    func cuda() throws -> CUDABackend { try Self.sharedCUDA() }
+
     // MARK: the harness
 
-    func random(_ shape: [Int], seed: UInt64, scale: Float = 1, offset: Float = 0) -> HostTensor {
+    static func random(_ shape: [Int], seed: UInt64, scale: Float = 1, offset: Float = 0) -> HostTensor {
         var generator = SplitMix64(seed: seed)
         return HostTensor(generator.normals(shape.reduce(1, *)).map { $0 * scale + offset }, shape: shape)
     }
 
+    func random(_ shape: [Int], seed: UInt64, scale: Float = 1, offset: Float = 0) -> HostTensor {
+        Self.random(shape, seed: seed, scale: scale, offset: offset)
+    }
+
     /// Tolerances by dtype: DESIGN.md's for f32; for f16/bf16 the rounding of the output (and of the
     /// intermediates a kernel stores) to that dtype, the CPU computing on the same rounded inputs.
-    func tolerance(_ dtype: DType) -> ParityTolerance {
+    func tolerance(_ dtype: DType) -> ParityTolerance { Self.tolerance(dtype) }
+
+    static func tolerance(_ dtype: DType) -> ParityTolerance {
         switch dtype {
         case .f16: return ParityTolerance(relativeL2: CUDASelfTest.tolerance(.f16), maxAbsolute: 4e-3)
         case .bf16: return ParityTolerance(relativeL2: CUDASelfTest.tolerance(.bf16), maxAbsolute: 3e-2)

@@ -10,33 +10,16 @@ import XCTest
 ///
 /// Without the library these tests fail, saying to run `make cuda-emu`; PEA_SKIP_CUDA_EMU=1 skips them.
 final class CUDABackwardParityTests: XCTestCase {
-    private static var sharedBackend: CUDABackend?
     let cpu = CPUBackend()
 
-    /// One backend (one context) for these tests, on the library CUDABackendParityTests loads.
-    func cuda() throws -> CUDABackend {
-        if let shared = Self.sharedBackend { return shared }
-        let backend = try CUDABackend(library: CUDABackendParityTests.emulatedLibrary())
-        Self.sharedBackend = backend
-        return backend
-    }
-
-    // MARK: the harness (as CUDABackendParityTests')
+    // The harness CUDABackendParityTests uses: its shared emulated backend, random inputs and tolerances.
+    func cuda() throws -> CUDABackend { try CUDABackendParityTests.sharedCUDA() }
 
     func random(_ shape: [Int], seed: UInt64, scale: Float = 1, offset: Float = 0) -> HostTensor {
-        var generator = SplitMix64(seed: seed)
-        return HostTensor(generator.normals(shape.reduce(1, *)).map { $0 * scale + offset }, shape: shape)
+        CUDABackendParityTests.random(shape, seed: seed, scale: scale, offset: offset)
     }
 
-    /// The forward parity tests' tolerances: DESIGN.md's for f32; for f16/bf16 the rounding of the output
-    /// (and of what a kernel stores in between) to that dtype, the CPU computing on the same rounded inputs.
-    func tolerance(_ dtype: DType) -> ParityTolerance {
-        switch dtype {
-        case .f16: return ParityTolerance(relativeL2: CUDASelfTest.tolerance(.f16), maxAbsolute: 4e-3)
-        case .bf16: return ParityTolerance(relativeL2: CUDASelfTest.tolerance(.bf16), maxAbsolute: 3e-2)
-        default: return .f32
-        }
-    }
+    func tolerance(_ dtype: DType) -> ParityTolerance { CUDABackendParityTests.tolerance(dtype) }
 
     typealias Run = (any ComputeBackend, [String: Tensor]) throws -> [Tensor]
 

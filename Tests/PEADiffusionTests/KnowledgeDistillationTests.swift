@@ -44,7 +44,7 @@ final class KnowledgeDistillationTests: XCTestCase {
     /// The same step on the CUDA backend, through the emulator (libpea_cuda_emu.so): every backward kernel on the
     /// path from the losses to the adapter, against torch.
     func testStepOnEmulatedCUDAMatchesTorchAutograd() throws {
-        let cuda = try CUDABackend(library: CUDABackendParityTests.emulatedLibrary())
+        let cuda = try CUDABackendParityTests.sharedCUDA()
         try Self.checkStep("sd1_hybrid", on: cuda)
         try Self.checkStep("sdxl_plain", on: cuda)
     }

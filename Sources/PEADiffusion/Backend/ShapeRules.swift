@@ -162,4 +162,22 @@ public enum ShapeRules {
         }
         return axes
     }
+
+    // MARK: backward ops
+
+    /// A backward op's gradOutput must have the shape the forward op returns.
+    public static func requireGradOutput(_ gradOutput: Tensor, _ shape: [Int], _ op: String) throws {
+        guard gradOutput.shape == shape else {
+            throw PEAError.shapeMismatch("\(op): gradOutput must have the forward output's shape \(shape), got \(gradOutput.shape)")
+        }
+    }
+
+    /// Runs a forward op's shape rule for a backward op, naming the backward op in its error.
+    public static func backward<T>(_ op: String, _ rule: () throws -> T) throws -> T {
+        do {
+            return try rule()
+        } catch PEAError.shapeMismatch(let message) {
+            throw PEAError.shapeMismatch("\(op): \(message)")
+        }
+    }
 }

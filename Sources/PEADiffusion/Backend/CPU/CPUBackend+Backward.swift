@@ -8,10 +8,10 @@ extension CPUBackend {
                                    padding: Padding2D) throws -> Tensor {
         let op = "conv2dBackwardData"
         try f32(op, gradOutput, weight)
-        let outShape = try backwardRule(op) {
+        let outShape = try ShapeRules.backward(op) {
             try ShapeRules.conv2dOutput(inputShape, weight: weight.shape, stride: stride, padding: padding)
         }
-        try requireGradOutput(gradOutput, outShape, op)
+        try ShapeRules.requireGradOutput(gradOutput, outShape, op)
         var params = ck_conv2d_params(
             B: Int64(inputShape[0]), Cin: Int64(inputShape[1]), H: Int64(inputShape[2]), W: Int64(inputShape[3]),
             Cout: Int64(weight.shape[0]), kh: Int64(weight.shape[2]), kw: Int64(weight.shape[3]),
@@ -37,7 +37,7 @@ extension CPUBackend {
         }
         try ShapeRules.requireShape(weight, [channels], op, "weight")
         try ShapeRules.requireShape(bias, [channels], op, "bias")
-        try requireGradOutput(gradOutput, x.shape, op)
+        try ShapeRules.requireGradOutput(gradOutput, x.shape, op)
         let dx = try empty(x.shape, .f32)
         let spatial = x.shape.dropFirst(2).reduce(1, *)
         ck_group_norm_backward_f32(floats(gradOutput), floats(x), weight.map(floats), bias.map(floats), floats(dx),
@@ -52,7 +52,7 @@ extension CPUBackend {
         try ShapeRules.requireRank(x, 1...8, op, "input")
         let width = x.shape[x.rank - 1]
         try ShapeRules.requireShape(weight, [width], op, "weight")
-        try requireGradOutput(gradOutput, x.shape, op)
+        try ShapeRules.requireGradOutput(gradOutput, x.shape, op)
         let dx = try empty(x.shape, .f32)
         let dWeight = parameterGradients ? try empty([width], .f32) : nil
         let dBias = parameterGradients ? try empty([width], .f32) : nil
@@ -65,7 +65,7 @@ extension CPUBackend {
         let op = "softmaxBackward"
         try f32(op, gradOutput, y)
         try ShapeRules.requireRank(y, 1...8, op, "output")
-        try requireGradOutput(gradOutput, y.shape, op)
+        try ShapeRules.requireGradOutput(gradOutput, y.shape, op)
         let width = y.shape[y.rank - 1]
         let dx = try empty(y.shape, .f32)
         ck_softmax_backward_f32(floats(gradOutput), floats(y), floats(dx), Int64(y.count / max(width, 1)), Int64(width))
@@ -75,7 +75,7 @@ extension CPUBackend {
     public func activationBackward(_ gradOutput: Tensor, input x: Tensor, _ kind: Activation) throws -> Tensor {
         let op = "activationBackward"
         try f32(op, gradOutput, x)
-        try requireGradOutput(gradOutput, x.shape, op)
+        try ShapeRules.requireGradOutput(gradOutput, x.shape, op)
         let dx = try empty(x.shape, .f32)
         let n = Int64(x.count)
         switch kind {
@@ -94,7 +94,7 @@ extension CPUBackend {
             throw PEAError.shapeMismatch("\(op): the last dimension of \(x.shape) must be even")
         }
         let width = x.shape[x.rank - 1] / 2
-        try requireGradOutput(gradOutput, Array(x.shape.dropLast()) + [width], op)
+        try ShapeRules.requireGradOutput(gradOutput, Array(x.shape.dropLast()) + [width], op)
         let dx = try empty(x.shape, .f32)
         ck_geglu_backward_f32(floats(gradOutput), floats(x), floats(dx), Int64(gradOutput.count / max(width, 1)), Int64(width))
         return dx
@@ -112,23 +112,5 @@ extension CPUBackend {
         ck_upsample_nearest2x_backward_f32(floats(gradOutput), floats(dx), Int64(gradOutput.shape[0] * gradOutput.shape[1]),
                                            Int64(height / 2), Int64(width / 2))
         return dx
-    }
-
-    // MARK: helpers
-
-    /// gradOutput must have the shape the forward op returns.
-    private func requireGradOutput(_ gradOutput: Tensor, _ shape: [Int], _ op: String) throws {
-        guard gradOutput.shape == shape else {
-            throw PEAError.shapeMismatch("\(op): gradOutput must have the forward output's shape \(shape), got \(gradOutput.shape)")
-        }
-    }
-
-    /// Runs a forward op's shape rule, naming the backward op in its error.
-    private func backwardRule<T>(_ op: String, _ rule: () throws -> T) throws -> T {
-        do {
-            return try rule()
-        } catch PEAError.shapeMismatch(let message) {
-            throw PEAError.shapeMismatch("\(op): \(message)")
-        }
     }
 }

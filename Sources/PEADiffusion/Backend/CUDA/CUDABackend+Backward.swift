@@ -24,28 +24,28 @@ extension CUDABackend {
     public func conv2dBackwardData(_ gradOutput: Tensor, weight: Tensor, inputShape: [Int], stride: (Int, Int),
                                    padding: Padding2D) throws -> Tensor {
         let op = "conv2dBackwardData"
-        let dtype = try backwardFloats(op, gradOutput, weight)
-        let outShape = try backwardRule(op) {
+        let dtype = try floats(op, gradOutput, weight)
+        let outShape = try ShapeRules.backward(op) {
             try ShapeRules.conv2dOutput(inputShape, weight: weight.shape, stride: stride, padding: padding)
         }
-        try requireGradOutput(gradOutput, outShape, op)
-        let backward = try backwardFunction(library.conv2dBackwardData, "pea_cuda_conv2d_backward_data", op)
+        try ShapeRules.requireGradOutput(gradOutput, outShape, op)
+        let backward = try function(library.conv2dBackwardData, "pea_cuda_conv2d_backward_data", op)
         var params = ck_conv2d_params(
             B: Int64(inputShape[0]), Cin: Int64(inputShape[1]), H: Int64(inputShape[2]), W: Int64(inputShape[3]),
             Cout: Int64(weight.shape[0]), kh: Int64(weight.shape[2]), kw: Int64(weight.shape[3]),
             strideH: Int64(stride.0), strideW: Int64(stride.1),
             padTop: Int64(padding.top), padBottom: Int64(padding.bottom), padLeft: Int64(padding.left), padRight: Int64(padding.right))
-        let dx = try backwardEmpty(inputShape, dtype)
+        let dx = try empty(inputShape, dtype)
         if dx.count == 0 { return dx }
-        try backwardCheck(backward(context.handle, dtype.kernelCode, &params, backwardPointer(gradOutput), backwardPointer(weight),
-                                   backwardPointer(dx)), op)
+        try check(backward(context.handle, dtype.kernelCode, &params, pointer(gradOutput), pointer(weight),
+                                   pointer(dx)), op)
         return dx
     }
 
     public func groupNormBackward(_ gradOutput: Tensor, input x: Tensor, groups: Int, weight: Tensor?, bias: Tensor?,
                                   eps: Float, fuseSiLU: Bool) throws -> Tensor {
         let op = "groupNormBackward"
-        let dtype = try backwardFloats(op, gradOutput, x, weight, bias)
+        let dtype = try floats(op, gradOutput, x, weight, bias)
         try ShapeRules.requireRank(x, 2...8, op, "input")
         let channels = x.shape[1]
         guard groups > 0, channels % groups == 0 else {
@@ -53,13 +53,13 @@ extension CUDABackend {
         }
         try ShapeRules.requireShape(weight, [channels], op, "weight")
         try ShapeRules.requireShape(bias, [channels], op, "bias")
-        try requireGradOutput(gradOutput, x.shape, op)
-        let backward = try backwardFunction(library.groupNormBackward, "pea_cuda_group_norm_backward", op)
-        let dx = try backwardEmpty(x.shape, dtype)
+        try ShapeRules.requireGradOutput(gradOutput, x.shape, op)
+        let backward = try function(library.groupNormBackward, "pea_cuda_group_norm_backward", op)
+        let dx = try empty(x.shape, dtype)
         if dx.count == 0 { return dx }
         let spatial = x.shape.dropFirst(2).reduce(1, *)
-        try backwardCheck(backward(context.handle, dtype.kernelCode, backwardPointer(gradOutput), backwardPointer(x),
-                                   weight.map(backwardPointer) ?? nil, bias.map(backwardPointer) ?? nil, backwardPointer(dx),
+        try check(backward(context.handle, dtype.kernelCode, pointer(gradOutput), pointer(x),
+                                   weight.map(pointer) ?? nil, bias.map(pointer) ?? nil, pointer(dx),
                                    Int64(x.shape[0]), Int64(channels), Int64(spatial), Int64(groups), eps, fuseSiLU ? 1 : 0), op)
         return dx
     }
@@ -67,42 +67,42 @@ extension CUDABackend {
     public func layerNormBackward(_ gradOutput: Tensor, input x: Tensor, weight: Tensor?, eps: Float,
                                   parameterGradients: Bool) throws -> (input: Tensor, weight: Tensor?, bias: Tensor?) {
         let op = "layerNormBackward"
-        let dtype = try backwardFloats(op, gradOutput, x, weight)
+        let dtype = try floats(op, gradOutput, x, weight)
         try ShapeRules.requireRank(x, 1...8, op, "input")
         let width = x.shape[x.rank - 1]
         try ShapeRules.requireShape(weight, [width], op, "weight")
-        try requireGradOutput(gradOutput, x.shape, op)
-        let backward = try backwardFunction(library.layerNormBackward, "pea_cuda_layer_norm_backward", op)
-        let dx = try backwardEmpty(x.shape, dtype)
-        let dgamma = try parameterGradients ? backwardEmpty([width], dtype) : nil
-        let dbeta = try parameterGradients ? backwardEmpty([width], dtype) : nil
+        try ShapeRules.requireGradOutput(gradOutput, x.shape, op)
+        let backward = try function(library.layerNormBackward, "pea_cuda_layer_norm_backward", op)
+        let dx = try empty(x.shape, dtype)
+        let dgamma = try parameterGradients ? empty([width], dtype) : nil
+        let dbeta = try parameterGradients ? empty([width], dtype) : nil
         if width == 0 { return (dx, dgamma, dbeta) }
         // With no rows the library still writes dγ = dβ = 0 (empty sums).
-        try backwardCheck(backward(context.handle, dtype.kernelCode, backwardPointer(gradOutput), backwardPointer(x),
-                                   weight.map(backwardPointer) ?? nil, backwardPointer(dx),
-                                   dgamma.map(backwardPointer) ?? nil, dbeta.map(backwardPointer) ?? nil,
+        try check(backward(context.handle, dtype.kernelCode, pointer(gradOutput), pointer(x),
+                                   weight.map(pointer) ?? nil, pointer(dx),
+                                   dgamma.map(pointer) ?? nil, dbeta.map(pointer) ?? nil,
                                    Int64(x.count / width), Int64(width), eps), op)
         return (dx, dgamma, dbeta)
     }
 
     public func softmaxBackward(_ gradOutput: Tensor, output y: Tensor) throws -> Tensor {
         let op = "softmaxBackward"
-        let dtype = try backwardFloats(op, gradOutput, y)
+        let dtype = try floats(op, gradOutput, y)
         try ShapeRules.requireRank(y, 1...8, op, "output")
-        try requireGradOutput(gradOutput, y.shape, op)
-        let backward = try backwardFunction(library.softmaxBackward, "pea_cuda_softmax_backward", op)
-        let dx = try backwardEmpty(y.shape, dtype)
+        try ShapeRules.requireGradOutput(gradOutput, y.shape, op)
+        let backward = try function(library.softmaxBackward, "pea_cuda_softmax_backward", op)
+        let dx = try empty(y.shape, dtype)
         if dx.count == 0 { return dx }
         let width = y.shape[y.rank - 1]
-        try backwardCheck(backward(context.handle, dtype.kernelCode, backwardPointer(gradOutput), backwardPointer(y),
-                                   backwardPointer(dx), Int64(y.count / width), Int64(width)), op)
+        try check(backward(context.handle, dtype.kernelCode, pointer(gradOutput), pointer(y),
+                                   pointer(dx), Int64(y.count / width), Int64(width)), op)
         return dx
     }
 
     public func activationBackward(_ gradOutput: Tensor, input x: Tensor, _ kind: Activation) throws -> Tensor {
         let op = "activationBackward"
-        let dtype = try backwardFloats(op, gradOutput, x)
-        try requireGradOutput(gradOutput, x.shape, op)
+        let dtype = try floats(op, gradOutput, x)
+        try ShapeRules.requireGradOutput(gradOutput, x.shape, op)
         let code: Int32
         switch kind {
         case .gelu: code = Int32(PEA_ACT_GELU_ERF)
@@ -110,106 +110,43 @@ extension CUDABackend {
         case .silu: code = Int32(PEA_ACT_SILU)
         case .quickGELU: throw PEAError.unsupported("\(op): quickGELU has no backward (the UNet does not use it)")
         }
-        let backward = try backwardFunction(library.activationBackward, "pea_cuda_activation_backward", op)
-        let dx = try backwardEmpty(x.shape, dtype)
+        let backward = try function(library.activationBackward, "pea_cuda_activation_backward", op)
+        let dx = try empty(x.shape, dtype)
         if dx.count == 0 { return dx }
-        try backwardCheck(backward(context.handle, dtype.kernelCode, code, backwardPointer(gradOutput), backwardPointer(x),
-                                   backwardPointer(dx), Int64(x.count)), "\(op) \(kind.rawValue)")
+        try check(backward(context.handle, dtype.kernelCode, code, pointer(gradOutput), pointer(x),
+                                   pointer(dx), Int64(x.count)), "\(op) \(kind.rawValue)")
         return dx
     }
 
     public func gegluBackward(_ gradOutput: Tensor, input x: Tensor) throws -> Tensor {
         let op = "gegluBackward"
-        let dtype = try backwardFloats(op, gradOutput, x)
+        let dtype = try floats(op, gradOutput, x)
         guard x.rank >= 1, x.shape[x.rank - 1] % 2 == 0 else {
             throw PEAError.shapeMismatch("\(op): the last dimension of \(x.shape) must be even")
         }
         let width = x.shape[x.rank - 1] / 2
-        try requireGradOutput(gradOutput, Array(x.shape.dropLast()) + [width], op)
-        let backward = try backwardFunction(library.gegluBackward, "pea_cuda_geglu_backward", op)
-        let dx = try backwardEmpty(x.shape, dtype)
+        try ShapeRules.requireGradOutput(gradOutput, Array(x.shape.dropLast()) + [width], op)
+        let backward = try function(library.gegluBackward, "pea_cuda_geglu_backward", op)
+        let dx = try empty(x.shape, dtype)
         if dx.count == 0 { return dx }
-        try backwardCheck(backward(context.handle, dtype.kernelCode, backwardPointer(gradOutput), backwardPointer(x),
-                                   backwardPointer(dx), Int64(gradOutput.count / width), Int64(width)), op)
+        try check(backward(context.handle, dtype.kernelCode, pointer(gradOutput), pointer(x),
+                                   pointer(dx), Int64(gradOutput.count / width), Int64(width)), op)
         return dx
     }
 
     public func upsampleNearest2xBackward(_ gradOutput: Tensor) throws -> Tensor {
         let op = "upsampleNearest2xBackward"
-        let dtype = try backwardFloats(op, gradOutput)
+        let dtype = try floats(op, gradOutput)
         try ShapeRules.requireRank(gradOutput, 4...4, op, "gradOutput")
         let shape = gradOutput.shape
         guard shape[2] % 2 == 0, shape[3] % 2 == 0 else {
             throw PEAError.shapeMismatch("\(op): gradOutput \(shape) is not the output of a 2× upsampling (odd height or width)")
         }
-        let backward = try backwardFunction(library.upsampleNearest2xBackward, "pea_cuda_upsample_nearest2x_backward", op)
-        let dx = try backwardEmpty([shape[0], shape[1], shape[2] / 2, shape[3] / 2], dtype)
+        let backward = try function(library.upsampleNearest2xBackward, "pea_cuda_upsample_nearest2x_backward", op)
+        let dx = try empty([shape[0], shape[1], shape[2] / 2, shape[3] / 2], dtype)
         if dx.count == 0 { return dx }
-        try backwardCheck(backward(context.handle, dtype.kernelCode, backwardPointer(gradOutput), backwardPointer(dx),
+        try check(backward(context.handle, dtype.kernelCode, pointer(gradOutput), pointer(dx),
                                    Int64(shape[0] * shape[1]), Int64(shape[2] / 2), Int64(shape[3] / 2)), op)
         return dx
     }
-
-    // MARK: helpers (CUDABackend.swift's are private to its file; these do the same)
-
-    /// gradOutput must have the shape the forward op returns (the CPU backend's message).
-    fileprivate func requireGradOutput(_ gradOutput: Tensor, _ shape: [Int], _ op: String) throws {
-        guard gradOutput.shape == shape else {
-            throw PEAError.shapeMismatch("\(op): gradOutput must have the forward output's shape \(shape), got \(gradOutput.shape)")
-        }
-    }
-
-    /// Runs a forward op's shape rule, naming the backward op in its error.
-    fileprivate func backwardRule<T>(_ op: String, _ rule: () throws -> T) throws -> T {
-        do {
-            return try rule()
-        } catch PEAError.shapeMismatch(let message) {
-            throw PEAError.shapeMismatch("\(op): \(message)")
-        }
-    }
-
-    /// Turns a library status into a Swift error naming `op`, with the library's message.
-    fileprivate func backwardCheck(_ status: Int32, _ op: String) throws {
-        guard status != PEA_CUDA_OK else { return }
-        let message = library.message(context.handle)
-        throw PEAError.backend("cuda \(op): " + (message.isEmpty ? Self.codeName(status) : message))
-    }
-
-    /// The library's function for `op`, or an error naming the symbol a library built before that kernel lacks.
-    fileprivate func backwardFunction<F>(_ function: F?, _ symbol: String, _ op: String) throws -> F {
-        guard let function else {
-            throw PEAError.unsupported("\(op): \(library.path) has no \(symbol) (built before that kernel existed? rebuild it: make cuda / make cuda-emu)")
-        }
-        return function
-    }
-
-    fileprivate func backwardEmpty(_ shape: [Int], _ dtype: DType) throws -> Tensor {
-        guard shape.allSatisfy({ $0 >= 0 }) else { throw PEAError.shapeMismatch("negative dimension in \(shape)") }
-        let storage = try CUDAStorage(context: context, byteCount: shape.reduce(1, *) * dtype.byteSize)
-        return Tensor(shape: shape, dtype: dtype, storage: storage, backend: self)
-    }
-
-    /// Every tensor given is in this backend's device memory and of one floating-point dtype, which is returned
-    /// (f32 when none is given).
-    fileprivate func backwardFloats(_ op: String, _ tensors: Tensor?...) throws -> DType {
-        var dtype: DType?
-        for case let t? in tensors {
-            guard let storage = t.storage as? CUDAStorage else {
-                throw PEAError.unsupported("\(op): a tensor of backend '\(t.backend.name)' is not in CUDA device memory; upload it first")
-            }
-            guard storage.context === context else {
-                throw PEAError.unsupported("\(op): the tensor belongs to another CUDA backend (device \(storage.context.device)); download and upload it")
-            }
-            guard t.dtype.isFloatingPoint else {
-                throw PEAError.unsupported("\(op): the cuda backend computes on f32, f16 or bf16 tensors, got a \(t.dtype) tensor; cast it first")
-            }
-            if let dtype, dtype != t.dtype {
-                throw PEAError.shapeMismatch("\(op): tensors of different dtypes (\(dtype) and \(t.dtype)); cast them to one first")
-            }
-            dtype = t.dtype
-        }
-        return dtype ?? .f32
-    }
-
-    fileprivate func backwardPointer(_ x: Tensor) -> UnsafeMutableRawPointer? { (x.storage as! CUDAStorage).pointer }
 }

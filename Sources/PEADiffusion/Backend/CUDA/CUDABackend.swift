@@ -561,28 +561,28 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
     }
 
     /// Turns a library status into a Swift error naming `op`, with the library's message.
-    private func check(_ status: Int32, _ op: String) throws {
+    func check(_ status: Int32, _ op: String) throws {
         guard status != PEA_CUDA_OK else { return }
         let message = library.message(context.handle)
         throw PEAError.backend("cuda \(op): " + (message.isEmpty ? Self.codeName(status) : message))
     }
 
     /// The library's function for `op`, or an error naming the symbol a library built before that kernel lacks.
-    private func function<F>(_ function: F?, _ symbol: String, _ op: String) throws -> F {
+    func function<F>(_ function: F?, _ symbol: String, _ op: String) throws -> F {
         guard let function else {
             throw PEAError.unsupported("\(op): \(library.path) has no \(symbol) (built before that kernel existed? rebuild it: make cuda / make cuda-emu)")
         }
         return function
     }
 
-    private func empty(_ shape: [Int], _ dtype: DType) throws -> Tensor {
+    func empty(_ shape: [Int], _ dtype: DType) throws -> Tensor {
         guard shape.allSatisfy({ $0 >= 0 }) else { throw PEAError.shapeMismatch("negative dimension in \(shape)") }
         let storage = try CUDAStorage(context: context, byteCount: shape.reduce(1, *) * dtype.byteSize)
         return Tensor(shape: shape, dtype: dtype, storage: storage, backend: self)
     }
 
     /// The tensor lives in this backend's context (device memory of this device and stream).
-    private func own(_ x: Tensor, _ op: String) throws {
+    func own(_ x: Tensor, _ op: String) throws {
         guard let storage = x.storage as? CUDAStorage else {
             throw PEAError.unsupported("\(op): a tensor of backend '\(x.backend.name)' is not in CUDA device memory; upload it first")
         }
@@ -593,7 +593,7 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
 
     /// Every tensor given is on this backend and of one floating-point dtype, which is returned (f32 when
     /// none is given).
-    private func floats(_ op: String, _ tensors: Tensor?...) throws -> DType {
+    func floats(_ op: String, _ tensors: Tensor?...) throws -> DType {
         var dtype: DType?
         for case let t? in tensors {
             try own(t, op)
@@ -608,7 +608,7 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
         return dtype ?? .f32
     }
 
-    private func pointer(_ x: Tensor) -> UnsafeMutableRawPointer? { (x.storage as! CUDAStorage).pointer }
+    func pointer(_ x: Tensor) -> UnsafeMutableRawPointer? { (x.storage as! CUDAStorage).pointer }
 
     /// y ← x, same element count and dtype (a device-to-device copy on the stream).
     private func copyContiguous(_ x: Tensor, into y: Tensor, _ op: String) throws {
