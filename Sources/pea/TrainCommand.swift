@@ -68,6 +68,7 @@ func runTrain(_ arguments: [String]) throws {
     let output = try options.requiredString("--output")
     let dataSpecs = options.strings("--data")
     guard !dataSpecs.isEmpty else { throw PEAError.usage("train: option '--data' is required") }
+    guard options.has("--steps") else { throw PEAError.usage("train: option '--steps' is required") }
 
     var settings = TrainingOptions(steps: try options.int("--steps", default: 0, range: 1...100_000_000),
                                    batchSize: try options.int("--batch-size", default: 4, range: 1...4096))

@@ -120,4 +120,61 @@ final class TrainingTests: XCTestCase {
             XCTAssertEqual(try backend.downloadFloats(tensor), whole.masterWeights[name])
         }
     }
+
+    /// `pea train` as a user runs it: a short run with a corrupt image and a caption-less record in the data
+    /// (skipped and counted), a checkpoint, a resume from it, and the trained adapter driving `pea generate`.
+    func testTrainCommandTrainsResumesAndFeedsGenerate() throws {
+        let scratch = ScratchDirectory("pea-train-cli")
+        let data = try Self.writeCorpus(in: scratch, count: 5, seed: 4)
+        scratch.write("not a png", to: "corrupt.png")
+        let extra = "{\"image\": \"corrupt.png\", \"text\": \"坏\", \"text_en\": \"bad\"}\n{\"image\": \"image0.png\", \"text_en\": \"no caption\"}\n"
+        scratch.write((String(decoding: readFileBytes(data)!, as: UTF8.self)) + extra, to: "corpus.jsonl")
+        let common = ["train", "--model", pipeline, "--text-encoder", encoder, "--data", data, "--batch-size", "2",
+                      "--resolution", "32", "--adapter-hidden", "24", "--lr", "1e-3", "--backend", "cpu", "--threads", "2"]
+        let output = scratch.file("run")
+        let first = try runPea(common + ["--output", output, "--steps", "4", "--save-every", "2"])
+        XCTAssertEqual(first.status, 0, first.stderr)
+        XCTAssertEqual(first.stdout.trimmingCharacters(in: .whitespacesAndNewlines), output + "/adapter.safetensors")
+        for fragment in ["step 4/4", "task", "logits", "features", "lr", "s/step", "ETA", "undecodableImage", "missingCaption", "saved " + output + "/checkpoint-2"] {
+            XCTAssertTrue(first.stderr.contains(fragment), "the log lacks '\(fragment)':\n\(first.stderr)")
+        }
+        let resumedOutput = scratch.file("resumed")
+        let resumed = try runPea(common + ["--output", resumedOutput, "--steps", "4", "--resume", output + "/checkpoint-2"])
+        XCTAssertEqual(resumed.status, 0, resumed.stderr)
+        XCTAssertTrue(resumed.stderr.contains("resumed at step 2"), resumed.stderr)
+        XCTAssertEqual(readFileBytes(resumedOutput + "/adapter.safetensors"), readFileBytes(output + "/adapter.safetensors"),
+                       "resuming from the step-2 checkpoint must give the same adapter file as the uninterrupted run")
+
+        let image = scratch.file("zh.png")
+        let generated = try runPea(["generate", "--model", pipeline, "--prompt", "红色的猫", "--text-encoder", encoder,
+                                    "--adapter", output + "/adapter.safetensors", "--width", "32", "--height", "32",
+                                    "--steps", "2", "--output", image, "--backend", "cpu"])
+        XCTAssertEqual(generated.status, 0, generated.stderr)
+        XCTAssertTrue(fileExists(image))
+    }
+
+    /// Bad usage and bad data are clear errors with a non-zero exit, and leave no adapter behind.
+    func testTrainCommandErrors() throws {
+        let scratch = ScratchDirectory("pea-train-errors")
+        let data = try Self.writeCorpus(in: scratch, count: 2, seed: 5)
+        let base = ["train", "--model", pipeline, "--text-encoder", encoder, "--output", scratch.file("out"), "--backend", "cpu"]
+        let cases: [([String], Int32, [String])] = [
+            (base + ["--data", data], 2, ["'--steps' is required"]),
+            (base + ["--steps", "2"], 2, ["'--data' is required"]),
+            (base + ["--data", data, "--steps", "2", "--resolution", "30"], 2, ["--resolution", "multiple of 8"]),
+            (base + ["--data", data, "--steps", "2", "--learning-rate", "1"], 2, ["unknown option '--learning-rate'"]),
+            (base + ["--data", scratch.file("nothing.jsonl"), "--steps", "2"], 1, ["nothing.jsonl"]),
+            (base + ["--data", data, "--steps", "2", "--resume", scratch.file("no-checkpoint")], 1, ["no-checkpoint"]),
+            (["train", "--model", fixturesDirectory() + "/pipelines/sdxl", "--text-encoder", encoder, "--output", scratch.file("out"),
+              "--data", data, "--steps", "2", "--backend", "cpu"], 1, ["SDXL", "SD1.x/SD2.x"]),
+        ]
+        for (arguments, status, fragments) in cases {
+            let result = try runPea(arguments)
+            XCTAssertEqual(result.status, status, "\(arguments): \(result.stderr)")
+            for fragment in fragments {
+                XCTAssertTrue(result.stderr.contains(fragment), "\(arguments): '\(fragment)' not in \(result.stderr)")
+            }
+            XCTAssertFalse(fileExists(scratch.file("out/adapter.safetensors")))
+        }
+    }
 }
