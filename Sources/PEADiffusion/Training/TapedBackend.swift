@@ -98,13 +98,6 @@ public final class TapedBackend: ComputeBackend {
         try gradients[ObjectIdentifier(tensor.storage)].map { try wrap($0.reshaped(tensor.shape)) }
     }
 
-    /// Forgets the tape, the tracked buffers and the gradients.
-    public func reset() {
-        tape.removeAll()
-        tracked.removeAll()
-        gradients.removeAll()
-    }
-
     private func accumulate(_ gradient: Tensor, into id: ObjectIdentifier) throws {
         if let existing = gradients[id] {
             gradients[id] = try inner.add(existing, gradient.reshaped(existing.shape))
