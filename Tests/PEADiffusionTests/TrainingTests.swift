@@ -23,13 +23,14 @@ final class TrainingTests: XCTestCase {
         return scratch.write(lines.joined(separator: "\n") + "\n", to: "corpus.jsonl")
     }
 
-    func makeTrainer(data: String, options: TrainingOptions, backend: any ComputeBackend) throws -> PEATrainer {
+    func makeTrainer(data: String, options: TrainingOptions, backend: any ComputeBackend, cache: LatentCache? = nil) throws -> PEATrainer {
         let teacher = try DistillationTeacher.load(folder: pipeline, backend: backend)
         let student = try LanguageEncoders.load(folder: encoder, backend: backend)
         let adapter = try PEAAdapter.initialized(widths: [student.hiddenSize, 32, 32, teacher.unet.config.crossAttentionDim[0]],
                                                  backend: backend, seed: options.seed)
         let dataset = try TrainingDataset(source: .manifest(path: data), resolution: options.resolution, seed: options.seed)
-        return try PEATrainer(teacher: teacher, student: student, adapter: adapter, dataset: dataset, options: options, backend: backend)
+        return try PEATrainer(teacher: teacher, student: student, adapter: adapter, dataset: dataset, options: options,
+                              backend: backend, latentCache: cache)
     }
 
     /// The KD gap on captions the adapter never saw: the per-element mean of (student ε̂ − teacher ε̂)², over
@@ -119,6 +120,38 @@ final class TrainingTests: XCTestCase {
         for (name, tensor) in loaded.namedParameters {
             XCTAssertEqual(try backend.downloadFloats(tensor), whole.masterWeights[name])
         }
+    }
+
+    /// With a latent cache, each image is VAE-encoded once: a second run reads every latent back (decoding no
+    /// image) and trains exactly as a run without the cache.
+    func testLatentCacheEncodesOnceAndChangesNothing() throws {
+        let backend = CPUBackend(threads: 2)
+        let scratch = ScratchDirectory("pea-train-cache")
+        let data = try Self.writeCorpus(in: scratch, count: 4, seed: 6)
+        var options = TrainingOptions(steps: 3, batchSize: 2)
+        options.resolution = 32
+        options.learningRate = 1e-3
+        func run(_ cache: LatentCache?) throws -> PEATrainer {
+            let trainer = try makeTrainer(data: data, options: options, backend: backend, cache: cache)
+            while trainer.step < options.steps { _ = try trainer.trainStep() }
+            return trainer
+        }
+        let plain = try run(nil)
+        let cache = try LatentCache(folder: scratch.file("latents"), namespace: pipeline)
+        let filling = try run(cache)
+        XCTAssertEqual(listDirectory(scratch.file("latents")).isEmpty, false)
+        let trainer = try makeTrainer(data: data, options: options, backend: backend, cache: cache)
+        var decoded = 0
+        let needed = trainer.dataset.imageNeeded!
+        trainer.dataset.imageNeeded = { record in
+            let need = needed(record)
+            if need { decoded += 1 }
+            return need
+        }
+        while trainer.step < options.steps { _ = try trainer.trainStep() }
+        XCTAssertEqual(decoded, 0, "every latent should come from the cache")
+        XCTAssertEqual(filling.masterWeights, plain.masterWeights)
+        XCTAssertEqual(trainer.masterWeights, plain.masterWeights)
     }
 
     /// `pea train` as a user runs it: a short run with a corrupt image and a caption-less record in the data
