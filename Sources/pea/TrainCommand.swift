@@ -77,8 +77,8 @@ func runTrain(_ arguments: [String]) throws {
         guard value > 0 else { throw PEAError.usage("train: option '\(name)' must be positive, got \(value)") }
         return value
     }
-    settings.learningRate = try positive("--lr", 1e-5)
-    settings.minLearningRate = try options.double("--min-lr").map(Float.init) ?? 5e-8
+    settings.learningRate = Double(try positive("--lr", 1e-5))
+    settings.minLearningRate = try options.double("--min-lr") ?? 5e-8
     guard settings.minLearningRate >= 0, settings.minLearningRate < settings.learningRate else {
         throw PEAError.usage("train: --min-lr must be at least 0 and below --lr (\(settings.learningRate))")
     }

@@ -12,9 +12,8 @@ import XCTest
 /// kernels differ (no FMA on another CPU, its own norm accumulation), by an ulp or two. An ulp is ≤ 1.2e-7 relative, so relative L2 ≤ 1e-6 per
 /// step (and |Δ| ≤ 1e-6·max(1,|ref|) per element) leaves room for a few ulps and nothing more: the discrepancy
 /// this suite was written to catch (1 − β2 formed in f32, 1.3e-5 relative in exp_avg_sq) is 13× over it.
-/// The learning rates: ≤ 1e-7 relative to transformers' f64 values. The schedule's base lr is an f32
-/// (`TrainingOptions.learningRate`), 1e-3 as f32 is 4.7e-8 above 1e-3, so an lr may round to the neighbouring f32
-/// of torch's (it does at k = 3 and 4 here: 1 ulp, 9e-8 relative).
+/// The learning rates: ≤ 1e-7 relative to transformers' f64 values (the schedule computes in f64 from f64 base
+/// rates, as Python does, and rounds once to the f32 the optimiser uses).
 final class OptimizerTests: XCTestCase {
     static let path = fixturesDirectory() + "/training/optimizer.safetensors"
     static let tolerance = ParityTolerance(relativeL2: 1e-6, maxAbsolute: 1e-6)
@@ -54,9 +53,9 @@ final class OptimizerTests: XCTestCase {
         }
 
         var schedule: PolynomialDecaySchedule {
-            PolynomialDecaySchedule(peak: Float(number("lr")), end: Float(number("lr_end")),
+            PolynomialDecaySchedule(peak: number("lr"), end: number("lr_end"),
                                     warmupSteps: hyper["num_warmup_steps"]!.intValue!,
-                                    totalSteps: hyper["num_training_steps"]!.intValue!, power: Float(number("power")))
+                                    totalSteps: hyper["num_training_steps"]!.intValue!, power: number("power"))
         }
 
         func makeOptimizer() -> AdamW {

@@ -2,8 +2,8 @@ import Foundation
 import XCTest
 @testable import PEADiffusion
 
-/// PNGReader against files Pillow wrote (tools/reference/make_png_fixtures.py), PNGWriter against the
-/// reader and against the format's rules, and both against broken input.
+/// PNGReader (a layer over PNGDecoder) against files Pillow wrote (tools/reference/make_png_fixtures.py),
+/// PNGWriter against the reader and against the format's rules, and both against broken input.
 final class PNGTests: XCTestCase {
     let directory = fixturesDirectory() + "/png"
 
@@ -210,6 +210,28 @@ final class PNGTests: XCTestCase {
         assertThrowsError(containing: ["bad.png", "more than"]) { try PNGReader.decode(long, path: "bad.png") }
 
         assertThrowsError(containing: ["/no/such/file.png", "cannot open"]) { try PNGReader.read(path: "/no/such/file.png") }
+    }
+
+    func testDecoderReadsTextOnlyWhenAskedAndSkipsBadTextOtherwise() throws {
+        let rgb = Self.testImage(width: 4, height: 2)
+        let good = try PNGWriter.encode(rgb: rgb, width: 4, height: 2,
+                                        textChunks: [(key: "parameters", value: "p"), (key: "prompt", value: "熊猫")], path: "x")
+        let withText = try good.withUnsafeBytes { try PNGDecoder.decode($0, path: "t.png", readText: true) }
+        XCTAssertEqual(withText.textChunks.map(\.key), ["parameters", "prompt"])
+        XCTAssertEqual(withText.textChunks.map(\.value), ["p", "熊猫"])
+        let plain = try good.withUnsafeBytes { try PNGDecoder.decode($0, path: "t.png") }
+        XCTAssertTrue(plain.textChunks.isEmpty)
+        XCTAssertEqual(plain.rgb().pixels, rgb)
+
+        // An iTXt whose text is not UTF-8: an error when text is read, skipped like any ancillary chunk when not
+        // (the training pipeline does not read text).
+        var bad = PNGFormat.signature
+        for chunk in try Self.chunks(good) {
+            if chunk.type == "IDAT" { PNGFormat.appendChunk("iTXt", Array("note".utf8) + [0, 0, 0, 0, 0, 0xFF], to: &bad) }
+            PNGFormat.appendChunk(chunk.type, chunk.data, to: &bad)
+        }
+        assertThrowsError(containing: ["bad.png", "iTXt 'note'", "UTF-8"]) { try PNGReader.decode(bad, path: "bad.png") }
+        XCTAssertEqual(try bad.withUnsafeBytes { try PNGDecoder.decode($0, path: "bad.png") }.rgb().pixels, rgb)
     }
 
     func testRandomByteDamageNeverCrashes() throws {

@@ -5,7 +5,8 @@ import Darwin
 #endif
 import CZlib
 
-// PNG files (ISO/IEC 15948, the W3C PNG specification): 8-bit RGB out, 8-bit RGB/RGBA in.
+// PNG files (ISO/IEC 15948, the W3C PNG specification): 8-bit RGB out; in, 8-bit RGB/RGBA through PNGReader
+// and every kind through PNGDecoder (PNGDecoder.swift), which parses, inflates and unfilters for both.
 // Layout: the 8-byte signature, then chunks of [length: u32 BE][type: 4 ASCII][data][CRC-32 of type+data].
 // Image data: each row is one filter-type byte followed by the row's bytes, filtered against the row above;
 // all rows together form one zlib stream, split over IDAT chunks. zlib does (de)compression and the CRCs.
@@ -80,8 +81,9 @@ public struct PNGImage {
 }
 
 /// Reads 8-bit RGB and RGBA non-interlaced PNG files (every filter type), which is what Pea writes and what
-/// image tools commonly produce for such images. Other color types, bit depths and interlacing are refused
-/// with an error saying which.
+/// image tools commonly produce for such images, with their text chunks. Other color types, bit depths and
+/// interlacing are refused with an error saying which. The decoding itself is `PNGDecoder`'s; this keeps the
+/// 8-bit RGB(A) contract on top of it.
 public enum PNGReader {
     /// - Throws: `PEAError.invalidFile` naming `path` for unreadable, truncated or corrupt files (bad
     ///   signature, CRC, zlib data, filter type, missing chunks) and unsupported formats.
@@ -91,126 +93,22 @@ public enum PNGReader {
 
     /// Decodes the bytes of a PNG file; `path` names it in errors.
     public static func decode(_ bytes: [UInt8], path: String) throws -> PNGImage {
+        let decoded = try bytes.withUnsafeBytes { buffer in
+            try PNGDecoder.decode(buffer, path: path, readText: true) { try requireRGB8(header: $0, path: path) }
+        }
+        return PNGImage(width: decoded.width, height: decoded.height, channels: decoded.channels,
+                        pixels: decoded.samples.map { UInt8(truncatingIfNeeded: $0) }, textChunks: decoded.textChunks)
+    }
+
+    /// Refuses, as soon as IHDR is read, what is not 8-bit RGB or RGBA without interlacing.
+    private static func requireRGB8(header: PNGDecoder.Header, path: String) throws {
         func fail(_ reason: String) -> PEAError { .invalidFile(path: path, reason: reason) }
-        guard bytes.count >= 8 else { throw fail("not a PNG file: only \(bytes.count) bytes") }
-        guard Array(bytes[0..<8]) == PNGFormat.signature else { throw fail("not a PNG file: wrong signature") }
-
-        var header: (width: Int, height: Int, channels: Int)?
-        var imageData: [UInt8] = []
-        var textChunks: [(key: String, value: String)] = []
-        var sawEnd = false
-        var offset = 8
-        while !sawEnd {
-            guard offset + 8 <= bytes.count else {
-                throw fail("truncated: the file ends at byte \(bytes.count) before the IEND chunk")
-            }
-            let length = Int(PNGFormat.readUInt32(bytes, at: offset))
-            let typeBytes = Array(bytes[(offset + 4)..<(offset + 8)])
-            guard typeBytes.allSatisfy({ (65...90).contains($0) || (97...122).contains($0) }) else {
-                throw fail("corrupt: invalid chunk type at byte \(offset + 4)")
-            }
-            let type = String(decoding: typeBytes, as: UTF8.self)
-            guard length <= PNGFormat.maximumChunkLength, offset + 12 + length <= bytes.count else {
-                throw fail("truncated or corrupt: chunk \(type) at byte \(offset) declares \(length) data bytes, but only \(bytes.count - offset) bytes are left")
-            }
-            let dataStart = offset + 8, dataEnd = dataStart + length
-            let storedCRC = PNGFormat.readUInt32(bytes, at: dataEnd)
-            let data = Array(bytes[dataStart..<dataEnd])
-            guard PNGFormat.crc(type: typeBytes, data: data) == storedCRC else {
-                throw fail("corrupt: CRC mismatch in chunk \(type) at byte \(offset)")
-            }
-            offset = dataEnd + 4
-
-            if header == nil && type != "IHDR" { throw fail("corrupt: the first chunk is \(type), not IHDR") }
-            switch type {
-            case "IHDR":
-                guard header == nil else { throw fail("corrupt: a second IHDR chunk") }
-                header = try parseHeader(data, fail: fail)
-            case "IDAT":
-                imageData += data
-            case "IEND":
-                sawEnd = true
-            case "tEXt", "zTXt", "iTXt":
-                textChunks.append(try parseText(type: type, data, fail: fail))
-            default:
-                // Lowercase first letter: ancillary, safe to skip. PLTE is only a suggestion for RGB images.
-                guard typeBytes[0] >= 97 || type == "PLTE" else {
-                    throw fail("unsupported: critical chunk \(type)")
-                }
-            }
+        guard header.colorType == 2 || header.colorType == 6 else {
+            let names = [0: "grayscale", 3: "palette", 4: "grayscale with alpha"]
+            throw fail("unsupported color type \(header.colorType) (\(names[header.colorType] ?? "invalid")); only RGB (2) and RGBA (6) are read")
         }
-        guard let (width, height, channels) = header else { throw fail("corrupt: no IHDR chunk") }
-        guard !imageData.isEmpty else { throw fail("corrupt: no IDAT chunk") }
-
-        let rowBytes = width * channels
-        let filteredSize = height * (1 + rowBytes)
-        let filtered = try PNGFormat.inflate(imageData, limit: filteredSize, what: "image data", fail: fail)
-        guard filtered.count == filteredSize else {
-            throw fail("corrupt: the image data inflate to \(filtered.count) bytes, \(width)×\(height) needs \(filteredSize)")
-        }
-        let pixels = try PNGFormat.unfilterRows(filtered, width: width, height: height, channels: channels, fail: fail)
-        return PNGImage(width: width, height: height, channels: channels, pixels: pixels, textChunks: textChunks)
-    }
-
-    private static func parseHeader(_ data: [UInt8], fail: (String) -> PEAError) throws -> (Int, Int, Int) {
-        guard data.count == 13 else { throw fail("corrupt: IHDR has \(data.count) bytes, not 13") }
-        let width = Int(PNGFormat.readUInt32(data, at: 0)), height = Int(PNGFormat.readUInt32(data, at: 4))
-        let bitDepth = data[8], colorType = data[9]
-        guard width > 0, height > 0, width <= PNGFormat.maximumDimension, height <= PNGFormat.maximumDimension else {
-            throw fail("corrupt: image size \(width)×\(height)")
-        }
-        let channels: Int
-        switch colorType {
-        case 2: channels = 3
-        case 6: channels = 4
-        default:
-            let names: [UInt8: String] = [0: "grayscale", 3: "palette", 4: "grayscale with alpha"]
-            throw fail("unsupported color type \(colorType) (\(names[colorType] ?? "invalid")); only RGB (2) and RGBA (6) are read")
-        }
-        guard bitDepth == 8 else { throw fail("unsupported bit depth \(bitDepth); only 8-bit images are read") }
-        guard data[10] == 0 else { throw fail("unsupported compression method \(data[10])") }
-        guard data[11] == 0 else { throw fail("unsupported filter method \(data[11])") }
-        guard data[12] == 0 else {
-            throw fail(data[12] == 1 ? "unsupported: interlaced (Adam7) images are not read" : "corrupt: interlace method \(data[12])")
-        }
-        // Refuse sizes whose decoded data would not fit comfortably in memory (and guard the arithmetic).
-        guard width * channels < 1 << 30, height * (1 + width * channels) <= 1 << 31 else {
-            throw fail("unsupported: a \(width)×\(height) image is too large")
-        }
-        return (width, height, channels)
-    }
-
-    private static func parseText(type: String, _ data: [UInt8], fail: (String) -> PEAError) throws -> (key: String, value: String) {
-        guard let keywordEnd = data.firstIndex(of: 0), keywordEnd > 0 else {
-            throw fail("corrupt: \(type) chunk without a keyword")
-        }
-        let key = PNGFormat.latin1String(data[0..<keywordEnd])
-        var rest = data[(keywordEnd + 1)...]
-        switch type {
-        case "tEXt":
-            return (key, PNGFormat.latin1String(rest))
-        case "zTXt":
-            guard rest.first == 0 else { throw fail("corrupt: zTXt '\(key)' with compression method \(rest.first.map(String.init) ?? "missing")") }
-            let text = try PNGFormat.inflate(Array(rest.dropFirst()), limit: PNGFormat.maximumTextLength, what: "zTXt '\(key)'", fail: fail)
-            return (key, PNGFormat.latin1String(text[...]))
-        default:  // iTXt: compression flag, method, language tag NUL, translated keyword NUL, UTF-8 text
-            guard rest.count >= 2 else { throw fail("corrupt: iTXt '\(key)' is truncated") }
-            let compressed = rest[rest.startIndex] == 1
-            guard rest[rest.startIndex + 1] == 0 else { throw fail("corrupt: iTXt '\(key)' with compression method \(rest[rest.startIndex + 1])") }
-            rest = rest.dropFirst(2)
-            for _ in 0..<2 {
-                guard let end = rest.firstIndex(of: 0) else { throw fail("corrupt: iTXt '\(key)' is truncated") }
-                rest = rest[(end + 1)...]
-            }
-            var text = Array(rest)
-            if compressed {
-                text = try PNGFormat.inflate(text, limit: PNGFormat.maximumTextLength, what: "iTXt '\(key)'", fail: fail)
-            }
-            guard let value = String(validating: text, as: UTF8.self) else {
-                throw fail("corrupt: iTXt '\(key)' is not valid UTF-8")
-            }
-            return (key, value)
-        }
+        guard header.bitDepth == 8 else { throw fail("unsupported bit depth \(header.bitDepth); only 8-bit images are read") }
+        guard !header.interlaced else { throw fail("unsupported: interlaced (Adam7) images are not read") }
     }
 }
 
@@ -223,7 +121,8 @@ enum PNGFormat {
     /// The most a compressed text chunk may inflate to (a generous bound for prompts and parameters).
     static let maximumTextLength = 64 << 20
 
-    static func readUInt32(_ bytes: [UInt8], at offset: Int) -> UInt32 {
+    static func readUInt32<Bytes: RandomAccessCollection>(_ bytes: Bytes, at offset: Int) -> UInt32
+    where Bytes.Element == UInt8, Bytes.Index == Int {
         UInt32(bytes[offset]) << 24 | UInt32(bytes[offset + 1]) << 16 | UInt32(bytes[offset + 2]) << 8 | UInt32(bytes[offset + 3])
     }
 
@@ -392,24 +291,6 @@ enum PNGFormat {
             output.replaceSubrange((outputStart + 1)...(outputStart + rowBytes), with: best)
         }
         return output
-    }
-
-    static func unfilterRows(_ filtered: [UInt8], width: Int, height: Int, channels: Int,
-                             fail: (String) -> PEAError) throws -> [UInt8] {
-        let rowBytes = width * channels
-        var pixels = [UInt8](repeating: 0, count: height * rowBytes)
-        for row in 0..<height {
-            let type = filtered[row * (1 + rowBytes)]
-            guard type <= 4 else { throw fail("corrupt: row \(row) has filter type \(type)") }
-            let source = row * (1 + rowBytes) + 1, start = row * rowBytes
-            for index in 0..<rowBytes {
-                let left = index >= channels ? pixels[start + index - channels] : 0
-                let up = row > 0 ? pixels[start - rowBytes + index] : 0
-                let upLeft = row > 0 && index >= channels ? pixels[start - rowBytes + index - channels] : 0
-                pixels[start + index] = filtered[source + index] &+ predictor(type, left: left, up: up, upLeft: upLeft)
-            }
-        }
-        return pixels
     }
 }
 

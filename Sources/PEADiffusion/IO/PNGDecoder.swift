@@ -1,8 +1,9 @@
 // A complete PNG decoder for training images (ISO/IEC 15948): every colour type (0 greyscale, 2 RGB, 3 palette,
 // 4 greyscale + alpha, 6 RGBA), every bit depth the specification allows for it (1, 2, 4, 8, 16), all five
-// filter types, Adam7 interlacing. PNGReader (PNG.swift) stays the small reader for the 8-bit RGB(A) files Pea
-// writes; this one reads what datasets contain and converts it to RGB exactly as Pillow's
-// `Image.open(f).convert("RGB")` does. The chunk layout, CRCs, zlib and the filter predictors are PNGFormat's.
+// filter types, Adam7 interlacing, and the text chunks (tEXt, zTXt, iTXt) on request. It reads what datasets
+// contain and converts it to RGB exactly as Pillow's `Image.open(f).convert("RGB")` does; PNGReader (PNG.swift)
+// is a thin layer over it for the 8-bit RGB(A) files Pea writes. The chunk layout, CRCs, zlib and the filter
+// predictors are PNGFormat's.
 
 /// A PNG file's samples as stored, before any colour conversion.
 public struct PNGDecodedImage: Equatable, Sendable {
@@ -20,6 +21,16 @@ public struct PNGDecodedImage: Equatable, Sendable {
     public let samples: [UInt16]
     /// The PLTE chunk as RGB triples (`3 · entries` bytes); empty when the file has none.
     public let palette: [UInt8]
+    /// tEXt, zTXt and iTXt chunks in file order (iTXt language tags and translated keywords are dropped);
+    /// empty unless the file was decoded with `readText`.
+    public let textChunks: [(key: String, value: String)]
+
+    public static func == (lhs: Self, rhs: Self) -> Bool {
+        (lhs.width, lhs.height, lhs.colorType, lhs.bitDepth, lhs.interlaced, lhs.channels)
+            == (rhs.width, rhs.height, rhs.colorType, rhs.bitDepth, rhs.interlaced, rhs.channels)
+            && lhs.samples == rhs.samples && lhs.palette == rhs.palette
+            && lhs.textChunks.elementsEqual(rhs.textChunks, by: ==)
+    }
 
     /// The image as 8-bit RGB, as Pillow gives it for `Image.open(path).convert("RGB")`: Pillow's mode for
     /// each kind of file, then its conversion to RGB —
@@ -82,37 +93,43 @@ public struct PNGDecodedImage: Equatable, Sendable {
 /// Decodes PNG files of every standard kind. Errors are `PEAError.invalidFile` naming the file: a wrong
 /// signature, a CRC mismatch in any chunk, truncation, bad zlib data, an invalid filter type, a missing
 /// IHDR/PLTE/IDAT, an unknown critical chunk, invalid header values, or an image larger than
-/// `maximumPixels`.
+/// `maximumPixels`; with `readText`, also a malformed text chunk.
 public enum PNGDecoder {
     /// The most pixels a file may have (Pillow refuses images above twice its 89,478,485-pixel warning
     /// threshold as decompression bombs; this is the same bound).
     public static let maximumPixels = 2 * 89_478_485
 
-    public static func decode(path: String) throws -> PNGDecodedImage {
+    /// With `readText`, the text chunks are decoded into `textChunks` (and a malformed one is an error);
+    /// without it they are skipped like any other ancillary chunk.
+    public static func decode(path: String, readText: Bool = false) throws -> PNGDecodedImage {
         let file = try MappedBytes(path: path)
-        return try withExtendedLifetime(file) { try decode(file.buffer, path: path) }
+        return try withExtendedLifetime(file) { try decode(file.buffer, path: path, readText: readText) }
     }
 
     /// Decodes the PNG file in `bytes`; `path` names it in errors.
-    public static func decode(_ bytes: UnsafeRawBufferPointer, path: String) throws -> PNGDecodedImage {
+    public static func decode(_ bytes: UnsafeRawBufferPointer, path: String, readText: Bool = false) throws -> PNGDecodedImage {
+        try decode(bytes, path: path, readText: readText) { _ in }
+    }
+
+    /// `decode`, with `accept` seeing the header as soon as IHDR is read, to refuse (by throwing) kinds of
+    /// image the caller does not take before anything else is checked or inflated.
+    static func decode(_ bytes: UnsafeRawBufferPointer, path: String, readText: Bool,
+                       accept: (Header) throws -> Void) throws -> PNGDecodedImage {
         func fail(_ reason: String) -> PEAError { .invalidFile(path: path, reason: reason) }
         guard bytes.count >= 8 else { throw fail("not a PNG file: only \(bytes.count) bytes") }
         guard bytes.prefix(8).elementsEqual(PNGFormat.signature) else { throw fail("not a PNG file: wrong signature") }
 
-        func readUInt32(_ offset: Int) -> UInt32 {
-            UInt32(bytes[offset]) << 24 | UInt32(bytes[offset + 1]) << 16 | UInt32(bytes[offset + 2]) << 8 | UInt32(bytes[offset + 3])
-        }
-
         var header: Header?
         var palette: [UInt8] = []
         var imageData: [UInt8] = []
+        var textChunks: [(key: String, value: String)] = []
         var sawImageData = false, imageDataEnded = false, sawEnd = false
         var offset = 8
         while !sawEnd {
             guard offset + 8 <= bytes.count else {
                 throw fail("truncated: the file ends at byte \(bytes.count) before the IEND chunk")
             }
-            let length = Int(readUInt32(offset))
+            let length = Int(PNGFormat.readUInt32(bytes, at: offset))
             let typeBytes = Array(bytes[(offset + 4)..<(offset + 8)])
             guard typeBytes.allSatisfy({ (65...90).contains($0) || (97...122).contains($0) }) else {
                 throw fail("corrupt: invalid chunk type at byte \(offset + 4)")
@@ -123,7 +140,7 @@ public enum PNGDecoder {
             }
             let dataStart = offset + 8, dataEnd = dataStart + length
             let data = UnsafeRawBufferPointer(rebasing: bytes[dataStart..<dataEnd])
-            guard PNGFormat.crc(type: typeBytes, data: Array(data)) == readUInt32(dataEnd) else {
+            guard PNGFormat.crc(type: typeBytes, data: Array(data)) == PNGFormat.readUInt32(bytes, at: dataEnd) else {
                 throw fail("corrupt: CRC mismatch in chunk \(type) at byte \(offset)")
             }
             offset = dataEnd + 4
@@ -133,7 +150,9 @@ public enum PNGDecoder {
             switch type {
             case "IHDR":
                 guard header == nil else { throw fail("corrupt: a second IHDR chunk") }
-                header = try Header(Array(data), fail: fail)
+                let parsed = try Header(Array(data), fail: fail)
+                try accept(parsed)
+                header = parsed
             case "PLTE":
                 guard !sawImageData else { throw fail("corrupt: PLTE after the image data") }
                 guard length % 3 == 0, (3...768).contains(length) else { throw fail("corrupt: PLTE of \(length) bytes") }
@@ -144,8 +163,10 @@ public enum PNGDecoder {
                 imageData.append(contentsOf: data)
             case "IEND":
                 sawEnd = true
+            case "tEXt", "zTXt", "iTXt":
+                if readText { textChunks.append(try parseText(type: type, Array(data), fail: fail)) }
             default:
-                // A lowercase first letter marks an ancillary chunk (tRNS, gAMA, text, …): safe to skip.
+                // A lowercase first letter marks an ancillary chunk (tRNS, gAMA, …): safe to skip.
                 guard typeBytes[0] >= 97 else { throw fail("unsupported: critical chunk \(type)") }
             }
         }
@@ -162,7 +183,42 @@ public enum PNGDecoder {
         let samples = try unfilter(filtered, header: header, passes: passes, fail: fail)
         return PNGDecodedImage(width: header.width, height: header.height, colorType: header.colorType,
                                bitDepth: header.bitDepth, interlaced: header.interlaced, channels: header.channels,
-                               samples: samples, palette: palette)
+                               samples: samples, palette: palette, textChunks: textChunks)
+    }
+
+    /// A text chunk's keyword and text: tEXt Latin-1; zTXt Latin-1 zlib-compressed; iTXt UTF-8, compressed or
+    /// not, its language tag and translated keyword dropped.
+    private static func parseText(type: String, _ data: [UInt8], fail: (String) -> PEAError) throws -> (key: String, value: String) {
+        guard let keywordEnd = data.firstIndex(of: 0), keywordEnd > 0 else {
+            throw fail("corrupt: \(type) chunk without a keyword")
+        }
+        let key = PNGFormat.latin1String(data[0..<keywordEnd])
+        var rest = data[(keywordEnd + 1)...]
+        switch type {
+        case "tEXt":
+            return (key, PNGFormat.latin1String(rest))
+        case "zTXt":
+            guard rest.first == 0 else { throw fail("corrupt: zTXt '\(key)' with compression method \(rest.first.map(String.init) ?? "missing")") }
+            let text = try PNGFormat.inflate(Array(rest.dropFirst()), limit: PNGFormat.maximumTextLength, what: "zTXt '\(key)'", fail: fail)
+            return (key, PNGFormat.latin1String(text[...]))
+        default:  // iTXt: compression flag, method, language tag NUL, translated keyword NUL, UTF-8 text
+            guard rest.count >= 2 else { throw fail("corrupt: iTXt '\(key)' is truncated") }
+            let compressed = rest[rest.startIndex] == 1
+            guard rest[rest.startIndex + 1] == 0 else { throw fail("corrupt: iTXt '\(key)' with compression method \(rest[rest.startIndex + 1])") }
+            rest = rest.dropFirst(2)
+            for _ in 0..<2 {
+                guard let end = rest.firstIndex(of: 0) else { throw fail("corrupt: iTXt '\(key)' is truncated") }
+                rest = rest[(end + 1)...]
+            }
+            var text = Array(rest)
+            if compressed {
+                text = try PNGFormat.inflate(text, limit: PNGFormat.maximumTextLength, what: "iTXt '\(key)'", fail: fail)
+            }
+            guard let value = String(validating: text, as: UTF8.self) else {
+                throw fail("corrupt: iTXt '\(key)' is not valid UTF-8")
+            }
+            return (key, value)
+        }
     }
 
     /// IHDR's fields, validated.
@@ -238,15 +294,8 @@ public enum PNGDecoder {
                             for index in 0..<pass.rowBytes {
                                 let left = index >= stride ? out[index - stride] : 0
                                 let upLeft = index >= stride ? above[index - stride] : 0
-                                let predicted: UInt8
-                                switch type {
-                                case 0: predicted = 0
-                                case 1: predicted = left
-                                case 2: predicted = above[index]
-                                case 3: predicted = UInt8((Int(left) + Int(above[index])) / 2)
-                                default: predicted = PNGFormat.paeth(left: left, up: above[index], upLeft: upLeft)
-                                }
-                                out[index] = input[index] &+ predicted
+                                out[index] = input[index]
+                                    &+ PNGFormat.predictor(type, left: left, up: above[index], upLeft: upLeft)
                             }
                         }
                     }

@@ -115,13 +115,14 @@ public func clipGradientNorm(_ gradients: inout [String: [Float]], maxNorm: Floa
 /// follows `step` completed steps — linear warmup from 0 over `warmupSteps`, then polynomial decay (power 1:
 /// linear) from `peak` to `end` at `totalSteps`, constant after.
 public struct PolynomialDecaySchedule: Sendable {
-    public var peak: Float
-    public var end: Float
+    /// The base and final learning rates, in f64 as the Python scripts hold them (5e-8 is not an f32 value).
+    public var peak: Double
+    public var end: Double
     public var warmupSteps: Int
     public var totalSteps: Int
-    public var power: Float
+    public var power: Double
 
-    public init(peak: Float, end: Float = 5e-8, warmupSteps: Int, totalSteps: Int, power: Float = 1) {
+    public init(peak: Double, end: Double = 5e-8, warmupSteps: Int, totalSteps: Int, power: Double = 1) {
         self.peak = peak
         self.end = end
         self.warmupSteps = warmupSteps
@@ -131,7 +132,7 @@ public struct PolynomialDecaySchedule: Sendable {
 
     /// transformers' lr_lambda times the base lr, in f64 as Python computes them, rounded to f32 once.
     public func learningRate(afterSteps step: Int) -> Float {
-        let initial = Double(peak), final = Double(end)
+        let initial = peak, final = end
         let factor: Double
         if step < warmupSteps {
             factor = Double(step) / Double(max(1, warmupSteps))
@@ -139,7 +140,7 @@ public struct PolynomialDecaySchedule: Sendable {
             factor = final / initial
         } else {
             let remaining = 1 - Double(step - warmupSteps) / Double(totalSteps - warmupSteps)
-            factor = ((initial - final) * pow(remaining, Double(power)) + final) / initial
+            factor = ((initial - final) * pow(remaining, power) + final) / initial
         }
         return Float(initial * factor)
     }

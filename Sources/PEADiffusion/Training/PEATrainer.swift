@@ -21,8 +21,8 @@ import Darwin
 public struct TrainingOptions: Sendable {
     public var steps: Int
     public var batchSize: Int
-    public var learningRate: Float = 1e-5
-    public var minLearningRate: Float = 5e-8
+    public var learningRate: Double = 1e-5
+    public var minLearningRate: Double = 5e-8
     public var warmupSteps: Int = 100
     public var weightDecay: Float = 0.1
     /// Global gradient-norm clip (nil: none).
