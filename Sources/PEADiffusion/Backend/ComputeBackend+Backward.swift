@@ -17,16 +17,10 @@ extension ComputeBackend {
     func attentionBackward(_ gradOutput: Tensor, q: Tensor, k: Tensor, v: Tensor, heads: Int, scale: Float?,
                            scoreBytesPerChunk: Int) throws -> (q: Tensor, k: Tensor, v: Tensor) {
         let op = "attentionBackward"
-        let s: ShapeRules.AttentionShape
-        do {
-            s = try ShapeRules.attention(q: q.shape, k: k.shape, v: v.shape, heads: heads, mask: nil)
-        } catch PEAError.shapeMismatch(let message) {
-            throw PEAError.shapeMismatch("\(op): \(message)")
+        let s = try ShapeRules.backward(op) {
+            try ShapeRules.attention(q: q.shape, k: k.shape, v: v.shape, heads: heads, mask: nil)
         }
-        let outShape = [s.batch, s.queries, heads * s.valueHeadDim]
-        guard gradOutput.shape == outShape else {
-            throw PEAError.shapeMismatch("\(op): gradOutput must have the forward output's shape \(outShape), got \(gradOutput.shape)")
-        }
+        try ShapeRules.requireGradOutput(gradOutput, [s.batch, s.queries, heads * s.valueHeadDim], op)
         let alpha = scale ?? 1 / Float(s.headDim).squareRoot()
         let batchHeads = s.batch * heads
         if batchHeads == 0 || s.queries == 0 || s.keys == 0 {
