@@ -9,16 +9,18 @@
  * Scores never reach global memory: each block streams key/value tiles through shared memory and keeps an
  * online softmax (running max m, running sum l, rescaled f32 accumulators) per query row. A row whose keys
  * are all masked yields zeros, as on the CPU. q, k, v, mask and out share the storage type (f32, f16, bf16);
- * all arithmetic is f32.
+ * all arithmetic is f32 (the tensor-core kernel rounds P to the storage type for its second MMA).
  *
- * Two kernels:
- *   flash_attention_kernel   head dims D, Dv multiples of 8 up to 256 (40, 64, 80, 160 in SD): Q, K and V
- *                            tiles in shared memory, register accumulators; 16-byte vector loads when the
- *                            pointers and strides allow.
+ * Three kernels, chosen in attention_launch:
+ *   flash_attention_tc_kernel f16/bf16 with D = Dv ≤ 160 (SD's 40, 64, 80, 160; D padded to a multiple of
+ *                            16): FlashAttention-2 style on the tensor cores, mma.sync m16n8k16 with f32
+ *                            accumulation (pea_mma_m16n8k16_* of pea_simt.h, emulated on the CPU), masks and
+ *                            causal included.
+ *   flash_attention_kernel   the rest with head dims D, Dv multiples of 8 up to 256 (all of f32): Q, K and V
+ *                            tiles in shared memory, SIMT f32 FMAs, register accumulators; 16-byte vector
+ *                            loads when the pointers and strides allow.
  *   attention_generic_kernel any other D, Dv (and devices without the shared memory the fast one needs):
  *                            one warp per query row, K and V read from global memory.
- * Both are plain SIMT f32 FMA code (no tensor cores: mma.sync/WMMA are not available to the emulator that
- * checks these sources), which caps the fast kernel well below FlashAttention-2 on tensor-core GPUs.
  *
  * Dimension legend: B batch, H heads, Tq queries, Tk keys, D the q/k head dim, Dv the v/out head dim.
  */
@@ -242,7 +244,318 @@ __global__ void attention_generic_kernel(AttnArgs<T> p) {
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
+/* The tensor-core kernel (f16 / bf16)                                                                   */
+
+enum {
+    ATT_TC_BK = 64,                      /* keys per tile */
+    ATT_TC_WARPS = 4,                    /* warps per block; each owns MT m-tiles of 16 query rows */
+    ATT_TC_THREADS = 32 * ATT_TC_WARPS,
+    ATT_TC_MAX_D = 160,                  /* head dims up to this (padded to a multiple of 16) */
+};
+#define ATT_LOG2E 1.4426950408889634f
+
+static __device__ __forceinline__ void att_mma(const __half *, float c[4], const unsigned a[4], const unsigned b[2]) {
+    pea_mma_m16n8k16_f16(c, a, b);
+}
+static __device__ __forceinline__ void att_mma(const __nv_bfloat16 *, float c[4], const unsigned a[4],
+                                               const unsigned b[2]) {
+    pea_mma_m16n8k16_bf16(c, a, b);
+}
+/* Two f32 → one .b32 register of two f16 / bf16 (lo in the low half), rounded to nearest even. */
+static __device__ __forceinline__ unsigned att_pack(const __half *, float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    unsigned u;
+    memcpy(&u, &h, 4);
+    return u;
+}
+static __device__ __forceinline__ unsigned att_pack(const __nv_bfloat16 *, float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    unsigned u;
+    memcpy(&u, &h, 4);
+    return u;
+}
+
+/* Row r, features d … d+7 of a 16-bit tensor as eight raw 16-bit values (one 16-byte load with vec, which
+ * needs D % 8 == 0 and 16-byte aligned rows), zeros at or past feature D. */
+template <typename T>
+static __device__ __forceinline__ uint4 att_load8(const T *row, int d, int D, int vec) {
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (vec) {
+        if (d < D) v = *reinterpret_cast<const uint4 *>(row + d);
+    } else {
+        const unsigned short *s = reinterpret_cast<const unsigned short *>(row) + d;
+        unsigned x[8];
+        for (int k = 0; k < 8; k++) x[k] = d + k < D ? s[k] : 0u;
+        v = make_uint4(x[0] | (x[1] << 16), x[2] | (x[3] << 16), x[4] | (x[5] << 16), x[6] | (x[7] << 16));
+    }
+    return v;
+}
+
+/* Rows row0 … row0+rows-1 of a [*, D] 16-bit tensor into shared memory at halves base + r·stride (DP/8
+ * 16-byte chunks per row, zero past D and for rows at or past limit): thread e of the block takes chunk
+ * e % (DP/8) of row e / (DP/8), so a warp reads whole rows (coalesced) and stores 16 bytes at a time. */
+template <int DP, typename T, typename S128>
+static __device__ __forceinline__ void att_stage_rows(S128 s128, int base, int stride, const T *src,
+                                                      int64_t src_stride, int64_t row0, int64_t limit, int rows,
+                                                      int D, int vec) {
+    constexpr int C = DP / 8;
+    for (int e = threadIdx.x; e < rows * C; e += blockDim.x) {
+        const int r = e / C, d = (e - r * C) * 8;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (row0 + r < limit) v = att_load8(src + (row0 + r) * src_stride, d, D, vec);
+        s128[(base + r * stride + d) / 8] = v;
+    }
+}
+
+/* The same for V, transposed: Vt[d][key] at halves base + d·stride + key. Thread e takes key e % BK and
+ * chunk e / BK, so the 16-bit stores of a warp go to 32 consecutive keys of one row (no bank conflicts). */
+template <int DP, int BK, typename T, typename S16>
+static __device__ __forceinline__ void att_stage_vt(S16 s16, int base, int stride, const T *src, int64_t src_stride,
+                                                    int64_t row0, int64_t limit, int D, int vec) {
+    constexpr int C = DP / 8;
+    for (int e = threadIdx.x; e < BK * C; e += blockDim.x) {
+        const int key = e % BK, d = (e / BK) * 8;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (row0 + key < limit) v = att_load8(src + (row0 + key) * src_stride, d, D, vec);
+        const unsigned w[4] = {v.x, v.y, v.z, v.w};
+        for (int k = 0; k < 8; k++)
+            s16[base + (d + k) * stride + key] = (unsigned short)((w[k / 2] >> (16 * (k & 1))) & 0xffffu);
+    }
+}
+
+/* FlashAttention-2-style attention on the tensor cores, for f16/bf16 q, k, v, mask and out with D = Dv ≤ 160
+ * (padded with zeros to DP, a multiple of 16). All arithmetic is f32 except the two MMAs' f16/bf16 inputs.
+ *
+ * Block (x, y) = (tile of BQ = 64·MT queries from i0 = x·BQ, b·H + h); 4 warps. Warp w owns MT m-tiles of
+ * 16 query rows, rows i0 + (w·MT + mt)·16 + 0…15. Lane (g = lane / 4, t = lane % 4) holds, per m-tile, the
+ * mma.m16n8k16 fragments (pea_simt.h) of rows g and g + 8: the Q·Kᵀ A operand qf (Q rows, loaded once from
+ * shared memory into registers), the score/probability tile S (16 × 64 keys: 8 n-tiles of 4 f32, columns
+ * 2t, 2t+1 of each), the output accumulators o (16 × DP: DP/8 n-tiles of 4 f32), and per row the running
+ * max m (log2 domain, the same in the 4 lanes of a group) and the lane's share of the running sum l.
+ *
+ * Shared memory (16-bit values, rows padded by 8 halves so that the 32-bit fragment loads of a warp hit 32
+ * different banks): Qs [BQ][DP+8] at the start, reused after the Q fragments are in registers by
+ * Ks [64][DP+8] (row-major: K·Qᵀ's B operand is 32-bit pairs along a K row) and Vt [DP][64+8] (V transposed,
+ * so P·V's B operand is 32-bit pairs along keys).
+ *
+ * Per tile of 64 keys: the block stages K and Vᵀ (16-byte global loads when aligned); each warp computes
+ * S = Q·Kᵀ (8·DP/16 MMAs per m-tile), scales it by scale·log2 e, adds mask·log2 e, sets −∞ past Tk and,
+ * with causal, where j > i; takes the row max over its 16 values and the 4 lanes of the group (xor
+ * shuffles 1, 2), rescales l and o by 2^(m_old − m_new), P = 2^(S − m_new) (l += Σ P in f32), packs P into
+ * f16/bf16 A fragments (the accumulator layout of two adjacent n-tiles is exactly the A layout of one
+ * k-step) and accumulates O += P·V (DP/8·4 MMAs per m-tile). A row whose keys are all masked keeps m = −∞
+ * and l = 0 and is written as zeros. At the end l is summed over the group and out = o / l, rounded once. */
+template <typename T, int DP, int MT>
+__global__ void __launch_bounds__(ATT_TC_THREADS) flash_attention_tc_kernel(AttnArgs<T> p, int vec) {
+    constexpr int BK = ATT_TC_BK, BQ = ATT_TC_WARPS * 16 * MT;
+    constexpr int KD = DP / 16; /* k-steps of Q·Kᵀ */
+    constexpr int NS = BK / 8;  /* n-tiles of S */
+    constexpr int KC = BK / 16; /* k-steps of P·V */
+    constexpr int NO = DP / 8;  /* n-tiles of O */
+    constexpr int RS = DP + 8;  /* row stride of Qs and Ks, halves */
+    constexpr int VS = BK + 8;  /* row stride of Vt, halves */
+    constexpr int VT = BK * RS; /* Vt's offset, halves */
+    PEA_DYNAMIC_SHARED(unsigned short, s16);
+    PEA_DYNAMIC_SHARED(unsigned, s32);
+    PEA_DYNAMIC_SHARED(uint4, s128);
+    const T *tag = nullptr;
+    const int D = (int)p.D, Dv = (int)p.Dv;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int64_t b = blockIdx.y / p.H, h = blockIdx.y % p.H, i0 = (int64_t)blockIdx.x * BQ;
+    const T *kb = p.k + b * p.k_sb + h * p.k_sh, *vb = p.v + b * p.v_sb + h * p.v_sh;
+    const T *mb = p.mask ? p.mask + b * p.m_sb + h * p.m_sh : nullptr;
+
+    att_stage_rows<DP>(s128, 0, RS, p.q + b * p.q_sb + h * p.q_sh, p.q_st, i0, p.Tq, BQ, D, vec);
+    __syncthreads();
+    unsigned qf[MT][KD][4];
+    #pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+        #pragma unroll
+        for (int kk = 0; kk < KD; kk++) {
+            const int w0 = (((warp * MT + mt) * 16 + g) * RS + kk * 16 + 2 * t) / 2;
+            qf[mt][kk][0] = s32[w0];
+            qf[mt][kk][1] = s32[w0 + 4 * RS];
+            qf[mt][kk][2] = s32[w0 + 4];
+            qf[mt][kk][3] = s32[w0 + 4 * RS + 4];
+        }
+
+    float m[MT][2], l[MT][2], o[MT][NO][4];
+    #pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        #pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            m[mt][hr] = -INFINITY;
+            l[mt][hr] = 0.0f;
+        }
+        #pragma unroll
+        for (int n = 0; n < NO; n++)
+            #pragma unroll
+            for (int e = 0; e < 4; e++) o[mt][n][e] = 0.0f;
+    }
+    const float sl2 = p.scale * ATT_LOG2E;
+    const int64_t q_end = p.Tq < i0 + BQ ? p.Tq : i0 + BQ;
+    const int64_t key_end = p.causal ? (p.Tk < q_end ? p.Tk : q_end) : p.Tk;
+
+    for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
+        __syncthreads(); /* the Q fragments / the previous tile's K and V are no longer read */
+        att_stage_rows<DP>(s128, 0, RS, kb, p.k_st, j0, key_end, BK, D, vec);
+        att_stage_vt<DP, BK>(s16, VT, VS, vb, p.v_st, j0, key_end, D, vec);
+        __syncthreads();
+
+        float s[MT][NS][4];
+        #pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+            #pragma unroll
+            for (int n = 0; n < NS; n++)
+                #pragma unroll
+                for (int e = 0; e < 4; e++) s[mt][n][e] = 0.0f;
+        #pragma unroll
+        for (int n = 0; n < NS; n++)
+            #pragma unroll
+            for (int kk = 0; kk < KD; kk++) {
+                const int w0 = ((n * 8 + g) * RS + kk * 16 + 2 * t) / 2;
+                const unsigned bk[2] = {s32[w0], s32[w0 + 4]};
+                #pragma unroll
+                for (int mt = 0; mt < MT; mt++) att_mma(tag, s[mt][n], qf[mt][kk], bk);
+            }
+
+        unsigned pa[MT][KC][4];
+        #pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            #pragma unroll
+            for (int hr = 0; hr < 2; hr++) {
+                const int64_t i = i0 + (warp * MT + mt) * 16 + g + 8 * hr;
+                float mx = -INFINITY;
+                #pragma unroll
+                for (int n = 0; n < NS; n++)
+                    #pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int64_t j = j0 + n * 8 + 2 * t + e;
+                        float v = s[mt][n][2 * hr + e] * sl2;
+                        if (j >= key_end || (p.causal && j > i)) v = -INFINITY;
+                        else if (mb && i < p.Tq) v += pea_ld(mb + i * p.m_st + j) * ATT_LOG2E;
+                        s[mt][n][2 * hr + e] = v;
+                        mx = fmaxf(mx, v);
+                    }
+                mx = fmaxf(mx, __shfl_xor_sync(PEA_FULL_MASK, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(PEA_FULL_MASK, mx, 2));
+                const float m_new = fmaxf(m[mt][hr], mx);
+                const float m_use = m_new == -INFINITY ? 0.0f : m_new; /* all masked so far: P = 0 */
+                const float corr = exp2f(m[mt][hr] - m_use);           /* 0 while m was −∞ */
+                m[mt][hr] = m_new;
+                float sum = 0.0f;
+                #pragma unroll
+                for (int n = 0; n < NS; n++)
+                    #pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const float pe = exp2f(s[mt][n][2 * hr + e] - m_use);
+                        s[mt][n][2 * hr + e] = pe;
+                        sum += pe;
+                    }
+                l[mt][hr] = l[mt][hr] * corr + sum;
+                #pragma unroll
+                for (int n = 0; n < NO; n++) {
+                    o[mt][n][2 * hr] *= corr;
+                    o[mt][n][2 * hr + 1] *= corr;
+                }
+            }
+            #pragma unroll
+            for (int kc = 0; kc < KC; kc++) {
+                pa[mt][kc][0] = att_pack(tag, s[mt][2 * kc][0], s[mt][2 * kc][1]);
+                pa[mt][kc][1] = att_pack(tag, s[mt][2 * kc][2], s[mt][2 * kc][3]);
+                pa[mt][kc][2] = att_pack(tag, s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+                pa[mt][kc][3] = att_pack(tag, s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+            }
+        }
+
+        #pragma unroll
+        for (int n = 0; n < NO; n++)
+            #pragma unroll
+            for (int kc = 0; kc < KC; kc++) {
+                const int w0 = (VT + (n * 8 + g) * VS + kc * 16 + 2 * t) / 2;
+                const unsigned bv[2] = {s32[w0], s32[w0 + 4]};
+                #pragma unroll
+                for (int mt = 0; mt < MT; mt++) att_mma(tag, o[mt][n], pa[mt][kc], bv);
+            }
+    }
+
+    #pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+        #pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            float total = l[mt][hr];
+            total += __shfl_xor_sync(PEA_FULL_MASK, total, 1);
+            total += __shfl_xor_sync(PEA_FULL_MASK, total, 2);
+            const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+            const int64_t i = i0 + (warp * MT + mt) * 16 + g + 8 * hr;
+            if (i >= p.Tq) continue;
+            T *orow = p.out + b * p.o_sb + h * p.o_sh + i * p.o_st;
+            #pragma unroll
+            for (int n = 0; n < NO; n++) {
+                const int d = n * 8 + 2 * t;
+                const float v0 = o[mt][n][2 * hr] * inv, v1 = o[mt][n][2 * hr + 1] * inv;
+                if (d + 1 < Dv && ((uintptr_t)(orow + d) & 3u) == 0) {
+                    *reinterpret_cast<unsigned *>(orow + d) = att_pack(tag, v0, v1);
+                } else {
+                    if (d < Dv) pea_st(orow + d, v0);
+                    if (d + 1 < Dv) pea_st(orow + d + 1, v1);
+                }
+            }
+        }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
 /* Host side                                                                                             */
+
+/* Shared memory of the tensor-core kernel: Qs, later Ks + Vt, in 16-bit values. */
+static size_t tc_smem_bytes(int DP, int MT) {
+    const size_t q = (size_t)ATT_TC_WARPS * 16 * MT * (DP + 8);
+    const size_t kv = (size_t)ATT_TC_BK * (DP + 8) + (size_t)DP * (ATT_TC_BK + 8);
+    return 2 * (q > kv ? q : kv);
+}
+
+template <typename T, int DP, int MT>
+static int tc_launch(pea_cuda_context *ctx, const AttnArgs<T> &a, int vec) {
+    constexpr int BQ = ATT_TC_WARPS * 16 * MT;
+    const size_t smem = tc_smem_bytes(DP, MT);
+    auto kernel = flash_attention_tc_kernel<T, DP, MT>;
+    if (smem > 48 * 1024)
+        PEA_TRY(pea_check_cuda(ctx, "attention",
+                               cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
+                               "cudaFuncSetAttribute"));
+    dim3 grid((unsigned)((a.Tq + BQ - 1) / BQ), (unsigned)(a.B * a.H));
+    PEA_KERNEL(ctx, "attention", kernel, grid, ATT_TC_THREADS, smem, a, vec);
+    return PEA_CUDA_OK;
+}
+
+/* Two m-tiles per warp (128 queries per block, each K/V fragment used twice) where the registers allow it
+ * and there are enough queries to fill the block; one otherwise. nvcc 11.8 for sm_90: DP 48 with two m-tiles
+ * takes 214 registers and no spills; DP 64 with two would take 255 and spill 60 bytes (one: 143, none), so
+ * it gets one. */
+enum { ATT_TC_TWO_MTILES_MAX_DP = 48 };
+template <typename T>
+static int tc_dispatch(pea_cuda_context *ctx, const AttnArgs<T> &a, int vec) {
+    const int DP = (int)((a.D + 15) / 16 * 16);
+    const bool two = DP <= ATT_TC_TWO_MTILES_MAX_DP && a.Tq > 64;
+    switch (DP) {
+    case 16: return two ? tc_launch<T, 16, 2>(ctx, a, vec) : tc_launch<T, 16, 1>(ctx, a, vec);
+    case 32: return two ? tc_launch<T, 32, 2>(ctx, a, vec) : tc_launch<T, 32, 1>(ctx, a, vec);
+    case 48: return two ? tc_launch<T, 48, 2>(ctx, a, vec) : tc_launch<T, 48, 1>(ctx, a, vec);
+    case 64: return tc_launch<T, 64, 1>(ctx, a, vec);
+    case 80: return tc_launch<T, 80, 1>(ctx, a, vec);
+    case 96: return tc_launch<T, 96, 1>(ctx, a, vec);
+    case 112: return tc_launch<T, 112, 1>(ctx, a, vec);
+    case 128: return tc_launch<T, 128, 1>(ctx, a, vec);
+    case 144: return tc_launch<T, 144, 1>(ctx, a, vec);
+    case 160: return tc_launch<T, 160, 1>(ctx, a, vec);
+    }
+    return pea_fail(ctx, PEA_CUDA_ERROR_INVALID, "attention", "internal: no tensor-core kernel for D %lld",
+                    (long long)a.D);
+}
+template <>
+int tc_dispatch<float>(pea_cuda_context *ctx, const AttnArgs<float> &, int) {
+    return pea_fail(ctx, PEA_CUDA_ERROR_INVALID, "attention", "internal: no tensor-core kernel for f32");
+}
 
 static size_t flash_smem_bytes(int64_t D, int64_t Dv, int kpl) {
     const int64_t BK = 32 * kpl;
@@ -299,6 +612,17 @@ static int attention_launch(pea_cuda_context *ctx, const ck_attention_params *p)
     a.scale = p->scale;
     a.causal = p->causal;
 
+    /* f16/bf16 with D = Dv ≤ 160: the tensor-core kernel (any D; 16-byte loads when D % 8 == 0 and q, k, v
+     * and their strides are 16-byte aligned). */
+    if (sizeof(T) == 2 && p->D == p->Dv && p->D <= ATT_TC_MAX_D && tc_smem_bytes((int)((p->D + 15) / 16 * 16), 1) <=
+                                                                        (size_t)ctx->max_smem_optin) {
+        const int64_t e = 8;
+        const int vec = p->D % 8 == 0 && (uintptr_t)p->q % 16 == 0 && (uintptr_t)p->k % 16 == 0 &&
+                        (uintptr_t)p->v % 16 == 0 && p->q_sb % e == 0 && p->q_sh % e == 0 && p->q_st % e == 0 &&
+                        p->k_sb % e == 0 && p->k_sh % e == 0 && p->k_st % e == 0 && p->v_sb % e == 0 &&
+                        p->v_sh % e == 0 && p->v_st % e == 0;
+        return tc_dispatch<T>(ctx, a, vec);
+    }
     const int kpl = (p->D <= 128 && p->Dv <= 128) ? 2 : 1;
     const bool fast = p->D % 8 == 0 && p->Dv % 8 == 0 && p->D <= 256 && p->Dv <= 256 &&
                       flash_smem_bytes(p->D, p->Dv, kpl) <= (size_t)ctx->max_smem_optin;

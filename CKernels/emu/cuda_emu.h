@@ -331,8 +331,10 @@ namespace pea_emu {
 enum WarpOp {
     W_SHFL_IDX, W_SHFL_UP, W_SHFL_DOWN, W_SHFL_XOR, W_SYNCWARP, W_BALLOT, W_ANY, W_ALL,
     W_REDUCE_ADD, W_REDUCE_MIN, W_REDUCE_MAX, W_REDUCE_UMIN, W_REDUCE_UMAX,
-    W_REDUCE_AND, W_REDUCE_OR, W_REDUCE_XOR, W_ACTIVEMASK
+    W_REDUCE_AND, W_REDUCE_OR, W_REDUCE_XOR, W_ACTIVEMASK, W_MMA
 };
+/* The warp-level matrix multiply-accumulates (PTX mma.sync.aligned.*), by their PTX shape and types. */
+enum MmaKind { MMA_M16N8K16_F32_F16 = 0, MMA_M16N8K16_F32_BF16 = 1 };
 enum BarrierMode { B_SYNC, B_COUNT, B_AND, B_OR };
 unsigned long long warp_op(int op, unsigned mask, unsigned long long value, int arg, int width,
                            const char *file, int line);
@@ -342,6 +344,9 @@ void shared_enter(void *p, size_t bytes, const char *name, const char *file, int
 [[noreturn]] void dynamic_oob(const char *name, long long i, long long n, size_t elem);
 void *dynamic_shared(size_t *bytes);
 [[noreturn]] void trap(const char *what, const char *file, int line);
+/* c += a·b for one warp: every lane passes its fragments of A, B and C/D in the PTX layout of `kind`; the
+ * call completes when all 32 lanes of the warp have made it (src/simt.cpp). */
+void warp_mma(int kind, float c[4], const unsigned a[4], const unsigned b[2], const char *file, int line);
 
 template <class T>
 static inline unsigned long long to_bits(T v) {
@@ -436,6 +441,21 @@ PEA_EMU_REDUCE(__reduce_and_sync, pea_emu::W_REDUCE_AND, unsigned)
 PEA_EMU_REDUCE(__reduce_or_sync, pea_emu::W_REDUCE_OR, unsigned)
 PEA_EMU_REDUCE(__reduce_xor_sync, pea_emu::W_REDUCE_XOR, unsigned)
 #undef PEA_EMU_REDUCE
+
+/* Tensor-core matrix multiply-accumulate, one warp: D = A·B + C with A 16×16 (row), B 16×8 (col), C = D
+ * 16×8 f32, as PTX `mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 {c}, {a}, {b}, {c}`.
+ * pea_simt.h documents the fragment layout; under nvcc the same functions are that inline PTX. Every lane of
+ * the warp must call the same one (a warp of fewer than 32 live lanes is an error, as .aligned demands). The
+ * emulator multiplies exactly and accumulates in double, then rounds once to f32 (the hardware's f32
+ * accumulation order is unspecified: compare with tolerances). */
+static inline void pea_mma_m16n8k16_f16(float c[4], const unsigned a[4], const unsigned b[2],
+                                        const char *file = __builtin_FILE(), int line = __builtin_LINE()) {
+    pea_emu::warp_mma(pea_emu::MMA_M16N8K16_F32_F16, c, a, b, file, line);
+}
+static inline void pea_mma_m16n8k16_bf16(float c[4], const unsigned a[4], const unsigned b[2],
+                                         const char *file = __builtin_FILE(), int line = __builtin_LINE()) {
+    pea_emu::warp_mma(pea_emu::MMA_M16N8K16_F32_BF16, c, a, b, file, line);
+}
 
 static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 static inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }

@@ -22,6 +22,19 @@
  *       extern __shared__ T name[]: the dynamic shared memory of the launch, seen as T. Several
  *       declarations (of different types) alias the same bytes, as in CUDA. In the emulator `name` is a
  *       checked pointer; keep it checked with `auto p = name + offset;` (a `T*` copy is unchecked).
+ *
+ *   pea_mma_m16n8k16_f16(float c[4], const unsigned a[4], const unsigned b[2])
+ *   pea_mma_m16n8k16_bf16(float c[4], const unsigned a[4], const unsigned b[2])
+ *       c += a·b for one warp on the tensor cores: PTX mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32
+ *       (T = f16 / bf16; sm_80 and later). A is 16×16, B 16×8, C/D 16×8 f32. Every lane of the warp calls it
+ *       (converged, none exited) with its fragments, each .b32 register holding two T values, the lower
+ *       index in the low 16 bits. With g = lane >> 2 and t = lane % 4 (the PTX ISA's groupID and
+ *       threadID_in_group):
+ *         a[0] = A[g][2t, 2t+1]    a[1] = A[g+8][2t, 2t+1]    a[2] = A[g][2t+8, 2t+9]    a[3] = A[g+8][2t+8, 2t+9]
+ *         b[0] = B[2t, 2t+1][g]    b[1] = B[2t+8, 2t+9][g]
+ *         c[0], c[1] = C[g][2t, 2t+1]                          c[2], c[3] = C[g+8][2t, 2t+1]
+ *       The emulator gathers the 32 lanes' fragments at a warp rendezvous (like a shuffle) and computes the
+ *       product exactly, accumulating in double (cuda_emu.h).
  */
 #ifndef PEA_SIMT_H
 #define PEA_SIMT_H
@@ -37,6 +50,19 @@
 #define PEA_DYNAMIC_SHARED(T, name)                                      \
     extern __shared__ __align__(16) unsigned char pea_dsmem_##name[];    \
     T *name = reinterpret_cast<T *>(pea_dsmem_##name)
+
+static __device__ __forceinline__ void pea_mma_m16n8k16_f16(float c[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+static __device__ __forceinline__ void pea_mma_m16n8k16_bf16(float c[4], const unsigned a[4], const unsigned b[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
 
 #else /* the emulated build: the host C++ compiler with -ICKernels/emu/include */
 

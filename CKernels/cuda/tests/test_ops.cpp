@@ -1016,6 +1016,28 @@ static void test_attention(bool quick) {
         run_attention(f32_cases[i], CK_F16);
         if (!quick || i % 2 == 0) run_attention(f32_cases[i], CK_BF16);
     }
+    /* f16/bf16 on the tensor-core kernel (D = Dv ≤ 160, padded to a multiple of 16): 64-key tiles, 64- or
+     * 128-query blocks (two m-tiles per warp for D ≤ 64 and Tq > 64), with Tq and Tk off the tile edges;
+     * then shapes it hands to the FMA kernels (D ≠ Dv, D > 160). */
+    const std::vector<AttnCase> tc_cases = {
+        {2, 3, 150, 77, 40, 40, BTHD, NO_MASK, 0, 0},       /* SD cross-attention: Tk = 77, 128 + 22 queries */
+        {1, 2, 129, 130, 64, 64, BHTD, NO_MASK, 0, 0},      /* 3 key tiles (the last of 2 keys), 1 query past 128 */
+        {2, 1, 65, 64, 80, 80, BTHD, NO_MASK, 0, 0},        /* D 80, one full key tile, a block of one query */
+        {1, 2, 63, 129, 160, 160, BHTD, NO_MASK, 0, 0},     /* D 160, 3 key tiles */
+        {1, 1, 40, 50, 128, 128, BTHD, KEYPAD_MASK, 0, 0},  /* D 128, key padding */
+        {1, 2, 70, 90, 72, 72, BHTD, BCAST_MASK, 0, 0},     /* D 72 padded to 80, broadcast mask */
+        {2, 2, 17, 33, 24, 24, BHTD, FULL_MASK, 0, 0},      /* D 24 padded to 32, a fully masked row */
+        {2, 2, 17, 19, 8, 8, BHTD, KEYPAD_MASK, 0, 0},      /* D 8 padded to 16 */
+        {1, 2, 100, 100, 40, 40, BTHD, NO_MASK, 1, 0},      /* causal, two m-tiles per warp */
+        {1, 1, 90, 70, 36, 36, BTHD, NO_MASK, 0, 0},        /* D 36: scalar loads, padded to 48, two m-tiles */
+        {1, 2, 25, 31, 64, 32, BHTD, BCAST_MASK, 0, 0},     /* D ≠ Dv: the FMA kernel */
+        {1, 1, 20, 40, 256, 256, BHTD, NO_MASK, 1, 0},      /* D 256: the FMA kernel */
+    };
+    for (size_t i = 0; i < tc_cases.size(); i++) {
+        if (quick && i % 3 != 0) continue;
+        run_attention(tc_cases[i], CK_F16);
+        if (!quick || i % 2 == 0) run_attention(tc_cases[i], CK_BF16);
+    }
     ck_attention_params bad;
     memset(&bad, 0, sizeof bad);
     bad.B = bad.H = bad.Tq = bad.Tk = 1;

@@ -9,6 +9,7 @@
  * deadlock. Fibers switch only there, so a race on shared memory shows up deterministically.
  */
 #include "internal.h"
+#include "../emu_half.h"
 
 #include <signal.h>
 #include <sys/mman.h>
@@ -336,6 +337,7 @@ static const char *op_name(int op) {
     case W_REDUCE_OR: return "__reduce_or_sync";
     case W_REDUCE_XOR: return "__reduce_xor_sync";
     case W_ACTIVEMASK: return "__activemask";
+    case W_MMA: return "mma.sync.m16n8k16";
     }
     return "?";
 }
@@ -458,6 +460,64 @@ unsigned long long warp_op(int op, unsigned mask, unsigned long long value, int 
     f->line = line;
     yield_to_scheduler(w);
     return f->result;
+}
+
+/* One lane's operands of a warp MMA, on its fiber's stack while it waits; the scheduler writes D into c. */
+struct MmaLane {
+    unsigned a[4], b[2];
+    float c[4];
+};
+
+void warp_mma(int kind, float c[4], const unsigned a[4], const unsigned b[2], const char *file, int line) {
+    MmaLane m;
+    memcpy(m.a, a, sizeof m.a);
+    memcpy(m.b, b, sizeof m.b);
+    memcpy(m.c, c, sizeof m.c);
+    warp_op(W_MMA, 0xffffffffu, (unsigned long long)(uintptr_t)&m, kind, 32, file, line);
+    memcpy(c, m.c, sizeof m.c);
+}
+
+/* One element of an MMA operand: the 16-bit half `hi` of a .b32 register as f16 or bf16. */
+static double mma_element(unsigned reg, int hi, int kind) {
+    unsigned bits = (reg >> (16 * hi)) & 0xffffu;
+    if (kind == MMA_M16N8K16_F32_BF16) return (double)bf16_bits_to_f32((unsigned short)bits);
+    return (double)f16_bits_to_f32((unsigned short)bits);
+}
+
+/* D = A·B + C for the warp whose 32 lanes (fibers base … base+31) wait at an m16n8k16 MMA. The fragments
+ * are placed as the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point type") says, with
+ * groupID g = lane >> 2 and threadID_in_group t = lane % 4:
+ *   A (16×16): a_i (i = 0…7, two per register, low half first) at row g (i < 2 or 4 ≤ i < 6), else g + 8;
+ *              column 2t + (i & 1), plus 8 for i ≥ 4;
+ *   B (16×8):  b_i (i = 0…3) at row 2t + (i & 1), plus 8 for i ≥ 2; column g;
+ *   C, D:      c_i (i = 0…3) at row g (i < 2), else g + 8; column 2t + (i & 1).
+ * Products are exact in double (11- or 8-bit significands) and so is their sum for any realistic exponent
+ * spread; one rounding to f32 at the end. */
+static void mma_compute(Worker &w, int base, int kind) {
+    double A[16][16], B[16][8], C[16][8];
+    for (int lane = 0; lane < 32; lane++) {
+        const MmaLane *m = (const MmaLane *)(uintptr_t)w.fibers[base + lane]->value;
+        const int g = lane >> 2, t = lane & 3;
+        for (int i = 0; i < 8; i++) {
+            const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+            const int col = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
+            A[row][col] = mma_element(m->a[i / 2], i & 1, kind);
+        }
+        for (int i = 0; i < 4; i++) {
+            B[2 * t + (i & 1) + (i >= 2 ? 8 : 0)][g] = mma_element(m->b[i / 2], i & 1, kind);
+            C[i < 2 ? g : g + 8][2 * t + (i & 1)] = (double)m->c[i];
+        }
+    }
+    for (int lane = 0; lane < 32; lane++) {
+        MmaLane *m = (MmaLane *)(uintptr_t)w.fibers[base + lane]->value;
+        const int g = lane >> 2, t = lane & 3;
+        for (int i = 0; i < 4; i++) {
+            const int row = i < 2 ? g : g + 8, col = 2 * t + (i & 1);
+            double sum = 0.0;
+            for (int k = 0; k < 16; k++) sum += A[row][k] * B[k][col];
+            m->c[i] = (float)(sum + C[row][col]);
+        }
+    }
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -590,6 +650,31 @@ static bool resolve_warps(Worker &w) {
                 }
             }
             if (!ready) continue;
+            if (f->op == W_MMA) { /* .sync.aligned: the whole warp, converged, with one instruction */
+                if (P != 0xffffffffu) {
+                    block_fail(w, cudaErrorLaunchFailure,
+                               strprintf("warp %d: %s at %s:%d needs all 32 lanes of the warp, but lanes 0x%08x "
+                                         "take part (the others exited, or the block ends mid-warp)",
+                                         wp, op_name(f->op), base_name(f->file), f->line, P));
+                    return false;
+                }
+                for (int j = 0; j < 32; j++) {
+                    const Fiber *g = w.fibers[base + j];
+                    if (g->arg != f->arg || g->line != f->line || strcmp(g->file, f->file) != 0) {
+                        block_fail(w, cudaErrorLaunchFailure,
+                                   strprintf("warp %d: lanes wait at different mma.sync calls: lane %d %s:%d "
+                                             "(kind %d), lane %d %s:%d (kind %d)",
+                                             wp, l, base_name(f->file), f->line, f->arg, j, base_name(g->file),
+                                             g->line, g->arg));
+                        return false;
+                    }
+                }
+                mma_compute(w, base, f->arg);
+                for (int j = 0; j < 32; j++) w.fibers[base + j]->state = F_RUN;
+                handled |= P;
+                progressed = true;
+                continue;
+            }
             /* Every participant is here: compute each one's result. */
             unsigned long long ballot = 0, acc = 0;
             bool first = true;

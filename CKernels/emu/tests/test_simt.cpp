@@ -8,6 +8,7 @@
  */
 #include "check.h"
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <sys/wait.h>
 
@@ -202,6 +203,23 @@ __device__ int deep(int d) {
 
 /* Recursion deep enough to overflow a fiber stack (256 KB). */
 __global__ void stack_overflow_kernel(int *out) { out[0] = deep(100000); }
+
+/* Tensor-core MMA: each warp of each block computes D = A·B + C on its own 16×16 A, 16×8 B, 16×8 C. Lane l
+ * of warp w reads its fragments from fa[w][l][4], fb[w][l][2], fc[w][l][4] (w counting warps over the grid)
+ * and writes its D fragment to fd[w][l][4]. Thread `exit_lane` (block 0) returns before the MMA. */
+__global__ void mma_kernel(const unsigned *fa, const unsigned *fb, const float *fc, float *fd, int bf16,
+                           int exit_lane) {
+    const int t = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (t == exit_lane) return;
+    unsigned a[4], b[2];
+    float c[4];
+    for (int i = 0; i < 4; i++) a[i] = fa[t * 4 + i];
+    for (int i = 0; i < 2; i++) b[i] = fb[t * 2 + i];
+    for (int i = 0; i < 4; i++) c[i] = fc[t * 4 + i];
+    if (bf16) pea_mma_m16n8k16_bf16(c, a, b);
+    else pea_mma_m16n8k16_f16(c, a, b);
+    for (int i = 0; i < 4; i++) fd[t * 4 + i] = c[i];
+}
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* Tests                                                                                                 */
@@ -405,6 +423,89 @@ static void expect_launch_error(const char *what, cudaError_t code, const char *
     if (e == code) say("ok   %s → %s", what, cudaGetErrorName(e));
 }
 
+/* The m16n8k16 MMAs against a plain matrix product. The fragments are packed here from the PTX ISA's
+ * layout, stated per register: with g = lane / 4, t = lane % 4, A register r holds A[g + 8·(r % 2)][2t +
+ * 8·(r / 2) + {0, 1}], B register r holds B[2t + 8r + {0, 1}][g], c[i] is C[g + 8·(i / 2)][2t + i % 2]; the
+ * lower column (row for B) in the low 16 bits. Random values everywhere, so a misplaced element fails. */
+static void test_mma() {
+    const int blocks = 2, warps_per_block = 2, warps = blocks * warps_per_block;
+    for (int bf16 = 0; bf16 < 2; bf16++) {
+        std::vector<unsigned> fa(warps * 32 * 4), fb(warps * 32 * 2);
+        std::vector<float> fc(warps * 32 * 4), want(warps * 32 * 4);
+        auto bits = [&](float v, float *rounded) -> unsigned {
+            unsigned short h;
+            if (bf16) {
+                __nv_bfloat16 x = __float2bfloat16_rn(v);
+                h = __bfloat16_as_ushort(x);
+                *rounded = __bfloat162float(x);
+            } else {
+                __half x = __float2half_rn(v);
+                h = __half_as_ushort(x);
+                *rounded = __half2float(x);
+            }
+            return h;
+        };
+        for (int w = 0; w < warps; w++) {
+            std::vector<float> A = random_vector(16 * 16, 100 + w + 10 * bf16), B = random_vector(16 * 8, 200 + w),
+                               C = random_vector(16 * 8, 300 + w);
+            for (int i = 0; i < 16 * 16; i++) A[i] *= 4.0f;
+            for (int lane = 0; lane < 32; lane++) {
+                const int g = lane / 4, t = lane % 4, at = w * 32 + lane;
+                for (int r = 0; r < 4; r++) {
+                    const int row = g + 8 * (r % 2), col = 2 * t + 8 * (r / 2);
+                    float lo, hi;
+                    fa[at * 4 + r] = bits(A[row * 16 + col], &lo) | (bits(A[row * 16 + col + 1], &hi) << 16);
+                    A[row * 16 + col] = lo;
+                    A[row * 16 + col + 1] = hi;
+                }
+                for (int r = 0; r < 2; r++) {
+                    const int k = 2 * t + 8 * r;
+                    float lo, hi;
+                    fb[at * 2 + r] = bits(B[k * 8 + g], &lo) | (bits(B[(k + 1) * 8 + g], &hi) << 16);
+                    B[k * 8 + g] = lo;
+                    B[(k + 1) * 8 + g] = hi;
+                }
+                for (int i = 0; i < 4; i++) fc[at * 4 + i] = C[(g + 8 * (i / 2)) * 8 + 2 * t + i % 2];
+            }
+            for (int lane = 0; lane < 32; lane++) {
+                const int g = lane / 4, t = lane % 4;
+                for (int i = 0; i < 4; i++) {
+                    const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+                    double d = C[row * 8 + col];
+                    for (int k = 0; k < 16; k++) d += (double)A[row * 16 + k] * B[k * 8 + col];
+                    want[(w * 32 + lane) * 4 + i] = (float)d;
+                }
+            }
+        }
+        unsigned *da = to_device(fa), *db = to_device(fb);
+        float *dc = to_device(fc), *dd = device_alloc<float>(fc.size());
+        PEA_LAUNCH(mma_kernel, blocks, 32 * warps_per_block, 0, 0, da, db, dc, dd, bf16, -1);
+        CUDA_OK(cudaGetLastError());
+        std::vector<float> got = to_host(dd, fc.size());
+        int bad = 0;
+        double maxd = 0;
+        for (size_t i = 0; i < got.size(); i++) {
+            double d = fabs((double)got[i] - want[i]);
+            maxd = d > maxd ? d : maxd;
+            bad += !(d <= 1e-6 * (1.0 + fabs(want[i])));
+        }
+        CHECK(bad == 0, "mma m16n8k16 %s: %d of %zu outputs differ from A·B + C (max |d| %g)", bf16 ? "bf16" : "f16",
+              bad, got.size(), maxd);
+
+        /* A lane that exited cannot take part: the MMA is an error, not garbage. */
+        PEA_LAUNCH(mma_kernel, blocks, 32 * warps_per_block, 0, 0, da, db, dc, dd, bf16, 37);
+        expect_launch_error("mma.sync with an exited lane", cudaErrorLaunchFailure, "needs all 32 lanes");
+        /* A block that ends mid-warp (48 threads): the second warp is partial. */
+        PEA_LAUNCH(mma_kernel, 1, 48, 0, 0, da, db, dc, dd, bf16, -1);
+        expect_launch_error("mma.sync in a partial warp", cudaErrorLaunchFailure, "needs all 32 lanes");
+        cudaFree(da);
+        cudaFree(db);
+        cudaFree(dc);
+        cudaFree(dd);
+    }
+    say("ok   mma.sync m16n8k16 f16/bf16 (f32 accumulate) against A·B + C, 4 warps; exited lane, partial warp");
+}
+
 static void test_limits() {
     int *d = device_alloc<int>(2048);
     PEA_LAUNCH(param_copy_kernel, 1, 1025, 0, 0, 1, d);
@@ -595,6 +696,7 @@ int main() {
         test_atomics();
     }
     pea_emu_set_schedule(PEA_EMU_FORWARD, 0);
+    test_mma();
     test_limits();
     test_runtime();
     test_crashes();
