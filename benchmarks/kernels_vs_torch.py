@@ -3,7 +3,8 @@
 
 The pea side prints, per kernel, its problem (a `params` object of dimensions) and its best / median time; this
 script builds the same problems in torch on the same GPU, in the same run and dtype, and times them with CUDA
-events after a warm-up (one event pair around each run, best and median of --repeats):
+events after a warm-up (one event pair around each sample of --launches back-to-back runs, divided by it; best and
+median of --repeats samples):
 
     group_norm_silu_*  F.silu(F.group_norm(x, G, w, b))            x [B, C, H, W]
     layer_norm         F.layer_norm(x, (C,), w, b)                  x [R, C]
@@ -67,8 +68,8 @@ def last_json_list(text):
     return json.loads(text[start:])
 
 
-def run_pea(pea, backend, precision, repeats, only, scale, lib):
-    cmd = [pea, "bench", "kernels", "--backend", backend, "--precision", precision, "--json"]
+def run_pea(pea, backend, precision, repeats, only, scale, lib, launches=1):
+    cmd = [pea, "bench", "kernels", "--backend", backend, "--precision", precision, "--json", "--launches", str(launches)]
     if repeats:
         cmd += ["--repeats", str(repeats)]
     if only:
@@ -160,8 +161,9 @@ def torch_problem(torch, F, entry, dtype, dev="cuda"):
     raise ValueError(f"no torch equivalent for op '{op}'")
 
 
-def time_torch(torch, fn, repeats):
-    """Best and median ms of `repeats` runs, each between its own pair of CUDA events, after warm-up."""
+def time_torch(torch, fn, repeats, launches=1):
+    """Best and median ms per run of `repeats` samples, each `launches` back-to-back runs between one pair of
+    CUDA events (divided by `launches`), after warm-up — the same sampling as pea's --launches."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -169,10 +171,11 @@ def time_torch(torch, fn, repeats):
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(launches):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / launches)
     return min(times), statistics.median(times)
 
 
@@ -211,7 +214,9 @@ def main():
                         help="the CUDA library pea loads (PEA_CUDA_LIB; default: %(default)s when it exists)")
     parser.add_argument("--precision", action="append", choices=["fp32", "fp16", "bf16"],
                         help="dtype of both sides; repeatable (default: fp16 and fp32)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per kernel and side (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed samples per kernel and side (default: %(default)s)")
+    parser.add_argument("--launches", type=int, default=10,
+                        help="back-to-back runs per timed sample on both sides, the time divided by it (default: %(default)s)")
     parser.add_argument("--only", help="pea's --only: comma-separated substrings of kernel names")
     parser.add_argument("--write", metavar="RESULTS.md", help="record the tables in this markdown file")
     parser.add_argument("--dry-run", action="store_true",
@@ -248,10 +253,10 @@ def main():
               "|---|---|---|---:|---:|---:|---:|---:|---:|")
     rows = []
     for precision in precisions:
-        for entry in run_pea(args.pea, "cuda", precision, args.repeats, args.only, None, lib):
+        for entry in run_pea(args.pea, "cuda", precision, args.repeats, args.only, None, lib, args.launches):
             fn = torch_problem(torch, F, entry, dtypes[precision])
             with torch.inference_mode():
-                t_best, t_median = time_torch(torch, fn, args.repeats)
+                t_best, t_median = time_torch(torch, fn, args.repeats, args.launches)
             memory_bound = entry["op"] in MEMORY_BOUND
             if memory_bound:
                 torch_rate = entry["gbps"] * entry["best_ms"] / t_best
@@ -283,8 +288,9 @@ def main():
             f"- device: {device}; DRAM peak {peak:.0f} GB/s ({peak_source})",
             f"- reference: torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {cudnn_version(torch)}; "
             f"SDPA in [B, H, T, D] ({note}); cuDNN benchmark mode; TF32 off on both sides",
-            f"- timing: pea — one warm-up, then {args.repeats} runs each between two synchronize() calls (host clock, "
-            f"launch included); torch — three warm-ups, then {args.repeats} runs each between two CUDA events; "
+            f"- timing: each sample is {args.launches} back-to-back runs divided by {args.launches}; pea — one warm-up, then "
+            f"{args.repeats} samples each between two synchronize() calls (host clock, launches included); torch — three "
+            f"warm-ups, then {args.repeats} samples each between two CUDA events; "
             "best / median; rates from the best time (GB/s: minimal bytes read + written)",
             f"- command: `{command}`",
             "",
