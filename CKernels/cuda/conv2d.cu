@@ -22,25 +22,37 @@
  */
 #include "internal.h"
 
-/* The geometry im2col needs, passed by value. */
-struct ConvGeometry {
-    int64_t Cin, H, W, kh, kw, sh, sw, pt, pl, Ho, Wo;
+/* The geometry im2col needs, passed by value, in the kernel's index type I. */
+template <typename I>
+struct ConvGeometryOf {
+    I Cin, H, W, kh, kw, sh, sw, pt, pl, Ho, Wo;
 };
+using ConvGeometry = ConvGeometryOf<int64_t>;
+
+/* The index arithmetic (several divisions per element) dominates im2col/col2im; 64-bit division is emulated in
+ * software on the GPU, so the kernels run in 32-bit indices whenever every index they form fits. */
+static bool fits_int32(int64_t elements) { return elements + (int64_t(1) << 26) < int64_t(INT32_MAX); }
+
+static ConvGeometryOf<int32_t> narrowed(const ConvGeometry &g) {
+    return {(int32_t)g.Cin, (int32_t)g.H, (int32_t)g.W, (int32_t)g.kh, (int32_t)g.kw, (int32_t)g.sh, (int32_t)g.sw,
+            (int32_t)g.pt, (int32_t)g.pl, (int32_t)g.Ho, (int32_t)g.Wo};
+}
 
 /* col[img, r, n] = x[b0 + img, c, oy·sh − pt + i, ox·sw − pl + j] (zero outside the image) for the images
  * b0 … b0+nimg−1, rows r = (c, i, j) of K = Cin·kh·kw, and columns n = n0 … n0+nc−1 of the output plane
  * (n = oy·Wo + ox); col is [nimg, K, nc]. One thread per element of col (grid-stride): consecutive threads
- * write consecutive columns, and read consecutive input pixels when the stride is 1. E is the element's bits. */
-template <typename E>
-__global__ void im2col_kernel(const E *x, E *col, ConvGeometry g, int64_t b0, int64_t nimg, int64_t n0, int64_t nc) {
-    const int64_t K = g.Cin * g.kh * g.kw, per_image = K * nc, total = nimg * per_image;
-    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        const int64_t img = e / per_image, rem = e - img * per_image;
-        const int64_t r = rem / nc, n = n0 + (rem - r * nc);
-        const int64_t oy = n / g.Wo, ox = n - oy * g.Wo;
-        const int64_t c = r / (g.kh * g.kw), ij = r - c * g.kh * g.kw, i = ij / g.kw, j = ij - i * g.kw;
-        const int64_t iy = oy * g.sh - g.pt + i, ix = ox * g.sw - g.pl + j;
+ * write consecutive columns, and read consecutive input pixels when the stride is 1. E is the element's bits,
+ * I the index type (int32_t when every index fits). */
+template <typename E, typename I>
+__global__ void im2col_kernel(const E *x, E *col, ConvGeometryOf<I> g, I b0, I nimg, I n0, I nc) {
+    const I K = g.Cin * g.kh * g.kw, per_image = K * nc, total = nimg * per_image;
+    const I stride = (I)gridDim.x * (I)blockDim.x;
+    for (I e = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; e < total; e += stride) {
+        const I img = e / per_image, rem = e - img * per_image;
+        const I r = rem / nc, n = n0 + (rem - r * nc);
+        const I oy = n / g.Wo, ox = n - oy * g.Wo;
+        const I c = r / (g.kh * g.kw), ij = r - c * g.kh * g.kw, i = ij / g.kw, j = ij - i * g.kw;
+        const I iy = oy * g.sh - g.pt + i, ix = ox * g.sw - g.pl + j;
         E v = E();
         if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) v = x[(((b0 + img) * g.Cin + c) * g.H + iy) * g.W + ix];
         col[e] = v;
@@ -51,8 +63,13 @@ template <typename E>
 static int im2col_launch(pea_cuda_context *ctx, const void *x, void *col, const ConvGeometry &g, int64_t b0,
                          int64_t nimg, int64_t n0, int64_t nc) {
     const int64_t total = nimg * g.Cin * g.kh * g.kw * nc;
-    PEA_KERNEL(ctx, "conv2d", im2col_kernel<E>, pea_grid_1d(ctx, total, 256), 256, 0, (const E *)x, (E *)col, g, b0,
-               nimg, n0, nc);
+    if (fits_int32(total) && fits_int32((b0 + nimg) * g.Cin * g.H * g.W)) {
+        PEA_KERNEL(ctx, "conv2d", (im2col_kernel<E, int32_t>), pea_grid_1d(ctx, total, 256), 256, 0, (const E *)x,
+                   (E *)col, narrowed(g), (int32_t)b0, (int32_t)nimg, (int32_t)n0, (int32_t)nc);
+    } else {
+        PEA_KERNEL(ctx, "conv2d", (im2col_kernel<E, int64_t>), pea_grid_1d(ctx, total, 256), 256, 0, (const E *)x,
+                   (E *)col, g, b0, nimg, n0, nc);
+    }
     return PEA_CUDA_OK;
 }
 
@@ -155,31 +172,31 @@ extern "C" int pea_cuda_conv2d(pea_cuda_context *ctx, int dtype, const ck_conv2d
  * per dx element (grid-stride over the images' rows y0 … y0+rows−1, all channels and columns), each summing its
  * at most kh·kw taps in f32 in a fixed order — no atomics, the same result on every run. Consecutive threads
  * write consecutive pixels of a row. */
-template <typename T>
-__global__ void col2im_kernel(const T *col, T *dx, ConvGeometry g, int64_t b0, int64_t nimg, int64_t n0, int64_t nc,
-                              int64_t y0, int64_t rows, int accumulate) {
-    const int64_t taps = g.kh * g.kw, K = g.Cin * taps;
-    const int64_t per_c = rows * g.W, per_image = g.Cin * per_c, total = nimg * per_image;
-    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-        const int64_t img = e / per_image, rem = e - img * per_image;
-        const int64_t c = rem / per_c, pix = rem - c * per_c;
-        const int64_t iy = y0 + pix / g.W, ix = pix - (pix / g.W) * g.W;
+template <typename T, typename I>
+__global__ void col2im_kernel(const T *col, T *dx, ConvGeometryOf<I> g, I b0, I nimg, I n0, I nc, I y0, I rows,
+                              int accumulate) {
+    const I taps = g.kh * g.kw, K = g.Cin * taps;
+    const I per_c = rows * g.W, per_image = g.Cin * per_c, total = nimg * per_image;
+    const I stride = (I)gridDim.x * (I)blockDim.x;
+    for (I e = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; e < total; e += stride) {
+        const I img = e / per_image, rem = e - img * per_image;
+        const I c = rem / per_c, pix = rem - c * per_c;
+        const I iy = y0 + pix / g.W, ix = pix - (pix / g.W) * g.W;
         const T *colc = col + (img * K + c * taps) * nc;
         float acc = 0.0f;
-        for (int64_t i = 0; i < g.kh; i++) {
-            const int64_t ty = iy + g.pt - i;
+        for (I i = 0; i < g.kh; i++) {
+            const I ty = iy + g.pt - i;
             if (ty < 0) break; /* and for every larger i */
             if (ty % g.sh) continue;
-            const int64_t oy = ty / g.sh;
+            const I oy = ty / g.sh;
             if (oy >= g.Ho) continue;
-            for (int64_t j = 0; j < g.kw; j++) {
-                const int64_t tx = ix + g.pl - j;
+            for (I j = 0; j < g.kw; j++) {
+                const I tx = ix + g.pl - j;
                 if (tx < 0) break;
                 if (tx % g.sw) continue;
-                const int64_t ox = tx / g.sw;
+                const I ox = tx / g.sw;
                 if (ox >= g.Wo) continue;
-                const int64_t n = oy * g.Wo + ox - n0;
+                const I n = oy * g.Wo + ox - n0;
                 if (n < 0 || n >= nc) continue;
                 acc += pea_ld(colc + (i * g.kw + j) * nc + n);
             }
@@ -193,8 +210,14 @@ template <typename T>
 static int col2im_launch(pea_cuda_context *ctx, const void *col, void *dx, const ConvGeometry &g, int64_t b0,
                          int64_t nimg, int64_t n0, int64_t nc, int64_t y0, int64_t rows, int accumulate) {
     const int64_t total = nimg * g.Cin * rows * g.W;
-    PEA_KERNEL(ctx, "conv2d_backward_data", col2im_kernel<T>, pea_grid_1d(ctx, total, 256), 256, 0, (const T *)col,
-               (T *)dx, g, b0, nimg, n0, nc, y0, rows, accumulate);
+    if (fits_int32(nimg * g.Cin * g.kh * g.kw * nc) && fits_int32((b0 + nimg) * g.Cin * g.H * g.W)) {
+        PEA_KERNEL(ctx, "conv2d_backward_data", (col2im_kernel<T, int32_t>), pea_grid_1d(ctx, total, 256), 256, 0,
+                   (const T *)col, (T *)dx, narrowed(g), (int32_t)b0, (int32_t)nimg, (int32_t)n0, (int32_t)nc,
+                   (int32_t)y0, (int32_t)rows, accumulate);
+    } else {
+        PEA_KERNEL(ctx, "conv2d_backward_data", (col2im_kernel<T, int64_t>), pea_grid_1d(ctx, total, 256), 256, 0,
+                   (const T *)col, (T *)dx, g, b0, nimg, n0, nc, y0, rows, accumulate);
+    }
     return PEA_CUDA_OK;
 }
 
