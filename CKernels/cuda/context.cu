@@ -138,6 +138,7 @@ extern "C" int pea_cuda_create(int device, pea_cuda_context **out, char *message
         long long v = atoll(s);
         if (v > 0) ctx->workspace_limit = (size_t)v;
     }
+    if (const char *s = getenv("PEA_CUDA_CONV_INDEX64")) ctx->conv_index64 = atoi(s) != 0;
 
 #define CREATE_CHECK(call)                                                                             \
     do {                                                                                               \

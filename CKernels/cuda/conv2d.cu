@@ -31,7 +31,9 @@ using ConvGeometry = ConvGeometryOf<int64_t>;
 
 /* The index arithmetic (several divisions per element) dominates im2col/col2im; 64-bit division is emulated in
  * software on the GPU, so the kernels run in 32-bit indices whenever every index they form fits. */
-static bool fits_int32(int64_t elements) { return elements + (int64_t(1) << 26) < int64_t(INT32_MAX); }
+static bool fits_int32(const pea_cuda_context *ctx, int64_t elements) {
+    return !ctx->conv_index64 && elements + (int64_t(1) << 26) < int64_t(INT32_MAX);
+}
 
 static ConvGeometryOf<int32_t> narrowed(const ConvGeometry &g) {
     return {(int32_t)g.Cin, (int32_t)g.H, (int32_t)g.W, (int32_t)g.kh, (int32_t)g.kw, (int32_t)g.sh, (int32_t)g.sw,
@@ -63,7 +65,7 @@ template <typename E>
 static int im2col_launch(pea_cuda_context *ctx, const void *x, void *col, const ConvGeometry &g, int64_t b0,
                          int64_t nimg, int64_t n0, int64_t nc) {
     const int64_t total = nimg * g.Cin * g.kh * g.kw * nc;
-    if (fits_int32(total) && fits_int32((b0 + nimg) * g.Cin * g.H * g.W)) {
+    if (fits_int32(ctx, total) && fits_int32(ctx, (b0 + nimg) * g.Cin * g.H * g.W)) {
         PEA_KERNEL(ctx, "conv2d", (im2col_kernel<E, int32_t>), pea_grid_1d(ctx, total, 256), 256, 0, (const E *)x,
                    (E *)col, narrowed(g), (int32_t)b0, (int32_t)nimg, (int32_t)n0, (int32_t)nc);
     } else {
@@ -210,7 +212,7 @@ template <typename T>
 static int col2im_launch(pea_cuda_context *ctx, const void *col, void *dx, const ConvGeometry &g, int64_t b0,
                          int64_t nimg, int64_t n0, int64_t nc, int64_t y0, int64_t rows, int accumulate) {
     const int64_t total = nimg * g.Cin * rows * g.W;
-    if (fits_int32(nimg * g.Cin * g.kh * g.kw * nc) && fits_int32((b0 + nimg) * g.Cin * g.H * g.W)) {
+    if (fits_int32(ctx, nimg * g.Cin * g.kh * g.kw * nc) && fits_int32(ctx, (b0 + nimg) * g.Cin * g.H * g.W)) {
         PEA_KERNEL(ctx, "conv2d_backward_data", (col2im_kernel<T, int32_t>), pea_grid_1d(ctx, total, 256), 256, 0,
                    (const T *)col, (T *)dx, narrowed(g), (int32_t)b0, (int32_t)nimg, (int32_t)n0, (int32_t)nc,
                    (int32_t)y0, (int32_t)rows, accumulate);

@@ -65,6 +65,8 @@ struct pea_cuda_context {
     void *workspace;
     size_t workspace_bytes;
     size_t workspace_limit; /* the most conv2d unrolls at once (PEA_CUDA_CONV_WORKSPACE_BYTES, default 256 MB) */
+    int conv_index64;       /* im2col/col2im always in 64-bit indices (PEA_CUDA_CONV_INDEX64=1; tests reach that
+                               path with it, as real tensors need 2³¹ elements to) */
 
     pea_device_error *d_error; /* device record */
     pea_device_error *h_error; /* pinned host mirror */

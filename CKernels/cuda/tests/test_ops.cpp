@@ -821,6 +821,34 @@ static void test_conv2d_chunked(const char *libpath) {
     g_ctx = saved;
 }
 
+/* A context whose im2col/col2im use 64-bit indices (PEA_CUDA_CONV_INDEX64): real tensors reach that path only
+ * past 2³¹ elements. Forward and data-gradient cases, whole images and column chunks. */
+static void run_conv_backward(const ck_conv2d_params &p, int t, const char *label);
+static void test_conv2d_index64() {
+    g_phase = "conv2d 64-bit indices";
+    pea_cuda_context *saved = g_ctx;
+    char msg[256];
+    setenv("PEA_CUDA_CONV_INDEX64", "1", 1);
+    setenv("PEA_CUDA_CONV_WORKSPACE_BYTES", "2000", 1);
+    pea_cuda_context *wide = nullptr;
+    int rc = L.pea_cuda_create(0, &wide, msg, sizeof msg);
+    unsetenv("PEA_CUDA_CONV_INDEX64");
+    unsetenv("PEA_CUDA_CONV_WORKSPACE_BYTES");
+    CHECK(rc == PEA_CUDA_OK, "create: %s", msg);
+    if (rc) return;
+    g_ctx = wide;
+    const ck_conv2d_params chunks = {3, 2, 7, 9, 4, 3, 3, 1, 1, 1, 1, 1, 1};   /* column chunks */
+    const ck_conv2d_params groups = {10, 1, 5, 5, 3, 2, 2, 1, 1, 0, 0, 0, 0};  /* whole-image groups, a 2×2 kernel */
+    for (int t : kFloatTypes) {
+        run_conv(chunks, t, true, "64-bit indices, column chunks");
+        run_conv(groups, t, false, "64-bit indices, image groups");
+        run_conv_backward(chunks, t, "64-bit indices, column chunks");
+        run_conv_backward(groups, t, "64-bit indices, image groups");
+    }
+    L.pea_cuda_destroy(wide);
+    g_ctx = saved;
+}
+
 /* ---------------------------------------------------------------------------------------------------- */
 /* Norms and softmax                                                                                     */
 
@@ -1404,6 +1432,7 @@ int main(int argc, char **argv) {
         {"linear", test_linear},
         {"conv2d", test_conv2d},
         {"conv2d chunked", [] { test_conv2d_chunked(nullptr); }},
+        {"conv2d 64-bit indices", test_conv2d_index64},
         {"norms", test_norms},
         {"attention", [] { test_attention(false); }},
         {"sd-like shapes", test_sd_like},
