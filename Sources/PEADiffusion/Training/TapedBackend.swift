@@ -35,7 +35,6 @@ public final class TapedBackend: ComputeBackend {
         let inputs: [ObjectIdentifier?]
         let outputs: [ObjectIdentifier]
         let outputShapes: [[Int]]
-        let outputDTypes: [DType]
         let backward: ([Tensor?]) throws -> [Tensor?]
     }
 
@@ -85,7 +84,12 @@ public final class TapedBackend: ComputeBackend {
             let shaped = try zip(outputGradients, entry.outputShapes).map { gradient, shape in
                 try gradient.map { $0.shape == shape ? $0 : try $0.reshaped(shape) }
             }
-            let inputGradients = try entry.backward(shaped)
+            let inputGradients: [Tensor?]
+            do {
+                inputGradients = try entry.backward(shaped)
+            } catch let error as PEAError {
+                throw PEAError.backend("backward of \(entry.op): \(error)")
+            }
             for (id, gradient) in zip(entry.inputs, inputGradients) {
                 guard let id, let gradient else { continue }
                 try accumulate(gradient, into: id)
@@ -122,8 +126,7 @@ public final class TapedBackend: ComputeBackend {
             throw PEAError.unsupported("\(op): no gradient with respect to its input \(i), which requires one")
         }
         for output in outputs { track(output.storage) }
-        tape.append(Entry(op: op, inputs: ids, outputs: outputIDs, outputShapes: outputs.map(\.shape),
-                          outputDTypes: outputs.map(\.dtype), backward: backward))
+        tape.append(Entry(op: op, inputs: ids, outputs: outputIDs, outputShapes: outputs.map(\.shape), backward: backward))
     }
 
     // MARK: memory
