@@ -124,6 +124,18 @@ void ck_group_norm_backward_f32(const float *dy, const float *x, const float *ga
 
 /* ---- layer norm: one row of D features per unit ---- */
 
+/* A row's mean and 1/√(biased variance + eps), summed in double (the forward and the backward share it). */
+static void layer_norm_stats(const float *x, int64_t D, float eps, float *mean_out, float *rstd_out) {
+    double sum = 0;
+    for (int64_t i = 0; i < D; i++) sum += x[i];
+    const double mean = sum / (double)D;
+    double sq = 0;
+    for (int64_t i = 0; i < D; i++) { double d = x[i] - mean; sq += d * d; }
+    *mean_out = (float)mean;
+    *rstd_out = (float)(1.0 / sqrt(sq / (double)D + eps));
+}
+
+
 typedef struct {
     const float *x, *gamma, *beta;
     float *y;
@@ -137,13 +149,8 @@ static void layer_norm_rows(void *arg, int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; r++) {
         const float *x = ctx->x + r * D;
         float *y = ctx->y + r * D;
-        double sum = 0;
-        for (int64_t i = 0; i < D; i++) sum += x[i];
-        const double mean = sum / (double)D;
-        double sq = 0;
-        for (int64_t i = 0; i < D; i++) { double d = x[i] - mean; sq += d * d; }
-        const float rstd = (float)(1.0 / sqrt(sq / (double)D + ctx->eps));
-        const float m = (float)mean;
+        float m, rstd;
+        layer_norm_stats(x, D, ctx->eps, &m, &rstd);
         for (int64_t i = 0; i < D; i++) {
             float v = (x[i] - m) * rstd;
             if (ctx->gamma) v *= ctx->gamma[i];
@@ -164,16 +171,6 @@ void ck_layer_norm_f32(const float *x, const float *gamma, const float *beta, fl
  * The parameter gradients dγ = Σ_rows dy·x̂ and dβ = Σ_rows dy are reduced by a second pass over column
  * blocks: each column is summed by one task in row order (in double), so the result does not depend on
  * the number of threads. The rows' (μ, rstd) are kept from the first pass. */
-
-static void layer_norm_stats(const float *x, int64_t D, float eps, float *mean_out, float *rstd_out) {
-    double sum = 0;
-    for (int64_t i = 0; i < D; i++) sum += x[i];
-    const double mean = sum / (double)D;
-    double sq = 0;
-    for (int64_t i = 0; i < D; i++) { double d = x[i] - mean; sq += d * d; }
-    *mean_out = (float)mean;
-    *rstd_out = (float)(1.0 / sqrt(sq / (double)D + eps));
-}
 
 typedef struct {
     const float *dy, *x, *gamma;

@@ -259,13 +259,10 @@ enum { ROWS_PER_BLOCK = 8 }; /* warps per block for the warp-per-row kernels */
 /* y[r, :] = (x[r, :] − mean)·rstd·γ + β over rows of D. One warp per row (row = blockIdx.x·8 + warp); lane l
  * handles features l, l + 32, …: a pass for the mean, a pass for the biased variance of the centred values
  * (the row is in L1/L2 by then), a pass that writes y. A warp past the last row returns as a whole. */
+/* A row's mean and 1/√(biased variance + eps), by the 32 lanes of a warp (lane l sums features l, l + 32, …;
+ * two passes, each ending in a warp sum); every lane gets both. Shared by the forward and the backward. */
 template <typename T>
-__global__ void layer_norm_kernel(const T *x, const T *gamma, const T *beta, T *y, int64_t R, int64_t D, float eps) {
-    const int lane = threadIdx.x % 32;
-    const int64_t r = (int64_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32;
-    if (r >= R) return;
-    const T *xr = x + r * D;
-    T *yr = y + r * D;
+static __device__ void layer_norm_row_stats(const T *xr, int64_t D, int lane, float eps, float *mean_out, float *rstd_out) {
     float s = 0.0f;
     for (int64_t i = lane; i < D; i += 32) s += pea_ld(xr + i);
     const float mean = pea_warp_sum(s) / (float)D;
@@ -274,7 +271,19 @@ __global__ void layer_norm_kernel(const T *x, const T *gamma, const T *beta, T *
         const float d = pea_ld(xr + i) - mean;
         sq += d * d;
     }
-    const float rstd = rsqrtf(pea_warp_sum(sq) / (float)D + eps);
+    *mean_out = mean;
+    *rstd_out = rsqrtf(pea_warp_sum(sq) / (float)D + eps);
+}
+
+template <typename T>
+__global__ void layer_norm_kernel(const T *x, const T *gamma, const T *beta, T *y, int64_t R, int64_t D, float eps) {
+    const int lane = threadIdx.x % 32;
+    const int64_t r = (int64_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32;
+    if (r >= R) return;
+    const T *xr = x + r * D;
+    T *yr = y + r * D;
+    float mean, rstd;
+    layer_norm_row_stats(xr, D, lane, eps, &mean, &rstd);
     for (int64_t i = lane; i < D; i += 32) {
         float v = (pea_ld(xr + i) - mean) * rstd;
         if (gamma) v *= pea_ld(gamma + i);
@@ -317,15 +326,8 @@ __global__ void layer_norm_backward_kernel(const T *dy, const T *x, const T *gam
     if (r >= R) return;
     const T *xr = x + r * D, *dyr = dy + r * D;
     T *dxr = dx + r * D;
-    float s = 0.0f;
-    for (int64_t i = lane; i < D; i += 32) s += pea_ld(xr + i);
-    const float mean = pea_warp_sum(s) / (float)D;
-    float sq = 0.0f;
-    for (int64_t i = lane; i < D; i += 32) {
-        const float d = pea_ld(xr + i) - mean;
-        sq += d * d;
-    }
-    const float rstd = rsqrtf(pea_warp_sum(sq) / (float)D + eps);
+    float mean, rstd;
+    layer_norm_row_stats(xr, D, lane, eps, &mean, &rstd);
     float a = 0.0f, b = 0.0f;
     for (int64_t i = lane; i < D; i += 32) {
         const float xh = (pea_ld(xr + i) - mean) * rstd;

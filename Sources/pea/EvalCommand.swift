@@ -81,7 +81,7 @@ func runEval(_ arguments: [String]) throws {
         try runEvalTextEncoder(options, model: model, output: output)
         return
     }
-    let inputs = try EvalInputs(path: options.requiredString("--inputs"))
+    let inputs = try InputTensors(path: options.requiredString("--inputs"))
     let variant = options.string("--variant")
     let backendOptions = try BackendOptions(options, command: command)
     let backend = backendOptions.backend, dtype = backendOptions.precision
@@ -206,30 +206,6 @@ func joinPathComponents(_ folder: String, _ name: String) -> String {
 extension String {
     func replacingPrefix(_ prefix: String, with replacement: String) -> String {
         hasPrefix(prefix) ? replacement + dropFirst(prefix.count) : self
-    }
-}
-
-/// The tensors of an `--inputs` file, checked by name with errors that name the file.
-struct EvalInputs {
-    let file: SafeTensorsFile
-
-    init(path: String) throws { file = try SafeTensorsFile(path: path) }
-
-    func optionalTensor(_ name: String, on backend: any ComputeBackend, floatOnly: Bool = true) throws -> Tensor? {
-        file.contains(name) ? try tensor(name, on: backend, floatOnly: floatOnly) : nil
-    }
-
-    /// The tensor, in f32 when it holds floating-point values (ids and timesteps may stay integers).
-    func tensor(_ name: String, on backend: any ComputeBackend, floatOnly: Bool = true) throws -> Tensor {
-        guard file.contains(name) else {
-            throw PEAError.invalidFile(path: file.path, reason: "missing input tensor '\(name)'")
-        }
-        var values = try file.tensor(name)
-        if floatOnly && !values.dtype.isFloatingPoint {
-            throw PEAError.invalidFile(path: file.path, reason: "input '\(name)' is \(values.dtype), expected floating point")
-        }
-        if values.dtype == .f16 || values.dtype == .bf16 { values = values.converted(to: .f32) }
-        return try backend.upload(values)
     }
 }
 

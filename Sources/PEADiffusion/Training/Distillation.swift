@@ -182,29 +182,18 @@ extension DistillationBatch {
     /// teacher_states, teacher_states_uncond, uncond_mask, optional zh_or_not, and for SDXL time_ids and
     /// teacher_text_embeds. Floating-point tensors are uploaded in f32.
     public static func load(path: String, backend: any ComputeBackend) throws -> DistillationBatch {
-        let file = try SafeTensorsFile(path: path)
-        func host(_ name: String) throws -> HostTensor {
-            guard file.contains(name) else { throw PEAError.invalidFile(path: path, reason: "missing input tensor '\(name)'") }
-            let values = try file.tensor(name)
-            return values.dtype == .f16 || values.dtype == .bf16 ? values.converted(to: .f32) : values
-        }
-        func floats(_ name: String) throws -> Tensor {
-            let values = try host(name)
-            guard values.dtype == .f32 else {
-                throw PEAError.invalidFile(path: path, reason: "input '\(name)' is \(values.dtype), expected floating point")
-            }
-            return try backend.upload(values)
-        }
-        func optional(_ name: String) throws -> Tensor? { file.contains(name) ? try floats(name) : nil }
-        func mask(_ name: String) throws -> [Float] { try host(name).floats() }
+        let inputs = try InputTensors(path: path)
+        func floats(_ name: String) throws -> Tensor { try inputs.tensor(name, on: backend) }
+        func optional(_ name: String) throws -> Tensor? { try inputs.optionalTensor(name, on: backend) }
+        func mask(_ name: String) throws -> [Float] { try inputs.host(name, floatOnly: false).floats() }
         return DistillationBatch(
             noisyLatents: try floats("noisy_latents"),
             target: try optional("target") ?? floats("noise"),
-            timesteps: try backend.upload(host("timesteps")),
+            timesteps: try inputs.tensor("timesteps", on: backend, floatOnly: false),
             studentStates: try floats("student_states"), studentStatesUncond: try floats("student_states_uncond"),
             teacherStates: try floats("teacher_states"), teacherStatesUncond: try floats("teacher_states_uncond"),
             uncondMask: try mask("uncond_mask"),
-            languageSpecific: file.contains("zh_or_not") ? try mask("zh_or_not") : nil,
+            languageSpecific: inputs.contains("zh_or_not") ? try mask("zh_or_not") : nil,
             timeIds: try optional("time_ids"), teacherTextEmbeds: try optional("teacher_text_embeds"))
     }
 }
