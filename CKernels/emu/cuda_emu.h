@@ -331,7 +331,7 @@ namespace pea_emu {
 enum WarpOp {
     W_SHFL_IDX, W_SHFL_UP, W_SHFL_DOWN, W_SHFL_XOR, W_SYNCWARP, W_BALLOT, W_ANY, W_ALL,
     W_REDUCE_ADD, W_REDUCE_MIN, W_REDUCE_MAX, W_REDUCE_UMIN, W_REDUCE_UMAX,
-    W_REDUCE_AND, W_REDUCE_OR, W_REDUCE_XOR, W_ACTIVEMASK, W_MMA
+    W_REDUCE_AND, W_REDUCE_OR, W_REDUCE_XOR, W_ACTIVEMASK, W_MMA, W_GATHER
 };
 /* The warp-level matrix multiply-accumulates (PTX mma.sync.aligned.*), by their PTX shape and types. */
 enum MmaKind { MMA_M16N8K16_F32_F16 = 0, MMA_M16N8K16_F32_BF16 = 1 };
@@ -347,6 +347,15 @@ void *dynamic_shared(size_t *bytes);
 /* c += a·b for one warp: every lane passes its fragments of A, B and C/D in the PTX layout of `kind`; the
  * call completes when all 32 lanes of the warp have made it (src/simt.cpp). */
 void warp_mma(int kind, float c[4], const unsigned a[4], const unsigned b[2], const char *file, int line);
+/* Every lane's four words to every lane (the exchange behind ldmatrix); *lane is the caller's lane. All 32
+ * lanes of the warp must make the same call. */
+void warp_gather4(const unsigned mine[4], unsigned all[32][4], int *lane, const char *file, int line);
+/* cp.async: queue a copy of src_bytes from global memory to shared memory, zero-filling to `bytes`; commit
+ * closes the thread's open group; wait(n) carries out the thread's oldest committed groups until at most n
+ * remain in flight (src/simt.cpp). */
+void cp_async(void *dst, const void *src, int bytes, int src_bytes, const char *file, int line);
+void cp_async_commit();
+void cp_async_wait(int pending);
 
 template <class T>
 static inline unsigned long long to_bits(T v) {
@@ -455,6 +464,57 @@ static inline void pea_mma_m16n8k16_f16(float c[4], const unsigned a[4], const u
 static inline void pea_mma_m16n8k16_bf16(float c[4], const unsigned a[4], const unsigned b[2],
                                          const char *file = __builtin_FILE(), int line = __builtin_LINE()) {
     pea_emu::warp_mma(pea_emu::MMA_M16N8K16_F32_BF16, c, a, b, file, line);
+}
+
+/* ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: four 8×8 matrices of 16-bit values from shared memory
+ * into each lane's r[0..3]. Lane l gives, in `smem[at]`, the start of row l % 8 of matrix l / 8 (16 bytes,
+ * 16-byte aligned). Lane l (g = l / 4, t = l % 4) receives in r[i] row g, columns 2t and 2t+1 of matrix i, or
+ * with .trans the transposed matrix's: rows 2t and 2t+1 of column g. pea_simt.h documents the call. */
+static inline void pea_emu_ldmatrix_x4(unsigned r[4], const void *row, bool trans, const char *file, int line) {
+    if ((uintptr_t)row % 16 != 0) pea_emu::trap("ldmatrix: a row address that is not 16-byte aligned", file, line);
+    unsigned mine[4], all[32][4];
+    memcpy(mine, row, sizeof mine);
+    int lane = 0;
+    pea_emu::warp_gather4(mine, all, &lane, file, line);
+    const int g = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; i++) {
+        if (!trans) {
+            r[i] = all[8 * i + g][t];
+        } else {
+            const unsigned lo = (all[8 * i + 2 * t][g >> 1] >> (16 * (g & 1))) & 0xffffu;
+            const unsigned hi = (all[8 * i + 2 * t + 1][g >> 1] >> (16 * (g & 1))) & 0xffffu;
+            r[i] = lo | (hi << 16);
+        }
+    }
+}
+template <class S>
+static inline void pea_ldmatrix_x4(unsigned r[4], S smem, int at, const char *file = __builtin_FILE(),
+                                   int line = __builtin_LINE()) {
+    (void)smem[at + 7]; /* the row's last element: bounds-checked like the first */
+    pea_emu_ldmatrix_x4(r, &smem[at], false, file, line);
+}
+template <class S>
+static inline void pea_ldmatrix_x4_trans(unsigned r[4], S smem, int at, const char *file = __builtin_FILE(),
+                                         int line = __builtin_LINE()) {
+    (void)smem[at + 7];
+    pea_emu_ldmatrix_x4(r, &smem[at], true, file, line);
+}
+/* cp.async.cg.shared.global [smem + at], [src], 16, src_bytes: `smem[at]` is the first of 16 bytes of shared
+ * memory (S's element may be 2, 4 or 16 bytes wide); src_bytes (0 or 16) are read, the rest zero-filled. */
+template <class S>
+static inline void pea_cp_async16(S smem, int at, const void *src, int src_bytes,
+                                  const char *file = __builtin_FILE(), int line = __builtin_LINE()) {
+    using E = typename std::remove_reference<decltype(smem[at])>::type;
+    (void)smem[at + (int)(16 / sizeof(E)) - 1];
+    pea_emu::cp_async(&smem[at], src, 16, src_bytes, file, line);
+}
+static inline void pea_cp_async_commit() { pea_emu::cp_async_commit(); }
+template <int N>
+static inline void pea_cp_async_wait() { pea_emu::cp_async_wait(N); }
+/* ex2.approx.ftz.f32: 2^x (here correctly rounded; the GPU's is within 2 ulp), subnormal results flushed to 0. */
+static inline float pea_ex2(float x) {
+    const float y = exp2f(x);
+    return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
 }
 
 static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }

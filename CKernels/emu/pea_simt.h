@@ -35,6 +35,28 @@
  *         c[0], c[1] = C[g][2t, 2t+1]                          c[2], c[3] = C[g+8][2t, 2t+1]
  *       The emulator gathers the 32 lanes' fragments at a warp rendezvous (like a shuffle) and computes the
  *       product exactly, accumulating in double (cuda_emu.h).
+ *
+ *   pea_ldmatrix_x4(unsigned r[4], S smem, int at)         PTX ldmatrix.sync.aligned.m8n8.x4.shared.b16
+ *   pea_ldmatrix_x4_trans(unsigned r[4], S smem, int at)   the same with .trans
+ *       Four 8×8 matrices of 16-bit values from shared memory, one warp (all 32 lanes, converged). smem is a
+ *       pointer to dynamic shared memory of 16-bit elements (PEA_DYNAMIC_SHARED(unsigned short, …)), and
+ *       smem[at] the start of this lane's row: lane l names row l % 8 of matrix l / 8 (8 elements, 16-byte
+ *       aligned). Lane l (g = l / 4, t = l % 4) gets in r[i] row g, elements 2t and 2t+1 of matrix i (the low
+ *       16 bits the lower index) — an mma A/B fragment register — or with _trans rows 2t and 2t+1 of column g
+ *       (a row-major [k][n] tile read as the B operand). sm_75 and later.
+ *
+ *   pea_cp_async16(S smem, int at, const void *src, int src_bytes)
+ *   pea_cp_async_commit()      pea_cp_async_wait<N>()
+ *       PTX cp.async.cg.shared.global (sm_80 and later): copy 16 bytes from global src to &smem[at] without
+ *       passing through registers, reading src_bytes (0 or 16) and zero-filling the rest; both addresses
+ *       16-byte aligned. commit closes the thread's group of copies; wait<N> blocks the thread until at most
+ *       its N most recent committed groups are still in flight. Other threads see the bytes only after their
+ *       writer's wait and a barrier. The emulator performs a copy only when a wait covers it, so a read that
+ *       comes too early reads the old bytes.
+ *
+ *   pea_ex2(float x)
+ *       2^x as PTX ex2.approx.ftz.f32 (one MUFU op; within 2 ulp, subnormal results 0). The emulator rounds
+ *       exactly and flushes subnormals.
  */
 #ifndef PEA_SIMT_H
 #define PEA_SIMT_H
@@ -62,6 +84,36 @@ static __device__ __forceinline__ void pea_mma_m16n8k16_bf16(float c[4], const u
                  "{%8, %9}, {%0, %1, %2, %3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <typename S>
+static __device__ __forceinline__ void pea_ldmatrix_x4(unsigned r[4], S smem, int at) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(&smem[at]);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+template <typename S>
+static __device__ __forceinline__ void pea_ldmatrix_x4_trans(unsigned r[4], S smem, int at) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(&smem[at]);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+template <typename S>
+static __device__ __forceinline__ void pea_cp_async16(S smem, int at, const void *src, int src_bytes) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(&smem[at]);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(src), "r"(src_bytes) : "memory");
+}
+static __device__ __forceinline__ void pea_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+static __device__ __forceinline__ void pea_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+static __device__ __forceinline__ float pea_ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
 }
 
 #else /* the emulated build: the host C++ compiler with -ICKernels/emu/include */

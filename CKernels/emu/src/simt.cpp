@@ -124,6 +124,15 @@ struct Fiber {
     unsigned long long value = 0;
     int arg = 0, width = 32;
     unsigned long long result = 0;
+    /* cp.async copies issued but not yet completed, oldest first; `groups` holds, per committed group, the
+     * number of copies in it (the copies after the last commit are the open group). */
+    struct AsyncCopy {
+        void *dst;
+        const void *src;
+        int bytes, src_bytes;
+    };
+    std::vector<AsyncCopy> async_copies;
+    std::vector<size_t> async_groups;
 };
 
 struct SharedReg {
@@ -338,6 +347,7 @@ static const char *op_name(int op) {
     case W_REDUCE_XOR: return "__reduce_xor_sync";
     case W_ACTIVEMASK: return "__activemask";
     case W_MMA: return "mma.sync.m16n8k16";
+    case W_GATHER: return "ldmatrix";
     }
     return "?";
 }
@@ -475,6 +485,60 @@ void warp_mma(int kind, float c[4], const unsigned a[4], const unsigned b[2], co
     memcpy(m.c, c, sizeof m.c);
     warp_op(W_MMA, 0xffffffffu, (unsigned long long)(uintptr_t)&m, kind, 32, file, line);
     memcpy(c, m.c, sizeof m.c);
+}
+
+/* One lane's part of a warp gather (ldmatrix): its own four words in, every lane's words out. */
+struct GatherLane {
+    unsigned mine[4];
+    unsigned (*all)[4];
+    int lane;
+};
+
+void warp_gather4(const unsigned mine[4], unsigned all[32][4], int *lane, const char *file, int line) {
+    GatherLane g;
+    memcpy(g.mine, mine, sizeof g.mine);
+    g.all = all;
+    g.lane = 0;
+    warp_op(W_GATHER, 0xffffffffu, (unsigned long long)(uintptr_t)&g, 0, 32, file, line);
+    *lane = g.lane;
+}
+
+/* cp.async: the copy is queued on the issuing thread and carried out only when a cp.async.wait_group makes
+ * the thread wait for its group, so a kernel that reads shared memory before waiting reads the old bytes (the
+ * poison of a fresh block, or the previous tile), as it may on a GPU. */
+void cp_async(void *dst, const void *src, int bytes, int src_bytes, const char *file, int line) {
+    Worker &w = in_kernel("cp.async");
+    if (((uintptr_t)dst | (uintptr_t)src) % (uintptr_t)bytes != 0)
+        fiber_fail(cudaErrorLaunchFailure,
+                   strprintf("cp.async at %s:%d: addresses %p (shared) and %p (global) are not %d-byte aligned",
+                             base_name(file), line, dst, src, bytes));
+    if (src_bytes < 0 || src_bytes > bytes)
+        fiber_fail(cudaErrorLaunchFailure, strprintf("cp.async at %s:%d: src-size %d is outside [0, %d]",
+                                                     base_name(file), line, src_bytes, bytes));
+    w.cur->async_copies.push_back({dst, src, bytes, src_bytes});
+}
+
+void cp_async_commit() {
+    Worker &w = in_kernel("cp.async.commit_group");
+    Fiber *f = w.cur;
+    size_t committed = 0;
+    for (size_t n : f->async_groups) committed += n;
+    f->async_groups.push_back(f->async_copies.size() - committed);
+}
+
+void cp_async_wait(int pending) {
+    Worker &w = in_kernel("cp.async.wait_group");
+    Fiber *f = w.cur;
+    while ((int)f->async_groups.size() > pending) {
+        const size_t n = f->async_groups.front();
+        for (size_t i = 0; i < n; i++) {
+            const Fiber::AsyncCopy &c = f->async_copies[i];
+            if (c.src_bytes) memcpy(c.dst, c.src, (size_t)c.src_bytes);
+            memset((char *)c.dst + c.src_bytes, 0, (size_t)(c.bytes - c.src_bytes));
+        }
+        f->async_copies.erase(f->async_copies.begin(), f->async_copies.begin() + (long)n);
+        f->async_groups.erase(f->async_groups.begin());
+    }
 }
 
 /* One element of an MMA operand: the 16-bit half `hi` of a .b32 register as f16 or bf16. */
@@ -650,7 +714,7 @@ static bool resolve_warps(Worker &w) {
                 }
             }
             if (!ready) continue;
-            if (f->op == W_MMA) { /* .sync.aligned: the whole warp, converged, with one instruction */
+            if (f->op == W_MMA || f->op == W_GATHER) { /* .sync.aligned: the whole warp, converged, one instruction */
                 if (P != 0xffffffffu) {
                     block_fail(w, cudaErrorLaunchFailure,
                                strprintf("warp %d: %s at %s:%d needs all 32 lanes of the warp, but lanes 0x%08x "
@@ -662,14 +726,24 @@ static bool resolve_warps(Worker &w) {
                     const Fiber *g = w.fibers[base + j];
                     if (g->arg != f->arg || g->line != f->line || strcmp(g->file, f->file) != 0) {
                         block_fail(w, cudaErrorLaunchFailure,
-                                   strprintf("warp %d: lanes wait at different mma.sync calls: lane %d %s:%d "
+                                   strprintf("warp %d: lanes wait at different %s calls: lane %d %s:%d "
                                              "(kind %d), lane %d %s:%d (kind %d)",
-                                             wp, l, base_name(f->file), f->line, f->arg, j, base_name(g->file),
+                                             wp, op_name(f->op), l, base_name(f->file), f->line, f->arg, j, base_name(g->file),
                                              g->line, g->arg));
                         return false;
                     }
                 }
-                mma_compute(w, base, f->arg);
+                if (f->op == W_MMA) {
+                    mma_compute(w, base, f->arg);
+                } else {
+                    for (int j = 0; j < 32; j++) {
+                        GatherLane *gl = (GatherLane *)(uintptr_t)w.fibers[base + j]->value;
+                        gl->lane = j;
+                        for (int k = 0; k < 32; k++)
+                            memcpy(gl->all[k], ((const GatherLane *)(uintptr_t)w.fibers[base + k]->value)->mine,
+                                   sizeof gl->mine);
+                    }
+                }
                 for (int j = 0; j < 32; j++) w.fibers[base + j]->state = F_RUN;
                 handled |= P;
                 progressed = true;
@@ -795,6 +869,8 @@ static void run_block(Worker &w, Job &job, unsigned long long b) {
                        (unsigned)(i / (L.block.x * L.block.y))};
         f->state = F_RUN;
         f->result = 0;
+        f->async_copies.clear(); /* copies a previous block left in flight are dropped with its shared memory */
+        f->async_groups.clear();
     }
     w.order.resize(w.nthreads);
     int sched = g_schedule.load();

@@ -221,6 +221,38 @@ __global__ void mma_kernel(const unsigned *fa, const unsigned *fb, const float *
     for (int i = 0; i < 4; i++) fd[t * 4 + i] = c[i];
 }
 
+/* ldmatrix: the warp stages 4 matrices of 8×8 16-bit values from m (matrix i row j at m[(8i + j)·8]) into
+ * dynamic shared memory with a padded row stride of 16 elements, then lane l names row l % 8 of matrix
+ * l / 8 (`skew` elements further on) and writes the four registers it gets to out[l][4]. */
+__global__ void ldmatrix_kernel(const unsigned short *m, unsigned *out, int trans, int skew) {
+    PEA_DYNAMIC_SHARED(unsigned short, s16);
+    const int lane = (int)threadIdx.x;
+    for (int e = lane; e < 256; e += 32) s16[(e / 8) * 16 + e % 8] = m[e];
+    __syncwarp();
+    unsigned r[4];
+    if (trans) pea_ldmatrix_x4_trans(r, s16, lane * 16 + skew);
+    else pea_ldmatrix_x4(r, s16, lane * 16 + skew);
+    for (int i = 0; i < 4; i++) out[lane * 4 + i] = r[i];
+}
+
+/* cp.async, 64 threads: thread t copies the 16 bytes src[t] into shared chunk t (reading them only when
+ * t % 3 != 0, else zero-fill) as its first group, and src[t + 64] into chunk t + 64 as its second. mode 0 waits
+ * for both groups, mode 1 for none, mode 2 with wait<1> (the newer group may still be in flight). After a
+ * barrier every thread writes shared chunks t and t + 64 to out. */
+__global__ void cp_async_kernel(const uint4 *src, uint4 *out, int mode) {
+    PEA_DYNAMIC_SHARED(uint4, s128);
+    const int t = (int)threadIdx.x;
+    pea_cp_async16(s128, t, src + t, t % 3 ? 16 : 0);
+    pea_cp_async_commit();
+    pea_cp_async16(s128, t + 64, src + t + 64, 16);
+    pea_cp_async_commit();
+    if (mode == 0) pea_cp_async_wait<0>();
+    if (mode == 2) pea_cp_async_wait<1>();
+    __syncthreads();
+    out[t] = s128[t];
+    out[t + 64] = s128[t + 64];
+}
+
 /* ---------------------------------------------------------------------------------------------------- */
 /* Tests                                                                                                 */
 
@@ -506,6 +538,65 @@ static void test_mma() {
     say("ok   mma.sync m16n8k16 f16/bf16 (f32 accumulate) against A·B + C, 4 warps; exited lane, partial warp");
 }
 
+/* ldmatrix against the PTX ISA's statement: lane l (g = l / 4, t = l % 4) holds in register i elements
+ * (g, 2t) and (g, 2t+1) of matrix i, low half first; with .trans elements (2t, g) and (2t+1, g). */
+static void test_ldmatrix() {
+    std::vector<unsigned short> m(256);
+    for (int e = 0; e < 256; e++) m[e] = (unsigned short)(0x1000 + 37 * e);
+    unsigned short *dm = to_device(m);
+    unsigned *dout = device_alloc<unsigned>(128);
+    for (int trans = 0; trans < 2; trans++) {
+        PEA_LAUNCH(ldmatrix_kernel, 1, 32, 32 * 16 * 2, 0, dm, dout, trans, 0);
+        CUDA_OK(cudaGetLastError());
+        std::vector<unsigned> got = to_host(dout, 128);
+        int bad = 0;
+        for (int lane = 0; lane < 32; lane++) {
+            const int g = lane / 4, t = lane % 4;
+            for (int i = 0; i < 4; i++) {
+                auto at = [&](int row, int col) { return (unsigned)m[(8 * i + row) * 8 + col]; };
+                const unsigned want = trans ? at(2 * t, g) | (at(2 * t + 1, g) << 16)
+                                            : at(g, 2 * t) | (at(g, 2 * t + 1) << 16);
+                bad += got[lane * 4 + i] != want;
+            }
+        }
+        CHECK(bad == 0, "ldmatrix.x4%s: %d of 128 registers differ from the PTX layout", trans ? ".trans" : "", bad);
+    }
+    /* A row address that is not 16-byte aligned is an error. */
+    PEA_LAUNCH(ldmatrix_kernel, 1, 32, 32 * 16 * 2 + 64, 0, dm, dout, 0, 4);
+    expect_launch_error("ldmatrix row not 16-byte aligned", cudaErrorLaunchFailure, "16-byte aligned");
+    cudaFree(dm);
+    cudaFree(dout);
+    say("ok   ldmatrix.x4 and .x4.trans against the PTX fragment layout; a misaligned row is an error");
+}
+
+/* cp.async: the bytes arrive (zero-filled where src-size is 0) once a wait covers their group, and not before:
+ * without a wait the shared memory still holds the block's poison (0xFF bytes). */
+static void test_cp_async() {
+    std::vector<unsigned> src(128 * 4);
+    for (size_t i = 0; i < src.size(); i++) src[i] = 0x01020304u * (unsigned)(i + 1);
+    uint4 *dsrc = (uint4 *)to_device(src);
+    uint4 *dout = device_alloc<uint4>(128);
+    for (int mode = 0; mode < 3; mode++) {
+        PEA_LAUNCH(cp_async_kernel, 1, 64, 128 * 16, 0, dsrc, dout, mode);
+        CUDA_OK(cudaGetLastError());
+        std::vector<unsigned> got(128 * 4);
+        CUDA_OK(cudaMemcpy(got.data(), dout, got.size() * 4, cudaMemcpyDeviceToHost));
+        int bad = 0;
+        for (int chunk = 0; chunk < 128; chunk++) {
+            const bool arrived = mode == 0 || (mode == 2 && chunk < 64);
+            for (int k = 0; k < 4; k++) {
+                unsigned want = 0xffffffffu;
+                if (arrived) want = (chunk < 64 && chunk % 3 == 0) ? 0u : src[chunk * 4 + k];
+                bad += got[chunk * 4 + k] != want;
+            }
+        }
+        CHECK(bad == 0, "cp.async mode %d: %d of 512 words differ", mode, bad);
+    }
+    cudaFree(dsrc);
+    cudaFree(dout);
+    say("ok   cp.async: zero-fill, wait_group 0 / 1, and no bytes before a wait");
+}
+
 static void test_limits() {
     int *d = device_alloc<int>(2048);
     PEA_LAUNCH(param_copy_kernel, 1, 1025, 0, 0, 1, d);
@@ -697,6 +788,8 @@ int main() {
     }
     pea_emu_set_schedule(PEA_EMU_FORWARD, 0);
     test_mma();
+    test_ldmatrix();
+    test_cp_async();
     test_limits();
     test_runtime();
     test_crashes();
