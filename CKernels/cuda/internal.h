@@ -71,6 +71,11 @@ struct pea_cuda_context {
     pea_device_error *d_error; /* device record */
     pea_device_error *h_error; /* pinned host mirror */
     int error_check_pending;   /* a kernel that may set d_error ran since the last check */
+
+    /* device timing (pea_cuda_timer_*, pea_cuda_spin): events created on first use, the SM clock in kHz */
+    cudaEvent_t timers[PEA_CUDA_TIMER_SLOTS];
+    int timer_recorded[PEA_CUDA_TIMER_SLOTS];
+    int clock_khz; /* 0 until pea_cuda_spin first asks */
 };
 
 /* ---------------------------------------------------------------------------------------------------- */

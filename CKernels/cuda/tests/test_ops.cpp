@@ -57,7 +57,7 @@
     X(pea_cuda_timestep_embedding) X(pea_cuda_mean) X(pea_cuda_convert)                               \
     X(pea_cuda_conv2d_backward_data) X(pea_cuda_group_norm_backward) X(pea_cuda_layer_norm_backward)   \
     X(pea_cuda_softmax_backward) X(pea_cuda_activation_backward) X(pea_cuda_geglu_backward)            \
-    X(pea_cuda_upsample_nearest2x_backward)
+    X(pea_cuda_upsample_nearest2x_backward) X(pea_cuda_timer_record) X(pea_cuda_timer_elapsed) X(pea_cuda_spin)
 
 struct Api {
 #define DECLARE(name) decltype(&::name) name = nullptr;
@@ -256,6 +256,42 @@ static void test_context() {
     char msg[256] = {0};
     int rc = L.pea_cuda_create(1000, &c, msg, sizeof msg);
     CHECK(rc == PEA_CUDA_ERROR_NO_DEVICE && c == nullptr && msg[0], "create(1000): rc %d \"%s\"", rc, msg);
+}
+
+/* The device timer: events around a spin gate measure at least the spin on a GPU (clock64 at the device's
+ * clock rate, which is its highest, so the spin lasts no less), and a positive time under the emulator (its
+ * events read the host clock, its rdtsc clock64 ticks faster than the emulated 1 GHz); bad slots fail. */
+static void test_timer() {
+    g_phase = "timer";
+    const double spin_us = 1000.0;
+    OK(L.pea_cuda_timer_record(g_ctx, 0));
+    OK(L.pea_cuda_spin(g_ctx, spin_us));
+    OK(L.pea_cuda_timer_record(g_ctx, 1));
+    float ms = -1.0f;
+    OK(L.pea_cuda_timer_elapsed(g_ctx, 0, 1, &ms));
+    if (g_emu)
+        CHECK(ms > 0.0f && ms < 1e4f, "timer around a %g µs spin (emulator): %g ms", spin_us, ms);
+    else
+        CHECK(ms >= 0.9 * spin_us * 1e-3 && ms < 1e3f, "timer around a %g µs spin: %g ms", spin_us, ms);
+    say("  ok   timer around a %g µs spin: %g ms", spin_us, ms);
+    /* a sample as pea bench kernels takes one: gate, start, queued work, end */
+    const size_t n = 4096;
+    std::vector<float> x = rvec(n);
+    Dev dx = up(x, CK_F32), dy(n * 4);
+    OK(L.pea_cuda_spin(g_ctx, 50.0));
+    OK(L.pea_cuda_timer_record(g_ctx, 2));
+    for (int i = 0; i < 3; i++) OK(L.pea_cuda_activation(g_ctx, CK_F32, PEA_ACT_SILU, dx.p, dy.p, (int64_t)n));
+    OK(L.pea_cuda_timer_record(g_ctx, 3));
+    ms = -1.0f;
+    OK(L.pea_cuda_timer_elapsed(g_ctx, 2, 3, &ms));
+    CHECK(ms >= 0.0f && ms < 1e4f, "timer around 3 activations: %g ms", ms);
+    expect_error("timer_record with slot 4", L.pea_cuda_timer_record(g_ctx, PEA_CUDA_TIMER_SLOTS),
+                 PEA_CUDA_ERROR_INVALID, "timer_record");
+    expect_error("timer_elapsed with a NULL ms", L.pea_cuda_timer_elapsed(g_ctx, 0, 1, nullptr),
+                 PEA_CUDA_ERROR_INVALID, "timer_elapsed");
+    expect_error("timer_elapsed with slot -1", L.pea_cuda_timer_elapsed(g_ctx, -1, 1, &ms), PEA_CUDA_ERROR_INVALID,
+                 "timer_elapsed");
+    expect_error("spin of -1 µs", L.pea_cuda_spin(g_ctx, -1.0), PEA_CUDA_ERROR_INVALID, "spin");
 }
 
 static void test_memory() {
@@ -1421,6 +1457,7 @@ int main(int argc, char **argv) {
     const Step steps[] = {
         {"context", test_context},
         {"memory", test_memory},
+        {"timer", test_timer},
         {"upload/download", test_copies},
         {"convert", test_convert},
         {"copy_strided", test_copy_strided},
