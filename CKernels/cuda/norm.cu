@@ -3,8 +3,10 @@
  * ck_group_norm_f32, ck_layer_norm_f32 and ck_softmax_f32 (cpu/norm.c), and their backward ops, as
  * ck_group_norm_backward_f32, ck_layer_norm_backward_f32 and ck_softmax_backward_f32 (each next to its
  * forward; outputs overwritten, statistics recomputed from x). Statistics accumulate in f32
- * (the CPU uses f64): Welford/Chan merges for group norm, two passes over a cached row for layer norm,
- * an online (max, sum) pass for softmax.
+ * (the CPU uses f64): for group norm two passes over a group held in registers (groups ≤ 128 KB), per-chunk
+ * two-pass partials merged with Chan's formula (larger groups), or Welford/Chan merges (the general kernel);
+ * two passes over a cached row for layer norm, an online (max, sum) pass for softmax. No float atomics: every
+ * reduction has a fixed order, so results are deterministic.
  *
  * Dimension legend: B batch, C channels, S = H·W, G groups (C/G channels each); R rows of D.
  */
