@@ -2,9 +2,14 @@
 """Pea's CUDA kernels (`pea bench kernels --backend cuda --json`) side by side with their PyTorch equivalents.
 
 The pea side prints, per kernel, its problem (a `params` object of dimensions) and its best / median time; this
-script builds the same problems in torch on the same GPU, in the same run and dtype, and times them with CUDA
-events after a warm-up (one event pair around each sample of --launches back-to-back runs, divided by it; best and
-median of --repeats samples):
+script builds the same problems in torch on the same GPU, in the same run and dtype, and times them the way pea
+does (`pea bench kernels --help`): after a warm-up, each of --repeats samples is a spin kernel that holds the
+stream for --gate-us µs (torch.cuda._sleep, its cycles calibrated against CUDA events), a start event, --launches
+back-to-back runs and an end event, all queued while the GPU spins; the sample is the GPU time between the two
+events divided by --launches (best and median of the samples). The runs thus execute back to back on the GPU on
+both sides, not paced by the host's launch rate. Inputs stay resident across runs, so the UNet-sized tensors
+(≤ 10 MB) are served largely from the 50 MB L2 cache; the *_vae rows (VAE decoder at 512×512, 17-67 MB per fp16
+tensor) measure DRAM.
 
     group_norm_silu_*  F.silu(F.group_norm(x, G, w, b))            x [B, C, H, W]
     layer_norm         F.layer_norm(x, (C,), w, b)                  x [R, C]
@@ -12,14 +17,17 @@ median of --repeats samples):
     conv3x3_*          F.conv2d(x, w, b, padding=1)                 cuDNN (benchmark mode, TF32 off for fp32)
     linear_*           F.linear(x, w, b)                            cuBLAS
     gemm_*             torch.matmul(a, b)                           cuBLAS (TF32 off for fp32)
+    conv3x3_320_gemm   torch.matmul(w, cols)                        w [M, K], cols [B, K, N]: the conv's bare GEMM
     add, silu          a + b, F.silu(x)
     geglu              a, g = x.chunk(2, -1); a * F.gelu(g)         (diffusers' GEGLU after its projection)
 
 The table gives both times, pea / torch, pea's achieved GB/s or TFLOP/s and, for memory-bound kernels, the
 fraction of the device's DRAM bandwidth (from a table of known devices: H100 SXM 3350 GB/s, H100 PCIe 2000,
-H200 4800, A100 …; otherwise a measured device-to-device copy).
+H200 4800, A100 …; otherwise a measured device-to-device copy). Under the table, per dtype, each conv3x3 with a
+matching *_gemm row is set against that bare GEMM (the issue's target: conv2d ≤ 1.3× the cuBLAS GEMM).
 
-    python3 benchmarks/kernels_vs_torch.py [--pea ./pea] [--precision fp16] [--repeats 20] [--only NAME]
+    python3 benchmarks/kernels_vs_torch.py [--pea ./pea] [--precision fp16] [--repeats 20] [--launches 10]
+                                           [--gate-us 400] [--only NAME]
                                            [--lib .build-cuda/libpea_cuda.so] [--write benchmarks/RESULTS.md]
     python3 benchmarks/kernels_vs_torch.py --dry-run [--pea .build/release/pea]   # no GPU: checks pea's JSON on the CPU
 
@@ -43,6 +51,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MEMORY_BOUND = {"group_norm", "layer_norm", "add", "silu", "geglu"}
 REQUIRED_KEYS = {"name", "op", "shape", "dtype", "best_ms", "median_ms", "params"}
+KNOWN_OPS = {"group_norm", "layer_norm", "attention", "conv2d", "linear", "gemm", "add", "silu", "geglu"}
 
 # Peak DRAM bandwidth in GB/s by device name (matched in order, case-insensitive; the first match wins).
 PEAK_BANDWIDTH = [
@@ -68,8 +77,10 @@ def last_json_list(text):
     return json.loads(text[start:])
 
 
-def run_pea(pea, backend, precision, repeats, only, scale, lib, launches=1):
+def run_pea(pea, backend, precision, repeats, only, scale, lib, launches=1, gate_us=None):
     cmd = [pea, "bench", "kernels", "--backend", backend, "--precision", precision, "--json", "--launches", str(launches)]
+    if gate_us is not None:
+        cmd += ["--gate-us", str(gate_us)]
     if repeats:
         cmd += ["--repeats", str(repeats)]
     if only:
@@ -91,6 +102,11 @@ def run_pea(pea, backend, precision, repeats, only, scale, lib, launches=1):
         missing = REQUIRED_KEYS - set(r)
         if missing or not ("gbps" in r or "tflops" in r):
             sys.exit(f"kernels_vs_torch.py: pea's JSON entry {r} lacks {sorted(missing) or 'gbps/tflops'}")
+        if r["op"] not in KNOWN_OPS:
+            sys.exit(f"kernels_vs_torch.py: pea's JSON entry {r['name']} has op '{r['op']}', which has no torch equivalent here")
+        if backend == "cuda" and r.get("timing") != "device":
+            sys.exit(f"kernels_vs_torch.py: pea timed {r['name']} with '{r.get('timing')}', not device events "
+                     "(an older pea?); the two sides would not be timed alike")
     return results
 
 
@@ -143,7 +159,8 @@ def torch_problem(torch, F, entry, dtype, dev="cuda"):
         x, w, b = rnd(p["M"], p["K"]), rnd(p["N"], p["K"]), rnd(p["N"])
         return lambda: F.linear(x, w, b)
     if op == "gemm":
-        a, b = rnd(p["M"], p["K"]), rnd(p["K"], p["N"])
+        a = rnd(p["M"], p["K"])
+        b = rnd(p["batch"], p["K"], p["N"]) if "batch" in p else rnd(p["K"], p["N"])
         return lambda: torch.matmul(a, b)
     if op == "add":
         a, b = rnd(p["B"], p["C"], p["H"], p["W"]), rnd(p["B"], p["C"], p["H"], p["W"])
@@ -161,15 +178,33 @@ def torch_problem(torch, F, entry, dtype, dev="cuda"):
     raise ValueError(f"no torch equivalent for op '{op}'")
 
 
-def time_torch(torch, fn, repeats, launches=1):
-    """Best and median ms per run of `repeats` samples, each `launches` back-to-back runs between one pair of
-    CUDA events (divided by `launches`), after warm-up — the same sampling as pea's --launches."""
+def sleep_cycles_per_us(torch):
+    """The GPU clock as torch.cuda._sleep counts it (cycles per µs), from a timed 10 ms-ish spin."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 20_000_000
+    torch.cuda._sleep(cycles // 10)   # warm-up: the first launch pays module loading
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return cycles / (best * 1e3)
+
+
+def time_torch(torch, fn, repeats, launches, gate_cycles):
+    """Best and median ms per run of `repeats` samples, after warm-up: each sample is a spin of `gate_cycles`
+    (torch.cuda._sleep) that holds the stream while the host queues the start event, `launches` runs and the
+    end event; GPU time between the events divided by `launches` — the sampling of pea bench kernels."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(gate_cycles)
         start.record()
         for _ in range(launches):
             fn()
@@ -177,6 +212,22 @@ def time_torch(torch, fn, repeats, launches=1):
         end.synchronize()
         times.append(start.elapsed_time(end) / launches)
     return min(times), statistics.median(times)
+
+
+def conv_gemm_lines(rows_by_precision):
+    """'conv3x3_320 / its bare GEMM' lines: pea conv over pea's and torch's GEMM, torch conv over torch's GEMM."""
+    lines = []
+    for precision, entries in rows_by_precision.items():
+        by_name = {e["name"]: (e["best_ms"], t_best) for e, t_best in entries}
+        for name, (conv_pea, conv_torch) in by_name.items():
+            gemm = by_name.get(name + "_gemm")
+            if not name.startswith("conv") or gemm is None:
+                continue
+            gemm_pea, gemm_torch = gemm
+            lines.append(f"- {name} / its bare GEMM ({name}_gemm), {precision}: pea conv / torch (cuBLAS) GEMM "
+                         f"{conv_pea / gemm_torch:.2f} (target ≤ 1.3); pea conv / pea GEMM {conv_pea / gemm_pea:.2f}; "
+                         f"torch conv / torch GEMM {conv_torch / gemm_torch:.2f}")
+    return lines
 
 
 def sdpa_backend_note(torch, F):
@@ -200,10 +251,11 @@ def cudnn_version(torch):
 
 def dry_run(args):
     results = run_pea(args.pea, "cpu", "fp32", args.repeats or 1, args.only, "small", None)
-    print(f"pea bench kernels --json on the CPU: {len(results)} entries, all with {sorted(REQUIRED_KEYS)} and gbps/tflops")
+    print(f"pea bench kernels --json on the CPU: {len(results)} entries, all with {sorted(REQUIRED_KEYS)} and gbps/tflops, "
+          f"ops all in {sorted(KNOWN_OPS)}")
     for r in results:
         rate = f"{r['gbps']:.2f} GB/s" if "gbps" in r else f"{r['tflops']:.4f} TFLOP/s"
-        print(f"  {r['name']:22} {r['shape']:36} {r['best_ms']:10.3f} ms  {rate}")
+        print(f"  {r['name']:27} {r['shape']:36} {r['best_ms']:10.3f} ms  {rate}")
 
 
 def main():
@@ -217,6 +269,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=20, help="timed samples per kernel and side (default: %(default)s)")
     parser.add_argument("--launches", type=int, default=10,
                         help="back-to-back runs per timed sample on both sides, the time divided by it (default: %(default)s)")
+    parser.add_argument("--gate-us", type=int, default=None,
+                        help="µs the spin gate holds the GPU before each sample, on both sides (default: 20·launches + 200)")
     parser.add_argument("--only", help="pea's --only: comma-separated substrings of kernel names")
     parser.add_argument("--write", metavar="RESULTS.md", help="record the tables in this markdown file")
     parser.add_argument("--dry-run", action="store_true",
@@ -247,16 +301,21 @@ def main():
     peak, peak_source = peak_bandwidth(torch, device)
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     precisions = args.precision or ["fp16", "fp32"]
+    gate_us = args.gate_us if args.gate_us is not None else 20 * args.launches + 200
+    cycles_per_us = sleep_cycles_per_us(torch)
+    gate_cycles = int(gate_us * cycles_per_us)
 
     header = ("| kernel | shape | dtype | pea best / median ms | torch best / median ms | pea / torch "
               "| pea GB/s or TFLOP/s | torch GB/s or TFLOP/s | pea % of DRAM peak |\n"
               "|---|---|---|---:|---:|---:|---:|---:|---:|")
     rows = []
+    timed = {}
     for precision in precisions:
-        for entry in run_pea(args.pea, "cuda", precision, args.repeats, args.only, None, lib, args.launches):
+        for entry in run_pea(args.pea, "cuda", precision, args.repeats, args.only, None, lib, args.launches, gate_us):
             fn = torch_problem(torch, F, entry, dtypes[precision])
             with torch.inference_mode():
-                t_best, t_median = time_torch(torch, fn, args.repeats, args.launches)
+                t_best, t_median = time_torch(torch, fn, args.repeats, args.launches, gate_cycles)
+            timed.setdefault(precision, []).append((entry, t_best))
             memory_bound = entry["op"] in MEMORY_BOUND
             if memory_bound:
                 torch_rate = entry["gbps"] * entry["best_ms"] / t_best
@@ -278,6 +337,11 @@ def main():
     print(header)
     for row in rows:
         print(row)
+    ratios = conv_gemm_lines(timed)
+    if ratios:
+        print()
+        for line in ratios:
+            print(line)
 
     if args.write:
         command = "python3 " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -288,15 +352,19 @@ def main():
             f"- device: {device}; DRAM peak {peak:.0f} GB/s ({peak_source})",
             f"- reference: torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {cudnn_version(torch)}; "
             f"SDPA in [B, H, T, D] ({note}); cuDNN benchmark mode; TF32 off on both sides",
-            f"- timing: each sample is {args.launches} back-to-back runs divided by {args.launches}; pea — one warm-up, then "
-            f"{args.repeats} samples each between two synchronize() calls (host clock, launches included); torch — three "
-            f"warm-ups, then {args.repeats} samples each between two CUDA events; "
-            "best / median; rates from the best time (GB/s: minimal bytes read + written)",
+            f"- timing: device-timed, the same on both sides: each sample is a {gate_us} µs spin kernel (pea_cuda_spin / "
+            f"torch.cuda._sleep at {cycles_per_us:.0f} cycles/µs) holding the stream while the host queues a CUDA event, "
+            f"{args.launches} back-to-back runs and a second event; the GPU time between the events divided by "
+            f"{args.launches}; pea one warm-up, torch three, then {args.repeats} samples; best / median; rates from the best "
+            "time (GB/s: minimal bytes read + written). Inputs stay resident across runs: UNet-sized tensors (≤ 10 MB) "
+            "are largely served from L2; the *_vae rows (17-67 MB per fp16 tensor) exceed the 50 MB L2",
             f"- command: `{command}`",
             "",
             header,
             *rows,
             "",
+            *ratios,
+            *([""] if ratios else []),
         ])
         write_section(args.write, SECTION, section)
         print(f"\nwrote {args.write}")

@@ -103,6 +103,8 @@ extern "C" void pea_cuda_destroy(pea_cuda_context *ctx) {
     cudaSetDevice(ctx->device);
     if (ctx->stream) cudaStreamSynchronize(ctx->stream);
     pea_allocator_destroy(ctx); /* frees the workspace too: it came from the allocator */
+    for (int i = 0; i < PEA_CUDA_TIMER_SLOTS; i++)
+        if (ctx->timers[i]) cudaEventDestroy(ctx->timers[i]);
     if (ctx->d_error) cudaFree(ctx->d_error);
     if (ctx->h_error) cudaFreeHost(ctx->h_error);
     if (ctx->cublas) cublasDestroy(ctx->cublas);
@@ -224,4 +226,57 @@ extern "C" int pea_cuda_synchronize(pea_cuda_context *ctx) {
         return pea_check_cuda(ctx, "synchronize", e, "a queued kernel or copy failed");
     }
     return pea_check_device_error(ctx, "synchronize");
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Device timing                                                                                         */
+
+extern "C" int pea_cuda_timer_record(pea_cuda_context *ctx, int slot) {
+    static const char *op = "timer_record";
+    PEA_BEGIN(ctx, op);
+    PEA_REQUIRE(ctx, op, slot >= 0 && slot < PEA_CUDA_TIMER_SLOTS, "slot %d is not in 0…%d", slot,
+                PEA_CUDA_TIMER_SLOTS - 1);
+    if (!ctx->timers[slot])
+        PEA_TRY(pea_check_cuda(ctx, op, cudaEventCreate(&ctx->timers[slot]), "cudaEventCreate"));
+    PEA_TRY(pea_check_cuda(ctx, op, cudaEventRecord(ctx->timers[slot], ctx->stream), "cudaEventRecord"));
+    ctx->timer_recorded[slot] = 1;
+    return PEA_CUDA_OK;
+}
+
+extern "C" int pea_cuda_timer_elapsed(pea_cuda_context *ctx, int start_slot, int end_slot, float *ms) {
+    static const char *op = "timer_elapsed";
+    PEA_BEGIN(ctx, op);
+    PEA_REQUIRE(ctx, op, ms, "ms is NULL");
+    PEA_REQUIRE(ctx, op, start_slot >= 0 && start_slot < PEA_CUDA_TIMER_SLOTS && end_slot >= 0 &&
+                             end_slot < PEA_CUDA_TIMER_SLOTS,
+                "slots %d, %d are not in 0…%d", start_slot, end_slot, PEA_CUDA_TIMER_SLOTS - 1);
+    PEA_REQUIRE(ctx, op, ctx->timer_recorded[start_slot] && ctx->timer_recorded[end_slot],
+                "slot %d or %d was never recorded", start_slot, end_slot);
+    cudaError_t e = cudaEventSynchronize(ctx->timers[end_slot]);
+    if (e != cudaSuccess) return pea_check_cuda(ctx, op, e, "cudaEventSynchronize (a queued kernel failed?)");
+    PEA_TRY(pea_check_cuda(ctx, op, cudaEventElapsedTime(ms, ctx->timers[start_slot], ctx->timers[end_slot]),
+                           "cudaEventElapsedTime"));
+    return PEA_CUDA_OK;
+}
+
+/* One thread busy-waits until its SM's cycle counter has advanced `cycles` (a gate that holds the stream). */
+__global__ void spin_kernel(long long cycles) {
+    const long long start = clock64();
+    while (clock64() - start < cycles) {
+    }
+}
+
+extern "C" int pea_cuda_spin(pea_cuda_context *ctx, double microseconds) {
+    static const char *op = "spin";
+    PEA_BEGIN(ctx, op);
+    PEA_REQUIRE(ctx, op, microseconds >= 0 && microseconds <= 1e7, "%g µs is not in 0…1e7", microseconds);
+    if (!ctx->clock_khz) {
+        int khz = 0;
+        PEA_TRY(pea_check_cuda(ctx, op, cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, ctx->device),
+                               "cudaDeviceGetAttribute(cudaDevAttrClockRate)"));
+        ctx->clock_khz = khz > 0 ? khz : 1000000;
+    }
+    const long long cycles = (long long)(microseconds * 1e-3 * (double)ctx->clock_khz);
+    PEA_KERNEL(ctx, op, spin_kernel, 1, 1, 0, cycles);
+    return PEA_CUDA_OK;
 }

@@ -7,7 +7,9 @@
  * tensors are loaded to f32, computed in f32 and rounded to nearest even once on the store.
  *
  * Launch shape: 1-D grid-stride loops with 256-thread blocks, at most 32 blocks per SM (a grid that covers
- * the data once when it is small, and persistent blocks when it is large). Indices are 64-bit.
+ * the data once when it is small, and persistent blocks when it is large). Indices are 64-bit. The hot
+ * forward ops (activations, affine, GEGLU, binary ops of the common shapes) move 16-byte vectors (4 f32 or
+ * 8 f16/bf16) per thread when their pointers are 16-byte aligned, falling back to one element per thread.
  *
  * Dimension legend: n elements; R rows of D; P planes of H×W; [outer, n, inner] for the mean.
  */
@@ -43,30 +45,33 @@ struct AffineFn {
     __device__ float operator()(float v) const { return alpha * v + beta; }
 };
 
-/* y[i] = f(x[i]) for i < n (y may alias x). With vec (x and y aligned to 4 elements, n a multiple of 4) thread t
- * handles the 4-element chunks t, t + gridDim·blockDim, … with one vector load and store each; otherwise single
- * elements with the same grid-stride mapping. */
+/* y[i] = f(x[i]) for i < n (y may alias x). With vec (x and y 16-byte aligned) the data is V = 16/sizeof(T)-element
+ * vectors (4 f32 or 8 f16/bf16): thread t handles the vectors t, t + gridDim·blockDim, … with one 16-byte load
+ * and store each, then the n mod V trailing elements one per thread; without vec single elements with the
+ * same grid-stride mapping. */
 template <typename T, typename F>
 __global__ void map_kernel(const T *x, T *y, int64_t n, F f, int vec) {
+    constexpr int V = pea_v16<T>::N;
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int64_t done = 0;
     if (vec) {
-        for (; i < n / 4; i += stride) {
-            float v[4];
-            pea_ld4(x + 4 * i, v);
-            for (int k = 0; k < 4; k++) v[k] = f(v[k]);
-            pea_st4(y + 4 * i, v);
+        const int64_t nv = n / V;
+        for (int64_t i = t; i < nv; i += stride) {
+            float v[V];
+            pea_ld16(x + V * i, v);
+            for (int k = 0; k < V; k++) v[k] = f(v[k]);
+            pea_st16(y + V * i, v);
         }
-    } else {
-        for (; i < n; i += stride) pea_st(y + i, f(pea_ld(x + i)));
+        done = nv * V;
     }
+    for (int64_t i = done + t; i < n; i += stride) pea_st(y + i, f(pea_ld(x + i)));
 }
 
 template <typename T, typename F>
 static int map_launch(pea_cuda_context *ctx, const char *op, const void *x, void *y, int64_t n, F f) {
-    const size_t align = 4 * sizeof(T);
-    const int vec = n % 4 == 0 && (uintptr_t)x % align == 0 && (uintptr_t)y % align == 0;
-    const int64_t work = vec ? n / 4 : n;
+    const int vec = (uintptr_t)x % 16 == 0 && (uintptr_t)y % 16 == 0;
+    const int64_t work = vec ? n / pea_v16<T>::N + 1 : n;
     PEA_KERNEL(ctx, op, (map_kernel<T, F>), pea_grid_1d(ctx, work, EW_THREADS), EW_THREADS, 0, (const T *)x,
                (T *)y, n, f, vec);
     return PEA_CUDA_OK;
@@ -114,30 +119,32 @@ struct ActivationGradFn {
 };
 
 /* y[i] = f(a[i], b[i]) for i < n (y may alias a or b), f32 arithmetic. The same mapping as map_kernel: with vec
- * (a, b and y aligned to 4 elements, n a multiple of 4) thread t handles the 4-element chunks t,
- * t + gridDim·blockDim, … with vector loads and stores; otherwise single elements, grid-stride. */
+ * (a, b and y 16-byte aligned) thread t handles the 16-byte vectors t, t + gridDim·blockDim, … with one load of
+ * each operand and one store, then the trailing n mod V elements singly; otherwise single elements, grid-stride. */
 template <typename T, typename F>
 __global__ void map2_kernel(const T *a, const T *b, T *y, int64_t n, F f, int vec) {
+    constexpr int V = pea_v16<T>::N;
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    int64_t done = 0;
     if (vec) {
-        for (; i < n / 4; i += stride) {
-            float u[4], v[4];
-            pea_ld4(a + 4 * i, u);
-            pea_ld4(b + 4 * i, v);
-            for (int k = 0; k < 4; k++) u[k] = f(u[k], v[k]);
-            pea_st4(y + 4 * i, u);
+        const int64_t nv = n / V;
+        for (int64_t i = t; i < nv; i += stride) {
+            float u[V], v[V];
+            pea_ld16(a + V * i, u);
+            pea_ld16(b + V * i, v);
+            for (int k = 0; k < V; k++) u[k] = f(u[k], v[k]);
+            pea_st16(y + V * i, u);
         }
-    } else {
-        for (; i < n; i += stride) pea_st(y + i, f(pea_ld(a + i), pea_ld(b + i)));
+        done = nv * V;
     }
+    for (int64_t i = done + t; i < n; i += stride) pea_st(y + i, f(pea_ld(a + i), pea_ld(b + i)));
 }
 
 template <typename T, typename F>
 static int map2_launch(pea_cuda_context *ctx, const char *op, const void *a, const void *b, void *y, int64_t n, F f) {
-    const size_t align = 4 * sizeof(T);
-    const int vec = n % 4 == 0 && (uintptr_t)a % align == 0 && (uintptr_t)b % align == 0 && (uintptr_t)y % align == 0;
-    const int64_t work = vec ? n / 4 : n;
+    const int vec = (uintptr_t)a % 16 == 0 && (uintptr_t)b % 16 == 0 && (uintptr_t)y % 16 == 0;
+    const int64_t work = vec ? n / pea_v16<T>::N + 1 : n;
     PEA_KERNEL(ctx, op, (map2_kernel<T, F>), pea_grid_1d(ctx, work, EW_THREADS), EW_THREADS, 0, (const T *)a,
                (const T *)b, (T *)y, n, f, vec);
     return PEA_CUDA_OK;
@@ -184,8 +191,33 @@ __global__ void geglu_kernel(const T *x, T *y, int64_t R, int64_t D) {
     }
 }
 
+/* The same with 16-byte vectors along D (D a multiple of V = 16/sizeof(T), x and y 16-byte aligned): thread t
+ * handles the output vectors t, t + gridDim·blockDim, … of the R·D/V; vector e is row r = e / (D/V), columns
+ * i … i + V − 1 (i = V·(e mod D/V)), read as one 16-byte load of values at x[r, i] and one of gates at
+ * x[r, D + i], written with one 16-byte store. */
+template <typename T>
+__global__ void geglu_vec_kernel(const T *x, T *y, int64_t R, int64_t D) {
+    constexpr int V = pea_v16<T>::N;
+    const int64_t per_row = D / V, total = R * per_row, stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int64_t r = e / per_row, i = (e - r * per_row) * V;
+        const T *row = x + r * 2 * D;
+        float a[V], g[V];
+        pea_ld16(row + i, a);
+        pea_ld16(row + D + i, g);
+        for (int k = 0; k < V; k++) a[k] *= gelu_erf(g[k]);
+        pea_st16(y + r * D + i, a);
+    }
+}
+
 template <typename T>
 static int geglu_launch(pea_cuda_context *ctx, const void *x, void *y, int64_t R, int64_t D) {
+    constexpr int V = pea_v16<T>::N;
+    if (D % V == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)y % 16 == 0) {
+        PEA_KERNEL(ctx, "geglu", geglu_vec_kernel<T>, pea_grid_1d(ctx, R * (D / V), EW_THREADS), EW_THREADS, 0,
+                   (const T *)x, (T *)y, R, D);
+        return PEA_CUDA_OK;
+    }
     PEA_KERNEL(ctx, "geglu", geglu_kernel<T>, pea_grid_1d(ctx, R * D, EW_THREADS), EW_THREADS, 0, (const T *)x,
                (T *)y, R, D);
     return PEA_CUDA_OK;
@@ -320,9 +352,68 @@ __global__ void binary_kernel(int op, const T *a, const T *b, T *y, StridedSpace
     }
 }
 
+/* y = a ⊕ b over a space of ≤ 2 axes [rows, inner] in which each operand steps through inner with stride 0 or 1
+ * (a contiguous operand, a per-row value broadcast along inner, or a row vector broadcast over rows), inner a
+ * multiple of V = 16/sizeof(T) and every vector 16-byte aligned. Thread t handles the output vectors t,
+ * t + gridDim·blockDim, … of the rows·inner/V: vector e is row r = e / (inner/V), columns i … i + V − 1; an
+ * operand with inner stride 1 is read with one 16-byte load at r·row_stride + i, one with stride 0 as the
+ * single value at r·row_stride; y (contiguous) is written with one 16-byte store. */
+template <typename T>
+__global__ void binary_vec_kernel(int op, const T *a, const T *b, T *y, int64_t rows, int64_t inner, int64_t a_row,
+                                  int a_in, int64_t b_row, int b_in) {
+    constexpr int V = pea_v16<T>::N;
+    const int64_t per_row = inner / V, total = rows * per_row, stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const int64_t r = e / per_row, i = (e - r * per_row) * V;
+        float u[V], v[V];
+        if (a_in) pea_ld16(a + r * a_row + i, u);
+        else for (int k = 0; k < V; k++) u[k] = pea_ld(a + r * a_row);
+        if (b_in) pea_ld16(b + r * b_row + i, v);
+        else for (int k = 0; k < V; k++) v[k] = pea_ld(b + r * b_row);
+        for (int k = 0; k < V; k++) {
+            switch (op) {
+            case CK_ADD: u[k] += v[k]; break;
+            case CK_SUB: u[k] -= v[k]; break;
+            case CK_MUL: u[k] *= v[k]; break;
+            default: u[k] /= v[k]; break;
+            }
+        }
+        pea_st16(y + r * inner + i, u);
+    }
+}
+
+/* Whether the simplified space takes binary_vec_kernel, and its [rows, inner] form with each operand's
+ * (row stride, inner stride ∈ {0, 1}). */
+template <typename T>
+static bool binary_vec_form(const void *a, const void *b, const void *y, const StridedSpace &s, int64_t &rows,
+                            int64_t &inner, int64_t &a_row, int &a_in, int64_t &b_row, int &b_in) {
+    constexpr int V = pea_v16<T>::N;
+    if (s.rank > 2) return false;
+    const int last = s.rank - 1;
+    inner = s.shape[last];
+    rows = s.rank == 2 ? s.shape[0] : 1;
+    const int64_t as = s.a[last], bs = s.b[last];
+    if ((as != 0 && as != 1) || (bs != 0 && bs != 1) || (as == 0 && bs == 0)) return false;
+    a_in = (int)as;
+    b_in = (int)bs;
+    a_row = s.rank == 2 ? s.a[0] : 0;
+    b_row = s.rank == 2 ? s.b[0] : 0;
+    if (inner % V != 0 || (uintptr_t)y % 16 != 0) return false;
+    if (a_in && ((uintptr_t)a % 16 != 0 || a_row % V != 0)) return false;
+    if (b_in && ((uintptr_t)b % 16 != 0 || b_row % V != 0)) return false;
+    return true;
+}
+
 template <typename T>
 static int binary_launch(pea_cuda_context *ctx, int op, const void *a, const void *b, void *y, const StridedSpace &s,
                          int64_t total) {
+    int64_t rows, inner, a_row, b_row;
+    int a_in, b_in;
+    if (binary_vec_form<T>(a, b, y, s, rows, inner, a_row, a_in, b_row, b_in)) {
+        PEA_KERNEL(ctx, "binary", binary_vec_kernel<T>, pea_grid_1d(ctx, total / pea_v16<T>::N, EW_THREADS),
+                   EW_THREADS, 0, op, (const T *)a, (const T *)b, (T *)y, rows, inner, a_row, a_in, b_row, b_in);
+        return PEA_CUDA_OK;
+    }
     PEA_KERNEL(ctx, "binary", binary_kernel<T>, pea_grid_1d(ctx, total, EW_THREADS), EW_THREADS, 0, op,
                (const T *)a, (const T *)b, (T *)y, s, total);
     return PEA_CUDA_OK;

@@ -71,6 +71,11 @@ struct pea_cuda_context {
     pea_device_error *d_error; /* device record */
     pea_device_error *h_error; /* pinned host mirror */
     int error_check_pending;   /* a kernel that may set d_error ran since the last check */
+
+    /* device timing (pea_cuda_timer_*, pea_cuda_spin): events created on first use, the SM clock in kHz */
+    cudaEvent_t timers[PEA_CUDA_TIMER_SLOTS];
+    int timer_recorded[PEA_CUDA_TIMER_SLOTS];
+    int clock_khz; /* 0 until pea_cuda_spin first asks */
 };
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -227,6 +232,41 @@ static __device__ __forceinline__ void pea_ld8(const __nv_bfloat16 *p, float v[8
     uint4 t = *reinterpret_cast<const uint4 *>(p);
     unsigned w[4] = {t.x, t.y, t.z, t.w};
     for (int i = 0; i < 4; i++) { v[2 * i] = pea_b2f(w[i]); v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u); }
+}
+
+/* 16 bytes of storage held in registers (uint4) ↔ its PEA_V16<T> elements as f32: 4 floats or 8 f16/bf16.
+ * Loads/stores of the uint4 itself are one 16-byte access (the address must be 16-byte aligned). */
+template <typename T> struct pea_v16 { enum { N = 16 / (int)sizeof(T) }; };
+static __device__ __forceinline__ void pea_unpack16(uint4 r, float *v, const float *) {
+    v[0] = __uint_as_float(r.x); v[1] = __uint_as_float(r.y); v[2] = __uint_as_float(r.z); v[3] = __uint_as_float(r.w);
+}
+static __device__ __forceinline__ void pea_unpack16(uint4 r, float *v, const __half *) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+    for (int i = 0; i < 4; i++) { v[2 * i] = pea_h2f(w[i]); v[2 * i + 1] = pea_h2f(w[i] >> 16); }
+}
+static __device__ __forceinline__ void pea_unpack16(uint4 r, float *v, const __nv_bfloat16 *) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+    for (int i = 0; i < 4; i++) { v[2 * i] = pea_b2f(w[i]); v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u); }
+}
+static __device__ __forceinline__ uint4 pea_pack16(const float *v, const float *) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+}
+static __device__ __forceinline__ uint4 pea_pack16(const float *v, const __half *) {
+    return make_uint4(pea_f2h(v[0]) | (pea_f2h(v[1]) << 16), pea_f2h(v[2]) | (pea_f2h(v[3]) << 16),
+                      pea_f2h(v[4]) | (pea_f2h(v[5]) << 16), pea_f2h(v[6]) | (pea_f2h(v[7]) << 16));
+}
+static __device__ __forceinline__ uint4 pea_pack16(const float *v, const __nv_bfloat16 *) {
+    return make_uint4(pea_f2b(v[0]) | (pea_f2b(v[1]) << 16), pea_f2b(v[2]) | (pea_f2b(v[3]) << 16),
+                      pea_f2b(v[4]) | (pea_f2b(v[5]) << 16), pea_f2b(v[6]) | (pea_f2b(v[7]) << 16));
+}
+/* The pea_v16<T>::N elements at p (16-byte aligned) as f32, and their store. */
+template <typename T>
+static __device__ __forceinline__ void pea_ld16(const T *p, float *v) {
+    pea_unpack16(*reinterpret_cast<const uint4 *>(p), v, (const T *)nullptr);
+}
+template <typename T>
+static __device__ __forceinline__ void pea_st16(T *p, const float *v) {
+    *reinterpret_cast<uint4 *>(p) = pea_pack16(v, (const T *)nullptr);
 }
 
 /* Sum / maximum over the 32 lanes of a warp, returned to every lane (butterfly of xor shuffles). */

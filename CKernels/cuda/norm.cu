@@ -3,8 +3,10 @@
  * ck_group_norm_f32, ck_layer_norm_f32 and ck_softmax_f32 (cpu/norm.c), and their backward ops, as
  * ck_group_norm_backward_f32, ck_layer_norm_backward_f32 and ck_softmax_backward_f32 (each next to its
  * forward; outputs overwritten, statistics recomputed from x). Statistics accumulate in f32
- * (the CPU uses f64): Welford/Chan merges for group norm, two passes over a cached row for layer norm,
- * an online (max, sum) pass for softmax.
+ * (the CPU uses f64): for group norm two passes over a group held in registers (groups ≤ 128 KB), per-chunk
+ * two-pass partials merged with Chan's formula (larger groups), or Welford/Chan merges (the general kernel);
+ * two passes over a cached row for layer norm, an online (max, sum) pass for softmax. No float atomics: every
+ * reduction has a fixed order, so results are deterministic.
  *
  * Dimension legend: B batch, C channels, S = H·W, G groups (C/G channels each); R rows of D.
  */
@@ -124,14 +126,233 @@ __global__ void group_norm_kernel(const T *x, const T *gamma, const T *beta, T *
     }
 }
 
+static __device__ void block_sum2(float &a, float &b);
+
+/* (v − mean)·scale + shift (then SiLU if silu): group norm's output for a value of a channel with scale =
+ * rstd·γ[c], shift = β[c] (the subtraction first, as the CPU does, so a large mean cancels exactly). */
+static __device__ __forceinline__ float gn_out(float v, float mu, float scale, float shift, int silu) {
+    const float r = (v - mu) * scale + shift;
+    return silu ? r / (1.0f + expf(-r)) : r;
+}
+
+/* scale = rstd·γ[c] and shift = β[c] for channel c (γ = 1, β = 0 when absent). */
+template <typename T>
+static __device__ __forceinline__ void gn_affine(const T *gamma, const T *beta, int64_t c, float rstd, float &scale,
+                                                 float &shift) {
+    scale = rstd * (gamma ? pea_ld(gamma + c) : 1.0f);
+    shift = beta ? pea_ld(beta + c) : 0.0f;
+}
+
+/* Group norm with the group held in registers: x is read once. One block per (b, g) = blockIdx.x, whose n = Cg·S
+ * values are contiguous and seen as nq = n/V 16-byte vectors (V = 4 f32 or 8 f16/bf16; S a multiple of V, so a
+ * vector never straddles two channels). Thread t loads the vectors t, t + blockDim, …, t + (K−1)·blockDim
+ * (K ≤ 8 compile-time, all loads issued before any use) and keeps them as raw uint4 registers; then, from the
+ * held values, mean = block sum / n, var = block sum of (v − mean)² / n (two passes in f32, block_sum2's
+ * fixed-order reduction), and y = (v − mean)·rstd·γ + β (then SiLU), written with 16-byte stores. */
+template <typename T, int K>
+__global__ void __launch_bounds__(1024) group_norm_regs_kernel(const T *x, const T *gamma, const T *beta, T *y,
+                                                               int64_t C, int64_t S, int64_t G, float eps, int silu) {
+    constexpr int V = pea_v16<T>::N;
+    const int64_t u = blockIdx.x, g = u % G, Cg = C / G, n = Cg * S;
+    const int nq = (int)(n / V), tid = threadIdx.x, threads = blockDim.x;
+    const uint4 *xq = reinterpret_cast<const uint4 *>(x + u * n);
+    uint4 *yq = reinterpret_cast<uint4 *>(y + u * n);
+    uint4 held[K];
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        const int q = tid + k * threads;
+        held[k] = q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
+    }
+    float sum = 0.0f, unused = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        if (tid + k * threads < nq) {
+            float v[V];
+            pea_unpack16(held[k], v, (const T *)nullptr);
+            for (int j = 0; j < V; j++) sum += v[j];
+        }
+    }
+    block_sum2(sum, unused);
+    const float mu = sum / (float)n;
+    float sq = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        if (tid + k * threads < nq) {
+            float v[V];
+            pea_unpack16(held[k], v, (const T *)nullptr);
+            for (int j = 0; j < V; j++) sq += (v[j] - mu) * (v[j] - mu);
+        }
+    }
+    unused = 0.0f;
+    block_sum2(sq, unused);
+    const float rstd = rsqrtf(sq / (float)n + eps);
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        const int q = tid + k * threads;
+        if (q < nq) {
+            float scale, shift;
+            gn_affine(gamma, beta, g * Cg + ((int64_t)q * V) / S, rstd, scale, shift);
+            float v[V];
+            pea_unpack16(held[k], v, (const T *)nullptr);
+            for (int j = 0; j < V; j++) v[j] = gn_out(v[j], mu, scale, shift, silu);
+            yq[q] = pea_pack16(v, (const T *)nullptr);
+        }
+    }
+}
+
+/* The split path for groups too big to hold (or too few to fill the GPU), two kernels. The n = Cg·S values of a
+ * group (b, g) are cut into P chunks of GN_CHUNK_VECS·blockDim 16-byte vectors; block L of the 1-D grid of
+ * B·G·P handles chunk p = L mod P of group u = L / P.
+ * Pass 1 (group_norm_partial_kernel): the block loads its chunk into registers (thread t: vectors t,
+ * t + blockDim, …, at most GN_CHUNK_VECS), and writes the chunk's (mean, M2 = Σ(v − mean)²) — two passes over the
+ * held values, block_sum2 — to part[u·P + p]. Pass 2 (group_norm_apply_kernel) walks the chunks in reverse
+ * (block L takes chunk B·G·P − 1 − L, so the chunks pass 1 read last, still in L2, are read again first): warp 0
+ * merges the group's P partials in a fixed order (lane l folds partials l, l + 32, … with Chan's formula, then
+ * the lanes fold into lane 0 in a fixed tree) — every block of the group computes identical statistics, no
+ * atomics — then the block normalises its chunk (16-byte loads and stores). */
+enum { GN_CHUNK_VECS = 4, GN_SPLIT_THREADS = 256 };
+
+template <typename T>
+__global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_partial_kernel(const T *x, float2 *part, int64_t n,
+                                                                                int64_t P) {
+    constexpr int V = pea_v16<T>::N;
+    const int64_t L = blockIdx.x, u = L / P, p = L - u * P;
+    const int64_t chunk_vecs = (int64_t)GN_CHUNK_VECS * blockDim.x, nq = n / V;
+    const int64_t q0 = p * chunk_vecs;
+    const int64_t count = (nq - q0 < chunk_vecs ? nq - q0 : chunk_vecs) * V; /* values in this chunk */
+    const uint4 *xq = reinterpret_cast<const uint4 *>(x + u * n) + q0;
+    const int tid = threadIdx.x;
+    uint4 held[GN_CHUNK_VECS];
+#pragma unroll
+    for (int k = 0; k < GN_CHUNK_VECS; k++) {
+        const int64_t q = tid + (int64_t)k * blockDim.x;
+        held[k] = q0 + q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
+    }
+    float sum = 0.0f, unused = 0.0f;
+#pragma unroll
+    for (int k = 0; k < GN_CHUNK_VECS; k++) {
+        if (q0 + tid + (int64_t)k * blockDim.x < nq) {
+            float v[V];
+            pea_unpack16(held[k], v, (const T *)nullptr);
+            for (int j = 0; j < V; j++) sum += v[j];
+        }
+    }
+    block_sum2(sum, unused);
+    const float mean = sum / (float)count;
+    float m2 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < GN_CHUNK_VECS; k++) {
+        if (q0 + tid + (int64_t)k * blockDim.x < nq) {
+            float v[V];
+            pea_unpack16(held[k], v, (const T *)nullptr);
+            for (int j = 0; j < V; j++) m2 += (v[j] - mean) * (v[j] - mean);
+        }
+    }
+    unused = 0.0f;
+    block_sum2(m2, unused);
+    if (tid == 0) part[L] = make_float2(mean, m2);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_apply_kernel(const T *x, const float2 *part,
+                                                                              const T *gamma, const T *beta, T *y,
+                                                                              int64_t C, int64_t S, int64_t G,
+                                                                              int64_t P, float eps, int silu) {
+    constexpr int V = pea_v16<T>::N;
+    PEA_SHARED_ARRAY(float, s_stat, 2);
+    const int64_t L = (int64_t)gridDim.x - 1 - blockIdx.x, u = L / P, p = L - u * P;
+    const int64_t g = u % G, Cg = C / G, n = Cg * S, nq = n / V;
+    const int64_t chunk_vecs = (int64_t)GN_CHUNK_VECS * blockDim.x, q0 = p * chunk_vecs;
+    const int tid = threadIdx.x;
+    if (tid < 32) {
+        float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
+        for (int64_t j = tid; j < P; j += 32) {
+            const int64_t left = nq - j * chunk_vecs;
+            const float nb = (float)((left < chunk_vecs ? left : chunk_vecs) * V);
+            const float2 pm = part[u * P + j];
+            welford_merge(cnt, mean, m2, nb, pm.x, pm.y);
+        }
+        for (int o = 1; o < 32; o <<= 1) { /* lane l takes lane l + o's summary: lane 0 ends with all, in a fixed order */
+            const float nb = __shfl_down_sync(PEA_FULL_MASK, cnt, o);
+            const float mb = __shfl_down_sync(PEA_FULL_MASK, mean, o);
+            const float m2b = __shfl_down_sync(PEA_FULL_MASK, m2, o);
+            if (tid + o < 32) welford_merge(cnt, mean, m2, nb, mb, m2b);
+        }
+        if (tid == 0) {
+            s_stat[0] = mean;
+            s_stat[1] = rsqrtf(m2 / (float)n + eps);
+        }
+    }
+    __syncthreads();
+    const float mu = s_stat[0], rstd = s_stat[1];
+    const uint4 *xq = reinterpret_cast<const uint4 *>(x + u * n);
+    uint4 *yq = reinterpret_cast<uint4 *>(y + u * n);
+    uint4 held[GN_CHUNK_VECS];
+#pragma unroll
+    for (int k = 0; k < GN_CHUNK_VECS; k++) {
+        const int64_t q = q0 + tid + (int64_t)k * blockDim.x;
+        held[k] = q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int k = 0; k < GN_CHUNK_VECS; k++) {
+        const int64_t q = q0 + tid + (int64_t)k * blockDim.x;
+        if (q < nq) {
+            float scale, shift;
+            gn_affine(gamma, beta, g * Cg + (q * V) / S, rstd, scale, shift);
+            float v[V];
+            pea_unpack16(held[k], v, (const T *)nullptr);
+            for (int j = 0; j < V; j++) v[j] = gn_out(v[j], mu, scale, shift, silu);
+            yq[q] = pea_pack16(v, (const T *)nullptr);
+        }
+    }
+}
+
+/* The group-norm paths, by the group's size n = Cg·S in vectors of V = 16/sizeof(T) elements:
+ *   - S not a multiple of V or x/y not 16-byte aligned: group_norm_kernel (one block per group, x read twice);
+ *   - nq = n/V ≤ 8·1024 vectors (128 KB of storage: 64 K f16 values, 32 K f32): group_norm_regs_kernel, the
+ *     group in registers, K = the fewest of 1, 2, 4, 8 vectors per thread with ≤ 1024 threads;
+ *   - larger groups: the split path (group_norm_partial_kernel, group_norm_apply_kernel) over all SMs, with
+ *     B·G·P float2 partials from the caching allocator. */
 template <typename T>
 static int group_norm_launch(pea_cuda_context *ctx, const void *x, const void *gamma, const void *beta, void *y,
                              int64_t B, int64_t C, int64_t S, int64_t G, float eps, int fuse_silu) {
-    const int64_t n = C / G * S;
+    static const char *op = "group_norm";
+    constexpr int V = pea_v16<T>::N;
+    const int64_t n = C / G * S, nq = n / V;
+    const bool vec16 = S % V == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)y % 16 == 0;
+    if (vec16 && nq <= 8 * 1024) {
+        const int K = nq <= 1024 ? 1 : nq <= 2048 ? 2 : nq <= 4096 ? 4 : 8;
+        int threads = (int)((nq + K - 1) / K);
+        threads = (threads + 31) / 32 * 32;
+        const unsigned grid = (unsigned)(B * G);
+        const T *xt = (const T *)x, *gt = (const T *)gamma, *bt = (const T *)beta;
+        T *yt = (T *)y;
+        switch (K) {
+        case 1: PEA_KERNEL(ctx, op, (group_norm_regs_kernel<T, 1>), grid, threads, 0, xt, gt, bt, yt, C, S, G, eps, fuse_silu); break;
+        case 2: PEA_KERNEL(ctx, op, (group_norm_regs_kernel<T, 2>), grid, threads, 0, xt, gt, bt, yt, C, S, G, eps, fuse_silu); break;
+        case 4: PEA_KERNEL(ctx, op, (group_norm_regs_kernel<T, 4>), grid, threads, 0, xt, gt, bt, yt, C, S, G, eps, fuse_silu); break;
+        default: PEA_KERNEL(ctx, op, (group_norm_regs_kernel<T, 8>), grid, threads, 0, xt, gt, bt, yt, C, S, G, eps, fuse_silu); break;
+        }
+        return PEA_CUDA_OK;
+    }
+    if (vec16) {
+        const int64_t chunk_vecs = (int64_t)GN_CHUNK_VECS * GN_SPLIT_THREADS;
+        const int64_t P = (nq + chunk_vecs - 1) / chunk_vecs, blocks = B * G * P;
+        PEA_REQUIRE(ctx, op, blocks <= INT_MAX, "B·G·P = %lld blocks is too many", (long long)blocks);
+        void *part = NULL;
+        PEA_TRY(pea_mem_alloc(ctx, op, (size_t)blocks * sizeof(float2), &part));
+        PEA_KERNEL(ctx, op, group_norm_partial_kernel<T>, (unsigned)blocks, GN_SPLIT_THREADS, 0, (const T *)x,
+                   (float2 *)part, n, P);
+        PEA_KERNEL(ctx, op, group_norm_apply_kernel<T>, (unsigned)blocks, GN_SPLIT_THREADS, 0, (const T *)x,
+                   (const float2 *)part, (const T *)gamma, (const T *)beta, (T *)y, C, S, G, P, eps, fuse_silu);
+        /* stream-ordered: a later user of the block runs after these kernels on the one stream */
+        PEA_TRY(pea_mem_free(ctx, op, part));
+        return PEA_CUDA_OK;
+    }
     const size_t align = 4 * sizeof(T);
     const int vec = S % 4 == 0 && (uintptr_t)x % align == 0 && (uintptr_t)y % align == 0;
     const int threads = n >= 16384 ? 512 : 256;
-    PEA_KERNEL(ctx, "group_norm", group_norm_kernel<T>, (unsigned)(B * G), threads, 0, (const T *)x,
+    PEA_KERNEL(ctx, op, group_norm_kernel<T>, (unsigned)(B * G), threads, 0, (const T *)x,
                (const T *)gamma, (const T *)beta, (T *)y, C, S, G, eps, fuse_silu, vec);
     return PEA_CUDA_OK;
 }

@@ -38,7 +38,7 @@ enum {
 };
 
 /* The ABI version this header describes; the Swift side refuses a library reporting another. */
-#define PEA_CUDA_ABI_VERSION 2
+#define PEA_CUDA_ABI_VERSION 3
 int pea_cuda_abi_version(void);
 
 typedef struct pea_cuda_context pea_cuda_context;
@@ -71,6 +71,18 @@ int pea_cuda_upload(pea_cuda_context *ctx, void *dst, const void *src, size_t by
 int pea_cuda_download(pea_cuda_context *ctx, void *dst, const void *src, size_t bytes);
 int pea_cuda_zero(pea_cuda_context *ctx, void *ptr, size_t bytes);
 int pea_cuda_synchronize(pea_cuda_context *ctx);
+
+/* --- device timing (benchmarks: pea bench kernels) ------------------------------------------------------
+ * Records CUDA events on the context's stream so a benchmark can time queued work by the GPU's clock rather
+ * than the host's. The context owns PEA_CUDA_TIMER_SLOTS events, created on first use. */
+enum { PEA_CUDA_TIMER_SLOTS = 4 };
+/* Records event `slot` (0 … PEA_CUDA_TIMER_SLOTS − 1) on the stream, after all work queued so far. */
+int pea_cuda_timer_record(pea_cuda_context *ctx, int slot);
+/* *ms = the GPU time between two recorded slots (start recorded before end); waits for `end_slot` first. */
+int pea_cuda_timer_elapsed(pea_cuda_context *ctx, int start_slot, int end_slot, float *ms);
+/* Queues a one-thread kernel that busy-waits `microseconds` (clock64 cycles at the device's clock rate,
+ * cudaDevAttrClockRate), holding the stream so the host can queue what follows before it starts. */
+int pea_cuda_spin(pea_cuda_context *ctx, double microseconds);
 
 /* --- ops (each mirrors its ckernels.h counterpart) ----------------------------------------------------- */
 

@@ -57,7 +57,7 @@
     X(pea_cuda_timestep_embedding) X(pea_cuda_mean) X(pea_cuda_convert)                               \
     X(pea_cuda_conv2d_backward_data) X(pea_cuda_group_norm_backward) X(pea_cuda_layer_norm_backward)   \
     X(pea_cuda_softmax_backward) X(pea_cuda_activation_backward) X(pea_cuda_geglu_backward)            \
-    X(pea_cuda_upsample_nearest2x_backward)
+    X(pea_cuda_upsample_nearest2x_backward) X(pea_cuda_timer_record) X(pea_cuda_timer_elapsed) X(pea_cuda_spin)
 
 struct Api {
 #define DECLARE(name) decltype(&::name) name = nullptr;
@@ -256,6 +256,42 @@ static void test_context() {
     char msg[256] = {0};
     int rc = L.pea_cuda_create(1000, &c, msg, sizeof msg);
     CHECK(rc == PEA_CUDA_ERROR_NO_DEVICE && c == nullptr && msg[0], "create(1000): rc %d \"%s\"", rc, msg);
+}
+
+/* The device timer: events around a spin gate measure at least the spin on a GPU (clock64 at the device's
+ * clock rate, which is its highest, so the spin lasts no less), and a positive time under the emulator (its
+ * events read the host clock, its rdtsc clock64 ticks faster than the emulated 1 GHz); bad slots fail. */
+static void test_timer() {
+    g_phase = "timer";
+    const double spin_us = 1000.0;
+    OK(L.pea_cuda_timer_record(g_ctx, 0));
+    OK(L.pea_cuda_spin(g_ctx, spin_us));
+    OK(L.pea_cuda_timer_record(g_ctx, 1));
+    float ms = -1.0f;
+    OK(L.pea_cuda_timer_elapsed(g_ctx, 0, 1, &ms));
+    if (g_emu)
+        CHECK(ms > 0.0f && ms < 1e4f, "timer around a %g µs spin (emulator): %g ms", spin_us, ms);
+    else
+        CHECK(ms >= 0.9 * spin_us * 1e-3 && ms < 1e3f, "timer around a %g µs spin: %g ms", spin_us, ms);
+    say("  ok   timer around a %g µs spin: %g ms", spin_us, ms);
+    /* a sample as pea bench kernels takes one: gate, start, queued work, end */
+    const size_t n = 4096;
+    std::vector<float> x = rvec(n);
+    Dev dx = up(x, CK_F32), dy(n * 4);
+    OK(L.pea_cuda_spin(g_ctx, 50.0));
+    OK(L.pea_cuda_timer_record(g_ctx, 2));
+    for (int i = 0; i < 3; i++) OK(L.pea_cuda_activation(g_ctx, CK_F32, PEA_ACT_SILU, dx.p, dy.p, (int64_t)n));
+    OK(L.pea_cuda_timer_record(g_ctx, 3));
+    ms = -1.0f;
+    OK(L.pea_cuda_timer_elapsed(g_ctx, 2, 3, &ms));
+    CHECK(ms >= 0.0f && ms < 1e4f, "timer around 3 activations: %g ms", ms);
+    expect_error("timer_record with slot 4", L.pea_cuda_timer_record(g_ctx, PEA_CUDA_TIMER_SLOTS),
+                 PEA_CUDA_ERROR_INVALID, "timer_record");
+    expect_error("timer_elapsed with a NULL ms", L.pea_cuda_timer_elapsed(g_ctx, 0, 1, nullptr),
+                 PEA_CUDA_ERROR_INVALID, "timer_elapsed");
+    expect_error("timer_elapsed with slot -1", L.pea_cuda_timer_elapsed(g_ctx, -1, 1, &ms), PEA_CUDA_ERROR_INVALID,
+                 "timer_elapsed");
+    expect_error("spin of -1 µs", L.pea_cuda_spin(g_ctx, -1.0), PEA_CUDA_ERROR_INVALID, "spin");
 }
 
 static void test_memory() {
@@ -479,6 +515,12 @@ static void test_binary() {
         {"rank 8 mixed broadcast", 8, {2, 2, 1, 3, 2, 1, 2, 3}, {72, 36, 36, 12, 6, 6, 3, 1}, {0, 18, 0, 6, 0, 0, 3, 1},
          144, 36},
         {"one element", 1, {1}, {1}, {1}, 1, 1},
+        /* the 16-byte vector path (inner extent a multiple of 8 elements, operands with inner stride 0 or 1) */
+        {"same shape [4,8,33] (vector)", 3, {4, 8, 33}, {264, 33, 1}, {264, 33, 1}, 1056, 1056},
+        {"per-channel [1,6,16] + [6,1] (vector)", 3, {1, 6, 16}, {96, 16, 1}, {0, 1, 0}, 96, 6},
+        {"row vector [9,24] + [24] (vector)", 2, {9, 24}, {24, 1}, {0, 1}, 216, 24},
+        {"broadcast a [24] + [9,24] (vector)", 2, {9, 24}, {0, 1}, {24, 1}, 24, 216},
+        {"row vector [5,12] + [12] (f32 vector only)", 2, {5, 12}, {12, 1}, {0, 1}, 60, 12},
     };
     for (int t : kFloatTypes)
         for (const Case &c : cases)
@@ -536,7 +578,7 @@ static void test_elementwise() {
                     tol_for(t));
         }
         /* GEGLU */
-        const int64_t shapes[][2] = {{3, 77}, {1, 1}, {65, 320}};
+        const int64_t shapes[][2] = {{3, 77}, {1, 1}, {65, 320}, {7, 16}, {5, 12}};
         for (auto &s : shapes) {
             const int64_t R = s[0], D = s[1];
             std::vector<float> x = rounded(rvec(R * 2 * D, 3.0f), t), ref(R * D);
@@ -878,6 +920,30 @@ static void test_norms() {
                                 (long long)g.C, (long long)g.S, (long long)g.G, g.offset, affine, silu, tname(t)),
                             down(dy.p, x.size(), t), ref, tol);
                 }
+    /* Shapes that reach each group-norm path (V = 8 f16/bf16 or 4 f32 elements per 16-byte vector, nq = Cg·S/V):
+     * the group held in registers with K = 1, 2, 4, 8 vectors per thread (nq ≤ 1024·K), and the split path
+     * (nq > 8192: per-chunk partials of 1024 vectors, then normalise), with a partial last chunk, several groups,
+     * more than 32 chunks per group (f32 [1,2,69632] G=1: 34), and a large mean. */
+    const GN paths[] = {{1, 6, 1536, 2, 0.0f},   {1, 4, 4096, 1, 0.0f},   {1, 8, 6144, 2, -2.0f},
+                        {1, 4, 12288, 1, 0.0f},  {2, 6, 12800, 2, 500.0f}, {1, 3, 24584, 1, 0.0f},
+                        {1, 2, 69632, 1, 1.0f}};
+    for (int t : kFloatTypes)
+        for (size_t i = 0; i < sizeof paths / sizeof paths[0]; i++) {
+            const GN &g = paths[i];
+            const int affine = i % 3 != 1, silu = i % 2 == 0;
+            std::vector<float> x = rounded(rvec(g.B * g.C * g.S, 2.0f, g.offset), t);
+            std::vector<float> gamma = rounded(rvec(g.C, 0.5f, 1.0f), t), beta = rounded(rvec(g.C), t);
+            std::vector<float> ref(x.size());
+            ck_group_norm_f32(x.data(), affine ? gamma.data() : nullptr, affine ? beta.data() : nullptr, ref.data(),
+                              g.B, g.C, g.S, g.G, 1e-5f, silu);
+            Dev dx = up(x, t), dg = up(gamma, t), db = up(beta, t), dy(x.size() * tsize(t));
+            OK(L.pea_cuda_group_norm(g_ctx, t, dx.p, affine ? dg.p : nullptr, affine ? db.p : nullptr, dy.p, g.B, g.C,
+                                     g.S, g.G, 1e-5f, silu));
+            double tol = tol_for(t) * (g.offset >= 100.0f && t == CK_F32 ? 10.0 : 1.0);
+            compare(fmt("group_norm path B=%lld C=%lld S=%lld G=%lld mean≈%g affine=%d silu=%d %s", (long long)g.B,
+                        (long long)g.C, (long long)g.S, (long long)g.G, g.offset, affine, silu, tname(t)),
+                    down(dy.p, x.size(), t), ref, tol);
+        }
     const int64_t lns[][2] = {{5, 77}, {1, 1}, {33, 320}, {3, 1000}, {17, 8}};
     for (int t : kFloatTypes)
         for (auto &l : lns)
@@ -1421,6 +1487,7 @@ int main(int argc, char **argv) {
     const Step steps[] = {
         {"context", test_context},
         {"memory", test_memory},
+        {"timer", test_timer},
         {"upload/download", test_copies},
         {"convert", test_convert},
         {"copy_strided", test_copy_strided},

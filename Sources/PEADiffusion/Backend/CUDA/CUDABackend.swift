@@ -206,6 +206,25 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
         try check(set(context.handle, enabled ? 1 : 0), "setTF32")
     }
 
+    // MARK: device timing (benchmarks)
+
+    /// GPU milliseconds per run of `body`, timed on the device: a spin kernel holds the stream for
+    /// `gateMicroseconds` while the host queues an event, `launches` calls of `body` and a second event, so the
+    /// queued runs execute back to back however slowly the host enqueues them; the result is the time between
+    /// the two events divided by `launches`. `gateMicroseconds` must cover the host's time to queue the runs.
+    public func deviceTimedMilliseconds(launches: Int, gateMicroseconds: Double, _ body: () throws -> Void) throws -> Double {
+        let record = try function(library.timerRecord, "pea_cuda_timer_record", "deviceTimed")
+        let elapsed = try function(library.timerElapsed, "pea_cuda_timer_elapsed", "deviceTimed")
+        let spin = try function(library.spin, "pea_cuda_spin", "deviceTimed")
+        try check(spin(context.handle, gateMicroseconds), "deviceTimed")
+        try check(record(context.handle, 0), "deviceTimed")
+        for _ in 0..<max(launches, 1) { try body() }
+        try check(record(context.handle, 1), "deviceTimed")
+        var ms: Float = 0
+        try check(elapsed(context.handle, 0, 1, &ms), "deviceTimed")
+        return Double(ms) / Double(max(launches, 1))
+    }
+
     // MARK: capability
 
     /// True when the library has the op's kernel and the op takes `dtype`: float ops take f32, f16 and bf16;

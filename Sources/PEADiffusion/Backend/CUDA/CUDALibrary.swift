@@ -90,6 +90,10 @@ public final class CUDALibrary {
     typealias GegluBackwardFn = @convention(c) (Context?, Int32, RawIn?, RawIn?, RawOut?, Int64, Int64) -> Int32
     typealias UpsampleBackwardFn = @convention(c) (Context?, Int32, RawIn?, RawOut?, Int64, Int64, Int64) -> Int32
 
+    typealias TimerRecordFn = @convention(c) (Context?, Int32) -> Int32
+    typealias TimerElapsedFn = @convention(c) (Context?, Int32, Int32, UnsafeMutablePointer<Float>?) -> Int32
+    typealias SpinFn = @convention(c) (Context?, Double) -> Int32
+
     // MARK: required functions (the library is refused without them)
 
     let abiVersion: ABIVersionFn
@@ -133,6 +137,9 @@ public final class CUDALibrary {
     let activationBackward: ActivationBackwardFn?
     let gegluBackward: GegluBackwardFn?
     let upsampleNearest2xBackward: UpsampleBackwardFn?
+    let timerRecord: TimerRecordFn?
+    let timerElapsed: TimerElapsedFn?
+    let spin: SpinFn?
 
     /// Every function of pea_cuda.h, required ones first.
     public static let requiredSymbols = [
@@ -147,7 +154,7 @@ public final class CUDALibrary {
         "pea_cuda_timestep_embedding", "pea_cuda_mean", "pea_cuda_convert",
         "pea_cuda_conv2d_backward_data", "pea_cuda_group_norm_backward", "pea_cuda_layer_norm_backward",
         "pea_cuda_softmax_backward", "pea_cuda_activation_backward", "pea_cuda_geglu_backward",
-        "pea_cuda_upsample_nearest2x_backward",
+        "pea_cuda_upsample_nearest2x_backward", "pea_cuda_timer_record", "pea_cuda_timer_elapsed", "pea_cuda_spin",
     ]
 
     /// Loads the library at `path`, or the first one `locate()` finds. Throws `PEAError.backend` saying where
@@ -228,6 +235,9 @@ public final class CUDALibrary {
         activationBackward = optional("pea_cuda_activation_backward", ActivationBackwardFn.self)
         gegluBackward = optional("pea_cuda_geglu_backward", GegluBackwardFn.self)
         upsampleNearest2xBackward = optional("pea_cuda_upsample_nearest2x_backward", UpsampleBackwardFn.self)
+        timerRecord = optional("pea_cuda_timer_record", TimerRecordFn.self)
+        timerElapsed = optional("pea_cuda_timer_elapsed", TimerElapsedFn.self)
+        spin = optional("pea_cuda_spin", SpinFn.self)
         missingSymbols = missing
     }
 
