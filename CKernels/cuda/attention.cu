@@ -14,8 +14,8 @@
  * Three kernels, chosen in attention_launch:
  *   flash_attention_tc_kernel f16/bf16 with D = Dv ≤ 160 (SD's 40, 64, 80, 160; D padded to a multiple of
  *                            16): FlashAttention-2 style on the tensor cores, mma.sync m16n8k16 with f32
- *                            accumulation (pea_mma_m16n8k16_* of pea_simt.h, emulated on the CPU), masks and
- *                            causal included.
+ *                            accumulation, K/V tiles double-buffered through cp.async, fragments by ldmatrix
+ *                            (pea_simt.h; all emulated on the CPU), masks and causal included.
  *   flash_attention_kernel   the rest with head dims D, Dv multiples of 8 up to 256 (all of f32): Q, K and V
  *                            tiles in shared memory, SIMT f32 FMAs, register accumulators; 16-byte vector
  *                            loads when the pointers and strides allow.
@@ -249,7 +249,6 @@ __global__ void attention_generic_kernel(AttnArgs<T> p) {
 enum {
     ATT_TC_BK = 64,                      /* keys per tile */
     ATT_TC_WARPS = 4,                    /* warps per block; each owns MT m-tiles of 16 query rows */
-    ATT_TC_THREADS = 32 * ATT_TC_WARPS,
     ATT_TC_MAX_D = 160,                  /* head dims up to this (padded to a multiple of 16) */
 };
 #define ATT_LOG2E 1.4426950408889634f
@@ -291,35 +290,29 @@ static __device__ __forceinline__ uint4 att_load8(const T *row, int d, int D, in
     return v;
 }
 
-/* Rows row0 … row0+rows-1 of a [*, D] 16-bit tensor into shared memory at halves base + r·stride (DP/8
- * 16-byte chunks per row, zero past D and for rows at or past limit): thread e of the block takes chunk
- * e % (DP/8) of row e / (DP/8), so a warp reads whole rows (coalesced) and stores 16 bytes at a time. */
-template <int DP, typename T, typename S128>
-static __device__ __forceinline__ void att_stage_rows(S128 s128, int base, int stride, const T *src,
-                                                      int64_t src_stride, int64_t row0, int64_t limit, int rows,
-                                                      int D, int vec) {
-    constexpr int C = DP / 8;
-    for (int e = threadIdx.x; e < rows * C; e += blockDim.x) {
-        const int r = e / C, d = (e - r * C) * 8;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (row0 + r < limit) v = att_load8(src + (row0 + r) * src_stride, d, D, vec);
-        s128[(base + r * stride + d) / 8] = v;
-    }
-}
-
-/* The same for V, transposed: Vt[d][key] at halves base + d·stride + key. Thread e takes key e % BK and
- * chunk e / BK, so the 16-bit stores of a warp go to 32 consecutive keys of one row (no bank conflicts). */
-template <int DP, int BK, typename T, typename S16>
-static __device__ __forceinline__ void att_stage_vt(S16 s16, int base, int stride, const T *src, int64_t src_stride,
-                                                    int64_t row0, int64_t limit, int D, int vec) {
-    constexpr int C = DP / 8;
-    for (int e = threadIdx.x; e < BK * C; e += blockDim.x) {
-        const int key = e % BK, d = (e / BK) * 8;
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (row0 + key < limit) v = att_load8(src + (row0 + key) * src_stride, d, D, vec);
-        const unsigned w[4] = {v.x, v.y, v.z, v.w};
-        for (int k = 0; k < 8; k++)
-            s16[base + (d + k) * stride + key] = (unsigned short)((w[k / 2] >> (16 * (k & 1))) & 0xffffu);
+/* Rows row0 … row0+rows-1 of a [*, D] 16-bit tensor into shared memory at halves base + r·RS (RS = DP + 8),
+ * as DP/8 16-byte chunks per row, zero past D and for rows at or past `limit`. The block's THREADS threads
+ * cover RPP = THREADS / (DP/8) rows per pass: thread e takes chunk e % (DP/8) of rows e / (DP/8), + RPP, …
+ * (threads past RPP·DP/8 idle), so a warp reads whole rows (coalesced) and each thread's source pointer just
+ * steps by RPP rows. With vec (D % 8 == 0, rows 16-byte aligned) each chunk is one cp.async (zero-filled where
+ * there is no data; it lands when the caller waits for its group); otherwise the thread loads it through
+ * registers and stores it at once. */
+template <int DP, int THREADS, typename T, typename S16, typename S128>
+static __device__ __forceinline__ void att_stage_rows(S16 s16, S128 s128, int base, const T *src, int64_t src_stride,
+                                                      int64_t row0, int64_t limit, int rows, int D, int vec) {
+    constexpr int C = DP / 8, RS = DP + 8, RPP = THREADS / C;
+    const int e = threadIdx.x, r0 = e / C, d = (e - r0 * C) * 8;
+    if (r0 >= RPP) return;
+    const int64_t have = limit - row0; /* rows with data */
+    const T *from = src + (row0 + r0) * src_stride + d;
+    const int64_t step = RPP * src_stride;
+    for (int r = r0; r < rows; r += RPP, from += step) {
+        const bool inside = r < have && d < D;
+        if (vec) {
+            pea_cp_async16(s16, base + r * RS + d, inside ? from : src, inside ? 16 : 0);
+        } else {
+            s128[(base + r * RS + d) / 8] = inside ? att_load8(from - d, d, D, 0) : make_uint4(0u, 0u, 0u, 0u);
+        }
     }
 }
 
@@ -328,35 +321,36 @@ static __device__ __forceinline__ void att_stage_vt(S16 s16, int base, int strid
  *
  * Block (x, y) = (tile of BQ = 64·MT queries from i0 = x·BQ, b·H + h); 4 warps. Warp w owns MT m-tiles of
  * 16 query rows, rows i0 + (w·MT + mt)·16 + 0…15. Lane (g = lane / 4, t = lane % 4) holds, per m-tile, the
- * mma.m16n8k16 fragments (pea_simt.h) of rows g and g + 8: the Q·Kᵀ A operand qf (Q rows, loaded once from
- * shared memory into registers), the score/probability tile S (16 × 64 keys: 8 n-tiles of 4 f32, columns
- * 2t, 2t+1 of each), the output accumulators o (16 × DP: DP/8 n-tiles of 4 f32), and per row the running
- * max m (log2 domain, the same in the 4 lanes of a group) and the lane's share of the running sum l.
+ * mma.m16n8k16 fragments (pea_simt.h) of rows g and g + 8: the Q·Kᵀ A operand qf (Q rows, loaded once),
+ * the score/probability tile S (16 × 64 keys: 8 n-tiles of 4 f32, columns 2t, 2t+1 of each), the output
+ * accumulators o (16 × DP: DP/8 n-tiles of 4 f32), and per row the running max m (log2 domain, the same in
+ * the 4 lanes of a group) and the lane's share of the running sum l.
  *
- * Shared memory (16-bit values, rows padded by 8 halves so that the 32-bit fragment loads of a warp hit 32
- * different banks): Qs [BQ][DP+8] at the start, reused after the Q fragments are in registers by
- * Ks [64][DP+8] (row-major: K·Qᵀ's B operand is 32-bit pairs along a K row) and Vt [DP][64+8] (V transposed,
- * so P·V's B operand is 32-bit pairs along keys).
+ * Shared memory, 16-bit values, rows of DP + 8 (the 8 halves of padding put the 8 rows an ldmatrix reads in
+ * 8 different 16-byte bank groups): Qs [BQ][DP+8], then two buffers of Ks [64][DP+8] and Vs [64][DP+8],
+ * all row-major as in global memory. Loads are cp.async (16 bytes, zero-filled past the data), double
+ * buffered: while the warps compute on key tile j, tile j+1 is in flight into the other buffer.
+ * Fragments come from shared memory with ldmatrix: Q's A operand and K's B operand (K·Qᵀ's B is 32-bit pairs
+ * along a K row) plain, V's B operand (pairs along keys) with .trans; each ldmatrix.x4 serves two n-tiles.
  *
- * Per tile of 64 keys: the block stages K and Vᵀ (16-byte global loads when aligned); each warp computes
- * S = Q·Kᵀ (8·DP/16 MMAs per m-tile), scales it by scale·log2 e, adds mask·log2 e, sets −∞ past Tk and,
- * with causal, where j > i; takes the row max over its 16 values and the 4 lanes of the group (xor
- * shuffles 1, 2), rescales l and o by 2^(m_old − m_new), P = 2^(S − m_new) (l += Σ P in f32), packs P into
+ * Per tile of 64 keys each warp computes S = Q·Kᵀ (8·DP/16 MMAs per m-tile), then per row the max over its
+ * 16 values and the 4 lanes of the group (xor shuffles 1, 2), the new running max m, the rescale of l and o
+ * by 2^(m_old − m_new), and P = 2^(S·scale·log2 e − m_new) (one FFMA and one ex2 per score; l += Σ P in f32).
+ * A tile with no mask, all keys valid, no causal cut and scale > 0 takes this path with no per-element tests;
+ * any other tile also adds mask·log2 e and sets −∞ past Tk and, with causal, where j > i. P is packed into
  * f16/bf16 A fragments (the accumulator layout of two adjacent n-tiles is exactly the A layout of one
- * k-step) and accumulates O += P·V (DP/8·4 MMAs per m-tile). A row whose keys are all masked keeps m = −∞
- * and l = 0 and is written as zeros. At the end l is summed over the group and out = o / l, rounded once. */
-template <typename T, int DP, int MT>
-__global__ void __launch_bounds__(ATT_TC_THREADS) flash_attention_tc_kernel(AttnArgs<T> p, int vec) {
-    constexpr int BK = ATT_TC_BK, BQ = ATT_TC_WARPS * 16 * MT;
+ * k-step) and O += P·V (DP/8·4 MMAs per m-tile). A row whose keys are all masked keeps m = −∞ and l = 0 and
+ * is written as zeros. At the end l is summed over the group and out = o / l, rounded once. */
+template <typename T, int DP, int MT, int WARPS, int MINB, bool QREG>
+__global__ void __launch_bounds__(32 * WARPS, MINB) flash_attention_tc_kernel(AttnArgs<T> p, int vec) {
+    constexpr int BK = ATT_TC_BK, BQ = WARPS * 16 * MT;
     constexpr int KD = DP / 16; /* k-steps of Q·Kᵀ */
     constexpr int NS = BK / 8;  /* n-tiles of S */
     constexpr int KC = BK / 16; /* k-steps of P·V */
     constexpr int NO = DP / 8;  /* n-tiles of O */
-    constexpr int RS = DP + 8;  /* row stride of Qs and Ks, halves */
-    constexpr int VS = BK + 8;  /* row stride of Vt, halves */
-    constexpr int VT = BK * RS; /* Vt's offset, halves */
+    constexpr int RS = DP + 8;  /* row stride of every tile, halves */
+    constexpr int KV = BK * RS; /* halves of one K or V tile */
     PEA_DYNAMIC_SHARED(unsigned short, s16);
-    PEA_DYNAMIC_SHARED(unsigned, s32);
     PEA_DYNAMIC_SHARED(uint4, s128);
     const T *tag = nullptr;
     const int D = (int)p.D, Dv = (int)p.Dv;
@@ -364,21 +358,22 @@ __global__ void __launch_bounds__(ATT_TC_THREADS) flash_attention_tc_kernel(Attn
     const int64_t b = blockIdx.y / p.H, h = blockIdx.y % p.H, i0 = (int64_t)blockIdx.x * BQ;
     const T *kb = p.k + b * p.k_sb + h * p.k_sh, *vb = p.v + b * p.v_sb + h * p.v_sh;
     const T *mb = p.mask ? p.mask + b * p.m_sb + h * p.m_sh : nullptr;
+    const int64_t q_end = p.Tq < i0 + BQ ? p.Tq : i0 + BQ;
+    const int64_t key_end = p.causal ? (p.Tk < q_end ? p.Tk : q_end) : p.Tk;
+    const int tiles = (int)((key_end + BK - 1) / BK);
+    /* ldmatrix row offsets of this lane: lane l names row l % 8 of matrix l / 8 */
+    const int mrow = lane & 7, mat = lane >> 3;
 
-    att_stage_rows<DP>(s128, 0, RS, p.q + b * p.q_sb + h * p.q_sh, p.q_st, i0, p.Tq, BQ, D, vec);
-    __syncthreads();
-    unsigned qf[MT][KD][4];
-    #pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-        #pragma unroll
-        for (int kk = 0; kk < KD; kk++) {
-            const int w0 = (((warp * MT + mt) * 16 + g) * RS + kk * 16 + 2 * t) / 2;
-            qf[mt][kk][0] = s32[w0];
-            qf[mt][kk][1] = s32[w0 + 4 * RS];
-            qf[mt][kk][2] = s32[w0 + 4];
-            qf[mt][kk][3] = s32[w0 + 4 * RS + 4];
-        }
+    /* Q and key tile 0 (buffer 0) form the first group of copies. */
+    att_stage_rows<DP, 32 * WARPS>(s16, s128, 0, p.q + b * p.q_sb + h * p.q_sh, p.q_st, i0, p.Tq, BQ, D, vec);
+    if (tiles > 0) {
+        att_stage_rows<DP, 32 * WARPS>(s16, s128, BQ * RS, kb, p.k_st, 0, key_end, BK, D, vec);
+        att_stage_rows<DP, 32 * WARPS>(s16, s128, BQ * RS + KV, vb, p.v_st, 0, key_end, BK, D, vec);
+    }
+    pea_cp_async_commit();
 
+    constexpr int QK = QREG ? KD : 1; /* k-steps of Q fragments held at a time */
+    unsigned qf[MT][QK][4];
     float m[MT][2], l[MT][2], o[MT][NO][4];
     #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
@@ -393,14 +388,30 @@ __global__ void __launch_bounds__(ATT_TC_THREADS) flash_attention_tc_kernel(Attn
             for (int e = 0; e < 4; e++) o[mt][n][e] = 0.0f;
     }
     const float sl2 = p.scale * ATT_LOG2E;
-    const int64_t q_end = p.Tq < i0 + BQ ? p.Tq : i0 + BQ;
-    const int64_t key_end = p.causal ? (p.Tk < q_end ? p.Tk : q_end) : p.Tk;
+    if (tiles == 0) { /* no keys: Q's copies still land before the block ends */
+        pea_cp_async_wait<0>();
+    }
 
-    for (int64_t j0 = 0; j0 < key_end; j0 += BK) {
-        __syncthreads(); /* the Q fragments / the previous tile's K and V are no longer read */
-        att_stage_rows<DP>(s128, 0, RS, kb, p.k_st, j0, key_end, BK, D, vec);
-        att_stage_vt<DP, BK>(s16, VT, VS, vb, p.v_st, j0, key_end, D, vec);
+    for (int it = 0; it < tiles; it++) {
+        const int64_t j0 = (int64_t)it * BK;
+        const int cur = BQ * RS + (it & 1) * 2 * KV; /* this tile's K; its V follows at + KV */
+        if (it + 1 < tiles) {                        /* prefetch the next tile into the other buffer */
+            const int nxt = BQ * RS + ((it + 1) & 1) * 2 * KV;
+            att_stage_rows<DP, 32 * WARPS>(s16, s128, nxt, kb, p.k_st, j0 + BK, key_end, BK, D, vec);
+            att_stage_rows<DP, 32 * WARPS>(s16, s128, nxt + KV, vb, p.v_st, j0 + BK, key_end, BK, D, vec);
+        }
+        pea_cp_async_commit();
+        pea_cp_async_wait<1>(); /* everything but the prefetch has landed: Q and this tile */
         __syncthreads();
+
+        if (QREG && it == 0) {
+            #pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+                #pragma unroll
+                for (int kk = 0; kk < QK; kk++) /* matrices: rows 0-7 | 8-15 × columns 0-7 | 8-15 */
+                    pea_ldmatrix_x4(qf[mt][kk], s16,
+                                    ((warp * MT + mt) * 16 + (mat & 1) * 8 + mrow) * RS + kk * 16 + (mat >> 1) * 8);
+        }
 
         float s[MT][NS][4];
         #pragma unroll
@@ -410,48 +421,79 @@ __global__ void __launch_bounds__(ATT_TC_THREADS) flash_attention_tc_kernel(Attn
                 #pragma unroll
                 for (int e = 0; e < 4; e++) s[mt][n][e] = 0.0f;
         #pragma unroll
-        for (int n = 0; n < NS; n++)
-            #pragma unroll
-            for (int kk = 0; kk < KD; kk++) {
-                const int w0 = ((n * 8 + g) * RS + kk * 16 + 2 * t) / 2;
-                const unsigned bk[2] = {s32[w0], s32[w0 + 4]};
+        for (int kk = 0; kk < KD; kk++) {
+            const int qk = QREG ? kk : 0;
+            if (!QREG) {
                 #pragma unroll
-                for (int mt = 0; mt < MT; mt++) att_mma(tag, s[mt][n], qf[mt][kk], bk);
+                for (int mt = 0; mt < MT; mt++)
+                    pea_ldmatrix_x4(qf[mt][0], s16,
+                                    ((warp * MT + mt) * 16 + (mat & 1) * 8 + mrow) * RS + kk * 16 + (mat >> 1) * 8);
             }
+            #pragma unroll
+            for (int n = 0; n < NS; n += 2) {
+                /* matrices: keys of n-tile n | n+1 × features kk·16 + 0-7 | 8-15 → b of n, then b of n+1 */
+                unsigned bk[4];
+                pea_ldmatrix_x4(bk, s16, cur + ((n + (mat >> 1)) * 8 + mrow) * RS + kk * 16 + (mat & 1) * 8);
+                #pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    att_mma(tag, s[mt][n], qf[mt][qk], bk);
+                    att_mma(tag, s[mt][n + 1], qf[mt][qk], bk + 2);
+                }
+            }
+        }
 
+        /* clean: no per-element test can change a score in this tile */
+        const bool clean = !mb && sl2 > 0.0f && j0 + BK <= key_end && !(p.causal && j0 + BK - 1 > i0);
         unsigned pa[MT][KC][4];
         #pragma unroll
         for (int mt = 0; mt < MT; mt++) {
             #pragma unroll
             for (int hr = 0; hr < 2; hr++) {
-                const int64_t i = i0 + (warp * MT + mt) * 16 + g + 8 * hr;
-                float mx = -INFINITY;
-                #pragma unroll
-                for (int n = 0; n < NS; n++)
+                float mx = -INFINITY, m_new, sum = 0.0f;
+                if (clean) {
                     #pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        const int64_t j = j0 + n * 8 + 2 * t + e;
-                        float v = s[mt][n][2 * hr + e] * sl2;
-                        if (j >= key_end || (p.causal && j > i)) v = -INFINITY;
-                        else if (mb && i < p.Tq) v += pea_ld(mb + i * p.m_st + j) * ATT_LOG2E;
-                        s[mt][n][2 * hr + e] = v;
-                        mx = fmaxf(mx, v);
-                    }
-                mx = fmaxf(mx, __shfl_xor_sync(PEA_FULL_MASK, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(PEA_FULL_MASK, mx, 2));
-                const float m_new = fmaxf(m[mt][hr], mx);
-                const float m_use = m_new == -INFINITY ? 0.0f : m_new; /* all masked so far: P = 0 */
-                const float corr = exp2f(m[mt][hr] - m_use);           /* 0 while m was −∞ */
+                    for (int n = 0; n < NS; n++)
+                        mx = fmaxf(mx, fmaxf(s[mt][n][2 * hr], s[mt][n][2 * hr + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(PEA_FULL_MASK, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(PEA_FULL_MASK, mx, 2));
+                    m_new = fmaxf(m[mt][hr], mx * sl2);
+                    #pragma unroll
+                    for (int n = 0; n < NS; n++)
+                        #pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            const float pe = pea_ex2(fmaf(s[mt][n][2 * hr + e], sl2, -m_new));
+                            s[mt][n][2 * hr + e] = pe;
+                            sum += pe;
+                        }
+                } else {
+                    const int64_t i = i0 + (warp * MT + mt) * 16 + g + 8 * hr;
+                    #pragma unroll
+                    for (int n = 0; n < NS; n++)
+                        #pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            const int64_t j = j0 + n * 8 + 2 * t + e;
+                            float v = s[mt][n][2 * hr + e] * sl2;
+                            if (j >= key_end || (p.causal && j > i)) v = -INFINITY;
+                            else if (mb && i < p.Tq) v += pea_ld(mb + i * p.m_st + j) * ATT_LOG2E;
+                            s[mt][n][2 * hr + e] = v;
+                            mx = fmaxf(mx, v);
+                        }
+                    mx = fmaxf(mx, __shfl_xor_sync(PEA_FULL_MASK, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(PEA_FULL_MASK, mx, 2));
+                    m_new = fmaxf(m[mt][hr], mx);
+                    const float m_use = m_new == -INFINITY ? 0.0f : m_new; /* all masked so far: P = 0 */
+                    #pragma unroll
+                    for (int n = 0; n < NS; n++)
+                        #pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            const float pe = pea_ex2(s[mt][n][2 * hr + e] - m_use);
+                            s[mt][n][2 * hr + e] = pe;
+                            sum += pe;
+                        }
+                }
+                /* 2^(m_old − m_new): 0 while m_old is −∞ (o and l are 0 then); 1 while both are −∞ */
+                const float corr = m[mt][hr] == m_new ? 1.0f : pea_ex2(m[mt][hr] - m_new);
                 m[mt][hr] = m_new;
-                float sum = 0.0f;
-                #pragma unroll
-                for (int n = 0; n < NS; n++)
-                    #pragma unroll
-                    for (int e = 0; e < 2; e++) {
-                        const float pe = exp2f(s[mt][n][2 * hr + e] - m_use);
-                        s[mt][n][2 * hr + e] = pe;
-                        sum += pe;
-                    }
                 l[mt][hr] = l[mt][hr] * corr + sum;
                 #pragma unroll
                 for (int n = 0; n < NO; n++) {
@@ -469,14 +511,19 @@ __global__ void __launch_bounds__(ATT_TC_THREADS) flash_attention_tc_kernel(Attn
         }
 
         #pragma unroll
-        for (int n = 0; n < NO; n++)
+        for (int kc = 0; kc < KC; kc++)
             #pragma unroll
-            for (int kc = 0; kc < KC; kc++) {
-                const int w0 = (VT + (n * 8 + g) * VS + kc * 16 + 2 * t) / 2;
-                const unsigned bv[2] = {s32[w0], s32[w0 + 4]};
+            for (int n = 0; n < NO; n += 2) {
+                /* matrices: keys kc·16 + 0-7 | 8-15 × features of n-tile n | n+1, transposed → b of n, b of n+1 */
+                unsigned bv[4];
+                pea_ldmatrix_x4_trans(bv, s16, cur + KV + (kc * 16 + (mat & 1) * 8 + mrow) * RS + (n + (mat >> 1)) * 8);
                 #pragma unroll
-                for (int mt = 0; mt < MT; mt++) att_mma(tag, o[mt][n], pa[mt][kc], bv);
+                for (int mt = 0; mt < MT; mt++) {
+                    att_mma(tag, o[mt][n], pa[mt][kc], bv);
+                    att_mma(tag, o[mt][n + 1], pa[mt][kc], bv + 2);
+                }
             }
+        __syncthreads(); /* this buffer is refilled by the next iteration's prefetch */
     }
 
     #pragma unroll
@@ -507,47 +554,50 @@ __global__ void __launch_bounds__(ATT_TC_THREADS) flash_attention_tc_kernel(Attn
 /* ---------------------------------------------------------------------------------------------------- */
 /* Host side                                                                                             */
 
-/* Shared memory of the tensor-core kernel: Qs, later Ks + Vt, in 16-bit values. */
-static size_t tc_smem_bytes(int DP, int MT) {
-    const size_t q = (size_t)ATT_TC_WARPS * 16 * MT * (DP + 8);
-    const size_t kv = (size_t)ATT_TC_BK * (DP + 8) + (size_t)DP * (ATT_TC_BK + 8);
-    return 2 * (q > kv ? q : kv);
+/* Shared memory of the tensor-core kernel: Qs and two buffers of Ks and Vs, in 16-bit values. */
+static size_t tc_smem_bytes(int DP, int MT, int warps) {
+    return 2 * (size_t)(DP + 8) * ((size_t)warps * 16 * MT + 4 * (size_t)ATT_TC_BK);
 }
 
-template <typename T, int DP, int MT>
+template <typename T, int DP, int MT, int WARPS, int MINB, bool QREG>
 static int tc_launch(pea_cuda_context *ctx, const AttnArgs<T> &a, int vec) {
-    constexpr int BQ = ATT_TC_WARPS * 16 * MT;
-    const size_t smem = tc_smem_bytes(DP, MT);
-    auto kernel = flash_attention_tc_kernel<T, DP, MT>;
+    constexpr int BQ = WARPS * 16 * MT;
+    const size_t smem = tc_smem_bytes(DP, MT, WARPS);
+    auto kernel = flash_attention_tc_kernel<T, DP, MT, WARPS, MINB, QREG>;
     if (smem > 48 * 1024)
         PEA_TRY(pea_check_cuda(ctx, "attention",
                                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
                                "cudaFuncSetAttribute"));
     dim3 grid((unsigned)((a.Tq + BQ - 1) / BQ), (unsigned)(a.B * a.H));
-    PEA_KERNEL(ctx, "attention", kernel, grid, ATT_TC_THREADS, smem, a, vec);
+    PEA_KERNEL(ctx, "attention", kernel, grid, 32 * WARPS, smem, a, vec);
     return PEA_CUDA_OK;
 }
 
-/* Two m-tiles per warp (128 queries per block, each K/V fragment used twice) where the registers allow it
- * and there are enough queries to fill the block; one otherwise. nvcc 11.8 for sm_90: DP 48 with two m-tiles
- * takes 214 registers and no spills; DP 64 with two would take 255 and spill 60 bytes (one: 143, none), so
- * it gets one. */
-enum { ATT_TC_TWO_MTILES_MAX_DP = 48 };
+/* Two m-tiles per warp (128 queries per block, each K/V fragment read from shared memory serves two MMAs)
+ * where the registers allow it and there are enough queries to fill the block; one otherwise. nvcc 11.8 for
+ * sm_90, no spills: two m-tiles with Q fragments held take 174 registers at DP 48, 235 at 80, 252 at 96; one
+ * takes 168–227 at DP 112–160. At DP 64 the block is limited to 168 registers so that three blocks (12 warps)
+ * share an SM, with Q's fragments re-read from shared memory per k-step instead of held (80 bytes spill):
+ * on an H100 at B 2, H 5, T 4096 that ran in 0.216 ms against 0.305 ms with two blocks per SM and Q held
+ * (0.231 ms with three and Q held: 232 bytes spill). At DP 48 three blocks per SM was slower (0.319 ms
+ * against 0.303 ms), so the smaller head dims keep the default. */
+enum { ATT_TC_TWO_MTILES_MAX_DP = 96 };
 template <typename T>
 static int tc_dispatch(pea_cuda_context *ctx, const AttnArgs<T> &a, int vec) {
     const int DP = (int)((a.D + 15) / 16 * 16);
     const bool two = DP <= ATT_TC_TWO_MTILES_MAX_DP && a.Tq > 64;
+    /* <T, DP, m-tiles per warp, warps, min blocks per SM, Q fragments held in registers> */
     switch (DP) {
-    case 16: return two ? tc_launch<T, 16, 2>(ctx, a, vec) : tc_launch<T, 16, 1>(ctx, a, vec);
-    case 32: return two ? tc_launch<T, 32, 2>(ctx, a, vec) : tc_launch<T, 32, 1>(ctx, a, vec);
-    case 48: return two ? tc_launch<T, 48, 2>(ctx, a, vec) : tc_launch<T, 48, 1>(ctx, a, vec);
-    case 64: return tc_launch<T, 64, 1>(ctx, a, vec);
-    case 80: return tc_launch<T, 80, 1>(ctx, a, vec);
-    case 96: return tc_launch<T, 96, 1>(ctx, a, vec);
-    case 112: return tc_launch<T, 112, 1>(ctx, a, vec);
-    case 128: return tc_launch<T, 128, 1>(ctx, a, vec);
-    case 144: return tc_launch<T, 144, 1>(ctx, a, vec);
-    case 160: return tc_launch<T, 160, 1>(ctx, a, vec);
+    case 16: return two ? tc_launch<T, 16, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 16, 1, 4, 1, true>(ctx, a, vec);
+    case 32: return two ? tc_launch<T, 32, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 32, 1, 4, 1, true>(ctx, a, vec);
+    case 48: return two ? tc_launch<T, 48, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 48, 1, 4, 1, true>(ctx, a, vec);
+    case 64: return two ? tc_launch<T, 64, 2, 4, 3, false>(ctx, a, vec) : tc_launch<T, 64, 1, 4, 1, true>(ctx, a, vec);
+    case 80: return two ? tc_launch<T, 80, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 80, 1, 4, 1, true>(ctx, a, vec);
+    case 96: return two ? tc_launch<T, 96, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 96, 1, 4, 1, true>(ctx, a, vec);
+    case 112: return tc_launch<T, 112, 1, 4, 1, true>(ctx, a, vec);
+    case 128: return tc_launch<T, 128, 1, 4, 1, true>(ctx, a, vec);
+    case 144: return tc_launch<T, 144, 1, 4, 1, true>(ctx, a, vec);
+    case 160: return tc_launch<T, 160, 1, 4, 1, true>(ctx, a, vec);
     }
     return pea_fail(ctx, PEA_CUDA_ERROR_INVALID, "attention", "internal: no tensor-core kernel for D %lld",
                     (long long)a.D);
@@ -614,8 +664,9 @@ static int attention_launch(pea_cuda_context *ctx, const ck_attention_params *p)
 
     /* f16/bf16 with D = Dv ≤ 160: the tensor-core kernel (any D; 16-byte loads when D % 8 == 0 and q, k, v
      * and their strides are 16-byte aligned). */
-    if (sizeof(T) == 2 && p->D == p->Dv && p->D <= ATT_TC_MAX_D && tc_smem_bytes((int)((p->D + 15) / 16 * 16), 1) <=
-                                                                        (size_t)ctx->max_smem_optin) {
+    const int tc_dp = (int)((p->D + 15) / 16 * 16);
+    if (sizeof(T) == 2 && p->D == p->Dv && p->D <= ATT_TC_MAX_D &&
+        tc_smem_bytes(tc_dp, tc_dp <= ATT_TC_TWO_MTILES_MAX_DP ? 2 : 1, ATT_TC_WARPS) <= (size_t)ctx->max_smem_optin) {
         const int64_t e = 8;
         const int vec = p->D % 8 == 0 && (uintptr_t)p->q % 16 == 0 && (uintptr_t)p->k % 16 == 0 &&
                         (uintptr_t)p->v % 16 == 0 && p->q_sb % e == 0 && p->q_sh % e == 0 && p->q_st % e == 0 &&
@@ -668,3 +719,4 @@ extern "C" int pea_cuda_attention(pea_cuda_context *ctx, int dtype, const ck_att
                 (const void *)p->q, (const void *)p->k, (const void *)p->v, (const void *)p->out);
     return PEA_FLOAT_SWITCH(dtype, attention_launch, ctx, p);
 }
+

@@ -42,35 +42,69 @@ static ConvGeometryOf<int32_t> narrowed(const ConvGeometry &g) {
 
 /* col[img, r, n] = x[b0 + img, c, oy·sh − pt + i, ox·sw − pl + j] (zero outside the image) for the images
  * b0 … b0+nimg−1, rows r = (c, i, j) of K = Cin·kh·kw, and columns n = n0 … n0+nc−1 of the output plane
- * (n = oy·Wo + ox); col is [nimg, K, nc]. One thread per element of col (grid-stride): consecutive threads
- * write consecutive columns, and read consecutive input pixels when the stride is 1. E is the element's bits,
- * I the index type (int32_t when every index fits). */
+ * (n = oy·Wo + ox); col is [nimg, K, nc]. Threads (x, y) of a 2-D block: thread x takes IM2COL_V consecutive
+ * columns (one division finds its first (oy, ox), then ox steps along the output row), thread y one input
+ * plane (img, c) of blockDim.y per block (grid-stride over the planes), and writes that plane's kh·kw rows of
+ * col for its columns: consecutive threads write consecutive 8-column chunks — one 16-byte store for
+ * f16/bf16 (two for f32) when the chunk is whole and aligned — and, with stride 1, read consecutive input
+ * pixels (the taps of one plane re-read the same lines, from L1). E is the element's bits, I the index type
+ * (int32_t when every index fits: 64-bit division is emulated in software on the GPU). */
+enum { IM2COL_V = 8 };
 template <typename E, typename I>
 __global__ void im2col_kernel(const E *x, E *col, ConvGeometryOf<I> g, I b0, I nimg, I n0, I nc) {
-    const I K = g.Cin * g.kh * g.kw, per_image = K * nc, total = nimg * per_image;
-    const I stride = (I)gridDim.x * (I)blockDim.x;
-    for (I e = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; e < total; e += stride) {
-        const I img = e / per_image, rem = e - img * per_image;
-        const I r = rem / nc, n = n0 + (rem - r * nc);
-        const I oy = n / g.Wo, ox = n - oy * g.Wo;
-        const I c = r / (g.kh * g.kw), ij = r - c * g.kh * g.kw, i = ij / g.kw, j = ij - i * g.kw;
-        const I iy = oy * g.sh - g.pt + i, ix = ox * g.sw - g.pl + j;
-        E v = E();
-        if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) v = x[(((b0 + img) * g.Cin + c) * g.H + iy) * g.W + ix];
-        col[e] = v;
+    const I taps = g.kh * g.kw, planes = nimg * g.Cin;
+    const I first = ((I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x) * IM2COL_V;
+    if (first >= nc) return;
+    const int count = nc - first < IM2COL_V ? (int)(nc - first) : IM2COL_V;
+    const I oy0 = (n0 + first) / g.Wo, ox0 = n0 + first - oy0 * g.Wo;
+    for (I plane = (I)blockIdx.y * (I)blockDim.y + (I)threadIdx.y; plane < planes;
+         plane += (I)gridDim.y * (I)blockDim.y) {
+        const E *xc = x + (b0 * g.Cin + plane) * g.H * g.W; /* plane = img·Cin + c */
+        E *dst = col + plane * taps * nc + first;           /* row (img, c, 0, 0) = img·K + c·taps */
+        for (I i = 0; i < g.kh; i++)
+            for (I j = 0; j < g.kw; j++, dst += nc) {
+                E v[IM2COL_V];
+                I oy = oy0, ox = ox0;
+                for (int k = 0; k < IM2COL_V; k++) {
+                    const I iy = oy * g.sh - g.pt + i, ix = ox * g.sw - g.pl + j;
+                    v[k] = k < count && iy >= 0 && iy < g.H && ix >= 0 && ix < g.W ? xc[iy * g.W + ix] : E();
+                    if (++ox == g.Wo) {
+                        ox = 0;
+                        ++oy;
+                    }
+                }
+                if (count == IM2COL_V && (uintptr_t)dst % 16 == 0) {
+                    unsigned w[IM2COL_V * sizeof(E) / 4]; /* the chunk as 32-bit words, lower element low */
+                    for (int q = 0; q < (int)(IM2COL_V * sizeof(E) / 4); q++) {
+                        if constexpr (sizeof(E) == 2) w[q] = (unsigned)v[2 * q] | ((unsigned)v[2 * q + 1] << 16);
+                        else w[q] = (unsigned)v[q];
+                    }
+                    uint4 *d16 = reinterpret_cast<uint4 *>(dst);
+                    for (int q = 0; q < (int)(IM2COL_V * sizeof(E) / 16); q++)
+                        d16[q] = make_uint4(w[4 * q], w[4 * q + 1], w[4 * q + 2], w[4 * q + 3]);
+                } else {
+                    for (int k = 0; k < count; k++) dst[k] = v[k];
+                }
+            }
     }
 }
 
 template <typename E>
 static int im2col_launch(pea_cuda_context *ctx, const void *x, void *col, const ConvGeometry &g, int64_t b0,
                          int64_t nimg, int64_t n0, int64_t nc) {
-    const int64_t total = nimg * g.Cin * g.kh * g.kw * nc;
+    const int64_t total = nimg * g.Cin * g.kh * g.kw * nc, rows = nimg * g.Cin; /* rows of threads: planes */
+    const int64_t chunks = (nc + IM2COL_V - 1) / IM2COL_V; /* threads along a row */
+    unsigned tx = 32;
+    while (tx < 256 && (int64_t)tx < chunks) tx *= 2;
+    const dim3 block(tx, 256 / tx);
+    const int64_t gy = (rows + block.y - 1) / block.y;
+    const dim3 grid((unsigned)((chunks + tx - 1) / tx), (unsigned)(gy < 65535 ? gy : 65535));
     if (fits_int32(ctx, total) && fits_int32(ctx, (b0 + nimg) * g.Cin * g.H * g.W)) {
-        PEA_KERNEL(ctx, "conv2d", (im2col_kernel<E, int32_t>), pea_grid_1d(ctx, total, 256), 256, 0, (const E *)x,
-                   (E *)col, narrowed(g), (int32_t)b0, (int32_t)nimg, (int32_t)n0, (int32_t)nc);
+        PEA_KERNEL(ctx, "conv2d", (im2col_kernel<E, int32_t>), grid, block, 0, (const E *)x, (E *)col, narrowed(g),
+                   (int32_t)b0, (int32_t)nimg, (int32_t)n0, (int32_t)nc);
     } else {
-        PEA_KERNEL(ctx, "conv2d", (im2col_kernel<E, int64_t>), pea_grid_1d(ctx, total, 256), 256, 0, (const E *)x,
-                   (E *)col, g, b0, nimg, n0, nc);
+        PEA_KERNEL(ctx, "conv2d", (im2col_kernel<E, int64_t>), grid, block, 0, (const E *)x, (E *)col, g, b0, nimg,
+                   n0, nc);
     }
     return PEA_CUDA_OK;
 }

@@ -429,7 +429,7 @@ __global__ void group_norm_backward_kernel(const T *dy, const T *x, const T *gam
         const float xh = (pea_ld(xg + i) - mu) * rstd;
         float dz = pea_ld(dyg + i);
         if (silu) dz *= silu_grad(gm * xh + (beta ? pea_ld(beta + c) : 0.0f));
-        const float dxh = dz * gm;
+        const float dxh = __fmul_rn(dz, gm); /* rounded as in the pass below, never fused into an FMA */
         sum_dxh += dxh;
         sum_dxh_xh += dxh * xh;
     }
@@ -441,7 +441,9 @@ __global__ void group_norm_backward_kernel(const T *dy, const T *x, const T *gam
         const float xh = (pea_ld(xg + i) - mu) * rstd;
         float dz = pea_ld(dyg + i);
         if (silu) dz *= silu_grad(gm * xh + (beta ? pea_ld(beta + c) : 0.0f));
-        pea_st(dxg + i, rstd * (dz * gm - mean_dxh - xh * mean_dxh_xh));
+        /* dxh − mean: exactly 0 for a group of one element (the CPU's value), where an FMA would leave the
+         * product's rounding error, amplified by rstd = 1/√eps */
+        pea_st(dxg + i, rstd * (__fsub_rn(__fmul_rn(dz, gm), mean_dxh) - xh * mean_dxh_xh));
     }
 }
 

@@ -1124,6 +1124,10 @@ static void test_attention(bool quick) {
         {2, 2, 17, 19, 8, 8, BHTD, KEYPAD_MASK, 0, 0},      /* D 8 padded to 16 */
         {1, 2, 100, 100, 40, 40, BTHD, NO_MASK, 1, 0},      /* causal, two m-tiles per warp */
         {1, 1, 90, 70, 36, 36, BTHD, NO_MASK, 0, 0},        /* D 36: scalar loads, padded to 48, two m-tiles */
+        {1, 2, 260, 260, 64, 64, BTHD, NO_MASK, 1, 0},      /* causal D 64: key tiles wholly below the diagonal */
+        {2, 1, 200, 256, 80, 80, BHTD, NO_MASK, 0, 0},      /* D 80, two m-tiles, 4 full (unmasked) key tiles */
+        {1, 1, 70, 192, 96, 96, BHTD, KEYPAD_MASK, 0, 0},   /* D 96, two m-tiles, 3 full key tiles, masked */
+        {1, 1, 66, 130, 64, 64, BHTD, NO_MASK, 0, 1},       /* misaligned q, D 64: loads through registers */
         {1, 2, 25, 31, 64, 32, BHTD, BCAST_MASK, 0, 0},     /* D ≠ Dv: the FMA kernel */
         {1, 1, 20, 40, 256, 256, BHTD, NO_MASK, 1, 0},      /* D 256: the FMA kernel */
     };
@@ -1509,7 +1513,9 @@ int main(int argc, char **argv) {
         {"backward conv2d chunk", test_backward_conv2d_chunked},
         {"backward sd-like", test_backward_sd_like},
     };
+    const char *only = getenv("PEA_TEST_ONLY"); /* run the steps whose name contains this (and no reorderings) */
     for (const Step &s : steps) {
+        if (only && !strstr(s.name, only)) continue;
         const int before = g_failures, checks = g_checks;
         struct timespec t0, t1;
         clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -1519,7 +1525,7 @@ int main(int argc, char **argv) {
                (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec));
         fflush(stdout);
     }
-    if (g_emu) { /* the kernels with block barriers and shared memory, under the other fiber orders */
+    if (g_emu && !only) { /* the kernels with block barriers and shared memory, under the other fiber orders */
         const char *orders[] = {"reverse", "random"};
         for (int o = 1; o <= 2; o++) {
             const int before = g_failures, checks = g_checks;
