@@ -515,11 +515,81 @@ __global__ void layer_norm_kernel(const T *x, const T *gamma, const T *beta, T *
     }
 }
 
+/* The same for rows that fit in registers: D a multiple of V = 16/sizeof(T), at most 32·K vectors, x, y (and
+ * γ, β) 16-byte aligned. One warp per row (row = blockIdx.x·8 + warp); lane l loads vectors l, l + 32, … (at
+ * most K, 16 bytes each) once, and the mean, the biased variance of the centred values (two passes over the
+ * held values, each ending in a warp sum, as in layer_norm_row_stats) and the output all come from registers:
+ * x is read once, y written with 16-byte stores. */
+template <typename T, int K>
+__global__ void layer_norm_regs_kernel(const T *x, const T *gamma, const T *beta, T *y, int64_t R, int64_t D,
+                                       float eps) {
+    constexpr int V = pea_v16<T>::N;
+    const int lane = threadIdx.x % 32;
+    const int64_t r = (int64_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32;
+    if (r >= R) return;
+    const int nq = (int)(D / V);
+    const uint4 *xq = reinterpret_cast<const uint4 *>(x + r * D);
+    uint4 *yq = reinterpret_cast<uint4 *>(y + r * D);
+    float v[K][V];
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        const int q = lane + 32 * k;
+        if (q < nq) {
+            pea_unpack16(xq[q], v[k], (const T *)nullptr);
+            for (int j = 0; j < V; j++) s += v[k][j];
+        }
+    }
+    const float mean = pea_warp_sum(s) / (float)D;
+    float sq = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; k++)
+        if (lane + 32 * k < nq)
+            for (int j = 0; j < V; j++) {
+                const float d = v[k][j] - mean;
+                sq += d * d;
+            }
+    const float rstd = rsqrtf(pea_warp_sum(sq) / (float)D + eps);
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        const int q = lane + 32 * k;
+        if (q < nq) {
+            float g[V], b[V];
+            if (gamma) pea_unpack16(reinterpret_cast<const uint4 *>(gamma)[q], g, (const T *)nullptr);
+            if (beta) pea_unpack16(reinterpret_cast<const uint4 *>(beta)[q], b, (const T *)nullptr);
+            for (int j = 0; j < V; j++) {
+                float o = (v[k][j] - mean) * rstd;
+                if (gamma) o *= g[j];
+                if (beta) o += b[j];
+                v[k][j] = o;
+            }
+            yq[q] = pea_pack16(v[k], (const T *)nullptr);
+        }
+    }
+}
+
+/* Rows of up to 32·4 vectors (1024 f16/bf16 features, 512 f32: every transformer width of SD) with aligned
+ * pointers take the register kernel; the rest the three-pass one. */
+enum { LN_REGS_MAX_K = 4 };
 template <typename T>
 static int layer_norm_launch(pea_cuda_context *ctx, const void *x, const void *gamma, const void *beta, void *y,
                              int64_t R, int64_t D, float eps) {
-    PEA_KERNEL(ctx, "layer_norm", layer_norm_kernel<T>, (unsigned)((R + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK),
-               32 * ROWS_PER_BLOCK, 0, (const T *)x, (const T *)gamma, (const T *)beta, (T *)y, R, D, eps);
+    constexpr int V = pea_v16<T>::N;
+    const unsigned grid = (unsigned)((R + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK), threads = 32 * ROWS_PER_BLOCK;
+    const T *xt = (const T *)x, *gt = (const T *)gamma, *bt = (const T *)beta;
+    T *yt = (T *)y;
+    const bool aligned = ((uintptr_t)x | (uintptr_t)y | (uintptr_t)gamma | (uintptr_t)beta) % 16 == 0;
+    const int64_t nq = D / V, K = (nq + 31) / 32;
+    if (D % V == 0 && aligned && K <= LN_REGS_MAX_K) {
+        switch (K) {
+        case 1: PEA_KERNEL(ctx, "layer_norm", (layer_norm_regs_kernel<T, 1>), grid, threads, 0, xt, gt, bt, yt, R, D, eps); break;
+        case 2: PEA_KERNEL(ctx, "layer_norm", (layer_norm_regs_kernel<T, 2>), grid, threads, 0, xt, gt, bt, yt, R, D, eps); break;
+        case 3: PEA_KERNEL(ctx, "layer_norm", (layer_norm_regs_kernel<T, 3>), grid, threads, 0, xt, gt, bt, yt, R, D, eps); break;
+        default: PEA_KERNEL(ctx, "layer_norm", (layer_norm_regs_kernel<T, 4>), grid, threads, 0, xt, gt, bt, yt, R, D, eps); break;
+        }
+        return PEA_CUDA_OK;
+    }
+    PEA_KERNEL(ctx, "layer_norm", layer_norm_kernel<T>, grid, threads, 0, xt, gt, bt, yt, R, D, eps);
     return PEA_CUDA_OK;
 }
 
