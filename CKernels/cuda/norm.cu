@@ -624,15 +624,17 @@ __global__ void layer_norm_backward_kernel(const T *dy, const T *x, const T *gam
     float a = 0.0f, b = 0.0f;
     for (int64_t i = lane; i < D; i += 32) {
         const float xh = (pea_ld(xr + i) - mean) * rstd;
-        const float dxh = pea_ld(dyr + i) * (gamma ? pea_ld(gamma + i) : 1.0f);
+        const float dxh = __fmul_rn(pea_ld(dyr + i), gamma ? pea_ld(gamma + i) : 1.0f); /* never an FMA: as below */
         a += dxh;
         b += dxh * xh;
     }
     const float mean_dxh = pea_warp_sum(a) / (float)D, mean_dxh_xh = pea_warp_sum(b) / (float)D;
     for (int64_t i = lane; i < D; i += 32) {
         const float xh = (pea_ld(xr + i) - mean) * rstd;
-        const float dxh = pea_ld(dyr + i) * (gamma ? pea_ld(gamma + i) : 1.0f);
-        pea_st(dxr + i, rstd * (dxh - mean_dxh - xh * mean_dxh_xh));
+        const float dxh = __fmul_rn(pea_ld(dyr + i), gamma ? pea_ld(gamma + i) : 1.0f);
+        /* dxh − mean: exactly 0 for a row of one feature (the CPU's value), where an FMA would leave the
+         * product's rounding error, amplified by rstd = 1/√eps (as in group_norm_backward_kernel) */
+        pea_st(dxr + i, rstd * (__fsub_rn(dxh, mean_dxh) - xh * mean_dxh_xh));
     }
     if (stats && lane == 0) {
         stats[2 * r] = mean;
