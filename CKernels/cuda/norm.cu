@@ -143,6 +143,39 @@ static __device__ __forceinline__ void gn_affine(const T *gamma, const T *beta, 
     shift = beta ? pea_ld(beta + c) : 0.0f;
 }
 
+/* The mean and M2 = Σ(v − mean)² of the values a block holds as 16-byte vectors: thread t holds, in held[k],
+ * vector first + t + k·blockDim.x of a range of nq vectors (those at or past nq count for nothing); count is the
+ * number of values held. Two passes over the registers in f32, each ending in block_sum2's fixed-order sum;
+ * every thread gets both results (all threads of the block must call it). */
+template <typename T, int K>
+static __device__ void gn_held_mean_m2(const uint4 (&held)[K], int64_t first, int64_t nq, float count, float &mean,
+                                       float &m2) {
+    constexpr int V = pea_v16<T>::N;
+    float sum = 0.0f, unused = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        if (first + threadIdx.x + (int64_t)k * blockDim.x < nq) {
+            float v[V];
+            pea_unpack16(held[k], v, (const T *)nullptr);
+            for (int j = 0; j < V; j++) sum += v[j];
+        }
+    }
+    block_sum2(sum, unused);
+    mean = sum / count;
+    float sq = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        if (first + threadIdx.x + (int64_t)k * blockDim.x < nq) {
+            float v[V];
+            pea_unpack16(held[k], v, (const T *)nullptr);
+            for (int j = 0; j < V; j++) sq += (v[j] - mean) * (v[j] - mean);
+        }
+    }
+    unused = 0.0f;
+    block_sum2(sq, unused);
+    m2 = sq;
+}
+
 /* Group norm with the group held in registers: x is read once. One block per (b, g) = blockIdx.x, whose n = Cg·S
  * values are contiguous and seen as nq = n/V 16-byte vectors (V = 4 f32 or 8 f16/bf16; S a multiple of V, so a
  * vector never straddles two channels). Thread t loads the vectors t, t + blockDim, …, t + (K−1)·blockDim
@@ -163,28 +196,8 @@ __global__ void __launch_bounds__(1024) group_norm_regs_kernel(const T *x, const
         const int q = tid + k * threads;
         held[k] = q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
     }
-    float sum = 0.0f, unused = 0.0f;
-#pragma unroll
-    for (int k = 0; k < K; k++) {
-        if (tid + k * threads < nq) {
-            float v[V];
-            pea_unpack16(held[k], v, (const T *)nullptr);
-            for (int j = 0; j < V; j++) sum += v[j];
-        }
-    }
-    block_sum2(sum, unused);
-    const float mu = sum / (float)n;
-    float sq = 0.0f;
-#pragma unroll
-    for (int k = 0; k < K; k++) {
-        if (tid + k * threads < nq) {
-            float v[V];
-            pea_unpack16(held[k], v, (const T *)nullptr);
-            for (int j = 0; j < V; j++) sq += (v[j] - mu) * (v[j] - mu);
-        }
-    }
-    unused = 0.0f;
-    block_sum2(sq, unused);
+    float mu, sq;
+    gn_held_mean_m2<T, K>(held, 0, nq, (float)n, mu, sq);
     const float rstd = rsqrtf(sq / (float)n + eps);
 #pragma unroll
     for (int k = 0; k < K; k++) {
@@ -228,28 +241,8 @@ __global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_partial_kernel(co
         const int64_t q = tid + (int64_t)k * blockDim.x;
         held[k] = q0 + q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
     }
-    float sum = 0.0f, unused = 0.0f;
-#pragma unroll
-    for (int k = 0; k < GN_CHUNK_VECS; k++) {
-        if (q0 + tid + (int64_t)k * blockDim.x < nq) {
-            float v[V];
-            pea_unpack16(held[k], v, (const T *)nullptr);
-            for (int j = 0; j < V; j++) sum += v[j];
-        }
-    }
-    block_sum2(sum, unused);
-    const float mean = sum / (float)count;
-    float m2 = 0.0f;
-#pragma unroll
-    for (int k = 0; k < GN_CHUNK_VECS; k++) {
-        if (q0 + tid + (int64_t)k * blockDim.x < nq) {
-            float v[V];
-            pea_unpack16(held[k], v, (const T *)nullptr);
-            for (int j = 0; j < V; j++) m2 += (v[j] - mean) * (v[j] - mean);
-        }
-    }
-    unused = 0.0f;
-    block_sum2(m2, unused);
+    float mean, m2;
+    gn_held_mean_m2<T, GN_CHUNK_VECS>(held, q0, nq, (float)count, mean, m2);
     if (tid == 0) part[L] = make_float2(mean, m2);
 }
 
