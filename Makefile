@@ -241,7 +241,7 @@ $(CUDA_OUT)/obj/%.o: CKernels/cuda/%.cu
 	$(CUDA_NVCC) -std=c++17 -O3 $(CUDA_ARCH) -Xcompiler -fPIC -ICKernels/include $(NVCC_FLAGS) -MMD -MP -c $< -o $@
 
 $(CUDA_LIB): $(CUDA_OBJ)
-	$(CUDA_NVCC) -shared $(CUDA_ARCH) -Xcompiler -fPIC $(NVCC_FLAGS) $^ -lcublas -o $@
+	$(CUDA_NVCC) -shared $(CUDA_ARCH) -Xcompiler -fPIC $(NVCC_FLAGS) $^ -lcublasLt -lcublas -o $@
 
 $(EMU_OUT)/cpu/%.o: CKernels/cpu/%.c
 	@mkdir -p $(@D)

@@ -102,12 +102,13 @@ extern "C" void pea_cuda_destroy(pea_cuda_context *ctx) {
     if (!ctx) return;
     cudaSetDevice(ctx->device);
     if (ctx->stream) cudaStreamSynchronize(ctx->stream);
-    pea_allocator_destroy(ctx); /* frees the workspace too: it came from the allocator */
+    pea_allocator_destroy(ctx); /* frees the workspaces too: they came from the allocator */
     for (int i = 0; i < PEA_CUDA_TIMER_SLOTS; i++)
         if (ctx->timers[i]) cudaEventDestroy(ctx->timers[i]);
     if (ctx->d_error) cudaFree(ctx->d_error);
     if (ctx->h_error) cudaFreeHost(ctx->h_error);
     if (ctx->cublas) cublasDestroy(ctx->cublas);
+    if (ctx->cublaslt) cublasLtDestroy(ctx->cublaslt);
     if (ctx->stream) cudaStreamDestroy(ctx->stream);
     cudaGetLastError(); /* leave no error behind for the next context on this thread */
     delete ctx;
@@ -184,6 +185,7 @@ extern "C" int pea_cuda_create(int device, pea_cuda_context **out, char *message
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetStream(ctx->cublas, ctx->stream);
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetPointerMode(ctx->cublas, CUBLAS_POINTER_MODE_HOST);
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetMathMode(ctx->cublas, CUBLAS_DEFAULT_MATH);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtCreate(&ctx->cublaslt);
     if (s != CUBLAS_STATUS_SUCCESS) {
         create_message(message, message_size, PEA_CUDA_ERROR_KERNEL, "create: cuBLAS: %s (%s)",
                        cublasGetStatusName(s), cublasGetStatusString(s));

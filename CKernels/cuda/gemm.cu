@@ -12,9 +12,10 @@
  * tensor cores with f32 accumulation), or CUBLAS_COMPUTE_32F_FAST_TF32 for f32 data when the context's TF32
  * flag is on. alpha and beta are f32 host scalars; beta = 0 never reads C.
  *
- * Linear layers (y = x·Wᵀ + bias) write the bias into y first (one broadcast kernel) and let the GEMM
- * accumulate onto it with beta = 1, as the CPU backend does: the bias costs one write of y, the GEMM's read
- * of C replaces an epilogue's read, and f16/bf16 outputs are rounded once (acc + bias in f32), not twice.
+ * Linear layers with a bias (y = x·Wᵀ + bias) are one cublasLtMatmul with the bias epilogue: y is written
+ * once and f16/bf16 outputs are rounded once (acc + bias in f32). Where cuBLASLt has no algorithm (and for
+ * in_features = 0) the bias is written into y first (one broadcast kernel) and the GEMM accumulates onto it
+ * with beta = 1, with the same single rounding but one more write and read of y.
  *
  * Dimension legend: M, N, K the GEMM dimensions; rows × in_features → rows × out_features for linear.
  */
@@ -119,6 +120,42 @@ extern "C" int pea_cuda_gemm(pea_cuda_context *ctx, int dtype, int transA, int t
                              beta, C, ldc, strideC, batch);
 }
 
+/* y [rows, out] = x [rows, in] · weightᵀ + bias in one cublasLtMatmul with the bias epilogue: column-major
+ * D (out × rows, ld out) = op(A)·B, A the weight [out, in] seen column-major (in × out, ld in) and transposed,
+ * B = x seen column-major (in × rows, ld in); the epilogue adds bias[i] to row i of D (output feature i) in
+ * f32 before D is rounded, so y is written once: no bias prefill, no read of C. Returns
+ * CUBLAS_STATUS_NOT_SUPPORTED untouched when cuBLASLt has no algorithm for the case (the caller falls back). */
+enum { PEA_LT_WORKSPACE_BYTES = 4 << 20 };
+static int linear_bias_lt(pea_cuda_context *ctx, const char *op, int dtype, const void *x, const void *weight,
+                          const void *bias, void *y, int64_t rows, int64_t in, int64_t out, cublasStatus_t *status) {
+    if (!ctx->lt_workspace) PEA_TRY(pea_mem_alloc(ctx, op, PEA_LT_WORKSPACE_BYTES, &ctx->lt_workspace));
+    const cudaDataType_t t = cuda_type(dtype);
+    const cublasComputeType_t compute =
+        (dtype == CK_F32 && ctx->tf32) ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    cublasLtMatmulDesc_t desc = NULL;
+    cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
+    const int32_t transpose = CUBLAS_OP_T;
+    const uint32_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+    const float alpha = 1.0f, beta = 0.0f;
+    cublasStatus_t s = cublasLtMatmulDescCreate(&desc, compute, CUDA_R_32F);
+    if (!s) s = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof transpose);
+    if (!s) s = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue);
+    if (!s) s = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+    if (!s) s = cublasLtMatrixLayoutCreate(&la, t, (uint64_t)in, (uint64_t)out, in);
+    if (!s) s = cublasLtMatrixLayoutCreate(&lb, t, (uint64_t)in, (uint64_t)rows, in);
+    if (!s) s = cublasLtMatrixLayoutCreate(&ld, t, (uint64_t)out, (uint64_t)rows, out);
+    if (!s)
+        s = cublasLtMatmul(ctx->cublaslt, desc, &alpha, weight, la, x, lb, &beta, y, ld, y, ld, NULL,
+                           ctx->lt_workspace, PEA_LT_WORKSPACE_BYTES, ctx->stream);
+    if (ld) cublasLtMatrixLayoutDestroy(ld);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+    *status = s;
+    if (s == CUBLAS_STATUS_NOT_SUPPORTED) return PEA_CUDA_OK;
+    return pea_check_cublas(ctx, op, s, "cublasLtMatmul");
+}
+
 extern "C" int pea_cuda_linear(pea_cuda_context *ctx, int dtype, const void *x, const void *weight, const void *bias,
                                void *y, int64_t rows, int64_t in_features, int64_t out_features) {
     static const char *op = "linear";
@@ -128,6 +165,15 @@ extern "C" int pea_cuda_linear(pea_cuda_context *ctx, int dtype, const void *x, 
                 (long long)rows, (long long)in_features, (long long)out_features);
     if (rows == 0 || out_features == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, x && weight && y, "NULL tensor (x %p, weight %p, y %p)", x, weight, y);
+    PEA_REQUIRE(ctx, op, rows <= INT_MAX && in_features <= INT_MAX && out_features <= INT_MAX,
+                "shape rows %lld, in %lld, out %lld exceeds cuBLAS's int range", (long long)rows,
+                (long long)in_features, (long long)out_features);
+    if (bias && in_features > 0) {
+        cublasStatus_t s;
+        PEA_TRY(linear_bias_lt(ctx, op, dtype, x, weight, bias, y, rows, in_features, out_features, &s));
+        if (s == CUBLAS_STATUS_SUCCESS) return PEA_CUDA_OK;
+    }
+    /* no bias, no input features, or no cuBLASLt algorithm: the bias written first, the GEMM adding onto it */
     if (bias) PEA_TRY(pea_bias_prefill(ctx, op, dtype, y, bias, rows * out_features, 1, out_features));
     /* y [rows, out] = x [rows, in] · weightᵀ, weight stored [out, in] (transB) */
     const int64_t ld_in = in_features > 0 ? in_features : 1;

@@ -15,6 +15,7 @@
 #ifndef PEA_CUDA_INTERNAL_H
 #define PEA_CUDA_INTERNAL_H
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -50,6 +51,8 @@ struct pea_cuda_context {
     int device;
     cudaStream_t stream; /* every op is queued here, in order (non-blocking w.r.t. the legacy stream) */
     cublasHandle_t cublas;
+    cublasLtHandle_t cublaslt; /* linear with bias: the bias epilogue of cublasLtMatmul */
+    void *lt_workspace;        /* cublasLtMatmul's workspace (PEA_LT_WORKSPACE_BYTES, from the allocator on first use) */
     int tf32; /* pea_cuda_set_tf32 */
     int sm_count;
     int max_smem_optin; /* cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes */

@@ -286,7 +286,8 @@ func runBenchKernels(_ arguments: [String]) throws {
 private func printKernelRow(_ r: KernelResult) {
     let rate = r.gbps.map { "\(decimal($0, $0 < 10 ? 3 : 1)) GB/s" }
         ?? "\(decimal(r.tflops ?? 0, (r.tflops ?? 0) < 0.01 ? 5 : 3)) TFLOP/s"
-    func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s : s + String(repeating: " ", count: width - s.count) }
+    // at least one space after each column, however long the name
+    func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count) }
     func left(_ s: String, _ width: Int) -> String { s.count >= width ? s : String(repeating: " ", count: width - s.count) + s }
     print(pad(r.kernel.name, 27) + pad(r.kernel.shape, 36) + "best " + left(decimal(r.bestMs, 3), 10) + " ms  median "
         + left(decimal(r.medianMs, 3), 10) + " ms  " + left(rate, 16))

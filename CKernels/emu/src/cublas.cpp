@@ -14,12 +14,14 @@
  * with CUBLAS_TF32_TENSOR_OP_MATH) to TF32 (10-bit mantissa, nearest-even), FAST_16F to f16, FAST_16BF to
  * bf16. Type combinations are those cuBLAS lists for COMPUTE_32F: A and B of one type (32F, 16F or 16BF),
  * C of that type or 32F; the FAST modes take 32F only; anything else is CUBLAS_STATUS_NOT_SUPPORTED.
+ * cublasLtMatmul (cublasLt.h) runs on the same GEMM, with the bias epilogue added before the rounding to D.
  * The stream is honoured trivially: every call completes before it returns.
  */
 #include "internal.h"
-#include "../include/cublas_v2.h"
+#include "../include/cublasLt.h"
 
 #include <algorithm>
+#include <climits>
 #include <mutex>
 #include <set>
 #include <vector>
@@ -81,6 +83,8 @@ struct Gemm {
     float alpha, beta;
     const void *A, *B;
     void *C;
+    const void *Cin = nullptr;  /* the C that beta scales, when not C itself (cublasLtMatmul's C ≠ D) */
+    const void *bias = nullptr; /* cuBLASLt's bias epilogue: bias[i] (type ct) added to row i before rounding */
     cudaDataType at, bt, ct;
     long long lda, ldb, ldc;
     int round;
@@ -103,9 +107,11 @@ void gemm_columns(void *ctx, long long j0, long long j1) {
                 for (int i = 0; i < g.m; i++) acc[i] += a[i] * b;
             }
         }
+        const void *cin = g.Cin ? g.Cin : g.C;
         for (int i = 0; i < g.m; i++) {
             float c = g.alpha * acc[i];
-            if (g.beta != 0.0f) c += g.beta * load(g.C, g.ct, i + j * g.ldc);
+            if (g.beta != 0.0f) c += g.beta * load(cin, g.ct, i + j * g.ldc);
+            if (g.bias) c += load(g.bias, g.ct, i);
             store(g.C, g.ct, i + j * g.ldc, c);
         }
     }
@@ -354,6 +360,174 @@ cublasStatus_t cublasGemmBatchedEx(cublasHandle_t handle, cublasOperation_t tran
     if (batchCount > 0 && (!Aarray || !Barray || !Carray)) return CUBLAS_STATUS_INVALID_VALUE;
     return gemm_batched(handle, transa, transb, m, n, k, alpha, nullptr, Atype, lda, 0, nullptr, Btype, ldb, 0, beta,
                         nullptr, Ctype, ldc, 0, batchCount, computeType, Aarray, Barray, Carray);
+}
+
+} // extern "C"
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* cuBLASLt: cublasLtMatmul on the same GEMM (cublasLt.h says what is supported).                        */
+
+struct cublasLtContext {
+    int unused;
+};
+struct cublasLtMatmulDescOpaque_st {
+    cublasComputeType_t compute;
+    int ta, tb;
+    int epilogue;
+    const void *bias;
+    int bias_type; /* -1: D's type */
+};
+struct cublasLtMatrixLayoutOpaque_st {
+    cudaDataType type;
+    uint64_t rows, cols;
+    int64_t ld;
+};
+
+namespace {
+std::set<cublasLtHandle_t> g_lt_handles;
+}
+
+extern "C" {
+
+cublasStatus_t cublasLtCreate(cublasLtHandle_t *handle) {
+    if (!handle) return CUBLAS_STATUS_INVALID_VALUE;
+    *handle = new cublasLtContext{0};
+    std::lock_guard<std::mutex> lk(g_handles_mutex);
+    g_lt_handles.insert(*handle);
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtDestroy(cublasLtHandle_t handle) {
+    std::lock_guard<std::mutex> lk(g_handles_mutex);
+    if (!handle || !g_lt_handles.erase(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    delete handle;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulDescCreate(cublasLtMatmulDesc_t *desc, cublasComputeType_t computeType,
+                                        cudaDataType_t scaleType) {
+    if (!desc) return CUBLAS_STATUS_INVALID_VALUE;
+    if (scaleType != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
+    *desc = new cublasLtMatmulDescOpaque_st{computeType, CUBLAS_OP_N, CUBLAS_OP_N, CUBLASLT_EPILOGUE_DEFAULT,
+                                            nullptr, -1};
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulDescDestroy(cublasLtMatmulDesc_t desc) {
+    delete desc;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulDescSetAttribute(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr,
+                                              const void *buf, size_t size) {
+    if (!desc || !buf) return CUBLAS_STATUS_INVALID_VALUE;
+    switch (attr) {
+    case CUBLASLT_MATMUL_DESC_TRANSA:
+    case CUBLASLT_MATMUL_DESC_TRANSB: {
+        int32_t v;
+        if (size != sizeof v) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&v, buf, sizeof v);
+        if (v != CUBLAS_OP_N && v != CUBLAS_OP_T) return CUBLAS_STATUS_NOT_SUPPORTED;
+        (attr == CUBLASLT_MATMUL_DESC_TRANSA ? desc->ta : desc->tb) = v;
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    case CUBLASLT_MATMUL_DESC_EPILOGUE: {
+        uint32_t v;
+        if (size != sizeof v) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&v, buf, sizeof v);
+        if (v != CUBLASLT_EPILOGUE_DEFAULT && v != CUBLASLT_EPILOGUE_BIAS) return CUBLAS_STATUS_NOT_SUPPORTED;
+        desc->epilogue = (int)v;
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    case CUBLASLT_MATMUL_DESC_BIAS_POINTER:
+        if (size != sizeof(void *)) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&desc->bias, buf, sizeof(void *));
+        return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE: {
+        int32_t v;
+        if (size != sizeof v) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&v, buf, sizeof v);
+        desc->bias_type = v;
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    }
+    return CUBLAS_STATUS_NOT_SUPPORTED;
+}
+
+cublasStatus_t cublasLtMatrixLayoutCreate(cublasLtMatrixLayout_t *layout, cudaDataType type, uint64_t rows,
+                                          uint64_t cols, int64_t ld) {
+    if (!layout) return CUBLAS_STATUS_INVALID_VALUE;
+    if (rows > (uint64_t)INT_MAX || cols > (uint64_t)INT_MAX || ld < (int64_t)std::max<uint64_t>(1, rows))
+        return CUBLAS_STATUS_INVALID_VALUE;
+    *layout = new cublasLtMatrixLayoutOpaque_st{type, rows, cols, ld};
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t layout) {
+    delete layout;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, const void *alpha, const void *A,
+                              cublasLtMatrixLayout_t Adesc, const void *B, cublasLtMatrixLayout_t Bdesc,
+                              const void *beta, const void *C, cublasLtMatrixLayout_t Cdesc, void *D,
+                              cublasLtMatrixLayout_t Ddesc, const cublasLtMatmulAlgo_t *algo, void *workspace,
+                              size_t workspaceSizeInBytes, cudaStream_t stream) {
+    (void)workspace;
+    (void)workspaceSizeInBytes;
+    (void)stream;
+    {
+        std::lock_guard<std::mutex> lk(g_handles_mutex);
+        if (!handle || !g_lt_handles.count(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    }
+    if (!desc || !Adesc || !Bdesc || !Cdesc || !Ddesc || !alpha || !beta || !D) return CUBLAS_STATUS_INVALID_VALUE;
+    if (algo) return CUBLAS_STATUS_NOT_SUPPORTED;
+    /* op(A) m×k, op(B) k×n, C and D m×n */
+    const uint64_t m = desc->ta == CUBLAS_OP_N ? Adesc->rows : Adesc->cols;
+    const uint64_t k = desc->ta == CUBLAS_OP_N ? Adesc->cols : Adesc->rows;
+    const uint64_t kb = desc->tb == CUBLAS_OP_N ? Bdesc->rows : Bdesc->cols;
+    const uint64_t n = desc->tb == CUBLAS_OP_N ? Bdesc->cols : Bdesc->rows;
+    if (k != kb || Ddesc->rows != m || Ddesc->cols != n || Cdesc->rows != m || Cdesc->cols != n)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if (Cdesc->type != Ddesc->type || Cdesc->ld != Ddesc->ld) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (desc->epilogue == CUBLASLT_EPILOGUE_BIAS) {
+        if (!desc->bias) return CUBLAS_STATUS_INVALID_VALUE;
+        if (desc->bias_type != -1 && desc->bias_type != (int)Ddesc->type) return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+    int round = -1;
+    const bool f32 = Adesc->type == CUDA_R_32F && Bdesc->type == CUDA_R_32F && Ddesc->type == CUDA_R_32F;
+    if (desc->compute == CUBLAS_COMPUTE_32F_FAST_TF32) {
+        round = f32 ? ROUND_TF32 : -1;
+    } else if (desc->compute == CUBLAS_COMPUTE_32F) {
+        const cudaDataType t = Adesc->type;
+        const bool ok = t == Bdesc->type && (t == CUDA_R_32F || t == CUDA_R_16F || t == CUDA_R_16BF) &&
+                        (Ddesc->type == t || (t != CUDA_R_32F && Ddesc->type == CUDA_R_32F));
+        round = ok ? ROUND_NONE : -1;
+    }
+    if (round < 0) return CUBLAS_STATUS_NOT_SUPPORTED;
+    Gemm g;
+    g.ta = desc->ta;
+    g.tb = desc->tb;
+    g.m = (int)m;
+    g.n = (int)n;
+    g.k = (int)k;
+    g.alpha = *(const float *)alpha;
+    g.beta = *(const float *)beta;
+    if (g.beta != 0.0f && !C) return CUBLAS_STATUS_INVALID_VALUE;
+    g.A = A;
+    g.B = B;
+    g.C = D;
+    g.Cin = g.beta != 0.0f ? C : nullptr;
+    g.bias = desc->epilogue == CUBLASLT_EPILOGUE_BIAS ? desc->bias : nullptr;
+    g.at = Adesc->type;
+    g.bt = Bdesc->type;
+    g.ct = Ddesc->type;
+    g.lda = Adesc->ld;
+    g.ldb = Bdesc->ld;
+    g.ldc = Ddesc->ld;
+    g.round = round;
+    gemm_one(g);
+    return CUBLAS_STATUS_SUCCESS;
 }
 
 } // extern "C"

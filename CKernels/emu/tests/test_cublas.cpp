@@ -4,10 +4,11 @@
  * non-square shapes, leading dimensions equal to the rows (no padding) and larger (the padding holds NaN,
  * which must never be read), strided batches, f16/bf16 inputs with f32 or f16/bf16 outputs, the reduced
  * precision compute types, the argument errors cuBLAS documents, and the two row-major recipes a backend
- * uses.
+ * uses; cublasLtMatmul with the default and the bias epilogue (bias on the rows of D, before D's rounding).
  */
 #include "check.h"
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -337,6 +338,111 @@ static void test_row_major_recipes(cublasHandle_t h) {
     cudaFree(dy);
 }
 
+/* cublasLtMatmul: D = alpha·op(A)·op(B) + beta·C (+ bias[i] on row i), D apart from C, against the reference
+ * (plus the bias) in f32, then with f16 data, where D must be the f32 result rounded once to f16 (the bias
+ * added before the rounding: rounding twice would be off by an ulp somewhere in 1000 values). */
+static void test_lt() {
+    cublasLtHandle_t lt;
+    CHECK(cublasLtCreate(&lt) == CUBLAS_STATUS_SUCCESS, "cublasLtCreate");
+    const int m = 19, n = 23, k = 37;
+    const float alpha = 1.5f, beta = 0.5f;
+    for (int half = 0; half <= 1; half++)
+        for (int epi = 0; epi <= 1; epi++) {
+            const cudaDataType t = half ? CUDA_R_16F : CUDA_R_32F;
+            /* op(A) = Aᵀ (A stored k×m), op(B) = B (k×n): the linear layer's recipe */
+            std::vector<float> A = matrix(k, m, k, 71), B = matrix(k, n, k, 72), C = matrix(m, n, m, 73),
+                               bias = random_vector(m, 74);
+            auto round16 = [&](std::vector<float> &v) {
+                if (half)
+                    for (float &x : v) x = __half2float(__float2half_rn(x));
+            };
+            round16(A);
+            round16(B);
+            round16(C);
+            round16(bias);
+            std::vector<double> want = reference(CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, alpha, A, k, B, k, beta, C, m);
+            auto dev = [&](const std::vector<float> &v) -> void * {
+                if (!half) return to_device(v);
+                std::vector<__half> h(v.size());
+                for (size_t i = 0; i < v.size(); i++) h[i] = __float2half_rn(v[i]);
+                return to_device(h);
+            };
+            void *dA = dev(A), *dB = dev(B), *dC = dev(C), *dbias = dev(bias), *dD = dev(C);
+            cublasLtMatmulDesc_t desc;
+            CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS, "desc");
+            const int32_t opT = CUBLAS_OP_T;
+            const uint32_t e = epi ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+            CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &opT, sizeof opT) == 0, "TRANSA");
+            CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof e) == 0, "EPILOGUE");
+            CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &dbias, sizeof dbias) == 0,
+                  "BIAS_POINTER");
+            cublasLtMatrixLayout_t la, lb, lc;
+            CHECK(cublasLtMatrixLayoutCreate(&la, t, k, m, k) == 0 && cublasLtMatrixLayoutCreate(&lb, t, k, n, k) == 0 &&
+                      cublasLtMatrixLayoutCreate(&lc, t, m, n, m) == 0,
+                  "layouts");
+            CHECK(cublasLtMatmul(lt, desc, &alpha, dA, la, dB, lb, &beta, dC, lc, dD, lc, nullptr, nullptr, 0, 0) ==
+                      CUBLAS_STATUS_SUCCESS,
+                  "cublasLtMatmul");
+            std::vector<float> got(m * n);
+            if (half) {
+                std::vector<__half> h = to_host((const __half *)dD, got.size());
+                for (size_t i = 0; i < got.size(); i++) got[i] = __half2float(h[i]);
+            } else {
+                got = to_host((const float *)dD, got.size());
+            }
+            double worst = 0;
+            int unrounded = 0;
+            for (int j = 0; j < n; j++)
+                for (int i = 0; i < m; i++) {
+                    const double w = want[i + (size_t)j * m] + (epi ? bias[i] : 0.0);
+                    worst = std::max(worst, std::fabs(got[i + (size_t)j * m] - w) / (1.0 + std::fabs(w)));
+                    if (half) unrounded += got[i + (size_t)j * m] != __half2float(__float2half_rn((float)w));
+                }
+            CHECK(worst <= (half ? 1e-3 : 1e-5), "cublasLtMatmul %s %s: error %g", half ? "f16" : "f32",
+                  epi ? "bias" : "default", worst);
+            CHECK(unrounded <= 2, "cublasLtMatmul f16 %s: %d of %d values are not the f32 result rounded once",
+                  epi ? "bias" : "default", unrounded, m * n);
+            std::vector<unsigned char> c_after(C.size() * (half ? 2 : 4)), c_before(c_after.size());
+            CUDA_OK(cudaMemcpy(c_after.data(), dC, c_after.size(), cudaMemcpyDeviceToHost));
+            void *dC0 = dev(C); /* C as uploaded */
+            CUDA_OK(cudaMemcpy(c_before.data(), dC0, c_before.size(), cudaMemcpyDeviceToHost));
+            cudaFree(dC0);
+            CHECK(c_after == c_before, "cublasLtMatmul wrote into C (D is a separate matrix)");
+            cublasLtMatrixLayoutDestroy(la);
+            cublasLtMatrixLayoutDestroy(lb);
+            cublasLtMatrixLayoutDestroy(lc);
+            cublasLtMatmulDescDestroy(desc);
+            cudaFree(dA);
+            cudaFree(dB);
+            cudaFree(dC);
+            cudaFree(dbias);
+            cudaFree(dD);
+        }
+    /* the bias epilogue without a bias pointer, and mismatched shapes, are errors */
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    const uint32_t e = CUBLASLT_EPILOGUE_BIAS;
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof e);
+    cublasLtMatrixLayout_t l2, l3;
+    cublasLtMatrixLayoutCreate(&l2, CUDA_R_32F, 2, 2, 2);
+    cublasLtMatrixLayoutCreate(&l3, CUDA_R_32F, 3, 3, 3);
+    float *d = device_alloc<float>(9);
+    const float one = 1.0f, zero = 0.0f;
+    CHECK(cublasLtMatmul(lt, desc, &one, d, l2, d, l2, &zero, d, l2, d, l2, nullptr, nullptr, 0, 0) ==
+              CUBLAS_STATUS_INVALID_VALUE,
+          "bias epilogue without a bias pointer");
+    const uint32_t none = CUBLASLT_EPILOGUE_DEFAULT;
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &none, sizeof none);
+    CHECK(cublasLtMatmul(lt, desc, &one, d, l2, d, l3, &zero, d, l2, d, l2, nullptr, nullptr, 0, 0) ==
+              CUBLAS_STATUS_INVALID_VALUE,
+          "k of A ≠ k of B");
+    cudaFree(d);
+    cublasLtMatrixLayoutDestroy(l2);
+    cublasLtMatrixLayoutDestroy(l3);
+    cublasLtMatmulDescDestroy(desc);
+    CHECK(cublasLtDestroy(lt) == CUBLAS_STATUS_SUCCESS, "cublasLtDestroy");
+}
+
 int main() {
     check_start("emu cublas", 300);
     pea_emu_set_quiet(1);
@@ -352,6 +458,7 @@ int main() {
     test_precision_modes(h);
     test_errors(h);
     test_row_major_recipes(h);
+    test_lt();
     CUDA_OK(cudaStreamSynchronize(s));
     CHECK(cublasDestroy(h) == CUBLAS_STATUS_SUCCESS, "cublasDestroy");
     CUDA_OK(cudaStreamDestroy(s));
