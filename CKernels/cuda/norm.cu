@@ -350,16 +350,22 @@ static int group_norm_launch(pea_cuda_context *ctx, const void *x, const void *g
     return PEA_CUDA_OK;
 }
 
+/* The shape checks group norm and its backward share: B, C, S ≥ 0, G ≥ 1 dividing C, one block per (b, g). */
+static int group_norm_shape(pea_cuda_context *ctx, const char *op, int64_t B, int64_t C, int64_t S, int64_t G) {
+    PEA_REQUIRE(ctx, op, B >= 0 && C >= 0 && S >= 0 && G >= 1, "shape B %lld, C %lld, S %lld, G %lld", (long long)B,
+                (long long)C, (long long)S, (long long)G);
+    PEA_REQUIRE(ctx, op, C % G == 0, "C %lld is not a multiple of G %lld", (long long)C, (long long)G);
+    PEA_REQUIRE(ctx, op, B * G <= INT_MAX, "B·G = %lld blocks is too many", (long long)(B * G));
+    return PEA_CUDA_OK;
+}
+
 extern "C" int pea_cuda_group_norm(pea_cuda_context *ctx, int dtype, const void *x, const void *gamma,
                                    const void *beta, void *y, int64_t B, int64_t C, int64_t S, int64_t G, float eps,
                                    int fuse_silu) {
     static const char *op = "group_norm";
     PEA_BEGIN(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
-    PEA_REQUIRE(ctx, op, B >= 0 && C >= 0 && S >= 0 && G >= 1, "shape B %lld, C %lld, S %lld, G %lld", (long long)B,
-                (long long)C, (long long)S, (long long)G);
-    PEA_REQUIRE(ctx, op, C % G == 0, "C %lld is not a multiple of G %lld", (long long)C, (long long)G);
-    PEA_REQUIRE(ctx, op, B * G <= INT_MAX, "B·G = %lld blocks is too many", (long long)(B * G));
+    PEA_TRY(group_norm_shape(ctx, op, B, C, S, G));
     if (B == 0 || C == 0 || S == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, x && y, "NULL tensor (x %p, y %p)", x, y);
     return PEA_FLOAT_SWITCH(dtype, group_norm_launch, ctx, x, gamma, beta, y, B, C, S, G, eps, fuse_silu);
@@ -458,10 +464,7 @@ extern "C" int pea_cuda_group_norm_backward(pea_cuda_context *ctx, int dtype, co
     static const char *op = "group_norm_backward";
     PEA_BEGIN(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
-    PEA_REQUIRE(ctx, op, B >= 0 && C >= 0 && S >= 0 && G >= 1, "shape B %lld, C %lld, S %lld, G %lld", (long long)B,
-                (long long)C, (long long)S, (long long)G);
-    PEA_REQUIRE(ctx, op, C % G == 0, "C %lld is not a multiple of G %lld", (long long)C, (long long)G);
-    PEA_REQUIRE(ctx, op, B * G <= INT_MAX, "B·G = %lld blocks is too many", (long long)(B * G));
+    PEA_TRY(group_norm_shape(ctx, op, B, C, S, G));
     if (B == 0 || C == 0 || S == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, dy && x && dx, "NULL tensor (dy %p, x %p, dx %p)", dy, x, dx);
     return PEA_FLOAT_SWITCH(dtype, group_norm_backward_launch, ctx, dy, x, gamma, beta, dx, B, C, S, G, eps, fuse_silu);

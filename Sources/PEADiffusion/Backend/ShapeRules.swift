@@ -35,6 +35,30 @@ public enum ShapeRules {
         }
     }
 
+    /// Group norm of x [B, C, …] in `groups` groups of channels with optional per-channel weight and bias
+    /// (forward and backward alike): B, C and the product of the dimensions after C.
+    public static func groupNorm(_ x: Tensor, groups: Int, weight: Tensor?, bias: Tensor?, op: String) throws
+        -> (batch: Int, channels: Int, spatial: Int) {
+        try requireRank(x, 2...8, op, "input")
+        let channels = x.shape[1]
+        guard groups > 0, channels % groups == 0 else {
+            throw PEAError.shapeMismatch("\(op): \(channels) channels cannot be split into \(groups) groups")
+        }
+        try requireShape(weight, [channels], op, "weight")
+        try requireShape(bias, [channels], op, "bias")
+        return (x.shape[0], channels, x.shape.dropFirst(2).reduce(1, *))
+    }
+
+    /// Layer norm of x over its last dimension with optional weight and bias of that width (forward and
+    /// backward alike): the number of rows and the width.
+    public static func layerNorm(_ x: Tensor, weight: Tensor?, bias: Tensor?, op: String) throws -> (rows: Int, width: Int) {
+        try requireRank(x, 1...8, op, "input")
+        let width = x.shape[x.rank - 1]
+        try requireShape(weight, [width], op, "weight")
+        try requireShape(bias, [width], op, "bias")
+        return (x.count / max(width, 1), width)
+    }
+
     /// torch broadcasting: shapes aligned at the right, each pair of sizes equal or one of them 1.
     public static func broadcast(_ a: [Int], _ b: [Int], op: String) throws -> [Int] {
         let rank = max(a.count, b.count)

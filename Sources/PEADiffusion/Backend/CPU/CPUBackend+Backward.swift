@@ -30,18 +30,11 @@ extension CPUBackend {
                                   eps: Float, fuseSiLU: Bool) throws -> Tensor {
         let op = "groupNormBackward"
         try f32(op, gradOutput, x, weight, bias)
-        try ShapeRules.requireRank(x, 2...8, op, "input")
-        let channels = x.shape[1]
-        guard groups > 0, channels % groups == 0 else {
-            throw PEAError.shapeMismatch("\(op): \(channels) channels cannot be split into \(groups) groups")
-        }
-        try ShapeRules.requireShape(weight, [channels], op, "weight")
-        try ShapeRules.requireShape(bias, [channels], op, "bias")
+        let (batch, channels, spatial) = try ShapeRules.groupNorm(x, groups: groups, weight: weight, bias: bias, op: op)
         try ShapeRules.requireGradOutput(gradOutput, x.shape, op)
         let dx = try empty(x.shape, .f32)
-        let spatial = x.shape.dropFirst(2).reduce(1, *)
         ck_group_norm_backward_f32(floats(gradOutput), floats(x), weight.map(floats), bias.map(floats), floats(dx),
-                                   Int64(x.shape[0]), Int64(channels), Int64(spatial), Int64(groups), eps, fuseSiLU ? 1 : 0)
+                                   Int64(batch), Int64(channels), Int64(spatial), Int64(groups), eps, fuseSiLU ? 1 : 0)
         return dx
     }
 
@@ -49,15 +42,13 @@ extension CPUBackend {
                                   parameterGradients: Bool) throws -> (input: Tensor, weight: Tensor?, bias: Tensor?) {
         let op = "layerNormBackward"
         try f32(op, gradOutput, x, weight)
-        try ShapeRules.requireRank(x, 1...8, op, "input")
-        let width = x.shape[x.rank - 1]
-        try ShapeRules.requireShape(weight, [width], op, "weight")
+        let (rows, width) = try ShapeRules.layerNorm(x, weight: weight, bias: nil, op: op)
         try ShapeRules.requireGradOutput(gradOutput, x.shape, op)
         let dx = try empty(x.shape, .f32)
         let dWeight = parameterGradients ? try empty([width], .f32) : nil
         let dBias = parameterGradients ? try empty([width], .f32) : nil
         ck_layer_norm_backward_f32(floats(gradOutput), floats(x), weight.map(floats), floats(dx),
-                                   dWeight.map(floats), dBias.map(floats), Int64(x.count / max(width, 1)), Int64(width), eps)
+                                   dWeight.map(floats), dBias.map(floats), Int64(rows), Int64(width), eps)
         return (dx, dWeight, dBias)
     }
 

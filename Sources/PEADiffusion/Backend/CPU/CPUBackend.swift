@@ -189,28 +189,18 @@ public final class CPUBackend: ComputeBackend {
 
     public func groupNorm(_ x: Tensor, groups: Int, weight: Tensor?, bias: Tensor?, eps: Float, fuseSiLU: Bool) throws -> Tensor {
         try f32("groupNorm", x, weight, bias)
-        try ShapeRules.requireRank(x, 2...8, "groupNorm", "input")
-        let channels = x.shape[1]
-        guard groups > 0, channels % groups == 0 else {
-            throw PEAError.shapeMismatch("groupNorm: \(channels) channels cannot be split into \(groups) groups")
-        }
-        try ShapeRules.requireShape(weight, [channels], "groupNorm", "weight")
-        try ShapeRules.requireShape(bias, [channels], "groupNorm", "bias")
+        let (batch, channels, spatial) = try ShapeRules.groupNorm(x, groups: groups, weight: weight, bias: bias, op: "groupNorm")
         let y = try empty(x.shape, .f32)
-        let spatial = x.shape.dropFirst(2).reduce(1, *)
-        ck_group_norm_f32(floats(x), weight.map(floats), bias.map(floats), floats(y), Int64(x.shape[0]),
+        ck_group_norm_f32(floats(x), weight.map(floats), bias.map(floats), floats(y), Int64(batch),
                           Int64(channels), Int64(spatial), Int64(groups), eps, fuseSiLU ? 1 : 0)
         return y
     }
 
     public func layerNorm(_ x: Tensor, weight: Tensor?, bias: Tensor?, eps: Float) throws -> Tensor {
         try f32("layerNorm", x, weight, bias)
-        try ShapeRules.requireRank(x, 1...8, "layerNorm", "input")
-        let width = x.shape[x.rank - 1]
-        try ShapeRules.requireShape(weight, [width], "layerNorm", "weight")
-        try ShapeRules.requireShape(bias, [width], "layerNorm", "bias")
+        let (rows, width) = try ShapeRules.layerNorm(x, weight: weight, bias: bias, op: "layerNorm")
         let y = try empty(x.shape, .f32)
-        ck_layer_norm_f32(floats(x), weight.map(floats), bias.map(floats), floats(y), Int64(x.count / max(width, 1)), Int64(width), eps)
+        ck_layer_norm_f32(floats(x), weight.map(floats), bias.map(floats), floats(y), Int64(rows), Int64(width), eps)
         return y
     }
 

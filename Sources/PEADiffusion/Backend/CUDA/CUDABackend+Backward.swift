@@ -46,21 +46,14 @@ extension CUDABackend {
                                   eps: Float, fuseSiLU: Bool) throws -> Tensor {
         let op = "groupNormBackward"
         let dtype = try floats(op, gradOutput, x, weight, bias)
-        try ShapeRules.requireRank(x, 2...8, op, "input")
-        let channels = x.shape[1]
-        guard groups > 0, channels % groups == 0 else {
-            throw PEAError.shapeMismatch("\(op): \(channels) channels cannot be split into \(groups) groups")
-        }
-        try ShapeRules.requireShape(weight, [channels], op, "weight")
-        try ShapeRules.requireShape(bias, [channels], op, "bias")
+        let (batch, channels, spatial) = try ShapeRules.groupNorm(x, groups: groups, weight: weight, bias: bias, op: op)
         try ShapeRules.requireGradOutput(gradOutput, x.shape, op)
         let backward = try function(library.groupNormBackward, "pea_cuda_group_norm_backward", op)
         let dx = try empty(x.shape, dtype)
         if dx.count == 0 { return dx }
-        let spatial = x.shape.dropFirst(2).reduce(1, *)
         try check(backward(context.handle, dtype.kernelCode, pointer(gradOutput), pointer(x),
                                    weight.map(pointer) ?? nil, bias.map(pointer) ?? nil, pointer(dx),
-                                   Int64(x.shape[0]), Int64(channels), Int64(spatial), Int64(groups), eps, fuseSiLU ? 1 : 0), op)
+                                   Int64(batch), Int64(channels), Int64(spatial), Int64(groups), eps, fuseSiLU ? 1 : 0), op)
         return dx
     }
 
@@ -68,9 +61,7 @@ extension CUDABackend {
                                   parameterGradients: Bool) throws -> (input: Tensor, weight: Tensor?, bias: Tensor?) {
         let op = "layerNormBackward"
         let dtype = try floats(op, gradOutput, x, weight)
-        try ShapeRules.requireRank(x, 1...8, op, "input")
-        let width = x.shape[x.rank - 1]
-        try ShapeRules.requireShape(weight, [width], op, "weight")
+        let (rows, width) = try ShapeRules.layerNorm(x, weight: weight, bias: nil, op: op)
         try ShapeRules.requireGradOutput(gradOutput, x.shape, op)
         let backward = try function(library.layerNormBackward, "pea_cuda_layer_norm_backward", op)
         let dx = try empty(x.shape, dtype)
@@ -81,7 +72,7 @@ extension CUDABackend {
         try check(backward(context.handle, dtype.kernelCode, pointer(gradOutput), pointer(x),
                                    weight.map(pointer) ?? nil, pointer(dx),
                                    dgamma.map(pointer) ?? nil, dbeta.map(pointer) ?? nil,
-                                   Int64(x.count / width), Int64(width), eps), op)
+                                   Int64(rows), Int64(width), eps), op)
         return (dx, dgamma, dbeta)
     }
 

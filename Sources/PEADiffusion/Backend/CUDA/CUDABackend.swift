@@ -338,34 +338,24 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
 
     public func groupNorm(_ x: Tensor, groups: Int, weight: Tensor?, bias: Tensor?, eps: Float, fuseSiLU: Bool) throws -> Tensor {
         let dtype = try floats("groupNorm", x, weight, bias)
-        try ShapeRules.requireRank(x, 2...8, "groupNorm", "input")
-        let channels = x.shape[1]
-        guard groups > 0, channels % groups == 0 else {
-            throw PEAError.shapeMismatch("groupNorm: \(channels) channels cannot be split into \(groups) groups")
-        }
-        try ShapeRules.requireShape(weight, [channels], "groupNorm", "weight")
-        try ShapeRules.requireShape(bias, [channels], "groupNorm", "bias")
+        let (batch, channels, spatial) = try ShapeRules.groupNorm(x, groups: groups, weight: weight, bias: bias, op: "groupNorm")
         let groupNorm = try function(library.groupNorm, "pea_cuda_group_norm", "groupNorm")
         let y = try empty(x.shape, dtype)
         if y.count == 0 { return y }
-        let spatial = x.shape.dropFirst(2).reduce(1, *)
         try check(groupNorm(context.handle, dtype.kernelCode, pointer(x), weight.map(pointer) ?? nil, bias.map(pointer) ?? nil,
-                            pointer(y), Int64(x.shape[0]), Int64(channels), Int64(spatial), Int64(groups), eps, fuseSiLU ? 1 : 0),
+                            pointer(y), Int64(batch), Int64(channels), Int64(spatial), Int64(groups), eps, fuseSiLU ? 1 : 0),
                   "groupNorm")
         return y
     }
 
     public func layerNorm(_ x: Tensor, weight: Tensor?, bias: Tensor?, eps: Float) throws -> Tensor {
         let dtype = try floats("layerNorm", x, weight, bias)
-        try ShapeRules.requireRank(x, 1...8, "layerNorm", "input")
-        let width = x.shape[x.rank - 1]
-        try ShapeRules.requireShape(weight, [width], "layerNorm", "weight")
-        try ShapeRules.requireShape(bias, [width], "layerNorm", "bias")
+        let (rows, width) = try ShapeRules.layerNorm(x, weight: weight, bias: bias, op: "layerNorm")
         let layerNorm = try function(library.layerNorm, "pea_cuda_layer_norm", "layerNorm")
         let y = try empty(x.shape, dtype)
         if y.count == 0 { return y }
         try check(layerNorm(context.handle, dtype.kernelCode, pointer(x), weight.map(pointer) ?? nil, bias.map(pointer) ?? nil,
-                            pointer(y), Int64(x.count / width), Int64(width), eps), "layerNorm")
+                            pointer(y), Int64(rows), Int64(width), eps), "layerNorm")
         return y
     }
 
