@@ -12,8 +12,8 @@
  * tensor cores with f32 accumulation), or CUBLAS_COMPUTE_32F_FAST_TF32 for f32 data when the context's TF32
  * flag is on. alpha and beta are f32 host scalars; beta = 0 never reads C.
  *
- * Linear layers with a bias (y = x·Wᵀ + bias) are one cublasLtMatmul with the bias epilogue: y is written
- * once and f16/bf16 outputs are rounded once (acc + bias in f32). Where cuBLASLt has no algorithm (and for
+ * Linear layers with a bias (y = x·Wᵀ + bias) are one cublasLtMatmul with the bias epilogue, planned once
+ * per shape: y is written once and f16/bf16 outputs are rounded once (acc + bias in f32). Where cuBLASLt has no algorithm (and for
  * in_features = 0) the bias is written into y first (one broadcast kernel) and the GEMM accumulates onto it
  * with beta = 1, with the same single rounding but one more write and read of y.
  *
@@ -123,34 +123,126 @@ extern "C" int pea_cuda_gemm(pea_cuda_context *ctx, int dtype, int transA, int t
 /* y [rows, out] = x [rows, in] · weightᵀ + bias in one cublasLtMatmul with the bias epilogue: column-major
  * D (out × rows, ld out) = op(A)·B, A the weight [out, in] seen column-major (in × out, ld in) and transposed,
  * B = x seen column-major (in × rows, ld in); the epilogue adds bias[i] to row i of D (output feature i) in
- * f32 before D is rounded, so y is written once: no bias prefill, no read of C. Returns
- * CUBLAS_STATUS_NOT_SUPPORTED untouched when cuBLASLt has no algorithm for the case (the caller falls back). */
+ * f32 before D is rounded, so y is written once: no bias prefill, no read of C.
+ *
+ * The descriptors and the heuristic's algo are built once per problem and kept in ctx->lt_plans (a heuristic
+ * query costs more host time than the launch it plans). The key holds the alignments of x, weight and y the
+ * heuristic was told (up to 256 bytes, cuBLASLt's default assumption): an algo chosen for aligned pointers
+ * may need the alignment, so a view at an odd offset gets its own plan. Only the bias pointer changes per
+ * call. Returns CUBLAS_STATUS_NOT_SUPPORTED in *status, and nothing queued, when cuBLASLt has no algorithm
+ * for the case (the caller falls back). */
 enum { PEA_LT_WORKSPACE_BYTES = 4 << 20 };
-static int linear_bias_lt(pea_cuda_context *ctx, const char *op, int dtype, const void *x, const void *weight,
-                          const void *bias, void *y, int64_t rows, int64_t in, int64_t out, cublasStatus_t *status) {
-    if (!ctx->lt_workspace) PEA_TRY(pea_mem_alloc(ctx, op, PEA_LT_WORKSPACE_BYTES, &ctx->lt_workspace));
-    const cudaDataType_t t = cuda_type(dtype);
-    const cublasComputeType_t compute =
-        (dtype == CK_F32 && ctx->tf32) ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-    cublasLtMatmulDesc_t desc = NULL;
-    cublasLtMatrixLayout_t la = NULL, lb = NULL, ld = NULL;
+
+static uint32_t lt_alignment(const void *p) { /* the largest power of two ≤ 256 dividing the address */
+    const uintptr_t a = (uintptr_t)p | 256;
+    return (uint32_t)(a & (~a + 1));
+}
+
+static void lt_plan_release(pea_lt_plan *plan) {
+    if (plan->ld) cublasLtMatrixLayoutDestroy(plan->ld);
+    if (plan->lb) cublasLtMatrixLayoutDestroy(plan->lb);
+    if (plan->la) cublasLtMatrixLayoutDestroy(plan->la);
+    if (plan->desc) cublasLtMatmulDescDestroy(plan->desc);
+    *plan = pea_lt_plan();
+}
+
+void pea_lt_plans_destroy(pea_cuda_context *ctx) {
+    for (pea_lt_plan &plan : ctx->lt_plans) lt_plan_release(&plan);
+}
+
+/* Fills plan (its key already set): descriptors, layouts, and the heuristic's first algo under the workspace
+ * and alignment preferences. A problem with no algo is a plan too (supported = 0), so it is asked once. */
+static cublasStatus_t lt_plan_build(pea_cuda_context *ctx, pea_lt_plan *plan) {
+    const cudaDataType_t t = cuda_type(plan->dtype);
+    const cublasComputeType_t compute = plan->tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
     const int32_t transpose = CUBLAS_OP_T;
     const uint32_t epilogue = CUBLASLT_EPILOGUE_BIAS;
-    const float alpha = 1.0f, beta = 0.0f;
-    cublasStatus_t s = cublasLtMatmulDescCreate(&desc, compute, CUDA_R_32F);
-    if (!s) s = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof transpose);
-    if (!s) s = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue);
-    if (!s) s = cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
-    if (!s) s = cublasLtMatrixLayoutCreate(&la, t, (uint64_t)in, (uint64_t)out, in);
-    if (!s) s = cublasLtMatrixLayoutCreate(&lb, t, (uint64_t)in, (uint64_t)rows, in);
-    if (!s) s = cublasLtMatrixLayoutCreate(&ld, t, (uint64_t)out, (uint64_t)rows, out);
+    const uint64_t workspace = PEA_LT_WORKSPACE_BYTES;
+    const void *no_bias_yet = ctx->lt_workspace; /* any device pointer: the heuristic does not read it */
+    cublasStatus_t s = cublasLtMatmulDescCreate(&plan->desc, compute, CUDA_R_32F);
+    if (!s) s = cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof transpose);
+    if (!s) s = cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue);
     if (!s)
-        s = cublasLtMatmul(ctx->cublaslt, desc, &alpha, weight, la, x, lb, &beta, y, ld, y, ld, NULL,
-                           ctx->lt_workspace, PEA_LT_WORKSPACE_BYTES, ctx->stream);
-    if (ld) cublasLtMatrixLayoutDestroy(ld);
-    if (lb) cublasLtMatrixLayoutDestroy(lb);
-    if (la) cublasLtMatrixLayoutDestroy(la);
-    if (desc) cublasLtMatmulDescDestroy(desc);
+        s = cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &no_bias_yet,
+                                           sizeof no_bias_yet);
+    if (!s) s = cublasLtMatrixLayoutCreate(&plan->la, t, (uint64_t)plan->in, (uint64_t)plan->out, plan->in);
+    if (!s) s = cublasLtMatrixLayoutCreate(&plan->lb, t, (uint64_t)plan->in, (uint64_t)plan->rows, plan->in);
+    if (!s) s = cublasLtMatrixLayoutCreate(&plan->ld, t, (uint64_t)plan->out, (uint64_t)plan->rows, plan->out);
+    cublasLtMatmulPreference_t pref = NULL;
+    if (!s) s = cublasLtMatmulPreferenceCreate(&pref);
+    if (!s) s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
+                                                     sizeof workspace);
+    /* A is the weight, B is x, C and D are y */
+    const struct {
+        cublasLtMatmulPreferenceAttributes_t attr;
+        uint32_t bytes;
+    } alignments[] = {{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, plan->align_w},
+                      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, plan->align_x},
+                      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, plan->align_y},
+                      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, plan->align_y}};
+    for (const auto &a : alignments)
+        if (!s) s = cublasLtMatmulPreferenceSetAttribute(pref, a.attr, &a.bytes, sizeof a.bytes);
+    cublasLtMatmulHeuristicResult_t result;
+    int found = 0;
+    if (!s) s = cublasLtMatmulAlgoGetHeuristic(ctx->cublaslt, plan->desc, plan->la, plan->lb, plan->ld, plan->ld, pref,
+                                               1, &result, &found);
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (s == CUBLAS_STATUS_NOT_SUPPORTED || (!s && (found < 1 || result.state != CUBLAS_STATUS_SUCCESS))) {
+        plan->supported = 0;
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    if (!s) {
+        plan->algo = result.algo;
+        plan->supported = 1;
+    }
+    return s;
+}
+
+/* The plan for this problem: found in the cache, or built in the next slot (the oldest plan released). */
+static int lt_plan_for(pea_cuda_context *ctx, const char *op, int dtype, const void *x, const void *weight, void *y,
+                       int64_t rows, int64_t in, int64_t out, pea_lt_plan **found) {
+    const int tf32 = dtype == CK_F32 && ctx->tf32;
+    const uint32_t ax = lt_alignment(x), aw = lt_alignment(weight), ay = lt_alignment(y);
+    for (pea_lt_plan &plan : ctx->lt_plans)
+        if (plan.used && plan.dtype == dtype && plan.tf32 == tf32 && plan.rows == rows && plan.in == in &&
+            plan.out == out && plan.align_x == ax && plan.align_w == aw && plan.align_y == ay) {
+            *found = &plan;
+            return PEA_CUDA_OK;
+        }
+    pea_lt_plan *plan = &ctx->lt_plans[ctx->lt_next];
+    ctx->lt_next = (ctx->lt_next + 1) % PEA_LT_PLANS;
+    lt_plan_release(plan);
+    plan->dtype = dtype;
+    plan->tf32 = tf32;
+    plan->rows = rows;
+    plan->in = in;
+    plan->out = out;
+    plan->align_x = ax;
+    plan->align_w = aw;
+    plan->align_y = ay;
+    const cublasStatus_t s = lt_plan_build(ctx, plan);
+    if (s != CUBLAS_STATUS_SUCCESS) {
+        lt_plan_release(plan);
+        return pea_check_cublas(ctx, op, s, "cuBLASLt plan");
+    }
+    plan->used = 1;
+    *found = plan;
+    return PEA_CUDA_OK;
+}
+
+static int linear_bias_lt(pea_cuda_context *ctx, const char *op, int dtype, const void *x, const void *weight,
+                          const void *bias, void *y, int64_t rows, int64_t in, int64_t out, cublasStatus_t *status) {
+    *status = CUBLAS_STATUS_NOT_SUPPORTED;
+    if (!ctx->lt_workspace) PEA_TRY(pea_mem_alloc(ctx, op, PEA_LT_WORKSPACE_BYTES, &ctx->lt_workspace));
+    pea_lt_plan *plan = NULL;
+    PEA_TRY(lt_plan_for(ctx, op, dtype, x, weight, y, rows, in, out, &plan));
+    if (!plan->supported) return PEA_CUDA_OK;
+    const float alpha = 1.0f, beta = 0.0f;
+    cublasStatus_t s =
+        cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+    if (!s)
+        s = cublasLtMatmul(ctx->cublaslt, plan->desc, &alpha, weight, plan->la, x, plan->lb, &beta, y, plan->ld, y,
+                           plan->ld, &plan->algo, ctx->lt_workspace, PEA_LT_WORKSPACE_BYTES, ctx->stream);
     *status = s;
     if (s == CUBLAS_STATUS_NOT_SUPPORTED) return PEA_CUDA_OK;
     return pea_check_cublas(ctx, op, s, "cublasLtMatmul");
@@ -168,7 +260,9 @@ extern "C" int pea_cuda_linear(pea_cuda_context *ctx, int dtype, const void *x, 
     PEA_REQUIRE(ctx, op, rows <= INT_MAX && in_features <= INT_MAX && out_features <= INT_MAX,
                 "shape rows %lld, in %lld, out %lld exceeds cuBLAS's int range", (long long)rows,
                 (long long)in_features, (long long)out_features);
-    if (bias && in_features > 0) {
+    /* cuBLASLt's preferences take no alignment for the bias, so a bias at an odd offset (a view) is not handed
+     * to an algo chosen for an aligned one: it takes the fallback */
+    if (bias && in_features > 0 && lt_alignment(bias) >= 16) {
         cublasStatus_t s;
         PEA_TRY(linear_bias_lt(ctx, op, dtype, x, weight, bias, y, rows, in_features, out_features, &s));
         if (s == CUBLAS_STATUS_SUCCESS) return PEA_CUDA_OK;

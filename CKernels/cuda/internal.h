@@ -47,12 +47,28 @@ struct pea_device_error {
 };
 enum { PEA_DEVERR_NONE = 0, PEA_DEVERR_EMBEDDING = 1 };
 
+/* A linear layer's cublasLtMatmul, planned once per problem (gemm.cu): the descriptors and the algo the
+ * heuristic picked for (dtype, TF32, rows, in, out) and the alignments of x, weight and y it was told. */
+struct pea_lt_plan {
+    int used;
+    int dtype, tf32;
+    int64_t rows, in, out;
+    uint32_t align_x, align_w, align_y;
+    int supported; /* 0: the heuristic found no algo (the caller falls back to bias prefill + GEMM) */
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatrixLayout_t la, lb, ld;
+    cublasLtMatmulAlgo_t algo;
+};
+enum { PEA_LT_PLANS = 64 }; /* SD-sized UNets have about 20 linear shapes per resolution and batch */
+
 struct pea_cuda_context {
     int device;
     cudaStream_t stream; /* every op is queued here, in order (non-blocking w.r.t. the legacy stream) */
     cublasHandle_t cublas;
     cublasLtHandle_t cublaslt; /* linear with bias: the bias epilogue of cublasLtMatmul */
     void *lt_workspace;        /* cublasLtMatmul's workspace (PEA_LT_WORKSPACE_BYTES, from the allocator on first use) */
+    pea_lt_plan lt_plans[PEA_LT_PLANS]; /* reused round-robin once full */
+    int lt_next;
     int tf32; /* pea_cuda_set_tf32 */
     int sm_count;
     int max_smem_optin; /* cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes */
@@ -98,6 +114,9 @@ int pea_check_launch(pea_cuda_context *ctx, const char *op, const char *kernel);
 int pea_enter(pea_cuda_context *ctx, const char *op);
 /* Reads and clears the device error record; called by the synchronising calls after the stream is idle. */
 int pea_check_device_error(pea_cuda_context *ctx, const char *op);
+
+/* Destroys the cached cuBLASLt plans (gemm.cu; pea_cuda_destroy). */
+void pea_lt_plans_destroy(pea_cuda_context *ctx);
 
 /* Bytes per element of a CK_ type (0 for an unknown one). */
 static inline size_t pea_dtype_size(int dtype) {

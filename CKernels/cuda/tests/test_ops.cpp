@@ -65,6 +65,7 @@ struct Api {
 #undef DECLARE
     void (*emu_set_quiet)(int) = nullptr;
     void (*emu_set_schedule)(int, unsigned long long) = nullptr;
+    long long (*emu_lt_heuristic_queries)(void) = nullptr; /* the emulator's cuBLASLt stand-in */
 };
 static Api L;
 static pea_cuda_context *g_ctx = nullptr;
@@ -794,6 +795,68 @@ static void test_linear() {
                  PEA_CUDA_ERROR_INVALID, "linear");
 }
 
+/* Linear layers with a bias go through cached cuBLASLt plans (gemm.cu). Each call must use the bias it is given,
+ * a repeated shape must not ask the heuristic again, a view at an odd offset (less aligned than the plan it
+ * would otherwise share) must get its own plan, and a plan evicted from the full cache must be rebuilt. The
+ * results are checked on any build; the heuristic counts only under the emulator, whose stand-in also
+ * refuses an algo used for another problem or for pointers less aligned than it was chosen for. */
+static void test_linear_plans() {
+    g_phase = "linear plans";
+    auto queries = [] { return L.emu_lt_heuristic_queries ? L.emu_lt_heuristic_queries() : 0; };
+    const bool counted = L.emu_lt_heuristic_queries != nullptr;
+    /* y = x·wᵀ + bias on the CPU; x and y may sit at element offsets ox, oy inside their device buffers */
+    auto run = [&](int t, int64_t R, int64_t I, int64_t O, const Dev &dw, const std::vector<float> &w,
+                   const std::vector<float> &bias, int64_t ox, int64_t oy, const char *label) {
+        const std::vector<float> x = rounded(rvec(R * I), t);
+        std::vector<float> xpad(ox, 0.0f), ref(R * O);
+        xpad.insert(xpad.end(), x.begin(), x.end());
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t o = 0; o < O; o++) ref[r * O + o] = bias[o];
+        ck_sgemm(0, 1, R, O, I, 1.0f, x.data(), I, w.data(), I, 1.0f, ref.data(), O);
+        Dev dx = up(xpad, t), db = up(bias, t), dy((oy + R * O) * tsize(t));
+        OK(L.pea_cuda_linear(g_ctx, t, dx.at(ox * tsize(t)), dw.p, db.p, dy.at(oy * tsize(t)), R, I, O));
+        compare(fmt("%s rows=%lld in=%lld out=%lld x+%lld y+%lld %s", label, (long long)R, (long long)I, (long long)O,
+                    (long long)ox, (long long)oy, tname(t)),
+                down(dy.at(oy * tsize(t)), R * O, t), ref, tol_for(t));
+    };
+    for (int t : kFloatTypes) {
+        const int64_t R = 37, I = 72, O = 56;
+        const std::vector<float> w = rounded(rvec(O * I), t);
+        const Dev dw = up(w, t);
+        long long before = queries();
+        run(t, R, I, O, dw, w, rounded(rvec(O), t), 0, 0, "first call");
+        CHECK(!counted || queries() - before == 1, "a new linear shape asked the heuristic %lld times, not once",
+              queries() - before);
+        before = queries();
+        for (int i = 0; i < 2; i++) run(t, R, I, O, dw, w, rounded(rvec(O), t), 0, 0, "same plan, new bias");
+        CHECK(!counted || queries() == before, "a repeated linear shape asked the heuristic %lld times",
+              queries() - before);
+        before = queries();
+        run(t, R, I, O, dw, w, rounded(rvec(O), t), 1, 0, "x at an odd offset");
+        run(t, R, I, O, dw, w, rounded(rvec(O), t), 0, 3, "y at an odd offset");
+        CHECK(!counted || queries() - before == 2, "odd-offset views asked the heuristic %lld times, not twice",
+              queries() - before);
+        /* a bias view at an odd offset takes the fallback (bias written first, GEMM onto it): still right */
+        const std::vector<float> bias = rounded(rvec(O + 1), t), x = rounded(rvec(R * I), t);
+        std::vector<float> ref(R * O);
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t o = 0; o < O; o++) ref[r * O + o] = bias[1 + o];
+        ck_sgemm(0, 1, R, O, I, 1.0f, x.data(), I, w.data(), I, 1.0f, ref.data(), O);
+        Dev dx = up(x, t), db = up(bias, t), dy(R * O * tsize(t));
+        OK(L.pea_cuda_linear(g_ctx, t, dx.p, dw.p, db.at(tsize(t)), dy.p, R, I, O));
+        compare(fmt("bias at an odd offset %s", tname(t)), down(dy.p, R * O, t), ref, tol_for(t));
+    }
+    /* more shapes than the cache holds, then the first again: evicted, planned anew, still right */
+    const int t = CK_F16;
+    const std::vector<float> w = rounded(rvec(8 * 16), t);
+    const Dev dw = up(w, t);
+    for (int64_t r = 1; r <= 70; r++) run(t, r, 16, 8, dw, w, rounded(rvec(8), t), 0, 0, "cache churn");
+    const long long before = queries();
+    run(t, 1, 16, 8, dw, w, rounded(rvec(8), t), 0, 0, "evicted plan");
+    CHECK(!counted || queries() - before == 1, "an evicted plan asked the heuristic %lld times, not once",
+          queries() - before);
+}
+
 static void run_conv(const ck_conv2d_params &p, int t, bool with_bias, const char *label) {
     const int64_t Ho = ck_conv2d_out_h(&p), Wo = ck_conv2d_out_w(&p);
     std::vector<float> x = rounded(rvec(p.B * p.Cin * p.H * p.W), t), w = rounded(rvec(p.Cout * p.Cin * p.kh * p.kw, 0.5f), t),
@@ -1477,6 +1540,7 @@ int main(int argc, char **argv) {
 #undef RESOLVE
     L.emu_set_quiet = (void (*)(int))dlsym(lib, "pea_emu_set_quiet");
     L.emu_set_schedule = (void (*)(int, unsigned long long))dlsym(lib, "pea_emu_set_schedule");
+    L.emu_lt_heuristic_queries = (long long (*)(void))dlsym(lib, "pea_emu_cublaslt_heuristic_queries");
     g_emu = L.emu_set_quiet != nullptr && L.emu_set_schedule != nullptr;
     printf("== cuda ops: %s (%s)\n", path, g_emu ? "SIMT emulator" : "GPU");
     fflush(stdout);
@@ -1503,6 +1567,7 @@ int main(int argc, char **argv) {
         {"timestep_embedding", test_timestep_embedding},
         {"gemm", test_gemm},
         {"linear", test_linear},
+        {"linear plans", test_linear_plans},
         {"conv2d", test_conv2d},
         {"conv2d chunked", [] { test_conv2d_chunked(nullptr); }},
         {"conv2d 64-bit indices", test_conv2d_index64},

@@ -21,6 +21,7 @@
 #include "../include/cublasLt.h"
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <mutex>
 #include <set>
@@ -383,9 +384,79 @@ struct cublasLtMatrixLayoutOpaque_st {
     int64_t ld;
 };
 
+struct cublasLtMatmulPreferenceOpaque_st {
+    uint64_t max_workspace;
+    uint32_t min_alignment[4]; /* A, B, C, D, bytes */
+};
+
 namespace {
 std::set<cublasLtHandle_t> g_lt_handles;
+std::atomic<long long> g_lt_heuristic_queries{0};
+
+bool lt_handle_valid(cublasLtHandle_t h) {
+    std::lock_guard<std::mutex> lk(g_handles_mutex);
+    return h && g_lt_handles.count(h);
 }
+
+/* The problem a descriptor and four layouts describe, checked and filled into g (all but the scalars and the
+ * pointers); CUBLAS_STATUS_SUCCESS, or why cuBLASLt would refuse it. */
+cublasStatus_t lt_problem(cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t Adesc, cublasLtMatrixLayout_t Bdesc,
+                          cublasLtMatrixLayout_t Cdesc, cublasLtMatrixLayout_t Ddesc, Gemm &g) {
+    if (!desc || !Adesc || !Bdesc || !Cdesc || !Ddesc) return CUBLAS_STATUS_INVALID_VALUE;
+    /* op(A) m×k, op(B) k×n, C and D m×n */
+    const uint64_t m = desc->ta == CUBLAS_OP_N ? Adesc->rows : Adesc->cols;
+    const uint64_t k = desc->ta == CUBLAS_OP_N ? Adesc->cols : Adesc->rows;
+    const uint64_t kb = desc->tb == CUBLAS_OP_N ? Bdesc->rows : Bdesc->cols;
+    const uint64_t n = desc->tb == CUBLAS_OP_N ? Bdesc->cols : Bdesc->rows;
+    if (k != kb || Ddesc->rows != m || Ddesc->cols != n || Cdesc->rows != m || Cdesc->cols != n)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if (Cdesc->type != Ddesc->type || Cdesc->ld != Ddesc->ld) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (desc->epilogue == CUBLASLT_EPILOGUE_BIAS) {
+        if (!desc->bias) return CUBLAS_STATUS_INVALID_VALUE;
+        if (desc->bias_type != -1 && desc->bias_type != (int)Ddesc->type) return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+    int round = -1;
+    const bool f32 = Adesc->type == CUDA_R_32F && Bdesc->type == CUDA_R_32F && Ddesc->type == CUDA_R_32F;
+    if (desc->compute == CUBLAS_COMPUTE_32F_FAST_TF32) {
+        round = f32 ? ROUND_TF32 : -1;
+    } else if (desc->compute == CUBLAS_COMPUTE_32F) {
+        const cudaDataType t = Adesc->type;
+        const bool ok = t == Bdesc->type && (t == CUDA_R_32F || t == CUDA_R_16F || t == CUDA_R_16BF) &&
+                        (Ddesc->type == t || (t != CUDA_R_32F && Ddesc->type == CUDA_R_32F));
+        round = ok ? ROUND_NONE : -1;
+    }
+    if (round < 0) return CUBLAS_STATUS_NOT_SUPPORTED;
+    g.ta = desc->ta;
+    g.tb = desc->tb;
+    g.m = (int)m;
+    g.n = (int)n;
+    g.k = (int)k;
+    g.at = Adesc->type;
+    g.bt = Bdesc->type;
+    g.ct = Ddesc->type;
+    g.lda = Adesc->ld;
+    g.ldb = Bdesc->ld;
+    g.ldc = Ddesc->ld;
+    g.round = round;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+/* The stand-in's algo: a tag, the problem (words 1-4 and 6) and the alignments it may assume (word 5, 16 bits
+ * each for A, B, C, D). */
+cublasLtMatmulAlgo_t lt_algo(cublasLtMatmulDesc_t desc, const Gemm &g, const uint32_t align[4]) {
+    cublasLtMatmulAlgo_t a;
+    memset(&a, 0, sizeof a);
+    a.data[0] = 0x504541456d754c74ull; /* "PEAEmuLt" */
+    a.data[1] = (uint64_t)(uint32_t)g.m | (uint64_t)(uint32_t)g.n << 32;
+    a.data[2] = (uint64_t)(uint32_t)g.k | (uint64_t)(uint32_t)desc->compute << 32;
+    a.data[3] = (uint64_t)g.at | (uint64_t)g.bt << 8 | (uint64_t)g.ct << 16 | (uint64_t)g.ta << 24 |
+                (uint64_t)g.tb << 32 | (uint64_t)desc->epilogue << 40;
+    a.data[4] = (uint64_t)g.lda | (uint64_t)g.ldb << 32;
+    a.data[6] = (uint64_t)g.ldc;
+    for (int i = 0; i < 4; i++) a.data[5] |= (uint64_t)align[i] << (16 * i);
+    return a;
+}
+} // namespace
 
 extern "C" {
 
@@ -468,6 +539,60 @@ cublasStatus_t cublasLtMatrixLayoutDestroy(cublasLtMatrixLayout_t layout) {
     return CUBLAS_STATUS_SUCCESS;
 }
 
+cublasStatus_t cublasLtMatmulPreferenceCreate(cublasLtMatmulPreference_t *pref) {
+    if (!pref) return CUBLAS_STATUS_INVALID_VALUE;
+    *pref = new cublasLtMatmulPreferenceOpaque_st{0, {256, 256, 256, 256}};
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceDestroy(cublasLtMatmulPreference_t pref) {
+    delete pref;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(cublasLtMatmulPreference_t pref,
+                                                    cublasLtMatmulPreferenceAttributes_t attr, const void *buf,
+                                                    size_t size) {
+    if (!pref || !buf) return CUBLAS_STATUS_INVALID_VALUE;
+    switch (attr) {
+    case CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES:
+        if (size != sizeof(uint64_t)) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&pref->max_workspace, buf, sizeof(uint64_t));
+        return CUBLAS_STATUS_SUCCESS;
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES:
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES:
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES:
+    case CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES:
+        if (size != sizeof(uint32_t)) return CUBLAS_STATUS_INVALID_VALUE;
+        memcpy(&pref->min_alignment[attr - CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES], buf, sizeof(uint32_t));
+        return CUBLAS_STATUS_SUCCESS;
+    }
+    return CUBLAS_STATUS_NOT_SUPPORTED;
+}
+
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc,
+                                              cublasLtMatrixLayout_t Adesc, cublasLtMatrixLayout_t Bdesc,
+                                              cublasLtMatrixLayout_t Cdesc, cublasLtMatrixLayout_t Ddesc,
+                                              cublasLtMatmulPreference_t pref, int requested,
+                                              cublasLtMatmulHeuristicResult_t results[], int *returned) {
+    if (!lt_handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!pref || requested <= 0 || !results || !returned) return CUBLAS_STATUS_INVALID_VALUE;
+    g_lt_heuristic_queries++;
+    *returned = 0;
+    Gemm g;
+    const cublasStatus_t s = lt_problem(desc, Adesc, Bdesc, Cdesc, Ddesc, g);
+    if (s != CUBLAS_STATUS_SUCCESS) return s;
+    for (uint32_t a : pref->min_alignment)
+        if (a == 0 || (a & (a - 1)) || a > 256) return CUBLAS_STATUS_INVALID_VALUE;
+    memset(&results[0], 0, sizeof results[0]);
+    results[0].algo = lt_algo(desc, g, pref->min_alignment);
+    results[0].workspaceSize = 0; /* the CPU GEMM needs none, within any MAX_WORKSPACE_BYTES */
+    results[0].state = CUBLAS_STATUS_SUCCESS;
+    results[0].wavesCount = 1.0f;
+    *returned = 1;
+    return CUBLAS_STATUS_SUCCESS;
+}
+
 cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc, const void *alpha, const void *A,
                               cublasLtMatrixLayout_t Adesc, const void *B, cublasLtMatrixLayout_t Bdesc,
                               const void *beta, const void *C, cublasLtMatrixLayout_t Cdesc, void *D,
@@ -476,58 +601,37 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc
     (void)workspace;
     (void)workspaceSizeInBytes;
     (void)stream;
-    {
-        std::lock_guard<std::mutex> lk(g_handles_mutex);
-        if (!handle || !g_lt_handles.count(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
-    }
-    if (!desc || !Adesc || !Bdesc || !Cdesc || !Ddesc || !alpha || !beta || !D) return CUBLAS_STATUS_INVALID_VALUE;
-    if (algo) return CUBLAS_STATUS_NOT_SUPPORTED;
-    /* op(A) m×k, op(B) k×n, C and D m×n */
-    const uint64_t m = desc->ta == CUBLAS_OP_N ? Adesc->rows : Adesc->cols;
-    const uint64_t k = desc->ta == CUBLAS_OP_N ? Adesc->cols : Adesc->rows;
-    const uint64_t kb = desc->tb == CUBLAS_OP_N ? Bdesc->rows : Bdesc->cols;
-    const uint64_t n = desc->tb == CUBLAS_OP_N ? Bdesc->cols : Bdesc->rows;
-    if (k != kb || Ddesc->rows != m || Ddesc->cols != n || Cdesc->rows != m || Cdesc->cols != n)
-        return CUBLAS_STATUS_INVALID_VALUE;
-    if (Cdesc->type != Ddesc->type || Cdesc->ld != Ddesc->ld) return CUBLAS_STATUS_NOT_SUPPORTED;
-    if (desc->epilogue == CUBLASLT_EPILOGUE_BIAS) {
-        if (!desc->bias) return CUBLAS_STATUS_INVALID_VALUE;
-        if (desc->bias_type != -1 && desc->bias_type != (int)Ddesc->type) return CUBLAS_STATUS_NOT_SUPPORTED;
-    }
-    int round = -1;
-    const bool f32 = Adesc->type == CUDA_R_32F && Bdesc->type == CUDA_R_32F && Ddesc->type == CUDA_R_32F;
-    if (desc->compute == CUBLAS_COMPUTE_32F_FAST_TF32) {
-        round = f32 ? ROUND_TF32 : -1;
-    } else if (desc->compute == CUBLAS_COMPUTE_32F) {
-        const cudaDataType t = Adesc->type;
-        const bool ok = t == Bdesc->type && (t == CUDA_R_32F || t == CUDA_R_16F || t == CUDA_R_16BF) &&
-                        (Ddesc->type == t || (t != CUDA_R_32F && Ddesc->type == CUDA_R_32F));
-        round = ok ? ROUND_NONE : -1;
-    }
-    if (round < 0) return CUBLAS_STATUS_NOT_SUPPORTED;
+    if (!lt_handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!alpha || !beta || !D) return CUBLAS_STATUS_INVALID_VALUE;
     Gemm g;
-    g.ta = desc->ta;
-    g.tb = desc->tb;
-    g.m = (int)m;
-    g.n = (int)n;
-    g.k = (int)k;
+    const cublasStatus_t s = lt_problem(desc, Adesc, Bdesc, Cdesc, Ddesc, g);
+    if (s != CUBLAS_STATUS_SUCCESS) return s;
     g.alpha = *(const float *)alpha;
     g.beta = *(const float *)beta;
     if (g.beta != 0.0f && !C) return CUBLAS_STATUS_INVALID_VALUE;
+    if (algo) {
+        /* an algo from the heuristic: for this problem, and for pointers at least as aligned as it was told */
+        const uint32_t none[4] = {1, 1, 1, 1};
+        const cublasLtMatmulAlgo_t same = lt_algo(desc, g, none);
+        for (int i = 0; i < 8; i++)
+            if (i != 5 && algo->data[i] != same.data[i]) return CUBLAS_STATUS_INVALID_VALUE;
+        const void *ptrs[4] = {A, B, C, D};
+        for (int i = 0; i < 4; i++) {
+            const uint64_t need = (algo->data[5] >> (16 * i)) & 0xffff;
+            if (ptrs[i] && (uintptr_t)ptrs[i] % need != 0) return CUBLAS_STATUS_INVALID_VALUE;
+        }
+    }
     g.A = A;
     g.B = B;
     g.C = D;
     g.Cin = g.beta != 0.0f ? C : nullptr;
     g.bias = desc->epilogue == CUBLASLT_EPILOGUE_BIAS ? desc->bias : nullptr;
-    g.at = Adesc->type;
-    g.bt = Bdesc->type;
-    g.ct = Ddesc->type;
-    g.lda = Adesc->ld;
-    g.ldb = Bdesc->ld;
-    g.ldc = Ddesc->ld;
-    g.round = round;
     gemm_one(g);
     return CUBLAS_STATUS_SUCCESS;
 }
+
+/* Stand-in only: how many heuristic queries have been made in this process (tests check that a backend
+ * caches its algos). */
+long long pea_emu_cublaslt_heuristic_queries(void) { return g_lt_heuristic_queries.load(); }
 
 } // extern "C"

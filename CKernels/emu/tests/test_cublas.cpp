@@ -443,6 +443,78 @@ static void test_lt() {
     CHECK(cublasLtDestroy(lt) == CUBLAS_STATUS_SUCCESS, "cublasLtDestroy");
 }
 
+/* cublasLtMatmulAlgoGetHeuristic: one algo for a supported problem, none (NOT_SUPPORTED) for an unsupported
+ * one; the algo runs its problem (the same result as algo = NULL) and is refused, as the header states, for
+ * another problem or for a pointer less aligned than the preference promised. */
+static void test_lt_heuristic() {
+    cublasLtHandle_t lt;
+    CHECK(cublasLtCreate(&lt) == CUBLAS_STATUS_SUCCESS, "cublasLtCreate");
+    const int m = 6, n = 5, k = 4;
+    std::vector<float> A = matrix(m, k, m, 81), B = matrix(k, n, k, 82);
+    float *dA = to_device(A), *dB = to_device(B);
+    float *dD = device_alloc<float>(m * n + 1), *dD0 = device_alloc<float>(m * n);
+    cublasLtMatmulDesc_t desc;
+    cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    cublasLtMatrixLayout_t la, lb, ld, lother;
+    cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, m, k, m);
+    cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, k, n, k);
+    cublasLtMatrixLayoutCreate(&ld, CUDA_R_32F, m, n, m);
+    cublasLtMatrixLayoutCreate(&lother, CUDA_R_32F, m, n + 1, m);
+    cublasLtMatmulPreference_t pref;
+    CHECK(cublasLtMatmulPreferenceCreate(&pref) == CUBLAS_STATUS_SUCCESS, "preference");
+    const uint64_t ws = 1 << 20;
+    CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws) == 0,
+          "MAX_WORKSPACE_BYTES");
+    CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, 4) ==
+              CUBLAS_STATUS_INVALID_VALUE,
+          "MAX_WORKSPACE_BYTES of the wrong size");
+    cublasLtMatmulHeuristicResult_t r[2];
+    int count = -1;
+    CHECK(cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, ld, ld, pref, 2, r, &count) == CUBLAS_STATUS_SUCCESS &&
+              count == 1 && r[0].state == CUBLAS_STATUS_SUCCESS && r[0].workspaceSize <= ws,
+          "heuristic: one algo (count %d)", count);
+    const float one = 1.0f, zero = 0.0f;
+    CHECK(cublasLtMatmul(lt, desc, &one, dA, la, dB, lb, &zero, dD, ld, dD, ld, &r[0].algo, nullptr, 0, 0) == 0,
+          "matmul with the heuristic's algo");
+    CHECK(cublasLtMatmul(lt, desc, &one, dA, la, dB, lb, &zero, dD0, ld, dD0, ld, nullptr, nullptr, 0, 0) == 0,
+          "matmul with algo NULL");
+    CHECK(to_host(dD, m * n) == to_host(dD0, m * n), "the algo's result differs from algo = NULL's");
+    CHECK(cublasLtMatmul(lt, desc, &one, dA, la, dB, lother, &zero, dD, ld, dD, ld, &r[0].algo, nullptr, 0, 0) ==
+              CUBLAS_STATUS_INVALID_VALUE,
+          "an algo used for another problem");
+    CHECK(cublasLtMatmul(lt, desc, &one, dA, la, dB, lb, &zero, dD + 1, ld, dD + 1, ld, &r[0].algo, nullptr, 0, 0) ==
+              CUBLAS_STATUS_INVALID_VALUE,
+          "an algo chosen for 256-byte alignment given D at 4 bytes");
+    /* told that D may sit at 4 bytes, the heuristic's algo takes it */
+    const uint32_t four = 4;
+    CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &four, sizeof four) ==
+                  0 &&
+              cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &four,
+                                                   sizeof four) == 0,
+          "MIN_ALIGNMENT_C/D_BYTES");
+    CHECK(cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, ld, ld, pref, 1, r, &count) == 0 && count == 1,
+          "heuristic with 4-byte C and D");
+    CHECK(cublasLtMatmul(lt, desc, &one, dA, la, dB, lb, &zero, dD + 1, ld, dD + 1, ld, &r[0].algo, nullptr, 0, 0) ==
+              0,
+          "an algo chosen for 4-byte alignment given D at 4 bytes");
+    CHECK(to_host(dD + 1, m * n) == to_host(dD0, m * n), "the offset result differs");
+    /* an unsupported problem (f16 A with f32 B) has no algo */
+    cublasLtMatrixLayout_t lh;
+    cublasLtMatrixLayoutCreate(&lh, CUDA_R_16F, m, k, m);
+    count = -1;
+    CHECK(cublasLtMatmulAlgoGetHeuristic(lt, desc, lh, lb, ld, ld, pref, 1, r, &count) ==
+                  CUBLAS_STATUS_NOT_SUPPORTED &&
+              count == 0,
+          "heuristic for mixed input types: NOT_SUPPORTED and no algo (count %d)", count);
+    CHECK(cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, ld, ld, pref, 0, r, &count) == CUBLAS_STATUS_INVALID_VALUE,
+          "heuristic asked for 0 algos");
+    for (cublasLtMatrixLayout_t l : {la, lb, ld, lother, lh}) cublasLtMatrixLayoutDestroy(l);
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatmulDescDestroy(desc);
+    for (float *p : {dA, dB, dD, dD0}) cudaFree(p);
+    CHECK(cublasLtDestroy(lt) == CUBLAS_STATUS_SUCCESS, "cublasLtDestroy");
+}
+
 int main() {
     check_start("emu cublas", 300);
     pea_emu_set_quiet(1);
@@ -459,6 +531,7 @@ int main() {
     test_errors(h);
     test_row_major_recipes(h);
     test_lt();
+    test_lt_heuristic();
     CUDA_OK(cudaStreamSynchronize(s));
     CHECK(cublasDestroy(h) == CUBLAS_STATUS_SUCCESS, "cublasDestroy");
     CUDA_OK(cudaStreamDestroy(s));
