@@ -186,8 +186,9 @@ cuda-test: $(TEST_OPS) libpea_cuda_emu.so
 	$(TEST_OPS) ./libpea_cuda_emu.so
 
 ## make gpu-check — on a machine with a GPU (nvcc + cuBLAS, no Swift): build libpea_cuda.so, run the op tests on the
-## GPU, then `./pea selftest --backend cuda` and benchmarks/kernels_vs_torch.py (when torch imports) when a static
-## `pea` was carried into the repository root (make gpu-bundle prepares such a folder)
+## GPU, then `./pea selftest --backend cuda`, the SD1.5 UNet and training step's per-op GPU profiles (`pea bench …
+## --profile`) and benchmarks/kernels_vs_torch.py (when torch imports) when a static `pea` was carried into the
+## repository root (make gpu-bundle prepares such a folder)
 gpu-check: $(TEST_OPS)
 	@if [ -z "$(CUDA_NVCC)" ]; then echo "gpu-check: nvcc was not found (install the CUDA toolkit, or set NVCC=)" >&2; exit 1; fi
 	$(MAKE) --no-print-directory $(CUDA_LIB)
@@ -195,6 +196,11 @@ gpu-check: $(TEST_OPS)
 	@if [ -x ./pea ]; then \
 		echo "PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) ./pea selftest --backend cuda"; \
 		LD_LIBRARY_PATH=$(CURDIR)/lib:$$LD_LIBRARY_PATH PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) ./pea selftest --backend cuda; \
+		for bench in "unet --batch 2" "train-step --batch 4"; do \
+			echo "./pea bench $$bench --config benchmarks/configs/sd15_unet.json --backend cuda --precision fp16 --profile"; \
+			LD_LIBRARY_PATH=$(CURDIR)/lib:$$LD_LIBRARY_PATH PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) ./pea bench $$bench \
+				--config benchmarks/configs/sd15_unet.json --backend cuda --precision fp16 --profile || exit 1; \
+		done; \
 	else \
 		echo "gpu-check: no ./pea here, so no selftest (build one elsewhere: swift build -c release --static-swift-stdlib)"; \
 	fi
@@ -232,7 +238,7 @@ gpu-bundle: system-deps
 	printf '%s\n' \
 		'Pea GPU bundle (made by `make gpu-bundle`): a static pea, the CUDA/CPU kernel sources, the Makefile, benchmarks.' \
 		'On a machine with nvcc, cuBLAS, a GPU and python3 with torch (no Swift needed), in this folder run:' \
-		'    make gpu-check    # builds .build-cuda/libpea_cuda.so, op tests, pea selftest --backend cuda, kernels_vs_torch.py' \
+		'    make gpu-check    # builds .build-cuda/libpea_cuda.so, op tests, pea selftest --backend cuda, per-op profiles, kernels_vs_torch.py' \
 		'Results land in benchmarks/RESULTS.md (section "CUDA kernels vs PyTorch"); copy it back.' > $(BUNDLE_OUT)/README.txt
 	@echo "make gpu-bundle: $(BUNDLE_OUT) ready ($$(du -sh $(BUNDLE_OUT) | cut -f1); pea $$(du -h $(BUNDLE_OUT)/pea | cut -f1)); carry it and run 'make gpu-check' there"
 

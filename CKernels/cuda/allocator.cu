@@ -194,7 +194,7 @@ static bool stager_ready(pea_cuda_context *ctx) {
 
 extern "C" int pea_cuda_upload(pea_cuda_context *ctx, void *dst, const void *src, size_t bytes) {
     static const char *op = "upload";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     if (bytes == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, dst && src, "NULL pointer (dst %p, src %p) for %zu bytes", dst, src, bytes);
     std::lock_guard<std::mutex> lock(ctx->stager->mutex);
@@ -235,7 +235,7 @@ extern "C" int pea_cuda_upload(pea_cuda_context *ctx, void *dst, const void *src
 
 extern "C" int pea_cuda_download(pea_cuda_context *ctx, void *dst, const void *src, size_t bytes) {
     static const char *op = "download";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     if (bytes > 0) {
         PEA_REQUIRE(ctx, op, dst && src, "NULL pointer (dst %p, src %p) for %zu bytes", dst, src, bytes);
         PEA_TRY(pea_check_cuda(ctx, op, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, ctx->stream),
@@ -247,7 +247,7 @@ extern "C" int pea_cuda_download(pea_cuda_context *ctx, void *dst, const void *s
 }
 
 extern "C" int pea_cuda_zero(pea_cuda_context *ctx, void *ptr, size_t bytes) {
-    PEA_BEGIN(ctx, "zero");
+    PEA_OP(ctx, "zero");
     if (bytes == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, "zero", ptr != NULL, "ptr is NULL for %zu bytes", bytes);
     return pea_check_cuda(ctx, "zero", cudaMemsetAsync(ptr, 0, bytes, ctx->stream), "cudaMemsetAsync");

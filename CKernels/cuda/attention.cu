@@ -704,7 +704,7 @@ static int attention_launch(pea_cuda_context *ctx, const ck_attention_params *p)
 
 extern "C" int pea_cuda_attention(pea_cuda_context *ctx, int dtype, const ck_attention_params *p) {
     static const char *op = "attention";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, p != NULL, "params are NULL");
     PEA_REQUIRE(ctx, op, p->B >= 0 && p->H >= 0 && p->Tq >= 0 && p->Tk >= 0 && p->D >= 1 && p->Dv >= 1,

@@ -149,7 +149,7 @@ static int conv_params(pea_cuda_context *ctx, const char *op, const ck_conv2d_pa
 extern "C" int pea_cuda_conv2d(pea_cuda_context *ctx, int dtype, const ck_conv2d_params *p, const void *x,
                                const void *w, const void *bias, void *y) {
     static const char *op = "conv2d";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     int64_t Ho, Wo;
     PEA_TRY(conv_params(ctx, op, p, &Ho, &Wo));
@@ -267,7 +267,7 @@ static int col2im_launch(pea_cuda_context *ctx, const void *col, void *dx, const
 extern "C" int pea_cuda_conv2d_backward_data(pea_cuda_context *ctx, int dtype, const ck_conv2d_params *p,
                                              const void *dy, const void *w, void *dx) {
     static const char *op = "conv2d_backward_data";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     int64_t Ho, Wo;
     PEA_TRY(conv_params(ctx, op, p, &Ho, &Wo));

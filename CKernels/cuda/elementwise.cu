@@ -79,7 +79,7 @@ static int map_launch(pea_cuda_context *ctx, const char *op, const void *x, void
 
 extern "C" int pea_cuda_activation(pea_cuda_context *ctx, int dtype, int kind, const void *x, void *y, int64_t n) {
     static const char *op = "activation";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, kind >= PEA_ACT_GELU_ERF && kind <= PEA_ACT_SILU, "unknown activation kind %d", kind);
     PEA_REQUIRE(ctx, op, n >= 0, "n = %lld", (long long)n);
@@ -153,7 +153,7 @@ static int map2_launch(pea_cuda_context *ctx, const char *op, const void *a, con
 extern "C" int pea_cuda_activation_backward(pea_cuda_context *ctx, int dtype, int kind, const void *dy, const void *x,
                                             void *dx, int64_t n) {
     static const char *op = "activation_backward";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, kind == PEA_ACT_GELU_ERF || kind == PEA_ACT_GELU_TANH || kind == PEA_ACT_SILU,
                 "activation kind %d has no backward (GELU erf/tanh and SiLU do)", kind);
@@ -167,7 +167,7 @@ extern "C" int pea_cuda_activation_backward(pea_cuda_context *ctx, int dtype, in
 extern "C" int pea_cuda_affine(pea_cuda_context *ctx, int dtype, const void *x, void *y, int64_t n, float alpha,
                                float beta) {
     static const char *op = "affine";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, n >= 0, "n = %lld", (long long)n);
     if (n == 0) return PEA_CUDA_OK;
@@ -225,7 +225,7 @@ static int geglu_launch(pea_cuda_context *ctx, const void *x, void *y, int64_t R
 
 extern "C" int pea_cuda_geglu(pea_cuda_context *ctx, int dtype, const void *x, void *y, int64_t R, int64_t D) {
     static const char *op = "geglu";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, R >= 0 && D >= 0, "shape R %lld, D %lld", (long long)R, (long long)D);
     if (R == 0 || D == 0) return PEA_CUDA_OK;
@@ -260,7 +260,7 @@ static int geglu_backward_launch(pea_cuda_context *ctx, const void *dy, const vo
 extern "C" int pea_cuda_geglu_backward(pea_cuda_context *ctx, int dtype, const void *dy, const void *x, void *dx,
                                        int64_t R, int64_t D) {
     static const char *op = "geglu_backward";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, R >= 0 && D >= 0, "shape R %lld, D %lld", (long long)R, (long long)D);
     if (R == 0 || D == 0) return PEA_CUDA_OK;
@@ -422,7 +422,7 @@ static int binary_launch(pea_cuda_context *ctx, int op, const void *a, const voi
 extern "C" int pea_cuda_binary(pea_cuda_context *ctx, int dtype, int op, const void *a, const int64_t *a_strides,
                                const void *b, const int64_t *b_strides, void *y, const int64_t *shape, int rank) {
     static const char *name = "binary";
-    PEA_BEGIN(ctx, name);
+    PEA_OP(ctx, name);
     PEA_REQUIRE_DTYPE(ctx, name, dtype);
     PEA_REQUIRE(ctx, name, op >= CK_ADD && op <= CK_DIV, "unknown op %d", op);
     PEA_REQUIRE(ctx, name, rank >= 1 && rank <= CK_MAX_RANK, "rank %d is not in 1…%d", rank, CK_MAX_RANK);
@@ -475,7 +475,7 @@ static int copy_launch(pea_cuda_context *ctx, const void *src, void *dst, const 
 extern "C" int pea_cuda_copy_strided(pea_cuda_context *ctx, const void *src, const int64_t *src_strides, void *dst,
                                      const int64_t *dst_strides, const int64_t *shape, int rank, int64_t elem_size) {
     static const char *op = "copy_strided";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE(ctx, op, rank >= 1 && rank <= CK_MAX_RANK, "rank %d is not in 1…%d", rank, CK_MAX_RANK);
     PEA_REQUIRE(ctx, op, elem_size >= 1, "elem_size %lld", (long long)elem_size);
     PEA_REQUIRE(ctx, op, shape && src_strides && dst_strides, "NULL shape or strides");
@@ -543,7 +543,7 @@ static int upsample_launch(pea_cuda_context *ctx, const void *x, void *y, int64_
 extern "C" int pea_cuda_upsample_nearest2x(pea_cuda_context *ctx, int dtype, const void *x, void *y, int64_t P,
                                            int64_t H, int64_t W) {
     static const char *op = "upsample_nearest2x";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, P >= 0 && H >= 0 && W >= 0, "shape P %lld, H %lld, W %lld", (long long)P, (long long)H,
                 (long long)W);
@@ -578,7 +578,7 @@ static int upsample_backward_launch(pea_cuda_context *ctx, const void *dy, void 
 extern "C" int pea_cuda_upsample_nearest2x_backward(pea_cuda_context *ctx, int dtype, const void *dy, void *dx,
                                                     int64_t P, int64_t H, int64_t W) {
     static const char *op = "upsample_nearest2x_backward";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, P >= 0 && H >= 0 && W >= 0, "shape P %lld, H %lld, W %lld", (long long)P, (long long)H,
                 (long long)W);
@@ -632,7 +632,7 @@ static int embedding_launch(pea_cuda_context *ctx, const void *ids, int ids_are_
 extern "C" int pea_cuda_embedding(pea_cuda_context *ctx, int dtype, const void *ids, int ids_are_i64, int64_t n,
                                   const void *table, int64_t vocab, int64_t D, void *y) {
     static const char *op = "embedding";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, n >= 0 && vocab >= 0 && D >= 0, "shape n %lld, vocab %lld, D %lld", (long long)n,
                 (long long)vocab, (long long)D);
@@ -690,7 +690,7 @@ extern "C" int pea_cuda_timestep_embedding(pea_cuda_context *ctx, int dtype, con
                                            int64_t dim, int flip_sin_to_cos, float downscale_freq_shift, float scale,
                                            float max_period, void *y) {
     static const char *op = "timestep_embedding";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, pea_dtype_size(t_dtype) != 0, "t_dtype %d is not a CK_ type", t_dtype);
     PEA_REQUIRE(ctx, op, B >= 0 && dim >= 0, "shape B %lld, dim %lld", (long long)B, (long long)dim);
@@ -753,7 +753,7 @@ static int mean_launch(pea_cuda_context *ctx, const void *x, void *y, int64_t ou
 extern "C" int pea_cuda_mean(pea_cuda_context *ctx, int dtype, const void *x, void *y, int64_t outer, int64_t n,
                              int64_t inner) {
     static const char *op = "mean";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, outer >= 0 && n >= 1 && inner >= 0, "shape outer %lld, n %lld, inner %lld",
                 (long long)outer, (long long)n, (long long)inner);
@@ -822,7 +822,7 @@ __global__ void convert_kernel(const void *src, int st, void *dst, int dt, int64
 extern "C" int pea_cuda_convert(pea_cuda_context *ctx, const void *src, int src_dtype, void *dst, int dst_dtype,
                                 int64_t n) {
     static const char *op = "convert";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE(ctx, op, pea_dtype_size(src_dtype) && pea_dtype_size(dst_dtype), "unknown dtype (src %d, dst %d)",
                 src_dtype, dst_dtype);
     PEA_REQUIRE(ctx, op, n >= 0, "n = %lld", (long long)n);

@@ -115,7 +115,7 @@ extern "C" int pea_cuda_gemm(pea_cuda_context *ctx, int dtype, int transA, int t
                              int64_t K, float alpha, const void *A, int64_t lda, int64_t strideA, const void *B,
                              int64_t ldb, int64_t strideB, float beta, void *C, int64_t ldc, int64_t strideC,
                              int64_t batch) {
-    PEA_BEGIN(ctx, "gemm");
+    PEA_OP(ctx, "gemm");
     return pea_gemm_rowmajor(ctx, "gemm", dtype, transA, transB, M, N, K, alpha, A, lda, strideA, B, ldb, strideB,
                              beta, C, ldc, strideC, batch);
 }
@@ -251,7 +251,7 @@ static int linear_bias_lt(pea_cuda_context *ctx, const char *op, int dtype, cons
 extern "C" int pea_cuda_linear(pea_cuda_context *ctx, int dtype, const void *x, const void *weight, const void *bias,
                                void *y, int64_t rows, int64_t in_features, int64_t out_features) {
     static const char *op = "linear";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, rows >= 0 && in_features >= 0 && out_features >= 0, "shape rows %lld, in %lld, out %lld",
                 (long long)rows, (long long)in_features, (long long)out_features);

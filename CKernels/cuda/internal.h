@@ -47,6 +47,8 @@ struct pea_device_error {
 };
 enum { PEA_DEVERR_NONE = 0, PEA_DEVERR_EMBEDDING = 1 };
 
+struct pea_profile; /* profile.cu */
+
 /* A linear layer's cublasLtMatmul, planned once per problem (gemm.cu): the descriptors and the algo the
  * heuristic picked for (dtype, TF32, rows, in, out) and the alignments of x, weight and y it was told. */
 struct pea_lt_plan {
@@ -95,6 +97,8 @@ struct pea_cuda_context {
     cudaEvent_t timers[PEA_CUDA_TIMER_SLOTS];
     int timer_recorded[PEA_CUDA_TIMER_SLOTS];
     int clock_khz; /* 0 until pea_cuda_spin first asks */
+
+    pea_profile *profile; /* non-NULL while a profile runs (pea_cuda_profile_start … _stop) */
 };
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -114,6 +118,21 @@ int pea_check_launch(pea_cuda_context *ctx, const char *op, const char *kernel);
 int pea_enter(pea_cuda_context *ctx, const char *op);
 /* Reads and clears the device error record; called by the synchronising calls after the stream is idle. */
 int pea_check_device_error(pea_cuda_context *ctx, const char *op);
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Per-op profile (profile.cu)                                                                           */
+
+void pea_profile_begin(pea_cuda_context *ctx, const char *op);
+void pea_profile_end(pea_cuda_context *ctx);
+void pea_profile_destroy(pea_cuda_context *ctx);
+/* Brackets an op call while a profile runs (PEA_OP): an event pair around the outermost call's queued work. */
+struct pea_op_scope {
+    pea_cuda_context *ctx;
+    pea_op_scope(pea_cuda_context *c, const char *op);
+    ~pea_op_scope();
+    pea_op_scope(const pea_op_scope &) = delete;
+    pea_op_scope &operator=(const pea_op_scope &) = delete;
+};
 
 /* Destroys the cached cuBLASLt plans (gemm.cu; pea_cuda_destroy). */
 void pea_lt_plans_destroy(pea_cuda_context *ctx);
@@ -146,6 +165,10 @@ static inline const char *pea_dtype_name(int dtype) {
         int pea_rc_ = pea_enter((ctx), (op));                                                          \
         if (pea_rc_) return pea_rc_;                                                                   \
     } while (0)
+/* PEA_BEGIN for an op: also brackets the call's queued work for the profile (profile.cu) while one runs. */
+#define PEA_OP(ctx, op)                                                                                \
+    PEA_BEGIN(ctx, op);                                                                                \
+    pea_op_scope pea_op_scope_((ctx), (op))
 #define PEA_REQUIRE(ctx, op, cond, ...)                                                                \
     do {                                                                                               \
         if (!(cond)) return pea_fail((ctx), PEA_CUDA_ERROR_INVALID, (op), __VA_ARGS__);                \

@@ -363,7 +363,7 @@ extern "C" int pea_cuda_group_norm(pea_cuda_context *ctx, int dtype, const void 
                                    const void *beta, void *y, int64_t B, int64_t C, int64_t S, int64_t G, float eps,
                                    int fuse_silu) {
     static const char *op = "group_norm";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_TRY(group_norm_shape(ctx, op, B, C, S, G));
     if (B == 0 || C == 0 || S == 0) return PEA_CUDA_OK;
@@ -462,7 +462,7 @@ extern "C" int pea_cuda_group_norm_backward(pea_cuda_context *ctx, int dtype, co
                                             const void *gamma, const void *beta, void *dx, int64_t B, int64_t C,
                                             int64_t S, int64_t G, float eps, int fuse_silu) {
     static const char *op = "group_norm_backward";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_TRY(group_norm_shape(ctx, op, B, C, S, G));
     if (B == 0 || C == 0 || S == 0) return PEA_CUDA_OK;
@@ -592,7 +592,7 @@ static int layer_norm_launch(pea_cuda_context *ctx, const void *x, const void *g
 extern "C" int pea_cuda_layer_norm(pea_cuda_context *ctx, int dtype, const void *x, const void *gamma,
                                    const void *beta, void *y, int64_t R, int64_t D, float eps) {
     static const char *op = "layer_norm";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, R >= 0 && D >= 0, "shape R %lld, D %lld", (long long)R, (long long)D);
     PEA_REQUIRE(ctx, op, (R + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK <= INT_MAX, "R %lld rows is too many", (long long)R);
@@ -691,7 +691,7 @@ extern "C" int pea_cuda_layer_norm_backward(pea_cuda_context *ctx, int dtype, co
                                             const void *gamma, void *dx, void *dgamma, void *dbeta, int64_t R,
                                             int64_t D, float eps) {
     static const char *op = "layer_norm_backward";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, R >= 0 && D >= 0, "shape R %lld, D %lld", (long long)R, (long long)D);
     PEA_REQUIRE(ctx, op, (R + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK <= INT_MAX, "R %lld rows is too many", (long long)R);
@@ -772,7 +772,7 @@ static int softmax_launch(pea_cuda_context *ctx, const void *x, void *y, int64_t
 
 extern "C" int pea_cuda_softmax(pea_cuda_context *ctx, int dtype, const void *x, void *y, int64_t R, int64_t D) {
     static const char *op = "softmax";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, R >= 0 && D >= 0, "shape R %lld, D %lld", (long long)R, (long long)D);
     PEA_REQUIRE(ctx, op, (R + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK <= INT_MAX, "R %lld rows is too many", (long long)R);
@@ -811,7 +811,7 @@ static int softmax_backward_launch(pea_cuda_context *ctx, const void *dy, const 
 extern "C" int pea_cuda_softmax_backward(pea_cuda_context *ctx, int dtype, const void *dy, const void *y, void *dx,
                                          int64_t R, int64_t D) {
     static const char *op = "softmax_backward";
-    PEA_BEGIN(ctx, op);
+    PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, R >= 0 && D >= 0, "shape R %lld, D %lld", (long long)R, (long long)D);
     PEA_REQUIRE(ctx, op, (R + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK <= INT_MAX, "R %lld rows is too many", (long long)R);

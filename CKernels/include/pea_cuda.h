@@ -84,6 +84,24 @@ int pea_cuda_timer_elapsed(pea_cuda_context *ctx, int start_slot, int end_slot, 
  * cudaDevAttrClockRate), holding the stream so the host can queue what follows before it starts. */
 int pea_cuda_spin(pea_cuda_context *ctx, double microseconds);
 
+/* --- per-op profile (pea bench unet|train-step --profile) ------------------------------------------------
+ * While a profile runs, each op call (the functions below, and upload/download) is bracketed by two CUDA
+ * events on the stream: the GPU time between them is the time of the work that call queued. Calls are summed
+ * per op name. A call made inside another (none are today) counts towards the outer one only. */
+typedef struct {
+    const char *op; /* the op's name, as in its error messages ("conv2d", "attention", …); static storage */
+    uint64_t calls;
+    double ms; /* GPU milliseconds, summed over the calls */
+} pea_cuda_profile_entry;
+/* Clears the totals and starts recording (a profile already running is restarted). */
+int pea_cuda_profile_start(pea_cuda_context *ctx);
+/* Waits for the recorded work, stops recording and writes up to `capacity` entries, largest time first;
+ * *count = the number of ops seen (may exceed capacity), *span_ms = the GPU time from the first call's start
+ * to the last call's end (0 when no call was recorded). Idle gaps between calls are in the span, not in the
+ * entries: span − Σ entries is the time the GPU waited for the host. */
+int pea_cuda_profile_stop(pea_cuda_context *ctx, pea_cuda_profile_entry *entries, int capacity, int *count,
+                          double *span_ms);
+
 /* --- ops (each mirrors its ckernels.h counterpart) ----------------------------------------------------- */
 
 /* C[b] = alpha·op(A[b])·op(B[b]) + beta·C[b], row-major, as ck_sgemm_batched (stride 0 broadcasts; beta = 0

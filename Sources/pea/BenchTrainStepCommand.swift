@@ -2,7 +2,7 @@ import PEADiffusion
 
 let benchTrainStepUsage = """
 Usage: pea bench train-step --config FILE [--latent HxW] [--batch B] [--context-length T]
-                            [--adapter IN,HIDDEN,…,OUT] [--repeats R] [--json]
+                            [--adapter IN,HIDDEN,…,OUT] [--repeats R] [--json] [--profile]
                             [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--threads T]
 
 Times one step of PEA distillation at the size of a UNet config (random weights; speed does not depend on the
@@ -13,7 +13,9 @@ latent [B,4,H,W], student states [B,T,IN], teacher states [B,T,cross_attention_d
 the official training shape 1024,2048,2048,<cross_attention_dim>. One warm-up step, then R timed (default 3).
 --json prints one object: config, latent_h, latent_w, batch, precision, best_ms, median_ms, peak_rss_mb (and
 peak_device_mb on CUDA), adapter_parameters. The UNet runs in --precision; the adapter, its gradients and
-AdamW in fp32.
+AdamW in fp32. --profile (CUDA backend) runs one more step with each op call bracketed by GPU events and
+prints the GPU time per op and the GPU's idle time waiting for the host (with --json: the keys profile, a list
+of {op, calls, ms}, and profile_span_ms).
 """
 
 func runBenchTrainStep(_ arguments: [String]) throws {
@@ -21,6 +23,7 @@ func runBenchTrainStep(_ arguments: [String]) throws {
     var spec = BackendOptions.spec
     for key in ["--config", "--latent", "--batch", "--context-length", "--repeats", "--adapter"] { spec[key] = .value }
     spec["--json"] = .flag
+    spec["--profile"] = .flag
     let command = "bench train-step"
     let options = try Arguments(arguments, command: command, spec: spec)
     let configPath = try options.requiredString("--config")
@@ -33,6 +36,7 @@ func runBenchTrainStep(_ arguments: [String]) throws {
     let repeats = try options.int("--repeats", default: 3, range: 1...1000)
     let backendOptions = try BackendOptions(options, command: command)
     let backend = backendOptions.backend, dtype = backendOptions.precision
+    let profiler = options.has("--profile") ? try profilingBackend(backend, command: command) : nil
 
     let config = try UNetConfig(ConfigFile(path: configPath))
     guard config.textTime == nil else {
@@ -70,6 +74,11 @@ func runBenchTrainStep(_ arguments: [String]) throws {
     }
     times.sort()
     let best = times[0], median = times[times.count / 2]
+    let profile = try profiler?.profiled {
+        let gradients = try step.step(adapter: training.adapter, batch: inputs).gradients
+        _ = try training.apply(gradients, lr: 1e-5, maxNorm: nil)
+        try backend.synchronize()
+    }.profile
     var fields = ["\"config\": \"\(configPath)\"", "\"latent_h\": \(latent[0])", "\"latent_w\": \(latent[1])", "\"batch\": \(batch)",
                   "\"precision\": \"\(dtype)\"", "\"best_ms\": \(best)", "\"median_ms\": \(median)",
                   "\"peak_rss_mb\": \(peakResidentMegabytes())"]
@@ -77,10 +86,12 @@ func runBenchTrainStep(_ arguments: [String]) throws {
         fields.append("\"peak_device_mb\": \(Double(stats.peakBytes) / 1_048_576)")
     }
     fields.append("\"adapter_parameters\": \(training.adapter.parameterCount)")
+    if let profile { fields += profileJSONFields(profile) }
     if options.has("--json") {
         print("{" + fields.joined(separator: ", ") + "}")
     } else {
         print("train-step \(configPath)  latent \(latent[0])x\(latent[1])  batch \(batch)  \(backend.name) \(dtype)  "
             + "best \(formatted(best)) ms  median \(formatted(median)) ms  peak RSS \(formatted(peakResidentMegabytes())) MB")
+        if let profile { print(profileTable(profile, of: "one training step (\(dtype), batch \(batch), \(latent[0])x\(latent[1]))")) }
     }
 }

@@ -8,13 +8,16 @@ import PEADiffusion
 
 let benchUNetUsage = """
 Usage: pea bench unet --config FILE [--latent HxW] [--batch B] [--context-length T] [--repeats R] [--json]
-                      [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--threads T]
+                      [--profile] [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--threads T]
 
 Builds the UNet a diffusers config.json describes, with random weights (speed does not depend on the values),
 and times full evaluations on random inputs: one warm-up, then R timed runs (default 3). Prints the best and
 median time and the process's peak resident memory (weights included); --json prints one JSON object with
 the keys config, latent_h, latent_w, batch, threads, precision, best_ms, median_ms, peak_rss_mb, parameters
 (and peak_device_mb on the CUDA backend). Weights and inputs are stored in the --precision dtype.
+--profile (CUDA backend) runs one more evaluation with each op call bracketed by GPU events and prints the
+GPU time per op (calls, total, share, mean) and the GPU's idle time waiting for the host; with --json, the
+keys profile (a list of {op, calls, ms}) and profile_span_ms.
 """
 
 func runBenchUNet(_ arguments: [String]) throws {
@@ -22,6 +25,7 @@ func runBenchUNet(_ arguments: [String]) throws {
     var spec = BackendOptions.spec
     for key in ["--config", "--latent", "--batch", "--context-length", "--repeats"] { spec[key] = .value }
     spec["--json"] = .flag
+    spec["--profile"] = .flag
     let options = try Arguments(arguments, command: "bench unet", spec: spec)
     let configPath = try options.requiredString("--config")
     let latent = (options.string("--latent") ?? "64x64").split(separator: "x").compactMap { Int($0) }
@@ -33,6 +37,7 @@ func runBenchUNet(_ arguments: [String]) throws {
     let repeats = try options.int("--repeats", default: 3, range: 1...1000)
     let backendOptions = try BackendOptions(options, command: "bench unet")
     let backend = backendOptions.backend, dtype = backendOptions.precision
+    let profiler = options.has("--profile") ? try profilingBackend(backend, command: "bench unet") : nil
 
     let config = try UNetConfig(ConfigFile(path: configPath))
     let weights = RandomWeights(backend: backend, seed: 1, dtype: dtype)
@@ -60,6 +65,7 @@ func runBenchUNet(_ arguments: [String]) throws {
     }
     times.sort()
     let best = times[0], median = times[times.count / 2]
+    let profile = try profiler?.profiled { _ = try backend.download(unet(inputs)) }.profile
     let peak = peakResidentMegabytes()
     let threads = Int(ck_get_num_threads())
     var peakDevice: Double?
@@ -70,11 +76,13 @@ func runBenchUNet(_ arguments: [String]) throws {
                       "\"best_ms\": \(best)", "\"median_ms\": \(median)", "\"peak_rss_mb\": \(peak)"]
         if let peakDevice { fields.append("\"peak_device_mb\": \(peakDevice)") }
         fields.append("\"parameters\": \(weights.parameterCount)")
+        if let profile { fields += profileJSONFields(profile) }
         print("{" + fields.joined(separator: ", ") + "}")
     } else {
         print("unet \(configPath)  latent \(latent[0])x\(latent[1])  batch \(batch)  \(backend.name) \(threads) threads  "
             + "best \(formatted(best)) ms  median \(formatted(median)) ms  peak RSS \(formatted(peak)) MB  "
             + "\(weights.parameterCount / 1_000_000)M parameters")
+        if let profile { print(profileTable(profile, of: "one evaluation (\(dtype), batch \(batch), \(latent[0])x\(latent[1]))")) }
     }
 }
 

@@ -707,6 +707,55 @@ final class CUDABackendParityTests: XCTestCase {
         XCTAssertTrue(result.stdout.contains("ok   attention self d40"), result.stdout)
     }
 
+    func testProfileCountsOpCallsAndStopsWhenTheBodyThrows() throws {
+        let cuda = try cuda()
+        let x = try cuda.upload(random([4, 16], seed: 1)), w = try cuda.upload(random([8, 16], seed: 2))
+        let image = try cuda.upload(random([1, 3, 6, 6], seed: 3)), kernel = try cuda.upload(random([2, 3, 3, 3], seed: 4))
+        let (sum, profile) = try cuda.profiled { () -> Tensor in
+            _ = try cuda.linear(x, weight: w, bias: nil)
+            _ = try cuda.conv2d(image, weight: kernel, bias: nil, stride: (1, 1), padding: .uniform(1))
+            return try cuda.linear(x, weight: w, bias: nil)
+        }
+        XCTAssertEqual(sum.shape, [4, 8])
+        XCTAssertEqual(profile.ops.map { $0.name }.sorted(), ["conv2d", "linear"])
+        XCTAssertEqual(profile.ops.first { $0.name == "linear" }?.calls, 2)
+        XCTAssertEqual(profile.ops.first { $0.name == "conv2d" }?.calls, 1)
+        XCTAssertEqual(profile.ops.map { $0.milliseconds }, profile.ops.map { $0.milliseconds }.sorted(by: >))
+        XCTAssertTrue(profile.ops.allSatisfy { $0.milliseconds >= 0 })
+        XCTAssertGreaterThanOrEqual(profile.spanMilliseconds * 1.001 + 1e-4, profile.opMilliseconds)
+
+        struct Stop: Error {}
+        XCTAssertThrowsError(try cuda.profiled { _ = try cuda.linear(x, weight: w, bias: nil); throw Stop() }) {
+            XCTAssertTrue($0 is Stop, "\($0)")
+        }
+        // the profile was stopped: stopping again is refused
+        var count: Int32 = 0
+        var span = 0.0
+        XCTAssertNotEqual(cuda.library.profileStop?(cuda.context.handle, nil, 0, &count, &span) ?? 0, Int32(PEA_CUDA_OK))
+    }
+
+    func testBenchProfileOption() throws {
+        _ = try Self.emulatedLibrary()
+        let config = fixturesDirectory() + "/models/unet_sd1/config.json"
+        let bench = ["bench", "unet", "--config", config, "--latent", "8x8", "--repeats", "1", "--profile"]
+        let environment = ["PEA_CUDA_LIB": Self.emulatedLibraryPath]
+        let table = try runPea(bench + ["--backend", "cuda"], environment: environment)
+        XCTAssertEqual(table.status, 0, table.stderr)
+        XCTAssertTrue(table.stdout.contains("GPU time per op, one evaluation"), table.stdout)
+        XCTAssertTrue(table.stdout.contains("conv2d") && table.stdout.contains("attention") && table.stdout.contains("GPU span"), table.stdout)
+
+        let json = try runPea(bench + ["--backend", "cuda", "--json"], environment: environment)
+        XCTAssertEqual(json.status, 0, json.stderr)
+        let object = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any]
+        let ops = object?["profile"] as? [[String: Any]] ?? []
+        XCTAssertTrue(ops.contains { $0["op"] as? String == "group_norm" && ($0["calls"] as? Int ?? 0) > 0 }, json.stdout)
+        XCTAssertNotNil(object?["profile_span_ms"] as? Double, json.stdout)
+
+        let cpu = try runPea(bench + ["--backend", "cpu"], environment: environment)
+        XCTAssertEqual(cpu.status, 2, cpu.stderr)
+        XCTAssertTrue(cpu.stderr.contains("--profile") && cpu.stderr.contains("--backend cuda"), cpu.stderr)
+    }
+
     // MARK: helpers
 
     func withEnvironment(_ name: String, _ value: String?, _ body: () throws -> Void) rethrows {

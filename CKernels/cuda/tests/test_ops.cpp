@@ -57,7 +57,8 @@
     X(pea_cuda_timestep_embedding) X(pea_cuda_mean) X(pea_cuda_convert)                               \
     X(pea_cuda_conv2d_backward_data) X(pea_cuda_group_norm_backward) X(pea_cuda_layer_norm_backward)   \
     X(pea_cuda_softmax_backward) X(pea_cuda_activation_backward) X(pea_cuda_geglu_backward)            \
-    X(pea_cuda_upsample_nearest2x_backward) X(pea_cuda_timer_record) X(pea_cuda_timer_elapsed) X(pea_cuda_spin)
+    X(pea_cuda_upsample_nearest2x_backward) X(pea_cuda_timer_record) X(pea_cuda_timer_elapsed) X(pea_cuda_spin)    \
+    X(pea_cuda_profile_start) X(pea_cuda_profile_stop)
 
 struct Api {
 #define DECLARE(name) decltype(&::name) name = nullptr;
@@ -293,6 +294,70 @@ static void test_timer() {
     expect_error("timer_elapsed with slot -1", L.pea_cuda_timer_elapsed(g_ctx, -1, 1, &ms), PEA_CUDA_ERROR_INVALID,
                  "timer_elapsed");
     expect_error("spin of -1 µs", L.pea_cuda_spin(g_ctx, -1.0), PEA_CUDA_ERROR_INVALID, "spin");
+}
+
+/* The per-op profile: calls counted per op name (also past the event ring's 1024 pairs), entries sorted by
+ * time, the GPU's idle time (a spin between two ops, which is not an op) in the span but in no entry, a
+ * restart clearing the totals, nothing recorded once stopped. */
+static const pea_cuda_profile_entry *find_op(const std::vector<pea_cuda_profile_entry> &e, int count, const char *op) {
+    for (int i = 0; i < count && i < (int)e.size(); i++)
+        if (strcmp(e[i].op, op) == 0) return &e[i];
+    return nullptr;
+}
+static void test_profile() {
+    g_phase = "profile";
+    const size_t n = 4096;
+    Dev dx = up(rvec(n), CK_F32), dy(n * 4);
+    std::vector<pea_cuda_profile_entry> e(8);
+    int count = -1;
+    double span = -1.0;
+    expect_error("profile_stop before a start", L.pea_cuda_profile_stop(g_ctx, e.data(), 8, &count, &span),
+                 PEA_CUDA_ERROR_INVALID, "profile_stop");
+    const double spin_us = 2000.0;
+    OK(L.pea_cuda_profile_start(g_ctx));
+    for (int i = 0; i < 3; i++) OK(L.pea_cuda_activation(g_ctx, CK_F32, PEA_ACT_SILU, dx.p, dy.p, (int64_t)n));
+    OK(L.pea_cuda_spin(g_ctx, spin_us));
+    for (int i = 0; i < 2; i++) OK(L.pea_cuda_zero(g_ctx, dy.p, n * 4));
+    expect_error("profile_stop with a NULL count", L.pea_cuda_profile_stop(g_ctx, e.data(), 8, nullptr, &span),
+                 PEA_CUDA_ERROR_INVALID, "profile_stop");
+    OK(L.pea_cuda_profile_start(g_ctx)); /* the failed stop left it running; a restart clears the totals */
+    for (int i = 0; i < 3; i++) OK(L.pea_cuda_activation(g_ctx, CK_F32, PEA_ACT_SILU, dx.p, dy.p, (int64_t)n));
+    OK(L.pea_cuda_spin(g_ctx, spin_us));
+    for (int i = 0; i < 2; i++) OK(L.pea_cuda_zero(g_ctx, dy.p, n * 4));
+    OK(L.pea_cuda_profile_stop(g_ctx, e.data(), 8, &count, &span));
+    CHECK(count == 2, "%d ops profiled, not 2 (activation, zero)", count);
+    const pea_cuda_profile_entry *act = find_op(e, count, "activation"), *zero = find_op(e, count, "zero");
+    CHECK(act && act->calls == 3, "activation: %llu calls, not 3", act ? (unsigned long long)act->calls : 0ull);
+    CHECK(zero && zero->calls == 2, "zero: %llu calls, not 2", zero ? (unsigned long long)zero->calls : 0ull);
+    CHECK(count < 2 || e[0].ms >= e[1].ms, "entries not sorted by time: %g, %g ms", e[0].ms, e[1].ms);
+    const double sum = (act ? act->ms : 0) + (zero ? zero->ms : 0);
+    CHECK(sum >= 0.0 && sum <= span * 1.001 + 1e-4, "the ops' %g ms exceed the span %g ms", sum, span);
+    if (g_emu)
+        CHECK(span > sum, "the span (%g ms) does not hold the spin between the ops (ops: %g ms)", span, sum);
+    else
+        CHECK(span >= 0.9 * spin_us * 1e-3 && sum < span - 0.5 * spin_us * 1e-3,
+              "span %g ms, ops %g ms around a %g µs spin that is not an op", span, sum, spin_us);
+    say("  ok   profile: activation 3 calls %g ms, zero 2 calls %g ms, span %g ms", act ? act->ms : -1,
+        zero ? zero->ms : -1, span);
+
+    /* more calls than the ring's pairs, and fewer entries asked for than ops seen */
+    OK(L.pea_cuda_profile_start(g_ctx));
+    OK(L.pea_cuda_activation(g_ctx, CK_F32, PEA_ACT_SILU, dx.p, dy.p, (int64_t)n));
+    for (int i = 0; i < 2500; i++) OK(L.pea_cuda_zero(g_ctx, dy.p, 4));
+    std::vector<pea_cuda_profile_entry> one(1);
+    OK(L.pea_cuda_profile_stop(g_ctx, one.data(), 1, &count, &span));
+    CHECK(count == 2, "%d ops profiled, not 2", count);
+    OK(L.pea_cuda_profile_start(g_ctx));
+    for (int i = 0; i < 2500; i++) OK(L.pea_cuda_zero(g_ctx, dy.p, 4));
+    OK(L.pea_cuda_profile_stop(g_ctx, e.data(), 8, &count, &span));
+    CHECK(count == 1 && e[0].calls == 2500, "zero past the ring: %d ops, %llu calls (2500 made)", count,
+          (unsigned long long)e[0].calls);
+
+    /* stopped: nothing is recorded */
+    OK(L.pea_cuda_zero(g_ctx, dy.p, 4));
+    OK(L.pea_cuda_profile_start(g_ctx));
+    OK(L.pea_cuda_profile_stop(g_ctx, e.data(), 8, &count, &span));
+    CHECK(count == 0 && span == 0.0, "an empty profile: %d ops, span %g ms", count, span);
 }
 
 static void test_memory() {
@@ -1568,6 +1633,7 @@ int main(int argc, char **argv) {
         {"gemm", test_gemm},
         {"linear", test_linear},
         {"linear plans", test_linear_plans},
+        {"profile", test_profile},
         {"conv2d", test_conv2d},
         {"conv2d chunked", [] { test_conv2d_chunked(nullptr); }},
         {"conv2d 64-bit indices", test_conv2d_index64},

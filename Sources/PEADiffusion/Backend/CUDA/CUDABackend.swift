@@ -65,6 +65,26 @@ public struct CUDAMemoryStats: Equatable, Sendable {
     public var deviceAllocations: UInt64
 }
 
+/// Where a piece of work spent its GPU time, per op (`CUDABackend.profiled`).
+public struct CUDAProfile {
+    public struct Op {
+        /// The op's name in the CUDA library ("conv2d", "attention", "linear", …).
+        public let name: String
+        public let calls: Int
+        /// GPU milliseconds summed over the calls.
+        public let milliseconds: Double
+    }
+    /// Largest time first.
+    public let ops: [Op]
+    /// GPU time from the first op call's start to the last one's end: the ops' time plus the time the GPU
+    /// waited for the host to queue more work.
+    public let spanMilliseconds: Double
+
+    public var opMilliseconds: Double { ops.reduce(0) { $0 + $1.milliseconds } }
+    /// The part of the span in which the GPU ran no op (waiting for the host).
+    public var idleMilliseconds: Double { max(0, spanMilliseconds - opMilliseconds) }
+}
+
 /// Why the CUDA backend cannot be used (`CUDABackend.availability`).
 public struct CUDAUnavailable: Error, CustomStringConvertible, Sendable {
     public enum Reason: Sendable { case noLibrary, unusableLibrary, incompleteLibrary, noDevice }
@@ -223,6 +243,32 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
         var ms: Float = 0
         try check(elapsed(context.handle, 0, 1, &ms), "deviceTimed")
         return Double(ms) / Double(max(launches, 1))
+    }
+
+    // MARK: per-op profile
+
+    /// `body`'s work on the GPU, per op: each op call is bracketed by two events on the stream, and the GPU
+    /// time between them is summed per op name (pea_cuda_profile_*). `body` runs once, as usual, apart from
+    /// a wait for the GPU every 1024 calls (the event ring); the per-op times are the GPU's own.
+    public func profiled<T>(_ body: () throws -> T) throws -> (result: T, profile: CUDAProfile) {
+        let start = try function(library.profileStart, "pea_cuda_profile_start", "profile")
+        let stop = try function(library.profileStop, "pea_cuda_profile_stop", "profile")
+        try check(start(context.handle), "profile")
+        let result: T
+        var entries = [pea_cuda_profile_entry](repeating: pea_cuda_profile_entry(), count: 64)
+        var count: Int32 = 0
+        var span = 0.0
+        do {
+            result = try body()
+        } catch {
+            _ = stop(context.handle, &entries, Int32(entries.count), &count, &span)  // stop it; body's error wins
+            throw error
+        }
+        try check(stop(context.handle, &entries, Int32(entries.count), &count, &span), "profile")
+        let ops = entries.prefix(min(Int(count), entries.count)).map {
+            CUDAProfile.Op(name: $0.op.map { String(cString: $0) } ?? "?", calls: Int($0.calls), milliseconds: $0.ms)
+        }
+        return (result, CUDAProfile(ops: ops, spanMilliseconds: span))
     }
 
     // MARK: capability

@@ -93,6 +93,9 @@ public final class CUDALibrary {
     typealias TimerRecordFn = @convention(c) (Context?, Int32) -> Int32
     typealias TimerElapsedFn = @convention(c) (Context?, Int32, Int32, UnsafeMutablePointer<Float>?) -> Int32
     typealias SpinFn = @convention(c) (Context?, Double) -> Int32
+    typealias ProfileStartFn = @convention(c) (Context?) -> Int32
+    typealias ProfileStopFn = @convention(c) (Context?, UnsafeMutablePointer<pea_cuda_profile_entry>?, Int32,
+                                              UnsafeMutablePointer<Int32>?, UnsafeMutablePointer<Double>?) -> Int32
 
     // MARK: required functions (the library is refused without them)
 
@@ -140,6 +143,8 @@ public final class CUDALibrary {
     let timerRecord: TimerRecordFn?
     let timerElapsed: TimerElapsedFn?
     let spin: SpinFn?
+    let profileStart: ProfileStartFn?
+    let profileStop: ProfileStopFn?
 
     /// Every function of pea_cuda.h, required ones first.
     public static let requiredSymbols = [
@@ -155,6 +160,7 @@ public final class CUDALibrary {
         "pea_cuda_conv2d_backward_data", "pea_cuda_group_norm_backward", "pea_cuda_layer_norm_backward",
         "pea_cuda_softmax_backward", "pea_cuda_activation_backward", "pea_cuda_geglu_backward",
         "pea_cuda_upsample_nearest2x_backward", "pea_cuda_timer_record", "pea_cuda_timer_elapsed", "pea_cuda_spin",
+        "pea_cuda_profile_start", "pea_cuda_profile_stop",
     ]
 
     /// Loads the library at `path`, or the first one `locate()` finds. Throws `PEAError.backend` saying where
@@ -238,6 +244,8 @@ public final class CUDALibrary {
         timerRecord = optional("pea_cuda_timer_record", TimerRecordFn.self)
         timerElapsed = optional("pea_cuda_timer_elapsed", TimerElapsedFn.self)
         spin = optional("pea_cuda_spin", SpinFn.self)
+        profileStart = optional("pea_cuda_profile_start", ProfileStartFn.self)
+        profileStop = optional("pea_cuda_profile_stop", ProfileStopFn.self)
         missingSymbols = missing
     }
 
