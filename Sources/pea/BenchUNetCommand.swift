@@ -17,7 +17,7 @@ the keys config, latent_h, latent_w, batch, threads, precision, best_ms, median_
 (and peak_device_mb on the CUDA backend). Weights and inputs are stored in the --precision dtype.
 --profile (CUDA backend) runs one more evaluation with each op call bracketed by GPU events and prints the
 GPU time per op (calls, total, share, mean) and the GPU's idle time waiting for the host; with --json, the
-keys profile (a list of {op, calls, ms}) and profile_span_ms.
+keys profile (a list of {op, calls, ms}), profile_span_ms and profile_device_allocations.
 """
 
 func runBenchUNet(_ arguments: [String]) throws {

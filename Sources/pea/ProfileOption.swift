@@ -29,12 +29,15 @@ func profileTable(_ profile: CUDAProfile, of run: String) -> String {
     let calls = profile.ops.reduce(0) { $0 + $1.calls }
     lines.append("  " + pad("all ops", 30, left: true) + pad("\(calls)", 8) + pad(printfFormatted("%.3f", total), 11))
     lines.append("  GPU span \(printfFormatted("%.3f", profile.spanMilliseconds)) ms from the first op's start to the "
-        + "last op's end, \(printfFormatted("%.3f", profile.idleMilliseconds)) ms of it idle (waiting for the host)")
+        + "last op's end, \(printfFormatted("%.3f", profile.idleMilliseconds)) ms of it idle (waiting for the host); "
+        + "\(profile.deviceAllocations) cudaMalloc calls")
     return lines.joined(separator: "\n")
 }
 
-/// The profile as JSON fields: "profile": [{"op", "calls", "ms"}, …], "profile_span_ms".
+/// The profile as JSON fields: "profile": [{"op", "calls", "ms"}, …], "profile_span_ms",
+/// "profile_device_allocations".
 func profileJSONFields(_ profile: CUDAProfile) -> [String] {
     let ops = profile.ops.map { "{\"op\": \"\($0.name)\", \"calls\": \($0.calls), \"ms\": \($0.milliseconds)}" }
-    return ["\"profile\": [" + ops.joined(separator: ", ") + "]", "\"profile_span_ms\": \(profile.spanMilliseconds)"]
+    return ["\"profile\": [" + ops.joined(separator: ", ") + "]", "\"profile_span_ms\": \(profile.spanMilliseconds)",
+            "\"profile_device_allocations\": \(profile.deviceAllocations)"]
 }

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import CKernels
 
 // The adapter's optimiser and learning-rate schedule, as the official scripts configure them (utils/model_utils.py):
 // AdamW (β 0.9/0.999, ε 1e-8, weight decay 0.1 except the layer norm's parameters) and transformers'
@@ -62,19 +63,25 @@ public struct AdamW {
         let decayFactor = Float(1 - lr * Double(weightDecay))
         for name in parameters.keys.sorted() {
             let g = gradients[name]!
-            var m = firstMoments[name] ?? [Float](repeating: 0, count: g.count)
-            var v = secondMoments[name] ?? [Float](repeating: 0, count: g.count)
+            // Taken out of their dictionaries while updated, so the writes below touch the only copy (no
+            // copy-on-write of the whole array each step).
+            var p = parameters.removeValue(forKey: name)!
+            var m = firstMoments.removeValue(forKey: name) ?? [Float](repeating: 0, count: g.count)
+            var v = secondMoments.removeValue(forKey: name) ?? [Float](repeating: 0, count: g.count)
             let decay = decays(name) && weightDecay != 0 ? decayFactor : 1
-            parameters[name]!.withUnsafeMutableBufferPointer { p in
-                for i in 0..<g.count {
-                    p[i] *= decay
-                    // torch's lerp: start + w·(end − start) for w < 0.5, else end − (1 − w)·(end − start), fused.
-                    m[i] = weight1 < 0.5 ? m[i].addingProduct(weight1, g[i] - m[i])
-                                         : g[i].addingProduct(weight1 - 1, g[i] - m[i])
-                    v[i] = (v[i] * keep2).addingProduct(weight2 * g[i], g[i])
-                    p[i] += stepSize * m[i] / (v[i].squareRoot() / correction2Root + eps)
+            p.withUnsafeMutableBufferPointer { p in
+                m.withUnsafeMutableBufferPointer { m in
+                    v.withUnsafeMutableBufferPointer { v in
+                        g.withUnsafeBufferPointer { g in
+                            var step = AdamWStep(p: p.baseAddress!, m: m.baseAddress!, v: v.baseAddress!, g: g.baseAddress!,
+                                                 decay: decay, weight1: weight1, keep2: keep2, weight2: weight2,
+                                                 stepSize: stepSize, correction2Root: correction2Root, eps: eps)
+                            withUnsafeMutablePointer(to: &step) { ck_parallel_for(Int64(g.count), 1 << 15, adamWRange, $0) }
+                        }
+                    }
                 }
             }
+            parameters[name] = p
             firstMoments[name] = m
             secondMoments[name] = v
         }
@@ -87,6 +94,28 @@ public struct AdamW {
         self.step = step
         firstMoments = first
         secondMoments = second
+    }
+}
+
+/// One parameter tensor's AdamW update, split over the CKernels thread pool (each element is independent).
+private struct AdamWStep {
+    let p, m, v: UnsafeMutablePointer<Float>
+    let g: UnsafePointer<Float>
+    let decay, weight1, keep2, weight2, stepSize, correction2Root, eps: Float
+}
+
+/// Elements [begin, end) of an `AdamWStep`, with torch's operations in torch's order (see `AdamW`).
+private let adamWRange: ck_range_fn = { context, begin, end in
+    let s = context!.assumingMemoryBound(to: AdamWStep.self).pointee
+    for i in Int(begin)..<Int(end) {
+        let g = s.g[i]
+        s.p[i] *= s.decay
+        // torch's lerp: start + w·(end − start) for w < 0.5, else end − (1 − w)·(end − start), fused.
+        let m = s.weight1 < 0.5 ? s.m[i].addingProduct(s.weight1, g - s.m[i]) : g.addingProduct(s.weight1 - 1, g - s.m[i])
+        let v = (s.v[i] * s.keep2).addingProduct(s.weight2 * g, g)
+        s.m[i] = m
+        s.v[i] = v
+        s.p[i] += s.stepSize * m / (v.squareRoot() / s.correction2Root + s.eps)
     }
 }
 

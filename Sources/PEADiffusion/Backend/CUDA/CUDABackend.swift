@@ -79,6 +79,8 @@ public struct CUDAProfile {
     /// GPU time from the first op call's start to the last one's end: the ops' time plus the time the GPU
     /// waited for the host to queue more work.
     public let spanMilliseconds: Double
+    /// cudaMalloc calls the caching allocator made during the run (0 in a steady state).
+    public let deviceAllocations: Int
 
     public var opMilliseconds: Double { ops.reduce(0) { $0 + $1.milliseconds } }
     /// The part of the span in which the GPU ran no op (waiting for the host).
@@ -253,6 +255,7 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
     public func profiled<T>(_ body: () throws -> T) throws -> (result: T, profile: CUDAProfile) {
         let start = try function(library.profileStart, "pea_cuda_profile_start", "profile")
         let stop = try function(library.profileStop, "pea_cuda_profile_stop", "profile")
+        let allocationsBefore = try memoryStats().deviceAllocations
         try check(start(context.handle), "profile")
         let result: T
         var entries = [pea_cuda_profile_entry](repeating: pea_cuda_profile_entry(), count: 64)
@@ -268,7 +271,8 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
         let ops = entries.prefix(min(Int(count), entries.count)).map {
             CUDAProfile.Op(name: $0.op.map { String(cString: $0) } ?? "?", calls: Int($0.calls), milliseconds: $0.ms)
         }
-        return (result, CUDAProfile(ops: ops, spanMilliseconds: span))
+        let allocations = Int(try memoryStats().deviceAllocations - allocationsBefore)
+        return (result, CUDAProfile(ops: ops, spanMilliseconds: span, deviceAllocations: allocations))
     }
 
     // MARK: capability
