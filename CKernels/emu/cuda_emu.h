@@ -283,6 +283,11 @@ enum { PEA_EMU_FORWARD = 0, PEA_EMU_REVERSE = 1, PEA_EMU_RANDOM = 2 };
 void pea_emu_set_schedule(int order, unsigned long long seed); /* the order fibers of a block run in */
 void pea_emu_set_quiet(int quiet);        /* 1: do not print kernel/API errors to stderr */
 const char *pea_emu_last_message(void);   /* the message of the last error on this host thread, or "" */
+/* PEA_EMU_SKIP_KERNELS=1 (or pea_emu_set_skip_kernels(1)): kernel launches and cuBLAS GEMMs are checked but not
+ * run (their outputs keep whatever they held), so a program's own host cost — what it spends per op to queue
+ * work — can be timed without a GPU. Copies and memsets still run. */
+void pea_emu_set_skip_kernels(int skip);
+int pea_emu_skipping_kernels(void);
 
 } /* extern "C" */
 

@@ -83,6 +83,7 @@ static std::atomic<int> g_threads{0};          /* CPU threads for blocks (caller
 static std::atomic<int> g_schedule{PEA_EMU_FORWARD};
 static std::atomic<unsigned long long> g_seed{0x9e3779b97f4a7c15ull};
 static size_t g_stack_bytes = 256 * 1024;
+static std::atomic<int> g_skip_kernels{0}; /* PEA_EMU_SKIP_KERNELS=1: launches checked, not run (host-cost timing) */
 static std::once_flag g_env_once;
 
 static void read_env() {
@@ -94,6 +95,7 @@ static void read_env() {
             else if (!strcmp(s, "random")) g_schedule = PEA_EMU_RANDOM;
         }
         if (const char *s = getenv("PEA_EMU_SEED")) g_seed = strtoull(s, nullptr, 0);
+        if (const char *s = getenv("PEA_EMU_SKIP_KERNELS")) g_skip_kernels = atoi(s) != 0;
         if (const char *s = getenv("PEA_EMU_STACK_KB")) {
             long kb = atol(s);
             if (kb >= 16) g_stack_bytes = (size_t)kb * 1024;
@@ -1017,6 +1019,7 @@ void launch(const Launch &L) {
             return;
         }
     }
+    if (g_skip_kernels) return;
     Job job;
     job.L = &L;
     job.nblocks = (unsigned long long)g.x * g.y * g.z;
@@ -1088,6 +1091,16 @@ void pea_emu_set_schedule(int order, unsigned long long seed) {
     pea_emu::read_env();
     pea_emu::g_schedule = order;
     pea_emu::g_seed = seed ? seed : 0x9e3779b97f4a7c15ull;
+}
+
+void pea_emu_set_skip_kernels(int skip) {
+    pea_emu::read_env();
+    pea_emu::g_skip_kernels = skip != 0;
+}
+
+int pea_emu_skipping_kernels(void) {
+    pea_emu::read_env();
+    return pea_emu::g_skip_kernels.load();
 }
 
 } // extern "C"

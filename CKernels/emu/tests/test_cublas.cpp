@@ -515,6 +515,23 @@ static void test_lt_heuristic() {
     CHECK(cublasLtDestroy(lt) == CUBLAS_STATUS_SUCCESS, "cublasLtDestroy");
 }
 
+/* With kernels skipped (pea_emu_set_skip_kernels), a GEMM is checked but leaves C as it was. */
+static void test_skip(cublasHandle_t h) {
+    std::vector<float> A = matrix(3, 2, 3, 91), B = matrix(2, 4, 2, 92), C(12, 7.0f);
+    float *dA = to_device(A), *dB = to_device(B), *dC = to_device(C);
+    const float one = 1.0f, zero = 0.0f;
+    pea_emu_set_skip_kernels(1);
+    CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 3, 4, 2, &one, dA, 3, dB, 2, &zero, dC, 3) == 0, "skipped sgemm");
+    CHECK(to_host(dC, 12) == C, "a skipped GEMM wrote C");
+    CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 3, 4, 2, &one, dA, 2, dB, 2, &zero, dC, 3) ==
+              CUBLAS_STATUS_INVALID_VALUE,
+          "a skipped GEMM is still checked (lda < m)");
+    pea_emu_set_skip_kernels(0);
+    CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 3, 4, 2, &one, dA, 3, dB, 2, &zero, dC, 3) == 0, "sgemm");
+    CHECK(to_host(dC, 12) != C, "the GEMM runs again once skipping is off");
+    for (float *p : {dA, dB, dC}) cudaFree(p);
+}
+
 int main() {
     check_start("emu cublas", 300);
     pea_emu_set_quiet(1);
@@ -532,6 +549,7 @@ int main() {
     test_row_major_recipes(h);
     test_lt();
     test_lt_heuristic();
+    test_skip(h);
     CUDA_OK(cudaStreamSynchronize(s));
     CHECK(cublasDestroy(h) == CUBLAS_STATUS_SUCCESS, "cublasDestroy");
     CUDA_OK(cudaStreamDestroy(s));

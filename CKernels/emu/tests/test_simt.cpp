@@ -8,6 +8,8 @@
  */
 #include "check.h"
 
+#include <algorithm>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <sys/wait.h>
@@ -276,6 +278,27 @@ static void test_indices() {
                         }
     CHECK(bad == 0, "threadIdx/blockIdx/blockDim/gridDim: %d of %d threads wrong", bad, nb * nt);
     say("ok   built-in indices for grid (3,2,2) × block (4,3,2)");
+    cudaFree(d);
+}
+
+/* pea_emu_set_skip_kernels(1) (PEA_EMU_SKIP_KERNELS=1): launches are checked, not run; 0 runs them again. */
+static void test_skip_kernels() {
+    unsigned *d = device_alloc<unsigned>(24);
+    CUDA_OK(cudaMemset(d, 0, 24 * sizeof(unsigned)));
+    pea_emu_set_skip_kernels(1);
+    CHECK(pea_emu_skipping_kernels() == 1, "skipping reported");
+    PEA_LAUNCH(indices_kernel, dim3(1), dim3(4, 3, 2), 0, 0, d);
+    CUDA_OK(cudaGetLastError());
+    std::vector<unsigned> h = to_host(d, 24);
+    CHECK(std::count(h.begin(), h.end(), 0u) == 24, "a skipped kernel wrote to its output");
+    PEA_LAUNCH(indices_kernel, dim3(0), dim3(4), 0, 0, d);
+    CHECK(cudaGetLastError() == cudaErrorInvalidConfiguration, "a skipped launch is still checked (empty grid)");
+    pea_emu_set_skip_kernels(0);
+    PEA_LAUNCH(indices_kernel, dim3(1), dim3(4, 3, 2), 0, 0, d);
+    CUDA_OK(cudaGetLastError());
+    h = to_host(d, 24);
+    CHECK(h[1] == 1u << 24, "the kernel runs again once skipping is off (thread 1 wrote %#x)", h[1]);
+    say("ok   skipped kernels: checked, not run");
     cudaFree(d);
 }
 
@@ -792,6 +815,7 @@ int main() {
     test_cp_async();
     test_limits();
     test_runtime();
+    test_skip_kernels();
     test_crashes();
     return check_summary("emu simt");
 }
