@@ -212,6 +212,17 @@ void ck_geglu_backward_f32(const float *dy, const float *x, float *dx, int64_t R
 void ck_upsample_nearest2x_backward_f32(const float *dy, float *dx, int64_t P, int64_t H, int64_t W);
 
 /* ---------------------------------------------------------------------------------------------------- */
+/* torch.optim.AdamW's update of one f32 tensor of n values, in place (Training/AdamW.swift forms the scalars):
+ *   p ← p · decay;  m ← lerp(m, g, weight1);  v ← fma(weight2·g, g, v·keep2);
+ *   p ← p + (step_size·m) / (√v / correction2_root + eps)
+ * where lerp(a, b, w) = fma(w, b − a, a) for w < 0.5, else fma(w − 1, b − a, b) (torch's, fused). Only those
+ * two fmas are fused; every other operation is rounded on its own, as torch's CPU kernels do. */
+typedef struct {
+    float decay, weight1, keep2, weight2, step_size, correction2_root, eps;
+} ck_adamw_hyper;
+void ck_adamw_f32(float *p, float *m, float *v, const float *g, int64_t n, const ck_adamw_hyper *h);
+
+/* ---------------------------------------------------------------------------------------------------- */
 /* Storage conversions. f16 is IEEE binary16, bf16 the top half of binary32; f32 → f16/bf16 rounds to
  * nearest even (as torch's .half() / .bfloat16()); NaN stays NaN. Integer → f32 converts the value. */
 enum { CK_F32 = 0, CK_F16 = 1, CK_BF16 = 2, CK_I32 = 3, CK_I64 = 4 };

@@ -20,7 +20,9 @@ import CKernels
 ///   v ← fma(f32(1 − β2)·g, g, v · f32(β2))                 (exp_avg_sq.mul_(β2).addcmul_(grad, grad, value=1 − β2))
 ///   p ← p + (f32(−lr / (1 − β1ᵗ)) · m) / (√v / f32(√(1 − β2ᵗ)) + f32(ε))
 /// with the bias corrections in f64. Forming 1 − β2 in f32 instead (1 − 0.999f = 0.00099998713) would put every
-/// second moment 1.3e-5 away from torch's.
+/// second moment 1.3e-5 away from torch's. What still differs now and then by an ulp is √v: this one is
+/// correctly rounded, torch's CPU sqrt is not always (in the optimizer fixture, v = 4.1374077e-09 gives torch
+/// 6.4322689e-05, 0.55 ulp from the exact root, against the correctly rounded 6.4322681e-05 here).
 public struct AdamW {
     public var beta1: Double = 0.9
     public var beta2: Double = 0.999
@@ -46,14 +48,15 @@ public struct AdamW {
     }
 
     /// Updates `parameters` in place from `gradients` (same names, same counts) at learning rate `lr`.
-    public mutating func update(_ parameters: inout [String: [Float]], gradients: [String: [Float]], lr: Float) throws {
+    /// `lr` is f64, as torch's param_groups hold it: rounding it to f32 first would move `−lr / (1 − β1ᵗ)` and
+    /// `1 − lr·wd` by an ulp now and then.
+    public mutating func update(_ parameters: inout [String: [Float]], gradients: [String: [Float]], lr: Double) throws {
         for name in parameters.keys {
             guard let g = gradients[name], g.count == parameters[name]!.count else {
                 throw PEAError.shapeMismatch("AdamW: no gradient of the right size for '\(name)'")
             }
         }
         step += 1
-        let lr = Double(lr)
         let t = Double(step)
         let correction1 = 1 - pow(beta1, t)
         let correction2 = 1 - pow(beta2, t)
@@ -73,10 +76,9 @@ public struct AdamW {
                 m.withUnsafeMutableBufferPointer { m in
                     v.withUnsafeMutableBufferPointer { v in
                         g.withUnsafeBufferPointer { g in
-                            var step = AdamWStep(p: p.baseAddress!, m: m.baseAddress!, v: v.baseAddress!, g: g.baseAddress!,
-                                                 decay: decay, weight1: weight1, keep2: keep2, weight2: weight2,
-                                                 stepSize: stepSize, correction2Root: correction2Root, eps: eps)
-                            withUnsafeMutablePointer(to: &step) { ck_parallel_for(Int64(g.count), 1 << 15, adamWRange, $0) }
+                            var hyper = ck_adamw_hyper(decay: decay, weight1: weight1, keep2: keep2, weight2: weight2,
+                                                       step_size: stepSize, correction2_root: correction2Root, eps: eps)
+                            ck_adamw_f32(p.baseAddress!, m.baseAddress!, v.baseAddress!, g.baseAddress!, Int64(g.count), &hyper)
                         }
                     }
                 }
@@ -94,28 +96,6 @@ public struct AdamW {
         self.step = step
         firstMoments = first
         secondMoments = second
-    }
-}
-
-/// One parameter tensor's AdamW update, split over the CKernels thread pool (each element is independent).
-private struct AdamWStep {
-    let p, m, v: UnsafeMutablePointer<Float>
-    let g: UnsafePointer<Float>
-    let decay, weight1, keep2, weight2, stepSize, correction2Root, eps: Float
-}
-
-/// Elements [begin, end) of an `AdamWStep`, with torch's operations in torch's order (see `AdamW`).
-private let adamWRange: ck_range_fn = { context, begin, end in
-    let s = context!.assumingMemoryBound(to: AdamWStep.self).pointee
-    for i in Int(begin)..<Int(end) {
-        let g = s.g[i]
-        s.p[i] *= s.decay
-        // torch's lerp: start + w·(end − start) for w < 0.5, else end − (1 − w)·(end − start), fused.
-        let m = s.weight1 < 0.5 ? s.m[i].addingProduct(s.weight1, g - s.m[i]) : g.addingProduct(s.weight1 - 1, g - s.m[i])
-        let v = (s.v[i] * s.keep2).addingProduct(s.weight2 * g, g)
-        s.m[i] = m
-        s.v[i] = v
-        s.p[i] += s.stepSize * m / (v.squareRoot() / s.correction2Root + s.eps)
     }
 }
 
@@ -159,8 +139,8 @@ public struct PolynomialDecaySchedule: Sendable {
         self.power = power
     }
 
-    /// transformers' lr_lambda times the base lr, in f64 as Python computes them, rounded to f32 once.
-    public func learningRate(afterSteps step: Int) -> Float {
+    /// transformers' lr_lambda times the base lr, in f64 as Python computes them (AdamW takes it in f64).
+    public func learningRate(afterSteps step: Int) -> Double {
         let initial = peak, final = end
         let factor: Double
         if step < warmupSteps {
@@ -171,6 +151,6 @@ public struct PolynomialDecaySchedule: Sendable {
             let remaining = 1 - Double(step - warmupSteps) / Double(totalSteps - warmupSteps)
             factor = ((initial - final) * pow(remaining, power) + final) / initial
         }
-        return Float(initial * factor)
+        return initial * factor
     }
 }

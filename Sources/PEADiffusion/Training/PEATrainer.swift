@@ -99,7 +99,7 @@ public final class AdapterOptimization {
     /// Downloads the gradients, clips their global norm to `maxNorm` (when given), takes one AdamW step at `lr`
     /// and uploads the new weights. Non-finite gradients change nothing and return nil; else the norm before
     /// clipping.
-    public func apply(_ gradients: [String: Tensor], lr: Float, maxNorm: Float?) throws -> Float? {
+    public func apply(_ gradients: [String: Tensor], lr: Double, maxNorm: Float?) throws -> Float? {
         var host: [String: [Float]] = [:]
         for (name, gradient) in gradients { host[name] = try backend.downloadFloats(gradient) }
         guard host.values.allSatisfy({ $0.allSatisfy(\.isFinite) }) else { return nil }
@@ -187,7 +187,7 @@ public final class PEATrainer {
             throw PEAError.backend("pea train: step \(step + 1): the gradients are not finite (loss \(losses.total)); lower --lr or check the data")
         }
         step += 1
-        return TrainingStepReport(step: step, losses: losses, learningRate: lr, gradientNorm: norm ?? .nan,
+        return TrainingStepReport(step: step, losses: losses, learningRate: Float(lr), gradientNorm: norm ?? .nan,
                                   seconds: monotonicSeconds() - start, skipped: dataset.skipped, overflowSkipped: !finite)
     }
 
