@@ -153,8 +153,9 @@ void pea_lt_plans_destroy(pea_cuda_context *ctx) {
 /* Fills plan (its key already set): descriptors, layouts, and the heuristic's first algo under the workspace
  * and alignment preferences. A problem with no algo is a plan too (supported = 0), so it is asked once. */
 static cublasStatus_t lt_plan_build(pea_cuda_context *ctx, pea_lt_plan *plan) {
-    const cudaDataType_t t = cuda_type(plan->dtype);
-    const cublasComputeType_t compute = plan->tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    const pea_lt_key &k = plan->key;
+    const cudaDataType_t t = cuda_type(k.dtype);
+    const cublasComputeType_t compute = k.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
     const int32_t transpose = CUBLAS_OP_T;
     const uint32_t epilogue = CUBLASLT_EPILOGUE_BIAS;
     const uint64_t workspace = PEA_LT_WORKSPACE_BYTES;
@@ -165,9 +166,9 @@ static cublasStatus_t lt_plan_build(pea_cuda_context *ctx, pea_lt_plan *plan) {
     if (!s)
         s = cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &no_bias_yet,
                                            sizeof no_bias_yet);
-    if (!s) s = cublasLtMatrixLayoutCreate(&plan->la, t, (uint64_t)plan->in, (uint64_t)plan->out, plan->in);
-    if (!s) s = cublasLtMatrixLayoutCreate(&plan->lb, t, (uint64_t)plan->in, (uint64_t)plan->rows, plan->in);
-    if (!s) s = cublasLtMatrixLayoutCreate(&plan->ld, t, (uint64_t)plan->out, (uint64_t)plan->rows, plan->out);
+    if (!s) s = cublasLtMatrixLayoutCreate(&plan->la, t, (uint64_t)k.in, (uint64_t)k.out, k.in);
+    if (!s) s = cublasLtMatrixLayoutCreate(&plan->lb, t, (uint64_t)k.in, (uint64_t)k.rows, k.in);
+    if (!s) s = cublasLtMatrixLayoutCreate(&plan->ld, t, (uint64_t)k.out, (uint64_t)k.rows, k.out);
     cublasLtMatmulPreference_t pref = NULL;
     if (!s) s = cublasLtMatmulPreferenceCreate(&pref);
     if (!s) s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
@@ -176,10 +177,10 @@ static cublasStatus_t lt_plan_build(pea_cuda_context *ctx, pea_lt_plan *plan) {
     const struct {
         cublasLtMatmulPreferenceAttributes_t attr;
         uint32_t bytes;
-    } alignments[] = {{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, plan->align_w},
-                      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, plan->align_x},
-                      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, plan->align_y},
-                      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, plan->align_y}};
+    } alignments[] = {{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, k.align_w},
+                      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, k.align_x},
+                      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, k.align_y},
+                      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, k.align_y}};
     for (const auto &a : alignments)
         if (!s) s = cublasLtMatmulPreferenceSetAttribute(pref, a.attr, &a.bytes, sizeof a.bytes);
     cublasLtMatmulHeuristicResult_t result;
@@ -199,27 +200,16 @@ static cublasStatus_t lt_plan_build(pea_cuda_context *ctx, pea_lt_plan *plan) {
 }
 
 /* The plan for this problem: found in the cache, or built in the next slot (the oldest plan released). */
-static int lt_plan_for(pea_cuda_context *ctx, const char *op, int dtype, const void *x, const void *weight, void *y,
-                       int64_t rows, int64_t in, int64_t out, pea_lt_plan **found) {
-    const int tf32 = dtype == CK_F32 && ctx->tf32;
-    const uint32_t ax = lt_alignment(x), aw = lt_alignment(weight), ay = lt_alignment(y);
+static int lt_plan_for(pea_cuda_context *ctx, const char *op, const pea_lt_key &key, pea_lt_plan **found) {
     for (pea_lt_plan &plan : ctx->lt_plans)
-        if (plan.used && plan.dtype == dtype && plan.tf32 == tf32 && plan.rows == rows && plan.in == in &&
-            plan.out == out && plan.align_x == ax && plan.align_w == aw && plan.align_y == ay) {
+        if (plan.used && plan.key == key) {
             *found = &plan;
             return PEA_CUDA_OK;
         }
     pea_lt_plan *plan = &ctx->lt_plans[ctx->lt_next];
     ctx->lt_next = (ctx->lt_next + 1) % PEA_LT_PLANS;
     lt_plan_release(plan);
-    plan->dtype = dtype;
-    plan->tf32 = tf32;
-    plan->rows = rows;
-    plan->in = in;
-    plan->out = out;
-    plan->align_x = ax;
-    plan->align_w = aw;
-    plan->align_y = ay;
+    plan->key = key;
     const cublasStatus_t s = lt_plan_build(ctx, plan);
     if (s != CUBLAS_STATUS_SUCCESS) {
         lt_plan_release(plan);
@@ -234,8 +224,10 @@ static int linear_bias_lt(pea_cuda_context *ctx, const char *op, int dtype, cons
                           const void *bias, void *y, int64_t rows, int64_t in, int64_t out, cublasStatus_t *status) {
     *status = CUBLAS_STATUS_NOT_SUPPORTED;
     if (!ctx->lt_workspace) PEA_TRY(pea_mem_alloc(ctx, op, PEA_LT_WORKSPACE_BYTES, &ctx->lt_workspace));
+    const pea_lt_key key = {dtype, dtype == CK_F32 && ctx->tf32, rows, in, out, lt_alignment(x), lt_alignment(weight),
+                            lt_alignment(y)};
     pea_lt_plan *plan = NULL;
-    PEA_TRY(lt_plan_for(ctx, op, dtype, x, weight, y, rows, in, out, &plan));
+    PEA_TRY(lt_plan_for(ctx, op, key, &plan));
     if (!plan->supported) return PEA_CUDA_OK;
     const float alpha = 1.0f, beta = 0.0f;
     cublasStatus_t s =

@@ -51,11 +51,18 @@ struct pea_profile; /* profile.cu */
 
 /* A linear layer's cublasLtMatmul, planned once per problem (gemm.cu): the descriptors and the algo the
  * heuristic picked for (dtype, TF32, rows, in, out) and the alignments of x, weight and y it was told. */
-struct pea_lt_plan {
-    int used;
+struct pea_lt_key {
     int dtype, tf32;
     int64_t rows, in, out;
     uint32_t align_x, align_w, align_y;
+    bool operator==(const pea_lt_key &o) const {
+        return dtype == o.dtype && tf32 == o.tf32 && rows == o.rows && in == o.in && out == o.out &&
+               align_x == o.align_x && align_w == o.align_w && align_y == o.align_y;
+    }
+};
+struct pea_lt_plan {
+    int used;
+    pea_lt_key key;
     int supported; /* 0: the heuristic found no algo (the caller falls back to bias prefill + GEMM) */
     cublasLtMatmulDesc_t desc;
     cublasLtMatrixLayout_t la, lb, ld;
