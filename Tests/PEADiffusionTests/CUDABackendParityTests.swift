@@ -604,8 +604,9 @@ final class CUDABackendParityTests: XCTestCase {
         }
     }
 
-    func modelInputs(_ name: String, on backend: any ComputeBackend) throws -> (inputs: [String: Tensor], expected: [String: HostTensor]) {
-        let file = try SafeTensorsFile(path: fixturesDirectory() + "/models/\(name)/io.safetensors")
+    func modelInputs(_ name: String, file ioFile: String = "io.safetensors", on backend: any ComputeBackend) throws
+        -> (inputs: [String: Tensor], expected: [String: HostTensor]) {
+        let file = try SafeTensorsFile(path: fixturesDirectory() + "/models/\(name)/" + ioFile)
         var inputs: [String: Tensor] = [:], expected: [String: HostTensor] = [:]
         for tensorName in file.names {
             if tensorName.hasPrefix("out.") { expected[String(tensorName.dropFirst(4))] = try file.tensor(tensorName) }
@@ -642,6 +643,17 @@ final class CUDABackendParityTests: XCTestCase {
         XCTAssertEqual(after.deviceAllocations, before.deviceAllocations, "steady-state evaluations called cudaMalloc")
         XCTAssertEqual(after.bytesInUse, before.bytesInUse, "device memory in use grew over repeated evaluations")
         XCTAssertGreaterThan(after.peakBytes, 0)
+    }
+
+    /// The SD2-style UNet on a 7×10 latent (not a multiple of its 4): the upsamplers cut to their skips' sizes.
+    func testUNetOnAnOddLatentMatchesDiffusers() throws {
+        let cuda = try cuda()
+        let (unet, _) = try UNet2DConditionModel.load(folder: fixturesDirectory() + "/models/unet_sd2", backend: cuda)
+        let (inputs, expected) = try modelInputs("unet_sd2", file: "io_odd_latent.safetensors", on: cuda)
+        let unetInputs = UNetInputs(sample: inputs["sample"]!, timestep: inputs["timestep"]!, encoderHiddenStates: inputs["encoder_hidden_states"]!)
+        let (sample, features) = try unet.evaluate(unetInputs, keepFeatures: true)
+        try assertMatches(sample, expected["sample"], "unet_sd2 7×10 sample (cuda)", on: cuda)
+        for (i, h) in features.up.enumerated() { try assertMatches(h, expected["up.\(i)"], "unet_sd2 7×10 up.\(i) (cuda)", on: cuda) }
     }
 
     func testVAEMatchesDiffusers() throws {

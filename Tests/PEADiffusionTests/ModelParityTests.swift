@@ -10,8 +10,8 @@ final class ModelParityTests: XCTestCase {
     func folder(_ name: String) -> String { fixturesDirectory() + "/models/" + name }
 
     /// Loads a case's inputs onto the backend and its expected outputs as host tensors.
-    func io(_ name: String) throws -> (inputs: [String: Tensor], expected: [String: HostTensor]) {
-        let file = try SafeTensorsFile(path: folder(name) + "/io.safetensors")
+    func io(_ name: String, file ioFile: String = "io.safetensors") throws -> (inputs: [String: Tensor], expected: [String: HostTensor]) {
+        let file = try SafeTensorsFile(path: folder(name) + "/" + ioFile)
         var inputs: [String: Tensor] = [:], expected: [String: HostTensor] = [:]
         for tensorName in file.names {
             if tensorName.hasPrefix("out.") {
@@ -29,10 +29,10 @@ final class ModelParityTests: XCTestCase {
         assertClose(try backend.downloadFloats(actual), expected.floats(), .f32, what, file: file, line: line)
     }
 
-    func checkUNet(_ name: String, expectBlocks: Int) throws {
+    func checkUNet(_ name: String, expectBlocks: Int, io ioFile: String = "io.safetensors") throws {
         let (unet, unused) = try UNet2DConditionModel.load(folder: folder(name), backend: backend)
         XCTAssertEqual(unused, [], "\(name): weights the model did not use")
-        let (inputs, expected) = try io(name)
+        let (inputs, expected) = try io(name, file: ioFile)
         let (sample, features) = try unet.evaluate(
             UNetInputs(sample: inputs["sample"]!, timestep: inputs["timestep"]!, encoderHiddenStates: inputs["encoder_hidden_states"]!,
                        textEmbeds: inputs["text_embeds"], timeIds: inputs["time_ids"]),
@@ -51,6 +51,12 @@ final class ModelParityTests: XCTestCase {
     func testSD1StyleUNet() throws { try checkUNet("unet_sd1", expectBlocks: 2) }
 
     func testSD2StyleUNet() throws { try checkUNet("unet_sd2", expectBlocks: 3) }
+
+    /// A 7×10 latent for a UNet that halves it twice: halved rounding up on the way down, each upsampler
+    /// brought to its skip's size on the way up (diffusers' forward_upsample_size).
+    func testUNetOnALatentThatIsNotAMultipleOfItsDownsampling() throws {
+        try checkUNet("unet_sd2", expectBlocks: 3, io: "io_odd_latent.safetensors")
+    }
 
     func testSDXLStyleUNet() throws { try checkUNet("unet_sdxl", expectBlocks: 3) }
 

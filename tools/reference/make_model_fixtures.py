@@ -6,7 +6,9 @@ Each case is a folder `<out>/<case>/` that loads like a user's model folder:
     own `save_pretrained(safe_serialization=True)`, float32;
   - `io.safetensors`: the inputs under the names of `pea eval` (DESIGN.md, "The command line") and the
     reference outputs under the same names prefixed `out.`; metadata `kind` ("unet" or "vae"), `case`, and
-    the `diffusers` and `torch` versions that computed them.
+    the `diffusers` and `torch` versions that computed them;
+  - `unet_sd2/io_odd_latent.safetensors`: the same for a 7×10 latent, not a multiple of the UNet's 4
+    (`make_odd_latent_io`; `--odd-latent-only` rewrites just this file).
 
 UNet cases: inputs `sample`, `timestep`, `encoder_hidden_states` (+ `text_embeds`, `time_ids` for SDXL);
 outputs `out.sample` and the features of `pea eval unet --features`: `out.down.{i}` (first element returned by
@@ -81,12 +83,12 @@ def save_reproducible(tensors, path, metadata):
         f.write(struct.pack("<Q", len(text)) + text + data[8 + n:])
 
 
-def write_io(folder, case, kind, inputs, outputs):
+def write_io(folder, case, kind, inputs, outputs, name="io.safetensors"):
     tensors = {k: v.contiguous() for k, v in inputs.items()}
     for k, v in outputs.items():
         tensors[f"out.{k}"] = (v.to(torch.float32) if v.dtype == REF else v).contiguous()
     metadata = {"kind": kind, "case": case, "diffusers": diffusers.__version__, "torch": torch.__version__.split("+")[0]}
-    path = os.path.join(folder, "io.safetensors")
+    path = os.path.join(folder, name)
     save_reproducible(tensors, path, metadata)
     back = load_file(path)
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
@@ -222,6 +224,28 @@ def make_sharded_copy(out, case, model, inputs, ref, summary):
     summary[case] = {"shards": shards}
 
 
+def make_odd_latent_io(out, summary):
+    """unet_sd2 (latents halved twice) on a 7×10 latent, a size that is not a multiple of 4: the down path
+    halves rounding up (7 → 4 → 2, 10 → 5 → 3) and diffusers' forward_upsample_size makes every upsampler
+    interpolate to the size of the skip it meets (2 → 4 → 7, 3 → 5 → 10). Written beside the model as
+    io_odd_latent.safetensors, in the layout of io.safetensors."""
+    folder = os.path.join(out, "unet_sd2")
+    spec = UNET_CASES["unet_sd2"]
+    generator = torch.Generator().manual_seed(spec["seed"] + 1)
+    b = 2
+    inputs = {
+        "sample": torch.randn(b, 4, 7, 10, generator=generator),
+        "timestep": spec["timestep"],
+        "encoder_hidden_states": torch.randn(b, spec["tokens"], spec["config"]["cross_attention_dim"], generator=generator),
+    }
+    model = UNet2DConditionModel.from_pretrained(folder).eval()
+    ref = unet_forward(model.to(REF), inputs, REF)
+    assert ref["sample"].shape == (b, 4, 7, 10), ref["sample"].shape
+    write_io(folder, "unet_sd2_odd_latent", "unet", inputs, ref, name="io_odd_latent.safetensors")
+    summary["unet_sd2 (odd latent)"] = {"out.sample rms": ref["sample"].pow(2).mean().sqrt().item(),
+                                        "up shapes": [list(ref[f"up.{i}"].shape) for i in range(3)]}
+
+
 # ----------------------------------------------------------------------------------------------------- VAE
 
 VAE_CONFIG = dict(
@@ -301,15 +325,22 @@ def make_vae(out, summary):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="Tests/Fixtures/models")
+    parser.add_argument("--odd-latent-only", action="store_true",
+                        help="only (re)write unet_sd2/io_odd_latent.safetensors from the saved unet_sd2 model")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     summary = {}
+    if args.odd_latent_only:
+        make_odd_latent_io(args.out, summary)
+        print(json.dumps(summary))
+        return
     sd1 = None
     for case, spec in UNET_CASES.items():
         made = make_unet(args.out, case, spec, summary)
         if case == "unet_sd1":
             sd1 = made
     make_sharded_copy(args.out, "unet_sd1_sharded", *sd1, summary)
+    make_odd_latent_io(args.out, summary)
     make_vae(args.out, summary)
 
     total = 0  # this script's folders only: other scripts write their own cases beside them

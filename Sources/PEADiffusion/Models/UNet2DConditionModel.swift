@@ -236,7 +236,12 @@ struct UNetUpBlock {
             h = try resnet(h.backend.concat([h, skip], dim: 1), timeEmbedding: temb)
             if !attentions.isEmpty { h = try attentions[i](h, context: context) }
         }
-        if let upsampler { h = try upsampler(h) }
+        if let upsampler {
+            // diffusers passes the next skip's size when the latent is not a multiple of 2^upsamplers (forward_upsample_size)
+            let next = skips.last?.shape ?? []
+            h = next.count == 4 && (next[2] != 2 * h.shape[2] || next[3] != 2 * h.shape[3])
+                ? try upsampler(h, size: (next[2], next[3])) : try upsampler(h)
+        }
         return h
     }
 }
@@ -349,7 +354,8 @@ public struct UNet2DConditionModel {
     /// The dtype the parameters were loaded in, which is the dtype the model computes and answers in.
     public var dtype: DType { convIn.weight.dtype }
 
-    /// The number of times the latent is halved; its height and width must be multiples of 2^this.
+    /// 2^(the number of times the latent is halved). A latent whose size is not a multiple of it is halved
+    /// rounding up (stride-2 convs), and each upsampler then matches the skip it meets, as diffusers does.
     public var downsamplingFactor: Int { 1 << (config.blockOutChannels.count - 1) }
 
     /// ε (or v, by the scheduler's `prediction_type`) for `inputs`.
@@ -411,9 +417,8 @@ public struct UNet2DConditionModel {
         guard shape.count == 4, shape[1] == c.inChannels else {
             throw PEAError.shapeMismatch("unet: sample must be [B, \(c.inChannels), H, W], got \(shape)")
         }
-        let factor = downsamplingFactor
-        guard shape[2] % factor == 0, shape[3] % factor == 0 else {
-            throw PEAError.shapeMismatch("unet: latent height and width must be multiples of \(factor) for this UNet, got \(shape[2])×\(shape[3])")
+        guard shape[2] > 0, shape[3] > 0 else {
+            throw PEAError.shapeMismatch("unet: latent height and width must be positive, got \(shape[2])×\(shape[3])")
         }
         let batch = shape[0], context = inputs.encoderHiddenStates.shape
         guard inputs.timestep.count == batch || inputs.timestep.count == 1 else {

@@ -58,6 +58,22 @@ public struct Upsample2D {
     }
 
     public func callAsFunction(_ x: Tensor) throws -> Tensor { try conv(x.backend.upsampleNearest2x(x)) }
+
+    /// diffusers' `Upsample2D(x, output_size)`: nearest interpolation to `size` (F.interpolate(size=…)), then
+    /// the conv. The UNet asks for the size of the skip the next block concatenates, which a stride-2 conv made
+    /// from it: 2h or 2h − 1 for an input of height h. Nearest interpolation from h to 2h − 1 picks source row
+    /// ⌊i·h/(2h − 1)⌋ = ⌊i/2⌋ for every i < 2h − 1, so both are the 2× upsampling, the second cut to 2h − 1.
+    public func callAsFunction(_ x: Tensor, size: (height: Int, width: Int)) throws -> Tensor {
+        let h = x.shape[2], w = x.shape[3]
+        guard (size.height == 2 * h || size.height == 2 * h - 1) && (size.width == 2 * w || size.width == 2 * w - 1) else {
+            throw PEAError.shapeMismatch("upsample: \(h)×\(w) cannot be brought to \(size.height)×\(size.width) by nearest 2× upsampling (the skip must be \(2 * h) or \(2 * h - 1) high, \(2 * w) or \(2 * w - 1) wide)")
+        }
+        let b = x.backend
+        var y = try b.upsampleNearest2x(x)
+        if size.height < 2 * h { y = try b.split(y, sizes: [size.height, 1], dim: 2)[0] }
+        if size.width < 2 * w { y = try b.split(y, sizes: [size.width, 1], dim: 3)[0] }
+        return try conv(y)
+    }
 }
 
 /// diffusers' `Timesteps` + `TimestepEmbedding`: the sinusoidal embedding of a value per sample, then

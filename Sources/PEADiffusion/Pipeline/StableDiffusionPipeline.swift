@@ -202,10 +202,6 @@ public final class StableDiffusionPipeline {
         guard request.width > 0, request.height > 0, request.width % 8 == 0, request.height % 8 == 0 else {
             throw PEAError.usage("width and height must be positive multiples of 8, got \(request.width)×\(request.height)")
         }
-        let latentMultiple = vaeScaleFactor * unet.downsamplingFactor
-        guard request.width % latentMultiple == 0, request.height % latentMultiple == 0 else {
-            throw PEAError.usage("width and height must be multiples of \(latentMultiple) for this model (latents are halved \(unet.config.blockOutChannels.count - 1) times), got \(request.width)×\(request.height)")
-        }
         guard request.steps >= 1 else { throw PEAError.usage("steps must be at least 1, got \(request.steps)") }
         guard request.imagesPerPrompt >= 1 else { throw PEAError.usage("batch must be at least 1") }
     }
