@@ -187,19 +187,25 @@ cuda-test: $(TEST_OPS) libpea_cuda_emu.so
 
 ## make gpu-check — on a machine with a GPU (nvcc + cuBLAS, no Swift): build libpea_cuda.so, run the op tests on the
 ## GPU, then `./pea selftest --backend cuda`, the SD1.5 UNet and training step's per-op GPU profiles (`pea bench …
-## --profile`) and benchmarks/kernels_vs_torch.py (when torch imports) when a static `pea` was carried into the
-## repository root (make gpu-bundle prepares such a folder)
+## --profile`, written to benchmarks/PROFILES.md) and benchmarks/kernels_vs_torch.py (when torch imports) when a
+## static `pea` was carried into the repository root (make gpu-bundle prepares such a folder)
 gpu-check: $(TEST_OPS)
 	@if [ -z "$(CUDA_NVCC)" ]; then echo "gpu-check: nvcc was not found (install the CUDA toolkit, or set NVCC=)" >&2; exit 1; fi
 	$(MAKE) --no-print-directory $(CUDA_LIB)
 	$(TEST_OPS) $(CUDA_LIB)
 	@if [ -x ./pea ]; then \
 		echo "PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) ./pea selftest --backend cuda"; \
-		LD_LIBRARY_PATH=$(CURDIR)/lib:$$LD_LIBRARY_PATH PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) ./pea selftest --backend cuda; \
+		LD_LIBRARY_PATH=$(CURDIR)/lib:$$LD_LIBRARY_PATH PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) ./pea selftest --backend cuda || exit 1; \
+		{ echo "# Per-op GPU profiles"; echo; \
+		  echo "Written by make gpu-check on $$(date -u +%F), $$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)."; \
+		  echo "Each table: one more evaluation or training step with every op call bracketed by CUDA events (pea bench --profile)."; \
+		} > benchmarks/PROFILES.md; \
 		for bench in "unet --batch 2" "train-step --batch 4"; do \
-			echo "./pea bench $$bench --config benchmarks/configs/sd15_unet.json --backend cuda --precision fp16 --profile"; \
-			LD_LIBRARY_PATH=$(CURDIR)/lib:$$LD_LIBRARY_PATH PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) ./pea bench $$bench \
-				--config benchmarks/configs/sd15_unet.json --backend cuda --precision fp16 --profile || exit 1; \
+			command="./pea bench $$bench --config benchmarks/configs/sd15_unet.json --backend cuda --precision fp16 --profile"; \
+			echo "$$command"; \
+			printf '\n## `%s`\n\n```\n' "$$command" >> benchmarks/PROFILES.md; \
+			table=$$(LD_LIBRARY_PATH=$(CURDIR)/lib:$$LD_LIBRARY_PATH PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) $$command) || exit 1; \
+			printf '%s\n' "$$table"; printf '%s\n```\n' "$$table" >> benchmarks/PROFILES.md; \
 		done; \
 	else \
 		echo "gpu-check: no ./pea here, so no selftest (build one elsewhere: swift build -c release --static-swift-stdlib)"; \
@@ -239,7 +245,7 @@ gpu-bundle: system-deps
 		'Pea GPU bundle (made by `make gpu-bundle`): a static pea, the CUDA/CPU kernel sources, the Makefile, benchmarks.' \
 		'On a machine with nvcc, cuBLAS, a GPU and python3 with torch (no Swift needed), in this folder run:' \
 		'    make gpu-check    # builds .build-cuda/libpea_cuda.so, op tests, pea selftest --backend cuda, per-op profiles, kernels_vs_torch.py' \
-		'Results land in benchmarks/RESULTS.md (section "CUDA kernels vs PyTorch"); copy it back.' > $(BUNDLE_OUT)/README.txt
+		'Results land in benchmarks/RESULTS.md (section "CUDA kernels vs PyTorch") and benchmarks/PROFILES.md; copy them back.' > $(BUNDLE_OUT)/README.txt
 	@echo "make gpu-bundle: $(BUNDLE_OUT) ready ($$(du -sh $(BUNDLE_OUT) | cut -f1); pea $$(du -h $(BUNDLE_OUT)/pea | cut -f1)); carry it and run 'make gpu-check' there"
 
 $(CUDA_OUT)/obj/%.o: CKernels/cuda/%.cu
