@@ -25,6 +25,8 @@ public protocol ComputeBackend: AnyObject {
     func upload(bytes: UnsafeRawBufferPointer, shape: [Int], dtype: DType) throws -> Tensor
     /// Copies a tensor to the host. The only operation that waits for queued work.
     func download(_ tensor: Tensor) throws -> HostTensor
+    /// The tensor's values as f32 on the host (`download(tensor).floats()`; a backend may skip the copies).
+    func downloadFloats(_ tensor: Tensor) throws -> [Float]
     func zeros(_ shape: [Int], dtype: DType) throws -> Tensor
 
     // MARK: execution
@@ -143,10 +145,10 @@ extension ComputeBackend {
     public func scale(_ x: Tensor, by factor: Float) throws -> Tensor { try affine(x, scale: factor, shift: 0) }
 
     public func upload(_ values: [Float], shape: [Int]) throws -> Tensor {
-        try upload(HostTensor(values, shape: shape))
+        guard values.count == shape.reduce(1, *) else { return try upload(HostTensor(values, shape: shape)) }  // its error
+        return try values.withUnsafeBytes { try upload(bytes: $0, shape: shape, dtype: .f32) }
     }
 
-    /// The tensor's values as f32 on the host.
     public func downloadFloats(_ tensor: Tensor) throws -> [Float] {
         try download(tensor).floats()
     }

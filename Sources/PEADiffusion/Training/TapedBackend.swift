@@ -144,6 +144,7 @@ public final class TapedBackend: ComputeBackend {
         wrap(try inner.upload(bytes: bytes, shape: shape, dtype: dtype))
     }
     public func download(_ tensor: Tensor) throws -> HostTensor { try inner.download(unwrap(tensor)) }
+    public func downloadFloats(_ tensor: Tensor) throws -> [Float] { try inner.downloadFloats(unwrap(tensor)) }
     public func zeros(_ shape: [Int], dtype: DType) throws -> Tensor { wrap(try inner.zeros(shape, dtype: dtype)) }
     public func synchronize() throws { try inner.synchronize() }
     public func supports(_ op: Op, dtype: DType) -> Bool { inner.supports(op, dtype: dtype) }

@@ -181,6 +181,17 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
         return tensor
     }
 
+    /// Straight from the caller's bytes (the library stages them), without a HostTensor copy.
+    public func upload(bytes: UnsafeRawBufferPointer, shape: [Int], dtype: DType) throws -> Tensor {
+        guard bytes.count == shape.reduce(1, *) * dtype.byteSize else {
+            throw PEAError.shapeMismatch("upload: \(bytes.count) bytes for \(dtype) \(shape)")
+        }
+        let tensor = try empty(shape, dtype)
+        guard tensor.byteCount > 0 else { return tensor }
+        try check(library.upload(context.handle, pointer(tensor), bytes.baseAddress, tensor.byteCount), "upload")
+        return tensor
+    }
+
     public func download(_ tensor: Tensor) throws -> HostTensor {
         try own(tensor, "download")
         var bytes = [UInt8](repeating: 0, count: tensor.byteCount)
@@ -189,6 +200,20 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
             try check(status, "download")
         }
         return HostTensor(shape: tensor.shape, dtype: tensor.dtype, bytes: bytes)
+    }
+
+    /// f32 tensors straight into the array (no byte buffer, no conversion pass).
+    public func downloadFloats(_ tensor: Tensor) throws -> [Float] {
+        guard tensor.dtype == .f32, tensor.count > 0 else { return try download(tensor).floats() }
+        try own(tensor, "download")
+        var status = Int32(PEA_CUDA_OK)
+        let values = [Float](unsafeUninitializedCapacity: tensor.count) { buffer, initialized in
+            status = library.download(context.handle, buffer.baseAddress, pointer(tensor), tensor.byteCount)
+            if status != Int32(PEA_CUDA_OK) { buffer.initialize(repeating: 0) }
+            initialized = tensor.count
+        }
+        try check(status, "download")
+        return values
     }
 
     public func zeros(_ shape: [Int], dtype: DType) throws -> Tensor {
