@@ -221,6 +221,10 @@ typedef struct {
     float decay, weight1, keep2, weight2, step_size, correction2_root, eps;
 } ck_adamw_hyper;
 void ck_adamw_f32(float *p, float *m, float *v, const float *g, int64_t n, const ck_adamw_hyper *h);
+/* Σ x[i]² over n f32 values, in f64: blocks of 4096 values summed each in a fixed order (four interleaved f64
+ * partials), the block sums added in index order, so the result does not depend on the thread count. Non-finite
+ * iff some x[i] is (f32 squares cannot overflow f64). */
+double ck_sum_squares_f32(const float *x, int64_t n);
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* Storage conversions. f16 is IEEE binary16, bf16 the top half of binary32; f32 → f16/bf16 rounds to

@@ -223,4 +223,35 @@ final class OptimizerTests: XCTestCase {
         try run(&wrong, &partial, steps: 3..<fixture.steps)
         XCTAssertNotEqual(partial["projector.0.weight"]!, straight["projector.0.weight"]!)
     }
+
+    /// A step whose gradients hold a NaN or an infinity changes nothing and reports nil (the f16 loss scale
+    /// then halves); finite gradients update every parameter and report their norm, clipping's norm.
+    func testNonFiniteGradientsSkipTheStep() throws {
+        let backend = CPUBackend()
+        let training = try AdapterOptimization(adapter: PEAAdapter.initialized(widths: [6, 8, 4], backend: backend, seed: 3),
+                                               weightDecay: 0.1, backend: backend)
+        let before = training.masterWeights
+        func gradients(poison: Float?, at target: String) throws -> [String: Tensor] {
+            var out: [String: Tensor] = [:]
+            for (k, (name, tensor)) in training.adapter.namedParameters.enumerated() {
+                var values = (0..<tensor.count).map { Float(($0 * 7 + k) % 11) * 0.01 - 0.05 }
+                if let poison, name == target { values[values.count / 2] = poison }
+                out[name] = try backend.upload(values, shape: tensor.shape)
+            }
+            return out
+        }
+        let last = training.adapter.namedParameters.last!.name
+        for poison in [Float.nan, .infinity, -.infinity] {
+            XCTAssertNil(try training.apply(gradients(poison: poison, at: last), lr: 1e-3, maxNorm: 1), "\(poison)")
+            XCTAssertEqual(training.masterWeights, before, "a step with a \(poison) gradient changed the weights")
+            XCTAssertEqual(training.optimizer.step, 0)
+        }
+        let clean = try gradients(poison: nil, at: last)
+        var host = try clean.mapValues { try backend.downloadFloats($0) }
+        let expectedNorm = clipGradientNorm(&host, maxNorm: .infinity)
+        let norm = try XCTUnwrap(training.apply(clean, lr: 1e-3, maxNorm: 1))
+        XCTAssertEqual(norm, expectedNorm)
+        XCTAssertEqual(training.optimizer.step, 1)
+        for (name, values) in training.masterWeights { XCTAssertNotEqual(values, before[name], name) }
+    }
 }

@@ -102,12 +102,12 @@ public struct AdamW {
 /// Scales every gradient by max_norm / (‖g‖ + 1e-6) when the global L2 norm ‖g‖ over all of them exceeds
 /// `maxNorm` (torch.nn.utils.clip_grad_norm_: the norm of the per-tensor f32 norms). Returns the norm before
 /// clipping. Names are visited in sorted order, so the result does not depend on the dictionary's hash order.
+/// The norm is not finite when some gradient value is not (or when it exceeds the f32 range).
 @discardableResult
 public func clipGradientNorm(_ gradients: inout [String: [Float]], maxNorm: Float) -> Float {
     var sum = 0.0
     for name in gradients.keys.sorted() {
-        var squares = 0.0
-        for x in gradients[name]! { squares += Double(x) * Double(x) }
+        let squares = gradients[name]!.withUnsafeBufferPointer { ck_sum_squares_f32($0.baseAddress, Int64($0.count)) }
         let norm = Double(Float(squares.squareRoot()))
         sum += norm * norm
     }
@@ -115,7 +115,9 @@ public func clipGradientNorm(_ gradients: inout [String: [Float]], maxNorm: Floa
     // torch's `max_norm / (total_norm + 1e-6)` is Tensor.__rtruediv__: reciprocal(total_norm + 1e-6) · max_norm.
     let coefficient = (1 / (norm + 1e-6)) * maxNorm
     if coefficient < 1 {
-        for name in gradients.keys { gradients[name] = gradients[name]!.map { $0 * coefficient } }
+        for name in gradients.keys {
+            gradients[name]!.withUnsafeMutableBufferPointer { g in for i in g.indices { g[i] *= coefficient } }
+        }
     }
     return norm
 }

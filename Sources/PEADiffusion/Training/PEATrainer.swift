@@ -102,8 +102,9 @@ public final class AdapterOptimization {
     public func apply(_ gradients: [String: Tensor], lr: Double, maxNorm: Float?) throws -> Float? {
         var host: [String: [Float]] = [:]
         for (name, gradient) in gradients { host[name] = try backend.downloadFloats(gradient) }
-        guard host.values.allSatisfy({ $0.allSatisfy(\.isFinite) }) else { return nil }
+        // One pass: a gradient value that is not finite makes the norm non-finite (then nothing is updated).
         let norm = clipGradientNorm(&host, maxNorm: maxNorm ?? .infinity)
+        guard norm.isFinite else { return nil }
         try optimizer.update(&masterWeights, gradients: host, lr: lr)
         try uploadMasterWeights()
         return norm
