@@ -68,8 +68,6 @@ void ck_adamw_f32(float *p, float *m, float *v, const float *g, int64_t n, const
 
 /* ---- sums of squares ------------------------------------------------------------------------------ */
 
-enum { SQUARES_BLOCK = 4096 };
-
 typedef struct {
     const float *x;
     int64_t n;
@@ -79,7 +77,7 @@ typedef struct {
 /* Block k's Σ x² with four interleaved partials: a fixed order (contraction is off, so also no FMAs), which
  * the compiler may still vectorise as written. */
 static inline __attribute__((always_inline)) double block_squares(const float *x, int64_t n, int64_t k) {
-    const int64_t start = k * SQUARES_BLOCK, end = start + SQUARES_BLOCK < n ? start + SQUARES_BLOCK : n;
+    const int64_t start = k * CK_SUM_SQUARES_BLOCK, end = start + CK_SUM_SQUARES_BLOCK < n ? start + CK_SUM_SQUARES_BLOCK : n;
     double s[4] = {0, 0, 0, 0};
     int64_t i = start;
     for (; i + 4 <= end; i += 4)
@@ -100,7 +98,7 @@ static void squares_generic(void *ctx, int64_t b, int64_t e) {
 
 double ck_sum_squares_f32(const float *x, int64_t n) {
     if (n <= 0) return 0.0;
-    const int64_t blocks = (n + SQUARES_BLOCK - 1) / SQUARES_BLOCK;
+    const int64_t blocks = (n + CK_SUM_SQUARES_BLOCK - 1) / CK_SUM_SQUARES_BLOCK;
     double total = 0.0, stack[64], *sums = blocks <= 64 ? stack : (double *)malloc((size_t)blocks * sizeof(double));
     if (!sums) { /* no room for the block sums: the same blocks in the same order, on this thread */
         for (int64_t k = 0; k < blocks; k++) total += block_squares(x, n, k);

@@ -221,9 +221,12 @@ typedef struct {
     float decay, weight1, keep2, weight2, step_size, correction2_root, eps;
 } ck_adamw_hyper;
 void ck_adamw_f32(float *p, float *m, float *v, const float *g, int64_t n, const ck_adamw_hyper *h);
-/* Σ x[i]² over n f32 values, in f64: blocks of 4096 values summed each in a fixed order (four interleaved f64
- * partials), the block sums added in index order, so the result does not depend on the thread count. Non-finite
- * iff some x[i] is (f32 squares cannot overflow f64). */
+/* Σ x[i]² over n f32 values, in f64: blocks of CK_SUM_SQUARES_BLOCK values, each summed in a fixed order (four
+ * interleaved f64 partials: value i of the block goes to partial i mod 4, the tail past the last multiple of 4
+ * to partial 0; block sum = (s0 + s1) + (s2 + s3)), the block sums added in index order, no FMAs, so the result
+ * does not depend on the thread count (or the device: pea_cuda_sum_squares gives the same bits). Non-finite iff
+ * some x[i] is (f32 squares cannot overflow f64). */
+enum { CK_SUM_SQUARES_BLOCK = 4096 };
 double ck_sum_squares_f32(const float *x, int64_t n);
 
 /* ---------------------------------------------------------------------------------------------------- */

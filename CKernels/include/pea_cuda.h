@@ -165,6 +165,15 @@ int pea_cuda_geglu_backward(pea_cuda_context *ctx, int dtype, const void *dy, co
 int pea_cuda_upsample_nearest2x_backward(pea_cuda_context *ctx, int dtype, const void *dy, void *dx, int64_t P,
                                          int64_t H, int64_t W);
 
+/* --- optimizer (the adapter's AdamW, f32 only) ---------------------------------------------------------- */
+
+/* p_out, m_out, v_out = ck_adamw_f32's update of p, m, v by g (n values each; the outputs may be the inputs),
+ * bit for bit: the same two fmas, every other operation rounded on its own. */
+int pea_cuda_adamw(pea_cuda_context *ctx, const float *p, const float *m, const float *v, const float *g,
+                   float *p_out, float *m_out, float *v_out, int64_t n, const ck_adamw_hyper *h);
+/* *sum = ck_sum_squares_f32(x, n) bit for bit (the same blocks and order, in f64); waits for the result. */
+int pea_cuda_sum_squares(pea_cuda_context *ctx, const float *x, int64_t n, double *sum);
+
 #ifdef __cplusplus
 }
 #endif

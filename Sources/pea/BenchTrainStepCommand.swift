@@ -12,8 +12,8 @@ backward through the frozen UNet into the adapter, the three losses, and the Ada
 latent [B,4,H,W], student states [B,T,IN], teacher states [B,T,cross_attention_dim]. The adapter defaults to
 the official training shape 1024,2048,2048,<cross_attention_dim>. One warm-up step, then R timed (default 3).
 --json prints one object: config, latent_h, latent_w, batch, precision, best_ms, median_ms, optimizer_median_ms
-(the median time from the gradients being ready to the new weights uploaded: download, clipping, AdamW on the
-host's f32 master weights, upload), peak_rss_mb (and peak_device_mb on CUDA), adapter_parameters. The UNet runs
+(the median time from the gradients being ready to the new weights: the clipping norm and AdamW, on the
+backend that holds the adapter), peak_rss_mb (and peak_device_mb on CUDA), adapter_parameters. The UNet runs
 in --precision; the adapter, its gradients and AdamW in fp32. --profile (CUDA backend) runs one more step with
 each op call bracketed by GPU events and prints the GPU time per op and the GPU's idle time waiting for the
 host (with --json: the keys profile, a list of {op, calls, ms}, profile_span_ms and profile_device_allocations).
@@ -70,11 +70,12 @@ func runBenchTrainStep(_ arguments: [String]) throws {
     for run in 0...repeats {
         let start = monotonicSeconds()
         let gradients = try step.step(adapter: training.adapter, batch: inputs).gradients
-        // The optimizer's own time: from the gradients being ready (the apply would wait for them anyway) to the
-        // new weights uploaded.
+        // The optimizer's own time: from the gradients being ready (the clipping norm would wait for them anyway)
+        // to the new weights computed. A step ends there.
         try backend.synchronize()
         let optimizerStart = monotonicSeconds()
         _ = try training.apply(gradients, lr: 1e-5, maxNorm: nil)
+        try backend.synchronize()
         if run > 0 {
             times.append((monotonicSeconds() - start) * 1000)
             optimizerTimes.append((monotonicSeconds() - optimizerStart) * 1000)

@@ -58,7 +58,7 @@
     X(pea_cuda_conv2d_backward_data) X(pea_cuda_group_norm_backward) X(pea_cuda_layer_norm_backward)   \
     X(pea_cuda_softmax_backward) X(pea_cuda_activation_backward) X(pea_cuda_geglu_backward)            \
     X(pea_cuda_upsample_nearest2x_backward) X(pea_cuda_timer_record) X(pea_cuda_timer_elapsed) X(pea_cuda_spin)    \
-    X(pea_cuda_profile_start) X(pea_cuda_profile_stop)
+    X(pea_cuda_profile_start) X(pea_cuda_profile_stop) X(pea_cuda_adamw) X(pea_cuda_sum_squares)
 
 struct Api {
 #define DECLARE(name) decltype(&::name) name = nullptr;
@@ -358,6 +358,60 @@ static void test_profile() {
     OK(L.pea_cuda_profile_start(g_ctx));
     OK(L.pea_cuda_profile_stop(g_ctx, e.data(), 8, &count, &span));
     CHECK(count == 0 && span == 0.0, "an empty profile: %d ops, span %g ms", count, span);
+}
+
+/* The adapter's AdamW step and clipping's sums of squares: bit for bit the CPU's (ck_adamw_f32,
+ * ck_sum_squares_f32), out of place and in place, both lerp branches, several blocks and a tail. */
+static std::vector<uint32_t> bits(const std::vector<float> &v) {
+    std::vector<uint32_t> b(v.size());
+    memcpy(b.data(), v.data(), v.size() * 4);
+    return b;
+}
+static void test_optimizer() {
+    g_phase = "optimizer";
+    const int64_t n = 3 * CK_SUM_SQUARES_BLOCK + 37;
+    for (float weight1 : {0.1f, 0.7f}) {
+        const ck_adamw_hyper h = {0.9999f, weight1, 0.999f, 0.001f, -3.3e-4f, 0.0706f, 1e-8f};
+        std::vector<float> p = rvec(n), m = rvec(n, 0.01f), v = rvec(n, 1e-4f, 1e-4f), g = rvec(n, 0.05f);
+        std::vector<float> rp = p, rm = m, rv = v;
+        ck_adamw_f32(rp.data(), rm.data(), rv.data(), g.data(), n, &h);
+        Dev dp = up(p, CK_F32), dm = up(m, CK_F32), dv = up(v, CK_F32), dg = up(g, CK_F32);
+        Dev op(n * 4), om(n * 4), ov(n * 4);
+        OK(L.pea_cuda_adamw(g_ctx, dp.at<float>(), dm.at<float>(), dv.at<float>(), dg.at<float>(), op.at<float>(),
+                            om.at<float>(), ov.at<float>(), n, &h));
+        CHECK(bits(down(op.p, n, CK_F32)) == bits(rp), "adamw (w1 %g): parameters differ from the CPU's bits", weight1);
+        CHECK(bits(down(om.p, n, CK_F32)) == bits(rm), "adamw (w1 %g): first moments differ", weight1);
+        CHECK(bits(down(ov.p, n, CK_F32)) == bits(rv), "adamw (w1 %g): second moments differ", weight1);
+        /* in place */
+        OK(L.pea_cuda_adamw(g_ctx, dp.at<float>(), dm.at<float>(), dv.at<float>(), dg.at<float>(), dp.at<float>(),
+                            dm.at<float>(), dv.at<float>(), n, &h));
+        CHECK(bits(down(dp.p, n, CK_F32)) == bits(rp) && bits(down(dv.p, n, CK_F32)) == bits(rv),
+              "adamw in place (w1 %g) differs from the CPU's bits", weight1);
+    }
+    /* values over 23 binades, so that the f64 sums round and a different order of additions shows in the bits;
+     * 40 blocks for the chance of it */
+    for (int64_t len : {(int64_t)1, (int64_t)5, (int64_t)CK_SUM_SQUARES_BLOCK, n, 40 * (int64_t)CK_SUM_SQUARES_BLOCK + 37}) {
+        std::vector<float> x = rvec(len, 3.0f);
+        for (int64_t i = 0; i < len; i++) x[i] = ldexpf(x[i], (int)(i % 23) - 11);
+        Dev dx = up(x, CK_F32);
+        double got = -1.0;
+        OK(L.pea_cuda_sum_squares(g_ctx, dx.at<float>(), len, &got));
+        const double want = ck_sum_squares_f32(x.data(), len);
+        CHECK(memcmp(&got, &want, 8) == 0, "sum_squares n=%lld: %.17g, the CPU %.17g", (long long)len, got, want);
+    }
+    std::vector<float> x = rvec(100);
+    x[57] = NAN;
+    Dev dx = up(x, CK_F32);
+    double got = 0.0;
+    OK(L.pea_cuda_sum_squares(g_ctx, dx.at<float>(), 100, &got));
+    CHECK(std::isnan(got), "sum_squares with a NaN: %g", got);
+    OK(L.pea_cuda_sum_squares(g_ctx, nullptr, 0, &got));
+    CHECK(got == 0.0, "sum_squares of nothing: %g", got);
+    expect_error("adamw without hyperparameters", L.pea_cuda_adamw(g_ctx, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                                   nullptr, nullptr, 4, nullptr),
+                 PEA_CUDA_ERROR_INVALID, "adamw");
+    expect_error("sum_squares with a NULL result", L.pea_cuda_sum_squares(g_ctx, dx.at<float>(), 100, nullptr),
+                 PEA_CUDA_ERROR_INVALID, "sum_squares");
 }
 
 static void test_memory() {
@@ -1634,6 +1688,7 @@ int main(int argc, char **argv) {
         {"linear", test_linear},
         {"linear plans", test_linear_plans},
         {"profile", test_profile},
+        {"optimizer", test_optimizer},
         {"conv2d", test_conv2d},
         {"conv2d chunked", [] { test_conv2d_chunked(nullptr); }},
         {"conv2d 64-bit indices", test_conv2d_index64},

@@ -1,3 +1,5 @@
+import CKernels
+
 /// The operations a backend offers, for capability queries (`supports`).
 public enum Op: String, Sendable, CaseIterable {
     case cast, gemm, linear, conv2d, groupNorm, layerNorm, softmax, attention, activation, geglu
@@ -5,6 +7,8 @@ public enum Op: String, Sendable, CaseIterable {
     // Backward ops, for training the adapter through the frozen UNet.
     case conv2dBackwardData, groupNormBackward, layerNormBackward, softmaxBackward, activationBackward
     case gegluBackward, upsampleNearest2xBackward
+    // The adapter's optimizer (f32).
+    case adamw, sumOfSquares
 }
 
 /// The seam between the models and the hardware. Models are written once against this protocol; a backend
@@ -127,6 +131,28 @@ public protocol ComputeBackend: AnyObject {
 
     /// The gradient with respect to x [B, C, H, W] of `upsampleNearest2x(x)`: each 2×2 block of gradOutput summed.
     func upsampleNearest2xBackward(_ gradOutput: Tensor) throws -> Tensor
+
+    // MARK: optimizer ops
+    // The adapter's AdamW runs where its weights live (`AdamW`, Training/AdamW.swift): f32 tensors, results
+    // bit for bit the CPU kernels' on every backend (ck_adamw_f32, ck_sum_squares_f32).
+
+    /// One AdamW step of one f32 tensor (ckernels.h's formula with `scalars`): the new parameter and moments.
+    func adamw(parameter: Tensor, firstMoment: Tensor, secondMoment: Tensor, gradient: Tensor,
+               scalars: AdamWScalars) throws -> (parameter: Tensor, firstMoment: Tensor, secondMoment: Tensor)
+
+    /// Σ x² of an f32 tensor, in f64 and ck_sum_squares_f32's order. Waits for the queued work.
+    func sumOfSquares(_ x: Tensor) throws -> Double
+}
+
+/// One AdamW step's f32 scalars for one tensor, as `AdamW` forms them from its f64 hyperparameters (ckernels.h,
+/// `ck_adamw_f32`, says how they enter the update).
+public struct AdamWScalars: Sendable, Equatable {
+    public var decay, weight1, keep2, weight2, stepSize, correction2Root, epsilon: Float
+
+    var kernelValue: ck_adamw_hyper {
+        ck_adamw_hyper(decay: decay, weight1: weight1, keep2: keep2, weight2: weight2, step_size: stepSize,
+                       correction2_root: correction2Root, eps: epsilon)
+    }
 }
 
 extension ComputeBackend {

@@ -3,14 +3,14 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import CKernels
 
 // The adapter's optimiser and learning-rate schedule, as the official scripts configure them (utils/model_utils.py):
 // AdamW (β 0.9/0.999, ε 1e-8, weight decay 0.1 except the layer norm's parameters) and transformers'
 // polynomial-decay schedule with linear warmup, decaying to `min_learning_rate` (5e-8).
 //
-// The adapter is small (~6M parameters), so the optimiser works on f32 host copies of the parameters (the master
-// weights); after each step the new values are uploaded and replace the adapter's tensors.
+// The adapter's f32 tensors are the master weights: the optimiser runs where they live (the backend's adamw and
+// sumOfSquares ops, bit for bit the same on the CPU and the GPU), so a training step moves no weights, moments
+// or gradients between host and device.
 
 /// torch.optim.AdamW (its single-tensor path, which CPU tensors take), step by step in f32 as torch computes it.
 /// The hyperparameters are f64, as torch's Python floats are; torch forms every scalar that meets a tensor in f64
@@ -32,9 +32,9 @@ public struct AdamW {
     public var decays: (String) -> Bool
     /// Completed steps.
     public private(set) var step = 0
-    /// The first and second moments per parameter (torch's exp_avg, exp_avg_sq).
-    public private(set) var firstMoments: [String: [Float]] = [:]
-    public private(set) var secondMoments: [String: [Float]] = [:]
+    /// The first and second moments per parameter (torch's exp_avg, exp_avg_sq), on the parameters' backend.
+    public private(set) var firstMoments: [String: Tensor] = [:]
+    public private(set) var secondMoments: [String: Tensor] = [:]
 
     public init(weightDecay: Float = 0.1, decays: @escaping (String) -> Bool = AdamW.officialDecays) {
         self.weightDecay = weightDecay
@@ -47,52 +47,42 @@ public struct AdamW {
         !["bias", "LayerNorm.bias", "LayerNorm.weight", "layer_norm.", "layernorm."].contains { name.contains($0) }
     }
 
-    /// Updates `parameters` in place from `gradients` (same names, same counts) at learning rate `lr`.
-    /// `lr` is f64, as torch's param_groups hold it: rounding it to f32 first would move `−lr / (1 − β1ᵗ)` and
-    /// `1 − lr·wd` by an ulp now and then.
-    public mutating func update(_ parameters: inout [String: [Float]], gradients: [String: [Float]], lr: Double) throws {
-        for name in parameters.keys {
-            guard let g = gradients[name], g.count == parameters[name]!.count else {
-                throw PEAError.shapeMismatch("AdamW: no gradient of the right size for '\(name)'")
+    /// Updates `parameters` from `gradients` (same names, same shapes, f32) at learning rate `lr`, on the
+    /// parameters' backend (`ComputeBackend.adamw`: the weights never leave the device). `lr` is f64, as torch's
+    /// param_groups hold it: rounding it to f32 first would move `−lr / (1 − β1ᵗ)` and `1 − lr·wd` by an ulp now
+    /// and then.
+    public mutating func update(_ parameters: inout [String: Tensor], gradients: [String: Tensor], lr: Double) throws {
+        for (name, parameter) in parameters {
+            guard let g = gradients[name], g.shape == parameter.shape else {
+                throw PEAError.shapeMismatch("AdamW: no gradient of shape \(parameter.shape) for '\(name)'")
             }
         }
         step += 1
         let t = Double(step)
         let correction1 = 1 - pow(beta1, t)
         let correction2 = 1 - pow(beta2, t)
-        let stepSize = Float(-(lr / correction1))
-        let correction2Root = Float(pow(correction2, 0.5))
-        let weight1 = Float(1 - beta1), keep2 = Float(beta2), weight2 = Float(1 - beta2), eps = Float(epsilon)
         let decayFactor = Float(1 - lr * Double(weightDecay))
+        var scalars = AdamWScalars(decay: 1, weight1: Float(1 - beta1), keep2: Float(beta2), weight2: Float(1 - beta2),
+                                   stepSize: Float(-(lr / correction1)), correction2Root: Float(pow(correction2, 0.5)),
+                                   epsilon: Float(epsilon))
         for name in parameters.keys.sorted() {
-            let g = gradients[name]!
-            // Taken out of their dictionaries while updated, so the writes below touch the only copy (no
-            // copy-on-write of the whole array each step).
-            var p = parameters.removeValue(forKey: name)!
-            var m = firstMoments.removeValue(forKey: name) ?? [Float](repeating: 0, count: g.count)
-            var v = secondMoments.removeValue(forKey: name) ?? [Float](repeating: 0, count: g.count)
-            let decay = decays(name) && weightDecay != 0 ? decayFactor : 1
-            p.withUnsafeMutableBufferPointer { p in
-                m.withUnsafeMutableBufferPointer { m in
-                    v.withUnsafeMutableBufferPointer { v in
-                        g.withUnsafeBufferPointer { g in
-                            var hyper = ck_adamw_hyper(decay: decay, weight1: weight1, keep2: keep2, weight2: weight2,
-                                                       step_size: stepSize, correction2_root: correction2Root, eps: eps)
-                            ck_adamw_f32(p.baseAddress!, m.baseAddress!, v.baseAddress!, g.baseAddress!, Int64(g.count), &hyper)
-                        }
-                    }
-                }
-            }
-            parameters[name] = p
-            firstMoments[name] = m
-            secondMoments[name] = v
+            let p = parameters[name]!, backend = p.backend
+            let m = try firstMoments[name] ?? backend.zeros(p.shape, dtype: .f32)
+            let v = try secondMoments[name] ?? backend.zeros(p.shape, dtype: .f32)
+            scalars.decay = decays(name) && weightDecay != 0 ? decayFactor : 1
+            let next = try backend.adamw(parameter: p, firstMoment: m, secondMoment: v, gradient: gradients[name]!,
+                                         scalars: scalars)
+            parameters[name] = next.parameter
+            firstMoments[name] = next.firstMoment
+            secondMoments[name] = next.secondMoment
         }
     }
 
-    /// The state to save for an exact resume, and its inverse.
-    public var state: (step: Int, first: [String: [Float]], second: [String: [Float]]) { (step, firstMoments, secondMoments) }
+    /// The state to save for an exact resume, and its inverse. Ops never modify their inputs, so the tensors
+    /// returned stay as they are when later steps run.
+    public var state: (step: Int, first: [String: Tensor], second: [String: Tensor]) { (step, firstMoments, secondMoments) }
 
-    public mutating func restore(step: Int, first: [String: [Float]], second: [String: [Float]]) {
+    public mutating func restore(step: Int, first: [String: Tensor], second: [String: Tensor]) {
         self.step = step
         firstMoments = first
         secondMoments = second
@@ -101,23 +91,22 @@ public struct AdamW {
 
 /// Scales every gradient by max_norm / (‖g‖ + 1e-6) when the global L2 norm ‖g‖ over all of them exceeds
 /// `maxNorm` (torch.nn.utils.clip_grad_norm_: the norm of the per-tensor f32 norms). Returns the norm before
-/// clipping. Names are visited in sorted order, so the result does not depend on the dictionary's hash order.
-/// The norm is not finite when some gradient value is not (or when it exceeds the f32 range).
+/// clipping. Each tensor's Σ g² comes from its backend in f64 (`sumOfSquares`, the same bits on every backend);
+/// names are visited in sorted order, so the result does not depend on the dictionary's hash order. The norm
+/// is not finite when some gradient value is not (or when it exceeds the f32 range).
 @discardableResult
-public func clipGradientNorm(_ gradients: inout [String: [Float]], maxNorm: Float) -> Float {
+public func clipGradientNorm(_ gradients: inout [String: Tensor], maxNorm: Float) throws -> Float {
     var sum = 0.0
     for name in gradients.keys.sorted() {
-        let squares = gradients[name]!.withUnsafeBufferPointer { ck_sum_squares_f32($0.baseAddress, Int64($0.count)) }
-        let norm = Double(Float(squares.squareRoot()))
+        let g = gradients[name]!
+        let norm = Double(Float(try g.backend.sumOfSquares(g).squareRoot()))
         sum += norm * norm
     }
     let norm = Float(sum.squareRoot())
     // torch's `max_norm / (total_norm + 1e-6)` is Tensor.__rtruediv__: reciprocal(total_norm + 1e-6) · max_norm.
     let coefficient = (1 / (norm + 1e-6)) * maxNorm
     if coefficient < 1 {
-        for name in gradients.keys {
-            gradients[name]!.withUnsafeMutableBufferPointer { g in for i in g.indices { g[i] *= coefficient } }
-        }
+        for (name, g) in gradients { gradients[name] = try g.backend.scale(g, by: coefficient) }
     }
     return norm
 }

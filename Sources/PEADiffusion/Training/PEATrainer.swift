@@ -80,41 +80,49 @@ public struct DistillationTeacher {
     }
 }
 
-/// The adapter being trained: f32 host master weights (by official name), AdamW over them, and the adapter
-/// whose tensors are uploaded from them after every update.
+/// The adapter being trained: its f32 tensors are the master weights, updated by AdamW on their backend.
 public final class AdapterOptimization {
     public let backend: any ComputeBackend
     public private(set) var adapter: PEAAdapter
     public var optimizer: AdamW
-    /// f32 host copies of the adapter's parameters, by official name.
-    public var masterWeights: [String: [Float]] = [:]
 
     public init(adapter: PEAAdapter, weightDecay: Float, backend: any ComputeBackend) throws {
+        for (name, tensor) in adapter.namedParameters where tensor.dtype != .f32 {
+            throw PEAError.unsupported("train: the adapter is trained in f32, but '\(name)' is \(tensor.dtype)")
+        }
         self.adapter = adapter
         self.backend = backend
         optimizer = AdamW(weightDecay: weightDecay)
-        for (name, tensor) in adapter.namedParameters { masterWeights[name] = try backend.downloadFloats(tensor) }
     }
 
-    /// Downloads the gradients, clips their global norm to `maxNorm` (when given), takes one AdamW step at `lr`
-    /// and uploads the new weights. Non-finite gradients change nothing and return nil; else the norm before
-    /// clipping.
+    /// The master weights on the host, by official name (a download: for checkpoints and tests).
+    public func masterWeights() throws -> [String: [Float]] {
+        var weights: [String: [Float]] = [:]
+        for (name, tensor) in adapter.namedParameters { weights[name] = try backend.downloadFloats(tensor) }
+        return weights
+    }
+
+    /// Clips the gradients' global norm to `maxNorm` (when given) and takes one AdamW step at `lr`, all on the
+    /// backend. Non-finite gradients change nothing and return nil; else the norm before clipping.
     public func apply(_ gradients: [String: Tensor], lr: Double, maxNorm: Float?) throws -> Float? {
-        var host: [String: [Float]] = [:]
-        for (name, gradient) in gradients { host[name] = try backend.downloadFloats(gradient) }
-        // One pass: a gradient value that is not finite makes the norm non-finite (then nothing is updated).
-        let norm = clipGradientNorm(&host, maxNorm: maxNorm ?? .infinity)
+        var gradients = gradients
+        // A gradient value that is not finite makes the norm non-finite (then nothing is updated).
+        let norm = try clipGradientNorm(&gradients, maxNorm: maxNorm ?? .infinity)
         guard norm.isFinite else { return nil }
-        try optimizer.update(&masterWeights, gradients: host, lr: lr)
-        try uploadMasterWeights()
+        var parameters = Dictionary(uniqueKeysWithValues: adapter.namedParameters.map { ($0.name, $0.tensor) })
+        try optimizer.update(&parameters, gradients: gradients, lr: lr)
+        adapter = try adapter.replacingParameters(parameters)
         return norm
     }
 
-    /// Replaces the adapter's tensors with the master weights.
-    public func uploadMasterWeights() throws {
+    /// Replaces the master weights (a resumed checkpoint's), by official name.
+    public func setMasterWeights(_ weights: [String: HostTensor]) throws {
         var tensors: [String: Tensor] = [:]
         for (name, tensor) in adapter.namedParameters {
-            tensors[name] = try backend.upload(masterWeights[name]!, shape: tensor.shape)
+            guard let host = weights[name], host.shape == tensor.shape else {
+                throw PEAError.shapeMismatch("train: no weight of shape \(tensor.shape) for '\(name)'")
+            }
+            tensors[name] = try backend.upload(host.converted(to: .f32))
         }
         adapter = try adapter.replacingParameters(tensors)
     }
@@ -132,7 +140,8 @@ public final class PEATrainer {
     public private(set) var step = 0
     public var adapter: PEAAdapter { training.adapter }
     public var optimizer: AdamW { training.optimizer }
-    public var masterWeights: [String: [Float]] { training.masterWeights }
+    /// The adapter's weights on the host (a download).
+    public func masterWeights() throws -> [String: [Float]] { try training.masterWeights() }
     /// Dynamic loss scale (f16 UNet only; 1 otherwise), as torch's GradScaler: starts at 2¹⁶, halves when the
     /// gradients overflow (that step's update is skipped), doubles after 2000 steps without overflow.
     public private(set) var lossScale: Float
@@ -271,14 +280,18 @@ public final class PEATrainer {
         try makeDirectories(folder)
         let shapes = Dictionary(uniqueKeysWithValues: adapter.namedParameters.map { ($0.name, $0.tensor.shape) })
         let names = adapter.namedParameters.map(\.name)
-        try SafeTensorsWriter.write(names.map { (name: $0, tensor: HostTensor(masterWeights[$0]!, shape: shapes[$0]!)) },
+        let weights = try masterWeights()
+        try SafeTensorsWriter.write(names.map { (name: $0, tensor: HostTensor(weights[$0]!, shape: shapes[$0]!)) },
                                     metadata: ["pea": "pea train", "step": String(step)], to: joinPath(folder, "adapter.safetensors"))
         let state = optimizer.state
         var moments: [(name: String, tensor: HostTensor)] = []
         for name in names {
             let zeros = [Float](repeating: 0, count: shapes[name]!.reduce(1, *))
-            moments.append(("exp_avg.\(name)", HostTensor(state.first[name] ?? zeros, shape: shapes[name]!)))
-            moments.append(("exp_avg_sq.\(name)", HostTensor(state.second[name] ?? zeros, shape: shapes[name]!)))
+            func host(_ moment: Tensor?) throws -> HostTensor {
+                HostTensor(try moment.map { try backend.downloadFloats($0) } ?? zeros, shape: shapes[name]!)
+            }
+            moments.append(("exp_avg.\(name)", try host(state.first[name])))
+            moments.append(("exp_avg_sq.\(name)", try host(state.second[name])))
         }
         try SafeTensorsWriter.write(moments, metadata: ["step": String(step), "optimizer_step": String(state.step),
                                                         "data_position": dataset.position.serialized(),
@@ -303,18 +316,18 @@ public final class PEATrainer {
               let scale = Float(try metadata("loss_scale")), let sinceOverflow = Int(try metadata("steps_since_overflow")) else {
             throw PEAError.invalidFile(path: optimizerPath, reason: "malformed step or loss_scale metadata")
         }
-        var first: [String: [Float]] = [:], second: [String: [Float]] = [:]
+        var master: [String: HostTensor] = [:], first: [String: Tensor] = [:], second: [String: Tensor] = [:]
         for (name, tensor) in adapter.namedParameters {
-            training.masterWeights[name] = try weights.tensor(name, expecting: tensor.shape).floats()
-            first[name] = try saved.tensor("exp_avg.\(name)", expecting: tensor.shape).floats()
-            second[name] = try saved.tensor("exp_avg_sq.\(name)", expecting: tensor.shape).floats()
+            master[name] = try weights.tensor(name, expecting: tensor.shape)
+            first[name] = try backend.upload(saved.tensor("exp_avg.\(name)", expecting: tensor.shape).converted(to: .f32))
+            second[name] = try backend.upload(saved.tensor("exp_avg_sq.\(name)", expecting: tensor.shape).converted(to: .f32))
         }
-        training.optimizer.restore(step: optimizerStep, first: first, second: second)
         try dataset.restore(TrainingDataPosition(serialized: metadata("data_position")))
         step = savedStep
         lossScale = scale
         stepsSinceOverflow = sinceOverflow
-        try training.uploadMasterWeights()
+        try training.setMasterWeights(master)
+        training.optimizer.restore(step: optimizerStep, first: first, second: second)
     }
 }
 

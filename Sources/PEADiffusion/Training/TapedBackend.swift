@@ -396,6 +396,13 @@ public final class TapedBackend: ComputeBackend {
     public func gegluBackward(_ gradOutput: Tensor, input x: Tensor) throws -> Tensor {
         wrap(try inner.gegluBackward(unwrap(gradOutput), input: unwrap(x)))
     }
+    public func adamw(parameter: Tensor, firstMoment: Tensor, secondMoment: Tensor, gradient: Tensor,
+                      scalars: AdamWScalars) throws -> (parameter: Tensor, firstMoment: Tensor, secondMoment: Tensor) {
+        let out = try inner.adamw(parameter: unwrap(parameter), firstMoment: unwrap(firstMoment),
+                                  secondMoment: unwrap(secondMoment), gradient: unwrap(gradient), scalars: scalars)
+        return (wrap(out.parameter), wrap(out.firstMoment), wrap(out.secondMoment))
+    }
+    public func sumOfSquares(_ x: Tensor) throws -> Double { try inner.sumOfSquares(unwrap(x)) }
     public func upsampleNearest2xBackward(_ gradOutput: Tensor) throws -> Tensor {
         wrap(try inner.upsampleNearest2xBackward(unwrap(gradOutput)))
     }

@@ -328,6 +328,8 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
         case .conv2dBackwardData, .groupNormBackward, .layerNormBackward, .softmaxBackward, .activationBackward,
              .gegluBackward, .upsampleNearest2xBackward:
             present = hasBackwardKernel(op)   // CUDABackend+Backward.swift
+        case .adamw: return library.adamw != nil && dtype == .f32
+        case .sumOfSquares: return library.sumSquares != nil && dtype == .f32
         }
         guard present else { return false }
         switch op {

@@ -93,6 +93,10 @@ public final class CUDALibrary {
     typealias TimerRecordFn = @convention(c) (Context?, Int32) -> Int32
     typealias TimerElapsedFn = @convention(c) (Context?, Int32, Int32, UnsafeMutablePointer<Float>?) -> Int32
     typealias SpinFn = @convention(c) (Context?, Double) -> Int32
+    typealias AdamWFn = @convention(c) (Context?, UnsafePointer<Float>?, UnsafePointer<Float>?, UnsafePointer<Float>?,
+                                        UnsafePointer<Float>?, UnsafeMutablePointer<Float>?, UnsafeMutablePointer<Float>?,
+                                        UnsafeMutablePointer<Float>?, Int64, UnsafePointer<ck_adamw_hyper>?) -> Int32
+    typealias SumSquaresFn = @convention(c) (Context?, UnsafePointer<Float>?, Int64, UnsafeMutablePointer<Double>?) -> Int32
     typealias ProfileStartFn = @convention(c) (Context?) -> Int32
     typealias ProfileStopFn = @convention(c) (Context?, UnsafeMutablePointer<pea_cuda_profile_entry>?, Int32,
                                               UnsafeMutablePointer<Int32>?, UnsafeMutablePointer<Double>?) -> Int32
@@ -144,6 +148,8 @@ public final class CUDALibrary {
     let timerElapsed: TimerElapsedFn?
     let spin: SpinFn?
     let profileStart: ProfileStartFn?
+    let adamw: AdamWFn?
+    let sumSquares: SumSquaresFn?
     let profileStop: ProfileStopFn?
 
     /// Every function of pea_cuda.h, required ones first.
@@ -160,7 +166,7 @@ public final class CUDALibrary {
         "pea_cuda_conv2d_backward_data", "pea_cuda_group_norm_backward", "pea_cuda_layer_norm_backward",
         "pea_cuda_softmax_backward", "pea_cuda_activation_backward", "pea_cuda_geglu_backward",
         "pea_cuda_upsample_nearest2x_backward", "pea_cuda_timer_record", "pea_cuda_timer_elapsed", "pea_cuda_spin",
-        "pea_cuda_profile_start", "pea_cuda_profile_stop",
+        "pea_cuda_profile_start", "pea_cuda_profile_stop", "pea_cuda_adamw", "pea_cuda_sum_squares",
     ]
 
     /// Loads the library at `path`, or the first one `locate()` finds. Throws `PEAError.backend` saying where
@@ -246,6 +252,8 @@ public final class CUDALibrary {
         spin = optional("pea_cuda_spin", SpinFn.self)
         profileStart = optional("pea_cuda_profile_start", ProfileStartFn.self)
         profileStop = optional("pea_cuda_profile_stop", ProfileStopFn.self)
+        adamw = optional("pea_cuda_adamw", AdamWFn.self)
+        sumSquares = optional("pea_cuda_sum_squares", SumSquaresFn.self)
         missingSymbols = missing
     }
 

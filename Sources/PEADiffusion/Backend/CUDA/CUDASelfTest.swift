@@ -255,6 +255,19 @@ public enum CUDASelfTest {
                 [try b.cast(b.cast(t["x"]!, to: target), to: .f32)]
             })
         }
+        // The adapter's optimizer (f32 only): the official adapter's largest tensor, 2048×2048, at SD scale.
+        let (ar, ac) = sd ? (2048, 2048) : (37, 29)
+        list.append(Case(name: "adamw [\(ar),\(ac)]", inputs: ["p": r([ar, ac]), "m": r([ar, ac]), "v": r([ar, ac]), "g": r([ar, ac])],
+                         dtypes: [.f32]) { b, t in
+            let v = try b.binary(.mul, t["v"]!, t["v"]!)   // second moments are not negative
+            let out = try b.adamw(parameter: t["p"]!, firstMoment: t["m"]!, secondMoment: v, gradient: t["g"]!,
+                                  scalars: AdamWScalars(decay: 0.9999, weight1: 0.1, keep2: 0.999, weight2: 0.001,
+                                                        stepSize: -3.3e-4, correction2Root: 0.0706, epsilon: 1e-8))
+            return [out.parameter, out.firstMoment, out.secondMoment]
+        })
+        list.append(Case(name: "sumOfSquares [\(ar),\(ac)]", inputs: ["x": r([ar, ac])], dtypes: [.f32]) { b, t in
+            [try b.upload(HostTensor([Float(b.sumOfSquares(t["x"]!))], shape: [1]))]
+        })
         return list
     }
 

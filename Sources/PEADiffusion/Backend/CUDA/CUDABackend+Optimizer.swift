@@ -1,0 +1,41 @@
+import CKernels
+
+/// The optimizer ops on the device (CKernels/cuda/optimizer.cu): the adapter's AdamW step and its gradients'
+/// sums of squares, bit for bit the CPU kernels', so training gives the same weights on either backend.
+extension CUDABackend {
+    public func adamw(parameter: Tensor, firstMoment: Tensor, secondMoment: Tensor, gradient: Tensor,
+                      scalars: AdamWScalars) throws -> (parameter: Tensor, firstMoment: Tensor, secondMoment: Tensor) {
+        let op = "adamw"
+        try f32(op, parameter, firstMoment, secondMoment, gradient)
+        for (tensor, name) in [(firstMoment, "firstMoment"), (secondMoment, "secondMoment"), (gradient, "gradient")] {
+            try ShapeRules.requireShape(tensor, parameter.shape, op, name)
+        }
+        let step = try function(library.adamw, "pea_cuda_adamw", op)
+        let p = try empty(parameter.shape, .f32), m = try empty(parameter.shape, .f32), v = try empty(parameter.shape, .f32)
+        guard parameter.count > 0 else { return (p, m, v) }
+        func f(_ x: Tensor) -> UnsafeMutablePointer<Float>? { pointer(x)?.assumingMemoryBound(to: Float.self) }
+        var hyper = scalars.kernelValue
+        try check(step(context.handle, f(parameter), f(firstMoment), f(secondMoment), f(gradient), f(p), f(m), f(v),
+                       Int64(parameter.count), &hyper), op)
+        return (p, m, v)
+    }
+
+    public func sumOfSquares(_ x: Tensor) throws -> Double {
+        let op = "sumOfSquares"
+        try f32(op, x)
+        let sum = try function(library.sumSquares, "pea_cuda_sum_squares", op)
+        var total = 0.0
+        try check(sum(context.handle, pointer(x)?.assumingMemoryBound(to: Float.self), Int64(x.count), &total), op)
+        return total
+    }
+
+    /// Every tensor given is on this backend and f32 (the optimizer ops take f32 only).
+    private func f32(_ op: String, _ tensors: Tensor...) throws {
+        for t in tensors {
+            try own(t, op)
+            guard t.dtype == .f32 else {
+                throw PEAError.unsupported("\(op): f32 tensors only (the adapter's weights and moments), got a \(t.dtype) tensor")
+            }
+        }
+    }
+}
