@@ -265,4 +265,15 @@ final class OptimizerTests: XCTestCase {
         XCTAssertEqual(training.optimizer.step, 1)
         for (name, values) in try training.masterWeights() { XCTAssertNotEqual(values, before[name], name) }
     }
+
+    /// The optimizer ops refuse mismatched shapes and non-f32 tensors, naming the op and the tensor.
+    func testOptimizerOpsRefuseBadInput() throws {
+        let p = try backend.upload(HostTensor([1, 2, 3, 4], shape: [2, 2])), g = try backend.upload(HostTensor([1, 2], shape: [2]))
+        let scalars = AdamWScalars(decay: 1, weight1: 0.1, keep2: 0.999, weight2: 0.001, stepSize: -1e-3, correction2Root: 1, epsilon: 1e-8)
+        XCTAssertThrowsError(try backend.adamw(parameter: p, firstMoment: p, secondMoment: p, gradient: g, scalars: scalars)) {
+            XCTAssertTrue("\($0)".contains("adamw") && "\($0)".contains("gradient"), "\($0)")
+        }
+        let half = try backend.upload(HostTensor([1, 2, 3, 4], shape: [2, 2]).converted(to: .f16))
+        XCTAssertThrowsError(try backend.sumOfSquares(half)) { XCTAssertTrue("\($0)".contains("sumOfSquares"), "\($0)") }
+    }
 }

@@ -35,6 +35,13 @@ public enum ShapeRules {
         }
     }
 
+    /// An AdamW step: the moments and the gradient shaped like the parameter.
+    public static func adamw(parameter: Tensor, firstMoment: Tensor, secondMoment: Tensor, gradient: Tensor) throws {
+        for (tensor, name) in [(firstMoment, "firstMoment"), (secondMoment, "secondMoment"), (gradient, "gradient")] {
+            try requireShape(tensor, parameter.shape, "adamw", name)
+        }
+    }
+
     /// Group norm of x [B, C, …] in `groups` groups of channels with optional per-channel weight and bias
     /// (forward and backward alike): B, C and the product of the dimensions after C.
     public static func groupNorm(_ x: Tensor, groups: Int, weight: Tensor?, bias: Tensor?, op: String) throws

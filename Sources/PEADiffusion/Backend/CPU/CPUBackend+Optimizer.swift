@@ -5,11 +5,8 @@ import CKernels
 extension CPUBackend {
     public func adamw(parameter: Tensor, firstMoment: Tensor, secondMoment: Tensor, gradient: Tensor,
                       scalars: AdamWScalars) throws -> (parameter: Tensor, firstMoment: Tensor, secondMoment: Tensor) {
-        let op = "adamw"
-        try f32(op, parameter, firstMoment, secondMoment, gradient)
-        for (tensor, name) in [(firstMoment, "firstMoment"), (secondMoment, "secondMoment"), (gradient, "gradient")] {
-            try ShapeRules.requireShape(tensor, parameter.shape, op, name)
-        }
+        try f32("adamw", parameter, firstMoment, secondMoment, gradient)
+        try ShapeRules.adamw(parameter: parameter, firstMoment: firstMoment, secondMoment: secondMoment, gradient: gradient)
         let outputs = try [parameter, firstMoment, secondMoment].map { input -> Tensor in
             let copy = try empty(input.shape, .f32)
             pointer(copy).copyMemory(from: pointer(input), byteCount: input.byteCount)

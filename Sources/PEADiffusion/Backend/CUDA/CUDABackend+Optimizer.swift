@@ -7,9 +7,7 @@ extension CUDABackend {
                       scalars: AdamWScalars) throws -> (parameter: Tensor, firstMoment: Tensor, secondMoment: Tensor) {
         let op = "adamw"
         try f32(op, parameter, firstMoment, secondMoment, gradient)
-        for (tensor, name) in [(firstMoment, "firstMoment"), (secondMoment, "secondMoment"), (gradient, "gradient")] {
-            try ShapeRules.requireShape(tensor, parameter.shape, op, name)
-        }
+        try ShapeRules.adamw(parameter: parameter, firstMoment: firstMoment, secondMoment: secondMoment, gradient: gradient)
         let step = try function(library.adamw, "pea_cuda_adamw", op)
         let p = try empty(parameter.shape, .f32), m = try empty(parameter.shape, .f32), v = try empty(parameter.shape, .f32)
         guard parameter.count > 0 else { return (p, m, v) }
