@@ -27,29 +27,21 @@ typedef struct {
     ck_adamw_hyper h;
 } adamw_ctx;
 
-/* Elements [b, e). The lerp's branch is on a scalar, so each loop is branch-free (and vectorises). */
+/* Elements [b, e). The lerp's form depends on a scalar only (torch: fma(w, g − m, m) for w < 0.5, else
+ * fma(w − 1, g − m, g)), so the loop stays branch-free per element and vectorises. */
 static inline __attribute__((always_inline)) void adamw_range(const adamw_ctx *c, int64_t b, int64_t e) {
     float *restrict p = c->p, *restrict m = c->m, *restrict v = c->v;
     const float *restrict g = c->g;
     const ck_adamw_hyper h = c->h;
-    if (h.weight1 < 0.5f) {
-        for (int64_t i = b; i < e; i++) {
-            const float mi = fmaf(h.weight1, g[i] - m[i], m[i]);
-            const float vi = fmaf(h.weight2 * g[i], g[i], v[i] * h.keep2);
-            const float pi = p[i] * h.decay;
-            m[i] = mi;
-            v[i] = vi;
-            p[i] = pi + (h.step_size * mi) / (sqrtf(vi) / h.correction2_root + h.eps);
-        }
-    } else {
-        for (int64_t i = b; i < e; i++) {
-            const float mi = fmaf(h.weight1 - 1.0f, g[i] - m[i], g[i]);
-            const float vi = fmaf(h.weight2 * g[i], g[i], v[i] * h.keep2);
-            const float pi = p[i] * h.decay;
-            m[i] = mi;
-            v[i] = vi;
-            p[i] = pi + (h.step_size * mi) / (sqrtf(vi) / h.correction2_root + h.eps);
-        }
+    const int low = h.weight1 < 0.5f;
+    const float lerp_w = low ? h.weight1 : h.weight1 - 1.0f;
+    for (int64_t i = b; i < e; i++) {
+        const float mi = fmaf(lerp_w, g[i] - m[i], low ? m[i] : g[i]);
+        const float vi = fmaf(h.weight2 * g[i], g[i], v[i] * h.keep2);
+        const float pi = p[i] * h.decay;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi + (h.step_size * mi) / (sqrtf(vi) / h.correction2_root + h.eps);
     }
 }
 

@@ -105,7 +105,7 @@ struct pea_cuda_context {
     int timer_recorded[PEA_CUDA_TIMER_SLOTS];
     int clock_khz; /* 0 until pea_cuda_spin first asks */
 
-    pea_profile *profile; /* non-NULL while a profile runs (pea_cuda_profile_start … _stop) */
+    pea_profile *profile; /* the profile's events and totals, from the first pea_cuda_profile_start on */
 };
 
 /* ---------------------------------------------------------------------------------------------------- */

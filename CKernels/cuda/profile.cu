@@ -5,8 +5,8 @@
  * the work the call queues; the GPU time between them is that call's time, whatever the host did meanwhile.
  * Pairs go into a ring; when it is full the host waits for the last pair and folds the ring into per-op totals
  * (a wait every PEA_PROFILE_PAIRS calls: a profile run is slightly slower than a plain one, the per-op times
- * are not affected). Two more events mark the first call's start and the last call's end, so the span minus
- * the summed calls is the time the GPU sat idle waiting for the host to queue work.
+ * are not affected). One more event marks the first call's start; with the last call's end it gives the span,
+ * and the span minus the summed calls is the time the GPU sat idle waiting for the host to queue work.
  *
  * Events are created on the first profile and kept for the context's life. No kernels.
  */
@@ -24,7 +24,7 @@ struct pea_profile {
     bool running;        /* between pea_cuda_profile_start and _stop */
     int pending;         /* recorded pairs not yet folded */
     int depth;           /* nesting of op calls: only the outermost is recorded */
-    cudaEvent_t first, last; /* the first call's start, the latest call's end */
+    cudaEvent_t first;   /* the first call's start (the last call's end is end[pending − 1]) */
     bool any;            /* first is recorded */
     pea_cuda_profile_entry totals[PEA_PROFILE_OPS];
     int ops;             /* distinct op names in totals */
@@ -73,7 +73,6 @@ void pea_profile_begin(pea_cuda_context *ctx, const char *op) {
 void pea_profile_end(pea_cuda_context *ctx) {
     pea_profile *p = ctx->profile;
     profile_note(p, cudaEventRecord(p->end[p->pending], ctx->stream));
-    profile_note(p, cudaEventRecord(p->last, ctx->stream));
     p->pending++;
 }
 
@@ -94,7 +93,6 @@ static pea_profile *profile_create(pea_cuda_context *ctx, const char *op, int *r
         if (e == cudaSuccess) e = cudaEventCreate(&p->end[i]);
     }
     if (e == cudaSuccess) e = cudaEventCreate(&p->first);
-    if (e == cudaSuccess) e = cudaEventCreate(&p->last);
     if (e != cudaSuccess) {
         ctx->profile = p;
         pea_profile_destroy(ctx);
@@ -113,7 +111,6 @@ void pea_profile_destroy(pea_cuda_context *ctx) {
         if (p->end[i]) cudaEventDestroy(p->end[i]);
     }
     if (p->first) cudaEventDestroy(p->first);
-    if (p->last) cudaEventDestroy(p->last);
     delete p;
     ctx->profile = nullptr;
 }
@@ -147,10 +144,13 @@ extern "C" int pea_cuda_profile_stop(pea_cuda_context *ctx, pea_cuda_profile_ent
     PEA_REQUIRE(ctx, op, p && p->running, "no profile is running (call pea_cuda_profile_start first)");
     PEA_REQUIRE(ctx, op, count && span_ms && capacity >= 0 && (entries || capacity == 0),
                 "count or span_ms is NULL, or entries is NULL with capacity %d", capacity);
+    /* a recorded call always leaves a pair pending (the ring is folded when a call begins, not when it ends),
+     * and folding leaves the events as they are: end[last] is the last call's end */
+    const int last = p->pending - 1;
     profile_fold(p);
     p->running = false;
     float span = 0.0f;
-    if (p->any) profile_note(p, cudaEventElapsedTime(&span, p->first, p->last));
+    if (p->any && last >= 0) profile_note(p, cudaEventElapsedTime(&span, p->first, p->end[last]));
     if (p->error != cudaSuccess) {
         cudaGetLastError();
         return pea_check_cuda(ctx, op, p->error, "recording the profile's events (a queued kernel failed?)");

@@ -35,13 +35,30 @@ struct cublasContext {
 
 namespace {
 
-std::mutex g_handles_mutex;
-std::set<cublasHandle_t> g_handles;
+/* The live handles of one kind: create adds, destroy removes, every call checks. */
+template <class H>
+class HandleSet {
+  public:
+    void add(H h) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        live_.insert(h);
+    }
+    bool remove(H h) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        return h && live_.erase(h);
+    }
+    bool valid(H h) {
+        std::lock_guard<std::mutex> lk(mutex_);
+        return h && live_.count(h);
+    }
 
-bool handle_valid(cublasHandle_t h) {
-    std::lock_guard<std::mutex> lk(g_handles_mutex);
-    return h && g_handles.count(h);
-}
+  private:
+    std::mutex mutex_;
+    std::set<H> live_;
+};
+
+HandleSet<cublasHandle_t> g_handles;
+HandleSet<cublasLtHandle_t> g_lt_handles;
 
 enum Round { ROUND_NONE, ROUND_TF32, ROUND_F16, ROUND_BF16 };
 
@@ -136,7 +153,7 @@ size_t elem_size(cudaDataType t) { return t == CUDA_R_32F ? 4 : 2; }
 
 cublasStatus_t check_dims(cublasHandle_t h, int ta, int tb, int m, int n, int k, long long lda, long long ldb,
                           long long ldc, const void *alpha, const void *beta) {
-    if (!handle_valid(h)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!g_handles.valid(h)) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (ta < 0 || ta > 2 || tb < 0 || tb > 2) return CUBLAS_STATUS_INVALID_VALUE;
     if (m < 0 || n < 0 || k < 0) return CUBLAS_STATUS_INVALID_VALUE;
     if (lda < std::max(1, ta == CUBLAS_OP_N ? m : k)) return CUBLAS_STATUS_INVALID_VALUE;
@@ -212,43 +229,39 @@ extern "C" {
 cublasStatus_t cublasCreate(cublasHandle_t *handle) {
     if (!handle) return CUBLAS_STATUS_INVALID_VALUE;
     *handle = new cublasContext{nullptr, CUBLAS_DEFAULT_MATH, CUBLAS_POINTER_MODE_HOST};
-    std::lock_guard<std::mutex> lk(g_handles_mutex);
-    g_handles.insert(*handle);
+    g_handles.add(*handle);
     return CUBLAS_STATUS_SUCCESS;
 }
 
 cublasStatus_t cublasDestroy(cublasHandle_t handle) {
-    {
-        std::lock_guard<std::mutex> lk(g_handles_mutex);
-        if (!handle || !g_handles.erase(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
-    }
+    if (!g_handles.remove(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     delete handle;
     return CUBLAS_STATUS_SUCCESS;
 }
 
 cublasStatus_t cublasGetVersion(cublasHandle_t handle, int *version) {
-    if (!handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!g_handles.valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!version) return CUBLAS_STATUS_INVALID_VALUE;
     *version = 120000;
     return CUBLAS_STATUS_SUCCESS;
 }
 
 cublasStatus_t cublasSetStream(cublasHandle_t handle, cudaStream_t stream) {
-    if (!handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!g_handles.valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!pea_emu::rt_stream_valid(stream)) return CUBLAS_STATUS_INVALID_VALUE;
     handle->stream = stream;
     return CUBLAS_STATUS_SUCCESS;
 }
 
 cublasStatus_t cublasGetStream(cublasHandle_t handle, cudaStream_t *stream) {
-    if (!handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!g_handles.valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!stream) return CUBLAS_STATUS_INVALID_VALUE;
     *stream = handle->stream;
     return CUBLAS_STATUS_SUCCESS;
 }
 
 cublasStatus_t cublasSetMathMode(cublasHandle_t handle, cublasMath_t mode) {
-    if (!handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!g_handles.valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     int base = (int)mode & ~CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION;
     if (base < 0 || base > 3) return CUBLAS_STATUS_INVALID_VALUE;
     handle->math = mode;
@@ -256,21 +269,21 @@ cublasStatus_t cublasSetMathMode(cublasHandle_t handle, cublasMath_t mode) {
 }
 
 cublasStatus_t cublasGetMathMode(cublasHandle_t handle, cublasMath_t *mode) {
-    if (!handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!g_handles.valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!mode) return CUBLAS_STATUS_INVALID_VALUE;
     *mode = handle->math;
     return CUBLAS_STATUS_SUCCESS;
 }
 
 cublasStatus_t cublasSetPointerMode(cublasHandle_t handle, cublasPointerMode_t mode) {
-    if (!handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!g_handles.valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (mode != CUBLAS_POINTER_MODE_HOST && mode != CUBLAS_POINTER_MODE_DEVICE) return CUBLAS_STATUS_INVALID_VALUE;
     handle->pointer_mode = mode; /* host and device memory are one here: alpha and beta read the same way */
     return CUBLAS_STATUS_SUCCESS;
 }
 
 cublasStatus_t cublasGetPointerMode(cublasHandle_t handle, cublasPointerMode_t *mode) {
-    if (!handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!g_handles.valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!mode) return CUBLAS_STATUS_INVALID_VALUE;
     *mode = handle->pointer_mode;
     return CUBLAS_STATUS_SUCCESS;
@@ -279,7 +292,7 @@ cublasStatus_t cublasGetPointerMode(cublasHandle_t handle, cublasPointerMode_t *
 cublasStatus_t cublasSetWorkspace(cublasHandle_t handle, void *workspace, size_t bytes) {
     (void)workspace;
     (void)bytes;
-    return handle_valid(handle) ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_INITIALIZED;
+    return g_handles.valid(handle) ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_INITIALIZED;
 }
 
 const char *cublasGetStatusName(cublasStatus_t s) {
@@ -390,13 +403,7 @@ struct cublasLtMatmulPreferenceOpaque_st {
 };
 
 namespace {
-std::set<cublasLtHandle_t> g_lt_handles;
 std::atomic<long long> g_lt_heuristic_queries{0};
-
-bool lt_handle_valid(cublasLtHandle_t h) {
-    std::lock_guard<std::mutex> lk(g_handles_mutex);
-    return h && g_lt_handles.count(h);
-}
 
 /* The problem a descriptor and four layouts describe, checked and filled into g (all but the scalars and the
  * pointers); CUBLAS_STATUS_SUCCESS, or why cuBLASLt would refuse it. */
@@ -463,14 +470,12 @@ extern "C" {
 cublasStatus_t cublasLtCreate(cublasLtHandle_t *handle) {
     if (!handle) return CUBLAS_STATUS_INVALID_VALUE;
     *handle = new cublasLtContext{0};
-    std::lock_guard<std::mutex> lk(g_handles_mutex);
-    g_lt_handles.insert(*handle);
+    g_lt_handles.add(*handle);
     return CUBLAS_STATUS_SUCCESS;
 }
 
 cublasStatus_t cublasLtDestroy(cublasLtHandle_t handle) {
-    std::lock_guard<std::mutex> lk(g_handles_mutex);
-    if (!handle || !g_lt_handles.erase(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!g_lt_handles.remove(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     delete handle;
     return CUBLAS_STATUS_SUCCESS;
 }
@@ -575,7 +580,7 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t handle, cublasLtM
                                               cublasLtMatrixLayout_t Cdesc, cublasLtMatrixLayout_t Ddesc,
                                               cublasLtMatmulPreference_t pref, int requested,
                                               cublasLtMatmulHeuristicResult_t results[], int *returned) {
-    if (!lt_handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!g_lt_handles.valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!pref || requested <= 0 || !results || !returned) return CUBLAS_STATUS_INVALID_VALUE;
     g_lt_heuristic_queries++;
     *returned = 0;
@@ -601,7 +606,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc
     (void)workspace;
     (void)workspaceSizeInBytes;
     (void)stream;
-    if (!lt_handle_valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!g_lt_handles.valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!alpha || !beta || !D) return CUBLAS_STATUS_INVALID_VALUE;
     Gemm g;
     const cublasStatus_t s = lt_problem(desc, Adesc, Bdesc, Cdesc, Ddesc, g);

@@ -237,10 +237,9 @@ struct UNetUpBlock {
             if !attentions.isEmpty { h = try attentions[i](h, context: context) }
         }
         if let upsampler {
-            // diffusers passes the next skip's size when the latent is not a multiple of 2^upsamplers (forward_upsample_size)
-            let next = skips.last?.shape ?? []
-            h = next.count == 4 && (next[2] != 2 * h.shape[2] || next[3] != 2 * h.shape[3])
-                ? try upsampler(h, size: (next[2], next[3])) : try upsampler(h)
+            // to the size of the skip the next block takes: 2× unless the latent was not a multiple of
+            // 2^upsamplers (diffusers' forward_upsample_size)
+            h = try skips.last.map { try upsampler(h, size: ($0.shape[2], $0.shape[3])) } ?? upsampler(h)
         }
         return h
     }

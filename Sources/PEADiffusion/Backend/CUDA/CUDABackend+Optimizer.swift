@@ -6,7 +6,7 @@ extension CUDABackend {
     public func adamw(parameter: Tensor, firstMoment: Tensor, secondMoment: Tensor, gradient: Tensor,
                       scalars: AdamWScalars) throws -> (parameter: Tensor, firstMoment: Tensor, secondMoment: Tensor) {
         let op = "adamw"
-        try f32(op, parameter, firstMoment, secondMoment, gradient)
+        try requireF32(op, floats(op, parameter, firstMoment, secondMoment, gradient))
         try ShapeRules.adamw(parameter: parameter, firstMoment: firstMoment, secondMoment: secondMoment, gradient: gradient)
         let step = try function(library.adamw, "pea_cuda_adamw", op)
         let p = try empty(parameter.shape, .f32), m = try empty(parameter.shape, .f32), v = try empty(parameter.shape, .f32)
@@ -20,20 +20,15 @@ extension CUDABackend {
 
     public func sumOfSquares(_ x: Tensor) throws -> Double {
         let op = "sumOfSquares"
-        try f32(op, x)
+        try requireF32(op, floats(op, x))
         let sum = try function(library.sumSquares, "pea_cuda_sum_squares", op)
         var total = 0.0
         try check(sum(context.handle, pointer(x)?.assumingMemoryBound(to: Float.self), Int64(x.count), &total), op)
         return total
     }
 
-    /// Every tensor given is on this backend and f32 (the optimizer ops take f32 only).
-    private func f32(_ op: String, _ tensors: Tensor...) throws {
-        for t in tensors {
-            try own(t, op)
-            guard t.dtype == .f32 else {
-                throw PEAError.unsupported("\(op): f32 tensors only (the adapter's weights and moments), got a \(t.dtype) tensor")
-            }
-        }
+    /// The optimizer ops take f32 only (the adapter's weights and moments).
+    private func requireF32(_ op: String, _ dtype: DType) throws {
+        guard dtype == .f32 else { throw PEAError.unsupported("\(op): f32 tensors only (the adapter's weights and moments), got \(dtype)") }
     }
 }
