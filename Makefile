@@ -8,7 +8,7 @@ REF_VENV     := tools/reference/.venv
 NVCC         ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_SOURCES := $(wildcard CKernels/cuda/*.cu)
 
-.PHONY: all build test bench cuda fixtures clean system-deps
+.PHONY: all build test bench fidelity cuda fixtures clean system-deps
 
 all: build
 
@@ -46,6 +46,11 @@ test: system-deps emu-test cuda-emu cuda-test cuda-compile-check
 bench: build
 	$(PYTHON) benchmarks/gemm_vs_numpy.py --pea $(RELEASE_BIN)
 
+## make fidelity — the PEA method measured on the bundled toy world (English teacher, Chinese + trained adapter,
+## Chinese + random adapter, held-out combinations), judged by the world's classifier; prints the table
+fidelity: build
+	$(PYTHON) benchmarks/method_fidelity.py --pea $(RELEASE_BIN)
+
 ## make cuda — build .build-cuda/libpea_cuda.so with nvcc from CKernels/cuda/*.cu (sm_80, sm_86, sm_89, sm_90 + PTX)
 cuda:
 	@if [ -z "$(CUDA_NVCC)" ]; then \
@@ -69,6 +74,8 @@ fixtures: $(REF_VENV)/.installed
 	$(REF_VENV)/bin/python tools/reference/make_pipeline_fixtures.py --out Tests/Fixtures/pipelines
 	$(REF_VENV)/bin/python tools/reference/make_pea_pipeline_fixtures.py --out Tests/Fixtures/pea
 	$(REF_VENV)/bin/python tools/reference/make_kd_fixtures.py --out Tests/Fixtures/kd
+	$(REF_VENV)/bin/python tools/toyworld/make_world_fixtures.py --out Tests/Fixtures/toyworld
+	$(REF_VENV)/bin/python tools/reference/make_toyworld_fixtures.py --out Tests/Fixtures/toyworld
 
 $(REF_VENV)/.installed: tools/reference/requirements.txt
 	$(PYTHON) -m venv $(REF_VENV)

@@ -6,15 +6,19 @@ import Darwin
 import PEADiffusion
 
 let generateUsage = """
-Usage: pea generate --model DIR --prompt TEXT [options]
-       pea generate --model DIR --prompts FILE [options]
+Usage: pea generate [--model DIR] --prompt TEXT [options]
+       pea generate [--model DIR] --prompts FILE [options]
 
 Generates images from text with a diffusers Stable Diffusion pipeline folder (SD1.x, SD2.x or SDXL, detected
 from the folder), the same images diffusers makes from the same folder, prompt, seed and settings with a CPU
 generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run.
 
 Options:
-  --model DIR               diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, …)
+  --model DIR               diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, …); without
+                            it, the bundled toy world (models/toyworld: 64×64 coloured shapes, "a red circle"),
+                            and for Chinese prompts ("一个红色的圆形") its Chinese encoder and the PEA adapter
+                            trained by `pea train` (models/toyworld-zh); found above the pea executable, in
+                            ./models, or where $PEA_MODELS points
   --prompt TEXT             what to draw
   --prompts FILE            one prompt per line (empty lines skipped); each is generated as its own call
                             with the same seed
@@ -49,7 +53,6 @@ func runGenerate(_ arguments: [String]) throws {
         spec[key] = .value
     }
     let options = try Arguments(arguments, command: "generate", spec: spec)
-    let modelFolder = try options.requiredString("--model")
     guard options.has("--text-encoder") == options.has("--adapter") else {
         throw PEAError.usage("generate: --text-encoder and --adapter go together (PEA: a language-specific encoder and its adapter)")
     }
@@ -89,8 +92,27 @@ func runGenerate(_ arguments: [String]) throws {
     let backendOptions = try BackendOptions(options, command: "generate")
     let backend = backendOptions.backend, dtype = backendOptions.precision
 
+    // Without --model: the bundled toy world; a Chinese prompt goes through its Chinese encoder and adapter.
+    var pea = options.string("--text-encoder").flatMap { encoder in options.string("--adapter").map { (encoder, $0) } }
+    let modelFolder: String
+    if let model = options.string("--model") {
+        modelFolder = model
+    } else {
+        let bundled = try BundledModels.locate()
+        modelFolder = bundled.teacher
+        let chinese = pea == nil && prompts.contains(where: BundledModels.isChinese)
+        if chinese {
+            guard prompts.allSatisfy(BundledModels.isChinese) else {
+                throw PEAError.usage("generate: without --model, the prompts must be all Chinese or all English (the bundled world reads each language through its own encoder)")
+            }
+            pea = (bundled.chineseEncoder, bundled.chineseAdapter)
+        }
+        fputs("pea: no --model: the bundled toy world \(modelFolder)"
+              + (chinese ? ", Chinese prompt through its Chinese-CLIP encoder and PEA adapter (\(parentFolder(bundled.chineseAdapter)))" : "")
+              + "\n", stderr)
+    }
     var conditioner: (any TextConditioner)?
-    if let encoderFolder = options.string("--text-encoder"), let adapterPath = options.string("--adapter") {
+    if let (encoderFolder, adapterPath) = pea {
         // PEA: the language-specific encoder and the adapter replace the folder's English text encoder(s).
         conditioner = try PEAConditioner(encoder: LanguageEncoders.load(folder: encoderFolder, backend: backend,
                                                                         maxLength: try options.int("--max-length"), dtype: dtype),

@@ -39,7 +39,9 @@ Options:
                             parallel ones
   --uncond-prob P           probability that a sample trains on the empty prompt on both sides (default 0.1)
   --feature-weight W        weight of the feature KD term (default 0.1)
-  --seed N                  seed for data order, noise, timesteps and dropout (default 0)
+  --seed N                  seed for data order, noise, timesteps and dropout (default 0); step k's Gaussian
+                            values (latent samples, then noise) are torch.randn draws from a CPU generator
+                            seeded with a function of (N, k) documented in PEATrainer.swift
   --save-every N            checkpoint every N steps (default 0: only at the end)
   --resume DIR              continue from a checkpoint folder (DIR/checkpoint-STEP or the --output DIR)
   --latent-cache DIR        keep each image's VAE latent distribution there, so it is encoded once
@@ -47,6 +49,24 @@ Options:
   --adapter-hidden H        hidden width of a new adapter (default 2048)
   --adapter-layers N        linear layers of a new adapter (default 3, as the training script)
 \(BackendOptions.help)
+
+Validation (samples from the adapter as it trains):
+  --validation-prompt TEXT  a prompt in the encoder's language (repeatable; one grid row each)
+  --validation-every N      validate after every N-th step and after the last one (required with a prompt)
+  --validation-seeds K      images per prompt, seeds 0..K-1 (default 2; one grid column each)
+  --validation-steps S      denoising steps (default 30)
+  --validation-guidance G   classifier-free guidance scale (default 7.5; ≤ 1 turns guidance off)
+  Each image is what `pea generate --model DIR --text-encoder ENC --adapter <the adapter at that step> --seed C
+  --width R --height R --steps S --guidance G` makes (the folder's scheduler, no negative prompt) at the training
+  resolution R, drawn with the models already loaded; the training itself is unchanged by it. The grid (rows =
+  prompts, columns = seeds, 2 white pixels between images) is written to OUTPUT/validation/step-000500.png
+  (the step, 6 digits) and its path printed on stderr.
+
+Metrics: OUTPUT/metrics.jsonl gets one JSON object per step, flushed as it is written:
+  {"grad_norm", "loss", "loss_features", "loss_logits", "loss_task", "lr", "seconds", "step"}, plus
+  "validation" (the grid's path) on steps that wrote one; grad_norm is the norm before clipping, seconds the
+  step's time without validation, and a value that is not finite (a skipped f16 update's norm) is null. A new
+  run starts the file afresh; --resume keeps only its lines up to the resumed step.
 
 Progress (loss terms, learning rate, step time, ETA) goes to stderr; the final adapter's path to stdout.
 """
@@ -56,10 +76,12 @@ func runTrain(_ arguments: [String]) throws {
     var spec = BackendOptions.spec
     for key in ["--model", "--text-encoder", "--max-length", "--output", "--steps", "--batch-size", "--lr", "--min-lr",
                 "--warmup-steps", "--weight-decay", "--max-grad-norm", "--resolution", "--uncond-prob", "--feature-weight",
-                "--seed", "--save-every", "--resume", "--latent-cache", "--init-adapter", "--adapter-hidden", "--adapter-layers"] {
+                "--seed", "--save-every", "--resume", "--latent-cache", "--init-adapter", "--adapter-hidden", "--adapter-layers",
+                "--validation-every", "--validation-seeds", "--validation-steps", "--validation-guidance"] {
         spec[key] = .value
     }
     spec["--data"] = .repeatable
+    spec["--validation-prompt"] = .repeatable
     spec["--hybrid"] = .flag
     let command = "train"
     let options = try Arguments(arguments, command: command, spec: spec)
@@ -95,6 +117,7 @@ func runTrain(_ arguments: [String]) throws {
     settings.featureWeight = try options.double("--feature-weight").map(Float.init) ?? 0.1
     settings.seed = UInt64(try options.int("--seed", default: 0, range: 0...Int.max))
     settings.saveEvery = try options.int("--save-every", default: 0, range: 0...100_000_000)
+    let validation = try validationOptions(options)
 
     let backendOptions = try BackendOptions(options, command: command)
     let backend = backendOptions.backend, dtype = backendOptions.precision
@@ -119,12 +142,16 @@ func runTrain(_ arguments: [String]) throws {
     let cache = try options.string("--latent-cache").map { try LatentCache(folder: $0, namespace: model) }
     let trainer = try PEATrainer(teacher: teacher, student: student, adapter: adapter, dataset: dataset,
                                  options: settings, backend: backend, latentCache: cache)
+    let validator = try validation.map {
+        try TrainingValidator(teacher: teacher, student: student, options: $0, resolution: settings.resolution, backend: backend)
+    }
     if let resume = options.string("--resume") {
         try trainer.resume(from: resume)
         fputs("pea train: resumed at step \(trainer.step) from \(resume)\n", stderr)
     }
     fputs("pea train: adapter \(trainer.adapter.widths.map(String.init).joined(separator: "→")) (\(trainer.adapter.parameterCount) parameters), "
           + "\(settings.steps) steps of \(settings.batchSize) at \(settings.resolution)², \(backend.name)\n", stderr)
+    let metrics = try TrainingMetricsLog(path: joinPathComponents(output, "metrics.jsonl"), startingAfter: trainer.step)
 
     var times: [Double] = []
     while trainer.step < settings.steps {
@@ -139,6 +166,13 @@ func runTrain(_ arguments: [String]) throws {
         if report.overflowSkipped { line += "  (f16 overflow: update skipped, loss scale \(trainer.lossScale))" }
         if report.skipped.total > 0 { line += "  skipped records: \(report.skipped)" }
         fputs(line + "\n", stderr)
+        var grid: String?
+        if let validator, validator.options.isDue(step: report.step, totalSteps: settings.steps) {
+            let start = monotonicSeconds()
+            grid = try validator.write(adapter: trainer.adapter, step: report.step, output: output)
+            fputs("pea train: validation \(grid!) (\(short(Float(monotonicSeconds() - start))) s)\n", stderr)
+        }
+        try metrics.append(report, validation: grid)
         if settings.saveEvery > 0, report.step % settings.saveEvery == 0, report.step < settings.steps {
             let folder = joinPathComponents(output, "checkpoint-\(report.step)")
             try trainer.saveCheckpoint(to: folder)
@@ -147,6 +181,26 @@ func runTrain(_ arguments: [String]) throws {
     }
     try trainer.saveCheckpoint(to: output)
     print(joinPathComponents(output, "adapter.safetensors"))
+}
+
+/// The --validation-* options (nil without --validation-prompt); every mistake is a usage error, found before
+/// anything is loaded or written.
+private func validationOptions(_ options: Arguments) throws -> ValidationOptions? {
+    let prompts = options.strings("--validation-prompt")
+    guard !prompts.isEmpty else {
+        for flag in ["--validation-every", "--validation-seeds", "--validation-steps", "--validation-guidance"] where options.has(flag) {
+            throw PEAError.usage("train: \(flag) needs at least one --validation-prompt")
+        }
+        return nil
+    }
+    guard options.has("--validation-every") else {
+        throw PEAError.usage("train: --validation-prompt needs --validation-every N (validate every N steps)")
+    }
+    var validation = ValidationOptions(prompts: prompts, every: try options.int("--validation-every", default: 1, range: 1...100_000_000))
+    validation.seeds = try options.int("--validation-seeds", default: 2, range: 1...64)
+    validation.steps = try options.int("--validation-steps", default: 30, range: 1...1000)
+    validation.guidance = Float(try options.double("--validation-guidance") ?? 7.5)
+    return validation
 }
 
 private func short(_ value: Float) -> String {

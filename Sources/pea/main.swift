@@ -15,10 +15,11 @@ Usage:
                                   time a full UNet of that architecture (random weights) and its peak memory
   pea bench kernels [--backend cuda|cpu] [--precision P] [--scale full|small] [--json]
                                   time each kernel at SD1.5 shapes (GB/s, TFLOP/s)
-  pea generate --model DIR --prompt TEXT [--negative-prompt TEXT] [--steps 30] [--guidance 7.5] [--seed N]
+  pea generate [--model DIR] --prompt TEXT [--negative-prompt TEXT] [--steps 30] [--guidance 7.5] [--seed N]
                [--scheduler NAME] [--width W --height H] [--batch N] [--prompts FILE] [--output PATH.png]
                [--text-encoder DIR --adapter PATH]
-                                  text to image with a diffusers SD1.x/SD2.x/SDXL folder (see 'pea generate --help')
+                                  text to image with a diffusers SD1.x/SD2.x/SDXL folder, or without
+                                  --model the bundled toy world (see 'pea generate --help')
   pea eval unet|vae-decode|vae-encode --model DIR --inputs IN.safetensors --output OUT.safetensors
   pea eval text-encoder --model DIR --prompt TEXT [--prompt TEXT …] [--max-length N] --output OUT.safetensors
   pea eval kd-step --unet DIR --adapter PATH --inputs IN.safetensors --output OUT.safetensors
@@ -28,6 +29,7 @@ Usage:
                                   train a PEA adapter by distillation through the frozen UNet (see 'pea train --help')
   pea selftest [--backend cpu|cuda] check the backend's ops: CPU fast paths against plain references, CUDA
                                   against the CPU (see 'pea selftest --help')
+  pea toyworld corpus|classify|grid|draw  the toy world's corpus, classifier and grids (see 'pea toyworld --help')
   pea help | --help               this text
 """
 
@@ -59,6 +61,8 @@ func run(_ arguments: [String]) throws {
         try runSelftest(rest)
     case "train":
         try runTrain(rest)
+    case "toyworld":
+        try runToyWorld(rest)
     default:
         throw PEAError.usage("unknown command '\(command)' (see 'pea --help')")
     }

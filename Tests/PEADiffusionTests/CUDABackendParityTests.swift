@@ -159,7 +159,7 @@ final class CUDABackendParityTests: XCTestCase {
         }
         withEnvironment("PEA_CUDA_LIB", nil) {
             let paths = CUDALibrary.searchPaths()
-            let executableDirectory = CUDALibrary.parent(CUDALibrary.executablePath()!)
+            let executableDirectory = parentFolder(executablePath()!)
             XCTAssertEqual(paths.first, executableDirectory + "/libpea_cuda.so")
             XCTAssertTrue(paths.contains(Self.repositoryRoot + "/.build-cuda/libpea_cuda.so"), "\(paths)")
             XCTAssertTrue(paths.contains(Self.repositoryRoot + "/libpea_cuda.so"), "\(paths)")

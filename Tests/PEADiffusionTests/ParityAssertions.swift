@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import PEADiffusion
 
 /// DESIGN.md's f32 tolerances: relative L2 error ≤ 1e-4 and max |Δ| ≤ 1e-3 · max(1, |reference|) per element.
 struct ParityTolerance {
@@ -46,4 +47,24 @@ func fixturesDirectory() -> String {
     var path = "\(#filePath)"
     for _ in 0..<2 { path = String(path[..<path.lastIndex(of: "/")!]) }
     return path + "/Fixtures"
+}
+
+/// Generated 8-bit images against the reference's pixels [N, H, W, 3] (DESIGN.md: max |Δ| ≤ 1/255, mean |Δ| ≤
+/// 0.02/255).
+func assertSameImages(_ images: [RGBImage], _ expected: HostTensor, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
+    XCTAssertEqual(images.count, expected.shape[0], "\(what): image count", file: file, line: line)
+    let reference = expected.integers()!
+    var worst = 0, total = 0, count = 0
+    for (n, image) in images.enumerated() {
+        XCTAssertEqual([image.height, image.width], Array(expected.shape[1...2]), "\(what): size", file: file, line: line)
+        let offset = n * image.pixels.count
+        for (i, value) in image.pixels.enumerated() where offset + i < reference.count {
+            let d = abs(Int(value) - reference[offset + i])
+            worst = max(worst, d)
+            total += d
+            count += 1
+        }
+    }
+    XCTAssertLessThanOrEqual(worst, 1, "\(what): max |Δ| in 8-bit steps", file: file, line: line)
+    XCTAssertLessThanOrEqual(Double(total) / Double(max(count, 1)), 0.02, "\(what): mean |Δ| in 8-bit steps", file: file, line: line)
 }

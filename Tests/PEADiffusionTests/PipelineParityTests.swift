@@ -25,24 +25,6 @@ final class PipelineParityTests: XCTestCase {
         try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images")
     }
 
-    func assertSameImages(_ images: [RGBImage], _ expected: HostTensor, _ what: String) {
-        XCTAssertEqual(images.count, expected.shape[0], "\(what): image count")
-        let reference = expected.integers()!
-        var worst = 0, total = 0, count = 0
-        for (n, image) in images.enumerated() {
-            XCTAssertEqual([image.height, image.width], Array(expected.shape[1...2]), "\(what): size")
-            let offset = n * image.pixels.count
-            for (i, value) in image.pixels.enumerated() where offset + i < reference.count {
-                let d = abs(Int(value) - reference[offset + i])
-                worst = max(worst, d)
-                total += d
-                count += 1
-            }
-        }
-        XCTAssertLessThanOrEqual(worst, 1, "\(what): max |Δ| in 8-bit steps")
-        XCTAssertLessThanOrEqual(Double(total) / Double(max(count, 1)), 0.02, "\(what): mean |Δ| in 8-bit steps")
-    }
-
     func testEveryCaseMatchesDiffusers() throws {
         let backend = CPUBackend()
         let cases = try Self.cases()

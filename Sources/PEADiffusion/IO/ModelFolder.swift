@@ -26,6 +26,22 @@ public enum ModelFolder {
     }
 }
 
+/// The running executable's path (`/proc/self/exe`), nil where it cannot be read.
+func executablePath() -> String? {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    guard length > 0 else { return nil }
+    buffer[length] = 0
+    return String(cString: buffer)
+}
+
+/// The working directory, nil where it cannot be read.
+func currentDirectory() -> String? {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    guard getcwd(&buffer, buffer.count) != nil else { return nil }
+    return String(cString: buffer)
+}
+
 func isDirectory(_ path: String) -> Bool {
     var status = stat()
     return stat(path, &status) == 0 && (status.st_mode & S_IFMT) == S_IFDIR

@@ -551,7 +551,7 @@ func joinPath(_ folder: String, _ name: String) -> String {
 }
 
 /// The folder part of a path ("." for a bare file name).
-func parentFolder(_ path: String) -> String {
+public func parentFolder(_ path: String) -> String {
     guard let slash = path.lastIndex(of: "/") else { return "." }
     if slash == path.startIndex { return "/" }
     return String(path[..<slash])

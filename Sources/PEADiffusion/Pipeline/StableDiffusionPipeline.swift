@@ -96,14 +96,7 @@ public final class StableDiffusionPipeline {
         }
         let vae = try AutoencoderKL.load(folder: vaeFolder, backend: backend, variant: variant, dtype: vaeDType).model
         var schedulerConfig = try ConfigFile(path: joinPath(folder, "scheduler/scheduler_config.json"))
-        if family != .sdxl {
-            // StableDiffusionPipeline.__init__ repairs outdated scheduler configs: steps_offset must be 1 and
-            // clip_sample false (the XL pipeline does not).
-            var values = schedulerConfig.values
-            if values["steps_offset"].map({ $0 != .number(1) }) ?? false { values["steps_offset"] = .number(1) }
-            if values["clip_sample"] == .bool(true) { values["clip_sample"] = .bool(false) }
-            schedulerConfig = ConfigFile(path: schedulerConfig.path, values: values)
-        }
+        if family != .sdxl { schedulerConfig = repairedSchedulerConfig(schedulerConfig) }
         let sampler = try makeScheduler(name: scheduler, config: schedulerConfig)
 
         func textStack(_ tokenizer: String, _ encoder: String) throws -> CLIPTextStack {
@@ -122,6 +115,15 @@ public final class StableDiffusionPipeline {
         }
         return StableDiffusionPipeline(family: family, unet: unet, vae: vae, conditioner: text, scheduler: sampler,
                                        schedulerConfig: schedulerConfig, backend: backend)
+    }
+
+    /// An SD1.x/SD2.x folder's scheduler config as diffusers' StableDiffusionPipeline.__init__ repairs outdated
+    /// ones: steps_offset must be 1 and clip_sample false (the XL pipeline does not repair).
+    public static func repairedSchedulerConfig(_ config: ConfigFile) -> ConfigFile {
+        var values = config.values
+        if values["steps_offset"].map({ $0 != .number(1) }) ?? false { values["steps_offset"] = .number(1) }
+        if values["clip_sample"] == .bool(true) { values["clip_sample"] = .bool(false) }
+        return ConfigFile(path: config.path, values: values)
     }
 
     /// Pixels per latent cell (8 for SD).

@@ -14,8 +14,18 @@ import Darwin
 // versions for the uncond samples → `KnowledgeDistillation.step` → gradient clipping → AdamW with the
 // warmup + polynomial-decay learning rate.
 //
-// Every random draw of step k comes from a generator seeded by (seed, k), and the data stream's position is
+// Every random draw of step k comes from generators seeded by (seed, k), and the data stream's position is
 // saved, so a run resumed from a checkpoint continues exactly as the uninterrupted run would have.
+//
+// Random draws of step k (k = 1, 2, …: the k-th optimiser step, `step + 1` when it is drawn), in this order:
+//   Gaussian (torch's CPU generator, `TorchGenerator`, seeded with `PEATrainer.noiseSeed(seed:step:)` — the same
+//   values as `g = torch.Generator("cpu").manual_seed(noise_seed(seed, k))` followed by these `torch.randn` calls):
+//     1. ε_latent = torch.randn([B, C, h, w], generator=g)   the latent-distribution samples (C = latent channels,
+//                                                           h = w = resolution / the VAE's factor), as
+//                                                           `latent_dist.sample()`, row-major over the batch
+//     2. noise    = torch.randn([B, C, h, w], generator=g)   the diffusion noise, as `torch.randn_like(latents)`
+//   Uniform (SplitMix64 seeded with seed ^ (k · 0x9E3779B97F4A7C15)):
+//     3. B timesteps, ⌊u · num_train_timesteps⌋            4. B uncond-dropout draws, u < --uncond-prob
 
 /// The settings of a training run (the `pea train` flags).
 public struct TrainingOptions: Sendable {
@@ -63,6 +73,10 @@ public struct DistillationTeacher {
     public let vae: AutoencoderKL
     public let text: CLIPConditioner
     public let noise: DDPMScheduler
+    /// The folder's `scheduler/scheduler_config.json` as read (validation samples with the scheduler it names).
+    public let schedulerConfig: ConfigFile
+    /// SD1 or SD2 (what `pea generate` detects from the folder; SD1 when the folder does not say).
+    public let family: ModelFamily
 
     /// Loads UNet, VAE, CLIP text encoder + tokenizer and the scheduler config from an SD1.x/SD2.x pipeline folder.
     public static func load(folder: String, backend: any ComputeBackend, dtype: DType = .f32) throws -> DistillationTeacher {
@@ -75,8 +89,10 @@ public struct DistillationTeacher {
         let encoder = try CLIPTextModel.load(folder: folder, backend: backend, dtype: dtype).model
         let text = try CLIPConditioner(text: CLIPTextStack(tokenizer: tokenizer, encoder: encoder))
         let schedulerConfig = joinPath(joinPath(folder, "scheduler"), "scheduler_config.json")
-        let noise = try DDPMScheduler(config: ConfigFile(path: schedulerConfig))
-        return DistillationTeacher(unet: unet, vae: vae, text: text, noise: noise)
+        let config = try ConfigFile(path: schedulerConfig)
+        let noise = try DDPMScheduler(config: config)
+        let family = (try? ModelFamily.detect(folder: folder, unet: unet.config)) ?? .sd1
+        return DistillationTeacher(unet: unet, vae: vae, text: text, noise: noise, schedulerConfig: config, family: family)
     }
 }
 
@@ -175,12 +191,34 @@ public final class PEATrainer {
 
     // MARK: one step
 
+    /// The seed of the torch CPU generator that draws step `step`'s Gaussian values (1-based step number; see
+    /// the draw order at the top of this file). A 32-bit value, since torch's engine only reads a seed's low 32
+    /// bits: the high half of the first SplitMix64 output from the state `seed ^ (step · 0xD1B54A32D192ED03)`.
+    /// In Python (noise_seed(3, 1) == 1010144496):
+    ///
+    ///     def noise_seed(seed, step):
+    ///         z = ((seed ^ (step * 0xD1B54A32D192ED03 % 2**64)) + 0x9E3779B97F4A7C15) % 2**64
+    ///         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    ///         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    ///         return (z ^ (z >> 31)) >> 32
+    public static func noiseSeed(seed: UInt64, step: Int) -> UInt64 {
+        var mixer = SplitMix64(seed: seed ^ (UInt64(step) &* 0xD1B5_4A32_D192_ED03))
+        return mixer.next() >> 32
+    }
+
+    /// Draws the next batch of samples and the random values of step `step + 1` (the draw order at the top of
+    /// the file) and builds its distillation batch.
+    func drawBatch() throws -> (samples: [TrainingSample], batch: DistillationBatch) {
+        var random = SplitMix64(seed: options.seed ^ (UInt64(step + 1) &* 0x9E37_79B9_7F4A_7C15))
+        var gaussian = TorchGenerator(seed: Self.noiseSeed(seed: options.seed, step: step + 1))
+        let samples = try dataset.nextBatch(options.batchSize)
+        return (samples, try makeBatch(samples, &random, &gaussian))
+    }
+
     /// Draws a batch and takes one optimiser step.
     public func trainStep() throws -> TrainingStepReport {
         let start = monotonicSeconds()
-        var random = SplitMix64(seed: options.seed ^ (UInt64(step + 1) &* 0x9E37_79B9_7F4A_7C15))
-        let samples = try dataset.nextBatch(options.batchSize)
-        let batch = try makeBatch(samples, &random)
+        let (_, batch) = try drawBatch()
         let (losses, gradients) = try KnowledgeDistillation(unet: teacher.unet, featureWeight: options.featureWeight)
             .step(adapter: adapter, batch: batch, lossScale: lossScale)
 
@@ -201,8 +239,9 @@ public final class PEATrainer {
                                   seconds: monotonicSeconds() - start, skipped: dataset.skipped, overflowSkipped: !finite)
     }
 
-    /// Latents, noise, timesteps and the four state tensors of one batch.
-    func makeBatch(_ samples: [TrainingSample], _ random: inout SplitMix64) throws -> DistillationBatch {
+    /// Latents, noise, timesteps and the four state tensors of one batch: the Gaussian draws (latent samples, then
+    /// noise) from `gaussian`, the uniform ones (timesteps, then dropout) from `random`.
+    func makeBatch(_ samples: [TrainingSample], _ random: inout SplitMix64, _ gaussian: inout TorchGenerator) throws -> DistillationBatch {
         let size = samples.count
         let texts = samples.map(\.text)
         let english = try samples.map { sample -> String in
@@ -210,8 +249,8 @@ public final class PEATrainer {
             if options.hybrid && sample.languageSpecific == true { return "" }   // masked out of the KD terms
             throw PEAError.invalidFile(path: sample.id, reason: "no English caption (text_en); plain distillation needs one for every record (--hybrid trains on language-specific records without one)")
         }
-        let latents = try encodeLatents(samples, &random)
-        let noise = try backend.upload(random.normals(latents.count), shape: latents.shape)
+        let latents = try encodeLatents(samples, &gaussian)
+        let noise = try gaussian.randnTensor(latents.shape, backend: backend)
         let timesteps = (0..<size).map { _ in min(Int(random.uniform() * Float(teacher.noise.trainTimesteps)), teacher.noise.trainTimesteps - 1) }
         let uncond = (0..<size).map { _ in random.uniform() < options.uncondProbability ? Float(1) : 0 }
         let noisy = try teacher.noise.addNoise(original: latents, noise: noise, timesteps: timesteps)
@@ -236,8 +275,29 @@ public final class PEATrainer {
     }
 
     /// The latent distribution (mean ⊕ log-variance on channels) of each sample, from the cache or the VAE, then
-    /// one sample of it × scaling_factor: [B, C, h, w] f32.
-    func encodeLatents(_ samples: [TrainingSample], _ random: inout SplitMix64) throws -> Tensor {
+    /// one sample of it × scaling_factor: [B, C, h, w] f32, with ε = one `randn([B, C, h, w])` from `gaussian`.
+    func encodeLatents(_ samples: [TrainingSample], _ gaussian: inout TorchGenerator) throws -> Tensor {
+        let moments = try latentMoments(samples)
+        let channels = moments[0].shape[0] / 2, plane = moments[0].shape.dropFirst().reduce(1, *)
+        let shape = [samples.count, channels] + Array(moments[0].shape.dropFirst())
+        let eps = gaussian.randn(shape)
+        var values: [Float] = []
+        values.reserveCapacity(samples.count * channels * plane)
+        let scale = teacher.vae.config.scalingFactor
+        for (n, moment) in moments.enumerated() {
+            let m = moment.floats()
+            for i in 0..<(channels * plane) {
+                // diffusers: std = exp(0.5 · clamp(logvar, −30, 20)); sample = mean + std · ε.
+                let logvar = min(max(m[channels * plane + i], -30), 20)
+                values.append((m[i] + expf(0.5 * logvar) * eps[n * channels * plane + i]) * scale)
+            }
+        }
+        return try backend.upload(values, shape: shape)
+    }
+
+    /// The latent distribution (mean ⊕ log-variance on channels, [2C, h, w] f32) of each sample, from the cache or
+    /// the VAE (storing it in the cache).
+    func latentMoments(_ samples: [TrainingSample]) throws -> [HostTensor] {
         var moments: [HostTensor] = []
         for sample in samples {
             if let cached = latentCache?.load(id: sample.id, resolution: options.resolution) {
@@ -255,20 +315,7 @@ public final class PEATrainer {
             try latentCache?.store(host, id: sample.id, resolution: options.resolution)
             moments.append(host)
         }
-        let channels = moments[0].shape[0] / 2, plane = moments[0].shape.dropFirst().reduce(1, *)
-        var values: [Float] = []
-        values.reserveCapacity(samples.count * channels * plane)
-        let scale = teacher.vae.config.scalingFactor
-        for moment in moments {
-            let m = moment.floats()
-            let eps = random.normals(channels * plane)
-            for i in 0..<(channels * plane) {
-                // diffusers: std = exp(0.5 · clamp(logvar, −30, 20)); sample = mean + std · ε.
-                let logvar = min(max(m[channels * plane + i], -30), 20)
-                values.append((m[i] + expf(0.5 * logvar) * eps[i]) * scale)
-            }
-        }
-        return try backend.upload(values, shape: [samples.count, channels] + Array(moments[0].shape.dropFirst()))
+        return moments
     }
 
     // MARK: checkpoints

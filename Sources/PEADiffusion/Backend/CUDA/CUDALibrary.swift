@@ -288,13 +288,13 @@ public final class CUDALibrary {
     public static func searchPaths() -> [String] {
         var paths: [String] = []
         func add(_ path: String) { if !paths.contains(path) { paths.append(path) } }
-        let executableDirectory = executablePath().map(parent)
+        let executableDirectory = executablePath().map(parentFolder)
         if let executableDirectory { add(executableDirectory + "/libpea_cuda.so") }
         var roots: [String] = []
         if let cwd = currentDirectory() { roots.append(cwd) }
         if var folder = executableDirectory {
             for _ in 0..<6 where folder != "/" && !folder.isEmpty {
-                folder = parent(folder)
+                folder = parentFolder(folder)
                 if fileExists(folder + "/Package.swift") && !roots.contains(folder) { roots.append(folder) }
             }
         }
@@ -312,25 +312,6 @@ public final class CUDALibrary {
     }
 
     // MARK: file-system helpers (POSIX, no Foundation)
-
-    static func executablePath() -> String? {
-        var buffer = [CChar](repeating: 0, count: 4096)
-        let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        guard length > 0 else { return nil }
-        buffer[length] = 0
-        return String(cString: buffer)
-    }
-
-    static func currentDirectory() -> String? {
-        var buffer = [CChar](repeating: 0, count: 4096)
-        guard getcwd(&buffer, buffer.count) != nil else { return nil }
-        return String(cString: buffer)
-    }
-
-    static func parent(_ path: String) -> String {
-        guard let slash = path.lastIndex(of: "/") else { return "." }
-        return slash == path.startIndex ? "/" : String(path[..<slash])
-    }
 
     static func absolute(_ path: String) -> String {
         guard let resolved = realpath(path, nil) else { return path }
