@@ -127,6 +127,7 @@ def main():
     parser.add_argument("--random-seed", type=int, default=1, help="seed of the random adapter's initialisation")
     parser.add_argument("--jobs", type=int, default=2, help="pea processes at once")
     parser.add_argument("--work", help="keep the images here (default: a temporary folder, removed)")
+    parser.add_argument("--reuse", action="store_true", help="keep images already in --work (same settings) instead of generating them again")
     parser.add_argument("--write", help="put the table into this RESULTS.md")
     parser.add_argument("--grid", default=os.path.join(here, "toyworld_grid.png"), help="with --write: the picture")
     args = parser.parse_args()
@@ -158,7 +159,8 @@ def main():
                              "args": make(colour, shape) + ["--seed", str(seed)]})
     start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda job: generate(args.pea, job["args"], job["path"]), jobs))
+        todo = [job for job in jobs if not (args.reuse and os.path.exists(job["path"]))]
+        list(pool.map(lambda job: generate(args.pea, job["args"], job["path"]), todo))
     seconds = time.time() - start
     labels = classify(args.pea, [job["path"] for job in jobs])
 
@@ -180,6 +182,17 @@ def main():
         ratio = f"{s['accuracy'] / reference['accuracy']:.2f}×" if reference and reference["accuracy"] > 0 else "—"
         ref = f"{reference['accuracy']:.0%}" if reference else "—"
         lines.append(f"| {name} | {s['n']} | {s['accuracy']:.0%} | {s['colour']:.0%} | {s['shape']:.0%} | {ref} | {ratio} |")
+    english_all, trained, random_arm, held_out = (r[1] for r in rows)
+    chance = 1 / 24
+    goals = [
+        ("English teacher ≥ 95%", english_all["accuracy"] >= 0.95, f"{english_all['accuracy']:.0%}"),
+        ("Chinese + trained adapter ≥ 0.95× English", trained["accuracy"] >= 0.95 * rows[1][2]["accuracy"],
+         f"{trained['accuracy'] / max(rows[1][2]['accuracy'], 1e-9):.2f}×"),
+        ("random adapter ≤ chance + 10 points", random_arm["accuracy"] <= chance + 0.10, f"{random_arm['accuracy']:.0%}"),
+        ("held-out ≥ 0.8× English (aim)", held_out["accuracy"] >= 0.8 * rows[3][2]["accuracy"],
+         f"{held_out['accuracy'] / max(rows[3][2]['accuracy'], 1e-9):.2f}×"),
+    ]
+    lines += ["", "Goals: " + "; ".join(f"{name}: {value} ({'met' if ok else 'missed'})" for name, ok, value in goals) + "."]
     table = "\n".join(lines)
     print(table)
     print(f"chance: 1/24 = 4% (colour 1/6 = 17%, shape 1/4 = 25%); {len(jobs)} images in {seconds:.0f} s")
