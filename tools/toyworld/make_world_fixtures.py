@@ -18,14 +18,15 @@ Metadata (JSON text): `colours` and `shapes`, the name lists in world.py's order
 import argparse
 import json
 import os
-import struct
 import sys
 
 import numpy as np
 from safetensors.numpy import save
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
 import world  # noqa: E402
+from make_image_fixtures import save_sorted  # noqa: E402  (metadata in sorted order: reruns write the same bytes)
 
 PER_CLASS = 10
 SEED = 20240
@@ -43,19 +44,6 @@ def fnv1a64(images):
         for column in range(flat.shape[1]):
             digest = (digest ^ flat[:, column]) * FNV_PRIME
     return digest
-
-
-def save_sorted(data, path):
-    """Writes safetensors bytes with the header's metadata in sorted key order, so a rerun writes identical bytes
-    (safetensors serialises metadata in hash order). The header stays padded to 8 bytes with spaces."""
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
-    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))}
-    ordered.update(header)
-    text = json.dumps(ordered, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + data[8 + length:])
 
 
 def main():
