@@ -35,6 +35,18 @@ func executablePath() -> String? {
     return String(cString: buffer)
 }
 
+/// The folders above the running executable's, nearest first, up to `levels` of them (`.build/release/pea` →
+/// `.build`, then the repository, …): where a build finds the repository it was built in.
+func foldersAboveExecutable(levels: Int = 6) -> [String] {
+    guard var folder = executablePath().map(parentFolder) else { return [] }
+    var folders: [String] = []
+    for _ in 0..<levels where folder != "/" && !folder.isEmpty {
+        folder = parentFolder(folder)
+        folders.append(folder)
+    }
+    return folders
+}
+
 /// The working directory, nil where it cannot be read.
 func currentDirectory() -> String? {
     var buffer = [CChar](repeating: 0, count: 4096)

@@ -39,14 +39,7 @@ public struct BundledModels: Sendable {
 
     /// The `models/` folders searched when PEA_MODELS is not set, in order.
     public static func searchPaths() -> [String] {
-        var paths: [String] = []
-        if var folder = executablePath().map(parentFolder) {
-            for _ in 0..<6 where folder != "/" && !folder.isEmpty {
-                folder = parentFolder(folder)
-                let candidate = joinPath(folder, "models")
-                if !paths.contains(candidate) { paths.append(candidate) }
-            }
-        }
+        var paths = foldersAboveExecutable().map { joinPath($0, "models") }
         if let cwd = currentDirectory(), !paths.contains(joinPath(cwd, "models")) { paths.append(joinPath(cwd, "models")) }
         return paths
     }

@@ -292,11 +292,8 @@ public final class CUDALibrary {
         if let executableDirectory { add(executableDirectory + "/libpea_cuda.so") }
         var roots: [String] = []
         if let cwd = currentDirectory() { roots.append(cwd) }
-        if var folder = executableDirectory {
-            for _ in 0..<6 where folder != "/" && !folder.isEmpty {
-                folder = parentFolder(folder)
-                if fileExists(folder + "/Package.swift") && !roots.contains(folder) { roots.append(folder) }
-            }
+        for folder in foldersAboveExecutable() where fileExists(folder + "/Package.swift") && !roots.contains(folder) {
+            roots.append(folder)
         }
         for root in roots {
             add(root + "/.build-cuda/libpea_cuda.so")
