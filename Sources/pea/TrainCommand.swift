@@ -39,6 +39,13 @@ Options:
                             parallel ones
   --uncond-prob P           probability that a sample trains on the empty prompt on both sides (default 0.1)
   --feature-weight W        weight of the feature KD term (default 0.1)
+  --task-weight W           weight of the task term, MSE against the true noise (default 1, as the official
+                            scripts; 0 trains on the KD terms alone, which learns faster at small batches)
+  --timestep-bias-strategy S  none (default), later (the noisiest timesteps), earlier or range: those timesteps
+                            are drawn --timestep-bias-multiplier times as often (diffusers' SDXL script's flags)
+  --timestep-bias-multiplier M  (default 1)
+  --timestep-bias-portion P  the fraction of timesteps that later/earlier bias (default 0.25)
+  --timestep-bias-begin N, --timestep-bias-end N  the range that range biases (default 0, 1000)
   --seed N                  seed for data order, noise, timesteps and dropout (default 0); step k's Gaussian
                             values (latent samples, then noise) are torch.randn draws from a CPU generator
                             seeded with a function of (N, k) documented in PEATrainer.swift
@@ -76,7 +83,8 @@ func runTrain(_ arguments: [String]) throws {
     var spec = BackendOptions.spec
     for key in ["--model", "--text-encoder", "--max-length", "--output", "--steps", "--batch-size", "--lr", "--min-lr",
                 "--warmup-steps", "--weight-decay", "--max-grad-norm", "--resolution", "--uncond-prob", "--feature-weight",
-                "--seed", "--save-every", "--resume", "--latent-cache", "--init-adapter", "--adapter-hidden", "--adapter-layers",
+                "--task-weight", "--timestep-bias-strategy", "--timestep-bias-multiplier", "--timestep-bias-portion",
+                "--timestep-bias-begin", "--timestep-bias-end", "--seed", "--save-every", "--resume", "--latent-cache", "--init-adapter", "--adapter-hidden", "--adapter-layers",
                 "--validation-every", "--validation-seeds", "--validation-steps", "--validation-guidance"] {
         spec[key] = .value
     }
@@ -115,6 +123,11 @@ func runTrain(_ arguments: [String]) throws {
     settings.uncondProbability = try options.double("--uncond-prob").map(Float.init) ?? 0.1
     guard (0...1).contains(settings.uncondProbability) else { throw PEAError.usage("train: --uncond-prob must be in [0, 1]") }
     settings.featureWeight = try options.double("--feature-weight").map(Float.init) ?? 0.1
+    settings.taskWeight = try options.double("--task-weight").map(Float.init) ?? 1
+    guard settings.featureWeight >= 0, settings.taskWeight >= 0 else {
+        throw PEAError.usage("train: --feature-weight and --task-weight must be at least 0")
+    }
+    settings.timestepBias = try timestepBias(options)
     settings.seed = UInt64(try options.int("--seed", default: 0, range: 0...Int.max))
     settings.saveEvery = try options.int("--save-every", default: 0, range: 0...100_000_000)
     let validation = try validationOptions(options)
@@ -211,4 +224,23 @@ private func short(_ value: Float) -> String {
 private func clock(_ seconds: Double) -> String {
     let s = Int(seconds.rounded())
     return "\(s / 3600):" + [s / 60 % 60, s % 60].map { $0 < 10 ? "0\($0)" : "\($0)" }.joined(separator: ":")
+}
+
+/// diffusers' --timestep_bias_* flags.
+private func timestepBias(_ options: Arguments) throws -> TimestepBias {
+    var bias = TimestepBias()
+    if let name = options.string("--timestep-bias-strategy") {
+        guard let strategy = TimestepBias.Strategy(rawValue: name) else {
+            throw PEAError.usage("train: --timestep-bias-strategy must be one of \(TimestepBias.Strategy.allCases.map(\.rawValue).joined(separator: ", ")), got '\(name)'")
+        }
+        bias.strategy = strategy
+    }
+    bias.multiplier = try options.double("--timestep-bias-multiplier") ?? 1
+    guard bias.multiplier > 0, bias.multiplier.isFinite else { throw PEAError.usage("train: --timestep-bias-multiplier must be above 0") }
+    bias.portion = try options.double("--timestep-bias-portion") ?? 0.25
+    guard (0...1).contains(bias.portion) else { throw PEAError.usage("train: --timestep-bias-portion must be in [0, 1]") }
+    bias.begin = try options.int("--timestep-bias-begin", default: 0, range: 0...1_000_000)
+    bias.end = try options.int("--timestep-bias-end", default: 1000, range: 0...1_000_000)
+    guard bias.begin < bias.end else { throw PEAError.usage("train: --timestep-bias-begin must be below --timestep-bias-end") }
+    return bias
 }

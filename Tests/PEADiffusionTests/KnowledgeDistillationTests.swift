@@ -49,6 +49,31 @@ final class KnowledgeDistillationTests: XCTestCase {
         try Self.checkStep("sdxl_plain", on: cuda)
     }
 
+    /// Other term weights (`pea train --task-weight/--feature-weight`): the gradient is torch's per-term
+    /// gradients (the fixture's ref.grad_<term>.*) in the same combination.
+    func testTermWeightsCombineTorchsPerTermGradients() throws {
+        let backend = CPUBackend(threads: 2)
+        let expected = try SafeTensorsFile(path: fixturesDirectory() + "/kd/sd1_plain.safetensors")
+        let unet = try UNet2DConditionModel.load(folder: fixturesDirectory() + "/pipelines/sd1/unet", backend: backend).model
+        let adapter = try PEAAdapter.load(path: fixturesDirectory() + "/kd/adapter_sd1.safetensors", backend: backend)
+        let batch = try DistillationBatch.load(path: fixturesDirectory() + "/kd/sd1_plain.safetensors", backend: backend)
+        for (taskWeight, featureWeight) in [(Float(0), Float(0.1)), (0.5, 1)] {
+            let (losses, gradients) = try KnowledgeDistillation(unet: unet, featureWeight: featureWeight, taskWeight: taskWeight)
+                .step(adapter: adapter, batch: batch)
+            let terms = try ["task", "logits", "features"].map { try expected.tensor("loss_\($0)").floats()[0] }
+            assertClose([losses.total], [taskWeight * terms[0] + terms[1] + featureWeight * terms[2]], Self.gradientTolerance,
+                        "loss with weights \(taskWeight), \(featureWeight)")
+            for (parameter, _) in adapter.namedParameters {
+                let task = try expected.tensor("ref.grad_task.\(parameter)").floats()
+                let logits = try expected.tensor("ref.grad_logits.\(parameter)").floats()
+                let features = try expected.tensor("ref.grad_features.\(parameter)").floats()
+                let combined = (0..<task.count).map { taskWeight * task[$0] + logits[$0] + featureWeight * features[$0] }
+                assertClose(try backend.downloadFloats(XCTUnwrap(gradients[parameter])), combined, Self.gradientTolerance,
+                            "grad.\(parameter) with weights \(taskWeight), \(featureWeight)")
+            }
+        }
+    }
+
     /// The losses do not depend on the loss scale, and the gradients come back unscaled.
     func testLossScaleIsUndone() throws {
         let backend = CPUBackend(threads: 2)

@@ -6,7 +6,7 @@
 //   logits   = mean_b( m_kd[b]   · mean(ε̂_s − ε̂_t)²[b] )
 //   features = Σ_f mean_b( m_kd[b] · mean(f_t − f_s)²[b] )   over every down block's output (after its
 //              downsampler), the mid block's and every up block's
-//   loss     = task + logits + featureWeight · features        (featureWeight 0.1)
+//   loss     = taskWeight · task + logits + featureWeight · features        (official: taskWeight 1, featureWeight 0.1)
 //
 // Plain training: m_task = m_kd = 1. Hybrid (`zh_or_not` given): m_task = zh_or_not, m_kd = 1 − zh_or_not; the
 // batch mean still divides by B, as the official code multiplies by the mask before `.mean()`.
@@ -67,10 +67,15 @@ public struct KnowledgeDistillation {
     public let unet: UNet2DConditionModel
     /// The weight of the feature term (0.1 in the official scripts).
     public var featureWeight: Float
+    /// The weight of the task term (1 in the official scripts). On a parallel corpus the logits term already
+    /// carries what the task term teaches, without its noise: the task loss is dominated by the irreducible
+    /// error of predicting ε, whose gradient is noise at small batches (see tools/toyworld/README.md).
+    public var taskWeight: Float
 
-    public init(unet: UNet2DConditionModel, featureWeight: Float = 0.1) {
+    public init(unet: UNet2DConditionModel, featureWeight: Float = 0.1, taskWeight: Float = 1) {
         self.unet = unet
         self.featureWeight = featureWeight
+        self.taskWeight = taskWeight
     }
 
     /// One forward and backward pass: the losses, and d loss / d parameter for every adapter parameter by its
@@ -117,7 +122,8 @@ public struct KnowledgeDistillation {
         for (s, t) in zip(studentFeatures, teacherFeatures) {
             features = try tape.add(features, meanSquaredError(s, t, sampleWeights: kdMask, on: tape))
         }
-        let total = try tape.add(tape.add(task, logits), tape.scale(features, by: featureWeight))
+        let weightedTask = taskWeight == 1 ? task : try tape.scale(task, by: taskWeight)
+        let total = try tape.add(tape.add(weightedTask, logits), tape.scale(features, by: featureWeight))
 
         let seed = try backend.upload([lossScale], shape: [1])
         try tape.backward(from: total, seed: seed)

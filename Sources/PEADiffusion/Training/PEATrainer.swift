@@ -26,6 +26,7 @@ import Darwin
 //     2. noise    = torch.randn([B, C, h, w], generator=g)   the diffusion noise, as `torch.randn_like(latents)`
 //   Uniform (SplitMix64 seeded with seed ^ (k · 0x9E3779B97F4A7C15)):
 //     3. B timesteps, ⌊u · num_train_timesteps⌋            4. B uncond-dropout draws, u < --uncond-prob
+//        (with a --timestep-bias-strategy, the inverse of its weights' distribution at u: `TimestepBias`)
 
 /// The settings of a training run (the `pea train` flags).
 public struct TrainingOptions: Sendable {
@@ -41,6 +42,8 @@ public struct TrainingOptions: Sendable {
     public var hybrid = false
     public var uncondProbability: Float = 0.1
     public var featureWeight: Float = 0.1
+    public var taskWeight: Float = 1
+    public var timestepBias = TimestepBias()
     public var seed: UInt64 = 0
     /// Save a checkpoint every this many steps (0: only at the end).
     public var saveEvery: Int = 0
@@ -219,7 +222,8 @@ public final class PEATrainer {
     public func trainStep() throws -> TrainingStepReport {
         let start = monotonicSeconds()
         let (_, batch) = try drawBatch()
-        let (losses, gradients) = try KnowledgeDistillation(unet: teacher.unet, featureWeight: options.featureWeight)
+        let (losses, gradients) = try KnowledgeDistillation(unet: teacher.unet, featureWeight: options.featureWeight,
+                                                             taskWeight: options.taskWeight)
             .step(adapter: adapter, batch: batch, lossScale: lossScale)
 
         let lr = options.schedule.learningRate(afterSteps: step)
@@ -251,7 +255,9 @@ public final class PEATrainer {
         }
         let latents = try encodeLatents(samples, &gaussian)
         let noise = try gaussian.randnTensor(latents.shape, backend: backend)
-        let timesteps = (0..<size).map { _ in min(Int(random.uniform() * Float(teacher.noise.trainTimesteps)), teacher.noise.trainTimesteps - 1) }
+        let timesteps = (0..<size).map { _ in
+            options.timestepBias.timestep(forUniform: random.uniform(), count: teacher.noise.trainTimesteps)
+        }
         let uncond = (0..<size).map { _ in random.uniform() < options.uncondProbability ? Float(1) : 0 }
         let noisy = try teacher.noise.addNoise(original: latents, noise: noise, timesteps: timesteps)
         let target = try teacher.noise.trainingTarget(sample: latents, noise: noise, timesteps: timesteps)
