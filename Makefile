@@ -42,9 +42,19 @@ test: system-deps emu-test cuda-emu cuda-test cuda-compile-check
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
 
-## make bench — the side-by-side benchmarks; results are printed (see benchmarks/RESULTS.md for recorded ones)
-bench: build
+## make bench — every side-by-side benchmark, ours beside the reference with the ratio printed (recorded runs:
+## benchmarks/RESULTS.md): GEMM against numpy; the SD1.5 UNet forward and the PEA training step against
+## torch/diffusers on the CPU (the reference libraries from `make fixtures`' venv); with a GPU (nvidia-smi finds
+## one) also the CUDA kernels against torch and the UNet on cuda (needs `make cuda`). Takes a while on 2 cores.
+bench: build $(REF_VENV)/.installed
 	$(PYTHON) benchmarks/gemm_vs_numpy.py --pea $(RELEASE_BIN)
+	$(PYTHON) benchmarks/unet_vs_torch.py --pea $(RELEASE_BIN)
+	$(PYTHON) benchmarks/train_step_vs_torch.py --pea $(RELEASE_BIN)
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+		$(MAKE) cuda && \
+		$(REF_VENV)/bin/python benchmarks/kernels_vs_torch.py --pea $(RELEASE_BIN) && \
+		$(PYTHON) benchmarks/unet_vs_torch.py --pea $(RELEASE_BIN) --device cuda --precision fp16 --lib $(CUDA_OUT)/libpea_cuda.so; \
+	else echo "bench: no GPU here (nvidia-smi finds none): the CUDA benchmarks did not run"; fi
 
 ## make fidelity — the PEA method measured on the bundled toy world (English teacher, Chinese + trained adapter,
 ## Chinese + random adapter, held-out combinations), judged by the world's classifier; prints the table
@@ -83,8 +93,10 @@ $(REF_VENV)/.installed: tools/reference/requirements.txt
 	$(REF_VENV)/bin/pip install -r tools/reference/requirements.txt
 	touch $@
 
+## make clean — removes every build folder and library the targets here create (not tools/reference/.venv,
+## the reference libraries `make fixtures` installs)
 clean:
-	rm -rf .build libpea_cuda.so
+	rm -rf .build $(EMU_OUT) libpea_cuda_emu.so $(CUDA_OUT) libpea_cuda.so $(BUNDLE_OUT) $(STATIC_SCRATCH) $(NVCC13_VENV)
 
 # ---------------------------------------------------------------------------------------------------------
 # The CUDA sources without a GPU (CKernels/emu/README.md). The same .cu files build with nvcc (make cuda) and

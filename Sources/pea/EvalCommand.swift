@@ -129,7 +129,7 @@ func runEvalTextEncoder(_ options: Arguments, model: String, output: String) thr
     let backendOptions = try BackendOptions(options, command: "eval text-encoder")
     let backend = backendOptions.backend, dtype = backendOptions.precision
     let encoderFolder = try ModelFolder.component(model, "text_encoder")
-    let config = try ConfigFile(path: joinPathComponents(encoderFolder, "config.json"))
+    let config = try ConfigFile(path: joinPath(encoderFolder, "config.json"))
     let modelType = try config.optionalString("model_type") ?? ""
     guard modelType.hasPrefix("clip") else {
         try runEvalLanguageEncoder(model, prompts: prompts, maxLength: maxLength, backend: backend, dtype: dtype, output: output)
@@ -161,7 +161,7 @@ func runEvalTextEncoder(_ options: Arguments, model: String, output: String) thr
 func runEvalLanguageEncoder(_ folder: String, prompts: [String], maxLength: Int?, backend: any ComputeBackend, dtype: DType = .f32,
                             output: String) throws {
     let directory = try ModelFolder.component(folder, "text_encoder")
-    let config = try BertTextConfig(ConfigFile(path: joinPathComponents(directory, "config.json")))
+    let config = try BertTextConfig(ConfigFile(path: joinPath(directory, "config.json")))
     func run<T>(_ encoder: TokenizedTextEncoder<T>) throws -> [(name: String, tensor: HostTensor)] {
         let (ids, mask, truncated) = encoder.tokenize(prompts)
         for cut in truncated.compactMap({ $0 }) { printWarning("prompt truncated to \(encoder.maxLength) tokens; cut: \(cut)") }
@@ -183,13 +183,13 @@ func runEvalLanguageEncoder(_ folder: String, prompts: [String], maxLength: Int?
 func textEncoderFolders(_ folder: String) throws -> (encoder: String, tokenizer: String) {
     func has(_ path: String) -> Bool { access(path, F_OK) == 0 }
     let tokenizerFiles = ["vocab.json", "tokenizer.json", "vocab.txt", "sentencepiece.bpe.model"]
-    if has(joinPathComponents(folder, "model_index.json")) {
-        return (joinPathComponents(folder, "text_encoder"), joinPathComponents(folder, "tokenizer"))
+    if has(joinPath(folder, "model_index.json")) {
+        return (joinPath(folder, "text_encoder"), joinPath(folder, "tokenizer"))
     }
-    guard has(joinPathComponents(folder, "config.json")) else {
+    guard has(joinPath(folder, "config.json")) else {
         throw PEAError.invalidFile(path: folder, reason: "not a text-encoder folder (no config.json) nor a pipeline folder (no model_index.json)")
     }
-    if tokenizerFiles.contains(where: { has(joinPathComponents(folder, $0)) }) { return (folder, folder) }
+    if tokenizerFiles.contains(where: { has(joinPath(folder, $0)) }) { return (folder, folder) }
     let trimmed = folder.hasSuffix("/") ? String(folder.dropLast()) : folder
     let name = trimmed.split(separator: "/").last.map(String.init) ?? trimmed
     if name.hasPrefix("text_encoder") {
@@ -197,10 +197,6 @@ func textEncoderFolders(_ folder: String) throws -> (encoder: String, tokenizer:
         if has(sibling) { return (folder, sibling) }
     }
     throw PEAError.invalidFile(path: folder, reason: "no tokenizer files here (\(tokenizerFiles.joined(separator: ", "))) nor a sibling tokenizer folder")
-}
-
-func joinPathComponents(_ folder: String, _ name: String) -> String {
-    folder.hasSuffix("/") ? folder + name : folder + "/" + name
 }
 
 extension String {

@@ -164,7 +164,7 @@ func runTrain(_ arguments: [String]) throws {
     }
     fputs("pea train: adapter \(trainer.adapter.widths.map(String.init).joined(separator: "→")) (\(trainer.adapter.parameterCount) parameters), "
           + "\(settings.steps) steps of \(settings.batchSize) at \(settings.resolution)², \(backend.name)\n", stderr)
-    let metrics = try TrainingMetricsLog(path: joinPathComponents(output, "metrics.jsonl"), startingAfter: trainer.step)
+    let metrics = try TrainingMetricsLog(path: joinPath(output, "metrics.jsonl"), startingAfter: trainer.step)
 
     var times: [Double] = []
     while trainer.step < settings.steps {
@@ -187,13 +187,13 @@ func runTrain(_ arguments: [String]) throws {
         }
         try metrics.append(report, validation: grid)
         if settings.saveEvery > 0, report.step % settings.saveEvery == 0, report.step < settings.steps {
-            let folder = joinPathComponents(output, "checkpoint-\(report.step)")
+            let folder = joinPath(output, "checkpoint-\(report.step)")
             try trainer.saveCheckpoint(to: folder)
             fputs("pea train: saved \(folder)\n", stderr)
         }
     }
     try trainer.saveCheckpoint(to: output)
-    print(joinPathComponents(output, "adapter.safetensors"))
+    print(joinPath(output, "adapter.safetensors"))
 }
 
 /// The --validation-* options (nil without --validation-prompt); every mistake is a usage error, found before

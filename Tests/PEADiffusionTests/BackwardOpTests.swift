@@ -2,7 +2,7 @@ import CKernels
 import XCTest
 @testable import PEADiffusion
 
-/// Finite-difference checks of every backward op (DESIGN.md: "every backward op also passes a
+/// Finite-difference checks of every backward op (docs/testing.md: "every backward op also passes a
 /// finite-difference check"). The reference is the backend's own forward op, differentiated numerically.
 ///
 /// Method. For an op f and a fixed random r, the scalar L(x) = Σ r ⊙ f(x) is accumulated in Double on the

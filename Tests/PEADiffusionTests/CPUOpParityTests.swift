@@ -2,7 +2,7 @@ import CKernels
 import XCTest
 @testable import PEADiffusion
 
-/// Every CPU op against torch, on the fixtures of tools/reference/make_op_fixtures.py (DESIGN.md tolerances).
+/// Every CPU op against torch, on the fixtures of tools/reference/make_op_fixtures.py (docs/testing.md tolerances).
 final class CPUOpParityTests: XCTestCase {
     /// The ops every backend must cover; each needs at least one fixture, so a new op cannot go untested.
     static let requiredOps: Set<String> = [

@@ -64,7 +64,7 @@ final class CUDABackendParityTests: XCTestCase {
         Self.random(shape, seed: seed, scale: scale, offset: offset)
     }
 
-    /// Tolerances by dtype: DESIGN.md's for f32; for f16/bf16 the rounding of the output (and of the
+    /// Tolerances by dtype: docs/testing.md's for f32; for f16/bf16 the rounding of the output (and of the
     /// intermediates a kernel stores) to that dtype, the CPU computing on the same rounded inputs.
     func tolerance(_ dtype: DType) -> ParityTolerance { Self.tolerance(dtype) }
 

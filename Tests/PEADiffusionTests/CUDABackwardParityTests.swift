@@ -4,7 +4,7 @@ import XCTest
 
 /// The CUDA backend's backward ops without a GPU: the emulated library (libpea_cuda_emu.so, loaded as
 /// CUDABackendParityTests loads it) against the CPU backend on the same inputs at awkward shapes — f32 to
-/// DESIGN.md's tolerances, f16 and bf16 to the rounding of their storage, as the forward parity tests — then
+/// docs/testing.md's tolerances, f16 and bf16 to the rounding of their storage, as the forward parity tests — then
 /// the finite-difference checks of BackwardOpTests.swift run on the CUDA backend itself, and invalid
 /// arguments fail with the CPU backend's messages.
 ///

@@ -3,7 +3,7 @@ import XCTest
 
 /// One distillation step (losses and every adapter gradient) against torch autograd on the tiny UNets:
 /// tools/reference/make_kd_fixtures.py computes the official training_step in float64 and saves it under
-/// Tests/Fixtures/kd. DESIGN.md's tolerance for gradients: relative L2 ≤ 1e-3.
+/// Tests/Fixtures/kd. docs/testing.md's tolerance for gradients: relative L2 ≤ 1e-3.
 final class KnowledgeDistillationTests: XCTestCase {
     static let gradientTolerance = ParityTolerance(relativeL2: 1e-3, maxAbsolute: 1e-3)
 

@@ -4,7 +4,7 @@ import XCTest
 
 /// PEA at inference, against diffusers: a Chinese prompt through a Chinese-CLIP tower and a PEA adapter in
 /// front of the tiny SD1 and SDXL pipelines (tools/reference/make_pea_pipeline_fixtures.py), images within
-/// DESIGN.md's 8-bit tolerance.
+/// docs/testing.md's 8-bit tolerance.
 final class PEAPipelineParityTests: XCTestCase {
     struct Case: Decodable {
         let name, pipeline, adapter, prompt, images: String

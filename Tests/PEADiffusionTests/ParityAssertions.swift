@@ -2,7 +2,8 @@ import Foundation
 import XCTest
 @testable import PEADiffusion
 
-/// DESIGN.md's f32 tolerances: relative L2 error ≤ 1e-4 and max |Δ| ≤ 1e-3 · max(1, |reference|) per element.
+/// docs/testing.md's f32 tolerances: relative L2 error ≤ 1e-4 and max |Δ| ≤ 1e-3 · max(1, |reference|) per
+/// element.
 struct ParityTolerance {
     var relativeL2: Double = 1e-4
     var maxAbsolute: Double = 1e-3
@@ -49,8 +50,8 @@ func fixturesDirectory() -> String {
     return path + "/Fixtures"
 }
 
-/// Generated 8-bit images against the reference's pixels [N, H, W, 3] (DESIGN.md: max |Δ| ≤ 1/255, mean |Δ| ≤
-/// 0.02/255).
+/// Generated 8-bit images against the reference's pixels [N, H, W, 3] (docs/testing.md: max |Δ| ≤ 1/255,
+/// mean |Δ| ≤ 0.02/255).
 func assertSameImages(_ images: [RGBImage], _ expected: HostTensor, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
     XCTAssertEqual(images.count, expected.shape[0], "\(what): image count", file: file, line: line)
     let reference = expected.integers()!

@@ -3,7 +3,7 @@ import XCTest
 @testable import PEADiffusion
 
 /// Whole text-to-image runs against diffusers, on the tiny pipelines of tools/reference/make_pipeline_fixtures.py:
-/// the same folder, prompt, seed and settings must give the same 8-bit image (DESIGN.md: max |Δ| ≤ 1/255,
+/// the same folder, prompt, seed and settings must give the same 8-bit image (docs/testing.md: max |Δ| ≤ 1/255,
 /// mean |Δ| ≤ 0.02/255).
 final class PipelineParityTests: XCTestCase {
     struct Case: Decodable {

@@ -167,7 +167,7 @@ final class PrecisionTests: XCTestCase {
     }
 
     // Measured (sd1_pndm: 32×24, 4 PNDM steps, guidance 7.5): mean |Δ| 0.097, max |Δ| 1 (8-bit steps), against
-    // f32's DESIGN.md bounds of 0.02 and 1. Bounds: mean ≤ 0.5, max ≤ 4.
+    // f32's bounds of 0.02 and 1 (docs/testing.md). Bounds: mean ≤ 0.5, max ≤ 4.
     func testSD1PipelineGeneratesInF16CloseToTheF32Reference() throws {
         // An SD1 pipeline does not upcast its VAE (diffusers' StableDiffusionPipeline ignores force_upcast).
         let (mean, worst) = try generate("sd1_pndm", dtype: .f16, expectVAE: .f16)

@@ -21,7 +21,8 @@ final class ToyWorldModelTests: XCTestCase {
     func decodePNG(_ path: String) throws -> RGBImage { try PNGDecoder.decode(path: path).rgb() }
 
     /// Every case through the `pea` command, the default ones without --model (the bundled world, found above
-    /// the executable): the same 8-bit images as diffusers (DESIGN.md: max |Δ| ≤ 1/255, mean |Δ| ≤ 0.02/255).
+    /// the executable): the same 8-bit images as diffusers (docs/testing.md: max |Δ| ≤ 1/255,
+    /// mean |Δ| ≤ 0.02/255).
     func testPeaGenerateOnTheBundledWorldMatchesDiffusers() throws {
         let cases = try JSONDecoder().decode([Case].self, from: Data(contentsOf: URL(fileURLWithPath: Self.fixtures + "/pipeline_cases.json")))
         XCTAssertTrue(cases.contains { $0.adapter } && cases.contains { !$0.adapter })
@@ -73,7 +74,7 @@ final class ToyWorldModelTests: XCTestCase {
         XCTAssertFalse(BundledModels.isChinese("ａ　ｒｅｄ"))   // full-width Latin is not Chinese
     }
 
-    /// The trainer as a whole (DESIGN.md's distillation step, the data pipeline, the noise, AdamW): from the
+    /// The trainer as a whole (the distillation step, the data pipeline, the noise, AdamW): from the
     /// bundled teacher and a fresh adapter, a short `pea train` on the toy world's parallel corpus must take the
     /// frozen UNet from chance (1/24 for Chinese prompts through a random adapter) to well above it, judged by
     /// the world's classifier on the Chinese training classes. A regression in any part of the KD step fails it.

@@ -4,7 +4,7 @@
 Each case is a folder `<out>/<case>/` that loads like a user's model folder:
   - `config.json` and `diffusion_pytorch_model.safetensors` (or an index and shards), written by diffusers'
     own `save_pretrained(safe_serialization=True)`, float32;
-  - `io.safetensors`: the inputs under the names of `pea eval` (DESIGN.md, "The command line") and the
+  - `io.safetensors`: the inputs under the names of `pea eval` (docs/command-line.md) and the
     reference outputs under the same names prefixed `out.`; metadata `kind` ("unet" or "vae"), `case`, and
     the `diffusers` and `torch` versions that computed them;
   - `unet_sd2/io_odd_latent.safetensors`: the same for a 7×10 latent, not a multiple of the UNet's 4

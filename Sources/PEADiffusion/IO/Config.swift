@@ -203,39 +203,3 @@ public struct ConfigFile: Sendable {
         .invalidConfig(path: path, reason: "key '\(key)': expected \(expected), found \(found.kindDescription)")
     }
 }
-
-/// The whole contents of a (small) file, read with plain POSIX calls. Throws `PEAError.invalidFile`
-/// naming the path and the system's reason.
-func readWholeFile(_ path: String) throws -> [UInt8] {
-    let descriptor = open(path, O_RDONLY | O_CLOEXEC)
-    guard descriptor >= 0 else {
-        throw PEAError.invalidFile(path: path, reason: "cannot open: \(systemErrorMessage())")
-    }
-    defer { close(descriptor) }
-    var info = stat()
-    guard fstat(descriptor, &info) == 0 else {
-        throw PEAError.invalidFile(path: path, reason: "cannot stat: \(systemErrorMessage())")
-    }
-    guard (info.st_mode & S_IFMT) == S_IFREG else {
-        throw PEAError.invalidFile(path: path, reason: "not a regular file")
-    }
-    var bytes: [UInt8] = []
-    bytes.reserveCapacity(Int(info.st_size))
-    var chunk = [UInt8](repeating: 0, count: 1 << 16)
-    while true {
-        let count = chunk.withUnsafeMutableBytes { read(descriptor, $0.baseAddress, $0.count) }
-        if count < 0 {
-            if errno == EINTR { continue }
-            throw PEAError.invalidFile(path: path, reason: "cannot read: \(systemErrorMessage())")
-        }
-        if count == 0 { break }
-        bytes.append(contentsOf: chunk[0..<count])
-    }
-    return bytes
-}
-
-/// `strerror(errno)` as a String.
-func systemErrorMessage(_ code: Int32 = errno) -> String {
-    guard let message = strerror(code) else { return "error \(code)" }
-    return String(cString: message)
-}

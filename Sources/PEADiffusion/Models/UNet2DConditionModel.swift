@@ -18,6 +18,7 @@ public struct UNetConfig {
     public var upTransformerLayersPerBlock: [Int]
     public var crossAttentionDim: [Int]
     public var useLinearProjection: Bool
+    /// `upcast_attention`, read for the record: the attention kernels accumulate in f32 whatever it says (Attention).
     public var upcastAttention: Bool
     public var normNumGroups: Int
     public var normEps: Float
@@ -280,7 +281,7 @@ public struct UNet2DConditionModel {
         func transformers(_ w: Weights, count: Int, channels: Int, heads: Int, layers: Int, contextDim: Int) throws -> [Transformer2D] {
             try (0..<count).map {
                 try Transformer2D(w["attentions.\($0)"], channels: channels, heads: heads, contextDim: contextDim, layers: layers,
-                                  groups: groups, linearProjection: c.useLinearProjection, upcast: c.upcastAttention)
+                                  groups: groups, linearProjection: c.useLinearProjection)
             }
         }
 

@@ -5,18 +5,16 @@
 /// self-attention), multi-head scaled dot-product attention, then the output projection `to_out.0`.
 /// In f32 `upcast_attention`/`upcast_softmax` change nothing. In f16/bf16 they need nothing either: the CUDA
 /// attention kernel computes q·kᵀ, the softmax and the weighted sum of v with f32 accumulation whatever the
-/// storage dtype (what diffusers' upcast does), rounding only the output. The flag is kept for the record.
+/// storage dtype (what diffusers' upcast does), rounding only the output. So the flag is not taken here.
 public struct Attention {
     public let heads: Int
     public let toQ, toK, toV, toOut: Linear
-    public let upcast: Bool
 
     /// `queryDim` is x's width, `contextDim` the context's; the inner width is heads × headDim.
     public init(_ w: Weights, queryDim: Int, contextDim: Int? = nil, heads: Int, headDim: Int,
-                projectionBias: Bool = false, upcast: Bool = false) throws {
+                projectionBias: Bool = false) throws {
         let inner = heads * headDim
         self.heads = heads
-        self.upcast = upcast
         toQ = try Linear(w["to_q"], in: queryDim, out: inner, bias: projectionBias)
         toK = try Linear(w["to_k"], in: contextDim ?? queryDim, out: inner, bias: projectionBias)
         toV = try Linear(w["to_v"], in: contextDim ?? queryDim, out: inner, bias: projectionBias)
@@ -54,11 +52,11 @@ public struct BasicTransformerBlock {
     public let selfAttention, crossAttention: Attention
     public let feedForward: FeedForward
 
-    public init(_ w: Weights, dim: Int, heads: Int, headDim: Int, contextDim: Int, upcast: Bool) throws {
+    public init(_ w: Weights, dim: Int, heads: Int, headDim: Int, contextDim: Int) throws {
         norm1 = try LayerNorm(w["norm1"], dim: dim)
-        selfAttention = try Attention(w["attn1"], queryDim: dim, heads: heads, headDim: headDim, upcast: upcast)
+        selfAttention = try Attention(w["attn1"], queryDim: dim, heads: heads, headDim: headDim)
         norm2 = try LayerNorm(w["norm2"], dim: dim)
-        crossAttention = try Attention(w["attn2"], queryDim: dim, contextDim: contextDim, heads: heads, headDim: headDim, upcast: upcast)
+        crossAttention = try Attention(w["attn2"], queryDim: dim, contextDim: contextDim, heads: heads, headDim: headDim)
         norm3 = try LayerNorm(w["norm3"], dim: dim)
         feedForward = try FeedForward(w["ff"], dim: dim)
     }
@@ -80,7 +78,7 @@ public struct Transformer2D {
     public let blocks: [BasicTransformerBlock]
 
     public init(_ w: Weights, channels: Int, heads: Int, contextDim: Int, layers: Int, groups: Int,
-                linearProjection: Bool, upcast: Bool) throws {
+                linearProjection: Bool) throws {
         guard heads > 0, channels % heads == 0 else {
             throw PEAError.shapeMismatch("\(w.prefix): \(channels) channels do not split into \(heads) attention heads")
         }
@@ -94,7 +92,7 @@ public struct Transformer2D {
         }
         blocks = try (0..<layers).map {
             try BasicTransformerBlock(w["transformer_blocks.\($0)"], dim: channels, heads: heads,
-                                      headDim: channels / heads, contextDim: contextDim, upcast: upcast)
+                                      headDim: channels / heads, contextDim: contextDim)
         }
     }
 
@@ -122,7 +120,7 @@ public struct SpatialSelfAttention {
 
     public init(_ w: Weights, channels: Int, groups: Int, eps: Float) throws {
         norm = try GroupNorm(w["group_norm"], groups: groups, channels: channels, eps: eps)
-        attention = try Attention(w, queryDim: channels, heads: 1, headDim: channels, projectionBias: true, upcast: true)
+        attention = try Attention(w, queryDim: channels, heads: 1, headDim: channels, projectionBias: true)
     }
 
     public func callAsFunction(_ x: Tensor) throws -> Tensor {

@@ -1,4 +1,4 @@
-/// Memory a backend owns. The CPU backend's is host memory; the CUDA backend's will be device memory.
+/// Memory a backend owns: host memory for the CPU backend, device memory for the CUDA backend.
 /// Nothing above the backend looks inside.
 public protocol TensorStorage: AnyObject {
     var byteCount: Int { get }

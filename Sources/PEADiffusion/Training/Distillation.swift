@@ -183,10 +183,10 @@ public struct KnowledgeDistillation {
 }
 
 extension DistillationBatch {
-    /// Reads a batch from a safetensors file with DESIGN.md's `eval kd-step` names: noisy_latents, noise (or
-    /// `target`, which wins when both are present), timesteps, student_states, student_states_uncond,
-    /// teacher_states, teacher_states_uncond, uncond_mask, optional zh_or_not, and for SDXL time_ids and
-    /// teacher_text_embeds. Floating-point tensors are uploaded in f32.
+    /// Reads a batch from a safetensors file with `pea eval kd-step`'s names (docs/command-line.md):
+    /// noisy_latents, noise (or `target`, which wins when both are present), timesteps, student_states,
+    /// student_states_uncond, teacher_states, teacher_states_uncond, uncond_mask, optional zh_or_not, and for SDXL
+    /// time_ids and teacher_text_embeds. Floating-point tensors are uploaded in f32.
     public static func load(path: String, backend: any ComputeBackend) throws -> DistillationBatch {
         let inputs = try InputTensors(path: path)
         func floats(_ name: String) throws -> Tensor { try inputs.tensor(name, on: backend) }

@@ -383,10 +383,3 @@ public final class PEATrainer {
         training.optimizer.restore(step: optimizerStep, first: first, second: second)
     }
 }
-
-/// Seconds on the monotonic clock.
-public func monotonicSeconds() -> Double {
-    var now = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return Double(now.tv_sec) + Double(now.tv_nsec) * 1e-9
-}
