@@ -40,7 +40,7 @@ Options:
   --uncond-prob P           probability that a sample trains on the empty prompt on both sides (default 0.1)
   --feature-weight W        weight of the feature KD term (default 0.1)
   --task-weight W           weight of the task term, MSE against the true noise (default 1, as the official
-                            scripts; 0 trains on the KD terms alone, which learns faster at small batches)
+                            scripts; 0 trains on the KD terms alone, as the toy world's adapter was trained)
   --timestep-bias-strategy S  none (default), later (the noisiest timesteps), earlier or range: those timesteps
                             are drawn --timestep-bias-multiplier times as often (diffusers' SDXL script's flags)
   --timestep-bias-multiplier M  (default 1)
