@@ -84,7 +84,8 @@ func runTrain(_ arguments: [String]) throws {
     for key in ["--model", "--text-encoder", "--max-length", "--output", "--steps", "--batch-size", "--lr", "--min-lr",
                 "--warmup-steps", "--weight-decay", "--max-grad-norm", "--resolution", "--uncond-prob", "--feature-weight",
                 "--task-weight", "--timestep-bias-strategy", "--timestep-bias-multiplier", "--timestep-bias-portion",
-                "--timestep-bias-begin", "--timestep-bias-end", "--seed", "--save-every", "--resume", "--latent-cache", "--init-adapter", "--adapter-hidden", "--adapter-layers",
+                "--timestep-bias-begin", "--timestep-bias-end", "--seed", "--save-every", "--resume", "--latent-cache",
+                "--init-adapter", "--adapter-hidden", "--adapter-layers",
                 "--validation-every", "--validation-seeds", "--validation-steps", "--validation-guidance"] {
         spec[key] = .value
     }
@@ -124,8 +125,9 @@ func runTrain(_ arguments: [String]) throws {
     guard (0...1).contains(settings.uncondProbability) else { throw PEAError.usage("train: --uncond-prob must be in [0, 1]") }
     settings.featureWeight = try options.double("--feature-weight").map(Float.init) ?? 0.1
     settings.taskWeight = try options.double("--task-weight").map(Float.init) ?? 1
-    guard settings.featureWeight >= 0, settings.taskWeight >= 0 else {
-        throw PEAError.usage("train: --feature-weight and --task-weight must be at least 0")
+    guard settings.featureWeight >= 0, settings.taskWeight >= 0,
+          settings.featureWeight.isFinite, settings.taskWeight.isFinite else {
+        throw PEAError.usage("train: --feature-weight and --task-weight must be at least 0 and finite in f32")
     }
     settings.timestepBias = try timestepBias(options)
     settings.seed = UInt64(try options.int("--seed", default: 0, range: 0...Int.max))

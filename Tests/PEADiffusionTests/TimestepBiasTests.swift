@@ -39,6 +39,13 @@ final class TimestepBiasTests: XCTestCase {
         }
     }
 
+    /// A multiplier too large to multiply a count by still gives a distribution: the biased slice, evenly.
+    func testHugeMultiplierDrawsTheBiasedSliceEvenly() {
+        let hits = histogram(TimestepBias(strategy: .later, multiplier: 1e308, portion: 0.25), count: 100, draws: 100_000)
+        XCTAssertEqual(hits[0..<75].reduce(0, +), 0)
+        for t in 75..<100 { XCTAssertEqual(Double(hits[t]), 4000, accuracy: 2, "t \(t)") }
+    }
+
     func testEveryDrawIsAValidTimestep() {
         let bias = TimestepBias(strategy: .range, multiplier: 10, begin: 990, end: 5000)
         for u: Float in [0, 0.5, 0.999, 0.99999994] {

@@ -44,10 +44,12 @@ public struct TimestepBias: Equatable, Sendable {
     public func timestep(forUniform u: Float, count: Int) -> Int {
         if isUniform { return min(Int(u * Float(count)), count - 1) }
         let biased = biasedRange(of: count)
-        let total = Double(count - biased.count) + multiplier * Double(biased.count)
+        // Weights scaled so the larger is 1: the same distribution, and no overflow for a huge multiplier.
+        let plain = 1 / max(1, multiplier), heavy = multiplier / max(1, multiplier)
+        let total = plain * Double(count - biased.count) + heavy * Double(biased.count)
         var remaining = Double(u) * total
         // Three runs of equal weight: [0, lower), the biased run, [upper, count).
-        for (run, weight) in [(0..<biased.lowerBound, 1.0), (biased, multiplier), (biased.upperBound..<count, 1.0)] {
+        for (run, weight) in [(0..<biased.lowerBound, plain), (biased, heavy), (biased.upperBound..<count, plain)] {
             let mass = Double(run.count) * weight
             if remaining < mass { return min(run.lowerBound + Int(remaining / weight), run.upperBound - 1) }
             remaining -= mass
