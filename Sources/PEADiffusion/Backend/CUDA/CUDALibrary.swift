@@ -316,14 +316,10 @@ public final class CUDALibrary {
         return String(cString: resolved)
     }
 
+    /// Exists and is not a folder (`isDirectory` is Support/FileSystem.swift's).
     static func fileExists(_ path: String) -> Bool {
         var status = stat()
         return stat(path, &status) == 0 && (status.st_mode & S_IFMT) != S_IFDIR
-    }
-
-    static func isDirectory(_ path: String) -> Bool {
-        var status = stat()
-        return stat(path, &status) == 0 && (status.st_mode & S_IFMT) == S_IFDIR
     }
 }
 
