@@ -14,7 +14,7 @@ let package = Package(
         .target(
             name: "CKernels",
             path: "CKernels",
-            sources: ["cpu"],
+            sources: ["cpu", "abi"],
             publicHeadersPath: "include",
             cSettings: [.unsafeFlags(["-O3", "-fno-math-errno", "-Wall", "-Wno-unused-function"])],
             linkerSettings: [.linkedLibrary("pthread"), .linkedLibrary("m")]

@@ -20,8 +20,6 @@ typedef struct {
     int kind;
 } unary_ctx;
 
-enum { UNARY_GELU_ERF, UNARY_GELU_TANH, UNARY_QUICK_GELU, UNARY_SILU };
-
 static inline float gelu_erf(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
 
 static inline float gelu_tanh(float v) {
@@ -34,23 +32,19 @@ static void unary_range(void *arg, int64_t begin, int64_t end) {
     const float *x = ctx->x;
     float *y = ctx->y;
     switch (ctx->kind) {
-    case UNARY_GELU_ERF: for (int64_t i = begin; i < end; i++) y[i] = gelu_erf(x[i]); break;
-    case UNARY_GELU_TANH: for (int64_t i = begin; i < end; i++) y[i] = gelu_tanh(x[i]); break;
-    case UNARY_QUICK_GELU: for (int64_t i = begin; i < end; i++) y[i] = x[i] / (1.0f + expf(-1.702f * x[i])); break;
-    case UNARY_SILU: for (int64_t i = begin; i < end; i++) y[i] = x[i] / (1.0f + expf(-x[i])); break;
+    case CK_ACT_GELU_ERF: for (int64_t i = begin; i < end; i++) y[i] = gelu_erf(x[i]); break;
+    case CK_ACT_GELU_TANH: for (int64_t i = begin; i < end; i++) y[i] = gelu_tanh(x[i]); break;
+    case CK_ACT_QUICK_GELU: for (int64_t i = begin; i < end; i++) y[i] = x[i] / (1.0f + expf(-1.702f * x[i])); break;
+    case CK_ACT_SILU: for (int64_t i = begin; i < end; i++) y[i] = x[i] / (1.0f + expf(-x[i])); break;
     }
 }
 
-static void unary(const float *x, float *y, int64_t n, int kind) {
+int ck_activation_f32(int kind, const float *x, float *y, int64_t n) {
+    if (kind < 0 || kind >= CK_ACT_COUNT) return CK_EINVAL;
     unary_ctx ctx = {x, y, kind};
     ck_parallel_for(n, GRAIN, unary_range, &ctx);
+    return CK_OK;
 }
-
-void ck_gelu_f32(const float *x, float *y, int64_t n, int approximation) {
-    unary(x, y, n, approximation == CK_GELU_TANH ? UNARY_GELU_TANH : UNARY_GELU_ERF);
-}
-void ck_quick_gelu_f32(const float *x, float *y, int64_t n) { unary(x, y, n, UNARY_QUICK_GELU); }
-void ck_silu_f32(const float *x, float *y, int64_t n) { unary(x, y, n, UNARY_SILU); }
 
 /* ---- activation backward: dx = dy · f'(x), from the forward's input ----
  *   gelu (erf):  Φ(x) + x·φ(x)
@@ -84,21 +78,18 @@ static void unary_backward_range(void *arg, int64_t begin, int64_t end) {
     const float *dy = ctx->dy, *x = ctx->x;
     float *dx = ctx->dx;
     switch (ctx->kind) {
-    case UNARY_GELU_ERF: for (int64_t i = begin; i < end; i++) dx[i] = dy[i] * gelu_erf_grad(x[i]); break;
-    case UNARY_GELU_TANH: for (int64_t i = begin; i < end; i++) dx[i] = dy[i] * gelu_tanh_grad(x[i]); break;
-    case UNARY_SILU: for (int64_t i = begin; i < end; i++) dx[i] = dy[i] * silu_grad(x[i]); break;
+    case CK_ACT_GELU_ERF: for (int64_t i = begin; i < end; i++) dx[i] = dy[i] * gelu_erf_grad(x[i]); break;
+    case CK_ACT_GELU_TANH: for (int64_t i = begin; i < end; i++) dx[i] = dy[i] * gelu_tanh_grad(x[i]); break;
+    case CK_ACT_SILU: for (int64_t i = begin; i < end; i++) dx[i] = dy[i] * silu_grad(x[i]); break;
     }
 }
 
-static void unary_backward(const float *dy, const float *x, float *dx, int64_t n, int kind) {
+int ck_activation_backward_f32(int kind, const float *dy, const float *x, float *dx, int64_t n) {
+    if (!CK_ACT_HAS_BACKWARD(kind)) return CK_EINVAL;
     unary_backward_ctx ctx = {dy, x, dx, kind};
     ck_parallel_for(n, GRAIN, unary_backward_range, &ctx);
+    return CK_OK;
 }
-
-void ck_gelu_backward_f32(const float *dy, const float *x, float *dx, int64_t n, int approximation) {
-    unary_backward(dy, x, dx, n, approximation == CK_GELU_TANH ? UNARY_GELU_TANH : UNARY_GELU_ERF);
-}
-void ck_silu_backward_f32(const float *dy, const float *x, float *dx, int64_t n) { unary_backward(dy, x, dx, n, UNARY_SILU); }
 
 /* ---- GEGLU: row r of x is [value (D) | gate (D)] ---- */
 

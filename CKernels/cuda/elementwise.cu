@@ -35,7 +35,8 @@ struct ActivationFn {
         case PEA_ACT_GELU_ERF: return gelu_erf(v);
         case PEA_ACT_GELU_TANH: return gelu_tanh(v);
         case PEA_ACT_QUICK_GELU: return v / (1.0f + expf(-1.702f * v));
-        default: return v / (1.0f + expf(-v)); /* PEA_ACT_SILU */
+        case PEA_ACT_SILU: return v / (1.0f + expf(-v));
+        default: return v; /* unreachable: the kind is checked before the launch */
         }
     }
 };
@@ -81,7 +82,7 @@ extern "C" int pea_cuda_activation(pea_cuda_context *ctx, int dtype, int kind, c
     static const char *op = "activation";
     PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
-    PEA_REQUIRE(ctx, op, kind >= PEA_ACT_GELU_ERF && kind <= PEA_ACT_SILU, "unknown activation kind %d", kind);
+    PEA_REQUIRE(ctx, op, kind >= 0 && kind < CK_ACT_COUNT, "unknown activation kind %d", kind);
     PEA_REQUIRE(ctx, op, n >= 0, "n = %lld", (long long)n);
     if (n == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, x && y, "NULL tensor (x %p, y %p)", x, y);
@@ -113,7 +114,8 @@ struct ActivationGradFn {
         switch (kind) {
         case PEA_ACT_GELU_ERF: return dy * gelu_erf_grad(v);
         case PEA_ACT_GELU_TANH: return dy * gelu_tanh_grad(v);
-        default: return dy * silu_grad(v); /* PEA_ACT_SILU */
+        case PEA_ACT_SILU: return dy * silu_grad(v);
+        default: return dy; /* unreachable: the kind is checked before the launch */
         }
     }
 };
@@ -155,8 +157,7 @@ extern "C" int pea_cuda_activation_backward(pea_cuda_context *ctx, int dtype, in
     static const char *op = "activation_backward";
     PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
-    PEA_REQUIRE(ctx, op, kind == PEA_ACT_GELU_ERF || kind == PEA_ACT_GELU_TANH || kind == PEA_ACT_SILU,
-                "activation kind %d has no backward (GELU erf/tanh and SiLU do)", kind);
+    PEA_REQUIRE(ctx, op, CK_ACT_HAS_BACKWARD(kind), "activation kind %d has no backward (GELU erf/tanh and SiLU do)", kind);
     PEA_REQUIRE(ctx, op, n >= 0, "n = %lld", (long long)n);
     if (n == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, dy && x && dx, "NULL tensor (dy %p, x %p, dx %p)", dy, x, dx);

@@ -137,10 +137,14 @@ void ck_attention_f32(const ck_attention_params *p);
 /* ---------------------------------------------------------------------------------------------------- */
 /* Elementwise and data movement                                                                        */
 
-enum { CK_GELU_ERF = 0, CK_GELU_TANH = 1 };
-void ck_gelu_f32(const float *x, float *y, int64_t n, int approximation);
-void ck_quick_gelu_f32(const float *x, float *y, int64_t n);   /* x·σ(1.702x), CLIP's activation */
-void ck_silu_f32(const float *x, float *y, int64_t n);         /* x·σ(x) */
+/* The activations, one code each (pea_cuda.h's PEA_ACT_* are the same codes): gelu with erf, gelu's tanh
+ * approximation, quick gelu x·σ(1.702x) (CLIP's), silu x·σ(x). Every kind but quick gelu has a backward (the
+ * UNet does not use quick gelu). A new activation is a code here and a case in each kernel's switch (this
+ * file's kernels, CKernels/cuda/elementwise.cu). */
+enum { CK_ACT_GELU_ERF = 0, CK_ACT_GELU_TANH = 1, CK_ACT_QUICK_GELU = 2, CK_ACT_SILU = 3, CK_ACT_COUNT = 4 };
+#define CK_ACT_HAS_BACKWARD(kind) ((kind) >= 0 && (kind) < CK_ACT_COUNT && (kind) != CK_ACT_QUICK_GELU)
+/* y = f(x) for activation `kind` (y may alias x); CK_EINVAL for an unknown kind. */
+int ck_activation_f32(int kind, const float *x, float *y, int64_t n);
 
 /* GEGLU as diffusers: x [R, 2D] → y [R, D], y = x[:, :D] · gelu_erf(x[:, D:]). */
 void ck_geglu_f32(const float *x, float *y, int64_t R, int64_t D);
@@ -201,9 +205,8 @@ void ck_layer_norm_backward_f32(const float *dy, const float *x, const float *ga
 /* Softmax backward from the forward's output: y, dy [R, D] → dx = y ⊙ (dy − Σ_j dy_j·y_j) per row. */
 void ck_softmax_backward_f32(const float *dy, const float *y, float *dx, int64_t R, int64_t D);
 
-/* Activation data gradients from the forward's input x: dx = dy · f'(x). */
-void ck_gelu_backward_f32(const float *dy, const float *x, float *dx, int64_t n, int approximation);
-void ck_silu_backward_f32(const float *dy, const float *x, float *dx, int64_t n);
+/* dx = dy·f'(x) for activation `kind`, from the forward's input x; CK_EINVAL for a kind without a backward. */
+int ck_activation_backward_f32(int kind, const float *dy, const float *x, float *dx, int64_t n);
 
 /* GEGLU backward: x [R, 2D], dy [R, D] → dx [R, 2D] (dx[:, :D] = dy·gelu(g), dx[:, D:] = dy·a·gelu'(g)). */
 void ck_geglu_backward_f32(const float *dy, const float *x, float *dx, int64_t R, int64_t D);

@@ -123,7 +123,13 @@ int pea_cuda_softmax(pea_cuda_context *ctx, int dtype, const void *x, void *y, i
 /* As ck_attention_f32 (strided q/k/v/out/mask, scale, causal); p's float pointers are device pointers of
  * `dtype` (cast through void). Fused, flash-attention style: no Tq×Tk matrix in global memory. */
 int pea_cuda_attention(pea_cuda_context *ctx, int dtype, const ck_attention_params *p);
-enum { PEA_ACT_GELU_ERF = 0, PEA_ACT_GELU_TANH = 1, PEA_ACT_QUICK_GELU = 2, PEA_ACT_SILU = 3 };
+/* The activation kinds are ckernels.h's (CK_ACT_*), named here as the ABI has always named them. */
+enum {
+    PEA_ACT_GELU_ERF = CK_ACT_GELU_ERF,
+    PEA_ACT_GELU_TANH = CK_ACT_GELU_TANH,
+    PEA_ACT_QUICK_GELU = CK_ACT_QUICK_GELU,
+    PEA_ACT_SILU = CK_ACT_SILU,
+};
 int pea_cuda_activation(pea_cuda_context *ctx, int dtype, int kind, const void *x, void *y, int64_t n);
 int pea_cuda_geglu(pea_cuda_context *ctx, int dtype, const void *x, void *y, int64_t R, int64_t D);
 int pea_cuda_affine(pea_cuda_context *ctx, int dtype, const void *x, void *y, int64_t n, float alpha, float beta);
@@ -173,6 +179,36 @@ int pea_cuda_adamw(pea_cuda_context *ctx, const float *p, const float *m, const 
                    float *p_out, float *m_out, float *v_out, int64_t n, const ck_adamw_hyper *h);
 /* *sum = ck_sum_squares_f32(x, n) bit for bit (the same blocks and order, in f64); waits for the result. */
 int pea_cuda_sum_squares(pea_cuda_context *ctx, const float *x, int64_t n, double *sum);
+
+/* --- the function list ------------------------------------------------------------------------------------ */
+
+/* Every function above, once: REQUIRED(name) for those a loader refuses a library without (context, memory),
+ * OPTIONAL(name) for those a library built before they existed may lack (its ops are then unsupported). The
+ * loaders bind from this list and nothing else: the Swift CUDALibrary through pea_cuda_function_name
+ * (CKernels/abi/pea_cuda_functions.c), tests/test_ops.cpp directly, and test_ops fails when a function on it
+ * is never called by a test. A new function goes into this list and the header above, nowhere else. */
+#define PEA_CUDA_FUNCTIONS(REQUIRED, OPTIONAL)                                                              \
+    REQUIRED(pea_cuda_abi_version) REQUIRED(pea_cuda_create) REQUIRED(pea_cuda_destroy)                    \
+    REQUIRED(pea_cuda_last_error) REQUIRED(pea_cuda_alloc) REQUIRED(pea_cuda_free) REQUIRED(pea_cuda_upload) \
+    REQUIRED(pea_cuda_download) REQUIRED(pea_cuda_synchronize)                                               \
+    OPTIONAL(pea_cuda_device_info) OPTIONAL(pea_cuda_set_tf32) OPTIONAL(pea_cuda_release_cache)              \
+    OPTIONAL(pea_cuda_memory_stats) OPTIONAL(pea_cuda_zero) OPTIONAL(pea_cuda_timer_record)                  \
+    OPTIONAL(pea_cuda_timer_elapsed) OPTIONAL(pea_cuda_spin) OPTIONAL(pea_cuda_profile_start)                \
+    OPTIONAL(pea_cuda_profile_stop)                                                                          \
+    OPTIONAL(pea_cuda_gemm) OPTIONAL(pea_cuda_linear) OPTIONAL(pea_cuda_conv2d) OPTIONAL(pea_cuda_group_norm) \
+    OPTIONAL(pea_cuda_layer_norm) OPTIONAL(pea_cuda_softmax) OPTIONAL(pea_cuda_attention)                    \
+    OPTIONAL(pea_cuda_activation) OPTIONAL(pea_cuda_geglu) OPTIONAL(pea_cuda_affine) OPTIONAL(pea_cuda_binary) \
+    OPTIONAL(pea_cuda_copy_strided) OPTIONAL(pea_cuda_upsample_nearest2x) OPTIONAL(pea_cuda_embedding)        \
+    OPTIONAL(pea_cuda_timestep_embedding) OPTIONAL(pea_cuda_mean) OPTIONAL(pea_cuda_convert)                 \
+    OPTIONAL(pea_cuda_conv2d_backward_data) OPTIONAL(pea_cuda_group_norm_backward)                           \
+    OPTIONAL(pea_cuda_layer_norm_backward) OPTIONAL(pea_cuda_softmax_backward)                               \
+    OPTIONAL(pea_cuda_activation_backward) OPTIONAL(pea_cuda_geglu_backward)                                 \
+    OPTIONAL(pea_cuda_upsample_nearest2x_backward) OPTIONAL(pea_cuda_adamw) OPTIONAL(pea_cuda_sum_squares)
+
+/* The name of function `index` of PEA_CUDA_FUNCTIONS (NULL past the end) and, in *required, whether it is
+ * required. Compiled into the Swift package (which never links the library itself), so the Swift loader binds
+ * from the same list; not exported by the library. */
+const char *pea_cuda_function_name(int index, int *required);
 
 #ifdef __cplusplus
 }

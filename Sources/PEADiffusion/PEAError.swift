@@ -11,8 +11,9 @@ public enum PEAError: Error, CustomStringConvertible, Equatable {
     case unsupported(String)
     /// Bad command-line usage or argument values.
     case usage(String)
-    /// A failure inside a backend (out of memory, a kernel error, a data value out of range).
-    case backend(String)
+    /// A failure inside a backend, with its kind so that a caller can react to it (free memory and retry
+    /// smaller after `.outOfMemory`, say) without reading the message.
+    case backend(String, kind: BackendFailure = .other)
 
     public var description: String {
         switch self {
@@ -21,12 +22,32 @@ public enum PEAError: Error, CustomStringConvertible, Equatable {
         case .shapeMismatch(let message): return "shape mismatch: \(message)"
         case .unsupported(let message): return "unsupported: \(message)"
         case .usage(let message): return message
-        case .backend(let message): return message
+        case .backend(let message, _): return message
         }
     }
 }
 
+/// The kinds of backend failure (pea_cuda.h's status codes; the CPU backend's allocation and data errors).
+public enum BackendFailure: String, Sendable, Equatable {
+    /// The device or host could not allocate the memory asked for.
+    case outOfMemory
+    /// An argument the kernel cannot take, or data out of its range (a token id outside the vocabulary).
+    case invalidArgument
+    /// A failed kernel launch or library call on the device.
+    case launchFailure
+    /// No driver, no device, or a library that cannot be used.
+    case unavailable
+    /// Anything else (a failure further up, wrapped with its context).
+    case other
+}
+
 extension PEAError {
+    /// The backend failure's kind, for `.backend` errors (nil for every other case).
+    public var backendFailure: BackendFailure? {
+        if case .backend(_, let kind) = self { return kind }
+        return nil
+    }
+
     /// Usage errors exit with status 2, everything else with 1 (the convention of getopt-style tools).
     public var isUsage: Bool {
         if case .usage = self { return true }

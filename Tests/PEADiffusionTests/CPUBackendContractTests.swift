@@ -21,6 +21,18 @@ final class CPUBackendContractTests: XCTestCase {
         }
     }
 
+    /// Backend failures keep their kind, so that a caller can react to running out of memory.
+    func testBackendFailuresCarryTheirKind() throws {
+        func kind(_ body: () throws -> Any) -> BackendFailure? {
+            do { _ = try body(); return nil } catch { return (error as? PEAError)?.backendFailure }
+        }
+        XCTAssertEqual(kind { try self.backend.zeros([1 << 30, 1 << 30], dtype: .f32) }, .outOfMemory)
+        let ids = try backend.upload(HostTensor(ids: [0, 11], shape: [2]))
+        XCTAssertEqual(kind { try self.backend.embedding(ids, table: self.tensor([11, 4])) }, .invalidArgument)
+        XCTAssertNil(kind { try self.backend.linear(self.tensor([2, 5]), weight: self.tensor([4, 6]), bias: nil) },
+                     "a shape mismatch is not a backend failure")
+    }
+
     func testShapeErrorsNameTheOp() throws {
         let x = try tensor([1, 3, 8, 8])
         assertThrows("conv2d: input has 3 channels") { try self.backend.conv2d(x, weight: self.tensor([4, 2, 3, 3]), bias: nil, stride: (1, 1), padding: .uniform(1)) }

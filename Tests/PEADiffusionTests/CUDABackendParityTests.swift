@@ -105,8 +105,8 @@ final class CUDABackendParityTests: XCTestCase {
 
     typealias Run = (any ComputeBackend, [String: Tensor]) throws -> [Tensor]
 
-    func op(_ name: String, _ inputs: [String: HostTensor], dtypes: [DType]? = nil, _ run: @escaping Run) -> CUDASelfTest.Case {
-        CUDASelfTest.Case(name: name, inputs: inputs, dtypes: dtypes, run: run)
+    func op(_ op: Op, _ name: String, _ inputs: [String: HostTensor], dtypes: [DType]? = nil, _ run: @escaping Run) -> CUDASelfTest.Case {
+        CUDASelfTest.Case(op: op, name: name, inputs: inputs, dtypes: dtypes, run: run)
     }
 
     // MARK: the library and the loader
@@ -128,6 +128,26 @@ final class CUDABackendParityTests: XCTestCase {
         XCTAssertFalse(cuda.supports(.conv2d, dtype: .i32))
         XCTAssertTrue(cuda.supports(.embedding, dtype: .i64))
         XCTAssertTrue(cuda.supports(.permute, dtype: .i64))
+    }
+
+    /// The library's status codes become typed failure kinds (out of memory, invalid argument, …).
+    func testLibraryFailuresCarryTheirKind() throws {
+        let cuda = try cuda()
+        do {
+            _ = try cuda.zeros([1 << 30, 1 << 30], dtype: .f32)
+            XCTFail("a 4 EiB tensor was allocated")
+        } catch {
+            XCTAssertEqual((error as? PEAError)?.backendFailure, .outOfMemory, "\(error)")
+        }
+        XCTAssertEqual(CUDABackend.failureKind(Int32(PEA_CUDA_ERROR_INVALID)), .invalidArgument)
+        XCTAssertEqual(CUDABackend.failureKind(Int32(PEA_CUDA_ERROR_KERNEL)), .launchFailure)
+        XCTAssertEqual(CUDABackend.failureKind(Int32(PEA_CUDA_ERROR_NO_DEVICE)), .unavailable)
+        do {
+            _ = try CUDALibrary(path: "/nonexistent/libpea_cuda.so")
+            XCTFail("a missing library loaded")
+        } catch {
+            XCTAssertEqual((error as? PEAError)?.backendFailure, .unavailable)
+        }
     }
 
     func testLoaderErrorsSayWhatIsWrong() throws {
@@ -279,20 +299,20 @@ final class CUDABackendParityTests: XCTestCase {
         for (i, (label, a, b, ta, tb, c, alpha, beta)) in shapes.enumerated() {
             var inputs = ["a": random(a, seed: UInt64(10 * i)), "b": random(b, seed: UInt64(10 * i + 1))]
             if let c { inputs["c"] = random(c, seed: UInt64(10 * i + 2)) }
-            try check(op("gemm \(label)", inputs) { backend, t in
+            try check(op(.gemm, "gemm \(label)", inputs) { backend, t in
                 [try backend.gemm(t["a"]!, t["b"]!, transposeA: ta, transposeB: tb, alpha: alpha, beta: beta, c: t["c"])]
             })
         }
     }
 
     func testLinear() throws {
-        try check(op("linear [3,5,7]→9 bias", ["x": random([3, 5, 7], seed: 1), "w": random([9, 7], seed: 2), "b": random([9], seed: 3)]) { b, t in
+        try check(op(.linear, "linear [3,5,7]→9 bias", ["x": random([3, 5, 7], seed: 1), "w": random([9, 7], seed: 2), "b": random([9], seed: 3)]) { b, t in
             [try b.linear(t["x"]!, weight: t["w"]!, bias: t["b"]!)]
         })
-        try check(op("linear [2,33]→31", ["x": random([2, 33], seed: 4), "w": random([31, 33], seed: 5)]) { b, t in
+        try check(op(.linear, "linear [2,33]→31", ["x": random([2, 33], seed: 4), "w": random([31, 33], seed: 5)]) { b, t in
             [try b.linear(t["x"]!, weight: t["w"]!, bias: nil)]
         })
-        try check(op("linear one", ["x": random([1], seed: 6), "w": random([1, 1], seed: 7), "b": random([1], seed: 8)]) { b, t in
+        try check(op(.linear, "linear one", ["x": random([1], seed: 6), "w": random([1, 1], seed: 7), "b": random([1], seed: 8)]) { b, t in
             [try b.linear(t["x"]!, weight: t["w"]!, bias: t["b"]!)]
         })
     }
@@ -310,38 +330,38 @@ final class CUDABackendParityTests: XCTestCase {
         for (i, (label, x, w, stride, padding, hasBias)) in cases.enumerated() {
             var inputs = ["x": random(x, seed: UInt64(20 * i)), "w": random(w, seed: UInt64(20 * i + 1), scale: 0.3)]
             if hasBias { inputs["b"] = random([w[0]], seed: UInt64(20 * i + 2)) }
-            try check(op("conv2d \(label)", inputs) { b, t in
+            try check(op(.conv2d, "conv2d \(label)", inputs) { b, t in
                 [try b.conv2d(t["x"]!, weight: t["w"]!, bias: t["b"], stride: stride, padding: padding)]
             })
         }
     }
 
     func testNormsAndSoftmax() throws {
-        try check(op("groupNorm+silu [2,6,5,3] G3", ["x": random([2, 6, 5, 3], seed: 1, offset: 3), "g": random([6], seed: 2), "b": random([6], seed: 3)]) { b, t in
+        try check(op(.groupNorm, "groupNorm+silu [2,6,5,3] G3", ["x": random([2, 6, 5, 3], seed: 1, offset: 3), "g": random([6], seed: 2), "b": random([6], seed: 3)]) { b, t in
             [try b.groupNorm(t["x"]!, groups: 3, weight: t["g"]!, bias: t["b"]!, eps: 1e-5, fuseSiLU: true)]
         })
-        try check(op("groupNorm [3,4,7] G1 no affine", ["x": random([3, 4, 7], seed: 4)]) { b, t in
+        try check(op(.groupNorm, "groupNorm [3,4,7] G1 no affine", ["x": random([3, 4, 7], seed: 4)]) { b, t in
             [try b.groupNorm(t["x"]!, groups: 1, weight: nil, bias: nil, eps: 1e-6, fuseSiLU: false)]
         })
-        try check(op("groupNorm [1,32,9,9] G32 (one channel per group)", ["x": random([1, 32, 9, 9], seed: 5), "g": random([32], seed: 6), "b": random([32], seed: 7)]) { b, t in
+        try check(op(.groupNorm, "groupNorm [1,32,9,9] G32 (one channel per group)", ["x": random([1, 32, 9, 9], seed: 5), "g": random([32], seed: 6), "b": random([32], seed: 7)]) { b, t in
             [try b.groupNorm(t["x"]!, groups: 32, weight: t["g"]!, bias: t["b"]!, eps: 1e-5, fuseSiLU: false)]
         })
-        try check(op("layerNorm [3,5,33] offset mean", ["x": random([3, 5, 33], seed: 8, scale: 2, offset: 10), "g": random([33], seed: 9), "b": random([33], seed: 10)]) { b, t in
+        try check(op(.layerNorm, "layerNorm [3,5,33] offset mean", ["x": random([3, 5, 33], seed: 8, scale: 2, offset: 10), "g": random([33], seed: 9), "b": random([33], seed: 10)]) { b, t in
             [try b.layerNorm(t["x"]!, weight: t["g"]!, bias: t["b"]!, eps: 1e-5)]
         })
-        try check(op("layerNorm [1,1] no affine", ["x": random([1, 1], seed: 11)]) { b, t in
+        try check(op(.layerNorm, "layerNorm [1,1] no affine", ["x": random([1, 1], seed: 11)]) { b, t in
             [try b.layerNorm(t["x"]!, weight: nil, bias: nil, eps: 1e-5)]
         })
-        try check(op("layerNorm [2,1030]", ["x": random([2, 1030], seed: 12), "g": random([1030], seed: 13)]) { b, t in
+        try check(op(.layerNorm, "layerNorm [2,1030]", ["x": random([2, 1030], seed: 12), "g": random([1030], seed: 13)]) { b, t in
             [try b.layerNorm(t["x"]!, weight: t["g"]!, bias: nil, eps: 1e-5)]
         })
-        try check(op("softmax [3,7,31]", ["x": random([3, 7, 31], seed: 14, scale: 4)]) { b, t in [try b.softmax(t["x"]!)] })
-        try check(op("softmax one", ["x": random([1], seed: 15)]) { b, t in [try b.softmax(t["x"]!)] })
-        try check(op("softmax [2,1500]", ["x": random([2, 1500], seed: 16)]) { b, t in [try b.softmax(t["x"]!)] })
+        try check(op(.softmax, "softmax [3,7,31]", ["x": random([3, 7, 31], seed: 14, scale: 4)]) { b, t in [try b.softmax(t["x"]!)] })
+        try check(op(.softmax, "softmax one", ["x": random([1], seed: 15)]) { b, t in [try b.softmax(t["x"]!)] })
+        try check(op(.softmax, "softmax [2,1500]", ["x": random([2, 1500], seed: 16)]) { b, t in [try b.softmax(t["x"]!)] })
         var withInfinity = random([3, 6], seed: 17).floats()
         for j in 0..<6 { withInfinity[6 + j] = -.infinity }   // a row of −∞: zeros
         withInfinity[1] = -.infinity
-        try check(op("softmax −∞", ["x": HostTensor(withInfinity, shape: [3, 6])]) { b, t in [try b.softmax(t["x"]!)] })
+        try check(op(.softmax, "softmax −∞", ["x": HostTensor(withInfinity, shape: [3, 6])]) { b, t in [try b.softmax(t["x"]!)] })
     }
 
     func testAttention() throws {
@@ -359,7 +379,7 @@ final class CUDABackendParityTests: XCTestCase {
         ]
         for (i, s) in shapes.enumerated() {
             let seed = UInt64(100 * i)
-            try check(op("attention \(s.0) [\(s.batch),\(s.tq),\(s.heads)x\(s.d)]·\(s.tk)",
+            try check(op(.attention, "attention \(s.0) [\(s.batch),\(s.tq),\(s.heads)x\(s.d)]·\(s.tk)",
                          ["q": random([s.batch, s.tq, s.heads * s.d], seed: seed), "k": random([s.batch, s.tk, s.heads * s.d], seed: seed + 1),
                           "v": random([s.batch, s.tk, s.heads * s.dv], seed: seed + 2)]) { b, t in
                 [try b.attention(q: t["q"]!, k: t["k"]!, v: t["v"]!, heads: s.heads, mask: nil, causal: false, scale: nil)]
@@ -380,14 +400,14 @@ final class CUDABackendParityTests: XCTestCase {
         for (label, mask, causal, scale) in masks {
             var inputs = ["q": q, "k": k, "v": v]
             if let mask { inputs["m"] = mask }
-            try check(op("attention d64 \(label)", inputs) { b, t in
+            try check(op(.attention, "attention d64 \(label)", inputs) { b, t in
                 [try b.attention(q: t["q"]!, k: t["k"]!, v: t["v"]!, heads: 2, mask: t["m"], causal: causal, scale: scale)]
             })
         }
         // A causal query row whose only visible keys are masked gets zeros, as the CPU defines it.
         var blocked = [Float](repeating: 0, count: 5)
         blocked[0] = -.infinity
-        try check(op("attention fully masked row", ["q": random([1, 3, 8], seed: 6), "k": random([1, 5, 8], seed: 7), "v": random([1, 5, 8], seed: 8),
+        try check(op(.attention, "attention fully masked row", ["q": random([1, 3, 8], seed: 6), "k": random([1, 5, 8], seed: 7), "v": random([1, 5, 8], seed: 8),
                                                      "m": HostTensor(blocked, shape: [5])]) { b, t in
             [try b.attention(q: t["q"]!, k: t["k"]!, v: t["v"]!, heads: 1, mask: t["m"], causal: true, scale: nil)]
         })
@@ -395,11 +415,11 @@ final class CUDABackendParityTests: XCTestCase {
 
     func testElementwise() throws {
         for kind in Activation.allCases {
-            try check(op("activation \(kind.rawValue) [3,5,7]", ["x": random([3, 5, 7], seed: 1, scale: 3)]) { b, t in [try b.activation(t["x"]!, kind)] })
-            try check(op("activation \(kind.rawValue) one", ["x": random([1], seed: 2)]) { b, t in [try b.activation(t["x"]!, kind)] })
+            try check(op(.activation, "activation \(kind.rawValue) [3,5,7]", ["x": random([3, 5, 7], seed: 1, scale: 3)]) { b, t in [try b.activation(t["x"]!, kind)] })
+            try check(op(.activation, "activation \(kind.rawValue) one", ["x": random([1], seed: 2)]) { b, t in [try b.activation(t["x"]!, kind)] })
         }
-        try check(op("geglu [3,5,18]", ["x": random([3, 5, 18], seed: 3, scale: 2)]) { b, t in [try b.geglu(t["x"]!)] })
-        try check(op("geglu [1,2]", ["x": random([1, 2], seed: 4)]) { b, t in [try b.geglu(t["x"]!)] })
+        try check(op(.geglu, "geglu [3,5,18]", ["x": random([3, 5, 18], seed: 3, scale: 2)]) { b, t in [try b.geglu(t["x"]!)] })
+        try check(op(.geglu, "geglu [1,2]", ["x": random([1, 2], seed: 4)]) { b, t in [try b.geglu(t["x"]!)] })
         let broadcasts: [(BinaryOp, [Int], [Int])] = [
             (.add, [2, 3, 5, 7], [2, 3, 5, 7]), (.add, [2, 3, 5, 7], [3, 1, 1]), (.add, [2, 6, 4, 4], [2, 6, 1, 1]),
             (.mul, [5, 1], [1, 6]), (.mul, [2, 9, 8], [8]), (.sub, [4, 1, 3], [2, 1]), (.sub, [1], [3, 4]),
@@ -407,34 +427,34 @@ final class CUDABackendParityTests: XCTestCase {
         ]
         for (i, (kind, a, b)) in broadcasts.enumerated() {
             let divisor = kind == .div ? random(b, seed: UInt64(2 * i + 1), scale: 0.3, offset: 2) : random(b, seed: UInt64(2 * i + 1))
-            try check(op("\(kind.rawValue) \(a) \(b)", ["a": random(a, seed: UInt64(2 * i)), "b": divisor]) { backend, t in
+            try check(op(.binary, "\(kind.rawValue) \(a) \(b)", ["a": random(a, seed: UInt64(2 * i)), "b": divisor]) { backend, t in
                 [try backend.binary(kind, t["a"]!, t["b"]!)]
             })
         }
-        try check(op("affine [3,5,7]", ["x": random([3, 5, 7], seed: 5)]) { b, t in [try b.affine(t["x"]!, scale: 0.18215, shift: -1.25)] })
-        try check(op("upsample [2,3,5,7]", ["x": random([2, 3, 5, 7], seed: 6)]) { b, t in [try b.upsampleNearest2x(t["x"]!)] })
-        try check(op("upsample one", ["x": random([1, 1, 1, 1], seed: 7)]) { b, t in [try b.upsampleNearest2x(t["x"]!)] })
-        try check(op("mean middle", ["x": random([3, 5, 7], seed: 8)]) { b, t in [try b.mean(t["x"]!, dim: 1, keepDim: false)] })
-        try check(op("mean last keep", ["x": random([3, 5, 7], seed: 9)]) { b, t in [try b.mean(t["x"]!, dim: -1, keepDim: true)] })
-        try check(op("mean first", ["x": random([6, 4], seed: 10)]) { b, t in [try b.mean(t["x"]!, dim: 0, keepDim: false)] })
-        try check(op("mean one", ["x": random([1], seed: 11)]) { b, t in [try b.mean(t["x"]!, dim: 0, keepDim: false)] })
+        try check(op(.affine, "affine [3,5,7]", ["x": random([3, 5, 7], seed: 5)]) { b, t in [try b.affine(t["x"]!, scale: 0.18215, shift: -1.25)] })
+        try check(op(.upsampleNearest2x, "upsample [2,3,5,7]", ["x": random([2, 3, 5, 7], seed: 6)]) { b, t in [try b.upsampleNearest2x(t["x"]!)] })
+        try check(op(.upsampleNearest2x, "upsample one", ["x": random([1, 1, 1, 1], seed: 7)]) { b, t in [try b.upsampleNearest2x(t["x"]!)] })
+        try check(op(.mean, "mean middle", ["x": random([3, 5, 7], seed: 8)]) { b, t in [try b.mean(t["x"]!, dim: 1, keepDim: false)] })
+        try check(op(.mean, "mean last keep", ["x": random([3, 5, 7], seed: 9)]) { b, t in [try b.mean(t["x"]!, dim: -1, keepDim: true)] })
+        try check(op(.mean, "mean first", ["x": random([6, 4], seed: 10)]) { b, t in [try b.mean(t["x"]!, dim: 0, keepDim: false)] })
+        try check(op(.mean, "mean one", ["x": random([1], seed: 11)]) { b, t in [try b.mean(t["x"]!, dim: 0, keepDim: false)] })
     }
 
     func testDataMovement() throws {
-        try check(op("concat channels", ["0": random([2, 3, 4, 5], seed: 1), "1": random([2, 1, 4, 5], seed: 2), "2": random([2, 6, 4, 5], seed: 3)]) { b, t in
+        try check(op(.concat, "concat channels", ["0": random([2, 3, 4, 5], seed: 1), "1": random([2, 1, 4, 5], seed: 2), "2": random([2, 6, 4, 5], seed: 3)]) { b, t in
             [try b.concat([t["0"]!, t["1"]!, t["2"]!], dim: 1)]
         })
-        try check(op("concat last", ["0": random([3, 5], seed: 4), "1": random([3, 2], seed: 5)]) { b, t in [try b.concat([t["0"]!, t["1"]!], dim: -1)] })
-        try check(op("concat first", ["0": random([1, 7], seed: 6), "1": random([4, 7], seed: 7)]) { b, t in [try b.concat([t["0"]!, t["1"]!], dim: 0)] })
-        try check(op("split uneven with an empty part", ["x": random([2, 9, 3], seed: 8)]) { b, t in try b.split(t["x"]!, sizes: [2, 0, 7], dim: 1) })
-        try check(op("split last", ["x": random([3, 10], seed: 9)]) { b, t in try b.split(t["x"]!, sizes: [5, 5], dim: -1) })
-        try check(op("permute NCHW→NHWC", ["x": random([2, 3, 4, 5], seed: 10)]) { b, t in [try b.permute(t["x"]!, [0, 2, 3, 1])] })
-        try check(op("permute heads", ["x": random([2, 5, 3, 4], seed: 11)]) { b, t in [try b.permute(t["x"]!, [0, 2, 1, 3])] })
-        try check(op("permute reverse", ["x": random([2, 3, 4, 5], seed: 12)]) { b, t in [try b.permute(t["x"]!, [-1, 2, 1, 0])] })
-        try check(op("permute rank 0", ["x": HostTensor([4], shape: [])]) { b, t in [try b.permute(t["x"]!, [])] })
+        try check(op(.concat, "concat last", ["0": random([3, 5], seed: 4), "1": random([3, 2], seed: 5)]) { b, t in [try b.concat([t["0"]!, t["1"]!], dim: -1)] })
+        try check(op(.concat, "concat first", ["0": random([1, 7], seed: 6), "1": random([4, 7], seed: 7)]) { b, t in [try b.concat([t["0"]!, t["1"]!], dim: 0)] })
+        try check(op(.split, "split uneven with an empty part", ["x": random([2, 9, 3], seed: 8)]) { b, t in try b.split(t["x"]!, sizes: [2, 0, 7], dim: 1) })
+        try check(op(.split, "split last", ["x": random([3, 10], seed: 9)]) { b, t in try b.split(t["x"]!, sizes: [5, 5], dim: -1) })
+        try check(op(.permute, "permute NCHW→NHWC", ["x": random([2, 3, 4, 5], seed: 10)]) { b, t in [try b.permute(t["x"]!, [0, 2, 3, 1])] })
+        try check(op(.permute, "permute heads", ["x": random([2, 5, 3, 4], seed: 11)]) { b, t in [try b.permute(t["x"]!, [0, 2, 1, 3])] })
+        try check(op(.permute, "permute reverse", ["x": random([2, 3, 4, 5], seed: 12)]) { b, t in [try b.permute(t["x"]!, [-1, 2, 1, 0])] })
+        try check(op(.permute, "permute rank 0", ["x": HostTensor([4], shape: [])]) { b, t in [try b.permute(t["x"]!, [])] })
         // Integer tensors move too.
         let ids = HostTensor(ids: Array(0..<24), shape: [2, 3, 4], dtype: .i64)
-        try check(op("permute/concat/split i64", ["x": ids], dtypes: [.f32]) { b, t in
+        try check(op(.permute, "permute/concat/split i64", ["x": ids], dtypes: [.f32]) { b, t in
             let p = try b.permute(t["x"]!, [2, 0, 1])
             return [p, try b.concat([p, p], dim: 1)] + (try b.split(p, sizes: [1, 3], dim: 0))
         })
@@ -442,12 +462,12 @@ final class CUDABackendParityTests: XCTestCase {
 
     func testEmbeddingsAndCasts() throws {
         for idType in [DType.i32, .i64] {
-            try check(op("embedding \(idType) [2,3] of [11,7]", ["ids": HostTensor(ids: [0, 10, 3, 3, 7, 1], shape: [2, 3], dtype: idType),
+            try check(op(.embedding, "embedding \(idType) [2,3] of [11,7]", ["ids": HostTensor(ids: [0, 10, 3, 3, 7, 1], shape: [2, 3], dtype: idType),
                                                                   "table": random([11, 7], seed: 1)]) { b, t in
                 [try b.embedding(t["ids"]!, table: t["table"]!)]
             })
         }
-        try check(op("embedding one", ["ids": HostTensor(ids: [0], shape: [1]), "table": random([1, 1], seed: 2)]) { b, t in
+        try check(op(.embedding, "embedding one", ["ids": HostTensor(ids: [0], shape: [1]), "table": random([1, 1], seed: 2)]) { b, t in
             [try b.embedding(t["ids"]!, table: t["table"]!)]
         })
         let timesteps: [(String, HostTensor, Int, Bool, Float, Float, Float)] = [
@@ -458,7 +478,7 @@ final class CUDABackendParityTests: XCTestCase {
             ("bf16 timesteps", HostTensor([640, 2], shape: [2], dtype: .bf16), 8, false, 0, 1, 10000),
         ]
         for (label, t, dim, flip, shift, scale, period) in timesteps {
-            try check(op("timestepEmbedding \(label)", ["t": t], dtypes: [.f32]) { b, x in
+            try check(op(.timestepEmbedding, "timestepEmbedding \(label)", ["t": t], dtypes: [.f32]) { b, x in
                 [try b.timestepEmbedding(x["t"]!, dim: dim, flipSinToCos: flip, downscaleFreqShift: shift, scale: scale, maxPeriod: period)]
             })
         }
@@ -483,29 +503,29 @@ final class CUDABackendParityTests: XCTestCase {
     /// SD1.5's layer widths (320 channels in 32 groups, 8 heads of 40, 77-token context, head dims 64/80/160) at
     /// small spatial sizes: several tiles and blocks of every kernel, batch 2.
     func testSDShapedLayers() throws {
-        try check(op("groupNorm+silu [2,320,8,8] G32", ["x": random([2, 320, 8, 8], seed: 1), "g": random([320], seed: 2), "b": random([320], seed: 3)]) { b, t in
+        try check(op(.groupNorm, "groupNorm+silu [2,320,8,8] G32", ["x": random([2, 320, 8, 8], seed: 1), "g": random([320], seed: 2), "b": random([320], seed: 3)]) { b, t in
             [try b.groupNorm(t["x"]!, groups: 32, weight: t["g"]!, bias: t["b"]!, eps: 1e-5, fuseSiLU: true)]
         })
-        try check(op("conv2d 3x3 [2,320,8,8]→320", ["x": random([2, 320, 8, 8], seed: 4), "w": random([320, 320, 3, 3], seed: 5, scale: 0.05), "b": random([320], seed: 6)]) { b, t in
+        try check(op(.conv2d, "conv2d 3x3 [2,320,8,8]→320", ["x": random([2, 320, 8, 8], seed: 4), "w": random([320, 320, 3, 3], seed: 5, scale: 0.05), "b": random([320], seed: 6)]) { b, t in
             [try b.conv2d(t["x"]!, weight: t["w"]!, bias: t["b"]!, stride: (1, 1), padding: .uniform(1))]
         })
-        try check(op("conv2d downsample [2,320,8,8] stride 2", ["x": random([2, 320, 8, 8], seed: 7), "w": random([320, 320, 3, 3], seed: 8, scale: 0.05), "b": random([320], seed: 9)]) { b, t in
+        try check(op(.conv2d, "conv2d downsample [2,320,8,8] stride 2", ["x": random([2, 320, 8, 8], seed: 7), "w": random([320, 320, 3, 3], seed: 8, scale: 0.05), "b": random([320], seed: 9)]) { b, t in
             [try b.conv2d(t["x"]!, weight: t["w"]!, bias: t["b"]!, stride: (2, 2), padding: .uniform(1))]
         })
-        try check(op("linear [2,77,768]→320", ["x": random([2, 77, 768], seed: 10), "w": random([320, 768], seed: 11, scale: 0.05)]) { b, t in
+        try check(op(.linear, "linear [2,77,768]→320", ["x": random([2, 77, 768], seed: 10), "w": random([320, 768], seed: 11, scale: 0.05)]) { b, t in
             [try b.linear(t["x"]!, weight: t["w"]!, bias: nil)]
         })
-        try check(op("layerNorm [2,256,320]", ["x": random([2, 256, 320], seed: 12), "g": random([320], seed: 13), "b": random([320], seed: 14)]) { b, t in
+        try check(op(.layerNorm, "layerNorm [2,256,320]", ["x": random([2, 256, 320], seed: 12), "g": random([320], seed: 13), "b": random([320], seed: 14)]) { b, t in
             [try b.layerNorm(t["x"]!, weight: t["g"]!, bias: t["b"]!, eps: 1e-5)]
         })
-        try check(op("geglu [2,64,2560]", ["x": random([2, 64, 2560], seed: 15)]) { b, t in [try b.geglu(t["x"]!)] })
+        try check(op(.geglu, "geglu [2,64,2560]", ["x": random([2, 64, 2560], seed: 15)]) { b, t in [try b.geglu(t["x"]!)] })
         let attention: [(String, Int, Int, Int, Int)] = [
             ("self 8x40", 256, 256, 8, 40), ("cross 8x40", 256, 77, 8, 40), ("self 5x64", 300, 300, 5, 64),
             ("self 8x80", 64, 64, 8, 80), ("cross 8x160", 16, 77, 8, 160),
         ]
         for (i, (label, tq, tk, heads, d)) in attention.enumerated() {
             let seed = UInt64(100 + 10 * i)
-            try check(op("attention \(label) [2,\(tq)]·\(tk)", ["q": random([2, tq, heads * d], seed: seed), "k": random([2, tk, heads * d], seed: seed + 1),
+            try check(op(.attention, "attention \(label) [2,\(tq)]·\(tk)", ["q": random([2, tq, heads * d], seed: seed), "k": random([2, tk, heads * d], seed: seed + 1),
                                                                 "v": random([2, tk, heads * d], seed: seed + 2)]) { b, t in
                 [try b.attention(q: t["q"]!, k: t["k"]!, v: t["v"]!, heads: heads, mask: nil, causal: false, scale: nil)]
             })
@@ -744,7 +764,7 @@ final class CUDABackendParityTests: XCTestCase {
         // the profile was stopped: stopping again is refused
         var count: Int32 = 0
         var span = 0.0
-        XCTAssertNotEqual(cuda.library.profileStop?(cuda.context.handle, nil, 0, &count, &span) ?? 0, Int32(PEA_CUDA_OK))
+        XCTAssertNotEqual(cuda.library.function("pea_cuda_profile_stop", as: CUDALibrary.ProfileStopFn.self)?(cuda.context.handle, nil, 0, &count, &span) ?? 0, Int32(PEA_CUDA_OK))
     }
 
     /// The adapter's optimizer on the device: three clipped AdamW steps give the CPU's weights bit for bit

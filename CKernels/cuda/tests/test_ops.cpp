@@ -46,23 +46,22 @@
 /* ---------------------------------------------------------------------------------------------------- */
 /* The library, through dlsym                                                                            */
 
-#define PEA_API(X)                                                                                     \
-    X(pea_cuda_abi_version) X(pea_cuda_create) X(pea_cuda_destroy) X(pea_cuda_last_error)              \
-    X(pea_cuda_device_info) X(pea_cuda_set_tf32) X(pea_cuda_alloc) X(pea_cuda_free)                    \
-    X(pea_cuda_release_cache) X(pea_cuda_memory_stats) X(pea_cuda_upload) X(pea_cuda_download)         \
-    X(pea_cuda_zero) X(pea_cuda_synchronize) X(pea_cuda_gemm) X(pea_cuda_linear) X(pea_cuda_conv2d)    \
-    X(pea_cuda_group_norm) X(pea_cuda_layer_norm) X(pea_cuda_softmax) X(pea_cuda_attention)            \
-    X(pea_cuda_activation) X(pea_cuda_geglu) X(pea_cuda_affine) X(pea_cuda_binary)                     \
-    X(pea_cuda_copy_strided) X(pea_cuda_upsample_nearest2x) X(pea_cuda_embedding)                      \
-    X(pea_cuda_timestep_embedding) X(pea_cuda_mean) X(pea_cuda_convert)                               \
-    X(pea_cuda_conv2d_backward_data) X(pea_cuda_group_norm_backward) X(pea_cuda_layer_norm_backward)   \
-    X(pea_cuda_softmax_backward) X(pea_cuda_activation_backward) X(pea_cuda_geglu_backward)            \
-    X(pea_cuda_upsample_nearest2x_backward) X(pea_cuda_timer_record) X(pea_cuda_timer_elapsed) X(pea_cuda_spin)    \
-    X(pea_cuda_profile_start) X(pea_cuda_profile_stop) X(pea_cuda_adamw) X(pea_cuda_sum_squares)
+/* Every function of pea_cuda.h's PEA_CUDA_FUNCTIONS list, resolved by name and counted: a call through
+ * L.name(...) counts, and the run fails when a function on the list was never called (a new function needs a
+ * test here). */
+template <typename F> struct Counted;
+template <typename R, typename... A> struct Counted<R (*)(A...)> {
+    R (*fn)(A...) = nullptr;
+    long calls = 0;
+    R operator()(A... args) {
+        calls++;
+        return fn(args...);
+    }
+};
 
 struct Api {
-#define DECLARE(name) decltype(&::name) name = nullptr;
-    PEA_API(DECLARE)
+#define DECLARE(name) Counted<decltype(&::name)> name;
+    PEA_CUDA_FUNCTIONS(DECLARE, DECLARE)
 #undef DECLARE
     void (*emu_set_quiet)(int) = nullptr;
     void (*emu_set_schedule)(int, unsigned long long) = nullptr;
@@ -671,12 +670,9 @@ static void test_elementwise() {
         for (int64_t n : sizes) {
             std::vector<float> x = rounded(rvec(n, 4.0f), t);
             Dev dx = up(x, t), dy(n * tsize(t));
-            for (int kind = PEA_ACT_GELU_ERF; kind <= PEA_ACT_SILU; kind++) {
+            for (int kind = 0; kind < CK_ACT_COUNT; kind++) {
                 std::vector<float> ref(n);
-                if (kind == PEA_ACT_GELU_ERF) ck_gelu_f32(x.data(), ref.data(), n, CK_GELU_ERF);
-                if (kind == PEA_ACT_GELU_TANH) ck_gelu_f32(x.data(), ref.data(), n, CK_GELU_TANH);
-                if (kind == PEA_ACT_QUICK_GELU) ck_quick_gelu_f32(x.data(), ref.data(), n);
-                if (kind == PEA_ACT_SILU) ck_silu_f32(x.data(), ref.data(), n);
+                ck_activation_f32(kind, x.data(), ref.data(), n);
                 OK(L.pea_cuda_activation(g_ctx, t, kind, dx.p, dy.p, n));
                 compare(fmt("activation %d n=%lld %s", kind, (long long)n, tname(t)), down(dy.p, n, t), ref, tol_for(t));
             }
@@ -691,7 +687,7 @@ static void test_elementwise() {
         {
             std::vector<float> x = rounded(rvec(1001, 3.0f), t), ref(1000);
             Dev dx = up(x, t), dy(1001 * tsize(t));
-            ck_silu_f32(x.data() + 1, ref.data(), 1000);
+            ck_activation_f32(CK_ACT_SILU, x.data() + 1, ref.data(), 1000);
             OK(L.pea_cuda_activation(g_ctx, t, PEA_ACT_SILU, dx.at(tsize(t)), dy.at(tsize(t)), 1000));
             std::vector<float> got = down(dy.p, 1001, t);
             compare(fmt("silu on a view at offset 1 %s", tname(t)), std::vector<float>(got.begin() + 1, got.end()), ref,
@@ -1370,16 +1366,14 @@ static void test_sd_like() {
 static void test_backward_elementwise() {
     g_phase = "backward elementwise";
     const int64_t sizes[] = {1, 1000, 4097, 100003};
-    const int kinds[] = {PEA_ACT_GELU_ERF, PEA_ACT_GELU_TANH, PEA_ACT_SILU};
     for (int t : kFloatTypes) {
         for (int64_t n : sizes) {
             std::vector<float> x = rounded(rvec(n, 4.0f), t), dy = rounded(rvec(n, 1.5f), t);
             Dev dx = up(x, t), ddy = up(dy, t), dgx(n * tsize(t));
-            for (int kind : kinds) {
+            for (int kind = 0; kind < CK_ACT_COUNT; kind++) {
+                if (!CK_ACT_HAS_BACKWARD(kind)) continue;
                 std::vector<float> ref(n);
-                if (kind == PEA_ACT_SILU) ck_silu_backward_f32(dy.data(), x.data(), ref.data(), n);
-                else ck_gelu_backward_f32(dy.data(), x.data(), ref.data(), n,
-                                          kind == PEA_ACT_GELU_TANH ? CK_GELU_TANH : CK_GELU_ERF);
+                ck_activation_backward_f32(kind, dy.data(), x.data(), ref.data(), n);
                 OK(L.pea_cuda_activation_backward(g_ctx, t, kind, ddy.p, dx.p, dgx.p, n));
                 compare(fmt("activation_backward %d n=%lld %s", kind, (long long)n, tname(t)), down(dgx.p, n, t), ref,
                         tol_for(t));
@@ -1389,7 +1383,7 @@ static void test_backward_elementwise() {
         {
             const int64_t n = 1001;
             std::vector<float> x = rounded(rvec(n, 3.0f), t), dy = rounded(rvec(n), t), ref(n - 1);
-            ck_gelu_backward_f32(dy.data() + 1, x.data() + 1, ref.data(), n - 1, CK_GELU_ERF);
+            ck_activation_backward_f32(CK_ACT_GELU_ERF, dy.data() + 1, x.data() + 1, ref.data(), n - 1);
             Dev dx = up(x, t), ddy = up(dy, t);
             OK(L.pea_cuda_activation_backward(g_ctx, t, PEA_ACT_GELU_ERF, ddy.at(tsize(t)), dx.at(tsize(t)),
                                               ddy.at(tsize(t)), n - 1));
@@ -1650,12 +1644,12 @@ int main(int argc, char **argv) {
         return 1;
     }
 #define RESOLVE(name)                                                                                  \
-    L.name = (decltype(L.name))dlsym(lib, #name);                                                      \
-    if (!L.name) {                                                                                     \
+    L.name.fn = (decltype(L.name.fn))dlsym(lib, #name);                                                \
+    if (!L.name.fn) {                                                                                  \
         fprintf(stderr, "FAIL: %s does not export %s\n", path, #name);                                 \
         return 1;                                                                                      \
     }
-    PEA_API(RESOLVE)
+    PEA_CUDA_FUNCTIONS(RESOLVE, RESOLVE)
 #undef RESOLVE
     L.emu_set_quiet = (void (*)(int))dlsym(lib, "pea_emu_set_quiet");
     L.emu_set_schedule = (void (*)(int, unsigned long long))dlsym(lib, "pea_emu_set_schedule");
@@ -1727,6 +1721,15 @@ int main(int argc, char **argv) {
         }
     }
     L.pea_cuda_destroy(g_ctx);
+    if (!only) { /* the list is the contract: every function on it has a test above */
+#define UNCALLED(name)                                                                                 \
+    if (L.name.calls == 0) {                                                                           \
+        fprintf(stderr, "FAIL: no test calls %s (pea_cuda.h's PEA_CUDA_FUNCTIONS lists it)\n", #name); \
+        g_failures++;                                                                                  \
+    }
+        PEA_CUDA_FUNCTIONS(UNCALLED, UNCALLED)
+#undef UNCALLED
+    }
     if (g_failures) {
         fprintf(stderr, "cuda ops: %d of %d checks FAILED\n", g_failures, g_checks);
         return 1;

@@ -1,6 +1,7 @@
 import CKernels
 
-/// The operations a backend offers, for capability queries (`supports`).
+/// The operations a backend offers, for capability queries (`supports`). Each has a row in the op registry
+/// (`info`, OpRegistry.swift) that says what its tensors may be and what runs and checks it.
 public enum Op: String, Sendable, CaseIterable {
     case cast, gemm, linear, conv2d, groupNorm, layerNorm, softmax, attention, activation, geglu
     case binary, affine, upsampleNearest2x, concat, split, permute, embedding, timestepEmbedding, mean
@@ -13,8 +14,9 @@ public enum Op: String, Sendable, CaseIterable {
 
 /// The seam between the models and the hardware. Models are written once against this protocol; a backend
 /// owns memory (upload, download, allocation), runs ops (possibly asynchronously, in order) and says what it
-/// supports. Every op validates its arguments with `ShapeRules` and throws `PEAError` naming the op, so the
-/// backends agree on what is legal.
+/// supports. Every op gets its plan — validated arguments, output shape, kernel parameters — from `ShapeRules`
+/// (OpPlans.swift) and throws `PEAError` naming the op, so the backends agree on what is legal and compute
+/// the same thing; a backend checks only where the tensors live and which dtypes it computes in.
 ///
 /// Conventions: tensors are contiguous and row-major; a `dim` argument may be negative (counted from the
 /// end, as in torch); ops return new tensors and never modify their inputs.

@@ -1,5 +1,6 @@
 /// What each op accepts and what shape it returns, shared by every backend so that they agree on what is
-/// legal and fail with the same message. Each rule throws `PEAError.shapeMismatch` naming the op.
+/// legal and fail with the same message. Each rule throws `PEAError.shapeMismatch` naming the op. The op
+/// plans built on these rules (what the kernels are called with) are in OpPlans.swift.
 public enum ShapeRules {
     /// Row-major element strides of a contiguous tensor.
     public static func strides(_ shape: [Int]) -> [Int] {

@@ -1,3 +1,4 @@
+import CKernels
 /// Memory a backend owns: host memory for the CPU backend, device memory for the CUDA backend.
 /// Nothing above the backend looks inside.
 public protocol TensorStorage: AnyObject {
@@ -66,8 +67,33 @@ public enum Activation: String, Sendable, CaseIterable {
     case geluTanh      // approximate="tanh"
     case quickGELU     // x·σ(1.702x), CLIP
     case silu
+
+    /// ckernels.h's code for it (CK_ACT_*; pea_cuda.h's PEA_ACT_* are the same), which the kernels of both
+    /// backends take.
+    var kernelCode: Int32 {
+        switch self {
+        case .gelu: return Int32(CK_ACT_GELU_ERF)
+        case .geluTanh: return Int32(CK_ACT_GELU_TANH)
+        case .quickGELU: return Int32(CK_ACT_QUICK_GELU)
+        case .silu: return Int32(CK_ACT_SILU)
+        }
+    }
+
+    /// Whether the kernels have its backward (ckernels.h's CK_ACT_HAS_BACKWARD): not quick GELU, which the
+    /// UNet does not use.
+    public var hasBackward: Bool { self != .quickGELU }
 }
 
 public enum BinaryOp: String, Sendable, CaseIterable {
     case add, sub, mul, div
+
+    /// ckernels.h's code for it (CK_ADD …), which the kernels of both backends take.
+    var kernelCode: Int32 {
+        switch self {
+        case .add: return Int32(CK_ADD)
+        case .sub: return Int32(CK_SUB)
+        case .mul: return Int32(CK_MUL)
+        case .div: return Int32(CK_DIV)
+        }
+    }
 }

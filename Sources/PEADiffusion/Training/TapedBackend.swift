@@ -88,7 +88,7 @@ public final class TapedBackend: ComputeBackend {
             do {
                 inputGradients = try entry.backward(shaped)
             } catch let error as PEAError {
-                throw PEAError.backend("backward of \(entry.op): \(error)")
+                throw PEAError.backend("backward of \(entry.op): \(error)", kind: error.backendFailure ?? .other)
             }
             for (id, gradient) in zip(entry.inputs, inputGradients) {
                 guard let id, let gradient else { continue }
@@ -147,7 +147,10 @@ public final class TapedBackend: ComputeBackend {
     public func downloadFloats(_ tensor: Tensor) throws -> [Float] { try inner.downloadFloats(unwrap(tensor)) }
     public func zeros(_ shape: [Int], dtype: DType) throws -> Tensor { wrap(try inner.zeros(shape, dtype: dtype)) }
     public func synchronize() throws { try inner.synchronize() }
-    public func supports(_ op: Op, dtype: DType) -> Bool { inner.supports(op, dtype: dtype) }
+    /// The wrapped backend supports the op and the ops that differentiate it (its registry row's `backward`).
+    public func supports(_ op: Op, dtype: DType) -> Bool {
+        inner.supports(op, dtype: dtype) && (op.info.backward ?? []).allSatisfy { inner.supports($0, dtype: dtype) }
+    }
 
     // MARK: forward ops, each with its backward rule
 
@@ -255,7 +258,7 @@ public final class TapedBackend: ComputeBackend {
     public func activation(_ x: Tensor, _ kind: Activation) throws -> Tensor {
         let xi = unwrap(x)
         let y = try inner.activation(xi, kind)
-        try record("activation", inputs: [x], differentiable: [kind != .quickGELU], outputs: [y]) { [inner] g in
+        try record("activation", inputs: [x], differentiable: [kind.hasBackward], outputs: [y]) { [inner] g in
             [try inner.activationBackward(g[0]!, input: xi, kind)]
         }
         return wrap(y)

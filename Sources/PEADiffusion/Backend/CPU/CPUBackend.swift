@@ -17,7 +17,7 @@ final class CPUStorage: TensorStorage {
         } else {
             var raw: UnsafeMutableRawPointer?
             guard posix_memalign(&raw, 64, CPUBufferCache.capacity(for: byteCount)) == 0, let raw else {
-                throw PEAError.backend("cpu: cannot allocate \(byteCount) bytes")
+                throw PEAError.backend("cpu: cannot allocate \(byteCount) bytes", kind: .outOfMemory)
             }
             pointer = raw
         }
@@ -75,7 +75,7 @@ final class CPUBufferCache: @unchecked Sendable {
 
 /// The reference backend: every op runs the C kernels of CKernels/cpu/ on host memory, synchronously,
 /// in f32. f16/bf16 tensors can be stored and cast, not computed on.
-public final class CPUBackend: ComputeBackend {
+public final class CPUBackend: ComputeBackend, StridedCopying {
     public let name = "cpu"
 
     /// `threads` ≤ 0 (the default) uses every online CPU. The kernels' thread pool is process-wide.
@@ -116,13 +116,9 @@ public final class CPUBackend: ComputeBackend {
 
     public func synchronize() throws {}
 
+    /// Every op, in the dtypes its registry row allows with f32 as the compute dtype.
     public func supports(_ op: Op, dtype: DType) -> Bool {
-        switch op {
-        case .cast, .concat, .split, .permute: return true
-        case .embedding: return dtype == .i32 || dtype == .i64
-        case .timestepEmbedding: return true
-        default: return dtype == .f32
-        }
+        op.info.dtypes.accepts(dtype, compute: [.f32])
     }
 
     // MARK: ops
@@ -131,36 +127,28 @@ public final class CPUBackend: ComputeBackend {
         try own(x, "cast")
         let y = try empty(x.shape, dtype)
         let status = ck_convert(pointer(x), x.dtype.kernelCode, pointer(y), dtype.kernelCode, Int64(x.count))
-        guard status == CK_OK else { throw PEAError.backend("cpu: cast \(x.dtype) to \(dtype) failed") }
+        guard status == CK_OK else { throw PEAError.backend("cpu: cast \(x.dtype) to \(dtype) failed", kind: .invalidArgument) }
         return y
     }
 
     public func gemm(_ a: Tensor, _ b: Tensor, transposeA: Bool, transposeB: Bool, alpha: Float, beta: Float,
                      c: Tensor?) throws -> Tensor {
         try f32("gemm", a, b, c)
-        if beta != 0, c == nil { throw PEAError.shapeMismatch("gemm: beta is \(beta) but no c was given") }
-        let s = try ShapeRules.gemm(a.shape, b.shape, transposeA: transposeA, transposeB: transposeB, c: c?.shape)
-        let outShape = (s.aBatched || s.bBatched) ? [s.batch, s.m, s.n] : [s.m, s.n]
-        let y = try empty(outShape, .f32)
-        if let c, beta != 0 { pointer(y).copyMemory(from: pointer(c), byteCount: y.byteCount) }
-        let lda = transposeA ? s.m : s.k, ldb = transposeB ? s.k : s.n
+        let plan = try ShapeRules.gemm(a, b, transposeA: transposeA, transposeB: transposeB, beta: beta, c: c)
+        let s = plan.shape
+        let y = try empty(plan.outputShape, .f32)
+        if let c, plan.readsC { pointer(y).copyMemory(from: pointer(c), byteCount: y.byteCount) }
         ck_sgemm_batched(transposeA ? 1 : 0, transposeB ? 1 : 0, Int64(s.m), Int64(s.n), Int64(s.k), alpha,
-                         floats(a), Int64(lda), s.aBatched ? Int64(s.m * s.k) : 0,
-                         floats(b), Int64(ldb), s.bBatched ? Int64(s.k * s.n) : 0,
-                         beta, floats(y), Int64(s.n), Int64(s.m * s.n), Int64(s.batch))
+                         floats(a), Int64(plan.lda), Int64(plan.batchStrideA), floats(b), Int64(plan.ldb), Int64(plan.batchStrideB),
+                         beta, floats(y), Int64(plan.ldc), Int64(plan.batchStrideC), Int64(s.batch))
         return y
     }
 
     public func linear(_ x: Tensor, weight: Tensor, bias: Tensor?) throws -> Tensor {
         try f32("linear", x, weight, bias)
-        try ShapeRules.requireRank(weight, 2...2, "linear", "weight")
-        guard x.rank >= 1, x.shape.last == weight.shape[1] else {
-            throw PEAError.shapeMismatch("linear: input \(x.shape) does not end in the weight's input width \(weight.shape[1])")
-        }
-        let (outFeatures, inFeatures) = (weight.shape[0], weight.shape[1])
-        try ShapeRules.requireShape(bias, [outFeatures], "linear", "bias")
-        let rows = x.count / max(inFeatures, 1)
-        let y = try empty(Array(x.shape.dropLast()) + [outFeatures], .f32)
+        let plan = try ShapeRules.linear(x, weight: weight, bias: bias)
+        let (rows, inFeatures, outFeatures) = (plan.rows, plan.inFeatures, plan.outFeatures)
+        let y = try empty(plan.outputShape, .f32)
         if let bias {
             let out = floats(y), b = floats(bias)
             for r in 0..<rows { (out + r * outFeatures).update(from: b, count: outFeatures) }
@@ -172,17 +160,10 @@ public final class CPUBackend: ComputeBackend {
 
     public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor?, stride: (Int, Int), padding: Padding2D) throws -> Tensor {
         try f32("conv2d", x, weight, bias)
-        let outShape = try ShapeRules.conv2dOutput(x.shape, weight: weight.shape, stride: stride, padding: padding)
-        try ShapeRules.requireShape(bias, [weight.shape[0]], "conv2d", "bias")
-        var params = ck_conv2d_params(
-            B: Int64(x.shape[0]), Cin: Int64(x.shape[1]), H: Int64(x.shape[2]), W: Int64(x.shape[3]),
-            Cout: Int64(weight.shape[0]), kh: Int64(weight.shape[2]), kw: Int64(weight.shape[3]),
-            strideH: Int64(stride.0), strideW: Int64(stride.1),
-            padTop: Int64(padding.top), padBottom: Int64(padding.bottom), padLeft: Int64(padding.left), padRight: Int64(padding.right))
-        let y = try empty(outShape, .f32)
-        let workspaceCount = Int(ck_conv2d_workspace_floats(&params))
-        let workspace = workspaceCount > 0 ? try CPUStorage(byteCount: workspaceCount * 4) : nil
-        ck_conv2d_f32(&params, floats(x), floats(weight), bias.map(floats), floats(y),
+        var plan = try ShapeRules.conv2d(x, weight: weight, bias: bias, stride: stride, padding: padding)
+        let y = try empty(plan.outputShape, .f32)
+        let workspace = try conv2dWorkspace(&plan.params)
+        ck_conv2d_f32(&plan.params, floats(x), floats(weight), bias.map(floats), floats(y),
                       workspace?.pointer.assumingMemoryBound(to: Float.self))
         return y
     }
@@ -206,78 +187,44 @@ public final class CPUBackend: ComputeBackend {
 
     public func softmax(_ x: Tensor) throws -> Tensor {
         try f32("softmax", x)
-        try ShapeRules.requireRank(x, 1...8, "softmax", "input")
-        let width = x.shape[x.rank - 1]
+        let (rows, width) = try ShapeRules.rows(x, "softmax", "input")
         let y = try empty(x.shape, .f32)
-        ck_softmax_f32(floats(x), floats(y), Int64(x.count / max(width, 1)), Int64(width))
+        ck_softmax_f32(floats(x), floats(y), Int64(rows), Int64(width))
         return y
     }
 
     public func attention(q: Tensor, k: Tensor, v: Tensor, heads: Int, mask: Tensor?, causal: Bool, scale: Float?) throws -> Tensor {
         try f32("attention", q, k, v, mask)
-        let s = try ShapeRules.attention(q: q.shape, k: k.shape, v: v.shape, heads: heads, mask: mask?.shape)
-        let y = try empty([s.batch, s.queries, heads * s.valueHeadDim], .f32)
-        // Sequence layout [B, T, H·D]: head h of token t starts at t·H·D + h·D.
-        var p = ck_attention_params()
-        p.q = UnsafePointer(floats(q)); p.k = UnsafePointer(floats(k)); p.v = UnsafePointer(floats(v)); p.out = floats(y)
-        p.B = Int64(s.batch); p.H = Int64(heads); p.Tq = Int64(s.queries); p.Tk = Int64(s.keys)
-        p.D = Int64(s.headDim); p.Dv = Int64(s.valueHeadDim)
-        (p.q_sb, p.q_sh, p.q_st) = (Int64(s.queries * q.shape[2]), Int64(s.headDim), Int64(q.shape[2]))
-        (p.k_sb, p.k_sh, p.k_st) = (Int64(s.keys * k.shape[2]), Int64(s.headDim), Int64(k.shape[2]))
-        (p.v_sb, p.v_sh, p.v_st) = (Int64(s.keys * v.shape[2]), Int64(s.valueHeadDim), Int64(v.shape[2]))
-        (p.o_sb, p.o_sh, p.o_st) = (Int64(s.queries * y.shape[2]), Int64(s.valueHeadDim), Int64(y.shape[2]))
-        if let mask {
-            let strides = ShapeRules.broadcastStrides(mask.shape, to: [s.batch, heads, s.queries, s.keys])
-            p.mask = UnsafePointer(floats(mask))
-            (p.m_sb, p.m_sh, p.m_st) = (Int64(strides[0]), Int64(strides[1]), Int64(strides[2]))
-        }
-        p.scale = scale ?? 1 / Float(s.headDim).squareRoot()
-        p.causal = causal ? 1 : 0
-        ck_attention_f32(&p)
+        var plan = try ShapeRules.attention(q: q, k: k, v: v, heads: heads, mask: mask, causal: causal, scale: scale)
+        let y = try empty(plan.outputShape, .f32)
+        plan.params.q = UnsafePointer(floats(q)); plan.params.k = UnsafePointer(floats(k)); plan.params.v = UnsafePointer(floats(v))
+        plan.params.out = floats(y)
+        plan.params.mask = mask.map { UnsafePointer(floats($0)) }
+        ck_attention_f32(&plan.params)
         return y
     }
 
     public func activation(_ x: Tensor, _ kind: Activation) throws -> Tensor {
         try f32("activation", x)
         let y = try empty(x.shape, .f32)
-        let n = Int64(x.count)
-        switch kind {
-        case .gelu: ck_gelu_f32(floats(x), floats(y), n, Int32(CK_GELU_ERF))
-        case .geluTanh: ck_gelu_f32(floats(x), floats(y), n, Int32(CK_GELU_TANH))
-        case .quickGELU: ck_quick_gelu_f32(floats(x), floats(y), n)
-        case .silu: ck_silu_f32(floats(x), floats(y), n)
-        }
+        ck_activation_f32(kind.kernelCode, floats(x), floats(y), Int64(x.count))
         return y
     }
 
     public func geglu(_ x: Tensor) throws -> Tensor {
         try f32("geglu", x)
-        guard x.rank >= 1, x.shape[x.rank - 1] % 2 == 0 else {
-            throw PEAError.shapeMismatch("geglu: the last dimension of \(x.shape) must be even")
-        }
-        let width = x.shape[x.rank - 1] / 2
-        let y = try empty(Array(x.shape.dropLast()) + [width], .f32)
-        ck_geglu_f32(floats(x), floats(y), Int64(y.count / max(width, 1)), Int64(width))
+        let plan = try ShapeRules.geglu(x)
+        let y = try empty(plan.outputShape, .f32)
+        ck_geglu_f32(floats(x), floats(y), Int64(plan.rows), Int64(plan.width))
         return y
     }
 
     public func binary(_ op: BinaryOp, _ a: Tensor, _ b: Tensor) throws -> Tensor {
         try f32("binary", a, b)
-        let shape = try ShapeRules.broadcast(a.shape, b.shape, op: op.rawValue)
-        guard shape.count <= Int(CK_MAX_RANK) else { throw PEAError.unsupported("\(op.rawValue): rank above \(CK_MAX_RANK)") }
-        let y = try empty(shape, .f32)
+        let plan = try ShapeRules.binary(op, a, b)
+        let y = try empty(plan.outputShape, .f32)
         if y.count == 0 { return y }
-        let indexShape = shape.isEmpty ? [1] : shape
-        let aStrides = ShapeRules.broadcastStrides(a.shape, to: indexShape).map(Int64.init)
-        let bStrides = ShapeRules.broadcastStrides(b.shape, to: indexShape).map(Int64.init)
-        let code: Int32
-        switch op {
-        case .add: code = Int32(CK_ADD)
-        case .sub: code = Int32(CK_SUB)
-        case .mul: code = Int32(CK_MUL)
-        case .div: code = Int32(CK_DIV)
-        }
-        ck_binary_f32(code, floats(a), aStrides, floats(b), bStrides, floats(y), indexShape.map(Int64.init), Int32(indexShape.count))
+        ck_binary_f32(plan.code, floats(a), plan.aStrides, floats(b), plan.bStrides, floats(y), plan.indexShape, Int32(plan.indexShape.count))
         return y
     }
 
@@ -290,67 +237,20 @@ public final class CPUBackend: ComputeBackend {
 
     public func upsampleNearest2x(_ x: Tensor) throws -> Tensor {
         try f32("upsampleNearest2x", x)
-        try ShapeRules.requireRank(x, 4...4, "upsampleNearest2x", "input")
-        let y = try empty([x.shape[0], x.shape[1], 2 * x.shape[2], 2 * x.shape[3]], .f32)
-        ck_upsample_nearest2x_f32(floats(x), floats(y), Int64(x.shape[0] * x.shape[1]), Int64(x.shape[2]), Int64(x.shape[3]))
-        return y
-    }
-
-    public func concat(_ tensors: [Tensor], dim: Int) throws -> Tensor {
-        for t in tensors { try own(t, "concat") }
-        let (axis, shape) = try ShapeRules.concat(tensors.map(\.shape), dim: dim)
-        let dtype = tensors[0].dtype
-        guard tensors.allSatisfy({ $0.dtype == dtype }) else { throw PEAError.shapeMismatch("concat: tensors of different dtypes") }
-        let y = try empty(shape, dtype)
-        var offset = 0
-        for t in tensors {
-            copyBlock(from: t, sourceOffset: 0, sourceShape: t.shape, to: y, destinationOffset: offset, axis: axis)
-            offset += t.shape[axis]
-        }
-        return y
-    }
-
-    public func split(_ x: Tensor, sizes: [Int], dim: Int) throws -> [Tensor] {
-        try own(x, "split")
-        let axis = try ShapeRules.split(x.shape, sizes: sizes, dim: dim)
-        var offset = 0
-        return try sizes.map { size in
-            var shape = x.shape
-            shape[axis] = size
-            let part = try empty(shape, x.dtype)
-            copyBlock(from: x, sourceOffset: offset, sourceShape: x.shape, to: part, destinationOffset: 0, axis: axis, blockShape: shape)
-            offset += size
-            return part
-        }
-    }
-
-    public func permute(_ x: Tensor, _ dims: [Int]) throws -> Tensor {
-        try own(x, "permute")
-        let axes = try ShapeRules.permute(x.shape, dims)
-        let shape = axes.map { x.shape[$0] }
-        let y = try empty(shape, x.dtype)
-        if y.count == 0 || x.rank == 0 {
-            if x.rank == 0 { pointer(y).copyMemory(from: pointer(x), byteCount: x.byteCount) }
-            return y
-        }
-        let sourceStrides = ShapeRules.strides(x.shape)
-        try stridedCopy(from: pointer(x), strides: axes.map { sourceStrides[$0] }, to: pointer(y),
-                        strides: ShapeRules.strides(shape), shape: shape, elementSize: x.dtype.byteSize)
+        let plan = try ShapeRules.upsampleNearest2x(x)
+        let y = try empty(plan.outputShape, .f32)
+        ck_upsample_nearest2x_f32(floats(x), floats(y), Int64(plan.planes), Int64(plan.height), Int64(plan.width))
         return y
     }
 
     public func embedding(_ ids: Tensor, table: Tensor) throws -> Tensor {
         try own(ids, "embedding")
         try f32("embedding", table)
-        guard ids.dtype == .i32 || ids.dtype == .i64 else {
-            throw PEAError.shapeMismatch("embedding: ids must be i32 or i64, got \(ids.dtype)")
-        }
-        try ShapeRules.requireRank(table, 2...2, "embedding", "table")
-        let y = try empty(ids.shape + [table.shape[1]], .f32)
+        let y = try empty(ShapeRules.embedding(ids, table: table), .f32)
         let status = ck_embedding_f32(pointer(ids), ids.dtype == .i64 ? 1 : 0, Int64(ids.count), floats(table),
                                       Int64(table.shape[0]), Int64(table.shape[1]), floats(y))
         guard status == CK_OK else {
-            throw PEAError.backend("embedding: a token id is outside the vocabulary of \(table.shape[0]) entries")
+            throw PEAError.backend("embedding: a token id is outside the vocabulary of \(table.shape[0]) entries", kind: .invalidArgument)
         }
         return y
     }
@@ -358,10 +258,9 @@ public final class CPUBackend: ComputeBackend {
     public func timestepEmbedding(_ t: Tensor, dim: Int, flipSinToCos: Bool, downscaleFreqShift: Float,
                                   scale: Float, maxPeriod: Float) throws -> Tensor {
         try own(t, "timestepEmbedding")
-        try ShapeRules.requireRank(t, 1...1, "timestepEmbedding", "timesteps")
-        guard dim > 0 else { throw PEAError.shapeMismatch("timestepEmbedding: dim must be positive, got \(dim)") }
+        let outputShape = try ShapeRules.timestepEmbedding(t, dim: dim)
         let times = t.dtype == .f32 ? t : try cast(t, to: .f32)
-        let y = try empty([t.shape[0], dim], .f32)
+        let y = try empty(outputShape, .f32)
         ck_timestep_embedding_f32(floats(times), Int64(t.shape[0]), Int64(dim), flipSinToCos ? 1 : 0,
                                   downscaleFreqShift, scale, maxPeriod, floats(y))
         return y
@@ -369,12 +268,9 @@ public final class CPUBackend: ComputeBackend {
 
     public func mean(_ x: Tensor, dim: Int, keepDim: Bool) throws -> Tensor {
         try f32("mean", x)
-        let axis = try ShapeRules.axis(dim, rank: x.rank, op: "mean")
-        var shape = x.shape
-        if keepDim { shape[axis] = 1 } else { shape.remove(at: axis) }
-        let y = try empty(shape, .f32)
-        let outer = x.shape[..<axis].reduce(1, *), inner = x.shape[(axis + 1)...].reduce(1, *)
-        ck_mean_f32(floats(x), floats(y), Int64(outer), Int64(x.shape[axis]), Int64(inner))
+        let plan = try ShapeRules.mean(x, dim: dim, keepDim: keepDim)
+        let y = try empty(plan.outputShape, .f32)
+        ck_mean_f32(floats(x), floats(y), Int64(plan.outer), Int64(plan.count), Int64(plan.inner))
         return y
     }
 
@@ -403,26 +299,21 @@ public final class CPUBackend: ComputeBackend {
         }
     }
 
+    /// The im2col scratch a convolution plan needs (nil when its kernel needs none).
+    func conv2dWorkspace(_ params: inout ck_conv2d_params) throws -> CPUStorage? {
+        let count = Int(ck_conv2d_workspace_floats(&params))
+        return count > 0 ? try CPUStorage(byteCount: count * 4) : nil
+    }
+
     func pointer(_ x: Tensor) -> UnsafeMutableRawPointer { (x.storage as! CPUStorage).pointer }
     func floats(_ x: Tensor) -> UnsafeMutablePointer<Float> { pointer(x).assumingMemoryBound(to: Float.self) }
 
-    /// Copies the block of `source` that starts at `sourceOffset` along `axis` and has `blockShape` (default:
-    /// the source's shape) into `destination` starting at `destinationOffset` along the same axis.
-    private func copyBlock(from source: Tensor, sourceOffset: Int, sourceShape: [Int], to destination: Tensor,
-                           destinationOffset: Int, axis: Int, blockShape: [Int]? = nil) {
-        let shape = blockShape ?? sourceShape
-        guard shape.reduce(1, *) > 0 else { return }
-        let sourceStrides = ShapeRules.strides(sourceShape), destinationStrides = ShapeRules.strides(destination.shape)
+    /// Runs one strided copy of a data-movement plan (concat, split and permute: DataMovement.swift).
+    func copy(_ copy: ShapeRules.StridedCopy, from source: Tensor, to destination: Tensor, _ op: String) {
+        guard !copy.isEmpty else { return }
         let size = source.dtype.byteSize
-        let src = pointer(source) + sourceOffset * sourceStrides[axis] * size
-        let dst = pointer(destination) + destinationOffset * destinationStrides[axis] * size
-        try! stridedCopy(from: src, strides: sourceStrides, to: dst, strides: destinationStrides, shape: shape, elementSize: size)
-    }
-
-    private func stridedCopy(from source: UnsafeRawPointer, strides sourceStrides: [Int], to destination: UnsafeMutableRawPointer,
-                             strides destinationStrides: [Int], shape: [Int], elementSize: Int) throws {
-        guard shape.count <= Int(CK_MAX_RANK) else { throw PEAError.unsupported("strided copy: rank above \(CK_MAX_RANK)") }
-        ck_copy_strided(source, sourceStrides.map(Int64.init), destination, destinationStrides.map(Int64.init),
-                        shape.map(Int64.init), Int32(shape.count), Int64(elementSize))
+        ck_copy_strided(pointer(source) + copy.sourceOffset * size, copy.sourceStrides.map(Int64.init),
+                        pointer(destination) + copy.destinationOffset * size, copy.destinationStrides.map(Int64.init),
+                        copy.shape.map(Int64.init), Int32(copy.shape.count), Int64(size))
     }
 }

@@ -8,7 +8,7 @@ extension CUDABackend {
         let op = "adamw"
         try requireF32(op, floats(op, parameter, firstMoment, secondMoment, gradient))
         try ShapeRules.adamw(parameter: parameter, firstMoment: firstMoment, secondMoment: secondMoment, gradient: gradient)
-        let step = try function(library.adamw, "pea_cuda_adamw", op)
+        let step = try kernel(for: .adamw, CUDALibrary.AdamWFn.self)
         let p = try empty(parameter.shape, .f32), m = try empty(parameter.shape, .f32), v = try empty(parameter.shape, .f32)
         guard parameter.count > 0 else { return (p, m, v) }
         func f(_ x: Tensor) -> UnsafeMutablePointer<Float>? { pointer(x)?.assumingMemoryBound(to: Float.self) }
@@ -21,7 +21,7 @@ extension CUDABackend {
     public func sumOfSquares(_ x: Tensor) throws -> Double {
         let op = "sumOfSquares"
         try requireF32(op, floats(op, x))
-        let sum = try function(library.sumSquares, "pea_cuda_sum_squares", op)
+        let sum = try kernel(for: .sumOfSquares, CUDALibrary.SumSquaresFn.self)
         var total = 0.0
         try check(sum(context.handle, pointer(x)?.assumingMemoryBound(to: Float.self), Int64(x.count), &total), op)
         return total

@@ -19,7 +19,8 @@ final class CUDAContext {
         guard status == PEA_CUDA_OK, let context else {
             let reason = String(cString: message)
             throw PEAError.backend("cuda: device \(device) is not usable (\(library.path)): "
-                                   + (reason.isEmpty ? "pea_cuda_create returned \(CUDABackend.codeName(status))" : reason))
+                                   + (reason.isEmpty ? "pea_cuda_create returned \(CUDABackend.codeName(status))" : reason),
+                                   kind: .unavailable)
         }
         self.library = library
         self.handle = context
@@ -45,7 +46,8 @@ final class CUDAStorage: TensorStorage {
         guard status == PEA_CUDA_OK, let memory else {
             let message = context.library.message(context.handle)
             throw PEAError.backend("cuda: cannot allocate \(byteCount) bytes on device \(context.device)"
-                                   + (message.isEmpty ? " (\(CUDABackend.codeName(status)))" : ": \(message)"))
+                                   + (message.isEmpty ? " (\(CUDABackend.codeName(status)))" : ": \(message)"),
+                                   kind: CUDABackend.failureKind(status))
         }
         pointer = memory
     }
@@ -99,16 +101,18 @@ public struct CUDAUnavailable: Error, CustomStringConvertible, Sendable {
 }
 
 /// The GPU backend: every op is one call into the pea_cuda library (hand-written CUDA kernels, GEMMs through
-/// cuBLAS) on the context's stream, validated first with `ShapeRules` exactly as `CPUBackend` validates it,
-/// so both backends accept the same arguments and fail with the same messages.
+/// cuBLAS) on the context's stream, running the plan `ShapeRules` makes for it exactly as `CPUBackend` runs
+/// it, so both backends accept the same arguments and fail with the same messages; the function it calls
+/// is its op registry row's.
 ///
 /// Float tensors may be f32, f16 or bf16 (storage; arithmetic accumulates in f32): an op computes in the
 /// dtype of its float inputs, which must all agree, and returns that dtype (`timestepEmbedding` always
 /// returns f32, as the protocol says). Ids are i32 or i64. Ops are queued, not waited for: `download` and
 /// `synchronize` are the only calls that wait for the device, so a kernel failure detected on the device
 /// (an id outside the vocabulary, say) is reported by the next of those. Every library failure becomes
-/// `PEAError.backend` with the library's message, prefixed by the op.
-public final class CUDABackend: ComputeBackend, CustomStringConvertible {
+/// `PEAError.backend` with the library's message, prefixed by the op, and its kind (out of memory, invalid
+/// argument, launch failure) from the status code.
+public final class CUDABackend: ComputeBackend, StridedCopying, CustomStringConvertible {
     public let name = "cuda"
     public let library: CUDALibrary
     public let device: Int
@@ -119,6 +123,8 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
     public let totalMemory: Int
 
     let context: CUDAContext
+    /// Each op's function from the library, resolved once (ops are called thousands of times per image).
+    private let opKernels: [Op: UnsafeMutableRawPointer]
 
     /// Opens `device` through `library` (default: the library `CUDALibrary.locate()` finds). Throws
     /// `PEAError.backend` saying where the library was looked for, what is wrong with it, or why the device
@@ -128,10 +134,14 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
         self.library = library
         self.device = device
         context = try CUDAContext(library: library, device: device)
+        opKernels = Dictionary(uniqueKeysWithValues: Op.allCases.compactMap { op in
+            library.address(op.info.cudaFunctions[0]).map { (op, $0) }
+        })
         var name = [CChar](repeating: 0, count: 256)
         var major: Int32 = 0, minor: Int32 = 0
         var memory = 0
-        if let info = library.deviceInfo, info(context.handle, &name, name.count, &major, &minor, &memory) == PEA_CUDA_OK {
+        if let info = library.function("pea_cuda_device_info", as: CUDALibrary.DeviceInfoFn.self),
+           info(context.handle, &name, name.count, &major, &minor, &memory) == PEA_CUDA_OK {
             deviceName = String(cString: name)
             computeCapability = (Int(major), Int(minor))
             totalMemory = memory
@@ -219,7 +229,7 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
     public func zeros(_ shape: [Int], dtype: DType) throws -> Tensor {
         let tensor = try empty(shape, dtype)
         guard tensor.byteCount > 0 else { return tensor }
-        if let zero = library.zero {
+        if let zero = library.function("pea_cuda_zero", as: CUDALibrary.ZeroFn.self) {
             try check(zero(context.handle, pointer(tensor), tensor.byteCount), "zeros")
         } else {
             let bytes = [UInt8](repeating: 0, count: tensor.byteCount)
@@ -234,7 +244,7 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
 
     /// The caching allocator's counters.
     public func memoryStats() throws -> CUDAMemoryStats {
-        let stats = try function(library.memoryStats, "pea_cuda_memory_stats", "memoryStats")
+        let stats = try kernel("pea_cuda_memory_stats", CUDALibrary.MemoryStatsFn.self, "memoryStats")
         var inUse = 0, peak = 0
         var allocations: UInt64 = 0
         try check(stats(context.handle, &inUse, &peak, &allocations), "memoryStats")
@@ -243,13 +253,13 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
 
     /// Returns every cached (free) block to the driver.
     public func releaseCache() throws {
-        let release = try function(library.releaseCache, "pea_cuda_release_cache", "releaseCache")
+        let release = try kernel("pea_cuda_release_cache", CUDALibrary.ReleaseCacheFn.self, "releaseCache")
         try check(release(context.handle), "releaseCache")
     }
 
     /// TF32 tensor cores for f32 GEMMs (off by default: f32 GEMMs are exact f32).
     public func setTF32(_ enabled: Bool) throws {
-        let set = try function(library.setTF32, "pea_cuda_set_tf32", "setTF32")
+        let set = try kernel("pea_cuda_set_tf32", CUDALibrary.SetTF32Fn.self, "setTF32")
         try check(set(context.handle, enabled ? 1 : 0), "setTF32")
     }
 
@@ -260,9 +270,9 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
     /// queued runs execute back to back however slowly the host enqueues them; the result is the time between
     /// the two events divided by `launches`. `gateMicroseconds` must cover the host's time to queue the runs.
     public func deviceTimedMilliseconds(launches: Int, gateMicroseconds: Double, _ body: () throws -> Void) throws -> Double {
-        let record = try function(library.timerRecord, "pea_cuda_timer_record", "deviceTimed")
-        let elapsed = try function(library.timerElapsed, "pea_cuda_timer_elapsed", "deviceTimed")
-        let spin = try function(library.spin, "pea_cuda_spin", "deviceTimed")
+        let record = try kernel("pea_cuda_timer_record", CUDALibrary.TimerRecordFn.self, "deviceTimed")
+        let elapsed = try kernel("pea_cuda_timer_elapsed", CUDALibrary.TimerElapsedFn.self, "deviceTimed")
+        let spin = try kernel("pea_cuda_spin", CUDALibrary.SpinFn.self, "deviceTimed")
         try check(spin(context.handle, gateMicroseconds), "deviceTimed")
         try check(record(context.handle, 0), "deviceTimed")
         for _ in 0..<max(launches, 1) { try body() }
@@ -278,8 +288,8 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
     /// time between them is summed per op name (pea_cuda_profile_*). `body` runs once, as usual, apart from
     /// a wait for the GPU every 1024 calls (the event ring); the per-op times are the GPU's own.
     public func profiled<T>(_ body: () throws -> T) throws -> (result: T, profile: CUDAProfile) {
-        let start = try function(library.profileStart, "pea_cuda_profile_start", "profile")
-        let stop = try function(library.profileStop, "pea_cuda_profile_stop", "profile")
+        let start = try kernel("pea_cuda_profile_start", CUDALibrary.ProfileStartFn.self, "profile")
+        let stop = try kernel("pea_cuda_profile_stop", CUDALibrary.ProfileStopFn.self, "profile")
         let allocationsBefore = try memoryStats().deviceAllocations
         try check(start(context.handle), "profile")
         let result: T
@@ -302,47 +312,20 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
 
     // MARK: capability
 
-    /// True when the library has the op's kernel and the op takes `dtype`: float ops take f32, f16 and bf16;
-    /// cast, concat, split, permute every dtype; embedding i32/i64 ids (and f32/f16/bf16 tables);
-    /// timestepEmbedding timesteps of any dtype.
+    /// True when the library exports the op's functions and the op takes `dtype` (the op registry's row: float
+    /// ops take f32, f16 and bf16; cast, concat, split, permute and timestepEmbedding every dtype; embedding
+    /// i32/i64 ids and float tables; the optimizer f32).
     public func supports(_ op: Op, dtype: DType) -> Bool {
-        let present: Bool
-        switch op {
-        case .cast: present = library.convert != nil
-        case .gemm: present = library.gemm != nil
-        case .linear: present = library.linear != nil
-        case .conv2d: present = library.conv2d != nil
-        case .groupNorm: present = library.groupNorm != nil
-        case .layerNorm: present = library.layerNorm != nil
-        case .softmax: present = library.softmax != nil
-        case .attention: present = library.attention != nil
-        case .activation: present = library.activation != nil
-        case .geglu: present = library.geglu != nil
-        case .binary: present = library.binary != nil
-        case .affine: present = library.affine != nil
-        case .upsampleNearest2x: present = library.upsampleNearest2x != nil
-        case .concat, .split, .permute: present = library.copyStrided != nil
-        case .embedding: present = library.embedding != nil
-        case .timestepEmbedding: present = library.timestepEmbedding != nil
-        case .mean: present = library.mean != nil
-        case .conv2dBackwardData, .groupNormBackward, .layerNormBackward, .softmaxBackward, .activationBackward,
-             .gegluBackward, .upsampleNearest2xBackward:
-            present = hasBackwardKernel(op)   // CUDABackend+Backward.swift
-        case .adamw: return library.adamw != nil && dtype == .f32
-        case .sumOfSquares: return library.sumSquares != nil && dtype == .f32
-        }
-        guard present else { return false }
-        switch op {
-        case .cast, .concat, .split, .permute, .embedding, .timestepEmbedding: return true
-        default: return dtype.isFloatingPoint
-        }
+        let info = op.info
+        return info.cudaFunctions.allSatisfy(library.exports)
+            && info.dtypes.accepts(dtype, compute: [.f32, .f16, .bf16])
     }
 
     // MARK: ops
 
     public func cast(_ x: Tensor, to dtype: DType) throws -> Tensor {
         try own(x, "cast")
-        let convert = try function(library.convert, "pea_cuda_convert", "cast")
+        let convert = try kernel(for: .cast, CUDALibrary.ConvertFn.self)
         let y = try empty(x.shape, dtype)
         if y.count == 0 { return y }
         try check(convert(context.handle, pointer(x), x.dtype.kernelCode, pointer(y), dtype.kernelCode, Int64(x.count)),
@@ -353,62 +336,46 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
     public func gemm(_ a: Tensor, _ b: Tensor, transposeA: Bool, transposeB: Bool, alpha: Float, beta: Float,
                      c: Tensor?) throws -> Tensor {
         let dtype = try floats("gemm", a, b, c)
-        if beta != 0, c == nil { throw PEAError.shapeMismatch("gemm: beta is \(beta) but no c was given") }
-        let s = try ShapeRules.gemm(a.shape, b.shape, transposeA: transposeA, transposeB: transposeB, c: c?.shape)
-        let gemm = try function(library.gemm, "pea_cuda_gemm", "gemm")
-        let outShape = (s.aBatched || s.bBatched) ? [s.batch, s.m, s.n] : [s.m, s.n]
+        let plan = try ShapeRules.gemm(a, b, transposeA: transposeA, transposeB: transposeB, beta: beta, c: c)
+        let s = plan.shape
+        let gemm = try kernel(for: .gemm, CUDALibrary.GemmFn.self)
         if s.k == 0 {   // op(a)·op(b) is zero: beta·c or zeros
-            if let c, beta != 0 { return try affine(c, scale: beta, shift: 0).reshaped(outShape) }
-            return try zeros(outShape, dtype: dtype)
+            if let c, plan.readsC { return try affine(c, scale: beta, shift: 0).reshaped(plan.outputShape) }
+            return try zeros(plan.outputShape, dtype: dtype)
         }
-        let y = try empty(outShape, dtype)
+        let y = try empty(plan.outputShape, dtype)
         if y.count == 0 { return y }
-        if let c, beta != 0 { try copyContiguous(c, into: y, "gemm") }
-        let lda = transposeA ? s.m : s.k, ldb = transposeB ? s.k : s.n
+        if let c, plan.readsC { try copyContiguous(c, into: y, "gemm") }
         try check(gemm(context.handle, dtype.kernelCode, transposeA ? 1 : 0, transposeB ? 1 : 0,
                        Int64(s.m), Int64(s.n), Int64(s.k), alpha,
-                       pointer(a), Int64(lda), s.aBatched ? Int64(s.m * s.k) : 0,
-                       pointer(b), Int64(ldb), s.bBatched ? Int64(s.k * s.n) : 0,
-                       beta, pointer(y), Int64(s.n), Int64(s.m * s.n), Int64(s.batch)), "gemm")
+                       pointer(a), Int64(plan.lda), Int64(plan.batchStrideA), pointer(b), Int64(plan.ldb), Int64(plan.batchStrideB),
+                       beta, pointer(y), Int64(plan.ldc), Int64(plan.batchStrideC), Int64(s.batch)), "gemm")
         return y
     }
 
     public func linear(_ x: Tensor, weight: Tensor, bias: Tensor?) throws -> Tensor {
         let dtype = try floats("linear", x, weight, bias)
-        try ShapeRules.requireRank(weight, 2...2, "linear", "weight")
-        guard x.rank >= 1, x.shape.last == weight.shape[1] else {
-            throw PEAError.shapeMismatch("linear: input \(x.shape) does not end in the weight's input width \(weight.shape[1])")
-        }
-        let (outFeatures, inFeatures) = (weight.shape[0], weight.shape[1])
-        try ShapeRules.requireShape(bias, [outFeatures], "linear", "bias")
-        let linear = try function(library.linear, "pea_cuda_linear", "linear")
-        let outShape = Array(x.shape.dropLast()) + [outFeatures]
-        if inFeatures == 0 {   // an empty sum: the bias, or zeros
-            let zero = try zeros(outShape, dtype: dtype)
+        let plan = try ShapeRules.linear(x, weight: weight, bias: bias)
+        let linear = try kernel(for: .linear, CUDALibrary.LinearFn.self)
+        if plan.inFeatures == 0 {   // an empty sum: the bias, or zeros
+            let zero = try zeros(plan.outputShape, dtype: dtype)
             guard let bias, zero.count > 0 else { return zero }
             return try binary(.add, zero, bias)
         }
-        let y = try empty(outShape, dtype)
+        let y = try empty(plan.outputShape, dtype)
         if y.count == 0 { return y }
-        let rows = x.count / inFeatures
         try check(linear(context.handle, dtype.kernelCode, pointer(x), pointer(weight), bias.map(pointer) ?? nil, pointer(y),
-                         Int64(rows), Int64(inFeatures), Int64(outFeatures)), "linear")
+                         Int64(plan.rows), Int64(plan.inFeatures), Int64(plan.outFeatures)), "linear")
         return y
     }
 
     public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor?, stride: (Int, Int), padding: Padding2D) throws -> Tensor {
         let dtype = try floats("conv2d", x, weight, bias)
-        let outShape = try ShapeRules.conv2dOutput(x.shape, weight: weight.shape, stride: stride, padding: padding)
-        try ShapeRules.requireShape(bias, [weight.shape[0]], "conv2d", "bias")
-        let conv2d = try function(library.conv2d, "pea_cuda_conv2d", "conv2d")
-        var params = ck_conv2d_params(
-            B: Int64(x.shape[0]), Cin: Int64(x.shape[1]), H: Int64(x.shape[2]), W: Int64(x.shape[3]),
-            Cout: Int64(weight.shape[0]), kh: Int64(weight.shape[2]), kw: Int64(weight.shape[3]),
-            strideH: Int64(stride.0), strideW: Int64(stride.1),
-            padTop: Int64(padding.top), padBottom: Int64(padding.bottom), padLeft: Int64(padding.left), padRight: Int64(padding.right))
-        let y = try empty(outShape, dtype)
+        var plan = try ShapeRules.conv2d(x, weight: weight, bias: bias, stride: stride, padding: padding)
+        let conv2d = try kernel(for: .conv2d, CUDALibrary.Conv2dFn.self)
+        let y = try empty(plan.outputShape, dtype)
         if y.count == 0 { return y }
-        try check(conv2d(context.handle, dtype.kernelCode, &params, pointer(x), pointer(weight), bias.map(pointer) ?? nil, pointer(y)),
+        try check(conv2d(context.handle, dtype.kernelCode, &plan.params, pointer(x), pointer(weight), bias.map(pointer) ?? nil, pointer(y)),
                   "conv2d")
         return y
     }
@@ -416,7 +383,7 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
     public func groupNorm(_ x: Tensor, groups: Int, weight: Tensor?, bias: Tensor?, eps: Float, fuseSiLU: Bool) throws -> Tensor {
         let dtype = try floats("groupNorm", x, weight, bias)
         let (batch, channels, spatial) = try ShapeRules.groupNorm(x, groups: groups, weight: weight, bias: bias, op: "groupNorm")
-        let groupNorm = try function(library.groupNorm, "pea_cuda_group_norm", "groupNorm")
+        let groupNorm = try kernel(for: .groupNorm, CUDALibrary.GroupNormFn.self)
         let y = try empty(x.shape, dtype)
         if y.count == 0 { return y }
         try check(groupNorm(context.handle, dtype.kernelCode, pointer(x), weight.map(pointer) ?? nil, bias.map(pointer) ?? nil,
@@ -428,7 +395,7 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
     public func layerNorm(_ x: Tensor, weight: Tensor?, bias: Tensor?, eps: Float) throws -> Tensor {
         let dtype = try floats("layerNorm", x, weight, bias)
         let (rows, width) = try ShapeRules.layerNorm(x, weight: weight, bias: bias, op: "layerNorm")
-        let layerNorm = try function(library.layerNorm, "pea_cuda_layer_norm", "layerNorm")
+        let layerNorm = try kernel(for: .layerNorm, CUDALibrary.LayerNormFn.self)
         let y = try empty(x.shape, dtype)
         if y.count == 0 { return y }
         try check(layerNorm(context.handle, dtype.kernelCode, pointer(x), weight.map(pointer) ?? nil, bias.map(pointer) ?? nil,
@@ -438,100 +405,63 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
 
     public func softmax(_ x: Tensor) throws -> Tensor {
         let dtype = try floats("softmax", x)
-        try ShapeRules.requireRank(x, 1...8, "softmax", "input")
-        let softmax = try function(library.softmax, "pea_cuda_softmax", "softmax")
-        let width = x.shape[x.rank - 1]
+        let (rows, width) = try ShapeRules.rows(x, "softmax", "input")
+        let softmax = try kernel(for: .softmax, CUDALibrary.SoftmaxFn.self)
         let y = try empty(x.shape, dtype)
         if y.count == 0 { return y }
-        try check(softmax(context.handle, dtype.kernelCode, pointer(x), pointer(y), Int64(x.count / width), Int64(width)), "softmax")
+        try check(softmax(context.handle, dtype.kernelCode, pointer(x), pointer(y), Int64(rows), Int64(width)), "softmax")
         return y
     }
 
     public func attention(q: Tensor, k: Tensor, v: Tensor, heads: Int, mask: Tensor?, causal: Bool, scale: Float?) throws -> Tensor {
         let dtype = try floats("attention", q, k, v, mask)
-        let s = try ShapeRules.attention(q: q.shape, k: k.shape, v: v.shape, heads: heads, mask: mask?.shape)
-        let attention = try function(library.attention, "pea_cuda_attention", "attention")
-        let outShape = [s.batch, s.queries, heads * s.valueHeadDim]
-        if s.keys == 0 { return try zeros(outShape, dtype: dtype) }   // every key masked: zeros, as the kernels define it
-        let y = try empty(outShape, dtype)
+        var plan = try ShapeRules.attention(q: q, k: k, v: v, heads: heads, mask: mask, causal: causal, scale: scale)
+        let attention = try kernel(for: .attention, CUDALibrary.AttentionFn.self)
+        if plan.shape.keys == 0 { return try zeros(plan.outputShape, dtype: dtype) }   // every key masked: zeros, as the kernels define it
+        let y = try empty(plan.outputShape, dtype)
         if y.count == 0 { return y }
-        // Sequence layout [B, T, H·D]: head h of token t starts at t·H·D + h·D. The params' float pointers
-        // carry device pointers of `dtype`.
+        // The params' float pointers carry device pointers of `dtype`.
         func floatPointer(_ t: Tensor) -> UnsafePointer<Float>? { pointer(t).map { UnsafePointer<Float>(OpaquePointer($0)) } }
-        var p = ck_attention_params()
-        p.q = floatPointer(q); p.k = floatPointer(k); p.v = floatPointer(v)
-        p.out = pointer(y).map { UnsafeMutablePointer<Float>(OpaquePointer($0)) }
-        p.B = Int64(s.batch); p.H = Int64(heads); p.Tq = Int64(s.queries); p.Tk = Int64(s.keys)
-        p.D = Int64(s.headDim); p.Dv = Int64(s.valueHeadDim)
-        (p.q_sb, p.q_sh, p.q_st) = (Int64(s.queries * q.shape[2]), Int64(s.headDim), Int64(q.shape[2]))
-        (p.k_sb, p.k_sh, p.k_st) = (Int64(s.keys * k.shape[2]), Int64(s.headDim), Int64(k.shape[2]))
-        (p.v_sb, p.v_sh, p.v_st) = (Int64(s.keys * v.shape[2]), Int64(s.valueHeadDim), Int64(v.shape[2]))
-        (p.o_sb, p.o_sh, p.o_st) = (Int64(s.queries * y.shape[2]), Int64(s.valueHeadDim), Int64(y.shape[2]))
-        if let mask {
-            let strides = ShapeRules.broadcastStrides(mask.shape, to: [s.batch, heads, s.queries, s.keys])
-            p.mask = floatPointer(mask)
-            (p.m_sb, p.m_sh, p.m_st) = (Int64(strides[0]), Int64(strides[1]), Int64(strides[2]))
-        }
-        p.scale = scale ?? 1 / Float(s.headDim).squareRoot()
-        p.causal = causal ? 1 : 0
-        try check(attention(context.handle, dtype.kernelCode, &p), "attention")
+        plan.params.q = floatPointer(q); plan.params.k = floatPointer(k); plan.params.v = floatPointer(v)
+        plan.params.out = pointer(y).map { UnsafeMutablePointer<Float>(OpaquePointer($0)) }
+        plan.params.mask = mask.flatMap(floatPointer)
+        try check(attention(context.handle, dtype.kernelCode, &plan.params), "attention")
         return y
     }
 
     public func activation(_ x: Tensor, _ kind: Activation) throws -> Tensor {
         let dtype = try floats("activation", x)
-        let activation = try function(library.activation, "pea_cuda_activation", "activation")
+        let activation = try kernel(for: .activation, CUDALibrary.ActivationFn.self)
         let y = try empty(x.shape, dtype)
         if y.count == 0 { return y }
-        let code: Int32
-        switch kind {
-        case .gelu: code = Int32(PEA_ACT_GELU_ERF)
-        case .geluTanh: code = Int32(PEA_ACT_GELU_TANH)
-        case .quickGELU: code = Int32(PEA_ACT_QUICK_GELU)
-        case .silu: code = Int32(PEA_ACT_SILU)
-        }
-        try check(activation(context.handle, dtype.kernelCode, code, pointer(x), pointer(y), Int64(x.count)), "activation \(kind.rawValue)")
+        try check(activation(context.handle, dtype.kernelCode, kind.kernelCode, pointer(x), pointer(y), Int64(x.count)), "activation \(kind.rawValue)")
         return y
     }
 
     public func geglu(_ x: Tensor) throws -> Tensor {
         let dtype = try floats("geglu", x)
-        guard x.rank >= 1, x.shape[x.rank - 1] % 2 == 0 else {
-            throw PEAError.shapeMismatch("geglu: the last dimension of \(x.shape) must be even")
-        }
-        let geglu = try function(library.geglu, "pea_cuda_geglu", "geglu")
-        let width = x.shape[x.rank - 1] / 2
-        let y = try empty(Array(x.shape.dropLast()) + [width], dtype)
+        let plan = try ShapeRules.geglu(x)
+        let geglu = try kernel(for: .geglu, CUDALibrary.GegluFn.self)
+        let y = try empty(plan.outputShape, dtype)
         if y.count == 0 { return y }
-        try check(geglu(context.handle, dtype.kernelCode, pointer(x), pointer(y), Int64(y.count / width), Int64(width)), "geglu")
+        try check(geglu(context.handle, dtype.kernelCode, pointer(x), pointer(y), Int64(plan.rows), Int64(plan.width)), "geglu")
         return y
     }
 
     public func binary(_ op: BinaryOp, _ a: Tensor, _ b: Tensor) throws -> Tensor {
         let dtype = try floats("binary", a, b)
-        let shape = try ShapeRules.broadcast(a.shape, b.shape, op: op.rawValue)
-        guard shape.count <= Int(CK_MAX_RANK) else { throw PEAError.unsupported("\(op.rawValue): rank above \(CK_MAX_RANK)") }
-        let binary = try function(library.binary, "pea_cuda_binary", "binary")
-        let y = try empty(shape, dtype)
+        let plan = try ShapeRules.binary(op, a, b)
+        let binary = try kernel(for: .binary, CUDALibrary.BinaryFn.self)
+        let y = try empty(plan.outputShape, dtype)
         if y.count == 0 { return y }
-        let indexShape = shape.isEmpty ? [1] : shape
-        let aStrides = ShapeRules.broadcastStrides(a.shape, to: indexShape).map(Int64.init)
-        let bStrides = ShapeRules.broadcastStrides(b.shape, to: indexShape).map(Int64.init)
-        let code: Int32
-        switch op {
-        case .add: code = Int32(CK_ADD)
-        case .sub: code = Int32(CK_SUB)
-        case .mul: code = Int32(CK_MUL)
-        case .div: code = Int32(CK_DIV)
-        }
-        try check(binary(context.handle, dtype.kernelCode, code, pointer(a), aStrides, pointer(b), bStrides, pointer(y),
-                         indexShape.map(Int64.init), Int32(indexShape.count)), op.rawValue)
+        try check(binary(context.handle, dtype.kernelCode, plan.code, pointer(a), plan.aStrides, pointer(b), plan.bStrides, pointer(y),
+                         plan.indexShape, Int32(plan.indexShape.count)), op.rawValue)
         return y
     }
 
     public func affine(_ x: Tensor, scale: Float, shift: Float) throws -> Tensor {
         let dtype = try floats("affine", x)
-        let affine = try function(library.affine, "pea_cuda_affine", "affine")
+        let affine = try kernel(for: .affine, CUDALibrary.AffineFn.self)
         let y = try empty(x.shape, dtype)
         if y.count == 0 { return y }
         try check(affine(context.handle, dtype.kernelCode, pointer(x), pointer(y), Int64(x.count), scale, shift), "affine")
@@ -540,66 +470,21 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
 
     public func upsampleNearest2x(_ x: Tensor) throws -> Tensor {
         let dtype = try floats("upsampleNearest2x", x)
-        try ShapeRules.requireRank(x, 4...4, "upsampleNearest2x", "input")
-        let upsample = try function(library.upsampleNearest2x, "pea_cuda_upsample_nearest2x", "upsampleNearest2x")
-        let y = try empty([x.shape[0], x.shape[1], 2 * x.shape[2], 2 * x.shape[3]], dtype)
+        let plan = try ShapeRules.upsampleNearest2x(x)
+        let upsample = try kernel(for: .upsampleNearest2x, CUDALibrary.UpsampleFn.self)
+        let y = try empty(plan.outputShape, dtype)
         if y.count == 0 { return y }
-        try check(upsample(context.handle, dtype.kernelCode, pointer(x), pointer(y), Int64(x.shape[0] * x.shape[1]),
-                           Int64(x.shape[2]), Int64(x.shape[3])), "upsampleNearest2x")
-        return y
-    }
-
-    public func concat(_ tensors: [Tensor], dim: Int) throws -> Tensor {
-        for t in tensors { try own(t, "concat") }
-        let (axis, shape) = try ShapeRules.concat(tensors.map(\.shape), dim: dim)
-        let dtype = tensors[0].dtype
-        guard tensors.allSatisfy({ $0.dtype == dtype }) else { throw PEAError.shapeMismatch("concat: tensors of different dtypes") }
-        let y = try empty(shape, dtype)
-        var offset = 0
-        for t in tensors {
-            try copyBlock(from: t, sourceOffset: 0, sourceShape: t.shape, to: y, destinationOffset: offset, axis: axis,
-                          blockShape: t.shape, "concat")
-            offset += t.shape[axis]
-        }
-        return y
-    }
-
-    public func split(_ x: Tensor, sizes: [Int], dim: Int) throws -> [Tensor] {
-        try own(x, "split")
-        let axis = try ShapeRules.split(x.shape, sizes: sizes, dim: dim)
-        var offset = 0
-        return try sizes.map { size in
-            var shape = x.shape
-            shape[axis] = size
-            let part = try empty(shape, x.dtype)
-            try copyBlock(from: x, sourceOffset: offset, sourceShape: x.shape, to: part, destinationOffset: 0, axis: axis,
-                          blockShape: shape, "split")
-            offset += size
-            return part
-        }
-    }
-
-    public func permute(_ x: Tensor, _ dims: [Int]) throws -> Tensor {
-        try own(x, "permute")
-        let axes = try ShapeRules.permute(x.shape, dims)
-        let shape = axes.map { x.shape[$0] }
-        let y = try empty(shape, x.dtype)
-        if y.count == 0 { return y }
-        let sourceStrides = ShapeRules.strides(x.shape)
-        try stridedCopy(from: pointer(x), strides: axes.map { sourceStrides[$0] }, to: pointer(y),
-                        strides: ShapeRules.strides(shape), shape: shape, elementSize: x.dtype.byteSize, "permute")
+        try check(upsample(context.handle, dtype.kernelCode, pointer(x), pointer(y), Int64(plan.planes),
+                           Int64(plan.height), Int64(plan.width)), "upsampleNearest2x")
         return y
     }
 
     public func embedding(_ ids: Tensor, table: Tensor) throws -> Tensor {
         try own(ids, "embedding")
         let dtype = try floats("embedding", table)
-        guard ids.dtype == .i32 || ids.dtype == .i64 else {
-            throw PEAError.shapeMismatch("embedding: ids must be i32 or i64, got \(ids.dtype)")
-        }
-        try ShapeRules.requireRank(table, 2...2, "embedding", "table")
-        let embedding = try function(library.embedding, "pea_cuda_embedding", "embedding")
-        let y = try empty(ids.shape + [table.shape[1]], dtype)
+        let outputShape = try ShapeRules.embedding(ids, table: table)
+        let embedding = try kernel(for: .embedding, CUDALibrary.EmbeddingFn.self)
+        let y = try empty(outputShape, dtype)
         if y.count == 0 { return y }
         try check(embedding(context.handle, dtype.kernelCode, pointer(ids), ids.dtype == .i64 ? 1 : 0, Int64(ids.count),
                             pointer(table), Int64(table.shape[0]), Int64(table.shape[1]), pointer(y)), "embedding")
@@ -609,10 +494,9 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
     public func timestepEmbedding(_ t: Tensor, dim: Int, flipSinToCos: Bool, downscaleFreqShift: Float,
                                   scale: Float, maxPeriod: Float) throws -> Tensor {
         try own(t, "timestepEmbedding")
-        try ShapeRules.requireRank(t, 1...1, "timestepEmbedding", "timesteps")
-        guard dim > 0 else { throw PEAError.shapeMismatch("timestepEmbedding: dim must be positive, got \(dim)") }
-        let embed = try function(library.timestepEmbedding, "pea_cuda_timestep_embedding", "timestepEmbedding")
-        let y = try empty([t.shape[0], dim], .f32)
+        let outputShape = try ShapeRules.timestepEmbedding(t, dim: dim)
+        let embed = try kernel(for: .timestepEmbedding, CUDALibrary.TimestepEmbeddingFn.self)
+        let y = try empty(outputShape, .f32)
         if y.count == 0 { return y }
         try check(embed(context.handle, DType.f32.kernelCode, pointer(t), t.dtype.kernelCode, Int64(t.shape[0]), Int64(dim),
                         flipSinToCos ? 1 : 0, downscaleFreqShift, scale, maxPeriod, pointer(y)), "timestepEmbedding")
@@ -621,14 +505,11 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
 
     public func mean(_ x: Tensor, dim: Int, keepDim: Bool) throws -> Tensor {
         let dtype = try floats("mean", x)
-        let axis = try ShapeRules.axis(dim, rank: x.rank, op: "mean")
-        let mean = try function(library.mean, "pea_cuda_mean", "mean")
-        var shape = x.shape
-        if keepDim { shape[axis] = 1 } else { shape.remove(at: axis) }
-        let y = try empty(shape, dtype)
+        let plan = try ShapeRules.mean(x, dim: dim, keepDim: keepDim)
+        let mean = try kernel(for: .mean, CUDALibrary.MeanFn.self)
+        let y = try empty(plan.outputShape, dtype)
         if y.count == 0 { return y }
-        let outer = x.shape[..<axis].reduce(1, *), inner = x.shape[(axis + 1)...].reduce(1, *)
-        try check(mean(context.handle, dtype.kernelCode, pointer(x), pointer(y), Int64(outer), Int64(x.shape[axis]), Int64(inner)), "mean")
+        try check(mean(context.handle, dtype.kernelCode, pointer(x), pointer(y), Int64(plan.outer), Int64(plan.count), Int64(plan.inner)), "mean")
         return y
     }
 
@@ -646,19 +527,36 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
         }
     }
 
-    /// Turns a library status into a Swift error naming `op`, with the library's message.
+    /// The kind of failure a library status reports.
+    static func failureKind(_ status: Int32) -> BackendFailure {
+        switch Int(status) {
+        case Int(PEA_CUDA_ERROR_NO_DEVICE): return .unavailable
+        case Int(PEA_CUDA_ERROR_OUT_OF_MEMORY): return .outOfMemory
+        case Int(PEA_CUDA_ERROR_INVALID): return .invalidArgument
+        case Int(PEA_CUDA_ERROR_KERNEL): return .launchFailure
+        default: return .other
+        }
+    }
+
+    /// Turns a library status into a Swift error naming `op`, with the library's message and the status's kind.
     func check(_ status: Int32, _ op: String) throws {
         guard status != PEA_CUDA_OK else { return }
         let message = library.message(context.handle)
-        throw PEAError.backend("cuda \(op): " + (message.isEmpty ? Self.codeName(status) : message))
+        throw PEAError.backend("cuda \(op): " + (message.isEmpty ? Self.codeName(status) : message), kind: Self.failureKind(status))
     }
 
-    /// The library's function for `op`, or an error naming the symbol a library built before that kernel lacks.
-    func function<F>(_ function: F?, _ symbol: String, _ op: String) throws -> F {
-        guard let function else {
-            throw PEAError.unsupported("\(op): \(library.path) has no \(symbol) (built before that kernel existed? rebuild it: make cuda / make cuda-emu)")
+    /// The library's function `name` (of type `F`), or an error naming it when this build of the library lacks it.
+    func kernel<F>(_ name: String, _ type: F.Type, _ op: String) throws -> F {
+        guard let function = library.function(name, as: type) else {
+            throw PEAError.unsupported("\(op): \(library.path) has no \(name) (built before that kernel existed? rebuild it: make cuda / make cuda-emu)")
         }
         return function
+    }
+
+    /// The function that runs `op` (its registry row's), named after the op (or `name`) in errors.
+    func kernel<F>(for op: Op, _ type: F.Type, _ name: String? = nil) throws -> F {
+        guard let function = opKernels[op] else { return try kernel(op.info.cudaFunctions[0], type, name ?? op.rawValue) }  // its error
+        return unsafeBitCast(function, to: F.self)
     }
 
     func empty(_ shape: [Int], _ dtype: DType) throws -> Tensor {
@@ -698,31 +596,16 @@ public final class CUDABackend: ComputeBackend, CustomStringConvertible {
 
     /// y ← x, same element count and dtype (a device-to-device copy on the stream).
     private func copyContiguous(_ x: Tensor, into y: Tensor, _ op: String) throws {
-        try stridedCopy(from: pointer(x), strides: [1], to: pointer(y), strides: [1], shape: [x.count],
-                        elementSize: x.dtype.byteSize, op)
+        try copy(ShapeRules.StridedCopy(op, shape: [x.count], sourceStrides: [1], destinationStrides: [1]), from: x, to: y, op)
     }
 
-    /// Copies the block of `source` that starts at `sourceOffset` along `axis` and has `blockShape` into
-    /// `destination` starting at `destinationOffset` along the same axis.
-    private func copyBlock(from source: Tensor, sourceOffset: Int, sourceShape: [Int], to destination: Tensor,
-                           destinationOffset: Int, axis: Int, blockShape: [Int], _ op: String) throws {
-        guard blockShape.reduce(1, *) > 0 else { return }
-        let sourceStrides = ShapeRules.strides(sourceShape), destinationStrides = ShapeRules.strides(destination.shape)
+    /// Runs one strided copy of a data-movement plan on the stream (concat, split and permute: DataMovement.swift).
+    func copy(_ copy: ShapeRules.StridedCopy, from source: Tensor, to destination: Tensor, _ op: String) throws {
+        guard !copy.isEmpty else { return }
+        let run = try kernel(for: .permute, CUDALibrary.CopyStridedFn.self, op)
         let size = source.dtype.byteSize
-        let src = pointer(source).map { $0 + sourceOffset * sourceStrides[axis] * size }
-        let dst = pointer(destination).map { $0 + destinationOffset * destinationStrides[axis] * size }
-        try stridedCopy(from: src, strides: sourceStrides, to: dst, strides: destinationStrides, shape: blockShape,
-                        elementSize: size, op)
-    }
-
-    /// dst[idx·dstStrides] = src[idx·srcStrides] over `shape` (rank 0 copies one element).
-    private func stridedCopy(from source: UnsafeMutableRawPointer?, strides sourceStrides: [Int], to destination: UnsafeMutableRawPointer?,
-                             strides destinationStrides: [Int], shape: [Int], elementSize: Int, _ op: String) throws {
-        guard shape.count <= Int(CK_MAX_RANK) else { throw PEAError.unsupported("\(op): rank above \(CK_MAX_RANK)") }
-        guard shape.reduce(1, *) > 0 else { return }
-        let copy = try function(library.copyStrided, "pea_cuda_copy_strided", op)
-        let (shape, sourceStrides, destinationStrides) = shape.isEmpty ? ([1], [1], [1]) : (shape, sourceStrides, destinationStrides)
-        try check(copy(context.handle, source, sourceStrides.map(Int64.init), destination, destinationStrides.map(Int64.init),
-                       shape.map(Int64.init), Int32(shape.count), Int64(elementSize)), op)
+        try check(run(context.handle, pointer(source).map { $0 + copy.sourceOffset * size }, copy.sourceStrides.map(Int64.init),
+                      pointer(destination).map { $0 + copy.destinationOffset * size }, copy.destinationStrides.map(Int64.init),
+                      copy.shape.map(Int64.init), Int32(copy.shape.count), Int64(size)), op)
     }
 }

@@ -7,14 +7,15 @@ import CKernels
 
 /// The CUDA backend's library, loaded at run time with dlopen: `libpea_cuda.so` (nvcc, `make cuda`) or its
 /// emulated twin `libpea_cuda_emu.so` (g++ against CKernels/emu, `make cuda-emu`). Both export the C ABI of
-/// `CKernels/include/pea_cuda.h`; this type resolves each of its functions by name into a Swift
-/// `@convention(c)` function pointer. The package never links against the library (its C declarations are
-/// visible through the CKernels module but must not be called), so one `pea` binary runs with and without a
-/// GPU.
+/// `CKernels/include/pea_cuda.h`; this type resolves every function on that header's PEA_CUDA_FUNCTIONS list by
+/// name (`function(_:as:)` hands one out as a Swift `@convention(c)` function pointer). The package never
+/// links against the library (its C declarations are visible through the CKernels module but must not be
+/// called), so one `pea` binary runs with and without a GPU.
 ///
-/// The context and memory functions are required; an op whose function the library lacks (a library built
-/// before that kernel existed) leaves its pointer nil and is listed in `missingSymbols`: `CUDABackend` then
-/// reports that op as unsupported and throws, naming the symbol, if it is called.
+/// The list's required functions (context and memory) must be present; an optional one the library lacks (a
+/// library built before that kernel existed) is listed in `missingSymbols`: `CUDABackend` then reports the ops
+/// that need it as unsupported (the op registry, OpRegistry.swift, says which) and throws, naming the
+/// function, if one is called.
 ///
 /// Search order (`locate`): `$PEA_CUDA_LIB` (a file, or a folder holding libpea_cuda.so; when set, nothing else
 /// is tried); `libpea_cuda.so` beside the running executable (`/proc/self/exe`); then, in the current directory
@@ -101,73 +102,40 @@ public final class CUDALibrary {
     typealias ProfileStopFn = @convention(c) (Context?, UnsafeMutablePointer<pea_cuda_profile_entry>?, Int32,
                                               UnsafeMutablePointer<Int32>?, UnsafeMutablePointer<Double>?) -> Int32
 
-    // MARK: required functions (the library is refused without them)
+    // MARK: the functions
 
-    let abiVersion: ABIVersionFn
-    let create: CreateFn
-    let destroy: DestroyFn
-    let lastError: LastErrorFn
-    let alloc: AllocFn
-    let free: FreeFn
-    let upload: UploadFn
-    let download: DownloadFn
-    let synchronize: SynchronizeFn
+    /// pea_cuda.h's PEA_CUDA_FUNCTIONS list, in its order: every function's name and whether a library must
+    /// export it.
+    public static let abiFunctions: [(name: String, required: Bool)] = {
+        var functions: [(String, Bool)] = []
+        var required: Int32 = 0
+        while let name = pea_cuda_function_name(Int32(functions.count), &required) {
+            functions.append((String(cString: name), required != 0))
+        }
+        return functions
+    }()
 
-    // MARK: optional functions (nil: not in this build of the library; see missingSymbols)
+    static let abiFunctionNames = Set(abiFunctions.map(\.name))
 
-    let deviceInfo: DeviceInfoFn?
-    let setTF32: SetTF32Fn?
-    let releaseCache: ReleaseCacheFn?
-    let memoryStats: MemoryStatsFn?
-    let zero: ZeroFn?
-    let gemm: GemmFn?
-    let linear: LinearFn?
-    let conv2d: Conv2dFn?
-    let groupNorm: GroupNormFn?
-    let layerNorm: LayerNormFn?
-    let softmax: SoftmaxFn?
-    let attention: AttentionFn?
-    let activation: ActivationFn?
-    let geglu: GegluFn?
-    let affine: AffineFn?
-    let binary: BinaryFn?
-    let copyStrided: CopyStridedFn?
-    let upsampleNearest2x: UpsampleFn?
-    let embedding: EmbeddingFn?
-    let timestepEmbedding: TimestepEmbeddingFn?
-    let mean: MeanFn?
-    let convert: ConvertFn?
-    let conv2dBackwardData: Conv2dBackwardDataFn?
-    let groupNormBackward: GroupNormBackwardFn?
-    let layerNormBackward: LayerNormBackwardFn?
-    let softmaxBackward: SoftmaxBackwardFn?
-    let activationBackward: ActivationBackwardFn?
-    let gegluBackward: GegluBackwardFn?
-    let upsampleNearest2xBackward: UpsampleBackwardFn?
-    let timerRecord: TimerRecordFn?
-    let timerElapsed: TimerElapsedFn?
-    let spin: SpinFn?
-    let profileStart: ProfileStartFn?
-    let adamw: AdamWFn?
-    let sumSquares: SumSquaresFn?
-    let profileStop: ProfileStopFn?
+    /// The functions the library exports, by name.
+    private let functions: [String: UnsafeMutableRawPointer]
 
-    /// Every function of pea_cuda.h, required ones first.
-    public static let requiredSymbols = [
-        "pea_cuda_abi_version", "pea_cuda_create", "pea_cuda_destroy", "pea_cuda_last_error", "pea_cuda_alloc",
-        "pea_cuda_free", "pea_cuda_upload", "pea_cuda_download", "pea_cuda_synchronize",
-    ]
-    public static let optionalSymbols = [
-        "pea_cuda_device_info", "pea_cuda_set_tf32", "pea_cuda_release_cache", "pea_cuda_memory_stats", "pea_cuda_zero",
-        "pea_cuda_gemm", "pea_cuda_linear", "pea_cuda_conv2d", "pea_cuda_group_norm", "pea_cuda_layer_norm",
-        "pea_cuda_softmax", "pea_cuda_attention", "pea_cuda_activation", "pea_cuda_geglu", "pea_cuda_affine",
-        "pea_cuda_binary", "pea_cuda_copy_strided", "pea_cuda_upsample_nearest2x", "pea_cuda_embedding",
-        "pea_cuda_timestep_embedding", "pea_cuda_mean", "pea_cuda_convert",
-        "pea_cuda_conv2d_backward_data", "pea_cuda_group_norm_backward", "pea_cuda_layer_norm_backward",
-        "pea_cuda_softmax_backward", "pea_cuda_activation_backward", "pea_cuda_geglu_backward",
-        "pea_cuda_upsample_nearest2x_backward", "pea_cuda_timer_record", "pea_cuda_timer_elapsed", "pea_cuda_spin",
-        "pea_cuda_profile_start", "pea_cuda_profile_stop", "pea_cuda_adamw", "pea_cuda_sum_squares",
-    ]
+    /// The library's function `name` (one on the list) as the Swift function type `F`; nil when this build of
+    /// the library lacks it.
+    func function<F>(_ name: String, as _: F.Type) -> F? {
+        precondition(Self.abiFunctionNames.contains(name), "\(name) is not on pea_cuda.h's PEA_CUDA_FUNCTIONS list")
+        return functions[name].map { unsafeBitCast($0, to: F.self) }
+    }
+
+    /// Whether the library exports `name`.
+    func exports(_ name: String) -> Bool { functions[name] != nil }
+
+    /// The address of `name` in the library (nil when this build lacks it).
+    func address(_ name: String) -> UnsafeMutableRawPointer? { functions[name] }
+
+    /// The required functions used on every allocation and transfer, typed once at load time.
+    let alloc: AllocFn, free: FreeFn, upload: UploadFn, download: DownloadFn
+    let create: CreateFn, destroy: DestroyFn, synchronize: SynchronizeFn, lastError: LastErrorFn
 
     /// Loads the library at `path`, or the first one `locate()` finds. Throws `PEAError.backend` saying where
     /// it looked (none found), why dlopen failed, which required function is missing, or that the ABI
@@ -178,7 +146,7 @@ public final class CUDALibrary {
         } else {
             switch Self.locate() {
             case .found(let found): try self.init(loading: found)
-            case .notFound(let message): throw PEAError.backend(message)
+            case .notFound(let message): throw PEAError.backend(message, kind: .unavailable)
             }
         }
     }
@@ -187,74 +155,45 @@ public final class CUDALibrary {
         let resolved = Self.absolute(path)
         guard let handle = dlopen(resolved, RTLD_NOW | RTLD_LOCAL) else {
             let reason = dlerror().map { String(cString: $0) } ?? "unknown dlopen error"
-            throw PEAError.backend("cuda: cannot load \(resolved): \(reason)")
+            throw PEAError.backend("cuda: cannot load \(resolved): \(reason)", kind: .unavailable)
         }
         self.handle = handle
         self.path = resolved
 
-        func required<F>(_ name: String, _: F.Type) throws -> F {
-            guard let symbol = dlsym(handle, name) else {
-                throw PEAError.backend("cuda: \(resolved) does not export \(name): not a Pea CUDA library, or one built from other sources (rebuild it: make cuda)")
-            }
-            return unsafeBitCast(symbol, to: F.self)
+        // The version first: a library of another ABI is named as such, whatever else it lacks.
+        let versionName = "pea_cuda_abi_version"
+        func notOurs(_ name: String) -> PEAError {
+            .backend("cuda: \(resolved) does not export \(name): not a Pea CUDA library, or one built from other sources (rebuild it: make cuda)",
+                     kind: .unavailable)
         }
-        var missing: [String] = []
-        func optional<F>(_ name: String, _: F.Type) -> F? {
-            guard let symbol = dlsym(handle, name) else { missing.append(name); return nil }
-            return unsafeBitCast(symbol, to: F.self)
-        }
-
-        abiVersion = try required("pea_cuda_abi_version", ABIVersionFn.self)
-        let version = abiVersion()
+        guard let versionSymbol = dlsym(handle, versionName) else { throw notOurs(versionName) }
+        let version = unsafeBitCast(versionSymbol, to: ABIVersionFn.self)()
         guard version == Int32(PEA_CUDA_ABI_VERSION) else {
-            throw PEAError.backend("cuda: \(resolved) implements pea_cuda ABI version \(version), this pea expects version \(PEA_CUDA_ABI_VERSION); rebuild the library from the same sources (make cuda)")
+            throw PEAError.backend("cuda: \(resolved) implements pea_cuda ABI version \(version), this pea expects version \(PEA_CUDA_ABI_VERSION); rebuild the library from the same sources (make cuda)",
+                                   kind: .unavailable)
         }
-        create = try required("pea_cuda_create", CreateFn.self)
-        destroy = try required("pea_cuda_destroy", DestroyFn.self)
-        lastError = try required("pea_cuda_last_error", LastErrorFn.self)
-        alloc = try required("pea_cuda_alloc", AllocFn.self)
-        free = try required("pea_cuda_free", FreeFn.self)
-        upload = try required("pea_cuda_upload", UploadFn.self)
-        download = try required("pea_cuda_download", DownloadFn.self)
-        synchronize = try required("pea_cuda_synchronize", SynchronizeFn.self)
-
-        deviceInfo = optional("pea_cuda_device_info", DeviceInfoFn.self)
-        setTF32 = optional("pea_cuda_set_tf32", SetTF32Fn.self)
-        releaseCache = optional("pea_cuda_release_cache", ReleaseCacheFn.self)
-        memoryStats = optional("pea_cuda_memory_stats", MemoryStatsFn.self)
-        zero = optional("pea_cuda_zero", ZeroFn.self)
-        gemm = optional("pea_cuda_gemm", GemmFn.self)
-        linear = optional("pea_cuda_linear", LinearFn.self)
-        conv2d = optional("pea_cuda_conv2d", Conv2dFn.self)
-        groupNorm = optional("pea_cuda_group_norm", GroupNormFn.self)
-        layerNorm = optional("pea_cuda_layer_norm", LayerNormFn.self)
-        softmax = optional("pea_cuda_softmax", SoftmaxFn.self)
-        attention = optional("pea_cuda_attention", AttentionFn.self)
-        activation = optional("pea_cuda_activation", ActivationFn.self)
-        geglu = optional("pea_cuda_geglu", GegluFn.self)
-        affine = optional("pea_cuda_affine", AffineFn.self)
-        binary = optional("pea_cuda_binary", BinaryFn.self)
-        copyStrided = optional("pea_cuda_copy_strided", CopyStridedFn.self)
-        upsampleNearest2x = optional("pea_cuda_upsample_nearest2x", UpsampleFn.self)
-        embedding = optional("pea_cuda_embedding", EmbeddingFn.self)
-        timestepEmbedding = optional("pea_cuda_timestep_embedding", TimestepEmbeddingFn.self)
-        mean = optional("pea_cuda_mean", MeanFn.self)
-        convert = optional("pea_cuda_convert", ConvertFn.self)
-        conv2dBackwardData = optional("pea_cuda_conv2d_backward_data", Conv2dBackwardDataFn.self)
-        groupNormBackward = optional("pea_cuda_group_norm_backward", GroupNormBackwardFn.self)
-        layerNormBackward = optional("pea_cuda_layer_norm_backward", LayerNormBackwardFn.self)
-        softmaxBackward = optional("pea_cuda_softmax_backward", SoftmaxBackwardFn.self)
-        activationBackward = optional("pea_cuda_activation_backward", ActivationBackwardFn.self)
-        gegluBackward = optional("pea_cuda_geglu_backward", GegluBackwardFn.self)
-        upsampleNearest2xBackward = optional("pea_cuda_upsample_nearest2x_backward", UpsampleBackwardFn.self)
-        timerRecord = optional("pea_cuda_timer_record", TimerRecordFn.self)
-        timerElapsed = optional("pea_cuda_timer_elapsed", TimerElapsedFn.self)
-        spin = optional("pea_cuda_spin", SpinFn.self)
-        profileStart = optional("pea_cuda_profile_start", ProfileStartFn.self)
-        profileStop = optional("pea_cuda_profile_stop", ProfileStopFn.self)
-        adamw = optional("pea_cuda_adamw", AdamWFn.self)
-        sumSquares = optional("pea_cuda_sum_squares", SumSquaresFn.self)
+        var functions: [String: UnsafeMutableRawPointer] = [:]
+        var missing: [String] = []
+        for (name, required) in Self.abiFunctions {
+            if let symbol = dlsym(handle, name) {
+                functions[name] = symbol
+            } else if required {
+                throw notOurs(name)
+            } else {
+                missing.append(name)
+            }
+        }
+        self.functions = functions
         missingSymbols = missing
+        func required<F>(_ name: String, _: F.Type) -> F { unsafeBitCast(functions[name]!, to: F.self) }  // checked above
+        alloc = required("pea_cuda_alloc", AllocFn.self)
+        free = required("pea_cuda_free", FreeFn.self)
+        upload = required("pea_cuda_upload", UploadFn.self)
+        download = required("pea_cuda_download", DownloadFn.self)
+        create = required("pea_cuda_create", CreateFn.self)
+        destroy = required("pea_cuda_destroy", DestroyFn.self)
+        synchronize = required("pea_cuda_synchronize", SynchronizeFn.self)
+        lastError = required("pea_cuda_last_error", LastErrorFn.self)
     }
 
     /// Where the library was looked for, in order, and which (if any) exists.

@@ -1,4 +1,5 @@
-/// `pea selftest --backend cuda`: every op of the CUDA backend against the CPU backend on the same random
+/// `pea selftest --backend cuda`: every op of the CUDA backend (every row of the op registry, backward and
+/// optimizer ops included) against the CPU backend on the same random
 /// inputs, at SD1.5-sized shapes (320 channels in 32 groups at 64×64, 4096-token self-attention, 77-token
 /// cross-attention, head dims 40/64/80/160), in f32, f16 and bf16, then a UNet evaluation with random weights
 /// and a check that repeated evaluations allocate no new device memory.
@@ -55,6 +56,8 @@ public enum CUDASelfTest {
 
     /// One op, or a composition, run on both backends from the same host inputs.
     struct Case {
+        /// The op under test (its registry row; every op has at least one case).
+        var op: Op
         var name: String
         /// f32 inputs are stored in the dtype under test (the CPU gets the rounded values in f32); integer
         /// inputs go to both backends as they are.
@@ -128,51 +131,51 @@ public enum CUDASelfTest {
         let groups = sd ? 32 : 8
         var list: [Case] = []
 
-        list.append(Case(name: "gemm nn \(tokens)x\(c1)x\(c1)", inputs: ["a": r([tokens, c1]), "b": r([c1, c1])]) { b, t in
+        list.append(Case(op: .gemm, name: "gemm nn \(tokens)x\(c1)x\(c1)", inputs: ["a": r([tokens, c1]), "b": r([c1, c1])]) { b, t in
             [try b.gemm(t["a"]!, t["b"]!, transposeA: false, transposeB: false, alpha: 1, beta: 0, c: nil)]
         })
         let (bm, bn, bk) = sd ? (1024, 77, 40) : (37, 7, 8)
-        list.append(Case(name: "gemm batched nt 16x\(bm)x\(bn)x\(bk) beta", inputs: ["a": r([16, bm, bk]), "b": r([16, bn, bk]), "c": r([16, bm, bn])]) { b, t in
+        list.append(Case(op: .gemm, name: "gemm batched nt 16x\(bm)x\(bn)x\(bk) beta", inputs: ["a": r([16, bm, bk]), "b": r([16, bn, bk]), "c": r([16, bm, bn])]) { b, t in
             [try b.gemm(t["a"]!, t["b"]!, transposeA: false, transposeB: true, alpha: 0.25, beta: 0.5, c: t["c"]!)]
         })
         let (gm, gn, gk) = sd ? (320, 257, 2880) : (13, 11, 29)
-        list.append(Case(name: "gemm tn shared-b \(gm)x\(gn)x\(gk)", inputs: ["a": r([2, gk, gm]), "b": r([gk, gn])]) { b, t in
+        list.append(Case(op: .gemm, name: "gemm tn shared-b \(gm)x\(gn)x\(gk)", inputs: ["a": r([2, gk, gm]), "b": r([gk, gn])]) { b, t in
             [try b.gemm(t["a"]!, t["b"]!, transposeA: true, transposeB: false, alpha: 1, beta: 0, c: nil)]
         })
-        list.append(Case(name: "linear [2,\(tokens / 4),\(c1)]→\(8 * c1) bias", inputs: ["x": r([2, tokens / 4, c1]), "w": r([8 * c1, c1]), "b": r([8 * c1])]) { b, t in
+        list.append(Case(op: .linear, name: "linear [2,\(tokens / 4),\(c1)]→\(8 * c1) bias", inputs: ["x": r([2, tokens / 4, c1]), "w": r([8 * c1, c1]), "b": r([8 * c1])]) { b, t in
             [try b.linear(t["x"]!, weight: t["w"]!, bias: t["b"]!)]
         })
-        list.append(Case(name: "linear [2,\(context),\(c4 / 2 + c1 / 2)]→\(c1) no bias", inputs: ["x": r([2, context, c4 / 2 + c1 / 2]), "w": r([c1, c4 / 2 + c1 / 2])]) { b, t in
+        list.append(Case(op: .linear, name: "linear [2,\(context),\(c4 / 2 + c1 / 2)]→\(c1) no bias", inputs: ["x": r([2, context, c4 / 2 + c1 / 2]), "w": r([c1, c4 / 2 + c1 / 2])]) { b, t in
             [try b.linear(t["x"]!, weight: t["w"]!, bias: nil)]
         })
-        list.append(Case(name: "conv2d 3x3 [2,\(c1),\(hw),\(hw)]→\(c1)", inputs: ["x": r([2, c1, hw, hw]), "w": r([c1, c1, 3, 3]), "b": r([c1])]) { b, t in
+        list.append(Case(op: .conv2d, name: "conv2d 3x3 [2,\(c1),\(hw),\(hw)]→\(c1)", inputs: ["x": r([2, c1, hw, hw]), "w": r([c1, c1, 3, 3]), "b": r([c1])]) { b, t in
             [try b.conv2d(t["x"]!, weight: t["w"]!, bias: t["b"]!, stride: (1, 1), padding: .uniform(1))]
         })
-        list.append(Case(name: "conv2d conv_in [2,4,\(hw),\(hw)]→\(c1)", inputs: ["x": r([2, 4, hw, hw]), "w": r([c1, 4, 3, 3]), "b": r([c1])]) { b, t in
+        list.append(Case(op: .conv2d, name: "conv2d conv_in [2,4,\(hw),\(hw)]→\(c1)", inputs: ["x": r([2, 4, hw, hw]), "w": r([c1, 4, 3, 3]), "b": r([c1])]) { b, t in
             [try b.conv2d(t["x"]!, weight: t["w"]!, bias: t["b"]!, stride: (1, 1), padding: .uniform(1))]
         })
-        list.append(Case(name: "conv2d 3x3 stride 2 [2,\(c1),\(hw),\(hw)]", inputs: ["x": r([2, c1, hw, hw]), "w": r([c1, c1, 3, 3]), "b": r([c1])]) { b, t in
+        list.append(Case(op: .conv2d, name: "conv2d 3x3 stride 2 [2,\(c1),\(hw),\(hw)]", inputs: ["x": r([2, c1, hw, hw]), "w": r([c1, c1, 3, 3]), "b": r([c1])]) { b, t in
             [try b.conv2d(t["x"]!, weight: t["w"]!, bias: t["b"]!, stride: (2, 2), padding: .uniform(1))]
         })
-        list.append(Case(name: "conv2d 3x3 stride 2 pad (0,1,0,1)", inputs: ["x": r([1, c1 / 2, hw, hw]), "w": r([c1 / 2, c1 / 2, 3, 3]), "b": r([c1 / 2])]) { b, t in
+        list.append(Case(op: .conv2d, name: "conv2d 3x3 stride 2 pad (0,1,0,1)", inputs: ["x": r([1, c1 / 2, hw, hw]), "w": r([c1 / 2, c1 / 2, 3, 3]), "b": r([c1 / 2])]) { b, t in
             [try b.conv2d(t["x"]!, weight: t["w"]!, bias: t["b"]!, stride: (2, 2), padding: Padding2D(top: 0, bottom: 1, left: 0, right: 1))]
         })
-        list.append(Case(name: "conv2d 1x1 [2,\(c2),\(hw / 2),\(hw / 2)]→\(c1)", inputs: ["x": r([2, c2, hw / 2, hw / 2]), "w": r([c1, c2, 1, 1]), "b": r([c1])]) { b, t in
+        list.append(Case(op: .conv2d, name: "conv2d 1x1 [2,\(c2),\(hw / 2),\(hw / 2)]→\(c1)", inputs: ["x": r([2, c2, hw / 2, hw / 2]), "w": r([c1, c2, 1, 1]), "b": r([c1])]) { b, t in
             [try b.conv2d(t["x"]!, weight: t["w"]!, bias: t["b"]!, stride: (1, 1), padding: .uniform(0))]
         })
-        list.append(Case(name: "groupNorm+silu [2,\(c1),\(hw),\(hw)] G\(groups)", inputs: ["x": r([2, c1, hw, hw]), "g": r([c1]), "b": r([c1])]) { b, t in
+        list.append(Case(op: .groupNorm, name: "groupNorm+silu [2,\(c1),\(hw),\(hw)] G\(groups)", inputs: ["x": r([2, c1, hw, hw]), "g": r([c1]), "b": r([c1])]) { b, t in
             [try b.groupNorm(t["x"]!, groups: groups, weight: t["g"]!, bias: t["b"]!, eps: 1e-5, fuseSiLU: true)]
         })
-        list.append(Case(name: "groupNorm [2,\(c2),\(hw / 2),\(hw / 2)] G\(groups)", inputs: ["x": r([2, c2, hw / 2, hw / 2]), "g": r([c2]), "b": r([c2])]) { b, t in
+        list.append(Case(op: .groupNorm, name: "groupNorm [2,\(c2),\(hw / 2),\(hw / 2)] G\(groups)", inputs: ["x": r([2, c2, hw / 2, hw / 2]), "g": r([c2]), "b": r([c2])]) { b, t in
             [try b.groupNorm(t["x"]!, groups: groups, weight: t["g"]!, bias: t["b"]!, eps: 1e-6, fuseSiLU: false)]
         })
-        list.append(Case(name: "layerNorm [2,\(tokens),\(c1)]", inputs: ["x": r([2, tokens, c1]), "g": r([c1]), "b": r([c1])]) { b, t in
+        list.append(Case(op: .layerNorm, name: "layerNorm [2,\(tokens),\(c1)]", inputs: ["x": r([2, tokens, c1]), "g": r([c1]), "b": r([c1])]) { b, t in
             [try b.layerNorm(t["x"]!, weight: t["g"]!, bias: t["b"]!, eps: 1e-5)]
         })
-        list.append(Case(name: "softmax [16,\(tokens / 4),\(context)]", inputs: ["x": r([16, tokens / 4, context])]) { b, t in
+        list.append(Case(op: .softmax, name: "softmax [16,\(tokens / 4),\(context)]", inputs: ["x": r([16, tokens / 4, context])]) { b, t in
             [try b.softmax(t["x"]!)]
         })
-        list.append(Case(name: "softmax [8,\(sd ? 64 : 5),\(tokens)]", inputs: ["x": r([8, sd ? 64 : 5, tokens])]) { b, t in
+        list.append(Case(op: .softmax, name: "softmax [8,\(sd ? 64 : 5),\(tokens)]", inputs: ["x": r([8, sd ? 64 : 5, tokens])]) { b, t in
             [try b.softmax(t["x"]!)]
         })
 
@@ -183,7 +186,7 @@ public enum CUDASelfTest {
             : [("self d40", 19, 19, 2, 40), ("cross d40", 19, context, 2, 40), ("self d64", 9, 9, 2, 64),
                ("self d80", 9, 9, 1, 80), ("cross d160", 5, context, 1, 160)]
         for (label, tq, tk, heads, d) in attentionShapes {
-            list.append(Case(name: "attention \(label) [2,\(tq),\(heads)x\(d)]·\(tk)",
+            list.append(Case(op: .attention, name: "attention \(label) [2,\(tq),\(heads)x\(d)]·\(tk)",
                              inputs: ["q": r([2, tq, heads * d]), "k": r([2, tk, heads * d]), "v": r([2, tk, heads * d])]) { b, t in
                 [try b.attention(q: t["q"]!, k: t["k"]!, v: t["v"]!, heads: heads, mask: nil, causal: false, scale: nil)]
             })
@@ -192,72 +195,72 @@ public enum CUDASelfTest {
         let (ct, cw, ch) = sd ? (77, 768, 12) : (7, 128, 2)
         var padding = [Float](repeating: 0, count: 2 * ct)
         for j in (ct - ct / 3)..<ct { padding[ct + j] = -.infinity }
-        list.append(Case(name: "attention causal+mask [2,\(ct),\(ch)x\(cw / ch)]",
+        list.append(Case(op: .attention, name: "attention causal+mask [2,\(ct),\(ch)x\(cw / ch)]",
                          inputs: ["q": r([2, ct, cw]), "k": r([2, ct, cw]), "v": r([2, ct, cw]), "m": HostTensor(padding, shape: [2, 1, 1, ct])]) { b, t in
             [try b.attention(q: t["q"]!, k: t["k"]!, v: t["v"]!, heads: ch, mask: t["m"]!, causal: true, scale: nil)]
         })
 
         for kind in Activation.allCases {
-            list.append(Case(name: "activation \(kind.rawValue) [2,\(c4),\(hw / 2),\(hw / 2)]", inputs: ["x": r([2, c4, hw / 2, hw / 2])]) { b, t in
+            list.append(Case(op: .activation, name: "activation \(kind.rawValue) [2,\(c4),\(hw / 2),\(hw / 2)]", inputs: ["x": r([2, c4, hw / 2, hw / 2])]) { b, t in
                 [try b.activation(t["x"]!, kind)]
             })
         }
-        list.append(Case(name: "geglu [2,\(tokens),\(8 * c1)]", inputs: ["x": r([2, tokens, 8 * c1])]) { b, t in
+        list.append(Case(op: .geglu, name: "geglu [2,\(tokens),\(8 * c1)]", inputs: ["x": r([2, tokens, 8 * c1])]) { b, t in
             [try b.geglu(t["x"]!)]
         })
-        list.append(Case(name: "add temb [2,\(c1),\(hw),\(hw)]+[2,\(c1),1,1]", inputs: ["a": r([2, c1, hw, hw]), "b": r([2, c1, 1, 1])]) { b, t in
+        list.append(Case(op: .binary, name: "add temb [2,\(c1),\(hw),\(hw)]+[2,\(c1),1,1]", inputs: ["a": r([2, c1, hw, hw]), "b": r([2, c1, 1, 1])]) { b, t in
             [try b.binary(.add, t["a"]!, t["b"]!)]
         })
-        list.append(Case(name: "mul rows [2,\(tokens),\(c1)]*[\(c1)]", inputs: ["a": r([2, tokens, c1]), "b": r([c1])]) { b, t in
+        list.append(Case(op: .binary, name: "mul rows [2,\(tokens),\(c1)]*[\(c1)]", inputs: ["a": r([2, tokens, c1]), "b": r([c1])]) { b, t in
             [try b.binary(.mul, t["a"]!, t["b"]!)]
         })
-        list.append(Case(name: "sub both ways [2,1,\(c1)]-[\(context),1]", inputs: ["a": r([2, 1, c1]), "b": r([context, 1])]) { b, t in
+        list.append(Case(op: .binary, name: "sub both ways [2,1,\(c1)]-[\(context),1]", inputs: ["a": r([2, 1, c1]), "b": r([context, 1])]) { b, t in
             [try b.binary(.sub, t["a"]!, t["b"]!)]
         })
-        list.append(Case(name: "div scalar [2,4,\(hw),\(hw)]/[1]", inputs: ["a": r([2, 4, hw, hw]), "b": HostTensor([1.5], shape: [1])]) { b, t in
+        list.append(Case(op: .binary, name: "div scalar [2,4,\(hw),\(hw)]/[1]", inputs: ["a": r([2, 4, hw, hw]), "b": HostTensor([1.5], shape: [1])]) { b, t in
             [try b.binary(.div, t["a"]!, t["b"]!)]
         })
-        list.append(Case(name: "affine [2,4,\(hw),\(hw)]", inputs: ["x": r([2, 4, hw, hw])]) { b, t in
+        list.append(Case(op: .affine, name: "affine [2,4,\(hw),\(hw)]", inputs: ["x": r([2, 4, hw, hw])]) { b, t in
             [try b.affine(t["x"]!, scale: 0.18215, shift: -0.5)]
         })
-        list.append(Case(name: "upsample [2,\(c4),\(hw / 4),\(hw / 4)]", inputs: ["x": r([2, c4, hw / 4, hw / 4])]) { b, t in
+        list.append(Case(op: .upsampleNearest2x, name: "upsample [2,\(c4),\(hw / 4),\(hw / 4)]", inputs: ["x": r([2, c4, hw / 4, hw / 4])]) { b, t in
             [try b.upsampleNearest2x(t["x"]!)]
         })
-        list.append(Case(name: "concat channels [2,\(c2)|\(c1),\(hw / 2),\(hw / 2)]", inputs: ["a": r([2, c2, hw / 2, hw / 2]), "b": r([2, c1, hw / 2, hw / 2])]) { b, t in
+        list.append(Case(op: .concat, name: "concat channels [2,\(c2)|\(c1),\(hw / 2),\(hw / 2)]", inputs: ["a": r([2, c2, hw / 2, hw / 2]), "b": r([2, c1, hw / 2, hw / 2])]) { b, t in
             [try b.concat([t["a"]!, t["b"]!], dim: 1)]
         })
-        list.append(Case(name: "split last [2,\(tokens),\(8 * c1)]", inputs: ["x": r([2, tokens, 8 * c1])]) { b, t in
+        list.append(Case(op: .split, name: "split last [2,\(tokens),\(8 * c1)]", inputs: ["x": r([2, tokens, 8 * c1])]) { b, t in
             try b.split(t["x"]!, sizes: [4 * c1, 4 * c1], dim: -1)
         })
-        list.append(Case(name: "permute NCHW→NHWC [2,\(c1),\(hw),\(hw)]", inputs: ["x": r([2, c1, hw, hw])]) { b, t in
+        list.append(Case(op: .permute, name: "permute NCHW→NHWC [2,\(c1),\(hw),\(hw)]", inputs: ["x": r([2, c1, hw, hw])]) { b, t in
             [try b.permute(t["x"]!, [0, 2, 3, 1])]
         })
         let vocab = sd ? 49408 : 50
         var ids: [Int] = []
         for _ in 0..<(2 * context) { ids.append(Int(random.next() % UInt64(vocab))) }
         for idType in [DType.i32, .i64] {
-            list.append(Case(name: "embedding \(idType) [2,\(context)] of [\(vocab),\(cw)]",
+            list.append(Case(op: .embedding, name: "embedding \(idType) [2,\(context)] of [\(vocab),\(cw)]",
                              inputs: ["ids": HostTensor(ids: ids, shape: [2, context], dtype: idType), "table": r([vocab, cw])]) { b, t in
                 [try b.embedding(t["ids"]!, table: t["table"]!)]
             })
         }
-        list.append(Case(name: "timestepEmbedding i64 [2]→\(c1)", inputs: ["t": HostTensor(ids: [999, 1], shape: [2])], dtypes: [.f32]) { b, t in
+        list.append(Case(op: .timestepEmbedding, name: "timestepEmbedding i64 [2]→\(c1)", inputs: ["t": HostTensor(ids: [999, 1], shape: [2])], dtypes: [.f32]) { b, t in
             [try b.timestepEmbedding(t["t"]!, dim: c1, flipSinToCos: true, downscaleFreqShift: 0, scale: 1, maxPeriod: 10000)]
         })
-        list.append(Case(name: "timestepEmbedding f32 [2]→\(c1 + 1) shift 1", inputs: ["t": HostTensor([981.5, 3], shape: [2])], dtypes: [.f32]) { b, t in
+        list.append(Case(op: .timestepEmbedding, name: "timestepEmbedding f32 [2]→\(c1 + 1) shift 1", inputs: ["t": HostTensor([981.5, 3], shape: [2])], dtypes: [.f32]) { b, t in
             [try b.timestepEmbedding(t["t"]!, dim: c1 + 1, flipSinToCos: false, downscaleFreqShift: 1, scale: 1, maxPeriod: 10000)]
         })
-        list.append(Case(name: "mean tokens [2,\(context),\(cw)]", inputs: ["x": r([2, context, cw])]) { b, t in
+        list.append(Case(op: .mean, name: "mean tokens [2,\(context),\(cw)]", inputs: ["x": r([2, context, cw])]) { b, t in
             [try b.mean(t["x"]!, dim: 1, keepDim: false)]
         })
         for target in [DType.f16, .bf16] {
-            list.append(Case(name: "cast f32→\(target)→f32 [2,\(c1),\(hw),\(hw)]", inputs: ["x": r([2, c1, hw, hw])], dtypes: [.f32]) { b, t in
+            list.append(Case(op: .cast, name: "cast f32→\(target)→f32 [2,\(c1),\(hw),\(hw)]", inputs: ["x": r([2, c1, hw, hw])], dtypes: [.f32]) { b, t in
                 [try b.cast(b.cast(t["x"]!, to: target), to: .f32)]
             })
         }
         // The adapter's optimizer (f32 only): the official adapter's largest tensor, 2048×2048, at SD scale.
         let (ar, ac) = sd ? (2048, 2048) : (37, 29)
-        list.append(Case(name: "adamw [\(ar),\(ac)]", inputs: ["p": r([ar, ac]), "m": r([ar, ac]), "v": r([ar, ac]), "g": r([ar, ac])],
+        list.append(Case(op: .adamw, name: "adamw [\(ar),\(ac)]", inputs: ["p": r([ar, ac]), "m": r([ar, ac]), "v": r([ar, ac]), "g": r([ar, ac])],
                          dtypes: [.f32]) { b, t in
             let v = try b.binary(.mul, t["v"]!, t["v"]!)   // second moments are not negative
             let out = try b.adamw(parameter: t["p"]!, firstMoment: t["m"]!, secondMoment: v, gradient: t["g"]!,
@@ -265,8 +268,46 @@ public enum CUDASelfTest {
                                                         stepSize: -3.3e-4, correction2Root: 0.0706, epsilon: 1e-8))
             return [out.parameter, out.firstMoment, out.secondMoment]
         })
-        list.append(Case(name: "sumOfSquares [\(ar),\(ac)]", inputs: ["x": r([ar, ac])], dtypes: [.f32]) { b, t in
+        list.append(Case(op: .sumOfSquares, name: "sumOfSquares [\(ar),\(ac)]", inputs: ["x": r([ar, ac])], dtypes: [.f32]) { b, t in
             [try b.upload(HostTensor([Float(b.sumOfSquares(t["x"]!))], shape: [1]))]
+        })
+
+        // The backward ops (training the adapter through the UNet), at the forward cases' shapes.
+        list.append(Case(op: .conv2dBackwardData, name: "conv2dBackwardData 3x3 [2,\(c1),\(hw),\(hw)]",
+                         inputs: ["dy": r([2, c1, hw, hw]), "w": r([c1, c1, 3, 3])]) { b, t in
+            [try b.conv2dBackwardData(t["dy"]!, weight: t["w"]!, inputShape: [2, c1, hw, hw], stride: (1, 1), padding: .uniform(1))]
+        })
+        list.append(Case(op: .conv2dBackwardData, name: "conv2dBackwardData 3x3 stride 2 pad (0,1,0,1)",
+                         inputs: ["dy": r([1, c1 / 2, hw / 2, hw / 2]), "w": r([c1 / 2, c1 / 2, 3, 3])]) { b, t in
+            [try b.conv2dBackwardData(t["dy"]!, weight: t["w"]!, inputShape: [1, c1 / 2, hw, hw], stride: (2, 2),
+                                      padding: Padding2D(top: 0, bottom: 1, left: 0, right: 1))]
+        })
+        list.append(Case(op: .groupNormBackward, name: "groupNormBackward+silu [2,\(c1),\(hw),\(hw)] G\(groups)",
+                         inputs: ["dy": r([2, c1, hw, hw]), "x": r([2, c1, hw, hw]), "g": r([c1]), "b": r([c1])]) { b, t in
+            [try b.groupNormBackward(t["dy"]!, input: t["x"]!, groups: groups, weight: t["g"]!, bias: t["b"]!, eps: 1e-5, fuseSiLU: true)]
+        })
+        list.append(Case(op: .layerNormBackward, name: "layerNormBackward [2,\(tokens),\(c1)] with dγ, dβ",
+                         inputs: ["dy": r([2, tokens, c1]), "x": r([2, tokens, c1]), "g": r([c1])]) { b, t in
+            let grads = try b.layerNormBackward(t["dy"]!, input: t["x"]!, weight: t["g"]!, eps: 1e-5, parameterGradients: true)
+            return [grads.input, grads.weight!, grads.bias!]
+        })
+        list.append(Case(op: .softmaxBackward, name: "softmaxBackward [16,\(tokens / 4),\(context)]",
+                         inputs: ["dy": r([16, tokens / 4, context]), "x": r([16, tokens / 4, context])]) { b, t in
+            [try b.softmaxBackward(t["dy"]!, output: b.softmax(t["x"]!))]
+        })
+        for kind in Activation.allCases where kind.hasBackward {
+            list.append(Case(op: .activationBackward, name: "activationBackward \(kind.rawValue) [2,\(c4),\(hw / 2),\(hw / 2)]",
+                             inputs: ["dy": r([2, c4, hw / 2, hw / 2]), "x": r([2, c4, hw / 2, hw / 2])]) { b, t in
+                [try b.activationBackward(t["dy"]!, input: t["x"]!, kind)]
+            })
+        }
+        list.append(Case(op: .gegluBackward, name: "gegluBackward [2,\(tokens),\(8 * c1)]",
+                         inputs: ["dy": r([2, tokens, 4 * c1]), "x": r([2, tokens, 8 * c1])]) { b, t in
+            [try b.gegluBackward(t["dy"]!, input: t["x"]!)]
+        })
+        list.append(Case(op: .upsampleNearest2xBackward, name: "upsampleNearest2xBackward [2,\(c4),\(hw),\(hw)]",
+                         inputs: ["dy": r([2, c4, hw, hw])]) { b, t in
+            [try b.upsampleNearest2xBackward(t["dy"]!)]
         })
         return list
     }
