@@ -42,33 +42,27 @@ func runToyWorld(_ arguments: [String]) throws {
     }
 }
 
-/// Splits positional arguments (those not starting with "--" and not an option's value) from options.
-private func splitPositionals(_ arguments: [String], valueOptions: Set<String>) -> (positionals: [String], options: [String]) {
-    var positionals: [String] = [], options: [String] = []
-    var index = 0
-    while index < arguments.count {
-        let argument = arguments[index]
-        if argument.hasPrefix("-") && argument != "-" {
-            options.append(argument)
-            if valueOptions.contains(argument), index + 1 < arguments.count {
-                index += 1
-                options.append(arguments[index])
-            }
-        } else {
-            positionals.append(argument)
-        }
-        index += 1
-    }
-    return (positionals, options)
+/// The toy world subcommands' options and what each accepts (their help is `toyWorldUsage`).
+enum ToyWorldOptions {
+    static let output = CommandOption.value("--output", "PATH", help: nil)
+    static let perClass = CommandOption.value("--per-class", "N", default: "80", .range(1...1_000_000), help: nil)
+    static let seed = CommandOption.value("--seed", "S", default: "0", help: nil)
+    static let json = CommandOption.flag("--json", help: nil)
+    static let columns = CommandOption.value("--columns", "N", .range(1...10_000), help: nil)
+    static let colour = CommandOption.value("--colour", "C", .choices(ToyColour.allCases.map(\.rawValue)), help: nil)
+    static let shape = CommandOption.value("--shape", "S", .choices(ToyShape.allCases.map(\.rawValue)), help: nil)
+    static let x0 = CommandOption.value("--x0", "X", help: nil)
+    static let y0 = CommandOption.value("--y0", "Y", help: nil)
+    static let side = CommandOption.value("--side", "SIDE", default: "32", help: nil)
 }
 
 private func runToyWorldCorpus(_ arguments: [String]) throws {
     let command = "toyworld corpus"
-    let options = try Arguments(arguments, command: command,
-                                spec: ["--output": .value, "--per-class": .value, "--seed": .value])
-    let output = try options.requiredString("--output")
-    let perClass = try options.int("--per-class", default: 80, range: 1...1_000_000)
-    let seedText = options.string("--seed") ?? "0"
+    typealias O = ToyWorldOptions
+    let options = try ParsedOptions(arguments, command: command, options: [O.output, O.perClass, O.seed])
+    let output = try options.string(O.output)
+    let perClass = try options.int(O.perClass)
+    let seedText = try options.string(O.seed)
     guard let seed = UInt64(seedText) else {
         throw PEAError.usage("\(command): option '--seed' expects a non-negative integer, got '\(seedText)'")
     }
@@ -77,13 +71,13 @@ private func runToyWorldCorpus(_ arguments: [String]) throws {
 
 private func runToyWorldClassify(_ arguments: [String]) throws {
     let command = "toyworld classify"
-    let (paths, flags) = splitPositionals(arguments, valueOptions: [])
-    let options = try Arguments(flags, command: command, spec: ["--json": .flag])
+    let options = try ParsedOptions(arguments, command: command, options: [ToyWorldOptions.json], positionals: true)
+    let paths = options.positionals
     guard !paths.isEmpty else { throw PEAError.usage("\(command): no images given") }
     for path in paths {
         let image = try PNGDecoder.decode(path: path).rgb()
         let result = ToyWorldClassifier.classify(image)
-        if options.has("--json") {
+        if options.has(ToyWorldOptions.json) {
             let object: [String: JSONValue] = ["path": .string(path),
                                                "colour": result.map { .string($0.colour.rawValue) } ?? .null,
                                                "shape": result.map { .string($0.shape.rawValue) } ?? .null]
@@ -98,11 +92,11 @@ private func runToyWorldClassify(_ arguments: [String]) throws {
 
 private func runToyWorldGrid(_ arguments: [String]) throws {
     let command = "toyworld grid"
-    let (paths, flags) = splitPositionals(arguments, valueOptions: ["--columns", "--output"])
-    let options = try Arguments(flags, command: command, spec: ["--columns": .value, "--output": .value])
-    let output = try options.requiredString("--output")
-    guard options.has("--columns") else { throw PEAError.usage("\(command): option '--columns' is required") }
-    let columns = try options.int("--columns", default: 1, range: 1...10_000)
+    typealias O = ToyWorldOptions
+    let options = try ParsedOptions(arguments, command: command, options: [O.columns, O.output], positionals: true)
+    let paths = options.positionals
+    let output = try options.string(O.output)
+    let columns = try options.int(O.columns)
     guard !paths.isEmpty else { throw PEAError.usage("\(command): no images given") }
     let images = try paths.map { try PNGDecoder.decode(path: $0).rgb() }
     let grid = try RGBImage.tiled(images, columns: columns, names: paths)
@@ -112,21 +106,15 @@ private func runToyWorldGrid(_ arguments: [String]) throws {
 
 private func runToyWorldDraw(_ arguments: [String]) throws {
     let command = "toyworld draw"
-    let options = try Arguments(arguments, command: command,
-                                spec: ["--colour": .value, "--shape": .value, "--output": .value,
-                                       "--x0": .value, "--y0": .value, "--side": .value])
-    let colourName = try options.requiredString("--colour"), shapeName = try options.requiredString("--shape")
-    guard let colour = ToyColour(rawValue: colourName) else {
-        throw PEAError.usage("\(command): --colour must be one of \(ToyColour.allCases.map(\.rawValue).joined(separator: ", ")), got '\(colourName)'")
-    }
-    guard let shape = ToyShape(rawValue: shapeName) else {
-        throw PEAError.usage("\(command): --shape must be one of \(ToyShape.allCases.map(\.rawValue).joined(separator: ", ")), got '\(shapeName)'")
-    }
-    let output = try options.requiredString("--output")
-    let side = try options.double("--side") ?? 32
+    typealias O = ToyWorldOptions
+    let options = try ParsedOptions(arguments, command: command, options: [O.colour, O.shape, O.output, O.x0, O.y0, O.side])
+    let colour = ToyColour(rawValue: try options.string(O.colour))!
+    let shape = ToyShape(rawValue: try options.string(O.shape))!
+    let output = try options.string(O.output)
+    let side = try options.double(O.side)
     guard side > 0 else { throw PEAError.usage("\(command): option '--side' must be positive, got \(side)") }
-    let x0 = try options.double("--x0") ?? (Double(ToyWorld.size) - side) / 2
-    let y0 = try options.double("--y0") ?? (Double(ToyWorld.size) - side) / 2
+    let x0 = try options.optionalDouble(O.x0) ?? (Double(ToyWorld.size) - side) / 2
+    let y0 = try options.optionalDouble(O.y0) ?? (Double(ToyWorld.size) - side) / 2
     let rgb = ToyWorld.draw(colour: colour, shape: shape, x0: x0, y0: y0, side: side)
     try PNGWriter.write(rgb: rgb, width: ToyWorld.size, height: ToyWorld.size, to: output)
     print(output)
