@@ -13,11 +13,11 @@ enum BackendOptions {
         .choices(BackendSelection.Choice.allCases.map(\.rawValue)),
         help: "where to compute. The CUDA library (libpea_cuda.so, 'make cuda') is looked for in $PEA_CUDA_LIB, beside "
             + "the pea executable, then in .build-cuda/ and the repository root",
-        defaultNote: "CUDA when its library, a driver and a device are present, else the CPU")
+        defaultNote: ": CUDA when its library, a driver and a device are present, else the CPU")
     static let precision = CommandOption.value(
         "--precision", precisionNames.joined(separator: "|"), default: "fp32", .choices(precisionNames),
         help: "storage precision of the CUDA backend's tensors",
-        defaultNote: "the CPU backend computes in fp32 only")
+        defaultNote: "; the CPU backend computes in fp32 only")
     static let threads = CommandOption.value("--threads", "T", .range(0...4096),
                                              help: "CPU threads (default: every online CPU)")
     static let all = [backend, precision, threads]

@@ -21,7 +21,7 @@ enum GenerateOptions {
         "--negative-prompt", "TEXT", help: "what to steer away from (omitted: diffusers' negative_prompt=None)")
     static let steps = CommandOption.value("--steps", "N", default: "30", .range(1...1000), help: "denoising steps")
     static let guidance = CommandOption.value("--guidance", "G", default: "7.5", help: "classifier-free guidance scale",
-                                              defaultNote: "≤ 1 turns guidance off")
+                                              defaultNote: "; ≤ 1 turns guidance off")
     static let scheduler = CommandOption.value(
         "--scheduler", "NAME", .choices(SchedulerName.allCases.map(\.rawValue)),
         help: SchedulerName.allCases.map(\.rawValue).joined(separator: " | ") + " (default: the folder's)")

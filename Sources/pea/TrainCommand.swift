@@ -20,7 +20,7 @@ enum TrainOptions {
     static let steps = CommandOption.value("--steps", "N", .range(1...100_000_000), help: "optimiser steps (required)")
     static let batchSize = CommandOption.value("--batch-size", "B", default: "4", .range(1...4096), help: "samples per step")
     static let lr = CommandOption.value("--lr", "LR", default: "1e-5", help: "peak learning rate",
-                                        defaultNote: "the released scripts'")
+                                        defaultNote: ", the released scripts'")
     static let minLR = CommandOption.value("--min-lr", "LR", default: "5e-8", help: "learning rate at the end of the decay")
     static let warmupSteps = CommandOption.value(
         "--warmup-steps", "N", .range(0...100_000_000),
@@ -39,7 +39,7 @@ enum TrainOptions {
     static let featureWeight = CommandOption.value("--feature-weight", "W", default: "0.1", help: "weight of the feature KD term")
     static let taskWeight = CommandOption.value(
         "--task-weight", "W", default: "1", help: "weight of the task term, MSE against the true noise",
-        defaultNote: "as the official scripts; 0 trains on the KD terms alone, as the toy world's adapter was trained")
+        defaultNote: ", as the official scripts; 0 trains on the KD terms alone, as the toy world's adapter was trained")
     static let biasStrategy = CommandOption.value(
         "--timestep-bias-strategy", "S", default: TimestepBias.Strategy.none.rawValue,
         .choices(TimestepBias.Strategy.allCases.map(\.rawValue)),
@@ -51,6 +51,7 @@ enum TrainOptions {
         "--timestep-bias-portion", "P", default: "0.25", help: "the fraction of timesteps that later/earlier bias")
     static let biasBegin = CommandOption.value(
         "--timestep-bias-begin", "N", default: "0", .range(0...1_000_000), help: "the range that range biases",
+        defaultNote: ", \(biasEnd.defaultValue!)",
         label: "--timestep-bias-begin N, --timestep-bias-end N")
     static let biasEnd = CommandOption.value("--timestep-bias-end", "N", default: "1000", .range(0...1_000_000), help: nil)
     static let seed = CommandOption.value(
@@ -59,7 +60,7 @@ enum TrainOptions {
             + "are torch.randn draws from a CPU generator seeded with a function of (N, k) documented in PEATrainer.swift")
     static let saveEvery = CommandOption.value(
         "--save-every", "N", default: "0", .range(0...100_000_000), help: "checkpoint every N steps",
-        defaultNote: "only at the end")
+        defaultNote: ": only at the end")
     static let resume = CommandOption.value(
         "--resume", "DIR", help: "continue from a checkpoint folder (DIR/checkpoint-STEP or the --output DIR)")
     static let latentCache = CommandOption.value(
@@ -70,7 +71,7 @@ enum TrainOptions {
         "--adapter-hidden", "H", default: "2048", .range(1...65536), help: "hidden width of a new adapter")
     static let adapterLayers = CommandOption.value(
         "--adapter-layers", "N", default: "3", .range(1...64), help: "linear layers of a new adapter",
-        defaultNote: "as the training script")
+        defaultNote: ", as the training script")
 
     static let validationPrompt = CommandOption.repeatable(
         "--validation-prompt", "TEXT", help: "a prompt in the encoder's language (repeatable; one grid row each)")
@@ -79,12 +80,12 @@ enum TrainOptions {
         help: "validate after every N-th step and after the last one (required with a prompt)")
     static let validationSeeds = CommandOption.value(
         "--validation-seeds", "K", default: "2", .range(1...64), help: "images per prompt, seeds 0..K-1",
-        defaultNote: "one grid column each")
+        defaultNote: "; one grid column each")
     static let validationSteps = CommandOption.value(
         "--validation-steps", "S", default: "30", .range(1...1000), help: "denoising steps")
     static let validationGuidance = CommandOption.value(
         "--validation-guidance", "G", default: "7.5", help: "classifier-free guidance scale",
-        defaultNote: "≤ 1 turns guidance off")
+        defaultNote: "; ≤ 1 turns guidance off")
 
     static let spec = CommandSpec(
         name: "train",

@@ -27,7 +27,8 @@ public struct CommandOption: Sendable {
     public let kind: Kind
     /// The value used when the option is not given, as it would be typed; shown in the help.
     public let defaultValue: String?
-    /// Said after the default in the help: "(default 7.5; ≤ 1 turns guidance off)".
+    /// Said after the default in the help, with its separator: "; ≤ 1 turns guidance off" gives
+    /// "(default 7.5; ≤ 1 turns guidance off)".
     public let defaultNote: String?
     public let check: Check
     /// The help text, one paragraph (wrapped when printed); nil keeps the option out of the option list
@@ -59,7 +60,7 @@ public struct CommandOption: Sendable {
     public var fullHelp: String? {
         guard let help else { return nil }
         guard let defaultValue else { return help }
-        return "\(help) (default \(defaultValue)\(defaultNote.map { "; \($0)" } ?? ""))"
+        return "\(help) (default \(defaultValue)\(defaultNote ?? ""))"
     }
 }
 
@@ -241,7 +242,7 @@ public struct CommandSpec: Sendable {
     /// Option rows: the label at column 2, the help from column 28 (after the label when it is wider),
     /// wrapped at `width` characters.
     static let helpColumn = 28
-    static let width = 112
+    static let width = 118
 
     static func row(_ option: CommandOption) -> [String] {
         guard let help = option.fullHelp else { return [] }
