@@ -33,14 +33,9 @@ func runBenchTrainStep(_ arguments: [String]) throws {
     if CommandSpec.asksForHelp(arguments) { print(BenchTrainStepOptions.spec.help); return }
     let command = "bench train-step"
     let options = try BenchTrainStepOptions.spec.parse(arguments)
-    let configPath = try options.string(B.config)
-    let latent = try B.latentSize(options)
-    let batch = try options.int(B.batch)
-    let contextLength = try options.int(B.contextLength)
-    let repeats = try options.int(B.repeats)
-    let selection = try BackendOptions.select(options)
-    let backend = selection.backend, dtype = selection.dtype
-    let profiler = options.has(profileOption) ? try profilingBackend(backend, command: command) : nil
+    let settings = try BenchModelSettings(options)
+    let configPath = settings.configPath, latent = settings.latent, batch = settings.batch, repeats = settings.repeats
+    let backend = settings.backend, dtype = settings.dtype, contextLength = settings.contextLength
 
     let config = try UNetConfig(ConfigFile(path: configPath))
     guard config.textTime == nil else {
@@ -87,7 +82,7 @@ func runBenchTrainStep(_ arguments: [String]) throws {
     times.sort()
     optimizerTimes.sort()
     let best = times[0], median = times[times.count / 2], optimizer = optimizerTimes[optimizerTimes.count / 2]
-    let profile = try profiler?.profiled {
+    let profile = try settings.profiler?.profiled {
         let gradients = try step.step(adapter: training.adapter, batch: inputs).gradients
         _ = try training.apply(gradients, lr: 1e-5, maxNorm: nil)
         try backend.synchronize()

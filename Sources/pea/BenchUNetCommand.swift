@@ -16,13 +16,33 @@ enum BenchModelOptions {
     static let repeats = CommandOption.value("--repeats", "R", default: "3", .range(1...1000), help: "timed runs after one warm-up")
     static let json = CommandOption.flag("--json", help: "print one JSON object (the keys above) instead of the text line")
 
-    /// --latent's two sizes.
-    static func latentSize(_ options: ParsedOptions) throws -> (height: Int, width: Int) {
-        let sizes = try options.string(latent).split(separator: "x").compactMap { Int($0) }
+}
+
+/// What `bench unet` and `bench train-step` read alike, all before any work.
+struct BenchModelSettings {
+    let configPath: String
+    let latent: (height: Int, width: Int)
+    let batch, contextLength, repeats: Int
+    let backend: any ComputeBackend
+    let dtype: DType
+    /// The backend again, with --profile.
+    let profiler: CUDABackend?
+
+    init(_ options: ParsedOptions) throws {
+        typealias B = BenchModelOptions
+        configPath = try options.string(B.config)
+        let sizes = try options.string(B.latent).split(separator: "x").compactMap { Int($0) }
         guard sizes.count == 2, sizes.allSatisfy({ $0 > 0 }) else {
             throw PEAError.usage("\(options.command): --latent must be HxW, e.g. 64x64")
         }
-        return (sizes[0], sizes[1])
+        latent = (sizes[0], sizes[1])
+        batch = try options.int(B.batch)
+        contextLength = try options.int(B.contextLength)
+        repeats = try options.int(B.repeats)
+        let selection = try BackendOptions.select(options)
+        backend = selection.backend
+        dtype = selection.dtype
+        profiler = options.has(profileOption) ? try profilingBackend(backend, command: options.command) : nil
     }
 }
 
@@ -50,14 +70,9 @@ func runBenchUNet(_ arguments: [String]) throws {
     typealias B = BenchModelOptions
     if CommandSpec.asksForHelp(arguments) { print(BenchUNetOptions.spec.help); return }
     let options = try BenchUNetOptions.spec.parse(arguments)
-    let configPath = try options.string(B.config)
-    let latent = try B.latentSize(options)
-    let batch = try options.int(B.batch)
-    let contextLength = try options.int(B.contextLength)
-    let repeats = try options.int(B.repeats)
-    let selection = try BackendOptions.select(options)
-    let backend = selection.backend, dtype = selection.dtype
-    let profiler = options.has(profileOption) ? try profilingBackend(backend, command: "bench unet") : nil
+    let settings = try BenchModelSettings(options)
+    let configPath = settings.configPath, latent = settings.latent, batch = settings.batch, repeats = settings.repeats
+    let backend = settings.backend, dtype = settings.dtype
 
     let config = try UNetConfig(ConfigFile(path: configPath))
     let weights = RandomWeights(backend: backend, seed: 1, dtype: dtype)
@@ -70,7 +85,7 @@ func runBenchUNet(_ arguments: [String]) throws {
     var inputs = UNetInputs(
         sample: try randomTensor([batch, config.inChannels, latent.height, latent.width]),
         timestep: try backend.upload(HostTensor(ids: Array(repeating: 500, count: batch), shape: [batch])),
-        encoderHiddenStates: try randomTensor([batch, contextLength, config.crossAttentionDim[0]]))
+        encoderHiddenStates: try randomTensor([batch, settings.contextLength, config.crossAttentionDim[0]]))
     if let textTime = config.textTime {
         inputs.textEmbeds = try randomTensor([batch, textTime.projectionInputDim - 6 * textTime.timeEmbedDim])
         inputs.timeIds = try randomTensor([batch, 6])
@@ -85,7 +100,7 @@ func runBenchUNet(_ arguments: [String]) throws {
     }
     times.sort()
     let best = times[0], median = times[times.count / 2]
-    let profile = try profiler?.profiled { _ = try backend.download(unet(inputs)) }.profile
+    let profile = try settings.profiler?.profiled { _ = try backend.download(unet(inputs)) }.profile
     let peak = peakResidentMegabytes()
     let threads = Int(ck_get_num_threads())
     var peakDevice: Double?

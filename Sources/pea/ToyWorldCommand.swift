@@ -1,35 +1,13 @@
 import PEADiffusion
 
-let toyWorldUsage = """
-Usage: pea toyworld corpus --output DIR [--per-class N] [--seed S]
-       pea toyworld classify IMAGE.png [IMAGE.png …] [--json]
-       pea toyworld grid --columns N --output OUT.png IMAGE.png [IMAGE.png …]
-       pea toyworld draw --colour C --shape S --output OUT.png [--x0 X --y0 Y --side SIDE]
-
-The toy world (tools/toyworld/world.py): 64×64 images of one coloured shape on white, 6 colours (red green blue
-yellow purple orange) × 4 shapes (circle square triangle cross), English and Chinese captions. Red cross, green
-triangle, blue circle and yellow square are held out of the Chinese training data.
-
-  corpus     a Chinese training corpus of the 20 other classes: DIR/images/NNNNN.png and DIR/train.jsonl, one
-             {"image", "text" (Chinese), "text_en" (English)} line per image, what 'pea train --data' reads.
-             --per-class N images per class (default 80), random boxes and caption templates from --seed S
-             (default 0); the same seed writes the same bytes. Prints the manifest's path.
-  classify   names the colour and shape in each image (a fixed classifier: ink threshold, largest component,
-             nearest palette colour, best-fitting ideal shape): one line per image, PATH<TAB>colour<TAB>shape,
-             or PATH<TAB>none when no object is found; with --json one object per line
-             {"colour": …, "path": …, "shape": …} (null colour and shape when none is found).
-  grid       tiles same-size images row-major, --columns per row, with a 2-pixel white gutter, into one PNG.
-  draw       one drawing of the world; the box (pixels, y down) defaults to a centred one of side 32.
-"""
-
 func runToyWorld(_ arguments: [String]) throws {
     guard let subcommand = arguments.first else {
-        print(toyWorldUsage)
+        print(ToyWorldOptions.spec.help)
         throw PEAError.usage("toyworld: no subcommand given (corpus, classify, grid or draw)")
     }
     let rest = Array(arguments.dropFirst())
     if ["--help", "-h", "help"].contains(subcommand) || rest.contains("--help") || rest.contains("-h") {
-        print(toyWorldUsage)
+        print(ToyWorldOptions.spec.help)
         return
     }
     switch subcommand {
@@ -42,18 +20,46 @@ func runToyWorld(_ arguments: [String]) throws {
     }
 }
 
-/// The toy world subcommands' options and what each accepts (their help is `toyWorldUsage`).
+/// `pea toyworld`'s options, declared once for its parsers and its help; each subcommand takes its own subset.
 enum ToyWorldOptions {
-    static let output = CommandOption.value("--output", "PATH", help: nil)
-    static let perClass = CommandOption.value("--per-class", "N", default: "80", .range(1...1_000_000), help: nil)
-    static let seed = CommandOption.value("--seed", "S", default: "0", help: nil)
-    static let json = CommandOption.flag("--json", help: nil)
-    static let columns = CommandOption.value("--columns", "N", .range(1...10_000), help: nil)
-    static let colour = CommandOption.value("--colour", "C", .choices(ToyColour.allCases.map(\.rawValue)), help: nil)
-    static let shape = CommandOption.value("--shape", "S", .choices(ToyShape.allCases.map(\.rawValue)), help: nil)
-    static let x0 = CommandOption.value("--x0", "X", help: nil)
-    static let y0 = CommandOption.value("--y0", "Y", help: nil)
+    static let output = CommandOption.value("--output", "PATH", help: "(corpus, grid, draw) the folder or PNG to write")
+    static let perClass = CommandOption.value("--per-class", "N", default: "80", .range(1...1_000_000),
+                                              help: "(corpus) images per class")
+    static let seed = CommandOption.value("--seed", "S", default: "0", help: "(corpus) seed of the boxes and caption templates")
+    static let json = CommandOption.flag("--json", help: "(classify) one JSON object per line")
+    static let columns = CommandOption.value("--columns", "N", .range(1...10_000), help: "(grid) images per row")
+    static let colour = CommandOption.value("--colour", "C", .choices(ToyColour.allCases.map(\.rawValue)),
+                                            help: "(draw) " + ToyColour.allCases.map(\.rawValue).joined(separator: " | "))
+    static let shape = CommandOption.value("--shape", "S", .choices(ToyShape.allCases.map(\.rawValue)),
+                                           help: "(draw) " + ToyShape.allCases.map(\.rawValue).joined(separator: " | "))
+    static let x0 = CommandOption.value("--x0", "X", help: "(draw) the box's left and top edges and side, in pixels",
+                                        label: "--x0 X --y0 Y --side SIDE")
+    static let y0 = CommandOption.value("--y0", "Y", help: nil)   // in --x0's row
     static let side = CommandOption.value("--side", "SIDE", default: "32", help: nil)
+
+    static let spec = CommandSpec(
+        name: "toyworld",
+        usage: ["pea toyworld corpus --output DIR [--per-class N] [--seed S]",
+                "pea toyworld classify IMAGE.png [IMAGE.png …] [--json]",
+                "pea toyworld grid --columns N --output OUT.png IMAGE.png [IMAGE.png …]",
+                "pea toyworld draw --colour C --shape S --output OUT.png [--x0 X --y0 Y --side SIDE]"],
+        description: """
+            The toy world (tools/toyworld/world.py): 64×64 images of one coloured shape on white, 6 colours (red green blue
+            yellow purple orange) × 4 shapes (circle square triangle cross), English and Chinese captions. Red cross, green
+            triangle, blue circle and yellow square are held out of the Chinese training data.
+
+              corpus     a Chinese training corpus of the 20 other classes: DIR/images/NNNNN.png and DIR/train.jsonl, one
+                         {"image", "text" (Chinese), "text_en" (English)} line per image, what 'pea train --data' reads.
+                         --per-class N images per class (default 80), random boxes and caption templates from --seed S
+                         (default 0); the same seed writes the same bytes. Prints the manifest's path.
+              classify   names the colour and shape in each image (a fixed classifier: ink threshold, largest component,
+                         nearest palette colour, best-fitting ideal shape): one line per image, PATH<TAB>colour<TAB>shape,
+                         or PATH<TAB>none when no object is found; with --json one object per line
+                         {"colour": …, "path": …, "shape": …} (null colour and shape when none is found).
+              grid       tiles same-size images row-major, --columns per row, with a 2-pixel white gutter, into one PNG.
+              draw       one drawing of the world; the box (pixels, y down) defaults to a centred one of side 32.
+            """,
+        groups: [.init("Options", [output, perClass, seed, json, columns, colour, shape, x0, y0, side])])
 }
 
 private func runToyWorldCorpus(_ arguments: [String]) throws {

@@ -136,16 +136,12 @@ public struct ParsedOptions {
 
     /// The given value or the declared default; without either, the option is required.
     public func string(_ option: CommandOption) throws -> String {
-        guard let text = try optionalString(option) else { throw missing(option) }
-        return text
+        try required(option, optionalString(option))
     }
 
     /// The value as an integer within the declared range, or nil when neither given nor defaulted.
     public func optionalInt(_ option: CommandOption) throws -> Int? {
-        guard let text = try optionalString(option) else { return nil }
-        guard let value = Int(text) else {
-            throw PEAError.usage("\(command): option '\(option.name)' expects an integer, got '\(text)'")
-        }
+        guard let value = try converted(option, expecting: "an integer", Int.init) else { return nil }
         if case .range(let range) = option.check, !range.contains(value) {
             throw PEAError.usage("\(command): option '\(option.name)' must be in \(range.lowerBound)...\(range.upperBound), got \(value)")
         }
@@ -153,26 +149,30 @@ public struct ParsedOptions {
     }
 
     public func int(_ option: CommandOption) throws -> Int {
-        guard let value = try optionalInt(option) else { throw missing(option) }
-        return value
+        try required(option, optionalInt(option))
     }
 
     /// The value as a finite number, or nil when neither given nor defaulted.
     public func optionalDouble(_ option: CommandOption) throws -> Double? {
+        try converted(option, expecting: "a number") { Double($0).flatMap { $0.isFinite ? $0 : nil } }
+    }
+
+    public func double(_ option: CommandOption) throws -> Double {
+        try required(option, optionalDouble(option))
+    }
+
+    /// The value through `convert`; nil when there is no value, a usage error when `convert` refuses it.
+    private func converted<T>(_ option: CommandOption, expecting kind: String, _ convert: (String) -> T?) throws -> T? {
         guard let text = try optionalString(option) else { return nil }
-        guard let value = Double(text), value.isFinite else {
-            throw PEAError.usage("\(command): option '\(option.name)' expects a number, got '\(text)'")
+        guard let value = convert(text) else {
+            throw PEAError.usage("\(command): option '\(option.name)' expects \(kind), got '\(text)'")
         }
         return value
     }
 
-    public func double(_ option: CommandOption) throws -> Double {
-        guard let value = try optionalDouble(option) else { throw missing(option) }
+    private func required<T>(_ option: CommandOption, _ value: T?) throws -> T {
+        guard let value else { throw PEAError.usage("\(command): option '\(option.name)' is required") }
         return value
-    }
-
-    private func missing(_ option: CommandOption) -> PEAError {
-        .usage("\(command): option '\(option.name)' is required")
     }
 }
 
