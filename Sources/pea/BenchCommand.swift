@@ -10,18 +10,36 @@ let benchUsage = """
 Usage: pea bench <subcommand> [options]
 
 Subcommands:
-  gemm   time the CPU GEMM (ck_sgemm) on random data
-           --m M --n N --k K     the product: C[M,N] = op(A)[M,K] · op(B)[K,N]
-           [--transa] [--transb] A is stored K×M / B is stored N×K
-           [--threads T]         threads (default: every online CPU)
-           [--repeats R]         timed runs after one warm-up (default: enough for ~1 s, at least 3)
-           [--kernel avx512|avx2|portable]   force a kernel (default: the best the CPU supports)
-           [--json]              print one JSON object instead of the text line
+  gemm   time the CPU GEMM (ck_sgemm) on random data (see 'pea bench gemm --help')
   unet   time full UNet evaluations of a config's architecture with random weights (see 'pea bench unet --help')
   kernels  time single ops (norms, attention, conv, GEMM, elementwise) at SD1.5 shapes (see 'pea bench kernels --help')
   train-step  time one PEA distillation step (teacher, student, losses, backward, AdamW) at a config's size
            (see 'pea bench train-step --help')
 """
+
+/// `pea bench gemm`'s options, declared once for its parser and its help.
+enum BenchGEMMOptions {
+    static let limit = 1 << 20
+    static let m = CommandOption.value("--m", "M", .range(1...limit), help: "the product: C[M,N] = op(A)[M,K] · op(B)[K,N]",
+                                       label: "--m M --n N --k K")
+    static let n = CommandOption.value("--n", "N", .range(1...limit), help: nil)   // in --m's row
+    static let k = CommandOption.value("--k", "K", .range(1...limit), help: nil)
+    static let transA = CommandOption.flag("--transa", help: "A is stored K×M / B is stored N×K", label: "--transa, --transb")
+    static let transB = CommandOption.flag("--transb", help: nil)
+    static let threads = CommandOption.value("--threads", "T", .range(0...1024), help: "threads (default: every online CPU)")
+    static let repeats = CommandOption.value(
+        "--repeats", "R", .range(1...100_000), help: "timed runs after one warm-up (default: enough for ~1 s, at least 3)")
+    static let kernel = CommandOption.value(
+        "--kernel", "avx512|avx2|portable", .choices(["avx512", "avx2", "portable"]),
+        help: "force a kernel (default: the best the CPU supports)")
+    static let json = CommandOption.flag("--json", help: "print one JSON object instead of the text line")
+
+    static let spec = CommandSpec(
+        name: "bench gemm",
+        usage: ["pea bench gemm --m M --n N --k K [--transa] [--transb] [--threads T] [--repeats R] [--kernel K] [--json]"],
+        description: "Times the CPU GEMM (ck_sgemm) on random data.",
+        groups: [.init("Options", [m, n, k, transA, transB, threads, repeats, kernel, json])])
+}
 
 func runBench(_ arguments: [String]) throws {
     guard let subcommand = arguments.first else {
@@ -37,10 +55,7 @@ func runBench(_ arguments: [String]) throws {
     case "kernels": try runBenchKernels(rest)
     case "train-step": try runBenchTrainStep(rest)
     case "gemm":
-        if rest.contains("--help") || rest.contains("-h") {
-            print(benchUsage)
-            return
-        }
+        if CommandSpec.asksForHelp(rest) { print(BenchGEMMOptions.spec.help); return }
         try runGEMMBench(rest)
     default:
         throw PEAError.usage("bench: unknown subcommand '\(subcommand)' (one of: gemm, unet, kernels, train-step)")
@@ -57,27 +72,16 @@ private func fillRandom(_ p: UnsafeMutablePointer<Float>, count: Int, seed: UInt
 }
 
 private func runGEMMBench(_ arguments: [String]) throws {
-    let options = try Arguments(arguments, command: "bench gemm", spec: [
-        "--m": .value, "--n": .value, "--k": .value, "--threads": .value, "--repeats": .value,
-        "--transa": .flag, "--transb": .flag, "--kernel": .value, "--json": .flag,
-    ])
-    let limit = 1 << 20
-    guard options.has("--m"), options.has("--n"), options.has("--k") else {
-        throw PEAError.usage("bench gemm: --m, --n and --k are required (see 'pea bench --help')")
+    typealias O = BenchGEMMOptions
+    let options = try O.spec.parse(arguments)
+    guard options.has(O.m), options.has(O.n), options.has(O.k) else {
+        throw PEAError.usage("bench gemm: --m, --n and --k are required (see 'pea bench gemm --help')")
     }
-    let m = try options.int("--m", default: 1, range: 1...limit)
-    let n = try options.int("--n", default: 1, range: 1...limit)
-    let k = try options.int("--k", default: 1, range: 1...limit)
-    let threads = try options.int("--threads", default: 0, range: 0...1024)
-    let fixedRepeats = try options.int("--repeats")
-    if let fixedRepeats, !(1...100_000).contains(fixedRepeats) {
-        throw PEAError.usage("bench gemm: option '--repeats' must be in 1...100000, got \(fixedRepeats)")
-    }
-    let transA = options.has("--transa"), transB = options.has("--transb")
-    if let kernel = options.string("--kernel") {
-        guard ["avx512", "avx2", "portable"].contains(kernel) else {
-            throw PEAError.usage("bench gemm: unknown kernel '\(kernel)' (one of: avx512, avx2, portable)")
-        }
+    let m = try options.int(O.m), n = try options.int(O.n), k = try options.int(O.k)
+    let threads = try options.optionalInt(O.threads) ?? 0
+    let fixedRepeats = try options.optionalInt(O.repeats)
+    let transA = options.has(O.transA), transB = options.has(O.transB)
+    if let kernel = try options.optionalString(O.kernel) {
         guard ck_gemm_set_kernel(kernel) == CK_OK else {
             throw PEAError.unsupported("bench gemm: kernel '\(kernel)' is not supported by this CPU")
         }
@@ -122,11 +126,13 @@ private func runGEMMBench(_ arguments: [String]) throws {
     let usedThreads = Int(ck_get_num_threads())
 
     func fixed(_ x: Double, _ digits: Int) -> String { printfFormatted("%.\(digits)f", x) }
-    if options.has("--json") {
-        print("{\"m\": \(m), \"n\": \(n), \"k\": \(k), \"transa\": \(transA), \"transb\": \(transB), "
-            + "\"threads\": \(usedThreads), \"kernel\": \"\(kernel)\", \"repeats\": \(times.count), "
-            + "\"best_ms\": \(fixed(best * 1e3, 4)), \"median_ms\": \(fixed(median * 1e3, 4)), "
-            + "\"gflops\": \(fixed(gflops, 2))}")
+    if options.has(O.json) {
+        let object: [String: JSONValue] = [
+            "m": .number(Double(m)), "n": .number(Double(n)), "k": .number(Double(k)), "transa": .bool(transA),
+            "transb": .bool(transB), "threads": .number(Double(usedThreads)), "kernel": .string(kernel),
+            "repeats": .number(Double(times.count)), "best_ms": .number(rounded(best * 1e3, 4)),
+            "median_ms": .number(rounded(median * 1e3, 4)), "gflops": .number(rounded(gflops, 2))]
+        print(JSONValue.object(object).serialized())
     } else {
         let shape = "\(m)x\(n)x\(k)" + (transA ? " transA" : "") + (transB ? " transB" : "")
         print("gemm \(shape)  kernel \(kernel)  threads \(usedThreads)  best \(fixed(best * 1e3, 3)) ms  "

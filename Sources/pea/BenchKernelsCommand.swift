@@ -5,33 +5,47 @@ import Darwin
 #endif
 import PEADiffusion
 
-let benchKernelsUsage = """
-Usage: pea bench kernels [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--repeats R] [--launches N]
-                         [--gate-us G] [--scale full|small] [--only NAME[,NAME…]] [--json] [--threads T]
+/// `pea bench kernels`'s options, declared once for its parser and its help.
+enum BenchKernelsOptions {
+    static let repeats = CommandOption.value(
+        "--repeats", "R", .range(1...100_000), help: "timed samples per op (default 20 on CUDA, 3 on the CPU)")
+    static let launches = CommandOption.value(
+        "--launches", "N", .range(1...100_000), help: "runs per sample (default 10 on CUDA, 1 on the CPU)")
+    static let gate = CommandOption.value(
+        "--gate-us", "G", .range(0...10_000_000), help: "(CUDA) the spin gate before each sample, in µs (default 20·N + 200)")
+    static let scale = CommandOption.value("--scale", "full|small", default: "full", .choices(["full", "small"]),
+                                           help: "the shapes: SD1.5's, or 8-16× smaller")
+    static let only = CommandOption.value("--only", "NAME[,NAME…]", help: "only the ops whose names contain one of these")
+    static let json = CommandOption.flag("--json", help: "print a JSON list instead of the table")
 
-Times single backend ops on random data: at SD1.5 UNet shapes (64×64 latents, batch 2) group norm + SiLU,
-layer norm, attention (self and cross), 3×3 conv2d and the bare batched GEMM of its im2col form (conv3x3_320_gemm:
-M = Cout, N = H·W, K = Cin·9, the weight shared by the batch), linear and a square GEMM, add, SiLU, GEGLU; and
-at SD1.5 VAE-decoder shapes (512×512 images, batch 1: group norm + SiLU on [1,128,512,512] and [1,512,128,128],
-add and SiLU on [1,128,512,512]) whose tensors exceed a 50 MB L2 cache, so GB/s there is DRAM bandwidth. Each
-op runs once as a warm-up, then R timed samples (default 20 on CUDA, 3 on the CPU) of N runs each (--launches,
-default 10 on CUDA, 1 on the CPU); a sample's time is divided by N.
-  On CUDA a sample is timed on the device: a spin kernel holds the stream for G µs (--gate-us, default
-  20·N + 200), while it spins the host queues a CUDA event, the N runs and a second event, and the sample is
-  the GPU time between the two events. The runs thus execute back to back on the GPU, not paced by the host's
-  launch rate (which would dominate a 5 µs kernel); inputs stay resident across runs, so tensors smaller than
-  the L2 cache are read from it.
-  On the CPU a sample is the host clock around the N runs, between two synchronize() calls.
-Reports the best and median time and, from the best, the achieved TFLOP/s (GEMM, conv, attention:
-4·B·H·Tq·Tk·D) or GB/s (the others: the minimal bytes read + written, each input once, the output once).
---scale small shrinks every shape 8-16× (a smoke test that finishes in seconds on the emulated CUDA library).
---only keeps the ops whose names contain one of the comma-separated strings. --json prints a JSON list of
-objects {name, op, shape, dtype, backend, timing, best_ms, median_ms, gbps | tflops, repeats, params}; timing
-is "device" or "host"; params holds the dimensions (benchmarks/kernels_vs_torch.py builds the torch side from
-them).
-
-\(BackendOptions.help)
-"""
+    static let spec = CommandSpec(
+        name: "bench kernels",
+        usage: ["pea bench kernels [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--repeats R] [--launches N]",
+                "                  [--gate-us G] [--scale full|small] [--only NAME[,NAME…]] [--json] [--threads T]"],
+        description: """
+            Times single backend ops on random data: at SD1.5 UNet shapes (64×64 latents, batch 2) group norm + SiLU,
+            layer norm, attention (self and cross), 3×3 conv2d and the bare batched GEMM of its im2col form (conv3x3_320_gemm:
+            M = Cout, N = H·W, K = Cin·9, the weight shared by the batch), linear and a square GEMM, add, SiLU, GEGLU; and
+            at SD1.5 VAE-decoder shapes (512×512 images, batch 1: group norm + SiLU on [1,128,512,512] and [1,512,128,128],
+            add and SiLU on [1,128,512,512]) whose tensors exceed a 50 MB L2 cache, so GB/s there is DRAM bandwidth. Each
+            op runs once as a warm-up, then R timed samples (default 20 on CUDA, 3 on the CPU) of N runs each (--launches,
+            default 10 on CUDA, 1 on the CPU); a sample's time is divided by N.
+              On CUDA a sample is timed on the device: a spin kernel holds the stream for G µs (--gate-us, default
+              20·N + 200), while it spins the host queues a CUDA event, the N runs and a second event, and the sample is
+              the GPU time between the two events. The runs thus execute back to back on the GPU, not paced by the host's
+              launch rate (which would dominate a 5 µs kernel); inputs stay resident across runs, so tensors smaller than
+              the L2 cache are read from it.
+              On the CPU a sample is the host clock around the N runs, between two synchronize() calls.
+            Reports the best and median time and, from the best, the achieved TFLOP/s (GEMM, conv, attention:
+            4·B·H·Tq·Tk·D) or GB/s (the others: the minimal bytes read + written, each input once, the output once).
+            --scale small shrinks every shape 8-16× (a smoke test that finishes in seconds on the emulated CUDA library).
+            --only keeps the ops whose names contain one of the comma-separated strings. --json prints a JSON list of
+            objects {name, op, shape, dtype, backend, timing, best_ms, median_ms, gbps | tflops, repeats, params}; timing
+            is "device" or "host"; params holds the dimensions (benchmarks/kernels_vs_torch.py builds the torch side from
+            them).
+            """,
+        groups: [.init("Options", [repeats, launches, gate, scale, only, json] + BackendOptions.all)])
+}
 
 /// One op to time: how to build its inputs and run it once, and its work (FLOPs or minimal bytes).
 private struct KernelCase {
@@ -206,23 +220,18 @@ private func kernelCases(small: Bool) -> [KernelCase] {
 }
 
 func runBenchKernels(_ arguments: [String]) throws {
-    if arguments.contains("--help") || arguments.contains("-h") { print(benchKernelsUsage); return }
-    var spec = BackendOptions.spec
-    for key in ["--repeats", "--launches", "--gate-us", "--scale", "--only"] { spec[key] = .value }
-    spec["--json"] = .flag
-    let options = try Arguments(arguments, command: "bench kernels", spec: spec)
-    let scale = options.string("--scale") ?? "full"
-    guard scale == "full" || scale == "small" else {
-        throw PEAError.usage("bench kernels: --scale must be full or small, got '\(scale)'")
-    }
-    let settings = try BackendOptions(options, command: "bench kernels")
-    let backend = settings.backend, dtype = settings.precision
-    let repeats = try options.int("--repeats", default: backend.name == "cpu" ? 3 : 20, range: 1...100_000)
-    let launches = try options.int("--launches", default: backend.name == "cpu" ? 1 : 10, range: 1...100_000)
-    let gateMicroseconds = try options.int("--gate-us", default: 20 * launches + 200, range: 0...10_000_000)
+    typealias O = BenchKernelsOptions
+    if CommandSpec.asksForHelp(arguments) { print(O.spec.help); return }
+    let options = try O.spec.parse(arguments)
+    let scale = try options.string(O.scale)
+    let selection = try BackendOptions.select(options)
+    let backend = selection.backend, dtype = selection.dtype
+    let repeats = try options.optionalInt(O.repeats) ?? (backend.name == "cpu" ? 3 : 20)
+    let launches = try options.optionalInt(O.launches) ?? (backend.name == "cpu" ? 1 : 10)
+    let gateMicroseconds = try options.optionalInt(O.gate) ?? 20 * launches + 200
     let deviceTimer = backend as? CUDABackend
     var cases = kernelCases(small: scale == "small")
-    if let only = options.string("--only") {
+    if let only = try options.optionalString(O.only) {
         let wanted = only.split(separator: ",").map(String.init)
         cases = cases.filter { c in wanted.contains { c.name.contains($0) } }
         guard !cases.isEmpty else {
@@ -230,7 +239,7 @@ func runBenchKernels(_ arguments: [String]) throws {
                 + kernelCases(small: false).map(\.name).joined(separator: ", ") + ")")
         }
     }
-    let json = options.has("--json")
+    let json = options.has(O.json)
     var device = backend.name
     if let cuda = backend as? CUDABackend { device = "cuda \(cuda.deviceName)" }
     if !json {
@@ -270,14 +279,17 @@ func runBenchKernels(_ arguments: [String]) throws {
         if !json { printKernelRow(result) }
     }
     if json {
+        // One object a line inside the list, as benchmarks/kernels_vs_torch.py reads it.
         print("[")
         for (i, r) in results.enumerated() {
-            let rate = r.gbps.map { "\"gbps\": \(decimal($0, 3))" } ?? "\"tflops\": \(decimal(r.tflops ?? 0, 4))"
-            let params = r.kernel.params.map { "\"\($0.0)\": \($0.1)" }.joined(separator: ", ")
-            print("  {\"name\": \"\(r.kernel.name)\", \"op\": \"\(r.kernel.op)\", \"shape\": \"\(r.kernel.shape)\", "
-                + "\"dtype\": \"\(dtype)\", \"backend\": \"\(jsonEscaped(device))\", \"timing\": \"\(deviceTimer != nil ? "device" : "host")\", \"best_ms\": \(decimal(r.bestMs, 4)), "
-                + "\"median_ms\": \(decimal(r.medianMs, 4)), \(rate), \"repeats\": \(r.repeats), \"params\": {\(params)}}"
-                + (i + 1 < results.count ? "," : ""))
+            var object: [String: JSONValue] = [
+                "name": .string(r.kernel.name), "op": .string(r.kernel.op), "shape": .string(r.kernel.shape),
+                "dtype": .string("\(dtype)"), "backend": .string(device), "timing": .string(deviceTimer != nil ? "device" : "host"),
+                "best_ms": .number(rounded(r.bestMs, 4)), "median_ms": .number(rounded(r.medianMs, 4)),
+                "repeats": .number(Double(r.repeats)),
+                "params": .object(Dictionary(uniqueKeysWithValues: r.kernel.params.map { ($0.0, JSONValue.number(Double($0.1))) }))]
+            if let gbps = r.gbps { object["gbps"] = .number(rounded(gbps, 3)) } else { object["tflops"] = .number(rounded(r.tflops ?? 0, 4)) }
+            print("  " + JSONValue.object(object).serialized() + (i + 1 < results.count ? "," : ""))
         }
         print("]")
     }
@@ -295,15 +307,3 @@ private func printKernelRow(_ r: KernelResult) {
 
 /// `x` with `digits` decimals (printf %.Nf; Swift's description would print exponents).
 private func decimal(_ x: Double, _ digits: Int) -> String { printfFormatted("%.\(digits)f", x) }
-
-private func jsonEscaped(_ s: String) -> String {
-    var out = ""
-    for ch in s.unicodeScalars {
-        switch ch {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        default: out.unicodeScalars.append(ch.value < 0x20 ? " " : ch)
-        }
-    }
-    return out
-}

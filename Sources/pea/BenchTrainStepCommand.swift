@@ -1,50 +1,48 @@
 import PEADiffusion
 
-let benchTrainStepUsage = """
-Usage: pea bench train-step --config FILE [--latent HxW] [--batch B] [--context-length T]
-                            [--adapter IN,HIDDEN,…,OUT] [--repeats R] [--json] [--profile]
-                            [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--threads T]
-
-Times one step of PEA distillation at the size of a UNet config (random weights; speed does not depend on the
-values): the teacher UNet forward with its block features (no gradient), the adapter on the student's states and
-on the empty prompt's (one sample in ten switched to it, as --uncond-prob 0.1), the student UNet forward and
-backward through the frozen UNet into the adapter, the three losses, and the AdamW update. Inputs are random:
-latent [B,4,H,W], student states [B,T,IN], teacher states [B,T,cross_attention_dim]. The adapter defaults to
-the official training shape 1024,2048,2048,<cross_attention_dim>. One warm-up step, then R timed (default 3).
---json prints one object: config, latent_h, latent_w, batch, precision, best_ms, median_ms, optimizer_median_ms
-(the median time from the gradients being ready to the new weights: the clipping norm and AdamW, on the
-backend that holds the adapter), peak_rss_mb (and peak_device_mb on CUDA), adapter_parameters. The UNet runs
-in --precision; the adapter, its gradients and AdamW in fp32. --profile (CUDA backend) runs one more step with
-each op call bracketed by GPU events and prints the GPU time per op and the GPU's idle time waiting for the
-host (with --json: the keys profile, a list of {op, calls, ms}, profile_span_ms and profile_device_allocations).
-"""
+/// `pea bench train-step`'s options (its own, and the sizes it shares with `bench unet`).
+enum BenchTrainStepOptions {
+    typealias B = BenchModelOptions
+    static let adapter = CommandOption.value(
+        "--adapter", "IN,HIDDEN,…,OUT", help: "the adapter's widths (default 1024,2048,2048,<cross_attention_dim>)")
+    static let spec = CommandSpec(
+        name: "bench train-step",
+        usage: ["pea bench train-step --config FILE [--latent HxW] [--batch B] [--context-length T]",
+                "                     [--adapter IN,HIDDEN,…,OUT] [--repeats R] [--json] [--profile]",
+                "                     [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--threads T]"],
+        description: """
+            Times one step of PEA distillation at the size of a UNet config (random weights; speed does not depend on the
+            values): the teacher UNet forward with its block features (no gradient), the adapter on the student's states and
+            on the empty prompt's (one sample in ten switched to it, as --uncond-prob 0.1), the student UNet forward and
+            backward through the frozen UNet into the adapter, the three losses, and the AdamW update. Inputs are random:
+            latent [B,4,H,W], student states [B,T,IN], teacher states [B,T,cross_attention_dim]. The adapter defaults to
+            the official training shape 1024,2048,2048,<cross_attention_dim>. One warm-up step, then R timed (default 3).
+            --json prints one object: config, latent_h, latent_w, batch, precision, best_ms, median_ms, optimizer_median_ms
+            (the median time from the gradients being ready to the new weights: the clipping norm and AdamW, on the
+            backend that holds the adapter), peak_rss_mb (and peak_device_mb on CUDA), adapter_parameters. The UNet runs
+            in --precision; the adapter, its gradients and AdamW in fp32. --profile (CUDA backend) runs one more step with
+            each op call bracketed by GPU events and prints the GPU time per op and the GPU's idle time waiting for the
+            host (with --json: the keys profile, a list of {op, calls, ms}, profile_span_ms and profile_device_allocations).
+            """,
+        groups: [.init("Options", [B.config, B.latent, B.batch, B.contextLength, adapter, B.repeats, B.json, profileOption]
+                                  + BackendOptions.all)])
+}
 
 func runBenchTrainStep(_ arguments: [String]) throws {
-    if arguments.contains("--help") || arguments.contains("-h") { print(benchTrainStepUsage); return }
-    var spec = BackendOptions.spec
-    for key in ["--config", "--latent", "--batch", "--context-length", "--repeats", "--adapter"] { spec[key] = .value }
-    spec["--json"] = .flag
-    spec["--profile"] = .flag
+    typealias B = BenchModelOptions
+    if CommandSpec.asksForHelp(arguments) { print(BenchTrainStepOptions.spec.help); return }
     let command = "bench train-step"
-    let options = try Arguments(arguments, command: command, spec: spec)
-    let configPath = try options.requiredString("--config")
-    let latent = (options.string("--latent") ?? "64x64").split(separator: "x").compactMap { Int($0) }
-    guard latent.count == 2, latent.allSatisfy({ $0 > 0 }) else {
-        throw PEAError.usage("\(command): --latent must be HxW, e.g. 64x64")
-    }
-    let batch = try options.int("--batch", default: 1, range: 1...1024)
-    let contextLength = try options.int("--context-length", default: 77, range: 1...4096)
-    let repeats = try options.int("--repeats", default: 3, range: 1...1000)
-    let backendOptions = try BackendOptions(options, command: command)
-    let backend = backendOptions.backend, dtype = backendOptions.precision
-    let profiler = options.has("--profile") ? try profilingBackend(backend, command: command) : nil
+    let options = try BenchTrainStepOptions.spec.parse(arguments)
+    let settings = try BenchModelSettings(options)
+    let configPath = settings.configPath, latent = settings.latent, batch = settings.batch, repeats = settings.repeats
+    let backend = settings.backend, dtype = settings.dtype, contextLength = settings.contextLength
 
     let config = try UNetConfig(ConfigFile(path: configPath))
     guard config.textTime == nil else {
         throw PEAError.usage("\(command): \(configPath) is an SDXL UNet; the training step is benchmarked for SD1.x/SD2.x configs")
     }
     let cross = config.crossAttentionDim[0]
-    let widths = try (options.string("--adapter") ?? "1024,2048,2048,\(cross)").split(separator: ",").map { part -> Int in
+    let widths = try (try options.optionalString(BenchTrainStepOptions.adapter) ?? "1024,2048,2048,\(cross)").split(separator: ",").map { part -> Int in
         guard let width = Int(part), width > 0 else { throw PEAError.usage("\(command): --adapter must be positive widths like 1024,2048,2048,768") }
         return width
     }
@@ -56,7 +54,7 @@ func runBenchTrainStep(_ arguments: [String]) throws {
                                            weightDecay: 0.1, backend: backend)
     var random = SplitMix64(seed: 7)
     func randomTensor(_ shape: [Int]) throws -> Tensor { try backend.upload(random.normals(shape.reduce(1, *)), shape: shape) }
-    let latentShape = [batch, config.inChannels, latent[0], latent[1]]
+    let latentShape = [batch, config.inChannels, latent.height, latent.width]
     let step = KnowledgeDistillation(unet: unet)
     let inputs = DistillationBatch(
         noisyLatents: try randomTensor(latentShape), target: try randomTensor(latentShape),
@@ -84,26 +82,26 @@ func runBenchTrainStep(_ arguments: [String]) throws {
     times.sort()
     optimizerTimes.sort()
     let best = times[0], median = times[times.count / 2], optimizer = optimizerTimes[optimizerTimes.count / 2]
-    let profile = try profiler?.profiled {
+    let profile = try settings.profiler?.profiled {
         let gradients = try step.step(adapter: training.adapter, batch: inputs).gradients
         _ = try training.apply(gradients, lr: 1e-5, maxNorm: nil)
         try backend.synchronize()
     }.profile
-    var fields = ["\"config\": \"\(configPath)\"", "\"latent_h\": \(latent[0])", "\"latent_w\": \(latent[1])", "\"batch\": \(batch)",
-                  "\"precision\": \"\(dtype)\"", "\"best_ms\": \(best)", "\"median_ms\": \(median)",
-                  "\"optimizer_median_ms\": \(optimizer)",
-                  "\"peak_rss_mb\": \(peakResidentMegabytes())"]
+    var fields: [String: JSONValue] = [
+        "config": .string(configPath), "latent_h": .number(Double(latent.height)), "latent_w": .number(Double(latent.width)),
+        "batch": .number(Double(batch)), "precision": .string("\(dtype)"), "best_ms": .number(best), "median_ms": .number(median),
+        "optimizer_median_ms": .number(optimizer), "peak_rss_mb": .number(peakResidentMegabytes()),
+        "adapter_parameters": .number(Double(training.adapter.parameterCount))]
     if let cuda = backend as? CUDABackend, let stats = try? cuda.memoryStats() {
-        fields.append("\"peak_device_mb\": \(Double(stats.peakBytes) / 1_048_576)")
+        fields["peak_device_mb"] = .number(Double(stats.peakBytes) / 1_048_576)
     }
-    fields.append("\"adapter_parameters\": \(training.adapter.parameterCount)")
-    if let profile { fields += profileJSONFields(profile) }
-    if options.has("--json") {
-        print("{" + fields.joined(separator: ", ") + "}")
+    if let profile { fields.merge(profileJSONFields(profile)) { $1 } }
+    if options.has(B.json) {
+        print(JSONValue.object(fields).serialized())
     } else {
-        print("train-step \(configPath)  latent \(latent[0])x\(latent[1])  batch \(batch)  \(backend.name) \(dtype)  "
+        print("train-step \(configPath)  latent \(latent.height)x\(latent.width)  batch \(batch)  \(backend.name) \(dtype)  "
             + "best \(formatted(best)) ms  median \(formatted(median)) ms  (optimizer \(formatted(optimizer)) ms)  "
             + "peak RSS \(formatted(peakResidentMegabytes())) MB")
-        if let profile { print(profileTable(profile, of: "one training step (\(dtype), batch \(batch), \(latent[0])x\(latent[1]))")) }
+        if let profile { print(profileTable(profile, of: "one training step (\(dtype), batch \(batch), \(latent.height)x\(latent.width))")) }
     }
 }

@@ -6,38 +6,73 @@ import Darwin
 import CKernels
 import PEADiffusion
 
-let benchUNetUsage = """
-Usage: pea bench unet --config FILE [--latent HxW] [--batch B] [--context-length T] [--repeats R] [--json]
-                      [--profile] [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--threads T]
+/// The options `pea bench unet` and `pea bench train-step` share: the UNet config, the input sizes, the runs.
+enum BenchModelOptions {
+    static let config = CommandOption.value("--config", "FILE", help: "a diffusers UNet config.json")
+    static let latent = CommandOption.value("--latent", "HxW", default: "64x64", help: "latent height×width")
+    static let batch = CommandOption.value("--batch", "B", default: "1", .range(1...1024), help: "samples per evaluation")
+    static let contextLength = CommandOption.value(
+        "--context-length", "T", default: "77", .range(1...4096), help: "tokens of the cross-attention states")
+    static let repeats = CommandOption.value("--repeats", "R", default: "3", .range(1...1000), help: "timed runs after one warm-up")
+    static let json = CommandOption.flag("--json", help: "print one JSON object (the keys above) instead of the text line")
 
-Builds the UNet a diffusers config.json describes, with random weights (speed does not depend on the values),
-and times full evaluations on random inputs: one warm-up, then R timed runs (default 3). Prints the best and
-median time and the process's peak resident memory (weights included); --json prints one JSON object with
-the keys config, latent_h, latent_w, batch, threads, precision, best_ms, median_ms, peak_rss_mb, parameters
-(and peak_device_mb on the CUDA backend). Weights and inputs are stored in the --precision dtype.
---profile (CUDA backend) runs one more evaluation with each op call bracketed by GPU events and prints the
-GPU time per op (calls, total, share, mean) and the GPU's idle time waiting for the host; with --json, the
-keys profile (a list of {op, calls, ms}), profile_span_ms and profile_device_allocations.
-"""
+}
+
+/// What `bench unet` and `bench train-step` read alike, all before any work.
+struct BenchModelSettings {
+    let configPath: String
+    let latent: (height: Int, width: Int)
+    let batch, contextLength, repeats: Int
+    let backend: any ComputeBackend
+    let dtype: DType
+    /// The backend again, with --profile.
+    let profiler: CUDABackend?
+
+    init(_ options: ParsedOptions) throws {
+        typealias B = BenchModelOptions
+        configPath = try options.string(B.config)
+        let sizes = try options.string(B.latent).split(separator: "x").compactMap { Int($0) }
+        guard sizes.count == 2, sizes.allSatisfy({ $0 > 0 }) else {
+            throw PEAError.usage("\(options.command): --latent must be HxW, e.g. 64x64")
+        }
+        latent = (sizes[0], sizes[1])
+        batch = try options.int(B.batch)
+        contextLength = try options.int(B.contextLength)
+        repeats = try options.int(B.repeats)
+        let selection = try BackendOptions.select(options)
+        backend = selection.backend
+        dtype = selection.dtype
+        profiler = options.has(profileOption) ? try profilingBackend(backend, command: options.command) : nil
+    }
+}
+
+enum BenchUNetOptions {
+    typealias B = BenchModelOptions
+    static let spec = CommandSpec(
+        name: "bench unet",
+        usage: ["pea bench unet --config FILE [--latent HxW] [--batch B] [--context-length T] [--repeats R] [--json]",
+                "               [--profile] [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--threads T]"],
+        description: """
+            Builds the UNet a diffusers config.json describes, with random weights (speed does not depend on the values),
+            and times full evaluations on random inputs: one warm-up, then R timed runs (default 3). Prints the best and
+            median time and the process's peak resident memory (weights included); --json prints one JSON object with
+            the keys config, latent_h, latent_w, batch, threads, precision, best_ms, median_ms, peak_rss_mb, parameters
+            (and peak_device_mb on the CUDA backend). Weights and inputs are stored in the --precision dtype.
+            --profile (CUDA backend) runs one more evaluation with each op call bracketed by GPU events and prints the
+            GPU time per op (calls, total, share, mean) and the GPU's idle time waiting for the host; with --json, the
+            keys profile (a list of {op, calls, ms}), profile_span_ms and profile_device_allocations.
+            """,
+        groups: [.init("Options", [B.config, B.latent, B.batch, B.contextLength, B.repeats, B.json, profileOption]
+                                  + BackendOptions.all)])
+}
 
 func runBenchUNet(_ arguments: [String]) throws {
-    if arguments.contains("--help") || arguments.contains("-h") { print(benchUNetUsage); return }
-    var spec = BackendOptions.spec
-    for key in ["--config", "--latent", "--batch", "--context-length", "--repeats"] { spec[key] = .value }
-    spec["--json"] = .flag
-    spec["--profile"] = .flag
-    let options = try Arguments(arguments, command: "bench unet", spec: spec)
-    let configPath = try options.requiredString("--config")
-    let latent = (options.string("--latent") ?? "64x64").split(separator: "x").compactMap { Int($0) }
-    guard latent.count == 2, latent.allSatisfy({ $0 > 0 }) else {
-        throw PEAError.usage("bench unet: --latent must be HxW, e.g. 64x64")
-    }
-    let batch = try options.int("--batch", default: 1, range: 1...1024)
-    let contextLength = try options.int("--context-length", default: 77, range: 1...4096)
-    let repeats = try options.int("--repeats", default: 3, range: 1...1000)
-    let backendOptions = try BackendOptions(options, command: "bench unet")
-    let backend = backendOptions.backend, dtype = backendOptions.precision
-    let profiler = options.has("--profile") ? try profilingBackend(backend, command: "bench unet") : nil
+    typealias B = BenchModelOptions
+    if CommandSpec.asksForHelp(arguments) { print(BenchUNetOptions.spec.help); return }
+    let options = try BenchUNetOptions.spec.parse(arguments)
+    let settings = try BenchModelSettings(options)
+    let configPath = settings.configPath, latent = settings.latent, batch = settings.batch, repeats = settings.repeats
+    let backend = settings.backend, dtype = settings.dtype
 
     let config = try UNetConfig(ConfigFile(path: configPath))
     let weights = RandomWeights(backend: backend, seed: 1, dtype: dtype)
@@ -48,9 +83,9 @@ func runBenchUNet(_ arguments: [String]) throws {
         return dtype == .f32 ? x : try backend.cast(x, to: dtype)
     }
     var inputs = UNetInputs(
-        sample: try randomTensor([batch, config.inChannels, latent[0], latent[1]]),
+        sample: try randomTensor([batch, config.inChannels, latent.height, latent.width]),
         timestep: try backend.upload(HostTensor(ids: Array(repeating: 500, count: batch), shape: [batch])),
-        encoderHiddenStates: try randomTensor([batch, contextLength, config.crossAttentionDim[0]]))
+        encoderHiddenStates: try randomTensor([batch, settings.contextLength, config.crossAttentionDim[0]]))
     if let textTime = config.textTime {
         inputs.textEmbeds = try randomTensor([batch, textTime.projectionInputDim - 6 * textTime.timeEmbedDim])
         inputs.timeIds = try randomTensor([batch, 6])
@@ -65,24 +100,25 @@ func runBenchUNet(_ arguments: [String]) throws {
     }
     times.sort()
     let best = times[0], median = times[times.count / 2]
-    let profile = try profiler?.profiled { _ = try backend.download(unet(inputs)) }.profile
+    let profile = try settings.profiler?.profiled { _ = try backend.download(unet(inputs)) }.profile
     let peak = peakResidentMegabytes()
     let threads = Int(ck_get_num_threads())
     var peakDevice: Double?
     if let cuda = backend as? CUDABackend, let stats = try? cuda.memoryStats() { peakDevice = Double(stats.peakBytes) / 1_048_576 }
-    if options.has("--json") {
-        var fields = ["\"config\": \"\(configPath)\"", "\"latent_h\": \(latent[0])", "\"latent_w\": \(latent[1])",
-                      "\"batch\": \(batch)", "\"threads\": \(threads)", "\"precision\": \"\(dtype)\"",
-                      "\"best_ms\": \(best)", "\"median_ms\": \(median)", "\"peak_rss_mb\": \(peak)"]
-        if let peakDevice { fields.append("\"peak_device_mb\": \(peakDevice)") }
-        fields.append("\"parameters\": \(weights.parameterCount)")
-        if let profile { fields += profileJSONFields(profile) }
-        print("{" + fields.joined(separator: ", ") + "}")
+    if options.has(B.json) {
+        var fields: [String: JSONValue] = [
+            "config": .string(configPath), "latent_h": .number(Double(latent.height)), "latent_w": .number(Double(latent.width)),
+            "batch": .number(Double(batch)), "threads": .number(Double(threads)), "precision": .string("\(dtype)"),
+            "best_ms": .number(best), "median_ms": .number(median), "peak_rss_mb": .number(peak),
+            "parameters": .number(Double(weights.parameterCount))]
+        if let peakDevice { fields["peak_device_mb"] = .number(peakDevice) }
+        if let profile { fields.merge(profileJSONFields(profile)) { $1 } }
+        print(JSONValue.object(fields).serialized())
     } else {
-        print("unet \(configPath)  latent \(latent[0])x\(latent[1])  batch \(batch)  \(backend.name) \(threads) threads  "
+        print("unet \(configPath)  latent \(latent.height)x\(latent.width)  batch \(batch)  \(backend.name) \(threads) threads  "
             + "best \(formatted(best)) ms  median \(formatted(median)) ms  peak RSS \(formatted(peak)) MB  "
             + "\(weights.parameterCount / 1_000_000)M parameters")
-        if let profile { print(profileTable(profile, of: "one evaluation (\(dtype), batch \(batch), \(latent[0])x\(latent[1]))")) }
+        if let profile { print(profileTable(profile, of: "one evaluation (\(dtype), batch \(batch), \(latent.height)x\(latent.width))")) }
     }
 }
 

@@ -5,14 +5,9 @@ import Darwin
 #endif
 import PEADiffusion
 
-let evalUsage = """
-Usage:
-  pea eval unet       --model DIR --inputs IN.safetensors --output OUT.safetensors [--features]
-  pea eval vae-decode --model DIR --inputs IN.safetensors --output OUT.safetensors
-  pea eval vae-encode --model DIR --inputs IN.safetensors --output OUT.safetensors
-  pea eval text-encoder --model DIR --prompt TEXT [--prompt TEXT …] [--max-length N] --output OUT.safetensors
-  pea eval kd-step    --unet DIR --adapter PATH --inputs IN.safetensors --output OUT.safetensors
-
+/// `pea eval`'s options, declared once for its parser and its help; each model takes its own subset.
+enum EvalOptions {
+    static let description = """
 Runs one model component of a diffusers folder (the component's folder, or a pipeline root) on tensors
 read from a safetensors file and writes its outputs, in float32, to another.
 
@@ -36,55 +31,71 @@ read from a safetensors file and writes its outputs, in float32, to another.
               0); SDXL also time_ids [B,6] and teacher_text_embeds [B,P].
               output: loss_task, loss_logits, loss_features, loss [1] and grad.<name> for every adapter
               parameter (official names). --feature-weight W (default 0.1) weighs the feature term.
-
-Options:
-  --model DIR               diffusers model folder
-  --inputs PATH             safetensors file with the inputs named above
-  --output PATH             safetensors file to write (replaced atomically; nothing is left on failure)
-  --variant NAME            read diffusion_pytorch_model.NAME.safetensors when present (e.g. fp16)
-  --features                (unet) also write every block's output
-  --unet DIR, --adapter PATH  (kd-step) the frozen UNet and the adapter checkpoint (safetensors or .bin)
-\(BackendOptions.help)
 """
+    static let model = CommandOption.value("--model", "DIR", help: "diffusers model folder")
+    static let inputs = CommandOption.value("--inputs", "PATH", help: "safetensors file with the inputs named above")
+    static let output = CommandOption.value(
+        "--output", "PATH", help: "safetensors file to write (replaced atomically; nothing is left on failure)")
+    static let variant = CommandOption.value(
+        "--variant", "NAME", help: "read diffusion_pytorch_model.NAME.safetensors when present (e.g. fp16)")
+    static let features = CommandOption.flag("--features", help: "(unet) also write every block's output")
+    static let unet = CommandOption.value(
+        "--unet", "DIR", help: "(kd-step) the frozen UNet and the adapter checkpoint (safetensors or .bin)",
+        label: "--unet DIR, --adapter PATH")
+    static let adapter = CommandOption.value("--adapter", "PATH", help: nil)   // in --unet's row
+    static let prompt = CommandOption.repeatable("--prompt", "TEXT", help: "(text-encoder) a prompt to encode (repeatable)")
+    static let maxLength = CommandOption.value(
+        "--max-length", "N", help: "(text-encoder) the token length (default: the tokenizer's)")
+    static let featureWeight = CommandOption.value(
+        "--feature-weight", "W", default: "0.1", help: "(kd-step) weight of the feature term")
+
+    /// What each model accepts.
+    static let options: [String: [CommandOption]] = [
+        "unet": [model, inputs, output, variant, features] + BackendOptions.all,
+        "vae-decode": [model, inputs, output, variant] + BackendOptions.all,
+        "vae-encode": [model, inputs, output, variant] + BackendOptions.all,
+        "text-encoder": [model, prompt, maxLength, output, variant] + BackendOptions.all,
+        "kd-step": [unet, adapter, inputs, output, featureWeight] + BackendOptions.all,
+    ]
+    static let models = ["unet", "vae-decode", "vae-encode", "text-encoder", "kd-step"]
+
+    static let spec = CommandSpec(
+        name: "eval",
+        usage: ["pea eval unet       --model DIR --inputs IN.safetensors --output OUT.safetensors [--features]",
+                "pea eval vae-decode --model DIR --inputs IN.safetensors --output OUT.safetensors",
+                "pea eval vae-encode --model DIR --inputs IN.safetensors --output OUT.safetensors",
+                "pea eval text-encoder --model DIR --prompt TEXT [--prompt TEXT …] [--max-length N] --output OUT.safetensors",
+                "pea eval kd-step    --unet DIR --adapter PATH --inputs IN.safetensors --output OUT.safetensors"],
+        description: description,
+        groups: [.init("Options", [model, inputs, output, variant, features, unet, adapter, prompt, maxLength, featureWeight]
+                                  + BackendOptions.all)])
+}
 
 func runEval(_ arguments: [String]) throws {
+    typealias O = EvalOptions
     guard let what = arguments.first, !what.hasPrefix("-") else {
-        if arguments.contains("--help") || arguments.contains("-h") { print(evalUsage); return }
+        if CommandSpec.asksForHelp(arguments) { print(O.spec.help); return }
         throw PEAError.usage("eval: which model? (unet, vae-decode, vae-encode, text-encoder; see 'pea eval --help')")
     }
-    if arguments.contains("--help") || arguments.contains("-h") { print(evalUsage); return }
-    var spec = BackendOptions.spec
-    for key in ["--model", "--inputs", "--output", "--variant"] { spec[key] = .value }
-    if what == "unet" { spec["--features"] = .flag }
-    if what == "kd-step" {
-        spec["--model"] = nil
-        spec["--variant"] = nil
-        for key in ["--unet", "--adapter", "--feature-weight"] { spec[key] = .value }
+    if CommandSpec.asksForHelp(arguments) { print(O.spec.help); return }
+    guard let accepted = O.options[what] else {
+        throw PEAError.usage("eval: unknown model '\(what)' (\(O.models.joined(separator: ", ")))")
     }
-    if what == "text-encoder" {
-        spec["--inputs"] = nil
-        spec["--prompt"] = .repeatable
-        spec["--max-length"] = .value
-    }
-    let command = "eval \(what)"
-    let options = try Arguments(Array(arguments.dropFirst()), command: command, spec: spec)
-    guard ["unet", "vae-decode", "vae-encode", "text-encoder", "kd-step"].contains(what) else {
-        throw PEAError.usage("eval: unknown model '\(what)' (unet, vae-decode, vae-encode, text-encoder, kd-step)")
-    }
+    let options = try ParsedOptions(Array(arguments.dropFirst()), command: "eval \(what)", options: accepted)
     if what == "kd-step" {
         try runEvalKDStep(options)
         return
     }
-    let model = try options.requiredString("--model")
-    let output = try options.requiredString("--output")
+    let model = try options.string(O.model)
+    let output = try options.string(O.output)
     if what == "text-encoder" {
         try runEvalTextEncoder(options, model: model, output: output)
         return
     }
-    let inputs = try InputTensors(path: options.requiredString("--inputs"))
-    let variant = options.string("--variant")
-    let backendOptions = try BackendOptions(options, command: command)
-    let backend = backendOptions.backend, dtype = backendOptions.precision
+    let inputs = try InputTensors(path: options.string(O.inputs))
+    let variant = try options.optionalString(O.variant)
+    let selection = try BackendOptions.select(options)
+    let backend = selection.backend, dtype = selection.dtype
 
     var results: [(name: String, tensor: Tensor)] = []
     switch what {
@@ -96,7 +107,7 @@ func runEval(_ arguments: [String]) throws {
             textEmbeds: try inputs.optionalTensor("text_embeds", on: backend),
             timeIds: try inputs.optionalTensor("time_ids", on: backend, floatOnly: false),
             timestepCondition: try inputs.optionalTensor("timestep_cond", on: backend))
-        let (sample, features) = try unet.evaluate(unetInputs, keepFeatures: options.has("--features"))
+        let (sample, features) = try unet.evaluate(unetInputs, keepFeatures: options.has(O.features))
         results.append(("sample", sample))
         for (i, h) in features.down.enumerated() { results.append(("down.\(i)", h)) }
         if let mid = features.mid { results.append(("mid", mid)) }
@@ -121,18 +132,20 @@ func runEval(_ arguments: [String]) throws {
 }
 
 /// `pea eval text-encoder` for CLIP text encoders (CLIPTextModel, CLIPTextModelWithProjection).
-func runEvalTextEncoder(_ options: Arguments, model: String, output: String) throws {
-    let prompts = options.strings("--prompt")
+func runEvalTextEncoder(_ options: ParsedOptions, model: String, output: String) throws {
+    let prompts = options.strings(EvalOptions.prompt)
     guard !prompts.isEmpty else { throw PEAError.usage("eval text-encoder: give at least one --prompt") }
-    let maxLength = try options.int("--max-length")
+    let maxLength = try options.optionalInt(EvalOptions.maxLength)
     if let maxLength, maxLength < 2 { throw PEAError.usage("eval text-encoder: --max-length must be at least 2") }
-    let backendOptions = try BackendOptions(options, command: "eval text-encoder")
-    let backend = backendOptions.backend, dtype = backendOptions.precision
+    let selection = try BackendOptions.select(options)
+    let backend = selection.backend, dtype = selection.dtype
     let encoderFolder = try ModelFolder.component(model, "text_encoder")
     let config = try ConfigFile(path: joinPath(encoderFolder, "config.json"))
     let modelType = try config.optionalString("model_type") ?? ""
     guard modelType.hasPrefix("clip") else {
-        try runEvalLanguageEncoder(model, prompts: prompts, maxLength: maxLength, backend: backend, dtype: dtype, output: output)
+        try naming(EvalOptions.maxLength, in: options, when: maxLength != nil) {
+            try runEvalLanguageEncoder(model, prompts: prompts, maxLength: maxLength, backend: backend, dtype: dtype, output: output)
+        }
         return
     }
     let tokenizer = try CLIPTokenizer(folder: textEncoderFolders(model).tokenizer)
@@ -206,17 +219,18 @@ extension String {
 }
 
 /// `pea eval kd-step`: one distillation step's losses and adapter gradients (no update), in f32.
-func runEvalKDStep(_ options: Arguments) throws {
-    let output = try options.requiredString("--output")
-    let inputs = try options.requiredString("--inputs")
-    let backendOptions = try BackendOptions(options, command: "eval kd-step")
-    guard backendOptions.precision == .f32 else {
+func runEvalKDStep(_ options: ParsedOptions) throws {
+    typealias O = EvalOptions
+    let output = try options.string(O.output)
+    let inputs = try options.string(O.inputs)
+    let selection = try BackendOptions.select(options)
+    guard selection.dtype == .f32 else {
         throw PEAError.usage("eval kd-step: gradients are computed in fp32; drop --precision")
     }
-    let featureWeight = try options.double("--feature-weight") ?? 0.1
-    let backend = backendOptions.backend
-    let unet = try UNet2DConditionModel.load(folder: options.requiredString("--unet"), backend: backend).model
-    let adapter = try PEAAdapter.load(path: options.requiredString("--adapter"), backend: backend)
+    let featureWeight = try options.double(O.featureWeight)
+    let backend = selection.backend
+    let unet = try UNet2DConditionModel.load(folder: options.string(O.unet), backend: backend).model
+    let adapter = try PEAAdapter.load(path: options.string(O.adapter), backend: backend)
     let batch = try DistillationBatch.load(path: inputs, backend: backend)
     let (losses, gradients) = try KnowledgeDistillation(unet: unet, featureWeight: Float(featureWeight)).step(adapter: adapter, batch: batch)
     var tensors: [(name: String, tensor: HostTensor)] = [

@@ -11,3 +11,9 @@ func printfFormatted(_ format: String, _ x: Double) -> String {
     _ = withVaList([x]) { vsnprintf(&buffer, 64, format, $0) }
     return String(cString: buffer)
 }
+
+/// `x` rounded to `digits` decimals as printf rounds it, for JSON numbers that keep the precision a text
+/// column shows.
+func rounded(_ x: Double, _ digits: Int) -> Double {
+    Double(printfFormatted("%.\(digits)f", x)) ?? x
+}

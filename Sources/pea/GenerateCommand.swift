@@ -5,100 +5,115 @@ import Darwin
 #endif
 import PEADiffusion
 
-let generateUsage = """
-Usage: pea generate [--model DIR] --prompt TEXT [options]
-       pea generate [--model DIR] --prompts FILE [options]
+/// `pea generate`'s options, declared once for its parser and its help.
+enum GenerateOptions {
+    static let model = CommandOption.value(
+        "--model", "DIR",
+        help: "diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, …); without it, the bundled toy "
+            + "world (models/toyworld: 64×64 coloured shapes, \"a red circle\"), and for Chinese prompts (\"一个红色的圆形\") "
+            + "its Chinese encoder and the PEA adapter trained by `pea train` (models/toyworld-zh); found above the pea "
+            + "executable, in ./models, or where $PEA_MODELS points")
+    static let prompt = CommandOption.value("--prompt", "TEXT", help: "what to draw")
+    static let prompts = CommandOption.value(
+        "--prompts", "FILE",
+        help: "one prompt per line (empty lines skipped); each is generated as its own call with the same seed")
+    static let negativePrompt = CommandOption.value(
+        "--negative-prompt", "TEXT", help: "what to steer away from (omitted: diffusers' negative_prompt=None)")
+    static let steps = CommandOption.value("--steps", "N", default: "30", .range(1...1000), help: "denoising steps")
+    static let guidance = CommandOption.value("--guidance", "G", default: "7.5", help: "classifier-free guidance scale",
+                                              defaultNote: "; ≤ 1 turns guidance off")
+    static let scheduler = CommandOption.value(
+        "--scheduler", "NAME", .choices(SchedulerName.allCases.map(\.rawValue)),
+        help: SchedulerName.allCases.map(\.rawValue).joined(separator: " | ") + " (default: the folder's)")
+    static let seed = CommandOption.value(
+        "--seed", "N", help: "seed of the CPU generator (default: a random seed, printed in the parameters)")
+    static let width = CommandOption.value(
+        "--width", "W", help: "image size in pixels, multiples of 8 (default: the model's native size)",
+        label: "--width W --height H")
+    static let height = CommandOption.value("--height", "H", help: nil)   // in --width's row
+    static let batch = CommandOption.value("--batch", "N", default: "1", .range(1...64), help: "images per prompt")
+    static let clipSkip = CommandOption.value("--clip-skip", "K", default: "0", .range(0...64),
+                                              help: "use the text encoder's output K layers before the last")
+    static let output = CommandOption.value(
+        "--output", "PATH.png", help: "where to write (default pea-SEED.png); with several images, PATH-1.png, PATH-2.png, …")
+    static let variant = CommandOption.value("--variant", "NAME", help: "read weights of that variant when present (e.g. fp16)")
+    static let textEncoder = CommandOption.value(
+        "--text-encoder", "DIR",
+        help: "PEA: a language-specific text encoder folder (Chinese-CLIP or multilingual CLIP XLM-R, transformers "
+            + "format, tokenizer files inside or in tokenizer/) …")
+    static let adapter = CommandOption.value(
+        "--adapter", "PATH",
+        help: "… and its PEA adapter (safetensors, or pytorch_model.bin as the authors release it); together they "
+            + "replace the folder's English text encoder(s), for the prompt and the negative/empty prompt alike")
+    static let maxLength = CommandOption.value(
+        "--max-length", "N", help: "PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)")
 
-Generates images from text with a diffusers Stable Diffusion pipeline folder (SD1.x, SD2.x or SDXL, detected
-from the folder), the same images diffusers makes from the same folder, prompt, seed and settings with a CPU
-generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run.
-
-Options:
-  --model DIR               diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, …); without
-                            it, the bundled toy world (models/toyworld: 64×64 coloured shapes, "a red circle"),
-                            and for Chinese prompts ("一个红色的圆形") its Chinese encoder and the PEA adapter
-                            trained by `pea train` (models/toyworld-zh); found above the pea executable, in
-                            ./models, or where $PEA_MODELS points
-  --prompt TEXT             what to draw
-  --prompts FILE            one prompt per line (empty lines skipped); each is generated as its own call
-                            with the same seed
-  --negative-prompt TEXT    what to steer away from (omitted: diffusers' negative_prompt=None)
-  --steps N                 denoising steps (default 30)
-  --guidance G              classifier-free guidance scale (default 7.5; ≤ 1 turns guidance off)
-  --scheduler NAME          ddim | euler | euler-a | dpmpp-2m | dpmpp-2m-karras | pndm (default: the folder's)
-  --seed N                  seed of the CPU generator (default: a random seed, printed in the parameters)
-  --width W --height H      image size in pixels, multiples of 8 (default: the model's native size)
-  --batch N                 images per prompt (default 1)
-  --clip-skip K             use the text encoder's output K layers before the last (default 0)
-  --output PATH.png         where to write (default pea-SEED.png); with several images, PATH-1.png, PATH-2.png, …
-  --variant NAME            read weights of that variant when present (e.g. fp16)
-  --text-encoder DIR        PEA: a language-specific text encoder folder (Chinese-CLIP or multilingual CLIP
-                            XLM-R, transformers format, tokenizer files inside or in tokenizer/) …
-  --adapter PATH            … and its PEA adapter (safetensors, or pytorch_model.bin as the authors release it);
-                            together they replace the folder's English text encoder(s), for the prompt and the
-                            negative/empty prompt alike
-  --max-length N            PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)
-\(BackendOptions.help)
-
-Each PNG carries its generation parameters in a `parameters` text chunk (A1111's format). The written paths
-go to stdout; progress goes to stderr.
-"""
+    static let spec = CommandSpec(
+        name: "generate",
+        usage: ["pea generate [--model DIR] --prompt TEXT [options]", "pea generate [--model DIR] --prompts FILE [options]"],
+        description: """
+            Generates images from text with a diffusers Stable Diffusion pipeline folder (SD1.x, SD2.x or SDXL, detected
+            from the folder), the same images diffusers makes from the same folder, prompt, seed and settings with a CPU
+            generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run.
+            """,
+        groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
+                                   batch, clipSkip, output, variant, textEncoder, adapter, maxLength] + BackendOptions.all)],
+        epilogue: """
+            Each PNG carries its generation parameters in a `parameters` text chunk (A1111's format). The written paths
+            go to stdout; progress goes to stderr.
+            """)
+}
 
 func runGenerate(_ arguments: [String]) throws {
-    if arguments.contains("--help") || arguments.contains("-h") { print(generateUsage); return }
-    var spec = BackendOptions.spec
-    for key in ["--model", "--prompt", "--prompts", "--negative-prompt", "--steps", "--guidance", "--scheduler", "--seed",
-                "--width", "--height", "--batch", "--clip-skip", "--output", "--variant", "--text-encoder", "--adapter",
-                "--max-length"] {
-        spec[key] = .value
-    }
-    let options = try Arguments(arguments, command: "generate", spec: spec)
-    guard options.has("--text-encoder") == options.has("--adapter") else {
+    typealias O = GenerateOptions
+    if CommandSpec.asksForHelp(arguments) { print(O.spec.help); return }
+    let options = try O.spec.parse(arguments)
+    guard options.has(O.textEncoder) == options.has(O.adapter) else {
         throw PEAError.usage("generate: --text-encoder and --adapter go together (PEA: a language-specific encoder and its adapter)")
     }
 
     // Prompts first, so a usage mistake is reported before minutes of loading.
     var prompts: [String]
-    switch (options.string("--prompt"), options.string("--prompts")) {
+    switch (try options.optionalString(O.prompt), try options.optionalString(O.prompts)) {
     case (let prompt?, nil): prompts = [prompt]
     case (nil, let file?): prompts = try readPromptFile(file)
     case (nil, nil): throw PEAError.usage("generate: give --prompt TEXT or --prompts FILE")
     default: throw PEAError.usage("generate: give either --prompt or --prompts, not both")
     }
-    let steps = try options.int("--steps", default: 30, range: 1...1000)
-    let guidance = Float(try options.double("--guidance") ?? 7.5)
-    let batch = try options.int("--batch", default: 1, range: 1...64)
-    let clipSkip = try options.int("--clip-skip", default: 0, range: 0...64)
+    let steps = try options.int(O.steps)
+    let guidance = Float(try options.double(O.guidance))
+    let batch = try options.int(O.batch)
+    let clipSkip = try options.int(O.clipSkip)
     let seed: UInt64
-    if let text = options.string("--seed") {
+    if let text = try options.optionalString(O.seed) {
         guard let value = UInt64(text) else { throw PEAError.usage("generate: --seed expects a non-negative integer, got '\(text)'") }
         seed = value
     } else {
         var random = SplitMix64(seed: UInt64(UInt(bitPattern: time(nil))) ^ UInt64(getpid()) << 32)
         seed = random.next() >> 32
     }
-    let width = try options.int("--width"), height = try options.int("--height")
+    let width = try options.optionalInt(O.width), height = try options.optionalInt(O.height)
     for (name, value) in [("--width", width), ("--height", height)] {
         if let value, value <= 0 || value % 8 != 0 {
             throw PEAError.usage("generate: \(name) must be a positive multiple of 8, got \(value)")
         }
     }
-    let schedulerName = options.string("--scheduler")
-    if let schedulerName, SchedulerName(rawValue: schedulerName) == nil {
-        throw PEAError.usage("generate: unknown scheduler '\(schedulerName)' (ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, pndm)")
-    }
-    let output = options.string("--output") ?? "pea-\(seed).png"
+    let schedulerName = try options.optionalString(O.scheduler)
+    let output = try options.optionalString(O.output) ?? "pea-\(seed).png"
     guard output.hasSuffix(".png") else { throw PEAError.usage("generate: --output must end in .png, got '\(output)'") }
-    let backendOptions = try BackendOptions(options, command: "generate")
-    let backend = backendOptions.backend, dtype = backendOptions.precision
+    let selection = try BackendOptions.select(options)
+    let backend = selection.backend, dtype = selection.dtype
 
     // Without --model: the bundled toy world; a Chinese prompt goes through its Chinese encoder and adapter.
-    var pea = options.string("--text-encoder").flatMap { encoder in options.string("--adapter").map { (encoder, $0) } }
+    var pea = try options.optionalString(O.textEncoder).flatMap { encoder in try options.optionalString(O.adapter).map { (encoder, $0) } }
     let modelFolder: String
-    if let model = options.string("--model") {
+    if let model = try options.optionalString(O.model) {
         modelFolder = model
     } else {
-        let bundled = try BundledModels.locate()
+        let bundled: BundledModels
+        do { bundled = try BundledModels.locate() } catch PEAError.invalidFile(let path, let reason) {
+            throw PEAError.invalidFile(path: path, reason: "no --model given and \(reason); or pass --model DIR")
+        }
         modelFolder = bundled.teacher
         let chinese = pea == nil && prompts.contains(where: BundledModels.isChinese)
         if chinese {
@@ -114,17 +129,22 @@ func runGenerate(_ arguments: [String]) throws {
     var conditioner: (any TextConditioner)?
     if let (encoderFolder, adapterPath) = pea {
         // PEA: the language-specific encoder and the adapter replace the folder's English text encoder(s).
-        conditioner = try PEAConditioner(encoder: LanguageEncoders.load(folder: encoderFolder, backend: backend,
-                                                                        maxLength: try options.int("--max-length"), dtype: dtype),
-                                         adapter: PEAAdapter.load(path: adapterPath, backend: backend, dtype: dtype))
+        let maxLength = try options.optionalInt(O.maxLength)
+        let encoder = try naming(O.maxLength, in: options, when: maxLength != nil) {
+            try LanguageEncoders.load(folder: encoderFolder, backend: backend, maxLength: maxLength, dtype: dtype)
+        }
+        conditioner = try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: adapterPath, backend: backend, dtype: dtype))
     }
-    let pipeline = try StableDiffusionPipeline.load(folder: modelFolder, backend: backend, scheduler: schedulerName,
-                                                    clipSkip: clipSkip, variant: options.string("--variant"),
-                                                    conditioner: conditioner, dtype: dtype)
+    let variant = try options.optionalString(O.variant)
+    let pipeline = try naming(O.clipSkip, in: options, when: clipSkip != 0) {
+        try StableDiffusionPipeline.load(folder: modelFolder, backend: backend, scheduler: schedulerName, clipSkip: clipSkip,
+                                         variant: variant, conditioner: conditioner, dtype: dtype)
+    }
+    let negativePrompt = try options.optionalString(O.negativePrompt)
     let total = prompts.count * batch
     var written = 0
     for prompt in prompts {
-        var request = GenerationRequest(prompt: prompt, negativePrompt: options.string("--negative-prompt"),
+        var request = GenerationRequest(prompt: prompt, negativePrompt: negativePrompt,
                                         width: width ?? pipeline.defaultSize, height: height ?? pipeline.defaultSize)
         request.steps = steps
         request.guidance = guidance

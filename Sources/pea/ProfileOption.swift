@@ -1,6 +1,9 @@
 import PEADiffusion
 
 /// `--profile` of the bench commands: one more run under the CUDA backend's per-op profile.
+let profileOption = CommandOption.flag(
+    "--profile", help: "(CUDA backend) one more run with each op call bracketed by GPU events: prints the GPU time per op "
+        + "(calls, total, share, mean) and the GPU's idle time waiting for the host")
 
 /// The CUDA backend to profile on, or the usage error saying why not (checked before any work).
 func profilingBackend(_ backend: ComputeBackend, command: String) throws -> CUDABackend {
@@ -36,8 +39,8 @@ func profileTable(_ profile: CUDAProfile, of run: String) -> String {
 
 /// The profile as JSON fields: "profile": [{"op", "calls", "ms"}, …], "profile_span_ms",
 /// "profile_device_allocations".
-func profileJSONFields(_ profile: CUDAProfile) -> [String] {
-    let ops = profile.ops.map { "{\"op\": \"\($0.name)\", \"calls\": \($0.calls), \"ms\": \($0.milliseconds)}" }
-    return ["\"profile\": [" + ops.joined(separator: ", ") + "]", "\"profile_span_ms\": \(profile.spanMilliseconds)",
-            "\"profile_device_allocations\": \(profile.deviceAllocations)"]
+func profileJSONFields(_ profile: CUDAProfile) -> [String: JSONValue] {
+    let ops = profile.ops.map { JSONValue.object(["op": .string($0.name), "calls": .number(Double($0.calls)), "ms": .number($0.milliseconds)]) }
+    return ["profile": .array(ops), "profile_span_ms": .number(profile.spanMilliseconds),
+            "profile_device_allocations": .number(Double(profile.deviceAllocations))]
 }

@@ -1,35 +1,13 @@
 import PEADiffusion
 
-let toyWorldUsage = """
-Usage: pea toyworld corpus --output DIR [--per-class N] [--seed S]
-       pea toyworld classify IMAGE.png [IMAGE.png …] [--json]
-       pea toyworld grid --columns N --output OUT.png IMAGE.png [IMAGE.png …]
-       pea toyworld draw --colour C --shape S --output OUT.png [--x0 X --y0 Y --side SIDE]
-
-The toy world (tools/toyworld/world.py): 64×64 images of one coloured shape on white, 6 colours (red green blue
-yellow purple orange) × 4 shapes (circle square triangle cross), English and Chinese captions. Red cross, green
-triangle, blue circle and yellow square are held out of the Chinese training data.
-
-  corpus     a Chinese training corpus of the 20 other classes: DIR/images/NNNNN.png and DIR/train.jsonl, one
-             {"image", "text" (Chinese), "text_en" (English)} line per image, what 'pea train --data' reads.
-             --per-class N images per class (default 80), random boxes and caption templates from --seed S
-             (default 0); the same seed writes the same bytes. Prints the manifest's path.
-  classify   names the colour and shape in each image (a fixed classifier: ink threshold, largest component,
-             nearest palette colour, best-fitting ideal shape): one line per image, PATH<TAB>colour<TAB>shape,
-             or PATH<TAB>none when no object is found; with --json one object per line
-             {"colour": …, "path": …, "shape": …} (null colour and shape when none is found).
-  grid       tiles same-size images row-major, --columns per row, with a 2-pixel white gutter, into one PNG.
-  draw       one drawing of the world; the box (pixels, y down) defaults to a centred one of side 32.
-"""
-
 func runToyWorld(_ arguments: [String]) throws {
     guard let subcommand = arguments.first else {
-        print(toyWorldUsage)
+        print(ToyWorldOptions.spec.help)
         throw PEAError.usage("toyworld: no subcommand given (corpus, classify, grid or draw)")
     }
     let rest = Array(arguments.dropFirst())
     if ["--help", "-h", "help"].contains(subcommand) || rest.contains("--help") || rest.contains("-h") {
-        print(toyWorldUsage)
+        print(ToyWorldOptions.spec.help)
         return
     }
     switch subcommand {
@@ -42,33 +20,55 @@ func runToyWorld(_ arguments: [String]) throws {
     }
 }
 
-/// Splits positional arguments (those not starting with "--" and not an option's value) from options.
-private func splitPositionals(_ arguments: [String], valueOptions: Set<String>) -> (positionals: [String], options: [String]) {
-    var positionals: [String] = [], options: [String] = []
-    var index = 0
-    while index < arguments.count {
-        let argument = arguments[index]
-        if argument.hasPrefix("-") && argument != "-" {
-            options.append(argument)
-            if valueOptions.contains(argument), index + 1 < arguments.count {
-                index += 1
-                options.append(arguments[index])
-            }
-        } else {
-            positionals.append(argument)
-        }
-        index += 1
-    }
-    return (positionals, options)
+/// `pea toyworld`'s options, declared once for its parsers and its help; each subcommand takes its own subset.
+enum ToyWorldOptions {
+    static let output = CommandOption.value("--output", "PATH", help: "(corpus, grid, draw) the folder or PNG to write")
+    static let perClass = CommandOption.value("--per-class", "N", default: "80", .range(1...1_000_000),
+                                              help: "(corpus) images per class")
+    static let seed = CommandOption.value("--seed", "S", default: "0", help: "(corpus) seed of the boxes and caption templates")
+    static let json = CommandOption.flag("--json", help: "(classify) one JSON object per line")
+    static let columns = CommandOption.value("--columns", "N", .range(1...10_000), help: "(grid) images per row")
+    static let colour = CommandOption.value("--colour", "C", .choices(ToyColour.allCases.map(\.rawValue)),
+                                            help: "(draw) " + ToyColour.allCases.map(\.rawValue).joined(separator: " | "))
+    static let shape = CommandOption.value("--shape", "S", .choices(ToyShape.allCases.map(\.rawValue)),
+                                           help: "(draw) " + ToyShape.allCases.map(\.rawValue).joined(separator: " | "))
+    static let x0 = CommandOption.value("--x0", "X", help: "(draw) the box's left and top edges and side, in pixels",
+                                        label: "--x0 X --y0 Y --side SIDE")
+    static let y0 = CommandOption.value("--y0", "Y", help: nil)   // in --x0's row
+    static let side = CommandOption.value("--side", "SIDE", default: "32", help: nil)
+
+    static let spec = CommandSpec(
+        name: "toyworld",
+        usage: ["pea toyworld corpus --output DIR [--per-class N] [--seed S]",
+                "pea toyworld classify IMAGE.png [IMAGE.png …] [--json]",
+                "pea toyworld grid --columns N --output OUT.png IMAGE.png [IMAGE.png …]",
+                "pea toyworld draw --colour C --shape S --output OUT.png [--x0 X --y0 Y --side SIDE]"],
+        description: """
+            The toy world (tools/toyworld/world.py): 64×64 images of one coloured shape on white, 6 colours (red green blue
+            yellow purple orange) × 4 shapes (circle square triangle cross), English and Chinese captions. Red cross, green
+            triangle, blue circle and yellow square are held out of the Chinese training data.
+
+              corpus     a Chinese training corpus of the 20 other classes: DIR/images/NNNNN.png and DIR/train.jsonl, one
+                         {"image", "text" (Chinese), "text_en" (English)} line per image, what 'pea train --data' reads.
+                         --per-class N images per class (default 80), random boxes and caption templates from --seed S
+                         (default 0); the same seed writes the same bytes. Prints the manifest's path.
+              classify   names the colour and shape in each image (a fixed classifier: ink threshold, largest component,
+                         nearest palette colour, best-fitting ideal shape): one line per image, PATH<TAB>colour<TAB>shape,
+                         or PATH<TAB>none when no object is found; with --json one object per line
+                         {"colour": …, "path": …, "shape": …} (null colour and shape when none is found).
+              grid       tiles same-size images row-major, --columns per row, with a 2-pixel white gutter, into one PNG.
+              draw       one drawing of the world; the box (pixels, y down) defaults to a centred one of side 32.
+            """,
+        groups: [.init("Options", [output, perClass, seed, json, columns, colour, shape, x0, y0, side])])
 }
 
 private func runToyWorldCorpus(_ arguments: [String]) throws {
     let command = "toyworld corpus"
-    let options = try Arguments(arguments, command: command,
-                                spec: ["--output": .value, "--per-class": .value, "--seed": .value])
-    let output = try options.requiredString("--output")
-    let perClass = try options.int("--per-class", default: 80, range: 1...1_000_000)
-    let seedText = options.string("--seed") ?? "0"
+    typealias O = ToyWorldOptions
+    let options = try ParsedOptions(arguments, command: command, options: [O.output, O.perClass, O.seed])
+    let output = try options.string(O.output)
+    let perClass = try options.int(O.perClass)
+    let seedText = try options.string(O.seed)
     guard let seed = UInt64(seedText) else {
         throw PEAError.usage("\(command): option '--seed' expects a non-negative integer, got '\(seedText)'")
     }
@@ -77,13 +77,13 @@ private func runToyWorldCorpus(_ arguments: [String]) throws {
 
 private func runToyWorldClassify(_ arguments: [String]) throws {
     let command = "toyworld classify"
-    let (paths, flags) = splitPositionals(arguments, valueOptions: [])
-    let options = try Arguments(flags, command: command, spec: ["--json": .flag])
+    let options = try ParsedOptions(arguments, command: command, options: [ToyWorldOptions.json], positionals: true)
+    let paths = options.positionals
     guard !paths.isEmpty else { throw PEAError.usage("\(command): no images given") }
     for path in paths {
         let image = try PNGDecoder.decode(path: path).rgb()
         let result = ToyWorldClassifier.classify(image)
-        if options.has("--json") {
+        if options.has(ToyWorldOptions.json) {
             let object: [String: JSONValue] = ["path": .string(path),
                                                "colour": result.map { .string($0.colour.rawValue) } ?? .null,
                                                "shape": result.map { .string($0.shape.rawValue) } ?? .null]
@@ -98,11 +98,11 @@ private func runToyWorldClassify(_ arguments: [String]) throws {
 
 private func runToyWorldGrid(_ arguments: [String]) throws {
     let command = "toyworld grid"
-    let (paths, flags) = splitPositionals(arguments, valueOptions: ["--columns", "--output"])
-    let options = try Arguments(flags, command: command, spec: ["--columns": .value, "--output": .value])
-    let output = try options.requiredString("--output")
-    guard options.has("--columns") else { throw PEAError.usage("\(command): option '--columns' is required") }
-    let columns = try options.int("--columns", default: 1, range: 1...10_000)
+    typealias O = ToyWorldOptions
+    let options = try ParsedOptions(arguments, command: command, options: [O.columns, O.output], positionals: true)
+    let paths = options.positionals
+    let output = try options.string(O.output)
+    let columns = try options.int(O.columns)
     guard !paths.isEmpty else { throw PEAError.usage("\(command): no images given") }
     let images = try paths.map { try PNGDecoder.decode(path: $0).rgb() }
     let grid = try RGBImage.tiled(images, columns: columns, names: paths)
@@ -112,21 +112,15 @@ private func runToyWorldGrid(_ arguments: [String]) throws {
 
 private func runToyWorldDraw(_ arguments: [String]) throws {
     let command = "toyworld draw"
-    let options = try Arguments(arguments, command: command,
-                                spec: ["--colour": .value, "--shape": .value, "--output": .value,
-                                       "--x0": .value, "--y0": .value, "--side": .value])
-    let colourName = try options.requiredString("--colour"), shapeName = try options.requiredString("--shape")
-    guard let colour = ToyColour(rawValue: colourName) else {
-        throw PEAError.usage("\(command): --colour must be one of \(ToyColour.allCases.map(\.rawValue).joined(separator: ", ")), got '\(colourName)'")
-    }
-    guard let shape = ToyShape(rawValue: shapeName) else {
-        throw PEAError.usage("\(command): --shape must be one of \(ToyShape.allCases.map(\.rawValue).joined(separator: ", ")), got '\(shapeName)'")
-    }
-    let output = try options.requiredString("--output")
-    let side = try options.double("--side") ?? 32
+    typealias O = ToyWorldOptions
+    let options = try ParsedOptions(arguments, command: command, options: [O.colour, O.shape, O.output, O.x0, O.y0, O.side])
+    let colour = ToyColour(rawValue: try options.string(O.colour))!
+    let shape = ToyShape(rawValue: try options.string(O.shape))!
+    let output = try options.string(O.output)
+    let side = try options.double(O.side)
     guard side > 0 else { throw PEAError.usage("\(command): option '--side' must be positive, got \(side)") }
-    let x0 = try options.double("--x0") ?? (Double(ToyWorld.size) - side) / 2
-    let y0 = try options.double("--y0") ?? (Double(ToyWorld.size) - side) / 2
+    let x0 = try options.optionalDouble(O.x0) ?? (Double(ToyWorld.size) - side) / 2
+    let y0 = try options.optionalDouble(O.y0) ?? (Double(ToyWorld.size) - side) / 2
     let rgb = ToyWorld.draw(colour: colour, shape: shape, x0: x0, y0: y0, side: side)
     try PNGWriter.write(rgb: rgb, width: ToyWorld.size, height: ToyWorld.size, to: output)
     print(output)

@@ -5,162 +5,202 @@ import Darwin
 #endif
 import PEADiffusion
 
-let trainUsage = """
-Usage: pea train --model DIR --text-encoder DIR --data SPEC [--data SPEC …] --output DIR --steps N [options]
+/// `pea train`'s options, declared once for its parser and its help.
+enum TrainOptions {
+    static let model = CommandOption.value(
+        "--model", "DIR", help: "diffusers SD1.x/SD2.x pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    static let textEncoder = CommandOption.value(
+        "--text-encoder", "DIR", help: "the language-specific encoder (Chinese-CLIP/BERT or XLM-R folder with its tokenizer)")
+    static let data = CommandOption.repeatable("--data", "SPEC", help: nil)   // described above the options
+    static let maxLength = CommandOption.value(
+        "--max-length", "N", help: "its token length (default 52 for Chinese-CLIP, 77 for XLM-R)")
+    static let output = CommandOption.value(
+        "--output", "DIR", help: "checkpoints: DIR/checkpoint-STEP/ every --save-every steps, and the final adapter in "
+            + "DIR/adapter.safetensors (+ DIR/optimizer.safetensors for resuming)")
+    static let steps = CommandOption.value("--steps", "N", .range(1...100_000_000), help: "optimiser steps (required)")
+    static let batchSize = CommandOption.value("--batch-size", "B", default: "4", .range(1...4096), help: "samples per step")
+    static let lr = CommandOption.value("--lr", "LR", default: "1e-5", help: "peak learning rate",
+                                        defaultNote: ", the released scripts'")
+    static let minLR = CommandOption.value("--min-lr", "LR", default: "5e-8", help: "learning rate at the end of the decay")
+    static let warmupSteps = CommandOption.value(
+        "--warmup-steps", "N", .range(0...100_000_000),
+        help: "linear warmup steps (default 100, or steps/10 when that is smaller)")
+    static let weightDecay = CommandOption.value(
+        "--weight-decay", "W", default: "0.1", help: "AdamW weight decay, not applied to the layer norm")
+    static let maxGradNorm = CommandOption.value(
+        "--max-grad-norm", "G", help: "clip the global gradient norm to G (default: no clipping)")
+    static let resolution = CommandOption.value(
+        "--resolution", "R", default: "512", .range(8...8192),
+        help: "square training resolution; images are resized (shorter side) and center-cropped")
+    static let hybrid = CommandOption.flag(
+        "--hybrid", help: "hybrid training: the task loss on language-specific records, the KD losses on parallel ones")
+    static let uncondProb = CommandOption.value(
+        "--uncond-prob", "P", default: "0.1", help: "probability that a sample trains on the empty prompt on both sides")
+    static let featureWeight = CommandOption.value("--feature-weight", "W", default: "0.1", help: "weight of the feature KD term")
+    static let taskWeight = CommandOption.value(
+        "--task-weight", "W", default: "1", help: "weight of the task term, MSE against the true noise",
+        defaultNote: ", as the official scripts; 0 trains on the KD terms alone, as the toy world's adapter was trained")
+    static let biasStrategy = CommandOption.value(
+        "--timestep-bias-strategy", "S", default: TimestepBias.Strategy.none.rawValue,
+        .choices(TimestepBias.Strategy.allCases.map(\.rawValue)),
+        help: "none, later (the noisiest timesteps), earlier or range: those timesteps are drawn "
+            + "--timestep-bias-multiplier times as often (diffusers' SDXL script's flags)")
+    static let biasMultiplier = CommandOption.value(
+        "--timestep-bias-multiplier", "M", default: "1", help: "how many times as often the biased timesteps are drawn")
+    static let biasPortion = CommandOption.value(
+        "--timestep-bias-portion", "P", default: "0.25", help: "the fraction of timesteps that later/earlier bias")
+    static let biasBegin = CommandOption.value(
+        "--timestep-bias-begin", "N", default: "0", .range(0...1_000_000), help: "the range that range biases",
+        defaultNote: ", \(biasEnd.defaultValue!)",
+        label: "--timestep-bias-begin N, --timestep-bias-end N")
+    static let biasEnd = CommandOption.value("--timestep-bias-end", "N", default: "1000", .range(0...1_000_000), help: nil)
+    static let seed = CommandOption.value(
+        "--seed", "N", default: "0", .range(0...Int.max),
+        help: "seed for data order, noise, timesteps and dropout; step k's Gaussian values (latent samples, then noise) "
+            + "are torch.randn draws from a CPU generator seeded with a function of (N, k) documented in PEATrainer.swift")
+    static let saveEvery = CommandOption.value(
+        "--save-every", "N", default: "0", .range(0...100_000_000), help: "checkpoint every N steps",
+        defaultNote: ": only at the end")
+    static let resume = CommandOption.value(
+        "--resume", "DIR", help: "continue from a checkpoint folder (DIR/checkpoint-STEP or the --output DIR)")
+    static let latentCache = CommandOption.value(
+        "--latent-cache", "DIR", help: "keep each image's VAE latent distribution there, so it is encoded once")
+    static let initAdapter = CommandOption.value(
+        "--init-adapter", "PATH", help: "start from this adapter checkpoint (its shape is read from its tensors)")
+    static let adapterHidden = CommandOption.value(
+        "--adapter-hidden", "H", default: "2048", .range(1...65536), help: "hidden width of a new adapter")
+    static let adapterLayers = CommandOption.value(
+        "--adapter-layers", "N", default: "3", .range(1...64), help: "linear layers of a new adapter",
+        defaultNote: ", as the training script")
 
-Trains a PEA adapter by knowledge distillation through a frozen English SD1.x/SD2.x pipeline (PEA-Diffusion,
-arXiv 2311.17086): the student is UNet(adapter(language-specific encoder(text))), the teacher the same UNet
-with the English CLIP encoder on text_en; losses: task ε-MSE + output KD MSE + 0.1 × feature KD MSE over every
-down, mid and up block. Only the adapter learns (AdamW, warmup then polynomial decay).
+    static let validationPrompt = CommandOption.repeatable(
+        "--validation-prompt", "TEXT", help: "a prompt in the encoder's language (repeatable; one grid row each)")
+    static let validationEvery = CommandOption.value(
+        "--validation-every", "N", .range(1...100_000_000),
+        help: "validate after every N-th step and after the last one (required with a prompt)")
+    static let validationSeeds = CommandOption.value(
+        "--validation-seeds", "K", default: "2", .range(1...64), help: "images per prompt, seeds 0..K-1",
+        defaultNote: "; one grid column each")
+    static let validationSteps = CommandOption.value(
+        "--validation-steps", "S", default: "30", .range(1...1000), help: "denoising steps")
+    static let validationGuidance = CommandOption.value(
+        "--validation-guidance", "G", default: "7.5", help: "classifier-free guidance scale",
+        defaultNote: "; ≤ 1 turns guidance off")
 
-Data (--data, repeatable):
-  a .jsonl manifest, one object per line: "image" (path relative to the manifest), "text" (target language),
-  "text_en" (English), optional "language_specific" (bool, for --hybrid); or webdataset tar shards
-  (KEY.jpg/.png + KEY.json with the same fields, or KEY.txt), brace patterns allowed
-  (data/shard-{000000..000099}.tar), several joined by '::'. Corrupt images and records without a caption
-  are skipped and counted in the log.
+    static let spec = CommandSpec(
+        name: "train",
+        usage: ["pea train --model DIR --text-encoder DIR --data SPEC [--data SPEC …] --output DIR --steps N [options]"],
+        description: """
+            Trains a PEA adapter by knowledge distillation through a frozen English SD1.x/SD2.x pipeline (PEA-Diffusion,
+            arXiv 2311.17086): the student is UNet(adapter(language-specific encoder(text))), the teacher the same UNet
+            with the English CLIP encoder on text_en; losses: task ε-MSE + output KD MSE + 0.1 × feature KD MSE over every
+            down, mid and up block. Only the adapter learns (AdamW, warmup then polynomial decay).
 
-Options:
-  --model DIR               diffusers SD1.x/SD2.x pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
-  --text-encoder DIR        the language-specific encoder (Chinese-CLIP/BERT or XLM-R folder with its tokenizer)
-  --max-length N            its token length (default 52 for Chinese-CLIP, 77 for XLM-R)
-  --output DIR              checkpoints: DIR/checkpoint-STEP/ every --save-every steps, and the final adapter in
-                            DIR/adapter.safetensors (+ DIR/optimizer.safetensors for resuming)
-  --steps N                 optimiser steps (required)
-  --batch-size B            samples per step (default 4)
-  --lr LR                   peak learning rate (default 1e-5, the released scripts')
-  --min-lr LR               learning rate at the end of the decay (default 5e-8)
-  --warmup-steps N          linear warmup steps (default 100, or steps/10 when that is smaller)
-  --weight-decay W          AdamW weight decay, not applied to the layer norm (default 0.1)
-  --max-grad-norm G         clip the global gradient norm to G (default: no clipping)
-  --resolution R            square training resolution; images are resized (shorter side) and center-cropped
-                            (default 512)
-  --hybrid                  hybrid training: the task loss on language-specific records, the KD losses on
-                            parallel ones
-  --uncond-prob P           probability that a sample trains on the empty prompt on both sides (default 0.1)
-  --feature-weight W        weight of the feature KD term (default 0.1)
-  --task-weight W           weight of the task term, MSE against the true noise (default 1, as the official
-                            scripts; 0 trains on the KD terms alone, as the toy world's adapter was trained)
-  --timestep-bias-strategy S  none (default), later (the noisiest timesteps), earlier or range: those timesteps
-                            are drawn --timestep-bias-multiplier times as often (diffusers' SDXL script's flags)
-  --timestep-bias-multiplier M  (default 1)
-  --timestep-bias-portion P  the fraction of timesteps that later/earlier bias (default 0.25)
-  --timestep-bias-begin N, --timestep-bias-end N  the range that range biases (default 0, 1000)
-  --seed N                  seed for data order, noise, timesteps and dropout (default 0); step k's Gaussian
-                            values (latent samples, then noise) are torch.randn draws from a CPU generator
-                            seeded with a function of (N, k) documented in PEATrainer.swift
-  --save-every N            checkpoint every N steps (default 0: only at the end)
-  --resume DIR              continue from a checkpoint folder (DIR/checkpoint-STEP or the --output DIR)
-  --latent-cache DIR        keep each image's VAE latent distribution there, so it is encoded once
-  --init-adapter PATH       start from this adapter checkpoint (its shape is read from its tensors)
-  --adapter-hidden H        hidden width of a new adapter (default 2048)
-  --adapter-layers N        linear layers of a new adapter (default 3, as the training script)
-\(BackendOptions.help)
+            Data (--data, repeatable):
+              a .jsonl manifest, one object per line: "image" (path relative to the manifest), "text" (target language),
+              "text_en" (English), optional "language_specific" (bool, for --hybrid); or webdataset tar shards
+              (KEY.jpg/.png + KEY.json with the same fields, or KEY.txt), brace patterns allowed
+              (data/shard-{000000..000099}.tar), several joined by '::'. Corrupt images and records without a caption
+              are skipped and counted in the log.
+            """,
+        groups: [
+            .init("Options", [model, textEncoder, data, maxLength, output, steps, batchSize, lr, minLR, warmupSteps, weightDecay,
+                              maxGradNorm, resolution, hybrid, uncondProb, featureWeight, taskWeight, biasStrategy,
+                              biasMultiplier, biasPortion, biasBegin, biasEnd, seed, saveEvery, resume, latentCache,
+                              initAdapter, adapterHidden, adapterLayers] + BackendOptions.all),
+            .init("Validation (samples from the adapter as it trains)",
+                  [validationPrompt, validationEvery, validationSeeds, validationSteps, validationGuidance], note: """
+                    Each image is what `pea generate --model DIR --text-encoder ENC --adapter <the adapter at that step> --seed C
+                    --width R --height R --steps S --guidance G` makes (the folder's scheduler, no negative prompt) at the training
+                    resolution R, drawn with the models already loaded; the training itself is unchanged by it. The grid (rows =
+                    prompts, columns = seeds, 2 white pixels between images) is written to OUTPUT/validation/step-000500.png
+                    (the step, 6 digits) and its path printed on stderr.
+                  """),
+        ],
+        epilogue: """
+            Metrics: OUTPUT/metrics.jsonl gets one JSON object per step, flushed as it is written:
+              {"grad_norm", "loss", "loss_features", "loss_logits", "loss_task", "lr", "seconds", "step"}, plus
+              "validation" (the grid's path) on steps that wrote one; grad_norm is the norm before clipping, seconds the
+              step's time without validation, and a value that is not finite (a skipped f16 update's norm) is null. A new
+              run starts the file afresh; --resume keeps only its lines up to the resumed step.
 
-Validation (samples from the adapter as it trains):
-  --validation-prompt TEXT  a prompt in the encoder's language (repeatable; one grid row each)
-  --validation-every N      validate after every N-th step and after the last one (required with a prompt)
-  --validation-seeds K      images per prompt, seeds 0..K-1 (default 2; one grid column each)
-  --validation-steps S      denoising steps (default 30)
-  --validation-guidance G   classifier-free guidance scale (default 7.5; ≤ 1 turns guidance off)
-  Each image is what `pea generate --model DIR --text-encoder ENC --adapter <the adapter at that step> --seed C
-  --width R --height R --steps S --guidance G` makes (the folder's scheduler, no negative prompt) at the training
-  resolution R, drawn with the models already loaded; the training itself is unchanged by it. The grid (rows =
-  prompts, columns = seeds, 2 white pixels between images) is written to OUTPUT/validation/step-000500.png
-  (the step, 6 digits) and its path printed on stderr.
-
-Metrics: OUTPUT/metrics.jsonl gets one JSON object per step, flushed as it is written:
-  {"grad_norm", "loss", "loss_features", "loss_logits", "loss_task", "lr", "seconds", "step"}, plus
-  "validation" (the grid's path) on steps that wrote one; grad_norm is the norm before clipping, seconds the
-  step's time without validation, and a value that is not finite (a skipped f16 update's norm) is null. A new
-  run starts the file afresh; --resume keeps only its lines up to the resumed step.
-
-Progress (loss terms, learning rate, step time, ETA) goes to stderr; the final adapter's path to stdout.
-"""
+            Progress (loss terms, learning rate, step time, ETA) goes to stderr; the final adapter's path to stdout.
+            """)
+}
 
 func runTrain(_ arguments: [String]) throws {
-    if arguments.contains("--help") || arguments.contains("-h") { print(trainUsage); return }
-    var spec = BackendOptions.spec
-    for key in ["--model", "--text-encoder", "--max-length", "--output", "--steps", "--batch-size", "--lr", "--min-lr",
-                "--warmup-steps", "--weight-decay", "--max-grad-norm", "--resolution", "--uncond-prob", "--feature-weight",
-                "--task-weight", "--timestep-bias-strategy", "--timestep-bias-multiplier", "--timestep-bias-portion",
-                "--timestep-bias-begin", "--timestep-bias-end", "--seed", "--save-every", "--resume", "--latent-cache",
-                "--init-adapter", "--adapter-hidden", "--adapter-layers",
-                "--validation-every", "--validation-seeds", "--validation-steps", "--validation-guidance"] {
-        spec[key] = .value
-    }
-    spec["--data"] = .repeatable
-    spec["--validation-prompt"] = .repeatable
-    spec["--hybrid"] = .flag
-    let command = "train"
-    let options = try Arguments(arguments, command: command, spec: spec)
-    let model = try options.requiredString("--model")
-    let encoderFolder = try options.requiredString("--text-encoder")
-    let output = try options.requiredString("--output")
-    let dataSpecs = options.strings("--data")
+    typealias O = TrainOptions
+    if CommandSpec.asksForHelp(arguments) { print(O.spec.help); return }
+    let options = try O.spec.parse(arguments)
+    let model = try options.string(O.model)
+    let encoderFolder = try options.string(O.textEncoder)
+    let output = try options.string(O.output)
+    let dataSpecs = options.strings(O.data)
     guard !dataSpecs.isEmpty else { throw PEAError.usage("train: option '--data' is required") }
-    guard options.has("--steps") else { throw PEAError.usage("train: option '--steps' is required") }
 
-    var settings = TrainingOptions(steps: try options.int("--steps", default: 0, range: 1...100_000_000),
-                                   batchSize: try options.int("--batch-size", default: 4, range: 1...4096))
-    func positive(_ name: String, _ fallback: Float) throws -> Float {
-        let value = try options.double(name).map(Float.init) ?? fallback
-        guard value > 0 else { throw PEAError.usage("train: option '\(name)' must be positive, got \(value)") }
+    var settings = TrainingOptions(steps: try options.int(O.steps), batchSize: try options.int(O.batchSize))
+    func positive(_ option: CommandOption) throws -> Float {
+        let value = Float(try options.double(option))
+        guard value > 0 else { throw PEAError.usage("train: option '\(option.name)' must be positive, got \(value)") }
         return value
     }
-    settings.learningRate = Double(try positive("--lr", 1e-5))
-    settings.minLearningRate = try options.double("--min-lr") ?? 5e-8
+    settings.learningRate = Double(try positive(O.lr))
+    settings.minLearningRate = try options.double(O.minLR)
     guard settings.minLearningRate >= 0, settings.minLearningRate < settings.learningRate else {
         throw PEAError.usage("train: --min-lr must be at least 0 and below --lr (\(settings.learningRate))")
     }
-    settings.warmupSteps = try options.int("--warmup-steps", default: min(100, settings.steps / 10), range: 0...100_000_000)
-    settings.weightDecay = try options.double("--weight-decay").map(Float.init) ?? 0.1
-    settings.maxGradientNorm = try options.has("--max-grad-norm") ? positive("--max-grad-norm", 1) : nil
-    settings.resolution = try options.int("--resolution", default: 512, range: 8...8192)
+    settings.warmupSteps = try options.optionalInt(O.warmupSteps) ?? min(100, settings.steps / 10)
+    settings.weightDecay = Float(try options.double(O.weightDecay))
+    settings.maxGradientNorm = try options.has(O.maxGradNorm) ? positive(O.maxGradNorm) : nil
+    settings.resolution = try options.int(O.resolution)
     guard settings.resolution % 8 == 0 else {
         throw PEAError.usage("train: --resolution must be a multiple of 8 (the VAE's factor), got \(settings.resolution)")
     }
-    settings.hybrid = options.has("--hybrid")
-    settings.uncondProbability = try options.double("--uncond-prob").map(Float.init) ?? 0.1
+    settings.hybrid = options.has(O.hybrid)
+    settings.uncondProbability = Float(try options.double(O.uncondProb))
     guard (0...1).contains(settings.uncondProbability) else { throw PEAError.usage("train: --uncond-prob must be in [0, 1]") }
-    settings.featureWeight = try options.double("--feature-weight").map(Float.init) ?? 0.1
-    settings.taskWeight = try options.double("--task-weight").map(Float.init) ?? 1
+    settings.featureWeight = Float(try options.double(O.featureWeight))
+    settings.taskWeight = Float(try options.double(O.taskWeight))
     guard settings.featureWeight >= 0, settings.taskWeight >= 0,
           settings.featureWeight.isFinite, settings.taskWeight.isFinite else {
         throw PEAError.usage("train: --feature-weight and --task-weight must be at least 0 and finite in f32")
     }
     settings.timestepBias = try timestepBias(options)
-    settings.seed = UInt64(try options.int("--seed", default: 0, range: 0...Int.max))
-    settings.saveEvery = try options.int("--save-every", default: 0, range: 0...100_000_000)
+    settings.seed = UInt64(try options.int(O.seed))
+    settings.saveEvery = try options.int(O.saveEvery)
     let validation = try validationOptions(options)
 
-    let backendOptions = try BackendOptions(options, command: command)
-    let backend = backendOptions.backend, dtype = backendOptions.precision
+    let selection = try BackendOptions.select(options)
+    let backend = selection.backend, dtype = selection.dtype
     let teacher = try DistillationTeacher.load(folder: model, backend: backend, dtype: dtype)
-    let student = try LanguageEncoders.load(folder: encoderFolder, backend: backend, maxLength: options.int("--max-length"))
+    let maxLength = try options.optionalInt(O.maxLength)
+    let student = try naming(O.maxLength, in: options, when: maxLength != nil) {
+        try LanguageEncoders.load(folder: encoderFolder, backend: backend, maxLength: maxLength)
+    }
     let adapter: PEAAdapter
-    if let initial = options.string("--init-adapter") {
+    if let initial = try options.optionalString(O.initAdapter) {
         adapter = try PEAAdapter.load(path: initial, backend: backend)
     } else {
-        let hidden = try options.int("--adapter-hidden", default: 2048, range: 1...65536)
-        let layers = try options.int("--adapter-layers", default: 3, range: 1...64)
+        let hidden = try options.int(O.adapterHidden)
+        let layers = try options.int(O.adapterLayers)
         let widths = [student.hiddenSize] + Array(repeating: hidden, count: layers - 1) + [teacher.unet.config.crossAttentionDim[0]]
         adapter = try PEAAdapter.initialized(widths: widths, backend: backend, seed: settings.seed)
     }
-    let dataset = try TrainingDataset(source: TrainingDataSource.parse(dataSpecs), resolution: settings.resolution, seed: settings.seed)
+    let source = try naming(O.data, in: options) { try TrainingDataSource.parse(dataSpecs) }
+    let dataset = try TrainingDataset(source: source, resolution: settings.resolution, seed: settings.seed)
     var shownSkips = 0
     dataset.onSkip = { skip in
         shownSkips += 1
         if shownSkips <= 10 { fputs("pea train: skipped \(skip.id): \(skip.message)\n", stderr) }
         if shownSkips == 10 { fputs("pea train: (further skips are counted, not shown)\n", stderr) }
     }
-    let cache = try options.string("--latent-cache").map { try LatentCache(folder: $0, namespace: model) }
+    let cache = try options.optionalString(O.latentCache).map { try LatentCache(folder: $0, namespace: model) }
     let trainer = try PEATrainer(teacher: teacher, student: student, adapter: adapter, dataset: dataset,
                                  options: settings, backend: backend, latentCache: cache)
     let validator = try validation.map {
         try TrainingValidator(teacher: teacher, student: student, options: $0, resolution: settings.resolution, backend: backend)
     }
-    if let resume = options.string("--resume") {
+    if let resume = try options.optionalString(O.resume) {
         try trainer.resume(from: resume)
         fputs("pea train: resumed at step \(trainer.step) from \(resume)\n", stderr)
     }
@@ -170,7 +210,10 @@ func runTrain(_ arguments: [String]) throws {
 
     var times: [Double] = []
     while trainer.step < settings.steps {
-        let report = try trainer.trainStep()
+        let report: TrainingStepReport
+        do { report = try trainer.trainStep() } catch PEAError.backend(let message) {
+            throw PEAError.backend("pea train: \(message)")   // the library's error, in the command's context
+        }
         times.append(report.seconds)
         let recent = times.suffix(10)
         let perStep = recent.reduce(0, +) / Double(recent.count)
@@ -200,21 +243,22 @@ func runTrain(_ arguments: [String]) throws {
 
 /// The --validation-* options (nil without --validation-prompt); every mistake is a usage error, found before
 /// anything is loaded or written.
-private func validationOptions(_ options: Arguments) throws -> ValidationOptions? {
-    let prompts = options.strings("--validation-prompt")
+private func validationOptions(_ options: ParsedOptions) throws -> ValidationOptions? {
+    typealias O = TrainOptions
+    let prompts = options.strings(O.validationPrompt)
     guard !prompts.isEmpty else {
-        for flag in ["--validation-every", "--validation-seeds", "--validation-steps", "--validation-guidance"] where options.has(flag) {
-            throw PEAError.usage("train: \(flag) needs at least one --validation-prompt")
+        for option in [O.validationEvery, O.validationSeeds, O.validationSteps, O.validationGuidance] where options.has(option) {
+            throw PEAError.usage("train: \(option.name) needs at least one --validation-prompt")
         }
         return nil
     }
-    guard options.has("--validation-every") else {
+    guard options.has(O.validationEvery) else {
         throw PEAError.usage("train: --validation-prompt needs --validation-every N (validate every N steps)")
     }
-    var validation = ValidationOptions(prompts: prompts, every: try options.int("--validation-every", default: 1, range: 1...100_000_000))
-    validation.seeds = try options.int("--validation-seeds", default: 2, range: 1...64)
-    validation.steps = try options.int("--validation-steps", default: 30, range: 1...1000)
-    validation.guidance = Float(try options.double("--validation-guidance") ?? 7.5)
+    var validation = ValidationOptions(prompts: prompts, every: try options.int(O.validationEvery))
+    validation.seeds = try options.int(O.validationSeeds)
+    validation.steps = try options.int(O.validationSteps)
+    validation.guidance = Float(try options.double(O.validationGuidance))
     return validation
 }
 
@@ -229,20 +273,16 @@ private func clock(_ seconds: Double) -> String {
 }
 
 /// diffusers' --timestep_bias_* flags.
-private func timestepBias(_ options: Arguments) throws -> TimestepBias {
+private func timestepBias(_ options: ParsedOptions) throws -> TimestepBias {
+    typealias O = TrainOptions
     var bias = TimestepBias()
-    if let name = options.string("--timestep-bias-strategy") {
-        guard let strategy = TimestepBias.Strategy(rawValue: name) else {
-            throw PEAError.usage("train: --timestep-bias-strategy must be one of \(TimestepBias.Strategy.allCases.map(\.rawValue).joined(separator: ", ")), got '\(name)'")
-        }
-        bias.strategy = strategy
-    }
-    bias.multiplier = try options.double("--timestep-bias-multiplier") ?? 1
+    bias.strategy = TimestepBias.Strategy(rawValue: try options.string(O.biasStrategy))!
+    bias.multiplier = try options.double(O.biasMultiplier)
     guard bias.multiplier > 0, bias.multiplier.isFinite else { throw PEAError.usage("train: --timestep-bias-multiplier must be above 0") }
-    bias.portion = try options.double("--timestep-bias-portion") ?? 0.25
+    bias.portion = try options.double(O.biasPortion)
     guard (0...1).contains(bias.portion) else { throw PEAError.usage("train: --timestep-bias-portion must be in [0, 1]") }
-    bias.begin = try options.int("--timestep-bias-begin", default: 0, range: 0...1_000_000)
-    bias.end = try options.int("--timestep-bias-end", default: 1000, range: 0...1_000_000)
+    bias.begin = try options.int(O.biasBegin)
+    bias.end = try options.int(O.biasEnd)
     guard bias.begin < bias.end else { throw PEAError.usage("train: --timestep-bias-begin must be below --timestep-bias-end") }
     return bias
 }

@@ -186,7 +186,7 @@ final class MultilingualEncoderTests: XCTestCase {
         XCTAssertEqual(tokens.ids.integers()!, Array(try io.tensor("input_ids").integers()![0..<12]) + Array(try io.tensor("input_ids").integers()![24..<36]))
         XCTAssertEqual(tokens.attentionMask.shape, [2, 12])
         XCTAssertEqual(tokens.truncated.count, 2)
-        assertThrowsError(containing: ["--max-length must be in 2...16"]) {
+        assertThrowsError(containing: ["maxLength must be in 2...16"]) {
             try TokenizedTextEncoder(tokenizer: encoder.tokenizer, model: encoder.model, maxLength: 17, displayName: "x")
         }
     }

@@ -30,7 +30,7 @@ public struct TokenizedTextEncoder<Tokenizer: PaddingTokenizer>: LanguageEncoder
 
     public init(tokenizer: Tokenizer, model: BertTextModel, maxLength: Int, displayName: String) throws {
         guard maxLength >= 2, maxLength <= model.config.maxSequenceLength else {
-            throw PEAError.usage("--max-length must be in 2...\(model.config.maxSequenceLength) for this \(model.config.modelType) encoder, got \(maxLength)")
+            throw PEAError.usage("maxLength must be in 2...\(model.config.maxSequenceLength) for this \(model.config.modelType) encoder, got \(maxLength)")
         }
         self.tokenizer = tokenizer
         self.model = model

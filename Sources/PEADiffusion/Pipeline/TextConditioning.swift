@@ -60,7 +60,7 @@ public struct CLIPConditioner: TextConditioner {
 
     public init(text: CLIPTextStack, clipSkip: Int = 0) throws {
         guard clipSkip >= 0, clipSkip < text.encoder.config.layers else {
-            throw PEAError.usage("--clip-skip must be in 0..<\(text.encoder.config.layers) for this text encoder, got \(clipSkip)")
+            throw PEAError.usage("clipSkip must be in 0..<\(text.encoder.config.layers) for this text encoder, got \(clipSkip)")
         }
         self.text = text
         self.clipSkip = clipSkip
@@ -92,7 +92,7 @@ public struct SDXLConditioner: TextConditioner {
         }
         let layers = min(first.encoder.config.layers, second.encoder.config.layers)
         guard clipSkip >= 0, clipSkip + 1 < layers else {
-            throw PEAError.usage("--clip-skip must be in 0..<\(layers - 1) for these text encoders, got \(clipSkip)")
+            throw PEAError.usage("clipSkip must be in 0..<\(layers - 1) for these text encoders, got \(clipSkip)")
         }
         self.first = first
         self.second = second

@@ -33,8 +33,8 @@ public struct BundledModels: Sendable {
         let candidates = searchPaths()
         if let root = candidates.first(where: isBundle) { return BundledModels(root: root) }
         throw PEAError.invalidFile(path: candidates.first ?? "models",
-                                   reason: "no --model given and the bundled toy world was not found (looked in \(candidates.joined(separator: ", "))); "
-                                       + "pass --model DIR or set PEA_MODELS to the folder holding toyworld/")
+                                   reason: "the bundled toy world was not found (looked in \(candidates.joined(separator: ", "))); "
+                                       + "set PEA_MODELS to the folder holding toyworld/")
     }
 
     /// The `models/` folders searched when PEA_MODELS is not set, in order.

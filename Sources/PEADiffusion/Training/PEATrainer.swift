@@ -236,7 +236,7 @@ public final class PEATrainer {
             lossScale /= 2   // f16 overflow: skip the update, retry the next batch at half the scale
             stepsSinceOverflow = 0
         } else if !finite {
-            throw PEAError.backend("pea train: step \(step + 1): the gradients are not finite (loss \(losses.total)); lower --lr or check the data")
+            throw PEAError.backend("training step \(step + 1): the gradients are not finite (loss \(losses.total)); lower the learning rate or check the data")
         }
         step += 1
         return TrainingStepReport(step: step, losses: losses, learningRate: Float(lr), gradientNorm: norm ?? .nan,
@@ -251,7 +251,7 @@ public final class PEATrainer {
         let english = try samples.map { sample -> String in
             if let english = sample.textEN { return english }
             if options.hybrid && sample.languageSpecific == true { return "" }   // masked out of the KD terms
-            throw PEAError.invalidFile(path: sample.id, reason: "no English caption (text_en); plain distillation needs one for every record (--hybrid trains on language-specific records without one)")
+            throw PEAError.invalidFile(path: sample.id, reason: "no English caption (text_en); plain distillation needs one for every record (hybrid training takes language-specific records without one)")
         }
         let latents = try encodeLatents(samples, &gaussian)
         let noise = try gaussian.randnTensor(latents.shape, backend: backend)

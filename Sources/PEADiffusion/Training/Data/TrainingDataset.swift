@@ -22,12 +22,12 @@ public enum TrainingDataSource: Equatable, Sendable {
         let manifests = patterns.filter { $0.lowercased().hasSuffix(".jsonl") }
         if !manifests.isEmpty {
             guard manifests.count == 1, patterns.count == 1 else {
-                throw PEAError.usage("--data takes one .jsonl manifest or tar shard patterns, not \(patterns.joined(separator: ", "))")
+                throw PEAError.usage("training data is one .jsonl manifest or tar shard patterns, not \(patterns.joined(separator: ", "))")
             }
             return .manifest(path: manifests[0])
         }
         let shards = try ShardPattern.expand(patterns)
-        guard !shards.isEmpty else { throw PEAError.usage("--data names no manifest and no shards") }
+        guard !shards.isEmpty else { throw PEAError.usage("the training data names no manifest and no shards") }
         return .shards(shards)
     }
 }
