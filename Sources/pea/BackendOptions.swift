@@ -41,7 +41,7 @@ enum BackendOptions {
             case .precisionNeedsCUDA(_, let why):
                 throw PEAError.usage("\(command): --precision \(precisionName) needs the CUDA backend, which is unavailable: \(why)")
             case .cudaFailed(let why):
-                throw PEAError.backend("\(command): --backend cuda: \(why)")
+                throw PEAError.backend("\(command): --backend cuda: \(why)", kind: .unavailable)
             }
         }
     }

@@ -211,8 +211,8 @@ func runTrain(_ arguments: [String]) throws {
     var times: [Double] = []
     while trainer.step < settings.steps {
         let report: TrainingStepReport
-        do { report = try trainer.trainStep() } catch PEAError.backend(let message) {
-            throw PEAError.backend("pea train: \(message)")   // the library's error, in the command's context
+        do { report = try trainer.trainStep() } catch PEAError.backend(let message, let kind) {
+            throw PEAError.backend("pea train: \(message)", kind: kind)   // the library's error, in the command's context
         }
         times.append(report.seconds)
         let recent = times.suffix(10)
