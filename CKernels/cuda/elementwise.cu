@@ -425,7 +425,7 @@ extern "C" int pea_cuda_binary(pea_cuda_context *ctx, int dtype, int op, const v
     static const char *name = "binary";
     PEA_OP(ctx, name);
     PEA_REQUIRE_DTYPE(ctx, name, dtype);
-    PEA_REQUIRE(ctx, name, op >= CK_ADD && op <= CK_DIV, "unknown op %d", op);
+    PEA_REQUIRE(ctx, name, op >= 0 && op < CK_BINARY_COUNT, "unknown op %d", op);
     PEA_REQUIRE(ctx, name, rank >= 1 && rank <= CK_MAX_RANK, "rank %d is not in 1…%d", rank, CK_MAX_RANK);
     PEA_REQUIRE(ctx, name, shape && a_strides && b_strides, "NULL shape or strides");
     for (int i = 0; i < rank; i++) PEA_REQUIRE(ctx, name, shape[i] >= 0, "shape[%d] = %lld", i, (long long)shape[i]);

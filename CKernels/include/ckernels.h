@@ -153,9 +153,9 @@ void ck_geglu_f32(const float *x, float *y, int64_t R, int64_t D);
 void ck_affine_f32(const float *x, float *y, int64_t n, float alpha, float beta);
 
 /* Binary op with broadcasting: y[i] = a[i·as] ⊕ b[i·bs] over an index space `shape` of rank ≤ CK_MAX_RANK
- * with y contiguous; a stride of 0 broadcasts that axis. */
+ * with y contiguous; a stride of 0 broadcasts that axis. The op codes are pea_cuda_binary's too. */
 #define CK_MAX_RANK 8
-enum { CK_ADD = 0, CK_SUB = 1, CK_MUL = 2, CK_DIV = 3 };
+enum { CK_ADD = 0, CK_SUB = 1, CK_MUL = 2, CK_DIV = 3, CK_BINARY_COUNT = 4 };
 void ck_binary_f32(int op, const float *a, const int64_t *a_strides, const float *b, const int64_t *b_strides,
                    float *y, const int64_t *shape, int rank);
 

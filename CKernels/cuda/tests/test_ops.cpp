@@ -643,7 +643,7 @@ static void test_binary() {
     };
     for (int t : kFloatTypes)
         for (const Case &c : cases)
-            for (int op = CK_ADD; op <= CK_DIV; op++) {
+            for (int op = 0; op < CK_BINARY_COUNT; op++) {
                 std::vector<float> a = rounded(rvec(c.a_elems), t), b = rounded(rvec(c.b_elems, 1.0f, 2.5f), t);
                 int64_t n = 1;
                 for (int i = 0; i < c.rank; i++) n *= c.shape[i];
