@@ -116,6 +116,18 @@ final class DenoisingModelTests: XCTestCase {
         }
     }
 
+    /// kd-step on an SD1 UNet: a batch carrying SDXL's time_ids is refused before the UNet sees it.
+    func testDistillationRefusesSDXLInputsForAnSD1UNet() throws {
+        let kd = fixturesDirectory() + "/kd/"
+        let unet = try UNet2DConditionModel.load(folder: fixturesDirectory() + "/pipelines/sd1/unet", backend: backend).model
+        let adapter = try PEAAdapter.load(path: kd + "adapter_sd1.safetensors", backend: backend)
+        var batch = try DistillationBatch.load(path: kd + "sd1_plain.safetensors", backend: backend)
+        batch.timeIds = try backend.zeros([batch.noisyLatents.shape[0], 6], dtype: .f32)
+        assertThrowsError(containing: ["time_ids and teacher_text_embeds are SDXL's"]) {
+            try KnowledgeDistillation(unet: unet).step(adapter: adapter, batch: batch)
+        }
+    }
+
     /// A denoiser that predicts zeros and keeps what it was given.
     final class RecordingDenoiser: DenoisingModel {
         let latentChannels = 4, sampleSize: Int? = 8, contextDim = 32
