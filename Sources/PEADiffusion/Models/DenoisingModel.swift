@@ -21,23 +21,23 @@ public struct DenoisingInputs {
     /// ControlNet's residuals, added to the UNet's skip connections and to its mid block's output.
     public var controlResiduals: ControlResiduals?
 
-    public init(sample: Tensor, timestep: Tensor, encoderHiddenStates: Tensor,
-                textTime: (textEmbeds: Tensor, timeIds: Tensor)? = nil, timestepCondition: Tensor? = nil,
-                controlResiduals: ControlResiduals? = nil) {
-        self.init(sample: sample, timestep: timestep, encoderHiddenStates: encoderHiddenStates, textEmbeds: textTime?.textEmbeds,
-                  timeIds: textTime?.timeIds, timestepCondition: timestepCondition)
-        self.controlResiduals = controlResiduals
-    }
-
-    /// The form with SDXL's two tensors given apart (either may be nil).
-    public init(sample: Tensor, timestep: Tensor, encoderHiddenStates: Tensor, textEmbeds: Tensor?,
-                timeIds: Tensor?, timestepCondition: Tensor? = nil) {
+    /// SDXL's two tensors may be given apart here (either may be nil), as older call sites do.
+    public init(sample: Tensor, timestep: Tensor, encoderHiddenStates: Tensor, textEmbeds: Tensor? = nil,
+                timeIds: Tensor? = nil, timestepCondition: Tensor? = nil, controlResiduals: ControlResiduals? = nil) {
         self.sample = sample
         self.timestep = timestep
         self.encoderHiddenStates = encoderHiddenStates
         self.textEmbeds = textEmbeds
         self.timeIds = timeIds
         self.timestepCondition = timestepCondition
+        self.controlResiduals = controlResiduals
+    }
+
+    /// With SDXL's added conditioning as a pair.
+    public init(sample: Tensor, timestep: Tensor, encoderHiddenStates: Tensor, textTime: (textEmbeds: Tensor, timeIds: Tensor)?,
+                timestepCondition: Tensor? = nil, controlResiduals: ControlResiduals? = nil) {
+        self.init(sample: sample, timestep: timestep, encoderHiddenStates: encoderHiddenStates, textEmbeds: textTime?.textEmbeds,
+                  timeIds: textTime?.timeIds, timestepCondition: timestepCondition, controlResiduals: controlResiduals)
     }
 
     /// SDXL's added conditioning as a pair: nil unless both halves are set.
