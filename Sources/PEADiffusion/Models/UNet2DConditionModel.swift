@@ -1,183 +1,6 @@
 // diffusers' UNet2DConditionModel for the SD1.x, SD2.x and SDXL families (and LCM's `time_cond_proj_dim`),
 // read from a diffusers `unet/` folder. The structure follows diffusers/models/unets/unet_2d_condition.py and
-// unet_2d_blocks.py; every config field those families use is honoured, and any other value is an error
-// naming the field rather than a silently different model.
-
-/// The fields of a UNet's `config.json` that shape the model, resolved as diffusers resolves them.
-public struct UNetConfig {
-    public var inChannels: Int
-    public var outChannels: Int
-    public var blockOutChannels: [Int]
-    public var downBlockHasAttention: [Bool]
-    public var upBlockHasAttention: [Bool]
-    public var layersPerBlock: [Int]
-    /// Heads per down block (diffusers: `num_attention_heads`, or the legacy `attention_head_dim` when that is null).
-    public var attentionHeads: [Int]
-    public var transformerLayersPerBlock: [Int]
-    /// Per up block, in up-block order (diffusers' `reverse_transformer_layers_per_block`, or the down list reversed).
-    public var upTransformerLayersPerBlock: [Int]
-    public var crossAttentionDim: [Int]
-    public var useLinearProjection: Bool
-    /// `upcast_attention`, read for the record: the attention kernels accumulate in f32 whatever it says (Attention).
-    public var upcastAttention: Bool
-    public var normNumGroups: Int
-    public var normEps: Float
-    public var flipSinToCos: Bool
-    public var freqShift: Float
-    public var midBlockScaleFactor: Float
-    public var hasMidBlock: Bool
-    /// SDXL: `addition_embed_type: "text_time"`.
-    public var textTime: (timeEmbedDim: Int, projectionInputDim: Int)?
-    /// LCM: a guidance embedding added to the timestep before `time_embedding`.
-    public var timeCondProjDim: Int?
-    public var sampleSize: Int?
-
-    public var timeEmbedDim: Int { blockOutChannels[0] * 4 }
-
-    /// Reads and checks `config.json`; unsupported values throw, naming the field.
-    public init(_ config: ConfigFile) throws {
-        func fail(_ key: String, _ reason: String) -> PEAError {
-            .invalidConfig(path: config.path, reason: "'\(key)': \(reason)")
-        }
-        func requireValue(_ key: String, _ allowed: [String?], default defaultValue: String?) throws {
-            let value = try config.optionalString(key) ?? defaultValue
-            guard allowed.contains(value) else {
-                throw fail(key, "\(value.map { "\"\($0)\"" } ?? "null") is not supported (Pea supports \(allowed.map { $0 ?? "null" }.joined(separator: ", ")))")
-            }
-        }
-
-        inChannels = try config.int("in_channels", default: 4)
-        outChannels = try config.int("out_channels", default: 4)
-        blockOutChannels = try config.contains("block_out_channels") ? config.intList("block_out_channels") : [320, 640, 1280, 1280]
-        let blocks = blockOutChannels.count
-        guard blocks > 0 else { throw fail("block_out_channels", "is empty") }
-
-        let downTypes = try config.contains("down_block_types") ? config.stringList("down_block_types")
-            : ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        let upTypes = try config.contains("up_block_types") ? config.stringList("up_block_types")
-            : ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-        guard downTypes.count == blocks else { throw fail("down_block_types", "has \(downTypes.count) entries for \(blocks) blocks") }
-        guard upTypes.count == blocks else { throw fail("up_block_types", "has \(upTypes.count) entries for \(blocks) blocks") }
-        downBlockHasAttention = try downTypes.map {
-            switch $0 {
-            case "CrossAttnDownBlock2D": return true
-            case "DownBlock2D": return false
-            default: throw fail("down_block_types", "block type \"\($0)\" is not supported (CrossAttnDownBlock2D, DownBlock2D)")
-            }
-        }
-        upBlockHasAttention = try upTypes.map {
-            switch $0 {
-            case "CrossAttnUpBlock2D": return true
-            case "UpBlock2D": return false
-            default: throw fail("up_block_types", "block type \"\($0)\" is not supported (CrossAttnUpBlock2D, UpBlock2D)")
-            }
-        }
-        switch config.value("mid_block_type") {
-        case nil, .string("UNetMidBlock2DCrossAttn"): hasMidBlock = true
-        case .null: hasMidBlock = false
-        default: throw fail("mid_block_type", "only UNetMidBlock2DCrossAttn (or null) is supported")
-        }
-
-        layersPerBlock = try config.contains("layers_per_block") ? config.intOrList("layers_per_block", count: blocks) : Array(repeating: 2, count: blocks)
-        // diffusers: `num_attention_heads = num_attention_heads or attention_head_dim` — the legacy config field
-        // `attention_head_dim` has always meant the number of heads when `num_attention_heads` is not given.
-        if config.value("num_attention_heads").map({ $0 != .null }) ?? false {
-            attentionHeads = try config.intOrList("num_attention_heads", count: blocks)
-        } else {
-            attentionHeads = try config.contains("attention_head_dim") && config.value("attention_head_dim") != .null
-                ? config.intOrList("attention_head_dim", count: blocks) : Array(repeating: 8, count: blocks)
-        }
-        transformerLayersPerBlock = try config.contains("transformer_layers_per_block")
-            ? config.intOrList("transformer_layers_per_block", count: blocks) : Array(repeating: 1, count: blocks)
-        if config.value("reverse_transformer_layers_per_block").map({ $0 != .null }) ?? false {
-            // Per up block, each entry an int or a list per layer; only one count per block is supported.
-            guard case .array(let rows) = config.value("reverse_transformer_layers_per_block")!, rows.count == blocks else {
-                throw fail("reverse_transformer_layers_per_block", "expected a list of \(blocks) entries")
-            }
-            upTransformerLayersPerBlock = try rows.map { row in
-                let counts: [Double]
-                switch row {
-                case .number(let n): counts = [n]
-                case .array(let items): counts = try items.map { if case .number(let n) = $0 { return n }; throw fail("reverse_transformer_layers_per_block", "entries must be integers") }
-                default: throw fail("reverse_transformer_layers_per_block", "entries must be integers or lists")
-                }
-                guard let first = counts.first, counts.allSatisfy({ $0 == first }), let n = Int(exactly: first) else {
-                    throw fail("reverse_transformer_layers_per_block", "different transformer depths within one block are not supported")
-                }
-                return n
-            }
-        } else {
-            upTransformerLayersPerBlock = transformerLayersPerBlock.reversed()
-        }
-        crossAttentionDim = try config.contains("cross_attention_dim") ? config.intOrList("cross_attention_dim", count: blocks) : Array(repeating: 1280, count: blocks)
-        useLinearProjection = try config.bool("use_linear_projection", default: false)
-        upcastAttention = try config.bool("upcast_attention", default: false)
-        normNumGroups = try config.int("norm_num_groups", default: 32)
-        normEps = Float(try config.double("norm_eps", default: 1e-5))
-        flipSinToCos = try config.bool("flip_sin_to_cos", default: true)
-        freqShift = Float(try config.double("freq_shift", default: 0))
-        midBlockScaleFactor = Float(try config.double("mid_block_scale_factor", default: 1))
-        sampleSize = try config.optionalInt("sample_size")
-        timeCondProjDim = try config.optionalInt("time_cond_proj_dim")
-
-        switch try config.optionalString("addition_embed_type") {
-        case nil: textTime = nil
-        case "text_time":
-            textTime = (try config.int("addition_time_embed_dim"), try config.int("projection_class_embeddings_input_dim"))
-        case let other?: throw fail("addition_embed_type", "\"\(other)\" is not supported (null, \"text_time\")")
-        }
-
-        // Fields whose other values would change the model in ways Pea does not implement.
-        try requireValue("act_fn", ["silu"], default: "silu")
-        try requireValue("resnet_time_scale_shift", ["default"], default: "default")
-        try requireValue("time_embedding_type", ["positional"], default: "positional")
-        try requireValue("class_embed_type", [nil], default: nil)
-        try requireValue("encoder_hid_dim_type", [nil], default: nil)
-        try requireValue("timestep_post_act", [nil], default: nil)
-        try requireValue("time_embedding_act_fn", [nil], default: nil)
-        try requireValue("attention_type", ["default"], default: "default")
-        try requireValue("cross_attention_norm", [nil], default: nil)
-        for flag in ["dual_cross_attention", "center_input_sample", "resnet_skip_time_act", "mid_block_only_cross_attention", "class_embeddings_concat"] {
-            if try config.bool(flag, default: false) { throw fail(flag, "true is not supported") }
-        }
-        if case .array(let values)? = config.value("only_cross_attention") {
-            if values.contains(.bool(true)) { throw fail("only_cross_attention", "true is not supported") }
-        } else if try config.bool("only_cross_attention", default: false) {
-            throw fail("only_cross_attention", "true is not supported")
-        }
-        for key in ["num_class_embeds", "encoder_hid_dim", "time_embedding_dim"] {
-            if try config.optionalInt(key) != nil { throw fail(key, "is set, which Pea does not support") }
-        }
-        if try config.int("conv_in_kernel", default: 3) != 3 { throw fail("conv_in_kernel", "only 3 is supported") }
-        if try config.int("conv_out_kernel", default: 3) != 3 { throw fail("conv_out_kernel", "only 3 is supported") }
-        if try config.double("resnet_out_scale_factor", default: 1) != 1 { throw fail("resnet_out_scale_factor", "only 1.0 is supported") }
-        if try config.double("downsample_padding", default: 1) != 1 { throw fail("downsample_padding", "only 1 is supported") }
-        for (i, channels) in blockOutChannels.enumerated() where channels % normNumGroups != 0 || channels % attentionHeads[i] != 0 {
-            throw fail("block_out_channels", "\(channels) channels of block \(i) do not split into \(normNumGroups) groups and \(attentionHeads[i]) heads")
-        }
-    }
-}
-
-/// The inputs of one UNet evaluation. `textEmbeds` and `timeIds` are SDXL's added conditions;
-/// `timestepCondition` LCM's guidance embedding.
-public struct UNetInputs {
-    public var sample: Tensor
-    public var timestep: Tensor
-    public var encoderHiddenStates: Tensor
-    public var textEmbeds: Tensor?
-    public var timeIds: Tensor?
-    public var timestepCondition: Tensor?
-
-    public init(sample: Tensor, timestep: Tensor, encoderHiddenStates: Tensor, textEmbeds: Tensor? = nil,
-                timeIds: Tensor? = nil, timestepCondition: Tensor? = nil) {
-        self.sample = sample
-        self.timestep = timestep
-        self.encoderHiddenStates = encoderHiddenStates
-        self.textEmbeds = textEmbeds
-        self.timeIds = timeIds
-        self.timestepCondition = timestepCondition
-    }
-}
+// unet_2d_blocks.py; its config is UNetConfig (UNetConfig.swift). It is the DenoisingModel of those families.
 
 /// The hidden states leaving each block, for feature distillation: `down[i]` after down block i's
 /// downsampler, `mid`, and `up[i]` after up block i's upsampler.
@@ -246,7 +69,7 @@ struct UNetUpBlock {
     }
 }
 
-public struct UNet2DConditionModel {
+public struct UNet2DConditionModel: DenoisingModel {
     public let config: UNetConfig
     let convIn: Conv2d
     let timeProjection: SinusoidalProjection
@@ -358,13 +181,19 @@ public struct UNet2DConditionModel {
     /// rounding up (stride-2 convs), and each upsampler then matches the skip it meets, as diffusers does.
     public var downsamplingFactor: Int { 1 << (config.blockOutChannels.count - 1) }
 
+    public var latentChannels: Int { config.inChannels }
+    public var sampleSize: Int? { config.sampleSize }
+    public var contextDim: Int { config.crossAttentionDim[0] }
+    public var takesTextTime: Bool { config.textTime != nil }
+    public var timestepConditionDim: Int? { config.timeCondProjDim }
+
     /// ε (or v, by the scheduler's `prediction_type`) for `inputs`.
-    public func callAsFunction(_ inputs: UNetInputs) throws -> Tensor {
+    public func callAsFunction(_ inputs: DenoisingInputs) throws -> Tensor {
         try evaluate(inputs, keepFeatures: false).sample
     }
 
     /// The prediction and, with `keepFeatures`, every block's output (the feature-distillation targets).
-    public func evaluate(_ inputs: UNetInputs, keepFeatures: Bool) throws -> (sample: Tensor, features: UNetFeatures) {
+    public func evaluate(_ inputs: DenoisingInputs, keepFeatures: Bool) throws -> (sample: Tensor, features: UNetFeatures) {
         try checkInputs(inputs)
         let b = inputs.sample.backend, batch = inputs.sample.shape[0], dtype = self.dtype
         // Inputs in another precision than the parameters are cast at the boundary (the kernels take one dtype
@@ -401,10 +230,15 @@ public struct UNet2DConditionModel {
             h = try block(h, temb: temb, context: context, skips: &skips)
             if keepFeatures { features.down.append(h) }
         }
+        // ControlNet: the residuals go into the skips only; the mid block takes the down blocks' output as it is.
+        if let control = inputs.controlResiduals {
+            skips = try zip(skips, control.down).map { try b.add($0, cast($1)) }
+        }
         if let midBlock {
             h = try midBlock(h, temb: temb, context: context)
-            if keepFeatures { features.mid = h }
         }
+        if let mid = inputs.controlResiduals?.mid { h = try b.add(h, cast(mid)) }
+        if keepFeatures, midBlock != nil { features.mid = h }
         for block in upBlocks {
             h = try block(h, temb: temb, context: context, skips: &skips)
             if keepFeatures { features.up.append(h) }
@@ -412,7 +246,7 @@ public struct UNet2DConditionModel {
         return (try convOut(normOut(h, silu: true)), features)
     }
 
-    private func checkInputs(_ inputs: UNetInputs) throws {
+    private func checkInputs(_ inputs: DenoisingInputs) throws {
         let c = config, shape = inputs.sample.shape
         guard shape.count == 4, shape[1] == c.inChannels else {
             throw PEAError.shapeMismatch("unet: sample must be [B, \(c.inChannels), H, W], got \(shape)")
@@ -428,18 +262,48 @@ public struct UNet2DConditionModel {
             throw PEAError.shapeMismatch("unet: encoder_hidden_states must be [\(batch), T, \(c.crossAttentionDim[0])], got \(context)")
         }
         if let textTime = c.textTime {
-            guard let textEmbeds = inputs.textEmbeds, let timeIds = inputs.timeIds else {
+            guard let (textEmbeds, timeIds) = inputs.textTime else {
                 throw PEAError.shapeMismatch("unet: this UNet (addition_embed_type \"text_time\") needs text_embeds and time_ids")
             }
             guard timeIds.shape.count == 2, timeIds.shape[0] == batch, textEmbeds.shape.count == 2, textEmbeds.shape[0] == batch,
                   textEmbeds.shape[1] + timeIds.shape[1] * textTime.timeEmbedDim == textTime.projectionInputDim else {
                 throw PEAError.shapeMismatch("unet: text_embeds \(textEmbeds.shape) and time_ids \(timeIds.shape) do not give projection_class_embeddings_input_dim \(textTime.projectionInputDim) for batch \(batch)")
             }
+        } else if inputs.textEmbeds != nil || inputs.timeIds != nil {
+            throw PEAError.unsupported("unet: this UNet takes no text_embeds or time_ids (its config has no addition_embed_type \"text_time\"; SDXL's UNets do)")
         }
         if let dim = c.timeCondProjDim {
             guard let condition = inputs.timestepCondition, condition.shape == [batch, dim] else {
                 throw PEAError.shapeMismatch("unet: this UNet (time_cond_proj_dim \(dim)) needs timestep_cond [\(batch), \(dim)]")
             }
+        } else if inputs.timestepCondition != nil {
+            throw PEAError.unsupported("unet: this UNet takes no timestep_cond (its config has no time_cond_proj_dim; LCM's UNets do)")
+        }
+        if let control = inputs.controlResiduals { try checkControlResiduals(control, sample: shape) }
+    }
+
+    /// The residuals must match the skips one for one, and the mid residual the mid block's output: their
+    /// shapes follow from the sample's (each downsampler halves the latent, rounding up).
+    private func checkControlResiduals(_ control: ControlResiduals, sample: [Int]) throws {
+        let channels = config.blockOutChannels
+        var height = sample[2], width = sample[3]
+        var expected = [[sample[0], channels[0], height, width]]
+        for (i, layers) in config.layersPerBlock.enumerated() {
+            expected += Array(repeating: [sample[0], channels[i], height, width], count: layers)
+            if i < channels.count - 1 {
+                (height, width) = ((height + 1) / 2, (width + 1) / 2)
+                expected.append([sample[0], channels[i], height, width])
+            }
+        }
+        guard control.down.count == expected.count else {
+            throw PEAError.shapeMismatch("unet: ControlNet gave \(control.down.count) down residuals, this UNet has \(expected.count) skip connections")
+        }
+        for (i, (residual, shape)) in zip(control.down, expected).enumerated() where residual.shape != shape {
+            throw PEAError.shapeMismatch("unet: ControlNet down residual \(i) must be \(shape), got \(residual.shape)")
+        }
+        let mid = [sample[0], channels[channels.count - 1], height, width]
+        guard control.mid.shape == mid else {
+            throw PEAError.shapeMismatch("unet: ControlNet mid residual must be \(mid), got \(control.mid.shape)")
         }
     }
 }

@@ -1,33 +1,10 @@
 // Text-to-image with the semantics of diffusers' StableDiffusionPipeline (SD1.x, SD2.x) and
 // StableDiffusionXLPipeline (SDXL), without the safety checker: the same folder, prompt, seed and settings
 // give the same image as diffusers with a CPU generator.
-
-/// Which pipeline a model folder is.
-public enum ModelFamily: String, Sendable {
-    case sd1 = "SD1"
-    case sd2 = "SD2"
-    case sdxl = "SDXL"
-
-    /// From `model_index.json`: an XL pipeline class or a `text_encoder_2` means SDXL; otherwise SD2 when the
-    /// text encoder is OpenCLIP's (GELU, SD2.x) and SD1 when it is OpenAI's CLIP (quick-GELU, SD1.x).
-    public static func detect(folder: String, unet: UNetConfig) throws -> ModelFamily {
-        let index = joinPath(folder, "model_index.json")
-        if isRegularFile(index) {
-            let config = try ConfigFile(path: index)
-            let name = try config.optionalString("_class_name") ?? ""
-            if name.contains("Refiner") || name.contains("Img2Img") || name.contains("Inpaint") {
-                throw PEAError.unsupported("\(index): '\(name)' is not a text-to-image pipeline Pea runs (SD1.x, SD2.x, SDXL base)")
-            }
-            if name.contains("XL") || config.contains("text_encoder_2") { return .sdxl }
-        }
-        if unet.textTime != nil { return .sdxl }
-        let encoderConfig = joinPath(folder, "text_encoder/config.json")
-        if isRegularFile(encoderConfig), try ConfigFile(path: encoderConfig).string("hidden_act", default: "quick_gelu") == "gelu" {
-            return .sd2
-        }
-        return .sd1
-    }
-}
+//
+// One pipeline for every family: it is written against DenoisingModel (the denoiser's inputs and what it needs)
+// and reads what differs between families from ModelFamily's properties (ModelFamily.swift); the image ↔ latent
+// factor is the VAE's. docs/adding-a-model.md explains how a new family (a DiT such as SD3/Flux) plugs in.
 
 /// What to generate: diffusers' `pipe(prompt, negative_prompt, num_inference_steps, guidance_scale, height,
 /// width, num_images_per_prompt, generator=torch.Generator("cpu").manual_seed(seed))`.
@@ -57,17 +34,18 @@ public struct RGBImage {
 
 public final class StableDiffusionPipeline {
     public let family: ModelFamily
-    public let unet: UNet2DConditionModel
+    /// The denoiser: the UNet for SD1.x/SD2.x/SDXL.
+    public let denoiser: any DenoisingModel
     public let vae: AutoencoderKL
     public let conditioner: any TextConditioner
     public var scheduler: any Scheduler
     public let schedulerConfig: ConfigFile
     public let backend: any ComputeBackend
 
-    public init(family: ModelFamily, unet: UNet2DConditionModel, vae: AutoencoderKL, conditioner: any TextConditioner,
+    public init(family: ModelFamily, denoiser: any DenoisingModel, vae: AutoencoderKL, conditioner: any TextConditioner,
                 scheduler: any Scheduler, schedulerConfig: ConfigFile, backend: any ComputeBackend) {
         self.family = family
-        self.unet = unet
+        self.denoiser = denoiser
         self.vae = vae
         self.conditioner = conditioner
         self.scheduler = scheduler
@@ -79,7 +57,8 @@ public final class StableDiffusionPipeline {
     /// `conditioner`, when given, replaces the folder's English text encoders (PEA). `dtype` is the precision
     /// the UNet, text encoders and VAE are stored and computed in (f16/bf16 need the CUDA backend), as diffusers'
     /// `torch_dtype`; as in diffusers' SDXL pipeline, an SDXL VAE whose config has `force_upcast` (the default)
-    /// runs in f32 when the rest is f16. Latents, guidance and the scheduler stay f32.
+    /// runs in f32 when the rest is f16 (`ModelFamily.upcastsForceUpcastVAE`). Latents, guidance and the scheduler
+    /// stay f32.
     public static func load(folder: String, backend: any ComputeBackend, scheduler: String? = nil, clipSkip: Int = 0,
                             variant: String? = nil, conditioner: (any TextConditioner)? = nil,
                             dtype: DType = .f32) throws -> StableDiffusionPipeline {
@@ -90,30 +69,15 @@ public final class StableDiffusionPipeline {
         let family = try ModelFamily.detect(folder: folder, unet: unet.config)
         let vaeFolder = joinPath(folder, "vae")
         var vaeDType = dtype
-        if family == .sdxl && dtype == .f16,
+        if family.upcastsForceUpcastVAE && dtype == .f16,
            try AutoencoderKLConfig(ConfigFile(path: joinPath(ModelFolder.component(vaeFolder, "vae"), "config.json"))).forceUpcast {
-            vaeDType = .f32   // diffusers: `needs_upcasting = vae.dtype == float16 and vae.config.force_upcast`
+            vaeDType = .f32
         }
         let vae = try AutoencoderKL.load(folder: vaeFolder, backend: backend, variant: variant, dtype: vaeDType).model
-        var schedulerConfig = try ConfigFile(path: joinPath(folder, "scheduler/scheduler_config.json"))
-        if family != .sdxl { schedulerConfig = repairedSchedulerConfig(schedulerConfig) }
+        let schedulerConfig = family.schedulerConfig(try ConfigFile(path: joinPath(folder, "scheduler/scheduler_config.json")))
         let sampler = try makeScheduler(name: scheduler, config: schedulerConfig)
-
-        func textStack(_ tokenizer: String, _ encoder: String) throws -> CLIPTextStack {
-            CLIPTextStack(tokenizer: try CLIPTokenizer(folder: joinPath(folder, tokenizer)),
-                          encoder: try CLIPTextModel.load(folder: joinPath(folder, encoder), backend: backend, variant: variant, dtype: dtype).model)
-        }
-        let text: any TextConditioner
-        if let conditioner {
-            text = conditioner
-        } else if family == .sdxl {
-            let index = try ConfigFile(path: joinPath(folder, "model_index.json"))
-            text = try SDXLConditioner(first: textStack("tokenizer", "text_encoder"), second: textStack("tokenizer_2", "text_encoder_2"),
-                                       clipSkip: clipSkip, forceZerosForEmptyPrompt: try index.bool("force_zeros_for_empty_prompt", default: true))
-        } else {
-            text = try CLIPConditioner(text: textStack("tokenizer", "text_encoder"), clipSkip: clipSkip)
-        }
-        return StableDiffusionPipeline(family: family, unet: unet, vae: vae, conditioner: text, scheduler: sampler,
+        let text = try conditioner ?? family.textConditioner(folder: folder, backend: backend, clipSkip: clipSkip, variant: variant, dtype: dtype)
+        return StableDiffusionPipeline(family: family, denoiser: unet, vae: vae, conditioner: text, scheduler: sampler,
                                        schedulerConfig: schedulerConfig, backend: backend)
     }
 
@@ -126,11 +90,17 @@ public final class StableDiffusionPipeline {
         return ConfigFile(path: config.path, values: values)
     }
 
-    /// Pixels per latent cell (8 for SD).
+    /// Pixels per latent cell: the VAE's (8 for SD).
     public var vaeScaleFactor: Int { vae.downsamplingFactor }
 
-    /// diffusers' default size: the UNet's `sample_size` × the VAE factor (512 for SD1.5, 768 for SD2.1-v, 1024 for SDXL).
-    public var defaultSize: Int { (unet.config.sampleSize ?? 64) * vaeScaleFactor }
+    /// What the image width and height must be multiples of (8 for SD: `ModelFamily.sizeMultiple`).
+    public var sizeMultiple: Int { family.sizeMultiple(vaeScaleFactor: vaeScaleFactor) }
+
+    /// diffusers' default size: the denoiser's `sample_size` × the VAE factor (512 for SD1.5, 768 for SD2.1-v, 1024 for SDXL).
+    public var defaultSize: Int { (denoiser.sampleSize ?? 64) * vaeScaleFactor }
+
+    /// The denoiser under diffusers' name for it in the SD pipelines.
+    public var unet: any DenoisingModel { denoiser }
 
     /// Runs the whole pipeline. `progress(step, steps)` is called after every denoising step; `warn` gets
     /// messages such as prompt truncation.
@@ -138,7 +108,7 @@ public final class StableDiffusionPipeline {
                          warn: (String) -> Void = { _ in }) throws -> [RGBImage] {
         try validate(request)
         let b = backend, count = request.imagesPerPrompt
-        let guided = request.guidance > 1 && unet.config.timeCondProjDim == nil
+        let guided = request.guidance > 1 && denoiser.timestepConditionDim == nil
 
         // Conditioning: [negative…, positive…] when guided, as diffusers concatenates them.
         let positive = try conditioner.encode(Array(repeating: request.prompt, count: count), warn: warn)
@@ -149,16 +119,18 @@ public final class StableDiffusionPipeline {
             if let p = positive.pooled, let n = negative.pooled { pooled = try b.concat([n, p], dim: 0) }
         }
         let rows = guided ? 2 * count : count
-        var timeIds: Tensor?
-        if family == .sdxl {
-            // original size, crop top-left, target size — diffusers' defaults: (H, W), (0, 0), (H, W)
+        var textEmbeds: Tensor?, timeIds: Tensor?
+        if denoiser.takesTextTime {
+            // SDXL's added conditioning: the pooled text embedding, and original size, crop top-left, target
+            // size — diffusers' defaults: (H, W), (0, 0), (H, W)
             let ids: [Float] = [request.height, request.width, 0, 0, request.height, request.width].map(Float.init)
+            textEmbeds = pooled
             timeIds = try b.upload(Array([[Float]](repeating: ids, count: rows).joined()), shape: [rows, 6])
         }
 
         // Initial latents from the seeded generator, scaled by the scheduler's initial sigma.
         var generator = TorchGenerator(seed: request.seed)
-        let latentShape = [count, unet.config.inChannels, request.height / vaeScaleFactor, request.width / vaeScaleFactor]
+        let latentShape = [count, denoiser.latentChannels, request.height / vaeScaleFactor, request.width / vaeScaleFactor]
         try scheduler.setTimesteps(request.steps)
         var latents = try b.scale(generator.randnTensor(latentShape, backend: b), by: scheduler.initNoiseSigma)
 
@@ -166,9 +138,9 @@ public final class StableDiffusionPipeline {
         for i in 0..<steps {
             let input = try scheduler.scaleModelInput(guided ? b.concat([latents, latents], dim: 0) : latents, stepIndex: i)
             let timestep = try b.upload(scheduler.modelTimestep(stepIndex: i))
-            // The UNet casts its inputs to its dtype and answers in it; guidance and the scheduler work in f32.
-            var prediction = try unet(UNetInputs(sample: input, timestep: timestep, encoderHiddenStates: states,
-                                                 textEmbeds: pooled, timeIds: timeIds))
+            // The denoiser casts its inputs to its dtype and answers in it; guidance and the scheduler work in f32.
+            var prediction = try denoiser(DenoisingInputs(sample: input, timestep: timestep, encoderHiddenStates: states,
+                                                          textEmbeds: textEmbeds, timeIds: timeIds))
             if prediction.dtype != .f32 { prediction = try b.cast(prediction, to: .f32) }
             if guided {
                 let halves = try b.split(prediction, sizes: [count, count], dim: 0)
@@ -201,8 +173,9 @@ public final class StableDiffusionPipeline {
     }
 
     private func validate(_ request: GenerationRequest) throws {
-        guard request.width > 0, request.height > 0, request.width % 8 == 0, request.height % 8 == 0 else {
-            throw PEAError.usage("width and height must be positive multiples of 8, got \(request.width)×\(request.height)")
+        let multiple = sizeMultiple
+        guard request.width > 0, request.height > 0, request.width % multiple == 0, request.height % multiple == 0 else {
+            throw PEAError.usage("width and height must be positive multiples of \(multiple), got \(request.width)×\(request.height)")
         }
         guard request.steps >= 1 else { throw PEAError.usage("steps must be at least 1, got \(request.steps)") }
         guard request.imagesPerPrompt >= 1 else { throw PEAError.usage("batch must be at least 1") }

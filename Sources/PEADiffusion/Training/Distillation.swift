@@ -94,7 +94,7 @@ public struct KnowledgeDistillation {
         }
 
         // Teacher: no tape, so nothing is kept for a backward pass.
-        let teacher = try unet.evaluate(UNetInputs(
+        let teacher = try unet.evaluate(DenoisingInputs(
             sample: batch.noisyLatents, timestep: batch.timesteps,
             encoderHiddenStates: select(batch.teacherStates, batch.teacherStatesUncond, on: backend),
             textEmbeds: batch.teacherTextEmbeds, timeIds: batch.timeIds), keepFeatures: true)
@@ -107,7 +107,7 @@ public struct KnowledgeDistillation {
         let context = anyUncond
             ? try select(conditional.sequence, adapter(tape.wrap(batch.studentStatesUncond)).sequence, on: tape)
             : conditional.sequence
-        let student = try unet.evaluate(UNetInputs(
+        let student = try unet.evaluate(DenoisingInputs(
             sample: tape.wrap(batch.noisyLatents), timestep: tape.wrap(batch.timesteps), encoderHiddenStates: context,
             textEmbeds: conditional.pooled, timeIds: batch.timeIds.map(tape.wrap)), keepFeatures: true)
 
@@ -173,11 +173,12 @@ public struct KnowledgeDistillation {
         }
         try require(adapter.outputDim == unet.config.crossAttentionDim[0],
                     "the adapter produces \(adapter.outputDim)-wide states but the UNet's cross_attention_dim is \(unet.config.crossAttentionDim[0])")
-        if unet.config.textTime != nil {
+        if unet.takesTextTime {
             try require(adapter.isSDXL, "this UNet (SDXL) needs the SDXL adapter form (with fc and a pooled output)")
             try require(batch.timeIds != nil && batch.teacherTextEmbeds != nil, "this UNet (SDXL) needs time_ids and teacher_text_embeds")
         } else {
             try require(!adapter.isSDXL, "an SDXL-form adapter (with fc) needs an SDXL UNet")
+            try require(batch.timeIds == nil && batch.teacherTextEmbeds == nil, "time_ids and teacher_text_embeds are SDXL's; this UNet takes neither")
         }
     }
 }

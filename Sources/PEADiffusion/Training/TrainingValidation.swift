@@ -43,7 +43,7 @@ public final class TrainingValidator {
     public let teacher: DistillationTeacher
     public let student: any LanguageEncoder
     public let backend: any ComputeBackend
-    /// The scheduler config as `StableDiffusionPipeline.load` repairs it for SD1.x/SD2.x.
+    /// The scheduler config as `StableDiffusionPipeline.load` repairs it for the teacher's family.
     let samplingConfig: ConfigFile
 
     public init(teacher: DistillationTeacher, student: any LanguageEncoder, options: ValidationOptions, resolution: Int,
@@ -51,15 +51,16 @@ public final class TrainingValidator {
         guard !options.prompts.isEmpty, options.every >= 1, options.seeds >= 1, options.steps >= 1 else {
             throw PEAError.usage("validation needs at least one prompt, every ≥ 1, seeds ≥ 1 and steps ≥ 1")
         }
-        guard resolution > 0, resolution % 8 == 0 else {
-            throw PEAError.usage("validation: the resolution must be a positive multiple of 8, got \(resolution)")
+        let multiple = teacher.family.sizeMultiple(vaeScaleFactor: teacher.vae.downsamplingFactor)   // as `pea generate`
+        guard resolution > 0, resolution % multiple == 0 else {
+            throw PEAError.usage("validation: the resolution must be a positive multiple of \(multiple), got \(resolution)")
         }
         self.teacher = teacher
         self.student = student
         self.options = options
         self.resolution = resolution
         self.backend = backend
-        samplingConfig = StableDiffusionPipeline.repairedSchedulerConfig(teacher.schedulerConfig)   // as `pea generate`
+        samplingConfig = teacher.family.schedulerConfig(teacher.schedulerConfig)   // as `pea generate`
         _ = try makeScheduler(name: nil, config: samplingConfig)   // an unsupported scheduler fails now, not at step N
     }
 
@@ -69,7 +70,7 @@ public final class TrainingValidator {
         return try options.prompts.map { prompt in
             try (0..<options.seeds).map { seed in
                 // A fresh scheduler per image: what a fresh `pea generate` process starts from.
-                let pipeline = StableDiffusionPipeline(family: teacher.family, unet: teacher.unet, vae: teacher.vae,
+                let pipeline = StableDiffusionPipeline(family: teacher.family, denoiser: teacher.unet, vae: teacher.vae,
                                                        conditioner: conditioner,
                                                        scheduler: try makeScheduler(name: nil, config: samplingConfig),
                                                        schedulerConfig: samplingConfig, backend: backend)
