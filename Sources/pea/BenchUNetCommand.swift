@@ -82,7 +82,7 @@ func runBenchUNet(_ arguments: [String]) throws {
         let x = try backend.upload(random.normals(shape.reduce(1, *)), shape: shape)
         return dtype == .f32 ? x : try backend.cast(x, to: dtype)
     }
-    var inputs = UNetInputs(
+    var inputs = DenoisingInputs(
         sample: try randomTensor([batch, config.inChannels, latent.height, latent.width]),
         timestep: try backend.upload(HostTensor(ids: Array(repeating: 500, count: batch), shape: [batch])),
         encoderHiddenStates: try randomTensor([batch, settings.contextLength, config.crossAttentionDim[0]]))

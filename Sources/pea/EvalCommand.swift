@@ -101,7 +101,7 @@ func runEval(_ arguments: [String]) throws {
     switch what {
     case "unet":
         let (unet, _) = try UNet2DConditionModel.load(folder: model, backend: backend, variant: variant, dtype: dtype)
-        let unetInputs = UNetInputs(
+        let unetInputs = DenoisingInputs(
             sample: try inputs.tensor("sample", on: backend), timestep: try inputs.tensor("timestep", on: backend, floatOnly: false),
             encoderHiddenStates: try inputs.tensor("encoder_hidden_states", on: backend),
             textEmbeds: try inputs.optionalTensor("text_embeds", on: backend),

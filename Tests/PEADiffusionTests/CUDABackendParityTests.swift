@@ -650,7 +650,7 @@ final class CUDABackendParityTests: XCTestCase {
         let (unet, unused) = try UNet2DConditionModel.load(folder: fixturesDirectory() + "/models/unet_sd1", backend: cuda)
         XCTAssertEqual(unused, [])
         let (inputs, expected) = try modelInputs("unet_sd1", on: cuda)
-        let unetInputs = UNetInputs(sample: inputs["sample"]!, timestep: inputs["timestep"]!, encoderHiddenStates: inputs["encoder_hidden_states"]!)
+        let unetInputs = DenoisingInputs(sample: inputs["sample"]!, timestep: inputs["timestep"]!, encoderHiddenStates: inputs["encoder_hidden_states"]!)
         let (sample, features) = try unet.evaluate(unetInputs, keepFeatures: true)
         try assertMatches(sample, expected["sample"], "unet_sd1 sample (cuda)", on: cuda)
         for (i, h) in features.down.enumerated() { try assertMatches(h, expected["down.\(i)"], "unet_sd1 down.\(i) (cuda)", on: cuda) }
@@ -671,7 +671,7 @@ final class CUDABackendParityTests: XCTestCase {
         let cuda = try cuda()
         let (unet, _) = try UNet2DConditionModel.load(folder: fixturesDirectory() + "/models/unet_sd2", backend: cuda)
         let (inputs, expected) = try modelInputs("unet_sd2", file: "io_odd_latent.safetensors", on: cuda)
-        let unetInputs = UNetInputs(sample: inputs["sample"]!, timestep: inputs["timestep"]!, encoderHiddenStates: inputs["encoder_hidden_states"]!)
+        let unetInputs = DenoisingInputs(sample: inputs["sample"]!, timestep: inputs["timestep"]!, encoderHiddenStates: inputs["encoder_hidden_states"]!)
         let (sample, features) = try unet.evaluate(unetInputs, keepFeatures: true)
         try assertMatches(sample, expected["sample"], "unet_sd2 7×10 sample (cuda)", on: cuda)
         for (i, h) in features.up.enumerated() { try assertMatches(h, expected["up.\(i)"], "unet_sd2 7×10 up.\(i) (cuda)", on: cuda) }

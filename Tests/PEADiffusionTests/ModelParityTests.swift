@@ -34,7 +34,7 @@ final class ModelParityTests: XCTestCase {
         XCTAssertEqual(unused, [], "\(name): weights the model did not use")
         let (inputs, expected) = try io(name, file: ioFile)
         let (sample, features) = try unet.evaluate(
-            UNetInputs(sample: inputs["sample"]!, timestep: inputs["timestep"]!, encoderHiddenStates: inputs["encoder_hidden_states"]!,
+            DenoisingInputs(sample: inputs["sample"]!, timestep: inputs["timestep"]!, encoderHiddenStates: inputs["encoder_hidden_states"]!,
                        textEmbeds: inputs["text_embeds"], timeIds: inputs["time_ids"]),
             keepFeatures: true)
         try check(sample, expected["sample"], "\(name) sample")
@@ -64,7 +64,7 @@ final class ModelParityTests: XCTestCase {
         let (unet, unused) = try UNet2DConditionModel.load(folder: folder("unet_sd1_sharded"), backend: backend)
         XCTAssertEqual(unused, [])
         let (inputs, expected) = try io("unet_sd1")
-        let sample = try unet(UNetInputs(sample: inputs["sample"]!, timestep: inputs["timestep"]!,
+        let sample = try unet(DenoisingInputs(sample: inputs["sample"]!, timestep: inputs["timestep"]!,
                                          encoderHiddenStates: inputs["encoder_hidden_states"]!))
         try check(sample, expected["sample"], "unet_sd1_sharded sample")
     }

@@ -83,7 +83,7 @@ final class PrecisionTests: XCTestCase {
         XCTAssertEqual(unused, [])
         XCTAssertEqual(unet.dtype, dtype)
         let (inputs, expected) = try io(name, on: backend)
-        let sample = try unet(UNetInputs(sample: inputs["sample"]!, timestep: inputs["timestep"]!,
+        let sample = try unet(DenoisingInputs(sample: inputs["sample"]!, timestep: inputs["timestep"]!,
                                          encoderHiddenStates: inputs["encoder_hidden_states"]!,
                                          textEmbeds: inputs["text_embeds"], timeIds: inputs["time_ids"]))
         try check(sample, expected["sample"], dtype: dtype, bound: bound(dtype, Self.bounds), "\(name) sample \(dtype)")
@@ -144,7 +144,7 @@ final class PrecisionTests: XCTestCase {
         let c = try XCTUnwrap(PipelineParityTests.cases().first { $0.name == name })
         let directory = PipelineParityTests.directory
         let pipeline = try StableDiffusionPipeline.load(folder: directory + "/" + c.pipeline, backend: backend, scheduler: c.scheduler, dtype: dtype)
-        XCTAssertEqual(pipeline.unet.dtype, dtype)
+        XCTAssertEqual(pipeline.denoiser.dtype, dtype)
         XCTAssertEqual(pipeline.vae.dtype, expectVAE, "\(name): VAE dtype")
         var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: c.width, height: c.height)
         request.steps = c.steps

@@ -50,9 +50,6 @@ public struct DenoisingInputs {
     }
 }
 
-/// The earlier name of DenoisingInputs, still used by `pea eval unet`, `pea bench unet` and the CUDA self-test.
-public typealias UNetInputs = DenoisingInputs
-
 /// ControlNet's output as diffusers' UNet2DConditionModel takes it: `down` (down_block_additional_residuals) is
 /// added to the skip connections in order — conv_in's output, then every resnet's and downsampler's output of the
 /// down blocks — and `mid` (mid_block_additional_residual) to the mid block's output.

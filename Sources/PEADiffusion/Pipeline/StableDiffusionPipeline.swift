@@ -99,9 +99,6 @@ public final class StableDiffusionPipeline {
     /// diffusers' default size: the denoiser's `sample_size` × the VAE factor (512 for SD1.5, 768 for SD2.1-v, 1024 for SDXL).
     public var defaultSize: Int { (denoiser.sampleSize ?? 64) * vaeScaleFactor }
 
-    /// The denoiser under diffusers' name for it in the SD pipelines.
-    public var unet: any DenoisingModel { denoiser }
-
     /// Runs the whole pipeline. `progress(step, steps)` is called after every denoising step; `warn` gets
     /// messages such as prompt truncation.
     public func generate(_ request: GenerationRequest, progress: (Int, Int) -> Void = { _, _ in },

@@ -338,7 +338,7 @@ public enum CUDASelfTest {
             return try UNet2DConditionModel(config: config, weights: Weights(RandomWeights(backend: backend, seed: 11)))
         }
         func evaluate(_ unet: UNet2DConditionModel, _ backend: any ComputeBackend) throws -> HostTensor {
-            let output = try unet(UNetInputs(sample: backend.upload(inputs["sample"]!), timestep: backend.upload(inputs["timestep"]!),
+            let output = try unet(DenoisingInputs(sample: backend.upload(inputs["sample"]!), timestep: backend.upload(inputs["timestep"]!),
                                              encoderHiddenStates: backend.upload(inputs["context"]!)))
             return try backend.download(output)
         }
