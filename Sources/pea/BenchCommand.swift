@@ -42,24 +42,13 @@ enum BenchGEMMOptions {
 }
 
 func runBench(_ arguments: [String]) throws {
-    guard let subcommand = arguments.first else {
-        print(benchUsage)
-        throw PEAError.usage("bench: no subcommand given (one of: gemm, unet, kernels, train-step)")
-    }
-    let rest = Array(arguments.dropFirst())
-    switch subcommand {
-    case "help", "--help", "-h":
-        print(benchUsage)
-    case "unet":
-        try runBenchUNet(rest)
-    case "kernels": try runBenchKernels(rest)
-    case "train-step": try runBenchTrainStep(rest)
-    case "gemm":
-        if CommandSpec.asksForHelp(rest) { print(BenchGEMMOptions.spec.help); return }
-        try runGEMMBench(rest)
-    default:
-        throw PEAError.usage("bench: unknown subcommand '\(subcommand)' (one of: gemm, unet, kernels, train-step)")
-    }
+    try Subcommands(command: "bench", usage: benchUsage, table: [
+        "gemm": { rest in
+            if CommandSpec.asksForHelp(rest) { print(BenchGEMMOptions.spec.help); return }
+            try runGEMMBench(rest)
+        },
+        "unet": runBenchUNet, "kernels": runBenchKernels, "train-step": runBenchTrainStep,
+    ]).run(arguments)
 }
 
 /// Fills `count` floats with uniform values in [-1, 1) from a 64-bit LCG (deterministic, no Foundation).

@@ -1,23 +1,11 @@
 import PEADiffusion
 
 func runToyWorld(_ arguments: [String]) throws {
-    guard let subcommand = arguments.first else {
-        print(ToyWorldOptions.spec.help)
-        throw PEAError.usage("toyworld: no subcommand given (corpus, classify, grid or draw)")
-    }
-    let rest = Array(arguments.dropFirst())
-    if ["--help", "-h", "help"].contains(subcommand) || rest.contains("--help") || rest.contains("-h") {
-        print(ToyWorldOptions.spec.help)
-        return
-    }
-    switch subcommand {
-    case "corpus": try runToyWorldCorpus(rest)
-    case "classify": try runToyWorldClassify(rest)
-    case "grid": try runToyWorldGrid(rest)
-    case "draw": try runToyWorldDraw(rest)
-    default:
-        throw PEAError.usage("toyworld: unknown subcommand '\(subcommand)' (corpus, classify, grid or draw; see 'pea toyworld --help')")
-    }
+    // `pea toyworld SUB --help` prints the one help text all four subcommands share.
+    if arguments.count > 1, CommandSpec.asksForHelp(Array(arguments.dropFirst())) { print(ToyWorldOptions.spec.help); return }
+    try Subcommands(command: "toyworld", usage: ToyWorldOptions.spec.help, table: [
+        "corpus": runToyWorldCorpus, "classify": runToyWorldClassify, "grid": runToyWorldGrid, "draw": runToyWorldDraw,
+    ]).run(arguments)
 }
 
 /// `pea toyworld`'s options, declared once for its parsers and its help; each subcommand takes its own subset.

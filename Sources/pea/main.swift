@@ -42,34 +42,13 @@ struct StandardError: TextOutputStream {
     mutating func write(_ string: String) { fputs(string, stderr) }
 }
 
-func run(_ arguments: [String]) throws {
-    guard let command = arguments.first else {
-        print(usage)
-        throw PEAError.usage("no command given")
-    }
-    let rest = Array(arguments.dropFirst())
-    switch command {
-    case "help", "--help", "-h":
-        print(usage)
-    case "generate":
-        try runGenerate(rest)
-    case "eval":
-        try runEval(rest)
-    case "bench":
-        try runBench(rest)
-    case "selftest":
-        try runSelftest(rest)
-    case "train":
-        try runTrain(rest)
-    case "toyworld":
-        try runToyWorld(rest)
-    default:
-        throw PEAError.usage("unknown command '\(command)' (see 'pea --help')")
-    }
-}
+let commands = Subcommands(command: "", usage: usage, table: [
+    "generate": runGenerate, "eval": runEval, "train": runTrain, "bench": runBench, "selftest": runSelftest,
+    "toyworld": runToyWorld,
+])
 
 do {
-    try run(Array(CommandLine.arguments.dropFirst()))
+    try commands.run(Array(CommandLine.arguments.dropFirst()))
 } catch let error as PEAError {
     printError(error.description)
     exit(error.isUsage ? 2 : 1)

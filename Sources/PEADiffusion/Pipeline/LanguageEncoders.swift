@@ -4,18 +4,6 @@
 // folder as the hub has them: config.json, weights, vocab.txt / tokenizer.json …) or in its `tokenizer/`
 // subfolder beside `text_encoder/`.
 
-extension WordPieceTokenizer: PaddingTokenizer {
-    public func callAsFunction(_ text: String, maxLength: Int) -> (ids: [Int], attentionMask: [Int], truncatedText: String?) {
-        self(text, maxLength: Optional(maxLength), padding: true)
-    }
-}
-
-extension SentencePieceUnigramTokenizer: PaddingTokenizer {
-    public func callAsFunction(_ text: String, maxLength: Int) -> (ids: [Int], attentionMask: [Int], truncatedText: String?) {
-        self(text, maxLength: Optional(maxLength), padding: true)
-    }
-}
-
 public enum LanguageEncoders {
     /// cn_clip's context length (`clip.tokenize(..., context_length=52)`).
     public static let chineseCLIPMaxLength = 52

@@ -12,13 +12,6 @@ public protocol LanguageEncoder {
     func encode(_ texts: [String], warn: (String) -> Void) throws -> Tensor
 }
 
-/// A tokenizer that pads and truncates to a fixed length and gives the attention mask (1 keep, 0 padding), as
-/// transformers' `padding="max_length", truncation=True` does: BertTokenizer-style WordPiece for Chinese-CLIP,
-/// SentencePiece unigram for XLM-R. `truncatedText` is the part that was cut, for the warning.
-public protocol PaddingTokenizer {
-    func callAsFunction(_ text: String, maxLength: Int) -> (ids: [Int], attentionMask: [Int], truncatedText: String?)
-}
-
 /// A BERT or XLM-R text tower with its tokenizer (Chinese-CLIP: 52 tokens as cn_clip; multilingual CLIP
 /// XLM-R: 77 as open_clip). The attention mask is the tokenizer's.
 public struct TokenizedTextEncoder<Tokenizer: PaddingTokenizer>: LanguageEncoder {

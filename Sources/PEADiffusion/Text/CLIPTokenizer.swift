@@ -318,17 +318,6 @@ public struct CLIPTokenizer: Sendable {
         return ids
     }
 
-    /// `tokenizer(text, padding="max_length", max_length=maxLength, truncation=True)` as diffusers calls it:
-    /// at most `maxLength` ids ending in `<|endoftext|>`, padded with the pad token when `padding` is true.
-    /// `truncatedText` is what diffusers' warning shows when the prompt did not fit (the removed ids decoded:
-    /// `batch_decode(untruncated_ids[:, maxLength - 1 : -1])`), nil when nothing was cut.
-    /// `maxLength` defaults to the config's `model_max_length` (77).
-    public func callAsFunction(_ text: String, maxLength: Int? = nil, padding: Bool = true)
-        -> (ids: [Int], attentionMask: [Int], truncatedText: String?) {
-        fixedLengthEncoding(encode(text), maxLength: maxLength ?? modelMaxLength, padding: padding, endID: eosTokenID,
-                            padID: padTokenID, decode: { decode($0) })
-    }
-
     // MARK: - Decoding
 
     /// The text of `ids` as transformers' `decode` gives it: tokens joined, byte characters turned back into
@@ -716,4 +705,9 @@ private struct SpecialTokenResolution {
         token.rightStrip = try flag("rstrip") ?? false
         return token
     }
+}
+
+extension CLIPTokenizer: FixedLengthTokenizer {
+    public var endTokenID: Int { eosTokenID }
+    public func truncationText(_ ids: [Int]) -> String { decode(ids) }
 }

@@ -3,7 +3,7 @@
 /// kept last when the text is cut, then `padID` up to `maxLength` when `padding`; the attention mask (1 for
 /// tokens, 0 for padding); and the cut ids decoded (what diffusers' truncation warning shows), nil when
 /// nothing was cut.
-func fixedLengthEncoding(_ full: [Int], maxLength: Int, padding: Bool, endID: Int, padID: Int,
+private func fixedLengthEncoding(_ full: [Int], maxLength: Int, padding: Bool, endID: Int, padID: Int,
                          decode: ([Int]) -> String) -> (ids: [Int], attentionMask: [Int], truncatedText: String?) {
     precondition(maxLength >= 2, "maxLength must leave room for the start and end tokens")
     precondition(!padding || maxLength <= 1 << 20, "padding to \(maxLength) tokens: pass maxLength (the config has no model_max_length)")
@@ -19,4 +19,42 @@ func fixedLengthEncoding(_ full: [Int], maxLength: Int, padding: Bool, endID: In
         ids += [Int](repeating: padID, count: maxLength - ids.count)
     }
     return (ids, attentionMask, truncatedText)
+}
+
+/// A tokenizer with transformers' fixed-length call, `tokenizer(text, padding="max_length", max_length=L,
+/// truncation=True)`: CLIP's BPE (as diffusers calls it, 77 tokens), WordPiece (Chinese-CLIP: cn_clip and PEA use
+/// 52) and SentencePiece unigram (XLM-R: open_clip uses 77). Each gives its full encoding, its end and pad tokens
+/// and the text of cut ids; the call itself is written once, below.
+public protocol FixedLengthTokenizer: PaddingTokenizer {
+    /// The config's `model_max_length`, the length when none is given.
+    var modelMaxLength: Int { get }
+    /// The token every encoding ends with (`<|endoftext|>`, `[SEP]`, `</s>`), kept last when a text is cut.
+    var endTokenID: Int { get }
+    var padTokenID: Int { get }
+    /// The full encoding: start token, the text's tokens, end token.
+    func encode(_ text: String) -> [Int]
+    /// Ids as text, for the truncation warning (diffusers shows `batch_decode(untruncated_ids[:, L - 1 : -1])`).
+    func truncationText(_ ids: [Int]) -> String
+}
+
+extension FixedLengthTokenizer {
+    /// At most `maxLength` (default `modelMaxLength`) ids ending in the end token, padded with the pad token when
+    /// `padding` is true; the attention mask; `truncatedText`, the removed ids decoded, nil when nothing was cut.
+    public func callAsFunction(_ text: String, maxLength: Int? = nil, padding: Bool = true)
+        -> (ids: [Int], attentionMask: [Int], truncatedText: String?) {
+        fixedLengthEncoding(encode(text), maxLength: maxLength ?? modelMaxLength, padding: padding, endID: endTokenID,
+                            padID: padTokenID, decode: truncationText)
+    }
+
+    /// Padded to `maxLength`, as the language encoders call it.
+    public func callAsFunction(_ text: String, maxLength: Int) -> (ids: [Int], attentionMask: [Int], truncatedText: String?) {
+        self(text, maxLength: Optional(maxLength), padding: true)
+    }
+}
+
+/// What a text encoder needs of its tokenizer: ids padded and truncated to a fixed length with the attention mask
+/// (1 keep, 0 padding), and `truncatedText`, the part that was cut, for the warning. Every `FixedLengthTokenizer`
+/// is one; tests replay fixture rows through it.
+public protocol PaddingTokenizer {
+    func callAsFunction(_ text: String, maxLength: Int) -> (ids: [Int], attentionMask: [Int], truncatedText: String?)
 }

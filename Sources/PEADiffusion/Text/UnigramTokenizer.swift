@@ -240,16 +240,6 @@ public struct SentencePieceUnigramTokenizer: Sendable {
         return ids
     }
 
-    /// `tokenizer(text, padding="max_length", max_length=maxLength, truncation=True)` as open_clip calls it: at most
-    /// `maxLength` ids ending in `</s>`, padded with `<pad>` when `padding` is true, and the attention mask.
-    /// `truncatedText` is the removed ids decoded, nil when nothing was cut. `maxLength` defaults to the config's
-    /// `model_max_length`; multilingual CLIP uses 77.
-    public func callAsFunction(_ text: String, maxLength: Int? = nil, padding: Bool = true)
-        -> (ids: [Int], attentionMask: [Int], truncatedText: String?) {
-        fixedLengthEncoding(encode(text), maxLength: maxLength ?? modelMaxLength, padding: padding, endID: eosTokenID,
-                            padID: padTokenID, decode: { decode($0) })
-    }
-
     /// The Precompiled normalizer (identity when the files have no charsmap).
     func normalize(_ text: String) -> String {
         charsmap?.normalize(text) ?? text
@@ -653,4 +643,9 @@ func decodeBase64(_ text: String) -> [UInt8]? {
         output.append(values[index + 1] << 4 | values[index + 2] >> 2)
     }
     return output
+}
+
+extension SentencePieceUnigramTokenizer: FixedLengthTokenizer {
+    public var endTokenID: Int { eosTokenID }
+    public func truncationText(_ ids: [Int]) -> String { decode(ids) }
 }

@@ -174,16 +174,6 @@ public struct WordPieceTokenizer: Sendable {
         return ids
     }
 
-    /// `tokenizer(text, padding="max_length", max_length=maxLength, truncation=True)`: at most `maxLength` ids
-    /// ending in `[SEP]`, padded with the pad token (`[PAD]`, id 0) when `padding` is true, and the attention mask.
-    /// `truncatedText` is the removed ids decoded (what diffusers-style warnings show), nil when nothing was cut.
-    /// `maxLength` defaults to the config's `model_max_length`; cn_clip and PEA use 52.
-    public func callAsFunction(_ text: String, maxLength: Int? = nil, padding: Bool = true)
-        -> (ids: [Int], attentionMask: [Int], truncatedText: String?) {
-        fixedLengthEncoding(encode(text), maxLength: maxLength ?? modelMaxLength, padding: padding, endID: sepTokenID,
-                            padID: padTokenID, decode: { decode($0) })
-    }
-
     /// Greedy longest-match-first WordPiece over one word (normalized scalars, no whitespace or punctuation inside).
     private func wordPiece(_ word: [Unicode.Scalar]) -> [Int] {
         if word.count > maxInputCharsPerWord { return [unknownTokenID] }
@@ -626,4 +616,9 @@ struct TokenizerFolderConfig {
         }
         return length < 1e15 ? Int(length) : Int.max
     }
+}
+
+extension WordPieceTokenizer: FixedLengthTokenizer {
+    public var endTokenID: Int { sepTokenID }
+    public func truncationText(_ ids: [Int]) -> String { decode(ids) }
 }
