@@ -25,6 +25,16 @@ static __device__ __forceinline__ void welford_merge(float &n, float &mean, floa
     n = nn;
 }
 
+/* Welford triples merged across the 32 lanes of a warp (butterfly shuffles: every lane ends with the warp's). */
+static __device__ __forceinline__ void warp_welford_merge(float &cnt, float &mean, float &m2) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float nb = __shfl_xor_sync(PEA_FULL_MASK, cnt, o);
+        const float mb = __shfl_xor_sync(PEA_FULL_MASK, mean, o);
+        const float m2b = __shfl_xor_sync(PEA_FULL_MASK, m2, o);
+        welford_merge(cnt, mean, m2, nb, mb, m2b);
+    }
+}
+
 /* The mean and rstd = 1/sqrt(biased variance + eps) of the n values at xg, for the whole block (every thread
  * gets both; all threads of the block must call it). Thread t folds the elements t, t + blockDim, … (with vec:
  * the 4-element chunks, each loaded with one vector load and summarised before the fold) into a Welford
@@ -57,12 +67,7 @@ static __device__ void group_stats(const T *xg, int64_t n, float eps, int vec, f
             m2 += d * (v - mean);
         }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        const float nb = __shfl_xor_sync(PEA_FULL_MASK, cnt, o);
-        const float mb = __shfl_xor_sync(PEA_FULL_MASK, mean, o);
-        const float m2b = __shfl_xor_sync(PEA_FULL_MASK, m2, o);
-        welford_merge(cnt, mean, m2, nb, mb, m2b);
-    }
+    warp_welford_merge(cnt, mean, m2);
     if (lane == 0) {
         s_n[warp] = cnt;
         s_mean[warp] = mean;
@@ -73,12 +78,7 @@ static __device__ void group_stats(const T *xg, int64_t n, float eps, int vec, f
         cnt = lane < warps ? s_n[lane] : 0.0f;
         mean = lane < warps ? s_mean[lane] : 0.0f;
         m2 = lane < warps ? s_m2[lane] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) {
-            const float nb = __shfl_xor_sync(PEA_FULL_MASK, cnt, o);
-            const float mb = __shfl_xor_sync(PEA_FULL_MASK, mean, o);
-            const float m2b = __shfl_xor_sync(PEA_FULL_MASK, m2, o);
-            welford_merge(cnt, mean, m2, nb, mb, m2b);
-        }
+        warp_welford_merge(cnt, mean, m2);
         if (lane == 0) {
             s_stat[0] = mean;
             s_stat[1] = rsqrtf(m2 / (float)n + eps);
@@ -475,6 +475,14 @@ extern "C" int pea_cuda_group_norm_backward(pea_cuda_context *ctx, int dtype, co
 
 enum { ROWS_PER_BLOCK = 8 }; /* warps per block for the warp-per-row kernels */
 
+/* The shape checks of an op over R rows of D run by the warp-per-row kernels (one block per ROWS_PER_BLOCK rows). */
+#define PEA_REQUIRE_ROWS(ctx, op, R, D)                                                                  \
+    do {                                                                                                 \
+        PEA_REQUIRE(ctx, op, (R) >= 0 && (D) >= 0, "shape R %lld, D %lld", (long long)(R), (long long)(D)); \
+        PEA_REQUIRE(ctx, op, ((R) + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK <= INT_MAX, "R %lld rows is too many",  \
+                    (long long)(R));                                                                     \
+    } while (0)
+
 /* y[r, :] = (x[r, :] − mean)·rstd·γ + β over rows of D. One warp per row (row = blockIdx.x·8 + warp); lane l
  * handles features l, l + 32, …: a pass for the mean, a pass for the biased variance of the centred values
  * (the row is in L1/L2 by then), a pass that writes y. A warp past the last row returns as a whole. */
@@ -594,8 +602,7 @@ extern "C" int pea_cuda_layer_norm(pea_cuda_context *ctx, int dtype, const void 
     static const char *op = "layer_norm";
     PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
-    PEA_REQUIRE(ctx, op, R >= 0 && D >= 0, "shape R %lld, D %lld", (long long)R, (long long)D);
-    PEA_REQUIRE(ctx, op, (R + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK <= INT_MAX, "R %lld rows is too many", (long long)R);
+    PEA_REQUIRE_ROWS(ctx, op, R, D);
     if (R == 0 || D == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, x && y, "NULL tensor (x %p, y %p)", x, y);
     return PEA_FLOAT_SWITCH(dtype, layer_norm_launch, ctx, x, gamma, beta, y, R, D, eps);
@@ -693,8 +700,7 @@ extern "C" int pea_cuda_layer_norm_backward(pea_cuda_context *ctx, int dtype, co
     static const char *op = "layer_norm_backward";
     PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
-    PEA_REQUIRE(ctx, op, R >= 0 && D >= 0, "shape R %lld, D %lld", (long long)R, (long long)D);
-    PEA_REQUIRE(ctx, op, (R + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK <= INT_MAX, "R %lld rows is too many", (long long)R);
+    PEA_REQUIRE_ROWS(ctx, op, R, D);
     PEA_REQUIRE(ctx, op, (D + PG_COLS - 1) / PG_COLS <= INT_MAX, "D %lld columns is too many", (long long)D);
     if (D == 0) return PEA_CUDA_OK;
     const bool params = dgamma || dbeta;
@@ -774,8 +780,7 @@ extern "C" int pea_cuda_softmax(pea_cuda_context *ctx, int dtype, const void *x,
     static const char *op = "softmax";
     PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
-    PEA_REQUIRE(ctx, op, R >= 0 && D >= 0, "shape R %lld, D %lld", (long long)R, (long long)D);
-    PEA_REQUIRE(ctx, op, (R + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK <= INT_MAX, "R %lld rows is too many", (long long)R);
+    PEA_REQUIRE_ROWS(ctx, op, R, D);
     if (R == 0 || D == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, x && y, "NULL tensor (x %p, y %p)", x, y);
     return PEA_FLOAT_SWITCH(dtype, softmax_launch, ctx, x, y, R, D);
@@ -813,8 +818,7 @@ extern "C" int pea_cuda_softmax_backward(pea_cuda_context *ctx, int dtype, const
     static const char *op = "softmax_backward";
     PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
-    PEA_REQUIRE(ctx, op, R >= 0 && D >= 0, "shape R %lld, D %lld", (long long)R, (long long)D);
-    PEA_REQUIRE(ctx, op, (R + ROWS_PER_BLOCK - 1) / ROWS_PER_BLOCK <= INT_MAX, "R %lld rows is too many", (long long)R);
+    PEA_REQUIRE_ROWS(ctx, op, R, D);
     if (R == 0 || D == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, dy && y && dx, "NULL tensor (dy %p, y %p, dx %p)", dy, y, dx);
     return PEA_FLOAT_SWITCH(dtype, softmax_backward_launch, ctx, dy, y, dx, R, D);
