@@ -123,10 +123,11 @@ static int ensure_workspace(pea_cuda_context *ctx, const char *op, size_t bytes)
     return PEA_CUDA_OK;
 }
 
-/* The checks both directions make on the params (as ck_conv2d_f32's contract); on success *Ho, *Wo are the
- * output size (as ck_conv2d_out_h/_w: the library does not link the CPU kernels). */
-static int conv_params(pea_cuda_context *ctx, const char *op, const ck_conv2d_params *p, int64_t *Ho_out,
-                       int64_t *Wo_out) {
+/* The checks both directions make on the dtype and the params (as ck_conv2d_f32's contract); on success *Ho,
+ * *Wo are the output size (as ck_conv2d_out_h/_w: the library does not link the CPU kernels). */
+static int conv_params(pea_cuda_context *ctx, const char *op, int dtype, const ck_conv2d_params *p,
+                       int64_t *Ho_out, int64_t *Wo_out) {
+    PEA_REQUIRE_DTYPE(ctx, op, dtype);
     PEA_REQUIRE(ctx, op, p != NULL, "params are NULL");
     PEA_REQUIRE(ctx, op, p->B >= 0 && p->Cin >= 1 && p->H >= 1 && p->W >= 1 && p->Cout >= 0 && p->kh >= 1 &&
                              p->kw >= 1 && p->strideH >= 1 && p->strideW >= 1 && p->padTop >= 0 &&
@@ -150,9 +151,8 @@ extern "C" int pea_cuda_conv2d(pea_cuda_context *ctx, int dtype, const ck_conv2d
                                const void *w, const void *bias, void *y) {
     static const char *op = "conv2d";
     PEA_OP(ctx, op);
-    PEA_REQUIRE_DTYPE(ctx, op, dtype);
     int64_t Ho, Wo;
-    PEA_TRY(conv_params(ctx, op, p, &Ho, &Wo));
+    PEA_TRY(conv_params(ctx, op, dtype, p, &Ho, &Wo));
     const int64_t N = Ho * Wo, K = p->Cin * p->kh * p->kw, B = p->B, Cout = p->Cout;
     if (B == 0 || Cout == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, x && w && y, "NULL tensor (x %p, w %p, y %p)", x, w, y);
@@ -268,9 +268,8 @@ extern "C" int pea_cuda_conv2d_backward_data(pea_cuda_context *ctx, int dtype, c
                                              const void *dy, const void *w, void *dx) {
     static const char *op = "conv2d_backward_data";
     PEA_OP(ctx, op);
-    PEA_REQUIRE_DTYPE(ctx, op, dtype);
     int64_t Ho, Wo;
-    PEA_TRY(conv_params(ctx, op, p, &Ho, &Wo));
+    PEA_TRY(conv_params(ctx, op, dtype, p, &Ho, &Wo));
     const int64_t N = Ho * Wo, K = p->Cin * p->kh * p->kw, B = p->B, Cout = p->Cout, Cin = p->Cin;
     const int64_t HW = p->H * p->W;
     if (B == 0) return PEA_CUDA_OK;
