@@ -8,7 +8,7 @@ REF_VENV     := tools/reference/.venv
 NVCC         ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_SOURCES := $(wildcard CKernels/cuda/*.cu)
 
-.PHONY: all build test bench fidelity cuda fixtures clean system-deps
+.PHONY: all build test bench fidelity fuzz cuda fixtures clean system-deps
 
 all: build
 
@@ -55,6 +55,13 @@ bench: build $(REF_VENV)/.installed
 		$(REF_VENV)/bin/python benchmarks/kernels_vs_torch.py --pea $(RELEASE_BIN) && \
 		$(PYTHON) benchmarks/unet_vs_torch.py --pea $(RELEASE_BIN) --device cuda --precision fp16 --lib $(CUDA_OUT)/libpea_cuda.so; \
 	else echo "bench: no GPU here (nvidia-smi finds none): the CUDA benchmarks did not run"; fi
+
+## make fuzz — the fuzz suite (Tests/PEADiffusionTests/FuzzTests.swift) at PEA_FUZZ_CASES cases per format (default
+## here 3000; make test runs 120) from PEA_FUZZ_SEED: every case must end in a result or a clear PEAError
+PEA_FUZZ_CASES ?= 3000
+fuzz: system-deps
+	$(SWIFT) build --build-tests
+	PEA_FUZZ_CASES=$(PEA_FUZZ_CASES) $(SWIFT) test --skip-build --filter FuzzTests
 
 ## make fidelity — the PEA method measured on the bundled toy world (English teacher, Chinese + trained adapter,
 ## Chinese + random adapter, held-out combinations), judged by the world's classifier; prints the table

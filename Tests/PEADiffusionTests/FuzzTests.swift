@@ -1,0 +1,269 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import XCTest
+@testable import PEADiffusion
+
+/// The fuzz suite: structure-aware mutations of every file format and text Pea reads from users — safetensors
+/// headers, JSON model configs, torch.save zips and pickles, PNG, tar shards, prompts. Every case must end in a
+/// result or a `PEAError` (a crash fails the whole run; any other error type fails the case), and the counts of
+/// each outcome are printed. `make test` runs a fixed seed and `PEA_FUZZ_CASES` cases per format (default 120);
+/// `make fuzz` runs many more (PEA_FUZZ_CASES, PEA_FUZZ_SEED). Cases that once crashed Pea are kept as
+/// regression cases in the suites of their fixes (RobustnessNumbersTests, RobustnessLimitsTests, …).
+final class FuzzTests: XCTestCase {
+    static let casesPerFormat = Int(ProcessInfo.processInfo.environment["PEA_FUZZ_CASES"] ?? "") ?? 120
+    static let seed = UInt64(ProcessInfo.processInfo.environment["PEA_FUZZ_SEED"] ?? "") ?? 2026
+
+    /// What the cases of one format ended in.
+    struct Tally: CustomStringConvertible {
+        let format: String
+        var accepted = 0
+        var refused: [String: Int] = [:]
+        var foreign: [String] = []
+
+        /// Runs one case: a value or a PEAError is fine; the error's case is counted.
+        mutating func run(_ body: () throws -> Void) {
+            do {
+                try body()
+                accepted += 1
+            } catch let error as PEAError {
+                refused[Self.kind(error), default: 0] += 1
+            } catch {
+                foreign.append("\(type(of: error)): \(error)")
+            }
+        }
+
+        static func kind(_ error: PEAError) -> String {
+            switch error {
+            case .invalidFile: return "invalidFile"
+            case .invalidConfig: return "invalidConfig"
+            case .shapeMismatch: return "shapeMismatch"
+            case .unsupported: return "unsupported"
+            case .usage: return "usage"
+            case .backend: return "backend"
+            }
+        }
+
+        var description: String {
+            let kinds = refused.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")
+            return "fuzz \(format): \(accepted + refused.values.reduce(0, +) + foreign.count) cases, \(accepted) accepted, "
+                + "refused: \(kinds.isEmpty ? "none" : kinds); \(foreign.count) foreign errors"
+        }
+    }
+
+    private func finish(_ tally: Tally, file: StaticString = #filePath, line: UInt = #line) {
+        print(tally)
+        XCTAssertEqual(tally.foreign, [], "\(tally.format): errors that are not PEAError", file: file, line: line)
+    }
+
+    // MARK: mutators
+
+    /// Byte-level mutations that keep most of the structure: flip, truncate, insert, repeat a slice, or write an
+    /// extreme integer (the sizes and offsets formats store) over 8 bytes.
+    static func mutate(_ input: [UInt8], _ random: inout SplitMix64) -> [UInt8] {
+        var bytes = input
+        let rounds = 1 + Int(random.next() % 3)
+        for _ in 0..<rounds {
+            guard !bytes.isEmpty else { return [UInt8(truncatingIfNeeded: random.next())] }
+            let at = Int(random.next() % UInt64(bytes.count))
+            switch random.next() % 6 {
+            case 0: bytes[at] ^= UInt8(1 << (random.next() % 8))
+            case 1: bytes = Array(bytes[..<at])
+            case 2: bytes.insert(contentsOf: (0..<(1 + random.next() % 16)).map { _ in UInt8(truncatingIfNeeded: random.next()) }, at: at)
+            case 3:
+                let end = min(bytes.count, at + 1 + Int(random.next() % 64))
+                bytes.insert(contentsOf: bytes[at..<end], at: at)
+            case 4:
+                let extremes: [UInt64] = [0, 1, 0xFF, 1 << 31, 1 << 32, 1 << 60, UInt64(Int64.max), UInt64.max]
+                let value = extremes[Int(random.next() % UInt64(extremes.count))]
+                for k in 0..<8 where at + k < bytes.count { bytes[at + k] = UInt8(truncatingIfNeeded: value >> (8 * UInt64(k))) }
+            default: bytes[at] = UInt8(truncatingIfNeeded: random.next())
+            }
+        }
+        return bytes
+    }
+
+    /// A JSON value a config reader might choke on.
+    static func hostileJSON(_ random: inout SplitMix64) -> JSONValue {
+        let values: [JSONValue] = [
+            .number(0), .number(-1), .number(1), .number(1e308), .number(-1e308), .number(1e12), .number(0.5),
+            .number(Double(1 << 53)), .number(-0.0), .string(""), .string("x"), .string("NaN"), .null, .bool(true),
+            .array([]), .array([.number(0)]), .array([.number(100_000), .number(200_000)]), .object([:]),
+        ]
+        return values[Int(random.next() % UInt64(values.count))]
+    }
+
+    /// A config with some values replaced by hostile ones, some keys removed.
+    static func mutateConfig(_ values: [String: JSONValue], _ random: inout SplitMix64) -> [String: JSONValue] {
+        var mutated = values
+        let keys = values.keys.sorted()
+        for _ in 0..<(1 + Int(random.next() % 3)) {
+            let key = keys[Int(random.next() % UInt64(keys.count))]
+            if random.next() % 5 == 0 { mutated[key] = nil } else { mutated[key] = hostileJSON(&random) }
+        }
+        return mutated
+    }
+
+    // MARK: formats
+
+    func testSafeTensorsHeaders() throws {
+        let scratch = ScratchDirectory("pea-fuzz")
+        let valid = scratch.file("valid.safetensors")
+        try SafeTensorsWriter.write([("a", HostTensor([1, 2, 3, 4, 5, 6], shape: [2, 3])),
+                                   ("b", HostTensor([7, 8], shape: [2]))], metadata: ["format": "pt"], to: valid)
+        let bytes = readFileBytes(valid)!
+        let headerLength = Int(bytes[0..<8].enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) })
+        let header = try JSONValue.parse(Array(bytes[8..<(8 + headerLength)]))
+        guard case .object(let entries) = header else { return XCTFail("header is not an object") }
+        let data = Array(bytes[(8 + headerLength)...])
+
+        var tally = Tally(format: "safetensors")
+        var random = SplitMix64(seed: Self.seed)
+        for index in 0..<Self.casesPerFormat {
+            let mutated: [UInt8]
+            if index % 2 == 0 {
+                // A structural mutation of one entry: dtype, shape or offsets.
+                var object = entries
+                let name = ["a", "b", "__metadata__"][Int(random.next() % 3)]
+                var entry: [String: JSONValue] = { if case .object(let e)? = object[name] { return e } else { return [:] } }()
+                let dtypes = ["F32", "F16", "BF16", "I64", "F64", "U8", "BOOL", "XX", ""]
+                switch random.next() % 4 {
+                case 0: entry["dtype"] = .string(dtypes[Int(random.next() % UInt64(dtypes.count))])
+                case 1: entry["shape"] = .array((0..<Int(random.next() % 4)).map { _ in Self.hostileJSON(&random) })
+                case 2: entry["data_offsets"] = .array([Self.hostileJSON(&random), Self.hostileJSON(&random)])
+                default: entry[["dtype", "shape", "data_offsets"][Int(random.next() % 3)]] = Self.hostileJSON(&random)
+                }
+                object[name] = .object(entry)
+                var text = Array(JSONValue.object(object).serialized().utf8)
+                while text.count % 8 != 0 { text.append(0x20) }
+                let length = UInt64(text.count)
+                mutated = (0..<8).map { UInt8(truncatingIfNeeded: length >> (8 * UInt64($0))) } + text + data
+            } else {
+                mutated = Self.mutate(bytes, &random)
+            }
+            let path = scratch.write(mutated, to: "case.safetensors")
+            tally.run {
+                let file = try SafeTensorsFile(path: path)
+                for name in ["a", "b"] where file.contains(name) { _ = try file.tensor(name) }
+            }
+        }
+        finish(tally)
+    }
+
+    func testModelConfigs() throws {
+        let folders = ["pipelines/sd1", "pipelines/sdxl"]
+        var tally = Tally(format: "model configs")
+        var random = SplitMix64(seed: Self.seed &+ 1)
+        let scratch = ScratchDirectory("pea-fuzz")
+        for index in 0..<Self.casesPerFormat {
+            let folder = fixturesDirectory() + "/" + folders[index % folders.count]
+            let component = ["unet", "vae", "text_encoder", "scheduler"][Int(random.next() % 4)]
+            let name = component == "scheduler" ? "scheduler_config.json" : "config.json"
+            let original = try ConfigFile(path: "\(folder)/\(component)/\(name)")
+            let path = scratch.file(name)
+            let mutated = ConfigFile(path: path, values: Self.mutateConfig(original.values, &random))
+            tally.run {
+                switch component {
+                case "unet": _ = try UNetConfig(mutated)
+                case "vae": _ = try AutoencoderKLConfig(mutated)
+                case "text_encoder": _ = try CLIPTextConfig(mutated)
+                default:
+                    var scheduler = try makeScheduler(name: nil, config: mutated)
+                    try scheduler.setTimesteps(Int(random.next() % 60))
+                }
+            }
+        }
+        finish(tally)
+    }
+
+    func testTorchCheckpoints() throws {
+        let sources = ["multilingual/adapter_sd1/pytorch_model.bin", "multilingual/bert_bin/pytorch_model.bin"]
+        var tally = Tally(format: "torch.save")
+        var random = SplitMix64(seed: Self.seed &+ 2)
+        let scratch = ScratchDirectory("pea-fuzz")
+        for index in 0..<Self.casesPerFormat {
+            let bytes = readFileBytes(fixturesDirectory() + "/" + sources[index % sources.count])!
+            let path = scratch.write(Self.mutate(bytes, &random), to: "case.bin")
+            tally.run { _ = try TorchCheckpoint.read(path: path) }
+        }
+        finish(tally)
+    }
+
+    func testPNGs() throws {
+        let sources = ["png/rgb_all_filters.png", "png/palette.png", "png/gray.png", "png/rgba.png", "png/rgb_text_kinds.png"]
+        var tally = Tally(format: "PNG")
+        var random = SplitMix64(seed: Self.seed &+ 3)
+        for index in 0..<Self.casesPerFormat {
+            let bytes = Self.mutate(readFileBytes(fixturesDirectory() + "/" + sources[index % sources.count])!, &random)
+            tally.run {
+                _ = try bytes.withUnsafeBytes { try PNGDecoder.decode($0, path: "case.png", readText: true) }
+            }
+        }
+        finish(tally)
+    }
+
+    func testTarShards() throws {
+        var builder = TarBuilder()
+        builder.add(name: "000001.txt", data: Array("a red circle".utf8))
+        builder.add(name: "000001.json", data: Array(#"{"text_en": "a red circle"}"#.utf8))
+        builder.add(name: "000002.txt", data: Array("一个红色的圆形".utf8), base256Size: true)
+        let valid = builder.finish()
+        var tally = Tally(format: "tar")
+        var random = SplitMix64(seed: Self.seed &+ 4)
+        let scratch = ScratchDirectory("pea-fuzz")
+        for _ in 0..<Self.casesPerFormat {
+            let path = scratch.write(Self.mutate(valid, &random), to: "case.tar")
+            tally.run { _ = try TarArchive(path: path).entries() }
+        }
+        finish(tally)
+    }
+
+    func testPrompts() throws {
+        let tokenizer = try CLIPTokenizer(folder: fixturesDirectory() + "/tokenizers/clip_small")
+        let pieces = ["a", " ", "red", "circle", "一个红色", "🙂", "\u{301}", "<|endoftext|>", "<|startoftext|>", "\n\t",
+                      "\u{0}", "\u{FFFD}", "ﬁ", "İ", "'s", "!!!", "0123456789"]
+        var tally = Tally(format: "prompts")
+        var random = SplitMix64(seed: Self.seed &+ 5)
+        for _ in 0..<Self.casesPerFormat {
+            var text = ""
+            for _ in 0..<Int(random.next() % 40) { text += pieces[Int(random.next() % UInt64(pieces.count))] }
+            if random.next() % 8 == 0 { text += String(repeating: "x", count: Int(random.next() % 4000)) }   // one long word
+            tally.run {
+                let encoded = tokenizer(text)
+                guard encoded.ids.count == tokenizer.modelMaxLength else {
+                    throw PEAError.shapeMismatch("\(encoded.ids.count) ids for a padded prompt")
+                }
+            }
+        }
+        XCTAssertEqual(tally.refused, [:], "a prompt is always encoded")
+        finish(tally)
+    }
+
+    func testCommandLines() throws {
+        let steps = CommandOption.value("--steps", "N", default: "30", .range(1...1000), help: "steps")
+        let guidance = CommandOption.value("--guidance", "G", default: "7.5", help: "guidance")
+        let scheduler = CommandOption.value("--scheduler", "NAME", .choices(SchedulerName.allCases.map(\.rawValue)), help: "scheduler")
+        let json = CommandOption.flag("--json", help: "json")
+        let prompt = CommandOption.repeatable("--prompt", "TEXT", help: "prompt")
+        let options = [steps, guidance, scheduler, json, prompt]
+        let tokens = ["--steps", "--steps=", "--steps=0", "--steps=1e3", "--guidance", "--guidance=1e300", "--guidance=nan",
+                      "--scheduler", "--scheduler=euler", "--json", "--json=1", "--prompt", "--prompt=", "-", "--", "---",
+                      "-h", "30", "-1", "99999999999999999999", "euler", "", "一个红色的圆形", "=", "--=", "--bogus"]
+        var tally = Tally(format: "command lines")
+        var random = SplitMix64(seed: Self.seed &+ 6)
+        for _ in 0..<Self.casesPerFormat {
+            let arguments = (0..<Int(random.next() % 7)).map { _ in tokens[Int(random.next() % UInt64(tokens.count))] }
+            tally.run {
+                let parsed = try ParsedOptions(arguments, command: "fuzz", options: options)
+                _ = try parsed.int(steps)
+                _ = try parsed.double(guidance)
+                _ = try parsed.optionalString(scheduler)
+                _ = parsed.strings(prompt)
+            }
+        }
+        XCTAssertEqual(Set(tally.refused.keys).subtracting(["usage"]), [], "command-line mistakes are usage errors")
+        finish(tally)
+    }
+}
