@@ -266,4 +266,43 @@ final class FuzzTests: XCTestCase {
         XCTAssertEqual(Set(tally.refused.keys).subtracting(["usage"]), [], "command-line mistakes are usage errors")
         finish(tally)
     }
+
+    /// Whole runs of `pea eval vae-decode` on mutated inputs and mutated VAE configs: each exits 0 with its output,
+    /// or 1/2 with an error and no output file or temporary (a signal or another status is a crash).
+    func testEvalRunsLeaveNoPartialOutput() throws {
+        let model = fixturesDirectory() + "/models/vae"
+        let inputs = readFileBytes(model + "/io.safetensors")!
+        let config = try ConfigFile(path: model + "/config.json")
+        var random = SplitMix64(seed: Self.seed &+ 7)
+        var tally = Tally(format: "pea eval runs")
+        for index in 0..<max(8, Self.casesPerFormat / 6) {
+            let scratch = ScratchDirectory("pea-fuzz")
+            let folder = scratch.file("vae")
+            XCTAssertEqual(mkdir(folder, 0o755), 0)
+            for name in listDirectory(model) where name != "config.json" {
+                XCTAssertEqual(symlink(model + "/" + name, folder + "/" + name), 0)
+            }
+            var configValues = config.values
+            if index % 2 == 1 { configValues = Self.mutateConfig(configValues, &random) }
+            scratch.write(JSONValue.object(configValues).serialized(), to: "vae/config.json")
+            let input = scratch.write(index % 2 == 0 ? Self.mutate(inputs, &random) : inputs, to: "in.safetensors")
+            let output = scratch.file("out.safetensors")
+            let result = try runPea(["eval", "vae-decode", "--model", folder, "--inputs", input, "--output", output,
+                                     "--backend", "cpu", "--threads", "2"])
+            tally.run {
+                switch result.status {
+                case 0:
+                    _ = try SafeTensorsFile(path: output)
+                case 1, 2:
+                    XCTAssertTrue(result.stderr.contains("pea: error:"), "case \(index): \(result.stderr)")
+                    XCTAssertFalse(FileManager.default.fileExists(atPath: output), "case \(index) left an output file")
+                    throw PEAError.invalidFile(path: input, reason: "refused")
+                default:
+                    XCTFail("case \(index): pea ended with status \(result.status) (a crash?): \(result.stderr.suffix(2000))")
+                }
+            }
+            XCTAssertEqual(scratch.entries().filter { $0.hasPrefix("out") && $0 != "out.safetensors" }, [], "case \(index) left a temporary")
+        }
+        finish(tally)
+    }
 }
