@@ -204,6 +204,18 @@ final class FuzzTests: XCTestCase {
         finish(tally)
     }
 
+    func testTrainingImages() throws {
+        let sources = ["jpeg_rgb_420.jpg", "jpeg_rgb_422_progressive.jpg", "jpeg_gray.jpg", "jpeg_cmyk.jpg", "png_la.png", "png_gray16.png"]
+        var tally = Tally(format: "training images (JPEG, PNG)")
+        var random = SplitMix64(seed: Self.seed &+ 8)
+        for index in 0..<Self.casesPerFormat {
+            let name = sources[index % sources.count]
+            let bytes = Self.mutate(readFileBytes(fixturesDirectory() + "/images/" + name)!, &random)
+            tally.run { _ = try bytes.withUnsafeBytes { try ImageDecoder.decodeRGB($0, name: name) } }
+        }
+        finish(tally)
+    }
+
     func testTarShards() throws {
         var builder = TarBuilder()
         builder.add(name: "000001.txt", data: Array("a red circle".utf8))
