@@ -185,10 +185,60 @@ final class FuzzTests: XCTestCase {
         let scratch = ScratchDirectory("pea-fuzz")
         for index in 0..<Self.casesPerFormat {
             let bytes = readFileBytes(fixturesDirectory() + "/" + sources[index % sources.count])!
-            let path = scratch.write(Self.mutate(bytes, &random), to: "case.bin")
+            // Half the cases mutate the pickle inside a valid zip (CRC fixed), so the unpickler sees them.
+            let mutated = index % 2 == 0 ? Self.mutateStoredZipEntry(bytes, suffix: "data.pkl", &random) : Self.mutate(bytes, &random)
+            let path = scratch.write(mutated, to: "case.bin")
             tally.run { _ = try TorchCheckpoint.read(path: path) }
         }
         finish(tally)
+    }
+
+    /// The zip with the stored (uncompressed) entry whose name ends in `suffix` mutated in place (same length) and
+    /// its CRC-32 fixed in the local and central headers.
+    static func mutateStoredZipEntry(_ zip: [UInt8], suffix: String, _ random: inout SplitMix64) -> [UInt8] {
+        func u16(_ at: Int) -> Int { Int(zip[at]) | Int(zip[at + 1]) << 8 }
+        func u32(_ at: Int) -> Int { u16(at) | u16(at + 2) << 16 }
+        var bytes = zip
+        var at = 0
+        while at + 30 <= zip.count, u32(at) == 0x0403_4B50 {
+            let size = u32(at + 18), nameLength = u16(at + 26), extraLength = u16(at + 28)
+            let name = String(decoding: zip[(at + 30)..<(at + 30 + nameLength)], as: UTF8.self)
+            let data = at + 30 + nameLength + extraLength
+            if name.hasSuffix(suffix), size > 0 {
+                var entry = Array(zip[data..<(data + size)])
+                for _ in 0..<(1 + Int(random.next() % 4)) {
+                    let i = Int(random.next() % UInt64(size))
+                    entry[i] = random.next() % 2 == 0 ? UInt8(truncatingIfNeeded: random.next()) : entry[i] ^ UInt8(1 << (random.next() % 8))
+                }
+                bytes.replaceSubrange(data..<(data + size), with: entry)
+                let crc = crc32(entry)
+                func putCRC(_ offset: Int) { for k in 0..<4 { bytes[offset + k] = UInt8(truncatingIfNeeded: crc >> (8 * UInt32(k))) } }
+                putCRC(at + 14)
+                // The central directory entry of the same name.
+                var central = 0
+                while central + 46 <= zip.count {
+                    if u32(central) == 0x0201_4B50, u16(central + 28) == nameLength,
+                       String(decoding: zip[(central + 46)..<(central + 46 + nameLength)], as: UTF8.self) == name {
+                        putCRC(central + 16)
+                        break
+                    }
+                    central += 1
+                }
+                return bytes
+            }
+            at = data + size
+        }
+        return bytes
+    }
+
+    /// zlib's CRC-32 (polynomial 0xEDB88320), bit by bit: the fuzz cases are small.
+    static func crc32(_ bytes: [UInt8]) -> UInt32 {
+        var crc: UInt32 = 0xFFFF_FFFF
+        for byte in bytes {
+            crc ^= UInt32(byte)
+            for _ in 0..<8 { crc = crc & 1 == 1 ? (crc >> 1) ^ 0xEDB8_8320 : crc >> 1 }
+        }
+        return ~crc
     }
 
     func testPNGs() throws {
