@@ -206,6 +206,7 @@ func runTrain(_ arguments: [String]) throws {
     }
     fputs("pea train: adapter \(trainer.adapter.widths.map(String.init).joined(separator: "→")) (\(trainer.adapter.parameterCount) parameters), "
           + "\(settings.steps) steps of \(settings.batchSize) at \(settings.resolution)², \(backend.name)\n", stderr)
+    for path in removeStaleTemporaries(in: output) { fputs("pea train: removed \(path), left by a killed run\n", stderr) }
     let metrics = try TrainingMetricsLog(path: joinPath(output, "metrics.jsonl"), startingAfter: trainer.step)
 
     var times: [Double] = []
@@ -237,7 +238,9 @@ func runTrain(_ arguments: [String]) throws {
             fputs("pea train: saved \(folder)\n", stderr)
         }
     }
-    try trainer.saveCheckpoint(to: output)
+    // The output folder holds more than the checkpoint, so its two files are replaced one by one (the step in
+    // both tells a torn pair).
+    try trainer.writeCheckpointFiles(into: output)
     print(joinPath(output, "adapter.safetensors"))
 }
 
