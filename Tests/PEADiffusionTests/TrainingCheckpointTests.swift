@@ -175,4 +175,104 @@ extension TrainingTests {
         XCTAssertEqual(listDirectory(scratch.path), ["checkpoint-3", "notes.tmp-1-x", "optimizer.safetensors.tmp-\(live)-c0ffee", "validation"])
         XCTAssertEqual(listDirectory(scratch.file("validation")), [])
     }
+
+    /// The `pea train` arguments of the signal tests: a tiny run of `steps` steps into `output`.
+    private func signalRunArguments(_ data: String, steps: Int, output: String) -> [String] {
+        ["train", "--model", pipeline, "--text-encoder", encoder, "--data", data, "--batch-size", "2", "--resolution", "32",
+         "--adapter-hidden", "32", "--lr", "1e-3", "--backend", "cpu", "--threads", "1", "--steps", String(steps), "--output", output]
+    }
+
+    /// Polls (`every` µs apart, for up to 10 minutes: a bound, not a timing) until `condition` holds.
+    private func waitFor(_ what: String, every interval: UInt32 = 10_000, _ condition: () -> Bool) throws {
+        for _ in 0..<(600_000_000 / Int(interval)) {
+            if condition() { return }
+            usleep(interval)
+        }
+        struct GaveUp: Error { let what: String }
+        throw GaveUp(what: what)
+    }
+
+    /// The steps logged in OUTPUT/metrics.jsonl so far.
+    private func loggedSteps(_ output: String) -> Int {
+        (readFileBytes(joinPath(output, "metrics.jsonl")) ?? []).filter { $0 == UInt8(ascii: "\n") }.count
+    }
+
+    /// SIGINT (and SIGTERM alike) stops `pea train` after the step in progress with a checkpoint, from which a
+    /// resumed run ends with the uninterrupted run's adapter, bit for bit.
+    func testSIGINTSavesACheckpointThatResumesExactly() throws {
+        let scratch = ScratchDirectory("pea-train-sigint")
+        let data = try Self.writeCorpus(in: scratch, count: 5, seed: 10)
+        let steps = 40
+        let whole = try runPea(signalRunArguments(data, steps: steps, output: scratch.file("whole")))
+        XCTAssertEqual(whole.status, 0, whole.stderr)
+
+        for (signal, name) in [(SIGINT, "SIGINT"), (SIGTERM, "SIGTERM")] {
+            let output = scratch.file("stopped-by-\(name)"), log = output + ".log"
+            let process = try startPea(signalRunArguments(data, steps: steps, output: output), log: log)
+            try waitFor("the first step") { loggedSteps(output) >= 1 }
+            kill(process.processIdentifier, signal)
+            process.waitUntilExit()
+            let stderr = String(decoding: readFileBytes(log) ?? [], as: UTF8.self)
+            XCTAssertEqual(process.terminationReason, .exit, stderr)
+            XCTAssertEqual(process.terminationStatus, 128 + signal, stderr)
+            let stopped = loggedSteps(output)
+            XCTAssertLessThan(stopped, steps, "the run ended before the signal: \(stderr)")
+            let checkpoint = joinPath(output, "checkpoint-\(stopped)")
+            XCTAssertTrue(stderr.contains("stopped by \(name) after step \(stopped) of \(steps); continue with --resume \(checkpoint)"), stderr)
+            XCTAssertFalse(fileExists(joinPath(output, "adapter.safetensors")), "an interrupted run has no final adapter")
+
+            let resumed = try runPea(signalRunArguments(data, steps: steps, output: output) + ["--resume", checkpoint])
+            XCTAssertEqual(resumed.status, 0, resumed.stderr)
+            XCTAssertTrue(resumed.stderr.contains("resumed at step \(stopped)"), resumed.stderr)
+            XCTAssertEqual(readFileBytes(joinPath(output, "adapter.safetensors")), readFileBytes(scratch.file("whole/adapter.safetensors")),
+                           "the run resumed after \(name) must give the uninterrupted run's adapter bit for bit")
+        }
+    }
+
+    func testSIGKILLLeavesOnlyWholeCheckpoints() throws {
+        let scratch = ScratchDirectory("pea-train-sigkill")
+        let data = try Self.writeCorpus(in: scratch, count: 5, seed: 11)
+        let steps = 8, output = scratch.file("run")
+        let arguments = signalRunArguments(data, steps: steps, output: output) + ["--save-every", "1"]
+        var options = TrainingOptions(steps: steps, batchSize: 2)
+        options.resolution = 32
+        let loader = try makeTrainer(data: data, options: options, backend: CPUBackend(threads: 1))
+
+        /// Every checkpoint folder is whole: both files, from the same step, loadable for a resume.
+        func assertWholeCheckpoints(_ context: String) throws {
+            for name in listDirectory(output) where name.hasPrefix("checkpoint-") && !name.contains(".tmp-") {
+                XCTAssertNoThrow(try loader.resume(from: joinPath(output, name)), "\(context): \(name)")
+                XCTAssertEqual("checkpoint-\(loader.step)", name, context)
+            }
+        }
+        var random = SplitMix64(seed: 16)
+        var killed: [pid_t] = [], leftTemporaries = 0
+        for round in 0..<6 {
+            // Each run starts afresh in the same folder (the same seed: the same checkpoints); the whole checkpoints of
+            // the last run are removed, so that the one this run is writing shows, its temporaries are not.
+            for name in listDirectory(output) where !name.contains(".tmp-") { removeRecursively(joinPath(output, name)) }
+            let process = try startPea(arguments, log: scratch.file("run-\(round).log"))
+            let target = 1 + Int(random.uniform() * Float(steps - 2))
+            // Kill it while it writes checkpoint `target`: soon after the first sign of that checkpoint.
+            try waitFor("checkpoint \(target)", every: 100) {
+                listDirectory(output).contains { $0.hasPrefix("checkpoint-\(target)") && !$0.contains(".tmp-\(killed.last ?? 0)-") }
+            }
+            // The killed runs' temporaries are gone once this run has started (a live run's own may be in flight).
+            for path in temporaries(in: output) {
+                XCTAssertFalse(killed.contains { path.contains(".tmp-\($0)-") }, "round \(round): \(path) was left behind")
+            }
+            usleep(UInt32(random.uniform() * 3000))
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+            killed.append(process.processIdentifier)
+            if !temporaries(in: output).isEmpty { leftTemporaries += 1 }
+            try assertWholeCheckpoints("after the kill in round \(round) (at checkpoint \(target))")
+        }
+        print("SIGKILL: \(leftTemporaries) of \(killed.count) kills left temporaries")
+        let last = try runPea(arguments)
+        XCTAssertEqual(last.status, 0, last.stderr)
+        XCTAssertEqual(temporaries(in: output), [])
+        try assertWholeCheckpoints("after the last run")
+        XCTAssertEqual(listDirectory(output).filter { $0.hasPrefix("checkpoint-") }.count, steps - 1)
+    }
 }
