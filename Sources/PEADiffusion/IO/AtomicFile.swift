@@ -14,13 +14,14 @@ func writeFileAtomically(to path: String, _ body: (_ append: ([UInt8]) throws ->
     let (temporaryPath, descriptor) = try createTemporaryFile(besides: path)
     var closed = false
     do {
-        try body { bytes in try writeAll(descriptor, bytes, path: temporaryPath) }
+        // Errors name `path`, not the temporary (which is gone when they are reported).
+        try body { bytes in try writeAll(descriptor, bytes, path: path) }
         guard fsync(descriptor) == 0 else {
-            throw PEAError.invalidFile(path: temporaryPath, reason: "cannot flush to disk: \(systemErrorMessage())")
+            throw PEAError.invalidFile(path: path, reason: "cannot flush to disk: \(systemErrorMessage())")
         }
         closed = true
         guard close(descriptor) == 0 else {
-            throw PEAError.invalidFile(path: temporaryPath, reason: "cannot close: \(systemErrorMessage())")
+            throw PEAError.invalidFile(path: path, reason: "cannot close: \(systemErrorMessage())")
         }
         guard rename(temporaryPath, path) == 0 else {
             throw PEAError.invalidFile(path: path, reason: "cannot rename \(temporaryPath) to it: \(systemErrorMessage())")
@@ -38,15 +39,12 @@ func writeFileAtomically(to path: String, _ body: (_ append: ([UInt8]) throws ->
 /// the old folder as a temporary that `removeStaleTemporaries` removes). On any failure the temporary folder
 /// is removed and `path` is left as it was.
 func writeFolderAtomically(to path: String, _ body: (_ temporaryFolder: String) throws -> Void) throws {
-    let temporaryFolder = try createTemporary(besides: path) { candidate in mkdir(candidate, 0o755) == 0 ? 0 : -1 }.path
+    let temporaryFolder = try createTemporaryFolder(besides: path)
     do {
         try body(temporaryFolder)
         var old: String?
         if isDirectory(path) {
-            old = try createTemporary(besides: path) { candidate in
-                // Claims the name with an empty folder, which the rename below replaces.
-                mkdir(candidate, 0o755) == 0 ? 0 : -1
-            }.path
+            old = try createTemporaryFolder(besides: path)   // an empty folder, which the rename below replaces
             guard rename(path, old!) == 0 else {
                 rmdir(old!)
                 throw PEAError.invalidFile(path: path, reason: "cannot move the old folder aside: \(systemErrorMessage())")
@@ -96,12 +94,18 @@ private func temporaryOwner(_ name: String) -> pid_t? {
 
 /// Creates a new file next to `path` with a unique name.
 private func createTemporaryFile(besides path: String) throws -> (String, Int32) {
-    try createTemporary(besides: path) { candidate in open(candidate, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o666) }
+    try createTemporary("file", besides: path) { candidate in open(candidate, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o666) }
 }
 
-/// Creates a new entry next to `path` with a unique name `PATH.tmp-PID-HEX`: `create` makes it (failing with
-/// EEXIST when the name is taken) and returns its descriptor (0 for a folder), or -1.
-private func createTemporary(besides path: String, _ create: (String) -> Int32) throws -> (path: String, descriptor: Int32) {
+/// Creates a new empty folder next to `path` with a unique name.
+private func createTemporaryFolder(besides path: String) throws -> String {
+    try createTemporary("folder", besides: path) { candidate in mkdir(candidate, 0o755) == 0 ? 0 : -1 }.path
+}
+
+/// Creates a new `kind` ("file" or "folder") next to `path` with a unique name `PATH.tmp-PID-HEX`: `create` makes
+/// it (failing with EEXIST when the name is taken) and returns its descriptor (0 for a folder), or -1.
+private func createTemporary(_ kind: String, besides path: String, _ create: (String) -> Int32) throws
+    -> (path: String, descriptor: Int32) {
     var time = timespec()
     clock_gettime(CLOCK_REALTIME, &time)
     var random = SplitMix64(seed: UInt64(UInt32(bitPattern: getpid())) << 32 ^ UInt64(time.tv_nsec) ^ UInt64(time.tv_sec) << 20)
@@ -110,10 +114,10 @@ private func createTemporary(besides path: String, _ create: (String) -> Int32) 
         let descriptor = create(candidate)
         if descriptor >= 0 { return (candidate, descriptor) }
         if errno != EEXIST {
-            throw PEAError.invalidFile(path: path, reason: "cannot create temporary \(candidate): \(systemErrorMessage())")
+            throw PEAError.invalidFile(path: path, reason: "cannot create temporary \(kind) \(candidate): \(systemErrorMessage())")
         }
     }
-    throw PEAError.invalidFile(path: path, reason: "cannot create a temporary next to it: too many name collisions")
+    throw PEAError.invalidFile(path: path, reason: "cannot create a temporary \(kind) next to it: too many name collisions")
 }
 
 /// Writes every byte, retrying after partial writes and interruptions.
