@@ -4,6 +4,7 @@ import Glibc
 import Darwin
 #endif
 import PEADiffusion
+import Synchronization
 
 /// `pea train`'s options, declared once for its parser and its help.
 enum TrainOptions {
@@ -125,6 +126,10 @@ enum TrainOptions {
               run starts the file afresh; --resume keeps only its lines up to the resumed step.
 
             Progress (loss terms, learning rate, step time, ETA) goes to stderr; the final adapter's path to stdout.
+
+            Stopping: on SIGINT (Ctrl-C) or SIGTERM the step in progress finishes, a checkpoint is saved to
+            OUTPUT/checkpoint-STEP and pea exits with status 128 + the signal's number; a second signal stops it at once.
+            Checkpoint folders appear whole or not at all, and a run removes the temporaries that killed runs left in OUTPUT.
             """)
 }
 
@@ -206,8 +211,16 @@ func runTrain(_ arguments: [String]) throws {
     }
     fputs("pea train: adapter \(trainer.adapter.widths.map(String.init).joined(separator: "→")) (\(trainer.adapter.parameterCount) parameters), "
           + "\(settings.steps) steps of \(settings.batchSize) at \(settings.resolution)², \(backend.name)\n", stderr)
+    for path in removeStaleTemporaries(in: output) { fputs("pea train: removed \(path), left by a killed run\n", stderr) }
     let metrics = try TrainingMetricsLog(path: joinPath(output, "metrics.jsonl"), startingAfter: trainer.step)
 
+    func saveCheckpoint() throws -> String {
+        let folder = joinPath(output, "checkpoint-\(trainer.step)")
+        try trainer.saveCheckpoint(to: folder)
+        fputs("pea train: saved \(folder)\n", stderr)
+        return folder
+    }
+    StopRequest.install()
     var times: [Double] = []
     while trainer.step < settings.steps {
         let report: TrainingStepReport
@@ -231,13 +244,19 @@ func runTrain(_ arguments: [String]) throws {
             fputs("pea train: validation \(grid!) (\(short(Float(monotonicSeconds() - start))) s)\n", stderr)
         }
         try metrics.append(report, validation: grid)
-        if settings.saveEvery > 0, report.step % settings.saveEvery == 0, report.step < settings.steps {
-            let folder = joinPath(output, "checkpoint-\(report.step)")
-            try trainer.saveCheckpoint(to: folder)
-            fputs("pea train: saved \(folder)\n", stderr)
+        guard report.step < settings.steps else { break }   // the last step: the final save follows
+        var saved: String?
+        if settings.saveEvery > 0, report.step % settings.saveEvery == 0 { saved = try saveCheckpoint() }
+        if let signal = StopRequest.received {
+            let folder = try saved ?? saveCheckpoint()
+            fputs("pea train: stopped by \(signal == SIGINT ? "SIGINT" : "SIGTERM") after step \(report.step) of \(settings.steps); "
+                  + "continue with --resume \(folder)\n", stderr)
+            exit(128 + signal)   // the shell's status for a process that a signal stopped
         }
     }
-    try trainer.saveCheckpoint(to: output)
+    // The output folder holds more than the checkpoint, so its two files are replaced one by one (the step in
+    // both tells a torn pair).
+    try trainer.writeCheckpointFiles(into: output)
     print(joinPath(output, "adapter.safetensors"))
 }
 
@@ -285,4 +304,31 @@ private func timestepBias(_ options: ParsedOptions) throws -> TimestepBias {
     bias.end = try options.int(O.biasEnd)
     guard bias.begin < bias.end else { throw PEAError.usage("train: --timestep-bias-begin must be below --timestep-bias-end") }
     return bias
+}
+
+/// The signal (SIGINT or SIGTERM) that asked `pea train` to stop, 0 while none has.
+private let stopSignal = Atomic<Int32>(0)
+
+/// SIGINT and SIGTERM stop `pea train` between steps: the handler only records the signal, and the training loop,
+/// after the step in progress, saves a checkpoint and exits. The handler resets itself, so a second signal stops
+/// the process at once (checkpoint folders appear whole, so that loses no saved state).
+enum StopRequest {
+    static func install() {
+        stopSignal.store(0, ordering: .relaxed)   // initialises the global before a handler can touch it
+        var action = sigaction()
+        #if canImport(Glibc)
+        action.__sigaction_handler.sa_handler = { stopSignal.store($0, ordering: .relaxed) }
+        #else
+        action.__sigaction_u.__sa_handler = { stopSignal.store($0, ordering: .relaxed) }
+        #endif
+        sigemptyset(&action.sa_mask)
+        action.sa_flags = Int32(bitPattern: UInt32(SA_RESTART) | UInt32(SA_RESETHAND))
+        for signal in [SIGINT, SIGTERM] { sigaction(signal, &action, nil) }
+    }
+
+    /// The signal received since `install`, if any.
+    static var received: Int32? {
+        let signal = stopSignal.load(ordering: .relaxed)
+        return signal == 0 ? nil : signal
+    }
 }

@@ -47,6 +47,10 @@ let commands = Subcommands(command: "", usage: usage, table: [
     "toyworld": runToyWorld,
 ])
 
+// A write past the file-size limit (RLIMIT_FSIZE) fails with EFBIG, an error that removes the partial file,
+// instead of killing the process with SIGXFSZ and leaving it behind.
+signal(SIGXFSZ, SIG_IGN)
+
 do {
     try commands.run(Array(CommandLine.arguments.dropFirst()))
 } catch let error as PEAError {

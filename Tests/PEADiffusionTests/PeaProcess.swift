@@ -28,3 +28,20 @@ func runPea(_ arguments: [String], environment changes: [String: String?] = [:],
     process.waitUntilExit()
     return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
 }
+
+/// Starts `pea` with `arguments` in the background, its stdout and stderr going to the file `log` (a pipe nobody
+/// reads could fill and stall it): for tests that signal the process while it runs.
+func startPea(_ arguments: [String], log: String) throws -> Process {
+    guard FileManager.default.isExecutableFile(atPath: peaExecutablePath) else {
+        throw XCTSkip("the pea executable is not built at \(peaExecutablePath)")
+    }
+    _ = FileManager.default.createFile(atPath: log, contents: nil)
+    let output = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: peaExecutablePath)
+    process.arguments = arguments
+    process.standardOutput = output
+    process.standardError = output
+    try process.run()
+    return process
+}

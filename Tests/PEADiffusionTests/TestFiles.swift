@@ -4,6 +4,7 @@ import Glibc
 import Darwin
 #endif
 import XCTest
+@testable import PEADiffusion
 
 /// A fresh directory under /tmp for one test (mkdtemp: unique per process and call), removed with its
 /// contents by `remove()` or when the object goes away.
@@ -72,30 +73,6 @@ func readFileBytes(_ path: String) -> [UInt8]? {
 func fileExists(_ path: String) -> Bool {
     var status = stat()
     return stat(path, &status) == 0
-}
-
-func listDirectory(_ path: String) -> [String] {
-    guard let directory = opendir(path) else { return [] }
-    defer { closedir(directory) }
-    var names: [String] = []
-    while let entry = readdir(directory) {
-        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-            String(cString: raw.bindMemory(to: CChar.self).baseAddress!)
-        }
-        if name != "." && name != ".." { names.append(name) }
-    }
-    return names.sorted()
-}
-
-func removeRecursively(_ path: String) {
-    var status = stat()
-    guard lstat(path, &status) == 0 else { return }
-    if (status.st_mode & S_IFMT) == S_IFDIR {
-        for name in listDirectory(path) { removeRecursively(path + "/" + name) }
-        rmdir(path)
-    } else {
-        unlink(path)
-    }
 }
 
 /// Asserts that `body` throws an error whose description contains every fragment.

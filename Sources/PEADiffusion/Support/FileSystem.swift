@@ -77,6 +77,32 @@ func makeDirectories(_ path: String) throws {
     }
 }
 
+/// The names in a folder (without . and ..), sorted; empty when it cannot be read.
+func listDirectory(_ path: String) -> [String] {
+    guard let directory = opendir(path) else { return [] }
+    defer { closedir(directory) }
+    var names: [String] = []
+    while let entry = readdir(directory) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+            String(cString: raw.bindMemory(to: CChar.self).baseAddress!)
+        }
+        if name != "." && name != ".." { names.append(name) }
+    }
+    return names.sorted()
+}
+
+/// `rm -rf`: removes a file or a folder with everything in it, as far as it can (errors are ignored).
+func removeRecursively(_ path: String) {
+    var status = stat()
+    guard lstat(path, &status) == 0 else { return }
+    if (status.st_mode & S_IFMT) == S_IFDIR {
+        for name in listDirectory(path) { removeRecursively(path + "/" + name) }
+        rmdir(path)
+    } else {
+        unlink(path)
+    }
+}
+
 /// The whole contents of a (small) file, read with plain POSIX calls. Throws `PEAError.invalidFile`
 /// naming the path and the system's reason.
 func readWholeFile(_ path: String) throws -> [UInt8] {

@@ -162,9 +162,11 @@ public final class PEATrainer {
     /// The adapter's weights on the host (a download).
     public func masterWeights() throws -> [String: [Float]] { try training.masterWeights() }
     /// Dynamic loss scale (f16 UNet only; 1 otherwise), as torch's GradScaler: starts at 2¹⁶, halves when the
-    /// gradients overflow (that step's update is skipped), doubles after 2000 steps without overflow.
+    /// gradients overflow (that step's update is skipped), doubles after `lossScaleGrowthInterval` steps without overflow.
     public private(set) var lossScale: Float
     private var stepsSinceOverflow = 0
+    /// Steps without overflow after which the loss scale doubles.
+    static let lossScaleGrowthInterval = 2000
 
     private var studentUncond: Tensor?
     private var teacherUncond: Tensor?
@@ -231,7 +233,7 @@ public final class PEATrainer {
         let finite = norm != nil
         if finite && lossScale > 1 {
             stepsSinceOverflow += 1
-            if stepsSinceOverflow == 2000 { lossScale *= 2; stepsSinceOverflow = 0 }
+            if stepsSinceOverflow == Self.lossScaleGrowthInterval { lossScale *= 2; stepsSinceOverflow = 0 }
         } else if !finite && lossScale > 1 {
             lossScale /= 2   // f16 overflow: skip the update, retry the next batch at half the scale
             stepsSinceOverflow = 0
@@ -326,10 +328,18 @@ public final class PEATrainer {
 
     // MARK: checkpoints
 
-    /// Writes `folder/adapter.safetensors` (official names, f32; loadable by `pea generate --adapter`) and
-    /// `folder/optimizer.safetensors` (AdamW moments as `exp_avg.<name>` / `exp_avg_sq.<name>`; metadata: step,
-    /// data position, loss scale), each atomically.
+    /// Writes a checkpoint as one unit: the folder appears whole or not at all (`writeFolderAtomically`, replacing
+    /// one already there), holding the files of `writeCheckpointFiles`.
     public func saveCheckpoint(to folder: String) throws {
+        try makeDirectories(parentFolder(folder))
+        try writeFolderAtomically(to: folder) { try writeCheckpointFiles(into: $0) }
+    }
+
+    /// Writes `folder/adapter.safetensors` (official names, f32; loadable by `pea generate --adapter`) and
+    /// `folder/optimizer.safetensors` (AdamW moments as `exp_avg.<name>` / `exp_avg_sq.<name>`; metadata: data
+    /// position, loss scale), each atomically, both with the step in their metadata: in a folder that holds more
+    /// than a checkpoint (`pea train --output`), a kill between the two writes leaves a pair that `resume` refuses.
+    public func writeCheckpointFiles(into folder: String) throws {
         try makeDirectories(folder)
         let shapes = Dictionary(uniqueKeysWithValues: adapter.namedParameters.map { ($0.name, $0.tensor.shape) })
         let names = adapter.namedParameters.map(\.name)
@@ -354,32 +364,73 @@ public final class PEATrainer {
     }
 
     /// Continues from a folder written by `saveCheckpoint`: adapter weights, optimiser moments, step, data
-    /// position and loss scale.
+    /// position and loss scale. Every number of the metadata is checked (a step in 0...options.steps, the same
+    /// in both files; a finite positive loss scale) before anything changes.
     public func resume(from folder: String) throws {
-        let weights = try SafeTensorsFile(path: joinPath(folder, "adapter.safetensors"))
-        let optimizerPath = joinPath(folder, "optimizer.safetensors")
+        let adapterPath = joinPath(folder, "adapter.safetensors"), optimizerPath = joinPath(folder, "optimizer.safetensors")
+        let weights = try SafeTensorsFile(path: adapterPath)
         let saved = try SafeTensorsFile(path: optimizerPath)
-        func metadata(_ key: String) throws -> String {
-            guard let value = saved.metadata[key] else {
-                throw PEAError.invalidFile(path: optimizerPath, reason: "missing metadata '\(key)' (not a pea train checkpoint)")
-            }
-            return value
+        let adapterStep = try CheckpointMetadata(weights.metadata, path: adapterPath).count("step", in: 0...options.steps)
+        let metadata = CheckpointMetadata(saved.metadata, path: optimizerPath)
+        let savedStep = try metadata.count("step", in: 0...options.steps)
+        guard adapterStep == savedStep else {
+            throw PEAError.invalidFile(path: folder, reason: "adapter.safetensors is from step \(adapterStep) but optimizer.safetensors "
+                                       + "from step \(savedStep): the two files are not one checkpoint")
         }
-        guard let savedStep = Int(try metadata("step")), let optimizerStep = Int(try metadata("optimizer_step")),
-              let scale = Float(try metadata("loss_scale")), let sinceOverflow = Int(try metadata("steps_since_overflow")) else {
-            throw PEAError.invalidFile(path: optimizerPath, reason: "malformed step or loss_scale metadata")
-        }
+        let optimizerStep = try metadata.count("optimizer_step", in: 0...savedStep)
+        let sinceOverflow = try metadata.count("steps_since_overflow", in: 0...(Self.lossScaleGrowthInterval - 1))
+        let scale = try metadata.positiveFloat("loss_scale")
+        let position = try metadata.parsed("data_position") { try TrainingDataPosition(serialized: $0) }
         var master: [String: HostTensor] = [:], first: [String: Tensor] = [:], second: [String: Tensor] = [:]
         for (name, tensor) in adapter.namedParameters {
             master[name] = try weights.tensor(name, expecting: tensor.shape)
             first[name] = try backend.upload(saved.tensor("exp_avg.\(name)", expecting: tensor.shape).converted(to: .f32))
             second[name] = try backend.upload(saved.tensor("exp_avg_sq.\(name)", expecting: tensor.shape).converted(to: .f32))
         }
-        try dataset.restore(TrainingDataPosition(serialized: metadata("data_position")))
+        try dataset.restore(position)
         step = savedStep
         lossScale = scale
         stepsSinceOverflow = sinceOverflow
         try training.setMasterWeights(master)
         training.optimizer.restore(step: optimizerStep, first: first, second: second)
+    }
+}
+
+/// One checkpoint file's metadata, read field by field: a missing or out-of-range value is an error naming the
+/// file and the field.
+private struct CheckpointMetadata {
+    let values: [String: String]
+    let path: String
+
+    init(_ values: [String: String], path: String) {
+        self.values = values
+        self.path = path
+    }
+
+    func fail(_ key: String, _ reason: String) -> PEAError {
+        .invalidFile(path: path, reason: "metadata '\(key)' \(reason)")
+    }
+
+    /// The field parsed by `parse`, whose errors are reported as the field's.
+    func parsed<T>(_ key: String, _ parse: (String) throws -> T?) throws -> T {
+        guard let text = values[key] else { throw fail(key, "is missing (not a pea train checkpoint)") }
+        let value: T?
+        do { value = try parse(text) } catch { throw fail(key, "is malformed: \(error)") }
+        guard let value else { throw fail(key, "is malformed: '\(text)'") }
+        return value
+    }
+
+    /// An integer count in `range`.
+    func count(_ key: String, in range: ClosedRange<Int>) throws -> Int {
+        let value = try parsed(key) { Int($0) }
+        guard range.contains(value) else { throw fail(key, "is \(value), outside \(range.lowerBound)...\(range.upperBound)") }
+        return value
+    }
+
+    /// A finite Float above 0.
+    func positiveFloat(_ key: String) throws -> Float {
+        let value = try parsed(key) { Float($0) }
+        guard value.isFinite, value > 0 else { throw fail(key, "is \(value), not a finite value above 0") }
+        return value
     }
 }
