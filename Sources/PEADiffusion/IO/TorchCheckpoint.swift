@@ -130,8 +130,9 @@ public final class TorchCheckpointFile: @unchecked Sendable {
             guard let record = records["\(folder)/data/\(key)"] else {
                 throw fail("tensor '\(name)': its storage record '\(folder)/data/\(key)' is missing from the archive")
             }
-            let needed = tensor.storage.elementCount.multipliedReportingOverflow(by: tensor.storage.dtype.byteSize)
-            guard !needed.overflow, record.size >= needed.partialValue else {
+            let needed = try CheckedSize.product(tensor.storage.elementCount, tensor.storage.dtype.byteSize,
+                                                 "tensor '\(name)': the byte size of storage '\(key)'", fail: fail)
+            guard record.size >= needed else {
                 throw fail("tensor '\(name)': storage record '\(folder)/data/\(key)' holds \(record.size) bytes, less than the \(tensor.storage.elementCount) \(tensor.storage.dtype) elements its header declares")
             }
             infos[name] = TorchTensorInfo(name: name, dtype: tensor.storage.dtype, shape: tensor.shape, strides: tensor.strides,
