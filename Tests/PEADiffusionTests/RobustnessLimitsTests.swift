@@ -36,4 +36,43 @@ final class RobustnessLimitsTests: XCTestCase {
             try CheckedSize.sum(Int.max, 1, "the end offset", fail: fail)
         }
     }
+
+    // MARK: - Special files where a regular file is expected
+
+    /// A FIFO named as an input (`pea eval … --inputs FIFO`) used to block in open(); every reader refuses it,
+    /// and a device, with the file's kind.
+    func testReadersRefuseFIFOsAndDevicesWithoutBlocking() throws {
+        let scratch = ScratchDirectory("pea-fifo")
+        let fifo = scratch.file("inputs.safetensors")
+        XCTAssertEqual(mkfifo(fifo, 0o644), 0, String(cString: strerror(errno)))
+        let readers: [(String, (String) throws -> Void)] = [
+            ("readWholeFile", { _ = try readWholeFile($0) }),
+            ("MappedBytes", { _ = try MappedBytes(path: $0) }),
+            ("SafeTensorsFile", { _ = try SafeTensorsFile(path: $0) }),
+            ("InputTensors", { _ = try InputTensors(path: $0) }),
+            ("TorchCheckpointFile", { _ = try TorchCheckpointFile(path: $0) }),
+            ("PNGReader", { _ = try PNGReader.read(path: $0) }),
+            ("PNGDecoder", { _ = try PNGDecoder.decode(path: $0) }),
+            ("ImageDecoder", { _ = try ImageDecoder.decodeRGB(path: $0) }),
+            ("TarArchive", { _ = try TarArchive(path: $0) }),
+        ]
+        for (_, read) in readers {
+            assertThrowsError(containing: [fifo, "not a regular file (a FIFO)"]) { try read(fifo) }
+        }
+        XCTAssertFalse(TorchCheckpoint.looksLikeTorchSave(path: fifo))
+        assertThrowsError(containing: ["/dev/zero", "not a regular file (a character device)"]) { try readWholeFile("/dev/zero") }
+        assertThrowsError(containing: [scratch.path, "not a regular file (a directory)"]) { try readWholeFile(scratch.path) }
+    }
+
+    func testEvalRefusesAFIFOAsItsInputsAndWritesNothing() throws {
+        let scratch = ScratchDirectory("pea-fifo-cli")
+        let fifo = scratch.file("io.safetensors")
+        XCTAssertEqual(mkfifo(fifo, 0o644), 0, String(cString: strerror(errno)))
+        let vae = fixturesDirectory() + "/models/vae"
+        let output = scratch.file("out.safetensors")
+        let result = try runPea(["eval", "vae-decode", "--model", vae, "--inputs", fifo, "--output", output, "--backend", "cpu"])
+        XCTAssertNotEqual(result.status, 0, result.stderr)
+        XCTAssertTrue(result.stderr.contains(fifo) && result.stderr.contains("not a regular file (a FIFO)"), result.stderr)
+        XCTAssertFalse(scratch.entries().contains("out.safetensors"), "no partial output")
+    }
 }

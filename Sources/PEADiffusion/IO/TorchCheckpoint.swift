@@ -205,8 +205,8 @@ public enum TorchCheckpoint {
     /// Whether the file starts like something torch.save writes — a zip archive, or a pickle (the legacy
     /// format) — rather than a safetensors file (whose first 8 bytes are a header length).
     public static func looksLikeTorchSave(path: String) -> Bool {
-        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
-        guard descriptor >= 0 else { return false }
+        // Not a regular file (or unreadable): not torch; the safetensors reader then names the problem.
+        guard let (descriptor, _) = try? openRegularFile(path) else { return false }
         defer { close(descriptor) }
         var head = [UInt8](repeating: 0, count: 9)
         let count = head.withUnsafeMutableBytes { posixRead(descriptor, $0.baseAddress, 9) }
