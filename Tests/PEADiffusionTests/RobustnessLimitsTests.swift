@@ -75,4 +75,46 @@ final class RobustnessLimitsTests: XCTestCase {
         XCTAssertTrue(result.stderr.contains(fifo) && result.stderr.contains("not a regular file (a FIFO)"), result.stderr)
         XCTAssertFalse(scratch.entries().contains("out.safetensors"), "no partial output")
     }
+
+    // MARK: - Unbounded text
+
+    /// Texts longer than the cap are cut before encoding, and the cut is reported; shorter ones are untouched.
+    func testTextIsCappedBeforeTokenizing() {
+        XCTAssertEqual(cappedForTokenizing("a photo of a cat").cutCount, 0)
+        let exact = String(repeating: "é", count: maximumTokenizedTextLength)
+        XCTAssertEqual(cappedForTokenizing(exact).kept, exact)
+        let (kept, cut) = cappedForTokenizing(String(repeating: "ab ", count: 1_000_000))
+        XCTAssertEqual(kept.unicodeScalars.count, maximumTokenizedTextLength)
+        XCTAssertEqual(cut, 3_000_000 - maximumTokenizedTextLength)
+    }
+
+    /// A 300 000-character word (BPE was quadratic in a word's length: 100k characters took ~40 s, 300k hung)
+    /// and a 2M-character caption tokenise; the first 77 ids are those of the text's start, and the cut is said.
+    func testHugeWordsAndCaptionsTokenizeWithTheSameLeadingIds() throws {
+        let directory = fixturesDirectory() + "/tokenizers"
+        let clip = try CLIPTokenizer(folder: directory + "/clip_small")
+        let word = String(repeating: "abcdefghij", count: 30_000)
+        let wordResult = clip(word, maxLength: 77)
+        XCTAssertEqual(wordResult.ids.count, 77)
+        XCTAssertNotNil(wordResult.truncatedText)
+        XCTAssertTrue(wordResult.truncatedText!.hasSuffix("(\(300_000 - maximumTokenizedTextLength) more characters, not tokenized)"))
+        // The leading ids of a long word are those of its first 10 000 characters (BPE merges stay local here).
+        XCTAssertEqual(Array(wordResult.ids.prefix(40)), Array(clip(String(word.prefix(10_000)), maxLength: 77).ids.prefix(40)))
+
+        let sentence = "a photo of an astronaut riding a horse on the moon, "
+        let caption = String(repeating: sentence, count: 2_000_000 / sentence.count + 1)
+        let short = String(repeating: sentence, count: 20)
+        let tokenizers: [(String, any FixedLengthTokenizer)] = [
+            ("clip", clip),
+            ("wordpiece", try WordPieceTokenizer(folder: directory + "/cn_clip")),
+            ("unigram", try SentencePieceUnigramTokenizer(folder: directory + "/xlmr_small")),
+        ]
+        for (name, tokenizer) in tokenizers {
+            let long = tokenizer(caption, maxLength: 77), reference = tokenizer(short, maxLength: 77)
+            XCTAssertEqual(long.ids, reference.ids, name)
+            XCTAssertEqual(long.attentionMask, reference.attentionMask, name)
+            XCTAssertTrue(long.truncatedText?.hasSuffix("more characters, not tokenized)") ?? false, name)
+            XCTAssertNil(tokenizer("a cat", maxLength: 77).truncatedText?.contains("not tokenized"), name)
+        }
+    }
 }
