@@ -76,6 +76,54 @@ final class RobustnessLimitsTests: XCTestCase {
         XCTAssertFalse(scratch.entries().contains("out.safetensors"), "no partial output")
     }
 
+    // MARK: - A truncated CUDA library
+
+    /// An ELF header whose section header table lies past the end of the file: refused before dlopen (which
+    /// would die of SIGBUS mapping a truncated library).
+    func testTruncatedSharedLibraryIsRefusedBeforeDlopen() throws {
+        #if os(Linux)
+        let scratch = ScratchDirectory("pea-elf")
+        var header = [UInt8](repeating: 0, count: 64)
+        header[0..<8] = [0x7F, 0x45, 0x4C, 0x46, 2, 1, 1, 0]
+        func put(_ value: Int, at offset: Int, width: Int) {
+            for byte in 0..<width { header[offset + byte] = UInt8(truncatingIfNeeded: value >> (8 * byte)) }
+        }
+        put(1 << 20, at: 40, width: 8)   // e_shoff: 1 MiB, in a 64-byte file
+        put(64, at: 58, width: 2)        // e_shentsize
+        put(30, at: 60, width: 2)        // e_shnum
+        let truncated = scratch.write(header, to: "libpea_cuda.so")
+        assertThrowsError(containing: [truncated, "is not a complete shared library (truncated?)", "section header table"]) {
+            try CUDALibrary(path: truncated)
+        }
+        let short = scratch.write(Array(header.prefix(20)), to: "short.so")
+        assertThrowsError(containing: [short, "is not a complete shared library (truncated?)"]) { try CUDALibrary(path: short) }
+        let text = scratch.write(String(repeating: "not a library. ", count: 8), to: "text.so")
+        assertThrowsError(containing: [text, "no ELF magic number"]) { try CUDALibrary(path: text) }
+        #endif
+    }
+
+    /// The first 64 KiB of the emulated library named by PEA_CUDA_LIB: `--backend cuda` fails with a clear
+    /// error, `--backend auto` falls back to the CPU (the process used to die of SIGBUS in the loader).
+    func testTruncatedCUDALibraryFailsClearlyAndAutoFallsBack() throws {
+        _ = try CUDABackendParityTests.emulatedLibrary()
+        let scratch = ScratchDirectory("pea-cuda-truncated")
+        let library = try XCTUnwrap(readFileBytes(CUDABackendParityTests.emulatedLibraryPath))
+        let truncated = scratch.write(Array(library.prefix(64 << 10)), to: "libpea_cuda_emu.so")
+        let vae = fixturesDirectory() + "/models/vae"
+        let decode = ["eval", "vae-decode", "--model", vae, "--inputs", vae + "/io.safetensors"]
+        let environment: [String: String?] = ["PEA_CUDA_LIB": truncated]
+
+        let cuda = try runPea(decode + ["--output", scratch.file("cuda.safetensors"), "--backend", "cuda"], environment: environment)
+        XCTAssertEqual(cuda.status, 1, cuda.stderr)
+        XCTAssertTrue(cuda.stderr.contains(truncated) && cuda.stderr.contains("is not a complete shared library (truncated?)"), cuda.stderr)
+        XCTAssertFalse(scratch.entries().contains("cuda.safetensors"))
+
+        let auto = try runPea(decode + ["--output", scratch.file("auto.safetensors"), "--backend", "auto"], environment: environment)
+        XCTAssertEqual(auto.status, 0, auto.stderr)
+        XCTAssertTrue(auto.stderr.contains("CUDA unavailable") && auto.stderr.contains("using the CPU"), auto.stderr)
+        XCTAssertTrue(scratch.entries().contains("auto.safetensors"))
+    }
+
     // MARK: - Unbounded text
 
     /// Texts longer than the cap are cut before encoding, and the cut is reported; shorter ones are untouched.
