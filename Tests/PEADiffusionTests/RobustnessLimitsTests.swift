@@ -165,4 +165,45 @@ final class RobustnessLimitsTests: XCTestCase {
             XCTAssertNil(tokenizer("a cat", maxLength: 77).truncatedText?.contains("not tokenized"), name)
         }
     }
+
+    // MARK: - Sizes from user numbers, checked before allocating
+
+    func testHugeScheduleIsRefusedBeforeAllocating() {
+        let config = ConfigFile(path: "huge/scheduler_config.json", values: ["num_train_timesteps": .number(1e12)])
+        assertThrowsError(containing: ["huge/scheduler_config.json", "num_train_timesteps", "the schedule of 1000000000000 timesteps needs 64000 GB"]) {
+            try makeScheduler(name: "ddim", config: config)
+        }
+    }
+
+    /// A config's block_out_channels [100000, 200000] for `pea bench unet`: the random weights are refused
+    /// before their array is allocated.
+    func testHugeRandomParameterIsRefusedBeforeAllocating() {
+        let weights = RandomWeights(backend: CPUBackend())
+        assertThrowsError(containing: ["random parameter 'conv.weight' of shape [200000, 100000, 3, 3]", "needs 1440 GB"]) {
+            try weights.tensor("conv.weight", shape: [200_000, 100_000, 3, 3])
+        }
+        XCTAssertEqual(weights.parameterCount, 0)
+    }
+
+    func testHugeImagesAreRefusedBeforeAllocating() throws {
+        let scratch = ScratchDirectory("pea-huge-image")
+        let output = scratch.file("huge.png")
+        let result = try runPea(["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompt", "a cat", "--steps", "1",
+                                 "--width", "100000", "--height", "100000", "--output", output, "--backend", "cpu"])
+        XCTAssertEqual(result.status, 2, result.stderr)
+        XCTAssertTrue(result.stderr.contains("1 image(s) of 100000×100000 needs") && result.stderr.contains("GB, more than this machine's"), result.stderr)
+        XCTAssertEqual(scratch.entries(), [])
+    }
+
+    func testHugeAdapterIsRefusedBeforeAllocating() throws {
+        let scratch = ScratchDirectory("pea-huge-adapter")
+        let data = try TrainingTests.writeCorpus(in: scratch, count: 2, seed: 5)
+        let result = try runPea(["train", "--model", fixturesDirectory() + "/pipelines/sd1", "--text-encoder", fixturesDirectory() + "/pea/zh_encoder",
+                                 "--data", data, "--steps", "1", "--adapter-hidden", "65536", "--adapter-layers", "64",
+                                 "--output", scratch.file("out"), "--backend", "cpu"])
+        XCTAssertEqual(result.status, 2, result.stderr)
+        XCTAssertTrue(result.stderr.contains("an adapter of widths") && result.stderr.contains("needs")
+                      && result.stderr.contains("lower --adapter-hidden or --adapter-layers"), result.stderr)
+        XCTAssertFalse(scratch.entries().contains("out"))
+    }
 }
