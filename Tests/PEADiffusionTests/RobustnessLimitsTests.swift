@@ -146,6 +146,9 @@ final class RobustnessLimitsTests: XCTestCase {
         XCTAssertEqual(wordResult.ids.count, 77)
         XCTAssertNotNil(wordResult.truncatedText)
         XCTAssertTrue(wordResult.truncatedText!.hasSuffix("(\(300_000 - maximumTokenizedTextLength) more characters, not tokenized)"))
+        // BPE itself on the whole word (encode does not cap): merging is O(n log n), no longer quadratic.
+        let wordIDs = clip.encode(word)
+        XCTAssertEqual(Array(wordIDs.prefix(76)), Array(wordResult.ids.prefix(76)))
         // The leading ids of a long word are those of its first 10 000 characters (BPE merges stay local here).
         XCTAssertEqual(Array(wordResult.ids.prefix(40)), Array(clip(String(word.prefix(10_000)), maxLength: 77).ids.prefix(40)))
 
