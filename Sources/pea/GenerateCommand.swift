@@ -167,17 +167,7 @@ func runGenerate(_ arguments: [String]) throws {
 
 /// The prompts of a --prompts file: one per line, surrounding whitespace trimmed, empty lines skipped.
 func readPromptFile(_ path: String) throws -> [String] {
-    guard let handle = fopen(path, "r") else {
-        throw PEAError.invalidFile(path: path, reason: "cannot open: \(String(cString: strerror(errno)))")
-    }
-    defer { fclose(handle) }
-    var bytes: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let count = fread(&buffer, 1, buffer.count, handle)
-        if count == 0 { break }
-        bytes += buffer[0..<count]
-    }
+    let bytes = try readWholeFile(path)
     guard let text = String(validating: bytes, as: UTF8.self) else {
         throw PEAError.invalidFile(path: path, reason: "not UTF-8 text")
     }

@@ -155,6 +155,17 @@ final class TorchCheckpointTests: XCTestCase {
         assertThrowsError(containing: ["not a torch.save file"]) { try TorchCheckpointFile(bytes: Array("hello".utf8), path: "memory.pt") }
     }
 
+    /// A storage declaring 2^60 elements (LONG1): its repeat limit, 64 × the element count, used to overflow
+    /// and trap; now the file is refused, naming what overflowed.
+    func testStorageOfTwoToTheSixtyElementsIsRefusedNotATrap() {
+        let huge = [0x28] + unicode("storage") + Array("ctorch\nFloatStorage\n".utf8) + unicode("0") + unicode("cpu")
+            + [0x8A, 8] + (0..<8).map { UInt8(truncatingIfNeeded: (1 << 60) >> (8 * $0)) } + [0x74, 0x51]
+        let pickle = proto + [0x7D, 0x58] + le32(1) + Array("w".utf8) + tensorPickle(storage: huge, offset: 0, size: [4], stride: [1], stop: false) + [0x73, 0x2E]
+        assertThrowsError(containing: ["memory.pt", "storage '0'", "overflows", "\(1 << 60)"]) {
+            try TorchCheckpointFile(bytes: zipLikeTorch(pickle: pickle, storages: ["0": [UInt8](repeating: 0, count: 16)]), path: "memory.pt")
+        }
+    }
+
     // MARK: Fuzzing
 
     /// Random damage to real files — flipped bytes, truncation, insertions, overwritten runs, random files — must

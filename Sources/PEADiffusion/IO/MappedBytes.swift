@@ -16,19 +16,8 @@ final class MappedBytes: @unchecked Sendable {
     /// - Throws: `PEAError.invalidFile` naming the path when it cannot be opened, is not a regular file, or
     ///   cannot be mapped.
     init(path: String) throws {
-        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
-        guard descriptor >= 0 else {
-            throw PEAError.invalidFile(path: path, reason: "cannot open: \(systemErrorMessage())")
-        }
+        let (descriptor, size) = try openRegularFile(path)
         defer { close(descriptor) }  // the mapping stays valid after the descriptor is closed
-        var status = stat()
-        guard fstat(descriptor, &status) == 0 else {
-            throw PEAError.invalidFile(path: path, reason: "cannot stat: \(systemErrorMessage())")
-        }
-        guard (status.st_mode & S_IFMT) == S_IFREG else {
-            throw PEAError.invalidFile(path: path, reason: "not a regular file")
-        }
-        let size = Int(status.st_size)
         guard size > 0 else {
             buffer = UnsafeRawBufferPointer(start: nil, count: 0)
             mapped = false

@@ -130,8 +130,9 @@ public final class TorchCheckpointFile: @unchecked Sendable {
             guard let record = records["\(folder)/data/\(key)"] else {
                 throw fail("tensor '\(name)': its storage record '\(folder)/data/\(key)' is missing from the archive")
             }
-            let needed = tensor.storage.elementCount.multipliedReportingOverflow(by: tensor.storage.dtype.byteSize)
-            guard !needed.overflow, record.size >= needed.partialValue else {
+            let needed = try CheckedSize.product(tensor.storage.elementCount, tensor.storage.dtype.byteSize,
+                                                 "tensor '\(name)': the byte size of storage '\(key)'", fail: fail)
+            guard record.size >= needed else {
                 throw fail("tensor '\(name)': storage record '\(folder)/data/\(key)' holds \(record.size) bytes, less than the \(tensor.storage.elementCount) \(tensor.storage.dtype) elements its header declares")
             }
             infos[name] = TorchTensorInfo(name: name, dtype: tensor.storage.dtype, shape: tensor.shape, strides: tensor.strides,
@@ -204,8 +205,8 @@ public enum TorchCheckpoint {
     /// Whether the file starts like something torch.save writes — a zip archive, or a pickle (the legacy
     /// format) — rather than a safetensors file (whose first 8 bytes are a header length).
     public static func looksLikeTorchSave(path: String) -> Bool {
-        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
-        guard descriptor >= 0 else { return false }
+        // Not a regular file (or unreadable): not torch; the safetensors reader then names the problem.
+        guard let (descriptor, _) = try? openRegularFile(path) else { return false }
         defer { close(descriptor) }
         var head = [UInt8](repeating: 0, count: 9)
         let count = head.withUnsafeMutableBytes { posixRead(descriptor, $0.baseAddress, 9) }

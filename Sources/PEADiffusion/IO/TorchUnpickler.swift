@@ -380,7 +380,9 @@ enum TorchUnpickler {
             }
             guard !overflow else { throw fail("torch._utils._rebuild_tensor_v2: size \(shape) with stride \(strides) overflows") }
             // A view may repeat its storage (stride 0, `expand`), but not without bound.
-            guard count <= 64 * storage.elementCount + 4096 else {
+            let repeatLimit = try CheckedSize.sum(CheckedSize.product(64, storage.elementCount, "the repeat limit of storage '\(storage.key)'", fail: fail),
+                                                  4096, "the repeat limit of storage '\(storage.key)'", fail: fail)
+            guard count <= repeatLimit else {
                 throw fail("torch._utils._rebuild_tensor_v2: a tensor of size \(shape) repeats its storage '\(storage.key)' of \(storage.elementCount) elements more than 64 times")
             }
             guard count == 0 ? offset <= storage.elementCount : last < storage.elementCount else {

@@ -112,6 +112,11 @@ public final class RandomWeights: WeightSource {
     public func contains(_ name: String) -> Bool { true }
 
     public func tensor(_ name: String, shape: [Int]) throws -> Tensor {
+        // Shapes come from a config (block_out_channels [100000, 200000]): the values are a Swift array, so
+        // what the model holds so far plus this parameter (its array and its upload) is checked first.
+        let elements = shape.reduce(1.0) { $0 * Double($1) }
+        try MemoryBudget.require((Double(parameterCount) + 2 * elements) * 4,
+                                 for: "random parameter '\(name)' of shape \(shape) (after \(parameterCount) parameters)")
         let count = shape.reduce(1, *)
         parameterCount += count
         let fanIn = shape.count > 1 ? shape.dropFirst().reduce(1, *) : 1

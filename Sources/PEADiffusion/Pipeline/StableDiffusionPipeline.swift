@@ -176,5 +176,12 @@ public final class StableDiffusionPipeline {
         }
         guard request.steps >= 1 else { throw PEAError.usage("steps must be at least 1, got \(request.steps)") }
         guard request.imagesPerPrompt >= 1 else { throw PEAError.usage("batch must be at least 1") }
+        // The largest buffers are the VAE decoder's at full resolution: block_out_channels[0] channels of f32
+        // per pixel, its input, output and a norm's temporary alive together.
+        let channels = Double(vae.config.blockOutChannels.first ?? 128)
+        let pixels = Double(request.width) * Double(request.height) * Double(request.imagesPerPrompt)
+        try MemoryBudget.require(pixels * channels * 4 * 3, for: "\(request.imagesPerPrompt) image(s) of \(request.width)×\(request.height)") {
+            PEAError.usage("\($0); ask for smaller images")
+        }
     }
 }

@@ -139,9 +139,16 @@ struct SchedulerConfig {
         get throws {
             let count = try file.int("num_train_timesteps", default: 1000)
             guard count >= 2 else { throw invalid("num_train_timesteps", "must be at least 2, found \(count)") }
+            // The schedules are arrays of that length (β, ᾱ, σ, timesteps: a few dozen bytes per step).
+            try MemoryBudget.require(Double(count) * Self.scheduleBytesPerTimestep, for: "the schedule of \(count) timesteps") {
+                invalid("num_train_timesteps", $0)
+            }
             return count
         }
     }
+
+    /// A generous bound on the bytes the schedule arrays take per training timestep.
+    static let scheduleBytesPerTimestep = 64.0
 
     var stepsOffset: Int { get throws { try file.int("steps_offset", default: 0) } }
 

@@ -103,23 +103,50 @@ func removeRecursively(_ path: String) {
     }
 }
 
-/// The whole contents of a (small) file, read with plain POSIX calls. Throws `PEAError.invalidFile`
-/// naming the path and the system's reason.
-func readWholeFile(_ path: String) throws -> [UInt8] {
-    let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+/// A user-named file opened for reading, refused unless it is a regular file: a FIFO would block the reader
+/// (in `open`, or forever in `read`), a device would be read without end, and mmap of either fails obscurely.
+/// Opened with O_NONBLOCK so that even a FIFO with no writer cannot block the open itself; the type is then
+/// checked on the descriptor (fstat), so nothing can swap the file between the check and the use.
+/// The caller closes `descriptor`. Throws `PEAError.invalidFile` naming the path and the file's type.
+func openRegularFile(_ path: String) throws -> (descriptor: Int32, size: Int) {
+    let descriptor = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
     guard descriptor >= 0 else {
         throw PEAError.invalidFile(path: path, reason: "cannot open: \(systemErrorMessage())")
     }
-    defer { close(descriptor) }
     var info = stat()
     guard fstat(descriptor, &info) == 0 else {
-        throw PEAError.invalidFile(path: path, reason: "cannot stat: \(systemErrorMessage())")
+        let message = systemErrorMessage()
+        close(descriptor)
+        throw PEAError.invalidFile(path: path, reason: "cannot stat: \(message)")
     }
     guard (info.st_mode & S_IFMT) == S_IFREG else {
-        throw PEAError.invalidFile(path: path, reason: "not a regular file")
+        close(descriptor)
+        throw PEAError.invalidFile(path: path, reason: "not a regular file (\(fileTypeDescription(info.st_mode)))")
     }
+    return (descriptor, Int(info.st_size))
+}
+
+/// "a FIFO", "a directory", … for the type bits of `mode`.
+func fileTypeDescription(_ mode: mode_t) -> String {
+    switch mode & S_IFMT {
+    case S_IFREG: return "a regular file"
+    case S_IFDIR: return "a directory"
+    case S_IFIFO: return "a FIFO"
+    case S_IFCHR: return "a character device"
+    case S_IFBLK: return "a block device"
+    case S_IFSOCK: return "a socket"
+    case S_IFLNK: return "a symbolic link"
+    default: return "an unknown kind of file"
+    }
+}
+
+/// The whole contents of a (small) regular file, read with plain POSIX calls. Throws `PEAError.invalidFile`
+/// naming the path and the system's reason.
+public func readWholeFile(_ path: String) throws -> [UInt8] {
+    let (descriptor, size) = try openRegularFile(path)
+    defer { close(descriptor) }
     var bytes: [UInt8] = []
-    bytes.reserveCapacity(Int(info.st_size))
+    bytes.reserveCapacity(size)
     var chunk = [UInt8](repeating: 0, count: 1 << 16)
     while true {
         let count = chunk.withUnsafeMutableBytes { read(descriptor, $0.baseAddress, $0.count) }

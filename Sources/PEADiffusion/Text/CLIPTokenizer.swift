@@ -463,25 +463,46 @@ public struct CLIPTokenizer: Sendable {
 
     /// The ids of one word (its UTF-8 bytes): one symbol per byte, `</w>` on the last, then the lowest-ranked
     /// adjacent pair merged (leftmost first) until no pair has a merge.
+    ///
+    /// Rescanning every pair after each merge is quadratic in the word's length (a 100 000-byte word took ~40 s),
+    /// so the candidate pairs wait in a min-heap ordered by (rank, position) and the symbols form a linked list:
+    /// O(n log n), the same merges in the same order (the heap's minimum is the scan's choice; an entry whose
+    /// pair has since changed is skipped when it comes up).
     private func bpe(_ word: [UInt8]) -> [Int] {
         if let cached = cache.lookup(word) { return cached }
+        let count = word.count
+        // Symbol i starts at byte i; merged symbols keep their left part's index, dead ones are skipped.
         var symbols: [Int] = word.indices.map { index in
-            let id = index == word.count - 1 ? lastByteSymbolIDs[Int(word[index])] : byteSymbolIDs[Int(word[index])]
+            let id = index == count - 1 ? lastByteSymbolIDs[Int(word[index])] : byteSymbolIDs[Int(word[index])]
             return id >= 0 ? id : unknownTokenID  // only a vocabulary without every byte lacks one
         }
-        while symbols.count > 1 {
-            var best: (rank: Int, position: Int, merged: Int)? = nil
-            for position in 0..<(symbols.count - 1) {
-                if let merge = merges[Self.pairKey(symbols[position], symbols[position + 1])],
-                   merge.rank < (best?.rank ?? Int.max) {
-                    best = (merge.rank, position, merge.merged)
-                }
-            }
-            guard let merge = best else { break }
-            symbols.replaceSubrange(merge.position...(merge.position + 1), with: [merge.merged])
+        var next = Array(1...max(count, 1)), previous = Array(-1..<max(count - 1, 0))
+        var alive = [Bool](repeating: true, count: count)
+        // Candidates keyed rank × count + position (position < count): the lowest rank, then the leftmost.
+        var candidates = MinHeap()
+        func pushPair(at position: Int) {
+            guard position >= 0, next[position] < count,
+                  let merge = merges[Self.pairKey(symbols[position], symbols[next[position]])] else { return }
+            candidates.push(merge.rank * count + position)
         }
-        cache.store(word, symbols)
-        return symbols
+        for position in 0..<max(count - 1, 0) { pushPair(at: position) }
+        while let key = candidates.pop() {
+            let rank = key / count, position = key % count
+            guard alive[position], next[position] < count,
+                  let merge = merges[Self.pairKey(symbols[position], symbols[next[position]])], merge.rank == rank else { continue }
+            let right = next[position]
+            symbols[position] = merge.merged
+            alive[right] = false
+            next[position] = next[right]
+            if next[right] < count { previous[next[right]] = position }
+            pushPair(at: previous[position])
+            pushPair(at: position)
+        }
+        var ids: [Int] = []
+        var position = 0
+        while position < count { ids.append(symbols[position]); position = next[position] }
+        cache.store(word, ids)
+        return ids
     }
 
     // MARK: - Byte alphabet
@@ -530,6 +551,39 @@ public struct CLIPTokenizer: Sendable {
             }
         }
         return result
+    }
+}
+
+/// A binary min-heap of Ints (the BPE merge candidates).
+private struct MinHeap {
+    private var items: [Int] = []
+
+    mutating func push(_ value: Int) {
+        items.append(value)
+        var child = items.count - 1
+        while child > 0 {
+            let parent = (child - 1) / 2
+            guard items[child] < items[parent] else { break }
+            items.swapAt(child, parent)
+            child = parent
+        }
+    }
+
+    mutating func pop() -> Int? {
+        guard let top = items.first else { return nil }
+        let last = items.removeLast()
+        guard !items.isEmpty else { return top }
+        items[0] = last
+        var parent = 0
+        while true {
+            let left = 2 * parent + 1, right = left + 1
+            var smallest = parent
+            if left < items.count && items[left] < items[smallest] { smallest = left }
+            if right < items.count && items[right] < items[smallest] { smallest = right }
+            guard smallest != parent else { return top }
+            items.swapAt(parent, smallest)
+            parent = smallest
+        }
     }
 }
 

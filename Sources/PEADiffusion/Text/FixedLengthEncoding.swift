@@ -37,13 +37,36 @@ public protocol FixedLengthTokenizer: PaddingTokenizer {
     func truncationText(_ ids: [Int]) -> String
 }
 
+/// The most Unicode scalars of a text the tokenizers read; the rest is cut before encoding. Tokenising is at
+/// least linear in the text (a 2M-character caption stalled a training step for minutes) and only the first
+/// `maxLength` tokens (77, 52) are kept, so the tail of a longer text cannot matter: each token covers at least
+/// one non-space character, and 77 tokens of real text take a few thousand characters at most. The cut can
+/// change the ids only of a text whose first 65 536 characters make fewer than `maxLength` tokens — more than
+/// 850 characters of spaces or ignored characters per token — and is then reported as a truncation all the same.
+public let maximumTokenizedTextLength = 1 << 16
+
+/// `text` cut to `maximumTokenizedTextLength` scalars, and how many scalars were cut.
+func cappedForTokenizing(_ text: String) -> (kept: String, cutCount: Int) {
+    guard text.utf8.count > maximumTokenizedTextLength,
+          let end = text.unicodeScalars.index(text.unicodeScalars.startIndex, offsetBy: maximumTokenizedTextLength,
+                                              limitedBy: text.unicodeScalars.endIndex),
+          end != text.unicodeScalars.endIndex else { return (text, 0) }
+    return (String(text.unicodeScalars[..<end]), text.unicodeScalars[end...].count)
+}
+
 extension FixedLengthTokenizer {
     /// At most `maxLength` (default `modelMaxLength`) ids ending in the end token, padded with the pad token when
     /// `padding` is true; the attention mask; `truncatedText`, the removed ids decoded, nil when nothing was cut.
+    /// A text longer than `maximumTokenizedTextLength` is cut first, which `truncatedText` says.
     public func callAsFunction(_ text: String, maxLength: Int? = nil, padding: Bool = true)
         -> (ids: [Int], attentionMask: [Int], truncatedText: String?) {
-        fixedLengthEncoding(encode(text), maxLength: maxLength ?? modelMaxLength, padding: padding, endID: endTokenID,
-                            padID: padTokenID, decode: truncationText)
+        let (kept, cutCount) = cappedForTokenizing(text)
+        var encoding = fixedLengthEncoding(encode(kept), maxLength: maxLength ?? modelMaxLength, padding: padding,
+                                           endID: endTokenID, padID: padTokenID, decode: truncationText)
+        if cutCount > 0 {
+            encoding.truncatedText = (encoding.truncatedText.map { $0 + " " } ?? "") + "… (\(cutCount) more characters, not tokenized)"
+        }
+        return encoding
     }
 
     /// Padded to `maxLength`, as the language encoders call it.

@@ -153,6 +153,7 @@ public final class CUDALibrary {
 
     private init(loading path: String) throws {
         let resolved = Self.absolute(path)
+        try Self.checkCompleteSharedLibrary(resolved)
         guard let handle = dlopen(resolved, RTLD_NOW | RTLD_LOCAL) else {
             let reason = dlerror().map { String(cString: $0) } ?? "unknown dlopen error"
             throw PEAError.backend("cuda: cannot load \(resolved): \(reason)", kind: .unavailable)
@@ -194,6 +195,63 @@ public final class CUDALibrary {
         destroy = required("pea_cuda_destroy", DestroyFn.self)
         synchronize = required("pea_cuda_synchronize", SynchronizeFn.self)
         lastError = required("pea_cuda_last_error", LastErrorFn.self)
+    }
+
+    /// Refuses a file dlopen must not be given. The dynamic loader maps a library's segments as its headers
+    /// declare; when the file is shorter (a truncated copy, a download cut off) touching them raises SIGBUS
+    /// inside the loader and the process dies, so `--backend auto` could not fall back. The 64-bit ELF header,
+    /// the tables it locates and every loadable segment must lie inside the file. A file that is not a regular
+    /// file (a FIFO would block dlopen) is refused too.
+    static func checkCompleteSharedLibrary(_ path: String) throws {
+        #if os(Linux)
+        let descriptor: Int32, fileSize: Int
+        do {
+            (descriptor, fileSize) = try openRegularFile(path)
+        } catch {
+            throw PEAError.backend("cuda: cannot load \(error)", kind: .unavailable)
+        }
+        defer { close(descriptor) }
+        func incomplete(_ what: String) -> PEAError {
+            .backend("cuda: \(path) is not a complete shared library (truncated?): \(what) (the file has \(fileSize) bytes)", kind: .unavailable)
+        }
+        /// `count` bytes at `offset`, nil when the file holds fewer.
+        func bytes(at offset: Int, _ count: Int) -> [UInt8]? {
+            var buffer = [UInt8](repeating: 0, count: count)
+            let read = buffer.withUnsafeMutableBytes { pread(descriptor, $0.baseAddress, count, off_t(offset)) }
+            return read == count ? buffer : nil
+        }
+        guard let header = bytes(at: 0, 64) else { throw incomplete("shorter than the 64-byte ELF header") }
+        guard header[0..<4].elementsEqual([0x7F, 0x45, 0x4C, 0x46]) else {
+            throw PEAError.backend("cuda: \(path) is not a shared library (no ELF magic number)", kind: .unavailable)
+        }
+        guard header[4] == 2, header[5] == 1 else {
+            throw PEAError.backend("cuda: \(path) is not a 64-bit little-endian ELF library", kind: .unavailable)
+        }
+        func field(_ at: Int, _ width: Int) -> Int {
+            (0..<width).reduce(0) { $0 | Int(header[at + $1]) << (8 * $1) }
+        }
+        // e_phoff, e_shoff and the table sizes: every number is checked, a size is never added past the file.
+        func checkTable(_ name: String, offset: Int, count: Int, entrySize: Int) throws {
+            guard offset >= 0, offset <= fileSize, count * entrySize <= fileSize - offset else {
+                throw incomplete("its \(name) (\(count) × \(entrySize) bytes at \(offset)) ends past the end of the file")
+            }
+        }
+        let programOffset = field(32, 8), programEntrySize = field(54, 2), programCount = field(56, 2)
+        try checkTable("program header table", offset: programOffset, count: programCount, entrySize: programEntrySize)
+        try checkTable("section header table", offset: field(40, 8), count: field(60, 2), entrySize: field(58, 2))
+        // The loadable segments (PT_LOAD): what the loader maps.
+        guard programEntrySize >= 56 || programCount == 0 else { throw incomplete("program headers of \(programEntrySize) bytes") }
+        for index in 0..<programCount {
+            guard let entry = bytes(at: programOffset + index * programEntrySize, 56) else { throw incomplete("program header \(index) is cut off") }
+            func entryField(_ at: Int) -> UInt64 { (0..<8).reduce(UInt64(0)) { $0 | UInt64(entry[at + $1]) << (8 * UInt64($1)) } }
+            let type = entry[0..<4].enumerated().reduce(UInt32(0)) { $0 | UInt32($1.element) << (8 * UInt32($1.offset)) }
+            guard type == 1 else { continue }  // PT_LOAD
+            let offset = entryField(8), size = entryField(32)
+            guard offset <= UInt64(fileSize), size <= UInt64(fileSize) - offset else {
+                throw incomplete("loadable segment \(index) (\(size) bytes at \(offset)) ends past the end of the file")
+            }
+        }
+        #endif
     }
 
     /// Where the library was looked for, in order, and which (if any) exists.

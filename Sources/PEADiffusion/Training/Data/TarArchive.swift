@@ -93,7 +93,8 @@ public final class TarArchive: @unchecked Sendable {
                 let headerSize = try parseNumber(header, 124, 12, field: "size")
                 let size = paxSize ?? headerSize
                 let dataStart = offset + 512
-                guard size >= 0, dataStart + size <= bytes.count else {
+                // `size` may be anything up to Int.max: compare against what is left rather than adding to it.
+                guard size >= 0, size <= bytes.count - dataStart else {
                     finished = true
                     throw fail("truncated: the member at byte \(offset) declares \(size) bytes, but the file ends \(bytes.count - dataStart) bytes later")
                 }

@@ -1,0 +1,34 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// What a request sized by a user's numbers (an image size, layer widths, a schedule length) needs, checked
+/// before anything is allocated: a Swift array that cannot be allocated ends the process ("Fatal error: failed
+/// to allocate"), and an allocation that barely succeeds takes the machine down with it. Estimates are Doubles
+/// so that computing them cannot overflow.
+public enum MemoryBudget {
+    /// The machine's physical memory in bytes (Int.max when the system does not say).
+    public static let physicalBytes: Double = {
+        let pages = sysconf(Int32(_SC_PHYS_PAGES)), pageSize = sysconf(Int32(_SC_PAGESIZE))
+        return pages > 0 && pageSize > 0 ? Double(pages) * Double(pageSize) : Double(Int.max)
+    }()
+
+    /// Throws `error("<what> needs N GB, more than this machine's M GB of memory")` when `bytes` exceeds the
+    /// physical memory.
+    public static func require(_ bytes: Double, for what: @autoclosure () -> String,
+                               error: (String) -> PEAError = { .backend($0, kind: .outOfMemory) }) throws {
+        guard bytes > physicalBytes else { return }
+        throw error("\(what()) needs \(gigabytes(bytes)) GB, more than this machine's \(gigabytes(physicalBytes)) GB of memory")
+    }
+
+    /// `bytes` in GB (10⁹): one decimal below 10, whole numbers above.
+    static func gigabytes(_ bytes: Double) -> String {
+        let value = bytes / 1e9
+        if value < 10 { return String((value * 10).rounded() / 10) }
+        return value < 1e15 ? String(Int(value.rounded())) : "\(value)"
+    }
+}
