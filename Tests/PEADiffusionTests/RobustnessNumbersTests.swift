@@ -1,0 +1,75 @@
+import XCTest
+@testable import PEADiffusion
+
+/// Issue #16, numbers: a config value out of its range, or a number that is not finite as the float32 it is
+/// used as, is an error naming the file and the field (or the option) where it is read, never a trap at the
+/// end of generation or a division by zero.
+final class RobustnessNumbersTests: XCTestCase {
+    let sd1 = fixturesDirectory() + "/pipelines/sd1"
+
+    /// The fixture's `component/config.json` (or another file) with `changes` applied, written into `scratch`
+    /// under the same relative path; returns the path written.
+    @discardableResult
+    func writeChangedConfig(_ relativePath: String, _ changes: [String: JSONValue], in scratch: ScratchDirectory) throws -> String {
+        var values = try ConfigFile(path: sd1 + "/" + relativePath).values
+        values.merge(changes) { $1 }
+        let folder = scratch.file(String(relativePath.split(separator: "/").dropLast().joined(separator: "/")))
+        mkdir(folder, 0o755)
+        return scratch.write(JSONValue.object(values).serialized(), to: relativePath)
+    }
+
+    // MARK: Class 2: config integers (and floats) checked where they are read
+
+    func testModelConfigFieldsOutOfRangeNameTheFileAndTheKey() throws {
+        let scratch = ScratchDirectory("pea-numbers")
+        let cases: [(file: String, key: String, value: JSONValue, read: (ConfigFile) throws -> Any)] = [
+            ("unet/config.json", "attention_head_dim", .number(0), { try UNetConfig($0) }),
+            ("unet/config.json", "norm_num_groups", .number(0), { try UNetConfig($0) }),
+            ("unet/config.json", "layers_per_block", .number(-1), { try UNetConfig($0) }),
+            ("unet/config.json", "norm_eps", .number(.nan), { try UNetConfig($0) }),
+            ("vae/config.json", "norm_num_groups", .number(0), { try AutoencoderKLConfig($0) }),
+            ("vae/config.json", "layers_per_block", .number(-1), { try AutoencoderKLConfig($0) }),
+            ("vae/config.json", "scaling_factor", .number(0), { try AutoencoderKLConfig($0) }),
+            ("vae/config.json", "scaling_factor", .number(1e300), { try AutoencoderKLConfig($0) }),
+            ("text_encoder/config.json", "num_attention_heads", .number(0), { try CLIPTextConfig($0) }),
+            ("text_encoder/config.json", "num_hidden_layers", .number(0), { try CLIPTextConfig($0) }),
+            ("text_encoder/config.json", "layer_norm_eps", .number(.infinity), { try CLIPTextConfig($0) }),
+        ]
+        for (file, key, value, read) in cases {
+            let path = try writeChangedConfig(file, [key: value], in: scratch)
+            assertThrowsError(containing: [path, "'\(key)'"]) { try read(ConfigFile(path: path)) }
+        }
+    }
+
+    func testBertConfigCountsAreChecked() throws {
+        let scratch = ScratchDirectory("pea-numbers")
+        let original = try ConfigFile(path: fixturesDirectory() + "/pea/zh_encoder/config.json").values
+        for key in ["num_attention_heads", "num_hidden_layers", "hidden_size"] {
+            var values = original
+            values[key] = .number(0)
+            let path = scratch.write(JSONValue.object(values).serialized(), to: "config.json")
+            assertThrowsError(containing: [path, "'\(key)'", "at least 1"]) { try BertTextConfig(ConfigFile(path: path)) }
+        }
+    }
+
+    func testTokenizerModelMaxLengthMustHoldStartAndEndTokens() throws {
+        let scratch = ScratchDirectory("pea-numbers")
+        for name in ["merges.txt", "special_tokens_map.json", "vocab.json"] {
+            scratch.write(try XCTUnwrap(readFileBytes(sd1 + "/tokenizer/" + name)), to: name)
+        }
+        for length in [0.0, 1, 2.5] {
+            var values = try ConfigFile(path: sd1 + "/tokenizer/tokenizer_config.json").values
+            values["model_max_length"] = .number(length)
+            let path = scratch.write(JSONValue.object(values).serialized(), to: "tokenizer_config.json")
+            assertThrowsError(containing: [path, "'model_max_length'", "at least 2"]) { try CLIPTokenizer(folder: scratch.path) }
+        }
+    }
+
+    func testBenchUNetConfigIsCheckedBeforeBuilding() throws {
+        let scratch = ScratchDirectory("pea-numbers")
+        let path = try writeChangedConfig("unet/config.json", ["attention_head_dim": .number(0)], in: scratch)
+        let result = try runPea(["bench", "unet", "--config", path, "--latent", "8x8", "--repeats", "1", "--backend", "cpu"])
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertTrue(result.stderr.contains(path) && result.stderr.contains("'attention_head_dim'"), result.stderr)
+    }
+}
