@@ -81,7 +81,7 @@ func runGenerate(_ arguments: [String]) throws {
     default: throw PEAError.usage("generate: give either --prompt or --prompts, not both")
     }
     let steps = try options.int(O.steps)
-    let guidance = Float(try options.double(O.guidance))
+    let guidance = try options.float(O.guidance)
     let batch = try options.int(O.batch)
     let clipSkip = try options.int(O.clipSkip)
     let seed: UInt64

@@ -72,4 +72,69 @@ final class RobustnessNumbersTests: XCTestCase {
         XCTAssertNotEqual(result.status, 0)
         XCTAssertTrue(result.stderr.contains(path) && result.stderr.contains("'attention_head_dim'"), result.stderr)
     }
+
+    // MARK: Class 1: non-finite numbers never reach the 8-bit conversion
+
+    func testSchedulerBetasMustBeInTheOpenUnitInterval() throws {
+        let scratch = ScratchDirectory("pea-numbers")
+        let cases: [(changes: [String: JSONValue], key: String)] = [
+            (["beta_start": .number(.nan)], "beta_start"),
+            (["beta_schedule": .string("linear"), "beta_end": .number(1.5)], "beta_end"),
+            (["beta_start": .number(0)], "beta_start"),
+            (["trained_betas": .array(Array(repeating: .number(0.01), count: 999) + [.number(1)])], "trained_betas[999]"),
+            // Every β in (0, 1), but ᾱ underflows float32 to 0 long before the last timestep.
+            (["beta_schedule": .string("linear"), "beta_start": .number(0.5), "beta_end": .number(0.9)], "beta_schedule"),
+        ]
+        for (changes, key) in cases {
+            let path = try writeChangedConfig("scheduler/scheduler_config.json", changes, in: scratch)
+            for scheduler in ["pndm", "ddim", "euler", "dpmpp-2m"] {
+                assertThrowsError(containing: [path, "'\(key)'"]) { try makeScheduler(name: scheduler, config: ConfigFile(path: path)) }
+            }
+        }
+    }
+
+    func testDecodeRefusesNonFiniteLatentsAndTheConversionIsTotal() throws {
+        let backend = CPUBackend()
+        let pipeline = try StableDiffusionPipeline.load(folder: sd1, backend: backend)
+        for bad in [Float.nan, .infinity] {
+            var values = [Float](repeating: 0.1, count: 1 * 4 * 2 * 2)
+            values[5] = bad
+            let latents = try backend.upload(values, shape: [1, 4, 2, 2])
+            assertThrowsError(containing: ["latents are not finite after the 7 denoising steps", "likely cause"]) {
+                try pipeline.decode(latents, afterSteps: 7)
+            }
+        }
+        XCTAssertEqual(eightBitSample(.nan), 0)
+        XCTAssertEqual(eightBitSample(.infinity), 255)
+        XCTAssertEqual(eightBitSample(-.infinity), 0)
+        XCTAssertEqual(eightBitSample(0), 128)
+    }
+
+    func testAdapterWeightsMustBeFiniteInTheLoadedDType() throws {
+        let scratch = ScratchDirectory("pea-numbers")
+        let backend = CPUBackend()
+        let adapter = try PEAAdapter.initialized(widths: [4, 8], backend: backend, seed: 1)
+        for (bad, dtype) in [(Float.nan, DType.f32), (1e6, .f16)] {
+            let tensors = try adapter.namedParameters.map { name, tensor in
+                var values = try backend.download(tensor).floats()
+                if name == "projector.0.weight" { values[3] = bad }
+                return (name: name, tensor: HostTensor(values, shape: tensor.shape))
+            }
+            let path = scratch.file("adapter.safetensors")
+            try SafeTensorsWriter.write(tensors, to: path)
+            assertThrowsError(containing: [path, "'projector.0.weight'", "not finite in \(dtype)"]) {
+                try PEAAdapter.load(path: path, backend: backend, dtype: dtype)
+            }
+        }
+    }
+
+    func testGuidanceMustBeFiniteAsAFloat() throws {
+        let scratch = ScratchDirectory("pea-numbers")
+        let output = scratch.file("out.png")
+        let result = try runPea(["generate", "--model", sd1, "--prompt", "x", "--guidance", "1e300", "--steps", "1",
+                                 "--width", "16", "--height", "16", "--output", output, "--backend", "cpu"])
+        XCTAssertEqual(result.status, 2, result.stderr)
+        XCTAssertTrue(result.stderr.contains("--guidance") && result.stderr.contains("finite in float32"), result.stderr)
+        XCTAssertEqual(scratch.entries(), [])
+    }
 }
