@@ -167,6 +167,8 @@ func runGenerate(_ arguments: [String]) throws {
 
 /// The prompts of a --prompts file: one per line, surrounding whitespace trimmed, empty lines skipped.
 func readPromptFile(_ path: String) throws -> [String] {
+    // fopen succeeds on a directory on Linux and fread then reads nothing, which would look like an empty file.
+    guard !isDirectory(path) else { throw PEAError.invalidFile(path: path, reason: "is a directory; --prompts expects a text file with one prompt per line") }
     guard let handle = fopen(path, "r") else {
         throw PEAError.invalidFile(path: path, reason: "cannot open: \(String(cString: strerror(errno)))")
     }

@@ -137,4 +137,29 @@ final class RobustnessNumbersTests: XCTestCase {
         XCTAssertTrue(result.stderr.contains("--guidance") && result.stderr.contains("finite in float32"), result.stderr)
         XCTAssertEqual(scratch.entries(), [])
     }
+
+    // MARK: Class 11: messages that name the real problem
+
+    func testZeroTextEncoderLayersIsAConfigErrorNotAClipSkipOne() throws {
+        let scratch = ScratchDirectory("pea-numbers")
+        for entry in listDirectory(sd1) where entry != "text_encoder" { symlink(sd1 + "/" + entry, scratch.file(entry)) }
+        let config = try writeChangedConfig("text_encoder/config.json", ["num_hidden_layers": .number(0)], in: scratch)
+        symlink(sd1 + "/text_encoder/model.safetensors", scratch.file("text_encoder/model.safetensors"))
+        assertThrowsError(containing: [config, "'num_hidden_layers'", "at least 1"]) {
+            try StableDiffusionPipeline.load(folder: scratch.path, backend: CPUBackend())
+        }
+        let result = try runPea(["generate", "--model", scratch.path, "--prompt", "x", "--steps", "1", "--width", "16",
+                                 "--height", "16", "--output", scratch.file("out.png"), "--backend", "cpu"])
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertTrue(result.stderr.contains("num_hidden_layers") && !result.stderr.contains("clip"), result.stderr)
+    }
+
+    func testPromptsDirectoryIsReportedAsADirectory() throws {
+        let scratch = ScratchDirectory("pea-numbers")
+        let result = try runPea(["generate", "--model", sd1, "--prompts", scratch.path, "--output", scratch.file("out.png")])
+        XCTAssertNotEqual(result.status, 0)
+        XCTAssertTrue(result.stderr.contains(scratch.path) && result.stderr.contains("is a directory"), result.stderr)
+        XCTAssertFalse(result.stderr.contains("empty"), result.stderr)
+        XCTAssertEqual(scratch.entries(), [])
+    }
 }
