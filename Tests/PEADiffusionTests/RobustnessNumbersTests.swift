@@ -31,6 +31,7 @@ final class RobustnessNumbersTests: XCTestCase {
             ("vae/config.json", "layers_per_block", .number(-1), { try AutoencoderKLConfig($0) }),
             ("vae/config.json", "scaling_factor", .number(0), { try AutoencoderKLConfig($0) }),
             ("vae/config.json", "scaling_factor", .number(1e300), { try AutoencoderKLConfig($0) }),
+            ("vae/config.json", "scaling_factor", .number(1e-40), { try AutoencoderKLConfig($0) }),   // 1 / it is infinite
             ("text_encoder/config.json", "num_attention_heads", .number(0), { try CLIPTextConfig($0) }),
             ("text_encoder/config.json", "num_hidden_layers", .number(0), { try CLIPTextConfig($0) }),
             ("text_encoder/config.json", "layer_norm_eps", .number(.infinity), { try CLIPTextConfig($0) }),
@@ -81,13 +82,15 @@ final class RobustnessNumbersTests: XCTestCase {
             (["beta_start": .number(.nan)], "beta_start"),
             (["beta_schedule": .string("linear"), "beta_end": .number(1.5)], "beta_end"),
             (["beta_start": .number(0)], "beta_start"),
+            (["sigma_min": .number(.nan)], "sigma_min"),
             (["trained_betas": .array(Array(repeating: .number(0.01), count: 999) + [.number(1)])], "trained_betas[999]"),
             // Every β in (0, 1), but ᾱ underflows float32 to 0 long before the last timestep.
             (["beta_schedule": .string("linear"), "beta_start": .number(0.5), "beta_end": .number(0.9)], "beta_schedule"),
         ]
         for (changes, key) in cases {
             let path = try writeChangedConfig("scheduler/scheduler_config.json", changes, in: scratch)
-            for scheduler in ["pndm", "ddim", "euler", "dpmpp-2m"] {
+            // sigma_min is read only by the sigma-based schedulers.
+            for scheduler in key == "sigma_min" ? ["euler", "dpmpp-2m"] : ["pndm", "ddim", "euler", "dpmpp-2m"] {
                 assertThrowsError(containing: [path, "'\(key)'"]) { try makeScheduler(name: scheduler, config: ConfigFile(path: path)) }
             }
         }
@@ -104,6 +107,9 @@ final class RobustnessNumbersTests: XCTestCase {
                 try pipeline.decode(latents, afterSteps: 7)
             }
         }
+        var request = GenerationRequest(prompt: "x", width: 16, height: 16)
+        request.guidance = .infinity
+        assertThrowsError(containing: ["guidance must be finite"]) { try pipeline.generate(request) }
         XCTAssertEqual(eightBitSample(.nan), 0)
         XCTAssertEqual(eightBitSample(.infinity), 255)
         XCTAssertEqual(eightBitSample(-.infinity), 0)

@@ -135,7 +135,12 @@ public struct ConfigFile: Sendable {
 
     /// A number within `range` (which only holds finite values).
     public func double(_ key: String, default defaultValue: Double, range: ConfigRange<Double>) throws -> Double {
-        try optionalDouble(key).map { try checked($0, key: key, range: range) } ?? defaultValue
+        try optionalDouble(key, range: range) ?? defaultValue
+    }
+
+    /// A number within `range` (which only holds finite values), or nil when the key is missing or null.
+    public func optionalDouble(_ key: String, range: ConfigRange<Double>) throws -> Double? {
+        try optionalDouble(key).map { try checked($0, key: key, range: range) }
     }
 
     /// A number as the float32 it is used as, within `range` (which only holds finite values): 1e300 is finite
@@ -288,8 +293,16 @@ extension ConfigRange where Value: BinaryFloatingPoint & Sendable {
     /// Finite and above 0 (an epsilon, a range bound).
     public static var positive: ConfigRange { ConfigRange("finite and above 0") { $0.isFinite && $0 > 0 } }
 
-    /// Finite and not 0 (a divisor such as the VAE's scaling_factor).
-    public static var nonZero: ConfigRange { ConfigRange("finite and not 0") { $0.isFinite && $0 != 0 } }
+    /// Finite and at least `minimum`.
+    public static func atLeast(_ minimum: Value) -> ConfigRange {
+        ConfigRange("finite and at least \(minimum)") { $0.isFinite && $0 >= minimum }
+    }
+
+    /// A divisor (the VAE's scaling_factor): finite, not 0, and with a finite reciprocal (1e-40 is not 0, but
+    /// 1 / 1e-40 is infinite as a Float).
+    public static var invertible: ConfigRange {
+        ConfigRange("finite and not 0, with a finite reciprocal") { $0.isFinite && (1 / $0).isFinite }
+    }
 
     /// Strictly between 0 and 1 (a noise schedule's β).
     public static var openUnitInterval: ConfigRange { ConfigRange("in (0, 1)") { $0 > 0 && $0 < 1 } }

@@ -28,7 +28,7 @@ public struct AutoencoderKLConfig {
         guard !blockOutChannels.isEmpty else { throw fail("block_out_channels", "is empty") }
         layersPerBlock = try config.int("layers_per_block", default: 1, range: .atLeast(1))
         normNumGroups = try config.int("norm_num_groups", default: 32, range: .atLeast(1))
-        scalingFactor = try config.float("scaling_factor", default: 0.18215, range: .nonZero)   // the latents are divided by it
+        scalingFactor = try config.float("scaling_factor", default: 0.18215, range: .invertible)   // the latents are divided by it
         useQuantConv = try config.bool("use_quant_conv", default: true)
         usePostQuantConv = try config.bool("use_post_quant_conv", default: true)
         midBlockAttention = try config.bool("mid_block_add_attention", default: true)

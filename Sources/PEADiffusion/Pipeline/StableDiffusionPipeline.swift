@@ -184,6 +184,7 @@ public final class StableDiffusionPipeline {
         }
         guard request.steps >= 1 else { throw PEAError.usage("steps must be at least 1, got \(request.steps)") }
         guard request.imagesPerPrompt >= 1 else { throw PEAError.usage("batch must be at least 1") }
+        guard request.guidance.isFinite else { throw PEAError.usage("guidance must be finite, got \(request.guidance)") }
     }
 }
 
