@@ -161,9 +161,8 @@ func runTrain(_ arguments: [String]) throws {
     guard (0...1).contains(settings.uncondProbability) else { throw PEAError.usage("train: --uncond-prob must be in [0, 1]") }
     settings.featureWeight = try options.float(O.featureWeight)
     settings.taskWeight = try options.float(O.taskWeight)
-    guard settings.featureWeight >= 0, settings.taskWeight >= 0,
-          settings.featureWeight.isFinite, settings.taskWeight.isFinite else {
-        throw PEAError.usage("train: --feature-weight and --task-weight must be at least 0 and finite in f32")
+    guard settings.featureWeight >= 0, settings.taskWeight >= 0 else {   // finite as floats: options.float
+        throw PEAError.usage("train: --feature-weight and --task-weight must be at least 0")
     }
     settings.timestepBias = try timestepBias(options)
     settings.seed = UInt64(try options.int(O.seed))
