@@ -81,7 +81,7 @@ func runGenerate(_ arguments: [String]) throws {
     default: throw PEAError.usage("generate: give either --prompt or --prompts, not both")
     }
     let steps = try options.int(O.steps)
-    let guidance = Float(try options.double(O.guidance))
+    let guidance = try options.float(O.guidance)
     let batch = try options.int(O.batch)
     let clipSkip = try options.int(O.clipSkip)
     let seed: UInt64
@@ -167,6 +167,7 @@ func runGenerate(_ arguments: [String]) throws {
 
 /// The prompts of a --prompts file: one per line, surrounding whitespace trimmed, empty lines skipped.
 func readPromptFile(_ path: String) throws -> [String] {
+    guard !isDirectory(path) else { throw PEAError.invalidFile(path: path, reason: "is a directory; --prompts expects a text file with one prompt per line") }
     let bytes = try readWholeFile(path)
     guard let text = String(validating: bytes, as: UTF8.self) else {
         throw PEAError.invalidFile(path: path, reason: "not UTF-8 text")

@@ -145,7 +145,7 @@ func runTrain(_ arguments: [String]) throws {
 
     var settings = TrainingOptions(steps: try options.int(O.steps), batchSize: try options.int(O.batchSize))
     func positive(_ option: CommandOption) throws -> Float {
-        let value = Float(try options.double(option))
+        let value = try options.float(option)
         guard value > 0 else { throw PEAError.usage("train: option '\(option.name)' must be positive, got \(value)") }
         return value
     }
@@ -155,20 +155,19 @@ func runTrain(_ arguments: [String]) throws {
         throw PEAError.usage("train: --min-lr must be at least 0 and below --lr (\(settings.learningRate))")
     }
     settings.warmupSteps = try options.optionalInt(O.warmupSteps) ?? min(100, settings.steps / 10)
-    settings.weightDecay = Float(try options.double(O.weightDecay))
+    settings.weightDecay = try options.float(O.weightDecay)
     settings.maxGradientNorm = try options.has(O.maxGradNorm) ? positive(O.maxGradNorm) : nil
     settings.resolution = try options.int(O.resolution)
     guard settings.resolution % 8 == 0 else {
         throw PEAError.usage("train: --resolution must be a multiple of 8 (the VAE's factor), got \(settings.resolution)")
     }
     settings.hybrid = options.has(O.hybrid)
-    settings.uncondProbability = Float(try options.double(O.uncondProb))
+    settings.uncondProbability = try options.float(O.uncondProb)
     guard (0...1).contains(settings.uncondProbability) else { throw PEAError.usage("train: --uncond-prob must be in [0, 1]") }
-    settings.featureWeight = Float(try options.double(O.featureWeight))
-    settings.taskWeight = Float(try options.double(O.taskWeight))
-    guard settings.featureWeight >= 0, settings.taskWeight >= 0,
-          settings.featureWeight.isFinite, settings.taskWeight.isFinite else {
-        throw PEAError.usage("train: --feature-weight and --task-weight must be at least 0 and finite in f32")
+    settings.featureWeight = try options.float(O.featureWeight)
+    settings.taskWeight = try options.float(O.taskWeight)
+    guard settings.featureWeight >= 0, settings.taskWeight >= 0 else {   // finite as floats: options.float
+        throw PEAError.usage("train: --feature-weight and --task-weight must be at least 0")
     }
     settings.timestepBias = try timestepBias(options)
     settings.seed = UInt64(try options.int(O.seed))
@@ -282,7 +281,7 @@ private func validationOptions(_ options: ParsedOptions) throws -> ValidationOpt
     var validation = ValidationOptions(prompts: prompts, every: try options.int(O.validationEvery))
     validation.seeds = try options.int(O.validationSeeds)
     validation.steps = try options.int(O.validationSteps)
-    validation.guidance = Float(try options.double(O.validationGuidance))
+    validation.guidance = try options.float(O.validationGuidance)
     return validation
 }
 

@@ -161,6 +161,16 @@ public struct ParsedOptions {
         try required(option, optionalDouble(option))
     }
 
+    /// The value as a number that is finite as the float32 it is used as (1e300 is a finite Double and an
+    /// infinite Float), or nil when neither given nor defaulted.
+    public func optionalFloat(_ option: CommandOption) throws -> Float? {
+        try converted(option, expecting: "a number finite in float32") { Double($0).map(Float.init).flatMap { $0.isFinite ? $0 : nil } }
+    }
+
+    public func float(_ option: CommandOption) throws -> Float {
+        try required(option, optionalFloat(option))
+    }
+
     /// The value through `convert`; nil when there is no value, a usage error when `convert` refuses it.
     private func converted<T>(_ option: CommandOption, expecting kind: String, _ convert: (String) -> T?) throws -> T? {
         guard let text = try optionalString(option) else { return nil }

@@ -12,6 +12,9 @@ import Darwin
 ///
 /// Values are read as Python's `json` writes them (diffusers saves configs with `json.dumps`), so `NaN`
 /// and `Infinity` are accepted, and an integral float such as `320.0` is accepted where an integer is wanted.
+/// The accessors that take a `range` are how a reader says which values a field may take: the value is checked
+/// where it is read (after conversion to the type it is used as), so a 0 that would divide, or a NaN that would
+/// reach the image, is an error naming the file and the key.
 public struct ConfigFile: Sendable {
     public let path: String
     public let values: [String: JSONValue]
@@ -82,6 +85,31 @@ public struct ConfigFile: Sendable {
         return Array(repeating: try integer(value, key: key), count: count)
     }
 
+    /// An integer within `range`.
+    public func int(_ key: String, range: ConfigRange<Int>) throws -> Int {
+        try checked(try int(key), key: key, range: range)
+    }
+
+    /// An integer within `range`, or `defaultValue` when the key is missing or null.
+    public func int(_ key: String, default defaultValue: Int, range: ConfigRange<Int>) throws -> Int {
+        try optionalInt(key, range: range) ?? defaultValue
+    }
+
+    /// An integer within `range`, or nil when the key is missing or null.
+    public func optionalInt(_ key: String, range: ConfigRange<Int>) throws -> Int? {
+        try optionalInt(key).map { try checked($0, key: key, range: range) }
+    }
+
+    /// A list of integers, each within `range`.
+    public func intList(_ key: String, range: ConfigRange<Int>) throws -> [Int] {
+        try intList(key).enumerated().map { index, element in try checked(element, key: "\(key)[\(index)]", range: range) }
+    }
+
+    /// `intOrList(_:count:)` with every entry within `range`.
+    public func intOrList(_ key: String, count: Int, range: ConfigRange<Int>) throws -> [Int] {
+        try intOrList(key, count: count).map { try checked($0, key: key, range: range) }
+    }
+
     // MARK: Floating point
 
     /// A number (integers, NaN and ±Infinity included).
@@ -103,6 +131,34 @@ public struct ConfigFile: Sendable {
     /// A list of numbers (e.g. a scheduler's `trained_betas`).
     public func doubleList(_ key: String) throws -> [Double] {
         try list(key).enumerated().map { index, element in try number(element, key: "\(key)[\(index)]") }
+    }
+
+    /// A number within `range` (which only holds finite values).
+    public func double(_ key: String, default defaultValue: Double, range: ConfigRange<Double>) throws -> Double {
+        try optionalDouble(key, range: range) ?? defaultValue
+    }
+
+    /// A number within `range` (which only holds finite values), or nil when the key is missing or null.
+    public func optionalDouble(_ key: String, range: ConfigRange<Double>) throws -> Double? {
+        try optionalDouble(key).map { try checked($0, key: key, range: range) }
+    }
+
+    /// A number as the float32 it is used as, within `range` (which only holds finite values): 1e300 is finite
+    /// as a Double and infinite as a Float, so the check comes after the conversion.
+    public func float(_ key: String, default defaultValue: Float, range: ConfigRange<Float> = .finite) throws -> Float {
+        try optionalFloat(key, range: range) ?? defaultValue
+    }
+
+    /// `float(_:default:range:)`, or nil when the key is missing or null.
+    public func optionalFloat(_ key: String, range: ConfigRange<Float> = .finite) throws -> Float? {
+        try optionalDouble(key).map { try checked(Float($0), key: key, range: range, found: JSONValue.format($0)) }
+    }
+
+    /// A list of numbers as float32, each within `range`.
+    public func floatList(_ key: String, range: ConfigRange<Float> = .finite) throws -> [Float] {
+        try doubleList(key).enumerated().map { index, element in
+            try checked(Float(element), key: "\(key)[\(index)]", range: range, found: JSONValue.format(element))
+        }
     }
 
     // MARK: Booleans
@@ -199,7 +255,55 @@ public struct ConfigFile: Sendable {
         return string
     }
 
+    /// `value` when `range` holds it; `found` says the value as the file has it (before a float32 conversion).
+    private func checked<Value>(_ value: Value, key: String, range: ConfigRange<Value>, found: String? = nil) throws -> Value {
+        guard range.contains(value) else {
+            throw PEAError.invalidConfig(path: path, reason: "key '\(key)': must be \(range.description), found \(found ?? "\(value)")")
+        }
+        return value
+    }
+
     private func mismatch(_ key: String, expected: String, found: JSONValue) -> PEAError {
         .invalidConfig(path: path, reason: "key '\(key)': expected \(expected), found \(found.kindDescription)")
     }
+}
+
+/// The values a config number may take, and how an error message says them ("at least 1", "in (0, 1)").
+/// The floating-point ranges only hold finite values.
+public struct ConfigRange<Value: Comparable>: Sendable {
+    public let description: String
+    public let contains: @Sendable (Value) -> Bool
+
+    public init(_ description: String, contains: @escaping @Sendable (Value) -> Bool) {
+        self.description = description
+        self.contains = contains
+    }
+}
+
+extension ConfigRange where Value: BinaryInteger & Sendable {
+    /// A count or size that must be at least `minimum` (1 where 0 would leave nothing or divide by zero).
+    public static func atLeast(_ minimum: Value) -> ConfigRange {
+        ConfigRange("at least \(minimum)") { $0 >= minimum }
+    }
+}
+
+extension ConfigRange where Value: BinaryFloatingPoint & Sendable {
+    public static var finite: ConfigRange { ConfigRange("finite (as a \(Value.self))") { $0.isFinite } }
+
+    /// Finite and above 0 (an epsilon, a range bound).
+    public static var positive: ConfigRange { ConfigRange("finite and above 0") { $0.isFinite && $0 > 0 } }
+
+    /// Finite and at least `minimum`.
+    public static func atLeast(_ minimum: Value) -> ConfigRange {
+        ConfigRange("finite and at least \(minimum)") { $0.isFinite && $0 >= minimum }
+    }
+
+    /// A divisor (the VAE's scaling_factor): finite, not 0, and with a finite reciprocal (1e-40 is not 0, but
+    /// 1 / 1e-40 is infinite as a Float).
+    public static var invertible: ConfigRange {
+        ConfigRange("finite and not 0, with a finite reciprocal") { $0.isFinite && (1 / $0).isFinite }
+    }
+
+    /// Strictly between 0 and 1 (a noise schedule's β).
+    public static var openUnitInterval: ConfigRange { ConfigRange("in (0, 1)") { $0 > 0 && $0 < 1 } }
 }

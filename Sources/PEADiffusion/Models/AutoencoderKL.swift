@@ -21,14 +21,14 @@ public struct AutoencoderKLConfig {
         func fail(_ key: String, _ reason: String) -> PEAError {
             .invalidConfig(path: config.path, reason: "'\(key)': \(reason)")
         }
-        inChannels = try config.int("in_channels", default: 3)
-        outChannels = try config.int("out_channels", default: 3)
-        latentChannels = try config.int("latent_channels", default: 4)
-        blockOutChannels = try config.contains("block_out_channels") ? config.intList("block_out_channels") : [64]
+        inChannels = try config.int("in_channels", default: 3, range: .atLeast(1))
+        outChannels = try config.int("out_channels", default: 3, range: .atLeast(1))
+        latentChannels = try config.int("latent_channels", default: 4, range: .atLeast(1))
+        blockOutChannels = try config.contains("block_out_channels") ? config.intList("block_out_channels", range: .atLeast(1)) : [64]
         guard !blockOutChannels.isEmpty else { throw fail("block_out_channels", "is empty") }
-        layersPerBlock = try config.int("layers_per_block", default: 1)
-        normNumGroups = try config.int("norm_num_groups", default: 32)
-        scalingFactor = Float(try config.double("scaling_factor", default: 0.18215))
+        layersPerBlock = try config.int("layers_per_block", default: 1, range: .atLeast(1))
+        normNumGroups = try config.int("norm_num_groups", default: 32, range: .atLeast(1))
+        scalingFactor = try config.float("scaling_factor", default: 0.18215, range: .invertible)   // the latents are divided by it
         useQuantConv = try config.bool("use_quant_conv", default: true)
         usePostQuantConv = try config.bool("use_post_quant_conv", default: true)
         midBlockAttention = try config.bool("mid_block_add_attention", default: true)

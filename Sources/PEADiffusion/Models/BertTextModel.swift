@@ -52,15 +52,15 @@ public struct BertTextConfig: Sendable {
         guard roberta || BertTextConfig.bertModelTypes.contains(modelType) else {
             throw PEAError.invalidConfig(path: config.path, reason: "'model_type': \"\(modelType)\" is not a BERT or XLM-R text encoder (\((BertTextConfig.bertModelTypes.union(BertTextConfig.robertaModelTypes)).sorted().joined(separator: ", ")))")
         }
-        vocabSize = try config.int("vocab_size")
-        hiddenSize = try config.int(key("hidden_size"))
-        intermediateSize = try config.int(key("intermediate_size"))
-        layers = try config.int(key("num_hidden_layers"))
-        heads = try config.int(key("num_attention_heads"))
-        maxPositions = try config.int(key("max_position_embeddings"), default: 512)
-        typeVocabSize = try config.int(key("type_vocab_size"), default: 2)
-        layerNormEps = Float(try config.double(key("layer_norm_eps"), default: 1e-12))
-        padTokenId = try config.int("pad_token_id", default: roberta ? 1 : 0)
+        vocabSize = try config.int("vocab_size", range: .atLeast(1))
+        hiddenSize = try config.int(key("hidden_size"), range: .atLeast(1))
+        intermediateSize = try config.int(key("intermediate_size"), range: .atLeast(1))
+        layers = try config.int(key("num_hidden_layers"), range: .atLeast(1))
+        heads = try config.int(key("num_attention_heads"), range: .atLeast(1))
+        maxPositions = try config.int(key("max_position_embeddings"), default: 512, range: .atLeast(2))
+        typeVocabSize = try config.int(key("type_vocab_size"), default: 2, range: .atLeast(1))   // token type 0 is added to every token
+        layerNormEps = try config.float(key("layer_norm_eps"), default: 1e-12, range: .positive)
+        padTokenId = try config.int("pad_token_id", default: roberta ? 1 : 0, range: .atLeast(0))
         positionIDs = roberta ? .paddingAware(paddingIndex: padTokenId) : .absolute
         switch try config.string(key("hidden_act"), default: "gelu") {
         case "gelu": activation = .gelu
@@ -72,11 +72,11 @@ public struct BertTextConfig: Sendable {
         guard positionType == "absolute" else {
             throw PEAError.invalidConfig(path: config.path, reason: "'position_embedding_type': \"\(positionType)\" is not supported (absolute)")
         }
-        guard hiddenSize > 0, heads > 0, hiddenSize % heads == 0 else {
-            throw PEAError.invalidConfig(path: config.path, reason: "'hidden_size' \(hiddenSize) does not split into \(heads) heads")
+        guard maxSequenceLength >= 2 else {
+            throw PEAError.invalidConfig(path: config.path, reason: "'\(key("max_position_embeddings"))' \(maxPositions) leaves \(maxSequenceLength) positions after the padding index \(padTokenId); at least 2 are needed (the start and end tokens)")
         }
-        guard typeVocabSize > 0 else {
-            throw PEAError.invalidConfig(path: config.path, reason: "'type_vocab_size' must be at least 1 (token type 0 is added to every token)")
+        guard hiddenSize % heads == 0 else {
+            throw PEAError.invalidConfig(path: config.path, reason: "'hidden_size' \(hiddenSize) does not split into \(heads) heads")
         }
     }
 

@@ -18,14 +18,14 @@ public struct CLIPTextConfig {
     /// Reads a transformers `config.json` (a text tower's own config, or the `text_config` of a full CLIP).
     /// `withProjection` comes from `architectures` (CLIPTextModelWithProjection).
     public init(_ config: ConfigFile) throws {
-        vocabSize = try config.int("vocab_size")
-        hiddenSize = try config.int("hidden_size")
-        intermediateSize = try config.int("intermediate_size")
-        layers = try config.int("num_hidden_layers")
-        heads = try config.int("num_attention_heads")
-        maxPositions = try config.int("max_position_embeddings", default: 77)
-        layerNormEps = Float(try config.double("layer_norm_eps", default: 1e-5))
-        eosTokenId = try config.int("eos_token_id", default: 2)
+        vocabSize = try config.int("vocab_size", range: .atLeast(1))
+        hiddenSize = try config.int("hidden_size", range: .atLeast(1))
+        intermediateSize = try config.int("intermediate_size", range: .atLeast(1))
+        layers = try config.int("num_hidden_layers", range: .atLeast(1))
+        heads = try config.int("num_attention_heads", range: .atLeast(1))
+        maxPositions = try config.int("max_position_embeddings", default: 77, range: .atLeast(2))   // start and end tokens
+        layerNormEps = try config.float("layer_norm_eps", default: 1e-5, range: .positive)
+        eosTokenId = try config.int("eos_token_id", default: 2, range: .atLeast(0))
         switch try config.string("hidden_act", default: "quick_gelu") {
         case "quick_gelu": activation = .quickGELU
         case "gelu": activation = .gelu
@@ -33,7 +33,7 @@ public struct CLIPTextConfig {
         case let other: throw PEAError.invalidConfig(path: config.path, reason: "'hidden_act': \"\(other)\" is not supported (quick_gelu, gelu)")
         }
         let architectures = try config.contains("architectures") ? config.stringList("architectures") : []
-        projectionDim = architectures.contains("CLIPTextModelWithProjection") ? try config.int("projection_dim") : nil
+        projectionDim = architectures.contains("CLIPTextModelWithProjection") ? try config.int("projection_dim", range: .atLeast(1)) : nil
         guard hiddenSize % heads == 0 else {
             throw PEAError.invalidConfig(path: config.path, reason: "'hidden_size' \(hiddenSize) does not split into \(heads) heads")
         }

@@ -139,7 +139,15 @@ public struct PEAAdapter {
             file = joinPath(path, found)
         }
         let source = try CheckpointWeights(path: file, backend: backend, dtype: dtype)
-        return try PEAAdapter(weights: source, prefix: try adapterPrefix(source))
+        let adapter = try PEAAdapter(weights: source, prefix: try adapterPrefix(source))
+        // Checked in the dtype they are used in (a large f32 value is infinite in f16): a NaN weight would only
+        // show as a NaN image at the end of generation.
+        for (name, tensor) in adapter.namedParameters {
+            guard try backend.download(tensor).floats().allSatisfy(\.isFinite) else {
+                throw PEAError.invalidFile(path: file, reason: "tensor '\(name)' has values that are not finite in \(dtype)")
+            }
+        }
+        return adapter
     }
 
     /// states [B, L, inputDim] → (sequence [B, L, outputDim], pooled [B, pooledDim] for the SDXL form).

@@ -45,9 +45,9 @@ public struct UNetConfig {
             }
         }
 
-        inChannels = try config.int("in_channels", default: 4)
-        outChannels = try config.int("out_channels", default: 4)
-        blockOutChannels = try config.contains("block_out_channels") ? config.intList("block_out_channels") : [320, 640, 1280, 1280]
+        inChannels = try config.int("in_channels", default: 4, range: .atLeast(1))
+        outChannels = try config.int("out_channels", default: 4, range: .atLeast(1))
+        blockOutChannels = try config.contains("block_out_channels") ? config.intList("block_out_channels", range: .atLeast(1)) : [320, 640, 1280, 1280]
         let blocks = blockOutChannels.count
         guard blocks > 0 else { throw fail("block_out_channels", "is empty") }
 
@@ -77,17 +77,17 @@ public struct UNetConfig {
         default: throw fail("mid_block_type", "only UNetMidBlock2DCrossAttn (or null) is supported")
         }
 
-        layersPerBlock = try config.contains("layers_per_block") ? config.intOrList("layers_per_block", count: blocks) : Array(repeating: 2, count: blocks)
+        layersPerBlock = try config.contains("layers_per_block") ? config.intOrList("layers_per_block", count: blocks, range: .atLeast(1)) : Array(repeating: 2, count: blocks)
         // diffusers: `num_attention_heads = num_attention_heads or attention_head_dim` — the legacy config field
         // `attention_head_dim` has always meant the number of heads when `num_attention_heads` is not given.
         if config.value("num_attention_heads").map({ $0 != .null }) ?? false {
-            attentionHeads = try config.intOrList("num_attention_heads", count: blocks)
+            attentionHeads = try config.intOrList("num_attention_heads", count: blocks, range: .atLeast(1))
         } else {
             attentionHeads = try config.contains("attention_head_dim") && config.value("attention_head_dim") != .null
-                ? config.intOrList("attention_head_dim", count: blocks) : Array(repeating: 8, count: blocks)
+                ? config.intOrList("attention_head_dim", count: blocks, range: .atLeast(1)) : Array(repeating: 8, count: blocks)
         }
         transformerLayersPerBlock = try config.contains("transformer_layers_per_block")
-            ? config.intOrList("transformer_layers_per_block", count: blocks) : Array(repeating: 1, count: blocks)
+            ? config.intOrList("transformer_layers_per_block", count: blocks, range: .atLeast(1)) : Array(repeating: 1, count: blocks)
         if config.value("reverse_transformer_layers_per_block").map({ $0 != .null }) ?? false {
             // Per up block, each entry an int or a list per layer; only one count per block is supported.
             guard case .array(let rows) = config.value("reverse_transformer_layers_per_block")!, rows.count == blocks else {
@@ -100,29 +100,29 @@ public struct UNetConfig {
                 case .array(let items): counts = try items.map { if case .number(let n) = $0 { return n }; throw fail("reverse_transformer_layers_per_block", "entries must be integers") }
                 default: throw fail("reverse_transformer_layers_per_block", "entries must be integers or lists")
                 }
-                guard let first = counts.first, counts.allSatisfy({ $0 == first }), let n = Int(exactly: first) else {
-                    throw fail("reverse_transformer_layers_per_block", "different transformer depths within one block are not supported")
+                guard let first = counts.first, counts.allSatisfy({ $0 == first }), let n = Int(exactly: first), n >= 1 else {
+                    throw fail("reverse_transformer_layers_per_block", "each entry must be a whole number of at least 1, the same for every layer of a block (different transformer depths within one block are not supported)")
                 }
                 return n
             }
         } else {
             upTransformerLayersPerBlock = transformerLayersPerBlock.reversed()
         }
-        crossAttentionDim = try config.contains("cross_attention_dim") ? config.intOrList("cross_attention_dim", count: blocks) : Array(repeating: 1280, count: blocks)
+        crossAttentionDim = try config.contains("cross_attention_dim") ? config.intOrList("cross_attention_dim", count: blocks, range: .atLeast(1)) : Array(repeating: 1280, count: blocks)
         useLinearProjection = try config.bool("use_linear_projection", default: false)
         upcastAttention = try config.bool("upcast_attention", default: false)
-        normNumGroups = try config.int("norm_num_groups", default: 32)
-        normEps = Float(try config.double("norm_eps", default: 1e-5))
+        normNumGroups = try config.int("norm_num_groups", default: 32, range: .atLeast(1))
+        normEps = try config.float("norm_eps", default: 1e-5, range: .positive)
         flipSinToCos = try config.bool("flip_sin_to_cos", default: true)
-        freqShift = Float(try config.double("freq_shift", default: 0))
-        midBlockScaleFactor = Float(try config.double("mid_block_scale_factor", default: 1))
-        sampleSize = try config.optionalInt("sample_size")
-        timeCondProjDim = try config.optionalInt("time_cond_proj_dim")
+        freqShift = try config.float("freq_shift", default: 0)
+        midBlockScaleFactor = try config.float("mid_block_scale_factor", default: 1)
+        sampleSize = try config.optionalInt("sample_size", range: .atLeast(1))
+        timeCondProjDim = try config.optionalInt("time_cond_proj_dim", range: .atLeast(1))
 
         switch try config.optionalString("addition_embed_type") {
         case nil: textTime = nil
         case "text_time":
-            textTime = (try config.int("addition_time_embed_dim"), try config.int("projection_class_embeddings_input_dim"))
+            textTime = (try config.int("addition_time_embed_dim", range: .atLeast(1)), try config.int("projection_class_embeddings_input_dim", range: .atLeast(1)))
         case let other?: throw fail("addition_embed_type", "\"\(other)\" is not supported (null, \"text_time\")")
         }
 

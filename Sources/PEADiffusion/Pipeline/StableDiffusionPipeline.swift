@@ -147,22 +147,30 @@ public final class StableDiffusionPipeline {
                                          noise: { try generator.randnTensor(latentShape, backend: b) })
             progress(i + 1, steps)
         }
-        return try decode(latents)
+        return try decode(latents, afterSteps: steps)
     }
 
     /// latents → 8-bit images: vae.decode(latents / scaling_factor), then (x / 2 + 0.5) clamped to [0, 1],
     /// × 255 and rounded, as diffusers' VaeImageProcessor.postprocess with output_type "pil". The VAE casts the
-    /// (f32) latents to its own dtype; `floats()` reads its answer whatever that dtype is.
-    public func decode(_ latents: Tensor) throws -> [RGBImage] {
+    /// (f32) latents to its own dtype; `floats()` reads its answer whatever that dtype is. Latents or an image
+    /// that are not finite are an error (`afterSteps`, the denoising steps run, goes into its message), never
+    /// an image: checked once here rather than after every step, which would cost a download per step.
+    public func decode(_ latents: Tensor, afterSteps steps: Int? = nil) throws -> [RGBImage] {
+        guard try backend.download(latents).floats().allSatisfy(\.isFinite) else {
+            let when = steps.map { "after the \($0) denoising steps" } ?? "before decoding"
+            throw PEAError.backend("the latents are not finite \(when); likely cause: a guidance scale or scheduler config too large for float32, or non-finite model or adapter weights")
+        }
         let image = try backend.download(vae.decode(backend.scale(latents, by: 1 / vae.config.scalingFactor))).floats()
+        guard image.allSatisfy(\.isFinite) else {
+            throw PEAError.backend("the VAE decoded finite latents to values that are not finite; likely cause: VAE weights that overflow \(vae.dtype) (try --precision fp32) or are not finite")
+        }
         let (count, channels, height, width) = (latents.shape[0], 3, latents.shape[2] * vaeScaleFactor, latents.shape[3] * vaeScaleFactor)
         return (0..<count).map { n in
             var pixels = [UInt8](repeating: 0, count: height * width * 3)
             for c in 0..<channels {
                 let plane = (n * channels + c) * height * width
                 for p in 0..<(height * width) {
-                    let value = min(max(image[plane + p] / 2 + 0.5, 0), 1)
-                    pixels[p * 3 + c] = UInt8((value * 255).rounded(.toNearestOrEven))
+                    pixels[p * 3 + c] = eightBitSample(image[plane + p])
                 }
             }
             return RGBImage(width: width, height: height, pixels: pixels)
@@ -176,6 +184,7 @@ public final class StableDiffusionPipeline {
         }
         guard request.steps >= 1 else { throw PEAError.usage("steps must be at least 1, got \(request.steps)") }
         guard request.imagesPerPrompt >= 1 else { throw PEAError.usage("batch must be at least 1") }
+        guard request.guidance.isFinite else { throw PEAError.usage("guidance must be finite, got \(request.guidance)") }
         // The largest buffers are the VAE decoder's at full resolution: block_out_channels[0] channels of f32
         // per pixel, its input, output and a norm's temporary alive together.
         let channels = Double(vae.config.blockOutChannels.first ?? 128)
@@ -184,4 +193,12 @@ public final class StableDiffusionPipeline {
             PEAError.usage("\($0); ask for smaller images")
         }
     }
+}
+
+/// A decoded value in about [-1, 1] as an 8-bit sample: (x / 2 + 0.5) clamped to [0, 1], × 255, rounded half to
+/// even. Total: ±∞ clamp, and NaN (which `decode` refuses before it gets here) gives 0 instead of trapping.
+func eightBitSample(_ x: Float) -> UInt8 {
+    guard !x.isNaN else { return 0 }
+    let value = min(max(x / 2 + 0.5, 0), 1)
+    return UInt8((value * 255).rounded(.toNearestOrEven))
 }

@@ -91,6 +91,10 @@ public struct SDXLConditioner: TextConditioner {
             throw PEAError.unsupported("SDXL's text_encoder_2 must be a CLIPTextModelWithProjection")
         }
         let layers = min(first.encoder.config.layers, second.encoder.config.layers)
+        // A one-layer encoder is a config problem, not a --clip-skip one (config readers require at least 1 layer).
+        guard layers >= 2 else {
+            throw PEAError.unsupported("SDXL conditions on the text encoders' penultimate hidden state, so each needs at least 2 layers; 'num_hidden_layers' in a text encoder's config.json is \(layers)")
+        }
         guard clipSkip >= 0, clipSkip + 1 < layers else {
             throw PEAError.usage("clipSkip must be in 0..<\(layers - 1) for these text encoders, got \(clipSkip)")
         }

@@ -34,7 +34,7 @@ public struct DDIMScheduler: Scheduler {
         predictionType = PredictionType(rawValue: try config.choice("prediction_type", default: "epsilon",
                                                                     allowed: ["epsilon", "v_prediction", "sample"]))!
         try config.requireOff("thresholding")
-        clipRange = try file.bool("clip_sample", default: true) ? Float(try file.double("clip_sample_range", default: 1)) : nil
+        clipRange = try file.bool("clip_sample", default: true) ? try file.float("clip_sample_range", default: 1, range: .positive) : nil
         spacing = try config.timestepSpacing(default: .leading)
         stepsOffset = try config.stepsOffset
     }

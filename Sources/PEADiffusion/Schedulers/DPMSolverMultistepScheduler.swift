@@ -72,7 +72,7 @@ public struct DPMSolverMultistepScheduler: Scheduler {
         lowerOrderFinal = try file.bool("lower_order_final", default: true)
         eulerAtFinal = try file.bool("euler_at_final", default: false)
         usesKarrasSigmas = try file.bool("use_karras_sigmas", default: false)
-        karrasRange = (try file.optionalDouble("sigma_min"), try file.optionalDouble("sigma_max"))
+        karrasRange = (try file.optionalDouble("sigma_min", range: .atLeast(0)), try file.optionalDouble("sigma_max", range: .atLeast(0)))
         finalSigmaIsMinimum = try config.choice("final_sigmas_type", default: "zero", allowed: ["zero", "sigma_min"]) == "sigma_min"
         lambdaMinClipped = try file.double("lambda_min_clipped", default: -.infinity)
         spacing = try config.timestepSpacing(default: .linspace)

@@ -44,7 +44,7 @@ public struct EulerDiscreteScheduler: EulerScheduler {
         try config.requireOff("use_exponential_sigmas")
         try config.requireOff("use_beta_sigmas")
         usesKarrasSigmas = try file.bool("use_karras_sigmas", default: false)
-        karrasRange = (try file.optionalDouble("sigma_min"), try file.optionalDouble("sigma_max"))
+        karrasRange = (try file.optionalDouble("sigma_min", range: .atLeast(0)), try file.optionalDouble("sigma_max", range: .atLeast(0)))
         finalSigmaIsMinimum = try config.choice("final_sigmas_type", default: "zero", allowed: ["zero", "sigma_min"]) == "sigma_min"
         // Before setTimesteps, diffusers' sigmas are every training σ, largest first, then 0.
         sigmas = trainingSigmas.reversed() + [0]

@@ -137,8 +137,7 @@ struct SchedulerConfig {
 
     var trainTimesteps: Int {
         get throws {
-            let count = try file.int("num_train_timesteps", default: 1000)
-            guard count >= 2 else { throw invalid("num_train_timesteps", "must be at least 2, found \(count)") }
+            let count = try file.int("num_train_timesteps", default: 1000, range: .atLeast(2))
             // The schedules are arrays of that length (β, ᾱ, σ, timesteps: a few dozen bytes per step).
             try MemoryBudget.require(Double(count) * Self.scheduleBytesPerTimestep, for: "the schedule of \(count) timesteps") {
                 invalid("num_train_timesteps", $0)
@@ -150,7 +149,7 @@ struct SchedulerConfig {
     /// A generous bound on the bytes the schedule arrays take per training timestep.
     static let scheduleBytesPerTimestep = 64.0
 
-    var stepsOffset: Int { get throws { try file.int("steps_offset", default: 0) } }
+    var stepsOffset: Int { get throws { try file.int("steps_offset", default: 0, range: .atLeast(0)) } }
 
     /// A string key restricted to `allowed` (diffusers' Literal arguments).
     func choice(_ key: String, default defaultValue: String, allowed: [String]) throws -> String {
@@ -224,14 +223,17 @@ struct TrainingNoiseSchedule {
     init(_ config: SchedulerConfig, readsZeroSNR: Bool) throws {
         let count = try config.trainTimesteps
         var betas: [Float]
+        let betasKey: String   // what the betas come from, for the error below
         if config.file.value("trained_betas").map({ $0 != .null }) ?? false {
-            betas = try config.file.doubleList("trained_betas").map { Float($0) }
+            betasKey = "trained_betas"
+            betas = try config.file.floatList("trained_betas", range: .openUnitInterval)
             guard betas.count == count else {
                 throw config.invalid("trained_betas", "has \(betas.count) values for num_train_timesteps \(count)")
             }
         } else {
-            let start = try config.file.double("beta_start", default: 0.0001)
-            let end = try config.file.double("beta_end", default: 0.02)
+            betasKey = "beta_schedule"
+            let start = try config.file.double("beta_start", default: 0.0001, range: .openUnitInterval)
+            let end = try config.file.double("beta_end", default: 0.02, range: .openUnitInterval)
             switch try config.choice("beta_schedule", default: "linear", allowed: ["linear", "scaled_linear", "squaredcos_cap_v2"]) {
             case "linear":
                 betas = torchLinspaceFloat32(start, end, count)
@@ -241,6 +243,14 @@ struct TrainingNoiseSchedule {
             default:
                 betas = cosineBetas(count)
             }
+        }
+        // Each β as float32 must leave a positive ᾱ: a β of 0 or 1 (rounded there, or underflowing ᾱ) makes σ
+        // zero or infinite, and the samplers divide by both.
+        if let bad = betas.firstIndex(where: { !($0 > 0 && $0 < 1) }) {
+            throw config.invalid(betasKey, "β at timestep \(bad) is \(betas[bad]) as a float32; every β must be in (0, 1)")
+        }
+        if let last = cumulativeProduct(betas.map { 1 - $0 }).last, !(last > 0) {
+            throw config.invalid(betasKey, "the betas make alphas_cumprod reach 0 by the last timestep; it must stay positive")
         }
         hasZeroTerminalSNR = try readsZeroSNR && config.file.bool("rescale_betas_zero_snr", default: false)
         if hasZeroTerminalSNR {

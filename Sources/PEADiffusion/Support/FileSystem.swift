@@ -54,7 +54,8 @@ func currentDirectory() -> String? {
     return String(cString: buffer)
 }
 
-func isDirectory(_ path: String) -> Bool {
+/// Whether `path` is a directory (following a symbolic link).
+public func isDirectory(_ path: String) -> Bool {
     var status = stat()
     return stat(path, &status) == 0 && (status.st_mode & S_IFMT) == S_IFDIR
 }

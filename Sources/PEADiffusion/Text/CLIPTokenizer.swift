@@ -107,7 +107,7 @@ public struct CLIPTokenizer: Sendable {
             vocabulary = try Self.readVocabulary(vocabPath)
             mergeList = try Self.readMerges(folder + "/merges.txt", vocabulary: vocabulary)
         }
-        modelMaxLength = try Self.modelMaxLength(config)
+        modelMaxLength = try config.modelMaxLength()
         let tokens = try SpecialTokenResolution(folder: folder, config: config)
 
         // tokenizers' AddedVocabulary: a content already registered keeps its id and takes the later token's
@@ -281,15 +281,6 @@ public struct CLIPTokenizer: Sendable {
             decoder[String(id)] = .object(fields)
         }
         return (vocabulary, merges, decoder.isEmpty ? nil : .object(decoder))
-    }
-
-    /// `model_max_length`, or `Int.max` where transformers would use its "no limit" value (missing, or 1e30).
-    private static func modelMaxLength(_ config: ConfigFile) throws -> Int {
-        guard let length = try config.optionalDouble("model_max_length") else { return Int.max }
-        guard length >= 0, length == length.rounded() else {
-            throw PEAError.invalidConfig(path: config.path, reason: "key 'model_max_length': expected a non-negative integer, found \(length)")
-        }
-        return length < 1e15 ? Int(length) : Int.max
     }
 
     // MARK: - Encoding

@@ -81,3 +81,15 @@ extension FixedLengthTokenizer {
 public protocol PaddingTokenizer {
     func callAsFunction(_ text: String, maxLength: Int) -> (ids: [Int], attentionMask: [Int], truncatedText: String?)
 }
+
+extension ConfigFile {
+    /// A tokenizer config's `model_max_length`, or `Int.max` where transformers would use its "no limit" value
+    /// (missing, or 1e30). Read as a number because of that 1e30; it must leave room for the start and end tokens.
+    func modelMaxLength() throws -> Int {
+        guard let length = try optionalDouble("model_max_length") else { return Int.max }
+        guard length >= 2, length == length.rounded() else {
+            throw PEAError.invalidConfig(path: path, reason: "key 'model_max_length': must be a whole number of at least 2 (the start and end tokens), found \(JSONValue.format(length))")
+        }
+        return length < 1e15 ? Int(length) : Int.max
+    }
+}

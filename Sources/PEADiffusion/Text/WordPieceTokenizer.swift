@@ -503,7 +503,7 @@ struct TokenizerFolderConfig {
     init(folder: String, defaults: [String: String]) throws {
         let configPath = folder + "/tokenizer_config.json"
         file = isRegularFile(configPath) ? try ConfigFile(path: configPath) : ConfigFile(path: configPath, values: [:])
-        modelMaxLength = try Self.modelMaxLength(file)
+        modelMaxLength = try file.modelMaxLength()
 
         var named = defaults
         for key in Self.namedKeys {
@@ -606,15 +606,6 @@ struct TokenizerFolderConfig {
             contents += try elements.enumerated().map { try content($1, key: "\(key)[\($0)]", file: config.path) }
         }
         return contents
-    }
-
-    /// `model_max_length`, or `Int.max` where transformers would use its "no limit" value (missing, or 1e30).
-    private static func modelMaxLength(_ config: ConfigFile) throws -> Int {
-        guard let length = try config.optionalDouble("model_max_length") else { return Int.max }
-        guard length >= 0, length == length.rounded() else {
-            throw PEAError.invalidConfig(path: config.path, reason: "key 'model_max_length': expected a non-negative integer, found \(length)")
-        }
-        return length < 1e15 ? Int(length) : Int.max
     }
 }
 
