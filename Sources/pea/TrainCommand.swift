@@ -190,7 +190,7 @@ func runTrain(_ arguments: [String]) throws {
         let widths = [student.hiddenSize] + Array(repeating: hidden, count: layers - 1) + [teacher.unet.config.crossAttentionDim[0]]
         // Each f32 parameter is held four times while training: the value, its gradient and AdamW's two moments.
         let parameters = zip(widths, widths.dropFirst()).reduce(0.0) { $0 + Double($1.0 + 1) * Double($1.1) }
-        try MemoryBudget.require(parameters * 4 * 4, for: "an adapter of widths \(widths.map(String.init).joined(separator: "→"))") {
+        try MemoryBudget.require(parameters * 4 * 4, on: backend, for: "an adapter of widths \(widths.map(String.init).joined(separator: "→"))") {
             PEAError.usage("\($0); lower --adapter-hidden or --adapter-layers")
         }
         adapter = try PEAAdapter.initialized(widths: widths, backend: backend, seed: settings.seed)

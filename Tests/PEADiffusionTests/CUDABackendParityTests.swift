@@ -139,6 +139,15 @@ final class CUDABackendParityTests: XCTestCase {
         } catch {
             XCTAssertEqual((error as? PEAError)?.backendFailure, .outOfMemory, "\(error)")
         }
+        // Requests are also estimated against the device's own memory before allocating.
+        XCTAssertEqual(cuda.deviceMemoryBytes, Double(cuda.totalMemory))
+        XCTAssertNil(CPUBackend().deviceMemoryBytes)
+        do {
+            try MemoryBudget.require(2e9, device: (name: "cuda", bytes: 1e9), for: "a test request", error: { .backend($0, kind: .outOfMemory) })
+            XCTFail("2 GB fit a 1 GB device")
+        } catch {
+            XCTAssertEqual("\(error)", "a test request needs 2.0 GB, more than the cuda device's 1.0 GB of memory")
+        }
         XCTAssertEqual(CUDABackend.failureKind(Int32(PEA_CUDA_ERROR_INVALID)), .invalidArgument)
         XCTAssertEqual(CUDABackend.failureKind(Int32(PEA_CUDA_ERROR_KERNEL)), .launchFailure)
         XCTAssertEqual(CUDABackend.failureKind(Int32(PEA_CUDA_ERROR_NO_DEVICE)), .unavailable)

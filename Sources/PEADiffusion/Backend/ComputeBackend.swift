@@ -42,6 +42,10 @@ public protocol ComputeBackend: AnyObject {
     // MARK: capability
     func supports(_ op: Op, dtype: DType) -> Bool
 
+    /// The memory of its device when that is not the host's (a GPU's), for estimates made before allocating
+    /// (`MemoryBudget`); nil for host memory or when the device does not say.
+    var deviceMemoryBytes: Double? { get }
+
     // MARK: ops
     /// The values converted to `dtype` (f32 ↔ f16/bf16 rounding to nearest even; ids to f32 by value).
     func cast(_ x: Tensor, to dtype: DType) throws -> Tensor
@@ -158,6 +162,8 @@ public struct AdamWScalars: Sendable, Equatable {
 }
 
 extension ComputeBackend {
+    public var deviceMemoryBytes: Double? { nil }
+
     /// Through a `HostTensor`: one extra host copy, for backends without a direct path.
     public func upload(bytes: UnsafeRawBufferPointer, shape: [Int], dtype: DType) throws -> Tensor {
         guard bytes.count == shape.reduce(1, *) * dtype.byteSize else {

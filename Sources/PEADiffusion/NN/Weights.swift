@@ -115,7 +115,7 @@ public final class RandomWeights: WeightSource {
         // Shapes come from a config (block_out_channels [100000, 200000]): the values are a Swift array, so
         // what the model holds so far plus this parameter (its array and its upload) is checked first.
         let elements = shape.reduce(1.0) { $0 * Double($1) }
-        try MemoryBudget.require((Double(parameterCount) + 2 * elements) * 4,
+        try MemoryBudget.require((Double(parameterCount) + 2 * elements) * 4, on: backend,
                                  for: "random parameter '\(name)' of shape \(shape) (after \(parameterCount) parameters)")
         let count = shape.reduce(1, *)
         parameterCount += count

@@ -189,7 +189,7 @@ public final class StableDiffusionPipeline {
         // per pixel, its input, output and a norm's temporary alive together.
         let channels = Double(vae.config.blockOutChannels.first ?? 128)
         let pixels = Double(request.width) * Double(request.height) * Double(request.imagesPerPrompt)
-        try MemoryBudget.require(pixels * channels * 4 * 3, for: "\(request.imagesPerPrompt) image(s) of \(request.width)×\(request.height)") {
+        try MemoryBudget.require(pixels * channels * 4 * 3, on: backend, for: "\(request.imagesPerPrompt) image(s) of \(request.width)×\(request.height)") {
             PEAError.usage("\($0); ask for smaller images")
         }
     }

@@ -18,11 +18,21 @@ public enum MemoryBudget {
     }()
 
     /// Throws `error("<what> needs N GB, more than this machine's M GB of memory")` when `bytes` exceeds the
-    /// physical memory.
-    public static func require(_ bytes: Double, for what: @autoclosure () -> String,
+    /// physical memory, or, with a `backend` whose memory is its own (a GPU's), that memory.
+    public static func require(_ bytes: Double, on backend: (any ComputeBackend)? = nil, for what: @autoclosure () -> String,
                                error: (String) -> PEAError = { .backend($0, kind: .outOfMemory) }) throws {
-        guard bytes > physicalBytes else { return }
-        throw error("\(what()) needs \(gigabytes(bytes)) GB, more than this machine's \(gigabytes(physicalBytes)) GB of memory")
+        let device = backend.flatMap { backend in backend.deviceMemoryBytes.map { (name: backend.name, bytes: $0) } }
+        try require(bytes, device: device, for: what(), error: error)
+    }
+
+    static func require(_ bytes: Double, device: (name: String, bytes: Double)?, for what: @autoclosure () -> String,
+                        error: (String) -> PEAError) throws {
+        if bytes > physicalBytes {
+            throw error("\(what()) needs \(gigabytes(bytes)) GB, more than this machine's \(gigabytes(physicalBytes)) GB of memory")
+        }
+        if let device, bytes > device.bytes {
+            throw error("\(what()) needs \(gigabytes(bytes)) GB, more than the \(device.name) device's \(gigabytes(device.bytes)) GB of memory")
+        }
     }
 
     /// `bytes` in GB (10⁹): one decimal below 10, whole numbers above.

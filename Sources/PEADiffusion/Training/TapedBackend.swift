@@ -147,6 +147,7 @@ public final class TapedBackend: ComputeBackend {
     public func downloadFloats(_ tensor: Tensor) throws -> [Float] { try inner.downloadFloats(unwrap(tensor)) }
     public func zeros(_ shape: [Int], dtype: DType) throws -> Tensor { wrap(try inner.zeros(shape, dtype: dtype)) }
     public func synchronize() throws { try inner.synchronize() }
+    public var deviceMemoryBytes: Double? { inner.deviceMemoryBytes }
     /// The wrapped backend supports the op and the ops that differentiate it (its registry row's `backward`).
     public func supports(_ op: Op, dtype: DType) -> Bool {
         inner.supports(op, dtype: dtype) && (op.info.backward ?? []).allSatisfy { inner.supports($0, dtype: dtype) }

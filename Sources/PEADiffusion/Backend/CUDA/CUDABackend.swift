@@ -152,6 +152,8 @@ public final class CUDABackend: ComputeBackend, StridedCopying, CustomStringConv
         }
     }
 
+    public var deviceMemoryBytes: Double? { totalMemory > 0 ? Double(totalMemory) : nil }
+
     public var description: String {
         "cuda device \(device) (\(deviceName.isEmpty ? "unknown" : deviceName), sm_\(computeCapability.major)\(computeCapability.minor)) via \(library.path)"
     }
