@@ -351,7 +351,7 @@ final class FuzzTests: XCTestCase {
                     XCTAssertFalse(FileManager.default.fileExists(atPath: output), "case \(index) left an output file")
                     throw PEAError.invalidFile(path: input, reason: "refused")
                 default:
-                    XCTFail("case \(index): pea ended with status \(result.status) (a crash?): \(result.stderr.suffix(2000))")
+                    XCTFail("case \(index): pea ended with status \(result.status) (a crash?) on config \(JSONValue.object(configValues).serialized()): \(result.stderr.prefix(600))")
                 }
             }
             XCTAssertEqual(scratch.entries().filter { $0.hasPrefix("out") && $0 != "out.safetensors" }, [], "case \(index) left a temporary")

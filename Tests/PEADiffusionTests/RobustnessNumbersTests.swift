@@ -26,14 +26,19 @@ final class RobustnessNumbersTests: XCTestCase {
             ("unet/config.json", "attention_head_dim", .number(0), { try UNetConfig($0) }),
             ("unet/config.json", "norm_num_groups", .number(0), { try UNetConfig($0) }),
             ("unet/config.json", "layers_per_block", .number(-1), { try UNetConfig($0) }),
+            // make fuzz found this one: a model is built with that many layers before its weights are read
+            ("unet/config.json", "layers_per_block", .number(1e12), { try UNetConfig($0) }),
+            ("unet/config.json", "transformer_layers_per_block", .number(1e12), { try UNetConfig($0) }),
             ("unet/config.json", "norm_eps", .number(.nan), { try UNetConfig($0) }),
             ("vae/config.json", "norm_num_groups", .number(0), { try AutoencoderKLConfig($0) }),
             ("vae/config.json", "layers_per_block", .number(-1), { try AutoencoderKLConfig($0) }),
+            ("vae/config.json", "layers_per_block", .number(1e12), { try AutoencoderKLConfig($0) }),
             ("vae/config.json", "scaling_factor", .number(0), { try AutoencoderKLConfig($0) }),
             ("vae/config.json", "scaling_factor", .number(1e300), { try AutoencoderKLConfig($0) }),
             ("vae/config.json", "scaling_factor", .number(1e-40), { try AutoencoderKLConfig($0) }),   // 1 / it is infinite
             ("text_encoder/config.json", "num_attention_heads", .number(0), { try CLIPTextConfig($0) }),
             ("text_encoder/config.json", "num_hidden_layers", .number(0), { try CLIPTextConfig($0) }),
+            ("text_encoder/config.json", "num_hidden_layers", .number(1e12), { try CLIPTextConfig($0) }),
             ("text_encoder/config.json", "layer_norm_eps", .number(.infinity), { try CLIPTextConfig($0) }),
         ]
         for (file, key, value, read) in cases {
@@ -45,11 +50,11 @@ final class RobustnessNumbersTests: XCTestCase {
     func testBertConfigCountsAreChecked() throws {
         let scratch = ScratchDirectory("pea-numbers")
         let original = try ConfigFile(path: fixturesDirectory() + "/pea/zh_encoder/config.json").values
-        for key in ["num_attention_heads", "num_hidden_layers", "hidden_size"] {
+        for (key, range) in [("num_attention_heads", "at least 1"), ("num_hidden_layers", "in 1...4096"), ("hidden_size", "at least 1")] {
             var values = original
             values[key] = .number(0)
             let path = scratch.write(JSONValue.object(values).serialized(), to: "config.json")
-            assertThrowsError(containing: [path, "'\(key)'", "at least 1"]) { try BertTextConfig(ConfigFile(path: path)) }
+            assertThrowsError(containing: [path, "'\(key)'", range]) { try BertTextConfig(ConfigFile(path: path)) }
         }
     }
 
@@ -151,7 +156,7 @@ final class RobustnessNumbersTests: XCTestCase {
         for entry in listDirectory(sd1) where entry != "text_encoder" { symlink(sd1 + "/" + entry, scratch.file(entry)) }
         let config = try writeChangedConfig("text_encoder/config.json", ["num_hidden_layers": .number(0)], in: scratch)
         symlink(sd1 + "/text_encoder/model.safetensors", scratch.file("text_encoder/model.safetensors"))
-        assertThrowsError(containing: [config, "'num_hidden_layers'", "at least 1"]) {
+        assertThrowsError(containing: [config, "'num_hidden_layers'", "in 1...4096"]) {
             try StableDiffusionPipeline.load(folder: scratch.path, backend: CPUBackend())
         }
         let result = try runPea(["generate", "--model", scratch.path, "--prompt", "x", "--steps", "1", "--width", "16",

@@ -285,6 +285,11 @@ extension ConfigRange where Value: BinaryInteger & Sendable {
     public static func atLeast(_ minimum: Value) -> ConfigRange {
         ConfigRange("at least \(minimum)") { $0 >= minimum }
     }
+
+    /// How many layers a model stacks (per block, or in all): 1...4096. A model is built with that many modules
+    /// before its weights are read, so a count like 10¹² must be refused here, not run out of memory there; real
+    /// models stack a few dozen.
+    public static var layerCount: ConfigRange { ConfigRange("in 1...4096") { $0 >= 1 && $0 <= 4096 } }
 }
 
 extension ConfigRange where Value: BinaryFloatingPoint & Sendable {

@@ -26,7 +26,7 @@ public struct AutoencoderKLConfig {
         latentChannels = try config.int("latent_channels", default: 4, range: .atLeast(1))
         blockOutChannels = try config.contains("block_out_channels") ? config.intList("block_out_channels", range: .atLeast(1)) : [64]
         guard !blockOutChannels.isEmpty else { throw fail("block_out_channels", "is empty") }
-        layersPerBlock = try config.int("layers_per_block", default: 1, range: .atLeast(1))
+        layersPerBlock = try config.int("layers_per_block", default: 1, range: .layerCount)
         normNumGroups = try config.int("norm_num_groups", default: 32, range: .atLeast(1))
         scalingFactor = try config.float("scaling_factor", default: 0.18215, range: .invertible)   // the latents are divided by it
         useQuantConv = try config.bool("use_quant_conv", default: true)

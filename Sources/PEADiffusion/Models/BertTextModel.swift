@@ -55,7 +55,7 @@ public struct BertTextConfig: Sendable {
         vocabSize = try config.int("vocab_size", range: .atLeast(1))
         hiddenSize = try config.int(key("hidden_size"), range: .atLeast(1))
         intermediateSize = try config.int(key("intermediate_size"), range: .atLeast(1))
-        layers = try config.int(key("num_hidden_layers"), range: .atLeast(1))
+        layers = try config.int(key("num_hidden_layers"), range: .layerCount)
         heads = try config.int(key("num_attention_heads"), range: .atLeast(1))
         maxPositions = try config.int(key("max_position_embeddings"), default: 512, range: .atLeast(2))
         typeVocabSize = try config.int(key("type_vocab_size"), default: 2, range: .atLeast(1))   // token type 0 is added to every token

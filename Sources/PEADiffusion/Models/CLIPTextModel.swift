@@ -21,7 +21,7 @@ public struct CLIPTextConfig {
         vocabSize = try config.int("vocab_size", range: .atLeast(1))
         hiddenSize = try config.int("hidden_size", range: .atLeast(1))
         intermediateSize = try config.int("intermediate_size", range: .atLeast(1))
-        layers = try config.int("num_hidden_layers", range: .atLeast(1))
+        layers = try config.int("num_hidden_layers", range: .layerCount)
         heads = try config.int("num_attention_heads", range: .atLeast(1))
         maxPositions = try config.int("max_position_embeddings", default: 77, range: .atLeast(2))   // start and end tokens
         layerNormEps = try config.float("layer_norm_eps", default: 1e-5, range: .positive)

@@ -77,7 +77,7 @@ public struct UNetConfig {
         default: throw fail("mid_block_type", "only UNetMidBlock2DCrossAttn (or null) is supported")
         }
 
-        layersPerBlock = try config.contains("layers_per_block") ? config.intOrList("layers_per_block", count: blocks, range: .atLeast(1)) : Array(repeating: 2, count: blocks)
+        layersPerBlock = try config.contains("layers_per_block") ? config.intOrList("layers_per_block", count: blocks, range: .layerCount) : Array(repeating: 2, count: blocks)
         // diffusers: `num_attention_heads = num_attention_heads or attention_head_dim` — the legacy config field
         // `attention_head_dim` has always meant the number of heads when `num_attention_heads` is not given.
         if config.value("num_attention_heads").map({ $0 != .null }) ?? false {
@@ -87,7 +87,7 @@ public struct UNetConfig {
                 ? config.intOrList("attention_head_dim", count: blocks, range: .atLeast(1)) : Array(repeating: 8, count: blocks)
         }
         transformerLayersPerBlock = try config.contains("transformer_layers_per_block")
-            ? config.intOrList("transformer_layers_per_block", count: blocks, range: .atLeast(1)) : Array(repeating: 1, count: blocks)
+            ? config.intOrList("transformer_layers_per_block", count: blocks, range: .layerCount) : Array(repeating: 1, count: blocks)
         if config.value("reverse_transformer_layers_per_block").map({ $0 != .null }) ?? false {
             // Per up block, each entry an int or a list per layer; only one count per block is supported.
             guard case .array(let rows) = config.value("reverse_transformer_layers_per_block")!, rows.count == blocks else {
@@ -100,8 +100,9 @@ public struct UNetConfig {
                 case .array(let items): counts = try items.map { if case .number(let n) = $0 { return n }; throw fail("reverse_transformer_layers_per_block", "entries must be integers") }
                 default: throw fail("reverse_transformer_layers_per_block", "entries must be integers or lists")
                 }
-                guard let first = counts.first, counts.allSatisfy({ $0 == first }), let n = Int(exactly: first), n >= 1 else {
-                    throw fail("reverse_transformer_layers_per_block", "each entry must be a whole number of at least 1, the same for every layer of a block (different transformer depths within one block are not supported)")
+                guard let first = counts.first, counts.allSatisfy({ $0 == first }), let n = Int(exactly: first),
+                      ConfigRange<Int>.layerCount.contains(n) else {
+                    throw fail("reverse_transformer_layers_per_block", "each entry must be a whole number \(ConfigRange<Int>.layerCount.description), the same for every layer of a block (different transformer depths within one block are not supported)")
                 }
                 return n
             }
