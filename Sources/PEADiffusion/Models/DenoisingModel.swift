@@ -12,8 +12,8 @@ public struct DenoisingInputs {
     /// The text states attended to [B, T, D].
     public var encoderHiddenStates: Tensor
     /// SDXL's added conditioning (`addition_embed_type: "text_time"`): the pooled text embedding [B, P] and the
-    /// six size/crop numbers [B, 6]. Stored as two fields so that older call sites can set them one at a time;
-    /// `textTime` is the pair, and a model refuses one half without the other.
+    /// six size/crop numbers [B, 6]. Two fields, since callers set them one at a time (`pea bench unet`,
+    /// `pea eval unet`); `textTime` is the pair, and a model refuses one half without the other.
     public var textEmbeds: Tensor?
     public var timeIds: Tensor?
     /// LCM's guidance embedding [B, time_cond_proj_dim] (diffusers' `timestep_cond`).
@@ -21,7 +21,7 @@ public struct DenoisingInputs {
     /// ControlNet's residuals, added to the UNet's skip connections and to its mid block's output.
     public var controlResiduals: ControlResiduals?
 
-    /// SDXL's two tensors may be given apart here (either may be nil), as older call sites do.
+    /// SDXL's two tensors may be given apart here (either may be nil; the model refuses half a pair).
     public init(sample: Tensor, timestep: Tensor, encoderHiddenStates: Tensor, textEmbeds: Tensor? = nil,
                 timeIds: Tensor? = nil, timestepCondition: Tensor? = nil, controlResiduals: ControlResiduals? = nil) {
         self.sample = sample
@@ -31,13 +31,6 @@ public struct DenoisingInputs {
         self.timeIds = timeIds
         self.timestepCondition = timestepCondition
         self.controlResiduals = controlResiduals
-    }
-
-    /// With SDXL's added conditioning as a pair.
-    public init(sample: Tensor, timestep: Tensor, encoderHiddenStates: Tensor, textTime: (textEmbeds: Tensor, timeIds: Tensor)?,
-                timestepCondition: Tensor? = nil, controlResiduals: ControlResiduals? = nil) {
-        self.init(sample: sample, timestep: timestep, encoderHiddenStates: encoderHiddenStates, textEmbeds: textTime?.textEmbeds,
-                  timeIds: textTime?.timeIds, timestepCondition: timestepCondition, controlResiduals: controlResiduals)
     }
 
     /// SDXL's added conditioning as a pair: nil unless both halves are set.
