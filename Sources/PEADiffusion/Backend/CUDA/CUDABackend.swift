@@ -125,6 +125,9 @@ public final class CUDABackend: ComputeBackend, StridedCopying, CustomStringConv
     let context: CUDAContext
     /// Each op's function from the library, resolved once (ops are called thousands of times per image).
     private let opKernels: [Op: UnsafeMutableRawPointer]
+    /// pea_cuda_zero, resolved once like the ops' functions (zeros are made on every backward pass); nil in a
+    /// library built before it existed.
+    private let zeroFunction: CUDALibrary.ZeroFn?
 
     /// Opens `device` through `library` (default: the library `CUDALibrary.locate()` finds). Throws
     /// `PEAError.backend` saying where the library was looked for, what is wrong with it, or why the device
@@ -134,6 +137,7 @@ public final class CUDABackend: ComputeBackend, StridedCopying, CustomStringConv
         self.library = library
         self.device = device
         context = try CUDAContext(library: library, device: device)
+        zeroFunction = library.function("pea_cuda_zero", as: CUDALibrary.ZeroFn.self)
         opKernels = Dictionary(uniqueKeysWithValues: Op.allCases.compactMap { op in
             library.address(op.info.cudaFunctions[0]).map { (op, $0) }
         })
@@ -231,7 +235,7 @@ public final class CUDABackend: ComputeBackend, StridedCopying, CustomStringConv
     public func zeros(_ shape: [Int], dtype: DType) throws -> Tensor {
         let tensor = try empty(shape, dtype)
         guard tensor.byteCount > 0 else { return tensor }
-        if let zero = library.function("pea_cuda_zero", as: CUDALibrary.ZeroFn.self) {
+        if let zero = zeroFunction {
             try check(zero(context.handle, pointer(tensor), tensor.byteCount), "zeros")
         } else {
             let bytes = [UInt8](repeating: 0, count: tensor.byteCount)
