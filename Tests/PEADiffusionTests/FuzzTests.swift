@@ -13,8 +13,21 @@ import XCTest
 /// `make fuzz` runs many more (PEA_FUZZ_CASES, PEA_FUZZ_SEED). Cases that once crashed Pea are kept as
 /// regression cases in the suites of their fixes (RobustnessNumbersTests, RobustnessLimitsTests, …).
 final class FuzzTests: XCTestCase {
-    static let casesPerFormat = Int(ProcessInfo.processInfo.environment["PEA_FUZZ_CASES"] ?? "") ?? 120
-    static let seed = UInt64(ProcessInfo.processInfo.environment["PEA_FUZZ_SEED"] ?? "") ?? 2026
+    /// Cases per format and the seed, from PEA_FUZZ_CASES and PEA_FUZZ_SEED (a malformed value fails every test).
+    private var casesPerFormat = 120
+    private var seed: UInt64 = 2026
+
+    override func setUpWithError() throws {
+        let environment = ProcessInfo.processInfo.environment
+        if let text = environment["PEA_FUZZ_CASES"] {
+            guard let value = Int(text), value >= 0 else { throw PEAError.usage("PEA_FUZZ_CASES must be a count (0 or more), got '\(text)'") }
+            casesPerFormat = value
+        }
+        if let text = environment["PEA_FUZZ_SEED"] {
+            guard let value = UInt64(text) else { throw PEAError.usage("PEA_FUZZ_SEED must be a non-negative integer, got '\(text)'") }
+            seed = value
+        }
+    }
 
     /// What the cases of one format ended in.
     struct Tally: CustomStringConvertible {
@@ -120,8 +133,8 @@ final class FuzzTests: XCTestCase {
         let data = Array(bytes[(8 + headerLength)...])
 
         var tally = Tally(format: "safetensors")
-        var random = SplitMix64(seed: Self.seed)
-        for index in 0..<Self.casesPerFormat {
+        var random = SplitMix64(seed: seed)
+        for index in 0..<casesPerFormat {
             let mutated: [UInt8]
             if index % 2 == 0 {
                 // A structural mutation of one entry: dtype, shape or offsets.
@@ -155,9 +168,9 @@ final class FuzzTests: XCTestCase {
     func testModelConfigs() throws {
         let folders = ["pipelines/sd1", "pipelines/sdxl"]
         var tally = Tally(format: "model configs")
-        var random = SplitMix64(seed: Self.seed &+ 1)
+        var random = SplitMix64(seed: seed &+ 1)
         let scratch = ScratchDirectory("pea-fuzz")
-        for index in 0..<Self.casesPerFormat {
+        for index in 0..<casesPerFormat {
             let folder = fixturesDirectory() + "/" + folders[index % folders.count]
             let component = ["unet", "vae", "text_encoder", "scheduler"][Int(random.next() % 4)]
             let name = component == "scheduler" ? "scheduler_config.json" : "config.json"
@@ -181,9 +194,9 @@ final class FuzzTests: XCTestCase {
     func testTorchCheckpoints() throws {
         let sources = ["multilingual/adapter_sd1/pytorch_model.bin", "multilingual/bert_bin/pytorch_model.bin"]
         var tally = Tally(format: "torch.save")
-        var random = SplitMix64(seed: Self.seed &+ 2)
+        var random = SplitMix64(seed: seed &+ 2)
         let scratch = ScratchDirectory("pea-fuzz")
-        for index in 0..<Self.casesPerFormat {
+        for index in 0..<casesPerFormat {
             let bytes = readFileBytes(fixturesDirectory() + "/" + sources[index % sources.count])!
             // Half the cases mutate the pickle inside a valid zip (CRC fixed), so the unpickler sees them.
             let mutated = index % 2 == 0 ? Self.mutateStoredZipEntry(bytes, suffix: "data.pkl", &random) : Self.mutate(bytes, &random)
@@ -235,8 +248,8 @@ final class FuzzTests: XCTestCase {
     func testPNGs() throws {
         let sources = ["png/rgb_all_filters.png", "png/palette.png", "png/gray.png", "png/rgba.png", "png/rgb_text_kinds.png"]
         var tally = Tally(format: "PNG")
-        var random = SplitMix64(seed: Self.seed &+ 3)
-        for index in 0..<Self.casesPerFormat {
+        var random = SplitMix64(seed: seed &+ 3)
+        for index in 0..<casesPerFormat {
             let bytes = Self.mutate(readFileBytes(fixturesDirectory() + "/" + sources[index % sources.count])!, &random)
             tally.run {
                 _ = try bytes.withUnsafeBytes { try PNGDecoder.decode($0, path: "case.png", readText: true) }
@@ -248,8 +261,8 @@ final class FuzzTests: XCTestCase {
     func testTrainingImages() throws {
         let sources = ["jpeg_rgb_420.jpg", "jpeg_rgb_422_progressive.jpg", "jpeg_gray.jpg", "jpeg_cmyk.jpg", "png_la.png", "png_gray16.png"]
         var tally = Tally(format: "training images (JPEG, PNG)")
-        var random = SplitMix64(seed: Self.seed &+ 8)
-        for index in 0..<Self.casesPerFormat {
+        var random = SplitMix64(seed: seed &+ 8)
+        for index in 0..<casesPerFormat {
             let name = sources[index % sources.count]
             let bytes = Self.mutate(readFileBytes(fixturesDirectory() + "/images/" + name)!, &random)
             tally.run { _ = try bytes.withUnsafeBytes { try ImageDecoder.decodeRGB($0, name: name) } }
@@ -264,9 +277,9 @@ final class FuzzTests: XCTestCase {
         builder.add(name: "000002.txt", data: Array("一个红色的圆形".utf8), base256Size: true)
         let valid = builder.finish()
         var tally = Tally(format: "tar")
-        var random = SplitMix64(seed: Self.seed &+ 4)
+        var random = SplitMix64(seed: seed &+ 4)
         let scratch = ScratchDirectory("pea-fuzz")
-        for _ in 0..<Self.casesPerFormat {
+        for _ in 0..<casesPerFormat {
             let path = scratch.write(Self.mutate(valid, &random), to: "case.tar")
             tally.run { _ = try TarArchive(path: path).entries() }
         }
@@ -278,8 +291,8 @@ final class FuzzTests: XCTestCase {
         let pieces = ["a", " ", "red", "circle", "一个红色", "🙂", "\u{301}", "<|endoftext|>", "<|startoftext|>", "\n\t",
                       "\u{0}", "\u{FFFD}", "ﬁ", "İ", "'s", "!!!", "0123456789"]
         var tally = Tally(format: "prompts")
-        var random = SplitMix64(seed: Self.seed &+ 5)
-        for _ in 0..<Self.casesPerFormat {
+        var random = SplitMix64(seed: seed &+ 5)
+        for _ in 0..<casesPerFormat {
             var text = ""
             for _ in 0..<Int(random.next() % 40) { text += pieces[Int(random.next() % UInt64(pieces.count))] }
             if random.next() % 8 == 0 { text += String(repeating: "x", count: Int(random.next() % 4000)) }   // one long word
@@ -305,8 +318,8 @@ final class FuzzTests: XCTestCase {
                       "--scheduler", "--scheduler=euler", "--json", "--json=1", "--prompt", "--prompt=", "-", "--", "---",
                       "-h", "30", "-1", "99999999999999999999", "euler", "", "一个红色的圆形", "=", "--=", "--bogus"]
         var tally = Tally(format: "command lines")
-        var random = SplitMix64(seed: Self.seed &+ 6)
-        for _ in 0..<Self.casesPerFormat {
+        var random = SplitMix64(seed: seed &+ 6)
+        for _ in 0..<casesPerFormat {
             let arguments = (0..<Int(random.next() % 7)).map { _ in tokens[Int(random.next() % UInt64(tokens.count))] }
             tally.run {
                 let parsed = try ParsedOptions(arguments, command: "fuzz", options: options)
@@ -326,9 +339,9 @@ final class FuzzTests: XCTestCase {
         let model = fixturesDirectory() + "/models/vae"
         let inputs = readFileBytes(model + "/io.safetensors")!
         let config = try ConfigFile(path: model + "/config.json")
-        var random = SplitMix64(seed: Self.seed &+ 7)
+        var random = SplitMix64(seed: seed &+ 7)
         var tally = Tally(format: "pea eval runs")
-        for index in 0..<max(8, Self.casesPerFormat / 6) {
+        for index in 0..<max(8, casesPerFormat / 6) {
             let scratch = ScratchDirectory("pea-fuzz")
             let folder = scratch.file("vae")
             XCTAssertEqual(mkdir(folder, 0o755), 0)
