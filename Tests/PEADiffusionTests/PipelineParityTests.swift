@@ -48,6 +48,45 @@ final class PipelineParityTests: XCTestCase {
         }
     }
 
+    /// diffusers called with lists of prompts and negative prompts and a list of generators
+    /// (tools/reference/make_batched_pipeline_fixtures.py): one request per prompt, denoised together, each with
+    /// its own seed, its own negative prompt; a repeated prompt is encoded once and still makes its own image.
+    func testBatchedRequestsMatchDiffusersListOfGenerators() throws {
+        struct BatchedCase: Decodable {
+            let name, pipeline, images: String
+            let prompts: [String]
+            let negative_prompts: [String]?
+            let seeds: [Int]
+            let steps, width, height: Int
+            let guidance: Float
+            let scheduler: String?
+        }
+        let folder = Self.directory + "/batched"
+        let cases = try JSONDecoder().decode([BatchedCase].self, from: Data(contentsOf: URL(fileURLWithPath: folder + "/cases.json")))
+        XCTAssertEqual(cases.count, 3)
+        for c in cases {
+            let pipeline = try StableDiffusionPipeline.load(folder: Self.directory + "/" + c.pipeline, backend: CPUBackend(), scheduler: c.scheduler)
+            let requests = c.prompts.indices.map { i in
+                var request = GenerationRequest(prompt: c.prompts[i], negativePrompt: c.negative_prompts?[i], width: c.width, height: c.height)
+                request.steps = c.steps
+                request.guidance = c.guidance
+                request.seed = UInt64(c.seeds[i])
+                return request
+            }
+            let images = try pipeline.generate(requests)
+            XCTAssertEqual(images.map(\.count), Array(repeating: 1, count: requests.count), c.name)
+            assertSameImages(images.flatMap { $0 }, try SafeTensorsFile(path: folder + "/" + c.images).tensor("images"), c.name)
+        }
+    }
+
+    func testRequestsOfDifferentSizesAreNotDenoisedTogether() throws {
+        let pipeline = try StableDiffusionPipeline.load(folder: Self.directory + "/sd1", backend: CPUBackend())
+        let requests = [GenerationRequest(prompt: "x", width: 32, height: 32), GenerationRequest(prompt: "y", width: 24, height: 32)]
+        XCTAssertThrowsError(try pipeline.generate(requests)) { error in
+            XCTAssertTrue("\(error)".contains("must share size, steps and guidance"), "\(error)")
+        }
+    }
+
     func testSizesThatAreNotMultiplesOf8AreRejected() throws {
         let pipeline = try StableDiffusionPipeline.load(folder: Self.directory + "/sd1", backend: CPUBackend())
         for (width, height) in [(30, 24), (24, 12), (0, 16)] {

@@ -99,19 +99,38 @@ public final class StableDiffusionPipeline {
     /// diffusers' default size: the denoiser's `sample_size` × the VAE factor (512 for SD1.5, 768 for SD2.1-v, 1024 for SDXL).
     public var defaultSize: Int { (denoiser.sampleSize ?? 64) * vaeScaleFactor }
 
-    /// Runs the whole pipeline. `progress(step, steps)` is called after every denoising step; `warn` gets
-    /// messages such as prompt truncation.
+    /// Runs the whole pipeline for one request. `progress(step, steps)` is called after every denoising step;
+    /// `warn` gets messages such as prompt truncation.
     public func generate(_ request: GenerationRequest, progress: (Int, Int) -> Void = { _, _ in },
                          warn: (String) -> Void = { _ in }) throws -> [RGBImage] {
-        try validate(request)
-        let b = backend, count = request.imagesPerPrompt
-        let guided = request.guidance > 1 && denoiser.timestepConditionDim == nil
+        try generate([request], progress: progress, warn: warn)[0]
+    }
 
-        // Conditioning: [negative…, positive…] when guided, as diffusers concatenates them.
-        let positive = try conditioner.encode(Array(repeating: request.prompt, count: count), warn: warn)
+    /// Denoises several requests together, as diffusers' pipeline does when called with lists of prompts and
+    /// negative prompts and a list of generators: one denoiser call per step for every image of every request
+    /// (classifier-free guidance batched: all negatives, then all positives), each request with its own
+    /// generator seeded with its seed, drawing its `imagesPerPrompt` latents and its scheduler noise as it would
+    /// alone — so each request's images are the ones `generate(request)` makes (within float rounding of a
+    /// larger batch). The text encoder runs once per distinct prompt and once per distinct negative prompt;
+    /// the VAE decodes the whole batch. The requests must share size, steps and guidance; `scheduler` (default:
+    /// the pipeline's) is copied, so one pipeline serves requests with different schedulers one batch at a time.
+    /// Returns each request's images, in order.
+    public func generate(_ requests: [GenerationRequest], scheduler: (any Scheduler)? = nil,
+                         progress: (Int, Int) -> Void = { _, _ in }, warn: (String) -> Void = { _ in }) throws -> [[RGBImage]] {
+        try validate(requests)
+        let b = backend, first = requests[0], counts = requests.map(\.imagesPerPrompt), count = counts.reduce(0, +)
+        let guided = first.guidance > 1 && denoiser.timestepConditionDim == nil
+
+        // Conditioning: [negatives…, positives…] when guided, as diffusers concatenates them.
+        let positive = try conditioning(requests.map { .some($0.prompt) }, counts: counts) { prompts in
+            try conditioner.encode(prompts!, warn: warn)
+        }
         var states = positive.states, pooled = positive.pooled
         if guided {
-            let negative = try conditioner.encodeNegative(request.negativePrompt.map { Array(repeating: $0, count: count) }, count: count, warn: warn)
+            // diffusers' negative_prompt=None (the empty prompt, or zeros for SDXL) is a row of its own kind.
+            let negative = try conditioning(requests.map(\.negativePrompt), counts: counts) { negatives in
+                try conditioner.encodeNegative(negatives, count: negatives?.count ?? 1, warn: warn)
+            }
             states = try b.concat([negative.states, positive.states], dim: 0)
             if let p = positive.pooled, let n = negative.pooled { pooled = try b.concat([n, p], dim: 0) }
         }
@@ -120,34 +139,62 @@ public final class StableDiffusionPipeline {
         if denoiser.takesTextTime {
             // SDXL's added conditioning: the pooled text embedding, and original size, crop top-left, target
             // size — diffusers' defaults: (H, W), (0, 0), (H, W)
-            let ids: [Float] = [request.height, request.width, 0, 0, request.height, request.width].map(Float.init)
+            let ids: [Float] = [first.height, first.width, 0, 0, first.height, first.width].map(Float.init)
             textEmbeds = pooled
             timeIds = try b.upload(Array([[Float]](repeating: ids, count: rows).joined()), shape: [rows, 6])
         }
 
-        // Initial latents from the seeded generator, scaled by the scheduler's initial sigma.
-        var generator = TorchGenerator(seed: request.seed)
-        let latentShape = [count, denoiser.latentChannels, request.height / vaeScaleFactor, request.width / vaeScaleFactor]
-        try scheduler.setTimesteps(request.steps)
-        var latents = try b.scale(generator.randnTensor(latentShape, backend: b), by: scheduler.initNoiseSigma)
+        // Initial latents from each request's seeded generator, scaled by the scheduler's initial sigma.
+        var generators = requests.map { TorchGenerator(seed: $0.seed) }
+        let latentCell = [denoiser.latentChannels, first.height / vaeScaleFactor, first.width / vaeScaleFactor]
+        func noise() throws -> Tensor {
+            let parts = try counts.indices.map { i in try generators[i].randnTensor([counts[i]] + latentCell, backend: b) }
+            return parts.count == 1 ? parts[0] : try b.concat(parts, dim: 0)
+        }
+        var sampler = scheduler ?? self.scheduler
+        try sampler.setTimesteps(first.steps)
+        var latents = try b.scale(noise(), by: sampler.initNoiseSigma)
 
-        let steps = scheduler.timesteps.count
+        let steps = sampler.timesteps.count
         for i in 0..<steps {
-            let input = try scheduler.scaleModelInput(guided ? b.concat([latents, latents], dim: 0) : latents, stepIndex: i)
-            let timestep = try b.upload(scheduler.modelTimestep(stepIndex: i))
+            let input = try sampler.scaleModelInput(guided ? b.concat([latents, latents], dim: 0) : latents, stepIndex: i)
+            let timestep = try b.upload(sampler.modelTimestep(stepIndex: i))
             // The denoiser casts its inputs to its dtype and answers in it; guidance and the scheduler work in f32.
             var prediction = try denoiser(DenoisingInputs(sample: input, timestep: timestep, encoderHiddenStates: states,
                                                           textEmbeds: textEmbeds, timeIds: timeIds))
             if prediction.dtype != .f32 { prediction = try b.cast(prediction, to: .f32) }
             if guided {
                 let halves = try b.split(prediction, sizes: [count, count], dim: 0)
-                prediction = try b.add(halves[0], b.scale(b.sub(halves[1], halves[0]), by: request.guidance))
+                prediction = try b.add(halves[0], b.scale(b.sub(halves[1], halves[0]), by: first.guidance))
             }
-            latents = try scheduler.step(modelOutput: prediction, stepIndex: i, sample: latents,
-                                         noise: { try generator.randnTensor(latentShape, backend: b) })
+            latents = try sampler.step(modelOutput: prediction, stepIndex: i, sample: latents, noise: noise)
             progress(i + 1, steps)
         }
-        return try decode(latents, afterSteps: steps)
+        let images = try decode(latents, afterSteps: steps)
+        var start = 0
+        return counts.map { n in defer { start += n }; return Array(images[start..<start + n]) }
+    }
+
+    /// The conditioning rows for `texts[i]` repeated `counts[i]` times. `encode` runs once on the distinct texts
+    /// and, when some text is nil, once on nil (one row).
+    private func conditioning(_ texts: [String?], counts: [Int], encode: ([String]?) throws -> Conditioning) throws -> Conditioning {
+        var distinct: [String] = []
+        for case let text? in texts where !distinct.contains(text) { distinct.append(text) }
+        var rows: [String?: Conditioning] = [:]
+        if !distinct.isEmpty {
+            let encoded = try encode(distinct)
+            let ones = Array(repeating: 1, count: distinct.count)
+            let states = distinct.count == 1 ? [encoded.states] : try backend.split(encoded.states, sizes: ones, dim: 0)
+            let pooled = try encoded.pooled.map { distinct.count == 1 ? [$0] : try backend.split($0, sizes: ones, dim: 0) }
+            for (i, text) in distinct.enumerated() { rows[text] = Conditioning(states: states[i], pooled: pooled?[i]) }
+        }
+        if texts.contains(nil) { rows[nil] = try encode(nil) }
+
+        var pieces: [Conditioning] = []
+        for (text, count) in zip(texts, counts) { pieces += repeatElement(rows[text]!, count: count) }
+        guard pieces.count > 1 else { return pieces[0] }
+        let pooled = pieces.allSatisfy { $0.pooled != nil } ? try backend.concat(pieces.map { $0.pooled! }, dim: 0) : nil
+        return Conditioning(states: try backend.concat(pieces.map(\.states), dim: 0), pooled: pooled)
     }
 
     /// latents → 8-bit images: vae.decode(latents / scaling_factor), then (x / 2 + 0.5) clamped to [0, 1],
@@ -177,21 +224,32 @@ public final class StableDiffusionPipeline {
         }
     }
 
-    private func validate(_ request: GenerationRequest) throws {
+    private func validate(_ requests: [GenerationRequest]) throws {
+        guard let request = requests.first else { throw PEAError.usage("generate: no requests") }
+        for other in requests.dropFirst() where other.width != request.width || other.height != request.height
+            || other.steps != request.steps || other.guidance != request.guidance {
+            throw PEAError.usage("requests denoised together must share size, steps and guidance: \(request.width)×\(request.height), "
+                + "\(request.steps) steps, guidance \(request.guidance) beside \(other.width)×\(other.height), \(other.steps) steps, guidance \(other.guidance)")
+        }
         let multiple = sizeMultiple
         guard request.width > 0, request.height > 0, request.width % multiple == 0, request.height % multiple == 0 else {
             throw PEAError.usage("width and height must be positive multiples of \(multiple), got \(request.width)×\(request.height)")
         }
         guard request.steps >= 1 else { throw PEAError.usage("steps must be at least 1, got \(request.steps)") }
-        guard request.imagesPerPrompt >= 1 else { throw PEAError.usage("batch must be at least 1") }
+        guard requests.allSatisfy({ $0.imagesPerPrompt >= 1 }) else { throw PEAError.usage("batch must be at least 1") }
         guard request.guidance.isFinite else { throw PEAError.usage("guidance must be finite, got \(request.guidance)") }
-        // The largest buffers are the VAE decoder's at full resolution: block_out_channels[0] channels of f32
-        // per pixel, its input, output and a norm's temporary alive together.
-        let channels = Double(vae.config.blockOutChannels.first ?? 128)
-        let pixels = Double(request.width) * Double(request.height) * Double(request.imagesPerPrompt)
-        try MemoryBudget.require(pixels * channels * 4 * 3, on: backend, for: "\(request.imagesPerPrompt) image(s) of \(request.width)×\(request.height)") {
+        // The largest buffers are the VAE decoder's at full resolution.
+        let images = requests.reduce(0) { $0 + Double($1.imagesPerPrompt) }
+        try MemoryBudget.require(Self.decodeBytesPerPixel(vae) * Double(request.width) * Double(request.height) * images, on: backend,
+                                 for: "\(Int(images)) image(s) of \(request.width)×\(request.height)") {
             PEAError.usage("\($0); ask for smaller images")
         }
+    }
+
+    /// The bytes per output pixel the VAE decoder's largest layers hold at once: block_out_channels[0] channels of
+    /// f32, its input, output and a norm's temporary alive together.
+    public static func decodeBytesPerPixel(_ vae: AutoencoderKL) -> Double {
+        Double(vae.config.blockOutChannels.first ?? 128) * 4 * 3
     }
 }
 

@@ -1,0 +1,220 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import PEADiffusion
+
+/// `pea generate --prompts FILE --output-dir OUT`: the file's items (this process's shard of them) that OUT does
+/// not yet hold, denoised --batch-size images at a time, each image written and recorded as its batch finishes.
+func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
+    typealias O = GenerateOptions
+    guard let folder = try options.optionalString(O.outputDir) else {
+        throw PEAError.usage("generate: a prompt file is a job: give --output-dir OUT for its images and results")
+    }
+    let settings = try GenerateSettings(options)
+    let format = JobOutput.Format(rawValue: try options.string(O.format))!
+    let shard = try jobShard(options)
+
+    // Everything a mistake could be in is checked before minutes of loading: the file, the folder's job.
+    let manifestPath = joinPath(folder, "job.json")
+    let existing = isDirectory(folder) ? try JobManifest.read(path: manifestPath) : nil
+    let overwrite = options.has(O.overwrite)
+    // Without --seed a re-run resumes with the base seed the folder's job was started with.
+    let baseSeed = settings.seed ?? (overwrite ? nil : existing?.baseSeed) ?? GenerateSettings.randomSeed()
+    // Sizes left at 0 are the model's native size, filled in once it is loaded.
+    let defaults = JobDefaults(negativePrompt: settings.negativePrompt, baseSeed: baseSeed, width: settings.width ?? 0,
+                               height: settings.height ?? 0, steps: settings.steps, guidance: settings.guidance,
+                               scheduler: settings.scheduler, batch: settings.batch)
+    let items = try PromptFile.read(path: file, defaults: defaults)
+    if let last = items.last, last.seed < baseSeed || last.seed > 1 << 53 {
+        throw PEAError.usage("generate: --seed \(baseSeed) + the item index must stay within 0...2^53 (results.jsonl keeps seeds as JSON numbers)")
+    }
+    let model = try ModelChoice(options, prompts: items.map(\.prompt))
+    var manifestSettings = ["model": model.folder, "text_encoder": model.pea?.encoder ?? "", "adapter": model.pea?.adapter ?? "",
+                            "clip_skip": String(settings.clipSkip), "format": format.rawValue]
+    for option in [O.variant, O.maxLength, BackendOptions.precision] {
+        manifestSettings[String(option.name.dropFirst(2))] = try options.optionalString(option) ?? ""
+    }
+    let manifest = JobManifest(items: items, baseSeed: baseSeed, settings: manifestSettings)
+    let output = try JobOutput(folder: folder, manifest: manifest, items: items, shard: shard, format: format, overwrite: overwrite,
+                               tarShardSize: jobTarShardSize)
+    let mine = items.filter(shard.contains)
+    let totalImages = mine.reduce(0) { $0 + $1.batch }
+    let pending = mine.filter { !output.finishedItems.contains($0.index) }
+    let where_ = shard.count == 1 ? "" : " (shard \(shard))"
+    guard !pending.isEmpty else {
+        fputs("pea generate: nothing to do: all \(totalImages) images of \(file)\(where_) are in \(folder)\n", stderr)
+        return
+    }
+    if output.imagesRecorded > 0 {
+        fputs("pea generate: resuming: \(output.imagesRecorded) of \(totalImages) images\(where_) are already in \(folder)\n", stderr)
+    }
+
+    let selection = try BackendOptions.select(options)
+    let pipeline = try model.load(options, settings: settings, selection: selection)
+    let todo = try pending.map { item in
+        var item = item
+        if item.width == 0 { item.width = pipeline.defaultSize }
+        if item.height == 0 { item.height = pipeline.defaultSize }
+        let multiple = pipeline.sizeMultiple
+        guard item.width % multiple == 0, item.height % multiple == 0 else {
+            throw PEAError.invalidFile(path: file, reason: "line \(item.line): width and height must be multiples of \(multiple) for this model, got \(item.width)×\(item.height)")
+        }
+        return item
+    }
+    let batchSize = try options.optionalInt(O.batchSize) ?? defaultBatchSize(pipeline, items: todo)
+    let batches = JobBatches.plan(todo, size: batchSize)
+
+    // One scheduler per name: the folder's, or one of `SchedulerName` built from the folder's config.
+    var schedulers: [String: any Scheduler] = [:]
+    func scheduler(_ name: String?) throws -> any Scheduler {
+        guard let name, name != settings.scheduler else { return pipeline.scheduler }
+        if let made = schedulers[name] { return made }
+        let made = try makeScheduler(name: name, config: pipeline.schedulerConfig)
+        schedulers[name] = made
+        return made
+    }
+
+    StopRequest.install()
+    let progress = JobProgress(total: totalImages, done: output.imagesRecorded, batches: batches.count)
+    let usesAdapter = model.pea != nil
+    for (number, batch) in batches.enumerated() {
+        let start = monotonicSeconds()
+        let images = try pipeline.generate(batch.map(\.request), scheduler: scheduler(batch[0].scheduler),
+                                           progress: { progress.step(batch: number + 1, $0, $1) }, warn: { printWarning($0) })
+        let imageCount = batch.reduce(0) { $0 + $1.batch }
+        let seconds = (monotonicSeconds() - start) / Double(imageCount)
+        for (item, itemImages) in zip(batch, images) {
+            let sampler = a1111SamplerName(item.scheduler.flatMap(SchedulerName.init(rawValue:)) ?? settings.scheduler.flatMap(SchedulerName.init(rawValue:)),
+                                           className: try scheduler(item.scheduler).className)
+            let parameters = a1111Parameters(item.request, sampler: sampler, model: model.folder, family: pipeline.family)
+            func record(_ image: Int) -> [String: JSONValue] {
+                var json = JobOutput.itemJSON(item).objectValue!
+                json["image"] = .number(Double(image))
+                json["key"] = .string(item.imageKey(image))
+                json["parameters"] = .string(parameters)
+                json["seconds"] = .number((seconds * 1000).rounded() / 1000)
+                return json
+            }
+            let completedShard = try output.write(item, images: itemImages, parameters: parameters, record: record, tarJSON: { image in
+                // The captions `pea train --data` reads: text (the item's caption, else the prompt) and text_en
+                // (the prompt, when it went through the English encoder).
+                var json = record(image)
+                json["text"] = .string(item.text ?? item.prompt)
+                if !usesAdapter { json["text_en"] = .string(item.prompt) }
+                return json
+            })
+            if format == .png { for image in 1...item.batch { print(joinPath(folder, item.imageKey(image) + ".png")) } }
+            if let completedShard { print(completedShard) }
+        }
+        progress.finished(images: imageCount)
+        if let signal = StopRequest.received {
+            try finishTar(output)
+            progress.end()
+            fputs("pea generate: stopped by \(signal == SIGINT ? "SIGINT" : "SIGTERM") after batch \(number + 1) of \(batches.count): "
+                  + "\(output.imagesRecorded) of \(totalImages) images\(where_) are in \(folder); run the same command again to go on\n", stderr)
+            exit(128 + signal)   // the shell's status for a process that a signal stopped
+        }
+    }
+    try finishTar(output)
+    progress.end()
+    fputs("pea generate: \(output.imagesRecorded) of \(totalImages) images\(where_) are in \(folder) (\(output.resultsPath))\n", stderr)
+}
+
+/// Completes the tar shard in progress and prints its path.
+private func finishTar(_ output: JobOutput) throws {
+    if let path = try output.finishTarShard() { print(path) }
+}
+
+/// --shard K/N, or auto from the job scheduler's environment; the whole file without it.
+private func jobShard(_ options: ParsedOptions) throws -> JobShard {
+    typealias O = GenerateOptions
+    let shards = try options.optionalInt(O.shards)
+    guard let text = try options.optionalString(O.shard) else {
+        if shards != nil { throw PEAError.usage("generate: --shards goes with --shard auto") }
+        return .whole
+    }
+    if text == "auto" {
+        var environment: [String: String] = [:]
+        for name in ["SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT", "JOB_COMPLETION_INDEX"] {
+            if let value = getenv(name) { environment[name] = String(cString: value) }
+        }
+        return try JobShard.automatic(environment: environment, shards: shards)
+    }
+    if shards != nil { throw PEAError.usage("generate: --shards goes with --shard auto; --shard K/N gives the count itself") }
+    return try JobShard.parse(text)
+}
+
+/// The batch size when none is given: 1 on the CPU (a batch is no faster there); on a GPU as many images as the
+/// VAE decoder's largest buffers fit in half the device's memory, at most 8.
+private func defaultBatchSize(_ pipeline: StableDiffusionPipeline, items: [JobItem]) -> Int {
+    guard let memory = pipeline.backend.deviceMemoryBytes else { return 1 }
+    let pixels = items.map { Double($0.width) * Double($0.height) }.max() ?? 1
+    let perImage = StableDiffusionPipeline.decodeBytesPerPixel(pipeline.vae) * pixels
+    return max(1, min(8, Int(memory / 2 / perImage)))
+}
+
+/// One progress line on stderr for the whole job: images done of the total, images/s of this run, ETA, and the
+/// batch's step; redrawn in place on a terminal, printed every 10 s otherwise.
+final class JobProgress {
+    let total: Int
+    let batches: Int
+    let doneBefore: Int
+    private(set) var done: Int
+    let start = monotonicSeconds()
+    let live = isatty(STDERR_FILENO) != 0
+    private var lastPrinted = -Double.infinity
+    private var stepText = ""
+
+    init(total: Int, done: Int, batches: Int) {
+        self.total = total
+        self.done = done
+        doneBefore = done
+        self.batches = batches
+    }
+
+    func step(batch: Int, _ step: Int, _ steps: Int) {
+        stepText = "batch \(batch)/\(batches) step \(step)/\(steps)"
+        draw(force: false)
+    }
+
+    func finished(images: Int) {
+        done += images
+        draw(force: false)
+    }
+
+    func end() {
+        stepText = ""
+        draw(force: true)
+        if live { fputs("\n", stderr) }
+    }
+
+    var line: String {
+        let elapsed = monotonicSeconds() - start
+        let made = done - doneBefore
+        let rate = Double(made) / max(elapsed, 1e-9)
+        let eta = made > 0 ? formattedDuration(Double(total - done) / rate) : "?"
+        return "job: \(done)/\(total) images  \(formatted(rate)) images/s  ETA \(eta)" + (stepText.isEmpty ? "" : "  (\(stepText))")
+    }
+
+    private func draw(force: Bool) {
+        let now = monotonicSeconds()
+        if live {
+            fputs("\r\(line)\u{1B}[K", stderr)
+        } else if force || now - lastPrinted >= 10 {
+            fputs(line + "\n", stderr)
+            lastPrinted = now
+        }
+    }
+}
+
+/// Seconds as `1h02m`, `3m05s` or `42s`.
+func formattedDuration(_ seconds: Double) -> String {
+    guard seconds.isFinite else { return "?" }
+    let total = Int(seconds.rounded())
+    let (h, m, s) = (total / 3600, total / 60 % 60, total % 60)
+    func two(_ n: Int) -> String { n < 10 ? "0\(n)" : "\(n)" }
+    if h > 0 { return "\(h)h\(two(m))m" }
+    return m > 0 ? "\(m)m\(two(s))s" : "\(s)s"
+}
