@@ -20,7 +20,9 @@ enum BackendOptions {
         defaultNote: "; the CPU backend computes in fp32 only")
     static let threads = CommandOption.value("--threads", "T", .range(0...4096),
                                              help: "CPU threads (default: every online CPU)")
-    static let all = [backend, precision, threads]
+    static let device = CommandOption.value("--device", "N", default: "0", .range(0...1023),
+                                            help: "the CUDA device to use, numbered as CUDA_VISIBLE_DEVICES leaves them")
+    static let all = [backend, precision, threads, device]
 
     static let precisionNames = BackendSelection.Precision.allCases.map(\.rawValue)
 
@@ -28,10 +30,13 @@ enum BackendOptions {
     static func select(_ options: ParsedOptions) throws -> BackendSelection {
         let command = options.command
         let precisionName = try options.string(precision)
+        if options.has(device), try options.string(backend) == BackendSelection.Choice.cpu.rawValue {
+            throw PEAError.usage("\(command): --device picks a CUDA device; --backend cpu has none")
+        }
         do {
             let selection = try BackendSelection(BackendSelection.Choice(rawValue: options.string(backend))!,
                                                  precision: BackendSelection.Precision(rawValue: precisionName)!,
-                                                 threads: options.optionalInt(threads) ?? 0)
+                                                 threads: options.optionalInt(threads) ?? 0, device: options.int(device))
             if let notice = selection.fallbackNotice { fputs("pea: \(notice)\n", stderr) }
             return selection
         } catch let failure as BackendSelection.Failure {

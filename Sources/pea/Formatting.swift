@@ -17,3 +17,10 @@ func printfFormatted(_ format: String, _ x: Double) -> String {
 func rounded(_ x: Double, _ digits: Int) -> Double {
     Double(printfFormatted("%.\(digits)f", x)) ?? x
 }
+
+/// A duration as H:MM:SS, for ETAs ("?" when it cannot be told).
+func clock(_ seconds: Double) -> String {
+    guard seconds.isFinite, seconds >= 0, seconds < 1e9 else { return "?" }
+    let s = Int(seconds.rounded())
+    return "\(s / 3600):" + [s / 60 % 60, s % 60].map { $0 < 10 ? "0\($0)" : "\($0)" }.joined(separator: ":")
+}

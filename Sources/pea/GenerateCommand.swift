@@ -15,8 +15,7 @@ enum GenerateOptions {
             + "executable, in ./models, or where $PEA_MODELS points")
     static let prompt = CommandOption.value("--prompt", "TEXT", help: "what to draw")
     static let prompts = CommandOption.value(
-        "--prompts", "FILE",
-        help: "one prompt per line (empty lines skipped); each is generated as its own call with the same seed")
+        "--prompts", "FILE", help: "a prompt file to run as a job (below), written to --output-dir")
     static let negativePrompt = CommandOption.value(
         "--negative-prompt", "TEXT", help: "what to steer away from (omitted: diffusers' negative_prompt=None)")
     static let steps = CommandOption.value("--steps", "N", default: "30", .range(1...1000), help: "denoising steps")
@@ -36,6 +35,25 @@ enum GenerateOptions {
                                               help: "use the text encoder's output K layers before the last")
     static let output = CommandOption.value(
         "--output", "PATH.png", help: "where to write (default pea-SEED.png); with several images, PATH-1.png, PATH-2.png, …")
+    static let outputDir = CommandOption.value("--output-dir", "OUT", help: "the job's folder: images, results.jsonl, job.json")
+    static let batchSize = CommandOption.value(
+        "--batch-size", "N", .range(1...256),
+        help: "images denoised together (items of the same size, steps, guidance and scheduler; an item is never split) "
+            + "(default: 1 on the CPU; on a GPU as many as fit in half its memory, at most 8)")
+    static let format = CommandOption.value(
+        "--format", "png|tar", default: "png", .choices(JobOutput.Format.allCases.map(\.rawValue)),
+        help: "png: OUT/KEY.png files; tar: webdataset shards OUT/shard-000000.tar … of KEY.png + KEY.json, "
+            + "\(jobTarShardSize) images each, that `pea train --data` reads")
+    static let shard = CommandOption.value(
+        "--shard", "K/N|auto",
+        help: "take items K, K+N, K+2N, … (0 ≤ K < N) of the file; auto: K and N from a Slurm job array "
+            + "(SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_COUNT) or a Kubernetes Indexed Job "
+            + "(JOB_COMPLETION_INDEX, with --shards N)")
+    static let shards = CommandOption.value("--shards", "N", .range(1...1_000_000),
+                                            help: "with --shard auto in a Kubernetes Indexed Job: its completions")
+    static let overwrite = CommandOption.flag(
+        "--overwrite", help: "start the job afresh in OUT, even when OUT holds another job (other prompts or settings): "
+            + "this shard's recorded files are removed and every image is made again")
     static let variant = CommandOption.value("--variant", "NAME", help: "read weights of that variant when present (e.g. fp16)")
     static let textEncoder = CommandOption.value(
         "--text-encoder", "DIR",
@@ -50,19 +68,41 @@ enum GenerateOptions {
 
     static let spec = CommandSpec(
         name: "generate",
-        usage: ["pea generate [--model DIR] --prompt TEXT [options]", "pea generate [--model DIR] --prompts FILE [options]"],
+        usage: ["pea generate [--model DIR] --prompt TEXT [options]",
+                "pea generate [--model DIR] --prompts FILE --output-dir OUT [--batch-size N] [--format png|tar] [--shard K/N|auto] [options]"],
         description: """
             Generates images from text with a diffusers Stable Diffusion pipeline folder (SD1.x, SD2.x or SDXL, detected
             from the folder), the same images diffusers makes from the same folder, prompt, seed and settings with a CPU
             generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run.
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
-                                   batch, clipSkip, output, variant, textEncoder, adapter, maxLength] + BackendOptions.all)],
+                                   batch, clipSkip, output, variant, textEncoder, adapter, maxLength] + BackendOptions.all),
+                 .init("Prompt-file jobs", [outputDir, batchSize, format, shard, shards, overwrite], note: """
+                    FILE is .jsonl (one object a line: "prompt", and optionally "id" (A–Z a–z 0–9 _ -), "negative_prompt",
+                    "seed", "width", "height", "steps", "guidance", "scheduler", "batch" (images of that prompt), "text" (a
+                    caption copied into the tar shards' JSON, e.g. the prompt in the language an adapter will learn)) or
+                    any other name as text (one prompt a line); empty lines are skipped. The options above are the
+                    defaults of items that do not set their own. Item i (0-based, in file order) without a seed gets
+                    --seed + i, so each image is the one `pea generate --prompt P --seed S --batch B` makes alone; without
+                    --seed, a random base seed, kept in OUT/job.json for re-runs.
+                    Output: OUT/KEY.png (KEY: the id, or the index in 6 digits; KEY-1 … KEY-B when an item makes B
+                    images), and OUT/results.jsonl, one line per image: index, id, image, key, prompt, negative_prompt,
+                    seed, width, height, steps, guidance, scheduler, batch, text, file, parameters, seconds (the batch's
+                    time per image). With --shard K/N (N > 1) results go to results-K-of-N.jsonl and tar shards are named
+                    shard-K-of-N-000000.tar, so the shards of a job can share OUT.
+                    Resuming: files appear whole or not at all; running the same command again skips what
+                    results.jsonl lists and the files hold. SIGINT or SIGTERM stops after the batch in progress (the tar
+                    shard in progress is completed) and says how far the job got. OUT holding another job (another
+                    prompt file, other settings, other model) is refused unless --overwrite.
+                    """)],
         epilogue: """
             Each PNG carries its generation parameters in a `parameters` text chunk (A1111's format). The written paths
             go to stdout; progress goes to stderr.
             """)
 }
+
+/// Images per tar shard of a job.
+let jobTarShardSize = 1000
 
 func runGenerate(_ arguments: [String]) throws {
     typealias O = GenerateOptions
@@ -71,50 +111,82 @@ func runGenerate(_ arguments: [String]) throws {
     guard options.has(O.textEncoder) == options.has(O.adapter) else {
         throw PEAError.usage("generate: --text-encoder and --adapter go together (PEA: a language-specific encoder and its adapter)")
     }
-
-    // Prompts first, so a usage mistake is reported before minutes of loading.
-    var prompts: [String]
     switch (try options.optionalString(O.prompt), try options.optionalString(O.prompts)) {
-    case (let prompt?, nil): prompts = [prompt]
-    case (nil, let file?): prompts = try readPromptFile(file)
+    case (let prompt?, nil):
+        if let jobOption = [O.outputDir, O.batchSize, O.format, O.shard, O.shards, O.overwrite].first(where: options.has) {
+            throw PEAError.usage("generate: \(jobOption.name) is for prompt-file jobs (--prompts FILE)")
+        }
+        try runGenerateOne(prompt, options)
+    case (nil, let file?):
+        guard !options.has(O.output) else {
+            throw PEAError.usage("generate: --output is for a single --prompt; a prompt file writes to --output-dir OUT")
+        }
+        try runGenerateJob(file, options)
     case (nil, nil): throw PEAError.usage("generate: give --prompt TEXT or --prompts FILE")
     default: throw PEAError.usage("generate: give either --prompt or --prompts, not both")
     }
-    let steps = try options.int(O.steps)
-    let guidance = try options.float(O.guidance)
-    let batch = try options.int(O.batch)
-    let clipSkip = try options.int(O.clipSkip)
-    let seed: UInt64
-    if let text = try options.optionalString(O.seed) {
-        guard let value = UInt64(text) else { throw PEAError.usage("generate: --seed expects a non-negative integer, got '\(text)'") }
-        seed = value
-    } else {
-        var random = SplitMix64(seed: UInt64(UInt(bitPattern: time(nil))) ^ UInt64(getpid()) << 32)
-        seed = random.next() >> 32
-    }
-    let width = try options.optionalInt(O.width), height = try options.optionalInt(O.height)
-    for (name, value) in [("--width", width), ("--height", height)] {
-        if let value, value <= 0 || value % 8 != 0 {
-            throw PEAError.usage("generate: \(name) must be a positive multiple of 8, got \(value)")
-        }
-    }
-    let schedulerName = try options.optionalString(O.scheduler)
-    let output = try options.optionalString(O.output) ?? "pea-\(seed).png"
-    guard output.hasSuffix(".png") else { throw PEAError.usage("generate: --output must end in .png, got '\(output)'") }
-    let selection = try BackendOptions.select(options)
-    let backend = selection.backend, dtype = selection.dtype
+}
 
-    // Without --model: the bundled toy world; a Chinese prompt goes through its Chinese encoder and adapter.
-    var pea = try options.optionalString(O.textEncoder).flatMap { encoder in try options.optionalString(O.adapter).map { (encoder, $0) } }
-    let modelFolder: String
-    if let model = try options.optionalString(O.model) {
-        modelFolder = model
-    } else {
+/// The settings every generation takes from the command line (for a job: its items' defaults).
+struct GenerateSettings {
+    var steps: Int
+    var guidance: Float
+    var batch: Int
+    var clipSkip: Int
+    var seed: UInt64?
+    var width: Int?
+    var height: Int?
+    var scheduler: String?
+    var negativePrompt: String?
+
+    init(_ options: ParsedOptions) throws {
+        typealias O = GenerateOptions
+        steps = try options.int(O.steps)
+        guidance = try options.float(O.guidance)
+        guard guidance.isFinite else { throw PEAError.usage("generate: --guidance must be finite") }
+        batch = try options.int(O.batch)
+        clipSkip = try options.int(O.clipSkip)
+        if let text = try options.optionalString(O.seed) {
+            guard let value = UInt64(text) else { throw PEAError.usage("generate: --seed expects a non-negative integer, got '\(text)'") }
+            seed = value
+        }
+        width = try options.optionalInt(O.width)
+        height = try options.optionalInt(O.height)
+        for (name, value) in [("--width", width), ("--height", height)] {
+            if let value, value <= 0 || value % 8 != 0 {
+                throw PEAError.usage("generate: \(name) must be a positive multiple of 8, got \(value)")
+            }
+        }
+        scheduler = try options.optionalString(O.scheduler)
+        negativePrompt = try options.optionalString(O.negativePrompt)
+    }
+
+    static func randomSeed() -> UInt64 {
+        var random = SplitMix64(seed: UInt64(UInt(bitPattern: time(nil))) ^ UInt64(getpid()) << 32)
+        return random.next() >> 32
+    }
+}
+
+/// The model a generation runs, as the options choose it: --model (or the bundled toy world, whose Chinese
+/// encoder and adapter take Chinese prompts), and --text-encoder/--adapter.
+struct ModelChoice {
+    var folder: String
+    var pea: (encoder: String, adapter: String)?
+    /// The bundled world's notice for stderr, when no --model was given.
+    var notice: String?
+
+    init(_ options: ParsedOptions, prompts: [String]) throws {
+        typealias O = GenerateOptions
+        pea = try options.optionalString(O.textEncoder).flatMap { encoder in try options.optionalString(O.adapter).map { (encoder, $0) } }
+        if let model = try options.optionalString(O.model) {
+            folder = model
+            return
+        }
         let bundled: BundledModels
         do { bundled = try BundledModels.locate() } catch PEAError.invalidFile(let path, let reason) {
             throw PEAError.invalidFile(path: path, reason: "no --model given and \(reason); or pass --model DIR")
         }
-        modelFolder = bundled.teacher
+        folder = bundled.teacher
         let chinese = pea == nil && prompts.contains(where: BundledModels.isChinese)
         if chinese {
             guard prompts.allSatisfy(BundledModels.isChinese) else {
@@ -122,59 +194,60 @@ func runGenerate(_ arguments: [String]) throws {
             }
             pea = (bundled.chineseEncoder, bundled.chineseAdapter)
         }
-        fputs("pea: no --model: the bundled toy world \(modelFolder)"
-              + (chinese ? ", Chinese prompt through its Chinese-CLIP encoder and PEA adapter (\(parentFolder(bundled.chineseAdapter)))" : "")
-              + "\n", stderr)
+        notice = "pea: no --model: the bundled toy world \(folder)"
+            + (chinese ? ", Chinese prompt through its Chinese-CLIP encoder and PEA adapter (\(parentFolder(bundled.chineseAdapter)))" : "")
     }
-    var conditioner: (any TextConditioner)?
-    if let (encoderFolder, adapterPath) = pea {
-        // PEA: the language-specific encoder and the adapter replace the folder's English text encoder(s).
-        let maxLength = try options.optionalInt(O.maxLength)
-        let encoder = try naming(O.maxLength, in: options, when: maxLength != nil) {
-            try LanguageEncoders.load(folder: encoderFolder, backend: backend, maxLength: maxLength, dtype: dtype)
+
+    /// Loads the pipeline (and the PEA encoder and adapter) on `selection`'s backend.
+    func load(_ options: ParsedOptions, settings: GenerateSettings, selection: BackendSelection) throws -> StableDiffusionPipeline {
+        typealias O = GenerateOptions
+        if let notice { fputs(notice + "\n", stderr) }
+        let backend = selection.backend, dtype = selection.dtype
+        var conditioner: (any TextConditioner)?
+        if let (encoderFolder, adapterPath) = pea {
+            // PEA: the language-specific encoder and the adapter replace the folder's English text encoder(s).
+            let maxLength = try options.optionalInt(O.maxLength)
+            let encoder = try naming(O.maxLength, in: options, when: maxLength != nil) {
+                try LanguageEncoders.load(folder: encoderFolder, backend: backend, maxLength: maxLength, dtype: dtype)
+            }
+            conditioner = try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: adapterPath, backend: backend, dtype: dtype))
         }
-        conditioner = try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: adapterPath, backend: backend, dtype: dtype))
-    }
-    let variant = try options.optionalString(O.variant)
-    let pipeline = try naming(O.clipSkip, in: options, when: clipSkip != 0) {
-        try StableDiffusionPipeline.load(folder: modelFolder, backend: backend, scheduler: schedulerName, clipSkip: clipSkip,
-                                         variant: variant, conditioner: conditioner, dtype: dtype)
-    }
-    let negativePrompt = try options.optionalString(O.negativePrompt)
-    let total = prompts.count * batch
-    var written = 0
-    for prompt in prompts {
-        var request = GenerationRequest(prompt: prompt, negativePrompt: negativePrompt,
-                                        width: width ?? pipeline.defaultSize, height: height ?? pipeline.defaultSize)
-        request.steps = steps
-        request.guidance = guidance
-        request.seed = seed
-        request.imagesPerPrompt = batch
-        let reporter = ProgressReporter(label: total > 1 ? "image \(written + 1)-\(written + batch)/\(total)" : "image")
-        let images = try pipeline.generate(request, progress: reporter.update, warn: { printWarning($0) })
-        reporter.finish()
-        let sampler = a1111SamplerName(schedulerName.flatMap(SchedulerName.init(rawValue:)), className: pipeline.scheduler.className)
-        let parameters = a1111Parameters(request, sampler: sampler, model: modelFolder, family: pipeline.family)
-        for image in images {
-            written += 1
-            let path = total == 1 ? output : "\(output.dropLast(4))-\(written).png"
-            try PNGWriter.write(rgb: image.pixels, width: image.width, height: image.height,
-                                textChunks: [("parameters", parameters)], to: path)
-            print(path)
+        let variant = try options.optionalString(O.variant)
+        return try naming(O.clipSkip, in: options, when: settings.clipSkip != 0) {
+            try StableDiffusionPipeline.load(folder: folder, backend: backend, scheduler: settings.scheduler, clipSkip: settings.clipSkip,
+                                             variant: variant, conditioner: conditioner, dtype: dtype)
         }
     }
 }
 
-/// The prompts of a --prompts file: one per line, surrounding whitespace trimmed, empty lines skipped.
-func readPromptFile(_ path: String) throws -> [String] {
-    guard !isDirectory(path) else { throw PEAError.invalidFile(path: path, reason: "is a directory; --prompts expects a text file with one prompt per line") }
-    let bytes = try readWholeFile(path)
-    guard let text = String(validating: bytes, as: UTF8.self) else {
-        throw PEAError.invalidFile(path: path, reason: "not UTF-8 text")
+/// `pea generate --prompt TEXT`: one request, --batch images, written to --output.
+private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
+    typealias O = GenerateOptions
+    let settings = try GenerateSettings(options)
+    let seed = settings.seed ?? GenerateSettings.randomSeed()
+    let output = try options.optionalString(O.output) ?? "pea-\(seed).png"
+    guard output.hasSuffix(".png") else { throw PEAError.usage("generate: --output must end in .png, got '\(output)'") }
+    let selection = try BackendOptions.select(options)
+    let model = try ModelChoice(options, prompts: [prompt])
+    let pipeline = try model.load(options, settings: settings, selection: selection)
+
+    var request = GenerationRequest(prompt: prompt, negativePrompt: settings.negativePrompt,
+                                    width: settings.width ?? pipeline.defaultSize, height: settings.height ?? pipeline.defaultSize)
+    request.steps = settings.steps
+    request.guidance = settings.guidance
+    request.seed = seed
+    request.imagesPerPrompt = settings.batch
+    let reporter = ProgressReporter(label: "image")
+    let images = try pipeline.generate(request, progress: reporter.update, warn: { printWarning($0) })
+    reporter.finish()
+    let sampler = a1111SamplerName(settings.scheduler.flatMap(SchedulerName.init(rawValue:)), className: pipeline.scheduler.className)
+    let parameters = a1111Parameters(request, sampler: sampler, model: model.folder, family: pipeline.family)
+    for (number, image) in images.enumerated() {
+        let path = images.count == 1 ? output : "\(output.dropLast(4))-\(number + 1).png"
+        try PNGWriter.write(rgb: image.pixels, width: image.width, height: image.height,
+                            textChunks: [("parameters", parameters)], to: path)
+        print(path)
     }
-    let prompts = text.split(whereSeparator: \.isNewline).map { String($0).trimmingWhitespace() }.filter { !$0.isEmpty }
-    guard !prompts.isEmpty else { throw PEAError.invalidFile(path: path, reason: "no prompts (the file is empty)") }
-    return prompts
 }
 
 /// The generation parameters as AUTOMATIC1111's web UI writes them into a PNG's `parameters` chunk.
@@ -229,14 +302,5 @@ final class ProgressReporter {
         let elapsed = monotonicSeconds() - start
         if live { fputs("\n", stderr) }
         fputs("\(label): \(steps) steps in \(formatted(elapsed)) s\n", stderr)
-    }
-}
-
-extension String {
-    func trimmingWhitespace() -> String {
-        var scalars = Substring(self)
-        while let first = scalars.first, first.isWhitespace { scalars = scalars.dropFirst() }
-        while let last = scalars.last, last.isWhitespace { scalars = scalars.dropLast() }
-        return String(scalars)
     }
 }

@@ -27,7 +27,7 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
                                height: settings.height ?? 0, steps: settings.steps, guidance: settings.guidance,
                                scheduler: settings.scheduler, batch: settings.batch)
     let items = try PromptFile.read(path: file, defaults: defaults)
-    if let last = items.last, last.seed < baseSeed || last.seed > 1 << 53 {
+    if baseSeed > 1 << 53 || UInt64(items.count - 1) > (1 << 53) - baseSeed {
         throw PEAError.usage("generate: --seed \(baseSeed) + the item index must stay within 0...2^53 (results.jsonl keeps seeds as JSON numbers)")
     }
     let model = try ModelChoice(options, prompts: items.map(\.prompt))
@@ -86,8 +86,7 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
         let imageCount = batch.reduce(0) { $0 + $1.batch }
         let seconds = (monotonicSeconds() - start) / Double(imageCount)
         for (item, itemImages) in zip(batch, images) {
-            let sampler = a1111SamplerName(item.scheduler.flatMap(SchedulerName.init(rawValue:)) ?? settings.scheduler.flatMap(SchedulerName.init(rawValue:)),
-                                           className: try scheduler(item.scheduler).className)
+            let sampler = a1111SamplerName(item.scheduler.flatMap(SchedulerName.init(rawValue:)), className: try scheduler(item.scheduler).className)
             let parameters = a1111Parameters(item.request, sampler: sampler, model: model.folder, family: pipeline.family)
             func record(_ image: Int) -> [String: JSONValue] {
                 var json = JobOutput.itemJSON(item).objectValue!
@@ -156,7 +155,7 @@ private func defaultBatchSize(_ pipeline: StableDiffusionPipeline, items: [JobIt
 }
 
 /// One progress line on stderr for the whole job: images done of the total, images/s of this run, ETA, and the
-/// batch's step; redrawn in place on a terminal, printed every 10 s otherwise.
+/// batch's step; redrawn in place on a terminal, printed every 5 s otherwise.
 final class JobProgress {
     let total: Int
     let batches: Int
@@ -194,27 +193,19 @@ final class JobProgress {
         let elapsed = monotonicSeconds() - start
         let made = done - doneBefore
         let rate = Double(made) / max(elapsed, 1e-9)
-        let eta = made > 0 ? formattedDuration(Double(total - done) / rate) : "?"
-        return "job: \(done)/\(total) images  \(formatted(rate)) images/s  ETA \(eta)" + (stepText.isEmpty ? "" : "  (\(stepText))")
+        // Slow jobs (a CPU, big images) read better as seconds per image.
+        let speed = made == 0 ? "" : rate >= 1 ? "  \(formatted(rate)) images/s" : "  \(formatted(1 / rate)) s/image"
+        let eta = made > 0 ? clock(Double(total - done) / rate) : "?"
+        return "job: \(done)/\(total) images\(speed)  ETA \(eta)" + (stepText.isEmpty ? "" : "  (\(stepText))")
     }
 
     private func draw(force: Bool) {
         let now = monotonicSeconds()
         if live {
             fputs("\r\(line)\u{1B}[K", stderr)
-        } else if force || now - lastPrinted >= 10 {
+        } else if force || now - lastPrinted >= 5 {
             fputs(line + "\n", stderr)
             lastPrinted = now
         }
     }
-}
-
-/// Seconds as `1h02m`, `3m05s` or `42s`.
-func formattedDuration(_ seconds: Double) -> String {
-    guard seconds.isFinite else { return "?" }
-    let total = Int(seconds.rounded())
-    let (h, m, s) = (total / 3600, total / 60 % 60, total % 60)
-    func two(_ n: Int) -> String { n < 10 ? "0\(n)" : "\(n)" }
-    if h > 0 { return "\(h)h\(two(m))m" }
-    return m > 0 ? "\(m)m\(two(s))s" : "\(s)s"
 }

@@ -4,7 +4,6 @@ import Glibc
 import Darwin
 #endif
 import PEADiffusion
-import Synchronization
 
 /// `pea train`'s options, declared once for its parser and its help.
 enum TrainOptions {
@@ -290,11 +289,6 @@ private func short(_ value: Float) -> String {
     return printfFormatted(magnitude != 0 && (magnitude < 1e-3 || magnitude >= 1e5) ? "%.3e" : "%.4f", Double(value))
 }
 
-private func clock(_ seconds: Double) -> String {
-    let s = Int(seconds.rounded())
-    return "\(s / 3600):" + [s / 60 % 60, s % 60].map { $0 < 10 ? "0\($0)" : "\($0)" }.joined(separator: ":")
-}
-
 /// diffusers' --timestep_bias_* flags.
 private func timestepBias(_ options: ParsedOptions) throws -> TimestepBias {
     typealias O = TrainOptions
@@ -308,31 +302,4 @@ private func timestepBias(_ options: ParsedOptions) throws -> TimestepBias {
     bias.end = try options.int(O.biasEnd)
     guard bias.begin < bias.end else { throw PEAError.usage("train: --timestep-bias-begin must be below --timestep-bias-end") }
     return bias
-}
-
-/// The signal (SIGINT or SIGTERM) that asked `pea train` to stop, 0 while none has.
-private let stopSignal = Atomic<Int32>(0)
-
-/// SIGINT and SIGTERM stop `pea train` between steps: the handler only records the signal, and the training loop,
-/// after the step in progress, saves a checkpoint and exits. The handler resets itself, so a second signal stops
-/// the process at once (checkpoint folders appear whole, so that loses no saved state).
-enum StopRequest {
-    static func install() {
-        stopSignal.store(0, ordering: .relaxed)   // initialises the global before a handler can touch it
-        var action = sigaction()
-        #if canImport(Glibc)
-        action.__sigaction_handler.sa_handler = { stopSignal.store($0, ordering: .relaxed) }
-        #else
-        action.__sigaction_u.__sa_handler = { stopSignal.store($0, ordering: .relaxed) }
-        #endif
-        sigemptyset(&action.sa_mask)
-        action.sa_flags = Int32(bitPattern: UInt32(SA_RESTART) | UInt32(SA_RESETHAND))
-        for signal in [SIGINT, SIGTERM] { sigaction(signal, &action, nil) }
-    }
-
-    /// The signal received since `install`, if any.
-    static var received: Int32? {
-        let signal = stopSignal.load(ordering: .relaxed)
-        return signal == 0 ? nil : signal
-    }
 }

@@ -16,10 +16,12 @@ Usage:
   pea bench kernels [--backend cuda|cpu] [--precision P] [--scale full|small] [--json]
                                   time each kernel at SD1.5 shapes (GB/s, TFLOP/s)
   pea generate [--model DIR] --prompt TEXT [--negative-prompt TEXT] [--steps 30] [--guidance 7.5] [--seed N]
-               [--scheduler NAME] [--width W --height H] [--batch N] [--prompts FILE] [--output PATH.png]
+               [--scheduler NAME] [--width W --height H] [--batch N] [--output PATH.png]
                [--text-encoder DIR --adapter PATH]
+  pea generate [--model DIR] --prompts FILE --output-dir OUT [--batch-size N] [--format png|tar] [--shard K/N|auto]
                                   text to image with a diffusers SD1.x/SD2.x/SDXL folder, or without
-                                  --model the bundled toy world (see 'pea generate --help')
+                                  --model the bundled toy world; a prompt file as a resumable, shardable
+                                  job (see 'pea generate --help')
   pea eval unet|vae-decode|vae-encode --model DIR --inputs IN.safetensors --output OUT.safetensors
   pea eval text-encoder --model DIR --prompt TEXT [--prompt TEXT …] [--max-length N] --output OUT.safetensors
   pea eval kd-step --unet DIR --adapter PATH --inputs IN.safetensors --output OUT.safetensors

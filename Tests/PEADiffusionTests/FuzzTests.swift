@@ -307,6 +307,63 @@ final class FuzzTests: XCTestCase {
         finish(tally)
     }
 
+    func testPromptFiles() throws {
+        let valid = Array("""
+            {"prompt": "a fox", "id": "fox_1", "seed": 7, "negative_prompt": null, "batch": 2}
+
+            {"prompt": "一只猫", "width": 64, "height": 16, "steps": 5, "guidance": 1.5, "scheduler": "euler-a", "text": "x"}
+            """.utf8)
+        let defaults = JobDefaults(negativePrompt: nil, baseSeed: 0, width: 32, height: 32, steps: 3, guidance: 7, scheduler: nil, batch: 1)
+        var tally = Tally(format: "prompt files")
+        var random = SplitMix64(seed: seed &+ 8)
+        let scratch = ScratchDirectory("pea-fuzz")
+        let objects = try String(decoding: valid, as: UTF8.self).split(separator: "\n").map { try JSONValue.parse(String($0)).objectValue! }
+        for n in 0..<casesPerFormat {
+            // Half the cases damage the bytes, half put hostile values in the fields.
+            let bytes = n % 2 == 0 ? Self.mutate(valid, &random)
+                : Array(objects.map { JSONValue.object(Self.mutateConfig($0, &random)).serialized() }.joined(separator: "\n").utf8)
+            let path = scratch.write(bytes, to: "case.jsonl")
+            tally.run { _ = try PromptFile.read(path: path, defaults: defaults) }
+        }
+        finish(tally)
+    }
+
+    /// A job folder's results.jsonl and job.json, damaged: opening the folder resumes or refuses, and never
+    /// counts an image that is not there.
+    func testJobFolders() throws {
+        let defaults = JobDefaults(negativePrompt: nil, baseSeed: 0, width: 8, height: 8, steps: 1, guidance: 7, scheduler: nil, batch: 1)
+        let items = try PromptFile.parse("a\nb\nc", path: "p.txt", jsonLines: false, defaults: defaults)
+        let manifest = JobManifest(items: items, baseSeed: 0, settings: ["model": "m"])
+        let scratch = ScratchDirectory("pea-fuzz")
+        let made = scratch.file("made")
+        let output = try JobOutput(folder: made, manifest: manifest, items: items, shard: .whole, format: .png, overwrite: false)
+        for item in items.prefix(2) {
+            try output.write(item, images: [RGBImage(width: 8, height: 8, pixels: Array(repeating: 7, count: 192))], parameters: "p",
+                             record: { JobOutput.itemJSON(item).objectValue!.merging(["image": .number(Double($0))]) { a, _ in a } },
+                             tarJSON: { _ in [:] })
+        }
+        let results = try XCTUnwrap(readFileBytes(made + "/results.jsonl")), job = try XCTUnwrap(readFileBytes(made + "/job.json"))
+        var tally = Tally(format: "job folders")
+        var random = SplitMix64(seed: seed &+ 9)
+        for n in 0..<casesPerFormat {
+            let folder = scratch.file("case\(n)")
+            try makeDirectories(folder)
+            for name in ["000000.png", "000001.png"] { writeFileBytes([1], to: folder + "/" + name) }
+            let damageJob = random.next() % 4 == 0
+            writeFileBytes(damageJob ? Self.mutate(job, &random) : job, to: folder + "/job.json")
+            writeFileBytes(Self.mutate(results, &random), to: folder + "/results.jsonl")
+            tally.run {
+                let opened = try JobOutput(folder: folder, manifest: manifest, items: items, shard: .whole, format: .png, overwrite: false)
+                guard opened.finishedItems.isSubset(of: [0, 1]) else {
+                    throw PEAError.shapeMismatch("item(s) \(opened.finishedItems.sorted()) counted as done without their images")
+                }
+            }
+            removeRecursively(folder)
+        }
+        XCTAssertEqual(tally.refused.keys.filter { $0 != "invalidFile" }, [], "only the job manifest is refused, as a file")
+        finish(tally)
+    }
+
     func testCommandLines() throws {
         let steps = CommandOption.value("--steps", "N", default: "30", .range(1...1000), help: "steps")
         let guidance = CommandOption.value("--guidance", "G", default: "7.5", help: "guidance")

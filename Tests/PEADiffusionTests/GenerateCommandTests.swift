@@ -34,13 +34,16 @@ final class GenerateCommandTests: XCTestCase {
     func testPromptsFileAndNonLatinParameters() throws {
         let scratch = ScratchDirectory("pea-generate")
         let prompts = scratch.write("一只戴墨镜的猫\n\n  mountains at dawn  \n", to: "prompts.txt")
+        let out = scratch.file("out")
         let result = try runPea(["generate", "--model", pipelines + "/sdxl", "--prompts", prompts, "--steps", "2",
-                                 "--width", "16", "--height", "16", "--seed", "1", "--output", scratch.file("p.png")])
+                                 "--width", "16", "--height", "16", "--seed", "1", "--output-dir", out])
         XCTAssertEqual(result.status, 0, result.stderr)
-        XCTAssertEqual(result.stdout.split(separator: "\n").count, 2)
-        let first = try PNGReader.read(path: scratch.file("p-1.png"))
+        XCTAssertEqual(result.stdout.split(separator: "\n").map(String.init), [out + "/000000.png", out + "/000001.png"])
+        let first = try PNGReader.read(path: out + "/000000.png")
         XCTAssertTrue(try XCTUnwrap(first.text("parameters")).hasPrefix("一只戴墨镜的猫\nSteps: 2"))
-        XCTAssertTrue(try XCTUnwrap(PNGReader.read(path: scratch.file("p-2.png")).text("parameters")).hasPrefix("mountains at dawn\n"))
+        XCTAssertTrue(try XCTUnwrap(first.text("parameters")).contains("Seed: 1,"))
+        let second = try XCTUnwrap(PNGReader.read(path: out + "/000001.png").text("parameters"))
+        XCTAssertTrue(second.hasPrefix("mountains at dawn\n") && second.contains("Seed: 2,"), second)
     }
 
     func testBadRequestsFailClearlyAndWriteNothing() throws {

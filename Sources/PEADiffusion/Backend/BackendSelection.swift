@@ -47,9 +47,11 @@ public struct BackendSelection {
     /// the CPU silently.
     public let fallbackNotice: String?
 
-    /// - Parameter threads: CPU threads (0: every online CPU).
+    /// - Parameters:
+    ///   - threads: CPU threads (0: every online CPU).
+    ///   - device: the CUDA device ordinal (as `CUDA_VISIBLE_DEVICES` leaves them numbered).
     /// - Throws: `Failure`.
-    public init(_ choice: Choice, precision: Precision, threads: Int) throws {
+    public init(_ choice: Choice, precision: Precision, threads: Int, device: Int = 0) throws {
         dtype = precision.dtype
         var notice: String?
         switch choice {
@@ -57,9 +59,9 @@ public struct BackendSelection {
             guard precision == .fp32 else { throw Failure.cpuComputesInFP32(requested: precision) }
             backend = CPUBackend(threads: threads)
         case .cuda:
-            do { backend = try CUDABackend() } catch { throw Failure.cudaFailed(Self.withoutCUDAPrefix("\(error)")) }
+            do { backend = try CUDABackend(device: device) } catch { throw Failure.cudaFailed(Self.withoutCUDAPrefix("\(error)")) }
         case .auto:
-            switch CUDABackend.availability() {
+            switch CUDABackend.availability(device: device) {
             case .success(let cuda):
                 backend = cuda
             case .failure(let why):

@@ -11,25 +11,64 @@ import Darwin
 /// receives a function that appends bytes. On any failure the temporary file is removed and `path` is left as it
 /// was. Errors are `PEAError.invalidFile` naming the path and the system's reason.
 func writeFileAtomically(to path: String, _ body: (_ append: ([UInt8]) throws -> Void) throws -> Void) throws {
-    let (temporaryPath, descriptor) = try createTemporaryFile(besides: path)
-    var closed = false
+    let file = try AtomicFileWriter(path: path)
     do {
-        // Errors name `path`, not the temporary (which is gone when they are reported).
-        try body { bytes in try writeAll(descriptor, bytes, path: path) }
+        try body(file.append)
+        try file.commit()
+    } catch {
+        file.abandon()
+        throw error
+    }
+}
+
+/// A file written in pieces over time that appears at `path` whole or not at all: `append` writes to a temporary
+/// next to `path` (`PATH.tmp-PID-HEX`, which `removeStaleTemporaries` removes if the process dies), `commit`
+/// flushes it and renames it over `path`, `abandon` removes it. Errors name `path`, not the temporary.
+public final class AtomicFileWriter {
+    public let path: String
+    private let temporaryPath: String
+    private var descriptor: Int32
+    /// Bytes appended so far.
+    public private(set) var size = 0
+
+    public init(path: String) throws {
+        self.path = path
+        (temporaryPath, descriptor) = try createTemporaryFile(besides: path)
+    }
+
+    deinit { abandon() }
+
+    public func append(_ bytes: [UInt8]) throws {
+        guard descriptor >= 0 else { throw PEAError.invalidFile(path: path, reason: "already committed or abandoned") }
+        try writeAll(descriptor, bytes, path: path)
+        size += bytes.count
+    }
+
+    /// Flushes the file to disk and renames it to `path`.
+    public func commit() throws {
+        guard descriptor >= 0 else { throw PEAError.invalidFile(path: path, reason: "already committed or abandoned") }
         guard fsync(descriptor) == 0 else {
             throw PEAError.invalidFile(path: path, reason: "cannot flush to disk: \(systemErrorMessage())")
         }
-        closed = true
-        guard close(descriptor) == 0 else {
+        let closed = close(descriptor)
+        descriptor = -1
+        guard closed == 0 else {
+            unlink(temporaryPath)
             throw PEAError.invalidFile(path: path, reason: "cannot close: \(systemErrorMessage())")
         }
         guard rename(temporaryPath, path) == 0 else {
-            throw PEAError.invalidFile(path: path, reason: "cannot rename \(temporaryPath) to it: \(systemErrorMessage())")
+            let reason = "cannot rename \(temporaryPath) to it: \(systemErrorMessage())"
+            unlink(temporaryPath)
+            throw PEAError.invalidFile(path: path, reason: reason)
         }
-    } catch {
-        if !closed { close(descriptor) }
+    }
+
+    /// Removes the temporary; `path` is left as it was. Does nothing after `commit`.
+    public func abandon() {
+        guard descriptor >= 0 else { return }
+        close(descriptor)
+        descriptor = -1
         unlink(temporaryPath)
-        throw error
     }
 }
 
@@ -64,18 +103,19 @@ func writeFolderAtomically(to path: String, _ body: (_ temporaryFolder: String) 
 
 /// Removes the temporaries of `writeFileAtomically` and `writeFolderAtomically` that dead processes left in
 /// `folder` and in its subfolders down to `levels` (1: the folder alone) — a process killed while writing, e.g.
-/// by SIGKILL: names `NAME.tmp-PID-HEX` whose PID no longer exists. A live process's temporaries stay.
-/// Returns the removed paths.
+/// by SIGKILL: names `NAME.tmp-PID-HEX` whose PID no longer exists. A live process's temporaries stay, and so do
+/// those whose NAME `owned` says are not the caller's (a folder that processes on other machines share, whose
+/// PIDs mean nothing here). Returns the removed paths.
 @discardableResult
-public func removeStaleTemporaries(in folder: String, levels: Int = 2) -> [String] {
+public func removeStaleTemporaries(in folder: String, levels: Int = 2, owned: (_ name: String) -> Bool = { _ in true }) -> [String] {
     var removed: [String] = []
     for name in listDirectory(folder) {
         let path = joinPath(folder, name)
-        if let pid = temporaryOwner(name), kill(pid, 0) != 0, errno == ESRCH {
+        if let (target, pid) = temporaryOwner(name), owned(target), kill(pid, 0) != 0, errno == ESRCH {
             removeRecursively(path)
             removed.append(path)
         } else if levels > 1, isDirectory(path) {
-            removed += removeStaleTemporaries(in: path, levels: levels - 1)
+            removed += removeStaleTemporaries(in: path, levels: levels - 1, owned: owned)
         }
     }
     return removed
@@ -84,12 +124,13 @@ public func removeStaleTemporaries(in folder: String, levels: Int = 2) -> [Strin
 /// What follows a path in its temporary's name: `PATH.tmp-PID-HEX`.
 private let temporarySuffix = ".tmp"
 
-/// The PID in a temporary's name (`NAME.tmp-PID-HEX`), nil for other names.
-private func temporaryOwner(_ name: String) -> pid_t? {
+/// The name a temporary stands for and the PID in its name (`NAME.tmp-PID-HEX`); nil for other names.
+private func temporaryOwner(_ name: String) -> (target: String, pid: pid_t)? {
     let parts = name.split(separator: "-", omittingEmptySubsequences: false)
     guard parts.count >= 3, parts[parts.count - 3].hasSuffix(temporarySuffix), let pid = pid_t(parts[parts.count - 2]),
           pid > 0, UInt32(parts[parts.count - 1], radix: 16) != nil else { return nil }
-    return pid
+    let withSuffix = parts[..<(parts.count - 2)].joined(separator: "-")
+    return (String(withSuffix.dropLast(temporarySuffix.count)), pid)
 }
 
 /// Creates a new file next to `path` with a unique name.
@@ -121,7 +162,7 @@ private func createTemporary(_ kind: String, besides path: String, _ create: (St
 }
 
 /// Writes every byte, retrying after partial writes and interruptions.
-private func writeAll(_ descriptor: Int32, _ bytes: [UInt8], path: String) throws {
+func writeAll(_ descriptor: Int32, _ bytes: [UInt8], path: String) throws {
     try bytes.withUnsafeBytes { buffer in
         var written = 0
         while written < buffer.count {

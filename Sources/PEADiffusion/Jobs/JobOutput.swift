@@ -121,7 +121,13 @@ public final class JobOutput {
             guard !isRegularFile(folder) else { throw PEAError.invalidFile(path: folder, reason: "--output-dir is a file, not a folder") }
             try makeDirectories(folder)
         }
-        removeStaleTemporaries(in: folder, levels: 1)
+        // Only this shard's: the shards of a job may share the folder from several machines.
+        let mine = Set(items.filter(shard.contains).flatMap { item in (1...item.batch).map { item.imageKey($0) + ".png" } })
+        let resultsName = String(resultsPath.dropFirst(folder.count + 1)), tarPrefix = String(tarName(0).dropLast(10))
+        removeStaleTemporaries(in: folder, levels: 1) { name in
+            mine.contains(name) || name == resultsName || (name.hasPrefix(tarPrefix) && Self.tarNumber(name) != nil)
+                || (shard.count == 1 && name == "job.json")
+        }
         var fresh = overwrite
         if let existing = try JobManifest.read(path: manifestPath) {
             let differences = manifest.differences(from: existing)

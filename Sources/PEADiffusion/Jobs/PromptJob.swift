@@ -160,8 +160,11 @@ public enum PromptFile {
             }
             item.seed = UInt64(number)
         }
-        item.width = try integer("width", 8...16384) ?? item.width
-        item.height = try integer("height", 8...16384) ?? item.height
+        for (key, size) in [("width", \JobItem.width), ("height", \JobItem.height)] {
+            guard let value = try integer(key, 8...16384) else { continue }
+            guard value % 8 == 0 else { throw fail("'\(key)' must be a multiple of 8, got \(value)") }
+            item[keyPath: size] = value
+        }
         item.steps = try integer("steps", 1...1000) ?? item.steps
         item.batch = try integer("batch", 1...maximumBatch) ?? item.batch
         if let value = object["guidance"], !value.isNull {
