@@ -129,17 +129,21 @@ PROMPTS = [
 ]
 
 # Runs in the reference Python: builds the random-weights pipeline folder. Settings as JSON on stdin.
-BUILD_CHILD = r"""
+# The children's common start: settings from stdin, torch/diffusers/transformers imported and quiet.
+CHILD_PREAMBLE = r"""
 import json, os, sys, warnings
 warnings.filterwarnings("ignore")
 cfg = json.load(sys.stdin)
 import torch, diffusers, transformers
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 diffusers.utils.logging.set_verbosity_error()
 diffusers.utils.logging.disable_progress_bar()
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
+"""
+
+BUILD_CHILD = CHILD_PREAMBLE + r"""
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 torch.manual_seed(cfg["seed"])
 unet = UNet2DConditionModel.from_config(cfg["unet"])
 vae = AutoencoderKL.from_config(cfg["vae"])
@@ -161,17 +165,8 @@ print(json.dumps({"unet": count(unet), "vae": count(vae), "text_encoder": count(
 DIFFUSERS_CHILD = r"""
 import time
 T0 = time.perf_counter()
-import json, os, sys, warnings
-warnings.filterwarnings("ignore")
-cfg = json.load(sys.stdin)
-import torch
-import diffusers
+""" + CHILD_PREAMBLE + r"""
 from diffusers import StableDiffusionPipeline
-import transformers
-diffusers.utils.logging.set_verbosity_error()
-diffusers.utils.logging.disable_progress_bar()
-transformers.logging.set_verbosity_error()
-transformers.logging.disable_progress_bar()
 torch.set_num_threads(cfg["threads"])
 device = torch.device(cfg["device"])
 cuda = device.type == "cuda"
