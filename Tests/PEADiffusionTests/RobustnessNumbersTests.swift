@@ -167,7 +167,7 @@ final class RobustnessNumbersTests: XCTestCase {
 
     func testPromptsDirectoryIsReportedAsADirectory() throws {
         let scratch = ScratchDirectory("pea-numbers")
-        let result = try runPea(["generate", "--model", sd1, "--prompts", scratch.path, "--output", scratch.file("out.png")])
+        let result = try runPea(["generate", "--model", sd1, "--prompts", scratch.path, "--output-dir", scratch.file("out")])
         XCTAssertNotEqual(result.status, 0)
         XCTAssertTrue(result.stderr.contains(scratch.path) && result.stderr.contains("is a directory"), result.stderr)
         XCTAssertFalse(result.stderr.contains("empty"), result.stderr)
