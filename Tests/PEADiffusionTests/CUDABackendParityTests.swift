@@ -697,6 +697,16 @@ final class CUDABackendParityTests: XCTestCase {
         try assertMatches(vae.decode(inputs["latents"]!), expected["sample"], "vae decoded sample (cuda)", on: cuda)
     }
 
+    /// Several requests denoised together on the device (one UNet call per step for every image, each request
+    /// with its own generator and negative prompt): diffusers' images, as on the CPU.
+    func testBatchedPipelineMatchesDiffusers() throws {
+        let cuda = try cuda()
+        let c = try XCTUnwrap(PipelineParityTests.batchedCases().first { $0.name == "sd1_euler_a_generators" })
+        let pipeline = try StableDiffusionPipeline.load(folder: PipelineParityTests.directory + "/" + c.pipeline, backend: cuda, scheduler: c.scheduler)
+        let images = try pipeline.generate(c.requests)
+        assertSameImages(images.flatMap { $0 }, try c.expectedImages(), "\(c.name) (cuda)")
+    }
+
     /// The selftest's own harness at small shapes (what `pea selftest --backend cuda --quick` runs), f32.
     func testSelftestPassesAtSmallShapes() throws {
         let cuda = try cuda()

@@ -52,31 +52,45 @@ final class PipelineParityTests: XCTestCase {
     /// (tools/reference/make_batched_pipeline_fixtures.py): one request per prompt, denoised together, each with
     /// its own seed, its own negative prompt; a repeated prompt is encoded once and still makes its own image.
     func testBatchedRequestsMatchDiffusersListOfGenerators() throws {
-        struct BatchedCase: Decodable {
-            let name, pipeline, images: String
-            let prompts: [String]
-            let negative_prompts: [String]?
-            let seeds: [Int]
-            let steps, width, height: Int
-            let guidance: Float
-            let scheduler: String?
-        }
-        let folder = Self.directory + "/batched"
-        let cases = try JSONDecoder().decode([BatchedCase].self, from: Data(contentsOf: URL(fileURLWithPath: folder + "/cases.json")))
+        let cases = try Self.batchedCases()
         XCTAssertEqual(cases.count, 3)
         for c in cases {
             let pipeline = try StableDiffusionPipeline.load(folder: Self.directory + "/" + c.pipeline, backend: CPUBackend(), scheduler: c.scheduler)
-            let requests = c.prompts.indices.map { i in
-                var request = GenerationRequest(prompt: c.prompts[i], negativePrompt: c.negative_prompts?[i], width: c.width, height: c.height)
-                request.steps = c.steps
-                request.guidance = c.guidance
-                request.seed = UInt64(c.seeds[i])
+            let images = try pipeline.generate(c.requests)
+            XCTAssertEqual(images.map(\.count), Array(repeating: 1, count: c.prompts.count), c.name)
+            assertSameImages(images.flatMap { $0 }, try c.expectedImages(), c.name)
+        }
+    }
+
+    /// A case of tools/reference/make_batched_pipeline_fixtures.py: diffusers called once with lists of prompts
+    /// and negative prompts and one generator per prompt.
+    struct BatchedCase: Decodable {
+        let name, pipeline, images: String
+        let prompts: [String]
+        let negative_prompts: [String]?
+        let seeds: [Int]
+        let steps, width, height: Int
+        let guidance: Float
+        let scheduler: String?
+
+        var requests: [GenerationRequest] {
+            prompts.indices.map { i in
+                var request = GenerationRequest(prompt: prompts[i], negativePrompt: negative_prompts?[i], width: width, height: height)
+                request.steps = steps
+                request.guidance = guidance
+                request.seed = UInt64(seeds[i])
                 return request
             }
-            let images = try pipeline.generate(requests)
-            XCTAssertEqual(images.map(\.count), Array(repeating: 1, count: requests.count), c.name)
-            assertSameImages(images.flatMap { $0 }, try SafeTensorsFile(path: folder + "/" + c.images).tensor("images"), c.name)
         }
+
+        /// Reference pixels [N, H, W, 3].
+        func expectedImages() throws -> HostTensor {
+            try SafeTensorsFile(path: PipelineParityTests.directory + "/batched/" + images).tensor("images")
+        }
+    }
+
+    static func batchedCases() throws -> [BatchedCase] {
+        try JSONDecoder().decode([BatchedCase].self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/batched/cases.json")))
     }
 
     func testRequestsOfDifferentSizesAreNotDenoisedTogether() throws {

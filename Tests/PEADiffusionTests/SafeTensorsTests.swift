@@ -92,6 +92,22 @@ final class SafeTensorsTests: XCTestCase {
         XCTAssertEqual(try file.withBytes("b") { $0.count }, 4)
     }
 
+    /// Released pages leave the resident set and come back from the file when read again: a tensor spanning
+    /// several pages reads the same before and after, and so do its neighbours on the shared pages.
+    func testReleasedPagesReadBackTheSame() throws {
+        let scratch = ScratchDirectory("pea-safetensors")
+        let path = scratch.file("release.safetensors")
+        let big = HostTensor((0..<5000).map { Float($0) * 0.5 }, shape: [5000])
+        try SafeTensorsWriter.write([("a", HostTensor([1, 2, 3], shape: [3])), ("big", big), ("z", HostTensor([7], shape: [1]))], to: path)
+        let file = try SafeTensorsFile(path: path)
+        let before = try ["a", "big", "z"].map { try file.tensor($0).bytes }
+        for name in ["big", "a", "z"] { try file.releasePages(name) }
+        XCTAssertEqual(try ["a", "big", "z"].map { try file.tensor($0).bytes }, before)
+        let weights = try SafeTensorsCollection(path: path)
+        try weights.releasePages("big")
+        XCTAssertEqual(try weights.tensor("big").bytes, before[1])
+    }
+
     func testWriterMatchesTheReferenceLayoutByteForByte() throws {
         // The byte images of the reference implementation's own serialization tests (safetensors/src/tensor.rs).
         let scratch = ScratchDirectory("pea-safetensors")

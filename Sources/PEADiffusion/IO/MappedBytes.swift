@@ -31,6 +31,18 @@ final class MappedBytes: @unchecked Sendable {
         mapped = true
     }
 
+    /// Tells the kernel the pages wholly inside `range` (offsets into `buffer`) are not needed for now: they leave
+    /// the process's resident set (the file's page cache keeps them) and are read again if touched. For weights
+    /// copied to a backend's own memory, so that loading a model does not hold it twice.
+    func releasePages(_ range: Range<Int>) {
+        guard mapped, let base = buffer.baseAddress else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let address = Int(bitPattern: base)
+        let start = (address + range.lowerBound + page - 1) / page * page, end = (address + range.upperBound) / page * page
+        guard page > 0, end > start else { return }
+        madvise(UnsafeMutableRawPointer(bitPattern: start), end - start, Int32(MADV_DONTNEED))
+    }
+
     init(copying bytes: [UInt8]) {
         let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bytes.count, 1), alignment: 16)
         bytes.withUnsafeBytes { memory.copyMemory(from: $0) }

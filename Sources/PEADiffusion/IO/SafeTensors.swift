@@ -126,6 +126,13 @@ public final class SafeTensorsFile: @unchecked Sendable {
         }
     }
 
+    /// Drops the tensor's pages from the process's resident set (`MappedBytes.releasePages`), once its bytes
+    /// have been copied elsewhere; reading it again still works.
+    public func releasePages(_ name: String) throws {
+        let info = try info(name)
+        file.releasePages(info.fileOffset..<(info.fileOffset + info.byteCount))
+    }
+
     /// A copy of the tensor in host memory.
     public func tensor(_ name: String) throws -> HostTensor {
         let info = try info(name)
@@ -373,6 +380,8 @@ public final class SafeTensorsCollection: @unchecked Sendable {
     }
 
     public func tensor(_ name: String) throws -> HostTensor { try file(for: name).tensor(name) }
+
+    public func releasePages(_ name: String) throws { try file(for: name).releasePages(name) }
 
     public func tensor(_ name: String, expecting shape: [Int]) throws -> HostTensor {
         try file(for: name).tensor(name, expecting: shape)

@@ -73,6 +73,9 @@ public final class SafeTensorsWeights: WeightSource {
             throw PEAError.invalidFile(path: file.path, reason: "tensor '\(storedName)' is \(info.dtype), expected a floating-point parameter")
         }
         used.insert(storedName)
+        // The backend holds its own copy: the mapped pages leave the resident set once it is made, so that
+        // loading a model does not hold its weights twice.
+        defer { try? file.releasePages(storedName) }
         if info.dtype == dtype {
             // Straight from the memory map to the backend: no host copy in between.
             return try file.withBytes(storedName) { try backend.upload(bytes: $0, shape: shape, dtype: dtype) }
