@@ -34,7 +34,7 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     var manifestSettings = ["model": model.folder, "text_encoder": model.pea?.encoder ?? "", "adapter": model.pea?.adapter ?? "",
                             "clip_skip": String(settings.clipSkip), "format": format.rawValue]
     for option in [O.variant, O.maxLength, BackendOptions.precision] {
-        manifestSettings[String(option.name.dropFirst(2))] = try options.optionalString(option) ?? ""
+        manifestSettings[String(option.name.dropFirst(2).map { $0 == "-" ? "_" : $0 })] = try options.optionalString(option) ?? ""
     }
     let manifest = JobManifest(items: items, baseSeed: baseSeed, settings: manifestSettings)
     let output = try JobOutput(folder: folder, manifest: manifest, items: items, shard: shard, format: format, overwrite: overwrite,
@@ -42,13 +42,13 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     let mine = items.filter(shard.contains)
     let totalImages = mine.reduce(0) { $0 + $1.batch }
     let pending = mine.filter { !output.finishedItems.contains($0.index) }
-    let where_ = shard.count == 1 ? "" : " (shard \(shard))"
+    let shardNote = shard.count == 1 ? "" : " (shard \(shard))"
     guard !pending.isEmpty else {
-        fputs("pea generate: nothing to do: all \(totalImages) images of \(file)\(where_) are in \(folder)\n", stderr)
+        fputs("pea generate: nothing to do: all \(totalImages) images of \(file)\(shardNote) are in \(folder)\n", stderr)
         return
     }
     if output.imagesRecorded > 0 {
-        fputs("pea generate: resuming: \(output.imagesRecorded) of \(totalImages) images\(where_) are already in \(folder)\n", stderr)
+        fputs("pea generate: resuming: \(output.imagesRecorded) of \(totalImages) images\(shardNote) are already in \(folder)\n", stderr)
     }
 
     let selection = try BackendOptions.select(options)
@@ -81,9 +81,9 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     let usesAdapter = model.pea != nil
     for (number, batch) in batches.enumerated() {
         let start = monotonicSeconds()
-        let images = try pipeline.generate(batch.map(\.request), scheduler: scheduler(batch[0].scheduler),
-                                           progress: { progress.step(batch: number + 1, $0, $1) }, warn: { printWarning($0) })
         let imageCount = batch.reduce(0) { $0 + $1.batch }
+        let images = try pipeline.generate(batch.map(\.request), scheduler: scheduler(batch[0].scheduler),
+                                           progress: { progress.step(batch: number + 1, images: imageCount, $0, $1) }, warn: { printWarning($0) })
         let seconds = (monotonicSeconds() - start) / Double(imageCount)
         for (item, itemImages) in zip(batch, images) {
             let sampler = a1111SamplerName(item.scheduler.flatMap(SchedulerName.init(rawValue:)), className: try scheduler(item.scheduler).className)
@@ -112,13 +112,13 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
             try finishTar(output)
             progress.end()
             fputs("pea generate: stopped by \(signal == SIGINT ? "SIGINT" : "SIGTERM") after batch \(number + 1) of \(batches.count): "
-                  + "\(output.imagesRecorded) of \(totalImages) images\(where_) are in \(folder); run the same command again to go on\n", stderr)
+                  + "\(output.imagesRecorded) of \(totalImages) images\(shardNote) are in \(folder); run the same command again to go on\n", stderr)
             exit(128 + signal)   // the shell's status for a process that a signal stopped
         }
     }
     try finishTar(output)
     progress.end()
-    fputs("pea generate: \(output.imagesRecorded) of \(totalImages) images\(where_) are in \(folder) (\(output.resultsPath))\n", stderr)
+    fputs("pea generate: \(output.imagesRecorded) of \(totalImages) images\(shardNote) are in \(folder) (\(output.resultsPath))\n", stderr)
 }
 
 /// Completes the tar shard in progress and prints its path.
@@ -165,6 +165,9 @@ final class JobProgress {
     let live = isatty(STDERR_FILENO) != 0
     private var lastPrinted = -Double.infinity
     private var stepText = ""
+    /// The images of the batch in progress, counted by the share of its steps done: the rate and ETA move
+    /// with every step, not only when a batch ends.
+    private var inBatch = 0.0
 
     init(total: Int, done: Int, batches: Int) {
         self.total = total
@@ -173,13 +176,16 @@ final class JobProgress {
         self.batches = batches
     }
 
-    func step(batch: Int, _ step: Int, _ steps: Int) {
+    /// Step `step` of `steps` of batch `batch`, which makes `images` images.
+    func step(batch: Int, images: Int, _ step: Int, _ steps: Int) {
         stepText = "batch \(batch)/\(batches) step \(step)/\(steps)"
+        inBatch = Double(images) * Double(step) / Double(max(steps, 1))
         draw(force: false)
     }
 
     func finished(images: Int) {
         done += images
+        inBatch = 0
         draw(force: false)
     }
 
@@ -191,11 +197,11 @@ final class JobProgress {
 
     var line: String {
         let elapsed = monotonicSeconds() - start
-        let made = done - doneBefore
-        let rate = Double(made) / max(elapsed, 1e-9)
+        let made = Double(done - doneBefore) + inBatch
+        let rate = made / max(elapsed, 1e-9)
         // Slow jobs (a CPU, big images) read better as seconds per image.
         let speed = made == 0 ? "" : rate >= 1 ? "  \(formatted(rate)) images/s" : "  \(formatted(1 / rate)) s/image"
-        let eta = made > 0 ? clock(Double(total - done) / rate) : "?"
+        let eta = made > 0 ? clock((Double(total - done) - inBatch) / rate) : "?"
         return "job: \(done)/\(total) images\(speed)  ETA \(eta)" + (stepText.isEmpty ? "" : "  (\(stepText))")
     }
 

@@ -48,6 +48,18 @@ final class GenerateJobTests: XCTestCase {
         XCTAssertEqual(items[2].line, 4)
     }
 
+    /// The shipped examples stay valid prompt files (and use every field a .jsonl item may have).
+    func testTheExamplePromptFilesAreValid() throws {
+        let examples = parentFolder(parentFolder(fixturesDirectory())) + "/examples"
+        XCTAssertEqual(try PromptFile.read(path: examples + "/prompts.txt", defaults: defaults).count, 5)
+        let items = try PromptFile.read(path: examples + "/prompts.jsonl", defaults: defaults)
+        let text = String(decoding: try XCTUnwrap(readFileBytes(examples + "/prompts.jsonl")), as: UTF8.self)
+        for field in PromptFile.fields {
+            XCTAssertTrue(text.contains("\"\(field)\""), "examples/prompts.jsonl never uses '\(field)'")
+        }
+        XCTAssertEqual(items.count, 5)
+    }
+
     func testBadItemsNameTheFileAndLine() {
         let cases: [(String, String)] = [
             (#"{"prompt": "a", "steps": 3"#, "line 1: not JSON"),

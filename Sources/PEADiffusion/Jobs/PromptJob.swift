@@ -12,6 +12,7 @@ public struct JobItem: Equatable, Sendable {
     public var prompt: String
     public var negativePrompt: String?
     public var seed: UInt64
+    /// 0: the model's native size, filled in once the model is loaded.
     public var width: Int
     public var height: Int
     public var steps: Int
@@ -59,6 +60,7 @@ public struct JobDefaults: Equatable, Sendable {
     public var negativePrompt: String?
     /// Items without a seed get `baseSeed + index` (wrapping at 2⁶⁴).
     public var baseSeed: UInt64
+    /// 0: the model's native size.
     public var width: Int
     public var height: Int
     public var steps: Int
