@@ -142,8 +142,7 @@ struct GenerateSettings {
     init(_ options: ParsedOptions) throws {
         typealias O = GenerateOptions
         steps = try options.int(O.steps)
-        guidance = try options.float(O.guidance)
-        guard guidance.isFinite else { throw PEAError.usage("generate: --guidance must be finite") }
+        guidance = try options.float(O.guidance)   // finite as a float32: the parser refuses 1e300
         batch = try options.int(O.batch)
         clipSkip = try options.int(O.clipSkip)
         if let text = try options.optionalString(O.seed) {

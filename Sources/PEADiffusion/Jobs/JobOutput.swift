@@ -103,9 +103,10 @@ public final class JobOutput {
     private var results: Int32 = -1
     private var tar: AtomicFileWriter?
     private var tarNumber = 0
-    private var tarMembers = 0
-    /// Result lines of the tar shard being written; they go to results.jsonl once the shard is in place.
+    /// Result lines of the tar shard being written, one per image, and their items: they go to results.jsonl
+    /// once the shard is in place.
     private var pendingLines: [[UInt8]] = []
+    private var pendingItems: Set<Int> = []
 
     /// Opens (creating) the folder for `manifest`'s job. An existing folder of another job is refused unless
     /// `overwrite`, which starts this shard afresh (removing the files its results list). Otherwise what is
@@ -128,20 +129,17 @@ public final class JobOutput {
             mine.contains(name) || name == resultsName || (name.hasPrefix(tarPrefix) && Self.tarNumber(name) != nil)
                 || (shard.count == 1 && name == "job.json")
         }
-        var fresh = overwrite
-        if let existing = try JobManifest.read(path: manifestPath) {
-            let differences = manifest.differences(from: existing)
-            if !differences.isEmpty && !overwrite {
-                throw PEAError.invalidFile(path: manifestPath, reason: "this folder holds another job: " + differences.joined(separator: "; ")
-                    + ". Use another --output-dir, or --overwrite to start this one afresh in it")
-            }
-            fresh = fresh || !differences.isEmpty
+        let existing = try JobManifest.read(path: manifestPath)
+        let differences = existing.map(manifest.differences) ?? []
+        if !differences.isEmpty && !overwrite {
+            throw PEAError.invalidFile(path: manifestPath, reason: "this folder holds another job: " + differences.joined(separator: "; ")
+                + ". Use another --output-dir, or --overwrite to start this one afresh in it")
         }
-        if fresh {
+        if overwrite {
             for record in try readResults(items: items).all { unlink(joinPath(folder, record.file)) }
             unlink(resultsPath)
         }
-        if try JobManifest.read(path: manifestPath) != manifest {
+        if existing != manifest {
             try writeFileAtomically(to: manifestPath) { append in try append(Array((manifest.json.serialized() + "\n").utf8)) }
         }
         try resume(items: items)
@@ -154,13 +152,9 @@ public final class JobOutput {
         if droppedLines || kept.count != all.count {
             try writeFileAtomically(to: resultsPath) { append in for record in kept { try append(Self.line(record.json)) } }
         }
-        var images: [Int: Int] = [:]
-        for record in kept {
-            images[record.index, default: 0] += 1
-            if format == .tar, let number = Self.tarNumber(record.file) { tarNumber = max(tarNumber, number + 1) }
-        }
+        if format == .tar, let last = kept.compactMap({ Self.tarNumber($0.file) }).max() { tarNumber = last + 1 }
         imagesRecorded = kept.count
-        finishedItems = Set(images.keys)
+        finishedItems = Set(kept.map(\.index))
         results = open(resultsPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o666)
         guard results >= 0 else { throw PEAError.invalidFile(path: resultsPath, reason: "cannot open for appending: \(systemErrorMessage())") }
     }
@@ -180,13 +174,13 @@ public final class JobOutput {
             all.append(JobResult(index: index, image: image, file: file, json: object))
         }
         let byIndex = Dictionary(items.map { ($0.index, $0) }, uniquingKeysWith: { a, _ in a })
+        let present = Set(Set(all.map(\.file)).filter { isRegularFile(joinPath(folder, $0)) })
+        let counted = all.filter { byIndex[$0.index] != nil && present.contains($0.file) }
         var images: [Int: Set<Int>] = [:]
-        for record in all where byIndex[record.index] != nil && isRegularFile(joinPath(folder, record.file)) {
-            images[record.index, default: []].insert(record.image)
-        }
-        let complete = Set(images.compactMap { index, set in set.count == byIndex[index]!.batch && set == Set(1...byIndex[index]!.batch) ? index : nil })
+        for record in counted { images[record.index, default: []].insert(record.image) }
+        let complete = Set(images.compactMap { index, set in set == Set(1...byIndex[index]!.batch) ? index : nil })
         var seen = Set<[Int]>()
-        let kept = all.filter { complete.contains($0.index) && isRegularFile(joinPath(folder, $0.file)) && seen.insert([$0.index, $0.image]).inserted }
+        let kept = counted.filter { complete.contains($0.index) && seen.insert([$0.index, $0.image]).inserted }
         return (kept, all, dropped)
     }
 
@@ -219,7 +213,6 @@ public final class JobOutput {
                 json["file"] = .string(tarName(tarNumber))
                 json["key"] = .string(key)
                 pendingLines.append(Self.line(json))
-                tarMembers += 1
             }
         }
         switch format {
@@ -228,7 +221,8 @@ public final class JobOutput {
             finishedItems.insert(item.index)
             imagesRecorded += images.count
         case .tar:
-            if tarMembers >= tarShardSize { return try finishTarShard() }
+            pendingItems.insert(item.index)
+            if pendingLines.count >= tarShardSize { return try finishTarShard() }
         }
         return nil
     }
@@ -242,12 +236,10 @@ public final class JobOutput {
         try shardFile.commit()
         tar = nil
         try appendResults(pendingLines)
-        for line in pendingLines {
-            if let index = try? JSONValue.parse(line).objectValue?["index"]?.intValue { finishedItems.insert(index) }
-        }
+        finishedItems.formUnion(pendingItems)
         imagesRecorded += pendingLines.count
         pendingLines = []
-        tarMembers = 0
+        pendingItems = []
         tarNumber += 1
         return shardFile.path
     }
