@@ -31,6 +31,10 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
         throw PEAError.usage("generate: --seed \(baseSeed) + the item index must stay within 0...2^53 (results.jsonl keeps seeds as JSON numbers)")
     }
     let model = try ModelChoice(options, prompts: items.map(\.prompt))
+    // The rest of what can be refused at once comes before OUT is touched: its job.json names the model.
+    try StableDiffusionPipeline.requirePipelineFolder(model.folder)
+    let requestedBatchSize = try options.optionalInt(O.batchSize)
+    let selection = try BackendOptions.select(options)
     var manifestSettings = ["model": model.folder, "text_encoder": model.pea?.encoder ?? "", "adapter": model.pea?.adapter ?? "",
                             "clip_skip": String(settings.clipSkip), "format": format.rawValue]
     for option in [O.variant, O.maxLength, BackendOptions.precision] {
@@ -51,7 +55,6 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
         fputs("pea generate: resuming: \(output.imagesRecorded) of \(totalImages) images\(shardNote) are already in \(folder)\n", stderr)
     }
 
-    let selection = try BackendOptions.select(options)
     let pipeline = try model.load(options, settings: settings, selection: selection)
     let todo = try pending.map { item in
         var item = item
@@ -63,7 +66,7 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
         }
         return item
     }
-    let batchSize = try options.optionalInt(O.batchSize) ?? defaultBatchSize(pipeline, items: todo)
+    let batchSize = requestedBatchSize ?? defaultBatchSize(pipeline, items: todo)
     let batches = JobBatches.plan(todo, size: batchSize)
 
     // One scheduler per name: the folder's, or one of `SchedulerName` built from the folder's config.

@@ -71,6 +71,11 @@ final class GenerateJobTests: XCTestCase {
             (#"{"prompt": "a", "id": "x"}"# + "\n" + #"{"prompt": "b", "id": "x"}"#, "line 2: id 'x' is already the id of line 1"),
             (#"{"prompt": "a", "seed": -1}"#, "'seed' must be an integer"),
             (#"{"prompt": "a", "seed": 1.5}"#, "'seed' must be an integer"),
+            (#"{"prompt": "a", "seed": 1e300}"#, "'seed' must be an integer"),
+            (#"{"prompt": "a", "guidance": 1e300}"#, "'guidance' must be a finite number"),
+            (#"{"prompt": "a", "width": 0}"#, "'width' must be an integer in 8...16384"),
+            (#"{"prompt": "a", "height": 1e300}"#, "'height' must be an integer in 8...16384"),
+            (#"{"prompt": "a", "steps": -1}"#, "'steps' must be an integer in 1...1000"),
             (#"{"prompt": "a", "width": "64"}"#, "'width' must be an integer"),
             (#"{"prompt": "a", "width": 60}"#, "'width' must be a multiple of 8"),
             (#"{"prompt": "a", "steps": 0}"#, "'steps' must be an integer in 1...1000"),
@@ -399,6 +404,10 @@ final class GenerateJobTests: XCTestCase {
             (["generate", "--model", sd1, "--prompts", bad, "--output-dir", out], 1, "bad.jsonl: line 2: 'width' must be a multiple of 8"),
             (["generate", "--model", sd1, "--prompts", scratch.file("none.txt"), "--output-dir", out], 1, "none.txt"),
             (["generate", "--model", sd1, "--prompts", prompts, "--output-dir", prompts], 1, "is a file, not a folder"),
+            // Refused before OUT is created: its job.json would name a model or settings that never ran.
+            (["generate", "--model", sd1, "--prompts", prompts, "--output-dir", out, "--batch-size", "0"], 2, "--batch-size' must be in 1...256"),
+            (["generate", "--model", sd1, "--prompts", prompts, "--output-dir", out, "--device", "1"], 2, "--backend cpu has none"),
+            (["generate", "--model", scratch.path, "--prompts", prompts, "--output-dir", out], 1, "not a diffusers pipeline folder"),
         ]
         for (arguments, status, mention) in cases {
             let result = try runPea(arguments + ["--backend", "cpu"], environment: ["SLURM_ARRAY_TASK_ID": nil, "JOB_COMPLETION_INDEX": nil])

@@ -62,9 +62,7 @@ public final class StableDiffusionPipeline {
     public static func load(folder: String, backend: any ComputeBackend, scheduler: String? = nil, clipSkip: Int = 0,
                             variant: String? = nil, conditioner: (any TextConditioner)? = nil,
                             dtype: DType = .f32) throws -> StableDiffusionPipeline {
-        guard isRegularFile(joinPath(folder, "model_index.json")) else {
-            throw PEAError.invalidFile(path: folder, reason: "not a diffusers pipeline folder (no model_index.json)")
-        }
+        try requirePipelineFolder(folder)
         let unet = try UNet2DConditionModel.load(folder: joinPath(folder, "unet"), backend: backend, variant: variant, dtype: dtype).model
         let family = try ModelFamily.detect(folder: folder, unet: unet.config)
         let vaeFolder = joinPath(folder, "vae")
@@ -79,6 +77,14 @@ public final class StableDiffusionPipeline {
         let text = try conditioner ?? family.textConditioner(folder: folder, backend: backend, clipSkip: clipSkip, variant: variant, dtype: dtype)
         return StableDiffusionPipeline(family: family, denoiser: unet, vae: vae, conditioner: text, scheduler: sampler,
                                        schedulerConfig: schedulerConfig, backend: backend)
+    }
+
+    /// Throws unless `folder` is a diffusers pipeline folder (has model_index.json): checked by `load`, and by
+    /// callers that must refuse a wrong folder before doing anything else.
+    public static func requirePipelineFolder(_ folder: String) throws {
+        guard isRegularFile(joinPath(folder, "model_index.json")) else {
+            throw PEAError.invalidFile(path: folder, reason: "not a diffusers pipeline folder (no model_index.json)")
+        }
     }
 
     /// An SD1.x/SD2.x folder's scheduler config as diffusers' StableDiffusionPipeline.__init__ repairs outdated
