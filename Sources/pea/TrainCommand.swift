@@ -8,7 +8,8 @@ import PEADiffusion
 /// `pea train`'s options, declared once for its parser and its help.
 enum TrainOptions {
     static let model = CommandOption.value(
-        "--model", "DIR", help: "diffusers SD1.x/SD2.x pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        "--model", "DIR", help: "diffusers SD1.x/SD2.x pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), or SDXL "
+            + "(also text_encoder_2/, tokenizer_2/)")
     static let textEncoder = CommandOption.value(
         "--text-encoder", "DIR", help: "the language-specific encoder (Chinese-CLIP/BERT or XLM-R folder with its tokenizer)")
     static let data = CommandOption.repeatable("--data", "SPEC", help: nil)   // described above the options
@@ -30,8 +31,20 @@ enum TrainOptions {
     static let maxGradNorm = CommandOption.value(
         "--max-grad-norm", "G", help: "clip the global gradient norm to G (default: no clipping)")
     static let resolution = CommandOption.value(
-        "--resolution", "R", default: "512", .range(8...8192),
-        help: "square training resolution; images are resized (shorter side) and center-cropped")
+        "--resolution", "R", default: "512", .range(1...8192),
+        help: "square training resolution; images are resized (shorter side) and center-cropped. A multiple of the VAE's "
+            + "factor (8); also the validation images' size")
+    static let buckets = CommandOption.value(
+        "--buckets", "LIST",
+        help: "aspect-ratio buckets instead of the square: 'sdxl' (the authors' nine, 448x896 … 896x448) or WIDTHxHEIGHT,… "
+            + "(multiples of the VAE's factor). Each image goes to the bucket nearest its aspect ratio, is resized to cover "
+            + "it and cropped; a batch holds one bucket, and an epoch's leftovers are dropped")
+    static let crop = CommandOption.value(
+        "--crop", "MODE", default: CropMode.random.rawValue, .choices(CropMode.allCases.map(\.rawValue)),
+        help: "where a bucket crop lies: random (the authors'; drawn once per image from its bytes and --seed) or center")
+    static let noiseOffset = CommandOption.value(
+        "--noise-offset", "O", default: "0",
+        help: "offset noise: noise += O · randn(B, C, 1, 1) (the SDXL script's --noise_offset; e.g. 0.05)")
     static let hybrid = CommandOption.flag(
         "--hybrid", help: "hybrid training: the task loss on language-specific records, the KD losses on parallel ones")
     static let uncondProb = CommandOption.value(
@@ -91,10 +104,20 @@ enum TrainOptions {
         name: "train",
         usage: ["pea train --model DIR --text-encoder DIR --data SPEC [--data SPEC …] --output DIR --steps N [options]"],
         description: """
-            Trains a PEA adapter by knowledge distillation through a frozen English SD1.x/SD2.x pipeline (PEA-Diffusion,
-            arXiv 2311.17086): the student is UNet(adapter(language-specific encoder(text))), the teacher the same UNet
-            with the English CLIP encoder on text_en; losses: task ε-MSE + output KD MSE + 0.1 × feature KD MSE over every
-            down, mid and up block. Only the adapter learns (AdamW, warmup then polynomial decay).
+            Trains a PEA adapter by knowledge distillation through a frozen English SD1.x/SD2.x or SDXL pipeline
+            (PEA-Diffusion, arXiv 2311.17086): the student is UNet(adapter(language-specific encoder(text))), the teacher
+            the same UNet with the English CLIP encoder(s) on text_en; losses: task ε-MSE + output KD MSE + 0.1 × feature
+            KD MSE over every down, mid and up block. Only the adapter learns (AdamW, warmup then polynomial decay).
+
+            SDXL (a folder with text_encoder_2/ and tokenizer_2/, as the authors' train_sdxl_zh): the adapter has the SDXL
+            form (a stack to the pooled width 1280, then an fc head to 2048, with bias; pooled = mean over tokens); the
+            teacher is conditioned on both encoders' penultimate states (768 + 1280) with text_encoder_2's pooled vector,
+            both UNets on time_ids = (original size, crop top-left, target size) of each image. Use --buckets sdxl (the
+            authors' nine aspect buckets) and optionally --noise-offset; with --precision fp16 the VAE encodes in fp32
+            (SDXL's VAE overflows fp16). Memory: the frozen UNet's weights (SDXL: 10.3 GB in fp32, 5.1 GB in fp16) plus
+            the activations the student's backward pass keeps (they grow with batch × bucket area).
+              pea train --model sdxl-base --text-encoder chinese-clip --data 'shards/{000..099}.tar' --buckets sdxl \\
+                --batch-size 4 --backend cuda --precision fp16 --noise-offset 0.05 --steps 100000 --output runs/sdxl-zh
 
             Data (--data, repeatable):
               a .jsonl manifest, one object per line: "image" (path relative to the manifest), "text" (target language),
@@ -105,7 +128,7 @@ enum TrainOptions {
             """,
         groups: [
             .init("Options", [model, textEncoder, data, maxLength, output, steps, batchSize, lr, minLR, warmupSteps, weightDecay,
-                              maxGradNorm, resolution, hybrid, uncondProb, featureWeight, taskWeight, biasStrategy,
+                              maxGradNorm, resolution, buckets, crop, noiseOffset, hybrid, uncondProb, featureWeight, taskWeight, biasStrategy,
                               biasMultiplier, biasPortion, biasBegin, biasEnd, seed, saveEvery, resume, latentCache,
                               initAdapter, adapterHidden, adapterLayers] + BackendOptions.all),
             .init("Validation (samples from the adapter as it trains)",
@@ -157,9 +180,13 @@ func runTrain(_ arguments: [String]) throws {
     settings.weightDecay = try options.float(O.weightDecay)
     settings.maxGradientNorm = try options.has(O.maxGradNorm) ? positive(O.maxGradNorm) : nil
     settings.resolution = try options.int(O.resolution)
-    guard settings.resolution % 8 == 0 else {
-        throw PEAError.usage("train: --resolution must be a multiple of 8 (the VAE's factor), got \(settings.resolution)")
+    settings.buckets = try options.optionalString(O.buckets).map {
+        do { return try AspectBuckets.parse($0) } catch PEAError.usage(let message) { throw PEAError.usage("train: --buckets: \(message)") }
     }
+    settings.crop = CropMode(rawValue: try options.string(O.crop))!
+    if options.has(O.crop) && settings.buckets == nil { throw PEAError.usage("train: --crop chooses bucket crops; it needs --buckets") }
+    settings.noiseOffset = try options.float(O.noiseOffset)
+    guard settings.noiseOffset >= 0 else { throw PEAError.usage("train: --noise-offset must be at least 0") }
     settings.hybrid = options.has(O.hybrid)
     settings.uncondProbability = try options.float(O.uncondProb)
     guard (0...1).contains(settings.uncondProbability) else { throw PEAError.usage("train: --uncond-prob must be in [0, 1]") }
@@ -176,6 +203,13 @@ func runTrain(_ arguments: [String]) throws {
     let selection = try BackendOptions.select(options)
     let backend = selection.backend, dtype = selection.dtype
     let teacher = try DistillationTeacher.load(folder: model, backend: backend, dtype: dtype)
+    let factor = teacher.vae.downsamplingFactor
+    guard settings.resolution % factor == 0 else {
+        throw PEAError.usage("train: --resolution must be a multiple of the VAE's factor \(factor), got \(settings.resolution)")
+    }
+    for size in settings.buckets?.sizes ?? [] where size.width % factor != 0 || size.height % factor != 0 {
+        throw PEAError.usage("train: --buckets: \(size.width)x\(size.height) is not a multiple of the VAE's factor \(factor)")
+    }
     let maxLength = try options.optionalInt(O.maxLength)
     let student = try naming(O.maxLength, in: options, when: maxLength != nil) {
         try LanguageEncoders.load(folder: encoderFolder, backend: backend, maxLength: maxLength)
@@ -186,16 +220,23 @@ func runTrain(_ arguments: [String]) throws {
     } else {
         let hidden = try options.int(O.adapterHidden)
         let layers = try options.int(O.adapterLayers)
-        let widths = [student.hiddenSize] + Array(repeating: hidden, count: layers - 1) + [teacher.unet.config.crossAttentionDim[0]]
+        // SD1.x/SD2.x: a stack to cross_attention_dim. SDXL: a stack to the pooled width, then the fc head to
+        // cross_attention_dim.
+        let cross = teacher.unet.config.crossAttentionDim[0]
+        let widths = [student.hiddenSize] + Array(repeating: hidden, count: layers - 1) + [teacher.pooledDim ?? cross]
+        let head = teacher.pooledDim.map { _ in cross }
         // Each f32 parameter is held four times while training: the value, its gradient and AdamW's two moments.
-        let parameters = zip(widths, widths.dropFirst()).reduce(0.0) { $0 + Double($1.0 + 1) * Double($1.1) }
-        try MemoryBudget.require(parameters * 4 * 4, on: backend, for: "an adapter of widths \(widths.map(String.init).joined(separator: "→"))") {
+        let layerWidths: [Int] = widths + (head.map { [$0] } ?? [])
+        var parameters = 0.0
+        for (input, output) in zip(layerWidths, layerWidths.dropFirst()) { parameters += Double(input + 1) * Double(output) }
+        let shape = widths.map(String.init).joined(separator: "→") + (head.map { " + fc→\($0)" } ?? "")
+        try MemoryBudget.require(parameters * 4 * 4, on: backend, for: "an adapter of widths \(shape)") {
             PEAError.usage("\($0); lower --adapter-hidden or --adapter-layers")
         }
-        adapter = try PEAAdapter.initialized(widths: widths, backend: backend, seed: settings.seed)
+        adapter = try PEAAdapter.initialized(widths: widths, fcOutput: head, backend: backend, seed: settings.seed)
     }
     let source = try naming(O.data, in: options) { try TrainingDataSource.parse(dataSpecs) }
-    let dataset = try TrainingDataset(source: source, resolution: settings.resolution, seed: settings.seed)
+    let dataset = try TrainingDataset(source: source, shape: settings.imageShape, seed: settings.seed)
     var shownSkips = 0
     dataset.onSkip = { skip in
         shownSkips += 1
@@ -212,8 +253,10 @@ func runTrain(_ arguments: [String]) throws {
         try trainer.resume(from: resume)
         fputs("pea train: resumed at step \(trainer.step) from \(resume)\n", stderr)
     }
-    fputs("pea train: adapter \(trainer.adapter.widths.map(String.init).joined(separator: "→")) (\(trainer.adapter.parameterCount) parameters), "
-          + "\(settings.steps) steps of \(settings.batchSize) at \(settings.resolution)², \(backend.name)\n", stderr)
+    let head = trainer.adapter.isSDXL ? " + fc→\(trainer.adapter.outputDim)" : ""
+    let sizes = settings.buckets.map { "in buckets \($0)" } ?? "at \(settings.resolution)²"
+    fputs("pea train: adapter \(trainer.adapter.widths.map(String.init).joined(separator: "→"))\(head) (\(trainer.adapter.parameterCount) parameters), "
+          + "\(settings.steps) steps of \(settings.batchSize) \(sizes), \(backend.name)\n", stderr)
     for path in removeStaleTemporaries(in: output) { fputs("pea train: removed \(path), left by a killed run\n", stderr) }
     let metrics = try TrainingMetricsLog(path: joinPath(output, "metrics.jsonl"), startingAfter: trainer.step)
 

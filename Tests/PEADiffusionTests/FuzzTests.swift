@@ -364,6 +364,46 @@ final class FuzzTests: XCTestCase {
         finish(tally)
     }
 
+    /// `--buckets` lists, and the training data positions a checkpoint carries (with bucket queues): damaged
+    /// values parse and restore into a bucketed dataset, or are refused as PEAErrors; a restored position is the
+    /// one it claims.
+    func testBucketsAndDataPositions() throws {
+        var tally = Tally(format: "buckets and data positions")
+        var random = SplitMix64(seed: seed &+ 10)
+        let bucketTexts = Array("448x896,640x640,896x448".utf8)
+        let manifest = fixturesDirectory() + "/training/sdxl/corpus.jsonl"
+        let shape = TrainingImageShape.buckets(try AspectBuckets.parse("24x16,20x20,16x24"), crop: .random)
+        let made = try TrainingDataset(source: .manifest(path: manifest), shape: shape, seed: 5)
+        for _ in 0..<3 { _ = try made.nextBatch(2) }
+        let position = try XCTUnwrap(JSONValue.parse(made.position.serialized()).objectValue)
+        for n in 0..<casesPerFormat {
+            if n % 3 == 0 {
+                let text = String(decoding: Self.mutate(bucketTexts, &random), as: UTF8.self)
+                tally.run { _ = try AspectBuckets.parse(text) }
+                continue
+            }
+            var values = position
+            if n % 3 == 1 {
+                values = Self.mutateConfig(position, &random)
+            } else {
+                var pending = position["pending"]?.arrayValue ?? []
+                pending.append(Self.hostileJSON(&random))
+                values["pending"] = .array(pending)
+            }
+            let text = JSONValue.object(values).serialized()
+            tally.run {
+                let parsed = try TrainingDataPosition(serialized: text)
+                let dataset = try TrainingDataset(source: .manifest(path: manifest), shape: shape, seed: 5)
+                try dataset.restore(parsed)
+                guard dataset.position.index == parsed.index, dataset.position.pending == parsed.pending else {
+                    throw PEAError.shapeMismatch("restored \(dataset.position), asked for \(parsed)")
+                }
+                _ = try dataset.nextBatch(2)
+            }
+        }
+        finish(tally)
+    }
+
     func testCommandLines() throws {
         let steps = CommandOption.value("--steps", "N", default: "30", .range(1...1000), help: "steps")
         let guidance = CommandOption.value("--guidance", "G", default: "7.5", help: "guidance")

@@ -44,7 +44,7 @@ final class ToyWorldTests: XCTestCase {
         for (i, label) in labels.enumerated() {
             let drawing = ToyWorld.draw(ToyWorld.classes[label], box: Self.box(boxes, i))
             XCTAssertEqual(drawing.count, 64 * 64 * 3)
-            XCTAssertEqual(fnv1a64(drawing), digests[i], "drawing \(i) (\(ToyWorld.classes[label]), box \(Self.box(boxes, i))) differs from world.py's")
+            XCTAssertEqual(FNV1a.hash64(drawing), digests[i], "drawing \(i) (\(ToyWorld.classes[label]), box \(Self.box(boxes, i))) differs from world.py's")
         }
         // The drawings stored in full: byte for byte, naming the first differing byte.
         let indices = try fixture.integers("image_indices"), images = try fixture.bytes("images")
@@ -56,7 +56,7 @@ final class ToyWorldTests: XCTestCase {
                 let pixel = first.offset / 3
                 XCTFail("drawing \(i): pixel (x \(pixel % 64), y \(pixel / 64)) channel \(first.offset % 3) is \(first.element.0), world.py drew \(first.element.1)")
             }
-            XCTAssertEqual(fnv1a64(expected), digests[i], "the fixture's digest of drawing \(i)")
+            XCTAssertEqual(FNV1a.hash64(expected), digests[i], "the fixture's digest of drawing \(i)")
         }
     }
 
@@ -318,13 +318,6 @@ final class ToyWorldTests: XCTestCase {
         }
         return output
     }
-}
-
-/// FNV-1a 64 of the bytes (the fixture's digests).
-private func fnv1a64(_ bytes: [UInt8]) -> UInt64 {
-    var hash: UInt64 = 0xCBF2_9CE4_8422_2325
-    for byte in bytes { hash = (hash ^ UInt64(byte)) &* 0x100_0000_01B3 }
-    return hash
 }
 
 private func jsonStrings(_ text: String?) throws -> [String] {

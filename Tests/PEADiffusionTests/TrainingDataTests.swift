@@ -317,7 +317,7 @@ final class TrainingDataTests: XCTestCase {
         let path = try makeManifest(scratch, goodCount: 24)
         func ids(seed: UInt64, count: Int) throws -> [String] {
             let dataset = try TrainingDataset(source: .manifest(path: path), resolution: 4, seed: seed)
-            dataset.imageNeeded = { _ in false }  // order only
+            dataset.cachedGeometry = { _ in Self.anyGeometry }  // order only
             return try dataset.nextBatch(count).map(\.text)
         }
         // Without image decoding the corrupt and missing images are not detected: 26 samples per epoch.
@@ -332,7 +332,7 @@ final class TrainingDataTests: XCTestCase {
         // seed + epoch: epoch 1 of seed 1 is epoch 0 of seed 2
         XCTAssertEqual(epochs[1], Array(c[0..<n]))
         let unshuffled = try TrainingDataset(source: .manifest(path: path), resolution: 4, seed: 1, shuffle: false)
-        unshuffled.imageNeeded = { _ in false }
+        unshuffled.cachedGeometry = { _ in Self.anyGeometry }
         XCTAssertEqual(try unshuffled.nextBatch(n).map(\.text), (0..<24).map { "caption \($0)" } + ["corrupt", "missing file"])
     }
 
@@ -473,30 +473,159 @@ final class TrainingDataTests: XCTestCase {
         assertThrowsError(containing: ["nope.tar"]) { try TrainingDataset(source: .shards([scratch.file("nope.tar")]), resolution: 4, seed: 0) }
     }
 
+    // MARK: - Aspect buckets
+
+    func testBucketParsingAndNearestAspect() throws {
+        XCTAssertEqual(try AspectBuckets.parse("sdxl"), AspectBuckets.sdxl)
+        XCTAssertEqual(AspectBuckets.sdxl.description, "448x896,448x832,512x768,576x704,640x640,704x576,768x512,832x448,896x448")
+        XCTAssertEqual(try AspectBuckets.parse(" 24x16, 20X20,16x24").description, "24x16,20x20,16x24")
+        for bad in ["", "24x16,", "24*16", "x16", "0x16", "24x16,24x16", "sdxl,640x640"] {
+            assertThrowsError(containing: ["aspect buckets"]) { try AspectBuckets.parse(bad) }
+        }
+        let buckets = try AspectBuckets.parse("24x16,20x20,16x24")
+        XCTAssertEqual(buckets.nearest(width: 60, height: 33), 0)
+        XCTAssertEqual(buckets.nearest(width: 41, height: 39), 1)
+        XCTAssertEqual(buckets.nearest(width: 31, height: 45), 2)
+        // a tie (1.25 is as far from 1.5 as from 1) goes to the first
+        XCTAssertEqual(buckets.nearest(width: 5, height: 4), 0)
+        XCTAssertEqual(AspectBuckets.sdxl.nearest(width: 1920, height: 1080), 7)   // 832x448 (1.86) is nearer 1.78 than 768x512 (1.5)
+        // the authors' covering size: int(W·bh/H) when it covers bw, else the other side
+        XCTAssertTrue(TrainingImageTransform.coveringSize(width: 60, height: 33, bucket: .init(width: 24, height: 16)) == (29, 16))
+        XCTAssertTrue(TrainingImageTransform.coveringSize(width: 41, height: 39, bucket: .init(width: 20, height: 20)) == (21, 20))
+        XCTAssertTrue(TrainingImageTransform.coveringSize(width: 39, height: 41, bucket: .init(width: 20, height: 20)) == (20, 21))
+    }
+
+    func testBucketCropIsRecordedAndRandomCropsStayInside() throws {
+        var random = SplitMix64(seed: 3)
+        let image = RGBImage(width: 60, height: 33, pixels: (0..<(60 * 33 * 3)).map { _ in UInt8(random.uniform() * 255) })
+        let buckets = try AspectBuckets.parse("24x16,16x24")
+        let centered = TrainingImageTransform.shaped(image, to: .buckets(buckets, crop: .center), cropSeed: 0)
+        XCTAssertEqual(centered.geometry, ImageGeometry(originalWidth: 60, originalHeight: 33, cropTop: 0, cropLeft: 2, width: 24, height: 16))
+        XCTAssertEqual(centered.geometry.timeIds, [33, 60, 0, 2, 16, 24])
+        XCTAssertEqual(centered.tensor.shape, [3, 16, 24])
+        var lefts = Set<Int>()
+        for seed in 0..<64 as Range<UInt64> {
+            let (tensor, geometry) = TrainingImageTransform.shaped(image, to: .buckets(buckets, crop: .random), cropSeed: seed)
+            XCTAssertEqual(geometry.cropTop, 0)
+            XCTAssertTrue((0...5).contains(geometry.cropLeft))
+            lefts.insert(geometry.cropLeft)
+            // the tensor is the crop of the resized image at the recorded offset
+            let resized = TrainingImageTransform.resize(image, width: 29, height: 16)
+            let expected = TrainingImageTransform.normalizedTensor(TrainingImageTransform.crop(resized, top: 0, left: geometry.cropLeft, width: 24, height: 16))
+            XCTAssertEqual(tensor, expected)
+        }
+        XCTAssertEqual(lefts, Set(0...5), "every offset is reachable")
+        // the square shape records the centre crop of the resized image as SDXL's time_ids
+        let square = TrainingImageTransform.shaped(image, to: .square(16), cropSeed: 0)
+        XCTAssertEqual(square.geometry, ImageGeometry(originalWidth: 60, originalHeight: 33, cropTop: 0, cropLeft: 6, width: 16, height: 16))   // round(6.5) = 6
+        XCTAssertEqual(square.tensor, TrainingImageTransform.tensor(from: image, resolution: 16))
+    }
+
+    /// A manifest of images of three aspect ratios (wide, tall, square), `count` of each, written here.
+    func writeBucketCorpus(_ scratch: ScratchDirectory, count: Int) throws -> String {
+        var lines: [String] = []
+        for index in 0..<(3 * count) {
+            let (width, height) = [(12, 6), (6, 12), (9, 9)][index % 3]
+            let rgb = (0..<(width * height * 3)).map { UInt8(truncatingIfNeeded: $0 * 5 + index * 29) }
+            try PNGWriter.write(rgb: rgb, width: width, height: height, to: scratch.file("i\(index).png"))
+            lines.append("{\"image\": \"i\(index).png\", \"text\": \"sample \(index)\"}")
+        }
+        return scratch.write(lines.joined(separator: "\n") + "\n", to: "buckets.jsonl")
+    }
+
+    func testBucketedBatchesHoldOneBucketDropLeftoversAndResumeExactly() throws {
+        let scratch = ScratchDirectory("pea-buckets")
+        let manifest = try writeBucketCorpus(scratch, count: 5)
+        var tar = TarBuilder()
+        for index in 0..<15 {
+            let (width, height) = [(12, 6), (6, 12), (9, 9)][index % 3]
+            let rgb = (0..<(width * height * 3)).map { UInt8(truncatingIfNeeded: $0 * 3 + index * 17) }
+            tar.add(name: "k\(threeDigits(index)).png", data: try PNGWriter.encode(rgb: rgb, width: width, height: height, textChunks: [], path: "k"))
+            tar.add(name: "k\(threeDigits(index)).txt", data: Array("sample \(index)".utf8))
+        }
+        let shard = scratch.write(tar.finish(), to: "buckets.tar")
+        let shape = TrainingImageShape.buckets(try AspectBuckets.parse("8x4,4x8,6x6"), crop: .random)
+        for source in [TrainingDataSource.manifest(path: manifest), .shards([shard])] {
+            func dataset() throws -> TrainingDataset { try TrainingDataset(source: source, shape: shape, seed: 9, shuffleBufferSize: 4) }
+            let reference = try dataset()
+            var batches: [[TrainingSample]] = []
+            var pendingSeen = false
+            for _ in 0..<14 {
+                batches.append(try reference.nextBatch(2))
+                pendingSeen = pendingSeen || !reference.position.pending.isEmpty
+            }
+            XCTAssertTrue(pendingSeen, "\(source): some cut leaves samples waiting in a bucket")
+            for batch in batches {
+                XCTAssertEqual(Set(batch.map { "\($0.geometry.width)x\($0.geometry.height)" }).count, 1, "one bucket per batch")
+            }
+            // 5 images per bucket and epoch: two batches each, the fifth is dropped, so an epoch gives 6 batches
+            // and no image twice in one.
+            XCTAssertEqual(reference.epoch, 2)
+            let firstEpoch = batches.prefix(6).flatMap { $0.map(\.id) }
+            XCTAssertEqual(Set(firstEpoch).count, 12)
+            for cut in [1, 2, 5, 6, 7, 11] {
+                let first = try dataset()
+                for _ in 0..<cut { _ = try first.nextBatch(2) }
+                let resumed = try dataset()
+                try resumed.restore(TrainingDataPosition(serialized: first.position.serialized()))
+                XCTAssertEqual(resumed.position, first.position, "\(source) cut \(cut)")
+                for expected in batches[cut...] {
+                    let batch = try resumed.nextBatch(2)
+                    XCTAssertEqual(batch.map(\.id), expected.map(\.id), "\(source) cut \(cut)")
+                    XCTAssertEqual(batch.map(\.image), expected.map(\.image))
+                    XCTAssertEqual(batch.map(\.geometry), expected.map(\.geometry))
+                }
+            }
+            // a position with waiting samples does not fit a run without buckets
+            let first = try dataset()
+            while first.position.pending.isEmpty { _ = try first.nextBatch(2) }
+            let square = try TrainingDataset(source: source, resolution: 4, seed: 9, shuffleBufferSize: 4)
+            assertThrowsError(containing: ["aspect buckets"]) { try square.restore(first.position) }
+        }
+        // more buckets than the data fills: an error that says what to change
+        let sparse = try TrainingDataset(source: .manifest(path: manifest), shape: shape, seed: 9)
+        assertThrowsError(containing: ["filled no aspect bucket with a batch of 6", "--batch-size"]) { try sparse.nextBatch(6) }
+    }
+
     // MARK: - Latent cache
 
-    func testLatentCacheStoresAndLoadsByIdAndResolution() throws {
+    /// A geometry for samples whose images a test does not need decoded.
+    static let anyGeometry = ImageGeometry(originalWidth: 48, originalHeight: 40, cropTop: 0, cropLeft: 4, width: 4, height: 4)
+
+    func testLatentCacheStoresAndLoadsByIdAndShape() throws {
         let scratch = ScratchDirectory("pea-latents")
         let cache = try LatentCache(folder: scratch.file("cache/deeper"), namespace: "vae-a")
         let latent = HostTensor((0..<(4 * 3 * 5)).map { Float($0) * 0.25 - 3 }, shape: [4, 3, 5])
-        XCTAssertNil(cache.load(id: "data/a.jpg", resolution: 512))
-        try cache.store(latent, id: "data/a.jpg", resolution: 512)
-        XCTAssertEqual(cache.load(id: "data/a.jpg", resolution: 512), latent)
-        XCTAssertNil(cache.load(id: "data/a.jpg", resolution: 256))
-        XCTAssertNil(cache.load(id: "data/b.jpg", resolution: 512))
-        XCTAssertNil(try LatentCache(folder: scratch.file("cache/deeper"), namespace: "vae-b").load(id: "data/a.jpg", resolution: 512))
+        let geometry = ImageGeometry(originalWidth: 61, originalHeight: 40, cropTop: 0, cropLeft: 3, width: 24, height: 16)
+        let buckets = TrainingImageShape.buckets(try AspectBuckets.parse("24x16,16x24"), crop: .random)
+        let key = buckets.cacheKey(seed: 5)
+        XCTAssertNil(cache.load(id: "data/a.jpg", shape: key))
+        try cache.store(latent, geometry: geometry, id: "data/a.jpg", shape: key)
+        XCTAssertEqual(cache.load(id: "data/a.jpg", shape: key)?.latent, latent)
+        XCTAssertEqual(cache.load(id: "data/a.jpg", shape: key)?.geometry, geometry)
+        // another seed picks other random crops; another crop mode or square size is another key
+        XCTAssertNil(cache.load(id: "data/a.jpg", shape: buckets.cacheKey(seed: 6)))
+        XCTAssertNil(cache.load(id: "data/a.jpg", shape: TrainingImageShape.buckets(try AspectBuckets.parse("24x16,16x24"), crop: .center).cacheKey(seed: 5)))
+        XCTAssertNil(cache.load(id: "data/a.jpg", shape: TrainingImageShape.square(512).cacheKey(seed: 5)))
+        XCTAssertNil(cache.load(id: "data/b.jpg", shape: key))
+        XCTAssertNil(try LatentCache(folder: scratch.file("cache/deeper"), namespace: "vae-b").load(id: "data/a.jpg", shape: key))
         // no temporary files left; the file is a safetensors file others can read
-        let file = cache.path(id: "data/a.jpg", resolution: 512)
+        let file = cache.path(id: "data/a.jpg", shape: key)
         let folder = String(file[..<file.lastIndex(of: "/")!])
         XCTAssertEqual(listDirectory(folder), [String(file[file.index(after: file.lastIndex(of: "/")!)...])])
         XCTAssertEqual(try SafeTensorsFile(path: file).metadata["id"], "data/a.jpg")
+        XCTAssertEqual(try SafeTensorsFile(path: file).metadata["geometry"], "40,61,0,3,16,24")
         // a damaged file is a miss, and the next store replaces it
         writeFileBytes([1, 2, 3], to: file)
-        XCTAssertNil(cache.load(id: "data/a.jpg", resolution: 512))
-        try cache.store(latent, id: "data/a.jpg", resolution: 512)
-        XCTAssertEqual(cache.load(id: "data/a.jpg", resolution: 512), latent)
-        assertThrowsError(containing: ["f32 [C, h, w]"]) { try cache.store(HostTensor([1, 2], shape: [2]), id: "x", resolution: 1) }
+        XCTAssertNil(cache.load(id: "data/a.jpg", shape: key))
+        try cache.store(latent, geometry: geometry, id: "data/a.jpg", shape: key)
+        XCTAssertEqual(cache.load(id: "data/a.jpg", shape: key)?.latent, latent)
+        // a file without geometry (an older Pea's) is a miss too
+        try SafeTensorsWriter.write([(name: "latent", tensor: latent)], metadata: ["id": "data/a.jpg", "shape": key, "namespace": "vae-a"], to: file)
+        XCTAssertNil(cache.load(id: "data/a.jpg", shape: key))
+        assertThrowsError(containing: ["f32 [C, h, w]"]) { try cache.store(HostTensor([1, 2], shape: [2]), geometry: geometry, id: "x", shape: "1") }
     }
+
 }
 
 private func threeDigits(_ value: Int) -> String {

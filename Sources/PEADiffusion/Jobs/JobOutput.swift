@@ -21,7 +21,7 @@ public struct JobManifest: Equatable {
         itemCount = items.count
         var bytes: [UInt8] = []
         for item in items { JobOutput.itemJSON(item).serialize(into: &bytes); bytes.append(0x0A) }
-        itemsDigest = String(LatentCache.fnv1a64(bytes), radix: 16)
+        itemsDigest = String(FNV1a.hash64(bytes), radix: 16)
         self.baseSeed = baseSeed
         self.settings = settings
     }

@@ -58,6 +58,15 @@ public enum ModelFamily: String, Sendable {
         }
     }
 
+    /// The precision the VAE of `vaeFolder` runs in next to a pipeline in `dtype`: f32 when this family upcasts a
+    /// `force_upcast` VAE and `dtype` is f16 (SDXL's VAE overflows f16: black images), else `dtype`. Generation
+    /// and training (latent encoding) both ask here.
+    public func vaeDType(_ dtype: DType, vaeFolder: String) throws -> DType {
+        guard upcastsForceUpcastVAE && dtype == .f16 else { return dtype }
+        let config = try AutoencoderKLConfig(ConfigFile(path: joinPath(ModelFolder.component(vaeFolder, "vae"), "config.json")))
+        return config.forceUpcast ? .f32 : dtype
+    }
+
     /// The folder's own text conditioning: one CLIP encoder (`tokenizer/` + `text_encoder/`) for SD1.x/SD2.x,
     /// both CLIP encoders (`…_2` too) for SDXL.
     public func textConditioner(folder: String, backend: any ComputeBackend, clipSkip: Int, variant: String?,

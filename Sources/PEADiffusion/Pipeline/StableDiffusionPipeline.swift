@@ -66,12 +66,8 @@ public final class StableDiffusionPipeline {
         let unet = try UNet2DConditionModel.load(folder: joinPath(folder, "unet"), backend: backend, variant: variant, dtype: dtype).model
         let family = try ModelFamily.detect(folder: folder, unet: unet.config)
         let vaeFolder = joinPath(folder, "vae")
-        var vaeDType = dtype
-        if family.upcastsForceUpcastVAE && dtype == .f16,
-           try AutoencoderKLConfig(ConfigFile(path: joinPath(ModelFolder.component(vaeFolder, "vae"), "config.json"))).forceUpcast {
-            vaeDType = .f32
-        }
-        let vae = try AutoencoderKL.load(folder: vaeFolder, backend: backend, variant: variant, dtype: vaeDType).model
+        let vae = try AutoencoderKL.load(folder: vaeFolder, backend: backend, variant: variant,
+                                         dtype: family.vaeDType(dtype, vaeFolder: vaeFolder)).model
         let schedulerConfig = family.schedulerConfig(try ConfigFile(path: joinPath(folder, "scheduler/scheduler_config.json")))
         let sampler = try makeScheduler(name: scheduler, config: schedulerConfig)
         let text = try conditioner ?? family.textConditioner(folder: folder, backend: backend, clipSkip: clipSkip, variant: variant, dtype: dtype)

@@ -4,8 +4,16 @@ import Glibc
 import Darwin
 #endif
 
-// `pea train`: the PEA adapter trained by knowledge distillation through a frozen English SD1.x/SD2.x pipeline
-// (UNet, VAE, CLIP text encoder), from a corpus of images with target-language and English captions.
+// `pea train`: the PEA adapter trained by knowledge distillation through a frozen English SD1.x/SD2.x or SDXL
+// pipeline (UNet, VAE, CLIP text encoder(s)), from a corpus of images with target-language and English captions.
+//
+// SDXL (the official train_sdxl_zh.py): the adapter has the SDXL form (stack to the pooled width, `fc` head to
+// cross_attention_dim; pooled = mean over tokens); the teacher's states are both English encoders' penultimate
+// states concatenated, its text_embeds text_encoder_2's projected pooled vector (of the conditional caption for
+// every sample: the pooled vectors are never switched by the dropout); time_ids come from each sample's
+// `ImageGeometry` (original size, crop top-left, target size); the VAE encodes in f32 when the UNet is f16
+// (`ModelFamily.vaeDType`: SDXL's VAE overflows f16). Aspect-ratio buckets (`TrainingImageShape.buckets`) give
+// every batch one bucket.
 //
 // Each step: a batch of samples → VAE latents (mean and log-variance encoded once and optionally cached; a
 // fresh sample of the latent distribution every step, × scaling_factor, as the official
@@ -24,8 +32,10 @@ import Darwin
 //                                                           h = w = resolution / the VAE's factor), as
 //                                                           `latent_dist.sample()`, row-major over the batch
 //     2. noise    = torch.randn([B, C, h, w], generator=g)   the diffusion noise, as `torch.randn_like(latents)`
+//     3. with --noise-offset o > 0: noise += o · torch.randn([B, C, 1, 1], generator=g)   (offset noise, as the
+//                                                           SDXL script's `noise_offset`)
 //   Uniform (SplitMix64 seeded with seed ^ (k · 0x9E3779B97F4A7C15)):
-//     3. B timesteps, ⌊u · num_train_timesteps⌋            4. B uncond-dropout draws, u < --uncond-prob
+//     4. B timesteps, ⌊u · num_train_timesteps⌋            5. B uncond-dropout draws, u < --uncond-prob
 //        (with a --timestep-bias-strategy, the inverse of its weights' distribution at u: `TimestepBias`)
 
 /// The settings of a training run (the `pea train` flags).
@@ -38,7 +48,14 @@ public struct TrainingOptions: Sendable {
     public var weightDecay: Float = 0.1
     /// Global gradient-norm clip (nil: none).
     public var maxGradientNorm: Float?
+    /// The square side of the training images (and of the validation images).
     public var resolution: Int = 512
+    /// Aspect-ratio buckets instead of the square (nil: square images of `resolution`).
+    public var buckets: AspectBuckets?
+    /// Where a bucket crop lies.
+    public var crop: CropMode = .random
+    /// Offset noise: `noise += noiseOffset · randn(B, C, 1, 1)` (0: none).
+    public var noiseOffset: Float = 0
     public var hybrid = false
     public var uncondProbability: Float = 0.1
     public var featureWeight: Float = 0.1
@@ -51,6 +68,11 @@ public struct TrainingOptions: Sendable {
     public init(steps: Int, batchSize: Int) {
         self.steps = steps
         self.batchSize = batchSize
+    }
+
+    /// The shape the data brings images to.
+    public var imageShape: TrainingImageShape {
+        buckets.map { .buckets($0, crop: crop) } ?? .square(resolution)
     }
 
     public var schedule: PolynomialDecaySchedule {
@@ -74,27 +96,35 @@ public struct TrainingStepReport: Sendable {
 public struct DistillationTeacher {
     public let unet: UNet2DConditionModel
     public let vae: AutoencoderKL
-    public let text: CLIPConditioner
+    /// The folder's English conditioning: one CLIP encoder (SD1.x/SD2.x) or SDXL's two, with its pooled vector.
+    public let text: any TextConditioner
     public let noise: DDPMScheduler
     /// The folder's `scheduler/scheduler_config.json` as read (validation samples with the scheduler it names).
     public let schedulerConfig: ConfigFile
-    /// SD1 or SD2 (what `pea generate` detects from the folder; SD1 when the folder does not say).
+    /// SD1, SD2 or SDXL (what `pea generate` detects from the folder; SD1 when the folder does not say).
     public let family: ModelFamily
 
-    /// Loads UNet, VAE, CLIP text encoder + tokenizer and the scheduler config from an SD1.x/SD2.x pipeline folder.
+    /// Whether the UNet is SDXL's (conditioned on a pooled text vector and time_ids too).
+    public var isSDXL: Bool { unet.takesTextTime }
+
+    /// The pooled width the SDXL UNet's add-embedding expects (the adapter's stack output), nil for SD1.x/SD2.x.
+    public var pooledDim: Int? {
+        unet.config.textTime.map { $0.projectionInputDim - 6 * $0.timeEmbedDim }
+    }
+
+    /// Loads UNet, VAE, the English text encoder(s) + tokenizer(s) and the scheduler config from an SD1.x/SD2.x or
+    /// SDXL pipeline folder, the VAE in the precision `ModelFamily.vaeDType` gives it.
     public static func load(folder: String, backend: any ComputeBackend, dtype: DType = .f32) throws -> DistillationTeacher {
         let unet = try UNet2DConditionModel.load(folder: folder, backend: backend, dtype: dtype).model
-        guard unet.config.textTime == nil else {
-            throw PEAError.unsupported("pea train: \(folder) is an SDXL pipeline; training supports SD1.x/SD2.x pipelines (eval kd-step handles SDXL)")
-        }
-        let vae = try AutoencoderKL.load(folder: folder, backend: backend, dtype: dtype).model
-        let tokenizer = try CLIPTokenizer(folder: joinPath(folder, "tokenizer"))
-        let encoder = try CLIPTextModel.load(folder: folder, backend: backend, dtype: dtype).model
-        let text = try CLIPConditioner(text: CLIPTextStack(tokenizer: tokenizer, encoder: encoder))
+        let family = (try? ModelFamily.detect(folder: folder, unet: unet.config)) ?? (unet.takesTextTime ? .sdxl : .sd1)
+        let vae = try AutoencoderKL.load(folder: folder, backend: backend,
+                                         dtype: family.vaeDType(dtype, vaeFolder: joinPath(folder, "vae"))).model
+        // The official scripts condition the teacher on the last hidden state (SD1.x) or the penultimate ones
+        // (SDXL): the folder's conditioning with no clip skip.
+        let text = try family.textConditioner(folder: folder, backend: backend, clipSkip: 0, variant: nil, dtype: dtype)
         let schedulerConfig = joinPath(joinPath(folder, "scheduler"), "scheduler_config.json")
         let config = try ConfigFile(path: schedulerConfig)
         let noise = try DDPMScheduler(config: config)
-        let family = (try? ModelFamily.detect(folder: folder, unet: unet.config)) ?? .sd1
         return DistillationTeacher(unet: unet, vae: vae, text: text, noise: noise, schedulerConfig: config, family: family)
     }
 }
@@ -170,14 +200,26 @@ public final class PEATrainer {
 
     private var studentUncond: Tensor?
     private var teacherUncond: Tensor?
+    /// The latent cache's key for this run's image shape.
+    private var cacheKey: String { options.imageShape.cacheKey(seed: options.seed) }
 
     public init(teacher: DistillationTeacher, student: any LanguageEncoder, adapter: PEAAdapter, dataset: TrainingDataset,
                 options: TrainingOptions, backend: any ComputeBackend, latentCache: LatentCache? = nil) throws {
         guard adapter.inputDim == student.hiddenSize else {
             throw PEAError.shapeMismatch("pea train: the adapter reads \(adapter.inputDim)-wide states but the text encoder gives \(student.hiddenSize)")
         }
-        guard adapter.outputDim == teacher.unet.config.crossAttentionDim[0], !adapter.isSDXL else {
-            throw PEAError.shapeMismatch("pea train: the adapter must be the SD1.x form producing \(teacher.unet.config.crossAttentionDim[0])-wide states (the UNet's cross_attention_dim), it produces \(adapter.outputDim)\(adapter.isSDXL ? " (SDXL form)" : "")")
+        let cross = teacher.unet.config.crossAttentionDim[0]
+        if let pooled = teacher.pooledDim {
+            guard adapter.isSDXL, adapter.outputDim == cross, adapter.pooledDim == pooled else {
+                throw PEAError.shapeMismatch("pea train: this SDXL UNet needs the SDXL adapter form: a stack to \(pooled) (the pooled width its add-embedding expects) and an fc head to \(cross) (its cross_attention_dim); the adapter \(adapter.isSDXL ? "has a stack to \(adapter.pooledDim!) and a head to \(adapter.outputDim)" : "is the SD1.x form (no fc head)")")
+            }
+        } else {
+            guard adapter.outputDim == cross, !adapter.isSDXL else {
+                throw PEAError.shapeMismatch("pea train: the adapter must be the SD1.x form producing \(cross)-wide states (the UNet's cross_attention_dim), it produces \(adapter.outputDim)\(adapter.isSDXL ? " (SDXL form)" : "")")
+            }
+        }
+        guard dataset.shape == options.imageShape else {
+            throw PEAError.usage("pea train: the dataset shapes images as \(dataset.shape), the options as \(options.imageShape)")
         }
         self.teacher = teacher
         self.student = student
@@ -188,9 +230,7 @@ public final class PEATrainer {
         training = try AdapterOptimization(adapter: adapter, weightDecay: options.weightDecay, backend: backend)
         lossScale = teacher.unet.dtype == .f16 ? 65536 : 1
         if let latentCache {
-            dataset.imageNeeded = { [resolution = options.resolution] record in
-                latentCache.load(id: record.id, resolution: resolution) == nil
-            }
+            dataset.cachedGeometry = { [key = cacheKey] record in latentCache.load(id: record.id, shape: key)?.geometry }
         }
     }
 
@@ -256,7 +296,13 @@ public final class PEATrainer {
             throw PEAError.invalidFile(path: sample.id, reason: "no English caption (text_en); plain distillation needs one for every record (hybrid training takes language-specific records without one)")
         }
         let latents = try encodeLatents(samples, &gaussian)
-        let noise = try gaussian.randnTensor(latents.shape, backend: backend)
+        var noiseValues = gaussian.randn(latents.shape)
+        if options.noiseOffset > 0 {
+            let (batch, channels) = (latents.shape[0], latents.shape[1])
+            let offsets = gaussian.randn([batch, channels, 1, 1]), plane = noiseValues.count / (batch * channels)
+            for i in noiseValues.indices { noiseValues[i] += options.noiseOffset * offsets[i / plane] }
+        }
+        let noise = try backend.upload(noiseValues, shape: latents.shape)
         let timesteps = (0..<size).map { _ in
             options.timestepBias.timestep(forUniform: random.uniform(), count: teacher.noise.trainTimesteps)
         }
@@ -266,9 +312,10 @@ public final class PEATrainer {
 
         let silent: (String) -> Void = { _ in }
         let studentStates = try student.encode(texts, warn: silent)
-        let teacherStates = try teacher.text.encode(english, warn: silent).states
+        let teacherConditioning = try teacher.text.encode(english, warn: silent)
         if studentUncond == nil {
             studentUncond = try student.encode([""], warn: silent)
+            // The empty caption encoded (never SDXL's zeros), as the official scripts' uncond states.
             teacherUncond = try teacher.text.encode([""], warn: silent).states
         }
         func repeated(_ x: Tensor) throws -> Tensor { size == 1 ? x : try backend.concat(Array(repeating: x, count: size), dim: 0) }
@@ -277,15 +324,20 @@ public final class PEATrainer {
             noisyLatents: try f32(noisy), target: try f32(target),
             timesteps: try backend.upload(HostTensor(ids: timesteps, shape: [size])),
             studentStates: try f32(studentStates), studentStatesUncond: try f32(repeated(studentUncond!)),
-            teacherStates: try f32(teacherStates), teacherStatesUncond: try f32(repeated(teacherUncond!)),
+            teacherStates: try f32(teacherConditioning.states), teacherStatesUncond: try f32(repeated(teacherUncond!)),
             uncondMask: uncond,
-            languageSpecific: options.hybrid ? samples.map { $0.languageSpecific == true ? 1 : 0 } : nil)
+            languageSpecific: options.hybrid ? samples.map { $0.languageSpecific == true ? 1 : 0 } : nil,
+            timeIds: teacher.isSDXL ? try backend.upload(samples.flatMap(\.geometry.timeIds), shape: [size, 6]) : nil,
+            teacherTextEmbeds: try teacherConditioning.pooled.map(f32))
     }
 
     /// The latent distribution (mean ⊕ log-variance on channels) of each sample, from the cache or the VAE, then
     /// one sample of it × scaling_factor: [B, C, h, w] f32, with ε = one `randn([B, C, h, w])` from `gaussian`.
     func encodeLatents(_ samples: [TrainingSample], _ gaussian: inout TorchGenerator) throws -> Tensor {
         let moments = try latentMoments(samples)
+        for (sample, moment) in zip(samples, moments) where moment.shape != moments[0].shape {
+            throw PEAError.shapeMismatch("pea train: \(sample.id)'s latent is \(moment.shape), the batch's first \(moments[0].shape)")
+        }
         let channels = moments[0].shape[0] / 2, plane = moments[0].shape.dropFirst().reduce(1, *)
         let shape = [samples.count, channels] + Array(moments[0].shape.dropFirst())
         let eps = gaussian.randn(shape)
@@ -308,8 +360,8 @@ public final class PEATrainer {
     func latentMoments(_ samples: [TrainingSample]) throws -> [HostTensor] {
         var moments: [HostTensor] = []
         for sample in samples {
-            if let cached = latentCache?.load(id: sample.id, resolution: options.resolution) {
-                moments.append(cached)
+            if let cached = latentCache?.load(id: sample.id, shape: cacheKey) {
+                moments.append(cached.latent)
                 continue
             }
             guard let image = sample.image else {
@@ -320,7 +372,7 @@ public final class PEATrainer {
             let (mean, logvar) = try teacher.vae.encode(pixels)
             let both = try backend.download(backend.concat([mean, logvar], dim: 1)).converted(to: .f32)
             let host = HostTensor(both.floats(), shape: Array(both.shape.dropFirst()))
-            try latentCache?.store(host, id: sample.id, resolution: options.resolution)
+            try latentCache?.store(host, geometry: sample.geometry, id: sample.id, shape: cacheKey)
             moments.append(host)
         }
         return moments

@@ -65,18 +65,7 @@ public enum TrainingImageTransform {
     public static func centerCrop(_ image: RGBImage, size: Int) -> RGBImage {
         precondition(image.width >= size && image.height >= size,
                      "center crop of \(size) from a \(image.width)×\(image.height) image")
-        if image.width == size && image.height == size { return image }
-        let top = cropOffset(image.height, size), left = cropOffset(image.width, size)
-        var pixels = [UInt8](repeating: 0, count: size * size * 3)
-        image.pixels.withUnsafeBufferPointer { source in
-            pixels.withUnsafeMutableBufferPointer { out in
-                for row in 0..<size {
-                    let from = ((top + row) * image.width + left) * 3
-                    for index in 0..<(size * 3) { out[row * size * 3 + index] = source[from + index] }
-                }
-            }
-        }
-        return RGBImage(width: size, height: size, pixels: pixels)
+        return crop(image, top: cropOffset(image.height, size), left: cropOffset(image.width, size), width: size, height: size)
     }
 
     /// `int(round((length - size) / 2.0))` with Python's round-half-to-even.

@@ -81,9 +81,11 @@ public struct TrainingSkip: Sendable {
 /// A training example: the image as the official scripts' transform gives it, and the captions.
 public struct TrainingSample: Sendable {
     public let id: String
-    /// [3, resolution, resolution] f32 in [-1, 1] (channels R, G, B); nil only when the dataset's
-    /// `imageNeeded` said the caller does not need it (e.g. its latent is cached).
+    /// [3, h, w] f32 in [-1, 1] (channels R, G, B), h × w the square or the sample's bucket; nil only when the
+    /// dataset's `cachedGeometry` gave the geometry (the caller has the latent cached).
     public let image: HostTensor?
+    /// The image's size, crop and tensor size (SDXL's time_ids).
+    public let geometry: ImageGeometry
     public let text: String
     public let textEN: String?
     public let languageSpecific: Bool?
@@ -101,27 +103,34 @@ public struct TrainingDataPosition: Equatable, Sendable {
     public var epoch: Int
     public var index: Int
     public var skipped: TrainingSkipCounts
+    /// Bucketed datasets: the epoch indices (as `index` counts) of the samples waiting in bucket queues for a
+    /// batch, in the order they arrived.
+    public var pending: [Int]
     /// The seed and the size of the source (records, or shards) the position was taken with; `restore`
     /// refuses a position from another seed or source.
     public var seed: UInt64
     public var sourceSize: Int
 
-    public init(epoch: Int, index: Int, skipped: TrainingSkipCounts, seed: UInt64, sourceSize: Int) {
+    public init(epoch: Int, index: Int, skipped: TrainingSkipCounts, seed: UInt64, sourceSize: Int, pending: [Int] = []) {
         self.epoch = epoch
         self.index = index
         self.skipped = skipped
+        self.pending = pending
         self.seed = seed
         self.sourceSize = sourceSize
     }
 
     /// Compact JSON, e.g. for a checkpoint's safetensors metadata:
-    /// `{"epoch":2,"index":17,"seed":"42","skipped":{"missingCaption":3},"source_size":1000}`.
+    /// `{"epoch":2,"index":17,"seed":"42","skipped":{"missingCaption":3},"source_size":1000}`, with
+    /// `"pending":[3,9]` when samples wait in bucket queues.
     public func serialized() -> String {
-        JSONValue.object([
+        var object: [String: JSONValue] = [
             "epoch": .number(Double(epoch)), "index": .number(Double(index)), "seed": .string(String(seed)),
             "source_size": .number(Double(sourceSize)),
             "skipped": .object(Dictionary(uniqueKeysWithValues: skipped.counts.map { ($0.key.rawValue, JSONValue.number(Double($0.value))) })),
-        ]).serialized()
+        ]
+        if !pending.isEmpty { object["pending"] = .array(pending.map { .number(Double($0)) }) }
+        return JSONValue.object(object).serialized()
     }
 
     /// Parses `serialized()`'s text. - Throws: `PEAError.usage` for anything else.
@@ -140,7 +149,15 @@ public struct TrainingDataPosition: Equatable, Sendable {
             }
             counts[reason] = count
         }
-        self.init(epoch: epoch, index: index, skipped: TrainingSkipCounts(counts), seed: seed, sourceSize: sourceSize)
+        var pending: [Int] = []
+        if let list = object["pending"] {
+            guard let values = list.arrayValue?.compactMap(\.intValue), values.count == list.arrayValue?.count,
+                  values.allSatisfy({ $0 >= 0 && $0 < index }), values == values.sorted(), Set(values).count == values.count else {
+                throw fail("'pending' must list increasing sample indices below 'index'")
+            }
+            pending = values
+        }
+        self.init(epoch: epoch, index: index, skipped: TrainingSkipCounts(counts), seed: seed, sourceSize: sourceSize, pending: pending)
     }
 }
 
@@ -160,9 +177,13 @@ public struct TrainingDataPosition: Equatable, Sendable {
 ///   `onSkip`; they never stop training. An epoch that yields no sample at all throws (the data are unusable,
 ///   and looping would never end).
 /// - Epochs: after the last record, the next epoch starts, reshuffled; `next()` never runs out.
+/// - Buckets (`TrainingImageShape.buckets`): `nextBatch(B)` returns B samples of one bucket. Each sample joins
+///   its bucket's queue; the first queue to hold B samples is the batch (in arrival order). Queues are emptied
+///   when an epoch starts: what an epoch leaves in them is dropped, so a position never refers to another
+///   epoch's samples. An epoch that fills no batch is an error (the buckets are too many for the data).
 public final class TrainingDataset {
     public let source: TrainingDataSource
-    public let resolution: Int
+    public let shape: TrainingImageShape
     public let seed: UInt64
     public let shuffle: Bool
     public let shuffleBufferSize: Int
@@ -171,9 +192,10 @@ public final class TrainingDataset {
 
     /// Called for every skipped record (log the first few, or all).
     public var onSkip: ((TrainingSkip) -> Void)?
-    /// When set and it returns false for a record, its image is not decoded and the sample's `image` is nil
-    /// (the caller has its latent cached). Undecodable images are then not detected for that record.
-    public var imageNeeded: ((TrainingRecord) -> Bool)?
+    /// When set and it returns a geometry for a record, its image is not decoded: the sample's `image` is nil and
+    /// its geometry the one returned (the caller has its latent cached, and the geometry with it). Undecodable
+    /// images are then not detected for that record.
+    public var cachedGeometry: ((TrainingRecord) -> ImageGeometry?)?
 
     public private(set) var skipped = TrainingSkipCounts()
     public private(set) var epoch = 0
@@ -186,18 +208,27 @@ public final class TrainingDataset {
     private var tarEpoch: TarEpochStream?
     private var epochYielded = false
     private var replaying = false
+    /// Buckets: each bucket's waiting samples with their epoch indices, and whether this epoch gave a batch.
+    private var queues: [[(index: Int, sample: TrainingSample)]] = []
+    private var epochBatched = false
+
+    /// Square images of side `resolution`.
+    public convenience init(source: TrainingDataSource, resolution: Int, seed: UInt64, shuffle: Bool = true,
+                            shuffleBufferSize: Int = 1000) throws {
+        try self.init(source: source, shape: .square(resolution), seed: seed, shuffle: shuffle, shuffleBufferSize: shuffleBufferSize)
+    }
 
     /// - Parameters:
-    ///   - resolution: the square side of the image tensors.
+    ///   - shape: the square side or the buckets of the image tensors.
     ///   - shuffleBufferSize: samples held by the tar shuffle buffer (webdataset users commonly use 1000).
     /// - Throws: manifest errors (`TrainingManifest`), and `PEAError.usage` for shards that do not exist
     ///   (named), a resolution below 1, or an empty source.
-    public init(source: TrainingDataSource, resolution: Int, seed: UInt64, shuffle: Bool = true,
+    public init(source: TrainingDataSource, shape: TrainingImageShape, seed: UInt64, shuffle: Bool = true,
                 shuffleBufferSize: Int = 1000) throws {
-        guard resolution > 0 else { throw PEAError.usage("the training resolution must be positive, not \(resolution)") }
+        if case .square(let side) = shape, side < 1 { throw PEAError.usage("the training resolution must be positive, not \(side)") }
         guard shuffleBufferSize > 0 else { throw PEAError.usage("the shuffle buffer size must be positive") }
         self.source = source
-        self.resolution = resolution
+        self.shape = shape
         self.seed = seed
         self.shuffle = shuffle
         self.shuffleBufferSize = shuffleBufferSize
@@ -222,7 +253,8 @@ public final class TrainingDataset {
 
     /// The position after the last sample returned.
     public var position: TrainingDataPosition {
-        TrainingDataPosition(epoch: epoch, index: index, skipped: skipped, seed: seed, sourceSize: sourceSize)
+        TrainingDataPosition(epoch: epoch, index: index, skipped: skipped, seed: seed, sourceSize: sourceSize,
+                             pending: queues.flatMap { $0.map(\.index) }.sorted())
     }
 
     private var sourceSize: Int { manifest?.records.count ?? shardPaths.count }
@@ -239,23 +271,40 @@ public final class TrainingDataset {
         guard position.sourceSize == sourceSize else {
             throw PEAError.usage("the saved data position was taken from \(position.sourceSize) \(manifest == nil ? "shards" : "records"), this source has \(sourceSize)")
         }
+        guard position.pending.isEmpty || isBucketed else {
+            throw PEAError.usage("the saved data position has samples waiting in aspect buckets, but this run has no buckets")
+        }
         startEpoch(position.epoch)
+        let pending = Set(position.pending)
+        var waiting: [(index: Int, sample: TrainingSample?)] = []
         if let manifest {
             guard position.index <= manifest.records.count else {
                 throw PEAError.usage("the saved data position \(position.index) is past the manifest's \(manifest.records.count) records")
             }
             index = position.index
+            replaying = true
+            defer { replaying = false }
+            waiting = position.pending.map { at in
+                let record = manifest.records[order[at]]
+                return (at, sample(record: record, image: { try MappedBytes(path: record.id) }))
+            }
         } else {
             replaying = true
             defer { replaying = false }
             for consumed in 0..<position.index {
-                guard tarEpoch!.nextGroup(report: { _ in }) != nil else {
+                guard let group = tarEpoch!.nextGroup(report: { _ in }) else {
                     throw PEAError.usage("the saved data position \(position.index) is past the end of epoch \(position.epoch) (\(consumed) samples)")
                 }
+                if pending.contains(consumed) { waiting.append((consumed, sample(group: group))) }
                 index += 1
             }
         }
+        for (at, sample) in waiting {
+            guard let sample else { throw PEAError.usage("the saved data position's waiting sample \(at) of epoch \(position.epoch) is no longer usable") }
+            try enqueue(sample, at: at)
+        }
         epochYielded = position.index > 0  // unknown: the earlier part of the epoch may have yielded samples
+        epochBatched = position.index > 0
         skipped = position.skipped
     }
 
@@ -274,12 +323,47 @@ public final class TrainingDataset {
         }
     }
 
-    /// `count` samples (possibly spanning an epoch boundary).
+    /// `count` samples: the next `count` (possibly spanning an epoch boundary), or with buckets the first
+    /// `count` of one bucket (see the type's notes).
+    /// - Throws: `PEAError.invalidFile` when a whole epoch yields no sample, or (buckets) fills no batch.
     public func nextBatch(_ count: Int) throws -> [TrainingSample] {
-        var batch: [TrainingSample] = []
-        batch.reserveCapacity(count)
-        for _ in 0..<count { batch.append(try next()) }
-        return batch
+        guard isBucketed else { return try (0..<count).map { _ in try next() } }
+        while true {
+            guard let sample = try nextInEpoch() else {
+                if epochYielded && !epochBatched {
+                    let waiting = zip(shape.sizes, queues).filter { !$0.1.isEmpty }.map { "\($0.1.count) at \($0.0.width)x\($0.0.height)" }
+                    throw PEAError.invalidFile(path: sourceName, reason: "epoch \(epoch) filled no aspect bucket with a batch of \(count) (samples per bucket: \(waiting.joined(separator: ", "))); lower --batch-size or give fewer buckets")
+                }
+                guard epochYielded else {
+                    throw PEAError.invalidFile(path: sourceName, reason: "epoch \(epoch) yielded no usable sample (skipped so far: \(skipped))")
+                }
+                startEpoch(epoch + 1)
+                continue
+            }
+            epochYielded = true
+            let bucket = try enqueue(sample, at: index - 1)
+            if queues[bucket].count == count {
+                defer { queues[bucket] = [] }
+                epochBatched = true
+                return queues[bucket].map(\.sample)
+            }
+        }
+    }
+
+    private var isBucketed: Bool {
+        if case .buckets = shape { return true }
+        return false
+    }
+
+    /// Adds a sample to its bucket's queue; returns the bucket.
+    @discardableResult
+    private func enqueue(_ sample: TrainingSample, at position: Int) throws -> Int {
+        let size = AspectBuckets.Size(width: sample.geometry.width, height: sample.geometry.height)
+        guard let bucket = shape.sizes.firstIndex(of: size) else {
+            throw PEAError.invalidFile(path: sample.id, reason: "its cached latent is \(size.width)x\(size.height), which is not one of the buckets")
+        }
+        queues[bucket].append((position, sample))
+        return bucket
     }
 
     private var sourceName: String {
@@ -298,6 +382,8 @@ public final class TrainingDataset {
         epoch = newEpoch
         index = 0
         epochYielded = false
+        epochBatched = false
+        queues = Array(repeating: [], count: shape.sizes.count)
         var random = Self.generator(seed: seed, epoch: newEpoch)
         if let manifest {
             order = Array(0..<manifest.records.count)
@@ -387,7 +473,8 @@ public final class TrainingDataset {
             return nil
         }
         var tensor: HostTensor?
-        if imageNeeded?(record) ?? true {
+        var geometry = cachedGeometry?(record)
+        if geometry == nil {
             let bytes: MappedBytes
             do {
                 bytes = try image()
@@ -396,17 +483,20 @@ public final class TrainingDataset {
                 return nil
             }
             do {
-                let decoded = try withExtendedLifetime(bytes) { () throws -> RGBImage in
+                let (decoded, digest) = try withExtendedLifetime(bytes) { () throws -> (RGBImage, UInt64) in
                     let buffer = imageRange.map { UnsafeRawBufferPointer(rebasing: bytes.buffer[$0]) } ?? bytes.buffer
-                    return try ImageDecoder.decodeRGB(buffer, name: imageName ?? record.id)
+                    // The file's digest seeds its random bucket crop (AspectBuckets.swift); no other shape needs it.
+                    var digest: UInt64 = 0
+                    if case .buckets(_, .random) = shape { digest = FNV1a.hash64(buffer) }
+                    return (try ImageDecoder.decodeRGB(buffer, name: imageName ?? record.id), digest)
                 }
-                tensor = TrainingImageTransform.tensor(from: decoded, resolution: resolution)
+                (tensor, geometry) = TrainingImageTransform.shaped(decoded, to: shape, cropSeed: digest ^ seed)
             } catch {
                 skip(.undecodableImage, record.id, "\(error)")
                 return nil
             }
         }
-        return TrainingSample(id: record.id, image: tensor, text: text, textEN: record.textEN,
+        return TrainingSample(id: record.id, image: tensor, geometry: geometry!, text: text, textEN: record.textEN,
                               languageSpecific: record.languageSpecific)
     }
 }

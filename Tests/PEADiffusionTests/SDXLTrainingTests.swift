@@ -1,0 +1,210 @@
+import Foundation
+import XCTest
+@testable import PEADiffusion
+
+/// `pea train` on SDXL (issue #18), against tools/reference/make_sdxl_training_fixtures.py: a whole 5-step run —
+/// aspect buckets with random crops, offset noise, dropout, clipping, AdamW and its schedule, the last step in the
+/// second epoch — through the tiny SDXL pipeline with the tiny Chinese-CLIP student, as torch runs it in float64.
+final class SDXLTrainingTests: XCTestCase {
+    static let directory = fixturesDirectory() + "/training/sdxl"
+    static let pipeline = fixturesDirectory() + "/pipelines/sdxl"
+    static let encoder = fixturesDirectory() + "/pea/zh_encoder"
+
+    /// The run's flags, as cases.json records them.
+    static func flags() throws -> [String: JSONValue] {
+        try XCTUnwrap(JSONValue.parse(XCTUnwrap(readFileBytes(directory + "/cases.json")).withUnsafeBytes { String(decoding: $0, as: UTF8.self) }).objectValue?["flags"]?.objectValue)
+    }
+
+    /// The library's options for the fixture's flags.
+    static func options() throws -> TrainingOptions {
+        let flags = try flags()
+        func number(_ key: String) throws -> Double { try XCTUnwrap(flags[key]?.doubleValue, key) }
+        var options = TrainingOptions(steps: Int(try number("steps")), batchSize: Int(try number("batch_size")))
+        options.buckets = try AspectBuckets.parse(XCTUnwrap(flags["buckets"]?.stringValue))
+        options.crop = try XCTUnwrap(CropMode(rawValue: XCTUnwrap(flags["crop"]?.stringValue)))
+        options.seed = UInt64(try number("seed"))
+        options.learningRate = try number("lr")
+        options.minLearningRate = try number("min_lr")
+        options.warmupSteps = Int(try number("warmup_steps"))
+        options.weightDecay = Float(try number("weight_decay"))
+        options.maxGradientNorm = Float(try number("max_grad_norm"))
+        options.uncondProbability = Float(try number("uncond_prob"))
+        options.noiseOffset = Float(try number("noise_offset"))
+        options.featureWeight = Float(try number("feature_weight"))
+        options.taskWeight = Float(try number("task_weight"))
+        return options
+    }
+
+    func makeTrainer(options: TrainingOptions, cache: LatentCache? = nil, manifest: String = directory + "/corpus.jsonl") throws -> PEATrainer {
+        let backend = CPUBackend(threads: 2)
+        let teacher = try DistillationTeacher.load(folder: Self.pipeline, backend: backend)
+        let student = try LanguageEncoders.load(folder: Self.encoder, backend: backend)
+        let adapter = try PEAAdapter.load(path: Self.directory + "/adapter_init.safetensors", backend: backend)
+        let dataset = try TrainingDataset(source: .manifest(path: manifest), shape: options.imageShape, seed: options.seed)
+        return try PEATrainer(teacher: teacher, student: student, adapter: adapter, dataset: dataset, options: options,
+                              backend: backend, latentCache: cache)
+    }
+
+    func testWholeRunMatchesTorch() throws {
+        let options = try Self.options()
+        let expected = try SafeTensorsFile(path: Self.directory + "/expected.safetensors")
+        let trainer = try makeTrainer(options: options)
+        XCTAssertTrue(trainer.adapter.isSDXL)
+        for step in 1...options.steps {
+            // The batch's draws first (debug tensors): a mismatch here says which part of the contract drifted.
+            let position = trainer.dataset.position
+            let (samples, batch) = try trainer.drawBatch()
+            let records = try expected.tensor("debug.step\(step).records").integers()!
+            XCTAssertEqual(samples.map { String($0.id.split(separator: "/").last!) },
+                           records.map { manifestImageName(line: $0) }, "step \(step): the batch's records")
+            XCTAssertEqual(try trainer.backend.download(batch.timesteps).integers()!,
+                           try expected.tensor("debug.step\(step).timesteps").integers()!, "step \(step): timesteps")
+            XCTAssertEqual(batch.uncondMask, try expected.tensor("debug.step\(step).uncond").floats(), "step \(step): dropout")
+            XCTAssertEqual(try trainer.backend.downloadFloats(XCTUnwrap(batch.timeIds)),
+                           try expected.tensor("debug.step\(step).time_ids").floats(), "step \(step): time_ids")
+            assertClose(try trainer.backend.downloadFloats(batch.noisyLatents),
+                        try expected.tensor("debug.step\(step).noisy_latents").floats(), .f32, "step \(step): noisy latents")
+
+            // The step itself, from the same stream position (it draws the same batch again).
+            try trainer.dataset.restore(position)
+            let report = try trainer.trainStep()
+            let losses = try expected.tensor("loss.step\(step)").floats()
+            assertClose([report.losses.task, report.losses.logits, report.losses.features, report.losses.total], losses, .f32,
+                        "step \(step): losses")
+            assertClose([report.gradientNorm], try expected.tensor("grad_norm.step\(step)").floats(), .f32, "step \(step): gradient norm")
+            assertClose([report.learningRate], try expected.tensor("lr.step\(step)").floats(), .f32, "step \(step): learning rate")
+            let weights = try trainer.masterWeights()
+            for (name, _) in trainer.adapter.namedParameters {
+                assertClose(weights[name]!, try expected.tensor("step\(step).\(name)").floats(), .f32, "step \(step): \(name)")
+            }
+        }
+        XCTAssertEqual(trainer.dataset.epoch, 1, "the last step is the second epoch's first")
+    }
+
+    /// A run resumed from a checkpoint taken while a sample waits in a bucket queue continues bit for bit, and a
+    /// latent cache (keyed by the buckets, crop and seed, holding each image's geometry) changes nothing.
+    func testResumeAndLatentCacheChangeNothing() throws {
+        let options = try Self.options()
+        let uninterrupted = try makeTrainer(options: options)
+        var waitingAt: [Int] = []
+        while uninterrupted.step < options.steps {
+            _ = try uninterrupted.trainStep()
+            if !uninterrupted.dataset.position.pending.isEmpty { waitingAt.append(uninterrupted.step) }
+        }
+        let cut = try XCTUnwrap(waitingAt.first { $0 < options.steps }, "no step leaves a sample waiting in a bucket")
+        let scratch = ScratchDirectory("pea-sdxl-train")
+        let first = try makeTrainer(options: options)
+        while first.step < cut { _ = try first.trainStep() }
+        try first.saveCheckpoint(to: scratch.file("checkpoint"))
+        let resumed = try makeTrainer(options: options)
+        try resumed.resume(from: scratch.file("checkpoint"))
+        XCTAssertEqual(resumed.dataset.position, first.dataset.position)
+        while resumed.step < options.steps { _ = try resumed.trainStep() }
+        XCTAssertEqual(try resumed.masterWeights(), try uninterrupted.masterWeights(), "resumed after step \(cut)")
+
+        let cache = try LatentCache(folder: scratch.file("latents"), namespace: Self.pipeline)
+        let filling = try makeTrainer(options: options, cache: cache)
+        while filling.step < options.steps { _ = try filling.trainStep() }
+        XCTAssertEqual(try filling.masterWeights(), try uninterrupted.masterWeights())
+        let cached = try makeTrainer(options: options, cache: cache)
+        var decoded = 0
+        let lookup = cached.dataset.cachedGeometry!
+        cached.dataset.cachedGeometry = { record in
+            let geometry = lookup(record)
+            if geometry == nil { decoded += 1 }
+            return geometry
+        }
+        while cached.step < options.steps { _ = try cached.trainStep() }
+        // Every image visited by a batch was cached; the one left in its queue each epoch is visited too (to
+        // learn its bucket), and its latent was never encoded.
+        XCTAssertEqual(decoded, 2, "only the never-batched image is decoded, once per epoch")
+        XCTAssertEqual(try cached.masterWeights(), try uninterrupted.masterWeights())
+    }
+
+    /// `pea train` with the fixture's flags gives torch's adapter; a run resumed from its checkpoint writes the
+    /// same file; the adapter drives `pea generate` on the SDXL pipeline; a new adapter has the SDXL form.
+    func testTrainCommandOnSDXL() throws {
+        let flags = try Self.flags()
+        let scratch = ScratchDirectory("pea-sdxl-train-cli")
+        // A JSON number as a command-line value: integers without a fraction.
+        func text(_ value: JSONValue) -> String {
+            if let string = value.stringValue { return string }
+            let number = value.doubleValue!
+            return number == number.rounded() && abs(number) < 1e15 ? String(Int(number)) : String(number)
+        }
+        var common = ["train", "--model", Self.pipeline, "--text-encoder", Self.encoder, "--data", Self.directory + "/corpus.jsonl",
+                      "--backend", "cpu", "--threads", "2"]
+        for (key, option) in [("buckets", "--buckets"), ("crop", "--crop"), ("batch_size", "--batch-size"), ("steps", "--steps"),
+                              ("seed", "--seed"), ("lr", "--lr"), ("min_lr", "--min-lr"), ("warmup_steps", "--warmup-steps"),
+                              ("weight_decay", "--weight-decay"), ("max_grad_norm", "--max-grad-norm"), ("uncond_prob", "--uncond-prob"),
+                              ("noise_offset", "--noise-offset"), ("feature_weight", "--feature-weight"), ("task_weight", "--task-weight")] {
+            common += [option, text(flags[key]!)]
+        }
+        let output = scratch.file("run")
+        let run = try runPea(common + ["--init-adapter", Self.directory + "/adapter_init.safetensors", "--output", output, "--save-every", "2"])
+        XCTAssertEqual(run.status, 0, run.stderr)
+        XCTAssertTrue(run.stderr.contains("in buckets 24x16,20x20,16x24"), run.stderr)
+        let expected = try SafeTensorsFile(path: Self.directory + "/expected.safetensors")
+        let trained = try SafeTensorsFile(path: output + "/adapter.safetensors")
+        for name in trained.names {
+            assertClose(try trained.tensor(name).floats(), try expected.tensor("step5.\(name)").floats(), .f32, "pea train's \(name)")
+        }
+        let resumed = try runPea(common + ["--init-adapter", Self.directory + "/adapter_init.safetensors",
+                                           "--output", scratch.file("resumed"), "--resume", output + "/checkpoint-2"])
+        XCTAssertEqual(resumed.status, 0, resumed.stderr)
+        XCTAssertEqual(readFileBytes(scratch.file("resumed/adapter.safetensors")), readFileBytes(output + "/adapter.safetensors"))
+
+        let image = scratch.file("zh.png")
+        let generated = try runPea(["generate", "--model", Self.pipeline, "--prompt", "红色的猫", "--text-encoder", Self.encoder,
+                                    "--adapter", output + "/adapter.safetensors", "--width", "32", "--height", "32",
+                                    "--steps", "2", "--output", image, "--backend", "cpu"])
+        XCTAssertEqual(generated.status, 0, generated.stderr)
+        XCTAssertTrue(fileExists(image))
+
+        // A new adapter: the stack to the pooled width 16, the head to cross_attention_dim 32 (square images).
+        let fresh = try runPea(["train", "--model", Self.pipeline, "--text-encoder", Self.encoder, "--data", Self.directory + "/corpus.jsonl",
+                                "--steps", "1", "--batch-size", "2", "--resolution", "16", "--adapter-hidden", "24",
+                                "--validation-prompt", "红色的猫", "--validation-every", "1", "--validation-steps", "2",
+                                "--validation-seeds", "1", "--output", scratch.file("fresh"), "--backend", "cpu"])
+        XCTAssertEqual(fresh.status, 0, fresh.stderr)
+        XCTAssertTrue(fileExists(scratch.file("fresh/validation/step-000001.png")), "the SDXL validation grid")
+        XCTAssertTrue(fresh.stderr.contains("adapter 16→24→24→16 + fc→32"), fresh.stderr)
+        let adapter = try PEAAdapter.load(path: scratch.file("fresh/adapter.safetensors"), backend: CPUBackend(threads: 1))
+        XCTAssertEqual(adapter.widths, [16, 24, 24, 16])
+        XCTAssertEqual(adapter.outputDim, 32)
+    }
+
+    /// SDXL training's own mistakes are usage errors (status 2) naming the option, or clear errors naming the
+    /// file; none leaves an adapter behind.
+    func testTrainCommandErrorsOnSDXL() throws {
+        let scratch = ScratchDirectory("pea-sdxl-train-errors")
+        let base = ["train", "--model", Self.pipeline, "--text-encoder", Self.encoder, "--data", Self.directory + "/corpus.jsonl",
+                    "--output", scratch.file("out"), "--steps", "2", "--backend", "cpu"]
+        let cases: [([String], Int32, [String])] = [
+            (base + ["--buckets", "24x16,wide"], 2, ["--buckets", "'wide' is not WIDTHxHEIGHT"]),
+            (base + ["--buckets", "24x16,24x16"], 2, ["--buckets", "listed twice"]),
+            (base + ["--buckets", "25x16"], 2, ["--buckets", "25x16", "multiple of the VAE's factor 2"]),
+            (base + ["--crop", "center"], 2, ["--crop", "needs --buckets"]),
+            (base + ["--buckets", "sdxl", "--crop", "left"], 2, ["--crop", "random", "center"]),
+            (base + ["--noise-offset", "-0.1"], 2, ["--noise-offset", "at least 0"]),
+            (base + ["--resolution", "15"], 2, ["--resolution", "multiple of the VAE's factor 2"]),
+            (base + ["--buckets", "24x16,20x20,16x24", "--batch-size", "5"], 1, ["corpus.jsonl", "filled no aspect bucket with a batch of 5", "--batch-size"]),
+            (base + ["--init-adapter", fixturesDirectory() + "/pea/adapter_sd1.safetensors"], 1, ["SDXL adapter form", "SD1.x form"]),
+        ]
+        for (arguments, status, fragments) in cases {
+            let result = try runPea(arguments)
+            XCTAssertEqual(result.status, status, "\(arguments): \(result.stderr)")
+            for fragment in fragments {
+                XCTAssertTrue(result.stderr.contains(fragment), "\(arguments): '\(fragment)' not in \(result.stderr)")
+            }
+            XCTAssertFalse(fileExists(scratch.file("out/adapter.safetensors")))
+        }
+    }
+
+    /// The image file name of manifest line `line` (0-based).
+    private func manifestImageName(line: Int) -> String {
+        let lines = String(decoding: readFileBytes(Self.directory + "/corpus.jsonl")!, as: UTF8.self).split(separator: "\n")
+        let image = (try? JSONValue.parse(String(lines[line])))?.objectValue?["image"]?.stringValue ?? ""
+        return String(image.split(separator: "/").last ?? "")
+    }
+}
