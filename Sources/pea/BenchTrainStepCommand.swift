@@ -4,7 +4,9 @@ import PEADiffusion
 enum BenchTrainStepOptions {
     typealias B = BenchModelOptions
     static let adapter = CommandOption.value(
-        "--adapter", "IN,HIDDEN,…,OUT", help: "the adapter's widths (default 1024,2048,2048,<cross_attention_dim>)")
+        "--adapter", "IN,HIDDEN,…,OUT",
+        help: "the adapter's widths (default 1024,2048,2048,<cross_attention_dim>; SDXL: IN,…,P ending with the pooled "
+            + "width P, default 1024,2048,2048,1280, then fc → cross_attention_dim)")
     static let spec = CommandSpec(
         name: "bench train-step",
         usage: ["pea bench train-step --config FILE [--latent HxW] [--batch B] [--context-length T]",
@@ -16,7 +18,13 @@ enum BenchTrainStepOptions {
             on the empty prompt's (one sample in ten switched to it, as --uncond-prob 0.1), the student UNet forward and
             backward through the frozen UNet into the adapter, the three losses, and the AdamW update. Inputs are random:
             latent [B,4,H,W], student states [B,T,IN], teacher states [B,T,cross_attention_dim]. The adapter defaults to
-            the official training shape 1024,2048,2048,<cross_attention_dim>. One warm-up step, then R timed (default 3).
+            the official training shape 1024,2048,2048,<cross_attention_dim>. An SDXL config (addition_embed_type
+            "text_time") is benchmarked with the SDXL adapter form: --adapter IN,…,P ends with the pooled width P that
+            the UNet's add embedding expects (projection_class_embeddings_input_dim − 6 × addition_time_embed_dim; 1280
+            for SDXL), then fc → cross_attention_dim (default 1024,2048,2048,1280 → 2048, train_sdxl_zh.py's shape);
+            the student's pooled text_embeds is the adapter's pooled output on the conditional states, and the inputs
+            gain time_ids [B,6] (original size and target size H×8, W×8, crop 0,0) and the teacher's text_embeds [B,P]
+            (random). One warm-up step, then R timed (default 3).
             --json prints one object: config, latent_h, latent_w, batch, precision, best_ms, median_ms, optimizer_median_ms
             (the median time from the gradients being ready to the new weights: the clipping norm and AdamW, on the
             backend that holds the adapter), peak_rss_mb (and peak_device_mb on CUDA), adapter_parameters. The UNet runs
@@ -38,31 +46,45 @@ func runBenchTrainStep(_ arguments: [String]) throws {
     let backend = settings.backend, dtype = settings.dtype, contextLength = settings.contextLength
 
     let config = try UNetConfig(ConfigFile(path: configPath))
-    guard config.textTime == nil else {
-        throw PEAError.usage("\(command): \(configPath) is an SDXL UNet; the training step is benchmarked for SD1.x/SD2.x configs")
-    }
     let cross = config.crossAttentionDim[0]
-    let widths = try (try options.optionalString(BenchTrainStepOptions.adapter) ?? "1024,2048,2048,\(cross)").split(separator: ",").map { part -> Int in
-        guard let width = Int(part), width > 0 else { throw PEAError.usage("\(command): --adapter must be positive widths like 1024,2048,2048,768") }
+    // SDXL: the adapter's stack ends with the pooled width its add embedding expects, then fc → cross_attention_dim.
+    let pooledWidth = config.textTime.map { $0.projectionInputDim - 6 * $0.timeEmbedDim }
+    if let pooledWidth, pooledWidth < 1 {
+        throw PEAError.usage("\(command): \(configPath): projection_class_embeddings_input_dim leaves no room for a pooled text embedding")
+    }
+    let outWidth = pooledWidth ?? cross
+    let widths = try (try options.optionalString(BenchTrainStepOptions.adapter) ?? "1024,2048,2048,\(outWidth)").split(separator: ",").map { part -> Int in
+        guard let width = Int(part), width > 0 else {
+            throw PEAError.usage("\(command): --adapter must be positive widths like 1024,2048,2048,\(outWidth)")
+        }
         return width
     }
-    guard widths.count >= 2, widths.last == cross else {
-        throw PEAError.usage("\(command): --adapter must end with the UNet's cross_attention_dim \(cross)")
+    guard widths.count >= 2, widths.last == outWidth else {
+        throw PEAError.usage(pooledWidth == nil
+            ? "\(command): --adapter must end with the UNet's cross_attention_dim \(cross)"
+            : "\(command): --adapter must end with the pooled width \(outWidth) this SDXL UNet's add embedding expects "
+                + "(projection_class_embeddings_input_dim − 6 × addition_time_embed_dim); fc then maps it to \(cross)")
     }
     let unet = try UNet2DConditionModel(config: config, weights: Weights(RandomWeights(backend: backend, seed: 1, dtype: dtype)))
-    let training = try AdapterOptimization(adapter: PEAAdapter.initialized(widths: widths, backend: backend, seed: 2),
+    let training = try AdapterOptimization(adapter: PEAAdapter.initialized(widths: widths, fcOutput: pooledWidth == nil ? nil : cross, backend: backend, seed: 2),
                                            weightDecay: 0.1, backend: backend)
     var random = SplitMix64(seed: 7)
     func randomTensor(_ shape: [Int]) throws -> Tensor { try backend.upload(random.normals(shape.reduce(1, *)), shape: shape) }
     let latentShape = [batch, config.inChannels, latent.height, latent.width]
     let step = KnowledgeDistillation(unet: unet)
+    // SDXL's added conditioning: original size, crop top-left, target size (in pixels), as the pipeline passes them.
+    let pixels = [Float(latent.height * 8), Float(latent.width * 8)]
+    let timeIds = try pooledWidth.map { _ in
+        try backend.upload(Array(repeating: pixels + [0, 0] + pixels, count: batch).flatMap { $0 }, shape: [batch, 6])
+    }
+    let teacherTextEmbeds = try pooledWidth.map { try randomTensor([batch, $0]) }
     let inputs = DistillationBatch(
         noisyLatents: try randomTensor(latentShape), target: try randomTensor(latentShape),
         timesteps: try backend.upload(HostTensor(ids: (0..<batch).map { 100 + 37 * $0 }, shape: [batch])),
         studentStates: try randomTensor([batch, contextLength, widths[0]]),
         studentStatesUncond: try randomTensor([batch, contextLength, widths[0]]),
         teacherStates: try randomTensor([batch, contextLength, cross]), teacherStatesUncond: try randomTensor([batch, contextLength, cross]),
-        uncondMask: (0..<batch).map { $0 % 10 == 9 ? 1 : 0 })
+        uncondMask: (0..<batch).map { $0 % 10 == 9 ? 1 : 0 }, timeIds: timeIds, teacherTextEmbeds: teacherTextEmbeds)
 
     var times: [Double] = [], optimizerTimes: [Double] = []
     for run in 0...repeats {
