@@ -135,6 +135,8 @@ class Adapter(nn.Module):
 
 t0 = time.perf_counter()
 unet = UNet2DConditionModel.from_config(config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+if cfg["torch_checkpointing"]:
+    unet.enable_gradient_checkpointing()  # diffusers: each resnet and transformer recomputed in the backward pass
 adapter = Adapter(widths, cross if sdxl else None).to(device)  # float32 master weights
 optimizer = torch.optim.AdamW(adapter.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 build_s = time.perf_counter() - t0
@@ -260,6 +262,8 @@ def run_pea(pea, settings, lib=None):
            "--context-length", str(settings["context_length"]),
            "--adapter", ",".join(str(w) for w in settings["adapter"]),
            "--repeats", str(settings["repeats"]), "--threads", str(settings["threads"]), "--json"]
+    if settings["pea_checkpointing"]:
+        cmd.append("--gradient-checkpointing")
     env = thread_env(settings["threads"])
     if settings["device"] == "cuda":
         cmd += ["--backend", "cuda", "--precision", settings["precision"]]
@@ -350,7 +354,9 @@ def run_config(args, config, height, width, repeats):
 
     settings = {"config": os.path.abspath(config), "height": height, "width": width, "batch": args.batch,
                 "context_length": args.context_length, "adapter": widths, "threads": args.threads,
-                "repeats": repeats, "device": args.device, "precision": args.precision}
+                "repeats": repeats, "device": args.device, "precision": args.precision,
+                "pea_checkpointing": args.gradient_checkpointing in ("pea", "both"),
+                "torch_checkpointing": args.gradient_checkpointing in ("torch", "both")}
     name = display_name(config)
     print(f"{name}: torch side ...", file=sys.stderr, flush=True)
     ref = run_torch(args.python, settings)
@@ -391,6 +397,8 @@ def run_config(args, config, height, width, repeats):
         # One section per device, precision and UNet family, so an fp16 run does not replace the fp32 figures
         # and an SDXL run does not replace the SD1.5 ones.
         family = SDXL_SUFFIX if sdxl else ""
+        if args.gradient_checkpointing != "none":
+            family += f", gradient checkpointing: {args.gradient_checkpointing}"
         section_name = (f"{CUDA_SECTION}{family}, {args.precision}" if args.device == "cuda"
                         else f"{SECTION}{family}")
         section = "\n".join([
@@ -404,6 +412,9 @@ def run_config(args, config, height, width, repeats):
             f"- step: teacher forward (no_grad) + student forward with feature hooks on every block, task + logits + "
             f"0.1 × feature MSE, backward into the adapter, AdamW(lr 1e-5, wd 0.1) step; context length "
             f"{args.context_length}; {ref['adapter_params']:,} adapter parameters",
+            *([f"- gradient checkpointing ({args.gradient_checkpointing}): pea `--gradient-checkpointing` (every resnet "
+               "and transformer block recomputed in the backward pass) / diffusers' `unet.enable_gradient_checkpointing()`"]
+              if args.gradient_checkpointing != "none" else []),
             *([f"- SDXL: the SDXL adapter form (stack to {out_width}, fc → {cross}, pooled = mean over tokens); "
                f"added_cond_kwargs time_ids ({height * 8}, {width * 8}, 0, 0, {height * 8}, {width * 8}), the "
                "student's text_embeds the pooled output on the conditional states (never switched by the uncond "
@@ -448,6 +459,9 @@ def main():
     parser.add_argument("--dry-run", action="store_true",
                         help="check the script quickly: the tiny SD1 and SDXL UNets of Tests/Fixtures (or --config), "
                              "latent 8x8, adapter 12,20,20,16 (SDXL: fc → 32)")
+    parser.add_argument("--gradient-checkpointing", choices=["none", "pea", "torch", "both"], default="none",
+                        help="which side recomputes its resnets and transformer blocks in the backward pass instead "
+                             "of keeping their activations (default: %(default)s)")
     parser.add_argument("--write", metavar="RESULTS.md", help="record the table in this markdown file")
     args = parser.parse_args()
     if args.device == "cpu" and args.precision != "fp32":

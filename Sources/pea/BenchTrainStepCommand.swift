@@ -7,10 +7,13 @@ enum BenchTrainStepOptions {
         "--adapter", "IN,HIDDEN,…,OUT",
         help: "the adapter's widths (default 1024,2048,2048,<cross_attention_dim>; SDXL: IN,…,P ending with the pooled "
             + "width P, default 1024,2048,2048,1280, then fc → cross_attention_dim)")
+    static let gradientCheckpointing = CommandOption.flag(
+        "--gradient-checkpointing", help: "recompute the student's resnets and transformer blocks in the backward pass "
+            + "instead of keeping their activations (pea train --gradient-checkpointing)")
     static let spec = CommandSpec(
         name: "bench train-step",
         usage: ["pea bench train-step --config FILE [--latent HxW] [--batch B] [--context-length T]",
-                "                     [--adapter IN,HIDDEN,…,OUT] [--repeats R] [--json] [--profile]",
+                "                     [--adapter IN,HIDDEN,…,OUT] [--gradient-checkpointing] [--repeats R] [--json] [--profile]",
                 "                     [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--threads T]"],
         description: """
             Times one step of PEA distillation at the size of a UNet config (random weights; speed does not depend on the
@@ -32,7 +35,7 @@ enum BenchTrainStepOptions {
             each op call bracketed by GPU events and prints the GPU time per op and the GPU's idle time waiting for the
             host (with --json: the keys profile, a list of {op, calls, ms}, profile_span_ms and profile_device_allocations).
             """,
-        groups: [.init("Options", [B.config, B.latent, B.batch, B.contextLength, adapter, B.repeats, B.json, profileOption]
+        groups: [.init("Options", [B.config, B.latent, B.batch, B.contextLength, adapter, gradientCheckpointing, B.repeats, B.json, profileOption]
                                   + BackendOptions.all)])
 }
 
@@ -48,7 +51,7 @@ func runBenchTrainStep(_ arguments: [String]) throws {
     let config = try UNetConfig(ConfigFile(path: configPath))
     let cross = config.crossAttentionDim[0]
     // SDXL: the adapter's stack ends with the pooled width its add embedding expects, then fc → cross_attention_dim.
-    let pooledWidth = config.textTime.map { $0.projectionInputDim - 6 * $0.timeEmbedDim }
+    let pooledWidth = config.pooledTextDim
     if let pooledWidth, pooledWidth < 1 {
         throw PEAError.usage("\(command): \(configPath): projection_class_embeddings_input_dim leaves no room for a pooled text embedding")
     }
@@ -71,7 +74,7 @@ func runBenchTrainStep(_ arguments: [String]) throws {
     var random = SplitMix64(seed: 7)
     func randomTensor(_ shape: [Int]) throws -> Tensor { try backend.upload(random.normals(shape.reduce(1, *)), shape: shape) }
     let latentShape = [batch, config.inChannels, latent.height, latent.width]
-    let step = KnowledgeDistillation(unet: unet)
+    let step = KnowledgeDistillation(unet: unet, gradientCheckpointing: options.has(BenchTrainStepOptions.gradientCheckpointing))
     // SDXL's added conditioning: original size, crop top-left, target size (in pixels), as the pipeline passes them.
     let pixels = [Float(latent.height * 8), Float(latent.width * 8)]
     let timeIds = try pooledWidth.map { _ in

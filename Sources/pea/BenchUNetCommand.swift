@@ -86,8 +86,8 @@ func runBenchUNet(_ arguments: [String]) throws {
         sample: try randomTensor([batch, config.inChannels, latent.height, latent.width]),
         timestep: try backend.upload(HostTensor(ids: Array(repeating: 500, count: batch), shape: [batch])),
         encoderHiddenStates: try randomTensor([batch, settings.contextLength, config.crossAttentionDim[0]]))
-    if let textTime = config.textTime {
-        inputs.textEmbeds = try randomTensor([batch, textTime.projectionInputDim - 6 * textTime.timeEmbedDim])
+    if let pooled = config.pooledTextDim {
+        inputs.textEmbeds = try randomTensor([batch, pooled])
         inputs.timeIds = try randomTensor([batch, 6])
     }
     if let dim = config.timeCondProjDim { inputs.timestepCondition = try randomTensor([batch, dim]) }

@@ -8,15 +8,17 @@ final class KnowledgeDistillationTests: XCTestCase {
     static let gradientTolerance = ParityTolerance(relativeL2: 1e-3, maxAbsolute: 1e-3)
 
     /// Runs the fixture's step on `backend` and compares it with torch.
+    @discardableResult
     static func checkStep(_ name: String, on backend: any ComputeBackend, tolerance: ParityTolerance = gradientTolerance,
-                          file: StaticString = #filePath, line: UInt = #line) throws {
+                          gradientCheckpointing: Bool = false, file: StaticString = #filePath, line: UInt = #line) throws -> [String: [Float]] {
         let fixture = fixturesDirectory() + "/kd/\(name).safetensors"
         let expected = try SafeTensorsFile(path: fixture)
         let sdxl = name.hasPrefix("sdxl")
         let unet = try UNet2DConditionModel.load(folder: fixturesDirectory() + "/pipelines/\(sdxl ? "sdxl" : "sd1")/unet", backend: backend).model
         let adapter = try PEAAdapter.load(path: fixturesDirectory() + "/kd/adapter_\(sdxl ? "sdxl" : "sd1").safetensors", backend: backend)
         let batch = try DistillationBatch.load(path: fixture, backend: backend)
-        let (losses, gradients) = try KnowledgeDistillation(unet: unet).step(adapter: adapter, batch: batch)
+        let (losses, gradients) = try KnowledgeDistillation(unet: unet, gradientCheckpointing: gradientCheckpointing)
+            .step(adapter: adapter, batch: batch)
 
         let measured = [("loss_task", losses.task), ("loss_logits", losses.logits), ("loss_features", losses.features), ("loss", losses.total)]
         for (key, value) in measured {
@@ -27,6 +29,22 @@ final class KnowledgeDistillationTests: XCTestCase {
             assertClose(try backend.downloadFloats(XCTUnwrap(gradients[parameter])), try expected.tensor("grad.\(parameter)").floats(),
                         tolerance, "\(name) grad.\(parameter)", file: file, line: line)
         }
+        return try gradients.mapValues { try backend.downloadFloats($0) }
+    }
+
+    /// Gradient checkpointing (`pea train --gradient-checkpointing`): every resnet and transformer block of the
+    /// student runs again in the backward pass; the gradients are torch's, and the plain tape's up to the order
+    /// of summation (f32 rounding: relative L2 ≤ 1e-5), on the CPU and the emulated CUDA backend.
+    func testGradientCheckpointingGivesTheSameGradients() throws {
+        let cpu = CPUBackend(threads: 2)
+        for name in ["sd1_hybrid", "sdxl_plain"] {
+            let plain = try Self.checkStep(name, on: cpu)
+            let checkpointed = try Self.checkStep(name, on: cpu, gradientCheckpointing: true)
+            for (parameter, values) in plain {
+                assertClose(checkpointed[parameter]!, values, ParityTolerance(relativeL2: 1e-5, maxAbsolute: 1e-6), "\(name) checkpointed grad.\(parameter)")
+            }
+        }
+        try Self.checkStep("sdxl_plain", on: CUDABackendParityTests.sharedCUDA(), gradientCheckpointing: true)
     }
 
     func testPlainStepMatchesTorchAutograd() throws {

@@ -142,15 +142,9 @@ final class TrainingTests: XCTestCase {
         let filling = try run(cache)
         XCTAssertEqual(listDirectory(scratch.file("latents")).isEmpty, false)
         let trainer = try makeTrainer(data: data, options: options, backend: backend, cache: cache)
-        var decoded = 0
-        let cached = trainer.dataset.cachedGeometry!
-        trainer.dataset.cachedGeometry = { record in
-            let geometry = cached(record)
-            if geometry == nil { decoded += 1 }
-            return geometry
-        }
+        let decoded = trainer.dataset.countingDecodes()
         while trainer.step < options.steps { _ = try trainer.trainStep() }
-        XCTAssertEqual(decoded, 0, "every latent should come from the cache")
+        XCTAssertEqual(decoded(), 0, "every latent should come from the cache")
         XCTAssertEqual(try filling.masterWeights(), try plain.masterWeights())
         XCTAssertEqual(try trainer.masterWeights(), try plain.masterWeights())
     }
@@ -214,5 +208,20 @@ final class TrainingTests: XCTestCase {
             }
             XCTAssertFalse(fileExists(scratch.file("out/adapter.safetensors")))
         }
+    }
+}
+
+extension TrainingDataset {
+    /// From now on, counts the records whose image is decoded (no cached geometry); the returned closure reads
+    /// the count.
+    func countingDecodes() -> () -> Int {
+        var decoded = 0
+        let lookup = cachedGeometry
+        cachedGeometry = { record in
+            let geometry = lookup?(record)
+            if geometry == nil { decoded += 1 }
+            return geometry
+        }
+        return { decoded }
     }
 }

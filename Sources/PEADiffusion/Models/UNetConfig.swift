@@ -27,6 +27,9 @@ public struct UNetConfig {
     public var hasMidBlock: Bool
     /// SDXL: `addition_embed_type: "text_time"`.
     public var textTime: (timeEmbedDim: Int, projectionInputDim: Int)?
+    /// SDXL: the width of the pooled text embedding the add-embedding expects beside the six time ids (1280 for
+    /// SDXL base); nil without text_time.
+    public var pooledTextDim: Int? { textTime.map { $0.projectionInputDim - 6 * $0.timeEmbedDim } }
     /// LCM: a guidance embedding added to the timestep before `time_embedding`.
     public var timeCondProjDim: Int?
     public var sampleSize: Int?

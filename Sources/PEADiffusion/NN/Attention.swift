@@ -61,7 +61,12 @@ public struct BasicTransformerBlock {
         feedForward = try FeedForward(w["ff"], dim: dim)
     }
 
+    /// A gradient checkpoint when training asks for one (`checkpointedLayer`).
     public func callAsFunction(_ x: Tensor, context: Tensor) throws -> Tensor {
+        try checkpointedLayer("transformer block", [x, context]) { inputs in try self.forward(inputs[0], context: inputs[1]) }
+    }
+
+    private func forward(_ x: Tensor, context: Tensor) throws -> Tensor {
         let b = x.backend
         var h = try b.add(x, selfAttention(norm1(x)))
         h = try b.add(h, crossAttention(norm2(h), context: context))

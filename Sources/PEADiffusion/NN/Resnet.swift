@@ -23,8 +23,15 @@ public struct ResnetBlock2D {
         self.outputScale = outputScale
     }
 
-    /// x [B, C, H, W]; `timeEmbedding` [B, T] (already through SiLU, see `UNet2DConditionModel`) or nil.
+    /// x [B, C, H, W]; `timeEmbedding` [B, T] (already through SiLU, see `UNet2DConditionModel`) or nil. A
+    /// gradient checkpoint when training asks for one (`checkpointedLayer`).
     public func callAsFunction(_ x: Tensor, timeEmbedding: Tensor? = nil) throws -> Tensor {
+        try checkpointedLayer("resnet", [x] + (timeEmbedding.map { [$0] } ?? [])) { inputs in
+            try self.forward(inputs[0], timeEmbedding: inputs.count > 1 ? inputs[1] : nil)
+        }
+    }
+
+    private func forward(_ x: Tensor, timeEmbedding: Tensor?) throws -> Tensor {
         let b = x.backend
         var h = try conv1(norm1(x, silu: true))
         if let timeProjection, let timeEmbedding {

@@ -71,11 +71,15 @@ public struct KnowledgeDistillation {
     /// carries what the task term teaches, without its noise: the task loss is dominated by the irreducible
     /// error of predicting ε, whose gradient is noise at small batches (see tools/toyworld/README.md).
     public var taskWeight: Float
+    /// Gradient checkpointing of the student's resnets and transformer blocks (`TapedBackend.checkpointsLayers`):
+    /// the same gradients (up to summation order) for less activation memory and a second forward pass of them.
+    public var gradientCheckpointing: Bool
 
-    public init(unet: UNet2DConditionModel, featureWeight: Float = 0.1, taskWeight: Float = 1) {
+    public init(unet: UNet2DConditionModel, featureWeight: Float = 0.1, taskWeight: Float = 1, gradientCheckpointing: Bool = false) {
         self.unet = unet
         self.featureWeight = featureWeight
         self.taskWeight = taskWeight
+        self.gradientCheckpointing = gradientCheckpointing
     }
 
     /// One forward and backward pass: the losses, and d loss / d parameter for every adapter parameter by its
@@ -101,6 +105,7 @@ public struct KnowledgeDistillation {
 
         // Student, recorded.
         let tape = TapedBackend(wrapping: backend)
+        tape.checkpointsLayers = gradientCheckpointing
         let parameters = adapter.namedParameters
         for parameter in parameters { tape.requireGradient(parameter.tensor) }
         let conditional = try adapter(tape.wrap(batch.studentStates))

@@ -62,6 +62,8 @@ public struct TrainingOptions: Sendable {
     public var taskWeight: Float = 1
     public var timestepBias = TimestepBias()
     public var seed: UInt64 = 0
+    /// Gradient checkpointing of the student's resnets and transformer blocks (`KnowledgeDistillation`).
+    public var gradientCheckpointing = false
     /// Save a checkpoint every this many steps (0: only at the end).
     public var saveEvery: Int = 0
 
@@ -108,9 +110,7 @@ public struct DistillationTeacher {
     public var isSDXL: Bool { unet.takesTextTime }
 
     /// The pooled width the SDXL UNet's add-embedding expects (the adapter's stack output), nil for SD1.x/SD2.x.
-    public var pooledDim: Int? {
-        unet.config.textTime.map { $0.projectionInputDim - 6 * $0.timeEmbedDim }
-    }
+    public var pooledDim: Int? { unet.config.pooledTextDim }
 
     /// Loads UNet, VAE, the English text encoder(s) + tokenizer(s) and the scheduler config from an SD1.x/SD2.x or
     /// SDXL pipeline folder, the VAE in the precision `ModelFamily.vaeDType` gives it.
@@ -265,7 +265,8 @@ public final class PEATrainer {
         let start = monotonicSeconds()
         let (_, batch) = try drawBatch()
         let (losses, gradients) = try KnowledgeDistillation(unet: teacher.unet, featureWeight: options.featureWeight,
-                                                             taskWeight: options.taskWeight)
+                                                             taskWeight: options.taskWeight,
+                                                             gradientCheckpointing: options.gradientCheckpointing)
             .step(adapter: adapter, batch: batch, lossScale: lossScale)
 
         let lr = options.schedule.learningRate(afterSteps: step)

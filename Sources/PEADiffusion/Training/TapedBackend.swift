@@ -129,6 +129,37 @@ public final class TapedBackend: ComputeBackend {
         tape.append(Entry(op: op, inputs: ids, outputs: outputIDs, outputShapes: outputs.map(\.shape), backward: backward))
     }
 
+    // MARK: gradient checkpointing
+
+    /// Gradient checkpointing (diffusers' `gradient_checkpointing`, `torch.utils.checkpoint`): when set, the layers
+    /// that ask (`checkpointedLayer`: every resnet and transformer block) keep only their inputs for the backward
+    /// pass and run again from them when it reaches them, trading a second forward pass of those layers for the
+    /// activations inside them.
+    public var checkpointsLayers = false
+
+    /// Runs `layer` on `inputs`, every tensor it reads that may take a gradient among them. When an input takes
+    /// part in differentiation, the forward pass runs on the wrapped backend (nothing inside the layer is
+    /// recorded or kept) and one entry is recorded, keeping the inputs, whose backward runs the layer again on a
+    /// nested tape and differentiates it there. Recomputing gives the same values (the same kernels on the same
+    /// inputs), so the gradients are those of the plain tape up to the order in which a buffer's gradient terms
+    /// are summed.
+    public func checkpointed(_ op: String, _ inputs: [Tensor], _ layer: @escaping ([Tensor]) throws -> Tensor) throws -> Tensor {
+        let inner = self.inner
+        func plain(_ t: Tensor) -> Tensor { Tensor(shape: t.shape, dtype: t.dtype, storage: t.storage, backend: inner) }
+        let needs = inputs.map(requiresGradient)
+        let output = wrap(try layer(inputs.map(plain)))
+        guard needs.contains(true) else { return output }
+        try record(op, inputs: inputs, differentiable: inputs.map { _ in true }, outputs: [output]) { gradients in
+            guard let gradient = gradients[0] else { return inputs.map { _ in nil } }
+            let nested = TapedBackend(wrapping: inner)
+            let replayed = inputs.map { nested.wrap(plain($0)) }
+            for (tensor, need) in zip(replayed, needs) where need { nested.requireGradient(tensor) }
+            try nested.backward(from: layer(replayed), seed: gradient)
+            return try zip(replayed, needs).map { tensor, need in need ? try nested.gradient(of: tensor).map(nested.unwrap) : nil }
+        }
+        return output
+    }
+
     // MARK: memory
 
     func wrap(_ t: Tensor) -> Tensor {
@@ -410,4 +441,12 @@ public final class TapedBackend: ComputeBackend {
     public func upsampleNearest2xBackward(_ gradOutput: Tensor) throws -> Tensor {
         wrap(try inner.upsampleNearest2xBackward(unwrap(gradOutput)))
     }
+}
+
+/// Runs a layer of the UNet, as a gradient checkpoint when its first input is on a `TapedBackend` that
+/// checkpoints layers (`TapedBackend.checkpointed`: `inputs` must hold every tensor the layer reads that may take
+/// a gradient); otherwise simply runs it.
+func checkpointedLayer(_ op: String, _ inputs: [Tensor], _ layer: @escaping ([Tensor]) throws -> Tensor) throws -> Tensor {
+    if let tape = inputs[0].backend as? TapedBackend, tape.checkpointsLayers { return try tape.checkpointed(op, inputs, layer) }
+    return try layer(inputs)
 }
