@@ -45,7 +45,8 @@ test: system-deps emu-test cuda-emu cuda-test cuda-compile-check
 ## make bench — every side-by-side benchmark, ours beside the reference with the ratio printed (recorded runs:
 ## benchmarks/RESULTS.md): GEMM against numpy; the SD1.5 UNet forward and the PEA training step against
 ## torch/diffusers on the CPU (the reference libraries from `make fixtures`' venv); with a GPU (nvidia-smi finds
-## one) also the CUDA kernels against torch and the UNet on cuda (needs `make cuda`). Takes a while on 2 cores.
+## one) also the CUDA kernels against torch, the UNet on cuda and the SDXL training step at 1024², fp16, batch 4 with
+## and without gradient checkpointing (needs `make cuda`). Takes a while on 2 cores.
 bench: build $(REF_VENV)/.installed
 	$(PYTHON) benchmarks/gemm_vs_numpy.py --pea $(RELEASE_BIN)
 	$(PYTHON) benchmarks/unet_vs_torch.py --pea $(RELEASE_BIN)
@@ -53,7 +54,12 @@ bench: build $(REF_VENV)/.installed
 	@if nvidia-smi -L >/dev/null 2>&1; then \
 		$(MAKE) cuda && \
 		$(REF_VENV)/bin/python benchmarks/kernels_vs_torch.py --pea $(RELEASE_BIN) && \
-		$(PYTHON) benchmarks/unet_vs_torch.py --pea $(RELEASE_BIN) --device cuda --precision fp16 --lib $(CUDA_OUT)/libpea_cuda.so; \
+		$(PYTHON) benchmarks/unet_vs_torch.py --pea $(RELEASE_BIN) --device cuda --precision fp16 --lib $(CUDA_OUT)/libpea_cuda.so && \
+		for checkpointing in none both; do \
+			$(PYTHON) benchmarks/train_step_vs_torch.py --pea $(RELEASE_BIN) --config benchmarks/configs/sdxl_unet.json \
+				--latent 128x128 --batch 4 --device cuda --precision fp16 --gradient-checkpointing $$checkpointing \
+				--lib $(CUDA_OUT)/libpea_cuda.so || exit 1; \
+		done; \
 	else echo "bench: no GPU here (nvidia-smi finds none): the CUDA benchmarks did not run"; fi
 
 ## make fuzz — the fuzz suite (Tests/PEADiffusionTests/FuzzTests.swift) at PEA_FUZZ_CASES cases per format (default
@@ -214,8 +220,9 @@ cuda-test: $(TEST_OPS) libpea_cuda_emu.so
 
 ## make gpu-check — on a machine with a GPU (nvcc + cuBLAS, no Swift): build libpea_cuda.so, run the op tests on the
 ## GPU, then `./pea selftest --backend cuda`, the SD1.5 UNet and training step's per-op GPU profiles (`pea bench …
-## --profile`, written to benchmarks/PROFILES.md) and benchmarks/kernels_vs_torch.py (when torch imports) when a
-## static `pea` was carried into the repository root (make gpu-bundle prepares such a folder)
+## --profile`) and the SDXL training step's device memory at 1024², batch 4, with and without gradient
+## checkpointing (all written to benchmarks/PROFILES.md) and benchmarks/kernels_vs_torch.py (when torch imports)
+## when a static `pea` was carried into the repository root (make gpu-bundle prepares such a folder)
 gpu-check: $(TEST_OPS)
 	@if [ -z "$(CUDA_NVCC)" ]; then echo "gpu-check: nvcc was not found (install the CUDA toolkit, or set NVCC=)" >&2; exit 1; fi
 	$(MAKE) --no-print-directory $(CUDA_LIB)
@@ -234,6 +241,14 @@ gpu-check: $(TEST_OPS)
 			table=$$(LD_LIBRARY_PATH=$(CURDIR)/lib:$$LD_LIBRARY_PATH PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) $$command) || exit 1; \
 			printf '%s\n' "$$table"; printf '%s\n```\n' "$$table" >> benchmarks/PROFILES.md; \
 		done; \
+		printf '\n## SDXL training step at 1024² (latent 128×128), fp16, batch 4: does it fit a 24 GB GPU? (peak_device_mb)\n\n```\n' >> benchmarks/PROFILES.md; \
+		for flag in "" "--gradient-checkpointing"; do \
+			command="./pea bench train-step --config benchmarks/configs/sdxl_unet.json --latent 128x128 --batch 4 --backend cuda --precision fp16 --repeats 2 --json $$flag"; \
+			echo "$$command"; \
+			line=$$(LD_LIBRARY_PATH=$(CURDIR)/lib:$$LD_LIBRARY_PATH PEA_CUDA_LIB=$(CURDIR)/$(CUDA_LIB) $$command) || exit 1; \
+			printf '%s\n' "$$line"; printf '%s\n%s\n' "$$command" "$$line" >> benchmarks/PROFILES.md; \
+		done; \
+		printf '```\n' >> benchmarks/PROFILES.md; \
 	else \
 		echo "gpu-check: no ./pea here, so no selftest (build one elsewhere: swift build -c release --static-swift-stdlib)"; \
 	fi

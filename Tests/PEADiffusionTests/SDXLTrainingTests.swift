@@ -217,6 +217,71 @@ final class SDXLTrainingTests: XCTestCase {
         }
     }
 
+    /// The method on SDXL: distillation through the tiny SDXL pipeline on a parallel corpus of landscape and
+    /// portrait images (two buckets) brings the student near the teacher, on captions it never saw too.
+    func testDistillationLearnsAndGeneralisesToHeldOutCaptions() throws {
+        let backend = CPUBackend(threads: 2)
+        let scratch = ScratchDirectory("pea-sdxl-learn")
+        var random = SplitMix64(seed: 1)
+        var lines: [String] = []
+        let words = TrainingTests.words
+        for i in 0..<24 {
+            let (width, height) = i % 2 == 0 ? (40, 24) : (24, 40)
+            let pixels = (0..<(width * height * 3)).map { _ in UInt8(random.uniform() * 255) }
+            try PNGWriter.write(rgb: pixels, width: width, height: height, to: scratch.file("image\(i).png"))
+            let (a, b) = (Int(random.uniform() * 10) % 10, Int(random.uniform() * 10) % 10)
+            lines.append("{\"image\": \"image\(i).png\", \"text\": \"\(words[a].0)\(words[b].0)\", \"text_en\": \"\(words[a].1) \(words[b].1)\"}")
+        }
+        let data = scratch.write(lines.joined(separator: "\n") + "\n", to: "corpus.jsonl")
+        var options = TrainingOptions(steps: 150, batchSize: 4)
+        options.learningRate = 2e-3
+        options.warmupSteps = 10
+        options.buckets = try AspectBuckets.parse("24x16,16x24")
+        options.seed = 3
+        options.hybrid = true   // every record is parallel: the two KD terms only, as TrainingTests' SD1 run
+        let teacher = try DistillationTeacher.load(folder: Self.pipeline, backend: backend)
+        let student = try LanguageEncoders.load(folder: Self.encoder, backend: backend)
+        let adapter = try PEAAdapter.initialized(widths: [student.hiddenSize, 32, 32, teacher.pooledDim!],
+                                                 fcOutput: teacher.unet.config.crossAttentionDim[0], backend: backend, seed: 3)
+        let dataset = try TrainingDataset(source: .manifest(path: data), shape: options.imageShape, seed: options.seed)
+        let trainer = try PEATrainer(teacher: teacher, student: student, adapter: adapter, dataset: dataset, options: options, backend: backend)
+
+        // Three-word captions: a length never trained on.
+        let heldOut = [(0, 3, 7), (2, 5, 9), (8, 4, 1), (6, 1, 3)].map { a, b, c in
+            (words[a].0 + words[b].0 + words[c].0, "\(words[a].1) \(words[b].1) \(words[c].1)")
+        }
+        func gap() throws -> Float {
+            var random = SplitMix64(seed: 99)
+            let size = heldOut.count, shape = [size, 4, 8, 12]
+            let english = try trainer.teacher.text.encode(heldOut.map(\.1), warn: { _ in })
+            let states = try trainer.student.encode(heldOut.map(\.0), warn: { _ in })
+            let batch = DistillationBatch(
+                noisyLatents: try backend.upload(random.normals(shape.reduce(1, *)), shape: shape),
+                target: try backend.zeros(shape, dtype: .f32),
+                timesteps: try backend.upload(HostTensor(ids: (0..<size).map { 100 + 200 * $0 }, shape: [size])),
+                studentStates: states, studentStatesUncond: states, teacherStates: english.states, teacherStatesUncond: english.states,
+                uncondMask: Array(repeating: 0, count: size),
+                timeIds: try backend.upload(Array(repeating: [40, 60, 0, 4, 16, 24] as [Float], count: size).flatMap { $0 }, shape: [size, 6]),
+                teacherTextEmbeds: english.pooled)
+            return try KnowledgeDistillation(unet: trainer.teacher.unet).step(adapter: trainer.adapter, batch: batch).losses.logits
+        }
+        let before = try gap()
+        var reports: [TrainingStepReport] = []
+        while trainer.step < options.steps { reports.append(try trainer.trainStep()) }
+        let after = try gap()
+        func mean(_ slice: ArraySlice<TrainingStepReport>, _ term: (DistillationLosses) -> Float) -> Float {
+            slice.map { term($0.losses) }.reduce(0, +) / Float(slice.count)
+        }
+        let logits = (mean(reports.prefix(20), \.logits), mean(reports.suffix(20), \.logits))
+        let features = (mean(reports.prefix(20), \.features), mean(reports.suffix(20), \.features))
+        print("training SDXL: logits KD \(logits.0) → \(logits.1), features KD \(features.0) → \(features.1), held-out gap \(before) → \(after)")
+        // Measured (CPU, 2 threads): logits 0.0099 → 0.00064 (15×), features 0.295 → 0.0152 (19×), held-out gap
+        // 0.0072 → 0.00055 (13×). The bar is 5× on each, as the SD1 run's.
+        XCTAssertLessThan(logits.1, logits.0 / 5, "the output KD loss should fall at least 5×")
+        XCTAssertLessThan(features.1, features.0 / 5, "the feature KD loss should fall at least 5×")
+        XCTAssertLessThan(after, before / 5, "the student should approach the teacher on held-out captions (5×)")
+    }
+
     /// The image file name of manifest line `line` (0-based).
     private func manifestImageName(line: Int) -> String {
         let lines = String(decoding: readFileBytes(Self.directory + "/corpus.jsonl")!, as: UTF8.self).split(separator: "\n")

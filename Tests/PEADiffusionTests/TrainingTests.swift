@@ -181,6 +181,21 @@ final class TrainingTests: XCTestCase {
         XCTAssertTrue(fileExists(image))
     }
 
+    /// A learning rate that blows the adapter up ends the run at the first non-finite gradient, with an error that
+    /// names the learning rate (f32: no loss scale to halve).
+    func testNonFiniteGradientsNameTheLearningRate() throws {
+        let scratch = ScratchDirectory("pea-train-nan")
+        let data = try Self.writeCorpus(in: scratch, count: 4, seed: 2)
+        var options = TrainingOptions(steps: 4, batchSize: 2)
+        options.resolution = 32
+        options.learningRate = 1e38
+        options.warmupSteps = 0
+        let trainer = try makeTrainer(data: data, options: options, backend: CPUBackend(threads: 2))
+        assertThrowsError(containing: ["gradients are not finite", "--lr, now 1e+38"]) {
+            while trainer.step < options.steps { _ = try trainer.trainStep() }
+        }
+    }
+
     /// Bad usage and bad data are clear errors with a non-zero exit, and leave no adapter behind.
     func testTrainCommandErrors() throws {
         let scratch = ScratchDirectory("pea-train-errors")

@@ -279,7 +279,7 @@ public final class PEATrainer {
             lossScale /= 2   // f16 overflow: skip the update, retry the next batch at half the scale
             stepsSinceOverflow = 0
         } else if !finite {
-            throw PEAError.backend("training step \(step + 1): the gradients are not finite (loss \(losses.total)); lower the learning rate or check the data")
+            throw PEAError.backend("training step \(step + 1): the gradients are not finite (loss \(losses.total)); lower the learning rate (--lr, now \(options.learningRate)) or check the data")
         }
         step += 1
         return TrainingStepReport(step: step, losses: losses, learningRate: Float(lr), gradientNorm: norm ?? .nan,
