@@ -33,7 +33,7 @@ enum TrainOptions {
     static let resolution = CommandOption.value(
         "--resolution", "R", default: "512", .range(1...8192),
         help: "square training resolution; images are resized (shorter side) and center-cropped. A multiple of the VAE's "
-            + "factor (8); also the validation images' size")
+            + "factor (8); also the validation images' size (with --buckets, give it to choose that size)")
     static let buckets = CommandOption.value(
         "--buckets", "LIST",
         help: "aspect-ratio buckets instead of the square: 'sdxl' (the authors' nine, 448x896 … 896x448) or WIDTHxHEIGHT,… "
@@ -140,8 +140,9 @@ enum TrainOptions {
             .init("Validation (samples from the adapter as it trains)",
                   [validationPrompt, validationEvery, validationSeeds, validationSteps, validationGuidance], note: """
                     Each image is what `pea generate --model DIR --text-encoder ENC --adapter <the adapter at that step> --seed C
-                    --width R --height R --steps S --guidance G` makes (the folder's scheduler, no negative prompt) at the training
-                    resolution R, drawn with the models already loaded; the training itself is unchanged by it. The grid (rows =
+                    --width W --height H --steps S --guidance G` makes (the folder's scheduler, no negative prompt) at W = H = the
+                    training resolution R (with --buckets and no --resolution: the bucket nearest a square, 640x640 of sdxl's),
+                    drawn with the models already loaded; the training itself is unchanged by it. The grid (rows =
                     prompts, columns = seeds, 2 white pixels between images) is written to OUTPUT/validation/step-000500.png
                     (the step, 6 digits) and its path printed on stderr.
                   """),
@@ -254,7 +255,10 @@ func runTrain(_ arguments: [String]) throws {
     let trainer = try PEATrainer(teacher: teacher, student: student, adapter: adapter, dataset: dataset,
                                  options: settings, backend: backend, latentCache: cache)
     let validator = try validation.map {
-        try TrainingValidator(teacher: teacher, student: student, options: $0, resolution: settings.resolution, backend: backend)
+        // With buckets and no --resolution: a trained size, the bucket nearest a square (640x640 of sdxl's).
+        let size = options.has(O.resolution) ? nil : settings.buckets.map { $0.sizes[$0.nearest(width: 1, height: 1)] }
+        return try TrainingValidator(teacher: teacher, student: student, options: $0, width: size?.width ?? settings.resolution,
+                                     height: size?.height ?? settings.resolution, backend: backend)
     }
     if let resume = try options.optionalString(O.resume) {
         try trainer.resume(from: resume)

@@ -164,13 +164,16 @@ final class SDXLTrainingTests: XCTestCase {
         XCTAssertEqual(generated.status, 0, generated.stderr)
         XCTAssertTrue(fileExists(image))
 
-        // A new adapter: the stack to the pooled width 16, the head to cross_attention_dim 32 (square images).
+        // A new adapter: the stack to the pooled width 16, the head to cross_attention_dim 32; validation images at
+        // the bucket nearest a square (16x24), as no --resolution was given.
         let fresh = try runPea(["train", "--model", Self.pipeline, "--text-encoder", Self.encoder, "--data", Self.directory + "/corpus.jsonl",
-                                "--steps", "1", "--batch-size", "2", "--resolution", "16", "--adapter-hidden", "24",
+                                "--steps", "1", "--batch-size", "2", "--buckets", "24x16,16x24", "--adapter-hidden", "24",
                                 "--validation-prompt", "红色的猫", "--validation-every", "1", "--validation-steps", "2",
                                 "--validation-seeds", "1", "--output", scratch.file("fresh"), "--backend", "cpu"])
         XCTAssertEqual(fresh.status, 0, fresh.stderr)
-        XCTAssertTrue(fileExists(scratch.file("fresh/validation/step-000001.png")), "the SDXL validation grid")
+        let grid = try XCTUnwrap(readFileBytes(scratch.file("fresh/validation/step-000001.png")), "the SDXL validation grid")
+        func bigEndian(_ at: Int) -> Int { grid[at..<(at + 4)].reduce(0) { $0 << 8 | Int($1) } }
+        XCTAssertEqual([bigEndian(16), bigEndian(20)], [16, 24], "one image of the bucket nearest a square, 16 wide and 24 high")
         XCTAssertTrue(fresh.stderr.contains("adapter 16→24→24→16 + fc→32"), fresh.stderr)
         let adapter = try PEAAdapter.load(path: scratch.file("fresh/adapter.safetensors"), backend: CPUBackend(threads: 1))
         XCTAssertEqual(adapter.widths, [16, 24, 24, 16])

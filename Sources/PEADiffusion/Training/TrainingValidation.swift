@@ -38,27 +38,34 @@ public final class TrainingValidator {
     public static let gutter = 2
 
     public let options: ValidationOptions
-    /// Width and height of each image (the training resolution).
-    public let resolution: Int
+    /// Width and height of each image (the training resolution, or a bucket).
+    public let width, height: Int
     public let teacher: DistillationTeacher
     public let student: any LanguageEncoder
     public let backend: any ComputeBackend
     /// The scheduler config as `StableDiffusionPipeline.load` repairs it for the teacher's family.
     let samplingConfig: ConfigFile
 
-    public init(teacher: DistillationTeacher, student: any LanguageEncoder, options: ValidationOptions, resolution: Int,
+    /// Square images of side `resolution`.
+    public convenience init(teacher: DistillationTeacher, student: any LanguageEncoder, options: ValidationOptions, resolution: Int,
+                            backend: any ComputeBackend) throws {
+        try self.init(teacher: teacher, student: student, options: options, width: resolution, height: resolution, backend: backend)
+    }
+
+    public init(teacher: DistillationTeacher, student: any LanguageEncoder, options: ValidationOptions, width: Int, height: Int,
                 backend: any ComputeBackend) throws {
         guard !options.prompts.isEmpty, options.every >= 1, options.seeds >= 1, options.steps >= 1 else {
             throw PEAError.usage("validation needs at least one prompt, every ≥ 1, seeds ≥ 1 and steps ≥ 1")
         }
         let multiple = teacher.family.sizeMultiple(vaeScaleFactor: teacher.vae.downsamplingFactor)   // as `pea generate`
-        guard resolution > 0, resolution % multiple == 0 else {
-            throw PEAError.usage("validation: the resolution must be a positive multiple of \(multiple), got \(resolution)")
+        for side in [width, height] where side <= 0 || side % multiple != 0 {
+            throw PEAError.usage("validation: the image size must be a positive multiple of \(multiple), got \(width)x\(height)")
         }
         self.teacher = teacher
         self.student = student
         self.options = options
-        self.resolution = resolution
+        self.width = width
+        self.height = height
         self.backend = backend
         samplingConfig = teacher.family.schedulerConfig(teacher.schedulerConfig)   // as `pea generate`
         _ = try makeScheduler(name: nil, config: samplingConfig)   // an unsupported scheduler fails now, not at step N
@@ -74,7 +81,7 @@ public final class TrainingValidator {
                                                        conditioner: conditioner,
                                                        scheduler: try makeScheduler(name: nil, config: samplingConfig),
                                                        schedulerConfig: samplingConfig, backend: backend)
-                var request = GenerationRequest(prompt: prompt, width: resolution, height: resolution)
+                var request = GenerationRequest(prompt: prompt, width: width, height: height)
                 request.steps = options.steps
                 request.guidance = options.guidance
                 request.seed = UInt64(seed)
@@ -107,7 +114,7 @@ public final class TrainingValidator {
             "step": .number(Double(step)), "prompts": .array(options.prompts.map { .string($0) }),
             "seeds": .array((0..<options.seeds).map { .number(Double($0)) }), "steps": .number(Double(options.steps)),
             "guidance": .number(Double(String(options.guidance)) ?? Double(options.guidance)),
-            "width": .number(Double(resolution)), "height": .number(Double(resolution)),
+            "width": .number(Double(width)), "height": .number(Double(height)),
             "scheduler": .string((try? samplingConfig.string("_class_name")) ?? ""),
         ])
         try PNGWriter.write(rgb: image.pixels, width: image.width, height: image.height,
