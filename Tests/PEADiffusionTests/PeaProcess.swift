@@ -29,6 +29,20 @@ func runPea(_ arguments: [String], environment changes: [String: String?] = [:],
     return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
 }
 
+/// Runs command lines that must fail: each exits with its status, says each of its fragments on stderr, and leaves
+/// no file at `leavesNo`.
+func assertPeaFails(_ cases: [(arguments: [String], status: Int32, fragments: [String])], leavesNo path: String,
+                    file: StaticString = #filePath, line: UInt = #line) throws {
+    for (arguments, status, fragments) in cases {
+        let result = try runPea(arguments)
+        XCTAssertEqual(result.status, status, "\(arguments): \(result.stderr)", file: file, line: line)
+        for fragment in fragments {
+            XCTAssertTrue(result.stderr.contains(fragment), "\(arguments): '\(fragment)' not in \(result.stderr)", file: file, line: line)
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: path), "\(arguments) left \(path)", file: file, line: line)
+    }
+}
+
 /// Starts `pea` with `arguments` in the background, its stdout and stderr going to the file `log` (a pipe nobody
 /// reads could fill and stall it): for tests that signal the process while it runs.
 func startPea(_ arguments: [String], log: String) throws -> Process {
