@@ -36,13 +36,16 @@ final class FuzzTests: XCTestCase {
         var refused: [String: Int] = [:]
         var foreign: [String] = []
 
-        /// Runs one case: a value or a PEAError is fine; the error's case is counted.
+        /// Runs one case: a value, a PEAError or an HTTPError (the HTTP parser's refusal) is fine; the error's case
+        /// or status is counted.
         mutating func run(_ body: () throws -> Void) {
             do {
                 try body()
                 accepted += 1
             } catch let error as PEAError {
                 refused[Self.kind(error), default: 0] += 1
+            } catch let error as HTTPError {
+                refused["HTTP \(error.status)", default: 0] += 1
             } catch {
                 foreign.append("\(type(of: error)): \(error)")
             }
@@ -68,7 +71,7 @@ final class FuzzTests: XCTestCase {
 
     private func finish(_ tally: Tally, file: StaticString = #filePath, line: UInt = #line) {
         print(tally)
-        XCTAssertEqual(tally.foreign, [], "\(tally.format): errors that are not PEAError", file: file, line: line)
+        XCTAssertEqual(tally.foreign, [], "\(tally.format): errors that are not PEAError (or HTTPError)", file: file, line: line)
     }
 
     // MARK: mutators
@@ -401,6 +404,48 @@ final class FuzzTests: XCTestCase {
                 _ = try dataset.nextBatch(2)
             }
         }
+        finish(tally)
+    }
+
+    /// Mutated pipelined requests, fed in one read and in small pieces: both must give the same requests and
+    /// the same refusal, and no request may exceed the limits.
+    func testHTTPRequests() throws {
+        let valid = Array(("POST /sdapi/v1/txt2img?x=1 HTTP/1.1\r\nHost: 127.0.0.1:7860\r\nContent-Type: application/json\r\n"
+            + "Content-Length: 14\r\nConnection: keep-alive\r\n\r\n{\"prompt\":\"a\"}\r\nGET /health HTTP/1.0\r\n\r\n").utf8)
+        let limits = HTTPLimits(headerBytes: 200, bodyBytes: 32, headerCount: 6)
+        /// The requests the bytes hold and the error that ended them, the bytes given in pieces of `piece`.
+        func parse(_ bytes: [UInt8], piece: Int) -> ([HTTPRequest], HTTPError?) {
+            var parser = HTTPRequestParser(limits: limits)
+            var requests: [HTTPRequest] = []
+            for start in stride(from: 0, to: bytes.count, by: piece) {
+                parser.append(bytes[start..<min(bytes.count, start + piece)])
+                do {
+                    while let request = try parser.next() { requests.append(request) }
+                } catch {
+                    return (requests, error)
+                }
+            }
+            return (requests, nil)
+        }
+        var tally = Tally(format: "HTTP requests")
+        var random = SplitMix64(seed: seed &+ 12)
+        for _ in 0..<casesPerFormat {
+            let bytes = Self.mutate(valid, &random)
+            let piece = 1 + Int(random.next() % 16)
+            tally.run {
+                let (requests, error) = parse(bytes, piece: max(1, bytes.count))
+                let (piecewise, piecewiseError) = parse(bytes, piece: piece)
+                guard requests == piecewise, error == piecewiseError else {
+                    throw PEAError.shapeMismatch("in one read: \(requests.count) requests, \(String(describing: error)); "
+                        + "in pieces of \(piece): \(piecewise.count), \(String(describing: piecewiseError))")
+                }
+                for request in requests where request.body.count > limits.bodyBytes || request.headers.fields.count > limits.headerCount {
+                    throw PEAError.shapeMismatch("a request past the limits: \(request)")
+                }
+                if let error { throw error }
+            }
+        }
+        XCTAssertNil(tally.refused["shapeMismatch"], "the same bytes in pieces parse as in one read, within the limits")
         finish(tally)
     }
 
