@@ -198,7 +198,7 @@ struct ModelChoice {
     }
 
     /// Loads the pipeline (and the PEA encoder and adapter) on `selection`'s backend.
-    func load(_ options: ParsedOptions, settings: GenerateSettings, selection: BackendSelection) throws -> StableDiffusionPipeline {
+    func load(_ options: ParsedOptions, scheduler: String?, clipSkip: Int, selection: BackendSelection) throws -> StableDiffusionPipeline {
         typealias O = GenerateOptions
         if let notice { fputs(notice + "\n", stderr) }
         let backend = selection.backend, dtype = selection.dtype
@@ -212,8 +212,8 @@ struct ModelChoice {
             conditioner = try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: adapterPath, backend: backend, dtype: dtype))
         }
         let variant = try options.optionalString(O.variant)
-        return try naming(O.clipSkip, in: options, when: settings.clipSkip != 0) {
-            try StableDiffusionPipeline.load(folder: folder, backend: backend, scheduler: settings.scheduler, clipSkip: settings.clipSkip,
+        return try naming(O.clipSkip, in: options, when: clipSkip != 0) {
+            try StableDiffusionPipeline.load(folder: folder, backend: backend, scheduler: scheduler, clipSkip: clipSkip,
                                              variant: variant, conditioner: conditioner, dtype: dtype)
         }
     }
@@ -228,7 +228,7 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
     guard output.hasSuffix(".png") else { throw PEAError.usage("generate: --output must end in .png, got '\(output)'") }
     let selection = try BackendOptions.select(options)
     let model = try ModelChoice(options, prompts: [prompt])
-    let pipeline = try model.load(options, settings: settings, selection: selection)
+    let pipeline = try model.load(options, scheduler: settings.scheduler, clipSkip: settings.clipSkip, selection: selection)
 
     var request = GenerationRequest(prompt: prompt, negativePrompt: settings.negativePrompt,
                                     width: settings.width ?? pipeline.defaultSize, height: settings.height ?? pipeline.defaultSize)
@@ -246,32 +246,6 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
         try PNGWriter.write(rgb: image.pixels, width: image.width, height: image.height,
                             textChunks: [("parameters", parameters)], to: path)
         print(path)
-    }
-}
-
-/// The generation parameters as AUTOMATIC1111's web UI writes them into a PNG's `parameters` chunk.
-func a1111Parameters(_ request: GenerationRequest, sampler: String, model: String, family: ModelFamily) -> String {
-    var text = request.prompt
-    if let negative = request.negativePrompt { text += "\nNegative prompt: \(negative)" }
-    let modelName = model.split(separator: "/").last.map(String.init) ?? model
-    text += "\nSteps: \(request.steps), Sampler: \(sampler), CFG scale: \(request.guidance), Seed: \(request.seed), "
-        + "Size: \(request.width)x\(request.height), Model: \(modelName), Model family: \(family.rawValue), Generator: torch CPU (pea)"
-    return text
-}
-
-/// The sampler as A1111 names it (PNDM without its Runge–Kutta warm-up is PLMS).
-func a1111SamplerName(_ name: SchedulerName?, className: String) -> String {
-    switch name {
-    case .ddim?: return "DDIM"
-    case .euler?: return "Euler"
-    case .eulerAncestral?: return "Euler a"
-    case .dpmpp2M?: return "DPM++ 2M"
-    case .dpmpp2MKarras?: return "DPM++ 2M Karras"
-    case .pndm?: return "PLMS"
-    case nil:
-        let names = ["DDIMScheduler": "DDIM", "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
-                     "DPMSolverMultistepScheduler": "DPM++ 2M", "PNDMScheduler": "PLMS"]
-        return names[className] ?? className
     }
 }
 

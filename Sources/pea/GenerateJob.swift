@@ -55,7 +55,7 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
         fputs("pea generate: resuming: \(output.imagesRecorded) of \(totalImages) images\(shardNote) are already in \(folder)\n", stderr)
     }
 
-    let pipeline = try model.load(options, settings: settings, selection: selection)
+    let pipeline = try model.load(options, scheduler: settings.scheduler, clipSkip: settings.clipSkip, selection: selection)
     let todo = try pending.map { item in
         var item = item
         if item.width == 0 { item.width = pipeline.defaultSize }

@@ -22,6 +22,10 @@ Usage:
                                   text to image with a diffusers SD1.x/SD2.x/SDXL folder, or without
                                   --model the bundled toy world; a prompt file as a resumable, shardable
                                   job (see 'pea generate --help')
+  pea serve --model DIR [--text-encoder DIR --adapter PATH] [--host 127.0.0.1] [--port 7860] [--max-batch N]
+            [--max-queue N] [--api-key KEY]
+                                  serve text-to-image over HTTP (A1111 and OpenAI images API subsets), model
+                                  loaded once, concurrent requests batched (see 'pea serve --help')
   pea eval unet|vae-decode|vae-encode --model DIR --inputs IN.safetensors --output OUT.safetensors
   pea eval text-encoder --model DIR --prompt TEXT [--prompt TEXT …] [--max-length N] --output OUT.safetensors
   pea eval kd-step --unet DIR --adapter PATH --inputs IN.safetensors --output OUT.safetensors
@@ -45,7 +49,7 @@ struct StandardError: TextOutputStream {
 }
 
 let commands = Subcommands(command: "", usage: usage, table: [
-    "generate": runGenerate, "eval": runEval, "train": runTrain, "bench": runBench, "selftest": runSelftest,
+    "generate": runGenerate, "serve": runServe, "eval": runEval, "train": runTrain, "bench": runBench, "selftest": runSelftest,
     "toyworld": runToyWorld,
 ])
 

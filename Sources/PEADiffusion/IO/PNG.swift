@@ -27,6 +27,11 @@ public enum PNGWriter {
         try writeFileAtomically(to: path) { append in try append(bytes) }
     }
 
+    /// The bytes of the PNG file `write` would write, for a PNG kept in memory (a server's response).
+    public static func encode(rgb: [UInt8], width: Int, height: Int, textChunks: [(key: String, value: String)] = []) throws -> [UInt8] {
+        try encode(rgb: rgb, width: width, height: height, textChunks: textChunks, path: "<PNG in memory>")
+    }
+
     /// The bytes of the PNG file `write` would write (`path` only names it in errors).
     static func encode(rgb: [UInt8], width: Int, height: Int, textChunks: [(key: String, value: String)],
                        path: String) throws -> [UInt8] {

@@ -322,7 +322,7 @@ private func closeOnExec(_ descriptor: Int32) {
 }
 
 /// Runs `body` on a new, joinable thread; nil if the system cannot start one.
-private func startThread(_ body: @escaping () -> Void) -> pthread_t? {
+func startThread(_ body: @escaping () -> Void) -> pthread_t? {
     final class Body {
         let run: () -> Void
         init(_ run: @escaping () -> Void) { self.run = run }

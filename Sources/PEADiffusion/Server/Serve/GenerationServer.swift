@@ -1,0 +1,408 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// `pea serve`: the HTTP endpoints over a loaded pipeline, with requests batched by a `GenerationQueue`.
+///
+/// - `POST /sdapi/v1/txt2img`: A1111's API subset (see `parseA1111`).
+/// - `POST /v1/images/generations`: OpenAI's images API subset (see `parseOpenAI`).
+/// - `GET /health`, `GET /metrics`.
+///
+/// Image `i` (0-based) of a request with seed `S` is the image `pea generate --seed S+i` makes with the same
+/// settings: each image is a `JobItem` of one image, as a prompt file's item, batched by the same rule.
+public final class GenerationServer: @unchecked Sendable {
+    public struct Configuration: Sendable {
+        public var host = "127.0.0.1"
+        public var port = 7860
+        public var maxBatch = 1
+        public var maxQueue = 64
+        public var batchWait = 0.0
+        /// With a key, every request needs `Authorization: Bearer KEY`.
+        public var apiKey: String?
+        /// The largest width or height a request may ask for.
+        public var maxSize = 2048
+        public var maxSteps = 150
+        /// The most images one request may ask for (batch_size × n_iter, n).
+        public var maxImages = 16
+        public var http = HTTPServer.Configuration(requestTimeout: 30)
+
+        public init() {}
+    }
+
+    /// The pipelines a request may choose by its `text_encoder` field: "adapter" (PEA) and/or "english".
+    public struct Model {
+        public var pipelines: [String: StableDiffusionPipeline]
+        public var defaultChoice: String
+        /// The model folder as given, named in each PNG's parameters.
+        public var folder: String
+        public var backendName: String
+
+        public init(pipelines: [String: StableDiffusionPipeline], defaultChoice: String, folder: String, backendName: String) {
+            self.pipelines = pipelines
+            self.defaultChoice = defaultChoice
+            self.folder = folder
+            self.backendName = backendName
+        }
+    }
+
+    public let configuration: Configuration
+    public let model: Model
+    public let metrics = ServeMetrics()
+    private var queue: GenerationQueue!
+    private var http: HTTPServer!
+    /// Schedulers by name, made from the folder's config; used on the queue's thread only.
+    private var schedulers: [String: any Scheduler] = [:]
+    private let seedMutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private var seedSource: SplitMix64
+    private let anyPipeline: StableDiffusionPipeline
+
+    /// The port listened on (the system's choice for port 0).
+    public var port: Int { http.port }
+
+    public init(model: Model, configuration: Configuration, warn: @escaping (String) -> Void = { _ in }) throws {
+        precondition(model.pipelines[model.defaultChoice] != nil)
+        self.model = model
+        self.configuration = configuration
+        anyPipeline = model.pipelines[model.defaultChoice]!
+        seedMutex.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(seedMutex, nil)
+        seedSource = SplitMix64(seed: UInt64(UInt(bitPattern: time(nil))) ^ UInt64(getpid()) << 32 ^ UInt64(UInt(bitPattern: Int(monotonicSeconds() * 1e9))))
+        queue = try GenerationQueue(maxBatch: configuration.maxBatch, maxQueue: configuration.maxQueue,
+                                    batchWait: configuration.batchWait) { [unowned self] items, choice in
+            let pipeline = self.model.pipelines[choice]!
+            return try pipeline.generate(items.map(\.request), scheduler: self.scheduler(items[0].scheduler, pipeline), warn: warn)
+        }
+        queue.onBatch = { [metrics] images, succeeded in metrics.batch(images: images, succeeded: succeeded) }
+        do {
+            http = try HTTPServer(host: configuration.host, port: configuration.port, configuration: configuration.http) { [unowned self] request in
+                self.handle(request)
+            }
+        } catch {
+            queue.stop()
+            throw error
+        }
+    }
+
+    deinit {
+        pthread_mutex_destroy(seedMutex)
+        seedMutex.deallocate()
+    }
+
+    /// Requests waiting for their generation to start.
+    public var queueDepth: Int { queue.depth }
+
+    /// Stops accepting connections, answers the requests in progress (their generations finish), then stops
+    /// the queue. Only the first call does anything.
+    public func stop() {
+        http.stop()
+        queue.stop()
+    }
+
+    private func scheduler(_ name: String?, _ pipeline: StableDiffusionPipeline) throws -> any Scheduler {
+        guard let name else { return pipeline.scheduler }
+        if let made = schedulers[name] { return made }
+        let made = try makeScheduler(name: name, config: pipeline.schedulerConfig)
+        schedulers[name] = made
+        return made
+    }
+
+    private func randomSeed() -> UInt64 {
+        pthread_mutex_lock(seedMutex)
+        defer { pthread_mutex_unlock(seedMutex) }
+        return seedSource.next() >> 32   // as `pea generate` draws its random seeds: 32 bits
+    }
+
+    // MARK: - Routing
+
+    static let endpoints = ["/sdapi/v1/txt2img", "/v1/images/generations", "/health", "/metrics"]
+
+    func handle(_ request: HTTPRequest) -> HTTPResponse {
+        let start = monotonicSeconds()
+        let response = route(request)
+        let endpoint = GenerationServer.endpoints.contains(request.path) ? request.path : "other"
+        metrics.request(endpoint: endpoint, status: response.status, seconds: monotonicSeconds() - start)
+        return response
+    }
+
+    private func route(_ request: HTTPRequest) -> HTTPResponse {
+        if let key = configuration.apiKey, !GenerationServer.authorized(request.headers["Authorization"], key: key) {
+            var response = errorResponse(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
+            response.headers.add("WWW-Authenticate", "Bearer")
+            return response
+        }
+        let method: String
+        switch request.path {
+        case "/health", "/metrics": method = "GET"
+        case "/sdapi/v1/txt2img", "/v1/images/generations": method = "POST"
+        default: return errorResponse(404, "no endpoint \(request.path) (endpoints: \(GenerationServer.endpoints.joined(separator: ", ")))")
+        }
+        guard request.method == method || (method == "GET" && request.method == "HEAD") else {
+            var response = errorResponse(405, "\(request.path) takes \(method)")
+            response.headers.add("Allow", method)
+            return response
+        }
+        switch request.path {
+        case "/health":
+            return .json(.object(["status": .string("ok"), "model": .string(model.folder), "backend": .string(model.backendName),
+                                  "queue_depth": .number(Double(queueDepth)),
+                                  "text_encoders": .array(model.pipelines.keys.sorted().map { .string($0) })]))
+        case "/metrics":
+            var response = HTTPResponse.text(metrics.text(queueDepth: queueDepth))
+            response.headers = HTTPHeaders([HTTPField(name: "Content-Type", value: "text/plain; version=0.0.4; charset=utf-8")])
+            return response
+        default:
+            do {
+                let object = try jsonObject(request.body)
+                let a1111 = request.path == "/sdapi/v1/txt2img"
+                let parsed = a1111 ? try parseA1111(object) : try parseOpenAI(object)
+                let images = try queue.submit(parsed.items, choice: parsed.choice)
+                let pngs = try encode(parsed.items, images, choice: parsed.choice)
+                return a1111 ? a1111Response(object, parsed, pngs) : openAIResponse(pngs)
+            } catch let error as RequestError {
+                return errorResponse(400, error.message)
+            } catch GenerationQueue.Refusal.full {
+                var response = errorResponse(503, "the queue is full (\(configuration.maxQueue) requests waiting); retry later")
+                response.headers.add("Retry-After", "1")
+                return response
+            } catch GenerationQueue.Refusal.stopped {
+                return errorResponse(503, "the server is stopping")
+            } catch GenerationQueue.Refusal.failed(let message) {
+                return errorResponse(500, "generation failed: \(message)")
+            } catch {
+                return errorResponse(500, "\(error)")
+            }
+        }
+    }
+
+    private func errorResponse(_ status: Int, _ message: String) -> HTTPResponse {
+        .json(.object(["error": .string(message)]), status: status)
+    }
+
+    /// Whether `header` is `Bearer KEY`, compared in time independent of where the bytes differ.
+    static func authorized(_ header: String?, key: String) -> Bool {
+        let given = Array((header ?? "").utf8), expected = Array("Bearer \(key)".utf8)
+        var difference = UInt8(given.count == expected.count ? 0 : 1)
+        for index in 0..<expected.count {
+            difference |= expected[index] ^ (index < given.count ? given[index] : 0)
+        }
+        return difference == 0
+    }
+
+    // MARK: - Requests
+
+    struct RequestError: Error { let message: String }
+
+    struct Parsed {
+        var items: [JobItem]
+        var choice: String
+        var seed: UInt64
+        var samplerLabel: String
+    }
+
+    private func jsonObject(_ body: [UInt8]) throws -> [String: JSONValue] {
+        let value: JSONValue
+        do { value = try JSONValue.parse(body) } catch {
+            throw RequestError(message: "the body is not JSON: \(error)")
+        }
+        guard let object = value.objectValue else { throw RequestError(message: "the body must be a JSON object, got \(value.kindDescription)") }
+        return object
+    }
+
+    /// Typed reads of a request's fields; a wrong type or value is a `RequestError` naming the field.
+    struct Fields {
+        let object: [String: JSONValue]
+
+        func value(_ key: String) -> JSONValue? {
+            guard let value = object[key], !value.isNull else { return nil }
+            return value
+        }
+
+        func string(_ key: String) throws -> String? {
+            guard let value = value(key) else { return nil }
+            guard let text = value.stringValue else { throw RequestError(message: "\(key) must be a string, got \(value.kindDescription)") }
+            return text
+        }
+
+        func integer(_ key: String, _ range: ClosedRange<Int>) throws -> Int? {
+            guard let value = value(key) else { return nil }
+            guard let number = value.intValue else { throw RequestError(message: "\(key) must be an integer, got \(value.serialized())") }
+            guard range.contains(number) else { throw RequestError(message: "\(key) must be in \(range.lowerBound)...\(range.upperBound), got \(number)") }
+            return number
+        }
+
+        func number(_ key: String, _ range: ClosedRange<Double>) throws -> Float? {
+            guard let value = value(key) else { return nil }
+            guard let number = value.doubleValue else { throw RequestError(message: "\(key) must be a number, got \(value.kindDescription)") }
+            guard range.contains(number) else { throw RequestError(message: "\(key) must be in \(range.lowerBound)...\(range.upperBound), got \(number)") }
+            return Float(number)
+        }
+    }
+
+    private func size(_ value: Int?, _ key: String) throws -> Int {
+        let size = value ?? anyPipeline.defaultSize
+        let multiple = anyPipeline.sizeMultiple
+        guard size % multiple == 0 else { throw RequestError(message: "\(key) must be a multiple of \(multiple), got \(size)") }
+        return size
+    }
+
+    /// Seed -1 (or none): a random one.
+    private func seed(_ fields: Fields) throws -> UInt64 {
+        guard let seed = try fields.integer("seed", -1...(1 << 53)), seed >= 0 else { return randomSeed() }
+        return UInt64(seed)
+    }
+
+    private func choice(_ fields: Fields) throws -> String {
+        guard let name = try fields.string("text_encoder") else { return model.defaultChoice }
+        guard model.pipelines[name] != nil else {
+            throw RequestError(message: "text_encoder must be one of \(model.pipelines.keys.sorted().joined(separator: ", ")) for this server, got '\(name)'")
+        }
+        return name
+    }
+
+    /// One item per image, seeds `seed`, `seed`+1, …
+    private func items(prompt: String, negativePrompt: String?, seed: UInt64, count: Int, width: Int, height: Int,
+                       steps: Int, guidance: Float, scheduler: String?) -> [JobItem] {
+        (0..<count).map { number in
+            JobItem(index: 0, line: 0, id: nil, prompt: prompt, negativePrompt: negativePrompt, seed: seed &+ UInt64(number),
+                    width: width, height: height, steps: steps, guidance: guidance, scheduler: scheduler, batch: 1, text: nil)
+        }
+    }
+
+    /// A1111's sampler names (and Pea's own scheduler names) as a `SchedulerName`; nil: the model folder's.
+    static func schedulerName(sampler: String?, scheduler: String?) throws -> String? {
+        let karras = try { () throws -> Bool in
+            switch scheduler?.lowercased() {
+            case nil, "", "automatic": return false
+            case "karras": return true
+            default: throw RequestError(message: "scheduler must be Automatic or Karras, got '\(scheduler!)'")
+            }
+        }()
+        let names: [String: SchedulerName] = ["Euler a": .eulerAncestral, "Euler": .euler, "DDIM": .ddim, "DPM++ 2M": .dpmpp2M,
+                                              "DPM++ 2M Karras": .dpmpp2MKarras, "PLMS": .pndm]
+        guard let sampler, !sampler.isEmpty else {
+            if karras { throw RequestError(message: "scheduler Karras goes with sampler_name \"DPM++ 2M\"") }
+            return nil
+        }
+        guard var name = names[sampler] ?? SchedulerName(rawValue: sampler) else {
+            throw RequestError(message: "sampler_name must be one of \(names.keys.sorted().map { "\"\($0)\"" }.joined(separator: ", ")) "
+                               + "(or a Pea scheduler: \(SchedulerName.allCases.map(\.rawValue).joined(separator: ", "))), got '\(sampler)'")
+        }
+        if karras {
+            guard name == .dpmpp2M || name == .dpmpp2MKarras else {
+                throw RequestError(message: "scheduler Karras goes with sampler_name \"DPM++ 2M\", not '\(sampler)'")
+            }
+            name = .dpmpp2MKarras
+        }
+        return name.rawValue
+    }
+
+    /// `POST /sdapi/v1/txt2img`: prompt (default ""), negative_prompt (omitted: none, as `pea generate` without
+    /// --negative-prompt), seed (-1: random), steps (20), cfg_scale (7), width/height (the model's size),
+    /// sampler_name + scheduler, batch_size × n_iter images, text_encoder.
+    func parseA1111(_ object: [String: JSONValue]) throws -> Parsed {
+        let fields = Fields(object: object)
+        let count = (try fields.integer("batch_size", 1...configuration.maxImages) ?? 1) * (try fields.integer("n_iter", 1...configuration.maxImages) ?? 1)
+        guard count <= configuration.maxImages else {
+            throw RequestError(message: "batch_size × n_iter must be at most \(configuration.maxImages), got \(count)")
+        }
+        let scheduler = try GenerationServer.schedulerName(sampler: fields.string("sampler_name"), scheduler: fields.string("scheduler"))
+        return try parsed(fields, prompt: fields.string("prompt") ?? "", count: count,
+                          width: size(fields.integer("width", 1...configuration.maxSize), "width"),
+                          height: size(fields.integer("height", 1...configuration.maxSize), "height"),
+                          steps: fields.integer("steps", 1...configuration.maxSteps) ?? 20,
+                          guidance: fields.number("cfg_scale", 0...100) ?? 7, scheduler: scheduler)
+    }
+
+    /// `POST /v1/images/generations`: prompt (required), n (1), size "WxH" (the model's size), response_format
+    /// b64_json; Pea's seed (random), steps (30), guidance (7.5), negative_prompt, text_encoder.
+    func parseOpenAI(_ object: [String: JSONValue]) throws -> Parsed {
+        let fields = Fields(object: object)
+        guard let prompt = try fields.string("prompt") else { throw RequestError(message: "prompt is required") }
+        if let format = try fields.string("response_format"), format != "b64_json" {
+            throw RequestError(message: "response_format must be b64_json (this server returns no URLs), got '\(format)'")
+        }
+        var width: Int?, height: Int?
+        if let text = try fields.string("size") {
+            let parts = text.split(separator: "x", omittingEmptySubsequences: false)
+            guard parts.count == 2, let w = Int(parts[0]), let h = Int(parts[1]) else {
+                throw RequestError(message: "size must be WIDTHxHEIGHT, e.g. \"512x512\", got '\(text)'")
+            }
+            for (value, name) in [(w, "width"), (h, "height")] where !(1...configuration.maxSize).contains(value) {
+                throw RequestError(message: "size: \(name) must be in 1...\(configuration.maxSize), got \(value)")
+            }
+            (width, height) = (w, h)
+        }
+        return try parsed(fields, prompt: prompt, count: fields.integer("n", 1...configuration.maxImages) ?? 1,
+                          width: size(width, "size: width"), height: size(height, "size: height"),
+                          steps: fields.integer("steps", 1...configuration.maxSteps) ?? 30,
+                          guidance: fields.number("guidance", 0...100) ?? 7.5, scheduler: nil)
+    }
+
+    private func parsed(_ fields: Fields, prompt: String, count: Int, width: Int, height: Int, steps: Int, guidance: Float,
+                        scheduler: String?) throws -> Parsed {
+        let negative = try fields.string("negative_prompt")
+        let choice = try choice(fields)
+        let seed = try seed(fields)
+        let className = scheduler == nil ? model.pipelines[choice]!.scheduler.className : ""
+        return Parsed(items: items(prompt: prompt, negativePrompt: negative, seed: seed, count: count, width: width, height: height,
+                                   steps: steps, guidance: guidance, scheduler: scheduler),
+                      choice: choice, seed: seed,
+                      samplerLabel: a1111SamplerName(scheduler.flatMap(SchedulerName.init(rawValue:)), className: className))
+    }
+
+    // MARK: - Responses
+
+    struct EncodedImage {
+        var base64: String
+        var parameters: String
+        var seed: UInt64
+    }
+
+    /// Each image as a PNG with the `parameters` chunk `pea generate` writes.
+    private func encode(_ items: [JobItem], _ images: [[RGBImage]], choice: String) throws -> [EncodedImage] {
+        let family = model.pipelines[choice]!.family
+        return try zip(items, images).map { item, itemImages in
+            let scheduler = item.scheduler.flatMap(SchedulerName.init(rawValue:))
+            let sampler = a1111SamplerName(scheduler, className: scheduler == nil ? model.pipelines[choice]!.scheduler.className : "")
+            let parameters = a1111Parameters(item.request, sampler: sampler, model: model.folder, family: family)
+            let image = itemImages[0]
+            let png = try PNGWriter.encode(rgb: image.pixels, width: image.width, height: image.height, textChunks: [("parameters", parameters)])
+            return EncodedImage(base64: base64Encoded(png), parameters: parameters, seed: item.seed)
+        }
+    }
+
+    private func a1111Response(_ object: [String: JSONValue], _ parsed: Parsed, _ images: [EncodedImage]) -> HTTPResponse {
+        let first = parsed.items[0]
+        var parameters = object
+        parameters["prompt"] = .string(first.prompt)
+        parameters["seed"] = object["seed"] ?? .number(-1)
+        parameters["steps"] = .number(Double(first.steps))
+        parameters["cfg_scale"] = .number(Double(first.guidance))
+        parameters["width"] = .number(Double(first.width))
+        parameters["height"] = .number(Double(first.height))
+        parameters["sampler_name"] = .string(parsed.samplerLabel)
+        parameters["text_encoder"] = .string(parsed.choice)
+        let seeds = images.map { JSONValue.number(Double($0.seed)) }
+        let info: JSONValue = .object([
+            "prompt": .string(first.prompt), "all_prompts": .array(images.map { _ in .string(first.prompt) }),
+            "negative_prompt": .string(first.negativePrompt ?? ""),
+            "all_negative_prompts": .array(images.map { _ in .string(first.negativePrompt ?? "") }),
+            "seed": .number(Double(parsed.seed)), "all_seeds": .array(seeds),
+            "width": .number(Double(first.width)), "height": .number(Double(first.height)),
+            "sampler_name": .string(parsed.samplerLabel), "cfg_scale": .number(Double(first.guidance)),
+            "steps": .number(Double(first.steps)), "batch_size": .number(Double(object["batch_size"]?.intValue ?? 1)),
+            "sd_model_name": .string(model.folder.split(separator: "/").last.map(String.init) ?? model.folder),
+            "text_encoder": .string(parsed.choice),
+            "infotexts": .array(images.map { .string($0.parameters) }),
+        ])
+        return .json(.object(["images": .array(images.map { .string($0.base64) }), "parameters": .object(parameters),
+                              "info": .string(info.serialized())]))
+    }
+
+    private func openAIResponse(_ images: [EncodedImage]) -> HTTPResponse {
+        .json(.object(["created": .number(Double(time(nil))),
+                       "data": .array(images.map { .object(["b64_json": .string($0.base64), "seed": .number(Double($0.seed))]) })]))
+    }
+}

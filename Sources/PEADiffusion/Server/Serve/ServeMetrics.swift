@@ -1,0 +1,106 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The counters `GET /metrics` reports, in Prometheus' text exposition format.
+public final class ServeMetrics: @unchecked Sendable {
+    /// Upper bounds (seconds) of the request latency histogram's buckets.
+    public static let latencyBuckets: [Double] = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private var requests: [String: Int] = [:]   // "endpoint\u{0}status"
+    private var latencyCounts: [String: [Int]] = [:]   // endpoint → count per bucket (not cumulative), +Inf last
+    private var latencySums: [String: Double] = [:]
+    private var images = 0
+    private var batches: [Int: Int] = [:]
+    private var failedBatches = 0
+
+    public init() {
+        mutex.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    private func locked<R>(_ body: () -> R) -> R {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return body()
+    }
+
+    public func request(endpoint: String, status: Int, seconds: Double) {
+        locked {
+            requests["\(endpoint)\u{0}\(status)", default: 0] += 1
+            var counts = latencyCounts[endpoint] ?? Array(repeating: 0, count: ServeMetrics.latencyBuckets.count + 1)
+            counts[ServeMetrics.latencyBuckets.firstIndex { seconds <= $0 } ?? ServeMetrics.latencyBuckets.count] += 1
+            latencyCounts[endpoint] = counts
+            latencySums[endpoint, default: 0] += seconds
+        }
+    }
+
+    public func batch(images count: Int, succeeded: Bool) {
+        locked {
+            batches[count, default: 0] += 1
+            if succeeded { images += count } else { failedBatches += 1 }
+        }
+    }
+
+    /// How many batches of `images` images ran.
+    public func batches(ofSize images: Int) -> Int { locked { batches[images] ?? 0 } }
+
+    public func text(queueDepth: Int) -> String {
+        locked {
+            var out = "# HELP pea_requests_total HTTP requests answered, by endpoint and status.\n# TYPE pea_requests_total counter\n"
+            for key in requests.keys.sorted() {
+                let parts = key.split(separator: "\u{0}", omittingEmptySubsequences: false)
+                out += "pea_requests_total{endpoint=\"\(parts[0])\",status=\"\(parts[1])\"} \(requests[key]!)\n"
+            }
+            out += "# HELP pea_images_generated_total Images generated.\n# TYPE pea_images_generated_total counter\n"
+            out += "pea_images_generated_total \(images)\n"
+            out += "# HELP pea_queue_depth Requests waiting for generation to start.\n# TYPE pea_queue_depth gauge\n"
+            out += "pea_queue_depth \(queueDepth)\n"
+            out += "# HELP pea_batches_total Denoising batches run, by their image count.\n# TYPE pea_batches_total counter\n"
+            for size in batches.keys.sorted() { out += "pea_batches_total{images=\"\(size)\"} \(batches[size]!)\n" }
+            out += "# HELP pea_batches_failed_total Batches whose generation failed.\n# TYPE pea_batches_failed_total counter\n"
+            out += "pea_batches_failed_total \(failedBatches)\n"
+            out += "# HELP pea_request_duration_seconds Time from a request's arrival to its response, by endpoint.\n"
+            out += "# TYPE pea_request_duration_seconds histogram\n"
+            for endpoint in latencyCounts.keys.sorted() {
+                var cumulative = 0
+                for (number, count) in latencyCounts[endpoint]!.enumerated() {
+                    cumulative += count
+                    let bound = number < ServeMetrics.latencyBuckets.count ? "\(ServeMetrics.latencyBuckets[number])" : "+Inf"
+                    out += "pea_request_duration_seconds_bucket{endpoint=\"\(endpoint)\",le=\"\(bound)\"} \(cumulative)\n"
+                }
+                out += "pea_request_duration_seconds_sum{endpoint=\"\(endpoint)\"} \(latencySums[endpoint]!)\n"
+                out += "pea_request_duration_seconds_count{endpoint=\"\(endpoint)\"} \(cumulative)\n"
+            }
+            return out
+        }
+    }
+}
+
+/// Standard base64 (RFC 4648, `+` `/`, `=` padding).
+public func base64Encoded(_ bytes: [UInt8]) -> String {
+    let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
+    var out: [UInt8] = []
+    out.reserveCapacity((bytes.count + 2) / 3 * 4)
+    var index = 0
+    while index < bytes.count {
+        let b0 = UInt32(bytes[index])
+        let b1 = index + 1 < bytes.count ? UInt32(bytes[index + 1]) : 0
+        let b2 = index + 2 < bytes.count ? UInt32(bytes[index + 2]) : 0
+        let triple = b0 << 16 | b1 << 8 | b2
+        out.append(alphabet[Int(triple >> 18 & 63)])
+        out.append(alphabet[Int(triple >> 12 & 63)])
+        out.append(index + 1 < bytes.count ? alphabet[Int(triple >> 6 & 63)] : UInt8(ascii: "="))
+        out.append(index + 2 < bytes.count ? alphabet[Int(triple & 63)] : UInt8(ascii: "="))
+        index += 3
+    }
+    return String(decoding: out, as: UTF8.self)
+}

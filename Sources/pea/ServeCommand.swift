@@ -1,0 +1,119 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import PEADiffusion
+
+/// `pea serve`'s options, declared once for its parser and its help.
+enum ServeOptions {
+    static let model = CommandOption.value("--model", "DIR", help: "diffusers pipeline folder, loaded once (as `pea generate --model`)")
+    static let host = CommandOption.value(
+        "--host", "ADDR", default: "127.0.0.1",
+        help: "IPv4 address to listen on; an address other than 127.x.x.x or localhost needs --api-key")
+    static let port = CommandOption.value("--port", "N", default: "7860", .range(0...65535),
+                                          help: "TCP port; 0: any free port (the one chosen is printed)")
+    static let maxBatch = CommandOption.value(
+        "--max-batch", "N", default: "1", .range(1...64),
+        help: "images denoised together: queued requests with the same size, steps, guidance, sampler and text "
+            + "encoder are batched up to N images (1: one image at a time)")
+    static let maxQueue = CommandOption.value("--max-queue", "N", default: "64", .range(1...100_000),
+                                              help: "requests that may wait; more are answered 503 with Retry-After")
+    static let batchWait = CommandOption.value(
+        "--batch-wait", "SECONDS", default: "0",
+        help: "how long the oldest queued request may wait for compatible ones while its batch has room "
+            + "(0: a batch starts with what is queued)")
+    static let apiKey = CommandOption.value(
+        "--api-key", "KEY", help: "require 'Authorization: Bearer KEY' on every request (401 otherwise)")
+    static let maxSize = CommandOption.value("--max-size", "PIXELS", default: "2048", .range(8...16384),
+                                             help: "the largest width or height a request may ask for")
+    static let maxSteps = CommandOption.value("--max-steps", "N", default: "150", .range(1...1000),
+                                              help: "the most denoising steps a request may ask for")
+
+    static let spec = CommandSpec(
+        name: "serve",
+        usage: ["pea serve --model DIR [--text-encoder DIR --adapter PATH] [--host 127.0.0.1] [--port 7860] [--max-batch N] "
+                + "[--max-queue N] [--api-key KEY] [backend options]"],
+        description: """
+            Loads a pipeline once and serves text-to-image over HTTP/1.1 until SIGTERM or SIGINT, which stop accepting,
+            finish the requests in progress and exit 0. Prints 'pea serve: listening on http://HOST:PORT' on stderr and
+            the URL on stdout.
+            """,
+        groups: [.init("Options", [model, GenerateOptions.textEncoder, GenerateOptions.adapter, GenerateOptions.maxLength,
+                                   GenerateOptions.variant, host, port, maxBatch, maxQueue, batchWait, apiKey, maxSize, maxSteps]
+                       + BackendOptions.all)],
+        epilogue: """
+            Endpoints (JSON in and out; errors are {"error": MESSAGE} with 400 naming the field, 401, 404, 405, 500, 503):
+              POST /sdapi/v1/txt2img       A1111's subset: prompt, negative_prompt, seed (-1: random), steps (20),
+                                           cfg_scale (7), width, height (default: the model's size), sampler_name
+                                           ("Euler a", "Euler", "DDIM", "DPM++ 2M", "DPM++ 2M Karras", "PLMS", or a
+                                           --scheduler name of pea generate; default: the folder's), scheduler
+                                           ("Karras" with "DPM++ 2M"), batch_size, n_iter (at most 16 images), text_encoder.
+                                           Answers {"images": [base64 PNG…], "parameters": {…}, "info": "<JSON>"}.
+              POST /v1/images/generations  OpenAI's subset: prompt, n, size "WxH", response_format "b64_json"; and seed,
+                                           steps (30), guidance (7.5), negative_prompt, text_encoder.
+                                           Answers {"created": T, "data": [{"b64_json": …, "seed": S}…]}.
+              GET /health                  {"status", "model", "backend", "queue_depth", "text_encoders"}
+              GET /metrics                 Prometheus text: requests by endpoint and status, images, queue depth,
+                                           batches by image count, request latency histogram.
+            Image i (0-based) of a request with seed S is the image `pea generate --seed S+i` makes with the same prompt,
+            negative prompt, size, steps, guidance and scheduler, with the same parameters chunk in its PNG; an omitted
+            negative_prompt is pea generate's omitted --negative-prompt. With --text-encoder and --adapter, a request's
+            "text_encoder" picks "adapter" (the default: the PEA encoder and adapter) or "english" (the folder's own text
+            encoder); only requests with the same choice are batched together.
+            """)
+}
+
+func runServe(_ arguments: [String]) throws {
+    typealias O = ServeOptions
+    if CommandSpec.asksForHelp(arguments) { print(O.spec.help); return }
+    let options = try O.spec.parse(arguments)
+    guard options.has(O.model) else { throw PEAError.usage("serve: --model DIR is required") }
+    guard options.has(GenerateOptions.textEncoder) == options.has(GenerateOptions.adapter) else {
+        throw PEAError.usage("serve: --text-encoder and --adapter go together (PEA: a language-specific encoder and its adapter)")
+    }
+    var configuration = GenerationServer.Configuration()
+    configuration.host = try options.string(O.host)
+    configuration.port = try options.int(O.port)
+    configuration.maxBatch = try options.int(O.maxBatch)
+    configuration.maxQueue = try options.int(O.maxQueue)
+    configuration.maxSize = try options.int(O.maxSize)
+    configuration.maxSteps = try options.int(O.maxSteps)
+    configuration.batchWait = try options.double(O.batchWait)
+    guard configuration.batchWait >= 0, configuration.batchWait <= 60 else {
+        throw PEAError.usage("serve: --batch-wait must be in 0...60 seconds, got \(configuration.batchWait)")
+    }
+    configuration.apiKey = try options.optionalString(O.apiKey)
+    if configuration.apiKey?.isEmpty == true { throw PEAError.usage("serve: --api-key must not be empty") }
+    let loopback = configuration.host == "localhost" || configuration.host.hasPrefix("127.")
+    if !loopback, configuration.apiKey == nil {
+        throw PEAError.usage("serve: --host \(configuration.host) is reachable from other machines: give --api-key KEY too")
+    }
+
+    let selection = try BackendOptions.select(options)
+    let choice = try ModelChoice(options, prompts: [])
+    let pipeline = try choice.load(options, scheduler: nil, clipSkip: 0, selection: selection)
+    var pipelines = [choice.pea == nil ? "english" : "adapter": pipeline]
+    if choice.pea != nil {
+        // The folder's own English encoder beside the adapter, sharing the UNet and VAE.
+        let english = try pipeline.family.textConditioner(folder: choice.folder, backend: selection.backend, clipSkip: 0,
+                                                          variant: options.optionalString(GenerateOptions.variant), dtype: selection.dtype)
+        pipelines["english"] = StableDiffusionPipeline(family: pipeline.family, denoiser: pipeline.denoiser, vae: pipeline.vae,
+                                                       conditioner: english, scheduler: pipeline.scheduler,
+                                                       schedulerConfig: pipeline.schedulerConfig, backend: pipeline.backend)
+    }
+    let model = GenerationServer.Model(pipelines: pipelines, defaultChoice: choice.pea == nil ? "english" : "adapter",
+                                       folder: choice.folder, backendName: selection.backend.name)
+
+    StopRequest.install()
+    let server = try GenerationServer(model: model, configuration: configuration, warn: { printWarning($0) })
+    let url = "http://\(configuration.host):\(server.port)"
+    fputs("pea serve: listening on \(url)\n", stderr)
+    print(url)
+    fflush(stdout)
+    while StopRequest.received == nil { usleep(100_000) }
+    let signal = StopRequest.received == SIGINT ? "SIGINT" : "SIGTERM"
+    fputs("pea serve: \(signal): finishing the requests in progress (\(server.queueDepth) waiting)\n", stderr)
+    server.stop()
+    fputs("pea serve: stopped\n", stderr)
+}

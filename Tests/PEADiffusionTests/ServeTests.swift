@@ -1,0 +1,316 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Foundation
+import XCTest
+@testable import PEADiffusion
+
+/// `pea serve` as a real process on 127.0.0.1 (port 0, the chosen port read from its log) with the tiny fixture
+/// pipeline, spoken to over real sockets (`TestClient`): every endpoint, pixel parity with `pea generate`,
+/// batching of concurrent requests, errors, the API key, the queue limit and SIGTERM. Every wait is bounded.
+final class ServeTests: XCTestCase {
+    let sd1 = fixturesDirectory() + "/pipelines/sd1"
+    let zhEncoder = fixturesDirectory() + "/pea/zh_encoder"
+    let adapter = fixturesDirectory() + "/pea/adapter_sd1.safetensors"
+
+    /// A running `pea serve` and its port; terminated (and waited for) when the test ends.
+    final class Server {
+        let process: Process
+        let port: Int
+        let log: String
+
+        init(_ arguments: [String], scratch: ScratchDirectory) throws {
+            log = scratch.file("serve.log")
+            process = try startPea(["serve", "--port", "0", "--backend", "cpu", "--threads", "1"] + arguments, log: log)
+            let deadline = Date().addingTimeInterval(60)
+            var found: Int?
+            while found == nil, Date() < deadline, process.isRunning {
+                let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+                if let range = text.range(of: "pea serve: listening on http://127.0.0.1:") {
+                    found = Int(text[range.upperBound...].prefix { $0.isNumber })
+                }
+                if found == nil { usleep(50_000) }
+            }
+            guard let found else {
+                if process.isRunning { process.terminate() }
+                throw XCTSkip("pea serve did not start: \((try? String(contentsOfFile: log, encoding: .utf8)) ?? "")")
+            }
+            port = found
+        }
+
+        /// SIGTERM, then the exit status (bounded: SIGKILL after 30 s).
+        @discardableResult
+        func stop() -> Int32 {
+            if process.isRunning { process.terminate() }
+            return waitForExit()
+        }
+
+        /// The exit status, once the process ends by itself (bounded: SIGKILL after 30 s).
+        func waitForExit() -> Int32 {
+            let deadline = Date().addingTimeInterval(30)
+            while process.isRunning, Date() < deadline { usleep(20_000) }
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+            process.waitUntilExit()
+            return process.terminationStatus
+        }
+
+        deinit { stop() }
+
+        func request(_ method: String, _ path: String, body: String? = nil, headers: [String] = []) throws -> TestClient.Response {
+            let client = try TestClient(port: port)
+            var text = "\(method) \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers.map { $0 + "\r\n" }.joined()
+            if let body { text += "Content-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n" }
+            client.send(text + "\r\n" + (body ?? ""))
+            guard let response = client.readResponse() else { throw PEAError.usage("no response to \(method) \(path)") }
+            return response
+        }
+
+        func post(_ path: String, _ object: [String: Any], headers: [String] = []) throws -> (status: Int, json: [String: Any]) {
+            let body = String(decoding: try JSONSerialization.data(withJSONObject: object), as: UTF8.self)
+            let response = try request("POST", path, body: body, headers: headers)
+            let json = try JSONSerialization.jsonObject(with: Data(response.body.utf8)) as? [String: Any]
+            return (response.status, json ?? [:])
+        }
+
+        func metric(_ line: String) throws -> Int? {
+            let text = try request("GET", "/metrics").body
+            return text.split(separator: "\n").first { $0.hasPrefix(line + " ") }.flatMap { Int($0.split(separator: " ").last!) }
+        }
+    }
+
+    /// The PNGs of a response, decoded, with their parameters chunks.
+    private func images(_ base64: [Any]?) throws -> [PNGImage] {
+        try (base64 ?? []).map { item in
+            let text = try XCTUnwrap(item as? String)
+            let data = try XCTUnwrap(Data(base64Encoded: text), "not base64")
+            return try PNGReader.decode(Array(data), path: "<response>")
+        }
+    }
+
+    /// The image `pea generate` writes with `arguments` (and the fixture pipeline).
+    private func generated(_ arguments: [String], scratch: ScratchDirectory, name: String) throws -> PNGImage {
+        let path = scratch.file(name)
+        let result = try runPea(["generate", "--model", sd1, "--backend", "cpu", "--threads", "1", "--output", path] + arguments)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        return try PNGReader.read(path: path)
+    }
+
+    private func assertSameImage(_ served: PNGImage, _ expected: PNGImage, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertEqual(served.width, expected.width, what, file: file, line: line)
+        XCTAssertEqual(served.height, expected.height, what, file: file, line: line)
+        XCTAssertTrue(served.pixels == expected.pixels, "\(what): pixels differ from pea generate's", file: file, line: line)
+        XCTAssertEqual(served.text("parameters"), expected.text("parameters"), what, file: file, line: line)
+    }
+
+    func testA1111AndOpenAIImagesAreThoseOfPeaGenerateAndHealthAndMetricsAnswer() throws {
+        let scratch = ScratchDirectory()
+        let server = try Server(["--model", sd1, "--max-batch", "4"], scratch: scratch)
+
+        // A1111: two images (batch_size 2), seeds 5 and 6, Euler a, a negative prompt.
+        let a1111 = try server.post("/sdapi/v1/txt2img", ["prompt": "a red circle", "negative_prompt": "blurry", "seed": 5, "steps": 3,
+                                                           "cfg_scale": 7.5, "width": 32, "height": 40, "sampler_name": "Euler a", "batch_size": 2])
+        XCTAssertEqual(a1111.status, 200, "\(a1111.json)")
+        let served = try images(a1111.json["images"] as? [Any])
+        XCTAssertEqual(served.count, 2)
+        let common = ["--prompt", "a red circle", "--negative-prompt", "blurry", "--steps", "3", "--guidance", "7.5",
+                      "--width", "32", "--height", "40", "--scheduler", "euler-a"]
+        for (number, image) in served.enumerated() {
+            let expected = try generated(common + ["--seed", String(5 + number)], scratch: scratch, name: "a\(number).png")
+            assertSameImage(image, expected, "txt2img image \(number)")
+        }
+        let info = try JSONSerialization.jsonObject(with: Data(try XCTUnwrap(a1111.json["info"] as? String).utf8)) as? [String: Any]
+        XCTAssertEqual(info?["seed"] as? Int, 5)
+        XCTAssertEqual(info?["all_seeds"] as? [Int], [5, 6])
+        XCTAssertEqual((info?["infotexts"] as? [String])?.first, served.first?.text("parameters"))
+        XCTAssertEqual((a1111.json["parameters"] as? [String: Any])?["prompt"] as? String, "a red circle")
+
+        // "DPM++ 2M" with "scheduler": "Karras" is dpmpp-2m-karras.
+        let karras = try server.post("/sdapi/v1/txt2img", ["prompt": "a blue square", "seed": 9, "steps": 3, "cfg_scale": 7.5,
+                                                           "sampler_name": "DPM++ 2M", "scheduler": "Karras"])
+        XCTAssertEqual(karras.status, 200, "\(karras.json)")
+        assertSameImage(try images(karras.json["images"] as? [Any])[0],
+                        try generated(["--prompt", "a blue square", "--seed", "9", "--steps", "3", "--scheduler", "dpmpp-2m-karras"],
+                                      scratch: scratch, name: "k.png"), "DPM++ 2M + Karras")
+
+        // OpenAI: defaults are pea generate's (the folder's scheduler, guidance 7.5), size WxH.
+        let openAI = try server.post("/v1/images/generations", ["prompt": "a green triangle", "n": 1, "size": "48x32", "seed": 11,
+                                                                "steps": 4, "response_format": "b64_json"])
+        XCTAssertEqual(openAI.status, 200, "\(openAI.json)")
+        XCTAssertNotNil(openAI.json["created"] as? Int)
+        let data = try XCTUnwrap(openAI.json["data"] as? [[String: Any]])
+        assertSameImage(try images(data.map { $0["b64_json"] as Any })[0],
+                        try generated(["--prompt", "a green triangle", "--seed", "11", "--steps", "4", "--width", "48", "--height", "32"],
+                                      scratch: scratch, name: "o.png"), "OpenAI image")
+
+        // Seed -1: a random seed, reported.
+        let random = try server.post("/sdapi/v1/txt2img", ["prompt": "x", "seed": -1, "steps": 1])
+        XCTAssertEqual(random.status, 200)
+        let randomInfo = try JSONSerialization.jsonObject(with: Data(try XCTUnwrap(random.json["info"] as? String).utf8)) as? [String: Any]
+        XCTAssertGreaterThanOrEqual(randomInfo?["seed"] as? Int ?? -1, 0)
+
+        let health = try server.request("GET", "/health")
+        XCTAssertEqual(health.status, 200)
+        let healthJSON = try JSONSerialization.jsonObject(with: Data(health.body.utf8)) as? [String: Any]
+        XCTAssertEqual(healthJSON?["model"] as? String, sd1)
+        XCTAssertEqual(healthJSON?["backend"] as? String, "cpu")
+        XCTAssertEqual(healthJSON?["queue_depth"] as? Int, 0)
+        XCTAssertEqual(healthJSON?["status"] as? String, "ok")
+
+        XCTAssertEqual(try server.metric("pea_requests_total{endpoint=\"/sdapi/v1/txt2img\",status=\"200\"}"), 3)
+        XCTAssertEqual(try server.metric("pea_requests_total{endpoint=\"/v1/images/generations\",status=\"200\"}"), 1)
+        XCTAssertEqual(try server.metric("pea_images_generated_total"), 5)
+        XCTAssertEqual(try server.metric("pea_queue_depth"), 0)
+        XCTAssertEqual(try server.metric("pea_request_duration_seconds_count{endpoint=\"/sdapi/v1/txt2img\"}"), 3)
+        XCTAssertEqual(server.stop(), 0)
+    }
+
+    func testAdapterOrEnglishEncoderPerRequestMatchesPeaGenerate() throws {
+        let scratch = ScratchDirectory()
+        let server = try Server(["--model", sd1, "--text-encoder", zhEncoder, "--adapter", adapter], scratch: scratch)
+        let settings = ["--steps", "3", "--seed", "4", "--width", "32", "--height", "32"]
+        let viaAdapter = try server.post("/sdapi/v1/txt2img", ["prompt": "一个红色的圆形", "seed": 4, "steps": 3, "cfg_scale": 7.5, "width": 32, "height": 32])
+        XCTAssertEqual(viaAdapter.status, 200, "\(viaAdapter.json)")
+        assertSameImage(try images(viaAdapter.json["images"] as? [Any])[0],
+                        try generated(["--prompt", "一个红色的圆形", "--text-encoder", zhEncoder, "--adapter", adapter] + settings,
+                                      scratch: scratch, name: "zh.png"), "adapter (default)")
+        let english = try server.post("/sdapi/v1/txt2img", ["prompt": "a red circle", "seed": 4, "steps": 3, "cfg_scale": 7.5, "width": 32,
+                                                            "height": 32, "text_encoder": "english"])
+        XCTAssertEqual(english.status, 200, "\(english.json)")
+        assertSameImage(try images(english.json["images"] as? [Any])[0],
+                        try generated(["--prompt", "a red circle"] + settings, scratch: scratch, name: "en.png"), "english")
+        let bad = try server.post("/sdapi/v1/txt2img", ["prompt": "x", "text_encoder": "french"])
+        XCTAssertEqual(bad.status, 400)
+        XCTAssertTrue((bad.json["error"] as? String ?? "").contains("text_encoder"), "\(bad.json)")
+    }
+
+    /// Two compatible requests sent together are denoised in one batch of two (the batch window holds the first
+    /// until the second arrives), and each still gets the image it gets alone.
+    func testConcurrentCompatibleRequestsAreBatchedAndKeepTheirImages() throws {
+        let scratch = ScratchDirectory()
+        let server = try Server(["--model", sd1, "--max-batch", "4", "--batch-wait", "2"], scratch: scratch)
+        let bodies: [[String: Any]] = [["prompt": "a red circle", "seed": 21, "steps": 3, "cfg_scale": 7.5],
+                                       ["prompt": "a blue square", "negative_prompt": "dark", "seed": 22, "steps": 3, "cfg_scale": 7.5]]
+        var results = [(status: Int, json: [String: Any])?](repeating: nil, count: 2)
+        let lock = NSLock()
+        DispatchQueue.concurrentPerform(iterations: 2) { number in
+            let result = try? server.post("/sdapi/v1/txt2img", bodies[number])
+            lock.lock(); results[number] = result; lock.unlock()
+        }
+        XCTAssertEqual(try server.metric("pea_batches_total{images=\"2\"}"), 1)
+        XCTAssertNil(try server.metric("pea_batches_total{images=\"1\"}"))
+        let expected = [try generated(["--prompt", "a red circle", "--seed", "21", "--steps", "3"], scratch: scratch, name: "1.png"),
+                        try generated(["--prompt", "a blue square", "--negative-prompt", "dark", "--seed", "22", "--steps", "3"],
+                                      scratch: scratch, name: "2.png")]
+        for number in 0..<2 {
+            let result = try XCTUnwrap(results[number])
+            XCTAssertEqual(result.status, 200, "\(result.json)")
+            assertSameImage(try images(result.json["images"] as? [Any])[0], expected[number], "request \(number) in a batch")
+        }
+    }
+
+    func testSixteenConcurrentRequestsFromEightClientsAreAllAnsweredRight() throws {
+        let scratch = ScratchDirectory()
+        let server = try Server(["--model", sd1, "--max-batch", "4"], scratch: scratch)
+        let seeds = [31, 32, 33, 34]
+        let expected = try seeds.map { try generated(["--prompt", "a shape", "--seed", String($0), "--steps", "2"], scratch: scratch, name: "\($0).png") }
+        var received = [PNGImage?](repeating: nil, count: 16)
+        let lock = NSLock()
+        DispatchQueue.concurrentPerform(iterations: 8) { client in
+            for round in 0..<2 {
+                let number = client * 2 + round
+                guard let result = try? server.post("/v1/images/generations", ["prompt": "a shape", "seed": seeds[number % 4], "steps": 2]),
+                      result.status == 200, let data = result.json["data"] as? [[String: Any]],
+                      let image = try? images(data.map { $0["b64_json"] as Any }).first else { continue }
+                lock.lock(); received[number] = image; lock.unlock()
+            }
+        }
+        for number in 0..<16 {
+            let image = try XCTUnwrap(received[number], "request \(number) got no image")
+            assertSameImage(image, expected[number % 4], "request \(number)")
+        }
+        XCTAssertEqual(try server.metric("pea_images_generated_total"), 16)
+        XCTAssertEqual(server.stop(), 0)
+    }
+
+    func testInvalidRequestsAre400NamingTheFieldAndTheServerGoesOn() throws {
+        let scratch = ScratchDirectory()
+        let server = try Server(["--model", sd1, "--max-size", "256", "--max-steps", "50"], scratch: scratch)
+        let cases: [(path: String, body: String, fragment: String)] = [
+            ("/sdapi/v1/txt2img", "{bad json", "not JSON"),
+            ("/sdapi/v1/txt2img", "[1, 2]", "JSON object"),
+            ("/sdapi/v1/txt2img", #"{"steps": "ten"}"#, "steps"),
+            ("/sdapi/v1/txt2img", #"{"steps": 0}"#, "steps"),
+            ("/sdapi/v1/txt2img", #"{"steps": 51}"#, "steps"),
+            ("/sdapi/v1/txt2img", #"{"width": 30}"#, "width"),
+            ("/sdapi/v1/txt2img", #"{"height": 264}"#, "height"),
+            ("/sdapi/v1/txt2img", #"{"prompt": 5}"#, "prompt"),
+            ("/sdapi/v1/txt2img", #"{"seed": 1.5}"#, "seed"),
+            ("/sdapi/v1/txt2img", #"{"cfg_scale": "high"}"#, "cfg_scale"),
+            ("/sdapi/v1/txt2img", #"{"sampler_name": "UniPC"}"#, "sampler_name"),
+            ("/sdapi/v1/txt2img", #"{"sampler_name": "Euler", "scheduler": "Karras"}"#, "Karras"),
+            ("/sdapi/v1/txt2img", #"{"batch_size": 8, "n_iter": 4}"#, "batch_size"),
+            ("/sdapi/v1/txt2img", #"{"text_encoder": "adapter"}"#, "text_encoder"),
+            ("/v1/images/generations", #"{"n": 1}"#, "prompt"),
+            ("/v1/images/generations", #"{"prompt": "x", "size": "big"}"#, "size"),
+            ("/v1/images/generations", #"{"prompt": "x", "size": "1024x1024"}"#, "size"),
+            ("/v1/images/generations", #"{"prompt": "x", "response_format": "url"}"#, "response_format"),
+        ]
+        for (path, body, fragment) in cases {
+            let response = try server.request("POST", path, body: body)
+            XCTAssertEqual(response.status, 400, "\(body): \(response.body)")
+            let json = try JSONSerialization.jsonObject(with: Data(response.body.utf8)) as? [String: Any]
+            let message = json?["error"] as? String ?? ""
+            XCTAssertTrue(message.contains(fragment), "\(body): '\(fragment)' not in \(message)")
+        }
+        XCTAssertEqual(try server.request("GET", "/nowhere").status, 404)
+        XCTAssertEqual(try server.request("GET", "/sdapi/v1/txt2img").status, 405)
+        XCTAssertEqual(try server.request("POST", "/health", body: "{}").status, 405)
+        XCTAssertEqual(try server.post("/sdapi/v1/txt2img", ["prompt": "still here", "steps": 1]).status, 200)
+        XCTAssertEqual(try server.metric("pea_requests_total{endpoint=\"/sdapi/v1/txt2img\",status=\"400\"}"), 14)
+        XCTAssertEqual(server.stop(), 0)
+    }
+
+    func testAPIKeyIsRequiredAndAPublicHostNeedsOne() throws {
+        let scratch = ScratchDirectory()
+        let server = try Server(["--model", sd1, "--api-key", "s3cret"], scratch: scratch)
+        XCTAssertEqual(try server.request("GET", "/health").status, 401)
+        XCTAssertEqual(try server.request("GET", "/health", headers: ["Authorization: Bearer wrong"]).status, 401)
+        XCTAssertEqual(try server.request("GET", "/health", headers: ["Authorization: Bearer s3cret!"]).status, 401)
+        XCTAssertEqual(try server.post("/sdapi/v1/txt2img", ["prompt": "x", "steps": 1]).status, 401)
+        XCTAssertEqual(try server.request("GET", "/health", headers: ["Authorization: Bearer s3cret"]).status, 200)
+        XCTAssertEqual(try server.post("/sdapi/v1/txt2img", ["prompt": "x", "steps": 1], headers: ["Authorization: Bearer s3cret"]).status, 200)
+        XCTAssertEqual(server.stop(), 0)
+
+        let refused = try runPea(["serve", "--model", sd1, "--host", "0.0.0.0", "--port", "0"])
+        XCTAssertEqual(refused.status, 2)
+        XCTAssertTrue(refused.stderr.contains("--api-key"), refused.stderr)
+    }
+
+    /// With one request held in the queue (by the batch window), a second is refused 503 with Retry-After; then
+    /// SIGTERM lets the held request finish (200) and the process exits 0.
+    func testFullQueueIs503AndSIGTERMFinishesTheRequestInProgress() throws {
+        let scratch = ScratchDirectory()
+        let server = try Server(["--model", sd1, "--max-batch", "2", "--max-queue", "1", "--batch-wait", "3"], scratch: scratch)
+        final class Box: @unchecked Sendable { var result: (status: Int, json: [String: Any])? }
+        let held = Box()
+        let done = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            held.result = try? server.post("/sdapi/v1/txt2img", ["prompt": "held", "seed": 1, "steps": 2])
+            done.signal()
+        }
+        // Wait (bounded) until the first request is queued.
+        let deadline = Date().addingTimeInterval(10)
+        while try server.metric("pea_queue_depth") != 1, Date() < deadline { usleep(20_000) }
+        let refused = try server.request("POST", "/sdapi/v1/txt2img", body: #"{"prompt": "more", "steps": 2, "width": 40}"#)
+        XCTAssertEqual(refused.status, 503, refused.body)
+        XCTAssertEqual(refused.headers["Retry-After"], "1")
+        kill(server.process.processIdentifier, SIGTERM)
+        XCTAssertEqual(done.wait(timeout: .now() + 30), .success)
+        XCTAssertEqual(held.result?.status, 200, "\(held.result?.json ?? [:])")
+        XCTAssertEqual(server.waitForExit(), 0)
+        let log = try String(contentsOfFile: server.log, encoding: .utf8)
+        XCTAssertTrue(log.contains("pea serve: stopped"), log)
+    }
+}
