@@ -80,6 +80,21 @@ final class ServeTests: XCTestCase {
         }
     }
 
+    /// Runs `body(0)` … `body(count - 1)` on threads of their own (not GCD's pool, which may run only as many
+    /// at once as there are cores) and waits for all of them (bounded: 120 s).
+    private func concurrently(_ count: Int, _ body: @escaping (Int) -> Void) {
+        final class Body: @unchecked Sendable {
+            let run: (Int) -> Void
+            init(_ run: @escaping (Int) -> Void) { self.run = run }
+        }
+        let group = DispatchGroup(), shared = Body(body)
+        for number in 0..<count {
+            group.enter()
+            Thread.detachNewThread { shared.run(number); group.leave() }
+        }
+        XCTAssertEqual(group.wait(timeout: .now() + 120), .success, "clients still waiting after 120 s")
+    }
+
     /// The PNGs of a response, decoded, with their parameters chunks.
     private func images(_ base64: [Any]?) throws -> [PNGImage] {
         try (base64 ?? []).map { item in
@@ -97,10 +112,16 @@ final class ServeTests: XCTestCase {
         return try PNGReader.read(path: path)
     }
 
-    private func assertSameImage(_ served: PNGImage, _ expected: PNGImage, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
+    /// The served image is `pea generate`'s: the same parameters chunk, and the same pixels — exactly for an
+    /// image denoised alone (`batched` false), within 1/255 per channel (float rounding of a larger batch, as in
+    /// prompt-file jobs) for one denoised in a batch with others.
+    private func assertSameImage(_ served: PNGImage, _ expected: PNGImage, _ what: String, batched: Bool = false,
+                                 file: StaticString = #filePath, line: UInt = #line) {
         XCTAssertEqual(served.width, expected.width, what, file: file, line: line)
         XCTAssertEqual(served.height, expected.height, what, file: file, line: line)
-        XCTAssertTrue(served.pixels == expected.pixels, "\(what): pixels differ from pea generate's", file: file, line: line)
+        let difference = zip(served.pixels, expected.pixels).map { abs(Int($0) - Int($1)) }.max() ?? 0
+        XCTAssertEqual(served.pixels.count, expected.pixels.count, what, file: file, line: line)
+        XCTAssertLessThanOrEqual(difference, batched ? 1 : 0, "\(what): pixels differ from pea generate's by up to \(difference)", file: file, line: line)
         XCTAssertEqual(served.text("parameters"), expected.text("parameters"), what, file: file, line: line)
     }
 
@@ -118,7 +139,7 @@ final class ServeTests: XCTestCase {
                       "--width", "32", "--height", "40", "--scheduler", "euler-a"]
         for (number, image) in served.enumerated() {
             let expected = try generated(common + ["--seed", String(5 + number)], scratch: scratch, name: "a\(number).png")
-            assertSameImage(image, expected, "txt2img image \(number)")
+            assertSameImage(image, expected, "txt2img image \(number)", batched: true)
         }
         let info = try JSONSerialization.jsonObject(with: Data(try XCTUnwrap(a1111.json["info"] as? String).utf8)) as? [String: Any]
         XCTAssertEqual(info?["seed"] as? Int, 5)
@@ -194,7 +215,7 @@ final class ServeTests: XCTestCase {
                                        ["prompt": "a blue square", "negative_prompt": "dark", "seed": 22, "steps": 3, "cfg_scale": 7.5]]
         var results = [(status: Int, json: [String: Any])?](repeating: nil, count: 2)
         let lock = NSLock()
-        DispatchQueue.concurrentPerform(iterations: 2) { number in
+        concurrently(2) { number in
             let result = try? server.post("/sdapi/v1/txt2img", bodies[number])
             lock.lock(); results[number] = result; lock.unlock()
         }
@@ -206,7 +227,7 @@ final class ServeTests: XCTestCase {
         for number in 0..<2 {
             let result = try XCTUnwrap(results[number])
             XCTAssertEqual(result.status, 200, "\(result.json)")
-            assertSameImage(try images(result.json["images"] as? [Any])[0], expected[number], "request \(number) in a batch")
+            assertSameImage(try images(result.json["images"] as? [Any])[0], expected[number], "request \(number) in a batch", batched: true)
         }
     }
 
@@ -217,18 +238,18 @@ final class ServeTests: XCTestCase {
         let expected = try seeds.map { try generated(["--prompt", "a shape", "--seed", String($0), "--steps", "2"], scratch: scratch, name: "\($0).png") }
         var received = [PNGImage?](repeating: nil, count: 16)
         let lock = NSLock()
-        DispatchQueue.concurrentPerform(iterations: 8) { client in
+        concurrently(8) { client in
             for round in 0..<2 {
                 let number = client * 2 + round
                 guard let result = try? server.post("/v1/images/generations", ["prompt": "a shape", "seed": seeds[number % 4], "steps": 2]),
                       result.status == 200, let data = result.json["data"] as? [[String: Any]],
-                      let image = try? images(data.map { $0["b64_json"] as Any }).first else { continue }
+                      let image = try? self.images(data.map { $0["b64_json"] as Any }).first else { continue }
                 lock.lock(); received[number] = image; lock.unlock()
             }
         }
         for number in 0..<16 {
             let image = try XCTUnwrap(received[number], "request \(number) got no image")
-            assertSameImage(image, expected[number % 4], "request \(number)")
+            assertSameImage(image, expected[number % 4], "request \(number)", batched: true)
         }
         XCTAssertEqual(try server.metric("pea_images_generated_total"), 16)
         XCTAssertEqual(server.stop(), 0)
@@ -296,7 +317,7 @@ final class ServeTests: XCTestCase {
         final class Box: @unchecked Sendable { var result: (status: Int, json: [String: Any])? }
         let held = Box()
         let done = DispatchSemaphore(value: 0)
-        DispatchQueue.global().async {
+        Thread.detachNewThread {
             held.result = try? server.post("/sdapi/v1/txt2img", ["prompt": "held", "seed": 1, "steps": 2])
             done.signal()
         }
@@ -312,5 +333,86 @@ final class ServeTests: XCTestCase {
         XCTAssertEqual(server.waitForExit(), 0)
         let log = try String(contentsOfFile: server.log, encoding: .utf8)
         XCTAssertTrue(log.contains("pea serve: stopped"), log)
+    }
+
+    // MARK: - The queue and request mapping, in process
+
+    private func item(_ seed: UInt64, width: Int = 32, steps: Int = 2) -> JobItem {
+        JobItem(index: 0, line: 0, id: nil, prompt: "p\(seed)", negativePrompt: nil, seed: seed, width: width, height: 32,
+                steps: steps, guidance: 7.5, scheduler: nil, batch: 1, text: nil)
+    }
+
+    private func image(_ seed: UInt64) -> RGBImage { RGBImage(width: 1, height: 1, pixels: [UInt8(seed), 0, 0]) }
+
+    /// Batches hold only compatible items of one text-encoder choice, at most maxBatch images, oldest first; a
+    /// failing batch fails only its own requests (with the runner's message) and the queue goes on.
+    func testQueueBatchesCompatibleItemsOfOneChoiceAndSurvivesAFailingBatch() throws {
+        final class Log: @unchecked Sendable {
+            let lock = NSLock()
+            var batches: [(seeds: [UInt64], choice: String)] = []
+        }
+        let log = Log()
+        let gate = DispatchSemaphore(value: 0), started = DispatchSemaphore(value: 0)
+        let queue = try GenerationQueue(maxBatch: 3, maxQueue: 100) { items, choice in
+            if items.contains(where: { $0.seed == 0 }) { started.signal(); gate.wait() }   // holds the first batch until all are queued
+            log.lock.lock(); log.batches.append((items.map(\.seed), choice)); log.lock.unlock()
+            if items.contains(where: { $0.seed == 13 }) { throw PEAError.unsupported("boom") }
+            return items.map { [self.image($0.seed)] }
+        }
+        let blocker = DispatchSemaphore(value: 0)
+        Thread.detachNewThread { _ = try? queue.submit([self.item(0)], choice: "english"); blocker.signal() }
+        XCTAssertEqual(started.wait(timeout: .now() + 10), .success)
+        // Queued while the first batch runs: five compatible English items (two requests), an adapter item, an
+        // item of another size, and a request that fails.
+        let submissions: [([JobItem], String)] = [([item(1), item(2)], "english"), ([item(3)], "adapter"), ([item(4), item(5), item(6)], "english"),
+                                                  ([item(7, width: 40)], "english"), ([item(13, steps: 3)], "english")]
+        final class Results: @unchecked Sendable { let lock = NSLock(); var values: [Int: Result<[UInt64], Error>] = [:] }
+        let results = Results()
+        let group = DispatchGroup()
+        for (number, (items, choice)) in submissions.enumerated() {
+            group.enter()
+            Thread.detachNewThread {
+                let result = Result { try queue.submit(items, choice: choice).map { UInt64($0[0].pixels[0]) } }
+                results.lock.lock(); results.values[number] = result; results.lock.unlock()
+                group.leave()
+            }
+            while queue.depth < number + 1 { usleep(1000) }   // keeps the arrival order
+        }
+        gate.signal()
+        XCTAssertEqual(group.wait(timeout: .now() + 30), .success)
+        XCTAssertEqual(blocker.wait(timeout: .now() + 30), .success)
+        XCTAssertEqual(try results.values[0]?.get(), [1, 2])
+        XCTAssertEqual(try results.values[1]?.get(), [3])
+        XCTAssertEqual(try results.values[2]?.get(), [4, 5, 6])
+        XCTAssertEqual(try results.values[3]?.get(), [7])
+        guard case .failure(GenerationQueue.Refusal.failed(let message))? = results.values[4] else {
+            return XCTFail("the failing request got \(String(describing: results.values[4]))")
+        }
+        XCTAssertTrue(message.contains("boom"), message)
+        XCTAssertEqual(log.batches.map(\.seeds), [[0], [1, 2, 4], [3], [5, 6], [7], [13]])
+        XCTAssertEqual(log.batches.map(\.choice), ["english", "english", "adapter", "english", "english", "english"])
+        XCTAssertEqual(try queue.submit([item(8)], choice: "english").map { $0[0].pixels[0] }, [8])
+        queue.stop()
+        XCTAssertThrowsError(try queue.submit([item(9)], choice: "english")) { XCTAssertEqual($0 as? GenerationQueue.Refusal, .stopped) }
+    }
+
+    func testSamplerNamesAndAPIKeyComparison() throws {
+        let cases: [(String?, String?, String?)] = [("Euler a", nil, "euler-a"), ("Euler", nil, "euler"), ("DDIM", nil, "ddim"),
+                                                    ("DPM++ 2M", nil, "dpmpp-2m"), ("DPM++ 2M Karras", nil, "dpmpp-2m-karras"),
+                                                    ("DPM++ 2M", "Karras", "dpmpp-2m-karras"), ("DPM++ 2M", "Automatic", "dpmpp-2m"),
+                                                    ("PLMS", nil, "pndm"), ("euler-a", nil, "euler-a"), (nil, nil, nil), ("", nil, nil)]
+        for (sampler, scheduler, expected) in cases {
+            XCTAssertEqual(try GenerationServer.schedulerName(sampler: sampler, scheduler: scheduler), expected, "\(String(describing: sampler))")
+        }
+        XCTAssertThrowsError(try GenerationServer.schedulerName(sampler: "Euler a", scheduler: "Karras"))
+        XCTAssertThrowsError(try GenerationServer.schedulerName(sampler: "DDIM", scheduler: "Exponential"))
+        XCTAssertTrue(GenerationServer.authorized("Bearer k", key: "k"))
+        for header in [nil, "", "Bearer", "Bearer K", "Bearer k ", "bearer k", "k"] {
+            XCTAssertFalse(GenerationServer.authorized(header, key: "k"), "\(String(describing: header))")
+        }
+        XCTAssertEqual(base64Encoded(Array("".utf8)), "")
+        XCTAssertEqual(base64Encoded(Array("f".utf8)), "Zg==")
+        XCTAssertEqual(base64Encoded(Array("fo".utf8)), "Zm8=")
+        XCTAssertEqual(base64Encoded(Array("foobar".utf8)), "Zm9vYmFy")
     }
 }
