@@ -55,13 +55,15 @@ enum ServeOptions {
                                            Answers {"created": T, "data": [{"b64_json": …, "seed": S}…]}.
               GET /health                  {"status", "model", "backend", "queue_depth", "text_encoders"}
               GET /metrics                 Prometheus text: requests by endpoint and status, images, queue depth,
-                                           batches by image count, request latency histogram.
+                                           batches by image count, requests cancelled, request latency histogram.
             Image i (0-based) of a request with seed S is the image `pea generate --seed S+i` makes with the same prompt,
             negative prompt, size, steps, guidance and scheduler, with the same parameters chunk in its PNG (the same
             pixels when denoised alone; within 1/255 per channel when batched with other requests); an omitted
             negative_prompt is pea generate's omitted --negative-prompt. With --text-encoder and --adapter, a request's
             "text_encoder" picks "adapter" (the default: the PEA encoder and adapter) or "english" (the folder's own text
-            encoder); only requests with the same choice are batched together.
+            encoder); only requests with the same choice are batched together. A request whose client closes the
+            connection while it waits in the queue is dropped (counted as status 499 in the metrics); a batch already
+            running is finished.
             """)
 }
 

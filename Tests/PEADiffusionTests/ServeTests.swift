@@ -335,6 +335,30 @@ final class ServeTests: XCTestCase {
         XCTAssertTrue(log.contains("pea serve: stopped"), log)
     }
 
+    /// A client that closes its connection while its request waits in the queue has the request dropped: it is
+    /// never generated, the queue empties, and the server goes on.
+    func testAClientThatHangsUpHasItsQueuedRequestDropped() throws {
+        let scratch = ScratchDirectory()
+        let server = try Server(["--model", sd1, "--max-batch", "2", "--batch-wait", "5"], scratch: scratch)
+        do {
+            let client = try TestClient(port: server.port)
+            let body = #"{"prompt": "gone", "steps": 2}"#
+            client.send("POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Length: \(body.utf8.count)\r\n\r\n" + body)
+            let deadline = Date().addingTimeInterval(10)
+            while try server.metric("pea_queue_depth") != 1, Date() < deadline { usleep(20_000) }
+            XCTAssertEqual(try server.metric("pea_queue_depth"), 1)
+        }   // the client closes its socket here
+        let deadline = Date().addingTimeInterval(10)
+        while try server.metric("pea_requests_cancelled_total") != 1, Date() < deadline { usleep(20_000) }
+        XCTAssertEqual(try server.metric("pea_requests_cancelled_total"), 1)
+        XCTAssertEqual(try server.metric("pea_queue_depth"), 0)
+        XCTAssertEqual(try server.metric("pea_requests_total{endpoint=\"/sdapi/v1/txt2img\",status=\"499\"}"), 1)
+        XCTAssertEqual(try server.metric("pea_images_generated_total"), 0)
+        XCTAssertEqual(try server.post("/sdapi/v1/txt2img", ["prompt": "still here", "steps": 1, "batch_size": 2]).status, 200)
+        XCTAssertEqual(try server.metric("pea_images_generated_total"), 2)
+        XCTAssertEqual(server.stop(), 0)
+    }
+
     // MARK: - The queue and request mapping, in process
 
     private func item(_ seed: UInt64, width: Int = 32, steps: Int = 2) -> JobItem {

@@ -166,7 +166,7 @@ public final class HTTPServer: @unchecked Sendable {
         while true {
             do {
                 while let request = try parser.next() {
-                    let response = respond(to: request)
+                    let response = respond(to: request, from: client)
                     let keepAlive = request.keepAlive && !connections.isStopping
                     let bytes = response.serialized(keepAlive: keepAlive, version: request.version, includeBody: request.method != "HEAD")
                     guard sendAll(client, bytes) else { return }
@@ -196,7 +196,9 @@ public final class HTTPServer: @unchecked Sendable {
         }
     }
 
-    private func respond(to request: HTTPRequest) -> HTTPResponse {
+    private func respond(to request: HTTPRequest, from client: Int32) -> HTTPResponse {
+        pthread_setspecific(currentClientKey, UnsafeRawPointer(bitPattern: Int(client) + 1))
+        defer { pthread_setspecific(currentClientKey, nil) }
         do {
             return try handler(request)
         } catch {
@@ -252,6 +254,31 @@ public final class HTTPServer: @unchecked Sendable {
             offset += sent
         }
         return true
+    }
+}
+
+/// The connection whose request the handler on this thread answers: its descriptor + 1 (nil: none).
+private let currentClientKey: pthread_key_t = {
+    var key = pthread_key_t()
+    precondition(pthread_key_create(&key, nil) == 0, "cannot create a thread-specific key")
+    return key
+}()
+
+extension HTTPServer {
+    /// Whether the client whose request the calling handler answers has closed its connection or reset it
+    /// (false outside a handler), so that a long handler can drop work nobody will read. A client that only
+    /// shuts down its sending side after the request counts as gone too. Bytes the client sent meanwhile (a
+    /// pipelined request) are left unread.
+    public static func clientHasHungUp() -> Bool {
+        let value = Int(bitPattern: pthread_getspecific(currentClientKey))
+        guard value > 0 else { return false }
+        let client = Int32(value - 1)
+        var descriptor = pollfd(fd: client, events: Int16(POLLIN), revents: 0)
+        guard poll(&descriptor, 1, 0) > 0 else { return false }
+        if descriptor.revents & Int16(POLLERR | POLLHUP) != 0 { return true }
+        var byte: UInt8 = 0
+        let count = recv(client, &byte, 1, Int32(MSG_PEEK) | Int32(MSG_DONTWAIT))
+        return count == 0 || (count < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
     }
 }
 

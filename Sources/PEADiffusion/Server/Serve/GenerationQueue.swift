@@ -23,6 +23,8 @@ public final class GenerationQueue: @unchecked Sendable {
         case stopped
         /// The batch holding one of the request's items failed: the runner's error.
         case failed(String)
+        /// `cancelled()` said the request is no longer wanted; its items that had not started were dropped.
+        case cancelled
     }
 
     public let maxBatch: Int
@@ -32,6 +34,8 @@ public final class GenerationQueue: @unchecked Sendable {
     public let batchWait: Double
     /// Called on the scheduler thread after each batch with its image count and whether it succeeded.
     public var onBatch: (_ images: Int, _ succeeded: Bool) -> Void = { _, _ in }
+    /// Called when a request is cancelled (under the queue's lock: it must not call back into the queue).
+    public var onCancel: () -> Void = {}
 
     private final class Ticket {
         var images: [[RGBImage]?]
@@ -97,8 +101,10 @@ public final class GenerationQueue: @unchecked Sendable {
     public var depth: Int { locked { waitingRequests } }
 
     /// Queues a request's items (their `index` is replaced by the queue's arrival order) and waits for their
-    /// images, in the items' order.
-    public func submit(_ items: [JobItem], choice: String) throws -> [[RGBImage]] {
+    /// images, in the items' order. `cancelled` is asked about every 0.1 s while the request waits (its client
+    /// has gone, say): when it says yes, the items not yet started leave the queue and `Refusal.cancelled` is
+    /// thrown (a batch already running is not interrupted).
+    public func submit(_ items: [JobItem], choice: String, cancelled: () -> Bool = { false }) throws -> [[RGBImage]] {
         precondition(!items.isEmpty)
         let ticket = Ticket(count: items.count)
         pthread_mutex_lock(mutex)
@@ -114,7 +120,20 @@ public final class GenerationQueue: @unchecked Sendable {
             queue.append(Entry(item: item, choice: choice, ticket: ticket, slot: slot, arrived: now))
         }
         pthread_cond_broadcast(changed)
-        while ticket.waiting > 0 { pthread_cond_wait(changed, mutex) }
+        while ticket.waiting > 0 {
+            var now = timespec()
+            clock_gettime(CLOCK_REALTIME, &now)
+            var until = timespec(tv_sec: now.tv_sec, tv_nsec: now.tv_nsec + 100_000_000)
+            if until.tv_nsec >= 1_000_000_000 { until.tv_sec += 1; until.tv_nsec -= 1_000_000_000 }
+            pthread_cond_timedwait(changed, mutex, &until)
+            if ticket.waiting > 0, cancelled() {
+                queue.removeAll { $0.ticket === ticket }
+                if ticket.notStarted == ticket.images.count { waitingRequests -= 1 }
+                ticket.notStarted = 0
+                onCancel()
+                throw Refusal.cancelled
+            }
+        }
         if let error = ticket.error { throw Refusal.failed(error) }
         return ticket.images.map { $0! }
     }
@@ -148,13 +167,19 @@ public final class GenerationQueue: @unchecked Sendable {
                 return
             }
             var batch = nextBatch()
-            // Dynamic batching window: wait a little for compatible requests while the batch has room.
+            // Dynamic batching window: wait a little for compatible requests while the batch has room. The lock
+            // is released meanwhile, so requests may come and (cancelled) go: the batch is planned again.
             while batchWait > 0, !stopping, batch.reduce(0, { $0 + $1.item.batch }) < maxBatch,
                   monotonicSeconds() < queue[0].arrived + batchWait {
                 pthread_mutex_unlock(mutex)
                 usleep(5_000)
                 pthread_mutex_lock(mutex)
+                if queue.isEmpty { break }
                 batch = nextBatch()
+            }
+            if queue.isEmpty {
+                pthread_mutex_unlock(mutex)
+                continue
             }
             let taken = Set(batch.map(\.item.index))
             queue.removeAll { taken.contains($0.item.index) }

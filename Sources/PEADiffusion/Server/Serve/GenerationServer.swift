@@ -75,6 +75,7 @@ public final class GenerationServer: @unchecked Sendable {
             return try pipeline.generate(items.map(\.request), scheduler: self.scheduler(items[0].scheduler, pipeline), warn: warn)
         }
         queue.onBatch = { [metrics] images, succeeded in metrics.batch(images: images, succeeded: succeeded) }
+        queue.onCancel = { [metrics] in metrics.requestCancelled() }
         do {
             http = try HTTPServer(host: configuration.host, port: configuration.port, configuration: configuration.http) { [unowned self] request in
                 self.handle(request)
@@ -157,7 +158,7 @@ public final class GenerationServer: @unchecked Sendable {
                 let object = try jsonObject(request.body)
                 let a1111 = request.path == "/sdapi/v1/txt2img"
                 let parsed = a1111 ? try parseA1111(object) : try parseOpenAI(object)
-                let images = try queue.submit(parsed.items, choice: parsed.choice)
+                let images = try queue.submit(parsed.items, choice: parsed.choice, cancelled: HTTPServer.clientHasHungUp)
                 let pngs = try encode(parsed.items, images, choice: parsed.choice)
                 return a1111 ? a1111Response(object, parsed, pngs) : openAIResponse(pngs)
             } catch let error as RequestError {
@@ -168,6 +169,9 @@ public final class GenerationServer: @unchecked Sendable {
                 return response
             } catch GenerationQueue.Refusal.stopped {
                 return errorResponse(503, "the server is stopping")
+            } catch GenerationQueue.Refusal.cancelled {
+                // Nobody reads it: the client has gone. 499 is nginx's "client closed request", for the metrics.
+                return errorResponse(499, "the client closed the connection; its queued images were dropped")
             } catch GenerationQueue.Refusal.failed(let message) {
                 return errorResponse(500, "generation failed: \(message)")
             } catch {

@@ -16,6 +16,7 @@ public final class ServeMetrics: @unchecked Sendable {
     private var images = 0
     private var batches: [Int: Int] = [:]
     private var failedBatches = 0
+    private var cancelled = 0
 
     public init() {
         mutex.initialize(to: pthread_mutex_t())
@@ -50,6 +51,8 @@ public final class ServeMetrics: @unchecked Sendable {
         }
     }
 
+    public func requestCancelled() { locked { cancelled += 1 } }
+
     /// How many batches of `images` images ran.
     public func batches(ofSize images: Int) -> Int { locked { batches[images] ?? 0 } }
 
@@ -68,6 +71,8 @@ public final class ServeMetrics: @unchecked Sendable {
             for size in batches.keys.sorted() { out += "pea_batches_total{images=\"\(size)\"} \(batches[size]!)\n" }
             out += "# HELP pea_batches_failed_total Batches whose generation failed.\n# TYPE pea_batches_failed_total counter\n"
             out += "pea_batches_failed_total \(failedBatches)\n"
+            out += "# HELP pea_requests_cancelled_total Requests dropped from the queue because their client went away.\n"
+            out += "# TYPE pea_requests_cancelled_total counter\npea_requests_cancelled_total \(cancelled)\n"
             out += "# HELP pea_request_duration_seconds Time from a request's arrival to its response, by endpoint.\n"
             out += "# TYPE pea_request_duration_seconds histogram\n"
             for endpoint in latencyCounts.keys.sorted() {
