@@ -309,6 +309,24 @@ final class ServeTests: XCTestCase {
         XCTAssertTrue(refused.stderr.contains("--api-key"), refused.stderr)
     }
 
+    func testHelpAndUsageErrors() throws {
+        let help = try runPea(["serve", "--help"])
+        XCTAssertEqual(help.status, 0)
+        for fragment in ["/sdapi/v1/txt2img", "/v1/images/generations", "/health", "/metrics", "--max-batch", "--max-queue",
+                         "--api-key", "text_encoder", "SIGTERM", "pea generate --seed S+i"] {
+            XCTAssertTrue(help.stdout.contains(fragment), "'\(fragment)' not in pea serve --help")
+        }
+        XCTAssertTrue(try runPea(["--help"]).stdout.contains("pea serve --model DIR"))
+        for (arguments, fragment) in [(["serve"], "--model"), (["serve", "--model", sd1, "--adapter", adapter], "--text-encoder"),
+                                      (["serve", "--model", sd1, "--port", "70000"], "--port"),
+                                      (["serve", "--model", sd1, "--batch-wait", "-1"], "--batch-wait"),
+                                      (["serve", "--model", sd1, "--host", "192.168.1.5"], "--api-key")] {
+            let result = try runPea(arguments)
+            XCTAssertEqual(result.status, 2, "\(arguments): \(result.stderr)")
+            XCTAssertTrue(result.stderr.contains(fragment), "\(arguments): '\(fragment)' not in \(result.stderr)")
+        }
+    }
+
     /// With one request held in the queue (by the batch window), a second is refused 503 with Retry-After; then
     /// SIGTERM lets the held request finish (200) and the process exits 0.
     func testFullQueueIs503AndSIGTERMFinishesTheRequestInProgress() throws {
