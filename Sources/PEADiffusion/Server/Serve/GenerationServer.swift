@@ -54,7 +54,7 @@ public final class GenerationServer: @unchecked Sendable {
     private var http: HTTPServer!
     /// Schedulers by name, made from the folder's config; used on the queue's thread only.
     private var schedulers: [String: any Scheduler] = [:]
-    private let seedMutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let seedLock = PThreadLock()
     private var seedSource: SplitMix64
     private let anyPipeline: StableDiffusionPipeline
 
@@ -66,8 +66,6 @@ public final class GenerationServer: @unchecked Sendable {
         self.model = model
         self.configuration = configuration
         anyPipeline = model.pipelines[model.defaultChoice]!
-        seedMutex.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(seedMutex, nil)
         seedSource = SplitMix64(seed: UInt64(UInt(bitPattern: time(nil))) ^ UInt64(getpid()) << 32 ^ UInt64(UInt(bitPattern: Int(monotonicSeconds() * 1e9))))
         queue = try GenerationQueue(maxBatch: configuration.maxBatch, maxQueue: configuration.maxQueue,
                                     batchWait: configuration.batchWait) { [unowned self] items, choice in
@@ -84,11 +82,6 @@ public final class GenerationServer: @unchecked Sendable {
             queue.stop()
             throw error
         }
-    }
-
-    deinit {
-        pthread_mutex_destroy(seedMutex)
-        seedMutex.deallocate()
     }
 
     /// Requests waiting for their generation to start.
@@ -110,9 +103,7 @@ public final class GenerationServer: @unchecked Sendable {
     }
 
     private func randomSeed() -> UInt64 {
-        pthread_mutex_lock(seedMutex)
-        defer { pthread_mutex_unlock(seedMutex) }
-        return seedSource.next() >> 32   // as `pea generate` draws its random seeds: 32 bits
+        seedLock.withLock { seedSource.next() >> 32 }   // as `pea generate` draws its random seeds: 32 bits
     }
 
     // MARK: - Routing

@@ -1,15 +1,9 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
-
 /// The counters `GET /metrics` reports, in Prometheus' text exposition format.
 public final class ServeMetrics: @unchecked Sendable {
     /// Upper bounds (seconds) of the request latency histogram's buckets.
     public static let latencyBuckets: [Double] = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let lock = PThreadLock()
     private var requests: [String: Int] = [:]   // "endpoint\u{0}status"
     private var latencyCounts: [String: [Int]] = [:]   // endpoint → count per bucket (not cumulative), +Inf last
     private var latencySums: [String: Double] = [:]
@@ -18,20 +12,13 @@ public final class ServeMetrics: @unchecked Sendable {
     private var failedBatches = 0
     private var cancelled = 0
 
-    public init() {
-        mutex.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(mutex, nil)
-    }
+    public init() {}
 
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
+    private func locked<R>(_ body: () -> R) -> R { lock.withLock(body) }
 
-    private func locked<R>(_ body: () -> R) -> R {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return body()
+    /// A metric family's `# HELP` and `# TYPE` lines.
+    private static func family(_ name: String, _ type: String, _ help: String) -> String {
+        "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
     }
 
     public func request(endpoint: String, status: Int, seconds: Double) {
@@ -58,23 +45,22 @@ public final class ServeMetrics: @unchecked Sendable {
 
     public func text(queueDepth: Int) -> String {
         locked {
-            var out = "# HELP pea_requests_total HTTP requests answered, by endpoint and status.\n# TYPE pea_requests_total counter\n"
+            var out = Self.family("pea_requests_total", "counter", "HTTP requests answered, by endpoint and status.")
             for key in requests.keys.sorted() {
                 let parts = key.split(separator: "\u{0}", omittingEmptySubsequences: false)
                 out += "pea_requests_total{endpoint=\"\(parts[0])\",status=\"\(parts[1])\"} \(requests[key]!)\n"
             }
-            out += "# HELP pea_images_generated_total Images generated.\n# TYPE pea_images_generated_total counter\n"
+            out += Self.family("pea_images_generated_total", "counter", "Images generated.")
             out += "pea_images_generated_total \(images)\n"
-            out += "# HELP pea_queue_depth Requests waiting for generation to start.\n# TYPE pea_queue_depth gauge\n"
+            out += Self.family("pea_queue_depth", "gauge", "Requests waiting for generation to start.")
             out += "pea_queue_depth \(queueDepth)\n"
-            out += "# HELP pea_batches_total Denoising batches run, by their image count.\n# TYPE pea_batches_total counter\n"
+            out += Self.family("pea_batches_total", "counter", "Denoising batches run, by their image count.")
             for size in batches.keys.sorted() { out += "pea_batches_total{images=\"\(size)\"} \(batches[size]!)\n" }
-            out += "# HELP pea_batches_failed_total Batches whose generation failed.\n# TYPE pea_batches_failed_total counter\n"
+            out += Self.family("pea_batches_failed_total", "counter", "Batches whose generation failed.")
             out += "pea_batches_failed_total \(failedBatches)\n"
-            out += "# HELP pea_requests_cancelled_total Requests dropped from the queue because their client went away.\n"
-            out += "# TYPE pea_requests_cancelled_total counter\npea_requests_cancelled_total \(cancelled)\n"
-            out += "# HELP pea_request_duration_seconds Time from a request's arrival to its response, by endpoint.\n"
-            out += "# TYPE pea_request_duration_seconds histogram\n"
+            out += Self.family("pea_requests_cancelled_total", "counter", "Requests dropped from the queue because their client went away.")
+            out += "pea_requests_cancelled_total \(cancelled)\n"
+            out += Self.family("pea_request_duration_seconds", "histogram", "Time from a request's arrival to its response, by endpoint.")
             for endpoint in latencyCounts.keys.sorted() {
                 var cumulative = 0
                 for (number, count) in latencyCounts[endpoint]!.enumerated() {
