@@ -31,7 +31,7 @@ enum TrainOptions {
     static let maxGradNorm = CommandOption.value(
         "--max-grad-norm", "G", help: "clip the global gradient norm to G (default: no clipping)")
     static let resolution = CommandOption.value(
-        "--resolution", "R", default: "512", .range(1...8192),
+        "--resolution", "R", default: "512", .range(1...AspectBuckets.maxSide),
         help: "square training resolution; images are resized (shorter side) and center-cropped. A multiple of the VAE's "
             + "factor (8); also the validation images' size (with --buckets, give it to choose that size)")
     static let buckets = CommandOption.value(

@@ -189,6 +189,7 @@ final class SDXLTrainingTests: XCTestCase {
         let cases: [([String], Int32, [String])] = [
             (base + ["--buckets", "24x16,wide"], 2, ["--buckets", "'wide' is not WIDTHxHEIGHT"]),
             (base + ["--buckets", "24x16,24x16"], 2, ["--buckets", "listed twice"]),
+            (base + ["--buckets", "200000x200000"], 2, ["--buckets", "larger than 8192"]),
             (base + ["--buckets", "25x16"], 2, ["--buckets", "25x16", "multiple of the VAE's factor 2"]),
             (base + ["--crop", "center"], 2, ["--crop", "needs --buckets"]),
             (base + ["--buckets", "sdxl", "--crop", "left"], 2, ["--crop", "random", "center"]),

@@ -479,7 +479,7 @@ final class TrainingDataTests: XCTestCase {
         XCTAssertEqual(try AspectBuckets.parse("sdxl"), AspectBuckets.sdxl)
         XCTAssertEqual(AspectBuckets.sdxl.description, "448x896,448x832,512x768,576x704,640x640,704x576,768x512,832x448,896x448")
         XCTAssertEqual(try AspectBuckets.parse(" 24x16, 20X20,16x24").description, "24x16,20x20,16x24")
-        for bad in ["", "24x16,", "24*16", "x16", "0x16", "24x16,24x16", "sdxl,640x640"] {
+        for bad in ["", "24x16,", "24*16", "x16", "0x16", "-24x16", "8200x16", "200000x200000", "24x16,24x16", "sdxl,640x640"] {
             assertThrowsError(containing: ["aspect buckets"]) { try AspectBuckets.parse(bad) }
         }
         let buckets = try AspectBuckets.parse("24x16,20x20,16x24")

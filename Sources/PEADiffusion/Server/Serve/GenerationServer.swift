@@ -274,8 +274,8 @@ public final class GenerationServer: @unchecked Sendable {
             default: throw RequestError(message: "scheduler must be Automatic or Karras, got '\(scheduler!)'")
             }
         }()
-        let names: [String: SchedulerName] = ["Euler a": .eulerAncestral, "Euler": .euler, "DDIM": .ddim, "DPM++ 2M": .dpmpp2M,
-                                              "DPM++ 2M Karras": .dpmpp2MKarras, "PLMS": .pndm]
+        // The names `pea generate` writes into PNGs (`a1111SamplerName`), read back.
+        let names = Dictionary(uniqueKeysWithValues: SchedulerName.allCases.map { (a1111SamplerName($0, className: ""), $0) })
         guard let sampler, !sampler.isEmpty else {
             if karras { throw RequestError(message: "scheduler Karras goes with sampler_name \"DPM++ 2M\"") }
             return nil

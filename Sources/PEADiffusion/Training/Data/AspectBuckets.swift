@@ -25,16 +25,21 @@ public struct AspectBuckets: Equatable, Sendable, CustomStringConvertible {
     }
 
     public let sizes: [Size]
+    /// The largest width or height a bucket may have (the training resolution's bound too).
+    public static let maxSide = 8192
 
     /// The nine buckets of the authors' SDXL training (custom_dataset_sdxl.py), portrait to landscape.
     public static let sdxl = try! AspectBuckets([(448, 896), (448, 832), (512, 768), (576, 704), (640, 640), (704, 576),
                                                  (768, 512), (832, 448), (896, 448)].map { Size(width: $0.0, height: $0.1) })
 
-    /// - Throws: `PEAError.usage` for no buckets, a size below 1 or a bucket given twice.
+    /// - Throws: `PEAError.usage` for no buckets, a side outside 1...`maxSide` or a bucket given twice.
     public init(_ sizes: [Size]) throws {
         guard !sizes.isEmpty else { throw PEAError.usage("aspect buckets: at least one bucket is needed") }
         for size in sizes where size.width < 1 || size.height < 1 {
             throw PEAError.usage("aspect buckets: \(size.width)x\(size.height) is not a size")
+        }
+        for size in sizes where size.width > Self.maxSide || size.height > Self.maxSide {
+            throw PEAError.usage("aspect buckets: \(size.width)x\(size.height) is larger than \(Self.maxSide) on a side")
         }
         guard Set(sizes).count == sizes.count else { throw PEAError.usage("aspect buckets: a bucket is listed twice in \(sizes)") }
         self.sizes = sizes
