@@ -30,6 +30,10 @@ enum ServeOptions {
     static let maxSteps = CommandOption.value("--max-steps", "N", default: "150", .range(1...1000),
                                               help: "the most denoising steps a request may ask for")
 
+    static let requestTimeout = CommandOption.value(
+        "--request-timeout", "SECONDS", default: "30",
+        help: "how long a client may take to send a request (408 after) or leave a keep-alive connection idle")
+
     static let spec = CommandSpec(
         name: "serve",
         usage: ["pea serve --model DIR [--text-encoder DIR --adapter PATH] [--host 127.0.0.1] [--port 7860] [--max-batch N] "
@@ -40,7 +44,7 @@ enum ServeOptions {
             the URL on stdout.
             """,
         groups: [.init("Options", [model, GenerateOptions.textEncoder, GenerateOptions.adapter, GenerateOptions.maxLength,
-                                   GenerateOptions.variant, host, port, maxBatch, maxQueue, batchWait, apiKey, maxSize, maxSteps]
+                                   GenerateOptions.variant, host, port, maxBatch, maxQueue, batchWait, apiKey, maxSize, maxSteps, requestTimeout]
                        + BackendOptions.all)],
         epilogue: """
             Endpoints (JSON in and out; errors are {"error": MESSAGE} with 400 naming the field, 401, 404, 405, 500, 503):
@@ -56,6 +60,10 @@ enum ServeOptions {
               GET /health                  {"status", "model", "backend", "queue_depth", "text_encoders"}
               GET /metrics                 Prometheus text: requests by endpoint and status, images, queue depth,
                                            batches by image count, requests cancelled, request latency histogram.
+            Limits: request bodies over \(HTTPLimits().bodyBytes >> 20) MiB are answered 413 before they are read, a header section
+            over \(HTTPLimits().headerBytes >> 10) KiB or \(HTTPLimits().headerCount) fields 431, a request sent slower than --request-timeout 408, chunked
+            bodies 411; past \(HTTPServer.Configuration().maxConnections) open connections a new one gets 503. A request that fails while generating
+            (the device out of memory, say) is answered 500 with the error, and the server goes on.
             Image i (0-based) of a request with seed S is the image `pea generate --seed S+i` makes with the same prompt,
             negative prompt, size, steps, guidance and scheduler, with the same parameters chunk in its PNG (the same
             pixels when denoised alone; within 1/255 per channel when batched with other requests); an omitted
@@ -85,6 +93,10 @@ func runServe(_ arguments: [String]) throws {
     configuration.batchWait = try options.double(O.batchWait)
     guard configuration.batchWait >= 0, configuration.batchWait <= 60 else {
         throw PEAError.usage("serve: --batch-wait must be in 0...60 seconds, got \(configuration.batchWait)")
+    }
+    configuration.http.requestTimeout = try options.double(O.requestTimeout)
+    guard configuration.http.requestTimeout > 0, configuration.http.requestTimeout <= 3600 else {
+        throw PEAError.usage("serve: --request-timeout must be in (0, 3600] seconds, got \(configuration.http.requestTimeout)")
     }
     configuration.apiKey = try options.optionalString(O.apiKey)
     if configuration.apiKey?.isEmpty == true { throw PEAError.usage("serve: --api-key must not be empty") }

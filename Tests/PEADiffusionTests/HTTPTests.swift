@@ -441,9 +441,10 @@ final class TestClient {
         var body: String
     }
 
-    init(port: Int) throws {
+    /// A connection to 127.0.0.1:`port` whose reads give up after `timeout` seconds.
+    init(port: Int, timeout seconds: Int = 5) throws {
         socket = Glibc.socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var timeout = timeval(tv_sec: 5, tv_usec: 0)
+        var timeout = timeval(tv_sec: seconds, tv_usec: 0)
         setsockopt(socket, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
@@ -471,7 +472,7 @@ final class TestClient {
         }
     }
 
-    /// Reads more bytes into `received`; false at end of stream, on an error or after the 5-second timeout.
+    /// Reads more bytes into `received`; false at end of stream, on an error or after the timeout.
     private func receive() -> Bool {
         var chunk = [UInt8](repeating: 0, count: 1 << 16)
         let count = chunk.withUnsafeMutableBytes { recv(socket, $0.baseAddress, $0.count, 0) }

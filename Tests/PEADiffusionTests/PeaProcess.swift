@@ -45,7 +45,7 @@ func assertPeaFails(_ cases: [(arguments: [String], status: Int32, fragments: [S
 
 /// Starts `pea` with `arguments` in the background, its stdout and stderr going to the file `log` (a pipe nobody
 /// reads could fill and stall it): for tests that signal the process while it runs.
-func startPea(_ arguments: [String], log: String) throws -> Process {
+func startPea(_ arguments: [String], log: String, environment changes: [String: String?] = [:]) throws -> Process {
     guard FileManager.default.isExecutableFile(atPath: peaExecutablePath) else {
         throw XCTSkip("the pea executable is not built at \(peaExecutablePath)")
     }
@@ -54,6 +54,9 @@ func startPea(_ arguments: [String], log: String) throws -> Process {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: peaExecutablePath)
     process.arguments = arguments
+    var environment = ProcessInfo.processInfo.environment
+    for (key, value) in changes { environment[key] = value }
+    process.environment = environment
     process.standardOutput = output
     process.standardError = output
     try process.run()

@@ -21,9 +21,11 @@ final class ServeTests: XCTestCase {
         let port: Int
         let log: String
 
-        init(_ arguments: [String], scratch: ScratchDirectory) throws {
+        /// `pea serve --port 0 arguments` on the CPU (unless `arguments` name a --backend) with one thread.
+        init(_ arguments: [String], scratch: ScratchDirectory, environment: [String: String?] = [:]) throws {
             log = scratch.file("serve.log")
-            process = try startPea(["serve", "--port", "0", "--backend", "cpu", "--threads", "1"] + arguments, log: log)
+            let backend = arguments.contains("--backend") ? [] : ["--backend", "cpu"]
+            process = try startPea(["serve", "--port", "0", "--threads", "1"] + backend + arguments, log: log, environment: environment)
             let deadline = Date().addingTimeInterval(60)
             var found: Int?
             while found == nil, Date() < deadline, process.isRunning {
@@ -59,7 +61,7 @@ final class ServeTests: XCTestCase {
         deinit { stop() }
 
         func request(_ method: String, _ path: String, body: String? = nil, headers: [String] = []) throws -> TestClient.Response {
-            let client = try TestClient(port: port)
+            let client = try TestClient(port: port, timeout: 60)
             var text = "\(method) \(path) HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers.map { $0 + "\r\n" }.joined()
             if let body { text += "Content-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n" }
             client.send(text + "\r\n" + (body ?? ""))
@@ -231,27 +233,33 @@ final class ServeTests: XCTestCase {
         }
     }
 
-    func testSixteenConcurrentRequestsFromEightClientsAreAllAnsweredRight() throws {
+    /// 16 clients at once, each sending 2 requests in turn on its own connection: all 32 are answered with the
+    /// right image (each seed's `pea generate` image), none is lost, and they are denoised in batches.
+    func testSixteenConcurrentClientsHaveAllTheirRequestsAnsweredRight() throws {
         let scratch = ScratchDirectory()
         let server = try Server(["--model", sd1, "--max-batch", "4"], scratch: scratch)
         let seeds = [31, 32, 33, 34]
         let expected = try seeds.map { try generated(["--prompt", "a shape", "--seed", String($0), "--steps", "2"], scratch: scratch, name: "\($0).png") }
-        var received = [PNGImage?](repeating: nil, count: 16)
+        let clients = 16, rounds = 2
+        var received = [PNGImage?](repeating: nil, count: clients * rounds)
         let lock = NSLock()
-        concurrently(8) { client in
-            for round in 0..<2 {
-                let number = client * 2 + round
+        concurrently(clients) { client in
+            for round in 0..<rounds {
+                let number = client * rounds + round
                 guard let result = try? server.post("/v1/images/generations", ["prompt": "a shape", "seed": seeds[number % 4], "steps": 2]),
                       result.status == 200, let data = result.json["data"] as? [[String: Any]],
                       let image = try? self.images(data.map { $0["b64_json"] as Any }).first else { continue }
                 lock.lock(); received[number] = image; lock.unlock()
             }
         }
-        for number in 0..<16 {
+        for number in 0..<(clients * rounds) {
             let image = try XCTUnwrap(received[number], "request \(number) got no image")
             assertSameImage(image, expected[number % 4], "request \(number)", batched: true)
         }
-        XCTAssertEqual(try server.metric("pea_images_generated_total"), 16)
+        XCTAssertEqual(try server.metric("pea_images_generated_total"), clients * rounds)
+        XCTAssertEqual(try server.metric("pea_requests_total{endpoint=\"/v1/images/generations\",status=\"200\"}"), clients * rounds)
+        let single = try server.metric("pea_batches_total{images=\"1\"}") ?? 0
+        XCTAssertLessThan(single, clients * rounds, "16 waiting clients were never batched")
         XCTAssertEqual(server.stop(), 0)
     }
 
@@ -290,6 +298,50 @@ final class ServeTests: XCTestCase {
         XCTAssertEqual(try server.request("POST", "/health", body: "{}").status, 405)
         XCTAssertEqual(try server.post("/sdapi/v1/txt2img", ["prompt": "still here", "steps": 1]).status, 200)
         XCTAssertEqual(try server.metric("pea_requests_total{endpoint=\"/sdapi/v1/txt2img\",status=\"400\"}"), 14)
+        XCTAssertEqual(server.stop(), 0)
+    }
+
+    /// The HTTP layer's limits hold in `pea serve` as it configures them: a body over the limit is 413 before it is
+    /// sent, a header section over the limit 431, a chunked body 411, a request left half-sent 408 after
+    /// --request-timeout; and the server goes on answering.
+    func testHTTPLimitsHoldInServe() throws {
+        let scratch = ScratchDirectory()
+        let server = try Server(["--model", sd1, "--request-timeout", "0.5"], scratch: scratch)
+        let limits = HTTPLimits()
+        let large = try TestClient(port: server.port)
+        large.send("POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: h\r\nContent-Length: \(limits.bodyBytes + 1)\r\n\r\n")
+        XCTAssertEqual(large.readResponse()?.status, 413)
+        let padding = "X-Padding: " + String(repeating: "a", count: limits.headerBytes)
+        XCTAssertEqual(try server.request("GET", "/health", headers: [padding]).status, 431)
+        XCTAssertEqual(try server.request("POST", "/sdapi/v1/txt2img", headers: ["Transfer-Encoding: chunked"]).status, 411)
+        let slow = try TestClient(port: server.port)
+        slow.send("POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: h\r\nContent-Length: 20\r\n\r\n{\"prompt\"")
+        XCTAssertEqual(slow.readResponse()?.status, 408, "a body that stops half-way")
+        XCTAssertEqual(try server.post("/sdapi/v1/txt2img", ["prompt": "still here", "steps": 1]).status, 200)
+        XCTAssertEqual(server.stop(), 0)
+
+        let refused = try runPea(["serve", "--model", sd1, "--request-timeout", "0"])
+        XCTAssertEqual(refused.status, 2)
+        XCTAssertTrue(refused.stderr.contains("--request-timeout"), refused.stderr)
+    }
+
+    /// A generation that fails inside the backend — the (emulated) GPU, given 8 MB, runs out of memory for a
+    /// 128×128 image — is answered 500 with the backend's error; the server goes on: the next request gets its
+    /// image, and the failure is counted.
+    func testAGenerationThatFailsIs500WithItsErrorAndTheServerGoesOn() throws {
+        _ = try CUDABackendParityTests.emulatedLibrary()
+        let scratch = ScratchDirectory()
+        let server = try Server(["--model", sd1, "--backend", "cuda"], scratch: scratch,
+                                environment: ["PEA_CUDA_LIB": CUDABackendParityTests.emulatedLibraryPath, "PEA_EMU_DEVICE_MEMORY_MB": "8"])
+        let failed = try server.post("/sdapi/v1/txt2img", ["prompt": "too large", "steps": 1, "width": 128, "height": 128])
+        XCTAssertEqual(failed.status, 500, "\(failed.json)")
+        let message = failed.json["error"] as? String ?? ""
+        XCTAssertTrue(message.contains("cudaMalloc") && message.contains("out of memory"), message)
+        let next = try server.post("/sdapi/v1/txt2img", ["prompt": "small", "steps": 1, "seed": 5])
+        XCTAssertEqual(next.status, 200, "\(next.json)")
+        XCTAssertEqual(try images(next.json["images"] as? [Any]).first?.width, 32)
+        XCTAssertEqual(try server.metric("pea_requests_total{endpoint=\"/sdapi/v1/txt2img\",status=\"500\"}"), 1)
+        XCTAssertEqual(try server.metric("pea_requests_total{endpoint=\"/sdapi/v1/txt2img\",status=\"200\"}"), 1)
         XCTAssertEqual(server.stop(), 0)
     }
 

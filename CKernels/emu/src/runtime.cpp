@@ -278,6 +278,17 @@ static size_t physical_memory() {
     return pages > 0 ? (size_t)pages * page_size() : (size_t)16 << 30;
 }
 
+/* The device's memory: PEA_EMU_DEVICE_MEMORY_MB when set (a small GPU, to test running out of memory),
+ * otherwise the host's physical memory. */
+static size_t device_memory() {
+    static const size_t bytes = [] {
+        const char *s = getenv("PEA_EMU_DEVICE_MEMORY_MB");
+        long long mb = s ? atoll(s) : 0;
+        return mb > 0 ? (size_t)mb << 20 : physical_memory();
+    }();
+    return bytes;
+}
+
 static int device_count() {
     const char *s = getenv("PEA_EMU_DEVICE_COUNT"); /* 0: behave like a machine without a GPU */
     return s && atoi(s) == 0 ? 0 : 1;
@@ -305,6 +316,15 @@ cudaError_t cudaMalloc(void **devPtr, size_t size) {
         return fail(cudaErrorMemoryAllocation, "cudaMalloc: %zu bytes: out of memory", size);
     void *m = mmap(nullptr, map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (m == MAP_FAILED) return fail(cudaErrorMemoryAllocation, "cudaMalloc: %zu bytes: out of memory", size);
+    {
+        std::lock_guard<std::mutex> lk(g_mem_mutex);
+        if (g_allocated + size > device_memory()) {
+            munmap(m, map_bytes);
+            return fail(cudaErrorMemoryAllocation, "cudaMalloc: %zu bytes: out of memory (%zu of %zu bytes in use)", size,
+                        g_allocated, device_memory());
+        }
+        g_allocated += size; /* counted now so that concurrent allocations cannot both pass the check */
+    }
     char *map = (char *)m;
     mprotect(map, page, PROT_NONE);
     mprotect(map + page + pages, page, PROT_NONE);
@@ -313,7 +333,6 @@ cudaError_t cudaMalloc(void **devPtr, size_t size) {
     {
         std::lock_guard<std::mutex> lk(g_mem_mutex);
         g_allocs[(uintptr_t)a.ptr] = a;
-        g_allocated += size;
     }
     *devPtr = a.ptr;
     return cudaSuccess;
@@ -395,7 +414,7 @@ cudaError_t cudaHostUnregister(void *ptr) {
 cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total) {
     if (!free_bytes || !total) return fail(cudaErrorInvalidValue, "cudaMemGetInfo: NULL argument");
     std::lock_guard<std::mutex> lk(g_mem_mutex);
-    *total = physical_memory();
+    *total = device_memory();
     *free_bytes = g_allocated < *total ? *total - g_allocated : 0;
     return cudaSuccess;
 }
@@ -645,7 +664,7 @@ cudaError_t cudaGetDeviceProperties(struct cudaDeviceProp *p, int device) {
         return fail(cudaErrorInvalidDevice, "cudaGetDeviceProperties(%d): no such device", device);
     memset(p, 0, sizeof *p);
     snprintf(p->name, sizeof p->name, "Pea SIMT emulator");
-    p->totalGlobalMem = physical_memory();
+    p->totalGlobalMem = device_memory();
     p->sharedMemPerBlock = kSharedDefault;
     p->regsPerBlock = 65536;
     p->warpSize = 32;

@@ -28,17 +28,18 @@ public enum MemoryBudget {
     static func require(_ bytes: Double, device: (name: String, bytes: Double)?, for what: @autoclosure () -> String,
                         error: (String) -> PEAError) throws {
         if bytes > physicalBytes {
-            throw error("\(what()) needs \(gigabytes(bytes)) GB, more than this machine's \(gigabytes(physicalBytes)) GB of memory")
+            throw error("\(what()) needs \(amount(bytes)), more than this machine's \(amount(physicalBytes)) of memory")
         }
         if let device, bytes > device.bytes {
-            throw error("\(what()) needs \(gigabytes(bytes)) GB, more than the \(device.name) device's \(gigabytes(device.bytes)) GB of memory")
+            throw error("\(what()) needs \(amount(bytes)), more than the \(device.name) device's \(amount(device.bytes)) of memory")
         }
     }
 
-    /// `bytes` in GB (10⁹): one decimal below 10, whole numbers above.
-    static func gigabytes(_ bytes: Double) -> String {
+    /// `bytes` in GB (10⁹) with one decimal below 10 and whole numbers above, or in whole MB (10⁶) below 1 GB.
+    static func amount(_ bytes: Double) -> String {
+        if bytes < 1e9 { return "\(Int((bytes / 1e6).rounded())) MB" }
         let value = bytes / 1e9
-        if value < 10 { return String((value * 10).rounded() / 10) }
-        return value < 1e15 ? String(Int(value.rounded())) : "\(value)"
+        if value < 10 { return "\(String((value * 10).rounded() / 10)) GB" }
+        return value < 1e15 ? "\(Int(value.rounded())) GB" : "\(value) GB"
     }
 }

@@ -285,36 +285,15 @@ extension HTTPServer {
 /// The count of open connections and whether the server is stopping, under one lock, with a condition that
 /// `stop()` waits on until the last connection has ended.
 private final class ConnectionGate: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let allEnded = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private let lock = PThreadLock()
     private var open = 0
     private var stopping = false
 
-    init() {
-        mutex.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(mutex, nil)
-        allEnded.initialize(to: pthread_cond_t())
-        pthread_cond_init(allEnded, nil)
-    }
-
-    deinit {
-        pthread_cond_destroy(allEnded)
-        pthread_mutex_destroy(mutex)
-        allEnded.deallocate()
-        mutex.deallocate()
-    }
-
-    private func locked<R>(_ body: () -> R) -> R {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return body()
-    }
-
-    var isStopping: Bool { locked { stopping } }
+    var isStopping: Bool { lock.withLock { stopping } }
 
     /// Counts a new connection in, unless `limit` are open or the server is stopping.
     func admit(limit: Int) -> Bool {
-        locked {
+        lock.withLock {
             guard !stopping, open < limit else { return false }
             open += 1
             return true
@@ -322,23 +301,23 @@ private final class ConnectionGate: @unchecked Sendable {
     }
 
     func leave() {
-        locked {
+        lock.withLock {
             open -= 1
-            if open == 0 { pthread_cond_broadcast(allEnded) }
+            if open == 0 { lock.broadcast() }
         }
     }
 
     /// Marks the server stopping; false if it already was.
     func beginStopping() -> Bool {
-        locked {
+        lock.withLock {
             defer { stopping = true }
             return !stopping
         }
     }
 
     func waitUntilNoneOpen() {
-        locked {
-            while open > 0 { pthread_cond_wait(allEnded, mutex) }
+        lock.withLock {
+            while open > 0 { lock.wait() }
         }
     }
 }

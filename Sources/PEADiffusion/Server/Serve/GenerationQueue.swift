@@ -59,13 +59,12 @@ public final class GenerationQueue: @unchecked Sendable {
     }
 
     private let run: Runner
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let changed = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    /// Guards everything below; its condition is broadcast whenever the queue or a ticket changes.
+    private let lock = PThreadLock()
     private var queue: [Entry] = []
     private var waitingRequests = 0
     private var sequence = 0
     private var stopping = false
-    private var finished = false
     private var thread = pthread_t()
 
     public init(maxBatch: Int, maxQueue: Int, batchWait: Double = 0, run: @escaping Runner) throws {
@@ -74,31 +73,14 @@ public final class GenerationQueue: @unchecked Sendable {
         self.maxQueue = maxQueue
         self.batchWait = batchWait
         self.run = run
-        mutex.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(mutex, nil)
-        changed.initialize(to: pthread_cond_t())
-        pthread_cond_init(changed, nil)
         guard let started = startThread({ self.schedule() }) else {
             throw PEAError.unsupported("cannot start the generation queue's thread: \(systemErrorMessage())")
         }
         thread = started
     }
 
-    deinit {
-        pthread_cond_destroy(changed)
-        pthread_mutex_destroy(mutex)
-        changed.deallocate()
-        mutex.deallocate()
-    }
-
-    private func locked<R>(_ body: () throws -> R) rethrows -> R {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body()
-    }
-
     /// Requests waiting for their first image to start.
-    public var depth: Int { locked { waitingRequests } }
+    public var depth: Int { lock.withLock { waitingRequests } }
 
     /// Queues a request's items (their `index` is replaced by the queue's arrival order) and waits for their
     /// images, in the items' order. `cancelled` is asked about every 0.1 s while the request waits (its client
@@ -107,43 +89,39 @@ public final class GenerationQueue: @unchecked Sendable {
     public func submit(_ items: [JobItem], choice: String, cancelled: () -> Bool = { false }) throws -> [[RGBImage]] {
         precondition(!items.isEmpty)
         let ticket = Ticket(count: items.count)
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        if stopping { throw Refusal.stopped }
-        guard waitingRequests < maxQueue else { throw Refusal.full }
-        waitingRequests += 1
-        let now = monotonicSeconds()
-        for (slot, item) in items.enumerated() {
-            var item = item
-            item.index = sequence
-            sequence += 1
-            queue.append(Entry(item: item, choice: choice, ticket: ticket, slot: slot, arrived: now))
-        }
-        pthread_cond_broadcast(changed)
-        while ticket.waiting > 0 {
-            var now = timespec()
-            clock_gettime(CLOCK_REALTIME, &now)
-            var until = timespec(tv_sec: now.tv_sec, tv_nsec: now.tv_nsec + 100_000_000)
-            if until.tv_nsec >= 1_000_000_000 { until.tv_sec += 1; until.tv_nsec -= 1_000_000_000 }
-            pthread_cond_timedwait(changed, mutex, &until)
-            if ticket.waiting > 0, cancelled() {
-                queue.removeAll { $0.ticket === ticket }
-                if ticket.notStarted == ticket.images.count { waitingRequests -= 1 }
-                ticket.notStarted = 0
-                onCancel()
-                throw Refusal.cancelled
+        return try lock.withLock {
+            if stopping { throw Refusal.stopped }
+            guard waitingRequests < maxQueue else { throw Refusal.full }
+            waitingRequests += 1
+            let now = monotonicSeconds()
+            for (slot, item) in items.enumerated() {
+                var item = item
+                item.index = sequence
+                sequence += 1
+                queue.append(Entry(item: item, choice: choice, ticket: ticket, slot: slot, arrived: now))
             }
+            lock.broadcast()
+            while ticket.waiting > 0 {
+                lock.wait(seconds: 0.1)
+                if ticket.waiting > 0, cancelled() {
+                    queue.removeAll { $0.ticket === ticket }
+                    if ticket.notStarted == ticket.images.count { waitingRequests -= 1 }
+                    ticket.notStarted = 0
+                    onCancel()
+                    throw Refusal.cancelled
+                }
+            }
+            if let error = ticket.error { throw Refusal.failed(error) }
+            return ticket.images.map { $0! }
         }
-        if let error = ticket.error { throw Refusal.failed(error) }
-        return ticket.images.map { $0! }
     }
 
     /// Finishes what is queued, then ends the scheduler thread; later submissions are refused. Only the first
     /// call does anything.
     public func stop() {
-        let first: Bool = locked {
+        let first: Bool = lock.withLock {
             defer { stopping = true }
-            pthread_cond_broadcast(changed)
+            lock.broadcast()
             return !stopping
         }
         if first { pthread_join(thread, nil) }
@@ -158,44 +136,42 @@ public final class GenerationQueue: @unchecked Sendable {
         return candidates.filter { indices.contains($0.item.index) }
     }
 
-    private func schedule() {
-        while true {
-            pthread_mutex_lock(mutex)
-            while queue.isEmpty && !stopping { pthread_cond_wait(changed, mutex) }
-            if queue.isEmpty {
-                pthread_mutex_unlock(mutex)
-                return
+    /// Waits for queued items and takes the next batch out of the queue; nil once the queue is stopping and empty.
+    private func takeBatch() -> [Entry]? {
+        lock.withLock {
+            while true {
+                while queue.isEmpty && !stopping { lock.wait() }
+                if queue.isEmpty { return nil }
+                var batch = nextBatch()
+                // Dynamic batching window: wait a little for compatible requests while the batch has room. The
+                // lock is released meanwhile, so requests may come and (cancelled) go: the batch is planned again.
+                while batchWait > 0, !stopping, !queue.isEmpty, batch.reduce(0, { $0 + $1.item.batch }) < maxBatch {
+                    let left = queue[0].arrived + batchWait - monotonicSeconds()
+                    if left <= 0 { break }
+                    lock.wait(seconds: left)
+                    if !queue.isEmpty { batch = nextBatch() }
+                }
+                if queue.isEmpty { continue }
+                let taken = Set(batch.map(\.item.index))
+                queue.removeAll { taken.contains($0.item.index) }
+                for entry in batch {
+                    entry.ticket.notStarted -= 1
+                    if entry.ticket.notStarted == entry.ticket.images.count - 1 { waitingRequests -= 1 }
+                }
+                return batch
             }
-            var batch = nextBatch()
-            // Dynamic batching window: wait a little for compatible requests while the batch has room. The lock
-            // is released meanwhile, so requests may come and (cancelled) go: the batch is planned again.
-            while batchWait > 0, !stopping, batch.reduce(0, { $0 + $1.item.batch }) < maxBatch,
-                  monotonicSeconds() < queue[0].arrived + batchWait {
-                pthread_mutex_unlock(mutex)
-                usleep(5_000)
-                pthread_mutex_lock(mutex)
-                if queue.isEmpty { break }
-                batch = nextBatch()
-            }
-            if queue.isEmpty {
-                pthread_mutex_unlock(mutex)
-                continue
-            }
-            let taken = Set(batch.map(\.item.index))
-            queue.removeAll { taken.contains($0.item.index) }
-            for entry in batch {
-                entry.ticket.notStarted -= 1
-                if entry.ticket.notStarted == entry.ticket.images.count - 1 { waitingRequests -= 1 }
-            }
-            pthread_mutex_unlock(mutex)
+        }
+    }
 
+    private func schedule() {
+        while let batch = takeBatch() {
             let result = Result { try run(batch.map(\.item), batch[0].choice) }
             let images = batch.reduce(0) { $0 + $1.item.batch }
             if case .success(let made) = result, made.count != batch.count {
                 fatalError("the generation runner returned \(made.count) results for \(batch.count) items")
             }
             onBatch(images, (try? result.get()) != nil)
-            locked {
+            lock.withLock {
                 for (number, entry) in batch.enumerated() {
                     switch result {
                     case .success(let made): entry.ticket.images[entry.slot] = made[number]
@@ -203,7 +179,7 @@ public final class GenerationQueue: @unchecked Sendable {
                     }
                     entry.ticket.waiting -= 1
                 }
-                pthread_cond_broadcast(changed)
+                lock.broadcast()
             }
         }
     }
