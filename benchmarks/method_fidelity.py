@@ -20,7 +20,10 @@ and writes --grid (default benchmarks/toyworld_grid.png): for each class, the En
 one (seed 0; held-out classes from the held-out arm).
 
     python3 benchmarks/method_fidelity.py [--pea .build/release/pea] [--models models] [--seeds 3]
-            [--adapter models/toyworld-zh/adapter.safetensors] [--jobs 2] [--write benchmarks/RESULTS.md]
+            [--adapter models/toyworld-zh/adapter.safetensors] [--jobs 2] [--weights bf16] [--write benchmarks/RESULTS.md]
+
+--weights bf16|f16 runs every arm with `pea generate --backend cpu --weights W` (half-size weight matrices); with
+--write its table goes to its own section ("… with bf16 weights"), beside the f32 one, without the picture.
 
 Needs only the standard library and numpy; the images are kept in --work (default: a temporary folder).
 """
@@ -129,6 +132,8 @@ def main():
     parser.add_argument("--work", help="keep the images here (default: a temporary folder, removed)")
     parser.add_argument("--reuse", action="store_true", help="keep images already in --work (same settings) instead of generating them again")
     parser.add_argument("--write", help="put the table into this RESULTS.md")
+    parser.add_argument("--weights", choices=["f32", "bf16", "f16"], default="f32",
+                        help="pea generate --weights (bf16, f16: on the CPU backend); default: %(default)s")
     parser.add_argument("--grid", default=os.path.join(here, "toyworld_grid.png"), help="with --write: the picture")
     args = parser.parse_args()
 
@@ -150,13 +155,14 @@ def main():
         "zh-held-out": (HELD_OUT, lambda c, s: ["--model", teacher, "--prompt", chinese(c, s),
                                                 "--text-encoder", encoder, "--adapter", adapter]),
     }
+    weights = [] if args.weights == "f32" else ["--backend", "cpu", "--weights", args.weights]
     jobs = []
     for arm, (classes, make) in arms.items():
         for colour, shape in classes:
             for seed in range(args.seeds):
                 path = os.path.join(work, f"{arm}_{colour}_{shape}_{seed}.png")
                 jobs.append({"arm": arm, "colour": colour, "shape": shape, "seed": seed, "path": path,
-                             "args": make(colour, shape) + ["--seed", str(seed)]})
+                             "args": make(colour, shape) + ["--seed", str(seed)] + weights})
     start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         todo = [job for job in jobs if not (args.reuse and os.path.exists(job["path"]))]
@@ -197,7 +203,16 @@ def main():
     print(table)
     print(f"chance: 1/24 = 4% (colour 1/6 = 17%, shape 1/4 = 25%); {len(jobs)} images in {seconds:.0f} s")
 
-    if args.write:
+    if args.write and args.weights != "f32":
+        heading = f"{HEADING} with {args.weights} weights"
+        command = (f"python3 benchmarks/method_fidelity.py --seeds {args.seeds} --weights {args.weights} "
+                   "--write benchmarks/RESULTS.md")
+        section = (f"{heading}\n\n`{command}`: the section above's run with every arm's `pea generate --backend cpu "
+                   f"--weights {args.weights}` (linear and convolution weights held in {args.weights}, computed in f32).\n\n"
+                   f"{table}\n")
+        write_section(args.write, heading, section)
+        print(f"wrote {args.write}")
+    elif args.write:
         # The picture: for each class, English (seed 0) above Chinese (seed 0); two bands of 12 classes.
         order = []
         for band in (CLASSES[:12], CLASSES[12:]):

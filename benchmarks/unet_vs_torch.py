@@ -15,7 +15,7 @@ reports for that child (weights, activations and the runtime itself: Python + to
 binary on the other).
 
     python3 benchmarks/unet_vs_torch.py [--config benchmarks/configs/sd15_unet.json ...] [--latent 64x64]
-                                        [--batch 1] [--threads 2] [--repeats 3] [--pea .build/release/pea]
+                                        [--batch 1] [--threads 2] [--repeats 3] [--weights f32,bf16] [--pea .build/release/pea]
                                         [--python tools/reference/.venv/bin/python] [--write benchmarks/RESULTS.md]
 
 On a GPU (--device cuda [--precision fp16] [--lib .build-cuda/libpea_cuda.so]): pea runs `--backend cuda
@@ -23,6 +23,9 @@ On a GPU (--device cuda [--precision fp16] [--lib .build-cuda/libpea_cuda.so]): 
 torch.cuda.synchronize() calls (pea's between upload-free launches and the download of the output), and memory
 is the device's peak: pea's caching allocator peak, torch.cuda.max_memory_allocated. Results go to the section
 "CUDA UNet vs PyTorch".
+
+--weights f32,bf16 (CPU): pea runs once per listed mode, one row each: bf16/f16 holds pea's weight matrices at
+half size (`pea bench unet --weights`), computing in f32; torch stays in float32.
 
 --config may be given several times (one table row each). The torch side needs a Python with torch and
 diffusers; by default the reference venv (`make fixtures` creates it). Without a pea binary, or when
@@ -157,7 +160,7 @@ def torch_baseline_rss(python, threads):
     return rss if rc == 0 else None
 
 
-def run_pea(pea, config, height, width, batch, threads, repeats, device="cpu", precision="fp32", lib=None):
+def run_pea(pea, config, height, width, batch, threads, repeats, device="cpu", precision="fp32", lib=None, weights="f32"):
     """Returns pea's JSON result with peak_rss_mb measured here, or None (after saying why) when it cannot run."""
     if not os.path.exists(pea):
         print(f"unet_vs_torch.py: {pea} not found (build it with 'make'); showing the torch side only",
@@ -171,7 +174,7 @@ def run_pea(pea, config, height, width, batch, threads, repeats, device="cpu", p
         if lib:
             env["PEA_CUDA_LIB"] = os.path.abspath(lib)
     else:
-        cmd += ["--backend", "cpu"]
+        cmd += ["--backend", "cpu", "--weights", weights]
     rc, out, rss = run_child(cmd, env=env)
     if rc != 0:
         print(f"unet_vs_torch.py: '{' '.join(cmd)}' failed (exit {rc}); showing the torch side only",
@@ -219,11 +222,18 @@ def main():
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both sides run (default: %(default)s)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                         help="storage dtype of weights and activations; fp16/bf16 need --device cuda (default: %(default)s)")
+    parser.add_argument("--weights", default="f32",
+                        help="comma-separated pea weight modes on the CPU, one row each: f32, bf16, f16 (default: %(default)s)")
     parser.add_argument("--lib", help="the CUDA library pea loads (PEA_CUDA_LIB), e.g. .build-cuda/libpea_cuda.so")
     parser.add_argument("--write", metavar="RESULTS.md", help="record the table in this markdown file")
     args = parser.parse_args()
     if args.device == "cpu" and args.precision != "fp32":
         sys.exit("unet_vs_torch.py: --precision fp16/bf16 needs --device cuda")
+    weight_modes = args.weights.split(",")
+    if any(mode not in ("f32", "bf16", "f16") for mode in weight_modes):
+        sys.exit(f"unet_vs_torch.py: --weights takes f32, bf16 and f16, got '{args.weights}'")
+    if args.device == "cuda" and weight_modes != ["f32"]:
+        sys.exit("unet_vs_torch.py: --weights is for the CPU; on cuda pea stores weights in --precision")
     configs = args.config or [os.path.relpath(os.path.join(HERE, "configs", "sd15_unet.json"))]
     found = re.fullmatch(r"(\d+)[x×](\d+)", args.latent)
     if not found:
@@ -237,9 +247,9 @@ def main():
                  f"tools/reference/.venv, or pass --python):\n{check.stderr.strip()}")
 
     memory = "peak device MB" if args.device == "cuda" else "peak RSS MB"
-    header = ("| UNet | latent × batch | pea best / median ms | torch best / median ms | time pea / torch "
+    header = ("| UNet | latent × batch | pea weights | pea best / median ms | torch best / median ms | time pea / torch "
               f"| pea {memory} | torch {memory} | memory pea / torch |\n"
-              "|---|---|---:|---:|---:|---:|---:|---:|")
+              "|---|---|---|---:|---:|---:|---:|---:|---:|")
     rows, versions, pea_missing = [], "", False
     for config in configs:
         name = os.path.splitext(os.path.basename(config))[0]
@@ -248,23 +258,25 @@ def main():
         print(f"{name}: torch side ...", file=sys.stderr, flush=True)
         ref = run_torch(args.python, config, height, width, args.batch, args.threads, args.repeats, args.device, args.precision)
         versions = f"torch {ref['torch']}, diffusers {ref['diffusers']}"
-        print(f"{name}: pea side ...", file=sys.stderr, flush=True)
-        pea = run_pea(args.pea, config, height, width, args.batch, args.threads, args.repeats, args.device,
-                      args.precision, args.lib)
-        if args.device == "cuda":  # memory is the device's peak on both sides
-            ref["peak_rss_mb"] = ref["device_peak_mb"]
-            if pea is not None:
-                pea["peak_rss_mb"] = pea.get("peak_device_mb")
-        pea_missing |= pea is None
-        shape = f"{height}×{width} × {args.batch}"
-        torch_ms = f"{ref['best_ms']:.0f} / {ref['median_ms']:.0f}"
-        if pea is None:
-            row = (f"| {name} | {shape} | — | {torch_ms} | — | — | {ref['peak_rss_mb']:.0f} | — |")
-        else:
-            row = (f"| {name} | {shape} | {pea['best_ms']:.0f} / {pea['median_ms']:.0f} | {torch_ms} "
-                   f"| {ratio(pea['best_ms'], ref['best_ms'])} | {pea['peak_rss_mb']:.0f} | {ref['peak_rss_mb']:.0f} "
-                   f"| {ratio(pea['peak_rss_mb'], ref['peak_rss_mb'])} |")
-        rows.append(row)
+        for mode in weight_modes:
+            print(f"{name}: pea side (weights {mode}) ...", file=sys.stderr, flush=True)
+            pea = run_pea(args.pea, config, height, width, args.batch, args.threads, args.repeats, args.device,
+                          args.precision, args.lib, mode)
+            if args.device == "cuda":  # memory is the device's peak on both sides
+                ref["peak_rss_mb"] = ref["device_peak_mb"]
+                if pea is not None:
+                    pea["peak_rss_mb"] = pea.get("peak_device_mb")
+            pea_missing |= pea is None
+            shape = f"{height}×{width} × {args.batch}"
+            torch_ms = f"{ref['best_ms']:.0f} / {ref['median_ms']:.0f}"
+            stored = mode if args.device == "cpu" else args.precision
+            if pea is None:
+                row = (f"| {name} | {shape} | {stored} | — | {torch_ms} | — | — | {ref['peak_rss_mb']:.0f} | — |")
+            else:
+                row = (f"| {name} | {shape} | {stored} | {pea['best_ms']:.0f} / {pea['median_ms']:.0f} | {torch_ms} "
+                       f"| {ratio(pea['best_ms'], ref['best_ms'])} | {pea['peak_rss_mb']:.0f} | {ref['peak_rss_mb']:.0f} "
+                       f"| {ratio(pea['peak_rss_mb'], ref['peak_rss_mb'])} |")
+            rows.append(row)
         print(f"{name}: torch {ref['params'] / 1e6:.0f}M parameters, built in {ref['build_s']:.1f} s, "
               f"VmHWM {ref['vmhwm_mb']:.0f} MB", file=sys.stderr)
 

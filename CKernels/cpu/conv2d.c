@@ -7,7 +7,8 @@
  *   y[b] (Cout × N) = w (Cout × K) · col (K × N) + bias,
  * one GEMM per image. The bias is written into y first and the GEMM accumulates onto it (beta = 1), so the
  * bias costs no extra pass. A 1×1, stride-1, unpadded convolution needs no unrolling: x[b] already is the
- * K × N matrix. Padding may be asymmetric (diffusers' VAE downsampler pads right and bottom only).
+ * K × N matrix. The weights may be stored in f32, bf16 or f16 (half-size weights): the GEMM widens them as
+ * it packs them (ck_gemm_mixed). Padding may be asymmetric (diffusers' VAE downsampler pads right and bottom only).
  */
 #include "ckernels.h"
 
@@ -75,8 +76,8 @@ static void im2col_rows(void *arg, int64_t begin, int64_t end) {
     }
 }
 
-void ck_conv2d_f32(const ck_conv2d_params *p, const float *x, const float *w, const float *bias,
-                   float *y, float *workspace) {
+int ck_conv2d_f32(const ck_conv2d_params *p, const float *x, const void *w, int w_type, const float *bias,
+                  float *y, float *workspace) {
     const int64_t Ho = ck_conv2d_out_h(p), Wo = ck_conv2d_out_w(p);
     const int64_t N = Ho * Wo, K = p->Cin * p->kh * p->kw;
     for (int64_t b = 0; b < p->B; b++) {
@@ -92,8 +93,10 @@ void ck_conv2d_f32(const ck_conv2d_params *p, const float *x, const float *w, co
             for (int64_t o = 0; o < p->Cout; o++)
                 for (int64_t n = 0; n < N; n++) yb[o * N + n] = bias[o];
         }
-        ck_sgemm(0, 0, p->Cout, N, K, 1.0f, w, K, col, N, bias ? 1.0f : 0.0f, yb, N);
+        int status = ck_gemm_mixed(0, 0, p->Cout, N, K, 1.0f, w, w_type, K, col, CK_F32, N, bias ? 1.0f : 0.0f, yb, N);
+        if (status != CK_OK) return status;
     }
+    return CK_OK;
 }
 
 /* ---- data gradient ----------------------------------------------------------------------------------
@@ -141,19 +144,19 @@ static void col2im_channels(void *arg, int64_t begin, int64_t end) {
     }
 }
 
-void ck_conv2d_backward_data_f32(const ck_conv2d_params *p, const float *dy, const float *w, float *dx,
-                                 float *workspace) {
+int ck_conv2d_backward_data_f32(const ck_conv2d_params *p, const float *dy, const void *w, int w_type, float *dx,
+                                float *workspace) {
     const int64_t Ho = ck_conv2d_out_h(p), Wo = ck_conv2d_out_w(p);
     const int64_t N = Ho * Wo, K = p->Cin * p->kh * p->kw;
     for (int64_t b = 0; b < p->B; b++) {
         const float *dyb = dy + b * p->Cout * N;
         float *dxb = dx + b * p->Cin * p->H * p->W;
-        if (is_pointwise(p)) {
-            ck_sgemm(1, 0, K, N, p->Cout, 1.0f, w, K, dyb, N, 0.0f, dxb, N);
-            continue;
-        }
-        ck_sgemm(1, 0, K, N, p->Cout, 1.0f, w, K, dyb, N, 0.0f, workspace, N);
+        int status = ck_gemm_mixed(1, 0, K, N, p->Cout, 1.0f, w, w_type, K, dyb, CK_F32, N, 0.0f,
+                                   is_pointwise(p) ? dxb : workspace, N);
+        if (status != CK_OK) return status;
+        if (is_pointwise(p)) continue;
         col2im_ctx ctx = {p, workspace, dxb, Ho, Wo};
         ck_parallel_for(p->Cin, 1, col2im_channels, &ctx);
     }
+    return CK_OK;
 }

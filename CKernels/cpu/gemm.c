@@ -38,6 +38,7 @@
  * packing. On a Zen 3 core the AVX2 path runs at ~92 GFLOP/s, 94% of the FMA peak (benchmarks/RESULTS.md).
  */
 #include "ckernels.h"
+#include "half.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -337,6 +338,75 @@ static void pack_b(int transB, const float *B, int64_t ldb, int64_t p0, int64_t 
     }
 }
 
+/* Widening packs, for an operand stored in bf16 or f16 (ck_gemm_mixed: half-size weights): the same
+ * sliver layouts as pack_a and pack_b, each element widened to f32 as it is copied. Widening is exact, so the
+ * micro-kernels see the very floats an f32 copy of the operand would give them. Every weight element is packed
+ * at least once per product, so the copies run over contiguous runs that the compiler vectorises: a run of a
+ * row of the operand becomes a run of a sliver, except for a transposed B (a linear layer's weight), whose
+ * rows are widened NR at a time into a small buffer and transposed from there by pack_b. */
+
+/* dst[i] = src[i] widened, i < n. bf16 is the top half of an f32. f16 without branches: its exponent and
+ * mantissa shifted into f32 position and scaled by 2^112 (exact for normals and subnormals alike), with the
+ * all-ones exponent (inf, NaN) moved to f32's first. */
+static inline __attribute__((always_inline)) void widen_run(float *restrict dst, const uint16_t *restrict src,
+                                                             int64_t n, int type) {
+    if (type == CK_BF16) {
+        for (int64_t i = 0; i < n; i++) dst[i] = ck_f32_from_bits((uint32_t)src[i] << 16);
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t h = src[i], body = (h & 0x7fff) << 13;
+            body = body >= 0x0f800000 ? body | 0x70000000 : body;
+            dst[i] = ck_f32_from_bits(ck_f32_bits(ck_f32_from_bits(body) * 0x1p112f) | (h & 0x8000) << 16);
+        }
+    }
+}
+
+static void pack_a_widened(int transA, const void *A, int type, int64_t lda, int64_t i0, int64_t p0, int64_t mc,
+                           int64_t kc, int MR, int64_t KC, float *restrict dst) {
+    const uint16_t *a = A;
+    for (int64_t is = 0; is < mc; is += MR) {
+        int rows = mc - is < MR ? (int)(mc - is) : MR;
+        if (!transA) {   /* by rows: sliver row i is a run of row i0 + is + i of A */
+            for (int i = 0; i < MR; i++) {
+                if (i < rows) widen_run(dst + i * KC, a + (i0 + is + i) * lda + p0, kc, type);
+                else memset(dst + i * KC, 0, (size_t)kc * sizeof(float));
+            }
+        } else {         /* by columns: sliver column p is a run of row p0 + p of A */
+            for (int64_t p = 0; p < kc; p++) {
+                widen_run(dst + p * MR, a + (p0 + p) * lda + i0 + is, rows, type);
+                for (int i = rows; i < MR; i++) dst[p * MR + i] = 0.0f;
+            }
+        }
+        dst += a_sliver_floats(transA, MR, KC, kc);
+    }
+}
+
+/* The largest NR·KC of the kernels (avx512: 32 × 160; avx2: 16 × 320; portable: 8 × 256). */
+#define WIDEN_BUFFER_FLOATS 5120
+_Static_assert(PORTABLE_NR * PORTABLE_KC <= WIDEN_BUFFER_FLOATS, "pack_b_widened's buffer");
+#if defined(__x86_64__)
+_Static_assert(32 * AVX512_KC <= WIDEN_BUFFER_FLOATS && 16 * AVX2_KC <= WIDEN_BUFFER_FLOATS, "pack_b_widened's buffer");
+#endif
+
+static void pack_b_widened(int transB, const void *B, int type, int64_t ldb, int64_t p0, int64_t j0, int64_t kc,
+                           int64_t nc, int NR, float *restrict dst) {
+    const uint16_t *b = B;
+    float rows[WIDEN_BUFFER_FLOATS];
+    for (int64_t js = 0; js < nc; js += NR) {
+        int cols = nc - js < NR ? (int)(nc - js) : NR;
+        if (!transB) {   /* sliver row p is a run of row p0 + p of B */
+            for (int64_t p = 0; p < kc; p++) {
+                widen_run(dst + p * NR, b + (p0 + p) * ldb + j0 + js, cols, type);
+                for (int j = cols; j < NR; j++) dst[p * NR + j] = 0.0f;
+            }
+        } else {         /* the sliver's columns are rows of B: widen them (kc floats each), then transpose */
+            for (int j = 0; j < cols; j++) widen_run(rows + j * kc, b + (j0 + js + j) * ldb + p0, kc, type);
+            pack_b(1, rows, kc, 0, 0, kc, cols, NR, dst);
+        }
+        dst += NR * kc;
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------------- */
 /* Packing buffers: one pair per thread, kept for the thread's life (the pool's workers are persistent)
  * and freed when the thread exits.                                                                      */
@@ -391,6 +461,8 @@ typedef struct {
     const float *A, *B;
     float *C;
     int64_t lda, ldb, ldc;
+    int typeA, typeB;   /* how A and B are stored: CK_F32, or CK_BF16 / CK_F16 (ck_gemm_mixed only; A or B
+                         * then points at 16-bit elements, which only the widening packs read) */
 } gemm_args_t;
 
 /* Direct path for small products and for a single row (M = 1, a matrix-vector product, where packing B
@@ -463,10 +535,12 @@ static int sgemm_blocked(const gemm_kernel_t *kern, const gemm_args_t *g, int64_
         for (int64_t pc = 0; pc < K; pc += KC) {
             int64_t kc = K - pc < KC ? K - pc : KC;
             float beta = pc == 0 ? g->beta : 1.0f;     /* the first slice applies beta, later ones add */
-            pack_b(g->transB, g->B, g->ldb, pc, n0 + jc, kc, nc, NR, buf->b);
+            if (g->typeB == CK_F32) pack_b(g->transB, g->B, g->ldb, pc, n0 + jc, kc, nc, NR, buf->b);
+            else pack_b_widened(g->transB, g->B, g->typeB, g->ldb, pc, n0 + jc, kc, nc, NR, buf->b);
             for (int64_t ic = 0; ic < M; ic += MC) {
                 int64_t mc = M - ic < MC ? M - ic : MC;
-                pack_a(g->transA, g->A, g->lda, m0 + ic, pc, mc, kc, MR, kern->kc, buf->a);
+                if (g->typeA == CK_F32) pack_a(g->transA, g->A, g->lda, m0 + ic, pc, mc, kc, MR, kern->kc, buf->a);
+                else pack_a_widened(g->transA, g->A, g->typeA, g->lda, m0 + ic, pc, mc, kc, MR, kern->kc, buf->a);
                 const int64_t a_step = a_sliver_floats(g->transA, MR, kern->kc, kc);
                 for (int64_t jr = 0; jr < nc; jr += NR) {
                     int nr = nc - jr < NR ? (int)(nc - jr) : NR;
@@ -496,30 +570,69 @@ typedef struct {
     const gemm_args_t *g;
     int tn;
     int64_t rows, cols;     /* rectangle size (multiples of MR and NR), the last ones clipped */
+    atomic_int failed;      /* a rectangle with a 16-bit operand could not get its packing buffers */
 } grid_t;
 
 static void grid_task(void *ctx, int64_t begin, int64_t end) {
-    const grid_t *grid = ctx;
+    grid_t *grid = ctx;
+    const gemm_args_t *g = grid->g;
     for (int64_t t = begin; t < end; t++) {
         int64_t m0 = (t / grid->tn) * grid->rows, n0 = (t % grid->tn) * grid->cols;
-        int64_t m1 = m0 + grid->rows < grid->g->M ? m0 + grid->rows : grid->g->M;
-        int64_t n1 = n0 + grid->cols < grid->g->N ? n0 + grid->cols : grid->g->N;
+        int64_t m1 = m0 + grid->rows < g->M ? m0 + grid->rows : g->M;
+        int64_t n1 = n0 + grid->cols < g->N ? n0 + grid->cols : g->N;
         if (m0 >= m1 || n0 >= n1) continue;
-        if (sgemm_blocked(grid->kern, grid->g, m0, m1, n0, n1) != CK_OK) sgemm_unpacked(grid->g, m0, m1, n0, n1);
+        if (sgemm_blocked(grid->kern, g, m0, m1, n0, n1) == CK_OK) continue;
+        /* the unpacked fallback reads f32 only */
+        if (g->typeA == CK_F32 && g->typeB == CK_F32) sgemm_unpacked(g, m0, m1, n0, n1);
+        else atomic_store(&grid->failed, 1);
     }
+}
+
+/* op(X) of a 16-bit operand widened into a new, compact f32 matrix (rows × cols as stored, row stride cols),
+ * for the direct path, which reads its operands in place. NULL if it cannot be allocated. */
+static float *widened_copy(const void *X, int type, int64_t rows, int64_t cols, int64_t ld) {
+    float *copy = malloc((size_t)(rows * cols) * sizeof(float));
+    if (!copy) return NULL;
+    for (int64_t r = 0; r < rows; r++) widen_run(copy + r * cols, (const uint16_t *)X + r * ld, cols, type);
+    return copy;
+}
+
+/* sgemm_small with 16-bit operands widened first: the same arithmetic on the same f32 values. */
+static int sgemm_small_mixed(const gemm_args_t *g) {
+    gemm_args_t f = *g;
+    float *a = NULL, *b = NULL;
+    if (g->typeA != CK_F32) {
+        int64_t rows = g->transA ? g->K : g->M, cols = g->transA ? g->M : g->K;
+        if (!(a = widened_copy(g->A, g->typeA, rows, cols, g->lda))) return CK_ENOMEM;
+        f.A = a, f.lda = cols, f.typeA = CK_F32;
+    }
+    if (g->typeB != CK_F32) {
+        int64_t rows = g->transB ? g->N : g->K, cols = g->transB ? g->K : g->N;
+        if (!(b = widened_copy(g->B, g->typeB, rows, cols, g->ldb))) {
+            free(a);
+            return CK_ENOMEM;
+        }
+        f.B = b, f.ldb = cols, f.typeB = CK_F32;
+    }
+    sgemm_small(&f);
+    free(a);
+    free(b);
+    return CK_OK;
 }
 
 /* Products below this many multiply-adds take sgemm_small; a thread is given at least PER_THREAD_MACS. */
 #define SMALL_MACS (32 * 32 * 32)
 #define PER_THREAD_MACS (64 * 64 * 64)
 
-/* One GEMM with at most `threads` threads. */
-static void sgemm_run(const gemm_kernel_t *kern, const gemm_args_t *g, int threads) {
-    if (g->M <= 0 || g->N <= 0) return;
+/* One GEMM with at most `threads` threads. Returns CK_ENOMEM only for a 16-bit operand whose buffers
+ * cannot be allocated (an f32 product then falls back to the unpacked loop). */
+static int sgemm_run(const gemm_kernel_t *kern, const gemm_args_t *g, int threads) {
+    if (g->M <= 0 || g->N <= 0) return CK_OK;
     double macs = (double)g->M * (double)g->N * (double)g->K;
     if (g->K <= 0 || macs < SMALL_MACS || g->M == 1) {
+        if (g->typeA != CK_F32 || g->typeB != CK_F32) return sgemm_small_mixed(g);
         sgemm_small(g);  /* K = 0 lands here too: C = beta·C */
-        return;
+        return CK_OK;
     }
     int64_t useful = (int64_t)(macs / PER_THREAD_MACS);
     if (threads > useful) threads = useful < 1 ? 1 : (int)useful;
@@ -538,9 +651,10 @@ static void sgemm_run(const gemm_kernel_t *kern, const gemm_args_t *g, int threa
         if (best_cost < 0 || cost < best_cost) best_cost = cost, best_tm = tm;
     }
     int tm = best_tm, tn = threads / best_tm;
-    grid_t grid = {kern, g, tn, round_up((g->M + tm - 1) / tm, kern->mr), round_up((g->N + tn - 1) / tn, kern->nr)};
+    grid_t grid = {kern, g, tn, round_up((g->M + tm - 1) / tm, kern->mr), round_up((g->N + tn - 1) / tn, kern->nr), 0};
     if (threads == 1) grid_task(&grid, 0, 1);
     else ck_parallel_for(tm * tn, 1, grid_task, &grid);
+    return atomic_load(&grid.failed) ? CK_ENOMEM : CK_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -597,8 +711,18 @@ int ck_gemm_set_kernel(const char *name) {
 
 void ck_sgemm(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
               const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
-    gemm_args_t g = {transA, transB, M, N, K, alpha, beta, A, B, C, lda, ldb, ldc};
+    gemm_args_t g = {transA, transB, M, N, K, alpha, beta, A, B, C, lda, ldb, ldc, CK_F32, CK_F32};
     sgemm_run(active_kernel(), &g, ck_get_num_threads());
+}
+
+int ck_gemm_mixed(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha, const void *A, int typeA,
+                  int64_t lda, const void *B, int typeB, int64_t ldb, float beta, float *C, int64_t ldc) {
+    for (int i = 0; i < 2; i++) {
+        int type = i ? typeB : typeA;
+        if (type != CK_F32 && type != CK_BF16 && type != CK_F16) return CK_EINVAL;
+    }
+    gemm_args_t g = {transA, transB, M, N, K, alpha, beta, A, B, C, lda, ldb, ldc, typeA, typeB};
+    return sgemm_run(active_kernel(), &g, ck_get_num_threads());
 }
 
 /* Batched: many small products are spread over the threads one whole product each; otherwise the
@@ -627,7 +751,7 @@ void ck_sgemm_batched(int transA, int transB, int64_t M, int64_t N, int64_t K, f
                       const float *A, int64_t lda, int64_t strideA, const float *B, int64_t ldb, int64_t strideB,
                       float beta, float *C, int64_t ldc, int64_t strideC, int64_t batch) {
     if (batch <= 0) return;
-    batch_t bt = {active_kernel(), {transA, transB, M, N, K, alpha, beta, A, B, C, lda, ldb, ldc},
+    batch_t bt = {active_kernel(), {transA, transB, M, N, K, alpha, beta, A, B, C, lda, ldb, ldc, CK_F32, CK_F32},
                   strideA, strideB, strideC};
     int threads = ck_get_num_threads();
     /* Items may run concurrently only if their C blocks are disjoint (a stride of 0, say, accumulates

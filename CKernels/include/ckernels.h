@@ -63,6 +63,14 @@ void ck_sgemm_batched(int transA, int transB, int64_t M, int64_t N, int64_t K, f
                       const float *B, int64_t ldb, int64_t strideB,
                       float beta, float *C, int64_t ldc, int64_t strideC, int64_t batch);
 
+/* ck_sgemm with A and B each stored as CK_F32, CK_BF16 or CK_F16 (half-size weights; C is f32): a 16-bit
+ * operand is widened to f32 as it is packed, which is exact, so the result is bit for bit ck_sgemm's on
+ * f32 copies of the operands. CK_OK; CK_EINVAL for another type; CK_ENOMEM when a buffer for widening
+ * cannot be allocated (C is then partly written). */
+int ck_gemm_mixed(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha,
+                  const void *A, int typeA, int64_t lda, const void *B, int typeB, int64_t ldb,
+                  float beta, float *C, int64_t ldc);
+
 /* The plain triple loop with the same contract: the reference the fast GEMM is tested against. */
 void ck_sgemm_reference(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha,
                         const float *A, int64_t lda, const float *B, int64_t ldb,
@@ -80,7 +88,8 @@ int ck_gemm_set_kernel(const char *name);
  *   x [B, Cin, H, W], w [Cout, Cin, kh, kw], bias [Cout] or NULL → y [B, Cout, Ho, Wo]
  *   Ho = (H + padTop + padBottom − kh) / strideH + 1, likewise Wo.
  * Implemented as im2col + GEMM; a 1×1, stride-1, unpadded convolution is a plain GEMM without a copy.
- * `workspace` holds ck_conv2d_workspace_floats(...) floats (0 for the 1×1 case; may be NULL then). */
+ * `workspace` holds ck_conv2d_workspace_floats(...) floats (0 for the 1×1 case; may be NULL then).
+ * w is stored as w_type: CK_F32, CK_BF16 or CK_F16 (x, bias and y are f32). Returns ck_gemm_mixed's status. */
 typedef struct {
     int64_t B, Cin, H, W, Cout, kh, kw;
     int64_t strideH, strideW;
@@ -90,8 +99,8 @@ typedef struct {
 int64_t ck_conv2d_out_h(const ck_conv2d_params *p);
 int64_t ck_conv2d_out_w(const ck_conv2d_params *p);
 int64_t ck_conv2d_workspace_floats(const ck_conv2d_params *p);
-void ck_conv2d_f32(const ck_conv2d_params *p, const float *x, const float *w, const float *bias,
-                   float *y, float *workspace);
+int ck_conv2d_f32(const ck_conv2d_params *p, const float *x, const void *w, int w_type, const float *bias,
+                  float *y, float *workspace);
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* Normalisation and softmax                                                                            */
@@ -188,9 +197,10 @@ void ck_mean_f32(const float *x, float *y, int64_t outer, int64_t n, int64_t inn
  * statistics, activations) rather than keeping it from the forward pass.                                */
 
 /* Data gradient of ck_conv2d_f32: dy [B, Cout, Ho, Wo], w [Cout, Cin, kh, kw] → dx [B, Cin, H, W]
- * (dx = col2im(wᵀ · dy), a plain GEMM for the 1×1, stride-1, unpadded case). `workspace` as for the forward. */
-void ck_conv2d_backward_data_f32(const ck_conv2d_params *p, const float *dy, const float *w, float *dx,
-                                 float *workspace);
+ * (dx = col2im(wᵀ · dy), a plain GEMM for the 1×1, stride-1, unpadded case). `workspace`, w_type and the
+ * status as for the forward. */
+int ck_conv2d_backward_data_f32(const ck_conv2d_params *p, const float *dy, const void *w, int w_type, float *dx,
+                                float *workspace);
 
 /* Data gradient of ck_group_norm_f32 (γ may be NULL; β only matters with fuse_silu, for the SiLU's input):
  * dy, x [B, C, S] → dx [B, C, S]. The statistics are recomputed from x. */

@@ -22,7 +22,14 @@ enum BackendOptions {
                                              help: "CPU threads (default: every online CPU)")
     static let device = CommandOption.value("--device", "N", default: "0", .range(0...1023),
                                             help: "the CUDA device to use, numbered as CUDA_VISIBLE_DEVICES leaves them")
+    static let weights = CommandOption.value(
+        "--weights", "f32|bf16|f16", default: "f32", .choices(["f32", "bf16", "f16"]),
+        help: "how the CPU backend holds weight matrices (linear and convolution weights): bf16 or f16 halve their memory; "
+            + "the GEMM widens them to f32 as it reads them, and everything is computed in f32 (the CUDA backend stores "
+            + "weights in --precision)")
     static let all = [backend, precision, threads, device]
+    /// For commands that only run models forward (generate, serve, eval, bench unet): `all` and --weights.
+    static let inference = all + [weights]
 
     static let precisionNames = BackendSelection.Precision.allCases.map(\.rawValue)
 
@@ -34,9 +41,11 @@ enum BackendOptions {
             throw PEAError.usage("\(command): --device picks a CUDA device; --backend cpu has none")
         }
         do {
+            let halfWeights: DType? = switch try options.string(weights) { case "bf16": .bf16; case "f16": .f16; default: nil }
             let selection = try BackendSelection(BackendSelection.Choice(rawValue: options.string(backend))!,
                                                  precision: BackendSelection.Precision(rawValue: precisionName)!,
-                                                 threads: options.optionalInt(threads) ?? 0, device: options.int(device))
+                                                 threads: options.optionalInt(threads) ?? 0, device: options.int(device),
+                                                 halfWeights: halfWeights)
             if let notice = selection.fallbackNotice { fputs("pea: \(notice)\n", stderr) }
             return selection
         } catch let failure as BackendSelection.Failure {
@@ -45,6 +54,9 @@ enum BackendOptions {
                 throw PEAError.usage("\(command): the cpu backend computes in fp32 only; --precision \(precisionName) needs --backend cuda")
             case .precisionNeedsCUDA(_, let why):
                 throw PEAError.usage("\(command): --precision \(precisionName) needs the CUDA backend, which is unavailable: \(why)")
+            case .halfWeightsAreCPUs:
+                throw PEAError.usage("\(command): --weights \(try options.string(weights)) is for the cpu backend; the cuda backend "
+                                     + "stores weights in --precision (fp16, bf16)" + (options.has(backend) ? "" : "; add --backend cpu"))
             case .cudaFailed(let why):
                 throw PEAError.backend("\(command): --backend cuda: \(why)", kind: .unavailable)
             }

@@ -56,14 +56,15 @@ enum BenchUNetOptions {
             Builds the UNet a diffusers config.json describes, with random weights (speed does not depend on the values),
             and times full evaluations on random inputs: one warm-up, then R timed runs (default 3). Prints the best and
             median time and the process's peak resident memory (weights included); --json prints one JSON object with
-            the keys config, latent_h, latent_w, batch, threads, precision, best_ms, median_ms, peak_rss_mb, parameters
-            (and peak_device_mb on the CUDA backend). Weights and inputs are stored in the --precision dtype.
+            the keys config, latent_h, latent_w, batch, threads, precision, weights, best_ms, median_ms, peak_rss_mb,
+            parameters (and peak_device_mb on the CUDA backend). Weights and inputs are stored in the --precision dtype;
+            on the CPU, --weights bf16|f16 holds the weight matrices at half size.
             --profile (CUDA backend) runs one more evaluation with each op call bracketed by GPU events and prints the
             GPU time per op (calls, total, share, mean) and the GPU's idle time waiting for the host; with --json, the
             keys profile (a list of {op, calls, ms}), profile_span_ms and profile_device_allocations.
             """,
         groups: [.init("Options", [B.config, B.latent, B.batch, B.contextLength, B.repeats, B.json, profileOption]
-                                  + BackendOptions.all)])
+                                  + BackendOptions.inference)])
 }
 
 func runBenchUNet(_ arguments: [String]) throws {
@@ -109,7 +110,7 @@ func runBenchUNet(_ arguments: [String]) throws {
         var fields: [String: JSONValue] = [
             "config": .string(configPath), "latent_h": .number(Double(latent.height)), "latent_w": .number(Double(latent.width)),
             "batch": .number(Double(batch)), "threads": .number(Double(threads)), "precision": .string("\(dtype)"),
-            "best_ms": .number(best), "median_ms": .number(median), "peak_rss_mb": .number(peak),
+            "weights": .string("\(backend.halfWeights ?? dtype)"), "best_ms": .number(best), "median_ms": .number(median), "peak_rss_mb": .number(peak),
             "parameters": .number(Double(weights.parameterCount))]
         if let peakDevice { fields["peak_device_mb"] = .number(peakDevice) }
         if let profile { fields.merge(profileJSONFields(profile)) { $1 } }
@@ -117,7 +118,7 @@ func runBenchUNet(_ arguments: [String]) throws {
     } else {
         print("unet \(configPath)  latent \(latent.height)x\(latent.width)  batch \(batch)  \(backend.name) \(threads) threads  "
             + "best \(formatted(best)) ms  median \(formatted(median)) ms  peak RSS \(formatted(peak)) MB  "
-            + "\(weights.parameterCount / 1_000_000)M parameters")
+            + "\(weights.parameterCount / 1_000_000)M parameters" + (backend.halfWeights.map { ", \($0) weight matrices" } ?? ""))
         if let profile { print(profileTable(profile, of: "one evaluation (\(dtype), batch \(batch), \(latent.height)x\(latent.width))")) }
     }
 }

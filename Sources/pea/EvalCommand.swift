@@ -51,10 +51,10 @@ read from a safetensors file and writes its outputs, in float32, to another.
 
     /// What each model accepts.
     static let options: [String: [CommandOption]] = [
-        "unet": [model, inputs, output, variant, features] + BackendOptions.all,
-        "vae-decode": [model, inputs, output, variant] + BackendOptions.all,
-        "vae-encode": [model, inputs, output, variant] + BackendOptions.all,
-        "text-encoder": [model, prompt, maxLength, output, variant] + BackendOptions.all,
+        "unet": [model, inputs, output, variant, features] + BackendOptions.inference,
+        "vae-decode": [model, inputs, output, variant] + BackendOptions.inference,
+        "vae-encode": [model, inputs, output, variant] + BackendOptions.inference,
+        "text-encoder": [model, prompt, maxLength, output, variant] + BackendOptions.inference,
         "kd-step": [unet, adapter, inputs, output, featureWeight] + BackendOptions.all,
     ]
     static let models = ["unet", "vae-decode", "vae-encode", "text-encoder", "kd-step"]
@@ -68,7 +68,7 @@ read from a safetensors file and writes its outputs, in float32, to another.
                 "pea eval kd-step    --unet DIR --adapter PATH --inputs IN.safetensors --output OUT.safetensors"],
         description: description,
         groups: [.init("Options", [model, inputs, output, variant, features, unet, adapter, prompt, maxLength, featureWeight]
-                                  + BackendOptions.all)])
+                                  + BackendOptions.inference)])
 }
 
 func runEval(_ arguments: [String]) throws {

@@ -76,7 +76,7 @@ enum GenerateOptions {
             generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run.
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
-                                   batch, clipSkip, output, variant, textEncoder, adapter, maxLength] + BackendOptions.all),
+                                   batch, clipSkip, output, variant, textEncoder, adapter, maxLength] + BackendOptions.inference),
                  .init("Prompt-file jobs", [outputDir, batchSize, format, shard, shards, overwrite], note: """
                     FILE is .jsonl (one object a line: "prompt", and optionally "id" (A–Z a–z 0–9 _ -), "negative_prompt",
                     "seed", "width", "height", "steps", "guidance", "scheduler", "batch" (images of that prompt), "text" (a

@@ -45,7 +45,7 @@ enum ServeOptions {
             """,
         groups: [.init("Options", [model, GenerateOptions.textEncoder, GenerateOptions.adapter, GenerateOptions.maxLength,
                                    GenerateOptions.variant, host, port, maxBatch, maxQueue, batchWait, apiKey, maxSize, maxSteps, requestTimeout]
-                       + BackendOptions.all)],
+                       + BackendOptions.inference)],
         epilogue: """
             Endpoints (JSON in and out; errors are {"error": MESSAGE} with 400 naming the field, 401, 404, 405, 500, 503):
               POST /sdapi/v1/txt2img       A1111's subset: prompt, negative_prompt, seed (-1: random), steps (20),

@@ -284,4 +284,59 @@ final class GEMMTests: XCTestCase {
         ck_sgemm(0, 0, 2, 3, 0, 1, none, 1, none, 3, 2, &c, 3)
         XCTAssertEqual(c, [2, 4, 6, 8, 10, 12])
     }
+
+    // MARK: - Half-size operands
+
+    /// ck_gemm_mixed with an operand stored in bf16 or f16 gives, bit for bit, ck_sgemm's result on f32 copies
+    /// of the stored values (widening is exact, and the widened floats go through the same packing layout and
+    /// micro-kernel): for every kernel, one and two threads, either operand or both, every transpose, and
+    /// shapes that take the direct path (a single row, a tiny product), one block, and several blocks.
+    func testMixedOperandsGiveTheF32ResultOfTheWidenedValues() {
+        let shapes: [(m: Int, n: Int, k: Int, pad: Int)] = [(1, 77, 300, 0), (5, 7, 9, 1), (37, 53, 71, 3), (203, 300, 341, 0)]
+        let types: [(a: Int32, b: Int32)] = [(Int32(CK_F32), Int32(CK_BF16)), (Int32(CK_BF16), Int32(CK_F32)),
+                                             (Int32(CK_F32), Int32(CK_F16)), (Int32(CK_F16), Int32(CK_BF16))]
+        var random = SeededRandom(state: 77)
+        for shape in shapes {
+            for (transA, transB) in [(false, false), (false, true), (true, false), (true, true)] {
+                let p = Problem(transA: transA, transB: transB, m: shape.m, n: shape.n, k: shape.k, alpha: 0.75, beta: 0.5, pad: shape.pad)
+                let a = random.floats(p.rowsA * p.lda), b = random.floats(p.rowsB * p.ldb), c = random.floats(p.m * p.ldc)
+                for (typeA, typeB) in types {
+                    let (storedA, widenedA) = Self.stored(a, as: typeA), (storedB, widenedB) = Self.stored(b, as: typeB)
+                    for kernel in supportedKernels() {
+                        XCTAssertEqual(ck_gemm_set_kernel(kernel), Int32(CK_OK))
+                        for threads: Int32 in [1, 2] {
+                            ck_set_num_threads(threads)
+                            var expected = c, actual = c
+                            ck_sgemm(transA ? 1 : 0, transB ? 1 : 0, Int64(p.m), Int64(p.n), Int64(p.k), p.alpha, widenedA, Int64(p.lda),
+                                     widenedB, Int64(p.ldb), p.beta, &expected, Int64(p.ldc))
+                            let status = storedA.withUnsafeBytes { a in
+                                storedB.withUnsafeBytes { b in
+                                    ck_gemm_mixed(transA ? 1 : 0, transB ? 1 : 0, Int64(p.m), Int64(p.n), Int64(p.k), p.alpha,
+                                                  a.baseAddress, typeA, Int64(p.lda), b.baseAddress, typeB, Int64(p.ldb),
+                                                  p.beta, &actual, Int64(p.ldc))
+                                }
+                            }
+                            XCTAssertEqual(status, Int32(CK_OK))
+                            let differing = zip(actual, expected).filter { $0.bitPattern != $1.bitPattern }.count
+                            XCTAssertEqual(differing, 0, "\(kernel) \(threads) threads types \(typeA)×\(typeB) \(p.label)")
+                        }
+                    }
+                }
+            }
+        }
+        ck_gemm_set_kernel(nil)
+        let one: [Float] = [1]
+        var c: Float = 0
+        XCTAssertEqual(ck_gemm_mixed(0, 0, 1, 1, 1, 1, one, Int32(CK_I32), 1, one, Int32(CK_F32), 1, 0, &c, 1), Int32(CK_EINVAL))
+    }
+
+    /// `values` stored as `type` (the raw bytes) and those stored values widened back to f32.
+    private static func stored(_ values: [Float], as type: Int32) -> (bytes: [UInt8], widened: [Float]) {
+        if type == CK_F32 { return (values.withUnsafeBytes { Array($0) }, values) }
+        var bytes = [UInt8](repeating: 0, count: values.count * 2)
+        var widened = [Float](repeating: 0, count: values.count)
+        _ = ck_convert(values, Int32(CK_F32), &bytes, type, Int64(values.count))
+        _ = ck_convert(bytes, type, &widened, Int32(CK_F32), Int64(values.count))
+        return (bytes, widened)
+    }
 }

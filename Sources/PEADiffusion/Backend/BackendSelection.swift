@@ -25,6 +25,8 @@ public struct BackendSelection {
         case cpuComputesInFP32(requested: Precision)
         /// auto found no usable CUDA, and the precision needs it.
         case precisionNeedsCUDA(requested: Precision, unavailable: String)
+        /// Half-size weights were asked for and CUDA was chosen (its weights follow the precision).
+        case halfWeightsAreCPUs
         /// cuda was chosen and could not be opened.
         case cudaFailed(String)
 
@@ -34,6 +36,8 @@ public struct BackendSelection {
                 return "the cpu backend computes in fp32 only; \(precision.rawValue) needs the cuda backend"
             case .precisionNeedsCUDA(let precision, let why):
                 return "\(precision.rawValue) needs the CUDA backend, which is unavailable: \(why)"
+            case .halfWeightsAreCPUs:
+                return "half-size weights are the cpu backend's; the cuda backend stores weights in its precision"
             case .cudaFailed(let why):
                 return "the cuda backend: \(why)"
             }
@@ -50,25 +54,28 @@ public struct BackendSelection {
     /// - Parameters:
     ///   - threads: CPU threads (0: every online CPU).
     ///   - device: the CUDA device ordinal (as `CUDA_VISIBLE_DEVICES` leaves them numbered).
+    ///   - halfWeights: f16 or bf16 weight matrices on the CPU backend (`CPUBackend.halfWeights`).
     /// - Throws: `Failure`.
-    public init(_ choice: Choice, precision: Precision, threads: Int, device: Int = 0) throws {
+    public init(_ choice: Choice, precision: Precision, threads: Int, device: Int = 0, halfWeights: DType? = nil) throws {
         dtype = precision.dtype
         var notice: String?
         switch choice {
         case .cpu:
             guard precision == .fp32 else { throw Failure.cpuComputesInFP32(requested: precision) }
-            backend = CPUBackend(threads: threads)
+            backend = CPUBackend(threads: threads, halfWeights: halfWeights)
         case .cuda:
+            if halfWeights != nil { throw Failure.halfWeightsAreCPUs }
             do { backend = try CUDABackend(device: device) } catch { throw Failure.cudaFailed(Self.withoutCUDAPrefix("\(error)")) }
         case .auto:
             switch CUDABackend.availability(device: device) {
             case .success(let cuda):
+                if halfWeights != nil { throw Failure.halfWeightsAreCPUs }
                 backend = cuda
             case .failure(let why):
                 let reason = Self.withoutCUDAPrefix(why.message)
                 guard precision == .fp32 else { throw Failure.precisionNeedsCUDA(requested: precision, unavailable: reason) }
                 if why.userExpectsCUDA { notice = "CUDA unavailable (\(reason)); using the CPU" }
-                backend = CPUBackend(threads: threads)
+                backend = CPUBackend(threads: threads, halfWeights: halfWeights)
             }
         }
         fallbackNotice = notice

@@ -46,6 +46,11 @@ public protocol ComputeBackend: AnyObject {
     /// (`MemoryBudget`); nil for host memory or when the device does not say.
     var deviceMemoryBytes: Double? { get }
 
+    /// Half-size weights: the dtype (f16 or bf16) in which a model loaded in f32 on this backend stores its
+    /// weight matrices (linear and convolution weights, `WeightSource.matrix`), which the backend's GEMM widens
+    /// to f32 as it packs them; nil: every parameter in the model's dtype.
+    var halfWeights: DType? { get }
+
     // MARK: ops
     /// The values converted to `dtype` (f32 ↔ f16/bf16 rounding to nearest even; ids to f32 by value).
     func cast(_ x: Tensor, to dtype: DType) throws -> Tensor
@@ -163,6 +168,7 @@ public struct AdamWScalars: Sendable, Equatable {
 
 extension ComputeBackend {
     public var deviceMemoryBytes: Double? { nil }
+    public var halfWeights: DType? { nil }
 
     /// Through a `HostTensor`: one extra host copy, for backends without a direct path.
     public func upload(bytes: UnsafeRawBufferPointer, shape: [Int], dtype: DType) throws -> Tensor {

@@ -291,6 +291,14 @@ public final class CheckpointWeights: WeightSource {
     public func storedName(of name: String) -> String? { stored[name] }
 
     public func tensor(_ name: String, shape: [Int]) throws -> Tensor {
+        try load(name, shape: shape, dtype: dtype)
+    }
+
+    public func matrix(_ name: String, shape: [Int]) throws -> Tensor {
+        try load(name, shape: shape, dtype: matrixDType(dtype))
+    }
+
+    private func load(_ name: String, shape: [Int], dtype: DType) throws -> Tensor {
         guard let storedName = stored[name] else {
             throw PEAError.invalidFile(path: path, reason: "missing tensor '\(name)'")
         }

@@ -179,8 +179,9 @@ public struct AutoencoderKL {
         return (model, source.unusedNames)
     }
 
-    /// The dtype the parameters were loaded in: inputs are cast to it, outputs are in it.
-    public var dtype: DType { decoder.convIn.weight.dtype }
+    /// The dtype the parameters were loaded in: inputs are cast to it, outputs are in it (a norm's scale: weight
+    /// matrices may be held at half size, `ComputeBackend.halfWeights`).
+    public var dtype: DType { decoder.normOut.weight.dtype }
 
     private func cast(_ x: Tensor) throws -> Tensor { x.dtype == dtype ? x : try x.backend.cast(x, to: dtype) }
 

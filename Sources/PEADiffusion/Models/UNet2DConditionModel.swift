@@ -174,8 +174,9 @@ public struct UNet2DConditionModel: DenoisingModel {
         return (model, source.unusedNames)
     }
 
-    /// The dtype the parameters were loaded in, which is the dtype the model computes and answers in.
-    public var dtype: DType { convIn.weight.dtype }
+    /// The dtype the parameters were loaded in, which is the dtype the model computes and answers in (a norm's
+    /// scale: weight matrices may be held at half size, `ComputeBackend.halfWeights`).
+    public var dtype: DType { normOut.weight.dtype }
 
     /// 2^(the number of times the latent is halved). A latent whose size is not a multiple of it is halved
     /// rounding up (stride-2 convs), and each upsampler then matches the skip it meets, as diffusers does.

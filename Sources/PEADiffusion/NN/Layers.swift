@@ -7,7 +7,7 @@ public struct Linear {
     public let bias: Tensor?
 
     public init(_ w: Weights, in inFeatures: Int, out outFeatures: Int, bias hasBias: Bool = true) throws {
-        weight = try w.tensor("weight", [outFeatures, inFeatures])
+        weight = try w.matrix("weight", [outFeatures, inFeatures])
         bias = hasBias ? try w.tensor("bias", [outFeatures]) : nil
     }
 
@@ -31,7 +31,7 @@ public struct Conv2d {
 
     public init(_ w: Weights, in inChannels: Int, out outChannels: Int, kernel: Int, stride: Int = 1,
                 padding: Padding2D, bias hasBias: Bool = true) throws {
-        weight = try w.tensor("weight", [outChannels, inChannels, kernel, kernel])
+        weight = try w.matrix("weight", [outChannels, inChannels, kernel, kernel])
         bias = hasBias ? try w.tensor("bias", [outChannels]) : nil
         self.stride = stride
         self.padding = padding

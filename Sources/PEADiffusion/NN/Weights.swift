@@ -5,6 +5,14 @@ public protocol WeightSource: AnyObject {
     /// Whether a parameter of this name exists (for optional parameters such as a shortcut convolution).
     func contains(_ name: String) -> Bool
     func tensor(_ name: String, shape: [Int]) throws -> Tensor
+    /// A weight matrix that only the backend's GEMM reads (a linear or convolution weight): stored in the
+    /// backend's `halfWeights` dtype when it has one and the model loads in f32, else as `tensor` stores it.
+    func matrix(_ name: String, shape: [Int]) throws -> Tensor
+}
+
+extension WeightSource {
+    /// The dtype `matrix` stores a parameter in, for a model loading in `dtype`.
+    func matrixDType(_ dtype: DType) -> DType { dtype == .f32 ? backend.halfWeights ?? .f32 : dtype }
 }
 
 /// A view of a weight source under a name prefix, so a block reads `norm1.weight` rather than
@@ -31,12 +39,16 @@ public struct Weights {
     public func tensor(_ name: String, _ shape: [Int]) throws -> Tensor {
         try source.tensor(fullName(name), shape: shape)
     }
+
+    public func matrix(_ name: String, _ shape: [Int]) throws -> Tensor {
+        try source.matrix(fullName(name), shape: shape)
+    }
 }
 
 /// Parameters read from safetensors files (one file or a sharded index) and uploaded to `backend` in `dtype`
 /// (f32 by default; f16/bf16 for the CUDA backend's reduced precision), converting whatever the file stores as
 /// they load. Every parameter — norm scales and biases included — gets the one dtype, since the kernels take
-/// one dtype per call. Names can be rewritten first (`rename`), which is how older
+/// one dtype per call; only weight matrices (`matrix`) may be held in the backend's `halfWeights` dtype. Names can be rewritten first (`rename`), which is how older
 /// checkpoints' parameter names are mapped onto today's. Records which tensors were used, so a loader can
 /// report the ones nothing asked for.
 public final class SafeTensorsWeights: WeightSource {
@@ -60,6 +72,14 @@ public final class SafeTensorsWeights: WeightSource {
     public func contains(_ name: String) -> Bool { stored[name] != nil }
 
     public func tensor(_ name: String, shape: [Int]) throws -> Tensor {
+        try load(name, shape: shape, dtype: dtype)
+    }
+
+    public func matrix(_ name: String, shape: [Int]) throws -> Tensor {
+        try load(name, shape: shape, dtype: matrixDType(dtype))
+    }
+
+    private func load(_ name: String, shape: [Int], dtype: DType) throws -> Tensor {
         guard let storedName = stored[name] else {
             throw PEAError.invalidFile(path: file.path, reason: "missing tensor '\(name)'")
         }
@@ -115,6 +135,14 @@ public final class RandomWeights: WeightSource {
     public func contains(_ name: String) -> Bool { true }
 
     public func tensor(_ name: String, shape: [Int]) throws -> Tensor {
+        try make(name, shape: shape, dtype: dtype)
+    }
+
+    public func matrix(_ name: String, shape: [Int]) throws -> Tensor {
+        try make(name, shape: shape, dtype: matrixDType(dtype))
+    }
+
+    private func make(_ name: String, shape: [Int], dtype: DType) throws -> Tensor {
         // Shapes come from a config (block_out_channels [100000, 200000]): the values are a Swift array, so
         // what the model holds so far plus this parameter (its array and its upload) is checked first.
         let elements = shape.reduce(1.0) { $0 * Double($1) }
@@ -130,7 +158,8 @@ public final class RandomWeights: WeightSource {
             let u = generator.uniform() * 2 - 1
             values[i] = isScale ? 1 + 0.1 * u : (shape.count == 1 ? 0.1 * u : bound * u)
         }
-        let weights = try backend.upload(values, shape: shape)
-        return dtype == .f32 ? weights : try backend.cast(weights, to: dtype)
+        // Rounded to `dtype` here, so that the backend never holds an f32 copy of a half-size parameter.
+        let host = HostTensor(values, shape: shape)
+        return try backend.upload(dtype == .f32 ? host : host.converted(to: dtype))
     }
 }

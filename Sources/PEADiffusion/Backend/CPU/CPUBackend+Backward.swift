@@ -6,13 +6,14 @@ import CKernels
 extension CPUBackend {
     public func conv2dBackwardData(_ gradOutput: Tensor, weight: Tensor, inputShape: [Int], stride: (Int, Int),
                                    padding: Padding2D) throws -> Tensor {
-        try f32("conv2dBackwardData", gradOutput, weight)
+        try f32("conv2dBackwardData", gradOutput)
+        try f32OrHalfWeight("conv2dBackwardData", weight)
         var plan = try ShapeRules.conv2dBackwardData(gradOutput, weight: weight, inputShape: inputShape, stride: stride, padding: padding)
         let dx = try empty(plan.outputShape, .f32)
         if dx.count == 0 { return dx }
         let workspace = try conv2dWorkspace(&plan.params)
-        ck_conv2d_backward_data_f32(&plan.params, floats(gradOutput), floats(weight), floats(dx),
-                                    workspace?.pointer.assumingMemoryBound(to: Float.self))
+        try check(ck_conv2d_backward_data_f32(&plan.params, floats(gradOutput), pointer(weight), weight.dtype.kernelCode, floats(dx),
+                                              workspace?.pointer.assumingMemoryBound(to: Float.self)), "conv2dBackwardData")
         return dx
     }
 

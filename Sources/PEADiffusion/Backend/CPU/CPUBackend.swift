@@ -74,13 +74,20 @@ final class CPUBufferCache: @unchecked Sendable {
 }
 
 /// The reference backend: every op runs the C kernels of CKernels/cpu/ on host memory, synchronously,
-/// in f32. f16/bf16 tensors can be stored and cast, not computed on.
+/// in f32. f16/bf16 tensors can be stored and cast, not computed on — with one exception, half-size weights:
+/// the weight of `linear`, `conv2d` and `conv2dBackwardData` (and an operand of an unbatched `gemm`) may be
+/// f16 or bf16, widened to f32 as the GEMM packs it, so a model holds its matrices at half the memory and
+/// computes exactly as it would on f32 copies of them.
 public final class CPUBackend: ComputeBackend, StridedCopying {
     public let name = "cpu"
+    public let halfWeights: DType?
 
     /// `threads` ≤ 0 (the default) uses every online CPU. The kernels' thread pool is process-wide.
-    public init(threads: Int = 0) {
+    /// `halfWeights` (f16 or bf16): models loaded in f32 hold their weight matrices in it.
+    public init(threads: Int = 0, halfWeights: DType? = nil) {
+        precondition(halfWeights == nil || halfWeights == .f16 || halfWeights == .bf16, "half-size weights are f16 or bf16")
         if threads > 0 { ck_set_num_threads(Int32(threads)) }
+        self.halfWeights = halfWeights
     }
 
     // MARK: memory
@@ -133,11 +140,22 @@ public final class CPUBackend: ComputeBackend, StridedCopying {
 
     public func gemm(_ a: Tensor, _ b: Tensor, transposeA: Bool, transposeB: Bool, alpha: Float, beta: Float,
                      c: Tensor?) throws -> Tensor {
-        try f32("gemm", a, b, c)
+        try f32("gemm", c)
+        try f32OrHalfWeight("gemm", a)
+        try f32OrHalfWeight("gemm", b)
         let plan = try ShapeRules.gemm(a, b, transposeA: transposeA, transposeB: transposeB, beta: beta, c: c)
         let s = plan.shape
         let y = try empty(plan.outputShape, .f32)
         if let c, plan.readsC { pointer(y).copyMemory(from: pointer(c), byteCount: y.byteCount) }
+        if a.dtype != .f32 || b.dtype != .f32 {
+            guard s.batch == 1 else {
+                throw PEAError.unsupported("gemm: a batched product computes in f32 on the cpu backend, got \(a.dtype) × \(b.dtype)")
+            }
+            try check(ck_gemm_mixed(transposeA ? 1 : 0, transposeB ? 1 : 0, Int64(s.m), Int64(s.n), Int64(s.k), alpha,
+                                    pointer(a), a.dtype.kernelCode, Int64(plan.lda), pointer(b), b.dtype.kernelCode, Int64(plan.ldb),
+                                    beta, floats(y), Int64(plan.ldc)), "gemm")
+            return y
+        }
         ck_sgemm_batched(transposeA ? 1 : 0, transposeB ? 1 : 0, Int64(s.m), Int64(s.n), Int64(s.k), alpha,
                          floats(a), Int64(plan.lda), Int64(plan.batchStrideA), floats(b), Int64(plan.ldb), Int64(plan.batchStrideB),
                          beta, floats(y), Int64(plan.ldc), Int64(plan.batchStrideC), Int64(s.batch))
@@ -145,7 +163,8 @@ public final class CPUBackend: ComputeBackend, StridedCopying {
     }
 
     public func linear(_ x: Tensor, weight: Tensor, bias: Tensor?) throws -> Tensor {
-        try f32("linear", x, weight, bias)
+        try f32("linear", x, bias)
+        try f32OrHalfWeight("linear", weight)
         let plan = try ShapeRules.linear(x, weight: weight, bias: bias)
         let (rows, inFeatures, outFeatures) = (plan.rows, plan.inFeatures, plan.outFeatures)
         let y = try empty(plan.outputShape, .f32)
@@ -153,18 +172,20 @@ public final class CPUBackend: ComputeBackend, StridedCopying {
             let out = floats(y), b = floats(bias)
             for r in 0..<rows { (out + r * outFeatures).update(from: b, count: outFeatures) }
         }
-        ck_sgemm(0, 1, Int64(rows), Int64(outFeatures), Int64(inFeatures), 1, floats(x), Int64(inFeatures),
-                 floats(weight), Int64(inFeatures), bias == nil ? 0 : 1, floats(y), Int64(outFeatures))
+        try check(ck_gemm_mixed(0, 1, Int64(rows), Int64(outFeatures), Int64(inFeatures), 1, floats(x), DType.f32.kernelCode,
+                                Int64(inFeatures), pointer(weight), weight.dtype.kernelCode, Int64(inFeatures), bias == nil ? 0 : 1,
+                                floats(y), Int64(outFeatures)), "linear")
         return y
     }
 
     public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor?, stride: (Int, Int), padding: Padding2D) throws -> Tensor {
-        try f32("conv2d", x, weight, bias)
+        try f32("conv2d", x, bias)
+        try f32OrHalfWeight("conv2d", weight)
         var plan = try ShapeRules.conv2d(x, weight: weight, bias: bias, stride: stride, padding: padding)
         let y = try empty(plan.outputShape, .f32)
         let workspace = try conv2dWorkspace(&plan.params)
-        ck_conv2d_f32(&plan.params, floats(x), floats(weight), bias.map(floats), floats(y),
-                      workspace?.pointer.assumingMemoryBound(to: Float.self))
+        try check(ck_conv2d_f32(&plan.params, floats(x), pointer(weight), weight.dtype.kernelCode, bias.map(floats), floats(y),
+                                workspace?.pointer.assumingMemoryBound(to: Float.self)), "conv2d")
         return y
     }
 
@@ -296,6 +317,22 @@ public final class CPUBackend: ComputeBackend, StridedCopying {
             guard t.dtype == .f32 else {
                 throw PEAError.unsupported("\(op): the cpu backend computes in f32, got a \(t.dtype) tensor; cast it first")
             }
+        }
+    }
+
+    /// A weight on this backend in f32, or in f16/bf16 (half-size weights, widened as the GEMM packs them).
+    func f32OrHalfWeight(_ op: String, _ weight: Tensor) throws {
+        try own(weight, op)
+        guard weight.dtype == .f32 || weight.dtype == .f16 || weight.dtype == .bf16 else {
+            throw PEAError.unsupported("\(op): the cpu backend takes f32, f16 or bf16 weights, got \(weight.dtype)")
+        }
+    }
+
+    /// A kernel's status as an error: only running out of memory (for a widening buffer) is expected.
+    func check(_ status: Int32, _ op: String) throws {
+        guard status == CK_OK else {
+            throw PEAError.backend("cpu: \(op): " + (status == CK_ENOMEM ? "out of memory" : "invalid argument (status \(status))"),
+                                   kind: status == CK_ENOMEM ? .outOfMemory : .invalidArgument)
         }
     }
 
