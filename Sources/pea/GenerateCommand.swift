@@ -63,6 +63,16 @@ enum GenerateOptions {
         "--adapter", "PATH",
         help: "… and its PEA adapter (safetensors, or pytorch_model.bin as the authors release it); together they "
             + "replace the folder's English text encoder(s), for the prompt and the negative/empty prompt alike")
+    static let initImage = CommandOption.value(
+        "--init-image", "PATH",
+        help: "image-to-image, as diffusers' StableDiffusion(XL)Img2ImgPipeline: start from this PNG or JPEG (read as "
+            + "RGB) instead of pure noise. Its width and height must be multiples of 8 and are the output's (--width/--height, "
+            + "if given, must equal them): Pea does not resize, where diffusers would Lanczos-resize down to multiples of 8")
+    static let strength = CommandOption.value(
+        "--strength", "S", default: "0.8",
+        help: "with --init-image: how far to move from it, in (0, 1]: the image is noised to the schedule's point S and "
+            + "only the last int(steps × S) of the --steps steps run (S = 1: all of them, from the image's latents "
+            + "fully noised); a strength that leaves no step is an error")
     static let maxLength = CommandOption.value(
         "--max-length", "N", help: "PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)")
 
@@ -76,7 +86,8 @@ enum GenerateOptions {
             generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run.
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
-                                   batch, clipSkip, output, variant, textEncoder, adapter, maxLength] + BackendOptions.all),
+                                   batch, clipSkip, output, initImage, strength, variant, textEncoder, adapter, maxLength]
+                    + BackendOptions.all),
                  .init("Prompt-file jobs", [outputDir, batchSize, format, shard, shards, overwrite], note: """
                     FILE is .jsonl (one object a line: "prompt", and optionally "id" (A–Z a–z 0–9 _ -), "negative_prompt",
                     "seed", "width", "height", "steps", "guidance", "scheduler", "batch" (images of that prompt), "text" (a
@@ -120,6 +131,9 @@ func runGenerate(_ arguments: [String]) throws {
     case (nil, let file?):
         guard !options.has(O.output) else {
             throw PEAError.usage("generate: --output is for a single --prompt; a prompt file writes to --output-dir OUT")
+        }
+        if let option = [O.initImage, O.strength].first(where: options.has) {
+            throw PEAError.usage("generate: \(option.name) is for a single --prompt (prompt files have no init images)")
         }
         try runGenerateJob(file, options)
     case (nil, nil): throw PEAError.usage("generate: give --prompt TEXT or --prompts FILE")
@@ -226,12 +240,18 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
     let seed = settings.seed ?? GenerateSettings.randomSeed()
     let output = try options.optionalString(O.output) ?? "pea-\(seed).png"
     guard output.hasSuffix(".png") else { throw PEAError.usage("generate: --output must end in .png, got '\(output)'") }
+    let initImage = try readInitImage(options, settings: settings)
     let selection = try BackendOptions.select(options)
     let model = try ModelChoice(options, prompts: [prompt])
     let pipeline = try model.load(options, scheduler: settings.scheduler, clipSkip: settings.clipSkip, selection: selection)
 
     var request = GenerationRequest(prompt: prompt, negativePrompt: settings.negativePrompt,
                                     width: settings.width ?? pipeline.defaultSize, height: settings.height ?? pipeline.defaultSize)
+    if let (image, strength) = initImage {
+        request.initImage = image
+        request.strength = strength
+        (request.width, request.height) = (image.width, image.height)
+    }
     request.steps = settings.steps
     request.guidance = settings.guidance
     request.seed = seed
@@ -247,6 +267,32 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
                             textChunks: [("parameters", parameters)], to: path)
         print(path)
     }
+}
+
+/// --init-image decoded and --strength checked, before the model loads: the image's size is the output's, so it
+/// must be a multiple of 8 and agree with --width/--height. nil without --init-image.
+private func readInitImage(_ options: ParsedOptions, settings: GenerateSettings) throws -> (RGBImage, Double)? {
+    typealias O = GenerateOptions
+    guard let path = try options.optionalString(O.initImage) else {
+        if options.has(O.strength) { throw PEAError.usage("generate: --strength goes with --init-image") }
+        return nil
+    }
+    let strength = try options.double(O.strength)
+    guard strength > 0, strength <= 1 else {
+        throw PEAError.usage("generate: --strength must be in (0, 1], got \(strength)")
+    }
+    _ = try StableDiffusionPipeline.img2imgBeginIndex(steps: settings.steps, strength: strength)
+    let image = try ImageDecoder.decodeRGB(path: path)
+    guard image.width % 8 == 0, image.height % 8 == 0 else {
+        throw PEAError.usage("generate: the init image \(path) is \(image.width)×\(image.height); its width and height must be multiples of 8 "
+            + "(diffusers would Lanczos-resize it to \(image.width / 8 * 8)×\(image.height / 8 * 8); Pea does not resize: crop or resize it first)")
+    }
+    for (name, given, actual) in [("--width", settings.width, image.width), ("--height", settings.height, image.height)] {
+        if let given, given != actual {
+            throw PEAError.usage("generate: \(name) \(given) differs from the init image's \(actual) (\(path)); Pea does not resize init images")
+        }
+    }
+    return (image, strength)
 }
 
 func printWarning(_ message: String) {
