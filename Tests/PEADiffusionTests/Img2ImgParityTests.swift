@@ -56,6 +56,31 @@ final class Img2ImgParityTests: XCTestCase {
         }
     }
 
+    /// Every scheduler's add_noise after set_begin_index(k), at the first, a middle and the last timestep, built
+    /// from the SD1 (PNDM), SD2 (v-prediction DDIM) and SDXL (Euler, leading) configs as the folder's own or by
+    /// name: DDPM-type ᾱ for DDIM and PNDM, σ at the begin index for Euler (a), α_t/σ_t of σ for DPM-Solver.
+    func testAddNoiseMatchesDiffusers() throws {
+        struct AddNoiseCase: Decodable {
+            let name, pipeline: String
+            let scheduler: String?
+            let steps, begin: Int
+            let timestep: Double
+        }
+        let file = try SafeTensorsFile(path: Self.directory + "/add_noise.safetensors")
+        let cases = try JSONDecoder().decode([AddNoiseCase].self, from: Data(XCTUnwrap(file.metadata["cases"]).utf8))
+        XCTAssertEqual(cases.count, 3 * 7 * 3)
+        let backend = CPUBackend()
+        let x0 = try backend.upload(file.tensor("x0")), noise = try backend.upload(file.tensor("noise"))
+        for c in cases {
+            let config = try ConfigFile(path: fixturesDirectory() + "/pipelines/\(c.pipeline)/scheduler/scheduler_config.json")
+            var scheduler = try makeScheduler(name: c.scheduler, config: config)
+            try scheduler.setTimesteps(c.steps)
+            XCTAssertEqual(scheduler.timesteps[c.begin], c.timestep, accuracy: 1e-3, c.name)
+            let noisy = try scheduler.addNoise(x0, noise: noise, stepIndex: c.begin)
+            assertClose(try backend.download(noisy).floats(), try file.tensor("out." + c.name).floats(), .f32, c.name)
+        }
+    }
+
     /// get_timesteps: the last int(steps × strength) steps run, strength multiplied as a Python float.
     func testBeginIndexIsDiffusersGetTimesteps() throws {
         for c in try Self.cases() {

@@ -11,6 +11,11 @@ Writes, under --out (default Tests/Fixtures/img2img):
                file under Tests/Fixtures/pea, with pea/zh_encoder as the text encoder; else null), steps_run (the
                denoising steps diffusers' get_timesteps leaves), images
   <case>.safetensors  `images` [N, H, W, 3] int32 0…255, as make_pipeline_fixtures.py stores them
+  add_noise.safetensors  each scheduler's `add_noise` as the img2img pipelines call it: `x0` and `noise` [2, 4, 3, 5]
+               (seeded randn), and per case `out.<case>` = scheduler.add_noise(x0, noise, timesteps[k:k+1].repeat(2))
+               after set_timesteps(steps) and set_begin_index(k) (where the scheduler has it); metadata `cases` (JSON):
+               name, pipeline (whose scheduler/ config it is built from), scheduler (pea's name or null for the
+               folder's own), steps, begin (k), timestep (timesteps[k])
 The init image is read with diffusers.utils.load_image (PIL, converted to RGB) and passed as `image=`;
 everything runs in float32 on the CPU with generator=torch.Generator("cpu").manual_seed(seed). The PEA case feeds
 prompt_embeds / negative_prompt_embeds from the Chinese-CLIP tower and adapter as make_pea_pipeline_fixtures.py
@@ -25,7 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+from diffusers import (DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionImg2ImgPipeline,
+                       StableDiffusionXLImg2ImgPipeline)
 from diffusers.utils import load_image
 
 from make_multilingual_fixtures import ReferenceAdapter
@@ -69,6 +75,31 @@ CASES = [
 ]
 
 
+def add_noise_cases(out):
+    generator = torch.Generator().manual_seed(5)
+    x0 = torch.randn(2, 4, 3, 5, generator=generator)
+    noise = torch.randn(2, 4, 3, 5, generator=generator)
+    tensors = {"x0": x0, "noise": noise}
+    records = []
+    for which, own in (("sd1", PNDMScheduler), ("sd2", DDIMScheduler), ("sdxl", EulerDiscreteScheduler)):
+        base = own.from_pretrained(os.path.join(FIXTURES, "pipelines", which), subfolder="scheduler")
+        for scheduler in [None] + sorted(SCHEDULERS):
+            sampler = base if scheduler is None else SCHEDULERS[scheduler](base.config)
+            steps = 7
+            sampler.set_timesteps(steps)
+            for begin in (0, 3, len(sampler.timesteps) - 1):
+                sampler.set_timesteps(steps)
+                if hasattr(sampler, "set_begin_index"):
+                    sampler.set_begin_index(begin)
+                timestep = sampler.timesteps[begin:begin + 1].repeat(2)
+                name = f"{which}_{scheduler or 'own'}_{begin}"
+                tensors["out." + name] = sampler.add_noise(x0.clone(), noise.clone(), timestep)
+                records.append({"name": name, "pipeline": which, "scheduler": scheduler, "steps": steps, "begin": begin,
+                                "timestep": float(timestep[0])})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "add_noise.safetensors"),
+              metadata={"cases": json.dumps(records)})
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="Tests/Fixtures/img2img")
@@ -83,6 +114,8 @@ def main():
     sd1_adapter = ReferenceAdapter([16, 32, 32, 16])
     sd1_adapter.load_state_dict(load_file(os.path.join(FIXTURES, "pea", "adapter_sd1.safetensors")))
     adapters = {"adapter_sd1.safetensors": sd1_adapter.eval()}
+
+    add_noise_cases(args.out)
 
     records = []
     for name, which, image_file, prompt, negative, steps, strength, guidance, seed, batch, scheduler, adapter_file in CASES:
