@@ -27,7 +27,7 @@ enum GenerateOptions {
     static let seed = CommandOption.value(
         "--seed", "N", help: "seed of the CPU generator (default: a random seed, printed in the parameters)")
     static let width = CommandOption.value(
-        "--width", "W", help: "image size in pixels, multiples of 8 (default: the model's native size)",
+        "--width", "W", help: "image size in pixels, multiples of 8 (default: the model's native size; with --init-image, the image's)",
         label: "--width W --height H")
     static let height = CommandOption.value("--height", "H", help: nil)   // in --width's row
     static let batch = CommandOption.value("--batch", "N", default: "1", .range(1...64), help: "images per prompt")
@@ -70,9 +70,9 @@ enum GenerateOptions {
             + "if given, must equal them): Pea does not resize, where diffusers would Lanczos-resize down to multiples of 8")
     static let strength = CommandOption.value(
         "--strength", "S", default: "0.8",
-        help: "with --init-image: how far to move from it, in (0, 1]: the image is noised to the schedule's point S and "
-            + "only the last int(steps × S) of the --steps steps run (S = 1: all of them, from the image's latents "
-            + "fully noised); a strength that leaves no step is an error")
+        help: "with --init-image: how much to change it, in (0, 1]: only the last int(steps × S) of the --steps timesteps "
+            + "run, starting from the image's latents noised to the first of them (S = 1: every step); a strength that "
+            + "leaves no step is an error")
     static let maxLength = CommandOption.value(
         "--max-length", "N", help: "PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)")
 
