@@ -91,7 +91,9 @@ enum GenerateOptions {
                  .init("Prompt-file jobs", [outputDir, batchSize, format, shard, shards, overwrite], note: """
                     FILE is .jsonl (one object a line: "prompt", and optionally "id" (A–Z a–z 0–9 _ -), "negative_prompt",
                     "seed", "width", "height", "steps", "guidance", "scheduler", "batch" (images of that prompt), "text" (a
-                    caption copied into the tar shards' JSON, e.g. the prompt in the language an adapter will learn)) or
+                    caption copied into the tar shards' JSON, e.g. the prompt in the language an adapter will learn),
+                    "init_image" (image-to-image as --init-image: a path, relative ones from FILE's folder; the image's size
+                    is the item's) and "strength" (default --strength)) or
                     any other name as text (one prompt a line); empty lines are skipped. The options above are the
                     defaults of items that do not set their own. Item i (0-based, in file order) without a seed gets
                     --seed + i, so each image is the one `pea generate --prompt P --seed S --batch B` makes alone; without
@@ -132,8 +134,8 @@ func runGenerate(_ arguments: [String]) throws {
         guard !options.has(O.output) else {
             throw PEAError.usage("generate: --output is for a single --prompt; a prompt file writes to --output-dir OUT")
         }
-        if let option = [O.initImage, O.strength].first(where: options.has) {
-            throw PEAError.usage("generate: \(option.name) is for a single --prompt (prompt files have no init images)")
+        if options.has(O.initImage) {
+            throw PEAError.usage("generate: --init-image is for a single --prompt; in a prompt file each item gives its own \"init_image\"")
         }
         try runGenerateJob(file, options)
     case (nil, nil): throw PEAError.usage("generate: give --prompt TEXT or --prompts FILE")
@@ -277,10 +279,7 @@ private func readInitImage(_ options: ParsedOptions, settings: GenerateSettings)
         if options.has(O.strength) { throw PEAError.usage("generate: --strength goes with --init-image") }
         return nil
     }
-    let strength = try options.double(O.strength)
-    guard strength > 0, strength <= 1 else {
-        throw PEAError.usage("generate: --strength must be in (0, 1], got \(strength)")
-    }
+    let strength = try strengthOption(options)
     _ = try StableDiffusionPipeline.img2imgBeginIndex(steps: settings.steps, strength: strength)
     let image = try ImageDecoder.decodeRGB(path: path)
     guard image.width % 8 == 0, image.height % 8 == 0 else {
@@ -293,6 +292,15 @@ private func readInitImage(_ options: ParsedOptions, settings: GenerateSettings)
         }
     }
     return (image, strength)
+}
+
+/// --strength (default 0.8), in (0, 1].
+func strengthOption(_ options: ParsedOptions) throws -> Double {
+    let strength = try options.double(GenerateOptions.strength)
+    guard strength > 0, strength <= 1 else {
+        throw PEAError.usage("generate: --strength must be in (0, 1], got \(strength)")
+    }
+    return strength
 }
 
 func printWarning(_ message: String) {

@@ -162,6 +162,80 @@ final class Img2ImgParityTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: scratch.file("job")))
     }
 
+    /// Prompt-file items with "init_image" (relative to the file's folder, or absolute) and "strength": each image
+    /// the one diffusers makes, beside a text-to-image item; results.jsonl and the PNG parameters record them.
+    func testPromptFileItemsWithInitImages() throws {
+        let cases = try Self.cases()
+        let batch = try XCTUnwrap(cases.first { $0.name == "sd1_euler_a_s05_batch" }), pndm = try XCTUnwrap(cases.first { $0.name == "sd1_pndm_s05" })
+        let scratch = ScratchDirectory("pea-img2img-job")
+        _ = scratch.write(try XCTUnwrap(readFileBytes(Self.directory + "/" + batch.init_image)), to: "init.png")
+        func line(_ c: Case, id: String, image: String) -> String {
+            var object: [String: JSONValue] = ["prompt": .string(c.prompt), "id": .string(id), "init_image": .string(image),
+                                               "strength": .number(c.strength), "seed": .number(Double(c.seed)), "batch": .number(Double(c.batch)),
+                                               "steps": .number(Double(c.steps)), "guidance": .number(Double(c.guidance))]
+            if let scheduler = c.scheduler { object["scheduler"] = .string(scheduler) }
+            var bytes: [UInt8] = []
+            JSONValue.object(object).serialize(into: &bytes)
+            return String(decoding: bytes, as: UTF8.self)
+        }
+        let prompts = scratch.write([line(batch, id: "fox", image: "init.png"), line(pndm, id: "lighthouse", image: Self.directory + "/" + pndm.init_image),
+                                     #"{"prompt": "mountains at dawn", "id": "plain", "width": 32, "height": 24, "steps": 2}"#].joined(separator: "\n"),
+                                    to: "p.jsonl")
+        let out = scratch.file("out")
+        let result = try runPea(["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", prompts, "--output-dir", out,
+                                 "--batch-size", "4", "--backend", "cpu"])
+        XCTAssertEqual(result.status, 0, result.stderr)
+        for (c, key) in [(batch, "fox"), (pndm, "lighthouse")] {
+            let files = c.batch == 1 ? [key] : (1...c.batch).map { "\(key)-\($0)" }
+            let images = try files.map { name -> RGBImage in
+                let png = try PNGReader.read(path: out + "/" + name + ".png")
+                XCTAssertTrue(png.text("parameters")?.contains("Denoising strength: \(c.strength)") ?? false, name)
+                return RGBImage(width: png.width, height: png.height, pixels: png.pixels)
+            }
+            assertSameImages(images, try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), "job item \(key)")
+        }
+        XCTAssertTrue(fileExists(out + "/plain.png"))
+        let results = String(decoding: try XCTUnwrap(readFileBytes(out + "/results.jsonl")), as: UTF8.self)
+        let fox = try XCTUnwrap(results.split(separator: "\n").compactMap { try? JSONValue.parse(Array($0.utf8)).objectValue }
+            .first { $0["key"]?.stringValue == "fox-1" })
+        XCTAssertEqual(fox["init_image"]?.stringValue, scratch.path + "/init.png")
+        XCTAssertEqual(fox["strength"]?.doubleValue, batch.strength)
+        XCTAssertEqual([fox["width"]?.intValue, fox["height"]?.intValue], [32, 24], "the init image's size")
+    }
+
+    func testBadPromptFileItemsWithInitImages() throws {
+        let defaults = JobDefaults(negativePrompt: nil, baseSeed: 0, width: 0, height: 0, steps: 4, guidance: 7.5, scheduler: nil, batch: 1)
+        let cases: [(String, String)] = [
+            (#"{"prompt": "a", "strength": 0.5}"#, "'strength' goes with 'init_image'"),
+            (#"{"prompt": "a", "init_image": "x.png", "strength": 0}"#, "'strength' must be a number in (0, 1]"),
+            (#"{"prompt": "a", "init_image": "x.png", "strength": "high"}"#, "'strength' must be a number in (0, 1]"),
+            (#"{"prompt": "a", "init_image": "x.png", "strength": 0.2}"#, "too low"),
+            (#"{"prompt": "a", "init_image": ""}"#, "'init_image' must be a non-empty path"),
+            (#"{"prompt": "a", "init_image": 3}"#, "'init_image' must be a string"),
+        ]
+        for (text, message) in cases {
+            assertThrowsError(containing: ["p.jsonl", "line 1", message]) { try PromptFile.parse(text, path: "p.jsonl", jsonLines: true, defaults: defaults) }
+        }
+        // Missing, odd-sized or mis-sized images fail the job before its folder exists.
+        let scratch = ScratchDirectory("pea-img2img-job-bad")
+        let odd = scratch.file("odd.png")
+        try PNGWriter.write(rgb: [UInt8](repeating: 9, count: 30 * 24 * 3), width: 30, height: 24, to: odd)
+        let good = Self.directory + "/init_32x24.png", out = scratch.file("out")
+        var files = 0
+        func job(_ line: String, _ extra: [String] = []) -> [String] {
+            files += 1
+            return ["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", scratch.write(line, to: "p\(files).jsonl"),
+                    "--output-dir", out, "--steps", "2"] + extra
+        }
+        try assertPeaFails([
+            (job(#"{"prompt": "a", "init_image": "missing.png"}"#), 1, [scratch.file("missing.png")]),
+            (job(#"{"prompt": "a", "init_image": "odd.png"}"#), 1, ["line 1", odd, "multiples of 8"]),
+            (job(#"{"prompt": "a", "init_image": "\#(good)", "width": 64}"#), 1, ["line 1", "width 64", "does not resize"]),
+            (job(#"{"prompt": "a", "init_image": "\#(good)"}"#, ["--height", "32"]), 1, ["height 32", "does not resize"]),
+            (job(#"{"prompt": "a", "init_image": "\#(good)"}"#, ["--strength", "2"]), 2, ["--strength", "(0, 1]"]),
+        ], leavesNo: out)
+    }
+
     /// The help says what the options do.
     func testHelpDocumentsInitImageAndStrength() throws {
         let help = try runPea(["generate", "--help"])
