@@ -70,7 +70,8 @@ enum GenerateOptions {
             + "if given, must equal them): Pea does not resize, where diffusers would Lanczos-resize down to multiples of 8")
     static let strength = CommandOption.value(
         "--strength", "S", default: "0.8",
-        help: "with --init-image: how much to change it, in (0, 1]: only the last int(steps × S) of the --steps timesteps "
+        help: "with --init-image (or as a prompt file's default for its init_image items): how much to change the image, in "
+            + "(0, 1]: only the last int(steps × S) of the --steps timesteps "
             + "run, starting from the image's latents noised to the first of them (S = 1: every step); a strength that "
             + "leaves no step is an error")
     static let maxLength = CommandOption.value(
