@@ -6,6 +6,8 @@ make_pea_pipeline_fixtures.py).
 Writes, under --out (default Tests/Fixtures/img2img):
   init_32x24.png, init_24x32.png   the init images (RGB PNGs drawn here: gradients and a disc), already multiples
                                    of 8, so diffusers' VaeImageProcessor does not resize them
+  init_32x24.jpg                   the first saved by Pillow as a JPEG (quality 90, 4:2:0): read through each
+                                   side's JPEG decoder
   cases.json   per case: name, pipeline, init_image, prompt, negative_prompt (or null), steps, strength, guidance,
                seed, batch, scheduler (pea's name or null for the folder's own), adapter (PEA cases: the adapter
                file under Tests/Fixtures/pea, with pea/zh_encoder as the text encoder; else null), steps_run (the
@@ -64,6 +66,7 @@ CASES = [
     ("sd1_pndm_s05", "sd1", "init_32x24.png", "a lighthouse", None, 4, 0.5, 7.5, 5, 1, None, None),
     ("sd1_ddim_s07", "sd1", "init_32x24.png", "a lighthouse", None, 10, 0.7, 7.5, 6, 1, "ddim", None),
     ("sd1_euler_s1", "sd1", "init_32x24.png", "a lighthouse", None, 3, 1.0, 7.5, 8, 1, "euler", None),
+    ("sd1_euler_a_s06_jpeg", "sd1", "init_32x24.jpg", "a red fox in the snow", None, 4, 0.6, 7.5, 9, 1, "euler-a", None),
     ("sdxl_euler_a_s05", "sdxl", "init_24x32.png", "a cat wearing sunglasses", None, 4, 0.5, 5.0, 0, 1, "euler-a", None),
     ("sdxl_euler_a_s08", "sdxl", "init_24x32.png", "a cat wearing sunglasses", "dark", 5, 0.8, 5.0, 1, 2, "euler-a", None),
     ("sdxl_dpmpp_s05", "sdxl", "init_24x32.png", "a watercolor city skyline", None, 6, 0.5, 7.0, 99, 1, "dpmpp-2m", None),
@@ -109,6 +112,7 @@ def main():
     os.makedirs(args.out)
     init_image(32, 24).save(os.path.join(args.out, "init_32x24.png"))
     init_image(24, 32).save(os.path.join(args.out, "init_24x32.png"))
+    init_image(32, 24).save(os.path.join(args.out, "init_32x24.jpg"), quality=90)
 
     tokenizer, encoder = load_encoder(os.path.join(FIXTURES, "pea", "zh_encoder"))
     sd1_adapter = ReferenceAdapter([16, 32, 32, 16])
