@@ -13,7 +13,7 @@ Writes, under --out (default Tests/Fixtures/img2img):
                file under Tests/Fixtures/pea, with pea/zh_encoder as the text encoder; else null), steps_run (the
                denoising steps diffusers' get_timesteps leaves), images
   <case>.safetensors  `images` [N, H, W, 3] int32 0…255, as make_pipeline_fixtures.py stores them
-  add_noise.safetensors  each scheduler's `add_noise` as the img2img pipelines call it: `x0` and `noise` [2, 4, 3, 5]
+  add_noise.safetensors  each scheduler's `add_noise` as the img2img pipelines call it: `x0` and `noise` [2, 4, 2, 3]
                (seeded randn), and per case `out.<case>` = scheduler.add_noise(x0, noise, timesteps[k:k+1].repeat(2))
                after set_timesteps(steps) and set_begin_index(k) (where the scheduler has it); metadata `cases` (JSON):
                name, pipeline (whose scheduler/ config it is built from), scheduler (pea's name or null for the
@@ -80,8 +80,8 @@ CASES = [
 
 def add_noise_cases(out):
     generator = torch.Generator().manual_seed(5)
-    x0 = torch.randn(2, 4, 3, 5, generator=generator)
-    noise = torch.randn(2, 4, 3, 5, generator=generator)
+    x0 = torch.randn(2, 4, 2, 3, generator=generator)
+    noise = torch.randn(2, 4, 2, 3, generator=generator)
     tensors = {"x0": x0, "noise": noise}
     records = []
     for which, own in (("sd1", PNDMScheduler), ("sd2", DDIMScheduler), ("sdxl", EulerDiscreteScheduler)):
