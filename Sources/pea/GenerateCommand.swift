@@ -27,7 +27,7 @@ enum GenerateOptions {
     static let seed = CommandOption.value(
         "--seed", "N", help: "seed of the CPU generator (default: a random seed, printed in the parameters)")
     static let width = CommandOption.value(
-        "--width", "W", help: "image size in pixels, multiples of 8 (default: the model's native size)",
+        "--width", "W", help: "image size in pixels, multiples of 8 (default: the model's native size; with --init-image, the image's)",
         label: "--width W --height H")
     static let height = CommandOption.value("--height", "H", help: nil)   // in --width's row
     static let batch = CommandOption.value("--batch", "N", default: "1", .range(1...64), help: "images per prompt")
@@ -63,6 +63,17 @@ enum GenerateOptions {
         "--adapter", "PATH",
         help: "… and its PEA adapter (safetensors, or pytorch_model.bin as the authors release it); together they "
             + "replace the folder's English text encoder(s), for the prompt and the negative/empty prompt alike")
+    static let initImage = CommandOption.value(
+        "--init-image", "PATH",
+        help: "image-to-image, as diffusers' StableDiffusion(XL)Img2ImgPipeline: start from this PNG or JPEG (read as "
+            + "RGB) instead of pure noise. Its width and height must be multiples of 8 and are the output's (--width/--height, "
+            + "if given, must equal them): Pea does not resize, where diffusers would Lanczos-resize down to multiples of 8")
+    static let strength = CommandOption.value(
+        "--strength", "S", default: "0.8",
+        help: "with --init-image (or as a prompt file's default for its init_image items): how much to change the image, in "
+            + "(0, 1]: only the last int(steps × S) of the --steps timesteps "
+            + "run, starting from the image's latents noised to the first of them (S = 1: every step); a strength that "
+            + "leaves no step is an error")
     static let maxLength = CommandOption.value(
         "--max-length", "N", help: "PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)")
 
@@ -76,11 +87,14 @@ enum GenerateOptions {
             generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run.
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
-                                   batch, clipSkip, output, variant, textEncoder, adapter, maxLength] + BackendOptions.inference),
+                                   batch, clipSkip, output, initImage, strength, variant, textEncoder, adapter, maxLength]
+                    + BackendOptions.inference),
                  .init("Prompt-file jobs", [outputDir, batchSize, format, shard, shards, overwrite], note: """
                     FILE is .jsonl (one object a line: "prompt", and optionally "id" (A–Z a–z 0–9 _ -), "negative_prompt",
                     "seed", "width", "height", "steps", "guidance", "scheduler", "batch" (images of that prompt), "text" (a
-                    caption copied into the tar shards' JSON, e.g. the prompt in the language an adapter will learn)) or
+                    caption copied into the tar shards' JSON, e.g. the prompt in the language an adapter will learn),
+                    "init_image" (image-to-image as --init-image: a path, relative ones from FILE's folder; the image's size
+                    is the item's) and "strength" (default --strength)) or
                     any other name as text (one prompt a line); empty lines are skipped. The options above are the
                     defaults of items that do not set their own. Item i (0-based, in file order) without a seed gets
                     --seed + i, so each image is the one `pea generate --prompt P --seed S --batch B` makes alone; without
@@ -120,6 +134,9 @@ func runGenerate(_ arguments: [String]) throws {
     case (nil, let file?):
         guard !options.has(O.output) else {
             throw PEAError.usage("generate: --output is for a single --prompt; a prompt file writes to --output-dir OUT")
+        }
+        if options.has(O.initImage) {
+            throw PEAError.usage("generate: --init-image is for a single --prompt; in a prompt file each item gives its own \"init_image\"")
         }
         try runGenerateJob(file, options)
     case (nil, nil): throw PEAError.usage("generate: give --prompt TEXT or --prompts FILE")
@@ -226,12 +243,18 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
     let seed = settings.seed ?? GenerateSettings.randomSeed()
     let output = try options.optionalString(O.output) ?? "pea-\(seed).png"
     guard output.hasSuffix(".png") else { throw PEAError.usage("generate: --output must end in .png, got '\(output)'") }
+    let initImage = try readInitImage(options, settings: settings)
     let selection = try BackendOptions.select(options)
     let model = try ModelChoice(options, prompts: [prompt])
     let pipeline = try model.load(options, scheduler: settings.scheduler, clipSkip: settings.clipSkip, selection: selection)
 
     var request = GenerationRequest(prompt: prompt, negativePrompt: settings.negativePrompt,
                                     width: settings.width ?? pipeline.defaultSize, height: settings.height ?? pipeline.defaultSize)
+    if let (image, strength) = initImage {
+        request.initImage = image
+        request.strength = strength
+        (request.width, request.height) = (image.width, image.height)
+    }
     request.steps = settings.steps
     request.guidance = settings.guidance
     request.seed = seed
@@ -247,6 +270,38 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
                             textChunks: [("parameters", parameters)], to: path)
         print(path)
     }
+}
+
+/// --init-image decoded and --strength checked, before the model loads: the image's size is the output's, so it
+/// must be a multiple of 8 and agree with --width/--height. nil without --init-image.
+private func readInitImage(_ options: ParsedOptions, settings: GenerateSettings) throws -> (RGBImage, Double)? {
+    typealias O = GenerateOptions
+    guard let path = try options.optionalString(O.initImage) else {
+        if options.has(O.strength) { throw PEAError.usage("generate: --strength goes with --init-image") }
+        return nil
+    }
+    let strength = try strengthOption(options)
+    _ = try StableDiffusionPipeline.img2imgBeginIndex(steps: settings.steps, strength: strength)
+    let image = try ImageDecoder.decodeRGB(path: path)
+    guard image.width % 8 == 0, image.height % 8 == 0 else {
+        throw PEAError.usage("generate: the init image \(path) is \(image.width)×\(image.height); its width and height must be multiples of 8 "
+            + "(diffusers would Lanczos-resize it to \(image.width / 8 * 8)×\(image.height / 8 * 8); Pea does not resize: crop or resize it first)")
+    }
+    for (name, given, actual) in [("--width", settings.width, image.width), ("--height", settings.height, image.height)] {
+        if let given, given != actual {
+            throw PEAError.usage("generate: \(name) \(given) differs from the init image's \(actual) (\(path)); Pea does not resize init images")
+        }
+    }
+    return (image, strength)
+}
+
+/// --strength (default 0.8), in (0, 1].
+func strengthOption(_ options: ParsedOptions) throws -> Double {
+    let strength = try options.double(GenerateOptions.strength)
+    guard strength > 0, strength <= 1 else {
+        throw PEAError.usage("generate: --strength must be in (0, 1], got \(strength)")
+    }
+    return strength
 }
 
 func printWarning(_ message: String) {

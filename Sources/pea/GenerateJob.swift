@@ -25,8 +25,8 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     // Sizes left at 0 are the model's native size, filled in once it is loaded.
     let defaults = JobDefaults(negativePrompt: settings.negativePrompt, baseSeed: baseSeed, width: settings.width ?? 0,
                                height: settings.height ?? 0, steps: settings.steps, guidance: settings.guidance,
-                               scheduler: settings.scheduler, batch: settings.batch)
-    let items = try PromptFile.read(path: file, defaults: defaults)
+                               scheduler: settings.scheduler, batch: settings.batch, strength: try strengthOption(options))
+    let items = try sizedByInitImages(PromptFile.read(path: file, defaults: defaults), file: file)
     if baseSeed > 1 << 53 || UInt64(items.count - 1) > (1 << 53) - baseSeed {
         throw PEAError.usage("generate: --seed \(baseSeed) + the item index must stay within 0...2^53 (results.jsonl keeps seeds as JSON numbers)")
     }
@@ -85,12 +85,13 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     for (number, batch) in batches.enumerated() {
         let start = monotonicSeconds()
         let imageCount = batch.reduce(0) { $0 + $1.batch }
-        let images = try pipeline.generate(batch.map(\.request), scheduler: scheduler(batch[0].scheduler),
+        let requests = try batch.map { try $0.loadedRequest() }
+        let images = try pipeline.generate(requests, scheduler: scheduler(batch[0].scheduler),
                                            progress: { progress.step(batch: number + 1, images: imageCount, $0, $1) }, warn: { printWarning($0) })
         let seconds = (monotonicSeconds() - start) / Double(imageCount)
-        for (item, itemImages) in zip(batch, images) {
+        for ((item, request), itemImages) in zip(zip(batch, requests), images) {
             let sampler = a1111SamplerName(item.scheduler.flatMap(SchedulerName.init(rawValue:)), className: try scheduler(item.scheduler).className)
-            let parameters = a1111Parameters(item.request, sampler: sampler, model: model.folder, family: pipeline.family)
+            let parameters = a1111Parameters(request, sampler: sampler, model: model.folder, family: pipeline.family)
             func record(_ image: Int) -> [String: JSONValue] {
                 var json = JobOutput.itemJSON(item).objectValue!
                 json["image"] = .number(Double(image))
@@ -122,6 +123,28 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     try finishTar(output)
     progress.end()
     fputs("pea generate: \(output.imagesRecorded) of \(totalImages) images\(shardNote) are in \(folder) (\(output.resultsPath))\n", stderr)
+}
+
+/// Img2img items take their init image's size (read now, so that a missing or unreadable image fails the job
+/// before anything is written): a width or height the item (or --width/--height) sets must equal it.
+private func sizedByInitImages(_ items: [JobItem], file: String) throws -> [JobItem] {
+    try items.map { item in
+        guard let path = item.initImage else { return item }
+        var item = item
+        let image = try ImageDecoder.decodeRGB(path: path)
+        guard image.width % 8 == 0, image.height % 8 == 0 else {
+            throw PEAError.invalidFile(path: file, reason: "line \(item.line): the init image \(path) is \(image.width)×\(image.height); "
+                + "its width and height must be multiples of 8 (Pea does not resize init images)")
+        }
+        for (name, size, actual) in [("width", \JobItem.width, image.width), ("height", \JobItem.height, image.height)] {
+            if item[keyPath: size] == 0 { item[keyPath: size] = actual }
+            guard item[keyPath: size] == actual else {
+                throw PEAError.invalidFile(path: file, reason: "line \(item.line): \(name) \(item[keyPath: size]) (the item's or --\(name)) "
+                    + "differs from the init image's \(actual) (\(path)); Pea does not resize init images")
+            }
+        }
+        return item
+    }
 }
 
 /// Completes the tar shard in progress and prints its path.

@@ -273,6 +273,29 @@ final class FuzzTests: XCTestCase {
         finish(tally)
     }
 
+    /// Image-to-image requests from mutated init images (a third left intact), hostile strengths and step counts,
+    /// through the tiny SD1 pipeline's whole img2img path: an image or a PEAError, never a crash.
+    func testInitImages() throws {
+        let source = readFileBytes(fixturesDirectory() + "/img2img/init_32x24.png")!
+        let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/sd1", backend: CPUBackend(), scheduler: "euler-a")
+        let strengths = [0, -1, .nan, .infinity, 1e-9, 0.25, 0.5, 1, 1.0000001, 0.34]
+        var tally = Tally(format: "init images")
+        var random = SplitMix64(seed: seed &+ 9)
+        for index in 0..<casesPerFormat {
+            let bytes = index % 3 == 0 ? source : Self.mutate(source, &random)
+            let strength = strengths[Int(random.next() % UInt64(strengths.count))], steps = Int(random.next() % 4)
+            tally.run {
+                let image = try bytes.withUnsafeBytes { try ImageDecoder.decodeRGB($0, name: "init.png") }
+                var request = GenerationRequest(prompt: "x", width: image.width, height: image.height)
+                request.initImage = image
+                request.strength = strength
+                request.steps = steps
+                _ = try pipeline.generate(request)
+            }
+        }
+        finish(tally)
+    }
+
     func testTarShards() throws {
         var builder = TarBuilder()
         builder.add(name: "000001.txt", data: Array("a red circle".utf8))

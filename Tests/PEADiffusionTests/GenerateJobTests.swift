@@ -57,7 +57,8 @@ final class GenerateJobTests: XCTestCase {
         for field in PromptFile.fields {
             XCTAssertTrue(text.contains("\"\(field)\""), "examples/prompts.jsonl never uses '\(field)'")
         }
-        XCTAssertEqual(items.count, 5)
+        XCTAssertEqual(items.count, 6)
+        XCTAssertEqual(items[5].initImage, examples + "/sketch.png", "a relative init_image is read from the prompt file's folder")
     }
 
     func testBadItemsNameTheFileAndLine() {

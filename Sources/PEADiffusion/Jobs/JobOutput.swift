@@ -11,7 +11,8 @@ import Darwin
 /// are equal; the batch size, the shard, the device, the backend and the thread count are not part of it.
 public struct JobManifest: Equatable {
     public var itemCount: Int
-    /// FNV-1a 64 of the items' canonical JSON: prompts, ids, seeds, sizes, steps, guidance, schedulers, batches.
+    /// FNV-1a 64 of the items' canonical JSON: prompts, ids, seeds, sizes, steps, guidance, schedulers, batches, and
+    /// img2img items' init image paths and strengths (not the images' contents).
     public var itemsDigest: String
     public var baseSeed: UInt64
     /// model, text_encoder, adapter, clip_skip, variant, precision, format, max_length: as given ("" when absent).
@@ -61,7 +62,7 @@ public struct JobManifest: Equatable {
         var reasons: [String] = []
         if itemsDigest != other.itemsDigest || itemCount != other.itemCount {
             reasons.append("the prompt file's items or their settings (prompt, seed, size, steps, guidance, scheduler, negative prompt, "
-                + "batch) differ: \(other.itemCount) items before, \(itemCount) now")
+                + "batch, init image, strength) differ: \(other.itemCount) items before, \(itemCount) now")
         }
         for key in Set(settings.keys).union(other.settings.keys).sorted() where settings[key] != other.settings[key] {
             reasons.append("\(key) was '\(other.settings[key] ?? "")', now '\(settings[key] ?? "")'")
@@ -270,11 +271,18 @@ public final class JobOutput {
     }
 
     /// An item's settings as canonical JSON (the manifest's digest, and results lines' fields).
+    /// `init_image` and `strength` appear only for img2img items, so text-to-image jobs keep their digests.
     public static func itemJSON(_ item: JobItem) -> JSONValue {
-        .object(["index": .number(Double(item.index)), "id": item.id.map(JSONValue.string) ?? .null, "prompt": .string(item.prompt),
-                 "negative_prompt": item.negativePrompt.map(JSONValue.string) ?? .null, "seed": .number(Double(item.seed)),
-                 "width": .number(Double(item.width)), "height": .number(Double(item.height)), "steps": .number(Double(item.steps)),
-                 "guidance": .number(Double(item.guidance)), "scheduler": item.scheduler.map(JSONValue.string) ?? .null,
-                 "batch": .number(Double(item.batch)), "text": item.text.map(JSONValue.string) ?? .null])
+        var object: [String: JSONValue] = [
+            "index": .number(Double(item.index)), "id": item.id.map(JSONValue.string) ?? .null, "prompt": .string(item.prompt),
+            "negative_prompt": item.negativePrompt.map(JSONValue.string) ?? .null, "seed": .number(Double(item.seed)),
+            "width": .number(Double(item.width)), "height": .number(Double(item.height)), "steps": .number(Double(item.steps)),
+            "guidance": .number(Double(item.guidance)), "scheduler": item.scheduler.map(JSONValue.string) ?? .null,
+            "batch": .number(Double(item.batch)), "text": item.text.map(JSONValue.string) ?? .null]
+        if let image = item.initImage {
+            object["init_image"] = .string(image)
+            object["strength"] = .number(item.strength)
+        }
+        return .object(object)
     }
 }

@@ -23,6 +23,11 @@ public struct JobItem: Equatable, Sendable {
     /// A caption (`text`) carried into the tar shards' JSON for `pea train --data`, e.g. the prompt in the
     /// target language; generation does not read it.
     public var text: String?
+    /// Image-to-image (`init_image`): the init image's path, a relative one resolved against the prompt file's
+    /// folder; its size is the item's. nil: text-to-image.
+    public var initImage: String? = nil
+    /// diffusers' `strength` for an `initImage` item.
+    public var strength = 0.8
 
     /// The name of the item's outputs: its id, or its index in six digits.
     public var key: String { id ?? JobItem.indexKey(index) }
@@ -35,24 +40,37 @@ public struct JobItem: Equatable, Sendable {
         return String(repeating: "0", count: max(0, 6 - digits.count)) + digits
     }
 
-    /// The request for the pipeline.
+    /// The request for the pipeline, without its init image (`loadedRequest` reads it).
     public var request: GenerationRequest {
         var request = GenerationRequest(prompt: prompt, negativePrompt: negativePrompt, width: width, height: height)
         request.steps = steps
         request.guidance = guidance
         request.seed = seed
         request.imagesPerPrompt = batch
+        request.strength = strength
         return request
     }
 
-    /// Items that may be denoised together: same size, steps, guidance and scheduler.
+    /// `request` with the init image of an img2img item decoded.
+    public func loadedRequest() throws -> GenerationRequest {
+        var request = self.request
+        request.initImage = try initImage.map(ImageDecoder.decodeRGB(path:))
+        return request
+    }
+
+    /// Items that may be denoised together: same size, steps, guidance and scheduler, and for img2img the same
+    /// strength (nil: text-to-image).
     public struct BatchKey: Hashable {
         let width, height, steps: Int
         let guidance: Float
         let scheduler: String?
+        var strength: Double? = nil
     }
 
-    public var batchKey: BatchKey { BatchKey(width: width, height: height, steps: steps, guidance: guidance, scheduler: scheduler) }
+    public var batchKey: BatchKey {
+        BatchKey(width: width, height: height, steps: steps, guidance: guidance, scheduler: scheduler,
+                 strength: initImage == nil ? nil : strength)
+    }
 }
 
 /// The settings of the command line that items without their own take.
@@ -67,9 +85,12 @@ public struct JobDefaults: Equatable, Sendable {
     public var guidance: Float
     public var scheduler: String?
     public var batch: Int
+    /// The strength of items with an `init_image` that give none.
+    public var strength: Double
 
     public init(negativePrompt: String?, baseSeed: UInt64, width: Int, height: Int, steps: Int, guidance: Float,
-                scheduler: String?, batch: Int) {
+                scheduler: String?, batch: Int, strength: Double = 0.8) {
+        self.strength = strength
         self.negativePrompt = negativePrompt
         self.baseSeed = baseSeed
         self.width = width
@@ -86,7 +107,7 @@ public struct JobDefaults: Equatable, Sendable {
 public enum PromptFile {
     /// The fields a `.jsonl` item may have.
     public static let fields = ["prompt", "id", "negative_prompt", "seed", "width", "height", "steps", "guidance",
-                                "scheduler", "batch", "text"]
+                                "scheduler", "batch", "text", "init_image", "strength"]
     /// The longest id: ids name files and tar members (with a `-N` suffix and an extension).
     public static let maximumIDLength = 80
     /// The most images one item may ask for (as `--batch`).
@@ -111,12 +132,13 @@ public enum PromptFile {
             var item = JobItem(index: items.count, line: number, id: nil, prompt: line, negativePrompt: defaults.negativePrompt,
                                seed: defaults.baseSeed &+ UInt64(items.count), width: defaults.width, height: defaults.height,
                                steps: defaults.steps, guidance: defaults.guidance, scheduler: defaults.scheduler,
-                               batch: defaults.batch, text: nil)
+                               batch: defaults.batch, text: nil, strength: defaults.strength)
             if jsonLines {
                 let value: JSONValue
                 do { value = try JSONValue.parse(line) } catch { throw fail("not JSON: \(error)") }
                 guard let object = value.objectValue else { throw fail("expected a JSON object, got \(value.kindDescription)") }
                 try apply(object, to: &item, fail: fail)
+                if let image = item.initImage, !image.hasPrefix("/") { item.initImage = joinPath(parentFolder(path), image) }
             }
             if let id = item.id {
                 if let first = ids[id] { throw fail("id '\(id)' is already the id of line \(first)") }
@@ -182,6 +204,22 @@ public enum PromptFile {
             item.scheduler = scheduler
         }
         item.text = try string("text")
+        if object["init_image"] != nil {
+            guard let image = try string("init_image"), !image.isEmpty else { throw fail("'init_image' must be a non-empty path") }
+            item.initImage = image
+        }
+        if let value = object["strength"], !value.isNull {
+            guard item.initImage != nil else { throw fail("'strength' goes with 'init_image'") }
+            guard let strength = value.doubleValue, strength > 0, strength <= 1 else {
+                throw fail("'strength' must be a number in (0, 1], got \(value.serialized())")
+            }
+            item.strength = strength
+        }
+        if item.initImage != nil {
+            do { _ = try StableDiffusionPipeline.img2imgBeginIndex(steps: item.steps, strength: item.strength) } catch PEAError.usage(let reason) {
+                throw fail(reason)
+            }
+        }
     }
 }
 

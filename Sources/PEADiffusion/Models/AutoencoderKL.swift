@@ -2,6 +2,14 @@
 // codec of Stable Diffusion. The encoder gives the mean and log-variance of the latent distribution; the
 // decoder turns a latent (already divided by `scaling_factor`) back into an image in about [-1, 1].
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 public struct AutoencoderKLConfig {
     public var inChannels: Int
     public var outChannels: Int
@@ -215,4 +223,10 @@ func renameLegacyAttention(_ name: String) -> String {
     guard parts.contains("attentions"), parts.count >= 2, let new = renamed[parts[parts.count - 2]] else { return name }
     parts[parts.count - 2] = new
     return parts.joined(separator: ".")
+}
+
+/// One value drawn from diffusers' DiagonalGaussianDistribution (`latent_dist.sample(generator)`):
+/// mean + exp(0.5 · clamp(logvar, −30, 20)) · ε, in float32, with ε a standard normal draw.
+func latentSample(mean: Float, logvar: Float, eps: Float) -> Float {
+    mean + expf(0.5 * min(max(logvar, -30), 20)) * eps
 }

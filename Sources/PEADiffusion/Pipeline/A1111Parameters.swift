@@ -7,6 +7,7 @@ public func a1111Parameters(_ request: GenerationRequest, sampler: String, model
     let modelName = model.split(separator: "/").last.map(String.init) ?? model
     text += "\nSteps: \(request.steps), Sampler: \(sampler), CFG scale: \(request.guidance), Seed: \(request.seed), "
         + "Size: \(request.width)x\(request.height), Model: \(modelName), Model family: \(family.rawValue), Generator: torch CPU (pea)"
+    if request.initImage != nil { text += ", Denoising strength: \(request.strength)" }
     return text
 }
 

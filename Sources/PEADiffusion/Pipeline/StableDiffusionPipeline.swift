@@ -1,6 +1,8 @@
 // Text-to-image with the semantics of diffusers' StableDiffusionPipeline (SD1.x, SD2.x) and
 // StableDiffusionXLPipeline (SDXL), without the safety checker: the same folder, prompt, seed and settings
-// give the same image as diffusers with a CPU generator.
+// give the same image as diffusers with a CPU generator. With an init image, image-to-image with the semantics
+// of StableDiffusionImg2ImgPipeline and StableDiffusionXLImg2ImgPipeline (a base model's: no aesthetic score,
+// no denoising_start): only where the loop starts and its starting latents differ.
 //
 // One pipeline for every family: it is written against DenoisingModel (the denoiser's inputs and what it needs)
 // and reads what differs between families from ModelFamily's properties (ModelFamily.swift); the image ↔ latent
@@ -17,6 +19,13 @@ public struct GenerationRequest {
     public var width: Int
     public var height: Int
     public var imagesPerPrompt = 1
+    /// Image-to-image: diffusers' `image=`, the picture to start from, exactly `width`×`height` (Pea does not
+    /// resize; diffusers' VaeImageProcessor would Lanczos-resize one whose size is not a multiple of 8). nil:
+    /// text-to-image.
+    public var initImage: RGBImage?
+    /// diffusers' `strength` (its default 0.8), in (0, 1]: img2img runs the last ⌊steps·strength⌋ of the `steps`
+    /// timesteps. A Double, as Python multiplies it (10 × 0.7 is 7.000000000000001 there; in float32 it is below 7).
+    public var strength = 0.8
 
     public init(prompt: String, negativePrompt: String? = nil, width: Int, height: Int) {
         self.prompt = prompt
@@ -146,7 +155,8 @@ public final class StableDiffusionPipeline {
             timeIds = try b.upload(Array([[Float]](repeating: ids, count: rows).joined()), shape: [rows, 6])
         }
 
-        // Initial latents from each request's seeded generator, scaled by the scheduler's initial sigma.
+        // Initial latents from each request's seeded generator: text-to-image scales noise by the scheduler's
+        // initial sigma; image-to-image noises the init image's latents to the first timestep it runs.
         var generators = requests.map { TorchGenerator(seed: $0.seed) }
         let latentCell = [denoiser.latentChannels, first.height / vaeScaleFactor, first.width / vaeScaleFactor]
         func noise() throws -> Tensor {
@@ -155,10 +165,18 @@ public final class StableDiffusionPipeline {
         }
         var sampler = scheduler ?? self.scheduler
         try sampler.setTimesteps(first.steps)
-        var latents = try b.scale(noise(), by: sampler.initNoiseSigma)
+        let begin = first.initImage == nil ? 0 : try Self.img2imgBeginIndex(steps: first.steps, strength: first.strength)
+        var latents: Tensor
+        if first.initImage != nil {
+            // diffusers' prepare_latents: each generator draws its image's latent sample first, then the noise.
+            let encoded = try initLatents(requests, counts: counts, generators: &generators)
+            latents = try sampler.addNoise(encoded, noise: noise(), stepIndex: begin)
+        } else {
+            latents = try b.scale(noise(), by: sampler.initNoiseSigma)
+        }
 
-        let steps = sampler.timesteps.count
-        for i in 0..<steps {
+        let end = sampler.timesteps.count, steps = end - begin
+        for i in begin..<end {
             let input = try sampler.scaleModelInput(guided ? b.concat([latents, latents], dim: 0) : latents, stepIndex: i)
             let timestep = try b.upload(sampler.modelTimestep(stepIndex: i))
             // The denoiser casts its inputs to its dtype and answers in it; guidance and the scheduler work in f32.
@@ -170,11 +188,55 @@ public final class StableDiffusionPipeline {
                 prediction = try b.add(halves[0], b.scale(b.sub(halves[1], halves[0]), by: first.guidance))
             }
             latents = try sampler.step(modelOutput: prediction, stepIndex: i, sample: latents, noise: noise)
-            progress(i + 1, steps)
+            progress(i - begin + 1, steps)
         }
         let images = try decode(latents, afterSteps: steps)
         var start = 0
         return counts.map { n in defer { start += n }; return Array(images[start..<start + n]) }
+    }
+
+    /// diffusers' img2img `get_timesteps`: of `steps` timesteps the last ⌊steps·strength⌋ run, so the loop begins
+    /// at index steps − ⌊steps·strength⌋ of the scheduler's timesteps (× `scheduler.order`, 1 for every scheduler
+    /// here; PNDM's N + 1 timesteps are sliced at that index too, as diffusers slices them). No step left is an
+    /// error (diffusers fails on it less clearly).
+    public static func img2imgBeginIndex(steps: Int, strength: Double) throws -> Int {
+        let run = min(Int(Double(steps) * strength), steps)   // Python's int(): toward zero
+        guard run >= 1 else {
+            throw PEAError.usage("strength \(strength) is too low for \(steps) steps: int(steps × strength) = 0, so no denoising step would run; raise the strength or the steps")
+        }
+        return steps - run
+    }
+
+    /// The first half of diffusers' img2img `prepare_latents`, per request: the init image in [-1, 1]
+    /// (`normalizedPixels`) through the VAE encoder, one sample of the latent distribution with the request's
+    /// generator (`retrieve_latents(…, generator)`, sample mode: a randn of one image's latent shape, drawn before
+    /// the noise), × scaling_factor, repeated for its `imagesPerPrompt` images (one sample shared by them, as
+    /// diffusers duplicates it). f32 [images, C, h, w].
+    private func initLatents(_ requests: [GenerationRequest], counts: [Int], generators: inout [TorchGenerator]) throws -> Tensor {
+        var parts: [Tensor] = []
+        for (i, request) in requests.enumerated() {
+            let image = request.initImage!
+            var pixels = try backend.upload(Self.normalizedPixels(image), shape: [1, 3, image.height, image.width])
+            if vae.dtype != .f32 { pixels = try backend.cast(pixels, to: vae.dtype) }
+            let (mean, logvar) = try vae.encode(pixels)
+            let means = try backend.download(mean).floats(), logvars = try backend.download(logvar).floats()
+            let eps = generators[i].randn(mean.shape)
+            let scale = vae.config.scalingFactor
+            let sample = means.indices.map { latentSample(mean: means[$0], logvar: logvars[$0], eps: eps[$0]) * scale }
+            parts += repeatElement(try backend.upload(sample, shape: mean.shape), count: counts[i])
+        }
+        return parts.count == 1 ? parts[0] : try backend.concat(parts, dim: 0)
+    }
+
+    /// An 8-bit RGB image as the VAE encoder's input, [3, H, W] in [-1, 1]: diffusers' VaeImageProcessor.preprocess,
+    /// x / 255 then 2x − 1, in float32.
+    public static func normalizedPixels(_ image: RGBImage) -> [Float] {
+        let plane = image.width * image.height
+        var values = [Float](repeating: 0, count: 3 * plane)
+        for p in 0..<plane {
+            for c in 0..<3 { values[c * plane + p] = 2 * (Float(image.pixels[p * 3 + c]) / 255) - 1 }
+        }
+        return values
     }
 
     /// The conditioning rows for `texts[i]` repeated `counts[i]` times. `encode` runs once on the distinct texts
@@ -240,6 +302,22 @@ public final class StableDiffusionPipeline {
         guard request.steps >= 1 else { throw PEAError.usage("steps must be at least 1, got \(request.steps)") }
         guard requests.allSatisfy({ $0.imagesPerPrompt >= 1 }) else { throw PEAError.usage("batch must be at least 1") }
         guard request.guidance.isFinite else { throw PEAError.usage("guidance must be finite, got \(request.guidance)") }
+        if requests.contains(where: { $0.initImage != nil }) {
+            // The loop's start depends on strength, so an img2img batch shares it.
+            for other in requests where !(other.strength > 0 && other.strength <= 1) {
+                throw PEAError.usage("strength must be in (0, 1], got \(other.strength)")
+            }
+            guard requests.allSatisfy({ $0.initImage != nil && $0.strength == request.strength }) else {
+                throw PEAError.usage("requests denoised together must all be image-to-image with the same strength, or all text-to-image")
+            }
+            for other in requests {
+                let image = other.initImage!
+                guard image.width == other.width, image.height == other.height, image.pixels.count == image.width * image.height * 3 else {
+                    throw PEAError.usage("the init image is \(image.width)×\(image.height) but the request is \(other.width)×\(other.height); Pea does not resize init images")
+                }
+            }
+            _ = try Self.img2imgBeginIndex(steps: request.steps, strength: request.strength)
+        }
         // The largest buffers are the VAE decoder's at full resolution.
         let images = requests.reduce(0) { $0 + Double($1.imagesPerPrompt) }
         try MemoryBudget.require(Self.decodeBytesPerPixel(vae) * Double(request.width) * Double(request.height) * images, on: backend,

@@ -47,6 +47,10 @@ public struct DDIMScheduler: Scheduler {
 
     public func scaleModelInput(_ sample: Tensor, stepIndex: Int) throws -> Tensor { sample }
 
+    public func addNoise(_ original: Tensor, noise: Tensor, stepIndex: Int) throws -> Tensor {
+        try schedule.addNoise(original, noise: noise, timestep: Int(checkedTimestep(stepIndex)), scheduler: className)
+    }
+
     public mutating func step(modelOutput: Tensor, stepIndex: Int, sample: Tensor, noise: () throws -> Tensor) throws -> Tensor {
         let t = Int(try checkedTimestep(stepIndex))
         guard t < schedule.count else {

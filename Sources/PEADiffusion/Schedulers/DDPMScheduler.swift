@@ -57,9 +57,9 @@ public struct DDPMScheduler {
             throw PEAError.usage("\(Self.className): timestep \(t) is outside 0..<\(schedule.count)")
         }
         let shape = [timesteps.count] + Array(repeating: 1, count: x.rank - 1)
-        let alphas = timesteps.map { schedule.alphasCumprod[$0] }
+        let coefficients = timesteps.map(schedule.forwardCoefficients)
         let backend = x.backend
-        return (try backend.upload(alphas.map { $0.squareRoot() }, shape: shape),
-                try backend.upload(alphas.map { (1 - $0).squareRoot() }, shape: shape))
+        return (try backend.upload(coefficients.map(\.signal), shape: shape),
+                try backend.upload(coefficients.map(\.noise), shape: shape))
     }
 }

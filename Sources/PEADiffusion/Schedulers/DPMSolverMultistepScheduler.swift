@@ -126,6 +126,16 @@ public struct DPMSolverMultistepScheduler: Scheduler {
 
     public func scaleModelInput(_ sample: Tensor, stepIndex: Int) throws -> Tensor { sample }
 
+    /// α_t·x₀ + σ_t·ε with α_t = 1/√(σ²+1), σ_t = σ·α_t at the begin index's σ, in float32 as diffusers'
+    /// `_sigma_to_alpha_sigma_t`. A loop started there is first order on its first step (no history yet), as
+    /// diffusers' `lower_order_nums` is 0 after `set_timesteps`.
+    public func addNoise(_ original: Tensor, noise: Tensor, stepIndex: Int) throws -> Tensor {
+        _ = try checkedTimestep(stepIndex)
+        let sigma = sigmas[stepIndex]
+        let alpha = 1 / (sigma * sigma + 1).squareRoot()
+        return try linearCombination([(Double(alpha), original), (Double(sigma * alpha), noise)])
+    }
+
     public mutating func step(modelOutput: Tensor, stepIndex: Int, sample: Tensor, noise: () throws -> Tensor) throws -> Tensor {
         _ = try checkedTimestep(stepIndex)
         let count = timesteps.count

@@ -94,6 +94,12 @@ extension EulerScheduler {
         _ = try checkedTimestep(stepIndex)
         return try eulerScaledInput(sample, sigma: sigmas[stepIndex])
     }
+
+    /// x₀ + ε·σ at the begin index's σ (not `initNoiseSigma`: no √(σ²+1) for "leading" spacing), as diffusers'.
+    public func addNoise(_ original: Tensor, noise: Tensor, stepIndex: Int) throws -> Tensor {
+        _ = try checkedTimestep(stepIndex)
+        return try linearCombination([(1, original), (Double(sigmas[stepIndex]), noise)])
+    }
 }
 
 /// x/√(σ²+1), the input scaling of the Euler schedulers (the divisor in float32, as diffusers computes it).

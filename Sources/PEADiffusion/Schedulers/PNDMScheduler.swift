@@ -80,6 +80,12 @@ public struct PNDMScheduler: Scheduler {
 
     public func scaleModelInput(_ sample: Tensor, stepIndex: Int) throws -> Tensor { sample }
 
+    /// PNDM keeps no begin index: it counts its own `step` calls, so a loop that starts mid-schedule runs its
+    /// warm-up from there, as diffusers' does.
+    public func addNoise(_ original: Tensor, noise: Tensor, stepIndex: Int) throws -> Tensor {
+        try schedule.addNoise(original, noise: noise, timestep: Int(checkedTimestep(stepIndex)), scheduler: className)
+    }
+
     public mutating func step(modelOutput: Tensor, stepIndex: Int, sample: Tensor, noise: () throws -> Tensor) throws -> Tensor {
         let t = Int(try checkedTimestep(stepIndex))
         if counter < rungeKuttaTimesteps.count && !skipsRungeKutta {

@@ -48,6 +48,12 @@ public protocol Scheduler {
     /// diffusers' `step(model_output, timesteps[stepIndex], sample).prev_sample`. `noise` supplies a standard
     /// normal tensor of `sample`'s shape whenever the scheduler draws one.
     mutating func step(modelOutput: Tensor, stepIndex: Int, sample: Tensor, noise: () throws -> Tensor) throws -> Tensor
+
+    /// diffusers' `add_noise(original, noise, timesteps[stepIndex:stepIndex+1])` as its image-to-image pipelines
+    /// call it, right after `set_begin_index(stepIndex)`: the noisy latents a loop that starts at `stepIndex`
+    /// begins from (the whole batch at that one timestep). The σ-based schedulers (Euler, Euler ancestral,
+    /// DPM-Solver) read σ at the begin index; DDIM and PNDM use ᾱ of the timestep (`TrainingNoiseSchedule.addNoise`).
+    func addNoise(_ original: Tensor, noise: Tensor, stepIndex: Int) throws -> Tensor
 }
 
 extension Scheduler {
@@ -277,6 +283,23 @@ struct TrainingNoiseSchedule {
 
     /// ᾱ_t, with diffusers' convention that a negative t (the step after the last) is `final`.
     func alphaCumprod(_ t: Int, final: Float) -> Float { t >= 0 ? alphasCumprod[t] : final }
+
+    /// √ᾱ_t and √(1 − ᾱ_t), the forward process's coefficients, in float32 from the float32 ᾱ as diffusers'
+    /// `add_noise` computes them (`alphas_cumprod[t] ** 0.5`, `(1 - alphas_cumprod[t]) ** 0.5`).
+    func forwardCoefficients(_ t: Int) -> (signal: Float, noise: Float) {
+        let alpha = alphasCumprod[t]
+        return (alpha.squareRoot(), (1 - alpha).squareRoot())
+    }
+
+    /// The forward process at one timestep for the whole batch, x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε: the `add_noise` of
+    /// diffusers' DDPM, DDIM and PNDM schedulers. `scheduler` names the caller in errors.
+    func addNoise(_ original: Tensor, noise: Tensor, timestep t: Int, scheduler: String) throws -> Tensor {
+        guard (0..<count).contains(t) else {
+            throw PEAError.usage("\(scheduler): timestep \(t) is outside 0..<\(count) (steps_offset too large?)")
+        }
+        let (signal, noiseLevel) = forwardCoefficients(t)
+        return try linearCombination([(Double(signal), original), (Double(noiseLevel), noise)])
+    }
 
     /// σ_t = √((1 − ᾱ_t)/ᾱ_t), the k-diffusion noise level of every training timestep, computed in float32 as
     /// diffusers' Euler and DPM-Solver schedulers compute it.

@@ -348,9 +348,7 @@ public final class PEATrainer {
         for (n, moment) in moments.enumerated() {
             let m = moment.floats()
             for i in 0..<(channels * plane) {
-                // diffusers: std = exp(0.5 · clamp(logvar, −30, 20)); sample = mean + std · ε.
-                let logvar = min(max(m[channels * plane + i], -30), 20)
-                values.append((m[i] + expf(0.5 * logvar) * eps[n * channels * plane + i]) * scale)
+                values.append(latentSample(mean: m[i], logvar: m[channels * plane + i], eps: eps[n * channels * plane + i]) * scale)
             }
         }
         return try backend.upload(values, shape: shape)
