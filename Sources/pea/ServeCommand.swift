@@ -54,6 +54,8 @@ enum ServeOptions {
                                            --scheduler name of pea generate; default: the folder's), scheduler
                                            ("Karras" with "DPM++ 2M"), batch_size, n_iter (at most 16 images), text_encoder.
                                            Answers {"images": [base64 PNG…], "parameters": {…}, "info": "<JSON>"}.
+              POST /sdapi/v1/img2img       the same and init_images (one base64 PNG or JPEG, its size the image's: Pea
+                                           does not resize), denoising_strength (0.75); as `pea generate --init-image`.
               POST /v1/images/generations  OpenAI's subset: prompt, n, size "WxH", response_format "b64_json"; and seed,
                                            steps (30), guidance (7.5), negative_prompt, text_encoder.
                                            Answers {"created": T, "data": [{"b64_json": …, "seed": S}…]}.

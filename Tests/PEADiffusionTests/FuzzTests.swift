@@ -472,6 +472,43 @@ final class FuzzTests: XCTestCase {
         finish(tally)
     }
 
+    /// Request bodies of `pea serve`'s generation endpoints (JSON with base64 images), mutated and handed to the
+    /// server's router: every one is answered 200 or a 4xx naming what is wrong, never a 500 or a crash. The
+    /// server runs in-process on the tiny SD1 pipeline, its limits small so that accepted cases stay quick.
+    func testServeRequestBodies() throws {
+        var configuration = GenerationServer.Configuration()
+        configuration.port = 0
+        configuration.maxSize = 64
+        configuration.maxSteps = 2
+        configuration.maxImages = 2
+        let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/sd1", backend: CPUBackend())
+        let server = try GenerationServer(model: .init(pipelines: ["english": pipeline], defaultChoice: "english", folder: "sd1",
+                                                       backendName: "cpu"), configuration: configuration)
+        defer { server.stop() }
+        let initImage = base64Encoded(readFileBytes(fixturesDirectory() + "/img2img/init_32x24.png")!)
+        let valid: [(String, String)] = [
+            ("/sdapi/v1/txt2img", #"{"prompt": "a", "negative_prompt": "b", "seed": 3, "steps": 1, "cfg_scale": 7, "width": 32, "height": 24, "sampler_name": "Euler a", "batch_size": 1, "n_iter": 2}"#),
+            ("/sdapi/v1/img2img", "{\"prompt\": \"a\", \"seed\": 4, \"steps\": 2, \"denoising_strength\": 0.5, \"init_images\": [\"\(initImage)\"]}"),
+            ("/v1/images/generations", #"{"prompt": "a", "n": 1, "size": "32x32", "response_format": "b64_json", "seed": 1, "steps": 1}"#),
+        ]
+        struct ServerError: Error { let status: Int, body: String }
+        var tally = Tally(format: "serve request bodies")
+        var random = SplitMix64(seed: seed &+ 13)
+        for index in 0..<casesPerFormat {
+            let (path, body) = valid[index % valid.count]
+            let bytes = index < valid.count ? Array(body.utf8) : Self.mutate(Array(body.utf8), &random)
+            tally.run {
+                var request = HTTPRequest(method: "POST", target: path)
+                request.body = bytes
+                let response = server.handle(request)
+                if response.status >= 500 { throw ServerError(status: response.status, body: String(decoding: response.body, as: UTF8.self)) }
+                if response.status != 200 { throw PEAError.usage("HTTP \(response.status)") }
+            }
+        }
+        XCTAssertGreaterThanOrEqual(tally.accepted, valid.count, "the unmutated bodies are answered 200")
+        finish(tally)
+    }
+
     func testCommandLines() throws {
         let steps = CommandOption.value("--steps", "N", default: "30", .range(1...1000), help: "steps")
         let guidance = CommandOption.value("--guidance", "G", default: "7.5", help: "guidance")

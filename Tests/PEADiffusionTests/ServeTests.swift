@@ -189,6 +189,49 @@ final class ServeTests: XCTestCase {
         XCTAssertEqual(server.stop(), 0)
     }
 
+    /// `POST /sdapi/v1/img2img`: the image `pea generate --init-image PATH --strength S` makes (the same pixels and
+    /// parameters chunk), a `data:` URL prefix accepted; two img2img requests of one strength batch together; bad
+    /// init images and strengths are 400s naming the field.
+    func testA1111Img2ImgIsPeaGeneratesImageToImage() throws {
+        let scratch = ScratchDirectory()
+        let server = try Server(["--model", sd1, "--max-batch", "4", "--batch-wait", "2"], scratch: scratch)
+        let initPath = fixturesDirectory() + "/img2img/init_32x24.png"
+        let initImage = base64Encoded(try XCTUnwrap(readFileBytes(initPath)))
+        let bodies: [[String: Any]] = [
+            ["prompt": "a red circle", "seed": 5, "steps": 4, "cfg_scale": 7.5, "denoising_strength": 0.5, "init_images": [initImage]],
+            ["prompt": "a blue square", "seed": 6, "steps": 4, "cfg_scale": 7.5, "denoising_strength": 0.5, "init_images": ["data:image/png;base64," + initImage]],
+        ]
+        var results = [(status: Int, json: [String: Any])?](repeating: nil, count: 2)
+        let lock = NSLock()
+        concurrently(2) { number in
+            let result = try? server.post("/sdapi/v1/img2img", bodies[number])
+            lock.lock(); results[number] = result; lock.unlock()
+        }
+        XCTAssertEqual(try server.metric("pea_batches_total{images=\"2\"}"), 1, "two img2img requests of one strength are batched")
+        for (number, (prompt, seed)) in [("a red circle", "5"), ("a blue square", "6")].enumerated() {
+            let result = try XCTUnwrap(results[number])
+            XCTAssertEqual(result.status, 200, "\(result.json)")
+            let expected = try generated(["--prompt", prompt, "--seed", seed, "--steps", "4", "--init-image", initPath, "--strength", "0.5"],
+                                         scratch: scratch, name: "\(number).png")
+            assertSameImage(try images(result.json["images"] as? [Any])[0], expected, "img2img request \(number)", batched: true)
+            XCTAssertTrue(expected.text("parameters")?.contains("Denoising strength: 0.5") == true)
+            XCTAssertNil((result.json["parameters"] as? [String: Any])?["init_images"], "the init image is not echoed")
+        }
+        let png = base64Encoded(Array("not an image".utf8))
+        for (body, fragment) in [(#"{"prompt": "x"}"#, "init_images is required"),
+                                 (#"{"init_images": "abc"}"#, "init_images must be a list of one base64 image"),
+                                 (#"{"init_images": ["%%%"]}"#, "init_images[0] is not base64"),
+                                 ("{\"init_images\": [\"\(png)\"]}", "init_images[0]"),
+                                 ("{\"init_images\": [\"\(initImage)\"], \"width\": 64}", "Pea does not resize"),
+                                 ("{\"init_images\": [\"\(initImage)\"], \"denoising_strength\": 1.5}", "denoising_strength"),
+                                 ("{\"init_images\": [\"\(initImage)\"], \"denoising_strength\": 0.01, \"steps\": 10}", "too low")] {
+            let response = try server.request("POST", "/sdapi/v1/img2img", body: body)
+            XCTAssertEqual(response.status, 400, "\(body.prefix(80)): \(response.body)")
+            XCTAssertTrue(response.body.contains(fragment), "\(body.prefix(80)): '\(fragment)' not in \(response.body)")
+        }
+        XCTAssertEqual(server.stop(), 0)
+    }
+
     func testAdapterOrEnglishEncoderPerRequestMatchesPeaGenerate() throws {
         let scratch = ScratchDirectory()
         let server = try Server(["--model", sd1, "--text-encoder", zhEncoder, "--adapter", adapter], scratch: scratch)
@@ -508,5 +551,10 @@ final class ServeTests: XCTestCase {
         XCTAssertEqual(base64Encoded(Array("f".utf8)), "Zg==")
         XCTAssertEqual(base64Encoded(Array("fo".utf8)), "Zm8=")
         XCTAssertEqual(base64Encoded(Array("foobar".utf8)), "Zm9vYmFy")
+        for text in ["", "f", "fo", "foo", "foob", "fooba", "foobar"] {
+            XCTAssertEqual(base64Decoded(base64Encoded(Array(text.utf8))), Array(text.utf8), text)
+        }
+        XCTAssertEqual(base64Decoded("Zm9v\r\nYmE"), Array("fooba".utf8), "line breaks skipped, padding optional")
+        for bad in ["Zm9v!", "Zg==Zg==", "Z", "Zg==="] { XCTAssertNil(base64Decoded(bad), bad) }
     }
 }

@@ -26,8 +26,13 @@ public struct JobItem: Equatable, Sendable {
     /// Image-to-image (`init_image`): the init image's path, a relative one resolved against the prompt file's
     /// folder; its size is the item's. nil: text-to-image.
     public var initImage: String? = nil
-    /// diffusers' `strength` for an `initImage` item.
+    /// A server request's init image, decoded from its body (`initImage` is nil then).
+    public var initPixels: RGBImage? = nil
+    /// diffusers' `strength` for an image-to-image item.
     public var strength = 0.8
+
+    /// Whether the item starts from an init image (`initImage` or `initPixels`).
+    public var isImageToImage: Bool { initImage != nil || initPixels != nil }
 
     /// The name of the item's outputs: its id, or its index in six digits.
     public var key: String { id ?? JobItem.indexKey(index) }
@@ -40,7 +45,7 @@ public struct JobItem: Equatable, Sendable {
         return String(repeating: "0", count: max(0, 6 - digits.count)) + digits
     }
 
-    /// The request for the pipeline, without its init image (`loadedRequest` reads it).
+    /// The request for the pipeline, without an init image still in a file (`loadedRequest` reads it).
     public var request: GenerationRequest {
         var request = GenerationRequest(prompt: prompt, negativePrompt: negativePrompt, width: width, height: height)
         request.steps = steps
@@ -48,13 +53,14 @@ public struct JobItem: Equatable, Sendable {
         request.seed = seed
         request.imagesPerPrompt = batch
         request.strength = strength
+        request.initImage = initPixels
         return request
     }
 
     /// `request` with the init image of an img2img item decoded.
     public func loadedRequest() throws -> GenerationRequest {
         var request = self.request
-        request.initImage = try initImage.map(ImageDecoder.decodeRGB(path:))
+        if let initImage { request.initImage = try ImageDecoder.decodeRGB(path: initImage) }
         return request
     }
 
@@ -69,7 +75,7 @@ public struct JobItem: Equatable, Sendable {
 
     public var batchKey: BatchKey {
         BatchKey(width: width, height: height, steps: steps, guidance: guidance, scheduler: scheduler,
-                 strength: initImage == nil ? nil : strength)
+                 strength: isImageToImage ? strength : nil)
     }
 }
 

@@ -36,7 +36,7 @@ public struct GenerationRequest {
 }
 
 /// An 8-bit RGB image, rows top to bottom.
-public struct RGBImage {
+public struct RGBImage: Equatable, Sendable {
     public let width, height: Int
     public var pixels: [UInt8]
 }

@@ -6,7 +6,7 @@ import Darwin
 
 /// `pea serve`: the HTTP endpoints over a loaded pipeline, with requests batched by a `GenerationQueue`.
 ///
-/// - `POST /sdapi/v1/txt2img`: A1111's API subset (see `parseA1111`).
+/// - `POST /sdapi/v1/txt2img`, `POST /sdapi/v1/img2img`: A1111's API subset (see `parseA1111`).
 /// - `POST /v1/images/generations`: OpenAI's images API subset (see `parseOpenAI`).
 /// - `GET /health`, `GET /metrics`.
 ///
@@ -108,7 +108,7 @@ public final class GenerationServer: @unchecked Sendable {
 
     // MARK: - Routing
 
-    static let endpoints = ["/sdapi/v1/txt2img", "/v1/images/generations", "/health", "/metrics"]
+    static let endpoints = ["/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/health", "/metrics"]
 
     func handle(_ request: HTTPRequest) -> HTTPResponse {
         let start = monotonicSeconds()
@@ -127,7 +127,7 @@ public final class GenerationServer: @unchecked Sendable {
         let method: String
         switch request.path {
         case "/health", "/metrics": method = "GET"
-        case "/sdapi/v1/txt2img", "/v1/images/generations": method = "POST"
+        case "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations": method = "POST"
         default: return errorResponse(404, "no endpoint \(request.path) (endpoints: \(GenerationServer.endpoints.joined(separator: ", ")))")
         }
         guard request.method == method || (method == "GET" && request.method == "HEAD") else {
@@ -147,8 +147,8 @@ public final class GenerationServer: @unchecked Sendable {
         default:
             do {
                 let object = try jsonObject(request.body)
-                let a1111 = request.path == "/sdapi/v1/txt2img"
-                let parsed = a1111 ? try parseA1111(object) : try parseOpenAI(object)
+                let a1111 = request.path.hasPrefix("/sdapi/")
+                let parsed = a1111 ? try parseA1111(object, imageToImage: request.path == "/sdapi/v1/img2img") : try parseOpenAI(object)
                 let images = try queue.submit(parsed.items, choice: parsed.choice, cancelled: HTTPServer.clientHasHungUp)
                 let pngs = try encode(parsed.items, images, choice: parsed.choice)
                 return a1111 ? a1111Response(object, parsed, pngs) : openAIResponse(pngs)
@@ -228,10 +228,14 @@ public final class GenerationServer: @unchecked Sendable {
         }
 
         func number(_ key: String, _ range: ClosedRange<Double>) throws -> Float? {
+            try double(key, range).map(Float.init)
+        }
+
+        func double(_ key: String, _ range: ClosedRange<Double>) throws -> Double? {
             guard let value = value(key) else { return nil }
             guard let number = value.doubleValue else { throw RequestError(message: "\(key) must be a number, got \(value.kindDescription)") }
             guard range.contains(number) else { throw RequestError(message: "\(key) must be in \(range.lowerBound)...\(range.upperBound), got \(number)") }
-            return Float(number)
+            return number
         }
     }
 
@@ -258,11 +262,53 @@ public final class GenerationServer: @unchecked Sendable {
 
     /// One item per image, seeds `seed`, `seed`+1, …
     private func items(prompt: String, negativePrompt: String?, seed: UInt64, count: Int, width: Int, height: Int,
-                       steps: Int, guidance: Float, scheduler: String?) -> [JobItem] {
+                       steps: Int, guidance: Float, scheduler: String?, initImage: InitImage?) -> [JobItem] {
         (0..<count).map { number in
-            JobItem(index: 0, line: 0, id: nil, prompt: prompt, negativePrompt: negativePrompt, seed: seed &+ UInt64(number),
-                    width: width, height: height, steps: steps, guidance: guidance, scheduler: scheduler, batch: 1, text: nil)
+            var item = JobItem(index: 0, line: 0, id: nil, prompt: prompt, negativePrompt: negativePrompt, seed: seed &+ UInt64(number),
+                               width: width, height: height, steps: steps, guidance: guidance, scheduler: scheduler, batch: 1, text: nil)
+            if let initImage {
+                item.initPixels = initImage.image
+                item.strength = initImage.strength
+            }
+            return item
         }
+    }
+
+    struct InitImage {
+        var image: RGBImage
+        var strength: Double
+    }
+
+    /// `init_images` (one base64 PNG or JPEG, a `data:` URL prefix allowed) and `denoising_strength` (A1111's
+    /// default 0.75) of an img2img request. The image is used at its own size: a given width or height must be it.
+    private func initImage(_ fields: Fields, width: Int?, height: Int?, steps: Int) throws -> InitImage {
+        guard let value = fields.value("init_images") else { throw RequestError(message: "init_images is required (one base64 image)") }
+        guard let list = value.arrayValue, list.count == 1, var text = list[0].stringValue else {
+            throw RequestError(message: "init_images must be a list of one base64 image, got \(value.kindDescription)")
+        }
+        if text.hasPrefix("data:"), let comma = text.firstIndex(of: ",") { text = String(text[text.index(after: comma)...]) }
+        guard let bytes = base64Decoded(text) else { throw RequestError(message: "init_images[0] is not base64") }
+        let image: RGBImage
+        do {
+            image = try bytes.withUnsafeBytes { try ImageDecoder.decodeRGB($0, name: "init_images[0]") }
+        } catch {
+            throw RequestError(message: "\(error)")
+        }
+        for (given, actual, key) in [(width, image.width, "width"), (height, image.height, "height")] {
+            if let given, given != actual {
+                throw RequestError(message: "\(key) is \(given) but the init image's is \(actual): Pea does not resize init images")
+            }
+            guard actual <= configuration.maxSize, actual % anyPipeline.sizeMultiple == 0 else {
+                throw RequestError(message: "init_images[0]: its \(key) must be a multiple of \(anyPipeline.sizeMultiple) "
+                                   + "and at most \(configuration.maxSize), got \(actual)")
+            }
+        }
+        let strength = try fields.double("denoising_strength", 0...1) ?? 0.75
+        guard strength > 0 else { throw RequestError(message: "denoising_strength must be in (0, 1], got 0") }
+        do { _ = try StableDiffusionPipeline.img2imgBeginIndex(steps: steps, strength: strength) } catch PEAError.usage(let reason) {
+            throw RequestError(message: "denoising_strength: \(reason)")
+        }
+        return InitImage(image: image, strength: strength)
     }
 
     /// A1111's sampler names (and Pea's own scheduler names) as a `SchedulerName`; nil: the model folder's.
@@ -295,19 +341,22 @@ public final class GenerationServer: @unchecked Sendable {
 
     /// `POST /sdapi/v1/txt2img`: prompt (default ""), negative_prompt (omitted: none, as `pea generate` without
     /// --negative-prompt), seed (-1: random), steps (20), cfg_scale (7), width/height (the model's size),
-    /// sampler_name + scheduler, batch_size × n_iter images, text_encoder.
-    func parseA1111(_ object: [String: JSONValue]) throws -> Parsed {
+    /// sampler_name + scheduler, batch_size × n_iter images, text_encoder. `POST /sdapi/v1/img2img` (with
+    /// `imageToImage`): the same and `init_images`, `denoising_strength` (`initImage`); width/height default to
+    /// the init image's.
+    func parseA1111(_ object: [String: JSONValue], imageToImage: Bool = false) throws -> Parsed {
         let fields = Fields(object: object)
         let count = (try fields.integer("batch_size", 1...configuration.maxImages) ?? 1) * (try fields.integer("n_iter", 1...configuration.maxImages) ?? 1)
         guard count <= configuration.maxImages else {
             throw RequestError(message: "batch_size × n_iter must be at most \(configuration.maxImages), got \(count)")
         }
         let scheduler = try GenerationServer.schedulerName(sampler: fields.string("sampler_name"), scheduler: fields.string("scheduler"))
+        let width = try fields.integer("width", 1...configuration.maxSize), height = try fields.integer("height", 1...configuration.maxSize)
+        let steps = try fields.integer("steps", 1...configuration.maxSteps) ?? 20
+        let initImage = imageToImage ? try self.initImage(fields, width: width, height: height, steps: steps) : nil
         return try parsed(fields, prompt: fields.string("prompt") ?? "", count: count,
-                          width: size(fields.integer("width", 1...configuration.maxSize), "width"),
-                          height: size(fields.integer("height", 1...configuration.maxSize), "height"),
-                          steps: fields.integer("steps", 1...configuration.maxSteps) ?? 20,
-                          guidance: fields.number("cfg_scale", 0...100) ?? 7, scheduler: scheduler)
+                          width: size(width ?? initImage?.image.width, "width"), height: size(height ?? initImage?.image.height, "height"),
+                          steps: steps, guidance: fields.number("cfg_scale", 0...100) ?? 7, scheduler: scheduler, initImage: initImage)
     }
 
     /// `POST /v1/images/generations`: prompt (required), n (1), size "WxH" (the model's size), response_format
@@ -332,17 +381,17 @@ public final class GenerationServer: @unchecked Sendable {
         return try parsed(fields, prompt: prompt, count: fields.integer("n", 1...configuration.maxImages) ?? 1,
                           width: size(width, "size: width"), height: size(height, "size: height"),
                           steps: fields.integer("steps", 1...configuration.maxSteps) ?? 30,
-                          guidance: fields.number("guidance", 0...100) ?? 7.5, scheduler: nil)
+                          guidance: fields.number("guidance", 0...100) ?? 7.5, scheduler: nil, initImage: nil)
     }
 
     private func parsed(_ fields: Fields, prompt: String, count: Int, width: Int, height: Int, steps: Int, guidance: Float,
-                        scheduler: String?) throws -> Parsed {
+                        scheduler: String?, initImage: InitImage?) throws -> Parsed {
         let negative = try fields.string("negative_prompt")
         let choice = try choice(fields)
         let seed = try seed(fields)
         let className = scheduler == nil ? model.pipelines[choice]!.scheduler.className : ""
         return Parsed(items: items(prompt: prompt, negativePrompt: negative, seed: seed, count: count, width: width, height: height,
-                                   steps: steps, guidance: guidance, scheduler: scheduler),
+                                   steps: steps, guidance: guidance, scheduler: scheduler, initImage: initImage),
                       choice: choice, seed: seed,
                       samplerLabel: a1111SamplerName(scheduler.flatMap(SchedulerName.init(rawValue:)), className: className))
     }
@@ -371,6 +420,8 @@ public final class GenerationServer: @unchecked Sendable {
     private func a1111Response(_ object: [String: JSONValue], _ parsed: Parsed, _ images: [EncodedImage]) -> HTTPResponse {
         let first = parsed.items[0]
         var parameters = object
+        parameters["init_images"] = nil   // the request's own images are not sent back
+        if first.isImageToImage { parameters["denoising_strength"] = .number(first.strength) }
         parameters["prompt"] = .string(first.prompt)
         parameters["seed"] = object["seed"] ?? .number(-1)
         parameters["steps"] = .number(Double(first.steps))
@@ -390,6 +441,7 @@ public final class GenerationServer: @unchecked Sendable {
             "steps": .number(Double(first.steps)), "batch_size": .number(Double(object["batch_size"]?.intValue ?? 1)),
             "sd_model_name": .string(model.folder.split(separator: "/").last.map(String.init) ?? model.folder),
             "text_encoder": .string(parsed.choice),
+            "denoising_strength": first.isImageToImage ? .number(first.strength) : .null,
             "infotexts": .array(images.map { .string($0.parameters) }),
         ])
         return .json(.object(["images": .array(images.map { .string($0.base64) }), "parameters": .object(parameters),
