@@ -97,6 +97,7 @@ fixtures: $(REF_VENV)/.installed
 	$(REF_VENV)/bin/python tools/reference/make_pipeline_fixtures.py --out Tests/Fixtures/pipelines
 	$(REF_VENV)/bin/python tools/reference/make_batched_pipeline_fixtures.py --out Tests/Fixtures/pipelines/batched
 	$(REF_VENV)/bin/python tools/reference/make_half_weight_fixtures.py --out Tests/Fixtures/half_weights
+	$(REF_VENV)/bin/python tools/reference/make_vae_tiling_fixtures.py --out Tests/Fixtures/vae_tiling/cases.safetensors
 	$(REF_VENV)/bin/python tools/reference/make_pea_pipeline_fixtures.py --out Tests/Fixtures/pea
 	$(REF_VENV)/bin/python tools/reference/make_img2img_fixtures.py --out Tests/Fixtures/img2img
 	$(REF_VENV)/bin/python tools/reference/make_kd_fixtures.py --out Tests/Fixtures/kd

@@ -55,6 +55,9 @@ enum GenerateOptions {
         "--overwrite", help: "start the job afresh in OUT, even when OUT holds another job (other prompts or settings): "
             + "this shard's recorded files are removed and every image is made again")
     static let variant = CommandOption.value("--variant", "NAME", help: "read weights of that variant when present (e.g. fp16)")
+    static let vaeTiling = CommandOption.flag(
+        "--vae-tiling", help: "decode the image in overlapping tiles with blended seams (diffusers' enable_vae_tiling): "
+            + "memory of one tile however large the image; the image differs slightly from an untiled decode")
     static let textEncoder = CommandOption.value(
         "--text-encoder", "DIR",
         help: "PEA: a language-specific text encoder folder (Chinese-CLIP or multilingual CLIP XLM-R, transformers "
@@ -87,7 +90,7 @@ enum GenerateOptions {
             generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run.
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
-                                   batch, clipSkip, output, initImage, strength, variant, textEncoder, adapter, maxLength]
+                                   batch, clipSkip, output, initImage, strength, variant, vaeTiling, textEncoder, adapter, maxLength]
                     + BackendOptions.inference),
                  .init("Prompt-file jobs", [outputDir, batchSize, format, shard, shards, overwrite], note: """
                     FILE is .jsonl (one object a line: "prompt", and optionally "id" (A–Z a–z 0–9 _ -), "negative_prompt",
@@ -229,10 +232,12 @@ struct ModelChoice {
             conditioner = try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: adapterPath, backend: backend, dtype: dtype))
         }
         let variant = try options.optionalString(O.variant)
-        return try naming(O.clipSkip, in: options, when: clipSkip != 0) {
+        let pipeline = try naming(O.clipSkip, in: options, when: clipSkip != 0) {
             try StableDiffusionPipeline.load(folder: folder, backend: backend, scheduler: scheduler, clipSkip: clipSkip,
                                              variant: variant, conditioner: conditioner, dtype: dtype)
         }
+        pipeline.vaeTiling = options.has(O.vaeTiling)
+        return pipeline
     }
 }
 

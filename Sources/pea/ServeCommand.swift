@@ -44,7 +44,7 @@ enum ServeOptions {
             the URL on stdout.
             """,
         groups: [.init("Options", [model, GenerateOptions.textEncoder, GenerateOptions.adapter, GenerateOptions.maxLength,
-                                   GenerateOptions.variant, host, port, maxBatch, maxQueue, batchWait, apiKey, maxSize, maxSteps, requestTimeout]
+                                   GenerateOptions.variant, GenerateOptions.vaeTiling, host, port, maxBatch, maxQueue, batchWait, apiKey, maxSize, maxSteps, requestTimeout]
                        + BackendOptions.inference)],
         epilogue: """
             Endpoints (JSON in and out; errors are {"error": MESSAGE} with 400 naming the field, 401, 404, 405, 500, 503):
@@ -118,6 +118,7 @@ func runServe(_ arguments: [String]) throws {
         pipelines["english"] = StableDiffusionPipeline(family: pipeline.family, denoiser: pipeline.denoiser, vae: pipeline.vae,
                                                        conditioner: english, scheduler: pipeline.scheduler,
                                                        schedulerConfig: pipeline.schedulerConfig, backend: pipeline.backend)
+        pipelines["english"]!.vaeTiling = pipeline.vaeTiling
     }
     let model = GenerationServer.Model(pipelines: pipelines, defaultChoice: choice.pea == nil ? "english" : "adapter",
                                        folder: choice.folder, backendName: selection.backend.name)

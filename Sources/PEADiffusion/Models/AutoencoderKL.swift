@@ -24,6 +24,8 @@ public struct AutoencoderKLConfig {
     /// diffusers' `force_upcast` (default true): the SDXL pipeline runs such a VAE in f32 when the rest is f16,
     /// because SDXL's VAE overflows f16 (a fixed VAE such as sdxl-vae-fp16-fix sets it false).
     public var forceUpcast: Bool
+    /// `sample_size` (default 32): the image side of one tile in tiled decoding (`decodeTiled`).
+    public var sampleSize: Int
 
     public init(_ config: ConfigFile) throws {
         func fail(_ key: String, _ reason: String) -> PEAError {
@@ -41,6 +43,7 @@ public struct AutoencoderKLConfig {
         usePostQuantConv = try config.bool("use_post_quant_conv", default: true)
         midBlockAttention = try config.bool("mid_block_add_attention", default: true)
         forceUpcast = try config.bool("force_upcast", default: true)
+        sampleSize = try config.int("sample_size", default: 32, range: .atLeast(1))
 
         let blocks = blockOutChannels.count
         for (key, expected) in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")] where config.contains(key) {
@@ -213,6 +216,113 @@ public struct AutoencoderKL {
             throw PEAError.shapeMismatch("vae decode: latents must be [B, \(config.latentChannels), h, w], got \(latents.shape)")
         }
         return try decoder(cast(latents))
+    }
+
+    // MARK: Tiled decoding
+
+    /// The latent side of one tile (diffusers' `tile_latent_min_size`: sample_size / 2^(levels − 1)).
+    public var tileLatentSize: Int { config.sampleSize / downsamplingFactor }
+
+    /// `decode` with diffusers' `enable_vae_tiling()`, so that memory is one tile's however large the image: a
+    /// latent no larger than a tile is decoded whole; a larger one is cut into tiles of `tileLatentSize` starting
+    /// every ¾ of a tile, each decoded on its own (post_quant_conv and decoder), then each decoded tile is
+    /// blended with the one above over the first ¼ of a sample tile (rows) and with the one to its left
+    /// (columns), linearly, and cropped to ¾ of a sample tile. As in diffusers the blends are made in place in
+    /// reading order, so a tile's blended edges are what the next row and column blend with. The blending runs
+    /// on the host: the decoded tiles have only the image's channels. Answers f32 [B, C, h·f, w·f].
+    public func decodeTiled(_ latents: Tensor) throws -> Tensor {
+        let backend = latents.backend, tile = tileLatentSize
+        guard latents.shape.count == 4, latents.shape[1] == config.latentChannels else {
+            throw PEAError.shapeMismatch("vae decode: latents must be [B, \(config.latentChannels), h, w], got \(latents.shape)")
+        }
+        let (batch, channels, height, width) = (latents.shape[0], latents.shape[1], latents.shape[2], latents.shape[3])
+        guard height > tile || width > tile else { return try backend.cast(decode(latents), to: .f32) }
+        let stride = Int(Double(tile) * (1 - Self.tileOverlap)), sampleTile = config.sampleSize
+        let blend = Int(Double(sampleTile) * Self.tileOverlap), keep = sampleTile - blend
+        guard stride > 0 else { throw PEAError.invalidConfig(path: "vae", reason: "'sample_size' \(sampleTile) is too small to tile") }
+        let z = try backend.download(latents).floats()
+
+        // Decode every tile: [B, C', th, tw] on the host.
+        var rows: [[ImageTile]] = []
+        for top in Swift.stride(from: 0, to: height, by: stride) {
+            var row: [ImageTile] = []
+            for left in Swift.stride(from: 0, to: width, by: stride) {
+                let th = min(tile, height - top), tw = min(tile, width - left)
+                var values = [Float](repeating: 0, count: batch * channels * th * tw)
+                for plane in 0..<(batch * channels) {
+                    for y in 0..<th {
+                        let source = (plane * height + top + y) * width + left
+                        values.replaceSubrange((plane * th + y) * tw ..< (plane * th + y + 1) * tw, with: z[source ..< source + tw])
+                    }
+                }
+                let decoded = try decode(backend.upload(values, shape: [batch, channels, th, tw]))
+                row.append(ImageTile(values: try backend.download(decoded).floats(), planes: decoded.shape[0] * decoded.shape[1],
+                                     height: decoded.shape[2], width: decoded.shape[3]))
+            }
+            rows.append(row)
+        }
+        // Blend in place, in diffusers' order, then crop each tile to keep × keep and lay them out.
+        for i in rows.indices {
+            for j in rows[i].indices {
+                if i > 0 { rows[i][j].blend(fromAbove: rows[i - 1][j], extent: blend) }
+                if j > 0 { rows[i][j].blend(fromLeft: rows[i][j - 1], extent: blend) }
+            }
+        }
+        let outHeight = rows.reduce(0) { $0 + min(keep, $1[0].height) }, outWidth = rows[0].reduce(0) { $0 + min(keep, $1.width) }
+        let planes = rows[0][0].planes
+        var image = [Float](repeating: 0, count: planes * outHeight * outWidth)
+        var top = 0
+        for row in rows {
+            var left = 0
+            for t in row {
+                let h = min(keep, t.height), w = min(keep, t.width)
+                for plane in 0..<planes {
+                    for y in 0..<h {
+                        let source = (plane * t.height + y) * t.width, target = (plane * outHeight + top + y) * outWidth + left
+                        image.replaceSubrange(target ..< target + w, with: t.values[source ..< source + w])
+                    }
+                }
+                left += w
+            }
+            top += min(keep, row[0].height)
+        }
+        return try backend.upload(image, shape: [batch, planes / batch, outHeight, outWidth])
+    }
+
+    /// diffusers' `tile_overlap_factor`.
+    static let tileOverlap = 0.25
+}
+
+/// One decoded tile on the host, [planes, height, width] (planes = batch × channels).
+struct ImageTile {
+    var values: [Float]
+    let planes, height, width: Int
+
+    /// diffusers' blend_v: the first `extent` rows (at most both tiles' heights) become
+    /// above[last rows] · (1 − y/extent) + self · (y/extent), the weights rounded to f32 as torch rounds a Python float.
+    mutating func blend(fromAbove above: ImageTile, extent: Int) {
+        let extent = min(above.height, height, extent)
+        for plane in 0..<planes {
+            for y in 0..<extent {
+                let keep = Float(1 - Double(y) / Double(extent)), take = Float(Double(y) / Double(extent))
+                let a = (plane * above.height + above.height - extent + y) * above.width, b = (plane * height + y) * width
+                for x in 0..<width { values[b + x] = above.values[a + x] * keep + values[b + x] * take }
+            }
+        }
+    }
+
+    /// diffusers' blend_h: the same over the first `extent` columns with the tile to the left.
+    mutating func blend(fromLeft left: ImageTile, extent: Int) {
+        let extent = min(left.width, width, extent)
+        for plane in 0..<planes {
+            for y in 0..<height {
+                let a = (plane * left.height + y) * left.width + left.width - extent, b = (plane * height + y) * width
+                for x in 0..<extent {
+                    let keep = Float(1 - Double(x) / Double(extent)), take = Float(Double(x) / Double(extent))
+                    values[b + x] = left.values[a + x] * keep + values[b + x] * take
+                }
+            }
+        }
     }
 }
 

@@ -50,6 +50,9 @@ public final class StableDiffusionPipeline {
     public var scheduler: any Scheduler
     public let schedulerConfig: ConfigFile
     public let backend: any ComputeBackend
+    /// diffusers' `enable_vae_tiling()`: decode in tiles (`AutoencoderKL.decodeTiled`), so that a large image needs
+    /// one tile's memory; the seams are blended, and the image differs slightly from an untiled decode.
+    public var vaeTiling = false
 
     public init(family: ModelFamily, denoiser: any DenoisingModel, vae: AutoencoderKL, conditioner: any TextConditioner,
                 scheduler: any Scheduler, schedulerConfig: ConfigFile, backend: any ComputeBackend) {
@@ -271,7 +274,8 @@ public final class StableDiffusionPipeline {
             let when = steps.map { "after the \($0) denoising steps" } ?? "before decoding"
             throw PEAError.backend("the latents are not finite \(when); likely cause: a guidance scale or scheduler config too large for float32, or non-finite model or adapter weights")
         }
-        let image = try backend.download(vae.decode(backend.scale(latents, by: 1 / vae.config.scalingFactor))).floats()
+        let scaled = try backend.scale(latents, by: 1 / vae.config.scalingFactor)
+        let image = try backend.download(vaeTiling ? vae.decodeTiled(scaled) : vae.decode(scaled)).floats()
         guard image.allSatisfy(\.isFinite) else {
             throw PEAError.backend("the VAE decoded finite latents to values that are not finite; likely cause: VAE weights that overflow \(vae.dtype) (try --precision fp32) or are not finite")
         }
@@ -318,11 +322,13 @@ public final class StableDiffusionPipeline {
             }
             _ = try Self.img2imgBeginIndex(steps: request.steps, strength: request.strength)
         }
-        // The largest buffers are the VAE decoder's at full resolution.
+        // The largest buffers are the VAE decoder's at full resolution (one tile's when tiling).
         let images = requests.reduce(0) { $0 + Double($1.imagesPerPrompt) }
-        try MemoryBudget.require(Self.decodeBytesPerPixel(vae) * Double(request.width) * Double(request.height) * images, on: backend,
+        let decoded = vaeTiling ? Double(min(request.width, vae.config.sampleSize) * min(request.height, vae.config.sampleSize))
+                                : Double(request.width) * Double(request.height)
+        try MemoryBudget.require(Self.decodeBytesPerPixel(vae) * decoded * images, on: backend,
                                  for: "\(Int(images)) image(s) of \(request.width)×\(request.height)") {
-            PEAError.usage("\($0); ask for smaller images")
+            PEAError.usage("\($0); ask for smaller images" + (vaeTiling ? "" : " or decode in tiles (--vae-tiling)"))
         }
     }
 
