@@ -103,7 +103,8 @@ enum GenerateOptions {
                     "seed", "width", "height", "steps", "guidance", "scheduler", "batch" (images of that prompt), "text" (a
                     caption copied into the tar shards' JSON, e.g. the prompt in the language an adapter will learn),
                     "init_image" (image-to-image as --init-image: a path, relative ones from FILE's folder; the image's size
-                    is the item's) and "strength" (default --strength)) or
+                    is the item's), "strength" (default --strength) and "mask" (inpainting as --mask, beside init_image;
+                    its strength defaults to 1.0 unless --strength is given)) or
                     any other name as text (one prompt a line); empty lines are skipped. The options above are the
                     defaults of items that do not set their own. Item i (0-based, in file order) without a seed gets
                     --seed + i, so each image is the one `pea generate --prompt P --seed S --batch B` makes alone; without
@@ -148,7 +149,7 @@ func runGenerate(_ arguments: [String]) throws {
             throw PEAError.usage("generate: --init-image is for a single --prompt; in a prompt file each item gives its own \"init_image\"")
         }
         if options.has(O.mask) {
-            throw PEAError.usage("generate: --mask is for a single --prompt with --init-image; prompt-file items cannot take masks yet")
+            throw PEAError.usage("generate: --mask is for a single --prompt; in a prompt file each item gives its own \"mask\" beside \"init_image\"")
         }
         try runGenerateJob(file, options)
     case (nil, nil): throw PEAError.usage("generate: give --prompt TEXT or --prompts FILE")

@@ -142,6 +142,75 @@ final class InpaintParityTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: scratch.file("job")))
     }
 
+    /// Prompt-file items with "mask" beside "init_image": each image the one diffusers makes (a strength given,
+    /// and the inpainting default 1.0), beside an img2img and a text-to-image item; results.jsonl records the mask.
+    func testPromptFileItemsWithMasks() throws {
+        let cases = try Self.cases()
+        let scratch = ScratchDirectory("pea-inpaint-job")
+        _ = scratch.write(try XCTUnwrap(readFileBytes(Self.directory + "/mask_24x32.png")), to: "mask.png")
+        func line(_ c: Case, id: String, mask: String, strength: Bool) -> String {
+            var object: [String: JSONValue] = ["prompt": .string(c.prompt), "id": .string(id), "init_image": .string(fixturesDirectory() + "/" + c.init_image),
+                                               "mask": .string(mask), "seed": .number(Double(c.seed)), "batch": .number(Double(c.batch)),
+                                               "steps": .number(Double(c.steps)), "guidance": .number(Double(c.guidance))]
+            if strength { object["strength"] = .number(c.strength) }
+            if let scheduler = c.scheduler { object["scheduler"] = .string(scheduler) }
+            if let negative = c.negative_prompt { object["negative_prompt"] = .string(negative) }
+            var bytes: [UInt8] = []
+            JSONValue.object(object).serialize(into: &bytes)
+            return String(decoding: bytes, as: UTF8.self)
+        }
+        let blend = try XCTUnwrap(cases.first { $0.name == "sd1_blend_euler_a_s06_batch" })
+        let blendFull = try XCTUnwrap(cases.first { $0.name == "sd1_blend_dpmpp_s1" })
+        let inpainting = try XCTUnwrap(cases.first { $0.name == "sd1_inpainting_dpmpp_s1" })
+        for (folder, jobCases, extra) in [("pipelines/sd1", [(blend, "blend", true), (blendFull, "full", false)],
+                                           [#"{"prompt": "x", "id": "img2img", "init_image": "\#(fixturesDirectory())/img2img/init_32x24.png", "steps": 2}"#,
+                                            #"{"prompt": "x", "id": "plain", "width": 16, "height": 16, "steps": 2}"#]),
+                                          ("inpaint/sd1_inpainting", [(inpainting, "inpainting", false)], [])] {
+            let lines = jobCases.map { line($0.0, id: $0.1, mask: $0.0.mask == "mask_24x32.png" ? "mask.png" : Self.directory + "/" + $0.0.mask, strength: $0.2) }
+            let prompts = scratch.write((lines + extra).joined(separator: "\n"), to: "\(jobCases[0].1).jsonl")
+            let out = scratch.file("out-" + jobCases[0].1)
+            let result = try runPea(["generate", "--model", fixturesDirectory() + "/" + folder, "--prompts", prompts, "--output-dir", out,
+                                     "--batch-size", "4", "--backend", "cpu"])
+            XCTAssertEqual(result.status, 0, result.stderr)
+            for (c, key, _) in jobCases {
+                let files = c.batch == 1 ? [key] : (1...c.batch).map { "\(key)-\($0)" }
+                let images = try files.map { name -> RGBImage in
+                    let png = try PNGReader.read(path: out + "/" + name + ".png")
+                    return RGBImage(width: png.width, height: png.height, pixels: png.pixels)
+                }
+                assertSameImages(images, try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), "job item \(key)")
+            }
+            let results = String(decoding: try XCTUnwrap(readFileBytes(out + "/results.jsonl")), as: UTF8.self)
+            let records = results.split(separator: "\n").compactMap { try? JSONValue.parse(Array($0.utf8)).objectValue }
+            let first = try XCTUnwrap(records.first { $0["id"]?.stringValue == jobCases[0].1 })
+            XCTAssertTrue(first["mask"]?.stringValue?.hasSuffix(jobCases[0].0.mask == "mask_24x32.png" ? "/mask.png" : "/" + jobCases[0].0.mask) ?? false, "\(first)")
+            XCTAssertEqual(first["strength"]?.doubleValue, jobCases[0].0.strength)
+            if !extra.isEmpty { XCTAssertNil(try XCTUnwrap(records.first { $0["id"]?.stringValue == "img2img" })["mask"]) }
+        }
+    }
+
+    func testBadPromptFileItemsWithMasks() throws {
+        let defaults = JobDefaults(negativePrompt: nil, baseSeed: 0, width: 0, height: 0, steps: 4, guidance: 7.5, scheduler: nil, batch: 1)
+        for (text, message) in [(#"{"prompt": "a", "mask": "m.png"}"#, "'mask' goes with 'init_image'"),
+                                (#"{"prompt": "a", "init_image": "x.png", "mask": ""}"#, "'mask' must be a non-empty path"),
+                                (#"{"prompt": "a", "init_image": "x.png", "mask": 3}"#, "'mask' must be a string")] {
+            assertThrowsError(containing: ["p.jsonl", "line 1", message]) { try PromptFile.parse(text, path: "p.jsonl", jsonLines: true, defaults: defaults) }
+        }
+        // A missing or mis-sized mask fails the job before its folder exists.
+        let scratch = ScratchDirectory("pea-inpaint-job-bad")
+        let image = fixturesDirectory() + "/img2img/init_32x24.png", tall = Self.directory + "/mask_24x32.png", out = scratch.file("out")
+        var files = 0
+        func job(_ line: String) -> [String] {
+            files += 1
+            return ["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", scratch.write(line, to: "p\(files).jsonl"),
+                    "--output-dir", out, "--steps", "2"]
+        }
+        try assertPeaFails([
+            (job(#"{"prompt": "a", "init_image": "\#(image)", "mask": "missing.png"}"#), 1, [scratch.file("missing.png")]),
+            (job(#"{"prompt": "a", "init_image": "\#(image)", "mask": "\#(tall)"}"#), 1, ["line 1", tall, "24×32", "32×24"]),
+        ], leavesNo: out)
+    }
+
     func testHelpDocumentsMask() throws {
         let help = try runPea(["generate", "--help"])
         XCTAssertEqual(help.status, 0)
