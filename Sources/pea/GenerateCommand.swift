@@ -82,7 +82,8 @@ enum GenerateOptions {
             + "binarized at 0.5: luma ≥ 128 is repainted; no blur). An inpainting model (UNet with 9 input channels) sees "
             + "the mask and the masked image; an ordinary model's latents outside the mask are replaced after every step "
             + "by the init image's, noised to the next timestep (diffusers' blending). The output is the decoded latents: "
-            + "the kept region is not pasted back from the original (diffusers' default). SD1.x/SD2.x only")
+            + "the kept region is not pasted back from the original (diffusers' default). SDXL: ordinary models only "
+            + "(blending), and the strength default is 1.0 there too (diffusers' SDXL inpainting: 0.9999)")
     static let maxLength = CommandOption.value(
         "--max-length", "N", help: "PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)")
 
@@ -297,8 +298,7 @@ private func readInitImage(_ options: ParsedOptions, settings: GenerateSettings)
         return nil
     }
     let maskPath = try options.optionalString(O.mask)
-    // diffusers' inpainting pipeline defaults to strength 1.0, its img2img pipeline to 0.8.
-    let strength = maskPath != nil && !options.has(O.strength) ? 1.0 : try strengthOption(options)
+    let strength = maskPath != nil && !options.has(O.strength) ? GenerationRequest.inpaintingStrength : try strengthOption(options)
     _ = try StableDiffusionPipeline.img2imgBeginIndex(steps: settings.steps, strength: strength)
     let image = try ImageDecoder.decodeRGB(path: path)
     guard image.width % 8 == 0, image.height % 8 == 0 else {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Inpainting: what diffusers' StableDiffusionInpaintPipeline makes from a tiny 9-channel SD1 inpainting pipeline
 and from the ordinary tiny SD1 pipeline of Tests/Fixtures/pipelines/sd1 (a 4-channel UNet: diffusers' latent
-blending). Run after make_pipeline_fixtures.py, make_pea_pipeline_fixtures.py and make_img2img_fixtures.py (whose
+blending), and what StableDiffusionXLInpaintPipeline makes from the tiny SDXL pipeline (4 channels: blending). Run after make_pipeline_fixtures.py, make_pea_pipeline_fixtures.py and make_img2img_fixtures.py (whose
 init images and folders are read, never rewritten).
 
 Writes, under --out (default Tests/Fixtures/inpaint):
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
 from diffusers.utils import load_image
 
 from make_multilingual_fixtures import ReferenceAdapter
@@ -97,6 +97,11 @@ CASES = [
     # add_noise by timestep rather than by step index
     ("sd1_blend_ddim_s07", "pipelines/sd1", "img2img/init_32x24.png", "mask_32x24.png",
      "a lighthouse", None, 10, 0.7, 7.5, 10, 1, "ddim", None),
+    # SDXL (a base model: no aesthetic score), blending; strengths given (its pipeline's default is 0.9999)
+    ("sdxl_blend_euler_a_s1", "pipelines/sdxl", "img2img/init_24x32.png", "mask_24x32.png",
+     "a cat wearing sunglasses", None, 4, 1.0, 5.0, 12, 1, "euler-a", None),
+    ("sdxl_blend_dpmpp_s06", "pipelines/sdxl", "img2img/init_32x24.png", "mask_32x24.png",
+     "a watercolor city skyline", "dark", 5, 0.6, 7.0, 13, 1, "dpmpp-2m", None),
     # PEA: the Chinese tower + adapter's conditioning in front of the 9-channel UNet
     ("sd1_inpainting_zh_euler_a_s06", "inpaint/sd1_inpainting", "img2img/init_32x24.png", "mask_32x24.png",
      "一只戴着墨镜的猫，油画", None, 5, 0.6, 7.5, 11, 1, "euler-a", "adapter_sd1.safetensors"),
@@ -122,7 +127,10 @@ def main():
     for (name, which, image_file, mask_file, prompt, negative, steps, strength, guidance, seed, batch, scheduler,
          adapter_file) in CASES:
         folder = os.path.join(args.out, "sd1_inpainting") if which.startswith("inpaint/") else os.path.join(FIXTURES, which)
-        pipe = StableDiffusionInpaintPipeline.from_pretrained(folder)
+        cls = StableDiffusionXLInpaintPipeline if which == "pipelines/sdxl" else StableDiffusionInpaintPipeline
+        pipe = cls.from_pretrained(folder)
+        if which == "pipelines/sdxl":
+            assert not pipe.config.requires_aesthetics_score  # a base model: (original, crop, target) time ids
         pipe.set_progress_bar_config(disable=True)
         if scheduler is not None:
             pipe.scheduler = SCHEDULERS[scheduler](pipe.scheduler.config)

@@ -93,7 +93,7 @@ public struct JobDefaults: Equatable, Sendable {
     public var strength: Double
     /// The strength of items with a `mask` that give none: diffusers' inpainting default 1.0, unless the command
     /// line's --strength is set.
-    public var inpaintStrength = 1.0
+    public var inpaintStrength = GenerationRequest.inpaintingStrength
 
     public init(negativePrompt: String?, baseSeed: UInt64, width: Int, height: Int, steps: Int, guidance: Float,
                 scheduler: String?, batch: Int, strength: Double = 0.8) {
