@@ -4,8 +4,9 @@
 // of StableDiffusionImg2ImgPipeline and StableDiffusionXLImg2ImgPipeline (a base model's: no aesthetic score,
 // no denoising_start): only where the loop starts and its starting latents differ. With a mask as well,
 // inpainting with the semantics of StableDiffusionInpaintPipeline and StableDiffusionXLInpaintPipeline (SDXL: an
-// ordinary UNet only; padding_mask_crop=None, so the original is not pasted back): a 9-channel inpainting UNet sees the mask and the masked image's latents beside
-// the latents; an ordinary 4-channel UNet's latents are blended with the init image's after every step.
+// ordinary UNet only; padding_mask_crop=None, so the original is not pasted back): a 9-channel inpainting UNet
+// sees the mask and the masked image's latents beside the latents; an ordinary 4-channel UNet's latents are
+// blended with the init image's after every step.
 //
 // One pipeline for every family: it is written against DenoisingModel (the denoiser's inputs and what it needs)
 // and reads what differs between families from ModelFamily's properties (ModelFamily.swift); the image ↔ latent
@@ -272,6 +273,7 @@ public final class StableDiffusionPipeline {
             for i in requests.indices { _ = generators[i].randn([1, channels, h, w]) }
             maskedLatents = nil
         }
+        // perRequest[i] ([h·w]) over c channels, for each of request i's counts[i] images: [images, c, h, w].
         func rows(_ perRequest: [[Float]], channels c: Int) throws -> Tensor {
             let values = zip(perRequest, counts).flatMap { plane, n in Array(repeatElement(Array(repeatElement(plane, count: c).joined()), count: n).joined()) }
             return try b.upload(values, shape: [counts.reduce(0, +), c, h, w])
