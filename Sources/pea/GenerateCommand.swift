@@ -76,7 +76,17 @@ enum GenerateOptions {
         help: "with --init-image (or as a prompt file's default for its init_image items): how much to change the image, in "
             + "(0, 1]: only the last int(steps × S) of the --steps timesteps "
             + "run, starting from the image's latents noised to the first of them (S = 1: every step); a strength that "
-            + "leaves no step is an error")
+            + "leaves no step is an error. With --mask the default is 1.0, as diffusers' inpainting, and S = 1 starts "
+            + "from pure noise")
+    static let mask = CommandOption.value(
+        "--mask", "PATH",
+        help: "inpainting, with --init-image, as diffusers' StableDiffusionInpaintPipeline: repaint where this PNG or JPEG "
+            + "mask, the init image's size, is white and keep where it is black (greyscale as PIL's convert(\"L\"), "
+            + "binarized at 0.5: luma ≥ 128 is repainted; no blur). An inpainting model (UNet with 9 input channels) sees "
+            + "the mask and the masked image; an ordinary model's latents outside the mask are replaced after every step "
+            + "by the init image's, noised to the next timestep (diffusers' blending). The output is the decoded latents: "
+            + "the kept region is not pasted back from the original (diffusers' default). SDXL: ordinary models only "
+            + "(blending), and the strength default is 1.0 there too (diffusers' SDXL inpainting: 0.9999)")
     static let maxLength = CommandOption.value(
         "--max-length", "N", help: "PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)")
 
@@ -90,14 +100,16 @@ enum GenerateOptions {
             generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run.
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
-                                   batch, clipSkip, output, initImage, strength, variant, vaeTiling, textEncoder, adapter, maxLength]
+                                   batch, clipSkip, output, initImage, strength, mask, variant, vaeTiling, textEncoder, adapter,
+                                   maxLength]
                     + BackendOptions.inference),
                  .init("Prompt-file jobs", [outputDir, batchSize, format, shard, shards, overwrite], note: """
                     FILE is .jsonl (one object a line: "prompt", and optionally "id" (A–Z a–z 0–9 _ -), "negative_prompt",
                     "seed", "width", "height", "steps", "guidance", "scheduler", "batch" (images of that prompt), "text" (a
                     caption copied into the tar shards' JSON, e.g. the prompt in the language an adapter will learn),
                     "init_image" (image-to-image as --init-image: a path, relative ones from FILE's folder; the image's size
-                    is the item's) and "strength" (default --strength)) or
+                    is the item's), "strength" (default --strength) and "mask" (inpainting as --mask, beside init_image;
+                    its strength defaults to 1.0 unless --strength is given)) or
                     any other name as text (one prompt a line); empty lines are skipped. The options above are the
                     defaults of items that do not set their own. Item i (0-based, in file order) without a seed gets
                     --seed + i, so each image is the one `pea generate --prompt P --seed S --batch B` makes alone; without
@@ -140,6 +152,9 @@ func runGenerate(_ arguments: [String]) throws {
         }
         if options.has(O.initImage) {
             throw PEAError.usage("generate: --init-image is for a single --prompt; in a prompt file each item gives its own \"init_image\"")
+        }
+        if options.has(O.mask) {
+            throw PEAError.usage("generate: --mask is for a single --prompt; in a prompt file each item gives its own \"mask\" beside \"init_image\"")
         }
         try runGenerateJob(file, options)
     case (nil, nil): throw PEAError.usage("generate: give --prompt TEXT or --prompts FILE")
@@ -255,9 +270,10 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
 
     var request = GenerationRequest(prompt: prompt, negativePrompt: settings.negativePrompt,
                                     width: settings.width ?? pipeline.defaultSize, height: settings.height ?? pipeline.defaultSize)
-    if let (image, strength) = initImage {
+    if let (image, strength, mask) = initImage {
         request.initImage = image
         request.strength = strength
+        request.mask = mask
         (request.width, request.height) = (image.width, image.height)
     }
     request.steps = settings.steps
@@ -277,15 +293,18 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
     }
 }
 
-/// --init-image decoded and --strength checked, before the model loads: the image's size is the output's, so it
-/// must be a multiple of 8 and agree with --width/--height. nil without --init-image.
-private func readInitImage(_ options: ParsedOptions, settings: GenerateSettings) throws -> (RGBImage, Double)? {
+/// --init-image and --mask decoded and --strength checked, before the model loads: the image's size is the
+/// output's, so it must be a multiple of 8 and agree with --width/--height, and the mask's must be the image's.
+/// nil without --init-image.
+private func readInitImage(_ options: ParsedOptions, settings: GenerateSettings) throws -> (RGBImage, Double, RGBImage?)? {
     typealias O = GenerateOptions
     guard let path = try options.optionalString(O.initImage) else {
+        if options.has(O.mask) { throw PEAError.usage("generate: --mask needs --init-image (the image to inpaint)") }
         if options.has(O.strength) { throw PEAError.usage("generate: --strength goes with --init-image") }
         return nil
     }
-    let strength = try strengthOption(options)
+    let maskPath = try options.optionalString(O.mask)
+    let strength = maskPath != nil && !options.has(O.strength) ? GenerationRequest.inpaintingStrength : try strengthOption(options)
     _ = try StableDiffusionPipeline.img2imgBeginIndex(steps: settings.steps, strength: strength)
     let image = try ImageDecoder.decodeRGB(path: path)
     guard image.width % 8 == 0, image.height % 8 == 0 else {
@@ -297,7 +316,15 @@ private func readInitImage(_ options: ParsedOptions, settings: GenerateSettings)
             throw PEAError.usage("generate: \(name) \(given) differs from the init image's \(actual) (\(path)); Pea does not resize init images")
         }
     }
-    return (image, strength)
+    let mask = try maskPath.map { maskPath in
+        let mask = try ImageDecoder.decodeRGB(path: maskPath)
+        guard mask.width == image.width, mask.height == image.height else {
+            throw PEAError.invalidFile(path: maskPath, reason: "the mask is \(mask.width)×\(mask.height) but the init image \(path) is "
+                + "\(image.width)×\(image.height); they must be the same size (Pea does not resize masks)")
+        }
+        return mask
+    }
+    return (image, strength, mask)
 }
 
 /// --strength (default 0.8), in (0, 1].

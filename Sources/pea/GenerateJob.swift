@@ -23,9 +23,10 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     // Without --seed a re-run resumes with the base seed the folder's job was started with.
     let baseSeed = settings.seed ?? (overwrite ? nil : existing?.baseSeed) ?? GenerateSettings.randomSeed()
     // Sizes left at 0 are the model's native size, filled in once it is loaded.
-    let defaults = JobDefaults(negativePrompt: settings.negativePrompt, baseSeed: baseSeed, width: settings.width ?? 0,
+    var defaults = JobDefaults(negativePrompt: settings.negativePrompt, baseSeed: baseSeed, width: settings.width ?? 0,
                                height: settings.height ?? 0, steps: settings.steps, guidance: settings.guidance,
                                scheduler: settings.scheduler, batch: settings.batch, strength: try strengthOption(options))
+    if options.has(GenerateOptions.strength) { defaults.inpaintStrength = defaults.strength }
     let items = try sizedByInitImages(PromptFile.read(path: file, defaults: defaults), file: file)
     if baseSeed > 1 << 53 || UInt64(items.count - 1) > (1 << 53) - baseSeed {
         throw PEAError.usage("generate: --seed \(baseSeed) + the item index must stay within 0...2^53 (results.jsonl keeps seeds as JSON numbers)")
@@ -126,7 +127,8 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
 }
 
 /// Img2img items take their init image's size (read now, so that a missing or unreadable image fails the job
-/// before anything is written): a width or height the item (or --width/--height) sets must equal it.
+/// before anything is written): a width or height the item (or --width/--height) sets must equal it, and so must
+/// an inpainting item's mask.
 private func sizedByInitImages(_ items: [JobItem], file: String) throws -> [JobItem] {
     try items.map { item in
         guard let path = item.initImage else { return item }
@@ -141,6 +143,13 @@ private func sizedByInitImages(_ items: [JobItem], file: String) throws -> [JobI
             guard item[keyPath: size] == actual else {
                 throw PEAError.invalidFile(path: file, reason: "line \(item.line): \(name) \(item[keyPath: size]) (the item's or --\(name)) "
                     + "differs from the init image's \(actual) (\(path)); Pea does not resize init images")
+            }
+        }
+        if let maskPath = item.mask {
+            let mask = try ImageDecoder.decodeRGB(path: maskPath)
+            guard mask.width == image.width, mask.height == image.height else {
+                throw PEAError.invalidFile(path: file, reason: "line \(item.line): the mask \(maskPath) is \(mask.width)×\(mask.height) but "
+                    + "the init image \(path) is \(image.width)×\(image.height); they must be the same size (Pea does not resize masks)")
             }
         }
         return item

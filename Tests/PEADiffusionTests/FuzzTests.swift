@@ -296,6 +296,34 @@ final class FuzzTests: XCTestCase {
         finish(tally)
     }
 
+    /// Inpainting requests from mutated masks (a third left intact: then a size that may not match the init
+    /// image's) and hostile strengths, through the inpainting UNet and the ordinary UNet's blending: an image or a
+    /// PEAError, never a crash.
+    func testInpaintingMasks() throws {
+        let source = readFileBytes(fixturesDirectory() + "/inpaint/mask_32x24.png")!
+        let image = try ImageDecoder.decodeRGB(path: fixturesDirectory() + "/img2img/init_32x24.png")
+        let pipelines = try ["inpaint/sd1_inpainting", "pipelines/sd1"].map {
+            try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/" + $0, backend: CPUBackend(), scheduler: "euler-a")
+        }
+        let strengths = [0, -1, .nan, 1e-9, 0.5, 1, 1.0000001]
+        var tally = Tally(format: "inpainting masks")
+        var random = SplitMix64(seed: seed &+ 10)
+        for index in 0..<casesPerFormat {
+            let bytes = index % 3 == 0 ? source : Self.mutate(source, &random)
+            let strength = strengths[Int(random.next() % UInt64(strengths.count))], steps = Int(random.next() % 3)
+            let pipeline = pipelines[index % 2]
+            tally.run {
+                var request = GenerationRequest(prompt: "x", width: image.width, height: image.height)
+                request.initImage = image
+                request.mask = try bytes.withUnsafeBytes { try ImageDecoder.decodeRGB($0, name: "mask.png") }
+                request.strength = strength
+                request.steps = steps
+                _ = try pipeline.generate(request)
+            }
+        }
+        finish(tally)
+    }
+
     func testTarShards() throws {
         var builder = TarBuilder()
         builder.add(name: "000001.txt", data: Array("a red circle".utf8))

@@ -57,8 +57,10 @@ final class GenerateJobTests: XCTestCase {
         for field in PromptFile.fields {
             XCTAssertTrue(text.contains("\"\(field)\""), "examples/prompts.jsonl never uses '\(field)'")
         }
-        XCTAssertEqual(items.count, 6)
+        XCTAssertEqual(items.count, 7)
         XCTAssertEqual(items[5].initImage, examples + "/sketch.png", "a relative init_image is read from the prompt file's folder")
+        XCTAssertEqual(items[6].mask, examples + "/sketch_mask.png", "a relative mask is read from the prompt file's folder")
+        XCTAssertEqual(items[6].strength, 1, "diffusers' inpainting default strength")
     }
 
     func testBadItemsNameTheFileAndLine() {

@@ -30,6 +30,8 @@ public struct JobItem: Equatable, Sendable {
     public var initPixels: RGBImage? = nil
     /// diffusers' `strength` for an image-to-image item.
     public var strength = 0.8
+    /// Inpainting (`mask`, with `init_image`): the mask's path, resolved as `initImage`'s. nil: no mask.
+    public var mask: String? = nil
 
     /// Whether the item starts from an init image (`initImage` or `initPixels`).
     public var isImageToImage: Bool { initImage != nil || initPixels != nil }
@@ -57,25 +59,27 @@ public struct JobItem: Equatable, Sendable {
         return request
     }
 
-    /// `request` with the init image of an img2img item decoded.
+    /// `request` with the init image (and mask) of an img2img (inpainting) item decoded.
     public func loadedRequest() throws -> GenerationRequest {
         var request = self.request
         if let initImage { request.initImage = try ImageDecoder.decodeRGB(path: initImage) }
+        request.mask = try mask.map(ImageDecoder.decodeRGB(path:))
         return request
     }
 
     /// Items that may be denoised together: same size, steps, guidance and scheduler, and for img2img the same
-    /// strength (nil: text-to-image).
+    /// strength (nil: text-to-image) and the same kind (inpainting or not).
     public struct BatchKey: Hashable {
         let width, height, steps: Int
         let guidance: Float
         let scheduler: String?
         var strength: Double? = nil
+        var masked = false
     }
 
     public var batchKey: BatchKey {
         BatchKey(width: width, height: height, steps: steps, guidance: guidance, scheduler: scheduler,
-                 strength: isImageToImage ? strength : nil)
+                 strength: isImageToImage ? strength : nil, masked: mask != nil)
     }
 }
 
@@ -93,6 +97,9 @@ public struct JobDefaults: Equatable, Sendable {
     public var batch: Int
     /// The strength of items with an `init_image` that give none.
     public var strength: Double
+    /// The strength of items with a `mask` that give none: diffusers' inpainting default 1.0, unless the command
+    /// line's --strength is set.
+    public var inpaintStrength = GenerationRequest.inpaintingStrength
 
     public init(negativePrompt: String?, baseSeed: UInt64, width: Int, height: Int, steps: Int, guidance: Float,
                 scheduler: String?, batch: Int, strength: Double = 0.8) {
@@ -113,7 +120,7 @@ public struct JobDefaults: Equatable, Sendable {
 public enum PromptFile {
     /// The fields a `.jsonl` item may have.
     public static let fields = ["prompt", "id", "negative_prompt", "seed", "width", "height", "steps", "guidance",
-                                "scheduler", "batch", "text", "init_image", "strength"]
+                                "scheduler", "batch", "text", "init_image", "strength", "mask"]
     /// The longest id: ids name files and tar members (with a `-N` suffix and an extension).
     public static let maximumIDLength = 80
     /// The most images one item may ask for (as `--batch`).
@@ -143,8 +150,9 @@ public enum PromptFile {
                 let value: JSONValue
                 do { value = try JSONValue.parse(line) } catch { throw fail("not JSON: \(error)") }
                 guard let object = value.objectValue else { throw fail("expected a JSON object, got \(value.kindDescription)") }
-                try apply(object, to: &item, fail: fail)
+                try apply(object, to: &item, inpaintStrength: defaults.inpaintStrength, fail: fail)
                 if let image = item.initImage, !image.hasPrefix("/") { item.initImage = joinPath(parentFolder(path), image) }
+                if let mask = item.mask, !mask.hasPrefix("/") { item.mask = joinPath(parentFolder(path), mask) }
             }
             if let id = item.id {
                 if let first = ids[id] { throw fail("id '\(id)' is already the id of line \(first)") }
@@ -156,7 +164,8 @@ public enum PromptFile {
         return items
     }
 
-    private static func apply(_ object: [String: JSONValue], to item: inout JobItem, fail: (String) -> PEAError) throws {
+    private static func apply(_ object: [String: JSONValue], to item: inout JobItem, inpaintStrength: Double,
+                              fail: (String) -> PEAError) throws {
         if let unknown = object.keys.sorted().first(where: { !fields.contains($0) }) {
             throw fail("unknown field '\(unknown)'; an item may have \(fields.joined(separator: ", "))")
         }
@@ -213,6 +222,12 @@ public enum PromptFile {
         if object["init_image"] != nil {
             guard let image = try string("init_image"), !image.isEmpty else { throw fail("'init_image' must be a non-empty path") }
             item.initImage = image
+        }
+        if object["mask"] != nil {
+            guard let mask = try string("mask"), !mask.isEmpty else { throw fail("'mask' must be a non-empty path") }
+            guard item.initImage != nil else { throw fail("'mask' goes with 'init_image' (the image to inpaint)") }
+            item.mask = mask
+            item.strength = inpaintStrength
         }
         if let value = object["strength"], !value.isNull {
             guard item.initImage != nil else { throw fail("'strength' goes with 'init_image'") }

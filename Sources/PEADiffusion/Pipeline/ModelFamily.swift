@@ -16,8 +16,9 @@ public enum ModelFamily: String, Sendable {
         if isRegularFile(index) {
             let config = try ConfigFile(path: index)
             let name = try config.optionalString("_class_name") ?? ""
-            if name.contains("Refiner") || name.contains("Img2Img") || name.contains("Inpaint") {
-                throw PEAError.unsupported("\(index): '\(name)' is not a text-to-image pipeline Pea runs (SD1.x, SD2.x, SDXL base)")
+            // SD1.x/SD2.x inpainting folders (a 9-channel UNet) load; generating with them needs a mask.
+            if name.contains("Refiner") || name.contains("Img2Img") || (name.contains("Inpaint") && name.contains("XL")) {
+                throw PEAError.unsupported("\(index): '\(name)' is not a pipeline Pea runs (SD1.x, SD2.x, SDXL base, SD1.x/SD2.x inpainting)")
             }
             if name.contains("XL") || config.contains("text_encoder_2") { return .sdxl }
         }

@@ -2,7 +2,11 @@
 // StableDiffusionXLPipeline (SDXL), without the safety checker: the same folder, prompt, seed and settings
 // give the same image as diffusers with a CPU generator. With an init image, image-to-image with the semantics
 // of StableDiffusionImg2ImgPipeline and StableDiffusionXLImg2ImgPipeline (a base model's: no aesthetic score,
-// no denoising_start): only where the loop starts and its starting latents differ.
+// no denoising_start): only where the loop starts and its starting latents differ. With a mask as well,
+// inpainting with the semantics of StableDiffusionInpaintPipeline and StableDiffusionXLInpaintPipeline (SDXL: an
+// ordinary UNet only; padding_mask_crop=None, so the original is not pasted back): a 9-channel inpainting UNet
+// sees the mask and the masked image's latents beside the latents; an ordinary 4-channel UNet's latents are
+// blended with the init image's after every step.
 //
 // One pipeline for every family: it is written against DenoisingModel (the denoiser's inputs and what it needs)
 // and reads what differs between families from ModelFamily's properties (ModelFamily.swift); the image ↔ latent
@@ -26,6 +30,13 @@ public struct GenerationRequest {
     /// diffusers' `strength` (its default 0.8), in (0, 1]: img2img runs the last ⌊steps·strength⌋ of the `steps`
     /// timesteps. A Double, as Python multiplies it (10 × 0.7 is 7.000000000000001 there; in float32 it is below 7).
     public var strength = 0.8
+    /// Inpainting: diffusers' `mask_image=`, exactly the init image's size; white (luma ≥ 128 after PIL's
+    /// convert("L")) is repainted, black kept. nil: no mask. Callers set `strength` (`inpaintingStrength` is the
+    /// default that goes with a mask).
+    public var mask: RGBImage?
+    /// The strength a mask implies when none is given: StableDiffusionInpaintPipeline's default 1.0, not img2img's
+    /// 0.8 (diffusers' SDXL inpainting pipeline defaults to 0.9999; Pea uses 1.0 for every family).
+    public static let inpaintingStrength = 1.0
 
     public init(prompt: String, negativePrompt: String? = nil, width: Int, height: Int) {
         self.prompt = prompt
@@ -104,6 +115,12 @@ public final class StableDiffusionPipeline {
         return ConfigFile(path: config.path, values: values)
     }
 
+    /// Channels of the latents denoised: the denoiser's, or for an inpainting UNet (whose input adds the mask
+    /// and masked image latents) the VAE's, as diffusers' inpainting pipeline takes them.
+    public var latentChannels: Int {
+        Self.isInpaintingUNet(denoiser, vae: vae) ? vae.config.latentChannels : denoiser.latentChannels
+    }
+
     /// Pixels per latent cell: the VAE's (8 for SD).
     public var vaeScaleFactor: Int { vae.downsamplingFactor }
 
@@ -161,7 +178,7 @@ public final class StableDiffusionPipeline {
         // Initial latents from each request's seeded generator: text-to-image scales noise by the scheduler's
         // initial sigma; image-to-image noises the init image's latents to the first timestep it runs.
         var generators = requests.map { TorchGenerator(seed: $0.seed) }
-        let latentCell = [denoiser.latentChannels, first.height / vaeScaleFactor, first.width / vaeScaleFactor]
+        let latentCell = [latentChannels, first.height / vaeScaleFactor, first.width / vaeScaleFactor]
         func noise() throws -> Tensor {
             let parts = try counts.indices.map { i in try generators[i].randnTensor([counts[i]] + latentCell, backend: b) }
             return parts.count == 1 ? parts[0] : try b.concat(parts, dim: 0)
@@ -170,7 +187,18 @@ public final class StableDiffusionPipeline {
         try sampler.setTimesteps(first.steps)
         let begin = first.initImage == nil ? 0 : try Self.img2imgBeginIndex(steps: first.steps, strength: first.strength)
         var latents: Tensor
-        if first.initImage != nil {
+        var inpaint: Inpainting?
+        if first.mask != nil {
+            // diffusers' inpainting prepare_latents then prepare_mask_latents. Each generator draws: the init image's
+            // latent sample (not for a 9-channel UNet at strength 1, which starts from noise alone), the noise, then
+            // the masked image's latent sample (`inpainting`). Strength 1 starts from noise × init_noise_sigma, not
+            // add_noise; below 1, from the image's latents noised to the first timestep run, as img2img.
+            let fromNoise = first.strength == 1
+            let encoded = fromNoise && Self.isInpaintingUNet(denoiser, vae: vae) ? nil : try initLatents(requests, counts: counts, generators: &generators)
+            let drawn = try noise()
+            latents = try fromNoise ? b.scale(drawn, by: sampler.initNoiseSigma) : sampler.addNoise(encoded!, noise: drawn, stepIndex: begin)
+            inpaint = try inpainting(requests, counts: counts, generators: &generators, imageLatents: encoded, noise: drawn, guided: guided)
+        } else if first.initImage != nil {
             // diffusers' prepare_latents: each generator draws its image's latent sample first, then the noise.
             let encoded = try initLatents(requests, counts: counts, generators: &generators)
             latents = try sampler.addNoise(encoded, noise: noise(), stepIndex: begin)
@@ -180,7 +208,8 @@ public final class StableDiffusionPipeline {
 
         let end = sampler.timesteps.count, steps = end - begin
         for i in begin..<end {
-            let input = try sampler.scaleModelInput(guided ? b.concat([latents, latents], dim: 0) : latents, stepIndex: i)
+            var input = try sampler.scaleModelInput(guided ? b.concat([latents, latents], dim: 0) : latents, stepIndex: i)
+            if let condition = inpaint?.unetCondition { input = try b.concat([input, condition], dim: 1) }
             let timestep = try b.upload(sampler.modelTimestep(stepIndex: i))
             // The denoiser casts its inputs to its dtype and answers in it; guidance and the scheduler work in f32.
             var prediction = try denoiser(DenoisingInputs(sample: input, timestep: timestep, encoderHiddenStates: states,
@@ -191,6 +220,12 @@ public final class StableDiffusionPipeline {
                 prediction = try b.add(halves[0], b.scale(b.sub(halves[1], halves[0]), by: first.guidance))
             }
             latents = try sampler.step(modelOutput: prediction, stepIndex: i, sample: latents, noise: noise)
+            if let blend = inpaint?.blend {
+                // The kept region follows the init image's latents noised to the next timestep (the clean latents
+                // after the last step), with the noise the loop started from: (1 − m)·x_init + m·x, exact for m ∈ {0, 1}.
+                let kept = i + 1 < end ? try sampler.addNoise(blend.imageLatents, noise: blend.noise, stepIndex: i + 1) : blend.imageLatents
+                latents = try b.add(b.mul(blend.keep, kept), b.mul(blend.repaint, latents))
+            }
             progress(i - begin + 1, steps)
         }
         let images = try decode(latents, afterSteps: steps)
@@ -210,16 +245,94 @@ public final class StableDiffusionPipeline {
         return steps - run
     }
 
+    /// What inpainting adds to the loop: the 9-channel UNet's extra input, or the 4-channel blend.
+    private struct Inpainting {
+        /// [rows, 1 + C, h, w]: the latent-size mask and the masked image's latents, rows as the latents' guided
+        /// batch, concatenated after the scaled latents (diffusers' `cat([latents, mask, masked_image_latents])`).
+        var unetCondition: Tensor?
+        var blend: (imageLatents: Tensor, noise: Tensor, keep: Tensor, repaint: Tensor)?
+    }
+
+    /// diffusers' `prepare_mask_latents`, per request: the mask at latent size and, for a 9-channel UNet, the
+    /// masked image's latents (one sample from the request's generator). A 4-channel UNet never uses those
+    /// latents, but diffusers encodes them anyway, so its generator draws the sample too: later draws (ancestral
+    /// noise) follow it.
+    private func inpainting(_ requests: [GenerationRequest], counts: [Int], generators: inout [TorchGenerator],
+                            imageLatents: Tensor?, noise: Tensor, guided: Bool) throws -> Inpainting {
+        let b = backend, first = requests[0]
+        let conditioned = Self.isInpaintingUNet(denoiser, vae: vae)
+        let h = first.height / vaeScaleFactor, w = first.width / vaeScaleFactor, channels = vae.config.latentChannels
+        var masks: [[Float]] = [], maskedPixels: [[Float]] = []
+        for request in requests {
+            let full = Self.binaryMask(request.mask!)
+            masks.append(Self.nearestResized(full, width: request.width, height: request.height, toWidth: w, toHeight: h))
+            // diffusers' init_image * (mask < 0.5): the repainted region becomes 0 (grey) in [-1, 1].
+            maskedPixels.append(zip(Self.normalizedPixels(request.initImage!), repeatElement(full, count: 3).joined()).map { $1 < 0.5 ? $0 : 0 })
+        }
+        let maskedLatents: Tensor?
+        if conditioned {
+            maskedLatents = try sampledLatents(maskedPixels, width: first.width, height: first.height, counts: counts, generators: &generators)
+        } else {
+            for i in requests.indices { _ = generators[i].randn([1, channels, h, w]) }
+            maskedLatents = nil
+        }
+        // perRequest[i] ([h·w]) over c channels, for each of request i's counts[i] images: [images, c, h, w].
+        func rows(_ perRequest: [[Float]], channels c: Int) throws -> Tensor {
+            let values = zip(perRequest, counts).flatMap { plane, n in Array(repeatElement(Array(repeatElement(plane, count: c).joined()), count: n).joined()) }
+            return try b.upload(values, shape: [counts.reduce(0, +), c, h, w])
+        }
+        if let maskedLatents {
+            let both = try b.concat([rows(masks, channels: 1), maskedLatents], dim: 1)
+            return Inpainting(unetCondition: guided ? try b.concat([both, both], dim: 0) : both)
+        }
+        let keep = try rows(masks.map { $0.map { 1 - $0 } }, channels: channels), repaint = try rows(masks, channels: channels)
+        return Inpainting(blend: (imageLatents!, noise, keep, repaint))
+    }
+
+    /// Whether the denoiser is an inpainting UNet: latents, a mask channel and the masked image's latents in
+    /// (9 channels for SD), the latents out.
+    public static func isInpaintingUNet(_ denoiser: any DenoisingModel, vae: AutoencoderKL) -> Bool {
+        denoiser.latentChannels == 2 * vae.config.latentChannels + 1
+    }
+
+    /// An inpainting mask as diffusers' mask VaeImageProcessor makes it (do_convert_grayscale, do_normalize
+    /// false, do_binarize): PIL's convert("L") luma (ITU-R 601-2 in 16-bit fixed point, rounded), / 255 in
+    /// float32, then 0 below 0.5 and 1 from 0.5 — so luma 128 and up is repainted. [H·W], rows top to bottom.
+    public static func binaryMask(_ image: RGBImage) -> [Float] {
+        (0..<(image.width * image.height)).map { p in
+            let r = Int(image.pixels[3 * p]), g = Int(image.pixels[3 * p + 1]), bl = Int(image.pixels[3 * p + 2])
+            let luma = (r * 19595 + g * 38470 + bl * 7471 + 0x8000) >> 16
+            return Float(luma) / 255 < 0.5 ? 0 : 1
+        }
+    }
+
+    /// torch.nn.functional.interpolate(mode="nearest") of one plane: output (y, x) reads input
+    /// (⌊y · H/h⌋, ⌊x · W/w⌋), the scale a float32 ratio as torch computes it.
+    static func nearestResized(_ plane: [Float], width: Int, height: Int, toWidth w: Int, toHeight h: Int) -> [Float] {
+        let sy = Float(height) / Float(h), sx = Float(width) / Float(w)
+        return (0..<(h * w)).map { p in
+            let y = min(Int(Float(p / w) * sy), height - 1), x = min(Int(Float(p % w) * sx), width - 1)
+            return plane[y * width + x]
+        }
+    }
+
     /// The first half of diffusers' img2img `prepare_latents`, per request: the init image in [-1, 1]
     /// (`normalizedPixels`) through the VAE encoder, one sample of the latent distribution with the request's
     /// generator (`retrieve_latents(…, generator)`, sample mode: a randn of one image's latent shape, drawn before
     /// the noise), × scaling_factor, repeated for its `imagesPerPrompt` images (one sample shared by them, as
     /// diffusers duplicates it). f32 [images, C, h, w].
     private func initLatents(_ requests: [GenerationRequest], counts: [Int], generators: inout [TorchGenerator]) throws -> Tensor {
+        try sampledLatents(requests.map { Self.normalizedPixels($0.initImage!) }, width: requests[0].width, height: requests[0].height,
+                           counts: counts, generators: &generators)
+    }
+
+    /// diffusers' `_encode_vae_image` with a generator, per request: `images[i]` ([3, H, W] in [-1, 1]) through
+    /// the VAE encoder, one latent sample drawn with `generators[i]`, × scaling_factor, repeated `counts[i]` times.
+    private func sampledLatents(_ images: [[Float]], width: Int, height: Int, counts: [Int],
+                                generators: inout [TorchGenerator]) throws -> Tensor {
         var parts: [Tensor] = []
-        for (i, request) in requests.enumerated() {
-            let image = request.initImage!
-            var pixels = try backend.upload(Self.normalizedPixels(image), shape: [1, 3, image.height, image.width])
+        for (i, image) in images.enumerated() {
+            var pixels = try backend.upload(image, shape: [1, 3, height, width])
             if vae.dtype != .f32 { pixels = try backend.cast(pixels, to: vae.dtype) }
             let (mean, logvar) = try vae.encode(pixels)
             let means = try backend.download(mean).floats(), logvars = try backend.download(logvar).floats()
@@ -322,6 +435,7 @@ public final class StableDiffusionPipeline {
             }
             _ = try Self.img2imgBeginIndex(steps: request.steps, strength: request.strength)
         }
+        try validateMasks(requests)
         // The largest buffers are the VAE decoder's at full resolution (one tile's when tiling).
         let images = requests.reduce(0) { $0 + Double($1.imagesPerPrompt) }
         let decoded = vaeTiling ? Double(min(request.width, vae.config.sampleSize) * min(request.height, vae.config.sampleSize))
@@ -329,6 +443,30 @@ public final class StableDiffusionPipeline {
         try MemoryBudget.require(Self.decodeBytesPerPixel(vae) * decoded * images, on: backend,
                                  for: "\(Int(images)) image(s) of \(request.width)×\(request.height)") {
             PEAError.usage("\($0); ask for smaller images" + (vaeTiling ? "" : " or decode in tiles (--vae-tiling)"))
+        }
+    }
+
+    private func validateMasks(_ requests: [GenerationRequest]) throws {
+        let masked = requests.filter { $0.mask != nil }.count
+        if Self.isInpaintingUNet(denoiser, vae: vae), masked < requests.count {
+            throw PEAError.usage("this is an inpainting UNet (\(denoiser.latentChannels) input channels: latents, mask and masked image latents); "
+                + "it needs an init image and a mask (--init-image and --mask)")
+        }
+        guard masked > 0 else { return }
+        guard masked == requests.count else {
+            throw PEAError.usage("requests denoised together must all be inpainting (with a mask), or none")
+        }
+        // StableDiffusionXLInpaintPipeline blends as the SD one does; its 9-channel path is not checked against
+        // diffusers here (no fixture), so it is refused rather than guessed.
+        guard family != .sdxl || !Self.isInpaintingUNet(denoiser, vae: vae) else {
+            throw PEAError.unsupported("SDXL inpainting UNets (9 input channels) are not supported yet; an ordinary SDXL model inpaints by blending")
+        }
+        for request in requests {
+            guard let image = request.initImage else { throw PEAError.usage("a mask goes with an init image (--mask needs --init-image)") }
+            let mask = request.mask!
+            guard mask.width == image.width, mask.height == image.height, mask.pixels.count == mask.width * mask.height * 3 else {
+                throw PEAError.usage("the mask is \(mask.width)×\(mask.height) but the init image is \(image.width)×\(image.height); they must be the same size (Pea does not resize masks)")
+            }
         }
     }
 

@@ -1,0 +1,221 @@
+import Foundation
+import XCTest
+@testable import PEADiffusion
+
+/// Inpainting against diffusers' StableDiffusionInpaintPipeline (tools/reference/make_inpaint_fixtures.py): a tiny
+/// 9-channel inpainting UNet (mask and masked image latents beside the latents) and the ordinary tiny SD1 pipeline
+/// (a 4-channel UNet: latent blending after every step), and StableDiffusionXLInpaintPipeline on the tiny SDXL
+/// pipeline (blending), at strength 1 (pure noise) and 0.6, with Euler ancestral, DPM++ 2M and DDIM (add_noise by
+/// timestep), batches, a greyscale and an RGB mask, and PEA conditioning. Images
+/// within docs/testing.md's pipeline tolerance (max |Δ| ≤ 1/255, mean |Δ| ≤ 0.02/255).
+final class InpaintParityTests: XCTestCase {
+    struct Case: Decodable {
+        let name, pipeline, init_image, mask, prompt, images: String
+        let negative_prompt, scheduler, adapter: String?
+        let steps, seed, batch, steps_run: Int
+        let strength: Double
+        let guidance: Float
+    }
+
+    static let directory = fixturesDirectory() + "/inpaint"
+
+    static func cases() throws -> [Case] {
+        try JSONDecoder().decode([Case].self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/cases.json")))
+    }
+
+    static func request(_ c: Case) throws -> GenerationRequest {
+        let image = try ImageDecoder.decodeRGB(path: fixturesDirectory() + "/" + c.init_image)
+        var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: image.width, height: image.height)
+        request.steps = c.steps
+        request.guidance = c.guidance
+        request.seed = UInt64(c.seed)
+        request.imagesPerPrompt = c.batch
+        request.initImage = image
+        request.mask = try ImageDecoder.decodeRGB(path: directory + "/" + c.mask)
+        request.strength = c.strength
+        return request
+    }
+
+    func testEveryCaseMatchesDiffusers() throws {
+        let backend = CPUBackend()
+        let cases = try Self.cases()
+        XCTAssertEqual(Set(cases.map(\.pipeline)), ["inpaint/sd1_inpainting", "pipelines/sd1", "pipelines/sdxl"])
+        XCTAssertEqual(Set(cases.map(\.strength)), [1, 0.6, 0.7])
+        let pea = fixturesDirectory() + "/pea"
+        let encoder = try LanguageEncoders.load(folder: pea + "/zh_encoder", backend: backend)
+        for c in cases {
+            let conditioner = try c.adapter.map { try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: pea + "/" + $0, backend: backend)) }
+            let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/" + c.pipeline, backend: backend,
+                                                            scheduler: c.scheduler, conditioner: conditioner)
+            XCTAssertEqual(StableDiffusionPipeline.isInpaintingUNet(pipeline.denoiser, vae: pipeline.vae), c.pipeline.hasPrefix("inpaint/"), c.name)
+            XCTAssertEqual(pipeline.latentChannels, 4, c.name)
+            var progress: [Int] = []
+            let images = try pipeline.generate(Self.request(c), progress: { step, _ in progress.append(step) })
+            assertSameImages(images, try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), c.name)
+            XCTAssertEqual(progress, Array(1...c.steps_run), c.name)
+        }
+    }
+
+    /// A mask as diffusers' mask processor makes it, then torch's nearest resize to the latent grid: every value 0
+    /// or 1; a grey level of 127 is kept and 128 repainted; cell (i, j) reads pixel (8i, 8j).
+    func testMaskIsBinarizedAndSampledAtCellCorners() throws {
+        let mask = try ImageDecoder.decodeRGB(path: Self.directory + "/mask_32x24.png")
+        let binary = StableDiffusionPipeline.binaryMask(mask)
+        XCTAssertEqual(Set(binary), [0, 1])
+        for p in binary.indices {
+            XCTAssertEqual(binary[p], mask.pixels[3 * p] >= 128 ? 1 : 0, "pixel \(p): a grey PNG's luma is its grey level")
+        }
+        let cells = StableDiffusionPipeline.nearestResized(binary, width: 32, height: 24, toWidth: 4, toHeight: 3)
+        XCTAssertEqual(cells, (0..<12).map { binary[($0 / 4) * 8 * 32 + ($0 % 4) * 8] })
+    }
+
+    func testBadRequestsAreRefused() throws {
+        let cases = try Self.cases()
+        let inpainting = try XCTUnwrap(cases.first { $0.pipeline.hasPrefix("inpaint/") })
+        let blend = try XCTUnwrap(cases.first { $0.pipeline == "pipelines/sd1" && $0.init_image == inpainting.init_image })
+        let nine = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/" + inpainting.pipeline, backend: CPUBackend())
+        let four = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/" + blend.pipeline, backend: CPUBackend())
+        var noMask = try Self.request(inpainting), noImage = try Self.request(blend), wrongSize = try Self.request(blend)
+        noMask.mask = nil
+        noImage.initImage = nil
+        wrongSize.mask = try ImageDecoder.decodeRGB(path: Self.directory + "/mask_24x32.png")
+        for (pipeline, bad, mentions) in [(nine, noMask, "inpainting UNet"), (nine, GenerationRequest(prompt: "x", width: 32, height: 24), "inpainting UNet"),
+                                          (four, noImage, "--init-image"), (four, wrongSize, "24×32")] {
+            XCTAssertThrowsError(try pipeline.generate(bad)) { error in
+                XCTAssertTrue("\(error)".contains(mentions), "\(error)")
+            }
+        }
+        var img2img = try Self.request(blend)
+        img2img.mask = nil
+        XCTAssertThrowsError(try four.generate([try Self.request(blend), img2img])) { error in
+            XCTAssertTrue("\(error)".contains("all be inpainting"), "\(error)")
+        }
+    }
+
+    /// `pea generate --init-image --mask` end to end: with PEA's --text-encoder/--adapter on the inpainting model,
+    /// and without --strength, whose default with a mask is diffusers' inpainting 1.0.
+    func testGenerateCommand() throws {
+        let cases = try Self.cases()
+        let pea = fixturesDirectory() + "/pea"
+        let scratch = ScratchDirectory("pea-inpaint")
+        for c in [try XCTUnwrap(cases.first { $0.adapter != nil }), try XCTUnwrap(cases.first { $0.name == "sd1_inpainting_dpmpp_s1" })] {
+            let output = scratch.file(c.name + ".png")
+            var arguments = ["generate", "--model", fixturesDirectory() + "/" + c.pipeline, "--prompt", c.prompt,
+                             "--init-image", fixturesDirectory() + "/" + c.init_image, "--mask", Self.directory + "/" + c.mask,
+                             "--steps", "\(c.steps)", "--guidance", "\(c.guidance)", "--seed", "\(c.seed)", "--output", output]
+            if let adapter = c.adapter { arguments += ["--text-encoder", pea + "/zh_encoder", "--adapter", pea + "/" + adapter] }
+            if c.strength != 1 { arguments += ["--strength", "\(c.strength)"] }
+            if let scheduler = c.scheduler { arguments += ["--scheduler", scheduler] }
+            let result = try runPea(arguments)
+            XCTAssertEqual(result.status, 0, result.stderr)
+            let image = try PNGReader.read(path: output)
+            assertSameImages([RGBImage(width: image.width, height: image.height, pixels: image.pixels)],
+                             try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), c.name)
+            let parameters = try XCTUnwrap(image.text("parameters"))
+            XCTAssertTrue(parameters.contains("Denoising strength: \(c.strength)"), parameters)
+        }
+    }
+
+    /// Every mistake in an inpainting command line is a clear error with a non-zero exit and no output file.
+    func testBadInpaintCommandsFailAndWriteNothing() throws {
+        let scratch = ScratchDirectory("pea-inpaint-bad")
+        let output = scratch.file("out.png")
+        let image = fixturesDirectory() + "/img2img/init_32x24.png", mask = Self.directory + "/mask_32x24.png"
+        let tall = Self.directory + "/mask_24x32.png", missing = scratch.file("missing.png"), notImage = scratch.file("notes.png")
+        let prompts = scratch.file("prompts.txt")
+        try "not an image".write(toFile: notImage, atomically: true, encoding: .utf8)
+        try "x\n".write(toFile: prompts, atomically: true, encoding: .utf8)
+        func base(_ pipeline: String) -> [String] {
+            ["generate", "--model", fixturesDirectory() + "/" + pipeline, "--prompt", "x", "--steps", "2", "--output", output]
+        }
+        try assertPeaFails([
+            (base("pipelines/sd1") + ["--mask", mask], 2, ["--mask needs --init-image"]),
+            (base("pipelines/sd1") + ["--init-image", image, "--mask", missing], 1, [missing]),
+            (base("pipelines/sd1") + ["--init-image", image, "--mask", notImage], 1, [notImage, "not a JPEG or PNG"]),
+            (base("pipelines/sd1") + ["--init-image", image, "--mask", tall], 1, [tall, image, "24×32", "32×24"]),
+            (base("pipelines/sd1") + ["--init-image", image, "--mask", mask, "--strength", "0"], 2, ["--strength", "(0, 1]"]),
+            (base("inpaint/sd1_inpainting"), 2, ["inpainting UNet", "--mask"]),
+            (base("inpaint/sd1_inpainting") + ["--init-image", image], 2, ["inpainting UNet", "--mask"]),
+            (["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", prompts, "--output-dir", scratch.file("job"),
+              "--mask", mask], 2, ["--mask is for a single --prompt"]),
+        ], leavesNo: output)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: scratch.file("job")))
+    }
+
+    /// Prompt-file items with "mask" beside "init_image": each image the one diffusers makes (a strength given,
+    /// and the inpainting default 1.0), beside an img2img and a text-to-image item; results.jsonl records the mask.
+    func testPromptFileItemsWithMasks() throws {
+        let cases = try Self.cases()
+        let scratch = ScratchDirectory("pea-inpaint-job")
+        _ = scratch.write(try XCTUnwrap(readFileBytes(Self.directory + "/mask_24x32.png")), to: "mask.png")
+        func line(_ c: Case, id: String, mask: String, strength: Bool) -> String {
+            var object: [String: JSONValue] = ["prompt": .string(c.prompt), "id": .string(id), "init_image": .string(fixturesDirectory() + "/" + c.init_image),
+                                               "mask": .string(mask), "seed": .number(Double(c.seed)), "batch": .number(Double(c.batch)),
+                                               "steps": .number(Double(c.steps)), "guidance": .number(Double(c.guidance))]
+            if strength { object["strength"] = .number(c.strength) }
+            if let scheduler = c.scheduler { object["scheduler"] = .string(scheduler) }
+            if let negative = c.negative_prompt { object["negative_prompt"] = .string(negative) }
+            var bytes: [UInt8] = []
+            JSONValue.object(object).serialize(into: &bytes)
+            return String(decoding: bytes, as: UTF8.self)
+        }
+        let blend = try XCTUnwrap(cases.first { $0.name == "sd1_blend_euler_a_s06_batch" })
+        let blendFull = try XCTUnwrap(cases.first { $0.name == "sd1_blend_dpmpp_s1" })
+        let inpainting = try XCTUnwrap(cases.first { $0.name == "sd1_inpainting_dpmpp_s1" })
+        for (folder, jobCases, extra) in [("pipelines/sd1", [(blend, "blend", true), (blendFull, "full", false)],
+                                           [#"{"prompt": "x", "id": "img2img", "init_image": "\#(fixturesDirectory())/img2img/init_32x24.png", "steps": 2}"#,
+                                            #"{"prompt": "x", "id": "plain", "width": 16, "height": 16, "steps": 2}"#]),
+                                          ("inpaint/sd1_inpainting", [(inpainting, "inpainting", false)], [])] {
+            let lines = jobCases.map { line($0.0, id: $0.1, mask: $0.0.mask == "mask_24x32.png" ? "mask.png" : Self.directory + "/" + $0.0.mask, strength: $0.2) }
+            let prompts = scratch.write((lines + extra).joined(separator: "\n"), to: "\(jobCases[0].1).jsonl")
+            let out = scratch.file("out-" + jobCases[0].1)
+            let result = try runPea(["generate", "--model", fixturesDirectory() + "/" + folder, "--prompts", prompts, "--output-dir", out,
+                                     "--batch-size", "4", "--backend", "cpu"])
+            XCTAssertEqual(result.status, 0, result.stderr)
+            for (c, key, _) in jobCases {
+                let files = c.batch == 1 ? [key] : (1...c.batch).map { "\(key)-\($0)" }
+                let images = try files.map { name -> RGBImage in
+                    let png = try PNGReader.read(path: out + "/" + name + ".png")
+                    return RGBImage(width: png.width, height: png.height, pixels: png.pixels)
+                }
+                assertSameImages(images, try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), "job item \(key)")
+            }
+            let results = String(decoding: try XCTUnwrap(readFileBytes(out + "/results.jsonl")), as: UTF8.self)
+            let records = results.split(separator: "\n").compactMap { try? JSONValue.parse(Array($0.utf8)).objectValue }
+            let first = try XCTUnwrap(records.first { $0["id"]?.stringValue == jobCases[0].1 })
+            XCTAssertTrue(first["mask"]?.stringValue?.hasSuffix(jobCases[0].0.mask == "mask_24x32.png" ? "/mask.png" : "/" + jobCases[0].0.mask) ?? false, "\(first)")
+            XCTAssertEqual(first["strength"]?.doubleValue, jobCases[0].0.strength)
+            if !extra.isEmpty { XCTAssertNil(try XCTUnwrap(records.first { $0["id"]?.stringValue == "img2img" })["mask"]) }
+        }
+    }
+
+    func testBadPromptFileItemsWithMasks() throws {
+        let defaults = JobDefaults(negativePrompt: nil, baseSeed: 0, width: 0, height: 0, steps: 4, guidance: 7.5, scheduler: nil, batch: 1)
+        for (text, message) in [(#"{"prompt": "a", "mask": "m.png"}"#, "'mask' goes with 'init_image'"),
+                                (#"{"prompt": "a", "init_image": "x.png", "mask": ""}"#, "'mask' must be a non-empty path"),
+                                (#"{"prompt": "a", "init_image": "x.png", "mask": 3}"#, "'mask' must be a string")] {
+            assertThrowsError(containing: ["p.jsonl", "line 1", message]) { try PromptFile.parse(text, path: "p.jsonl", jsonLines: true, defaults: defaults) }
+        }
+        // A missing or mis-sized mask fails the job before its folder exists.
+        let scratch = ScratchDirectory("pea-inpaint-job-bad")
+        let image = fixturesDirectory() + "/img2img/init_32x24.png", tall = Self.directory + "/mask_24x32.png", out = scratch.file("out")
+        var files = 0
+        func job(_ line: String) -> [String] {
+            files += 1
+            return ["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", scratch.write(line, to: "p\(files).jsonl"),
+                    "--output-dir", out, "--steps", "2"]
+        }
+        try assertPeaFails([
+            (job(#"{"prompt": "a", "init_image": "\#(image)", "mask": "missing.png"}"#), 1, [scratch.file("missing.png")]),
+            (job(#"{"prompt": "a", "init_image": "\#(image)", "mask": "\#(tall)"}"#), 1, ["line 1", tall, "24×32", "32×24"]),
+        ], leavesNo: out)
+    }
+
+    func testHelpDocumentsMask() throws {
+        let help = try runPea(["generate", "--help"])
+        XCTAssertEqual(help.status, 0)
+        for fragment in ["--mask PATH", "StableDiffusionInpaintPipeline", "default is 1.0", "9 input channels", "not pasted back", "no blur"] {
+            XCTAssertTrue(help.stdout.contains(fragment), "'\(fragment)' not in the help")
+        }
+    }
+}
