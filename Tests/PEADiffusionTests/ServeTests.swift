@@ -232,6 +232,40 @@ final class ServeTests: XCTestCase {
         XCTAssertEqual(server.stop(), 0)
     }
 
+    /// Inpainting through `/sdapi/v1/img2img`: a `mask` gives `pea generate --init-image --mask`'s image;
+    /// `inpainting_mask_invert` 1 is the inverted mask's; a mask of another size is a 400; an inpainting model's
+    /// server refuses requests without a mask with a 400, not a failed batch.
+    func testA1111InpaintingIsPeaGeneratesWithAMask() throws {
+        let scratch = ScratchDirectory()
+        let server = try Server(["--model", sd1], scratch: scratch)
+        let initPath = fixturesDirectory() + "/img2img/init_32x24.png", maskPath = fixturesDirectory() + "/inpaint/mask_32x24.png"
+        let initImage = base64Encoded(try XCTUnwrap(readFileBytes(initPath))), mask = base64Encoded(try XCTUnwrap(readFileBytes(maskPath)))
+        let maskImage = try ImageDecoder.decodeRGB(path: maskPath)
+        let inverted = scratch.file("inverted.png")
+        try PNGWriter.write(rgb: maskImage.pixels.map { 255 - $0 }, width: maskImage.width, height: maskImage.height, to: inverted)
+        for (invert, file) in [(0, maskPath), (1, inverted)] {
+            let result = try server.post("/sdapi/v1/img2img", ["prompt": "a boat", "seed": 8, "steps": 3, "cfg_scale": 7.5, "denoising_strength": 0.6,
+                                                               "init_images": [initImage], "mask": mask, "inpainting_mask_invert": invert])
+            XCTAssertEqual(result.status, 200, "\(result.json)")
+            let expected = try generated(["--prompt", "a boat", "--seed", "8", "--steps", "3", "--init-image", initPath, "--mask", file,
+                                          "--strength", "0.6"], scratch: scratch, name: "mask\(invert).png")
+            assertSameImage(try images(result.json["images"] as? [Any])[0], expected, "inpainting, invert \(invert)")
+        }
+        let other = base64Encoded(try XCTUnwrap(readFileBytes(fixturesDirectory() + "/inpaint/mask_24x32.png")))
+        let wrong = try server.post("/sdapi/v1/img2img", ["init_images": [initImage], "mask": other])
+        XCTAssertEqual(wrong.status, 400)
+        XCTAssertTrue((wrong.json["error"] as? String ?? "").contains("same size"), "\(wrong.json)")
+        XCTAssertEqual(server.stop(), 0)
+
+        let inpaintingServer = try Server(["--model", fixturesDirectory() + "/inpaint/sd1_inpainting"], scratch: scratch)
+        let refused = try inpaintingServer.post("/sdapi/v1/txt2img", ["prompt": "x", "steps": 1])
+        XCTAssertEqual(refused.status, 400)
+        XCTAssertTrue((refused.json["error"] as? String ?? "").contains("inpainting model"), "\(refused.json)")
+        let accepted = try inpaintingServer.post("/sdapi/v1/img2img", ["prompt": "x", "steps": 2, "init_images": [initImage], "mask": mask])
+        XCTAssertEqual(accepted.status, 200, "\(accepted.json)")
+        XCTAssertEqual(inpaintingServer.stop(), 0)
+    }
+
     func testAdapterOrEnglishEncoderPerRequestMatchesPeaGenerate() throws {
         let scratch = ScratchDirectory()
         let server = try Server(["--model", sd1, "--text-encoder", zhEncoder, "--adapter", adapter], scratch: scratch)

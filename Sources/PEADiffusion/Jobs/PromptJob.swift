@@ -26,8 +26,9 @@ public struct JobItem: Equatable, Sendable {
     /// Image-to-image (`init_image`): the init image's path, a relative one resolved against the prompt file's
     /// folder; its size is the item's. nil: text-to-image.
     public var initImage: String? = nil
-    /// A server request's init image, decoded from its body (`initImage` is nil then).
+    /// A server request's init image and mask, decoded from its body (`initImage` and `mask` are nil then).
     public var initPixels: RGBImage? = nil
+    public var maskPixels: RGBImage? = nil
     /// diffusers' `strength` for an image-to-image item.
     public var strength = 0.8
     /// Inpainting (`mask`, with `init_image`): the mask's path, resolved as `initImage`'s. nil: no mask.
@@ -56,6 +57,7 @@ public struct JobItem: Equatable, Sendable {
         request.imagesPerPrompt = batch
         request.strength = strength
         request.initImage = initPixels
+        request.mask = maskPixels
         return request
     }
 
@@ -63,7 +65,7 @@ public struct JobItem: Equatable, Sendable {
     public func loadedRequest() throws -> GenerationRequest {
         var request = self.request
         if let initImage { request.initImage = try ImageDecoder.decodeRGB(path: initImage) }
-        request.mask = try mask.map(ImageDecoder.decodeRGB(path:))
+        if let mask { request.mask = try ImageDecoder.decodeRGB(path: mask) }
         return request
     }
 
@@ -79,7 +81,7 @@ public struct JobItem: Equatable, Sendable {
 
     public var batchKey: BatchKey {
         BatchKey(width: width, height: height, steps: steps, guidance: guidance, scheduler: scheduler,
-                 strength: isImageToImage ? strength : nil, masked: mask != nil)
+                 strength: isImageToImage ? strength : nil, masked: mask != nil || maskPixels != nil)
     }
 }
 

@@ -291,6 +291,9 @@ public final class StableDiffusionPipeline {
 
     /// Whether the denoiser is an inpainting UNet: latents, a mask channel and the masked image's latents in
     /// (9 channels for SD), the latents out.
+    /// Whether the denoiser is an inpainting UNet, which needs an init image and a mask with every request.
+    public var isInpainting: Bool { Self.isInpaintingUNet(denoiser, vae: vae) }
+
     public static func isInpaintingUNet(_ denoiser: any DenoisingModel, vae: AutoencoderKL) -> Bool {
         denoiser.latentChannels == 2 * vae.config.latentChannels + 1
     }

@@ -268,6 +268,7 @@ public final class GenerationServer: @unchecked Sendable {
                                width: width, height: height, steps: steps, guidance: guidance, scheduler: scheduler, batch: 1, text: nil)
             if let initImage {
                 item.initPixels = initImage.image
+                item.maskPixels = initImage.mask
                 item.strength = initImage.strength
             }
             return item
@@ -276,24 +277,33 @@ public final class GenerationServer: @unchecked Sendable {
 
     struct InitImage {
         var image: RGBImage
+        var mask: RGBImage?
         var strength: Double
     }
 
-    /// `init_images` (one base64 PNG or JPEG, a `data:` URL prefix allowed) and `denoising_strength` (A1111's
-    /// default 0.75) of an img2img request. The image is used at its own size: a given width or height must be it.
-    private func initImage(_ fields: Fields, width: Int?, height: Int?, steps: Int) throws -> InitImage {
-        guard let value = fields.value("init_images") else { throw RequestError(message: "init_images is required (one base64 image)") }
-        guard let list = value.arrayValue, list.count == 1, var text = list[0].stringValue else {
-            throw RequestError(message: "init_images must be a list of one base64 image, got \(value.kindDescription)")
-        }
+    /// A base64 PNG or JPEG of a request (a `data:` URL prefix allowed), decoded; `field` names it in errors.
+    private func decodedImage(_ value: JSONValue?, _ field: String) throws -> RGBImage {
+        guard var text = value?.stringValue else { throw RequestError(message: "\(field) must be a base64 image (a string)") }
         if text.hasPrefix("data:"), let comma = text.firstIndex(of: ",") { text = String(text[text.index(after: comma)...]) }
-        guard let bytes = base64Decoded(text) else { throw RequestError(message: "init_images[0] is not base64") }
-        let image: RGBImage
+        guard let bytes = base64Decoded(text) else { throw RequestError(message: "\(field) is not base64") }
         do {
-            image = try bytes.withUnsafeBytes { try ImageDecoder.decodeRGB($0, name: "init_images[0]") }
+            return try bytes.withUnsafeBytes { try ImageDecoder.decodeRGB($0, name: field) }
         } catch {
             throw RequestError(message: "\(error)")
         }
+    }
+
+    /// `init_images` (one base64 PNG or JPEG), `denoising_strength` (A1111's default 0.75) and, for inpainting,
+    /// `mask` (white repainted, black kept; the init image's size) with `inpainting_mask_invert` (1: the other way
+    /// round) of an img2img request. The image is used at its own size: a given width or height must be it.
+    /// A1111's other inpainting fields (mask_blur, inpainting_fill, inpaint_full_res) are not applied: the mask is
+    /// used as diffusers' inpainting pipeline uses it.
+    private func initImage(_ fields: Fields, width: Int?, height: Int?, steps: Int) throws -> InitImage {
+        guard let value = fields.value("init_images") else { throw RequestError(message: "init_images is required (one base64 image)") }
+        guard let list = value.arrayValue, list.count == 1 else {
+            throw RequestError(message: "init_images must be a list of one base64 image, got \(value.kindDescription)")
+        }
+        let image = try decodedImage(list[0], "init_images[0]")
         for (given, actual, key) in [(width, image.width, "width"), (height, image.height, "height")] {
             if let given, given != actual {
                 throw RequestError(message: "\(key) is \(given) but the init image's is \(actual): Pea does not resize init images")
@@ -303,12 +313,22 @@ public final class GenerationServer: @unchecked Sendable {
                                    + "and at most \(configuration.maxSize), got \(actual)")
             }
         }
+        var mask: RGBImage?
+        if let value = fields.value("mask") {
+            var decoded = try decodedImage(value, "mask")
+            guard decoded.width == image.width, decoded.height == image.height else {
+                throw RequestError(message: "mask is \(decoded.width)×\(decoded.height) but the init image is \(image.width)×\(image.height); "
+                                   + "they must be the same size")
+            }
+            if try fields.integer("inpainting_mask_invert", 0...1) == 1 { decoded.pixels = decoded.pixels.map { 255 - $0 } }
+            mask = decoded
+        }
         let strength = try fields.double("denoising_strength", 0...1) ?? 0.75
         guard strength > 0 else { throw RequestError(message: "denoising_strength must be in (0, 1], got 0") }
         do { _ = try StableDiffusionPipeline.img2imgBeginIndex(steps: steps, strength: strength) } catch PEAError.usage(let reason) {
             throw RequestError(message: "denoising_strength: \(reason)")
         }
-        return InitImage(image: image, strength: strength)
+        return InitImage(image: image, mask: mask, strength: strength)
     }
 
     /// A1111's sampler names (and Pea's own scheduler names) as a `SchedulerName`; nil: the model folder's.
@@ -386,6 +406,9 @@ public final class GenerationServer: @unchecked Sendable {
 
     private func parsed(_ fields: Fields, prompt: String, count: Int, width: Int, height: Int, steps: Int, guidance: Float,
                         scheduler: String?, initImage: InitImage?) throws -> Parsed {
+        if anyPipeline.isInpainting, initImage?.mask == nil {
+            throw RequestError(message: "this server's model is an inpainting model: send init_images and a mask to /sdapi/v1/img2img")
+        }
         let negative = try fields.string("negative_prompt")
         let choice = try choice(fields)
         let seed = try seed(fields)
@@ -421,6 +444,7 @@ public final class GenerationServer: @unchecked Sendable {
         let first = parsed.items[0]
         var parameters = object
         parameters["init_images"] = nil   // the request's own images are not sent back
+        parameters["mask"] = nil
         if first.isImageToImage { parameters["denoising_strength"] = .number(first.strength) }
         parameters["prompt"] = .string(first.prompt)
         parameters["seed"] = object["seed"] ?? .number(-1)
