@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Single-file checkpoints: the tiny SD1 pipeline of Tests/Fixtures/pipelines/sd1 (read, never rewritten) written in
+the original LDM / A1111 layout, and what diffusers' StableDiffusionPipeline.from_single_file makes from it.
+
+Writes, under --out (default Tests/Fixtures/single_file):
+  sd1.safetensors  the UNet under `model.diffusion_model.`, the VAE under `first_stage_model.`, the CLIP text
+                   encoder under `cond_stage_model.transformer.text_model.`, in the LDM names (converted by
+                   `to_ldm` below, written here from the layout of the LDM code, not copied from diffusers' script)
+  sd1.ckpt         the same tensors as torch.save({"state_dict": …}), as LDM training saved them
+  cases.json       per case: name, checkpoint, prompt, negative_prompt, steps, guidance, seed, width, height,
+                   batch, scheduler (pea's name or null for the config's own), images
+  <case>.safetensors  `images` [N, H, W, 3] int32 0…255, as make_pipeline_fixtures.py stores them
+The tiny models need `config=` (from_single_file's defaults are full-size SD1.5): the sd1 fixture folder. The
+script asserts that from_single_file's UNet, VAE and text encoder state dicts equal the folder's, so the round
+trip is exact, and that the .ckpt loads to the same pipeline.
+"""
+import argparse
+import json
+import os
+import re
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from diffusers import StableDiffusionPipeline
+
+from make_pipeline_fixtures import SCHEDULERS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, "..", "..", "Tests", "Fixtures")
+SD1 = os.path.join(FIXTURES, "pipelines", "sd1")
+
+RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+          ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
+
+
+def unet_prefixes(config):
+    """diffusers prefix → LDM prefix, with whether the block is a resnet (its inner names differ too)."""
+    layers = config["layers_per_block"]
+    blocks = len(config["block_out_channels"])
+    table = [("conv_in", "input_blocks.0.0", False), ("time_embedding.linear_1", "time_embed.0", False),
+             ("time_embedding.linear_2", "time_embed.2", False), ("conv_norm_out", "out.0", False),
+             ("conv_out", "out.2", False), ("mid_block.resnets.0", "middle_block.0", True),
+             ("mid_block.attentions.0", "middle_block.1", False), ("mid_block.resnets.1", "middle_block.2", True)]
+    index = 1
+    for b in range(blocks):
+        for j in range(layers):
+            table.append((f"down_blocks.{b}.resnets.{j}", f"input_blocks.{index}.0", True))
+            table.append((f"down_blocks.{b}.attentions.{j}", f"input_blocks.{index}.1", False))
+            index += 1
+        if b < blocks - 1:
+            table.append((f"down_blocks.{b}.downsamplers.0.conv", f"input_blocks.{index}.0.op", False))
+            index += 1
+    for b in range(blocks):
+        attention = "CrossAttn" in config["up_block_types"][b]
+        for j in range(layers + 1):
+            index = b * (layers + 1) + j
+            table.append((f"up_blocks.{b}.resnets.{j}", f"output_blocks.{index}.0", True))
+            table.append((f"up_blocks.{b}.attentions.{j}", f"output_blocks.{index}.1", False))
+        if b < blocks - 1:
+            table.append((f"up_blocks.{b}.upsamplers.0.conv", f"output_blocks.{index}.{2 if attention else 1}.conv", False))
+    return table
+
+
+def vae_prefixes(config):
+    blocks = len(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    table = []
+    for side in ("encoder", "decoder"):
+        table += [(f"{side}.mid_block.resnets.0", f"{side}.mid.block_1"), (f"{side}.mid_block.resnets.1", f"{side}.mid.block_2"),
+                  (f"{side}.mid_block.attentions.0.group_norm", f"{side}.mid.attn_1.norm"),
+                  (f"{side}.mid_block.attentions.0.to_q", f"{side}.mid.attn_1.q"),
+                  (f"{side}.mid_block.attentions.0.to_k", f"{side}.mid.attn_1.k"),
+                  (f"{side}.mid_block.attentions.0.to_v", f"{side}.mid.attn_1.v"),
+                  (f"{side}.mid_block.attentions.0.to_out.0", f"{side}.mid.attn_1.proj_out"),
+                  (f"{side}.conv_norm_out", f"{side}.norm_out")]
+    for b in range(blocks):
+        for j in range(layers):
+            table.append((f"encoder.down_blocks.{b}.resnets.{j}", f"encoder.down.{b}.block.{j}"))
+        table.append((f"encoder.down_blocks.{b}.downsamplers.0.conv", f"encoder.down.{b}.downsample.conv"))
+        # The decoder's LDM `up` list runs from the smallest resolution's end: diffusers' up block b is LDM's up.{n-1-b}.
+        for j in range(layers + 1):
+            table.append((f"decoder.up_blocks.{b}.resnets.{j}", f"decoder.up.{blocks - 1 - b}.block.{j}"))
+        table.append((f"decoder.up_blocks.{b}.upsamplers.0.conv", f"decoder.up.{blocks - 1 - b}.upsample.conv"))
+    return table
+
+
+def rename(name, table):
+    for new, old, *resnet in sorted(table, key=lambda r: -len(r[0])):
+        if name == new or name.startswith(new + "."):
+            rest = name[len(new):]
+            if resnet and resnet[0]:
+                for a, b in RESNET:
+                    if rest.startswith("." + a + "."):
+                        rest = "." + b + rest[len(a) + 1:]
+            return old + rest
+    return name
+
+
+def to_ldm(folder):
+    unet_config = json.load(open(os.path.join(folder, "unet", "config.json")))
+    vae_config = json.load(open(os.path.join(folder, "vae", "config.json")))
+    state = {}
+    unet_table = unet_prefixes(unet_config)
+    for name, tensor in load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")).items():
+        state["model.diffusion_model." + rename(name, unet_table)] = tensor
+    vae_table = vae_prefixes(vae_config)
+    for name, tensor in load_file(os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")).items():
+        new = rename(name, vae_table)
+        # LDM's VAE attention projections are 1×1 convolutions.
+        if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", new):
+            tensor = tensor[:, :, None, None]
+        state["first_stage_model." + new] = tensor
+    for name, tensor in load_file(os.path.join(folder, "text_encoder", "model.safetensors")).items():
+        if not name.startswith("text_model."):
+            name = "text_model." + name
+        state["cond_stage_model.transformer." + name] = tensor
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+CASES = [
+    # name, checkpoint, prompt, negative, steps, guidance, seed, width, height, batch, scheduler
+    ("sd1_pndm", "sd1.safetensors", "a red fox in the snow, photo", None, 4, 7.5, 42, 32, 24, 1, None),
+    ("sd1_euler_a_negative_batch", "sd1.safetensors", "an astronaut riding a horse", "blurry", 5, 6.0, 7, 24, 32, 2, "euler-a"),
+]
+
+
+def same_state(a, b, what):
+    sa, sb = a.state_dict(), b.state_dict()
+    sa = {k: v for k, v in sa.items() if not k.endswith("position_ids")}
+    sb = {k: v for k, v in sb.items() if not k.endswith("position_ids")}
+    assert sa.keys() == sb.keys(), (what, sorted(set(sa) ^ set(sb))[:10])
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), (what, k)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(FIXTURES, "single_file"))
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    state = to_ldm(SD1)
+    save_file(state, os.path.join(args.out, "sd1.safetensors"))
+    torch.save({"state_dict": state}, os.path.join(args.out, "sd1.ckpt"))
+
+    folder = StableDiffusionPipeline.from_pretrained(SD1)
+    for checkpoint in ("sd1.safetensors", "sd1.ckpt"):
+        single = StableDiffusionPipeline.from_single_file(os.path.join(args.out, checkpoint), config=SD1,
+                                                          local_files_only=True)
+        for part in ("unet", "vae", "text_encoder"):
+            same_state(getattr(single, part), getattr(folder, part), checkpoint + " " + part)
+        assert type(single.scheduler) is type(folder.scheduler)
+
+    records = []
+    for name, checkpoint, prompt, negative, steps, guidance, seed, width, height, batch, scheduler in CASES:
+        pipe = StableDiffusionPipeline.from_single_file(os.path.join(args.out, checkpoint), config=SD1,
+                                                        local_files_only=True, safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        if scheduler is not None:
+            pipe.scheduler = SCHEDULERS[scheduler](pipe.scheduler.config)
+        with torch.no_grad():
+            images = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
+                          width=width, height=height, num_images_per_prompt=batch, output_type="np",
+                          generator=torch.Generator("cpu").manual_seed(seed)).images
+        pixels = (images * 255).round().astype(np.int32)
+        save_file({"images": torch.from_numpy(pixels).contiguous()}, os.path.join(args.out, name + ".safetensors"))
+        records.append({"name": name, "checkpoint": checkpoint, "prompt": prompt, "negative_prompt": negative,
+                        "steps": steps, "guidance": guidance, "seed": seed, "width": width, "height": height,
+                        "batch": batch, "scheduler": scheduler, "images": name + ".safetensors"})
+    with open(os.path.join(args.out, "cases.json"), "w") as f:
+        json.dump(records, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
