@@ -8,8 +8,10 @@ import PEADiffusion
 /// `pea generate`'s options, declared once for its parser and its help.
 enum GenerateOptions {
     static let model = CommandOption.value(
-        "--model", "DIR",
-        help: "diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, …); without it, the bundled toy "
+        "--model", "DIR|FILE",
+        help: "diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, …), or a single-file SD1.x "
+            + "checkpoint (.safetensors or .ckpt in the original LDM / A1111 layout: model.diffusion_model.*, "
+            + "first_stage_model.*, cond_stage_model.transformer.*; SD2.x and SDXL single files are refused); without it, the bundled toy "
             + "world (models/toyworld: 64×64 coloured shapes, \"a red circle\"), and for Chinese prompts (\"一个红色的圆形\") "
             + "its Chinese encoder and the PEA adapter trained by `pea train` (models/toyworld-zh); found above the pea "
             + "executable, in ./models, or where $PEA_MODELS points")
@@ -74,12 +76,24 @@ enum GenerateOptions {
             + "(0, 1]: only the last int(steps × S) of the --steps timesteps "
             + "run, starting from the image's latents noised to the first of them (S = 1: every step); a strength that "
             + "leaves no step is an error")
+    static let config = CommandOption.value(
+        "--config", "DIR",
+        help: "with --model FILE: a diffusers pipeline folder whose configs and tokenizer are used instead of the family's "
+            + "defaults (SD1: stable-diffusion-v1-5's), as diffusers' from_single_file(config=DIR)")
+    static let tokenizer = CommandOption.value(
+        "--tokenizer", "DIR",
+        help: "with --model FILE: the CLIP tokenizer folder (vocab.json + merges.txt, e.g. a diffusers pipeline's tokenizer/); "
+            + "required without --config, since a single file holds none and Pea ships no CLIP vocabulary")
+    static let predictionType = CommandOption.value(
+        "--prediction-type", "TYPE", .choices(["epsilon", "v_prediction"]),
+        help: "with --model FILE: epsilon | v_prediction, what the UNet predicts (the tensors cannot tell; default: the "
+            + "config's, epsilon for SD1)")
     static let maxLength = CommandOption.value(
         "--max-length", "N", help: "PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)")
 
     static let spec = CommandSpec(
         name: "generate",
-        usage: ["pea generate [--model DIR] --prompt TEXT [options]",
+        usage: ["pea generate [--model DIR|FILE] --prompt TEXT [options]",
                 "pea generate [--model DIR] --prompts FILE --output-dir OUT [--batch-size N] [--format png|tar] [--shard K/N|auto] [options]"],
         description: """
             Generates images from text with a diffusers Stable Diffusion pipeline folder (SD1.x, SD2.x or SDXL, detected
@@ -87,7 +101,8 @@ enum GenerateOptions {
             generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run.
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
-                                   batch, clipSkip, output, initImage, strength, variant, textEncoder, adapter, maxLength]
+                                   batch, clipSkip, output, initImage, strength, variant, textEncoder, adapter, maxLength,
+                                   config, tokenizer, predictionType]
                     + BackendOptions.inference),
                  .init("Prompt-file jobs", [outputDir, batchSize, format, shard, shards, overwrite], note: """
                     FILE is .jsonl (one object a line: "prompt", and optionally "id" (A–Z a–z 0–9 _ -), "negative_prompt",
@@ -186,10 +201,18 @@ struct GenerateSettings {
 /// The model a generation runs, as the options choose it: --model (or the bundled toy world, whose Chinese
 /// encoder and adapter take Chinese prompts), and --text-encoder/--adapter.
 struct ModelChoice {
+    /// The --model folder, or the single-file checkpoint (`isSingleFile`).
     var folder: String
     var pea: (encoder: String, adapter: String)?
     /// The bundled world's notice for stderr, when no --model was given.
     var notice: String?
+    /// --model names a file: a single-file checkpoint rather than a diffusers folder.
+    var isSingleFile: Bool { isRegularFile(folder) }
+
+    /// Refuses a --model that is neither a pipeline folder nor a file, before anything is loaded or written.
+    func requireModel() throws {
+        if !isSingleFile { try StableDiffusionPipeline.requirePipelineFolder(folder) }
+    }
 
     init(_ options: ParsedOptions, prompts: [String]) throws {
         typealias O = GenerateOptions
@@ -227,6 +250,18 @@ struct ModelChoice {
                 try LanguageEncoders.load(folder: encoderFolder, backend: backend, maxLength: maxLength, dtype: dtype)
             }
             conditioner = try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: adapterPath, backend: backend, dtype: dtype))
+        }
+        if isSingleFile {
+            let single = SingleFileOptions(configFolder: try options.optionalString(O.config),
+                                           tokenizerFolder: try options.optionalString(O.tokenizer),
+                                           predictionType: try options.optionalString(O.predictionType))
+            return try naming(O.clipSkip, in: options, when: clipSkip != 0) {
+                try StableDiffusionPipeline.load(checkpoint: folder, options: single, backend: backend, scheduler: scheduler,
+                                                 clipSkip: clipSkip, conditioner: conditioner, dtype: dtype).pipeline
+            }
+        }
+        for option in [O.config, O.tokenizer, O.predictionType] where options.has(option) {
+            throw PEAError.usage("\(options.command): \(option.name) applies to a single-file --model FILE, not a folder")
         }
         let variant = try options.optionalString(O.variant)
         return try naming(O.clipSkip, in: options, when: clipSkip != 0) {

@@ -32,7 +32,7 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     }
     let model = try ModelChoice(options, prompts: items.map(\.prompt))
     // The rest of what can be refused at once comes before OUT is touched: its job.json names the model.
-    try StableDiffusionPipeline.requirePipelineFolder(model.folder)
+    try model.requireModel()
     let requestedBatchSize = try options.optionalInt(O.batchSize)
     let selection = try BackendOptions.select(options)
     var manifestSettings = ["model": model.folder, "text_encoder": model.pea?.encoder ?? "", "adapter": model.pea?.adapter ?? "",

@@ -63,8 +63,12 @@ public enum ModelFamily: String, Sendable {
     /// and training (latent encoding) both ask here.
     public func vaeDType(_ dtype: DType, vaeFolder: String) throws -> DType {
         guard upcastsForceUpcastVAE && dtype == .f16 else { return dtype }
-        let config = try AutoencoderKLConfig(ConfigFile(path: joinPath(ModelFolder.component(vaeFolder, "vae"), "config.json")))
-        return config.forceUpcast ? .f32 : dtype
+        return vaeDType(dtype, config: try AutoencoderKLConfig(ConfigFile(path: joinPath(ModelFolder.component(vaeFolder, "vae"), "config.json"))))
+    }
+
+    /// The same for a VAE whose config is at hand (a single-file checkpoint's).
+    public func vaeDType(_ dtype: DType, config: AutoencoderKLConfig) -> DType {
+        upcastsForceUpcastVAE && dtype == .f16 && config.forceUpcast ? .f32 : dtype
     }
 
     /// The folder's own text conditioning: one CLIP encoder (`tokenizer/` + `text_encoder/`) for SD1.x/SD2.x,

@@ -1,0 +1,324 @@
+// Single-file checkpoints in the original LDM / A1111 layout (`model.diffusion_model.*`, `first_stage_model.*`,
+// `cond_stage_model.*`), loaded as diffusers' `StableDiffusionPipeline.from_single_file` loads them: the family
+// read from the tensors (its single_file_utils' `infer_diffusers_model_type`), the configs the family's
+// defaults or a diffusers folder's (`config=`), and the names mapped onto diffusers' by the tables below. The
+// tables are data: fixed prefix pairs, the per-block pairs their config implies, and the inner renames of a
+// block; nothing else in the loader knows a name.
+//
+// SD1.x is supported; SD2.x (OpenCLIP under `cond_stage_model.model.*`) and SDXL (`conditioner.embedders.*`) are
+// recognised and refused.
+
+/// A `.safetensors` or `.ckpt` (torch.save) file holding a whole pipeline in the LDM layout.
+public final class SingleFileCheckpoint {
+    public let path: String
+    public let family: ModelFamily
+    private let backing: Backing
+    private enum Backing {
+        case safetensors(SafeTensorsCollection)
+        case torch(TorchCheckpointFile)
+    }
+
+    /// The LDM prefix of each component.
+    static let unetPrefix = "model.diffusion_model."
+    static let vaePrefix = "first_stage_model."
+    static let textEncoderPrefix = "cond_stage_model.transformer."
+
+    /// Opens `path` by its contents (a zip archive is a torch.save file, anything else safetensors) and infers
+    /// the family from its tensors.
+    public init(path: String) throws {
+        self.path = path
+        guard isRegularFile(path) else { throw PEAError.invalidFile(path: path, reason: "no such file") }
+        let names: [String]
+        let shape: (String) -> [Int]?
+        if TorchCheckpoint.looksLikeTorchSave(path: path) {
+            let file = try TorchCheckpointFile(path: path)
+            backing = .torch(file)
+            (names, shape) = (file.names, { try? file.info($0).shape })
+        } else {
+            let file = try SafeTensorsCollection(path: path)
+            backing = .safetensors(file)
+            (names, shape) = (file.names, { try? file.info($0).shape })
+        }
+        family = try Self.inferFamily(path: path, names: Set(names), shape: shape)
+    }
+
+    /// As diffusers' `infer_diffusers_model_type` for the families Pea runs: SDXL by its second text encoder,
+    /// SD2 by OpenCLIP's tower or a 1024-wide cross-attention context, SD1 otherwise (whether it predicts v
+    /// cannot be told from the tensors: `--prediction-type`).
+    static func inferFamily(path: String, names: Set<String>, shape: (String) -> [Int]?) throws -> ModelFamily {
+        guard names.contains(where: { $0.hasPrefix(unetPrefix) }) else {
+            throw PEAError.invalidFile(path: path, reason: "cannot tell the model family: no \(unetPrefix)* tensors "
+                                       + "(not a single-file Stable Diffusion checkpoint in the LDM / A1111 layout)")
+        }
+        if names.contains(where: { $0.hasPrefix("conditioner.embedders.1.") }) {
+            throw PEAError.unsupported("\(path): an SDXL single-file checkpoint (conditioner.embedders.*); Pea reads SD1.x "
+                                       + "single files so far: convert it to a diffusers folder")
+        }
+        let context = shape(unetPrefix + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")?.last
+        if context == 1024 || names.contains(where: { $0.hasPrefix("cond_stage_model.model.") }) {
+            throw PEAError.unsupported("\(path): an SD2.x single-file checkpoint (OpenCLIP text encoder); Pea reads SD1.x "
+                                       + "single files so far: convert it to a diffusers folder")
+        }
+        return .sd1
+    }
+
+    /// The weights of one component: the file's tensors under `prefix`, named as diffusers names them by `rename`
+    /// (given the name without the prefix); the file's other tensors are not this component's.
+    func weights(prefix: String, backend: any ComputeBackend, dtype: DType,
+                 rename: @escaping (String) -> String) throws -> (source: any WeightSource, unused: () -> [String]) {
+        func mapped(_ name: String) -> String? { name.hasPrefix(prefix) ? rename(String(name.dropFirst(prefix.count))) : nil }
+        switch backing {
+        case .safetensors(let file):
+            let source = SafeTensorsWeights(file, backend: backend, dtype: dtype, rename: mapped)
+            return (source, { source.unusedNames })
+        case .torch(let file):
+            let source = try CheckpointWeights(torch: file, backend: backend, dtype: dtype, rename: mapped)
+            return (source, { source.unusedNames })
+        }
+    }
+}
+
+// MARK: - Name tables
+
+/// LDM → diffusers names. A table maps LDM prefixes to diffusers prefixes; the longest LDM prefix (at a dot) that
+/// a name starts with is replaced, then the block's inner table applies to the rest the same way.
+struct LDMNameTable {
+    struct Entry {
+        let diffusers: String
+        let inner: [String: String]
+    }
+    var entries: [String: Entry] = [:]
+
+    mutating func add(_ ldm: String, _ diffusers: String, inner: [String: String] = [:]) {
+        entries[ldm] = Entry(diffusers: diffusers, inner: inner)
+    }
+
+    /// `name` under diffusers' names, or unchanged when no entry applies (it is then reported as unused or
+    /// missing by the weight source, never silently taken).
+    func rename(_ name: String) -> String {
+        guard let (ldm, entry) = Self.longestPrefix(of: name, in: entries) else { return name }
+        var rest = String(name.dropFirst(ldm.count))   // "" or ".…"
+        if rest.hasPrefix("."), let (inner, replacement) = Self.longestPrefix(of: String(rest.dropFirst()), in: entry.inner) {
+            rest = "." + replacement + rest.dropFirst(1 + inner.count)
+        }
+        return entry.diffusers + rest
+    }
+
+    private static func longestPrefix<V>(of name: String, in table: [String: V]) -> (String, V)? {
+        var candidate = Substring(name)
+        while true {
+            if let value = table[String(candidate)] { return (String(candidate), value) }
+            guard let dot = candidate.lastIndex(of: ".") else { return nil }
+            candidate = candidate[..<dot]
+        }
+    }
+
+    // The LDM ResBlock's layers (Sequential indices) under diffusers' ResnetBlock2D names.
+    static let unetResnet = ["in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                             "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"]
+    static let vaeResnet = ["nin_shortcut": "conv_shortcut"]
+    static let vaeAttention = ["norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"]
+
+    /// The LDM UNet (`openaimodel.UNetModel`): `input_blocks` numbers every down resnet (with its attention) and
+    /// downsampler in one list after `conv_in`; `output_blocks` numbers the up blocks' layers, the upsampler
+    /// riding in the last layer of its block after the attention when there is one.
+    static func unet(_ c: UNetConfig) -> LDMNameTable {
+        var t = LDMNameTable()
+        t.add("input_blocks.0.0", "conv_in")
+        t.add("time_embed.0", "time_embedding.linear_1")
+        t.add("time_embed.2", "time_embedding.linear_2")
+        t.add("middle_block.0", "mid_block.resnets.0", inner: unetResnet)
+        t.add("middle_block.1", "mid_block.attentions.0")
+        t.add("middle_block.2", "mid_block.resnets.1", inner: unetResnet)
+        t.add("out.0", "conv_norm_out")
+        t.add("out.2", "conv_out")
+        let blocks = c.blockOutChannels.count
+        var index = 1
+        for b in 0..<blocks {
+            for j in 0..<c.layersPerBlock[b] {
+                t.add("input_blocks.\(index).0", "down_blocks.\(b).resnets.\(j)", inner: unetResnet)
+                t.add("input_blocks.\(index).1", "down_blocks.\(b).attentions.\(j)")
+                index += 1
+            }
+            if b < blocks - 1 {
+                t.add("input_blocks.\(index).0.op", "down_blocks.\(b).downsamplers.0.conv")
+                index += 1
+            }
+        }
+        index = 0
+        let upLayers = c.layersPerBlock.reversed().map { $0 + 1 }
+        for b in 0..<blocks {
+            for j in 0..<upLayers[b] {
+                t.add("output_blocks.\(index).0", "up_blocks.\(b).resnets.\(j)", inner: unetResnet)
+                t.add("output_blocks.\(index).1", "up_blocks.\(b).attentions.\(j)")
+                index += 1
+            }
+            if b < blocks - 1 {
+                let slot = c.upBlockHasAttention[b] ? 2 : 1
+                t.add("output_blocks.\(index - 1).\(slot).conv", "up_blocks.\(b).upsamplers.0.conv")
+            }
+        }
+        return t
+    }
+
+    /// The LDM autoencoder (`ldm.modules.diffusionmodules.model`): `down.{i}.block.{j}` / `up.{i}.block.{j}`
+    /// resnets, `mid.block_{1,2}` and `mid.attn_1`; its `up` list is numbered from the lowest resolution's end.
+    static func vae(_ c: AutoencoderKLConfig) -> LDMNameTable {
+        var t = LDMNameTable()
+        let blocks = c.blockOutChannels.count
+        for side in ["encoder", "decoder"] {
+            t.add("\(side).mid.block_1", "\(side).mid_block.resnets.0", inner: vaeResnet)
+            t.add("\(side).mid.block_2", "\(side).mid_block.resnets.1", inner: vaeResnet)
+            t.add("\(side).mid.attn_1", "\(side).mid_block.attentions.0", inner: vaeAttention)
+            t.add("\(side).norm_out", "\(side).conv_norm_out")
+        }
+        for b in 0..<blocks {
+            for j in 0..<c.layersPerBlock {
+                t.add("encoder.down.\(b).block.\(j)", "encoder.down_blocks.\(b).resnets.\(j)", inner: vaeResnet)
+            }
+            t.add("encoder.down.\(b).downsample.conv", "encoder.down_blocks.\(b).downsamplers.0.conv")
+            let ldm = blocks - 1 - b
+            for j in 0...c.layersPerBlock {
+                t.add("decoder.up.\(ldm).block.\(j)", "decoder.up_blocks.\(b).resnets.\(j)", inner: vaeResnet)
+            }
+            t.add("decoder.up.\(ldm).upsample.conv", "decoder.up_blocks.\(b).upsamplers.0.conv")
+        }
+        return t
+    }
+
+    /// SD1's text encoder is transformers' CLIPTextModel saved under `cond_stage_model.transformer.`, with or
+    /// without its `text_model.` level.
+    static func clipText(_ name: String) -> String { name.hasPrefix("text_model.") ? name : "text_model." + name }
+}
+
+// MARK: - Built-in configs
+
+extension SingleFileCheckpoint {
+    /// The configs from_single_file takes when no `config=` is given: the family's reference diffusers pipeline
+    /// (SD1: stable-diffusion-v1-5/stable-diffusion-v1-5).
+    static func defaultConfig(_ family: ModelFamily, _ component: String) throws -> ConfigFile {
+        let text: String
+        switch (family, component) {
+        case (.sd1, "unet"):
+            text = """
+                {"act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+                 "center_input_sample": false, "cross_attention_dim": 768,
+                 "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                 "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+                 "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
+                """
+        case (.sd1, "vae"):
+            text = """
+                {"act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+                 "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+                 "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
+                 "sample_size": 512, "scaling_factor": 0.18215,
+                 "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}
+                """
+        case (.sd1, "text_encoder"):
+            text = """
+                {"architectures": ["CLIPTextModel"], "bos_token_id": 0, "eos_token_id": 2, "hidden_act": "quick_gelu",
+                 "hidden_size": 768, "intermediate_size": 3072, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+                 "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 1, "projection_dim": 768,
+                 "vocab_size": 49408}
+                """
+        case (.sd1, "scheduler"):
+            text = """
+                {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "clip_sample": false, "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": false,
+                 "skip_prk_steps": true, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": null}
+                """
+        default:
+            throw PEAError.unsupported("no built-in \(component) config for \(family.rawValue) single files")
+        }
+        guard case .object(let values) = try JSONValue.parse(text) else { preconditionFailure("built-in config is an object") }
+        return ConfigFile(path: "<built-in \(family.rawValue) \(component) config>", values: values)
+    }
+}
+
+// MARK: - Loading
+
+/// Where a single file's configs and tokenizer come from, as from_single_file's `config=` and its defaults.
+public struct SingleFileOptions {
+    /// A diffusers pipeline folder whose configs (and tokenizer) replace the family's defaults.
+    public var configFolder: String?
+    /// A CLIP tokenizer folder (vocab.json + merges.txt); needed without `configFolder`, since no CLIP vocabulary
+    /// ships with Pea.
+    public var tokenizerFolder: String?
+    /// "epsilon" or "v_prediction": overrides the scheduler config's (the tensors cannot tell).
+    public var predictionType: String?
+
+    public init(configFolder: String? = nil, tokenizerFolder: String? = nil, predictionType: String? = nil) {
+        self.configFolder = configFolder
+        self.tokenizerFolder = tokenizerFolder
+        self.predictionType = predictionType
+    }
+}
+
+extension StableDiffusionPipeline {
+    /// Loads a single-file checkpoint (`SingleFileCheckpoint`) as diffusers' `from_single_file(path, config=…)`
+    /// does. Also returns the file's tensors under a component's prefix that no layer read (empty for a file in
+    /// the layout; tensors outside the three components — EMA copies, schedules — are not looked at).
+    public static func load(checkpoint path: String, options: SingleFileOptions = SingleFileOptions(),
+                            backend: any ComputeBackend, scheduler: String? = nil, clipSkip: Int = 0,
+                            conditioner: (any TextConditioner)? = nil,
+                            dtype: DType = .f32) throws -> (pipeline: StableDiffusionPipeline, unusedWeights: [String]) {
+        if let predictionType = options.predictionType, !["epsilon", "v_prediction"].contains(predictionType) {
+            throw PEAError.usage("prediction type must be epsilon or v_prediction, got '\(predictionType)'")
+        }
+        if let folder = options.configFolder { try requirePipelineFolder(folder) }
+        let file = try SingleFileCheckpoint(path: path)
+        let family = file.family
+        func config(_ component: String, _ name: String) throws -> ConfigFile {
+            guard let folder = options.configFolder else { return try SingleFileCheckpoint.defaultConfig(family, component) }
+            return try ConfigFile(path: joinPath(joinPath(folder, component), name))
+        }
+        // The tokenizer is read first: without one nothing else is worth loading.
+        let tokenizerFolder = options.tokenizerFolder ?? options.configFolder.map { joinPath($0, "tokenizer") }
+        guard conditioner != nil || tokenizerFolder != nil else {
+            throw PEAError.usage("\(path): a single-file checkpoint holds no tokenizer and Pea ships no CLIP vocabulary: give "
+                                 + "--tokenizer DIR (vocab.json + merges.txt, e.g. a diffusers pipeline's tokenizer/) or --config DIR")
+        }
+        let tokenizer = try conditioner == nil ? tokenizerFolder.map { try CLIPTokenizer(folder: $0) } : nil
+
+        let unetConfig = try UNetConfig(config("unet", "config.json"))
+        let vaeConfig = try AutoencoderKLConfig(config("vae", "config.json"))
+        var schedulerValues = try config("scheduler", "scheduler_config.json")
+        if let predictionType = options.predictionType {
+            schedulerValues = ConfigFile(path: schedulerValues.path,
+                                         values: schedulerValues.values.merging(["prediction_type": .string(predictionType)]) { $1 })
+        }
+
+        var unused: [() -> [String]] = []
+        let unetTable = LDMNameTable.unet(unetConfig)
+        let unetWeights = try file.weights(prefix: SingleFileCheckpoint.unetPrefix, backend: backend, dtype: dtype, rename: unetTable.rename)
+        let unet = try UNet2DConditionModel(config: unetConfig, weights: Weights(unetWeights.source))
+        unused.append(unetWeights.unused)
+
+        let vaeTable = LDMNameTable.vae(vaeConfig)
+        let vaeWeights = try file.weights(prefix: SingleFileCheckpoint.vaePrefix, backend: backend,
+                                          dtype: family.vaeDType(dtype, config: vaeConfig), rename: vaeTable.rename)
+        let vae = try AutoencoderKL(config: vaeConfig, weights: Weights(vaeWeights.source))
+        unused.append(vaeWeights.unused)
+
+        let text: any TextConditioner
+        if let conditioner {
+            text = conditioner
+        } else {
+            let encoderConfig = try CLIPTextConfig(config("text_encoder", "config.json"))
+            let encoderWeights = try file.weights(prefix: SingleFileCheckpoint.textEncoderPrefix, backend: backend, dtype: dtype,
+                                                  rename: LDMNameTable.clipText)
+            let encoder = try CLIPTextModel(config: encoderConfig, weights: Weights(encoderWeights.source))
+            // Position ids are a buffer (arange), not a parameter.
+            unused.append { encoderWeights.unused().filter { !$0.hasSuffix("position_ids") } }
+            text = try CLIPConditioner(text: CLIPTextStack(tokenizer: tokenizer!, encoder: encoder), clipSkip: clipSkip)
+        }
+
+        let schedulerConfig = family.schedulerConfig(schedulerValues)
+        let pipeline = StableDiffusionPipeline(family: family, denoiser: unet, vae: vae, conditioner: text,
+                                               scheduler: try makeScheduler(name: scheduler, config: schedulerConfig),
+                                               schedulerConfig: schedulerConfig, backend: backend)
+        return (pipeline, unused.flatMap { $0() })
+    }
+}
