@@ -1,0 +1,146 @@
+import Foundation
+import XCTest
+@testable import PEADiffusion
+
+/// Single-file checkpoints (LDM / A1111 layout) against diffusers' `StableDiffusionPipeline.from_single_file`:
+/// the tiny SD1 pipeline converted to one file by tools/reference/make_single_file_fixtures.py, loaded with
+/// `config=` its folder, must give diffusers' images (docs/testing.md's pipeline tolerance), from the
+/// .safetensors and the .ckpt alike, and the name tables must cover every tensor.
+final class SingleFileCheckpointTests: XCTestCase {
+    struct Case: Decodable {
+        let name, checkpoint, prompt, images: String
+        let negative_prompt: String?
+        let steps, seed, width, height, batch: Int
+        let guidance: Float
+        let scheduler: String?
+    }
+
+    static let directory = fixturesDirectory() + "/single_file"
+    static let sd1Folder = fixturesDirectory() + "/pipelines/sd1"
+    static let checkpoints = ["sd1.safetensors", "sd1.ckpt"]
+
+    static func cases() throws -> [Case] {
+        try JSONDecoder().decode([Case].self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/cases.json")))
+    }
+
+    func testEveryCaseMatchesDiffusersFromSingleFile() throws {
+        let cases = try Self.cases()
+        XCTAssertEqual(cases.count, 2)
+        for checkpoint in Self.checkpoints {
+            for c in cases {
+                let (pipeline, unused) = try StableDiffusionPipeline.load(
+                    checkpoint: Self.directory + "/" + checkpoint, options: SingleFileOptions(configFolder: Self.sd1Folder),
+                    backend: CPUBackend(), scheduler: c.scheduler)
+                XCTAssertEqual(pipeline.family, .sd1)
+                XCTAssertEqual(unused, [], "\(checkpoint): tensors no layer read")
+                var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: c.width, height: c.height)
+                request.steps = c.steps
+                request.guidance = c.guidance
+                request.seed = UInt64(c.seed)
+                request.imagesPerPrompt = c.batch
+                let images = try pipeline.generate(request)
+                assertSameImages(images, try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), "\(checkpoint) \(c.name)")
+            }
+        }
+    }
+
+    /// The tables map the file's names one to one onto the folder's diffusers names, component by component.
+    func testNameTablesMapOntoTheFolderNames() throws {
+        let file = try SafeTensorsFile(path: Self.directory + "/sd1.safetensors")
+        let unet = LDMNameTable.unet(try UNetConfig(ConfigFile(path: Self.sd1Folder + "/unet/config.json")))
+        let vae = LDMNameTable.vae(try AutoencoderKLConfig(ConfigFile(path: Self.sd1Folder + "/vae/config.json")))
+        let components: [(prefix: String, rename: (String) -> String, folderFile: String)] = [
+            (SingleFileCheckpoint.unetPrefix, unet.rename, "unet/diffusion_pytorch_model.safetensors"),
+            (SingleFileCheckpoint.vaePrefix, vae.rename, "vae/diffusion_pytorch_model.safetensors"),
+            (SingleFileCheckpoint.textEncoderPrefix, LDMNameTable.clipText, "text_encoder/model.safetensors"),
+        ]
+        var covered = 0
+        for (prefix, rename, folderFile) in components {
+            let names = file.names.filter { $0.hasPrefix(prefix) }
+            let mapped = names.map { rename(String($0.dropFirst(prefix.count))) }
+            let folderNames = try SafeTensorsFile(path: Self.sd1Folder + "/" + folderFile).names
+            let expected = prefix == SingleFileCheckpoint.textEncoderPrefix ? folderNames.map(LDMNameTable.clipText) : folderNames
+            XCTAssertEqual(Set(mapped), Set(expected), prefix)
+            XCTAssertEqual(Set(mapped).count, names.count, "\(prefix): two names mapped to one")
+            covered += names.count
+        }
+        XCTAssertEqual(covered, file.names.count, "every tensor of the file belongs to a component")
+    }
+
+    /// The family from the tensors, as diffusers' infer_diffusers_model_type: SD1 unless SD2/SDXL keys say otherwise
+    /// (both refused for now), and no UNet at all is not a checkpoint.
+    func testFamilyInference() throws {
+        let unetKey = SingleFileCheckpoint.unetPrefix + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+        func family(_ names: [String], context: Int = 768) throws -> ModelFamily {
+            try SingleFileCheckpoint.inferFamily(path: "x.safetensors", names: Set(names), shape: { $0 == unetKey ? [320, context] : nil })
+        }
+        XCTAssertEqual(try family([unetKey, "first_stage_model.encoder.conv_in.weight"]), .sd1)
+        XCTAssertThrowsError(try family([unetKey], context: 1024)) { XCTAssertTrue("\($0)".contains("SD2.x"), "\($0)") }
+        XCTAssertThrowsError(try family([unetKey, "cond_stage_model.model.token_embedding.weight"])) { XCTAssertTrue("\($0)".contains("SD2.x")) }
+        XCTAssertThrowsError(try family([unetKey, "conditioner.embedders.1.model.ln_final.weight"])) { XCTAssertTrue("\($0)".contains("SDXL")) }
+        XCTAssertThrowsError(try family(["first_stage_model.encoder.conv_in.weight"])) {
+            XCTAssertTrue("\($0)".contains("cannot tell the model family: no model.diffusion_model.* tensors"), "\($0)")
+        }
+    }
+
+    /// `pea generate --model FILE --config DIR`: diffusers' image, from the .safetensors and the .ckpt.
+    func testGenerateCommandWithASingleFile() throws {
+        let scratch = ScratchDirectory("pea-single-file")
+        let c = try XCTUnwrap(Self.cases().first { $0.batch == 1 && $0.negative_prompt == nil })
+        let expected = try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images").integers()!
+        for checkpoint in Self.checkpoints {
+            let output = scratch.file(checkpoint + ".png")
+            var arguments = ["generate", "--model", Self.directory + "/" + checkpoint, "--config", Self.sd1Folder,
+                             "--prompt", c.prompt, "--steps", String(c.steps), "--guidance", String(c.guidance),
+                             "--seed", String(c.seed), "--width", String(c.width), "--height", String(c.height),
+                             "--output", output, "--backend", "cpu"]
+            if let scheduler = c.scheduler { arguments += ["--scheduler", scheduler] }
+            let result = try runPea(arguments)
+            XCTAssertEqual(result.status, 0, result.stderr)
+            XCTAssertEqual(result.stdout, output + "\n")
+            let image = try PNGReader.read(path: output)
+            let worst = zip(image.pixels, expected).map { abs(Int($0) - $1) }.max() ?? 0
+            XCTAssertLessThanOrEqual(worst, 1, "\(checkpoint): differs from diffusers")
+        }
+        // --prediction-type reaches the scheduler: v-prediction makes another image from the same file.
+        let v = scratch.file("v.png")
+        let result = try runPea(["generate", "--model", Self.directory + "/sd1.safetensors", "--config", Self.sd1Folder,
+                                 "--prompt", c.prompt, "--steps", "2", "--seed", "1", "--width", "16", "--height", "16",
+                                 "--prediction-type", "v_prediction", "--output", v, "--backend", "cpu"])
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let (pipeline, _) = try StableDiffusionPipeline.load(
+            checkpoint: Self.directory + "/sd1.safetensors",
+            options: SingleFileOptions(configFolder: Self.sd1Folder, predictionType: "v_prediction"), backend: CPUBackend())
+        XCTAssertEqual(try pipeline.schedulerConfig.optionalString("prediction_type"), "v_prediction")
+    }
+
+    /// Bad single files: clear errors naming the file, a non-zero exit, no output.
+    func testBadSingleFilesFailClearlyAndWriteNothing() throws {
+        let inputs = ScratchDirectory("pea-single-file-inputs")
+        let out = ScratchDirectory("pea-single-file")
+        let output = out.file("out.png")
+        let good = Self.directory + "/sd1.safetensors"
+        let bytes = readFileBytes(good)!
+        let truncated = inputs.write(Array(bytes[..<(bytes.count - 100)]), to: "truncated.safetensors")
+        let file = try SafeTensorsFile(path: good)
+        let dropped = SingleFileCheckpoint.unetPrefix + "out.2.weight"
+        let missing = inputs.file("missing.safetensors")
+        try SafeTensorsWriter.write(file.names.filter { $0 != dropped }.map { (name: $0, tensor: try file.tensor($0)) }, to: missing)
+        let notCheckpoint = Self.sd1Folder + "/unet/diffusion_pytorch_model.safetensors"
+        let config = ["--config", Self.sd1Folder]
+        func run(_ model: String, _ extra: [String]) -> [String] {
+            ["generate", "--model", model, "--prompt", "x", "--steps", "1", "--width", "16", "--height", "16",
+             "--output", output, "--backend", "cpu"] + extra
+        }
+        try assertPeaFails([
+            (run(notCheckpoint, config), 1, [notCheckpoint, "cannot tell the model family: no model.diffusion_model.* tensors"]),
+            (run(truncated, config), 1, [truncated]),
+            (run(missing, config), 1, [missing, "missing tensor 'conv_out.weight'"]),
+            (run(good, []), 2, [good, "--tokenizer DIR"]),
+            (run(good, config + ["--prediction-type", "sample"]), 2, ["--prediction-type"]),
+            (run(Self.sd1Folder, config), 2, ["--config applies to a single-file --model FILE"]),
+            (run(good, ["--config", Self.sd1Folder + "/unet"]), 1, ["model_index.json"]),
+        ], leavesNo: output)
+        XCTAssertEqual(out.entries(), [])
+    }
+}
