@@ -94,11 +94,13 @@ enum GenerateOptions {
     static let spec = CommandSpec(
         name: "generate",
         usage: ["pea generate [--model DIR|FILE] --prompt TEXT [options]",
-                "pea generate [--model DIR] --prompts FILE --output-dir OUT [--batch-size N] [--format png|tar] [--shard K/N|auto] [options]"],
+                "pea generate [--model DIR|FILE] --prompts FILE --output-dir OUT [--batch-size N] [--format png|tar] [--shard K/N|auto] [options]"],
         description: """
             Generates images from text with a diffusers Stable Diffusion pipeline folder (SD1.x, SD2.x or SDXL, detected
             from the folder), the same images diffusers makes from the same folder, prompt, seed and settings with a CPU
-            generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run.
+            generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run. A single-file
+            SD1.x checkpoint (--model FILE) is read as diffusers' from_single_file reads it: the family from its
+            tensors, the configs the family's defaults or --config DIR's, the tokenizer --tokenizer DIR's or --config DIR's.
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
                                    batch, clipSkip, output, initImage, strength, variant, textEncoder, adapter, maxLength,
