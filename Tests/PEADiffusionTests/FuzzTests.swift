@@ -209,18 +209,19 @@ final class FuzzTests: XCTestCase {
         finish(tally)
     }
 
-    /// Single-file checkpoints (the LDM-layout SD1 fixture, .safetensors and .ckpt) mutated, then loaded as a
-    /// pipeline with the fixture folder's configs: byte mutations, the .ckpt's pickle mutated inside a valid zip,
-    /// and the safetensors header with a tensor renamed or dropped (what the name tables meet).
+    /// Single-file checkpoints (the LDM-layout SD1 and SD2 fixtures, .safetensors and .ckpt) mutated, then loaded
+    /// as a pipeline with the fixture folder's configs: byte mutations, the .ckpt's pickle mutated inside a valid
+    /// zip, and the safetensors header with a tensor renamed or dropped (what the name tables meet).
     func testSingleFileCheckpoints() throws {
         let directory = fixturesDirectory() + "/single_file"
-        let options = SingleFileOptions(configFolder: fixturesDirectory() + "/pipelines/sd1")
-        let safetensors = readFileBytes(directory + "/sd1.safetensors")!, ckpt = readFileBytes(directory + "/sd1.ckpt")!
-        let original = try SafeTensorsFile(path: directory + "/sd1.safetensors")
         var tally = Tally(format: "single-file checkpoints")
         var random = SplitMix64(seed: seed &+ 8)
         let scratch = ScratchDirectory("pea-fuzz")
         for index in 0..<max(8, casesPerFormat / 4) {
+            let pipeline = ["sd1", "sd2"][(index / 3) % 2]
+            let options = SingleFileOptions(configFolder: fixturesDirectory() + "/pipelines/" + pipeline)
+            let safetensors = readFileBytes(directory + "/\(pipeline).safetensors")!, ckpt = readFileBytes(directory + "/\(pipeline).ckpt")!
+            let original = try SafeTensorsFile(path: directory + "/\(pipeline).safetensors")
             let path: String
             switch index % 3 {
             case 0:
@@ -232,10 +233,11 @@ final class FuzzTests: XCTestCase {
                 // A tensor renamed (maybe out of every component) or dropped.
                 let victim = original.names[Int(random.next() % UInt64(original.names.count))]
                 let renamed = ["", "model.diffusion_model.input_blocks.99.0.in_layers.0.weight", "first_stage_model.x",
-                               "cond_stage_model.transformer.text_model.y", "model_ema.z"][Int(random.next() % 5)]
+                               "cond_stage_model.transformer.text_model.y", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
+                               "model_ema.z"][Int(random.next() % 6)]
                 path = scratch.file("case.safetensors")
                 try SafeTensorsWriter.write(original.names.compactMap { name in
-                    let newName = name == victim ? renamed : name
+                    let newName = name == victim ? (original.names.contains(renamed) ? "" : renamed) : name
                     return newName.isEmpty ? nil : (name: newName, tensor: try original.tensor(name))
                 }, to: path)
             }

@@ -3,12 +3,12 @@ import XCTest
 @testable import PEADiffusion
 
 /// Single-file checkpoints (LDM / A1111 layout) against diffusers' `StableDiffusionPipeline.from_single_file`:
-/// the tiny SD1 pipeline converted to one file by tools/reference/make_single_file_fixtures.py, loaded with
-/// `config=` its folder, must give diffusers' images (docs/testing.md's pipeline tolerance), from the
-/// .safetensors and the .ckpt alike, and the name tables must cover every tensor.
+/// the tiny SD1 and SD2 pipelines converted to one file each by tools/reference/make_single_file_fixtures.py,
+/// loaded with `config=` their folder, must give diffusers' images (docs/testing.md's pipeline tolerance), from
+/// the .safetensors and the .ckpt alike, and the name tables must cover every tensor.
 final class SingleFileCheckpointTests: XCTestCase {
     struct Case: Decodable {
-        let name, checkpoint, prompt, images: String
+        let name, pipeline, checkpoint, prompt, images: String
         let negative_prompt: String?
         let steps, seed, width, height, batch: Int
         let guidance: Float
@@ -18,6 +18,7 @@ final class SingleFileCheckpointTests: XCTestCase {
     static let directory = fixturesDirectory() + "/single_file"
     static let sd1Folder = fixturesDirectory() + "/pipelines/sd1"
     static let checkpoints = ["sd1.safetensors", "sd1.ckpt"]
+    static func folder(_ pipeline: String) -> String { fixturesDirectory() + "/pipelines/" + pipeline }
 
     static func cases() throws -> [Case] {
         try JSONDecoder().decode([Case].self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/cases.json")))
@@ -25,13 +26,13 @@ final class SingleFileCheckpointTests: XCTestCase {
 
     func testEveryCaseMatchesDiffusersFromSingleFile() throws {
         let cases = try Self.cases()
-        XCTAssertEqual(cases.count, 2)
-        for checkpoint in Self.checkpoints {
-            for c in cases {
+        XCTAssertEqual(Set(cases.map(\.pipeline)), ["sd1", "sd2"])
+        for c in cases {
+            for checkpoint in [c.pipeline + ".safetensors", c.pipeline + ".ckpt"] {
                 let (pipeline, unused) = try StableDiffusionPipeline.load(
-                    checkpoint: Self.directory + "/" + checkpoint, options: SingleFileOptions(configFolder: Self.sd1Folder),
+                    checkpoint: Self.directory + "/" + checkpoint, options: SingleFileOptions(configFolder: Self.folder(c.pipeline)),
                     backend: CPUBackend(), scheduler: c.scheduler)
-                XCTAssertEqual(pipeline.family, .sd1)
+                XCTAssertEqual(pipeline.family, ["sd1": .sd1, "sd2": .sd2][c.pipeline])
                 XCTAssertEqual(unused, [], "\(checkpoint): tensors no layer read")
                 var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: c.width, height: c.height)
                 request.steps = c.steps
@@ -44,41 +45,56 @@ final class SingleFileCheckpointTests: XCTestCase {
         }
     }
 
-    /// The tables map the file's names one to one onto the folder's diffusers names, component by component.
+    /// The tables map the file's names one to one onto the folder's diffusers names, component by component (SD2's
+    /// fused open_clip q/k/v: three names from one tensor, checked by the loads above reading every tensor).
     func testNameTablesMapOntoTheFolderNames() throws {
-        let file = try SafeTensorsFile(path: Self.directory + "/sd1.safetensors")
-        let unet = LDMNameTable.unet(try UNetConfig(ConfigFile(path: Self.sd1Folder + "/unet/config.json")))
-        let vae = LDMNameTable.vae(try AutoencoderKLConfig(ConfigFile(path: Self.sd1Folder + "/vae/config.json")))
-        let components: [(prefix: String, rename: (String) -> String, folderFile: String)] = [
-            (SingleFileCheckpoint.unetPrefix, unet.rename, "unet/diffusion_pytorch_model.safetensors"),
-            (SingleFileCheckpoint.vaePrefix, vae.rename, "vae/diffusion_pytorch_model.safetensors"),
-            (SingleFileCheckpoint.textEncoderPrefix, LDMNameTable.clipText, "text_encoder/model.safetensors"),
-        ]
-        var covered = 0
-        for (prefix, rename, folderFile) in components {
-            let names = file.names.filter { $0.hasPrefix(prefix) }
-            let mapped = names.map { rename(String($0.dropFirst(prefix.count))) }
-            let folderNames = try SafeTensorsFile(path: Self.sd1Folder + "/" + folderFile).names
-            let expected = prefix == SingleFileCheckpoint.textEncoderPrefix ? folderNames.map(LDMNameTable.clipText) : folderNames
-            XCTAssertEqual(Set(mapped), Set(expected), prefix)
-            XCTAssertEqual(Set(mapped).count, names.count, "\(prefix): two names mapped to one")
-            covered += names.count
+        for pipeline in ["sd1", "sd2"] {
+            let folder = Self.folder(pipeline)
+            let file = try SafeTensorsFile(path: Self.directory + "/\(pipeline).safetensors")
+            let unet = LDMNameTable.unet(try UNetConfig(ConfigFile(path: folder + "/unet/config.json")))
+            let vae = LDMNameTable.vae(try AutoencoderKLConfig(ConfigFile(path: folder + "/vae/config.json")))
+            var components: [(prefix: String, rename: (String) -> String?, folderFile: String)] = [
+                (SingleFileCheckpoint.unetPrefix, unet.rename, "unet/diffusion_pytorch_model.safetensors"),
+                (SingleFileCheckpoint.vaePrefix, vae.rename, "vae/diffusion_pytorch_model.safetensors"),
+            ]
+            if pipeline == "sd1" { components.append((SingleFileCheckpoint.clipPrefix, LDMNameTable.clipText, "text_encoder/model.safetensors")) }
+            for (prefix, rename, folderFile) in components {
+                let names = file.names.filter { $0.hasPrefix(prefix) }
+                let mapped = names.compactMap { rename(String($0.dropFirst(prefix.count))) }
+                let folderNames = try SafeTensorsFile(path: folder + "/" + folderFile).names
+                let expected = prefix == SingleFileCheckpoint.clipPrefix ? folderNames.compactMap(LDMNameTable.clipText) : folderNames
+                XCTAssertEqual(Set(mapped), Set(expected), "\(pipeline) \(prefix)")
+                XCTAssertEqual(Set(mapped).count, names.count, "\(pipeline) \(prefix): two names mapped to one")
+            }
+            let textPrefix = pipeline == "sd1" ? SingleFileCheckpoint.clipPrefix : SingleFileCheckpoint.openCLIPPrefix
+            XCTAssertEqual(file.names.filter { name in ![SingleFileCheckpoint.unetPrefix, SingleFileCheckpoint.vaePrefix, textPrefix].contains { name.hasPrefix($0) } },
+                           [], "\(pipeline): every tensor of the file belongs to a component")
         }
-        XCTAssertEqual(covered, file.names.count, "every tensor of the file belongs to a component")
+        // open_clip names diffusers drops: the projection, the logit scale, layers beyond the config's.
+        let table = LDMNameTable.openCLIPText(try CLIPTextConfig(ConfigFile(path: Self.folder("sd2") + "/text_encoder/config.json")))
+        XCTAssertNil(table.rename("text_projection"))
+        XCTAssertNil(table.rename("logit_scale"))
+        XCTAssertNil(table.rename("transformer.resblocks.3.ln_1.weight"))
+        XCTAssertEqual(table.rename("transformer.resblocks.2.attn.in_proj_weight"), "text_model.encoder.layers.2.self_attn.in_proj.weight")
+        XCTAssertEqual(table.rename("positional_embedding"), "text_model.embeddings.position_embedding.weight")
     }
 
-    /// The family from the tensors, as diffusers' infer_diffusers_model_type: SD1 unless SD2/SDXL keys say otherwise
-    /// (both refused for now), and no UNet at all is not a checkpoint.
+    /// The family from the tensors, as diffusers' infer_diffusers_model_type: SD2 by a 1024-wide context or
+    /// open_clip's tower, SD1 otherwise; SDXL and inpainting refused; no UNet at all is not a checkpoint.
     func testFamilyInference() throws {
-        let unetKey = SingleFileCheckpoint.unetPrefix + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-        func family(_ names: [String], context: Int = 768) throws -> ModelFamily {
-            try SingleFileCheckpoint.inferFamily(path: "x.safetensors", names: Set(names), shape: { $0 == unetKey ? [320, context] : nil })
+        let unetKey = SingleFileCheckpoint.unetPrefix + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+        let convIn = SingleFileCheckpoint.unetPrefix + "input_blocks.0.0.weight"
+        func family(_ names: [String], context: Int = 768, inChannels: Int = 4) throws -> ModelFamily {
+            try SingleFileCheckpoint.inferFamily(path: "x.safetensors", names: Set(names + [convIn]),
+                                                 shape: { $0 == unetKey ? [320, context] : $0 == convIn ? [320, inChannels, 3, 3] : nil })
         }
         XCTAssertEqual(try family([unetKey, "first_stage_model.encoder.conv_in.weight"]), .sd1)
-        XCTAssertThrowsError(try family([unetKey], context: 1024)) { XCTAssertTrue("\($0)".contains("SD2.x"), "\($0)") }
-        XCTAssertThrowsError(try family([unetKey, "cond_stage_model.model.token_embedding.weight"])) { XCTAssertTrue("\($0)".contains("SD2.x")) }
+        XCTAssertEqual(try family([unetKey], context: 1024), .sd2)
+        XCTAssertEqual(try family([unetKey, "cond_stage_model.model.token_embedding.weight"]), .sd2)
         XCTAssertThrowsError(try family([unetKey, "conditioner.embedders.1.model.ln_final.weight"])) { XCTAssertTrue("\($0)".contains("SDXL")) }
-        XCTAssertThrowsError(try family(["first_stage_model.encoder.conv_in.weight"])) {
+        XCTAssertThrowsError(try family([unetKey], inChannels: 9)) { XCTAssertTrue("\($0)".contains("inpainting"), "\($0)") }
+        XCTAssertThrowsError(try SingleFileCheckpoint.inferFamily(path: "x.safetensors", names: ["first_stage_model.encoder.conv_in.weight"],
+                                                                  shape: { _ in nil })) {
             XCTAssertTrue("\($0)".contains("cannot tell the model family: no model.diffusion_model.* tensors"), "\($0)")
         }
     }
@@ -86,7 +102,7 @@ final class SingleFileCheckpointTests: XCTestCase {
     /// `pea generate --model FILE --config DIR`: diffusers' image, from the .safetensors and the .ckpt.
     func testGenerateCommandWithASingleFile() throws {
         let scratch = ScratchDirectory("pea-single-file")
-        let c = try XCTUnwrap(Self.cases().first { $0.batch == 1 && $0.negative_prompt == nil })
+        let c = try XCTUnwrap(Self.cases().first { $0.pipeline == "sd1" && $0.batch == 1 && $0.negative_prompt == nil })
         let expected = try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images").integers()!
         for checkpoint in Self.checkpoints {
             let output = scratch.file(checkpoint + ".png")

@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""Single-file checkpoints: the tiny SD1 pipeline of Tests/Fixtures/pipelines/sd1 (read, never rewritten) written in
-the original LDM / A1111 layout, and what diffusers' StableDiffusionPipeline.from_single_file makes from it.
+"""Single-file checkpoints: the tiny SD1 and SD2 pipelines of Tests/Fixtures/pipelines (read, never rewritten) written
+in the original LDM / A1111 layout, and what diffusers' StableDiffusionPipeline.from_single_file makes from them.
 
 Writes, under --out (default Tests/Fixtures/single_file):
   sd1.safetensors  the UNet under `model.diffusion_model.`, the VAE under `first_stage_model.`, the CLIP text
                    encoder under `cond_stage_model.transformer.text_model.`, in the LDM names (converted by
                    `to_ldm` below, written here from the layout of the LDM code, not copied from diffusers' script)
-  sd1.ckpt         the same tensors as torch.save({"state_dict": …}), as LDM training saved them
-  cases.json       per case: name, checkpoint, prompt, negative_prompt, steps, guidance, seed, width, height,
+  sd2.safetensors  the same for SD2, whose text encoder is open_clip's under `cond_stage_model.model.`
+                   (resblocks, q/k/v fused into attn.in_proj_weight/bias, positional_embedding, ln_final)
+  sd1.ckpt, sd2.ckpt  the same tensors as torch.save({"state_dict": …}), as LDM training saved them
+  cases.json       per case: name, pipeline (its folder gives `config=`), checkpoint, prompt, negative_prompt, steps, guidance, seed, width, height,
                    batch, scheduler (pea's name or null for the config's own), images
   <case>.safetensors  `images` [N, H, W, 3] int32 0…255, as make_pipeline_fixtures.py stores them
-The tiny models need `config=` (from_single_file's defaults are full-size SD1.5): the sd1 fixture folder. The
+The tiny models need `config=` (from_single_file's defaults are full-size): their fixture folder. The
 script asserts that from_single_file's UNet, VAE and text encoder state dicts equal the folder's, so the round
 trip is exact, and that the .ckpt loads to the same pipeline.
 """
@@ -97,6 +99,31 @@ def rename(name, table):
     return name
 
 
+OPEN_CLIP_LAYER = [("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
+                   ("self_attn.out_proj", "attn.out_proj")]
+
+
+def to_open_clip(text):
+    """transformers' CLIPTextModel state → open_clip's text tower (SD2's `cond_stage_model.model.`): q/k/v fused
+    into one in_proj, resblocks for layers, ln_final, a positional_embedding parameter."""
+    text = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in text.items()}
+    state = {"token_embedding.weight": text.pop("text_model.embeddings.token_embedding.weight"),
+             "positional_embedding": text.pop("text_model.embeddings.position_embedding.weight"),
+             "ln_final.weight": text.pop("text_model.final_layer_norm.weight"),
+             "ln_final.bias": text.pop("text_model.final_layer_norm.bias")}
+    text.pop("text_model.embeddings.position_ids", None)
+    layers = sorted({int(k.split(".")[3]) for k in text if k.startswith("text_model.encoder.layers.")})
+    for i in layers:
+        prefix = f"text_model.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            state[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [text.pop(prefix + f"self_attn.{p}_proj.{kind}") for p in "qkv"])
+            for new, old in OPEN_CLIP_LAYER:
+                state[f"transformer.resblocks.{i}.{old}.{kind}"] = text.pop(prefix + f"{new}.{kind}")
+    assert not text, sorted(text)
+    return state
+
+
 def to_ldm(folder):
     unet_config = json.load(open(os.path.join(folder, "unet", "config.json")))
     vae_config = json.load(open(os.path.join(folder, "vae", "config.json")))
@@ -111,18 +138,25 @@ def to_ldm(folder):
         if re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", new):
             tensor = tensor[:, :, None, None]
         state["first_stage_model." + new] = tensor
-    for name, tensor in load_file(os.path.join(folder, "text_encoder", "model.safetensors")).items():
-        if not name.startswith("text_model."):
-            name = "text_model." + name
-        state["cond_stage_model.transformer." + name] = tensor
+    text = load_file(os.path.join(folder, "text_encoder", "model.safetensors"))
+    if json.load(open(os.path.join(folder, "text_encoder", "config.json")))["hidden_act"] == "gelu":   # SD2: OpenCLIP
+        for name, tensor in to_open_clip(text).items():
+            state["cond_stage_model.model." + name] = tensor
+    else:
+        for name, tensor in text.items():
+            if not name.startswith("text_model."):
+                name = "text_model." + name
+            state["cond_stage_model.transformer." + name] = tensor
     return {k: v.contiguous() for k, v in state.items()}
 
 
 CASES = [
-    # name, checkpoint, prompt, negative, steps, guidance, seed, width, height, batch, scheduler
-    ("sd1_pndm", "sd1.safetensors", "a red fox in the snow, photo", None, 4, 7.5, 42, 32, 24, 1, None),
-    ("sd1_euler_a_negative_batch", "sd1.safetensors", "an astronaut riding a horse", "blurry", 5, 6.0, 7, 24, 32, 2, "euler-a"),
+    # name, pipeline, prompt, negative, steps, guidance, seed, width, height, batch, scheduler
+    ("sd1_pndm", "sd1", "a red fox in the snow, photo", None, 4, 7.5, 42, 32, 24, 1, None),
+    ("sd1_euler_a_negative_batch", "sd1", "an astronaut riding a horse", "blurry", 5, 6.0, 7, 24, 32, 2, "euler-a"),
+    ("sd2_ddim_v_prediction", "sd2", "a cabin in the woods!", None, 4, 7.5, 5, 24, 40, 1, None),
 ]
+PIPELINES = ("sd1", "sd2")
 
 
 def same_state(a, b, what):
@@ -139,21 +173,25 @@ def main():
     parser.add_argument("--out", default=os.path.join(FIXTURES, "single_file"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    state = to_ldm(SD1)
-    save_file(state, os.path.join(args.out, "sd1.safetensors"))
-    torch.save({"state_dict": state}, os.path.join(args.out, "sd1.ckpt"))
-
-    folder = StableDiffusionPipeline.from_pretrained(SD1)
-    for checkpoint in ("sd1.safetensors", "sd1.ckpt"):
-        single = StableDiffusionPipeline.from_single_file(os.path.join(args.out, checkpoint), config=SD1,
-                                                          local_files_only=True)
-        for part in ("unet", "vae", "text_encoder"):
-            same_state(getattr(single, part), getattr(folder, part), checkpoint + " " + part)
-        assert type(single.scheduler) is type(folder.scheduler)
+    for which in PIPELINES:
+        source = os.path.join(FIXTURES, "pipelines", which)
+        state = to_ldm(source)
+        save_file(state, os.path.join(args.out, which + ".safetensors"))
+        torch.save({"state_dict": state}, os.path.join(args.out, which + ".ckpt"))
+        folder = StableDiffusionPipeline.from_pretrained(source)
+        for checkpoint in (which + ".safetensors", which + ".ckpt"):
+            single = StableDiffusionPipeline.from_single_file(os.path.join(args.out, checkpoint), config=source,
+                                                              local_files_only=True)
+            for part in ("unet", "vae", "text_encoder"):
+                same_state(getattr(single, part), getattr(folder, part), checkpoint + " " + part)
+            assert type(single.scheduler) is type(folder.scheduler)
+            assert single.scheduler.config.prediction_type == folder.scheduler.config.prediction_type
 
     records = []
-    for name, checkpoint, prompt, negative, steps, guidance, seed, width, height, batch, scheduler in CASES:
-        pipe = StableDiffusionPipeline.from_single_file(os.path.join(args.out, checkpoint), config=SD1,
+    for name, which, prompt, negative, steps, guidance, seed, width, height, batch, scheduler in CASES:
+        checkpoint = which + ".safetensors"
+        pipe = StableDiffusionPipeline.from_single_file(os.path.join(args.out, checkpoint),
+                                                        config=os.path.join(FIXTURES, "pipelines", which),
                                                         local_files_only=True, safety_checker=None)
         pipe.set_progress_bar_config(disable=True)
         if scheduler is not None:
@@ -164,7 +202,7 @@ def main():
                           generator=torch.Generator("cpu").manual_seed(seed)).images
         pixels = (images * 255).round().astype(np.int32)
         save_file({"images": torch.from_numpy(pixels).contiguous()}, os.path.join(args.out, name + ".safetensors"))
-        records.append({"name": name, "checkpoint": checkpoint, "prompt": prompt, "negative_prompt": negative,
+        records.append({"name": name, "pipeline": which, "checkpoint": checkpoint, "prompt": prompt, "negative_prompt": negative,
                         "steps": steps, "guidance": guidance, "seed": seed, "width": width, "height": height,
                         "batch": batch, "scheduler": scheduler, "images": name + ".safetensors"})
     with open(os.path.join(args.out, "cases.json"), "w") as f:

@@ -5,8 +5,8 @@
 // tables are data: fixed prefix pairs, the per-block pairs their config implies, and the inner renames of a
 // block; nothing else in the loader knows a name.
 //
-// SD1.x is supported; SD2.x (OpenCLIP under `cond_stage_model.model.*`) and SDXL (`conditioner.embedders.*`) are
-// recognised and refused.
+// SD1.x (CLIP under `cond_stage_model.transformer.*`) and SD2.x (OpenCLIP under `cond_stage_model.model.*`) are
+// supported; SDXL (`conditioner.embedders.*`) and inpainting checkpoints are recognised and refused.
 
 /// A `.safetensors` or `.ckpt` (torch.save) file holding a whole pipeline in the LDM layout.
 public final class SingleFileCheckpoint {
@@ -21,7 +21,10 @@ public final class SingleFileCheckpoint {
     /// The LDM prefix of each component.
     static let unetPrefix = "model.diffusion_model."
     static let vaePrefix = "first_stage_model."
-    static let textEncoderPrefix = "cond_stage_model.transformer."
+    /// SD1's text encoder: transformers' CLIPTextModel as it is.
+    static let clipPrefix = "cond_stage_model.transformer."
+    /// SD2's text encoder: open_clip's text tower.
+    static let openCLIPPrefix = "cond_stage_model.model."
 
     /// Opens `path` by its contents (a zip archive is a torch.save file, anything else safetensors) and infers
     /// the family from its tensors.
@@ -42,30 +45,32 @@ public final class SingleFileCheckpoint {
         family = try Self.inferFamily(path: path, names: Set(names), shape: shape)
     }
 
-    /// As diffusers' `infer_diffusers_model_type` for the families Pea runs: SDXL by its second text encoder,
-    /// SD2 by OpenCLIP's tower or a 1024-wide cross-attention context, SD1 otherwise (whether it predicts v
-    /// cannot be told from the tensors: `--prediction-type`).
+    /// As diffusers' `infer_diffusers_model_type` (and, for the text encoder, its `is_open_clip_model`) for the
+    /// families Pea runs: SDXL by its second text encoder, SD2 by a 1024-wide cross-attention context or
+    /// OpenCLIP's tower, SD1 otherwise. Whether a model predicts v cannot be told from the tensors
+    /// (`--prediction-type`).
     static func inferFamily(path: String, names: Set<String>, shape: (String) -> [Int]?) throws -> ModelFamily {
         guard names.contains(where: { $0.hasPrefix(unetPrefix) }) else {
             throw PEAError.invalidFile(path: path, reason: "cannot tell the model family: no \(unetPrefix)* tensors "
                                        + "(not a single-file Stable Diffusion checkpoint in the LDM / A1111 layout)")
         }
-        if names.contains(where: { $0.hasPrefix("conditioner.embedders.1.") }) {
+        if names.contains(where: { $0.hasPrefix("conditioner.embedders.") }) {
             throw PEAError.unsupported("\(path): an SDXL single-file checkpoint (conditioner.embedders.*); Pea reads SD1.x "
-                                       + "single files so far: convert it to a diffusers folder")
+                                       + "and SD2.x single files so far: convert it to a diffusers folder")
         }
-        let context = shape(unetPrefix + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")?.last
-        if context == 1024 || names.contains(where: { $0.hasPrefix("cond_stage_model.model.") }) {
-            throw PEAError.unsupported("\(path): an SD2.x single-file checkpoint (OpenCLIP text encoder); Pea reads SD1.x "
-                                       + "single files so far: convert it to a diffusers folder")
+        if shape(unetPrefix + "input_blocks.0.0.weight").map({ $0.count == 4 && $0[1] == 9 }) == true {
+            throw PEAError.unsupported("\(path): an inpainting checkpoint (a 9-channel conv_in): Pea runs text-to-image and "
+                                       + "image-to-image models")
         }
+        let context = shape(unetPrefix + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight")?.last
+        if context == 1024 || names.contains(where: { $0.hasPrefix(openCLIPPrefix) }) { return .sd2 }
         return .sd1
     }
 
     /// The weights of one component: the file's tensors under `prefix`, named as diffusers names them by `rename`
     /// (given the name without the prefix); the file's other tensors are not this component's.
     func weights(prefix: String, backend: any ComputeBackend, dtype: DType,
-                 rename: @escaping (String) -> String) throws -> (source: any WeightSource, unused: () -> [String]) {
+                 rename: @escaping (String) -> String?) throws -> (source: any WeightSource, unused: () -> [String]) {
         func mapped(_ name: String) -> String? { name.hasPrefix(prefix) ? rename(String(name.dropFirst(prefix.count))) : nil }
         switch backing {
         case .safetensors(let file):
@@ -84,24 +89,26 @@ public final class SingleFileCheckpoint {
 /// a name starts with is replaced, then the block's inner table applies to the rest the same way.
 struct LDMNameTable {
     struct Entry {
-        let diffusers: String
+        /// nil: tensors the diffusers model has no place for, which diffusers' conversion drops too.
+        let diffusers: String?
         let inner: [String: String]
     }
     var entries: [String: Entry] = [:]
 
-    mutating func add(_ ldm: String, _ diffusers: String, inner: [String: String] = [:]) {
+    mutating func add(_ ldm: String, _ diffusers: String?, inner: [String: String] = [:]) {
         entries[ldm] = Entry(diffusers: diffusers, inner: inner)
     }
 
-    /// `name` under diffusers' names, or unchanged when no entry applies (it is then reported as unused or
-    /// missing by the weight source, never silently taken).
-    func rename(_ name: String) -> String {
+    /// `name` under diffusers' names; nil for a tensor the table drops; unchanged when no entry applies (it is
+    /// then reported as unused or missing by the weight source, never silently taken).
+    func rename(_ name: String) -> String? {
         guard let (ldm, entry) = Self.longestPrefix(of: name, in: entries) else { return name }
+        guard let diffusers = entry.diffusers else { return nil }
         var rest = String(name.dropFirst(ldm.count))   // "" or ".…"
         if rest.hasPrefix("."), let (inner, replacement) = Self.longestPrefix(of: String(rest.dropFirst()), in: entry.inner) {
             rest = "." + replacement + rest.dropFirst(1 + inner.count)
         }
-        return entry.diffusers + rest
+        return diffusers + rest
     }
 
     private static func longestPrefix<V>(of name: String, in table: [String: V]) -> (String, V)? {
@@ -188,14 +195,88 @@ struct LDMNameTable {
 
     /// SD1's text encoder is transformers' CLIPTextModel saved under `cond_stage_model.transformer.`, with or
     /// without its `text_model.` level.
-    static func clipText(_ name: String) -> String { name.hasPrefix("text_model.") ? name : "text_model." + name }
+    static func clipText(_ name: String) -> String? { name.hasPrefix("text_model.") ? name : "text_model." + name }
+
+    static let openCLIPLayer = ["ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+                                "attn.out_proj": "self_attn.out_proj", "attn.in_proj_weight": "self_attn.in_proj.weight",
+                                "attn.in_proj_bias": "self_attn.in_proj.bias"]
+    /// open_clip's fused attention input projection and the rows it holds, in order (`RowSplitWeights`).
+    static let openCLIPFused = (name: "in_proj", parts: ["q_proj", "k_proj", "v_proj"])
+
+    /// SD2's open_clip text tower (`cond_stage_model.model.`) onto transformers' CLIPTextModel: the layers the
+    /// config has (SD2 drops the last of open_clip's 24, as diffusers' SD2 text encoder has 23), no projection
+    /// (CLIPTextModel has none; SD2 conditions on the hidden states).
+    static func openCLIPText(_ c: CLIPTextConfig) -> LDMNameTable {
+        var t = LDMNameTable()
+        t.add("token_embedding", "text_model.embeddings.token_embedding")
+        t.add("positional_embedding", "text_model.embeddings.position_embedding.weight")
+        t.add("ln_final", "text_model.final_layer_norm")
+        t.add("text_projection", nil)
+        t.add("logit_scale", nil)
+        t.add("transformer.resblocks", nil)   // beyond the config's layers
+        for i in 0..<c.layers {
+            t.add("transformer.resblocks.\(i)", "text_model.encoder.layers.\(i)", inner: openCLIPLayer)
+        }
+        return t
+    }
+}
+
+/// Weights whose file fuses several parameters into one tensor, row blocks in order (open_clip's attention
+/// `in_proj` holds q, k and v): asked for a part, it loads the fused tensor once and splits it on the backend.
+final class RowSplitWeights: WeightSource {
+    let base: any WeightSource
+    let fused: String
+    let parts: [String]
+    private var pending: [String: Tensor] = [:]   // split parts not asked for yet
+
+    init(_ base: any WeightSource, fused: String, parts: [String]) {
+        self.base = base
+        self.fused = fused
+        self.parts = parts
+    }
+
+    var backend: any ComputeBackend { base.backend }
+
+    /// `a.b.q_proj.weight` → (`a.b.in_proj.weight`, the names of every part), when the name is a part's.
+    private func fusedName(_ name: String) -> (fused: String, parts: [String])? {
+        var components = name.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+        guard components.count >= 2, parts.contains(components[components.count - 2]) else { return nil }
+        let names = parts.map { part -> String in
+            components[components.count - 2] = part
+            return components.joined(separator: ".")
+        }
+        components[components.count - 2] = fused
+        return (components.joined(separator: "."), names)
+    }
+
+    func contains(_ name: String) -> Bool {
+        base.contains(name) || fusedName(name).map { base.contains($0.fused) } == true
+    }
+
+    func tensor(_ name: String, shape: [Int]) throws -> Tensor {
+        try load(name, shape: shape) { try base.tensor($0, shape: $1) }
+    }
+
+    func matrix(_ name: String, shape: [Int]) throws -> Tensor {
+        try load(name, shape: shape) { try base.matrix($0, shape: $1) }
+    }
+
+    private func load(_ name: String, shape: [Int], _ read: (String, [Int]) throws -> Tensor) throws -> Tensor {
+        if let part = pending.removeValue(forKey: name) { return part }
+        guard !base.contains(name), let (fusedName, names) = fusedName(name), !shape.isEmpty else { return try read(name, shape) }
+        let whole = try read(fusedName, [shape[0] * names.count] + shape.dropFirst())
+        let split = try backend.split(whole, sizes: Array(repeating: shape[0], count: names.count), dim: 0)
+        for (partName, part) in zip(names, split) where partName != name { pending[partName] = part }
+        return split[names.firstIndex(of: name)!]
+    }
 }
 
 // MARK: - Built-in configs
 
 extension SingleFileCheckpoint {
     /// The configs from_single_file takes when no `config=` is given: the family's reference diffusers pipeline
-    /// (SD1: stable-diffusion-v1-5/stable-diffusion-v1-5).
+    /// (SD1: stable-diffusion-v1-5/stable-diffusion-v1-5; SD2: stabilityai/stable-diffusion-2-1, a v-prediction
+    /// model: SD2 base 512 models need `--prediction-type epsilon`).
     static func defaultConfig(_ family: ModelFamily, _ component: String) throws -> ConfigFile {
         let text: String
         switch (family, component) {
@@ -208,7 +289,17 @@ extension SingleFileCheckpoint {
                  "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
                  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
                 """
-        case (.sd1, "vae"):
+        case (.sd2, "unet"):
+            text = """
+                {"act_fn": "silu", "attention_head_dim": [5, 10, 20, 20], "block_out_channels": [320, 640, 1280, 1280],
+                 "center_input_sample": false, "cross_attention_dim": 1024,
+                 "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                 "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+                 "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 96,
+                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+                 "upcast_attention": true, "use_linear_projection": true}
+                """
+        case (.sd1, "vae"), (.sd2, "vae"):
             text = """
                 {"act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
                  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
@@ -222,6 +313,20 @@ extension SingleFileCheckpoint {
                  "hidden_size": 768, "intermediate_size": 3072, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
                  "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 1, "projection_dim": 768,
                  "vocab_size": 49408}
+                """
+        case (.sd2, "text_encoder"):
+            text = """
+                {"architectures": ["CLIPTextModel"], "bos_token_id": 0, "eos_token_id": 2, "hidden_act": "gelu",
+                 "hidden_size": 1024, "intermediate_size": 4096, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+                 "num_attention_heads": 16, "num_hidden_layers": 23, "pad_token_id": 1, "projection_dim": 512,
+                 "vocab_size": 49408}
+                """
+        case (.sd2, "scheduler"):
+            text = """
+                {"_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "clip_sample": false, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+                 "set_alpha_to_one": false, "skip_prk_steps": true, "steps_offset": 1, "timestep_spacing": "leading",
+                 "trained_betas": null}
                 """
         case (.sd1, "scheduler"):
             text = """
@@ -307,8 +412,18 @@ extension StableDiffusionPipeline {
             text = conditioner
         } else {
             let encoderConfig = try CLIPTextConfig(config("text_encoder", "config.json"))
-            let encoderWeights = try file.weights(prefix: SingleFileCheckpoint.textEncoderPrefix, backend: backend, dtype: dtype,
+            let encoderWeights: (source: any WeightSource, unused: () -> [String])
+            switch family {
+            case .sd1:
+                encoderWeights = try file.weights(prefix: SingleFileCheckpoint.clipPrefix, backend: backend, dtype: dtype,
                                                   rename: LDMNameTable.clipText)
+            case .sd2:
+                let table = LDMNameTable.openCLIPText(encoderConfig), fused = LDMNameTable.openCLIPFused
+                let tower = try file.weights(prefix: SingleFileCheckpoint.openCLIPPrefix, backend: backend, dtype: dtype, rename: table.rename)
+                encoderWeights = (RowSplitWeights(tower.source, fused: fused.name, parts: fused.parts), tower.unused)
+            case .sdxl:
+                throw PEAError.unsupported("\(path): SDXL single files")
+            }
             let encoder = try CLIPTextModel(config: encoderConfig, weights: Weights(encoderWeights.source))
             // Position ids are a buffer (arange), not a parameter.
             unused.append { encoderWeights.unused().filter { !$0.hasSuffix("position_ids") } }
