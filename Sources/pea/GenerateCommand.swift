@@ -9,10 +9,10 @@ import PEADiffusion
 enum GenerateOptions {
     static let model = CommandOption.value(
         "--model", "DIR|FILE",
-        help: "diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, …), or a single-file SD1.x/SD2.x "
-            + "checkpoint (.safetensors or .ckpt in the original LDM / A1111 layout: model.diffusion_model.*, "
-            + "first_stage_model.*, cond_stage_model.transformer.* (SD1) or cond_stage_model.model.* (SD2); SDXL single "
-            + "files are refused); without it, the bundled toy "
+        help: "diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, …), or a single-file SD1.x, SD2.x or "
+            + "SDXL base checkpoint (.safetensors or .ckpt in the original LDM / A1111 layout: model.diffusion_model.*, "
+            + "first_stage_model.*, and cond_stage_model.transformer.* (SD1), cond_stage_model.model.* (SD2) or "
+            + "conditioner.embedders.{0,1}.* (SDXL)); without it, the bundled toy "
             + "world (models/toyworld: 64×64 coloured shapes, \"a red circle\"), and for Chinese prompts (\"一个红色的圆形\") "
             + "its Chinese encoder and the PEA adapter trained by `pea train` (models/toyworld-zh); found above the pea "
             + "executable, in ./models, or where $PEA_MODELS points")
@@ -80,15 +80,16 @@ enum GenerateOptions {
     static let config = CommandOption.value(
         "--config", "DIR",
         help: "with --model FILE: a diffusers pipeline folder whose configs and tokenizer are used instead of the family's "
-            + "defaults (SD1: stable-diffusion-v1-5's; SD2: stable-diffusion-2-1's, v-prediction), as diffusers' from_single_file(config=DIR)")
+            + "defaults (SD1: stable-diffusion-v1-5's; SD2: stable-diffusion-2-1's, v-prediction; SDXL: "
+            + "stable-diffusion-xl-base-1.0's), as diffusers' from_single_file(config=DIR)")
     static let tokenizer = CommandOption.value(
         "--tokenizer", "DIR",
-        help: "with --model FILE: the CLIP tokenizer folder (vocab.json + merges.txt, e.g. a diffusers pipeline's tokenizer/); "
-            + "required without --config, since a single file holds none and Pea ships no CLIP vocabulary")
+        help: "with --model FILE: the CLIP tokenizer folder (vocab.json + merges.txt, e.g. a diffusers pipeline's tokenizer/; "
+            + "for SDXL a folder holding tokenizer/ and tokenizer_2/, e.g. a diffusers SDXL pipeline); required without --config, since a single file holds none and Pea ships no CLIP vocabulary")
     static let predictionType = CommandOption.value(
         "--prediction-type", "TYPE", .choices(["epsilon", "v_prediction"]),
         help: "with --model FILE: epsilon | v_prediction, what the UNet predicts (the tensors cannot tell; default: the "
-            + "config's: epsilon for SD1, v_prediction for SD2, so SD2 512-base files need epsilon)")
+            + "config's: epsilon for SD1 and SDXL, v_prediction for SD2, so SD2 512-base files need epsilon)")
     static let maxLength = CommandOption.value(
         "--max-length", "N", help: "PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)")
 
@@ -100,7 +101,7 @@ enum GenerateOptions {
             Generates images from text with a diffusers Stable Diffusion pipeline folder (SD1.x, SD2.x or SDXL, detected
             from the folder), the same images diffusers makes from the same folder, prompt, seed and settings with a CPU
             generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run. A single-file
-            SD1.x/SD2.x checkpoint (--model FILE) is read as diffusers' from_single_file reads it: the family from its
+            SD1.x/SD2.x/SDXL checkpoint (--model FILE) is read as diffusers' from_single_file reads it: the family from its
             tensors, the configs the family's defaults or --config DIR's, the tokenizer --tokenizer DIR's or --config DIR's.
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,

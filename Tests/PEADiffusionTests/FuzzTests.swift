@@ -209,7 +209,7 @@ final class FuzzTests: XCTestCase {
         finish(tally)
     }
 
-    /// Single-file checkpoints (the LDM-layout SD1 and SD2 fixtures, .safetensors and .ckpt) mutated, then loaded
+    /// Single-file checkpoints (the LDM-layout SD1, SD2 and SDXL fixtures, .safetensors and .ckpt) mutated, then loaded
     /// as a pipeline with the fixture folder's configs: byte mutations, the .ckpt's pickle mutated inside a valid
     /// zip, and the safetensors header with a tensor renamed or dropped (what the name tables meet).
     func testSingleFileCheckpoints() throws {
@@ -218,8 +218,8 @@ final class FuzzTests: XCTestCase {
         var random = SplitMix64(seed: seed &+ 8)
         let scratch = ScratchDirectory("pea-fuzz")
         for index in 0..<max(8, casesPerFormat / 4) {
-            let pipeline = ["sd1", "sd2"][(index / 3) % 2]
-            let options = SingleFileOptions(configFolder: fixturesDirectory() + "/pipelines/" + pipeline)
+            let pipeline = ["sd1", "sd2", "sdxl"][(index / 3) % 3]
+            let options = SingleFileOptions(configFolder: fixturesDirectory() + (pipeline == "sdxl" ? "/single_file/sdxl_config" : "/pipelines/" + pipeline))
             let safetensors = readFileBytes(directory + "/\(pipeline).safetensors")!, ckpt = readFileBytes(directory + "/\(pipeline).ckpt")!
             let original = try SafeTensorsFile(path: directory + "/\(pipeline).safetensors")
             let path: String
@@ -234,7 +234,7 @@ final class FuzzTests: XCTestCase {
                 let victim = original.names[Int(random.next() % UInt64(original.names.count))]
                 let renamed = ["", "model.diffusion_model.input_blocks.99.0.in_layers.0.weight", "first_stage_model.x",
                                "cond_stage_model.transformer.text_model.y", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
-                               "model_ema.z"][Int(random.next() % 6)]
+                               "conditioner.embedders.1.model.text_projection", "model_ema.z"][Int(random.next() % 7)]
                 path = scratch.file("case.safetensors")
                 try SafeTensorsWriter.write(original.names.compactMap { name in
                     let newName = name == victim ? (original.names.contains(renamed) ? "" : renamed) : name

@@ -3,12 +3,13 @@ import XCTest
 @testable import PEADiffusion
 
 /// Single-file checkpoints (LDM / A1111 layout) against diffusers' `StableDiffusionPipeline.from_single_file`:
-/// the tiny SD1 and SD2 pipelines converted to one file each by tools/reference/make_single_file_fixtures.py,
-/// loaded with `config=` their folder, must give diffusers' images (docs/testing.md's pipeline tolerance), from
+/// the tiny SD1, SD2 and SDXL pipelines converted to one file each by tools/reference/make_single_file_fixtures.py
+/// (SDXL's with a second text encoder wider than its first, as diffusers tells them apart by width; its configs
+/// and tokenizers in single_file/sdxl_config), loaded with `config=` their folder, must give diffusers' images (docs/testing.md's pipeline tolerance), from
 /// the .safetensors and the .ckpt alike, and the name tables must cover every tensor.
 final class SingleFileCheckpointTests: XCTestCase {
     struct Case: Decodable {
-        let name, pipeline, checkpoint, prompt, images: String
+        let name, pipeline, config, checkpoint, prompt, images: String
         let negative_prompt: String?
         let steps, seed, width, height, batch: Int
         let guidance: Float
@@ -26,13 +27,13 @@ final class SingleFileCheckpointTests: XCTestCase {
 
     func testEveryCaseMatchesDiffusersFromSingleFile() throws {
         let cases = try Self.cases()
-        XCTAssertEqual(Set(cases.map(\.pipeline)), ["sd1", "sd2"])
+        XCTAssertEqual(Set(cases.map(\.pipeline)), ["sd1", "sd2", "sdxl"])
         for c in cases {
             for checkpoint in [c.pipeline + ".safetensors", c.pipeline + ".ckpt"] {
                 let (pipeline, unused) = try StableDiffusionPipeline.load(
-                    checkpoint: Self.directory + "/" + checkpoint, options: SingleFileOptions(configFolder: Self.folder(c.pipeline)),
+                    checkpoint: Self.directory + "/" + checkpoint, options: SingleFileOptions(configFolder: fixturesDirectory() + "/" + c.config),
                     backend: CPUBackend(), scheduler: c.scheduler)
-                XCTAssertEqual(pipeline.family, ["sd1": .sd1, "sd2": .sd2][c.pipeline])
+                XCTAssertEqual(pipeline.family, ["sd1": .sd1, "sd2": .sd2, "sdxl": .sdxl][c.pipeline])
                 XCTAssertEqual(unused, [], "\(checkpoint): tensors no layer read")
                 var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: c.width, height: c.height)
                 request.steps = c.steps
@@ -71,7 +72,8 @@ final class SingleFileCheckpointTests: XCTestCase {
                            [], "\(pipeline): every tensor of the file belongs to a component")
         }
         // open_clip names diffusers drops: the projection, the logit scale, layers beyond the config's.
-        let table = LDMNameTable.openCLIPText(try CLIPTextConfig(ConfigFile(path: Self.folder("sd2") + "/text_encoder/config.json")))
+        let table = LDMNameTable.openCLIPText(try CLIPTextConfig(ConfigFile(path: Self.folder("sd2") + "/text_encoder/config.json")),
+                                              projection: false)
         XCTAssertNil(table.rename("text_projection"))
         XCTAssertNil(table.rename("logit_scale"))
         XCTAssertNil(table.rename("transformer.resblocks.3.ln_1.weight"))
@@ -79,8 +81,9 @@ final class SingleFileCheckpointTests: XCTestCase {
         XCTAssertEqual(table.rename("positional_embedding"), "text_model.embeddings.position_embedding.weight")
     }
 
-    /// The family from the tensors, as diffusers' infer_diffusers_model_type: SD2 by a 1024-wide context or
-    /// open_clip's tower, SD1 otherwise; SDXL and inpainting refused; no UNet at all is not a checkpoint.
+    /// The family from the tensors, as diffusers' infer_diffusers_model_type: SDXL by its embedders, SD2 by a
+    /// 1024-wide context or open_clip's tower, SD1 otherwise; SDXL refiners and inpainting refused; no UNet at all
+    /// is not a checkpoint.
     func testFamilyInference() throws {
         let unetKey = SingleFileCheckpoint.unetPrefix + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
         let convIn = SingleFileCheckpoint.unetPrefix + "input_blocks.0.0.weight"
@@ -91,7 +94,8 @@ final class SingleFileCheckpointTests: XCTestCase {
         XCTAssertEqual(try family([unetKey, "first_stage_model.encoder.conv_in.weight"]), .sd1)
         XCTAssertEqual(try family([unetKey], context: 1024), .sd2)
         XCTAssertEqual(try family([unetKey, "cond_stage_model.model.token_embedding.weight"]), .sd2)
-        XCTAssertThrowsError(try family([unetKey, "conditioner.embedders.1.model.ln_final.weight"])) { XCTAssertTrue("\($0)".contains("SDXL")) }
+        XCTAssertEqual(try family([unetKey, "conditioner.embedders.1.model.ln_final.weight"]), .sdxl)
+        XCTAssertThrowsError(try family([unetKey, "conditioner.embedders.0.model.ln_final.weight"])) { XCTAssertTrue("\($0)".contains("refiner")) }
         XCTAssertThrowsError(try family([unetKey], inChannels: 9)) { XCTAssertTrue("\($0)".contains("inpainting"), "\($0)") }
         XCTAssertThrowsError(try SingleFileCheckpoint.inferFamily(path: "x.safetensors", names: ["first_stage_model.encoder.conv_in.weight"],
                                                                   shape: { _ in nil })) {

@@ -5,8 +5,9 @@
 // tables are data: fixed prefix pairs, the per-block pairs their config implies, and the inner renames of a
 // block; nothing else in the loader knows a name.
 //
-// SD1.x (CLIP under `cond_stage_model.transformer.*`) and SD2.x (OpenCLIP under `cond_stage_model.model.*`) are
-// supported; SDXL (`conditioner.embedders.*`) and inpainting checkpoints are recognised and refused.
+// SD1.x (CLIP under `cond_stage_model.transformer.*`), SD2.x (open_clip under `cond_stage_model.model.*`) and SDXL
+// base (CLIP and open_clip under `conditioner.embedders.{0,1}.*`) are supported; SDXL refiners and inpainting
+// checkpoints are recognised and refused.
 
 /// A `.safetensors` or `.ckpt` (torch.save) file holding a whole pipeline in the LDM layout.
 public final class SingleFileCheckpoint {
@@ -25,6 +26,23 @@ public final class SingleFileCheckpoint {
     static let clipPrefix = "cond_stage_model.transformer."
     /// SD2's text encoder: open_clip's text tower.
     static let openCLIPPrefix = "cond_stage_model.model."
+
+    /// How a text encoder is stored: transformers' CLIP as it is, or open_clip's tower (with its projection, which
+    /// SDXL's second encoder uses).
+    enum TextLayout {
+        case clip(prefix: String)
+        case openCLIP(prefix: String, projection: Bool)
+    }
+
+    /// The family's text encoders in the file, in `ModelFamily.textComponents` order.
+    static func textLayouts(_ family: ModelFamily) -> [TextLayout] {
+        switch family {
+        case .sd1: return [.clip(prefix: clipPrefix)]
+        case .sd2: return [.openCLIP(prefix: openCLIPPrefix, projection: false)]
+        case .sdxl: return [.clip(prefix: "conditioner.embedders.0.transformer."),
+                            .openCLIP(prefix: "conditioner.embedders.1.model.", projection: true)]
+        }
+    }
 
     /// Opens `path` by its contents (a zip archive is a torch.save file, anything else safetensors) and infers
     /// the family from its tensors.
@@ -54,14 +72,14 @@ public final class SingleFileCheckpoint {
             throw PEAError.invalidFile(path: path, reason: "cannot tell the model family: no \(unetPrefix)* tensors "
                                        + "(not a single-file Stable Diffusion checkpoint in the LDM / A1111 layout)")
         }
-        if names.contains(where: { $0.hasPrefix("conditioner.embedders.") }) {
-            throw PEAError.unsupported("\(path): an SDXL single-file checkpoint (conditioner.embedders.*); Pea reads SD1.x "
-                                       + "and SD2.x single files so far: convert it to a diffusers folder")
+        if names.contains(where: { $0.hasPrefix("conditioner.embedders.0.model.") }) {
+            throw PEAError.unsupported("\(path): an SDXL refiner (open_clip as conditioner.embedders.0): Pea runs base models")
         }
         if shape(unetPrefix + "input_blocks.0.0.weight").map({ $0.count == 4 && $0[1] == 9 }) == true {
             throw PEAError.unsupported("\(path): an inpainting checkpoint (a 9-channel conv_in): Pea runs text-to-image and "
                                        + "image-to-image models")
         }
+        if names.contains(where: { $0.hasPrefix("conditioner.embedders.") }) { return .sdxl }
         let context = shape(unetPrefix + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight")?.last
         if context == 1024 || names.contains(where: { $0.hasPrefix(openCLIPPrefix) }) { return .sd2 }
         return .sd1
@@ -139,6 +157,8 @@ struct LDMNameTable {
         t.add("middle_block.2", "mid_block.resnets.1", inner: unetResnet)
         t.add("out.0", "conv_norm_out")
         t.add("out.2", "conv_out")
+        t.add("label_emb.0.0", "add_embedding.linear_1")   // SDXL's text-time embedding
+        t.add("label_emb.0.2", "add_embedding.linear_2")
         let blocks = c.blockOutChannels.count
         var index = 1
         for b in 0..<blocks {
@@ -200,24 +220,52 @@ struct LDMNameTable {
     static let openCLIPLayer = ["ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
                                 "attn.out_proj": "self_attn.out_proj", "attn.in_proj_weight": "self_attn.in_proj.weight",
                                 "attn.in_proj_bias": "self_attn.in_proj.bias"]
+    /// The diffusers name of open_clip's text projection, which is stored transposed.
+    static let openCLIPProjection = "text_projection.weight"
     /// open_clip's fused attention input projection and the rows it holds, in order (`RowSplitWeights`).
     static let openCLIPFused = (name: "in_proj", parts: ["q_proj", "k_proj", "v_proj"])
 
-    /// SD2's open_clip text tower (`cond_stage_model.model.`) onto transformers' CLIPTextModel: the layers the
-    /// config has (SD2 drops the last of open_clip's 24, as diffusers' SD2 text encoder has 23), no projection
-    /// (CLIPTextModel has none; SD2 conditions on the hidden states).
-    static func openCLIPText(_ c: CLIPTextConfig) -> LDMNameTable {
+    /// open_clip's text tower onto transformers' CLIPTextModel(WithProjection): the layers the config has (SD2
+    /// drops the last of open_clip's 24, as diffusers' SD2 text encoder has 23); the projection only with
+    /// `projection` (SDXL's second encoder; SD2 conditions on the hidden states), stored transposed
+    /// (`TransposedWeights`: open_clip computes x @ text_projection).
+    static func openCLIPText(_ c: CLIPTextConfig, projection: Bool) -> LDMNameTable {
         var t = LDMNameTable()
         t.add("token_embedding", "text_model.embeddings.token_embedding")
         t.add("positional_embedding", "text_model.embeddings.position_embedding.weight")
         t.add("ln_final", "text_model.final_layer_norm")
-        t.add("text_projection", nil)
+        t.add("text_projection", projection ? openCLIPProjection : nil)
         t.add("logit_scale", nil)
         t.add("transformer.resblocks", nil)   // beyond the config's layers
         for i in 0..<c.layers {
             t.add("transformer.resblocks.\(i)", "text_model.encoder.layers.\(i)", inner: openCLIPLayer)
         }
         return t
+    }
+}
+
+/// Weights some of which are stored transposed (2-D): asked for one of `names` of shape [a, b], it reads [b, a] and
+/// transposes it on the backend.
+final class TransposedWeights: WeightSource {
+    let base: any WeightSource
+    let names: Set<String>
+
+    init(_ base: any WeightSource, names: Set<String>) {
+        self.base = base
+        self.names = names
+    }
+
+    var backend: any ComputeBackend { base.backend }
+    func contains(_ name: String) -> Bool { base.contains(name) }
+
+    func tensor(_ name: String, shape: [Int]) throws -> Tensor {
+        guard names.contains(name), shape.count == 2 else { return try base.tensor(name, shape: shape) }
+        return try backend.permute(base.tensor(name, shape: shape.reversed()), [1, 0])
+    }
+
+    func matrix(_ name: String, shape: [Int]) throws -> Tensor {
+        guard names.contains(name), shape.count == 2 else { return try base.matrix(name, shape: shape) }
+        return try backend.permute(base.matrix(name, shape: shape.reversed()), [1, 0])
     }
 }
 
@@ -276,7 +324,7 @@ final class RowSplitWeights: WeightSource {
 extension SingleFileCheckpoint {
     /// The configs from_single_file takes when no `config=` is given: the family's reference diffusers pipeline
     /// (SD1: stable-diffusion-v1-5/stable-diffusion-v1-5; SD2: stabilityai/stable-diffusion-2-1, a v-prediction
-    /// model: SD2 base 512 models need `--prediction-type epsilon`).
+    /// model: SD2 base 512 models need `--prediction-type epsilon`; SDXL: stabilityai/stable-diffusion-xl-base-1.0).
     static func defaultConfig(_ family: ModelFamily, _ component: String) throws -> ConfigFile {
         let text: String
         switch (family, component) {
@@ -299,6 +347,39 @@ extension SingleFileCheckpoint {
                  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
                  "upcast_attention": true, "use_linear_projection": true}
                 """
+        case (.sdxl, "unet"):
+            text = """
+                {"act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+                 "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+                 "center_input_sample": false, "cross_attention_dim": 2048,
+                 "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+                 "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4,
+                 "projection_class_embeddings_input_dim": 2816, "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
+                 "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": true}
+                """
+        case (.sdxl, "vae"):
+            text = """
+                {"act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+                 "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+                 "force_upcast": true, "in_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+                 "out_channels": 3, "sample_size": 1024, "scaling_factor": 0.13025,
+                 "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}
+                """
+        case (.sdxl, "text_encoder_2"):
+            text = """
+                {"architectures": ["CLIPTextModelWithProjection"], "bos_token_id": 0, "eos_token_id": 2, "hidden_act": "gelu",
+                 "hidden_size": 1280, "intermediate_size": 5120, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+                 "num_attention_heads": 20, "num_hidden_layers": 32, "pad_token_id": 1, "projection_dim": 1280,
+                 "vocab_size": 49408}
+                """
+        case (.sdxl, "scheduler"):
+            text = """
+                {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                 "beta_start": 0.00085, "clip_sample": false, "interpolation_type": "linear", "num_train_timesteps": 1000,
+                 "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": false, "skip_prk_steps": true,
+                 "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": null, "use_karras_sigmas": false}
+                """
         case (.sd1, "vae"), (.sd2, "vae"):
             text = """
                 {"act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
@@ -307,7 +388,7 @@ extension SingleFileCheckpoint {
                  "sample_size": 512, "scaling_factor": 0.18215,
                  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}
                 """
-        case (.sd1, "text_encoder"):
+        case (.sd1, "text_encoder"), (.sdxl, "text_encoder"):
             text = """
                 {"architectures": ["CLIPTextModel"], "bos_token_id": 0, "eos_token_id": 2, "hidden_act": "quick_gelu",
                  "hidden_size": 768, "intermediate_size": 3072, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
@@ -379,13 +460,22 @@ extension StableDiffusionPipeline {
             guard let folder = options.configFolder else { return try SingleFileCheckpoint.defaultConfig(family, component) }
             return try ConfigFile(path: joinPath(joinPath(folder, component), name))
         }
-        // The tokenizer is read first: without one nothing else is worth loading.
-        let tokenizerFolder = options.tokenizerFolder ?? options.configFolder.map { joinPath($0, "tokenizer") }
-        guard conditioner != nil || tokenizerFolder != nil else {
-            throw PEAError.usage("\(path): a single-file checkpoint holds no tokenizer and Pea ships no CLIP vocabulary: give "
-                                 + "--tokenizer DIR (vocab.json + merges.txt, e.g. a diffusers pipeline's tokenizer/) or --config DIR")
+        // The tokenizers are read first: without them nothing else is worth loading. --tokenizer DIR is the
+        // tokenizer folder itself, or (SDXL: two tokenizers) a folder holding tokenizer/ and tokenizer_2/.
+        let components = family.textComponents
+        func tokenizerFolder(_ name: String) -> String? {
+            if let folder = options.tokenizerFolder {
+                return components.count == 1 && !isDirectory(joinPath(folder, name)) ? folder : joinPath(folder, name)
+            }
+            return options.configFolder.map { joinPath($0, name) }
         }
-        let tokenizer = try conditioner == nil ? tokenizerFolder.map { try CLIPTokenizer(folder: $0) } : nil
+        guard conditioner != nil || options.tokenizerFolder != nil || options.configFolder != nil else {
+            let what = components.count == 1 ? "a folder with vocab.json + merges.txt, e.g. a diffusers pipeline's tokenizer/"
+                : "a diffusers pipeline folder with " + components.map { $0.tokenizer + "/" }.joined(separator: " and ")
+            throw PEAError.usage("\(path): a single-file checkpoint holds no tokenizer and Pea ships no CLIP vocabulary: give "
+                                 + "--tokenizer DIR (\(what)) or --config DIR")
+        }
+        let tokenizers = try conditioner == nil ? components.map { try CLIPTokenizer(folder: tokenizerFolder($0.tokenizer)!) } : []
 
         let unetConfig = try UNetConfig(config("unet", "config.json"))
         let vaeConfig = try AutoencoderKLConfig(config("vae", "config.json"))
@@ -411,23 +501,26 @@ extension StableDiffusionPipeline {
         if let conditioner {
             text = conditioner
         } else {
-            let encoderConfig = try CLIPTextConfig(config("text_encoder", "config.json"))
-            let encoderWeights: (source: any WeightSource, unused: () -> [String])
-            switch family {
-            case .sd1:
-                encoderWeights = try file.weights(prefix: SingleFileCheckpoint.clipPrefix, backend: backend, dtype: dtype,
-                                                  rename: LDMNameTable.clipText)
-            case .sd2:
-                let table = LDMNameTable.openCLIPText(encoderConfig), fused = LDMNameTable.openCLIPFused
-                let tower = try file.weights(prefix: SingleFileCheckpoint.openCLIPPrefix, backend: backend, dtype: dtype, rename: table.rename)
-                encoderWeights = (RowSplitWeights(tower.source, fused: fused.name, parts: fused.parts), tower.unused)
-            case .sdxl:
-                throw PEAError.unsupported("\(path): SDXL single files")
+            var stacks: [CLIPTextStack] = []
+            for (component, layout) in zip(components, SingleFileCheckpoint.textLayouts(family)) {
+                let encoderConfig = try CLIPTextConfig(config(component.encoder, "config.json"))
+                let encoderWeights: (source: any WeightSource, unused: () -> [String])
+                switch layout {
+                case .clip(let prefix):
+                    encoderWeights = try file.weights(prefix: prefix, backend: backend, dtype: dtype, rename: LDMNameTable.clipText)
+                case .openCLIP(let prefix, let projection):
+                    let table = LDMNameTable.openCLIPText(encoderConfig, projection: projection), fused = LDMNameTable.openCLIPFused
+                    let tower = try file.weights(prefix: prefix, backend: backend, dtype: dtype, rename: table.rename)
+                    let split = RowSplitWeights(tower.source, fused: fused.name, parts: fused.parts)
+                    encoderWeights = (TransposedWeights(split, names: [LDMNameTable.openCLIPProjection]), tower.unused)
+                }
+                let encoder = try CLIPTextModel(config: encoderConfig, weights: Weights(encoderWeights.source))
+                // Position ids are a buffer (arange), not a parameter.
+                unused.append { encoderWeights.unused().filter { !$0.hasSuffix("position_ids") } }
+                stacks.append(CLIPTextStack(tokenizer: tokenizers[stacks.count], encoder: encoder))
             }
-            let encoder = try CLIPTextModel(config: encoderConfig, weights: Weights(encoderWeights.source))
-            // Position ids are a buffer (arange), not a parameter.
-            unused.append { encoderWeights.unused().filter { !$0.hasSuffix("position_ids") } }
-            text = try CLIPConditioner(text: CLIPTextStack(tokenizer: tokenizer!, encoder: encoder), clipSkip: clipSkip)
+            let forceZeros = try options.configFolder.map(ModelFamily.forceZerosForEmptyPrompt(folder:)) ?? true
+            text = try family.conditioner(stacks, clipSkip: clipSkip, forceZerosForEmptyPrompt: forceZeros)
         }
 
         let schedulerConfig = family.schedulerConfig(schedulerValues)
