@@ -90,6 +90,11 @@ enum GenerateOptions {
         "--prediction-type", "TYPE", .choices(["epsilon", "v_prediction"]),
         help: "with --model FILE: epsilon | v_prediction, what the UNet predicts (the tensors cannot tell; default: the "
             + "config's: epsilon for SD1 and SDXL, v_prediction for SD2, so SD2 512-base files need epsilon)")
+    static let vae = CommandOption.value(
+        "--vae", "FILE",
+        help: "replace the model's VAE with the one in FILE (.safetensors or .ckpt, LDM names as VAEs are released, or "
+            + "diffusers' names), as diffusers' AutoencoderKL.from_single_file; the architecture and scaling factor are "
+            + "the model's VAE config's")
     static let maxLength = CommandOption.value(
         "--max-length", "N", help: "PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)")
 
@@ -106,7 +111,7 @@ enum GenerateOptions {
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
                                    batch, clipSkip, output, initImage, strength, variant, textEncoder, adapter, maxLength,
-                                   config, tokenizer, predictionType]
+                                   config, tokenizer, predictionType, vae]
                     + BackendOptions.inference),
                  .init("Prompt-file jobs", [outputDir, batchSize, format, shard, shards, overwrite], note: """
                     FILE is .jsonl (one object a line: "prompt", and optionally "id" (A–Z a–z 0–9 _ -), "negative_prompt",
@@ -255,7 +260,22 @@ struct ModelChoice {
             }
             conditioner = try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: adapterPath, backend: backend, dtype: dtype))
         }
+        let pipeline = try loadModel(options, scheduler: scheduler, clipSkip: clipSkip, backend: backend, dtype: dtype,
+                                     conditioner: conditioner)
+        guard let vaeFile = try options.optionalString(O.vae) else { return pipeline }
+        // The model's VAE is loaded and dropped: its config is the swapped VAE's (as from_single_file(config=…)).
+        let vae = try AutoencoderKL.load(file: vaeFile, config: pipeline.vae.config, backend: backend, dtype: pipeline.vae.dtype).model
+        return StableDiffusionPipeline(family: pipeline.family, denoiser: pipeline.denoiser, vae: vae, conditioner: pipeline.conditioner,
+                                       scheduler: pipeline.scheduler, schedulerConfig: pipeline.schedulerConfig, backend: backend)
+    }
+
+    private func loadModel(_ options: ParsedOptions, scheduler: String?, clipSkip: Int, backend: any ComputeBackend, dtype: DType,
+                           conditioner: (any TextConditioner)?) throws -> StableDiffusionPipeline {
+        typealias O = GenerateOptions
         if isSingleFile {
+            guard options.command == "generate" else {
+                throw PEAError.usage("\(options.command): --model must be a diffusers pipeline folder (single-file checkpoints are read by pea generate)")
+            }
             let single = SingleFileOptions(configFolder: try options.optionalString(O.config),
                                            tokenizerFolder: try options.optionalString(O.tokenizer),
                                            predictionType: try options.optionalString(O.predictionType))

@@ -40,6 +40,10 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     for option in [O.variant, O.maxLength, BackendOptions.precision] {
         manifestSettings[String(option.name.dropFirst(2).map { $0 == "-" ? "_" : $0 })] = try options.optionalString(option) ?? ""
     }
+    // What makes other images from the same --model; recorded only when given, so jobs that predate them still resume.
+    for option in [O.config, O.tokenizer, O.predictionType, O.vae] where options.has(option) {
+        manifestSettings[String(option.name.dropFirst(2).map { $0 == "-" ? "_" : $0 })] = try options.optionalString(option) ?? ""
+    }
     let manifest = JobManifest(items: items, baseSeed: baseSeed, settings: manifestSettings)
     let output = try JobOutput(folder: folder, manifest: manifest, items: items, shard: shard, format: format, overwrite: overwrite,
                                tarShardSize: jobTarShardSize)

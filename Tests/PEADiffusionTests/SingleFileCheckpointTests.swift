@@ -134,6 +134,29 @@ final class SingleFileCheckpointTests: XCTestCase {
         XCTAssertEqual(try pipeline.schedulerConfig.optionalString("prediction_type"), "v_prediction")
     }
 
+    /// `--vae FILE`: the sd1 folder's VAE as a released VAE file (LDM names, no prefix; the script asserts that
+    /// diffusers' AutoencoderKL.from_single_file reads it as the folder's VAE), and the folder's own diffusers-named
+    /// VAE file, swapped into the folder's pipeline, give diffusers' image of the folder (pipelines/sd1_pndm).
+    func testVAEFromASingleFile() throws {
+        let scratch = ScratchDirectory("pea-single-file")
+        let expected = try SafeTensorsFile(path: fixturesDirectory() + "/pipelines/sd1_pndm.safetensors").tensor("images").integers()!
+        for vae in [Self.directory + "/sd1_vae.safetensors", Self.sd1Folder + "/vae/diffusion_pytorch_model.safetensors"] {
+            let config = try AutoencoderKLConfig(ConfigFile(path: Self.sd1Folder + "/vae/config.json"))
+            XCTAssertEqual(try AutoencoderKL.load(file: vae, config: config, backend: CPUBackend()).unusedWeights, [], vae)
+            let output = scratch.file("vae.png")
+            let result = try runPea(["generate", "--model", Self.sd1Folder, "--vae", vae, "--prompt", "a red fox in the snow, photo",
+                                     "--steps", "4", "--seed", "42", "--width", "32", "--height", "24", "--output", output,
+                                     "--backend", "cpu"])
+            XCTAssertEqual(result.status, 0, result.stderr)
+            let image = try PNGReader.read(path: output)
+            XCTAssertLessThanOrEqual(zip(image.pixels, expected).map { abs(Int($0) - $1) }.max() ?? 0, 1, vae)
+        }
+        try assertPeaFails([
+            (["generate", "--model", Self.sd1Folder, "--vae", Self.sd1Folder + "/unet/diffusion_pytorch_model.safetensors",
+              "--prompt", "x", "--output", scratch.file("bad.png"), "--backend", "cpu"], 1, ["not a VAE"]),
+        ], leavesNo: scratch.file("bad.png"))
+    }
+
     /// Bad single files: clear errors naming the file, a non-zero exit, no output.
     func testBadSingleFilesFailClearlyAndWriteNothing() throws {
         let inputs = ScratchDirectory("pea-single-file-inputs")

@@ -11,6 +11,8 @@ Writes, under --out (default Tests/Fixtures/single_file):
                    (resblocks, q/k/v fused into attn.in_proj_weight/bias, positional_embedding, ln_final)
   sdxl.safetensors  SDXL: CLIP under `conditioner.embedders.0.transformer.`, open_clip (with its transposed
                    text_projection) under `conditioner.embedders.1.model.`, the UNet's add embedding as `label_emb.0`
+  sd1_vae.safetensors  sd1's VAE alone in the LDM names, no prefix (as VAEs are released): `--vae FILE`;
+                   AutoencoderKL.from_single_file(config=sd1/vae) must give the folder's VAE exactly
   sdxl_config/     the SDXL variant's configs and tokenizers (no weights): its `config=` folder
   *.ckpt           the same tensors as torch.save({"state_dict": …}), as LDM training saved them
   cases.json       per case: name, pipeline (its folder gives `config=`), checkpoint, prompt, negative_prompt, steps, guidance, seed, width, height,
@@ -28,7 +30,7 @@ import re
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from make_pipeline_fixtures import SCHEDULERS
 
@@ -242,6 +244,13 @@ def main():
                 same_state(getattr(single, part), getattr(folder, part), checkpoint + " " + part)
             assert type(single.scheduler) is type(folder.scheduler)
             assert single.scheduler.config.prediction_type == folder.scheduler.config.prediction_type
+
+    # A VAE alone in the LDM layout, as VAEs are released (vae-ft-mse-840000-ema-pruned: no first_stage_model. prefix).
+    vae = {k[len("first_stage_model."):]: v for k, v in to_ldm(SD1).items() if k.startswith("first_stage_model.")}
+    save_file(vae, os.path.join(args.out, "sd1_vae.safetensors"))
+    single_vae = AutoencoderKL.from_single_file(os.path.join(args.out, "sd1_vae.safetensors"),
+                                                config=os.path.join(SD1, "vae"), local_files_only=True)
+    same_state(single_vae, StableDiffusionPipeline.from_pretrained(SD1).vae, "sd1_vae.safetensors")
 
     records = []
     for name, which, prompt, negative, steps, guidance, seed, width, height, batch, scheduler in CASES:

@@ -9,15 +9,58 @@
 // base (CLIP and open_clip under `conditioner.embedders.{0,1}.*`) are supported; SDXL refiners and inpainting
 // checkpoints are recognised and refused.
 
-/// A `.safetensors` or `.ckpt` (torch.save) file holding a whole pipeline in the LDM layout.
-public final class SingleFileCheckpoint {
-    public let path: String
-    public let family: ModelFamily
+/// A `.safetensors` or `.ckpt` (torch.save) file's tensors, opened by its contents (a zip archive is a torch.save
+/// file, anything else safetensors), for loaders that map its names: single-file checkpoints, `--vae FILE`.
+final class NamedTensorFile {
+    let path: String
+    let names: [String]
     private let backing: Backing
     private enum Backing {
         case safetensors(SafeTensorsCollection)
         case torch(TorchCheckpointFile)
     }
+
+    init(path: String) throws {
+        self.path = path
+        guard isRegularFile(path) else { throw PEAError.invalidFile(path: path, reason: "no such file") }
+        if TorchCheckpoint.looksLikeTorchSave(path: path) {
+            let file = try TorchCheckpointFile(path: path)
+            (backing, names) = (.torch(file), file.names)
+        } else {
+            let file = try SafeTensorsCollection(path: path)
+            (backing, names) = (.safetensors(file), file.names)
+        }
+    }
+
+    func shape(_ name: String) -> [Int]? {
+        switch backing {
+        case .safetensors(let file): return try? file.info(name).shape
+        case .torch(let file): return try? file.info(name).shape
+        }
+    }
+
+    /// The weights of one component: the file's tensors under `prefix`, named as diffusers names them by `rename`
+    /// (given the name without the prefix); the file's other tensors are not this component's. Safetensors stay
+    /// memory-mapped (`SafeTensorsWeights`).
+    func weights(prefix: String, backend: any ComputeBackend, dtype: DType,
+                 rename: @escaping (String) -> String?) throws -> (source: any WeightSource, unused: () -> [String]) {
+        func mapped(_ name: String) -> String? { name.hasPrefix(prefix) ? rename(String(name.dropFirst(prefix.count))) : nil }
+        switch backing {
+        case .safetensors(let file):
+            let source = SafeTensorsWeights(file, backend: backend, dtype: dtype, rename: mapped)
+            return (source, { source.unusedNames })
+        case .torch(let file):
+            let source = try CheckpointWeights(torch: file, backend: backend, dtype: dtype, rename: mapped)
+            return (source, { source.unusedNames })
+        }
+    }
+}
+
+/// A `.safetensors` or `.ckpt` (torch.save) file holding a whole pipeline in the LDM layout.
+public final class SingleFileCheckpoint {
+    public let path: String
+    public let family: ModelFamily
+    let file: NamedTensorFile
 
     /// The LDM prefix of each component.
     static let unetPrefix = "model.diffusion_model."
@@ -44,23 +87,11 @@ public final class SingleFileCheckpoint {
         }
     }
 
-    /// Opens `path` by its contents (a zip archive is a torch.save file, anything else safetensors) and infers
-    /// the family from its tensors.
+    /// Opens `path` (`NamedTensorFile`) and infers the family from its tensors.
     public init(path: String) throws {
         self.path = path
-        guard isRegularFile(path) else { throw PEAError.invalidFile(path: path, reason: "no such file") }
-        let names: [String]
-        let shape: (String) -> [Int]?
-        if TorchCheckpoint.looksLikeTorchSave(path: path) {
-            let file = try TorchCheckpointFile(path: path)
-            backing = .torch(file)
-            (names, shape) = (file.names, { try? file.info($0).shape })
-        } else {
-            let file = try SafeTensorsCollection(path: path)
-            backing = .safetensors(file)
-            (names, shape) = (file.names, { try? file.info($0).shape })
-        }
-        family = try Self.inferFamily(path: path, names: Set(names), shape: shape)
+        file = try NamedTensorFile(path: path)
+        family = try Self.inferFamily(path: path, names: Set(file.names), shape: file.shape)
     }
 
     /// As diffusers' `infer_diffusers_model_type` (and, for the text encoder, its `is_open_clip_model`) for the
@@ -85,19 +116,9 @@ public final class SingleFileCheckpoint {
         return .sd1
     }
 
-    /// The weights of one component: the file's tensors under `prefix`, named as diffusers names them by `rename`
-    /// (given the name without the prefix); the file's other tensors are not this component's.
     func weights(prefix: String, backend: any ComputeBackend, dtype: DType,
                  rename: @escaping (String) -> String?) throws -> (source: any WeightSource, unused: () -> [String]) {
-        func mapped(_ name: String) -> String? { name.hasPrefix(prefix) ? rename(String(name.dropFirst(prefix.count))) : nil }
-        switch backing {
-        case .safetensors(let file):
-            let source = SafeTensorsWeights(file, backend: backend, dtype: dtype, rename: mapped)
-            return (source, { source.unusedNames })
-        case .torch(let file):
-            let source = try CheckpointWeights(torch: file, backend: backend, dtype: dtype, rename: mapped)
-            return (source, { source.unusedNames })
-        }
+        try file.weights(prefix: prefix, backend: backend, dtype: dtype, rename: rename)
     }
 }
 
@@ -528,5 +549,25 @@ extension StableDiffusionPipeline {
                                                scheduler: try makeScheduler(name: scheduler, config: schedulerConfig),
                                                schedulerConfig: schedulerConfig, backend: backend)
         return (pipeline, unused.flatMap { $0() })
+    }
+}
+
+extension AutoencoderKL {
+    /// A VAE from one file (`--vae FILE`), as diffusers' `AutoencoderKL.from_single_file(path, config=…)`: its
+    /// tensors in the LDM names (as VAEs are released, or under `first_stage_model.` as in a whole checkpoint) or in
+    /// diffusers' names; `config` is the architecture (the pipeline's VAE config, whose scaling factor applies).
+    public static func load(file path: String, config: AutoencoderKLConfig, backend: any ComputeBackend,
+                            dtype: DType = .f32) throws -> (model: AutoencoderKL, unusedWeights: [String]) {
+        let file = try NamedTensorFile(path: path)
+        let prefix = file.names.contains { $0.hasPrefix(SingleFileCheckpoint.vaePrefix) } ? SingleFileCheckpoint.vaePrefix : ""
+        let diffusersNames = file.names.contains { $0.hasPrefix(prefix + "decoder.up_blocks.") }
+        guard diffusersNames || file.names.contains(where: { $0.hasPrefix(prefix + "decoder.up.") }) else {
+            throw PEAError.invalidFile(path: path, reason: "not a VAE: no decoder.up.* (LDM) or decoder.up_blocks.* (diffusers) tensors")
+        }
+        let table = LDMNameTable.vae(config)
+        let weights = try file.weights(prefix: prefix, backend: backend, dtype: dtype,
+                                       rename: diffusersNames ? { renameLegacyAttention($0) } : table.rename)
+        let model = try AutoencoderKL(config: config, weights: Weights(weights.source))
+        return (model, weights.unused())
     }
 }
