@@ -157,6 +157,22 @@ final class SingleFileCheckpointTests: XCTestCase {
         ], leavesNo: scratch.file("bad.png"))
     }
 
+    /// The built-in configs (from_single_file's defaults per family) parse into the model configs, with the
+    /// published models' sizes.
+    func testBuiltInConfigs() throws {
+        for family in [ModelFamily.sd1, .sd2, .sdxl] {
+            let unet = try UNetConfig(SingleFileCheckpoint.defaultConfig(family, "unet"))
+            XCTAssertEqual(unet.crossAttentionDim[0], ["SD1": 768, "SD2": 1024, "SDXL": 2048][family.rawValue])
+            XCTAssertEqual(unet.textTime != nil, family == .sdxl)
+            _ = try AutoencoderKLConfig(SingleFileCheckpoint.defaultConfig(family, "vae"))
+            let encoders = try family.textComponents.map { try CLIPTextConfig(SingleFileCheckpoint.defaultConfig(family, $0.encoder)) }
+            XCTAssertEqual(encoders.map(\.hiddenSize).reduce(0, +), unet.crossAttentionDim[0], family.rawValue)
+            let scheduler = try SingleFileCheckpoint.defaultConfig(family, "scheduler")
+            XCTAssertEqual(try scheduler.optionalString("prediction_type"), family == .sd2 ? "v_prediction" : "epsilon")
+            _ = try makeScheduler(name: nil, config: scheduler)
+        }
+    }
+
     /// Bad single files: clear errors naming the file, a non-zero exit, no output.
     func testBadSingleFilesFailClearlyAndWriteNothing() throws {
         let inputs = ScratchDirectory("pea-single-file-inputs")
@@ -180,6 +196,8 @@ final class SingleFileCheckpointTests: XCTestCase {
             (run(truncated, config), 1, [truncated]),
             (run(missing, config), 1, [missing, "missing tensor 'conv_out.weight'"]),
             (run(good, []), 2, [good, "--tokenizer DIR"]),
+            // --tokenizer without --config: the built-in full-size SD1.5 configs meet the tiny tensors.
+            (run(good, ["--tokenizer", Self.sd1Folder + "/tokenizer"]), 1, [good, "input_blocks.0.0.weight", "the model expects [320, 4, 3, 3]"]),
             (run(good, config + ["--prediction-type", "sample"]), 2, ["--prediction-type"]),
             (run(Self.sd1Folder, config), 2, ["--config applies to a single-file --model FILE"]),
             (run(good, ["--config", Self.sd1Folder + "/unet"]), 1, ["model_index.json"]),
