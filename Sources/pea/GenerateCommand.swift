@@ -8,8 +8,11 @@ import PEADiffusion
 /// `pea generate`'s options, declared once for its parser and its help.
 enum GenerateOptions {
     static let model = CommandOption.value(
-        "--model", "DIR",
-        help: "diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, …); without it, the bundled toy "
+        "--model", "DIR|FILE",
+        help: "diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, …), or a single-file SD1.x, SD2.x or "
+            + "SDXL base checkpoint (.safetensors or .ckpt in the original LDM / A1111 layout: model.diffusion_model.*, "
+            + "first_stage_model.*, and cond_stage_model.transformer.* (SD1), cond_stage_model.model.* (SD2) or "
+            + "conditioner.embedders.{0,1}.* (SDXL)); without it, the bundled toy "
             + "world (models/toyworld: 64×64 coloured shapes, \"a red circle\"), and for Chinese prompts (\"一个红色的圆形\") "
             + "its Chinese encoder and the PEA adapter trained by `pea train` (models/toyworld-zh); found above the pea "
             + "executable, in ./models, or where $PEA_MODELS points")
@@ -87,21 +90,41 @@ enum GenerateOptions {
             + "by the init image's, noised to the next timestep (diffusers' blending). The output is the decoded latents: "
             + "the kept region is not pasted back from the original (diffusers' default). SDXL: ordinary models only "
             + "(blending), and the strength default is 1.0 there too (diffusers' SDXL inpainting: 0.9999)")
+    static let config = CommandOption.value(
+        "--config", "DIR",
+        help: "with --model FILE: a diffusers pipeline folder whose configs and tokenizer are used instead of the family's "
+            + "defaults (SD1: stable-diffusion-v1-5's; SD2: stable-diffusion-2-1's, v-prediction; SDXL: "
+            + "stable-diffusion-xl-base-1.0's), as diffusers' from_single_file(config=DIR)")
+    static let tokenizer = CommandOption.value(
+        "--tokenizer", "DIR",
+        help: "with --model FILE: the CLIP tokenizer folder (vocab.json + merges.txt, e.g. a diffusers pipeline's tokenizer/; "
+            + "for SDXL a folder holding tokenizer/ and tokenizer_2/, e.g. a diffusers SDXL pipeline); required without --config, since a single file holds none and Pea ships no CLIP vocabulary")
+    static let predictionType = CommandOption.value(
+        "--prediction-type", "TYPE", .choices(["epsilon", "v_prediction"]),
+        help: "with --model FILE: epsilon | v_prediction, what the UNet predicts (the tensors cannot tell; default: the "
+            + "config's: epsilon for SD1 and SDXL, v_prediction for SD2, so SD2 512-base files need epsilon)")
+    static let vae = CommandOption.value(
+        "--vae", "FILE",
+        help: "replace the model's VAE with the one in FILE (.safetensors or .ckpt, LDM names as VAEs are released, or "
+            + "diffusers' names), as diffusers' AutoencoderKL.from_single_file; the architecture and scaling factor are "
+            + "the model's VAE config's")
     static let maxLength = CommandOption.value(
         "--max-length", "N", help: "PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)")
 
     static let spec = CommandSpec(
         name: "generate",
-        usage: ["pea generate [--model DIR] --prompt TEXT [options]",
-                "pea generate [--model DIR] --prompts FILE --output-dir OUT [--batch-size N] [--format png|tar] [--shard K/N|auto] [options]"],
+        usage: ["pea generate [--model DIR|FILE] --prompt TEXT [options]",
+                "pea generate [--model DIR|FILE] --prompts FILE --output-dir OUT [--batch-size N] [--format png|tar] [--shard K/N|auto] [options]"],
         description: """
             Generates images from text with a diffusers Stable Diffusion pipeline folder (SD1.x, SD2.x or SDXL, detected
             from the folder), the same images diffusers makes from the same folder, prompt, seed and settings with a CPU
-            generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run.
+            generator (`generator=torch.Generator("cpu").manual_seed(seed)`); no safety checker is run. A single-file
+            SD1.x/SD2.x/SDXL checkpoint (--model FILE) is read as diffusers' from_single_file reads it: the family from its
+            tensors, the configs the family's defaults or --config DIR's, the tokenizer --tokenizer DIR's or --config DIR's.
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
                                    batch, clipSkip, output, initImage, strength, mask, variant, vaeTiling, textEncoder, adapter,
-                                   maxLength]
+                                   maxLength, config, tokenizer, predictionType, vae]
                     + BackendOptions.inference),
                  .init("Prompt-file jobs", [outputDir, batchSize, format, shard, shards, overwrite], note: """
                     FILE is .jsonl (one object a line: "prompt", and optionally "id" (A–Z a–z 0–9 _ -), "negative_prompt",
@@ -204,10 +227,18 @@ struct GenerateSettings {
 /// The model a generation runs, as the options choose it: --model (or the bundled toy world, whose Chinese
 /// encoder and adapter take Chinese prompts), and --text-encoder/--adapter.
 struct ModelChoice {
+    /// The --model folder, or the single-file checkpoint (`isSingleFile`).
     var folder: String
     var pea: (encoder: String, adapter: String)?
     /// The bundled world's notice for stderr, when no --model was given.
     var notice: String?
+    /// --model names a file: a single-file checkpoint rather than a diffusers folder.
+    var isSingleFile: Bool { isRegularFile(folder) }
+
+    /// Refuses a --model that is neither a pipeline folder nor a file, before anything is loaded or written.
+    func requireModel() throws {
+        if !isSingleFile { try StableDiffusionPipeline.requirePipelineFolder(folder) }
+    }
 
     init(_ options: ParsedOptions, prompts: [String]) throws {
         typealias O = GenerateOptions
@@ -246,13 +277,41 @@ struct ModelChoice {
             }
             conditioner = try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: adapterPath, backend: backend, dtype: dtype))
         }
-        let variant = try options.optionalString(O.variant)
-        let pipeline = try naming(O.clipSkip, in: options, when: clipSkip != 0) {
-            try StableDiffusionPipeline.load(folder: folder, backend: backend, scheduler: scheduler, clipSkip: clipSkip,
-                                             variant: variant, conditioner: conditioner, dtype: dtype)
+        var pipeline = try loadModel(options, scheduler: scheduler, clipSkip: clipSkip, backend: backend, dtype: dtype,
+                                     conditioner: conditioner)
+        if let vaeFile = try options.optionalString(O.vae) {
+            // The model's VAE is loaded and dropped: its config is the swapped VAE's (as from_single_file(config=…)).
+            let vae = try AutoencoderKL.load(file: vaeFile, config: pipeline.vae.config, backend: backend, dtype: pipeline.vae.dtype).model
+            pipeline = StableDiffusionPipeline(family: pipeline.family, denoiser: pipeline.denoiser, vae: vae, conditioner: pipeline.conditioner,
+                                               scheduler: pipeline.scheduler, schedulerConfig: pipeline.schedulerConfig, backend: backend)
         }
         pipeline.vaeTiling = options.has(O.vaeTiling)
         return pipeline
+    }
+
+    private func loadModel(_ options: ParsedOptions, scheduler: String?, clipSkip: Int, backend: any ComputeBackend, dtype: DType,
+                           conditioner: (any TextConditioner)?) throws -> StableDiffusionPipeline {
+        typealias O = GenerateOptions
+        if isSingleFile {
+            guard options.command == "generate" else {
+                throw PEAError.usage("\(options.command): --model must be a diffusers pipeline folder (single-file checkpoints are read by pea generate)")
+            }
+            let single = SingleFileOptions(configFolder: try options.optionalString(O.config),
+                                           tokenizerFolder: try options.optionalString(O.tokenizer),
+                                           predictionType: try options.optionalString(O.predictionType))
+            return try naming(O.clipSkip, in: options, when: clipSkip != 0) {
+                try StableDiffusionPipeline.load(checkpoint: folder, options: single, backend: backend, scheduler: scheduler,
+                                                 clipSkip: clipSkip, conditioner: conditioner, dtype: dtype).pipeline
+            }
+        }
+        for option in [O.config, O.tokenizer, O.predictionType] where options.has(option) {
+            throw PEAError.usage("\(options.command): \(option.name) applies to a single-file --model FILE, not a folder")
+        }
+        let variant = try options.optionalString(O.variant)
+        return try naming(O.clipSkip, in: options, when: clipSkip != 0) {
+            try StableDiffusionPipeline.load(folder: folder, backend: backend, scheduler: scheduler, clipSkip: clipSkip,
+                                             variant: variant, conditioner: conditioner, dtype: dtype)
+        }
     }
 }
 

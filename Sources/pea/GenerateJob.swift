@@ -33,12 +33,16 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     }
     let model = try ModelChoice(options, prompts: items.map(\.prompt))
     // The rest of what can be refused at once comes before OUT is touched: its job.json names the model.
-    try StableDiffusionPipeline.requirePipelineFolder(model.folder)
+    try model.requireModel()
     let requestedBatchSize = try options.optionalInt(O.batchSize)
     let selection = try BackendOptions.select(options)
     var manifestSettings = ["model": model.folder, "text_encoder": model.pea?.encoder ?? "", "adapter": model.pea?.adapter ?? "",
                             "clip_skip": String(settings.clipSkip), "format": format.rawValue]
     for option in [O.variant, O.maxLength, BackendOptions.precision] {
+        manifestSettings[String(option.name.dropFirst(2).map { $0 == "-" ? "_" : $0 })] = try options.optionalString(option) ?? ""
+    }
+    // What makes other images from the same --model; recorded only when given, so jobs that predate them still resume.
+    for option in [O.config, O.tokenizer, O.predictionType, O.vae] where options.has(option) {
         manifestSettings[String(option.name.dropFirst(2).map { $0 == "-" ? "_" : $0 })] = try options.optionalString(option) ?? ""
     }
     let manifest = JobManifest(items: items, baseSeed: baseSeed, settings: manifestSettings)

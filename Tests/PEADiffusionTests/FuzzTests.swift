@@ -209,6 +209,43 @@ final class FuzzTests: XCTestCase {
         finish(tally)
     }
 
+    /// Single-file checkpoints (the LDM-layout SD1, SD2 and SDXL fixtures, .safetensors and .ckpt) mutated, then loaded
+    /// as a pipeline with the fixture folder's configs: byte mutations, the .ckpt's pickle mutated inside a valid
+    /// zip, and the safetensors header with a tensor renamed or dropped (what the name tables meet).
+    func testSingleFileCheckpoints() throws {
+        let directory = fixturesDirectory() + "/single_file"
+        var tally = Tally(format: "single-file checkpoints")
+        var random = SplitMix64(seed: seed &+ 8)
+        let scratch = ScratchDirectory("pea-fuzz")
+        for index in 0..<max(8, casesPerFormat / 4) {
+            let pipeline = ["sd1", "sd2", "sdxl"][(index / 3) % 3]
+            let options = SingleFileOptions(configFolder: fixturesDirectory() + (pipeline == "sdxl" ? "/single_file/sdxl_config" : "/pipelines/" + pipeline))
+            let safetensors = readFileBytes(directory + "/\(pipeline).safetensors")!, ckpt = readFileBytes(directory + "/\(pipeline).ckpt")!
+            let original = try SafeTensorsFile(path: directory + "/\(pipeline).safetensors")
+            let path: String
+            switch index % 3 {
+            case 0:
+                path = scratch.write(Self.mutate(safetensors, &random), to: "case.safetensors")
+            case 1:
+                let mutated = index % 2 == 0 ? Self.mutateStoredZipEntry(ckpt, suffix: "data.pkl", &random) : Self.mutate(ckpt, &random)
+                path = scratch.write(mutated, to: "case.ckpt")
+            default:
+                // A tensor renamed (maybe out of every component) or dropped.
+                let victim = original.names[Int(random.next() % UInt64(original.names.count))]
+                let renamed = ["", "model.diffusion_model.input_blocks.99.0.in_layers.0.weight", "first_stage_model.x",
+                               "cond_stage_model.transformer.text_model.y", "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
+                               "conditioner.embedders.1.model.text_projection", "model_ema.z"][Int(random.next() % 7)]
+                path = scratch.file("case.safetensors")
+                try SafeTensorsWriter.write(original.names.compactMap { name in
+                    let newName = name == victim ? (original.names.contains(renamed) ? "" : renamed) : name
+                    return newName.isEmpty ? nil : (name: newName, tensor: try original.tensor(name))
+                }, to: path)
+            }
+            tally.run { _ = try StableDiffusionPipeline.load(checkpoint: path, options: options, backend: CPUBackend()) }
+        }
+        finish(tally)
+    }
+
     /// The zip with the stored (uncompressed) entry whose name ends in `suffix` mutated in place (same length) and
     /// its CRC-32 fixed in the local and central headers.
     static func mutateStoredZipEntry(_ zip: [UInt8], suffix: String, _ random: inout SplitMix64) -> [UInt8] {

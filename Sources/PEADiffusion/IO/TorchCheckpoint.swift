@@ -245,7 +245,7 @@ public final class CheckpointWeights: WeightSource {
     /// Opens `path` by its contents: a zip archive (or a pickle: the legacy format, refused with its reason) is a
     /// torch.save file, anything else safetensors; a `.json` name is a sharded safetensors index.
     public convenience init(path: String, backend: any ComputeBackend, dtype: DType = .f32,
-                            rename: (String) -> String = { $0 }) throws {
+                            rename: (String) -> String? = { $0 }) throws {
         if !path.hasSuffix(".json") && TorchCheckpoint.looksLikeTorchSave(path: path) {
             try self.init(torch: TorchCheckpointFile(path: path), backend: backend, dtype: dtype, rename: rename)
         } else {
@@ -254,14 +254,15 @@ public final class CheckpointWeights: WeightSource {
     }
 
     public init(safetensors file: SafeTensorsCollection, backend: any ComputeBackend, dtype: DType = .f32,
-                rename: (String) -> String = { $0 }) throws {
+                rename: (String) -> String? = { $0 }) throws {
         precondition(dtype.isFloatingPoint, "CheckpointWeights: parameters load as f32, f16 or bf16")
         self.backend = backend
         self.dtype = dtype
         path = file.path
         backing = .safetensors(file)
         for name in file.names {
-            stored[rename(name)] = name
+            guard let mapped = rename(name) else { continue }
+            stored[mapped] = name
             // Tensors of dtypes Pea does not read have no shape here; asking for them fails with the reason.
             if let info = try? file.info(name) { shapes[name] = info.shape }
         }
@@ -269,14 +270,15 @@ public final class CheckpointWeights: WeightSource {
     }
 
     public init(torch file: TorchCheckpointFile, backend: any ComputeBackend, dtype: DType = .f32,
-                rename: (String) -> String = { $0 }) throws {
+                rename: (String) -> String? = { $0 }) throws {
         precondition(dtype.isFloatingPoint, "CheckpointWeights: parameters load as f32, f16 or bf16")
         self.backend = backend
         self.dtype = dtype
         path = file.path
         backing = .torch(file)
         for name in file.names {
-            stored[rename(name)] = name
+            guard let mapped = rename(name) else { continue }
+            stored[mapped] = name
             shapes[name] = try file.info(name).shape
         }
         names = stored.keys.sorted()
@@ -303,13 +305,15 @@ public final class CheckpointWeights: WeightSource {
             throw PEAError.invalidFile(path: path, reason: "missing tensor '\(name)'")
         }
         var values = try hostTensor(storedName)
-        guard values.shape == shape else {
+        // A 1×1 convolution stored as a linear weight (or the reverse) is the same matrix (LDM's VAE attention).
+        guard values.shape == shape || sameMatrix(values.shape, shape) else {
             throw PEAError.invalidFile(path: path, reason: "tensor '\(storedName)' has shape \(values.shape), the model expects \(shape)")
         }
         guard values.dtype.isFloatingPoint else {
             throw PEAError.invalidFile(path: path, reason: "tensor '\(storedName)' is \(values.dtype), expected a floating-point parameter")
         }
         if values.dtype != dtype { values = values.converted(to: dtype) }
+        values.shape = shape
         used.insert(storedName)
         return try backend.upload(values)
     }

@@ -59,14 +59,15 @@ public final class SafeTensorsWeights: WeightSource {
     private var stored: [String: String] = [:]     // the name a layer asks for → the name in the file
     private(set) var used: Set<String> = []
 
-    /// `rename` maps a file's tensor name to the name the model uses (return it unchanged when no rule applies).
+    /// `rename` maps a file's tensor name to the name the model uses (return it unchanged when no rule applies;
+    /// nil when the tensor is not this model's, as another component's in a single-file checkpoint).
     public init(_ file: SafeTensorsCollection, backend: any ComputeBackend, dtype: DType = .f32,
-                rename: (String) -> String = { $0 }) {
+                rename: (String) -> String? = { $0 }) {
         precondition(dtype.isFloatingPoint, "SafeTensorsWeights: parameters load as f32, f16 or bf16")
         self.file = file
         self.backend = backend
         self.dtype = dtype
-        for name in file.names { stored[rename(name)] = name }
+        for name in file.names { if let mapped = rename(name) { stored[mapped] = name } }
     }
 
     public func contains(_ name: String) -> Bool { stored[name] != nil }
@@ -86,7 +87,7 @@ public final class SafeTensorsWeights: WeightSource {
         let info = try file.info(storedName)
         // A 1×1 convolution stored as a linear weight (or the reverse) is the same matrix; older VAE
         // checkpoints store the mid-block attention projections as 1×1 convolutions.
-        guard info.shape == shape || (info.shape.reduce(1, *) == shape.reduce(1, *) && sameMatrix(info.shape, shape)) else {
+        guard info.shape == shape || sameMatrix(info.shape, shape) else {
             throw PEAError.invalidFile(path: file.path, reason: "tensor '\(storedName)' has shape \(info.shape), the model expects \(shape)")
         }
         guard info.dtype.isFloatingPoint else {
@@ -105,14 +106,14 @@ public final class SafeTensorsWeights: WeightSource {
         return try backend.upload(values)
     }
 
-    /// Tensors in the file that the model never asked for, sorted.
-    public var unusedNames: [String] { file.names.filter { !used.contains($0) } }
+    /// The model's tensors in the file (those `rename` kept) that the model never asked for, sorted.
+    public var unusedNames: [String] { stored.values.filter { !used.contains($0) }.sorted() }
+}
 
-    /// [out, in] and [out, in, 1, 1] are the same matrix.
-    private func sameMatrix(_ a: [Int], _ b: [Int]) -> Bool {
-        func core(_ s: [Int]) -> [Int] { s.count == 4 && s[2] == 1 && s[3] == 1 ? [s[0], s[1]] : s }
-        return core(a) == core(b)
-    }
+/// [out, in] and [out, in, 1, 1] are the same matrix: a 1×1 convolution stored as a linear weight or the reverse.
+func sameMatrix(_ a: [Int], _ b: [Int]) -> Bool {
+    func core(_ s: [Int]) -> [Int] { s.count == 4 && s[2] == 1 && s[3] == 1 ? [s[0], s[1]] : s }
+    return core(a) == core(b)
 }
 
 /// Deterministic random parameters of the right shapes, for benchmarks of full-size architectures (speed

@@ -64,25 +64,47 @@ public enum ModelFamily: String, Sendable {
     /// and training (latent encoding) both ask here.
     public func vaeDType(_ dtype: DType, vaeFolder: String) throws -> DType {
         guard upcastsForceUpcastVAE && dtype == .f16 else { return dtype }
-        let config = try AutoencoderKLConfig(ConfigFile(path: joinPath(ModelFolder.component(vaeFolder, "vae"), "config.json")))
-        return config.forceUpcast ? .f32 : dtype
+        return vaeDType(dtype, config: try AutoencoderKLConfig(ConfigFile(path: joinPath(ModelFolder.component(vaeFolder, "vae"), "config.json"))))
     }
 
-    /// The folder's own text conditioning: one CLIP encoder (`tokenizer/` + `text_encoder/`) for SD1.x/SD2.x,
+    /// The same for a VAE whose config is at hand (a single-file checkpoint's).
+    public func vaeDType(_ dtype: DType, config: AutoencoderKLConfig) -> DType {
+        upcastsForceUpcastVAE && dtype == .f16 && config.forceUpcast ? .f32 : dtype
+    }
+
+    /// The pipeline's text components, in order: one CLIP encoder (`tokenizer/` + `text_encoder/`) for SD1.x/SD2.x,
     /// both CLIP encoders (`…_2` too) for SDXL.
+    public var textComponents: [(tokenizer: String, encoder: String)] {
+        switch self {
+        case .sd1, .sd2: return [("tokenizer", "text_encoder")]
+        case .sdxl: return [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
+        }
+    }
+
+    /// The family's conditioner over its text stacks (`textComponents`, in order). `forceZerosForEmptyPrompt`:
+    /// model_index.json's `force_zeros_for_empty_prompt` (SDXL).
+    public func conditioner(_ stacks: [CLIPTextStack], clipSkip: Int, forceZerosForEmptyPrompt: Bool) throws -> any TextConditioner {
+        switch self {
+        case .sd1, .sd2: return try CLIPConditioner(text: stacks[0], clipSkip: clipSkip)
+        case .sdxl: return try SDXLConditioner(first: stacks[0], second: stacks[1], clipSkip: clipSkip,
+                                               forceZerosForEmptyPrompt: forceZerosForEmptyPrompt)
+        }
+    }
+
+    /// A pipeline folder's `force_zeros_for_empty_prompt` (diffusers' default, true, when not set).
+    public static func forceZerosForEmptyPrompt(folder: String) throws -> Bool {
+        let index = joinPath(folder, "model_index.json")
+        return isRegularFile(index) ? try ConfigFile(path: index).bool("force_zeros_for_empty_prompt", default: true) : true
+    }
+
+    /// The folder's own text conditioning (`textComponents`).
     public func textConditioner(folder: String, backend: any ComputeBackend, clipSkip: Int, variant: String?,
                                 dtype: DType) throws -> any TextConditioner {
-        func textStack(_ tokenizer: String, _ encoder: String) throws -> CLIPTextStack {
+        let stacks = try textComponents.map { tokenizer, encoder in
             CLIPTextStack(tokenizer: try CLIPTokenizer(folder: joinPath(folder, tokenizer)),
                           encoder: try CLIPTextModel.load(folder: joinPath(folder, encoder), backend: backend, variant: variant, dtype: dtype).model)
         }
-        switch self {
-        case .sd1, .sd2:
-            return try CLIPConditioner(text: textStack("tokenizer", "text_encoder"), clipSkip: clipSkip)
-        case .sdxl:
-            let index = try ConfigFile(path: joinPath(folder, "model_index.json"))
-            return try SDXLConditioner(first: textStack("tokenizer", "text_encoder"), second: textStack("tokenizer_2", "text_encoder_2"),
-                                       clipSkip: clipSkip, forceZerosForEmptyPrompt: try index.bool("force_zeros_for_empty_prompt", default: true))
-        }
+        return try conditioner(stacks, clipSkip: clipSkip,
+                               forceZerosForEmptyPrompt: self == .sdxl ? Self.forceZerosForEmptyPrompt(folder: folder) : true)
     }
 }

@@ -8,7 +8,8 @@ import Darwin
 
 // Small POSIX file-system helpers (no Foundation): paths, folders, whole-file reads.
 
-func isRegularFile(_ path: String) -> Bool {
+/// Whether `path` is a regular file (following symlinks).
+public func isRegularFile(_ path: String) -> Bool {
     var status = stat()
     return stat(path, &status) == 0 && (status.st_mode & S_IFMT) == S_IFREG
 }
