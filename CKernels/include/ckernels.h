@@ -88,7 +88,8 @@ int ck_gemm_set_kernel(const char *name);
  *   x [B, Cin, H, W], w [Cout, Cin, kh, kw], bias [Cout] or NULL → y [B, Cout, Ho, Wo]
  *   Ho = (H + padTop + padBottom − kh) / strideH + 1, likewise Wo.
  * Implemented as im2col + GEMM; a 1×1, stride-1, unpadded convolution is a plain GEMM without a copy.
- * `workspace` holds ck_conv2d_workspace_floats(...) floats (0 for the 1×1 case; may be NULL then).
+ * `workspace` holds ck_conv2d_workspace_floats(...) floats (0 for the 1×1 case; may be NULL then): the patches
+ * are unrolled and multiplied a band of output rows at a time, each band at most 64 MB of floats (at least one row).
  * w is stored as w_type: CK_F32, CK_BF16 or CK_F16 (x, bias and y are f32). Returns ck_gemm_mixed's status. */
 typedef struct {
     int64_t B, Cin, H, W, Cout, kh, kw;
@@ -99,6 +100,8 @@ typedef struct {
 int64_t ck_conv2d_out_h(const ck_conv2d_params *p);
 int64_t ck_conv2d_out_w(const ck_conv2d_params *p);
 int64_t ck_conv2d_workspace_floats(const ck_conv2d_params *p);
+/* The band limit in floats (≤ 0: the default 16 Mi floats), process-wide: for tests, which make bands of one row. */
+void ck_conv2d_set_band_floats(int64_t floats);
 int ck_conv2d_f32(const ck_conv2d_params *p, const float *x, const void *w, int w_type, const float *bias,
                   float *y, float *workspace);
 

@@ -29,6 +29,13 @@ final class BackwardOpTests: XCTestCase {
         try checkBackwardOps(on: CPUBackend())
     }
 
+    /// The same with the convolution's data gradient made a band of one output row at a time (as large images are).
+    func testBackwardOpsPassWithOneRowConvolutionBands() throws {
+        ck_conv2d_set_band_floats(1)
+        defer { ck_conv2d_set_band_floats(0) }
+        try checkBackwardOps(on: CPUBackend())
+    }
+
     func testAttentionBackwardAndSumToShapePassFiniteDifferenceChecksOnCPU() throws {
         try checkComposedBackward(on: CPUBackend())
     }
