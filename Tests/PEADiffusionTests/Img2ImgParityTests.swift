@@ -9,9 +9,10 @@ import XCTest
 /// (its warm-up from the begin index); with a batch (one latent sample shared, noise per image), and with PEA
 /// conditioning.
 final class Img2ImgParityTests: XCTestCase {
+    /// A case of tools/reference/make_img2img_fixtures.py, or of make_inpaint_fixtures.py (which adds `mask`).
     struct Case: Decodable {
         let name, pipeline, init_image, prompt, images: String
-        let negative_prompt, scheduler, adapter: String?
+        let negative_prompt, scheduler, adapter, mask: String?
         let steps, seed, batch, steps_run: Int
         let strength: Double
         let guidance: Float
@@ -23,14 +24,16 @@ final class Img2ImgParityTests: XCTestCase {
         try JSONDecoder().decode([Case].self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/cases.json")))
     }
 
-    func request(_ c: Case) throws -> GenerationRequest {
-        let image = try ImageDecoder.decodeRGB(path: Self.directory + "/" + c.init_image)
+    /// The case's request: its init image read from `images/init_image` and its mask, if any, from `masks/mask`.
+    static func request(_ c: Case, images: String = directory, masks: String = directory) throws -> GenerationRequest {
+        let image = try ImageDecoder.decodeRGB(path: images + "/" + c.init_image)
         var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: image.width, height: image.height)
         request.steps = c.steps
         request.guidance = c.guidance
         request.seed = UInt64(c.seed)
         request.imagesPerPrompt = c.batch
         request.initImage = image
+        request.mask = try c.mask.map { try ImageDecoder.decodeRGB(path: masks + "/" + $0) }
         request.strength = c.strength
         return request
     }
@@ -46,7 +49,7 @@ final class Img2ImgParityTests: XCTestCase {
             let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/" + c.pipeline, backend: backend,
                                                             scheduler: c.scheduler, conditioner: conditioner)
             var progress: [(Int, Int)] = []
-            let images = try pipeline.generate(request(c), progress: { progress.append(($0, $1)) })
+            let images = try pipeline.generate(Self.request(c), progress: { progress.append(($0, $1)) })
             assertSameImages(images, try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), c.name)
             // The loop runs the timesteps from get_timesteps' begin index on: diffusers' count, and PNDM's
             // repeated second timestep once more.
@@ -94,7 +97,7 @@ final class Img2ImgParityTests: XCTestCase {
     func testBadRequestsAreRefused() throws {
         let c = try XCTUnwrap(try Self.cases().first { $0.name == "sd1_pndm_s05" })
         let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/sd1", backend: CPUBackend())
-        var lowStrength = try request(c), zero = try request(c), above = try request(c), nan = try request(c), resized = try request(c)
+        var lowStrength = try Self.request(c), zero = try Self.request(c), above = try Self.request(c), nan = try Self.request(c), resized = try Self.request(c)
         lowStrength.strength = 0.2
         zero.strength = 0
         above.strength = 1.5
@@ -106,12 +109,12 @@ final class Img2ImgParityTests: XCTestCase {
             }
         }
         // Batched requests share where the loop starts.
-        var other = try request(c)
+        var other = try Self.request(c)
         other.strength = 0.75
-        XCTAssertThrowsError(try pipeline.generate([try request(c), other])) { error in
+        XCTAssertThrowsError(try pipeline.generate([try Self.request(c), other])) { error in
             XCTAssertTrue("\(error)".contains("same strength"), "\(error)")
         }
-        XCTAssertThrowsError(try pipeline.generate([try request(c), GenerationRequest(prompt: "x", width: 32, height: 24)]))
+        XCTAssertThrowsError(try pipeline.generate([try Self.request(c), GenerationRequest(prompt: "x", width: 32, height: 24)]))
     }
 
     /// `pea generate --init-image` end to end, with PEA's --text-encoder/--adapter: the PNG diffusers makes, the

@@ -9,13 +9,7 @@ import XCTest
 /// timestep), batches, a greyscale and an RGB mask, and PEA conditioning. Images
 /// within docs/testing.md's pipeline tolerance (max |Δ| ≤ 1/255, mean |Δ| ≤ 0.02/255).
 final class InpaintParityTests: XCTestCase {
-    struct Case: Decodable {
-        let name, pipeline, init_image, mask, prompt, images: String
-        let negative_prompt, scheduler, adapter: String?
-        let steps, seed, batch, steps_run: Int
-        let strength: Double
-        let guidance: Float
-    }
+    typealias Case = Img2ImgParityTests.Case
 
     static let directory = fixturesDirectory() + "/inpaint"
 
@@ -23,17 +17,9 @@ final class InpaintParityTests: XCTestCase {
         try JSONDecoder().decode([Case].self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/cases.json")))
     }
 
+    /// The case's request: init images are named from Tests/Fixtures, masks from this folder.
     static func request(_ c: Case) throws -> GenerationRequest {
-        let image = try ImageDecoder.decodeRGB(path: fixturesDirectory() + "/" + c.init_image)
-        var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: image.width, height: image.height)
-        request.steps = c.steps
-        request.guidance = c.guidance
-        request.seed = UInt64(c.seed)
-        request.imagesPerPrompt = c.batch
-        request.initImage = image
-        request.mask = try ImageDecoder.decodeRGB(path: directory + "/" + c.mask)
-        request.strength = c.strength
-        return request
+        try Img2ImgParityTests.request(c, images: fixturesDirectory(), masks: directory)
     }
 
     func testEveryCaseMatchesDiffusers() throws {
@@ -99,9 +85,9 @@ final class InpaintParityTests: XCTestCase {
         let pea = fixturesDirectory() + "/pea"
         let scratch = ScratchDirectory("pea-inpaint")
         for c in [try XCTUnwrap(cases.first { $0.adapter != nil }), try XCTUnwrap(cases.first { $0.name == "sd1_inpainting_dpmpp_s1" })] {
-            let output = scratch.file(c.name + ".png")
+            let output = scratch.file(c.name + ".png"), mask = Self.directory + "/" + (c.mask ?? "")
             var arguments = ["generate", "--model", fixturesDirectory() + "/" + c.pipeline, "--prompt", c.prompt,
-                             "--init-image", fixturesDirectory() + "/" + c.init_image, "--mask", Self.directory + "/" + c.mask,
+                             "--init-image", fixturesDirectory() + "/" + c.init_image, "--mask", mask,
                              "--steps", "\(c.steps)", "--guidance", "\(c.guidance)", "--seed", "\(c.seed)", "--output", output]
             if let adapter = c.adapter { arguments += ["--text-encoder", pea + "/zh_encoder", "--adapter", pea + "/" + adapter] }
             if c.strength != 1 { arguments += ["--strength", "\(c.strength)"] }
@@ -166,7 +152,7 @@ final class InpaintParityTests: XCTestCase {
                                            [#"{"prompt": "x", "id": "img2img", "init_image": "\#(fixturesDirectory())/img2img/init_32x24.png", "steps": 2}"#,
                                             #"{"prompt": "x", "id": "plain", "width": 16, "height": 16, "steps": 2}"#]),
                                           ("inpaint/sd1_inpainting", [(inpainting, "inpainting", false)], [])] {
-            let lines = jobCases.map { line($0.0, id: $0.1, mask: $0.0.mask == "mask_24x32.png" ? "mask.png" : Self.directory + "/" + $0.0.mask, strength: $0.2) }
+            let lines = jobCases.map { line($0.0, id: $0.1, mask: $0.0.mask == "mask_24x32.png" ? "mask.png" : Self.directory + "/" + ($0.0.mask ?? ""), strength: $0.2) }
             let prompts = scratch.write((lines + extra).joined(separator: "\n"), to: "\(jobCases[0].1).jsonl")
             let out = scratch.file("out-" + jobCases[0].1)
             let result = try runPea(["generate", "--model", fixturesDirectory() + "/" + folder, "--prompts", prompts, "--output-dir", out,
@@ -183,7 +169,7 @@ final class InpaintParityTests: XCTestCase {
             let results = String(decoding: try XCTUnwrap(readFileBytes(out + "/results.jsonl")), as: UTF8.self)
             let records = results.split(separator: "\n").compactMap { try? JSONValue.parse(Array($0.utf8)).objectValue }
             let first = try XCTUnwrap(records.first { $0["id"]?.stringValue == jobCases[0].1 })
-            XCTAssertTrue(first["mask"]?.stringValue?.hasSuffix(jobCases[0].0.mask == "mask_24x32.png" ? "/mask.png" : "/" + jobCases[0].0.mask) ?? false, "\(first)")
+            XCTAssertTrue(first["mask"]?.stringValue?.hasSuffix(jobCases[0].0.mask == "mask_24x32.png" ? "/mask.png" : "/" + (jobCases[0].0.mask ?? "")) ?? false, "\(first)")
             XCTAssertEqual(first["strength"]?.doubleValue, jobCases[0].0.strength)
             if !extra.isEmpty { XCTAssertNil(try XCTUnwrap(records.first { $0["id"]?.stringValue == "img2img" })["mask"]) }
         }
