@@ -977,7 +977,7 @@ static void run_conv(const ck_conv2d_params &p, int t, bool with_bias, const cha
     std::vector<float> x = rounded(rvec(p.B * p.Cin * p.H * p.W), t), w = rounded(rvec(p.Cout * p.Cin * p.kh * p.kw, 0.5f), t),
                        bias = rounded(rvec(p.Cout), t), ref(p.B * p.Cout * Ho * Wo);
     std::vector<float> ws(std::max<int64_t>(1, ck_conv2d_workspace_floats(&p)));
-    ck_conv2d_f32(&p, x.data(), w.data(), with_bias ? bias.data() : nullptr, ref.data(), ws.data());
+    ck_conv2d_f32(&p, x.data(), w.data(), CK_F32, with_bias ? bias.data() : nullptr, ref.data(), ws.data());
     Dev dx = up(x, t), dw = up(w, t), db = up(bias, t), dy(ref.size() * tsize(t));
     OK(L.pea_cuda_conv2d(g_ctx, t, &p, dx.p, dw.p, with_bias ? db.p : nullptr, dy.p));
     compare(fmt("conv2d %s B=%lld Cin=%lld %lldx%lld Cout=%lld k=%lldx%lld s=%lldx%lld pad=%lld/%lld/%lld/%lld "
@@ -1526,7 +1526,7 @@ static void run_conv_backward(const ck_conv2d_params &p, int t, const char *labe
     std::vector<float> dy = rounded(rvec(p.B * p.Cout * Ho * Wo), t), w = rounded(rvec(p.Cout * p.Cin * p.kh * p.kw, 0.5f), t),
                        ref(nx);
     std::vector<float> ws(std::max<int64_t>(1, ck_conv2d_workspace_floats(&p)));
-    ck_conv2d_backward_data_f32(&p, dy.data(), w.data(), ref.data(), ws.data());
+    ck_conv2d_backward_data_f32(&p, dy.data(), w.data(), CK_F32, ref.data(), ws.data());
     Dev ddy = up(dy, t), dw = up(w, t);
     /* dx starts as NaN: every element must be written */
     Dev ddx = up(std::vector<float>(nx, NAN), t);
