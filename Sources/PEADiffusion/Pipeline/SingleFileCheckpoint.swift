@@ -469,8 +469,8 @@ extension StableDiffusionPipeline {
     /// the layout; tensors outside the three components — EMA copies, schedules — are not looked at).
     public static func load(checkpoint path: String, options: SingleFileOptions = SingleFileOptions(),
                             backend: any ComputeBackend, scheduler: String? = nil, clipSkip: Int = 0,
-                            conditioner: (any TextConditioner)? = nil,
-                            dtype: DType = .f32) throws -> (pipeline: StableDiffusionPipeline, unusedWeights: [String]) {
+                            conditioner: (any TextConditioner)? = nil, dtype: DType = .f32,
+                            lora: LoRASet? = nil) throws -> (pipeline: StableDiffusionPipeline, unusedWeights: [String]) {
         if let predictionType = options.predictionType, !["epsilon", "v_prediction"].contains(predictionType) {
             throw PEAError.usage("prediction type must be epsilon or v_prediction, got '\(predictionType)'")
         }
@@ -509,7 +509,8 @@ extension StableDiffusionPipeline {
         var unused: [() -> [String]] = []
         let unetTable = LDMNameTable.unet(unetConfig)
         let unetWeights = try file.weights(prefix: SingleFileCheckpoint.unetPrefix, backend: backend, dtype: dtype, rename: unetTable.rename)
-        let unet = try UNet2DConditionModel(config: unetConfig, weights: Weights(unetWeights.source))
+        let unet = try UNet2DConditionModel(config: unetConfig, weights: Weights(lora?.weights(unetWeights.source, component: "unet")
+                                                                                 ?? unetWeights.source))
         unused.append(unetWeights.unused)
 
         let vaeTable = LDMNameTable.vae(vaeConfig)
@@ -535,7 +536,8 @@ extension StableDiffusionPipeline {
                     let split = RowSplitWeights(tower.source, fused: fused.name, parts: fused.parts)
                     encoderWeights = (TransposedWeights(split, names: [LDMNameTable.openCLIPProjection]), tower.unused)
                 }
-                let encoder = try CLIPTextModel(config: encoderConfig, weights: Weights(encoderWeights.source))
+                let source = lora?.weights(encoderWeights.source, component: component.encoder) ?? encoderWeights.source
+                let encoder = try CLIPTextModel(config: encoderConfig, weights: Weights(source))
                 // Position ids are a buffer (arange), not a parameter.
                 unused.append { encoderWeights.unused().filter { !$0.hasSuffix("position_ids") } }
                 stacks.append(CLIPTextStack(tokenizer: tokenizers[stacks.count], encoder: encoder))
@@ -543,6 +545,8 @@ extension StableDiffusionPipeline {
             let forceZeros = try options.configFolder.map(ModelFamily.forceZerosForEmptyPrompt(folder:)) ?? true
             text = try family.conditioner(stacks, clipSkip: clipSkip, forceZerosForEmptyPrompt: forceZeros)
         }
+
+        try lora?.requireAllUsed(components: ["unet"] + (conditioner == nil ? components.map(\.encoder) : []))
 
         let schedulerConfig = family.schedulerConfig(schedulerValues)
         let pipeline = StableDiffusionPipeline(family: family, denoiser: unet, vae: vae, conditioner: text,

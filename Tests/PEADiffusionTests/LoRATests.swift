@@ -1,0 +1,107 @@
+import Foundation
+import XCTest
+@testable import PEADiffusion
+
+/// `--lora FILE[:SCALE]` against diffusers' `load_lora_weights` + `fuse_lora(lora_scale=…)` on the tiny SD1 pipeline
+/// (tools/reference/make_lora_fixtures.py): PEFT- and kohya-named files, linear, 1×1 and 3×3 (LoCon) LoRAs, UNet and
+/// text encoder, alpha ≠ rank, two files at once. Images within docs/testing.md's pipeline tolerance.
+final class LoRATests: XCTestCase {
+    struct Case: Decodable {
+        struct File: Decodable {
+            let file: String
+            let scale: Float
+        }
+        let name, prompt, images: String
+        let loras: [File]
+        let steps, seed, width, height: Int
+        let guidance: Float
+    }
+
+    static let directory = fixturesDirectory() + "/lora"
+    static let pipeline = fixturesDirectory() + "/pipelines/sd1"
+
+    static func cases() throws -> [Case] {
+        try JSONDecoder().decode([Case].self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/cases.json")))
+    }
+
+    func testEveryCaseMatchesDiffusersFuseLoRA() throws {
+        let cases = try Self.cases()
+        XCTAssertEqual(cases.count, 3)
+        for c in cases {
+            let lora = try LoRASet(c.loras.map { LoRASpec(path: Self.directory + "/" + $0.file, scale: $0.scale) })
+            let pipeline = try StableDiffusionPipeline.load(folder: Self.pipeline, backend: CPUBackend(), lora: lora)
+            var request = GenerationRequest(prompt: c.prompt, width: c.width, height: c.height)
+            request.steps = c.steps
+            request.guidance = c.guidance
+            request.seed = UInt64(c.seed)
+            let images = try pipeline.generate(request)
+            assertSameImages(images, try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), c.name)
+        }
+    }
+
+    /// The command line: two --lora options, one with a scale, through `pea generate`'s PNG.
+    func testGenerateCommandTakesRepeatedLoRAs() throws {
+        let c = try XCTUnwrap(try Self.cases().first { $0.loras.count == 2 })
+        let scratch = ScratchDirectory()
+        let output = scratch.file("lora.png")
+        var arguments = ["generate", "--model", Self.pipeline, "--prompt", c.prompt, "--steps", "\(c.steps)",
+                         "--guidance", "\(c.guidance)", "--seed", "\(c.seed)", "--width", "\(c.width)", "--height", "\(c.height)",
+                         "--backend", "cpu", "--output", output]
+        for file in c.loras { arguments += ["--lora", Self.directory + "/" + file.file + ":\(file.scale)"] }
+        let result = try runPea(arguments)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let image = try PNGDecoder.decode(path: output).rgb()
+        assertSameImages([image], try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), c.name)
+    }
+
+    func testScaleParsing() throws {
+        XCTAssertEqual(try LoRASpec(parsing: "a.safetensors"), LoRASpec(path: "a.safetensors", scale: 1))
+        XCTAssertEqual(try LoRASpec(parsing: "dir/a.safetensors:0.75"), LoRASpec(path: "dir/a.safetensors", scale: 0.75))
+        XCTAssertEqual(try LoRASpec(parsing: "a.safetensors:-1"), LoRASpec(path: "a.safetensors", scale: -1))
+        for bad in ["a.safetensors:x", "a.safetensors:", "a.safetensors:inf", ":0.5", ""] {
+            XCTAssertThrowsError(try LoRASpec(parsing: bad), bad)
+        }
+    }
+
+    /// Broken and misfitting LoRA files: a clear error naming the file (and the tensor), non-zero exit, no image.
+    func testBadLoRAsFailClearly() throws {
+        let scratch = ScratchDirectory()
+        let output = scratch.file("never.png")
+        let good = try SafeTensorsFile(path: Self.directory + "/kohya.safetensors")
+        func variant(_ name: String, _ change: (String, HostTensor) -> (String, HostTensor)?) throws -> String {
+            let path = scratch.file(name)
+            try SafeTensorsWriter.write(try good.names.compactMap { n in change(n, try good.tensor(n)).map { (name: $0.0, tensor: $0.1) } }, to: path)
+            return path
+        }
+        let q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_v"
+        let bytes = readFileBytes(Self.directory + "/kohya.safetensors")!
+        let truncated = scratch.write(Array(bytes.prefix(bytes.count - 100)), to: "truncated.safetensors")
+        // rank mismatch: the down factor loses a row
+        let rank = try variant("rank.safetensors") { name, t in
+            guard name == q + ".lora_down.weight" else { return (name, t) }
+            let inner = t.shape[1]
+            return (name, HostTensor(Array(t.floats().prefix((t.shape[0] - 1) * inner)), shape: [t.shape[0] - 1, inner]))
+        }
+        // the right rank, the wrong module size (in 8 → 16)
+        let size = try variant("size.safetensors") { name, t in
+            guard name == q + ".lora_down.weight" else { return (name, t) }
+            return (name, HostTensor(t.floats() + t.floats(), shape: [t.shape[0], t.shape[1] * 2]))
+        }
+        let nowhere = try variant("nowhere.safetensors") { name, t in
+            (name.replacingOccurrences(of: "down_blocks_0_attentions_0", with: "down_blocks_7_attentions_0"), t)
+        }
+        let foreign = try variant("foreign.safetensors") { name, t in (name.replacingOccurrences(of: "lora_unet_", with: "lycoris_"), t) }
+        let halfPair = try variant("half.safetensors") { name, t in name == q + ".lora_up.weight" ? nil : (name, t) }
+        let base = ["generate", "--model", Self.pipeline, "--prompt", "x", "--steps", "1", "--backend", "cpu", "--output", output]
+        try assertPeaFails([
+            (base + ["--lora", truncated], 1, [truncated]),
+            (base + ["--lora", rank], 1, [rank, q + ".lora_down.weight"]),
+            (base + ["--lora", size], 1, [size, q + ".lora_down.weight", "do not fit"]),
+            (base + ["--lora", nowhere], 1, [nowhere, "matches no module"]),
+            (base + ["--lora", foreign], 1, [foreign, "lycoris_"]),
+            (base + ["--lora", halfPair], 1, [halfPair, q]),
+            (base + ["--lora", Self.directory + "/kohya.safetensors:big"], 2, ["'big' is not a scale"]),
+            (base + ["--lora", scratch.file("missing.safetensors")], 1, ["missing.safetensors", "no such file"]),
+        ], leavesNo: output)
+    }
+}
