@@ -105,3 +105,19 @@ final class LoRATests: XCTestCase {
         ], leavesNo: output)
     }
 }
+
+extension LoRATests {
+    /// With a PEA language encoder the LoRA's text-encoder part has nowhere to go: one warning, the UNet part merged.
+    func testPEAEncoderWarnsAndMergesTheUNetPart() throws {
+        let pea = fixturesDirectory() + "/pea"
+        let scratch = ScratchDirectory()
+        let output = scratch.file("zh.png")
+        let result = try runPea(["generate", "--model", Self.pipeline, "--prompt", "一只猫", "--steps", "2", "--seed", "1",
+                                 "--width", "16", "--height", "16", "--backend", "cpu", "--output", output,
+                                 "--text-encoder", pea + "/zh_encoder", "--adapter", pea + "/adapter_sd1.safetensors",
+                                 "--lora", Self.directory + "/kohya.safetensors"])
+        XCTAssertEqual(result.status, 0, result.stderr)
+        XCTAssertEqual(result.stderr.components(separatedBy: "text-encoder part").count - 1, 1, result.stderr)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: output))
+    }
+}
