@@ -54,6 +54,23 @@ final class LoRATests: XCTestCase {
         assertSameImages([image], try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), c.name)
     }
 
+    /// A single-file checkpoint holding the same weights (Tests/Fixtures/single_file/sd1.safetensors, the SD1 folder in
+    /// the LDM layout): the LoRA merges into the weights the LDM name tables map, giving the folder's images.
+    func testSingleFileCheckpointTakesLoRAs() throws {
+        for c in try Self.cases() {
+            let lora = try LoRASet(c.loras.map { LoRASpec(path: Self.directory + "/" + $0.file, scale: $0.scale) })
+            let pipeline = try StableDiffusionPipeline.load(checkpoint: fixturesDirectory() + "/single_file/sd1.safetensors",
+                                                            options: SingleFileOptions(configFolder: Self.pipeline),
+                                                            backend: CPUBackend(), lora: lora).pipeline
+            var request = GenerationRequest(prompt: c.prompt, width: c.width, height: c.height)
+            request.steps = c.steps
+            request.guidance = c.guidance
+            request.seed = UInt64(c.seed)
+            assertSameImages(try pipeline.generate(request), try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"),
+                             "single file " + c.name)
+        }
+    }
+
     func testScaleParsing() throws {
         XCTAssertEqual(try LoRASpec(parsing: "a.safetensors"), LoRASpec(path: "a.safetensors", scale: 1))
         XCTAssertEqual(try LoRASpec(parsing: "dir/a.safetensors:0.75"), LoRASpec(path: "dir/a.safetensors", scale: 0.75))
