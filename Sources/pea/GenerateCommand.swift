@@ -113,10 +113,10 @@ enum GenerateOptions {
         help: "merge a LoRA (.safetensors) into the weights as the model loads, W += SCALE · alpha/rank · up·down, as "
             + "diffusers' load_lora_weights + fuse_lora(lora_scale=SCALE); SCALE defaults to 1.0; repeatable (the deltas "
             + "add up). Reads diffusers/PEFT names (unet.<module>.lora_A/lora_B.weight, text_encoder[_2].…; alpha = rank) "
-            + "and kohya names in diffusers' module naming (lora_unet_<module>.lora_down/lora_up.weight + .alpha, "
-            + "lora_te_/lora_te1_/lora_te2_), linear and conv (LoCon 3×3) LoRAs; kohya's LDM-named (input_blocks_…) "
-            + "LoRAs are not read. A tensor that matches no module is an error. With --text-encoder/--adapter only "
-            + "the UNet part applies")
+            + "and kohya names (lora_unet_<module>.lora_down/lora_up.weight + .alpha, lora_te_/lora_te1_/lora_te2_), the "
+            + "UNet's modules in diffusers' naming (down_blocks_0_…) or the LDM one (input_blocks_1_1_…, as SDXL LoRAs); "
+            + "linear and conv (LoCon 3×3) LoRAs. A tensor that matches no module is an error. With "
+            + "--text-encoder/--adapter only the UNet part applies")
     static let maxLength = CommandOption.value(
         "--max-length", "N", help: "PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)")
 

@@ -2,16 +2,17 @@ import Foundation
 import XCTest
 @testable import PEADiffusion
 
-/// `--lora FILE[:SCALE]` against diffusers' `load_lora_weights` + `fuse_lora(lora_scale=…)` on the tiny SD1 pipeline
-/// (tools/reference/make_lora_fixtures.py): PEFT- and kohya-named files, linear, 1×1 and 3×3 (LoCon) LoRAs, UNet and
-/// text encoder, alpha ≠ rank, two files at once. Images within docs/testing.md's pipeline tolerance.
+/// `--lora FILE[:SCALE]` against diffusers' `load_lora_weights` + `fuse_lora(lora_scale=…)` on the tiny SD1
+/// and SDXL pipelines (tools/reference/make_lora_fixtures.py): PEFT- and kohya-named files (SDXL's in the LDM UNet
+/// layout with lora_te1_/lora_te2_), linear, 1×1 and 3×3 (LoCon) LoRAs, UNet and text encoders, alpha ≠ rank, two
+/// files at once. Images within docs/testing.md's pipeline tolerance.
 final class LoRATests: XCTestCase {
     struct Case: Decodable {
         struct File: Decodable {
             let file: String
             let scale: Float
         }
-        let name, prompt, images: String
+        let name, pipeline, prompt, images: String
         let loras: [File]
         let steps, seed, width, height: Int
         let guidance: Float
@@ -26,10 +27,11 @@ final class LoRATests: XCTestCase {
 
     func testEveryCaseMatchesDiffusersFuseLoRA() throws {
         let cases = try Self.cases()
-        XCTAssertEqual(cases.count, 3)
+        XCTAssertEqual(cases.map(\.pipeline), ["sd1", "sd1", "sd1", "sdxl"])
         for c in cases {
             let lora = try LoRASet(c.loras.map { LoRASpec(path: Self.directory + "/" + $0.file, scale: $0.scale) })
-            let pipeline = try StableDiffusionPipeline.load(folder: Self.pipeline, backend: CPUBackend(), lora: lora)
+            let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/" + c.pipeline, backend: CPUBackend(),
+                                                            lora: lora)
             var request = GenerationRequest(prompt: c.prompt, width: c.width, height: c.height)
             request.steps = c.steps
             request.guidance = c.guidance
@@ -57,7 +59,7 @@ final class LoRATests: XCTestCase {
     /// A single-file checkpoint holding the same weights (Tests/Fixtures/single_file/sd1.safetensors, the SD1 folder in
     /// the LDM layout): the LoRA merges into the weights the LDM name tables map, giving the folder's images.
     func testSingleFileCheckpointTakesLoRAs() throws {
-        for c in try Self.cases() {
+        for c in try Self.cases() where c.pipeline == "sd1" {
             let lora = try LoRASet(c.loras.map { LoRASpec(path: Self.directory + "/" + $0.file, scale: $0.scale) })
             let pipeline = try StableDiffusionPipeline.load(checkpoint: fixturesDirectory() + "/single_file/sd1.safetensors",
                                                             options: SingleFileOptions(configFolder: Self.pipeline),

@@ -5,7 +5,8 @@
 // Two naming schemes are read (safetensors files):
 //   diffusers / PEFT  `unet.<module>.lora_A.weight` (down) and `.lora_B.weight` (up), `text_encoder.…`,
 //                     `text_encoder_2.…`; alpha = rank (diffusers' default when a file carries no alphas)
-//   kohya             `lora_unet_<module with _ for .>.lora_down.weight` / `.lora_up.weight` / `.alpha`, and
+//   kohya             `lora_unet_<module with _ for .>.lora_down.weight` / `.lora_up.weight` / `.alpha` (the UNet
+//                     module in diffusers' naming or the LDM one, `input_blocks_1_1_…`, through `LDMNameTable`), and
 //                     `lora_te_` (SD1/SD2 text encoder), `lora_te1_` / `lora_te2_` (SDXL's two)
 // In both, `<module>.alpha` (a scalar) sets alpha. Modules are named as the diffusers model names them; kohya's
 // underscores are matched by comparing names with every `.` read as `_`, so no per-block rules are needed. A 3×3
@@ -53,6 +54,7 @@ public final class LoRASet {
     struct Module {
         let file: SafeTensorsCollection
         let name: String          // the module as the file names it (for messages)
+        let key: String           // its `LoRASet.key`
         let down: String
         let up: String
         let factor: Float         // scale · alpha / rank
@@ -151,15 +153,29 @@ public final class LoRASet {
                 alpha = values[0]
             }
             modules[entry.component, default: [:]][Self.key(entry.module, component: entry.component), default: []]
-                .append(Module(file: file, name: entry.module, down: down, up: up, factor: spec.scale * alpha / rank))
+                .append(Module(file: file, name: entry.module, key: Self.key(entry.module, component: entry.component),
+                               down: down, up: up, factor: spec.scale * alpha / rank))
         }
     }
 
     /// `base` with this set's LoRAs for `component` merged into the weights they name (`base` itself when none).
-    public func weights(_ base: any WeightSource, component: String) -> any WeightSource {
-        guard let table = modules[component] else { return base }
+    /// `unet`, the UNet's config, lets kohya keys in the LDM layout (`input_blocks_…`, `middle_block_…`,
+    /// `output_blocks_…`) find their modules through the single-file loader's name table.
+    public func weights(_ base: any WeightSource, component: String, unet: UNetConfig? = nil) -> any WeightSource {
+        guard var table = modules[component] else { return base }
+        if let unet {
+            let ldm = LDMNameTable.unet(unet)
+            for (key, list) in table where Self.ldmRoots.contains(where: { key.hasPrefix($0) }) {
+                guard let renamed = ldm.renameUnderscored(key) else { continue }
+                table[key] = nil
+                table[renamed, default: []] += list
+            }
+        }
         return LoRAWeights(base: base, set: self, component: component, table: table)
     }
+
+    /// The LDM UNet's top-level modules, which no diffusers module name starts with.
+    private static let ldmRoots = ["input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_"]
 
     fileprivate func markUsed(_ component: String, _ key: String) { used.insert(component + "/" + key) }
 
@@ -244,7 +260,7 @@ final class LoRAWeights: WeightSource {
             let down = try load(module.down, [rank, inner]), up = try load(module.up, [out, rank])
             w = try backend.gemm(up, down, transposeA: false, transposeB: false, alpha: module.factor, beta: 1, c: w)
         }
-        set.markUsed(component, key)
+        for module in modules { set.markUsed(component, module.key) }
         w = try w.reshaped(shape)
         return try dtype == .f32 ? w : backend.cast(w, to: dtype)
     }

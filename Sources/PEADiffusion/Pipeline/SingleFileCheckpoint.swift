@@ -150,6 +150,23 @@ struct LDMNameTable {
         return diffusers + rest
     }
 
+    /// `rename` for a module name written with `_` for every `.` (kohya's LoRA keys in the LDM layout,
+    /// `input_blocks_1_1_transformer_blocks_0_attn1_to_q`), answered in the same form; nil when no entry applies.
+    /// The table's LDM prefixes are matched in that form, longest first, at an `_` boundary.
+    func renameUnderscored(_ name: String) -> String? {
+        func flat(_ s: String) -> String { String(s.map { $0 == "." ? "_" : $0 }) }
+        func longest<V>(_ table: [String: V], _ name: String) -> (String, V)? {
+            table.filter { name == flat($0.key) || name.hasPrefix(flat($0.key) + "_") }
+                .max { $0.key.count < $1.key.count }.map { (flat($0.key), $0.value) }
+        }
+        guard let (ldm, entry) = longest(entries, name), let diffusers = entry.diffusers else { return nil }
+        var rest = String(name.dropFirst(ldm.count))   // "" or "_…"
+        if rest.hasPrefix("_"), let (inner, replacement) = longest(entry.inner, String(rest.dropFirst())) {
+            rest = "_" + flat(replacement) + rest.dropFirst(1 + inner.count)
+        }
+        return flat(diffusers) + rest
+    }
+
     private static func longestPrefix<V>(of name: String, in table: [String: V]) -> (String, V)? {
         var candidate = Substring(name)
         while true {
@@ -509,7 +526,7 @@ extension StableDiffusionPipeline {
         var unused: [() -> [String]] = []
         let unetTable = LDMNameTable.unet(unetConfig)
         let unetWeights = try file.weights(prefix: SingleFileCheckpoint.unetPrefix, backend: backend, dtype: dtype, rename: unetTable.rename)
-        let unet = try UNet2DConditionModel(config: unetConfig, weights: Weights(lora?.weights(unetWeights.source, component: "unet")
+        let unet = try UNet2DConditionModel(config: unetConfig, weights: Weights(lora?.weights(unetWeights.source, component: "unet", unet: unetConfig)
                                                                                  ?? unetWeights.source))
         unused.append(unetWeights.unused)
 

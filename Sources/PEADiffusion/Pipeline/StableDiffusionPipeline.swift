@@ -87,7 +87,7 @@ public final class StableDiffusionPipeline {
                             dtype: DType = .f32, lora: LoRASet? = nil) throws -> StableDiffusionPipeline {
         try requirePipelineFolder(folder)
         let unet = try UNet2DConditionModel.load(folder: joinPath(folder, "unet"), backend: backend, variant: variant, dtype: dtype,
-                                                 wrap: { lora?.weights($0, component: "unet") ?? $0 }).model
+                                                 wrap: { lora?.weights($0, component: "unet", unet: $1) ?? $0 }).model
         let family = try ModelFamily.detect(folder: folder, unet: unet.config)
         let vaeFolder = joinPath(folder, "vae")
         let vae = try AutoencoderKL.load(folder: vaeFolder, backend: backend, variant: variant,
