@@ -73,6 +73,39 @@ final class LoRATests: XCTestCase {
         }
     }
 
+    /// The merge itself, against plain loops over the file's tensors: W + scale · alpha/rank · up·down in f32; with
+    /// half-size weights (`CPUBackend(halfWeights:)`, `--weights bf16`) that f32 sum rounded once to bf16.
+    func testMergeAddsScaledUpTimesDownAndRoundsHalfWeightsOnce() throws {
+        let unet = try SafeTensorsCollection.open(folder: Self.pipeline + "/unet", baseName: "diffusion_pytorch_model", variant: nil)
+        let kohya = try SafeTensorsFile(path: Self.directory + "/kohya.safetensors")
+        let lora = try LoRASet([LoRASpec(path: kohya.path, scale: 0.7)])
+        let key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_v"
+        let name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v.weight"
+        let shape = try unet.info(name).shape
+        let (out, inner) = (shape[0], shape[1])
+        let down = try kohya.tensor(key + ".lora_down.weight").converted(to: .f32).floats()
+        let up = try kohya.tensor(key + ".lora_up.weight").converted(to: .f32).floats()
+        let alpha = try kohya.tensor(key + ".alpha").converted(to: .f32).floats()[0]
+        let rank = down.count / inner
+        XCTAssertNotEqual(alpha, Float(rank), "the fixture's alpha differs from its rank")
+        var expected = try unet.tensor(name).converted(to: .f32).floats()
+        for o in 0..<out {
+            for i in 0..<inner {
+                var sum: Float = 0
+                for k in 0..<rank { sum += up[o * rank + k] * down[k * inner + i] }
+                expected[o * inner + i] += 0.7 * alpha / Float(rank) * sum
+            }
+        }
+        let f32 = CPUBackend(), half = CPUBackend(halfWeights: .bf16)
+        let merged = try lora.weights(SafeTensorsWeights(unet, backend: f32), component: "unet").matrix(name, shape: shape)
+        XCTAssertEqual(merged.dtype, .f32)
+        let values = try f32.downloadFloats(merged)
+        XCTAssertLessThan(zip(values, expected).map { abs($0 - $1) }.max()!, 1e-5)
+        let mergedHalf = try lora.weights(SafeTensorsWeights(unet, backend: half), component: "unet").matrix(name, shape: shape)
+        XCTAssertEqual(mergedHalf.dtype, .bf16)
+        XCTAssertEqual(try half.download(mergedHalf).bytes, HostTensor(values, shape: shape).converted(to: .bf16).bytes)
+    }
+
     func testScaleParsing() throws {
         XCTAssertEqual(try LoRASpec(parsing: "a.safetensors"), LoRASpec(path: "a.safetensors", scale: 1))
         XCTAssertEqual(try LoRASpec(parsing: "dir/a.safetensors:0.75"), LoRASpec(path: "dir/a.safetensors", scale: 0.75))
