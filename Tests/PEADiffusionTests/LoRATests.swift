@@ -106,6 +106,25 @@ final class LoRATests: XCTestCase {
         XCTAssertEqual(try half.download(mergedHalf).bytes, HostTensor(values, shape: shape).converted(to: .bf16).bytes)
     }
 
+    /// The merge on the (emulated) CUDA backend — its GEMM and casts — gives the CPU's merged weight, in f32 and for a
+    /// model loading in f16 (`--precision fp16`: merged in f32, stored in f16).
+    func testMergeOnTheCUDABackendMatchesTheCPU() throws {
+        let cuda = try CUDABackendParityTests.sharedCUDA(), cpu = CPUBackend()
+        let unet = try SafeTensorsCollection.open(folder: Self.pipeline + "/unet", baseName: "diffusion_pytorch_model", variant: nil)
+        let lora = try LoRASet([LoRASpec(path: Self.directory + "/kohya.safetensors", scale: 0.7)])
+        for name in ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v.weight", "up_blocks.1.resnets.1.conv2.weight"] {
+            let shape = try unet.info(name).shape
+            let reference = try cpu.downloadFloats(lora.weights(SafeTensorsWeights(unet, backend: cpu), component: "unet").matrix(name, shape: shape))
+            for dtype in [DType.f32, .f16] {
+                let merged = try lora.weights(SafeTensorsWeights(unet, backend: cuda, dtype: dtype), component: "unet").matrix(name, shape: shape)
+                XCTAssertEqual(merged.dtype, dtype)
+                let values = try cuda.downloadFloats(dtype == .f32 ? merged : cuda.cast(merged, to: .f32))
+                let tolerance: Float = dtype == .f32 ? 1e-5 : 2e-3
+                XCTAssertLessThan(zip(values, reference).map { abs($0 - $1) }.max()!, tolerance, "\(name) \(dtype)")
+            }
+        }
+    }
+
     func testScaleParsing() throws {
         XCTAssertEqual(try LoRASpec(parsing: "a.safetensors"), LoRASpec(path: "a.safetensors", scale: 1))
         XCTAssertEqual(try LoRASpec(parsing: "dir/a.safetensors:0.75"), LoRASpec(path: "dir/a.safetensors", scale: 0.75))
