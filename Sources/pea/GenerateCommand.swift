@@ -286,12 +286,11 @@ struct ModelChoice {
             }
             conditioner = try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: adapterPath, backend: backend, dtype: dtype))
         }
-        let loras = try options.strings(O.lora).map(LoRASpec.init(parsing:))
-        let lora = try loras.isEmpty ? nil : LoRASet(loras)
+        let lora = try Self.loras(options)
         for warning in lora?.warnings ?? [] { fputs("pea: warning: \(warning)\n", stderr) }
         if let lora, conditioner != nil, lora.components.contains(where: { $0 != "unet" }) {
             fputs("pea: warning: --lora: the text-encoder part of the LoRA does not apply to the --text-encoder/--adapter "
-                  + "language encoder; only its UNet part is merged\n", stderr)
+                  + "language encoder; only its UNet part is merged into that pipeline\n", stderr)
         }
         var pipeline = try loadModel(options, scheduler: scheduler, clipSkip: clipSkip, backend: backend, dtype: dtype,
                                      conditioner: conditioner, lora: lora)
@@ -303,6 +302,12 @@ struct ModelChoice {
         }
         pipeline.vaeTiling = options.has(O.vaeTiling)
         return pipeline
+    }
+
+    /// The --lora files, read and checked (nil without --lora).
+    static func loras(_ options: ParsedOptions) throws -> LoRASet? {
+        let specs = try options.strings(GenerateOptions.lora).map(LoRASpec.init(parsing:))
+        return try specs.isEmpty ? nil : LoRASet(specs)
     }
 
     private func loadModel(_ options: ParsedOptions, scheduler: String?, clipSkip: Int, backend: any ComputeBackend, dtype: DType,
