@@ -102,6 +102,7 @@ fixtures: $(REF_VENV)/.installed
 	$(REF_VENV)/bin/python tools/reference/make_img2img_fixtures.py --out Tests/Fixtures/img2img
 	$(REF_VENV)/bin/python tools/reference/make_inpaint_fixtures.py --out Tests/Fixtures/inpaint
 	$(REF_VENV)/bin/python tools/reference/make_single_file_fixtures.py --out Tests/Fixtures/single_file
+	$(REF_VENV)/bin/python tools/reference/make_lora_fixtures.py --out Tests/Fixtures/lora
 	$(REF_VENV)/bin/python tools/reference/make_kd_fixtures.py --out Tests/Fixtures/kd
 	$(REF_VENV)/bin/python tools/toyworld/make_world_fixtures.py --out Tests/Fixtures/toyworld
 	$(REF_VENV)/bin/python tools/reference/make_toyworld_fixtures.py --out Tests/Fixtures/toyworld

@@ -108,6 +108,15 @@ enum GenerateOptions {
         help: "replace the model's VAE with the one in FILE (.safetensors or .ckpt, LDM names as VAEs are released, or "
             + "diffusers' names), as diffusers' AutoencoderKL.from_single_file; the architecture and scaling factor are "
             + "the model's VAE config's")
+    static let lora = CommandOption.repeatable(
+        "--lora", "FILE[:SCALE]",
+        help: "merge a LoRA (.safetensors) into the weights as the model loads, W += SCALE · alpha/rank · up·down, as "
+            + "diffusers' load_lora_weights + fuse_lora(lora_scale=SCALE); SCALE defaults to 1.0; repeatable (the deltas "
+            + "add up). Reads diffusers/PEFT names (unet.<module>.lora_A/lora_B.weight, text_encoder[_2].…; alpha = rank) "
+            + "and kohya names (lora_unet_<module>.lora_down/lora_up.weight + .alpha, lora_te_/lora_te1_/lora_te2_), the "
+            + "UNet's modules in diffusers' naming (down_blocks_0_…) or the LDM one (input_blocks_1_1_…, as SDXL LoRAs); "
+            + "linear and conv (LoCon 3×3) LoRAs. A tensor that matches no module is an error. With "
+            + "--text-encoder/--adapter only the UNet part applies")
     static let maxLength = CommandOption.value(
         "--max-length", "N", help: "PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)")
 
@@ -124,7 +133,7 @@ enum GenerateOptions {
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
                                    batch, clipSkip, output, initImage, strength, mask, variant, vaeTiling, textEncoder, adapter,
-                                   maxLength, config, tokenizer, predictionType, vae]
+                                   maxLength, config, tokenizer, predictionType, vae, lora]
                     + BackendOptions.inference),
                  .init("Prompt-file jobs", [outputDir, batchSize, format, shard, shards, overwrite], note: """
                     FILE is .jsonl (one object a line: "prompt", and optionally "id" (A–Z a–z 0–9 _ -), "negative_prompt",
@@ -277,8 +286,14 @@ struct ModelChoice {
             }
             conditioner = try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: adapterPath, backend: backend, dtype: dtype))
         }
+        let lora = try Self.loras(options)
+        for warning in lora?.warnings ?? [] { fputs("pea: warning: \(warning)\n", stderr) }
+        if let lora, conditioner != nil, lora.components.contains(where: { $0 != "unet" }) {
+            fputs("pea: warning: --lora: the text-encoder part of the LoRA does not apply to the --text-encoder/--adapter "
+                  + "language encoder; only its UNet part is merged into that pipeline\n", stderr)
+        }
         var pipeline = try loadModel(options, scheduler: scheduler, clipSkip: clipSkip, backend: backend, dtype: dtype,
-                                     conditioner: conditioner)
+                                     conditioner: conditioner, lora: lora)
         if let vaeFile = try options.optionalString(O.vae) {
             // The model's VAE is loaded and dropped: its config is the swapped VAE's (as from_single_file(config=…)).
             let vae = try AutoencoderKL.load(file: vaeFile, config: pipeline.vae.config, backend: backend, dtype: pipeline.vae.dtype).model
@@ -289,8 +304,14 @@ struct ModelChoice {
         return pipeline
     }
 
+    /// The --lora files, read and checked (nil without --lora).
+    static func loras(_ options: ParsedOptions) throws -> LoRASet? {
+        let specs = try options.strings(GenerateOptions.lora).map(LoRASpec.init(parsing:))
+        return try specs.isEmpty ? nil : LoRASet(specs)
+    }
+
     private func loadModel(_ options: ParsedOptions, scheduler: String?, clipSkip: Int, backend: any ComputeBackend, dtype: DType,
-                           conditioner: (any TextConditioner)?) throws -> StableDiffusionPipeline {
+                           conditioner: (any TextConditioner)?, lora: LoRASet?) throws -> StableDiffusionPipeline {
         typealias O = GenerateOptions
         if isSingleFile {
             guard options.command == "generate" else {
@@ -301,7 +322,7 @@ struct ModelChoice {
                                            predictionType: try options.optionalString(O.predictionType))
             return try naming(O.clipSkip, in: options, when: clipSkip != 0) {
                 try StableDiffusionPipeline.load(checkpoint: folder, options: single, backend: backend, scheduler: scheduler,
-                                                 clipSkip: clipSkip, conditioner: conditioner, dtype: dtype).pipeline
+                                                 clipSkip: clipSkip, conditioner: conditioner, dtype: dtype, lora: lora).pipeline
             }
         }
         for option in [O.config, O.tokenizer, O.predictionType] where options.has(option) {
@@ -310,7 +331,7 @@ struct ModelChoice {
         let variant = try options.optionalString(O.variant)
         return try naming(O.clipSkip, in: options, when: clipSkip != 0) {
             try StableDiffusionPipeline.load(folder: folder, backend: backend, scheduler: scheduler, clipSkip: clipSkip,
-                                             variant: variant, conditioner: conditioner, dtype: dtype)
+                                             variant: variant, conditioner: conditioner, dtype: dtype, lora: lora)
         }
     }
 }

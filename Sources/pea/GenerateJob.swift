@@ -45,6 +45,8 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     for option in [O.config, O.tokenizer, O.predictionType, O.vae] where options.has(option) {
         manifestSettings[String(option.name.dropFirst(2).map { $0 == "-" ? "_" : $0 })] = try options.optionalString(option) ?? ""
     }
+    // The LoRAs as given (FILE:SCALE, in order; the files' contents are not hashed).
+    if options.has(O.lora) { manifestSettings["lora"] = options.strings(O.lora).joined(separator: "\n") }
     let manifest = JobManifest(items: items, baseSeed: baseSeed, settings: manifestSettings)
     let output = try JobOutput(folder: folder, manifest: manifest, items: items, shard: shard, format: format, overwrite: overwrite,
                                tarShardSize: jobTarShardSize)

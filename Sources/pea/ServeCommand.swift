@@ -44,7 +44,7 @@ enum ServeOptions {
             the URL on stdout.
             """,
         groups: [.init("Options", [model, GenerateOptions.textEncoder, GenerateOptions.adapter, GenerateOptions.maxLength,
-                                   GenerateOptions.variant, GenerateOptions.vaeTiling, host, port, maxBatch, maxQueue, batchWait, apiKey, maxSize, maxSteps, requestTimeout]
+                                   GenerateOptions.variant, GenerateOptions.vaeTiling, GenerateOptions.lora, host, port, maxBatch, maxQueue, batchWait, apiKey, maxSize, maxSteps, requestTimeout]
                        + BackendOptions.inference)],
         epilogue: """
             Endpoints (JSON in and out; errors are {"error": MESSAGE} with 400 naming the field, 401, 404, 405, 500, 503):
@@ -115,9 +115,13 @@ func runServe(_ arguments: [String]) throws {
     let pipeline = try choice.load(options, scheduler: nil, clipSkip: 0, selection: selection)
     var pipelines = [choice.pea == nil ? "english" : "adapter": pipeline]
     if choice.pea != nil {
-        // The folder's own English encoder beside the adapter, sharing the UNet and VAE.
+        // The folder's own English encoder beside the adapter, sharing the UNet and VAE (and taking the LoRA's
+        // text-encoder part, which the adapter's pipeline cannot).
+        let lora = try ModelChoice.loras(options)
         let english = try pipeline.family.textConditioner(folder: choice.folder, backend: selection.backend, clipSkip: 0,
-                                                          variant: options.optionalString(GenerateOptions.variant), dtype: selection.dtype)
+                                                          variant: options.optionalString(GenerateOptions.variant), dtype: selection.dtype,
+                                                          lora: lora)
+        try lora?.requireAllUsed(components: pipeline.family.textComponents.map(\.encoder))
         pipelines["english"] = StableDiffusionPipeline(family: pipeline.family, denoiser: pipeline.denoiser, vae: pipeline.vae,
                                                        conditioner: english, scheduler: pipeline.scheduler,
                                                        schedulerConfig: pipeline.schedulerConfig, backend: pipeline.backend)

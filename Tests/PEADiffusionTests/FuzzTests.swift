@@ -285,6 +285,42 @@ final class FuzzTests: XCTestCase {
     }
 
 
+    /// LoRA files (`--lora`): the bytes mutated, or a factor reshaped, truncated or renamed; each case loads the tiny
+    /// SD1 pipeline with it.
+    func testLoRAFiles() throws {
+        let directory = fixturesDirectory() + "/lora"
+        var tally = Tally(format: "LoRA files")
+        var random = SplitMix64(seed: seed &+ 12)
+        let scratch = ScratchDirectory("pea-fuzz")
+        for index in 0..<max(8, casesPerFormat / 4) {
+            let name = index % 2 == 0 ? "kohya" : "peft"
+            let original = try SafeTensorsFile(path: directory + "/\(name).safetensors")
+            let path: String
+            if index % 3 == 0 {
+                path = scratch.write(Self.mutate(readFileBytes(original.path)!, &random), to: "case.safetensors")
+            } else {
+                let victim = original.names[Int(random.next() % UInt64(original.names.count))]
+                path = scratch.file("case.safetensors")
+                try SafeTensorsWriter.write(original.names.compactMap { tensorName in
+                    var tensor = try original.tensor(tensorName)
+                    guard tensorName == victim else { return (name: tensorName, tensor: tensor) }
+                    switch random.next() % 4 {
+                    case 0: return nil
+                    case 1: return (name: tensorName + "x", tensor: tensor)
+                    case 2: tensor.shape = [tensor.count]
+                    default: tensor = HostTensor(Array(tensor.floats().dropLast()), shape: [max(0, tensor.count - 1)])
+                    }
+                    return (name: tensorName, tensor: tensor)
+                }, to: path)
+            }
+            tally.run {
+                let lora = try LoRASet([LoRASpec(path: path, scale: 0.5)])
+                _ = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/sd1", backend: CPUBackend(), lora: lora)
+            }
+        }
+        finish(tally)
+    }
+
     func testPNGs() throws {
         let sources = ["png/rgb_all_filters.png", "png/palette.png", "png/gray.png", "png/rgba.png", "png/rgb_text_kinds.png"]
         var tally = Tally(format: "PNG")

@@ -592,3 +592,25 @@ final class ServeTests: XCTestCase {
         for bad in ["Zm9v!", "Zg==Zg==", "Z", "Zg==="] { XCTAssertNil(base64Decoded(bad), bad) }
     }
 }
+
+extension ServeTests {
+    /// `pea serve --lora FILE:SCALE` merges the LoRA once at start: a txt2img answer is diffusers' fused-LoRA image
+    /// (LoRATests' kohya case, made by tools/reference/make_lora_fixtures.py).
+    func testServeMergesLoRAs() throws {
+        let c = try XCTUnwrap(try LoRATests.cases().first { $0.name == "kohya_scale07" })
+        let scratch = ScratchDirectory()
+        let server = try Server(["--model", sd1, "--lora", LoRATests.directory + "/kohya.safetensors:0.7"], scratch: scratch)
+        let response = try server.post("/sdapi/v1/txt2img", ["prompt": c.prompt, "seed": c.seed, "steps": c.steps,
+                                                             "cfg_scale": Double(c.guidance), "width": c.width, "height": c.height])
+        XCTAssertEqual(response.status, 200, "\(response.json)")
+        let served = try images(response.json["images"] as? [Any])
+        XCTAssertEqual(served.count, 1)
+        let expected = try SafeTensorsFile(path: LoRATests.directory + "/" + c.images).tensor("images").integers()!
+        let pixels = try XCTUnwrap(served.first).pixels.map(Int.init)
+        XCTAssertEqual(pixels.count, expected.count)
+        let differing = zip(pixels, expected).filter { $0 != $1 }
+        XCTAssertLessThanOrEqual(differing.map { abs($0 - $1) }.max() ?? 0, 1, "served image vs diffusers")
+        XCTAssertLessThanOrEqual(Double(differing.count) / Double(max(1, expected.count)), 0.02, "1/255 flips")
+        XCTAssertEqual(server.stop(), 0)
+    }
+}

@@ -103,9 +103,11 @@ public struct CLIPTextModel {
 
     /// Loads a transformers text-encoder folder (`config.json` + `model.safetensors`, sharded or an `.fp16`
     /// variant), or the `component` subfolder of a diffusers pipeline root.
-    /// `dtype` is the precision the parameters are stored and computed in; the outputs are in it too.
+    /// `dtype` is the precision the parameters are stored and computed in; the outputs are in it too. `wrap` may put
+    /// a source in front of the file's (LoRA merging).
     public static func load(folder: String, component: String = "text_encoder", backend: any ComputeBackend,
-                            variant: String? = nil, dtype: DType = .f32) throws -> (model: CLIPTextModel, unusedWeights: [String]) {
+                            variant: String? = nil, dtype: DType = .f32,
+                            wrap: (any WeightSource) -> any WeightSource = { $0 }) throws -> (model: CLIPTextModel, unusedWeights: [String]) {
         let directory = try ModelFolder.component(folder, component)
         let config = try CLIPTextConfig(ConfigFile(path: joinPath(directory, "config.json")))
         let file = try SafeTensorsCollection.open(folder: directory, baseName: "model", variant: variant)
@@ -113,7 +115,7 @@ public struct CLIPTextModel {
         let source = SafeTensorsWeights(file, backend: backend, dtype: dtype) { name in
             name.hasPrefix("text_model.") || name.hasPrefix("text_projection.") ? name : "text_model." + name
         }
-        let model = try CLIPTextModel(config: config, weights: Weights(source))
+        let model = try CLIPTextModel(config: config, weights: Weights(wrap(source)))
         // Position ids are a buffer transformers sometimes saves; it is arange(maxPositions), nothing to load.
         return (model, source.unusedNames.filter { !$0.hasSuffix("position_ids") })
     }

@@ -163,14 +163,15 @@ public struct UNet2DConditionModel: DenoisingModel {
 
     /// Loads `config.json` and the weights (`diffusion_pytorch_model[.variant].safetensors`, or a sharded
     /// index) from a diffusers `unet/` folder, or from a pipeline root holding one. `dtype` is the precision the
-    /// parameters are stored and computed in (f16/bf16 only on a backend that supports them, i.e. CUDA).
-    public static func load(folder: String, backend: any ComputeBackend, variant: String? = nil,
-                            dtype: DType = .f32) throws -> (model: UNet2DConditionModel, unusedWeights: [String]) {
+    /// parameters are stored and computed in (f16/bf16 only on a backend that supports them, i.e. CUDA). `wrap`
+    /// may put a source in front of the file's (LoRA merging).
+    public static func load(folder: String, backend: any ComputeBackend, variant: String? = nil, dtype: DType = .f32,
+                            wrap: (any WeightSource, UNetConfig) -> any WeightSource = { source, _ in source }) throws -> (model: UNet2DConditionModel, unusedWeights: [String]) {
         let component = try ModelFolder.component(folder, "unet")
         let config = try UNetConfig(ConfigFile(path: joinPath(component, "config.json")))
         let file = try SafeTensorsCollection.open(folder: component, baseName: "diffusion_pytorch_model", variant: variant)
         let source = SafeTensorsWeights(file, backend: backend, dtype: dtype)
-        let model = try UNet2DConditionModel(config: config, weights: Weights(source))
+        let model = try UNet2DConditionModel(config: config, weights: Weights(wrap(source, config)))
         return (model, source.unusedNames)
     }
 

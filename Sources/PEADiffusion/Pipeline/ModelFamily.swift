@@ -99,10 +99,11 @@ public enum ModelFamily: String, Sendable {
 
     /// The folder's own text conditioning (`textComponents`).
     public func textConditioner(folder: String, backend: any ComputeBackend, clipSkip: Int, variant: String?,
-                                dtype: DType) throws -> any TextConditioner {
+                                dtype: DType, lora: LoRASet? = nil) throws -> any TextConditioner {
         let stacks = try textComponents.map { tokenizer, encoder in
             CLIPTextStack(tokenizer: try CLIPTokenizer(folder: joinPath(folder, tokenizer)),
-                          encoder: try CLIPTextModel.load(folder: joinPath(folder, encoder), backend: backend, variant: variant, dtype: dtype).model)
+                          encoder: try CLIPTextModel.load(folder: joinPath(folder, encoder), backend: backend, variant: variant, dtype: dtype,
+                                                          wrap: { lora?.weights($0, component: encoder) ?? $0 }).model)
         }
         return try conditioner(stacks, clipSkip: clipSkip,
                                forceZerosForEmptyPrompt: self == .sdxl ? Self.forceZerosForEmptyPrompt(folder: folder) : true)

@@ -150,6 +150,23 @@ struct LDMNameTable {
         return diffusers + rest
     }
 
+    /// `rename` for a module name written with `_` for every `.` (kohya's LoRA keys in the LDM layout,
+    /// `input_blocks_1_1_transformer_blocks_0_attn1_to_q`), answered in the same form; nil when no entry applies.
+    /// The table's LDM prefixes are matched in that form, longest first, at an `_` boundary.
+    func renameUnderscored(_ name: String) -> String? {
+        func flat(_ s: String) -> String { String(s.map { $0 == "." ? "_" : $0 }) }
+        func longest<V>(_ table: [String: V], _ name: String) -> (String, V)? {
+            table.filter { name == flat($0.key) || name.hasPrefix(flat($0.key) + "_") }
+                .max { $0.key.count < $1.key.count }.map { (flat($0.key), $0.value) }
+        }
+        guard let (ldm, entry) = longest(entries, name), let diffusers = entry.diffusers else { return nil }
+        var rest = String(name.dropFirst(ldm.count))   // "" or "_…"
+        if rest.hasPrefix("_"), let (inner, replacement) = longest(entry.inner, String(rest.dropFirst())) {
+            rest = "_" + flat(replacement) + rest.dropFirst(1 + inner.count)
+        }
+        return flat(diffusers) + rest
+    }
+
     private static func longestPrefix<V>(of name: String, in table: [String: V]) -> (String, V)? {
         var candidate = Substring(name)
         while true {
@@ -469,8 +486,8 @@ extension StableDiffusionPipeline {
     /// the layout; tensors outside the three components — EMA copies, schedules — are not looked at).
     public static func load(checkpoint path: String, options: SingleFileOptions = SingleFileOptions(),
                             backend: any ComputeBackend, scheduler: String? = nil, clipSkip: Int = 0,
-                            conditioner: (any TextConditioner)? = nil,
-                            dtype: DType = .f32) throws -> (pipeline: StableDiffusionPipeline, unusedWeights: [String]) {
+                            conditioner: (any TextConditioner)? = nil, dtype: DType = .f32,
+                            lora: LoRASet? = nil) throws -> (pipeline: StableDiffusionPipeline, unusedWeights: [String]) {
         if let predictionType = options.predictionType, !["epsilon", "v_prediction"].contains(predictionType) {
             throw PEAError.usage("prediction type must be epsilon or v_prediction, got '\(predictionType)'")
         }
@@ -509,7 +526,8 @@ extension StableDiffusionPipeline {
         var unused: [() -> [String]] = []
         let unetTable = LDMNameTable.unet(unetConfig)
         let unetWeights = try file.weights(prefix: SingleFileCheckpoint.unetPrefix, backend: backend, dtype: dtype, rename: unetTable.rename)
-        let unet = try UNet2DConditionModel(config: unetConfig, weights: Weights(unetWeights.source))
+        let unet = try UNet2DConditionModel(config: unetConfig, weights: Weights(lora?.weights(unetWeights.source, component: "unet", unet: unetConfig)
+                                                                                 ?? unetWeights.source))
         unused.append(unetWeights.unused)
 
         let vaeTable = LDMNameTable.vae(vaeConfig)
@@ -535,7 +553,8 @@ extension StableDiffusionPipeline {
                     let split = RowSplitWeights(tower.source, fused: fused.name, parts: fused.parts)
                     encoderWeights = (TransposedWeights(split, names: [LDMNameTable.openCLIPProjection]), tower.unused)
                 }
-                let encoder = try CLIPTextModel(config: encoderConfig, weights: Weights(encoderWeights.source))
+                let source = lora?.weights(encoderWeights.source, component: component.encoder) ?? encoderWeights.source
+                let encoder = try CLIPTextModel(config: encoderConfig, weights: Weights(source))
                 // Position ids are a buffer (arange), not a parameter.
                 unused.append { encoderWeights.unused().filter { !$0.hasSuffix("position_ids") } }
                 stacks.append(CLIPTextStack(tokenizer: tokenizers[stacks.count], encoder: encoder))
@@ -543,6 +562,8 @@ extension StableDiffusionPipeline {
             let forceZeros = try options.configFolder.map(ModelFamily.forceZerosForEmptyPrompt(folder:)) ?? true
             text = try family.conditioner(stacks, clipSkip: clipSkip, forceZerosForEmptyPrompt: forceZeros)
         }
+
+        try lora?.requireAllUsed(components: ["unet"] + (conditioner == nil ? components.map(\.encoder) : []))
 
         let schedulerConfig = family.schedulerConfig(schedulerValues)
         let pipeline = StableDiffusionPipeline(family: family, denoiser: unet, vae: vae, conditioner: text,

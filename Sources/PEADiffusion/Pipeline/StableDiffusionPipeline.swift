@@ -81,19 +81,22 @@ public final class StableDiffusionPipeline {
     /// the UNet, text encoders and VAE are stored and computed in (f16/bf16 need the CUDA backend), as diffusers'
     /// `torch_dtype`; as in diffusers' SDXL pipeline, an SDXL VAE whose config has `force_upcast` (the default)
     /// runs in f32 when the rest is f16 (`ModelFamily.upcastsForceUpcastVAE`). Latents, guidance and the scheduler
-    /// stay f32.
+    /// stay f32. `lora`'s files are merged into the UNet's and the English text encoders' weights (`LoRASet`).
     public static func load(folder: String, backend: any ComputeBackend, scheduler: String? = nil, clipSkip: Int = 0,
                             variant: String? = nil, conditioner: (any TextConditioner)? = nil,
-                            dtype: DType = .f32) throws -> StableDiffusionPipeline {
+                            dtype: DType = .f32, lora: LoRASet? = nil) throws -> StableDiffusionPipeline {
         try requirePipelineFolder(folder)
-        let unet = try UNet2DConditionModel.load(folder: joinPath(folder, "unet"), backend: backend, variant: variant, dtype: dtype).model
+        let unet = try UNet2DConditionModel.load(folder: joinPath(folder, "unet"), backend: backend, variant: variant, dtype: dtype,
+                                                 wrap: { lora?.weights($0, component: "unet", unet: $1) ?? $0 }).model
         let family = try ModelFamily.detect(folder: folder, unet: unet.config)
         let vaeFolder = joinPath(folder, "vae")
         let vae = try AutoencoderKL.load(folder: vaeFolder, backend: backend, variant: variant,
                                          dtype: family.vaeDType(dtype, vaeFolder: vaeFolder)).model
         let schedulerConfig = family.schedulerConfig(try ConfigFile(path: joinPath(folder, "scheduler/scheduler_config.json")))
         let sampler = try makeScheduler(name: scheduler, config: schedulerConfig)
-        let text = try conditioner ?? family.textConditioner(folder: folder, backend: backend, clipSkip: clipSkip, variant: variant, dtype: dtype)
+        let text = try conditioner ?? family.textConditioner(folder: folder, backend: backend, clipSkip: clipSkip, variant: variant,
+                                                             dtype: dtype, lora: lora)
+        try lora?.requireAllUsed(components: ["unet"] + (conditioner == nil ? family.textComponents.map(\.encoder) : []))
         return StableDiffusionPipeline(family: family, denoiser: unet, vae: vae, conditioner: text, scheduler: sampler,
                                        schedulerConfig: schedulerConfig, backend: backend)
     }
