@@ -173,6 +173,24 @@ final class SingleFileCheckpointTests: XCTestCase {
         }
     }
 
+    /// The built-in configs that have a published copy in benchmarks/configs (SD1.5's UNet; SDXL base 1.0's UNet,
+    /// VAE, text encoders and scheduler, byte for byte from the hub, provenance in its README): every key the
+    /// built-in sets has the published value. (The published files also spell out defaults the built-ins leave to
+    /// the parsers, e.g. SDXL's `upcast_attention: null`; those are not compared here.)
+    func testBuiltInConfigsAgreeWithThePublishedOnes() throws {
+        let configs = fixturesDirectory() + "/../../benchmarks/configs/"
+        for (family, component, file) in [(ModelFamily.sd1, "unet", "sd15_unet.json"), (.sdxl, "unet", "sdxl_unet.json"),
+                                          (.sdxl, "vae", "sdxl_vae.json"), (.sdxl, "text_encoder", "sdxl_text_encoder.json"),
+                                          (.sdxl, "text_encoder_2", "sdxl_text_encoder_2.json"), (.sdxl, "scheduler", "sdxl_scheduler.json")] {
+            let builtIn = try SingleFileCheckpoint.defaultConfig(family, component).values
+            let published = try ConfigFile(path: configs + file).values
+            for (key, value) in builtIn {
+                XCTAssertEqual(value, published[key], "\(family.rawValue) \(component): '\(key)' differs from \(file)")
+            }
+            XCTAssertGreaterThan(builtIn.count, 5, "\(family.rawValue) \(component)")
+        }
+    }
+
     /// Bad single files: clear errors naming the file, a non-zero exit, no output.
     func testBadSingleFilesFailClearlyAndWriteNothing() throws {
         let inputs = ScratchDirectory("pea-single-file-inputs")
