@@ -81,8 +81,10 @@ CASES = [
      None, 4, 7.5, 42, 2, "euler-a", None),
     ("sd1_dpmpp_scale13", "sd1", ["sd1_a"], ["control_32x24.png"], [1.3], [0.0], [1.0], "mountains at dawn", "blurry",
      5, 6.0, 3, 1, "dpmpp-2m", None),
+    # 5 steps: the window keeps steps 1 and 2 only. (With 10 DDIM steps this case is ill-conditioned: diffusers'
+    # own image moves by ~0.07/255 on average when only its attention processor changes.)
     ("sd1_ddim_start02_end07", "sd1", ["sd1_a"], ["control_32x24.png"], [1.0], [0.2], [0.7], "a lighthouse", None,
-     10, 7.5, 6, 1, "ddim", None),
+     5, 7.5, 6, 1, "ddim", None),
     ("sd1_pndm_two_controlnets", "sd1", ["sd1_a", "sd1_b"], ["control_32x24.png", "control2_32x24.png"], [0.8, 1.2],
      [0.0, 0.3], [1.0, 0.8], "a lighthouse", None, 4, 7.5, 5, 1, None, None),
     ("sdxl_euler_a_scale05", "sdxl", ["sdxl_a"], ["control_24x32.png"], [0.5], [0.0], [1.0], "a cat wearing sunglasses",

@@ -1,0 +1,125 @@
+import Foundation
+import XCTest
+@testable import PEADiffusion
+
+/// ControlNet against diffusers' ControlNetModel, StableDiffusionControlNetPipeline and
+/// StableDiffusionXLControlNetPipeline on the tiny pipelines (tools/reference/make_controlnet_fixtures.py): the
+/// model's residuals within f32 tolerance, and the same 8-bit images (docs/testing.md: max |Δ| ≤ 1/255, mean |Δ| ≤
+/// 0.02/255) at two scales and several schedulers, with start/end, two ControlNets at once (one reading BGR), a
+/// batch, and PEA conditioning (SD1 and SDXL); then the model on the emulated CUDA backend, and `pea generate`.
+final class ControlNetTests: XCTestCase {
+    /// A case of make_controlnet_fixtures.py.
+    struct Case: Decodable {
+        let name, pipeline, prompt, images: String
+        let negative_prompt, scheduler, adapter: String?
+        let controlnets, control_images: [String]
+        let scales, starts, ends: [Double]
+        let steps, seed, batch, width, height: Int
+        let guidance: Float
+    }
+
+    static let directory = fixturesDirectory() + "/controlnet"
+
+    static func cases() throws -> [Case] {
+        try JSONDecoder().decode([Case].self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/cases.json")))
+    }
+
+    static func request(_ c: Case, backend: any ComputeBackend, models: inout [String: ControlNetModel]) throws -> GenerationRequest {
+        var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: c.width, height: c.height)
+        request.steps = c.steps
+        request.guidance = c.guidance
+        request.seed = UInt64(c.seed)
+        request.imagesPerPrompt = c.batch
+        for (k, name) in c.controlnets.enumerated() {
+            if models[name] == nil { models[name] = try ControlNetModel.load(folder: directory + "/" + name, backend: backend).model }
+            let image = try ImageDecoder.decodeRGB(path: directory + "/" + c.control_images[k])
+            request.controls.append(ControlInput(controlnet: models[name]!, image: image, scale: c.scales[k], start: c.starts[k], end: c.ends[k]))
+        }
+        return request
+    }
+
+    /// ControlNetModel's down residuals and mid residual for the fixture's inputs, on `backend`.
+    func checkModels(on backend: any ComputeBackend, _ names: [String], tolerance: ParityTolerance = .f32) throws {
+        let file = try SafeTensorsFile(path: Self.directory + "/models.safetensors")
+        for name in names {
+            let (model, unused) = try ControlNetModel.load(folder: Self.directory + "/" + name, backend: backend)
+            XCTAssertEqual(unused, [], name)
+            func input(_ key: String) throws -> Tensor? {
+                file.names.contains(name + "." + key) ? try backend.upload(file.tensor(name + "." + key)) : nil
+            }
+            let inputs = DenoisingInputs(sample: try XCTUnwrap(input("sample")), timestep: try XCTUnwrap(input("timestep")),
+                                         encoderHiddenStates: try XCTUnwrap(input("encoder_hidden_states")),
+                                         textEmbeds: try input("text_embeds"), timeIds: try input("time_ids"))
+            let residuals = try model(inputs, condition: XCTUnwrap(input("cond")), scale: 0.7)
+            let downs = file.names.filter { $0.hasPrefix(name + ".down.") }.count
+            XCTAssertEqual(residuals.down.count, downs, name)
+            for (i, down) in residuals.down.enumerated() {
+                assertClose(try backend.download(down).floats(), try file.tensor("\(name).down.\(i)").floats(), tolerance, "\(name) down \(i)")
+            }
+            assertClose(try backend.download(residuals.mid).floats(), try file.tensor(name + ".mid").floats(), tolerance, "\(name) mid")
+        }
+    }
+
+    func testModelResidualsMatchDiffusers() throws {
+        try checkModels(on: CPUBackend(), ["sd1_a", "sd1_b", "sdxl_a"])
+    }
+
+    func testEveryCaseMatchesDiffusers() throws {
+        let backend = CPUBackend()
+        let cases = try Self.cases()
+        XCTAssertEqual(Set(cases.map(\.pipeline)), ["sd1", "sdxl"])
+        let pea = fixturesDirectory() + "/pea"
+        let encoder = try LanguageEncoders.load(folder: pea + "/zh_encoder", backend: backend)
+        var models: [String: ControlNetModel] = [:]
+        for c in cases {
+            let conditioner = try c.adapter.map { try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: pea + "/" + $0, backend: backend)) }
+            let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/" + c.pipeline, backend: backend,
+                                                            scheduler: c.scheduler, conditioner: conditioner)
+            let images = try pipeline.generate(Self.request(c, backend: backend, models: &models))
+            assertSameImages(images, try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), c.name)
+        }
+    }
+
+    /// The step window: diffusers' keep = 1 − (i/N < start or (i+1)/N > end), as Python compares doubles.
+    func testConditioningScalePerStep() throws {
+        let model = try ControlNetModel.load(folder: Self.directory + "/sd1_a", backend: CPUBackend()).model
+        let image = RGBImage(width: 1, height: 1, pixels: [0, 0, 0])
+        let control = ControlInput(controlnet: model, image: image, scale: 1.3, start: 0.2, end: 0.7)
+        XCTAssertEqual((0..<10).map { control.scale(step: $0, of: 10) }, [0, 0, 1.3, 1.3, 1.3, 1.3, 1.3, 0, 0, 0])
+    }
+
+    /// Requests that cannot be run are refused with a message that says why, before anything is denoised.
+    func testBadRequestsAreRefused() throws {
+        let backend = CPUBackend()
+        let c = try XCTUnwrap(try Self.cases().first { $0.name == "sd1_dpmpp_scale13" })
+        let sd1 = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/sd1", backend: backend)
+        var models: [String: ControlNetModel] = [:]
+        let good = try Self.request(c, backend: backend, models: &models)
+        let sdxlNet = try ControlNetModel.load(folder: Self.directory + "/sdxl_a", backend: backend).model
+        var wrongFamily = good, resized = good, window = good, img2img = good
+        wrongFamily.controls[0].controlnet = sdxlNet
+        resized.width = 24
+        window.controls[0].start = 0.7
+        window.controls[0].end = 0.7
+        img2img.initImage = good.controls[0].image
+        for (bad, mentions) in [(wrongFamily, [Self.directory + "/sdxl_a", "cross_attention_dim 32, the UNet's 16"]),
+                                (resized, ["control image is 32×24", "does not resize"]),
+                                (window, ["0 ≤ start < end ≤ 1"]), (img2img, ["text-to-image only"])] {
+            assertThrowsError(containing: mentions) { _ = try sd1.generate(bad) }
+        }
+        // An SD1 ControlNet in front of the SDXL UNet: another text width and no text_time embedding.
+        let sdxl = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/sdxl", backend: backend)
+        var sd1Net = try Self.request(try XCTUnwrap(try Self.cases().first { $0.name == "sdxl_euler_a_scale05" }), backend: backend, models: &models)
+        sd1Net.controls[0].controlnet = models["sd1_a"]!
+        assertThrowsError(containing: ["sd1_a", "does not fit the pipeline's UNet"]) { _ = try sdxl.generate(sd1Net) }
+        // Requests denoised together share their ControlNets.
+        var other = good
+        other.controls[0].scale = 0.5
+        assertThrowsError(containing: ["same ControlNets"]) { _ = try sd1.generate([good, other]) }
+    }
+
+    /// The model on the emulated CUDA backend (the kernels the GPU runs, emulated on the CPU) gives diffusers' residuals.
+    func testModelOnEmulatedCUDAMatchesDiffusers() throws {
+        try checkModels(on: CUDABackendParityTests.sharedCUDA(), ["sd1_b", "sdxl_a"])
+    }
+}
