@@ -117,6 +117,28 @@ enum GenerateOptions {
             + "UNet's modules in diffusers' naming (down_blocks_0_…) or the LDM one (input_blocks_1_1_…, as SDXL LoRAs); "
             + "linear and conv (LoCon 3×3) LoRAs. A tensor that matches no module is an error. With "
             + "--text-encoder/--adapter only the UNet part applies")
+    static let controlnet = CommandOption.repeatable(
+        "--controlnet", "DIR",
+        help: "text-to-image guided by a ControlNet (a diffusers ControlNetModel folder: config.json + "
+            + "diffusion_pytorch_model.safetensors, for the model's family, SD1.x/SD2.x or SDXL) and its --control-image, as "
+            + "diffusers' StableDiffusion(XL)ControlNetPipeline; repeatable: several ControlNets' residuals add up, as "
+            + "MultiControlNetModel. With --text-encoder/--adapter the ControlNet sees the adapter's conditioning, as the UNet "
+            + "does. Not with --init-image/--mask or --prompts; no guess mode")
+    static let controlImage = CommandOption.repeatable(
+        "--control-image", "PATH",
+        help: "the control image (PNG or JPEG, used as RGB in [0, 1]) of each --controlnet, in the same order; exactly the "
+            + "output size, which defaults to it (Pea does not resize control images; diffusers would)")
+    static let controlScale = CommandOption.repeatable(
+        "--control-scale", "S",
+        help: "ControlNet conditioning scale (diffusers' controlnet_conditioning_scale): once for every --controlnet, or "
+            + "once per --controlnet in order (default 1.0)")
+    static let controlStart = CommandOption.value(
+        "--control-start", "F", default: "0.0",
+        help: "fraction of the steps before which the ControlNets are off (diffusers' control_guidance_start): step i "
+            + "of N uses them unless i/N < F …")
+    static let controlEnd = CommandOption.value(
+        "--control-end", "F", default: "1.0",
+        help: "… or (i+1)/N > this F (control_guidance_end); 0 ≤ --control-start < --control-end ≤ 1")
     static let maxLength = CommandOption.value(
         "--max-length", "N", help: "PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)")
 
@@ -133,7 +155,8 @@ enum GenerateOptions {
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
                                    batch, clipSkip, output, initImage, strength, mask, variant, vaeTiling, textEncoder, adapter,
-                                   maxLength, config, tokenizer, predictionType, vae, lora]
+                                   maxLength, config, tokenizer, predictionType, vae, lora, controlnet, controlImage,
+                                   controlScale, controlStart, controlEnd]
                     + BackendOptions.inference),
                  .init("Prompt-file jobs", [outputDir, batchSize, format, shard, shards, overwrite], note: """
                     FILE is .jsonl (one object a line: "prompt", and optionally "id" (A–Z a–z 0–9 _ -), "negative_prompt",
@@ -187,6 +210,9 @@ func runGenerate(_ arguments: [String]) throws {
         }
         if options.has(O.mask) {
             throw PEAError.usage("generate: --mask is for a single --prompt; in a prompt file each item gives its own \"mask\" beside \"init_image\"")
+        }
+        if let control = [O.controlnet, O.controlImage, O.controlScale, O.controlStart, O.controlEnd].first(where: options.has) {
+            throw PEAError.usage("generate: \(control.name) is for a single --prompt; prompt-file jobs do not take ControlNets yet")
         }
         try runGenerateJob(file, options)
     case (nil, nil): throw PEAError.usage("generate: give --prompt TEXT or --prompts FILE")
@@ -344,6 +370,10 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
     let output = try options.optionalString(O.output) ?? "pea-\(seed).png"
     guard output.hasSuffix(".png") else { throw PEAError.usage("generate: --output must end in .png, got '\(output)'") }
     let initImage = try readInitImage(options, settings: settings)
+    let controls = try readControls(options, settings: settings)
+    if !controls.isEmpty, initImage != nil {
+        throw PEAError.usage("generate: --controlnet is text-to-image only; it does not go with --init-image or --mask")
+    }
     let selection = try BackendOptions.select(options)
     let model = try ModelChoice(options, prompts: [prompt])
     let pipeline = try model.load(options, scheduler: settings.scheduler, clipSkip: settings.clipSkip, selection: selection)
@@ -355,6 +385,15 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
         request.strength = strength
         request.mask = mask
         (request.width, request.height) = (image.width, image.height)
+    }
+    if let first = controls.first {
+        (request.width, request.height) = (first.image.width, first.image.height)
+        request.controls = try controls.map { control in
+            // In the UNet's precision, as diffusers' pipelines take one torch_dtype.
+            let model = try ControlNetModel.load(folder: control.folder, backend: selection.backend,
+                                                 variant: options.optionalString(O.variant), dtype: pipeline.denoiser.dtype).model
+            return ControlInput(controlnet: model, image: control.image, scale: control.scale, start: control.start, end: control.end)
+        }
     }
     request.steps = settings.steps
     request.guidance = settings.guidance
@@ -405,6 +444,56 @@ private func readInitImage(_ options: ParsedOptions, settings: GenerateSettings)
         return mask
     }
     return (image, strength, mask)
+}
+
+/// --controlnet's folders with their --control-image decoded, --control-scale, --control-start and --control-end,
+/// checked before the model loads: one image per ControlNet, all the output's size (a multiple of 8, agreeing
+/// with --width/--height), one scale for all or one each, 0 ≤ start < end ≤ 1. Empty without --controlnet.
+private func readControls(_ options: ParsedOptions, settings: GenerateSettings)
+    throws -> [(folder: String, image: RGBImage, scale: Double, start: Double, end: Double)] {
+    typealias O = GenerateOptions
+    let folders = options.strings(O.controlnet), paths = options.strings(O.controlImage)
+    guard !folders.isEmpty else {
+        if let stray = [O.controlImage, O.controlScale, O.controlStart, O.controlEnd].first(where: options.has) {
+            throw PEAError.usage("generate: \(stray.name) goes with --controlnet DIR")
+        }
+        return []
+    }
+    guard paths.count == folders.count else {
+        throw PEAError.usage("generate: give one --control-image per --controlnet, in the same order (\(folders.count) --controlnet, \(paths.count) --control-image)")
+    }
+    let scales = try options.strings(O.controlScale).map { text -> Double in
+        guard let value = Double(text), value.isFinite else { throw PEAError.usage("generate: --control-scale expects a number, got '\(text)'") }
+        return value
+    }
+    guard scales.count <= 1 || scales.count == folders.count else {
+        throw PEAError.usage("generate: give --control-scale once (for every --controlnet) or once per --controlnet (\(folders.count)), got \(scales.count)")
+    }
+    let start = try options.double(O.controlStart), end = try options.double(O.controlEnd)
+    guard start >= 0, start < end, end <= 1 else {
+        throw PEAError.usage("generate: --control-start and --control-end must satisfy 0 ≤ start < end ≤ 1, got \(start) and \(end)")
+    }
+    for folder in folders where !isRegularFile(joinPath(folder, "config.json")) {
+        throw PEAError.invalidFile(path: folder, reason: "not a diffusers ControlNet folder (no config.json)")
+    }
+    let images = try paths.map { try ImageDecoder.decodeRGB(path: $0) }
+    let first = images[0]
+    guard first.width % 8 == 0, first.height % 8 == 0 else {
+        throw PEAError.usage("generate: the control image \(paths[0]) is \(first.width)×\(first.height); its width and height must be multiples of 8 "
+            + "(Pea does not resize control images: crop or resize it first)")
+    }
+    for (path, image) in zip(paths, images) where image.width != first.width || image.height != first.height {
+        throw PEAError.usage("generate: the control image \(path) is \(image.width)×\(image.height) but \(paths[0]) is \(first.width)×\(first.height); "
+            + "they must be the same size (Pea does not resize control images)")
+    }
+    for (name, given, actual) in [("--width", settings.width, first.width), ("--height", settings.height, first.height)] {
+        if let given, given != actual {
+            throw PEAError.usage("generate: \(name) \(given) differs from the control image's \(actual) (\(paths[0])); Pea does not resize control images")
+        }
+    }
+    return folders.indices.map { k in
+        (folders[k], images[k], scales.isEmpty ? 1 : scales[scales.count == 1 ? 0 : k], start, end)
+    }
 }
 
 /// --strength (default 0.8), in (0, 1].
