@@ -80,6 +80,20 @@ final class ControlNetTests: XCTestCase {
         }
     }
 
+    /// The fixtures can tell a ControlNet that is ignored or wired wrong: without it the image is another one.
+    func testTheControlNetChangesTheImage() throws {
+        let backend = CPUBackend()
+        let c = try XCTUnwrap(try Self.cases().first { $0.name == "sd1_dpmpp_scale13" })
+        let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/sd1", backend: backend, scheduler: c.scheduler)
+        var models: [String: ControlNetModel] = [:]
+        var request = try Self.request(c, backend: backend, models: &models)
+        request.controls = []
+        let plain = try pipeline.generate(request)[0].pixels
+        let expected = try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images").integers()!
+        let differing = zip(plain, expected).filter { abs(Int($0) - $1) > 8 }.count
+        XCTAssertGreaterThan(differing, plain.count / 4, "the ControlNet hardly changes the image")
+    }
+
     /// The step window: diffusers' keep = 1 − (i/N < start or (i+1)/N > end), as Python compares doubles.
     func testConditioningScalePerStep() throws {
         let model = try ControlNetModel.load(folder: Self.directory + "/sd1_a", backend: CPUBackend()).model
@@ -118,8 +132,69 @@ final class ControlNetTests: XCTestCase {
         assertThrowsError(containing: ["same ControlNets"]) { _ = try sd1.generate([good, other]) }
     }
 
+    /// A whole ControlNet pipeline on the emulated CUDA backend gives diffusers' image.
+    func testPipelineOnEmulatedCUDAMatchesDiffusers() throws {
+        let cuda = try CUDABackendParityTests.sharedCUDA()
+        let c = try XCTUnwrap(try Self.cases().first { $0.name == "sd1_dpmpp_scale13" })
+        let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/sd1", backend: cuda, scheduler: c.scheduler)
+        var models: [String: ControlNetModel] = [:]
+        let images = try pipeline.generate(Self.request(c, backend: cuda, models: &models))
+        assertSameImages(images, try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), c.name + " (emulated CUDA)")
+    }
+
     /// The model on the emulated CUDA backend (the kernels the GPU runs, emulated on the CPU) gives diffusers' residuals.
     func testModelOnEmulatedCUDAMatchesDiffusers() throws {
         try checkModels(on: CUDABackendParityTests.sharedCUDA(), ["sd1_b", "sdxl_a"])
+    }
+
+    /// `pea generate --controlnet` end to end with PEA's --text-encoder/--adapter: the PNG diffusers makes, its size
+    /// the control image's.
+    func testGenerateCommandWithControlNetAndAdapter() throws {
+        let c = try XCTUnwrap(try Self.cases().first { $0.name == "sd1_zh_euler_a" })
+        let scratch = ScratchDirectory("pea-controlnet")
+        let output = scratch.file("out.png")
+        let pea = fixturesDirectory() + "/pea"
+        var arguments = ["generate", "--model", fixturesDirectory() + "/pipelines/" + c.pipeline, "--prompt", c.prompt,
+                         "--text-encoder", pea + "/zh_encoder", "--adapter", pea + "/" + c.adapter!,
+                         "--controlnet", Self.directory + "/" + c.controlnets[0], "--control-image", Self.directory + "/" + c.control_images[0],
+                         "--control-scale", "\(c.scales[0])", "--steps", "\(c.steps)", "--guidance", "\(c.guidance)", "--seed", "\(c.seed)",
+                         "--output", output]
+        if let scheduler = c.scheduler { arguments += ["--scheduler", scheduler] }
+        let result = try runPea(arguments)
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let image = try PNGReader.read(path: output)
+        assertSameImages([RGBImage(width: image.width, height: image.height, pixels: image.pixels)],
+                         try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), c.name)
+    }
+
+    /// Every mistake in a ControlNet command line is a clear error with a non-zero exit and no output file.
+    func testBadControlNetCommandsFailAndWriteNothing() throws {
+        let scratch = ScratchDirectory("pea-controlnet-bad")
+        let output = scratch.file("out.png")
+        let notImage = scratch.file("notes.png"), odd = scratch.file("odd.png"), prompts = scratch.file("prompts.txt")
+        try "not an image".write(toFile: notImage, atomically: true, encoding: .utf8)
+        try "x\n".write(toFile: prompts, atomically: true, encoding: .utf8)
+        try PNGWriter.write(rgb: [UInt8](repeating: 128, count: 30 * 24 * 3), width: 30, height: 24, to: odd)
+        let sd1 = Self.directory + "/sd1_a", sdxl = Self.directory + "/sdxl_a", image = Self.directory + "/control_32x24.png"
+        let missing = scratch.file("missing.png")
+        let base = ["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompt", "x", "--steps", "2", "--output", output]
+        try assertPeaFails([
+            (base + ["--controlnet", sd1, "--control-image", missing], 1, [missing]),
+            (base + ["--controlnet", sd1, "--control-image", notImage], 1, [notImage, "not a JPEG or PNG"]),
+            (base + ["--controlnet", sd1, "--control-image", odd], 2, [odd, "multiples of 8"]),
+            (base + ["--controlnet", sd1], 2, ["one --control-image per --controlnet"]),
+            (base + ["--controlnet", sd1, "--controlnet", sd1, "--control-image", image], 2, ["one --control-image per --controlnet"]),
+            (base + ["--controlnet", sd1, "--control-image", image, "--control-scale", "1", "--control-scale", "2"], 2, ["--control-scale once"]),
+            (base + ["--controlnet", sd1, "--control-image", image, "--control-start", "0.7", "--control-end", "0.7"], 2, ["0 ≤ start < end ≤ 1"]),
+            (base + ["--controlnet", sd1, "--control-image", image, "--control-end", "1.5"], 2, ["0 ≤ start < end ≤ 1"]),
+            (base + ["--controlnet", sd1, "--control-image", image, "--width", "64"], 2, ["--width", "does not resize"]),
+            (base + ["--controlnet", scratch.path, "--control-image", image], 1, [scratch.path, "no config.json"]),
+            (base + ["--controlnet", sdxl, "--control-image", image], 1, [sdxl, "does not fit the pipeline's UNet", "cross_attention_dim"]),
+            (base + ["--control-image", image], 2, ["--control-image goes with --controlnet"]),
+            (base + ["--controlnet", sd1, "--control-image", image, "--init-image", image], 2, ["text-to-image only"]),
+            (["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", prompts, "--output-dir", scratch.file("job"),
+              "--controlnet", sd1, "--control-image", image], 2, ["--controlnet is for a single --prompt"]),
+        ], leavesNo: output)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: scratch.file("job")))
     }
 }
