@@ -283,12 +283,7 @@ public final class StableDiffusionPipeline {
         return try requests[0].controls.indices.map { k in
             let parts = try zip(requests, counts).flatMap { request, n in
                 let image = request.controls[k].image
-                let plane = image.width * image.height
-                var values = [Float](repeating: 0, count: 3 * plane)
-                for p in 0..<plane {
-                    for c in 0..<3 { values[c * plane + p] = Float(image.pixels[p * 3 + c]) / 255 }
-                }
-                return repeatElement(try b.upload(values, shape: [1, 3, image.height, image.width]), count: n)
+                return repeatElement(try b.upload(Self.unitPixels(image), shape: [1, 3, image.height, image.width]), count: n)
             }
             let batch = parts.count == 1 ? parts[0] : try b.concat(parts, dim: 0)
             return guided ? try b.concat([batch, batch], dim: 0) : batch
@@ -412,10 +407,15 @@ public final class StableDiffusionPipeline {
     /// An 8-bit RGB image as the VAE encoder's input, [3, H, W] in [-1, 1]: diffusers' VaeImageProcessor.preprocess,
     /// x / 255 then 2x − 1, in float32.
     public static func normalizedPixels(_ image: RGBImage) -> [Float] {
+        unitPixels(image).map { 2 * $0 - 1 }
+    }
+
+    /// An 8-bit RGB image as [3, H, W] in [0, 1]: x / 255 in float32 (VaeImageProcessor without do_normalize).
+    public static func unitPixels(_ image: RGBImage) -> [Float] {
         let plane = image.width * image.height
         var values = [Float](repeating: 0, count: 3 * plane)
         for p in 0..<plane {
-            for c in 0..<3 { values[c * plane + p] = 2 * (Float(image.pixels[p * 3 + c]) / 255) - 1 }
+            for c in 0..<3 { values[c * plane + p] = Float(image.pixels[p * 3 + c]) / 255 }
         }
         return values
     }
