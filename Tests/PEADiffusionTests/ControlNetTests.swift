@@ -193,8 +193,49 @@ final class ControlNetTests: XCTestCase {
             (base + ["--control-image", image], 2, ["--control-image goes with --controlnet"]),
             (base + ["--controlnet", sd1, "--control-image", image, "--init-image", image], 2, ["text-to-image only"]),
             (["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", prompts, "--output-dir", scratch.file("job"),
-              "--controlnet", sd1, "--control-image", image], 2, ["--controlnet is for a single --prompt"]),
+              "--controlnet", sd1, "--control-image", image], 2, ["--control-image is for a single --prompt"]),
         ], leavesNo: output)
         XCTAssertFalse(FileManager.default.fileExists(atPath: scratch.file("job")))
+    }
+
+    /// A prompt file with the job's --controlnet and items' "control_image" (relative to the file's folder, or
+    /// absolute), two items denoised together: each image the one diffusers makes; results.jsonl records the images.
+    func testPromptFileItemsWithControlImages() throws {
+        let c = try XCTUnwrap(try Self.cases().first { $0.name == "sd1_dpmpp_scale13" })
+        let scratch = ScratchDirectory("pea-controlnet-job")
+        _ = scratch.write(try XCTUnwrap(readFileBytes(Self.directory + "/" + c.control_images[0])), to: "edges.png")
+        func line(id: String, image: String) -> String {
+            let object: [String: JSONValue] = [
+                "prompt": .string(c.prompt), "id": .string(id), "negative_prompt": .string(c.negative_prompt!),
+                "control_image": .string(image), "seed": .number(Double(c.seed)), "steps": .number(Double(c.steps)),
+                "guidance": .number(Double(c.guidance)), "scheduler": .string(c.scheduler!)]
+            var bytes: [UInt8] = []
+            JSONValue.object(object).serialize(into: &bytes)
+            return String(decoding: bytes, as: UTF8.self)
+        }
+        let prompts = scratch.write([line(id: "relative", image: "edges.png"),
+                                     line(id: "absolute", image: Self.directory + "/" + c.control_images[0])].joined(separator: "\n"), to: "p.jsonl")
+        let out = scratch.file("out")
+        let result = try runPea(["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", prompts, "--output-dir", out,
+                                 "--batch-size", "2", "--backend", "cpu", "--controlnet", Self.directory + "/" + c.controlnets[0],
+                                 "--control-scale", "\(c.scales[0])"])
+        XCTAssertEqual(result.status, 0, result.stderr)
+        for key in ["relative", "absolute"] {
+            let png = try PNGReader.read(path: out + "/" + key + ".png")
+            assertSameImages([RGBImage(width: png.width, height: png.height, pixels: png.pixels)],
+                             try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), "job item \(key)")
+        }
+        let results = try String(contentsOfFile: out + "/results.jsonl", encoding: .utf8)
+        XCTAssertTrue(results.contains("edges.png"), results)
+
+        // Items and the command line must agree on the ControlNets, before anything is written.
+        let bad = scratch.write(line(id: "x", image: "edges.png") + "\n" + #"{"prompt": "no image", "width": 32, "height": 24}"#, to: "bad.jsonl")
+        let badOut = scratch.file("bad-out")
+        try assertPeaFails([
+            (["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", bad, "--output-dir", badOut,
+              "--controlnet", Self.directory + "/sd1_a"], 1, [bad, "line 2", "0 control_image(s) for 1 --controlnet"]),
+            (["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", bad, "--output-dir", badOut],
+             1, [bad, "line 1", "'control_image' needs --controlnet"]),
+        ], leavesNo: badOut)
     }
 }

@@ -285,6 +285,7 @@ public final class JobOutput {
             object["strength"] = .number(item.strength)
         }
         if let mask = item.mask { object["mask"] = .string(mask) }
+        if !item.controlImages.isEmpty { object["control_image"] = .array(item.controlImages.map(JSONValue.string)) }
         return .object(object)
     }
 }
