@@ -112,7 +112,8 @@ enum GenerateOptions {
         "--lora", "FILE[:SCALE]",
         help: "merge a LoRA (.safetensors) into the weights as the model loads, W += SCALE · alpha/rank · up·down, as "
             + "diffusers' load_lora_weights + fuse_lora(lora_scale=SCALE); SCALE defaults to 1.0; repeatable (the deltas "
-            + "add up). Reads diffusers/PEFT names (unet.<module>.lora_A/lora_B.weight, text_encoder[_2].…; alpha = rank) "
+            + "add up). Reads diffusers/PEFT names (unet.<module>.lora_A/lora_B.weight, text_encoder[_2].…; alpha = rank, or "
+            + "as the PEFT config in the file's lora_adapter_metadata says) "
             + "and kohya names (lora_unet_<module>.lora_down/lora_up.weight + .alpha, lora_te_/lora_te1_/lora_te2_), the "
             + "UNet's modules in diffusers' naming (down_blocks_0_…) or the LDM one (input_blocks_1_1_…, as SDXL LoRAs); "
             + "linear and conv (LoCon 3×3) LoRAs. A tensor that matches no module is an error. With "
