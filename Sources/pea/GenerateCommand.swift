@@ -235,7 +235,9 @@ struct GenerateSettings {
 }
 
 /// The model a generation runs, as the options choose it: --model (or the bundled toy world, whose Chinese
-/// encoder and adapter take Chinese prompts), and --text-encoder/--adapter.
+/// encoder and adapter take Chinese prompts), and --text-encoder/--adapter. The one place that turns --model
+/// (folder or single file), --config/--tokenizer/--prediction-type, --variant, --lora and --vae into a pipeline,
+/// for `pea generate`, `pea serve` and `pea train` (its teacher) alike.
 struct ModelChoice {
     /// The --model folder, or the single-file checkpoint (`isSingleFile`).
     var folder: String
@@ -249,6 +251,9 @@ struct ModelChoice {
     func requireModel() throws {
         if !isSingleFile { try StableDiffusionPipeline.requirePipelineFolder(folder) }
     }
+
+    /// --model as given, with no PEA encoder (`pea train`'s teacher, `pea serve`'s English pipeline).
+    init(model: String) { folder = model }
 
     init(_ options: ParsedOptions, prompts: [String]) throws {
         typealias O = GenerateOptions
@@ -278,15 +283,7 @@ struct ModelChoice {
         typealias O = GenerateOptions
         if let notice { fputs(notice + "\n", stderr) }
         let backend = selection.backend, dtype = selection.dtype
-        var conditioner: (any TextConditioner)?
-        if let (encoderFolder, adapterPath) = pea {
-            // PEA: the language-specific encoder and the adapter replace the folder's English text encoder(s).
-            let maxLength = try options.optionalInt(O.maxLength)
-            let encoder = try naming(O.maxLength, in: options, when: maxLength != nil) {
-                try LanguageEncoders.load(folder: encoderFolder, backend: backend, maxLength: maxLength, dtype: dtype)
-            }
-            conditioner = try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: adapterPath, backend: backend, dtype: dtype))
-        }
+        let conditioner = try peaConditioner(options, selection: selection)
         let lora = try Self.loras(options)
         for warning in lora?.warnings ?? [] { fputs("pea: warning: \(warning)\n", stderr) }
         if let lora, conditioner != nil, lora.components.contains(where: { $0 != "unet" }) {
@@ -305,6 +302,18 @@ struct ModelChoice {
         return pipeline
     }
 
+    /// PEA: the language-specific encoder and the adapter, which replace the model's English text encoder(s)
+    /// (nil without --text-encoder/--adapter).
+    func peaConditioner(_ options: ParsedOptions, selection: BackendSelection) throws -> PEAConditioner? {
+        typealias O = GenerateOptions
+        guard let (encoderFolder, adapterPath) = pea else { return nil }
+        let maxLength = try options.optionalInt(O.maxLength)
+        let encoder = try naming(O.maxLength, in: options, when: maxLength != nil) {
+            try LanguageEncoders.load(folder: encoderFolder, backend: selection.backend, maxLength: maxLength, dtype: selection.dtype)
+        }
+        return try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: adapterPath, backend: selection.backend, dtype: selection.dtype))
+    }
+
     /// The --lora files, read and checked (nil without --lora).
     static func loras(_ options: ParsedOptions) throws -> LoRASet? {
         let specs = try options.strings(GenerateOptions.lora).map(LoRASpec.init(parsing:))
@@ -315,9 +324,6 @@ struct ModelChoice {
                            conditioner: (any TextConditioner)?, lora: LoRASet?) throws -> StableDiffusionPipeline {
         typealias O = GenerateOptions
         if isSingleFile {
-            guard options.command == "generate" else {
-                throw PEAError.usage("\(options.command): --model must be a diffusers pipeline folder (single-file checkpoints are read by pea generate)")
-            }
             let single = SingleFileOptions(configFolder: try options.optionalString(O.config),
                                            tokenizerFolder: try options.optionalString(O.tokenizer),
                                            predictionType: try options.optionalString(O.predictionType))

@@ -614,3 +614,45 @@ extension ServeTests {
         XCTAssertEqual(server.stop(), 0)
     }
 }
+
+extension ServeTests {
+    /// `pea serve --model FILE` reads a single-file checkpoint as `pea generate --model FILE` does (--config, --lora,
+    /// and with --text-encoder/--adapter the PEA pipeline beside the file's English one): each served image is
+    /// generate's, pixel for pixel, with the same parameters chunk.
+    func testServeSingleFileCheckpointIsPeaGenerates() throws {
+        let scratch = ScratchDirectory()
+        let file = fixturesDirectory() + "/single_file/sd1.safetensors"
+        let model = ["--model", file, "--config", sd1, "--lora", LoRATests.directory + "/kohya.safetensors:0.7"]
+        let server = try Server(model + ["--text-encoder", zhEncoder, "--adapter", adapter], scratch: scratch)
+        func generate(_ arguments: [String], _ name: String) throws -> PNGImage {
+            let path = scratch.file(name)
+            let result = try runPea(["generate", "--backend", "cpu", "--threads", "1", "--output", path, "--steps", "3", "--seed", "4",
+                                     "--width", "32", "--height", "32"] + model + arguments)
+            XCTAssertEqual(result.status, 0, result.stderr)
+            return try PNGReader.read(path: path)
+        }
+        let request: [String: Any] = ["seed": 4, "steps": 3, "cfg_scale": 7.5, "width": 32, "height": 32]
+        let english = try server.post("/sdapi/v1/txt2img", request.merging(["prompt": "a red circle", "text_encoder": "english"]) { $1 })
+        XCTAssertEqual(english.status, 200, "\(english.json)")
+        assertSameImage(try images(english.json["images"] as? [Any])[0], try generate(["--prompt", "a red circle"], "en.png"),
+                        "single file, English encoder")
+        let viaAdapter = try server.post("/sdapi/v1/txt2img", request.merging(["prompt": "一个红色的圆形"]) { $1 })
+        XCTAssertEqual(viaAdapter.status, 200, "\(viaAdapter.json)")
+        assertSameImage(try images(viaAdapter.json["images"] as? [Any])[0],
+                        try generate(["--prompt", "一个红色的圆形", "--text-encoder", zhEncoder, "--adapter", adapter], "zh.png"),
+                        "single file, adapter")
+        XCTAssertEqual(server.stop(), 0)
+
+        // The single-file options are generate's, errors included.
+        for (arguments, fragment) in [(["serve", "--model", sd1, "--config", sd1], "--config applies to a single-file --model FILE"),
+                                      (["serve", "--model", file], "--tokenizer DIR")] {
+            let result = try runPea(arguments + ["--backend", "cpu"])
+            XCTAssertNotEqual(result.status, 0, "\(arguments)")
+            XCTAssertTrue(result.stderr.contains(fragment), "\(arguments): '\(fragment)' not in \(result.stderr)")
+        }
+        let help = try runPea(["serve", "--help"]).stdout
+        for fragment in ["--model DIR|FILE", "--config DIR", "--tokenizer DIR", "--prediction-type TYPE", "--vae FILE", "--lora FILE[:SCALE]"] {
+            XCTAssertTrue(help.contains(fragment), "'\(fragment)' not in pea serve --help")
+        }
+    }
+}
