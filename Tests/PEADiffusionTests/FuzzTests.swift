@@ -321,6 +321,30 @@ final class FuzzTests: XCTestCase {
         finish(tally)
     }
 
+    /// `pea inspect`'s reading of every kind of file it names (single-file checkpoints, LoRAs, PEA adapters,
+    /// safetensors and torch.save) mutated: each case ends in its facts (text and JSON) or a PEAError.
+    func testInspect() throws {
+        let sources = ["single_file/sd1.safetensors", "single_file/sdxl.ckpt", "lora/kohya.safetensors",
+                       "pea/adapter_sd1.safetensors", "pea/adapter_sdxl/pytorch_model.bin", "single_file/sd1_vae.safetensors"]
+        var tally = Tally(format: "inspect")
+        var random = SplitMix64(seed: seed &+ 14)
+        let scratch = ScratchDirectory("pea-fuzz")
+        for index in 0..<max(12, casesPerFormat / 2) {
+            let source = sources[index % sources.count]
+            let bytes = readFileBytes(fixturesDirectory() + "/" + source)!
+            let torch = !source.hasSuffix(".safetensors")
+            // Half the torch.save cases mutate the pickle inside a valid zip (CRC fixed), so the unpickler sees them.
+            let mutated = torch && index % 4 < 2 ? Self.mutateStoredZipEntry(bytes, suffix: "data.pkl", &random) : Self.mutate(bytes, &random)
+            let path = scratch.write(mutated, to: torch ? "case.ckpt" : "case.safetensors")
+            tally.run {
+                let inspection = try ModelInspection.inspect(path: path)
+                _ = inspection.text
+                _ = inspection.json.serialized()
+            }
+        }
+        finish(tally)
+    }
+
     func testPNGs() throws {
         let sources = ["png/rgb_all_filters.png", "png/palette.png", "png/gray.png", "png/rgba.png", "png/rgb_text_kinds.png"]
         var tally = Tally(format: "PNG")
