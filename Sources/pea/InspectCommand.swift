@@ -13,8 +13,8 @@ enum InspectOptions {
               single-file checkpoint  .safetensors or .ckpt in the LDM / A1111 layout: family (SD1.x, SD2.x, SDXL
                                       base, refiner, inpainting), whether Pea runs it, prediction type (the
                                       family's default: the tensors cannot tell), components inside, EMA weights
-              LoRA                    format (kohya, PEFT/diffusers, LoCon), ranks, alphas, modules, targets, and
-                                      the family when names or widths tell it
+              LoRA                    format (kohya, PEFT/diffusers, LoCon), ranks, alphas and where they come
+                                      from, modules, targets, and the family when names or widths tell it
               PEA adapter             form (SD1.x/SD2.x sequence only, or SDXL with fc and pooled), input width
                                       (the language encoder's hidden size), pea train's metadata
               VAE file                LDM or diffusers names

@@ -116,6 +116,15 @@ final class InspectCommandTests: XCTestCase {
             XCTAssertEqual(facts["family"], .string(family), name)
             XCTAssertEqual(facts["parameters"]?.intValue, try parameters(path), name)
         }
+        // make_lora_metadata_fixtures.py: PEFT configs in the header — UNet r 4 (one module 2), lora_alpha 8 (one
+        // module 3); text encoder r 2, lora_alpha 3.
+        let metadata = try inspect(fixtures + "/lora_metadata/peft_metadata.safetensors")
+        XCTAssertEqual(metadata["ranks"], .array([2, 4].map { .number($0) }))
+        XCTAssertEqual(metadata["alphas"], .array([3, 8].map { .number($0) }))
+        XCTAssertEqual(metadata["alpha_source"], .string("lora_adapter_metadata"))
+        XCTAssertEqual(try inspect(fixtures + "/lora/kohya.safetensors")["alpha_source"], .string("alpha tensors"))
+        XCTAssertEqual(try inspect(fixtures + "/lora/peft.safetensors")["alpha_source"], .string("rank"))
+
         // At SD's real widths a cross-attention key's input tells the family.
         let scratch = ScratchDirectory("pea-inspect")
         for (width, family) in [(768, "SD1"), (1024, "SD2"), (2048, "SDXL")] {

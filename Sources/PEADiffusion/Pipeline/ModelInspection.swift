@@ -200,7 +200,7 @@ extension ModelInspection {
         let prediction = try SingleFileCheckpoint.defaultConfig(family, "scheduler").string("prediction_type", default: "epsilon")
         result.add("prediction_type", .string(prediction),
                    text: "\(prediction) (the \(familyName(family)) default config's: the tensors cannot tell; "
-                       + "pea generate --prediction-type overrides)")
+                       + "pea generate --prediction-type overrides\(family == .sd2 ? "; SD2 512-base files predict epsilon" : ""))")
         result.add("prediction_type_source", .string("family default"))
 
         var components: [(String, String)] = [("unet", SingleFileCheckpoint.unetPrefix), ("vae", SingleFileCheckpoint.vaePrefix)]
@@ -253,12 +253,16 @@ extension ModelInspection {
         let ranks = Set(modules.map(\.module.rank)).sorted()
         result.add("ranks", .array(ranks.map { .number(Double($0)) }))
         let alphas = Set(modules.map(\.module.alpha)).sorted()
-        result.add("alphas", .array(alphas.map { .number(Double($0)) }),
-                   text: alphas.map { describe(.number(Double($0))) }.joined(separator: ", ")
-                       + (modules.allSatisfy { $0.module.alpha == Float($0.module.rank) } ? " (alpha = rank)" : ""))
+        result.add("alphas", .array(alphas.map { .number(Double($0)) }))
+        // Where LoRASet took the alphas from, in its order of precedence.
+        let alphaSource = file.metadata["lora_adapter_metadata"] != nil ? "lora_adapter_metadata"
+            : file.names.contains { $0.hasSuffix(".alpha") } ? "alpha tensors" : "rank"
+        result.add("alpha_source", .string(alphaSource), text: ["lora_adapter_metadata": "the file's PEFT LoraConfig (lora_adapter_metadata)",
+                                                               "alpha tensors": "the file's .alpha tensors",
+                                                               "rank": "none in the file: alpha = rank"][alphaSource]!)
         let (family, reason) = loraFamily(modules, file: file)
         result.add("family", .string(family), text: "\(family) (\(reason))")
-        for warning in set.warnings { result.add("note", .string(warning)) }
+        if !set.warnings.isEmpty { result.add("notes", .array(set.warnings.map { .string($0) }), text: set.warnings.joined(separator: "; ")) }
         result.addTensorFacts(file)
         return result
     }
