@@ -321,6 +321,48 @@ final class FuzzTests: XCTestCase {
         finish(tally)
     }
 
+    /// `pea inspect`'s reading of every kind of file it names (single-file checkpoints, LoRAs, PEA adapters,
+    /// safetensors and torch.save) mutated: each case ends in its facts (text and JSON) or a PEAError.
+    func testInspect() throws {
+        let sources = ["single_file/sd1.safetensors", "single_file/sdxl.ckpt", "lora/kohya.safetensors",
+                       "pea/adapter_sd1.safetensors", "pea/adapter_sdxl/pytorch_model.bin", "single_file/sd1_vae.safetensors"]
+        var tally = Tally(format: "inspect")
+        var random = SplitMix64(seed: seed &+ 14)
+        let scratch = ScratchDirectory("pea-fuzz")
+        for index in 0..<max(12, casesPerFormat / 2) {
+            let source = sources[index % sources.count]
+            let bytes = readFileBytes(fixturesDirectory() + "/" + source)!
+            let torch = !source.hasSuffix(".safetensors")
+            let path: String
+            if !torch && index % 3 == 0 {
+                // A tensor renamed into another kind's names, reshaped or dropped: what the classifiers meet.
+                let original = try SafeTensorsFile(path: fixturesDirectory() + "/" + source)
+                let victim = original.names[Int(random.next() % UInt64(original.names.count))]
+                let renamed = ["", "model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.0.model.x",
+                               "lora_unet_x.lora_down.weight", "unet.x.lora_B.weight", "projector.4.weight", "fc.weight",
+                               "layernorm.weight", "decoder.up.0.x", "model_ema.decay"][Int(random.next() % 10)]
+                path = scratch.file("case.safetensors")
+                try SafeTensorsWriter.write(original.names.compactMap { name in
+                    var tensor = try original.tensor(name)
+                    guard name == victim else { return (name: name, tensor: tensor) }
+                    if random.next() % 2 == 0 { tensor.shape = [tensor.count] + (random.next() % 2 == 0 ? [1, 1, 1] : []) }
+                    let newName = original.names.contains(renamed) ? name : renamed
+                    return newName.isEmpty ? nil : (name: newName, tensor: tensor)
+                }, to: path)
+            } else {
+                // Half the torch.save cases mutate the pickle inside a valid zip (CRC fixed), so the unpickler sees them.
+                let mutated = torch && index % 4 < 2 ? Self.mutateStoredZipEntry(bytes, suffix: "data.pkl", &random) : Self.mutate(bytes, &random)
+                path = scratch.write(mutated, to: torch ? "case.ckpt" : "case.safetensors")
+            }
+            tally.run {
+                let inspection = try ModelInspection.inspect(path: path)
+                _ = inspection.text
+                _ = inspection.json.serialized()
+            }
+        }
+        finish(tally)
+    }
+
     func testPNGs() throws {
         let sources = ["png/rgb_all_filters.png", "png/palette.png", "png/gray.png", "png/rgba.png", "png/rgb_text_kinds.png"]
         var tally = Tally(format: "PNG")
