@@ -7,7 +7,8 @@ the same images from the same files (`pea generate --init-image --mask --mask-bl
 make_pipeline_fixtures.py and make_inpaint_fixtures.py (whose folders are read, never rewritten).
 
 Writes, under --out (default Tests/Fixtures/image_prep):
-  init_70x52.png   an RGB PNG init image (gradients, a disc, hard edges), not a multiple of 8 either way
+  init_70x52.png   an RGB PNG init image (make_img2img_fixtures.py's drawing: gradients and a disc), not a multiple
+                   of 8 either way
   mask_40x30.png   an RGB PNG mask of another size and aspect (a disc and a bar)
   cases.json       per case: name, pipeline (under Tests/Fixtures), init_image, mask (or null), mask_blur (or null),
                    width/height (null: not passed, Pea's default), prompt, negative_prompt, steps, strength,
@@ -33,20 +34,8 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipe
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import load_image
 
+from make_img2img_fixtures import FIXTURES, init_image
 from make_pipeline_fixtures import SCHEDULERS
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURES = os.path.join(HERE, "..", "..", "Tests", "Fixtures")
-
-
-def init_image(width, height):
-    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
-    r = 255 * x / (width - 1)
-    g = 255 * y / (height - 1)
-    b = np.where((x - width * 0.6) ** 2 + (y - height * 0.4) ** 2 < (height * 0.3) ** 2, 230.0, 40.0)
-    pixels = np.stack([r, g, b], axis=-1)
-    pixels[height // 5:height // 3, width // 8:width // 3] = (255, 255, 255)
-    return Image.fromarray(pixels.round().astype(np.uint8), "RGB")
 
 
 def mask(width, height):
