@@ -298,8 +298,8 @@ public final class GenerationServer: @unchecked Sendable {
     /// `init_images` (one base64 PNG or JPEG of any size), `denoising_strength` (A1111's default 0.75) and, for
     /// inpainting, `mask` (white repainted, black kept; any size) with `inpainting_mask_invert` (1: the other way
     /// round) and `mask_blur` of an img2img request. Both images are Lanczos-resized to width×height, by default
-    /// the init image's size rounded down to multiples of 8 (diffusers'; A1111 would resize to its own 512×512
-    /// default, cropping or filling per resize_mode). `mask_blur` R is diffusers' mask_processor.blur(mask, R):
+    /// the init image's size rounded down to multiples of 8 (diffusers'; A1111 defaults width and height to 512
+    /// and resizes per its resize_mode, which Pea does not read). `mask_blur` R is diffusers' mask_processor.blur(mask, R):
     /// Pillow's GaussianBlur(R) after the inversion (A1111's order), and the mask is then binarised as diffusers'
     /// inpainting pipeline does; A1111 instead blurs with OpenCV (σ = R, kernel 2·int(2.5R + 0.5) + 1) and keeps
     /// the soft mask for blending, and defaults to R = 4 where Pea's default is no blur. Its other inpainting
@@ -361,8 +361,8 @@ public final class GenerationServer: @unchecked Sendable {
     /// `POST /sdapi/v1/txt2img`: prompt (default ""), negative_prompt (omitted: none, as `pea generate` without
     /// --negative-prompt), seed (-1: random), steps (20), cfg_scale (7), width/height (the model's size),
     /// sampler_name + scheduler, batch_size × n_iter images, text_encoder. `POST /sdapi/v1/img2img` (with
-    /// `imageToImage`): the same and `init_images`, `denoising_strength` (`initImage`); width/height default to
-    /// the init image's.
+    /// `imageToImage`): the same and `init_images`, `denoising_strength`, `mask`, `mask_blur` (`initImage`);
+    /// width/height default to the init image's rounded down to multiples of 8.
     func parseA1111(_ object: [String: JSONValue], imageToImage: Bool = false) throws -> Parsed {
         let fields = Fields(object: object)
         let count = (try fields.integer("batch_size", 1...configuration.maxImages) ?? 1) * (try fields.integer("n_iter", 1...configuration.maxImages) ?? 1)
