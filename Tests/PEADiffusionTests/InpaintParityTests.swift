@@ -296,3 +296,25 @@ extension InpaintParityTests {
         XCTAssertEqual([record["width"]?.intValue, record["height"]?.intValue], [64, 48])
     }
 }
+
+extension InpaintParityTests {
+    /// "mask_blur" and --mask-blur in prompt files: the item's own, else the default, only for items with a mask;
+    /// the results' canonical JSON names it only when set (older jobs keep their digests).
+    func testPromptFileMaskBlurDefaults() throws {
+        var defaults = JobDefaults(negativePrompt: nil, baseSeed: 0, width: 0, height: 0, steps: 4, guidance: 7.5, scheduler: nil, batch: 1)
+        defaults.maskBlur = 2
+        let text = #"""
+            {"prompt": "a", "init_image": "x.png", "mask": "m.png"}
+            {"prompt": "b", "init_image": "x.png", "mask": "m.png", "mask_blur": 0.5}
+            {"prompt": "c", "init_image": "x.png"}
+            {"prompt": "d"}
+            """#
+        let items = try PromptFile.parse(text, path: "p.jsonl", jsonLines: true, defaults: defaults)
+        XCTAssertEqual(items.map(\.maskBlur), [2, 0.5, nil, nil])
+        defaults.maskBlur = nil
+        let plain = try PromptFile.parse(text, path: "p.jsonl", jsonLines: true, defaults: defaults)
+        XCTAssertEqual(plain.map(\.maskBlur), [nil, 0.5, nil, nil])
+        XCTAssertNil(JobOutput.itemJSON(plain[0]).objectValue?["mask_blur"])
+        XCTAssertEqual(JobOutput.itemJSON(plain[1]).objectValue?["mask_blur"]?.doubleValue, 0.5)
+    }
+}

@@ -218,10 +218,14 @@ final class ServeTests: XCTestCase {
             XCTAssertNil((result.json["parameters"] as? [String: Any])?["init_images"], "the init image is not echoed")
         }
         let png = base64Encoded(Array("not an image".utf8))
+        let tinyPath = scratch.file("tiny.png")
+        try PNGWriter.write(rgb: [UInt8](repeating: 90, count: 20 * 7 * 3), width: 20, height: 7, to: tinyPath)
+        let tiny = base64Encoded(try XCTUnwrap(readFileBytes(tinyPath)))
         for (body, fragment) in [(#"{"prompt": "x"}"#, "init_images is required"),
                                  (#"{"init_images": "abc"}"#, "init_images must be a list of one base64 image"),
                                  (#"{"init_images": ["%%%"]}"#, "init_images[0] is not base64"),
                                  ("{\"init_images\": [\"\(png)\"]}", "init_images[0]"),
+                                 ("{\"init_images\": [\"\(tiny)\"]}", "at least 8×8"),
                                  ("{\"init_images\": [\"\(initImage)\"], \"width\": 60}", "width must be a multiple of 8"),
                                  ("{\"init_images\": [\"\(initImage)\"], \"denoising_strength\": 1.5}", "denoising_strength"),
                                  ("{\"init_images\": [\"\(initImage)\"], \"denoising_strength\": 0.01, \"steps\": 10}", "too low")] {
