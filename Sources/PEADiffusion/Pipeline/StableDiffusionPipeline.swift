@@ -32,8 +32,8 @@ public struct GenerationRequest {
     public var strength = 0.8
     /// Inpainting: diffusers' `mask_image=`, of any size (Lanczos-resized to `width`×`height` like the init image,
     /// then PIL's convert("L") and binarised at 0.5); white (luma ≥ 128) is repainted, black kept. A mask blur
-    /// (`VaeImageProcessor.blur`) is the caller's, before, as in diffusers. nil: no mask. Callers set `strength` (`inpaintingStrength` is the
-    /// default that goes with a mask).
+    /// (`VaeImageProcessor.blur`) is the caller's, before, as in diffusers. nil: no mask. Callers set `strength`
+    /// (`inpaintingStrength` is the default that goes with a mask).
     public var mask: RGBImage?
     /// The strength a mask implies when none is given: StableDiffusionInpaintPipeline's default 1.0, not img2img's
     /// 0.8 (diffusers' SDXL inpainting pipeline defaults to 0.9999; Pea uses 1.0 for every family).
