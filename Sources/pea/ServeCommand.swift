@@ -59,11 +59,14 @@ enum ServeOptions {
                                            --scheduler name of pea generate; default: the folder's), scheduler
                                            ("Karras" with "DPM++ 2M"), batch_size, n_iter (at most 16 images), text_encoder.
                                            Answers {"images": [base64 PNG…], "parameters": {…}, "info": "<JSON>"}.
-              POST /sdapi/v1/img2img       the same and init_images (one base64 PNG or JPEG, its size the image's: Pea
-                                           does not resize), denoising_strength (0.75); inpainting with mask (a base64
-                                           image of that size, white repainted) and inpainting_mask_invert (1: black
-                                           repainted); as `pea generate --init-image [--mask]` (A1111's mask_blur,
-                                           inpainting_fill and inpaint_full_res are not applied).
+              POST /sdapi/v1/img2img       the same and init_images (one base64 PNG or JPEG of any size, Lanczos-resized
+                                           to width×height, default its size rounded down to multiples of 8),
+                                           denoising_strength (0.75); inpainting with mask (a base64 image of any size,
+                                           resized likewise, white repainted), inpainting_mask_invert (1: black
+                                           repainted) and mask_blur R (default 0: Pillow's GaussianBlur(R) of the mask
+                                           before it is binarized, as --mask-blur; A1111's default is 4 and keeps the
+                                           blurred mask soft); as `pea generate --init-image [--mask] [--mask-blur]`
+                                           (A1111's inpainting_fill and inpaint_full_res are not applied).
               POST /v1/images/generations  OpenAI's subset: prompt, n, size "WxH", response_format "b64_json"; and seed,
                                            steps (30), guidance (7.5), negative_prompt, text_encoder.
                                            Answers {"created": T, "data": [{"b64_json": …, "seed": S}…]}.

@@ -439,6 +439,47 @@ final class FuzzTests: XCTestCase {
         finish(tally)
     }
 
+    /// Init images and masks of random sizes (1…40 a side, RGB and greyscale) resized to random sizes (Lanczos and
+    /// bilinear) and blurred with hostile radii (negative, NaN, infinite, huge: refused by `checkedBlur`; 0…1000:
+    /// run, also on images narrower than the blur), and every few cases a whole inpainting request with an odd-sized
+    /// image and another-sized blurred mask through the tiny SD1 pipeline: a result or a PEAError, never a crash.
+    func testImageResizingAndMaskBlur() throws {
+        let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/sd1", backend: CPUBackend(), scheduler: "euler-a")
+        let radii: [Double] = [0, -1, .nan, .infinity, -.infinity, 1e-30, 1e-6, 0.3, 1, 2.5, 7, 40, 999.9, 1000, 1000.5, 1e30]
+        var tally = Tally(format: "image resizing and mask blur")
+        var random = SplitMix64(seed: seed &+ 23)
+        func image(_ width: Int, _ height: Int, channels: Int = 3) -> [UInt8] {
+            (0..<(width * height * channels)).map { _ in UInt8(truncatingIfNeeded: random.next()) }
+        }
+        for index in 0..<casesPerFormat {
+            let width = 1 + Int(random.next() % 40), height = 1 + Int(random.next() % 40)
+            let toWidth = 1 + Int(random.next() % 48), toHeight = 1 + Int(random.next() % 48)
+            let channels = random.next() % 2 == 0 ? 3 : 1, radius = radii[Int(random.next() % UInt64(radii.count))]
+            let pixels = image(width, height, channels: channels)
+            let filter: ImageResampling.Filter = random.next() % 2 == 0 ? .lanczos : .bilinear
+            let maskWidth = 1 + Int(random.next() % 40), maskHeight = 1 + Int(random.next() % 40)
+            let mask = RGBImage(width: maskWidth, height: maskHeight, pixels: image(maskWidth, maskHeight))
+            tally.run {
+                let resized = ImageResampling.resize(pixels, channels: channels, width: width, height: height,
+                                                     toWidth: toWidth, toHeight: toHeight, filter: filter)
+                XCTAssertEqual(resized.count, toWidth * toHeight * channels)
+                let blur = try VaeImageProcessor.checkedBlur(radius, name: "mask blur")
+                let blurred = ImageResampling.gaussianBlur(pixels, channels: channels, width: width, height: height, radius: Float(blur))
+                XCTAssertEqual(blurred.count, pixels.count)
+                guard index % 8 == 0 else { return }
+                let initImage = RGBImage(width: width, height: height, pixels: image(width, height))
+                let size = try VaeImageProcessor.outputSize(of: initImage, named: "init.png", width: nil, height: nil)
+                var request = GenerationRequest(prompt: "x", width: size.width, height: size.height)
+                request.initImage = initImage
+                request.mask = VaeImageProcessor.blur(mask, radius: blur)
+                request.strength = 0.5
+                request.steps = 2
+                _ = try pipeline.generate(request)
+            }
+        }
+        finish(tally)
+    }
+
     func testTarShards() throws {
         var builder = TarBuilder()
         builder.add(name: "000001.txt", data: Array("a red circle".utf8))

@@ -218,11 +218,15 @@ final class ServeTests: XCTestCase {
             XCTAssertNil((result.json["parameters"] as? [String: Any])?["init_images"], "the init image is not echoed")
         }
         let png = base64Encoded(Array("not an image".utf8))
+        let tinyPath = scratch.file("tiny.png")
+        try PNGWriter.write(rgb: [UInt8](repeating: 90, count: 20 * 7 * 3), width: 20, height: 7, to: tinyPath)
+        let tiny = base64Encoded(try XCTUnwrap(readFileBytes(tinyPath)))
         for (body, fragment) in [(#"{"prompt": "x"}"#, "init_images is required"),
                                  (#"{"init_images": "abc"}"#, "init_images must be a list of one base64 image"),
                                  (#"{"init_images": ["%%%"]}"#, "init_images[0] is not base64"),
                                  ("{\"init_images\": [\"\(png)\"]}", "init_images[0]"),
-                                 ("{\"init_images\": [\"\(initImage)\"], \"width\": 64}", "Pea does not resize"),
+                                 ("{\"init_images\": [\"\(tiny)\"]}", "at least 8×8"),
+                                 ("{\"init_images\": [\"\(initImage)\"], \"width\": 60}", "width must be a multiple of 8"),
                                  ("{\"init_images\": [\"\(initImage)\"], \"denoising_strength\": 1.5}", "denoising_strength"),
                                  ("{\"init_images\": [\"\(initImage)\"], \"denoising_strength\": 0.01, \"steps\": 10}", "too low")] {
             let response = try server.request("POST", "/sdapi/v1/img2img", body: body)
@@ -251,10 +255,18 @@ final class ServeTests: XCTestCase {
                                           "--strength", "0.6"], scratch: scratch, name: "mask\(invert).png")
             assertSameImage(try images(result.json["images"] as? [Any])[0], expected, "inpainting, invert \(invert)")
         }
-        let other = base64Encoded(try XCTUnwrap(readFileBytes(fixturesDirectory() + "/inpaint/mask_24x32.png")))
-        let wrong = try server.post("/sdapi/v1/img2img", ["init_images": [initImage], "mask": other])
+        // A mask of another size is resized like the image, and mask_blur blurs it as --mask-blur does.
+        let otherPath = fixturesDirectory() + "/inpaint/mask_24x32.png"
+        let other = base64Encoded(try XCTUnwrap(readFileBytes(otherPath)))
+        let blurred = try server.post("/sdapi/v1/img2img", ["prompt": "a boat", "seed": 8, "steps": 3, "cfg_scale": 7.5, "denoising_strength": 0.6,
+                                                            "init_images": [initImage], "mask": other, "mask_blur": 3])
+        XCTAssertEqual(blurred.status, 200, "\(blurred.json)")
+        let expectedBlurred = try generated(["--prompt", "a boat", "--seed", "8", "--steps", "3", "--init-image", initPath, "--mask", otherPath,
+                                             "--mask-blur", "3", "--strength", "0.6"], scratch: scratch, name: "blurred.png")
+        assertSameImage(try images(blurred.json["images"] as? [Any])[0], expectedBlurred, "inpainting, other-sized mask, mask_blur 3")
+        let wrong = try server.post("/sdapi/v1/img2img", ["init_images": [initImage], "mask": mask, "mask_blur": -1])
         XCTAssertEqual(wrong.status, 400)
-        XCTAssertTrue((wrong.json["error"] as? String ?? "").contains("same size"), "\(wrong.json)")
+        XCTAssertTrue((wrong.json["error"] as? String ?? "").contains("mask_blur"), "\(wrong.json)")
         XCTAssertEqual(server.stop(), 0)
 
         let inpaintingServer = try Server(["--model", fixturesDirectory() + "/inpaint/sd1_inpainting"], scratch: scratch)
