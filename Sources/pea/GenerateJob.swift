@@ -43,9 +43,10 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
         manifestSettings[String(option.name.dropFirst(2).map { $0 == "-" ? "_" : $0 })] = try options.optionalString(option) ?? ""
     }
     // What makes other images from the same --model; recorded only when given, so jobs that predate them still resume.
-    for option in [O.config, O.tokenizer, O.predictionType, O.vae] where options.has(option) {
+    for option in [O.config, O.tokenizer, O.predictionType, O.vae, BackendOptions.weights] where options.has(option) {
         manifestSettings[String(option.name.dropFirst(2).map { $0 == "-" ? "_" : $0 })] = try options.optionalString(option) ?? ""
     }
+    if options.has(O.vaeTiling) { manifestSettings["vae_tiling"] = "yes" }
     // The LoRAs as given (FILE:SCALE, in order; the files' contents are not hashed).
     if options.has(O.lora) { manifestSettings["lora"] = options.strings(O.lora).joined(separator: "\n") }
     let manifest = JobManifest(items: items, baseSeed: baseSeed, settings: manifestSettings)
