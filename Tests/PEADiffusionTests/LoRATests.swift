@@ -192,3 +192,50 @@ extension LoRATests {
         XCTAssertTrue(FileManager.default.fileExists(atPath: output))
     }
 }
+
+/// A LoRA saved by diffusers' own writer with its PEFT config in the header (`lora_adapter_metadata`,
+/// tools/reference/make_lora_metadata_fixtures.py): r 4 / lora_alpha 8 with a rank_pattern and an alpha_pattern for
+/// the UNet, rsLoRA for the text encoder. The config sets each module's scale, as in diffusers' load_lora_weights.
+extension LoRATests {
+    struct MetadataCase: Decodable {
+        let name, file, prompt, images: String
+        let scale, guidance: Float
+        let steps, seed, width, height: Int
+    }
+
+    func testLoRAAdapterMetadataSetsTheScalesAsDiffusers() throws {
+        let directory = fixturesDirectory() + "/lora_metadata"
+        let cases = try JSONDecoder().decode([MetadataCase].self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/cases.json")))
+        XCTAssertFalse(cases.isEmpty)
+        for c in cases {
+            let lora = try LoRASet([LoRASpec(path: directory + "/" + c.file, scale: c.scale)])
+            let pipeline = try StableDiffusionPipeline.load(folder: Self.pipeline, backend: CPUBackend(), lora: lora)
+            var request = GenerationRequest(prompt: c.prompt, width: c.width, height: c.height)
+            request.steps = c.steps
+            request.guidance = c.guidance
+            request.seed = UInt64(c.seed)
+            assertSameImages(try pipeline.generate(request), try SafeTensorsFile(path: directory + "/" + c.images).tensor("images"), c.name)
+        }
+    }
+
+    /// PEFT's pattern lookup: a key names the module or a dotted suffix of it, `^key` the whole name, `.` any character.
+    func testPEFTPatternsMatchAsPEFTDoes() throws {
+        let config = try XCTUnwrap(try PEFTLoRAConfig.read("""
+            {"unet.r": 4, "unet.lora_alpha": 8, "unet.use_rslora": false,
+             "unet.rank_pattern": {"attn2.to_q": 2, "^mid_block.attn.to_k": 6},
+             "unet.alpha_pattern": {"b.to_v": 3}}
+            """, path: "x")["unet"])
+        XCTAssertEqual(config.rankAndAlpha(module: "down_blocks.0.attn2.to_q").0, 2)
+        XCTAssertEqual(config.rankAndAlpha(module: "down_blocks.0.xattn2.to_q").0, 4, "a suffix must start after a dot")
+        XCTAssertEqual(config.rankAndAlpha(module: "mid_block.attn.to_k").0, 6)
+        XCTAssertEqual(config.rankAndAlpha(module: "up.mid_block.attn.to_k").0, 4, "^ anchors at the start")
+        XCTAssertEqual(config.rankAndAlpha(module: "a.b_to_v").1, 3, "'.' in a key is any character")
+        XCTAssertEqual(config.rankAndAlpha(module: "a.c.to_v").1, 8)
+        for bad in [#"{"unet.r": 4, "unet.lora_alpha": 8, "unet.rank_pattern": {"attn(1|2)": 2}}"#,
+                    #"{"unet.r": 4, "unet.lora_alpha": 8, "unet.use_dora": true}"#, #"{"unet.lora_alpha": 8}"#, "[1"] {
+            XCTAssertThrowsError(try PEFTLoRAConfig.read(bad, path: "lora.safetensors"), bad) { error in
+                XCTAssertTrue("\(error)".contains("lora.safetensors"), "\(error)")
+            }
+        }
+    }
+}

@@ -8,7 +8,9 @@
 //   kohya             `lora_unet_<module with _ for .>.lora_down.weight` / `.lora_up.weight` / `.alpha` (the UNet
 //                     module in diffusers' naming or the LDM one, `input_blocks_1_1_…`, through `LDMNameTable`), and
 //                     `lora_te_` (SD1/SD2 text encoder), `lora_te1_` / `lora_te2_` (SDXL's two)
-// In both, `<module>.alpha` (a scalar) sets alpha. Modules are named as the diffusers model names them; kohya's
+// In both, `<module>.alpha` (a scalar) sets alpha. A file diffusers ≥ 0.34 saved may carry each component's PEFT
+// LoraConfig in its header (`lora_adapter_metadata`); then, as in diffusers, that config's r / lora_alpha /
+// rank_pattern / alpha_pattern / use_rslora set each module's scale (alpha/r, or alpha/√r with rsLoRA). Modules are named as the diffusers model names them; kohya's
 // underscores are matched by comparing names with every `.` read as `_`, so no per-block rules are needed. A 3×3
 // convolution's LoRA (LoCon) has down [r, in, 3, 3] and up [out, r, 1, 1]; linear layers and 1×1 convolutions may
 // store theirs 2-D or as [·, ·, 1, 1].
@@ -57,6 +59,8 @@ public final class LoRASet {
         let key: String           // its `LoRASet.key`
         let down: String
         let up: String
+        let rank: Int
+        let alpha: Float
         let factor: Float         // scale · alpha / rank
     }
 
@@ -75,6 +79,13 @@ public final class LoRASet {
     /// The components some file has a LoRA for.
     public var components: Set<String> { Set(modules.keys) }
 
+    /// Every module of every file with its component, in name order (`pea inspect`).
+    var allModules: [(component: String, module: Module)] {
+        modules.sorted { $0.key < $1.key }.flatMap { component, table in
+            table.sorted { $0.key < $1.key }.flatMap { _, list in list.map { (component, $0) } }
+        }
+    }
+
     /// A module name compared across naming schemes: `.` read as `_`, and a text encoder's `text_model.` level
     /// dropped (transformers 5 saves CLIPTextModel without it; released LoRAs keep it).
     static func key(_ module: String, component: String) -> String {
@@ -88,7 +99,7 @@ public final class LoRASet {
     private static let peftComponents = ["unet", "text_encoder", "text_encoder_2"]
 
     /// (component, module, role) of a tensor name; role is "down", "up" or "alpha".
-    private static func parse(_ name: String) -> (component: String, module: String, role: String)? {
+    static func parse(_ name: String) -> (component: String, module: String, role: String)? {
         let roles = [(".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_down.weight", "down"),
                      (".lora_up.weight", "up"), (".alpha", "alpha")]
         guard let (suffix, role) = roles.first(where: { name.hasSuffix($0.0) }) else { return nil }
@@ -106,11 +117,7 @@ public final class LoRASet {
         let path = spec.path
         guard isRegularFile(path) else { throw PEAError.invalidFile(path: path, reason: "LoRA: no such file") }
         let file = try SafeTensorsCollection(path: path)
-        if file.metadata["lora_adapter_metadata"] != nil {
-            // diffusers ≥ 0.34 may record PEFT's lora_alpha there; Pea reads alphas only from `.alpha` tensors.
-            warnings.append("\(path): the lora_adapter_metadata (PEFT's lora_alpha) is not read: alpha = rank unless "
-                            + "the file has .alpha tensors")
-        }
+        let configs = try file.metadata["lora_adapter_metadata"].map { try PEFTLoRAConfig.read($0, path: path) } ?? [:]
         var parts: [String: (component: String, module: String, down: String?, up: String?, alpha: String?)] = [:]
         for name in file.names {
             guard let (component, module, role) = Self.parse(name) else {
@@ -145,7 +152,21 @@ public final class LoRASet {
             }
             let rank = Float(downShape[0])
             var alpha = rank
-            if let alphaName = entry.alpha {
+            var scaleRank = rank
+            if let config = configs[entry.component] {
+                // The file's PEFT config decides, as diffusers builds the adapter from it.
+                guard entry.alpha == nil else {
+                    throw PEAError.invalidFile(path: path, reason: "LoRA module '\(entry.module)' has an .alpha tensor and the file a "
+                                               + "lora_adapter_metadata config; diffusers refuses such a file (network alphas and metadata)")
+                }
+                let (configRank, configAlpha) = config.rankAndAlpha(module: entry.module)
+                guard configRank == downShape[0] else {
+                    throw PEAError.invalidFile(path: path, reason: "LoRA module '\(entry.module)' has rank \(downShape[0]) but the file's "
+                                               + "lora_adapter_metadata gives it rank \(configRank)")
+                }
+                alpha = configAlpha
+                scaleRank = config.useRSLoRA ? rank.squareRoot() : rank
+            } else if let alphaName = entry.alpha {
                 let values = try file.tensor(alphaName).converted(to: .f32).floats()
                 guard values.count == 1, values[0].isFinite else {
                     throw PEAError.invalidFile(path: path, reason: "LoRA tensor '\(alphaName)' must be one finite number, got \(values.count) values")
@@ -154,7 +175,7 @@ public final class LoRASet {
             }
             modules[entry.component, default: [:]][Self.key(entry.module, component: entry.component), default: []]
                 .append(Module(file: file, name: entry.module, key: Self.key(entry.module, component: entry.component),
-                               down: down, up: up, factor: spec.scale * alpha / rank))
+                               down: down, up: up, rank: downShape[0], alpha: alpha, factor: spec.scale * alpha / scaleRank))
         }
     }
 
@@ -263,5 +284,77 @@ final class LoRAWeights: WeightSource {
         for module in modules { set.markUsed(component, module.key) }
         w = try w.reshaped(shape)
         return try dtype == .f32 ? w : backend.cast(w, to: dtype)
+    }
+}
+
+/// One component's PEFT LoraConfig as diffusers writes it into a LoRA file's `lora_adapter_metadata` (a JSON object
+/// with keys `<component>.r`, `<component>.lora_alpha`, …), reduced to what sets a module's scale.
+struct PEFTLoRAConfig {
+    var rank: Int
+    var alpha: Float
+    /// PEFT's per-module overrides, keyed by a module name or a dotted suffix of one (in the file's key order,
+    /// which is sorted: the first matching key wins, as in PEFT's get_pattern_key).
+    var rankPattern: [(String, Int)]
+    var alphaPattern: [(String, Float)]
+    var useRSLoRA: Bool
+
+    /// The configs by component ("unet", "text_encoder", "text_encoder_2") of a file's `lora_adapter_metadata`.
+    static func read(_ text: String, path: String) throws -> [String: PEFTLoRAConfig] {
+        func bad(_ reason: String) -> PEAError { .invalidFile(path: path, reason: "LoRA lora_adapter_metadata: " + reason) }
+        let json: JSONValue
+        do { json = try JSONValue.parse(text) } catch { throw bad("not JSON (\(error))") }
+        guard let object = json.objectValue else { throw bad("not a JSON object") }
+        var fields: [String: [String: JSONValue]] = [:]
+        for (key, value) in object {
+            guard let dot = key.firstIndex(of: ".") else { continue }
+            fields[String(key[..<dot]), default: [:]][String(key[key.index(after: dot)...])] = value
+        }
+        return try fields.mapValues { config in
+            func number(_ key: String) throws -> Double {
+                guard let value = config[key]?.doubleValue, value.isFinite else { throw bad("'\(key)' must be a number") }
+                return value
+            }
+            func pattern(_ key: String) throws -> [(String, Double)] {
+                guard let value = config[key], !value.isNull else { return [] }
+                guard let table = value.objectValue else { throw bad("'\(key)' must be an object") }
+                return try table.keys.sorted().map { name in
+                    guard let number = table[name]?.doubleValue else { throw bad("'\(key)' value for '\(name)' must be a number") }
+                    guard name.allSatisfy({ $0.isLetter || $0.isNumber || "_.".contains($0) }) || name.first == "^"
+                          && name.dropFirst().allSatisfy({ $0.isLetter || $0.isNumber || "_.".contains($0) }) else {
+                        throw bad("'\(key)' key '\(name)' is a regular expression; Pea reads module names (and a leading ^) only")
+                    }
+                    return (name, number)
+                }
+            }
+            for flag in ["use_dora", "lora_bias"] where config[flag]?.boolValue == true {
+                throw bad("'\(flag)' is true; Pea merges plain LoRA only")
+            }
+            let rank = try number("r")
+            guard rank >= 1, rank == rank.rounded() else { throw bad("'r' must be a positive integer") }
+            return PEFTLoRAConfig(rank: Int(rank), alpha: Float(try number("lora_alpha")),
+                                  rankPattern: try pattern("rank_pattern").map { ($0.0, Int($0.1)) },
+                                  alphaPattern: try pattern("alpha_pattern").map { ($0.0, Float($0.1)) },
+                                  useRSLoRA: config["use_rslora"]?.boolValue ?? false)
+        }
+    }
+
+    /// PEFT's (r, alpha) for `module` (its name in the model, dotted).
+    func rankAndAlpha(module: String) -> (Int, Float) {
+        (Self.match(rankPattern, module) ?? rank, Self.match(alphaPattern, module) ?? alpha)
+    }
+
+    /// PEFT matches `re.match(rf"(.*\.)?({key})$", module)`: the key is the whole name or a dotted suffix of it
+    /// (`^key`: the whole name only). In a key, `.` is the regex's any-character.
+    private static func match<T>(_ table: [(String, T)], _ module: String) -> T? {
+        let name = Array(module)
+        for (key, value) in table {
+            let anchored = key.first == "^"
+            let pattern = Array(anchored ? key.dropFirst() : Substring(key))
+            guard pattern.count <= name.count else { continue }
+            let start = name.count - pattern.count
+            guard start == 0 || (!anchored && name[start - 1] == ".") else { continue }
+            if zip(pattern, name[start...]).allSatisfy({ $0 == "." || $0 == $1 }) { return value }
+        }
+        return nil
     }
 }
