@@ -126,6 +126,29 @@ enum GenerateOptions {
             + "UNet's modules in diffusers' naming (down_blocks_0_…) or the LDM one (input_blocks_1_1_…, as SDXL LoRAs); "
             + "linear and conv (LoCon 3×3) LoRAs. A tensor that matches no module is an error. With "
             + "--text-encoder/--adapter only the UNet part applies")
+    static let controlnet = CommandOption.repeatable(
+        "--controlnet", "DIR",
+        help: "text-to-image guided by a ControlNet (a diffusers ControlNetModel folder: config.json + "
+            + "diffusion_pytorch_model.safetensors, for the model's family, SD1.x/SD2.x or SDXL) and its --control-image, as "
+            + "diffusers' StableDiffusion(XL)ControlNetPipeline; repeatable: several ControlNets' residuals add up, as "
+            + "MultiControlNetModel. With --text-encoder/--adapter the ControlNet sees the adapter's conditioning, as the UNet "
+            + "does. In a prompt file, the ControlNets are the job's and each item gives its images as \"control_image\". Not with "
+            + "--init-image/--mask; no guess mode")
+    static let controlImage = CommandOption.repeatable(
+        "--control-image", "PATH",
+        help: "the control image (PNG or JPEG, used as RGB in [0, 1]) of each --controlnet, in the same order; exactly the "
+            + "output size, which defaults to it (Pea does not resize control images; diffusers would); for a single --prompt")
+    static let controlScale = CommandOption.repeatable(
+        "--control-scale", "S",
+        help: "ControlNet conditioning scale (diffusers' controlnet_conditioning_scale): once for every --controlnet, or "
+            + "once per --controlnet in order (default 1.0)")
+    static let controlStart = CommandOption.value(
+        "--control-start", "F", default: "0.0",
+        help: "fraction of the steps before which the ControlNets are off (diffusers' control_guidance_start): step i "
+            + "of N uses them unless i/N < F …")
+    static let controlEnd = CommandOption.value(
+        "--control-end", "F", default: "1.0",
+        help: "… or (i+1)/N > this F (control_guidance_end); 0 ≤ --control-start < --control-end ≤ 1")
     static let maxLength = CommandOption.value(
         "--max-length", "N", help: "PEA: tokens per prompt (default 52 for Chinese-CLIP, 77 for XLM-R)")
 
@@ -142,7 +165,8 @@ enum GenerateOptions {
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
                                    batch, clipSkip, output, initImage, strength, mask, maskBlur, variant, vaeTiling, textEncoder, adapter,
-                                   maxLength, config, tokenizer, predictionType, vae, lora]
+                                   maxLength, config, tokenizer, predictionType, vae, lora, controlnet, controlImage,
+                                   controlScale, controlStart, controlEnd]
                     + BackendOptions.inference),
                  .init("Prompt-file jobs", [outputDir, batchSize, format, shard, shards, overwrite], note: """
                     FILE is .jsonl (one object a line: "prompt", and optionally "id" (A–Z a–z 0–9 _ -), "negative_prompt",
@@ -151,7 +175,9 @@ enum GenerateOptions {
                     "init_image" (image-to-image as --init-image: a path, relative ones from FILE's folder; the image
                     sets the item's size unless it or --width/--height gives one, and is resized to it), "strength"
                     (default --strength), "mask" (inpainting as --mask, beside init_image; its strength defaults to 1.0
-                    unless --strength is given) and "mask_blur" (as --mask-blur, beside mask; default --mask-blur)) or
+                    unless --strength is given), "mask_blur" (as --mask-blur, beside mask; default --mask-blur) and "control_image"
+                    (with --controlnet: a path, or a list of paths, one per --controlnet; its size is the item's; every item
+                    needs it then)) or
                     any other name as text (one prompt a line); empty lines are skipped. The options above are the
                     defaults of items that do not set their own. Item i (0-based, in file order) without a seed gets
                     --seed + i, so each image is the one `pea generate --prompt P --seed S --batch B` makes alone; without
@@ -197,6 +223,9 @@ func runGenerate(_ arguments: [String]) throws {
         }
         if options.has(O.mask) {
             throw PEAError.usage("generate: --mask is for a single --prompt; in a prompt file each item gives its own \"mask\" beside \"init_image\"")
+        }
+        if options.has(O.controlImage) {
+            throw PEAError.usage("generate: --control-image is for a single --prompt; in a prompt file each item gives its own \"control_image\"")
         }
         try runGenerateJob(file, options)
     case (nil, nil): throw PEAError.usage("generate: give --prompt TEXT or --prompts FILE")
@@ -360,6 +389,11 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
     let output = try options.optionalString(O.output) ?? "pea-\(seed).png"
     guard output.hasSuffix(".png") else { throw PEAError.usage("generate: --output must end in .png, got '\(output)'") }
     let initImage = try readInitImage(options, settings: settings)
+    let controls = try ControlOptions(options)
+    let controlImages = try readControlImages(options, controls, settings: settings)
+    if !controlImages.isEmpty, initImage != nil {
+        throw PEAError.usage("generate: --controlnet is text-to-image only; it does not go with --init-image or --mask")
+    }
     let selection = try BackendOptions.select(options)
     let model = try ModelChoice(options, prompts: [prompt])
     let pipeline = try model.load(options, scheduler: settings.scheduler, clipSkip: settings.clipSkip, selection: selection)
@@ -371,6 +405,10 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
         request.strength = prepared.strength
         request.mask = prepared.mask
         (request.width, request.height) = prepared.size
+    }
+    if let first = controlImages.first {
+        (request.width, request.height) = (first.width, first.height)
+        request.controls = controls.inputs(try controls.load(options, pipeline: pipeline), images: controlImages)
     }
     request.steps = settings.steps
     request.guidance = settings.guidance
@@ -414,6 +452,87 @@ private func readInitImage(_ options: ParsedOptions, settings: GenerateSettings)
 /// --mask-blur R, checked; nil when not given.
 func maskBlurOption(_ options: ParsedOptions) throws -> Double? {
     try options.optionalDouble(GenerateOptions.maskBlur).map { try VaeImageProcessor.checkedBlur($0, name: "generate: --mask-blur") }
+}
+
+/// --controlnet's folders with --control-scale, --control-start and --control-end, checked before the model
+/// loads: one scale for all or one each, 0 ≤ start < end ≤ 1, folders holding a config.json. The images come
+/// from --control-image (a single prompt) or from each item's control_image (a prompt file).
+struct ControlOptions {
+    var folders: [String] = []
+    var scales: [Double] = []
+    var start = 0.0, end = 1.0
+
+    init(_ options: ParsedOptions) throws {
+        typealias O = GenerateOptions
+        folders = options.strings(O.controlnet)
+        guard !folders.isEmpty else {
+            if let stray = [O.controlImage, O.controlScale, O.controlStart, O.controlEnd].first(where: options.has) {
+                throw PEAError.usage("generate: \(stray.name) goes with --controlnet DIR")
+            }
+            return
+        }
+        scales = try options.strings(O.controlScale).map { text -> Double in
+            guard let value = Double(text), value.isFinite else { throw PEAError.usage("generate: --control-scale expects a number, got '\(text)'") }
+            return value
+        }
+        guard scales.count <= 1 || scales.count == folders.count else {
+            throw PEAError.usage("generate: give --control-scale once (for every --controlnet) or once per --controlnet (\(folders.count)), got \(scales.count)")
+        }
+        start = try options.double(O.controlStart)
+        end = try options.double(O.controlEnd)
+        guard start >= 0, start < end, end <= 1 else {
+            throw PEAError.usage("generate: --control-start and --control-end must satisfy 0 ≤ start < end ≤ 1, got \(start) and \(end)")
+        }
+        for folder in folders where !isRegularFile(joinPath(folder, "config.json")) {
+            throw PEAError.invalidFile(path: folder, reason: "not a diffusers ControlNet folder (no config.json)")
+        }
+    }
+
+    /// The ControlNets, in the UNet's precision (diffusers' pipelines take one torch_dtype).
+    func load(_ options: ParsedOptions, pipeline: StableDiffusionPipeline) throws -> [ControlNetModel] {
+        let variant = try options.optionalString(GenerateOptions.variant)
+        return try folders.map { try ControlNetModel.load(folder: $0, backend: pipeline.backend, variant: variant, dtype: pipeline.denoiser.dtype).model }
+    }
+
+    /// The request's part for each ControlNet, with its image.
+    func inputs(_ models: [ControlNetModel], images: [RGBImage]) -> [ControlInput] {
+        zip(models, images).enumerated().map { k, pair in
+            ControlInput(controlnet: pair.0, image: pair.1, scale: scales.isEmpty ? 1 : scales[scales.count == 1 ? 0 : k], start: start, end: end)
+        }
+    }
+
+    /// Control images decoded, all one size with sides multiples of 8 (Pea does not resize them); `fail` makes
+    /// the error for a reason (prefixed with "generate:", or with the prompt file's line).
+    static func readImages(_ paths: [String], fail: (String) -> PEAError) throws -> [RGBImage] {
+        let images = try paths.map { try ImageDecoder.decodeRGB(path: $0) }
+        guard let first = images.first else { return [] }
+        guard first.width % 8 == 0, first.height % 8 == 0 else {
+            throw fail("the control image \(paths[0]) is \(first.width)×\(first.height); its width and height must be multiples of 8 "
+                + "(Pea does not resize control images: crop or resize it first)")
+        }
+        for (path, image) in zip(paths, images) where image.width != first.width || image.height != first.height {
+            throw fail("the control image \(path) is \(image.width)×\(image.height) but \(paths[0]) is \(first.width)×\(first.height); "
+                + "they must be the same size (Pea does not resize control images)")
+        }
+        return images
+    }
+}
+
+/// --control-image decoded for --controlnet (a single prompt): one per ControlNet, their size the output's,
+/// agreeing with --width/--height. Empty without --controlnet.
+private func readControlImages(_ options: ParsedOptions, _ controls: ControlOptions, settings: GenerateSettings) throws -> [RGBImage] {
+    let paths = options.strings(GenerateOptions.controlImage)
+    guard !controls.folders.isEmpty else { return [] }
+    guard paths.count == controls.folders.count else {
+        throw PEAError.usage("generate: give one --control-image per --controlnet, in the same order (\(controls.folders.count) --controlnet, \(paths.count) --control-image)")
+    }
+    let images = try ControlOptions.readImages(paths) { PEAError.usage("generate: " + $0) }
+    for (name, given, actual) in [("--width", settings.width, images[0].width), ("--height", settings.height, images[0].height)] {
+        if let given, given != actual {
+            throw PEAError.usage("generate: \(name) \(given) differs from the control image's \(actual) (\(paths[0])); Pea does not resize control images")
+        }
+    }
+    return images
 }
 
 /// --strength (default 0.8), in (0, 1].

@@ -28,7 +28,9 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
                                scheduler: settings.scheduler, batch: settings.batch, strength: try strengthOption(options))
     if options.has(GenerateOptions.strength) { defaults.inpaintStrength = defaults.strength }
     defaults.maskBlur = try maskBlurOption(options)
-    let items = try sizedByInitImages(PromptFile.read(path: file, defaults: defaults), file: file)
+    let controls = try ControlOptions(options)
+    let items = try sizedByControlImages(sizedByInitImages(PromptFile.read(path: file, defaults: defaults), file: file),
+                                         file: file, controlnets: controls.folders.count)
     if baseSeed > 1 << 53 || UInt64(items.count - 1) > (1 << 53) - baseSeed {
         throw PEAError.usage("generate: --seed \(baseSeed) + the item index must stay within 0...2^53 (results.jsonl keeps seeds as JSON numbers)")
     }
@@ -49,6 +51,12 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     if options.has(O.vaeTiling) { manifestSettings["vae_tiling"] = "yes" }
     // The LoRAs as given (FILE:SCALE, in order; the files' contents are not hashed).
     if options.has(O.lora) { manifestSettings["lora"] = options.strings(O.lora).joined(separator: "\n") }
+    // The ControlNets as given (folders in order; their contents are not hashed), only with --controlnet.
+    if !controls.folders.isEmpty {
+        manifestSettings["controlnet"] = controls.folders.joined(separator: "\n")
+        manifestSettings["control_scale"] = controls.scales.map { "\($0)" }.joined(separator: ",")
+        manifestSettings["control_window"] = "\(controls.start)-\(controls.end)"
+    }
     let manifest = JobManifest(items: items, baseSeed: baseSeed, settings: manifestSettings)
     let output = try JobOutput(folder: folder, manifest: manifest, items: items, shard: shard, format: format, overwrite: overwrite,
                                tarShardSize: jobTarShardSize)
@@ -75,6 +83,7 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
         }
         return item
     }
+    let controlnets = try controls.load(options, pipeline: pipeline)
     let batchSize = requestedBatchSize ?? defaultBatchSize(pipeline, items: todo)
     let batches = JobBatches.plan(todo, size: batchSize)
 
@@ -94,7 +103,11 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     for (number, batch) in batches.enumerated() {
         let start = monotonicSeconds()
         let imageCount = batch.reduce(0) { $0 + $1.batch }
-        let requests = try batch.map { try $0.loadedRequest() }
+        let requests = try batch.map { item in
+            var request = try item.loadedRequest()
+            request.controls = controls.inputs(controlnets, images: try item.controlImages.map { try ImageDecoder.decodeRGB(path: $0) })
+            return request
+        }
         let images = try pipeline.generate(requests, scheduler: scheduler(batch[0].scheduler),
                                            progress: { progress.step(batch: number + 1, images: imageCount, $0, $1) }, warn: { printWarning($0) })
         let seconds = (monotonicSeconds() - start) / Double(imageCount)
@@ -149,6 +162,30 @@ private func sizedByInitImages(_ items: [JobItem], file: String) throws -> [JobI
             throw PEAError.invalidFile(path: file, reason: "line \(item.line): init image \(image): \(reason)")
         }
         if let maskPath = item.mask { _ = try ImageDecoder.decodeRGB(path: maskPath) }
+        return item
+    }
+}
+
+/// With --controlnet every item gives one control_image per ControlNet, and takes their size as init images set
+/// theirs (read now, so that a missing or unreadable image fails the job before anything is written); without
+/// it, no item may give one.
+private func sizedByControlImages(_ items: [JobItem], file: String, controlnets: Int) throws -> [JobItem] {
+    try items.map { item in
+        func fail(_ reason: String) -> PEAError { .invalidFile(path: file, reason: "line \(item.line): \(reason)") }
+        guard item.controlImages.count == controlnets else {
+            throw fail(controlnets == 0 ? "'control_image' needs --controlnet DIR on the command line"
+                : "\(item.controlImages.count) control_image(s) for \(controlnets) --controlnet (give one per ControlNet, in their order)")
+        }
+        guard controlnets > 0 else { return item }
+        var item = item
+        let image = try ControlOptions.readImages(item.controlImages, fail: fail)[0]
+        for (name, size, actual) in [("width", \JobItem.width, image.width), ("height", \JobItem.height, image.height)] {
+            if item[keyPath: size] == 0 { item[keyPath: size] = actual }
+            guard item[keyPath: size] == actual else {
+                throw fail("\(name) \(item[keyPath: size]) (the item's or --\(name)) differs from the control image's \(actual) "
+                    + "(\(item.controlImages[0])); Pea does not resize control images")
+            }
+        }
         return item
     }
 }

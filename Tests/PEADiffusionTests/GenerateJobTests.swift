@@ -53,9 +53,12 @@ final class GenerateJobTests: XCTestCase {
         let examples = parentFolder(parentFolder(fixturesDirectory())) + "/examples"
         XCTAssertEqual(try PromptFile.read(path: examples + "/prompts.txt", defaults: defaults).count, 5)
         let items = try PromptFile.read(path: examples + "/prompts.jsonl", defaults: defaults)
-        let text = String(decoding: try XCTUnwrap(readFileBytes(examples + "/prompts.jsonl")), as: UTF8.self)
+        // ControlNet items need the job's --controlnet, so they have a file of their own.
+        let controlled = try PromptFile.read(path: examples + "/controlnet.jsonl", defaults: defaults)
+        XCTAssertEqual(controlled.map(\.controlImages), [[examples + "/sketch.png"], [examples + "/sketch.png"]])
+        let text = ["/prompts.jsonl", "/controlnet.jsonl"].map { String(decoding: readFileBytes(examples + $0) ?? [], as: UTF8.self) }.joined()
         for field in PromptFile.fields {
-            XCTAssertTrue(text.contains("\"\(field)\""), "examples/prompts.jsonl never uses '\(field)'")
+            XCTAssertTrue(text.contains("\"\(field)\""), "examples/prompts.jsonl and controlnet.jsonl never use '\(field)'")
         }
         XCTAssertEqual(items.count, 7)
         XCTAssertEqual(items[5].initImage, examples + "/sketch.png", "a relative init_image is read from the prompt file's folder")

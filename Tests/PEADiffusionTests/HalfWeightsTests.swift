@@ -90,14 +90,14 @@ final class HalfWeightsTests: XCTestCase {
         let folder = PipelineParityTests.directory + "/sd1"
         let unet = try UNet2DConditionModel.load(folder: folder, backend: backend).model
         XCTAssertEqual(unet.dtype, .f32)
-        XCTAssertEqual(unet.convIn.weight.dtype, .bf16)
-        XCTAssertEqual(unet.convIn.bias?.dtype, .f32)
+        XCTAssertEqual(unet.encoder.convIn.weight.dtype, .bf16)
+        XCTAssertEqual(unet.encoder.convIn.bias?.dtype, .f32)
         XCTAssertEqual(unet.normOut.weight.dtype, .f32)
         let vae = try AutoencoderKL.load(folder: folder, backend: backend).model
         XCTAssertEqual(vae.dtype, .f32)
         XCTAssertEqual(vae.decoder.convIn.weight.dtype, .bf16)
         let plain = try UNet2DConditionModel.load(folder: folder, backend: CPUBackend()).model
-        XCTAssertEqual(plain.convIn.weight.dtype, .f32, "no half-size weights unless asked for")
+        XCTAssertEqual(plain.encoder.convIn.weight.dtype, .f32, "no half-size weights unless asked for")
     }
 
     func testPipelinesMatchDiffusersWithRoundedWeightMatrices() throws {

@@ -286,6 +286,7 @@ public final class JobOutput {
         }
         if let mask = item.mask { object["mask"] = .string(mask) }
         if let blur = item.maskBlur { object["mask_blur"] = .number(blur) }
+        if !item.controlImages.isEmpty { object["control_image"] = .array(item.controlImages.map(JSONValue.string)) }
         return .object(object)
     }
 }

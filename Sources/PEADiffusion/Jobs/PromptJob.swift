@@ -37,6 +37,9 @@ public struct JobItem: Equatable, Sendable {
     public var mask: String? = nil
     /// The blur (`mask_blur`, diffusers' `mask_processor.blur`) of a `mask` read from its file; nil: none.
     public var maskBlur: Double? = nil
+    /// ControlNet (`control_image`): one control image path per ControlNet of the job (`--controlnet`), in their
+    /// order, resolved as `initImage`'s; its size is the item's. Empty: none.
+    public var controlImages: [String] = []
 
     /// Whether the item starts from an init image (`initImage` or `initPixels`).
     public var isImageToImage: Bool { initImage != nil || initPixels != nil }
@@ -128,7 +131,7 @@ public struct JobDefaults: Equatable, Sendable {
 public enum PromptFile {
     /// The fields a `.jsonl` item may have.
     public static let fields = ["prompt", "id", "negative_prompt", "seed", "width", "height", "steps", "guidance",
-                                "scheduler", "batch", "text", "init_image", "strength", "mask", "mask_blur"]
+                                "scheduler", "batch", "text", "init_image", "strength", "mask", "mask_blur", "control_image"]
     /// The longest id: ids name files and tar members (with a `-N` suffix and an extension).
     public static let maximumIDLength = 80
     /// The most images one item may ask for (as `--batch`).
@@ -161,6 +164,7 @@ public enum PromptFile {
                 try apply(object, to: &item, defaults: defaults, fail: fail)
                 if let image = item.initImage, !image.hasPrefix("/") { item.initImage = joinPath(parentFolder(path), image) }
                 if let mask = item.mask, !mask.hasPrefix("/") { item.mask = joinPath(parentFolder(path), mask) }
+                item.controlImages = item.controlImages.map { $0.hasPrefix("/") ? $0 : joinPath(parentFolder(path), $0) }
             }
             if let id = item.id {
                 if let first = ids[id] { throw fail("id '\(id)' is already the id of line \(first)") }
@@ -249,6 +253,19 @@ public enum PromptFile {
                 throw fail("'strength' must be a number in (0, 1], got \(value.serialized())")
             }
             item.strength = strength
+        }
+        if let value = object["control_image"], !value.isNull {
+            let paths: [String?]
+            switch value {
+            case .string(let path): paths = [path]
+            case .array(let entries): paths = entries.map(\.stringValue)
+            default: paths = []
+            }
+            guard !paths.isEmpty, paths.allSatisfy({ !($0 ?? "").isEmpty }) else {
+                throw fail("'control_image' must be a path or a list of paths (one per --controlnet), got \(value.serialized())")
+            }
+            guard item.initImage == nil else { throw fail("'control_image' does not go with 'init_image' (ControlNet is text-to-image only)") }
+            item.controlImages = paths.map { $0! }
         }
         if item.initImage != nil {
             do { _ = try StableDiffusionPipeline.img2imgBeginIndex(steps: item.steps, strength: item.strength) } catch PEAError.usage(let reason) {

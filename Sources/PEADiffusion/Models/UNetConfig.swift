@@ -36,8 +36,10 @@ public struct UNetConfig {
 
     public var timeEmbedDim: Int { blockOutChannels[0] * 4 }
 
-    /// Reads and checks `config.json`; unsupported values throw, naming the field.
-    public init(_ config: ConfigFile) throws {
+    /// Reads and checks `config.json`; unsupported values throw, naming the field. `encoderOnly`: a ControlNet's
+    /// config, which describes the encoder half alone (no up blocks or out_channels; UNetEncoder): the up-block
+    /// fields are then the down blocks' mirror, unused.
+    public init(_ config: ConfigFile, encoderOnly: Bool = false) throws {
         func fail(_ key: String, _ reason: String) -> PEAError {
             .invalidConfig(path: config.path, reason: "'\(key)': \(reason)")
         }
@@ -49,14 +51,15 @@ public struct UNetConfig {
         }
 
         inChannels = try config.int("in_channels", default: 4, range: .atLeast(1))
-        outChannels = try config.int("out_channels", default: 4, range: .atLeast(1))
+        outChannels = try encoderOnly ? inChannels : config.int("out_channels", default: 4, range: .atLeast(1))
         blockOutChannels = try config.contains("block_out_channels") ? config.intList("block_out_channels", range: .atLeast(1)) : [320, 640, 1280, 1280]
         let blocks = blockOutChannels.count
         guard blocks > 0 else { throw fail("block_out_channels", "is empty") }
 
         let downTypes = try config.contains("down_block_types") ? config.stringList("down_block_types")
             : ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        let upTypes = try config.contains("up_block_types") ? config.stringList("up_block_types")
+        let upTypes = try encoderOnly ? downTypes.reversed().map { $0 == "CrossAttnDownBlock2D" ? "CrossAttnUpBlock2D" : "UpBlock2D" }
+            : config.contains("up_block_types") ? config.stringList("up_block_types")
             : ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
         guard downTypes.count == blocks else { throw fail("down_block_types", "has \(downTypes.count) entries for \(blocks) blocks") }
         guard upTypes.count == blocks else { throw fail("up_block_types", "has \(upTypes.count) entries for \(blocks) blocks") }

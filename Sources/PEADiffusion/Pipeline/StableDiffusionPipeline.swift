@@ -38,12 +38,43 @@ public struct GenerationRequest {
     /// The strength a mask implies when none is given: StableDiffusionInpaintPipeline's default 1.0, not img2img's
     /// 0.8 (diffusers' SDXL inpainting pipeline defaults to 0.9999; Pea uses 1.0 for every family).
     public static let inpaintingStrength = 1.0
+    /// ControlNets (text-to-image only), as diffusers' StableDiffusionControlNetPipeline and
+    /// StableDiffusionXLControlNetPipeline with one ControlNetModel or a MultiControlNetModel: their residuals
+    /// are summed into the UNet's. Empty: none.
+    public var controls: [ControlInput] = []
 
     public init(prompt: String, negativePrompt: String? = nil, width: Int, height: Int) {
         self.prompt = prompt
         self.negativePrompt = negativePrompt
         self.width = width
         self.height = height
+    }
+}
+
+/// One ControlNet's part in a request: diffusers' `controlnet`, `image`, `controlnet_conditioning_scale`,
+/// `control_guidance_start` and `control_guidance_end`. Its residuals are × `scale` at step i of N unless
+/// i/N < start or (i+1)/N > end, where they are × 0.
+public struct ControlInput {
+    public var controlnet: ControlNetModel
+    /// The control image, exactly the request's width×height (Pea does not resize it; diffusers would).
+    public var image: RGBImage
+    /// Doubles, as Python computes i/N and scale × keep.
+    public var scale = 1.0
+    public var start = 0.0
+    public var end = 1.0
+
+    public init(controlnet: ControlNetModel, image: RGBImage, scale: Double = 1, start: Double = 0, end: Double = 1) {
+        self.controlnet = controlnet
+        self.image = image
+        self.scale = scale
+        self.start = start
+        self.end = end
+    }
+
+    /// The conditioning scale at step `step` of `steps` (diffusers' conditioning_scale × controlnet_keep[i]).
+    func scale(step: Int, of steps: Int) -> Float {
+        let off = Double(step) / Double(steps) < start || Double(step + 1) / Double(steps) > end
+        return Float(scale * (off ? 0 : 1))
     }
 }
 
@@ -211,13 +242,22 @@ public final class StableDiffusionPipeline {
         }
 
         let end = sampler.timesteps.count, steps = end - begin
+        let controlImages = try controlImages(requests, counts: counts, guided: guided)
         for i in begin..<end {
             var input = try sampler.scaleModelInput(guided ? b.concat([latents, latents], dim: 0) : latents, stepIndex: i)
             if let condition = inpaint?.unetCondition { input = try b.concat([input, condition], dim: 1) }
             let timestep = try b.upload(sampler.modelTimestep(stepIndex: i))
             // The denoiser casts its inputs to its dtype and answers in it; guidance and the scheduler work in f32.
-            var prediction = try denoiser(DenoisingInputs(sample: input, timestep: timestep, encoderHiddenStates: states,
-                                                          textEmbeds: textEmbeds, timeIds: timeIds))
+            var inputs = DenoisingInputs(sample: input, timestep: timestep, encoderHiddenStates: states, textEmbeds: textEmbeds, timeIds: timeIds)
+            // ControlNets see what the UNet sees (diffusers' control_model_input, prompt_embeds and
+            // added_cond_kwargs, not guess mode); several add up as MultiControlNetModel sums them.
+            for (control, image) in zip(first.controls, controlImages) {
+                let r = try control.controlnet(inputs, condition: image, scale: control.scale(step: i, of: end))
+                inputs.controlResiduals = try inputs.controlResiduals.map { sum in
+                    ControlResiduals(down: try zip(sum.down, r.down).map { try b.add($0, $1) }, mid: try b.add(sum.mid, r.mid))
+                } ?? r
+            }
+            var prediction = try denoiser(inputs)
             if prediction.dtype != .f32 { prediction = try b.cast(prediction, to: .f32) }
             if guided {
                 let halves = try b.split(prediction, sizes: [count, count], dim: 0)
@@ -235,6 +275,20 @@ public final class StableDiffusionPipeline {
         let images = try decode(latents, afterSteps: steps)
         var start = 0
         return counts.map { n in defer { start += n }; return Array(images[start..<start + n]) }
+    }
+
+    /// Each ControlNet's image as diffusers' control_image_processor makes it (do_normalize false: x / 255 in
+    /// float32, [0, 1]), NCHW, per request repeated for its images, and twice over with guidance as the latents.
+    private func controlImages(_ requests: [GenerationRequest], counts: [Int], guided: Bool) throws -> [Tensor] {
+        let b = backend
+        return try requests[0].controls.indices.map { k in
+            let parts = try zip(requests, counts).flatMap { request, n in
+                let image = request.controls[k].image
+                return repeatElement(try b.upload(Self.unitPixels(image), shape: [1, 3, image.height, image.width]), count: n)
+            }
+            let batch = parts.count == 1 ? parts[0] : try b.concat(parts, dim: 0)
+            return guided ? try b.concat([batch, batch], dim: 0) : batch
+        }
     }
 
     /// diffusers' img2img `get_timesteps`: of `steps` timesteps the last ⌊steps·strength⌋ run, so the loop begins
@@ -354,10 +408,15 @@ public final class StableDiffusionPipeline {
     /// An 8-bit RGB image as the VAE encoder's input, [3, H, W] in [-1, 1]: diffusers' VaeImageProcessor.preprocess,
     /// x / 255 then 2x − 1, in float32.
     public static func normalizedPixels(_ image: RGBImage) -> [Float] {
+        unitPixels(image).map { 2 * $0 - 1 }
+    }
+
+    /// An 8-bit RGB image as [3, H, W] in [0, 1]: x / 255 in float32 (VaeImageProcessor without do_normalize).
+    public static func unitPixels(_ image: RGBImage) -> [Float] {
         let plane = image.width * image.height
         var values = [Float](repeating: 0, count: 3 * plane)
         for p in 0..<plane {
-            for c in 0..<3 { values[c * plane + p] = 2 * (Float(image.pixels[p * 3 + c]) / 255) - 1 }
+            for c in 0..<3 { values[c * plane + p] = Float(image.pixels[p * 3 + c]) / 255 }
         }
         return values
     }
@@ -445,6 +504,7 @@ public final class StableDiffusionPipeline {
             _ = try Self.img2imgBeginIndex(steps: request.steps, strength: request.strength)
         }
         try validateMasks(requests)
+        try validateControls(requests)
         // The largest buffers are the VAE decoder's at full resolution (one tile's when tiling).
         let images = requests.reduce(0) { $0 + Double($1.imagesPerPrompt) }
         let decoded = vaeTiling ? Double(min(request.width, vae.config.sampleSize) * min(request.height, vae.config.sampleSize))
@@ -481,6 +541,46 @@ public final class StableDiffusionPipeline {
             let mask = request.mask!
             guard mask.width > 0, mask.height > 0, mask.pixels.count == mask.width * mask.height * 3 else {
                 throw PEAError.usage("the mask holds \(mask.pixels.count) bytes, not 3 per pixel of its \(mask.width)×\(mask.height)")
+            }
+        }
+    }
+
+    private func validateControls(_ requests: [GenerationRequest]) throws {
+        let first = requests[0], controls = first.controls
+        for other in requests.dropFirst() {
+            guard other.controls.count == controls.count,
+                  zip(other.controls, controls).allSatisfy({ $0.controlnet === $1.controlnet && $0.scale == $1.scale && $0.start == $1.start && $0.end == $1.end }) else {
+                throw PEAError.usage("requests denoised together must use the same ControlNets with the same scale, start and end")
+            }
+        }
+        guard !controls.isEmpty else { return }
+        if first.initImage != nil {
+            // diffusers has separate ControlNet img2img and inpainting pipelines, not checked against here.
+            throw PEAError.unsupported("ControlNet with an init image or mask (image-to-image, inpainting) is not supported yet; ControlNet is text-to-image only")
+        }
+        guard let unet = denoiser as? UNet2DConditionModel else {
+            throw PEAError.unsupported("ControlNet needs a UNet denoiser (SD1.x, SD2.x, SDXL)")
+        }
+        for control in controls {
+            let controlnet = control.controlnet
+            try controlnet.checkCompatible(with: unet.config)
+            guard controlnet.config.conditioningDownsampling == vaeScaleFactor else {
+                throw PEAError.invalidFile(path: controlnet.path, reason: "this ControlNet embeds its image at 1/\(controlnet.config.conditioningDownsampling) size but the VAE's latents are 1/\(vaeScaleFactor); it does not fit this pipeline")
+            }
+            guard controlnet.config.conditioningChannels == 3 else {
+                throw PEAError.unsupported("\(controlnet.path): a ControlNet taking \(controlnet.config.conditioningChannels)-channel images (Pea gives it RGB)")
+            }
+            guard control.start >= 0, control.start < control.end, control.end <= 1 else {
+                throw PEAError.usage("ControlNet start and end must satisfy 0 ≤ start < end ≤ 1, got start \(control.start), end \(control.end)")
+            }
+            guard control.scale.isFinite else { throw PEAError.usage("ControlNet scale must be finite, got \(control.scale)") }
+        }
+        for request in requests {
+            for control in request.controls {
+                let image = control.image
+                guard image.width == request.width, image.height == request.height, image.pixels.count == image.width * image.height * 3 else {
+                    throw PEAError.usage("the control image is \(image.width)×\(image.height) but the request is \(request.width)×\(request.height); Pea does not resize control images")
+                }
             }
         }
     }
