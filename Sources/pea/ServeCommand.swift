@@ -65,7 +65,7 @@ enum ServeOptions {
                                            --controlnet folder's basename, a " [hash]" suffix dropped, or its index),
                                            "image" or "input_image" (base64 PNG or JPEG, already preprocessed: "module"
                                            "none" or absent; the output's size, which width/height default to: Pea does
-                                           not resize control images, so every resize_mode gives the same), "weight" (1),
+                                           not resize control images, so every resize_mode gives the same), "weight" (1; 0…10),
                                            "guidance_start" (0), "guidance_end" (1), "control_mode" ("Balanced" or 0
                                            only)}, as `pea generate --controlnet DIR --control-image …`. The preprocessor's
                                            processor_res, threshold_a, threshold_b and pixel_perfect, and low_vram and
@@ -79,7 +79,7 @@ enum ServeOptions {
               POST /v1/images/generations  OpenAI's subset: prompt, n, size "WxH", response_format "b64_json"; and seed,
                                            steps (30), guidance (7.5), negative_prompt, text_encoder.
                                            Answers {"created": T, "data": [{"b64_json": …, "seed": S}…]}.
-              GET /health                  {"status", "model", "backend", "queue_depth", "text_encoders"}
+              GET /health                  {"status", "model", "backend", "queue_depth", "text_encoders", "controlnets"}
               GET /metrics                 Prometheus text: requests by endpoint and status, images, queue depth,
                                            batches by image count, requests cancelled, request latency histogram.
             Limits: request bodies over \(HTTPLimits().bodyBytes >> 20) MiB are answered 413 before they are read, a header section

@@ -61,6 +61,35 @@ extension ServeTests {
         XCTAssertEqual(plain.status, 200, "\(plain.json)")
     }
 
+    /// Concurrent requests with the same unit settings but different control images are denoised together; one with
+    /// another weight is not. Each keeps its own image.
+    func testConcurrentControlNetRequestsAreBatchedByTheirSettings() throws {
+        let scratch = ScratchDirectory()
+        let a = Self.controlnets + "/sd1_a"
+        let server = try Server(["--model", sd1, "--controlnet", a, "--max-batch", "4", "--batch-wait", "2"], scratch: scratch)
+        let settings: [(image: String, weight: Double)] = [("control_32x24.png", 1), ("control2_32x24.png", 1), ("control2_32x24.png", 0.5)]
+        let bodies: [[String: Any]] = try settings.enumerated().map { number, setting in
+            ["prompt": "a red circle", "seed": 30 + number, "steps": 3, "cfg_scale": 7.5,
+             "alwayson_scripts": ["controlnet": ["args": [["image": try Self.base64(setting.image), "model": "sd1_a", "weight": setting.weight]]]]]
+        }
+        var results = [(status: Int, json: [String: Any])?](repeating: nil, count: bodies.count)
+        let lock = NSLock()
+        concurrently(bodies.count) { number in
+            let result = try? server.post("/sdapi/v1/txt2img", bodies[number])
+            lock.lock(); results[number] = result; lock.unlock()
+        }
+        XCTAssertEqual(try server.metric("pea_batches_total{images=\"2\"}"), 1)
+        XCTAssertEqual(try server.metric("pea_batches_total{images=\"1\"}"), 1)
+        for (number, setting) in settings.enumerated() {
+            let result = try XCTUnwrap(results[number])
+            XCTAssertEqual(result.status, 200, "\(result.json)")
+            let expected = try generated(["--prompt", "a red circle", "--seed", "\(30 + number)", "--steps", "3", "--controlnet", a,
+                                          "--control-image", Self.controlnets + "/" + setting.image, "--control-scale", "\(setting.weight)"],
+                                         scratch: scratch, name: "\(number).png")
+            assertSameImage(try images(result.json["images"] as? [Any])[0], expected, "request \(number)", batched: number < 2)
+        }
+    }
+
     /// An in-process server (no HTTP) over the fixture pipeline, with `controlnets` loaded.
     private func inProcessServer(controlnets: [String]) throws -> GenerationServer {
         var configuration = GenerationServer.Configuration()

@@ -84,7 +84,7 @@ final class ServeTests: XCTestCase {
 
     /// Runs `body(0)` … `body(count - 1)` on threads of their own (not GCD's pool, which may run only as many
     /// at once as there are cores) and waits for all of them (bounded: 120 s).
-    private func concurrently(_ count: Int, _ body: @escaping (Int) -> Void) {
+    func concurrently(_ count: Int, _ body: @escaping (Int) -> Void) {
         final class Body: @unchecked Sendable {
             let run: (Int) -> Void
             init(_ run: @escaping (Int) -> Void) { self.run = run }

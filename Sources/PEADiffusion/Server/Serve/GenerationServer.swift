@@ -357,7 +357,9 @@ public final class GenerationServer: @unchecked Sendable {
     /// suffix allowed, or its index) and gives `image` (or `input_image`): a base64 control image, already
     /// preprocessed (`module` "none"), of the output's size (`ControlInput.sizeProblem`, as `pea generate`); `weight`
     /// (1), `guidance_start` (0) and `guidance_end` (1) are diffusers' scale and window. `control_mode` Balanced is
-    /// diffusers' pipeline; its other modes and masks are refused.
+    /// diffusers' pipeline; its other modes, masks and guess mode are refused. The unit's other fields
+    /// (processor_res, threshold_a/b, pixel_perfect: the preprocessor's; low_vram; hr_option: hires fix) change
+    /// nothing Pea does and are ignored.
     private func controls(_ fields: Fields, width: Int?, height: Int?, imageToImage: Bool) throws -> [JobItem.Control] {
         guard let scripts = fields.value("alwayson_scripts") else { return [] }
         guard let scriptObject = scripts.objectValue else {
@@ -501,8 +503,9 @@ public final class GenerationServer: @unchecked Sendable {
     }
 
     /// `POST /sdapi/v1/txt2img`: prompt (default ""), negative_prompt (omitted: none, as `pea generate` without
-    /// --negative-prompt), seed (-1: random), steps (20), cfg_scale (7), width/height (the model's size),
-    /// sampler_name + scheduler, batch_size × n_iter images, text_encoder. `POST /sdapi/v1/img2img` (with
+    /// --negative-prompt), seed (-1: random), steps (20), cfg_scale (7), width/height (the model's size, or the
+    /// control images'), sampler_name + scheduler, batch_size × n_iter images, text_encoder, ControlNet units
+    /// (`controls`). `POST /sdapi/v1/img2img` (with
     /// `imageToImage`): the same and `init_images`, `denoising_strength` (`initImage`); width/height default to
     /// the init image's.
     func parseA1111(_ object: [String: JSONValue], imageToImage: Bool = false) throws -> Parsed {
