@@ -35,7 +35,7 @@ extension ServeTests {
                                                   "--control-scale", "0.5", "--control-start", "0.25", "--control-end", "0.75"],
                                         scratch: scratch, name: "one.png")
         XCTAssertEqual(expectedOne.width, 32)
-        assertSameImage(try images(one.json["images"] as? [Any])[0], expectedOne, "one ControlNet, weight 0.5, window 0.25–0.75")
+        assertSameImage(try XCTUnwrap(images(one.json["images"] as? [Any]).first), expectedOne, "one ControlNet, weight 0.5, window 0.25–0.75")
         let echoed = ((one.json["parameters"] as? [String: Any])?["alwayson_scripts"] as? [String: Any])?["controlnet"] as? [String: Any]
         let echoedUnit = (echoed?["args"] as? [[String: Any]])?.first
         XCTAssertEqual(echoedUnit?["model"] as? String, "sd1_a")
@@ -53,8 +53,8 @@ extension ServeTests {
                                                   "--controlnet", a, "--control-image", Self.controlnets + "/control_32x24.png",
                                                   "--control-scale", "1.3", "--control-scale", "0.7"],
                                         scratch: scratch, name: "two.png")
-        assertSameImage(try images(two.json["images"] as? [Any])[0], expectedTwo, "two ControlNets")
-        XCTAssertNotEqual(try images(two.json["images"] as? [Any])[0].pixels, expectedOne.pixels)
+        assertSameImage(try XCTUnwrap(images(two.json["images"] as? [Any]).first), expectedTwo, "two ControlNets")
+        XCTAssertNotEqual(try XCTUnwrap(images(two.json["images"] as? [Any]).first).pixels, expectedOne.pixels)
 
         // Without units the request is plain text-to-image (the model's size).
         let plain = try server.post("/sdapi/v1/txt2img", ["prompt": "a red circle", "steps": 2, "seed": 1, "alwayson_scripts": [:] as [String: Any]])
@@ -86,7 +86,7 @@ extension ServeTests {
             let expected = try generated(["--prompt", "a red circle", "--seed", "\(30 + number)", "--steps", "3", "--controlnet", a,
                                           "--control-image", Self.controlnets + "/" + setting.image, "--control-scale", "\(setting.weight)"],
                                          scratch: scratch, name: "\(number).png")
-            assertSameImage(try images(result.json["images"] as? [Any])[0], expected, "request \(number)", batched: number < 2)
+            assertSameImage(try XCTUnwrap(images(result.json["images"] as? [Any]).first), expected, "request \(number)", batched: number < 2)
         }
     }
 
