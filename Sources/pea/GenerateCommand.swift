@@ -505,15 +505,7 @@ struct ControlOptions {
     /// the error for a reason (prefixed with "generate:", or with the prompt file's line).
     static func readImages(_ paths: [String], fail: (String) -> PEAError) throws -> [RGBImage] {
         let images = try paths.map { try ImageDecoder.decodeRGB(path: $0) }
-        guard let first = images.first else { return [] }
-        guard first.width % 8 == 0, first.height % 8 == 0 else {
-            throw fail("the control image \(paths[0]) is \(first.width)×\(first.height); its width and height must be multiples of 8 "
-                + "(Pea does not resize control images: crop or resize it first)")
-        }
-        for (path, image) in zip(paths, images) where image.width != first.width || image.height != first.height {
-            throw fail("the control image \(path) is \(image.width)×\(image.height) but \(paths[0]) is \(first.width)×\(first.height); "
-                + "they must be the same size (Pea does not resize control images)")
-        }
+        if let problem = ControlInput.sizeProblem(Array(zip(paths, images))) { throw fail(problem) }
         return images
     }
 }

@@ -18,8 +18,9 @@ enum ServeOptions {
                                           help: "TCP port; 0: any free port (the one chosen is printed)")
     static let maxBatch = CommandOption.value(
         "--max-batch", "N", default: "1", .range(1...64),
-        help: "images denoised together: queued requests with the same size, steps, guidance, sampler and text "
-            + "encoder are batched up to N images (1: one image at a time)")
+        help: "images denoised together: queued requests with the same size, steps, guidance, sampler, text "
+            + "encoder and ControlNet units (model, weight, guidance window; images may differ) are batched up to N "
+            + "images (1: one image at a time)")
     static let maxQueue = CommandOption.value("--max-queue", "N", default: "64", .range(1...100_000),
                                               help: "requests that may wait; more are answered 503 with Retry-After")
     static let batchWait = CommandOption.value(
@@ -33,13 +34,19 @@ enum ServeOptions {
     static let maxSteps = CommandOption.value("--max-steps", "N", default: "150", .range(1...1000),
                                               help: "the most denoising steps a request may ask for")
 
+    /// The same option name as `pea generate --controlnet`, so that `ControlOptions` reads it.
+    static let controlnet = CommandOption.repeatable(
+        "--controlnet", "DIR",
+        help: "a diffusers ControlNetModel folder (as `pea generate --controlnet`), loaded once and checked against the "
+            + "model's family; repeatable. Requests name it in alwayson_scripts.controlnet.args[].model by its folder's "
+            + "basename or its 0-based index")
     static let requestTimeout = CommandOption.value(
         "--request-timeout", "SECONDS", default: "30",
         help: "how long a client may take to send a request (408 after) or leave a keep-alive connection idle")
 
     static let spec = CommandSpec(
         name: "serve",
-        usage: ["pea serve --model DIR|FILE [--text-encoder DIR --adapter PATH] [--host 127.0.0.1] [--port 7860] [--max-batch N] "
+        usage: ["pea serve --model DIR|FILE [--text-encoder DIR --adapter PATH] [--controlnet DIR]… [--host 127.0.0.1] [--port 7860] [--max-batch N] "
                 + "[--max-queue N] [--api-key KEY] [backend options]"],
         description: """
             Loads a pipeline once and serves text-to-image over HTTP/1.1 until SIGTERM or SIGINT, which stop accepting,
@@ -49,7 +56,7 @@ enum ServeOptions {
         groups: [.init("Options", [model, GenerateOptions.textEncoder, GenerateOptions.adapter, GenerateOptions.maxLength,
                                    GenerateOptions.variant, GenerateOptions.vaeTiling, GenerateOptions.config,
                                    GenerateOptions.tokenizer, GenerateOptions.predictionType, GenerateOptions.vae,
-                                   GenerateOptions.lora, host, port, maxBatch, maxQueue, batchWait, apiKey, maxSize, maxSteps, requestTimeout]
+                                   GenerateOptions.lora, controlnet, host, port, maxBatch, maxQueue, batchWait, apiKey, maxSize, maxSteps, requestTimeout]
                        + BackendOptions.inference)],
         epilogue: """
             Endpoints (JSON in and out; errors are {"error": MESSAGE} with 400 naming the field, 401, 404, 405, 500, 503):
@@ -57,7 +64,17 @@ enum ServeOptions {
                                            cfg_scale (7), width, height (default: the model's size), sampler_name
                                            ("Euler a", "Euler", "DDIM", "DPM++ 2M", "DPM++ 2M Karras", "PLMS", or a
                                            --scheduler name of pea generate; default: the folder's), scheduler
-                                           ("Karras" with "DPM++ 2M"), batch_size, n_iter (at most 16 images), text_encoder.
+                                           ("Karras" with "DPM++ 2M"), batch_size, n_iter (at most 16 images), text_encoder;
+                                           with --controlnet, A1111's ControlNet extension's alwayson_scripts: {"controlnet":
+                                           {"args": [unit…]}}, a unit {"enabled" (true; false: skipped), "model" (a
+                                           --controlnet folder's basename, a " [hash]" suffix dropped, or its index),
+                                           "image" or "input_image" (base64 PNG or JPEG, already preprocessed: "module"
+                                           "none" or absent; the output's size, which width/height default to: Pea does
+                                           not resize control images, so every resize_mode gives the same), "weight" (1; 0…10),
+                                           "guidance_start" (0), "guidance_end" (1), "control_mode" ("Balanced" or 0
+                                           only)}, as `pea generate --controlnet DIR --control-image …`. The preprocessor's
+                                           processor_res, threshold_a, threshold_b and pixel_perfect, and low_vram and
+                                           hr_option, are ignored; masks and guess mode are refused. Not on img2img.
                                            Answers {"images": [base64 PNG…], "parameters": {…}, "info": "<JSON>"}.
               POST /sdapi/v1/img2img       the same and init_images (one base64 PNG or JPEG of any size, Lanczos-resized
                                            to width×height, default its size rounded down to multiples of 8),
@@ -70,7 +87,7 @@ enum ServeOptions {
               POST /v1/images/generations  OpenAI's subset: prompt, n, size "WxH", response_format "b64_json"; and seed,
                                            steps (30), guidance (7.5), negative_prompt, text_encoder.
                                            Answers {"created": T, "data": [{"b64_json": …, "seed": S}…]}.
-              GET /health                  {"status", "model", "backend", "queue_depth", "text_encoders"}
+              GET /health                  {"status", "model", "backend", "queue_depth", "text_encoders", "controlnets"}
               GET /metrics                 Prometheus text: requests by endpoint and status, images, queue depth,
                                            batches by image count, requests cancelled, request latency histogram.
             Limits: request bodies over \(HTTPLimits().bodyBytes >> 20) MiB are answered 413 before they are read, a header section
@@ -82,7 +99,8 @@ enum ServeOptions {
             pixels when denoised alone; within 1/255 per channel when batched with other requests); an omitted
             negative_prompt is pea generate's omitted --negative-prompt. With --text-encoder and --adapter, a request's
             "text_encoder" picks "adapter" (the default: the PEA encoder and adapter) or "english" (the model's own text
-            encoder); only requests with the same choice are batched together. A request whose client closes the
+            encoder); only requests with the same choice are batched together, and only those with the same ControlNet units
+            (model, weight, guidance window) but for their images. A request whose client closes the
             connection while it waits in the queue is dropped (counted as status 499 in the metrics); a batch already
             running is finished.
             """)
@@ -118,6 +136,7 @@ func runServe(_ arguments: [String]) throws {
         throw PEAError.usage("serve: --host \(configuration.host) is reachable from other machines: give --api-key KEY too")
     }
 
+    let controls = try ControlOptions(options)
     let selection = try BackendOptions.select(options)
     let choice = try ModelChoice(options, prompts: [])
     // The model's English pipeline (the LoRA merged into its UNet and text encoders), and with --text-encoder/--adapter
@@ -131,7 +150,8 @@ func runServe(_ arguments: [String]) throws {
         pipelines["adapter"]!.vaeTiling = english.vaeTiling
     }
     let model = GenerationServer.Model(pipelines: pipelines, defaultChoice: choice.pea == nil ? "english" : "adapter",
-                                       folder: choice.folder, backendName: selection.backend.name)
+                                       folder: choice.folder, backendName: selection.backend.name,
+                                       controlnets: try servedControlNets(controls, options, pipeline: english))
 
     StopRequest.install()
     let server = try GenerationServer(model: model, configuration: configuration, warn: { printWarning($0) })
@@ -144,4 +164,21 @@ func runServe(_ arguments: [String]) throws {
     fputs("pea serve: \(signal): finishing the requests in progress (\(server.queueDepth) waiting)\n", stderr)
     server.stop()
     fputs("pea serve: stopped\n", stderr)
+}
+
+/// --controlnet's ControlNets on the pipeline's backend, each checked against it now (not at a request's first use),
+/// named by their folders' basenames, which must differ.
+private func servedControlNets(_ controls: ControlOptions, _ options: ParsedOptions,
+                               pipeline: StableDiffusionPipeline) throws -> [(name: String, model: ControlNetModel)] {
+    let models = try controls.load(options, pipeline: pipeline)
+    var named: [(name: String, model: ControlNetModel)] = []
+    for (folder, model) in zip(controls.folders, models) {
+        try pipeline.checkControlNet(model)
+        let name = folder.split(separator: "/").last.map(String.init) ?? folder
+        if let other = named.first(where: { $0.name == name }) {
+            throw PEAError.usage("serve: two --controlnet folders are named '\(name)' (\(other.model.path) and \(folder)): requests name ControlNets by their folders' basenames")
+        }
+        named.append((name, model))
+    }
+    return named
 }

@@ -666,16 +666,21 @@ final class FuzzTests: XCTestCase {
         configuration.maxSteps = 2
         configuration.maxImages = 2
         let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/sd1", backend: CPUBackend())
+        let controlnet = try ControlNetModel.load(folder: fixturesDirectory() + "/controlnet/sd1_a", backend: pipeline.backend).model
         let server = try GenerationServer(model: .init(pipelines: ["english": pipeline], defaultChoice: "english", folder: "sd1",
-                                                       backendName: "cpu"), configuration: configuration)
+                                                       backendName: "cpu", controlnets: [("sd1_a", controlnet)]), configuration: configuration)
         defer { server.stop() }
         let initImage = base64Encoded(readFileBytes(fixturesDirectory() + "/img2img/init_32x24.png")!)
+        let controlImage = base64Encoded(readFileBytes(fixturesDirectory() + "/controlnet/control_32x24.png")!)
         let mask = base64Encoded(readFileBytes(fixturesDirectory() + "/inpaint/mask_32x24.png")!)
         let valid: [(String, String)] = [
             ("/sdapi/v1/txt2img", #"{"prompt": "a", "negative_prompt": "b", "seed": 3, "steps": 1, "cfg_scale": 7, "width": 32, "height": 24, "sampler_name": "Euler a", "batch_size": 1, "n_iter": 2}"#),
             ("/sdapi/v1/img2img", "{\"prompt\": \"a\", \"seed\": 4, \"steps\": 2, \"denoising_strength\": 0.5, \"init_images\": [\"\(initImage)\"]}"),
             ("/v1/images/generations", #"{"prompt": "a", "n": 1, "size": "32x32", "response_format": "b64_json", "seed": 1, "steps": 1}"#),
             ("/sdapi/v1/img2img", "{\"prompt\": \"a\", \"steps\": 2, \"init_images\": [\"\(initImage)\"], \"mask\": \"\(mask)\", \"inpainting_mask_invert\": 1}"),
+            ("/sdapi/v1/txt2img", "{\"prompt\": \"a\", \"seed\": 5, \"steps\": 2, \"alwayson_scripts\": {\"controlnet\": {\"args\": [{\"enabled\": true, "
+                + "\"image\": \"\(controlImage)\", \"model\": \"sd1_a\", \"weight\": 0.8, \"guidance_start\": 0.2, \"guidance_end\": 0.9, \"module\": \"none\", "
+                + "\"resize_mode\": \"Crop and Resize\", \"control_mode\": \"Balanced\"}, {\"enabled\": false}]}}}"),
         ]
         struct ServerError: Error { let status: Int, body: String }
         var tally = Tally(format: "serve request bodies")

@@ -84,7 +84,7 @@ final class ServeTests: XCTestCase {
 
     /// Runs `body(0)` … `body(count - 1)` on threads of their own (not GCD's pool, which may run only as many
     /// at once as there are cores) and waits for all of them (bounded: 120 s).
-    private func concurrently(_ count: Int, _ body: @escaping (Int) -> Void) {
+    func concurrently(_ count: Int, _ body: @escaping (Int) -> Void) {
         final class Body: @unchecked Sendable {
             let run: (Int) -> Void
             init(_ run: @escaping (Int) -> Void) { self.run = run }
@@ -98,7 +98,7 @@ final class ServeTests: XCTestCase {
     }
 
     /// The PNGs of a response, decoded, with their parameters chunks.
-    private func images(_ base64: [Any]?) throws -> [PNGImage] {
+    func images(_ base64: [Any]?) throws -> [PNGImage] {
         try (base64 ?? []).map { item in
             let text = try XCTUnwrap(item as? String)
             let data = try XCTUnwrap(Data(base64Encoded: text), "not base64")
@@ -107,7 +107,7 @@ final class ServeTests: XCTestCase {
     }
 
     /// The image `pea generate` writes with `arguments` (and the fixture pipeline).
-    private func generated(_ arguments: [String], scratch: ScratchDirectory, name: String) throws -> PNGImage {
+    func generated(_ arguments: [String], scratch: ScratchDirectory, name: String) throws -> PNGImage {
         let path = scratch.file(name)
         let result = try runPea(["generate", "--model", sd1, "--backend", "cpu", "--threads", "1", "--output", path] + arguments)
         XCTAssertEqual(result.status, 0, result.stderr)
@@ -117,7 +117,7 @@ final class ServeTests: XCTestCase {
     /// The served image is `pea generate`'s: the same parameters chunk, and the same pixels — exactly for an
     /// image denoised alone (`batched` false), within 1/255 per channel (float rounding of a larger batch, as in
     /// prompt-file jobs) for one denoised in a batch with others.
-    private func assertSameImage(_ served: PNGImage, _ expected: PNGImage, _ what: String, batched: Bool = false,
+    func assertSameImage(_ served: PNGImage, _ expected: PNGImage, _ what: String, batched: Bool = false,
                                  file: StaticString = #filePath, line: UInt = #line) {
         XCTAssertEqual(served.width, expected.width, what, file: file, line: line)
         XCTAssertEqual(served.height, expected.height, what, file: file, line: line)

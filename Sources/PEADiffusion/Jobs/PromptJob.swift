@@ -40,6 +40,33 @@ public struct JobItem: Equatable, Sendable {
     /// ControlNet (`control_image`): one control image path per ControlNet of the job (`--controlnet`), in their
     /// order, resolved as `initImage`'s; its size is the item's. Empty: none.
     public var controlImages: [String] = []
+    /// A server request's ControlNets, their images decoded from its body (`controlImages` is empty then).
+    public var controls: [Control] = []
+
+    /// One ControlNet of a server request: which of the server's ControlNets (`net`, its index), the image and
+    /// diffusers' scale and guidance window, as a `ControlInput` without the model.
+    public struct Control: Equatable, Sendable {
+        public var net: Int
+        public var image: RGBImage
+        public var scale, start, end: Double
+
+        public init(net: Int, image: RGBImage, scale: Double, start: Double, end: Double) {
+            self.net = net
+            self.image = image
+            self.scale = scale
+            self.start = start
+            self.end = end
+        }
+
+        /// What items denoised together must share: the pipeline takes one image per item, but one set of
+        /// ControlNets, scales and windows per batch.
+        struct Key: Hashable {
+            let net: Int
+            let scale, start, end: Double
+        }
+
+        var key: Key { Key(net: net, scale: scale, start: start, end: end) }
+    }
 
     /// Whether the item starts from an init image (`initImage` or `initPixels`).
     public var isImageToImage: Bool { initImage != nil || initPixels != nil }
@@ -76,19 +103,20 @@ public struct JobItem: Equatable, Sendable {
         return request
     }
 
-    /// Items that may be denoised together: same size, steps, guidance and scheduler, and for img2img the same
-    /// strength (nil: text-to-image) and the same kind (inpainting or not).
+    /// Items that may be denoised together: same size, steps, guidance and scheduler, for img2img the same
+    /// strength (nil: text-to-image) and the same kind (inpainting or not), and the same ControlNet settings.
     public struct BatchKey: Hashable {
         let width, height, steps: Int
         let guidance: Float
         let scheduler: String?
         var strength: Double? = nil
         var masked = false
+        var controls: [Control.Key] = []
     }
 
     public var batchKey: BatchKey {
         BatchKey(width: width, height: height, steps: steps, guidance: guidance, scheduler: scheduler,
-                 strength: isImageToImage ? strength : nil, masked: mask != nil || maskPixels != nil)
+                 strength: isImageToImage ? strength : nil, masked: mask != nil || maskPixels != nil, controls: controls.map(\.key))
     }
 }
 

@@ -71,6 +71,21 @@ public struct ControlInput {
         self.end = end
     }
 
+    /// Why control images (`named` for messages) cannot be used together, or nil: they must all be one size, its
+    /// sides multiples of 8, as Pea does not resize control images (that size is the output's).
+    public static func sizeProblem(_ images: [(name: String, image: RGBImage)]) -> String? {
+        guard let first = images.first else { return nil }
+        guard first.image.width % 8 == 0, first.image.height % 8 == 0 else {
+            return "the control image \(first.name) is \(first.image.width)×\(first.image.height); its width and height must be multiples of 8 "
+                + "(Pea does not resize control images: crop or resize it first)"
+        }
+        for (name, image) in images where image.width != first.image.width || image.height != first.image.height {
+            return "the control image \(name) is \(image.width)×\(image.height) but \(first.name) is \(first.image.width)×\(first.image.height); "
+                + "they must be the same size (Pea does not resize control images)"
+        }
+        return nil
+    }
+
     /// The conditioning scale at step `step` of `steps` (diffusers' conditioning_scale × controlnet_keep[i]).
     func scale(step: Int, of steps: Int) -> Float {
         let off = Double(step) / Double(steps) < start || Double(step + 1) / Double(steps) > end
@@ -545,6 +560,21 @@ public final class StableDiffusionPipeline {
         }
     }
 
+    /// Refuses a ControlNet this pipeline cannot use: another family's, one whose image embedding does not land
+    /// on the latents' grid, one taking other than RGB. `pea serve` checks its ControlNets with it as they load.
+    public func checkControlNet(_ controlnet: ControlNetModel) throws {
+        guard let unet = denoiser as? UNet2DConditionModel else {
+            throw PEAError.unsupported("ControlNet needs a UNet denoiser (SD1.x, SD2.x, SDXL)")
+        }
+        try controlnet.checkCompatible(with: unet.config)
+        guard controlnet.config.conditioningDownsampling == vaeScaleFactor else {
+            throw PEAError.invalidFile(path: controlnet.path, reason: "this ControlNet embeds its image at 1/\(controlnet.config.conditioningDownsampling) size but the VAE's latents are 1/\(vaeScaleFactor); it does not fit this pipeline")
+        }
+        guard controlnet.config.conditioningChannels == 3 else {
+            throw PEAError.unsupported("\(controlnet.path): a ControlNet taking \(controlnet.config.conditioningChannels)-channel images (Pea gives it RGB)")
+        }
+    }
+
     private func validateControls(_ requests: [GenerationRequest]) throws {
         let first = requests[0], controls = first.controls
         for other in requests.dropFirst() {
@@ -558,18 +588,8 @@ public final class StableDiffusionPipeline {
             // diffusers has separate ControlNet img2img and inpainting pipelines, not checked against here.
             throw PEAError.unsupported("ControlNet with an init image or mask (image-to-image, inpainting) is not supported yet; ControlNet is text-to-image only")
         }
-        guard let unet = denoiser as? UNet2DConditionModel else {
-            throw PEAError.unsupported("ControlNet needs a UNet denoiser (SD1.x, SD2.x, SDXL)")
-        }
         for control in controls {
-            let controlnet = control.controlnet
-            try controlnet.checkCompatible(with: unet.config)
-            guard controlnet.config.conditioningDownsampling == vaeScaleFactor else {
-                throw PEAError.invalidFile(path: controlnet.path, reason: "this ControlNet embeds its image at 1/\(controlnet.config.conditioningDownsampling) size but the VAE's latents are 1/\(vaeScaleFactor); it does not fit this pipeline")
-            }
-            guard controlnet.config.conditioningChannels == 3 else {
-                throw PEAError.unsupported("\(controlnet.path): a ControlNet taking \(controlnet.config.conditioningChannels)-channel images (Pea gives it RGB)")
-            }
+            try checkControlNet(control.controlnet)
             guard control.start >= 0, control.start < control.end, control.end <= 1 else {
                 throw PEAError.usage("ControlNet start and end must satisfy 0 ≤ start < end ≤ 1, got start \(control.start), end \(control.end)")
             }

@@ -6,8 +6,8 @@ import Darwin
 
 /// The queue of `pea serve`: connection threads submit requests (each a list of `JobItem`s, one per image) and
 /// wait; one scheduler thread takes the oldest queued item and every queued item that can be denoised with it —
-/// the same rule as a prompt-file job's batches (`JobBatches.plan`: same size, steps, guidance and scheduler, at
-/// most `maxBatch` images) and the same conditioning (`choice`: the PEA adapter or the English encoder) — and
+/// the same rule as a prompt-file job's batches (`JobBatches.plan`: same size, steps, guidance, scheduler and
+/// ControlNet settings, at most `maxBatch` images) and the same conditioning (`choice`: the PEA adapter or the English encoder) — and
 /// runs them in one call of `run`; each request gets its own images back.
 ///
 /// The queue is bounded: at most `maxQueue` requests wait for their first image to start; more are refused

@@ -38,9 +38,13 @@ public final class GenerationServer: @unchecked Sendable {
         /// The model folder as given, named in each PNG's parameters.
         public var folder: String
         public var backendName: String
+        /// The ControlNets requests may name (`pea serve --controlnet`), by their folder's basename, in order.
+        public var controlnets: [(name: String, model: ControlNetModel)]
 
-        public init(pipelines: [String: StableDiffusionPipeline], defaultChoice: String, folder: String, backendName: String) {
+        public init(pipelines: [String: StableDiffusionPipeline], defaultChoice: String, folder: String, backendName: String,
+                    controlnets: [(name: String, model: ControlNetModel)] = []) {
             self.pipelines = pipelines
+            self.controlnets = controlnets
             self.defaultChoice = defaultChoice
             self.folder = folder
             self.backendName = backendName
@@ -70,7 +74,14 @@ public final class GenerationServer: @unchecked Sendable {
         queue = try GenerationQueue(maxBatch: configuration.maxBatch, maxQueue: configuration.maxQueue,
                                     batchWait: configuration.batchWait) { [unowned self] items, choice in
             let pipeline = self.model.pipelines[choice]!
-            return try pipeline.generate(items.map(\.request), scheduler: self.scheduler(items[0].scheduler, pipeline), warn: warn)
+            let requests = items.map { item in
+                var request = item.request
+                request.controls = item.controls.map {
+                    ControlInput(controlnet: self.model.controlnets[$0.net].model, image: $0.image, scale: $0.scale, start: $0.start, end: $0.end)
+                }
+                return request
+            }
+            return try pipeline.generate(requests, scheduler: self.scheduler(items[0].scheduler, pipeline), warn: warn)
         }
         queue.onBatch = { [metrics] images, succeeded in metrics.batch(images: images, succeeded: succeeded) }
         queue.onCancel = { [metrics] in metrics.requestCancelled() }
@@ -139,7 +150,8 @@ public final class GenerationServer: @unchecked Sendable {
         case "/health":
             return .json(.object(["status": .string("ok"), "model": .string(model.folder), "backend": .string(model.backendName),
                                   "queue_depth": .number(Double(queueDepth)),
-                                  "text_encoders": .array(model.pipelines.keys.sorted().map { .string($0) })]))
+                                  "text_encoders": .array(model.pipelines.keys.sorted().map { .string($0) }),
+                                  "controlnets": .array(model.controlnets.map { .string($0.name) })]))
         case "/metrics":
             var response = HTTPResponse.text(metrics.text(queueDepth: queueDepth))
             response.headers = HTTPHeaders([HTTPField(name: "Content-Type", value: "text/plain; version=0.0.4; charset=utf-8")])
@@ -208,6 +220,8 @@ public final class GenerationServer: @unchecked Sendable {
     /// Typed reads of a request's fields; a wrong type or value is a `RequestError` naming the field.
     struct Fields {
         let object: [String: JSONValue]
+        /// What errors put before a key: "" for the body's own fields, "alwayson_scripts.controlnet.args[0]." for a unit's.
+        var prefix = ""
 
         func value(_ key: String) -> JSONValue? {
             guard let value = object[key], !value.isNull else { return nil }
@@ -216,14 +230,14 @@ public final class GenerationServer: @unchecked Sendable {
 
         func string(_ key: String) throws -> String? {
             guard let value = value(key) else { return nil }
-            guard let text = value.stringValue else { throw RequestError(message: "\(key) must be a string, got \(value.kindDescription)") }
+            guard let text = value.stringValue else { throw RequestError(message: "\(prefix)\(key) must be a string, got \(value.kindDescription)") }
             return text
         }
 
         func integer(_ key: String, _ range: ClosedRange<Int>) throws -> Int? {
             guard let value = value(key) else { return nil }
-            guard let number = value.intValue else { throw RequestError(message: "\(key) must be an integer, got \(value.serialized())") }
-            guard range.contains(number) else { throw RequestError(message: "\(key) must be in \(range.lowerBound)...\(range.upperBound), got \(number)") }
+            guard let number = value.intValue else { throw RequestError(message: "\(prefix)\(key) must be an integer, got \(value.serialized())") }
+            guard range.contains(number) else { throw RequestError(message: "\(prefix)\(key) must be in \(range.lowerBound)...\(range.upperBound), got \(number)") }
             return number
         }
 
@@ -233,8 +247,8 @@ public final class GenerationServer: @unchecked Sendable {
 
         func double(_ key: String, _ range: ClosedRange<Double>) throws -> Double? {
             guard let value = value(key) else { return nil }
-            guard let number = value.doubleValue else { throw RequestError(message: "\(key) must be a number, got \(value.kindDescription)") }
-            guard range.contains(number) else { throw RequestError(message: "\(key) must be in \(range.lowerBound)...\(range.upperBound), got \(number)") }
+            guard let number = value.doubleValue else { throw RequestError(message: "\(prefix)\(key) must be a number, got \(value.kindDescription)") }
+            guard range.contains(number) else { throw RequestError(message: "\(prefix)\(key) must be in \(range.lowerBound)...\(range.upperBound), got \(number)") }
             return number
         }
     }
@@ -262,7 +276,7 @@ public final class GenerationServer: @unchecked Sendable {
 
     /// One item per image, seeds `seed`, `seed`+1, …
     private func items(prompt: String, negativePrompt: String?, seed: UInt64, count: Int, width: Int, height: Int,
-                       steps: Int, guidance: Float, scheduler: String?, initImage: InitImage?) -> [JobItem] {
+                       steps: Int, guidance: Float, scheduler: String?, initImage: InitImage?, controls: [JobItem.Control]) -> [JobItem] {
         (0..<count).map { number in
             var item = JobItem(index: 0, line: 0, id: nil, prompt: prompt, negativePrompt: negativePrompt, seed: seed &+ UInt64(number),
                                width: width, height: height, steps: steps, guidance: guidance, scheduler: scheduler, batch: 1, text: nil)
@@ -271,6 +285,7 @@ public final class GenerationServer: @unchecked Sendable {
                 item.maskPixels = initImage.mask
                 item.strength = initImage.strength
             }
+            item.controls = controls
             return item
         }
     }
@@ -330,6 +345,134 @@ public final class GenerationServer: @unchecked Sendable {
         return InitImage(image: image, mask: mask, strength: strength, size: size)
     }
 
+    /// sd-webui-controlnet's resize modes (names and numbers): each leaves an image of the output's size as it is,
+    /// which is the only size Pea takes.
+    static let resizeModes: [JSONValue] = ["Just Resize", "Crop and Resize", "Resize and Fill", "Inner Fit (Scale to Fit)",
+                                           "Outer Fit (Shrink to Fit)", "Envelope (Outer Fit)"].map(JSONValue.string)
+        + [0, 1, 2].map { JSONValue.number(Double($0)) }
+
+    /// `alwayson_scripts.controlnet.args` (sd-webui-controlnet's API; the script's name in any case): each unit with
+    /// `enabled` (true) names one of the server's ControlNets by `model` (its folder's basename, A1111's " [hash]"
+    /// suffix allowed, or its index) and gives `image` (or `input_image`): a base64 control image, already
+    /// preprocessed (`module` "none"), of the output's size (`ControlInput.sizeProblem`, as `pea generate`); `weight`
+    /// (1), `guidance_start` (0) and `guidance_end` (1) are diffusers' scale and window. `control_mode` Balanced is
+    /// diffusers' pipeline; its other modes, masks and guess mode are refused. The unit's other fields
+    /// (processor_res, threshold_a/b, pixel_perfect: the preprocessor's; low_vram; hr_option: hires fix) change
+    /// nothing Pea does and are ignored.
+    private func controls(_ fields: Fields, width: Int?, height: Int?, imageToImage: Bool) throws -> [JobItem.Control] {
+        guard let scripts = fields.value("alwayson_scripts") else { return [] }
+        guard let scriptObject = scripts.objectValue else {
+            throw RequestError(message: "alwayson_scripts must be an object, got \(scripts.kindDescription)")
+        }
+        guard let script = scriptObject.first(where: { $0.key.lowercased() == "controlnet" })?.value, !script.isNull else { return [] }
+        let argsValue = script.objectValue.map { $0["args"] ?? .null } ?? script
+        guard let args = argsValue.isNull ? [] : argsValue.arrayValue else {
+            throw RequestError(message: "alwayson_scripts.controlnet.args must be a list of ControlNet units, got \(argsValue.kindDescription)")
+        }
+        var controls: [JobItem.Control] = []
+        var names: [String] = []
+        for (k, arg) in args.enumerated() {
+            let field = "alwayson_scripts.controlnet.args[\(k)]"
+            guard let unit = arg.objectValue else { throw RequestError(message: "\(field) must be an object, got \(arg.kindDescription)") }
+            let fields = Fields(object: unit, prefix: field + ".")
+            if let enabled = fields.value("enabled") {
+                guard let on = enabled.boolValue else { throw RequestError(message: "\(field).enabled must be true or false, got \(enabled.serialized())") }
+                if !on { continue }
+            }
+            guard !model.controlnets.isEmpty else {
+                throw RequestError(message: "\(field): this server has no ControlNets (start pea serve with --controlnet DIR)")
+            }
+            if imageToImage {
+                throw RequestError(message: "\(field): ControlNet is text-to-image only in Pea: send it to /sdapi/v1/txt2img")
+            }
+            if let module = try fields.string("module"), module.lowercased() != "none" {
+                throw RequestError(message: "\(field).module '\(module)' is a preprocessor, which Pea does not run: send the "
+                                   + "preprocessed control image with module \"none\"")
+            }
+            let net = try controlNet(fields.value("model"), "\(field).model")
+            let imageValue = fields.value("image") ?? fields.value("input_image")
+            guard let imageValue else { throw RequestError(message: "\(field).image is required (a base64 control image)") }
+            var imageText = imageValue
+            if let object = imageValue.objectValue {   // the extension's {"image": …, "mask": …} form
+                if let mask = object["mask"], !mask.isNull { throw RequestError(message: "\(field).image.mask: Pea does not take ControlNet masks") }
+                imageText = object["image"] ?? .null
+            }
+            let image = try decodedImage(imageText, "\(field).image")
+            for key in ["mask", "effective_region_mask"] where fields.value(key) != nil {
+                throw RequestError(message: "\(field).\(key): Pea does not take ControlNet masks")
+            }
+            if let mode = fields.value("resize_mode"), !GenerationServer.resizeModes.contains(mode) {
+                throw RequestError(message: "\(field).resize_mode must be one of \(GenerationServer.resizeModes.map { $0.serialized() }.joined(separator: ", ")), "
+                                   + "got \(mode.serialized())")
+            }
+            if let mode = fields.value("control_mode"), mode != .string("Balanced"), mode != .number(0) {
+                throw RequestError(message: "\(field).control_mode \(mode.serialized()): Pea implements only \"Balanced\" (0), diffusers' ControlNet pipeline")
+            }
+            if fields.value("guessmode")?.boolValue == true {
+                throw RequestError(message: "\(field).guessmode: Pea has no guess mode")
+            }
+            let start = try fields.double("guidance_start", 0...1) ?? 0, end = try fields.double("guidance_end", 0...1) ?? 1
+            guard start < end else {
+                throw RequestError(message: "\(field): guidance_start must be less than guidance_end, got \(start) and \(end)")
+            }
+            let scale = try fields.double("weight", 0...10) ?? 1
+            controls.append(JobItem.Control(net: net, image: image, scale: scale, start: start, end: end))
+            names.append("\(field).image")
+        }
+        if let problem = ControlInput.sizeProblem(Array(zip(names, controls.map(\.image)))) { throw RequestError(message: problem) }
+        if let image = controls.first?.image {
+            for (given, actual, key) in [(width, image.width, "width"), (height, image.height, "height")] {
+                if let given, given != actual {
+                    throw RequestError(message: "\(key) is \(given) but the control image's is \(actual): Pea does not resize control images")
+                }
+                guard actual <= configuration.maxSize else {
+                    throw RequestError(message: "\(names[0]): its \(key) must be at most \(configuration.maxSize), got \(actual)")
+                }
+            }
+        }
+        return controls
+    }
+
+    /// The index of the ControlNet a unit's `model` names: a loaded folder's basename (A1111's " [hash]" suffix
+    /// dropped) or an index.
+    private func controlNet(_ value: JSONValue?, _ field: String) throws -> Int {
+        let names = model.controlnets.map(\.name)
+        let known = "this server's ControlNets: " + names.enumerated().map { "\($0) \"\($1)\"" }.joined(separator: ", ")
+        guard let value else { throw RequestError(message: "\(field) is required (\(known))") }
+        if let index = value.intValue {
+            guard names.indices.contains(index) else { throw RequestError(message: "\(field) \(index) is no ControlNet's index (\(known))") }
+            return index
+        }
+        guard var name = value.stringValue else { throw RequestError(message: "\(field) must be a name or an index, got \(value.kindDescription)") }
+        if name.hasSuffix("]"), let open = name.lastIndex(of: "["), open > name.startIndex, name[name.index(before: open)] == " " {
+            name = String(name[..<name.index(before: open)])
+        }
+        if let index = names.firstIndex(of: name) ?? Int(name).flatMap({ names.indices.contains($0) ? $0 : nil }) { return index }
+        throw RequestError(message: "\(field) '\(value.stringValue!)' is not a ControlNet of this server (\(known))")
+    }
+
+    /// The request's alwayson_scripts as echoed back: the ControlNet units without their images.
+    static func withoutControlImages(_ scripts: JSONValue) -> JSONValue {
+        guard var object = scripts.objectValue else { return scripts }
+        for (name, script) in object where name.lowercased() == "controlnet" {
+            func stripped(_ args: JSONValue) -> JSONValue {
+                .array((args.arrayValue ?? []).map { arg in
+                    guard var unit = arg.objectValue else { return arg }
+                    unit["image"] = nil
+                    unit["input_image"] = nil
+                    return .object(unit)
+                })
+            }
+            if var scriptObject = script.objectValue, let args = scriptObject["args"], args.arrayValue != nil {
+                scriptObject["args"] = stripped(args)
+                object[name] = .object(scriptObject)
+            } else if script.arrayValue != nil {
+                object[name] = stripped(script)
+            }
+        }
+        return .object(object)
+    }
+
     /// A1111's sampler names (and Pea's own scheduler names) as a `SchedulerName`; nil: the model folder's.
     static func schedulerName(sampler: String?, scheduler: String?) throws -> String? {
         let karras = try { () throws -> Bool in
@@ -359,10 +502,11 @@ public final class GenerationServer: @unchecked Sendable {
     }
 
     /// `POST /sdapi/v1/txt2img`: prompt (default ""), negative_prompt (omitted: none, as `pea generate` without
-    /// --negative-prompt), seed (-1: random), steps (20), cfg_scale (7), width/height (the model's size),
-    /// sampler_name + scheduler, batch_size × n_iter images, text_encoder. `POST /sdapi/v1/img2img` (with
-    /// `imageToImage`): the same and `init_images`, `denoising_strength`, `mask`, `mask_blur` (`initImage`);
-    /// width/height default to the init image's rounded down to multiples of 8.
+    /// --negative-prompt), seed (-1: random), steps (20), cfg_scale (7), width/height (the model's size, or the
+    /// control images'), sampler_name + scheduler, batch_size × n_iter images, text_encoder, ControlNet units
+    /// (`controls`). `POST /sdapi/v1/img2img` (with `imageToImage`): the same and `init_images`,
+    /// `denoising_strength`, `mask`, `mask_blur` (`initImage`); width/height default to the init image's rounded
+    /// down to multiples of 8.
     func parseA1111(_ object: [String: JSONValue], imageToImage: Bool = false) throws -> Parsed {
         let fields = Fields(object: object)
         let count = (try fields.integer("batch_size", 1...configuration.maxImages) ?? 1) * (try fields.integer("n_iter", 1...configuration.maxImages) ?? 1)
@@ -373,9 +517,12 @@ public final class GenerationServer: @unchecked Sendable {
         let width = try fields.integer("width", 1...configuration.maxSize), height = try fields.integer("height", 1...configuration.maxSize)
         let steps = try fields.integer("steps", 1...configuration.maxSteps) ?? 20
         let initImage = imageToImage ? try self.initImage(fields, width: width, height: height, steps: steps) : nil
+        let controls = try self.controls(fields, width: width, height: height, imageToImage: imageToImage)
         return try parsed(fields, prompt: fields.string("prompt") ?? "", count: count,
-                          width: size(initImage?.size.width ?? width, "width"), height: size(initImage?.size.height ?? height, "height"),
-                          steps: steps, guidance: fields.number("cfg_scale", 0...100) ?? 7, scheduler: scheduler, initImage: initImage)
+                          width: size(initImage?.size.width ?? width ?? controls.first?.image.width, "width"),
+                          height: size(initImage?.size.height ?? height ?? controls.first?.image.height, "height"),
+                          steps: steps, guidance: fields.number("cfg_scale", 0...100) ?? 7, scheduler: scheduler, initImage: initImage,
+                          controls: controls)
     }
 
     /// `POST /v1/images/generations`: prompt (required), n (1), size "WxH" (the model's size), response_format
@@ -400,11 +547,11 @@ public final class GenerationServer: @unchecked Sendable {
         return try parsed(fields, prompt: prompt, count: fields.integer("n", 1...configuration.maxImages) ?? 1,
                           width: size(width, "size: width"), height: size(height, "size: height"),
                           steps: fields.integer("steps", 1...configuration.maxSteps) ?? 30,
-                          guidance: fields.number("guidance", 0...100) ?? 7.5, scheduler: nil, initImage: nil)
+                          guidance: fields.number("guidance", 0...100) ?? 7.5, scheduler: nil, initImage: nil, controls: [])
     }
 
     private func parsed(_ fields: Fields, prompt: String, count: Int, width: Int, height: Int, steps: Int, guidance: Float,
-                        scheduler: String?, initImage: InitImage?) throws -> Parsed {
+                        scheduler: String?, initImage: InitImage?, controls: [JobItem.Control]) throws -> Parsed {
         if anyPipeline.isInpainting, initImage?.mask == nil {
             throw RequestError(message: "this server's model is an inpainting model: send init_images and a mask to /sdapi/v1/img2img")
         }
@@ -413,7 +560,7 @@ public final class GenerationServer: @unchecked Sendable {
         let seed = try seed(fields)
         let className = scheduler == nil ? model.pipelines[choice]!.scheduler.className : ""
         return Parsed(items: items(prompt: prompt, negativePrompt: negative, seed: seed, count: count, width: width, height: height,
-                                   steps: steps, guidance: guidance, scheduler: scheduler, initImage: initImage),
+                                   steps: steps, guidance: guidance, scheduler: scheduler, initImage: initImage, controls: controls),
                       choice: choice, seed: seed,
                       samplerLabel: a1111SamplerName(scheduler.flatMap(SchedulerName.init(rawValue:)), className: className))
     }
@@ -444,6 +591,7 @@ public final class GenerationServer: @unchecked Sendable {
         var parameters = object
         parameters["init_images"] = nil   // the request's own images are not sent back
         parameters["mask"] = nil
+        parameters["alwayson_scripts"] = object["alwayson_scripts"].map(GenerationServer.withoutControlImages)
         if first.isImageToImage { parameters["denoising_strength"] = .number(first.strength) }
         parameters["prompt"] = .string(first.prompt)
         parameters["seed"] = object["seed"] ?? .number(-1)
