@@ -38,7 +38,7 @@
 
 static constexpr int ATTB_TILE = 16;                                        /* queries or keys per tile */
 static constexpr int ATTB_THREADS = 128;                                    /* threads per block (tile kernels) */
-static constexpr int ATTB_MAX_D = 160;                                      /* largest D and Dv */
+static constexpr int ATTB_MAX_D = PEA_CUDA_ATTENTION_BACKWARD_MAX_D;        /* largest D and Dv */
 static constexpr int ATTB_OWN = ATTB_TILE * ATTB_MAX_D / ATTB_THREADS;      /* accumulator elements per thread */
 static constexpr int ATTB_ROW_WARPS = 4;                                    /* query rows per block (row kernel) */
 
