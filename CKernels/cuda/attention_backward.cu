@@ -10,23 +10,24 @@
  * the q, k and v strides) share the storage type (f32, f16, bf16); all arithmetic is f32, and every sum runs
  * in a fixed order, so results are deterministic.
  *
- * Three kernels, launched in order on the stream, with an f32 scratch of 2·B·H·Tq floats (lse, delta) from the
- * caching allocator between them:
- *   attn_bwd_rows_kernel   one warp per query row: streams the keys in tiles of 32 (lane l owns key j0 + l) with
- *                          an online softmax — running max m (warp-uniform), the lane's share of l = Σ exp(S − m)
- *                          and of a = Σ exp(S − m)·(dO_i·v_j) — then lse = m + log l, delta = a / l. The forward
- *                          saves neither lse nor O, so both are recomputed here; delta from dO·v instead of dO·O
- *                          keeps the backward independent of the forward's rounded output.
- *   attn_bwd_dkdv_kernel   key-parallel (FA2): block (x, y) = (key tile of 16, b·H + h) keeps its K and V tile in
- *                          shared memory and dK, dV for it in registers (thread t owns elements t, t + 128, … of
- *                          the [16][D] and [16][Dv] tiles); it streams the query tiles (Q, dO, lse, delta), forms
- *                          the 16×16 tiles of P and dS in shared memory (thread t computes pairs t and t + 128)
- *                          and accumulates dV += Pᵀ·dO, dK += dSᵀ·Q.
- *   attn_bwd_dq_kernel     query-parallel: block (x, y) = (query tile of 16, b·H + h) keeps Q, dO, lse, delta,
- *                          streams the key tiles, recomputes the same P and dS tiles and accumulates dQ += dS·K
- *                          in registers. FA2 instead adds dQ from the key-parallel kernel with f32 atomics; a
- *                          second pass costs one more recomputation of S and dO·Vᵀ but gives the same bits on
- *                          every run (no atomics, no f32 scratch for dQ, no conversion pass).
+ * Three launches (two kernels, one of them in two forms), in order on the stream, with an f32 scratch of
+ * 2·B·H·Tq floats (lse, delta) from the caching allocator between them:
+ *   attn_bwd_rows_kernel        one warp per query row: streams the keys in tiles of 32 (lane l owns key j0 + l)
+ *                               with an online softmax — running max m (warp-uniform), the lane's share of
+ *                               l = Σ exp(S − m) and of a = Σ exp(S − m)·(dO_i·v_j) — then lse = m + log l,
+ *                               delta = a / l. The forward saves neither lse nor O, so both are recomputed here;
+ *                               delta from dO·v instead of dO·O keeps the backward independent of the forward's
+ *                               rounded output.
+ *   attn_bwd_tile_kernel<true>  key-parallel (FA2): block (x, y) = (key tile of 16, b·H + h) keeps its K and V
+ *                               tile in shared memory and dK, dV for it in registers (thread t owns elements
+ *                               t, t + 128, … of the [16][D] and [16][Dv] tiles); it streams the query tiles
+ *                               (Q, dO, lse, delta), forms the 16×16 tiles of P and dS in shared memory (thread t
+ *                               computes pairs t and t + 128) and accumulates dV += Pᵀ·dO, dK += dSᵀ·Q.
+ *   attn_bwd_tile_kernel<false> query-parallel: block (x, y) = (query tile of 16, b·H + h) keeps Q, dO, lse and
+ *                               delta, streams the key tiles, recomputes the same P and dS tiles and accumulates
+ *                               dQ += dS·K in registers. FA2 instead adds dQ from the key-parallel kernel with f32
+ *                               atomics; this second pass costs one more recomputation of S and dO·Vᵀ but gives
+ *                               the same bits on every run (no atomics, no f32 scratch for dQ, no conversion).
  * All three are SIMT f32 FMAs (no tensor cores). Head dims D, Dv ≤ ATTB_MAX_D (SD's 40, 64, 80, 160), any
  * Tq, Tk (partial tiles are zero-padded and masked out of P). Shared memory per block stays under 48 KB:
  * Q [16][D], dO [16][Dv], K [16][D+1], V [16][Dv+1] (the odd strides keep the per-key reads of the P/dS pass
@@ -124,6 +125,30 @@ static __device__ __forceinline__ void attb_p_ds(S Ps, S dSs, S Qs, S dOs, S Ks,
     }
 }
 
+/* acc[n] += Σ_{c < count} M[c·ms + r·mr] · X[c·xs + d] for the elements e = threadIdx.x + 128·n of an
+ * [rows][width] accumulator tile (r = e / width, d = e % width): one product of a 16×16 tile of P or dS (read
+ * transposed or not through ms, mr) and a tile in shared memory. */
+template <typename S>
+static __device__ __forceinline__ void attb_accumulate(float *acc, S M, int ms, int mr, S X, int xs, int width, int count) {
+#pragma unroll /* constant indices keep acc in registers */
+    for (int n = 0; n < ATTB_OWN; n++) {
+        const int e = threadIdx.x + n * ATTB_THREADS, r = e / width, d = e - r * width;
+        if (e < ATTB_TILE * width)
+            for (int c = 0; c < count; c++) acc[n] += M[c * ms + r * mr] * X[c * xs + d];
+    }
+}
+
+/* dst[(r0 + r)·stride + d] = scale · acc[n] for the accumulator's elements (as attb_accumulate) with r < rows. */
+template <typename T>
+static __device__ __forceinline__ void attb_store(T *dst, int64_t stride, int64_t r0, int rows, const float *acc,
+                                                  int width, float scale) {
+#pragma unroll
+    for (int n = 0; n < ATTB_OWN; n++) {
+        const int e = threadIdx.x + n * ATTB_THREADS, r = e / width, d = e - r * width;
+        if (e < ATTB_TILE * width && r < rows) pea_st(dst + (r0 + r) * stride + d, scale * acc[n]);
+    }
+}
+
 /* The four input tiles, P, dS, lse and delta in dynamic shared memory (see the header). */
 static inline size_t attb_smem_bytes(int64_t D, int64_t Dv) {
     return (size_t)(ATTB_TILE * (D + Dv + (D + 1) + (Dv + 1)) + 2 * ATTB_TILE * ATTB_TILE + 2 * ATTB_TILE) *
@@ -158,68 +183,45 @@ static inline size_t attb_smem_bytes(int64_t D, int64_t Dv) {
     attb_load(Ks, D + 1, p.k + b * p.k_sb + h * p.k_sh, p.k_st, (j0), p.Tk, D);                        \
     attb_load(Vs, Dv + 1, p.v + b * p.v_sb + h * p.v_sh, p.v_st, (j0), p.Tk, Dv)
 
-/* The key-parallel kernel: dK and dV of the keys j0 … j0 + 15 (see the header). */
-template <typename T>
-__global__ void __launch_bounds__(ATTB_THREADS) attn_bwd_dkdv_kernel(AttnBwdArgs<T> p) {
+/* The two tile kernels (see the header), one template: KEYS, the key-parallel one — the block owns the key
+ * tile at o0 and streams query tiles, accumulating dV and dK —; else the query-parallel one — it owns the
+ * query tile at o0 and streams key tiles, accumulating dQ. */
+template <typename T, bool KEYS>
+__global__ void __launch_bounds__(ATTB_THREADS) attn_bwd_tile_kernel(AttnBwdArgs<T> p) {
     ATTB_SHARED_TILES;
-    const int64_t j0 = (int64_t)blockIdx.x * ATTB_TILE;
-    const int cols = (int)(p.Tk - j0 < ATTB_TILE ? p.Tk - j0 : ATTB_TILE);
-    float dk[ATTB_OWN], dv[ATTB_OWN];
-    for (int n = 0; n < ATTB_OWN; n++) dk[n] = dv[n] = 0.0f;
-    ATTB_LOAD_KEYS(j0);
-    for (int64_t i0 = 0; i0 < p.Tq; i0 += ATTB_TILE) {
-        __syncthreads(); /* the key tile is written; the previous query tile, P and dS are no longer read */
-        ATTB_LOAD_QUERIES(i0);
-        __syncthreads();
-        const int rows = (int)(p.Tq - i0 < ATTB_TILE ? p.Tq - i0 : ATTB_TILE);
-        attb_p_ds(Ps, dSs, Qs, dOs, Ks, Vs, Ls, Ds, D, Dv, rows, cols, p.scale);
-        __syncthreads();
-        /* element e of the [16][Dv] tile: key e / Dv, feature e % Dv (likewise for [16][D]) */
-        for (int n = 0, e = threadIdx.x; n < ATTB_OWN && e < ATTB_TILE * Dv; n++, e += ATTB_THREADS) {
-            const int j = e / Dv, d = e - j * Dv;
-            for (int i = 0; i < rows; i++) dv[n] += Ps[i * ATTB_TILE + j] * dOs[i * Dv + d];
+    const int64_t o0 = (int64_t)blockIdx.x * ATTB_TILE;
+    const int64_t own_end = KEYS ? p.Tk : p.Tq, other_end = KEYS ? p.Tq : p.Tk;
+    const int own = (int)(own_end - o0 < ATTB_TILE ? own_end - o0 : ATTB_TILE);
+    float acc[ATTB_OWN], acc2[ATTB_OWN]; /* dV and dK, or dQ (and acc2 unused) */
+    for (int n = 0; n < ATTB_OWN; n++) acc[n] = acc2[n] = 0.0f;
+    if (KEYS) {
+        ATTB_LOAD_KEYS(o0);
+    } else {
+        ATTB_LOAD_QUERIES(o0);
+    }
+    for (int64_t s0 = 0; s0 < other_end; s0 += ATTB_TILE) {
+        __syncthreads(); /* the owned tile is written; the previous streamed tile, P and dS are no longer read */
+        if (KEYS) {
+            ATTB_LOAD_QUERIES(s0);
+        } else {
+            ATTB_LOAD_KEYS(s0);
         }
-        for (int n = 0, e = threadIdx.x; n < ATTB_OWN && e < ATTB_TILE * D; n++, e += ATTB_THREADS) {
-            const int j = e / D, d = e - j * D;
-            for (int i = 0; i < rows; i++) dk[n] += dSs[i * ATTB_TILE + j] * Qs[i * D + d];
-        }
-    }
-    T *dkb = p.dk + b * p.k_sb + h * p.k_sh, *dvb = p.dv + b * p.v_sb + h * p.v_sh;
-    for (int n = 0, e = threadIdx.x; n < ATTB_OWN && e < ATTB_TILE * Dv; n++, e += ATTB_THREADS) {
-        const int j = e / Dv, d = e - j * Dv;
-        if (j < cols) pea_st(dvb + (j0 + j) * p.v_st + d, dv[n]);
-    }
-    for (int n = 0, e = threadIdx.x; n < ATTB_OWN && e < ATTB_TILE * D; n++, e += ATTB_THREADS) {
-        const int j = e / D, d = e - j * D;
-        if (j < cols) pea_st(dkb + (j0 + j) * p.k_st + d, p.scale * dk[n]);
-    }
-}
-
-/* The query-parallel kernel: dQ of the queries i0 … i0 + 15 (see the header). */
-template <typename T>
-__global__ void __launch_bounds__(ATTB_THREADS) attn_bwd_dq_kernel(AttnBwdArgs<T> p) {
-    ATTB_SHARED_TILES;
-    const int64_t i0 = (int64_t)blockIdx.x * ATTB_TILE;
-    const int rows = (int)(p.Tq - i0 < ATTB_TILE ? p.Tq - i0 : ATTB_TILE);
-    float dq[ATTB_OWN];
-    for (int n = 0; n < ATTB_OWN; n++) dq[n] = 0.0f;
-    ATTB_LOAD_QUERIES(i0);
-    for (int64_t j0 = 0; j0 < p.Tk; j0 += ATTB_TILE) {
-        __syncthreads(); /* the query tile is written; the previous key tile, P and dS are no longer read */
-        ATTB_LOAD_KEYS(j0);
         __syncthreads();
-        const int cols = (int)(p.Tk - j0 < ATTB_TILE ? p.Tk - j0 : ATTB_TILE);
-        attb_p_ds(Ps, dSs, Qs, dOs, Ks, Vs, Ls, Ds, D, Dv, rows, cols, p.scale);
+        const int other = (int)(other_end - s0 < ATTB_TILE ? other_end - s0 : ATTB_TILE);
+        attb_p_ds(Ps, dSs, Qs, dOs, Ks, Vs, Ls, Ds, D, Dv, KEYS ? other : own, KEYS ? own : other, p.scale);
         __syncthreads();
-        for (int n = 0, e = threadIdx.x; n < ATTB_OWN && e < ATTB_TILE * D; n++, e += ATTB_THREADS) {
-            const int i = e / D, d = e - i * D;
-            for (int j = 0; j < cols; j++) dq[n] += dSs[i * ATTB_TILE + j] * Ks[j * (D + 1) + d];
+        if (KEYS) { /* dV[j][d] += Σ_i P[i][j]·dO[i][d], dK[j][d] += Σ_i dS[i][j]·Q[i][d] */
+            attb_accumulate(acc, Ps, ATTB_TILE, 1, dOs, Dv, Dv, other);
+            attb_accumulate(acc2, dSs, ATTB_TILE, 1, Qs, D, D, other);
+        } else { /* dQ[i][d] += Σ_j dS[i][j]·K[j][d] */
+            attb_accumulate(acc, dSs, 1, ATTB_TILE, Ks, D + 1, D, other);
         }
     }
-    T *dqb = p.dq + b * p.q_sb + h * p.q_sh;
-    for (int n = 0, e = threadIdx.x; n < ATTB_OWN && e < ATTB_TILE * D; n++, e += ATTB_THREADS) {
-        const int i = e / D, d = e - i * D;
-        if (i < rows) pea_st(dqb + (i0 + i) * p.q_st + d, p.scale * dq[n]);
+    if (KEYS) {
+        attb_store(p.dv + b * p.v_sb + h * p.v_sh, p.v_st, o0, own, acc, Dv, 1.0f);
+        attb_store(p.dk + b * p.k_sb + h * p.k_sh, p.k_st, o0, own, acc2, D, p.scale);
+    } else {
+        attb_store(p.dq + b * p.q_sb + h * p.q_sh, p.q_st, o0, own, acc, D, p.scale);
     }
 }
 
@@ -246,9 +248,9 @@ static int attention_backward_launch(pea_cuda_context *ctx, const char *op, cons
         PEA_KERNEL(ctx, op, attn_bwd_rows_kernel<T>, grid, 32 * ATTB_ROW_WARPS, 0, a);
     }
     if (k_tiles > 0) /* with no queries this writes dK = dV = 0 */
-        PEA_KERNEL(ctx, op, attn_bwd_dkdv_kernel<T>, dim3(k_tiles, bh), ATTB_THREADS, smem, a);
+        PEA_KERNEL(ctx, op, (attn_bwd_tile_kernel<T, true>), dim3(k_tiles, bh), ATTB_THREADS, smem, a);
     if (q_tiles > 0) /* with no keys this writes dQ = 0 */
-        PEA_KERNEL(ctx, op, attn_bwd_dq_kernel<T>, dim3(q_tiles, bh), ATTB_THREADS, smem, a);
+        PEA_KERNEL(ctx, op, (attn_bwd_tile_kernel<T, false>), dim3(q_tiles, bh), ATTB_THREADS, smem, a);
     return PEA_CUDA_OK;
 }
 
@@ -256,11 +258,7 @@ extern "C" int pea_cuda_attention_backward(pea_cuda_context *ctx, int dtype, con
                                            const void *dout, void *dq, void *dk, void *dv) {
     static const char *op = "attention_backward";
     PEA_OP(ctx, op);
-    PEA_REQUIRE_DTYPE(ctx, op, dtype);
-    PEA_REQUIRE(ctx, op, p != NULL, "params are NULL");
-    PEA_REQUIRE(ctx, op, p->B >= 0 && p->H >= 0 && p->Tq >= 0 && p->Tk >= 0 && p->D >= 1 && p->Dv >= 1,
-                "shape B %lld, H %lld, Tq %lld, Tk %lld, D %lld, Dv %lld", (long long)p->B, (long long)p->H,
-                (long long)p->Tq, (long long)p->Tk, (long long)p->D, (long long)p->Dv);
+    PEA_REQUIRE_ATTENTION(ctx, op, dtype, p);
     PEA_REQUIRE(ctx, op, p->mask == NULL && !p->causal, "only unmasked, non-causal attention has a backward here");
     PEA_REQUIRE(ctx, op, p->D <= ATTB_MAX_D && p->Dv <= ATTB_MAX_D, "head dims D %lld, Dv %lld exceed %d",
                 (long long)p->D, (long long)p->Dv, ATTB_MAX_D);
