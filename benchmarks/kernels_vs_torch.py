@@ -51,7 +51,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MEMORY_BOUND = {"group_norm", "layer_norm", "add", "silu", "geglu"}
 REQUIRED_KEYS = {"name", "op", "shape", "dtype", "best_ms", "median_ms", "params"}
-KNOWN_OPS = {"group_norm", "layer_norm", "attention", "conv2d", "linear", "gemm", "add", "silu", "geglu"}
+KNOWN_OPS = {"group_norm", "layer_norm", "attention", "attention_backward", "conv2d", "linear", "gemm", "add", "silu", "geglu"}
 
 # Peak DRAM bandwidth in GB/s by device name (matched in order, case-insensitive; the first match wins).
 PEAK_BANDWIDTH = [
@@ -151,6 +151,12 @@ def torch_problem(torch, F, entry, dtype, dev="cuda"):
         q = rnd(p["B"], p["H"], p["Tq"], p["D"])
         k, v = rnd(p["B"], p["H"], p["Tk"], p["D"]), rnd(p["B"], p["H"], p["Tk"], p["D"])
         return lambda: F.scaled_dot_product_attention(q, k, v)
+    if op == "attention_backward":  # autograd's backward of SDPA only: the graph is built here, once
+        q = rnd(p["B"], p["H"], p["Tq"], p["D"]).requires_grad_()
+        k, v = rnd(p["B"], p["H"], p["Tk"], p["D"]).requires_grad_(), rnd(p["B"], p["H"], p["Tk"], p["D"]).requires_grad_()
+        o = F.scaled_dot_product_attention(q, k, v)
+        do = torch.randn_like(o)
+        return lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
     if op == "conv2d":
         x = rnd(p["B"], p["Cin"], p["H"], p["W"])
         w, b = rnd(p["Cout"], p["Cin"], p["k"], p["k"]), rnd(p["Cout"])

@@ -705,11 +705,7 @@ static int attention_launch(pea_cuda_context *ctx, const ck_attention_params *p)
 extern "C" int pea_cuda_attention(pea_cuda_context *ctx, int dtype, const ck_attention_params *p) {
     static const char *op = "attention";
     PEA_OP(ctx, op);
-    PEA_REQUIRE_DTYPE(ctx, op, dtype);
-    PEA_REQUIRE(ctx, op, p != NULL, "params are NULL");
-    PEA_REQUIRE(ctx, op, p->B >= 0 && p->H >= 0 && p->Tq >= 0 && p->Tk >= 0 && p->D >= 1 && p->Dv >= 1,
-                "shape B %lld, H %lld, Tq %lld, Tk %lld, D %lld, Dv %lld", (long long)p->B, (long long)p->H,
-                (long long)p->Tq, (long long)p->Tk, (long long)p->D, (long long)p->Dv);
+    PEA_REQUIRE_ATTENTION(ctx, op, dtype, p);
     if (p->B == 0 || p->H == 0 || p->Tq == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, p->B * p->H <= 65535, "B·H = %lld exceeds the grid's y limit (65535)",
                 (long long)(p->B * p->H));

@@ -182,6 +182,16 @@ static inline const char *pea_dtype_name(int dtype) {
     } while (0)
 #define PEA_REQUIRE_DTYPE(ctx, op, dtype)                                                              \
     PEA_REQUIRE(ctx, op, pea_is_float_dtype(dtype), "dtype %d is not CK_F32, CK_F16 or CK_BF16", (int)(dtype))
+/* What every attention entry point (attention.cu, attention_backward.cu) first requires of its call: a float
+ * dtype, params, extents ≥ 0 and head dims ≥ 1. */
+#define PEA_REQUIRE_ATTENTION(ctx, op, dtype, p)                                                       \
+    PEA_REQUIRE_DTYPE(ctx, op, dtype);                                                                 \
+    PEA_REQUIRE(ctx, op, (p) != NULL, "params are NULL");                                              \
+    PEA_REQUIRE(ctx, op, (p)->B >= 0 && (p)->H >= 0 && (p)->Tq >= 0 && (p)->Tk >= 0 && (p)->D >= 1 &&   \
+                             (p)->Dv >= 1,                                                             \
+                "shape B %lld, H %lld, Tq %lld, Tk %lld, D %lld, Dv %lld", (long long)(p)->B,          \
+                (long long)(p)->H, (long long)(p)->Tq, (long long)(p)->Tk, (long long)(p)->D,          \
+                (long long)(p)->Dv)
 #define PEA_TRY(expr)                                                                                  \
     do {                                                                                               \
         int pea_rc_ = (expr);                                                                          \

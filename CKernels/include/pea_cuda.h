@@ -170,6 +170,14 @@ int pea_cuda_geglu_backward(pea_cuda_context *ctx, int dtype, const void *dy, co
                             int64_t D);
 int pea_cuda_upsample_nearest2x_backward(pea_cuda_context *ctx, int dtype, const void *dy, void *dx, int64_t P,
                                          int64_t H, int64_t W);
+/* The gradients of pea_cuda_attention with mask NULL and causal 0 (the only case accepted; anything else is
+ * PEA_CUDA_ERROR_INVALID), head dims D, Dv ≤ PEA_CUDA_ATTENTION_BACKWARD_MAX_D: given dout (the gradient of its output, read through p's out
+ * strides; p->out itself is not read), writes dq, dk, dv through p's q, k and v strides. FlashAttention-2 style
+ * (attention_backward.cu): the softmax is recomputed per tile from a per-row log-sum-exp, so no Tq×Tk matrix
+ * is formed; deterministic (no atomics). With Tk = 0, dq = 0; with Tq = 0, dk = dv = 0. */
+#define PEA_CUDA_ATTENTION_BACKWARD_MAX_D 160
+int pea_cuda_attention_backward(pea_cuda_context *ctx, int dtype, const ck_attention_params *p, const void *dout,
+                                void *dq, void *dk, void *dv);
 
 /* --- optimizer (the adapter's AdamW, f32 only) ---------------------------------------------------------- */
 
@@ -203,7 +211,8 @@ int pea_cuda_sum_squares(pea_cuda_context *ctx, const float *x, int64_t n, doubl
     OPTIONAL(pea_cuda_conv2d_backward_data) OPTIONAL(pea_cuda_group_norm_backward)                           \
     OPTIONAL(pea_cuda_layer_norm_backward) OPTIONAL(pea_cuda_softmax_backward)                               \
     OPTIONAL(pea_cuda_activation_backward) OPTIONAL(pea_cuda_geglu_backward)                                 \
-    OPTIONAL(pea_cuda_upsample_nearest2x_backward) OPTIONAL(pea_cuda_adamw) OPTIONAL(pea_cuda_sum_squares)
+    OPTIONAL(pea_cuda_upsample_nearest2x_backward) OPTIONAL(pea_cuda_attention_backward)                   \
+    OPTIONAL(pea_cuda_adamw) OPTIONAL(pea_cuda_sum_squares)
 
 /* The name of function `index` of PEA_CUDA_FUNCTIONS (NULL past the end) and, in *required, whether it is
  * required. Compiled into the Swift package (which never links the library itself), so the Swift loader binds

@@ -24,7 +24,7 @@ enum BenchKernelsOptions {
                 "                  [--gate-us G] [--scale full|small] [--only NAME[,NAME…]] [--json] [--threads T]"],
         description: """
             Times single backend ops on random data: at SD1.5 UNet shapes (64×64 latents, batch 2) group norm + SiLU,
-            layer norm, attention (self and cross), 3×3 conv2d and the bare batched GEMM of its im2col form (conv3x3_320_gemm:
+            layer norm, attention (self and cross) and the backward of self-attention, 3×3 conv2d and the bare batched GEMM of its im2col form (conv3x3_320_gemm:
             M = Cout, N = H·W, K = Cin·9, the weight shared by the batch), linear and a square GEMM, add, SiLU, GEGLU; and
             at SD1.5 VAE-decoder shapes (512×512 images, batch 1: group norm + SiLU on [1,128,512,512] and [1,512,128,128],
             add and SiLU on [1,128,512,512]) whose tensors exceed a 50 MB L2 cache, so GB/s there is DRAM bandwidth. Each
@@ -37,7 +37,7 @@ enum BenchKernelsOptions {
               the L2 cache are read from it.
               On the CPU a sample is the host clock around the N runs, between two synchronize() calls.
             Reports the best and median time and, from the best, the achieved TFLOP/s (GEMM, conv, attention:
-            4·B·H·Tq·Tk·D) or GB/s (the others: the minimal bytes read + written, each input once, the output once).
+            4·B·H·Tq·Tk·D, its backward: 10·B·H·Tq·Tk·D for the five products S, dP, dV, dQ, dK) or GB/s (the others: the minimal bytes read + written, each input once, the output once).
             --scale small shrinks every shape 8-16× (a smoke test that finishes in seconds on the emulated CUDA library).
             --only keeps the ops whose names contain one of the comma-separated strings. --json prints a JSON list of
             objects {name, op, shape, dtype, backend, timing, best_ms, median_ms, gbps | tflops, repeats, params}; timing
@@ -127,6 +127,23 @@ private func kernelCases(small: Bool) -> [KernelCase] {
                 let k = try upload(backend, dtype, &random, [batch, tk, h * d])
                 let v = try upload(backend, dtype, &random, [batch, tk, h * d])
                 return { try backend.attention(q: q, k: k, v: v, heads: h, mask: nil, causal: false, scale: nil) }
+            }))
+    }
+
+    // Attention's backward (the training step's), self-attention at head dim 40: dq, dk, dv from dO. FLOPs
+    // 10·B·H·Tq·Tk·D: S, dP = dO·Vᵀ, dV, dQ, dK, 2·B·H·Tq·Tk·D each (recomputations not counted).
+    do {
+        let (h, d) = (8, 40)
+        cases.append(KernelCase(
+            name: "attn_self_h8d40_bwd", op: "attention_backward", shape: "B=\(batch) H=\(h) Tq=\(tokens) Tk=\(tokens) D=\(d)",
+            params: [("B", batch), ("H", h), ("Tq", tokens), ("Tk", tokens), ("D", d)],
+            flops: 10 * Double(batch * h) * Double(tokens) * Double(tokens) * Double(d), bytes: nil,
+            prepare: { backend, dtype, random in
+                let q = try upload(backend, dtype, &random, [batch, tokens, h * d])
+                let k = try upload(backend, dtype, &random, [batch, tokens, h * d])
+                let v = try upload(backend, dtype, &random, [batch, tokens, h * d])
+                let dO = try upload(backend, dtype, &random, [batch, tokens, h * d])
+                return { try backend.attentionBackward(dO, q: q, k: k, v: v, heads: h, scale: nil).q }  // all three are computed
             }))
     }
 

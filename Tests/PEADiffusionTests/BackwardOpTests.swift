@@ -379,7 +379,7 @@ struct GradientChecker {
         let v = random(vShape.reduce(1, *), seed: 22), r = random(oShape.reduce(1, *), seed: 23)
         let (qT, kT, vT, rT) = (try upload(q, qShape), try upload(k, kShape), try upload(v, vShape), try upload(r, oShape))
         let g = try chunkBytes.map {
-            try backend.attentionBackward(rT, q: qT, k: kT, v: vT, heads: heads, scale: scale, scoreBytesPerChunk: $0)
+            try backend.composedAttentionBackward(rT, q: qT, k: kT, v: vT, heads: heads, scale: scale, scoreBytesPerChunk: $0)
         } ?? backend.attentionBackward(rT, q: qT, k: kT, v: vT, heads: heads, scale: scale)
         XCTAssertEqual([g.q.shape, g.k.shape, g.v.shape], [qShape, kShape, vShape], "\(what): shapes", file: file, line: line)
         func loss(_ q: Tensor, _ k: Tensor, _ v: Tensor) throws -> Double {

@@ -133,6 +133,44 @@ final class CUDABackwardParityTests: XCTestCase {
         }
     }
 
+    /// The fused attention_backward.cu against the CPU's composed backward: query and key counts off the 16-row
+    /// tiles, cross-attention with fewer keys than a tile, head dims 40/64/160 and D ≠ Dv; a head dim above the
+    /// kernel's limit takes the composed path on the CUDA backend too.
+    func testAttentionBackward() throws {
+        let cases: [(String, batch: Int, queries: Int, keys: Int, heads: Int, d: Int, dv: Int, [DType])] = [
+            ("self Tq37 Tk29 H2 D40", 1, 37, 29, 2, 40, 40, [.f32, .f16, .bf16]),
+            ("cross Tk13 D64", 2, 20, 13, 1, 64, 64, [.f32, .f16, .bf16]),
+            ("D160 tiny", 1, 5, 3, 1, 160, 160, [.f32, .f16, .bf16]),
+            ("D24 Dv16", 1, 9, 11, 2, 24, 16, [.f32]),
+            ("D168 (composed)", 1, 3, 2, 1, 168, 168, [.f32]),
+        ]
+        for (i, (label, batch, queries, keys, heads, d, dv, dtypes)) in cases.enumerated() {
+            let seed = UInt64(10 * i)
+            let inputs = ["q": random([batch, queries, heads * d], seed: seed), "k": random([batch, keys, heads * d], seed: seed + 1),
+                          "v": random([batch, keys, heads * dv], seed: seed + 2), "dO": random([batch, queries, heads * dv], seed: seed + 3)]
+            try check("attentionBackward \(label)", inputs, dtypes) { b, t in
+                let g = try b.attentionBackward(t["dO"]!, q: t["q"]!, k: t["k"]!, v: t["v"]!, heads: heads, scale: nil)
+                return [g.q, g.k, g.v]
+            }
+        }
+    }
+
+    /// The taped backend holds its inner backend as `any ComputeBackend`: its attention gradient must reach the
+    /// CUDA backend's fused kernel (a protocol requirement), not the composed default.
+    func testTapedAttentionUsesTheFusedBackward() throws {
+        let cuda = try cuda()
+        let taped = TapedBackend(wrapping: cuda)
+        let (q, k, v) = (try taped.upload(random([1, 20, 80], seed: 1)), try taped.upload(random([1, 7, 80], seed: 2)),
+                         try taped.upload(random([1, 7, 80], seed: 3)))
+        for t in [q, k, v] { taped.requireGradient(t) }
+        let y = try taped.attention(q: q, k: k, v: v, heads: 2, mask: nil, causal: false, scale: nil)
+        let ((), profile) = try cuda.profiled { try taped.backward(from: y) }
+        let ops = profile.ops.map(\.name)
+        XCTAssertTrue(ops.contains("attention_backward"), "\(ops)")
+        XCTAssertFalse(ops.contains("softmax_backward"), "\(ops)")
+        XCTAssertEqual(try taped.gradient(of: q)?.shape, [1, 20, 80])
+    }
+
     func testActivationGEGLUAndUpsampleBackward() throws {
         for kind in [Activation.gelu, .geluTanh, .silu] {
             try check("activationBackward \(kind.rawValue) [3,5,7]", ["x": random([3, 5, 7], seed: 1, scale: 3), "dy": random([3, 5, 7], seed: 2)]) { b, t in
@@ -186,6 +224,7 @@ final class CUDABackwardParityTests: XCTestCase {
             XCTAssertFalse(cuda.supports(op, dtype: .i32), "\(op) i32")
         }
         XCTAssertEqual(cuda.library.missingSymbols, [])
+        XCTAssertNotNil(cuda.attentionBackwardFunction, "pea_cuda_attention_backward")
     }
 
     // MARK: finite differences on the CUDA backend
@@ -232,6 +271,12 @@ final class CUDABackwardParityTests: XCTestCase {
             ("gegluBackward odd", { b in try b.gegluBackward(b.zeros([2, 2], dtype: .f32), input: b.zeros([2, 5], dtype: .f32)) }),
             ("upsampleNearest2xBackward odd", { b in try b.upsampleNearest2xBackward(b.zeros([1, 3, 8, 7], dtype: .f32)) }),
             ("upsampleNearest2xBackward rank", { b in try b.upsampleNearest2xBackward(b.zeros([3, 8, 8], dtype: .f32)) }),
+            ("attentionBackward gradOutput", { b in
+                let q = try b.zeros([1, 4, 8], dtype: .f32)
+                return try b.attentionBackward(b.zeros([1, 4, 6], dtype: .f32), q: q, k: q, v: q, heads: 2, scale: nil) }),
+            ("attentionBackward heads", { b in
+                let q = try b.zeros([1, 4, 8], dtype: .f32)
+                return try b.attentionBackward(q, q: q, k: q, v: q, heads: 3, scale: nil) }),
         ]
         for (label, body) in cases {
             var cpuError = "", cudaError = ""
@@ -242,6 +287,10 @@ final class CUDABackwardParityTests: XCTestCase {
         // What only the CUDA backend can get wrong: mixed float dtypes, integer data, tensors from elsewhere.
         assertThrowsError(containing: ["softmaxBackward", "different dtypes"]) {
             try cuda.softmaxBackward(cuda.zeros([2, 3], dtype: .f16), output: cuda.zeros([2, 3], dtype: .f32))
+        }
+        assertThrowsError(containing: ["attentionBackward", "different dtypes"]) {
+            let q = try cuda.zeros([1, 2, 8], dtype: .f16)
+            return try cuda.attentionBackward(cuda.zeros([1, 2, 8], dtype: .f32), q: q, k: q, v: q, heads: 1, scale: nil)
         }
         assertThrowsError(containing: ["activationBackward", "i32"]) {
             try cuda.activationBackward(cuda.zeros([2], dtype: .i32), input: cuda.zeros([2], dtype: .i32), .silu)

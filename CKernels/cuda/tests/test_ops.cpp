@@ -1183,35 +1183,42 @@ struct AttnCase {
     int64_t q_offset; /* elements: a misaligned q view */
 };
 
-static void run_attention(const AttnCase &c, int t) {
+/* p's shape, scale and strides for case c: q, k and v at element offsets *oq, *ok, *ov of one buffer of *total
+ * elements; out (and its gradient) [B, Tq, H, Dv]. Returns the number of output elements. */
+static int64_t attention_layout(const AttnCase &c, ck_attention_params &p, int64_t *oq, int64_t *ok, int64_t *ov,
+                                int64_t *total) {
     const int64_t B = c.B, H = c.H, Tq = c.Tq, Tk = c.Tk, D = c.D, Dv = c.Dv;
-    ck_attention_params p;
     memset(&p, 0, sizeof p);
     p.B = B; p.H = H; p.Tq = Tq; p.Tk = Tk; p.D = D; p.Dv = Dv;
     p.scale = 1.0f / sqrtf((float)D);
     p.causal = c.causal;
-    /* element offsets of q, k, v inside one buffer, and its size */
-    int64_t oq = 0, ok = 0, ov = 0, total = 0;
     if (c.layout == BHTD) {
         p.q_sb = H * Tq * D; p.q_sh = Tq * D; p.q_st = D;
         p.k_sb = H * Tk * D; p.k_sh = Tk * D; p.k_st = D;
         p.v_sb = H * Tk * Dv; p.v_sh = Tk * Dv; p.v_st = Dv;
-        oq = c.q_offset; ok = oq + B * H * Tq * D; ov = ok + B * H * Tk * D; total = ov + B * H * Tk * Dv;
+        *oq = c.q_offset; *ok = *oq + B * H * Tq * D; *ov = *ok + B * H * Tk * D; *total = *ov + B * H * Tk * Dv;
     } else if (c.layout == BTHD) {
         p.q_sb = Tq * H * D; p.q_sh = D; p.q_st = H * D;
         p.k_sb = Tk * H * D; p.k_sh = D; p.k_st = H * D;
         p.v_sb = Tk * H * Dv; p.v_sh = Dv; p.v_st = H * Dv;
-        oq = c.q_offset; ok = oq + B * Tq * H * D; ov = ok + B * Tk * H * D; total = ov + B * Tk * H * Dv;
+        *oq = c.q_offset; *ok = *oq + B * Tq * H * D; *ov = *ok + B * Tk * H * D; *total = *ov + B * Tk * H * Dv;
     } else { /* [B, T, 3, H, D] from one fused projection (Tq = Tk, D = Dv) */
         const int64_t row = 3 * H * D;
         p.q_sb = p.k_sb = p.v_sb = Tq * row;
         p.q_sh = p.k_sh = p.v_sh = D;
         p.q_st = p.k_st = p.v_st = row;
-        oq = 0; ok = H * D; ov = 2 * H * D; total = B * Tq * row;
+        *oq = 0; *ok = H * D; *ov = 2 * H * D; *total = B * Tq * row;
     }
-    /* out: [B, Tq, H, Dv] (the layout the output projection reads) */
     p.o_sb = Tq * H * Dv; p.o_sh = Dv; p.o_st = H * Dv;
-    const int64_t n_out = B * Tq * H * Dv;
+    return B * Tq * H * Dv;
+}
+
+static void run_attention(const AttnCase &c, int t) {
+    const int64_t B = c.B, H = c.H, Tq = c.Tq, Tk = c.Tk, D = c.D, Dv = c.Dv;
+    ck_attention_params p;
+    /* element offsets of q, k, v inside one buffer, and its size */
+    int64_t oq = 0, ok = 0, ov = 0, total = 0;
+    const int64_t n_out = attention_layout(c, p, &oq, &ok, &ov, &total);
 
     std::vector<float> buf = rounded(rvec(total, 1.5f), t);
     std::vector<float> mask;
@@ -1322,6 +1329,107 @@ static void test_attention(bool quick) {
     expect_error("attention with D = 0", L.pea_cuda_attention(g_ctx, CK_F32, &bad), PEA_CUDA_ERROR_INVALID, "attention");
     bad.D = bad.Dv = 8;
     expect_error("attention with NULL q", L.pea_cuda_attention(g_ctx, CK_F32, &bad), PEA_CUDA_ERROR_INVALID, "attention");
+}
+
+/* The plain-loop reference of pea_cuda_attention_backward (no mask, not causal), in double: per (b, h, i) the
+ * row of probabilities P_i· = softmax(scale·q_i·k_·), dP_ij = dO_i·v_j, dS_ij = P_ij (dP_ij − Σ_j P_ij dP_ij);
+ * dq_i = scale Σ_j dS_ij k_j, dk_j += scale dS_ij q_i, dv_j += P_ij dO_i. Gradients go where p's q, k, v strides
+ * put their inputs, into g (g's q, k and v regions are zeroed first). */
+static void attention_backward_reference(const ck_attention_params &p, const float *x, const float *dout, int64_t oq,
+                                         int64_t ok, int64_t ov, std::vector<float> &g) {
+    const int64_t Tq = p.Tq, Tk = p.Tk, D = p.D, Dv = p.Dv;
+    std::vector<double> dq(D), dk(p.B * p.H * Tk * D, 0.0), dv(p.B * p.H * Tk * Dv, 0.0), P(Tk), dP(Tk);
+    for (int64_t b = 0; b < p.B; b++)
+        for (int64_t h = 0; h < p.H; h++) {
+            const float *q = x + oq + b * p.q_sb + h * p.q_sh, *k = x + ok + b * p.k_sb + h * p.k_sh,
+                        *v = x + ov + b * p.v_sb + h * p.v_sh, *dO = dout + b * p.o_sb + h * p.o_sh;
+            double *dkb = dk.data() + (b * p.H + h) * Tk * D, *dvb = dv.data() + (b * p.H + h) * Tk * Dv;
+            for (int64_t i = 0; i < Tq; i++) {
+                double m = -INFINITY, sum = 0, delta = 0;
+                for (int64_t j = 0; j < Tk; j++) {
+                    double s = 0, dp = 0;
+                    for (int64_t d = 0; d < D; d++) s += (double)q[i * p.q_st + d] * k[j * p.k_st + d];
+                    for (int64_t d = 0; d < Dv; d++) dp += (double)dO[i * p.o_st + d] * v[j * p.v_st + d];
+                    P[j] = p.scale * s;
+                    dP[j] = dp;
+                    m = std::max(m, P[j]);
+                }
+                for (int64_t j = 0; j < Tk; j++) sum += P[j] = exp(P[j] - m);
+                for (int64_t j = 0; j < Tk; j++) delta += (P[j] /= sum) * dP[j];
+                std::fill(dq.begin(), dq.end(), 0.0);
+                for (int64_t j = 0; j < Tk; j++) {
+                    const double ds = P[j] * (dP[j] - delta);
+                    for (int64_t d = 0; d < D; d++) {
+                        dq[d] += p.scale * ds * k[j * p.k_st + d];
+                        dkb[j * D + d] += p.scale * ds * q[i * p.q_st + d];
+                    }
+                    for (int64_t d = 0; d < Dv; d++) dvb[j * Dv + d] += P[j] * dO[i * p.o_st + d];
+                }
+                for (int64_t d = 0; d < D; d++) g[oq + b * p.q_sb + h * p.q_sh + i * p.q_st + d] = (float)dq[d];
+            }
+            for (int64_t j = 0; j < Tk; j++) {
+                for (int64_t d = 0; d < D; d++) g[ok + b * p.k_sb + h * p.k_sh + j * p.k_st + d] = (float)dkb[j * D + d];
+                for (int64_t d = 0; d < Dv; d++) g[ov + b * p.v_sb + h * p.v_sh + j * p.v_st + d] = (float)dvb[j * Dv + d];
+            }
+        }
+}
+
+static void run_attention_backward(const AttnCase &c, int t) {
+    ck_attention_params p;
+    int64_t oq = 0, ok = 0, ov = 0, total = 0;
+    const int64_t n_out = attention_layout(c, p, &oq, &ok, &ov, &total);
+    const std::vector<float> x = rounded(rvec(total, 1.5f), t), dout = rounded(rvec(n_out), t);
+    std::vector<float> ref(total, 0.0f);
+    attention_backward_reference(p, x.data(), dout.data(), oq, ok, ov, ref);
+
+    const size_t es = tsize(t);
+    Dev dx = up(x, t), ddout = up(dout, t), dg(total * es);
+    OK(L.pea_cuda_zero(g_ctx, dg.p, total * es)); /* what no gradient covers (a q offset) reads as zero */
+    ck_attention_params dp = p;
+    dp.q = dx.at<const float>(oq * es);
+    dp.k = dx.at<const float>(ok * es);
+    dp.v = dx.at<const float>(ov * es);
+    OK(L.pea_cuda_attention_backward(g_ctx, t, &dp, ddout.p, dg.at(oq * es), dg.at(ok * es), dg.at(ov * es)));
+    static const char *layouts[] = {"[B,H,T,D]", "[B,T,H,D]", "fused qkv"};
+    compare(fmt("attention_backward B=%lld H=%lld Tq=%lld Tk=%lld D=%lld Dv=%lld %s %s", (long long)c.B, (long long)c.H,
+                (long long)c.Tq, (long long)c.Tk, (long long)c.D, (long long)c.Dv, layouts[c.layout], tname(t)),
+            down(dg.p, total, t), t == CK_F32 ? ref : rounded(ref, t), tol_for(t));
+}
+
+static void test_attention_backward() {
+    g_phase = "attention_backward";
+    const std::vector<AttnCase> cases = {
+        {1, 2, 37, 29, 40, 40, BTHD, NO_MASK, 0, 0},     /* SD head dim 40, tails on both tiles */
+        {2, 1, 37, 13, 64, 64, BHTD, NO_MASK, 0, 0},     /* cross-attention: fewer keys than a tile */
+        {1, 1, 5, 3, 160, 160, BTHD, NO_MASK, 0, 0},     /* head dim 160 */
+        {1, 2, 20, 35, 24, 80, BHTD, NO_MASK, 0, 1},     /* D ≠ Dv, a q offset, several key tiles */
+        {1, 1, 18, 18, 80, 80, FUSED_QKV, NO_MASK, 0, 0}, /* fused qkv: dq, dk, dv interleaved */
+        {1, 1, 4, 0, 8, 8, BHTD, NO_MASK, 0, 0},         /* no keys: dq = 0 */
+        {1, 1, 0, 6, 8, 8, BHTD, NO_MASK, 0, 0},         /* no queries: dk = dv = 0 */
+    };
+    for (size_t i = 0; i < cases.size(); i++) run_attention_backward(cases[i], CK_F32);
+    for (int i : {0, 1, 2}) {
+        run_attention_backward(cases[i], CK_F16);
+        run_attention_backward(cases[i], CK_BF16);
+    }
+    ck_attention_params bad;
+    int64_t oq, ok, ov, total;
+    attention_layout({1, 1, 2, 2, 8, 8, BHTD, NO_MASK, 0, 0}, bad, &oq, &ok, &ov, &total);
+    bad.q = bad.k = bad.v = (const float *)g_ctx;
+    bad.causal = 1;
+    expect_error("attention_backward causal", L.pea_cuda_attention_backward(g_ctx, CK_F32, &bad, g_ctx, g_ctx, g_ctx, g_ctx),
+                 PEA_CUDA_ERROR_INVALID, "attention_backward");
+    bad.causal = 0;
+    bad.mask = (const float *)g_ctx;
+    expect_error("attention_backward with a mask", L.pea_cuda_attention_backward(g_ctx, CK_F32, &bad, g_ctx, g_ctx, g_ctx, g_ctx),
+                 PEA_CUDA_ERROR_INVALID, "attention_backward");
+    bad.mask = nullptr;
+    bad.D = bad.Dv = 168;
+    expect_error("attention_backward with D = 168", L.pea_cuda_attention_backward(g_ctx, CK_F32, &bad, g_ctx, g_ctx, g_ctx, g_ctx),
+                 PEA_CUDA_ERROR_INVALID, "attention_backward");
+    bad.D = bad.Dv = 8;
+    expect_error("attention_backward with NULL dout", L.pea_cuda_attention_backward(g_ctx, CK_F32, &bad, nullptr, g_ctx, g_ctx, g_ctx),
+                 PEA_CUDA_ERROR_INVALID, "attention_backward");
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -1694,6 +1802,7 @@ int main(int argc, char **argv) {
         {"backward conv2d", test_backward_conv2d},
         {"backward conv2d chunk", test_backward_conv2d_chunked},
         {"backward sd-like", test_backward_sd_like},
+        {"backward attention", test_attention_backward},
     };
     const char *only = getenv("PEA_TEST_ONLY"); /* run the steps whose name contains this (and no reorderings) */
     for (const Step &s : steps) {
@@ -1715,9 +1824,10 @@ int main(int argc, char **argv) {
             test_norms();
             test_backward_norms();
             test_attention(true);
+            test_attention_backward();
             L.emu_set_schedule(0, 0);
             printf("%-4s %-22s %5d checks\n", g_failures == before ? "ok" : "FAIL",
-                   (std::string("norms(+bw)+attention ") + orders[o - 1]).c_str(), g_checks - checks);
+                   (std::string("norms(+bw)+attention(+bw) ") + orders[o - 1]).c_str(), g_checks - checks);
         }
     }
     L.pea_cuda_destroy(g_ctx);

@@ -1,8 +1,7 @@
 /// Backward passes composed of the protocol's ops, so that they run unchanged on every backend.
 extension ComputeBackend {
-    /// The gradients with respect to q, k and v of `attention(q:k:v:heads:mask: nil, causal: false, scale:)`,
-    /// given the gradient of its output. Layout as the forward: q [B, Tq, H·D], k [B, Tk, H·D],
-    /// v [B, Tk, H·Dv], gradOutput [B, Tq, H·Dv].
+    /// The default `attentionBackward`: the composed one. Layout as the forward: q [B, Tq, H·D],
+    /// k [B, Tk, H·D], v [B, Tk, H·Dv], gradOutput [B, Tq, H·Dv].
     ///
     /// With the heads as a batch axis (Q [B·H, Tq, D], …), S = scale·Q·Kᵀ, P = softmax(S), O = P·V:
     ///   dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = softmaxBackward(dP, P),  dQ = scale·dS·K,  dK = scale·dSᵀ·Q.
@@ -10,12 +9,14 @@ extension ComputeBackend {
     /// whose Tq×Tk score matrix stays under 256 MB: a 4096-token self-attention never holds all heads at once.
     public func attentionBackward(_ gradOutput: Tensor, q: Tensor, k: Tensor, v: Tensor, heads: Int,
                                   scale: Float?) throws -> (q: Tensor, k: Tensor, v: Tensor) {
-        try attentionBackward(gradOutput, q: q, k: k, v: v, heads: heads, scale: scale, scoreBytesPerChunk: 256 << 20)
+        try composedAttentionBackward(gradOutput, q: q, k: k, v: v, heads: heads, scale: scale)
     }
 
-    /// `attentionBackward` with the chunk budget as a parameter (tests use a small one to exercise chunking).
-    func attentionBackward(_ gradOutput: Tensor, q: Tensor, k: Tensor, v: Tensor, heads: Int, scale: Float?,
-                           scoreBytesPerChunk: Int) throws -> (q: Tensor, k: Tensor, v: Tensor) {
+    /// The composed attention backward, whatever `attentionBackward` this backend has (a backend whose own
+    /// version cannot take some shapes falls back to it), with the chunk budget as a parameter (tests use a
+    /// small one to exercise chunking).
+    func composedAttentionBackward(_ gradOutput: Tensor, q: Tensor, k: Tensor, v: Tensor, heads: Int, scale: Float?,
+                                   scoreBytesPerChunk: Int = 256 << 20) throws -> (q: Tensor, k: Tensor, v: Tensor) {
         let op = "attentionBackward"
         let s = try ShapeRules.backward(op) {
             try ShapeRules.attention(q: q.shape, k: k.shape, v: v.shape, heads: heads, mask: nil)

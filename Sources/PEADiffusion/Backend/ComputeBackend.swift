@@ -114,8 +114,14 @@ public protocol ComputeBackend: AnyObject {
     // Training the PEA adapter sends gradients back through the frozen UNet: data gradients for its ops, and
     // parameter gradients only for the adapter's layer norm (its linears' weight gradients are GEMMs).
     // Each takes the gradient of the forward op's output and what the forward op read, recomputes what it
-    // needs (norm statistics, activations) and returns new tensors. Attention's backward is composed of
-    // these and GEMMs (`attentionBackward`, ComputeBackend+Backward.swift).
+    // needs (norm statistics, activations) and returns new tensors.
+
+    /// The gradients with respect to q, k and v of `attention(q:k:v:heads:mask: nil, causal: false, scale:)`,
+    /// given the gradient of its output. The default (ComputeBackend+Backward.swift) is composed of the ops
+    /// below and GEMMs; the CUDA backend runs a fused kernel. A requirement, so that callers holding
+    /// `any ComputeBackend` (the taped backend) reach a backend's own version.
+    func attentionBackward(_ gradOutput: Tensor, q: Tensor, k: Tensor, v: Tensor, heads: Int,
+                           scale: Float?) throws -> (q: Tensor, k: Tensor, v: Tensor)
 
     /// The gradient with respect to the input x of `conv2d(x, weight, …)`, where x has `inputShape`.
     func conv2dBackwardData(_ gradOutput: Tensor, weight: Tensor, inputShape: [Int], stride: (Int, Int),

@@ -2,7 +2,7 @@ import CKernels
 
 /// The CUDA backend's backward ops (training the PEA adapter through the frozen UNet): each is one call into
 /// the pea_cuda library's backward kernels (CKernels/cuda: conv2d.cu, norm.cu, elementwise.cu), which mirror
-/// the CPU references `ck_*_backward_f32`. As for the forward ops: float tensors of one dtype (f32, f16 or
+/// the CPU references `ck_*_backward_f32`, and attention_backward.cu for `attentionBackward`. As for the forward ops: float tensors of one dtype (f32, f16 or
 /// bf16; f32 accumulation), the plan from `ShapeRules` (the forward op's rule plus `gradOutput` shaped like
 /// the forward's output), work queued on the context's stream, library failures as `PEAError.backend` naming
 /// the op.
@@ -46,6 +46,28 @@ extension CUDABackend {
                            weight.map(pointer) ?? nil, pointer(dx), dgamma.map(pointer) ?? nil, dbeta.map(pointer) ?? nil,
                            Int64(rows), Int64(width), eps), "layerNormBackward")
         return (dx, dgamma, dbeta)
+    }
+
+    /// attention_backward.cu (FlashAttention-2 style: no Tq×Tk scores in memory) when the library has it and the
+    /// head dims fit its limit, else the composed default (ComputeBackend+Backward.swift). dq, dk, dv come out
+    /// in the inputs' dtype, laid out as q, k, v.
+    public func attentionBackward(_ gradOutput: Tensor, q: Tensor, k: Tensor, v: Tensor, heads: Int,
+                                  scale: Float?) throws -> (q: Tensor, k: Tensor, v: Tensor) {
+        let op = "attentionBackward"
+        let dtype = try floats(op, gradOutput, q, k, v)
+        var plan = try ShapeRules.backward(op) {
+            try ShapeRules.attention(q: q, k: k, v: v, heads: heads, mask: nil, causal: false, scale: scale)
+        }
+        try ShapeRules.requireGradOutput(gradOutput, plan.outputShape, op)
+        let limit = Int(PEA_CUDA_ATTENTION_BACKWARD_MAX_D)
+        guard let backward = attentionBackwardFunction, plan.shape.headDim <= limit, plan.shape.valueHeadDim <= limit else {
+            return try composedAttentionBackward(gradOutput, q: q, k: k, v: v, heads: heads, scale: scale)
+        }
+        let (dq, dk, dv) = (try empty(q.shape, dtype), try empty(k.shape, dtype), try empty(v.shape, dtype))
+        bindAttentionInputs(&plan.params, q: q, k: k, v: v, mask: nil)   // dq, dk, dv are written with q, k, v's strides
+        try check(backward(context.handle, dtype.kernelCode, &plan.params, pointer(gradOutput), pointer(dq), pointer(dk), pointer(dv)),
+                  op)
+        return (dq, dk, dv)
     }
 
     public func softmaxBackward(_ gradOutput: Tensor, output y: Tensor) throws -> Tensor {

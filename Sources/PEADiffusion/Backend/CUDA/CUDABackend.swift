@@ -128,6 +128,10 @@ public final class CUDABackend: ComputeBackend, StridedCopying, CustomStringConv
     /// pea_cuda_zero, resolved once like the ops' functions (zeros are made on every backward pass); nil in a
     /// library built before it existed.
     private let zeroFunction: CUDALibrary.ZeroFn?
+    /// pea_cuda_attention_backward, resolved once; nil in a library built before it existed (the backward then
+    /// falls back to the composed one). Not an op of the registry: every backend has `attentionBackward`
+    /// (composed of registry ops by default); this is the CUDA backend's faster way to run it.
+    let attentionBackwardFunction: CUDALibrary.AttentionBackwardFn?
 
     /// Opens `device` through `library` (default: the library `CUDALibrary.locate()` finds). Throws
     /// `PEAError.backend` saying where the library was looked for, what is wrong with it, or why the device
@@ -138,6 +142,7 @@ public final class CUDABackend: ComputeBackend, StridedCopying, CustomStringConv
         self.device = device
         context = try CUDAContext(library: library, device: device)
         zeroFunction = library.function("pea_cuda_zero", as: CUDALibrary.ZeroFn.self)
+        attentionBackwardFunction = library.function("pea_cuda_attention_backward", as: CUDALibrary.AttentionBackwardFn.self)
         opKernels = Dictionary(uniqueKeysWithValues: Op.allCases.compactMap { op in
             library.address(op.info.cudaFunctions[0]).map { (op, $0) }
         })
@@ -426,11 +431,8 @@ public final class CUDABackend: ComputeBackend, StridedCopying, CustomStringConv
         if plan.shape.keys == 0 { return try zeros(plan.outputShape, dtype: dtype) }   // every key masked: zeros, as the kernels define it
         let y = try empty(plan.outputShape, dtype)
         if y.count == 0 { return y }
-        // The params' float pointers carry device pointers of `dtype`.
-        func floatPointer(_ t: Tensor) -> UnsafePointer<Float>? { pointer(t).map { UnsafePointer<Float>(OpaquePointer($0)) } }
-        plan.params.q = floatPointer(q); plan.params.k = floatPointer(k); plan.params.v = floatPointer(v)
+        bindAttentionInputs(&plan.params, q: q, k: k, v: v, mask: mask)
         plan.params.out = pointer(y).map { UnsafeMutablePointer<Float>(OpaquePointer($0)) }
-        plan.params.mask = mask.flatMap(floatPointer)
         try check(attention(context.handle, dtype.kernelCode, &plan.params), "attention")
         return y
     }
@@ -599,6 +601,14 @@ public final class CUDABackend: ComputeBackend, StridedCopying, CustomStringConv
     }
 
     func pointer(_ x: Tensor) -> UnsafeMutableRawPointer? { (x.storage as! CUDAStorage).pointer }
+
+    /// Sets attention params' q, k, v and mask to the tensors' buffers: the params' float pointers carry device
+    /// pointers of the tensors' dtype.
+    func bindAttentionInputs(_ params: inout ck_attention_params, q: Tensor, k: Tensor, v: Tensor, mask: Tensor?) {
+        func floatPointer(_ t: Tensor) -> UnsafePointer<Float>? { pointer(t).map { UnsafePointer<Float>(OpaquePointer($0)) } }
+        params.q = floatPointer(q); params.k = floatPointer(k); params.v = floatPointer(v)
+        params.mask = mask.flatMap(floatPointer)
+    }
 
     /// y ← x, same element count and dtype (a device-to-device copy on the stream).
     private func copyContiguous(_ x: Tensor, into y: Tensor, _ op: String) throws {

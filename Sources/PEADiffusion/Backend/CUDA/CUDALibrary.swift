@@ -90,6 +90,8 @@ public final class CUDALibrary {
     typealias ActivationBackwardFn = @convention(c) (Context?, Int32, Int32, RawIn?, RawIn?, RawOut?, Int64) -> Int32
     typealias GegluBackwardFn = @convention(c) (Context?, Int32, RawIn?, RawIn?, RawOut?, Int64, Int64) -> Int32
     typealias UpsampleBackwardFn = @convention(c) (Context?, Int32, RawIn?, RawOut?, Int64, Int64, Int64) -> Int32
+    typealias AttentionBackwardFn = @convention(c) (Context?, Int32, UnsafePointer<ck_attention_params>?, RawIn?, RawOut?,
+                                                    RawOut?, RawOut?) -> Int32
 
     typealias TimerRecordFn = @convention(c) (Context?, Int32) -> Int32
     typealias TimerElapsedFn = @convention(c) (Context?, Int32, Int32, UnsafeMutablePointer<Float>?) -> Int32
