@@ -8,7 +8,7 @@ REF_VENV     := tools/reference/.venv
 NVCC         ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_SOURCES := $(wildcard CKernels/cuda/*.cu)
 
-.PHONY: all build test bench fidelity fuzz cuda fixtures clean system-deps
+.PHONY: all build test bench fidelity fuzz cuda fixtures clean system-deps mpi
 
 all: build
 
@@ -37,10 +37,31 @@ system-deps:
 		fi; \
 	fi
 
-## make test — every unit and parity test (debug Swift; the C kernels are always -O3)
-test: system-deps emu-test cuda-emu cuda-test cuda-compile-check
+## make test — every unit and parity test (debug Swift; the C kernels are always -O3), the 2-rank training tests
+## under mpirun included (make mpi first)
+test: system-deps emu-test cuda-emu cuda-test cuda-compile-check mpi
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
+
+## make mpi — .build-mpi/libpea_mpi.so, the MPI shim pea loads under mpirun/srun (CKernels/mpi/pea_mpi.c), built
+## with the system MPI's mpicc; installs Debian's Open MPI (libopenmpi-dev, openmpi-bin) when mpicc is missing and we
+## are root (CI), else explains. Build it against the MPI whose launcher starts pea.
+MPI_OUT := .build-mpi
+MPICC   ?= mpicc
+mpi: $(MPI_OUT)/libpea_mpi.so
+
+$(MPI_OUT)/libpea_mpi.so: CKernels/mpi/pea_mpi.c
+	@if ! command -v $(MPICC) >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing libopenmpi-dev and openmpi-bin (MPI for the multi-process training tests)"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libopenmpi-dev openmpi-bin >/dev/null || \
+			{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libopenmpi-dev openmpi-bin >/dev/null; }; \
+		else \
+			echo "make mpi: $(MPICC) was not found: install an MPI (Debian/Ubuntu: libopenmpi-dev openmpi-bin; or MPICH), or set MPICC="; exit 1; \
+		fi; \
+	fi
+	@mkdir -p $(@D)
+	$(MPICC) -O2 -Wall -Wextra -fPIC -shared -o $@ $<
 
 ## make bench — every side-by-side benchmark, ours beside the reference with the ratio printed (recorded runs:
 ## benchmarks/RESULTS.md): GEMM against numpy; the SD1.5 UNet forward and the PEA training step against
@@ -116,7 +137,7 @@ $(REF_VENV)/.installed: tools/reference/requirements.txt
 ## make clean — removes every build folder and library the targets here create (not tools/reference/.venv,
 ## the reference libraries `make fixtures` installs)
 clean:
-	rm -rf .build $(EMU_OUT) libpea_cuda_emu.so $(CUDA_OUT) libpea_cuda.so $(BUNDLE_OUT) $(STATIC_SCRATCH) $(NVCC13_VENV)
+	rm -rf .build $(MPI_OUT) $(EMU_OUT) libpea_cuda_emu.so $(CUDA_OUT) libpea_cuda.so $(BUNDLE_OUT) $(STATIC_SCRATCH) $(NVCC13_VENV)
 
 # ---------------------------------------------------------------------------------------------------------
 # The CUDA sources without a GPU (CKernels/emu/README.md). The same .cu files build with nvcc (make cuda) and
