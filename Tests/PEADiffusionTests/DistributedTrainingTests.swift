@@ -1,0 +1,150 @@
+import Foundation
+import XCTest
+@testable import PEADiffusion
+
+/// `pea train` as several processes under mpirun (issue #22): 2 ranks × batch B train the adapter that one process
+/// × batch 2B trains, a resumed run may change the rank count, and a rank that fails or dies ends the whole job with
+/// the last checkpoint whole. The runs are tiny (the fixtures' tiny SD1 pipeline and Chinese-CLIP encoder, 32²,
+/// a 32-wide adapter, 4 steps). `make test` builds the MPI shim (`make mpi`) and installs Open MPI as root, so these
+/// run in CI; elsewhere they are skipped, saying what is missing.
+final class DistributedTrainingTests: XCTestCase {
+    let pipeline = fixturesDirectory() + "/pipelines/sd1"
+    let encoder = fixturesDirectory() + "/pea/zh_encoder"
+
+    /// Where `make mpi` writes the shim in this repository.
+    var shimPath: String { parentFolder(parentFolder(fixturesDirectory())) + "/.build-mpi/libpea_mpi.so" }
+
+    /// `mpirun` on PATH and the shim; skips the test when either is missing.
+    func launcher() throws -> String {
+        let path = (ProcessInfo.processInfo.environment["PATH"] ?? "").split(separator: ":")
+            .map { "\($0)/mpirun" }.first { FileManager.default.isExecutableFile(atPath: $0) }
+        guard let path else { throw XCTSkip("mpirun is not installed (make test installs Open MPI when run as root: apt-get install openmpi-bin libopenmpi-dev)") }
+        guard fileExists(shimPath) else { throw XCTSkip("the MPI shim is not built at \(shimPath) (run: make mpi)") }
+        guard FileManager.default.isExecutableFile(atPath: peaExecutablePath) else {
+            throw XCTSkip("the pea executable is not built at \(peaExecutablePath)")
+        }
+        return path
+    }
+
+    /// `pea train` over the corpus in `scratch` for `steps` steps with an lr of 1e-3, `--batch-size batch` per rank.
+    func trainArguments(_ scratch: ScratchDirectory, output: String, batch: Int, steps: Int = 4) -> [String] {
+        ["train", "--model", pipeline, "--text-encoder", encoder, "--data", scratch.file("corpus.jsonl"), "--resolution", "32",
+         "--adapter-hidden", "32", "--backend", "cpu", "--threads", "1", "--steps", String(steps), "--lr", "1e-3",
+         "--batch-size", String(batch), "--save-every", "2", "--output", scratch.file(output)]
+    }
+
+    /// `pea arguments` as `ranks` processes under mpirun, bounded by `timeout` (a hung collective fails the run
+    /// instead of the suite) and with the shim named by PEA_MPI_LIB.
+    func runRanks(_ ranks: Int, _ arguments: [String], environment: [String: String?] = [:]) throws
+        -> (status: Int32, stdout: String, stderr: String) {
+        let mpirun = try launcher()
+        var changes = environment
+        changes["PEA_MPI_LIB"] = shimPath
+        return try runProgram("/usr/bin/timeout", ["300", mpirun, "--oversubscribe", "--allow-run-as-root", "-np", String(ranks),
+                                                   peaExecutablePath] + arguments, environment: changes)
+    }
+
+    func adapter(_ path: String) throws -> [String: [Float]] {
+        let file = try SafeTensorsFile(path: path)
+        return Dictionary(uniqueKeysWithValues: try file.names.map { ($0, try file.tensor($0).converted(to: .f32).floats()) })
+    }
+
+    /// Two adapters agree within f32 round-off: every weight within 1e-6 (a thousandth of one step's AdamW update at
+    /// lr 1e-3). The ranks' gradients are summed in another order than one batch's (two means of 2 samples against
+    /// one of 4), so they differ by a few ulps, and AdamW keeps such differences at that scale.
+    func assertSameAdapter(_ a: String, _ b: String, file: StaticString = #filePath, line: UInt = #line) throws {
+        let (x, y) = (try adapter(a), try adapter(b))
+        XCTAssertEqual(Set(x.keys), Set(y.keys), file: file, line: line)
+        for (name, values) in x {
+            let difference = zip(values, y[name]!).map { abs($0 - $1) }.max()!
+            XCTAssertLessThanOrEqual(difference, 1e-6, "\(name): \(a) against \(b)", file: file, line: line)
+        }
+    }
+
+    func testTwoRanksTrainWhatOneProcessTrainsWithTheGlobalBatch() throws {
+        _ = try launcher()
+        let scratch = ScratchDirectory("pea-mpi-equivalence")
+        _ = try TrainingTests.writeCorpus(in: scratch, count: 6, seed: 8)
+        let one = try runPea(trainArguments(scratch, output: "one", batch: 4))
+        XCTAssertEqual(one.status, 0, one.stderr)
+        let two = try runRanks(2, trainArguments(scratch, output: "two", batch: 2))
+        XCTAssertEqual(two.status, 0, two.stderr)
+        XCTAssertTrue(two.stderr.contains("4 steps of 2 on each of 2 ranks (global batch 4)"), two.stderr)
+        // Rank 0 alone reports and writes: one progress line per step, one final path.
+        XCTAssertEqual(two.stderr.components(separatedBy: "step 4/4").count - 1, 1, two.stderr)
+        XCTAssertEqual(two.stdout, scratch.file("two/adapter.safetensors") + "\n")
+        try assertSameAdapter(scratch.file("one/adapter.safetensors"), scratch.file("two/adapter.safetensors"))
+        try assertSameAdapter(scratch.file("one/checkpoint-2/adapter.safetensors"), scratch.file("two/checkpoint-2/adapter.safetensors"))
+        // The logged losses are the global batch's.
+        let lossesOne = try String(contentsOfFile: scratch.file("one/metrics.jsonl"), encoding: .utf8)
+        let lossesTwo = try String(contentsOfFile: scratch.file("two/metrics.jsonl"), encoding: .utf8)
+        XCTAssertEqual(lossesOne.split(separator: "\n").count, 4)
+        XCTAssertEqual(lossesTwo.split(separator: "\n").count, 4)
+
+        // A run resumed with another rank count goes on as the same run: one process's checkpoint continued by
+        // 2 ranks × 2, and 2 ranks' continued by one process × 4.
+        var resumed = trainArguments(scratch, output: "one-then-two", batch: 2)
+        resumed += ["--resume", scratch.file("one/checkpoint-2")]
+        let continued = try runRanks(2, resumed)
+        XCTAssertEqual(continued.status, 0, continued.stderr)
+        try assertSameAdapter(scratch.file("one/adapter.safetensors"), scratch.file("one-then-two/adapter.safetensors"))
+        let back = try runPea(trainArguments(scratch, output: "two-then-one", batch: 4) + ["--resume", scratch.file("two/checkpoint-2")])
+        XCTAssertEqual(back.status, 0, back.stderr)
+        try assertSameAdapter(scratch.file("one/adapter.safetensors"), scratch.file("two-then-one/adapter.safetensors"))
+    }
+
+    /// A rank that throws (PEA_TEST_FAULT, a hook for tests only) or is killed before step 4 ends the job: non-zero
+    /// exit, the failing rank named, the checkpoint of step 2 whole (rank 0 wrote it before step 3's all-reduce,
+    /// which the failing rank still took part in), and --resume finishes the run.
+    func testAFailingOrKilledRankEndsTheJobAndTheRunResumes() throws {
+        _ = try launcher()
+        let scratch = ScratchDirectory("pea-mpi-faults")
+        _ = try TrainingTests.writeCorpus(in: scratch, count: 6, seed: 8)
+        for (mode, fragments) in [("throw", ["rank 1 of 2 failed", "PEA_TEST_FAULT: rank 1 fails before step 4"]),
+                                  ("kill", ["rank 1", "signal 9"])] {
+            let output = "out-\(mode)"
+            let failed = try runRanks(2, trainArguments(scratch, output: output, batch: 2), environment: ["PEA_TEST_FAULT": "1:4:\(mode)"])
+            XCTAssertNotEqual(failed.status, 0, failed.stderr)
+            XCTAssertNotEqual(failed.status, 124, "mpirun hung until the timeout: \(failed.stderr)")
+            for fragment in fragments {
+                XCTAssertTrue((failed.stdout + failed.stderr).contains(fragment), "\(mode): '\(fragment)' not in \(failed.stdout + failed.stderr)")
+            }
+            XCTAssertFalse(fileExists(scratch.file("\(output)/adapter.safetensors")), "\(mode): a failed run wrote the final adapter")
+            let checkpoint = scratch.file("\(output)/checkpoint-2")
+            XCTAssertEqual(try SafeTensorsFile(path: joinPath(checkpoint, "adapter.safetensors")).metadata["step"], "2")
+            XCTAssertEqual(try SafeTensorsFile(path: joinPath(checkpoint, "optimizer.safetensors")).metadata["step"], "2")
+            let resumed = try runRanks(2, trainArguments(scratch, output: output, batch: 2) + ["--resume", checkpoint])
+            XCTAssertEqual(resumed.status, 0, resumed.stderr)
+            XCTAssertEqual(try SafeTensorsFile(path: scratch.file("\(output)/adapter.safetensors")).metadata["step"], "4")
+        }
+    }
+
+    /// Under a launcher without the shim, pea says to build it (no MPI is needed to say so).
+    func testAMissingShimUnderALauncherSaysMakeMPI() throws {
+        let scratch = ScratchDirectory("pea-mpi-missing")
+        _ = try TrainingTests.writeCorpus(in: scratch, count: 2, seed: 8)
+        let result = try runPea(trainArguments(scratch, output: "out", batch: 1),
+                                environment: ["OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0", "PEA_MPI_LIB": scratch.file("none.so")])
+        XCTAssertEqual(result.status, 1, result.stderr)
+        for fragment in ["mpirun (Open MPI)", "libpea_mpi.so", "make mpi", scratch.file("none.so")] {
+            XCTAssertTrue(result.stderr.contains(fragment), "'\(fragment)' not in \(result.stderr)")
+        }
+        XCTAssertFalse(fileExists(scratch.file("out")))
+    }
+
+    func testTheLaunchIsReadFromEachLaunchersVariables() throws {
+        XCTAssertNil(try LaunchEnvironment.detect([:]))
+        XCTAssertNil(try LaunchEnvironment.detect(["SLURM_NTASKS": "8", "SLURM_PROCID": "0"]), "a batch script is not a launch")
+        XCTAssertEqual(try LaunchEnvironment.detect(["OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0"]),
+                       LaunchEnvironment(rank: 2, size: 4, localRank: 0, launcher: "mpirun (Open MPI)"))
+        XCTAssertEqual(try LaunchEnvironment.detect(["PMI_SIZE": "2", "PMI_RANK": "1", "MPI_LOCALRANKID": "1"])?.localRank, 1)
+        XCTAssertEqual(try LaunchEnvironment.detect(["SLURM_STEP_NUM_TASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1"]),
+                       LaunchEnvironment(rank: 9, size: 16, localRank: 1, launcher: "srun (Slurm)"))
+        assertThrowsError(containing: ["OMPI_COMM_WORLD_RANK", "(unset)"]) { try LaunchEnvironment.detect(["OMPI_COMM_WORLD_SIZE": "2"]) }
+        assertThrowsError(containing: ["SLURM_STEP_NUM_TASKS", "'x'"]) {
+            try LaunchEnvironment.detect(["SLURM_STEP_NUM_TASKS": "x", "SLURM_PROCID": "0"])
+        }
+        // One process under a launcher needs no MPI.
+        XCTAssertEqual(try ProcessGroup.join(environment: ["OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"]).size, 1)
+    }
+}
