@@ -176,7 +176,7 @@ private func jobShard(_ options: ParsedOptions) throws -> JobShard {
         return .whole
     }
     if text == "auto" {
-        var environment: [String: String] = [:]
+        var environment = LaunchEnvironment.processEnvironment()
         for name in ["SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT", "JOB_COMPLETION_INDEX"] {
             if let value = getenv(name) { environment[name] = String(cString: value) }
         }
