@@ -161,6 +161,14 @@ enum TrainOptions {
             Stopping: on SIGINT (Ctrl-C) or SIGTERM the step in progress finishes, a checkpoint is saved to
             OUTPUT/checkpoint-STEP and pea exits with status 128 + the signal's number; a second signal stops it at once.
             Checkpoint folders appear whole or not at all, and a run removes the temporaries that killed runs left in OUTPUT.
+
+            Several processes (GPUs, machines): mpirun -np N pea train … or srun pea train … (the MPI shim: make mpi, or
+            PEA_MPI_LIB) trains data-parallel: --batch-size is per rank, rank r trains on its rows of each global batch of
+            N × B (the same random values as one process with batch N × B), gradients are averaged across ranks
+            (MPI_Allreduce, staged through the host on CUDA) before clipping and AdamW, each rank uses the GPU of its
+            local rank unless --device is given, and rank 0 alone prints and writes OUTPUT. A rank that fails ends the
+            job (MPI_Abort) naming itself; --resume may use another rank count. OUTPUT must be on a filesystem every
+            rank sees. See examples/slurm-train.sh.
             """)
 }
 

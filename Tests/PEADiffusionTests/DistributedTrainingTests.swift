@@ -119,6 +119,29 @@ final class DistributedTrainingTests: XCTestCase {
         }
     }
 
+    /// `mpirun -np 2 pea generate --prompts … --shard auto`: each rank takes its share (no MPI involved), and the
+    /// shares make the whole job.
+    func testGenerateShardsAutoTakeTheRanksShare() throws {
+        let mpirun = try launcher()
+        let scratch = ScratchDirectory("pea-mpi-generate")
+        let prompts = scratch.write((0..<5).map { "item \($0)" }.joined(separator: "\n"), to: "p.txt")
+        let base = ["generate", "--model", pipeline, "--prompts", prompts, "--backend", "cpu", "--threads", "1",
+                    "--steps", "2", "--width", "16", "--height", "16", "--seed", "9"]
+        let whole = try runPea(base + ["--output-dir", scratch.file("whole")])
+        XCTAssertEqual(whole.status, 0, whole.stderr)
+        let shared = try runProgram("/usr/bin/timeout", ["300", mpirun, "--oversubscribe", "--allow-run-as-root", "-np", "2", peaExecutablePath]
+                                    + base + ["--output-dir", scratch.file("shared"), "--shard", "auto"])
+        XCTAssertEqual(shared.status, 0, shared.stderr)
+        for k in 0..<2 {
+            let lines = try String(contentsOfFile: scratch.file("shared/results-\(k)-of-2.jsonl"), encoding: .utf8).split(separator: "\n")
+            XCTAssertEqual(lines.count, k == 0 ? 3 : 2, "rank \(k) takes items \(k), \(k + 2), …")
+        }
+        for i in 0..<5 {
+            let name = "/" + JobItem.indexKey(i) + ".png"
+            XCTAssertEqual(readFileBytes(scratch.file("shared") + name), readFileBytes(scratch.file("whole") + name), "item \(i)")
+        }
+    }
+
     /// Under a launcher without the shim, pea says to build it (no MPI is needed to say so).
     func testAMissingShimUnderALauncherSaysMakeMPI() throws {
         let scratch = ScratchDirectory("pea-mpi-missing")
