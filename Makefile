@@ -44,20 +44,20 @@ test: system-deps emu-test cuda-emu cuda-test cuda-compile-check mpi
 	$(SWIFT) test --skip-build
 
 ## make mpi — .build-mpi/libpea_mpi.so, the MPI shim pea loads under mpirun/srun (CKernels/mpi/pea_mpi.c), built
-## with the system MPI's mpicc; installs Debian's Open MPI (libopenmpi-dev, openmpi-bin) when mpicc is missing and we
-## are root (CI), else explains. Build it against the MPI whose launcher starts pea.
+## with the system MPI's mpicc; installs Debian's Open MPI (libopenmpi-dev, openmpi-bin) when mpicc or mpirun is
+## missing and we are root (CI), else explains. Build it against the MPI whose launcher starts pea.
 MPI_OUT := .build-mpi
 MPICC   ?= mpicc
 mpi: $(MPI_OUT)/libpea_mpi.so
 
 $(MPI_OUT)/libpea_mpi.so: CKernels/mpi/pea_mpi.c
-	@if ! command -v $(MPICC) >/dev/null; then \
+	@if ! command -v $(MPICC) >/dev/null || ! command -v mpirun >/dev/null; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing libopenmpi-dev and openmpi-bin (MPI for the multi-process training tests)"; \
 			DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libopenmpi-dev openmpi-bin >/dev/null || \
 			{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libopenmpi-dev openmpi-bin >/dev/null; }; \
 		else \
-			echo "make mpi: $(MPICC) was not found: install an MPI (Debian/Ubuntu: libopenmpi-dev openmpi-bin; or MPICH), or set MPICC="; exit 1; \
+			echo "make mpi: $(MPICC) or mpirun was not found: install an MPI (Debian/Ubuntu: libopenmpi-dev openmpi-bin; or MPICH), or set MPICC="; exit 1; \
 		fi; \
 	fi
 	@mkdir -p $(@D)

@@ -36,8 +36,9 @@ DATA=${DATA:-$HOME/data/shards/'{000..099}'.tar}         # webdataset shards or 
 OUT=${OUT:-$PWD/runs/$SLURM_JOB_ID}                      # shared by all nodes
 RESUME=${RESUME:-}                                      # a checkpoint folder to continue from
 
-# Each rank takes the GPU of its rank on the node (SLURM_LOCALID) unless --device is given; with
-# --gpus-per-node every task sees all of its node's GPUs.
+# Each rank takes the GPU of its rank on the node (SLURM_LOCALID, modulo the GPUs CUDA_VISIBLE_DEVICES leaves it:
+# with --gpus-per-task=1 that is device 0) unless --device is given; with --gpus-per-node every task sees all of its
+# node's GPUs.
 srun --kill-on-bad-exit=1 --cpu-bind=cores "$PEA" train --model "$MODEL" --text-encoder "$ENCODER" --data "$DATA" \
     --output "$OUT" --steps 100000 --batch-size 4 --buckets sdxl --gradient-checkpointing \
     --backend cuda --precision fp16 --noise-offset 0.05 --save-every 1000 ${RESUME:+--resume "$RESUME"}

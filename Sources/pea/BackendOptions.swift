@@ -21,7 +21,9 @@ enum BackendOptions {
     static let threads = CommandOption.value("--threads", "T", .range(0...4096),
                                              help: "CPU threads (default: every online CPU)")
     static let device = CommandOption.value("--device", "N", default: "0", .range(0...1023),
-                                            help: "the CUDA device to use, numbered as CUDA_VISIBLE_DEVICES leaves them")
+                                            help: "the CUDA device to use, numbered as CUDA_VISIBLE_DEVICES leaves them",
+                                            defaultNote: "; under mpirun or srun, pea train and pea generate --prompts take the rank's "
+                                                + "local rank modulo the visible devices")
     static let weights = CommandOption.value(
         "--weights", "f32|bf16|f16", default: "f32", .choices(["f32", "bf16", "f16"]),
         help: "how the CPU backend holds weight matrices (linear and convolution weights): bf16 or f16 halve their memory; "

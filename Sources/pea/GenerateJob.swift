@@ -36,8 +36,7 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     try model.requireModel()
     let requestedBatchSize = try options.optionalInt(O.batchSize)
     // Under mpirun/srun each process takes the GPU of its rank on the node (--device overrides).
-    let launch = try LaunchEnvironment.detect(LaunchEnvironment.processEnvironment())
-    let selection = try BackendOptions.select(options, defaultDevice: launch.flatMap { $0.size > 1 ? $0.localRank : nil })
+    let selection = try BackendOptions.select(options, defaultDevice: try LaunchEnvironment.currentJob()?.device())
     var manifestSettings = ["model": model.folder, "text_encoder": model.pea?.encoder ?? "", "adapter": model.pea?.adapter ?? "",
                             "clip_skip": String(settings.clipSkip), "format": format.rawValue]
     for option in [O.variant, O.maxLength, BackendOptions.precision] {

@@ -166,7 +166,7 @@ enum TrainOptions {
             PEA_MPI_LIB) trains data-parallel: --batch-size is per rank, rank r trains on its rows of each global batch of
             N × B (the same random values as one process with batch N × B), gradients are averaged across ranks
             (MPI_Allreduce, staged through the host on CUDA) before clipping and AdamW, each rank uses the GPU of its
-            local rank unless --device is given, and rank 0 alone prints and writes OUTPUT. A rank that fails ends the
+            local rank (modulo those CUDA_VISIBLE_DEVICES leaves it) unless --device is given, and rank 0 alone prints and writes OUTPUT. A rank that fails ends the
             job (MPI_Abort) naming itself; --resume may use another rank count. OUTPUT must be on a filesystem every
             rank sees. See examples/slurm-train.sh.
             """)
@@ -235,7 +235,7 @@ private func train(_ arguments: [String], group: ProcessGroup) throws {
     settings.saveEvery = try options.int(O.saveEvery)
     let validation = try validationOptions(options)
 
-    let selection = try BackendOptions.select(options, defaultDevice: group.size > 1 ? group.localRank : nil)
+    let selection = try BackendOptions.select(options, defaultDevice: group.launch?.device())
     let backend = selection.backend, dtype = selection.dtype
     let teacher = try DistillationTeacher.load(folder: model, backend: backend, dtype: dtype)
     let factor = teacher.vae.downsamplingFactor

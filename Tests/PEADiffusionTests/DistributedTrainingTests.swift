@@ -167,6 +167,12 @@ final class DistributedTrainingTests: XCTestCase {
         assertThrowsError(containing: ["SLURM_STEP_NUM_TASKS", "'x'"]) {
             try LaunchEnvironment.detect(["SLURM_STEP_NUM_TASKS": "x", "SLURM_PROCID": "0"])
         }
+        // The GPU: the local rank, wrapped around the devices CUDA_VISIBLE_DEVICES leaves (one per task: device 0).
+        let third = LaunchEnvironment(rank: 10, size: 16, localRank: 2, launcher: "srun (Slurm)")
+        XCTAssertEqual(third.device(visibleDevices: nil), 2)
+        XCTAssertEqual(third.device(visibleDevices: "0,1,2,3,4,5,6,7"), 2)
+        XCTAssertEqual(third.device(visibleDevices: "5"), 0)
+        XCTAssertEqual(third.device(visibleDevices: "GPU-0a1b,GPU-2c3d"), 0)
         // One process under a launcher needs no MPI.
         XCTAssertEqual(try ProcessGroup.join(environment: ["OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"]).size, 1)
     }

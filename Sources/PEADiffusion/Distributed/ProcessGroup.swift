@@ -25,6 +25,22 @@ public struct LaunchEnvironment: Equatable, Sendable {
         self.launcher = launcher
     }
 
+    /// The CUDA device this rank takes when --device is not given: its local rank, wrapped around the devices
+    /// CUDA_VISIBLE_DEVICES leaves it (`visibleDevices`, that variable's value) — with one GPU per task (srun
+    /// --gpus-per-task=1, --gres per task) every rank sees its own GPU as device 0.
+    public func device(visibleDevices: String?) -> Int {
+        guard let visibleDevices, case let count = visibleDevices.split(separator: ",").count, count > 0 else { return localRank }
+        return localRank % count
+    }
+
+    /// The launch `detect` finds in this process's environment, when it names several processes.
+    public static func currentJob() throws -> LaunchEnvironment? {
+        try detect(processEnvironment()).flatMap { $0.size > 1 ? $0 : nil }
+    }
+
+    /// The device `device(visibleDevices:)` gives with this process's CUDA_VISIBLE_DEVICES.
+    public func device() -> Int { device(visibleDevices: getenv("CUDA_VISIBLE_DEVICES").map { String(cString: $0) }) }
+
     /// (size, rank, local rank) variables of Open MPI's mpirun, MPICH's Hydra (and Intel MPI), and Slurm's srun,
     /// in that order of precedence. Slurm's step variables, not SLURM_NTASKS: a batch script itself sees the
     /// allocation's task count without having been started by srun.
@@ -72,15 +88,16 @@ public struct LaunchEnvironment: Equatable, Sendable {
 public final class ProcessGroup {
     public let rank: Int
     public let size: Int
-    public let localRank: Int
+    /// The launcher's view of this process (nil for `single`).
+    public let launch: LaunchEnvironment?
     private let library: MPILibrary?
 
-    public static let single = ProcessGroup(rank: 0, size: 1, localRank: 0, library: nil)
+    public static let single = ProcessGroup(rank: 0, size: 1, launch: nil, library: nil)
 
-    private init(rank: Int, size: Int, localRank: Int, library: MPILibrary?) {
+    private init(rank: Int, size: Int, launch: LaunchEnvironment?, library: MPILibrary?) {
         self.rank = rank
         self.size = size
-        self.localRank = localRank
+        self.launch = launch
         self.library = library
     }
 
@@ -103,7 +120,7 @@ public final class ProcessGroup {
             throw PEAError.backend("mpi: \(launch.launcher) says rank \(launch.rank) of \(launch.size), MPI_COMM_WORLD says rank \(rank) of \(size) "
                                    + "(\(library.path) built against another MPI than the launcher's?)", kind: .unavailable)
         }
-        return ProcessGroup(rank: launch.rank, size: launch.size, localRank: launch.localRank, library: library)
+        return ProcessGroup(rank: launch.rank, size: launch.size, launch: launch, library: library)
     }
 
     /// The element-wise sum of `values` over all ranks, in place (MPI_Allreduce, f32), on every rank.
