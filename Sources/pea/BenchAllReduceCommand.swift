@@ -19,11 +19,11 @@ enum BenchAllReduceOptions {
         name: "bench allreduce",
         usage: ["mpirun -np N pea bench allreduce [--count N] [--repeats R] [--json]"],
         description: """
-            Times the in-place f32 sum all-reduce that `pea train` runs every step under mpirun or srun (one fused buffer
-            of the adapter's gradients, through libpea_mpi.so: `make mpi`), on every rank, a barrier before each. Rank 0
-            prints its best and median time per all-reduce (an all-reduce ends on no rank before every rank's part has
-            arrived) and the bus bandwidth, 2·(N−1)/N × bytes / time
-            (what a ring all-reduce moves per rank). Run alone it measures nothing but says so.
+            Times the in-place f32 sum all-reduce that `pea train` runs every step under mpirun or srun (one fused
+            buffer of the adapter's gradients, through libpea_mpi.so: `make mpi`), on every rank, a barrier before
+            each. Rank 0 prints its best and median time per all-reduce (an all-reduce ends on no rank before every
+            rank's part has arrived) and the bus bandwidth, 2·(N−1)/N × bytes / time (what a ring all-reduce moves
+            per rank). Run alone it measures nothing but says so.
             """,
         groups: [.init("Options", [count, repeats, json])])
 }

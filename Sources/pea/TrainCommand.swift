@@ -162,13 +162,13 @@ enum TrainOptions {
             OUTPUT/checkpoint-STEP and pea exits with status 128 + the signal's number; a second signal stops it at once.
             Checkpoint folders appear whole or not at all, and a run removes the temporaries that killed runs left in OUTPUT.
 
-            Several processes (GPUs, machines): mpirun -np N pea train … or srun pea train … (the MPI shim: make mpi, or
-            PEA_MPI_LIB) trains data-parallel: --batch-size is per rank, rank r trains on its rows of each global batch of
-            N × B (the same random values as one process with batch N × B), gradients are averaged across ranks
-            (MPI_Allreduce, staged through the host on CUDA) before clipping and AdamW, each rank uses the GPU of its
-            local rank (modulo those CUDA_VISIBLE_DEVICES leaves it) unless --device is given, and rank 0 alone prints and writes OUTPUT. A rank that fails ends the
-            job (MPI_Abort) naming itself; --resume may use another rank count. OUTPUT must be on a filesystem every
-            rank sees. See examples/slurm-train.sh.
+            Several processes (GPUs, machines): mpirun -np N pea train … or srun pea train … (the MPI shim: make mpi,
+            or PEA_MPI_LIB) trains data-parallel: --batch-size is per rank, rank r trains on its rows of each global
+            batch of N × B (the same random values as one process with batch N × B), gradients are averaged across
+            ranks (MPI_Allreduce, staged through the host on CUDA) before clipping and AdamW, each rank uses the GPU
+            of its local rank (modulo those CUDA_VISIBLE_DEVICES leaves it) unless --device is given, and rank 0
+            alone prints and writes OUTPUT. A rank that fails ends the job (MPI_Abort) naming itself; --resume may
+            use another rank count. OUTPUT must be on a filesystem every rank sees. See examples/slurm-train.sh.
             """)
 }
 
@@ -356,25 +356,30 @@ private func train(_ arguments: [String], group: ProcessGroup) throws {
 }
 
 /// A fault on purpose, FOR TESTS ONLY (DistributedTrainingTests): PEA_TEST_FAULT=RANK:STEP:throw makes that rank
-/// throw an error before that step, RANK:STEP:kill makes it SIGKILL itself there — how the tests check that one
-/// failing or dying rank ends the whole job and leaves the last checkpoint whole. Unset in every real run.
+/// throw an error before that step, RANK:STEP:kill makes it SIGKILL itself there, RANK:STEP:term sends it SIGTERM
+/// there — how the tests check that one failing or dying rank ends the whole job and leaves the last checkpoint
+/// whole, and that a signal to one rank stops every rank after the same step. Unset in every real run.
 private struct TrainingFault {
-    let rank: Int, step: Int, kill: Bool
+    enum Kind: String { case `throw`, kill, term }
+    let rank: Int, step: Int, kind: Kind
 
     static func fromEnvironment(group: ProcessGroup) throws -> TrainingFault? {
         guard let variable = getenv("PEA_TEST_FAULT") else { return nil }
         let text = String(cString: variable)
         let parts = text.split(separator: ":").map(String.init)
-        guard parts.count == 3, let rank = Int(parts[0]), let step = Int(parts[1]), ["throw", "kill"].contains(parts[2]) else {
-            throw PEAError.usage("train: PEA_TEST_FAULT (a test hook) must be RANK:STEP:throw or RANK:STEP:kill, got '\(text)'")
+        guard parts.count == 3, let rank = Int(parts[0]), let step = Int(parts[1]), let kind = Kind(rawValue: parts[2]) else {
+            throw PEAError.usage("train: PEA_TEST_FAULT (a test hook) must be RANK:STEP:throw, RANK:STEP:kill or RANK:STEP:term, got '\(text)'")
         }
-        return TrainingFault(rank: rank, step: step, kill: parts[2] == "kill")
+        return TrainingFault(rank: rank, step: step, kind: kind)
     }
 
     func strike(beforeStep next: Int, rank current: Int) throws {
         guard current == rank, next == step else { return }
-        if kill { raise(SIGKILL) }
-        throw PEAError.backend("PEA_TEST_FAULT: rank \(rank) fails before step \(step), as the test asked")
+        switch kind {
+        case .kill: raise(SIGKILL)
+        case .term: raise(SIGTERM)   // StopRequest's handler records it; the step goes on
+        case .throw: throw PEAError.backend("PEA_TEST_FAULT: rank \(rank) fails before step \(step), as the test asked")
+        }
     }
 }
 

@@ -119,6 +119,25 @@ final class DistributedTrainingTests: XCTestCase {
         }
     }
 
+    /// SIGTERM to rank 1 alone before step 3: the ranks agree on it in step 3's all-reduce, so both stop after step 3,
+    /// rank 0 saves checkpoint-3, and a resumed run ends with the adapter of an uninterrupted one.
+    func testASignalToOneRankStopsEveryRankAfterTheSameStep() throws {
+        _ = try launcher()
+        let scratch = ScratchDirectory("pea-mpi-signal")
+        _ = try TrainingTests.writeCorpus(in: scratch, count: 6, seed: 8)
+        let whole = try runRanks(2, trainArguments(scratch, output: "whole", batch: 2))
+        XCTAssertEqual(whole.status, 0, whole.stderr)
+        let stopped = try runRanks(2, trainArguments(scratch, output: "stopped", batch: 2), environment: ["PEA_TEST_FAULT": "1:3:term"])
+        XCTAssertNotEqual(stopped.status, 0, stopped.stderr)
+        XCTAssertNotEqual(stopped.status, 124, "mpirun hung until the timeout: \(stopped.stderr)")
+        XCTAssertTrue(stopped.stderr.contains("stopped by SIGTERM after step 3 of 4"), stopped.stderr)
+        XCTAssertFalse(stopped.stderr.contains("step 4/4"), stopped.stderr)
+        XCTAssertFalse(fileExists(scratch.file("stopped/adapter.safetensors")))
+        let resumed = try runRanks(2, trainArguments(scratch, output: "stopped", batch: 2) + ["--resume", scratch.file("stopped/checkpoint-3")])
+        XCTAssertEqual(resumed.status, 0, resumed.stderr)
+        try assertSameAdapter(scratch.file("whole/adapter.safetensors"), scratch.file("stopped/adapter.safetensors"))
+    }
+
     /// `mpirun -np 2 pea generate --prompts … --shard auto`: each rank takes its share (no MPI involved), and the
     /// shares make the whole job.
     func testGenerateShardsAutoTakeTheRanksShare() throws {
