@@ -109,6 +109,7 @@ fixtures: $(REF_VENV)/.installed
 	$(REF_VENV)/bin/python tools/reference/make_model_fixtures.py --out Tests/Fixtures/models
 	$(REF_VENV)/bin/python tools/reference/make_random_fixtures.py --out Tests/Fixtures/random
 	$(REF_VENV)/bin/python tools/reference/make_png_fixtures.py --out Tests/Fixtures/png
+	$(REF_VENV)/bin/python tools/reference/make_image_resampling_fixtures.py --out Tests/Fixtures/image_resampling
 	$(REF_VENV)/bin/python tools/reference/make_image_fixtures.py --out Tests/Fixtures/images
 	$(REF_VENV)/bin/python tools/reference/make_scheduler_fixtures.py --out Tests/Fixtures/schedulers
 	$(REF_VENV)/bin/python tools/reference/make_tokenizer_fixtures.py --out Tests/Fixtures/tokenizers
@@ -122,6 +123,7 @@ fixtures: $(REF_VENV)/.installed
 	$(REF_VENV)/bin/python tools/reference/make_pea_pipeline_fixtures.py --out Tests/Fixtures/pea
 	$(REF_VENV)/bin/python tools/reference/make_img2img_fixtures.py --out Tests/Fixtures/img2img
 	$(REF_VENV)/bin/python tools/reference/make_inpaint_fixtures.py --out Tests/Fixtures/inpaint
+	$(REF_VENV)/bin/python tools/reference/make_image_prep_fixtures.py --out Tests/Fixtures/image_prep
 	$(REF_VENV)/bin/python tools/reference/make_single_file_fixtures.py --out Tests/Fixtures/single_file
 	$(REF_VENV)/bin/python tools/reference/make_lora_fixtures.py --out Tests/Fixtures/lora
 	$(REF_VENV)/bin/python tools/reference/make_kd_fixtures.py --out Tests/Fixtures/kd

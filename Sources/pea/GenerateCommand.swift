@@ -73,8 +73,10 @@ enum GenerateOptions {
     static let initImage = CommandOption.value(
         "--init-image", "PATH",
         help: "image-to-image, as diffusers' StableDiffusion(XL)Img2ImgPipeline: start from this PNG or JPEG (read as "
-            + "RGB) instead of pure noise. Its width and height must be multiples of 8 and are the output's (--width/--height, "
-            + "if given, must equal them): Pea does not resize, where diffusers would Lanczos-resize down to multiples of 8")
+            + "RGB, any size) instead of pure noise. It is resized as diffusers' VaeImageProcessor does (Pillow's Lanczos, "
+            + "bit-exact) to --width×--height when given, else to its own size rounded down to multiples of 8 (at least 8×8). "
+            + "With --mask that default is also Pea's, where diffusers' inpainting pipeline would default to the model's "
+            + "native size")
     static let strength = CommandOption.value(
         "--strength", "S", default: "0.8",
         help: "with --init-image (or as a prompt file's default for its init_image items): how much to change the image, in "
@@ -85,12 +87,18 @@ enum GenerateOptions {
     static let mask = CommandOption.value(
         "--mask", "PATH",
         help: "inpainting, with --init-image, as diffusers' StableDiffusionInpaintPipeline: repaint where this PNG or JPEG "
-            + "mask, the init image's size, is white and keep where it is black (greyscale as PIL's convert(\"L\"), "
-            + "binarized at 0.5: luma ≥ 128 is repainted; no blur). An inpainting model (UNet with 9 input channels) sees "
+            + "mask (any size: Lanczos-resized to the output's size like the init image, then greyscale as PIL's "
+            + "convert(\"L\") and binarized at 0.5: luma ≥ 128 is repainted) is white and keep where it is black. An inpainting model (UNet with 9 input channels) sees "
             + "the mask and the masked image; an ordinary model's latents outside the mask are replaced after every step "
             + "by the init image's, noised to the next timestep (diffusers' blending). The output is the decoded latents: "
             + "the kept region is not pasted back from the original (diffusers' default). SDXL: ordinary models only "
             + "(blending), and the strength default is 1.0 there too (diffusers' SDXL inpainting: 0.9999)")
+    static let maskBlur = CommandOption.value(
+        "--mask-blur", "R",
+        help: "with --mask (or, with --prompts, the default of items with a \"mask\"): blur the mask first, as diffusers' "
+            + "mask_processor.blur(mask, blur_factor=R) before the pipeline: Pillow's GaussianBlur(R) (standard deviation R "
+            + "pixels, 0...1000; bit-exact) on the mask at its own size; it is then resized and binarized, so the blur "
+            + "rounds the mask's outline rather than feathering it. Default: no blur")
     static let config = CommandOption.value(
         "--config", "DIR",
         help: "with --model FILE: a diffusers pipeline folder whose configs and tokenizer are used instead of the family's "
@@ -134,16 +142,17 @@ enum GenerateOptions {
             tensors, the configs the family's defaults or --config DIR's, the tokenizer --tokenizer DIR's or --config DIR's.
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
-                                   batch, clipSkip, output, initImage, strength, mask, variant, vaeTiling, textEncoder, adapter,
+                                   batch, clipSkip, output, initImage, strength, mask, maskBlur, variant, vaeTiling, textEncoder, adapter,
                                    maxLength, config, tokenizer, predictionType, vae, lora]
                     + BackendOptions.inference),
                  .init("Prompt-file jobs", [outputDir, batchSize, format, shard, shards, overwrite], note: """
                     FILE is .jsonl (one object a line: "prompt", and optionally "id" (A–Z a–z 0–9 _ -), "negative_prompt",
                     "seed", "width", "height", "steps", "guidance", "scheduler", "batch" (images of that prompt), "text" (a
                     caption copied into the tar shards' JSON, e.g. the prompt in the language an adapter will learn),
-                    "init_image" (image-to-image as --init-image: a path, relative ones from FILE's folder; the image's size
-                    is the item's), "strength" (default --strength) and "mask" (inpainting as --mask, beside init_image;
-                    its strength defaults to 1.0 unless --strength is given)) or
+                    "init_image" (image-to-image as --init-image: a path, relative ones from FILE's folder; the image
+                    sets the item's size unless it or --width/--height gives one, and is resized to it), "strength"
+                    (default --strength), "mask" (inpainting as --mask, beside init_image; its strength defaults to 1.0
+                    unless --strength is given) and "mask_blur" (as --mask-blur, beside mask; default --mask-blur)) or
                     any other name as text (one prompt a line); empty lines are skipped. The options above are the
                     defaults of items that do not set their own. Item i (0-based, in file order) without a seed gets
                     --seed + i, so each image is the one `pea generate --prompt P --seed S --batch B` makes alone; without
@@ -236,7 +245,9 @@ struct GenerateSettings {
 }
 
 /// The model a generation runs, as the options choose it: --model (or the bundled toy world, whose Chinese
-/// encoder and adapter take Chinese prompts), and --text-encoder/--adapter.
+/// encoder and adapter take Chinese prompts), and --text-encoder/--adapter. The one place that turns --model
+/// (folder or single file), --config/--tokenizer/--prediction-type, --variant, --lora and --vae into a pipeline,
+/// for `pea generate`, `pea serve` and `pea train` (its teacher) alike.
 struct ModelChoice {
     /// The --model folder, or the single-file checkpoint (`isSingleFile`).
     var folder: String
@@ -250,6 +261,9 @@ struct ModelChoice {
     func requireModel() throws {
         if !isSingleFile { try StableDiffusionPipeline.requirePipelineFolder(folder) }
     }
+
+    /// --model as given, with no PEA encoder (`pea train`'s teacher, `pea serve`'s English pipeline).
+    init(model: String) { folder = model }
 
     init(_ options: ParsedOptions, prompts: [String]) throws {
         typealias O = GenerateOptions
@@ -279,15 +293,7 @@ struct ModelChoice {
         typealias O = GenerateOptions
         if let notice { fputs(notice + "\n", stderr) }
         let backend = selection.backend, dtype = selection.dtype
-        var conditioner: (any TextConditioner)?
-        if let (encoderFolder, adapterPath) = pea {
-            // PEA: the language-specific encoder and the adapter replace the folder's English text encoder(s).
-            let maxLength = try options.optionalInt(O.maxLength)
-            let encoder = try naming(O.maxLength, in: options, when: maxLength != nil) {
-                try LanguageEncoders.load(folder: encoderFolder, backend: backend, maxLength: maxLength, dtype: dtype)
-            }
-            conditioner = try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: adapterPath, backend: backend, dtype: dtype))
-        }
+        let conditioner = try peaConditioner(options, selection: selection)
         let lora = try Self.loras(options)
         for warning in lora?.warnings ?? [] { fputs("pea: warning: \(warning)\n", stderr) }
         if let lora, conditioner != nil, lora.components.contains(where: { $0 != "unet" }) {
@@ -306,6 +312,18 @@ struct ModelChoice {
         return pipeline
     }
 
+    /// PEA: the language-specific encoder and the adapter, which replace the model's English text encoder(s)
+    /// (nil without --text-encoder/--adapter).
+    func peaConditioner(_ options: ParsedOptions, selection: BackendSelection) throws -> PEAConditioner? {
+        typealias O = GenerateOptions
+        guard let (encoderFolder, adapterPath) = pea else { return nil }
+        let maxLength = try options.optionalInt(O.maxLength)
+        let encoder = try naming(O.maxLength, in: options, when: maxLength != nil) {
+            try LanguageEncoders.load(folder: encoderFolder, backend: selection.backend, maxLength: maxLength, dtype: selection.dtype)
+        }
+        return try PEAConditioner(encoder: encoder, adapter: PEAAdapter.load(path: adapterPath, backend: selection.backend, dtype: selection.dtype))
+    }
+
     /// The --lora files, read and checked (nil without --lora).
     static func loras(_ options: ParsedOptions) throws -> LoRASet? {
         let specs = try options.strings(GenerateOptions.lora).map(LoRASpec.init(parsing:))
@@ -316,9 +334,6 @@ struct ModelChoice {
                            conditioner: (any TextConditioner)?, lora: LoRASet?) throws -> StableDiffusionPipeline {
         typealias O = GenerateOptions
         if isSingleFile {
-            guard options.command == "generate" else {
-                throw PEAError.usage("\(options.command): --model must be a diffusers pipeline folder (single-file checkpoints are read by pea generate)")
-            }
             let single = SingleFileOptions(configFolder: try options.optionalString(O.config),
                                            tokenizerFolder: try options.optionalString(O.tokenizer),
                                            predictionType: try options.optionalString(O.predictionType))
@@ -352,11 +367,11 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
 
     var request = GenerationRequest(prompt: prompt, negativePrompt: settings.negativePrompt,
                                     width: settings.width ?? pipeline.defaultSize, height: settings.height ?? pipeline.defaultSize)
-    if let (image, strength, mask) = initImage {
-        request.initImage = image
-        request.strength = strength
-        request.mask = mask
-        (request.width, request.height) = (image.width, image.height)
+    if let prepared = initImage {
+        request.initImage = prepared.image
+        request.strength = prepared.strength
+        request.mask = prepared.mask
+        (request.width, request.height) = prepared.size
     }
     request.steps = settings.steps
     request.guidance = settings.guidance
@@ -375,11 +390,13 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
     }
 }
 
-/// --init-image and --mask decoded and --strength checked, before the model loads: the image's size is the
-/// output's, so it must be a multiple of 8 and agree with --width/--height, and the mask's must be the image's.
-/// nil without --init-image.
-private func readInitImage(_ options: ParsedOptions, settings: GenerateSettings) throws -> (RGBImage, Double, RGBImage?)? {
+/// --init-image and --mask decoded (the mask blurred by --mask-blur) and --strength checked, before the model
+/// loads, with the output size: --width/--height, else the image's rounded down to multiples of 8 (the pipeline
+/// resizes both images to it). nil without --init-image.
+private func readInitImage(_ options: ParsedOptions, settings: GenerateSettings)
+    throws -> (image: RGBImage, strength: Double, mask: RGBImage?, size: (width: Int, height: Int))? {
     typealias O = GenerateOptions
+    if options.has(O.maskBlur), !options.has(O.mask) { throw PEAError.usage("generate: --mask-blur goes with --mask (it blurs the mask)") }
     guard let path = try options.optionalString(O.initImage) else {
         if options.has(O.mask) { throw PEAError.usage("generate: --mask needs --init-image (the image to inpaint)") }
         if options.has(O.strength) { throw PEAError.usage("generate: --strength goes with --init-image") }
@@ -388,25 +405,16 @@ private func readInitImage(_ options: ParsedOptions, settings: GenerateSettings)
     let maskPath = try options.optionalString(O.mask)
     let strength = maskPath != nil && !options.has(O.strength) ? GenerationRequest.inpaintingStrength : try strengthOption(options)
     _ = try StableDiffusionPipeline.img2imgBeginIndex(steps: settings.steps, strength: strength)
+    let blur = try maskBlurOption(options)
     let image = try ImageDecoder.decodeRGB(path: path)
-    guard image.width % 8 == 0, image.height % 8 == 0 else {
-        throw PEAError.usage("generate: the init image \(path) is \(image.width)×\(image.height); its width and height must be multiples of 8 "
-            + "(diffusers would Lanczos-resize it to \(image.width / 8 * 8)×\(image.height / 8 * 8); Pea does not resize: crop or resize it first)")
-    }
-    for (name, given, actual) in [("--width", settings.width, image.width), ("--height", settings.height, image.height)] {
-        if let given, given != actual {
-            throw PEAError.usage("generate: \(name) \(given) differs from the init image's \(actual) (\(path)); Pea does not resize init images")
-        }
-    }
-    let mask = try maskPath.map { maskPath in
-        let mask = try ImageDecoder.decodeRGB(path: maskPath)
-        guard mask.width == image.width, mask.height == image.height else {
-            throw PEAError.invalidFile(path: maskPath, reason: "the mask is \(mask.width)×\(mask.height) but the init image \(path) is "
-                + "\(image.width)×\(image.height); they must be the same size (Pea does not resize masks)")
-        }
-        return mask
-    }
-    return (image, strength, mask)
+    let size = try VaeImageProcessor.outputSize(of: image, named: path, width: settings.width, height: settings.height)
+    let mask = try maskPath.map { VaeImageProcessor.blur(try ImageDecoder.decodeRGB(path: $0), radius: blur ?? 0) }
+    return (image, strength, mask, size)
+}
+
+/// --mask-blur R, checked; nil when not given.
+func maskBlurOption(_ options: ParsedOptions) throws -> Double? {
+    try options.optionalDouble(GenerateOptions.maskBlur).map { try VaeImageProcessor.checkedBlur($0, name: "generate: --mask-blur") }
 }
 
 /// --strength (default 0.8), in (0, 1].

@@ -27,6 +27,7 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
                                height: settings.height ?? 0, steps: settings.steps, guidance: settings.guidance,
                                scheduler: settings.scheduler, batch: settings.batch, strength: try strengthOption(options))
     if options.has(GenerateOptions.strength) { defaults.inpaintStrength = defaults.strength }
+    defaults.maskBlur = try maskBlurOption(options)
     let items = try sizedByInitImages(PromptFile.read(path: file, defaults: defaults), file: file)
     if baseSeed > 1 << 53 || UInt64(items.count - 1) > (1 << 53) - baseSeed {
         throw PEAError.usage("generate: --seed \(baseSeed) + the item index must stay within 0...2^53 (results.jsonl keeps seeds as JSON numbers)")
@@ -43,9 +44,10 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
         manifestSettings[String(option.name.dropFirst(2).map { $0 == "-" ? "_" : $0 })] = try options.optionalString(option) ?? ""
     }
     // What makes other images from the same --model; recorded only when given, so jobs that predate them still resume.
-    for option in [O.config, O.tokenizer, O.predictionType, O.vae] where options.has(option) {
+    for option in [O.config, O.tokenizer, O.predictionType, O.vae, BackendOptions.weights] where options.has(option) {
         manifestSettings[String(option.name.dropFirst(2).map { $0 == "-" ? "_" : $0 })] = try options.optionalString(option) ?? ""
     }
+    if options.has(O.vaeTiling) { manifestSettings["vae_tiling"] = "yes" }
     // The LoRAs as given (FILE:SCALE, in order; the files' contents are not hashed).
     if options.has(O.lora) { manifestSettings["lora"] = options.strings(O.lora).joined(separator: "\n") }
     let manifest = JobManifest(items: items, baseSeed: baseSeed, settings: manifestSettings)
@@ -133,32 +135,21 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     fputs("pea generate: \(output.imagesRecorded) of \(totalImages) images\(shardNote) are in \(folder) (\(output.resultsPath))\n", stderr)
 }
 
-/// Img2img items take their init image's size (read now, so that a missing or unreadable image fails the job
-/// before anything is written): a width or height the item (or --width/--height) sets must equal it, and so must
-/// an inpainting item's mask.
+/// Img2img items without a width or height (their own or --width/--height) take their init image's, rounded
+/// down to multiples of 8 as diffusers does. The images are read now, so that a missing or unreadable image or
+/// mask fails the job before anything is written; the pipeline resizes them when the item runs.
 private func sizedByInitImages(_ items: [JobItem], file: String) throws -> [JobItem] {
     try items.map { item in
         guard let path = item.initImage else { return item }
         var item = item
         let image = try ImageDecoder.decodeRGB(path: path)
-        guard image.width % 8 == 0, image.height % 8 == 0 else {
-            throw PEAError.invalidFile(path: file, reason: "line \(item.line): the init image \(path) is \(image.width)×\(image.height); "
-                + "its width and height must be multiples of 8 (Pea does not resize init images)")
+        do {
+            (item.width, item.height) = try VaeImageProcessor.outputSize(of: image, named: path, width: item.width == 0 ? nil : item.width,
+                                                                         height: item.height == 0 ? nil : item.height)
+        } catch PEAError.invalidFile(let image, let reason) {
+            throw PEAError.invalidFile(path: file, reason: "line \(item.line): init image \(image): \(reason)")
         }
-        for (name, size, actual) in [("width", \JobItem.width, image.width), ("height", \JobItem.height, image.height)] {
-            if item[keyPath: size] == 0 { item[keyPath: size] = actual }
-            guard item[keyPath: size] == actual else {
-                throw PEAError.invalidFile(path: file, reason: "line \(item.line): \(name) \(item[keyPath: size]) (the item's or --\(name)) "
-                    + "differs from the init image's \(actual) (\(path)); Pea does not resize init images")
-            }
-        }
-        if let maskPath = item.mask {
-            let mask = try ImageDecoder.decodeRGB(path: maskPath)
-            guard mask.width == image.width, mask.height == image.height else {
-                throw PEAError.invalidFile(path: file, reason: "line \(item.line): the mask \(maskPath) is \(mask.width)×\(mask.height) but "
-                    + "the init image \(path) is \(image.width)×\(image.height); they must be the same size (Pea does not resize masks)")
-            }
-        }
+        if let maskPath = item.mask { _ = try ImageDecoder.decodeRGB(path: maskPath) }
         return item
     }
 }

@@ -7,7 +7,10 @@ import PEADiffusion
 
 /// `pea serve`'s options, declared once for its parser and its help.
 enum ServeOptions {
-    static let model = CommandOption.value("--model", "DIR", help: "diffusers pipeline folder, loaded once (as `pea generate --model`)")
+    static let model = CommandOption.value(
+        "--model", "DIR|FILE",
+        help: "diffusers pipeline folder, or a single-file SD1.x/SD2.x/SDXL checkpoint (with --config/--tokenizer/"
+            + "--prediction-type/--vae as `pea generate --model FILE` reads it), loaded once")
     static let host = CommandOption.value(
         "--host", "ADDR", default: "127.0.0.1",
         help: "IPv4 address to listen on; an address other than 127.x.x.x or localhost needs --api-key")
@@ -36,7 +39,7 @@ enum ServeOptions {
 
     static let spec = CommandSpec(
         name: "serve",
-        usage: ["pea serve --model DIR [--text-encoder DIR --adapter PATH] [--host 127.0.0.1] [--port 7860] [--max-batch N] "
+        usage: ["pea serve --model DIR|FILE [--text-encoder DIR --adapter PATH] [--host 127.0.0.1] [--port 7860] [--max-batch N] "
                 + "[--max-queue N] [--api-key KEY] [backend options]"],
         description: """
             Loads a pipeline once and serves text-to-image over HTTP/1.1 until SIGTERM or SIGINT, which stop accepting,
@@ -44,7 +47,9 @@ enum ServeOptions {
             the URL on stdout.
             """,
         groups: [.init("Options", [model, GenerateOptions.textEncoder, GenerateOptions.adapter, GenerateOptions.maxLength,
-                                   GenerateOptions.variant, GenerateOptions.vaeTiling, GenerateOptions.lora, host, port, maxBatch, maxQueue, batchWait, apiKey, maxSize, maxSteps, requestTimeout]
+                                   GenerateOptions.variant, GenerateOptions.vaeTiling, GenerateOptions.config,
+                                   GenerateOptions.tokenizer, GenerateOptions.predictionType, GenerateOptions.vae,
+                                   GenerateOptions.lora, host, port, maxBatch, maxQueue, batchWait, apiKey, maxSize, maxSteps, requestTimeout]
                        + BackendOptions.inference)],
         epilogue: """
             Endpoints (JSON in and out; errors are {"error": MESSAGE} with 400 naming the field, 401, 404, 405, 500, 503):
@@ -54,11 +59,14 @@ enum ServeOptions {
                                            --scheduler name of pea generate; default: the folder's), scheduler
                                            ("Karras" with "DPM++ 2M"), batch_size, n_iter (at most 16 images), text_encoder.
                                            Answers {"images": [base64 PNG…], "parameters": {…}, "info": "<JSON>"}.
-              POST /sdapi/v1/img2img       the same and init_images (one base64 PNG or JPEG, its size the image's: Pea
-                                           does not resize), denoising_strength (0.75); inpainting with mask (a base64
-                                           image of that size, white repainted) and inpainting_mask_invert (1: black
-                                           repainted); as `pea generate --init-image [--mask]` (A1111's mask_blur,
-                                           inpainting_fill and inpaint_full_res are not applied).
+              POST /sdapi/v1/img2img       the same and init_images (one base64 PNG or JPEG of any size, Lanczos-resized
+                                           to width×height, default its size rounded down to multiples of 8),
+                                           denoising_strength (0.75); inpainting with mask (a base64 image of any size,
+                                           resized likewise, white repainted), inpainting_mask_invert (1: black
+                                           repainted) and mask_blur R (default 0: Pillow's GaussianBlur(R) of the mask
+                                           before it is binarized, as --mask-blur; A1111's default is 4 and keeps the
+                                           blurred mask soft); as `pea generate --init-image [--mask] [--mask-blur]`
+                                           (A1111's inpainting_fill and inpaint_full_res are not applied).
               POST /v1/images/generations  OpenAI's subset: prompt, n, size "WxH", response_format "b64_json"; and seed,
                                            steps (30), guidance (7.5), negative_prompt, text_encoder.
                                            Answers {"created": T, "data": [{"b64_json": …, "seed": S}…]}.
@@ -73,7 +81,7 @@ enum ServeOptions {
             negative prompt, size, steps, guidance and scheduler, with the same parameters chunk in its PNG (the same
             pixels when denoised alone; within 1/255 per channel when batched with other requests); an omitted
             negative_prompt is pea generate's omitted --negative-prompt. With --text-encoder and --adapter, a request's
-            "text_encoder" picks "adapter" (the default: the PEA encoder and adapter) or "english" (the folder's own text
+            "text_encoder" picks "adapter" (the default: the PEA encoder and adapter) or "english" (the model's own text
             encoder); only requests with the same choice are batched together. A request whose client closes the
             connection while it waits in the queue is dropped (counted as status 499 in the metrics); a batch already
             running is finished.
@@ -84,7 +92,7 @@ func runServe(_ arguments: [String]) throws {
     typealias O = ServeOptions
     if CommandSpec.asksForHelp(arguments) { print(O.spec.help); return }
     let options = try O.spec.parse(arguments)
-    guard options.has(O.model) else { throw PEAError.usage("serve: --model DIR is required") }
+    guard options.has(O.model) else { throw PEAError.usage("serve: --model DIR|FILE is required") }
     guard options.has(GenerateOptions.textEncoder) == options.has(GenerateOptions.adapter) else {
         throw PEAError.usage("serve: --text-encoder and --adapter go together (PEA: a language-specific encoder and its adapter)")
     }
@@ -112,20 +120,15 @@ func runServe(_ arguments: [String]) throws {
 
     let selection = try BackendOptions.select(options)
     let choice = try ModelChoice(options, prompts: [])
-    let pipeline = try choice.load(options, scheduler: nil, clipSkip: 0, selection: selection)
-    var pipelines = [choice.pea == nil ? "english" : "adapter": pipeline]
-    if choice.pea != nil {
-        // The folder's own English encoder beside the adapter, sharing the UNet and VAE (and taking the LoRA's
-        // text-encoder part, which the adapter's pipeline cannot).
-        let lora = try ModelChoice.loras(options)
-        let english = try pipeline.family.textConditioner(folder: choice.folder, backend: selection.backend, clipSkip: 0,
-                                                          variant: options.optionalString(GenerateOptions.variant), dtype: selection.dtype,
-                                                          lora: lora)
-        try lora?.requireAllUsed(components: pipeline.family.textComponents.map(\.encoder))
-        pipelines["english"] = StableDiffusionPipeline(family: pipeline.family, denoiser: pipeline.denoiser, vae: pipeline.vae,
-                                                       conditioner: english, scheduler: pipeline.scheduler,
-                                                       schedulerConfig: pipeline.schedulerConfig, backend: pipeline.backend)
-        pipelines["english"]!.vaeTiling = pipeline.vaeTiling
+    // The model's English pipeline (the LoRA merged into its UNet and text encoders), and with --text-encoder/--adapter
+    // the PEA pipeline beside it, sharing its UNet and VAE.
+    let english = try ModelChoice(model: choice.folder).load(options, scheduler: nil, clipSkip: 0, selection: selection)
+    var pipelines = ["english": english]
+    if let conditioner = try choice.peaConditioner(options, selection: selection) {
+        pipelines["adapter"] = StableDiffusionPipeline(family: english.family, denoiser: english.denoiser, vae: english.vae,
+                                                       conditioner: conditioner, scheduler: english.scheduler,
+                                                       schedulerConfig: english.schedulerConfig, backend: english.backend)
+        pipelines["adapter"]!.vaeTiling = english.vaeTiling
     }
     let model = GenerationServer.Model(pipelines: pipelines, defaultChoice: choice.pea == nil ? "english" : "adapter",
                                        folder: choice.folder, backendName: selection.backend.name)

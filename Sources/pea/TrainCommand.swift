@@ -8,8 +8,16 @@ import PEADiffusion
 /// `pea train`'s options, declared once for its parser and its help.
 enum TrainOptions {
     static let model = CommandOption.value(
-        "--model", "DIR", help: "diffusers SD1.x/SD2.x pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), or SDXL "
-            + "(also text_encoder_2/, tokenizer_2/)")
+        "--model", "DIR|FILE", help: "the teacher: a diffusers SD1.x/SD2.x pipeline folder (unet/, vae/, text_encoder/, tokenizer/, "
+            + "scheduler/), or SDXL (also text_encoder_2/, tokenizer_2/); or a single-file SD1.x/SD2.x/SDXL checkpoint "
+            + "(.safetensors or .ckpt, e.g. a community fine-tune), read as `pea generate --model FILE` reads it, with "
+            + "--config/--tokenizer/--prediction-type (--prediction-type also sets the training target)")
+    static let lora = CommandOption.repeatable(
+        "--lora", "FILE[:SCALE]",
+        help: "merge a LoRA into the teacher as it loads, as `pea generate --lora` does (diffusers' load_lora_weights + "
+            + "fuse_lora(lora_scale=SCALE); SCALE defaults to 1.0; repeatable): its UNet part into the UNet that both "
+            + "sides share, its text-encoder part into the teacher's English encoder(s); the language encoder and the "
+            + "adapter get none. A tensor that matches no module is an error")
     static let textEncoder = CommandOption.value(
         "--text-encoder", "DIR", help: "the language-specific encoder (Chinese-CLIP/BERT or XLM-R folder with its tokenizer)")
     static let data = CommandOption.repeatable("--data", "SPEC", help: nil)   // described above the options
@@ -83,7 +91,8 @@ enum TrainOptions {
     static let resume = CommandOption.value(
         "--resume", "DIR", help: "continue from a checkpoint folder (DIR/checkpoint-STEP or the --output DIR)")
     static let latentCache = CommandOption.value(
-        "--latent-cache", "DIR", help: "keep each image's VAE latent distribution there, so it is encoded once")
+        "--latent-cache", "DIR",
+        help: "keep each image's VAE latent distribution there, so it is encoded once (apart for each --model and --vae)")
     static let initAdapter = CommandOption.value(
         "--init-adapter", "PATH", help: "start from this adapter checkpoint (its shape is read from its tensors)")
     static let adapterHidden = CommandOption.value(
@@ -108,12 +117,15 @@ enum TrainOptions {
 
     static let spec = CommandSpec(
         name: "train",
-        usage: ["pea train --model DIR --text-encoder DIR --data SPEC [--data SPEC …] --output DIR --steps N [options]"],
+        usage: ["pea train --model DIR|FILE --text-encoder DIR --data SPEC [--data SPEC …] --output DIR --steps N [options]"],
         description: """
             Trains a PEA adapter by knowledge distillation through a frozen English SD1.x/SD2.x or SDXL pipeline
             (PEA-Diffusion, arXiv 2311.17086): the student is UNet(adapter(language-specific encoder(text))), the teacher
             the same UNet with the English CLIP encoder(s) on text_en; losses: task ε-MSE + output KD MSE + 0.1 × feature
             KD MSE over every down, mid and up block. Only the adapter learns (AdamW, warmup then polynomial decay).
+            The teacher may be a fine-tuned single-file checkpoint (--model FILE) with LoRAs merged (--lora), and its VAE,
+            which encodes the training images' latents, swapped (--vae FILE): the model `pea generate` loads from the same
+            options.
 
             SDXL (a folder with text_encoder_2/ and tokenizer_2/, as the authors' train_sdxl_zh): the adapter has the SDXL
             form (a stack to the pooled width 1280, then an fc head to 2048, with bias; pooled = mean over tokens); the
@@ -138,11 +150,13 @@ enum TrainOptions {
             .init("Options", [model, textEncoder, data, maxLength, output, steps, batchSize, lr, minLR, warmupSteps, weightDecay,
                               maxGradNorm, resolution, buckets, crop, noiseOffset, gradientCheckpointing, hybrid, uncondProb, featureWeight, taskWeight, biasStrategy,
                               biasMultiplier, biasPortion, biasBegin, biasEnd, seed, saveEvery, resume, latentCache,
-                              initAdapter, adapterHidden, adapterLayers] + BackendOptions.all),
+                              initAdapter, adapterHidden, adapterLayers, GenerateOptions.config, GenerateOptions.tokenizer,
+                              GenerateOptions.predictionType, GenerateOptions.vae, lora] + BackendOptions.all),
             .init("Validation (samples from the adapter as it trains)",
                   [validationPrompt, validationEvery, validationSeeds, validationSteps, validationGuidance], note: """
-                    Each image is what `pea generate --model DIR --text-encoder ENC --adapter <the adapter at that step> --seed C
-                    --width W --height H --steps S --guidance G` makes (the folder's scheduler, no negative prompt) at W = H = the
+                    Each image is what `pea generate --model DIR|FILE --text-encoder ENC --adapter <the adapter at that step> --seed C
+                    --width W --height H --steps S --guidance G` makes, with this command's --config, --tokenizer,
+                    --prediction-type, --vae and --lora (the model's scheduler, no negative prompt) at W = H = the
                     training resolution R (with --buckets and no --resolution: the bucket nearest a square, 640x640 of sdxl's),
                     drawn with the models already loaded; the training itself is unchanged by it. The grid (rows =
                     prompts, columns = seeds, 2 white pixels between images) is written to OUTPUT/validation/step-000500.png
@@ -236,8 +250,10 @@ private func train(_ arguments: [String], group: ProcessGroup) throws {
     let validation = try validationOptions(options)
 
     let selection = try BackendOptions.select(options, defaultDevice: group.launch?.device())
-    let backend = selection.backend, dtype = selection.dtype
-    let teacher = try DistillationTeacher.load(folder: model, backend: backend, dtype: dtype)
+    let backend = selection.backend
+    // The teacher is the English pipeline `pea generate` loads from the same --model/--lora/--vae/--config options.
+    let teacher = try DistillationTeacher(
+        pipeline: ModelChoice(model: model).load(options, scheduler: nil, clipSkip: 0, selection: selection))
     let factor = teacher.vae.downsamplingFactor
     guard settings.resolution % factor == 0 else {
         throw PEAError.usage("train: --resolution must be a multiple of the VAE's factor \(factor), got \(settings.resolution)")
@@ -278,7 +294,10 @@ private func train(_ arguments: [String], group: ProcessGroup) throws {
         if shownSkips <= 10 { say("pea train: skipped \(skip.id): \(skip.message)") }
         if shownSkips == 10 { say("pea train: (further skips are counted, not shown)") }
     }
-    let cache = try options.optionalString(O.latentCache).map { try LatentCache(folder: $0, namespace: model) }
+    // Latents are the VAE's: a --vae swap is another cache namespace (LoRAs and --config do not touch the VAE's weights).
+    let vaeFile = try options.optionalString(GenerateOptions.vae)
+    let namespace = model + (vaeFile.map { "\u{0}--vae \($0)" } ?? "")
+    let cache = try options.optionalString(O.latentCache).map { try LatentCache(folder: $0, namespace: namespace) }
     let trainer = try PEATrainer(teacher: teacher, student: student, adapter: adapter, dataset: dataset,
                                  options: settings, backend: backend, latentCache: cache, group: group)
     let validator = try (group.isRoot ? validation : nil).map {

@@ -33,6 +33,8 @@ Usage:
                                   (see 'pea eval --help')
   pea train --model DIR --text-encoder DIR --data SPEC --output DIR --steps N [options]
                                   train a PEA adapter by distillation through the frozen UNet (see 'pea train --help')
+  pea inspect PATH [--json]       what a model file or folder is: family, prediction type, dtypes, size, LoRA
+                                  ranks and targets, adapter form (see 'pea inspect --help')
   pea selftest [--backend cpu|cuda] check the backend's ops: CPU fast paths against plain references, CUDA
                                   against the CPU (see 'pea selftest --help')
   pea toyworld corpus|classify|grid|draw  the toy world's corpus, classifier and grids (see 'pea toyworld --help')
@@ -50,7 +52,7 @@ struct StandardError: TextOutputStream {
 
 let commands = Subcommands(command: "", usage: usage, table: [
     "generate": runGenerate, "serve": runServe, "eval": runEval, "train": runTrain, "bench": runBench, "selftest": runSelftest,
-    "toyworld": runToyWorld,
+    "toyworld": runToyWorld, "inspect": runInspect,
 ])
 
 // A write past the file-size limit (RLIMIT_FSIZE) fails with EFBIG, an error that removes the partial file,

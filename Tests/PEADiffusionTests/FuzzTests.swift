@@ -321,6 +321,48 @@ final class FuzzTests: XCTestCase {
         finish(tally)
     }
 
+    /// `pea inspect`'s reading of every kind of file it names (single-file checkpoints, LoRAs, PEA adapters,
+    /// safetensors and torch.save) mutated: each case ends in its facts (text and JSON) or a PEAError.
+    func testInspect() throws {
+        let sources = ["single_file/sd1.safetensors", "single_file/sdxl.ckpt", "lora/kohya.safetensors",
+                       "pea/adapter_sd1.safetensors", "pea/adapter_sdxl/pytorch_model.bin", "single_file/sd1_vae.safetensors"]
+        var tally = Tally(format: "inspect")
+        var random = SplitMix64(seed: seed &+ 14)
+        let scratch = ScratchDirectory("pea-fuzz")
+        for index in 0..<max(12, casesPerFormat / 2) {
+            let source = sources[index % sources.count]
+            let bytes = readFileBytes(fixturesDirectory() + "/" + source)!
+            let torch = !source.hasSuffix(".safetensors")
+            let path: String
+            if !torch && index % 3 == 0 {
+                // A tensor renamed into another kind's names, reshaped or dropped: what the classifiers meet.
+                let original = try SafeTensorsFile(path: fixturesDirectory() + "/" + source)
+                let victim = original.names[Int(random.next() % UInt64(original.names.count))]
+                let renamed = ["", "model.diffusion_model.input_blocks.0.0.weight", "conditioner.embedders.0.model.x",
+                               "lora_unet_x.lora_down.weight", "unet.x.lora_B.weight", "projector.4.weight", "fc.weight",
+                               "layernorm.weight", "decoder.up.0.x", "model_ema.decay"][Int(random.next() % 10)]
+                path = scratch.file("case.safetensors")
+                try SafeTensorsWriter.write(original.names.compactMap { name in
+                    var tensor = try original.tensor(name)
+                    guard name == victim else { return (name: name, tensor: tensor) }
+                    if random.next() % 2 == 0 { tensor.shape = [tensor.count] + (random.next() % 2 == 0 ? [1, 1, 1] : []) }
+                    let newName = original.names.contains(renamed) ? name : renamed
+                    return newName.isEmpty ? nil : (name: newName, tensor: tensor)
+                }, to: path)
+            } else {
+                // Half the torch.save cases mutate the pickle inside a valid zip (CRC fixed), so the unpickler sees them.
+                let mutated = torch && index % 4 < 2 ? Self.mutateStoredZipEntry(bytes, suffix: "data.pkl", &random) : Self.mutate(bytes, &random)
+                path = scratch.write(mutated, to: torch ? "case.ckpt" : "case.safetensors")
+            }
+            tally.run {
+                let inspection = try ModelInspection.inspect(path: path)
+                _ = inspection.text
+                _ = inspection.json.serialized()
+            }
+        }
+        finish(tally)
+    }
+
     func testPNGs() throws {
         let sources = ["png/rgb_all_filters.png", "png/palette.png", "png/gray.png", "png/rgba.png", "png/rgb_text_kinds.png"]
         var tally = Tally(format: "PNG")
@@ -391,6 +433,47 @@ final class FuzzTests: XCTestCase {
                 request.mask = try bytes.withUnsafeBytes { try ImageDecoder.decodeRGB($0, name: "mask.png") }
                 request.strength = strength
                 request.steps = steps
+                _ = try pipeline.generate(request)
+            }
+        }
+        finish(tally)
+    }
+
+    /// Init images and masks of random sizes (1…40 a side, RGB and greyscale) resized to random sizes (Lanczos and
+    /// bilinear) and blurred with hostile radii (negative, NaN, infinite, huge: refused by `checkedBlur`; 0…1000:
+    /// run, also on images narrower than the blur), and every few cases a whole inpainting request with an odd-sized
+    /// image and another-sized blurred mask through the tiny SD1 pipeline: a result or a PEAError, never a crash.
+    func testImageResizingAndMaskBlur() throws {
+        let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/sd1", backend: CPUBackend(), scheduler: "euler-a")
+        let radii: [Double] = [0, -1, .nan, .infinity, -.infinity, 1e-30, 1e-6, 0.3, 1, 2.5, 7, 40, 999.9, 1000, 1000.5, 1e30]
+        var tally = Tally(format: "image resizing and mask blur")
+        var random = SplitMix64(seed: seed &+ 23)
+        func image(_ width: Int, _ height: Int, channels: Int = 3) -> [UInt8] {
+            (0..<(width * height * channels)).map { _ in UInt8(truncatingIfNeeded: random.next()) }
+        }
+        for index in 0..<casesPerFormat {
+            let width = 1 + Int(random.next() % 40), height = 1 + Int(random.next() % 40)
+            let toWidth = 1 + Int(random.next() % 48), toHeight = 1 + Int(random.next() % 48)
+            let channels = random.next() % 2 == 0 ? 3 : 1, radius = radii[Int(random.next() % UInt64(radii.count))]
+            let pixels = image(width, height, channels: channels)
+            let filter: ImageResampling.Filter = random.next() % 2 == 0 ? .lanczos : .bilinear
+            let maskWidth = 1 + Int(random.next() % 40), maskHeight = 1 + Int(random.next() % 40)
+            let mask = RGBImage(width: maskWidth, height: maskHeight, pixels: image(maskWidth, maskHeight))
+            tally.run {
+                let resized = ImageResampling.resize(pixels, channels: channels, width: width, height: height,
+                                                     toWidth: toWidth, toHeight: toHeight, filter: filter)
+                XCTAssertEqual(resized.count, toWidth * toHeight * channels)
+                let blur = try VaeImageProcessor.checkedBlur(radius, name: "mask blur")
+                let blurred = ImageResampling.gaussianBlur(pixels, channels: channels, width: width, height: height, radius: Float(blur))
+                XCTAssertEqual(blurred.count, pixels.count)
+                guard index % 8 == 0 else { return }
+                let initImage = RGBImage(width: width, height: height, pixels: image(width, height))
+                let size = try VaeImageProcessor.outputSize(of: initImage, named: "init.png", width: nil, height: nil)
+                var request = GenerationRequest(prompt: "x", width: size.width, height: size.height)
+                request.initImage = initImage
+                request.mask = VaeImageProcessor.blur(mask, radius: blur)
+                request.strength = 0.5
+                request.steps = 2
                 _ = try pipeline.generate(request)
             }
         }

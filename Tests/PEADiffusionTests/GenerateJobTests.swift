@@ -282,7 +282,9 @@ final class GenerateJobTests: XCTestCase {
         for (file, extra, mention) in [(changedFile, settings, "prompt file's items"),
                                        (prompts, settings.map { $0 == "2" ? "3" : $0 }, "prompt file's items"),
                                        (prompts, settings + ["--clip-skip", "1"], "clip_skip was '0', now '1'"),
-                                       (prompts, settings + ["--format", "tar"], "format was 'png', now 'tar'")] {
+                                       (prompts, settings + ["--format", "tar"], "format was 'png', now 'tar'"),
+                                       (prompts, settings + ["--weights", "bf16"], "weights was '', now 'bf16'"),
+                                       (prompts, settings + ["--vae-tiling"], "vae_tiling was '', now 'yes'")] {
             let refused = try job(file, out, extra)
             XCTAssertEqual(refused.status, 1, "\(extra)")
             XCTAssertTrue(refused.stderr.contains("job.json: this folder holds another job") && refused.stderr.contains(mention), refused.stderr)

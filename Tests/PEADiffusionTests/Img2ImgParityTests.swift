@@ -97,13 +97,13 @@ final class Img2ImgParityTests: XCTestCase {
     func testBadRequestsAreRefused() throws {
         let c = try XCTUnwrap(try Self.cases().first { $0.name == "sd1_pndm_s05" })
         let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/sd1", backend: CPUBackend())
-        var lowStrength = try Self.request(c), zero = try Self.request(c), above = try Self.request(c), nan = try Self.request(c), resized = try Self.request(c)
+        var lowStrength = try Self.request(c), zero = try Self.request(c), above = try Self.request(c), nan = try Self.request(c), malformed = try Self.request(c)
         lowStrength.strength = 0.2
         zero.strength = 0
         above.strength = 1.5
         nan.strength = .nan
-        resized.width = 16
-        for (bad, mentions) in [(lowStrength, "too low"), (zero, "(0, 1]"), (above, "(0, 1]"), (nan, "(0, 1]"), (resized, "does not resize")] {
+        malformed.initImage!.pixels.removeLast()
+        for (bad, mentions) in [(lowStrength, "too low"), (zero, "(0, 1]"), (above, "(0, 1]"), (nan, "(0, 1]"), (malformed, "3 per pixel")] {
             XCTAssertThrowsError(try pipeline.generate(bad)) { error in
                 XCTAssertTrue("\(error)".contains(mentions), "\(error)")
             }
@@ -143,21 +143,24 @@ final class Img2ImgParityTests: XCTestCase {
         let scratch = ScratchDirectory("pea-img2img-bad")
         let output = scratch.file("out.png")
         let good = Self.directory + "/init_32x24.png"
-        let notImage = scratch.file("notes.png"), odd = scratch.file("odd.png"), prompts = scratch.file("prompts.txt")
+        let notImage = scratch.file("notes.png"), tiny = scratch.file("tiny.png"), prompts = scratch.file("prompts.txt")
         try "not an image".write(toFile: notImage, atomically: true, encoding: .utf8)
         try "x\n".write(toFile: prompts, atomically: true, encoding: .utf8)
-        try PNGWriter.write(rgb: [UInt8](repeating: 128, count: 30 * 24 * 3), width: 30, height: 24, to: odd)
+        try PNGWriter.write(rgb: [UInt8](repeating: 128, count: 30 * 7 * 3), width: 30, height: 7, to: tiny)
         let base = ["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompt", "x", "--steps", "4", "--output", output]
         let missing = scratch.file("missing.png")
         try assertPeaFails([
             (base + ["--init-image", missing], 1, [missing]),
             (base + ["--init-image", notImage], 1, [notImage, "not a JPEG or PNG"]),
-            (base + ["--init-image", odd], 2, [odd, "multiples of 8"]),
+            (base + ["--init-image", tiny], 1, [tiny, "30×7", "at least 8×8"]),
             (base + ["--init-image", good, "--strength", "0"], 2, ["--strength", "(0, 1]"]),
             (base + ["--init-image", good, "--strength", "1.5"], 2, ["--strength", "(0, 1]"]),
             (base + ["--init-image", good, "--strength", "nan"], 2, ["--strength"]),
             (base + ["--init-image", good, "--strength", "0.2"], 2, ["too low"]),
-            (base + ["--init-image", good, "--width", "64"], 2, ["--width", "does not resize"]),
+            (base + ["--init-image", good, "--mask-blur", "2"], 2, ["--mask-blur goes with --mask"]),
+            (base + ["--init-image", good, "--mask", good, "--mask-blur", "-1"], 2, ["--mask-blur", "0...1000"]),
+            (base + ["--init-image", good, "--mask", good, "--mask-blur", "nan"], 2, ["--mask-blur"]),
+            (base + ["--init-image", good, "--mask", good, "--mask-blur", "1e9"], 2, ["--mask-blur", "0...1000"]),
             (base + ["--strength", "0.5"], 2, ["--strength goes with --init-image"]),
             (["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", prompts, "--output-dir", scratch.file("job"),
               "--init-image", good], 2, ["--init-image is for a single --prompt"]),
@@ -215,14 +218,17 @@ final class Img2ImgParityTests: XCTestCase {
             (#"{"prompt": "a", "init_image": "x.png", "strength": 0.2}"#, "too low"),
             (#"{"prompt": "a", "init_image": ""}"#, "'init_image' must be a non-empty path"),
             (#"{"prompt": "a", "init_image": 3}"#, "'init_image' must be a string"),
+            (#"{"prompt": "a", "init_image": "x.png", "mask_blur": 2}"#, "'mask_blur' goes with 'mask'"),
+            (#"{"prompt": "a", "init_image": "x.png", "mask": "m.png", "mask_blur": -1}"#, "'mask_blur' must be a number in 0...1000"),
+            (#"{"prompt": "a", "init_image": "x.png", "mask": "m.png", "mask_blur": "soft"}"#, "'mask_blur' must be a number"),
         ]
         for (text, message) in cases {
             assertThrowsError(containing: ["p.jsonl", "line 1", message]) { try PromptFile.parse(text, path: "p.jsonl", jsonLines: true, defaults: defaults) }
         }
         // Missing, odd-sized or mis-sized images fail the job before its folder exists.
         let scratch = ScratchDirectory("pea-img2img-job-bad")
-        let odd = scratch.file("odd.png")
-        try PNGWriter.write(rgb: [UInt8](repeating: 9, count: 30 * 24 * 3), width: 30, height: 24, to: odd)
+        let tiny = scratch.file("tiny.png")
+        try PNGWriter.write(rgb: [UInt8](repeating: 9, count: 7 * 24 * 3), width: 7, height: 24, to: tiny)
         let good = Self.directory + "/init_32x24.png", out = scratch.file("out")
         var files = 0
         func job(_ line: String, _ extra: [String] = []) -> [String] {
@@ -232,18 +238,28 @@ final class Img2ImgParityTests: XCTestCase {
         }
         try assertPeaFails([
             (job(#"{"prompt": "a", "init_image": "missing.png"}"#), 1, [scratch.file("missing.png")]),
-            (job(#"{"prompt": "a", "init_image": "odd.png"}"#), 1, ["line 1", odd, "multiples of 8"]),
-            (job(#"{"prompt": "a", "init_image": "\#(good)", "width": 64}"#), 1, ["line 1", "width 64", "does not resize"]),
-            (job(#"{"prompt": "a", "init_image": "\#(good)"}"#, ["--height", "32"]), 1, ["height 32", "does not resize"]),
+            (job(#"{"prompt": "a", "init_image": "tiny.png"}"#), 1, ["line 1", tiny, "at least 8×8"]),
+            (job(#"{"prompt": "a", "init_image": "\#(good)", "mask": "missing-mask.png"}"#), 1, [scratch.file("missing-mask.png")]),
+            (job(#"{"prompt": "a", "init_image": "\#(good)", "mask": "\#(good)"}"#, ["--mask-blur", "-2"]), 2, ["--mask-blur", "0...1000"]),
             (job(#"{"prompt": "a", "init_image": "\#(good)"}"#, ["--strength", "2"]), 2, ["--strength", "(0, 1]"]),
         ], leavesNo: out)
+    }
+
+    /// `pea generate --init-image` with a 70×52 image: resized (Lanczos) to 64×48, diffusers' default size.
+    func testInitImageNotAMultipleOf8IsResizedAsDiffusers() throws {
+        let c = try XCTUnwrap(try ImagePrepCases.cases().first { $0.mask == nil })
+        XCTAssertNil(c.width)
+        let image = try ImagePrepCases.generated(c, scratch: ScratchDirectory("pea-image-prep"))
+        XCTAssertEqual([image.width, image.height], [64, 48])
+        assertSameImages([image], try ImagePrepCases.expected(c), c.name)
     }
 
     /// The help says what the options do.
     func testHelpDocumentsInitImageAndStrength() throws {
         let help = try runPea(["generate", "--help"])
         XCTAssertEqual(help.status, 0)
-        for fragment in ["--init-image PATH", "--strength S", "(default 0.8)", "int(steps × S)", "does not resize"] {
+        for fragment in ["--init-image PATH", "--strength S", "(default 0.8)", "int(steps × S)", "Lanczos", "rounded down to multiples of 8",
+                         "--mask-blur R", "GaussianBlur", "\"mask_blur\""] {
             XCTAssertTrue(help.stdout.contains(fragment), "'\(fragment)' not in the help")
         }
     }

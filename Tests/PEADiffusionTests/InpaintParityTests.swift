@@ -61,12 +61,12 @@ final class InpaintParityTests: XCTestCase {
         let blend = try XCTUnwrap(cases.first { $0.pipeline == "pipelines/sd1" && $0.init_image == inpainting.init_image })
         let nine = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/" + inpainting.pipeline, backend: CPUBackend())
         let four = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/" + blend.pipeline, backend: CPUBackend())
-        var noMask = try Self.request(inpainting), noImage = try Self.request(blend), wrongSize = try Self.request(blend)
+        var noMask = try Self.request(inpainting), noImage = try Self.request(blend), malformed = try Self.request(blend)
         noMask.mask = nil
         noImage.initImage = nil
-        wrongSize.mask = try ImageDecoder.decodeRGB(path: Self.directory + "/mask_24x32.png")
+        malformed.mask!.pixels.removeLast()
         for (pipeline, bad, mentions) in [(nine, noMask, "inpainting UNet"), (nine, GenerationRequest(prompt: "x", width: 32, height: 24), "inpainting UNet"),
-                                          (four, noImage, "--init-image"), (four, wrongSize, "24×32")] {
+                                          (four, noImage, "--init-image"), (four, malformed, "3 per pixel")] {
             XCTAssertThrowsError(try pipeline.generate(bad)) { error in
                 XCTAssertTrue("\(error)".contains(mentions), "\(error)")
             }
@@ -107,7 +107,7 @@ final class InpaintParityTests: XCTestCase {
         let scratch = ScratchDirectory("pea-inpaint-bad")
         let output = scratch.file("out.png")
         let image = fixturesDirectory() + "/img2img/init_32x24.png", mask = Self.directory + "/mask_32x24.png"
-        let tall = Self.directory + "/mask_24x32.png", missing = scratch.file("missing.png"), notImage = scratch.file("notes.png")
+        let missing = scratch.file("missing.png"), notImage = scratch.file("notes.png")
         let prompts = scratch.file("prompts.txt")
         try "not an image".write(toFile: notImage, atomically: true, encoding: .utf8)
         try "x\n".write(toFile: prompts, atomically: true, encoding: .utf8)
@@ -118,7 +118,7 @@ final class InpaintParityTests: XCTestCase {
             (base("pipelines/sd1") + ["--mask", mask], 2, ["--mask needs --init-image"]),
             (base("pipelines/sd1") + ["--init-image", image, "--mask", missing], 1, [missing]),
             (base("pipelines/sd1") + ["--init-image", image, "--mask", notImage], 1, [notImage, "not a JPEG or PNG"]),
-            (base("pipelines/sd1") + ["--init-image", image, "--mask", tall], 1, [tall, image, "24×32", "32×24"]),
+            (base("pipelines/sd1") + ["--init-image", image, "--mask", mask, "--mask-blur", "-3"], 2, ["--mask-blur", "0...1000"]),
             (base("pipelines/sd1") + ["--init-image", image, "--mask", mask, "--strength", "0"], 2, ["--strength", "(0, 1]"]),
             (base("inpaint/sd1_inpainting"), 2, ["inpainting UNet", "--mask"]),
             (base("inpaint/sd1_inpainting") + ["--init-image", image], 2, ["inpainting UNet", "--mask"]),
@@ -182,9 +182,9 @@ final class InpaintParityTests: XCTestCase {
                                 (#"{"prompt": "a", "init_image": "x.png", "mask": 3}"#, "'mask' must be a string")] {
             assertThrowsError(containing: ["p.jsonl", "line 1", message]) { try PromptFile.parse(text, path: "p.jsonl", jsonLines: true, defaults: defaults) }
         }
-        // A missing or mis-sized mask fails the job before its folder exists.
+        // A missing or unreadable mask fails the job before its folder exists.
         let scratch = ScratchDirectory("pea-inpaint-job-bad")
-        let image = fixturesDirectory() + "/img2img/init_32x24.png", tall = Self.directory + "/mask_24x32.png", out = scratch.file("out")
+        let image = fixturesDirectory() + "/img2img/init_32x24.png", notImage = scratch.write("not an image", to: "notes.png"), out = scratch.file("out")
         var files = 0
         func job(_ line: String) -> [String] {
             files += 1
@@ -193,15 +193,128 @@ final class InpaintParityTests: XCTestCase {
         }
         try assertPeaFails([
             (job(#"{"prompt": "a", "init_image": "\#(image)", "mask": "missing.png"}"#), 1, [scratch.file("missing.png")]),
-            (job(#"{"prompt": "a", "init_image": "\#(image)", "mask": "\#(tall)"}"#), 1, ["line 1", tall, "24×32", "32×24"]),
+            (job(#"{"prompt": "a", "init_image": "\#(image)", "mask": "notes.png"}"#), 1, [notImage, "not a JPEG or PNG"]),
         ], leavesNo: out)
     }
 
     func testHelpDocumentsMask() throws {
         let help = try runPea(["generate", "--help"])
         XCTAssertEqual(help.status, 0)
-        for fragment in ["--mask PATH", "StableDiffusionInpaintPipeline", "default is 1.0", "9 input channels", "not pasted back", "no blur"] {
+        for fragment in ["--mask PATH", "StableDiffusionInpaintPipeline", "default is 1.0", "9 input channels", "not pasted back", "Default: no blur"] {
             XCTAssertTrue(help.stdout.contains(fragment), "'\(fragment)' not in the help")
         }
+    }
+}
+
+/// Init images and masks that need diffusers' preprocessing (tools/reference/make_image_prep_fixtures.py): a 70×52
+/// init image (not a multiple of 8), a 40×30 mask (another size and aspect), mask blurs of 3 and 1.5, sizes by
+/// default (rounded down to 64×48) and given (32×40). diffusers resized and binarised them itself and blurred
+/// the mask with mask_processor.blur; Pea must make the same images.
+enum ImagePrepCases {
+    struct Case: Decodable {
+        let name, pipeline, init_image, prompt, scheduler, images: String
+        let mask, negative_prompt: String?
+        let mask_blur: Double?
+        let width, height: Int?
+        let steps, seed: Int
+        let strength, guidance: Double
+    }
+
+    static let directory = fixturesDirectory() + "/image_prep"
+
+    static func cases() throws -> [Case] {
+        try JSONDecoder().decode([Case].self, from: Data(contentsOf: URL(fileURLWithPath: directory + "/cases.json")))
+    }
+
+    static func expected(_ c: Case) throws -> HostTensor {
+        try SafeTensorsFile(path: directory + "/" + c.images).tensor("images")
+    }
+
+    /// `pea generate` with the case's files and settings; its image, decoded.
+    static func generated(_ c: Case, scratch: ScratchDirectory) throws -> RGBImage {
+        let output = scratch.file(c.name + ".png")
+        var arguments = ["generate", "--model", fixturesDirectory() + "/" + c.pipeline, "--prompt", c.prompt,
+                         "--init-image", directory + "/" + c.init_image, "--strength", "\(c.strength)", "--steps", "\(c.steps)",
+                         "--guidance", "\(c.guidance)", "--seed", "\(c.seed)", "--scheduler", c.scheduler, "--output", output]
+        if let negative = c.negative_prompt { arguments += ["--negative-prompt", negative] }
+        if let mask = c.mask { arguments += ["--mask", directory + "/" + mask] }
+        if let blur = c.mask_blur { arguments += ["--mask-blur", "\(blur)"] }
+        if let width = c.width, let height = c.height { arguments += ["--width", "\(width)", "--height", "\(height)"] }
+        let result = try runPea(arguments)
+        XCTAssertEqual(result.status, 0, "\(c.name): \(result.stderr)")
+        let image = try PNGReader.read(path: output)
+        return RGBImage(width: image.width, height: image.height, pixels: image.pixels)
+    }
+}
+
+extension InpaintParityTests {
+    /// `pea generate --init-image --mask [--mask-blur]` with a mask of another size than the (odd-sized) image.
+    func testMasksOfAnotherSizeAndBlurredMasksMatchDiffusers() throws {
+        let scratch = ScratchDirectory("pea-image-prep")
+        let cases = try ImagePrepCases.cases().filter { $0.mask != nil }
+        XCTAssertEqual(Set(cases.map(\.pipeline)), ["pipelines/sd1", "inpaint/sd1_inpainting"])
+        XCTAssertTrue(cases.contains { $0.width == nil } && cases.contains { $0.width != nil })
+        for c in cases {
+            assertSameImages([try ImagePrepCases.generated(c, scratch: scratch)], try ImagePrepCases.expected(c), c.name)
+        }
+    }
+
+    /// The pipeline itself resizes an init image and a mask of any size to the request's size (the caller blurs).
+    func testPipelineResizesInitImageAndMask() throws {
+        let c = try XCTUnwrap(try ImagePrepCases.cases().first { $0.pipeline == "inpaint/sd1_inpainting" })
+        let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/" + c.pipeline, backend: CPUBackend(), scheduler: c.scheduler)
+        var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: try XCTUnwrap(c.width),
+                                        height: try XCTUnwrap(c.height))
+        (request.steps, request.guidance, request.seed, request.strength) = (c.steps, Float(c.guidance), UInt64(c.seed), c.strength)
+        request.initImage = try ImageDecoder.decodeRGB(path: ImagePrepCases.directory + "/" + c.init_image)
+        let mask = try ImageDecoder.decodeRGB(path: ImagePrepCases.directory + "/" + XCTUnwrap(c.mask))
+        request.mask = VaeImageProcessor.blur(mask, radius: try XCTUnwrap(c.mask_blur))
+        assertSameImages(try pipeline.generate(request), try ImagePrepCases.expected(c), c.name)
+    }
+}
+
+extension InpaintParityTests {
+    /// A prompt-file item with an odd-sized init image, a mask of another size and "mask_blur": the image diffusers
+    /// makes, its size the image's rounded down; results.jsonl records the blur.
+    func testPromptFileItemWithMaskBlurMatchesDiffusers() throws {
+        let c = try XCTUnwrap(try ImagePrepCases.cases().first { $0.pipeline == "pipelines/sd1" && $0.mask != nil })
+        let blur = try XCTUnwrap(c.mask_blur)
+        let scratch = ScratchDirectory("pea-image-prep-job")
+        let item: [String: Any] = ["prompt": c.prompt, "id": "prep", "seed": c.seed, "steps": c.steps, "guidance": c.guidance,
+                                   "scheduler": c.scheduler, "strength": c.strength, "mask_blur": blur,
+                                   "init_image": ImagePrepCases.directory + "/" + c.init_image,
+                                   "mask": ImagePrepCases.directory + "/" + (c.mask ?? "")]
+        let line = String(decoding: try JSONSerialization.data(withJSONObject: item), as: UTF8.self)
+        let prompts = scratch.write(line + "\n", to: "prompts.jsonl"), out = scratch.file("out")
+        let result = try runPea(["generate", "--model", fixturesDirectory() + "/" + c.pipeline, "--prompts", prompts, "--output-dir", out])
+        XCTAssertEqual(result.status, 0, result.stderr)
+        let image = try PNGReader.read(path: out + "/prep.png")
+        assertSameImages([RGBImage(width: image.width, height: image.height, pixels: image.pixels)], try ImagePrepCases.expected(c), c.name)
+        let results = String(decoding: try XCTUnwrap(readFileBytes(out + "/results.jsonl")), as: UTF8.self)
+        let record = try XCTUnwrap(try JSONValue.parse(Array(results.split(separator: "\n")[0].utf8)).objectValue)
+        XCTAssertEqual(record["mask_blur"]?.doubleValue, blur)
+        XCTAssertEqual([record["width"]?.intValue, record["height"]?.intValue], [64, 48])
+    }
+}
+
+extension InpaintParityTests {
+    /// "mask_blur" and --mask-blur in prompt files: the item's own, else the default, only for items with a mask;
+    /// the results' canonical JSON names it only when set (older jobs keep their digests).
+    func testPromptFileMaskBlurDefaults() throws {
+        var defaults = JobDefaults(negativePrompt: nil, baseSeed: 0, width: 0, height: 0, steps: 4, guidance: 7.5, scheduler: nil, batch: 1)
+        defaults.maskBlur = 2
+        let text = #"""
+            {"prompt": "a", "init_image": "x.png", "mask": "m.png"}
+            {"prompt": "b", "init_image": "x.png", "mask": "m.png", "mask_blur": 0.5}
+            {"prompt": "c", "init_image": "x.png"}
+            {"prompt": "d"}
+            """#
+        let items = try PromptFile.parse(text, path: "p.jsonl", jsonLines: true, defaults: defaults)
+        XCTAssertEqual(items.map(\.maskBlur), [2, 0.5, nil, nil])
+        defaults.maskBlur = nil
+        let plain = try PromptFile.parse(text, path: "p.jsonl", jsonLines: true, defaults: defaults)
+        XCTAssertEqual(plain.map(\.maskBlur), [nil, 0.5, nil, nil])
+        XCTAssertNil(JobOutput.itemJSON(plain[0]).objectValue?["mask_blur"])
+        XCTAssertEqual(JobOutput.itemJSON(plain[1]).objectValue?["mask_blur"]?.doubleValue, 0.5)
     }
 }

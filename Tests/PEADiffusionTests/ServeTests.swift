@@ -218,11 +218,15 @@ final class ServeTests: XCTestCase {
             XCTAssertNil((result.json["parameters"] as? [String: Any])?["init_images"], "the init image is not echoed")
         }
         let png = base64Encoded(Array("not an image".utf8))
+        let tinyPath = scratch.file("tiny.png")
+        try PNGWriter.write(rgb: [UInt8](repeating: 90, count: 20 * 7 * 3), width: 20, height: 7, to: tinyPath)
+        let tiny = base64Encoded(try XCTUnwrap(readFileBytes(tinyPath)))
         for (body, fragment) in [(#"{"prompt": "x"}"#, "init_images is required"),
                                  (#"{"init_images": "abc"}"#, "init_images must be a list of one base64 image"),
                                  (#"{"init_images": ["%%%"]}"#, "init_images[0] is not base64"),
                                  ("{\"init_images\": [\"\(png)\"]}", "init_images[0]"),
-                                 ("{\"init_images\": [\"\(initImage)\"], \"width\": 64}", "Pea does not resize"),
+                                 ("{\"init_images\": [\"\(tiny)\"]}", "at least 8×8"),
+                                 ("{\"init_images\": [\"\(initImage)\"], \"width\": 60}", "width must be a multiple of 8"),
                                  ("{\"init_images\": [\"\(initImage)\"], \"denoising_strength\": 1.5}", "denoising_strength"),
                                  ("{\"init_images\": [\"\(initImage)\"], \"denoising_strength\": 0.01, \"steps\": 10}", "too low")] {
             let response = try server.request("POST", "/sdapi/v1/img2img", body: body)
@@ -251,10 +255,18 @@ final class ServeTests: XCTestCase {
                                           "--strength", "0.6"], scratch: scratch, name: "mask\(invert).png")
             assertSameImage(try images(result.json["images"] as? [Any])[0], expected, "inpainting, invert \(invert)")
         }
-        let other = base64Encoded(try XCTUnwrap(readFileBytes(fixturesDirectory() + "/inpaint/mask_24x32.png")))
-        let wrong = try server.post("/sdapi/v1/img2img", ["init_images": [initImage], "mask": other])
+        // A mask of another size is resized like the image, and mask_blur blurs it as --mask-blur does.
+        let otherPath = fixturesDirectory() + "/inpaint/mask_24x32.png"
+        let other = base64Encoded(try XCTUnwrap(readFileBytes(otherPath)))
+        let blurred = try server.post("/sdapi/v1/img2img", ["prompt": "a boat", "seed": 8, "steps": 3, "cfg_scale": 7.5, "denoising_strength": 0.6,
+                                                            "init_images": [initImage], "mask": other, "mask_blur": 3])
+        XCTAssertEqual(blurred.status, 200, "\(blurred.json)")
+        let expectedBlurred = try generated(["--prompt", "a boat", "--seed", "8", "--steps", "3", "--init-image", initPath, "--mask", otherPath,
+                                             "--mask-blur", "3", "--strength", "0.6"], scratch: scratch, name: "blurred.png")
+        assertSameImage(try images(blurred.json["images"] as? [Any])[0], expectedBlurred, "inpainting, other-sized mask, mask_blur 3")
+        let wrong = try server.post("/sdapi/v1/img2img", ["init_images": [initImage], "mask": mask, "mask_blur": -1])
         XCTAssertEqual(wrong.status, 400)
-        XCTAssertTrue((wrong.json["error"] as? String ?? "").contains("same size"), "\(wrong.json)")
+        XCTAssertTrue((wrong.json["error"] as? String ?? "").contains("mask_blur"), "\(wrong.json)")
         XCTAssertEqual(server.stop(), 0)
 
         let inpaintingServer = try Server(["--model", fixturesDirectory() + "/inpaint/sd1_inpainting"], scratch: scratch)
@@ -612,5 +624,47 @@ extension ServeTests {
         XCTAssertLessThanOrEqual(differing.map { abs($0 - $1) }.max() ?? 0, 1, "served image vs diffusers")
         XCTAssertLessThanOrEqual(Double(differing.count) / Double(max(1, expected.count)), 0.02, "1/255 flips")
         XCTAssertEqual(server.stop(), 0)
+    }
+}
+
+extension ServeTests {
+    /// `pea serve --model FILE` reads a single-file checkpoint as `pea generate --model FILE` does (--config, --lora,
+    /// and with --text-encoder/--adapter the PEA pipeline beside the file's English one): each served image is
+    /// generate's, pixel for pixel, with the same parameters chunk.
+    func testServeSingleFileCheckpointIsPeaGenerates() throws {
+        let scratch = ScratchDirectory()
+        let file = fixturesDirectory() + "/single_file/sd1.safetensors"
+        let model = ["--model", file, "--config", sd1, "--lora", LoRATests.directory + "/kohya.safetensors:0.7"]
+        let server = try Server(model + ["--text-encoder", zhEncoder, "--adapter", adapter], scratch: scratch)
+        func generate(_ arguments: [String], _ name: String) throws -> PNGImage {
+            let path = scratch.file(name)
+            let result = try runPea(["generate", "--backend", "cpu", "--threads", "1", "--output", path, "--steps", "3", "--seed", "4",
+                                     "--width", "32", "--height", "32"] + model + arguments)
+            XCTAssertEqual(result.status, 0, result.stderr)
+            return try PNGReader.read(path: path)
+        }
+        let request: [String: Any] = ["seed": 4, "steps": 3, "cfg_scale": 7.5, "width": 32, "height": 32]
+        let english = try server.post("/sdapi/v1/txt2img", request.merging(["prompt": "a red circle", "text_encoder": "english"]) { $1 })
+        XCTAssertEqual(english.status, 200, "\(english.json)")
+        assertSameImage(try images(english.json["images"] as? [Any])[0], try generate(["--prompt", "a red circle"], "en.png"),
+                        "single file, English encoder")
+        let viaAdapter = try server.post("/sdapi/v1/txt2img", request.merging(["prompt": "一个红色的圆形"]) { $1 })
+        XCTAssertEqual(viaAdapter.status, 200, "\(viaAdapter.json)")
+        assertSameImage(try images(viaAdapter.json["images"] as? [Any])[0],
+                        try generate(["--prompt", "一个红色的圆形", "--text-encoder", zhEncoder, "--adapter", adapter], "zh.png"),
+                        "single file, adapter")
+        XCTAssertEqual(server.stop(), 0)
+
+        // The single-file options are generate's, errors included.
+        for (arguments, fragment) in [(["serve", "--model", sd1, "--config", sd1], "--config applies to a single-file --model FILE"),
+                                      (["serve", "--model", file], "--tokenizer DIR")] {
+            let result = try runPea(arguments + ["--backend", "cpu"])
+            XCTAssertNotEqual(result.status, 0, "\(arguments)")
+            XCTAssertTrue(result.stderr.contains(fragment), "\(arguments): '\(fragment)' not in \(result.stderr)")
+        }
+        let help = try runPea(["serve", "--help"]).stdout
+        for fragment in ["--model DIR|FILE", "--config DIR", "--tokenizer DIR", "--prediction-type TYPE", "--vae FILE", "--lora FILE[:SCALE]"] {
+            XCTAssertTrue(help.contains(fragment), "'\(fragment)' not in pea serve --help")
+        }
     }
 }

@@ -12,7 +12,7 @@ import Darwin
 public struct JobManifest: Equatable {
     public var itemCount: Int
     /// FNV-1a 64 of the items' canonical JSON: prompts, ids, seeds, sizes, steps, guidance, schedulers, batches, and
-    /// img2img items' init image paths and strengths, inpainting items' mask paths (not the images' contents).
+    /// img2img items' init image paths and strengths, inpainting items' mask paths and blurs (not the images' contents).
     public var itemsDigest: String
     public var baseSeed: UInt64
     /// model, text_encoder, adapter, clip_skip, variant, precision, format, max_length: as given ("" when absent).
@@ -271,8 +271,8 @@ public final class JobOutput {
     }
 
     /// An item's settings as canonical JSON (the manifest's digest, and results lines' fields).
-    /// `init_image` and `strength` appear only for img2img items and `mask` only for inpainting items, so older
-    /// jobs keep their digests.
+    /// `init_image` and `strength` appear only for img2img items, `mask` only for inpainting items and
+    /// `mask_blur` only for blurred masks, so older jobs keep their digests.
     public static func itemJSON(_ item: JobItem) -> JSONValue {
         var object: [String: JSONValue] = [
             "index": .number(Double(item.index)), "id": item.id.map(JSONValue.string) ?? .null, "prompt": .string(item.prompt),
@@ -285,6 +285,7 @@ public final class JobOutput {
             object["strength"] = .number(item.strength)
         }
         if let mask = item.mask { object["mask"] = .string(mask) }
+        if let blur = item.maskBlur { object["mask_blur"] = .number(blur) }
         return .object(object)
     }
 }

@@ -24,15 +24,19 @@ public struct JobItem: Equatable, Sendable {
     /// target language; generation does not read it.
     public var text: String?
     /// Image-to-image (`init_image`): the init image's path, a relative one resolved against the prompt file's
-    /// folder; its size is the item's. nil: text-to-image.
+    /// folder; it is resized to the item's size, which defaults to its own rounded down to multiples of 8. nil:
+    /// text-to-image.
     public var initImage: String? = nil
-    /// A server request's init image and mask, decoded from its body (`initImage` and `mask` are nil then).
+    /// A server request's init image and mask, decoded from its body, the mask already blurred (`initImage` and
+    /// `mask` are nil then).
     public var initPixels: RGBImage? = nil
     public var maskPixels: RGBImage? = nil
     /// diffusers' `strength` for an image-to-image item.
     public var strength = 0.8
     /// Inpainting (`mask`, with `init_image`): the mask's path, resolved as `initImage`'s. nil: no mask.
     public var mask: String? = nil
+    /// The blur (`mask_blur`, diffusers' `mask_processor.blur`) of a `mask` read from its file; nil: none.
+    public var maskBlur: Double? = nil
 
     /// Whether the item starts from an init image (`initImage` or `initPixels`).
     public var isImageToImage: Bool { initImage != nil || initPixels != nil }
@@ -65,7 +69,7 @@ public struct JobItem: Equatable, Sendable {
     public func loadedRequest() throws -> GenerationRequest {
         var request = self.request
         if let initImage { request.initImage = try ImageDecoder.decodeRGB(path: initImage) }
-        if let mask { request.mask = try ImageDecoder.decodeRGB(path: mask) }
+        if let mask { request.mask = VaeImageProcessor.blur(try ImageDecoder.decodeRGB(path: mask), radius: maskBlur ?? 0) }
         return request
     }
 
@@ -102,6 +106,8 @@ public struct JobDefaults: Equatable, Sendable {
     /// The strength of items with a `mask` that give none: diffusers' inpainting default 1.0, unless the command
     /// line's --strength is set.
     public var inpaintStrength = GenerationRequest.inpaintingStrength
+    /// The mask blur of items with a `mask` that give none (--mask-blur); nil: none.
+    public var maskBlur: Double? = nil
 
     public init(negativePrompt: String?, baseSeed: UInt64, width: Int, height: Int, steps: Int, guidance: Float,
                 scheduler: String?, batch: Int, strength: Double = 0.8) {
@@ -122,7 +128,7 @@ public struct JobDefaults: Equatable, Sendable {
 public enum PromptFile {
     /// The fields a `.jsonl` item may have.
     public static let fields = ["prompt", "id", "negative_prompt", "seed", "width", "height", "steps", "guidance",
-                                "scheduler", "batch", "text", "init_image", "strength", "mask"]
+                                "scheduler", "batch", "text", "init_image", "strength", "mask", "mask_blur"]
     /// The longest id: ids name files and tar members (with a `-N` suffix and an extension).
     public static let maximumIDLength = 80
     /// The most images one item may ask for (as `--batch`).
@@ -152,7 +158,7 @@ public enum PromptFile {
                 let value: JSONValue
                 do { value = try JSONValue.parse(line) } catch { throw fail("not JSON: \(error)") }
                 guard let object = value.objectValue else { throw fail("expected a JSON object, got \(value.kindDescription)") }
-                try apply(object, to: &item, inpaintStrength: defaults.inpaintStrength, fail: fail)
+                try apply(object, to: &item, defaults: defaults, fail: fail)
                 if let image = item.initImage, !image.hasPrefix("/") { item.initImage = joinPath(parentFolder(path), image) }
                 if let mask = item.mask, !mask.hasPrefix("/") { item.mask = joinPath(parentFolder(path), mask) }
             }
@@ -166,7 +172,7 @@ public enum PromptFile {
         return items
     }
 
-    private static func apply(_ object: [String: JSONValue], to item: inout JobItem, inpaintStrength: Double,
+    private static func apply(_ object: [String: JSONValue], to item: inout JobItem, defaults: JobDefaults,
                               fail: (String) -> PEAError) throws {
         if let unknown = object.keys.sorted().first(where: { !fields.contains($0) }) {
             throw fail("unknown field '\(unknown)'; an item may have \(fields.joined(separator: ", "))")
@@ -229,7 +235,13 @@ public enum PromptFile {
             guard let mask = try string("mask"), !mask.isEmpty else { throw fail("'mask' must be a non-empty path") }
             guard item.initImage != nil else { throw fail("'mask' goes with 'init_image' (the image to inpaint)") }
             item.mask = mask
-            item.strength = inpaintStrength
+            item.strength = defaults.inpaintStrength
+            item.maskBlur = defaults.maskBlur
+        }
+        if let value = object["mask_blur"], !value.isNull {
+            guard item.mask != nil else { throw fail("'mask_blur' goes with 'mask'") }
+            guard let blur = value.doubleValue else { throw fail("'mask_blur' must be a number, got \(value.serialized())") }
+            do { item.maskBlur = try VaeImageProcessor.checkedBlur(blur, name: "'mask_blur'") } catch PEAError.usage(let reason) { throw fail(reason) }
         }
         if let value = object["strength"], !value.isNull {
             guard item.initImage != nil else { throw fail("'strength' goes with 'init_image'") }

@@ -59,6 +59,8 @@ public final class LoRASet {
         let key: String           // its `LoRASet.key`
         let down: String
         let up: String
+        let rank: Int
+        let alpha: Float
         let factor: Float         // scale · alpha / rank
     }
 
@@ -77,6 +79,13 @@ public final class LoRASet {
     /// The components some file has a LoRA for.
     public var components: Set<String> { Set(modules.keys) }
 
+    /// Every module of every file with its component, in name order (`pea inspect`).
+    var allModules: [(component: String, module: Module)] {
+        modules.sorted { $0.key < $1.key }.flatMap { component, table in
+            table.sorted { $0.key < $1.key }.flatMap { _, list in list.map { (component, $0) } }
+        }
+    }
+
     /// A module name compared across naming schemes: `.` read as `_`, and a text encoder's `text_model.` level
     /// dropped (transformers 5 saves CLIPTextModel without it; released LoRAs keep it).
     static func key(_ module: String, component: String) -> String {
@@ -90,7 +99,7 @@ public final class LoRASet {
     private static let peftComponents = ["unet", "text_encoder", "text_encoder_2"]
 
     /// (component, module, role) of a tensor name; role is "down", "up" or "alpha".
-    private static func parse(_ name: String) -> (component: String, module: String, role: String)? {
+    static func parse(_ name: String) -> (component: String, module: String, role: String)? {
         let roles = [(".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_down.weight", "down"),
                      (".lora_up.weight", "up"), (".alpha", "alpha")]
         guard let (suffix, role) = roles.first(where: { name.hasSuffix($0.0) }) else { return nil }
@@ -166,7 +175,7 @@ public final class LoRASet {
             }
             modules[entry.component, default: [:]][Self.key(entry.module, component: entry.component), default: []]
                 .append(Module(file: file, name: entry.module, key: Self.key(entry.module, component: entry.component),
-                               down: down, up: up, factor: spec.scale * alpha / scaleRank))
+                               down: down, up: up, rank: downShape[0], alpha: alpha, factor: spec.scale * alpha / scaleRank))
         }
     }
 

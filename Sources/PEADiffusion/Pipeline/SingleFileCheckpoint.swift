@@ -39,6 +39,26 @@ final class NamedTensorFile {
         }
     }
 
+    func dtype(_ name: String) -> DType? {
+        switch backing {
+        case .safetensors(let file): return try? file.info(name).dtype
+        case .torch(let file): return try? file.info(name).dtype
+        }
+    }
+
+    var isTorch: Bool {
+        if case .torch = backing { return true }
+        return false
+    }
+
+    /// A safetensors file's `__metadata__` (a torch.save file has none).
+    var metadata: [String: String] {
+        switch backing {
+        case .safetensors(let file): return file.metadata
+        case .torch: return [:]
+        }
+    }
+
     /// The weights of one component: the file's tensors under `prefix`, named as diffusers names them by `rename`
     /// (given the name without the prefix); the file's other tensors are not this component's. Safetensors stay
     /// memory-mapped (`SafeTensorsWeights`).
@@ -94,26 +114,48 @@ public final class SingleFileCheckpoint {
         family = try Self.inferFamily(path: path, names: Set(file.names), shape: file.shape)
     }
 
+    /// What a file's tensors say it is, before the loader decides whether it runs it (`pea inspect` reports all
+    /// of it): nil without `model.diffusion_model.*` tensors.
+    struct Layout: Equatable {
+        let family: ModelFamily
+        /// An SDXL refiner (open_clip as `conditioner.embedders.0`).
+        let refiner: Bool
+        /// A 9-channel conv_in (latents, mask, masked-image latents).
+        let inpainting: Bool
+    }
+
     /// As diffusers' `infer_diffusers_model_type` (and, for the text encoder, its `is_open_clip_model`) for the
-    /// families Pea runs: SDXL by its second text encoder, SD2 by a 1024-wide cross-attention context or
-    /// OpenCLIP's tower, SD1 otherwise. Whether a model predicts v cannot be told from the tensors
+    /// families Pea runs: SDXL by its second text encoder (or a refiner's one), SD2 by a 1024-wide cross-attention
+    /// context or OpenCLIP's tower, SD1 otherwise. Whether a model predicts v cannot be told from the tensors
     /// (`--prediction-type`).
+    static func layout(names: Set<String>, shape: (String) -> [Int]?) -> Layout? {
+        guard names.contains(where: { $0.hasPrefix(unetPrefix) }) else { return nil }
+        let refiner = names.contains(where: { $0.hasPrefix("conditioner.embedders.0.model.") })
+        let inpainting = shape(unetPrefix + "input_blocks.0.0.weight").map({ $0.count == 4 && $0[1] == 9 }) == true
+        let family: ModelFamily
+        if names.contains(where: { $0.hasPrefix("conditioner.embedders.") }) {
+            family = .sdxl
+        } else {
+            let context = shape(unetPrefix + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight")?.last
+            family = context == 1024 || names.contains(where: { $0.hasPrefix(openCLIPPrefix) }) ? .sd2 : .sd1
+        }
+        return Layout(family: family, refiner: refiner, inpainting: inpainting)
+    }
+
+    /// `layout`'s family, refusing what Pea does not run: files without a UNet, SDXL refiners, inpainting.
     static func inferFamily(path: String, names: Set<String>, shape: (String) -> [Int]?) throws -> ModelFamily {
-        guard names.contains(where: { $0.hasPrefix(unetPrefix) }) else {
+        guard let layout = layout(names: names, shape: shape) else {
             throw PEAError.invalidFile(path: path, reason: "cannot tell the model family: no \(unetPrefix)* tensors "
                                        + "(not a single-file Stable Diffusion checkpoint in the LDM / A1111 layout)")
         }
-        if names.contains(where: { $0.hasPrefix("conditioner.embedders.0.model.") }) {
+        if layout.refiner {
             throw PEAError.unsupported("\(path): an SDXL refiner (open_clip as conditioner.embedders.0): Pea runs base models")
         }
-        if shape(unetPrefix + "input_blocks.0.0.weight").map({ $0.count == 4 && $0[1] == 9 }) == true {
+        if layout.inpainting {
             throw PEAError.unsupported("\(path): an inpainting checkpoint (a 9-channel conv_in): Pea runs text-to-image and "
                                        + "image-to-image models")
         }
-        if names.contains(where: { $0.hasPrefix("conditioner.embedders.") }) { return .sdxl }
-        let context = shape(unetPrefix + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight")?.last
-        if context == 1024 || names.contains(where: { $0.hasPrefix(openCLIPPrefix) }) { return .sd2 }
-        return .sd1
+        return layout.family
     }
 
     func weights(prefix: String, backend: any ComputeBackend, dtype: DType,

@@ -23,16 +23,17 @@ public struct GenerationRequest {
     public var width: Int
     public var height: Int
     public var imagesPerPrompt = 1
-    /// Image-to-image: diffusers' `image=`, the picture to start from, exactly `width`×`height` (Pea does not
-    /// resize; diffusers' VaeImageProcessor would Lanczos-resize one whose size is not a multiple of 8). nil:
-    /// text-to-image.
+    /// Image-to-image: diffusers' `image=`, the picture to start from, of any size: the pipeline Lanczos-resizes
+    /// it to `width`×`height` as diffusers' VaeImageProcessor does (`VaeImageProcessor.outputSize` is diffusers'
+    /// default size for it). nil: text-to-image.
     public var initImage: RGBImage?
     /// diffusers' `strength` (its default 0.8), in (0, 1]: img2img runs the last ⌊steps·strength⌋ of the `steps`
     /// timesteps. A Double, as Python multiplies it (10 × 0.7 is 7.000000000000001 there; in float32 it is below 7).
     public var strength = 0.8
-    /// Inpainting: diffusers' `mask_image=`, exactly the init image's size; white (luma ≥ 128 after PIL's
-    /// convert("L")) is repainted, black kept. nil: no mask. Callers set `strength` (`inpaintingStrength` is the
-    /// default that goes with a mask).
+    /// Inpainting: diffusers' `mask_image=`, of any size (Lanczos-resized to `width`×`height` like the init image,
+    /// then PIL's convert("L") and binarised at 0.5); white (luma ≥ 128) is repainted, black kept. A mask blur
+    /// (`VaeImageProcessor.blur`) is the caller's, before, as in diffusers. nil: no mask. Callers set `strength`
+    /// (`inpaintingStrength` is the default that goes with a mask).
     public var mask: RGBImage?
     /// The strength a mask implies when none is given: StableDiffusionInpaintPipeline's default 1.0, not img2img's
     /// 0.8 (diffusers' SDXL inpainting pipeline defaults to 0.9999; Pea uses 1.0 for every family).
@@ -151,7 +152,7 @@ public final class StableDiffusionPipeline {
     /// Returns each request's images, in order.
     public func generate(_ requests: [GenerationRequest], scheduler: (any Scheduler)? = nil,
                          progress: (Int, Int) -> Void = { _, _ in }, warn: (String) -> Void = { _ in }) throws -> [[RGBImage]] {
-        try validate(requests)
+        let requests = try validated(requests)
         let b = backend, first = requests[0], counts = requests.map(\.imagesPerPrompt), count = counts.reduce(0, +)
         let guided = first.guidance > 1 && denoiser.timestepConditionDim == nil
 
@@ -411,7 +412,9 @@ public final class StableDiffusionPipeline {
         }
     }
 
-    private func validate(_ requests: [GenerationRequest]) throws {
+    /// The requests checked, with their init images and masks resized to their size (after the checks, so that
+    /// no oversized request allocates).
+    private func validated(_ requests: [GenerationRequest]) throws -> [GenerationRequest] {
         guard let request = requests.first else { throw PEAError.usage("generate: no requests") }
         for other in requests.dropFirst() where other.width != request.width || other.height != request.height
             || other.steps != request.steps || other.guidance != request.guidance {
@@ -435,8 +438,8 @@ public final class StableDiffusionPipeline {
             }
             for other in requests {
                 let image = other.initImage!
-                guard image.width == other.width, image.height == other.height, image.pixels.count == image.width * image.height * 3 else {
-                    throw PEAError.usage("the init image is \(image.width)×\(image.height) but the request is \(other.width)×\(other.height); Pea does not resize init images")
+                guard image.width > 0, image.height > 0, image.pixels.count == image.width * image.height * 3 else {
+                    throw PEAError.usage("the init image holds \(image.pixels.count) bytes, not 3 per pixel of its \(image.width)×\(image.height)")
                 }
             }
             _ = try Self.img2imgBeginIndex(steps: request.steps, strength: request.strength)
@@ -449,6 +452,12 @@ public final class StableDiffusionPipeline {
         try MemoryBudget.require(Self.decodeBytesPerPixel(vae) * decoded * images, on: backend,
                                  for: "\(Int(images)) image(s) of \(request.width)×\(request.height)") {
             PEAError.usage("\($0); ask for smaller images" + (vaeTiling ? "" : " or decode in tiles (--vae-tiling)"))
+        }
+        return requests.map { request in
+            var request = request
+            request.initImage = request.initImage.map { VaeImageProcessor.resize($0, width: request.width, height: request.height) }
+            request.mask = request.mask.map { VaeImageProcessor.resize($0, width: request.width, height: request.height) }
+            return request
         }
     }
 
@@ -468,10 +477,10 @@ public final class StableDiffusionPipeline {
             throw PEAError.unsupported("SDXL inpainting UNets (9 input channels) are not supported yet; an ordinary SDXL model inpaints by blending")
         }
         for request in requests {
-            guard let image = request.initImage else { throw PEAError.usage("a mask goes with an init image (--mask needs --init-image)") }
+            guard request.initImage != nil else { throw PEAError.usage("a mask goes with an init image (--mask needs --init-image)") }
             let mask = request.mask!
-            guard mask.width == image.width, mask.height == image.height, mask.pixels.count == mask.width * mask.height * 3 else {
-                throw PEAError.usage("the mask is \(mask.width)×\(mask.height) but the init image is \(image.width)×\(image.height); they must be the same size (Pea does not resize masks)")
+            guard mask.width > 0, mask.height > 0, mask.pixels.count == mask.width * mask.height * 3 else {
+                throw PEAError.usage("the mask holds \(mask.pixels.count) bytes, not 3 per pixel of its \(mask.width)×\(mask.height)")
             }
         }
     }

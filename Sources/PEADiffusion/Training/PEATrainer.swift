@@ -123,19 +123,34 @@ public struct DistillationTeacher {
     public var pooledDim: Int? { unet.config.pooledTextDim }
 
     /// Loads UNet, VAE, the English text encoder(s) + tokenizer(s) and the scheduler config from an SD1.x/SD2.x or
-    /// SDXL pipeline folder, the VAE in the precision `ModelFamily.vaeDType` gives it.
+    /// SDXL pipeline folder, as `pea generate` loads the folder (the VAE in the precision `ModelFamily.vaeDType`
+    /// gives it).
     public static func load(folder: String, backend: any ComputeBackend, dtype: DType = .f32) throws -> DistillationTeacher {
-        let unet = try UNet2DConditionModel.load(folder: folder, backend: backend, dtype: dtype).model
-        let family = (try? ModelFamily.detect(folder: folder, unet: unet.config)) ?? (unet.takesTextTime ? .sdxl : .sd1)
-        let vae = try AutoencoderKL.load(folder: folder, backend: backend,
-                                         dtype: family.vaeDType(dtype, vaeFolder: joinPath(folder, "vae"))).model
         // The official scripts condition the teacher on the last hidden state (SD1.x) or the penultimate ones
         // (SDXL): the folder's conditioning with no clip skip.
-        let text = try family.textConditioner(folder: folder, backend: backend, clipSkip: 0, variant: nil, dtype: dtype)
-        let schedulerConfig = joinPath(joinPath(folder, "scheduler"), "scheduler_config.json")
-        let config = try ConfigFile(path: schedulerConfig)
-        let noise = try DDPMScheduler(config: config)
-        return DistillationTeacher(unet: unet, vae: vae, text: text, noise: noise, schedulerConfig: config, family: family)
+        try DistillationTeacher(pipeline: StableDiffusionPipeline.load(folder: folder, backend: backend, clipSkip: 0, dtype: dtype))
+    }
+
+    /// The teacher of an English pipeline however it was loaded — a folder, a single-file checkpoint, with LoRAs
+    /// merged or a VAE swapped (`pea train` loads it as `pea generate` does): its UNet, VAE and English
+    /// conditioning (which must have no clip skip), and DDPM noise from its scheduler config (only the betas and
+    /// prediction_type matter to training, so the SD1/SD2 repair of steps_offset and clip_sample changes nothing).
+    public init(pipeline: StableDiffusionPipeline) throws {
+        guard let unet = pipeline.denoiser as? UNet2DConditionModel else {
+            throw PEAError.unsupported("train: the teacher must be a UNet2DConditionModel pipeline (SD1.x/SD2.x or SDXL)")
+        }
+        self.init(unet: unet, vae: pipeline.vae, text: pipeline.conditioner, noise: try DDPMScheduler(config: pipeline.schedulerConfig),
+                  schedulerConfig: pipeline.schedulerConfig, family: pipeline.family)
+    }
+
+    init(unet: UNet2DConditionModel, vae: AutoencoderKL, text: any TextConditioner, noise: DDPMScheduler,
+         schedulerConfig: ConfigFile, family: ModelFamily) {
+        self.unet = unet
+        self.vae = vae
+        self.text = text
+        self.noise = noise
+        self.schedulerConfig = schedulerConfig
+        self.family = family
     }
 }
 

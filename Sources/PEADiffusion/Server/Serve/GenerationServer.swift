@@ -277,8 +277,10 @@ public final class GenerationServer: @unchecked Sendable {
 
     struct InitImage {
         var image: RGBImage
+        /// Blurred by `mask_blur`; the pipeline resizes both to `size`.
         var mask: RGBImage?
         var strength: Double
+        var size: (width: Int, height: Int)
     }
 
     /// A base64 PNG or JPEG of a request (a `data:` URL prefix allowed), decoded; `field` names it in errors.
@@ -293,42 +295,39 @@ public final class GenerationServer: @unchecked Sendable {
         }
     }
 
-    /// `init_images` (one base64 PNG or JPEG), `denoising_strength` (A1111's default 0.75) and, for inpainting,
-    /// `mask` (white repainted, black kept; the init image's size) with `inpainting_mask_invert` (1: the other way
-    /// round) of an img2img request. The image is used at its own size: a given width or height must be it.
-    /// A1111's other inpainting fields (mask_blur, inpainting_fill, inpaint_full_res) are not applied: the mask is
-    /// used as diffusers' inpainting pipeline uses it.
+    /// `init_images` (one base64 PNG or JPEG of any size), `denoising_strength` (A1111's default 0.75) and, for
+    /// inpainting, `mask` (white repainted, black kept; any size) with `inpainting_mask_invert` (1: the other way
+    /// round) and `mask_blur` of an img2img request. Both images are Lanczos-resized to width×height, by default
+    /// the init image's size rounded down to multiples of 8 (diffusers'; A1111 defaults width and height to 512
+    /// and resizes per its resize_mode, which Pea does not read). `mask_blur` R is diffusers' mask_processor.blur(mask, R):
+    /// Pillow's GaussianBlur(R) after the inversion (A1111's order), and the mask is then binarised as diffusers'
+    /// inpainting pipeline does; A1111 instead blurs with OpenCV (σ = R, kernel 2·int(2.5R + 0.5) + 1) and keeps
+    /// the soft mask for blending, and defaults to R = 4 where Pea's default is no blur. Its other inpainting
+    /// fields (mask_blur_x/y, inpainting_fill, inpaint_full_res) are not applied.
     private func initImage(_ fields: Fields, width: Int?, height: Int?, steps: Int) throws -> InitImage {
         guard let value = fields.value("init_images") else { throw RequestError(message: "init_images is required (one base64 image)") }
         guard let list = value.arrayValue, list.count == 1 else {
             throw RequestError(message: "init_images must be a list of one base64 image, got \(value.kindDescription)")
         }
         let image = try decodedImage(list[0], "init_images[0]")
-        for (given, actual, key) in [(width, image.width, "width"), (height, image.height, "height")] {
-            if let given, given != actual {
-                throw RequestError(message: "\(key) is \(given) but the init image's is \(actual): Pea does not resize init images")
-            }
-            guard actual <= configuration.maxSize, actual % anyPipeline.sizeMultiple == 0 else {
-                throw RequestError(message: "init_images[0]: its \(key) must be a multiple of \(anyPipeline.sizeMultiple) "
-                                   + "and at most \(configuration.maxSize), got \(actual)")
-            }
-        }
+        let size: (width: Int, height: Int)
+        do {
+            size = try VaeImageProcessor.outputSize(of: image, named: "init_images[0]", width: width, height: height,
+                                                    multiple: anyPipeline.sizeMultiple)
+        } catch { throw RequestError(message: "\(error)") }
         var mask: RGBImage?
+        let blur = try fields.double("mask_blur", 0...VaeImageProcessor.maximumBlur)
         if let value = fields.value("mask") {
             var decoded = try decodedImage(value, "mask")
-            guard decoded.width == image.width, decoded.height == image.height else {
-                throw RequestError(message: "mask is \(decoded.width)×\(decoded.height) but the init image is \(image.width)×\(image.height); "
-                                   + "they must be the same size")
-            }
             if try fields.integer("inpainting_mask_invert", 0...1) == 1 { decoded.pixels = decoded.pixels.map { 255 - $0 } }
-            mask = decoded
-        }
+            mask = VaeImageProcessor.blur(decoded, radius: blur ?? 0)
+        }   // without a mask, mask_blur is ignored, as A1111 does (its clients send it with every img2img request)
         let strength = try fields.double("denoising_strength", 0...1) ?? 0.75
         guard strength > 0 else { throw RequestError(message: "denoising_strength must be in (0, 1], got 0") }
         do { _ = try StableDiffusionPipeline.img2imgBeginIndex(steps: steps, strength: strength) } catch PEAError.usage(let reason) {
             throw RequestError(message: "denoising_strength: \(reason)")
         }
-        return InitImage(image: image, mask: mask, strength: strength)
+        return InitImage(image: image, mask: mask, strength: strength, size: size)
     }
 
     /// A1111's sampler names (and Pea's own scheduler names) as a `SchedulerName`; nil: the model folder's.
@@ -362,8 +361,8 @@ public final class GenerationServer: @unchecked Sendable {
     /// `POST /sdapi/v1/txt2img`: prompt (default ""), negative_prompt (omitted: none, as `pea generate` without
     /// --negative-prompt), seed (-1: random), steps (20), cfg_scale (7), width/height (the model's size),
     /// sampler_name + scheduler, batch_size × n_iter images, text_encoder. `POST /sdapi/v1/img2img` (with
-    /// `imageToImage`): the same and `init_images`, `denoising_strength` (`initImage`); width/height default to
-    /// the init image's.
+    /// `imageToImage`): the same and `init_images`, `denoising_strength`, `mask`, `mask_blur` (`initImage`);
+    /// width/height default to the init image's rounded down to multiples of 8.
     func parseA1111(_ object: [String: JSONValue], imageToImage: Bool = false) throws -> Parsed {
         let fields = Fields(object: object)
         let count = (try fields.integer("batch_size", 1...configuration.maxImages) ?? 1) * (try fields.integer("n_iter", 1...configuration.maxImages) ?? 1)
@@ -375,7 +374,7 @@ public final class GenerationServer: @unchecked Sendable {
         let steps = try fields.integer("steps", 1...configuration.maxSteps) ?? 20
         let initImage = imageToImage ? try self.initImage(fields, width: width, height: height, steps: steps) : nil
         return try parsed(fields, prompt: fields.string("prompt") ?? "", count: count,
-                          width: size(width ?? initImage?.image.width, "width"), height: size(height ?? initImage?.image.height, "height"),
+                          width: size(initImage?.size.width ?? width, "width"), height: size(initImage?.size.height ?? height, "height"),
                           steps: steps, guidance: fields.number("cfg_scale", 0...100) ?? 7, scheduler: scheduler, initImage: initImage)
     }
 
