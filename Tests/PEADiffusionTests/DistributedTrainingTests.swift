@@ -12,7 +12,7 @@ final class DistributedTrainingTests: XCTestCase {
     let encoder = fixturesDirectory() + "/pea/zh_encoder"
 
     /// Where `make mpi` writes the shim in this repository.
-    var shimPath: String { parentFolder(parentFolder(fixturesDirectory())) + "/.build-mpi/libpea_mpi.so" }
+    var shimPath: String { CUDABackendParityTests.repositoryRoot + "/.build-mpi/libpea_mpi.so" }
 
     /// `mpirun` on PATH and the shim; skips the test when either is missing.
     func launcher() throws -> String {
@@ -27,10 +27,11 @@ final class DistributedTrainingTests: XCTestCase {
     }
 
     /// `pea train` over the corpus in `scratch` for `steps` steps with an lr of 1e-3, `--batch-size batch` per rank.
-    func trainArguments(_ scratch: ScratchDirectory, output: String, batch: Int, steps: Int = 4) -> [String] {
+    func trainArguments(_ scratch: ScratchDirectory, output: String, batch: Int, steps: Int = 4,
+                        backend: [String] = ["--backend", "cpu", "--threads", "1"]) -> [String] {
         ["train", "--model", pipeline, "--text-encoder", encoder, "--data", scratch.file("corpus.jsonl"), "--resolution", "32",
-         "--adapter-hidden", "32", "--backend", "cpu", "--threads", "1", "--steps", String(steps), "--lr", "1e-3",
-         "--batch-size", String(batch), "--save-every", "2", "--output", scratch.file(output)]
+         "--adapter-hidden", "32", "--steps", String(steps), "--lr", "1e-3", "--batch-size", String(batch), "--save-every", "2",
+         "--output", scratch.file(output)] + backend
     }
 
     /// `pea arguments` as `ranks` processes under mpirun, bounded by `timeout` (a hung collective fails the run
@@ -117,6 +118,24 @@ final class DistributedTrainingTests: XCTestCase {
             XCTAssertEqual(resumed.status, 0, resumed.stderr)
             XCTAssertEqual(try SafeTensorsFile(path: scratch.file("\(output)/adapter.safetensors")).metadata["step"], "4")
         }
+    }
+
+    /// On the CUDA backend (the emulated library here) the gradients are staged through the host for the same
+    /// all-reduce: 2 ranks × 2 on device 0 (--device overrides the local rank: the emulator has one device) train
+    /// what one process × 4 trains. One step: the emulator is slow.
+    func testTwoRanksOnCUDAStageTheAllReduceThroughTheHost() throws {
+        _ = try launcher()
+        _ = try CUDABackendParityTests.emulatedLibrary()
+        let scratch = ScratchDirectory("pea-mpi-cuda")
+        _ = try TrainingTests.writeCorpus(in: scratch, count: 6, seed: 8)
+        let cuda = ["--backend", "cuda", "--device", "0"]
+        let library: [String: String?] = ["PEA_CUDA_LIB": CUDABackendParityTests.emulatedLibraryPath]
+        let one = try runPea(trainArguments(scratch, output: "one", batch: 4, steps: 1, backend: cuda), environment: library)
+        XCTAssertEqual(one.status, 0, one.stderr)
+        let two = try runRanks(2, trainArguments(scratch, output: "two", batch: 2, steps: 1, backend: cuda), environment: library)
+        XCTAssertEqual(two.status, 0, two.stderr)
+        XCTAssertTrue(two.stderr.contains("cuda"), two.stderr)
+        try assertSameAdapter(scratch.file("one/adapter.safetensors"), scratch.file("two/adapter.safetensors"))
     }
 
     /// SIGTERM to rank 1 alone before step 3: the ranks agree on it in step 3's all-reduce, so both stop after step 3,
