@@ -139,7 +139,7 @@ $(REF_VENV)/.installed: tools/reference/requirements.txt
 ## make clean — removes every build folder and library the targets here create (not tools/reference/.venv,
 ## the reference libraries `make fixtures` installs)
 clean:
-	rm -rf .build $(MPI_OUT) $(EMU_OUT) libpea_cuda_emu.so $(CUDA_OUT) libpea_cuda.so $(BUNDLE_OUT) $(STATIC_SCRATCH) $(NVCC13_VENV)
+	rm -rf .build $(MPI_OUT) $(EMU_OUT) libpea_cuda_emu.so libpea_nccl_emu.so $(CUDA_OUT) libpea_cuda.so $(BUNDLE_OUT) $(STATIC_SCRATCH) $(NVCC13_VENV)
 
 # ---------------------------------------------------------------------------------------------------------
 # The CUDA sources without a GPU (CKernels/emu/README.md). The same .cu files build with nvcc (make cuda) and
@@ -162,11 +162,15 @@ emu-test: $(EMU_TESTS) $(EMU_OUT)/test_dlopen libpea_cuda_emu.so
 	@for t in $(EMU_TESTS); do $$t || exit 1; done
 	@$(EMU_OUT)/test_dlopen ./libpea_cuda_emu.so
 
-## make cuda-emu — libpea_cuda_emu.so: CKernels/cuda/*.cu built for the CPU against the emulator (dlopen it like libpea_cuda.so)
-cuda-emu: libpea_cuda_emu.so
+## make cuda-emu — libpea_cuda_emu.so: CKernels/cuda/*.cu built for the CPU against the emulator (dlopen it like
+## libpea_cuda.so), and libpea_nccl_emu.so, its NCCL stand-in (PEA_NCCL_LIB; all-reduces through the MPI shim)
+cuda-emu: libpea_cuda_emu.so libpea_nccl_emu.so
 
 libpea_cuda_emu.so: $(EMU_CUDA_OBJ) $(EMU_RT_OBJ)
-	$(EMU_CXX) -shared -pthread -Wl,-Bsymbolic -Wl,-z,nodelete -o $@ $^
+	$(EMU_CXX) -shared -pthread -Wl,-Bsymbolic -Wl,-z,nodelete -o $@ $^ -ldl
+
+libpea_nccl_emu.so: CKernels/emu/nccl_standin.c
+	$(CC) -O2 -Wall -Wextra -fPIC -shared -o $@ $< -ldl
 
 ## make cuda-compile-check — every .cu under CKernels/cuda through the real nvcc (sm_80, sm_90); installs Debian's toolkit as root
 cuda-compile-check:
@@ -184,7 +188,7 @@ cuda13-compile-check:
 		NVCC=$$nvcc NVCC_FLAGS="-I$$cu/include -I$$cu/cccl" tools/emu/cuda-compile-check.sh
 
 clean-emu:
-	rm -rf $(EMU_OUT) libpea_cuda_emu.so
+	rm -rf $(EMU_OUT) libpea_cuda_emu.so libpea_nccl_emu.so
 
 $(EMU_OUT)/rt/%.o: CKernels/emu/src/%.cpp
 	@mkdir -p $(@D)
@@ -244,8 +248,8 @@ CPU_REF_OBJ := $(patsubst CKernels/cpu/%.c,$(EMU_OUT)/cpu/%.o,$(wildcard CKernel
 TEST_OPS    := $(EMU_OUT)/test_ops
 
 ## make cuda-test — every pea_cuda_* op of the emulated CUDA library against the CPU kernels (part of make test)
-cuda-test: $(TEST_OPS) libpea_cuda_emu.so
-	$(TEST_OPS) ./libpea_cuda_emu.so
+cuda-test: $(TEST_OPS) libpea_cuda_emu.so libpea_nccl_emu.so
+	PEA_NCCL_LIB=./libpea_nccl_emu.so $(TEST_OPS) ./libpea_cuda_emu.so
 
 ## make gpu-check — on a machine with a GPU (nvcc + cuBLAS, no Swift): build libpea_cuda.so, run the op tests on the
 ## GPU, then `./pea selftest --backend cuda`, the SD1.5 UNet and training step's per-op GPU profiles (`pea bench …
@@ -324,7 +328,7 @@ $(CUDA_OUT)/obj/%.o: CKernels/cuda/%.cu
 	$(CUDA_NVCC) -std=c++17 -O3 $(CUDA_ARCH) -Xcompiler -fPIC -ICKernels/include $(NVCC_FLAGS) -MMD -MP -c $< -o $@
 
 $(CUDA_LIB): $(CUDA_OBJ)
-	$(CUDA_NVCC) -shared $(CUDA_ARCH) -Xcompiler -fPIC $(NVCC_FLAGS) $^ -lcublasLt -lcublas -o $@
+	$(CUDA_NVCC) -shared $(CUDA_ARCH) -Xcompiler -fPIC $(NVCC_FLAGS) $^ -lcublasLt -lcublas -ldl -o $@
 
 $(EMU_OUT)/cpu/%.o: CKernels/cpu/%.c
 	@mkdir -p $(@D)

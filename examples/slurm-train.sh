@@ -2,12 +2,13 @@
 # Training one PEA adapter on several machines: 3 nodes × 8 GPUs (the authors' setup), one `pea train` process per
 # GPU started by srun. The ranks train data-parallel (pea train --help, PEATrainer.swift): --batch-size is per rank,
 # so the global batch is 24 × 4 = 96 here; every rank reads the same data stream and trains on its rows of each
-# global batch; gradients are averaged across ranks with MPI_Allreduce before clipping and AdamW, so all hold the
-# same adapter. Rank 0 alone writes logs, checkpoints, validation grids and the final adapter.
+# global batch; gradients are averaged across ranks (NCCL on the GPUs, --collective) before clipping and AdamW, so
+# all hold the same adapter. Rank 0 alone writes logs, checkpoints, validation grids and the final adapter.
 #
-# Needs, on every node: pea and the MPI shim built against the cluster's MPI (`make && make mpi` in the repository,
-# or PEA_MPI_LIB=/path/to/libpea_mpi.so), the model folders and the data on a filesystem every node sees, and OUT
-# on a shared filesystem (a resumed job reads rank 0's checkpoint on every rank).
+# Needs, on every node: pea, libpea_cuda.so (make cuda), NCCL's libnccl.so.2 where the loader finds it (or
+# PEA_NCCL_LIB; pip install nvidia-nccl-cu12 ships one), the MPI shim built against the cluster's MPI (make mpi in
+# the repository, or PEA_MPI_LIB=/path/to/libpea_mpi.so), and the model folders, the data and OUT on a filesystem
+# every node sees (a resumed job reads rank 0's checkpoint on every rank).
 #
 #   mkdir -p logs && sbatch examples/slurm-train.sh
 #   MODEL=/models/sdxl-base ENCODER=/models/chinese-clip DATA='/data/shards/{000..099}.tar' OUT=/shared/runs/zh sbatch examples/slurm-train.sh
@@ -41,4 +42,4 @@ RESUME=${RESUME:-}                                      # a checkpoint folder to
 # node's GPUs.
 srun --kill-on-bad-exit=1 --cpu-bind=cores "$PEA" train --model "$MODEL" --text-encoder "$ENCODER" --data "$DATA" \
     --output "$OUT" --steps 100000 --batch-size 4 --buckets sdxl --gradient-checkpointing \
-    --backend cuda --precision fp16 --noise-offset 0.05 --save-every 1000 ${RESUME:+--resume "$RESUME"}
+    --backend cuda --precision fp16 --noise-offset 0.05 --save-every 1000 --collective nccl ${RESUME:+--resume "$RESUME"}

@@ -88,6 +88,11 @@ enum TrainOptions {
     static let saveEvery = CommandOption.value(
         "--save-every", "N", default: "0", .range(0...100_000_000), help: "checkpoint every N steps",
         defaultNote: ": only at the end")
+    static let collective = CommandOption.value(
+        "--collective", "auto|nccl|mpi", default: "auto", .choices(["auto", "nccl", "mpi"]),
+        help: "under mpirun or srun, how the ranks sum their gradients: nccl on the GPUs (the CUDA backend; NCCL's "
+            + "libnccl.so.2, e.g. from the nvidia-nccl-cu12 wheel, loaded at run time, or PEA_NCCL_LIB), mpi through the "
+            + "host (MPI_Allreduce); auto: nccl on the CUDA backend when NCCL loads, else mpi")
     static let resume = CommandOption.value(
         "--resume", "DIR", help: "continue from a checkpoint folder (DIR/checkpoint-STEP or the --output DIR)")
     static let latentCache = CommandOption.value(
@@ -149,7 +154,7 @@ enum TrainOptions {
         groups: [
             .init("Options", [model, textEncoder, data, maxLength, output, steps, batchSize, lr, minLR, warmupSteps, weightDecay,
                               maxGradNorm, resolution, buckets, crop, noiseOffset, gradientCheckpointing, hybrid, uncondProb, featureWeight, taskWeight, biasStrategy,
-                              biasMultiplier, biasPortion, biasBegin, biasEnd, seed, saveEvery, resume, latentCache,
+                              biasMultiplier, biasPortion, biasBegin, biasEnd, seed, saveEvery, collective, resume, latentCache,
                               initAdapter, adapterHidden, adapterLayers, GenerateOptions.config, GenerateOptions.tokenizer,
                               GenerateOptions.predictionType, GenerateOptions.vae, lora] + BackendOptions.all),
             .init("Validation (samples from the adapter as it trains)",
@@ -179,10 +184,10 @@ enum TrainOptions {
             Several processes (GPUs, machines): mpirun -np N pea train … or srun pea train … (the MPI shim: make mpi,
             or PEA_MPI_LIB) trains data-parallel: --batch-size is per rank, rank r trains on its rows of each global
             batch of N × B (the same random values as one process with batch N × B), gradients are averaged across
-            ranks (MPI_Allreduce, staged through the host on CUDA) before clipping and AdamW, each rank uses the GPU
-            of its local rank (modulo those CUDA_VISIBLE_DEVICES leaves it) unless --device is given, and rank 0
-            alone prints and writes OUTPUT. A rank that fails ends the job (MPI_Abort) naming itself; --resume may
-            use another rank count. OUTPUT must be on a filesystem every rank sees. See examples/slurm-train.sh.
+            ranks (NCCL or MPI: --collective) before clipping and AdamW, each rank uses the GPU of its local rank
+            (modulo those CUDA_VISIBLE_DEVICES leaves it) unless --device is given, and rank 0 alone prints and
+            writes OUTPUT. A rank that fails ends the job (MPI_Abort) naming itself; --resume may use another rank
+            count. OUTPUT must be on a filesystem every rank sees. See examples/slurm-train.sh.
             """)
 }
 
@@ -300,6 +305,7 @@ private func train(_ arguments: [String], group: ProcessGroup) throws {
     let cache = try options.optionalString(O.latentCache).map { try LatentCache(folder: $0, namespace: namespace) }
     let trainer = try PEATrainer(teacher: teacher, student: student, adapter: adapter, dataset: dataset,
                                  options: settings, backend: backend, latentCache: cache, group: group)
+    try chooseCollective(try options.string(O.collective), trainer: trainer, group: group, say: say)
     let validator = try (group.isRoot ? validation : nil).map {
         // With buckets and no --resolution: a trained size, the bucket nearest a square (640x640 of sdxl's).
         let size = options.has(O.resolution) ? nil : settings.buckets.map { $0.sizes[$0.nearest(width: 1, height: 1)] }
@@ -372,6 +378,25 @@ private func train(_ arguments: [String], group: ProcessGroup) throws {
     // both tells a torn pair).
     try trainer.writeCheckpointFiles(into: output)
     print(joinPath(output, "adapter.safetensors"))
+}
+
+/// --collective: NCCL on the device for the CUDA backend's ranks when asked (or, with auto, when it loads), else
+/// MPI through the host; nothing for a single process.
+private func chooseCollective(_ choice: String, trainer: PEATrainer, group: ProcessGroup, say: (String) -> Void) throws {
+    guard group.size > 1, choice != "mpi" else { return }
+    guard let cuda = trainer.backend as? CUDABackend else {
+        if choice == "nccl" { throw PEAError.usage("train: --collective nccl needs the CUDA backend (this run uses \(trainer.backend.name))") }
+        return
+    }
+    var reason = ""
+    if try cuda.joinNCCL(group, reason: &reason) {
+        trainer.deviceAllReduce = { try cuda.allReduceSumInPlace($0) }
+        say("pea train: the ranks' gradients are summed by NCCL on the GPUs")
+    } else if choice == "nccl" {
+        throw PEAError.backend("train: --collective nccl: \(reason)", kind: .unavailable)
+    } else {
+        say("pea train: no NCCL (\(reason)); the ranks' gradients are summed by MPI through the host")
+    }
 }
 
 /// A fault on purpose, FOR TESTS ONLY (DistributedTrainingTests): PEA_TEST_FAULT=RANK:STEP:throw makes that rank

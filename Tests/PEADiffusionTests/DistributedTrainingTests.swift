@@ -122,22 +122,45 @@ final class DistributedTrainingTests: XCTestCase {
         }
     }
 
-    /// On the CUDA backend (the emulated library here) the gradients are staged through the host for the same
-    /// all-reduce: 2 ranks × 2 on device 0 (--device overrides the local rank: the emulator has one device) train
-    /// what one process × 4 trains. One step: the emulator is slow.
-    func testTwoRanksOnCUDAStageTheAllReduceThroughTheHost() throws {
+    /// On the CUDA backend (the emulated library here): 2 ranks × 2 on device 0 (--device overrides the local rank:
+    /// the emulator has one device) train what one process × 4 trains, with the gradients staged through the host
+    /// for MPI (--collective auto falls back to it when NCCL does not load) and with NCCL summing them on the device
+    /// (--collective nccl; the emulator's NCCL stand-in, libpea_nccl_emu.so, sums through the MPI shim), the two
+    /// bit for bit the same. One step each: the emulator is slow.
+    func testTwoRanksOnCUDASumTheirGradientsWithNCCLOrThroughTheHost() throws {
         _ = try launcher()
         _ = try CUDABackendParityTests.emulatedLibrary()
+        let standIn = CUDABackendParityTests.repositoryRoot + "/libpea_nccl_emu.so"
+        guard fileExists(standIn) else { return XCTFail("\(standIn) does not exist: run make cuda-emu first (make test does)") }
         let scratch = ScratchDirectory("pea-mpi-cuda")
         _ = try TrainingTests.writeCorpus(in: scratch, count: 6, seed: 8)
-        let cuda = ["--backend", "cuda", "--device", "0"]
-        let library: [String: String?] = ["PEA_CUDA_LIB": CUDABackendParityTests.emulatedLibraryPath]
-        let one = try runPea(trainArguments(scratch, output: "one", batch: 4, steps: 1, backend: cuda), environment: library)
-        XCTAssertEqual(one.status, 0, one.stderr)
-        let two = try runRanks(2, trainArguments(scratch, output: "two", batch: 2, steps: 1, backend: cuda), environment: library)
-        XCTAssertEqual(two.status, 0, two.stderr)
-        XCTAssertTrue(two.stderr.contains("cuda"), two.stderr)
-        try assertSameAdapter(scratch.file("one/adapter.safetensors"), scratch.file("two/adapter.safetensors"))
+        func run(_ output: String, ranks: Int, collective: String, nccl: String) throws -> String {
+            let arguments = trainArguments(scratch, output: output, batch: 4 / ranks, steps: 1,
+                                           backend: ["--backend", "cuda", "--device", "0", "--collective", collective])
+            let environment: [String: String?] = ["PEA_CUDA_LIB": CUDABackendParityTests.emulatedLibraryPath, "PEA_NCCL_LIB": nccl]
+            let result = ranks == 1 ? try runPea(arguments, environment: environment) : try runRanks(ranks, arguments, environment: environment)
+            XCTAssertEqual(result.status, 0, result.stderr)
+            return result.stderr
+        }
+        _ = try run("one", ranks: 1, collective: "auto", nccl: standIn)
+        let host = try run("host", ranks: 2, collective: "auto", nccl: scratch.file("no-nccl.so"))
+        XCTAssertTrue(host.contains("no NCCL") && host.contains("no-nccl.so") && host.contains("summed by MPI through the host"), host)
+        let device = try run("nccl", ranks: 2, collective: "nccl", nccl: standIn)
+        XCTAssertTrue(device.contains("summed by NCCL on the GPUs"), device)
+        try assertSameAdapter(scratch.file("one/adapter.safetensors"), scratch.file("host/adapter.safetensors"))
+        XCTAssertEqual(try adapter(scratch.file("host/adapter.safetensors")), try adapter(scratch.file("nccl/adapter.safetensors")),
+                       "NCCL's sum and MPI's, each divided by 2, are the same floats")
+
+        // --collective nccl without NCCL is an error on every rank, not a silent fallback; on the CPU, a usage error.
+        let arguments = trainArguments(scratch, output: "none", batch: 2, steps: 1, backend: ["--backend", "cuda", "--device", "0", "--collective", "nccl"])
+        let missing = try runRanks(2, arguments, environment: ["PEA_CUDA_LIB": CUDABackendParityTests.emulatedLibraryPath,
+                                                              "PEA_NCCL_LIB": scratch.file("no-nccl.so")])
+        XCTAssertNotEqual(missing.status, 0)
+        XCTAssertTrue(missing.stderr.contains("--collective nccl") && missing.stderr.contains("no-nccl.so"), missing.stderr)
+        let cpu = try runRanks(2, trainArguments(scratch, output: "none", batch: 2, steps: 1) + ["--collective", "nccl"])
+        XCTAssertNotEqual(cpu.status, 0)
+        XCTAssertTrue(cpu.stderr.contains("--collective nccl needs the CUDA backend"), cpu.stderr)
+        XCTAssertFalse(fileExists(scratch.file("none/adapter.safetensors")))
     }
 
     /// SIGTERM to rank 1 alone before step 3: the ranks agree on it in step 3's all-reduce, so both stop after step 3,

@@ -213,6 +213,9 @@ public final class PEATrainer {
     public let training: AdapterOptimization
     /// The ranks training this adapter together (`single`: this process alone).
     public let group: ProcessGroup
+    /// The in-place sum over the ranks of a device tensor (NCCL: `CUDABackend.allReduceSumInPlace`); nil: the
+    /// gradients go through the host and `group`'s MPI all-reduce.
+    public var deviceAllReduce: ((Tensor) throws -> Void)?
     public private(set) var step = 0
     public var adapter: PEAAdapter { training.adapter }
     public var optimizer: AdamW { training.optimizer }
@@ -326,11 +329,19 @@ public final class PEATrainer {
     /// One all-reduce of a fused f32 buffer — every adapter gradient (in `namedParameters` order), the four loss
     /// terms and the stop flag — then the sums divided by the rank count: the global batch's mean gradient and
     /// losses on every rank. A non-finite gradient on any rank makes every rank's sum non-finite, so all skip the
-    /// same f16 updates.
+    /// same f16 updates. With `deviceAllReduce` the gradients' buffer is summed on the device and only the five
+    /// host values go through MPI.
     func averageAcrossRanks(_ gradients: inout [String: Tensor], _ losses: inout DistillationLosses, _ stop: inout Bool) throws {
         let names = adapter.namedParameters.map(\.name)
         var buffer: [Float] = []
-        for name in names { buffer += try backend.downloadFloats(gradients[name]!) }
+        if let deviceAllReduce {
+            let fused = try backend.concat(names.map { try gradients[$0]!.reshaped([gradients[$0]!.count]) }, dim: 0)
+            try deviceAllReduce(fused)
+            let parts = try backend.split(backend.scale(fused, by: 1 / Float(group.size)), sizes: names.map { gradients[$0]!.count }, dim: 0)
+            for (name, part) in zip(names, parts) { gradients[name] = try part.reshaped(gradients[name]!.shape) }
+        } else {
+            for name in names { buffer += try backend.downloadFloats(gradients[name]!) }
+        }
         buffer += [losses.task, losses.logits, losses.features, losses.total, stop ? 1 : 0]
         try group.allReduceSum(&buffer)
         stop = buffer.removeLast() > 0
@@ -338,6 +349,7 @@ public final class PEATrainer {
         for i in buffer.indices { buffer[i] *= scale }
         losses = DistillationLosses(task: buffer[buffer.count - 4], logits: buffer[buffer.count - 3],
                                     features: buffer[buffer.count - 2], total: buffer[buffer.count - 1])
+        guard deviceAllReduce == nil else { return }
         var offset = 0
         for name in names {
             let shape = gradients[name]!.shape, count = shape.reduce(1, *)

@@ -101,6 +101,9 @@ public final class CUDALibrary {
     typealias ProfileStartFn = @convention(c) (Context?) -> Int32
     typealias ProfileStopFn = @convention(c) (Context?, UnsafeMutablePointer<pea_cuda_profile_entry>?, Int32,
                                               UnsafeMutablePointer<Int32>?, UnsafeMutablePointer<Double>?) -> Int32
+    typealias NCCLUniqueIdFn = @convention(c) (Context?, UnsafePointer<CChar>?, UnsafeMutablePointer<UInt8>?) -> Int32
+    typealias NCCLInitFn = @convention(c) (Context?, UnsafePointer<CChar>?, UnsafePointer<UInt8>?, Int32, Int32) -> Int32
+    typealias NCCLAllReduceFn = @convention(c) (Context?, UnsafeMutablePointer<Float>?, Int64) -> Int32
 
     // MARK: the functions
 
