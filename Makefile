@@ -252,7 +252,7 @@ cuda-test: $(TEST_OPS) libpea_cuda_emu.so libpea_nccl_emu.so
 	PEA_NCCL_LIB=./libpea_nccl_emu.so $(TEST_OPS) ./libpea_cuda_emu.so
 
 ## make gpu-check — on a machine with a GPU (nvcc + cuBLAS, no Swift): build libpea_cuda.so, run the op tests on the
-## GPU, then `./pea selftest --backend cuda`, the SD1.5 UNet and training step's per-op GPU profiles (`pea bench …
+## GPU (their NCCL all-reduce over one rank too, when libnccl.so.2 loads or PEA_NCCL_LIB names NCCL), then `./pea selftest --backend cuda`, the SD1.5 UNet and training step's per-op GPU profiles (`pea bench …
 ## --profile`) and the SDXL training step's device memory at 1024², batch 4, with and without gradient
 ## checkpointing (all written to benchmarks/PROFILES.md) and benchmarks/kernels_vs_torch.py (when torch imports)
 ## when a static `pea` was carried into the repository root (make gpu-bundle prepares such a folder)
