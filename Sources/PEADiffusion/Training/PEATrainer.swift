@@ -333,6 +333,9 @@ public final class PEATrainer {
     /// host values go through MPI.
     func averageAcrossRanks(_ gradients: inout [String: Tensor], _ losses: inout DistillationLosses, _ stop: inout Bool) throws {
         let names = adapter.namedParameters.map(\.name)
+        for name in names where gradients[name] == nil {
+            throw PEAError.backend("training step \(step + 1): no gradient for the adapter's '\(name)' to all-reduce")
+        }
         var buffer: [Float] = []
         if let deviceAllReduce {
             let fused = try backend.concat(names.map { try gradients[$0]!.reshaped([gradients[$0]!.count]) }, dim: 0)
