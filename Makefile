@@ -8,7 +8,7 @@ REF_VENV     := tools/reference/.venv
 NVCC         ?= $(shell command -v nvcc 2>/dev/null)
 CUDA_SOURCES := $(wildcard CKernels/cuda/*.cu)
 
-.PHONY: all build test bench fidelity fuzz cuda fixtures clean system-deps
+.PHONY: all build test bench fidelity fuzz cuda fixtures clean system-deps mpi
 
 all: build
 
@@ -37,10 +37,31 @@ system-deps:
 		fi; \
 	fi
 
-## make test — every unit and parity test (debug Swift; the C kernels are always -O3)
-test: system-deps emu-test cuda-emu cuda-test cuda-compile-check
+## make test — every unit and parity test (debug Swift; the C kernels are always -O3), the 2-rank training tests
+## under mpirun included (make mpi first)
+test: system-deps emu-test cuda-emu cuda-test cuda-compile-check mpi
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
+
+## make mpi — .build-mpi/libpea_mpi.so, the MPI shim pea loads under mpirun/srun (CKernels/mpi/pea_mpi.c), built
+## with the system MPI's mpicc; installs Debian's Open MPI (libopenmpi-dev, openmpi-bin) when mpicc or mpirun is
+## missing and we are root (CI), else explains. Build it against the MPI whose launcher starts pea.
+MPI_OUT := .build-mpi
+MPICC   ?= mpicc
+mpi: $(MPI_OUT)/libpea_mpi.so
+
+$(MPI_OUT)/libpea_mpi.so: CKernels/mpi/pea_mpi.c
+	@if ! command -v $(MPICC) >/dev/null || ! command -v mpirun >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing libopenmpi-dev and openmpi-bin (MPI for the multi-process training tests)"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libopenmpi-dev openmpi-bin >/dev/null || \
+			{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libopenmpi-dev openmpi-bin >/dev/null; }; \
+		else \
+			echo "make mpi: $(MPICC) or mpirun was not found: install an MPI (Debian/Ubuntu: libopenmpi-dev openmpi-bin; or MPICH), or set MPICC="; exit 1; \
+		fi; \
+	fi
+	@mkdir -p $(@D)
+	$(MPICC) -O2 -Wall -Wextra -fPIC -shared -o $@ $<
 
 ## make bench — every side-by-side benchmark, ours beside the reference with the ratio printed (recorded runs:
 ## benchmarks/RESULTS.md): GEMM against numpy; the SD1.5 UNet forward and the PEA training step against
@@ -118,7 +139,7 @@ $(REF_VENV)/.installed: tools/reference/requirements.txt
 ## make clean — removes every build folder and library the targets here create (not tools/reference/.venv,
 ## the reference libraries `make fixtures` installs)
 clean:
-	rm -rf .build $(EMU_OUT) libpea_cuda_emu.so $(CUDA_OUT) libpea_cuda.so $(BUNDLE_OUT) $(STATIC_SCRATCH) $(NVCC13_VENV)
+	rm -rf .build $(MPI_OUT) $(EMU_OUT) libpea_cuda_emu.so libpea_nccl_emu.so $(CUDA_OUT) libpea_cuda.so $(BUNDLE_OUT) $(STATIC_SCRATCH) $(NVCC13_VENV)
 
 # ---------------------------------------------------------------------------------------------------------
 # The CUDA sources without a GPU (CKernels/emu/README.md). The same .cu files build with nvcc (make cuda) and
@@ -141,11 +162,15 @@ emu-test: $(EMU_TESTS) $(EMU_OUT)/test_dlopen libpea_cuda_emu.so
 	@for t in $(EMU_TESTS); do $$t || exit 1; done
 	@$(EMU_OUT)/test_dlopen ./libpea_cuda_emu.so
 
-## make cuda-emu — libpea_cuda_emu.so: CKernels/cuda/*.cu built for the CPU against the emulator (dlopen it like libpea_cuda.so)
-cuda-emu: libpea_cuda_emu.so
+## make cuda-emu — libpea_cuda_emu.so: CKernels/cuda/*.cu built for the CPU against the emulator (dlopen it like
+## libpea_cuda.so), and libpea_nccl_emu.so, its NCCL stand-in (PEA_NCCL_LIB; all-reduces through the MPI shim)
+cuda-emu: libpea_cuda_emu.so libpea_nccl_emu.so
 
 libpea_cuda_emu.so: $(EMU_CUDA_OBJ) $(EMU_RT_OBJ)
-	$(EMU_CXX) -shared -pthread -Wl,-Bsymbolic -Wl,-z,nodelete -o $@ $^
+	$(EMU_CXX) -shared -pthread -Wl,-Bsymbolic -Wl,-z,nodelete -o $@ $^ -ldl
+
+libpea_nccl_emu.so: CKernels/emu/nccl_standin.c
+	$(CC) -O2 -Wall -Wextra -fPIC -shared -o $@ $< -ldl
 
 ## make cuda-compile-check — every .cu under CKernels/cuda through the real nvcc (sm_80, sm_90); installs Debian's toolkit as root
 cuda-compile-check:
@@ -163,7 +188,7 @@ cuda13-compile-check:
 		NVCC=$$nvcc NVCC_FLAGS="-I$$cu/include -I$$cu/cccl" tools/emu/cuda-compile-check.sh
 
 clean-emu:
-	rm -rf $(EMU_OUT) libpea_cuda_emu.so
+	rm -rf $(EMU_OUT) libpea_cuda_emu.so libpea_nccl_emu.so
 
 $(EMU_OUT)/rt/%.o: CKernels/emu/src/%.cpp
 	@mkdir -p $(@D)
@@ -223,11 +248,11 @@ CPU_REF_OBJ := $(patsubst CKernels/cpu/%.c,$(EMU_OUT)/cpu/%.o,$(wildcard CKernel
 TEST_OPS    := $(EMU_OUT)/test_ops
 
 ## make cuda-test — every pea_cuda_* op of the emulated CUDA library against the CPU kernels (part of make test)
-cuda-test: $(TEST_OPS) libpea_cuda_emu.so
-	$(TEST_OPS) ./libpea_cuda_emu.so
+cuda-test: $(TEST_OPS) libpea_cuda_emu.so libpea_nccl_emu.so
+	PEA_NCCL_LIB=./libpea_nccl_emu.so $(TEST_OPS) ./libpea_cuda_emu.so
 
 ## make gpu-check — on a machine with a GPU (nvcc + cuBLAS, no Swift): build libpea_cuda.so, run the op tests on the
-## GPU, then `./pea selftest --backend cuda`, the SD1.5 UNet and training step's per-op GPU profiles (`pea bench …
+## GPU (their NCCL all-reduce over one rank too, when libnccl.so.2 loads or PEA_NCCL_LIB names NCCL), then `./pea selftest --backend cuda`, the SD1.5 UNet and training step's per-op GPU profiles (`pea bench …
 ## --profile`) and the SDXL training step's device memory at 1024², batch 4, with and without gradient
 ## checkpointing (all written to benchmarks/PROFILES.md) and benchmarks/kernels_vs_torch.py (when torch imports)
 ## when a static `pea` was carried into the repository root (make gpu-bundle prepares such a folder)
@@ -303,7 +328,7 @@ $(CUDA_OUT)/obj/%.o: CKernels/cuda/%.cu
 	$(CUDA_NVCC) -std=c++17 -O3 $(CUDA_ARCH) -Xcompiler -fPIC -ICKernels/include $(NVCC_FLAGS) -MMD -MP -c $< -o $@
 
 $(CUDA_LIB): $(CUDA_OBJ)
-	$(CUDA_NVCC) -shared $(CUDA_ARCH) -Xcompiler -fPIC $(NVCC_FLAGS) $^ -lcublasLt -lcublas -o $@
+	$(CUDA_NVCC) -shared $(CUDA_ARCH) -Xcompiler -fPIC $(NVCC_FLAGS) $^ -lcublasLt -lcublas -ldl -o $@
 
 $(EMU_OUT)/cpu/%.o: CKernels/cpu/%.c
 	@mkdir -p $(@D)

@@ -110,6 +110,7 @@ extern "C" void pea_cuda_destroy(pea_cuda_context *ctx) {
     if (ctx->cublas) cublasDestroy(ctx->cublas);
     pea_lt_plans_destroy(ctx);
     pea_profile_destroy(ctx);
+    pea_nccl_destroy(ctx);
     if (ctx->cublaslt) cublasLtDestroy(ctx->cublaslt);
     if (ctx->stream) cudaStreamDestroy(ctx->stream);
     cudaGetLastError(); /* leave no error behind for the next context on this thread */

@@ -106,6 +106,8 @@ struct pea_cuda_context {
     int clock_khz; /* 0 until pea_cuda_spin first asks */
 
     pea_profile *profile; /* the profile's events and totals, from the first pea_cuda_profile_start on */
+
+    struct pea_nccl *nccl; /* NCCL's functions and communicator (collective.cu), from the first pea_cuda_nccl_* call on */
 };
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -132,6 +134,8 @@ int pea_check_device_error(pea_cuda_context *ctx, const char *op);
 void pea_profile_begin(pea_cuda_context *ctx, const char *op);
 void pea_profile_end(pea_cuda_context *ctx);
 void pea_profile_destroy(pea_cuda_context *ctx);
+/* Frees the NCCL communicator (collective.cu); the library stays loaded. */
+void pea_nccl_destroy(pea_cuda_context *ctx);
 /* Brackets an op call while a profile runs (PEA_OP): an event pair around the outermost call's queued work. */
 struct pea_op_scope {
     pea_cuda_context *ctx;

@@ -188,6 +188,19 @@ int pea_cuda_adamw(pea_cuda_context *ctx, const float *p, const float *m, const 
 /* *sum = ck_sum_squares_f32(x, n) bit for bit (the same blocks and order, in f64); waits for the result. */
 int pea_cuda_sum_squares(pea_cuda_context *ctx, const float *x, int64_t n, double *sum);
 
+/* --- collectives (NCCL, loaded at run time) -------------------------------------------------------------- */
+
+/* The library never links NCCL: it dlopens `library` (a path; NULL: $PEA_NCCL_LIB, else libnccl.so.2, which the
+ * nvidia-nccl-cu12/cu13 wheels ship) on first use; NO_DEVICE when it cannot (the caller falls back to MPI). */
+#define PEA_CUDA_NCCL_ID_BYTES 128
+/* A new communicator's id (ncclGetUniqueId), PEA_CUDA_NCCL_ID_BYTES bytes: rank 0 makes it, every rank gets it. */
+int pea_cuda_nccl_unique_id(pea_cuda_context *ctx, const char *library, unsigned char *id);
+/* Joins the communicator `id` names as `rank` of `ranks` on ctx's device (ncclCommInitRank; every rank calls it). */
+int pea_cuda_nccl_init(pea_cuda_context *ctx, const char *library, const unsigned char *id, int ranks, int rank);
+/* The sum over the communicator's ranks of n f32 values at x (device memory), in place, ordered after the ops
+ * queued on ctx's stream; returns when it is done. */
+int pea_cuda_nccl_allreduce_sum_f32(pea_cuda_context *ctx, float *x, int64_t n);
+
 /* --- the function list ------------------------------------------------------------------------------------ */
 
 /* Every function above, once: REQUIRED(name) for those a loader refuses a library without (context, memory),
@@ -212,7 +225,8 @@ int pea_cuda_sum_squares(pea_cuda_context *ctx, const float *x, int64_t n, doubl
     OPTIONAL(pea_cuda_layer_norm_backward) OPTIONAL(pea_cuda_softmax_backward)                               \
     OPTIONAL(pea_cuda_activation_backward) OPTIONAL(pea_cuda_geglu_backward)                                 \
     OPTIONAL(pea_cuda_upsample_nearest2x_backward) OPTIONAL(pea_cuda_attention_backward)                   \
-    OPTIONAL(pea_cuda_adamw) OPTIONAL(pea_cuda_sum_squares)
+    OPTIONAL(pea_cuda_adamw) OPTIONAL(pea_cuda_sum_squares)                                                \
+    OPTIONAL(pea_cuda_nccl_unique_id) OPTIONAL(pea_cuda_nccl_init) OPTIONAL(pea_cuda_nccl_allreduce_sum_f32)
 
 /* The name of function `index` of PEA_CUDA_FUNCTIONS (NULL past the end) and, in *required, whether it is
  * required. Compiled into the Swift package (which never links the library itself), so the Swift loader binds

@@ -21,7 +21,9 @@ enum BackendOptions {
     static let threads = CommandOption.value("--threads", "T", .range(0...4096),
                                              help: "CPU threads (default: every online CPU)")
     static let device = CommandOption.value("--device", "N", default: "0", .range(0...1023),
-                                            help: "the CUDA device to use, numbered as CUDA_VISIBLE_DEVICES leaves them")
+                                            help: "the CUDA device to use, numbered as CUDA_VISIBLE_DEVICES leaves them",
+                                            defaultNote: "; under mpirun or srun, pea train and pea generate --prompts take the rank's "
+                                                + "local rank modulo the visible devices")
     static let weights = CommandOption.value(
         "--weights", "f32|bf16|f16", default: "f32", .choices(["f32", "bf16", "f16"]),
         help: "how the CPU backend holds weight matrices (linear and convolution weights): bf16 or f16 halve their memory; "
@@ -34,7 +36,8 @@ enum BackendOptions {
     static let precisionNames = BackendSelection.Precision.allCases.map(\.rawValue)
 
     /// The backend and dtype the options select; the CUDA fallback notice goes to stderr.
-    static func select(_ options: ParsedOptions) throws -> BackendSelection {
+    /// `defaultDevice`: the CUDA device when --device is not given (a launched rank's local rank).
+    static func select(_ options: ParsedOptions, defaultDevice: Int? = nil) throws -> BackendSelection {
         let command = options.command
         let precisionName = try options.string(precision)
         if options.has(device), try options.string(backend) == BackendSelection.Choice.cpu.rawValue {
@@ -44,7 +47,7 @@ enum BackendOptions {
             let halfWeights: DType? = switch try options.string(weights) { case "bf16": .bf16; case "f16": .f16; default: nil }
             let selection = try BackendSelection(BackendSelection.Choice(rawValue: options.string(backend))!,
                                                  precision: BackendSelection.Precision(rawValue: precisionName)!,
-                                                 threads: options.optionalInt(threads) ?? 0, device: options.int(device),
+                                                 threads: options.optionalInt(threads) ?? 0, device: options.has(device) ? options.int(device) : defaultDevice ?? options.int(device),
                                                  halfWeights: halfWeights)
             if let notice = selection.fallbackNotice { fputs("pea: \(notice)\n", stderr) }
             return selection

@@ -15,6 +15,7 @@ Subcommands:
   kernels  time single ops (norms, attention, conv, GEMM, elementwise) at SD1.5 shapes (see 'pea bench kernels --help')
   train-step  time one PEA distillation step (teacher, student, losses, backward, AdamW) at a config's size
            (see 'pea bench train-step --help')
+  allreduce  under mpirun/srun: time the all-reduce of the adapter's gradients (see 'pea bench allreduce --help')
 """
 
 /// `pea bench gemm`'s options, declared once for its parser and its help.
@@ -47,7 +48,7 @@ func runBench(_ arguments: [String]) throws {
             if CommandSpec.asksForHelp(rest) { print(BenchGEMMOptions.spec.help); return }
             try runGEMMBench(rest)
         },
-        "unet": runBenchUNet, "kernels": runBenchKernels, "train-step": runBenchTrainStep,
+        "unet": runBenchUNet, "kernels": runBenchKernels, "train-step": runBenchTrainStep, "allreduce": runBenchAllReduce,
     ]).run(arguments)
 }
 

@@ -51,7 +51,8 @@ enum GenerateOptions {
         "--shard", "K/N|auto",
         help: "take items K, K+N, K+2N, … (0 ≤ K < N) of the file; auto: K and N from a Slurm job array "
             + "(SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_COUNT) or a Kubernetes Indexed Job "
-            + "(JOB_COMPLETION_INDEX, with --shards N)")
+            + "(JOB_COMPLETION_INDEX, with --shards N), and within it the process's rank under mpirun or srun "
+            + "(OMPI_COMM_WORLD_RANK/SIZE, PMI_RANK/SIZE, SLURM_PROCID/SLURM_STEP_NUM_TASKS; no MPI needed)")
     static let shards = CommandOption.value("--shards", "N", .range(1...1_000_000),
                                             help: "with --shard auto in a Kubernetes Indexed Job: its completions")
     static let overwrite = CommandOption.flag(

@@ -38,7 +38,8 @@ func runGenerateJob(_ file: String, _ options: ParsedOptions) throws {
     // The rest of what can be refused at once comes before OUT is touched: its job.json names the model.
     try model.requireModel()
     let requestedBatchSize = try options.optionalInt(O.batchSize)
-    let selection = try BackendOptions.select(options)
+    // Under mpirun/srun each process takes the GPU of its rank on the node (--device overrides).
+    let selection = try BackendOptions.select(options, defaultDevice: try LaunchEnvironment.currentJob()?.device())
     var manifestSettings = ["model": model.folder, "text_encoder": model.pea?.encoder ?? "", "adapter": model.pea?.adapter ?? "",
                             "clip_skip": String(settings.clipSkip), "format": format.rawValue]
     for option in [O.variant, O.maxLength, BackendOptions.precision] {
@@ -204,7 +205,7 @@ private func jobShard(_ options: ParsedOptions) throws -> JobShard {
         return .whole
     }
     if text == "auto" {
-        var environment: [String: String] = [:]
+        var environment = LaunchEnvironment.processEnvironment()
         for name in ["SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT", "JOB_COMPLETION_INDEX"] {
             if let value = getenv(name) { environment[name] = String(cString: value) }
         }

@@ -27,7 +27,9 @@ enum TrainOptions {
         "--output", "DIR", help: "checkpoints: DIR/checkpoint-STEP/ every --save-every steps, and the final adapter in "
             + "DIR/adapter.safetensors (+ DIR/optimizer.safetensors for resuming)")
     static let steps = CommandOption.value("--steps", "N", .range(1...100_000_000), help: "optimiser steps (required)")
-    static let batchSize = CommandOption.value("--batch-size", "B", default: "4", .range(1...4096), help: "samples per step")
+    static let batchSize = CommandOption.value(
+        "--batch-size", "B", default: "4", .range(1...4096),
+        help: "samples per step and process: under mpirun or srun, per rank (the global batch is ranks × B)")
     static let lr = CommandOption.value("--lr", "LR", default: "1e-5", help: "peak learning rate",
                                         defaultNote: ", the released scripts'")
     static let minLR = CommandOption.value("--min-lr", "LR", default: "5e-8", help: "learning rate at the end of the decay")
@@ -86,6 +88,11 @@ enum TrainOptions {
     static let saveEvery = CommandOption.value(
         "--save-every", "N", default: "0", .range(0...100_000_000), help: "checkpoint every N steps",
         defaultNote: ": only at the end")
+    static let collective = CommandOption.value(
+        "--collective", "auto|nccl|mpi", default: "auto", .choices(["auto", "nccl", "mpi"]),
+        help: "under mpirun or srun, how the ranks sum their gradients: nccl on the GPUs (the CUDA backend; NCCL's "
+            + "libnccl.so.2, e.g. from the nvidia-nccl-cu12 wheel, loaded at run time, or PEA_NCCL_LIB), mpi through the "
+            + "host (MPI_Allreduce); auto: nccl on the CUDA backend when NCCL loads, else mpi")
     static let resume = CommandOption.value(
         "--resume", "DIR", help: "continue from a checkpoint folder (DIR/checkpoint-STEP or the --output DIR)")
     static let latentCache = CommandOption.value(
@@ -147,7 +154,7 @@ enum TrainOptions {
         groups: [
             .init("Options", [model, textEncoder, data, maxLength, output, steps, batchSize, lr, minLR, warmupSteps, weightDecay,
                               maxGradNorm, resolution, buckets, crop, noiseOffset, gradientCheckpointing, hybrid, uncondProb, featureWeight, taskWeight, biasStrategy,
-                              biasMultiplier, biasPortion, biasBegin, biasEnd, seed, saveEvery, resume, latentCache,
+                              biasMultiplier, biasPortion, biasBegin, biasEnd, seed, saveEvery, collective, resume, latentCache,
                               initAdapter, adapterHidden, adapterLayers, GenerateOptions.config, GenerateOptions.tokenizer,
                               GenerateOptions.predictionType, GenerateOptions.vae, lora] + BackendOptions.all),
             .init("Validation (samples from the adapter as it trains)",
@@ -173,12 +180,37 @@ enum TrainOptions {
             Stopping: on SIGINT (Ctrl-C) or SIGTERM the step in progress finishes, a checkpoint is saved to
             OUTPUT/checkpoint-STEP and pea exits with status 128 + the signal's number; a second signal stops it at once.
             Checkpoint folders appear whole or not at all, and a run removes the temporaries that killed runs left in OUTPUT.
+
+            Several processes (GPUs, machines): mpirun -np N pea train … or srun pea train … (the MPI shim: make mpi,
+            or PEA_MPI_LIB) trains data-parallel: --batch-size is per rank, rank r trains on its rows of each global
+            batch of N × B (the same random values as one process with batch N × B), gradients are averaged across
+            ranks (NCCL or MPI: --collective) before clipping and AdamW, each rank uses the GPU of its local rank
+            (modulo those CUDA_VISIBLE_DEVICES leaves it) unless --device is given, and rank 0 alone prints and
+            writes OUTPUT. A rank that fails ends the job (MPI_Abort) naming itself; --resume may use another rank
+            count. OUTPUT must be on a filesystem every rank sees. See examples/slurm-train.sh.
             """)
 }
 
 func runTrain(_ arguments: [String]) throws {
+    if CommandSpec.asksForHelp(arguments) { print(TrainOptions.spec.help); return }
+    // Under a launcher every rank runs the same command; a rank that fails names itself and ends the whole job
+    // (MPI_Abort), since the others would wait for it in the next all-reduce.
+    let group = try ProcessGroup.join()
+    do {
+        try train(arguments, group: group)
+    } catch let error where group.size > 1 {
+        fputs("pea train: \(group.name) failed: \(error)\n", stderr)
+        group.abort((error as? PEAError)?.isUsage == true ? 2 : 1)
+    }
+    try group.finish()
+}
+
+/// `pea train` as one rank of `group` (the whole job when it is `single`): rank 0 alone writes logs, checkpoints,
+/// validation images and the final adapter.
+private func train(_ arguments: [String], group: ProcessGroup) throws {
     typealias O = TrainOptions
-    if CommandSpec.asksForHelp(arguments) { print(O.spec.help); return }
+    /// Progress for the terminal: rank 0's alone, the others' would repeat it.
+    func say(_ line: String) { if group.isRoot { fputs(line + "\n", stderr) } }
     let options = try O.spec.parse(arguments)
     let model = try options.string(O.model)
     let encoderFolder = try options.string(O.textEncoder)
@@ -222,7 +254,7 @@ func runTrain(_ arguments: [String]) throws {
     settings.saveEvery = try options.int(O.saveEvery)
     let validation = try validationOptions(options)
 
-    let selection = try BackendOptions.select(options)
+    let selection = try BackendOptions.select(options, defaultDevice: group.launch?.device())
     let backend = selection.backend
     // The teacher is the English pipeline `pea generate` loads from the same --model/--lora/--vae/--config options.
     let teacher = try DistillationTeacher(
@@ -264,16 +296,17 @@ func runTrain(_ arguments: [String]) throws {
     var shownSkips = 0
     dataset.onSkip = { skip in
         shownSkips += 1
-        if shownSkips <= 10 { fputs("pea train: skipped \(skip.id): \(skip.message)\n", stderr) }
-        if shownSkips == 10 { fputs("pea train: (further skips are counted, not shown)\n", stderr) }
+        if shownSkips <= 10 { say("pea train: skipped \(skip.id): \(skip.message)") }
+        if shownSkips == 10 { say("pea train: (further skips are counted, not shown)") }
     }
     // Latents are the VAE's: a --vae swap is another cache namespace (LoRAs and --config do not touch the VAE's weights).
     let vaeFile = try options.optionalString(GenerateOptions.vae)
     let namespace = model + (vaeFile.map { "\u{0}--vae \($0)" } ?? "")
     let cache = try options.optionalString(O.latentCache).map { try LatentCache(folder: $0, namespace: namespace) }
     let trainer = try PEATrainer(teacher: teacher, student: student, adapter: adapter, dataset: dataset,
-                                 options: settings, backend: backend, latentCache: cache)
-    let validator = try validation.map {
+                                 options: settings, backend: backend, latentCache: cache, group: group)
+    try chooseCollective(try options.string(O.collective), trainer: trainer, group: group, say: say)
+    let validator = try (group.isRoot ? validation : nil).map {
         // With buckets and no --resolution: a trained size, the bucket nearest a square (640x640 of sdxl's).
         let size = options.has(O.resolution) ? nil : settings.buckets.map { $0.sizes[$0.nearest(width: 1, height: 1)] }
         return try TrainingValidator(teacher: teacher, student: student, options: $0, width: size?.width ?? settings.resolution,
@@ -281,26 +314,34 @@ func runTrain(_ arguments: [String]) throws {
     }
     if let resume = try options.optionalString(O.resume) {
         try trainer.resume(from: resume)
-        fputs("pea train: resumed at step \(trainer.step) from \(resume)\n", stderr)
+        say("pea train: resumed at step \(trainer.step) from \(resume)")
     }
     let head = trainer.adapter.isSDXL ? " + fc→\(trainer.adapter.outputDim)" : ""
     let sizes = settings.buckets.map { "in buckets \($0)" } ?? "at \(settings.resolution)²"
-    fputs("pea train: adapter \(trainer.adapter.widths.map(String.init).joined(separator: "→"))\(head) (\(trainer.adapter.parameterCount) parameters), "
-          + "\(settings.steps) steps of \(settings.batchSize) \(sizes), \(backend.name)\n", stderr)
-    for path in removeStaleTemporaries(in: output) { fputs("pea train: removed \(path), left by a killed run\n", stderr) }
-    let metrics = try TrainingMetricsLog(path: joinPath(output, "metrics.jsonl"), startingAfter: trainer.step)
+    let ranks = group.size > 1 ? " on each of \(group.size) ranks (global batch \(group.size * settings.batchSize))" : ""
+    say("pea train: adapter \(trainer.adapter.widths.map(String.init).joined(separator: "→"))\(head) (\(trainer.adapter.parameterCount) parameters), "
+        + "\(settings.steps) steps of \(settings.batchSize)\(ranks) \(sizes), \(backend.name)")
+    let metrics = group.isRoot ? try TrainingMetricsLog(path: joinPath(output, "metrics.jsonl"), startingAfter: trainer.step) : nil
+    if group.isRoot {
+        for path in removeStaleTemporaries(in: output) { say("pea train: removed \(path), left by a killed run") }
+    }
 
+    /// Rank 0 writes it (after the step's all-reduce: every rank holds the same adapter); every rank gets its path.
     func saveCheckpoint() throws -> String {
         let folder = joinPath(output, "checkpoint-\(trainer.step)")
+        guard group.isRoot else { return folder }
         try trainer.saveCheckpoint(to: folder)
-        fputs("pea train: saved \(folder)\n", stderr)
+        say("pea train: saved \(folder)")
         return folder
     }
+    let fault = try TrainingFault.fromEnvironment(group: group)
     StopRequest.install()
     var times: [Double] = []
     while trainer.step < settings.steps {
+        try fault?.strike(beforeStep: trainer.step + 1, rank: group.rank)
         let report: TrainingStepReport
-        do { report = try trainer.trainStep() } catch PEAError.backend(let message, let kind) {
+        // Under a launcher the ranks agree in the step's all-reduce whether one was signalled.
+        do { report = try trainer.trainStep(requestingStop: StopRequest.received != nil) } catch PEAError.backend(let message, let kind) {
             throw PEAError.backend("pea train: \(message)", kind: kind)   // the library's error, in the command's context
         }
         times.append(report.seconds)
@@ -312,28 +353,78 @@ func runTrain(_ arguments: [String]) throws {
             + "\(short(Float(report.seconds))) s/step  ETA \(clock(perStep * Double(settings.steps - report.step)))"
         if report.overflowSkipped { line += "  (f16 overflow: update skipped, loss scale \(trainer.lossScale))" }
         if report.skipped.total > 0 { line += "  skipped records: \(report.skipped)" }
-        fputs(line + "\n", stderr)
+        say(line)
         var grid: String?
         if let validator, validator.options.isDue(step: report.step, totalSteps: settings.steps) {
             let start = monotonicSeconds()
             grid = try validator.write(adapter: trainer.adapter, step: report.step, output: output)
-            fputs("pea train: validation \(grid!) (\(short(Float(monotonicSeconds() - start))) s)\n", stderr)
+            say("pea train: validation \(grid!) (\(short(Float(monotonicSeconds() - start))) s)")
         }
-        try metrics.append(report, validation: grid)
+        try metrics?.append(report, validation: grid)
         guard report.step < settings.steps else { break }   // the last step: the final save follows
         var saved: String?
         if settings.saveEvery > 0, report.step % settings.saveEvery == 0 { saved = try saveCheckpoint() }
-        if let signal = StopRequest.received {
+        if report.stopRequested || (group.size == 1 && StopRequest.received != nil) {
+            let signal = StopRequest.received ?? SIGTERM   // a rank that was not signalled itself stops with its peers
             let folder = try saved ?? saveCheckpoint()
-            fputs("pea train: stopped by \(signal == SIGINT ? "SIGINT" : "SIGTERM") after step \(report.step) of \(settings.steps); "
-                  + "continue with --resume \(folder)\n", stderr)
+            say("pea train: stopped by \(signal == SIGINT ? "SIGINT" : "SIGTERM") after step \(report.step) of \(settings.steps); "
+                + "continue with --resume \(folder)")
+            try group.finish()
             exit(128 + signal)   // the shell's status for a process that a signal stopped
         }
     }
+    guard group.isRoot else { return }
     // The output folder holds more than the checkpoint, so its two files are replaced one by one (the step in
     // both tells a torn pair).
     try trainer.writeCheckpointFiles(into: output)
     print(joinPath(output, "adapter.safetensors"))
+}
+
+/// --collective: NCCL on the device for the CUDA backend's ranks when asked (or, with auto, when it loads), else
+/// MPI through the host; nothing for a single process.
+private func chooseCollective(_ choice: String, trainer: PEATrainer, group: ProcessGroup, say: (String) -> Void) throws {
+    guard group.size > 1, choice != "mpi" else { return }
+    guard let cuda = trainer.backend as? CUDABackend else {
+        if choice == "nccl" { throw PEAError.usage("train: --collective nccl needs the CUDA backend (this run uses \(trainer.backend.name))") }
+        return
+    }
+    var reason = ""
+    if try cuda.joinNCCL(group, reason: &reason) {
+        trainer.deviceAllReduce = { try cuda.allReduceSumInPlace($0) }
+        say("pea train: the ranks' gradients are summed by NCCL on the GPUs")
+    } else if choice == "nccl" {
+        throw PEAError.backend("train: --collective nccl: \(reason)", kind: .unavailable)
+    } else {
+        say("pea train: no NCCL (\(reason)); the ranks' gradients are summed by MPI through the host")
+    }
+}
+
+/// A fault on purpose, FOR TESTS ONLY (DistributedTrainingTests): PEA_TEST_FAULT=RANK:STEP:throw makes that rank
+/// throw an error before that step, RANK:STEP:kill makes it SIGKILL itself there, RANK:STEP:term sends it SIGTERM
+/// there — how the tests check that one failing or dying rank ends the whole job and leaves the last checkpoint
+/// whole, and that a signal to one rank stops every rank after the same step. Unset in every real run.
+private struct TrainingFault {
+    enum Kind: String { case `throw`, kill, term }
+    let rank: Int, step: Int, kind: Kind
+
+    static func fromEnvironment(group: ProcessGroup) throws -> TrainingFault? {
+        guard let variable = getenv("PEA_TEST_FAULT") else { return nil }
+        let text = String(cString: variable)
+        let parts = text.split(separator: ":").map(String.init)
+        guard parts.count == 3, let rank = Int(parts[0]), let step = Int(parts[1]), let kind = Kind(rawValue: parts[2]) else {
+            throw PEAError.usage("train: PEA_TEST_FAULT (a test hook) must be RANK:STEP:throw, RANK:STEP:kill or RANK:STEP:term, got '\(text)'")
+        }
+        return TrainingFault(rank: rank, step: step, kind: kind)
+    }
+
+    func strike(beforeStep next: Int, rank current: Int) throws {
+        guard current == rank, next == step else { return }
+        switch kind {
+        case .kill: raise(SIGKILL)
+        case .term: raise(SIGTERM)   // StopRequest's handler records it; the step goes on
+        case .throw: throw PEAError.backend("PEA_TEST_FAULT: rank \(rank) fails before step \(step), as the test asked")
+        }
+    }
 }
 
 /// The --validation-* options (nil without --validation-prompt); every mistake is a usage error, found before

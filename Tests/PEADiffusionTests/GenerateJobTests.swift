@@ -118,6 +118,20 @@ final class GenerateJobTests: XCTestCase {
         assertThrowsError(containing: ["disagrees"]) { try JobShard.automatic(environment: slurm, shards: 4) }
         assertThrowsError(containing: ["SLURM_ARRAY_TASK_COUNT"]) { try JobShard.automatic(environment: ["SLURM_ARRAY_TASK_ID": "1"], shards: nil) }
         assertThrowsError(containing: ["neither a Slurm job array"]) { try JobShard.automatic(environment: [:], shards: 2) }
+        // A launcher's job (mpirun, MPICH, srun): its rank of its size, within a job array's task when there is one;
+        // a one-process launch is no shard.
+        let mpirun = ["OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1"]
+        XCTAssertEqual(try JobShard.automatic(environment: mpirun, shards: nil), JobShard(index: 3, count: 4))
+        XCTAssertEqual(try JobShard.automatic(environment: ["PMI_SIZE": "2", "PMI_RANK": "1"], shards: nil), JobShard(index: 1, count: 2))
+        let srun = ["SLURM_STEP_NUM_TASKS": "16", "SLURM_PROCID": "9", "SLURM_LOCALID": "1"]
+        XCTAssertEqual(try JobShard.automatic(environment: srun, shards: nil), JobShard(index: 9, count: 16))
+        XCTAssertEqual(try JobShard.automatic(environment: srun.merging(slurm) { $1 }, shards: nil), JobShard(index: 1 * 16 + 9, count: 48))
+        assertThrowsError(containing: ["neither a Slurm job array"]) {
+            try JobShard.automatic(environment: ["OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"], shards: nil)
+        }
+        assertThrowsError(containing: ["OMPI_COMM_WORLD_RANK", "'4'"]) {
+            try JobShard.automatic(environment: ["OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "4"], shards: nil)
+        }
     }
 
     func testBatchesHoldCompatibleItemsUpToTheSize() throws {

@@ -13,8 +13,14 @@ func runPea(_ arguments: [String], environment changes: [String: String?] = [:],
     guard FileManager.default.isExecutableFile(atPath: peaExecutablePath) else {
         throw XCTSkip("the pea executable is not built at \(peaExecutablePath)")
     }
+    return try runProgram(peaExecutablePath, arguments, environment: changes, directory: directory)
+}
+
+/// Runs the program at `executable` as `runPea` runs pea (a launcher such as mpirun in front of it, say).
+func runProgram(_ executable: String, _ arguments: [String], environment changes: [String: String?] = [:], directory: String? = nil) throws
+    -> (status: Int32, stdout: String, stderr: String) {
     let process = Process()
-    process.executableURL = URL(fileURLWithPath: peaExecutablePath)
+    process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
     var environment = ProcessInfo.processInfo.environment
     for (key, value) in changes { environment[key] = value }

@@ -413,6 +413,37 @@ static void test_optimizer() {
                  PEA_CUDA_ERROR_INVALID, "sum_squares");
 }
 
+/* The NCCL all-reduce (collective.cu) on a communicator of one rank, where the sum is the values themselves, in
+ * place, after queued work. NCCL comes from $PEA_NCCL_LIB (make cuda-test: the emulator's stand-in,
+ * libpea_nccl_emu.so) or libnccl.so.2; without either, every call must say so (NO_DEVICE, naming the op). */
+static void test_collective() {
+    g_phase = "collective";
+    const int64_t n = 1000;
+    std::vector<float> x = rvec(n);
+    Dev dx = up(x, CK_F32), dy(n * 4);
+    expect_error("nccl_allreduce before nccl_init", L.pea_cuda_nccl_allreduce_sum_f32(g_ctx, dx.at<float>(), n),
+                 PEA_CUDA_ERROR_INVALID, "nccl_allreduce_sum_f32");
+    unsigned char id[PEA_CUDA_NCCL_ID_BYTES] = {0};
+    const int rc = L.pea_cuda_nccl_unique_id(g_ctx, nullptr, id);
+    if (rc == PEA_CUDA_ERROR_NO_DEVICE) {
+        expect_error("nccl_unique_id without NCCL", rc, PEA_CUDA_ERROR_NO_DEVICE, "nccl_unique_id");
+        expect_error("nccl_init without NCCL", L.pea_cuda_nccl_init(g_ctx, nullptr, id, 1, 0), PEA_CUDA_ERROR_NO_DEVICE,
+                     "nccl_init");
+        printf("     (no NCCL here: set PEA_NCCL_LIB to test the all-reduce)\n");
+        return;
+    }
+    OK(rc);
+    expect_error("nccl_init of rank 1 of 1", L.pea_cuda_nccl_init(g_ctx, nullptr, id, 1, 1), PEA_CUDA_ERROR_INVALID, "nccl_init");
+    OK(L.pea_cuda_nccl_init(g_ctx, nullptr, id, 1, 0));
+    /* queued work first: y = x · 1 on the stream, then the all-reduce of y */
+    OK(L.pea_cuda_affine(g_ctx, CK_F32, dx.p, dy.p, n, 1.0f, 0.0f));
+    OK(L.pea_cuda_nccl_allreduce_sum_f32(g_ctx, dy.at<float>(), n));
+    CHECK(bits(down(dy.p, n, CK_F32)) == bits(x), "nccl all-reduce over one rank changed the values");
+    OK(L.pea_cuda_nccl_allreduce_sum_f32(g_ctx, nullptr, 0));
+    expect_error("nccl_init twice", L.pea_cuda_nccl_init(g_ctx, nullptr, id, 1, 0), PEA_CUDA_ERROR_INVALID, "nccl_init");
+}
+
+
 static void test_memory() {
     g_phase = "memory";
     const size_t sizes[] = {1, 1000, 4096, 4097, (size_t)1 << 20, 3000000, 33};
@@ -1791,6 +1822,7 @@ int main(int argc, char **argv) {
         {"linear plans", test_linear_plans},
         {"profile", test_profile},
         {"optimizer", test_optimizer},
+        {"collective", test_collective},
         {"conv2d", test_conv2d},
         {"conv2d chunked", [] { test_conv2d_chunked(nullptr); }},
         {"conv2d 64-bit indices", test_conv2d_index64},

@@ -331,8 +331,19 @@ public struct JobShard: Equatable, Sendable, CustomStringConvertible {
 
     /// The shard a job scheduler assigns: a Slurm job array (SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN of
     /// SLURM_ARRAY_TASK_COUNT), or a Kubernetes Indexed Job (JOB_COMPLETION_INDEX, with the count given as
-    /// `shards`, the Job's `completions`).
+    /// `shards`, the Job's `completions`), and within it the rank of a launcher's job (mpirun, srun:
+    /// `LaunchEnvironment`), so `srun -n 16 pea generate …` covers 16 GPUs; a launcher's job alone is shard rank of
+    /// its size. No MPI is involved: the launcher's variables say everything.
     public static func automatic(environment: [String: String], shards: Int?) throws -> JobShard {
+        let launch = try LaunchEnvironment.detect(environment)
+        guard let launch, launch.size > 1 else { return try scheduled(environment: environment, shards: shards) }
+        let inScheduledJob = environment["SLURM_ARRAY_TASK_ID"] != nil || environment["JOB_COMPLETION_INDEX"] != nil
+        let outer = inScheduledJob ? try scheduled(environment: environment, shards: shards) : .whole
+        return JobShard(index: outer.index * launch.size + launch.rank, count: outer.count * launch.size)
+    }
+
+    /// The job array's or Indexed Job's shard (see `automatic`).
+    static func scheduled(environment: [String: String], shards: Int?) throws -> JobShard {
         func number(_ name: String) throws -> Int? {
             guard let text = environment[name] else { return nil }
             guard let value = Int(text) else { throw PEAError.usage("generate: --shard auto: \(name)='\(text)' is not an integer") }
@@ -362,8 +373,8 @@ public struct JobShard: Equatable, Sendable, CustomStringConvertible {
             }
             return JobShard(index: index, count: shards)
         }
-        throw PEAError.usage("generate: --shard auto found neither a Slurm job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT) "
-            + "nor a Kubernetes Indexed Job (JOB_COMPLETION_INDEX); give --shard K/N")
+        throw PEAError.usage("generate: --shard auto found neither a Slurm job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT), "
+            + "a Kubernetes Indexed Job (JOB_COMPLETION_INDEX) nor a launcher's job of several processes (mpirun, srun); give --shard K/N")
     }
 }
 

@@ -48,6 +48,31 @@ func foldersAboveExecutable(levels: Int = 6) -> [String] {
     return folders
 }
 
+/// Whether `path` exists and is not a folder (following a symbolic link).
+func existsAsFile(_ path: String) -> Bool {
+    var status = stat()
+    return stat(path, &status) == 0 && (status.st_mode & S_IFMT) != S_IFDIR
+}
+
+/// Where pea looks for one of its optional shared libraries (`make cuda`'s, `make mpi`'s), in order, without
+/// duplicates: `file` beside the running executable; then, in the current directory and in each folder above the
+/// executable that holds Package.swift (the repository of a `swift build`), `buildFolder/file` and `file`.
+func librarySearchPaths(file: String, buildFolder: String) -> [String] {
+    var paths: [String] = []
+    func add(_ path: String) { if !paths.contains(path) { paths.append(path) } }
+    if let executableDirectory = executablePath().map(parentFolder) { add(executableDirectory + "/" + file) }
+    var roots: [String] = []
+    if let cwd = currentDirectory() { roots.append(cwd) }
+    for folder in foldersAboveExecutable() where existsAsFile(folder + "/Package.swift") && !roots.contains(folder) {
+        roots.append(folder)
+    }
+    for root in roots {
+        add(root + "/" + buildFolder + "/" + file)
+        add(root + "/" + file)
+    }
+    return paths
+}
+
 /// The working directory, nil where it cannot be read.
 func currentDirectory() -> String? {
     var buffer = [CChar](repeating: 0, count: 4096)

@@ -25,6 +25,14 @@ import Darwin
 // Every random draw of step k comes from generators seeded by (seed, k), and the data stream's position is
 // saved, so a run resumed from a checkpoint continues exactly as the uninterrupted run would have.
 //
+// Data parallel (a `ProcessGroup` of N ranks, `pea train` under mpirun or srun): --batch-size B is per rank and
+// step k's global batch is the next N·B samples of the data stream, which every rank reads alike; rank r trains on
+// samples r·B ..< (r+1)·B of it. Every rank draws the random values below for the whole global batch and keeps its
+// rows, so sample i's noise, timestep and dropout depend on (seed, k, i) and the global batch size, never on how
+// many ranks share it: N ranks × B and one process × N·B train on the same numbers. Each rank's losses are means
+// over its B samples; the ranks' gradients (and losses) are summed in one all-reduce and divided by N — the
+// global batch's mean — before clipping and AdamW, so every rank holds the same adapter.
+//
 // Random draws of step k (k = 1, 2, …: the k-th optimiser step, `step + 1` when it is drawn), in this order:
 //   Gaussian (torch's CPU generator, `TorchGenerator`, seeded with `PEATrainer.noiseSeed(seed:step:)` — the same
 //   values as `g = torch.Generator("cpu").manual_seed(noise_seed(seed, k))` followed by these `torch.randn` calls):
@@ -92,6 +100,8 @@ public struct TrainingStepReport: Sendable {
     public var skipped: TrainingSkipCounts
     /// Steps skipped because the f16 gradients overflowed (dynamic loss scaling).
     public var overflowSkipped: Bool
+    /// Whether a rank was asked to stop during the step (`trainStep(requestingStop:)`).
+    public var stopRequested = false
 }
 
 /// The frozen English pipeline the adapter is distilled against.
@@ -201,6 +211,11 @@ public final class PEATrainer {
     public let backend: any ComputeBackend
     public let latentCache: LatentCache?
     public let training: AdapterOptimization
+    /// The ranks training this adapter together (`single`: this process alone).
+    public let group: ProcessGroup
+    /// The in-place sum over the ranks of a device tensor (NCCL: `CUDABackend.allReduceSumInPlace`); nil: the
+    /// gradients go through the host and `group`'s MPI all-reduce.
+    public var deviceAllReduce: ((Tensor) throws -> Void)?
     public private(set) var step = 0
     public var adapter: PEAAdapter { training.adapter }
     public var optimizer: AdamW { training.optimizer }
@@ -219,7 +234,8 @@ public final class PEATrainer {
     private var cacheKey: String { options.imageShape.cacheKey(seed: options.seed) }
 
     public init(teacher: DistillationTeacher, student: any LanguageEncoder, adapter: PEAAdapter, dataset: TrainingDataset,
-                options: TrainingOptions, backend: any ComputeBackend, latentCache: LatentCache? = nil) throws {
+                options: TrainingOptions, backend: any ComputeBackend, latentCache: LatentCache? = nil,
+                group: ProcessGroup = .single) throws {
         guard adapter.inputDim == student.hiddenSize else {
             throw PEAError.shapeMismatch("pea train: the adapter reads \(adapter.inputDim)-wide states but the text encoder gives \(student.hiddenSize)")
         }
@@ -242,6 +258,7 @@ public final class PEATrainer {
         self.options = options
         self.backend = backend
         self.latentCache = latentCache
+        self.group = group
         training = try AdapterOptimization(adapter: adapter, weightDecay: options.weightDecay, backend: backend)
         lossScale = teacher.unet.dtype == .f16 ? 65536 : 1
         if let latentCache {
@@ -266,23 +283,30 @@ public final class PEATrainer {
         return mixer.next() >> 32
     }
 
-    /// Draws the next batch of samples and the random values of step `step + 1` (the draw order at the top of
-    /// the file) and builds its distillation batch.
+    /// This rank's rows of a step's global batch.
+    var share: Range<Int> { group.rank * options.batchSize ..< (group.rank + 1) * options.batchSize }
+
+    /// Draws the next global batch of samples and the random values of step `step + 1` (the draw order at the top
+    /// of the file) and builds the distillation batch of this rank's share; returns that share's samples.
     func drawBatch() throws -> (samples: [TrainingSample], batch: DistillationBatch) {
         var random = SplitMix64(seed: options.seed ^ (UInt64(step + 1) &* 0x9E37_79B9_7F4A_7C15))
         var gaussian = TorchGenerator(seed: Self.noiseSeed(seed: options.seed, step: step + 1))
-        let samples = try dataset.nextBatch(options.batchSize)
-        return (samples, try makeBatch(samples, &random, &gaussian))
+        let samples = try dataset.nextBatch(options.batchSize * group.size)
+        return (Array(samples[share]), try makeBatch(samples, share: share, &random, &gaussian))
     }
 
-    /// Draws a batch and takes one optimiser step.
-    public func trainStep() throws -> TrainingStepReport {
+    /// Draws a batch and takes one optimiser step. `requestingStop`: this rank was asked to stop (a signal); the
+    /// report's `stopRequested` says whether any rank was, the same answer on every rank, so all stop after the
+    /// same step.
+    public func trainStep(requestingStop: Bool = false) throws -> TrainingStepReport {
         let start = monotonicSeconds()
         let (_, batch) = try drawBatch()
-        let (losses, gradients) = try KnowledgeDistillation(unet: teacher.unet, featureWeight: options.featureWeight,
+        var (losses, gradients) = try KnowledgeDistillation(unet: teacher.unet, featureWeight: options.featureWeight,
                                                              taskWeight: options.taskWeight,
                                                              gradientCheckpointing: options.gradientCheckpointing)
             .step(adapter: adapter, batch: batch, lossScale: lossScale)
+        var stopRequested = requestingStop
+        if group.size > 1 { try averageAcrossRanks(&gradients, &losses, &stopRequested) }
 
         let lr = options.schedule.learningRate(afterSteps: step)
         let norm = try training.apply(gradients, lr: lr, maxNorm: options.maxGradientNorm)
@@ -298,31 +322,72 @@ public final class PEATrainer {
         }
         step += 1
         return TrainingStepReport(step: step, losses: losses, learningRate: Float(lr), gradientNorm: norm ?? .nan,
-                                  seconds: monotonicSeconds() - start, skipped: dataset.skipped, overflowSkipped: !finite)
+                                  seconds: monotonicSeconds() - start, skipped: dataset.skipped, overflowSkipped: !finite,
+                                  stopRequested: stopRequested)
     }
 
-    /// Latents, noise, timesteps and the four state tensors of one batch: the Gaussian draws (latent samples, then
-    /// noise) from `gaussian`, the uniform ones (timesteps, then dropout) from `random`.
-    func makeBatch(_ samples: [TrainingSample], _ random: inout SplitMix64, _ gaussian: inout TorchGenerator) throws -> DistillationBatch {
-        let size = samples.count
+    /// One all-reduce of a fused f32 buffer — every adapter gradient (in `namedParameters` order), the four loss
+    /// terms and the stop flag — then the sums divided by the rank count: the global batch's mean gradient and
+    /// losses on every rank. A non-finite gradient on any rank makes every rank's sum non-finite, so all skip the
+    /// same f16 updates. With `deviceAllReduce` the gradients' buffer is summed on the device and only the five
+    /// host values go through MPI.
+    func averageAcrossRanks(_ gradients: inout [String: Tensor], _ losses: inout DistillationLosses, _ stop: inout Bool) throws {
+        let names = adapter.namedParameters.map(\.name)
+        for name in names where gradients[name] == nil {
+            throw PEAError.backend("training step \(step + 1): no gradient for the adapter's '\(name)' to all-reduce")
+        }
+        var buffer: [Float] = []
+        if let deviceAllReduce {
+            let fused = try backend.concat(names.map { try gradients[$0]!.reshaped([gradients[$0]!.count]) }, dim: 0)
+            try deviceAllReduce(fused)
+            let parts = try backend.split(backend.scale(fused, by: 1 / Float(group.size)), sizes: names.map { gradients[$0]!.count }, dim: 0)
+            for (name, part) in zip(names, parts) { gradients[name] = try part.reshaped(gradients[name]!.shape) }
+        } else {
+            for name in names { buffer += try backend.downloadFloats(gradients[name]!) }
+        }
+        buffer += [losses.task, losses.logits, losses.features, losses.total, stop ? 1 : 0]
+        try group.allReduceSum(&buffer)
+        stop = buffer.removeLast() > 0
+        let scale = 1 / Float(group.size)
+        for i in buffer.indices { buffer[i] *= scale }
+        losses = DistillationLosses(task: buffer[buffer.count - 4], logits: buffer[buffer.count - 3],
+                                    features: buffer[buffer.count - 2], total: buffer[buffer.count - 1])
+        guard deviceAllReduce == nil else { return }
+        var offset = 0
+        for name in names {
+            let shape = gradients[name]!.shape, count = shape.reduce(1, *)
+            gradients[name] = try backend.upload(Array(buffer[offset..<(offset + count)]), shape: shape)
+            offset += count
+        }
+    }
+
+    /// Latents, noise, timesteps and the four state tensors of the `share` rows of a global batch: the Gaussian
+    /// draws (latent samples, then noise) from `gaussian`, the uniform ones (timesteps, then dropout) from
+    /// `random`, each drawn for the whole global batch (`all`) and cut to the share.
+    func makeBatch(_ all: [TrainingSample], share: Range<Int>, _ random: inout SplitMix64,
+                   _ gaussian: inout TorchGenerator) throws -> DistillationBatch {
+        let samples = Array(all[share]), size = samples.count
         let texts = samples.map(\.text)
         let english = try samples.map { sample -> String in
             if let english = sample.textEN { return english }
             if options.hybrid && sample.languageSpecific == true { return "" }   // masked out of the KD terms
             throw PEAError.invalidFile(path: sample.id, reason: "no English caption (text_en); plain distillation needs one for every record (hybrid training takes language-specific records without one)")
         }
-        let latents = try encodeLatents(samples, &gaussian)
-        var noiseValues = gaussian.randn(latents.shape)
+        let latents = try encodeLatents(samples, globalCount: all.count, share: share, &gaussian)
+        let sample = Array(latents.shape.dropFirst()), values = sample.reduce(1, *)
+        /// The share's rows of a global draw of `count` values per sample.
+        func rows(_ draw: [Float], _ count: Int) -> [Float] { Array(draw[(share.lowerBound * count)..<(share.upperBound * count)]) }
+        var noiseValues = rows(gaussian.randn([all.count] + sample), values)
         if options.noiseOffset > 0 {
-            let (batch, channels) = (latents.shape[0], latents.shape[1])
-            let offsets = gaussian.randn([batch, channels, 1, 1]), plane = noiseValues.count / (batch * channels)
+            let channels = latents.shape[1]
+            let offsets = rows(gaussian.randn([all.count, channels, 1, 1]), channels), plane = values / channels
             for i in noiseValues.indices { noiseValues[i] += options.noiseOffset * offsets[i / plane] }
         }
         let noise = try backend.upload(noiseValues, shape: latents.shape)
-        let timesteps = (0..<size).map { _ in
+        let timesteps = Array((0..<all.count).map { _ in
             options.timestepBias.timestep(forUniform: random.uniform(), count: teacher.noise.trainTimesteps)
-        }
-        let uncond = (0..<size).map { _ in random.uniform() < options.uncondProbability ? Float(1) : 0 }
+        }[share])
+        let uncond = Array((0..<all.count).map { _ in random.uniform() < options.uncondProbability ? Float(1) : 0 }[share])
         let noisy = try teacher.noise.addNoise(original: latents, noise: noise, timesteps: timesteps)
         let target = try teacher.noise.trainingTarget(sample: latents, noise: noise, timesteps: timesteps)
 
@@ -348,15 +413,17 @@ public final class PEATrainer {
     }
 
     /// The latent distribution (mean ⊕ log-variance on channels) of each sample, from the cache or the VAE, then
-    /// one sample of it × scaling_factor: [B, C, h, w] f32, with ε = one `randn([B, C, h, w])` from `gaussian`.
-    func encodeLatents(_ samples: [TrainingSample], _ gaussian: inout TorchGenerator) throws -> Tensor {
+    /// one sample of it × scaling_factor: [B, C, h, w] f32, with ε = the `share` rows of one
+    /// `randn([globalCount, C, h, w])` from `gaussian` (`samples` are that share of the global batch).
+    func encodeLatents(_ samples: [TrainingSample], globalCount: Int, share: Range<Int>,
+                       _ gaussian: inout TorchGenerator) throws -> Tensor {
         let moments = try latentMoments(samples)
         for (sample, moment) in zip(samples, moments) where moment.shape != moments[0].shape {
             throw PEAError.shapeMismatch("pea train: \(sample.id)'s latent is \(moment.shape), the batch's first \(moments[0].shape)")
         }
         let channels = moments[0].shape[0] / 2, plane = moments[0].shape.dropFirst().reduce(1, *)
         let shape = [samples.count, channels] + Array(moments[0].shape.dropFirst())
-        let eps = gaussian.randn(shape)
+        let eps = Array(gaussian.randn([globalCount] + shape.dropFirst())[(share.lowerBound * channels * plane)...])
         var values: [Float] = []
         values.reserveCapacity(samples.count * channels * plane)
         let scale = teacher.vae.config.scalingFactor

@@ -103,6 +103,9 @@ public final class CUDALibrary {
     typealias ProfileStartFn = @convention(c) (Context?) -> Int32
     typealias ProfileStopFn = @convention(c) (Context?, UnsafeMutablePointer<pea_cuda_profile_entry>?, Int32,
                                               UnsafeMutablePointer<Int32>?, UnsafeMutablePointer<Double>?) -> Int32
+    typealias NCCLUniqueIdFn = @convention(c) (Context?, UnsafePointer<CChar>?, UnsafeMutablePointer<UInt8>?) -> Int32
+    typealias NCCLInitFn = @convention(c) (Context?, UnsafePointer<CChar>?, UnsafePointer<UInt8>?, Int32, Int32) -> Int32
+    typealias NCCLAllReduceFn = @convention(c) (Context?, UnsafeMutablePointer<Float>?, Int64) -> Int32
 
     // MARK: the functions
 
@@ -284,22 +287,7 @@ public final class CUDALibrary {
     }
 
     /// The places searched when PEA_CUDA_LIB is not set, in order, without duplicates.
-    public static func searchPaths() -> [String] {
-        var paths: [String] = []
-        func add(_ path: String) { if !paths.contains(path) { paths.append(path) } }
-        let executableDirectory = executablePath().map(parentFolder)
-        if let executableDirectory { add(executableDirectory + "/libpea_cuda.so") }
-        var roots: [String] = []
-        if let cwd = currentDirectory() { roots.append(cwd) }
-        for folder in foldersAboveExecutable() where fileExists(folder + "/Package.swift") && !roots.contains(folder) {
-            roots.append(folder)
-        }
-        for root in roots {
-            add(root + "/.build-cuda/libpea_cuda.so")
-            add(root + "/libpea_cuda.so")
-        }
-        return paths
-    }
+    public static func searchPaths() -> [String] { librarySearchPaths(file: "libpea_cuda.so", buildFolder: ".build-cuda") }
 
     /// The message of the library's last failed call on `context`.
     func message(_ context: Context?) -> String {
@@ -316,10 +304,7 @@ public final class CUDALibrary {
     }
 
     /// Exists and is not a folder (`isDirectory` is Support/FileSystem.swift's).
-    static func fileExists(_ path: String) -> Bool {
-        var status = stat()
-        return stat(path, &status) == 0 && (status.st_mode & S_IFMT) != S_IFDIR
-    }
+    static func fileExists(_ path: String) -> Bool { existsAsFile(path) }
 }
 
 /// free(3) for memory the C library allocated (a file-scope function: inside CUDALibrary `free` is the ABI's).
