@@ -137,8 +137,10 @@ enum GenerateOptions {
             + "--init-image/--mask; no guess mode")
     static let controlImage = CommandOption.repeatable(
         "--control-image", "PATH",
-        help: "the control image (PNG or JPEG, used as RGB in [0, 1]) of each --controlnet, in the same order; exactly the "
-            + "output size, which defaults to it (Pea does not resize control images; diffusers would); for a single --prompt")
+        help: "the control image (PNG or JPEG, used as RGB in [0, 1]) of each --controlnet, in the same order, of any size: as "
+            + "diffusers' control image processor, each is resized with Pillow's Lanczos to the output size, which defaults to "
+            + "the first one's rounded down to multiples of 8 (diffusers would refuse control images of differing sizes); "
+            + "for a single --prompt")
     static let controlScale = CommandOption.repeatable(
         "--control-scale", "S",
         help: "ControlNet conditioning scale (diffusers' controlnet_conditioning_scale): once for every --controlnet, or "
@@ -177,8 +179,8 @@ enum GenerateOptions {
                     sets the item's size unless it or --width/--height gives one, and is resized to it), "strength"
                     (default --strength), "mask" (inpainting as --mask, beside init_image; its strength defaults to 1.0
                     unless --strength is given), "mask_blur" (as --mask-blur, beside mask; default --mask-blur) and "control_image"
-                    (with --controlnet: a path, or a list of paths, one per --controlnet; its size is the item's; every item
-                    needs it then)) or
+                    (with --controlnet: a path, or a list of paths, one per --controlnet; the first sets the item's size
+                    as init_image does, and all are resized to it; every item needs it then)) or
                     any other name as text (one prompt a line); empty lines are skipped. The options above are the
                     defaults of items that do not set their own. Item i (0-based, in file order) without a seed gets
                     --seed + i, so each image is the one `pea generate --prompt P --seed S --batch B` makes alone; without
@@ -392,7 +394,7 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
     let initImage = try readInitImage(options, settings: settings)
     let controls = try ControlOptions(options)
     let controlImages = try readControlImages(options, controls, settings: settings)
-    if !controlImages.isEmpty, initImage != nil {
+    if controlImages != nil, initImage != nil {
         throw PEAError.usage("generate: --controlnet is text-to-image only; it does not go with --init-image or --mask")
     }
     let selection = try BackendOptions.select(options)
@@ -407,9 +409,9 @@ private func runGenerateOne(_ prompt: String, _ options: ParsedOptions) throws {
         request.mask = prepared.mask
         (request.width, request.height) = prepared.size
     }
-    if let first = controlImages.first {
-        (request.width, request.height) = (first.width, first.height)
-        request.controls = controls.inputs(try controls.load(options, pipeline: pipeline), images: controlImages)
+    if let controlImages {
+        (request.width, request.height) = controlImages.size
+        request.controls = controls.inputs(try controls.load(options, pipeline: pipeline), images: controlImages.images)
     }
     request.steps = settings.steps
     request.guidance = settings.guidance
@@ -502,30 +504,30 @@ struct ControlOptions {
         }
     }
 
-    /// Control images decoded, all one size with sides multiples of 8 (Pea does not resize them); `fail` makes
-    /// the error for a reason (prefixed with "generate:", or with the prompt file's line).
-    static func readImages(_ paths: [String], fail: (String) -> PEAError) throws -> [RGBImage] {
+    /// Control images decoded, with the output size: `width`/`height` where given, else the first image's rounded
+    /// down to multiples of 8 (diffusers' get_default_height_width; the pipeline resizes every image to it).
+    /// `fail` makes the error for a reason (prefixed with "generate:", or with the prompt file's line).
+    static func readImages(_ paths: [String], width: Int?, height: Int?, fail: (String) -> PEAError)
+        throws -> (images: [RGBImage], size: (width: Int, height: Int)) {
         let images = try paths.map { try ImageDecoder.decodeRGB(path: $0) }
-        if let problem = ControlInput.sizeProblem(Array(zip(paths, images))) { throw fail(problem) }
-        return images
+        do {
+            return (images, try VaeImageProcessor.outputSize(of: images[0], named: paths[0], width: width, height: height))
+        } catch PEAError.invalidFile(let path, let reason) {
+            throw fail("control image \(path): \(reason)")
+        }
     }
 }
 
-/// --control-image decoded for --controlnet (a single prompt): one per ControlNet, their size the output's,
-/// agreeing with --width/--height. Empty without --controlnet.
-private func readControlImages(_ options: ParsedOptions, _ controls: ControlOptions, settings: GenerateSettings) throws -> [RGBImage] {
+/// --control-image decoded for --controlnet (a single prompt): one per ControlNet, with the output size
+/// (`ControlOptions.readImages`). nil without --controlnet.
+private func readControlImages(_ options: ParsedOptions, _ controls: ControlOptions, settings: GenerateSettings)
+    throws -> (images: [RGBImage], size: (width: Int, height: Int))? {
     let paths = options.strings(GenerateOptions.controlImage)
-    guard !controls.folders.isEmpty else { return [] }
+    guard !controls.folders.isEmpty else { return nil }
     guard paths.count == controls.folders.count else {
         throw PEAError.usage("generate: give one --control-image per --controlnet, in the same order (\(controls.folders.count) --controlnet, \(paths.count) --control-image)")
     }
-    let images = try ControlOptions.readImages(paths) { PEAError.usage("generate: " + $0) }
-    for (name, given, actual) in [("--width", settings.width, images[0].width), ("--height", settings.height, images[0].height)] {
-        if let given, given != actual {
-            throw PEAError.usage("generate: \(name) \(given) differs from the control image's \(actual) (\(paths[0])); Pea does not resize control images")
-        }
-    }
-    return images
+    return try ControlOptions.readImages(paths, width: settings.width, height: settings.height) { PEAError.usage("generate: " + $0) }
 }
 
 /// --strength (default 0.8), in (0, 1].

@@ -167,9 +167,9 @@ private func sizedByInitImages(_ items: [JobItem], file: String) throws -> [JobI
     }
 }
 
-/// With --controlnet every item gives one control_image per ControlNet, and takes their size as init images set
-/// theirs (read now, so that a missing or unreadable image fails the job before anything is written); without
-/// it, no item may give one.
+/// With --controlnet every item gives one control_image per ControlNet, and takes its size from the first as init
+/// images set theirs (read now, so that a missing or unreadable image fails the job before anything is written; the
+/// pipeline resizes them when the item runs); without it, no item may give one.
 private func sizedByControlImages(_ items: [JobItem], file: String, controlnets: Int) throws -> [JobItem] {
     try items.map { item in
         func fail(_ reason: String) -> PEAError { .invalidFile(path: file, reason: "line \(item.line): \(reason)") }
@@ -179,14 +179,8 @@ private func sizedByControlImages(_ items: [JobItem], file: String, controlnets:
         }
         guard controlnets > 0 else { return item }
         var item = item
-        let image = try ControlOptions.readImages(item.controlImages, fail: fail)[0]
-        for (name, size, actual) in [("width", \JobItem.width, image.width), ("height", \JobItem.height, image.height)] {
-            if item[keyPath: size] == 0 { item[keyPath: size] = actual }
-            guard item[keyPath: size] == actual else {
-                throw fail("\(name) \(item[keyPath: size]) (the item's or --\(name)) differs from the control image's \(actual) "
-                    + "(\(item.controlImages[0])); Pea does not resize control images")
-            }
-        }
+        (item.width, item.height) = try ControlOptions.readImages(item.controlImages, width: item.width == 0 ? nil : item.width,
+                                                                  height: item.height == 0 ? nil : item.height, fail: fail).size
         return item
     }
 }

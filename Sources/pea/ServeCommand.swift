@@ -69,8 +69,9 @@ enum ServeOptions {
                                            {"args": [unit…]}}, a unit {"enabled" (true; false: skipped), "model" (a
                                            --controlnet folder's basename, a " [hash]" suffix dropped, or its index),
                                            "image" or "input_image" (base64 PNG or JPEG, already preprocessed: "module"
-                                           "none" or absent; the output's size, which width/height default to: Pea does
-                                           not resize control images, so every resize_mode gives the same), "weight" (1; 0…10),
+                                           "none" or absent; any size: width/height default to the first unit's rounded
+                                           down to multiples of 8, and every image is Lanczos-resized to them, whatever
+                                           its resize_mode), "weight" (1; 0…10),
                                            "guidance_start" (0), "guidance_end" (1), "control_mode" ("Balanced" or 0
                                            only)}, as `pea generate --controlnet DIR --control-image …`. The preprocessor's
                                            processor_res, threshold_a, threshold_b and pixel_perfect, and low_vram and

@@ -6,7 +6,8 @@ import XCTest
 /// StableDiffusionXLControlNetPipeline on the tiny pipelines (tools/reference/make_controlnet_fixtures.py): the
 /// model's residuals within f32 tolerance, and the same 8-bit images (docs/testing.md: max |Δ| ≤ 1/255, mean |Δ| ≤
 /// 0.02/255) at two scales and several schedulers, with start/end, two ControlNets at once (one reading BGR), a
-/// batch, and PEA conditioning (SD1 and SDXL); then the model on the emulated CUDA backend, and `pea generate`.
+/// batch, PEA conditioning (SD1 and SDXL), and control images diffusers resizes (44×36 to its default 40×32, or to
+/// a given 24×32); then the model on the emulated CUDA backend, and `pea generate`.
 final class ControlNetTests: XCTestCase {
     /// A case of make_controlnet_fixtures.py.
     struct Case: Decodable {
@@ -16,6 +17,8 @@ final class ControlNetTests: XCTestCase {
         let scales, starts, ends: [Double]
         let steps, seed, batch, width, height: Int
         let guidance: Float
+        /// Whether diffusers was given width/height; if not, `width`×`height` is the size it took from the image.
+        let size_given: Bool
     }
 
     static let directory = fixturesDirectory() + "/controlnet"
@@ -110,14 +113,14 @@ final class ControlNetTests: XCTestCase {
         var models: [String: ControlNetModel] = [:]
         let good = try Self.request(c, backend: backend, models: &models)
         let sdxlNet = try ControlNetModel.load(folder: Self.directory + "/sdxl_a", backend: backend).model
-        var wrongFamily = good, resized = good, window = good, img2img = good
+        var wrongFamily = good, broken = good, window = good, img2img = good
         wrongFamily.controls[0].controlnet = sdxlNet
-        resized.width = 24
+        broken.controls[0].image = RGBImage(width: 4, height: 4, pixels: [0, 0, 0])
         window.controls[0].start = 0.7
         window.controls[0].end = 0.7
         img2img.initImage = good.controls[0].image
         for (bad, mentions) in [(wrongFamily, [Self.directory + "/sdxl_a", "cross_attention_dim 32, the UNet's 16"]),
-                                (resized, ["control image is 32×24", "does not resize"]),
+                                (broken, ["control image holds 3 bytes", "4×4"]),
                                 (window, ["0 ≤ start < end ≤ 1"]), (img2img, ["text-to-image only"])] {
             assertThrowsError(containing: mentions) { _ = try sd1.generate(bad) }
         }
@@ -167,27 +170,50 @@ final class ControlNetTests: XCTestCase {
                          try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), c.name)
     }
 
+    /// `pea generate --controlnet` with control images diffusers resizes: 44×36 gives a 40×32 image (the default size,
+    /// rounded down to multiples of 8), and with --width/--height it is resized to them; the PNGs diffusers makes.
+    func testGenerateCommandResizesControlImages() throws {
+        let cases = try Self.cases().filter { $0.control_images[0] == "control_44x36.png" }
+        XCTAssertEqual(Set(cases.map(\.size_given)), [false, true])
+        let scratch = ScratchDirectory("pea-controlnet-resize")
+        for c in cases {
+            let output = scratch.file(c.name + ".png")
+            var arguments = ["generate", "--model", fixturesDirectory() + "/pipelines/" + c.pipeline, "--prompt", c.prompt,
+                             "--controlnet", Self.directory + "/" + c.controlnets[0], "--control-image", Self.directory + "/" + c.control_images[0],
+                             "--steps", "\(c.steps)", "--guidance", "\(c.guidance)", "--seed", "\(c.seed)", "--output", output]
+            if let scheduler = c.scheduler { arguments += ["--scheduler", scheduler] }
+            if let negative = c.negative_prompt { arguments += ["--negative-prompt", negative] }
+            if c.size_given { arguments += ["--width", "\(c.width)", "--height", "\(c.height)"] }
+            let result = try runPea(arguments)
+            XCTAssertEqual(result.status, 0, result.stderr)
+            let image = try PNGReader.read(path: output)
+            XCTAssertEqual([image.width, image.height], [c.width, c.height], c.name)
+            assertSameImages([RGBImage(width: image.width, height: image.height, pixels: image.pixels)],
+                             try SafeTensorsFile(path: Self.directory + "/" + c.images).tensor("images"), c.name)
+        }
+    }
+
     /// Every mistake in a ControlNet command line is a clear error with a non-zero exit and no output file.
     func testBadControlNetCommandsFailAndWriteNothing() throws {
         let scratch = ScratchDirectory("pea-controlnet-bad")
         let output = scratch.file("out.png")
-        let notImage = scratch.file("notes.png"), odd = scratch.file("odd.png"), prompts = scratch.file("prompts.txt")
+        let notImage = scratch.file("notes.png"), tiny = scratch.file("tiny.png"), prompts = scratch.file("prompts.txt")
         try "not an image".write(toFile: notImage, atomically: true, encoding: .utf8)
         try "x\n".write(toFile: prompts, atomically: true, encoding: .utf8)
-        try PNGWriter.write(rgb: [UInt8](repeating: 128, count: 30 * 24 * 3), width: 30, height: 24, to: odd)
+        try PNGWriter.write(rgb: [UInt8](repeating: 128, count: 30 * 7 * 3), width: 30, height: 7, to: tiny)
         let sd1 = Self.directory + "/sd1_a", sdxl = Self.directory + "/sdxl_a", image = Self.directory + "/control_32x24.png"
         let missing = scratch.file("missing.png")
         let base = ["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompt", "x", "--steps", "2", "--output", output]
         try assertPeaFails([
             (base + ["--controlnet", sd1, "--control-image", missing], 1, [missing]),
             (base + ["--controlnet", sd1, "--control-image", notImage], 1, [notImage, "not a JPEG or PNG"]),
-            (base + ["--controlnet", sd1, "--control-image", odd], 2, [odd, "multiples of 8"]),
+            (base + ["--controlnet", sd1, "--control-image", tiny], 2, [tiny, "30×7", "at least 8×8"]),
+            (base + ["--controlnet", sd1, "--controlnet", sd1, "--control-image", tiny, "--control-image", image], 2, [tiny, "at least 8×8"]),
             (base + ["--controlnet", sd1], 2, ["one --control-image per --controlnet"]),
             (base + ["--controlnet", sd1, "--controlnet", sd1, "--control-image", image], 2, ["one --control-image per --controlnet"]),
             (base + ["--controlnet", sd1, "--control-image", image, "--control-scale", "1", "--control-scale", "2"], 2, ["--control-scale once"]),
             (base + ["--controlnet", sd1, "--control-image", image, "--control-start", "0.7", "--control-end", "0.7"], 2, ["0 ≤ start < end ≤ 1"]),
             (base + ["--controlnet", sd1, "--control-image", image, "--control-end", "1.5"], 2, ["0 ≤ start < end ≤ 1"]),
-            (base + ["--controlnet", sd1, "--control-image", image, "--width", "64"], 2, ["--width", "does not resize"]),
             (base + ["--controlnet", scratch.path, "--control-image", image], 1, [scratch.path, "no config.json"]),
             (base + ["--controlnet", sdxl, "--control-image", image], 1, [sdxl, "does not fit the pipeline's UNet", "cross_attention_dim"]),
             (base + ["--control-image", image], 2, ["--control-image goes with --controlnet"]),
@@ -228,10 +254,18 @@ final class ControlNetTests: XCTestCase {
         let results = try String(contentsOfFile: out + "/results.jsonl", encoding: .utf8)
         XCTAssertTrue(results.contains("edges.png"), results)
 
-        // Items and the command line must agree on the ControlNets, before anything is written.
+        // Items and the command line must agree on the ControlNets, and every control image be readable and large
+        // enough, before anything is written.
         let bad = scratch.write(line(id: "x", image: "edges.png") + "\n" + #"{"prompt": "no image", "width": 32, "height": 24}"#, to: "bad.jsonl")
+        try PNGWriter.write(rgb: [UInt8](repeating: 9, count: 5 * 40 * 3), width: 5, height: 40, to: scratch.file("thin.png"))
+        let thin = scratch.write(line(id: "x", image: "edges.png") + "\n" + line(id: "y", image: "thin.png"), to: "thin.jsonl")
+        let missing = scratch.write(line(id: "x", image: "gone.png"), to: "missing.jsonl")
         let badOut = scratch.file("bad-out")
         try assertPeaFails([
+            (["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", thin, "--output-dir", badOut,
+              "--controlnet", Self.directory + "/sd1_a"], 1, [thin, "line 2", "thin.png", "5×40", "at least 8×8"]),
+            (["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", missing, "--output-dir", badOut,
+              "--controlnet", Self.directory + "/sd1_a"], 1, ["gone.png"]),
             (["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", bad, "--output-dir", badOut,
               "--controlnet", Self.directory + "/sd1_a"], 1, [bad, "line 2", "0 control_image(s) for 1 --controlnet"]),
             (["generate", "--model", fixturesDirectory() + "/pipelines/sd1", "--prompts", bad, "--output-dir", badOut],

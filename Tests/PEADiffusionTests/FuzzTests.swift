@@ -442,9 +442,11 @@ final class FuzzTests: XCTestCase {
     /// Init images and masks of random sizes (1…40 a side, RGB and greyscale) resized to random sizes (Lanczos and
     /// bilinear) and blurred with hostile radii (negative, NaN, infinite, huge: refused by `checkedBlur`; 0…1000:
     /// run, also on images narrower than the blur), and every few cases a whole inpainting request with an odd-sized
-    /// image and another-sized blurred mask through the tiny SD1 pipeline: a result or a PEAError, never a crash.
+    /// image and another-sized blurred mask through the tiny SD1 pipeline, or a ControlNet request with two control
+    /// images of random sizes (the first sets the output's): a result or a PEAError, never a crash.
     func testImageResizingAndMaskBlur() throws {
         let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/sd1", backend: CPUBackend(), scheduler: "euler-a")
+        let controlnet = try ControlNetModel.load(folder: fixturesDirectory() + "/controlnet/sd1_a", backend: CPUBackend()).model
         let radii: [Double] = [0, -1, .nan, .infinity, -.infinity, 1e-30, 1e-6, 0.3, 1, 2.5, 7, 40, 999.9, 1000, 1000.5, 1e30]
         var tally = Tally(format: "image resizing and mask blur")
         var random = SplitMix64(seed: seed &+ 23)
@@ -466,6 +468,15 @@ final class FuzzTests: XCTestCase {
                 let blur = try VaeImageProcessor.checkedBlur(radius, name: "mask blur")
                 let blurred = ImageResampling.gaussianBlur(pixels, channels: channels, width: width, height: height, radius: Float(blur))
                 XCTAssertEqual(blurred.count, pixels.count)
+                if index % 8 == 4 {
+                    let first = RGBImage(width: width, height: height, pixels: image(width, height))
+                    let second = RGBImage(width: maskWidth, height: maskHeight, pixels: image(maskWidth, maskHeight))
+                    let size = try VaeImageProcessor.outputSize(of: first, named: "control.png", width: nil, height: nil)
+                    var request = GenerationRequest(prompt: "x", width: size.width, height: size.height)
+                    request.controls = [first, second].map { ControlInput(controlnet: controlnet, image: $0) }
+                    request.steps = 2
+                    _ = try pipeline.generate(request)
+                }
                 guard index % 8 == 0 else { return }
                 let initImage = RGBImage(width: width, height: height, pixels: image(width, height))
                 let size = try VaeImageProcessor.outputSize(of: initImage, named: "init.png", width: nil, height: nil)

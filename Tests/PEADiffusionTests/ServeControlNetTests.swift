@@ -3,7 +3,8 @@ import XCTest
 @testable import PEADiffusion
 
 /// `pea serve --controlnet`: A1111's ControlNet extension units on /sdapi/v1/txt2img make `pea generate
-/// --controlnet`'s images (one and two ControlNets, weight and guidance window), the units' mistakes are 400s,
+/// --controlnet`'s images (one and two ControlNets, weight and guidance window, control images resized to the
+/// default or the given size), the units' mistakes are 400s,
 /// and requests are batched only with the same ControlNet settings.
 extension ServeTests {
     static let controlnets = fixturesDirectory() + "/controlnet"
@@ -56,6 +57,19 @@ extension ServeTests {
         assertSameImage(try XCTUnwrap(images(two.json["images"] as? [Any]).first), expectedTwo, "two ControlNets")
         XCTAssertNotEqual(try XCTUnwrap(images(two.json["images"] as? [Any]).first).pixels, expectedOne.pixels)
 
+        // A 44×36 control image sets a 40×32 image (rounded down to multiples of 8); with width/height it is resized
+        // to them; as `pea generate --control-image` does.
+        let resizes: [([String: Any], [String], [Int])] = [([:], [], [40, 32]), (["width": 24, "height": 32], ["--width", "24", "--height", "32"], [24, 32])]
+        for (extra, arguments, size) in resizes {
+            let served = try server.post("/sdapi/v1/txt2img", body([["image": try Self.base64("control_44x36.png"), "model": "sd1_a"]])
+                .merging(extra) { $1 })
+            XCTAssertEqual(served.status, 200, "\(served.json)")
+            let expected = try generated(common + arguments + ["--controlnet", a, "--control-image", Self.controlnets + "/control_44x36.png"],
+                                         scratch: scratch, name: "resized-\(size[0]).png")
+            XCTAssertEqual([expected.width, expected.height], size)
+            assertSameImage(try XCTUnwrap(images(served.json["images"] as? [Any]).first), expected, "control image resized to \(size)")
+        }
+
         // Without units the request is plain text-to-image (the model's size).
         let plain = try server.post("/sdapi/v1/txt2img", ["prompt": "a red circle", "steps": 2, "seed": 1, "alwayson_scripts": [:] as [String: Any]])
         XCTAssertEqual(plain.status, 200, "\(plain.json)")
@@ -104,6 +118,7 @@ extension ServeTests {
         let server = try inProcessServer(controlnets: ["sd1_a", "sd1_b"])
         defer { server.stop() }
         let image = try Self.base64("control_32x24.png"), other = try Self.base64("control_24x32.png")
+        let thin = base64Encoded(try PNGWriter.encode(rgb: [UInt8](repeating: 7, count: 5 * 40 * 3), width: 5, height: 40))
         func post(_ path: String, _ units: Any, extra: String = "", on target: GenerationServer? = nil) throws -> (Int, String) {
             let scripts = String(decoding: try JSONSerialization.data(withJSONObject: ["controlnet": ["args": units]]), as: UTF8.self)
             var request = HTTPRequest(method: "POST", target: path)
@@ -130,8 +145,7 @@ extension ServeTests {
             ("/sdapi/v1/txt2img", with(["resize_mode": "Stretch"]), "", ["args[0].resize_mode", "Crop and Resize"]),
             ("/sdapi/v1/txt2img", with(["mask": image]), "", ["args[0].mask", "masks"]),
             ("/sdapi/v1/txt2img", with(["enabled": "yes"]), "", ["args[0].enabled"]),
-            ("/sdapi/v1/txt2img", [unit, ["image": other, "model": "sd1_b"]], "", ["args[1].image is 24×32", "same size"]),
-            ("/sdapi/v1/txt2img", [unit], ", \"width\": 64", ["width is 64", "control image's is 32", "does not resize"]),
+            ("/sdapi/v1/txt2img", with(["image": thin]), "", ["args[0].image", "5×40", "at least 8×8"]),
             ("/sdapi/v1/txt2img", ["not a unit"], "", ["args[0] must be an object"]),
             ("/sdapi/v1/txt2img", "args", "", ["args must be a list"]),
             ("/sdapi/v1/img2img", [unit], ", \"denoising_strength\": 1, \"init_images\": [\"\(image)\"]", ["args[0]", "text-to-image only"]),
@@ -141,6 +155,10 @@ extension ServeTests {
             XCTAssertEqual(status, 400, "\(units): \(text)")
             for fragment in fragments { XCTAssertTrue(text.contains(fragment), "\(units): '\(fragment)' not in \(text)") }
         }
+        // Control images of differing sizes are all resized to the first's (diffusers would refuse them), and a given
+        // width/height resizes them too.
+        XCTAssertEqual(try post("/sdapi/v1/txt2img", [unit, ["image": other, "model": "sd1_b"]]).0, 200)
+        XCTAssertEqual(try post("/sdapi/v1/txt2img", [unit], extra: ", \"width\": 16, \"height\": 40").0, 200)
         // A server without --controlnet refuses enabled units, and takes disabled ones.
         let plain = try inProcessServer(controlnets: [])
         defer { plain.stop() }
@@ -174,7 +192,8 @@ extension ServeTests {
     func testServeControlNetOptionIsCheckedAtStartAndDocumented() throws {
         let help = try runPea(["serve", "--help"])
         XCTAssertEqual(help.status, 0)
-        for fragment in ["--controlnet DIR", "alwayson_scripts", "guidance_start", "input_image", "\"none\"", "Not on img2img"] {
+        for fragment in ["--controlnet DIR", "alwayson_scripts", "guidance_start", "input_image", "\"none\"", "Not on img2img",
+                         "every image is Lanczos-resized to them"] {
             XCTAssertTrue(help.stdout.contains(fragment), "'\(fragment)' not in pea serve --help")
         }
         let scratch = ScratchDirectory()

@@ -10,18 +10,23 @@ Writes, under --out (default Tests/Fixtures/controlnet):
                             changes the image. sd1_b reads its image in BGR order (controlnet_conditioning_channel_order).
   control_32x24.png, control_24x32.png, control2_32x24.png   control images (RGB PNGs: lines and a ring), at the
                             output size, so diffusers' VaeImageProcessor does not resize them
+  control_44x36.png         a control image whose sides are not multiples of 8: resized (Lanczos) to 40×32 by
+                            default, or to an explicit width/height
   models.safetensors        per ControlNet <n>: the inputs `<n>.sample`, `<n>.timestep`, `<n>.encoder_hidden_states`,
                             `<n>.cond` (and for SDXL `<n>.text_embeds`, `<n>.time_ids`), seeded randn / uniform, and
                             the outputs `<n>.down.<i>` and `<n>.mid` of controlnet(…, conditioning_scale=0.7)
   cases.json   per case: name, pipeline, controlnets (folder names), control_images, scales, starts, ends (one per
                ControlNet), prompt, negative_prompt (or null), steps, guidance, seed, batch, width, height, scheduler
-               (pea's name or null for the folder's own), adapter (PEA cases: the adapter file under
+               (pea's name or null for the folder's own), size_given (whether width/height were passed; if not, they
+               are the size diffusers took from the first control image), adapter (PEA cases: the adapter file under
                Tests/Fixtures/pea, with pea/zh_encoder as the text encoder; else null), images
   <case>.safetensors  `images` [N, H, W, 3] int32 0…255, as make_pipeline_fixtures.py stores them
 Everything runs in float32 on the CPU with generator=torch.Generator("cpu").manual_seed(seed); a single ControlNet
 is passed as one ControlNetModel (floats for scale/start/end), several as a list (MultiControlNetModel). PEA cases
 feed prompt_embeds (and SDXL's pooled embeds) from the Chinese-CLIP tower and adapter as make_pea_pipeline_fixtures.py
-does, so the ControlNet sees the adapter's conditioning as the UNet does.
+does, so the ControlNet sees the adapter's conditioning as the UNet does. Resize cases (RESIZE_CASES) give the
+pipeline's control_image_processor vae_scale_factor 8 (a real SD VAE's; the tiny VAE's is 2), so the default size
+rounds down to multiples of 8 as Pea's does.
 """
 import argparse
 import json
@@ -35,6 +40,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline,
                        UNet2DConditionModel)
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import load_image
 
 from make_multilingual_fixtures import ReferenceAdapter
@@ -100,6 +106,15 @@ CASES = [
      4, 6.0, 13, 1, None, "adapter_sdxl/pytorch_model.bin"),
 ]
 
+# Control images diffusers resizes: name, pipeline, controlnets, images, (width, height) passed (None: the first
+# image's size rounded down), prompt, negative, steps, guidance, seed, batch, scheduler; scale 1, the whole window.
+RESIZE_CASES = [
+    ("sd1_resize_44x36_default", "sd1", ["sd1_a"], ["control_44x36.png"], None, "a red fox in the snow", None,
+     4, 7.5, 21, 1, "euler-a"),
+    ("sd1_resize_44x36_to_24x32", "sd1", ["sd1_a"], ["control_44x36.png"], (24, 32), "mountains at dawn", "blurry",
+     4, 6.0, 22, 1, "dpmpp-2m"),
+]
+
 
 def model_outputs(out, controlnets):
     tensors = {}
@@ -137,6 +152,7 @@ def main():
     control_image(32, 24, 0).save(os.path.join(args.out, "control_32x24.png"))
     control_image(32, 24, 3).save(os.path.join(args.out, "control2_32x24.png"))
     control_image(24, 32, 1).save(os.path.join(args.out, "control_24x32.png"))
+    control_image(44, 36, 2).save(os.path.join(args.out, "control_44x36.png"))
 
     controlnets = {}
     for name, which, seed, order in CONTROLNETS:
@@ -156,9 +172,13 @@ def main():
     sdxl_adapter.load_state_dict(torch.load(os.path.join(FIXTURES, "pea", "adapter_sdxl", "pytorch_model.bin")))
     adapters = {"adapter_sd1.safetensors": sd1_adapter.eval(), "adapter_sdxl/pytorch_model.bin": sdxl_adapter.eval()}
 
+    cases = [case[:14] + (True,) + case[14:] for case in CASES]
+    for name, which, names, image_files, size, prompt, negative, steps, guidance, seed, batch, scheduler in RESIZE_CASES:
+        cases.append((name, which, names, image_files, [1.0] * len(names), [0.0] * len(names), [1.0] * len(names), prompt,
+                      negative, steps, guidance, seed, batch, scheduler, size, None))
     records = []
     for (name, which, names, image_files, scales, starts, ends, prompt, negative, steps, guidance, seed, batch,
-         scheduler, adapter_file) in CASES:
+         scheduler, size, adapter_file) in cases:
         cls = StableDiffusionXLControlNetPipeline if which == "sdxl" else StableDiffusionControlNetPipeline
         single = len(names) == 1
         nets = [controlnets[n] for n in names]
@@ -167,7 +187,12 @@ def main():
         if scheduler is not None:
             pipe.scheduler = SCHEDULERS[scheduler](pipe.scheduler.config)
         images = [load_image(os.path.join(args.out, f)) for f in image_files]
-        width, height = images[0].size
+        if size is True:   # CASES: the control image's own size, passed
+            width, height = images[0].size
+        else:
+            # The tiny VAE's factor is 2; a real SD VAE's, 8, is what Pea's sizes follow (multiples of 8).
+            pipe.control_image_processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
+            width, height = size or (None, None)
         kwargs = dict(prompt=prompt, negative_prompt=negative, num_images_per_prompt=batch)
         if adapter_file is not None:
             adapter = adapters[adapter_file]
@@ -184,11 +209,13 @@ def main():
                        generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images
         pixels = (out * 255).round().astype(np.int32)
         save_file({"images": torch.from_numpy(pixels).contiguous()}, os.path.join(args.out, name + ".safetensors"))
+        # The size diffusers made (the default's when none was passed).
+        height, width = pixels.shape[1:3]
         records.append({"name": name, "pipeline": which, "controlnets": names, "control_images": image_files,
                         "scales": scales, "starts": starts, "ends": ends, "prompt": prompt, "negative_prompt": negative,
-                        "steps": steps, "guidance": guidance, "seed": seed, "batch": batch, "width": width,
-                        "height": height, "scheduler": scheduler, "adapter": adapter_file,
-                        "images": name + ".safetensors"})
+                        "steps": steps, "guidance": guidance, "seed": seed, "batch": batch, "width": int(width),
+                        "height": int(height), "size_given": size is not None, "scheduler": scheduler,
+                        "adapter": adapter_file, "images": name + ".safetensors"})
     with open(os.path.join(args.out, "cases.json"), "w") as f:
         json.dump(records, f, indent=1, ensure_ascii=False)
     total = sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(args.out) for n in names)

@@ -56,7 +56,10 @@ public struct GenerationRequest {
 /// i/N < start or (i+1)/N > end, where they are × 0.
 public struct ControlInput {
     public var controlnet: ControlNetModel
-    /// The control image, exactly the request's width×height (Pea does not resize it; diffusers would).
+    /// The control image, of any size: the pipeline Lanczos-resizes it to the request's width×height as diffusers'
+    /// control_image_processor does (`VaeImageProcessor.outputSize` of the first control image is diffusers'
+    /// default size for it). With several ControlNets every image is resized to that size, where diffusers would
+    /// fail on images of differing sizes.
     public var image: RGBImage
     /// Doubles, as Python computes i/N and scale × keep.
     public var scale = 1.0
@@ -69,21 +72,6 @@ public struct ControlInput {
         self.scale = scale
         self.start = start
         self.end = end
-    }
-
-    /// Why control images (`named` for messages) cannot be used together, or nil: they must all be one size, its
-    /// sides multiples of 8, as Pea does not resize control images (that size is the output's).
-    public static func sizeProblem(_ images: [(name: String, image: RGBImage)]) -> String? {
-        guard let first = images.first else { return nil }
-        guard first.image.width % 8 == 0, first.image.height % 8 == 0 else {
-            return "the control image \(first.name) is \(first.image.width)×\(first.image.height); its width and height must be multiples of 8 "
-                + "(Pea does not resize control images: crop or resize it first)"
-        }
-        for (name, image) in images where image.width != first.image.width || image.height != first.image.height {
-            return "the control image \(name) is \(image.width)×\(image.height) but \(first.name) is \(first.image.width)×\(first.image.height); "
-                + "they must be the same size (Pea does not resize control images)"
-        }
-        return nil
     }
 
     /// The conditioning scale at step `step` of `steps` (diffusers' conditioning_scale × controlnet_keep[i]).
@@ -532,6 +520,9 @@ public final class StableDiffusionPipeline {
             var request = request
             request.initImage = request.initImage.map { VaeImageProcessor.resize($0, width: request.width, height: request.height) }
             request.mask = request.mask.map { VaeImageProcessor.resize($0, width: request.width, height: request.height) }
+            for k in request.controls.indices {
+                request.controls[k].image = VaeImageProcessor.resize(request.controls[k].image, width: request.width, height: request.height)
+            }
             return request
         }
     }
@@ -598,8 +589,8 @@ public final class StableDiffusionPipeline {
         for request in requests {
             for control in request.controls {
                 let image = control.image
-                guard image.width == request.width, image.height == request.height, image.pixels.count == image.width * image.height * 3 else {
-                    throw PEAError.usage("the control image is \(image.width)×\(image.height) but the request is \(request.width)×\(request.height); Pea does not resize control images")
+                guard image.width > 0, image.height > 0, image.pixels.count == image.width * image.height * 3 else {
+                    throw PEAError.usage("the control image holds \(image.pixels.count) bytes, not 3 per pixel of its \(image.width)×\(image.height)")
                 }
             }
         }

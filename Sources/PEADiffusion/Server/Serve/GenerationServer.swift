@@ -345,8 +345,8 @@ public final class GenerationServer: @unchecked Sendable {
         return InitImage(image: image, mask: mask, strength: strength, size: size)
     }
 
-    /// sd-webui-controlnet's resize modes (names and numbers): each leaves an image of the output's size as it is,
-    /// which is the only size Pea takes.
+    /// sd-webui-controlnet's resize modes (names and numbers), accepted: each leaves an image of the output's size as
+    /// it is, and Pea resizes any other as diffusers does (stretching it, the extension's "Just Resize").
     static let resizeModes: [JSONValue] = ["Just Resize", "Crop and Resize", "Resize and Fill", "Inner Fit (Scale to Fit)",
                                            "Outer Fit (Shrink to Fit)", "Envelope (Outer Fit)"].map(JSONValue.string)
         + [0, 1, 2].map { JSONValue.number(Double($0)) }
@@ -354,17 +354,20 @@ public final class GenerationServer: @unchecked Sendable {
     /// `alwayson_scripts.controlnet.args` (sd-webui-controlnet's API; the script's name in any case): each unit with
     /// `enabled` (true) names one of the server's ControlNets by `model` (its folder's basename, A1111's " [hash]"
     /// suffix allowed, or its index) and gives `image` (or `input_image`): a base64 control image, already
-    /// preprocessed (`module` "none"), of the output's size (`ControlInput.sizeProblem`, as `pea generate`); `weight`
+    /// preprocessed (`module` "none"), of any size: the first unit's, rounded down to multiples of 8, is the output's
+    /// unless width/height are given, and every image is Lanczos-resized to the output's size (as `pea generate`);
+    /// `resize_mode` is accepted but every mode resizes so; `weight`
     /// (1), `guidance_start` (0) and `guidance_end` (1) are diffusers' scale and window. `control_mode` Balanced is
     /// diffusers' pipeline; its other modes, masks and guess mode are refused. The unit's other fields
     /// (processor_res, threshold_a/b, pixel_perfect: the preprocessor's; low_vram; hr_option: hires fix) change
     /// nothing Pea does and are ignored.
-    private func controls(_ fields: Fields, width: Int?, height: Int?, imageToImage: Bool) throws -> [JobItem.Control] {
-        guard let scripts = fields.value("alwayson_scripts") else { return [] }
+    private func controls(_ fields: Fields, width: Int?, height: Int?, imageToImage: Bool)
+        throws -> (units: [JobItem.Control], size: (width: Int, height: Int)?) {
+        guard let scripts = fields.value("alwayson_scripts") else { return ([], nil) }
         guard let scriptObject = scripts.objectValue else {
             throw RequestError(message: "alwayson_scripts must be an object, got \(scripts.kindDescription)")
         }
-        guard let script = scriptObject.first(where: { $0.key.lowercased() == "controlnet" })?.value, !script.isNull else { return [] }
+        guard let script = scriptObject.first(where: { $0.key.lowercased() == "controlnet" })?.value, !script.isNull else { return ([], nil) }
         let argsValue = script.objectValue.map { $0["args"] ?? .null } ?? script
         guard let args = argsValue.isNull ? [] : argsValue.arrayValue else {
             throw RequestError(message: "alwayson_scripts.controlnet.args must be a list of ControlNet units, got \(argsValue.kindDescription)")
@@ -419,18 +422,17 @@ public final class GenerationServer: @unchecked Sendable {
             controls.append(JobItem.Control(net: net, image: image, scale: scale, start: start, end: end))
             names.append("\(field).image")
         }
-        if let problem = ControlInput.sizeProblem(Array(zip(names, controls.map(\.image)))) { throw RequestError(message: problem) }
-        if let image = controls.first?.image {
-            for (given, actual, key) in [(width, image.width, "width"), (height, image.height, "height")] {
-                if let given, given != actual {
-                    throw RequestError(message: "\(key) is \(given) but the control image's is \(actual): Pea does not resize control images")
-                }
-                guard actual <= configuration.maxSize else {
-                    throw RequestError(message: "\(names[0]): its \(key) must be at most \(configuration.maxSize), got \(actual)")
-                }
-            }
+        guard let first = controls.first else { return ([], nil) }
+        // As diffusers' control image processor: the first image's size rounded down, unless width/height are given.
+        let size: (width: Int, height: Int)
+        do {
+            size = try VaeImageProcessor.outputSize(of: first.image, named: names[0], width: width, height: height,
+                                                    multiple: anyPipeline.sizeMultiple)
+        } catch { throw RequestError(message: "\(error)") }
+        for (value, key) in [(size.width, "width"), (size.height, "height")] where value > configuration.maxSize {
+            throw RequestError(message: "\(names[0]): its \(key) rounded down (the output's \(key)) must be at most \(configuration.maxSize), got \(value)")
         }
-        return controls
+        return (controls, size)
     }
 
     /// The index of the ControlNet a unit's `model` names: a loaded folder's basename (A1111's " [hash]" suffix
@@ -519,10 +521,10 @@ public final class GenerationServer: @unchecked Sendable {
         let initImage = imageToImage ? try self.initImage(fields, width: width, height: height, steps: steps) : nil
         let controls = try self.controls(fields, width: width, height: height, imageToImage: imageToImage)
         return try parsed(fields, prompt: fields.string("prompt") ?? "", count: count,
-                          width: size(initImage?.size.width ?? width ?? controls.first?.image.width, "width"),
-                          height: size(initImage?.size.height ?? height ?? controls.first?.image.height, "height"),
+                          width: size(initImage?.size.width ?? controls.size?.width ?? width, "width"),
+                          height: size(initImage?.size.height ?? controls.size?.height ?? height, "height"),
                           steps: steps, guidance: fields.number("cfg_scale", 0...100) ?? 7, scheduler: scheduler, initImage: initImage,
-                          controls: controls)
+                          controls: controls.units)
     }
 
     /// `POST /v1/images/generations`: prompt (required), n (1), size "WxH" (the model's size), response_format
