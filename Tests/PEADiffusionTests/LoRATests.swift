@@ -3,9 +3,10 @@ import XCTest
 @testable import PEADiffusion
 
 /// `--lora FILE[:SCALE]` against diffusers' `load_lora_weights` + `fuse_lora(lora_scale=…)` on the tiny SD1
-/// and SDXL pipelines (tools/reference/make_lora_fixtures.py): PEFT- and kohya-named files (SDXL's in the LDM UNet
-/// layout with lora_te1_/lora_te2_), linear, 1×1 and 3×3 (LoCon) LoRAs, UNet and text encoders, alpha ≠ rank, two
-/// files at once. Images within docs/testing.md's pipeline tolerance.
+/// and SDXL pipelines (tools/reference/make_lora_fixtures.py): PEFT- and kohya-named files for both (SDXL's kohya
+/// file in the LDM UNet layout with lora_te1_/lora_te2_), linear, 1×1 and 3×3 (LoCon) LoRAs, UNet and text
+/// encoders, alpha ≠ rank, two scales of each kind, two files at once. Images within docs/testing.md's pipeline
+/// tolerance.
 final class LoRATests: XCTestCase {
     struct Case: Decodable {
         struct File: Decodable {
@@ -27,7 +28,7 @@ final class LoRATests: XCTestCase {
 
     func testEveryCaseMatchesDiffusersFuseLoRA() throws {
         let cases = try Self.cases()
-        XCTAssertEqual(cases.map(\.pipeline), ["sd1", "sd1", "sd1", "sdxl"])
+        XCTAssertEqual(cases.map(\.pipeline), ["sd1", "sd1", "sd1", "sdxl", "sdxl", "sdxl"])
         for c in cases {
             let lora = try LoRASet(c.loras.map { LoRASpec(path: Self.directory + "/" + $0.file, scale: $0.scale) })
             let pipeline = try StableDiffusionPipeline.load(folder: fixturesDirectory() + "/pipelines/" + c.pipeline, backend: CPUBackend(),

@@ -7,6 +7,7 @@ Writes, under --out (default Tests/Fixtures/lora):
                       proj_in, a 3×3 resnet conv (down [r, in, 3, 3], up [out, r, 1, 1]) and the text encoder
   kohya.safetensors   kohya names (`lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`,
                       `lora_te_…`), alpha ≠ rank, one LoCon 3×3 conv
+  sdxl_peft.safetensors   diffusers/PEFT names for the tiny SDXL pipeline: UNet (linear, 3×3 conv) and both text encoders
   sdxl_kohya.safetensors  for the tiny SDXL pipeline: kohya names in the LDM (sgm) UNet layout, as kohya names SDXL
                       LoRAs (`lora_unet_input_blocks_3_1_…`, `middle_block_…`, `output_blocks_…`), and both text
                       encoders (`lora_te1_…`, `lora_te2_…`); diffusers maps the blocks by its sgm→diffusers arithmetic
@@ -45,6 +46,16 @@ SDXL_MODULES = [
     ("text_encoder_2", "text_model.encoder.layers.1.self_attn.out_proj", "text_model_encoder_layers_1_self_attn_out_proj", "linear", 2, 3.0),
 ]
 SDXL_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+# (component, module, kind, rank) of sdxl_peft.safetensors: diffusers/PEFT names for the tiny SDXL pipeline, no alphas.
+SDXL_PEFT_MODULES = [
+    ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v", "linear", 3),
+    ("unet", "mid_block.resnets.1.conv1", "conv3", 2),
+    ("unet", "up_blocks.0.attentions.0.proj_in", "linear", 2),
+    ("text_encoder", "text_model.encoder.layers.1.self_attn.v_proj", "linear", 2),
+    # diffusers recognises a PEFT text-encoder LoRA by an attention projection among its modules, as real ones have.
+    ("text_encoder_2", "text_model.encoder.layers.0.self_attn.k_proj", "linear", 2),
+    ("text_encoder_2", "text_model.encoder.layers.0.mlp.fc2", "linear", 4),
+]
 
 # (component, module, kind) — kind "linear", "conv1" (1×1) or "conv3" (3×3).
 PEFT_MODULES = [
@@ -120,12 +131,20 @@ def make_sdxl_file(pipe, out):
         tensors[SDXL_PREFIX[component] + key + ".lora_up.weight"] = up
         tensors[SDXL_PREFIX[component] + key + ".alpha"] = torch.tensor(alpha)
     save_file(tensors, os.path.join(out, "sdxl_kohya.safetensors"))
+    peft = {}
+    for component, name, kind, rank in SDXL_PEFT_MODULES:
+        down, up = factors(module(pipe, component, name), kind, rank, generator)
+        peft[f"{component}.{name}.lora_A.weight"] = down
+        peft[f"{component}.{name}.lora_B.weight"] = up
+    save_file(peft, os.path.join(out, "sdxl_peft.safetensors"))
 
 
 def file_keys(file):
     """(component, module, down key, up key, rank, alpha or None) of each module of one of the files."""
     if file == "peft.safetensors":
         return [(c, m, f"{c}.{m}.lora_A.weight", f"{c}.{m}.lora_B.weight", r, None) for c, m, _, r in PEFT_MODULES]
+    if file == "sdxl_peft.safetensors":
+        return [(c, m, f"{c}.{m}.lora_A.weight", f"{c}.{m}.lora_B.weight", r, None) for c, m, _, r in SDXL_PEFT_MODULES]
     if file == "kohya.safetensors":
         keys = [(c, m, ("lora_unet_" if c == "unet" else "lora_te_") + m.replace(".", "_"), r, a) for c, m, _, r, a in KOHYA_MODULES]
     else:
@@ -153,6 +172,8 @@ CASES = [
     ("kohya_scale07", [("kohya.safetensors", 0.7)], "an astronaut riding a horse", 4, 6.0, 7, 24, 32),
     ("both", [("peft.safetensors", 0.5), ("kohya.safetensors", 1.2)], "a red fox in the snow, photo", 4, 7.5, 3, 32, 24),
     ("sdxl_kohya_scale08", [("sdxl_kohya.safetensors", 0.8)], "a cat wearing sunglasses", 4, 5.0, 0, 32, 24),
+    ("sdxl_kohya_scale13", [("sdxl_kohya.safetensors", 1.3)], "a lighthouse at dusk", 4, 5.0, 8, 24, 32),
+    ("sdxl_peft_scale06", [("sdxl_peft.safetensors", 0.6)], "a cat wearing sunglasses", 4, 5.0, 2, 32, 24),
 ]
 
 
