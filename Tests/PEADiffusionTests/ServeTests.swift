@@ -382,6 +382,13 @@ final class ServeTests: XCTestCase {
             let message = json?["error"] as? String ?? ""
             XCTAssertTrue(message.contains(fragment), "\(body): '\(fragment)' not in \(message)")
         }
+        // An image's size is asked for as much as a width is: an init image that rounds down past --max-size is a 400.
+        let widePath = scratch.file("wide.png")
+        try PNGWriter.write(rgb: [UInt8](repeating: 90, count: 270 * 16 * 3), width: 270, height: 16, to: widePath)
+        let wide = base64Encoded(try XCTUnwrap(readFileBytes(widePath)))
+        let tooWide = try server.request("POST", "/sdapi/v1/img2img", body: "{\"init_images\": [\"\(wide)\"], \"steps\": 2}")
+        XCTAssertEqual(tooWide.status, 400, tooWide.body)
+        XCTAssertTrue(tooWide.body.contains("init_images[0]") && tooWide.body.contains("at most 256"), tooWide.body)
         XCTAssertEqual(try server.request("GET", "/nowhere").status, 404)
         XCTAssertEqual(try server.request("GET", "/sdapi/v1/txt2img").status, 405)
         XCTAssertEqual(try server.request("POST", "/health", body: "{}").status, 405)

@@ -325,11 +325,7 @@ public final class GenerationServer: @unchecked Sendable {
             throw RequestError(message: "init_images must be a list of one base64 image, got \(value.kindDescription)")
         }
         let image = try decodedImage(list[0], "init_images[0]")
-        let size: (width: Int, height: Int)
-        do {
-            size = try VaeImageProcessor.outputSize(of: image, named: "init_images[0]", width: width, height: height,
-                                                    multiple: anyPipeline.sizeMultiple)
-        } catch { throw RequestError(message: "\(error)") }
+        let size = try outputSize(of: image, "init_images[0]", width: width, height: height)
         var mask: RGBImage?
         let blur = try fields.double("mask_blur", 0...VaeImageProcessor.maximumBlur)
         if let value = fields.value("mask") {
@@ -373,7 +369,7 @@ public final class GenerationServer: @unchecked Sendable {
             throw RequestError(message: "alwayson_scripts.controlnet.args must be a list of ControlNet units, got \(argsValue.kindDescription)")
         }
         var controls: [JobItem.Control] = []
-        var names: [String] = []
+        var firstName: String?   // the first unit's image field, named in size errors
         for (k, arg) in args.enumerated() {
             let field = "alwayson_scripts.controlnet.args[\(k)]"
             guard let unit = arg.objectValue else { throw RequestError(message: "\(field) must be an object, got \(arg.kindDescription)") }
@@ -420,19 +416,24 @@ public final class GenerationServer: @unchecked Sendable {
             }
             let scale = try fields.double("weight", 0...10) ?? 1
             controls.append(JobItem.Control(net: net, image: image, scale: scale, start: start, end: end))
-            names.append("\(field).image")
+            if firstName == nil { firstName = "\(field).image" }
         }
-        guard let first = controls.first else { return ([], nil) }
+        guard let first = controls.first, let name = firstName else { return ([], nil) }
         // As diffusers' control image processor: the first image's size rounded down, unless width/height are given.
+        return (controls, try outputSize(of: first.image, name, width: width, height: height))
+    }
+
+    /// The output size a request's image implies (`VaeImageProcessor.outputSize`: width/height where given, else
+    /// the image's rounded down to the size multiple), which like a given width or height must be within --max-size.
+    private func outputSize(of image: RGBImage, _ field: String, width: Int?, height: Int?) throws -> (width: Int, height: Int) {
         let size: (width: Int, height: Int)
         do {
-            size = try VaeImageProcessor.outputSize(of: first.image, named: names[0], width: width, height: height,
-                                                    multiple: anyPipeline.sizeMultiple)
+            size = try VaeImageProcessor.outputSize(of: image, named: field, width: width, height: height, multiple: anyPipeline.sizeMultiple)
         } catch { throw RequestError(message: "\(error)") }
         for (value, key) in [(size.width, "width"), (size.height, "height")] where value > configuration.maxSize {
-            throw RequestError(message: "\(names[0]): its \(key) rounded down (the output's \(key)) must be at most \(configuration.maxSize), got \(value)")
+            throw RequestError(message: "\(field): its \(key) rounded down (the output's \(key)) must be at most \(configuration.maxSize), got \(value)")
         }
-        return (controls, size)
+        return size
     }
 
     /// The index of the ControlNet a unit's `model` names: a loaded folder's basename (A1111's " [hash]" suffix
