@@ -498,12 +498,7 @@ public final class StableDiffusionPipeline {
             guard requests.allSatisfy({ $0.initImage != nil && $0.strength == request.strength }) else {
                 throw PEAError.usage("requests denoised together must all be image-to-image with the same strength, or all text-to-image")
             }
-            for other in requests {
-                let image = other.initImage!
-                guard image.width > 0, image.height > 0, image.pixels.count == image.width * image.height * 3 else {
-                    throw PEAError.usage("the init image holds \(image.pixels.count) bytes, not 3 per pixel of its \(image.width)×\(image.height)")
-                }
-            }
+            for other in requests { try Self.requireWellFormed(other.initImage!, "init image") }
             _ = try Self.img2imgBeginIndex(steps: request.steps, strength: request.strength)
         }
         try validateMasks(requests)
@@ -544,10 +539,7 @@ public final class StableDiffusionPipeline {
         }
         for request in requests {
             guard request.initImage != nil else { throw PEAError.usage("a mask goes with an init image (--mask needs --init-image)") }
-            let mask = request.mask!
-            guard mask.width > 0, mask.height > 0, mask.pixels.count == mask.width * mask.height * 3 else {
-                throw PEAError.usage("the mask holds \(mask.pixels.count) bytes, not 3 per pixel of its \(mask.width)×\(mask.height)")
-            }
+            try Self.requireWellFormed(request.mask!, "mask")
         }
     }
 
@@ -587,12 +579,15 @@ public final class StableDiffusionPipeline {
             guard control.scale.isFinite else { throw PEAError.usage("ControlNet scale must be finite, got \(control.scale)") }
         }
         for request in requests {
-            for control in request.controls {
-                let image = control.image
-                guard image.width > 0, image.height > 0, image.pixels.count == image.width * image.height * 3 else {
-                    throw PEAError.usage("the control image holds \(image.pixels.count) bytes, not 3 per pixel of its \(image.width)×\(image.height)")
-                }
-            }
+            for control in request.controls { try Self.requireWellFormed(control.image, "control image") }
+        }
+    }
+
+    /// Refuses an image (`what`, for the message) whose bytes are not 3 per pixel of its width×height: the images a
+    /// caller builds by hand, which are resized before anything else reads them.
+    private static func requireWellFormed(_ image: RGBImage, _ what: String) throws {
+        guard image.width > 0, image.height > 0, image.pixels.count == image.width * image.height * 3 else {
+            throw PEAError.usage("the \(what) holds \(image.pixels.count) bytes, not 3 per pixel of its \(image.width)×\(image.height)")
         }
     }
 
