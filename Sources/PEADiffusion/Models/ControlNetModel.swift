@@ -77,16 +77,12 @@ public final class ControlNetModel {
         self.config = config
         self.path = path
         let c = config.unet
-        encoder = try UNetEncoder(config: c, weights: w)
+        let encoder = try UNetEncoder(config: c, weights: w)
+        self.encoder = encoder
         conditioningEmbedding = try ControlNetConditioningEmbedding(w["controlnet_cond_embedding"], conditioningChannels: config.conditioningChannels,
                                                                     channels: config.conditioningEmbeddingChannels, outChannels: c.blockOutChannels[0])
-        // The skips' channels, in order: conv_in's, then each block's resnets' and downsampler's.
-        var skipChannels = [c.blockOutChannels[0]]
-        for (i, channels) in c.blockOutChannels.enumerated() {
-            skipChannels += Array(repeating: channels, count: c.layersPerBlock[i] + (i < c.blockOutChannels.count - 1 ? 1 : 0))
-        }
-        downProjections = try skipChannels.enumerated().map { i, channels in
-            try Conv2d(w["controlnet_down_blocks.\(i)"], in: channels, out: channels, kernel: 1)
+        downProjections = try encoder.skips.enumerated().map { i, skip in
+            try Conv2d(w["controlnet_down_blocks.\(i)"], in: skip.channels, out: skip.channels, kernel: 1)
         }
         let last = c.blockOutChannels[c.blockOutChannels.count - 1]
         midProjection = try Conv2d(w["controlnet_mid_block"], in: last, out: last, kernel: 1)

@@ -116,20 +116,25 @@ struct UNetEncoder {
         return (h, skips, features)
     }
 
+    /// Each skip connection's channels and how many downsamplers come before it, in order: conv_in's output, then
+    /// every down block's resnets' and downsampler's.
+    var skips: [(channels: Int, level: Int)] {
+        let channels = config.blockOutChannels
+        var skips = [(channels: channels[0], level: 0)]
+        for (i, layers) in config.layersPerBlock.enumerated() {
+            skips += Array(repeating: (channels: channels[i], level: i), count: layers)
+            if i < channels.count - 1 { skips.append((channels: channels[i], level: i + 1)) }
+        }
+        return skips
+    }
+
     /// The shapes of the skip connections and of the mid block's output for a sample of `shape` [B, C, H, W]:
     /// each downsampler halves the latent, rounding up (stride-2 convs).
     func residualShapes(sample shape: [Int]) -> (down: [[Int]], mid: [Int]) {
-        let channels = config.blockOutChannels
-        var height = shape[2], width = shape[3]
-        var down = [[shape[0], channels[0], height, width]]
-        for (i, layers) in config.layersPerBlock.enumerated() {
-            down += Array(repeating: [shape[0], channels[i], height, width], count: layers)
-            if i < channels.count - 1 {
-                (height, width) = ((height + 1) / 2, (width + 1) / 2)
-                down.append([shape[0], channels[i], height, width])
-            }
-        }
-        return (down, [shape[0], channels[channels.count - 1], height, width])
+        func halved(_ size: Int, _ times: Int) -> Int { (0..<times).reduce(size) { size, _ in (size + 1) / 2 } }
+        let down = skips.map { [shape[0], $0.channels, halved(shape[2], $0.level), halved(shape[3], $0.level)] }
+        let channels = config.blockOutChannels, levels = channels.count - 1
+        return (down, [shape[0], channels[levels], halved(shape[2], levels), halved(shape[3], levels)])
     }
 
     /// Refuses inputs this model cannot take, naming `model` in the message ("unet", "controlnet") and `noun`
