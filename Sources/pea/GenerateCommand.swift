@@ -326,7 +326,6 @@ struct ModelChoice {
         let backend = selection.backend, dtype = selection.dtype
         let conditioner = try peaConditioner(options, selection: selection)
         let lora = try Self.loras(options)
-        for warning in lora?.warnings ?? [] { fputs("pea: warning: \(warning)\n", stderr) }
         if let lora, conditioner != nil, lora.components.contains(where: { $0 != "unet" }) {
             fputs("pea: warning: --lora: the text-encoder part of the LoRA does not apply to the --text-encoder/--adapter "
                   + "language encoder; only its UNet part is merged into that pipeline\n", stderr)

@@ -10,10 +10,10 @@
 //                     `lora_te_` (SD1/SD2 text encoder), `lora_te1_` / `lora_te2_` (SDXL's two)
 // In both, `<module>.alpha` (a scalar) sets alpha. A file diffusers ≥ 0.34 saved may carry each component's PEFT
 // LoraConfig in its header (`lora_adapter_metadata`); then, as in diffusers, that config's r / lora_alpha /
-// rank_pattern / alpha_pattern / use_rslora set each module's scale (alpha/r, or alpha/√r with rsLoRA). Modules are named as the diffusers model names them; kohya's
-// underscores are matched by comparing names with every `.` read as `_`, so no per-block rules are needed. A 3×3
-// convolution's LoRA (LoCon) has down [r, in, 3, 3] and up [out, r, 1, 1]; linear layers and 1×1 convolutions may
-// store theirs 2-D or as [·, ·, 1, 1].
+// rank_pattern / alpha_pattern / use_rslora set each module's scale (alpha/r, or alpha/√r with rsLoRA).
+// Modules are named as the diffusers model names them; kohya's underscores are matched by comparing names with
+// every `.` read as `_`, so no per-block rules are needed. A 3×3 convolution's LoRA (LoCon) has down
+// [r, in, 3, 3] and up [out, r, 1, 1]; linear layers and 1×1 convolutions may store theirs 2-D or as [·, ·, 1, 1].
 //
 // Unlike diffusers, which warns about LoRA tensors that match no module and goes on, Pea refuses them: a LoRA that
 // silently does nothing is worse than an error naming the tensor.
@@ -61,14 +61,12 @@ public final class LoRASet {
         let up: String
         let rank: Int
         let alpha: Float
-        let factor: Float         // scale · alpha / rank
+        let factor: Float         // scale · alpha / rank (/ √rank with rsLoRA)
     }
 
     /// Component ("unet", "text_encoder", "text_encoder_2") → module key (`LoRASet.key`) → the modules of every file.
     private var modules: [String: [String: [Module]]] = [:]
     private var used: Set<String> = []   // "component/key"
-    /// What the caller should tell the user (the library prints nothing).
-    public private(set) var warnings: [String] = []
 
     public init(_ specs: [LoRASpec]) throws {
         for spec in specs { try read(spec) }

@@ -262,7 +262,6 @@ extension ModelInspection {
                                                                "rank": "none in the file: alpha = rank"][alphaSource]!)
         let (family, reason) = loraFamily(modules, file: file)
         result.add("family", .string(family), text: "\(family) (\(reason))")
-        if !set.warnings.isEmpty { result.add("notes", .array(set.warnings.map { .string($0) }), text: set.warnings.joined(separator: "; ")) }
         result.addTensorFacts(file)
         return result
     }
