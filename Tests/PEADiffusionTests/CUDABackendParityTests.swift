@@ -182,7 +182,7 @@ final class CUDABackendParityTests: XCTestCase {
             XCTAssertEqual(CUDALibrary.locate(), .found(Self.emulatedLibraryPath))
         }
         withEnvironment("PEA_CUDA_LIB", Self.repositoryRoot) {   // a folder: its libpea_cuda.so
-            XCTAssertEqual(CUDALibrary.locate(), CUDALibrary.fileExists(Self.repositoryRoot + "/libpea_cuda.so")
+            XCTAssertEqual(CUDALibrary.locate(), existsAsFile(Self.repositoryRoot + "/libpea_cuda.so")
                            ? .found(Self.repositoryRoot + "/libpea_cuda.so")
                            : .notFound("cuda: PEA_CUDA_LIB is set to \(Self.repositoryRoot), but \(Self.repositoryRoot)/libpea_cuda.so does not exist"))
         }

@@ -270,11 +270,11 @@ public final class CUDALibrary {
     public static func locate() -> Location {
         if let value = environmentLibrary {
             let file = isDirectory(value) ? value + "/libpea_cuda.so" : value
-            return fileExists(file) ? .found(file)
+            return existsAsFile(file) ? .found(file)
                 : .notFound("cuda: PEA_CUDA_LIB is set to \(value), but \(file) does not exist")
         }
         let candidates = searchPaths()
-        if let first = candidates.first(where: fileExists) { return .found(first) }
+        if let first = candidates.first(where: existsAsFile) { return .found(first) }
         return .notFound("cuda: libpea_cuda.so not found (build it with 'make cuda' on a machine with nvcc, or set PEA_CUDA_LIB); looked in: "
                          + candidates.joined(separator: ", "))
     }
@@ -302,9 +302,6 @@ public final class CUDALibrary {
         defer { releaseCString(resolved) }
         return String(cString: resolved)
     }
-
-    /// Exists and is not a folder (`isDirectory` is Support/FileSystem.swift's).
-    static func fileExists(_ path: String) -> Bool { existsAsFile(path) }
 }
 
 /// free(3) for memory the C library allocated (a file-scope function: inside CUDALibrary `free` is the ABI's).
