@@ -104,14 +104,23 @@ def factors(layer, kind, rank, generator):
     return down.contiguous(), up.contiguous()
 
 
-def make_files(pipe, out):
-    generator = torch.Generator().manual_seed(5)
+def write_peft(pipe, modules, generator, path):
+    """A diffusers/PEFT-named LoRA (no alphas) for (component, module, kind, rank) `modules`."""
     peft = {}
-    for component, name, kind, rank in PEFT_MODULES:
+    for component, name, kind, rank in modules:
         down, up = factors(module(pipe, component, name), kind, rank, generator)
         peft[f"{component}.{name}.lora_A.weight"] = down
         peft[f"{component}.{name}.lora_B.weight"] = up
-    save_file(peft, os.path.join(out, "peft.safetensors"))
+    save_file(peft, path)
+
+
+# The PEFT-named files and their modules.
+PEFT_FILES = {"peft.safetensors": PEFT_MODULES, "sdxl_peft.safetensors": SDXL_PEFT_MODULES}
+
+
+def make_files(pipe, out):
+    generator = torch.Generator().manual_seed(5)
+    write_peft(pipe, PEFT_MODULES, generator, os.path.join(out, "peft.safetensors"))
     kohya = {}
     for component, name, kind, rank, alpha in KOHYA_MODULES:
         down, up = factors(module(pipe, component, name), kind, rank, generator)
@@ -131,20 +140,13 @@ def make_sdxl_file(pipe, out):
         tensors[SDXL_PREFIX[component] + key + ".lora_up.weight"] = up
         tensors[SDXL_PREFIX[component] + key + ".alpha"] = torch.tensor(alpha)
     save_file(tensors, os.path.join(out, "sdxl_kohya.safetensors"))
-    peft = {}
-    for component, name, kind, rank in SDXL_PEFT_MODULES:
-        down, up = factors(module(pipe, component, name), kind, rank, generator)
-        peft[f"{component}.{name}.lora_A.weight"] = down
-        peft[f"{component}.{name}.lora_B.weight"] = up
-    save_file(peft, os.path.join(out, "sdxl_peft.safetensors"))
+    write_peft(pipe, SDXL_PEFT_MODULES, generator, os.path.join(out, "sdxl_peft.safetensors"))
 
 
 def file_keys(file):
     """(component, module, down key, up key, rank, alpha or None) of each module of one of the files."""
-    if file == "peft.safetensors":
-        return [(c, m, f"{c}.{m}.lora_A.weight", f"{c}.{m}.lora_B.weight", r, None) for c, m, _, r in PEFT_MODULES]
-    if file == "sdxl_peft.safetensors":
-        return [(c, m, f"{c}.{m}.lora_A.weight", f"{c}.{m}.lora_B.weight", r, None) for c, m, _, r in SDXL_PEFT_MODULES]
+    if file in PEFT_FILES:
+        return [(c, m, f"{c}.{m}.lora_A.weight", f"{c}.{m}.lora_B.weight", r, None) for c, m, _, r in PEFT_FILES[file]]
     if file == "kohya.safetensors":
         keys = [(c, m, ("lora_unet_" if c == "unet" else "lora_te_") + m.replace(".", "_"), r, a) for c, m, _, r, a in KOHYA_MODULES]
     else:
