@@ -474,7 +474,9 @@ struct ControlOptions {
             return
         }
         scales = try options.strings(O.controlScale).map { text -> Double in
-            guard let value = Double(text), value.isFinite else { throw PEAError.usage("generate: --control-scale expects a number, got '\(text)'") }
+            guard let value = Double(text), Float(value).isFinite else {
+                throw PEAError.usage("generate: --control-scale expects a number finite in float32, got '\(text)'")
+            }
             return value
         }
         guard scales.count <= 1 || scales.count == folders.count else {

@@ -113,15 +113,17 @@ final class ControlNetTests: XCTestCase {
         var models: [String: ControlNetModel] = [:]
         let good = try Self.request(c, backend: backend, models: &models)
         let sdxlNet = try ControlNetModel.load(folder: Self.directory + "/sdxl_a", backend: backend).model
-        var wrongFamily = good, broken = good, window = good, img2img = good
+        var wrongFamily = good, broken = good, window = good, img2img = good, huge = good
         wrongFamily.controls[0].controlnet = sdxlNet
         broken.controls[0].image = RGBImage(width: 4, height: 4, pixels: [0, 0, 0])
         window.controls[0].start = 0.7
         window.controls[0].end = 0.7
         img2img.initImage = good.controls[0].image
+        huge.controls[0].scale = 1e300   // finite as a Double, infinite as the Float the residuals are scaled by
         for (bad, mentions) in [(wrongFamily, [Self.directory + "/sdxl_a", "cross_attention_dim 32, the UNet's 16"]),
                                 (broken, ["control image holds 3 bytes", "4×4"]),
-                                (window, ["0 ≤ start < end ≤ 1"]), (img2img, ["text-to-image only"])] {
+                                (window, ["0 ≤ start < end ≤ 1"]), (img2img, ["text-to-image only"]),
+                                (huge, ["scale must be finite in float32"])] {
             assertThrowsError(containing: mentions) { _ = try sd1.generate(bad) }
         }
         // An SD1 ControlNet in front of the SDXL UNet: another text width and no text_time embedding.
@@ -209,6 +211,8 @@ final class ControlNetTests: XCTestCase {
             (base + ["--controlnet", sd1], 2, ["one --control-image per --controlnet"]),
             (base + ["--controlnet", sd1, "--controlnet", sd1, "--control-image", image], 2, ["one --control-image per --controlnet"]),
             (base + ["--controlnet", sd1, "--control-image", image, "--control-scale", "1", "--control-scale", "2"], 2, ["--control-scale once"]),
+            (base + ["--controlnet", sd1, "--control-image", image, "--control-scale", "1e300"], 2, ["--control-scale", "finite in float32", "1e300"]),
+            (base + ["--controlnet", sd1, "--control-image", image, "--control-scale", "nan"], 2, ["--control-scale", "nan"]),
             (base + ["--controlnet", sd1, "--control-image", image, "--control-start", "0.7", "--control-end", "0.7"], 2, ["0 ≤ start < end ≤ 1"]),
             (base + ["--controlnet", sd1, "--control-image", image, "--control-end", "1.5"], 2, ["0 ≤ start < end ≤ 1"]),
             (base + ["--controlnet", scratch.path, "--control-image", image], 1, [scratch.path, "no config.json"]),

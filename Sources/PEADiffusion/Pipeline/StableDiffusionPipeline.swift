@@ -576,7 +576,8 @@ public final class StableDiffusionPipeline {
             guard control.start >= 0, control.start < control.end, control.end <= 1 else {
                 throw PEAError.usage("ControlNet start and end must satisfy 0 ≤ start < end ≤ 1, got start \(control.start), end \(control.end)")
             }
-            guard control.scale.isFinite else { throw PEAError.usage("ControlNet scale must be finite, got \(control.scale)") }
+            // The residuals are scaled in float32: 1e300 is a finite Double but an infinite scale.
+            guard Float(control.scale).isFinite else { throw PEAError.usage("ControlNet scale must be finite in float32, got \(control.scale)") }
         }
         for request in requests {
             for control in request.controls { try Self.requireWellFormed(control.image, "control image") }
