@@ -221,6 +221,7 @@ final class InspectCommandTests: XCTestCase {
         try FileManager.default.createDirectory(atPath: empty, withIntermediateDirectories: false)
         let cases: [([String], Int32, [String])] = [
             (["inspect", scratch.file("missing.safetensors")], 1, [scratch.file("missing.safetensors"), "no such file"]),
+            (["inspect", "/dev/null"], 1, ["/dev/null", "not a regular file"]),
             (["inspect", truncated], 1, [truncated, "past the end"]),
             (["inspect", truncatedCkpt], 1, [truncatedCkpt, "truncated"]),
             (["inspect", garbage], 1, [garbage]),

@@ -91,7 +91,9 @@ extension ModelInspection {
     /// an unreadable or corrupt file, or a folder that is no model folder.
     public static func inspect(path: String) throws -> ModelInspection {
         if isDirectory(path) { return try folder(path) }
-        guard isRegularFile(path) else { throw PEAError.invalidFile(path: path, reason: "no such file or folder") }
+        guard isRegularFile(path) else {
+            throw PEAError.invalidFile(path: path, reason: existsAsFile(path) ? "not a regular file (a device, pipe or socket)" : "no such file or folder")
+        }
         return try file(path)
     }
 
