@@ -213,40 +213,41 @@ __global__ void __launch_bounds__(1024) group_norm_regs_kernel(const T *x, const
     }
 }
 
-/* The split path for groups too big to hold (or too few to fill the GPU), two kernels. The n = Cg·S values of a
- * group (b, g) are cut into P chunks of GN_CHUNK_VECS·blockDim 16-byte vectors; block L of the 1-D grid of
- * B·G·P handles chunk p = L mod P of group u = L / P.
+/* The split path, two kernels, for groups too big to hold in one block's registers (VAE shapes) and for too few
+ * groups to fill the GPU (UNet shapes: B·G = 64 groups on 132 SMs). The n = Cg·S values of a group (b, g) are
+ * cut into P chunks of K·blockDim 16-byte vectors (the host picks P, K ≤ 4 and blockDim ≤ 256 in
+ * group_norm_split_plan); block L of the 1-D grid of B·G·P handles chunk p = L mod P of group u = L / P.
  * Pass 1 (group_norm_partial_kernel): the block loads its chunk into registers (thread t: vectors t,
- * t + blockDim, …, at most GN_CHUNK_VECS), and writes the chunk's (mean, M2 = Σ(v − mean)²) — two passes over the
- * held values, block_sum2 — to part[u·P + p]. Pass 2 (group_norm_apply_kernel) walks the chunks in reverse
- * (block L takes chunk B·G·P − 1 − L, so the chunks pass 1 read last, still in L2, are read again first): warp 0
- * merges the group's P partials in a fixed order (lane l folds partials l, l + 32, … with Chan's formula, then
- * the lanes fold into lane 0 in a fixed tree) — every block of the group computes identical statistics, no
- * atomics — then the block normalises its chunk (16-byte loads and stores). */
-enum { GN_CHUNK_VECS = 4, GN_SPLIT_THREADS = 256 };
+ * t + blockDim, …, at most K; x read from DRAM once), and writes the chunk's (mean, M2 = Σ(v − mean)²) — two
+ * passes over the held values, block_sum2 — to part[u·P + p]. Pass 2 (group_norm_apply_kernel) walks the chunks
+ * in reverse (block L takes chunk B·G·P − 1 − L, so the chunks pass 1 read last, still in L2, are read again
+ * first): warp 0 merges the group's P partials in a fixed order (lane l folds partials l, l + 32, … with Chan's
+ * formula, then the lanes fold into lane 0 in a fixed tree) — every block of the group computes identical
+ * statistics, no atomics — then the block normalises its chunk (16-byte loads, from L2, and stores). */
+enum { GN_SPLIT_THREADS = 256, GN_SPLIT_MAX_K = 4, GN_SPLIT_MIN_CHUNK = 256 };
 
-template <typename T>
+template <typename T, int K>
 __global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_partial_kernel(const T *x, float2 *part, int64_t n,
                                                                                 int64_t P) {
     constexpr int V = pea_v16<T>::N;
     const int64_t L = blockIdx.x, u = L / P, p = L - u * P;
-    const int64_t chunk_vecs = (int64_t)GN_CHUNK_VECS * blockDim.x, nq = n / V;
+    const int64_t chunk_vecs = (int64_t)K * blockDim.x, nq = n / V;
     const int64_t q0 = p * chunk_vecs;
     const int64_t count = (nq - q0 < chunk_vecs ? nq - q0 : chunk_vecs) * V; /* values in this chunk */
     const uint4 *xq = reinterpret_cast<const uint4 *>(x + u * n) + q0;
     const int tid = threadIdx.x;
-    uint4 held[GN_CHUNK_VECS];
+    uint4 held[K];
 #pragma unroll
-    for (int k = 0; k < GN_CHUNK_VECS; k++) {
+    for (int k = 0; k < K; k++) {
         const int64_t q = tid + (int64_t)k * blockDim.x;
         held[k] = q0 + q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
     }
     float mean, m2;
-    gn_held_mean_m2<T, GN_CHUNK_VECS>(held, q0, nq, (float)count, mean, m2);
+    gn_held_mean_m2<T, K>(held, q0, nq, (float)count, mean, m2);
     if (tid == 0) part[L] = make_float2(mean, m2);
 }
 
-template <typename T>
+template <typename T, int K>
 __global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_apply_kernel(const T *x, const float2 *part,
                                                                               const T *gamma, const T *beta, T *y,
                                                                               int64_t C, int64_t S, int64_t G,
@@ -255,7 +256,7 @@ __global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_apply_kernel(cons
     PEA_SHARED_ARRAY(float, s_stat, 2);
     const int64_t L = (int64_t)gridDim.x - 1 - blockIdx.x, u = L / P, p = L - u * P;
     const int64_t g = u % G, Cg = C / G, n = Cg * S, nq = n / V;
-    const int64_t chunk_vecs = (int64_t)GN_CHUNK_VECS * blockDim.x, q0 = p * chunk_vecs;
+    const int64_t chunk_vecs = (int64_t)K * blockDim.x, q0 = p * chunk_vecs;
     const int tid = threadIdx.x;
     if (tid < 32) {
         float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
@@ -280,14 +281,14 @@ __global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_apply_kernel(cons
     const float mu = s_stat[0], rstd = s_stat[1];
     const uint4 *xq = reinterpret_cast<const uint4 *>(x + u * n);
     uint4 *yq = reinterpret_cast<uint4 *>(y + u * n);
-    uint4 held[GN_CHUNK_VECS];
+    uint4 held[K];
 #pragma unroll
-    for (int k = 0; k < GN_CHUNK_VECS; k++) {
+    for (int k = 0; k < K; k++) {
         const int64_t q = q0 + tid + (int64_t)k * blockDim.x;
         held[k] = q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
     }
 #pragma unroll
-    for (int k = 0; k < GN_CHUNK_VECS; k++) {
+    for (int k = 0; k < K; k++) {
         const int64_t q = q0 + tid + (int64_t)k * blockDim.x;
         if (q < nq) {
             float scale, shift;
@@ -300,24 +301,78 @@ __global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_apply_kernel(cons
     }
 }
 
-/* The group-norm paths, by the group's size n = Cg·S in vectors of V = 16/sizeof(T) elements:
+/* How the split path cuts a group of nq vectors into P chunks: K vectors per thread and `threads` threads per
+ * block (a multiple of 32, ≤ GN_SPLIT_THREADS), so that K·threads covers ⌈nq/P⌉ with the fewest idle threads;
+ * P is then recomputed for that chunk size (it can only shrink). */
+struct GnSplit {
+    int64_t P;
+    int K, threads;
+};
+static GnSplit group_norm_split_plan(int64_t nq, int64_t P) {
+    const int64_t want = (nq + P - 1) / P;
+    GnSplit s;
+    s.K = want <= GN_SPLIT_THREADS ? 1 : want <= 2 * GN_SPLIT_THREADS ? 2 : GN_SPLIT_MAX_K;
+    s.threads = (int)(((want + s.K - 1) / s.K + 31) / 32 * 32);
+    const int64_t chunk = (int64_t)s.K * s.threads;
+    s.P = (nq + chunk - 1) / chunk;
+    return s;
+}
+
+template <typename T, int K>
+static int group_norm_split_launch(pea_cuda_context *ctx, const void *x, const void *gamma, const void *beta, void *y,
+                                   int64_t B, int64_t C, int64_t S, int64_t G, float eps, int fuse_silu,
+                                   const GnSplit &plan) {
+    static const char *op = "group_norm";
+    const int64_t n = C / G * S, blocks = B * G * plan.P;
+    PEA_REQUIRE(ctx, op, blocks <= INT_MAX, "B·G·P = %lld blocks is too many", (long long)blocks);
+    void *part = NULL;
+    PEA_TRY(pea_mem_alloc(ctx, op, (size_t)blocks * sizeof(float2), &part));
+    PEA_KERNEL(ctx, op, (group_norm_partial_kernel<T, K>), (unsigned)blocks, plan.threads, 0, (const T *)x,
+               (float2 *)part, n, plan.P);
+    PEA_KERNEL(ctx, op, (group_norm_apply_kernel<T, K>), (unsigned)blocks, plan.threads, 0, (const T *)x,
+               (const float2 *)part, (const T *)gamma, (const T *)beta, (T *)y, C, S, G, plan.P, eps, fuse_silu);
+    /* stream-ordered: a later user of the block runs after these kernels on the one stream */
+    return pea_mem_free(ctx, op, part);
+}
+
+/* The group-norm paths, by the group's size n = Cg·S in vectors of V = 16/sizeof(T) elements (nq = n/V) and by
+ * how many groups there are against the SM count:
  *   - S not a multiple of V or x/y not 16-byte aligned: group_norm_kernel (one block per group, x read twice);
- *   - nq = n/V ≤ 8·1024 vectors (128 KB of storage: 64 K f16 values, 32 K f32): group_norm_regs_kernel, the
+ *   - fewer groups than SMs (B·G < sm_count: the UNet's 2·32 groups on an H100's 132 SMs would leave half of
+ *     them idle with a block per group), groups of at least 2·GN_SPLIT_MIN_CHUNK vectors: the split path with
+ *     P ≈ 2·sm_count / (B·G) chunks per group (at least GN_SPLIT_MIN_CHUNK vectors each, 4 KB, so that the
+ *     second launch and the L2 re-read buy occupancy rather than overhead), so every SM gets about two blocks;
+ *     x is read once from DRAM and once more from L2 (a UNet activation is a few MB);
+ *   - nq ≤ 8·1024 vectors (128 KB of storage: 64 K f16 values, 32 K f32): group_norm_regs_kernel, the
  *     group in registers, K = the fewest of 1, 2, 4, 8 vectors per thread with ≤ 1024 threads;
- *   - larger groups: the split path (group_norm_partial_kernel, group_norm_apply_kernel) over all SMs, with
- *     B·G·P float2 partials from the caching allocator. */
+ *   - larger groups (VAE shapes): the split path with chunks of up to GN_SPLIT_MAX_K·GN_SPLIT_THREADS vectors.
+ * The emulator reports 16 SMs, so tests reach the occupancy split with B·G < 16. */
 template <typename T>
 static int group_norm_launch(pea_cuda_context *ctx, const void *x, const void *gamma, const void *beta, void *y,
                              int64_t B, int64_t C, int64_t S, int64_t G, float eps, int fuse_silu) {
     static const char *op = "group_norm";
     constexpr int V = pea_v16<T>::N;
-    const int64_t n = C / G * S, nq = n / V;
+    const int64_t n = C / G * S, nq = n / V, groups = B * G, sms = ctx->sm_count;
     const bool vec16 = S % V == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)y % 16 == 0;
-    if (vec16 && nq <= 8 * 1024) {
+    int64_t P = 1; /* chunks per group the occupancy asks for */
+    if (groups < sms) {
+        P = (2 * sms + groups - 1) / groups;
+        if (P > nq / GN_SPLIT_MIN_CHUNK) P = nq / GN_SPLIT_MIN_CHUNK;
+    }
+    const int64_t max_chunk = (int64_t)GN_SPLIT_MAX_K * GN_SPLIT_THREADS, P_size = (nq + max_chunk - 1) / max_chunk;
+    if (vec16 && (P >= 2 || nq > 8 * 1024)) {
+        const GnSplit plan = group_norm_split_plan(nq, P > P_size ? P : P_size);
+        switch (plan.K) {
+        case 1: return group_norm_split_launch<T, 1>(ctx, x, gamma, beta, y, B, C, S, G, eps, fuse_silu, plan);
+        case 2: return group_norm_split_launch<T, 2>(ctx, x, gamma, beta, y, B, C, S, G, eps, fuse_silu, plan);
+        default: return group_norm_split_launch<T, GN_SPLIT_MAX_K>(ctx, x, gamma, beta, y, B, C, S, G, eps, fuse_silu, plan);
+        }
+    }
+    if (vec16) {
         const int K = nq <= 1024 ? 1 : nq <= 2048 ? 2 : nq <= 4096 ? 4 : 8;
         int threads = (int)((nq + K - 1) / K);
         threads = (threads + 31) / 32 * 32;
-        const unsigned grid = (unsigned)(B * G);
+        const unsigned grid = (unsigned)groups;
         const T *xt = (const T *)x, *gt = (const T *)gamma, *bt = (const T *)beta;
         T *yt = (T *)y;
         switch (K) {
@@ -328,24 +383,10 @@ static int group_norm_launch(pea_cuda_context *ctx, const void *x, const void *g
         }
         return PEA_CUDA_OK;
     }
-    if (vec16) {
-        const int64_t chunk_vecs = (int64_t)GN_CHUNK_VECS * GN_SPLIT_THREADS;
-        const int64_t P = (nq + chunk_vecs - 1) / chunk_vecs, blocks = B * G * P;
-        PEA_REQUIRE(ctx, op, blocks <= INT_MAX, "B·G·P = %lld blocks is too many", (long long)blocks);
-        void *part = NULL;
-        PEA_TRY(pea_mem_alloc(ctx, op, (size_t)blocks * sizeof(float2), &part));
-        PEA_KERNEL(ctx, op, group_norm_partial_kernel<T>, (unsigned)blocks, GN_SPLIT_THREADS, 0, (const T *)x,
-                   (float2 *)part, n, P);
-        PEA_KERNEL(ctx, op, group_norm_apply_kernel<T>, (unsigned)blocks, GN_SPLIT_THREADS, 0, (const T *)x,
-                   (const float2 *)part, (const T *)gamma, (const T *)beta, (T *)y, C, S, G, P, eps, fuse_silu);
-        /* stream-ordered: a later user of the block runs after these kernels on the one stream */
-        PEA_TRY(pea_mem_free(ctx, op, part));
-        return PEA_CUDA_OK;
-    }
     const size_t align = 4 * sizeof(T);
     const int vec = S % 4 == 0 && (uintptr_t)x % align == 0 && (uintptr_t)y % align == 0;
     const int threads = n >= 16384 ? 512 : 256;
-    PEA_KERNEL(ctx, op, group_norm_kernel<T>, (unsigned)(B * G), threads, 0, (const T *)x,
+    PEA_KERNEL(ctx, op, group_norm_kernel<T>, (unsigned)groups, threads, 0, (const T *)x,
                (const T *)gamma, (const T *)beta, (T *)y, C, S, G, eps, fuse_silu, vec);
     return PEA_CUDA_OK;
 }

@@ -1129,13 +1129,18 @@ static void test_norms() {
                                 (long long)g.C, (long long)g.S, (long long)g.G, g.offset, affine, silu, tname(t)),
                             down(dy.p, x.size(), t), ref, tol);
                 }
-    /* Shapes that reach each group-norm path (V = 8 f16/bf16 or 4 f32 elements per 16-byte vector, nq = Cg·S/V):
-     * the group held in registers with K = 1, 2, 4, 8 vectors per thread (nq ≤ 1024·K), and the split path
-     * (nq > 8192: per-chunk partials of 1024 vectors, then normalise), with a partial last chunk, several groups,
-     * more than 32 chunks per group (f32 [1,2,69632] G=1: 34), and a large mean. */
-    const GN paths[] = {{1, 6, 1536, 2, 0.0f},   {1, 4, 4096, 1, 0.0f},   {1, 8, 6144, 2, -2.0f},
-                        {1, 4, 12288, 1, 0.0f},  {2, 6, 12800, 2, 500.0f}, {1, 3, 24584, 1, 0.0f},
-                        {1, 2, 69632, 1, 1.0f}};
+    /* Shapes that reach each group-norm path (V = 8 f16/bf16 or 4 f32 elements per 16-byte vector, nq = Cg·S/V;
+     * the emulator has 16 SMs):
+     *   - B·G ≥ 16: the group held in registers with K = 1, 2, 4, 8 vectors per thread (nq ≤ 1024·K), and past
+     *     nq = 8192 the split path with chunks of 1024 vectors (f32 [1,16,49152] G=16: 12 chunks per group);
+     *   - B·G < 16 with nq ≥ 512: the split path for occupancy, about 32 blocks in all, chunks of 1, 2 or 4
+     *     vectors per thread with a partial last chunk ([2,20,1000] G=4: f16 2 chunks of 320 vectors, the last
+     *     305; [2,12,6000] G=4: f16 4 chunks of 640, the last 330; f32 5 of 1024, the last 404), exact chunks
+     *     with a large mean ([1,4,4096] G=2), more than 32 chunks per group ([1,2,69632] G=1, f32: 34);
+     *   - B·G < 16 with nq < 512: too small to split, the register kernel ([1,8,512] G=4). */
+    const GN paths[] = {{1, 32, 6144, 16, 0.0f}, {1, 16, 24584, 16, 0.0f}, {1, 16, 49152, 16, -2.0f},
+                        {2, 20, 1000, 4, 0.0f},  {2, 12, 6000, 4, -2.0f},  {1, 4, 4096, 2, 500.0f},
+                        {1, 2, 69632, 1, 1.0f},  {1, 8, 512, 4, 0.0f}};
     for (int t : kFloatTypes)
         for (size_t i = 0; i < sizeof paths / sizeof paths[0]; i++) {
             const GN &g = paths[i];
