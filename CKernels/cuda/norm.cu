@@ -365,7 +365,8 @@ static int group_norm_launch(pea_cuda_context *ctx, const void *x, const void *g
         switch (plan.K) {
         case 1: return group_norm_split_launch<T, 1>(ctx, x, gamma, beta, y, B, C, S, G, eps, fuse_silu, plan);
         case 2: return group_norm_split_launch<T, 2>(ctx, x, gamma, beta, y, B, C, S, G, eps, fuse_silu, plan);
-        default: return group_norm_split_launch<T, GN_SPLIT_MAX_K>(ctx, x, gamma, beta, y, B, C, S, G, eps, fuse_silu, plan);
+        default:
+            return group_norm_split_launch<T, GN_SPLIT_MAX_K>(ctx, x, gamma, beta, y, B, C, S, G, eps, fuse_silu, plan);
         }
     }
     if (vec16) {

@@ -81,9 +81,12 @@ private func kernelCases(small: Bool) -> [KernelCase] {
         try backend.upload(HostTensor(random.normals(shape.reduce(1, *)), shape: shape, dtype: dtype))
     }
 
-    // Group norm + SiLU over [B, C, H, W] in G groups: a UNet ResNet block's norm1/norm2 (batch 2), and the
+    // Group norm + SiLU over [B, C, H, W] in G groups: a UNet ResNet block's norm1/norm2 at each level of the
+    // 64×64 latent (batch 2: 64 groups, fewer than an H100's SMs; 0.3-5 MB per fp16 tensor, L2-resident), and the
     // VAE decoder's at 512×512 (batch 1; 67 and 17 MB per fp16 tensor, beyond the L2 cache).
     for (name, nb, c, hw, g) in [("group_norm_silu_\(320 / s)", batch, 320 / s, 64 / s, small ? 8 : 32),
+                                 ("group_norm_silu_\(640 / s)x\(32 / s)", batch, 640 / s, 32 / s, small ? 8 : 32),
+                                 ("group_norm_silu_\(1280 / s)x\(16 / s)", batch, 1280 / s, 16 / s, small ? 8 : 32),
                                  ("group_norm_silu_\(1280 / s)", batch, 1280 / s, small ? 4 : 8, small ? 8 : 32),
                                  ("group_norm_silu_vae_\(128 / s)x\(512 / s)", 1, 128 / s, 512 / s, small ? 8 : 32),
                                  ("group_norm_silu_vae_\(512 / s)x\(128 / s)", 1, 512 / s, 128 / s, small ? 8 : 32)] {
