@@ -515,6 +515,10 @@ final class CUDABackendParityTests: XCTestCase {
         try check(op(.groupNorm, "groupNorm+silu [2,320,8,8] G32", ["x": random([2, 320, 8, 8], seed: 1), "g": random([320], seed: 2), "b": random([320], seed: 3)]) { b, t in
             [try b.groupNorm(t["x"]!, groups: 32, weight: t["g"]!, bias: t["b"]!, eps: 1e-5, fuseSiLU: true)]
         })
+        // Fewer groups (8) than the emulator's 16 SMs, as SD1.5's 64 on an H100's 132: each group split over 4 blocks.
+        try check(op(.groupNorm, "groupNorm+silu [2,64,32,32] G4", ["x": random([2, 64, 32, 32], seed: 16), "g": random([64], seed: 17), "b": random([64], seed: 18)]) { b, t in
+            [try b.groupNorm(t["x"]!, groups: 4, weight: t["g"]!, bias: t["b"]!, eps: 1e-5, fuseSiLU: true)]
+        })
         try check(op(.conv2d, "conv2d 3x3 [2,320,8,8]→320", ["x": random([2, 320, 8, 8], seed: 4), "w": random([320, 320, 3, 3], seed: 5, scale: 0.05), "b": random([320], seed: 6)]) { b, t in
             [try b.conv2d(t["x"]!, weight: t["w"]!, bias: t["b"]!, stride: (1, 1), padding: .uniform(1))]
         })
