@@ -13,9 +13,10 @@
  *
  * Three kernels, chosen in attention_launch:
  *   flash_attention_tc_kernel f16/bf16 with D = Dv ≤ 160 (SD's 40, 64, 80, 160; D padded to a multiple of
- *                            16): FlashAttention-2 style on the tensor cores, mma.sync m16n8k16 with f32
- *                            accumulation, K/V tiles double-buffered through cp.async, fragments by ldmatrix
- *                            (pea_simt.h; all emulated on the CPU), masks and causal included.
+ *                            16, except 33–40, kept at 40): FlashAttention-2 style on the tensor cores,
+ *                            mma.sync m16n8k16 with f32 accumulation, K/V tiles double-buffered through
+ *                            cp.async, fragments by ldmatrix (pea_simt.h; all emulated on the CPU), masks and
+ *                            causal included.
  *   flash_attention_kernel   the rest with head dims D, Dv multiples of 8 up to 256 (all of f32): Q, K and V
  *                            tiles in shared memory, SIMT f32 FMAs, register accumulators; 16-byte vector
  *                            loads when the pointers and strides allow.
@@ -290,17 +291,17 @@ static __device__ __forceinline__ uint4 att_load8(const T *row, int d, int D, in
     return v;
 }
 
-/* Rows row0 … row0+rows-1 of a [*, D] 16-bit tensor into shared memory at halves base + r·RS (RS = DP + 8),
- * as DP/8 16-byte chunks per row, zero past D and for rows at or past `limit`. The block's THREADS threads
- * cover RPP = THREADS / (DP/8) rows per pass: thread e takes chunk e % (DP/8) of rows e / (DP/8), + RPP, …
- * (threads past RPP·DP/8 idle), so a warp reads whole rows (coalesced) and each thread's source pointer just
+/* Rows row0 … row0+rows-1 of a [*, D] 16-bit tensor into shared memory at halves base + r·RS,
+ * as DC 16-byte chunks per row, zero past D and for rows at or past `limit`. The block's THREADS threads
+ * cover RPP = THREADS / DC rows per pass: thread e takes chunk e % DC of rows e / DC, + RPP, …
+ * (threads past RPP·DC idle), so a warp reads whole rows (coalesced) and each thread's source pointer just
  * steps by RPP rows. With vec (D % 8 == 0, rows 16-byte aligned) each chunk is one cp.async (zero-filled where
  * there is no data; it lands when the caller waits for its group); otherwise the thread loads it through
  * registers and stores it at once. */
-template <int DP, int THREADS, typename T, typename S16, typename S128>
+template <int DC, int RS, int THREADS, typename T, typename S16, typename S128>
 static __device__ __forceinline__ void att_stage_rows(S16 s16, S128 s128, int base, const T *src, int64_t src_stride,
                                                       int64_t row0, int64_t limit, int rows, int D, int vec) {
-    constexpr int C = DP / 8, RS = DP + 8, RPP = THREADS / C;
+    constexpr int C = DC, RPP = THREADS / C;
     const int e = threadIdx.x, r0 = e / C, d = (e - r0 * C) * 8;
     if (r0 >= RPP) return;
     const int64_t have = limit - row0; /* rows with data */
@@ -316,39 +317,60 @@ static __device__ __forceinline__ void att_stage_rows(S16 s16, S128 s128, int ba
     }
 }
 
+/* The Q·Kᵀ A fragment of m-tile `tile` (rows tile·16 + 0-15 of the Q tile), k-step kk, by one ldmatrix.x4 —
+ * matrices rows 0-7 | 8-15 × features kk·16 + 0-7 | 8-15 → a0 … a3 — or, when `half` and kk is the last of kd
+ * k-steps (features kk·16 + 0-7 only), rows 0-7 | 8-15 of those features for a0, a1 (the x4's other two matrices
+ * repeat them) and zero a2, a3. */
+template <bool half, typename S16>
+static __device__ __forceinline__ void att_load_q(unsigned qf[4], S16 s16, int tile, int kk, int kd, int RS, int mat,
+                                                  int mrow) {
+    if (half && kk == kd - 1) {
+        pea_ldmatrix_x4(qf, s16, (tile * 16 + (mat & 1) * 8 + mrow) * RS + kk * 16);
+        qf[2] = qf[3] = 0u;
+    } else {
+        pea_ldmatrix_x4(qf, s16, (tile * 16 + (mat & 1) * 8 + mrow) * RS + kk * 16 + (mat >> 1) * 8);
+    }
+}
+
 /* FlashAttention-2-style attention on the tensor cores, for f16/bf16 q, k, v, mask and out with D = Dv ≤ 160
- * (padded with zeros to DP, a multiple of 16). All arithmetic is f32 except the two MMAs' f16/bf16 inputs.
+ * as DC = ⌈D/8⌉ chunks of 8 features (the dispatcher rounds DC up to even, a multiple of 16 features, except for
+ * DC = 5: SD1.5's head dim 40). All arithmetic is f32 except the two MMAs' f16/bf16 inputs.
  *
  * Block (x, y) = (tile of BQ = 64·MT queries from i0 = x·BQ, b·H + h); 4 warps. Warp w owns MT m-tiles of
  * 16 query rows, rows i0 + (w·MT + mt)·16 + 0…15. Lane (g = lane / 4, t = lane % 4) holds, per m-tile, the
  * mma.m16n8k16 fragments (pea_simt.h) of rows g and g + 8: the Q·Kᵀ A operand qf (Q rows, loaded once),
  * the score/probability tile S (16 × 64 keys: 8 n-tiles of 4 f32, columns 2t, 2t+1 of each), the output
- * accumulators o (16 × DP: DP/8 n-tiles of 4 f32), and per row the running max m (log2 domain, the same in
+ * accumulators o (16 × 8·DC: DC n-tiles of 4 f32), and per row the running max m (log2 domain, the same in
  * the 4 lanes of a group) and the lane's share of the running sum l.
  *
- * Shared memory, 16-bit values, rows of DP + 8 (the 8 halves of padding put the 8 rows an ldmatrix reads in
- * 8 different 16-byte bank groups): Qs [BQ][DP+8], then two buffers of Ks [64][DP+8] and Vs [64][DP+8],
+ * Shared memory, 16-bit values, rows of RS = 8·(DC | 1) halves: an odd number of 16-byte units puts the 8 rows
+ * an ldmatrix reads in 8 different 16-byte bank groups (8 halves of padding for even DC, none for odd DC):
+ * Qs [BQ][RS], then two buffers of Ks [64][RS] and Vs [64][RS],
  * all row-major as in global memory. Loads are cp.async (16 bytes, zero-filled past the data), double
  * buffered: while the warps compute on key tile j, tile j+1 is in flight into the other buffer.
  * Fragments come from shared memory with ldmatrix: Q's A operand and K's B operand (K·Qᵀ's B is 32-bit pairs
  * along a K row) plain, V's B operand (pairs along keys) with .trans; each ldmatrix.x4 serves two n-tiles.
  *
- * Per tile of 64 keys each warp computes S = Q·Kᵀ (8·DP/16 MMAs per m-tile), then per row the max over its
+ * Per tile of 64 keys each warp computes S = Q·Kᵀ (8·⌈DC/2⌉ MMAs per m-tile; with odd DC the last k-step has
+ * features 8·(DC−1) … 8·DC−1 only: its fragments' upper halves are zero registers, nothing is loaded for them,
+ * and its K fragments come from one ldmatrix.x4 per 4 n-tiles), then per row the max over its
  * 16 values and the 4 lanes of the group (xor shuffles 1, 2), the new running max m, the rescale of l and o
  * by 2^(m_old − m_new), and P = 2^(S·scale·log2 e − m_new) (one FFMA and one ex2 per score; l += Σ P in f32).
  * A tile with no mask, all keys valid, no causal cut and scale > 0 takes this path with no per-element tests;
  * any other tile also adds mask·log2 e and sets −∞ past Tk and, with causal, where j > i. P is packed into
  * f16/bf16 A fragments (the accumulator layout of two adjacent n-tiles is exactly the A layout of one
- * k-step) and O += P·V (DP/8·4 MMAs per m-tile). A row whose keys are all masked keeps m = −∞ and l = 0 and
+ * k-step) and O += P·V (DC·4 MMAs per m-tile; n-tiles in pairs per ldmatrix.x4.trans, an odd last n-tile with
+ * two k-steps per ldmatrix). A row whose keys are all masked keeps m = −∞ and l = 0 and
  * is written as zeros. At the end l is summed over the group and out = o / l, rounded once. */
-template <typename T, int DP, int MT, int WARPS, int MINB, bool QREG>
+template <typename T, int DC, int MT, int WARPS, int MINB, bool QREG>
 __global__ void __launch_bounds__(32 * WARPS, MINB) flash_attention_tc_kernel(AttnArgs<T> p, int vec) {
     constexpr int BK = ATT_TC_BK, BQ = WARPS * 16 * MT;
-    constexpr int KD = DP / 16; /* k-steps of Q·Kᵀ */
-    constexpr int NS = BK / 8;  /* n-tiles of S */
-    constexpr int KC = BK / 16; /* k-steps of P·V */
-    constexpr int NO = DP / 8;  /* n-tiles of O */
-    constexpr int RS = DP + 8;  /* row stride of every tile, halves */
+    constexpr int KD = (DC + 1) / 2;    /* k-steps of Q·Kᵀ */
+    constexpr bool HALF = DC % 2 != 0;  /* the last k-step has 8 features, not 16 */
+    constexpr int NS = BK / 8;          /* n-tiles of S */
+    constexpr int KC = BK / 16;         /* k-steps of P·V */
+    constexpr int NO = DC;              /* n-tiles of O */
+    constexpr int RS = 8 * (DC | 1);    /* row stride of every tile, halves */
     constexpr int KV = BK * RS; /* halves of one K or V tile */
     PEA_DYNAMIC_SHARED(unsigned short, s16);
     PEA_DYNAMIC_SHARED(uint4, s128);
@@ -365,10 +387,10 @@ __global__ void __launch_bounds__(32 * WARPS, MINB) flash_attention_tc_kernel(At
     const int mrow = lane & 7, mat = lane >> 3;
 
     /* Q and key tile 0 (buffer 0) form the first group of copies. */
-    att_stage_rows<DP, 32 * WARPS>(s16, s128, 0, p.q + b * p.q_sb + h * p.q_sh, p.q_st, i0, p.Tq, BQ, D, vec);
+    att_stage_rows<DC, RS, 32 * WARPS>(s16, s128, 0, p.q + b * p.q_sb + h * p.q_sh, p.q_st, i0, p.Tq, BQ, D, vec);
     if (tiles > 0) {
-        att_stage_rows<DP, 32 * WARPS>(s16, s128, BQ * RS, kb, p.k_st, 0, key_end, BK, D, vec);
-        att_stage_rows<DP, 32 * WARPS>(s16, s128, BQ * RS + KV, vb, p.v_st, 0, key_end, BK, D, vec);
+        att_stage_rows<DC, RS, 32 * WARPS>(s16, s128, BQ * RS, kb, p.k_st, 0, key_end, BK, D, vec);
+        att_stage_rows<DC, RS, 32 * WARPS>(s16, s128, BQ * RS + KV, vb, p.v_st, 0, key_end, BK, D, vec);
     }
     pea_cp_async_commit();
 
@@ -397,8 +419,8 @@ __global__ void __launch_bounds__(32 * WARPS, MINB) flash_attention_tc_kernel(At
         const int cur = BQ * RS + (it & 1) * 2 * KV; /* this tile's K; its V follows at + KV */
         if (it + 1 < tiles) {                        /* prefetch the next tile into the other buffer */
             const int nxt = BQ * RS + ((it + 1) & 1) * 2 * KV;
-            att_stage_rows<DP, 32 * WARPS>(s16, s128, nxt, kb, p.k_st, j0 + BK, key_end, BK, D, vec);
-            att_stage_rows<DP, 32 * WARPS>(s16, s128, nxt + KV, vb, p.v_st, j0 + BK, key_end, BK, D, vec);
+            att_stage_rows<DC, RS, 32 * WARPS>(s16, s128, nxt, kb, p.k_st, j0 + BK, key_end, BK, D, vec);
+            att_stage_rows<DC, RS, 32 * WARPS>(s16, s128, nxt + KV, vb, p.v_st, j0 + BK, key_end, BK, D, vec);
         }
         pea_cp_async_commit();
         pea_cp_async_wait<1>(); /* everything but the prefetch has landed: Q and this tile */
@@ -408,9 +430,8 @@ __global__ void __launch_bounds__(32 * WARPS, MINB) flash_attention_tc_kernel(At
             #pragma unroll
             for (int mt = 0; mt < MT; mt++)
                 #pragma unroll
-                for (int kk = 0; kk < QK; kk++) /* matrices: rows 0-7 | 8-15 × columns 0-7 | 8-15 */
-                    pea_ldmatrix_x4(qf[mt][kk], s16,
-                                    ((warp * MT + mt) * 16 + (mat & 1) * 8 + mrow) * RS + kk * 16 + (mat >> 1) * 8);
+                for (int kk = 0; kk < QK; kk++)
+                    att_load_q<HALF>(qf[mt][kk], s16, warp * MT + mt, kk, KD, RS, mat, mrow);
         }
 
         float s[MT][NS][4];
@@ -425,19 +446,32 @@ __global__ void __launch_bounds__(32 * WARPS, MINB) flash_attention_tc_kernel(At
             const int qk = QREG ? kk : 0;
             if (!QREG) {
                 #pragma unroll
-                for (int mt = 0; mt < MT; mt++)
-                    pea_ldmatrix_x4(qf[mt][0], s16,
-                                    ((warp * MT + mt) * 16 + (mat & 1) * 8 + mrow) * RS + kk * 16 + (mat >> 1) * 8);
+                for (int mt = 0; mt < MT; mt++) att_load_q<HALF>(qf[mt][0], s16, warp * MT + mt, kk, KD, RS, mat, mrow);
             }
-            #pragma unroll
-            for (int n = 0; n < NS; n += 2) {
-                /* matrices: keys of n-tile n | n+1 × features kk·16 + 0-7 | 8-15 → b of n, then b of n+1 */
-                unsigned bk[4];
-                pea_ldmatrix_x4(bk, s16, cur + ((n + (mat >> 1)) * 8 + mrow) * RS + kk * 16 + (mat & 1) * 8);
+            if (HALF && kk == KD - 1) {
                 #pragma unroll
-                for (int mt = 0; mt < MT; mt++) {
-                    att_mma(tag, s[mt][n], qf[mt][qk], bk);
-                    att_mma(tag, s[mt][n + 1], qf[mt][qk], bk + 2);
+                for (int n = 0; n < NS; n += 4) {
+                    /* matrices: keys of n-tiles n … n+3 × features kk·16 + 0-7 → the lower b register of each */
+                    unsigned bk[4];
+                    pea_ldmatrix_x4(bk, s16, cur + ((n + mat) * 8 + mrow) * RS + kk * 16);
+                    #pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const unsigned b2[2] = {bk[e], 0u};
+                        #pragma unroll
+                        for (int mt = 0; mt < MT; mt++) att_mma(tag, s[mt][n + e], qf[mt][qk], b2);
+                    }
+                }
+            } else {
+                #pragma unroll
+                for (int n = 0; n < NS; n += 2) {
+                    /* matrices: keys of n-tile n | n+1 × features kk·16 + 0-7 | 8-15 → b of n, then b of n+1 */
+                    unsigned bk[4];
+                    pea_ldmatrix_x4(bk, s16, cur + ((n + (mat >> 1)) * 8 + mrow) * RS + kk * 16 + (mat & 1) * 8);
+                    #pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        att_mma(tag, s[mt][n], qf[mt][qk], bk);
+                        att_mma(tag, s[mt][n + 1], qf[mt][qk], bk + 2);
+                    }
                 }
             }
         }
@@ -513,7 +547,7 @@ __global__ void __launch_bounds__(32 * WARPS, MINB) flash_attention_tc_kernel(At
         #pragma unroll
         for (int kc = 0; kc < KC; kc++)
             #pragma unroll
-            for (int n = 0; n < NO; n += 2) {
+            for (int n = 0; n + 1 < NO; n += 2) {
                 /* matrices: keys kc·16 + 0-7 | 8-15 × features of n-tile n | n+1, transposed → b of n, b of n+1 */
                 unsigned bv[4];
                 pea_ldmatrix_x4_trans(bv, s16, cur + KV + (kc * 16 + (mat & 1) * 8 + mrow) * RS + (n + (mat >> 1)) * 8);
@@ -523,6 +557,20 @@ __global__ void __launch_bounds__(32 * WARPS, MINB) flash_attention_tc_kernel(At
                     att_mma(tag, o[mt][n + 1], pa[mt][kc], bv + 2);
                 }
             }
+        if (NO % 2) {
+            #pragma unroll
+            for (int kc = 0; kc < KC; kc += 2) {
+                /* matrices: keys kc·16 + 0-7 | 8-15 | 16-23 | 24-31 × the last n-tile's features, transposed → its b
+                 * for k-steps kc and kc+1 (no pad column of V is read) */
+                unsigned bv[4];
+                pea_ldmatrix_x4_trans(bv, s16, cur + KV + (kc * 16 + mat * 8 + mrow) * RS + (NO - 1) * 8);
+                #pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    att_mma(tag, o[mt][NO - 1], pa[mt][kc], bv);
+                    att_mma(tag, o[mt][NO - 1], pa[mt][kc + 1], bv + 2);
+                }
+            }
+        }
         __syncthreads(); /* this buffer is refilled by the next iteration's prefetch */
     }
 
@@ -554,16 +602,24 @@ __global__ void __launch_bounds__(32 * WARPS, MINB) flash_attention_tc_kernel(At
 /* ---------------------------------------------------------------------------------------------------- */
 /* Host side                                                                                             */
 
-/* Shared memory of the tensor-core kernel: Qs and two buffers of Ks and Vs, in 16-bit values. */
-static size_t tc_smem_bytes(int DP, int MT, int warps) {
-    return 2 * (size_t)(DP + 8) * ((size_t)warps * 16 * MT + 4 * (size_t)ATT_TC_BK);
+/* The tensor-core kernel's 8-feature chunks per row for head dim D: ⌈D/8⌉ rounded up to even (whole k16 steps
+ * of Q·Kᵀ), except 5 (D 33–40, SD1.5's 40), whose last k-step is half zeros either way: kept at 5, it leaves out
+ * the pad column of shared memory, its copies and ldmatrix loads, and a sixth n-tile of O·V MMAs. */
+static int tc_chunks(int64_t D) {
+    const int dc = (int)((D + 7) / 8);
+    return dc == 5 || dc % 2 == 0 ? dc : dc + 1;
 }
 
-template <typename T, int DP, int MT, int WARPS, int MINB, bool QREG>
+/* Shared memory of the tensor-core kernel: Qs and two buffers of Ks and Vs, rows of 8·(DC | 1) 16-bit values. */
+static size_t tc_smem_bytes(int DC, int MT, int warps) {
+    return 2 * (size_t)(8 * (DC | 1)) * ((size_t)warps * 16 * MT + 4 * (size_t)ATT_TC_BK);
+}
+
+template <typename T, int DC, int MT, int WARPS, int MINB, bool QREG>
 static int tc_launch(pea_cuda_context *ctx, const AttnArgs<T> &a, int vec) {
     constexpr int BQ = WARPS * 16 * MT;
-    const size_t smem = tc_smem_bytes(DP, MT, WARPS);
-    auto kernel = flash_attention_tc_kernel<T, DP, MT, WARPS, MINB, QREG>;
+    const size_t smem = tc_smem_bytes(DC, MT, WARPS);
+    auto kernel = flash_attention_tc_kernel<T, DC, MT, WARPS, MINB, QREG>;
     if (smem > 48 * 1024)
         PEA_TRY(pea_check_cuda(ctx, "attention",
                                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem),
@@ -575,29 +631,31 @@ static int tc_launch(pea_cuda_context *ctx, const AttnArgs<T> &a, int vec) {
 
 /* Two m-tiles per warp (128 queries per block, each K/V fragment read from shared memory serves two MMAs)
  * where the registers allow it and there are enough queries to fill the block; one otherwise. nvcc 11.8 for
- * sm_90, no spills: two m-tiles with Q fragments held take 174 registers at DP 48, 235 at 80, 252 at 96; one
- * takes 168–227 at DP 112–160. At DP 64 the block is limited to 168 registers so that three blocks (12 warps)
- * share an SM, with Q's fragments re-read from shared memory per k-step instead of held (80 bytes spill):
- * on an H100 at B 2, H 5, T 4096 that ran in 0.216 ms against 0.305 ms with two blocks per SM and Q held
- * (0.231 ms with three and Q held: 232 bytes spill). At DP 48 three blocks per SM was slower (0.319 ms
- * against 0.303 ms), so the smaller head dims keep the default. */
-enum { ATT_TC_TWO_MTILES_MAX_DP = 96 };
+ * sm_90, no spills: two m-tiles with Q fragments held take 174 registers at D 48 (then also D 40's padded
+ * width), 235 at 80, 252 at 96; one takes 168–227 at D 112–160. At D 64 the block is limited to 168 registers
+ * so that three blocks (12 warps) share an SM, with Q's fragments re-read from shared memory per k-step instead
+ * of held (80 bytes spill): on an H100 at B 2, H 5, T 4096 that ran in 0.216 ms against 0.305 ms with two
+ * blocks per SM and Q held (0.231 ms with three and Q held: 232 bytes spill). At D 40, then padded to 48, three
+ * blocks per SM was slower (0.319 ms against 0.303 ms), so the smaller head dims keep the default (D 40 too,
+ * unmeasured since it kept its 5 chunks). */
+enum { ATT_TC_TWO_MTILES_MAX_DC = 12 };
 template <typename T>
 static int tc_dispatch(pea_cuda_context *ctx, const AttnArgs<T> &a, int vec) {
-    const int DP = (int)((a.D + 15) / 16 * 16);
-    const bool two = DP <= ATT_TC_TWO_MTILES_MAX_DP && a.Tq > 64;
-    /* <T, DP, m-tiles per warp, warps, min blocks per SM, Q fragments held in registers> */
-    switch (DP) {
-    case 16: return two ? tc_launch<T, 16, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 16, 1, 4, 1, true>(ctx, a, vec);
-    case 32: return two ? tc_launch<T, 32, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 32, 1, 4, 1, true>(ctx, a, vec);
-    case 48: return two ? tc_launch<T, 48, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 48, 1, 4, 1, true>(ctx, a, vec);
-    case 64: return two ? tc_launch<T, 64, 2, 4, 3, false>(ctx, a, vec) : tc_launch<T, 64, 1, 4, 1, true>(ctx, a, vec);
-    case 80: return two ? tc_launch<T, 80, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 80, 1, 4, 1, true>(ctx, a, vec);
-    case 96: return two ? tc_launch<T, 96, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 96, 1, 4, 1, true>(ctx, a, vec);
-    case 112: return tc_launch<T, 112, 1, 4, 1, true>(ctx, a, vec);
-    case 128: return tc_launch<T, 128, 1, 4, 1, true>(ctx, a, vec);
-    case 144: return tc_launch<T, 144, 1, 4, 1, true>(ctx, a, vec);
-    case 160: return tc_launch<T, 160, 1, 4, 1, true>(ctx, a, vec);
+    const int DC = tc_chunks(a.D);
+    const bool two = DC <= ATT_TC_TWO_MTILES_MAX_DC && a.Tq > 64;
+    /* <T, DC (8-feature chunks), m-tiles per warp, warps, min blocks per SM, Q fragments held in registers> */
+    switch (DC) {
+    case 2: return two ? tc_launch<T, 2, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 2, 1, 4, 1, true>(ctx, a, vec);
+    case 4: return two ? tc_launch<T, 4, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 4, 1, 4, 1, true>(ctx, a, vec);
+    case 5: return two ? tc_launch<T, 5, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 5, 1, 4, 1, true>(ctx, a, vec);
+    case 6: return two ? tc_launch<T, 6, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 6, 1, 4, 1, true>(ctx, a, vec);
+    case 8: return two ? tc_launch<T, 8, 2, 4, 3, false>(ctx, a, vec) : tc_launch<T, 8, 1, 4, 1, true>(ctx, a, vec);
+    case 10: return two ? tc_launch<T, 10, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 10, 1, 4, 1, true>(ctx, a, vec);
+    case 12: return two ? tc_launch<T, 12, 2, 4, 1, true>(ctx, a, vec) : tc_launch<T, 12, 1, 4, 1, true>(ctx, a, vec);
+    case 14: return tc_launch<T, 14, 1, 4, 1, true>(ctx, a, vec);
+    case 16: return tc_launch<T, 16, 1, 4, 1, true>(ctx, a, vec);
+    case 18: return tc_launch<T, 18, 1, 4, 1, true>(ctx, a, vec);
+    case 20: return tc_launch<T, 20, 1, 4, 1, true>(ctx, a, vec);
     }
     return pea_fail(ctx, PEA_CUDA_ERROR_INVALID, "attention", "internal: no tensor-core kernel for D %lld",
                     (long long)a.D);
@@ -664,9 +722,9 @@ static int attention_launch(pea_cuda_context *ctx, const ck_attention_params *p)
 
     /* f16/bf16 with D = Dv ≤ 160: the tensor-core kernel (any D; 16-byte loads when D % 8 == 0 and q, k, v
      * and their strides are 16-byte aligned). */
-    const int tc_dp = (int)((p->D + 15) / 16 * 16);
+    const int tc_dc = tc_chunks(p->D);
     if (sizeof(T) == 2 && p->D == p->Dv && p->D <= ATT_TC_MAX_D &&
-        tc_smem_bytes(tc_dp, tc_dp <= ATT_TC_TWO_MTILES_MAX_DP ? 2 : 1, ATT_TC_WARPS) <= (size_t)ctx->max_smem_optin) {
+        tc_smem_bytes(tc_dc, tc_dc <= ATT_TC_TWO_MTILES_MAX_DC ? 2 : 1, ATT_TC_WARPS) <= (size_t)ctx->max_smem_optin) {
         const int64_t e = 8;
         const int vec = p->D % 8 == 0 && (uintptr_t)p->q % 16 == 0 && (uintptr_t)p->k % 16 == 0 &&
                         (uintptr_t)p->v % 16 == 0 && p->q_sb % e == 0 && p->q_sh % e == 0 && p->q_st % e == 0 &&

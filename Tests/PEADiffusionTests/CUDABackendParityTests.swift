@@ -378,6 +378,7 @@ final class CUDABackendParityTests: XCTestCase {
         let shapes: [(String, batch: Int, tq: Int, tk: Int, heads: Int, d: Int, dv: Int)] = [
             ("d40 self", 2, 19, 19, 2, 40, 40),
             ("d40 cross 77", 1, 9, 77, 1, 40, 40),
+            ("d40 two query blocks, two key tiles", 1, 130, 70, 2, 40, 40),
             ("d64 batch 3", 3, 5, 7, 2, 64, 64),
             ("d80", 1, 33, 17, 1, 80, 80),
             ("d160", 1, 6, 70, 1, 160, 160),

@@ -1333,7 +1333,8 @@ static void test_attention(bool quick) {
         run_attention(f32_cases[i], CK_F16);
         if (!quick || i % 2 == 0) run_attention(f32_cases[i], CK_BF16);
     }
-    /* f16/bf16 on the tensor-core kernel (D = Dv ≤ 160, padded to a multiple of 16): 64-key tiles, 64- or
+    /* f16/bf16 on the tensor-core kernel (D = Dv ≤ 160, padded to a multiple of 16 but 33–40 kept at 40, whose
+     * last Q·Kᵀ k-step is half a step and last O n-tile odd): 64-key tiles, 64- or
      * 128-query blocks (two m-tiles per warp for D ≤ 64 and Tq > 64), with Tq and Tk off the tile edges;
      * then shapes it hands to the FMA kernels (D ≠ Dv, D > 160). */
     const std::vector<AttnCase> tc_cases = {
@@ -1346,7 +1347,9 @@ static void test_attention(bool quick) {
         {2, 2, 17, 33, 24, 24, BHTD, FULL_MASK, 0, 0},      /* D 24 padded to 32, a fully masked row */
         {2, 2, 17, 19, 8, 8, BHTD, KEYPAD_MASK, 0, 0},      /* D 8 padded to 16 */
         {1, 2, 100, 100, 40, 40, BTHD, NO_MASK, 1, 0},      /* causal, two m-tiles per warp */
-        {1, 1, 90, 70, 36, 36, BTHD, NO_MASK, 0, 0},        /* D 36: scalar loads, padded to 48, two m-tiles */
+        {1, 1, 90, 70, 36, 36, BTHD, NO_MASK, 0, 0},        /* D 36: scalar loads, kept at 40 (5 chunks), two m-tiles */
+        {1, 2, 50, 140, 40, 40, BHTD, KEYPAD_MASK, 0, 0},   /* D 40, one m-tile, 3 key tiles (the last of 12 keys) */
+        {2, 1, 130, 65, 40, 40, BHTD, FULL_MASK, 0, 1},     /* D 40, misaligned q, 2 query blocks, 64 + 1 keys */
         {1, 2, 260, 260, 64, 64, BTHD, NO_MASK, 1, 0},      /* causal D 64: key tiles wholly below the diagonal */
         {2, 1, 200, 256, 80, 80, BHTD, NO_MASK, 0, 0},      /* D 80, two m-tiles, 4 full (unmasked) key tiles */
         {1, 1, 70, 192, 96, 96, BHTD, KEYPAD_MASK, 0, 0},   /* D 96, two m-tiles, 3 full key tiles, masked */
