@@ -4,7 +4,8 @@
  * ck_group_norm_backward_f32, ck_layer_norm_backward_f32 and ck_softmax_backward_f32 (each next to its
  * forward; outputs overwritten, statistics recomputed from x). Statistics accumulate in f32
  * (the CPU uses f64): for group norm two passes over a group held in registers (groups ≤ 128 KB), per-chunk
- * two-pass partials merged with Chan's formula (larger groups), or Welford/Chan merges (the general kernel);
+ * two-pass partials merged with Chan's formula (larger groups, and groups split over several blocks when there
+ * are fewer groups than SMs — the forward and the backward), or Welford/Chan merges (the general kernel);
  * two passes over a cached row for layer norm, an online (max, sum) pass for softmax. No float atomics: every
  * reduction has a fixed order, so results are deterministic.
  *
@@ -221,9 +222,8 @@ __global__ void __launch_bounds__(1024) group_norm_regs_kernel(const T *x, const
  * t + blockDim, …, at most K; x read from DRAM once), and writes the chunk's (mean, M2 = Σ(v − mean)²) — two
  * passes over the held values, block_sum2 — to part[u·P + p]. Pass 2 (group_norm_apply_kernel) walks the chunks
  * in reverse (block L takes chunk B·G·P − 1 − L, so the chunks pass 1 read last, still in L2, are read again
- * first): warp 0 merges the group's P partials in a fixed order (lane l folds partials l, l + 32, … with Chan's
- * formula, then the lanes fold into lane 0 in a fixed tree) — every block of the group computes identical
- * statistics, no atomics — then the block normalises its chunk (16-byte loads, from L2, and stores). */
+ * first): the block merges the group's P partials in a fixed order (gn_merge_stats: every block of the group
+ * computes identical statistics, no atomics), then normalises its chunk (16-byte loads, from L2, and stores). */
 enum { GN_SPLIT_THREADS = 256, GN_SPLIT_MAX_K = 4, GN_SPLIT_MIN_CHUNK = 256 };
 
 template <typename T, int K>
@@ -247,16 +247,13 @@ __global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_partial_kernel(co
     if (tid == 0) part[L] = make_float2(mean, m2);
 }
 
-template <typename T, int K>
-__global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_apply_kernel(const T *x, const float2 *part,
-                                                                              const T *gamma, const T *beta, T *y,
-                                                                              int64_t C, int64_t S, int64_t G,
-                                                                              int64_t P, float eps, int silu) {
-    constexpr int V = pea_v16<T>::N;
+/* The mean and rstd = 1/√(M2/n + eps) of group u from its P chunk partials part[u·P + j] = (mean, M2) over chunks
+ * of chunk_vecs 16-byte vectors of V values (the last one shorter) for the whole block (all threads must call
+ * it). Warp 0 merges them in a fixed order — lane l folds partials l, l + 32, … with Chan's formula, then the
+ * lanes fold into lane 0 in a fixed tree — so every block of the group gets identical statistics, no atomics. */
+static __device__ void gn_merge_stats(const float2 *part, int64_t u, int64_t P, int64_t chunk_vecs, int64_t nq, int V,
+                                      float eps, float &mu, float &rstd) {
     PEA_SHARED_ARRAY(float, s_stat, 2);
-    const int64_t L = (int64_t)gridDim.x - 1 - blockIdx.x, u = L / P, p = L - u * P;
-    const int64_t g = u % G, Cg = C / G, n = Cg * S, nq = n / V;
-    const int64_t chunk_vecs = (int64_t)K * blockDim.x, q0 = p * chunk_vecs;
     const int tid = threadIdx.x;
     if (tid < 32) {
         float cnt = 0.0f, mean = 0.0f, m2 = 0.0f;
@@ -274,11 +271,26 @@ __global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_apply_kernel(cons
         }
         if (tid == 0) {
             s_stat[0] = mean;
-            s_stat[1] = rsqrtf(m2 / (float)n + eps);
+            s_stat[1] = rsqrtf(m2 / (float)(nq * V) + eps);
         }
     }
     __syncthreads();
-    const float mu = s_stat[0], rstd = s_stat[1];
+    mu = s_stat[0];
+    rstd = s_stat[1];
+}
+
+template <typename T, int K>
+__global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_apply_kernel(const T *x, const float2 *part,
+                                                                              const T *gamma, const T *beta, T *y,
+                                                                              int64_t C, int64_t S, int64_t G,
+                                                                              int64_t P, float eps, int silu) {
+    constexpr int V = pea_v16<T>::N;
+    const int64_t L = (int64_t)gridDim.x - 1 - blockIdx.x, u = L / P, p = L - u * P;
+    const int64_t g = u % G, Cg = C / G, n = Cg * S, nq = n / V;
+    const int64_t chunk_vecs = (int64_t)K * blockDim.x, q0 = p * chunk_vecs;
+    const int tid = threadIdx.x;
+    float mu, rstd;
+    gn_merge_stats(part, u, P, chunk_vecs, nq, V, eps, mu, rstd);
     const uint4 *xq = reinterpret_cast<const uint4 *>(x + u * n);
     uint4 *yq = reinterpret_cast<uint4 *>(y + u * n);
     uint4 held[K];
@@ -301,14 +313,25 @@ __global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_apply_kernel(cons
     }
 }
 
-/* How the split path cuts a group of nq vectors into P chunks: K vectors per thread and `threads` threads per
- * block (a multiple of 32, ≤ GN_SPLIT_THREADS), so that K·threads covers ⌈nq/P⌉ with the fewest idle threads;
- * P is then recomputed for that chunk size (it can only shrink). */
+/* The chunks per group that occupancy asks for, for `groups` groups of nq vectors: about 2·sm_count / groups when
+ * there are fewer groups than SMs (each chunk at least GN_SPLIT_MIN_CHUNK vectors), else 1. */
+static int64_t group_norm_occupancy_chunks(int64_t nq, int64_t groups, int64_t sms) {
+    if (groups >= sms) return 1;
+    const int64_t P = (2 * sms + groups - 1) / groups;
+    return P < nq / GN_SPLIT_MIN_CHUNK ? P : nq / GN_SPLIT_MIN_CHUNK;
+}
+
+/* How the split path cuts a group of nq vectors: into the occupancy's P chunks or, if more, enough chunks of at most
+ * GN_SPLIT_MAX_K·GN_SPLIT_THREADS vectors; K vectors per thread and `threads` threads per block (a multiple of 32,
+ * ≤ GN_SPLIT_THREADS), so that K·threads covers ⌈nq/P⌉ with the fewest idle threads; P is then recomputed for
+ * that chunk size (it can only shrink). */
 struct GnSplit {
     int64_t P;
     int K, threads;
 };
 static GnSplit group_norm_split_plan(int64_t nq, int64_t P) {
+    const int64_t max_chunk = (int64_t)GN_SPLIT_MAX_K * GN_SPLIT_THREADS, P_size = (nq + max_chunk - 1) / max_chunk;
+    if (P < P_size) P = P_size;
     const int64_t want = (nq + P - 1) / P;
     GnSplit s;
     s.K = want <= GN_SPLIT_THREADS ? 1 : want <= 2 * GN_SPLIT_THREADS ? 2 : GN_SPLIT_MAX_K;
@@ -352,16 +375,11 @@ static int group_norm_launch(pea_cuda_context *ctx, const void *x, const void *g
                              int64_t B, int64_t C, int64_t S, int64_t G, float eps, int fuse_silu) {
     static const char *op = "group_norm";
     constexpr int V = pea_v16<T>::N;
-    const int64_t n = C / G * S, nq = n / V, groups = B * G, sms = ctx->sm_count;
+    const int64_t n = C / G * S, nq = n / V, groups = B * G;
     const bool vec16 = S % V == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)y % 16 == 0;
-    int64_t P = 1; /* chunks per group the occupancy asks for */
-    if (groups < sms) {
-        P = (2 * sms + groups - 1) / groups;
-        if (P > nq / GN_SPLIT_MIN_CHUNK) P = nq / GN_SPLIT_MIN_CHUNK;
-    }
-    const int64_t max_chunk = (int64_t)GN_SPLIT_MAX_K * GN_SPLIT_THREADS, P_size = (nq + max_chunk - 1) / max_chunk;
+    const int64_t P = group_norm_occupancy_chunks(nq, groups, ctx->sm_count);
     if (vec16 && (P >= 2 || nq > 8 * 1024)) {
-        const GnSplit plan = group_norm_split_plan(nq, P > P_size ? P : P_size);
+        const GnSplit plan = group_norm_split_plan(nq, P);
         switch (plan.K) {
         case 1: return group_norm_split_launch<T, 1>(ctx, x, gamma, beta, y, B, C, S, G, eps, fuse_silu, plan);
         case 2: return group_norm_split_launch<T, 2>(ctx, x, gamma, beta, y, B, C, S, G, eps, fuse_silu, plan);
@@ -447,6 +465,15 @@ static __device__ __forceinline__ float silu_grad(float z) {
     return s * (1.0f + z * (1.0f - s));
 }
 
+/* dx̂ = γ[c]·dy (·silu'(z) with silu) and x̂ = (x − mean)·rstd for one value of channel c (gm = γ[c], bt = β[c]). */
+static __device__ __forceinline__ void gn_backward_terms(float xv, float dyv, float mu, float rstd, float gm, float bt,
+                                                         int silu, float &xh, float &dxh) {
+    xh = (xv - mu) * rstd;
+    float dz = dyv;
+    if (silu) dz *= silu_grad(gm * xh + bt);
+    dxh = __fmul_rn(dz, gm); /* rounded, never fused into an FMA: dx subtracts its mean from exactly this value */
+}
+
 /* dx for y = group_norm(x) (then SiLU if silu) over the group (b, g) of x, dy, dx [B, C, S]:
  *   x̂ = (x − mean)·rstd, z = γ[c]·x̂ + β[c], dz = dy (·silu'(z) if silu), dx̂ = γ[c]·dz,
  *   dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂))       (means over the group's n = Cg·S values).
@@ -466,11 +493,9 @@ __global__ void group_norm_backward_kernel(const T *dy, const T *x, const T *gam
     float sum_dxh = 0.0f, sum_dxh_xh = 0.0f;
     for (int64_t i = tid; i < n; i += blockDim.x) {
         const int64_t c = g * Cg + i / S;
-        const float gm = gamma ? pea_ld(gamma + c) : 1.0f;
-        const float xh = (pea_ld(xg + i) - mu) * rstd;
-        float dz = pea_ld(dyg + i);
-        if (silu) dz *= silu_grad(gm * xh + (beta ? pea_ld(beta + c) : 0.0f));
-        const float dxh = __fmul_rn(dz, gm); /* rounded as in the pass below, never fused into an FMA */
+        const float gm = gamma ? pea_ld(gamma + c) : 1.0f, bt = silu && beta ? pea_ld(beta + c) : 0.0f;
+        float xh, dxh;
+        gn_backward_terms(pea_ld(xg + i), pea_ld(dyg + i), mu, rstd, gm, bt, silu, xh, dxh);
         sum_dxh += dxh;
         sum_dxh_xh += dxh * xh;
     }
@@ -478,21 +503,176 @@ __global__ void group_norm_backward_kernel(const T *dy, const T *x, const T *gam
     const float mean_dxh = sum_dxh / (float)n, mean_dxh_xh = sum_dxh_xh / (float)n;
     for (int64_t i = tid; i < n; i += blockDim.x) {
         const int64_t c = g * Cg + i / S;
-        const float gm = gamma ? pea_ld(gamma + c) : 1.0f;
-        const float xh = (pea_ld(xg + i) - mu) * rstd;
-        float dz = pea_ld(dyg + i);
-        if (silu) dz *= silu_grad(gm * xh + (beta ? pea_ld(beta + c) : 0.0f));
+        const float gm = gamma ? pea_ld(gamma + c) : 1.0f, bt = silu && beta ? pea_ld(beta + c) : 0.0f;
+        float xh, dxh;
+        gn_backward_terms(pea_ld(xg + i), pea_ld(dyg + i), mu, rstd, gm, bt, silu, xh, dxh);
         /* dxh − mean: exactly 0 for a group of one element (the CPU's value), where an FMA would leave the
          * product's rounding error, amplified by rstd = 1/√eps */
-        pea_st(dxg + i, rstd * (__fsub_rn(__fmul_rn(dz, gm), mean_dxh) - xh * mean_dxh_xh));
+        pea_st(dxg + i, rstd * (__fsub_rn(dxh, mean_dxh) - xh * mean_dxh_xh));
     }
 }
 
+/* The backward's split path, three kernels, for the forward's split shapes (fewer groups than SMs, or groups
+ * past 8192 vectors), with the forward's chunks: block L of the 1-D grid of B·G·P handles chunk p = L mod P
+ * (K·blockDim 16-byte vectors) of group u = L / P.
+ * Pass 1 is the forward's group_norm_partial_kernel: each chunk's (mean, M2) of x.
+ * Pass 2 (group_norm_backward_partial_kernel): the block merges the group's statistics (gn_merge_stats), loads
+ * its chunk of x and dy into registers (16-byte loads, K per thread) and writes the chunk's (Σ dx̂, Σ dx̂·x̂)
+ * — group_norm_backward_kernel's terms, block_sum2's fixed-order sums — to sums[L].
+ * Pass 3 (group_norm_backward_apply_kernel), chunks in reverse as the forward's pass 2: the statistics again,
+ * the group's P sums added in a fixed order (gn_merge_sums), then dx for its chunk (x and dy from L2). */
+
+/* The sums (Σ a, Σ b) of group u's P chunk partials sums[u·P + j] for the whole block (all threads must call
+ * it): warp 0, lane l adding partials l, l + 32, … in order, then the lanes folded into lane 0 in a fixed tree. */
+static __device__ void gn_merge_sums(const float2 *sums, int64_t u, int64_t P, float &a, float &b) {
+    PEA_SHARED_ARRAY(float, s_sum, 2);
+    const int tid = threadIdx.x;
+    if (tid < 32) {
+        float sa = 0.0f, sb = 0.0f;
+        for (int64_t j = tid; j < P; j += 32) {
+            const float2 v = sums[u * P + j];
+            sa += v.x;
+            sb += v.y;
+        }
+        for (int o = 1; o < 32; o <<= 1) {
+            const float oa = __shfl_down_sync(PEA_FULL_MASK, sa, o), ob = __shfl_down_sync(PEA_FULL_MASK, sb, o);
+            if (tid + o < 32) {
+                sa += oa;
+                sb += ob;
+            }
+        }
+        if (tid == 0) {
+            s_sum[0] = sa;
+            s_sum[1] = sb;
+        }
+    }
+    __syncthreads();
+    a = s_sum[0];
+    b = s_sum[1];
+}
+
+template <typename T, int K>
+__global__ void __launch_bounds__(GN_SPLIT_THREADS)
+    group_norm_backward_partial_kernel(const T *dy, const T *x, const float2 *stats, const T *gamma, const T *beta,
+                                       float2 *sums, int64_t C, int64_t S, int64_t G, int64_t P, float eps, int silu) {
+    constexpr int V = pea_v16<T>::N;
+    const int64_t L = blockIdx.x, u = L / P, p = L - u * P;
+    const int64_t g = u % G, Cg = C / G, n = Cg * S, nq = n / V;
+    const int64_t chunk_vecs = (int64_t)K * blockDim.x, q0 = p * chunk_vecs;
+    const int tid = threadIdx.x;
+    const uint4 *xq = reinterpret_cast<const uint4 *>(x + u * n), *dyq = reinterpret_cast<const uint4 *>(dy + u * n);
+    uint4 hx[K] = {}, hdy[K] = {}; /* zeroed only for g++'s -Wuninitialized (the emulated build) */
+#pragma unroll
+    for (int k = 0; k < K; k++) { /* loads in flight while warp 0 merges the partials */
+        const int64_t q = q0 + tid + (int64_t)k * blockDim.x;
+        hx[k] = q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
+        hdy[k] = q < nq ? dyq[q] : make_uint4(0u, 0u, 0u, 0u);
+    }
+    float mu, rstd;
+    gn_merge_stats(stats, u, P, chunk_vecs, nq, V, eps, mu, rstd);
+    float sum_dxh = 0.0f, sum_dxh_xh = 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        const int64_t q = q0 + tid + (int64_t)k * blockDim.x;
+        if (q < nq) {
+            const int64_t c = g * Cg + (q * V) / S;
+            const float gm = gamma ? pea_ld(gamma + c) : 1.0f, bt = beta ? pea_ld(beta + c) : 0.0f;
+            float xv[V], dyv[V];
+            pea_unpack16(hx[k], xv, (const T *)nullptr);
+            pea_unpack16(hdy[k], dyv, (const T *)nullptr);
+            for (int j = 0; j < V; j++) {
+                float xh, dxh;
+                gn_backward_terms(xv[j], dyv[j], mu, rstd, gm, bt, silu, xh, dxh);
+                sum_dxh += dxh;
+                sum_dxh_xh += dxh * xh;
+            }
+        }
+    }
+    block_sum2(sum_dxh, sum_dxh_xh);
+    if (tid == 0) sums[L] = make_float2(sum_dxh, sum_dxh_xh);
+}
+
+template <typename T, int K>
+__global__ void __launch_bounds__(GN_SPLIT_THREADS)
+    group_norm_backward_apply_kernel(const T *dy, const T *x, const float2 *stats, const float2 *sums, const T *gamma,
+                                     const T *beta, T *dx, int64_t C, int64_t S, int64_t G, int64_t P, float eps,
+                                     int silu) {
+    constexpr int V = pea_v16<T>::N;
+    const int64_t L = (int64_t)gridDim.x - 1 - blockIdx.x, u = L / P, p = L - u * P;
+    const int64_t g = u % G, Cg = C / G, n = Cg * S, nq = n / V;
+    const int64_t chunk_vecs = (int64_t)K * blockDim.x, q0 = p * chunk_vecs;
+    const int tid = threadIdx.x;
+    const uint4 *xq = reinterpret_cast<const uint4 *>(x + u * n), *dyq = reinterpret_cast<const uint4 *>(dy + u * n);
+    uint4 *dxq = reinterpret_cast<uint4 *>(dx + u * n);
+    uint4 hx[K] = {}, hdy[K] = {}; /* zeroed only for g++'s -Wuninitialized (the emulated build) */
+#pragma unroll
+    for (int k = 0; k < K; k++) { /* loads in flight while warp 0 merges the partials */
+        const int64_t q = q0 + tid + (int64_t)k * blockDim.x;
+        hx[k] = q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
+        hdy[k] = q < nq ? dyq[q] : make_uint4(0u, 0u, 0u, 0u);
+    }
+    float mu, rstd, sum_dxh, sum_dxh_xh;
+    gn_merge_stats(stats, u, P, chunk_vecs, nq, V, eps, mu, rstd);
+    gn_merge_sums(sums, u, P, sum_dxh, sum_dxh_xh);
+    const float mean_dxh = sum_dxh / (float)n, mean_dxh_xh = sum_dxh_xh / (float)n;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        const int64_t q = q0 + tid + (int64_t)k * blockDim.x;
+        if (q < nq) {
+            const int64_t c = g * Cg + (q * V) / S;
+            const float gm = gamma ? pea_ld(gamma + c) : 1.0f, bt = beta ? pea_ld(beta + c) : 0.0f;
+            float xv[V], dyv[V];
+            pea_unpack16(hx[k], xv, (const T *)nullptr);
+            pea_unpack16(hdy[k], dyv, (const T *)nullptr);
+            for (int j = 0; j < V; j++) {
+                float xh, dxh;
+                gn_backward_terms(xv[j], dyv[j], mu, rstd, gm, bt, silu, xh, dxh);
+                xv[j] = rstd * (__fsub_rn(dxh, mean_dxh) - xh * mean_dxh_xh); /* as group_norm_backward_kernel */
+            }
+            dxq[q] = pea_pack16(xv, (const T *)nullptr);
+        }
+    }
+}
+
+template <typename T, int K>
+static int group_norm_backward_split_launch(pea_cuda_context *ctx, const void *dy, const void *x, const void *gamma,
+                                            const void *beta, void *dx, int64_t B, int64_t C, int64_t S, int64_t G,
+                                            float eps, int fuse_silu, const GnSplit &plan) {
+    static const char *op = "group_norm_backward";
+    const int64_t n = C / G * S, blocks = B * G * plan.P;
+    PEA_REQUIRE(ctx, op, blocks <= INT_MAX, "B·G·P = %lld blocks is too many", (long long)blocks);
+    void *part = NULL; /* [blocks] (mean, M2) of x, then [blocks] (Σ dx̂, Σ dx̂·x̂) */
+    PEA_TRY(pea_mem_alloc(ctx, op, 2 * (size_t)blocks * sizeof(float2), &part));
+    float2 *stats = (float2 *)part, *sums = stats + blocks;
+    const T *dyt = (const T *)dy, *xt = (const T *)x, *gt = (const T *)gamma, *bt = (const T *)beta;
+    PEA_KERNEL(ctx, op, (group_norm_partial_kernel<T, K>), (unsigned)blocks, plan.threads, 0, xt, stats, n, plan.P);
+    PEA_KERNEL(ctx, op, (group_norm_backward_partial_kernel<T, K>), (unsigned)blocks, plan.threads, 0, dyt, xt,
+               (const float2 *)stats, gt, bt, sums, C, S, G, plan.P, eps, fuse_silu);
+    PEA_KERNEL(ctx, op, (group_norm_backward_apply_kernel<T, K>), (unsigned)blocks, plan.threads, 0, dyt, xt,
+               (const float2 *)stats, (const float2 *)sums, gt, bt, (T *)dx, C, S, G, plan.P, eps, fuse_silu);
+    return pea_mem_free(ctx, op, part); /* stream-ordered, as in the forward */
+}
+
+/* The forward's rule (group_norm_launch): the split path for fewer groups than SMs or groups past 8192 vectors
+ * when S is a multiple of V and x, dy, dx are 16-byte aligned; otherwise one block per group. */
 template <typename T>
 static int group_norm_backward_launch(pea_cuda_context *ctx, const void *dy, const void *x, const void *gamma,
                                       const void *beta, void *dx, int64_t B, int64_t C, int64_t S, int64_t G, float eps,
                                       int fuse_silu) {
-    const int64_t n = C / G * S;
+    constexpr int V = pea_v16<T>::N;
+    const int64_t n = C / G * S, nq = n / V;
+    const bool vec16 = S % V == 0 && ((uintptr_t)x | (uintptr_t)dy | (uintptr_t)dx) % 16 == 0;
+    const int64_t P = group_norm_occupancy_chunks(nq, B * G, ctx->sm_count);
+    if (vec16 && (P >= 2 || nq > 8 * 1024)) {
+        const GnSplit plan = group_norm_split_plan(nq, P);
+        switch (plan.K) {
+        case 1: return group_norm_backward_split_launch<T, 1>(ctx, dy, x, gamma, beta, dx, B, C, S, G, eps, fuse_silu, plan);
+        case 2: return group_norm_backward_split_launch<T, 2>(ctx, dy, x, gamma, beta, dx, B, C, S, G, eps, fuse_silu, plan);
+        default:
+            return group_norm_backward_split_launch<T, GN_SPLIT_MAX_K>(ctx, dy, x, gamma, beta, dx, B, C, S, G, eps,
+                                                                      fuse_silu, plan);
+        }
+    }
     const int vec = S % 4 == 0 && (uintptr_t)x % (4 * sizeof(T)) == 0;
     const int threads = n >= 16384 ? 512 : 256;
     PEA_KERNEL(ctx, "group_norm_backward", group_norm_backward_kernel<T>, (unsigned)(B * G), threads, 0,

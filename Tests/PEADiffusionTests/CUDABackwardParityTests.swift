@@ -80,6 +80,7 @@ final class CUDABackwardParityTests: XCTestCase {
             ("[1,32,9,9] G32 (one channel per group)", [1, 32, 9, 9], 32, true, false, 0),
             ("[1,4,1] G4 (one element per group)", [1, 4, 1], 4, true, true, 0),
             ("+silu [2,64,33] G32 batch of long groups", [2, 64, 33], 32, true, true, -1),
+            ("+silu [2,64,32,32] G4 (fewer groups than SMs: split over blocks)", [2, 64, 32, 32], 4, true, true, 0.5),
         ]
         for (i, (label, shape, groups, affine, silu, offset)) in cases.enumerated() {
             let seed = UInt64(10 * i)

@@ -1599,6 +1599,31 @@ static void test_backward_norms() {
                                 tname(t)),
                             down(dgx.p, n, t), ref, tol);
                 }
+    /* the split path (fewer groups than the emulator's 16 SMs, nq = Cg·S/V ≥ 512 vectors; the forward's chunks):
+     * [1,20,1000] G=4 above (f16 2 chunks, the last partial), chunks of 4 vectors per thread with a partial last
+     * one ([2,12,6000] G=4), exact chunks with a large mean ([1,4,4096] G=2), more than 32 chunks per group
+     * ([1,2,69632] G=1: f16 28, f32 34); and a group too small to split ([1,8,512] G=4: one block per group) */
+    const GN paths[] = {{2, 12, 6000, 4, -2.0f}, {1, 4, 4096, 2, 500.0f}, {1, 2, 69632, 1, 1.0f}, {1, 8, 512, 4, 0.0f}};
+    for (int t : kFloatTypes)
+        for (size_t i = 0; i < sizeof paths / sizeof paths[0]; i++)
+            for (int silu = 0; silu <= 1; silu++) {
+                const GN &g = paths[i];
+                const int affine = (i + silu) % 2 == 0;
+                const size_t n = g.B * g.C * g.S;
+                std::vector<float> x = rounded(rvec(n, 2.0f, g.offset), t), dy = rounded(rvec(n), t);
+                std::vector<float> gamma = rounded(rvec(g.C, 0.5f, 1.0f), t), beta = rounded(rvec(g.C), t);
+                std::vector<float> ref(n);
+                ck_group_norm_backward_f32(dy.data(), x.data(), affine ? gamma.data() : nullptr,
+                                           affine ? beta.data() : nullptr, ref.data(), g.B, g.C, g.S, g.G, 1e-5f, silu);
+                Dev dx = up(x, t), ddy = up(dy, t), dg = up(gamma, t), db = up(beta, t), dgx(n * tsize(t));
+                OK(L.pea_cuda_group_norm_backward(g_ctx, t, ddy.p, dx.p, affine ? dg.p : nullptr,
+                                                  affine ? db.p : nullptr, dgx.p, g.B, g.C, g.S, g.G, 1e-5f, silu));
+                double tol = tol_for(t) * (g.offset >= 100.0f && t == CK_F32 ? 10.0 : 1.0);
+                compare(fmt("group_norm_backward path B=%lld C=%lld S=%lld G=%lld mean≈%g affine=%d silu=%d %s",
+                            (long long)g.B, (long long)g.C, (long long)g.S, (long long)g.G, g.offset, affine, silu,
+                            tname(t)),
+                        down(dgx.p, n, t), ref, tol);
+            }
     /* layer norm: dx, and dγ/dβ as column sums (both, one of them, none) */
     const int64_t lns[][2] = {{5, 77}, {1, 1}, {33, 320}, {3, 1000}, {17, 8}, {300, 40}};
     for (int t : kFloatTypes)
