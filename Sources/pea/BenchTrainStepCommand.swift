@@ -30,7 +30,8 @@ enum BenchTrainStepOptions {
             (random). One warm-up step, then R timed (default 3).
             --json prints one object: config, latent_h, latent_w, batch, precision, best_ms, median_ms, optimizer_median_ms
             (the median time from the gradients being ready to the new weights: the clipping norm and AdamW, on the
-            backend that holds the adapter), peak_rss_mb (and peak_device_mb on CUDA), adapter_parameters. The UNet runs
+            backend that holds the adapter), peak_rss_mb (and peak_device_mb on CUDA), page_faults_per_step (the page
+            faults of a timed step: memory given back to the kernel and taken again), adapter_parameters. The UNet runs
             in --precision; the adapter, its gradients and AdamW in fp32. --profile (CUDA backend) runs one more step with
             each op call bracketed by GPU events and prints the GPU time per op and the GPU's idle time waiting for the
             host (with --json: the keys profile, a list of {op, calls, ms}, profile_span_ms and profile_device_allocations).
@@ -89,9 +90,9 @@ func runBenchTrainStep(_ arguments: [String]) throws {
         teacherStates: try randomTensor([batch, contextLength, cross]), teacherStatesUncond: try randomTensor([batch, contextLength, cross]),
         uncondMask: (0..<batch).map { $0 % 10 == 9 ? 1 : 0 }, timeIds: timeIds, teacherTextEmbeds: teacherTextEmbeds)
 
-    var times: [Double] = [], optimizerTimes: [Double] = []
+    var times: [Double] = [], optimizerTimes: [Double] = [], faults = 0
     for run in 0...repeats {
-        let start = monotonicSeconds()
+        let start = monotonicSeconds(), faultsBefore = pageFaults()
         let gradients = try step.step(adapter: training.adapter, batch: inputs).gradients
         // The optimizer's own time: from the gradients being ready (the clipping norm would wait for them anyway)
         // to the new weights computed. A step ends there.
@@ -102,11 +103,13 @@ func runBenchTrainStep(_ arguments: [String]) throws {
         if run > 0 {
             times.append((monotonicSeconds() - start) * 1000)
             optimizerTimes.append((monotonicSeconds() - optimizerStart) * 1000)
+            faults += pageFaults() - faultsBefore
         }
     }
     times.sort()
     optimizerTimes.sort()
     let best = times[0], median = times[times.count / 2], optimizer = optimizerTimes[optimizerTimes.count / 2]
+    let faultsPerStep = faults / repeats
     let profile = try settings.profiler?.profiled {
         let gradients = try step.step(adapter: training.adapter, batch: inputs).gradients
         _ = try training.apply(gradients, lr: 1e-5, maxNorm: nil)
@@ -116,7 +119,7 @@ func runBenchTrainStep(_ arguments: [String]) throws {
         "config": .string(configPath), "latent_h": .number(Double(latent.height)), "latent_w": .number(Double(latent.width)),
         "batch": .number(Double(batch)), "precision": .string("\(dtype)"), "best_ms": .number(best), "median_ms": .number(median),
         "optimizer_median_ms": .number(optimizer), "peak_rss_mb": .number(peakResidentMegabytes()),
-        "adapter_parameters": .number(Double(training.adapter.parameterCount))]
+        "page_faults_per_step": .number(Double(faultsPerStep)), "adapter_parameters": .number(Double(training.adapter.parameterCount))]
     if let cuda = backend as? CUDABackend, let stats = try? cuda.memoryStats() {
         fields["peak_device_mb"] = .number(Double(stats.peakBytes) / 1_048_576)
     }
@@ -126,7 +129,7 @@ func runBenchTrainStep(_ arguments: [String]) throws {
     } else {
         print("train-step \(configPath)  latent \(latent.height)x\(latent.width)  batch \(batch)  \(backend.name) \(dtype)  "
             + "best \(formatted(best)) ms  median \(formatted(median)) ms  (optimizer \(formatted(optimizer)) ms)  "
-            + "peak RSS \(formatted(peakResidentMegabytes())) MB")
+            + "peak RSS \(formatted(peakResidentMegabytes())) MB  \(faultsPerStep) page faults per step")
         if let profile { print(profileTable(profile, of: "one training step (\(dtype), batch \(batch), \(latent.height)x\(latent.width))")) }
     }
 }

@@ -57,6 +57,7 @@ enum BenchUNetOptions {
             and times full evaluations on random inputs: one warm-up, then R timed runs (default 3). Prints the best and
             median time and the process's peak resident memory (weights included); --json prints one JSON object with
             the keys config, latent_h, latent_w, batch, threads, precision, weights, best_ms, median_ms, peak_rss_mb,
+            page_faults_per_run (a timed evaluation's page faults: memory given back to the kernel and taken again),
             parameters (and peak_device_mb on the CUDA backend). Weights and inputs are stored in the --precision dtype;
             on the CPU, --weights bf16|f16 holds the weight matrices at half size.
             --profile (CUDA backend) runs one more evaluation with each op call bracketed by GPU events and prints the
@@ -93,14 +94,14 @@ func runBenchUNet(_ arguments: [String]) throws {
     }
     if let dim = config.timeCondProjDim { inputs.timestepCondition = try randomTensor([batch, dim]) }
 
-    var times: [Double] = []
+    var times: [Double] = [], faults = 0
     for run in 0...repeats {
-        let start = monotonicSeconds()
+        let start = monotonicSeconds(), faultsBefore = pageFaults()
         _ = try backend.download(unet(inputs))
-        if run > 0 { times.append((monotonicSeconds() - start) * 1000) }
+        if run > 0 { times.append((monotonicSeconds() - start) * 1000); faults += pageFaults() - faultsBefore }
     }
     times.sort()
-    let best = times[0], median = times[times.count / 2]
+    let best = times[0], median = times[times.count / 2], faultsPerRun = faults / repeats
     let profile = try settings.profiler?.profiled { _ = try backend.download(unet(inputs)) }.profile
     let peak = peakResidentMegabytes()
     let threads = Int(ck_get_num_threads())
@@ -111,16 +112,25 @@ func runBenchUNet(_ arguments: [String]) throws {
             "config": .string(configPath), "latent_h": .number(Double(latent.height)), "latent_w": .number(Double(latent.width)),
             "batch": .number(Double(batch)), "threads": .number(Double(threads)), "precision": .string("\(dtype)"),
             "weights": .string("\(backend.halfWeights ?? dtype)"), "best_ms": .number(best), "median_ms": .number(median), "peak_rss_mb": .number(peak),
-            "parameters": .number(Double(weights.parameterCount))]
+            "page_faults_per_run": .number(Double(faultsPerRun)), "parameters": .number(Double(weights.parameterCount))]
         if let peakDevice { fields["peak_device_mb"] = .number(peakDevice) }
         if let profile { fields.merge(profileJSONFields(profile)) { $1 } }
         print(JSONValue.object(fields).serialized())
     } else {
         print("unet \(configPath)  latent \(latent.height)x\(latent.width)  batch \(batch)  \(backend.name) \(threads) threads  "
             + "best \(formatted(best)) ms  median \(formatted(median)) ms  peak RSS \(formatted(peak)) MB  "
+            + "\(faultsPerRun) page faults per evaluation  "
             + "\(weights.parameterCount / 1_000_000)M parameters" + (backend.halfWeights.map { ", \($0) weight matrices" } ?? ""))
         if let profile { print(profileTable(profile, of: "one evaluation (\(dtype), batch \(batch), \(latent.height)x\(latent.width))")) }
     }
+}
+
+/// The page faults the process has taken so far (getrusage: minor + major). A timed run's count is the
+/// memory the allocator handed back to the kernel and took again: each fault zeroes a fresh 4 KiB page.
+func pageFaults() -> Int {
+    var usage = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &usage)
+    return usage.ru_minflt + usage.ru_majflt
 }
 
 /// The process's peak resident set size in MB (getrusage: ru_maxrss is in kilobytes on Linux).
