@@ -1,6 +1,9 @@
 /*
- * conv2d.cu — 2-D convolution (NCHW, torch's cross-correlation, no groups, no dilation) as im2col + cuBLAS,
- * with ck_conv2d_f32's contract (asymmetric padding; bias may be NULL).
+ * conv2d.cu — 2-D convolution (NCHW, torch's cross-correlation, no groups, no dilation) with ck_conv2d_f32's
+ * contract (asymmetric padding; bias may be NULL), plus an optional residual added after the bias. f16/bf16 1×1
+ * and 3×3 kernels run as an implicit GEMM on the tensor cores (conv2d_implicit_gemm_kernel below: the patches
+ * are gathered into shared memory, never written out; bias and residual in the epilogue). Everything else (f32,
+ * other kernel sizes, 64-bit indices) is im2col + cuBLAS:
  *
  *   x [B, Cin, H, W], w [Cout, Cin, kh, kw], bias [Cout] → y [B, Cout, Ho, Wo]
  *   K = Cin·kh·kw, N = Ho·Wo:   y[b] (Cout × N) = w (Cout × K) · col[b] (K × N) (+ bias)
@@ -13,8 +16,8 @@
  *   - when one image alone is larger (a VAE layer at 512×512), the N columns are cut into chunks of
  *     limit/K columns: im2col of a chunk, then a GEMM that writes that column block of y[b] (ldc = N).
  * The workspace belongs to the context and only grows (through the caching allocator), so a steady-state
- * loop reallocates nothing. The bias is written into y first and the GEMMs accumulate onto it (beta = 1),
- * as in gemm.cu's linear.
+ * loop reallocates nothing. The bias (plus the residual) is written into y first and the GEMMs accumulate
+ * onto it (beta = 1), as in gemm.cu's linear.
  *
  * The data gradient (pea_cuda_conv2d_backward_data, for training through the frozen UNet) runs the same plan
  * backwards: dcol[b] = wᵀ · dy[b] into the same workspace, then col2im_kernel gathers dcol into dx; the 1×1,

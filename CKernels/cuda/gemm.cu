@@ -15,7 +15,9 @@
  * Linear layers with a bias (y = x·Wᵀ + bias) are one cublasLtMatmul with the bias epilogue, planned once
  * per shape: y is written once and f16/bf16 outputs are rounded once (acc + bias in f32). Where cuBLASLt has
  * no algorithm (and for in_features = 0) the bias is written into y first (one broadcast kernel) and the GEMM
- * accumulates onto it with beta = 1, with the same single rounding but one more write and read of y.
+ * accumulates onto it with beta = 1, with the same single rounding but one more write and read of y. A residual
+ * (y = x·Wᵀ + bias + residual) is cuBLASLt's C with beta = 1 (D = y); in the fallback it is written into y with
+ * the bias (one rounding there, one after the GEMM).
  *
  * Dimension legend: M, N, K the GEMM dimensions; rows × in_features → rows × out_features for linear.
  */
