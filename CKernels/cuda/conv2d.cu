@@ -126,14 +126,16 @@ static int im2col_launch(pea_cuda_context *ctx, const void *x, void *col, const 
  * accumulators of rows g, g + 8 and columns 2t, 2t + 1 of each (pea_simt.h). K advances by CONV_BK = 32: the
  * w tile [BM][32] (row-major, the MMA's A) and the x̂ tile [32][BN] (k rows, n contiguous: the B operand read
  * with ldmatrix .trans) are double-buffered in shared memory, rows padded by 8 halves so the 8 rows of an
- * ldmatrix fall in different bank groups; tile k + 1 is staged while tile k is multiplied.
+ * ldmatrix fall in different bank groups. Tile k + 1's copies and global loads are issued before tile k's MMAs
+ * and the loaded chunks stored to shared memory after them, so the loads' latency overlaps the MMAs.
  *
  * Staging: thread e fills 16-byte chunks (8 halves). In w: chunk (row, e % 4) of rows e / 4, + THREADS / 4, …
  * — one cp.async when the 8 weights exist and are 16-byte aligned (K ≡ 0 mod 8), else 8 loads through
  * registers with zeros past Cout and K. In x̂: chunk e % (BN/8) of k rows e / (BN/8), + THREADS·8 / BN, …, so a
  * thread's 8 columns are fixed for the whole kernel: their image offset and top-left input position are
- * found once. A chunk whose 8 pixels exist and are consecutive, 16-byte aligned addresses in x (stride 1 along
- * one input row, or any run of a 1×1 unpadded plane) is one cp.async; otherwise 8 loads, zero for padding. */
+ * found once. A chunk whose 8 pixels exist at consecutive addresses of x (stride 1 along one input row, or any
+ * run of a 1×1 unpadded plane) is one cp.async when 16-byte aligned, else two aligned 16-byte loads shifted
+ * into place (x itself aligned); otherwise 8 loads, zero for padding. */
 enum { CONV_BK = 32, CONV_PAD = 8 };
 
 template <typename T>
@@ -147,8 +149,14 @@ __device__ __forceinline__ void conv_mma<__nv_bfloat16>(float c[4], const unsign
     pea_mma_m16n8k16_bf16(c, a, b);
 }
 
+/* A 16-bit value's bits (the low half of `bits`) as f32, and f32 rounded to those bits; the pointer picks the type. */
+static __device__ __forceinline__ float conv_f32(const __half *, unsigned bits) { return pea_h2f(bits); }
+static __device__ __forceinline__ float conv_f32(const __nv_bfloat16 *, unsigned bits) { return pea_b2f(bits); }
+static __device__ __forceinline__ unsigned conv_bits(const __half *, float v) { return pea_f2h(v); }
+static __device__ __forceinline__ unsigned conv_bits(const __nv_bfloat16 *, float v) { return pea_f2b(v); }
+
 template <typename T, int BM, int BN>
-__global__ void conv2d_implicit_gemm_kernel(const T *x, const T *w, const T *bias, const T *residual, T *y,
+__global__ void __launch_bounds__(BM * BN / 32) conv2d_implicit_gemm_kernel(const T *x, const T *w, const T *bias, const T *residual, T *y,
                                             ConvGeometryOf<int32_t> g, int32_t Cout, int32_t N) {
     constexpr int THREADS = BM * BN / 32;          /* a warp per 32 × 32 sub-tile */
     constexpr int AS = CONV_BK + CONV_PAD, BS = BN + CONV_PAD; /* row strides, halves */
@@ -164,6 +172,8 @@ __global__ void conv2d_implicit_gemm_kernel(const T *x, const T *w, const T *bia
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int taps = g.kh * g.kw, K = g.Cin * taps, HW = g.H * g.W, NI = g.Ho * g.Wo;
     const bool w_vec = K % 8 == 0 && (uintptr_t)w % 16 == 0;
+    const bool x_aligned = (uintptr_t)x % 16 == 0;
+    const int x_end = (N / NI) * g.Cin * HW; /* elements of x */
 
     /* this thread's 8 columns of x̂: image offset in x and the input position of tap (0, 0) */
     const int bcol = (e % B_CHUNKS) * 8;
@@ -186,22 +196,34 @@ __global__ void conv2d_implicit_gemm_kernel(const T *x, const T *w, const T *bia
         }
     }
 
-    auto stage = [&](int kt, int buf) {
+    /* Staging a tile is split in two so that the register path's global loads overlap the MMAs: gather(kt, buf)
+     * issues the tile's cp.async copies into buffer buf and loads the other chunks into held_a/held_b; put(buf)
+     * stores those into buffer buf once the MMAs of the current tile are queued. */
+    constexpr int A_PER = BM / A_ROWS, B_PER = CONV_BK / B_ROWS; /* chunks per thread */
+    uint4 held_a[A_PER], held_b[B_PER];
+    bool is_held_a[A_PER], is_held_b[B_PER];
+    auto pack = [](const unsigned short v[8]) {
+        return make_uint4(v[0] | (unsigned)v[1] << 16, v[2] | (unsigned)v[3] << 16, v[4] | (unsigned)v[5] << 16,
+                          v[6] | (unsigned)v[7] << 16);
+    };
+    auto gather = [&](int kt, int buf) {
         const int k0 = kt * CONV_BK, base = buf * STAGE;
-        for (int row = e / 4; row < BM; row += A_ROWS) { /* w tile */
-            const int m = m0 + row, k = k0 + (e % 4) * 8, at = base + row * AS + (e % 4) * 8;
-            if (w_vec && m < Cout && k < K) {
-                pea_cp_async16(s16, at, wb + (int64_t)m * K + k, 16);
+        #pragma unroll
+        for (int u = 0; u < A_PER; u++) { /* w tile */
+            const int row = e / 4 + u * A_ROWS, m = m0 + row, k = k0 + (e % 4) * 8;
+            is_held_a[u] = !(w_vec && m < Cout && k < K);
+            if (!is_held_a[u]) {
+                pea_cp_async16(s16, base + row * AS + (e % 4) * 8, wb + (int64_t)m * K + k, 16);
             } else {
                 unsigned short v[8];
                 #pragma unroll
                 for (int q = 0; q < 8; q++) v[q] = m < Cout && k + q < K ? wb[(int64_t)m * K + k + q] : 0;
-                s128[at / 8] = make_uint4(v[0] | (unsigned)v[1] << 16, v[2] | (unsigned)v[3] << 16,
-                                          v[4] | (unsigned)v[5] << 16, v[6] | (unsigned)v[7] << 16);
+                held_a[u] = pack(v);
             }
         }
-        for (int kr = e / B_CHUNKS; kr < CONV_BK; kr += B_ROWS) { /* x̂ tile */
-            const int k = k0 + kr, at = base + A_TILE + kr * BS + bcol;
+        #pragma unroll
+        for (int u = 0; u < B_PER; u++) { /* x̂ tile */
+            const int kr = e / B_CHUNKS + u * B_ROWS, k = k0 + kr;
             const int c = k / taps, r = k - c * taps, i = r / g.kw, j = r - i * g.kw;
             const bool krow = k < K;
             int off[8];
@@ -213,16 +235,41 @@ __global__ void conv2d_implicit_gemm_kernel(const T *x, const T *w, const T *bia
                 off[q] = inside[q] ? img_off[q] + c * HW + iy * g.W + ix : 0;
                 all = all && inside[q];
             }
-            if (all && run && (uintptr_t)(xb + off[0]) % 16 == 0) {
-                pea_cp_async16(s16, at, xb + off[0], 16);
+            const int o = off[0] & 7; /* the run's offset from a 16-byte boundary of x, elements */
+            is_held_b[u] = !(all && run && x_aligned && o == 0);
+            if (!is_held_b[u]) {
+                pea_cp_async16(s16, base + A_TILE + kr * BS + bcol, xb + off[0], 16);
+            } else if (all && run && x_aligned && off[0] - o + 16 <= x_end) {
+                /* a run across a 16-byte boundary (a 3×3 tap left or right of the centre): the two aligned
+                 * 16-byte words around it, shifted by o elements */
+                const uint4 lo = *reinterpret_cast<const uint4 *>(xb + off[0] - o);
+                const uint4 hi = *reinterpret_cast<const uint4 *>(xb + off[0] - o + 8);
+                const unsigned w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+                const int sw = o >> 1;
+                unsigned out[4];
+                #pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    const unsigned first = sw == 0 ? w[q] : sw == 1 ? w[q + 1] : sw == 2 ? w[q + 2] : w[q + 3];
+                    const unsigned second = sw == 0 ? w[q + 1] : sw == 1 ? w[q + 2] : sw == 2 ? w[q + 3] : w[q + 4];
+                    out[q] = o & 1 ? (first >> 16) | (second << 16) : first;
+                }
+                held_b[u] = make_uint4(out[0], out[1], out[2], out[3]);
             } else {
                 unsigned short v[8];
                 #pragma unroll
                 for (int q = 0; q < 8; q++) v[q] = inside[q] ? xb[off[q]] : 0;
-                s128[at / 8] = make_uint4(v[0] | (unsigned)v[1] << 16, v[2] | (unsigned)v[3] << 16,
-                                          v[4] | (unsigned)v[5] << 16, v[6] | (unsigned)v[7] << 16);
+                held_b[u] = pack(v);
             }
         }
+    };
+    auto put = [&](int buf) {
+        const int base = buf * STAGE;
+        #pragma unroll
+        for (int u = 0; u < A_PER; u++)
+            if (is_held_a[u]) s128[(base + (e / 4 + u * A_ROWS) * AS + (e % 4) * 8) / 8] = held_a[u];
+        #pragma unroll
+        for (int u = 0; u < B_PER; u++)
+            if (is_held_b[u]) s128[(base + A_TILE + (e / B_CHUNKS + u * B_ROWS) * BS + bcol) / 8] = held_b[u];
     };
 
     float acc[2][4][4];
@@ -234,16 +281,15 @@ __global__ void conv2d_implicit_gemm_kernel(const T *x, const T *w, const T *bia
             for (int q = 0; q < 4; q++) acc[mt][nt][q] = 0.0f;
 
     const int tiles = (K + CONV_BK - 1) / CONV_BK;
-    stage(0, 0);
+    gather(0, 0);
+    put(0);
     pea_cp_async_commit();
     for (int kt = 0; kt < tiles; kt++) {
-        if (kt + 1 < tiles) {
-            stage(kt + 1, (kt + 1) & 1);
-            pea_cp_async_commit();
-            pea_cp_async_wait<1>(); /* everything but the prefetch has landed */
-        } else {
-            pea_cp_async_wait<0>();
-        }
+        const bool next = kt + 1 < tiles;
+        /* buffer (kt + 1) & 1 was last read by tile kt − 1's MMAs, before the barrier that ended that iteration */
+        if (next) gather(kt + 1, (kt + 1) & 1);
+        pea_cp_async_commit();
+        pea_cp_async_wait<1>(); /* everything but tile kt + 1's copies has landed */
         __syncthreads();
         const int a_base = (kt & 1) * STAGE, b_base = a_base + A_TILE;
         #pragma unroll
@@ -268,10 +314,14 @@ __global__ void conv2d_implicit_gemm_kernel(const T *x, const T *w, const T *bia
                 #pragma unroll
                 for (int nt = 0; nt < 4; nt++) conv_mma<T>(acc[mt][nt], a[mt], b[nt]);
         }
-        __syncthreads(); /* this buffer is restaged next iteration */
+        if (next) put((kt + 1) & 1);
+        __syncthreads(); /* buffer kt & 1 is restaged by the next iteration's gather */
     }
 
-    /* epilogue: + bias[m] + residual, one rounding */
+    /* epilogue: + bias[m] + residual, one rounding. A lane's two columns 2t, 2t + 1 of an n-tile are one 32-bit
+     * load and store when they lie in one image (Ho·Wo even: n is even) and y and the residual are 4-byte
+     * aligned; otherwise element by element. */
+    const bool pairs = NI % 2 == 0 && (uintptr_t)y % 4 == 0 && (uintptr_t)residual % 4 == 0;
     #pragma unroll
     for (int mt = 0; mt < 2; mt++)
         #pragma unroll
@@ -280,17 +330,29 @@ __global__ void conv2d_implicit_gemm_kernel(const T *x, const T *w, const T *bia
             if (m >= Cout) continue;
             const float bm = bias ? pea_ld(bias + m) : 0.0f;
             #pragma unroll
-            for (int nt = 0; nt < 4; nt++)
-                #pragma unroll
-                for (int q = 0; q < 2; q++) {
-                    const int n = n0 + wn * 32 + nt * 8 + 2 * tq + q;
-                    if (n >= N) continue;
-                    const int b = n / NI;
-                    const int64_t at = ((int64_t)b * Cout + m) * NI + (n - b * NI);
-                    float v = acc[mt][nt][2 * h + q] + bm;
-                    if (residual) v += pea_ld(residual + at);
-                    pea_st(y + at, v);
+            for (int nt = 0; nt < 4; nt++) {
+                const int n = n0 + wn * 32 + nt * 8 + 2 * tq;
+                if (n >= N) continue;
+                const int b = n / NI;
+                const int64_t at = ((int64_t)b * Cout + m) * NI + (n - b * NI);
+                float v0 = acc[mt][nt][2 * h] + bm, v1 = acc[mt][nt][2 * h + 1] + bm;
+                if (pairs && n + 1 < N) {
+                    if (residual) {
+                        const unsigned r = *reinterpret_cast<const unsigned *>(residual + at);
+                        v0 += conv_f32(residual, r);
+                        v1 += conv_f32(residual, r >> 16);
+                    }
+                    *reinterpret_cast<unsigned *>(y + at) = conv_bits(y, v0) | conv_bits(y, v1) << 16;
+                    continue;
                 }
+                if (residual) v0 += pea_ld(residual + at);
+                pea_st(y + at, v0);
+                if (n + 1 >= N) continue;
+                const int b1 = (n + 1) / NI;
+                const int64_t at1 = ((int64_t)b1 * Cout + m) * NI + (n + 1 - b1 * NI);
+                if (residual) v1 += pea_ld(residual + at1);
+                pea_st(y + at1, v1);
+            }
         }
 }
 
