@@ -955,19 +955,22 @@ static void test_linear_plans() {
     g_phase = "linear plans";
     auto queries = [] { return L.emu_lt_heuristic_queries ? L.emu_lt_heuristic_queries() : 0; };
     const bool counted = L.emu_lt_heuristic_queries != nullptr;
-    /* y = x·wᵀ + bias on the CPU; x and y may sit at element offsets ox, oy inside their device buffers */
+    /* y = x·wᵀ + bias (+ residual when ores ≥ 0) on the CPU; x, y and the residual may sit at element offsets
+     * ox, oy, ores inside their device buffers */
     auto run = [&](int t, int64_t R, int64_t I, int64_t O, const Dev &dw, const std::vector<float> &w,
-                   const std::vector<float> &bias, int64_t ox, int64_t oy, const char *label) {
-        const std::vector<float> x = rounded(rvec(R * I), t);
-        std::vector<float> xpad(ox, 0.0f), ref(R * O);
+                   const std::vector<float> &bias, int64_t ox, int64_t oy, const char *label, int64_t ores = -1) {
+        const std::vector<float> x = rounded(rvec(R * I), t), residual = rounded(rvec(R * O), t);
+        std::vector<float> xpad(ox, 0.0f), rpad(ores > 0 ? ores : 0, 0.0f), ref(R * O);
         xpad.insert(xpad.end(), x.begin(), x.end());
+        rpad.insert(rpad.end(), residual.begin(), residual.end());
         for (int64_t r = 0; r < R; r++)
-            for (int64_t o = 0; o < O; o++) ref[r * O + o] = bias[o];
+            for (int64_t o = 0; o < O; o++) ref[r * O + o] = bias[o] + (ores >= 0 ? residual[r * O + o] : 0.0f);
         ck_sgemm(0, 1, R, O, I, 1.0f, x.data(), I, w.data(), I, 1.0f, ref.data(), O);
-        Dev dx = up(xpad, t), db = up(bias, t), dy((oy + R * O) * tsize(t));
-        OK(L.pea_cuda_linear(g_ctx, t, dx.at(ox * tsize(t)), dw.p, db.p, nullptr, dy.at(oy * tsize(t)), R, I, O));
-        compare(fmt("%s rows=%lld in=%lld out=%lld x+%lld y+%lld %s", label, (long long)R, (long long)I, (long long)O,
-                    (long long)ox, (long long)oy, tname(t)),
+        Dev dx = up(xpad, t), db = up(bias, t), dr = up(rpad, t), dy((oy + R * O) * tsize(t));
+        OK(L.pea_cuda_linear(g_ctx, t, dx.at(ox * tsize(t)), dw.p, db.p, ores >= 0 ? dr.at(ores * tsize(t)) : nullptr,
+                             dy.at(oy * tsize(t)), R, I, O));
+        compare(fmt("%s rows=%lld in=%lld out=%lld x+%lld y+%lld residual %lld %s", label, (long long)R, (long long)I,
+                    (long long)O, (long long)ox, (long long)oy, (long long)ores, tname(t)),
                 down(dy.at(oy * tsize(t)), R * O, t), ref, tol_for(t));
     };
     for (int t : kFloatTypes) {
@@ -986,6 +989,13 @@ static void test_linear_plans() {
         run(t, R, I, O, dw, w, rounded(rvec(O), t), 1, 0, "x at an odd offset");
         run(t, R, I, O, dw, w, rounded(rvec(O), t), 0, 3, "y at an odd offset");
         CHECK(!counted || queries() - before == 2, "odd-offset views asked the heuristic %lld times, not twice",
+              queries() - before);
+        /* the residual (cuBLASLt's C) is part of the key: with one, again, and at an odd offset */
+        before = queries();
+        run(t, R, I, O, dw, w, rounded(rvec(O), t), 0, 0, "with a residual", 0);
+        run(t, R, I, O, dw, w, rounded(rvec(O), t), 0, 0, "with a residual again", 0);
+        run(t, R, I, O, dw, w, rounded(rvec(O), t), 0, 0, "residual at an odd offset", 1);
+        CHECK(!counted || queries() - before == 2, "residual plans asked the heuristic %lld times, not twice",
               queries() - before);
         /* a bias view at an odd offset takes the fallback (bias written first, GEMM onto it): still right */
         const std::vector<float> bias = rounded(rvec(O + 1), t), x = rounded(rvec(R * I), t);
