@@ -156,9 +156,10 @@ static __device__ __forceinline__ unsigned conv_bits(const __half *, float v) { 
 static __device__ __forceinline__ unsigned conv_bits(const __nv_bfloat16 *, float v) { return pea_f2b(v); }
 
 template <typename T, int BM, int BN>
-__global__ void __launch_bounds__(BM * BN / 32) conv2d_implicit_gemm_kernel(const T *x, const T *w, const T *bias, const T *residual, T *y,
-                                            ConvGeometryOf<int32_t> g, int32_t Cout, int32_t N) {
-    constexpr int THREADS = BM * BN / 32;          /* a warp per 32 × 32 sub-tile */
+__global__ void __launch_bounds__(BM * BN / 32)
+    conv2d_implicit_gemm_kernel(const T *x, const T *w, const T *bias, const T *residual, T *y,
+                                ConvGeometryOf<int32_t> g, int32_t Cout, int32_t N) {
+    constexpr int THREADS = BM * BN / 32; /* a warp per 32 × 32 sub-tile */
     constexpr int AS = CONV_BK + CONV_PAD, BS = BN + CONV_PAD; /* row strides, halves */
     constexpr int A_TILE = BM * AS, STAGE = A_TILE + CONV_BK * BS;
     constexpr int A_ROWS = THREADS / 4, B_CHUNKS = BN / 8, B_ROWS = THREADS / B_CHUNKS;

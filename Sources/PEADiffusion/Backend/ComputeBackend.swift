@@ -194,6 +194,10 @@ extension ComputeBackend {
     }
 
     public func add(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.add, a, b) }
+    public func sub(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.sub, a, b) }
+    public func mul(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.mul, a, b) }
+    public func div(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.div, a, b) }
+    public func scale(_ x: Tensor, by factor: Float) throws -> Tensor { try affine(x, scale: factor, shift: 0) }
 
     public func linear(_ x: Tensor, weight: Tensor, bias: Tensor?, residual: Tensor?) throws -> Tensor {
         try addingResidual(residual, to: linear(x, weight: weight, bias: bias), "linear")
@@ -213,10 +217,6 @@ extension ComputeBackend {
         }
         return try add(y, residual)
     }
-    public func sub(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.sub, a, b) }
-    public func mul(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.mul, a, b) }
-    public func div(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.div, a, b) }
-    public func scale(_ x: Tensor, by factor: Float) throws -> Tensor { try affine(x, scale: factor, shift: 0) }
 
     public func upload(_ values: [Float], shape: [Int]) throws -> Tensor {
         guard values.count == shape.reduce(1, *) else { return try upload(HostTensor(values, shape: shape)) }  // its error

@@ -39,7 +39,7 @@ public struct ResnetBlock2D {
             h = try b.add(h, t.reshaped([t.shape[0], t.shape[1], 1, 1]))
         }
         let skip = try shortcut?(x) ?? x
-        // the skip rides in conv2's epilogue; with an output scale the sum is scaled first, so it stays apart
+        // the skip rides in conv2's epilogue, unless the sum is then divided by an output scale
         if outputScale == 1 { return try conv2(norm2(h, silu: true), residual: skip) }
         h = try conv2(norm2(h, silu: true))
         return try b.scale(b.add(skip, h), by: 1 / outputScale)
