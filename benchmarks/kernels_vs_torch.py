@@ -15,6 +15,7 @@ tensor) measure DRAM.
     layer_norm         F.layer_norm(x, (C,), w, b)                  x [R, C]
     attn_*             F.scaled_dot_product_attention(q, k, v)     q/k/v [B, H, T, D] (FlashAttention when it applies)
     conv3x3_*          F.conv2d(x, w, b, padding=1)                 cuDNN (benchmark mode, TF32 off for fp32)
+    conv3x3_*_residual F.conv2d(x, w, b, padding=1) + r             (pea: the residual in the conv's epilogue)
     linear_*           F.linear(x, w, b)                            cuBLAS
     gemm_*             torch.matmul(a, b)                           cuBLAS (TF32 off for fp32)
     conv3x3_320_gemm   torch.matmul(w, cols)                        w [M, K], cols [B, K, N]: the conv's bare GEMM
@@ -24,7 +25,7 @@ tensor) measure DRAM.
 The table gives both times, pea / torch, pea's achieved GB/s or TFLOP/s and, for memory-bound kernels, the
 fraction of the device's DRAM bandwidth (from a table of known devices: H100 SXM 3350 GB/s, H100 PCIe 2000,
 H200 4800, A100 …; otherwise a measured device-to-device copy). Under the table, per dtype, each conv3x3 with a
-matching *_gemm row is set against that bare GEMM (the issue's target: conv2d ≤ 1.3× the cuBLAS GEMM).
+matching *_gemm row (and its *_residual variant) is set against that bare GEMM (the issue's target: conv2d ≤ 1.3× the cuBLAS GEMM).
 
     python3 benchmarks/kernels_vs_torch.py [--pea ./pea] [--precision fp16] [--repeats 20] [--launches 10]
                                            [--gate-us 400] [--only NAME]
@@ -160,6 +161,9 @@ def torch_problem(torch, F, entry, dtype, dev="cuda"):
     if op == "conv2d":
         x = rnd(p["B"], p["Cin"], p["H"], p["W"])
         w, b = rnd(p["Cout"], p["Cin"], p["k"], p["k"]), rnd(p["Cout"])
+        if p.get("residual"):
+            r = rnd(p["B"], p["Cout"], p["H"], p["W"])
+            return lambda: torch.add(F.conv2d(x, w, b, padding=p["pad"]), r)
         return lambda: F.conv2d(x, w, b, padding=p["pad"])
     if op == "linear":
         x, w, b = rnd(p["M"], p["K"]), rnd(p["N"], p["K"]), rnd(p["N"])
@@ -226,7 +230,7 @@ def conv_gemm_lines(rows_by_precision):
     for precision, entries in rows_by_precision.items():
         by_name = {e["name"]: (e["best_ms"], t_best) for e, t_best in entries}
         for name, (conv_pea, conv_torch) in by_name.items():
-            gemm = by_name.get(name + "_gemm")
+            gemm = by_name.get(name.removesuffix("_residual") + "_gemm")
             if not name.startswith("conv") or gemm is None:
                 continue
             gemm_pea, gemm_torch = gemm

@@ -15,7 +15,9 @@
  * Linear layers with a bias (y = x·Wᵀ + bias) are one cublasLtMatmul with the bias epilogue, planned once
  * per shape: y is written once and f16/bf16 outputs are rounded once (acc + bias in f32). Where cuBLASLt has
  * no algorithm (and for in_features = 0) the bias is written into y first (one broadcast kernel) and the GEMM
- * accumulates onto it with beta = 1, with the same single rounding but one more write and read of y.
+ * accumulates onto it with beta = 1, with the same single rounding but one more write and read of y. A residual
+ * (y = x·Wᵀ + bias + residual) is cuBLASLt's C with beta = 1 (D = y); in the fallback it is written into y with
+ * the bias (one rounding there, one after the GEMM).
  *
  * Dimension legend: M, N, K the GEMM dimensions; rows × in_features → rows × out_features for linear.
  */
@@ -49,6 +51,29 @@ __global__ void bias_prefill_kernel(E *y, const E *bias, int64_t total, int64_t 
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride)
         y[i] = bias[(i / inner) % nbias];
+}
+
+/* y[i] = residual[i] + bias[(i / inner) % nbias] (no bias: residual[i]), summed in f32 and rounded once: the
+ * start that a beta = 1 GEMM accumulates onto when a residual is fused. One thread per element, grid-stride. */
+template <typename T>
+__global__ void residual_prefill_kernel(T *y, const T *residual, const T *bias, int64_t total, int64_t inner,
+                                        int64_t nbias) {
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride)
+        pea_st(y + i, pea_ld(residual + i) + (bias ? pea_ld(bias + (i / inner) % nbias) : 0.0f));
+}
+
+template <typename T>
+static int residual_prefill_launch(pea_cuda_context *ctx, const char *op, void *y, const void *residual,
+                                   const void *bias, int64_t total, int64_t inner, int64_t nbias) {
+    PEA_KERNEL(ctx, op, residual_prefill_kernel<T>, pea_grid_1d(ctx, total, 256), 256, 0, (T *)y,
+               (const T *)residual, (const T *)bias, total, inner, nbias);
+    return PEA_CUDA_OK;
+}
+
+int pea_residual_prefill(pea_cuda_context *ctx, const char *op, int dtype, void *y, const void *residual,
+                         const void *bias, int64_t total, int64_t inner, int64_t nbias) {
+    return PEA_FLOAT_SWITCH(dtype, residual_prefill_launch, ctx, op, y, residual, bias, total, inner, nbias);
 }
 
 template <typename T>
@@ -179,7 +204,7 @@ static cublasStatus_t lt_plan_build(pea_cuda_context *ctx, pea_lt_plan *plan) {
         uint32_t bytes;
     } alignments[] = {{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, k.align_w},
                       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, k.align_x},
-                      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, k.align_y},
+                      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, k.align_r ? k.align_r : k.align_y},
                       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, k.align_y}};
     for (const auto &a : alignments)
         if (!s) s = cublasLtMatmulPreferenceSetAttribute(pref, a.attr, &a.bytes, sizeof a.bytes);
@@ -221,19 +246,22 @@ static int lt_plan_for(pea_cuda_context *ctx, const char *op, const pea_lt_key &
 }
 
 static int linear_bias_lt(pea_cuda_context *ctx, const char *op, int dtype, const void *x, const void *weight,
-                          const void *bias, void *y, int64_t rows, int64_t in, int64_t out, cublasStatus_t *status) {
+                          const void *bias, const void *residual, void *y, int64_t rows, int64_t in, int64_t out,
+                          cublasStatus_t *status) {
     *status = CUBLAS_STATUS_NOT_SUPPORTED;
     if (!ctx->lt_workspace) PEA_TRY(pea_mem_alloc(ctx, op, PEA_LT_WORKSPACE_BYTES, &ctx->lt_workspace));
     const pea_lt_key key = {dtype, dtype == CK_F32 && ctx->tf32, rows, in, out, lt_alignment(x), lt_alignment(weight),
-                            lt_alignment(y)};
+                            lt_alignment(y), residual ? lt_alignment(residual) : 0};
     pea_lt_plan *plan = NULL;
     PEA_TRY(lt_plan_for(ctx, op, key, &plan));
     if (!plan->supported) return PEA_CUDA_OK;
-    const float alpha = 1.0f, beta = 0.0f;
+    /* with a residual: D = y, C = the residual, beta = 1 (same layout as D) */
+    const float alpha = 1.0f, beta = residual ? 1.0f : 0.0f;
+    const void *c = residual ? residual : y;
     cublasStatus_t s =
         cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
     if (!s)
-        s = cublasLtMatmul(ctx->cublaslt, plan->desc, &alpha, weight, plan->la, x, plan->lb, &beta, y, plan->ld, y,
+        s = cublasLtMatmul(ctx->cublaslt, plan->desc, &alpha, weight, plan->la, x, plan->lb, &beta, c, plan->ld, y,
                            plan->ld, &plan->algo, ctx->lt_workspace, PEA_LT_WORKSPACE_BYTES, ctx->stream);
     *status = s;
     if (s == CUBLAS_STATUS_NOT_SUPPORTED) return PEA_CUDA_OK;
@@ -241,7 +269,7 @@ static int linear_bias_lt(pea_cuda_context *ctx, const char *op, int dtype, cons
 }
 
 extern "C" int pea_cuda_linear(pea_cuda_context *ctx, int dtype, const void *x, const void *weight, const void *bias,
-                               void *y, int64_t rows, int64_t in_features, int64_t out_features) {
+                               const void *residual, void *y, int64_t rows, int64_t in_features, int64_t out_features) {
     static const char *op = "linear";
     PEA_OP(ctx, op);
     PEA_REQUIRE_DTYPE(ctx, op, dtype);
@@ -256,13 +284,15 @@ extern "C" int pea_cuda_linear(pea_cuda_context *ctx, int dtype, const void *x, 
      * to an algo chosen for an aligned one: it takes the fallback */
     if (bias && in_features > 0 && lt_alignment(bias) >= 16) {
         cublasStatus_t s;
-        PEA_TRY(linear_bias_lt(ctx, op, dtype, x, weight, bias, y, rows, in_features, out_features, &s));
+        PEA_TRY(linear_bias_lt(ctx, op, dtype, x, weight, bias, residual, y, rows, in_features, out_features, &s));
         if (s == CUBLAS_STATUS_SUCCESS) return PEA_CUDA_OK;
     }
-    /* no bias, no input features, or no cuBLASLt algorithm: the bias written first, the GEMM adding onto it */
-    if (bias) PEA_TRY(pea_bias_prefill(ctx, op, dtype, y, bias, rows * out_features, 1, out_features));
+    /* no bias, no input features, or no cuBLASLt algorithm: the bias (+ residual) written first, the GEMM adding
+     * onto it */
+    if (residual) PEA_TRY(pea_residual_prefill(ctx, op, dtype, y, residual, bias, rows * out_features, 1, out_features));
+    else if (bias) PEA_TRY(pea_bias_prefill(ctx, op, dtype, y, bias, rows * out_features, 1, out_features));
     /* y [rows, out] = x [rows, in] · weightᵀ, weight stored [out, in] (transB) */
     const int64_t ld_in = in_features > 0 ? in_features : 1;
     return pea_gemm_rowmajor(ctx, op, dtype, 0, 1, rows, out_features, in_features, 1.0f, x, ld_in, 0, weight, ld_in,
-                             0, bias ? 1.0f : 0.0f, y, out_features, 0, 1);
+                             0, bias || residual ? 1.0f : 0.0f, y, out_features, 0, 1);
 }

@@ -50,14 +50,15 @@ enum { PEA_DEVERR_NONE = 0, PEA_DEVERR_EMBEDDING = 1 };
 struct pea_profile; /* profile.cu */
 
 /* A linear layer's cublasLtMatmul, planned once per problem (gemm.cu): the descriptors and the algo the
- * heuristic picked for (dtype, TF32, rows, in, out) and the alignments of x, weight and y it was told. */
+ * heuristic picked for (dtype, TF32, rows, in, out) and the alignments of x, weight, y and the residual (C; 0
+ * without one: C is y, unread) it was told. */
 struct pea_lt_key {
     int dtype, tf32;
     int64_t rows, in, out;
-    uint32_t align_x, align_w, align_y;
+    uint32_t align_x, align_w, align_y, align_r;
     bool operator==(const pea_lt_key &o) const {
         return dtype == o.dtype && tf32 == o.tf32 && rows == o.rows && in == o.in && out == o.out &&
-               align_x == o.align_x && align_w == o.align_w && align_y == o.align_y;
+               align_x == o.align_x && align_w == o.align_w && align_y == o.align_y && align_r == o.align_r;
     }
 };
 struct pea_lt_plan {
@@ -234,6 +235,11 @@ int pea_gemm_rowmajor(pea_cuda_context *ctx, const char *op, int dtype, int tran
 /* y[i] = bias[(i / inner) % nbias] for i < total: the bias prefill that a beta = 1 GEMM accumulates onto. */
 int pea_bias_prefill(pea_cuda_context *ctx, const char *op, int dtype, void *y, const void *bias, int64_t total,
                      int64_t inner, int64_t nbias);
+
+/* y[i] = residual[i] (+ bias[(i / inner) % nbias] when bias is not NULL), rounded once: the start of a beta = 1
+ * GEMM that fuses a residual. */
+int pea_residual_prefill(pea_cuda_context *ctx, const char *op, int dtype, void *y, const void *residual,
+                         const void *bias, int64_t total, int64_t inner, int64_t nbias);
 
 /* The allocator's internal entry points (allocator.cu), for buffers the library owns (the workspace). */
 int pea_mem_alloc(pea_cuda_context *ctx, const char *op, size_t bytes, void **out);

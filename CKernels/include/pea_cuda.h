@@ -38,7 +38,7 @@ enum {
 };
 
 /* The ABI version this header describes; the Swift side refuses a library reporting another. */
-#define PEA_CUDA_ABI_VERSION 3
+#define PEA_CUDA_ABI_VERSION 4
 int pea_cuda_abi_version(void);
 
 typedef struct pea_cuda_context pea_cuda_context;
@@ -109,12 +109,15 @@ int pea_cuda_profile_stop(pea_cuda_context *ctx, pea_cuda_profile_entry *entries
 int pea_cuda_gemm(pea_cuda_context *ctx, int dtype, int transA, int transB, int64_t M, int64_t N, int64_t K,
                   float alpha, const void *A, int64_t lda, int64_t strideA, const void *B, int64_t ldb,
                   int64_t strideB, float beta, void *C, int64_t ldc, int64_t strideC, int64_t batch);
-/* y = x · weightᵀ + bias (bias may be NULL): x [rows, in], weight [out, in]. Bias fused into the epilogue. */
+/* y = x · weightᵀ + bias + residual (bias and residual may be NULL): x [rows, in], weight [out, in], residual
+ * [rows, out] like y. Bias and residual fused into the epilogue (the residual as cuBLASLt's C, beta = 1). */
 int pea_cuda_linear(pea_cuda_context *ctx, int dtype, const void *x, const void *weight, const void *bias,
-                    void *y, int64_t rows, int64_t in_features, int64_t out_features);
-/* As ck_conv2d_f32 (NCHW, asymmetric padding); the im2col workspace is owned by the context and reused. */
+                    const void *residual, void *y, int64_t rows, int64_t in_features, int64_t out_features);
+/* As ck_conv2d_f32 (NCHW, asymmetric padding), plus residual (may be NULL; [B, Cout, Ho, Wo] like y) added
+ * after the bias. f16/bf16 1×1 and 3×3 kernels: an implicit GEMM on the tensor cores, bias and residual in its
+ * epilogue; otherwise im2col + cuBLAS, the im2col workspace owned by the context and reused. */
 int pea_cuda_conv2d(pea_cuda_context *ctx, int dtype, const ck_conv2d_params *p, const void *x, const void *w,
-                    const void *bias, void *y);
+                    const void *bias, const void *residual, void *y);
 int pea_cuda_group_norm(pea_cuda_context *ctx, int dtype, const void *x, const void *gamma, const void *beta,
                         void *y, int64_t B, int64_t C, int64_t S, int64_t G, float eps, int fuse_silu);
 int pea_cuda_layer_norm(pea_cuda_context *ctx, int dtype, const void *x, const void *gamma, const void *beta,

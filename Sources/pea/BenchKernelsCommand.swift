@@ -24,7 +24,7 @@ enum BenchKernelsOptions {
                 "                  [--gate-us G] [--scale full|small] [--only NAME[,NAME…]] [--json] [--threads T]"],
         description: """
             Times single backend ops on random data: at SD1.5 UNet shapes (64×64 latents, batch 2) group norm + SiLU,
-            layer norm, attention (self and cross) and the backward of self-attention, 3×3 conv2d and the bare batched GEMM of its im2col form (conv3x3_320_gemm:
+            layer norm, attention (self and cross) and the backward of self-attention, 3×3 conv2d (also with a residual, conv3x3_320_residual) and the bare batched GEMM of its im2col form (conv3x3_320_gemm:
             M = Cout, N = H·W, K = Cin·9, the weight shared by the batch), linear and a square GEMM, add, SiLU, GEGLU; and
             at SD1.5 VAE-decoder shapes (512×512 images, batch 1: group norm + SiLU on [1,128,512,512] and [1,512,128,128],
             add and SiLU on [1,128,512,512]) whose tensors exceed a 50 MB L2 cache, so GB/s there is DRAM bandwidth. Each
@@ -160,6 +160,19 @@ private func kernelCases(small: Bool) -> [KernelCase] {
                 let x = try upload(backend, dtype, &random, [batch, c, hw, hw])
                 let w = try upload(backend, dtype, &random, [c, c, 3, 3]), b = try upload(backend, dtype, &random, [c])
                 return { try backend.conv2d(x, weight: w, bias: b, stride: (1, 1), padding: .uniform(1)) }
+            }))
+    }
+    // conv3x3_320 with a residual added (ResnetBlock2D's conv2 + skip): fused into the epilogue where the backend can.
+    do {
+        let c = 320 / s, hw = 64 / s
+        cases.append(KernelCase(
+            name: "conv3x3_\(c)_residual", op: "conv2d", shape: "[\(batch),\(c),\(hw),\(hw)] → \(c), 3×3 pad 1, + residual",
+            params: [("B", batch), ("Cin", c), ("Cout", c), ("H", hw), ("W", hw), ("k", 3), ("pad", 1), ("residual", 1)],
+            flops: 2 * Double(batch * c * hw * hw) * Double(c * 9), bytes: nil,
+            prepare: { backend, dtype, random in
+                let x = try upload(backend, dtype, &random, [batch, c, hw, hw]), r = try upload(backend, dtype, &random, [batch, c, hw, hw])
+                let w = try upload(backend, dtype, &random, [c, c, 3, 3]), b = try upload(backend, dtype, &random, [c])
+                return { try backend.conv2d(x, weight: w, bias: b, stride: (1, 1), padding: .uniform(1), residual: r) }
             }))
     }
 

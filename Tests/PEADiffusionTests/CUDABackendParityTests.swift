@@ -345,6 +345,58 @@ final class CUDABackendParityTests: XCTestCase {
         }
     }
 
+    /// conv2d(…, residual:) against the CPU's composed conv + add: f16/bf16 1×1 and 3×3 go through the implicit
+    /// GEMM (residual in its epilogue; shapes with partial tiles in Cout and B·Ho·Wo, K tails, aligned and
+    /// unaligned rows), f32 and the 5×3 kernel through im2col with the residual written before the GEMM.
+    func testConv2dWithResidual() throws {
+        let cases: [(String, [Int], [Int], (Int, Int), Padding2D, Bool)] = [
+            ("3x3 s1, W 16, Cout 72", [2, 16, 5, 16], [72, 16, 3, 3], (1, 1), .uniform(1), true),
+            ("3x3 s1 odd plane, no bias", [2, 8, 7, 9], [12, 8, 3, 3], (1, 1), .uniform(1), false),
+            ("3x3 s2 downsample", [1, 8, 9, 8], [16, 8, 3, 3], (2, 2), Padding2D(top: 0, bottom: 1, left: 0, right: 1), true),
+            ("3x3 s2 pad 1, Cin 12", [2, 12, 6, 6], [8, 12, 3, 3], (2, 2), .uniform(1), true),
+            ("1x1 shortcut", [2, 24, 4, 6], [40, 24, 1, 1], (1, 1), .uniform(0), true),
+            ("1x1 plane 9, Cin 20", [3, 20, 3, 3], [8, 20, 1, 1], (1, 1), .uniform(0), false),
+            ("5x3 (im2col)", [1, 4, 7, 6], [3, 4, 5, 3], (1, 1), .uniform(1), true),
+        ]
+        for (i, (label, x, w, stride, padding, hasBias)) in cases.enumerated() {
+            let y = try ShapeRules.conv2dOutput(x, weight: w, stride: stride, padding: padding)
+            var inputs = ["x": random(x, seed: UInt64(40 * i)), "w": random(w, seed: UInt64(40 * i + 1), scale: 0.3),
+                          "r": random(y, seed: UInt64(40 * i + 2), scale: 2)]
+            if hasBias { inputs["b"] = random([w[0]], seed: UInt64(40 * i + 3)) }
+            try check(op(.conv2d, "conv2d + residual \(label)", inputs) { b, t in
+                [try b.conv2d(t["x"]!, weight: t["w"]!, bias: t["b"], stride: stride, padding: padding, residual: t["r"]!)]
+            })
+        }
+        // the residual must have the output's shape on every backend: no broadcasting
+        let cuda = try cuda()
+        for backend in [cpu, cuda] as [any ComputeBackend] {
+            assertThrowsError(containing: ["conv2d", "residual"]) {
+                try backend.conv2d(backend.zeros([1, 2, 4, 4], dtype: .f32), weight: backend.zeros([3, 2, 3, 3], dtype: .f32), bias: nil,
+                                   stride: (1, 1), padding: .uniform(1), residual: backend.zeros([1, 3, 1, 1], dtype: .f32))
+            }
+        }
+    }
+
+    /// linear(…, residual:) against the CPU's composed linear + add: cuBLASLt with the residual as C (with a
+    /// bias) and the residual-prefill fallback (without).
+    func testLinearWithResidual() throws {
+        try check(op(.linear, "linear + residual [3,5,16]→24 bias", ["x": random([3, 5, 16], seed: 1), "w": random([24, 16], seed: 2),
+                                                                       "b": random([24], seed: 3), "r": random([3, 5, 24], seed: 4)]) { b, t in
+            [try b.linear(t["x"]!, weight: t["w"]!, bias: t["b"]!, residual: t["r"]!)]
+        })
+        try check(op(.linear, "linear + residual [7,33]→31", ["x": random([7, 33], seed: 5), "w": random([31, 33], seed: 6),
+                                                              "r": random([7, 31], seed: 7)]) { b, t in
+            [try b.linear(t["x"]!, weight: t["w"]!, bias: nil, residual: t["r"]!)]
+        })
+        let cuda = try cuda()
+        for backend in [cpu, cuda] as [any ComputeBackend] {
+            assertThrowsError(containing: ["linear", "residual"]) {
+                try backend.linear(backend.zeros([2, 4], dtype: .f32), weight: backend.zeros([3, 4], dtype: .f32), bias: nil,
+                                   residual: backend.zeros([3], dtype: .f32))
+            }
+        }
+    }
+
     func testNormsAndSoftmax() throws {
         try check(op(.groupNorm, "groupNorm+silu [2,6,5,3] G3", ["x": random([2, 6, 5, 3], seed: 1, offset: 3), "g": random([6], seed: 2), "b": random([6], seed: 3)]) { b, t in
             [try b.groupNorm(t["x"]!, groups: 3, weight: t["g"]!, bias: t["b"]!, eps: 1e-5, fuseSiLU: true)]

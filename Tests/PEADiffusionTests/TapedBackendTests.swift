@@ -36,6 +36,31 @@ final class TapedBackendTests: XCTestCase {
         for (g, v) in zip(gradient, values) { XCTAssertEqual(g, (2 * v + 3) / 6, accuracy: 1e-6) }
     }
 
+    /// linear and conv2d with a `residual:` go through the protocol's composed default on the tape (the op, then
+    /// add), so the residual gets its gradient: with L = mean(y ⊙ c), dL/dresidual = c / count.
+    func testResidualLinearAndConvPassTheGradientToTheirResidual() throws {
+        let tape = TapedBackend(wrapping: cpu)
+        func lossAndResidualGradient(_ y: (Tensor) throws -> Tensor, residualShape: [Int]) throws -> (got: [Float], expected: [Float]) {
+            let count = residualShape.reduce(1, *)
+            let residual = try tape.upload((0..<count).map { Float($0) / 4 - 1 }, shape: residualShape)
+            let weights = (0..<count).map { Float($0 % 5) - 2 }
+            tape.requireGradient(residual)
+            let product = try tape.mul(y(residual), tape.upload(weights, shape: residualShape))
+            try tape.backward(from: tape.mean(product.reshaped([1, count]), dim: 1, keepDim: false))
+            return (try tape.downloadFloats(XCTUnwrap(tape.gradient(of: residual))), weights.map { $0 / Float(count) })
+        }
+        let x = try tape.upload([1, -2, 3, 0.5, 2, -1], shape: [2, 3])
+        let w = try tape.upload((0..<12).map { Float($0) / 10 - 0.5 }, shape: [4, 3])
+        let linear = try lossAndResidualGradient({ try tape.linear(x, weight: w, bias: nil, residual: $0) }, residualShape: [2, 4])
+        XCTAssertEqual(linear.got, linear.expected)
+        let image = try tape.upload((0..<18).map { Float($0) / 9 }, shape: [1, 2, 3, 3])
+        let kernel = try tape.upload((0..<36).map { Float($0 % 7) / 7 }, shape: [2, 2, 3, 3])
+        let conv = try lossAndResidualGradient({
+            try tape.conv2d(image, weight: kernel, bias: nil, stride: (1, 1), padding: .uniform(1), residual: $0)
+        }, residualShape: [1, 2, 3, 3])
+        XCTAssertEqual(conv.got, conv.expected)
+    }
+
     func testAGradientTheRulesCannotGiveIsAnError() throws {
         let tape = TapedBackend(wrapping: cpu)
         let x = try tape.upload((0..<8).map(Float.init), shape: [1, 4, 2])

@@ -923,21 +923,26 @@ static void test_linear() {
     const int64_t shapes[][3] = {{1, 40, 33}, {77, 64, 48}, {5, 1, 7}, {130, 320, 20}};
     for (int t : kFloatTypes)
         for (auto &s : shapes)
-            for (int with_bias = 0; with_bias <= 1; with_bias++) {
-                const int64_t R = s[0], I = s[1], O = s[2];
-                std::vector<float> x = rounded(rvec(R * I), t), w = rounded(rvec(O * I), t),
-                                   bias = rounded(rvec(O), t), ref(R * O);
-                /* reference: y = x·wᵀ + bias through the CPU GEMM (beta = 1 onto the broadcast bias) */
-                for (int64_t r = 0; r < R; r++)
-                    for (int64_t o = 0; o < O; o++) ref[r * O + o] = with_bias ? bias[o] : 0.0f;
-                ck_sgemm(0, 1, R, O, I, 1.0f, x.data(), I, w.data(), I, with_bias ? 1.0f : 0.0f, ref.data(), O);
-                Dev dx = up(x, t), dw = up(w, t), db = up(bias, t), dy(R * O * tsize(t));
-                OK(L.pea_cuda_linear(g_ctx, t, dx.p, dw.p, with_bias ? db.p : nullptr, dy.p, R, I, O));
-                compare(fmt("linear rows=%lld in=%lld out=%lld bias=%d %s", (long long)R, (long long)I, (long long)O,
-                            with_bias, tname(t)),
-                        down(dy.p, R * O, t), ref, tol_for(t));
-            }
-    expect_error("linear with a NULL weight", L.pea_cuda_linear(g_ctx, CK_F32, g_ctx, nullptr, nullptr, g_ctx, 2, 2, 2),
+            for (int with_bias = 0; with_bias <= 1; with_bias++)
+                for (int with_residual = 0; with_residual <= 1; with_residual++) {
+                    const int64_t R = s[0], I = s[1], O = s[2];
+                    std::vector<float> x = rounded(rvec(R * I), t), w = rounded(rvec(O * I), t),
+                                       bias = rounded(rvec(O), t), residual = rounded(rvec(R * O, 2.0f), t),
+                                       ref(R * O);
+                    /* reference: y = x·wᵀ + bias + residual through the CPU GEMM (beta = 1 onto the broadcast
+                     * bias plus the residual) */
+                    for (int64_t r = 0; r < R; r++)
+                        for (int64_t o = 0; o < O; o++)
+                            ref[r * O + o] = (with_bias ? bias[o] : 0.0f) + (with_residual ? residual[r * O + o] : 0.0f);
+                    ck_sgemm(0, 1, R, O, I, 1.0f, x.data(), I, w.data(), I, 1.0f, ref.data(), O);
+                    Dev dx = up(x, t), dw = up(w, t), db = up(bias, t), dr = up(residual, t), dy(R * O * tsize(t));
+                    OK(L.pea_cuda_linear(g_ctx, t, dx.p, dw.p, with_bias ? db.p : nullptr,
+                                         with_residual ? dr.p : nullptr, dy.p, R, I, O));
+                    compare(fmt("linear rows=%lld in=%lld out=%lld bias=%d residual=%d %s", (long long)R,
+                                (long long)I, (long long)O, with_bias, with_residual, tname(t)),
+                            down(dy.p, R * O, t), ref, tol_for(t));
+                }
+    expect_error("linear with a NULL weight", L.pea_cuda_linear(g_ctx, CK_F32, g_ctx, nullptr, nullptr, nullptr, g_ctx, 2, 2, 2),
                  PEA_CUDA_ERROR_INVALID, "linear");
 }
 
@@ -950,19 +955,22 @@ static void test_linear_plans() {
     g_phase = "linear plans";
     auto queries = [] { return L.emu_lt_heuristic_queries ? L.emu_lt_heuristic_queries() : 0; };
     const bool counted = L.emu_lt_heuristic_queries != nullptr;
-    /* y = x·wᵀ + bias on the CPU; x and y may sit at element offsets ox, oy inside their device buffers */
+    /* y = x·wᵀ + bias (+ residual when ores ≥ 0) on the CPU; x, y and the residual may sit at element offsets
+     * ox, oy, ores inside their device buffers */
     auto run = [&](int t, int64_t R, int64_t I, int64_t O, const Dev &dw, const std::vector<float> &w,
-                   const std::vector<float> &bias, int64_t ox, int64_t oy, const char *label) {
-        const std::vector<float> x = rounded(rvec(R * I), t);
-        std::vector<float> xpad(ox, 0.0f), ref(R * O);
+                   const std::vector<float> &bias, int64_t ox, int64_t oy, const char *label, int64_t ores = -1) {
+        const std::vector<float> x = rounded(rvec(R * I), t), residual = rounded(rvec(R * O), t);
+        std::vector<float> xpad(ox, 0.0f), rpad(ores > 0 ? ores : 0, 0.0f), ref(R * O);
         xpad.insert(xpad.end(), x.begin(), x.end());
+        rpad.insert(rpad.end(), residual.begin(), residual.end());
         for (int64_t r = 0; r < R; r++)
-            for (int64_t o = 0; o < O; o++) ref[r * O + o] = bias[o];
+            for (int64_t o = 0; o < O; o++) ref[r * O + o] = bias[o] + (ores >= 0 ? residual[r * O + o] : 0.0f);
         ck_sgemm(0, 1, R, O, I, 1.0f, x.data(), I, w.data(), I, 1.0f, ref.data(), O);
-        Dev dx = up(xpad, t), db = up(bias, t), dy((oy + R * O) * tsize(t));
-        OK(L.pea_cuda_linear(g_ctx, t, dx.at(ox * tsize(t)), dw.p, db.p, dy.at(oy * tsize(t)), R, I, O));
-        compare(fmt("%s rows=%lld in=%lld out=%lld x+%lld y+%lld %s", label, (long long)R, (long long)I, (long long)O,
-                    (long long)ox, (long long)oy, tname(t)),
+        Dev dx = up(xpad, t), db = up(bias, t), dr = up(rpad, t), dy((oy + R * O) * tsize(t));
+        OK(L.pea_cuda_linear(g_ctx, t, dx.at(ox * tsize(t)), dw.p, db.p, ores >= 0 ? dr.at(ores * tsize(t)) : nullptr,
+                             dy.at(oy * tsize(t)), R, I, O));
+        compare(fmt("%s rows=%lld in=%lld out=%lld x+%lld y+%lld residual %lld %s", label, (long long)R, (long long)I,
+                    (long long)O, (long long)ox, (long long)oy, (long long)ores, tname(t)),
                 down(dy.at(oy * tsize(t)), R * O, t), ref, tol_for(t));
     };
     for (int t : kFloatTypes) {
@@ -982,6 +990,13 @@ static void test_linear_plans() {
         run(t, R, I, O, dw, w, rounded(rvec(O), t), 0, 3, "y at an odd offset");
         CHECK(!counted || queries() - before == 2, "odd-offset views asked the heuristic %lld times, not twice",
               queries() - before);
+        /* the residual (cuBLASLt's C) is part of the key: with one, again, and at an odd offset */
+        before = queries();
+        run(t, R, I, O, dw, w, rounded(rvec(O), t), 0, 0, "with a residual", 0);
+        run(t, R, I, O, dw, w, rounded(rvec(O), t), 0, 0, "with a residual again", 0);
+        run(t, R, I, O, dw, w, rounded(rvec(O), t), 0, 0, "residual at an odd offset", 1);
+        CHECK(!counted || queries() - before == 2, "residual plans asked the heuristic %lld times, not twice",
+              queries() - before);
         /* a bias view at an odd offset takes the fallback (bias written first, GEMM onto it): still right */
         const std::vector<float> bias = rounded(rvec(O + 1), t), x = rounded(rvec(R * I), t);
         std::vector<float> ref(R * O);
@@ -989,7 +1004,7 @@ static void test_linear_plans() {
             for (int64_t o = 0; o < O; o++) ref[r * O + o] = bias[1 + o];
         ck_sgemm(0, 1, R, O, I, 1.0f, x.data(), I, w.data(), I, 1.0f, ref.data(), O);
         Dev dx = up(x, t), db = up(bias, t), dy(R * O * tsize(t));
-        OK(L.pea_cuda_linear(g_ctx, t, dx.p, dw.p, db.at(tsize(t)), dy.p, R, I, O));
+        OK(L.pea_cuda_linear(g_ctx, t, dx.p, dw.p, db.at(tsize(t)), nullptr, dy.p, R, I, O));
         compare(fmt("bias at an odd offset %s", tname(t)), down(dy.p, R * O, t), ref, tol_for(t));
     }
     /* more shapes than the cache holds, then the first again: evicted, planned anew, still right */
@@ -1003,19 +1018,23 @@ static void test_linear_plans() {
           queries() - before);
 }
 
-static void run_conv(const ck_conv2d_params &p, int t, bool with_bias, const char *label) {
+static void run_conv(const ck_conv2d_params &p, int t, bool with_bias, const char *label, bool with_residual = false) {
     const int64_t Ho = ck_conv2d_out_h(&p), Wo = ck_conv2d_out_w(&p);
     std::vector<float> x = rounded(rvec(p.B * p.Cin * p.H * p.W), t), w = rounded(rvec(p.Cout * p.Cin * p.kh * p.kw, 0.5f), t),
                        bias = rounded(rvec(p.Cout), t), ref(p.B * p.Cout * Ho * Wo);
+    const std::vector<float> residual = rounded(rvec(ref.size(), 2.0f), t);
     std::vector<float> ws(std::max<int64_t>(1, ck_conv2d_workspace_floats(&p)));
     ck_conv2d_f32(&p, x.data(), w.data(), CK_F32, with_bias ? bias.data() : nullptr, ref.data(), ws.data());
-    Dev dx = up(x, t), dw = up(w, t), db = up(bias, t), dy(ref.size() * tsize(t));
-    OK(L.pea_cuda_conv2d(g_ctx, t, &p, dx.p, dw.p, with_bias ? db.p : nullptr, dy.p));
+    if (with_residual)
+        for (size_t i = 0; i < ref.size(); i++) ref[i] += residual[i];
+    Dev dx = up(x, t), dw = up(w, t), db = up(bias, t), dr = up(residual, t), dy(ref.size() * tsize(t));
+    OK(L.pea_cuda_conv2d(g_ctx, t, &p, dx.p, dw.p, with_bias ? db.p : nullptr, with_residual ? dr.p : nullptr, dy.p));
     compare(fmt("conv2d %s B=%lld Cin=%lld %lldx%lld Cout=%lld k=%lldx%lld s=%lldx%lld pad=%lld/%lld/%lld/%lld "
-                "bias=%d %s",
+                "bias=%d residual=%d %s",
                 label, (long long)p.B, (long long)p.Cin, (long long)p.H, (long long)p.W, (long long)p.Cout,
                 (long long)p.kh, (long long)p.kw, (long long)p.strideH, (long long)p.strideW, (long long)p.padTop,
-                (long long)p.padBottom, (long long)p.padLeft, (long long)p.padRight, with_bias, tname(t)),
+                (long long)p.padBottom, (long long)p.padLeft, (long long)p.padRight, with_bias, with_residual,
+                tname(t)),
             down(dy.p, ref.size(), t), ref, tol_for(t));
 }
 
@@ -1032,7 +1051,7 @@ static void test_conv2d() {
     };
     for (int t : kFloatTypes)
         for (const auto &p : ps)
-            for (int b = 0; b <= 1; b++) run_conv(p, t, b, "");
+            for (int b = 0; b <= 1; b++) run_conv(p, t, b, "", b); /* the residual rides with the bias */
     /* steady state: repeated convolutions of a shape reuse the workspace (no new device allocations) */
     uint64_t a0 = 0, a1 = 0;
     run_conv(ps[0], CK_F32, true, "warm-up");
@@ -1043,10 +1062,75 @@ static void test_conv2d() {
           (unsigned long long)a1);
     ck_conv2d_params bad = {1, 2, 2, 2, 1, 5, 5, 1, 1, 0, 0, 0, 0};
     expect_error("conv2d with a kernel larger than the input", L.pea_cuda_conv2d(g_ctx, CK_F32, &bad, g_ctx, g_ctx,
-                                                                                 nullptr, g_ctx),
+                                                                                 nullptr, nullptr, g_ctx),
                  PEA_CUDA_ERROR_INVALID, "conv2d");
-    expect_error("conv2d with NULL params", L.pea_cuda_conv2d(g_ctx, CK_F32, nullptr, g_ctx, g_ctx, nullptr, g_ctx),
+    expect_error("conv2d with NULL params", L.pea_cuda_conv2d(g_ctx, CK_F32, nullptr, g_ctx, g_ctx, nullptr, nullptr, g_ctx),
                  PEA_CUDA_ERROR_INVALID, "conv2d");
+}
+
+/* The implicit-GEMM convolution (f16/bf16, 1×1 and 3×3) against a plain loop over the definition in double:
+ * y[b, m, oy, ox] = bias[m] + residual[b, m, oy, ox] + Σ_{c,i,j} w[m, c, i, j] · x[b, c, oy·sh − pt + i, ox·sw − pl + j].
+ * The shapes reach both tile sizes (64 × 64; 128 × 128 once there are as many of those blocks as SMs), partial
+ * tiles in M (Cout) and N (B·Ho·Wo, whose tiles cross images), K tails (Cin·kh·kw not a multiple of 32 or 8),
+ * the cp.async runs (stride 1, W ≡ 0 mod 8; a 1×1 plane) and their fallbacks (x at an odd offset, padding,
+ * stride 2, runs across rows). */
+static void run_conv_implicit(const ck_conv2d_params &p, int t, bool with_bias, bool with_residual, int64_t x_offset,
+                              const char *label) {
+    const int64_t Ho = ck_conv2d_out_h(&p), Wo = ck_conv2d_out_w(&p), Kk = p.Cin * p.kh * p.kw;
+    std::vector<float> x = rounded(rvec(x_offset + p.B * p.Cin * p.H * p.W), t), w = rounded(rvec(p.Cout * Kk, 0.5f), t),
+                       bias = rounded(rvec(p.Cout), t), residual = rounded(rvec(p.B * p.Cout * Ho * Wo, 2.0f), t),
+                       ref(p.B * p.Cout * Ho * Wo);
+    const float *xs = x.data() + x_offset;
+    for (int64_t b = 0; b < p.B; b++)
+        for (int64_t m = 0; m < p.Cout; m++)
+            for (int64_t oy = 0; oy < Ho; oy++)
+                for (int64_t ox = 0; ox < Wo; ox++) {
+                    const int64_t at = ((b * p.Cout + m) * Ho + oy) * Wo + ox;
+                    double v = (with_bias ? bias[m] : 0.0) + (with_residual ? residual[at] : 0.0);
+                    for (int64_t c = 0; c < p.Cin; c++)
+                        for (int64_t i = 0; i < p.kh; i++)
+                            for (int64_t j = 0; j < p.kw; j++) {
+                                const int64_t iy = oy * p.strideH - p.padTop + i, ix = ox * p.strideW - p.padLeft + j;
+                                if (iy < 0 || iy >= p.H || ix < 0 || ix >= p.W) continue;
+                                v += (double)w[((m * p.Cin + c) * p.kh + i) * p.kw + j] *
+                                     xs[((b * p.Cin + c) * p.H + iy) * p.W + ix];
+                            }
+                    ref[at] = (float)v;
+                }
+    Dev dx = up(x, t), dw = up(w, t), db = up(bias, t), dr = up(residual, t), dy(ref.size() * tsize(t));
+    OK(L.pea_cuda_conv2d(g_ctx, t, &p, dx.at(x_offset * tsize(t)), dw.p, with_bias ? db.p : nullptr,
+                         with_residual ? dr.p : nullptr, dy.p));
+    compare(fmt("implicit-GEMM conv2d %s B=%lld Cin=%lld %lldx%lld Cout=%lld k=%lldx%lld s=%lld pad=%lld/%lld "
+                "bias=%d residual=%d x+%lld %s",
+                label, (long long)p.B, (long long)p.Cin, (long long)p.H, (long long)p.W, (long long)p.Cout,
+                (long long)p.kh, (long long)p.kw, (long long)p.strideH, (long long)p.padTop, (long long)p.padBottom,
+                with_bias, with_residual, (long long)x_offset, tname(t)),
+            down(dy.p, ref.size(), t), ref, tol_for(t));
+}
+
+static void test_conv2d_implicit_gemm() {
+    g_phase = "conv2d implicit GEMM";
+    struct Case {
+        ck_conv2d_params p;
+        const char *label;
+    };
+    const Case cases[] = {
+        {{2, 16, 5, 16, 72, 3, 3, 1, 1, 1, 1, 1, 1}, "3x3 s1, W = 16 (aligned runs), Cout tail over 64"},
+        {{1, 8, 9, 9, 40, 3, 3, 2, 2, 0, 1, 0, 1}, "3x3 s2 downsampler, odd H, W"},
+        {{2, 8, 6, 7, 20, 3, 3, 1, 1, 1, 1, 1, 1}, "3x3 s1, W = 7 (runs across rows)"},
+        {{2, 24, 7, 8, 33, 1, 1, 1, 1, 0, 0, 0, 0}, "1x1, plane of 56 (aligned runs), K = 24"},
+        {{3, 40, 5, 5, 16, 1, 1, 1, 1, 0, 0, 0, 0}, "1x1, plane of 25 (tiles across images), K tail"},
+        {{1, 4, 6, 10, 12, 3, 3, 1, 1, 1, 1, 1, 1}, "3x3, Cin = 4 (K = 36: no 16-byte weight rows)"},
+        {{2, 8, 24, 24, 130, 3, 3, 1, 1, 1, 1, 1, 1}, "3x3 s1 on 128x128 tiles, Cout tail over 128"},
+    };
+    for (int t : {CK_F16, CK_BF16})
+        for (const Case &c : cases)
+            for (int v = 0; v < 3; v++) run_conv_implicit(c.p, t, v != 1, v != 0, 0, c.label);
+    /* x at an odd element offset: no 16-byte runs, every x̂ chunk through registers */
+    for (int t : {CK_F16, CK_BF16}) {
+        run_conv_implicit(cases[0].p, t, true, true, 1, "x misaligned");
+        run_conv_implicit(cases[3].p, t, true, true, 3, "x misaligned");
+    }
 }
 
 /* A second context with a tiny workspace limit: whole-image groups and column chunks of one image. */
@@ -1091,8 +1175,9 @@ static void test_conv2d_index64() {
     const ck_conv2d_params chunks = {3, 2, 7, 9, 4, 3, 3, 1, 1, 1, 1, 1, 1};   /* column chunks */
     const ck_conv2d_params groups = {10, 1, 5, 5, 3, 2, 2, 1, 1, 0, 0, 0, 0};  /* whole-image groups, a 2×2 kernel */
     for (int t : kFloatTypes) {
-        run_conv(chunks, t, true, "64-bit indices, column chunks");
-        run_conv(groups, t, false, "64-bit indices, image groups");
+        run_conv(chunks, t, true, "64-bit indices, column chunks", true);
+        run_conv(groups, t, false, "64-bit indices, image groups", true);
+        run_conv(chunks, t, false, "64-bit indices, column chunks");
         run_conv_backward(chunks, t, "64-bit indices, column chunks");
         run_conv_backward(groups, t, "64-bit indices, image groups");
     }
@@ -1497,7 +1582,7 @@ static void test_sd_like() {
                            ref(rows * 3 * D, 0.0f);
         ck_sgemm(0, 1, rows, 3 * D, D, 1.0f, x.data(), D, w.data(), D, 0.0f, ref.data(), 3 * D);
         Dev dx = up(x, t), dw = up(w, t), dy(rows * 3 * D * tsize(t));
-        OK(L.pea_cuda_linear(g_ctx, t, dx.p, dw.p, nullptr, dy.p, rows, D, 3 * D));
+        OK(L.pea_cuda_linear(g_ctx, t, dx.p, dw.p, nullptr, nullptr, dy.p, rows, D, 3 * D));
         compare(fmt("linear qkv rows=288 320→960 %s", tname(t)), down(dy.p, rows * 3 * D, t), ref, tol_for(t));
     }
     run_attention({2, 8, 144, 144, 40, 40, FUSED_QKV, NO_MASK, 0, 0}, CK_F32);
@@ -1857,6 +1942,7 @@ int main(int argc, char **argv) {
         {"optimizer", test_optimizer},
         {"collective", test_collective},
         {"conv2d", test_conv2d},
+        {"conv2d implicit GEMM", test_conv2d_implicit_gemm},
         {"conv2d chunked", [] { test_conv2d_chunked(nullptr); }},
         {"conv2d 64-bit indices", test_conv2d_index64},
         {"norms", test_norms},

@@ -64,8 +64,17 @@ public protocol ComputeBackend: AnyObject {
     /// x [..., in] · weightᵀ + bias; weight [out, in], bias [out] (torch.nn.Linear).
     func linear(_ x: Tensor, weight: Tensor, bias: Tensor?) throws -> Tensor
 
+    /// linear(x, weight, bias) + residual, residual shaped like the output (nil: plain `linear`). The default
+    /// is the two ops; a backend may add the residual in the GEMM's epilogue.
+    func linear(_ x: Tensor, weight: Tensor, bias: Tensor?, residual: Tensor?) throws -> Tensor
+
     /// x [B, Cin, H, W] ⋆ weight [Cout, Cin, kh, kw] + bias (torch.nn.functional.conv2d after F.pad).
     func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor?, stride: (Int, Int), padding: Padding2D) throws -> Tensor
+
+    /// conv2d(x, weight, bias) + residual, residual shaped like the output [B, Cout, Ho, Wo] (nil: plain
+    /// `conv2d`). The default is the two ops; a backend may add the residual in the convolution's epilogue.
+    func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor?, stride: (Int, Int), padding: Padding2D,
+                residual: Tensor?) throws -> Tensor
 
     /// Group norm over x [B, C, ...] (torch.nn.functional.group_norm), optionally followed by SiLU.
     func groupNorm(_ x: Tensor, groups: Int, weight: Tensor?, bias: Tensor?, eps: Float, fuseSiLU: Bool) throws -> Tensor
@@ -189,6 +198,25 @@ extension ComputeBackend {
     public func mul(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.mul, a, b) }
     public func div(_ a: Tensor, _ b: Tensor) throws -> Tensor { try binary(.div, a, b) }
     public func scale(_ x: Tensor, by factor: Float) throws -> Tensor { try affine(x, scale: factor, shift: 0) }
+
+    public func linear(_ x: Tensor, weight: Tensor, bias: Tensor?, residual: Tensor?) throws -> Tensor {
+        try addingResidual(residual, to: linear(x, weight: weight, bias: bias), "linear")
+    }
+
+    public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor?, stride: (Int, Int), padding: Padding2D,
+                       residual: Tensor?) throws -> Tensor {
+        try addingResidual(residual, to: conv2d(x, weight: weight, bias: bias, stride: stride, padding: padding), "conv2d")
+    }
+
+    /// y + residual for the composed residual ops: the residual must have y's shape (no broadcasting, as the
+    /// fused versions take it).
+    private func addingResidual(_ residual: Tensor?, to y: Tensor, _ op: String) throws -> Tensor {
+        guard let residual else { return y }
+        guard residual.shape == y.shape else {
+            throw PEAError.shapeMismatch("\(op): residual \(residual.shape) does not match the output \(y.shape)")
+        }
+        return try add(y, residual)
+    }
 
     public func upload(_ values: [Float], shape: [Int]) throws -> Tensor {
         guard values.count == shape.reduce(1, *) else { return try upload(HostTensor(values, shape: shape)) }  // its error

@@ -21,12 +21,13 @@ public struct Attention {
         toOut = try Linear(w["to_out.0"], in: inner, out: queryDim)
     }
 
-    /// x [B, T, queryDim], context [B, S, contextDim] or nil → [B, T, queryDim].
-    public func callAsFunction(_ x: Tensor, context: Tensor? = nil) throws -> Tensor {
+    /// x [B, T, queryDim], context [B, S, contextDim] or nil → [B, T, queryDim], plus `residual` [B, T,
+    /// queryDim] when given (added in the output projection).
+    public func callAsFunction(_ x: Tensor, context: Tensor? = nil, residual: Tensor? = nil) throws -> Tensor {
         let source = context ?? x
         let attended = try x.backend.attention(q: toQ(x), k: toK(source), v: toV(source), heads: heads,
                                                mask: nil, causal: false, scale: nil)
-        return try toOut(attended)
+        return try toOut(attended, residual: residual)
     }
 }
 
@@ -40,8 +41,9 @@ public struct FeedForward {
         projectOut = try Linear(w["net.2"], in: inner, out: dim)
     }
 
-    public func callAsFunction(_ x: Tensor) throws -> Tensor {
-        try projectOut(x.backend.geglu(projectIn(x)))
+    /// `residual` (x's shape) is added in the second linear layer.
+    public func callAsFunction(_ x: Tensor, residual: Tensor? = nil) throws -> Tensor {
+        try projectOut(x.backend.geglu(projectIn(x)), residual: residual)
     }
 }
 
@@ -67,10 +69,10 @@ public struct BasicTransformerBlock {
     }
 
     private func forward(_ x: Tensor, context: Tensor) throws -> Tensor {
-        let b = x.backend
-        var h = try b.add(x, selfAttention(norm1(x)))
-        h = try b.add(h, crossAttention(norm2(h), context: context))
-        return try b.add(h, feedForward(norm3(h)))
+        // each residual rides in the epilogue of the sub-layer's last linear
+        var h = try selfAttention(norm1(x), residual: x)
+        h = try crossAttention(norm2(h), context: context, residual: h)
+        return try feedForward(norm3(h), residual: h)
     }
 }
 
@@ -112,7 +114,8 @@ public struct Transformer2D {
         for block in blocks { h = try block(h, context: context) }
         if case .linear(let linear) = projectOut { h = try linear(h) }
         h = try b.permute(h, [0, 2, 1]).reshaped([batch, channels, height, width])
-        if case .conv1x1(let conv) = projectOut { h = try conv(h) }
+        // the 1×1 projection takes x in its epilogue; the linear one runs in [B, HW, C], where x is not laid out
+        if case .conv1x1(let conv) = projectOut { return try conv(h, residual: x) }
         return try b.add(h, x)
     }
 }

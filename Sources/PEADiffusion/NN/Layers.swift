@@ -17,8 +17,9 @@ public struct Linear {
         self.bias = bias
     }
 
-    public func callAsFunction(_ x: Tensor) throws -> Tensor {
-        try x.backend.linear(x, weight: weight, bias: bias)
+    /// With `residual` (the output's shape), x·Wᵀ + b + residual: one op where the backend fuses it.
+    public func callAsFunction(_ x: Tensor, residual: Tensor? = nil) throws -> Tensor {
+        try x.backend.linear(x, weight: weight, bias: bias, residual: residual)
     }
 }
 
@@ -42,8 +43,9 @@ public struct Conv2d {
         try self.init(w, in: inChannels, out: outChannels, kernel: kernel, stride: stride, padding: .uniform(kernel / 2))
     }
 
-    public func callAsFunction(_ x: Tensor) throws -> Tensor {
-        try x.backend.conv2d(x, weight: weight, bias: bias, stride: (stride, stride), padding: padding)
+    /// With `residual` (the output's shape), conv(x) + b + residual: one op where the backend fuses it.
+    public func callAsFunction(_ x: Tensor, residual: Tensor? = nil) throws -> Tensor {
+        try x.backend.conv2d(x, weight: weight, bias: bias, stride: (stride, stride), padding: padding, residual: residual)
     }
 }
 

@@ -38,9 +38,11 @@ public struct ResnetBlock2D {
             let t = try timeProjection(timeEmbedding)
             h = try b.add(h, t.reshaped([t.shape[0], t.shape[1], 1, 1]))
         }
+        let skip = try shortcut?(x) ?? x
+        // the skip rides in conv2's epilogue, unless the sum is then divided by an output scale
+        if outputScale == 1 { return try conv2(norm2(h, silu: true), residual: skip) }
         h = try conv2(norm2(h, silu: true))
-        let out = try b.add(shortcut?(x) ?? x, h)
-        return outputScale == 1 ? out : try b.scale(out, by: 1 / outputScale)
+        return try b.scale(b.add(skip, h), by: 1 / outputScale)
     }
 }
 

@@ -365,30 +365,54 @@ public final class CUDABackend: ComputeBackend, StridedCopying, CustomStringConv
     }
 
     public func linear(_ x: Tensor, weight: Tensor, bias: Tensor?) throws -> Tensor {
-        let dtype = try floats("linear", x, weight, bias)
+        try linear(x, weight: weight, bias: bias, residual: nil)
+    }
+
+    /// The residual is cuBLASLt's C (beta = 1): y is written once.
+    public func linear(_ x: Tensor, weight: Tensor, bias: Tensor?, residual: Tensor?) throws -> Tensor {
+        let dtype = try floats("linear", x, weight, bias, residual)
         let plan = try ShapeRules.linear(x, weight: weight, bias: bias)
+        try requireResidual(residual, shape: plan.outputShape, "linear")
         let linear = try kernel(for: .linear, CUDALibrary.LinearFn.self)
-        if plan.inFeatures == 0 {   // an empty sum: the bias, or zeros
-            let zero = try zeros(plan.outputShape, dtype: dtype)
-            guard let bias, zero.count > 0 else { return zero }
-            return try binary(.add, zero, bias)
+        if plan.inFeatures == 0 {   // an empty sum: the bias, or zeros, plus the residual
+            var y = try zeros(plan.outputShape, dtype: dtype)
+            if y.count == 0 { return y }
+            if let bias { y = try binary(.add, y, bias) }
+            if let residual { y = try binary(.add, y, residual) }
+            return y
         }
         let y = try empty(plan.outputShape, dtype)
         if y.count == 0 { return y }
-        try check(linear(context.handle, dtype.kernelCode, pointer(x), pointer(weight), bias.map(pointer) ?? nil, pointer(y),
-                         Int64(plan.rows), Int64(plan.inFeatures), Int64(plan.outFeatures)), "linear")
+        try check(linear(context.handle, dtype.kernelCode, pointer(x), pointer(weight), bias.map(pointer) ?? nil,
+                         residual.map(pointer) ?? nil, pointer(y), Int64(plan.rows), Int64(plan.inFeatures),
+                         Int64(plan.outFeatures)), "linear")
         return y
     }
 
     public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor?, stride: (Int, Int), padding: Padding2D) throws -> Tensor {
-        let dtype = try floats("conv2d", x, weight, bias)
+        try conv2d(x, weight: weight, bias: bias, stride: stride, padding: padding, residual: nil)
+    }
+
+    /// f16/bf16 1×1 and 3×3 convolutions add the bias and the residual in the implicit GEMM's epilogue.
+    public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor?, stride: (Int, Int), padding: Padding2D,
+                       residual: Tensor?) throws -> Tensor {
+        let dtype = try floats("conv2d", x, weight, bias, residual)
         var plan = try ShapeRules.conv2d(x, weight: weight, bias: bias, stride: stride, padding: padding)
+        try requireResidual(residual, shape: plan.outputShape, "conv2d")
         let conv2d = try kernel(for: .conv2d, CUDALibrary.Conv2dFn.self)
         let y = try empty(plan.outputShape, dtype)
         if y.count == 0 { return y }
-        try check(conv2d(context.handle, dtype.kernelCode, &plan.params, pointer(x), pointer(weight), bias.map(pointer) ?? nil, pointer(y)),
+        try check(conv2d(context.handle, dtype.kernelCode, &plan.params, pointer(x), pointer(weight), bias.map(pointer) ?? nil,
+                         residual.map(pointer) ?? nil, pointer(y)),
                   "conv2d")
         return y
+    }
+
+    /// A fused residual has the output's shape exactly (no broadcasting), as the composed default requires.
+    private func requireResidual(_ residual: Tensor?, shape: [Int], _ op: String) throws {
+        if let residual, residual.shape != shape {
+            throw PEAError.shapeMismatch("\(op): residual \(residual.shape) does not match the output \(shape)")
+        }
     }
 
     public func groupNorm(_ x: Tensor, groups: Int, weight: Tensor?, bias: Tensor?, eps: Float, fuseSiLU: Bool) throws -> Tensor {

@@ -62,8 +62,8 @@ public final class CUDALibrary {
     typealias GemmFn = @convention(c) (Context?, Int32, Int32, Int32, Int64, Int64, Int64, Float,
                                        RawIn?, Int64, Int64, RawIn?, Int64, Int64, Float,
                                        RawOut?, Int64, Int64, Int64) -> Int32
-    typealias LinearFn = @convention(c) (Context?, Int32, RawIn?, RawIn?, RawIn?, RawOut?, Int64, Int64, Int64) -> Int32
-    typealias Conv2dFn = @convention(c) (Context?, Int32, UnsafePointer<ck_conv2d_params>?, RawIn?, RawIn?, RawIn?, RawOut?) -> Int32
+    typealias LinearFn = @convention(c) (Context?, Int32, RawIn?, RawIn?, RawIn?, RawIn?, RawOut?, Int64, Int64, Int64) -> Int32
+    typealias Conv2dFn = @convention(c) (Context?, Int32, UnsafePointer<ck_conv2d_params>?, RawIn?, RawIn?, RawIn?, RawIn?, RawOut?) -> Int32
     typealias GroupNormFn = @convention(c) (Context?, Int32, RawIn?, RawIn?, RawIn?, RawOut?, Int64, Int64, Int64, Int64,
                                             Float, Int32) -> Int32
     typealias LayerNormFn = @convention(c) (Context?, Int32, RawIn?, RawIn?, RawIn?, RawOut?, Int64, Int64, Float) -> Int32

@@ -148,6 +148,9 @@ public enum CUDASelfTest {
         list.append(Case(op: .linear, name: "linear [2,\(context),\(c4 / 2 + c1 / 2)]→\(c1) no bias", inputs: ["x": r([2, context, c4 / 2 + c1 / 2]), "w": r([c1, c4 / 2 + c1 / 2])]) { b, t in
             [try b.linear(t["x"]!, weight: t["w"]!, bias: nil)]
         })
+        list.append(Case(op: .linear, name: "linear [2,\(tokens / 4),\(4 * c1)]→\(c1) bias + residual", inputs: ["x": r([2, tokens / 4, 4 * c1]), "w": r([c1, 4 * c1]), "b": r([c1]), "r": r([2, tokens / 4, c1])]) { b, t in
+            [try b.linear(t["x"]!, weight: t["w"]!, bias: t["b"]!, residual: t["r"]!)]
+        })
         list.append(Case(op: .conv2d, name: "conv2d 3x3 [2,\(c1),\(hw),\(hw)]→\(c1)", inputs: ["x": r([2, c1, hw, hw]), "w": r([c1, c1, 3, 3]), "b": r([c1])]) { b, t in
             [try b.conv2d(t["x"]!, weight: t["w"]!, bias: t["b"]!, stride: (1, 1), padding: .uniform(1))]
         })
@@ -162,6 +165,12 @@ public enum CUDASelfTest {
         })
         list.append(Case(op: .conv2d, name: "conv2d 1x1 [2,\(c2),\(hw / 2),\(hw / 2)]→\(c1)", inputs: ["x": r([2, c2, hw / 2, hw / 2]), "w": r([c1, c2, 1, 1]), "b": r([c1])]) { b, t in
             [try b.conv2d(t["x"]!, weight: t["w"]!, bias: t["b"]!, stride: (1, 1), padding: .uniform(0))]
+        })
+        list.append(Case(op: .conv2d, name: "conv2d 3x3 + residual [2,\(c1),\(hw),\(hw)]→\(c1)", inputs: ["x": r([2, c1, hw, hw]), "w": r([c1, c1, 3, 3]), "b": r([c1]), "r": r([2, c1, hw, hw])]) { b, t in
+            [try b.conv2d(t["x"]!, weight: t["w"]!, bias: t["b"]!, stride: (1, 1), padding: .uniform(1), residual: t["r"]!)]
+        })
+        list.append(Case(op: .conv2d, name: "conv2d 1x1 + residual [2,\(c2),\(hw / 2),\(hw / 2)]→\(c1)", inputs: ["x": r([2, c2, hw / 2, hw / 2]), "w": r([c1, c2, 1, 1]), "b": r([c1]), "r": r([2, c1, hw / 2, hw / 2])]) { b, t in
+            [try b.conv2d(t["x"]!, weight: t["w"]!, bias: t["b"]!, stride: (1, 1), padding: .uniform(0), residual: t["r"]!)]
         })
         list.append(Case(op: .groupNorm, name: "groupNorm+silu [2,\(c1),\(hw),\(hw)] G\(groups)", inputs: ["x": r([2, c1, hw, hw]), "g": r([c1]), "b": r([c1])]) { b, t in
             [try b.groupNorm(t["x"]!, groups: groups, weight: t["g"]!, bias: t["b"]!, eps: 1e-5, fuseSiLU: true)]
