@@ -14,8 +14,9 @@
  * with its arguments by value instead of run; cudaGraphLaunch runs the recorded work in order, so a replay
  * reads whatever the buffers hold then. Calls a GPU refuses during capture are refused here with the same
  * errors, and invalidate the capture as they do there: synchronising the capturing stream or the device, and
- * the "potentially unsafe" calls (cudaMalloc, cudaFree, synchronous copies and memsets) while a Global capture
- * runs, or a ThreadLocal one on the calling thread.
+ * the "potentially unsafe" calls (cudaMalloc, cudaFree, synchronous copies and memsets) by the rules of the
+ * calling thread's mode (cudaThreadExchangeStreamCaptureMode): a Relaxed thread may make them, others not while
+ * they capture themselves (not Relaxed), nor (Global, the default) while another thread has a Global capture.
  */
 #include "internal.h"
 
@@ -334,14 +335,20 @@ static cudaError_t refuse_during_capture(const char *fn, const char *rule, Forbi
                 (void *)hit, mode_name(mode), rule);
 }
 
-/* The "potentially unsafe" calls (cudaMalloc, cudaFree, synchronous copies and memsets): refused while a
- * Global capture runs on any thread, or a ThreadLocal one on this thread. */
+/* The calling thread's capture interaction mode (cudaThreadExchangeStreamCaptureMode; Global by default). */
+static thread_local cudaStreamCaptureMode t_capture_mode = cudaStreamCaptureModeGlobal;
+
+/* The "potentially unsafe" calls (cudaMalloc, cudaFree, synchronous copies and memsets), as CUDA rules them
+ * by the calling thread's mode: Relaxed may make them; otherwise not while this thread has a capture that
+ * is not Relaxed, nor (in Global mode) while another thread has a Global capture. */
 static cudaError_t unsafe_call(const char *fn) {
+    if (t_capture_mode == cudaStreamCaptureModeRelaxed) return cudaSuccess;
     const std::thread::id me = std::this_thread::get_id();
+    const bool global = t_capture_mode == cudaStreamCaptureModeGlobal;
     return refuse_during_capture(fn, "not permitted during stream capture (allocate and copy before capturing)",
-                                 [me](cudaStream_t, Capture *c) {
-                                     return c->mode == cudaStreamCaptureModeGlobal ||
-                                            (c->mode == cudaStreamCaptureModeThreadLocal && c->thread == me);
+                                 [me, global](cudaStream_t, Capture *c) {
+                                     if (c->thread == me) return c->mode != cudaStreamCaptureModeRelaxed;
+                                     return global && c->mode == cudaStreamCaptureModeGlobal;
                                  });
 }
 
@@ -753,6 +760,15 @@ cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t *graph) {
     *graph = new CUgraph_st{std::move(c->ops)};
     std::lock_guard<std::mutex> lk(g_obj_mutex);
     g_graphs.insert(*graph);
+    return cudaSuccess;
+}
+
+cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode *mode) {
+    if (!mode) return fail(cudaErrorInvalidValue, "cudaThreadExchangeStreamCaptureMode: mode is NULL");
+    if (*mode != cudaStreamCaptureModeGlobal && *mode != cudaStreamCaptureModeThreadLocal &&
+        *mode != cudaStreamCaptureModeRelaxed)
+        return fail(cudaErrorInvalidValue, "cudaThreadExchangeStreamCaptureMode: mode %d", (int)*mode);
+    std::swap(*mode, t_capture_mode);
     return cudaSuccess;
 }
 

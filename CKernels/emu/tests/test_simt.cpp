@@ -922,6 +922,22 @@ static void test_graphs() {
     }).join();
     CHECK(other == cudaSuccess, "cudaMalloc and cudaFree on another thread during a ThreadLocal capture: %s",
           cudaGetErrorName(other));
+    /* a Relaxed thread may allocate during its own Global capture (as torch's allocator does) */
+    CUDA_OK(cudaStreamEndCapture(s, &graph));
+    CUDA_OK(cudaGraphDestroy(graph));
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    CUDA_OK(cudaThreadExchangeStreamCaptureMode(&mode));
+    CHECK(mode == cudaStreamCaptureModeGlobal, "a thread's mode is Global by default (%d)", (int)mode);
+    CUDA_OK(cudaMalloc(&p, 64));
+    CUDA_OK(cudaThreadExchangeStreamCaptureMode(&mode));
+    CHECK(mode == cudaStreamCaptureModeRelaxed, "the exchange returns the mode it replaces (%d)", (int)mode);
+    CHECK(cudaFree(p) == cudaErrorStreamCaptureUnsupported, "back in Global mode, cudaFree is refused again");
+    cudaGetLastError();
+    CHECK(cudaStreamEndCapture(s, &graph) == cudaErrorStreamCaptureInvalidated, "and the capture is invalidated");
+    cudaGetLastError();
+    CUDA_OK(cudaFree(p));
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
     /* an event recorded inside a capture cannot be waited for */
     cudaEvent_t ev;
     CUDA_OK(cudaEventCreate(&ev));
@@ -941,7 +957,7 @@ static void test_graphs() {
     CHECK(cudaGraphLaunch((cudaGraphExec_t)&graph, s) == cudaErrorInvalidResourceHandle, "launching a bad exec");
     cudaGetLastError();
     say("ok   illegal calls during capture (cudaMalloc, cudaFree, cudaMemcpy, cudaMemset, stream/device sync) → "
-        "cudaErrorStreamCaptureUnsupported, capture invalidated; Relaxed / other-thread rules; captured events");
+        "cudaErrorStreamCaptureUnsupported, capture invalidated; Relaxed / other-thread / thread-mode rules; captured events");
 
     CUDA_OK(cudaGraphExecDestroy(exec));
     CHECK(cudaGraphExecDestroy(exec) == cudaErrorInvalidResourceHandle, "destroying an exec twice");
