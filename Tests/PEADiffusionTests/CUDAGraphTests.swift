@@ -149,4 +149,30 @@ final class CUDAGraphTests: XCTestCase {
         _ = try pipeline.generate(request)
         XCTAssertNil(pipeline.graphedDenoiser)
     }
+
+    /// `--cuda-graphs on|off` on pea generate and pea serve: listed in --help, checked, and the same PNG either way
+    /// on the (emulated) CUDA backend.
+    func testCommandLineFlag() throws {
+        _ = try CUDABackendParityTests.emulatedLibrary()
+        for command in ["generate", "serve"] {
+            let help = try runPea([command, "--help"])
+            XCTAssertTrue(help.stdout.contains("--cuda-graphs on|off"), "\(command) --help:\n\(help.stdout)")
+        }
+        let scratch = ScratchDirectory("pea-cuda-graphs")
+        let generate = ["generate", "--model", PipelineParityTests.directory + "/sd1", "--prompt", "a red fox", "--steps", "3",
+                        "--width", "16", "--height", "16", "--seed", "5", "--backend", "cuda"]
+        let environment = ["PEA_CUDA_LIB": CUDABackendParityTests.emulatedLibraryPath]
+        let bad = try runPea(generate + ["--cuda-graphs", "maybe", "--output", scratch.file("bad.png")], environment: environment)
+        XCTAssertNotEqual(bad.status, 0)
+        XCTAssertTrue(bad.stderr.contains("--cuda-graphs must be one of on, off"), bad.stderr)
+        var images: [String: [UInt8]] = [:]
+        for choice in ["on", "off"] {
+            let out = scratch.file("\(choice).png")
+            let run = try runPea(generate + ["--cuda-graphs", choice, "--output", out], environment: environment)
+            XCTAssertEqual(run.status, 0, run.stderr)
+            XCTAssertFalse(run.stderr.contains("warning"), run.stderr)
+            images[choice] = try XCTUnwrap(FileManager.default.contents(atPath: out)).map { $0 }
+        }
+        XCTAssertEqual(images["on"], images["off"], "pea generate --cuda-graphs on and off wrote different images")
+    }
 }
