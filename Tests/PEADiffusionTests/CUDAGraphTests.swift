@@ -51,6 +51,20 @@ final class CUDAGraphTests: XCTestCase {
         XCTAssertEqual(graphed.graphCount, 2)
     }
 
+    /// At most `capacity` graphs are kept: a new shape drops the least recently used graph, whose shape is captured
+    /// again when it comes back; the answers stay the eager ones.
+    func testTheLeastRecentlyUsedGraphIsDroppedBeyondCapacity() throws {
+        let cuda = try cuda()
+        let unet = try tinyUNet(cuda)
+        let graphed = CUDAGraphedDenoiser(unet, backend: cuda, capacity: 1, warn: { XCTFail("unexpected warning: \($0)") })
+        for (step, batch) in [(0, 1), (1, 1), (2, 2), (3, 1)].enumerated().map({ ($0.offset, $0.element.1) }) {
+            let x = try inputs(cuda, step: step, batch: batch)
+            XCTAssertEqual(try bytes(graphed(x), cuda), try bytes(unet(x), cuda), "step \(step), batch \(batch)")
+            XCTAssertEqual(graphed.graphCount, 1)
+        }
+        XCTAssertEqual(graphed.statistics, .init(captures: 3, replays: 1, fallbacks: 0))
+    }
+
     /// A tensor handed out by a replay is the caller's: the next replay does not overwrite it.
     func testAnswersOutliveLaterReplays() throws {
         let cuda = try cuda()

@@ -15,15 +15,19 @@ import Darwin
 /// evaluation's answer, and it fills the allocator's cache with the blocks the capture then takes), then captures
 /// the same evaluation. A capture that fails (the denoiser reads a value back to the host, say) leaves the key eager
 /// for good, with one warning; the answers are the eager ones either way.
+///
+/// A graph keeps the device memory of one evaluation's activations while it lives (its blocks can serve nothing
+/// else), so at most `capacity` graphs are kept: capturing one more first drops the least recently replayed.
 public final class CUDAGraphedDenoiser: DenoisingModel {
     public let base: any DenoisingModel
+    public let capacity: Int
     let backend: CUDABackend
     private let warn: (String) -> Void
     private let lock = PThreadLock()
 
     /// What one key holds: a graph with its input tensors and output, or nothing (eager, after a failed capture).
     private enum Entry {
-        case graph(CUDAGraph, inputs: [Tensor?], output: Tensor)
+        case graph(CUDAGraph, inputs: [Tensor?], output: Tensor, lastUse: Int)
         case eager
     }
     private struct Key: Hashable {
@@ -32,6 +36,7 @@ public final class CUDAGraphedDenoiser: DenoisingModel {
     }
     private var entries: [Key: Entry] = [:]
     private var counts = Counts()
+    private var clock = 0 /* evaluations so far: the graphs' lastUse */
 
     /// Captures, replays and eager fallbacks so far (tests check a graph is captured once and replayed).
     public struct Counts: Equatable, Sendable {
@@ -42,9 +47,11 @@ public final class CUDAGraphedDenoiser: DenoisingModel {
     public var graphCount: Int { lock.withLock { entries.values.filter { if case .graph = $0 { true } else { false } }.count } }
 
     /// `warn` gets the message of a capture that failed (default: stderr, as `pea: warning: …`).
-    public init(_ base: any DenoisingModel, backend: CUDABackend,
+    public init(_ base: any DenoisingModel, backend: CUDABackend, capacity: Int = 4,
                 warn: @escaping (String) -> Void = { fputs("pea: warning: \($0)\n", stderr) }) {
+        precondition(capacity >= 1, "CUDAGraphedDenoiser: capacity \(capacity)")
         self.base = base
+        self.capacity = capacity
         self.backend = backend
         self.warn = warn
     }
@@ -60,12 +67,14 @@ public final class CUDAGraphedDenoiser: DenoisingModel {
         let tensors = Self.tensors(inputs)
         let key = Key(shapes: tensors.map { $0?.shape ?? [-1] }, dtypes: tensors.map { $0?.dtype })
         return try lock.withLock {
+            clock += 1
             switch entries[key] {
-            case .graph(let graph, let graphInputs, let output):
+            case .graph(let graph, let graphInputs, let output, _):
                 for (source, destination) in zip(tensors, graphInputs) {
                     if let source, let destination { try backend.copy(source, into: destination) }
                 }
                 try backend.replay(graph)
+                entries[key] = .graph(graph, inputs: graphInputs, output: output, lastUse: clock)
                 counts.replays += 1
                 return try backend.duplicate(output)
             case .eager:
@@ -74,9 +83,10 @@ public final class CUDAGraphedDenoiser: DenoisingModel {
                 let graphInputs = try tensors.map { try $0.map(backend.duplicate) }
                 let staged = Self.inputs(graphInputs, like: inputs)
                 let answer = try base(staged)
+                dropLeastRecentlyUsedGraph(keeping: capacity - 1)
                 do {
                     let (graph, output) = try backend.captureGraph { try base(staged) }
-                    entries[key] = .graph(graph, inputs: graphInputs, output: output)
+                    entries[key] = .graph(graph, inputs: graphInputs, output: output, lastUse: clock)
                     counts.captures += 1
                 } catch {
                     entries[key] = .eager
@@ -87,6 +97,15 @@ public final class CUDAGraphedDenoiser: DenoisingModel {
                 return answer
             }
         }
+    }
+
+    /// Drops the least recently used graphs until at most `count` are left (their memory goes back to the cache).
+    private func dropLeastRecentlyUsedGraph(keeping count: Int) {
+        var graphs = entries.compactMap { key, entry -> (Key, Int)? in
+            if case .graph(_, _, _, let lastUse) = entry { (key, lastUse) } else { nil }
+        }
+        graphs.sort { $0.1 < $1.1 }
+        for (key, _) in graphs.prefix(max(0, graphs.count - count)) { entries[key] = nil }
     }
 
     /// The input tensors in a fixed order: sample, timestep, text states, SDXL's pair, LCM's condition, then
