@@ -192,9 +192,11 @@ extern "C" int pea_cuda_create(int device, pea_cuda_context **out, char *message
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetStream(ctx->cublas, ctx->stream);
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetPointerMode(ctx->cublas, CUBLAS_POINTER_MODE_HOST);
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetMathMode(ctx->cublas, CUBLAS_DEFAULT_MATH);
-    /* cuBLAS's workspace, ours (the size cuBLAS would pick: 32 MiB on Hopper, else 4 MiB), so that a GEMM in a
-     * CUDA graph capture allocates nothing, and eager and captured GEMMs run the same algorithms */
-    const size_t cublas_workspace_bytes = (size_t)(prop.major >= 9 ? 32 : 4) << 20;
+    /* cuBLAS's workspace, ours (the size cuBLAS would pick: 32 MiB on Hopper, else 4 MiB; at most 1/256 of a small
+     * device's memory), so that a GEMM in a CUDA graph capture allocates nothing, and eager and captured GEMMs run
+     * the same algorithms */
+    size_t cublas_workspace_bytes = (size_t)(prop.major >= 9 ? 32 : 4) << 20;
+    if (cublas_workspace_bytes > prop.totalGlobalMem / 256) cublas_workspace_bytes = (prop.totalGlobalMem / 256) & ~(size_t)255;
     if (s == CUBLAS_STATUS_SUCCESS && cudaMalloc(&ctx->cublas_workspace, cublas_workspace_bytes) != cudaSuccess) {
         cudaGetLastError();
         s = CUBLAS_STATUS_ALLOC_FAILED;
