@@ -16,15 +16,15 @@
  *
  * CUDA graphs (graph.cu). A captured graph writes the blocks it was captured with on every replay, so those
  * blocks must not go to other tensors while it lives: they belong to the graph's pool (like torch's graph
- * memory pool). While a capture runs, every allocation comes from the capture's pool (blocks the capture
- * freed earlier), else the cache, else cudaMalloc with the thread's capture mode switched to Relaxed (a capture
- * forbids cudaMalloc otherwise; torch's allocator does the same; never cudaFree during a capture: no cache
- * release on a failure), and becomes the graph's. An eager run of the same work first fills the cache, so a
- * capture rarely reaches cudaMalloc. A block freed during the capture
- * becomes the graph's too: one allocated in it may serve a later allocation of the same capture (stream
- * order makes that safe on every replay), one allocated before it is only held (the graph may read what it
- * held). After the capture, a graph's block that is freed stays in its pool. Destroying the graph returns
- * its free blocks to the cache and disowns its live ones (they go to the cache when freed).
+ * memory pool). While a capture runs, every allocation comes from the capture's pool (blocks the capture freed
+ * earlier), else the cache, else cudaMalloc with the thread's capture mode switched to Relaxed (a capture forbids
+ * cudaMalloc otherwise; torch's allocator does the same; there is no cache release, no cudaFree, on a failure
+ * during a capture), and becomes the graph's. An eager run of the same work first fills the cache, so a capture
+ * rarely reaches cudaMalloc. A block freed during the capture becomes the graph's too: one allocated in it may
+ * serve a later allocation of the same capture (stream order makes that safe on every replay), one allocated
+ * before it is only held (the graph may read what it held). After the capture, a graph's block that is freed
+ * stays in its pool. Destroying the graph returns its free blocks to the cache and disowns its live ones (they
+ * go to the cache when freed).
  *
  * Uploads are staged through pinned host memory: four 4 MB pinned slots used as a ring. An upload copies
  * its bytes into the current slot (memcpy on the host, so the caller may reuse `src` at once), queues a

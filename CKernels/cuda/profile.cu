@@ -128,6 +128,7 @@ extern "C" int pea_cuda_profile_start(pea_cuda_context *ctx) {
     }
     pea_profile *p = ctx->profile;
     PEA_REQUIRE(ctx, op, p->depth == 0, "called inside an op");
+    PEA_REQUIRE(ctx, op, !ctx->capture, "during CUDA graph capture (a capture cannot wait for the device)");
     profile_fold(p); /* a restart: the old pairs must be done before their events are reused */
     p->running = true;
     p->pending = 0;

@@ -1584,8 +1584,16 @@ static void test_graphs() {
     CHECK(disjoint, "a block of the graph was handed to another tensor while the graph lives");
     for (void *p : later) OK(L.pea_cuda_free(g_ctx, p));
     OK(L.pea_cuda_free(g_ctx, gy)); /* the graph's output block stays the graph's */
+    /* the profile counts a replay as one call of its own */
+    std::vector<pea_cuda_profile_entry> entries(64);
+    int count = 0;
+    double span = 0;
+    OK(L.pea_cuda_profile_start(g_ctx));
     OK(L.pea_cuda_graph_replay(g_ctx, graph));
-    OK(L.pea_cuda_synchronize(g_ctx));
+    OK(L.pea_cuda_profile_stop(g_ctx, entries.data(), (int)entries.size(), &count, &span));
+    const pea_cuda_profile_entry *replays = find_op(entries, count, "graph_replay");
+    CHECK(count == 1 && replays && replays->calls == 1, "profile of one replay: %d ops, graph_replay %s", count,
+          replays ? "counted" : "missing");
     say("  ok   graph: captured from the cache, replays bit-exact on new inputs, its blocks kept from others");
 
     /* destroyed: its blocks are the cache's again (the same sizes come back without cudaMalloc) */
@@ -1615,6 +1623,7 @@ static void test_graphs() {
         {"upload during capture", "upload", [](void *d) { float v = 1; return L.pea_cuda_upload(g_ctx, d, &v, 4); }},
         {"download during capture", "download", [](void *d) { float v; return L.pea_cuda_download(g_ctx, &v, d, 4); }},
         {"synchronize during capture", "synchronize", [](void *) { return L.pea_cuda_synchronize(g_ctx); }},
+        {"profile_start during capture", "profile_start", [](void *) { return L.pea_cuda_profile_start(g_ctx); }},
         {"release_cache during capture", "release_cache", [](void *) { return L.pea_cuda_release_cache(g_ctx); }},
     };
     for (const Refused &r : refused) {
