@@ -870,7 +870,34 @@ static void test_graphs() {
     bool replay_ok = true;
     for (int i = 0; i < n; i++) replay_ok = replay_ok && gz[i] == 5.0f * (float)i;
     CHECK(replay_ok, "a second replay sees the new input values (z[7] = %g, expected 35)", gz[7]);
-    say("ok   stream capture: recorded not run, arguments by value; replay = eager = loop; replay sees new inputs");
+
+    /* A host function and a 2-D copy are recorded too; a graph launched into a capture is part of the new graph. */
+    static int host_calls = 0;
+    host_calls = 0;
+    cudaGraph_t outer_graph = nullptr;
+    cudaGraphExec_t outer = nullptr;
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    CUDA_OK(cudaLaunchHostFunc(s, [](void *) { host_calls++; }, nullptr));
+    CUDA_OK(cudaMemcpy2DAsync(ey, 8, x, 16, 8, 4, cudaMemcpyDeviceToDevice, s)); /* ey[2r, 2r+1] = x[4r, 4r+1] */
+    CUDA_OK(cudaGraphLaunch(exec, s));
+    CUDA_OK(cudaStreamEndCapture(s, &outer_graph));
+    CHECK(host_calls == 0, "a captured host function does not run at capture");
+    CUDA_OK(cudaGraphInstantiateWithFlags(&outer, outer_graph, 0));
+    CUDA_OK(cudaGraphDestroy(outer_graph));
+    for (int i = 0; i < n; i++) pinned[i] = 2.0f * (float)i;
+    CUDA_OK(cudaGraphLaunch(outer, s));
+    CUDA_OK(cudaGraphLaunch(outer, s));
+    CUDA_OK(cudaStreamSynchronize(s));
+    std::vector<float> ey8 = to_host(ey, 8);
+    gz = to_host(z, n);
+    CHECK(host_calls == 2, "the host function ran once per launch (%d)", host_calls);
+    /* the copy reads x before the inner graph rewrites it: at the second launch x[i] = 2i from the first */
+    CHECK(ey8[0] == 0.0f && ey8[1] == 2.0f && ey8[2] == 8.0f && ey8[3] == 10.0f && ey8[7] == 26.0f,
+          "the captured 2-D copy (ey[2] = %g, expected 8)", ey8[2]);
+    CHECK(gz[7] == 70.0f, "the inner graph ran inside the outer one (z[7] = %g, expected 70)", gz[7]);
+    CUDA_OK(cudaGraphExecDestroy(outer));
+    say("ok   stream capture: recorded not run, arguments by value; replay = eager = loop; replay sees new inputs; "
+        "host functions, 2-D copies and graphs launched into a capture");
 
     /* Calls a GPU refuses during capture: an error naming the call, and the capture is invalidated. */
     struct Illegal {
