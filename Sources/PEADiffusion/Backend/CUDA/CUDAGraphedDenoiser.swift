@@ -18,6 +18,8 @@ import Darwin
 ///
 /// A graph keeps the device memory of one evaluation's activations while it lives (its blocks can serve nothing
 /// else), so at most `capacity` graphs are kept: capturing one more first drops the least recently replayed.
+/// A graph reads the weights the denoiser had when it was captured: they must not be replaced while it lives
+/// (a pipeline's UNet never changes after loading; LoRAs are merged before).
 public final class CUDAGraphedDenoiser: DenoisingModel {
     public let base: any DenoisingModel
     public let capacity: Int
