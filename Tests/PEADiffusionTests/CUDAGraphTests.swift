@@ -165,7 +165,7 @@ final class CUDAGraphTests: XCTestCase {
     }
 
     /// `--cuda-graphs on|off` on pea generate and pea serve: listed in --help, checked, and the same PNG either way
-    /// on the (emulated) CUDA backend.
+    /// on the (emulated) CUDA backend; on pea bench unet, replays are what is timed and profiled.
     func testCommandLineFlag() throws {
         _ = try CUDABackendParityTests.emulatedLibrary()
         for command in ["generate", "serve"] {
@@ -188,5 +188,15 @@ final class CUDAGraphTests: XCTestCase {
             images[choice] = try XCTUnwrap(FileManager.default.contents(atPath: out)).map { $0 }
         }
         XCTAssertEqual(images["on"], images["off"], "pea generate --cuda-graphs on and off wrote different images")
+
+        // pea bench unet times replays with --cuda-graphs on (CUDA only); its profile is then one graph_replay call.
+        let bench = ["bench", "unet", "--config", fixturesDirectory() + "/models/unet_sd1/config.json", "--latent", "8x8",
+                     "--repeats", "1", "--cuda-graphs", "on", "--json"]
+        let timed = try runPea(bench + ["--backend", "cuda", "--profile"], environment: environment)
+        XCTAssertEqual(timed.status, 0, timed.stderr)
+        XCTAssertTrue(timed.stdout.contains("\"graph_replay\"") && !timed.stdout.contains("\"conv2d\""), timed.stdout)
+        let onCPU = try runPea(bench + ["--backend", "cpu"])
+        XCTAssertNotEqual(onCPU.status, 0)
+        XCTAssertTrue(onCPU.stderr.contains("--cuda-graphs on needs the CUDA backend"), onCPU.stderr)
     }
 }
