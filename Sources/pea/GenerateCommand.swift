@@ -65,8 +65,8 @@ enum GenerateOptions {
     static let cudaGraphs = CommandOption.value(
         "--cuda-graphs", "on|off", default: "on", .choices(["on", "off"]),
         help: "CUDA backend: replay each denoising step's UNet evaluation as a CUDA graph captured once per image size "
-            + "and batch (one launch per step instead of hundreds; the same images); off queues every op one by one. "
-            + "The CPU backend ignores it")
+            + "and batch (one graph launch per step instead of hundreds of op launches; the same images); off queues every "
+            + "op one by one. The CPU backend ignores it")
     static let textEncoder = CommandOption.value(
         "--text-encoder", "DIR",
         help: "PEA: a language-specific text encoder folder (Chinese-CLIP or multilingual CLIP XLM-R, transformers "
