@@ -1615,6 +1615,31 @@ static void test_graphs() {
     expect_error("replay of a destroyed graph", L.pea_cuda_graph_replay(g_ctx, graph), PEA_CUDA_ERROR_INVALID,
                  "graph_replay");
 
+    /* conv2d's workspace grown inside a capture (a larger im2col than any before): the graph keeps the old block,
+     * the context the new one, which eager convolutions then share with the graph's replays (scratch, in stream
+     * order); replays stay right around an eager convolution */
+    {
+        const ck_conv2d_params p = {1, 64, 64, 64, 8, 3, 3, 1, 1, 1, 1, 1, 1};
+        const int64_t yn_conv = p.B * p.Cout * ck_conv2d_out_h(&p) * ck_conv2d_out_w(&p);
+        std::vector<float> x = rvec(p.B * p.Cin * p.H * p.W), x2 = rvec(x.size()), w = rvec(p.Cout * p.Cin * 9, 0.1f),
+                           ref(yn_conv), ref2(yn_conv), ws(ck_conv2d_workspace_floats(&p));
+        ck_conv2d_f32(&p, x.data(), w.data(), CK_F32, nullptr, ref.data(), ws.data());
+        ck_conv2d_f32(&p, x2.data(), w.data(), CK_F32, nullptr, ref2.data(), ws.data());
+        Dev dx = up(x, CK_F32), dx2 = up(x2, CK_F32), dw = up(w, CK_F32), dy(yn_conv * 4), dy2(yn_conv * 4);
+        pea_cuda_graph *conv = nullptr;
+        OK(L.pea_cuda_graph_begin(g_ctx));
+        OK(L.pea_cuda_conv2d(g_ctx, CK_F32, &p, dx.p, dw.p, nullptr, dy.p));
+        OK(L.pea_cuda_graph_end(g_ctx, &conv));
+        OK(L.pea_cuda_graph_replay(g_ctx, conv));
+        compare("conv2d replayed, workspace grown in the capture", down(dy.p, yn_conv, CK_F32), ref, tol_for(CK_F32));
+        OK(L.pea_cuda_conv2d(g_ctx, CK_F32, &p, dx2.p, dw.p, nullptr, dy2.p));
+        OK(L.pea_cuda_zero(g_ctx, dy.p, yn_conv * 4));
+        OK(L.pea_cuda_graph_replay(g_ctx, conv));
+        compare("conv2d eager after the capture", down(dy2.p, yn_conv, CK_F32), ref2, tol_for(CK_F32));
+        compare("conv2d replayed after an eager conv2d", down(dy.p, yn_conv, CK_F32), ref, tol_for(CK_F32));
+        OK(L.pea_cuda_graph_destroy(g_ctx, conv));
+    }
+
     /* what a capture cannot do fails the op, and then the capture, naming the op */
     struct Refused {
         const char *what, *op;
