@@ -14,6 +14,18 @@
  * stream: work queued after the reuse runs after the work queued before the free.
  * Stats: in_use and peak count whole blocks (class sizes), device_allocations counts cudaMalloc calls.
  *
+ * CUDA graphs (graph.cu). A captured graph writes the blocks it was captured with on every replay, so those
+ * blocks must not go to other tensors while it lives: they belong to the graph's pool (like torch's graph
+ * memory pool). While a capture runs, every allocation comes from the capture's pool (blocks the capture freed
+ * earlier), else the cache, else cudaMalloc with the thread's capture mode switched to Relaxed (a capture forbids
+ * cudaMalloc otherwise; torch's allocator does the same; there is no cache release, no cudaFree, on a failure
+ * during a capture), and becomes the graph's. An eager run of the same work first fills the cache, so a capture
+ * rarely reaches cudaMalloc. A block freed during the capture becomes the graph's too: one allocated in it may
+ * serve a later allocation of the same capture (stream order makes that safe on every replay), one allocated
+ * before it is only held (the graph may read what it held). After the capture, a graph's block that is freed
+ * stays in its pool. Destroying the graph returns its free blocks to the cache and disowns its live ones (they
+ * go to the cache when freed).
+ *
  * Uploads are staged through pinned host memory: four 4 MB pinned slots used as a ring. An upload copies
  * its bytes into the current slot (memcpy on the host, so the caller may reuse `src` at once), queues a
  * cudaMemcpyAsync from the slot to the device on the stream, and records an event; it waits only when it
@@ -40,10 +52,17 @@ static size_t size_class(size_t bytes) {
     return (bytes + step - 1) / step * step;
 }
 
+struct pea_graph_pool {
+    std::unordered_map<size_t, std::vector<void *>> reusable; /* allocated and freed during the capture */
+    std::unordered_map<void *, size_t> held;                   /* every free block the graph owns → class */
+};
+
 struct pea_allocator {
     std::mutex mutex;
     std::unordered_map<size_t, std::vector<void *>> free_lists; /* class size → cached blocks */
     std::unordered_map<void *, size_t> live;                    /* handed-out block → class size */
+    std::unordered_map<void *, pea_graph_pool *> owner;         /* a graph's blocks (live or held) → its pool */
+    pea_graph_pool *capturing = nullptr;                        /* the pool of the capture running now */
     size_t in_use = 0, peak = 0, cached = 0;
     uint64_t device_allocations = 0;
 };
@@ -100,19 +119,53 @@ void pea_allocator_destroy(pea_cuda_context *ctx) {
     cudaGetLastError();
 }
 
+/* A block of class `cls` for a capture: one the capture freed earlier, else one from the cache (NULL: a miss,
+ * to be cudaMalloc'ed). The block becomes the graph's. Caller holds the mutex. */
+static void *capture_block(pea_allocator *a, size_t cls) {
+    pea_graph_pool *pool = a->capturing;
+    void *p = NULL;
+    auto mine = pool->reusable.find(cls);
+    if (mine != pool->reusable.end() && !mine->second.empty()) {
+        p = mine->second.back();
+        mine->second.pop_back();
+        pool->held.erase(p);
+        return p;
+    }
+    auto it = a->free_lists.find(cls);
+    if (it == a->free_lists.end() || it->second.empty()) return NULL;
+    p = it->second.back();
+    it->second.pop_back();
+    a->cached -= cls;
+    a->owner[p] = pool;
+    return p;
+}
+
+/* cudaMalloc of a block of class `cls` during a capture: the thread's capture mode is Relaxed for the call. */
+static cudaError_t capture_malloc(void **p, size_t cls) {
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaError_t e = cudaThreadExchangeStreamCaptureMode(&mode);
+    if (e != cudaSuccess) return e;
+    e = cudaMalloc(p, cls);
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    return e;
+}
+
 int pea_mem_alloc(pea_cuda_context *ctx, const char *op, size_t bytes, void **out) {
     pea_allocator *a = ctx->alloc;
     const size_t cls = size_class(bytes);
     std::lock_guard<std::mutex> lock(a->mutex);
     void *p = NULL;
     auto it = a->free_lists.find(cls);
-    if (it != a->free_lists.end() && !it->second.empty()) {
+    if (a->capturing) {
+        p = capture_block(a, cls);
+    } else if (it != a->free_lists.end() && !it->second.empty()) {
         p = it->second.back();
         it->second.pop_back();
         a->cached -= cls;
-    } else {
-        cudaError_t e = cudaMalloc(&p, cls);
-        if (e == cudaErrorMemoryAllocation) { /* give the cache back to the driver and try once more */
+    }
+    if (!p) {
+        cudaError_t e = a->capturing ? capture_malloc(&p, cls) : cudaMalloc(&p, cls);
+        if (e == cudaErrorMemoryAllocation && !a->capturing) { /* give the cache back to the driver, try again */
             cudaGetLastError();
             release_cached(ctx);
             e = cudaMalloc(&p, cls);
@@ -120,9 +173,11 @@ int pea_mem_alloc(pea_cuda_context *ctx, const char *op, size_t bytes, void **ou
         if (e != cudaSuccess) {
             cudaGetLastError();
             int code = e == cudaErrorMemoryAllocation ? PEA_CUDA_ERROR_OUT_OF_MEMORY : PEA_CUDA_ERROR_KERNEL;
-            return pea_fail(ctx, code, op, "cudaMalloc of %zu bytes (%zu requested; %zu in use): %s (%s)", cls,
-                            bytes, a->in_use, cudaGetErrorName(e), cudaGetErrorString(e));
+            return pea_fail(ctx, code, op, "cudaMalloc of %zu bytes (%zu requested; %zu in use%s): %s (%s)", cls,
+                            bytes, a->in_use, a->capturing ? "; during CUDA graph capture" : "", cudaGetErrorName(e),
+                            cudaGetErrorString(e));
         }
+        if (a->capturing) a->owner[p] = a->capturing;
         a->device_allocations++;
     }
     a->live[p] = cls;
@@ -142,9 +197,48 @@ int pea_mem_free(pea_cuda_context *ctx, const char *op, void *ptr) {
     const size_t cls = it->second;
     a->live.erase(it);
     a->in_use -= cls;
+    auto owned = a->owner.find(ptr);
+    pea_graph_pool *pool = owned != a->owner.end() ? owned->second : NULL;
+    if (!pool && a->capturing) { /* allocated before the capture, freed in it: the graph may read it */
+        pool = a->capturing;
+        a->owner[ptr] = pool;
+    } else if (pool && pool == a->capturing) {
+        pool->reusable[cls].push_back(ptr);
+    }
+    if (pool) {
+        pool->held[ptr] = cls;
+        return PEA_CUDA_OK;
+    }
     a->free_lists[cls].push_back(ptr);
     a->cached += cls;
     return PEA_CUDA_OK;
+}
+
+pea_graph_pool *pea_allocator_capture_begin(pea_cuda_context *ctx) {
+    pea_allocator *a = ctx->alloc;
+    std::lock_guard<std::mutex> lock(a->mutex);
+    a->capturing = new pea_graph_pool();
+    return a->capturing;
+}
+
+void pea_allocator_capture_end(pea_cuda_context *ctx) {
+    pea_allocator *a = ctx->alloc;
+    std::lock_guard<std::mutex> lock(a->mutex);
+    if (a->capturing) a->capturing->reusable.clear(); /* later frees are only held */
+    a->capturing = NULL;
+}
+
+void pea_allocator_pool_release(pea_cuda_context *ctx, pea_graph_pool *pool) {
+    if (!pool) return;
+    pea_allocator *a = ctx->alloc;
+    std::lock_guard<std::mutex> lock(a->mutex);
+    if (a->capturing == pool) a->capturing = NULL;
+    for (auto &kv : pool->held) {
+        a->free_lists[kv.second].push_back(kv.first);
+        a->cached += kv.second;
+    }
+    for (auto it = a->owner.begin(); it != a->owner.end();) it = it->second == pool ? a->owner.erase(it) : std::next(it);
+    delete pool;
 }
 
 extern "C" int pea_cuda_alloc(pea_cuda_context *ctx, size_t bytes, void **out) {
@@ -161,6 +255,7 @@ extern "C" int pea_cuda_free(pea_cuda_context *ctx, void *ptr) {
 
 extern "C" int pea_cuda_release_cache(pea_cuda_context *ctx) {
     PEA_BEGIN(ctx, "release_cache");
+    PEA_REQUIRE(ctx, "release_cache", !ctx->capture, "during CUDA graph capture");
     std::lock_guard<std::mutex> lock(ctx->alloc->mutex);
     release_cached(ctx);
     return PEA_CUDA_OK;
@@ -197,6 +292,9 @@ extern "C" int pea_cuda_upload(pea_cuda_context *ctx, void *dst, const void *src
     PEA_OP(ctx, op);
     if (bytes == 0) return PEA_CUDA_OK;
     PEA_REQUIRE(ctx, op, dst && src, "NULL pointer (dst %p, src %p) for %zu bytes", dst, src, bytes);
+    PEA_REQUIRE(ctx, op, !ctx->capture,
+                "%zu bytes from the host during CUDA graph capture: a graph cannot capture host data (upload "
+                "before pea_cuda_graph_begin, into a tensor the graph reads)", bytes);
     std::lock_guard<std::mutex> lock(ctx->stager->mutex);
     if (!stager_ready(ctx)) {
         PEA_TRY(pea_check_cuda(ctx, op, cudaStreamSynchronize(ctx->stream), "cudaStreamSynchronize"));
@@ -236,6 +334,7 @@ extern "C" int pea_cuda_upload(pea_cuda_context *ctx, void *dst, const void *src
 extern "C" int pea_cuda_download(pea_cuda_context *ctx, void *dst, const void *src, size_t bytes) {
     static const char *op = "download";
     PEA_OP(ctx, op);
+    PEA_REQUIRE(ctx, op, !ctx->capture, "during CUDA graph capture: a capture cannot wait for the device");
     if (bytes > 0) {
         PEA_REQUIRE(ctx, op, dst && src, "NULL pointer (dst %p, src %p) for %zu bytes", dst, src, bytes);
         PEA_TRY(pea_check_cuda(ctx, op, cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, ctx->stream),

@@ -34,6 +34,8 @@ int pea_fail(pea_cuda_context *ctx, int code, const char *op, const char *fmt, .
     va_start(ap, fmt);
     vformat(ctx->message, sizeof ctx->message, op, fmt, ap);
     va_end(ap);
+    if (ctx->capture && !ctx->capture_failure[0]) /* the reason pea_cuda_graph_end will give */
+        snprintf(ctx->capture_failure, sizeof ctx->capture_failure, "%s", ctx->message);
     return code;
 }
 
@@ -101,6 +103,7 @@ static int create_message(char *message, size_t size, int code, const char *fmt,
 extern "C" void pea_cuda_destroy(pea_cuda_context *ctx) {
     if (!ctx) return;
     cudaSetDevice(ctx->device);
+    pea_graphs_destroy(ctx); /* before the allocator: their blocks go back to it */
     if (ctx->stream) cudaStreamSynchronize(ctx->stream);
     pea_allocator_destroy(ctx); /* frees the workspaces too: they came from the allocator */
     for (int i = 0; i < PEA_CUDA_TIMER_SLOTS; i++)
@@ -108,6 +111,7 @@ extern "C" void pea_cuda_destroy(pea_cuda_context *ctx) {
     if (ctx->d_error) cudaFree(ctx->d_error);
     if (ctx->h_error) cudaFreeHost(ctx->h_error);
     if (ctx->cublas) cublasDestroy(ctx->cublas);
+    if (ctx->cublas_workspace) cudaFree(ctx->cublas_workspace);
     pea_lt_plans_destroy(ctx);
     pea_profile_destroy(ctx);
     pea_nccl_destroy(ctx);
@@ -188,6 +192,16 @@ extern "C" int pea_cuda_create(int device, pea_cuda_context **out, char *message
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetStream(ctx->cublas, ctx->stream);
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetPointerMode(ctx->cublas, CUBLAS_POINTER_MODE_HOST);
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetMathMode(ctx->cublas, CUBLAS_DEFAULT_MATH);
+    /* cuBLAS's workspace, ours (the size cuBLAS would pick: 32 MiB on Hopper, else 4 MiB; at most 1/256 of a small
+     * device's memory), so that a GEMM in a CUDA graph capture allocates nothing, and eager and captured GEMMs run
+     * the same algorithms */
+    size_t cublas_workspace_bytes = (size_t)(prop.major >= 9 ? 32 : 4) << 20;
+    if (cublas_workspace_bytes > prop.totalGlobalMem / 256) cublas_workspace_bytes = (prop.totalGlobalMem / 256) & ~(size_t)255;
+    if (s == CUBLAS_STATUS_SUCCESS && cudaMalloc(&ctx->cublas_workspace, cublas_workspace_bytes) != cudaSuccess) {
+        cudaGetLastError();
+        s = CUBLAS_STATUS_ALLOC_FAILED;
+    }
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetWorkspace(ctx->cublas, ctx->cublas_workspace, cublas_workspace_bytes);
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtCreate(&ctx->cublaslt);
     if (s != CUBLAS_STATUS_SUCCESS) {
         create_message(message, message_size, PEA_CUDA_ERROR_KERNEL, "create: cuBLAS: %s (%s)",
@@ -225,6 +239,7 @@ extern "C" int pea_cuda_set_tf32(pea_cuda_context *ctx, int enabled) {
 
 extern "C" int pea_cuda_synchronize(pea_cuda_context *ctx) {
     PEA_BEGIN(ctx, "synchronize");
+    PEA_REQUIRE(ctx, "synchronize", !ctx->capture, "during CUDA graph capture: a capture cannot wait for the device");
     cudaError_t e = cudaStreamSynchronize(ctx->stream);
     if (e != cudaSuccess) {
         cudaGetLastError();

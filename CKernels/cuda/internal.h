@@ -34,6 +34,7 @@
 /* The context                                                                                           */
 
 struct pea_allocator; /* allocator.cu: the caching allocator */
+struct pea_graph_pool; /* allocator.cu: the blocks a CUDA graph owns */
 struct pea_stager;    /* allocator.cu: pinned staging buffers for uploads */
 
 /* Written by the first device thread that finds bad data (today: an embedding id out of range); read and
@@ -107,6 +108,12 @@ struct pea_cuda_context {
     int clock_khz; /* 0 until pea_cuda_spin first asks */
 
     pea_profile *profile; /* the profile's events and totals, from the first pea_cuda_profile_start on */
+
+    /* CUDA graphs (graph.cu) */
+    void *cublas_workspace;    /* cublasSetWorkspace's (cuBLAS must not allocate inside a capture), set at create */
+    pea_cuda_graph *capture;   /* the graph being captured (pea_cuda_graph_begin … _end), else NULL */
+    pea_cuda_graph *graphs;    /* the live graphs, a list through pea_cuda_graph::next (destroyed with the context) */
+    char capture_failure[1024]; /* the first op failure during the capture: why pea_cuda_graph_end fails */
 
     struct pea_nccl *nccl; /* NCCL's functions and communicator (collective.cu), from the first pea_cuda_nccl_* call on */
 };
@@ -243,6 +250,13 @@ int pea_residual_prefill(pea_cuda_context *ctx, const char *op, int dtype, void 
 
 /* The allocator's internal entry points (allocator.cu), for buffers the library owns (the workspace). */
 int pea_mem_alloc(pea_cuda_context *ctx, const char *op, size_t bytes, void **out);
+/* From now on allocations come from (and frees go to) a new graph pool, until pea_allocator_capture_end. */
+pea_graph_pool *pea_allocator_capture_begin(pea_cuda_context *ctx);
+void pea_allocator_capture_end(pea_cuda_context *ctx);
+/* The graph is gone: its free blocks go back to the cache, its live ones are disowned. */
+void pea_allocator_pool_release(pea_cuda_context *ctx, pea_graph_pool *pool);
+/* Destroys every graph of the context (pea_cuda_destroy, before the allocator goes). */
+void pea_graphs_destroy(pea_cuda_context *ctx);
 int pea_mem_free(pea_cuda_context *ctx, const char *op, void *ptr);
 int pea_allocator_create(pea_cuda_context *ctx);
 void pea_allocator_destroy(pea_cuda_context *ctx);

@@ -76,7 +76,9 @@ void pea_profile_end(pea_cuda_context *ctx) {
     p->pending++;
 }
 
-pea_op_scope::pea_op_scope(pea_cuda_context *c, const char *op) : ctx(c->profile && c->profile->running ? c : nullptr) {
+/* Ops queued during a CUDA graph capture are not timed (their work runs at replays, timed as one call). */
+pea_op_scope::pea_op_scope(pea_cuda_context *c, const char *op)
+    : ctx(c->profile && c->profile->running && !c->capture ? c : nullptr) {
     if (ctx && ctx->profile->depth++ == 0) pea_profile_begin(ctx, op);
 }
 
@@ -126,6 +128,7 @@ extern "C" int pea_cuda_profile_start(pea_cuda_context *ctx) {
     }
     pea_profile *p = ctx->profile;
     PEA_REQUIRE(ctx, op, p->depth == 0, "called inside an op");
+    PEA_REQUIRE(ctx, op, !ctx->capture, "during CUDA graph capture (a capture cannot wait for the device)");
     profile_fold(p); /* a restart: the old pairs must be done before their events are reused */
     p->running = true;
     p->pending = 0;
@@ -142,6 +145,7 @@ extern "C" int pea_cuda_profile_stop(pea_cuda_context *ctx, pea_cuda_profile_ent
     PEA_BEGIN(ctx, op);
     pea_profile *p = ctx->profile;
     PEA_REQUIRE(ctx, op, p && p->running, "no profile is running (call pea_cuda_profile_start first)");
+    PEA_REQUIRE(ctx, op, !ctx->capture, "during CUDA graph capture (a capture cannot wait for the device)");
     PEA_REQUIRE(ctx, op, count && span_ms && capacity >= 0 && (entries || capacity == 0),
                 "count or span_ms is NULL, or entries is NULL with capacity %d", capacity);
     /* a recorded call always leaves a pair pending (the ring is folded when a call begins, not when it ends),

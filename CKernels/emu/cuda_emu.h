@@ -113,6 +113,7 @@ typedef enum cudaError {
     cudaErrorNoDevice = 100,
     cudaErrorInvalidDevice = 101,
     cudaErrorInvalidResourceHandle = 400,
+    cudaErrorIllegalState = 401,
     cudaErrorNotReady = 600,
     cudaErrorIllegalAddress = 700,
     cudaErrorLaunchOutOfResources = 701,
@@ -120,6 +121,10 @@ typedef enum cudaError {
     cudaErrorAssert = 710,
     cudaErrorLaunchFailure = 719,
     cudaErrorNotSupported = 801,
+    cudaErrorStreamCaptureUnsupported = 900,
+    cudaErrorStreamCaptureInvalidated = 901,
+    cudaErrorStreamCaptureUnmatched = 903,
+    cudaErrorCapturedEvent = 907,
     cudaErrorUnknown = 999
 } cudaError_t;
 
@@ -185,6 +190,21 @@ typedef cudaDataType_t cudaDataType;
 
 typedef struct CUstream_st *cudaStream_t;
 typedef struct CUevent_st *cudaEvent_t;
+typedef struct CUgraph_st *cudaGraph_t;          /* a captured sequence of work (cudaStreamEndCapture) */
+typedef struct CUgraphExec_st *cudaGraphExec_t;  /* its instantiation, launched with cudaGraphLaunch */
+
+/* Who may not make "potentially unsafe" calls (cudaMalloc, synchronous copies, …) while a capture runs:
+ * everyone (Global), the capturing thread (ThreadLocal), nobody (Relaxed). */
+typedef enum cudaStreamCaptureMode {
+    cudaStreamCaptureModeGlobal = 0,
+    cudaStreamCaptureModeThreadLocal = 1,
+    cudaStreamCaptureModeRelaxed = 2
+} cudaStreamCaptureMode;
+typedef enum cudaStreamCaptureStatus {
+    cudaStreamCaptureStatusNone = 0,
+    cudaStreamCaptureStatusActive = 1,
+    cudaStreamCaptureStatusInvalidated = 2
+} cudaStreamCaptureStatus;
 typedef void (*cudaHostFn_t)(void *userData);
 
 /* The emulated device. Only fields that CUDA 11.8 and 13.x both have. */
@@ -251,6 +271,18 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream);
 cudaError_t cudaStreamQuery(cudaStream_t stream);
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags);
 cudaError_t cudaLaunchHostFunc(cudaStream_t stream, cudaHostFn_t fn, void *userData);
+
+/* Stream capture and graphs: while a stream captures, its launches, async copies/memsets, host functions and
+ * cuBLAS calls are recorded (arguments by value) instead of run; a launched graph runs them in order. */
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t *graph);
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus *status);
+/* Swaps the calling thread's capture interaction mode (which unsafe calls it may make during a capture). */
+cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode *mode);
+cudaError_t cudaGraphInstantiateWithFlags(cudaGraphExec_t *exec, cudaGraph_t graph, unsigned long long flags);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
+cudaError_t cudaGraphDestroy(cudaGraph_t graph);
 
 cudaError_t cudaEventCreate(cudaEvent_t *event);
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *event, unsigned int flags);
@@ -827,6 +859,8 @@ struct Launch {
     cudaStream_t stream;
     void (*entry)(void *); /* runs the kernel body for the current fiber */
     void *ctx;
+    void *(*clone)(const void *ctx); /* a heap copy of ctx (the converted arguments), for a captured launch */
+    void (*release)(void *ctx);      /* frees a clone */
     const void *const *pointers; /* each argument that is a data pointer, else nullptr */
     int nargs;
 };
@@ -868,6 +902,8 @@ static inline void launch_kernel(const char *name, void (*kernel)(P...), dim3 gr
         std::apply(cl->kernel, cl->params);
     };
     l.ctx = &c;
+    l.clone = [](const void *p) -> void * { return new Closure(*static_cast<const Closure *>(p)); };
+    l.release = [](void *p) { delete static_cast<Closure *>(p); };
     const void *pointers[sizeof...(P) + 1] = {nullptr};
     data_pointers(c.params, pointers, std::index_sequence_for<P...>{});
     l.pointers = pointers;

@@ -102,6 +102,24 @@ int pea_cuda_profile_start(pea_cuda_context *ctx);
 int pea_cuda_profile_stop(pea_cuda_context *ctx, pea_cuda_profile_entry *entries, int capacity, int *count,
                           double *span_ms);
 
+/* --- CUDA graphs (the denoising loop: a UNet evaluation captured once, replayed every step) ----------------
+ * pea_cuda_graph_begin starts capturing the stream: the ops called until pea_cuda_graph_end are recorded with
+ * their arguments, not run (their outputs are allocated but not computed), and pea_cuda_graph_replay runs the
+ * recording again, reading whatever its input buffers hold then (copy new inputs into them first; per-step
+ * scalars must live in device memory, e.g. the timestep tensor). Memory: blocks allocated or freed during the
+ * capture belong to the graph until it is destroyed, so no other tensor gets them while replays write them;
+ * allocations during the capture must come from the cache (a capture cannot cudaMalloc): run the same work once
+ * without capture first. During a capture, upload, download, synchronize and release_cache fail, and a failed
+ * op fails the capture: pea_cuda_graph_end must still be called; it ends the capture and returns the first
+ * failure's message. The profile counts a replay as one "graph_replay" call. */
+typedef struct pea_cuda_graph pea_cuda_graph;
+int pea_cuda_graph_begin(pea_cuda_context *ctx);
+/* Ends the capture: *graph is the instantiated graph, or NULL on failure (nothing is kept). */
+int pea_cuda_graph_end(pea_cuda_context *ctx, pea_cuda_graph **graph);
+int pea_cuda_graph_replay(pea_cuda_context *ctx, pea_cuda_graph *graph);
+/* Frees the graph; its blocks go back to the cache (live ones when they are freed). NULL is a no-op. */
+int pea_cuda_graph_destroy(pea_cuda_context *ctx, pea_cuda_graph *graph);
+
 /* --- ops (each mirrors its ckernels.h counterpart) ----------------------------------------------------- */
 
 /* C[b] = alpha·op(A[b])·op(B[b]) + beta·C[b], row-major, as ck_sgemm_batched (stride 0 broadcasts; beta = 0
@@ -218,7 +236,8 @@ int pea_cuda_nccl_allreduce_sum_f32(pea_cuda_context *ctx, float *x, int64_t n);
     OPTIONAL(pea_cuda_device_info) OPTIONAL(pea_cuda_set_tf32) OPTIONAL(pea_cuda_release_cache)              \
     OPTIONAL(pea_cuda_memory_stats) OPTIONAL(pea_cuda_zero) OPTIONAL(pea_cuda_timer_record)                  \
     OPTIONAL(pea_cuda_timer_elapsed) OPTIONAL(pea_cuda_spin) OPTIONAL(pea_cuda_profile_start)                \
-    OPTIONAL(pea_cuda_profile_stop)                                                                          \
+    OPTIONAL(pea_cuda_profile_stop) OPTIONAL(pea_cuda_graph_begin) OPTIONAL(pea_cuda_graph_end)              \
+    OPTIONAL(pea_cuda_graph_replay) OPTIONAL(pea_cuda_graph_destroy)                                         \
     OPTIONAL(pea_cuda_gemm) OPTIONAL(pea_cuda_linear) OPTIONAL(pea_cuda_conv2d) OPTIONAL(pea_cuda_group_norm) \
     OPTIONAL(pea_cuda_layer_norm) OPTIONAL(pea_cuda_softmax) OPTIONAL(pea_cuda_attention)                    \
     OPTIONAL(pea_cuda_activation) OPTIONAL(pea_cuda_geglu) OPTIONAL(pea_cuda_affine) OPTIONAL(pea_cuda_binary) \

@@ -48,10 +48,14 @@ struct BenchModelSettings {
 
 enum BenchUNetOptions {
     typealias B = BenchModelOptions
+    static let cudaGraphs = CommandOption.value(
+        "--cuda-graphs", "on|off", default: "off", .choices(["on", "off"]),
+        help: "CUDA backend: time replays of the evaluation captured as a CUDA graph (the warm-up captures it), as pea "
+            + "generate runs each denoising step; --profile then shows one graph_replay call")
     static let spec = CommandSpec(
         name: "bench unet",
         usage: ["pea bench unet --config FILE [--latent HxW] [--batch B] [--context-length T] [--repeats R] [--json]",
-                "               [--profile] [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--threads T]"],
+                "               [--profile] [--cuda-graphs on|off] [--backend auto|cpu|cuda] [--precision fp32|fp16|bf16] [--threads T]"],
         description: """
             Builds the UNet a diffusers config.json describes, with random weights (speed does not depend on the values),
             and times full evaluations on random inputs: one warm-up, then R timed runs (default 3). Prints the best and
@@ -64,7 +68,7 @@ enum BenchUNetOptions {
             GPU time per op (calls, total, share, mean) and the GPU's idle time waiting for the host; with --json, the
             keys profile (a list of {op, calls, ms}), profile_span_ms and profile_device_allocations.
             """,
-        groups: [.init("Options", [B.config, B.latent, B.batch, B.contextLength, B.repeats, B.json, profileOption]
+        groups: [.init("Options", [B.config, B.latent, B.batch, B.contextLength, B.repeats, B.json, profileOption, cudaGraphs]
                                   + BackendOptions.inference)])
 }
 
@@ -93,16 +97,25 @@ func runBenchUNet(_ arguments: [String]) throws {
         inputs.timeIds = try randomTensor([batch, 6])
     }
     if let dim = config.timeCondProjDim { inputs.timestepCondition = try randomTensor([batch, dim]) }
+    let model: any DenoisingModel
+    if try options.string(BenchUNetOptions.cudaGraphs) == "on" {
+        guard let cuda = backend as? CUDABackend else {
+            throw PEAError.usage("\(options.command): --cuda-graphs on needs the CUDA backend")
+        }
+        model = CUDAGraphedDenoiser(unet, backend: cuda)
+    } else {
+        model = unet
+    }
 
     var times: [Double] = [], faults = 0
     for run in 0...repeats {
         let start = monotonicSeconds(), faultsBefore = pageFaults()
-        _ = try backend.download(unet(inputs))
+        _ = try backend.download(model(inputs))
         if run > 0 { times.append((monotonicSeconds() - start) * 1000); faults += pageFaults() - faultsBefore }
     }
     times.sort()
     let best = times[0], median = times[times.count / 2], faultsPerRun = faults / repeats
-    let profile = try settings.profiler?.profiled { _ = try backend.download(unet(inputs)) }.profile
+    let profile = try settings.profiler?.profiled { _ = try backend.download(model(inputs)) }.profile
     let peak = peakResidentMegabytes()
     let threads = Int(ck_get_num_threads())
     var peakDevice: Double?

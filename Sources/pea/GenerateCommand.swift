@@ -62,6 +62,11 @@ enum GenerateOptions {
     static let vaeTiling = CommandOption.flag(
         "--vae-tiling", help: "decode the image in overlapping tiles with blended seams (diffusers' enable_vae_tiling): "
             + "memory of one tile however large the image; the image differs slightly from an untiled decode")
+    static let cudaGraphs = CommandOption.value(
+        "--cuda-graphs", "on|off", default: "on", .choices(["on", "off"]),
+        help: "CUDA backend: replay each denoising step's UNet evaluation as a CUDA graph captured once per image size "
+            + "and batch (one graph launch per step instead of hundreds of op launches; the same images); off queues every "
+            + "op one by one. The CPU backend ignores it")
     static let textEncoder = CommandOption.value(
         "--text-encoder", "DIR",
         help: "PEA: a language-specific text encoder folder (Chinese-CLIP or multilingual CLIP XLM-R, transformers "
@@ -167,7 +172,8 @@ enum GenerateOptions {
             tensors, the configs the family's defaults or --config DIR's, the tokenizer --tokenizer DIR's or --config DIR's.
             """,
         groups: [.init("Options", [model, prompt, prompts, negativePrompt, steps, guidance, scheduler, seed, width, height,
-                                   batch, clipSkip, output, initImage, strength, mask, maskBlur, variant, vaeTiling, textEncoder, adapter,
+                                   batch, clipSkip, output, initImage, strength, mask, maskBlur, variant, vaeTiling, cudaGraphs,
+                                   textEncoder, adapter,
                                    maxLength, config, tokenizer, predictionType, vae, lora, controlnet, controlImage,
                                    controlScale, controlStart, controlEnd]
                     + BackendOptions.inference),
@@ -339,6 +345,7 @@ struct ModelChoice {
                                                scheduler: pipeline.scheduler, schedulerConfig: pipeline.schedulerConfig, backend: backend)
         }
         pipeline.vaeTiling = options.has(O.vaeTiling)
+        pipeline.cudaGraphs = try options.string(O.cudaGraphs) == "on"
         return pipeline
     }
 

@@ -54,7 +54,7 @@ enum ServeOptions {
             the URL on stdout.
             """,
         groups: [.init("Options", [model, GenerateOptions.textEncoder, GenerateOptions.adapter, GenerateOptions.maxLength,
-                                   GenerateOptions.variant, GenerateOptions.vaeTiling, GenerateOptions.config,
+                                   GenerateOptions.variant, GenerateOptions.vaeTiling, GenerateOptions.cudaGraphs, GenerateOptions.config,
                                    GenerateOptions.tokenizer, GenerateOptions.predictionType, GenerateOptions.vae,
                                    GenerateOptions.lora, controlnet, host, port, maxBatch, maxQueue, batchWait, apiKey, maxSize, maxSteps, requestTimeout]
                        + BackendOptions.inference)],
@@ -149,6 +149,7 @@ func runServe(_ arguments: [String]) throws {
                                                        conditioner: conditioner, scheduler: english.scheduler,
                                                        schedulerConfig: english.schedulerConfig, backend: english.backend)
         pipelines["adapter"]!.vaeTiling = english.vaeTiling
+        pipelines["adapter"]!.cudaGraphs = english.cudaGraphs
     }
     let model = GenerationServer.Model(pipelines: pipelines, defaultChoice: choice.pea == nil ? "english" : "adapter",
                                        folder: choice.folder, backendName: selection.backend.name,

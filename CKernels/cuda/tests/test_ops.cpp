@@ -1593,6 +1593,185 @@ static void test_sd_like() {
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
+/* CUDA graphs                                                                                           */
+
+/* One "evaluation" for the graph tests: y = gemm(silu(group_norm(linear(x))), w2ᵀ) with temporaries allocated
+ * and freed inside, as a model's forward does; the temporaries' pointers are appended to `blocks`. */
+struct GraphModel {
+    int64_t rows = 24, in = 40, hidden = 64, out = 24;
+    Dev w1 = up(rvec(hidden * in, 0.2f), CK_F32), b1 = up(rvec(hidden), CK_F32),
+        gamma = up(rvec(hidden, 0.5f, 1.0f), CK_F32), beta = up(rvec(hidden), CK_F32),
+        w2 = up(rvec(out * hidden, 0.2f), CK_F32);
+};
+static void graph_step(const GraphModel &m, const void *x, void *y, std::vector<void *> *blocks) {
+    const int t = CK_F32;
+    Dev h((size_t)m.rows * m.hidden * 4), n((size_t)m.rows * m.hidden * 4);
+    if (blocks) blocks->insert(blocks->end(), {h.p, n.p});
+    OK(L.pea_cuda_linear(g_ctx, t, x, m.w1.p, m.b1.p, h.p, m.rows, m.in, m.hidden));
+    OK(L.pea_cuda_group_norm(g_ctx, t, h.p, m.gamma.p, m.beta.p, n.p, m.rows, m.hidden, 1, 8, 1e-5f, 0));
+    OK(L.pea_cuda_activation(g_ctx, t, CK_ACT_SILU, n.p, h.p, m.rows * m.hidden));
+    OK(L.pea_cuda_gemm(g_ctx, t, 0, 1, m.rows, m.out, m.hidden, 1.0f, h.p, m.hidden, 0, m.w2.p, m.hidden, 0, 0.0f, y,
+                       m.out, 0, 1));
+}
+
+static void test_graphs() {
+    g_phase = "graphs";
+    const GraphModel m;
+    const size_t xn = (size_t)m.rows * m.in, yn = (size_t)m.rows * m.out;
+    const std::vector<float> x1 = rvec(xn), x2 = rvec(xn, 3.0f);
+
+    /* eager: a warm-up that fills the cache, and the references */
+    Dev gx = up(x1, CK_F32), ex(xn * 4), ey(yn * 4);
+    graph_step(m, gx.p, ey.p, nullptr);
+    const std::vector<float> ref1 = down(ey.p, yn, CK_F32);
+    OK(L.pea_cuda_upload(g_ctx, ex.p, x2.data(), xn * 4));
+    graph_step(m, ex.p, ey.p, nullptr);
+    const std::vector<float> ref2 = down(ey.p, yn, CK_F32);
+
+    /* capture: the input buffer is the graph's (made before), the output is allocated inside */
+    uint64_t allocs0 = 0;
+    OK(L.pea_cuda_memory_stats(g_ctx, nullptr, nullptr, &allocs0));
+    std::vector<void *> captured;
+    void *gy = nullptr;
+    pea_cuda_graph *graph = nullptr;
+    OK(L.pea_cuda_graph_begin(g_ctx));
+    OK(L.pea_cuda_alloc(g_ctx, yn * 4, &gy));
+    graph_step(m, gx.p, gy, &captured);
+    void *fresh = nullptr; /* a size no test allocated before: the capture reaches cudaMalloc (in Relaxed mode) */
+    OK(L.pea_cuda_alloc(g_ctx, ((size_t)37 << 20) + 1, &fresh));
+    OK(L.pea_cuda_zero(g_ctx, fresh, 4096));
+    OK(L.pea_cuda_free(g_ctx, fresh));
+    OK(L.pea_cuda_graph_end(g_ctx, &graph));
+    CHECK(graph != nullptr, "a graph");
+    captured.insert(captured.end(), {gy, fresh});
+    uint64_t allocs1 = 0;
+    OK(L.pea_cuda_memory_stats(g_ctx, nullptr, nullptr, &allocs1));
+    CHECK(allocs1 > allocs0, "the capture's cache miss reached cudaMalloc (%llu calls before, %llu after)",
+          (unsigned long long)allocs0, (unsigned long long)allocs1);
+
+    /* a replay computes what the eager run did, bit for bit; after new input values, the new result */
+    OK(L.pea_cuda_graph_replay(g_ctx, graph));
+    std::vector<float> got = down(gy, yn, CK_F32);
+    same_bytes("graph replay = eager (input 1)", got.data(), ref1.data(), yn * 4);
+    OK(L.pea_cuda_upload(g_ctx, gx.p, x2.data(), xn * 4));
+    size_t in_use0 = 0, in_use1 = 0;
+    OK(L.pea_cuda_memory_stats(g_ctx, &in_use0, nullptr, nullptr));
+    for (int i = 0; i < 3; i++) OK(L.pea_cuda_graph_replay(g_ctx, graph));
+    got = down(gy, yn, CK_F32);
+    same_bytes("graph replay = eager (input 2, third replay)", got.data(), ref2.data(), yn * 4);
+    OK(L.pea_cuda_memory_stats(g_ctx, &in_use1, nullptr, nullptr));
+    CHECK(in_use1 == in_use0, "replays allocate nothing: %zu bytes in use before, %zu after", in_use0, in_use1);
+
+    /* the graph's blocks go to no other tensor while it lives: the same sizes allocated now get other blocks */
+    std::vector<void *> later;
+    for (int i = 0; i < 3; i++) {
+        for (size_t bytes : {(size_t)m.rows * m.hidden * 4, yn * 4}) {
+            void *p = nullptr;
+            OK(L.pea_cuda_alloc(g_ctx, bytes, &p));
+            later.push_back(p);
+        }
+    }
+    bool disjoint = true;
+    for (void *p : later)
+        for (void *q : captured) disjoint = disjoint && p != q;
+    CHECK(disjoint, "a block of the graph was handed to another tensor while the graph lives");
+    for (void *p : later) OK(L.pea_cuda_free(g_ctx, p));
+    OK(L.pea_cuda_free(g_ctx, gy)); /* the graph's output block stays the graph's */
+    /* the profile counts a replay as one call of its own */
+    std::vector<pea_cuda_profile_entry> entries(64);
+    int count = 0;
+    double span = 0;
+    OK(L.pea_cuda_profile_start(g_ctx));
+    OK(L.pea_cuda_graph_replay(g_ctx, graph));
+    OK(L.pea_cuda_profile_stop(g_ctx, entries.data(), (int)entries.size(), &count, &span));
+    const pea_cuda_profile_entry *replays = find_op(entries, count, "graph_replay");
+    CHECK(count == 1 && replays && replays->calls == 1, "profile of one replay: %d ops, graph_replay %s", count,
+          replays ? "counted" : "missing");
+    say("  ok   graph: captured from the cache, replays bit-exact on new inputs, its blocks kept from others");
+
+    /* destroyed: its blocks are the cache's again (the same sizes come back without cudaMalloc) */
+    OK(L.pea_cuda_graph_destroy(g_ctx, graph));
+    uint64_t allocs2 = 0, allocs3 = 0;
+    OK(L.pea_cuda_memory_stats(g_ctx, nullptr, nullptr, &allocs2));
+    std::vector<void *> again;
+    bool reused = false;
+    for (int i = 0; i < 2; i++) {
+        void *p = nullptr;
+        OK(L.pea_cuda_alloc(g_ctx, (size_t)m.rows * m.hidden * 4, &p));
+        again.push_back(p);
+        for (void *q : captured) reused = reused || p == q;
+    }
+    OK(L.pea_cuda_memory_stats(g_ctx, nullptr, nullptr, &allocs3));
+    CHECK(reused && allocs3 == allocs2, "after destroy the graph's blocks serve new allocations (reused %d, %llu → %llu)",
+          (int)reused, (unsigned long long)allocs2, (unsigned long long)allocs3);
+    for (void *p : again) OK(L.pea_cuda_free(g_ctx, p));
+    expect_error("replay of a destroyed graph", L.pea_cuda_graph_replay(g_ctx, graph), PEA_CUDA_ERROR_INVALID,
+                 "graph_replay");
+
+    /* conv2d's workspace grown inside a capture (a larger im2col than any before): the graph keeps the old block,
+     * the context the new one, which eager convolutions then share with the graph's replays (scratch, in stream
+     * order); replays stay right around an eager convolution */
+    {
+        const ck_conv2d_params p = {1, 64, 64, 64, 8, 3, 3, 1, 1, 1, 1, 1, 1};
+        const int64_t yn_conv = p.B * p.Cout * ck_conv2d_out_h(&p) * ck_conv2d_out_w(&p);
+        std::vector<float> x = rvec(p.B * p.Cin * p.H * p.W), x2 = rvec(x.size()), w = rvec(p.Cout * p.Cin * 9, 0.1f),
+                           ref(yn_conv), ref2(yn_conv), ws(ck_conv2d_workspace_floats(&p));
+        ck_conv2d_f32(&p, x.data(), w.data(), CK_F32, nullptr, ref.data(), ws.data());
+        ck_conv2d_f32(&p, x2.data(), w.data(), CK_F32, nullptr, ref2.data(), ws.data());
+        Dev dx = up(x, CK_F32), dx2 = up(x2, CK_F32), dw = up(w, CK_F32), dy(yn_conv * 4), dy2(yn_conv * 4);
+        pea_cuda_graph *conv = nullptr;
+        OK(L.pea_cuda_graph_begin(g_ctx));
+        OK(L.pea_cuda_conv2d(g_ctx, CK_F32, &p, dx.p, dw.p, nullptr, dy.p));
+        OK(L.pea_cuda_graph_end(g_ctx, &conv));
+        OK(L.pea_cuda_graph_replay(g_ctx, conv));
+        compare("conv2d replayed, workspace grown in the capture", down(dy.p, yn_conv, CK_F32), ref, tol_for(CK_F32));
+        OK(L.pea_cuda_conv2d(g_ctx, CK_F32, &p, dx2.p, dw.p, nullptr, dy2.p));
+        OK(L.pea_cuda_zero(g_ctx, dy.p, yn_conv * 4));
+        OK(L.pea_cuda_graph_replay(g_ctx, conv));
+        compare("conv2d eager after the capture", down(dy2.p, yn_conv, CK_F32), ref2, tol_for(CK_F32));
+        compare("conv2d replayed after an eager conv2d", down(dy.p, yn_conv, CK_F32), ref, tol_for(CK_F32));
+        OK(L.pea_cuda_graph_destroy(g_ctx, conv));
+    }
+
+    /* what a capture cannot do fails the op, and then the capture, naming the op */
+    struct Refused {
+        const char *what, *op;
+        int (*call)(void *dev);
+    } refused[] = {
+        {"upload during capture", "upload", [](void *d) { float v = 1; return L.pea_cuda_upload(g_ctx, d, &v, 4); }},
+        {"download during capture", "download", [](void *d) { float v; return L.pea_cuda_download(g_ctx, &v, d, 4); }},
+        {"synchronize during capture", "synchronize", [](void *) { return L.pea_cuda_synchronize(g_ctx); }},
+        {"profile_start during capture", "profile_start", [](void *) { return L.pea_cuda_profile_start(g_ctx); }},
+        {"release_cache during capture", "release_cache", [](void *) { return L.pea_cuda_release_cache(g_ctx); }},
+    };
+    for (const Refused &r : refused) {
+        OK(L.pea_cuda_graph_begin(g_ctx));
+        int rc = r.call(gx.p);
+        CHECK(rc != PEA_CUDA_OK && strstr(L.pea_cuda_last_error(g_ctx), "capture"), "%s: rc %d, \"%s\"", r.what, rc,
+              L.pea_cuda_last_error(g_ctx));
+        pea_cuda_graph *none = (pea_cuda_graph *)&rc;
+        expect_error(fmt("%s fails the capture", r.what), L.pea_cuda_graph_end(g_ctx, &none), PEA_CUDA_ERROR_KERNEL,
+                     "graph_end");
+        CHECK(none == nullptr && strstr(L.pea_cuda_last_error(g_ctx), r.op), "graph_end names %s: \"%s\"", r.op,
+              L.pea_cuda_last_error(g_ctx));
+    }
+    expect_error("graph_end without a capture", L.pea_cuda_graph_end(g_ctx, &graph), PEA_CUDA_ERROR_INVALID,
+                 "graph_end");
+    OK(L.pea_cuda_graph_begin(g_ctx));
+    expect_error("graph_begin twice", L.pea_cuda_graph_begin(g_ctx), PEA_CUDA_ERROR_INVALID, "graph_begin");
+    expect_error("... fails that capture", L.pea_cuda_graph_end(g_ctx, &graph), PEA_CUDA_ERROR_KERNEL, "graph_end");
+    OK(L.pea_cuda_graph_begin(g_ctx));
+    OK(L.pea_cuda_graph_end(g_ctx, &graph)); /* an empty graph */
+    OK(L.pea_cuda_graph_replay(g_ctx, graph));
+    OK(L.pea_cuda_graph_destroy(g_ctx, graph));
+    OK(L.pea_cuda_graph_destroy(g_ctx, nullptr));
+    /* the eager path still works after all that */
+    graph_step(m, gx.p, ey.p, nullptr);
+    got = down(ey.p, yn, CK_F32);
+    same_bytes("eager after the failed captures", got.data(), ref2.data(), yn * 4);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
 /* Backward ops (training through the frozen UNet): each against its ck_*_backward_f32 reference          */
 
 static void test_backward_elementwise() {
@@ -1948,6 +2127,7 @@ int main(int argc, char **argv) {
         {"norms", test_norms},
         {"attention", [] { test_attention(false); }},
         {"sd-like shapes", test_sd_like},
+        {"graphs", test_graphs},
         {"backward elementwise", test_backward_elementwise},
         {"backward norms", test_backward_norms},
         {"backward conv2d", test_backward_conv2d},

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstdio>
 #include <mutex>
 #include <set>
 #include <vector>
@@ -31,6 +32,7 @@ struct cublasContext {
     cudaStream_t stream;
     cublasMath_t math;
     cublasPointerMode_t pointer_mode;
+    void *workspace; /* cublasSetWorkspace's; stream capture needs one (cuBLAS must not allocate while capturing) */
 };
 
 namespace {
@@ -183,6 +185,25 @@ int combination(cublasHandle_t h, cudaDataType at, cudaDataType bt, cudaDataType
     }
 }
 
+using pea_emu::CAPTURE_NONE;
+using pea_emu::CAPTURE_RECORDED;
+using pea_emu::CAPTURE_REFUSED;
+
+/* A GEMM queued on `stream`: recorded instead of run while the stream captures. cuBLAS needs a workspace
+ * of the caller's (cublasSetWorkspace) to be captured: without one it would allocate during capture, which a
+ * GPU refuses, so the call is refused here (CAPTURE_REFUSED). cublasLtMatmul takes its workspace as an
+ * argument and never allocates. */
+pea_emu::CaptureResult captured(cudaStream_t stream, bool has_workspace, const char *what, pea_emu::CapturedOp op) {
+    if (!pea_emu::rt_stream_capturing(stream)) return CAPTURE_NONE;
+    if (!has_workspace) {
+        if (!pea_emu::rt_quiet())
+            fprintf(stderr, "pea-emu: %s during stream capture without a workspace (set one with "
+                            "cublasSetWorkspace before capturing) [CUBLAS_STATUS_NOT_SUPPORTED]\n", what);
+        return CAPTURE_REFUSED;
+    }
+    return pea_emu::rt_capture(stream, what, std::move(op));
+}
+
 cublasStatus_t gemm_batched(cublasHandle_t h, int ta, int tb, int m, int n, int k, const void *alpha, const void *A,
                             cudaDataType at, int lda, long long sA, const void *B, cudaDataType bt, int ldb,
                             long long sB, const void *beta, void *C, cudaDataType ct, int ldc, long long sC,
@@ -198,8 +219,6 @@ cublasStatus_t gemm_batched(cublasHandle_t h, int ta, int tb, int m, int n, int 
     g.m = m;
     g.n = n;
     g.k = k;
-    g.alpha = *(const float *)alpha;
-    g.beta = *(const float *)beta;
     g.at = at;
     g.bt = bt;
     g.ct = ct;
@@ -207,18 +226,32 @@ cublasStatus_t gemm_batched(cublasHandle_t h, int ta, int tb, int m, int n, int 
     g.ldb = ldb;
     g.ldc = ldc;
     g.round = round;
-    for (int b = 0; b < batch; b++) {
-        if (Aarr) {
-            g.A = Aarr[b];
-            g.B = Barr[b];
-            g.C = Carr[b];
-        } else {
-            g.A = (const char *)A + b * sA * (long long)elem_size(at);
-            g.B = (const char *)B + b * sB * (long long)elem_size(bt);
-            g.C = (char *)C + b * sC * (long long)elem_size(ct);
+    /* Host-mode scalars are read now (as cuBLAS does), device-mode ones when the GEMM runs. */
+    const bool device_scalars = h->pointer_mode == CUBLAS_POINTER_MODE_DEVICE;
+    const float alpha_now = *(const float *)alpha, beta_now = *(const float *)beta;
+    auto run = [=](cudaStream_t) mutable {
+        g.alpha = device_scalars ? *(const float *)alpha : alpha_now;
+        g.beta = device_scalars ? *(const float *)beta : beta_now;
+        for (int b = 0; b < batch; b++) {
+            if (Aarr) {
+                g.A = Aarr[b];
+                g.B = Barr[b];
+                g.C = Carr[b];
+            } else {
+                g.A = (const char *)A + b * sA * (long long)elem_size(at);
+                g.B = (const char *)B + b * sB * (long long)elem_size(bt);
+                g.C = (char *)C + b * sC * (long long)elem_size(ct);
+            }
+            gemm_one(g);
         }
-        gemm_one(g);
+        return cudaSuccess;
+    };
+    switch (captured(h->stream, h->workspace != nullptr, "cuBLAS GEMM", run)) {
+    case CAPTURE_REFUSED: return CUBLAS_STATUS_NOT_SUPPORTED;
+    case CAPTURE_RECORDED: return CUBLAS_STATUS_SUCCESS;
+    case CAPTURE_NONE: break;
     }
+    run(h->stream);
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -228,7 +261,7 @@ extern "C" {
 
 cublasStatus_t cublasCreate(cublasHandle_t *handle) {
     if (!handle) return CUBLAS_STATUS_INVALID_VALUE;
-    *handle = new cublasContext{nullptr, CUBLAS_DEFAULT_MATH, CUBLAS_POINTER_MODE_HOST};
+    *handle = new cublasContext{nullptr, CUBLAS_DEFAULT_MATH, CUBLAS_POINTER_MODE_HOST, nullptr};
     g_handles.add(*handle);
     return CUBLAS_STATUS_SUCCESS;
 }
@@ -290,9 +323,10 @@ cublasStatus_t cublasGetPointerMode(cublasHandle_t handle, cublasPointerMode_t *
 }
 
 cublasStatus_t cublasSetWorkspace(cublasHandle_t handle, void *workspace, size_t bytes) {
-    (void)workspace;
-    (void)bytes;
-    return g_handles.valid(handle) ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_NOT_INITIALIZED;
+    if (!g_handles.valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (workspace && (bytes == 0 || pea_emu::rt_kernel_pointer_problem(workspace))) return CUBLAS_STATUS_INVALID_VALUE;
+    handle->workspace = bytes ? workspace : nullptr;
+    return CUBLAS_STATUS_SUCCESS;
 }
 
 const char *cublasGetStatusName(cublasStatus_t s) {
@@ -605,7 +639,6 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc
                               size_t workspaceSizeInBytes, cudaStream_t stream) {
     (void)workspace;
     (void)workspaceSizeInBytes;
-    (void)stream;
     if (!g_lt_handles.valid(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (!alpha || !beta || !D) return CUBLAS_STATUS_INVALID_VALUE;
     Gemm g;
@@ -631,7 +664,16 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, cublasLtMatmulDesc_t desc
     g.C = D;
     g.Cin = g.beta != 0.0f ? C : nullptr;
     g.bias = desc->epilogue == CUBLASLT_EPILOGUE_BIAS ? desc->bias : nullptr;
-    gemm_one(g);
+    auto run = [g](cudaStream_t) mutable {
+        gemm_one(g);
+        return cudaSuccess;
+    };
+    switch (captured(stream, true, "cublasLtMatmul", run)) {
+    case CAPTURE_REFUSED: return CUBLAS_STATUS_NOT_SUPPORTED;
+    case CAPTURE_RECORDED: return CUBLAS_STATUS_SUCCESS;
+    case CAPTURE_NONE: break;
+    }
+    run(stream);
     return CUBLAS_STATUS_SUCCESS;
 }
 

@@ -4,6 +4,7 @@
 
 #include "../cuda_emu.h"
 
+#include <functional>
 #include <string>
 
 namespace pea_emu {
@@ -17,6 +18,14 @@ constexpr int kMultiProcessors = 16;
 void rt_api_error(cudaError_t e, const std::string &msg);    /* a failed call: last error + message */
 void rt_kernel_error(cudaError_t e, const std::string &msg); /* a failed kernel: also the next sync call */
 bool rt_stream_valid(cudaStream_t s);
+/* A piece of stream work as a graph records it: run on the stream a graph is launched on. */
+using CapturedOp = std::function<cudaError_t(cudaStream_t)>;
+enum CaptureResult { CAPTURE_NONE, CAPTURE_RECORDED, CAPTURE_REFUSED };
+/* Work `what` queued on stream s: CAPTURE_NONE when s does not capture (run it now); CAPTURE_RECORDED when s
+ * captures and op was added to its graph; CAPTURE_REFUSED (error reported: cudaErrorStreamCaptureInvalidated)
+ * when s's capture was invalidated by an earlier illegal call. */
+CaptureResult rt_capture(cudaStream_t s, const char *what, CapturedOp op);
+bool rt_stream_capturing(cudaStream_t s);
 /* nullptr if a kernel may use p (device memory or one past it, pinned or registered host memory), else why not */
 const char *rt_kernel_pointer_problem(const void *p);
 size_t rt_func_max_dynamic_smem(const void *func);

@@ -8,6 +8,15 @@
  * so a kernel that reads or writes past the end of a cudaMalloc buffer faults, and the fault handler
  * names the kernel, the thread and the allocation. Copies check that device pointers lie inside an
  * allocation and that the direction (cudaMemcpyKind) matches the pointers.
+ *
+ * Stream capture. While a stream captures (cudaStreamBeginCapture … cudaStreamEndCapture), the work queued on
+ * it — launches, async copies and memsets, host functions, cuBLAS calls — is checked as usual and recorded
+ * with its arguments by value instead of run; cudaGraphLaunch runs the recorded work in order, so a replay
+ * reads whatever the buffers hold then. Calls a GPU refuses during capture are refused here with the same
+ * errors, and invalidate the capture as they do there: synchronising the capturing stream or the device, and
+ * the "potentially unsafe" calls (cudaMalloc, cudaFree, synchronous copies and memsets) by the rules of the
+ * calling thread's mode (cudaThreadExchangeStreamCaptureMode): a Relaxed thread may make them, others not while
+ * they capture themselves (not Relaxed), nor (Global, the default) while another thread has a Global capture.
  */
 #include "internal.h"
 
@@ -21,16 +30,36 @@
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <set>
+#include <thread>
+#include <vector>
+
+namespace pea_emu {
+struct Capture {
+    cudaStreamCaptureMode mode;
+    std::thread::id thread; /* the thread that began it (ThreadLocal captures forbid unsafe calls there) */
+    std::string invalidated_by; /* "" while valid, else the call that invalidated it */
+    std::vector<CapturedOp> ops;
+};
+} // namespace pea_emu
 
 struct CUstream_st {
     unsigned flags;
+    pea_emu::Capture *capture; /* non-null while the stream captures */
 };
 struct CUevent_st {
     unsigned flags;
     bool recorded;
+    bool captured; /* last recorded on a capturing stream: it has no time and cannot be waited for */
     double t_ms;
+};
+struct CUgraph_st {
+    std::vector<pea_emu::CapturedOp> ops;
+};
+struct CUgraphExec_st {
+    std::vector<pea_emu::CapturedOp> ops;
 };
 
 namespace pea_emu {
@@ -248,8 +277,87 @@ static cudaError_t check_copy(const char *fn, void *dst, const void *src, size_t
 
 static std::mutex g_obj_mutex;
 static std::set<cudaStream_t> g_streams;
+static std::set<cudaStream_t> g_capturing; /* streams with a capture, valid or invalidated */
 static std::set<cudaEvent_t> g_events;
+static std::set<cudaGraph_t> g_graphs;
+static std::set<cudaGraphExec_t> g_graph_execs;
 static std::map<const void *, size_t> g_func_smem;
+
+static const char *mode_name(cudaStreamCaptureMode m) {
+    switch (m) {
+    case cudaStreamCaptureModeGlobal: return "Global";
+    case cudaStreamCaptureModeThreadLocal: return "ThreadLocal";
+    case cudaStreamCaptureModeRelaxed: return "Relaxed";
+    }
+    return "?";
+}
+
+bool rt_stream_capturing(cudaStream_t s) {
+    std::lock_guard<std::mutex> lk(g_obj_mutex);
+    return g_capturing.count(s) != 0;
+}
+
+CaptureResult rt_capture(cudaStream_t s, const char *what, CapturedOp op) {
+    std::string why;
+    {
+        std::lock_guard<std::mutex> lk(g_obj_mutex);
+        if (!g_capturing.count(s)) return CAPTURE_NONE;
+        Capture *c = s->capture;
+        if (c->invalidated_by.empty()) {
+            c->ops.push_back(std::move(op));
+            return CAPTURE_RECORDED;
+        }
+        why = c->invalidated_by;
+    }
+    fail(cudaErrorStreamCaptureInvalidated, "%s on a stream whose capture was invalidated by %s", what, why.c_str());
+    return CAPTURE_REFUSED;
+}
+
+/* A call a GPU refuses while a capture runs: `fn` invalidates the captures `forbids` picks, and fails
+ * (cudaErrorStreamCaptureUnsupported, naming the call and the capture) if there was one. */
+template <class Forbids>
+static cudaError_t refuse_during_capture(const char *fn, const char *rule, Forbids forbids) {
+    cudaStream_t hit = nullptr;
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeGlobal;
+    {
+        std::lock_guard<std::mutex> lk(g_obj_mutex);
+        for (cudaStream_t s : g_capturing) {
+            Capture *c = s->capture;
+            if (!forbids(s, c)) continue;
+            if (c->invalidated_by.empty()) c->invalidated_by = fn;
+            hit = s;
+            mode = c->mode;
+        }
+    }
+    if (!hit) return cudaSuccess;
+    return fail(cudaErrorStreamCaptureUnsupported,
+                "%s while stream %p captures (cudaStreamCaptureMode%s): %s; the capture is invalidated", fn,
+                (void *)hit, mode_name(mode), rule);
+}
+
+/* The calling thread's capture interaction mode (cudaThreadExchangeStreamCaptureMode; Global by default). */
+static thread_local cudaStreamCaptureMode t_capture_mode = cudaStreamCaptureModeGlobal;
+
+/* The "potentially unsafe" calls (cudaMalloc, cudaFree, synchronous copies and memsets), as CUDA rules them
+ * by the calling thread's mode: Relaxed may make them; otherwise not while this thread has a capture that
+ * is not Relaxed, nor (in Global mode) while another thread has a Global capture. */
+static cudaError_t unsafe_call(const char *fn) {
+    if (t_capture_mode == cudaStreamCaptureModeRelaxed) return cudaSuccess;
+    const std::thread::id me = std::this_thread::get_id();
+    const bool global = t_capture_mode == cudaStreamCaptureModeGlobal;
+    return refuse_during_capture(fn, "not permitted during stream capture (allocate and copy before capturing)",
+                                 [me, global](cudaStream_t, Capture *c) {
+                                     if (c->thread == me) return c->mode != cudaStreamCaptureModeRelaxed;
+                                     return global && c->mode == cudaStreamCaptureModeGlobal;
+                                 });
+}
+
+/* Waiting for a stream that captures (its work does not run until a graph of it is launched), or for the
+ * device (every stream) while one does. */
+static cudaError_t sync_of_capturing(const char *fn, cudaStream_t stream, bool whole_device) {
+    return refuse_during_capture(fn, "a capturing stream cannot be waited for",
+                                 [=](cudaStream_t s, Capture *) { return whole_device || s == stream; });
+}
 
 bool rt_stream_valid(cudaStream_t s) {
     if (s == nullptr || s == cudaStreamLegacy || s == cudaStreamPerThread) return true;
@@ -306,6 +414,7 @@ extern "C" {
 cudaError_t cudaMalloc(void **devPtr, size_t size) {
     if (!devPtr) return fail(cudaErrorInvalidValue, "cudaMalloc: devPtr is NULL");
     *devPtr = nullptr;
+    if (cudaError_t e = unsafe_call("cudaMalloc")) return e;
     if (size == 0) return cudaSuccess;
     install_fault_handler();
     size_t page = page_size();
@@ -345,6 +454,7 @@ cudaError_t cudaMallocManaged(void **devPtr, size_t size, unsigned int flags) {
 
 cudaError_t cudaFree(void *devPtr) {
     if (!devPtr) return cudaSuccess;
+    if (cudaError_t e = unsafe_call("cudaFree")) return e;
     Alloc a;
     {
         std::lock_guard<std::mutex> lk(g_mem_mutex);
@@ -420,6 +530,7 @@ cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total) {
 }
 
 cudaError_t cudaMemcpy(void *dst, const void *src, size_t count, cudaMemcpyKind kind) {
+    if (cudaError_t e = unsafe_call("cudaMemcpy")) return e;
     if (cudaError_t e = sync_point()) return e;
     if (count == 0) return cudaSuccess;
     if (!dst || !src) return fail(cudaErrorInvalidValue, "cudaMemcpy: NULL pointer with count %zu", count);
@@ -433,6 +544,12 @@ cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t count, cudaMemcpy
     if (count == 0) return cudaSuccess;
     if (!dst || !src) return fail(cudaErrorInvalidValue, "cudaMemcpyAsync: NULL pointer with count %zu", count);
     if (cudaError_t e = check_copy("cudaMemcpyAsync", dst, src, count, count, kind)) return e;
+    switch (rt_capture(stream, "cudaMemcpyAsync",
+                       [=](cudaStream_t s) { return cudaMemcpyAsync(dst, src, count, kind, s); })) {
+    case CAPTURE_RECORDED: return cudaSuccess;
+    case CAPTURE_REFUSED: return cudaErrorStreamCaptureInvalidated;
+    case CAPTURE_NONE: break;
+    }
     memmove(dst, src, count);
     return cudaSuccess;
 }
@@ -452,6 +569,7 @@ static cudaError_t memcpy2d(const char *fn, void *dst, size_t dpitch, const void
 
 cudaError_t cudaMemcpy2D(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height,
                          cudaMemcpyKind kind) {
+    if (cudaError_t e = unsafe_call("cudaMemcpy2D")) return e;
     if (cudaError_t e = sync_point()) return e;
     return memcpy2d("cudaMemcpy2D", dst, dpitch, src, spitch, width, height, kind);
 }
@@ -459,10 +577,18 @@ cudaError_t cudaMemcpy2D(void *dst, size_t dpitch, const void *src, size_t spitc
 cudaError_t cudaMemcpy2DAsync(void *dst, size_t dpitch, const void *src, size_t spitch, size_t width, size_t height,
                               cudaMemcpyKind kind, cudaStream_t stream) {
     if (!rt_stream_valid(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaMemcpy2DAsync: invalid stream");
+    switch (rt_capture(stream, "cudaMemcpy2DAsync", [=](cudaStream_t s) {
+        return cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, s);
+    })) {
+    case CAPTURE_RECORDED: return cudaSuccess;
+    case CAPTURE_REFUSED: return cudaErrorStreamCaptureInvalidated;
+    case CAPTURE_NONE: break;
+    }
     return memcpy2d("cudaMemcpy2DAsync", dst, dpitch, src, spitch, width, height, kind);
 }
 
 cudaError_t cudaMemset(void *devPtr, int value, size_t count) {
+    if (cudaError_t e = unsafe_call("cudaMemset")) return e;
     if (count == 0) return cudaSuccess;
     if (cudaError_t e = check_device("cudaMemset", "destination", devPtr, count)) return e;
     memset(devPtr, value, count);
@@ -473,6 +599,12 @@ cudaError_t cudaMemsetAsync(void *devPtr, int value, size_t count, cudaStream_t 
     if (!rt_stream_valid(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaMemsetAsync: invalid stream");
     if (count == 0) return cudaSuccess;
     if (cudaError_t e = check_device("cudaMemsetAsync", "destination", devPtr, count)) return e;
+    switch (rt_capture(stream, "cudaMemsetAsync",
+                       [=](cudaStream_t s) { return cudaMemsetAsync(devPtr, value, count, s); })) {
+    case CAPTURE_RECORDED: return cudaSuccess;
+    case CAPTURE_REFUSED: return cudaErrorStreamCaptureInvalidated;
+    case CAPTURE_NONE: break;
+    }
     memset(devPtr, value, count);
     return cudaSuccess;
 }
@@ -483,7 +615,7 @@ cudaError_t cudaMemsetAsync(void *devPtr, int value, size_t count, cudaStream_t 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned int flags) {
     if (!stream) return fail(cudaErrorInvalidValue, "cudaStreamCreate: stream is NULL");
     if (flags & ~1u) return fail(cudaErrorInvalidValue, "cudaStreamCreateWithFlags: flags 0x%x", flags);
-    *stream = new CUstream_st{flags};
+    *stream = new CUstream_st{flags, nullptr};
     std::lock_guard<std::mutex> lk(g_obj_mutex);
     g_streams.insert(*stream);
     return cudaSuccess;
@@ -496,18 +628,22 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
         std::lock_guard<std::mutex> lk(g_obj_mutex);
         if (!stream || !g_streams.erase(stream))
             return fail(cudaErrorInvalidResourceHandle, "cudaStreamDestroy: invalid stream %p", (void *)stream);
+        g_capturing.erase(stream); /* an unfinished capture goes with its stream */
     }
+    delete stream->capture;
     delete stream;
     return cudaSuccess;
 }
 
 cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
     if (!rt_stream_valid(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamSynchronize: invalid stream");
+    if (cudaError_t e = sync_of_capturing("cudaStreamSynchronize", stream, false)) return e;
     return sync_point();
 }
 
 cudaError_t cudaStreamQuery(cudaStream_t stream) {
     if (!rt_stream_valid(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamQuery: invalid stream");
+    if (cudaError_t e = sync_of_capturing("cudaStreamQuery", stream, false)) return e;
     return sync_point();
 }
 
@@ -521,6 +657,12 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned
 cudaError_t cudaLaunchHostFunc(cudaStream_t stream, cudaHostFn_t fn, void *userData) {
     if (!rt_stream_valid(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaLaunchHostFunc: invalid stream");
     if (!fn) return fail(cudaErrorInvalidValue, "cudaLaunchHostFunc: fn is NULL");
+    switch (rt_capture(stream, "cudaLaunchHostFunc",
+                       [=](cudaStream_t s) { return cudaLaunchHostFunc(s, fn, userData); })) {
+    case CAPTURE_RECORDED: return cudaSuccess;
+    case CAPTURE_REFUSED: return cudaErrorStreamCaptureInvalidated;
+    case CAPTURE_NONE: break;
+    }
     fn(userData);
     return cudaSuccess;
 }
@@ -528,7 +670,7 @@ cudaError_t cudaLaunchHostFunc(cudaStream_t stream, cudaHostFn_t fn, void *userD
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t *event, unsigned int flags) {
     if (!event) return fail(cudaErrorInvalidValue, "cudaEventCreate: event is NULL");
     if (flags & ~7u) return fail(cudaErrorInvalidValue, "cudaEventCreateWithFlags: flags 0x%x", flags);
-    *event = new CUevent_st{flags, false, 0.0};
+    *event = new CUevent_st{flags, false, false, 0.0};
     std::lock_guard<std::mutex> lk(g_obj_mutex);
     g_events.insert(*event);
     return cudaSuccess;
@@ -549,18 +691,23 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
     if (!event_valid(event)) return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord: invalid event");
     if (!rt_stream_valid(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord: invalid stream");
-    event->recorded = true;
+    event->captured = rt_stream_capturing(stream); /* orders work inside the capture; nothing to time or wait for */
+    event->recorded = !event->captured;
     event->t_ms = now_ms();
     return cudaSuccess;
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
     if (!event_valid(event)) return fail(cudaErrorInvalidResourceHandle, "cudaEventSynchronize: invalid event");
+    if (event->captured)
+        return fail(cudaErrorCapturedEvent, "cudaEventSynchronize: the event was recorded during stream capture");
     return sync_point();
 }
 
 cudaError_t cudaEventQuery(cudaEvent_t event) {
     if (!event_valid(event)) return fail(cudaErrorInvalidResourceHandle, "cudaEventQuery: invalid event");
+    if (event->captured)
+        return fail(cudaErrorCapturedEvent, "cudaEventQuery: the event was recorded during stream capture");
     return sync_point();
 }
 
@@ -574,6 +721,118 @@ cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end) 
     if (!start->recorded || !end->recorded)
         return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event was never recorded");
     *ms = (float)(end->t_ms - start->t_ms);
+    return cudaSuccess;
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* Stream capture and graphs                                                                             */
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode) {
+    if (!rt_stream_valid(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamBeginCapture: invalid stream");
+    if (stream == nullptr || stream == cudaStreamLegacy || stream == cudaStreamPerThread)
+        return fail(cudaErrorStreamCaptureUnsupported,
+                    "cudaStreamBeginCapture: the legacy/per-thread default stream cannot capture (create a stream)");
+    if (mode != cudaStreamCaptureModeGlobal && mode != cudaStreamCaptureModeThreadLocal &&
+        mode != cudaStreamCaptureModeRelaxed)
+        return fail(cudaErrorInvalidValue, "cudaStreamBeginCapture: mode %d", (int)mode);
+    std::lock_guard<std::mutex> lk(g_obj_mutex);
+    if (g_capturing.count(stream))
+        return fail(cudaErrorIllegalState, "cudaStreamBeginCapture: stream %p is already capturing", (void *)stream);
+    stream->capture = new Capture{mode, std::this_thread::get_id(), std::string(), {}};
+    g_capturing.insert(stream);
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t *graph) {
+    if (!graph) return fail(cudaErrorInvalidValue, "cudaStreamEndCapture: graph is NULL");
+    *graph = nullptr;
+    if (!rt_stream_valid(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamEndCapture: invalid stream");
+    Capture *c = nullptr;
+    {
+        std::lock_guard<std::mutex> lk(g_obj_mutex);
+        if (g_capturing.erase(stream)) std::swap(c, stream->capture);
+    }
+    if (!c) return fail(cudaErrorIllegalState, "cudaStreamEndCapture: stream %p is not capturing", (void *)stream);
+    std::unique_ptr<Capture> owned(c);
+    if (!c->invalidated_by.empty())
+        return fail(cudaErrorStreamCaptureInvalidated, "cudaStreamEndCapture: the capture was invalidated by %s",
+                    c->invalidated_by.c_str());
+    *graph = new CUgraph_st{std::move(c->ops)};
+    std::lock_guard<std::mutex> lk(g_obj_mutex);
+    g_graphs.insert(*graph);
+    return cudaSuccess;
+}
+
+cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode *mode) {
+    if (!mode) return fail(cudaErrorInvalidValue, "cudaThreadExchangeStreamCaptureMode: mode is NULL");
+    if (*mode != cudaStreamCaptureModeGlobal && *mode != cudaStreamCaptureModeThreadLocal &&
+        *mode != cudaStreamCaptureModeRelaxed)
+        return fail(cudaErrorInvalidValue, "cudaThreadExchangeStreamCaptureMode: mode %d", (int)*mode);
+    std::swap(*mode, t_capture_mode);
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamIsCapturing(cudaStream_t stream, cudaStreamCaptureStatus *status) {
+    if (!status) return fail(cudaErrorInvalidValue, "cudaStreamIsCapturing: status is NULL");
+    if (!rt_stream_valid(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamIsCapturing: invalid stream");
+    std::lock_guard<std::mutex> lk(g_obj_mutex);
+    *status = !g_capturing.count(stream)                     ? cudaStreamCaptureStatusNone
+              : stream->capture->invalidated_by.empty() ? cudaStreamCaptureStatusActive
+                                                        : cudaStreamCaptureStatusInvalidated;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphInstantiateWithFlags(cudaGraphExec_t *exec, cudaGraph_t graph, unsigned long long flags) {
+    if (!exec) return fail(cudaErrorInvalidValue, "cudaGraphInstantiateWithFlags: exec is NULL");
+    *exec = nullptr;
+    if (flags != 0) return fail(cudaErrorInvalidValue, "cudaGraphInstantiateWithFlags: flags 0x%llx are not emulated", flags);
+    std::lock_guard<std::mutex> lk(g_obj_mutex);
+    if (!graph || !g_graphs.count(graph))
+        return fail(cudaErrorInvalidResourceHandle, "cudaGraphInstantiateWithFlags: invalid graph %p", (void *)graph);
+    *exec = new CUgraphExec_st{graph->ops};
+    g_graph_execs.insert(*exec);
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
+    if (!rt_stream_valid(stream)) return fail(cudaErrorInvalidResourceHandle, "cudaGraphLaunch: invalid stream");
+    std::vector<CapturedOp> ops;
+    {
+        std::lock_guard<std::mutex> lk(g_obj_mutex);
+        if (!exec || !g_graph_execs.count(exec))
+            return fail(cudaErrorInvalidResourceHandle, "cudaGraphLaunch: invalid graph exec %p", (void *)exec);
+        ops = exec->ops;
+    }
+    auto run = [ops](cudaStream_t s) {
+        for (const CapturedOp &op : ops)
+            if (cudaError_t e = op(s)) return e;
+        return cudaSuccess;
+    };
+    switch (rt_capture(stream, "cudaGraphLaunch", run)) {
+    case CAPTURE_RECORDED: return cudaSuccess;
+    case CAPTURE_REFUSED: return cudaErrorStreamCaptureInvalidated;
+    case CAPTURE_NONE: break;
+    }
+    return run(stream);
+}
+
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+    {
+        std::lock_guard<std::mutex> lk(g_obj_mutex);
+        if (!exec || !g_graph_execs.erase(exec))
+            return fail(cudaErrorInvalidResourceHandle, "cudaGraphExecDestroy: invalid graph exec %p", (void *)exec);
+    }
+    delete exec;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
+    {
+        std::lock_guard<std::mutex> lk(g_obj_mutex);
+        if (!graph || !g_graphs.erase(graph))
+            return fail(cudaErrorInvalidResourceHandle, "cudaGraphDestroy: invalid graph %p", (void *)graph);
+    }
+    delete graph;
     return cudaSuccess;
 }
 
@@ -594,9 +853,11 @@ const char *cudaGetErrorName(cudaError_t e) {
     N(cudaSuccess) N(cudaErrorInvalidValue) N(cudaErrorMemoryAllocation) N(cudaErrorInitializationError)
     N(cudaErrorInvalidConfiguration) N(cudaErrorInvalidPitchValue) N(cudaErrorInvalidDevicePointer)
     N(cudaErrorInvalidMemcpyDirection) N(cudaErrorInvalidDeviceFunction) N(cudaErrorNoDevice)
-    N(cudaErrorInvalidDevice) N(cudaErrorInvalidResourceHandle) N(cudaErrorNotReady) N(cudaErrorIllegalAddress)
-    N(cudaErrorLaunchOutOfResources) N(cudaErrorLaunchTimeout) N(cudaErrorAssert) N(cudaErrorLaunchFailure)
-    N(cudaErrorNotSupported) N(cudaErrorUnknown)
+    N(cudaErrorInvalidDevice) N(cudaErrorInvalidResourceHandle) N(cudaErrorIllegalState) N(cudaErrorNotReady)
+    N(cudaErrorIllegalAddress) N(cudaErrorLaunchOutOfResources) N(cudaErrorLaunchTimeout) N(cudaErrorAssert)
+    N(cudaErrorLaunchFailure) N(cudaErrorNotSupported) N(cudaErrorStreamCaptureUnsupported)
+    N(cudaErrorStreamCaptureInvalidated) N(cudaErrorStreamCaptureUnmatched) N(cudaErrorCapturedEvent)
+    N(cudaErrorUnknown)
 #undef N
     }
     return "cudaErrorUnknown";
@@ -623,6 +884,11 @@ const char *cudaGetErrorString(cudaError_t e) {
     case cudaErrorAssert: return "device-side assert triggered";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
     case cudaErrorNotSupported: return "operation not supported";
+    case cudaErrorIllegalState: return "the operation cannot be performed in the present state";
+    case cudaErrorStreamCaptureUnsupported: return "operation not permitted when stream is capturing";
+    case cudaErrorStreamCaptureInvalidated: return "operation failed due to a previous error during capture";
+    case cudaErrorStreamCaptureUnmatched: return "capture was not initiated in this stream";
+    case cudaErrorCapturedEvent: return "operation not permitted on an event last recorded in a capturing stream";
     case cudaErrorUnknown: return "unknown error";
     }
     return "unrecognized error code";
@@ -631,7 +897,10 @@ const char *cudaGetErrorString(cudaError_t e) {
 /* ---------------------------------------------------------------------------------------------------- */
 /* Device                                                                                                */
 
-cudaError_t cudaDeviceSynchronize(void) { return sync_point(); }
+cudaError_t cudaDeviceSynchronize(void) {
+    if (cudaError_t e = sync_of_capturing("cudaDeviceSynchronize", nullptr, true)) return e;
+    return sync_point();
+}
 
 cudaError_t cudaDeviceReset(void) {
     g_async = 0;

@@ -21,6 +21,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -1018,6 +1019,21 @@ void launch(const Launch &L) {
                                                                i + 1, L.pointers[i], why));
             return;
         }
+    }
+    /* A capturing stream records the launch: the converted arguments are copied, and a replay launches
+     * that copy (checked again then, on the stream the graph is launched on). */
+    if (rt_stream_capturing(L.stream)) {
+        std::shared_ptr<void> args(L.clone(L.ctx), L.release);
+        auto pointers = std::make_shared<std::vector<const void *>>(L.pointers, L.pointers + L.nargs);
+        CaptureResult captured = rt_capture(L.stream, L.name, [L, args, pointers](cudaStream_t s) {
+            Launch replay = L;
+            replay.ctx = args.get();
+            replay.pointers = pointers->data();
+            replay.stream = s;
+            launch(replay);
+            return cudaSuccess;
+        });
+        if (captured != CAPTURE_NONE) return;
     }
     if (g_skip_kernels) return;
     Job job;

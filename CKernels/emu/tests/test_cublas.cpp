@@ -532,6 +532,49 @@ static void test_skip(cublasHandle_t h) {
     for (float *p : {dA, dB, dC}) cudaFree(p);
 }
 
+/* A GEMM on a capturing stream is recorded (host scalars by value) and run by each graph launch, reading A and B
+ * as they are then; without a workspace (cublasSetWorkspace) the capture is refused, as cuBLAS would allocate. */
+static void test_capture(cublasHandle_t h, cudaStream_t s) {
+    const int m = 9, n = 7, k = 5;
+    std::vector<float> A = matrix(m, k, m, 95), B = matrix(k, n, k, 96), A2 = matrix(m, k, m, 97);
+    float *dA = to_device(A), *dB = to_device(B), *dC = device_alloc<float>((size_t)m * n);
+    float *dE = device_alloc<float>((size_t)m * n), *ws = device_alloc<float>(1024);
+    float alpha = 1.5f, zero = 0.0f;
+    cudaGraph_t g = nullptr;
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, &alpha, dA, m, dB, k, &zero, dC, m) ==
+              CUBLAS_STATUS_NOT_SUPPORTED,
+          "a GEMM captured without a workspace is refused");
+    CUDA_OK(cudaStreamEndCapture(s, &g));
+    CUDA_OK(cudaGraphDestroy(g));
+    CHECK(cublasSetWorkspace(h, ws, 4096) == CUBLAS_STATUS_SUCCESS, "cublasSetWorkspace");
+    CUDA_OK(cudaMemset(dC, 0, (size_t)m * n * 4));
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, &alpha, dA, m, dB, k, &zero, dC, m) ==
+              CUBLAS_STATUS_SUCCESS,
+          "a GEMM captured with a workspace");
+    alpha = -7.0f; /* the captured GEMM keeps 1.5 */
+    CUDA_OK(cudaStreamEndCapture(s, &g));
+    CHECK(to_host(dC, (size_t)m * n) == std::vector<float>((size_t)m * n, 0.0f), "capturing ran no GEMM");
+    cudaGraphExec_t exec;
+    CUDA_OK(cudaGraphInstantiateWithFlags(&exec, g, 0));
+    alpha = 1.5f;
+    for (const std::vector<float> *a : {&A, &A2}) {
+        CUDA_OK(cudaMemcpy(dA, a->data(), a->size() * 4, cudaMemcpyHostToDevice));
+        CUDA_OK(cudaGraphLaunch(exec, s));
+        CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, &alpha, dA, m, dB, k, &zero, dE, m) == 0, "eager");
+        CHECK(to_host(dC, (size_t)m * n) == to_host(dE, (size_t)m * n), "replayed GEMM equals the eager one");
+    }
+    CHECK(c_error(to_host(dC, (size_t)m * n), reference(CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, 1.5, A2, m, B, k, 0.0, {}, m),
+                  m, n, m) < 1e-6,
+          "the second replay used the new A");
+    CUDA_OK(cudaGraphExecDestroy(exec));
+    CUDA_OK(cudaGraphDestroy(g));
+    CHECK(cublasSetWorkspace(h, nullptr, 0) == CUBLAS_STATUS_SUCCESS, "workspace reset");
+    for (float *p : {dA, dB, dC, dE, ws}) cudaFree(p);
+    say("ok   stream capture: a GEMM is recorded with its scalars and replayed on new inputs; none without a workspace");
+}
+
 int main() {
     check_start("emu cublas", 300);
     pea_emu_set_quiet(1);
@@ -550,6 +593,7 @@ int main() {
     test_lt();
     test_lt_heuristic();
     test_skip(h);
+    test_capture(h, s);
     CUDA_OK(cudaStreamSynchronize(s));
     CHECK(cublasDestroy(h) == CUBLAS_STATUS_SUCCESS, "cublasDestroy");
     CUDA_OK(cudaStreamDestroy(s));

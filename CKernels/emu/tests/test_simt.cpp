@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 
 #include <cmath>
+#include <thread>
 
 #include "../pea_simt.h"
 
@@ -798,6 +799,201 @@ static void test_runtime() {
     cudaFree(d);
 }
 
+/* y[i] = a·x[i] + y[i]; a thread per element. */
+__global__ void axpy_kernel(float a, const float *x, float *y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = a * x[i] + y[i];
+}
+
+/* The work the graph tests capture: upload x from pinned memory, y = 0, y += a·x, z = y, z += 3·x. */
+static void graph_work(cudaStream_t s, const float *pinned, float *x, float *y, float *z, float a, int n) {
+    CUDA_OK(cudaMemcpyAsync(x, pinned, n * 4, cudaMemcpyHostToDevice, s));
+    CUDA_OK(cudaMemsetAsync(y, 0, n * 4, s));
+    PEA_LAUNCH(axpy_kernel, (n + 63) / 64, 64, 0, s, a, x, y, n);
+    CUDA_OK(cudaMemcpyAsync(z, y, n * 4, cudaMemcpyDeviceToDevice, s));
+    PEA_LAUNCH(axpy_kernel, (n + 63) / 64, 64, 0, s, 3.0f, x, z, n);
+}
+
+static bool message_has(const char *needle) { return strstr(pea_emu_last_message(), needle) != nullptr; }
+
+static void test_graphs() {
+    const int n = 200; /* a partial last block */
+    cudaStream_t s;
+    CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    float *pinned = nullptr;
+    CUDA_OK(cudaMallocHost(&pinned, n * 4));
+    std::vector<float> in = random_vector(n, 31);
+    memcpy(pinned, in.data(), n * 4);
+    float *x = device_alloc<float>(n), *y = device_alloc<float>(n), *z = device_alloc<float>(n);
+    float *ex = device_alloc<float>(n), *ey = device_alloc<float>(n), *ez = device_alloc<float>(n);
+    CUDA_OK(cudaMemset(z, 0x7f, n * 4));
+
+    /* Captured work is recorded, not run; the scalar is taken by value at capture. */
+    float a = 2.0f;
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    CUDA_OK(cudaStreamIsCapturing(s, &st));
+    CHECK(st == cudaStreamCaptureStatusActive, "capturing: status %d", (int)st);
+    graph_work(s, pinned, x, y, z, a, n);
+    a = -100.0f;
+    cudaGraph_t graph = nullptr;
+    CUDA_OK(cudaStreamEndCapture(s, &graph));
+    CUDA_OK(cudaStreamIsCapturing(s, &st));
+    CHECK(st == cudaStreamCaptureStatusNone && graph, "capture ended with a graph");
+    std::vector<float> untouched = to_host(z, n);
+    CHECK(std::all_of(untouched.begin(), untouched.end(), [&](float v) { return v == untouched[0]; }) &&
+              untouched[0] != 0.0f,
+          "capturing ran nothing: z keeps its 0x7f bytes (%g)", untouched[0]);
+    cudaGraphExec_t exec = nullptr;
+    CUDA_OK(cudaGraphInstantiateWithFlags(&exec, graph, 0));
+    CUDA_OK(cudaGraphDestroy(graph)); /* the exec keeps what it needs */
+
+    /* A replay equals the same work run eagerly, bit for bit, and both equal the plain loop. */
+    CUDA_OK(cudaGraphLaunch(exec, s));
+    graph_work(s, pinned, ex, ey, ez, 2.0f, n);
+    CUDA_OK(cudaStreamSynchronize(s));
+    std::vector<float> gy = to_host(y, n), gz = to_host(z, n), ey_h = to_host(ey, n), ez_h = to_host(ez, n);
+    bool loop_ok = true;
+    for (int i = 0; i < n; i++) {
+        float yy = 2.0f * in[i] + 0.0f, zz = 3.0f * in[i] + yy;
+        loop_ok = loop_ok && gy[i] == yy && gz[i] == zz;
+    }
+    CHECK(loop_ok, "replay equals the plain loop");
+    CHECK(!memcmp(gy.data(), ey_h.data(), n * 4) && !memcmp(gz.data(), ez_h.data(), n * 4),
+          "replay equals eager, bit for bit");
+
+    /* A replay reads the buffers as they are then: new host input, new results. */
+    for (int i = 0; i < n; i++) pinned[i] = (float)i;
+    CUDA_OK(cudaGraphLaunch(exec, s));
+    CUDA_OK(cudaStreamSynchronize(s));
+    gz = to_host(z, n);
+    bool replay_ok = true;
+    for (int i = 0; i < n; i++) replay_ok = replay_ok && gz[i] == 5.0f * (float)i;
+    CHECK(replay_ok, "a second replay sees the new input values (z[7] = %g, expected 35)", gz[7]);
+
+    /* A host function and a 2-D copy are recorded too; a graph launched into a capture is part of the new graph. */
+    static int host_calls = 0;
+    host_calls = 0;
+    cudaGraph_t outer_graph = nullptr;
+    cudaGraphExec_t outer = nullptr;
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    CUDA_OK(cudaLaunchHostFunc(s, [](void *) { host_calls++; }, nullptr));
+    CUDA_OK(cudaMemcpy2DAsync(ey, 8, x, 16, 8, 4, cudaMemcpyDeviceToDevice, s)); /* ey[2r, 2r+1] = x[4r, 4r+1] */
+    CUDA_OK(cudaGraphLaunch(exec, s));
+    CUDA_OK(cudaStreamEndCapture(s, &outer_graph));
+    CHECK(host_calls == 0, "a captured host function does not run at capture");
+    CUDA_OK(cudaGraphInstantiateWithFlags(&outer, outer_graph, 0));
+    CUDA_OK(cudaGraphDestroy(outer_graph));
+    for (int i = 0; i < n; i++) pinned[i] = 2.0f * (float)i;
+    CUDA_OK(cudaGraphLaunch(outer, s));
+    CUDA_OK(cudaGraphLaunch(outer, s));
+    CUDA_OK(cudaStreamSynchronize(s));
+    std::vector<float> ey8 = to_host(ey, 8);
+    gz = to_host(z, n);
+    CHECK(host_calls == 2, "the host function ran once per launch (%d)", host_calls);
+    /* the copy reads x before the inner graph rewrites it: at the second launch x[i] = 2i from the first */
+    CHECK(ey8[0] == 0.0f && ey8[1] == 2.0f && ey8[2] == 8.0f && ey8[3] == 10.0f && ey8[7] == 26.0f,
+          "the captured 2-D copy (ey[2] = %g, expected 8)", ey8[2]);
+    CHECK(gz[7] == 70.0f, "the inner graph ran inside the outer one (z[7] = %g, expected 70)", gz[7]);
+    CUDA_OK(cudaGraphExecDestroy(outer));
+    say("ok   stream capture: recorded not run, arguments by value; replay = eager = loop; replay sees new inputs; "
+        "host functions, 2-D copies and graphs launched into a capture");
+
+    /* Calls a GPU refuses during capture: an error naming the call, and the capture is invalidated. */
+    struct Illegal {
+        const char *what;
+        cudaStreamCaptureMode mode;
+        cudaError_t (*call)(cudaStream_t s, float *x);
+    } illegal[] = {
+        {"cudaMalloc", cudaStreamCaptureModeGlobal,
+         [](cudaStream_t, float *) { void *p; return cudaMalloc(&p, 64); }},
+        {"cudaMalloc", cudaStreamCaptureModeThreadLocal,
+         [](cudaStream_t, float *) { void *p; return cudaMalloc(&p, 64); }},
+        {"cudaFree", cudaStreamCaptureModeGlobal, [](cudaStream_t, float *x) { return cudaFree(x); }},
+        {"cudaMemcpy", cudaStreamCaptureModeGlobal,
+         [](cudaStream_t, float *x) { float h[4]; return cudaMemcpy(h, x, 16, cudaMemcpyDeviceToHost); }},
+        {"cudaMemset", cudaStreamCaptureModeGlobal, [](cudaStream_t, float *x) { return cudaMemset(x, 0, 16); }},
+        {"cudaStreamSynchronize", cudaStreamCaptureModeRelaxed,
+         [](cudaStream_t s, float *) { return cudaStreamSynchronize(s); }},
+        {"cudaStreamQuery", cudaStreamCaptureModeRelaxed, [](cudaStream_t s, float *) { return cudaStreamQuery(s); }},
+        {"cudaDeviceSynchronize", cudaStreamCaptureModeRelaxed,
+         [](cudaStream_t, float *) { return cudaDeviceSynchronize(); }},
+    };
+    for (const Illegal &c : illegal) {
+        CUDA_OK(cudaStreamBeginCapture(s, c.mode));
+        PEA_LAUNCH(axpy_kernel, 1, 64, 0, s, 1.0f, x, y, 64);
+        cudaError_t e = c.call(s, x);
+        CHECK(e == cudaErrorStreamCaptureUnsupported && message_has(c.what) && message_has("capture"),
+              "%s during capture: %s, %s", c.what, cudaGetErrorName(e), pea_emu_last_message());
+        cudaStreamIsCapturing(s, &st);
+        CHECK(st == cudaStreamCaptureStatusInvalidated, "%s invalidates the capture (status %d)", c.what, (int)st);
+        CHECK(cudaMemsetAsync(y, 0, 16, s) == cudaErrorStreamCaptureInvalidated && message_has(c.what),
+              "work after %s is refused: %s", c.what, pea_emu_last_message());
+        cudaGraph_t g = (cudaGraph_t)1;
+        CHECK(cudaStreamEndCapture(s, &g) == cudaErrorStreamCaptureInvalidated && g == nullptr && message_has(c.what),
+              "ending a capture %s invalidated: %s", c.what, pea_emu_last_message());
+        cudaGetLastError();
+    }
+    /* Relaxed captures allow the unsafe calls; a ThreadLocal capture allows them on other threads. */
+    float *p = nullptr;
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed));
+    CUDA_OK(cudaMalloc(&p, 64));
+    CUDA_OK(cudaFree(p));
+    CUDA_OK(cudaStreamEndCapture(s, &graph));
+    CUDA_OK(cudaGraphDestroy(graph));
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    cudaError_t other = cudaErrorUnknown;
+    std::thread([&] {
+        other = cudaMalloc(&p, 64);
+        if (other == cudaSuccess) other = cudaFree(p);
+    }).join();
+    CHECK(other == cudaSuccess, "cudaMalloc and cudaFree on another thread during a ThreadLocal capture: %s",
+          cudaGetErrorName(other));
+    /* a Relaxed thread may allocate during its own Global capture (as torch's allocator does) */
+    CUDA_OK(cudaStreamEndCapture(s, &graph));
+    CUDA_OK(cudaGraphDestroy(graph));
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    CUDA_OK(cudaThreadExchangeStreamCaptureMode(&mode));
+    CHECK(mode == cudaStreamCaptureModeGlobal, "a thread's mode is Global by default (%d)", (int)mode);
+    CUDA_OK(cudaMalloc(&p, 64));
+    CUDA_OK(cudaThreadExchangeStreamCaptureMode(&mode));
+    CHECK(mode == cudaStreamCaptureModeRelaxed, "the exchange returns the mode it replaces (%d)", (int)mode);
+    CHECK(cudaFree(p) == cudaErrorStreamCaptureUnsupported, "back in Global mode, cudaFree is refused again");
+    cudaGetLastError();
+    CHECK(cudaStreamEndCapture(s, &graph) == cudaErrorStreamCaptureInvalidated, "and the capture is invalidated");
+    cudaGetLastError();
+    CUDA_OK(cudaFree(p));
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    /* an event recorded inside a capture cannot be waited for */
+    cudaEvent_t ev;
+    CUDA_OK(cudaEventCreate(&ev));
+    CUDA_OK(cudaEventRecord(ev, s));
+    CUDA_OK(cudaStreamEndCapture(s, &graph));
+    CHECK(cudaEventSynchronize(ev) == cudaErrorCapturedEvent, "waiting for an event recorded during capture");
+    CUDA_OK(cudaEventDestroy(ev));
+    CUDA_OK(cudaGraphDestroy(graph));
+    /* misuse of the capture calls themselves */
+    CHECK(cudaStreamBeginCapture(0, cudaStreamCaptureModeGlobal) == cudaErrorStreamCaptureUnsupported,
+          "the legacy stream cannot capture");
+    CHECK(cudaStreamEndCapture(s, &graph) == cudaErrorIllegalState, "ending a capture that never began");
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal) == cudaErrorIllegalState, "beginning twice");
+    CUDA_OK(cudaStreamEndCapture(s, &graph));
+    CUDA_OK(cudaGraphDestroy(graph));
+    CHECK(cudaGraphLaunch((cudaGraphExec_t)&graph, s) == cudaErrorInvalidResourceHandle, "launching a bad exec");
+    cudaGetLastError();
+    say("ok   illegal calls during capture (cudaMalloc, cudaFree, cudaMemcpy, cudaMemset, stream/device sync) → "
+        "cudaErrorStreamCaptureUnsupported, capture invalidated; Relaxed / other-thread / thread-mode rules; captured events");
+
+    CUDA_OK(cudaGraphExecDestroy(exec));
+    CHECK(cudaGraphExecDestroy(exec) == cudaErrorInvalidResourceHandle, "destroying an exec twice");
+    cudaGetLastError();
+    CUDA_OK(cudaFreeHost(pinned));
+    for (float *d : {x, y, z, ex, ey, ez}) cudaFree(d);
+    CUDA_OK(cudaStreamDestroy(s));
+}
+
 int main() {
     check_start("emu simt", 300);
     pea_emu_set_quiet(1);
@@ -815,6 +1011,7 @@ int main() {
     test_cp_async();
     test_limits();
     test_runtime();
+    test_graphs();
     test_skip_kernels();
     test_crashes();
     return check_summary("emu simt");

@@ -99,6 +99,14 @@ public final class StableDiffusionPipeline {
     /// diffusers' `enable_vae_tiling()`: decode in tiles (`AutoencoderKL.decodeTiled`), so that a large image needs
     /// one tile's memory; the seams are blended, and the image differs slightly from an untiled decode.
     public var vaeTiling = false
+    /// CUDA graphs for the denoising loop (`--cuda-graphs`), on the CUDA backend only: each step's denoiser
+    /// evaluation is replayed from a graph captured once per input shape (`CUDAGraphedDenoiser`), bit for bit what
+    /// the eager evaluation computes. Off: every op is queued one by one.
+    public var cudaGraphs = false {
+        didSet { graphedDenoiser = nil }
+    }
+    /// The graphs of `denoiser`, kept across `generate` calls (a server captures once per shape).
+    public private(set) var graphedDenoiser: CUDAGraphedDenoiser?
 
     public init(family: ModelFamily, denoiser: any DenoisingModel, vae: AutoencoderKL, conditioner: any TextConditioner,
                 scheduler: any Scheduler, schedulerConfig: ConfigFile, backend: any ComputeBackend) {
@@ -246,6 +254,7 @@ public final class StableDiffusionPipeline {
 
         let end = sampler.timesteps.count, steps = end - begin
         let controlImages = try controlImages(requests, counts: counts, guided: guided)
+        let unet = loopDenoiser()
         for i in begin..<end {
             var input = try sampler.scaleModelInput(guided ? b.concat([latents, latents], dim: 0) : latents, stepIndex: i)
             if let condition = inpaint?.unetCondition { input = try b.concat([input, condition], dim: 1) }
@@ -260,7 +269,7 @@ public final class StableDiffusionPipeline {
                     ControlResiduals(down: try zip(sum.down, r.down).map { try b.add($0, $1) }, mid: try b.add(sum.mid, r.mid))
                 } ?? r
             }
-            var prediction = try denoiser(inputs)
+            var prediction = try unet(inputs)
             if prediction.dtype != .f32 { prediction = try b.cast(prediction, to: .f32) }
             if guided {
                 let halves = try b.split(prediction, sizes: [count, count], dim: 0)
@@ -278,6 +287,13 @@ public final class StableDiffusionPipeline {
         let images = try decode(latents, afterSteps: steps)
         var start = 0
         return counts.map { n in defer { start += n }; return Array(images[start..<start + n]) }
+    }
+
+    /// The denoiser the loop calls: the CUDA-graphed one when `cudaGraphs` is on and the backend is CUDA.
+    private func loopDenoiser() -> any DenoisingModel {
+        guard cudaGraphs, let cuda = backend as? CUDABackend, cuda.supportsGraphs else { return denoiser }
+        if graphedDenoiser == nil { graphedDenoiser = CUDAGraphedDenoiser(denoiser, backend: cuda) }
+        return graphedDenoiser!
     }
 
     /// Each ControlNet's image as diffusers' control_image_processor makes it (do_normalize false: x / 255 in

@@ -635,7 +635,7 @@ public final class CUDABackend: ComputeBackend, StridedCopying, CustomStringConv
     }
 
     /// y ← x, same element count and dtype (a device-to-device copy on the stream).
-    private func copyContiguous(_ x: Tensor, into y: Tensor, _ op: String) throws {
+    func copyContiguous(_ x: Tensor, into y: Tensor, _ op: String) throws {
         try copy(ShapeRules.StridedCopy(op, shape: [x.count], sourceStrides: [1], destinationStrides: [1]), from: x, to: y, op)
     }
 

@@ -100,6 +100,10 @@ public final class CUDALibrary {
                                         UnsafePointer<Float>?, UnsafeMutablePointer<Float>?, UnsafeMutablePointer<Float>?,
                                         UnsafeMutablePointer<Float>?, Int64, UnsafePointer<ck_adamw_hyper>?) -> Int32
     typealias SumSquaresFn = @convention(c) (Context?, UnsafePointer<Float>?, Int64, UnsafeMutablePointer<Double>?) -> Int32
+    typealias GraphBeginFn = @convention(c) (Context?) -> Int32
+    typealias GraphEndFn = @convention(c) (Context?, UnsafeMutablePointer<OpaquePointer?>?) -> Int32
+    typealias GraphReplayFn = @convention(c) (Context?, OpaquePointer?) -> Int32
+    typealias GraphDestroyFn = @convention(c) (Context?, OpaquePointer?) -> Int32
     typealias ProfileStartFn = @convention(c) (Context?) -> Int32
     typealias ProfileStopFn = @convention(c) (Context?, UnsafeMutablePointer<pea_cuda_profile_entry>?, Int32,
                                               UnsafeMutablePointer<Int32>?, UnsafeMutablePointer<Double>?) -> Int32
