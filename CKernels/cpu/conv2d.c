@@ -5,8 +5,8 @@
  *
  * For each image b the patches are unrolled into col [K = Cin·kh·kw, N = Ho·Wo], so that
  *   y[b] (Cout × N) = w (Cout × K) · col (K × N) + bias,
- * one GEMM per image. The bias is written into y first and the GEMM accumulates onto it (beta = 1), so the
- * bias costs no extra pass. A 1×1, stride-1, unpadded convolution needs no unrolling: x[b] already is the
+ * one GEMM per image. The bias (and a residual, y = conv + bias + residual as a ResNet block's skip adds it)
+ * is written into y first and the GEMM accumulates onto it (beta = 1), so neither costs a pass of its own. A 1×1, stride-1, unpadded convolution needs no unrolling: x[b] already is the
  * K × N matrix. The weights may be stored in f32, bf16 or f16 (half-size weights): the GEMM widens them as
  * it packs them (ck_gemm_mixed). Padding may be asymmetric (diffusers' VAE downsampler pads right and bottom only).
  */
@@ -93,18 +93,25 @@ static void im2col_rows(void *arg, int64_t begin, int64_t end) {
 }
 
 int ck_conv2d_f32(const ck_conv2d_params *p, const float *x, const void *w, int w_type, const float *bias,
-                  float *y, float *workspace) {
+                  const float *residual, float *y, float *workspace) {
     const int64_t Ho = ck_conv2d_out_h(p), Wo = ck_conv2d_out_w(p);
     const int64_t N = Ho * Wo, K = p->Cin * p->kh * p->kw, rows = band_rows(p);
+    const float beta = bias || residual ? 1.0f : 0.0f;
     for (int64_t b = 0; b < p->B; b++) {
         const float *xb = x + b * p->Cin * p->H * p->W;
         float *yb = y + b * p->Cout * N;
-        if (bias) {
+        if (residual) {
+            const float *rb = residual + b * p->Cout * N;
+            for (int64_t o = 0; o < p->Cout; o++) {
+                const float add = bias ? bias[o] : 0.0f;
+                for (int64_t n = 0; n < N; n++) yb[o * N + n] = rb[o * N + n] + add;
+            }
+        } else if (bias) {
             for (int64_t o = 0; o < p->Cout; o++)
                 for (int64_t n = 0; n < N; n++) yb[o * N + n] = bias[o];
         }
         if (is_pointwise(p)) {
-            int status = ck_gemm_mixed(0, 0, p->Cout, N, K, 1.0f, w, w_type, K, xb, CK_F32, N, bias ? 1.0f : 0.0f, yb, N);
+            int status = ck_gemm_mixed(0, 0, p->Cout, N, K, 1.0f, w, w_type, K, xb, CK_F32, N, beta, yb, N);
             if (status != CK_OK) return status;
             continue;
         }
@@ -113,8 +120,7 @@ int ck_conv2d_f32(const ck_conv2d_params *p, const float *x, const void *w, int 
             int64_t oy1 = oy0 + rows < Ho ? oy0 + rows : Ho, n = (oy1 - oy0) * Wo;
             im2col_ctx ctx = {p, xb, workspace, Wo, oy0, oy1};
             ck_parallel_for(K, 1, im2col_rows, &ctx);
-            int status = ck_gemm_mixed(0, 0, p->Cout, n, K, 1.0f, w, w_type, K, workspace, CK_F32, n, bias ? 1.0f : 0.0f,
-                                       yb + oy0 * Wo, N);
+            int status = ck_gemm_mixed(0, 0, p->Cout, n, K, 1.0f, w, w_type, K, workspace, CK_F32, n, beta, yb + oy0 * Wo, N);
             if (status != CK_OK) return status;
         }
     }

@@ -102,8 +102,9 @@ int64_t ck_conv2d_out_w(const ck_conv2d_params *p);
 int64_t ck_conv2d_workspace_floats(const ck_conv2d_params *p);
 /* The band limit in floats (≤ 0: the default 16 Mi floats), process-wide: for tests, which make bands of one row. */
 void ck_conv2d_set_band_floats(int64_t floats);
+/* y = conv(x, w) + bias + residual; bias [Cout] and residual [B, Cout, Ho, Wo] may be NULL. */
 int ck_conv2d_f32(const ck_conv2d_params *p, const float *x, const void *w, int w_type, const float *bias,
-                  float *y, float *workspace);
+                  const float *residual, float *y, float *workspace);
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* Normalisation and softmax                                                                            */

@@ -120,6 +120,42 @@ final class CPUBackendContractTests: XCTestCase {
         assertClose(try backend.downloadFloats(fused), try backend.downloadFloats(explicit), .f32, "attention")
     }
 
+    /// The residual written into y before the GEMM accumulates (linear, conv2d) agrees with the op followed by
+    /// a separate add, with and without a bias, for the convolution's banded, pointwise and strided paths and
+    /// half-size weights; a residual of another shape is refused.
+    func testResidualInTheGEMMMatchesTheOpThenAdd() throws {
+        func compare(_ fused: Tensor, _ plain: Tensor, _ residual: Tensor, _ what: String) throws {
+            assertClose(try backend.downloadFloats(fused), try backend.downloadFloats(backend.add(plain, residual)), .f32, what)
+        }
+        let x = try tensor([2, 5, 9, 7], seed: 21)
+        for (kernel, stride, padding) in [(3, 1, 1), (3, 2, 1), (1, 1, 0)] {
+            for withBias in [true, false] {
+                for weightType in [DType.f32, .bf16] {
+                    let weight = try backend.cast(tensor([6, 5, kernel, kernel], seed: 22), to: weightType)
+                    let bias = withBias ? try tensor([6], seed: 23) : nil
+                    let pad = Padding2D.uniform(padding)
+                    let plain = try backend.conv2d(x, weight: weight, bias: bias, stride: (stride, stride), padding: pad)
+                    let residual = try tensor(plain.shape, seed: 24)
+                    let fused = try backend.conv2d(x, weight: weight, bias: bias, stride: (stride, stride), padding: pad,
+                                                   residual: residual)
+                    try compare(fused, plain, residual, "conv2d \(kernel)×\(kernel) stride \(stride) bias \(withBias) \(weightType)")
+                }
+            }
+        }
+        let rows = try tensor([3, 11, 24], seed: 25)
+        for withBias in [true, false] {
+            let weight = try tensor([17, 24], seed: 26), bias = withBias ? try tensor([17], seed: 27) : nil
+            let plain = try backend.linear(rows, weight: weight, bias: bias)
+            let residual = try tensor(plain.shape, seed: 28)
+            try compare(try backend.linear(rows, weight: weight, bias: bias, residual: residual), plain, residual, "linear bias \(withBias)")
+        }
+        XCTAssertThrowsError(try backend.linear(rows, weight: tensor([17, 24]), bias: nil, residual: tensor([3, 11, 1]))) { error in
+            XCTAssert("\(error)".contains("residual"), "\(error)")
+        }
+        XCTAssertThrowsError(try backend.conv2d(x, weight: tensor([6, 5, 1, 1]), bias: nil, stride: (1, 1), padding: .uniform(0),
+                                                residual: tensor([2, 6, 9, 1])))
+    }
+
     private func explicitAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, heads: Int, mask: Tensor, scale: Float) throws -> Tensor {
         let (b, tq, tk, width) = (q.shape[0], q.shape[1], k.shape[1], q.shape[2])
         let d = width / heads

@@ -1024,7 +1024,7 @@ static void run_conv(const ck_conv2d_params &p, int t, bool with_bias, const cha
                        bias = rounded(rvec(p.Cout), t), ref(p.B * p.Cout * Ho * Wo);
     const std::vector<float> residual = rounded(rvec(ref.size(), 2.0f), t);
     std::vector<float> ws(std::max<int64_t>(1, ck_conv2d_workspace_floats(&p)));
-    ck_conv2d_f32(&p, x.data(), w.data(), CK_F32, with_bias ? bias.data() : nullptr, ref.data(), ws.data());
+    ck_conv2d_f32(&p, x.data(), w.data(), CK_F32, with_bias ? bias.data() : nullptr, nullptr, ref.data(), ws.data());
     if (with_residual)
         for (size_t i = 0; i < ref.size(); i++) ref[i] += residual[i];
     Dev dx = up(x, t), dw = up(w, t), db = up(bias, t), dr = up(residual, t), dy(ref.size() * tsize(t));
@@ -1607,7 +1607,7 @@ static void graph_step(const GraphModel &m, const void *x, void *y, std::vector<
     const int t = CK_F32;
     Dev h((size_t)m.rows * m.hidden * 4), n((size_t)m.rows * m.hidden * 4);
     if (blocks) blocks->insert(blocks->end(), {h.p, n.p});
-    OK(L.pea_cuda_linear(g_ctx, t, x, m.w1.p, m.b1.p, h.p, m.rows, m.in, m.hidden));
+    OK(L.pea_cuda_linear(g_ctx, t, x, m.w1.p, m.b1.p, nullptr, h.p, m.rows, m.in, m.hidden));
     OK(L.pea_cuda_group_norm(g_ctx, t, h.p, m.gamma.p, m.beta.p, n.p, m.rows, m.hidden, 1, 8, 1e-5f, 0));
     OK(L.pea_cuda_activation(g_ctx, t, CK_ACT_SILU, n.p, h.p, m.rows * m.hidden));
     OK(L.pea_cuda_gemm(g_ctx, t, 0, 1, m.rows, m.out, m.hidden, 1.0f, h.p, m.hidden, 0, m.w2.p, m.hidden, 0, 0.0f, y,
@@ -1716,16 +1716,16 @@ static void test_graphs() {
         const int64_t yn_conv = p.B * p.Cout * ck_conv2d_out_h(&p) * ck_conv2d_out_w(&p);
         std::vector<float> x = rvec(p.B * p.Cin * p.H * p.W), x2 = rvec(x.size()), w = rvec(p.Cout * p.Cin * 9, 0.1f),
                            ref(yn_conv), ref2(yn_conv), ws(ck_conv2d_workspace_floats(&p));
-        ck_conv2d_f32(&p, x.data(), w.data(), CK_F32, nullptr, ref.data(), ws.data());
-        ck_conv2d_f32(&p, x2.data(), w.data(), CK_F32, nullptr, ref2.data(), ws.data());
+        ck_conv2d_f32(&p, x.data(), w.data(), CK_F32, nullptr, nullptr, ref.data(), ws.data());
+        ck_conv2d_f32(&p, x2.data(), w.data(), CK_F32, nullptr, nullptr, ref2.data(), ws.data());
         Dev dx = up(x, CK_F32), dx2 = up(x2, CK_F32), dw = up(w, CK_F32), dy(yn_conv * 4), dy2(yn_conv * 4);
         pea_cuda_graph *conv = nullptr;
         OK(L.pea_cuda_graph_begin(g_ctx));
-        OK(L.pea_cuda_conv2d(g_ctx, CK_F32, &p, dx.p, dw.p, nullptr, dy.p));
+        OK(L.pea_cuda_conv2d(g_ctx, CK_F32, &p, dx.p, dw.p, nullptr, nullptr, dy.p));
         OK(L.pea_cuda_graph_end(g_ctx, &conv));
         OK(L.pea_cuda_graph_replay(g_ctx, conv));
         compare("conv2d replayed, workspace grown in the capture", down(dy.p, yn_conv, CK_F32), ref, tol_for(CK_F32));
-        OK(L.pea_cuda_conv2d(g_ctx, CK_F32, &p, dx2.p, dw.p, nullptr, dy2.p));
+        OK(L.pea_cuda_conv2d(g_ctx, CK_F32, &p, dx2.p, dw.p, nullptr, nullptr, dy2.p));
         OK(L.pea_cuda_zero(g_ctx, dy.p, yn_conv * 4));
         OK(L.pea_cuda_graph_replay(g_ctx, conv));
         compare("conv2d eager after the capture", down(dy2.p, yn_conv, CK_F32), ref2, tol_for(CK_F32));

@@ -208,14 +208,10 @@ extension ComputeBackend {
         try addingResidual(residual, to: conv2d(x, weight: weight, bias: bias, stride: stride, padding: padding), "conv2d")
     }
 
-    /// y + residual for the composed residual ops: the residual must have y's shape (no broadcasting, as the
-    /// fused versions take it).
+    /// y + residual for the composed residual ops.
     private func addingResidual(_ residual: Tensor?, to y: Tensor, _ op: String) throws -> Tensor {
-        guard let residual else { return y }
-        guard residual.shape == y.shape else {
-            throw PEAError.shapeMismatch("\(op): residual \(residual.shape) does not match the output \(y.shape)")
-        }
-        return try add(y, residual)
+        try ShapeRules.requireResidual(residual, y.shape, op)
+        return try residual.map { try add(y, $0) } ?? y
     }
 
     public func upload(_ values: [Float], shape: [Int]) throws -> Tensor {

@@ -195,6 +195,14 @@ public enum ShapeRules {
         return axes
     }
 
+    /// The residual of `linear`/`conv2d` must have the output's shape: it is added element for element, in
+    /// the fused epilogues as in the composed default (no broadcasting).
+    public static func requireResidual(_ residual: Tensor?, _ shape: [Int], _ op: String) throws {
+        if let residual, residual.shape != shape {
+            throw PEAError.shapeMismatch("\(op): residual \(residual.shape) does not match the output \(shape)")
+        }
+    }
+
     // MARK: backward ops
 
     /// A backward op's gradOutput must have the shape the forward op returns.

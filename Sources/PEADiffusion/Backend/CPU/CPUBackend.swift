@@ -232,29 +232,52 @@ public final class CPUBackend: ComputeBackend, StridedCopying {
     }
 
     public func linear(_ x: Tensor, weight: Tensor, bias: Tensor?) throws -> Tensor {
-        try f32("linear", x, bias)
+        try linear(x, weight: weight, bias: bias, residual: nil)
+    }
+
+    /// The bias and the residual are written into y first and the GEMM accumulates onto them (beta = 1).
+    public func linear(_ x: Tensor, weight: Tensor, bias: Tensor?, residual: Tensor?) throws -> Tensor {
+        try f32("linear", x, bias, residual)
         try f32OrHalfWeight("linear", weight)
         let plan = try ShapeRules.linear(x, weight: weight, bias: bias)
+        try ShapeRules.requireResidual(residual, plan.outputShape, "linear")
         let (rows, inFeatures, outFeatures) = (plan.rows, plan.inFeatures, plan.outFeatures)
         let y = try empty(plan.outputShape, .f32)
-        if let bias {
-            let out = floats(y), b = floats(bias)
+        let out = floats(y)
+        if let residual {
+            let r = floats(residual)
+            if let bias {
+                let b = floats(bias)
+                for row in 0..<rows {
+                    for j in 0..<outFeatures { out[row * outFeatures + j] = r[row * outFeatures + j] + b[j] }
+                }
+            } else {
+                out.update(from: r, count: rows * outFeatures)
+            }
+        } else if let bias {
+            let b = floats(bias)
             for r in 0..<rows { (out + r * outFeatures).update(from: b, count: outFeatures) }
         }
         try check(ck_gemm_mixed(0, 1, Int64(rows), Int64(outFeatures), Int64(inFeatures), 1, floats(x), DType.f32.kernelCode,
-                                Int64(inFeatures), pointer(weight), weight.dtype.kernelCode, Int64(inFeatures), bias == nil ? 0 : 1,
-                                floats(y), Int64(outFeatures)), "linear")
+                                Int64(inFeatures), pointer(weight), weight.dtype.kernelCode, Int64(inFeatures),
+                                bias == nil && residual == nil ? 0 : 1, out, Int64(outFeatures)), "linear")
         return y
     }
 
     public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor?, stride: (Int, Int), padding: Padding2D) throws -> Tensor {
-        try f32("conv2d", x, bias)
+        try conv2d(x, weight: weight, bias: bias, stride: stride, padding: padding, residual: nil)
+    }
+
+    public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor?, stride: (Int, Int), padding: Padding2D,
+                       residual: Tensor?) throws -> Tensor {
+        try f32("conv2d", x, bias, residual)
         try f32OrHalfWeight("conv2d", weight)
         var plan = try ShapeRules.conv2d(x, weight: weight, bias: bias, stride: stride, padding: padding)
+        try ShapeRules.requireResidual(residual, plan.outputShape, "conv2d")
         let y = try empty(plan.outputShape, .f32)
         let workspace = try conv2dWorkspace(&plan.params)
-        try check(ck_conv2d_f32(&plan.params, floats(x), pointer(weight), weight.dtype.kernelCode, bias.map(floats), floats(y),
-                                workspace?.pointer.assumingMemoryBound(to: Float.self)), "conv2d")
+        try check(ck_conv2d_f32(&plan.params, floats(x), pointer(weight), weight.dtype.kernelCode, bias.map(floats),
+                                residual.map(floats), floats(y), workspace?.pointer.assumingMemoryBound(to: Float.self)), "conv2d")
         return y
     }
 

@@ -372,7 +372,7 @@ public final class CUDABackend: ComputeBackend, StridedCopying, CustomStringConv
     public func linear(_ x: Tensor, weight: Tensor, bias: Tensor?, residual: Tensor?) throws -> Tensor {
         let dtype = try floats("linear", x, weight, bias, residual)
         let plan = try ShapeRules.linear(x, weight: weight, bias: bias)
-        try requireResidual(residual, shape: plan.outputShape, "linear")
+        try ShapeRules.requireResidual(residual, plan.outputShape, "linear")
         let linear = try kernel(for: .linear, CUDALibrary.LinearFn.self)
         if plan.inFeatures == 0 {   // an empty sum: the bias, or zeros, plus the residual
             var y = try zeros(plan.outputShape, dtype: dtype)
@@ -398,7 +398,7 @@ public final class CUDABackend: ComputeBackend, StridedCopying, CustomStringConv
                        residual: Tensor?) throws -> Tensor {
         let dtype = try floats("conv2d", x, weight, bias, residual)
         var plan = try ShapeRules.conv2d(x, weight: weight, bias: bias, stride: stride, padding: padding)
-        try requireResidual(residual, shape: plan.outputShape, "conv2d")
+        try ShapeRules.requireResidual(residual, plan.outputShape, "conv2d")
         let conv2d = try kernel(for: .conv2d, CUDALibrary.Conv2dFn.self)
         let y = try empty(plan.outputShape, dtype)
         if y.count == 0 { return y }
@@ -406,13 +406,6 @@ public final class CUDABackend: ComputeBackend, StridedCopying, CustomStringConv
                          residual.map(pointer) ?? nil, pointer(y)),
                   "conv2d")
         return y
-    }
-
-    /// A fused residual has the output's shape exactly (no broadcasting), as the composed default requires.
-    private func requireResidual(_ residual: Tensor?, shape: [Int], _ op: String) throws {
-        if let residual, residual.shape != shape {
-            throw PEAError.shapeMismatch("\(op): residual \(residual.shape) does not match the output \(shape)")
-        }
     }
 
     public func groupNorm(_ x: Tensor, groups: Int, weight: Tensor?, bias: Tensor?, eps: Float, fuseSiLU: Bool) throws -> Tensor {
