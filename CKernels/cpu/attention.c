@@ -169,7 +169,8 @@ void ck_attention_f32(const ck_attention_params *p) {
  * thread's scratch, at most BWD_SCORE_FLOATS each unless a single row is longer: P's max and sum come from
  * the whole row, no statistics are carried between blocks. Per block: S (GEMM), P in place, dV += Pᵀ·dO_blk,
  * dP, dS in place, dQ_blk = scale·dS·K, dK += scale·dSᵀ·Q_blk — five GEMMs, single-threaded inside the pool
- * task. */
+ * task (with a single unit, B·H = 1, the call stays on the caller and the GEMMs use the pool: they split only
+ * output tiles, so the bits are still those of one thread). */
 
 /* 128 query rows make the dK, dV accumulations (GEMMs whose inner dimension is the block's rows) long
  * enough to amortise reading and writing Tk×D outputs each block: at SD1.5's 4096 tokens 64 rows took about
@@ -183,11 +184,13 @@ static int64_t backward_block_rows(int64_t Tk) {
     return rows < 1 ? 1 : (rows > BWD_QB ? BWD_QB : rows);
 }
 
-/* This thread's scratch of at least `floats` floats, kept across calls (pool threads live as long as the
- * process, so it is allocated about once per thread); NULL when it cannot be grown. */
+/* This thread's scratch of at least `floats` floats (and at least one, so that no keys is not mistaken for
+ * a failure), kept across calls (pool threads live as long as the process, so it is allocated about once per
+ * thread); NULL when it cannot be grown. */
 static float *backward_scratch(size_t floats) {
     static _Thread_local float *buffer;
     static _Thread_local size_t capacity;
+    if (floats < 1) floats = 1;
     if (capacity < floats) {
         free(buffer);
         buffer = malloc(floats * sizeof(float));
