@@ -147,6 +147,14 @@ typedef struct {
 
 void ck_attention_f32(const ck_attention_params *p);
 
+/* The gradients of ck_attention_f32's output with respect to q, k and v, given d_out (the gradient of out,
+ * addressed by the o_* strides); dq, dk, dv are written with q, k, v's strides. No mask and not causal
+ * (CK_EINVAL otherwise: the cases the training step needs). Blockwise: each (b, h) recomputes its scores
+ * a block of query rows at a time in a per-thread buffer (kept across calls) of 2·128·Tk floats, at most
+ * 4 MB unless a single row is longer, never a Tq×Tk matrix. Results do not depend on the number of threads.
+ * CK_ENOMEM when that buffer cannot be allocated (the outputs are then partly written). */
+int ck_attention_backward_f32(const ck_attention_params *p, const float *d_out, float *dq, float *dk, float *dv);
+
 /* ---------------------------------------------------------------------------------------------------- */
 /* Elementwise and data movement                                                                        */
 

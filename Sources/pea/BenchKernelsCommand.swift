@@ -24,7 +24,9 @@ enum BenchKernelsOptions {
                 "                  [--gate-us G] [--scale full|small] [--only NAME[,NAME…]] [--json] [--threads T]"],
         description: """
             Times single backend ops on random data: at SD1.5 UNet shapes (64×64 latents, batch 2) group norm + SiLU,
-            layer norm, attention (self and cross) and the backward of self-attention, 3×3 conv2d (also with a residual, conv3x3_320_residual) and the bare batched GEMM of its im2col form (conv3x3_320_gemm:
+            layer norm, attention (self and cross) and its backward (self at each level, cross; the backend's own and the
+            composed one, *_bwd_composed), 3×3 conv2d (also with a residual, conv3x3_320_residual) and the bare batched
+            GEMM of its im2col form (conv3x3_320_gemm:
             M = Cout, N = H·W, K = Cin·9, the weight shared by the batch), linear and a square GEMM, add, SiLU, GEGLU; and
             at SD1.5 VAE-decoder shapes (512×512 images, batch 1: group norm + SiLU on [1,128,512,512] and [1,512,128,128],
             add and SiLU on [1,128,512,512]) whose tensors exceed a 50 MB L2 cache, so GB/s there is DRAM bandwidth. Each
@@ -133,21 +135,30 @@ private func kernelCases(small: Bool) -> [KernelCase] {
             }))
     }
 
-    // Attention's backward (the training step's), self-attention at head dim 40: dq, dk, dv from dO. FLOPs
-    // 10·B·H·Tq·Tk·D: S, dP = dO·Vᵀ, dV, dQ, dK, 2·B·H·Tq·Tk·D each (recomputations not counted).
-    do {
-        let (h, d) = (8, 40)
-        cases.append(KernelCase(
-            name: "attn_self_h8d40_bwd", op: "attention_backward", shape: "B=\(batch) H=\(h) Tq=\(tokens) Tk=\(tokens) D=\(d)",
-            params: [("B", batch), ("H", h), ("Tq", tokens), ("Tk", tokens), ("D", d)],
-            flops: 10 * Double(batch * h) * Double(tokens) * Double(tokens) * Double(d), bytes: nil,
-            prepare: { backend, dtype, random in
-                let q = try upload(backend, dtype, &random, [batch, tokens, h * d])
-                let k = try upload(backend, dtype, &random, [batch, tokens, h * d])
-                let v = try upload(backend, dtype, &random, [batch, tokens, h * d])
-                let dO = try upload(backend, dtype, &random, [batch, tokens, h * d])
-                return { try backend.attentionBackward(dO, q: q, k: k, v: v, heads: h, scale: nil).q }  // all three are computed
-            }))
+    // Attention's backward (the training step's) at head dim 40: dq, dk, dv from dO, self-attention at each
+    // UNet level and cross-attention, each by the backend's own backward and by the composed one
+    // (ComputeBackend+Backward.swift: Tq×Tk matrices through memory), so one run shows what the fused one gains.
+    // FLOPs 10·B·H·Tq·Tk·D: S, dP = dO·Vᵀ, dV, dQ, dK, 2·B·H·Tq·Tk·D each (recomputations not counted).
+    for (name, tq, tk) in [("attn_self_h8d40", tokens, tokens), ("attn_self_h8d40_t\(tokens / 4)", tokens / 4, tokens / 4),
+                           ("attn_self_h8d40_t\(tokens / 16)", tokens / 16, tokens / 16), ("attn_cross_h8d40", tokens, 77)] {
+        for composed in [false, true] {
+            let (h, d) = (8, 40)
+            cases.append(KernelCase(
+                name: name + (composed ? "_bwd_composed" : "_bwd"), op: "attention_backward",
+                shape: "B=\(batch) H=\(h) Tq=\(tq) Tk=\(tk) D=\(d)",
+                params: [("B", batch), ("H", h), ("Tq", tq), ("Tk", tk), ("D", d)],
+                flops: 10 * Double(batch * h) * Double(tq) * Double(tk) * Double(d), bytes: nil,
+                prepare: { backend, dtype, random in
+                    let q = try upload(backend, dtype, &random, [batch, tq, h * d])
+                    let k = try upload(backend, dtype, &random, [batch, tk, h * d])
+                    let v = try upload(backend, dtype, &random, [batch, tk, h * d])
+                    let dO = try upload(backend, dtype, &random, [batch, tq, h * d])
+                    if composed {
+                        return { try backend.composedAttentionBackward(dO, q: q, k: k, v: v, heads: h, scale: nil).q }
+                    }
+                    return { try backend.attentionBackward(dO, q: q, k: k, v: v, heads: h, scale: nil).q }  // all three are computed
+                }))
+        }
     }
 
     // 3×3 convolutions, padding 1, with bias: FLOPs 2·B·Cout·H·W·Cin·9.
@@ -334,7 +345,7 @@ private func printKernelRow(_ r: KernelResult) {
     // at least one space after each column, however long the name
     func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count) }
     func left(_ s: String, _ width: Int) -> String { s.count >= width ? s : String(repeating: " ", count: width - s.count) + s }
-    print(pad(r.kernel.name, 27) + pad(r.kernel.shape, 36) + "best " + left(decimal(r.bestMs, 3), 10) + " ms  median "
+    print(pad(r.kernel.name, 35) + pad(r.kernel.shape, 36) + "best " + left(decimal(r.bestMs, 3), 10) + " ms  median "
         + left(decimal(r.medianMs, 3), 10) + " ms  " + left(rate, 16))
 }
 

@@ -140,8 +140,8 @@ func checkBackwardOps(on backend: any ComputeBackend, file: StaticString = #file
     try c.upsample(input: [2, 3, 4, 5])
 }
 
-/// attentionBackward (self- and cross-attention, several heads, head widths that are not powers of two,
-/// chunked and not) and sumToShape against finite differences.
+/// attentionBackward (self- and cross-attention, several heads, head widths that are not powers of two; the
+/// backend's own, and the composed one chunked) and sumToShape against finite differences.
 func checkComposedBackward(on backend: any ComputeBackend, file: StaticString = #filePath, line: UInt = #line) throws {
     let c = GradientChecker(backend: backend, file: file, line: line)
     try c.attention(batch: 2, queries: 5, keys: 5, heads: 2, headDim: 3, valueHeadDim: 3, scale: nil)

@@ -134,7 +134,8 @@ final class CUDABackwardParityTests: XCTestCase {
         }
     }
 
-    /// The fused attention_backward.cu against the CPU's composed backward: query and key counts off the 16-row
+    /// The fused attention_backward.cu against the CPU's (attention.c's blockwise backward, itself checked
+    /// against the composed one by CPUAttentionBackwardTests): query and key counts off the 16-row
     /// tiles, cross-attention with fewer keys than a tile, head dims 40/64/160 and D ≠ Dv; a head dim above the
     /// kernel's limit takes the composed path on the CUDA backend too.
     func testAttentionBackward() throws {

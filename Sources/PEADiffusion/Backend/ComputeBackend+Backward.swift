@@ -14,9 +14,9 @@ extension ComputeBackend {
 
     /// The composed attention backward, whatever `attentionBackward` this backend has (a backend whose own
     /// version cannot take some shapes falls back to it), with the chunk budget as a parameter (tests use a
-    /// small one to exercise chunking).
-    func composedAttentionBackward(_ gradOutput: Tensor, q: Tensor, k: Tensor, v: Tensor, heads: Int, scale: Float?,
-                                   scoreBytesPerChunk: Int = 256 << 20) throws -> (q: Tensor, k: Tensor, v: Tensor) {
+    /// small one to exercise chunking). Public for `pea bench kernels`, which times it beside the backend's own.
+    public func composedAttentionBackward(_ gradOutput: Tensor, q: Tensor, k: Tensor, v: Tensor, heads: Int, scale: Float?,
+                                          scoreBytesPerChunk: Int = 256 << 20) throws -> (q: Tensor, k: Tensor, v: Tensor) {
         let op = "attentionBackward"
         let s = try ShapeRules.backward(op) {
             try ShapeRules.attention(q: q.shape, k: k.shape, v: v.shape, heads: heads, mask: nil)

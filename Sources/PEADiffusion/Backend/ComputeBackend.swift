@@ -127,7 +127,7 @@ public protocol ComputeBackend: AnyObject {
 
     /// The gradients with respect to q, k and v of `attention(q:k:v:heads:mask: nil, causal: false, scale:)`,
     /// given the gradient of its output. The default (ComputeBackend+Backward.swift) is composed of the ops
-    /// below and GEMMs; the CUDA backend runs a fused kernel. A requirement, so that callers holding
+    /// below and GEMMs; the CPU and CUDA backends run blockwise kernels. A requirement, so that callers holding
     /// `any ComputeBackend` (the taped backend) reach a backend's own version.
     func attentionBackward(_ gradOutput: Tensor, q: Tensor, k: Tensor, v: Tensor, heads: Int,
                            scale: Float?) throws -> (q: Tensor, k: Tensor, v: Tensor)

@@ -39,6 +39,25 @@ extension CPUBackend {
         return (dx, dWeight, dBias)
     }
 
+    /// ck_attention_backward_f32 (attention.c): the scores recomputed a block of query rows at a time in a
+    /// per-thread buffer of at most 4 MB at SD1.5's token counts, where the composed default
+    /// (ComputeBackend+Backward.swift) forms Tq×Tk matrices and streams them through memory. It takes every
+    /// shape the forward does (no mask, not causal, as the protocol asks), so nothing falls back. dq, dk, dv
+    /// are laid out as q, k, v.
+    public func attentionBackward(_ gradOutput: Tensor, q: Tensor, k: Tensor, v: Tensor, heads: Int,
+                                  scale: Float?) throws -> (q: Tensor, k: Tensor, v: Tensor) {
+        let op = "attentionBackward"
+        try f32(op, gradOutput, q, k, v)
+        var plan = try ShapeRules.backward(op) {
+            try ShapeRules.attention(q: q, k: k, v: v, heads: heads, mask: nil, causal: false, scale: scale)
+        }
+        try ShapeRules.requireGradOutput(gradOutput, plan.outputShape, op)
+        let (dq, dk, dv) = (try empty(q.shape, .f32), try empty(k.shape, .f32), try empty(v.shape, .f32))
+        plan.params.q = UnsafePointer(floats(q)); plan.params.k = UnsafePointer(floats(k)); plan.params.v = UnsafePointer(floats(v))
+        try check(ck_attention_backward_f32(&plan.params, floats(gradOutput), floats(dq), floats(dk), floats(dv)), op)
+        return (dq, dk, dv)
+    }
+
     public func softmaxBackward(_ gradOutput: Tensor, output y: Tensor) throws -> Tensor {
         try f32("softmaxBackward", gradOutput, y)
         let (rows, width) = try ShapeRules.softmaxBackward(gradOutput, output: y)
