@@ -31,7 +31,7 @@ final class CPUStorage: TensorStorage {
 /// live at once (or within `floor`, when that is more): a request that finds no kept buffer to fit, and would
 /// push the total past that, first frees kept buffers, largest first. The quarter is room for the sizes that
 /// do not fit each other (a kept buffer serves requests up to a quarter smaller than it); with it an SD1.5
-/// training step reuses every buffer of the step before, at 2% more peak memory than malloc alone.
+/// training step takes about 2,800 page faults instead of 2.2 million (`pea bench train-step`).
 final class CPUBufferCache: @unchecked Sendable {
     static let shared = CPUBufferCache(floor: 512 << 20)
     /// Below this, malloc's own free lists are fast enough.
@@ -96,7 +96,9 @@ final class CPUBufferCache: @unchecked Sendable {
             if capacity >= Self.smallest { lock.withLock { liveBytes -= capacity } }
             throw PEAError.backend("cpu: cannot allocate \(byteCount) bytes", kind: .outOfMemory)
         }
+        #if os(Linux)
         if huge { _ = madvise(raw, capacity & ~(Self.hugePage - 1), MADV_HUGEPAGE) }
+        #endif
         return (raw, capacity)
     }
 
