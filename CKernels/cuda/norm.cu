@@ -177,6 +177,17 @@ static __device__ void gn_held_mean_m2(const uint4 (&held)[K], int64_t first, in
     m2 = sq;
 }
 
+/* Thread t's share of a chunk of 16-byte vectors starting at vector q0 of xq: vectors q0 + t, q0 + t + blockDim, …
+ * (K of them) into registers, zeros past nq. */
+template <int K>
+static __device__ __forceinline__ void gn_hold(const uint4 *xq, int64_t q0, int64_t nq, uint4 (&held)[K]) {
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        const int64_t q = q0 + threadIdx.x + (int64_t)k * blockDim.x;
+        held[k] = q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
 /* Group norm with the group held in registers: x is read once. One block per (b, g) = blockIdx.x, whose n = Cg·S
  * values are contiguous and seen as nq = n/V 16-byte vectors (V = 4 f32 or 8 f16/bf16; S a multiple of V, so a
  * vector never straddles two channels). Thread t loads the vectors t, t + blockDim, …, t + (K−1)·blockDim
@@ -192,11 +203,7 @@ __global__ void __launch_bounds__(1024) group_norm_regs_kernel(const T *x, const
     const uint4 *xq = reinterpret_cast<const uint4 *>(x + u * n);
     uint4 *yq = reinterpret_cast<uint4 *>(y + u * n);
     uint4 held[K];
-#pragma unroll
-    for (int k = 0; k < K; k++) {
-        const int q = tid + k * threads;
-        held[k] = q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
-    }
+    gn_hold<K>(xq, 0, nq, held);
     float mu, sq;
     gn_held_mean_m2<T, K>(held, 0, nq, (float)n, mu, sq);
     const float rstd = rsqrtf(sq / (float)n + eps);
@@ -234,14 +241,10 @@ __global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_partial_kernel(co
     const int64_t chunk_vecs = (int64_t)K * blockDim.x, nq = n / V;
     const int64_t q0 = p * chunk_vecs;
     const int64_t count = (nq - q0 < chunk_vecs ? nq - q0 : chunk_vecs) * V; /* values in this chunk */
-    const uint4 *xq = reinterpret_cast<const uint4 *>(x + u * n) + q0;
+    const uint4 *xq = reinterpret_cast<const uint4 *>(x + u * n);
     const int tid = threadIdx.x;
     uint4 held[K];
-#pragma unroll
-    for (int k = 0; k < K; k++) {
-        const int64_t q = tid + (int64_t)k * blockDim.x;
-        held[k] = q0 + q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
-    }
+    gn_hold<K>(xq, q0, nq, held);
     float mean, m2;
     gn_held_mean_m2<T, K>(held, q0, nq, (float)count, mean, m2);
     if (tid == 0) part[L] = make_float2(mean, m2);
@@ -294,11 +297,7 @@ __global__ void __launch_bounds__(GN_SPLIT_THREADS) group_norm_apply_kernel(cons
     const uint4 *xq = reinterpret_cast<const uint4 *>(x + u * n);
     uint4 *yq = reinterpret_cast<uint4 *>(y + u * n);
     uint4 held[K];
-#pragma unroll
-    for (int k = 0; k < K; k++) {
-        const int64_t q = q0 + tid + (int64_t)k * blockDim.x;
-        held[k] = q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
-    }
+    gn_hold<K>(xq, q0, nq, held);
 #pragma unroll
     for (int k = 0; k < K; k++) {
         const int64_t q = q0 + tid + (int64_t)k * blockDim.x;
@@ -562,12 +561,8 @@ __global__ void __launch_bounds__(GN_SPLIT_THREADS)
     const int tid = threadIdx.x;
     const uint4 *xq = reinterpret_cast<const uint4 *>(x + u * n), *dyq = reinterpret_cast<const uint4 *>(dy + u * n);
     uint4 hx[K] = {}, hdy[K] = {}; /* zeroed only for g++'s -Wuninitialized (the emulated build) */
-#pragma unroll
-    for (int k = 0; k < K; k++) { /* loads in flight while warp 0 merges the partials */
-        const int64_t q = q0 + tid + (int64_t)k * blockDim.x;
-        hx[k] = q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
-        hdy[k] = q < nq ? dyq[q] : make_uint4(0u, 0u, 0u, 0u);
-    }
+    gn_hold<K>(xq, q0, nq, hx); /* loads in flight while warp 0 merges the partials */
+    gn_hold<K>(dyq, q0, nq, hdy);
     float mu, rstd;
     gn_merge_stats(stats, u, P, chunk_vecs, nq, V, eps, mu, rstd);
     float sum_dxh = 0.0f, sum_dxh_xh = 0.0f;
@@ -605,12 +600,8 @@ __global__ void __launch_bounds__(GN_SPLIT_THREADS)
     const uint4 *xq = reinterpret_cast<const uint4 *>(x + u * n), *dyq = reinterpret_cast<const uint4 *>(dy + u * n);
     uint4 *dxq = reinterpret_cast<uint4 *>(dx + u * n);
     uint4 hx[K] = {}, hdy[K] = {}; /* zeroed only for g++'s -Wuninitialized (the emulated build) */
-#pragma unroll
-    for (int k = 0; k < K; k++) { /* loads in flight while warp 0 merges the partials */
-        const int64_t q = q0 + tid + (int64_t)k * blockDim.x;
-        hx[k] = q < nq ? xq[q] : make_uint4(0u, 0u, 0u, 0u);
-        hdy[k] = q < nq ? dyq[q] : make_uint4(0u, 0u, 0u, 0u);
-    }
+    gn_hold<K>(xq, q0, nq, hx); /* loads in flight while warp 0 merges the partials */
+    gn_hold<K>(dyq, q0, nq, hdy);
     float mu, rstd, sum_dxh, sum_dxh_xh;
     gn_merge_stats(stats, u, P, chunk_vecs, nq, V, eps, mu, rstd);
     gn_merge_sums(sums, u, P, sum_dxh, sum_dxh_xh);
