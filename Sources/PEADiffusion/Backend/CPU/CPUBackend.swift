@@ -246,16 +246,12 @@ public final class CPUBackend: ComputeBackend, StridedCopying {
         let (rows, inFeatures, outFeatures) = (plan.rows, plan.inFeatures, plan.outFeatures)
         let y = try empty(plan.outputShape, .f32)
         let out = floats(y)
-        if let residual {
-            let r = floats(residual)
-            if let bias {
-                let b = floats(bias)
-                for row in 0..<rows {
-                    for j in 0..<outFeatures { out[row * outFeatures + j] = r[row * outFeatures + j] + b[j] }
-                }
-            } else {
-                out.update(from: r, count: rows * outFeatures)
-            }
+        if let residual, let bias, y.count > 0 {
+            let sum = try ShapeRules.binary(.add, residual, bias)   // the bias broadcast over the rows
+            ck_binary_f32(sum.code, floats(residual), sum.aStrides, floats(bias), sum.bStrides, out, sum.indexShape,
+                          Int32(sum.indexShape.count))
+        } else if let residual {
+            out.update(from: floats(residual), count: rows * outFeatures)
         } else if let bias {
             let b = floats(bias)
             for r in 0..<rows { (out + r * outFeatures).update(from: b, count: outFeatures) }
