@@ -119,11 +119,7 @@ final class CUDAGraphTests: XCTestCase {
         for c in cases {
             let pipeline = try StableDiffusionPipeline.load(folder: PipelineParityTests.directory + "/" + c.pipeline, backend: cuda,
                                                             scheduler: c.scheduler)
-            var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: c.width, height: c.height)
-            request.steps = c.steps
-            request.guidance = c.guidance
-            request.seed = UInt64(c.seed)
-            request.imagesPerPrompt = c.batch
+            let request = c.request
             let eager = try pipeline.generate(request)
             pipeline.cudaGraphs = true
             let graphed = try pipeline.generate(request)

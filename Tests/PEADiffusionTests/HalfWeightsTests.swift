@@ -106,11 +106,7 @@ final class HalfWeightsTests: XCTestCase {
             for c in try PipelineParityTests.cases() {
                 let pipeline = try StableDiffusionPipeline.load(folder: PipelineParityTests.directory + "/" + c.pipeline, backend: backend,
                                                                 scheduler: c.scheduler)
-                var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: c.width, height: c.height)
-                request.steps = c.steps
-                request.guidance = c.guidance
-                request.seed = UInt64(c.seed)
-                request.imagesPerPrompt = c.batch
+                let request = c.request
                 let images = try pipeline.generate(request, warn: { _ in })
                 let expected = try SafeTensorsFile(path: fixturesDirectory() + "/half_weights/" + c.images).tensor("\(dtype)")
                 assertSameImages(images, expected, "\(c.name) with \(dtype) weights")

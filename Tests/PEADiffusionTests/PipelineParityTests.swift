@@ -12,6 +12,16 @@ final class PipelineParityTests: XCTestCase {
         let steps, seed, width, height, batch: Int
         let guidance: Float
         let scheduler: String?
+
+        /// The generation the case asks for.
+        var request: GenerationRequest {
+            var request = GenerationRequest(prompt: prompt, negativePrompt: negative_prompt, width: width, height: height)
+            request.steps = steps
+            request.guidance = guidance
+            request.seed = UInt64(seed)
+            request.imagesPerPrompt = batch
+            return request
+        }
     }
 
     static let directory = fixturesDirectory() + "/pipelines"
@@ -34,11 +44,7 @@ final class PipelineParityTests: XCTestCase {
         for c in cases {
             let pipeline = try StableDiffusionPipeline.load(folder: Self.directory + "/" + c.pipeline, backend: backend, scheduler: c.scheduler)
             XCTAssertEqual(pipeline.family, ["sd1": .sd1, "sd2": .sd2, "sdxl": .sdxl][c.pipeline])
-            var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: c.width, height: c.height)
-            request.steps = c.steps
-            request.guidance = c.guidance
-            request.seed = UInt64(c.seed)
-            request.imagesPerPrompt = c.batch
+            let request = c.request
             var warnings: [String] = []
             let images = try pipeline.generate(request, warn: { warnings.append($0) })
             assertSameImages(images, try expectedImages(c), c.name)

@@ -146,11 +146,7 @@ final class PrecisionTests: XCTestCase {
         let pipeline = try StableDiffusionPipeline.load(folder: directory + "/" + c.pipeline, backend: backend, scheduler: c.scheduler, dtype: dtype)
         XCTAssertEqual(pipeline.denoiser.dtype, dtype)
         XCTAssertEqual(pipeline.vae.dtype, expectVAE, "\(name): VAE dtype")
-        var request = GenerationRequest(prompt: c.prompt, negativePrompt: c.negative_prompt, width: c.width, height: c.height)
-        request.steps = c.steps
-        request.guidance = c.guidance
-        request.seed = UInt64(c.seed)
-        request.imagesPerPrompt = c.batch
+        let request = c.request
         let images = try pipeline.generate(request)
         let reference = try SafeTensorsFile(path: directory + "/" + c.images).tensor("images").integers()!
         let pixels = images.flatMap(\.pixels)
