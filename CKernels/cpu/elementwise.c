@@ -3,9 +3,13 @@
  * backward passes of the activations, GEGLU and upsampling.
  *
  * Every kernel here is memory-bound and trivially parallel: the index space is cut into contiguous ranges
- * (GRAIN elements or rows at least) handed to the thread pool.
+ * (GRAIN elements or rows at least) handed to the thread pool. GELU computes erfc and exp with fastmath.h's
+ * polynomials, and GEGLU's loops (the UNet's feed-forward) are compiled twice, for AVX2 + FMA (where they
+ * vectorise) and for any CPU, the one to run picked at run time (RANGE_KERNEL): with libm's scalar erff and
+ * expf, GEGLU and its gradient were 3% of a training step on the CPU.
  */
 #include "ckernels.h"
+#include "fastmath.h"
 
 #include <math.h>
 #include <string.h>
@@ -20,12 +24,31 @@ typedef struct {
     int kind;
 } unary_ctx;
 
-static inline float gelu_erf(float v) { return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); }
+/* gelu(v) = v·Φ(v) = ½·v·(1 + erf(v/√2)), written as ½·v·erfc(−v/√2) so that negative v keep their relative
+ * accuracy (1 + erf cancels there). */
+static inline float gelu_erf(float v) { return 0.5f * v * erfc_poly(-v * 0.70710678118654752f); }
 
 static inline float gelu_tanh(float v) {
     const float k = 0.79788456080286536f;   /* sqrt(2/π) */
     return 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
 }
+
+/* A pool task `name` that runs `name_body` (always inlined) compiled for AVX2 + FMA where the CPU has them,
+ * and for any x86-64 (or other CPU) otherwise. */
+#if defined(__x86_64__)
+#define RANGE_KERNEL(name)                                                                                     \
+    __attribute__((target("avx2,fma"))) static void name##_avx2(void *arg, int64_t begin, int64_t end) {   \
+        name##_body(arg, begin, end);                                                                    \
+    }                                                                                                    \
+    static void name##_plain(void *arg, int64_t begin, int64_t end) { name##_body(arg, begin, end); }    \
+    static void name(void *arg, int64_t begin, int64_t end) {                                            \
+        if (ck_cpu_has_avx2_fma()) name##_avx2(arg, begin, end);                                         \
+        else name##_plain(arg, begin, end);                                                              \
+    }
+#else
+#define RANGE_KERNEL(name) \
+    static void name(void *arg, int64_t begin, int64_t end) { name##_body(arg, begin, end); }
+#endif
 
 static void unary_range(void *arg, int64_t begin, int64_t end) {
     const unary_ctx *ctx = arg;
@@ -53,7 +76,7 @@ int ck_activation_f32(int kind, const float *x, float *y, int64_t n) {
 
 static inline float gelu_erf_grad(float v) {
     const float inv_sqrt_2pi = 0.39894228040143268f;
-    return 0.5f * (1.0f + erff(v * 0.70710678118654752f)) + v * inv_sqrt_2pi * expf(-0.5f * v * v);
+    return 0.5f * erfc_poly(-v * 0.70710678118654752f) + v * inv_sqrt_2pi * exp_poly(-0.5f * v * v);
 }
 
 static inline float gelu_tanh_grad(float v) {
@@ -99,14 +122,15 @@ typedef struct {
     int64_t D;
 } geglu_ctx;
 
-static void geglu_rows(void *arg, int64_t begin, int64_t end) {
+static inline __attribute__((always_inline)) void geglu_rows_body(void *arg, int64_t begin, int64_t end) {
     const geglu_ctx *ctx = arg;
     for (int64_t r = begin; r < end; r++) {
-        const float *value = ctx->x + r * 2 * ctx->D, *gate = value + ctx->D;
-        float *y = ctx->y + r * ctx->D;
+        const float *restrict value = ctx->x + r * 2 * ctx->D, *restrict gate = value + ctx->D;
+        float *restrict y = ctx->y + r * ctx->D;
         for (int64_t i = 0; i < ctx->D; i++) y[i] = value[i] * gelu_erf(gate[i]);
     }
 }
+RANGE_KERNEL(geglu_rows)
 
 void ck_geglu_f32(const float *x, float *y, int64_t R, int64_t D) {
     geglu_ctx ctx = {x, y, D};
@@ -120,18 +144,19 @@ typedef struct {
 } geglu_backward_ctx;
 
 /* GEGLU backward: d value = dy · gelu(gate), d gate = dy · value · gelu'(gate). */
-static void geglu_backward_rows(void *arg, int64_t begin, int64_t end) {
+static inline __attribute__((always_inline)) void geglu_backward_rows_body(void *arg, int64_t begin, int64_t end) {
     const geglu_backward_ctx *ctx = arg;
     const int64_t D = ctx->D;
     for (int64_t r = begin; r < end; r++) {
-        const float *value = ctx->x + r * 2 * D, *gate = value + D, *dy = ctx->dy + r * D;
-        float *dvalue = ctx->dx + r * 2 * D, *dgate = dvalue + D;
+        const float *restrict value = ctx->x + r * 2 * D, *restrict gate = value + D, *restrict dy = ctx->dy + r * D;
+        float *restrict dvalue = ctx->dx + r * 2 * D, *restrict dgate = dvalue + D;
         for (int64_t i = 0; i < D; i++) {
             dvalue[i] = dy[i] * gelu_erf(gate[i]);
             dgate[i] = dy[i] * value[i] * gelu_erf_grad(gate[i]);
         }
     }
 }
+RANGE_KERNEL(geglu_backward_rows)
 
 void ck_geglu_backward_f32(const float *dy, const float *x, float *dx, int64_t R, int64_t D) {
     geglu_backward_ctx ctx = {dy, x, dx, D};

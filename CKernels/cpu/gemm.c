@@ -30,7 +30,10 @@
  *   avx2      MR=6,  NR=16  12 ymm accumulators (2 per row), the classic Haswell/Zen shape
  *   portable  MR=4,  NR=8   plain C loops the compiler vectorises for whatever the target has
  * The SIMD kernels share one body written with the compiler's generic vector type (16 floats); under
- * AVX2 each 16-float vector is a pair of ymm registers, under AVX-512 one zmm.
+ * AVX2 each 16-float vector is a pair of ymm registers, under AVX-512 one zmm. The last sliver of a block
+ * is often mostly padding (attention's products have 40 or 80 columns, 64 or 128 rows), so each SIMD kernel
+ * also comes in edge variants that compute a third or two thirds of the rows, or (AVX-512) half the
+ * columns, of the same packed slivers.
  *
  * Threads: C is cut into a grid of rectangles, one per thread, along M and/or N (whichever leaves the
  * least packing to repeat), and each thread runs the loop nest above on its rectangle with its own packing
@@ -80,7 +83,10 @@ typedef struct {
     const char *name;
     int mr, nr;                  /* register tile */
     int64_t kc, mc, nc;          /* cache blocks: KC steps per slice, MC rows of A per block, NC columns of B */
-    microkernel_fn kernel[2];    /* [0]: A slivers by rows, [1]: by columns (index = transA) */
+    /* [A layout: 0 by rows, 1 by columns (= transA)][tile rows mr: ≤ MR/3, ≤ 2·MR/3, more][tile columns
+     * nr: ≤ NR/2, more]: the kernel for a tile of C, the full-tile one or an edge variant that computes
+     * fewer rows or columns of the same slivers (see tile_kernel). */
+    microkernel_fn kernel[2][3][2];
 } gemm_kernel_t;
 
 /* Applies alpha/beta to an mr×nr tile computed into `ab` (row stride NR) and stores it into C. The edge
@@ -143,13 +149,15 @@ typedef float v16u __attribute__((vector_size(64), aligned(4)));     /* the same
 /* x in all 16 lanes (one vbroadcastss). */
 #define SPLAT16(x) ((v16){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x})
 
-/* The register-tile body: MR rows × NV vectors of 16 floats. MR, NV, KC and the A layout are compile-time
- * constants at each (always-inlined) use, so the loops unroll completely and acc[][] lives in registers.
- * Per k step: NV loads of B, MR broadcasts of A, MR·NV FMAs (the compiler fuses acc + a·b under its
- * default -ffp-contract=on; the caller's target attribute provides the FMA instructions). */
+/* The register-tile body: MR rows × NV vectors of 16 floats of slivers packed MRP tall and NRP wide (an
+ * edge variant computes only the first MR ≤ MRP rows and 16·NV ≤ NRP columns of its slivers). MR, NV, MRP,
+ * NRP, KC and the A layout are compile-time constants at each (always-inlined) use, so the loops unroll
+ * completely and acc[][] lives in registers. Per k step: NV loads of B, MR broadcasts of A, MR·NV FMAs (the
+ * compiler fuses acc + a·b under its default -ffp-contract=on; the caller's target attribute provides the
+ * FMA instructions). */
 static inline __attribute__((always_inline)) void
-microkernel_simd_body(const int MR, const int NV, const int KC, const int a_by_rows, int64_t kc,
-                      const float *restrict a, const float *restrict b, float *restrict c, int64_t ldc,
+microkernel_simd_body(const int MR, const int NV, const int MRP, const int NRP, const int KC, const int a_by_rows,
+                      int64_t kc, const float *restrict a, const float *restrict b, float *restrict c, int64_t ldc,
                       int mr, int nr, float alpha, float beta) {
     const int NR = 16 * NV;
     v16 acc[SIMD_MAX_MR][SIMD_MAX_NV];
@@ -161,9 +169,9 @@ microkernel_simd_body(const int MR, const int NV, const int KC, const int a_by_r
 
     for (int64_t p = 0; p < kc; p++) {
         v16 bv[SIMD_MAX_NV];
-        for (int v = 0; v < NV; v++) bv[v] = *(const v16 *)(b + p * NR + 16 * v);
+        for (int v = 0; v < NV; v++) bv[v] = *(const v16 *)(b + p * NRP + 16 * v);
         for (int i = 0; i < MR; i++) {
-            const float aip = A_AT(a, a_by_rows, i, p, MR, KC);
+            const float aip = A_AT(a, a_by_rows, i, p, MRP, KC);
             const v16 ai = SPLAT16(aip);
             for (int v = 0; v < NV; v++) acc[i][v] += ai * bv[v];
         }
@@ -185,33 +193,35 @@ microkernel_simd_body(const int MR, const int NV, const int KC, const int a_by_r
     }
 }
 
-/* AVX2 + FMA: 6×16, 12 ymm accumulators (each 16-float vector is a pair of ymm registers). */
+/* One micro-kernel function per (ISA, rows, vectors, A layout): NAME_rows reads A slivers by rows, NAME_cols
+ * by columns (see "Kernel descriptions"). */
+#define SIMD_MICROKERNELS(NAME, TARGET, MR, NV, MRP, NRP, KC)                                                  \
+    __attribute__((target(TARGET))) static void NAME##_rows(int64_t kc, const float *a, const float *b, float *c, \
+                                                            int64_t ldc, int mr, int nr, float alpha, float beta) { \
+        microkernel_simd_body(MR, NV, MRP, NRP, KC, 1, kc, a, b, c, ldc, mr, nr, alpha, beta);               \
+    }                                                                                                          \
+    __attribute__((target(TARGET))) static void NAME##_cols(int64_t kc, const float *a, const float *b, float *c, \
+                                                            int64_t ldc, int mr, int nr, float alpha, float beta) { \
+        microkernel_simd_body(MR, NV, MRP, NRP, KC, 0, kc, a, b, c, ldc, mr, nr, alpha, beta);               \
+    }
+
+/* AVX2 + FMA: 6×16, 12 ymm accumulators (each 16-float vector is a pair of ymm registers); edge variants
+ * for a last sliver of at most 2 or 4 rows. */
 #define AVX2_KC 320
-__attribute__((target("avx2,fma"))) static void
-microkernel_avx2_rows(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mr, int nr,
-                      float alpha, float beta) {
-    microkernel_simd_body(6, 1, AVX2_KC, 1, kc, a, b, c, ldc, mr, nr, alpha, beta);
-}
+SIMD_MICROKERNELS(microkernel_avx2, "avx2,fma", 6, 1, 6, 16, AVX2_KC)
+SIMD_MICROKERNELS(microkernel_avx2_4x16, "avx2,fma", 4, 1, 6, 16, AVX2_KC)
+SIMD_MICROKERNELS(microkernel_avx2_2x16, "avx2,fma", 2, 1, 6, 16, AVX2_KC)
 
-__attribute__((target("avx2,fma"))) static void
-microkernel_avx2_cols(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mr, int nr,
-                      float alpha, float beta) {
-    microkernel_simd_body(6, 1, AVX2_KC, 0, kc, a, b, c, ldc, mr, nr, alpha, beta);
-}
-
-/* AVX-512F: 12×32, 24 zmm accumulators. */
+/* AVX-512F: 12×32, 24 zmm accumulators; and edge variants on the same 12×32 slivers for a last sliver of
+ * at most 4 or 8 rows and/or at most 16 columns, which compute only those (a 12×32 tile spent on the 64×40
+ * products of attention's P·V did 64·40 useful multiply-adds of 72·64, 56%; the variants make it 83%). */
 #define AVX512_KC 160
-__attribute__((target("avx512f,fma"))) static void
-microkernel_avx512_rows(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mr, int nr,
-                        float alpha, float beta) {
-    microkernel_simd_body(12, 2, AVX512_KC, 1, kc, a, b, c, ldc, mr, nr, alpha, beta);
-}
-
-__attribute__((target("avx512f,fma"))) static void
-microkernel_avx512_cols(int64_t kc, const float *a, const float *b, float *c, int64_t ldc, int mr, int nr,
-                        float alpha, float beta) {
-    microkernel_simd_body(12, 2, AVX512_KC, 0, kc, a, b, c, ldc, mr, nr, alpha, beta);
-}
+SIMD_MICROKERNELS(microkernel_avx512, "avx512f,fma", 12, 2, 12, 32, AVX512_KC)
+SIMD_MICROKERNELS(microkernel_avx512_12x16, "avx512f,fma", 12, 1, 12, 32, AVX512_KC)
+SIMD_MICROKERNELS(microkernel_avx512_8x32, "avx512f,fma", 8, 2, 12, 32, AVX512_KC)
+SIMD_MICROKERNELS(microkernel_avx512_8x16, "avx512f,fma", 8, 1, 12, 32, AVX512_KC)
+SIMD_MICROKERNELS(microkernel_avx512_4x32, "avx512f,fma", 4, 2, 12, 32, AVX512_KC)
+SIMD_MICROKERNELS(microkernel_avx512_4x16, "avx512f,fma", 4, 1, 12, 32, AVX512_KC)
 
 #endif /* __x86_64__ */
 
@@ -224,14 +234,32 @@ microkernel_avx512_cols(int64_t kc, const float *a, const float *b, float *c, in
  *   avx512: B sliver 160·32·4 = 20 KiB + A sliver 7.5 KiB; A block 192·160·4 = 120 KiB. Chosen by the
  *           same rules, not measured (no AVX-512 machine was at hand).
  *   portable: the same rules for a 4×8 tile. */
+/* A kernel table entry (see gemm_kernel_t.kernel) for the tile classes of one A layout. */
+#define EVERY_TILE(f) {{f, f}, {f, f}, {f, f}}
+#define TILES(NAME, SUFFIX)                                                                                   \
+    {{NAME##_4x16##SUFFIX, NAME##_4x32##SUFFIX}, {NAME##_8x16##SUFFIX, NAME##_8x32##SUFFIX},                  \
+     {NAME##_12x16##SUFFIX, NAME##SUFFIX}}
+
 static const gemm_kernel_t kernel_portable = {"portable", PORTABLE_MR, PORTABLE_NR, PORTABLE_KC, 128, 2048,
-                                              {microkernel_portable_rows, microkernel_portable_cols}};
+                                              {EVERY_TILE(microkernel_portable_rows),
+                                               EVERY_TILE(microkernel_portable_cols)}};
 #if defined(__x86_64__)
 static const gemm_kernel_t kernel_avx2 = {"avx2", 6, 16, AVX2_KC, 144, 4096,
-                                          {microkernel_avx2_rows, microkernel_avx2_cols}};
+                                          {{{microkernel_avx2_2x16_rows, microkernel_avx2_2x16_rows},
+                                            {microkernel_avx2_4x16_rows, microkernel_avx2_4x16_rows},
+                                            {microkernel_avx2_rows, microkernel_avx2_rows}},
+                                           {{microkernel_avx2_2x16_cols, microkernel_avx2_2x16_cols},
+                                            {microkernel_avx2_4x16_cols, microkernel_avx2_4x16_cols},
+                                            {microkernel_avx2_cols, microkernel_avx2_cols}}}};
 static const gemm_kernel_t kernel_avx512 = {"avx512", 12, 32, AVX512_KC, 192, 4096,
-                                            {microkernel_avx512_rows, microkernel_avx512_cols}};
+                                            {TILES(microkernel_avx512, _rows), TILES(microkernel_avx512, _cols)}};
 #endif
+
+/* The kernel for an mr×nr tile of C (mr ≤ MR, nr ≤ NR) with A slivers in `layout`. */
+static microkernel_fn tile_kernel(const gemm_kernel_t *kern, int layout, int mr, int nr) {
+    int rows = 3 * mr <= kern->mr ? 0 : (3 * mr <= 2 * kern->mr ? 1 : 2);
+    return kern->kernel[layout][rows][2 * nr <= kern->nr ? 0 : 1];
+}
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* Packing                                                                                               */
@@ -517,17 +545,24 @@ static int64_t even_block(int64_t total, int64_t max, int64_t unit) {
     return round_up((total + blocks - 1) / blocks, unit);
 }
 
+/* The layout of a whole op(B) packed ahead (ck_sgemm_pack_b): K cut into slices of even_block(K, KC) rows,
+ * slice after slice; each slice is what pack_b makes of it over all N columns, round_up(N, NR)/NR slivers. */
+static int64_t packed_b_slice_floats(const gemm_kernel_t *kern, int64_t kc, int64_t N) {
+    return kc * round_up(N, kern->nr);
+}
+
 /* The blocked loop nest of the file comment, on the rectangle rows [m0, m1) × columns [n0, n1) of C,
- * on the calling thread. Returns CK_ENOMEM if its packing buffers cannot be allocated. */
+ * on the calling thread. With `packed_b` (op(B) packed whole by ck_sgemm_pack_b, n0 a multiple of NR) it
+ * reads B's slivers from there instead of packing them. Returns CK_ENOMEM if its packing buffers cannot be
+ * allocated. */
 static int sgemm_blocked(const gemm_kernel_t *kern, const gemm_args_t *g, int64_t m0, int64_t m1, int64_t n0,
-                         int64_t n1) {
+                         int64_t n1, const float *packed_b) {
     const int MR = kern->mr, NR = kern->nr;
     int64_t M = m1 - m0, N = n1 - n0, K = g->K;
     int64_t KC = even_block(K, kern->kc, 1);
     int64_t MC = even_block(M, kern->mc, MR);
-    int64_t NC = even_block(N, kern->nc, NR);
-    const microkernel_fn kernel = kern->kernel[g->transA ? 1 : 0];
-    pack_buffers_t *buf = thread_buffers((size_t)(MC * kern->kc), (size_t)(KC * NC));
+    int64_t NC = packed_b ? N : even_block(N, kern->nc, NR);
+    pack_buffers_t *buf = thread_buffers((size_t)(MC * kern->kc), packed_b ? 1 : (size_t)(KC * NC));
     if (!buf) return CK_ENOMEM;
 
     for (int64_t jc = 0; jc < N; jc += NC) {
@@ -535,7 +570,9 @@ static int sgemm_blocked(const gemm_kernel_t *kern, const gemm_args_t *g, int64_
         for (int64_t pc = 0; pc < K; pc += KC) {
             int64_t kc = K - pc < KC ? K - pc : KC;
             float beta = pc == 0 ? g->beta : 1.0f;     /* the first slice applies beta, later ones add */
-            if (g->typeB == CK_F32) pack_b(g->transB, g->B, g->ldb, pc, n0 + jc, kc, nc, NR, buf->b);
+            const float *panel = buf->b;
+            if (packed_b) panel = packed_b + pc * round_up(g->N, NR) + (n0 + jc) * kc;
+            else if (g->typeB == CK_F32) pack_b(g->transB, g->B, g->ldb, pc, n0 + jc, kc, nc, NR, buf->b);
             else pack_b_widened(g->transB, g->B, g->typeB, g->ldb, pc, n0 + jc, kc, nc, NR, buf->b);
             for (int64_t ic = 0; ic < M; ic += MC) {
                 int64_t mc = M - ic < MC ? M - ic : MC;
@@ -544,11 +581,12 @@ static int sgemm_blocked(const gemm_kernel_t *kern, const gemm_args_t *g, int64_
                 const int64_t a_step = a_sliver_floats(g->transA, MR, kern->kc, kc);
                 for (int64_t jr = 0; jr < nc; jr += NR) {
                     int nr = nc - jr < NR ? (int)(nc - jr) : NR;
-                    const float *bp = buf->b + jr * kc;
+                    const float *bp = panel + jr * kc;
                     for (int64_t ir = 0; ir < mc; ir += MR) {
                         int mr = mc - ir < MR ? (int)(mc - ir) : MR;
                         float *c = g->C + (m0 + ic + ir) * g->ldc + n0 + jc + jr;
-                        kernel(kc, buf->a + ir / MR * a_step, bp, c, g->ldc, mr, nr, g->alpha, beta);
+                        tile_kernel(kern, g->transA, mr, nr)(kc, buf->a + ir / MR * a_step, bp, c, g->ldc, mr, nr,
+                                                             g->alpha, beta);
                     }
                 }
             }
@@ -581,7 +619,7 @@ static void grid_task(void *ctx, int64_t begin, int64_t end) {
         int64_t m1 = m0 + grid->rows < g->M ? m0 + grid->rows : g->M;
         int64_t n1 = n0 + grid->cols < g->N ? n0 + grid->cols : g->N;
         if (m0 >= m1 || n0 >= n1) continue;
-        if (sgemm_blocked(grid->kern, g, m0, m1, n0, n1) == CK_OK) continue;
+        if (sgemm_blocked(grid->kern, g, m0, m1, n0, n1, NULL) == CK_OK) continue;
         /* the unpacked fallback reads f32 only */
         if (g->typeA == CK_F32 && g->typeB == CK_F32) sgemm_unpacked(g, m0, m1, n0, n1);
         else atomic_store(&grid->failed, 1);
@@ -723,6 +761,38 @@ int ck_gemm_mixed(int transA, int transB, int64_t M, int64_t N, int64_t K, float
     }
     gemm_args_t g = {transA, transB, M, N, K, alpha, beta, A, B, C, lda, ldb, ldc, typeA, typeB};
     return sgemm_run(active_kernel(), &g, ck_get_num_threads());
+}
+
+/* B packed ahead, for products that share it (attention's keys and values, read by every block of queries). */
+
+size_t ck_sgemm_packed_b_floats(int64_t K, int64_t N) {
+    const gemm_kernel_t *kern = active_kernel();
+    if (K <= 0 || N <= 0) return 16;
+    int64_t KC = even_block(K, kern->kc, 1), total = 0;
+    for (int64_t pc = 0; pc < K; pc += KC) total += packed_b_slice_floats(kern, K - pc < KC ? K - pc : KC, N);
+    return (size_t)round_up(total, 16);   /* so that a packing placed after another stays 64-byte aligned */
+}
+
+void ck_sgemm_pack_b(int transB, int64_t K, int64_t N, const float *B, int64_t ldb, float *packed) {
+    const gemm_kernel_t *kern = active_kernel();
+    if (K <= 0 || N <= 0) return;
+    int64_t KC = even_block(K, kern->kc, 1);
+    for (int64_t pc = 0; pc < K; pc += KC) {
+        int64_t kc = K - pc < KC ? K - pc : KC;
+        pack_b(transB, B, ldb, pc, 0, kc, N, kern->nr, packed);
+        packed += packed_b_slice_floats(kern, kc, N);
+    }
+}
+
+void ck_sgemm_packed(int transA, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                     const float *packed_b, float beta, float *C, int64_t ldc) {
+    if (M <= 0 || N <= 0) return;
+    gemm_args_t g = {transA, 0, M, N, K, alpha, beta, A, NULL, C, lda, 0, ldc, CK_F32, CK_F32};
+    if (K <= 0) {   /* C = beta·C, through the direct path (which reads no B when K = 0) */
+        sgemm_small(&g);
+        return;
+    }
+    if (sgemm_blocked(active_kernel(), &g, 0, M, 0, N, packed_b) != CK_OK) abort();   /* MC·KC floats: fatal */
 }
 
 /* Batched: many small products are spread over the threads one whole product each; otherwise the

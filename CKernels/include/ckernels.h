@@ -71,6 +71,18 @@ int ck_gemm_mixed(int transA, int transB, int64_t M, int64_t N, int64_t K, float
                   const void *A, int typeA, int64_t lda, const void *B, int typeB, int64_t ldb,
                   float beta, float *C, int64_t ldc);
 
+/* One op(B) used by many products, packed once (attention's keys and values, shared by every block of
+ * queries): ck_sgemm_pack_b packs the K×N op(B) into `packed` (ck_sgemm_packed_b_floats(K, N) floats, a
+ * multiple of 16; 64-byte aligned; for the active kernel), and ck_sgemm_packed computes C = alpha·op(A)·B + beta·C from it, on the calling thread,
+ * with the arithmetic of ck_sgemm's blocked path (ck_sgemm sends products under 32³ multiply-adds and single
+ * rows down a direct loop instead, which sums in another order). Packing and products must see the same active kernel
+ * (ck_gemm_set_kernel) and the same K and N. ck_sgemm_packed aborts if its A-packing buffer (a few hundred KB
+ * per thread, kept) cannot be allocated. */
+size_t ck_sgemm_packed_b_floats(int64_t K, int64_t N);
+void ck_sgemm_pack_b(int transB, int64_t K, int64_t N, const float *B, int64_t ldb, float *packed);
+void ck_sgemm_packed(int transA, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+                     const float *packed_b, float beta, float *C, int64_t ldc);
+
 /* The plain triple loop with the same contract: the reference the fast GEMM is tested against. */
 void ck_sgemm_reference(int transA, int transB, int64_t M, int64_t N, int64_t K, float alpha,
                         const float *A, int64_t lda, const float *B, int64_t ldb,

@@ -92,32 +92,41 @@ final class CPUBackendContractTests: XCTestCase {
     }
 
     /// The fused kernel against softmax(q·kᵀ·scale + mask)·v built from gemm, softmax and broadcast add, at
-    /// sizes that cross its 64-query and 256-key tiles, with causal masking and a padding mask.
+    /// sizes that cross its 128-query and 256-key tiles, with causal masking and a padding mask; with six
+    /// heads (a unit per head) and with one (its query tiles split over the threads).
     func testFusedAttentionMatchesExplicitCompositionAcrossTiles() throws {
-        let (batch, heads, queries, keys, headDim) = (2, 3, 130, 600, 16)
-        let width = heads * headDim
-        let q = try tensor([batch, queries, width], seed: 11)
-        let k = try tensor([batch, keys, width], seed: 12)
-        let v = try tensor([batch, keys, width], seed: 13)
+        for (batch, heads) in [(2, 3), (1, 1)] {
+            let (queries, keys, headDim) = (300, 600, 16)
+            let width = heads * headDim
+            let q = try tensor([batch, queries, width], seed: 11)
+            let k = try tensor([batch, keys, width], seed: 12)
+            let v = try tensor([batch, keys, width], seed: 13)
 
-        // causal (top-left aligned) plus padding of the last 70 keys of sample 1, as one additive mask
-        var maskValues = [Float](repeating: 0, count: batch * queries * keys)
-        for b in 0..<batch {
-            for i in 0..<queries {
-                for j in 0..<keys where j > i || (b == 1 && j >= keys - 70) {
-                    maskValues[(b * queries + i) * keys + j] = -.infinity
+            // causal (top-left aligned) plus padding of the last 70 keys of the last sample, as one additive mask
+            var maskValues = [Float](repeating: 0, count: batch * queries * keys)
+            for b in 0..<batch {
+                for i in 0..<queries {
+                    for j in 0..<keys where j > i || (b == batch - 1 && j >= keys - 70) {
+                        maskValues[(b * queries + i) * keys + j] = -.infinity
+                    }
                 }
             }
-        }
-        let padding = try backend.upload(maskValues, shape: [batch, 1, queries, keys])
-        var paddingOnly = [Float](repeating: 0, count: batch * keys)
-        for j in (keys - 70)..<keys { paddingOnly[keys + j] = -.infinity }
+            let padding = try backend.upload(maskValues, shape: [batch, 1, queries, keys])
+            var paddingOnly = [Float](repeating: 0, count: batch * keys)
+            for j in (keys - 70)..<keys { paddingOnly[(batch - 1) * keys + j] = -.infinity }
 
-        let fused = try backend.attention(q: q, k: k, v: v, heads: heads,
-                                          mask: backend.upload(paddingOnly, shape: [batch, 1, 1, keys]),
-                                          causal: true, scale: 0.3)
-        let explicit = try explicitAttention(q, k, v, heads: heads, mask: padding, scale: 0.3)
-        assertClose(try backend.downloadFloats(fused), try backend.downloadFloats(explicit), .f32, "attention")
+            let fused = try backend.attention(q: q, k: k, v: v, heads: heads,
+                                              mask: backend.upload(paddingOnly, shape: [batch, 1, 1, keys]),
+                                              causal: true, scale: 0.3)
+            let explicit = try explicitAttention(q, k, v, heads: heads, mask: padding, scale: 0.3)
+            assertClose(try backend.downloadFloats(fused), try backend.downloadFloats(explicit), .f32,
+                        "attention, batch \(batch), \(heads) heads")
+            // without a causal mask every key tile is whole: the packed path throughout
+            let unmasked = try backend.attention(q: q, k: k, v: v, heads: heads, mask: nil, causal: false, scale: 0.3)
+            let unmaskedExplicit = try explicitAttention(q, k, v, heads: heads, mask: nil, scale: 0.3)
+            assertClose(try backend.downloadFloats(unmasked), try backend.downloadFloats(unmaskedExplicit), .f32,
+                        "attention without masks, batch \(batch), \(heads) heads")
+        }
     }
 
     /// The residual written into y before the GEMM accumulates (linear, conv2d) agrees with the op followed by
@@ -156,14 +165,14 @@ final class CPUBackendContractTests: XCTestCase {
                                                 residual: tensor([2, 6, 9, 1])))
     }
 
-    private func explicitAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, heads: Int, mask: Tensor, scale: Float) throws -> Tensor {
+    private func explicitAttention(_ q: Tensor, _ k: Tensor, _ v: Tensor, heads: Int, mask: Tensor?, scale: Float) throws -> Tensor {
         let (b, tq, tk, width) = (q.shape[0], q.shape[1], k.shape[1], q.shape[2])
         let d = width / heads
         func split(_ x: Tensor, _ t: Int) throws -> Tensor {
             try backend.permute(x.reshaped([b, t, heads, d]), [0, 2, 1, 3]).reshaped([b * heads, t, d])
         }
         let scores = try backend.gemm(split(q, tq), split(k, tk), transposeA: false, transposeB: true, alpha: scale, beta: 0, c: nil)
-        let masked = try backend.add(scores.reshaped([b, heads, tq, tk]), mask)
+        let masked = try mask.map { try backend.add(scores.reshaped([b, heads, tq, tk]), $0) } ?? scores.reshaped([b, heads, tq, tk])
         let probabilities = try backend.softmax(masked).reshaped([b * heads, tq, tk])
         let out = try backend.gemm(probabilities, split(v, tk), transposeA: false, transposeB: false, alpha: 1, beta: 0, c: nil)
         return try backend.permute(out.reshaped([b, heads, tq, d]), [0, 2, 1, 3]).reshaped([b, tq, width])

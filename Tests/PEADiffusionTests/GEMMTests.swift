@@ -164,6 +164,9 @@ final class GEMMTests: XCTestCase {
         let shapes: [(m: Int, n: Int, k: Int)] = [
             (1, 1, 1), (1, 300, 70), (300, 1, 70), (1, 1, 600), (37, 53, 1), (37, 53, 301), (129, 67, 513),
             (13, 40, 17), (31, 31, 35), (64, 64, 64), (7, 100, 1000),
+            // last slivers of 4 or 8 rows and 8 or 16 columns (the AVX-512 edge variants): attention's P·V,
+            // dQ, its backward's D = 80
+            (64, 40, 256), (56, 48, 40), (128, 80, 37), (40, 8, 9),
         ]
         let scalings: [(alpha: Float, beta: Float)] = [(1, 0), (-0.75, 0), (1.5, 1), (0.5, -0.5)]
         for (index, shape) in shapes.enumerated() {
@@ -176,6 +179,54 @@ final class GEMMTests: XCTestCase {
                 }
             }
         }
+    }
+
+    /// ck_sgemm_pack_b + ck_sgemm_packed (B packed once, as attention packs a head's keys and values) against
+    /// the reference, with every kernel; and bit for bit against ck_sgemm on one thread where ck_sgemm takes
+    /// its blocked path (products of at least 32³ multiply-adds and more than one row). Shapes: attention's
+    /// S = Q·Kᵀ and dQ = dS·K (K cut into many KC slices), a single row, awkward sizes with padded leading
+    /// dimensions, K = 0 (C = beta·C).
+    func testPackedBMatchesTheReferenceAndTheBlockedPath() {
+        let problems = [
+            Problem(transA: false, transB: true, m: 128, n: 256, k: 40, alpha: 0.158, beta: 0),
+            Problem(transA: false, transB: false, m: 128, n: 40, k: 4096, alpha: 0.5, beta: 0, pad: 3),
+            Problem(transA: false, transB: false, m: 77, n: 80, k: 300, alpha: 1, beta: 1),
+            Problem(transA: true, transB: true, m: 37, n: 53, k: 301, alpha: -0.75, beta: 0.5, pad: 5),
+            Problem(transA: false, transB: true, m: 1, n: 77, k: 40, alpha: 1, beta: 0),
+            Problem(transA: false, transB: false, m: 13, n: 40, k: 0, alpha: 1, beta: 0.5),
+        ]
+        for (index, p) in problems.enumerated() {
+            var random = SeededRandom(state: UInt64(300 + index))
+            let a = random.floats(p.rowsA * p.lda), b = random.floats(max(p.rowsB * p.ldb, 1))
+            let original = p.beta == 0 ? [Float](repeating: .nan, count: p.m * p.ldc) : random.floats(p.m * p.ldc)
+            let tA: Int32 = p.transA ? 1 : 0, tB: Int32 = p.transB ? 1 : 0
+            var reference = original
+            ck_sgemm_reference(tA, tB, Int64(p.m), Int64(p.n), Int64(p.k), p.alpha, a, Int64(p.lda), b,
+                               Int64(p.ldb), p.beta, &reference, Int64(p.ldc))
+            let s = magnitudes(p, a, b)
+            for kernel in supportedKernels() {
+                XCTAssertEqual(ck_gemm_set_kernel(kernel), Int32(CK_OK))
+                let floats = ck_sgemm_packed_b_floats(Int64(p.k), Int64(p.n))
+                XCTAssertEqual(floats % 16, 0, "\(kernel) \(p.label): packed size keeps the next packing aligned")
+                let packed = UnsafeMutableRawPointer.allocate(byteCount: floats * 4, alignment: 64)
+                    .bindMemory(to: Float.self, capacity: floats)
+                defer { packed.deallocate() }
+                ck_sgemm_pack_b(tB, Int64(p.k), Int64(p.n), b, Int64(p.ldb), packed)
+                var fast = original
+                ck_sgemm_packed(tA, Int64(p.m), Int64(p.n), Int64(p.k), p.alpha, a, Int64(p.lda), packed, p.beta,
+                                &fast, Int64(p.ldc))
+                let what = "\(kernel) packed B \(p.label)"
+                assertMatchesReference(fast, reference, original: original, magnitudes: s, p, what)
+                if p.m > 1 && p.m * p.n * p.k >= 32 * 32 * 32 {
+                    ck_set_num_threads(1)
+                    var blocked = original
+                    ck_sgemm(tA, tB, Int64(p.m), Int64(p.n), Int64(p.k), p.alpha, a, Int64(p.lda), b, Int64(p.ldb),
+                             p.beta, &blocked, Int64(p.ldc))
+                    XCTAssertEqual(fast.map(\.bitPattern), blocked.map(\.bitPattern), "\(what): ck_sgemm's bits")
+                }
+            }
+        }
+        ck_gemm_set_kernel(nil)
     }
 
     /// A product larger than one MC×KC×NC block in every dimension (MC ≤ 192, KC ≤ 320, NC ≤ 4096 for
