@@ -19,6 +19,9 @@
 
 #include <math.h>
 #include <stdlib.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 /* 128 query rows per tile: packing a head's keys once and 128-row tiles took the forward at SD1.5's 4096
  * tokens (8 heads of 40) from 515 to about 330 ms on 2 threads of a Zen 4 (64 rows, keys packed per tile). */
@@ -41,7 +44,9 @@ enum { QT = 128, KT = 256 };
 
 #if defined(__x86_64__)
 /* The same values and the same sum, eight lanes at a time written out with vector types: left to the
- * auto-vectoriser, the lane loop came out as shuffles and blends at ~1 ns per exp (7% of a training step). */
+ * auto-vectoriser, the lane loop came out as shuffles and blends at ~1 ns per exp (7% of a training step).
+ * Clamping with max/min and flooring with one vroundps (instead of blends and a truncate-and-fix) took it
+ * from 0.65 to 0.53 ns per element, the same bits (checked on 2^20 values with ±∞, NaN and the clamps). */
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v8fu __attribute__((vector_size(32), aligned(4)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -49,14 +54,11 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 __attribute__((target("avx2,fma"))) static inline v8f softmax_exp8(v8f x) {
     const v8f lo = (v8f){0} - 87.3f, hi = (v8f){0} + 88.3f;
     const v8i below = x < lo;                      /* −1 where exp underflows to 0 (and −∞) */
-    v8f clamped = x;
-    clamped = (v8f)((below & (v8i)lo) | (~below & (v8i)clamped));
-    const v8i above = clamped > hi;
-    clamped = (v8f)((above & (v8i)hi) | (~above & (v8i)clamped));
-    /* floor(t) as truncation, one lower where truncation rounded up (negative t) */
+    /* max(lo, x), then min(hi, ·): the instructions return their second operand when one is NaN, so a NaN x
+     * stays NaN, as in exp_poly's selects */
+    const v8f clamped = (v8f)_mm256_min_ps((__m256)hi, _mm256_max_ps((__m256)lo, (__m256)x));
     const v8f t = clamped * 1.44269504088896341f + 0.5f;
-    v8f n = __builtin_convertvector(__builtin_convertvector(t, v8i), v8f);
-    n += __builtin_convertvector((v8i)(n > t), v8f);
+    const v8f n = (v8f)_mm256_floor_ps((__m256)t);
     v8f r = clamped - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     v8f y = (v8f){0} + 1.9875691500e-4f;
