@@ -59,15 +59,7 @@ __attribute__((target("avx2,fma"))) static inline v8f softmax_exp8(v8f x) {
     const v8f clamped = (v8f)_mm256_min_ps((__m256)hi, _mm256_max_ps((__m256)lo, (__m256)x));
     const v8f t = clamped * 1.44269504088896341f + 0.5f;
     const v8f n = (v8f)_mm256_floor_ps((__m256)t);
-    v8f r = clamped - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    v8f y = (v8f){0} + 1.9875691500e-4f;
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * r * r + r + 1.0f;
+    const v8f y = EXP_POLY_REDUCED(v8f, clamped, n);
     const v8i scale = (__builtin_convertvector(n, v8i) + 127) << 23;
     return (v8f)(~below & (v8i)(y * (v8f)scale));
 }

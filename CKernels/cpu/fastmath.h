@@ -14,18 +14,25 @@
 /* exp(x): Cephes' expf — x = n·ln2 + r with |r| ≤ ln2/2, a degree-7 polynomial for e^r, then 2^n through
  * the exponent bits. Within 2 ulp of expf over the range that matters; exp(−∞) and anything below −87.3,
  * where expf underflows, give exactly 0; NaN stays NaN. */
+/* e^(x − n·ln2) for x within ln2/2 of n·ln2 (ln2 in two parts, so that the reduction is exact enough), as
+ * Cephes' degree-7 polynomial: exp_poly's core, a macro so that the 8-lane softmax exp (attention.c) computes
+ * it with the same operations; T is float or a vector of floats. */
+#define EXP_POLY_REDUCED(T, x, n)                                                                    \
+    ({                                                                                              \
+        T r_ = (x) - (n) * 0.693359375f;                                                            \
+        r_ = r_ - (n) * -2.12194440e-4f;                                                            \
+        T y_ = r_ * 1.9875691500e-4f + 1.3981999507e-3f;                                            \
+        y_ = y_ * r_ + 8.3334519073e-3f;                                                            \
+        y_ = y_ * r_ + 4.1665795894e-2f;                                                            \
+        y_ = y_ * r_ + 1.6666665459e-1f;                                                            \
+        y_ = y_ * r_ + 5.0000001201e-1f;                                                            \
+        y_ * r_ * r_ + r_ + 1.0f;                                                                   \
+    })
+
 static inline float exp_poly(float x) {
     const float clamped = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
     const float n = __builtin_floorf(clamped * 1.44269504088896341f + 0.5f);
-    float r = clamped - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float y = 1.9875691500e-4f;
-    y = y * r + 1.3981999507e-3f;
-    y = y * r + 8.3334519073e-3f;
-    y = y * r + 4.1665795894e-2f;
-    y = y * r + 1.6666665459e-1f;
-    y = y * r + 5.0000001201e-1f;
-    y = y * r * r + r + 1.0f;
+    const float y = EXP_POLY_REDUCED(float, clamped, n);
     const int32_t bits = ((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
