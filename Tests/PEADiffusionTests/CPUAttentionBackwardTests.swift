@@ -6,7 +6,8 @@ import XCTest
 /// (ComputeBackend+Backward.swift, itself checked by finite differences in BackwardOpTests), on the shapes
 /// that exercise its blocks: query counts past one 128-row block with a tail, cross-attention's 77 keys,
 /// keys past 4096 (fewer rows per block, a count that does not divide the queries), D ≠ Dv, one head and
-/// several. Also: the bits do not depend on the thread count, and every GEMM kernel the CPU runs agrees.
+/// several. Also: the bits do not depend on the thread count (the forward's neither), and every GEMM kernel the
+/// CPU runs agrees.
 final class CPUAttentionBackwardTests: XCTestCase {
     private struct Case {
         var batch, queries, keys, heads, headDim, valueHeadDim: Int
@@ -60,11 +61,25 @@ final class CPUAttentionBackwardTests: XCTestCase {
         }
     }
 
-    /// Each (b, h) is one unit of work whatever the thread count; with a single head the GEMMs inside are the
-    /// ones spread over threads, and they split only output tiles.
+    /// Each (b, h) is one unit of work whatever the thread count; with a single head the dV and dK products
+    /// inside are spread over threads, and they split only output tiles.
     func testThreadCountDoesNotChangeTheBits() throws {
         for c in cases {
             XCTAssertEqual(try gradients(c, threads: 1), try gradients(c, threads: 2), c.label)
+        }
+    }
+
+    /// The forward (ck_attention_f32) splits a head's query tiles into more runs when there are fewer heads than
+    /// threads, each packing the head's keys and values itself: the same bits on one thread and two.
+    func testForwardThreadCountDoesNotChangeTheBits() throws {
+        func output(_ c: Case, threads: Int) throws -> [Float] {
+            let backend = CPUBackend(threads: threads)
+            let x = try inputs(c, on: backend)
+            return try backend.downloadFloats(backend.attention(q: x.q, k: x.k, v: x.v, heads: c.heads, mask: nil,
+                                                                causal: false, scale: c.scale))
+        }
+        for c in cases {
+            XCTAssertEqual(try output(c, threads: 1), try output(c, threads: 2), c.label)
         }
     }
 
