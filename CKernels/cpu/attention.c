@@ -99,19 +99,30 @@ static float row_maximum(const float *s, int64_t n) {
     return best;
 }
 
-/* This thread's scratch of at least `floats` floats (at least one), kept across calls (pool threads live as
- * long as the process, so it is allocated about once per thread); NULL when it cannot be grown. The forward
- * keeps its packed keys and values here, the backward its score blocks and packed keys and values. */
-static float *thread_scratch(size_t floats) {
-    static _Thread_local float *buffer;
-    static _Thread_local size_t capacity;
+/* Scratch of at least `floats` floats (at least one), 64-byte aligned (ck_sgemm_pack_b's alignment), for one
+ * pool task: the forward's packed keys and values, the backward's score blocks and packed keys and values;
+ * NULL when it cannot be allocated. Up to SCRATCH_KEEP_FLOATS it is a buffer the thread keeps across calls
+ * (pool threads live as long as the process, so it is allocated about once per thread); a larger request gets
+ * a buffer of its own, which scratch_release frees, so that a one-off such as the VAE's single 512-wide head
+ * over 4096 positions (17 MB packed) does not stay resident in every thread. */
+enum { SCRATCH_KEEP_FLOATS = 4 << 20 };   /* 16 MB: the UNet's attention, forward and backward, fits */
+static _Thread_local float *kept_scratch;
+static _Thread_local size_t kept_floats;
+
+static float *scratch_acquire(size_t floats) {
     if (floats < 1) floats = 1;
-    if (capacity < floats) {
-        free(buffer);
-        buffer = aligned_alloc(64, (floats * sizeof(float) + 63) & ~(size_t)63);   /* ck_sgemm_pack_b's alignment */
-        capacity = buffer ? floats : 0;
+    const size_t bytes = (floats * sizeof(float) + 63) & ~(size_t)63;
+    if (floats > SCRATCH_KEEP_FLOATS) return aligned_alloc(64, bytes);
+    if (kept_floats < floats) {
+        free(kept_scratch);
+        kept_scratch = aligned_alloc(64, bytes);
+        kept_floats = kept_scratch ? floats : 0;
     }
-    return buffer;
+    return kept_scratch;
+}
+
+static void scratch_release(float *buffer) {
+    if (buffer != kept_scratch) free(buffer);
 }
 
 typedef struct {
@@ -127,8 +138,8 @@ static void attention_units(void *arg, int64_t begin, int64_t end) {
     float *acc = malloc(sizeof(float) * QT * (size_t)p->Dv);
     float *row_max = malloc(sizeof(float) * QT);
     float *row_sum = malloc(sizeof(float) * QT);
-    float *packed = thread_scratch((size_t)(ctx->key_tiles * (ctx->kt_floats + ctx->v_floats)));
-    if (!scores || !acc || !row_max || !row_sum || !packed) abort();   /* a few MB: treat as fatal */
+    float *packed = scratch_acquire((size_t)(ctx->key_tiles * (ctx->kt_floats + ctx->v_floats)));
+    if (!scores || !acc || !row_max || !row_sum || !packed) abort();   /* MBs to tens of MB: treat as fatal */
 
     for (int64_t u = begin; u < end; u++) {
         const int64_t bh = u / ctx->runs, run = u % ctx->runs;
@@ -206,6 +217,7 @@ static void attention_units(void *arg, int64_t begin, int64_t end) {
     free(acc);
     free(row_max);
     free(row_sum);
+    scratch_release(packed);
 }
 
 void ck_attention_f32(const ck_attention_params *p) {
@@ -281,7 +293,7 @@ static void attention_backward_units(void *arg, int64_t begin, int64_t end) {
     const ck_attention_params *p = ctx->p;
     const int64_t Tq = p->Tq, Tk = p->Tk, D = p->D, Dv = p->Dv, QB = ctx->block_rows;
     const size_t block_floats = ((size_t)QB * (size_t)Tk + 15) & ~(size_t)15;   /* keeps the packs aligned */
-    float *probs = thread_scratch(2 * block_floats + (size_t)(ctx->kt_floats + ctx->k_floats + ctx->vt_floats));
+    float *probs = scratch_acquire(2 * block_floats + (size_t)(ctx->kt_floats + ctx->k_floats + ctx->vt_floats));
     if (!probs) { __atomic_store_n(&ctx->failed, 1, __ATOMIC_RELAXED); return; }
     float *dscores = probs + block_floats;
     float *packed_kt = dscores + block_floats, *packed_k = packed_kt + ctx->kt_floats;
@@ -322,6 +334,7 @@ static void attention_backward_units(void *arg, int64_t begin, int64_t end) {
             ck_sgemm(1, 0, Tk, D, rows, p->scale, dscores, Tk, q_blk, p->q_st, 1.0f, dk, p->k_st);
         }
     }
+    scratch_release(probs);
 }
 
 int ck_attention_backward_f32(const ck_attention_params *p, const float *d_out, float *dq, float *dk, float *dv) {

@@ -20,6 +20,9 @@ final class CPUAttentionBackwardTests: XCTestCase {
         Case(batch: 1, queries: 260, keys: 77, heads: 2, headDim: 40, valueHeadDim: 40, scale: nil),    // cross-attention
         Case(batch: 2, queries: 37, keys: 19, heads: 3, headDim: 5, valueHeadDim: 7, scale: 0.7),       // D ≠ Dv
         Case(batch: 1, queries: 230, keys: 5000, heads: 1, headDim: 8, valueHeadDim: 8, scale: nil),    // 104 + 104 + 22 rows
+        // one 512-wide head (the VAE's): its packed keys and values exceed the scratch a thread keeps (forward and
+        // backward take a buffer of their own)
+        Case(batch: 1, queries: 130, keys: 4200, heads: 1, headDim: 512, valueHeadDim: 512, scale: nil),
     ]
 
     /// The composed backward's tolerance: both compute in f32, with different exps (libm's and attention.c's)
