@@ -33,23 +33,6 @@ static inline float gelu_tanh(float v) {
     return 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
 }
 
-/* A pool task `name` that runs `name_body` (always inlined) compiled for AVX2 + FMA where the CPU has them,
- * and for any x86-64 (or other CPU) otherwise. */
-#if defined(__x86_64__)
-#define RANGE_KERNEL(name)                                                                                     \
-    __attribute__((target("avx2,fma"))) static void name##_avx2(void *arg, int64_t begin, int64_t end) {   \
-        name##_body(arg, begin, end);                                                                    \
-    }                                                                                                    \
-    static void name##_plain(void *arg, int64_t begin, int64_t end) { name##_body(arg, begin, end); }    \
-    static void name(void *arg, int64_t begin, int64_t end) {                                            \
-        if (ck_cpu_has_avx2_fma()) name##_avx2(arg, begin, end);                                         \
-        else name##_plain(arg, begin, end);                                                              \
-    }
-#else
-#define RANGE_KERNEL(name) \
-    static void name(void *arg, int64_t begin, int64_t end) { name##_body(arg, begin, end); }
-#endif
-
 static void unary_range(void *arg, int64_t begin, int64_t end) {
     const unary_ctx *ctx = arg;
     const float *x = ctx->x;
@@ -115,6 +98,23 @@ int ck_activation_backward_f32(int kind, const float *dy, const float *x, float 
 }
 
 /* ---- GEGLU: row r of x is [value (D) | gate (D)] ---- */
+
+/* A pool task `name` that runs `name_body` (always inlined) compiled for AVX2 + FMA where the CPU has them,
+ * and for any x86-64 (or other CPU) otherwise. */
+#if defined(__x86_64__)
+#define RANGE_KERNEL(name)                                                                                     \
+    __attribute__((target("avx2,fma"))) static void name##_avx2(void *arg, int64_t begin, int64_t end) {   \
+        name##_body(arg, begin, end);                                                                    \
+    }                                                                                                    \
+    static void name##_plain(void *arg, int64_t begin, int64_t end) { name##_body(arg, begin, end); }    \
+    static void name(void *arg, int64_t begin, int64_t end) {                                            \
+        if (ck_cpu_has_avx2_fma()) name##_avx2(arg, begin, end);                                         \
+        else name##_plain(arg, begin, end);                                                              \
+    }
+#else
+#define RANGE_KERNEL(name) \
+    static void name(void *arg, int64_t begin, int64_t end) { name##_body(arg, begin, end); }
+#endif
 
 typedef struct {
     const float *x;

@@ -547,9 +547,11 @@ static int64_t even_block(int64_t total, int64_t max, int64_t unit) {
 }
 
 /* The layout of a whole op(B) packed ahead (ck_sgemm_pack_b): K cut into slices of even_block(K, KC) rows,
- * slice after slice; each slice is what pack_b makes of it over all N columns, round_up(N, NR)/NR slivers. */
-static int64_t packed_b_slice_floats(const gemm_kernel_t *kern, int64_t kc, int64_t N) {
-    return kc * round_up(N, kern->nr);
+ * slice after slice; each slice is what pack_b makes of it over all N columns, round_up(N, NR)/NR slivers.
+ * So the first `rows` rows take rows·round_up(N, NR) floats: the offset of the slice that starts at row
+ * `rows`, and for rows = K the size of the whole. */
+static int64_t packed_b_rows_floats(const gemm_kernel_t *kern, int64_t rows, int64_t N) {
+    return rows * round_up(N, kern->nr);
 }
 
 /* The blocked loop nest of the file comment, on the rectangle rows [m0, m1) × columns [n0, n1) of C,
@@ -572,7 +574,7 @@ static int sgemm_blocked(const gemm_kernel_t *kern, const gemm_args_t *g, int64_
             int64_t kc = K - pc < KC ? K - pc : KC;
             float beta = pc == 0 ? g->beta : 1.0f;     /* the first slice applies beta, later ones add */
             const float *panel = buf->b;
-            if (packed_b) panel = packed_b + pc * round_up(g->N, NR) + (n0 + jc) * kc;
+            if (packed_b) panel = packed_b + packed_b_rows_floats(kern, pc, g->N) + (n0 + jc) * kc;
             else if (g->typeB == CK_F32) pack_b(g->transB, g->B, g->ldb, pc, n0 + jc, kc, nc, NR, buf->b);
             else pack_b_widened(g->transB, g->B, g->typeB, g->ldb, pc, n0 + jc, kc, nc, NR, buf->b);
             for (int64_t ic = 0; ic < M; ic += MC) {
@@ -769,9 +771,8 @@ int ck_gemm_mixed(int transA, int transB, int64_t M, int64_t N, int64_t K, float
 size_t ck_sgemm_packed_b_floats(int64_t K, int64_t N) {
     const gemm_kernel_t *kern = active_kernel();
     if (K <= 0 || N <= 0) return 16;
-    int64_t KC = even_block(K, kern->kc, 1), total = 0;
-    for (int64_t pc = 0; pc < K; pc += KC) total += packed_b_slice_floats(kern, K - pc < KC ? K - pc : KC, N);
-    return (size_t)round_up(total, 16);   /* so that a packing placed after another stays 64-byte aligned */
+    /* a multiple of 16, so that a packing placed after another stays 64-byte aligned */
+    return (size_t)round_up(packed_b_rows_floats(kern, K, N), 16);
 }
 
 void ck_sgemm_pack_b(int transB, int64_t K, int64_t N, const float *B, int64_t ldb, float *packed) {
@@ -779,9 +780,8 @@ void ck_sgemm_pack_b(int transB, int64_t K, int64_t N, const float *B, int64_t l
     if (K <= 0 || N <= 0) return;
     int64_t KC = even_block(K, kern->kc, 1);
     for (int64_t pc = 0; pc < K; pc += KC) {
-        int64_t kc = K - pc < KC ? K - pc : KC;
-        pack_b(transB, B, ldb, pc, 0, kc, N, kern->nr, packed);
-        packed += packed_b_slice_floats(kern, kc, N);
+        const int64_t kc = K - pc < KC ? K - pc : KC;
+        pack_b(transB, B, ldb, pc, 0, kc, N, kern->nr, packed + packed_b_rows_floats(kern, pc, N));
     }
 }
 
